@@ -1,0 +1,100 @@
+// Device seam costs: host-side overhead of the operations the allocator and swapper call most
+// (map/unmap, event record/query, enqueueing a copy), on the simulated device and, when a GPU
+// is present, on CUDA; plus modelled/measured copy bandwidth per direction.
+#include <benchmark/benchmark.h>
+
+#include <memory>
+#include <string>
+
+#include "core/units.hpp"
+#include "device/cuda_device.hpp"
+#include "device/sim_device.hpp"
+
+namespace spill {
+namespace {
+
+std::unique_ptr<Device> make(bool cuda, benchmark::State& state) {
+  if (!cuda) return std::make_unique<SimDevice>(SimOptions{.capacity = 1 * GiB});
+  std::string why;
+  if (!cuda_available(0, &why)) {
+    state.SkipWithError(("no GPU: " + why).c_str());
+    return nullptr;
+  }
+  return make_cuda_device(0);
+}
+
+void BM_map_unmap(benchmark::State& state) {
+  auto dev = make(state.range(0), state);
+  if (!dev) return;
+  const std::size_t g = dev->granularity();
+  void* va = dev->reserve(g);
+  PhysicalHandle h = dev->create_physical(g);
+  for (auto _ : state) {
+    dev->map(va, g, h);
+    dev->unmap(va, g);
+  }
+  dev->release_physical(h, g);
+  dev->unreserve(va, g);
+}
+BENCHMARK(BM_map_unmap)->Arg(0)->Arg(1)->ArgName("cuda");
+
+void BM_create_release_physical(benchmark::State& state) {
+  auto dev = make(state.range(0), state);
+  if (!dev) return;
+  const std::size_t g = dev->granularity();
+  for (auto _ : state) dev->release_physical(dev->create_physical(g), g);
+}
+BENCHMARK(BM_create_release_physical)->Arg(0)->Arg(1)->ArgName("cuda");
+
+void BM_event_record_query(benchmark::State& state) {
+  auto dev = make(state.range(0), state);
+  if (!dev) return;
+  Stream s = dev->create_stream();
+  Event e = dev->create_event();
+  for (auto _ : state) {
+    dev->record(e, s);
+    benchmark::DoNotOptimize(dev->query(e));
+  }
+  dev->synchronize(s);
+  dev->destroy_event(e);
+  dev->destroy_stream(s);
+}
+BENCHMARK(BM_event_record_query)->Arg(0)->Arg(1)->ArgName("cuda");
+
+// Copy bandwidth by timing events: modelled on the simulated device, measured on a GPU.
+void BM_copy_bandwidth(benchmark::State& state) {
+  auto dev = make(state.range(0), state);
+  if (!dev) return;
+  const auto kind = static_cast<CopyKind>(state.range(1));
+  const std::size_t bytes = static_cast<std::size_t>(state.range(2));
+  void* d = dev->allocate(bytes);
+  void* h = dev->allocate_host(bytes);
+  Stream s = dev->create_stream();
+  Event t0 = dev->create_event(true), t1 = dev->create_event(true);
+  double total_ms = 0;
+  for (auto _ : state) {
+    dev->record(t0, s);
+    if (kind == CopyKind::HostToDevice) dev->copy_async(d, h, bytes, kind, s);
+    else dev->copy_async(h, d, bytes, kind, s);
+    dev->record(t1, s);
+    dev->synchronize(s);
+    double ms = dev->elapsed_ms(t0, t1);
+    total_ms += ms;
+    state.SetIterationTime(ms * 1e-3);
+  }
+  state.counters["GBps"] = state.iterations() * static_cast<double>(bytes) / (total_ms * 1e-3) / 1e9;
+  state.counters["simulated"] = dev->info().simulated ? 1 : 0;
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
+  dev->destroy_event(t0);
+  dev->destroy_event(t1);
+  dev->destroy_stream(s);
+  dev->free_host(h);
+  dev->deallocate(d);
+}
+BENCHMARK(BM_copy_bandwidth)
+    ->ArgNames({"cuda", "kind", "bytes"})
+    ->ArgsProduct({{0, 1}, {0, 1}, {1 << 20, 64 << 20}})
+    ->UseManualTime();
+
+}  // namespace
+}  // namespace spill

@@ -1,0 +1,62 @@
+// The exception hierarchy every spill layer throws, and the macros that add where it came from.
+// Paths that must not throw (free, destructors, callbacks) use SPILL_ASSERT instead and report
+// through the status of the next call.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace spill {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A request that cannot be met within the device capacity, the budget or the host cap.
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
+
+// A CUDA runtime or driver call failed; what() carries the error's name.
+class CudaError : public Error {
+ public:
+  CudaError(const std::string& what, int code) : Error(what), code_(code) {}
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+// The caller passed something wrong; what() names the input.
+class InvalidArgument : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace detail {
+[[noreturn]] void throw_invalid(const char* file, int line, const std::string& msg);
+[[noreturn]] void throw_oom(const char* file, int line, const std::string& msg);
+[[noreturn]] void assert_fail(const char* file, int line, const char* cond, const char* msg) noexcept;
+std::string where(const char* file, int line);
+}  // namespace detail
+
+}  // namespace spill
+
+// Throws spill::InvalidArgument with `msg` (a std::string expression) when `cond` is false.
+#define SPILL_EXPECTS(cond, msg)                                                 \
+  do {                                                                           \
+    if (!(cond)) ::spill::detail::throw_invalid(__FILE__, __LINE__, (msg));      \
+  } while (0)
+
+// Throws spill::OutOfMemory with `msg`.
+#define SPILL_FAIL_OOM(msg) ::spill::detail::throw_oom(__FILE__, __LINE__, (msg))
+
+// For noexcept paths: aborts with a message in debug builds, compiled out with NDEBUG.
+#ifdef NDEBUG
+#define SPILL_ASSERT(cond, msg) ((void)0)
+#else
+#define SPILL_ASSERT(cond, msg) \
+  ((cond) ? (void)0 : ::spill::detail::assert_fail(__FILE__, __LINE__, #cond, (msg)))
+#endif

@@ -1,0 +1,30 @@
+// Host<->device interconnect models: nominal (spec) figures and the sustained figures the
+// simulated device and the planner assume. These are model assumptions, not measurements;
+// `spill bench link` measures the real thing.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace spill {
+
+struct LinkModel {
+  std::string name;          // preset key, e.g. "pcie4"
+  std::string description;   // e.g. "PCIe 4.0 x16"
+  std::string kind;          // "pcie", "nvlink", "c2c"
+  double nominal_gbps = 0;   // spec bandwidth per direction, GB/s (1e9 B/s)
+  double h2d_gbps = 0;       // sustained host-to-device GB/s assumed by the model
+  double d2h_gbps = 0;       // sustained device-to-host GB/s assumed by the model
+  double latency_us = 0;     // fixed cost per copy
+  double duplex_efficiency = 1.0;  // fraction of each direction kept when both run at once
+  double pageable_factor = 0.5;    // pageable host memory reaches this fraction of pinned
+};
+
+// The presets: pcie3, pcie4, pcie5, nvlink2-p9, nvlink-c2c.
+const std::vector<LinkModel>& link_presets();
+
+// Looks a preset up by name; throws InvalidArgument listing the known names.
+const LinkModel& link_preset(std::string_view name);
+
+}  // namespace spill

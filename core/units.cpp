@@ -1,0 +1,123 @@
+#include "core/units.hpp"
+
+#include <array>
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+
+#include "core/errors.hpp"
+
+namespace spill {
+namespace {
+
+struct Unit {
+  std::string_view name;
+  std::uint64_t factor;
+};
+
+constexpr std::array<Unit, 10> kUnits{{{"B", 1},
+                                       {"KiB", KiB},
+                                       {"MiB", MiB},
+                                       {"GiB", GiB},
+                                       {"TiB", TiB},
+                                       {"KB", 1000ull},
+                                       {"MB", 1000ull * 1000},
+                                       {"GB", 1000ull * 1000 * 1000},
+                                       {"TB", 1000ull * 1000 * 1000 * 1000},
+                                       {"", 1}}};
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  return s;
+}
+
+bool iequal(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (std::tolower(static_cast<unsigned char>(a[i])) !=
+        std::tolower(static_cast<unsigned char>(b[i])))
+      return false;
+  }
+  return true;
+}
+
+std::string quoted(std::string_view s) { return "'" + std::string(s) + "'"; }
+
+}  // namespace
+
+double parse_number(std::string_view text, std::string_view what) {
+  std::string_view t = trim(text);
+  SPILL_EXPECTS(!t.empty(), std::string(what) + ": expected a number, got nothing");
+  double value = 0;
+  auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), value);
+  SPILL_EXPECTS(ec == std::errc() && end == t.data() + t.size() && std::isfinite(value),
+                std::string(what) + ": " + quoted(t) + " is not a number");
+  SPILL_EXPECTS(value >= 0, std::string(what) + ": " + quoted(t) + " must not be negative");
+  return value;
+}
+
+std::uint64_t parse_uint(std::string_view text, std::string_view what) {
+  std::string_view t = trim(text);
+  std::uint64_t value = 0;
+  auto [end, ec] = std::from_chars(t.data(), t.data() + t.size(), value);
+  SPILL_EXPECTS(!t.empty() && ec == std::errc() && end == t.data() + t.size(),
+                std::string(what) + ": " + quoted(t) + " is not a non-negative integer");
+  return value;
+}
+
+std::uint64_t parse_size(std::string_view text, std::string_view what) {
+  std::string_view t = trim(text);
+  SPILL_EXPECTS(!t.empty(), std::string(what) + ": expected a size such as 8GiB, got nothing");
+  SPILL_EXPECTS(t.front() != '-', std::string(what) + ": " + quoted(t) + " must not be negative");
+  std::size_t split = 0;
+  while (split < t.size() &&
+         (std::isdigit(static_cast<unsigned char>(t[split])) || t[split] == '.'))
+    ++split;
+  std::string_view number = t.substr(0, split);
+  std::string_view unit = trim(t.substr(split));
+  SPILL_EXPECTS(!number.empty(), std::string(what) + ": " + quoted(t) +
+                                     " does not start with a number (expected e.g. 512MiB)");
+  const Unit* found = nullptr;
+  for (const Unit& u : kUnits) {
+    // Binary units are matched case-insensitively ("gib"); decimal ones too ("gb"), "b" = bytes.
+    if (iequal(unit, u.name)) {
+      found = &u;
+      break;
+    }
+  }
+  SPILL_EXPECTS(found != nullptr,
+                std::string(what) + ": unknown unit " + quoted(unit) + " in " + quoted(t) +
+                    " (use B, KiB, MiB, GiB, TiB, or decimal KB, MB, GB, TB)");
+  if (number.find('.') == std::string_view::npos) {
+    std::uint64_t n = 0;
+    auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), n);
+    SPILL_EXPECTS(ec == std::errc() && end == number.data() + number.size(),
+                  std::string(what) + ": " + quoted(t) + " is too large");
+    SPILL_EXPECTS(n <= UINT64_MAX / found->factor,
+                  std::string(what) + ": " + quoted(t) + " is too large");
+    return n * found->factor;
+  }
+  double v = parse_number(number, what);
+  long double bytes = static_cast<long double>(v) * found->factor;
+  SPILL_EXPECTS(bytes < 18446744073709551615.0L,
+                std::string(what) + ": " + quoted(t) + " is too large");
+  return static_cast<std::uint64_t>(std::llround(static_cast<double>(bytes)));
+}
+
+std::string format_bytes(std::uint64_t bytes) {
+  static constexpr std::array<const char*, 5> names{"B", "KiB", "MiB", "GiB", "TiB"};
+  if (bytes < KiB) return std::to_string(bytes) + " B";
+  double v = static_cast<double>(bytes);
+  std::size_t i = 0;
+  while (v >= 1024.0 && i + 1 < names.size()) {
+    v /= 1024.0;
+    ++i;
+  }
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.2f %s", v, names[i]);
+  return buf;
+}
+
+}  // namespace spill

@@ -1,0 +1,168 @@
+#include "device/device.hpp"
+
+#include <sstream>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+
+namespace spill {
+namespace {
+
+std::string hex(const void* p) {
+  std::ostringstream s;
+  s << p;
+  return s.str();
+}
+
+void expect_granular(const Device& d, std::size_t bytes, const char* op) {
+  SPILL_EXPECTS(bytes > 0, std::string(op) + ": size must be above zero");
+  SPILL_EXPECTS(bytes % d.granularity() == 0,
+                std::string(op) + ": size " + std::to_string(bytes) +
+                    " is not a multiple of the granularity " + format_bytes(d.granularity()));
+}
+
+void expect_aligned(const Device& d, const void* addr, const char* op) {
+  SPILL_EXPECTS(addr != nullptr, std::string(op) + ": address is null");
+  SPILL_EXPECTS(reinterpret_cast<std::uintptr_t>(addr) % d.granularity() == 0,
+                std::string(op) + ": address " + hex(addr) + " is not aligned to the granularity " +
+                    format_bytes(d.granularity()));
+}
+
+}  // namespace
+
+const char* to_string(Backend b) { return b == Backend::Cuda ? "cuda" : "sim"; }
+
+const char* to_string(CopyKind k) {
+  switch (k) {
+    case CopyKind::HostToDevice: return "h2d";
+    case CopyKind::DeviceToHost: return "d2h";
+    case CopyKind::DeviceToDevice: return "d2d";
+  }
+  return "?";
+}
+
+void* Device::reserve(std::size_t bytes) {
+  expect_granular(*this, bytes, "reserve");
+  return do_reserve(bytes);
+}
+
+void Device::unreserve(void* addr, std::size_t bytes) {
+  expect_aligned(*this, addr, "unreserve");
+  expect_granular(*this, bytes, "unreserve");
+  do_unreserve(addr, bytes);
+}
+
+PhysicalHandle Device::create_physical(std::size_t bytes) {
+  expect_granular(*this, bytes, "create_physical");
+  return do_create_physical(bytes);
+}
+
+void Device::release_physical(PhysicalHandle handle, std::size_t bytes) {
+  expect_granular(*this, bytes, "release_physical");
+  do_release_physical(handle, bytes);
+}
+
+void Device::map(void* addr, std::size_t bytes, PhysicalHandle handle) {
+  expect_aligned(*this, addr, "map");
+  expect_granular(*this, bytes, "map");
+  do_map(addr, bytes, handle);
+}
+
+void Device::unmap(void* addr, std::size_t bytes) {
+  expect_aligned(*this, addr, "unmap");
+  expect_granular(*this, bytes, "unmap");
+  do_unmap(addr, bytes);
+}
+
+void* Device::allocate(std::size_t bytes) {
+  SPILL_EXPECTS(bytes > 0, "allocate: size must be above zero");
+  return do_allocate(bytes);
+}
+
+void Device::deallocate(void* ptr) {
+  if (ptr != nullptr) do_deallocate(ptr);
+}
+
+void* Device::allocate_host(std::size_t bytes) {
+  SPILL_EXPECTS(bytes > 0, "allocate_host: size must be above zero");
+  return do_allocate_host(bytes);
+}
+
+void Device::free_host(void* ptr) {
+  if (ptr != nullptr) do_free_host(ptr);
+}
+
+void Device::register_host(void* ptr, std::size_t bytes) {
+  SPILL_EXPECTS(ptr != nullptr, "register_host: pointer is null");
+  SPILL_EXPECTS(bytes > 0, "register_host: size must be above zero");
+  do_register_host(ptr, bytes);
+}
+
+void Device::unregister_host(void* ptr) {
+  SPILL_EXPECTS(ptr != nullptr, "unregister_host: pointer is null");
+  do_unregister_host(ptr);
+}
+
+Stream Device::create_stream() { return do_create_stream(); }
+
+void Device::destroy_stream(Stream stream) {
+  SPILL_EXPECTS(stream != nullptr, "destroy_stream: the default stream cannot be destroyed");
+  do_destroy_stream(stream);
+}
+
+void Device::synchronize(Stream stream) { do_synchronize_stream(stream); }
+
+Event Device::create_event(bool timing) { return do_create_event(timing); }
+
+void Device::destroy_event(Event event) {
+  if (event != nullptr) do_destroy_event(event);
+}
+
+void Device::record(Event event, Stream stream) {
+  SPILL_EXPECTS(event != nullptr, "record: event is null");
+  do_record(event, stream);
+}
+
+void Device::wait(Stream stream, Event event) {
+  SPILL_EXPECTS(event != nullptr, "wait: event is null");
+  do_wait(stream, event);
+}
+
+bool Device::query(Event event) {
+  SPILL_EXPECTS(event != nullptr, "query: event is null");
+  return do_query(event);
+}
+
+void Device::synchronize(Event event) {
+  SPILL_EXPECTS(event != nullptr, "synchronize: event is null");
+  do_synchronize_event(event);
+}
+
+float Device::elapsed_ms(Event start, Event end) {
+  SPILL_EXPECTS(start != nullptr && end != nullptr, "elapsed_ms: event is null");
+  return do_elapsed_ms(start, end);
+}
+
+void Device::copy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind,
+                        Stream stream) {
+  if (bytes == 0) return;
+  SPILL_EXPECTS(dst != nullptr && src != nullptr,
+                std::string("copy_async(") + to_string(kind) + "): " +
+                    (dst == nullptr ? "destination" : "source") + " is null");
+  do_copy_async(dst, src, bytes, kind, stream);
+}
+
+void Device::fill_async(void* dst, std::uint8_t value, std::size_t bytes, Stream stream) {
+  if (bytes == 0) return;
+  SPILL_EXPECTS(dst != nullptr, "fill_async: destination is null");
+  do_fill_async(dst, value, bytes, stream);
+}
+
+void Device::host_callback(Stream stream, std::function<void()> fn) {
+  SPILL_EXPECTS(static_cast<bool>(fn), "host_callback: empty function");
+  do_host_callback(stream, std::move(fn));
+}
+
+void Device::synchronize() { do_synchronize_device(); }
+
+}  // namespace spill

@@ -1,0 +1,374 @@
+// SimDevice: address space, physical chunks and plain/host memory. Stream work is in
+// sim_stream.cpp.
+#include "device/sim_device.hpp"
+
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <sstream>
+
+#include "core/config.hpp"
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "device/sim_state.hpp"
+
+namespace spill {
+namespace {
+
+std::string addr_str(const void* p) {
+  std::ostringstream s;
+  s << p;
+  return s.str();
+}
+
+std::uintptr_t u(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+
+// The entry of `m` whose range [key, key + size) contains `p`, or m.end().
+template <class Map>
+auto containing(const Map& m, std::uintptr_t p) {
+  auto it = m.upper_bound(p);
+  if (it == m.begin()) return m.end();
+  --it;
+  std::size_t size;
+  if constexpr (std::is_same_v<typename Map::mapped_type, std::size_t>) size = it->second;
+  else size = it->second.bytes;
+  return p < it->first + size ? it : m.end();
+}
+
+void* map_anonymous(std::size_t bytes, int prot) {
+  void* p = ::mmap(nullptr, bytes, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? nullptr : p;
+}
+
+std::size_t page_round(std::size_t bytes) {
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  return (bytes + page - 1) / page * page;
+}
+
+void raise_fd_limit() {
+  rlimit lim{};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &lim);
+  }
+}
+
+}  // namespace
+
+SimOptions SimOptions::from_config(const Config& config) {
+  SimOptions o;
+  o.capacity = config.sim_capacity;
+  o.link = link_preset(config.link);
+  o.time_scale = config.time_scale;
+  o.chaos_seed = config.chaos_seed;
+  return o;
+}
+
+// ---- State helpers
+
+bool SimDevice::State::is_device_address(const void* p) const {
+  return containing(reservations, u(p)) != reservations.end() ||
+         containing(allocations, u(p)) != allocations.end();
+}
+
+bool SimDevice::State::accessible(const void* p, std::size_t n) const {
+  std::uintptr_t begin = u(p), end = begin + n;
+  if (auto a = containing(allocations, begin); a != allocations.end())
+    return end <= a->first + a->second;
+  auto it = containing(mappings, begin);
+  while (it != mappings.end()) {
+    std::uintptr_t stop = it->first + it->second.bytes;
+    if (end <= stop) return true;
+    auto next = std::next(it);
+    if (next == mappings.end() || next->first != stop) return false;
+    it = next;
+  }
+  return false;
+}
+
+bool SimDevice::State::is_pinned_host(const void* p) const {
+  return containing(host_pinned, u(p)) != host_pinned.end() ||
+         containing(host_registered, u(p)) != host_registered.end();
+}
+
+void SimDevice::State::set_sticky(const std::string& message) {
+  std::lock_guard lock(err_mu);
+  if (sticky.empty()) sticky = message;
+}
+
+bool SimDevice::State::has_sticky() const {
+  std::lock_guard lock(err_mu);
+  return !sticky.empty();
+}
+
+void SimDevice::State::throw_if_sticky() const {
+  std::lock_guard lock(err_mu);
+  if (!sticky.empty()) throw CudaError("cudaErrorIllegalAddress (simulated): " + sticky, 700);
+}
+
+// ---- Construction
+
+SimDevice::SimDevice(SimOptions options) : s_(std::make_unique<State>()) {
+  SPILL_EXPECTS(options.granularity > 0 && options.granularity % ::sysconf(_SC_PAGESIZE) == 0,
+                "SimDevice: granularity " + std::to_string(options.granularity) +
+                    " must be a multiple of the host page size");
+  SPILL_EXPECTS(options.capacity >= options.granularity,
+                "SimDevice: capacity " + format_bytes(options.capacity) +
+                    " is below one granule (" + format_bytes(options.granularity) + ")");
+  SPILL_EXPECTS(options.link.h2d_gbps > 0 && options.link.d2h_gbps > 0 && options.d2d_gbps > 0,
+                "SimDevice: link bandwidths must be above zero");
+  SPILL_EXPECTS(options.chaos_probability >= 0 && options.chaos_probability <= 1,
+                "SimDevice: chaos_probability must lie in [0, 1]");
+  raise_fd_limit();
+  s_->opt = std::move(options);
+  const SimOptions& o = s_->opt;
+  info_.backend = Backend::Sim;
+  info_.name = o.name;
+  info_.total_bytes = o.capacity;
+  info_.granularity = o.granularity;
+  info_.link_name = o.link.name;
+  info_.link_description = o.link.description + " (modelled)";
+  info_.link_nominal_gbps = o.link.nominal_gbps;
+  info_.h2d_gbps = o.link.h2d_gbps;
+  info_.d2h_gbps = o.link.d2h_gbps;
+  info_.simulated = true;
+  s_->default_stream = do_create_stream();
+}
+
+SimDevice::~SimDevice() {
+  std::vector<std::shared_ptr<StreamImpl>> streams;
+  {
+    std::lock_guard lock(s_->reg_mu);
+    for (auto& [raw, sp] : s_->streams) streams.push_back(sp);
+    s_->streams.clear();
+  }
+  for (auto& sp : streams) s_->stop_worker(*sp);
+  std::unique_lock lock(s_->vm);
+  for (auto& [addr, size] : s_->reservations) ::munmap(reinterpret_cast<void*>(addr), size);
+  for (auto& [h, c] : s_->chunks) ::close(c.fd);
+  for (auto& [addr, size] : s_->allocations) ::munmap(reinterpret_cast<void*>(addr), size);
+  for (auto& [addr, size] : s_->host_pinned) ::munmap(reinterpret_cast<void*>(addr), size);
+}
+
+const SimOptions& SimDevice::options() const { return s_->opt; }
+
+std::size_t SimDevice::used_bytes() const {
+  std::shared_lock lock(s_->vm);
+  return s_->used;
+}
+
+std::size_t SimDevice::mapped_bytes() const {
+  std::shared_lock lock(s_->vm);
+  return s_->mapped;
+}
+
+SimDevice::Counts SimDevice::counts() const {
+  Counts c{};
+  {
+    std::shared_lock lock(s_->vm);
+    c.chunks = s_->chunks.size();
+    c.reservations = s_->reservations.size();
+    c.mappings = s_->mappings.size();
+    c.allocations = s_->allocations.size();
+    c.host_buffers = s_->host_pinned.size() + s_->host_registered.size();
+  }
+  std::lock_guard lock(s_->reg_mu);
+  c.streams = s_->streams.size() - 1;  // not counting the default stream
+  c.events = s_->events.size();
+  return c;
+}
+
+MemInfo SimDevice::do_mem_info() {
+  std::shared_lock lock(s_->vm);
+  return {s_->opt.capacity, s_->opt.capacity - s_->used};
+}
+
+// ---- Virtual memory
+
+void* SimDevice::do_reserve(std::size_t bytes) {
+  const std::size_t g = s_->opt.granularity;
+  void* raw = map_anonymous(bytes + g, PROT_NONE);
+  if (raw == nullptr) {
+    SPILL_FAIL_OOM("SimDevice: cannot reserve " + format_bytes(bytes) +
+                   " of address space: " + std::strerror(errno));
+  }
+  std::uintptr_t start = (u(raw) + g - 1) / g * g;
+  if (start > u(raw)) ::munmap(raw, start - u(raw));
+  std::uintptr_t tail = start + bytes, raw_end = u(raw) + bytes + g;
+  if (raw_end > tail) ::munmap(reinterpret_cast<void*>(tail), raw_end - tail);
+  std::unique_lock lock(s_->vm);
+  s_->reservations[start] = bytes;
+  return reinterpret_cast<void*>(start);
+}
+
+void SimDevice::do_unreserve(void* addr, std::size_t bytes) {
+  std::unique_lock lock(s_->vm);
+  auto it = s_->reservations.find(u(addr));
+  SPILL_EXPECTS(it != s_->reservations.end() && it->second == bytes,
+                "unreserve: " + addr_str(addr) + " (" + format_bytes(bytes) +
+                    ") is not a reservation of this device");
+  auto m = s_->mappings.lower_bound(u(addr));
+  SPILL_EXPECTS(m == s_->mappings.end() || m->first >= u(addr) + bytes,
+                "unreserve: " + addr_str(addr) + " still has memory mapped at " +
+                    addr_str(reinterpret_cast<void*>(m->first)));
+  ::munmap(addr, bytes);
+  s_->reservations.erase(it);
+}
+
+PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
+  std::unique_lock lock(s_->vm);
+  if (bytes > s_->opt.capacity - s_->used) {
+    SPILL_FAIL_OOM("SimDevice: cannot create " + format_bytes(bytes) + " of physical memory: " +
+                   format_bytes(s_->used) + " of " + format_bytes(s_->opt.capacity) +
+                   " in use, " + format_bytes(s_->opt.capacity - s_->used) + " free");
+  }
+  int fd = ::memfd_create("spill-sim-chunk", MFD_CLOEXEC);
+  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    int err = errno;
+    if (fd >= 0) ::close(fd);
+    SPILL_FAIL_OOM("SimDevice: cannot back " + format_bytes(bytes) +
+                   " of physical memory on the host: " + std::strerror(err));
+  }
+  PhysicalHandle h = s_->next_handle++;
+  s_->chunks[h] = {fd, bytes, 0};
+  s_->used += bytes;
+  return h;
+}
+
+void SimDevice::do_release_physical(PhysicalHandle handle, std::size_t bytes) {
+  std::unique_lock lock(s_->vm);
+  auto it = s_->chunks.find(handle);
+  SPILL_EXPECTS(it != s_->chunks.end(),
+                "release_physical: handle " + std::to_string(handle) + " is not a live chunk");
+  SPILL_EXPECTS(it->second.bytes == bytes,
+                "release_physical: handle " + std::to_string(handle) + " has " +
+                    format_bytes(it->second.bytes) + ", not " + format_bytes(bytes));
+  SPILL_EXPECTS(it->second.mapped == 0, "release_physical: handle " + std::to_string(handle) +
+                                            " is still mapped; unmap it first");
+  ::close(it->second.fd);
+  s_->used -= bytes;
+  s_->chunks.erase(it);
+}
+
+void SimDevice::do_map(void* addr, std::size_t bytes, PhysicalHandle handle) {
+  std::unique_lock lock(s_->vm);
+  auto r = containing(s_->reservations, u(addr));
+  SPILL_EXPECTS(r != s_->reservations.end() && u(addr) + bytes <= r->first + r->second,
+                "map: " + addr_str(addr) + " + " + format_bytes(bytes) +
+                    " is not inside a reservation");
+  auto c = s_->chunks.find(handle);
+  SPILL_EXPECTS(c != s_->chunks.end(),
+                "map: handle " + std::to_string(handle) + " is not a live chunk");
+  SPILL_EXPECTS(c->second.bytes == bytes, "map: handle " + std::to_string(handle) + " has " +
+                                              format_bytes(c->second.bytes) + ", not " +
+                                              format_bytes(bytes));
+  auto next = s_->mappings.lower_bound(u(addr));
+  bool overlaps = (next != s_->mappings.end() && next->first < u(addr) + bytes) ||
+                  containing(s_->mappings, u(addr)) != s_->mappings.end();
+  SPILL_EXPECTS(!overlaps, "map: " + addr_str(addr) + " + " + format_bytes(bytes) +
+                               " overlaps memory that is already mapped");
+  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c->second.fd, 0);
+  if (p == MAP_FAILED) {
+    SPILL_FAIL_OOM("SimDevice: map of " + format_bytes(bytes) + " failed: " +
+                   std::strerror(errno));
+  }
+  s_->mappings[u(addr)] = {bytes, handle};
+  c->second.mapped++;
+  s_->mapped += bytes;
+}
+
+void SimDevice::do_unmap(void* addr, std::size_t bytes) {
+  std::unique_lock lock(s_->vm);
+  std::uintptr_t end = u(addr) + bytes;
+  auto first = s_->mappings.find(u(addr));
+  auto it = first;
+  std::uintptr_t at = u(addr);
+  while (it != s_->mappings.end() && it->first == at && at < end) {
+    at += it->second.bytes;
+    ++it;
+  }
+  SPILL_EXPECTS(first != s_->mappings.end() && at == end,
+                "unmap: " + addr_str(addr) + " + " + format_bytes(bytes) +
+                    " is not exactly covered by mapped chunks");
+  void* p = ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                   -1, 0);
+  if (p == MAP_FAILED) {
+    throw Error("SimDevice: unmap of " + format_bytes(bytes) + " at " + addr_str(addr) +
+                " failed: " + std::strerror(errno));
+  }
+  for (auto m = first; m != it; ++m) s_->chunks.at(m->second.handle).mapped--;
+  s_->mappings.erase(first, it);
+  s_->mapped -= bytes;
+}
+
+// ---- Plain device memory and host memory
+
+void* SimDevice::do_allocate(std::size_t bytes) {
+  std::size_t size = page_round(bytes);
+  std::unique_lock lock(s_->vm);
+  if (size > s_->opt.capacity - s_->used) {
+    SPILL_FAIL_OOM("SimDevice: cannot allocate " + format_bytes(bytes) + ": " +
+                   format_bytes(s_->used) + " of " + format_bytes(s_->opt.capacity) +
+                   " in use, " + format_bytes(s_->opt.capacity - s_->used) + " free");
+  }
+  void* p = map_anonymous(size, PROT_READ | PROT_WRITE);
+  if (p == nullptr) SPILL_FAIL_OOM("SimDevice: host mmap of " + format_bytes(size) + " failed");
+  s_->allocations[u(p)] = size;
+  s_->used += size;
+  return p;
+}
+
+void SimDevice::do_deallocate(void* ptr) {
+  std::unique_lock lock(s_->vm);
+  auto it = s_->allocations.find(u(ptr));
+  SPILL_EXPECTS(it != s_->allocations.end(),
+                "deallocate: " + addr_str(ptr) + " was not allocated by this device");
+  ::munmap(ptr, it->second);
+  s_->used -= it->second;
+  s_->allocations.erase(it);
+}
+
+void* SimDevice::do_allocate_host(std::size_t bytes) {
+  std::size_t size = page_round(bytes);
+  void* p = map_anonymous(size, PROT_READ | PROT_WRITE);
+  if (p == nullptr) {
+    SPILL_FAIL_OOM("SimDevice: cannot allocate " + format_bytes(bytes) + " of pinned host memory");
+  }
+  std::unique_lock lock(s_->vm);
+  s_->host_pinned[u(p)] = size;
+  return p;
+}
+
+void SimDevice::do_free_host(void* ptr) {
+  std::unique_lock lock(s_->vm);
+  auto it = s_->host_pinned.find(u(ptr));
+  SPILL_EXPECTS(it != s_->host_pinned.end(),
+                "free_host: " + addr_str(ptr) + " was not allocated by allocate_host");
+  ::munmap(ptr, it->second);
+  s_->host_pinned.erase(it);
+}
+
+void SimDevice::do_register_host(void* ptr, std::size_t bytes) {
+  std::unique_lock lock(s_->vm);
+  SPILL_EXPECTS(!s_->is_device_address(ptr),
+                "register_host: " + addr_str(ptr) + " is device memory");
+  auto next = s_->host_registered.lower_bound(u(ptr));
+  bool overlaps = (next != s_->host_registered.end() && next->first < u(ptr) + bytes) ||
+                  containing(s_->host_registered, u(ptr)) != s_->host_registered.end();
+  SPILL_EXPECTS(!overlaps, "register_host: " + addr_str(ptr) + " + " + format_bytes(bytes) +
+                               " overlaps memory that is already registered");
+  s_->host_registered[u(ptr)] = bytes;
+}
+
+void SimDevice::do_unregister_host(void* ptr) {
+  std::unique_lock lock(s_->vm);
+  auto it = s_->host_registered.find(u(ptr));
+  SPILL_EXPECTS(it != s_->host_registered.end(),
+                "unregister_host: " + addr_str(ptr) + " is not registered");
+  s_->host_registered.erase(it);
+}
+
+}  // namespace spill

@@ -1,0 +1,167 @@
+#include "profiling/events.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <unordered_map>
+
+#include "core/errors.hpp"
+
+namespace spill::profiling {
+namespace {
+
+constexpr std::uint64_t pack_meta(EventKind kind, std::int32_t device, std::uint32_t tag) {
+  return static_cast<std::uint64_t>(kind) | (static_cast<std::uint64_t>(device & 0xffffff) << 8) |
+         (static_cast<std::uint64_t>(tag) << 32);
+}
+
+std::atomic<std::uint32_t> next_recorder_id{1};
+
+}  // namespace
+
+// One thread's ring: written by its thread only, read by collect() under the recorder's mutex.
+struct TraceRecorder::Ring {
+  static constexpr int kWords = 5;
+  explicit Ring(std::size_t cap, std::uint32_t thread_no)
+      : mask(cap - 1), words(new std::atomic<std::uint64_t>[cap * kWords]), thread(thread_no) {}
+  std::uint64_t mask;
+  std::unique_ptr<std::atomic<std::uint64_t>[]> words;
+  std::atomic<std::uint64_t> head{0};
+  std::uint64_t tail = 0;  // consumer side
+  std::uint32_t thread;
+  std::atomic<bool> orphan{false};  // its thread has exited
+};
+
+namespace {
+
+// Each thread caches its ring per recorder; the cache entry marks the ring orphaned on exit.
+struct ThreadRings {
+  std::unordered_map<std::uint32_t, std::shared_ptr<TraceRecorder::Ring>> by_recorder;
+  ~ThreadRings() {
+    for (auto& [id, ring] : by_recorder) ring->orphan.store(true, std::memory_order_release);
+  }
+};
+thread_local ThreadRings t_rings;
+thread_local std::uint32_t t_last_id = 0;
+thread_local TraceRecorder::Ring* t_last_ring = nullptr;
+
+std::size_t round_pow2(std::size_t n) {
+  std::size_t p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+}  // namespace
+
+const char* to_string(EventKind kind) {
+  static constexpr const char* names[kEventKindCount] = {
+      "alloc", "free", "map", "unmap", "pin", "unpin", "swap_out",
+      "swap_in", "prefetch", "evict", "stall", "oom", "mark"};
+  int i = static_cast<int>(kind);
+  return i >= 0 && i < kEventKindCount ? names[i] : "?";
+}
+
+TraceRecorder::TraceRecorder(std::size_t ring_capacity)
+    : ring_capacity_(round_pow2(std::max<std::size_t>(ring_capacity, 16))),
+      id_(next_recorder_id.fetch_add(1)) {}
+
+TraceRecorder::~TraceRecorder() = default;
+
+TraceRecorder& TraceRecorder::global() {
+  static TraceRecorder* recorder = new TraceRecorder();  // never destroyed: used at exit
+  return *recorder;
+}
+
+std::uint64_t TraceRecorder::now_ns() const {
+  static const auto epoch = std::chrono::steady_clock::now();
+  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                        std::chrono::steady_clock::now() - epoch)
+                                        .count());
+}
+
+TraceRecorder::Ring& TraceRecorder::ring_for_this_thread() {
+  if (t_last_id == id_) return *t_last_ring;
+  auto& slot = t_rings.by_recorder[id_];
+  if (!slot) {
+    std::lock_guard lock(mu_);
+    slot = std::make_shared<Ring>(ring_capacity_, next_thread_++);
+    rings_.push_back(slot);
+  }
+  t_last_id = id_;
+  t_last_ring = slot.get();
+  return *slot;
+}
+
+void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
+                                  std::uint64_t stream, std::int32_t device, std::uint32_t tag) {
+  Ring& r = ring_for_this_thread();
+  std::uint64_t h = r.head.load(std::memory_order_relaxed);
+  std::atomic<std::uint64_t>* w = &r.words[(h & r.mask) * Ring::kWords];
+  w[0].store(now_ns(), std::memory_order_relaxed);
+  w[1].store(address, std::memory_order_relaxed);
+  w[2].store(bytes, std::memory_order_relaxed);
+  w[3].store(stream, std::memory_order_relaxed);
+  w[4].store(pack_meta(kind, device, tag), std::memory_order_relaxed);
+  r.head.store(h + 1, std::memory_order_release);
+}
+
+std::vector<TraceEvent> TraceRecorder::collect() {
+  std::vector<TraceEvent> out;
+  std::lock_guard lock(mu_);
+  const std::uint64_t cap = ring_capacity_;
+  for (auto& ring : rings_) {
+    Ring& r = *ring;
+    std::uint64_t head = r.head.load(std::memory_order_acquire);
+    std::uint64_t start = std::max(r.tail, head > cap ? head - cap : 0);
+    std::size_t first = out.size();
+    for (std::uint64_t i = start; i < head; ++i) {
+      const std::atomic<std::uint64_t>* w = &r.words[(i & r.mask) * Ring::kWords];
+      TraceEvent e;
+      e.time_ns = w[0].load(std::memory_order_relaxed);
+      e.address = w[1].load(std::memory_order_relaxed);
+      e.bytes = w[2].load(std::memory_order_relaxed);
+      e.stream = w[3].load(std::memory_order_relaxed);
+      std::uint64_t meta = w[4].load(std::memory_order_relaxed);
+      e.kind = static_cast<EventKind>(meta & 0xff);
+      std::int32_t dev = static_cast<std::int32_t>((meta >> 8) & 0xffffff);
+      e.device = (dev & 0x800000) ? dev - 0x1000000 : dev;
+      e.tag = static_cast<std::uint32_t>(meta >> 32);
+      e.thread = r.thread;
+      out.push_back(e);
+    }
+    // Slots the producer may have overwritten while we read them are discarded.
+    std::uint64_t after = r.head.load(std::memory_order_acquire);
+    std::uint64_t valid_from = after > cap ? after - cap : 0;
+    std::uint64_t lost = start - r.tail;
+    if (valid_from > start) {
+      std::uint64_t bad = std::min(valid_from, head) - start;
+      out.erase(out.begin() + static_cast<std::ptrdiff_t>(first),
+                out.begin() + static_cast<std::ptrdiff_t>(first + bad));
+      lost += bad;
+    }
+    if (lost) dropped_.fetch_add(lost, std::memory_order_relaxed);
+    r.tail = head;
+  }
+  std::erase_if(rings_, [](const std::shared_ptr<Ring>& r) {
+    return r->orphan.load(std::memory_order_acquire) &&
+           r->head.load(std::memory_order_acquire) == r->tail;
+  });
+  std::stable_sort(out.begin(), out.end(),
+                   [](const TraceEvent& a, const TraceEvent& b) { return a.time_ns < b.time_ns; });
+  return out;
+}
+
+std::uint32_t TraceRecorder::intern(std::string_view name) {
+  std::lock_guard lock(mu_);
+  for (std::size_t i = 0; i < tags_.size(); ++i)
+    if (tags_[i] == name) return static_cast<std::uint32_t>(i);
+  tags_.emplace_back(name);
+  return static_cast<std::uint32_t>(tags_.size() - 1);
+}
+
+std::string TraceRecorder::tag_name(std::uint32_t tag) const {
+  std::lock_guard lock(mu_);
+  SPILL_EXPECTS(tag < tags_.size(), "tag_name: unknown tag " + std::to_string(tag));
+  return tags_[tag];
+}
+
+}  // namespace spill::profiling

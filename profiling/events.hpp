@@ -1,0 +1,83 @@
+// Trace events: the record every layer emits (alloc, free, map, pin, swap, stall, OOM, ...)
+// and a cheap recorder. Each thread writes into its own bounded ring without locks (relaxed
+// atomic words, so concurrent collection is race-free); when a ring is full the oldest events
+// are overwritten and counted as dropped. Recording can be switched off at the cost of one
+// relaxed load per call.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace spill::profiling {
+
+enum class EventKind : std::uint8_t {
+  Alloc, Free, Map, Unmap, Pin, Unpin, SwapOut, SwapIn, Prefetch, Evict, Stall, Oom, Mark,
+};
+inline constexpr int kEventKindCount = static_cast<int>(EventKind::Mark) + 1;
+
+const char* to_string(EventKind kind);
+
+struct TraceEvent {
+  std::uint64_t time_ns = 0;  // steady clock, since the recorder's epoch
+  EventKind kind = EventKind::Mark;
+  std::uint64_t address = 0;
+  std::uint64_t bytes = 0;
+  std::uint64_t stream = 0;   // the stream handle's value, 0 for the default stream
+  std::int32_t device = 0;
+  std::uint32_t tag = 0;      // an interned string (op name, reason), 0 for none
+  std::uint32_t thread = 0;   // recorder-assigned thread number
+};
+
+class TraceRecorder {
+ public:
+  explicit TraceRecorder(std::size_t ring_capacity = 1u << 16);
+  ~TraceRecorder();
+  TraceRecorder(const TraceRecorder&) = delete;
+  TraceRecorder& operator=(const TraceRecorder&) = delete;
+
+  // The process-wide recorder that spill's layers emit to.
+  static TraceRecorder& global();
+
+  void set_enabled(bool on) { enabled_.store(on, std::memory_order_relaxed); }
+  bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
+
+  void record(EventKind kind, std::uint64_t address, std::uint64_t bytes,
+              std::uint64_t stream = 0, std::int32_t device = 0, std::uint32_t tag = 0) {
+    if (!enabled()) return;
+    record_always(kind, address, bytes, stream, device, tag);
+  }
+  void record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
+                     std::uint64_t stream, std::int32_t device, std::uint32_t tag);
+
+  // Takes every event recorded since the last collect, from all threads, ordered by time.
+  std::vector<TraceEvent> collect();
+  // Events lost to full rings so far.
+  std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+
+  // Interns `name` as a tag (0 is reserved for "no tag"); thread-safe, stable ids.
+  std::uint32_t intern(std::string_view name);
+  std::string tag_name(std::uint32_t tag) const;
+
+  std::uint64_t now_ns() const;
+
+  struct Ring;
+
+ private:
+  Ring& ring_for_this_thread();
+
+  std::atomic<bool> enabled_{true};
+  std::size_t ring_capacity_;
+  std::uint32_t id_;  // distinguishes recorders in thread-local caches
+  mutable std::mutex mu_;
+  std::vector<std::shared_ptr<Ring>> rings_;
+  std::vector<std::string> tags_{""};
+  std::atomic<std::uint64_t> dropped_{0};
+  std::uint32_t next_thread_ = 0;
+};
+
+}  // namespace spill::profiling

@@ -1,0 +1,94 @@
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "core/config.hpp"
+#include "core/errors.hpp"
+
+namespace spill {
+namespace {
+
+TEST(Config, DefaultsFromAnEmptyString) {
+  Config c = Config::parse("");
+  EXPECT_EQ(c, Config{});
+  EXPECT_EQ(c.device, DeviceChoice::Auto);
+  EXPECT_FALSE(c.budget.has_value());
+  EXPECT_EQ(c.swap_threshold, 1u << 20);
+  EXPECT_EQ(c.policy, SwapPolicy::Plan);
+}
+
+TEST(Config, ParsesEveryKey) {
+  Config c = Config::parse(
+      "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
+      "sim_capacity:16GiB, link:nvlink2-p9, time_scale:0.01, chaos:42, trace:off,"
+      "oom_dump:/tmp/dumps");
+  EXPECT_EQ(c.device, DeviceChoice::Sim);
+  EXPECT_EQ(c.gpu, 1);
+  EXPECT_EQ(c.budget, 8ull << 30);
+  EXPECT_EQ(c.host_cap, 64ull << 30);
+  EXPECT_EQ(c.swap_threshold, 2u << 20);
+  EXPECT_EQ(c.policy, SwapPolicy::Lru);
+  EXPECT_EQ(c.sim_capacity, 16ull << 30);
+  EXPECT_EQ(c.link, "nvlink2-p9");
+  EXPECT_DOUBLE_EQ(c.time_scale, 0.01);
+  EXPECT_EQ(c.chaos_seed, 42u);
+  EXPECT_FALSE(c.trace);
+  EXPECT_EQ(c.oom_dump, "/tmp/dumps");
+}
+
+TEST(Config, RoundTripsThroughItsStringForm) {
+  Config c = Config::parse("device:cuda,budget:3GB,chaos:on,time_scale:0.125,policy:none");
+  EXPECT_EQ(Config::parse(c.to_string()), c);
+  Config d;
+  EXPECT_EQ(Config::parse(d.to_string()), d);
+}
+
+TEST(Config, MergeLetsLaterSourcesWin) {
+  Config c = Config::parse("budget:1GiB,device:sim");
+  c.merge("budget:2GiB", "--conf");
+  EXPECT_EQ(c.budget, 2ull << 30);
+  EXPECT_EQ(c.device, DeviceChoice::Sim);
+}
+
+struct BadCase {
+  const char* text;
+  const char* must_mention;
+};
+
+TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
+  const BadCase cases[] = {
+      {"bugdet:8GiB", "bugdet"},         {"budget", "budget"},
+      {"budget:8XiB", "budget"},         {"budget:-1GiB", "budget"},
+      {"budget:0", "budget"},            {"device:tpu", "device"},
+      {"policy:random", "policy"},       {"link:pcie9", "pcie9"},
+      {"time_scale:fast", "time_scale"}, {"chaos:maybe", "chaos"},
+      {"trace:yes", "trace"},            {"budget:1GiB,budget:2GiB", "more than once"},
+      {"sim_capacity:1KiB", "sim_capacity"}, {"gpu:-1", "gpu"},
+      {":5", "unknown key"},
+  };
+  for (const BadCase& bc : cases) {
+    SCOPED_TRACE(bc.text);
+    try {
+      Config::parse(bc.text, "SPILL_CONF");
+      FAIL() << "accepted '" << bc.text << "'";
+    } catch (const InvalidArgument& e) {
+      std::string msg = e.what();
+      EXPECT_NE(msg.find(bc.must_mention), std::string::npos) << msg;
+      EXPECT_NE(msg.find("SPILL_CONF"), std::string::npos) << msg;
+    }
+  }
+}
+
+TEST(Config, ReadsTheEnvironment) {
+  ::setenv("SPILL_CONF", "device:sim,budget:1GiB", 1);
+  Config c = Config::from_env();
+  EXPECT_EQ(c.device, DeviceChoice::Sim);
+  EXPECT_EQ(c.budget, 1ull << 30);
+  ::setenv("SPILL_CONF", "nonsense", 1);
+  EXPECT_THROW(Config::from_env(), InvalidArgument);
+  ::unsetenv("SPILL_CONF");
+  EXPECT_EQ(Config::from_env(), Config{});
+}
+
+}  // namespace
+}  // namespace spill

@@ -1,0 +1,54 @@
+#include <gtest/gtest.h>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+
+namespace spill {
+namespace {
+
+TEST(ParseSize, AcceptsBinaryDecimalAndPlainBytes) {
+  EXPECT_EQ(parse_size("4096"), 4096u);
+  EXPECT_EQ(parse_size("12B"), 12u);
+  EXPECT_EQ(parse_size("1KiB"), 1024u);
+  EXPECT_EQ(parse_size("8GiB"), 8ull << 30);
+  EXPECT_EQ(parse_size("2TiB"), 2ull << 40);
+  EXPECT_EQ(parse_size("1KB"), 1000u);
+  EXPECT_EQ(parse_size("3MB"), 3000000u);
+  EXPECT_EQ(parse_size("16GB"), 16000000000ull);
+  EXPECT_EQ(parse_size("1.5GiB"), 3ull << 29);
+  EXPECT_EQ(parse_size(" 512 MiB "), 512ull << 20);
+  EXPECT_EQ(parse_size("64gib"), 64ull << 30) << "units are case-insensitive";
+  EXPECT_EQ(parse_size("0"), 0u);
+}
+
+TEST(ParseSize, RejectsMalformedInputNamingIt) {
+  for (const char* bad : {"", "GiB", "-1GiB", "8XB", "1.2.3MiB", "8 GiB extra", "1e3",
+                          "99999999999999999999", "20000000TiB", "0x10"}) {
+    SCOPED_TRACE(bad);
+    try {
+      parse_size(bad, "budget");
+      FAIL() << "accepted '" << bad << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("budget"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(FormatBytes, PicksTheLargestUnit) {
+  EXPECT_EQ(format_bytes(0), "0 B");
+  EXPECT_EQ(format_bytes(1023), "1023 B");
+  EXPECT_EQ(format_bytes(1024), "1.00 KiB");
+  EXPECT_EQ(format_bytes(3ull << 29), "1.50 GiB");
+  EXPECT_EQ(format_bytes(5ull << 40), "5.00 TiB");
+}
+
+TEST(ParseNumber, RejectsNegativeAndGarbage) {
+  EXPECT_DOUBLE_EQ(parse_number("0.25", "x"), 0.25);
+  EXPECT_THROW(parse_number("-1", "x"), InvalidArgument);
+  EXPECT_THROW(parse_number("abc", "x"), InvalidArgument);
+  EXPECT_THROW(parse_number("nan", "x"), InvalidArgument);
+  EXPECT_THROW(parse_uint("1.5", "x"), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace spill

@@ -1,0 +1,273 @@
+// What only the simulated device promises: faults on unmapped memory, the timing model,
+// accounting, chaos mode catching missing synchronisation, and strict checking of misuse.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "core/errors.hpp"
+#include "core/pattern.hpp"
+#include "core/units.hpp"
+#include "device/sim_device.hpp"
+
+namespace spill::test {
+namespace {
+
+SimOptions small(std::string_view link = "pcie4") {
+  SimOptions o;
+  o.capacity = 64 * MiB;
+  o.link = link_preset(link);
+  return o;
+}
+
+TEST(SimDeviceDeathTest, TouchingAReservedButUnmappedRangeFaults) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  SimDevice dev(small());
+  auto* p = static_cast<volatile char*>(dev.reserve(dev.granularity()));
+  EXPECT_DEATH({ p[100] = 1; }, "");
+}
+
+TEST(SimDeviceDeathTest, TouchingARangeAfterUnmapFaults) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  SimDevice dev(small());
+  const std::size_t g = dev.granularity();
+  auto* p = static_cast<char*>(dev.reserve(g));
+  PhysicalHandle h = dev.create_physical(g);
+  dev.map(p, g, h);
+  p[0] = 5;  // mapped: fine
+  EXPECT_EQ(p[0], 5);
+  dev.unmap(p, g);
+  volatile char* vp = p;
+  EXPECT_DEATH({ vp[0] = 1; }, "");
+  dev.release_physical(h, g);
+  dev.unreserve(p, g);
+}
+
+TEST(SimDevice, CopyIntoUnmappedMemoryIsAStickyIllegalAddress) {
+  SimDevice dev(small());
+  void* p = dev.reserve(dev.granularity());
+  std::vector<char> host(4096, 1);
+  dev.copy_async(p, host.data(), host.size(), CopyKind::HostToDevice, nullptr);
+  try {
+    dev.synchronize();
+    FAIL() << "expected an illegal-address error";
+  } catch (const CudaError& e) {
+    EXPECT_NE(std::string(e.what()).find("unmapped"), std::string::npos) << e.what();
+    EXPECT_EQ(e.code(), 700);
+  }
+  EXPECT_THROW(dev.synchronize(), CudaError) << "the error is sticky, as in CUDA";
+}
+
+TEST(SimDevice, CopyKindMustMatchTheMemory) {
+  SimDevice dev(small());
+  void* d = dev.allocate(4096);
+  std::vector<char> host(4096);
+  EXPECT_THROW(dev.copy_async(host.data(), d, 16, CopyKind::HostToDevice, nullptr),
+               InvalidArgument);
+  EXPECT_THROW(dev.copy_async(d, host.data(), 16, CopyKind::DeviceToHost, nullptr),
+               InvalidArgument);
+  dev.deallocate(d);
+}
+
+TEST(SimDevice, CopyTimeFollowsTheLinkModel) {
+  for (const char* name : {"pcie3", "pcie5", "nvlink2-p9", "nvlink-c2c"}) {
+    SCOPED_TRACE(name);
+    SimDevice dev(small(name));
+    const LinkModel& link = link_preset(name);
+    const std::size_t n = 32 * MiB;
+    void* d = dev.allocate(n);
+    void* h = dev.allocate_host(n);
+    Stream s = dev.create_stream();
+    Event t0 = dev.create_event(true), t1 = dev.create_event(true), t2 = dev.create_event(true);
+    dev.record(t0, s);
+    dev.copy_async(d, h, n, CopyKind::HostToDevice, s);
+    dev.record(t1, s);
+    dev.copy_async(h, d, n, CopyKind::DeviceToHost, s);
+    dev.record(t2, s);
+    dev.synchronize(s);
+    double h2d_ms = link.latency_us * 1e-3 + n / (link.h2d_gbps * 1e9) * 1e3;
+    double d2h_ms = link.latency_us * 1e-3 + n / (link.d2h_gbps * 1e9) * 1e3;
+    EXPECT_NEAR(dev.elapsed_ms(t0, t1), h2d_ms, h2d_ms * 1e-4);
+    EXPECT_NEAR(dev.elapsed_ms(t1, t2), d2h_ms, d2h_ms * 1e-4);
+    dev.destroy_event(t0);
+    dev.destroy_event(t1);
+    dev.destroy_event(t2);
+    dev.destroy_stream(s);
+    dev.free_host(h);
+    dev.deallocate(d);
+  }
+}
+
+// Two copies on two streams: the same direction shares one engine (serialised), opposite
+// directions overlap.
+TEST(SimDevice, OneCopyEnginePerDirection) {
+  SimDevice dev(small("pcie4"));
+  const std::size_t n = 16 * MiB;
+  void* d1 = dev.allocate(n);
+  void* d2 = dev.allocate(n);
+  void* h1 = dev.allocate_host(n);
+  void* h2 = dev.allocate_host(n);
+  Stream a = dev.create_stream(), b = dev.create_stream();
+  const double one = dev.options().link.latency_us * 1e-6 + n / (25.0e9);
+
+  dev.copy_async(d1, h1, n, CopyKind::HostToDevice, a);
+  dev.copy_async(d2, h2, n, CopyKind::HostToDevice, b);
+  dev.synchronize();
+  EXPECT_NEAR(dev.sim_time_s(), 2 * one, one * 1e-3) << "same direction is serialised";
+
+  SimDevice dev2(small("pcie4"));
+  void* e1 = dev2.allocate(n);
+  void* g1 = dev2.allocate_host(n);
+  void* g2 = dev2.allocate_host(n);
+  Stream c = dev2.create_stream(), e = dev2.create_stream();
+  dev2.copy_async(e1, g1, n, CopyKind::HostToDevice, c);
+  dev2.copy_async(g2, e1, n, CopyKind::DeviceToHost, e);
+  dev2.synchronize();
+  EXPECT_NEAR(dev2.sim_time_s(), one, one * 1e-3) << "opposite directions overlap";
+  dev.destroy_stream(a);
+  dev.destroy_stream(b);
+  dev2.destroy_stream(c);
+  dev2.destroy_stream(e);
+}
+
+TEST(SimDevice, PageableHostMemoryIsSlowerThanPinned) {
+  SimDevice dev(small("pcie4"));
+  const std::size_t n = 8 * MiB;
+  void* d = dev.allocate(n);
+  void* pinned = dev.allocate_host(n);
+  std::vector<char> pageable(n);
+  Stream s = dev.create_stream();
+  Event t0 = dev.create_event(true), t1 = dev.create_event(true), t2 = dev.create_event(true);
+  dev.record(t0, s);
+  dev.copy_async(d, pinned, n, CopyKind::HostToDevice, s);
+  dev.record(t1, s);
+  dev.copy_async(d, pageable.data(), n, CopyKind::HostToDevice, s);
+  dev.record(t2, s);
+  dev.synchronize(s);
+  EXPECT_GT(dev.elapsed_ms(t1, t2), 1.5 * dev.elapsed_ms(t0, t1));
+  dev.destroy_event(t0);
+  dev.destroy_event(t1);
+  dev.destroy_event(t2);
+  dev.destroy_stream(s);
+}
+
+TEST(SimDevice, ComputeAdvancesTheStreamClockAndWaitsPropagateIt) {
+  SimDevice dev(small());
+  Stream a = dev.create_stream(), b = dev.create_stream();
+  Event done = dev.create_event(true), start = dev.create_event(true), end = dev.create_event(true);
+  dev.record(start, b);
+  dev.enqueue_compute(a, 0.010);
+  dev.record(done, a);
+  dev.wait(b, done);
+  dev.enqueue_compute(b, 0.005);
+  dev.record(end, b);
+  dev.synchronize();
+  EXPECT_NEAR(dev.elapsed_ms(start, end), 15.0, 1e-3);
+  dev.destroy_event(done);
+  dev.destroy_event(start);
+  dev.destroy_event(end);
+  dev.destroy_stream(a);
+  dev.destroy_stream(b);
+}
+
+TEST(SimDevice, CapacityAccountingAndRecovery) {
+  SimDevice dev(small());
+  const std::size_t g = dev.granularity();
+  std::vector<PhysicalHandle> chunks;
+  for (std::size_t i = 0; i < 64 * MiB / g; ++i) chunks.push_back(dev.create_physical(g));
+  EXPECT_EQ(dev.mem_info().free, 0u);
+  try {
+    dev.create_physical(g);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    EXPECT_NE(std::string(e.what()).find("free"), std::string::npos) << e.what();
+  }
+  dev.release_physical(chunks.back(), g);
+  chunks.pop_back();
+  EXPECT_EQ(dev.mem_info().free, g);
+  void* p = dev.allocate(g);  // plain allocations share the capacity
+  EXPECT_THROW(dev.allocate(1), OutOfMemory);
+  dev.deallocate(p);
+  for (PhysicalHandle h : chunks) dev.release_physical(h, g);
+  EXPECT_EQ(dev.used_bytes(), 0u);
+}
+
+TEST(SimDevice, RejectsMisuseWithClearMessages) {
+  SimDevice dev(small());
+  const std::size_t g = dev.granularity();
+  char* p = static_cast<char*>(dev.reserve(2 * g));
+  PhysicalHandle h = dev.create_physical(g);
+  dev.map(p, g, h);
+  EXPECT_THROW(dev.map(p, g, h), InvalidArgument) << "overlapping map";
+  EXPECT_THROW(dev.release_physical(h, g), InvalidArgument) << "release while mapped";
+  EXPECT_THROW(dev.unreserve(p, 2 * g), InvalidArgument) << "unreserve with mappings";
+  EXPECT_THROW(dev.unmap(p + g, g), InvalidArgument) << "unmap of nothing";
+  EXPECT_THROW(dev.map(p + g, g, 9999), InvalidArgument) << "unknown handle";
+  EXPECT_THROW(dev.release_physical(h, 2 * g), InvalidArgument) << "wrong size";
+  std::vector<char> host(64);
+  EXPECT_THROW(dev.deallocate(host.data()), InvalidArgument);
+  EXPECT_THROW(dev.free_host(host.data()), InvalidArgument);
+  EXPECT_THROW(dev.unregister_host(host.data()), InvalidArgument);
+  try {
+    dev.unmap(p + g, g);
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("unmap"), std::string::npos);
+  }
+  dev.unmap(p, g);
+  dev.release_physical(h, g);
+  dev.unreserve(p, 2 * g);
+  auto c = dev.counts();
+  EXPECT_EQ(c.chunks + c.reservations + c.mappings + c.allocations, 0u);
+}
+
+// A reader that forgets to wait for the writer must be caught by chaos mode, and the same
+// code with the wait must always be right.
+TEST(SimDevice, ChaosCatchesAPlantedMissingWait) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB, .chaos_seed = 99, .chaos_probability = 1.0});
+  const std::size_t n = 1 * MiB;
+  void* d = dev.allocate(n);
+  std::vector<unsigned char> in(n), out(n);
+  Stream writer = dev.create_stream(), reader = dev.create_stream();
+  Event written = dev.create_event();
+  int stale_without = 0, stale_with = 0;
+  for (int trial = 0; trial < 10; ++trial) {
+    for (bool join : {false, true}) {
+      fill_pattern(in.data(), n, 300 + trial);
+      dev.fill_async(d, 0, n, writer);
+      dev.synchronize(writer);
+      dev.copy_async(d, in.data(), n, CopyKind::HostToDevice, writer);
+      dev.record(written, writer);
+      if (join) dev.wait(reader, written);
+      dev.copy_async(out.data(), d, n, CopyKind::DeviceToHost, reader);
+      dev.synchronize();
+      (join ? stale_with : stale_without) += find_pattern_mismatch(out.data(), n, 300 + trial) != n;
+    }
+  }
+  EXPECT_GT(stale_without, 0) << "chaos mode did not expose the missing wait";
+  EXPECT_EQ(stale_with, 0);
+  dev.destroy_event(written);
+  dev.destroy_stream(writer);
+  dev.destroy_stream(reader);
+  dev.deallocate(d);
+}
+
+TEST(SimDevice, DestroyingAPendingEventIsSafe) {
+  SimDevice dev(small());
+  Stream s = dev.create_stream();
+  Event e = dev.create_event();
+  dev.enqueue_compute(s, 0.001, [] {});
+  dev.record(e, s);
+  dev.destroy_event(e);
+  dev.synchronize(s);
+  EXPECT_EQ(dev.counts().events, 0u);
+  dev.destroy_stream(s);
+  EXPECT_EQ(dev.counts().streams, 0u);
+}
+
+TEST(SimDevice, RejectsBadOptions) {
+  EXPECT_THROW(SimDevice(SimOptions{.capacity = 4096}), InvalidArgument);
+  EXPECT_THROW(SimDevice(SimOptions{.granularity = 1000}), InvalidArgument);
+  EXPECT_THROW(SimDevice(SimOptions{.chaos_probability = 2.0}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace spill::test

@@ -1,0 +1,101 @@
+#include <gtest/gtest.h>
+
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "profiling/events.hpp"
+
+namespace spill::profiling {
+namespace {
+
+TEST(TraceRecorder, RecordsAndCollectsInTimeOrder) {
+  TraceRecorder rec(1024);
+  std::uint32_t tag = rec.intern("conv1");
+  rec.record(EventKind::Alloc, 0x1000, 4096, 7, 0, tag);
+  rec.record(EventKind::Free, 0x1000, 4096, 7, 0, tag);
+  auto events = rec.collect();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[0].kind, EventKind::Alloc);
+  EXPECT_EQ(events[1].kind, EventKind::Free);
+  EXPECT_EQ(events[0].address, 0x1000u);
+  EXPECT_EQ(events[0].bytes, 4096u);
+  EXPECT_EQ(events[0].stream, 7u);
+  EXPECT_EQ(rec.tag_name(events[0].tag), "conv1");
+  EXPECT_LE(events[0].time_ns, events[1].time_ns);
+  EXPECT_TRUE(rec.collect().empty()) << "collect drains";
+}
+
+TEST(TraceRecorder, NegativeDevicesAndLargeTagsSurvivePacking) {
+  TraceRecorder rec(64);
+  rec.record(EventKind::Oom, 1, 2, 3, -1, 0xFFFFFFF0u);
+  auto e = rec.collect();
+  ASSERT_EQ(e.size(), 1u);
+  EXPECT_EQ(e[0].device, -1);
+  EXPECT_EQ(e[0].tag, 0xFFFFFFF0u);
+  EXPECT_EQ(e[0].kind, EventKind::Oom);
+}
+
+TEST(TraceRecorder, DisabledRecordsNothing) {
+  TraceRecorder rec(64);
+  rec.set_enabled(false);
+  rec.record(EventKind::Pin, 1, 1);
+  EXPECT_TRUE(rec.collect().empty());
+  rec.set_enabled(true);
+  rec.record(EventKind::Pin, 1, 1);
+  EXPECT_EQ(rec.collect().size(), 1u);
+}
+
+TEST(TraceRecorder, FullRingKeepsTheNewestAndCountsDrops) {
+  TraceRecorder rec(16);
+  for (std::uint64_t i = 0; i < 40; ++i) rec.record(EventKind::Mark, i, 0);
+  auto events = rec.collect();
+  ASSERT_EQ(events.size(), 16u);
+  EXPECT_EQ(events.front().address, 24u);
+  EXPECT_EQ(events.back().address, 39u);
+  EXPECT_EQ(rec.dropped(), 24u);
+}
+
+TEST(TraceRecorder, ManyThreadsRecordWithoutLoss) {
+  TraceRecorder rec(1 << 14);
+  const int threads = 8, per_thread = 5000;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&rec, t] {
+      for (int i = 0; i < per_thread; ++i)
+        rec.record(EventKind::Alloc, static_cast<std::uint64_t>(t) << 32 | i, 1);
+    });
+  }
+  // Collect concurrently with the writers; nothing may be lost or duplicated.
+  std::vector<TraceEvent> all;
+  for (int k = 0; k < 20; ++k) {
+    auto part = rec.collect();
+    all.insert(all.end(), part.begin(), part.end());
+  }
+  for (auto& th : pool) th.join();
+  auto rest = rec.collect();
+  all.insert(all.end(), rest.begin(), rest.end());
+  std::set<std::uint64_t> seen;
+  for (const TraceEvent& e : all) seen.insert(e.address);
+  EXPECT_EQ(rec.dropped(), 0u);
+  EXPECT_EQ(all.size(), static_cast<std::size_t>(threads * per_thread));
+  EXPECT_EQ(seen.size(), all.size());
+}
+
+TEST(TraceRecorder, InternIsStable) {
+  TraceRecorder rec;
+  EXPECT_EQ(rec.intern(""), 0u);
+  std::uint32_t a = rec.intern("a"), b = rec.intern("b");
+  EXPECT_NE(a, b);
+  EXPECT_EQ(rec.intern("a"), a);
+  EXPECT_EQ(rec.tag_name(b), "b");
+  EXPECT_ANY_THROW(rec.tag_name(999));
+}
+
+TEST(EventKind, HasNames) {
+  EXPECT_STREQ(to_string(EventKind::SwapOut), "swap_out");
+  EXPECT_STREQ(to_string(EventKind::Mark), "mark");
+}
+
+}  // namespace
+}  // namespace spill::profiling
