@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU suite, for a machine with a GPU: builds spill for the GPU, runs every test (GPU ones
+# included), `spill info`, `spill device-check` on CUDA and every benchmark, all within about
+# 9 minutes. Results go to $OUT when set (else build/gpu-results): summary.txt (the table
+# printed last), ctest.xml, bench.json (every benchmark's JSON, merged) and logs.tar.gz.
+# Dependencies: if the machine lacks the Debian -dev packages, carry .gpu-deps/ (made by
+# bench/gpu/fetch_deps.sh on the dev machine); they are unpacked under the build folder.
+# Environment: SPILL_CUDA_ARCH (default 90), SPILL_GPU_BUDGET_S (default 530 seconds).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-$root/build/gpu-results}
+build=$root/build-gpu
+work=$build/results
+mkdir -p "$out" "$work"
+rm -f "$work"/*
+deadline=$(($(date +%s) + ${SPILL_GPU_BUDGET_S:-530}))
+rows=()
+failed=0
+
+# step NAME LIMIT_S COMMAND...: runs with a time limit (capped by what is left), logs to
+# $work/NAME.log and adds a row to the summary.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local start left rc status
+  start=$(date +%s)
+  left=$((deadline - start))
+  ((limit > left)) && limit=$left
+  if ((limit < 5)); then
+    rows+=("$name|not run: out of time|0")
+    failed=1
+    return 1
+  fi
+  timeout "$limit" "$@" >"$work/$name.log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124) status="timed out after ${limit}s" ;;
+    *) status="failed (exit $rc)" ;;
+  esac
+  ((rc != 0)) && failed=1
+  rows+=("$name|$status|$(($(date +%s) - start))")
+  return $rc
+}
+
+cmake_args=()
+if [[ -d $root/.gpu-deps ]] && ! [[ -f /usr/include/gtest/gtest.h ]]; then
+  deps=$build/deps
+  mkdir -p "$deps"
+  for f in "$root"/.gpu-deps/*.deb; do dpkg-deb -x "$f" "$deps"; done
+  cmake_args+=("-DCMAKE_PREFIX_PATH=$deps/usr" "-DCMAKE_INCLUDE_PATH=$deps/usr/include"
+               "-DCMAKE_CXX_FLAGS=-isystem $deps/usr/include")
+  export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+fi
+
+step configure 120 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_CUDA_ARCHITECTURES="${SPILL_CUDA_ARCH:-90}" "${cmake_args[@]}" &&
+  step build 300 cmake --build "$build" -j "$(nproc)"
+built=$?
+
+if ((built == 0)); then
+  step info 30 "$build/spill" info
+  step device-check 120 "$build/spill" --conf device:cuda device-check
+  step tests 240 ctest --test-dir "$build" --output-on-failure -j 4 --output-junit "$work/ctest.xml"
+  for bench in "$build"/bench/bench_*; do
+    [[ -x $bench ]] || continue
+    name=$(basename "$bench")
+    step "$name" 120 "$bench" --benchmark_out="$work/$name.json" --benchmark_out_format=json \
+      --benchmark_min_time=0.1
+  done
+fi
+
+{
+  echo "spill GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
+    echo "(nvidia-smi not available)"
+  printf '%-28s %-28s %8s\n' step status seconds
+  for row in "${rows[@]}"; do
+    IFS='|' read -r n s t <<<"$row"
+    printf '%-28s %-28s %8s\n' "$n" "$s" "$t"
+  done
+  if [[ -f $work/tests.log ]]; then grep -E 'tests passed|tests failed' "$work/tests.log"; fi
+} >"$work/summary.txt"
+
+python3 - "$work" "$out/bench.json" <<'PY' 2>/dev/null || true
+import json, pathlib, sys
+work, dest = pathlib.Path(sys.argv[1]), sys.argv[2]
+merged = {}
+for f in sorted(work.glob("bench_*.json")):
+    try:
+        merged[f.stem] = json.loads(f.read_text())
+    except ValueError as e:
+        merged[f.stem] = {"error": str(e)}
+pathlib.Path(dest).write_text(json.dumps(merged, indent=1))
+PY
+[[ -f $work/ctest.xml ]] && cp "$work/ctest.xml" "$out/"
+tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log 2>/dev/null) 2>/dev/null
+cp "$work/summary.txt" "$out/summary.txt"
+cat "$work/summary.txt"
+exit $failed

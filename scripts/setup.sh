@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what spill needs on a fresh Debian machine with the CUDA toolkit in /usr/local/cuda.
+# As root it runs apt-get; otherwise it prints the exact command to run and fails.
+# Usage: scripts/setup.sh [extra-debian-package ...]
+set -euo pipefail
+
+packages=(cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
+          nlohmann-json3-dev libcli11-dev "$@")
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: missing Debian packages; run:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [[ ! -x /usr/local/cuda/bin/nvcc ]] && ! command -v nvcc >/dev/null; then
+  echo "setup: the CUDA toolkit (nvcc) was not found in /usr/local/cuda/bin or on PATH." >&2
+  echo "  spill compiles its CUDA sources even on machines without a GPU; install the toolkit." >&2
+  exit 1
+fi
