@@ -11,6 +11,7 @@
 #include "core/link_model.hpp"
 #include "device/cuda_check.hpp"
 #include "device/cuda_driver.hpp"
+#include "device/cuda_spin.hpp"
 
 namespace spill {
 namespace {
@@ -190,6 +191,53 @@ class CudaDevice final : public Device {
     bind();
     SPILL_CUDA_TRY(cudaDeviceSynchronize());
   }
+  // Holds use slots in one mapped pinned array: a slot is free again once the event recorded
+  // after its spin kernel has completed.
+  HoldToken do_hold(Stream stream) override {
+    std::lock_guard lock(holds_mu_);
+    if (flags_ == nullptr) {
+      SPILL_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&flags_), kHoldSlots * sizeof(int), cudaHostAllocMapped));
+      SPILL_CUDA_TRY(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_flags_), flags_, 0));
+      for (int i = 0; i < kHoldSlots; ++i) {
+        flags_[i] = 1;
+        SPILL_CUDA_TRY(cudaEventCreateWithFlags(&slot_done_[i], cudaEventDisableTiming));
+      }
+    }
+    for (int i = 0; i < kHoldSlots; ++i) {
+      if (slot_busy_[i] || cudaEventQuery(slot_done_[i]) != cudaSuccess) continue;
+      *const_cast<volatile int*>(&flags_[i]) = 0;
+      detail::launch_spin(device_flags_ + i, cs(stream), 30ull * 1000 * 1000 * 1000);
+      SPILL_CUDA_TRY(cudaEventRecord(slot_done_[i], cs(stream)));
+      slot_busy_[i] = true;
+      return static_cast<HoldToken>(i) + 1;
+    }
+    throw InvalidArgument("hold: more than " + std::to_string(kHoldSlots) +
+                          " stream holds at once");
+  }
+  void do_release(HoldToken token) override {
+    std::lock_guard lock(holds_mu_);
+    SPILL_EXPECTS(token >= 1 && token <= kHoldSlots && slot_busy_[token - 1],
+                  "release: " + std::to_string(token) + " is not a hold");
+    *const_cast<volatile int*>(&flags_[token - 1]) = 1;
+    slot_busy_[token - 1] = false;
+  }
+
+ public:
+  ~CudaDevice() override {
+    if (flags_ == nullptr) return;
+    for (int i = 0; i < kHoldSlots; ++i) *const_cast<volatile int*>(&flags_[i]) = 1;
+    cudaDeviceSynchronize();
+    for (int i = 0; i < kHoldSlots; ++i) cudaEventDestroy(slot_done_[i]);
+    cudaFreeHost(flags_);
+  }
+
+ private:
+  static constexpr int kHoldSlots = 64;
+  std::mutex holds_mu_;
+  int* flags_ = nullptr;
+  int* device_flags_ = nullptr;
+  cudaEvent_t slot_done_[kHoldSlots] = {};
+  bool slot_busy_[kHoldSlots] = {};
 };
 
 }  // namespace

@@ -165,4 +165,8 @@ void Device::host_callback(Stream stream, std::function<void()> fn) {
 
 void Device::synchronize() { do_synchronize_device(); }
 
+HoldToken Device::hold(Stream stream) { return do_hold(stream); }
+
+void Device::release(HoldToken token) { do_release(token); }
+
 }  // namespace spill

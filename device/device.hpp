@@ -24,6 +24,7 @@ struct EventImpl;
 using Stream = StreamImpl*;   // a cudaStream_t on CudaDevice (reinterpret_cast either way)
 using Event = EventImpl*;     // a cudaEvent_t on CudaDevice
 using PhysicalHandle = std::uint64_t;  // CUmemGenericAllocationHandle on CudaDevice
+using HoldToken = std::uint64_t;       // a stream hold (see Device::hold)
 
 enum class Backend { Cuda, Sim };
 enum class CopyKind { HostToDevice, DeviceToHost, DeviceToDevice };
@@ -108,6 +109,12 @@ class Device {
   // Waits for all work on all streams.
   void synchronize();
 
+  // Holds `stream`: work enqueued after this waits until release(token). Used to enqueue many
+  // operations before any starts, so that timings exclude launch overhead (nvbandwidth's
+  // method). A hold left unreleased for about 30 s lets go by itself rather than hang.
+  HoldToken hold(Stream stream);
+  void release(HoldToken token);
+
  protected:
   DeviceInfo info_;
 
@@ -140,6 +147,8 @@ class Device {
                              Stream stream) = 0;
   virtual void do_host_callback(Stream stream, std::function<void()> fn) = 0;
   virtual void do_synchronize_device() = 0;
+  virtual HoldToken do_hold(Stream stream) = 0;
+  virtual void do_release(HoldToken token) = 0;
 };
 
 }  // namespace spill

@@ -92,6 +92,8 @@ class SimDevice final : public Device {
   void do_fill_async(void* dst, std::uint8_t value, std::size_t bytes, Stream stream) override;
   void do_host_callback(Stream stream, std::function<void()> fn) override;
   void do_synchronize_device() override;
+  HoldToken do_hold(Stream stream) override;
+  void do_release(HoldToken token) override;
 };
 
 }  // namespace spill

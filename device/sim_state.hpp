@@ -93,6 +93,16 @@ struct SimDevice::State {
   // Work it enqueues afterwards cannot start before that, as on a real device.
   std::atomic<double> host_clock{0.0};
 
+  // Stream holds: a gate the held stream's worker waits on.
+  struct Gate {
+    std::mutex m;
+    std::condition_variable cv;
+    bool open = false;
+  };
+  std::mutex hold_mu;
+  std::unordered_map<HoldToken, std::shared_ptr<Gate>> holds;
+  HoldToken next_hold = 1;
+
   // Sticky error from asynchronous work (CUDA's "illegal address").
   mutable std::mutex err_mu;
   std::string sticky;

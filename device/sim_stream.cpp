@@ -362,6 +362,39 @@ void SimDevice::enqueue_compute(Stream stream, double sim_seconds, std::function
   }});
 }
 
+HoldToken SimDevice::do_hold(Stream stream) {
+  StreamImpl& s = s_->stream(stream);
+  auto gate = std::make_shared<State::Gate>();
+  HoldToken token;
+  {
+    std::lock_guard lock(s_->hold_mu);
+    token = s_->next_hold++;
+    s_->holds[token] = gate;
+  }
+  s_->enqueue(s, {[gate] {
+                    std::unique_lock lock(gate->m);
+                    gate->cv.wait_for(lock, std::chrono::seconds(30), [&] { return gate->open; });
+                  },
+                  true});
+  return token;
+}
+
+void SimDevice::do_release(HoldToken token) {
+  std::shared_ptr<State::Gate> gate;
+  {
+    std::lock_guard lock(s_->hold_mu);
+    auto it = s_->holds.find(token);
+    SPILL_EXPECTS(it != s_->holds.end(), "release: " + std::to_string(token) + " is not a hold");
+    gate = it->second;
+    s_->holds.erase(it);
+  }
+  {
+    std::lock_guard lock(gate->m);
+    gate->open = true;
+  }
+  gate->cv.notify_all();
+}
+
 double SimDevice::sim_time_s() const {
   double t = s_->clock_max.load();
   {

@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "core/errors.hpp"
@@ -258,6 +260,28 @@ TYPED_TEST(DeviceContract, HostCallbacksRunInStreamOrder) {
   EXPECT_EQ(order, expected);
   EXPECT_EQ(data_ok.load(), 8) << "a callback must see the copies enqueued before it";
   d.free_host(host);
+  d.deallocate(buf);
+}
+
+TYPED_TEST(DeviceContract, HoldKeepsAStreamWaitingUntilReleased) {
+  Device& d = *this->dev_;
+  const std::size_t n = 1 * MiB;
+  void* buf = d.allocate(n);
+  std::vector<unsigned char> in(n), out(n, 0);
+  fill_pattern(in.data(), n, 8);
+  Event e = d.create_event();
+  HoldToken token = d.hold(this->stream_);
+  d.copy_async(buf, in.data(), n, CopyKind::HostToDevice, this->stream_);
+  d.copy_async(out.data(), buf, n, CopyKind::DeviceToHost, this->stream_);
+  d.record(e, this->stream_);
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(d.query(e)) << "work behind a hold must not run";
+  EXPECT_EQ(find_pattern_mismatch(out.data(), n, 8), 0u);
+  d.release(token);
+  d.synchronize(e);
+  EXPECT_EQ(find_pattern_mismatch(out.data(), n, 8), n);
+  EXPECT_THROW(d.release(token), InvalidArgument) << "a hold is released once";
+  d.destroy_event(e);
   d.deallocate(buf);
 }
 
