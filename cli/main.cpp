@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   cli::Runner run;
   cli::add_info(app, run);
   cli::add_device_check(app, run);
+  cli::add_bench(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

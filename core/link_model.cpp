@@ -1,5 +1,9 @@
 #include "core/link_model.hpp"
 
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+
 #include "core/errors.hpp"
 
 namespace spill {
@@ -25,6 +29,67 @@ const LinkModel& link_preset(std::string_view name) {
     known += (known.empty() ? "" : ", ") + m.name;
   }
   throw InvalidArgument("unknown link preset '" + std::string(name) + "' (known: " + known + ")");
+}
+
+namespace {
+
+struct Point {
+  double bytes = 0, gbps = 0;
+};
+
+// The smallest and largest measured sizes for one direction and host memory.
+std::pair<Point, Point> extremes(const nlohmann::json& rows, const char* dir, const char* mem) {
+  Point lo, hi;
+  for (const auto& r : rows) {
+    if (!r.is_object() || r.value("direction", "") != dir || r.value("host_memory", "") != mem)
+      continue;
+    Point p{r.value("bytes", 0.0), r.value("gbps", 0.0)};
+    if (p.bytes <= 0 || p.gbps <= 0) continue;
+    if (lo.bytes == 0 || p.bytes < lo.bytes) lo = p;
+    if (p.bytes > hi.bytes) hi = p;
+  }
+  return {lo, hi};
+}
+
+}  // namespace
+
+LinkModel link_model_from_bench_json(const nlohmann::json& report) {
+  SPILL_EXPECTS(report.is_object() && report.contains("results") && report["results"].is_array(),
+                "link model: the bench report has no 'results' array");
+  const nlohmann::json& rows = report["results"];
+  auto [h2d_lo, h2d_hi] = extremes(rows, "h2d", "pinned");
+  auto [d2h_lo, d2h_hi] = extremes(rows, "d2h", "pinned");
+  SPILL_EXPECTS(h2d_hi.gbps > 0 && d2h_hi.gbps > 0,
+                "link model: the bench report needs pinned h2d and d2h results");
+  // Each copy takes latency + bytes / bandwidth: fit both from the smallest and largest sizes.
+  auto fit = [](Point lo, Point hi, double* latency_s) {
+    double t_lo = lo.bytes / (lo.gbps * 1e9), t_hi = hi.bytes / (hi.gbps * 1e9);
+    if (hi.bytes <= lo.bytes || t_hi <= t_lo) {
+      *latency_s = 0;
+      return hi.gbps;
+    }
+    double bw = (hi.bytes - lo.bytes) / (t_hi - t_lo);
+    *latency_s = std::max(0.0, t_hi - hi.bytes / bw);
+    return bw / 1e9;
+  };
+  LinkModel m;
+  m.name = "measured";
+  m.description = "measured by spill bench link on " + report.value("device", std::string("?")) +
+                  (report.value("simulated", false) ? " (simulated)" : "");
+  m.kind = "measured";
+  double lat_h2d = 0, lat_d2h = 0;
+  m.h2d_gbps = fit(h2d_lo, h2d_hi, &lat_h2d);
+  m.d2h_gbps = fit(d2h_lo, d2h_hi, &lat_d2h);
+  m.nominal_gbps = std::max(m.h2d_gbps, m.d2h_gbps);
+  m.latency_us = 0.5 * (lat_h2d + lat_d2h) * 1e6;
+  auto [bi_lo, bi_hi] = extremes(rows, "bidir", "pinned");
+  // Compare like with like: the bidirectional and pageable figures at the largest size
+  // against the pinned one-way figures at that size.
+  m.duplex_efficiency =
+      bi_hi.gbps > 0 ? std::clamp(bi_hi.gbps / (h2d_hi.gbps + d2h_hi.gbps), 0.05, 1.0) : 1.0;
+  auto [pg_lo, pg_hi] = extremes(rows, "h2d", "pageable");
+  m.pageable_factor = pg_hi.gbps > 0 ? std::clamp(pg_hi.gbps / h2d_hi.gbps, 0.01, 1.0) : 0.5;
+  return m;
 }
 
 }  // namespace spill

@@ -3,6 +3,8 @@
 // `spill bench link` measures the real thing.
 #pragma once
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <string>
 #include <string_view>
 #include <vector>
@@ -26,5 +28,11 @@ const std::vector<LinkModel>& link_presets();
 
 // Looks a preset up by name; throws InvalidArgument listing the known names.
 const LinkModel& link_preset(std::string_view name);
+
+// A link model from the JSON that `spill bench link --json` writes: sustained bandwidths from
+// the largest pinned copies, per-copy latency from the smallest, duplex efficiency from the
+// bidirectional run and the pageable factor from pageable copies. Throws InvalidArgument
+// naming what is missing.
+LinkModel link_model_from_bench_json(const nlohmann::json& report);
 
 }  // namespace spill
