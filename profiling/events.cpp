@@ -20,7 +20,7 @@ std::atomic<std::uint32_t> next_recorder_id{1};
 
 // One thread's ring: written by its thread only, read by collect() under the recorder's mutex.
 struct TraceRecorder::Ring {
-  static constexpr int kWords = 5;
+  static constexpr int kWords = 6;
   explicit Ring(std::size_t cap, std::uint32_t thread_no)
       : mask(cap - 1), words(new std::atomic<std::uint64_t>[cap * kWords]), thread(thread_no) {}
   std::uint64_t mask;
@@ -55,7 +55,7 @@ std::size_t round_pow2(std::size_t n) {
 const char* to_string(EventKind kind) {
   static constexpr const char* names[kEventKindCount] = {
       "alloc", "free", "map", "unmap", "pin", "unpin", "swap_out",
-      "swap_in", "prefetch", "evict", "stall", "oom", "mark"};
+      "swap_in", "prefetch", "evict", "stall", "oom", "mark", "host_alloc", "host_free"};
   int i = static_cast<int>(kind);
   return i >= 0 && i < kEventKindCount ? names[i] : "?";
 }
@@ -92,15 +92,17 @@ TraceRecorder::Ring& TraceRecorder::ring_for_this_thread() {
 }
 
 void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
-                                  std::uint64_t stream, std::int32_t device, std::uint32_t tag) {
+                                  std::uint64_t stream, std::int32_t device, std::uint32_t tag,
+                                  std::uint64_t time_ns, std::uint64_t duration_ns) {
   Ring& r = ring_for_this_thread();
   std::uint64_t h = r.head.load(std::memory_order_relaxed);
   std::atomic<std::uint64_t>* w = &r.words[(h & r.mask) * Ring::kWords];
-  w[0].store(now_ns(), std::memory_order_relaxed);
+  w[0].store(time_ns, std::memory_order_relaxed);
   w[1].store(address, std::memory_order_relaxed);
   w[2].store(bytes, std::memory_order_relaxed);
   w[3].store(stream, std::memory_order_relaxed);
   w[4].store(pack_meta(kind, device, tag), std::memory_order_relaxed);
+  w[5].store(duration_ns, std::memory_order_relaxed);
   r.head.store(h + 1, std::memory_order_release);
 }
 
@@ -125,6 +127,7 @@ std::vector<TraceEvent> TraceRecorder::collect() {
       std::int32_t dev = static_cast<std::int32_t>((meta >> 8) & 0xffffff);
       e.device = (dev & 0x800000) ? dev - 0x1000000 : dev;
       e.tag = static_cast<std::uint32_t>(meta >> 32);
+      e.duration_ns = w[5].load(std::memory_order_relaxed);
       e.thread = r.thread;
       out.push_back(e);
     }

@@ -15,15 +15,22 @@
 
 namespace spill::profiling {
 
+// Alloc/Free: a block handed out / returned by an allocator. Map/Unmap: physical device memory
+// mapped / unmapped (the budget's bytes). HostAlloc/HostFree: pinned host memory taken / given
+// back. SwapOut/SwapIn: a block's bytes moved to / from the host (duration = the copy).
+// Pin/Unpin, Prefetch/Evict: the swapper's protocol and hints. Stall: time a stream or the host
+// waited for a swap-in (duration). Oom: a failed request. Mark: a user annotation (tag).
 enum class EventKind : std::uint8_t {
   Alloc, Free, Map, Unmap, Pin, Unpin, SwapOut, SwapIn, Prefetch, Evict, Stall, Oom, Mark,
+  HostAlloc, HostFree,
 };
-inline constexpr int kEventKindCount = static_cast<int>(EventKind::Mark) + 1;
+inline constexpr int kEventKindCount = static_cast<int>(EventKind::HostFree) + 1;
 
 const char* to_string(EventKind kind);
 
 struct TraceEvent {
-  std::uint64_t time_ns = 0;  // steady clock, since the recorder's epoch
+  std::uint64_t time_ns = 0;  // steady clock, since the recorder's epoch (start, for spans)
+  std::uint64_t duration_ns = 0;  // 0 for instant events
   EventKind kind = EventKind::Mark;
   std::uint64_t address = 0;
   std::uint64_t bytes = 0;
@@ -49,10 +56,20 @@ class TraceRecorder {
   void record(EventKind kind, std::uint64_t address, std::uint64_t bytes,
               std::uint64_t stream = 0, std::int32_t device = 0, std::uint32_t tag = 0) {
     if (!enabled()) return;
-    record_always(kind, address, bytes, stream, device, tag);
+    record_always(kind, address, bytes, stream, device, tag, now_ns(), 0);
+  }
+  // A span that started at `start_ns` (from now_ns()) and lasts until now.
+  void record_span(EventKind kind, std::uint64_t start_ns, std::uint64_t address,
+                   std::uint64_t bytes, std::uint64_t stream = 0, std::int32_t device = 0,
+                   std::uint32_t tag = 0) {
+    if (!enabled()) return;
+    std::uint64_t now = now_ns();
+    record_always(kind, address, bytes, stream, device, tag, start_ns,
+                  now > start_ns ? now - start_ns : 0);
   }
   void record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
-                     std::uint64_t stream, std::int32_t device, std::uint32_t tag);
+                     std::uint64_t stream, std::int32_t device, std::uint32_t tag,
+                     std::uint64_t time_ns, std::uint64_t duration_ns);
 
   // Takes every event recorded since the last collect, from all threads, ordered by time.
   std::vector<TraceEvent> collect();

@@ -99,3 +99,21 @@ TEST(EventKind, HasNames) {
 
 }  // namespace
 }  // namespace spill::profiling
+
+namespace spill::profiling {
+namespace {
+
+TEST(TraceRecorder, SpansCarryTheirDuration) {
+  TraceRecorder rec(64);
+  std::uint64_t start = rec.now_ns();
+  rec.record_span(EventKind::SwapOut, start, 0x2000, 1 << 20, 3);
+  auto e = rec.collect();
+  ASSERT_EQ(e.size(), 1u);
+  EXPECT_EQ(e[0].time_ns, start);
+  EXPECT_GE(e[0].duration_ns, 0u);
+  EXPECT_EQ(e[0].kind, EventKind::SwapOut);
+  EXPECT_STREQ(to_string(EventKind::HostFree), "host_free");
+}
+
+}  // namespace
+}  // namespace spill::profiling
