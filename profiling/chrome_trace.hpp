@@ -1,0 +1,44 @@
+// Chrome/Perfetto trace JSON from spill's trace events, and back. Layout: one process; a track
+// per stream (pins, unpins, evictions, stalls as slices), one per copy engine (swap-out on
+// D2H, swap-in and prefetch on H2D, as slices with their durations), one for the allocator
+// (alloc, free, map, unmap, host memory, OOM as instants); a "memory" counter with allocated,
+// mapped, on_host and host_pinned bytes after every change. Every event keeps spill's own
+// fields in its args, so a written trace reads back into the same events.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "profiling/events.hpp"
+
+namespace spill::profiling {
+
+inline constexpr int kTraceFormatVersion = 1;
+
+// Maps a tag id to its name (TraceRecorder::tag_name); may be empty for "no names".
+using TagNamer = std::function<std::string(std::uint32_t)>;
+
+nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagNamer& tags = {},
+                               const nlohmann::json& metadata = nlohmann::json::object());
+
+// Writes the trace; throws Error naming the path when it cannot be written.
+void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& events,
+                        const TagNamer& tags = {},
+                        const nlohmann::json& metadata = nlohmann::json::object());
+
+struct ParsedTrace {
+  std::vector<TraceEvent> events;
+  std::vector<std::string> tag_names;  // indexed by TraceEvent::tag
+  nlohmann::json metadata;
+};
+
+// Reads a trace written by write_chrome_trace. Throws InvalidArgument naming the file and
+// saying what is wrong: missing, not JSON (with the byte position), truncated, not a spill
+// trace, or of another version.
+ParsedTrace read_chrome_trace(const std::string& path);
+ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origin);
+
+}  // namespace spill::profiling

@@ -1,0 +1,33 @@
+// Memory counters derived from trace events, so every exporter and report agrees on them:
+// allocated (Alloc/Free), mapped (Map/Unmap), on_host (SwapOut adds a block, SwapIn or a Free
+// of that block removes it) and host_pinned (HostAlloc/HostFree).
+#pragma once
+
+#include <cstdint>
+#include <unordered_map>
+
+#include "profiling/events.hpp"
+
+namespace spill::profiling {
+
+struct MemoryCounters {
+  std::int64_t allocated = 0;
+  std::int64_t mapped = 0;
+  std::int64_t on_host = 0;
+  std::int64_t host_pinned = 0;
+  bool operator==(const MemoryCounters&) const = default;
+};
+
+class CounterReplay {
+ public:
+  // Applies one event; returns true when a counter changed.
+  bool apply(const TraceEvent& e);
+  const MemoryCounters& current() const { return current_; }
+  const MemoryCounters& peak() const { return peak_; }
+
+ private:
+  MemoryCounters current_, peak_;
+  std::unordered_map<std::uint64_t, std::uint64_t> on_host_;  // address -> bytes
+};
+
+}  // namespace spill::profiling

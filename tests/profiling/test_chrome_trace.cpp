@@ -1,0 +1,133 @@
+// The Chrome/Perfetto exporter: its JSON has the tracks and counters it promises, reads back
+// into the same events, and bad files get clear errors.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <set>
+
+#include "core/errors.hpp"
+#include "profiling/chrome_trace.hpp"
+#include "profiling/counters.hpp"
+
+namespace spill::profiling {
+namespace {
+
+std::vector<TraceEvent> sample_events() {
+  auto ev = [](std::uint64_t t, EventKind k, std::uint64_t addr, std::uint64_t bytes,
+               std::uint64_t stream = 0, std::uint64_t dur = 0, std::uint32_t tag = 0) {
+    TraceEvent e;
+    e.time_ns = t;
+    e.kind = k;
+    e.address = addr;
+    e.bytes = bytes;
+    e.stream = stream;
+    e.duration_ns = dur;
+    e.tag = tag;
+    return e;
+  };
+  return {ev(1000, EventKind::Map, 0x10000, 4 << 20),
+          ev(1100, EventKind::Alloc, 0x10000, 3 << 20, 0x7f00, 0, 1),
+          ev(1200, EventKind::HostAlloc, 0x90000, 3 << 20),
+          ev(1300, EventKind::Pin, 0x10000, 3 << 20, 0x7f00),
+          ev(1400, EventKind::Unpin, 0x10000, 3 << 20, 0x7f00),
+          ev(1500, EventKind::SwapOut, 0x10000, 3 << 20, 0x7f00, 300),
+          ev(1900, EventKind::Unmap, 0x10000, 4 << 20),
+          ev(2000, EventKind::Stall, 0x10000, 3 << 20, 0x7f00, 150),
+          ev(2000, EventKind::SwapIn, 0x10000, 3 << 20, 0x7f00, 120),
+          ev(2200, EventKind::Map, 0x10000, 4 << 20),
+          ev(2500, EventKind::Free, 0x10000, 3 << 20, 0x7f00),
+          ev(2600, EventKind::HostFree, 0x90000, 3 << 20)};
+}
+
+TEST(ChromeTrace, HasTracksSpansAndCounters) {
+  auto events = sample_events();
+  nlohmann::json j = to_chrome_trace(events, [](std::uint32_t t) {
+    return t == 1 ? std::string("conv1.weight") : std::string();
+  });
+  ASSERT_TRUE(j["traceEvents"].is_array());
+  int spans = 0, instants = 0, counters = 0;
+  std::set<std::string> tracks;
+  for (const auto& e : j["traceEvents"]) {
+    std::string ph = e["ph"];
+    if (ph == "X") ++spans;
+    if (ph == "i") ++instants;
+    if (ph == "C") ++counters;
+    if (ph == "M" && e["name"] == "thread_name") tracks.insert(e["args"]["name"]);
+  }
+  EXPECT_EQ(spans, 3);  // swap-out, stall, swap-in
+  EXPECT_EQ(instants, 9);
+  EXPECT_GE(counters, 8);
+  EXPECT_TRUE(tracks.count("allocator"));
+  EXPECT_TRUE(tracks.count("D2H copy engine (swap-out)"));
+  EXPECT_TRUE(tracks.count("stream 0x7f00"));
+  EXPECT_EQ(j["otherData"]["tags"]["1"], "conv1.weight");
+}
+
+// The counter after every event equals an independent replay of the events up to it.
+TEST(ChromeTrace, CountersFollowTheEvents) {
+  auto events = sample_events();
+  nlohmann::json j = to_chrome_trace(events);
+  std::vector<MemoryCounters> exported;
+  for (const auto& e : j["traceEvents"]) {
+    if (e["ph"] != "C") continue;
+    const auto& a = e["args"];
+    exported.push_back({a["allocated"], a["mapped"], a["on_host"], a["host_pinned"]});
+  }
+  CounterReplay replay;
+  std::vector<MemoryCounters> expected;
+  for (const auto& e : events)
+    if (replay.apply(e)) expected.push_back(replay.current());
+  EXPECT_EQ(exported, expected);
+  EXPECT_EQ(replay.peak().on_host, 3 << 20);
+  EXPECT_EQ(replay.current(), (MemoryCounters{0, 4 << 20, 0, 0})) << "the freed block stays mapped (cached)";
+}
+
+TEST(ChromeTrace, RoundTripsThroughAFile) {
+  auto events = sample_events();
+  std::string path = ::testing::TempDir() + "spill_trace_roundtrip.json";
+  write_chrome_trace(path, events, [](std::uint32_t t) { return "tag" + std::to_string(t); },
+                     {{"command", "test"}});
+  ParsedTrace back = read_chrome_trace(path);
+  ASSERT_EQ(back.events.size(), events.size());
+  for (std::size_t i = 0; i < events.size(); ++i) {
+    EXPECT_EQ(back.events[i].kind, events[i].kind) << i;
+    EXPECT_EQ(back.events[i].address, events[i].address) << i;
+    EXPECT_EQ(back.events[i].bytes, events[i].bytes) << i;
+    EXPECT_EQ(back.events[i].stream, events[i].stream) << i;
+    EXPECT_EQ(back.events[i].time_ns, events[i].time_ns) << i;
+    EXPECT_EQ(back.events[i].duration_ns, events[i].duration_ns) << i;
+  }
+  EXPECT_EQ(back.tag_names.at(1), "tag1");
+  EXPECT_EQ(back.metadata["command"], "test");
+  std::remove(path.c_str());
+}
+
+void expect_error(const std::string& text, const std::string& must_mention) {
+  try {
+    parse_chrome_trace(text, "trace 'x.json'");
+    FAIL() << "accepted: " << text.substr(0, 60);
+  } catch (const InvalidArgument& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find(must_mention), std::string::npos) << msg;
+    EXPECT_NE(msg.find("x.json"), std::string::npos) << msg;
+  }
+}
+
+TEST(ChromeTrace, BadFilesGetClearErrors) {
+  std::string good = to_chrome_trace(sample_events()).dump();
+  expect_error(good.substr(0, good.size() / 2), "truncated");
+  expect_error("this is not json", "not valid JSON at byte");
+  expect_error(R"({"traceEvents": []})", "not a spill trace");
+  expect_error(R"({"traceEvents": [], "otherData": {"format": "spill-trace", "version": 9}})",
+               "version 9");
+  EXPECT_THROW(read_chrome_trace("/nonexistent/trace.json"), InvalidArgument);
+}
+
+TEST(ChromeTrace, EmptyTraceIsValid) {
+  ParsedTrace t = parse_chrome_trace(to_chrome_trace({}).dump(), "empty");
+  EXPECT_TRUE(t.events.empty());
+}
+
+}  // namespace
+}  // namespace spill::profiling
