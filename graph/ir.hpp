@@ -1,0 +1,82 @@
+// The tensor-access graph: tensors with sizes and kinds, and ops in execution order that read
+// and write them. It is what the zoo builds, what JSON files and recorded traces turn into, and
+// what liveness, the planner and the simulator consume.
+// Invariants (checked by validate()): every tensor referenced by an op exists; no tensor is read
+// before it is written unless it exists at step start (weight, optimizer state, input); sizes,
+// FLOPs, bytes and times are non-negative and finite. Execution order is the vector order, so a
+// valid graph is acyclic by construction.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace spill::graph {
+
+// Index of a tensor in Graph::tensors / of an op in Graph::ops. Plans and analyses use these.
+using TensorIndex = std::uint32_t;
+using OpIndex = std::uint32_t;
+
+enum class DType { F32, F16, BF16, TF32, F64, I64, I32, U8 };
+enum class TensorKind { Weight, Activation, Gradient, OptimizerState, Workspace, Input };
+enum class Phase { Forward, Backward, Optimizer, Other };
+
+std::size_t dtype_size(DType d);
+const char* to_string(DType d);
+const char* to_string(TensorKind k);
+const char* to_string(Phase p);
+std::optional<DType> parse_dtype(std::string_view s);
+std::optional<TensorKind> parse_tensor_kind(std::string_view s);
+std::optional<Phase> parse_phase(std::string_view s);
+
+// Weights, optimizer state and inputs exist when the step begins; everything else is created by
+// the op that first writes it. Weights and optimizer state also outlive the step.
+bool exists_at_start(TensorKind k);
+bool persistent(TensorKind k);
+
+struct Tensor {
+  std::uint64_t id = 0;  // caller's id (a block id for graphs from traces); unique in a graph
+  std::string name;
+  std::uint64_t bytes = 0;
+  DType dtype = DType::F32;
+  TensorKind kind = TensorKind::Activation;
+};
+
+struct Op {
+  std::string name;
+  std::string type;                 // "conv", "matmul", "relu", ... free-form, for reports
+  Phase phase = Phase::Other;
+  int layer = -1;                   // model layer this op belongs to, -1 when unknown
+  std::vector<TensorIndex> reads;
+  std::vector<TensorIndex> writes;  // a tensor both read and written (in place) is in both
+  double flops = 0;                 // arithmetic work
+  double bytes = 0;                 // device-memory traffic; 0 means "sum of the tensors touched"
+  std::optional<double> time_s;     // measured duration; when absent a device model estimates it
+  std::uint64_t workspace_bytes = 0;  // scratch that lives only while the op runs
+};
+
+struct Graph {
+  std::string name;
+  std::vector<Tensor> tensors;
+  std::vector<Op> ops;
+
+  TensorIndex add_tensor(Tensor t);
+  OpIndex add_op(Op op);
+
+  // Throws InvalidArgument naming the op (index and name), the field and the tensor at fault.
+  void validate() const;
+
+  // Sum of the bytes of all tensors (the memory needed if nothing were ever freed).
+  std::uint64_t total_tensor_bytes() const;
+  // Parameter count: elements of all weight tensors.
+  std::uint64_t parameter_count() const;
+  // Sum of op FLOPs, optionally of one phase.
+  double total_flops(std::optional<Phase> phase = std::nullopt) const;
+};
+
+// Bytes an op moves through device memory: its `bytes` field, or the sum of its tensors.
+double op_traffic_bytes(const Graph& g, const Op& op);
+
+}  // namespace spill::graph
