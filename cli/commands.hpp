@@ -21,5 +21,6 @@ using Runner = std::function<int(const Config&)>;
 void add_info(CLI::App& app, Runner& run);
 void add_device_check(CLI::App& app, Runner& run);
 void add_bench(CLI::App& app, Runner& run);
+void add_report(CLI::App& app, Runner& run);
 
 }  // namespace spill::cli

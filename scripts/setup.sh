@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what spill needs on a fresh Debian machine with the CUDA toolkit in /usr/local/cuda.
 # As root it runs apt-get; otherwise it prints the exact command to run and fails.
+# chromium is for the test that renders `spill report` pages headless.
 # Usage: scripts/setup.sh [extra-debian-package ...]
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
-          nlohmann-json3-dev libcli11-dev "$@")
+          nlohmann-json3-dev libcli11-dev chromium "$@")
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,46 @@
+// `spill report TRACE -o report.html`: a self-contained HTML report from a spill trace.
+#include <cstdio>
+#include <fstream>
+
+#include "cli/commands.hpp"
+#include "core/errors.hpp"
+#include "profiling/chrome_trace.hpp"
+#include "profiling/report.hpp"
+
+namespace spill::cli {
+
+void add_report(CLI::App& app, Runner& run) {
+  struct Args {
+    std::string trace, output = "report.html";
+  };
+  auto args = std::make_shared<Args>();
+  CLI::App* cmd = app.add_subcommand(
+      "report", "write a self-contained HTML report (memory timeline, top allocations, swap "
+                "bandwidth, stalls, fragmentation) from a trace written with --trace");
+  cmd->add_option("trace", args->trace, "trace file (Chrome/Perfetto JSON written by spill)")
+      ->required();
+  cmd->add_option("-o,--output", args->output, "HTML file to write")->capture_default_str();
+  cmd->callback([&run, args] {
+    run = [args](const Config&) {
+      profiling::ParsedTrace trace = profiling::read_chrome_trace(args->trace);
+      std::ofstream out(args->output, std::ios::binary);
+      SPILL_EXPECTS(out.good(), "--output: cannot write '" + args->output + "'");
+      out << profiling::render_report(trace, args->trace);
+      out.close();
+      SPILL_EXPECTS(out.good(), "--output: writing '" + args->output + "' failed");
+      if (trace.events.empty()) {
+        std::printf("%s is empty (no events); wrote %s saying so\n", args->trace.c_str(),
+                    args->output.c_str());
+      } else {
+        profiling::ReportSummary s = profiling::summarize(trace);
+        std::printf("wrote %s: %zu events over %.3f ms, %zu swap-outs, %zu swap-ins, %zu "
+                    "stalls\n",
+                    args->output.c_str(), s.events, s.duration_ms, s.swap_outs, s.swap_ins,
+                    s.stalls);
+      }
+      return 0;
+    };
+  });
+}
+
+}  // namespace spill::cli

@@ -1,0 +1,253 @@
+#include "profiling/report.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <sstream>
+#include <unordered_map>
+#include <vector>
+
+#include "core/units.hpp"
+#include "profiling/counters.hpp"
+
+namespace spill::profiling {
+namespace {
+
+std::string esc(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '&': out += "&amp;"; break;
+      case '"': out += "&quot;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+std::string hex(std::uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+std::string tag_of(const ParsedTrace& t, std::uint32_t tag) {
+  return tag < t.tag_names.size() && !t.tag_names[tag].empty() ? t.tag_names[tag] : "";
+}
+
+// A line chart of step series over [t0, t1] ms, with axes, ticks and a legend.
+struct Series {
+  std::string name, colour;
+  std::vector<std::pair<double, double>> points;  // (ms, value)
+};
+
+std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
+                      const std::string& y_label, double y_scale, const std::string& id) {
+  const double w = 900, h = 260, left = 70, right = 160, top = 15, bottom = 40;
+  double y_max = 0;
+  for (const Series& s : series)
+    for (auto& p : s.points) y_max = std::max(y_max, p.second / y_scale);
+  if (y_max <= 0) y_max = 1;
+  if (t1 <= t0) t1 = t0 + 1;
+  auto x = [&](double t) { return left + (t - t0) / (t1 - t0) * (w - left - right); };
+  auto y = [&](double v) { return top + (1 - v / y_scale / y_max) * (h - top - bottom); };
+  std::ostringstream o;
+  o << "<svg id='" << id << "' viewBox='0 0 " << w << " " << h << "' width='" << w
+    << "' height='" << h << "' role='img'>";
+  o << "<rect x='" << left << "' y='" << top << "' width='" << w - left - right << "' height='"
+    << h - top - bottom << "' fill='#fafafa' stroke='#999'/>";
+  for (int i = 0; i <= 4; ++i) {
+    double v = y_max * i / 4;
+    double yy = top + (1 - i / 4.0) * (h - top - bottom);
+    o << "<line x1='" << left << "' x2='" << w - right << "' y1='" << yy << "' y2='" << yy
+      << "' stroke='#ddd'/><text x='" << left - 6 << "' y='" << yy + 4
+      << "' text-anchor='end' font-size='11'>" << fmt("%.3g", v) << "</text>";
+    double tt = t0 + (t1 - t0) * i / 4;
+    o << "<text x='" << x(tt) << "' y='" << h - bottom + 16 << "' text-anchor='middle' "
+      << "font-size='11'>" << fmt("%.3g", tt) << "</text>";
+  }
+  o << "<text x='" << (left + w - right) / 2 << "' y='" << h - 6
+    << "' text-anchor='middle' font-size='12'>time (ms)</text>";
+  o << "<text x='14' y='" << (top + h - bottom) / 2 << "' font-size='12' transform='rotate(-90 14 "
+    << (top + h - bottom) / 2 << ")' text-anchor='middle'>" << esc(y_label) << "</text>";
+  int row = 0;
+  for (const Series& s : series) {
+    if (s.points.empty()) continue;
+    o << "<polyline fill='none' stroke-width='2' stroke='" << s.colour << "' points='";
+    for (auto& [t, v] : s.points) o << x(t) << "," << y(v) << " ";
+    o << "'/>";
+    double ly = top + 14 + 18 * row++;
+    o << "<rect x='" << w - right + 12 << "' y='" << ly - 9 << "' width='12' height='12' fill='"
+      << s.colour << "'/><text x='" << w - right + 30 << "' y='" << ly + 1
+      << "' font-size='12'>" << esc(s.name) << "</text>";
+  }
+  o << "</svg>";
+  return o.str();
+}
+
+}  // namespace
+
+ReportSummary summarize(const ParsedTrace& trace) {
+  ReportSummary s;
+  s.events = trace.events.size();
+  if (trace.events.empty()) return s;
+  CounterReplay replay;
+  std::uint64_t t0 = trace.events.front().time_ns, t1 = t0;
+  for (const TraceEvent& e : trace.events) {
+    replay.apply(e);
+    t0 = std::min(t0, e.time_ns);
+    t1 = std::max(t1, e.time_ns + e.duration_ns);
+    if (e.kind == EventKind::SwapOut) ++s.swap_outs, s.swapped_out_bytes += e.bytes;
+    if (e.kind == EventKind::SwapIn) ++s.swap_ins, s.swapped_in_bytes += e.bytes;
+    if (e.kind == EventKind::Stall) ++s.stalls, s.stall_ms += e.duration_ns / 1e6;
+    if (e.kind == EventKind::Oom) ++s.ooms;
+  }
+  s.duration_ms = (t1 - t0) / 1e6;
+  s.peak = replay.peak();
+  s.fragmentation = s.peak.allocated > 0
+                        ? static_cast<double>(s.peak.mapped) / static_cast<double>(s.peak.allocated)
+                        : 0.0;
+  return s;
+}
+
+std::string render_report(const ParsedTrace& trace, const std::string& source) {
+  std::ostringstream o;
+  o << "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>spill report: "
+    << esc(source) << "</title><style>"
+    << "body{font-family:sans-serif;margin:24px;color:#222;max-width:1000px}"
+    << "table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;"
+    << "padding:4px 10px;text-align:right}th{background:#eee}td.l,th.l{text-align:left}"
+    << "h2{margin-top:28px;border-bottom:1px solid #ddd}.note{color:#666;font-size:13px}"
+    << "</style></head><body>";
+  o << "<h1>spill report</h1><p class='note'>trace: " << esc(source) << "</p>";
+  if (!trace.metadata.empty()) {
+    o << "<p class='note'>";
+    for (auto& [k, v] : trace.metadata.items())
+      o << esc(k) << ": " << esc(v.is_string() ? v.get<std::string>() : v.dump()) << "; ";
+    o << "</p>";
+  }
+  if (trace.events.empty()) {
+    o << "<h2>Empty trace</h2><p id='empty'>This trace is empty: it holds no events, so there "
+      << "is no memory timeline to show. Was recording switched off (trace:off)?</p>"
+      << "</body></html>";
+    return o.str();
+  }
+  ReportSummary s = summarize(trace);
+  const std::uint64_t t0 = std::min_element(trace.events.begin(), trace.events.end(),
+                                            [](auto& a, auto& b) { return a.time_ns < b.time_ns; })
+                               ->time_ns;
+  auto ms = [&](std::uint64_t ns) { return (static_cast<double>(ns) - t0) / 1e6; };
+
+  o << "<h2>Summary</h2><table id='summary'>"
+    << "<tr><th class='l'>events</th><td>" << s.events << "</td></tr>"
+    << "<tr><th class='l'>duration</th><td>" << fmt("%.3f ms", s.duration_ms) << "</td></tr>"
+    << "<tr><th class='l'>peak allocated</th><td>" << format_bytes(s.peak.allocated) << "</td></tr>"
+    << "<tr><th class='l'>peak mapped</th><td>" << format_bytes(s.peak.mapped) << "</td></tr>"
+    << "<tr><th class='l'>peak on host</th><td>" << format_bytes(s.peak.on_host) << "</td></tr>"
+    << "<tr><th class='l'>peak pinned host</th><td>" << format_bytes(s.peak.host_pinned)
+    << "</td></tr><tr><th class='l'>swapped out</th><td>" << format_bytes(s.swapped_out_bytes)
+    << " in " << s.swap_outs << " copies</td></tr><tr><th class='l'>swapped in</th><td>"
+    << format_bytes(s.swapped_in_bytes) << " in " << s.swap_ins << " copies</td></tr>"
+    << "<tr><th class='l'>out-of-memory errors</th><td>" << s.ooms << "</td></tr></table>";
+
+  // Memory timeline: each counter as a step series.
+  std::vector<Series> mem{{"allocated", "#2c7be5", {}}, {"mapped", "#e67e22", {}},
+                          {"on host", "#27ae60", {}}, {"pinned host", "#8e44ad", {}}};
+  CounterReplay replay;
+  for (const TraceEvent& e : trace.events) {
+    MemoryCounters before = replay.current();
+    if (!replay.apply(e)) continue;
+    double t = ms(e.time_ns + e.duration_ns);
+    const MemoryCounters& c = replay.current();
+    std::int64_t b[4] = {before.allocated, before.mapped, before.on_host, before.host_pinned};
+    std::int64_t a[4] = {c.allocated, c.mapped, c.on_host, c.host_pinned};
+    for (int i = 0; i < 4; ++i) {
+      mem[i].points.emplace_back(t, static_cast<double>(b[i]));
+      mem[i].points.emplace_back(t, static_cast<double>(a[i]));
+    }
+  }
+  o << "<h2>Memory timeline</h2>"
+    << svg_chart(mem, 0, s.duration_ms, "GiB", 1024.0 * 1024 * 1024, "memory-timeline");
+
+  // Largest live allocations when allocated bytes peaked.
+  std::unordered_map<std::uint64_t, const TraceEvent*> live, at_peak;
+  std::int64_t allocated = 0, best = -1;
+  for (const TraceEvent& e : trace.events) {
+    if (e.kind == EventKind::Alloc) live[e.address] = &e, allocated += e.bytes;
+    if (e.kind == EventKind::Free) live.erase(e.address), allocated -= e.bytes;
+    if (allocated > best) best = allocated, at_peak = live;
+  }
+  std::vector<const TraceEvent*> top;
+  for (auto& [a, e] : at_peak) top.push_back(e);
+  std::sort(top.begin(), top.end(), [](auto* a, auto* b) { return a->bytes > b->bytes; });
+  if (top.size() > 15) top.resize(15);
+  o << "<h2>Top allocations at peak</h2><p class='note'>" << at_peak.size()
+    << " blocks live when allocated memory peaked at " << format_bytes(s.peak.allocated)
+    << "</p><table id='top-allocations'><tr><th class='l'>address</th><th>size</th>"
+    << "<th class='l'>tag</th><th>allocated at (ms)</th></tr>";
+  for (const TraceEvent* e : top) {
+    o << "<tr><td class='l'>" << hex(e->address) << "</td><td>" << format_bytes(e->bytes)
+      << "</td><td class='l'>" << esc(tag_of(trace, e->tag)) << "</td><td>"
+      << fmt("%.3f", ms(e->time_ns)) << "</td></tr>";
+  }
+  o << "</table>";
+
+  // Swap bandwidth: each copy's bytes spread over its duration, in bins.
+  const int bins = 60;
+  double width = std::max(s.duration_ms / bins, 1e-6);
+  std::vector<double> out_bytes(bins, 0), in_bytes(bins, 0);
+  for (const TraceEvent& e : trace.events) {
+    if (e.kind != EventKind::SwapOut && e.kind != EventKind::SwapIn) continue;
+    auto& v = e.kind == EventKind::SwapOut ? out_bytes : in_bytes;
+    double a = ms(e.time_ns), b = ms(e.time_ns + e.duration_ns);
+    if (b <= a) {
+      v[std::min(bins - 1, static_cast<int>(a / width))] += e.bytes;
+      continue;
+    }
+    for (int i = std::max(0, static_cast<int>(a / width)); i < bins && i * width < b; ++i) {
+      double overlap = std::min(b, (i + 1) * width) - std::max(a, i * width);
+      if (overlap > 0) v[i] += e.bytes * overlap / (b - a);
+    }
+  }
+  std::vector<Series> bw{{"swap-out (D2H)", "#e67e22", {}}, {"swap-in (H2D)", "#27ae60", {}}};
+  for (int i = 0; i < bins; ++i) {
+    double gbps_out = out_bytes[i] / (width * 1e-3) / 1e9, gbps_in = in_bytes[i] / (width * 1e-3) / 1e9;
+    bw[0].points.emplace_back(i * width, gbps_out);
+    bw[0].points.emplace_back((i + 1) * width, gbps_out);
+    bw[1].points.emplace_back(i * width, gbps_in);
+    bw[1].points.emplace_back((i + 1) * width, gbps_in);
+  }
+  o << "<h2>Swap bandwidth</h2>" << svg_chart(bw, 0, s.duration_ms, "GB/s", 1.0, "swap-bandwidth");
+
+  // Stalls per stream.
+  std::map<std::uint64_t, std::pair<std::size_t, double>> stalls;
+  for (const TraceEvent& e : trace.events) {
+    if (e.kind != EventKind::Stall) continue;
+    stalls[e.stream].first++;
+    stalls[e.stream].second += e.duration_ns / 1e6;
+  }
+  o << "<h2>Stalls</h2><table id='stalls'><tr><th class='l'>stream</th><th>stalls</th>"
+    << "<th>time (ms)</th></tr>";
+  for (auto& [stream, v] : stalls) {
+    o << "<tr><td class='l'>" << (stream ? hex(stream) : "default") << "</td><td>" << v.first
+      << "</td><td>" << fmt("%.3f", v.second) << "</td></tr>";
+  }
+  o << "<tr><th class='l'>total</th><th>" << s.stalls << "</th><th>" << fmt("%.3f", s.stall_ms)
+    << "</th></tr></table>";
+
+  o << "<h2>Fragmentation</h2><p id='fragmentation'>peak mapped / peak allocated = "
+    << (s.peak.allocated > 0 ? fmt("%.3f", s.fragmentation) : std::string("n/a (nothing allocated)"))
+    << " (1.0 means every mapped byte was handed out at the peak)</p>";
+  o << "</body></html>";
+  return o.str();
+}
+
+}  // namespace spill::profiling

@@ -1,0 +1,29 @@
+// `spill report`: one self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched
+// at view time) from a spill trace: a summary, the memory timeline by kind, the largest live
+// allocations at the allocation peak, swap bandwidth over time, stall totals and the
+// allocator's fragmentation. An empty trace gives a page that says so.
+#pragma once
+
+#include <string>
+
+#include "profiling/chrome_trace.hpp"
+#include "profiling/counters.hpp"
+
+namespace spill::profiling {
+
+struct ReportSummary {
+  std::size_t events = 0;
+  double duration_ms = 0;
+  MemoryCounters peak;
+  std::uint64_t swapped_out_bytes = 0, swapped_in_bytes = 0;
+  std::size_t swap_outs = 0, swap_ins = 0, stalls = 0, ooms = 0;
+  double stall_ms = 0;
+  double fragmentation = 0;  // peak mapped / peak allocated; 0 when nothing was allocated
+};
+
+ReportSummary summarize(const ParsedTrace& trace);
+
+// Renders the page; `source` names the trace in the title.
+std::string render_report(const ParsedTrace& trace, const std::string& source);
+
+}  // namespace spill::profiling

@@ -1,0 +1,65 @@
+// The HTML report: what it shows for a synthetic step, what it says for an empty trace. The
+// rendering itself is checked in headless Chromium by report_renders.sh (a CTest).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <fstream>
+
+#include "profiling/report.hpp"
+#include "tests/profiling/synthetic_trace.hpp"
+
+namespace spill::profiling {
+namespace {
+
+ParsedTrace synthetic() {
+  ParsedTrace t;
+  t.events = test::synthetic_step();
+  t.tag_names.push_back("");
+  for (int l = 1; l <= 12; ++l) t.tag_names.push_back("layer" + std::to_string(l) + ".act");
+  t.metadata = {{"device", "SimDevice"}};
+  return t;
+}
+
+TEST(Report, SummarizesTheStep) {
+  ReportSummary s = summarize(synthetic());
+  EXPECT_EQ(s.swap_outs, 8u);
+  EXPECT_EQ(s.swap_ins, 8u);
+  EXPECT_EQ(s.swapped_out_bytes, s.swapped_in_bytes);
+  EXPECT_GT(s.stalls, 0u);
+  EXPECT_GT(s.stall_ms, 0.0);
+  EXPECT_GT(s.peak.allocated, s.peak.mapped) << "swapped-out blocks stay allocated, unmapped";
+  EXPECT_GT(s.peak.on_host, 0);
+  EXPECT_GT(s.duration_ms, 50.0);
+}
+
+TEST(Report, ShowsEverySection) {
+  std::string html = render_report(synthetic(), "step.json");
+  for (const char* label :
+       {"Memory timeline", "Top allocations at peak", "Swap bandwidth", "Stalls",
+        "Fragmentation", "id='memory-timeline'", "id='swap-bandwidth'", "layer12.act",
+        "swap-out (D2H)", "pinned host", "step.json"}) {
+    EXPECT_NE(html.find(label), std::string::npos) << label;
+  }
+  EXPECT_EQ(html.find("<script"), std::string::npos) << "the page must need no scripts";
+  EXPECT_EQ(html.find("http"), std::string::npos) << "the page must fetch nothing";
+  // Lets report_renders.sh (CTest) render the same page in headless Chromium.
+  if (const char* path = std::getenv("SPILL_WRITE_REPORT")) std::ofstream(path) << html;
+}
+
+TEST(Report, EmptyTraceSaysSo) {
+  ParsedTrace empty;
+  std::string html = render_report(empty, "empty.json");
+  EXPECT_NE(html.find("This trace is empty"), std::string::npos);
+  EXPECT_EQ(html.find("Memory timeline"), std::string::npos);
+}
+
+TEST(Report, EscapesNames) {
+  ParsedTrace t = synthetic();
+  t.tag_names[12] = "<b>&evil";
+  std::string html = render_report(t, "x<y>.json");
+  EXPECT_EQ(html.find("<b>&evil"), std::string::npos);
+  EXPECT_NE(html.find("&lt;b&gt;&amp;evil"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace spill::profiling
