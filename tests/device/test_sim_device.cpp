@@ -2,8 +2,10 @@
 // accounting, chaos mode catching missing synchronisation, and strict checking of misuse.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <vector>
 
+#include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
 #include "core/units.hpp"
@@ -267,6 +269,38 @@ TEST(SimDevice, RejectsBadOptions) {
   EXPECT_THROW(SimDevice(SimOptions{.capacity = 4096}), InvalidArgument);
   EXPECT_THROW(SimDevice(SimOptions{.granularity = 1000}), InvalidArgument);
   EXPECT_THROW(SimDevice(SimOptions{.chaos_probability = 2.0}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace spill::test
+
+namespace spill::test {
+namespace {
+
+// With time_scale > 0, simulated work also takes wall time: a lower bound only (sleeps never
+// end early), so the test cannot flake on a slow machine.
+TEST(SimDevice, TimeScaleMakesWorkTakeWallTime) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB, .time_scale = 0.5});
+  Stream s = dev.create_stream();
+  auto start = std::chrono::steady_clock::now();
+  dev.enqueue_compute(s, 0.040);  // 40 ms simulated = 20 ms of wall time at scale 0.5
+  dev.synchronize(s);
+  auto wall = std::chrono::steady_clock::now() - start;
+  EXPECT_GE(wall, std::chrono::milliseconds(19));
+  EXPECT_GE(dev.sim_time_s(), 0.040);
+  dev.destroy_stream(s);
+}
+
+TEST(SimDevice, OptionsComeFromTheConfiguration) {
+  Config c = Config::parse("device:sim,sim_capacity:1GiB,link:nvlink-c2c,chaos:7,time_scale:0");
+  SimOptions o = SimOptions::from_config(c);
+  EXPECT_EQ(o.capacity, 1 * GiB);
+  EXPECT_EQ(o.link.name, "nvlink-c2c");
+  EXPECT_EQ(o.chaos_seed, 7u);
+  SimDevice dev(o);
+  EXPECT_EQ(dev.info().total_bytes, 1 * GiB);
+  EXPECT_EQ(dev.info().link_name, "nvlink-c2c");
+  EXPECT_TRUE(dev.info().simulated);
 }
 
 }  // namespace
