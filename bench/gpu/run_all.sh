@@ -2,7 +2,8 @@
 # The GPU suite, for a machine with a GPU: builds spill for the GPU, runs every test (GPU ones
 # included), `spill info`, `spill device-check` on CUDA and every benchmark, all within about
 # 9 minutes. Results go to $OUT when set (else build/gpu-results): summary.txt (the table
-# printed last), ctest.xml, bench.json (every benchmark's JSON, merged) and logs.tar.gz.
+# printed last), ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill bench
+# link`, which the planner reads as a measured link model) and logs.tar.gz.
 # Dependencies: if the machine lacks the Debian -dev packages, carry .gpu-deps/ (made by
 # bench/gpu/fetch_deps.sh on the dev machine); they are unpacked under the build folder.
 # Environment: SPILL_CUDA_ARCH (default 90), SPILL_GPU_BUDGET_S (default 530 seconds).
@@ -61,6 +62,7 @@ built=$?
 if ((built == 0)); then
   step info 30 "$build/spill" info
   step device-check 120 "$build/spill" --conf device:cuda device-check
+  step bench-link 180 "$build/spill" --conf device:cuda bench link --json "$work/link.json"
   step tests 240 ctest --test-dir "$build" --output-on-failure -j 4 --output-junit "$work/ctest.xml"
   for bench in "$build"/bench/bench_*; do
     [[ -x $bench ]] || continue
@@ -94,6 +96,7 @@ for f in sorted(work.glob("bench_*.json")):
 pathlib.Path(dest).write_text(json.dumps(merged, indent=1))
 PY
 [[ -f $work/ctest.xml ]] && cp "$work/ctest.xml" "$out/"
+[[ -f $work/link.json ]] && cp "$work/link.json" "$out/"
 tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log 2>/dev/null) 2>/dev/null
 cp "$work/summary.txt" "$out/summary.txt"
 cat "$work/summary.txt"
