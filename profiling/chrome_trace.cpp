@@ -6,6 +6,7 @@
 
 #include "core/errors.hpp"
 #include "profiling/counters.hpp"
+#include "profiling/json_errors.hpp"
 
 namespace spill::profiling {
 namespace {
@@ -146,16 +147,7 @@ std::uint64_t from_hex(const nlohmann::json& v, const std::string& what) {
 }  // namespace
 
 ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origin) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
-    bool truncated = e.byte >= text.size();
-    throw InvalidArgument(origin + ": " +
-                          (truncated ? std::string("truncated: the JSON ends early at byte ")
-                                     : std::string("not valid JSON at byte ")) +
-                          std::to_string(e.byte) + " (" + e.what() + ")");
-  }
+  nlohmann::json j = parse_json_file_text(text, origin);
   SPILL_EXPECTS(j.is_object() && j.contains("traceEvents") && j.contains("otherData") &&
                     j["otherData"].value("format", "") == "spill-trace",
                 origin + ": not a spill trace (no otherData.format = \"spill-trace\")");
@@ -199,11 +191,8 @@ ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origi
 }
 
 ParsedTrace read_chrome_trace(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  SPILL_EXPECTS(in.good(), "trace '" + path + "': cannot open it for reading");
-  std::stringstream buf;
-  buf << in.rdbuf();
-  return parse_chrome_trace(buf.str(), "trace '" + path + "'");
+  std::string origin = "trace '" + path + "'";
+  return parse_chrome_trace(read_text_file(path, origin), origin);
 }
 
 }  // namespace spill::profiling

@@ -1,0 +1,117 @@
+#include "profiling/snapshot.hpp"
+
+#include <fstream>
+#include <sstream>
+
+#include "core/errors.hpp"
+#include "profiling/json_errors.hpp"
+
+namespace spill::profiling {
+namespace {
+
+constexpr int kSnapshotVersion = 1;
+
+nlohmann::json frames_for(std::uint32_t tag, bool on_host, const TagNamer& tags) {
+  nlohmann::json frames = nlohmann::json::array();
+  if (on_host) frames.push_back({{"filename", "spill"}, {"line", 0}, {"name", "[on host]"}});
+  if (tag != 0 && tags) {
+    std::string name = tags(tag);
+    if (!name.empty()) frames.push_back({{"filename", name}, {"line", 0}, {"name", name}});
+  }
+  return frames;
+}
+
+const char* state_name(SnapshotBlock::State s) {
+  switch (s) {
+    case SnapshotBlock::State::Allocated: return "active_allocated";
+    case SnapshotBlock::State::PendingFree: return "active_pending_free";
+    case SnapshotBlock::State::Free: return "inactive";
+  }
+  return "inactive";
+}
+
+}  // namespace
+
+nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEvent>& history,
+                             const TagNamer& tags) {
+  nlohmann::json segments = nlohmann::json::array();
+  for (const SnapshotSegment& seg : state.segments) {
+    nlohmann::json blocks = nlohmann::json::array();
+    std::uint64_t allocated = 0, active = 0, requested = 0;
+    for (const SnapshotBlock& b : seg.blocks) {
+      if (b.state == SnapshotBlock::State::Allocated) allocated += b.size, requested += b.requested;
+      if (b.state != SnapshotBlock::State::Free) active += b.size;
+      blocks.push_back({{"address", b.address},
+                        {"size", b.size},
+                        {"requested_size", b.requested},
+                        {"state", state_name(b.state)},
+                        {"frames", frames_for(b.tag, b.on_host, tags)}});
+    }
+    segments.push_back({{"device", state.device},
+                        {"address", seg.address},
+                        {"total_size", seg.size},
+                        {"allocated_size", allocated},
+                        {"active_size", active},
+                        {"requested_size", requested},
+                        {"stream", seg.stream},
+                        {"segment_type", seg.large ? "large" : "small"},
+                        {"segment_pool_id", {0, 0}},
+                        {"is_expandable", seg.large},
+                        {"frames", nlohmann::json::array()},
+                        {"blocks", blocks}});
+  }
+  nlohmann::json trace = nlohmann::json::array();
+  auto entry = [&](const char* action, const TraceEvent& e) {
+    trace.push_back({{"action", action},
+                     {"addr", e.address},
+                     {"size", e.bytes},
+                     {"stream", e.stream},
+                     {"time_us", e.time_ns / 1000},
+                     {"frames", frames_for(e.tag, false, tags)}});
+  };
+  for (const TraceEvent& e : history) {
+    if (e.device != state.device) continue;
+    switch (e.kind) {
+      case EventKind::Alloc: entry("alloc", e); break;
+      case EventKind::Free:
+        entry("free_requested", e);
+        entry("free_completed", e);
+        break;
+      case EventKind::Map: entry("segment_alloc", e); break;
+      case EventKind::Unmap: entry("segment_free", e); break;
+      case EventKind::Oom: entry("oom", e); break;
+      default: break;
+    }
+  }
+  nlohmann::json device_traces = nlohmann::json::array();
+  for (int d = 0; d < state.device; ++d) device_traces.push_back(nlohmann::json::array());
+  device_traces.push_back(trace);
+  return {{"segments", segments},
+          {"device_traces", device_traces},
+          {"spill", {{"format", "spill-snapshot"}, {"version", kSnapshotVersion}}}};
+}
+
+void write_snapshot(const std::string& path, const MemoryState& state,
+                    const std::vector<TraceEvent>& history, const TagNamer& tags) {
+  std::ofstream out(path, std::ios::binary);
+  if (!out) throw Error("snapshot: cannot open '" + path + "' for writing");
+  out << to_memory_viz(state, history, tags).dump();
+  out.close();
+  if (!out) throw Error("snapshot: writing '" + path + "' failed (disk full?)");
+}
+
+nlohmann::json read_snapshot(const std::string& path) {
+  std::string origin = "snapshot '" + path + "'";
+  nlohmann::json j = parse_json_file_text(read_text_file(path, origin), origin);
+  SPILL_EXPECTS(j.is_object() && j.contains("spill") && j["spill"].value("format", "") ==
+                                                          "spill-snapshot",
+                "snapshot '" + path + "': not a spill snapshot");
+  int version = j["spill"].value("version", 0);
+  SPILL_EXPECTS(version == kSnapshotVersion,
+                "snapshot '" + path + "': version " + std::to_string(version) +
+                    " is not supported (this spill reads version " +
+                    std::to_string(kSnapshotVersion) + ")");
+  return j;
+}
+
+}  // namespace spill::profiling

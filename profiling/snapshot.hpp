@@ -1,0 +1,54 @@
+// Memory snapshots in the layout PyTorch's memory_viz reads: segments with their blocks, and a
+// per-device history of actions (alloc, free_requested, free_completed, segment_alloc,
+// segment_free, oom) built from trace events. memory_viz opens pickles, so
+// tools/snapshot_to_pickle.py turns the JSON written here into one. Blocks whose bytes sit on
+// the host carry an "[on host]" frame, since memory_viz has no notion of residence.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "profiling/chrome_trace.hpp"
+#include "profiling/events.hpp"
+
+namespace spill::profiling {
+
+struct SnapshotBlock {
+  enum class State { Allocated, PendingFree, Free };
+  std::uint64_t address = 0;
+  std::uint64_t size = 0;
+  std::uint64_t requested = 0;  // bytes the caller asked for
+  State state = State::Free;
+  std::uint32_t tag = 0;
+  bool on_host = false;         // allocated, its bytes swapped out
+};
+
+struct SnapshotSegment {
+  std::uint64_t address = 0;
+  std::uint64_t size = 0;
+  std::uint64_t stream = 0;
+  bool large = false;           // VMM-backed large pool (expandable in memory_viz's words)
+  std::vector<SnapshotBlock> blocks;  // ordered by address, covering the segment
+};
+
+struct MemoryState {
+  int device = 0;
+  std::vector<SnapshotSegment> segments;
+};
+
+// The snapshot as JSON (memory_viz's dictionary, with spill's format marker added).
+nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEvent>& history,
+                             const TagNamer& tags = {});
+
+// Writes it; throws Error naming the path when it cannot.
+void write_snapshot(const std::string& path, const MemoryState& state,
+                    const std::vector<TraceEvent>& history, const TagNamer& tags = {});
+
+// Reads a snapshot written by write_snapshot; InvalidArgument with the position for a file that
+// is truncated, not JSON, not a spill snapshot or of another version.
+nlohmann::json read_snapshot(const std::string& path);
+
+}  // namespace spill::profiling

@@ -1,0 +1,95 @@
+// memory_viz snapshots: the layout memory_viz reads, consistent sizes, history from events,
+// and clear errors for bad files. tools/snapshot_to_pickle.py is exercised by a CTest.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
+#include "core/errors.hpp"
+#include "profiling/snapshot.hpp"
+#include "tests/profiling/synthetic_trace.hpp"
+
+namespace spill::profiling {
+namespace {
+
+MemoryState sample_state() {
+  using S = SnapshotBlock::State;
+  MemoryState m;
+  m.segments.push_back({0x1000000, 8 << 20, 0x100, true,
+                        {{0x1000000, 4 << 20, (4 << 20) - 100, S::Allocated, 1, false},
+                         {0x1400000, 2 << 20, 2 << 20, S::Allocated, 2, true},
+                         {0x1600000, 2 << 20, 0, S::Free, 0, false}}});
+  m.segments.push_back({0x9000000, 2 << 20, 0, false,
+                        {{0x9000000, 512, 500, S::PendingFree, 0, false},
+                         {0x9000200, (2 << 20) - 512, 0, S::Free, 0, false}}});
+  return m;
+}
+
+TEST(Snapshot, HasMemoryVizLayout) {
+  nlohmann::json j = to_memory_viz(sample_state(), test::synthetic_step(), [](std::uint32_t t) {
+    return "layer" + std::to_string(t);
+  });
+  ASSERT_EQ(j["segments"].size(), 2u);
+  const auto& seg = j["segments"][0];
+  for (const char* key : {"device", "address", "total_size", "allocated_size", "active_size",
+                          "requested_size", "stream", "segment_type", "segment_pool_id",
+                          "is_expandable", "frames", "blocks"})
+    EXPECT_TRUE(seg.contains(key)) << key;
+  EXPECT_EQ(seg["allocated_size"], 6u << 20);
+  EXPECT_EQ(seg["segment_type"], "large");
+  EXPECT_EQ(seg["blocks"][1]["frames"][0]["name"], "[on host]");
+  EXPECT_EQ(seg["blocks"][0]["frames"][0]["name"], "layer1");
+  EXPECT_EQ(j["segments"][1]["active_size"], 512u);
+  EXPECT_EQ(j["segments"][1]["blocks"][0]["state"], "active_pending_free");
+  // Every block tiles its segment.
+  for (const auto& s : j["segments"]) {
+    std::uint64_t at = s["address"], total = 0;
+    for (const auto& b : s["blocks"]) {
+      EXPECT_EQ(b["address"].get<std::uint64_t>(), at);
+      at += b["size"].get<std::uint64_t>();
+      total += b["size"].get<std::uint64_t>();
+    }
+    EXPECT_EQ(total, s["total_size"].get<std::uint64_t>());
+  }
+  const auto& trace = j["device_traces"][0];
+  std::size_t allocs = 0, frees = 0;
+  for (const auto& e : trace) {
+    allocs += e["action"] == "alloc";
+    frees += e["action"] == "free_completed";
+  }
+  EXPECT_EQ(allocs, 12u);
+  EXPECT_EQ(frees, 12u);
+}
+
+TEST(Snapshot, RoundTripsAndConvertsToAPickle) {
+  std::string path = ::testing::TempDir() + "spill_snapshot.json";
+  write_snapshot(path, sample_state(), test::synthetic_step());
+  nlohmann::json j = read_snapshot(path);
+  EXPECT_EQ(j["segments"].size(), 2u);
+  std::remove(path.c_str());
+}
+
+TEST(Snapshot, BadFilesGetClearErrors) {
+  std::string path = ::testing::TempDir() + "spill_bad_snapshot.json";
+  std::string good = to_memory_viz(sample_state(), {}).dump();
+  auto expect = [&](const std::string& text, const std::string& mention) {
+    std::ofstream(path) << text;
+    try {
+      read_snapshot(path);
+      FAIL() << "accepted " << text.substr(0, 40);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(mention), std::string::npos) << e.what();
+    }
+  };
+  expect(good.substr(0, good.size() - 10), "truncated");
+  expect("{]", "not valid JSON");
+  expect(R"({"segments": []})", "not a spill snapshot");
+  expect(R"({"spill": {"format": "spill-snapshot", "version": 3}})", "version 3");
+  std::remove(path.c_str());
+  if (const char* out = std::getenv("SPILL_WRITE_SNAPSHOT"))
+    write_snapshot(out, sample_state(), test::synthetic_step());
+}
+
+}  // namespace
+}  // namespace spill::profiling

@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Turns a spill memory snapshot (JSON, written by spill) into the pickle that PyTorch's
+memory_viz (pytorch.org/memory_viz) opens. Standard library only.
+
+Usage: snapshot_to_pickle.py SNAPSHOT.json [OUT.pickle]
+"""
+import json
+import pickle
+import sys
+
+
+def convert(snapshot):
+    if not isinstance(snapshot, dict) or snapshot.get("spill", {}).get("format") != "spill-snapshot":
+        raise ValueError("not a spill snapshot (no spill.format = 'spill-snapshot')")
+    for seg in snapshot["segments"]:
+        seg["segment_pool_id"] = tuple(seg.get("segment_pool_id", (0, 0)))
+    return {"segments": snapshot["segments"], "device_traces": snapshot["device_traces"]}
+
+
+def main(argv):
+    if len(argv) not in (2, 3):
+        print(__doc__, file=sys.stderr)
+        return 2
+    src = argv[1]
+    dst = argv[2] if len(argv) == 3 else src.rsplit(".", 1)[0] + ".pickle"
+    try:
+        with open(src, encoding="utf-8") as f:
+            snapshot = json.load(f)
+        data = convert(snapshot)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"snapshot_to_pickle: {src}: {e}", file=sys.stderr)
+        return 1
+    with open(dst, "wb") as f:
+        pickle.dump(data, f)
+    print(f"wrote {dst}: {len(data['segments'])} segments, "
+          f"{sum(len(t) for t in data['device_traces'])} trace entries")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
