@@ -39,7 +39,12 @@ TensorIndex ZooBuilder::grad_of(TensorIndex t) {
 
 TensorIndex ZooBuilder::layer(Layer l) {
   DType out_dtype = l.has_out_dtype ? l.out_dtype : options_.dtype;
-  TensorIndex out = new_tensor(l.name, l.out_elems, out_dtype, TensorKind::Activation);
+  SPILL_EXPECTS(!l.in_place || (!l.inputs.empty() && g_.tensors[l.inputs[0]].kind ==
+                                                           TensorKind::Activation),
+                "layer '" + l.name + "': only an activation can be overwritten in place");
+  // In place, the output is the input's buffer and gradient: backward overwrites the gradient.
+  TensorIndex out = l.in_place ? l.inputs[0]
+                               : new_tensor(l.name, l.out_elems, out_dtype, TensorKind::Activation);
   Op op;
   op.name = l.name;
   op.type = l.type;
@@ -111,6 +116,8 @@ Graph ZooBuilder::finish() {
         op.writes.push_back(gx);
       }
     }
+    std::sort(op.reads.begin(), op.reads.end());
+    op.reads.erase(std::unique(op.reads.begin(), op.reads.end()), op.reads.end());
     g_.add_op(std::move(op));
   }
   // Optimizer: per module, read weights and gradients, update weights and state in place.

@@ -36,6 +36,7 @@ class ZooBuilder {
     double backward_flops = -1;       // <0: 2x forward (1x when no input needs a gradient)
     bool saves_inputs = true;         // backward reads the forward inputs
     bool saves_output = false;        // backward reads the forward output (relu, softmax)
+    bool in_place = false;            // overwrites inputs[0] (ReLU as torchvision runs it)
     DType out_dtype = DType::F32;     // used when has_out_dtype
     bool has_out_dtype = false;
   };

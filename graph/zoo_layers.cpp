@@ -60,9 +60,10 @@ Act Layers::relu(const std::string& name, const Act& x) {
   l.out_elems = elems(x);
   l.flops = double(l.out_elems);
   l.backward_flops = double(l.out_elems);
-  // ReLU's backward needs only its output (the mask), not its input.
+  // In place, as torchvision's models run it; the backward needs only the output (the mask).
   l.saves_inputs = false;
   l.saves_output = true;
+  l.in_place = true;
   y.t = b_.layer(std::move(l));
   return y;
 }

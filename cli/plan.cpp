@@ -1,0 +1,199 @@
+// `spill plan`: predicts, without a GPU, whether a model's training step fits a memory budget
+// under each swap policy, what moves over the link and what it costs, on a simulated device and
+// link. Every figure it prints is simulated, and says so.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "cli/commands.hpp"
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "graph/evaluate.hpp"
+#include "graph/graph_json.hpp"
+#include "graph/liveness.hpp"
+#include "graph/zoo.hpp"
+
+namespace spill::cli {
+namespace {
+
+struct PlanArgs {
+  std::string model;
+  int batch = 1;
+  int seq = 0;
+  int volume = 0;
+  std::string dtype = "f32";
+  std::string optimizer = "adam";
+  std::string device;
+  std::string link;
+  std::string budget;
+  std::string policy = "all";
+  std::string min_swap = "1MiB";
+  std::string json_path;
+  std::string timeline_path;
+  std::string plan_path;
+  double max_batch_pct = -1;
+};
+
+bool is_graph_file(const std::string& model) {
+  return model.find('/') != std::string::npos || model.ends_with(".json") ||
+         std::filesystem::exists(model);
+}
+
+graph::ZooOptions zoo_options(const PlanArgs& a, int batch) {
+  graph::ZooOptions o;
+  o.batch = batch;
+  o.seq = a.seq;
+  o.volume = a.volume;
+  auto d = graph::parse_dtype(a.dtype);
+  SPILL_EXPECTS(d, "--dtype: unknown dtype '" + a.dtype + "' (known: f32, f16, bf16)");
+  o.dtype = *d;
+  o.optimizer = graph::parse_optimizer(a.optimizer);
+  return o;
+}
+
+std::string seconds(double s) {
+  char buf[32];
+  if (s >= 1) std::snprintf(buf, sizeof buf, "%.3f s", s);
+  else std::snprintf(buf, sizeof buf, "%.2f ms", s * 1e3);
+  return buf;
+}
+
+nlohmann::json result_json(const graph::PolicyResult& r) {
+  return {{"name", graph::to_string(r.policy)},
+          {"feasible", r.feasible},
+          {"peak_bytes", r.sim.peak_bytes},
+          {"swapped_out_bytes", r.sim.swapped_out_bytes},
+          {"swapped_in_bytes", r.sim.swapped_in_bytes},
+          {"step_time_s", r.sim.step_time_s},
+          {"stall_time_s", r.sim.stall_time_s},
+          {"unlimited_step_time_s", r.unlimited_step_time_s},
+          {"overhead", r.overhead()},
+          {"reason", r.feasible ? "" : r.plan.reason}};
+}
+
+void write_json(const std::string& path, const nlohmann::json& j, const char* what) {
+  std::ofstream out(path);
+  SPILL_EXPECTS(out.good(), std::string(what) + " file '" + path + "' cannot be written");
+  out << j.dump(1) << "\n";
+}
+
+int run_plan(const PlanArgs& a) {
+  const graph::GpuModel& gpu = graph::gpu_preset(a.device);
+  const LinkModel link = graph::resolve_link(a.link);
+  const bool from_file = is_graph_file(a.model);
+  auto build = [&](int batch) {
+    return from_file ? graph::load_graph_file(a.model)
+                     : graph::build_model(a.model, zoo_options(a, batch));
+  };
+  graph::Graph g = build(a.batch);
+  graph::PlannerOptions o;
+  o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
+  o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
+  std::vector<graph::Policy> policies;
+  if (a.policy == "all") policies = graph::all_policies();
+  else policies = {graph::parse_policy(a.policy)};
+
+  std::printf("model:   %s, batch %d, %zu ops, %zu tensors, %.1f M parameters\n", g.name.c_str(),
+              from_file ? 0 : a.batch, g.ops.size(), g.tensors.size(),
+              double(g.parameter_count()) / 1e6);
+  std::printf("device:  %s (simulated; %s, %.0f GB/s memory)\n", gpu.name.c_str(),
+              format_bytes(gpu.memory_bytes).c_str(), gpu.mem_bw_gbps);
+  std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n", link.name.c_str(),
+              link.description.c_str(), link.h2d_gbps, link.d2h_gbps);
+  std::printf("budget:  %s; unlimited-memory peak %s\n\n", format_bytes(o.budget).c_str(),
+              format_bytes(graph::analyze_liveness(g).peak).c_str());
+  std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s\n", "policy", "fits", "peak", "swap out",
+              "swap in", "step", "stall", "overhead");
+  nlohmann::json report{{"model", a.model},     {"batch", from_file ? 0 : a.batch},
+                        {"budget_bytes", o.budget}, {"device", gpu.name},
+                        {"link", link.name},    {"simulated", true},
+                        {"policies", nlohmann::json::array()}};
+  std::vector<std::string> reasons;
+  for (std::size_t k = 0; k < policies.size(); ++k) {
+    graph::PolicyResult r =
+        graph::evaluate_policy(policies[k], g, gpu, link, o, !a.timeline_path.empty() && k == 0);
+    std::printf("%-10s %-4s %11s %11s %11s %11s %11s %8.1f%%\n", graph::to_string(r.policy),
+                r.feasible ? "yes" : "no", format_bytes(r.sim.peak_bytes).c_str(),
+                format_bytes(r.sim.swapped_out_bytes).c_str(),
+                format_bytes(r.sim.swapped_in_bytes).c_str(), seconds(r.sim.step_time_s).c_str(),
+                seconds(r.sim.stall_time_s).c_str(), 100.0 * r.overhead());
+    if (!r.feasible && !r.plan.reason.empty())
+      reasons.push_back(std::string(graph::to_string(r.policy)) + ": " + r.plan.reason);
+    report["policies"].push_back(result_json(r));
+    if (k == 0 && !a.timeline_path.empty())
+      write_json(a.timeline_path, graph::timeline_to_json(g, r.sim), "--timeline");
+    if (k == 0 && !a.plan_path.empty())
+      write_json(a.plan_path, graph::plan_to_json(g, r.plan), "--plan-out");
+  }
+  std::printf("(unlimited-memory step: %s; all figures simulated)\n",
+              seconds(graph::simulate(g, graph::op_times_s(g, gpu), link, nullptr).step_time_s)
+                  .c_str());
+  for (const std::string& why : reasons) std::printf("  %s\n", why.c_str());
+
+  if (a.max_batch_pct >= 0) {
+    SPILL_EXPECTS(!from_file, "--max-batch needs a zoo model, not a graph file");
+    std::printf("\nlargest batch with overhead <= %.1f%% (simulated):\n", a.max_batch_pct);
+    report["max_batch"] = nlohmann::json::array();
+    for (graph::Policy p : policies) {
+      auto found = graph::find_max_batch(build, p, gpu, link, o, a.max_batch_pct / 100.0);
+      if (!found) {
+        std::printf("  %-10s none fits\n", graph::to_string(p));
+        report["max_batch"].push_back({{"policy", graph::to_string(p)}, {"batch", 0}});
+        continue;
+      }
+      std::printf("  %-10s batch %d (overhead %.1f%%, peak %s)\n", graph::to_string(p),
+                  found->batch, 100.0 * found->result.overhead(),
+                  format_bytes(found->result.sim.peak_bytes).c_str());
+      nlohmann::json entry = result_json(found->result);
+      entry["policy"] = graph::to_string(p);
+      entry["batch"] = found->batch;
+      report["max_batch"].push_back(entry);
+    }
+  }
+  if (!a.json_path.empty()) write_json(a.json_path, report, "--json");
+  return 0;
+}
+
+}  // namespace
+
+void add_plan(CLI::App& app, Runner& run) {
+  auto args = std::make_shared<PlanArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "plan", "predict (simulated) whether a model's training step fits a memory budget, what "
+              "it swaps and what it costs, per policy");
+  cmd->add_option("model", args->model,
+                  "zoo model (mlp, vgg16, resnet50, resnet152, unet3d, gpt2-small, gpt2-medium, "
+                  "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph")
+      ->required();
+  cmd->add_option("--batch", args->batch, "batch size")->check(CLI::PositiveNumber);
+  cmd->add_option("--seq", args->seq, "sequence length (transformers; default: the maximum)");
+  cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)");
+  cmd->add_option("--dtype", args->dtype, "f32, f16 or bf16");
+  cmd->add_option("--optimizer", args->optimizer, "sgd, momentum or adam");
+  cmd->add_option("--device", args->device,
+                  "GPU preset: titanx-12gb, v100-16gb, a100-40gb, a100-80gb, h100-pcie, "
+                  "h100-sxm, h200, gh200")
+      ->required();
+  cmd->add_option("--link", args->link,
+                  "link preset (pcie3, pcie4, pcie5, nvlink2-p9, nvlink-c2c) or a `spill bench "
+                  "link --json` file")
+      ->required();
+  cmd->add_option("--budget", args->budget, "device memory budget, e.g. 12GiB (default: the "
+                                            "device's memory)");
+  cmd->add_option("--policy", args->policy, "spill, vdnn, threshold, none or all (default)");
+  cmd->add_option("--min-swap", args->min_swap, "tensors below this size never move (1MiB)");
+  cmd->add_option("--json", args->json_path, "write the results as JSON");
+  cmd->add_option("--timeline", args->timeline_path,
+                  "write the first policy's simulated timeline (Chrome/Perfetto JSON)");
+  cmd->add_option("--plan-out", args->plan_path, "write the first policy's plan as JSON");
+  cmd->add_option("--max-batch", args->max_batch_pct,
+                  "also find the largest batch that fits with overhead under this percentage");
+  cmd->callback([&run, args] {
+    run = [args](const Config&) { return run_plan(*args); };
+  });
+}
+
+}  // namespace spill::cli

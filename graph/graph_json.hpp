@@ -1,0 +1,36 @@
+// JSON forms of graph/ data: the versioned graph format (docs/graph-format.md), plans (what the
+// swapper would load) and simulated timelines (Chrome/Perfetto trace JSON).
+// Reading is strict: unknown fields, wrong types, negative sizes, missing tensors, reads of
+// tensors never written and cycles are rejected with the JSON path of the offending field
+// (e.g. "ops[3].reads[1]") and, for syntax errors, the line and column.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "graph/ir.hpp"
+#include "graph/plan.hpp"
+#include "graph/simulator.hpp"
+
+namespace spill::graph {
+
+inline constexpr int kGraphFormatVersion = 1;
+
+nlohmann::json graph_to_json(const Graph& g);
+// `source` names the input (a file name) in error messages.
+Graph graph_from_json(const nlohmann::json& j, std::string_view source = "graph");
+Graph parse_graph(std::string_view text, std::string_view source = "graph");
+Graph load_graph_file(const std::string& path);
+void save_graph_file(const Graph& g, const std::string& path);
+
+// {"format": "spill-plan", "version", "policy", "budget_bytes", "feasible", "reason",
+//  "start_on_host": [tensor ids], "steps": [{"op", "evict_after": [ids], "prefetch": [ids]}]}
+// with only the ops that have actions listed.
+nlohmann::json plan_to_json(const Graph& g, const Plan& p);
+
+// Chrome trace JSON: compute, stalls and each copy engine as tracks, mapped bytes as a counter.
+nlohmann::json timeline_to_json(const Graph& g, const SimResult& r);
+
+}  // namespace spill::graph

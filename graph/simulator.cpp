@@ -1,0 +1,216 @@
+#include "graph/simulator.hpp"
+
+#include <algorithm>
+#include <queue>
+
+#include "core/errors.hpp"
+#include "graph/device_model.hpp"
+#include "graph/liveness.hpp"
+
+namespace spill::graph {
+
+const char* to_string(TimelineEvent::Kind k) {
+  switch (k) {
+    case TimelineEvent::Kind::Compute: return "compute";
+    case TimelineEvent::Kind::SwapIn: return "swap_in";
+    case TimelineEvent::Kind::SwapOut: return "swap_out";
+    case TimelineEvent::Kind::Stall: return "stall";
+  }
+  return "?";
+}
+
+namespace {
+
+enum class Where { Absent, Device, Host };
+
+struct TensorState {
+  Where where = Where::Absent;
+  double ready = 0;       // on device: when its bytes are there
+  double host_ready = 0;  // on host: when the copy out has finished
+  bool host_valid = false;
+};
+
+// Mapped bytes over time, in issue order (see the header for the rules).
+class Memory {
+ public:
+  explicit Memory(std::uint64_t budget) : budget_(budget) {}
+
+  // Maps `bytes` no earlier than `t`; returns when the mapping happened.
+  double map(std::uint64_t bytes, double t) {
+    t = std::max(t, cursor_);
+    apply_until(t);
+    while (mapped_ + bytes > budget_ && !pending_.empty()) {
+      t = std::max(t, pending_.top().first);
+      apply_until(t);
+    }
+    if (mapped_ + bytes > budget_) over_budget_ = true;
+    mapped_ += bytes;
+    peak_ = std::max(peak_, mapped_);
+    cursor_ = t;
+    return t;
+  }
+  void release(std::uint64_t bytes, double t) { pending_.push({t, bytes}); }
+
+  std::uint64_t mapped() const { return mapped_; }
+  std::uint64_t peak() const { return peak_; }
+  bool over_budget() const { return over_budget_; }
+
+ private:
+  void apply_until(double t) {
+    while (!pending_.empty() && pending_.top().first <= t) {
+      mapped_ -= pending_.top().second;
+      pending_.pop();
+    }
+  }
+  using Release = std::pair<double, std::uint64_t>;
+  std::priority_queue<Release, std::vector<Release>, std::greater<>> pending_;
+  std::uint64_t budget_;
+  std::uint64_t mapped_ = 0, peak_ = 0;
+  double cursor_ = 0;
+  bool over_budget_ = false;
+};
+
+class StepSim {
+ public:
+  StepSim(const Graph& g, const std::vector<double>& times, const LinkModel& link,
+          const Plan* plan, const SimOptions& o)
+      : g_(g), times_(times), link_(link), plan_(plan), o_(o), mem_(o.budget),
+        state_(g.tensors.size()), live_(analyze_liveness(g)) {}
+
+  SimResult run() {
+    start_residence();
+    double prev_end = 0;
+    for (std::size_t i = 0; i < g_.ops.size(); ++i) prev_end = run_op(i, prev_end);
+    r_.step_time_s = std::max({prev_end, h2d_free_, d2h_free_});
+    r_.peak_bytes = mem_.peak();
+    r_.within_budget = !mem_.over_budget();
+    return std::move(r_);
+  }
+
+ private:
+  void start_residence() {
+    std::vector<bool> on_host(g_.tensors.size(), false);
+    if (plan_)
+      for (TensorIndex t : plan_->start_on_host) on_host[t] = true;
+    for (std::size_t t = 0; t < g_.tensors.size(); ++t) {
+      if (!exists_at_start(g_.tensors[t].kind) || live_.live[t].first < 0) continue;
+      if (on_host[t]) {
+        state_[t] = {Where::Host, 0, 0, true};
+      } else {
+        mem_.map(g_.tensors[t].bytes, 0);
+        state_[t] = {Where::Device, 0, 0, false};
+      }
+    }
+  }
+
+  double copy(bool to_device, TensorIndex t, double earliest, std::int64_t op) {
+    double& engine = to_device ? h2d_free_ : d2h_free_;
+    const double other = to_device ? d2h_free_ : h2d_free_;
+    double start = std::max(engine, earliest);
+    double end = start + copy_time_s(link_, g_.tensors[t].bytes, to_device, other > start);
+    engine = end;
+    (to_device ? r_.swapped_in_bytes : r_.swapped_out_bytes) += g_.tensors[t].bytes;
+    record(to_device ? TimelineEvent::Kind::SwapIn : TimelineEvent::Kind::SwapOut, op,
+           std::int64_t(t), start, end, g_.tensors[t].bytes);
+    return end;
+  }
+
+  // Brings a tensor on the host back: map its memory, then copy once the engine is free.
+  void fetch(TensorIndex t, double issue, std::int64_t op) {
+    TensorState& s = state_[t];
+    double mapped_at = mem_.map(g_.tensors[t].bytes, issue);
+    s.ready = copy(true, t, std::max(mapped_at, s.host_ready), op);
+    s.where = Where::Device;
+  }
+
+  void evict(TensorIndex t, double after, std::int64_t op) {
+    TensorState& s = state_[t];
+    if (s.where != Where::Device) return;
+    double released = std::max(after, s.ready);
+    if (!s.host_valid) {
+      released = copy(false, t, released, op);
+      s.host_valid = true;
+    }
+    s.host_ready = released;
+    s.where = Where::Host;
+    mem_.release(g_.tensors[t].bytes, released);
+  }
+
+  double run_op(std::size_t i, double prev_end) {
+    const Op& op = g_.ops[i];
+    const auto oi = std::int64_t(i);
+    if (plan_)
+      for (TensorIndex t : plan_->steps[i].prefetch_at)
+        if (state_[t].where == Where::Host) fetch(t, prev_end, oi);
+    double start = prev_end;
+    for (const auto* list : {&op.reads, &op.writes}) {
+      for (TensorIndex t : *list) {
+        TensorState& s = state_[t];
+        if (s.where == Where::Host) {
+          ++r_.demand_fetches;
+          fetch(t, prev_end, oi);
+        } else if (s.where == Where::Absent) {
+          start = std::max(start, mem_.map(g_.tensors[t].bytes, prev_end));
+          s = {Where::Device, prev_end, 0, false};
+        }
+        start = std::max(start, s.ready);
+      }
+    }
+    if (op.workspace_bytes > 0) start = std::max(start, mem_.map(op.workspace_bytes, prev_end));
+    r_.mapped_at_op.push_back(mem_.mapped());
+    const double end = start + times_[i];
+    if (start > prev_end) {
+      r_.stall_time_s += start - prev_end;
+      record(TimelineEvent::Kind::Stall, oi, -1, prev_end, start, 0);
+    }
+    record(TimelineEvent::Kind::Compute, oi, -1, start, end, 0);
+    r_.compute_time_s += times_[i];
+    if (op.workspace_bytes > 0) mem_.release(op.workspace_bytes, end);
+    for (TensorIndex t : op.writes) state_[t].host_valid = false;
+    // Tensors that die here are freed; nothing survives its last use except persistent state.
+    for (const auto* list : {&op.reads, &op.writes}) {
+      for (TensorIndex t : *list) {
+        TensorState& s = state_[t];
+        if (s.where == Where::Device && !persistent(g_.tensors[t].kind) &&
+            live_.live[t].last == oi) {
+          s.where = Where::Absent;
+          mem_.release(g_.tensors[t].bytes, end);
+        }
+      }
+    }
+    if (plan_)
+      for (TensorIndex t : plan_->steps[i].evict_after) evict(t, end, oi);
+    return end;
+  }
+
+  void record(TimelineEvent::Kind k, std::int64_t op, std::int64_t t, double a, double b,
+              std::uint64_t bytes) {
+    if (o_.record_timeline) r_.timeline.push_back({k, op, t, a, b, bytes});
+  }
+
+  const Graph& g_;
+  const std::vector<double>& times_;
+  const LinkModel& link_;
+  const Plan* plan_;
+  SimOptions o_;
+  Memory mem_;
+  std::vector<TensorState> state_;
+  Liveness live_;
+  SimResult r_;
+  double h2d_free_ = 0, d2h_free_ = 0;
+};
+
+}  // namespace
+
+SimResult simulate(const Graph& g, const std::vector<double>& op_times, const LinkModel& link,
+                   const Plan* plan, const SimOptions& options) {
+  SPILL_EXPECTS(op_times.size() == g.ops.size(),
+                "simulate: " + std::to_string(op_times.size()) + " op times for " +
+                    std::to_string(g.ops.size()) + " ops of graph '" + g.name + "'");
+  SPILL_EXPECTS(!plan || plan->steps.size() == g.ops.size(),
+                "simulate: plan '" + (plan ? plan->policy : "") + "' does not fit graph '" +
+                    g.name + "'");
+  return StepSim(g, op_times, link, plan, options).run();
+}
+
+}  // namespace spill::graph
