@@ -1,5 +1,7 @@
 #include "profiling/chrome_trace.hpp"
 
+#include <charconv>
+#include <cstdio>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -13,12 +15,6 @@ namespace {
 
 constexpr int kPid = 1;
 constexpr int kTidD2H = 1, kTidH2D = 2, kTidAllocator = 3, kTidFirstStream = 100;
-
-std::string hex(std::uint64_t v) {
-  std::ostringstream s;
-  s << "0x" << std::hex << v;
-  return s.str();
-}
 
 bool is_span_kind(EventKind k) {
   return k == EventKind::SwapOut || k == EventKind::SwapIn || k == EventKind::Prefetch ||
@@ -37,21 +33,78 @@ bool allocator_kind(EventKind k) {
          k == EventKind::Oom;
 }
 
-nlohmann::json thread_name(int tid, const std::string& name, int sort) {
-  return {{"ph", "M"}, {"pid", kPid}, {"tid", tid}, {"name", "thread_name"},
-          {"args", {{"name", name}}}, {"sort_index", sort}};
+// Appends JSON text directly: building nlohmann objects per event is ~100x slower, and a
+// training step can record millions of events.
+class Writer {
+ public:
+  explicit Writer(std::string& out) : out_(out) {}
+  Writer& raw(std::string_view s) {
+    out_ += s;
+    return *this;
+  }
+  Writer& str(std::string_view s) {
+    out_ += '"';
+    for (char c : s) {
+      if (c == '"' || c == '\\') {
+        out_ += '\\';
+        out_ += c;
+      } else if (static_cast<unsigned char>(c) < 0x20) {
+        char buf[8];
+        std::snprintf(buf, sizeof buf, "\\u%04x", c);
+        out_ += buf;
+      } else {
+        out_ += c;
+      }
+    }
+    out_ += '"';
+    return *this;
+  }
+  template <class T>
+  Writer& num(T v) {
+    char buf[32];
+    auto res = std::to_chars(buf, buf + sizeof buf, v);
+    out_.append(buf, res.ptr);
+    return *this;
+  }
+  Writer& micros(std::uint64_t ns) {  // ns as microseconds with 3 decimals, exactly
+    num(ns / 1000);
+    char buf[8];
+    std::snprintf(buf, sizeof buf, ".%03u", static_cast<unsigned>(ns % 1000));
+    out_ += buf;
+    return *this;
+  }
+  Writer& hex(std::uint64_t v) {
+    char buf[24];
+    buf[0] = '"', buf[1] = '0', buf[2] = 'x';
+    auto res = std::to_chars(buf + 3, buf + sizeof buf - 1, v, 16);
+    *res.ptr = '"';
+    out_.append(buf, res.ptr + 1);
+    return *this;
+  }
+
+ private:
+  std::string& out_;
+};
+
+void thread_name(Writer& w, int tid, const std::string& name, int sort) {
+  w.raw(",\n{\"ph\":\"M\",\"pid\":").num(kPid).raw(",\"tid\":").num(tid);
+  w.raw(",\"name\":\"thread_name\",\"args\":{\"name\":").str(name);
+  w.raw("}},\n{\"ph\":\"M\",\"pid\":").num(kPid).raw(",\"tid\":").num(tid);
+  w.raw(",\"name\":\"thread_sort_index\",\"args\":{\"sort_index\":").num(sort).raw("}}");
 }
 
 }  // namespace
 
-nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagNamer& tags,
-                               const nlohmann::json& metadata) {
-  nlohmann::json out = nlohmann::json::array();
-  out.push_back({{"ph", "M"}, {"pid", kPid}, {"name", "process_name"},
-                 {"args", {{"name", "spill"}}}});
-  out.push_back(thread_name(kTidAllocator, "allocator", 0));
-  out.push_back(thread_name(kTidH2D, "H2D copy engine (swap-in, prefetch)", 1));
-  out.push_back(thread_name(kTidD2H, "D2H copy engine (swap-out)", 2));
+std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNamer& tags,
+                              const nlohmann::json& metadata) {
+  std::string text;
+  text.reserve(events.size() * 300 + 4096);
+  Writer w(text);
+  w.raw("{\"traceEvents\":[\n{\"ph\":\"M\",\"pid\":").num(kPid);
+  w.raw(",\"name\":\"process_name\",\"args\":{\"name\":\"spill\"}}");
+  thread_name(w, kTidAllocator, "allocator", 0);
+  thread_name(w, kTidH2D, "H2D copy engine (swap-in, prefetch)", 1);
+  thread_name(w, kTidD2H, "D2H copy engine (swap-out)", 2);
   std::map<std::uint64_t, int> stream_tids;
   std::map<std::uint32_t, std::string> used_tags;
   CounterReplay counters;
@@ -62,66 +115,69 @@ nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagN
     } else if (int engine = engine_track(e.kind)) {
       tid = engine;
     } else {
-      auto [it, fresh] = stream_tids.emplace(e.stream, kTidFirstStream + static_cast<int>(stream_tids.size()));
+      auto [it, fresh] =
+          stream_tids.emplace(e.stream, kTidFirstStream + static_cast<int>(stream_tids.size()));
       tid = it->second;
       if (fresh) {
-        out.push_back(thread_name(tid, e.stream ? "stream " + hex(e.stream) : "default stream",
-                                  10 + tid));
+        std::string name = "default stream";
+        if (e.stream) {
+          std::string h;
+          Writer(h).hex(e.stream);
+          name = "stream " + h.substr(1, h.size() - 2);
+        }
+        thread_name(w, tid, name, 10 + tid);
       }
     }
-    std::string name = to_string(e.kind);
+    const char* kind = to_string(e.kind);
+    const std::string* tag_name = nullptr;
     if (e.tag != 0 && tags) {
       auto [it, fresh] = used_tags.emplace(e.tag, std::string());
       if (fresh) it->second = tags(e.tag);
-      if (!it->second.empty()) name += " " + it->second;
+      if (!it->second.empty()) tag_name = &it->second;
     }
-    nlohmann::json ev = {{"name", name},
-                         {"cat", to_string(e.kind)},
-                         {"pid", kPid},
-                         {"tid", tid},
-                         {"ts", static_cast<double>(e.time_ns) / 1e3},
-                         {"args",
-                          {{"kind", to_string(e.kind)},
-                           {"addr", hex(e.address)},
-                           {"bytes", e.bytes},
-                           {"stream", hex(e.stream)},
-                           {"device", e.device},
-                           {"tag", e.tag},
-                           {"thread", e.thread},
-                           {"time_ns", e.time_ns},
-                           {"duration_ns", e.duration_ns}}}};
+    w.raw(",\n{\"name\":");
+    if (tag_name) w.str(std::string(kind) + " " + *tag_name);
+    else w.str(kind);
+    w.raw(",\"cat\":").str(kind).raw(",\"pid\":").num(kPid).raw(",\"tid\":").num(tid);
+    w.raw(",\"ts\":").micros(e.time_ns);
     if (is_span_kind(e.kind) || e.duration_ns > 0) {
-      ev["ph"] = "X";
-      ev["dur"] = static_cast<double>(e.duration_ns) / 1e3;
+      w.raw(",\"ph\":\"X\",\"dur\":").micros(e.duration_ns);
     } else {
-      ev["ph"] = "i";
-      ev["s"] = "t";
+      w.raw(",\"ph\":\"i\",\"s\":\"t\"");
     }
-    out.push_back(std::move(ev));
+    w.raw(",\"args\":{\"kind\":").str(kind).raw(",\"addr\":").hex(e.address);
+    w.raw(",\"bytes\":").num(e.bytes).raw(",\"stream\":").hex(e.stream);
+    w.raw(",\"device\":").num(e.device).raw(",\"tag\":").num(e.tag);
+    w.raw(",\"thread\":").num(e.thread).raw(",\"time_ns\":").num(e.time_ns);
+    w.raw(",\"duration_ns\":").num(e.duration_ns).raw("}}");
     if (counters.apply(e)) {
       const MemoryCounters& c = counters.current();
-      out.push_back({{"ph", "C"}, {"pid", kPid}, {"name", "memory (bytes)"},
-                     {"ts", static_cast<double>(e.time_ns + e.duration_ns) / 1e3},
-                     {"args", {{"allocated", c.allocated}, {"mapped", c.mapped},
-                               {"on_host", c.on_host}, {"host_pinned", c.host_pinned}}}});
+      w.raw(",\n{\"ph\":\"C\",\"pid\":").num(kPid).raw(",\"name\":\"memory (bytes)\",\"ts\":");
+      w.micros(e.time_ns + e.duration_ns).raw(",\"args\":{\"allocated\":").num(c.allocated);
+      w.raw(",\"mapped\":").num(c.mapped).raw(",\"on_host\":").num(c.on_host);
+      w.raw(",\"host_pinned\":").num(c.host_pinned).raw("}}");
     }
   }
   nlohmann::json tag_table = nlohmann::json::object();
   for (auto& [id, n] : used_tags) tag_table[std::to_string(id)] = n;
-  return {{"traceEvents", out},
-          {"displayTimeUnit", "ns"},
-          {"otherData",
-           {{"format", "spill-trace"},
-            {"version", kTraceFormatVersion},
-            {"tags", tag_table},
-            {"metadata", metadata}}}};
+  nlohmann::json other = {{"format", "spill-trace"},
+                          {"version", kTraceFormatVersion},
+                          {"tags", tag_table},
+                          {"metadata", metadata}};
+  w.raw("\n],\"displayTimeUnit\":\"ns\",\"otherData\":").raw(other.dump()).raw("}\n");
+  return text;
+}
+
+nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagNamer& tags,
+                               const nlohmann::json& metadata) {
+  return nlohmann::json::parse(chrome_trace_text(events, tags, metadata));
 }
 
 void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& events,
                         const TagNamer& tags, const nlohmann::json& metadata) {
   std::ofstream out(path, std::ios::binary);
   if (!out) throw Error("trace: cannot open '" + path + "' for writing");
-  out << to_chrome_trace(events, tags, metadata).dump();
+  out << chrome_trace_text(events, tags, metadata);
   out.close();
   if (!out) throw Error("trace: writing '" + path + "' failed (disk full?)");
 }

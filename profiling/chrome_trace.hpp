@@ -21,6 +21,11 @@ inline constexpr int kTraceFormatVersion = 1;
 // Maps a tag id to its name (TraceRecorder::tag_name); may be empty for "no names".
 using TagNamer = std::function<std::string(std::uint32_t)>;
 
+// The trace as JSON text (fast path: written directly, not through nlohmann objects).
+std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNamer& tags = {},
+                              const nlohmann::json& metadata = nlohmann::json::object());
+
+// The same, parsed (convenient for tests and small traces).
 nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagNamer& tags = {},
                                const nlohmann::json& metadata = nlohmann::json::object());
 

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
 #include <unordered_map>
 
 #include "core/errors.hpp"
@@ -62,7 +66,9 @@ const char* to_string(EventKind kind) {
 
 TraceRecorder::TraceRecorder(std::size_t ring_capacity)
     : ring_capacity_(round_pow2(std::max<std::size_t>(ring_capacity, 16))),
-      id_(next_recorder_id.fetch_add(1)) {}
+      id_(next_recorder_id.fetch_add(1)) {
+  calibrate();
+}
 
 TraceRecorder::~TraceRecorder() = default;
 
@@ -71,12 +77,65 @@ TraceRecorder& TraceRecorder::global() {
   return *recorder;
 }
 
-std::uint64_t TraceRecorder::now_ns() const {
-  static const auto epoch = std::chrono::steady_clock::now();
-  return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                        std::chrono::steady_clock::now() - epoch)
-                                        .count());
+namespace {
+
+const std::chrono::steady_clock::time_point kEpoch = std::chrono::steady_clock::now();
+
+std::uint64_t steady_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - kEpoch)
+          .count());
 }
+
+#if defined(__x86_64__)
+// The TSC is a valid clock only when it ticks at a constant rate in every power state.
+bool tsc_usable() {
+  std::ifstream info("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(info, line)) {
+    if (line.rfind("flags", 0) == 0)
+      return line.find(" constant_tsc") != std::string::npos &&
+             line.find(" nonstop_tsc") != std::string::npos;
+  }
+  return false;
+}
+const bool kUseTsc = tsc_usable();
+#else
+const bool kUseTsc = false;
+#endif
+
+}  // namespace
+
+std::uint64_t TraceRecorder::now() {
+#if defined(__x86_64__)
+  if (kUseTsc) return __rdtsc();
+#endif
+  return steady_ns();
+}
+
+void TraceRecorder::calibrate() {
+  std::uint64_t t = now(), ns = steady_ns();
+  if (!kUseTsc) {
+    tick0_ = 0, ns0_ = 0, ns_per_tick_ = 1.0;
+    return;
+  }
+  if (tick0_ == 0) {
+    // First point, and a short spin for a usable initial rate.
+    tick0_ = t, ns0_ = ns;
+    while (steady_ns() - ns0_ < 2'000'000) {
+    }
+    t = now(), ns = steady_ns();
+  }
+  if (t > tick0_) ns_per_tick_ = static_cast<double>(ns - ns0_) / static_cast<double>(t - tick0_);
+}
+
+double TraceRecorder::to_ns(std::uint64_t ticks) const {
+  if (!kUseTsc) return static_cast<double>(ticks);
+  return static_cast<double>(ns0_) +
+         (static_cast<double>(ticks) - static_cast<double>(tick0_)) * ns_per_tick_;
+}
+
+std::uint64_t TraceRecorder::now_ns() const { return steady_ns(); }
 
 TraceRecorder::Ring& TraceRecorder::ring_for_this_thread() {
   if (t_last_id == id_) return *t_last_ring;
@@ -93,22 +152,23 @@ TraceRecorder::Ring& TraceRecorder::ring_for_this_thread() {
 
 void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
                                   std::uint64_t stream, std::int32_t device, std::uint32_t tag,
-                                  std::uint64_t time_ns, std::uint64_t duration_ns) {
+                                  std::uint64_t time, std::uint64_t duration) {
   Ring& r = ring_for_this_thread();
   std::uint64_t h = r.head.load(std::memory_order_relaxed);
   std::atomic<std::uint64_t>* w = &r.words[(h & r.mask) * Ring::kWords];
-  w[0].store(time_ns, std::memory_order_relaxed);
+  w[0].store(time, std::memory_order_relaxed);
   w[1].store(address, std::memory_order_relaxed);
   w[2].store(bytes, std::memory_order_relaxed);
   w[3].store(stream, std::memory_order_relaxed);
   w[4].store(pack_meta(kind, device, tag), std::memory_order_relaxed);
-  w[5].store(duration_ns, std::memory_order_relaxed);
+  w[5].store(duration, std::memory_order_relaxed);
   r.head.store(h + 1, std::memory_order_release);
 }
 
 std::vector<TraceEvent> TraceRecorder::collect() {
   std::vector<TraceEvent> out;
   std::lock_guard lock(mu_);
+  calibrate();
   const std::uint64_t cap = ring_capacity_;
   for (auto& ring : rings_) {
     Ring& r = *ring;
@@ -118,7 +178,8 @@ std::vector<TraceEvent> TraceRecorder::collect() {
     for (std::uint64_t i = start; i < head; ++i) {
       const std::atomic<std::uint64_t>* w = &r.words[(i & r.mask) * Ring::kWords];
       TraceEvent e;
-      e.time_ns = w[0].load(std::memory_order_relaxed);
+      std::uint64_t ticks = w[0].load(std::memory_order_relaxed);
+      e.time_ns = static_cast<std::uint64_t>(std::max(0.0, to_ns(ticks)));
       e.address = w[1].load(std::memory_order_relaxed);
       e.bytes = w[2].load(std::memory_order_relaxed);
       e.stream = w[3].load(std::memory_order_relaxed);
@@ -127,7 +188,9 @@ std::vector<TraceEvent> TraceRecorder::collect() {
       std::int32_t dev = static_cast<std::int32_t>((meta >> 8) & 0xffffff);
       e.device = (dev & 0x800000) ? dev - 0x1000000 : dev;
       e.tag = static_cast<std::uint32_t>(meta >> 32);
-      e.duration_ns = w[5].load(std::memory_order_relaxed);
+      std::uint64_t dur = w[5].load(std::memory_order_relaxed);
+      e.duration_ns = kUseTsc ? static_cast<std::uint64_t>(static_cast<double>(dur) * ns_per_tick_)
+                              : dur;
       e.thread = r.thread;
       out.push_back(e);
     }

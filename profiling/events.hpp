@@ -56,20 +56,20 @@ class TraceRecorder {
   void record(EventKind kind, std::uint64_t address, std::uint64_t bytes,
               std::uint64_t stream = 0, std::int32_t device = 0, std::uint32_t tag = 0) {
     if (!enabled()) return;
-    record_always(kind, address, bytes, stream, device, tag, now_ns(), 0);
+    record_always(kind, address, bytes, stream, device, tag, now(), 0);
   }
-  // A span that started at `start_ns` (from now_ns()) and lasts until now.
-  void record_span(EventKind kind, std::uint64_t start_ns, std::uint64_t address,
+  // A span that started at `start` (a value of now()) and lasts until now.
+  void record_span(EventKind kind, std::uint64_t start, std::uint64_t address,
                    std::uint64_t bytes, std::uint64_t stream = 0, std::int32_t device = 0,
                    std::uint32_t tag = 0) {
     if (!enabled()) return;
-    std::uint64_t now = now_ns();
-    record_always(kind, address, bytes, stream, device, tag, start_ns,
-                  now > start_ns ? now - start_ns : 0);
+    std::uint64_t end = now();
+    record_always(kind, address, bytes, stream, device, tag, start, end > start ? end - start : 0);
   }
+  // `time` and `duration` are in now()'s ticks; collect() converts them to nanoseconds.
   void record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
                      std::uint64_t stream, std::int32_t device, std::uint32_t tag,
-                     std::uint64_t time_ns, std::uint64_t duration_ns);
+                     std::uint64_t time, std::uint64_t duration);
 
   // Takes every event recorded since the last collect, from all threads, ordered by time.
   std::vector<TraceEvent> collect();
@@ -80,6 +80,10 @@ class TraceRecorder {
   std::uint32_t intern(std::string_view name);
   std::string tag_name(std::uint32_t tag) const;
 
+  // A cheap timestamp in ticks (the invariant TSC on x86, else steady-clock nanoseconds);
+  // collect() turns ticks into nanoseconds since the recorder's epoch.
+  static std::uint64_t now();
+  // Nanoseconds since the recorder's epoch, on the scale of collected events.
   std::uint64_t now_ns() const;
 
   struct Ring;
@@ -95,6 +99,11 @@ class TraceRecorder {
   std::vector<std::string> tags_{""};
   std::atomic<std::uint64_t> dropped_{0};
   std::uint32_t next_thread_ = 0;
+  // Tick-to-nanosecond calibration: two (ticks, steady ns) points, refined at every collect.
+  std::uint64_t tick0_ = 0, ns0_ = 0;
+  double ns_per_tick_ = 1.0;
+  double to_ns(std::uint64_t ticks) const;
+  void calibrate();
 };
 
 }  // namespace spill::profiling

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <set>
 #include <thread>
 #include <vector>
@@ -105,12 +106,18 @@ namespace {
 
 TEST(TraceRecorder, SpansCarryTheirDuration) {
   TraceRecorder rec(64);
-  std::uint64_t start = rec.now_ns();
+  std::uint64_t before_ns = rec.now_ns();
+  std::uint64_t start = rec.now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
   rec.record_span(EventKind::SwapOut, start, 0x2000, 1 << 20, 3);
+  std::uint64_t after_ns = rec.now_ns();
   auto e = rec.collect();
   ASSERT_EQ(e.size(), 1u);
-  EXPECT_EQ(e[0].time_ns, start);
-  EXPECT_GE(e[0].duration_ns, 0u);
+  // Timestamps come out in nanoseconds on the steady clock's scale (within calibration error).
+  EXPECT_GE(e[0].time_ns + 200'000, before_ns);
+  EXPECT_LE(e[0].time_ns, after_ns + 200'000);
+  EXPECT_GE(e[0].duration_ns, 4'500'000u) << "a 5 ms sleep inside the span";
+  EXPECT_LE(e[0].duration_ns, after_ns - before_ns + 200'000);
   EXPECT_EQ(e[0].kind, EventKind::SwapOut);
   EXPECT_STREQ(to_string(EventKind::HostFree), "host_free");
 }
