@@ -1,0 +1,232 @@
+// The planners: the spill plan never passes the budget in simulation (property test over random
+// graphs), infeasible budgets name the op and the excess, and the baselines do what they claim.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "core/errors.hpp"
+#include "graph/device_model.hpp"
+#include "graph/liveness.hpp"
+#include "graph/planner.hpp"
+#include "graph/simulator.hpp"
+#include "graph/zoo.hpp"
+#include "graph_helpers.hpp"
+
+namespace spill::graph {
+namespace {
+
+using namespace testing;
+
+// A random step: weights and optimizer state, activations written once and read later, some
+// in-place updates, workspace; op times 0.1-2 ms; sizes 1 KB - 4 MB.
+Graph random_graph(std::mt19937& rng) {
+  Graph g;
+  g.name = "random";
+  std::uniform_int_distribution<int> n_ops(5, 60), pick(0, 99);
+  std::uniform_int_distribution<std::uint64_t> size(1000, 4000000);
+  std::uniform_real_distribution<double> time(1e-4, 2e-3);
+  std::vector<TensorIndex> existing;
+  for (int w = 0; w < 3; ++w)
+    existing.push_back(tensor(g, "w" + std::to_string(w), size(rng),
+                              w == 2 ? TensorKind::OptimizerState : TensorKind::Weight));
+  const int n = n_ops(rng);
+  for (int i = 0; i < n; ++i) {
+    std::vector<TensorIndex> reads, writes;
+    int k = pick(rng) % 4;
+    for (int r = 0; r < k; ++r) {
+      TensorIndex t = existing[std::size_t(pick(rng)) % existing.size()];
+      if (std::find(reads.begin(), reads.end(), t) == reads.end()) reads.push_back(t);
+    }
+    if (pick(rng) < 70) {
+      TensorIndex t = tensor(g, "a" + std::to_string(i), size(rng));
+      writes.push_back(t);
+      existing.push_back(t);
+    } else if (!reads.empty()) {
+      writes.push_back(reads.front());  // in place
+    }
+    op(g, "op" + std::to_string(i), reads, writes, time(rng), pick(rng) < 10 ? size(rng) : 0);
+  }
+  g.validate();
+  return g;
+}
+
+TEST(Planner, SpillNeverPassesTheBudgetOnRandomGraphs) {
+  std::mt19937 rng(12345);
+  int feasible = 0, infeasible = 0;
+  for (int trial = 0; trial < 1500; ++trial) {
+    Graph g = random_graph(rng);
+    Liveness l = analyze_liveness(g);
+    PlannerOptions o;
+    o.min_swap_bytes = std::uniform_int_distribution<int>(0, 1)(rng) ? 0 : 500000;
+    const std::vector<std::uint64_t> ws = working_sets(g);
+    const std::uint64_t floor = *std::max_element(ws.begin(), ws.end());
+    // Budgets from below the largest working set up to the unlimited peak.
+    std::uniform_real_distribution<double> frac(0.8, 1.05);
+    o.budget = std::uint64_t(double(floor) + frac(rng) * double(l.peak - std::min(l.peak, floor)) *
+                                                 (trial % 3 == 0 ? 0.2 : 1.0));
+    if (trial % 7 == 0) o.budget = floor > 10 ? floor - 10 : floor;  // surely infeasible
+    LinkModel link = trial % 2 ? unit_link(0.8) : link_preset("pcie3");
+    Plan p = plan_spill(g, times_of(g), link, o);
+    SCOPED_TRACE("trial " + std::to_string(trial) + " budget " + std::to_string(o.budget));
+    EXPECT_NO_THROW(check_plan(g, p));
+    BudgetCheck c = check_budget(g, o);
+    EXPECT_EQ(p.feasible, c.feasible);
+    if (!p.feasible) {
+      ++infeasible;
+      EXPECT_NE(p.reason.find("op " + std::to_string(c.worst_op)), std::string::npos) << p.reason;
+      continue;
+    }
+    ++feasible;
+    for (std::uint64_t m : planned_memory(g, p)) ASSERT_LE(m, o.budget);
+    SimResult r = simulate(g, times_of(g), link, &p, {o.budget, false});
+    EXPECT_TRUE(r.within_budget);
+    EXPECT_LE(r.peak_bytes, o.budget);
+    EXPECT_GE(r.step_time_s + 1e-12, r.compute_time_s);
+  }
+  EXPECT_GT(feasible, 500);  // the property was exercised, not skipped
+  EXPECT_GT(infeasible, 50);
+}
+
+TEST(Planner, NothingMovesWhenEverythingFits) {
+  ZooOptions zo;
+  zo.seq = 128;
+  Graph g = build_model("gpt2-small", zo);
+  PlannerOptions o;
+  o.budget = analyze_liveness(g).peak;
+  Plan p = plan_spill(g, op_times_s(g, gpu_preset("a100-40gb")), link_preset("pcie4"), o);
+  EXPECT_TRUE(p.feasible);
+  EXPECT_TRUE(p.swaps.empty());
+}
+
+TEST(Planner, ZooModelFitsHalfItsPeakWithinBudget) {
+  ZooOptions zo;
+  zo.batch = 4;
+  zo.seq = 512;
+  Graph g = build_model("gpt2-small", zo);
+  const GpuModel& gpu = gpu_preset("a100-40gb");
+  PlannerOptions o;
+  o.budget = analyze_liveness(g).peak / 2;
+  std::vector<double> t = op_times_s(g, gpu);
+  Plan p = plan_spill(g, t, link_preset("pcie4"), o);
+  ASSERT_TRUE(p.feasible) << p.reason;
+  SimResult r = simulate(g, t, link_preset("pcie4"), &p, {o.budget, false});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_LE(r.peak_bytes, o.budget);
+  EXPECT_GT(r.swapped_out_bytes, 0u);
+}
+
+TEST(Planner, InfeasibleBudgetNamesTheOpAndTheExcess) {
+  Graph g;
+  auto a = tensor(g, "a", 600), b = tensor(g, "b", 500);
+  op(g, "small", {}, {a});
+  op(g, "big", {a}, {b});
+  op(g, "use", {b}, {});
+  PlannerOptions o;
+  o.budget = 1000;
+  o.min_swap_bytes = 0;
+  BudgetCheck c = check_budget(g, o);
+  EXPECT_FALSE(c.feasible);
+  EXPECT_EQ(c.worst_op, 1);
+  EXPECT_EQ(c.required, 1100u);
+  EXPECT_NE(c.message.find("'big'"), std::string::npos) << c.message;
+  EXPECT_NE(c.message.find("over by 100 B"), std::string::npos) << c.message;
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  EXPECT_FALSE(p.feasible);
+  EXPECT_EQ(p.reason, c.message);
+}
+
+TEST(Planner, SmallTensorsNeverMove) {
+  Graph g;
+  auto a = tensor(g, "a", 100), b = tensor(g, "b", 100);
+  op(g, "w_a", {}, {a});
+  op(g, "w_b", {}, {b});
+  op(g, "r_b", {b}, {});
+  op(g, "r_a", {a}, {});
+  PlannerOptions o;
+  o.budget = 150;
+  o.min_swap_bytes = 1000;
+  EXPECT_FALSE(check_budget(g, o).feasible);
+  o.min_swap_bytes = 0;
+  EXPECT_TRUE(check_budget(g, o).feasible);
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  ASSERT_EQ(p.swaps.size(), 1u);
+  EXPECT_EQ(p.swaps[0].tensor, a);
+}
+
+TEST(Baselines, VdnnSwapsEveryForwardActivationAndPrefetchesOneLayerAhead) {
+  ZooOptions zo;
+  zo.batch = 8;
+  Graph g = build_model("vgg16", zo);
+  PlannerOptions o;
+  o.budget = 64ull << 30;
+  Plan p = plan_vdnn(g, o);
+  ASSERT_FALSE(p.swaps.empty());
+  for (const Swap& s : p.swaps) {
+    EXPECT_EQ(g.tensors[s.tensor].kind, TensorKind::Activation);
+    EXPECT_EQ(g.ops[std::size_t(s.evict_after)].phase, Phase::Forward);
+    EXPECT_EQ(g.ops[std::size_t(s.next_use)].phase, Phase::Backward);
+    EXPECT_LT(s.prefetch_at, s.next_use);
+    // The prefetch is issued at the backward of the next layer up (a larger layer index).
+    EXPECT_GT(g.ops[std::size_t(s.prefetch_at)].layer, g.ops[std::size_t(s.next_use)].layer);
+  }
+  EXPECT_NO_THROW(check_plan(g, p));
+}
+
+TEST(Baselines, ThresholdSwapsOnlyLargeActivations) {
+  ZooOptions zo;
+  zo.batch = 8;
+  Graph g = build_model("resnet50", zo);
+  PlannerOptions o;
+  o.budget = 64ull << 30;
+  o.threshold_bytes = 16ull << 20;
+  Plan p = plan_threshold(g, o);
+  ASSERT_FALSE(p.swaps.empty());
+  for (const Swap& s : p.swaps) {
+    EXPECT_GE(g.tensors[s.tensor].bytes, o.threshold_bytes);
+    EXPECT_EQ(s.prefetch_at, std::max(s.evict_after + 1, s.next_use - 4));
+  }
+  // Automatic threshold: the plan found fits the budget.
+  o.threshold_bytes = 0;
+  o.budget = analyze_liveness(g).peak * 3 / 4;
+  Plan a = plan_threshold(g, o);
+  EXPECT_TRUE(a.feasible) << a.reason;
+  for (std::uint64_t m : planned_memory(g, a)) EXPECT_LE(m, o.budget);
+}
+
+TEST(Baselines, NoneIsFeasibleExactlyWhenThePeakFits) {
+  ZooOptions zo;
+  Graph g = build_model("mlp", zo);
+  PlannerOptions o;
+  o.budget = analyze_liveness(g).peak;
+  EXPECT_TRUE(plan_none(g, o).feasible);
+  o.budget -= 1;
+  Plan p = plan_none(g, o);
+  EXPECT_FALSE(p.feasible);
+  EXPECT_NE(p.reason.find("over the budget"), std::string::npos);
+}
+
+// On the vDNN configuration the spill plan must beat the vDNN-style baseline.
+TEST(Planner, BeatsVdnnOnItsOwnConfiguration) {
+  ZooOptions zo;
+  zo.batch = 64;
+  Graph g = build_model("vgg16", zo);
+  const GpuModel& gpu = gpu_preset("titanx-12gb");
+  std::vector<double> t = op_times_s(g, gpu);
+  PlannerOptions o;
+  o.budget = analyze_liveness(g).peak * 6 / 10;
+  const LinkModel& link = link_preset("pcie3");
+  Plan s = plan_spill(g, t, link, o), v = plan_vdnn(g, o);
+  SimResult rs = simulate(g, t, link, &s, {o.budget, false});
+  SimResult rv = simulate(g, t, link, &v, {o.budget, false});
+  EXPECT_TRUE(rs.within_budget);
+  EXPECT_LE(rs.step_time_s, rv.step_time_s);
+  EXPECT_LT(rs.swapped_out_bytes, rv.swapped_out_bytes);
+}
+
+TEST(Planner, PolicyNames) {
+  for (Policy p : all_policies()) EXPECT_EQ(parse_policy(to_string(p)), p);
+  EXPECT_THROW(parse_policy("lru"), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace spill::graph

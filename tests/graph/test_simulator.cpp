@@ -1,0 +1,177 @@
+// The step simulator against timelines worked out by hand. Link: 1 GB/s each way, no latency,
+// so a 1 MB copy takes 1 ms; every op takes 1 ms.
+#include <gtest/gtest.h>
+
+#include "core/errors.hpp"
+#include "graph/simulator.hpp"
+#include "graph_helpers.hpp"
+
+namespace spill::graph {
+namespace {
+
+using namespace testing;
+constexpr std::uint64_t MB = 1000000;
+
+// op0 writes A (1 MB); op1 and op2 do not touch it; op3 reads it.
+Graph gap_graph() {
+  Graph g;
+  g.name = "gap";
+  auto a = tensor(g, "A", MB);
+  op(g, "op0", {}, {a});
+  op(g, "op1", {}, {});
+  op(g, "op2", {}, {});
+  op(g, "op3", {a}, {});
+  return g;
+}
+
+Plan swap_a(const Graph& g, std::int64_t prefetch_at) {
+  return Plan::from_swaps("test", 0, g.ops.size(), {{0, 0, prefetch_at, 3}});
+}
+
+TEST(Simulator, NoPlanRunsOpsBackToBack) {
+  Graph g = gap_graph();
+  SimResult r = simulate(g, times_of(g), unit_link(), nullptr);
+  EXPECT_NEAR(r.step_time_s, 4e-3, 1e-12);
+  EXPECT_NEAR(r.compute_time_s, 4e-3, 1e-12);
+  EXPECT_EQ(r.stall_time_s, 0);
+  EXPECT_EQ(r.peak_bytes, MB);
+  EXPECT_EQ(r.swapped_in_bytes + r.swapped_out_bytes, 0u);
+}
+
+// Compute-bound: copy out 1-2 ms (during op1), copy in 2-3 ms (during op2, issued when op1
+// ends), op3 starts on time at 3 ms. No stall; step 4 ms.
+TEST(Simulator, PrefetchHiddenBehindCompute) {
+  Graph g = gap_graph();
+  Plan p = swap_a(g, 2);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {MB, true});
+  EXPECT_NEAR(r.step_time_s, 4e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 0, 1e-12);
+  EXPECT_EQ(r.swapped_out_bytes, MB);
+  EXPECT_EQ(r.swapped_in_bytes, MB);
+  EXPECT_TRUE(r.within_budget);
+  ASSERT_EQ(r.timeline.size(), 6u);  // 4 computes + 2 copies
+  bool saw_out = false, saw_in = false;
+  for (const TimelineEvent& e : r.timeline) {
+    if (e.kind == TimelineEvent::Kind::SwapOut) {
+      saw_out = true;
+      EXPECT_NEAR(e.start_s, 1e-3, 1e-12);
+      EXPECT_NEAR(e.end_s, 2e-3, 1e-12);
+    }
+    if (e.kind == TimelineEvent::Kind::SwapIn) {
+      saw_in = true;
+      EXPECT_NEAR(e.start_s, 2e-3, 1e-12);
+      EXPECT_NEAR(e.end_s, 3e-3, 1e-12);
+    }
+  }
+  EXPECT_TRUE(saw_out && saw_in);
+}
+
+// Copy-bound: the prefetch is issued only when op2 ends (3 ms) and lands at 4 ms: op3 stalls
+// 1 ms and the step takes 5 ms.
+TEST(Simulator, LatePrefetchStallsForTheCopy) {
+  Graph g = gap_graph();
+  Plan p = swap_a(g, 3);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p);
+  EXPECT_NEAR(r.stall_time_s, 1e-3, 1e-12);
+  EXPECT_NEAR(r.step_time_s, 5e-3, 1e-12);
+  EXPECT_EQ(r.demand_fetches, 0u);
+}
+
+// Without any prefetch the use fetches on demand, exactly like a prefetch issued at the use.
+TEST(Simulator, MissingPrefetchIsADemandFetch) {
+  Graph g = gap_graph();
+  Plan p = swap_a(g, 3);
+  p.steps[3].prefetch_at.clear();
+  SimResult r = simulate(g, times_of(g), unit_link(), &p);
+  EXPECT_EQ(r.demand_fetches, 1u);
+  EXPECT_NEAR(r.stall_time_s, 1e-3, 1e-12);
+}
+
+// Copy-bound with slow copies: at 0.25 GB/s a copy takes 4 ms. Out: 1-5 ms; in (issued at
+// 2 ms) waits for the data to be on the host: 5-9 ms; op3 starts at 9 ms instead of 3 ms.
+TEST(Simulator, PrefetchWaitsForTheCopyOutToFinish) {
+  Graph g = gap_graph();
+  Plan p = swap_a(g, 2);
+  LinkModel slow = unit_link();
+  slow.h2d_gbps = slow.d2h_gbps = 0.25;
+  SimResult r = simulate(g, times_of(g), slow, &p);
+  EXPECT_NEAR(r.stall_time_s, 6e-3, 1e-12);
+  EXPECT_NEAR(r.step_time_s, 10e-3, 1e-12);
+}
+
+// Two tensors: B leaves after op0 while A comes back during op1. With duplex efficiency 0.5
+// the copy that starts while the other direction is busy takes twice as long.
+TEST(Simulator, DuplexEfficiencySlowsOverlappingCopies) {
+  Graph g;
+  auto a = tensor(g, "A", MB, TensorKind::Weight);
+  auto b = tensor(g, "B", MB);
+  op(g, "op0", {}, {b});  // B written: copy out needed
+  op(g, "op1", {}, {});
+  op(g, "op2", {a, b}, {});
+  // A starts on the host (its wrap gap: last use op2, next use op2 of the next step).
+  std::vector<Swap> swaps{{a, 2, 1 + 3, 2 + 3}, {b, 0, 2, 2}};
+  Plan p = Plan::from_swaps("test", 0, 3, swaps);
+  ASSERT_EQ(p.start_on_host, (std::vector<TensorIndex>{a}));
+  // Out of B: issued at 1 ms, nothing else running: 1-2 ms. In of A: issued at 1 ms too (op1
+  // begins), the other direction is busy: 2 ms long, 1-3 ms. In of B (issued at 2 ms) waits for
+  // the engine: 3-4 ms. op2 starts at 4 ms: stall 2 ms.
+  SimResult full = simulate(g, times_of(g), unit_link(1.0), &p);
+  SimResult half = simulate(g, times_of(g), unit_link(0.5), &p);
+  EXPECT_GT(half.step_time_s, full.step_time_s);
+  EXPECT_NEAR(half.stall_time_s, 2e-3, 1e-12);
+  // With full duplex: A 1-2 ms, B back 2-3 ms; op2 starts at 3 ms (stall 1 ms).
+  EXPECT_NEAR(full.stall_time_s, 1e-3, 1e-12);
+}
+
+// Clean copies: a weight that starts on the host and is only read never needs a copy out.
+TEST(Simulator, CleanTensorsLeaveWithoutACopy) {
+  Graph g;
+  auto w = tensor(g, "W", MB, TensorKind::Weight);
+  op(g, "op0", {w}, {});
+  op(g, "op1", {}, {});
+  op(g, "op2", {}, {});
+  op(g, "op3", {w}, {});
+  std::vector<Swap> swaps{{w, 0, 2, 3}, {w, 3, 4, 4}};
+  Plan p = Plan::from_swaps("test", 0, 4, swaps);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p);
+  EXPECT_EQ(r.swapped_out_bytes, 0u);
+  EXPECT_EQ(r.swapped_in_bytes, 2 * MB);
+  // Step start: W arrives at 1 ms, op0 stalls 1 ms; the second fetch (issued 3 ms, op2 start)
+  // lands at 4 ms, right when op3 would start.
+  EXPECT_NEAR(r.stall_time_s, 1e-3, 1e-12);
+}
+
+// Budget: op1 needs 1 MB while A (1 MB) is still being copied out; with a 1 MB budget op1 waits
+// for the copy (1-2 ms), so it starts at 2 ms instead of 1 ms.
+TEST(Simulator, AllocationsWaitForEvictionsUnderTheBudget) {
+  Graph g;
+  auto a = tensor(g, "A", MB);
+  auto b = tensor(g, "B", MB);
+  op(g, "op0", {}, {a});
+  op(g, "op1", {}, {b});
+  op(g, "op2", {b}, {});
+  op(g, "op3", {a}, {});
+  Plan p = Plan::from_swaps("test", MB, 4, {{a, 0, 3, 3}});
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {MB, false});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_EQ(r.peak_bytes, MB);
+  // op1 starts at 2 ms; B dies after op2 (ends 4 ms); A's prefetch, issued when op2 ends at
+  // 4 ms, waits for B's memory (released at 4 ms), lands at 5 ms: op3 5-6 ms.
+  EXPECT_NEAR(r.step_time_s, 6e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 2e-3, 1e-12);
+}
+
+TEST(Simulator, ReportsWhenTheBudgetCannotBeMet) {
+  Graph g = gap_graph();
+  SimResult r = simulate(g, times_of(g), unit_link(), nullptr, {MB / 2, false});
+  EXPECT_FALSE(r.within_budget);
+  EXPECT_EQ(r.peak_bytes, MB);
+}
+
+TEST(Simulator, RejectsMismatchedInputs) {
+  Graph g = gap_graph();
+  EXPECT_THROW(simulate(g, {1e-3}, unit_link(), nullptr), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace spill::graph
