@@ -139,6 +139,16 @@ SimDevice::SimDevice(SimOptions options) : s_(std::make_unique<State>()) {
 }
 
 SimDevice::~SimDevice() {
+  {
+    // Let go of forgotten holds so the workers can drain.
+    std::lock_guard lock(s_->hold_mu);
+    for (auto& [token, gate] : s_->holds) {
+      std::lock_guard g(gate->m);
+      gate->open = true;
+      gate->cv.notify_all();
+    }
+    s_->holds.clear();
+  }
   std::vector<std::shared_ptr<StreamImpl>> streams;
   {
     std::lock_guard lock(s_->reg_mu);

@@ -291,6 +291,17 @@ TEST(SimDevice, TimeScaleMakesWorkTakeWallTime) {
   dev.destroy_stream(s);
 }
 
+TEST(SimDevice, DestroyingADeviceWithAForgottenHoldDoesNotHang) {
+  auto start = std::chrono::steady_clock::now();
+  {
+    SimDevice dev(SimOptions{.capacity = 64 * MiB});
+    Stream s = dev.create_stream();
+    dev.hold(s);
+    dev.enqueue_compute(s, 0.001);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+}
+
 TEST(SimDevice, OptionsComeFromTheConfiguration) {
   Config c = Config::parse("device:sim,sim_capacity:1GiB,link:nvlink-c2c,chaos:7,time_scale:0");
   SimOptions o = SimOptions::from_config(c);
