@@ -41,10 +41,8 @@ struct Point {
 std::pair<Point, Point> extremes(const nlohmann::json& rows, const char* dir, const char* mem) {
   Point lo, hi;
   for (const auto& r : rows) {
-    if (!r.is_object() || r.value("direction", "") != dir || r.value("host_memory", "") != mem)
-      continue;
-    Point p{r.value("bytes", 0.0), r.value("gbps", 0.0)};
-    if (p.bytes <= 0 || p.gbps <= 0) continue;
+    if (r.value("direction", "") != dir || r.value("host_memory", "pinned") != mem) continue;
+    Point p{r["bytes"].get<double>(), r["gbps"].get<double>()};
     if (lo.bytes == 0 || p.bytes < lo.bytes) lo = p;
     if (p.bytes > hi.bytes) hi = p;
   }
@@ -53,14 +51,27 @@ std::pair<Point, Point> extremes(const nlohmann::json& rows, const char* dir, co
 
 }  // namespace
 
-LinkModel link_model_from_bench_json(const nlohmann::json& report) {
+LinkModel link_model_from_bench_json(const nlohmann::json& report, std::string_view source) {
+  const std::string src(source);
   SPILL_EXPECTS(report.is_object() && report.contains("results") && report["results"].is_array(),
-                "link model: the bench report has no 'results' array");
+                src + ": expected an object with a 'results' array");
   const nlohmann::json& rows = report["results"];
+  for (std::size_t k = 0; k < rows.size(); ++k) {
+    const auto& r = rows[k];
+    const std::string at = src + ": results[" + std::to_string(k) + "]";
+    SPILL_EXPECTS(r.is_object(), at + " is not an object");
+    for (const char* f : {"direction", "bytes", "gbps"})
+      SPILL_EXPECTS(r.contains(f), at + " has no field '" + f + "'");
+    SPILL_EXPECTS(r["direction"].is_string(), at + ".direction must be a string");
+    SPILL_EXPECTS(r["bytes"].is_number() && r["bytes"].get<double>() > 0,
+                  at + ".bytes must be a positive number");
+    SPILL_EXPECTS(r["gbps"].is_number() && r["gbps"].get<double>() > 0,
+                  at + ".gbps must be a positive number");
+  }
   auto [h2d_lo, h2d_hi] = extremes(rows, "h2d", "pinned");
   auto [d2h_lo, d2h_hi] = extremes(rows, "d2h", "pinned");
   SPILL_EXPECTS(h2d_hi.gbps > 0 && d2h_hi.gbps > 0,
-                "link model: the bench report needs pinned h2d and d2h results");
+                src + ": needs pinned 'h2d' and 'd2h' results");
   // Each copy takes latency + bytes / bandwidth: fit both from the smallest and largest sizes.
   auto fit = [](Point lo, Point hi, double* latency_s) {
     double t_lo = lo.bytes / (lo.gbps * 1e9), t_hi = hi.bytes / (hi.gbps * 1e9);
@@ -75,7 +86,8 @@ LinkModel link_model_from_bench_json(const nlohmann::json& report) {
   LinkModel m;
   m.name = "measured";
   m.description = "measured by spill bench link on " + report.value("device", std::string("?")) +
-                  (report.value("simulated", false) ? " (simulated)" : "");
+                  (report.value("simulated", false) ? " (simulated device)" : "") + ", from " +
+                  src;
   m.kind = "measured";
   double lat_h2d = 0, lat_d2h = 0;
   m.h2d_gbps = fit(h2d_lo, h2d_hi, &lat_h2d);
@@ -83,8 +95,8 @@ LinkModel link_model_from_bench_json(const nlohmann::json& report) {
   m.nominal_gbps = std::max(m.h2d_gbps, m.d2h_gbps);
   m.latency_us = 0.5 * (lat_h2d + lat_d2h) * 1e6;
   auto [bi_lo, bi_hi] = extremes(rows, "bidir", "pinned");
-  // Compare like with like: the bidirectional and pageable figures at the largest size
-  // against the pinned one-way figures at that size.
+  // Compare like with like: the bidirectional (total of both directions) and pageable figures
+  // at the largest size against the pinned one-way figures at that size.
   m.duplex_efficiency =
       bi_hi.gbps > 0 ? std::clamp(bi_hi.gbps / (h2d_hi.gbps + d2h_hi.gbps), 0.05, 1.0) : 1.0;
   auto [pg_lo, pg_hi] = extremes(rows, "h2d", "pageable");

@@ -32,7 +32,8 @@ const LinkModel& link_preset(std::string_view name);
 // A link model from the JSON that `spill bench link --json` writes: sustained bandwidths from
 // the largest pinned copies, per-copy latency from the smallest, duplex efficiency from the
 // bidirectional run and the pageable factor from pageable copies. Throws InvalidArgument
-// naming what is missing.
-LinkModel link_model_from_bench_json(const nlohmann::json& report);
+// naming `source` and what is missing or malformed.
+LinkModel link_model_from_bench_json(const nlohmann::json& report,
+                                     std::string_view source = "link report");
 
 }  // namespace spill

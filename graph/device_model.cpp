@@ -86,80 +86,14 @@ double copy_time_s(const LinkModel& link, std::uint64_t bytes, bool to_device, b
 }
 
 LinkModel link_from_bench_json(std::string_view json_text, std::string_view source) {
-  const std::string src(source);
+  const std::string src = "link file '" + std::string(source) + "'";
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(json_text);
   } catch (const nlohmann::json::parse_error& e) {
-    throw InvalidArgument("link file '" + src + "': not JSON at byte " +
-                          std::to_string(e.byte) + ": " + e.what());
+    throw InvalidArgument(src + ": not JSON at byte " + std::to_string(e.byte) + ": " + e.what());
   }
-  SPILL_EXPECTS(j.is_object() && j.contains("results") && j["results"].is_array(),
-                "link file '" + src + "': expected an object with a 'results' array");
-  struct Point {
-    double bytes = 0, gbps = 0;
-  };
-  // Per direction: the smallest and the largest pinned transfer.
-  std::vector<std::pair<std::string, std::pair<Point, Point>>> dirs;
-  double pageable_sum = 0, pinned_sum = 0;
-  for (std::size_t k = 0; k < j["results"].size(); ++k) {
-    const auto& r = j["results"][k];
-    const std::string at = "link file '" + src + "': results[" + std::to_string(k) + "]";
-    SPILL_EXPECTS(r.is_object(), at + " is not an object");
-    for (const char* f : {"direction", "bytes", "gbps"})
-      SPILL_EXPECTS(r.contains(f), at + " has no field '" + f + "'");
-    SPILL_EXPECTS(r["direction"].is_string(), at + ".direction must be a string");
-    SPILL_EXPECTS(r["bytes"].is_number() && r["bytes"].get<double>() > 0,
-                  at + ".bytes must be a positive number");
-    SPILL_EXPECTS(r["gbps"].is_number() && r["gbps"].get<double>() > 0,
-                  at + ".gbps must be a positive number");
-    Point p{r["bytes"].get<double>(), r["gbps"].get<double>()};
-    std::string mem = r.value("host_memory", std::string("pinned"));
-    if (mem == "pageable") {
-      pageable_sum += p.gbps;
-      continue;
-    }
-    if (mem != "pinned") continue;
-    pinned_sum += p.gbps;
-    std::string dir = r["direction"].get<std::string>();
-    auto it = std::find_if(dirs.begin(), dirs.end(), [&](auto& d) { return d.first == dir; });
-    if (it == dirs.end()) {
-      dirs.push_back({dir, {p, p}});
-      continue;
-    }
-    if (p.bytes < it->second.first.bytes) it->second.first = p;
-    if (p.bytes >= it->second.second.bytes) it->second.second = p;
-  }
-  auto find = [&](const char* dir) -> const std::pair<Point, Point>* {
-    for (auto& d : dirs)
-      if (d.first == dir) return &d.second;
-    return nullptr;
-  };
-  const auto* h2d = find("h2d");
-  const auto* d2h = find("d2h");
-  SPILL_EXPECTS(h2d && d2h, "link file '" + src + "': needs pinned 'h2d' and 'd2h' results");
-  LinkModel m;
-  m.name = "measured";
-  m.description = "from " + src + (j.value("simulated", false) ? " (simulated device)" : "");
-  if (j.contains("device") && j["device"].is_string())
-    m.description += ", " + j["device"].get<std::string>();
-  m.kind = "measured";
-  m.h2d_gbps = h2d->second.gbps;
-  m.d2h_gbps = d2h->second.gbps;
-  m.nominal_gbps = std::max(m.h2d_gbps, m.d2h_gbps);
-  // Latency: what the smallest copy took beyond what the large-copy bandwidth explains.
-  auto latency = [](const std::pair<Point, Point>& d) {
-    double t_small = d.first.bytes / (d.first.gbps * 1e9);
-    return std::max(0.0, t_small - d.first.bytes / (d.second.gbps * 1e9));
-  };
-  m.latency_us = 0.5 * (latency(*h2d) + latency(*d2h)) * 1e6;
-  // "bidir" is read as the per-direction bandwidth while both directions run.
-  if (const auto* both = find("bidir"))
-    m.duplex_efficiency =
-        std::clamp(both->second.gbps / (0.5 * (m.h2d_gbps + m.d2h_gbps)), 0.05, 1.0);
-  if (pageable_sum > 0 && pinned_sum > 0)
-    m.pageable_factor = std::clamp(pageable_sum / pinned_sum, 0.01, 1.0);
-  return m;
+  return link_model_from_bench_json(j, src);
 }
 
 LinkModel resolve_link(std::string_view name_or_path) {
