@@ -13,6 +13,7 @@
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
 #include "core/units.hpp"
+#include "device/diagnostics.hpp"
 #include "device/select.hpp"
 #include "device/sim_device.hpp"
 
@@ -115,34 +116,12 @@ void check_fault() {
 
 void check_chaos() {
   SimDevice dev(SimOptions{.capacity = 64 * MiB, .chaos_seed = 7, .chaos_probability = 1.0});
-  const std::size_t n = 1 * MiB;
-  void* d = dev.allocate(n);
-  std::vector<unsigned char> in(n), out(n);
-  Stream writer = dev.create_stream(), reader = dev.create_stream();
-  Event written = dev.create_event();
-  int stale_without_wait = 0, stale_with_wait = 0;
-  for (int trial = 0; trial < 8; ++trial) {
-    fill_pattern(in.data(), n, 100 + trial);
-    for (bool join : {false, true}) {
-      dev.fill_async(d, 0, n, writer);
-      dev.synchronize(writer);
-      dev.copy_async(d, in.data(), n, CopyKind::HostToDevice, writer);
-      dev.record(written, writer);
-      if (join) dev.wait(reader, written);
-      dev.copy_async(out.data(), d, n, CopyKind::DeviceToHost, reader);
-      dev.synchronize();
-      bool stale = find_pattern_mismatch(out.data(), n, 100 + trial) != n;
-      (join ? stale_with_wait : stale_without_wait) += stale;
-    }
-  }
+  int stale_without_wait = count_stale_reads(dev, 8, false);
+  int stale_with_wait = count_stale_reads(dev, 8, true);
   std::printf("  chaos: stale reads %d/8 without the wait, %d/8 with it\n", stale_without_wait,
               stale_with_wait);
   check(stale_without_wait > 0, "chaos mode exposes a reader that forgot to wait");
   check(stale_with_wait == 0, "properly joined streams always read the written data");
-  dev.destroy_event(written);
-  dev.destroy_stream(writer);
-  dev.destroy_stream(reader);
-  dev.deallocate(d);
 }
 
 }  // namespace

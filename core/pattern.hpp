@@ -5,10 +5,16 @@
 #include <cstddef>
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define SPILL_HOST_DEVICE __host__ __device__
+#else
+#define SPILL_HOST_DEVICE
+#endif
+
 namespace spill {
 
-// The pattern's 8-byte word at word index `i`.
-constexpr std::uint64_t pattern_word(std::uint64_t seed, std::uint64_t i) {
+// The pattern's 8-byte word at word index `i` (also callable from CUDA kernels).
+SPILL_HOST_DEVICE constexpr std::uint64_t pattern_word(std::uint64_t seed, std::uint64_t i) {
   std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + i + 1;
   x ^= x >> 30;
   x *= 0xBF58476D1CE4E5B9ull;

@@ -106,6 +106,12 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
   return static_cast<std::uint64_t>(std::llround(static_cast<double>(bytes)));
 }
 
+std::string format_address(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", p);
+  return buf;
+}
+
 std::string format_bytes(std::uint64_t bytes) {
   static constexpr std::array<const char*, 5> names{"B", "KiB", "MiB", "GiB", "TiB"};
   if (bytes < KiB) return std::to_string(bytes) + " B";

@@ -20,6 +20,9 @@ std::uint64_t parse_size(std::string_view text, std::string_view what = "size");
 // Formats with the largest binary unit that keeps the number >= 1, e.g. "1.50 GiB", "512 B".
 std::string format_bytes(std::uint64_t bytes);
 
+// A pointer as people read it in messages, e.g. "0x7f3a00000000".
+std::string format_address(const void* p);
+
 // Parses a non-negative decimal number (used for bandwidths, scales, probabilities).
 double parse_number(std::string_view text, std::string_view what);
 

@@ -1,18 +1,11 @@
 #include "device/device.hpp"
 
-#include <sstream>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
 
 namespace spill {
 namespace {
-
-std::string hex(const void* p) {
-  std::ostringstream s;
-  s << p;
-  return s.str();
-}
 
 void expect_granular(const Device& d, std::size_t bytes, const char* op) {
   SPILL_EXPECTS(bytes > 0, std::string(op) + ": size must be above zero");
@@ -24,7 +17,7 @@ void expect_granular(const Device& d, std::size_t bytes, const char* op) {
 void expect_aligned(const Device& d, const void* addr, const char* op) {
   SPILL_EXPECTS(addr != nullptr, std::string(op) + ": address is null");
   SPILL_EXPECTS(reinterpret_cast<std::uintptr_t>(addr) % d.granularity() == 0,
-                std::string(op) + ": address " + hex(addr) + " is not aligned to the granularity " +
+                std::string(op) + ": address " + format_address(addr) + " is not aligned to the granularity " +
                     format_bytes(d.granularity()));
 }
 

@@ -8,7 +8,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <sstream>
 
 #include "core/config.hpp"
 #include "core/errors.hpp"
@@ -17,12 +16,6 @@
 
 namespace spill {
 namespace {
-
-std::string addr_str(const void* p) {
-  std::ostringstream s;
-  s << p;
-  return s.str();
-}
 
 std::uintptr_t u(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
@@ -218,12 +211,12 @@ void SimDevice::do_unreserve(void* addr, std::size_t bytes) {
   std::unique_lock lock(s_->vm);
   auto it = s_->reservations.find(u(addr));
   SPILL_EXPECTS(it != s_->reservations.end() && it->second == bytes,
-                "unreserve: " + addr_str(addr) + " (" + format_bytes(bytes) +
+                "unreserve: " + format_address(addr) + " (" + format_bytes(bytes) +
                     ") is not a reservation of this device");
   auto m = s_->mappings.lower_bound(u(addr));
   SPILL_EXPECTS(m == s_->mappings.end() || m->first >= u(addr) + bytes,
-                "unreserve: " + addr_str(addr) + " still has memory mapped at " +
-                    addr_str(reinterpret_cast<void*>(m->first)));
+                "unreserve: " + format_address(addr) + " still has memory mapped at " +
+                    format_address(reinterpret_cast<void*>(m->first)));
   ::munmap(addr, bytes);
   s_->reservations.erase(it);
 }
@@ -267,7 +260,7 @@ void SimDevice::do_map(void* addr, std::size_t bytes, PhysicalHandle handle) {
   std::unique_lock lock(s_->vm);
   auto r = containing(s_->reservations, u(addr));
   SPILL_EXPECTS(r != s_->reservations.end() && u(addr) + bytes <= r->first + r->second,
-                "map: " + addr_str(addr) + " + " + format_bytes(bytes) +
+                "map: " + format_address(addr) + " + " + format_bytes(bytes) +
                     " is not inside a reservation");
   auto c = s_->chunks.find(handle);
   SPILL_EXPECTS(c != s_->chunks.end(),
@@ -278,7 +271,7 @@ void SimDevice::do_map(void* addr, std::size_t bytes, PhysicalHandle handle) {
   auto next = s_->mappings.lower_bound(u(addr));
   bool overlaps = (next != s_->mappings.end() && next->first < u(addr) + bytes) ||
                   containing(s_->mappings, u(addr)) != s_->mappings.end();
-  SPILL_EXPECTS(!overlaps, "map: " + addr_str(addr) + " + " + format_bytes(bytes) +
+  SPILL_EXPECTS(!overlaps, "map: " + format_address(addr) + " + " + format_bytes(bytes) +
                                " overlaps memory that is already mapped");
   void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c->second.fd, 0);
   if (p == MAP_FAILED) {
@@ -301,12 +294,12 @@ void SimDevice::do_unmap(void* addr, std::size_t bytes) {
     ++it;
   }
   SPILL_EXPECTS(first != s_->mappings.end() && at == end,
-                "unmap: " + addr_str(addr) + " + " + format_bytes(bytes) +
+                "unmap: " + format_address(addr) + " + " + format_bytes(bytes) +
                     " is not exactly covered by mapped chunks");
   void* p = ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
                    -1, 0);
   if (p == MAP_FAILED) {
-    throw Error("SimDevice: unmap of " + format_bytes(bytes) + " at " + addr_str(addr) +
+    throw Error("SimDevice: unmap of " + format_bytes(bytes) + " at " + format_address(addr) +
                 " failed: " + std::strerror(errno));
   }
   for (auto m = first; m != it; ++m) s_->chunks.at(m->second.handle).mapped--;
@@ -335,7 +328,7 @@ void SimDevice::do_deallocate(void* ptr) {
   std::unique_lock lock(s_->vm);
   auto it = s_->allocations.find(u(ptr));
   SPILL_EXPECTS(it != s_->allocations.end(),
-                "deallocate: " + addr_str(ptr) + " was not allocated by this device");
+                "deallocate: " + format_address(ptr) + " was not allocated by this device");
   ::munmap(ptr, it->second);
   s_->used -= it->second;
   s_->allocations.erase(it);
@@ -356,7 +349,7 @@ void SimDevice::do_free_host(void* ptr) {
   std::unique_lock lock(s_->vm);
   auto it = s_->host_pinned.find(u(ptr));
   SPILL_EXPECTS(it != s_->host_pinned.end(),
-                "free_host: " + addr_str(ptr) + " was not allocated by allocate_host");
+                "free_host: " + format_address(ptr) + " was not allocated by allocate_host");
   ::munmap(ptr, it->second);
   s_->host_pinned.erase(it);
 }
@@ -364,11 +357,11 @@ void SimDevice::do_free_host(void* ptr) {
 void SimDevice::do_register_host(void* ptr, std::size_t bytes) {
   std::unique_lock lock(s_->vm);
   SPILL_EXPECTS(!s_->is_device_address(ptr),
-                "register_host: " + addr_str(ptr) + " is device memory");
+                "register_host: " + format_address(ptr) + " is device memory");
   auto next = s_->host_registered.lower_bound(u(ptr));
   bool overlaps = (next != s_->host_registered.end() && next->first < u(ptr) + bytes) ||
                   containing(s_->host_registered, u(ptr)) != s_->host_registered.end();
-  SPILL_EXPECTS(!overlaps, "register_host: " + addr_str(ptr) + " + " + format_bytes(bytes) +
+  SPILL_EXPECTS(!overlaps, "register_host: " + format_address(ptr) + " + " + format_bytes(bytes) +
                                " overlaps memory that is already registered");
   s_->host_registered[u(ptr)] = bytes;
 }
@@ -377,7 +370,7 @@ void SimDevice::do_unregister_host(void* ptr) {
   std::unique_lock lock(s_->vm);
   auto it = s_->host_registered.find(u(ptr));
   SPILL_EXPECTS(it != s_->host_registered.end(),
-                "unregister_host: " + addr_str(ptr) + " is not registered");
+                "unregister_host: " + format_address(ptr) + " is not registered");
   s_->host_registered.erase(it);
 }
 

@@ -1,6 +1,5 @@
 // SimDevice: streams (a worker thread each), events, copy engines and simulated time.
 #include <cstring>
-#include <sstream>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -10,12 +9,6 @@
 namespace spill {
 namespace {
 
-std::string addr_str(const void* p) {
-  std::ostringstream s;
-  s << p;
-  return s.str();
-}
-
 }  // namespace
 
 // ---- State helpers
@@ -23,14 +16,14 @@ std::string addr_str(const void* p) {
 StreamImpl& SimDevice::State::stream(Stream s) {
   if (s == nullptr) return *default_stream;
   std::lock_guard lock(reg_mu);
-  SPILL_EXPECTS(streams.count(s) != 0, "stream " + addr_str(s) + " is not a stream of this device");
+  SPILL_EXPECTS(streams.count(s) != 0, "stream " + format_address(s) + " is not a stream of this device");
   return *s;
 }
 
 std::shared_ptr<EventImpl> SimDevice::State::event(Event e) {
   std::lock_guard lock(reg_mu);
   auto it = events.find(e);
-  SPILL_EXPECTS(it != events.end(), "event " + addr_str(e) + " is not an event of this device");
+  SPILL_EXPECTS(it != events.end(), "event " + format_address(e) + " is not an event of this device");
   return it->second;
 }
 
@@ -143,7 +136,7 @@ void SimDevice::do_destroy_stream(Stream stream) {
     std::lock_guard lock(s_->reg_mu);
     auto it = s_->streams.find(stream);
     SPILL_EXPECTS(it != s_->streams.end(),
-                  "destroy_stream: " + addr_str(stream) + " is not a stream of this device");
+                  "destroy_stream: " + format_address(stream) + " is not a stream of this device");
     sp = it->second;
     s_->streams.erase(it);
   }
@@ -184,7 +177,7 @@ void SimDevice::do_destroy_event(Event event) {
   // Work already queued holds its own reference, so destroying a pending event is safe.
   std::lock_guard lock(s_->reg_mu);
   SPILL_EXPECTS(s_->events.erase(event) == 1,
-                "destroy_event: " + addr_str(event) + " is not an event of this device");
+                "destroy_event: " + format_address(event) + " is not an event of this device");
 }
 
 void SimDevice::do_record(Event event, Stream stream) {
@@ -274,9 +267,9 @@ void SimDevice::do_copy_async(void* dst, const void* src, std::size_t bytes, Cop
     bool want_src_dev = kind != CopyKind::HostToDevice;
     SPILL_EXPECTS(dst_dev == want_dst_dev,
                   std::string("copy_async(") + to_string(kind) + "): destination " +
-                      addr_str(dst) + " is " + (dst_dev ? "device" : "host") + " memory");
+                      format_address(dst) + " is " + (dst_dev ? "device" : "host") + " memory");
     SPILL_EXPECTS(src_dev == want_src_dev,
-                  std::string("copy_async(") + to_string(kind) + "): source " + addr_str(src) +
+                  std::string("copy_async(") + to_string(kind) + "): source " + format_address(src) +
                       " is " + (src_dev ? "device" : "host") + " memory");
   }
   s_->enqueue(s, {[this, dst, src, bytes, kind, &s] {
@@ -307,7 +300,7 @@ void SimDevice::do_copy_async(void* dst, const void* src, std::size_t bytes, Cop
       if (kind != CopyKind::DeviceToHost && !st.accessible(dst, bytes)) bad = dst;
       if (bad != nullptr) {
         st.set_sticky(std::string("copy (") + to_string(kind) + ") of " + format_bytes(bytes) +
-                      " touches unmapped device memory at " + addr_str(bad));
+                      " touches unmapped device memory at " + format_address(bad));
         return;
       }
       if (st.opt.chaos_seed && bytes >= 2) {
@@ -336,7 +329,7 @@ void SimDevice::do_fill_async(void* dst, std::uint8_t value, std::size_t bytes, 
     std::shared_lock lock(st.vm);
     if (!st.accessible(dst, bytes)) {
       st.set_sticky("fill of " + format_bytes(bytes) + " touches unmapped device memory at " +
-                    addr_str(dst));
+                    format_address(dst));
       return;
     }
     std::memset(dst, value, bytes);

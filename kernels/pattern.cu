@@ -7,20 +7,10 @@
 namespace spill::kernels {
 namespace {
 
-__device__ std::uint64_t device_pattern_word(std::uint64_t seed, std::uint64_t i) {
-  std::uint64_t x = seed * 0x9E3779B97F4A7C15ull + i + 1;
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9ull;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBull;
-  x ^= x >> 31;
-  return x | 1;
-}
-
 __global__ void fill_kernel(std::uint64_t* dst, std::size_t words, std::uint64_t seed) {
   for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
-    dst[i] = device_pattern_word(seed, i);
+    dst[i] = pattern_word(seed, i);
 }
 
 __global__ void check_kernel(const std::uint64_t* src, std::size_t words, std::uint64_t seed,
@@ -28,7 +18,7 @@ __global__ void check_kernel(const std::uint64_t* src, std::size_t words, std::u
   unsigned long long local = 0;
   for (std::size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
-    local += src[i] != device_pattern_word(seed, i);
+    local += src[i] != pattern_word(seed, i);
   if (local) atomicAdd(mismatches, local);
 }
 

@@ -9,6 +9,7 @@
 
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
+#include "device/diagnostics.hpp"
 #include "tests/device/backends.hpp"
 
 namespace spill::test {
@@ -196,6 +197,10 @@ TYPED_TEST(DeviceContract, EventJoinsStreams) {
   d.destroy_stream(writer);
   d.destroy_stream(reader);
   d.deallocate(buf);
+}
+
+TYPED_TEST(DeviceContract, JoinedStreamsNeverReadStaleData) {
+  EXPECT_EQ(count_stale_reads(*this->dev_, 6, true, 256 * KiB), 0);
 }
 
 TYPED_TEST(DeviceContract, EventQueryAndSynchronize) {

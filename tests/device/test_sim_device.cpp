@@ -9,6 +9,7 @@
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
 #include "core/units.hpp"
+#include "device/diagnostics.hpp"
 #include "device/sim_device.hpp"
 
 namespace spill::test {
@@ -225,32 +226,12 @@ TEST(SimDevice, RejectsMisuseWithClearMessages) {
 // code with the wait must always be right.
 TEST(SimDevice, ChaosCatchesAPlantedMissingWait) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB, .chaos_seed = 99, .chaos_probability = 1.0});
-  const std::size_t n = 1 * MiB;
-  void* d = dev.allocate(n);
-  std::vector<unsigned char> in(n), out(n);
-  Stream writer = dev.create_stream(), reader = dev.create_stream();
-  Event written = dev.create_event();
-  int stale_without = 0, stale_with = 0;
-  for (int trial = 0; trial < 10; ++trial) {
-    for (bool join : {false, true}) {
-      fill_pattern(in.data(), n, 300 + trial);
-      dev.fill_async(d, 0, n, writer);
-      dev.synchronize(writer);
-      dev.copy_async(d, in.data(), n, CopyKind::HostToDevice, writer);
-      dev.record(written, writer);
-      if (join) dev.wait(reader, written);
-      dev.copy_async(out.data(), d, n, CopyKind::DeviceToHost, reader);
-      dev.synchronize();
-      (join ? stale_with : stale_without) += find_pattern_mismatch(out.data(), n, 300 + trial) != n;
-    }
-  }
-  EXPECT_GT(stale_without, 0) << "chaos mode did not expose the missing wait";
-  EXPECT_EQ(stale_with, 0);
-  dev.destroy_event(written);
-  dev.destroy_stream(writer);
-  dev.destroy_stream(reader);
-  dev.deallocate(d);
+  EXPECT_GT(count_stale_reads(dev, 10, false), 0) << "chaos mode did not expose the missing wait";
+  EXPECT_EQ(count_stale_reads(dev, 10, true), 0);
 }
+
+// Without chaos the same unsynchronised code usually gets away with it: that is why chaos
+// mode exists. (Not asserted: it depends on thread timing.)
 
 TEST(SimDevice, DestroyingAPendingEventIsSafe) {
   SimDevice dev(small());
