@@ -1,0 +1,164 @@
+// Swap-out and the eviction hook: choosing victims, starting copies to the host, and unmapping
+// a block once its copy and every recorded use are complete.
+#include <algorithm>
+#include <chrono>
+
+#include "core/errors.hpp"
+#include "profiling/events.hpp"
+#include "profiling/nvtx.hpp"
+#include "swapper/swapper_impl.hpp"
+
+namespace spill {
+
+using profiling::EventKind;
+using profiling::TraceRecorder;
+
+namespace {
+std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+}  // namespace
+
+bool Swapper::Impl::uses_done_locked(SwapBlock& b) {
+  auto done = std::remove_if(b.uses.begin(), b.uses.end(), [&](Event& e) {
+    if (!dev.query(e)) return false;
+    event_pool.push_back(e);
+    return true;
+  });
+  b.uses.erase(done, b.uses.end());
+  return b.uses.empty();
+}
+
+void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
+  SPILL_ASSERT(b.pins == 0 && !b.busy, "swap-out of a pinned or busy block");
+  profiling::NvtxRange range("spill swap-out", profiling::kNvtxSwapOut);
+  // The D2H stream runs after every recorded use and after a swap-in still landing.
+  for (Event e : b.uses) dev.wait(d2h, e);
+  if (b.in_done) dev.wait(d2h, b.in_done);
+  const bool clean = b.host_valid && b.host != nullptr;
+  if (!clean) {
+    if (b.host == nullptr) {
+      b.host = host.allocate(b.size);  // OutOfMemory at the host cap: the block stays put
+      stats.host_bytes += b.size;
+    }
+    std::uint64_t start = TraceRecorder::now();
+    copy_chunks(b.host, b.base, b.size, CopyKind::DeviceToHost, d2h);
+    std::uintptr_t base = key(b.base);
+    std::size_t size = b.size;
+    dev.host_callback(d2h, [start, base, size] {
+      TraceRecorder::global().record_span(EventKind::SwapOut, start, base, size);
+    });
+    stats.swap_outs++;
+    stats.bytes_out += b.size;
+  } else {
+    stats.clean_evictions++;
+  }
+  if (b.out_done == nullptr) b.out_done = get_event_locked();
+  dev.record(b.out_done, d2h);
+  b.host_valid = true;  // valid once out_done completes; a write before that cancels (pin)
+  b.state = Residence::SwappingOut;
+}
+
+std::size_t Swapper::Impl::complete_swap_out_locked(SwapBlock& b) {
+  backend.unback(b.base, b.size);
+  b.state = Residence::OnHost;
+  for (Event& e : b.uses) event_pool.push_back(e);
+  b.uses.clear();
+  put_event_locked(b.out_done);
+  put_event_locked(b.in_done);
+  stats.resident_bytes -= b.size;
+  stats.on_host_bytes += b.size;
+  return b.size;
+}
+
+std::size_t Swapper::Impl::reap_locked() {
+  std::size_t freed = 0;
+  for (auto& [base, b] : blocks) {
+    if (b.state == Residence::SwappingOut && !b.busy && dev.query(b.out_done))
+      freed += complete_swap_out_locked(b);
+  }
+  auto done = std::remove_if(zombies.begin(), zombies.end(), [&](Zombie& z) {
+    if (!dev.query(z.done)) return false;
+    host.deallocate(z.host, z.size);
+    stats.host_bytes -= z.size;
+    event_pool.push_back(z.done);
+    return true;
+  });
+  zombies.erase(done, zombies.end());
+  return freed;
+}
+
+std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {
+  struct Candidate {
+    std::uintptr_t base;
+    bool clean;
+    std::int64_t next_use;  // op index of the next use; larger = better victim
+    std::uint64_t last_use;
+  };
+  std::vector<Candidate> c;
+  for (auto& [base, b] : blocks) {
+    settle_locked(b);
+    if (b.pins > 0 || b.busy) continue;
+    if (b.state != Residence::Resident && b.state != Residence::SwappingIn) continue;
+    if (b.size < opt.min_swap_bytes) continue;
+    c.push_back({base, b.host_valid && b.host != nullptr, next_use_locked(b), b.last_use});
+  }
+  const bool belady = step.executing;
+  std::sort(c.begin(), c.end(), [&](const Candidate& a, const Candidate& b) {
+    if (belady && a.next_use != b.next_use) return a.next_use > b.next_use;
+    return a.last_use < b.last_use;
+  });
+  // Prefer clean blocks (no copy) among the better half of the ranking.
+  std::stable_partition(c.begin(), c.begin() + static_cast<std::ptrdiff_t>((c.size() + 1) / 2),
+                        [](const Candidate& x) { return x.clean; });
+  std::vector<std::uintptr_t> out;
+  for (auto& x : c) out.push_back(x.base);
+  return out;
+}
+
+std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
+  profiling::NvtxRange range("spill evict", profiling::kNvtxEvict);
+  std::unique_lock lock(mu);
+  std::size_t freed = reap_locked();
+  if (freed >= needed) return freed;
+  std::size_t coming = 0;
+  for (auto& [base, b] : blocks)
+    if (b.state == Residence::SwappingOut && !b.busy) coming += b.size;
+  if (freed + coming < needed) {
+    for (std::uintptr_t base : rank_victims_locked()) {
+      if (freed + coming >= needed) break;
+      SwapBlock& b = blocks.at(base);
+      try {
+        start_swap_out_locked(b);
+      } catch (const OutOfMemory&) {
+        continue;  // host cap: try blocks that need no host buffer
+      }
+      stats.evictions_reactive++;
+      coming += b.size;
+      TraceRecorder::global().record(EventKind::Evict, base, b.size);
+    }
+  }
+  // Wait for swap-outs in flight, oldest first by address order, until enough is free.
+  std::vector<std::pair<std::uintptr_t, Event>> waiting;
+  for (auto& [base, b] : blocks)
+    if (b.state == Residence::SwappingOut && !b.busy) waiting.push_back({base, b.out_done});
+  for (auto& [base, e] : waiting) {
+    if (freed >= needed) break;
+    std::uint64_t start = TraceRecorder::now();
+    auto t0 = std::chrono::steady_clock::now();
+    lock.unlock();
+    {
+      profiling::NvtxRange wait("spill wait swap-out", profiling::kNvtxWait);
+      dev.synchronize(e);
+    }
+    lock.lock();
+    stats.host_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    TraceRecorder::global().record_span(EventKind::Stall, start, base, 0);
+    auto it = blocks.find(base);
+    // The block may have been pinned (cancelled) or released while we waited.
+    if (it != blocks.end() && it->second.state == Residence::SwappingOut && !it->second.busy &&
+        it->second.out_done == e && dev.query(e))
+      freed += complete_swap_out_locked(it->second);
+  }
+  return freed;
+}
+
+}  // namespace spill

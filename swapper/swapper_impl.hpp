@@ -1,0 +1,117 @@
+// Internal state of the Swapper, shared by its translation units: swapper.cpp (protocol),
+// eviction.cpp (victims, swap-out completion, the eviction hook) and step.cpp (recording a
+// step and executing its plan). Every *_locked function requires `mu` held.
+#pragma once
+
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "graph/plan.hpp"
+#include "swapper/swapper.hpp"
+
+namespace spill {
+
+struct SwapBlock {
+  void* base = nullptr;
+  std::size_t size = 0;
+  Residence state = Residence::Resident;
+  int pins = 0;
+  std::vector<Event> uses;       // recorded at unpin, not yet known complete
+  void* host = nullptr;          // pinned host buffer, kept once allocated
+  bool host_valid = false;       // the host buffer holds the current bytes once out_done is done
+  Event out_done = nullptr;      // the latest swap-out copy (or marker) on the D2H stream
+  Event in_done = nullptr;       // the latest swap-in copy on the H2D stream
+  bool busy = false;             // a thread is mapping it outside the lock
+  bool prefetched = false;       // the pending swap-in was a prefetch (for hit/late stats)
+  bool pre_existing = false;     // tracked before the current step began
+  std::uint64_t last_use = 0;    // LRU clock
+};
+
+struct StepState {
+  bool in_step = false;
+  bool recording = false;        // this step is being recorded
+  bool executing = false;        // a plan drives this step
+  bool record_next = true;       // the next step should be recorded
+  bool auto_ops = true;          // ops are inferred from pin/unpin groups
+  bool after_unpin = true;
+  std::int64_t op = -1;
+  std::uint64_t next_id = 0;     // first-pin order within the step = block identity
+  std::unordered_map<std::uintptr_t, std::uint64_t> id_of;       // base -> id, this step
+  std::vector<std::uintptr_t> base_of_id, base_of_id_prev;        // id -> base
+  std::vector<std::size_t> size_of_id;                             // from the planned trace
+  std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
+  std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
+  graph::Trace trace, last_trace;
+  graph::Plan plan;
+  std::vector<std::int64_t> tensor_id;              // plan tensor index -> block id
+  std::vector<std::vector<std::uint32_t>> use_ops;  // block id -> ops using it (Belady)
+  std::size_t prefetched_upto = 0;                  // plan ops whose prefetches were issued
+  int lookahead = 0;                                // extra ops of prefetch, adapted
+  std::uint64_t t0_ns = 0;
+  std::uint32_t stream_count = 0;
+  std::unordered_map<std::uintptr_t, std::uint32_t> stream_ids;
+};
+
+struct Swapper::Impl {
+  Impl(Device& d, ResidencyBackend& b, HostMemory& h, SwapperOptions o);
+
+  Device& dev;
+  ResidencyBackend& backend;
+  HostMemory& host;
+  SwapperOptions opt;
+  Stream d2h = nullptr, h2d = nullptr;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;  // a block stopped being busy
+  std::map<std::uintptr_t, SwapBlock> blocks;
+  std::vector<Event> event_pool;
+  struct Zombie {  // host buffer of a released block, freed once its copy is done
+    void* host;
+    std::size_t size;
+    Event done;
+  };
+  std::vector<Zombie> zombies;
+  SwapStats stats;
+  std::uint64_t tick = 0;
+  StepState step;
+
+  // ---- swapper.cpp
+  Event get_event_locked();
+  void put_event_locked(Event& e);
+  SwapBlock& block_for_locked(const void* ptr, const char* op);
+  SwapBlock* find_tracked_locked(const void* ptr);
+  void wait_not_busy(std::unique_lock<std::mutex>& lock, std::uintptr_t base);
+  // Maps the block again and starts the copy back; drops and retakes the lock around reback.
+  // Returns false (block unchanged) when `optional` and the budget cannot be met.
+  bool swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base, bool prefetch);
+  void settle_locked(SwapBlock& b);  // SwappingIn whose copy is done -> Resident
+  void copy_chunks(void* dst, const void* src, std::size_t bytes, CopyKind kind, Stream s);
+
+  // ---- eviction.cpp
+  bool uses_done_locked(SwapBlock& b);
+  void start_swap_out_locked(SwapBlock& b);  // may throw OutOfMemory (host cap)
+  std::size_t complete_swap_out_locked(SwapBlock& b);
+  std::size_t reap_locked();
+  std::vector<std::uintptr_t> rank_victims_locked();
+  std::size_t evict_bytes(std::size_t needed);
+
+  // ---- step.cpp
+  void on_pin_locked(SwapBlock& b, Stream s);
+  void on_unpin_locked(SwapBlock& b, bool wrote);
+  // Starts a new op when the pin/unpin grouping says so (or `force`), issues the plan's
+  // evictions, and returns the blocks the plan wants prefetched now (the caller swaps them in
+  // without the lock).
+  std::vector<std::uintptr_t> advance_op_locked(bool force);
+  void issue_evictions_locked(std::int64_t op);
+  void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases);
+  std::optional<std::uintptr_t> base_for_id_locked(std::int64_t id);
+  std::int64_t next_use_locked(const SwapBlock& b) const;
+  void begin_step_locked();
+  void end_step_locked();
+};
+
+}  // namespace spill
