@@ -33,7 +33,7 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   // The D2H stream runs after every recorded use and after a swap-in still landing.
   for (Event e : b.uses) dev.wait(d2h, e);
   if (b.in_done) dev.wait(d2h, b.in_done);
-  const bool clean = b.host_valid && b.host != nullptr;
+  const bool clean = (b.host_valid && b.host != nullptr) || b.untouched;
   if (!clean) {
     if (b.host == nullptr) {
       b.host = host.allocate(b.size);  // OutOfMemory at the host cap: the block stays put
@@ -99,7 +99,8 @@ std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {
     if (b.pins > 0 || b.busy) continue;
     if (b.state != Residence::Resident && b.state != Residence::SwappingIn) continue;
     if (b.size < opt.min_swap_bytes) continue;
-    c.push_back({base, b.host_valid && b.host != nullptr, next_use_locked(b), b.last_use});
+    c.push_back({base, (b.host_valid && b.host != nullptr) || b.untouched, next_use_locked(b),
+                 b.last_use});
   }
   const bool belady = step.executing;
   std::sort(c.begin(), c.end(), [&](const Candidate& a, const Candidate& b) {

@@ -161,17 +161,19 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
                         (pinned.empty() ? " none" : pinned) + ". " + e.what());
     }
   }
-  std::uint64_t start = TraceRecorder::now();
   again.in_done = again.in_done ? again.in_done : get_event_locked();
-  copy_chunks(again.base, again.host, again.size, CopyKind::HostToDevice, h2d);
+  if (!again.untouched) {  // an untouched block has no bytes to bring back
+    std::uint64_t start = TraceRecorder::now();
+    copy_chunks(again.base, again.host, again.size, CopyKind::HostToDevice, h2d);
+    dev.host_callback(h2d, [start, base, size] {
+      TraceRecorder::global().record_span(EventKind::SwapIn, start, base, size);
+    });
+    stats.swap_ins++;
+    stats.bytes_in += size;
+  }
   dev.record(again.in_done, h2d);
-  dev.host_callback(h2d, [start, base, size] {
-    TraceRecorder::global().record_span(EventKind::SwapIn, start, base, size);
-  });
   again.state = Residence::SwappingIn;
   again.prefetched = prefetch;
-  stats.swap_ins++;
-  stats.bytes_in += size;
   stats.on_host_bytes -= size;
   stats.resident_bytes += size;
   if (prefetch) stats.prefetches++;
@@ -235,7 +237,7 @@ void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   m.dev.record(e, stream);
   b->uses.push_back(e);
   if (b->uses.size() > 8) m.uses_done_locked(*b);  // keep the list short
-  if (wrote) b->host_valid = false;
+  if (wrote) b->host_valid = false, b->untouched = false;
   b->pins--;
   m.on_unpin_locked(*b, wrote);
   TraceRecorder::global().record(EventKind::Unpin, key(b->base), b->size, sid(stream));
@@ -303,6 +305,17 @@ void Swapper::release(void* base, Stream stream) {
   m.put_event_locked(b.in_done);
   m.step.id_of.erase(key(base));
   m.blocks.erase(it);
+}
+
+void Swapper::track(void* base, std::size_t size) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  auto [it, fresh] = m.blocks.try_emplace(key(base));
+  if (!fresh) return;
+  it->second.base = base;
+  it->second.size = size;
+  it->second.untouched = true;
+  m.stats.resident_bytes += size;
 }
 
 Residence Swapper::residence(const void* ptr) const {

@@ -14,6 +14,8 @@
 //                  on copies). Never a pinned block. Victims by next use in the recorded step
 //                  (Belady) when a plan is active, else least recently used; clean blocks
 //                  (unchanged since their host copy) are preferred and cost no copy.
+//   track(base, size) the allocator made a new block (optional: blocks are also found at
+//                  their first pin); untouched blocks move without copies.
 //   release(base, s) the allocator is freeing the block on stream s: immediate for the caller
 //                  wherever the bytes are; s waits on any copy still writing the memory.
 // Steps: pins are grouped into ops (an op starts at the first pin after an unpin, or at
@@ -75,6 +77,9 @@ class Swapper {
   void evict(const void* ptr);
   std::size_t evict_bytes(std::size_t needed);
   void release(void* base, Stream stream);
+  // The allocator hands out a new swappable block: it can be evicted before it is ever used,
+  // at no cost (its bytes are undefined until written).
+  void track(void* base, std::size_t size);
 
   void begin_op(std::string_view name = {});
   void begin_step();

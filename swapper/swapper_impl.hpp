@@ -28,6 +28,7 @@ struct SwapBlock {
   bool busy = false;             // a thread is mapping it outside the lock
   bool prefetched = false;       // the pending swap-in was a prefetch (for hit/late stats)
   bool pre_existing = false;     // tracked before the current step began
+  bool untouched = false;        // never written since allocation: moves with no copy
   std::uint64_t last_use = 0;    // LRU clock
 };
 

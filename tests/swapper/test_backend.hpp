@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <thread>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -105,10 +106,11 @@ class TestBackend final : public ResidencyBackend {
   };
   static std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 
-  // Maps physical memory for [base, base+size), asking the hook for room first.
+  // Maps physical memory for [base, base+size), asking the hook for room first. Other threads
+  // evict and map concurrently, so it gives up only after several rounds without progress.
   void back(void* base, std::size_t size) {
-    for (int attempt = 0;; ++attempt) {
-      std::size_t over = 0;
+    for (int strikes = 0;;) {
+      std::size_t over = 0, before = 0;
       {
         std::lock_guard lock(mu_);
         if (mapped_ + size <= budget_) {
@@ -123,11 +125,17 @@ class TestBackend final : public ResidencyBackend {
           return;
         }
         over = mapped_ + size - budget_;
+        before = mapped_;
       }
-      std::size_t freed = evict_hook && attempt < 4 ? evict_hook(over) : 0;
-      if (freed == 0 && attempt >= 1) {
+      std::size_t freed = evict_hook ? evict_hook(over) : 0;
+      bool progress = freed > 0 || mapped() < before;
+      if (progress) {
+        strikes = 0;
+      } else if (++strikes >= 4) {
         SPILL_FAIL_OOM("test backend: " + format_bytes(size) + " does not fit the budget of " +
-                       format_bytes(budget_) + " (" + format_bytes(mapped_) + " mapped)");
+                       format_bytes(budget_) + " (" + format_bytes(mapped()) + " mapped)");
+      } else {
+        std::this_thread::yield();
       }
     }
   }
