@@ -165,7 +165,11 @@ void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::ui
   r.head.store(h + 1, std::memory_order_release);
 }
 
-std::vector<TraceEvent> TraceRecorder::collect() {
+std::vector<TraceEvent> TraceRecorder::collect() { return drain(true); }
+
+std::vector<TraceEvent> TraceRecorder::peek() { return drain(false); }
+
+std::vector<TraceEvent> TraceRecorder::drain(bool take) {
   std::vector<TraceEvent> out;
   std::lock_guard lock(mu_);
   calibrate();
@@ -204,10 +208,11 @@ std::vector<TraceEvent> TraceRecorder::collect() {
                 out.begin() + static_cast<std::ptrdiff_t>(first + bad));
       lost += bad;
     }
+    if (!take) continue;
     if (lost) dropped_.fetch_add(lost, std::memory_order_relaxed);
     r.tail = head;
   }
-  std::erase_if(rings_, [](const std::shared_ptr<Ring>& r) {
+  if (take) std::erase_if(rings_, [](const std::shared_ptr<Ring>& r) {
     return r->orphan.load(std::memory_order_acquire) &&
            r->head.load(std::memory_order_acquire) == r->tail;
   });

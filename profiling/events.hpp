@@ -73,6 +73,8 @@ class TraceRecorder {
 
   // Takes every event recorded since the last collect, from all threads, ordered by time.
   std::vector<TraceEvent> collect();
+  // A copy of every event still in the rings, without taking them (for OOM dumps).
+  std::vector<TraceEvent> peek();
   // Events lost to full rings so far.
   std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
 
@@ -90,6 +92,7 @@ class TraceRecorder {
 
  private:
   Ring& ring_for_this_thread();
+  std::vector<TraceEvent> drain(bool take);
 
   std::atomic<bool> enabled_{true};
   std::size_t ring_capacity_;

@@ -1,0 +1,72 @@
+// A block of device (or pinned host) memory inside a segment, with the intrusive hooks that let
+// it sit in a pool's free set (ordered by size, then address) or its allocated set (ordered by
+// address) without any heap allocation. Neighbours in address order within a segment are
+// linked, so freeing can coalesce. Stream-ordered reuse: a free block remembers the streams that
+// used it; it is reusable on its free stream at once, elsewhere once events recorded on those
+// streams have completed.
+#pragma once
+
+#include <boost/intrusive/set.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+
+#include "device/device.hpp"
+
+namespace spill {
+
+namespace bi = boost::intrusive;
+
+struct Segment;
+
+struct StreamUse {
+  Stream stream = nullptr;
+  Event event = nullptr;  // recorded lazily, when another stream wants the block
+};
+
+struct Block {
+  std::uintptr_t addr = 0;
+  std::size_t size = 0;
+  std::size_t requested = 0;   // bytes the caller asked for (allocated blocks)
+  Segment* segment = nullptr;
+  Block* prev = nullptr;       // address-order neighbours within the segment
+  Block* next = nullptr;
+  bool allocated = false;
+  bool fresh = true;           // never handed out: no stream has touched it
+  bool backed = true;          // large blocks: physical memory mapped (false: swapped out)
+  PhysicalHandle handle = 0;   // large blocks: their own physical chunk
+  Stream stream = nullptr;     // allocation stream, or the stream it was freed on
+  std::array<StreamUse, 4> uses{};  // other streams (record_stream), then free-time events
+  std::uint8_t n_uses = 0;
+
+  bi::set_member_hook<bi::link_mode<bi::safe_link>> free_hook;   // in a pool's free set
+  bi::set_member_hook<bi::link_mode<bi::safe_link>> addr_hook;   // in the allocated set
+};
+
+struct BySizeThenAddress {
+  bool operator()(const Block& a, const Block& b) const {
+    return a.size != b.size ? a.size < b.size : a.addr < b.addr;
+  }
+};
+struct ByAddress {
+  bool operator()(const Block& a, const Block& b) const { return a.addr < b.addr; }
+};
+
+using FreeSet =
+    bi::multiset<Block, bi::member_hook<Block, decltype(Block::free_hook), &Block::free_hook>,
+                 bi::compare<BySizeThenAddress>>;
+using AddressSet =
+    bi::set<Block, bi::member_hook<Block, decltype(Block::addr_hook), &Block::addr_hook>,
+            bi::compare<ByAddress>>;
+
+// A contiguous range carved into blocks: a small-pool segment (plain device memory), a large
+// block's own reservation, or a host-pool chunk.
+struct Segment {
+  std::uintptr_t addr = 0;
+  std::size_t size = 0;
+  Block* first = nullptr;
+  bool large = false;
+};
+
+}  // namespace spill

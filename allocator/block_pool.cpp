@@ -1,0 +1,231 @@
+#include "allocator/block_pool.hpp"
+
+#include <algorithm>
+
+#include "core/errors.hpp"
+
+namespace spill {
+
+BlockPool::BlockPool(Device* device, std::size_t min_split, bool split)
+    : device_(device), min_split_(min_split), split_(split) {}
+
+BlockPool::~BlockPool() {
+  free_.clear();
+  for (Block* b : all_blocks_) {
+    for (std::uint8_t i = 0; i < b->n_uses; ++i)
+      if (b->uses[i].event && device_) device_->destroy_event(b->uses[i].event);
+    delete b;
+  }
+  if (device_)
+    for (Event e : spare_events_) device_->destroy_event(e);
+}
+
+Block* BlockPool::new_block() {
+  Block* b;
+  if (!spare_blocks_.empty()) {
+    b = spare_blocks_.back();
+    spare_blocks_.pop_back();
+  } else {
+    b = new Block();
+    all_blocks_.push_back(b);
+  }
+  return b;
+}
+
+void BlockPool::recycle(Block* b) {
+  SPILL_ASSERT(!b->free_hook.is_linked() && !b->addr_hook.is_linked(), "recycling a linked block");
+  drop_uses(*b);
+  b->addr = 0, b->size = 0, b->requested = 0, b->segment = nullptr, b->prev = nullptr;
+  b->next = nullptr, b->allocated = false, b->backed = true, b->handle = 0, b->fresh = true;
+  b->stream = nullptr, b->n_uses = 0;
+  spare_blocks_.push_back(b);
+}
+
+Block* BlockPool::add_segment(Segment* segment) {
+  Block* b = new_block();
+  b->addr = segment->addr;
+  b->size = segment->size;
+  b->segment = segment;
+  segment->first = b;
+  free_.insert(*b);
+  free_bytes_ += b->size;
+  return b;
+}
+
+void BlockPool::drop_uses(Block& b) {
+  for (std::uint8_t i = 0; i < b.n_uses; ++i) {
+    if (b.uses[i].event) spare_events_.push_back(b.uses[i].event);
+    b.uses[i] = {};
+  }
+  b.n_uses = 0;
+}
+
+bool BlockPool::ready_for(Block& b, Stream stream) {
+  if (b.fresh) return true;
+  // The free stream is the first "use"; only streams other than `stream` need an event.
+  bool ready = true;
+  auto check = [&](StreamUse& u) {
+    if (u.stream == stream) return true;
+    if (u.event == nullptr) {
+      if (spare_events_.empty()) {
+        u.event = device_->create_event();
+      } else {
+        u.event = spare_events_.back();
+        spare_events_.pop_back();
+      }
+      device_->record(u.event, u.stream);
+    }
+    return device_->query(u.event);
+  };
+  StreamUse self{b.stream, nullptr};
+  if (b.stream != stream) {
+    // Keep the free stream's event in the use list so it is recorded once.
+    bool found = false;
+    for (std::uint8_t i = 0; i < b.n_uses; ++i) found |= b.uses[i].stream == b.stream;
+    if (!found && b.n_uses < b.uses.size()) {
+      b.uses[b.n_uses++] = self;
+    } else if (!found) {
+      ready = check(self);  // no room: record a throwaway event
+      if (self.event) spare_events_.push_back(self.event);
+    }
+  }
+  for (std::uint8_t i = 0; i < b.n_uses; ++i) ready &= check(b.uses[i]);
+  return ready;
+}
+
+Block* BlockPool::take(std::size_t size, Stream stream, std::size_t max_waste) {
+  Block probe;
+  probe.size = size;
+  probe.addr = 0;
+  for (auto it = free_.lower_bound(probe); it != free_.end(); ++it) {
+    Block& b = *it;
+    if (b.size - size > max_waste) return nullptr;
+    if (!ready_for(b, stream)) continue;
+    free_.erase(free_.iterator_to(b));
+    free_bytes_ -= b.size;
+    if (split_ && b.size - size >= min_split_) {
+      Block* rest = new_block();
+      rest->addr = b.addr + size;
+      rest->size = b.size - size;
+      rest->segment = b.segment;
+      rest->prev = &b;
+      rest->next = b.next;
+      if (b.next) b.next->prev = rest;
+      b.next = rest;
+      b.size = size;
+      // The remainder keeps the constraints (events stay valid for it).
+      rest->stream = b.stream;
+      rest->fresh = b.fresh;
+      rest->uses = b.uses;
+      rest->n_uses = b.n_uses;
+      b.n_uses = 0;
+      b.uses = {};
+      free_.insert(*rest);
+      free_bytes_ += rest->size;
+    } else {
+      drop_uses(b);
+    }
+    b.allocated = true;
+    b.fresh = false;
+    b.stream = stream;
+    return &b;
+  }
+  return nullptr;
+}
+
+void BlockPool::merge_uses(Block& into, Block& from) {
+  auto add = [&](StreamUse u) {
+    for (std::uint8_t i = 0; i < into.n_uses; ++i) {
+      if (into.uses[i].stream == u.stream) {
+        // Which of two events was recorded later is unknown: drop both and record afresh
+        // when asked (later is always safe).
+        if (u.event) spare_events_.push_back(u.event);
+        if (into.uses[i].event) spare_events_.push_back(into.uses[i].event);
+        into.uses[i].event = nullptr;
+        return;
+      }
+    }
+    if (into.n_uses < into.uses.size()) {
+      into.uses[into.n_uses++] = u;
+      return;
+    }
+    // No room (five or more streams on adjacent blocks, rare): wait for this one now.
+    if (u.event == nullptr) {
+      u.event = device_->create_event();
+      device_->record(u.event, u.stream);
+    }
+    device_->synchronize(u.event);
+    spare_events_.push_back(u.event);
+  };
+  if (from.stream != into.stream) add({from.stream, nullptr});
+  for (std::uint8_t i = 0; i < from.n_uses; ++i) add(from.uses[i]);
+  from.n_uses = 0;
+  from.uses = {};
+}
+
+Block* BlockPool::give_back(Block* b, Stream stream) {
+  SPILL_ASSERT(b->allocated, "give_back of a free block");
+  b->allocated = false;
+  b->stream = stream;
+  b->requested = 0;
+  if (split_) {
+    // Coalesce with free neighbours; the merged block carries every stream constraint.
+    if (Block* p = b->prev; p && !p->allocated) {
+      free_.erase(free_.iterator_to(*p));
+      free_bytes_ -= p->size;
+      if (!p->fresh) merge_uses(*b, *p);  // p's free stream becomes one of b's uses
+      b->addr = p->addr;
+      b->size += p->size;
+      b->prev = p->prev;
+      if (p->prev) p->prev->next = b;
+      if (b->segment->first == p) b->segment->first = b;
+      p->n_uses = 0;
+      recycle(p);
+    }
+    if (Block* n = b->next; n && !n->allocated) {
+      free_.erase(free_.iterator_to(*n));
+      free_bytes_ -= n->size;
+      if (!n->fresh) merge_uses(*b, *n);
+      b->size += n->size;
+      b->next = n->next;
+      if (n->next) n->next->prev = b;
+      n->n_uses = 0;
+      recycle(n);
+    }
+  }
+  free_.insert(*b);
+  free_bytes_ += b->size;
+  return b;
+}
+
+void BlockPool::remove_free_segment(Segment* segment) {
+  Block* b = segment->first;
+  SPILL_ASSERT(b && !b->allocated && b->next == nullptr && b->size == segment->size,
+               "releasing a segment that is not wholly free");
+  free_.erase(free_.iterator_to(*b));
+  free_bytes_ -= b->size;
+  recycle(b);
+  segment->first = nullptr;
+}
+
+std::vector<Segment*> BlockPool::free_segments() const {
+  std::vector<Segment*> out;
+  for (const Block& b : free_) {
+    if (b.prev == nullptr && b.next == nullptr && b.size == b.segment->size)
+      out.push_back(b.segment);
+  }
+  std::sort(out.begin(), out.end(), [](Segment* a, Segment* b) { return a->addr < b->addr; });
+  return out;
+}
+
+std::vector<Block*> BlockPool::free_blocks_largest_first() {
+  std::vector<Block*> out;
+  for (auto it = free_.rbegin(); it != free_.rend(); ++it) out.push_back(&*it);
+  return out;
+}
+
+std::size_t BlockPool::largest_free() const {
+  return free_.empty() ? 0 : free_.rbegin()->size;
+}
+
+}  // namespace spill

@@ -1,0 +1,67 @@
+// BlockPool: the free blocks of a set of segments, best fit by (size, address) in a
+// Boost.Intrusive multiset, split on allocation (when the remainder is at least
+// `min_split`) and coalesced with free address neighbours on free.
+//
+// Stream semantics: a block freed on stream S is reusable on S at once; on another stream T
+// only once every stream that used it (S and any record_stream streams) has passed the free:
+// an event is recorded on each such stream the first time another stream asks, and the block
+// is taken only when those events have completed. No host synchronisation on this path.
+//
+// Not thread-safe: the CachingAllocator's mutex guards it. Block objects are recycled, so the
+// steady state allocates nothing on the heap.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <vector>
+
+#include "allocator/block.hpp"
+
+namespace spill {
+
+class BlockPool {
+ public:
+  // `split`: blocks may be split and coalesced (small pool, host pool); large blocks are not.
+  BlockPool(Device* device, std::size_t min_split, bool split);
+  ~BlockPool();
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+
+  // Adds a segment whose whole range becomes one free block (no stream constraint).
+  Block* add_segment(Segment* segment);
+  // Best-fit free block of at least `size` usable on `stream` (split if worthwhile), or null.
+  // `max_waste`: do not take a block more than this many bytes larger (for unsplit pools).
+  Block* take(std::size_t size, Stream stream, std::size_t max_waste = SIZE_MAX);
+  // Returns an allocated block freed on `stream`; coalesces; returns the resulting free block.
+  Block* give_back(Block* block, Stream stream);
+  // Removes a wholly free segment's single block from the pool (before releasing the segment).
+  void remove_free_segment(Segment* segment);
+  // Segments whose memory is all free, ready to be released (in address order).
+  std::vector<Segment*> free_segments() const;
+
+  std::size_t free_bytes() const { return free_bytes_; }
+  std::size_t largest_free() const;
+  const FreeSet& free_set() const { return free_; }
+  // Free blocks, largest first (for releasing cached memory).
+  std::vector<Block*> free_blocks_largest_first();
+
+  // Recycled Block objects (never freed before the pool).
+  Block* new_block();
+  void recycle(Block* b);
+
+ private:
+  bool ready_for(Block& b, Stream stream);
+  void merge_uses(Block& into, Block& from);
+  void drop_uses(Block& b);
+
+  Device* device_;
+  std::size_t min_split_;
+  bool split_;
+  FreeSet free_;
+  std::size_t free_bytes_ = 0;
+  std::vector<Block*> spare_blocks_;
+  std::vector<Block*> all_blocks_;
+  std::vector<Event> spare_events_;
+};
+
+}  // namespace spill

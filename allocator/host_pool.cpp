@@ -1,0 +1,123 @@
+#include "allocator/host_pool.hpp"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "profiling/events.hpp"
+
+namespace spill {
+namespace {
+constexpr std::size_t kAlign = 512;
+}
+
+HostPool::HostPool(Device& device, std::optional<std::size_t> cap, std::size_t chunk_bytes)
+    : dev_(device), cap_(cap), chunk_bytes_(chunk_bytes), pool_(&device, kAlign, true) {}
+
+HostPool::~HostPool() {
+  std::lock_guard lock(mu_);
+  used_.clear();
+  for (Segment* s : chunks_) {
+    void* p = reinterpret_cast<void*>(s->addr);
+    try {
+      dev_.unregister_host(p);
+    } catch (...) {
+    }
+    ::munmap(p, s->size);
+    delete s;
+  }
+}
+
+void* HostPool::allocate(std::size_t bytes) {
+  SPILL_EXPECTS(bytes > 0, "host pool: size must be above zero");
+  const std::size_t size = (bytes + kAlign - 1) / kAlign * kAlign;
+  std::lock_guard lock(mu_);
+  Block* b = pool_.take(size, nullptr);
+  if (b == nullptr) {
+    std::size_t chunk = std::max(chunk_bytes_, (size + (2u << 20) - 1) / (2u << 20) * (2u << 20));
+    if (cap_ && reserved_ + chunk > *cap_) {
+      // Give back wholly free chunks first, then try a chunk of exactly what is needed.
+      release_free_chunks_locked();
+      chunk = std::min(chunk, (size + 4095) / 4096 * 4096);
+      if (reserved_ + chunk > *cap_) {
+        SPILL_FAIL_OOM("host pool: host_cap " + format_bytes(*cap_) + " reached: " +
+                       format_bytes(in_use_) + " of pinned host memory in use, " +
+                       format_bytes(reserved_) + " reserved, " + format_bytes(bytes) +
+                       " more asked for. Raise host_cap or lower the budget's pressure.");
+      }
+    }
+    void* p = ::mmap(nullptr, chunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      SPILL_FAIL_OOM("host pool: the host has no " + format_bytes(chunk) + " left to pin");
+    }
+    try {
+      dev_.register_host(p, chunk);
+    } catch (...) {
+      ::munmap(p, chunk);
+      throw;
+    }
+    auto* seg = new Segment{reinterpret_cast<std::uintptr_t>(p), chunk, nullptr, false};
+    chunks_.push_back(seg);
+    reserved_ += chunk;
+    stat_.add(chunk);
+    pool_.add_segment(seg);
+    profiling::TraceRecorder::global().record(profiling::EventKind::HostAlloc, seg->addr, chunk);
+    b = pool_.take(size, nullptr);
+    SPILL_ASSERT(b != nullptr, "a fresh host chunk must fit the request");
+  }
+  b->requested = bytes;
+  used_.insert(*b);
+  in_use_ += b->size;
+  return reinterpret_cast<void*>(b->addr);
+}
+
+void HostPool::deallocate(void* ptr, std::size_t) {
+  std::lock_guard lock(mu_);
+  Block probe;
+  probe.addr = reinterpret_cast<std::uintptr_t>(ptr);
+  auto it = used_.find(probe);
+  SPILL_EXPECTS(it != used_.end(),
+                "host pool: " + format_address(ptr) + " was not allocated by this pool");
+  Block& b = *it;
+  used_.erase(it);
+  in_use_ -= b.size;
+  pool_.give_back(&b, nullptr);
+}
+
+std::size_t HostPool::in_use() const {
+  std::lock_guard lock(mu_);
+  return in_use_;
+}
+
+std::size_t HostPool::reserved() const {
+  std::lock_guard lock(mu_);
+  return reserved_;
+}
+
+Stat HostPool::stat() const {
+  std::lock_guard lock(mu_);
+  return stat_;
+}
+
+void HostPool::release_free_chunks() {
+  std::lock_guard lock(mu_);
+  release_free_chunks_locked();
+}
+
+void HostPool::release_free_chunks_locked() {
+  for (Segment* s : pool_.free_segments()) {
+    pool_.remove_free_segment(s);
+    void* p = reinterpret_cast<void*>(s->addr);
+    dev_.unregister_host(p);
+    ::munmap(p, s->size);
+    reserved_ -= s->size;
+    stat_.sub(s->size);
+    profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size);
+    chunks_.erase(std::find(chunks_.begin(), chunks_.end(), s));
+    delete s;
+  }
+}
+
+}  // namespace spill

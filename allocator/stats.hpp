@@ -1,0 +1,45 @@
+// Allocator statistics: a Stat{current, peak, allocated, freed} per kind of memory, and event
+// counters. Plain structs updated under the allocator's mutex and copied out whole.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace spill {
+
+struct Stat {
+  std::int64_t current = 0;
+  std::int64_t peak = 0;
+  std::uint64_t allocated = 0;  // total ever added
+  std::uint64_t freed = 0;      // total ever removed
+
+  void add(std::uint64_t n) {
+    current += static_cast<std::int64_t>(n);
+    allocated += n;
+    if (current > peak) peak = current;
+  }
+  void sub(std::uint64_t n) {
+    current -= static_cast<std::int64_t>(n);
+    freed += n;
+  }
+  void reset_peak() { peak = current; }
+};
+
+struct AllocatorStats {
+  Stat allocated;    // bytes handed out (rounded sizes)
+  Stat requested;    // bytes asked for
+  Stat reserved;     // mapped physical device bytes (what the budget limits)
+  Stat cached;       // mapped but free, ready for reuse
+  Stat host_pinned;  // pinned host memory held by the host pool
+  std::uint64_t allocations = 0, frees = 0;
+  std::uint64_t segment_maps = 0, segment_unmaps = 0;
+  std::uint64_t cache_hits = 0;          // ladder step 1: a cached block was reused
+  std::uint64_t cache_releases = 0;      // ladder step 2: cached memory was released
+  std::uint64_t eviction_requests = 0;   // ladder step 3: the eviction hook was asked
+  std::uint64_t ooms = 0;
+  std::uint64_t swapped_out_bytes = 0;   // reported by the swapper (unbacked blocks)
+
+  std::string to_string() const;
+};
+
+}  // namespace spill

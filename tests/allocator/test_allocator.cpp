@@ -1,0 +1,207 @@
+// CachingAllocator: pools, stream-ordered reuse, budget and ladder, OOM messages, bad input.
+// Typed over the device backends (the CUDA one skips without a GPU).
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "allocator/caching_allocator.hpp"
+#include "core/errors.hpp"
+#include "core/pattern.hpp"
+#include "tests/device/backends.hpp"
+
+namespace spill::test {
+namespace {
+
+template <class Backend>
+class AllocatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string skip;
+    dev_ = Backend::make(&skip);
+    if (!dev_) GTEST_SKIP() << skip;
+    s1_ = dev_->create_stream();
+    s2_ = dev_->create_stream();
+  }
+  void TearDown() override {
+    if (!dev_) return;
+    dev_->synchronize();
+    dev_->destroy_stream(s1_);
+    dev_->destroy_stream(s2_);
+  }
+  CachingAllocator make(std::size_t budget) {
+    return CachingAllocator(*dev_, AllocatorOptions{.budget = budget});
+  }
+  void write(void* p, std::size_t n, std::uint64_t seed, Stream s) {
+    std::vector<unsigned char> in(n);
+    fill_pattern(in.data(), n, seed);
+    dev_->copy_async(p, in.data(), n, CopyKind::HostToDevice, s);
+    dev_->synchronize(s);
+  }
+  bool holds(void* p, std::size_t n, std::uint64_t seed, Stream s) {
+    std::vector<unsigned char> out(n);
+    dev_->copy_async(out.data(), p, n, CopyKind::DeviceToHost, s);
+    dev_->synchronize(s);
+    return find_pattern_mismatch(out.data(), n, seed) == n;
+  }
+  std::unique_ptr<Device> dev_;
+  Stream s1_ = nullptr, s2_ = nullptr;
+};
+
+using Backends = ::testing::Types<SimBackend, ChaosSimBackend, CudaBackend>;
+struct Names {
+  template <class T>
+  static std::string GetName(int) {
+    return T::name;
+  }
+};
+TYPED_TEST_SUITE(AllocatorTest, Backends, Names);
+
+TYPED_TEST(AllocatorTest, SmallAndLargeBlocksKeepTheirData) {
+  CachingAllocator a = this->make(64 * MiB);
+  std::vector<std::pair<void*, std::size_t>> live;
+  for (std::size_t n : {std::size_t{1}, std::size_t{700}, 64 * KiB, MiB, MiB + 1, 5 * MiB}) {
+    void* p = a.allocate(n, this->s1_);
+    ASSERT_NE(p, nullptr);
+    this->write(p, n, n, this->s1_);
+    live.push_back({p, n});
+  }
+  for (auto [p, n] : live) EXPECT_TRUE(this->holds(p, n, n, this->s1_)) << n;
+  AllocatorStats s = a.stats();
+  EXPECT_EQ(s.allocations, 6u);
+  EXPECT_GE(s.allocated.current, static_cast<std::int64_t>(MiB * 8));
+  a.check_invariants();
+  for (auto [p, n] : live) a.deallocate(p);
+  EXPECT_EQ(a.stats().allocated.current, 0);
+  a.check_invariants();
+  a.empty_cache();
+  EXPECT_EQ(a.stats().reserved.current, 0);
+}
+
+TYPED_TEST(AllocatorTest, ReuseOnTheSameStreamIsImmediate) {
+  CachingAllocator a = this->make(64 * MiB);
+  void* p = a.allocate(100 * KiB, this->s1_);
+  a.deallocate(p);
+  void* q = a.allocate(100 * KiB, this->s1_);
+  EXPECT_EQ(p, q) << "a block freed on s1 is reusable on s1 at once";
+  EXPECT_EQ(a.stats().cache_hits, 1u);
+  a.deallocate(q);
+}
+
+// Work still writing a freed block on s1 must never be seen by s2's new owner.
+TYPED_TEST(AllocatorTest, AnotherStreamWaitsForTheFreeingStream) {
+  CachingAllocator a = this->make(64 * MiB);
+  Device& d = *this->dev_;
+  for (std::size_t n : {256 * KiB, 4 * MiB}) {
+    SCOPED_TRACE(n);
+    void* p = a.allocate(n, this->s1_);
+    HoldToken hold = d.hold(this->s1_);
+    std::vector<unsigned char> late(n);
+    fill_pattern(late.data(), n, 666);
+    d.copy_async(p, late.data(), n, CopyKind::HostToDevice, this->s1_);  // lands after release
+    a.deallocate(p);                                                       // freed on s1
+    void* q = a.allocate(n, this->s2_);
+    this->write(q, n, 42, this->s2_);
+    d.release(hold);
+    d.synchronize(this->s1_);
+    EXPECT_TRUE(this->holds(q, n, 42, this->s2_)) << "s1's late write reached s2's block";
+    a.deallocate(q);
+    a.check_invariants();
+  }
+}
+
+TYPED_TEST(AllocatorTest, RecordStreamDelaysReuseUntilThatUseIsDone) {
+  CachingAllocator a = this->make(64 * MiB);
+  Device& d = *this->dev_;
+  const std::size_t n = 256 * KiB;
+  void* p = a.allocate(n, this->s1_);
+  Stream other = d.create_stream();
+  HoldToken hold = d.hold(other);
+  std::vector<unsigned char> late(n);
+  fill_pattern(late.data(), n, 7);
+  d.copy_async(p, late.data(), n, CopyKind::HostToDevice, other);
+  a.record_stream(p, other);
+  a.deallocate(p);  // on s1, which is idle
+  void* q = a.allocate(n, this->s1_);
+  this->write(q, n, 9, this->s1_);
+  d.release(hold);
+  d.synchronize(other);
+  EXPECT_TRUE(this->holds(q, n, 9, this->s1_)) << "the recorded use overwrote the new owner";
+  a.deallocate(q);
+  d.destroy_stream(other);
+}
+
+TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(8 * g);
+  std::vector<void*> live;
+  for (int i = 0; i < 8; ++i) live.push_back(a.allocate(g, this->s1_));
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(8 * g));
+  try {
+    a.allocate(g, this->s1_);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    std::string m = e.what();
+    for (const char* part : {"Budget", "allocated", "cached", "swapped out", "pinned host",
+                             "largest free block", "fragmentation", "Hint"})
+      EXPECT_NE(m.find(part), std::string::npos) << part << " missing from: " << m;
+  }
+  EXPECT_EQ(a.stats().ooms, 1u);
+  // Free two blocks: cached. A request for two granules must release cached memory first.
+  a.deallocate(live[0]);
+  a.deallocate(live[1]);
+  void* big = a.allocate(2 * g, this->s1_);
+  EXPECT_GE(a.stats().cache_releases, 1u);
+  a.check_invariants();
+  a.deallocate(big);
+  for (int i = 2; i < 8; ++i) a.deallocate(live[i]);
+}
+
+TYPED_TEST(AllocatorTest, BadInputIsAClearErrorAndHarmsNothing) {
+  Device& d = *this->dev_;
+  CachingAllocator a = this->make(16 * MiB);
+  void* keep = a.allocate(300 * KiB, this->s1_);
+  this->write(keep, 300 * KiB, 5, this->s1_);
+  EXPECT_EQ(a.allocate(0), nullptr);
+  std::vector<char> host(64);
+  EXPECT_THROW(a.deallocate(host.data()), InvalidArgument);
+  void* p = a.allocate(1000, this->s1_);
+  a.deallocate(p);
+  try {
+    a.deallocate(p);
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("double free"), std::string::npos) << e.what();
+  }
+  try {
+    a.allocate(std::size_t{1} << 60);
+    FAIL();
+  } catch (const OutOfMemory& e) {
+    EXPECT_NE(std::string(e.what()).find("larger than the whole budget"), std::string::npos);
+  }
+  EXPECT_THROW(CachingAllocator(d, AllocatorOptions{.budget = d.info().total_bytes * 2}),
+               InvalidArgument);
+  EXPECT_THROW(CachingAllocator(d, AllocatorOptions{.budget = d.granularity() / 2}),
+               InvalidArgument);
+  EXPECT_TRUE(this->holds(keep, 300 * KiB, 5, this->s1_));
+  a.check_invariants();
+  a.deallocate(keep);
+}
+
+TYPED_TEST(AllocatorTest, SnapshotShowsSegmentsAndBlocks) {
+  CachingAllocator a = this->make(32 * MiB);
+  void* s = a.allocate(1000, this->s1_);
+  void* l = a.allocate(3 * MiB, this->s1_);
+  profiling::MemoryState st = a.snapshot();
+  ASSERT_EQ(st.segments.size(), 2u);
+  std::size_t allocated = 0;
+  for (auto& seg : st.segments)
+    for (auto& b : seg.blocks)
+      allocated += b.state == profiling::SnapshotBlock::State::Allocated ? b.size : 0;
+  EXPECT_EQ(static_cast<std::int64_t>(allocated), a.stats().allocated.current);
+  a.deallocate(s);
+  a.deallocate(l);
+}
+
+}  // namespace
+}  // namespace spill::test
