@@ -100,37 +100,42 @@ Block* BlockPool::take(std::size_t size, Stream stream, std::size_t max_waste) {
   for (auto it = free_.lower_bound(probe); it != free_.end(); ++it) {
     Block& b = *it;
     if (b.size - size > max_waste) return nullptr;
-    if (!ready_for(b, stream)) continue;
-    free_.erase(free_.iterator_to(b));
-    free_bytes_ -= b.size;
-    if (split_ && b.size - size >= min_split_) {
-      Block* rest = new_block();
-      rest->addr = b.addr + size;
-      rest->size = b.size - size;
-      rest->segment = b.segment;
-      rest->prev = &b;
-      rest->next = b.next;
-      if (b.next) b.next->prev = rest;
-      b.next = rest;
-      b.size = size;
-      // The remainder keeps the constraints (events stay valid for it).
-      rest->stream = b.stream;
-      rest->fresh = b.fresh;
-      rest->uses = b.uses;
-      rest->n_uses = b.n_uses;
-      b.n_uses = 0;
-      b.uses = {};
-      free_.insert(*rest);
-      free_bytes_ += rest->size;
-    } else {
-      drop_uses(b);
-    }
-    b.allocated = true;
-    b.fresh = false;
-    b.stream = stream;
-    return &b;
+    if (ready_for(b, stream)) return carve(&b, size, stream);
   }
   return nullptr;
+}
+
+Block* BlockPool::carve(Block* bp, std::size_t size, Stream stream) {
+  Block& b = *bp;
+  SPILL_ASSERT(!b.allocated && b.size >= size, "carving a block that cannot hold the request");
+  free_.erase(free_.iterator_to(b));
+  free_bytes_ -= b.size;
+  if (split_ && b.size - size >= min_split_) {
+    Block* rest = new_block();
+    rest->addr = b.addr + size;
+    rest->size = b.size - size;
+    rest->segment = b.segment;
+    rest->prev = &b;
+    rest->next = b.next;
+    if (b.next) b.next->prev = rest;
+    b.next = rest;
+    b.size = size;
+    // The remainder keeps the constraints (events stay valid for it).
+    rest->stream = b.stream;
+    rest->fresh = b.fresh;
+    rest->uses = b.uses;
+    rest->n_uses = b.n_uses;
+    b.n_uses = 0;
+    b.uses = {};
+    free_.insert(*rest);
+    free_bytes_ += rest->size;
+  } else {
+    drop_uses(b);
+  }
+  b.allocated = true;
+  b.fresh = false;
+  b.stream = stream;
+  return &b;
 }
 
 void BlockPool::merge_uses(Block& into, Block& from) {
@@ -196,6 +201,28 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
   free_.insert(*b);
   free_bytes_ += b->size;
   return b;
+}
+
+void BlockPool::forget_stream(Stream stream) {
+  for (Block& b : free_) {
+    std::uint8_t kept = 0;
+    for (std::uint8_t i = 0; i < b.n_uses; ++i) {
+      if (b.uses[i].stream == stream) {
+        if (b.uses[i].event) spare_events_.push_back(b.uses[i].event);
+      } else {
+        b.uses[kept++] = b.uses[i];
+      }
+    }
+    for (std::uint8_t i = kept; i < b.n_uses; ++i) b.uses[i] = {};
+    b.n_uses = kept;
+    if (b.stream == stream) {
+      if (b.n_uses == 0) {
+        b.fresh = true;  // nothing left to wait for
+      } else {
+        b.stream = b.uses[0].stream;  // another use stands in as the free stream
+      }
+    }
+  }
 }
 
 void BlockPool::remove_free_segment(Segment* segment) {

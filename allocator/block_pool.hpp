@@ -32,8 +32,13 @@ class BlockPool {
   // Best-fit free block of at least `size` usable on `stream` (split if worthwhile), or null.
   // `max_waste`: do not take a block more than this many bytes larger (for unsplit pools).
   Block* take(std::size_t size, Stream stream, std::size_t max_waste = SIZE_MAX);
+  // Takes `size` bytes from the start of a specific free block (a fresh segment's).
+  Block* carve(Block* block, std::size_t size, Stream stream);
   // Returns an allocated block freed on `stream`; coalesces; returns the resulting free block.
   Block* give_back(Block* block, Stream stream);
+  // The caller has synchronised `stream` and is about to destroy it: drop every constraint
+  // that names it (they are satisfied).
+  void forget_stream(Stream stream);
   // Removes a wholly free segment's single block from the pool (before releasing the segment).
   void remove_free_segment(Segment* segment);
   // Segments whose memory is all free, ready to be released (in address order).

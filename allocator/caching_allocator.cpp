@@ -263,9 +263,7 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
     m.stats.cached.add(kSmallSegment);
     m.stats.segment_maps++;
     TraceRecorder::global().record(EventKind::Map, seg->addr, seg->size);
-    m.small.add_segment(seg);
-    b = m.small.take(size, stream);
-    if (b == nullptr) throw Error("allocator: a fresh small segment did not fit the request");
+    b = m.small.carve(m.small.add_segment(seg), size, stream);
   }
   account_alloc_locked(b, bytes, stream);
   return reinterpret_cast<void*>(b->addr);
@@ -305,9 +303,7 @@ void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
     TraceRecorder::global().record(EventKind::Map, seg->addr, size);
     b = m.large.add_segment(seg);
     b->handle = h;
-    b = m.large.take(size, stream, 0);
-    if (b == nullptr || b->segment != seg)
-      throw Error("allocator: a fresh large block was not taken");
+    b = m.large.carve(b, size, stream);
   }
   account_alloc_locked(b, bytes, stream);
   void* p = reinterpret_cast<void*>(b->addr);
@@ -382,6 +378,13 @@ void CachingAllocator::record_stream(void* ptr, Stream stream) {
                 "record_stream: " + format_address(ptr) + " is already used on " +
                     std::to_string(b->uses.size()) + " other streams");
   b->uses[b->n_uses++] = {stream, nullptr};
+}
+
+void CachingAllocator::forget_stream(Stream stream) {
+  dev_.synchronize(stream);
+  std::lock_guard lock(impl_->mu);
+  impl_->small.forget_stream(stream);
+  impl_->large.forget_stream(stream);
 }
 
 void CachingAllocator::empty_cache() {

@@ -67,6 +67,9 @@ class CachingAllocator final : public ResidencyBackend {
   void deallocate(void* ptr, Stream stream);
   // The block is also used on `stream`: it is reused only when that use is done.
   void record_stream(void* ptr, Stream stream);
+  // Call before destroying a stream that freed blocks: waits for it, then forgets it (cached
+  // blocks would otherwise record events on a dead stream).
+  void forget_stream(Stream stream);
   // Returns every cached (free) segment and block to the device.
   void empty_cache();
 
