@@ -433,6 +433,26 @@ void CachingAllocator::reback(void* base, std::size_t size) {
                   "reback: " + format_address(base) + " is not a swapped-out large block");
   }
   make_room(lock, size);
+  map_back(lock, base, size);
+}
+
+bool CachingAllocator::try_reback(void* base, std::size_t size) {
+  Impl& m = *impl_;
+  std::unique_lock lock(m.mu);
+  {
+    Block* b = m.find_allocated(key(base));
+    SPILL_EXPECTS(b && b->segment->large && !b->backed && b->size == size,
+                  "reback: " + format_address(base) + " is not a swapped-out large block");
+  }
+  if (m.reserved + size > budget_) return false;
+  m.reserved += size;
+  map_back(lock, base, size);
+  return true;
+}
+
+// Maps fresh physical memory for bytes already claimed in `reserved`.
+void CachingAllocator::map_back(std::unique_lock<std::mutex>& lock, void* base, std::size_t size) {
+  Impl& m = *impl_;
   lock.unlock();
   PhysicalHandle h = 0;
   try {

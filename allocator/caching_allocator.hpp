@@ -84,6 +84,7 @@ class CachingAllocator final : public ResidencyBackend {
   std::optional<SwappableBlock> find_block(const void* ptr) override;
   void unback(void* base, std::size_t size) override;
   void reback(void* base, std::size_t size) override;
+  bool try_reback(void* base, std::size_t size) override;
 
   // Segments and blocks as they are now, for memory_viz snapshots.
   profiling::MemoryState snapshot() const;
@@ -103,6 +104,7 @@ class CachingAllocator final : public ResidencyBackend {
   void forget_segment_locked(struct Segment* s);
   [[noreturn]] void throw_oom_locked(std::size_t bytes, bool device_full);
   std::string write_oom_dump_locked();
+  void map_back(std::unique_lock<std::mutex>& lock, void* base, std::size_t size);
   profiling::MemoryState snapshot_locked() const;
 
   Device& dev_;

@@ -137,7 +137,13 @@ std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
       TraceRecorder::global().record(EventKind::Evict, base, b.size);
     }
   }
-  // Wait for swap-outs in flight, oldest first by address order, until enough is free.
+  lock.unlock();
+  return freed + wait_inflight(needed - std::min(needed, freed));
+}
+
+std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
+  std::unique_lock lock(mu);
+  std::size_t freed = reap_locked();
   std::vector<std::pair<std::uintptr_t, Event>> waiting;
   for (auto& [base, b] : blocks)
     if (b.state == Residence::SwappingOut && !b.busy) waiting.push_back({base, b.out_done});

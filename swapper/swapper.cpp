@@ -131,8 +131,16 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   profiling::NvtxRange range(prefetch ? "spill prefetch" : "spill swap-in",
                              prefetch ? profiling::kNvtxPrefetch : profiling::kNvtxSwapIn);
   std::exception_ptr failure;
+  bool mapped = true;
   try {
-    backend.reback(ptr, size);  // may run the eviction ladder, which takes our lock
+    if (prefetch) {
+      // A prefetch only uses room that is free, or that evictions already in flight will
+      // free: it never chooses new victims (they could be needed before this block).
+      mapped = backend.try_reback(ptr, size);
+      if (!mapped && wait_inflight(size) > 0) mapped = backend.try_reback(ptr, size);
+    } else {
+      backend.reback(ptr, size);  // may run the eviction ladder, which takes our lock
+    }
   } catch (...) {
     failure = std::current_exception();
   }
@@ -140,6 +148,10 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   SwapBlock& again = blocks.at(base);  // busy blocks are never erased
   again.busy = false;
   cv.notify_all();
+  if (!mapped) {
+    stats.prefetches_skipped++;
+    return false;
+  }
   if (failure) {
     if (prefetch) return false;
     // Say which blocks hold the budget: the pinned ones cannot move.
@@ -216,7 +228,7 @@ void Swapper::pin(const void* ptr, Stream stream) {
   } else if (b->prefetched) {
     bool landed = b->state == Residence::Resident || m.dev.query(b->in_done);
     (landed ? m.stats.prefetch_hits : m.stats.prefetch_late)++;
-    if (!landed) m.step.lookahead = std::min(m.step.lookahead + 1, 8);
+    if (!landed) m.step.lookahead = std::min(m.step.lookahead + 1, 2);
     b->prefetched = false;
   }
   m.settle_locked(*b);

@@ -53,6 +53,7 @@ struct SwapStats {
   std::uint64_t swap_outs = 0, swap_ins = 0;    // copies each way
   std::uint64_t clean_evictions = 0;            // evicted with no copy (host copy valid)
   std::uint64_t prefetches = 0;                 // swap-ins started by a hint or the plan
+  std::uint64_t prefetches_skipped = 0;         // no free room: left for later or on demand
   std::uint64_t prefetch_hits = 0;              // pinned after the prefetch had landed
   std::uint64_t prefetch_late = 0;              // pinned while the prefetch was in flight
   std::uint64_t demand_fetches = 0;             // pinned while on the host (a miss)

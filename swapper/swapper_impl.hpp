@@ -99,6 +99,9 @@ struct Swapper::Impl {
   std::size_t reap_locked();
   std::vector<std::uintptr_t> rank_victims_locked();
   std::size_t evict_bytes(std::size_t needed);
+  // Waits (without the lock) for swap-outs already in flight until `needed` bytes are
+  // unmapped or none is left; chooses no new victims. Returns the bytes freed.
+  std::size_t wait_inflight(std::size_t needed);
 
   // ---- step.cpp
   void on_pin_locked(SwapBlock& b, Stream s);

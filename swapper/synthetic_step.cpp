@@ -60,32 +60,21 @@ class Runner {
   std::vector<StepResult> run() {
     for (int l = 0; l < c_.layers; ++l) {
       void* w = mem_.allocate(c_.weight_bytes, stream_);
-      swp_.track(w, round(c_.weight_bytes));
       weights_.push_back(w);
       swp_.pin(w, stream_);
       dev_.fill_async(w, weight_value(l), c_.weight_bytes, stream_);
       swp_.unpin(w, stream_, true);
     }
     grad_ = mem_.allocate(c_.activation_bytes, stream_);
-    swp_.track(grad_, round(c_.activation_bytes));
     std::vector<StepResult> results;
     for (int step = 0; step < c_.steps; ++step) results.push_back(run_step(step));
-    swp_.release(grad_, stream_);
     mem_.free(grad_, stream_);
-    for (void* w : weights_) {
-      swp_.release(w, stream_);
-      mem_.free(w, stream_);
-    }
+    for (void* w : weights_) mem_.free(w, stream_);
     dev_.synchronize(stream_);
     return results;
   }
 
  private:
-  std::size_t round(std::size_t n) const {
-    std::size_t g = dev_.granularity();
-    return (n + g - 1) / g * g;
-  }
-
   void compute(double seconds) {
     if (sim_ != nullptr) sim_->enqueue_compute(stream_, seconds);
     compute_s_ += sim_ != nullptr ? seconds : 0.0;
@@ -116,7 +105,6 @@ class Runner {
       if (l > 0) swp_.pin(acts[l - 1], stream_);
       swp_.pin(weights_[l], stream_);
       acts[l] = mem_.allocate(c_.activation_bytes, stream_);
-      swp_.track(acts[l], round(c_.activation_bytes));
       swp_.pin(acts[l], stream_);
       compute(c_.forward_s);
       dev_.fill_async(acts[l], activation_value(step, l), c_.activation_bytes, stream_);
@@ -137,7 +125,6 @@ class Runner {
       swp_.unpin(grad_, stream_, true);
       swp_.unpin(weights_[l], stream_, false);
       swp_.unpin(acts[l], stream_, false);
-      swp_.release(acts[l], stream_);
       mem_.free(acts[l], stream_);
     }
     dev_.record(t1_, stream_);

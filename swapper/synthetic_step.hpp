@@ -16,7 +16,9 @@
 
 namespace spill {
 
-// Where the step's blocks come from: the caching allocator, or a test backend.
+// Where the step's blocks come from: the caching allocator, or a test backend. It is also
+// responsible for telling the swapper about new blocks (track) and freed ones (release), as
+// the allocator does through its observer.
 class StepMemory {
  public:
   virtual ~StepMemory() = default;

@@ -88,6 +88,20 @@ class TestBackend final : public ResidencyBackend {
     back(base, size);
   }
 
+  bool try_reback(void* base, std::size_t size) override {
+    std::lock_guard lock(mu_);
+    Block& b = blocks_.at(key(base));
+    SPILL_EXPECTS(!b.backed, "test backend: reback of a backed block");
+    if (mapped_ + size > budget_) return false;
+    PhysicalHandle h = dev_.create_physical(size);
+    dev_.map(base, size, h);
+    b.handle = h;
+    b.backed = true;
+    mapped_ += size;
+    peak_ = std::max(peak_, mapped_);
+    return true;
+  }
+
   std::size_t mapped() const {
     std::lock_guard lock(mu_);
     return mapped_;

@@ -16,9 +16,14 @@ namespace {
 
 class BackendMemory final : public StepMemory {
  public:
-  BackendMemory(Device& d, TestBackend& b) : dev_(d), b_(b) {}
-  void* allocate(std::size_t bytes, Stream) override { return b_.allocate(bytes); }
+  BackendMemory(Device& d, TestBackend& b, Swapper& s) : dev_(d), b_(b), s_(s) {}
+  void* allocate(std::size_t bytes, Stream) override {
+    void* p = b_.allocate(bytes);
+    s_.track(p, b_.find_block(p)->size);
+    return p;
+  }
   void free(void* p, Stream s) override {
+    s_.release(p, s);
     dev_.synchronize(s);  // the test backend's free is not stream-ordered
     b_.free(p);
   }
@@ -29,6 +34,7 @@ class BackendMemory final : public StepMemory {
  private:
   Device& dev_;
   TestBackend& b_;
+  Swapper& s_;
 };
 
 struct StepRun {
@@ -46,7 +52,7 @@ StepRun run(SwapPolicy policy, const SyntheticStepConfig& c, std::size_t budget)
   o.link = dev.options().link;
   Swapper swapper(dev, backend, host, o);
   backend.evict_hook = [&](std::size_t n) { return swapper.evict_bytes(n); };
-  BackendMemory mem(dev, backend);
+  BackendMemory mem(dev, backend, swapper);
   StepRun r{run_synthetic_steps(dev, mem, swapper, c), budget};
   EXPECT_LE(backend.peak_mapped(), budget);
   return r;

@@ -1,0 +1,75 @@
+#include "swapper/runtime.hpp"
+
+#include <algorithm>
+
+#include "core/errors.hpp"
+
+namespace spill {
+
+// The swapper as the allocator's observer.
+class Runtime::Hooks final : public LargeBlockObserver {
+ public:
+  explicit Hooks(Swapper& s) : s_(s) {}
+  void on_large_alloc(void* base, std::size_t size) override { s_.track(base, size); }
+  void on_large_free(void* base, Stream stream) override { s_.release(base, stream); }
+  std::size_t evict(std::size_t bytes) override { return s_.evict_bytes(bytes); }
+
+ private:
+  Swapper& s_;
+};
+
+class Runtime::AllocatorMemory final : public StepMemory {
+ public:
+  explicit AllocatorMemory(CachingAllocator& a) : a_(a) {}
+  void* allocate(std::size_t bytes, Stream stream) override { return a_.allocate(bytes, stream); }
+  void free(void* ptr, Stream stream) override { a_.deallocate(ptr, stream); }
+  std::size_t mapped_bytes() const override {
+    return static_cast<std::size_t>(a_.stats().reserved.current);
+  }
+  std::size_t peak_mapped_bytes() const override {
+    return static_cast<std::size_t>(a_.stats().reserved.peak);
+  }
+  void reset_peak() override { a_.reset_peak(); }
+
+ private:
+  CachingAllocator& a_;
+};
+
+Runtime::Runtime(const Config& config) : config_(config) {
+  DeviceSelection sel = make_device(config);
+  device_ = std::move(sel.device);
+  reason_ = sel.reason;
+  host_ = std::make_unique<HostPool>(*device_, config.host_cap);
+  AllocatorOptions ao = AllocatorOptions::from_config(config);
+  ao.small_limit = std::min<std::size_t>(config.swap_threshold, 1u << 20);
+  allocator_ = std::make_unique<CachingAllocator>(*device_, ao);
+  allocator_->set_host_pinned_source([h = host_.get()] { return h->in_use(); });
+  if (config.policy != SwapPolicy::None) {
+    SwapperOptions so;
+    so.policy = config.policy;
+    so.budget = allocator_->budget();
+    so.min_swap_bytes = std::max<std::size_t>(config.swap_threshold, 1);
+    try {
+      so.link = link_preset(device_->info().link_name);
+    } catch (const InvalidArgument&) {
+      // Keep the default preset: the device reported a link we have no model for.
+    }
+    swapper_ = std::make_unique<Swapper>(*device_, *allocator_, *host_, so);
+    hooks_ = std::make_unique<Hooks>(*swapper_);
+    allocator_->set_observer(hooks_.get());
+  }
+  memory_ = std::make_unique<AllocatorMemory>(*allocator_);
+}
+
+Runtime::~Runtime() {
+  if (allocator_) allocator_->set_observer(nullptr);
+  // Order: the swapper frees its host buffers before the host pool goes; blocks still
+  // allocated are returned by the allocator's destructor.
+  swapper_.reset();
+  allocator_.reset();
+  host_.reset();
+}
+
+StepMemory& Runtime::step_memory() { return *memory_; }
+
+}  // namespace spill

@@ -1,0 +1,49 @@
+// The assembled stack for one device, from one Config: device (auto/cuda/sim), caching
+// allocator with its budget, pinned host pool under host_cap, and the swapper wired into the
+// allocator (new large blocks are tracked, frees release them, the ladder's eviction hook
+// evicts). This is what `spill demo`, the trainer and the C API stand on.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "allocator/caching_allocator.hpp"
+#include "allocator/host_pool.hpp"
+#include "core/config.hpp"
+#include "device/select.hpp"
+#include "swapper/swapper.hpp"
+#include "swapper/synthetic_step.hpp"
+
+namespace spill {
+
+class Runtime {
+ public:
+  explicit Runtime(const Config& config);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  Device& device() { return *device_; }
+  CachingAllocator& allocator() { return *allocator_; }
+  HostPool& host() { return *host_; }
+  Swapper* swapper() { return swapper_.get(); }  // null with policy:none
+  const std::string& device_reason() const { return reason_; }
+  const Config& config() const { return config_; }
+
+  // The allocator as the synthetic step's memory.
+  StepMemory& step_memory();
+
+ private:
+  class Hooks;
+  class AllocatorMemory;
+  Config config_;
+  std::string reason_;
+  std::unique_ptr<Device> device_;
+  std::unique_ptr<HostPool> host_;
+  std::unique_ptr<CachingAllocator> allocator_;
+  std::unique_ptr<Swapper> swapper_;
+  std::unique_ptr<Hooks> hooks_;
+  std::unique_ptr<AllocatorMemory> memory_;
+};
+
+}  // namespace spill
