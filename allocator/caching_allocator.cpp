@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -182,7 +183,9 @@ void CachingAllocator::make_room(std::unique_lock<std::mutex>& lock, std::size_t
   for (int strikes = 0; m.reserved + bytes > budget_;) {
     std::size_t short_by = m.reserved + bytes - budget_;
     if (release_cached_locked(short_by) > 0) continue;
-    if (m.observer == nullptr || strikes >= 4) throw_oom_locked(bytes, false);
+    // Give up only after many rounds without progress: with several threads under pressure,
+    // the room one eviction frees may be taken by another thread first.
+    if (m.observer == nullptr || strikes >= 64) throw_oom_locked(bytes, false);
     LargeBlockObserver* obs = m.observer;
     std::size_t before = m.reserved;
     m.stats.eviction_requests++;
@@ -194,7 +197,7 @@ void CachingAllocator::make_room(std::unique_lock<std::mutex>& lock, std::size_t
     } else {
       ++strikes;
       lock.unlock();
-      std::this_thread::yield();  // other threads may be finishing evictions
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
       lock.lock();
     }
   }

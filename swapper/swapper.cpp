@@ -164,13 +164,22 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
           pinned += " " + format_address(other.base) + " (" + format_bytes(other.size) + ")";
       }
     }
+    std::size_t by_state[4] = {0, 0, 0, 0}, busy_bytes = 0;
+    for (auto& [k, other] : blocks) {
+      by_state[static_cast<int>(other.state)] += other.size;
+      if (other.busy) busy_bytes += other.size;
+    }
     try {
       std::rethrow_exception(failure);
     } catch (const OutOfMemory& e) {
       throw OutOfMemory(std::string("pin: cannot bring ") + format_bytes(size) + " at " +
                         format_address(ptr) + " back: " + format_bytes(pinned_bytes) +
                         " of the budget is pinned by blocks that cannot be evicted:" +
-                        (pinned.empty() ? " none" : pinned) + ". " + e.what());
+                        (pinned.empty() ? " none" : pinned) + " (tracked blocks: " +
+                        format_bytes(by_state[0]) + " resident, " + format_bytes(by_state[1]) +
+                        " swapping out, " + format_bytes(by_state[2]) + " on host, " +
+                        format_bytes(by_state[3]) + " swapping in, " + format_bytes(busy_bytes) +
+                        " being mapped). " + e.what());
     }
   }
   again.in_done = again.in_done ? again.in_done : get_event_locked();

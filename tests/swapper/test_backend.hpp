@@ -5,6 +5,7 @@
 // twice, never map past the budget.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <mutex>
@@ -145,11 +146,12 @@ class TestBackend final : public ResidencyBackend {
       bool progress = freed > 0 || mapped() < before;
       if (progress) {
         strikes = 0;
-      } else if (++strikes >= 4) {
+      } else if (++strikes >= 64) {
         SPILL_FAIL_OOM("test backend: " + format_bytes(size) + " does not fit the budget of " +
                        format_bytes(budget_) + " (" + format_bytes(mapped()) + " mapped)");
       } else {
-        std::this_thread::yield();
+        // Other threads may be finishing evictions or have just taken the room.
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
       }
     }
   }
