@@ -227,7 +227,10 @@ void Swapper::pin(const void* ptr, Stream stream) {
   m.wait_not_busy(lock, base);
   SwapBlock* b = &m.block_for_locked(ptr, "pin");
   if (b->state == Residence::SwappingOut) {
-    b->state = Residence::Resident;  // cancel: the device bytes are still there
+    // Cancel: the device bytes are still there. The stream waits for the copy in flight so
+    // that a write cannot race it (the host copy it makes stays valid unless written).
+    b->state = Residence::Resident;
+    m.dev.wait(stream, b->out_done);
   } else if (b->state == Residence::OnHost) {
     m.stats.demand_fetches++;
     TraceRecorder::global().record(EventKind::Stall, base, b->size, sid(stream));
