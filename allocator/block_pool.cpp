@@ -203,6 +203,31 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
   return b;
 }
 
+bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
+  if (b.fresh) return true;
+  bool all = true;
+  auto check = [&](StreamUse& u) {
+    if (u.event == nullptr) {
+      if (spare_events_.empty()) {
+        u.event = device_->create_event();
+      } else {
+        u.event = spare_events_.back();
+        spare_events_.pop_back();
+      }
+      device_->record(u.event, u.stream);
+    }
+    if (device_->query(u.event)) return;
+    all = false;
+    if (pending) pending->push_back(u.event);
+  };
+  // The free stream needs an entry of its own to hold its event.
+  bool found = false;
+  for (std::uint8_t i = 0; i < b.n_uses; ++i) found |= b.uses[i].stream == b.stream;
+  if (!found && b.n_uses < b.uses.size()) b.uses[b.n_uses++] = {b.stream, nullptr};
+  for (std::uint8_t i = 0; i < b.n_uses; ++i) check(b.uses[i]);
+  return all;
+}
+
 void BlockPool::forget_stream(Stream stream) {
   for (Block& b : free_) {
     std::uint8_t kept = 0;

@@ -39,6 +39,10 @@ class BlockPool {
   // The caller has synchronised `stream` and is about to destroy it: drop every constraint
   // that names it (they are satisfied).
   void forget_stream(Stream stream);
+  // Whether no stream can still be using the free block (events recorded lazily, queried);
+  // appends the events still pending to `pending`. Unmapping a block that is not idle would
+  // pull memory from under queued work.
+  bool idle(Block& b, std::vector<Event>* pending = nullptr);
   // Removes a wholly free segment's single block from the pool (before releasing the segment).
   void remove_free_segment(Segment* segment);
   // Segments whose memory is all free, ready to be released (in address order).

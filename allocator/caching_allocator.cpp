@@ -138,12 +138,29 @@ void CachingAllocator::reset_peak() {
 
 // ---- budget ladder
 
-std::size_t CachingAllocator::release_cached_locked(std::size_t want) {
+// Releases cached memory no queued work can still touch; when that is not enough, waits
+// (without the lock) for the work that is, and tries again.
+std::size_t CachingAllocator::release_cached_locked(std::unique_lock<std::mutex>& lock,
+                                                    std::size_t want) {
+  std::vector<Event> pending;
+  std::size_t released = release_idle_locked(want, &pending);
+  if (released < want && !pending.empty()) {
+    lock.unlock();
+    for (Event e : pending) dev_.synchronize(e);
+    lock.lock();
+    released += release_idle_locked(want - released, nullptr);
+  }
+  if (released) impl_->stats.cache_releases++;
+  return released;
+}
+
+std::size_t CachingAllocator::release_idle_locked(std::size_t want, std::vector<Event>* pending) {
   Impl& m = *impl_;
   std::size_t released = 0;
   // Large cached blocks first (largest first), then wholly free small segments.
   for (Block* b : m.large.free_blocks_largest_first()) {
     if (released >= want) break;
+    if (!m.large.idle(*b, pending)) continue;
     Segment* s = b->segment;
     PhysicalHandle h = b->handle;
     m.large.remove_free_segment(s);
@@ -157,13 +174,13 @@ std::size_t CachingAllocator::release_cached_locked(std::size_t want) {
   }
   for (Segment* s : m.small.free_segments()) {
     if (released >= want) break;
+    if (!m.small.idle(*s->first, pending)) continue;
     m.small.remove_free_segment(s);
     dev_.deallocate(reinterpret_cast<void*>(s->addr));
     TraceRecorder::global().record(EventKind::Unmap, s->addr, s->size);
     released += s->size;
     forget_segment_locked(s);
   }
-  if (released) m.stats.cache_releases++;
   return released;
 }
 
@@ -182,7 +199,7 @@ void CachingAllocator::make_room(std::unique_lock<std::mutex>& lock, std::size_t
   if (bytes > budget_) throw_oom_locked(bytes, false);
   for (int strikes = 0; m.reserved + bytes > budget_;) {
     std::size_t short_by = m.reserved + bytes - budget_;
-    if (release_cached_locked(short_by) > 0) continue;
+    if (release_cached_locked(lock, short_by) > 0) continue;
     // Give up only after many rounds without progress: with several threads under pressure,
     // the room one eviction frees may be taken by another thread first.
     if (m.observer == nullptr || strikes >= 64) throw_oom_locked(bytes, false);
@@ -391,8 +408,8 @@ void CachingAllocator::forget_stream(Stream stream) {
 }
 
 void CachingAllocator::empty_cache() {
-  std::lock_guard lock(impl_->mu);
-  release_cached_locked(SIZE_MAX);
+  std::unique_lock lock(impl_->mu);
+  release_cached_locked(lock, SIZE_MAX);
 }
 
 // ---- residency, for the swapper

@@ -23,6 +23,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "allocator/stats.hpp"
 #include "device/device.hpp"
@@ -100,7 +101,8 @@ class CachingAllocator final : public ResidencyBackend {
   void account_alloc_locked(struct Block* b, std::size_t bytes, Stream stream);
   // The ladder: makes room for `bytes` more mapped bytes and claims them (or throws).
   void make_room(std::unique_lock<std::mutex>& lock, std::size_t bytes);
-  std::size_t release_cached_locked(std::size_t want);
+  std::size_t release_cached_locked(std::unique_lock<std::mutex>& lock, std::size_t want);
+  std::size_t release_idle_locked(std::size_t want, std::vector<Event>* pending);
   void forget_segment_locked(struct Segment* s);
   [[noreturn]] void throw_oom_locked(std::size_t bytes, bool device_full);
   std::string write_oom_dump_locked();

@@ -22,6 +22,7 @@ void add_info(CLI::App& app, Runner& run);
 void add_device_check(CLI::App& app, Runner& run);
 void add_bench(CLI::App& app, Runner& run);
 void add_report(CLI::App& app, Runner& run);
+void add_demo(CLI::App& app, Runner& run);
 void add_plan(CLI::App& app, Runner& run);
 
 }  // namespace spill::cli

@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   cli::add_device_check(app, run);
   cli::add_bench(app, run);
   cli::add_report(app, run);
+  cli::add_demo(app, run);
   cli::add_plan(app, run);
   try {
     app.parse(argc, argv);

@@ -51,10 +51,14 @@ class Runner {
     t1_ = dev_.create_event(true);
   }
   ~Runner() {
-    dev_.synchronize(stream_);
-    dev_.destroy_event(t0_);
-    dev_.destroy_event(t1_);
-    dev_.destroy_stream(stream_);
+    try {
+      dev_.synchronize(stream_);
+      dev_.destroy_event(t0_);
+      dev_.destroy_event(t1_);
+      dev_.destroy_stream(stream_);
+    } catch (const std::exception&) {
+      // A device error is already on its way out as the run's exception.
+    }
   }
 
   std::vector<StepResult> run() {
