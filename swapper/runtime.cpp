@@ -30,6 +30,7 @@ class Runtime::AllocatorMemory final : public StepMemory {
     return static_cast<std::size_t>(a_.stats().reserved.peak);
   }
   void reset_peak() override { a_.reset_peak(); }
+  void forget_stream(Stream s) override { a_.forget_stream(s); }
 
  private:
   CachingAllocator& a_;

@@ -55,6 +55,7 @@ class Runner {
       dev_.synchronize(stream_);
       dev_.destroy_event(t0_);
       dev_.destroy_event(t1_);
+      mem_.forget_stream(stream_);
       dev_.destroy_stream(stream_);
     } catch (const std::exception&) {
       // A device error is already on its way out as the run's exception.

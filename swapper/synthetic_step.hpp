@@ -27,6 +27,8 @@ class StepMemory {
   virtual std::size_t mapped_bytes() const = 0;
   virtual std::size_t peak_mapped_bytes() const = 0;
   virtual void reset_peak() = 0;
+  // The stream is about to be destroyed (the caching allocator must forget it).
+  virtual void forget_stream(Stream) {}
 };
 
 struct SyntheticStepConfig {
