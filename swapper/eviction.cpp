@@ -17,21 +17,17 @@ namespace {
 std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 }  // namespace
 
-bool Swapper::Impl::uses_done_locked(SwapBlock& b) {
-  auto done = std::remove_if(b.uses.begin(), b.uses.end(), [&](Event& e) {
-    if (!dev.query(e)) return false;
-    event_pool.push_back(e);
-    return true;
-  });
-  b.uses.erase(done, b.uses.end());
-  return b.uses.empty();
-}
-
 void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   SPILL_ASSERT(b.pins == 0 && !b.busy, "swap-out of a pinned or busy block");
   profiling::NvtxRange range("spill swap-out", profiling::kNvtxSwapOut);
   // The D2H stream runs after every recorded use and after a swap-in still landing.
-  for (Event e : b.uses) dev.wait(d2h, e);
+  for (Stream s : b.use_streams) {
+    Event e = get_event_locked();
+    dev.record(e, s);
+    dev.wait(d2h, e);  // binds to this record: the event can go back to the pool at once
+    event_pool.push_back(e);
+  }
+  b.use_streams.clear();
   if (b.in_done) dev.wait(d2h, b.in_done);
   const bool clean = (b.host_valid && b.host != nullptr) || b.untouched;
   if (!clean) {
@@ -60,8 +56,6 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
 std::size_t Swapper::Impl::complete_swap_out_locked(SwapBlock& b) {
   backend.unback(b.base, b.size);
   b.state = Residence::OnHost;
-  for (Event& e : b.uses) event_pool.push_back(e);
-  b.uses.clear();
   put_event_locked(b.out_done);
   put_event_locked(b.in_done);
   stats.resident_bytes -= b.size;

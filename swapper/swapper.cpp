@@ -50,7 +50,6 @@ Swapper::~Swapper() {
   }
   std::lock_guard lock(m.mu);
   for (auto& [base, b] : m.blocks) {
-    for (Event& e : b.uses) m.dev.destroy_event(e);
     if (b.out_done) m.dev.destroy_event(b.out_done);
     if (b.in_done) m.dev.destroy_event(b.in_done);
     if (b.host) m.host.deallocate(b.host, b.size);
@@ -257,10 +256,8 @@ void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   SwapBlock* b = m.find_tracked_locked(ptr);
   SPILL_EXPECTS(b != nullptr && b->pins > 0,
                 "unpin: " + format_address(ptr) + " is not pinned (unpin without pin)");
-  Event e = m.get_event_locked();
-  m.dev.record(e, stream);
-  b->uses.push_back(e);
-  if (b->uses.size() > 8) m.uses_done_locked(*b);  // keep the list short
+  if (std::find(b->use_streams.begin(), b->use_streams.end(), stream) == b->use_streams.end())
+    b->use_streams.push_back(stream);
   if (wrote) b->host_valid = false, b->untouched = false;
   b->pins--;
   m.on_unpin_locked(*b, wrote);
@@ -324,7 +321,6 @@ void Swapper::release(void* base, Stream stream) {
       m.stats.host_bytes -= b.size;
     }
   }
-  for (Event& e : b.uses) m.put_event_locked(e);
   m.put_event_locked(b.out_done);
   m.put_event_locked(b.in_done);
   m.step.id_of.erase(key(base));

@@ -20,7 +20,10 @@ struct SwapBlock {
   std::size_t size = 0;
   Residence state = Residence::Resident;
   int pins = 0;
-  std::vector<Event> uses;       // recorded at unpin, not yet known complete
+  // Streams that used the block since it was last made resident. No event is recorded at
+  // unpin (the hot path); a swap-out records one on each of these streams when it starts,
+  // which covers every use enqueued before it.
+  std::vector<Stream> use_streams;
   void* host = nullptr;          // pinned host buffer, kept once allocated
   bool host_valid = false;       // the host buffer holds the current bytes once out_done is done
   Event out_done = nullptr;      // the latest swap-out copy (or marker) on the D2H stream
@@ -93,7 +96,6 @@ struct Swapper::Impl {
   void copy_chunks(void* dst, const void* src, std::size_t bytes, CopyKind kind, Stream s);
 
   // ---- eviction.cpp
-  bool uses_done_locked(SwapBlock& b);
   void start_swap_out_locked(SwapBlock& b);  // may throw OutOfMemory (host cap)
   std::size_t complete_swap_out_locked(SwapBlock& b);
   std::size_t reap_locked();
