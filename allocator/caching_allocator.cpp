@@ -295,7 +295,7 @@ void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
   SPILL_EXPECTS(bytes <= SIZE_MAX - g, "allocate: " + std::to_string(bytes) + " bytes is absurd");
   const std::size_t size = (bytes + g - 1) / g * g;
   std::unique_lock lock(m.mu);
-  Block* b = m.large.take(size, stream, size / 8);
+  Block* b = m.large.take(size, stream, size / 4);
   if (b != nullptr) {
     m.stats.cache_hits++;
   } else {

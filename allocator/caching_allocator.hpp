@@ -3,7 +3,7 @@
 //               plain device segments;
 //   large pool  bigger requests rounded to the VMM granularity, each block its own reserved
 //               range with its own physical chunk, so the swapper can unmap one block alone;
-//               freed blocks stay mapped (cached) and are reused for requests at most 1/8
+//               freed blocks stay mapped (cached) and are reused for requests at most 1/4
 //               smaller.
 // The budget limits mapped physical bytes (small segments + mapped large blocks). A request
 // that would pass it goes down the ladder: reuse a cached block; release cached memory (dead

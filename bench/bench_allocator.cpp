@@ -136,6 +136,8 @@ void run_sequence(benchmark::State& state, const std::vector<Op>& ops, Source so
     AllocatorStats st = alloc->stats();
     state.counters["fragmentation"] =
         static_cast<double>(st.reserved.peak) / static_cast<double>(st.allocated.peak);
+    state.counters["reserved_over_requested"] =
+        static_cast<double>(st.reserved.peak) / static_cast<double>(st.requested.peak);
     state.counters["peak_allocated_MiB"] = static_cast<double>(st.allocated.peak) / MiB;
     state.counters["peak_reserved_MiB"] = static_cast<double>(st.reserved.peak) / MiB;
   }
