@@ -150,3 +150,40 @@ TEST(Eviction, BeladyFromTheRecordedStepBeatsLru) {
 
 }  // namespace
 }  // namespace spill::test
+
+namespace spill::test {
+namespace {
+
+// A step that no longer matches the recording (other block sizes) stops the plan, keeps every
+// byte, and is recorded again.
+TEST(SyntheticStep, DeviationFallsBackAndReRecords) {
+  SimDevice dev(SimOptions{.capacity = 2 * GiB});
+  SyntheticStepConfig c;
+  c.layers = 8;
+  c.weight_bytes = 4 * MiB;
+  c.activation_bytes = 8 * MiB;
+  c.steps = 2;
+  const std::size_t budget = c.footprint() / 3;
+  TestBackend backend(dev, budget);
+  TestHost host(dev, 4 * GiB);
+  SwapperOptions o;
+  o.policy = SwapPolicy::Plan;
+  o.budget = budget;
+  Swapper swapper(dev, backend, host, o);
+  backend.evict_hook = [&](std::size_t n) { return swapper.evict_bytes(n); };
+  BackendMemory mem(dev, backend, swapper);
+  for (const StepResult& r : run_synthetic_steps(dev, mem, swapper, c))
+    EXPECT_TRUE(r.data_ok) << r.first_error;
+  EXPECT_EQ(swapper.stats().steps_recorded, 1u);
+  EXPECT_EQ(swapper.stats().deviations, 0u);
+  SyntheticStepConfig other = c;
+  other.activation_bytes = 10 * MiB;  // a different model now
+  for (const StepResult& r : run_synthetic_steps(dev, mem, swapper, other))
+    EXPECT_TRUE(r.data_ok) << r.first_error;
+  EXPECT_GE(swapper.stats().deviations, 1u);
+  EXPECT_EQ(swapper.stats().steps_recorded, 2u) << "the new shape was recorded again";
+  EXPECT_LE(backend.peak_mapped(), budget);
+}
+
+}  // namespace
+}  // namespace spill::test
