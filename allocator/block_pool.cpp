@@ -60,21 +60,24 @@ void BlockPool::drop_uses(Block& b) {
   b.n_uses = 0;
 }
 
+void BlockPool::record_if_needed(StreamUse& u) {
+  if (u.event != nullptr) return;
+  if (spare_events_.empty()) {
+    u.event = device_->create_event();
+  } else {
+    u.event = spare_events_.back();
+    spare_events_.pop_back();
+  }
+  device_->record(u.event, u.stream);
+}
+
 bool BlockPool::ready_for(Block& b, Stream stream) {
   if (b.fresh) return true;
   // The free stream is the first "use"; only streams other than `stream` need an event.
   bool ready = true;
   auto check = [&](StreamUse& u) {
     if (u.stream == stream) return true;
-    if (u.event == nullptr) {
-      if (spare_events_.empty()) {
-        u.event = device_->create_event();
-      } else {
-        u.event = spare_events_.back();
-        spare_events_.pop_back();
-      }
-      device_->record(u.event, u.stream);
-    }
+    record_if_needed(u);
     return device_->query(u.event);
   };
   StreamUse self{b.stream, nullptr};
@@ -207,15 +210,7 @@ bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
   if (b.fresh) return true;
   bool all = true;
   auto check = [&](StreamUse& u) {
-    if (u.event == nullptr) {
-      if (spare_events_.empty()) {
-        u.event = device_->create_event();
-      } else {
-        u.event = spare_events_.back();
-        spare_events_.pop_back();
-      }
-      device_->record(u.event, u.stream);
-    }
+    record_if_needed(u);
     if (device_->query(u.event)) return;
     all = false;
     if (pending) pending->push_back(u.event);

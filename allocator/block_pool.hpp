@@ -60,6 +60,8 @@ class BlockPool {
 
  private:
   bool ready_for(Block& b, Stream stream);
+  // Records the use's event now if it has none yet (lazily: later is always safe).
+  void record_if_needed(StreamUse& u);
   void merge_uses(Block& into, Block& from);
   void drop_uses(Block& b);
 
