@@ -47,6 +47,10 @@ class SimDevice final : public Device {
   // (CPU reference code standing in for a kernel; may be empty) on the stream's worker.
   void enqueue_compute(Stream stream, double sim_seconds, std::function<void()> work = {});
 
+  // Fault injection for tests: the next `n` copy_async calls fail at enqueue with a CudaError,
+  // as a CUDA copy that the runtime rejects does.
+  void fail_next_copies(int n);
+
   // The simulated clock: the latest time any stream or copy engine has reached, in seconds.
   double sim_time_s() const;
 

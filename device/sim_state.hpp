@@ -89,6 +89,7 @@ struct SimDevice::State {
   };
   Engine h2d, d2h;
   std::atomic<double> clock_max{0.0};
+  std::atomic<int> copies_to_fail{0};
   // The host's simulated clock: the latest completion it has observed (synchronize, query).
   // Work it enqueues afterwards cannot start before that, as on a real device.
   std::atomic<double> host_clock{0.0};

@@ -257,9 +257,16 @@ float SimDevice::do_elapsed_ms(Event start, Event end) {
 
 // ---- Work
 
+void SimDevice::fail_next_copies(int n) { s_->copies_to_fail.store(n); }
+
 void SimDevice::do_copy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind,
                               Stream stream) {
   StreamImpl& s = s_->stream(stream);
+  if (s_->copies_to_fail.load() > 0 && s_->copies_to_fail.fetch_sub(1) > 0) {
+    throw CudaError(std::string("cudaMemcpyAsync (") + to_string(kind) +
+                        ") failed: cudaErrorLaunchFailure (injected by SimDevice)",
+                    719);
+  }
   {
     std::shared_lock lock(s_->vm);
     bool dst_dev = s_->is_device_address(dst), src_dev = s_->is_device_address(src);

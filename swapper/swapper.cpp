@@ -184,7 +184,15 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   again.in_done = again.in_done ? again.in_done : get_event_locked();
   if (!again.untouched) {  // an untouched block has no bytes to bring back
     std::uint64_t start = TraceRecorder::now();
-    copy_chunks(again.base, again.host, again.size, CopyKind::HostToDevice, h2d);
+    try {
+      copy_chunks(again.base, again.host, again.size, CopyKind::HostToDevice, h2d);
+    } catch (...) {
+      // The bytes are still on the host: give the fresh memory back and stay there. Chunks
+      // already enqueued only write memory that is unmapped after them.
+      dev.synchronize(h2d);
+      backend.unback(again.base, again.size);
+      throw;
+    }
     dev.host_callback(h2d, [start, base, size] {
       TraceRecorder::global().record_span(EventKind::SwapIn, start, base, size);
     });

@@ -231,3 +231,29 @@ TEST(Swapper, MisuseIsAClearError) {
 
 }  // namespace
 }  // namespace spill::test
+
+namespace spill::test {
+namespace {
+
+// A copy that fails surfaces as the CUDA error and leaves the block valid where it was.
+TEST(Swapper, FailedCopiesLeaveTheBlockInItsLastGoodPlace) {
+  Rig r(2 * 4 * MiB);
+  void* a = r.backend.allocate(4 * MiB);
+  r.swapper.track(a, 4 * MiB);
+  r.write(a, 4 * MiB, 11);
+  r.dev.fail_next_copies(1);
+  EXPECT_THROW(r.swapper.evict(a), CudaError);  // swap-out fails: a stays resident
+  EXPECT_EQ(r.swapper.residence(a), Residence::Resident);
+  EXPECT_TRUE(r.holds(a, 4 * MiB, 11));
+  r.swapper.evict(a);
+  r.swapper.quiesce();
+  ASSERT_EQ(r.swapper.residence(a), Residence::OnHost);
+  r.dev.fail_next_copies(1);
+  EXPECT_THROW(r.swapper.pin(a, r.stream), CudaError);  // swap-in fails: a stays on the host
+  EXPECT_EQ(r.swapper.residence(a), Residence::OnHost);
+  EXPECT_EQ(r.backend.mapped(), 0u) << "the memory mapped for the failed swap-in was returned";
+  EXPECT_TRUE(r.holds(a, 4 * MiB, 11)) << "the next pin brings the bytes back";
+}
+
+}  // namespace
+}  // namespace spill::test
