@@ -402,9 +402,14 @@ void CachingAllocator::record_stream(void* ptr, Stream stream) {
 
 void CachingAllocator::forget_stream(Stream stream) {
   dev_.synchronize(stream);
-  std::lock_guard lock(impl_->mu);
-  impl_->small.forget_stream(stream);
-  impl_->large.forget_stream(stream);
+  LargeBlockObserver* obs;
+  {
+    std::lock_guard lock(impl_->mu);
+    impl_->small.forget_stream(stream);
+    impl_->large.forget_stream(stream);
+    obs = impl_->observer;
+  }
+  if (obs) obs->on_forget_stream(stream);
 }
 
 void CachingAllocator::empty_cache() {

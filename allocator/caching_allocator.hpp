@@ -51,6 +51,8 @@ class LargeBlockObserver {
   virtual void on_large_free(void* base, Stream stream) = 0;
   // Free at least `bytes` of mapped memory now; returns what was freed.
   virtual std::size_t evict(std::size_t bytes) = 0;
+  // The stream is about to be destroyed (forward of CachingAllocator::forget_stream).
+  virtual void on_forget_stream(Stream) {}
 };
 
 class CachingAllocator final : public ResidencyBackend {
@@ -68,8 +70,9 @@ class CachingAllocator final : public ResidencyBackend {
   void deallocate(void* ptr, Stream stream);
   // The block is also used on `stream`: it is reused only when that use is done.
   void record_stream(void* ptr, Stream stream);
-  // Call before destroying a stream that freed blocks: waits for it, then forgets it (cached
-  // blocks would otherwise record events on a dead stream).
+  // Call before destroying a stream that used the allocator's blocks: waits for it, then
+  // forgets it here and in the observer (cached blocks and swap-outs would otherwise record
+  // events on a dead stream).
   void forget_stream(Stream stream);
   // Returns every cached (free) segment and block to the device.
   void empty_cache();

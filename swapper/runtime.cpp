@@ -13,6 +13,7 @@ class Runtime::Hooks final : public LargeBlockObserver {
   void on_large_alloc(void* base, std::size_t size) override { s_.track(base, size); }
   void on_large_free(void* base, Stream stream) override { s_.release(base, stream); }
   std::size_t evict(std::size_t bytes) override { return s_.evict_bytes(bytes); }
+  void on_forget_stream(Stream stream) override { s_.forget_stream(stream); }
 
  private:
   Swapper& s_;

@@ -346,6 +346,14 @@ void Swapper::track(void* base, std::size_t size) {
   m.stats.resident_bytes += size;
 }
 
+void Swapper::forget_stream(Stream stream) {
+  Impl& m = *impl_;
+  m.dev.synchronize(stream);
+  std::lock_guard lock(m.mu);
+  for (auto& [base, b] : m.blocks) std::erase(b.use_streams, stream);
+  m.step.stream_ids.erase(reinterpret_cast<std::uintptr_t>(stream));
+}
+
 Residence Swapper::residence(const void* ptr) const {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);

@@ -81,6 +81,9 @@ class Swapper {
   // The allocator hands out a new swappable block: it can be evicted before it is ever used,
   // at no cost (its bytes are undefined until written).
   void track(void* base, std::size_t size);
+  // `stream` is about to be destroyed: waits for it and forgets it as a user of any block
+  // (swap-outs record their wait events on the streams that used a block).
+  void forget_stream(Stream stream);
 
   void begin_op(std::string_view name = {});
   void begin_step();

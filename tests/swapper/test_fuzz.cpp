@@ -130,7 +130,7 @@ void run_fuzz(std::uint64_t seed, long total_ops) {
       std::lock_guard lock(err_mu);
       if (first_error.empty()) first_error = e.what();
     }
-    dev.synchronize(s);
+    swapper.forget_stream(s);
     dev.destroy_stream(s);
   };
   std::vector<std::thread> pool;

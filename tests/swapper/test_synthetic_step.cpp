@@ -31,6 +31,7 @@ class BackendMemory final : public StepMemory {
   std::size_t mapped_bytes() const override { return b_.mapped(); }
   std::size_t peak_mapped_bytes() const override { return b_.peak_mapped(); }
   void reset_peak() override {}
+  void forget_stream(Stream s) override { s_.forget_stream(s); }
 
  private:
   Device& dev_;
