@@ -469,6 +469,10 @@ bool CachingAllocator::try_reback(void* base, std::size_t size) {
     SPILL_EXPECTS(b && b->segment->large && !b->backed && b->size == size,
                   "reback: " + format_address(base) + " is not a swapped-out large block");
   }
+  // Dead cached bytes may go (releasing them evicts nothing live); never wait, never evict.
+  if (m.reserved + size > budget_ &&
+      release_idle_locked(m.reserved + size - budget_, nullptr) > 0)
+    m.stats.cache_releases++;
   if (m.reserved + size > budget_) return false;
   m.reserved += size;
   map_back(lock, base, size);

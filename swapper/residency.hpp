@@ -31,8 +31,9 @@ class ResidencyBackend {
   // Maps fresh physical memory at the block's addresses; throws OutOfMemory when the budget
   // cannot be met even after the eviction ladder.
   virtual void reback(void* base, std::size_t size) = 0;
-  // Like reback, but only if the budget has room now: never runs the eviction ladder (a
-  // prefetch must not push out blocks needed sooner). Returns false when there is no room.
+  // Like reback, but only if the budget has room now (cached memory nobody uses may be
+  // released for it): never evicts live blocks (a prefetch must not push out blocks needed
+  // sooner). Returns false when there is no room.
   virtual bool try_reback(void* base, std::size_t size) = 0;
 };
 
