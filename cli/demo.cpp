@@ -60,7 +60,9 @@ int run_demo(Config config, const DemoArgs& a) {
   bool ok = true;
   for (std::size_t i = 0; i < results.size(); ++i) {
     const StepResult& r = results[i];
-    std::string name = i == 0 ? "1 (record, reactive)" : std::to_string(i + 1) + " (plan)";
+    const bool planned = config.policy == SwapPolicy::Plan;
+    std::string name = std::to_string(i + 1) +
+                       (!planned ? " (reactive, lru)" : i == 0 ? " (record, reactive)" : " (plan)");
     std::printf("%-22s %12s %12s %12s %8.2fms %8.2fms %7llu %9llu  %s\n", name.c_str(),
                 format_bytes(r.peak_mapped).c_str(), format_bytes(r.swaps.bytes_out).c_str(),
                 format_bytes(r.swaps.bytes_in).c_str(), r.stall_s * 1e3, r.step_time_s * 1e3,
