@@ -54,6 +54,9 @@ const DriverApi& driver_api() {
 namespace detail {
 
 void throw_cuda(cudaError_t err, const char* call, const char* file, int line) {
+  // Clear a non-sticky error so that a later cudaGetLastError (after a kernel launch) does not
+  // report this one again; sticky errors stay whatever we do.
+  cudaGetLastError();
   std::string msg = std::string(call) + " failed: " + cudaGetErrorName(err) + " (" +
                     cudaGetErrorString(err) + ") [" + where(file, line) + "]";
   if (err == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
