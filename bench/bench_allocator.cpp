@@ -16,6 +16,7 @@
 
 #include "allocator/caching_allocator.hpp"
 #include "core/units.hpp"
+#include "bench/bench_support.hpp"
 #include "device/cuda_device.hpp"
 #include "device/sim_device.hpp"
 #include "graph/liveness.hpp"
@@ -26,13 +27,7 @@ namespace spill {
 namespace {
 
 std::unique_ptr<Device> make(bool cuda, benchmark::State& state) {
-  if (!cuda) return std::make_unique<SimDevice>(SimOptions{.capacity = 64 * GiB});
-  std::string why;
-  if (!cuda_available(0, &why)) {
-    state.SkipWithError(("no GPU: " + why).c_str());
-    return nullptr;
-  }
-  return make_cuda_device(0);
+  return bench::make_device(cuda, state, 64 * GiB);
 }
 
 // The three ways to get memory that every sequence runs against.

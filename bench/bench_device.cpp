@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/units.hpp"
+#include "bench/bench_support.hpp"
 #include "device/cuda_device.hpp"
 #include "device/sim_device.hpp"
 
@@ -14,13 +15,7 @@ namespace spill {
 namespace {
 
 std::unique_ptr<Device> make(bool cuda, benchmark::State& state) {
-  if (!cuda) return std::make_unique<SimDevice>(SimOptions{.capacity = 1 * GiB});
-  std::string why;
-  if (!cuda_available(0, &why)) {
-    state.SkipWithError(("no GPU: " + why).c_str());
-    return nullptr;
-  }
-  return make_cuda_device(0);
+  return bench::make_device(cuda, state, 1 * GiB);
 }
 
 void BM_map_unmap(benchmark::State& state) {

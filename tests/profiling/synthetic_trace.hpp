@@ -9,21 +9,27 @@
 
 namespace spill::profiling::test {
 
+inline TraceEvent make_event(std::uint64_t t, EventKind k, std::uint64_t addr,
+                             std::uint64_t bytes, std::uint64_t stream = 0,
+                             std::uint64_t dur = 0, std::uint32_t tag = 0) {
+  TraceEvent e;
+  e.time_ns = t;
+  e.kind = k;
+  e.address = addr;
+  e.bytes = bytes;
+  e.stream = stream;
+  e.duration_ns = dur;
+  e.tag = tag;
+  return e;
+}
+
 inline std::vector<TraceEvent> synthetic_step(int layers = 12, unsigned seed = 1) {
   std::mt19937_64 rng(seed);
   std::vector<TraceEvent> ev;
   std::uint64_t t = 0;
   auto add = [&](EventKind k, std::uint64_t addr, std::uint64_t bytes, std::uint64_t dur = 0,
                  std::uint64_t stream = 0x100, std::uint32_t tag = 0) {
-    TraceEvent e;
-    e.time_ns = t;
-    e.kind = k;
-    e.address = addr;
-    e.bytes = bytes;
-    e.duration_ns = dur;
-    e.stream = stream;
-    e.tag = tag;
-    ev.push_back(e);
+    ev.push_back(make_event(t, k, addr, bytes, stream, dur, tag));
   };
   std::vector<std::uint64_t> size(layers);
   for (int l = 0; l < layers; ++l) {

@@ -9,35 +9,25 @@
 #include "core/errors.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/counters.hpp"
+#include "tests/profiling/synthetic_trace.hpp"
 
 namespace spill::profiling {
 namespace {
 
 std::vector<TraceEvent> sample_events() {
-  auto ev = [](std::uint64_t t, EventKind k, std::uint64_t addr, std::uint64_t bytes,
-               std::uint64_t stream = 0, std::uint64_t dur = 0, std::uint32_t tag = 0) {
-    TraceEvent e;
-    e.time_ns = t;
-    e.kind = k;
-    e.address = addr;
-    e.bytes = bytes;
-    e.stream = stream;
-    e.duration_ns = dur;
-    e.tag = tag;
-    return e;
-  };
-  return {ev(1000, EventKind::Map, 0x10000, 4 << 20),
-          ev(1100, EventKind::Alloc, 0x10000, 3 << 20, 0x7f00, 0, 1),
-          ev(1200, EventKind::HostAlloc, 0x90000, 3 << 20),
-          ev(1300, EventKind::Pin, 0x10000, 3 << 20, 0x7f00),
-          ev(1400, EventKind::Unpin, 0x10000, 3 << 20, 0x7f00),
-          ev(1500, EventKind::SwapOut, 0x10000, 3 << 20, 0x7f00, 300),
-          ev(1900, EventKind::Unmap, 0x10000, 4 << 20),
-          ev(2000, EventKind::Stall, 0x10000, 3 << 20, 0x7f00, 150),
-          ev(2000, EventKind::SwapIn, 0x10000, 3 << 20, 0x7f00, 120),
-          ev(2200, EventKind::Map, 0x10000, 4 << 20),
-          ev(2500, EventKind::Free, 0x10000, 3 << 20, 0x7f00),
-          ev(2600, EventKind::HostFree, 0x90000, 3 << 20)};
+  using test::make_event;
+  return {make_event(1000, EventKind::Map, 0x10000, 4 << 20),
+          make_event(1100, EventKind::Alloc, 0x10000, 3 << 20, 0x7f00, 0, 1),
+          make_event(1200, EventKind::HostAlloc, 0x90000, 3 << 20),
+          make_event(1300, EventKind::Pin, 0x10000, 3 << 20, 0x7f00),
+          make_event(1400, EventKind::Unpin, 0x10000, 3 << 20, 0x7f00),
+          make_event(1500, EventKind::SwapOut, 0x10000, 3 << 20, 0x7f00, 300),
+          make_event(1900, EventKind::Unmap, 0x10000, 4 << 20),
+          make_event(2000, EventKind::Stall, 0x10000, 3 << 20, 0x7f00, 150),
+          make_event(2000, EventKind::SwapIn, 0x10000, 3 << 20, 0x7f00, 120),
+          make_event(2200, EventKind::Map, 0x10000, 4 << 20),
+          make_event(2500, EventKind::Free, 0x10000, 3 << 20, 0x7f00),
+          make_event(2600, EventKind::HostFree, 0x90000, 3 << 20)};
 }
 
 TEST(ChromeTrace, HasTracksSpansAndCounters) {
