@@ -299,6 +299,12 @@ void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
   if (b != nullptr) {
     m.stats.cache_hits++;
   } else {
+    // Mapping more would raise the reserved peak while cached blocks that no request fitted sit
+    // idle: release those first. Below the peak, the cache is kept (no churn in steady state).
+    const std::size_t peak = static_cast<std::size_t>(m.stats.reserved.peak);
+    if (m.large.free_bytes() > 0 && m.reserved + size > peak) {
+      if (release_idle_locked(m.reserved + size - peak, nullptr) > 0) m.stats.cache_releases++;
+    }
     make_room(lock, size);
     lock.unlock();
     void* va = nullptr;
