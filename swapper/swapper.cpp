@@ -240,9 +240,15 @@ void Swapper::pin(const void* ptr, Stream stream) {
     m.dev.wait(stream, b->out_done);
   } else if (b->state == Residence::OnHost) {
     m.stats.demand_fetches++;
-    TraceRecorder::global().record(EventKind::Stall, base, b->size, sid(stream));
+    std::uint64_t stall_start = TraceRecorder::now();
     m.swap_in(lock, base, false);
     b = &m.blocks.at(base);
+    // The stream stalls until the copy lands: a slice from the pin to the copy's end.
+    const std::size_t size = b->size;
+    const std::uint64_t stream_id = sid(stream);
+    m.dev.host_callback(m.h2d, [stall_start, base, size, stream_id] {
+      TraceRecorder::global().record_span(EventKind::Stall, stall_start, base, size, stream_id);
+    });
     b->prefetched = false;
   } else if (b->prefetched) {
     bool landed = b->state == Residence::Resident || m.dev.query(b->in_done);
