@@ -120,7 +120,9 @@ std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNa
       tid = it->second;
       if (fresh) {
         std::string name = "default stream";
-        if (e.stream) {
+        if (e.stream == kHostStream) {
+          name = "host (waiting for the device)";
+        } else if (e.stream) {
           std::string h;
           Writer(h).hex(e.stream);
           name = "stream " + h.substr(1, h.size() - 2);

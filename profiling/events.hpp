@@ -28,6 +28,10 @@ inline constexpr int kEventKindCount = static_cast<int>(EventKind::HostFree) + 1
 
 const char* to_string(EventKind kind);
 
+// The `stream` of events that happen on the host rather than on a device stream (the host
+// waiting for swap-outs, for instance).
+inline constexpr std::uint64_t kHostStream = ~std::uint64_t{0};
+
 struct TraceEvent {
   std::uint64_t time_ns = 0;  // steady clock, since the recorder's epoch (start, for spans)
   std::uint64_t duration_ns = 0;  // 0 for instant events

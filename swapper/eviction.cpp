@@ -152,7 +152,8 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
     }
     lock.lock();
     stats.host_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    TraceRecorder::global().record_span(EventKind::Stall, start, base, 0);
+    TraceRecorder::global().record_span(EventKind::Stall, start, base, 0,
+                                        profiling::kHostStream);
     auto it = blocks.find(base);
     // The block may have been pinned (cancelled) or released while we waited.
     if (it != blocks.end() && it->second.state == Residence::SwappingOut && !it->second.busy &&
