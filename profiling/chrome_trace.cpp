@@ -121,7 +121,7 @@ std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNa
       if (fresh) {
         std::string name = "default stream";
         if (e.stream == kHostStream) {
-          name = "host (waiting for the device)";
+          name = "host (swapper hints and waits)";
         } else if (e.stream) {
           std::string h;
           Writer(h).hex(e.stream);

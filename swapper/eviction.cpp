@@ -128,7 +128,7 @@ std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
       }
       stats.evictions_reactive++;
       coming += b.size;
-      TraceRecorder::global().record(EventKind::Evict, base, b.size);
+      TraceRecorder::global().record(EventKind::Evict, base, b.size, profiling::kHostStream);
     }
   }
   lock.unlock();

@@ -283,7 +283,8 @@ void Swapper::prefetch(const void* ptr) {
   std::unique_lock lock(m.mu);
   std::uintptr_t base = key(m.block_for_locked(ptr, "prefetch").base);
   m.prefetch_all(lock, {base});
-  TraceRecorder::global().record(EventKind::Prefetch, base, m.blocks.at(base).size);
+  TraceRecorder::global().record(EventKind::Prefetch, base, m.blocks.at(base).size,
+                                 profiling::kHostStream);
 }
 
 void Swapper::evict(const void* ptr) {
@@ -295,7 +296,7 @@ void Swapper::evict(const void* ptr) {
   if (b.pins > 0 || b.state == Residence::OnHost || b.state == Residence::SwappingOut) return;
   m.start_swap_out_locked(b);
   m.stats.evictions_planned++;
-  TraceRecorder::global().record(EventKind::Evict, base, b.size);
+  TraceRecorder::global().record(EventKind::Evict, base, b.size, profiling::kHostStream);
 }
 
 std::size_t Swapper::evict_bytes(std::size_t needed) { return impl_->evict_bytes(needed); }
