@@ -6,6 +6,7 @@
 // streams have completed.
 #pragma once
 
+#include <boost/intrusive/list.hpp>
 #include <boost/intrusive/set.hpp>
 
 #include <array>
@@ -67,6 +68,10 @@ struct Segment {
   std::size_t size = 0;
   Block* first = nullptr;
   bool large = false;
+  bi::list_member_hook<bi::link_mode<bi::safe_link>> hook;  // in the owner's segment list
 };
+
+using SegmentList =
+    bi::list<Segment, bi::member_hook<Segment, decltype(Segment::hook), &Segment::hook>>;
 
 }  // namespace spill

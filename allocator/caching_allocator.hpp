@@ -1,20 +1,26 @@
 // CachingAllocator: what frameworks call instead of cudaMalloc.
-//   small pool  requests up to 1 MiB, rounded to 512 B, carved (split, coalesced) from 2 MiB
-//               plain device segments;
-//   large pool  bigger requests rounded to the VMM granularity, each block its own reserved
-//               range with its own physical chunk, so the swapper can unmap one block alone;
+//   small pool  requests up to 1 MiB (small_limit), rounded to 512 B, carved (split, coalesced)
+//               from 2 MiB plain device segments;
+//   large pool  bigger requests rounded to the VMM granularity; each block has its own reserved
+//               range and its own physical chunk, so the swapper can unmap one block alone;
 //               freed blocks stay mapped (cached) and are reused for requests at most 1/4
 //               smaller.
-// The budget limits mapped physical bytes (small segments + mapped large blocks). A request
-// that would pass it goes down the ladder: reuse a cached block; release cached memory (dead
-// bytes go before live tensors); ask the eviction hook (the swapper) for bytes; fail with an
-// OutOfMemory that says where every byte is.
+// Budget (allocator/budget.hpp): mapped physical bytes (small segments + mapped large blocks)
+// never pass it. A request that would goes down the ladder: reuse a cached block; release cached
+// memory no queued work can touch (dead bytes go before live tensors: this swaps the issue's
+// last two rungs on purpose); ask the eviction hook (LargeBlockObserver::evict) for the rest;
+// fail with an OutOfMemory that says where every byte is.
 //
-// Stream semantics: a block freed on stream S is reusable on S at once and on another stream
-// only after every stream that used it (S, record_stream streams) has passed the free
-// (events, never a host wait). The caller must not touch a block after freeing it.
-// Thread-safe: one mutex; it is never held across the eviction hook, the swapper's
-// notifications, or VMM calls.
+// Stream semantics: a block freed on stream S is reusable on S at once; on another stream only
+// once every stream that used it (S, and those named by record_stream) has passed the free,
+// judged by events recorded lazily and queried (never a host wait on this path). The caller must
+// not touch a block after freeing it, and must call forget_stream before destroying a stream
+// that used the allocator's blocks.
+//
+// Threads: any number may allocate and free at once. One plain mutex guards the pools; a cache
+// hit takes it once and allocates nothing on the heap. The mutex is never held across an
+// observer call (eviction hook, swapper notifications) or a device call that maps, unmaps or
+// frees memory (see allocator/residency.hpp for the lock order).
 #pragma once
 
 #include <cstddef>
@@ -25,14 +31,17 @@
 #include <string>
 #include <vector>
 
+#include "allocator/residency.hpp"
 #include "allocator/stats.hpp"
 #include "device/device.hpp"
 #include "profiling/snapshot.hpp"
-#include "swapper/residency.hpp"
 
 namespace spill {
 
 struct Config;
+class HostPool;
+struct Block;
+struct Segment;
 
 struct AllocatorOptions {
   std::optional<std::size_t> budget;   // default: free device memory less a reserve
@@ -42,21 +51,19 @@ struct AllocatorOptions {
   static AllocatorOptions from_config(const Config& config);
 };
 
-// The swapper's side of the allocator: notifications for large blocks and the eviction hook.
-// Called without the allocator's lock held.
-class LargeBlockObserver {
- public:
-  virtual ~LargeBlockObserver() = default;
-  virtual void on_large_alloc(void* base, std::size_t size) = 0;
-  virtual void on_large_free(void* base, Stream stream) = 0;
-  // Free at least `bytes` of mapped memory now; returns what was freed.
-  virtual std::size_t evict(std::size_t bytes) = 0;
-  // The stream is about to be destroyed (forward of CachingAllocator::forget_stream).
-  virtual void on_forget_stream(Stream) {}
+// One allocated block as the allocator sees it (any pointer inside it finds it).
+struct BlockInfo {
+  void* base = nullptr;
+  std::size_t size = 0;       // rounded size (what the budget and stats count)
+  std::size_t requested = 0;  // bytes the caller asked for
+  Stream stream = nullptr;    // allocation stream
+  bool large = false;         // large pool: swappable, unmappable alone
+  bool backed = true;         // large blocks: physical memory mapped (false: swapped out)
 };
 
 class CachingAllocator final : public ResidencyBackend {
  public:
+  // Throws InvalidArgument for a budget above the device or below one granule.
   CachingAllocator(Device& device, AllocatorOptions options = {});
   ~CachingAllocator() override;
   CachingAllocator(const CachingAllocator&) = delete;
@@ -65,26 +72,37 @@ class CachingAllocator final : public ResidencyBackend {
   // Returns nullptr for 0 bytes. Throws OutOfMemory (the message says where every byte is).
   void* allocate(std::size_t bytes, Stream stream = nullptr);
   // Frees on the allocation stream, or on `stream`. Throws InvalidArgument for a pointer this
-  // allocator does not own or a double free, leaving everything else intact.
+  // allocator does not own, an interior pointer or a double free, leaving everything else intact.
   void deallocate(void* ptr);
   void deallocate(void* ptr, Stream stream);
-  // The block is also used on `stream`: it is reused only when that use is done.
+  // The block is also used on `stream`: it is reused only when that use is done (at most four
+  // streams besides the allocation stream; more is an InvalidArgument).
   void record_stream(void* ptr, Stream stream);
-  // Call before destroying a stream that used the allocator's blocks: waits for it, then
-  // forgets it here and in the observer (cached blocks and swap-outs would otherwise record
-  // events on a dead stream).
+  // Call before destroying a stream that used the allocator's blocks: waits for it, then forgets
+  // it here (blocks allocated on it count as allocated on the default stream) and in the
+  // observer.
   void forget_stream(Stream stream);
-  // Returns every cached (free) segment and block to the device.
+  // Returns every cached (free) segment and block to the device, waiting for queued work that
+  // may still touch them.
   void empty_cache();
 
   AllocatorStats stats() const;
   void reset_peak();
-  std::size_t budget() const { return budget_; }
+  std::size_t budget() const;
   Device& device() { return dev_; }
+
+  // The eviction hook and large-block notifications (the swapper); nullptr: none (no-op hook).
   void set_observer(LargeBlockObserver* observer);
+  // The pool whose pinned bytes the stats (host_pinned) and OOM messages report. It must
+  // outlive the allocator or be detached (nullptr) first.
+  void set_host_pool(HostPool* pool);
+  // For pinned host memory that is not a HostPool: a bare in-use figure for OOM messages.
   void set_host_pinned_source(std::function<std::size_t()> in_use);
 
-  // ResidencyBackend, for the swapper.
+  // The allocated block containing `ptr` (small or large), or nullopt.
+  std::optional<BlockInfo> block_info(const void* ptr) const;
+
+  // ResidencyBackend, for the swapper (see allocator/residency.hpp).
   std::optional<SwappableBlock> find_block(const void* ptr) override;
   void unback(void* base, std::size_t size) override;
   void reback(void* base, std::size_t size) override;
@@ -92,30 +110,37 @@ class CachingAllocator final : public ResidencyBackend {
 
   // Segments and blocks as they are now, for memory_viz snapshots.
   profiling::MemoryState snapshot() const;
-  // Checks internal invariants (tests): throws Error describing the first violation.
+  // Checks internal invariants (tests; call when no other thread is inside the allocator):
+  // segments tile into blocks, free neighbours are coalesced, the pools' sets hold exactly the
+  // free / allocated blocks, stats and the budget equal a recount. Throws Error naming the first
+  // violation.
   void check_invariants() const;
 
   struct Impl;
 
  private:
+  using Lock = std::unique_lock<std::mutex>;
   void* allocate_small(std::size_t bytes, Stream stream);
   void* allocate_large(std::size_t bytes, Stream stream);
   void deallocate_impl(void* ptr, Stream stream, bool explicit_stream);
-  void account_alloc_locked(struct Block* b, std::size_t bytes, Stream stream);
-  // The ladder: makes room for `bytes` more mapped bytes and claims them (or throws).
-  void make_room(std::unique_lock<std::mutex>& lock, std::size_t bytes);
-  std::size_t release_cached_locked(std::unique_lock<std::mutex>& lock, std::size_t want);
-  std::size_t release_idle_locked(std::size_t want, std::vector<Event>* pending);
-  void forget_segment_locked(struct Segment* s);
-  [[noreturn]] void throw_oom_locked(std::size_t bytes, bool device_full);
+  void account_alloc_locked(Block* b, std::size_t bytes, Stream stream);
+  void note_mapped_locked(Segment* s);
+  [[noreturn]] void throw_bad_free_locked(void* ptr);
+  // The ladder: makes room for `bytes` more mapped bytes and claims them in the budget (or
+  // throws OutOfMemory for the caller's `requested` bytes).
+  void make_room(Lock& lock, std::size_t bytes, std::size_t requested);
+  // Releases up to `want` bytes of cached memory, waiting (unlocked) for queued work on it.
+  std::size_t release_cached(Lock& lock, std::size_t want);
+  // Releases cached memory no queued work can touch now; appends the events that hold back
+  // the rest to `pending`. Device calls run without the lock.
+  std::size_t release_idle(Lock& lock, std::size_t want, std::vector<Event>* pending);
+  void map_back(Lock& lock, void* base, std::size_t size);
+  // `needed`: the mapped bytes the request needed (a new segment, or the rounded block).
+  [[noreturn]] void throw_oom_locked(std::size_t requested, std::size_t needed, bool device_full);
   std::string write_oom_dump_locked();
-  void map_back(std::unique_lock<std::mutex>& lock, void* base, std::size_t size);
   profiling::MemoryState snapshot_locked() const;
 
   Device& dev_;
-  std::size_t budget_ = 0;
-  std::size_t small_limit_ = 1u << 20;
-  std::string oom_dump_;
   std::unique_ptr<Impl> impl_;
 };
 

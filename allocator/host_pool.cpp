@@ -19,19 +19,26 @@ HostPool::HostPool(Device& device, std::optional<std::size_t> cap, std::size_t c
 HostPool::~HostPool() {
   std::lock_guard lock(mu_);
   used_.clear();
-  for (Segment* s : chunks_) {
+  chunks_.clear_and_dispose([&](Segment* s) {
     void* p = reinterpret_cast<void*>(s->addr);
     try {
       dev_.unregister_host(p);
     } catch (...) {
+      // Teardown after a device error: the pages are unmapped regardless.
     }
     ::munmap(p, s->size);
     delete s;
-  }
+  });
 }
 
 void* HostPool::allocate(std::size_t bytes) {
   SPILL_EXPECTS(bytes > 0, "host pool: size must be above zero");
+  SPILL_EXPECTS(bytes <= (std::size_t{1} << 56),
+                "host pool: " + std::to_string(bytes) + " bytes is absurd");
+  if (cap_ && bytes > *cap_) {
+    SPILL_FAIL_OOM("host pool: " + format_bytes(bytes) + " is more than the whole host_cap of " +
+                   format_bytes(*cap_) + ". Raise host_cap or swap smaller blocks.");
+  }
   const std::size_t size = (bytes + kAlign - 1) / kAlign * kAlign;
   std::lock_guard lock(mu_);
   Block* b = pool_.take(size, nullptr);
@@ -59,7 +66,7 @@ void* HostPool::allocate(std::size_t bytes) {
       throw;
     }
     auto* seg = new Segment{reinterpret_cast<std::uintptr_t>(p), chunk, nullptr, false};
-    chunks_.push_back(seg);
+    chunks_.push_back(*seg);
     reserved_ += chunk;
     stat_.add(chunk);
     pool_.add_segment(seg);
@@ -78,8 +85,13 @@ void HostPool::deallocate(void* ptr, std::size_t) {
   Block probe;
   probe.addr = reinterpret_cast<std::uintptr_t>(ptr);
   auto it = used_.find(probe);
-  SPILL_EXPECTS(it != used_.end(),
-                "host pool: " + format_address(ptr) + " was not allocated by this pool");
+  if (it == used_.end()) {
+    bool inside = false;
+    for (const Segment& s : chunks_) inside |= probe.addr >= s.addr && probe.addr < s.addr + s.size;
+    SPILL_EXPECTS(false, "host pool: " + format_address(ptr) +
+                             (inside ? " is not a buffer in use (double free?)"
+                                     : " was not allocated by this pool"));
+  }
   Block& b = *it;
   used_.erase(it);
   in_use_ -= b.size;
@@ -101,6 +113,11 @@ Stat HostPool::stat() const {
   return stat_;
 }
 
+void HostPool::reset_peak() {
+  std::lock_guard lock(mu_);
+  stat_.reset_peak();
+}
+
 void HostPool::release_free_chunks() {
   std::lock_guard lock(mu_);
   release_free_chunks_locked();
@@ -115,7 +132,7 @@ void HostPool::release_free_chunks_locked() {
     reserved_ -= s->size;
     stat_.sub(s->size);
     profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size);
-    chunks_.erase(std::find(chunks_.begin(), chunks_.end(), s));
+    chunks_.erase(chunks_.iterator_to(*s));
     delete s;
   }
 }

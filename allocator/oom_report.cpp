@@ -6,30 +6,36 @@
 
 namespace spill {
 
+double fragmentation(const OomFacts& f) {
+  if (f.free_total == 0) return 0.0;
+  return 1.0 - static_cast<double>(f.largest_free) / static_cast<double>(f.free_total);
+}
+
 std::string oom_message(const OomFacts& f) {
   std::string m = "out of memory: cannot allocate " + format_bytes(f.requested);
   if (f.requested > f.budget) {
-    return m + ": the request alone is larger than the whole budget of " + format_bytes(f.budget) +
-           " (device " + format_bytes(f.device_total) +
+    return m + ": the request alone is larger than the whole budget of " +
+           format_bytes(f.budget) + " (device " + format_bytes(f.device_total) +
            "). Split the tensor, or raise budget: if the device has room." + f.dump_note;
   }
-  double frag = f.free_total > 0
-                    ? 1.0 - static_cast<double>(f.largest_free) / static_cast<double>(f.free_total)
-                    : 0.0;
+  if (f.needed > f.requested) m += " (needs " + format_bytes(f.needed) + " mapped)";
+  const double frag = fragmentation(f);
   char frag_text[32];
   std::snprintf(frag_text, sizeof frag_text, "%.2f", frag);
   m += f.device_full ? " (the device itself is full, within the budget)" : "";
   m += ". Budget " + format_bytes(f.budget) + ": allocated " + format_bytes(f.allocated) +
        ", cached " + format_bytes(f.cached) + "; swapped out " + format_bytes(f.swapped_out) +
-       ", pinned host " + format_bytes(f.host_pinned) + "; largest free block " +
-       format_bytes(f.largest_free) + ", fragmentation " + frag_text + ". ";
+       ", pinned host " + format_bytes(f.host_pinned) + " (" + format_bytes(f.host_in_use) +
+       " in use); largest free block " + format_bytes(f.largest_free) + ", fragmentation " +
+       frag_text + ". ";
   if (f.device_full) {
     m += "Hint: other processes or allocations outside spill use the device; lower budget:.";
+  } else if (f.cached >= f.needed && frag > 0.5) {
+    m += "Hint: enough is cached but fragmented across partly used segments, which go back "
+         "to the device only when all of their blocks are freed.";
   } else if (f.swapped_out == 0 && f.allocated > f.budget / 2) {
     m += "Hint: nothing is swapped out: is the swapper enabled (policy:plan or lru), and are "
          "tensors unpinned after use?";
-  } else if (frag > 0.5) {
-    m += "Hint: the cache is fragmented; empty_cache() returns it to the device.";
   } else {
     m += "Hint: the pinned working set is too large for the budget: raise budget: or use "
          "smaller batches.";

@@ -1,4 +1,5 @@
-// The out-of-memory message: where every byte is, and a hint that fits the case.
+// The out-of-memory message: where every byte is, and a hint that fits the case. Pure text from
+// plain facts, so it can be tested and reused (the host pool, the C API) without an allocator.
 #pragma once
 
 #include <cstddef>
@@ -7,18 +8,23 @@
 namespace spill {
 
 struct OomFacts {
-  std::size_t requested = 0;      // rounded request
+  std::size_t requested = 0;      // bytes the caller asked for
+  std::size_t needed = 0;         // mapped bytes the request needed (block or new segment)
   std::size_t budget = 0;
   std::size_t device_total = 0;
   std::size_t allocated = 0;      // handed out and mapped
   std::size_t cached = 0;         // mapped, free
   std::size_t swapped_out = 0;    // allocated, bytes on the host
-  std::size_t host_pinned = 0;
+  std::size_t host_pinned = 0;    // pinned host memory held (registered chunks)
+  std::size_t host_in_use = 0;    // of which holding swapped-out bytes
   std::size_t largest_free = 0;   // largest cached block
   std::size_t free_total = 0;     // all cached bytes
   bool device_full = false;       // the device itself refused, within the budget
   std::string dump_note;          // where an OOM dump was written, if any
 };
+
+// 1 - largest free block / all free bytes: 0 when the free bytes are one block (or none).
+double fragmentation(const OomFacts& f);
 
 std::string oom_message(const OomFacts& f);
 

@@ -1,5 +1,6 @@
 // Allocator statistics: a Stat{current, peak, allocated, freed} per kind of memory, and event
-// counters. Plain structs updated under the allocator's mutex and copied out whole.
+// counters. Plain structs updated under the allocator's mutex and copied out whole; separable
+// from the allocator (the host pool keeps its own Stat, copied in by CachingAllocator::stats).
 #pragma once
 
 #include <cstdint>
@@ -30,14 +31,14 @@ struct AllocatorStats {
   Stat requested;    // bytes asked for
   Stat reserved;     // mapped physical device bytes (what the budget limits)
   Stat cached;       // mapped but free, ready for reuse
-  Stat host_pinned;  // pinned host memory held by the host pool
+  Stat host_pinned;  // pinned host memory held by the attached HostPool (set_host_pool)
   std::uint64_t allocations = 0, frees = 0;
   std::uint64_t segment_maps = 0, segment_unmaps = 0;
   std::uint64_t cache_hits = 0;          // ladder step 1: a cached block was reused
   std::uint64_t cache_releases = 0;      // ladder step 2: cached memory was released
   std::uint64_t eviction_requests = 0;   // ladder step 3: the eviction hook was asked
   std::uint64_t ooms = 0;
-  std::uint64_t swapped_out_bytes = 0;   // reported by the swapper (unbacked blocks)
+  std::uint64_t swapped_out_bytes = 0;   // allocated large blocks the swapper has unbacked
 
   std::string to_string() const;
 };

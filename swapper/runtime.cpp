@@ -45,7 +45,7 @@ Runtime::Runtime(const Config& config) : config_(config) {
   AllocatorOptions ao = AllocatorOptions::from_config(config);
   ao.small_limit = std::min<std::size_t>(config.swap_threshold, 1u << 20);
   allocator_ = std::make_unique<CachingAllocator>(*device_, ao);
-  allocator_->set_host_pinned_source([h = host_.get()] { return h->in_use(); });
+  allocator_->set_host_pool(host_.get());
   if (config.policy != SwapPolicy::None) {
     SwapperOptions so;
     so.policy = config.policy;

@@ -1,0 +1,85 @@
+// CachingAllocator's private state, shared by its source files (caching_allocator.cpp: allocate,
+// free, the ladder; allocator_residency.cpp: the swapper's primitives; allocator_report.cpp:
+// stats, snapshots, invariants, OOM reports). Everything here is guarded by `mu`.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "allocator/block_pool.hpp"
+#include "allocator/budget.hpp"
+#include "allocator/caching_allocator.hpp"
+#include "allocator/stats.hpp"
+#include "profiling/events.hpp"
+
+namespace spill {
+
+inline constexpr std::size_t kSmallRound = 512;
+inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
+
+inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
+inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
+inline std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
+
+struct CachingAllocator::Impl {
+  Impl(Device& d, const AllocatorOptions& o)
+      : budget(d, o.budget),
+        small(&d, kSmallRound, true),
+        large(&d, 0, false),
+        small_limit(o.small_limit),
+        oom_dump(o.oom_dump),
+        ordinal(d.info().ordinal),
+        granularity(d.granularity()) {}
+
+  mutable std::mutex mu;
+  Budget budget;                      // claimed = mapped bytes + mappings in progress
+  BlockPool small, large;
+  AddressSet allocated;               // every allocated block, both pools
+  SegmentList segments;               // every segment (small segments, large blocks)
+  std::size_t swapped_out = 0;        // allocated large blocks without physical memory
+  std::size_t releasing = 0;          // cached bytes being returned to the device (unlocked)
+  std::condition_variable released;   // signalled when a release finishes
+  AllocatorStats stats;
+  LargeBlockObserver* observer = nullptr;
+  HostPool* host_pool = nullptr;
+  std::function<std::size_t()> host_in_use;
+
+  const std::size_t small_limit;
+  const std::string oom_dump;
+  const std::int32_t ordinal;
+  const std::size_t granularity;
+
+  void trace(profiling::EventKind kind, std::uintptr_t addr, std::size_t bytes,
+             Stream stream = nullptr) const {
+    profiling::TraceRecorder::global().record(kind, addr, bytes, sid(stream), ordinal);
+  }
+  Block* find_allocated(std::uintptr_t addr) {
+    Block probe;
+    probe.addr = addr;
+    auto it = allocated.find(probe);
+    return it == allocated.end() ? nullptr : &*it;
+  }
+  Block* find_containing(std::uintptr_t addr) const {
+    Block probe;
+    probe.addr = addr;
+    auto it = allocated.upper_bound(probe);
+    if (it == allocated.begin()) return nullptr;
+    --it;
+    return addr < it->addr + it->size ? const_cast<Block*>(&*it) : nullptr;
+  }
+  Segment* new_segment(std::uintptr_t addr, std::size_t size, bool is_large) {
+    auto* s = new Segment{addr, size, nullptr, is_large};
+    segments.push_back(*s);
+    return s;
+  }
+  void delete_segment(Segment* s) {
+    segments.erase(segments.iterator_to(*s));
+    delete s;
+  }
+};
+
+}  // namespace spill

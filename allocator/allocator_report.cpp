@@ -1,0 +1,187 @@
+// CachingAllocator's introspection: stats, memory snapshots, the invariant check the tests run
+// after every step, and the out-of-memory report (with an optional dump).
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+
+#include "allocator/allocator_impl.hpp"
+#include "allocator/host_pool.hpp"
+#include "allocator/oom_report.hpp"
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "profiling/chrome_trace.hpp"
+
+namespace spill {
+
+using profiling::EventKind;
+
+AllocatorStats CachingAllocator::stats() const {
+  AllocatorStats s;
+  HostPool* pool;
+  {
+    std::lock_guard lock(impl_->mu);
+    s = impl_->stats;
+    s.swapped_out_bytes = impl_->swapped_out;
+    pool = impl_->host_pool;
+  }
+  if (pool) s.host_pinned = pool->stat();  // the pool's own lock, never inside ours
+  return s;
+}
+
+void CachingAllocator::reset_peak() {
+  HostPool* pool;
+  {
+    std::lock_guard lock(impl_->mu);
+    AllocatorStats& s = impl_->stats;
+    for (Stat* st : {&s.allocated, &s.requested, &s.reserved, &s.cached, &s.host_pinned})
+      st->reset_peak();
+    pool = impl_->host_pool;
+  }
+  if (pool) pool->reset_peak();
+}
+
+// ---- snapshots
+
+profiling::MemoryState CachingAllocator::snapshot() const {
+  std::lock_guard lock(impl_->mu);
+  return snapshot_locked();
+}
+
+profiling::MemoryState CachingAllocator::snapshot_locked() const {
+  using S = profiling::SnapshotBlock::State;
+  profiling::MemoryState st;
+  st.device = impl_->ordinal;
+  for (const Segment& seg : impl_->segments) {
+    profiling::SnapshotSegment out{seg.addr, seg.size, 0, seg.large, {}};
+    for (const Block* b = seg.first; b; b = b->next) {
+      out.stream = sid(b->stream);
+      out.blocks.push_back({b->addr, b->size, b->requested, b->allocated ? S::Allocated : S::Free,
+                            0, seg.large && !b->backed});
+    }
+    st.segments.push_back(std::move(out));
+  }
+  std::sort(st.segments.begin(), st.segments.end(),
+            [](auto& a, auto& b) { return a.address < b.address; });
+  return st;
+}
+
+// ---- invariants
+
+namespace {
+[[noreturn]] void violated(const std::string& what, std::uintptr_t at = 0) {
+  throw Error("allocator invariant: " + what +
+              (at ? " (at " + format_address(reinterpret_cast<void*>(at)) + ")" : ""));
+}
+}  // namespace
+
+void CachingAllocator::check_invariants() const {
+  const Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  std::size_t mapped = 0, allocated = 0, cached = 0, swapped = 0;
+  std::size_t n_allocated = 0, n_free[2] = {0, 0}, free_bytes[2] = {0, 0};
+  std::vector<const Segment*> segs;
+  for (const Segment& s : m.segments) segs.push_back(&s);
+  std::sort(segs.begin(), segs.end(), [](auto* a, auto* b) { return a->addr < b->addr; });
+  std::uintptr_t prev_end = 0;
+  for (const Segment* s : segs) {
+    if (s->addr < prev_end) violated("segments overlap", s->addr);
+    prev_end = s->addr + s->size;
+    if (s->large && (s->addr % m.granularity || s->size % m.granularity))
+      violated("a large block is not granule aligned", s->addr);
+    if (s->large && (s->first == nullptr || s->first->next != nullptr))
+      violated("a large segment does not hold exactly one block", s->addr);
+    if (!s->large && s->size != kSmallSegment) violated("a small segment of odd size", s->addr);
+    std::uintptr_t at = s->addr;
+    for (const Block* b = s->first; b; b = b->next) {
+      if (b->addr != at) violated("a gap or an overlap between blocks", at);
+      if (b->segment != s) violated("a block points at another segment", b->addr);
+      if (b->next && b->next->prev != b) violated("broken neighbour links", b->addr);
+      if (!s->large && b->size % kSmallRound) violated("a small block of odd size", b->addr);
+      if (!b->allocated && b->next && !b->next->allocated)
+        violated("two free neighbours were not coalesced", b->addr);
+      if (b->allocated != b->addr_hook.is_linked() || b->allocated == b->free_hook.is_linked())
+        violated("a block is in the wrong set", b->addr);
+      if (!b->backed && !b->allocated) violated("a free block without memory", b->addr);
+      if (b->allocated) {
+        allocated += b->size;
+        ++n_allocated;
+        if (b->requested == 0 || b->requested > b->size)
+          violated("requested bytes do not fit the block", b->addr);
+      } else {
+        cached += b->size;
+        ++n_free[s->large];
+        free_bytes[s->large] += b->size;
+      }
+      (b->backed ? mapped : swapped) += b->size;
+      at += b->size;
+    }
+    if (at != s->addr + s->size) violated("blocks do not cover their segment", s->addr);
+  }
+  if (n_allocated != m.allocated.size()) violated("the allocated set holds stray blocks");
+  const BlockPool* pools[2] = {&m.small, &m.large};
+  for (int large = 0; large < 2; ++large) {
+    if (n_free[large] != pools[large]->free_set().size() ||
+        free_bytes[large] != pools[large]->free_bytes())
+      violated(large ? "the large pool's free set differs from its blocks"
+                     : "the small pool's free set differs from its blocks");
+  }
+  if (m.releasing == 0 && mapped != m.budget.claimed())
+    violated("mapped bytes differ from the budget's count");
+  if (m.budget.claimed() > m.budget.limit()) violated("over the budget");
+  if (swapped != m.swapped_out) violated("swapped-out bytes differ from a recount");
+  if (static_cast<std::int64_t>(allocated) != m.stats.allocated.current ||
+      static_cast<std::int64_t>(cached) != m.stats.cached.current ||
+      static_cast<std::int64_t>(mapped) != m.stats.reserved.current)
+    violated("stats differ from a recount");
+}
+
+// ---- out of memory
+
+void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t needed,
+                                        bool device_full) {
+  Impl& m = *impl_;
+  m.stats.ooms++;
+  m.trace(EventKind::Oom, 0, requested);
+  OomFacts f;
+  f.requested = requested;
+  f.needed = needed;
+  f.budget = m.budget.limit();
+  f.device_total = dev_.info().total_bytes;
+  f.allocated = static_cast<std::size_t>(m.stats.allocated.current) - m.swapped_out;
+  f.cached = static_cast<std::size_t>(m.stats.cached.current);
+  f.swapped_out = m.swapped_out;
+  // Lock order allocator -> host pool: the pool never calls back.
+  if (m.host_pool) {
+    f.host_pinned = m.host_pool->reserved();
+    f.host_in_use = m.host_pool->in_use();
+  } else if (m.host_in_use) {
+    f.host_pinned = f.host_in_use = m.host_in_use();
+  }
+  f.largest_free = std::max(m.small.largest_free(), m.large.largest_free());
+  f.free_total = m.small.free_bytes() + m.large.free_bytes();
+  f.device_full = device_full;
+  if (!m.oom_dump.empty()) f.dump_note = write_oom_dump_locked();
+  throw OutOfMemory(oom_message(f));
+}
+
+std::string CachingAllocator::write_oom_dump_locked() {
+  // A snapshot and the trace so far, written before the error is raised. A failure to write
+  // must not hide the OOM itself: it is reported in the message instead.
+  static std::atomic<int> counter{0};
+  const std::string& dir = impl_->oom_dump;
+  std::string stem = dir + "/spill_oom_" + std::to_string(::getpid()) + "_" +
+                     std::to_string(counter.fetch_add(1));
+  try {
+    std::filesystem::create_directories(dir);
+    std::vector<profiling::TraceEvent> events = profiling::TraceRecorder::global().peek();
+    profiling::write_snapshot(stem + "_snapshot.json", snapshot_locked(), events);
+    profiling::write_chrome_trace(stem + "_trace.json", events);
+    return " An OOM dump was written to " + stem + "_snapshot.json and " + stem + "_trace.json.";
+  } catch (const std::exception& e) {
+    return " (writing the OOM dump to " + dir + " failed: " + e.what() + ")";
+  }
+}
+
+}  // namespace spill

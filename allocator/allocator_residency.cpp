@@ -1,0 +1,124 @@
+// CachingAllocator's residency primitives for the swapper (allocator/residency.hpp): look-ups,
+// and taking a large block's physical memory away and giving it back at the same addresses,
+// with the budget's books kept (unback: mapped down, swapped out up; reback: the reverse,
+// claimed through the ladder first).
+#include "allocator/allocator_impl.hpp"
+#include "core/errors.hpp"
+#include "core/units.hpp"
+
+namespace spill {
+
+using profiling::EventKind;
+
+std::optional<BlockInfo> CachingAllocator::block_info(const void* ptr) const {
+  std::lock_guard lock(impl_->mu);
+  const Block* b = impl_->find_containing(key(ptr));
+  if (b == nullptr) return std::nullopt;
+  return BlockInfo{ptr_of(b->addr), b->size,          b->requested,
+                   b->stream,       b->segment->large, b->backed};
+}
+
+std::optional<SwappableBlock> CachingAllocator::find_block(const void* ptr) {
+  std::lock_guard lock(impl_->mu);
+  const Block* b = impl_->find_containing(key(ptr));
+  if (b == nullptr || !b->segment->large) return std::nullopt;
+  return SwappableBlock{ptr_of(b->addr), b->size};
+}
+
+void CachingAllocator::unback(void* base, std::size_t size) {
+  Impl& m = *impl_;
+  PhysicalHandle h;
+  {
+    std::lock_guard lock(m.mu);
+    Block* b = m.find_allocated(key(base));
+    SPILL_EXPECTS(b && b->segment->large && b->backed && b->size == size,
+                  "unback: " + format_address(base) + " (" + format_bytes(size) +
+                      ") is not a mapped large block");
+    // Marked at once, so that a second unback of the same block fails above; the bytes stay
+    // claimed in the budget until they are really unmapped.
+    b->backed = false;
+    h = b->handle;
+  }
+  try {
+    dev_.unmap(base, size);
+    dev_.release_physical(h, size);
+  } catch (...) {
+    std::lock_guard lock(m.mu);
+    if (Block* b = m.find_allocated(key(base))) b->backed = true;
+    throw;
+  }
+  std::lock_guard lock(m.mu);
+  Block* b = m.find_allocated(key(base));
+  SPILL_ASSERT(b != nullptr, "a block was freed while it was being unbacked");
+  b->handle = 0;
+  m.budget.release(size);
+  m.swapped_out += size;
+  m.stats.reserved.sub(size);
+  m.stats.segment_unmaps++;
+  m.trace(EventKind::Unmap, key(base), size);
+}
+
+namespace {
+void expect_unbacked(Block* b, void* base, std::size_t size) {
+  SPILL_EXPECTS(b && b->segment->large && !b->backed && b->size == size,
+                "reback: " + format_address(base) + " (" + format_bytes(size) +
+                    ") is not a swapped-out large block");
+}
+}  // namespace
+
+void CachingAllocator::reback(void* base, std::size_t size) {
+  Impl& m = *impl_;
+  Lock lock(m.mu);
+  expect_unbacked(m.find_allocated(key(base)), base, size);
+  make_room(lock, size, size);
+  map_back(lock, base, size);
+}
+
+bool CachingAllocator::try_reback(void* base, std::size_t size) {
+  Impl& m = *impl_;
+  Lock lock(m.mu);
+  expect_unbacked(m.find_allocated(key(base)), base, size);
+  // Dead cached bytes may go (releasing them evicts nothing live); never wait, never evict.
+  if (!m.budget.fits(size) && release_idle(lock, m.budget.shortfall(size), nullptr) > 0)
+    m.stats.cache_releases++;
+  if (!m.budget.fits(size)) return false;
+  m.budget.claim(size);
+  map_back(lock, base, size);
+  return true;
+}
+
+// Maps fresh physical memory for bytes already claimed in the budget.
+void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
+  Impl& m = *impl_;
+  lock.unlock();
+  PhysicalHandle h = 0;
+  try {
+    h = dev_.create_physical(size);
+    dev_.map(base, size, h);
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    try {
+      if (h) dev_.release_physical(h, size);
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    lock.lock();
+    m.budget.release(size);
+    try {
+      std::rethrow_exception(error);
+    } catch (const OutOfMemory&) {
+      throw_oom_locked(size, size, true);
+    }
+  }
+  lock.lock();
+  Block* b = m.find_allocated(key(base));
+  SPILL_ASSERT(b != nullptr, "a block was freed while it was being rebacked");
+  b->backed = true;
+  b->handle = h;
+  m.swapped_out -= size;
+  m.stats.reserved.add(size);
+  m.stats.segment_maps++;
+  m.trace(EventKind::Map, key(base), size);
+}
+
+}  // namespace spill

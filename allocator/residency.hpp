@@ -1,0 +1,76 @@
+// What the swapper needs from the allocator below it, as small interfaces, so the swapper can be
+// tested against a simple backend and run over the caching allocator unchanged. They live here,
+// in allocator/, because dependencies point one way: device <- allocator <- swapper.
+//
+// ResidencyBackend (implemented by CachingAllocator's large pool): find the swappable block that
+// contains a pointer, take its physical memory away (unback) or give it fresh physical memory at
+// the same addresses (reback), keeping the budget's books: unback lowers the mapped bytes and
+// raises the swapped-out bytes; reback claims budget first and may run the allocator's ladder.
+//
+// LargeBlockObserver (implemented by the swapper): hears of large blocks coming and going and
+// serves the ladder's eviction hook ("free at least N bytes now"). No observer installed is the
+// no-op hook: the ladder skips that rung.
+//
+// Lock rule: the allocator never calls an observer method while holding its own mutex, so the
+// observer may call back into the allocator (unback, find_block, stats, ...). The other way
+// round, the swapper may hold its own lock while calling the allocator. Lock order: swapper,
+// then allocator, then the host pool. An observer must not call reback/allocate from evict()
+// (that would re-enter the ladder it is serving).
+//
+// HostMemory (implemented by HostPool): pinned host buffers for swapped-out bytes, under a host
+// cap; allocate throws OutOfMemory when the cap would be passed.
+#pragma once
+
+#include <cstddef>
+#include <optional>
+
+#include "device/device.hpp"
+
+namespace spill {
+
+struct SwappableBlock {
+  void* base = nullptr;
+  std::size_t size = 0;  // granule multiple
+};
+
+class ResidencyBackend {
+ public:
+  virtual ~ResidencyBackend() = default;
+  // The allocated swappable (large) block containing `ptr`, or nullopt.
+  virtual std::optional<SwappableBlock> find_block(const void* ptr) = 0;
+  // Unmaps and releases the block's physical memory; its addresses stay reserved and allocated.
+  // The caller has synchronised every use of the block.
+  virtual void unback(void* base, std::size_t size) = 0;
+  // Maps fresh physical memory at the block's addresses (contents undefined: the caller copies
+  // them back); throws OutOfMemory when the budget cannot be met even after the ladder.
+  virtual void reback(void* base, std::size_t size) = 0;
+  // Like reback, but only if the budget has room now (cached memory nobody uses may be
+  // released for it): never evicts live blocks (a prefetch must not push out blocks needed
+  // sooner). Returns false when there is no room.
+  virtual bool try_reback(void* base, std::size_t size) = 0;
+};
+
+class LargeBlockObserver {
+ public:
+  virtual ~LargeBlockObserver() = default;
+  // A large block was handed out (after the allocator's lock is released).
+  virtual void on_large_alloc(void* base, std::size_t size) = 0;
+  // A large block is being freed on `stream`, before it is cached: the observer drops its
+  // copies and makes `stream` wait for any copy still touching the block.
+  virtual void on_large_free(void* base, Stream stream) = 0;
+  // The eviction hook: free at least `bytes` of mapped memory now (by unbacking blocks);
+  // returns the bytes freed (0: nothing could go).
+  virtual std::size_t evict(std::size_t bytes) = 0;
+  // The stream is about to be destroyed (forward of CachingAllocator::forget_stream).
+  virtual void on_forget_stream(Stream) {}
+};
+
+class HostMemory {
+ public:
+  virtual ~HostMemory() = default;
+  virtual void* allocate(std::size_t bytes) = 0;  // pinned; throws OutOfMemory at the cap
+  virtual void deallocate(void* ptr, std::size_t bytes) = 0;
+  virtual std::size_t in_use() const = 0;
+};
+
+}  // namespace spill

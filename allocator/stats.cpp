@@ -1,0 +1,29 @@
+#include "allocator/stats.hpp"
+
+#include "core/units.hpp"
+
+namespace spill {
+
+namespace {
+std::string line(const char* name, const Stat& s) {
+  auto b = [](std::int64_t n) { return format_bytes(static_cast<std::size_t>(n < 0 ? 0 : n)); };
+  return std::string(name) + ": current " + b(s.current) + ", peak " + b(s.peak) +
+         ", allocated " + format_bytes(s.allocated) + ", freed " + format_bytes(s.freed) + "\n";
+}
+}  // namespace
+
+std::string AllocatorStats::to_string() const {
+  std::string out = line("allocated", allocated) + line("requested", requested) +
+                    line("reserved", reserved) + line("cached", cached) +
+                    line("host pinned", host_pinned);
+  out += "swapped out: " + format_bytes(swapped_out_bytes) + "\n";
+  out += "allocations " + std::to_string(allocations) + ", frees " + std::to_string(frees) +
+         ", segment maps " + std::to_string(segment_maps) + ", unmaps " +
+         std::to_string(segment_unmaps) + "\n";
+  out += "ladder: cache hits " + std::to_string(cache_hits) + ", cache releases " +
+         std::to_string(cache_releases) + ", eviction requests " +
+         std::to_string(eviction_requests) + ", OOMs " + std::to_string(ooms) + "\n";
+  return out;
+}
+
+}  // namespace spill
