@@ -2,11 +2,14 @@
 // Typed over the device backends (the CUDA one skips without a GPU).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
+#include "profiling/events.hpp"
 #include "tests/device/backends.hpp"
 
 namespace spill::test {
@@ -179,6 +182,31 @@ TYPED_TEST(AllocatorTest, BadInputIsAClearErrorAndHarmsNothing) {
   } catch (const OutOfMemory& e) {
     EXPECT_NE(std::string(e.what()).find("larger than the whole budget"), std::string::npos);
   }
+  // A double free is recognised even after the block merged with a free neighbour.
+  void* n1 = a.allocate(1000, this->s1_);
+  void* n2 = a.allocate(1000, this->s1_);
+  a.deallocate(n2);
+  a.deallocate(n1);
+  try {
+    a.deallocate(n2);
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("double free"), std::string::npos) << e.what();
+  }
+  void* big = a.allocate(3 * MiB, this->s1_);
+  try {
+    a.deallocate(static_cast<char*>(big) + 4096);
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("points inside the block"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(a.allocate(SIZE_MAX), OutOfMemory);
+  EXPECT_THROW(a.record_stream(host.data(), this->s2_), InvalidArgument);
+  EXPECT_THROW(a.unback(keep, 300 * KiB), InvalidArgument) << "small blocks are not swappable";
+  EXPECT_FALSE(a.find_block(keep).has_value());
+  EXPECT_TRUE(a.block_info(keep).has_value());
+  a.deallocate(big);
   EXPECT_THROW(CachingAllocator(d, AllocatorOptions{.budget = d.info().total_bytes * 2}),
                InvalidArgument);
   EXPECT_THROW(CachingAllocator(d, AllocatorOptions{.budget = d.granularity() / 2}),
@@ -186,6 +214,35 @@ TYPED_TEST(AllocatorTest, BadInputIsAClearErrorAndHarmsNothing) {
   EXPECT_TRUE(this->holds(keep, 300 * KiB, 5, this->s1_));
   a.check_invariants();
   a.deallocate(keep);
+}
+
+// A stream that used blocks (allocated on it, record_stream'ed on it, freed on it) is never
+// recorded on after forget_stream: SimDevice rejects an event on a destroyed stream.
+TYPED_TEST(AllocatorTest, ForgottenStreamsAreNeverRecordedOnAgain) {
+  CachingAllocator a = this->make(64 * MiB);
+  Device& d = *this->dev_;
+  Stream gone = d.create_stream();
+  Stream user = d.create_stream();
+  void* p = a.allocate(100 * KiB, gone);
+  void* q = a.allocate(3 * MiB, this->s1_);
+  a.record_stream(q, user);
+  void* r = a.allocate(200 * KiB, gone);
+  a.deallocate(r);  // cached, freed on `gone`
+  a.forget_stream(gone);
+  d.destroy_stream(gone);
+  a.forget_stream(user);
+  d.destroy_stream(user);
+  EXPECT_EQ(a.block_info(p)->stream, nullptr) << "now counts as allocated on the default stream";
+  a.deallocate(p);
+  a.deallocate(q);
+  // Reuse on another stream asks every stream that used the blocks for an event.
+  void* x = a.allocate(300 * KiB, this->s2_);
+  void* y = a.allocate(3 * MiB, this->s2_);
+  a.deallocate(x);
+  a.deallocate(y);
+  a.empty_cache();  // asks every cached block whether it is idle
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  a.check_invariants();
 }
 
 TYPED_TEST(AllocatorTest, SnapshotShowsSegmentsAndBlocks) {
@@ -201,6 +258,64 @@ TYPED_TEST(AllocatorTest, SnapshotShowsSegmentsAndBlocks) {
   EXPECT_EQ(static_cast<std::int64_t>(allocated), a.stats().allocated.current);
   a.deallocate(s);
   a.deallocate(l);
+}
+
+// Every allocate, free, map, unmap and OOM is a trace event with its address, size, stream and
+// device.
+TEST(AllocatorTrace, EveryAllocateFreeMapUnmapAndOomIsAnEvent) {
+  using profiling::EventKind;
+  auto& rec = profiling::TraceRecorder::global();
+  rec.set_enabled(true);
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  Stream st = dev.create_stream();
+  CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB});
+  rec.collect();  // earlier events are not ours
+  void* s = a.allocate(1000, st);
+  void* l = a.allocate(3 * MiB, st);
+  a.deallocate(s);
+  a.deallocate(l);
+  EXPECT_THROW(a.allocate(16 * MiB, st), OutOfMemory);
+  a.empty_cache();
+  void* v = a.allocate(4 * MiB, st);
+  a.unback(v, 4 * MiB);
+  a.reback(v, 4 * MiB);
+  a.deallocate(v);
+  std::vector<std::tuple<EventKind, std::uintptr_t, std::size_t>> seen;
+  for (const profiling::TraceEvent& e : rec.collect()) {
+    switch (e.kind) {
+      case EventKind::Alloc:
+      case EventKind::Free:
+      case EventKind::Map:
+      case EventKind::Unmap:
+      case EventKind::Oom:
+        seen.emplace_back(e.kind, e.address, e.bytes);
+        EXPECT_EQ(e.device, 0);
+        if (e.kind == EventKind::Alloc) {
+          EXPECT_EQ(e.stream, reinterpret_cast<std::uint64_t>(st));
+        }
+        break;
+      default:
+        break;
+    }
+  }
+  auto at = [](void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  const std::uintptr_t seg = at(s);  // the first block starts its segment
+  std::vector<std::tuple<EventKind, std::uintptr_t, std::size_t>> want = {
+      {EventKind::Map, seg, 2 * MiB},   {EventKind::Alloc, at(s), 1024},
+      {EventKind::Map, at(l), 4 * MiB}, {EventKind::Alloc, at(l), 4 * MiB},
+      {EventKind::Free, at(s), 1024},   {EventKind::Free, at(l), 4 * MiB},
+      {EventKind::Oom, 0, 16 * MiB},    {EventKind::Unmap, at(l), 4 * MiB},
+      {EventKind::Unmap, seg, 2 * MiB}, {EventKind::Map, at(v), 4 * MiB},
+      {EventKind::Alloc, at(v), 4 * MiB}, {EventKind::Unmap, at(v), 4 * MiB},
+      {EventKind::Map, at(v), 4 * MiB}, {EventKind::Free, at(v), 4 * MiB}};
+  // Releasing cached memory may find the small segment idle before the large block (events
+  // are recorded on the first ask): the two unmaps may come in either order.
+  ASSERT_EQ(seen.size(), want.size());
+  std::sort(seen.begin() + 7, seen.begin() + 9);
+  std::sort(want.begin() + 7, want.begin() + 9);
+  EXPECT_EQ(seen, want);
+  a.forget_stream(st);
+  dev.destroy_stream(st);
 }
 
 }  // namespace

@@ -54,6 +54,52 @@ TEST(HostPool, TheCapIsAClearError) {
   EXPECT_THROW(pool.deallocate(&pool, 1), InvalidArgument);
 }
 
+TEST(HostPool, BadInputIsAClearErrorAndHarmsNothing) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  HostPool pool(dev, 32 * MiB, 8 * MiB);
+  void* keep = pool.allocate(MiB);
+  std::memset(keep, 0x5a, MiB);
+  EXPECT_THROW(pool.allocate(0), InvalidArgument);
+  EXPECT_THROW(pool.allocate(std::size_t{1} << 60), InvalidArgument);
+  try {
+    pool.allocate(33 * MiB);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    EXPECT_NE(std::string(e.what()).find("more than the whole host_cap"), std::string::npos)
+        << e.what();
+  }
+  void* p = pool.allocate(1000);
+  pool.deallocate(p, 1000);
+  try {
+    pool.deallocate(p, 1000);
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("double free"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(pool.in_use(), MiB);
+  for (std::size_t i = 0; i < MiB; ++i) ASSERT_EQ(static_cast<unsigned char*>(keep)[i], 0x5a);
+  pool.deallocate(keep, MiB);
+}
+
+TEST(HostPool, ItsPinnedBytesShowInTheAllocatorStats) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  HostPool pool(dev, 256 * MiB, 16 * MiB);
+  CachingAllocator a(dev, AllocatorOptions{.budget = 32 * MiB});
+  a.set_host_pool(&pool);
+  void* h = pool.allocate(20 * MiB);  // a chunk of its own: 20 MiB
+  void* k = pool.allocate(MiB);       // a 16 MiB chunk
+  EXPECT_EQ(a.stats().host_pinned.current, static_cast<std::int64_t>(36 * MiB));
+  pool.deallocate(h, 20 * MiB);
+  pool.release_free_chunks();
+  AllocatorStats st = a.stats();
+  EXPECT_EQ(st.host_pinned.current, static_cast<std::int64_t>(16 * MiB));
+  EXPECT_EQ(st.host_pinned.peak, static_cast<std::int64_t>(36 * MiB));
+  a.reset_peak();
+  EXPECT_EQ(a.stats().host_pinned.peak, static_cast<std::int64_t>(16 * MiB));
+  pool.deallocate(k, MiB);
+  a.set_host_pool(nullptr);
+}
+
 TEST(OomDump, WritesASnapshotAndATraceAndSaysWhere) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
   std::string dir = ::testing::TempDir() + "spill_oom_dump_test";
