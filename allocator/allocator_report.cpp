@@ -104,6 +104,7 @@ void CachingAllocator::check_invariants() const {
       if (b->allocated != b->addr_hook.is_linked() || b->allocated == b->free_hook.is_linked())
         violated("a block is in the wrong set", b->addr);
       if (!b->backed && !b->allocated) violated("a free block without memory", b->addr);
+      if (b->moving) violated("an unback or reback did not finish", b->addr);
       if (b->allocated) {
         allocated += b->size;
         ++n_allocated;

@@ -31,12 +31,12 @@ void CachingAllocator::unback(void* base, std::size_t size) {
   {
     std::lock_guard lock(m.mu);
     Block* b = m.find_allocated(key(base));
-    SPILL_EXPECTS(b && b->segment->large && b->backed && b->size == size,
+    SPILL_EXPECTS(b && b->segment->large && b->backed && !b->moving && b->size == size,
                   "unback: " + format_address(base) + " (" + format_bytes(size) +
-                      ") is not a mapped large block");
-    // Marked at once, so that a second unback of the same block fails above; the bytes stay
-    // claimed in the budget until they are really unmapped.
-    b->backed = false;
+                      ") is not a mapped large block (or is being unbacked or rebacked)");
+    // `moving` keeps a second unback, a reback and a free off the block while the device calls
+    // run; its bytes stay claimed in the budget until they are really unmapped.
+    b->moving = true;
     h = b->handle;
   }
   try {
@@ -44,12 +44,14 @@ void CachingAllocator::unback(void* base, std::size_t size) {
     dev_.release_physical(h, size);
   } catch (...) {
     std::lock_guard lock(m.mu);
-    if (Block* b = m.find_allocated(key(base))) b->backed = true;
+    if (Block* b = m.find_allocated(key(base))) b->moving = false;
     throw;
   }
   std::lock_guard lock(m.mu);
   Block* b = m.find_allocated(key(base));
   SPILL_ASSERT(b != nullptr, "a block was freed while it was being unbacked");
+  b->moving = false;
+  b->backed = false;
   b->handle = 0;
   m.budget.release(size);
   m.swapped_out += size;
@@ -59,29 +61,44 @@ void CachingAllocator::unback(void* base, std::size_t size) {
 }
 
 namespace {
-void expect_unbacked(Block* b, void* base, std::size_t size) {
-  SPILL_EXPECTS(b && b->segment->large && !b->backed && b->size == size,
+// Validates a reback and marks the block as moving (cleared by map_back, or on failure).
+void start_reback(Block* b, void* base, std::size_t size) {
+  SPILL_EXPECTS(b && b->segment->large && !b->backed && !b->moving && b->size == size,
                 "reback: " + format_address(base) + " (" + format_bytes(size) +
-                    ") is not a swapped-out large block");
+                    ") is not a swapped-out large block (or is being rebacked)");
+  b->moving = true;
 }
 }  // namespace
 
 void CachingAllocator::reback(void* base, std::size_t size) {
   Impl& m = *impl_;
   Lock lock(m.mu);
-  expect_unbacked(m.find_allocated(key(base)), base, size);
-  make_room(lock, size, size);
+  start_reback(m.find_allocated(key(base)), base, size);
+  try {
+    make_room(lock, size, size);
+  } catch (...) {
+    m.find_allocated(key(base))->moving = false;  // make_room returns or throws locked
+    throw;
+  }
   map_back(lock, base, size);
 }
 
 bool CachingAllocator::try_reback(void* base, std::size_t size) {
   Impl& m = *impl_;
   Lock lock(m.mu);
-  expect_unbacked(m.find_allocated(key(base)), base, size);
+  start_reback(m.find_allocated(key(base)), base, size);
   // Dead cached bytes may go (releasing them evicts nothing live); never wait, never evict.
-  if (!m.budget.fits(size) && release_idle(lock, m.budget.shortfall(size), nullptr) > 0)
-    m.stats.cache_releases++;
-  if (!m.budget.fits(size)) return false;
+  try {
+    if (!m.budget.fits(size) && release_idle(lock, m.budget.shortfall(size), nullptr) > 0)
+      m.stats.cache_releases++;
+  } catch (...) {
+    m.find_allocated(key(base))->moving = false;
+    throw;
+  }
+  if (!m.budget.fits(size)) {
+    m.find_allocated(key(base))->moving = false;
+    return false;
+  }
   m.budget.claim(size);
   map_back(lock, base, size);
   return true;
@@ -104,6 +121,7 @@ void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
     }
     lock.lock();
     m.budget.release(size);
+    m.find_allocated(key(base))->moving = false;
     try {
       std::rethrow_exception(error);
     } catch (const OutOfMemory&) {
@@ -113,6 +131,7 @@ void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
   lock.lock();
   Block* b = m.find_allocated(key(base));
   SPILL_ASSERT(b != nullptr, "a block was freed while it was being rebacked");
+  b->moving = false;
   b->backed = true;
   b->handle = h;
   m.swapped_out -= size;

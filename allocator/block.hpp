@@ -36,6 +36,7 @@ struct Block {
   bool allocated = false;
   bool fresh = true;           // never handed out: no stream has touched it
   bool backed = true;          // large blocks: physical memory mapped (false: swapped out)
+  bool moving = false;         // large blocks: unback/reback under way (device calls unlocked)
   PhysicalHandle handle = 0;   // large blocks: their own physical chunk
   Stream stream = nullptr;     // allocation stream, or the stream it was freed on
   std::array<StreamUse, 4> uses{};  // other streams (record_stream), then free-time events

@@ -36,7 +36,8 @@ void BlockPool::recycle(Block* b) {
   SPILL_ASSERT(!b->free_hook.is_linked() && !b->addr_hook.is_linked(), "recycling a linked block");
   drop_uses(*b);
   b->addr = 0, b->size = 0, b->requested = 0, b->segment = nullptr, b->prev = nullptr;
-  b->next = nullptr, b->allocated = false, b->backed = true, b->handle = 0, b->fresh = true;
+  b->next = nullptr, b->allocated = false, b->backed = true, b->moving = false, b->handle = 0;
+  b->fresh = true;
   b->stream = nullptr, b->n_uses = 0;
   spare_blocks_.push_back(b);
 }

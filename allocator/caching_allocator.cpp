@@ -221,6 +221,8 @@ void CachingAllocator::deallocate_impl(void* ptr, Stream stream, bool explicit_s
     b = m.find_allocated(key(ptr));
     SPILL_EXPECTS(b != nullptr, "free: " + format_address(ptr) + " was freed twice at once");
   }
+  SPILL_EXPECTS(!b->moving, "free: " + format_address(ptr) +
+                                " is being unbacked or rebacked; free it after that returns");
   m.allocated.erase(m.allocated.iterator_to(*b));
   m.stats.allocated.sub(b->size);
   m.stats.requested.sub(b->requested);

@@ -17,6 +17,10 @@
 // then allocator, then the host pool. An observer must not call reback/allocate from evict()
 // (that would re-enter the ladder it is serving).
 //
+// One block is never in two residency calls at once: while an unback or reback of a block runs
+// (device calls, without the allocator's lock), another unback, reback or free of it is refused
+// with InvalidArgument, and block_info still reports its old state.
+//
 // HostMemory (implemented by HostPool): pinned host buffers for swapped-out bytes, under a host
 // cap; allocate throws OutOfMemory when the cap would be passed.
 #pragma once

@@ -2,7 +2,10 @@
 // ThreadSanitizer by the `tsan` build preset (CMakePresets.json).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -60,6 +63,101 @@ TEST(AllocatorThreads, EightThreadsAllocateAndFreeConcurrently) {
   EXPECT_EQ(ooms.load(), 0) << "the budget is far above what 8 x 8 blocks need";
   a.check_invariants();
   EXPECT_EQ(a.stats().allocated.current, 0);
+}
+
+// Like the swapper: an observer that evicts other threads' large blocks by unbacking them
+// (re-entering the allocator from the eviction hook) while eight threads allocate, reback their
+// own blocks and free them under a tight budget. Shows the lock rule holds (no deadlock, no
+// race under TSan) and the books balance at the end.
+class EvictingObserver final : public LargeBlockObserver {
+ public:
+  explicit EvictingObserver(CachingAllocator& a) : a_(a) {}
+  void on_large_alloc(void* base, std::size_t size) override {
+    std::lock_guard lock(mu_);
+    live_.push_back({base, size});
+  }
+  void on_large_free(void* base, Stream) override {
+    std::lock_guard lock(mu_);  // waits for an unback of this block in progress
+    std::erase_if(live_, [&](const SwappableBlock& b) { return b.base == base; });
+  }
+  std::size_t evict(std::size_t bytes) override {
+    std::lock_guard lock(mu_);
+    std::size_t freed = 0;
+    for (SwappableBlock& b : live_) {
+      if (freed >= bytes) break;
+      std::optional<BlockInfo> info = a_.block_info(b.base);
+      if (!info || !info->backed) continue;
+      try {
+        a_.unback(b.base, b.size);
+      } catch (const InvalidArgument&) {
+        continue;  // its owner is rebacking it right now
+      }
+      freed += b.size;
+      evictions++;
+    }
+    return freed;
+  }
+  std::atomic<long> evictions{0};
+
+ private:
+  CachingAllocator& a_;
+  std::mutex mu_;
+  std::vector<SwappableBlock> live_;
+};
+
+TEST(AllocatorThreads, EightThreadsUnderPressureWithAnEvictingObserver) {
+  SimDevice dev(SimOptions{.capacity = 256 * MiB});
+  CachingAllocator a(dev, AllocatorOptions{.budget = 48 * MiB});
+  EvictingObserver obs(a);
+  a.set_observer(&obs);
+  std::atomic<int> ooms{0}, rebacks{0};
+  auto worker = [&](int t) {
+    std::mt19937_64 rng(100 + t);
+    Stream s = dev.create_stream();
+    std::vector<void*> mine;
+    for (int i = 0; i < 1500; ++i) {
+      const unsigned dice = static_cast<unsigned>(rng() % 10);
+      if (mine.size() < 4 && (mine.empty() || dice < 5)) {
+        std::size_t n = dice < 3 ? 1 + rng() % (64 * KiB) : 2 * MiB + rng() % (4 * MiB);
+        try {
+          mine.push_back(a.allocate(n, s));
+        } catch (const OutOfMemory&) {
+          ooms++;
+        }
+      } else if (dice < 7) {
+        void* p = mine[rng() % mine.size()];
+        std::optional<SwappableBlock> b = a.find_block(p);
+        if (b && !a.block_info(p)->backed) {
+          try {
+            a.reback(b->base, b->size);
+            rebacks++;
+          } catch (const OutOfMemory&) {
+            ooms++;
+          } catch (const InvalidArgument& e) {
+            // Only this thread rebacks its blocks, and the observer unbacks only mapped ones.
+            ADD_FAILURE() << "reback of an own unbacked block was refused: " << e.what();
+          }
+        }
+      } else {
+        std::size_t k = rng() % mine.size();
+        a.deallocate(mine[k]);
+        mine.erase(mine.begin() + static_cast<long>(k));
+      }
+    }
+    for (void* p : mine) a.deallocate(p);
+    a.forget_stream(s);
+    dev.destroy_stream(s);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 8; ++t) pool.emplace_back(worker, t);
+  for (auto& th : pool) th.join();
+  a.set_observer(nullptr);
+  EXPECT_GT(obs.evictions.load(), 0) << "the budget should have forced evictions";
+  a.check_invariants();
+  AllocatorStats st = a.stats();
+  EXPECT_EQ(st.allocated.current, 0);
+  EXPECT_EQ(st.swapped_out_bytes, 0u);
+  EXPECT_LE(st.reserved.peak, static_cast<std::int64_t>(48 * MiB));
 }
 
 }  // namespace
