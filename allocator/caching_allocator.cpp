@@ -3,6 +3,7 @@
 // reports in allocator_report.cpp.
 #include "allocator/caching_allocator.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
 #include <thread>
@@ -29,6 +30,8 @@ AllocatorOptions AllocatorOptions::from_config(const Config& config) {
   AllocatorOptions o;
   o.budget = config.budget;
   o.oom_dump = config.oom_dump;
+  // Blocks below the swap threshold are never swapped: they may live in the small pool.
+  o.small_limit = std::min<std::size_t>(o.small_limit, config.swap_threshold);
   return o;
 }
 

@@ -48,6 +48,7 @@ struct AllocatorOptions {
   std::size_t small_limit = 1u << 20;  // requests up to this go to the small pool
   std::string oom_dump;                // directory for a snapshot + trace on OOM
 
+  // budget:, oom_dump:, and swap_threshold: (when below 1 MiB, the small pool's limit).
   static AllocatorOptions from_config(const Config& config);
 };
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "allocator/caching_allocator.hpp"
+#include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
 #include "profiling/events.hpp"
@@ -258,6 +259,22 @@ TYPED_TEST(AllocatorTest, SnapshotShowsSegmentsAndBlocks) {
   EXPECT_EQ(static_cast<std::int64_t>(allocated), a.stats().allocated.current);
   a.deallocate(s);
   a.deallocate(l);
+}
+
+TEST(AllocatorOptions, ComeFromTheConfigurationString) {
+  Config c = Config::parse("budget:48MiB,swap_threshold:64KiB,oom_dump:/tmp/spill_dumps");
+  AllocatorOptions o = AllocatorOptions::from_config(c);
+  EXPECT_EQ(o.budget, std::optional<std::size_t>(48 * MiB));
+  EXPECT_EQ(o.small_limit, 64 * KiB) << "blocks that may be swapped must be large blocks";
+  EXPECT_EQ(o.oom_dump, "/tmp/spill_dumps");
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  CachingAllocator a(dev, o);
+  EXPECT_EQ(a.budget(), 48 * MiB);
+  void* p = a.allocate(100 * KiB);
+  EXPECT_TRUE(a.block_info(p)->large);
+  a.deallocate(p);
+  EXPECT_EQ(AllocatorOptions::from_config(Config{}).small_limit, MiB);
+  EXPECT_THROW(CachingAllocator(dev, AllocatorOptions{.small_limit = 4 * MiB}), InvalidArgument);
 }
 
 // Every allocate, free, map, unmap and OOM is a trace event with its address, size, stream and
