@@ -26,6 +26,7 @@ SwapStats diff(const SwapStats& a, const SwapStats& b) {
   d.prefetches -= b.prefetches;
   d.prefetch_hits -= b.prefetch_hits;
   d.prefetch_late -= b.prefetch_late;
+  d.prefetches_skipped -= b.prefetches_skipped;
   d.demand_fetches -= b.demand_fetches;
   d.evictions_reactive -= b.evictions_reactive;
   d.evictions_planned -= b.evictions_planned;
