@@ -110,6 +110,10 @@ TEST(AllocatorThreads, EightThreadsUnderPressureWithAnEvictingObserver) {
   CachingAllocator a(dev, AllocatorOptions{.budget = 48 * MiB});
   EvictingObserver obs(a);
   a.set_observer(&obs);
+  // Ballast holding most of the budget, so that pressure does not depend on how the threads
+  // happen to be scheduled (run one after another, they would never fill 48 MiB).
+  std::vector<void*> ballast;
+  for (int i = 0; i < 6; ++i) ballast.push_back(a.allocate(6 * MiB));
   std::atomic<int> ooms{0}, rebacks{0};
   auto worker = [&](int t) {
     std::mt19937_64 rng(100 + t);
@@ -151,6 +155,7 @@ TEST(AllocatorThreads, EightThreadsUnderPressureWithAnEvictingObserver) {
   std::vector<std::thread> pool;
   for (int t = 0; t < 8; ++t) pool.emplace_back(worker, t);
   for (auto& th : pool) th.join();
+  for (void* p : ballast) a.deallocate(p);
   a.set_observer(nullptr);
   EXPECT_GT(obs.evictions.load(), 0) << "the budget should have forced evictions";
   a.check_invariants();
