@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <list>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -25,6 +26,18 @@ inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
 inline std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
 
+// A large block's old address range after its chunks were gathered into a new block: still
+// mapped (an alias of the new block's memory, no bytes of its own) until the work queued on it
+// before the move has finished, then unmapped and unreserved.
+struct RetiredRange {
+  std::uintptr_t addr = 0;
+  std::size_t size = 0;
+  std::vector<Chunk> chunks;  // the mappings still in place, offsets within [addr, addr+size)
+  std::vector<Event> events;  // all complete: nothing can touch the range any more
+  Segment* owner = nullptr;   // the segment that owns the chunks now
+  bool reaping = false;       // being unmapped (device calls unlocked)
+};
+
 struct CachingAllocator::Impl {
   Impl(Device& d, const AllocatorOptions& o)
       : budget(d, o.budget),
@@ -42,7 +55,8 @@ struct CachingAllocator::Impl {
   SegmentList segments;               // every segment (small segments, large blocks)
   std::size_t swapped_out = 0;        // allocated large blocks without physical memory
   std::size_t releasing = 0;          // cached bytes being returned to the device (unlocked)
-  std::condition_variable released;   // signalled when a release finishes
+  std::condition_variable released;   // signalled when a release or a reap finishes
+  std::list<RetiredRange> retired;    // old ranges of gathered blocks, not yet unmapped
   AllocatorStats stats;
   LargeBlockObserver* observer = nullptr;
   HostPool* host_pool = nullptr;

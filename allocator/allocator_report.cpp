@@ -93,6 +93,23 @@ void CachingAllocator::check_invariants() const {
     if (s->large && (s->first == nullptr || s->first->next != nullptr))
       violated("a large segment does not hold exactly one block", s->addr);
     if (!s->large && s->size != kSmallSegment) violated("a small segment of odd size", s->addr);
+    if (s->large) {
+      const bool backed = s->first && s->first->backed;
+      std::size_t off = 0;
+      for (const Chunk& c : s->chunks) {
+        if (c.offset != off || c.size == 0 || c.size % m.granularity)
+          violated("a large block's chunks do not tile it", s->addr);
+        off += c.size;
+      }
+      if (backed ? off != s->size : !s->chunks.empty())
+        violated(backed ? "a backed large block is not covered by its chunks"
+                        : "a swapped-out large block still holds chunks",
+                 s->addr);
+      if (s->chunks.size() > kMaxChunks) violated("a large block has too many chunks", s->addr);
+      std::uint32_t aliases = 0;
+      for (const RetiredRange& r : m.retired) aliases += r.owner == s;
+      if (aliases != s->aliases) violated("a block's alias count differs from a recount", s->addr);
+    }
     std::uintptr_t at = s->addr;
     for (const Block* b = s->first; b; b = b->next) {
       if (b->addr != at) violated("a gap or an overlap between blocks", at);
@@ -121,6 +138,11 @@ void CachingAllocator::check_invariants() const {
     if (at != s->addr + s->size) violated("blocks do not cover their segment", s->addr);
   }
   if (n_allocated != m.allocated.size()) violated("the allocated set holds stray blocks");
+  for (const RetiredRange& r : m.retired) {
+    if (std::find(segs.begin(), segs.end(), r.owner) == segs.end())
+      violated("a retired range aliases a segment that is gone", r.addr);
+    if (r.reaping) violated("a retired range's unmapping did not finish", r.addr);
+  }
   const BlockPool* pools[2] = {&m.small, &m.large};
   for (int large = 0; large < 2; ++large) {
     if (n_free[large] != pools[large]->free_set().size() ||

@@ -27,9 +27,9 @@ std::optional<SwappableBlock> CachingAllocator::find_block(const void* ptr) {
 
 void CachingAllocator::unback(void* base, std::size_t size) {
   Impl& m = *impl_;
-  PhysicalHandle h;
+  std::vector<Chunk> chunks;
   {
-    std::lock_guard lock(m.mu);
+    Lock lock(m.mu);
     Block* b = m.find_allocated(key(base));
     SPILL_EXPECTS(b && b->segment->large && b->backed && !b->moving && b->size == size,
                   "unback: " + format_address(base) + " (" + format_bytes(size) +
@@ -37,27 +37,53 @@ void CachingAllocator::unback(void* base, std::size_t size) {
     // `moving` keeps a second unback, a reback and a free off the block while the device calls
     // run; its bytes stay claimed in the budget until they are really unmapped.
     b->moving = true;
-    h = b->handle;
+    try {
+      settle_aliases(lock, b->segment);  // no retired range may map its chunks any more
+    } catch (...) {
+      b->moving = false;
+      throw;
+    }
+    chunks = b->segment->chunks;
   }
+  std::size_t n_unmapped = 0;
   try {
-    dev_.unmap(base, size);
-    dev_.release_physical(h, size);
+    for (const Chunk& c : chunks) {
+      dev_.unmap(ptr_of(key(base) + c.offset), c.size);
+      ++n_unmapped;
+    }
   } catch (...) {
+    // Still backed: map back what was unmapped (the chunks kept their contents).
+    try {
+      for (std::size_t i = 0; i < n_unmapped; ++i)
+        dev_.map(ptr_of(key(base) + chunks[i].offset), chunks[i].size, chunks[i].handle);
+    } catch (...) {
+      // The first error is the one to report.
+    }
     std::lock_guard lock(m.mu);
     if (Block* b = m.find_allocated(key(base))) b->moving = false;
     throw;
+  }
+  // Unmapped: the block is swapped out now, whatever releasing the chunks says.
+  std::exception_ptr error;
+  for (const Chunk& c : chunks) {
+    try {
+      dev_.release_physical(c.handle, c.size);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
   }
   std::lock_guard lock(m.mu);
   Block* b = m.find_allocated(key(base));
   SPILL_ASSERT(b != nullptr, "a block was freed while it was being unbacked");
   b->moving = false;
   b->backed = false;
-  b->handle = 0;
+  b->segment->chunks.clear();
   m.budget.release(size);
   m.swapped_out += size;
   m.stats.reserved.sub(size);
   m.stats.segment_unmaps++;
   m.trace(EventKind::Unmap, key(base), size);
+  if (error) std::rethrow_exception(error);
 }
 
 namespace {
@@ -133,7 +159,7 @@ void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
   SPILL_ASSERT(b != nullptr, "a block was freed while it was being rebacked");
   b->moving = false;
   b->backed = true;
-  b->handle = h;
+  b->segment->chunks = {Chunk{0, size, h}};
   m.swapped_out -= size;
   m.stats.reserved.add(size);
   m.stats.segment_maps++;

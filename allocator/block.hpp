@@ -12,6 +12,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "device/device.hpp"
 
@@ -37,7 +38,6 @@ struct Block {
   bool fresh = true;           // never handed out: no stream has touched it
   bool backed = true;          // large blocks: physical memory mapped (false: swapped out)
   bool moving = false;         // large blocks: unback/reback under way (device calls unlocked)
-  PhysicalHandle handle = 0;   // large blocks: their own physical chunk
   Stream stream = nullptr;     // allocation stream, or the stream it was freed on
   std::array<StreamUse, 4> uses{};  // other streams (record_stream), then free-time events
   std::uint8_t n_uses = 0;
@@ -62,6 +62,16 @@ using AddressSet =
     bi::set<Block, bi::member_hook<Block, decltype(Block::addr_hook), &Block::addr_hook>,
             bi::compare<ByAddress>>;
 
+// A physical chunk mapped into a large block's range at `offset`. A large block is backed by
+// one chunk when it is first mapped or mapped back after a swap, and by several when it was
+// gathered from cached blocks' chunks (at most kMaxChunks).
+struct Chunk {
+  std::size_t offset = 0;
+  std::size_t size = 0;
+  PhysicalHandle handle = 0;
+};
+inline constexpr std::size_t kMaxChunks = 16;
+
 // A contiguous range carved into blocks: a small-pool segment (plain device memory), a large
 // block's own reservation, or a host-pool chunk.
 struct Segment {
@@ -69,6 +79,8 @@ struct Segment {
   std::size_t size = 0;
   Block* first = nullptr;
   bool large = false;
+  std::vector<Chunk> chunks;  // large: the chunks tiling the range while it is backed
+  std::uint32_t aliases = 0;  // large: retired ranges that still map some of its chunks
   bi::list_member_hook<bi::link_mode<bi::safe_link>> hook;  // in the owner's segment list
 };
 

@@ -36,7 +36,7 @@ void BlockPool::recycle(Block* b) {
   SPILL_ASSERT(!b->free_hook.is_linked() && !b->addr_hook.is_linked(), "recycling a linked block");
   drop_uses(*b);
   b->addr = 0, b->size = 0, b->requested = 0, b->segment = nullptr, b->prev = nullptr;
-  b->next = nullptr, b->allocated = false, b->backed = true, b->moving = false, b->handle = 0;
+  b->next = nullptr, b->allocated = false, b->backed = true, b->moving = false;
   b->fresh = true;
   b->stream = nullptr, b->n_uses = 0;
   spare_blocks_.push_back(b);
@@ -222,6 +222,44 @@ bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
   if (!found && b.n_uses < b.uses.size()) b.uses[b.n_uses++] = {b.stream, nullptr};
   for (std::uint8_t i = 0; i < b.n_uses; ++i) check(b.uses[i]);
   return all;
+}
+
+void BlockPool::withdraw(Block* b) {
+  SPILL_ASSERT(!b->allocated && b->free_hook.is_linked(), "withdrawing a block that is not free");
+  free_.erase(free_.iterator_to(*b));
+  free_bytes_ -= b->size;
+}
+
+void BlockPool::restore(Block* b) {
+  SPILL_ASSERT(!b->allocated && !b->free_hook.is_linked(), "restoring a block that is not withdrawn");
+  free_.insert(*b);
+  free_bytes_ += b->size;
+}
+
+std::vector<Event> BlockPool::retire(Block* b) {
+  SPILL_ASSERT(!b->allocated && !b->free_hook.is_linked(), "retiring a block that is not withdrawn");
+  std::vector<Event> out;
+  if (!b->fresh) {
+    bool found = false;
+    for (std::uint8_t i = 0; i < b->n_uses; ++i) {
+      found |= b->uses[i].stream == b->stream;
+      record_if_needed(b->uses[i]);
+      out.push_back(b->uses[i].event);
+      b->uses[i] = {};
+    }
+    if (!found) {
+      StreamUse self{b->stream, nullptr};
+      record_if_needed(self);
+      out.push_back(self.event);
+    }
+  }
+  b->n_uses = 0;
+  recycle(b);
+  return out;
+}
+
+void BlockPool::return_events(const std::vector<Event>& events) {
+  spare_events_.insert(spare_events_.end(), events.begin(), events.end());
 }
 
 void BlockPool::forget_stream(Stream stream) {

@@ -43,6 +43,16 @@ class BlockPool {
   // appends the events still pending to `pending`. Unmapping a block that is not idle would
   // pull memory from under queued work.
   bool idle(Block& b, std::vector<Event>* pending = nullptr);
+  // Whether a free block may be handed out on `stream` now (the rule above).
+  bool usable_on(Block& b, Stream stream) { return ready_for(b, stream); }
+  // Takes a free block out of the free set, constraints kept (restore puts it back).
+  void withdraw(Block* b);
+  void restore(Block* b);
+  // Ends a withdrawn block whose memory moves elsewhere: returns events that complete once no
+  // stream can still touch its old addresses (recorded now where missing; the caller owns them
+  // until return_events) and recycles the Block.
+  std::vector<Event> retire(Block* b);
+  void return_events(const std::vector<Event>& events);
   // Removes a wholly free segment's single block from the pool (before releasing the segment).
   void remove_free_segment(Segment* segment);
   // Segments whose memory is all free, ready to be released (in address order).

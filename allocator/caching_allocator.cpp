@@ -51,13 +51,21 @@ CachingAllocator::~CachingAllocator() {
   }
   std::lock_guard lock(m.mu);
   m.allocated.clear();
+  // Retired ranges alias segments' chunks: unmapped first.
+  for (RetiredRange& r : m.retired) {
+    try {
+      for (const Chunk& c : r.chunks) dev_.unmap(ptr_of(r.addr + c.offset), c.size);
+      dev_.unreserve(ptr_of(r.addr), r.size);
+    } catch (...) {
+      // Teardown after a device error: nothing more to do for this range.
+    }
+  }
+  m.retired.clear();
   m.segments.clear_and_dispose([&](Segment* s) {
     try {
       if (s->large) {
-        if (s->first && s->first->backed) {
-          dev_.unmap(ptr_of(s->addr), s->size);
-          dev_.release_physical(s->first->handle, s->size);
-        }
+        for (const Chunk& c : s->chunks) dev_.unmap(ptr_of(s->addr + c.offset), c.size);
+        for (const Chunk& c : s->chunks) dev_.release_physical(c.handle, c.size);
         dev_.unreserve(ptr_of(s->addr), s->size);
       } else {
         dev_.deallocate(ptr_of(s->addr));
@@ -155,43 +163,7 @@ void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
   if (b != nullptr) {
     m.stats.cache_hits++;
   } else {
-    // Mapping more would raise the reserved peak while cached blocks that no request fitted sit
-    // idle: release those first. Below the peak, the cache is kept (no churn in steady state).
-    const auto peak = static_cast<std::size_t>(m.stats.reserved.peak);
-    if (m.large.free_bytes() > 0 && m.budget.claimed() + size > peak) {
-      if (release_idle(lock, m.budget.claimed() + size - peak, nullptr) > 0)
-        m.stats.cache_releases++;
-    }
-    make_room(lock, size, bytes);
-    lock.unlock();
-    void* va = nullptr;
-    PhysicalHandle h = 0;
-    try {
-      va = dev_.reserve(size);
-      h = dev_.create_physical(size);
-      dev_.map(va, size, h);
-    } catch (...) {
-      std::exception_ptr error = std::current_exception();
-      try {
-        if (h) dev_.release_physical(h, size);
-        if (va) dev_.unreserve(va, size);
-      } catch (...) {
-        // The first error is the one to report.
-      }
-      lock.lock();
-      m.budget.release(size);
-      try {
-        std::rethrow_exception(error);
-      } catch (const OutOfMemory&) {
-        throw_oom_locked(bytes, size, true);
-      }
-    }
-    lock.lock();
-    Segment* seg = m.new_segment(key(va), size, true);
-    note_mapped_locked(seg);
-    b = m.large.add_segment(seg);
-    b->handle = h;
-    b = m.large.carve(b, size, stream);
+    b = map_large(lock, size, bytes, stream);
   }
   account_alloc_locked(b, bytes, stream);
   void* p = ptr_of(b->addr);
@@ -312,6 +284,7 @@ void CachingAllocator::forget_stream(Stream stream) {
 
 void CachingAllocator::empty_cache() {
   Lock lock(impl_->mu);
+  reap_retired(lock, true);
   release_cached(lock, SIZE_MAX);
 }
 
@@ -368,8 +341,9 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     std::uintptr_t addr;
     std::size_t size;
     bool large;
-    PhysicalHandle handle;
+    std::vector<Chunk> chunks;
   };
+  if (!m.retired.empty()) reap_retired(lock, false);
   std::vector<Detached> out;
   std::size_t bytes = 0;
   // Detach under the lock: large cached blocks first (largest first), then wholly free small
@@ -378,7 +352,13 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     if (bytes >= want) break;
     if (!m.large.idle(*b, pending)) continue;
     Segment* s = b->segment;
-    out.push_back({s->addr, s->size, true, b->handle});
+    if (s->aliases > 0) {
+      // Its chunks are still mapped at retired ranges: wait for those, then release it.
+      for (const RetiredRange& r : m.retired)
+        if (r.owner == s && pending) pending->insert(pending->end(), r.events.begin(), r.events.end());
+      continue;
+    }
+    out.push_back({s->addr, s->size, true, std::move(s->chunks)});
     m.large.remove_free_segment(s);
     bytes += s->size;
     m.stats.cached.sub(s->size);
@@ -387,7 +367,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
   for (Segment* s : m.small.free_segments()) {
     if (bytes >= want) break;
     if (!m.small.idle(*s->first, pending)) continue;
-    out.push_back({s->addr, s->size, false, 0});
+    out.push_back({s->addr, s->size, false, {}});
     m.small.remove_free_segment(s);
     bytes += s->size;
     m.stats.cached.sub(s->size);
@@ -400,8 +380,8 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
   for (const Detached& d : out) {
     try {
       if (d.large) {
-        dev_.unmap(ptr_of(d.addr), d.size);
-        dev_.release_physical(d.handle, d.size);
+        for (const Chunk& c : d.chunks) dev_.unmap(ptr_of(d.addr + c.offset), c.size);
+        for (const Chunk& c : d.chunks) dev_.release_physical(c.handle, c.size);
         dev_.unreserve(ptr_of(d.addr), d.size);
       } else {
         dev_.deallocate(ptr_of(d.addr));

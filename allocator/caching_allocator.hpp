@@ -2,9 +2,14 @@
 //   small pool  requests up to 1 MiB (small_limit), rounded to 512 B, carved (split, coalesced)
 //               from 2 MiB plain device segments;
 //   large pool  bigger requests rounded to the VMM granularity; each block has its own reserved
-//               range and its own physical chunk, so the swapper can unmap one block alone;
-//               freed blocks stay mapped (cached) and are reused for requests at most 1/4
-//               smaller.
+//               range backed by its own physical chunks, so the swapper can unmap one block
+//               alone; freed blocks stay mapped (cached) and are reused for requests at most
+//               1/4 smaller. A request no cached block fits, whose fresh mapping would raise
+//               the reserved peak or pass the budget, is gathered: cached blocks the stream may
+//               use now give up their chunks, mapped into the new block's range next to one
+//               fresh chunk for the rest (at most kMaxChunks chunks). Their old ranges stay
+//               mapped, as aliases, until the work queued on them has finished (no host wait:
+//               stream order keeps the old and new uses apart).
 // Budget (allocator/budget.hpp): mapped physical bytes (small segments + mapped large blocks)
 // never pass it. A request that would goes down the ladder: reuse a cached block; release cached
 // memory no queued work can touch (dead bytes go before live tensors: this swaps the issue's
@@ -123,6 +128,17 @@ class CachingAllocator final : public ResidencyBackend {
   using Lock = std::unique_lock<std::mutex>;
   void* allocate_small(std::size_t bytes, Stream stream);
   void* allocate_large(std::size_t bytes, Stream stream);
+  // A new large block of `size` bytes (no cached block fits): gathered and/or freshly mapped.
+  Block* map_large(Lock& lock, std::size_t size, std::size_t requested, Stream stream);
+  // Withdraws cached large blocks usable on `stream` whose sizes add up to at most `size`,
+  // largest first; returns their total.
+  std::size_t gather_locked(std::size_t size, Stream stream, std::vector<Block*>* out);
+  // The gathered block `g` ends; its range becomes a retired alias of `owner`'s chunks.
+  void retire_locked(Block* g, Segment* owner);
+  // Unmaps retired ranges nothing can touch any more (`wait`: waits for them all first).
+  std::size_t reap_retired(Lock& lock, bool wait);
+  // Waits until no retired range maps `seg`'s chunks (before they are unmapped or released).
+  void settle_aliases(Lock& lock, Segment* seg);
   void deallocate_impl(void* ptr, Stream stream, bool explicit_stream);
   void account_alloc_locked(Block* b, std::size_t bytes, Stream stream);
   void note_mapped_locked(Segment* s);

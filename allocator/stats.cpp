@@ -20,7 +20,8 @@ std::string AllocatorStats::to_string() const {
   out += "allocations " + std::to_string(allocations) + ", frees " + std::to_string(frees) +
          ", segment maps " + std::to_string(segment_maps) + ", unmaps " +
          std::to_string(segment_unmaps) + "\n";
-  out += "ladder: cache hits " + std::to_string(cache_hits) + ", cache releases " +
+  out += "ladder: cache hits " + std::to_string(cache_hits) + ", gathers " +
+         std::to_string(gathers) + ", cache releases " +
          std::to_string(cache_releases) + ", eviction requests " +
          std::to_string(eviction_requests) + ", OOMs " + std::to_string(ooms) + "\n";
   return out;

@@ -35,6 +35,7 @@ struct AllocatorStats {
   std::uint64_t allocations = 0, frees = 0;
   std::uint64_t segment_maps = 0, segment_unmaps = 0;
   std::uint64_t cache_hits = 0;          // ladder step 1: a cached block was reused
+  std::uint64_t gathers = 0;             // large blocks built from cached blocks' chunks
   std::uint64_t cache_releases = 0;      // ladder step 2: cached memory was released
   std::uint64_t eviction_requests = 0;   // ladder step 3: the eviction hook was asked
   std::uint64_t ooms = 0;

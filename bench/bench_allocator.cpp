@@ -135,6 +135,7 @@ void run_sequence(benchmark::State& state, const std::vector<Op>& ops, Source so
         static_cast<double>(st.reserved.peak) / static_cast<double>(st.requested.peak);
     state.counters["peak_allocated_MiB"] = static_cast<double>(st.allocated.peak) / MiB;
     state.counters["peak_reserved_MiB"] = static_cast<double>(st.reserved.peak) / MiB;
+    state.counters["gathers"] = static_cast<double>(st.gathers);
   }
   alloc.reset();
   dev->destroy_stream(s);

@@ -151,14 +151,110 @@ TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
       EXPECT_NE(m.find(part), std::string::npos) << part << " missing from: " << m;
   }
   EXPECT_EQ(a.stats().ooms, 1u);
-  // Free two blocks: cached. A request for two granules must release cached memory first.
+  // Free two blocks: cached. A request for two granules on the same stream is built from
+  // their chunks (gathered): nothing new is mapped.
   a.deallocate(live[0]);
   a.deallocate(live[1]);
   void* big = a.allocate(2 * g, this->s1_);
+  EXPECT_EQ(a.stats().gathers, 1u);
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(8 * g));
+  EXPECT_EQ(a.stats().cached.current, 0);
+  a.check_invariants();
+  // A cached block larger than a request (never split) is released to let the request in.
+  a.deallocate(big);
+  void* one = a.allocate(g, this->s1_);
   EXPECT_GE(a.stats().cache_releases, 1u);
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(7 * g));
+  a.check_invariants();
+  a.deallocate(one);
+  for (int i = 2; i < 8; ++i) a.deallocate(live[i]);
+  a.empty_cache();
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  a.check_invariants();
+}
+
+// ---- gathering: a large block built from cached blocks' chunks
+
+TYPED_TEST(AllocatorTest, GatheredBlockFollowsQueuedWorkInStreamOrder) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g);
+  void* p = a.allocate(2 * g, this->s1_);
+  void* q = a.allocate(g, this->s1_);
+  const MemInfo before = d.mem_info();
+  // Queued work writes p and q behind a hold; both are freed while it waits.
+  HoldToken hold = d.hold(this->s1_);
+  std::vector<unsigned char> early(3 * g);
+  fill_pattern(early.data(), early.size(), 1);
+  d.copy_async(p, early.data(), 2 * g, CopyKind::HostToDevice, this->s1_);
+  d.copy_async(q, early.data() + 2 * g, g, CopyKind::HostToDevice, this->s1_);
+  a.deallocate(p);
+  a.deallocate(q);
+  // The same stream may use their memory at once: the new block maps their chunks.
+  void* r = a.allocate(3 * g, this->s1_);
+  EXPECT_EQ(a.stats().gathers, 1u);
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(3 * g));
+  EXPECT_EQ(d.mem_info().free, before.free) << "no new physical memory";
+  std::vector<unsigned char> late(3 * g);
+  fill_pattern(late.data(), late.size(), 2);
+  d.copy_async(r, late.data(), late.size(), CopyKind::HostToDevice, this->s1_);
+  // The writes to the old addresses run first (their ranges are still mapped), then the new.
+  d.release(hold);
+  d.synchronize(this->s1_);
+  EXPECT_TRUE(this->holds(r, 3 * g, 2, this->s1_));
+  a.check_invariants();
+  a.deallocate(r);
+  a.empty_cache();  // unmaps the retired ranges, then the block
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";
+  a.check_invariants();
+}
+
+TYPED_TEST(AllocatorTest, AnotherStreamDoesNotGatherBlocksStillInUse) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g);
+  void* p = a.allocate(2 * g, this->s1_);
+  HoldToken hold = d.hold(this->s1_);
+  a.deallocate(p);  // s1 has not passed the free
+  void* r = a.allocate(3 * g, this->s2_);
+  EXPECT_EQ(a.stats().gathers, 0u) << "s2 may not use p's memory yet";
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(5 * g));
+  this->write(r, 3 * g, 3, this->s2_);
+  d.release(hold);
+  d.synchronize();
+  EXPECT_TRUE(this->holds(r, 3 * g, 3, this->s2_));
+  a.check_invariants();
+  a.deallocate(r);
+}
+
+TYPED_TEST(AllocatorTest, GatheringStopsAtTheChunkLimitAndBlocksStillSwap) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g);
+  std::vector<void*> parts;
+  for (int i = 0; i < 20; ++i) parts.push_back(a.allocate(g, this->s1_));
+  for (void* p : parts) a.deallocate(p);
+  void* big = a.allocate(20 * g, this->s1_);
+  EXPECT_EQ(a.stats().gathers, 1u);
+  a.check_invariants();  // at most kMaxChunks chunks per block
+  EXPECT_LE(a.stats().reserved.current, static_cast<std::int64_t>(25 * g))
+      << "at least 15 cached granules were reused";
+  this->write(big, 20 * g, 4, this->s1_);
+  // The swapper's primitives: unmapping a gathered block unmaps and releases every chunk;
+  // mapping it back maps one fresh chunk.
+  d.synchronize();
+  const std::int64_t reserved = a.stats().reserved.current;
+  a.unback(big, 20 * g);
+  EXPECT_EQ(a.stats().reserved.current, reserved - static_cast<std::int64_t>(20 * g));
+  a.check_invariants();
+  a.reback(big, 20 * g);
+  this->write(big, 20 * g, 5, this->s1_);
+  EXPECT_TRUE(this->holds(big, 20 * g, 5, this->s1_));
   a.check_invariants();
   a.deallocate(big);
-  for (int i = 2; i < 8; ++i) a.deallocate(live[i]);
+  a.empty_cache();
+  EXPECT_EQ(d.mem_info().free, d.mem_info().total);
 }
 
 TYPED_TEST(AllocatorTest, BadInputIsAClearErrorAndHarmsNothing) {

@@ -145,10 +145,13 @@ TYPED_TEST(LadderTest, CachedMemoryGoesBeforeTheHookIsAsked) {
   UnbackingObserver obs(a);
   a.set_observer(&obs);
   std::vector<void*> blocks;
-  for (int i = 0; i < 4; ++i) blocks.push_back(a.allocate(g, this->s_));
-  a.deallocate(blocks[3]);
+  for (int i = 0; i < 3; ++i) blocks.push_back(a.allocate(g, this->s_));
+  // A small allocation fills the budget with a small segment (one granule here).
+  ASSERT_EQ(this->dev_->granularity(), 2 * MiB) << "the test assumes 2 MiB small segments";
+  void* small = a.allocate(4096, this->s_);
+  a.deallocate(small);  // its segment is cached, wholly free: releasable, not gatherable
   void* big = a.allocate(2 * g, this->s_);  // needs one more granule than is cached
-  EXPECT_GE(a.stats().cache_releases, 1u) << "the cached granule is released first";
+  EXPECT_GE(a.stats().cache_releases, 1u) << "the cached segment is released first";
   ASSERT_EQ(obs.requests.size(), 1u);
   EXPECT_EQ(obs.requests[0], g) << "the hook is asked only for what releasing could not give";
   a.check_invariants();

@@ -1,0 +1,204 @@
+// CachingAllocator: mapping new large blocks, gathering cached blocks' chunks into them, and
+// the retired ranges gathering leaves behind.
+//
+// Why gather: a cached large block is never split (its chunks must stay whole so the swapper
+// can unmap one block alone), so a request that no cached block fits would map fresh memory
+// while cached memory sits idle. The old ranges cannot be unmapped while queued work may touch
+// them, but a chunk may be mapped at two addresses: the new block maps the cached chunks at its
+// own addresses at once, and the old ranges are unmapped once their work is done. Stream order
+// keeps the two uses apart: the chunks are taken only from blocks the requesting stream may use
+// now (the pool's reuse rule), so everything that touched the old range comes before anything
+// that touches the new one.
+#include <algorithm>
+#include <exception>
+
+#include "allocator/allocator_impl.hpp"
+#include "core/errors.hpp"
+
+namespace spill {
+
+using profiling::EventKind;
+
+Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t requested,
+                                   Stream stream) {
+  Impl& m = *impl_;
+  if (!m.retired.empty()) reap_retired(lock, false);
+  auto raises_peak = [&](std::size_t n) {
+    return m.budget.claimed() + n > static_cast<std::size_t>(m.stats.reserved.peak);
+  };
+  std::vector<Block*> gathered;
+  std::size_t have = 0;
+  if (m.large.free_bytes() > 0 && (raises_peak(size) || !m.budget.fits(size)))
+    have = gather_locked(size, stream, &gathered);
+  const std::size_t fresh = size - have;
+  try {
+    if (fresh > 0) {
+      // Mapping more would raise the reserved peak while cached blocks that nothing fitted sit
+      // idle: release those first. Below the peak, the cache is kept (no churn in steady state).
+      if (m.large.free_bytes() > 0 && raises_peak(fresh)) {
+        const std::size_t over =
+            m.budget.claimed() + fresh - static_cast<std::size_t>(m.stats.reserved.peak);
+        if (release_idle(lock, over, nullptr) > 0) m.stats.cache_releases++;
+      }
+      make_room(lock, fresh, requested);
+    }
+  } catch (...) {
+    for (Block* g : gathered) m.large.restore(g);  // make_room returns or throws locked
+    throw;
+  }
+
+  // The new block's chunks: the gathered blocks' in order, then the fresh one.
+  std::vector<Chunk> chunks;
+  std::size_t offset = 0;
+  for (const Block* g : gathered) {
+    for (const Chunk& c : g->segment->chunks) chunks.push_back({offset + c.offset, c.size, c.handle});
+    offset += g->size;
+  }
+  lock.unlock();
+  void* va = nullptr;
+  PhysicalHandle fresh_handle = 0;
+  std::size_t n_mapped = 0;
+  try {
+    va = dev_.reserve(size);
+    if (fresh > 0) {
+      fresh_handle = dev_.create_physical(fresh);
+      chunks.push_back({have, fresh, fresh_handle});
+    }
+    for (const Chunk& c : chunks) {
+      dev_.map(ptr_of(key(va) + c.offset), c.size, c.handle);
+      ++n_mapped;
+    }
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    try {
+      for (std::size_t i = 0; i < n_mapped; ++i)
+        dev_.unmap(ptr_of(key(va) + chunks[i].offset), chunks[i].size);
+      if (fresh_handle) dev_.release_physical(fresh_handle, fresh);
+      if (va) dev_.unreserve(va, size);
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    lock.lock();
+    for (Block* g : gathered) m.large.restore(g);
+    if (fresh > 0) m.budget.release(fresh);
+    try {
+      std::rethrow_exception(error);
+    } catch (const OutOfMemory&) {
+      throw_oom_locked(requested, size, true);
+    }
+  }
+  lock.lock();
+  Segment* seg = m.new_segment(key(va), size, true);
+  seg->chunks = std::move(chunks);
+  for (Block* g : gathered) retire_locked(g, seg);
+  if (!gathered.empty()) m.stats.gathers++;
+  note_mapped_locked(seg);
+  return m.large.carve(m.large.add_segment(seg), size, stream);
+}
+
+std::size_t CachingAllocator::gather_locked(std::size_t size, Stream stream,
+                                            std::vector<Block*>* out) {
+  Impl& m = *impl_;
+  std::size_t have = 0, n_chunks = 0;
+  for (Block* b : m.large.free_blocks_largest_first()) {
+    const std::size_t left = size - have;
+    if (left == 0) break;
+    if (b->size > left) continue;
+    // Room for the block's chunks, and for a fresh chunk unless it completes the request.
+    const std::size_t need = b->segment->chunks.size() + (b->size < left ? 1 : 0);
+    if (n_chunks + need > kMaxChunks) continue;
+    if (!m.large.usable_on(*b, stream)) continue;
+    m.large.withdraw(b);
+    out->push_back(b);
+    have += b->size;
+    n_chunks += b->segment->chunks.size();
+  }
+  return have;
+}
+
+void CachingAllocator::retire_locked(Block* g, Segment* owner) {
+  Impl& m = *impl_;
+  Segment* old = g->segment;
+  RetiredRange r;
+  r.addr = old->addr;
+  r.size = old->size;
+  r.chunks = std::move(old->chunks);
+  r.events = m.large.retire(g);
+  r.owner = owner;
+  // Ranges retired earlier that map these chunks now alias the new owner.
+  for (RetiredRange& earlier : m.retired)
+    if (earlier.owner == old) earlier.owner = owner;
+  owner->aliases += old->aliases + 1;
+  m.stats.reserved.sub(r.size);
+  m.stats.cached.sub(r.size);
+  m.stats.segment_unmaps++;
+  m.trace(EventKind::Unmap, r.addr, r.size);
+  old->first = nullptr;
+  m.delete_segment(old);
+  m.retired.push_back(std::move(r));
+}
+
+std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait) {
+  Impl& m = *impl_;
+  if (wait) {
+    std::vector<Event> pending;
+    for (const RetiredRange& r : m.retired)
+      if (!r.reaping) pending.insert(pending.end(), r.events.begin(), r.events.end());
+    if (!pending.empty()) {
+      // Events are recycled, never destroyed, while the allocator lives: waiting on one that
+      // was re-recorded meanwhile only waits longer.
+      lock.unlock();
+      for (Event e : pending) dev_.synchronize(e);
+      lock.lock();
+    }
+  }
+  std::vector<std::list<RetiredRange>::iterator> done;
+  for (auto it = m.retired.begin(); it != m.retired.end(); ++it) {
+    if (it->reaping) continue;
+    if (!std::all_of(it->events.begin(), it->events.end(), [&](Event e) { return dev_.query(e); }))
+      continue;
+    it->reaping = true;  // its owner keeps the alias count until the range is unmapped
+    done.push_back(it);
+  }
+  if (done.empty()) return 0;
+  lock.unlock();
+  std::exception_ptr error;
+  for (auto it : done) {
+    try {
+      for (const Chunk& c : it->chunks) dev_.unmap(ptr_of(it->addr + c.offset), c.size);
+      dev_.unreserve(ptr_of(it->addr), it->size);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+  }
+  lock.lock();
+  for (auto it : done) {
+    m.large.return_events(it->events);
+    it->owner->aliases--;
+    m.retired.erase(it);
+  }
+  m.released.notify_all();
+  if (error) std::rethrow_exception(error);
+  return done.size();
+}
+
+void CachingAllocator::settle_aliases(Lock& lock, Segment* seg) {
+  Impl& m = *impl_;
+  while (seg->aliases > 0) {
+    std::vector<Event> pending;
+    for (const RetiredRange& r : m.retired)
+      if (r.owner == seg && !r.reaping) pending.insert(pending.end(), r.events.begin(), r.events.end());
+    if (!pending.empty()) {
+      lock.unlock();
+      for (Event e : pending) dev_.synchronize(e);
+      lock.lock();
+    }
+    if (reap_retired(lock, false) == 0 && seg->aliases > 0) {
+      bool theirs = true;  // every alias left is being unmapped by another thread
+      for (const RetiredRange& r : m.retired) theirs &= r.owner != seg || r.reaping;
+      if (theirs) m.released.wait(lock);
+    }
+  }
+}
+
+}  // namespace spill
