@@ -23,6 +23,7 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
                                    Stream stream) {
   Impl& m = *impl_;
   if (!m.retired.empty()) reap_retired(lock, false);
+  m.large.mark();
   auto raises_peak = [&](std::size_t n) {
     return m.budget.claimed() + n > static_cast<std::size_t>(m.stats.reserved.peak);
   };

@@ -39,6 +39,7 @@ struct Block {
   bool backed = true;          // large blocks: physical memory mapped (false: swapped out)
   bool moving = false;         // large blocks: unback/reback under way (device calls unlocked)
   Stream stream = nullptr;     // allocation stream, or the stream it was freed on
+  std::uint64_t freed_at = 0;  // free blocks: the pool's clock at the (latest) free
   std::array<StreamUse, 4> uses{};  // other streams (record_stream), then free-time events
   std::uint8_t n_uses = 0;
 

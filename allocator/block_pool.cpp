@@ -11,6 +11,7 @@ BlockPool::BlockPool(Device* device, std::size_t min_split, bool split)
 
 BlockPool::~BlockPool() {
   free_.clear();
+  for (const StreamMark& m : marks_) spare_events_.push_back(m.event);
   for (Block* b : all_blocks_) {
     for (std::uint8_t i = 0; i < b->n_uses; ++i)
       if (b->uses[i].event && device_) device_->destroy_event(b->uses[i].event);
@@ -38,7 +39,7 @@ void BlockPool::recycle(Block* b) {
   b->addr = 0, b->size = 0, b->requested = 0, b->segment = nullptr, b->prev = nullptr;
   b->next = nullptr, b->allocated = false, b->backed = true, b->moving = false;
   b->fresh = true;
-  b->stream = nullptr, b->n_uses = 0;
+  b->stream = nullptr, b->n_uses = 0, b->freed_at = 0;
   spare_blocks_.push_back(b);
 }
 
@@ -61,23 +62,78 @@ void BlockPool::drop_uses(Block& b) {
   b.n_uses = 0;
 }
 
+Event BlockPool::get_event() {
+  if (spare_events_.empty()) return device_->create_event();
+  Event e = spare_events_.back();
+  spare_events_.pop_back();
+  return e;
+}
+
 void BlockPool::record_if_needed(StreamUse& u) {
   if (u.event != nullptr) return;
-  if (spare_events_.empty()) {
-    u.event = device_->create_event();
-  } else {
-    u.event = spare_events_.back();
-    spare_events_.pop_back();
-  }
+  u.event = get_event();
   device_->record(u.event, u.stream);
+}
+
+// ---- stream marks
+
+bool BlockPool::passed(Stream stream, std::uint64_t freed_at) const {
+  for (const auto& [s, at] : passed_)
+    if (s == stream) return at >= freed_at;
+  return false;
+}
+
+void BlockPool::note_free_on(Stream stream) {
+  for (Stream s : unmarked_)
+    if (s == stream) return;
+  unmarked_.push_back(stream);
+}
+
+void BlockPool::poll_marks() {
+  std::erase_if(marks_, [&](const StreamMark& m) {
+    if (!device_->query(m.event)) return false;
+    auto it = std::find_if(passed_.begin(), passed_.end(),
+                           [&](const auto& p) { return p.first == m.stream; });
+    if (it == passed_.end()) {
+      passed_.emplace_back(m.stream, m.at);
+    } else {
+      it->second = std::max(it->second, m.at);
+    }
+    spare_events_.push_back(m.event);
+    return true;
+  });
+}
+
+void BlockPool::mark() {
+  poll_marks();
+  for (Stream s : unmarked_) {
+    // One mark in flight per stream is enough: the next mark() records a newer one.
+    bool pending = false;
+    for (const StreamMark& m : marks_) pending |= m.stream == s;
+    if (pending) continue;
+    Event e = get_event();
+    device_->record(e, s);
+    marks_.push_back({s, clock_, e});
+  }
+  std::erase_if(unmarked_, [&](Stream s) {
+    for (const StreamMark& m : marks_)
+      if (m.stream == s && m.at == clock_) return true;
+    return false;
+  });
 }
 
 bool BlockPool::ready_for(Block& b, Stream stream) {
   if (b.fresh) return true;
   // The free stream is the first "use"; only streams other than `stream` need an event.
   bool ready = true;
+  bool polled = false;
   auto check = [&](StreamUse& u) {
-    if (u.stream == stream) return true;
+    if (u.stream == stream || passed(u.stream, b.freed_at)) return true;
+    if (!polled && !marks_.empty()) {
+      polled = true;  // a mark may have completed since the last look: cheaper than an event
+      poll_marks();
+      if (passed(u.stream, b.freed_at)) return true;
+    }
     record_if_needed(u);
     return device_->query(u.event);
   };
@@ -127,6 +183,7 @@ Block* BlockPool::carve(Block* bp, std::size_t size, Stream stream) {
     // The remainder keeps the constraints (events stay valid for it).
     rest->stream = b.stream;
     rest->fresh = b.fresh;
+    rest->freed_at = b.freed_at;
     rest->uses = b.uses;
     rest->n_uses = b.n_uses;
     b.n_uses = 0;
@@ -202,6 +259,9 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
       recycle(n);
     }
   }
+  b->freed_at = ++clock_;
+  note_free_on(b->stream);
+  for (std::uint8_t i = 0; i < b->n_uses; ++i) note_free_on(b->uses[i].stream);
   free_.insert(*b);
   free_bytes_ += b->size;
   return b;
@@ -209,6 +269,9 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
 
 bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
   if (b.fresh) return true;
+  bool marked = passed(b.stream, b.freed_at);
+  for (std::uint8_t i = 0; marked && i < b.n_uses; ++i) marked = passed(b.uses[i].stream, b.freed_at);
+  if (marked) return true;
   bool all = true;
   auto check = [&](StreamUse& u) {
     record_if_needed(u);
@@ -263,6 +326,13 @@ void BlockPool::return_events(const std::vector<Event>& events) {
 }
 
 void BlockPool::forget_stream(Stream stream) {
+  std::erase_if(marks_, [&](const StreamMark& m) {
+    if (m.stream != stream) return false;
+    spare_events_.push_back(m.event);
+    return true;
+  });
+  std::erase_if(passed_, [&](const auto& p) { return p.first == stream; });
+  std::erase(unmarked_, stream);
   for (Block& b : free_) {
     std::uint8_t kept = 0;
     for (std::uint8_t i = 0; i < b.n_uses; ++i) {

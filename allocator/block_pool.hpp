@@ -7,12 +7,19 @@
 // an event is recorded on each such stream the first time another stream asks, and the block
 // is taken only when those events have completed. No host synchronisation on this path.
 //
+// Stream marks: mark() (called off the hot path, on misses and releases) records an event on
+// every stream that freed blocks since its last mark. Once a mark completes, every block freed
+// on that stream before it has been passed there, so blocks freed long ago count as idle (or
+// usable elsewhere) at once, without an event of their own that was only just recorded.
+//
 // Not thread-safe: the CachingAllocator's mutex guards it. Block objects are recycled, so the
 // steady state allocates nothing on the heap.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "allocator/block.hpp"
@@ -53,6 +60,8 @@ class BlockPool {
   // until return_events) and recycles the Block.
   std::vector<Event> retire(Block* b);
   void return_events(const std::vector<Event>& events);
+  // Records a mark on each stream with frees since its last one; collects completed marks.
+  void mark();
   // Removes a wholly free segment's single block from the pool (before releasing the segment).
   void remove_free_segment(Segment* segment);
   // Segments whose memory is all free, ready to be released (in address order).
@@ -69,7 +78,17 @@ class BlockPool {
   void recycle(Block* b);
 
  private:
+  struct StreamMark {
+    Stream stream;
+    std::uint64_t at;  // the pool's clock when it was recorded
+    Event event;
+  };
   bool ready_for(Block& b, Stream stream);
+  // Whether a completed mark shows `stream` has passed everything freed up to `freed_at`.
+  bool passed(Stream stream, std::uint64_t freed_at) const;
+  void poll_marks();  // collects completed marks
+  void note_free_on(Stream stream);
+  Event get_event();
   // Records the use's event now if it has none yet (lazily: later is always safe).
   void record_if_needed(StreamUse& u);
   void merge_uses(Block& into, Block& from);
@@ -83,6 +102,10 @@ class BlockPool {
   std::vector<Block*> spare_blocks_;
   std::vector<Block*> all_blocks_;
   std::vector<Event> spare_events_;
+  std::uint64_t clock_ = 0;                               // ticks at every free
+  std::vector<StreamMark> marks_;                         // recorded, not yet seen complete
+  std::vector<std::pair<Stream, std::uint64_t>> passed_;  // per stream: latest completed mark
+  std::vector<Stream> unmarked_;                          // streams with frees since a mark
 };
 
 }  // namespace spill

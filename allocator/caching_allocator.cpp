@@ -130,6 +130,7 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
   if (b != nullptr) {
     m.stats.cache_hits++;
   } else {
+    m.small.mark();
     make_room(lock, kSmallSegment, bytes);
     lock.unlock();
     void* p = nullptr;
@@ -344,6 +345,8 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     std::vector<Chunk> chunks;
   };
   if (!m.retired.empty()) reap_retired(lock, false);
+  m.large.mark();
+  m.small.mark();
   std::vector<Detached> out;
   std::size_t bytes = 0;
   // Detach under the lock: large cached blocks first (largest first), then wholly free small

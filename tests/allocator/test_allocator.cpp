@@ -173,6 +173,29 @@ TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
   a.check_invariants();
 }
 
+TYPED_TEST(AllocatorTest, BlocksFreedBeforeACompletedMarkAreReusedElsewhereAtOnce) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g);
+  void* p = a.allocate(2 * g, this->s1_);
+  void* ballast = a.allocate(4 * g, this->s1_);
+  a.deallocate(ballast);
+  a.deallocate(p);
+  // A miss records a mark on s1 (it freed blocks since its last mark); s1 then passes it. (The
+  // miss would raise the reserved peak: the larger cached block goes first if it is idle.)
+  void* small = a.allocate(g, this->s1_);
+  d.synchronize(this->s1_);
+  const std::uint64_t hits = a.stats().cache_hits;
+  // s2 may take p's block on the first try: the completed mark shows s1 passed the free, with
+  // no event of p's own to record and wait for.
+  void* q = a.allocate(2 * g, this->s2_);
+  EXPECT_EQ(q, p);
+  EXPECT_EQ(a.stats().cache_hits, hits + 1);
+  a.check_invariants();
+  a.deallocate(q);
+  a.deallocate(small);
+}
+
 // ---- gathering: a large block built from cached blocks' chunks
 
 TYPED_TEST(AllocatorTest, GatheredBlockFollowsQueuedWorkInStreamOrder) {
