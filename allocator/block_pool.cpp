@@ -291,16 +291,19 @@ void BlockPool::withdraw(Block* b) {
   SPILL_ASSERT(!b->allocated && b->free_hook.is_linked(), "withdrawing a block that is not free");
   free_.erase(free_.iterator_to(*b));
   free_bytes_ -= b->size;
+  withdrawn_.push_back(b);
 }
 
 void BlockPool::restore(Block* b) {
   SPILL_ASSERT(!b->allocated && !b->free_hook.is_linked(), "restoring a block that is not withdrawn");
+  std::erase(withdrawn_, b);
   free_.insert(*b);
   free_bytes_ += b->size;
 }
 
 std::vector<Event> BlockPool::retire(Block* b) {
   SPILL_ASSERT(!b->allocated && !b->free_hook.is_linked(), "retiring a block that is not withdrawn");
+  std::erase(withdrawn_, b);
   std::vector<Event> out;
   if (!b->fresh) {
     bool found = false;
@@ -333,23 +336,26 @@ void BlockPool::forget_stream(Stream stream) {
   });
   std::erase_if(passed_, [&](const auto& p) { return p.first == stream; });
   std::erase(unmarked_, stream);
-  for (Block& b : free_) {
-    std::uint8_t kept = 0;
-    for (std::uint8_t i = 0; i < b.n_uses; ++i) {
-      if (b.uses[i].stream == stream) {
-        if (b.uses[i].event) spare_events_.push_back(b.uses[i].event);
-      } else {
-        b.uses[kept++] = b.uses[i];
-      }
+  for (Block& b : free_) forget_stream_in(b, stream);
+  for (Block* b : withdrawn_) forget_stream_in(*b, stream);  // being gathered (lock dropped)
+}
+
+void BlockPool::forget_stream_in(Block& b, Stream stream) {
+  std::uint8_t kept = 0;
+  for (std::uint8_t i = 0; i < b.n_uses; ++i) {
+    if (b.uses[i].stream == stream) {
+      if (b.uses[i].event) spare_events_.push_back(b.uses[i].event);
+    } else {
+      b.uses[kept++] = b.uses[i];
     }
-    for (std::uint8_t i = kept; i < b.n_uses; ++i) b.uses[i] = {};
-    b.n_uses = kept;
-    if (b.stream == stream) {
-      if (b.n_uses == 0) {
-        b.fresh = true;  // nothing left to wait for
-      } else {
-        b.stream = b.uses[0].stream;  // another use stands in as the free stream
-      }
+  }
+  for (std::uint8_t i = kept; i < b.n_uses; ++i) b.uses[i] = {};
+  b.n_uses = kept;
+  if (b.stream == stream) {
+    if (b.n_uses == 0) {
+      b.fresh = true;  // nothing left to wait for
+    } else {
+      b.stream = b.uses[0].stream;  // another use stands in as the free stream
     }
   }
 }

@@ -87,6 +87,7 @@ class BlockPool {
   // Whether a completed mark shows `stream` has passed everything freed up to `freed_at`.
   bool passed(Stream stream, std::uint64_t freed_at) const;
   void poll_marks();  // collects completed marks
+  void forget_stream_in(Block& b, Stream stream);
   void note_free_on(Stream stream);
   Event get_event();
   // Records the use's event now if it has none yet (lazily: later is always safe).
@@ -106,6 +107,7 @@ class BlockPool {
   std::vector<StreamMark> marks_;                         // recorded, not yet seen complete
   std::vector<std::pair<Stream, std::uint64_t>> passed_;  // per stream: latest completed mark
   std::vector<Stream> unmarked_;                          // streams with frees since a mark
+  std::vector<Block*> withdrawn_;                         // free, out of the set (gathering)
 };
 
 }  // namespace spill
