@@ -85,6 +85,13 @@ struct CachingAllocator::Impl {
     --it;
     return addr < it->addr + it->size ? const_cast<Block*>(&*it) : nullptr;
   }
+  // Appends the events of retired ranges not yet being unmapped: those aliasing `owner`'s
+  // chunks, or all of them (nullptr).
+  void retired_events(const Segment* owner, std::vector<Event>* out) const {
+    for (const RetiredRange& r : retired)
+      if (!r.reaping && (owner == nullptr || r.owner == owner))
+        out->insert(out->end(), r.events.begin(), r.events.end());
+  }
   Segment* new_segment(std::uintptr_t addr, std::size_t size, bool is_large) {
     auto* s = new Segment{addr, size, nullptr, is_large};
     segments.push_back(*s);

@@ -143,15 +143,8 @@ std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait) {
   Impl& m = *impl_;
   if (wait) {
     std::vector<Event> pending;
-    for (const RetiredRange& r : m.retired)
-      if (!r.reaping) pending.insert(pending.end(), r.events.begin(), r.events.end());
-    if (!pending.empty()) {
-      // Events are recycled, never destroyed, while the allocator lives: waiting on one that
-      // was re-recorded meanwhile only waits longer.
-      lock.unlock();
-      for (Event e : pending) dev_.synchronize(e);
-      lock.lock();
-    }
+    m.retired_events(nullptr, &pending);
+    wait_unlocked(lock, pending);
   }
   std::vector<std::list<RetiredRange>::iterator> done;
   for (auto it = m.retired.begin(); it != m.retired.end(); ++it) {
@@ -187,19 +180,21 @@ void CachingAllocator::settle_aliases(Lock& lock, Segment* seg) {
   Impl& m = *impl_;
   while (seg->aliases > 0) {
     std::vector<Event> pending;
-    for (const RetiredRange& r : m.retired)
-      if (r.owner == seg && !r.reaping) pending.insert(pending.end(), r.events.begin(), r.events.end());
-    if (!pending.empty()) {
-      lock.unlock();
-      for (Event e : pending) dev_.synchronize(e);
-      lock.lock();
-    }
+    m.retired_events(seg, &pending);
+    wait_unlocked(lock, pending);
     if (reap_retired(lock, false) == 0 && seg->aliases > 0) {
       bool theirs = true;  // every alias left is being unmapped by another thread
       for (const RetiredRange& r : m.retired) theirs &= r.owner != seg || r.reaping;
       if (theirs) m.released.wait(lock);
     }
   }
+}
+
+void CachingAllocator::wait_unlocked(Lock& lock, const std::vector<Event>& events) {
+  if (events.empty()) return;
+  lock.unlock();
+  for (Event e : events) dev_.synchronize(e);
+  lock.lock();
 }
 
 }  // namespace spill

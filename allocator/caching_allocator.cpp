@@ -324,11 +324,7 @@ std::size_t CachingAllocator::release_cached(Lock& lock, std::size_t want) {
   std::vector<Event> pending;
   std::size_t released = release_idle(lock, want, &pending);
   if (released < want && !pending.empty()) {
-    // Events are recycled, never destroyed, while the allocator lives: waiting on one that was
-    // re-recorded meanwhile only waits longer.
-    lock.unlock();
-    for (Event e : pending) dev_.synchronize(e);
-    lock.lock();
+    wait_unlocked(lock, pending);
     released += release_idle(lock, want - released, nullptr);
   }
   if (released) impl_->stats.cache_releases++;
@@ -357,8 +353,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     Segment* s = b->segment;
     if (s->aliases > 0) {
       // Its chunks are still mapped at retired ranges: wait for those, then release it.
-      for (const RetiredRange& r : m.retired)
-        if (r.owner == s && pending) pending->insert(pending->end(), r.events.begin(), r.events.end());
+      if (pending) m.retired_events(s, pending);
       continue;
     }
     out.push_back({s->addr, s->size, true, std::move(s->chunks)});

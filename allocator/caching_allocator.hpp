@@ -139,6 +139,9 @@ class CachingAllocator final : public ResidencyBackend {
   std::size_t reap_retired(Lock& lock, bool wait);
   // Waits until no retired range maps `seg`'s chunks (before they are unmapped or released).
   void settle_aliases(Lock& lock, Segment* seg);
+  // Waits for `events` with the lock dropped. Events are recycled, never destroyed, while the
+  // allocator lives: waiting on one that was re-recorded meanwhile only waits longer.
+  void wait_unlocked(Lock& lock, const std::vector<Event>& events);
   void deallocate_impl(void* ptr, Stream stream, bool explicit_stream);
   void account_alloc_locked(Block* b, std::size_t bytes, Stream stream);
   void note_mapped_locked(Segment* s);
