@@ -45,6 +45,7 @@ struct CachingAllocator::Impl {
         large(&d, 0, false),
         small_limit(o.small_limit),
         oom_dump(o.oom_dump),
+        peak_guard(o.peak_guard),
         ordinal(d.info().ordinal),
         granularity(d.granularity()) {}
 
@@ -64,6 +65,7 @@ struct CachingAllocator::Impl {
 
   const std::size_t small_limit;
   const std::string oom_dump;
+  const PeakGuard peak_guard;
   const std::int32_t ordinal;
   const std::size_t granularity;
 

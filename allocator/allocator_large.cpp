@@ -24,23 +24,22 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   Impl& m = *impl_;
   if (!m.retired.empty()) reap_retired(lock, false);
   m.large.mark();
-  auto raises_peak = [&](std::size_t n) {
-    return m.budget.claimed() + n > static_cast<std::size_t>(m.stats.reserved.peak);
+  const bool guard = m.peak_guard != PeakGuard::Off;
+  auto over_peak = [&](std::size_t n) -> std::size_t {
+    const std::size_t peak = static_cast<std::size_t>(m.stats.reserved.peak);
+    return m.budget.claimed() + n > peak ? m.budget.claimed() + n - peak : 0;
   };
   std::vector<Block*> gathered;
   std::size_t have = 0;
-  if (m.large.free_bytes() > 0 && (raises_peak(size) || !m.budget.fits(size)))
+  if (m.large.free_bytes() > 0 && ((guard && over_peak(size) > 0) || !m.budget.fits(size)))
     have = gather_locked(size, stream, &gathered);
   const std::size_t fresh = size - have;
   try {
     if (fresh > 0) {
       // Mapping more would raise the reserved peak while cached blocks that nothing fitted sit
-      // idle: release those first. Below the peak, the cache is kept (no churn in steady state).
-      if (m.large.free_bytes() > 0 && raises_peak(fresh)) {
-        const std::size_t over =
-            m.budget.claimed() + fresh - static_cast<std::size_t>(m.stats.reserved.peak);
-        if (release_idle(lock, over, nullptr) > 0) m.stats.cache_releases++;
-      }
+      // there: release those first. Below the peak, the cache is kept (no churn in steady state).
+      if (guard && m.large.free_bytes() > 0 && over_peak(fresh) > 0)
+        hold_peak(lock, over_peak(fresh), stream);
       make_room(lock, fresh, requested);
     }
   } catch (...) {
@@ -95,6 +94,25 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   if (!gathered.empty()) m.stats.gathers++;
   note_mapped_locked(seg);
   return m.large.carve(m.large.add_segment(seg), size, stream);
+}
+
+void CachingAllocator::hold_peak(Lock& lock, std::size_t over, Stream stream) {
+  Impl& m = *impl_;
+  std::size_t released = release_idle(lock, over, nullptr);
+  if (released < over && m.peak_guard == PeakGuard::Wait) {
+    // Cached blocks the requesting stream itself still has queued work on: wait for that work
+    // (oldest frees first, so the shortest wait), never for another stream's.
+    std::vector<Block*> blocks;
+    std::vector<Event> events;
+    m.large.busy_only_on(stream, over - released, &blocks, &events);
+    for (const Block* b : blocks)
+      if (b->segment->aliases > 0) m.retired_events(b->segment, &events);
+    if (!events.empty()) {
+      wait_unlocked(lock, events);
+      released += release_idle(lock, over - released, nullptr);
+    }
+  }
+  if (released > 0) m.stats.cache_releases++;
 }
 
 std::size_t CachingAllocator::gather_locked(std::size_t size, Stream stream,

@@ -287,6 +287,40 @@ bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
   return all;
 }
 
+void BlockPool::busy_only_on(Stream stream, std::size_t bytes, std::vector<Block*>* blocks,
+                             std::vector<Event>* events) {
+  std::vector<Block*> found;
+  for (Block& b : free_) {
+    if (b.fresh || b.stream != stream || passed(stream, b.freed_at)) continue;
+    bool others_done = true;
+    for (std::uint8_t i = 0; others_done && i < b.n_uses; ++i) {
+      StreamUse& u = b.uses[i];
+      others_done = u.stream == stream || passed(u.stream, b.freed_at) ||
+                    (u.event != nullptr && device_->query(u.event));
+    }
+    if (others_done) found.push_back(&b);
+  }
+  std::sort(found.begin(), found.end(),
+            [](const Block* x, const Block* y) { return x->freed_at < y->freed_at; });
+  std::size_t have = 0;
+  for (Block* b : found) {
+    if (have >= bytes) break;
+    // The free stream's own entry holds the event (as idle() keeps it).
+    StreamUse* self = nullptr;
+    for (std::uint8_t i = 0; i < b->n_uses; ++i)
+      if (b->uses[i].stream == stream) self = &b->uses[i];
+    if (self == nullptr) {
+      if (b->n_uses == b->uses.size()) continue;
+      self = &b->uses[b->n_uses++];
+      *self = {stream, nullptr};
+    }
+    record_if_needed(*self);
+    events->push_back(self->event);
+    blocks->push_back(b);
+    have += b->size;
+  }
+}
+
 void BlockPool::withdraw(Block* b) {
   SPILL_ASSERT(!b->allocated && b->free_hook.is_linked(), "withdrawing a block that is not free");
   free_.erase(free_.iterator_to(*b));
@@ -308,12 +342,16 @@ std::vector<Event> BlockPool::retire(Block* b) {
   if (!b->fresh) {
     bool found = false;
     for (std::uint8_t i = 0; i < b->n_uses; ++i) {
-      found |= b->uses[i].stream == b->stream;
-      record_if_needed(b->uses[i]);
-      out.push_back(b->uses[i].event);
-      b->uses[i] = {};
+      StreamUse& u = b->uses[i];
+      found |= u.stream == b->stream;
+      // A stream that passed the free can no longer touch the old range: no event needed.
+      if (u.event != nullptr || !passed(u.stream, b->freed_at)) {
+        record_if_needed(u);
+        out.push_back(u.event);
+      }
+      u = {};
     }
-    if (!found) {
+    if (!found && !passed(b->stream, b->freed_at)) {
       StreamUse self{b->stream, nullptr};
       record_if_needed(self);
       out.push_back(self.event);

@@ -50,6 +50,12 @@ class BlockPool {
   // appends the events still pending to `pending`. Unmapping a block that is not idle would
   // pull memory from under queued work.
   bool idle(Block& b, std::vector<Event>* pending = nullptr);
+  // Free blocks that only work queued on `stream` may still touch (freed there; every other
+  // stream that used them has passed the free), oldest free first, until their sizes add up to
+  // `bytes`: appends them to `blocks` and the events that complete once `stream` has passed
+  // their frees to `events`. Waiting for those events makes the blocks idle.
+  void busy_only_on(Stream stream, std::size_t bytes, std::vector<Block*>* blocks,
+                    std::vector<Event>* events);
   // Whether a free block may be handed out on `stream` now (the rule above).
   bool usable_on(Block& b, Stream stream) { return ready_for(b, stream); }
   // Takes a free block out of the free set, constraints kept (restore puts it back).

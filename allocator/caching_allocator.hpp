@@ -9,7 +9,8 @@
 //               use now give up their chunks, mapped into the new block's range next to one
 //               fresh chunk for the rest (at most kMaxChunks chunks). Their old ranges stay
 //               mapped, as aliases, until the work queued on them has finished (no host wait:
-//               stream order keeps the old and new uses apart).
+//               stream order keeps the old and new uses apart). What is still over the peak
+//               is released from the cache first (peak_guard: wait, idle or off).
 // Budget (allocator/budget.hpp): mapped physical bytes (small segments + mapped large blocks)
 // never pass it. A request that would goes down the ladder: reuse a cached block; release cached
 // memory no queued work can touch (dead bytes go before live tensors: this swaps the issue's
@@ -38,12 +39,12 @@
 
 #include "allocator/residency.hpp"
 #include "allocator/stats.hpp"
+#include "core/config.hpp"
 #include "device/device.hpp"
 #include "profiling/snapshot.hpp"
 
 namespace spill {
 
-struct Config;
 class HostPool;
 struct Block;
 struct Segment;
@@ -52,8 +53,14 @@ struct AllocatorOptions {
   std::optional<std::size_t> budget;   // default: free device memory less a reserve
   std::size_t small_limit = 1u << 20;  // requests up to this go to the small pool
   std::string oom_dump;                // directory for a snapshot + trace on OOM
+  // Before a large miss maps memory that would raise the reserved peak: Wait gathers, then
+  // releases cached blocks, waiting for the requesting stream's own queued work on them if it
+  // must; Idle releases only what no queued work can touch (never waits); Off does neither
+  // (the cache is kept until the budget runs short).
+  PeakGuard peak_guard = PeakGuard::Wait;
 
-  // budget:, oom_dump:, and swap_threshold: (when below 1 MiB, the small pool's limit).
+  // budget:, oom_dump:, peak_guard:, and swap_threshold: (when below 1 MiB, the small pool's
+  // limit).
   static AllocatorOptions from_config(const Config& config);
 };
 
@@ -133,6 +140,9 @@ class CachingAllocator final : public ResidencyBackend {
   // Withdraws cached large blocks usable on `stream` whose sizes add up to at most `size`,
   // largest first; returns their total.
   std::size_t gather_locked(std::size_t size, Stream stream, std::vector<Block*>* out);
+  // Releases cached large blocks for `over` bytes that a new mapping would add above the
+  // reserved peak (as options().peak_guard says: idle ones only, or waiting for `stream`).
+  void hold_peak(Lock& lock, std::size_t over, Stream stream);
   // The gathered block `g` ends; its range becomes a retired alias of `owner`'s chunks.
   void retire_locked(Block* g, Segment* owner);
   // Unmaps retired ranges nothing can touch any more (`wait`: waits for them all first).

@@ -6,6 +6,7 @@
 //                      from the graph zoo's liveness), repeated as a training loop repeats it:
 //                      time per op and fragmentation (peak reserved / peak allocated over all
 //                      passes, target <= 1.10; also after the first pass, from a cold cache)
+// guard: the allocator's peak_guard (0 wait, the default; 1 idle; 2 off), for source 0 (spill).
 // The cuda:1 variants skip without a GPU.
 #include <benchmark/benchmark.h>
 
@@ -91,7 +92,8 @@ std::vector<Op> step_ops() {
   return ops;
 }
 
-void run_sequence(benchmark::State& state, const std::vector<Op>& ops, Source source) {
+void run_sequence(benchmark::State& state, const std::vector<Op>& ops, Source source,
+                  PeakGuard guard) {
   auto dev = make(state.range(0) != 0, state);
   if (!dev) return;
   profiling::TraceRecorder::global().set_enabled(false);
@@ -100,7 +102,8 @@ void run_sequence(benchmark::State& state, const std::vector<Op>& ops, Source so
   std::vector<void*> ptr(slots, nullptr);
   std::unique_ptr<CachingAllocator> alloc;
   if (source == Source::Spill)
-    alloc = std::make_unique<CachingAllocator>(*dev, AllocatorOptions{.budget = dev->info().total_bytes});
+    alloc = std::make_unique<CachingAllocator>(
+        *dev, AllocatorOptions{.budget = dev->info().total_bytes, .peak_guard = guard});
   Stream s = dev->create_stream();
   std::size_t peak_alloc = 0, live_bytes = 0;
   std::vector<std::size_t> bytes_of(slots, 0);
@@ -182,23 +185,27 @@ BENCHMARK(BM_hot_path_large)->ArgName("cuda")->Arg(0)->Arg(1);
 void BM_random(benchmark::State& state) {
   std::size_t max_mib = static_cast<std::size_t>(state.range(2));
   std::size_t count = static_cast<std::size_t>(state.range(3));
-  run_sequence(state, random_ops(count, max_mib * MiB, 7), static_cast<Source>(state.range(1)));
+  run_sequence(state, random_ops(count, max_mib * MiB, 7), static_cast<Source>(state.range(1)),
+               static_cast<PeakGuard>(state.range(4)));
 }
 BENCHMARK(BM_random)
-    ->ArgNames({"cuda", "source", "max_MiB", "ops"})
-    ->ArgsProduct({{0, 1}, {0, 1, 2}, {1, 4, 64}, {10000}})
-    ->Args({0, 0, 4, 100000})
-    ->Args({0, 2, 4, 100000})
+    ->ArgNames({"cuda", "source", "max_MiB", "ops", "guard"})
+    ->ArgsProduct({{0, 1}, {0, 1, 2}, {1, 4, 64}, {10000}, {0}})
+    ->ArgsProduct({{0, 1}, {0}, {64}, {10000}, {1, 2}})
+    ->Args({0, 0, 4, 100000, 0})
+    ->Args({0, 2, 4, 100000, 0})
     ->Unit(benchmark::kMillisecond);
 
 void BM_replay_step(benchmark::State& state) {
   static const std::vector<Op> ops = step_ops();
-  run_sequence(state, ops, static_cast<Source>(state.range(1)));
+  run_sequence(state, ops, static_cast<Source>(state.range(1)),
+               static_cast<PeakGuard>(state.range(2)));
   state.counters["ops"] = static_cast<double>(ops.size());
 }
 BENCHMARK(BM_replay_step)
-    ->ArgNames({"cuda", "source"})
-    ->ArgsProduct({{0, 1}, {0, 1, 2}})
+    ->ArgNames({"cuda", "source", "guard"})
+    ->ArgsProduct({{0, 1}, {0, 1, 2}, {0}})
+    ->ArgsProduct({{0, 1}, {0}, {1, 2}})
     ->Unit(benchmark::kMillisecond);
 
 }  // namespace

@@ -79,6 +79,13 @@ const std::vector<Key>& keys() {
          else if (v == "none") c.policy = SwapPolicy::None;
          else bad_value(o, "policy", v, "plan, lru or none");
        }},
+      {"peak_guard", "wait | idle | off",
+       [](Config& c, std::string_view o, std::string_view v) {
+         if (v == "wait") c.peak_guard = PeakGuard::Wait;
+         else if (v == "idle") c.peak_guard = PeakGuard::Idle;
+         else if (v == "off") c.peak_guard = PeakGuard::Off;
+         else bad_value(o, "peak_guard", v, "wait, idle or off");
+       }},
       {"sim_capacity", "size of the simulated device",
        [](Config& c, std::string_view o, std::string_view v) {
          c.sim_capacity =
@@ -183,13 +190,23 @@ const char* to_string(SwapPolicy p) {
   return "?";
 }
 
+const char* to_string(PeakGuard g) {
+  switch (g) {
+    case PeakGuard::Wait: return "wait";
+    case PeakGuard::Idle: return "idle";
+    case PeakGuard::Off: return "off";
+  }
+  return "?";
+}
+
 std::string Config::to_string() const {
   std::ostringstream s;
   s << "device:" << spill::to_string(device) << ",gpu:" << gpu;
   if (budget) s << ",budget:" << *budget << "B";
   if (host_cap) s << ",host_cap:" << *host_cap << "B";
   s << ",swap_threshold:" << swap_threshold << "B"
-    << ",policy:" << spill::to_string(policy) << ",sim_capacity:" << sim_capacity << "B"
+    << ",policy:" << spill::to_string(policy)
+    << ",peak_guard:" << spill::to_string(peak_guard) << ",sim_capacity:" << sim_capacity << "B"
     << ",link:" << link;
   std::ostringstream ts;
   ts.precision(17);

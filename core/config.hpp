@@ -12,6 +12,7 @@ namespace spill {
 
 enum class DeviceChoice { Auto, Cuda, Sim };
 enum class SwapPolicy { Plan, Lru, None };
+enum class PeakGuard { Wait, Idle, Off };
 
 struct Config {
   DeviceChoice device = DeviceChoice::Auto;  // device: auto | cuda | sim
@@ -20,6 +21,7 @@ struct Config {
   std::optional<std::uint64_t> host_cap;     // host_cap: pinned host bytes for swapped blocks
   std::uint64_t swap_threshold = 1ull << 20; // swap_threshold: smaller blocks are never swapped
   SwapPolicy policy = SwapPolicy::Plan;      // policy: plan | lru | none
+  PeakGuard peak_guard = PeakGuard::Wait;    // peak_guard: wait | idle | off
   // Simulated device.
   std::uint64_t sim_capacity = 8ull << 30;   // sim_capacity: simulated device memory
   std::string link = "pcie4";                // link: preset of the simulated interconnect
@@ -43,5 +45,6 @@ struct Config {
 
 const char* to_string(DeviceChoice d);
 const char* to_string(SwapPolicy p);
+const char* to_string(PeakGuard g);
 
 }  // namespace spill

@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -32,8 +35,8 @@ class AllocatorTest : public ::testing::Test {
     dev_->destroy_stream(s1_);
     dev_->destroy_stream(s2_);
   }
-  CachingAllocator make(std::size_t budget) {
-    return CachingAllocator(*dev_, AllocatorOptions{.budget = budget});
+  CachingAllocator make(std::size_t budget, PeakGuard guard = PeakGuard::Wait) {
+    return CachingAllocator(*dev_, AllocatorOptions{.budget = budget, .peak_guard = guard});
   }
   void write(void* p, std::size_t n, std::uint64_t seed, Stream s) {
     std::vector<unsigned char> in(n);
@@ -240,6 +243,8 @@ TYPED_TEST(AllocatorTest, AnotherStreamDoesNotGatherBlocksStillInUse) {
   void* p = a.allocate(2 * g, this->s1_);
   HoldToken hold = d.hold(this->s1_);
   a.deallocate(p);  // s1 has not passed the free
+  // Nor does the peak guard wait for s1 (it waits only for the requesting stream's own work):
+  // with s1 held forever, waiting would never return.
   void* r = a.allocate(3 * g, this->s2_);
   EXPECT_EQ(a.stats().gathers, 0u) << "s2 may not use p's memory yet";
   EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(5 * g));
@@ -249,6 +254,82 @@ TYPED_TEST(AllocatorTest, AnotherStreamDoesNotGatherBlocksStillInUse) {
   EXPECT_TRUE(this->holds(r, 3 * g, 3, this->s2_));
   a.check_invariants();
   a.deallocate(r);
+}
+
+// peak_guard:wait. A miss that no cached block fits, on a stream whose own queued work still
+// uses a cached block, waits for that work and releases the block rather than raise the peak.
+TYPED_TEST(AllocatorTest, PeakGuardWaitsForTheRequestingStreamRatherThanRaiseThePeak) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g, PeakGuard::Wait);
+  void* p = a.allocate(4 * g, this->s1_);
+  HoldToken hold = d.hold(this->s1_);
+  std::vector<unsigned char> late(4 * g);
+  fill_pattern(late.data(), late.size(), 11);
+  d.copy_async(p, late.data(), late.size(), CopyKind::HostToDevice, this->s1_);
+  a.deallocate(p);  // s1 has not passed the free: p's memory is still in use
+  std::atomic<bool> released{false};
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    released = true;
+    d.release(hold);
+  });
+  void* q = a.allocate(2 * g, this->s1_);  // 4g is too big to reuse, too big to gather
+  const bool waited = released.load();
+  releaser.join();
+  EXPECT_TRUE(waited) << "the miss returned before s1's queued work on p had run";
+  EXPECT_EQ(a.stats().reserved.peak, static_cast<std::int64_t>(4 * g)) << "the peak rose";
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(2 * g)) << "p was released";
+  EXPECT_GE(a.stats().cache_releases, 1u);
+  this->write(q, 2 * g, 12, this->s1_);
+  EXPECT_TRUE(this->holds(q, 2 * g, 12, this->s1_));
+  a.deallocate(q);
+  a.check_invariants();
+}
+
+// peak_guard:idle never waits: the same miss maps fresh memory while s1 is still held.
+TYPED_TEST(AllocatorTest, PeakGuardIdleNeverWaits) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g, PeakGuard::Idle);
+  void* p = a.allocate(4 * g, this->s1_);
+  HoldToken hold = d.hold(this->s1_);
+  a.deallocate(p);
+  void* q = a.allocate(2 * g, this->s1_);  // returns with s1 still held
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(6 * g));
+  d.release(hold);
+  d.synchronize();
+  // Once the work is done, the next miss over the peak releases p without waiting.
+  void* r = a.allocate(6 * g, this->s1_);
+  EXPECT_EQ(a.stats().reserved.peak, static_cast<std::int64_t>(8 * g));
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(8 * g))
+      << "p's 4 granules were released or gathered, not kept beside the new block";
+  a.deallocate(q);
+  a.deallocate(r);
+  a.check_invariants();
+}
+
+// peak_guard:off keeps the cache as it is until the budget runs short: no gathering, no release.
+TYPED_TEST(AllocatorTest, PeakGuardOffKeepsTheCacheUntilTheBudgetRunsShort) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(8 * g, PeakGuard::Off);
+  void* p = a.allocate(2 * g, this->s1_);
+  void* q = a.allocate(g, this->s1_);
+  a.deallocate(p);
+  a.deallocate(q);
+  void* r = a.allocate(3 * g, this->s1_);
+  EXPECT_EQ(a.stats().gathers, 0u);
+  EXPECT_EQ(a.stats().cache_releases, 0u);
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(6 * g)) << "the cache was kept";
+  // Under budget pressure the ladder still reuses the cache: 5 more granules do not fit beside 6.
+  void* s = a.allocate(5 * g, this->s1_);
+  EXPECT_LE(a.stats().reserved.current, static_cast<std::int64_t>(8 * g));
+  this->write(s, 5 * g, 13, this->s1_);
+  EXPECT_TRUE(this->holds(s, 5 * g, 13, this->s1_));
+  a.deallocate(r);
+  a.deallocate(s);
+  a.check_invariants();
 }
 
 TYPED_TEST(AllocatorTest, GatheringStopsAtTheChunkLimitAndBlocksStillSwap) {
@@ -381,8 +462,11 @@ TYPED_TEST(AllocatorTest, SnapshotShowsSegmentsAndBlocks) {
 }
 
 TEST(AllocatorOptions, ComeFromTheConfigurationString) {
-  Config c = Config::parse("budget:48MiB,swap_threshold:64KiB,oom_dump:/tmp/spill_dumps");
+  Config c = Config::parse(
+      "budget:48MiB,swap_threshold:64KiB,oom_dump:/tmp/spill_dumps,peak_guard:idle");
   AllocatorOptions o = AllocatorOptions::from_config(c);
+  EXPECT_EQ(o.peak_guard, PeakGuard::Idle);
+  EXPECT_EQ(AllocatorOptions::from_config(Config{}).peak_guard, PeakGuard::Wait);
   EXPECT_EQ(o.budget, std::optional<std::size_t>(48 * MiB));
   EXPECT_EQ(o.small_limit, 64 * KiB) << "blocks that may be swapped must be large blocks";
   EXPECT_EQ(o.oom_dump, "/tmp/spill_dumps");

@@ -15,12 +15,13 @@ TEST(Config, DefaultsFromAnEmptyString) {
   EXPECT_FALSE(c.budget.has_value());
   EXPECT_EQ(c.swap_threshold, 1u << 20);
   EXPECT_EQ(c.policy, SwapPolicy::Plan);
+  EXPECT_EQ(c.peak_guard, PeakGuard::Wait);
 }
 
 TEST(Config, ParsesEveryKey) {
   Config c = Config::parse(
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
-      "sim_capacity:16GiB, link:nvlink2-p9, time_scale:0.01, chaos:42, trace:off,"
+      "peak_guard:idle, sim_capacity:16GiB, link:nvlink2-p9, time_scale:0.01, chaos:42, trace:off,"
       "oom_dump:/tmp/dumps");
   EXPECT_EQ(c.device, DeviceChoice::Sim);
   EXPECT_EQ(c.gpu, 1);
@@ -28,6 +29,7 @@ TEST(Config, ParsesEveryKey) {
   EXPECT_EQ(c.host_cap, 64ull << 30);
   EXPECT_EQ(c.swap_threshold, 2u << 20);
   EXPECT_EQ(c.policy, SwapPolicy::Lru);
+  EXPECT_EQ(c.peak_guard, PeakGuard::Idle);
   EXPECT_EQ(c.sim_capacity, 16ull << 30);
   EXPECT_EQ(c.link, "nvlink2-p9");
   EXPECT_DOUBLE_EQ(c.time_scale, 0.01);
@@ -37,7 +39,8 @@ TEST(Config, ParsesEveryKey) {
 }
 
 TEST(Config, RoundTripsThroughItsStringForm) {
-  Config c = Config::parse("device:cuda,budget:3GB,chaos:on,time_scale:0.125,policy:none");
+  Config c = Config::parse("device:cuda,budget:3GB,chaos:on,time_scale:0.125,policy:none,"
+                            "peak_guard:off");
   EXPECT_EQ(Config::parse(c.to_string()), c);
   Config d;
   EXPECT_EQ(Config::parse(d.to_string()), d);
@@ -64,7 +67,7 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"time_scale:fast", "time_scale"}, {"chaos:maybe", "chaos"},
       {"trace:yes", "trace"},            {"budget:1GiB,budget:2GiB", "more than once"},
       {"sim_capacity:1KiB", "sim_capacity"}, {"gpu:-1", "gpu"},
-      {":5", "unknown key"},
+      {"peak_guard:always", "peak_guard"}, {":5", "unknown key"},
   };
   for (const BadCase& bc : cases) {
     SCOPED_TRACE(bc.text);
