@@ -145,6 +145,10 @@ void run_sequence(benchmark::State& state, const std::vector<Op>& ops, Source so
     state.counters["peak_allocated_MiB"] = static_cast<double>(st.allocated.peak) / MiB;
     state.counters["peak_reserved_MiB"] = static_cast<double>(st.reserved.peak) / MiB;
     state.counters["gathers"] = static_cast<double>(st.gathers);
+    // Device calls and releases per pass over the sequence: the price of the peak guard.
+    const double passes = static_cast<double>(state.iterations());
+    state.counters["maps_per_pass"] = static_cast<double>(st.segment_maps) / passes;
+    state.counters["releases_per_pass"] = static_cast<double>(st.cache_releases) / passes;
     state.counters["first_pass_fragmentation"] = first_pass;
   }
   alloc.reset();
