@@ -141,7 +141,8 @@ class CachingAllocator final : public ResidencyBackend {
   // largest first; returns their total.
   std::size_t gather_locked(std::size_t size, Stream stream, std::vector<Block*>* out);
   // Releases cached large blocks for `over` bytes that a new mapping would add above the
-  // reserved peak (as options().peak_guard says: idle ones only, or waiting for `stream`).
+  // reserved peak (as the peak_guard option says: idle ones only, or also waiting for
+  // `stream`).
   void hold_peak(Lock& lock, std::size_t over, Stream stream);
   // The gathered block `g` ends; its range becomes a retired alias of `owner`'s chunks.
   void retire_locked(Block* g, Segment* owner);
