@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what spill needs on a fresh Debian machine with the CUDA toolkit in /usr/local/cuda.
 # As root it runs apt-get; otherwise it prints the exact command to run and fails.
-# chromium is for the test that renders `spill report` pages headless.
+# chromium is for the test that renders `spill report` pages headless; libopenblas-dev for the
+# trainer's CPU kernels (libspill_train).
 # Usage: scripts/setup.sh [extra-debian-package ...]
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
-          nlohmann-json3-dev libcli11-dev chromium "$@")
+          nlohmann-json3-dev libcli11-dev chromium libopenblas-dev "$@")
 
 missing=()
 for p in "${packages[@]}"; do

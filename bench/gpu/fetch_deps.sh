@@ -9,6 +9,7 @@ mkdir -p "$root/.gpu-deps"
 cd "$root/.gpu-deps"
 rm -f ./*.deb
 apt-get download libgtest-dev libgmock-dev libbenchmark-dev libbenchmark1debian \
-  libboost1.74-dev nlohmann-json3-dev libcli11-dev >/dev/null
+  libboost1.74-dev nlohmann-json3-dev libcli11-dev \
+  libopenblas-pthread-dev libopenblas0-pthread libgfortran5 libquadmath0 >/dev/null
 ls -1 "$root/.gpu-deps"
 du -sh "$root/.gpu-deps"

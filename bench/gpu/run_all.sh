@@ -45,7 +45,8 @@ step() {
 }
 
 cmake_args=()
-if [[ -d $root/.gpu-deps ]] && ! [[ -f /usr/include/gtest/gtest.h ]]; then
+if [[ -d $root/.gpu-deps ]] &&
+  ! [[ -f /usr/include/gtest/gtest.h && -d /usr/include/x86_64-linux-gnu/openblas-pthread ]]; then
   deps=$build/deps
   mkdir -p "$deps"
   for f in "$root"/.gpu-deps/*.deb; do dpkg-deb -x "$f" "$deps"; done
