@@ -7,21 +7,31 @@
 
 namespace spill {
 
-Budget::Budget(Device& device, std::optional<std::size_t> requested) {
-  const std::size_t total = device.info().total_bytes;
-  const std::size_t g = device.granularity();
+Budget::Budget(Device& device, std::optional<std::size_t> requested)
+    : total_(device.info().total_bytes), granule_(device.granularity()) {
+  const std::size_t total = total_;
+  const std::size_t g = granule_;
   if (requested) {
-    SPILL_EXPECTS(*requested <= total, "budget " + format_bytes(*requested) +
-                                           " is larger than the device (" + format_bytes(total) +
-                                           ")");
-    SPILL_EXPECTS(*requested >= g, "budget " + format_bytes(*requested) +
-                                       " is below one granule (" + format_bytes(g) + ")");
+    check_limit(*requested);
     limit_ = *requested;
   } else {
     const std::size_t free = device.mem_info().free;
     const std::size_t reserve = std::min<std::size_t>(std::size_t{1} << 30, total / 10);
     limit_ = free > reserve + g ? free - reserve : g;
   }
+}
+
+void Budget::check_limit(std::size_t limit) const {
+  SPILL_EXPECTS(limit <= total_, "budget " + format_bytes(limit) + " is larger than the device (" +
+                                     format_bytes(total_) + ")");
+  SPILL_EXPECTS(limit >= granule_, "budget " + format_bytes(limit) + " is below one granule (" +
+                                       format_bytes(granule_) + ")");
+}
+
+void Budget::set_limit(std::size_t limit) {
+  check_limit(limit);
+  SPILL_ASSERT(claimed_ <= limit, "lowering the budget below the claimed bytes");
+  limit_ = limit;
 }
 
 void Budget::claim(std::size_t bytes) {

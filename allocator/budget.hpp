@@ -29,7 +29,13 @@ class Budget {
   void claim(std::size_t bytes);    // asserts that the bytes fit
   void release(std::size_t bytes);  // asserts that they were claimed
 
+  // Throws InvalidArgument when `limit` is above the device or below one granule.
+  void check_limit(std::size_t limit) const;
+  // A new limit at run time (checked as above); asserts that the claimed bytes fit under it.
+  void set_limit(std::size_t limit);
+
  private:
+  std::size_t total_ = 0, granule_ = 0;
   std::size_t limit_ = 0;
   std::size_t claimed_ = 0;
 };

@@ -102,6 +102,12 @@ class CachingAllocator final : public ResidencyBackend {
   AllocatorStats stats() const;
   void reset_peak();
   std::size_t budget() const;
+  // Changes the budget at run time. Raising it (up to the device) takes effect at once.
+  // Lowering it below the mapped bytes first releases cached memory (waiting for queued work on
+  // it), then asks the eviction hook for the rest; when the mapped bytes still do not fit, it
+  // throws OutOfMemory naming what holds them and leaves the budget as it was. InvalidArgument
+  // for a budget above the device or below one granule.
+  void set_budget(std::size_t bytes);
   Device& device() { return dev_; }
 
   // The eviction hook and large-block notifications (the swapper); nullptr: none (no-op hook).
@@ -117,6 +123,7 @@ class CachingAllocator final : public ResidencyBackend {
 
   // ResidencyBackend, for the swapper (see allocator/residency.hpp).
   std::optional<SwappableBlock> find_block(const void* ptr) override;
+  bool owns(const void* ptr) override { return block_info(ptr).has_value(); }
   void unback(void* base, std::size_t size) override;
   void reback(void* base, std::size_t size) override;
   bool try_reback(void* base, std::size_t size) override;

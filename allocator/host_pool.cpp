@@ -36,7 +36,7 @@ void* HostPool::allocate(std::size_t bytes) {
   SPILL_EXPECTS(bytes <= (std::size_t{1} << 56),
                 "host pool: " + std::to_string(bytes) + " bytes is absurd");
   if (cap_ && bytes > *cap_) {
-    SPILL_FAIL_OOM("host pool: " + format_bytes(bytes) + " is more than the whole host_cap of " +
+    SPILL_FAIL_HOST_CAP("host pool: " + format_bytes(bytes) + " is more than the whole host_cap of " +
                    format_bytes(*cap_) + ". Raise host_cap or swap smaller blocks.");
   }
   const std::size_t size = (bytes + kAlign - 1) / kAlign * kAlign;
@@ -49,7 +49,7 @@ void* HostPool::allocate(std::size_t bytes) {
       release_free_chunks_locked();
       chunk = std::min(chunk, (size + 4095) / 4096 * 4096);
       if (reserved_ + chunk > *cap_) {
-        SPILL_FAIL_OOM("host pool: host_cap " + format_bytes(*cap_) + " reached: " +
+        SPILL_FAIL_HOST_CAP("host pool: host_cap " + format_bytes(*cap_) + " reached: " +
                        format_bytes(in_use_) + " of pinned host memory in use, " +
                        format_bytes(reserved_) + " reserved, " + format_bytes(bytes) +
                        " more asked for. Raise host_cap or lower the budget's pressure.");
@@ -57,7 +57,7 @@ void* HostPool::allocate(std::size_t bytes) {
     }
     void* p = ::mmap(nullptr, chunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
-      SPILL_FAIL_OOM("host pool: the host has no " + format_bytes(chunk) + " left to pin");
+      SPILL_FAIL_HOST_CAP("host pool: the host has no " + format_bytes(chunk) + " left to pin");
     }
     try {
       dev_.register_host(p, chunk);

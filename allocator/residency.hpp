@@ -52,13 +52,17 @@ class ResidencyBackend {
   // released for it): never evicts live blocks (a prefetch must not push out blocks needed
   // sooner). Returns false when there is no room.
   virtual bool try_reback(void* base, std::size_t size) = 0;
+  // True when an allocated block of any pool contains `ptr` (a small block never moves: the
+  // swapper treats pins of it as no-ops, and an unknown pointer as an error).
+  virtual bool owns(const void* /*ptr*/) { return false; }
 };
 
 class LargeBlockObserver {
  public:
   virtual ~LargeBlockObserver() = default;
-  // A large block was handed out (after the allocator's lock is released).
-  virtual void on_large_alloc(void* base, std::size_t size) = 0;
+  // A large block was handed out on `stream` (after the allocator's lock is released). The
+  // allocation counts as a use by that stream: work the caller enqueues there may write it.
+  virtual void on_large_alloc(void* base, std::size_t size, Stream stream) = 0;
   // A large block is being freed on `stream`, before it is cached: the observer drops its
   // copies and makes `stream` wait for any copy still touching the block.
   virtual void on_large_free(void* base, Stream stream) = 0;

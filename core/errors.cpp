@@ -19,6 +19,10 @@ void throw_oom(const char* file, int line, const std::string& msg) {
   throw OutOfMemory(msg + " [" + where(file, line) + "]");
 }
 
+void throw_host_cap(const char* file, int line, const std::string& msg) {
+  throw HostCapExceeded(msg + " [" + where(file, line) + "]");
+}
+
 void assert_fail(const char* file, int line, const char* cond, const char* msg) noexcept {
   std::fprintf(stderr, "spill: assertion `%s` failed at %s: %s\n", cond, where(file, line).c_str(),
                msg);

@@ -19,6 +19,12 @@ class OutOfMemory : public Error {
   using Error::Error;
 };
 
+// Pinned host memory for swapped-out bytes ran out (the host_cap, or the host itself).
+class HostCapExceeded : public OutOfMemory {
+ public:
+  using OutOfMemory::OutOfMemory;
+};
+
 // A CUDA runtime or driver call failed; what() carries the error's name.
 class CudaError : public Error {
  public:
@@ -38,6 +44,7 @@ class InvalidArgument : public Error {
 namespace detail {
 [[noreturn]] void throw_invalid(const char* file, int line, const std::string& msg);
 [[noreturn]] void throw_oom(const char* file, int line, const std::string& msg);
+[[noreturn]] void throw_host_cap(const char* file, int line, const std::string& msg);
 [[noreturn]] void assert_fail(const char* file, int line, const char* cond, const char* msg) noexcept;
 std::string where(const char* file, int line);
 }  // namespace detail
@@ -52,6 +59,9 @@ std::string where(const char* file, int line);
 
 // Throws spill::OutOfMemory with `msg`.
 #define SPILL_FAIL_OOM(msg) ::spill::detail::throw_oom(__FILE__, __LINE__, (msg))
+
+// Throws spill::HostCapExceeded with `msg`.
+#define SPILL_FAIL_HOST_CAP(msg) ::spill::detail::throw_host_cap(__FILE__, __LINE__, (msg))
 
 // For noexcept paths: aborts with a message in debug builds, compiled out with NDEBUG.
 #ifdef NDEBUG

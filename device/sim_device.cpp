@@ -57,6 +57,7 @@ SimOptions SimOptions::from_config(const Config& config) {
   o.link = link_preset(config.link);
   o.time_scale = config.time_scale;
   o.chaos_seed = config.chaos_seed;
+  o.ordinal = config.gpu;
   return o;
 }
 
@@ -120,6 +121,7 @@ SimDevice::SimDevice(SimOptions options) : s_(std::make_unique<State>()) {
   const SimOptions& o = s_->opt;
   info_.backend = Backend::Sim;
   info_.name = o.name;
+  info_.ordinal = o.ordinal;
   info_.total_bytes = o.capacity;
   info_.granularity = o.granularity;
   info_.link_name = o.link.name;

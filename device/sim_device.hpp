@@ -32,6 +32,7 @@ struct SimOptions {
   double chaos_probability = 0.5;                 // chance that a task is delayed
   std::chrono::microseconds chaos_max_delay{1500};  // upper bound of one delay
   std::string name = "SimDevice";
+  int ordinal = 0;  // the device ordinal it reports (config: gpu)
 
   static SimOptions from_config(const Config& config);
 };

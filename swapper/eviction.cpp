@@ -29,6 +29,9 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   }
   b.use_streams.clear();
   if (b.in_done) dev.wait(d2h, b.in_done);
+  // Clean only when the host copy is known current (every write since it was made was
+  // bracketed by pin/unpin(wrote); declaring a block swappable makes it dirty), or when the
+  // block was never written (C++ mode).
   const bool clean = (b.host_valid && b.host != nullptr) || b.untouched;
   if (!clean) {
     if (b.host == nullptr) {
@@ -90,13 +93,14 @@ std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {
   std::vector<Candidate> c;
   for (auto& [base, b] : blocks) {
     settle_locked(b);
-    if (b.pins > 0 || b.busy) continue;
+    if (!evictable_locked(b)) continue;
     if (b.state != Residence::Resident && b.state != Residence::SwappingIn) continue;
     if (b.size < opt.min_swap_bytes) continue;
     c.push_back({base, (b.host_valid && b.host != nullptr) || b.untouched, next_use_locked(b),
                  b.last_use});
   }
-  const bool belady = step.executing;
+  bool belady = false;
+  for (const auto& [id, st] : scopes) belady |= st.executing;
   std::sort(c.begin(), c.end(), [&](const Candidate& a, const Candidate& b) {
     if (belady && a.next_use != b.next_use) return a.next_use > b.next_use;
     return a.last_use < b.last_use;

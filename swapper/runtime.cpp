@@ -10,7 +10,9 @@ namespace spill {
 class Runtime::Hooks final : public LargeBlockObserver {
  public:
   explicit Hooks(Swapper& s) : s_(s) {}
-  void on_large_alloc(void* base, std::size_t size) override { s_.track(base, size); }
+  void on_large_alloc(void* base, std::size_t size, Stream stream) override {
+    s_.track(base, size, stream);
+  }
   void on_large_free(void* base, Stream stream) override { s_.release(base, stream); }
   std::size_t evict(std::size_t bytes) override { return s_.evict_bytes(bytes); }
   void on_forget_stream(Stream stream) override { s_.forget_stream(stream); }
@@ -37,7 +39,7 @@ class Runtime::AllocatorMemory final : public StepMemory {
   CachingAllocator& a_;
 };
 
-Runtime::Runtime(const Config& config) : config_(config) {
+Runtime::Runtime(const Config& config, RuntimeOptions options) : config_(config) {
   DeviceSelection sel = make_device(config);
   device_ = std::move(sel.device);
   reason_ = sel.reason;
@@ -51,6 +53,7 @@ Runtime::Runtime(const Config& config) : config_(config) {
     so.policy = config.policy;
     so.budget = allocator_->budget();
     so.min_swap_bytes = std::max<std::size_t>(config.swap_threshold, 1);
+    so.opt_in = options.opt_in_swappable;
     try {
       so.link = link_preset(device_->info().link_name);
     } catch (const InvalidArgument&) {
@@ -73,5 +76,15 @@ Runtime::~Runtime() {
 }
 
 StepMemory& Runtime::step_memory() { return *memory_; }
+
+void Runtime::set_budget(std::size_t bytes) {
+  try {
+    allocator_->set_budget(bytes);
+  } catch (const OutOfMemory& e) {
+    if (!swapper_) throw;
+    throw OutOfMemory(std::string(e.what()) + "; " + swapper_->residency_report());
+  }
+  if (swapper_) swapper_->set_budget(bytes);
+}
 
 }  // namespace spill

@@ -16,9 +16,15 @@
 
 namespace spill {
 
+struct RuntimeOptions {
+  // Blocks are swappable only once declared (Swapper::set_swappable): the C API's mode. Off:
+  // every large block is swappable (C++ callers that pin every use: spill demo, the trainer).
+  bool opt_in_swappable = false;
+};
+
 class Runtime {
  public:
-  explicit Runtime(const Config& config);
+  explicit Runtime(const Config& config, RuntimeOptions options = {});
   ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
@@ -32,6 +38,11 @@ class Runtime {
 
   // The allocator as the synthetic step's memory.
   StepMemory& step_memory();
+
+  // Changes the budget at run time (CachingAllocator::set_budget); the swapper plans for the
+  // new one from its next step. A failure to lower it names what holds the memory, the
+  // swapper's unevictable blocks included, and keeps the old budget.
+  void set_budget(std::size_t bytes);
 
  private:
   class Hooks;

@@ -1,6 +1,7 @@
-// Recording a step as a graph::Trace, planning from it, and executing the plan on later steps.
-// Block identity across steps is the order of first pins within a step, which a deterministic
-// training step repeats; a block's size must match its recorded size, or the step deviates.
+// Recording a step as a graph::Trace, planning from it, and executing the plan on later steps,
+// for each step scope on its own. Block identity across steps is the order of first pins within
+// a scope's step, which a deterministic training step repeats; a block's size must match its
+// recorded size, or the step deviates.
 #include <algorithm>
 
 #include "core/errors.hpp"
@@ -15,8 +16,7 @@ namespace {
 std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 }  // namespace
 
-void Swapper::Impl::begin_step_locked() {
-  StepState& s = step;
+void Swapper::Impl::begin_step_locked(StepState& s) {
   s.in_step = true;
   s.op = -1;
   s.after_unpin = true;
@@ -28,7 +28,7 @@ void Swapper::Impl::begin_step_locked() {
   s.first_access_of_id.clear();
   s.prefetched_upto = 0;
   s.t0_ns = profiling::TraceRecorder::global().now_ns();
-  for (auto& [base, b] : blocks) b.pre_existing = true;
+  s.begin_tick = ++tick;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0 && s.record_next;
   s.executing = !s.recording && opt.policy == SwapPolicy::Plan && s.plan.feasible &&
                 !s.plan.steps.empty();
@@ -43,8 +43,7 @@ void Swapper::Impl::begin_step_locked() {
   }
 }
 
-void Swapper::Impl::end_step_locked() {
-  StepState& s = step;
+void Swapper::Impl::end_step_locked(StepState& s) {
   if (!s.in_step) return;
   s.in_step = false;
   if (s.recording) {
@@ -53,6 +52,7 @@ void Swapper::Impl::end_step_locked() {
     s.trace.step_end_s =
         static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
     s.last_trace = s.trace;
+    last_trace_any = s.trace;
     stats.steps_recorded++;
     s.plan = graph::Plan{};
     s.size_of_id.assign(s.next_id, 0);
@@ -76,14 +76,14 @@ void Swapper::Impl::end_step_locked() {
   } else if (s.executing) {
     stats.steps_planned++;
     // The last op's evictions (tensors idle across the step boundary, such as weights).
-    if (!s.plan.steps.empty()) issue_evictions_locked(static_cast<std::int64_t>(s.plan.steps.size()) - 1);
+    if (!s.plan.steps.empty())
+      issue_evictions_locked(s, static_cast<std::int64_t>(s.plan.steps.size()) - 1);
   }
   s.executing = false;
   s.base_of_id_prev = s.base_of_id;
 }
 
-std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(std::int64_t id) {
-  StepState& s = step;
+std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, std::int64_t id) {
   if (id < 0) return std::nullopt;
   auto idx = static_cast<std::size_t>(id);
   std::uintptr_t base = 0;
@@ -97,7 +97,9 @@ std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(std::int64_t id)
 }
 
 std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
-  const StepState& s = step;
+  auto scope = scopes.find(b.scope);
+  if (scope == scopes.end() || !scope->second.executing) return INT64_MAX;  // unknown
+  const StepState& s = scope->second;
   auto it = s.id_of.find(key(b.base));
   std::int64_t id = -1;
   if (it != s.id_of.end()) {
@@ -108,17 +110,18 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
   }
   if (id < 0 || static_cast<std::size_t>(id) >= s.use_ops.size()) return INT64_MAX;  // unknown
   for (std::uint32_t op : s.use_ops[id])
-    if (static_cast<std::int64_t>(op) > s.op) return op;
+    if (static_cast<std::int64_t>(op) > s.op) return op - s.op;
   // Not used again in this step: its next use is in the next step.
-  return s.use_ops[id].empty() ? INT64_MAX : s.use_ops[id].front() + (1ll << 32);
+  return s.use_ops[id].empty() ? INT64_MAX : s.use_ops[id].front() + (1ll << 32) - s.op;
 }
 
-void Swapper::Impl::issue_evictions_locked(std::int64_t op) {
-  for (graph::TensorIndex t : step.plan.steps[op].evict_after) {
-    auto base = base_for_id_locked(step.tensor_id[t]);
+void Swapper::Impl::issue_evictions_locked(StepState& s, std::int64_t op) {
+  for (graph::TensorIndex t : s.plan.steps[op].evict_after) {
+    auto base = base_for_id_locked(s, s.tensor_id[t]);
     if (!base) continue;
     SwapBlock& b = blocks.at(*base);
-    if (b.pins > 0 || b.busy || b.state == Residence::OnHost || b.state == Residence::SwappingOut)
+    if (!evictable_locked(b) || b.state == Residence::OnHost ||
+        b.state == Residence::SwappingOut)
       continue;
     try {
       start_swap_out_locked(b);
@@ -129,8 +132,7 @@ void Swapper::Impl::issue_evictions_locked(std::int64_t op) {
   }
 }
 
-std::vector<std::uintptr_t> Swapper::Impl::advance_op_locked(bool force) {
-  StepState& s = step;
+std::vector<std::uintptr_t> Swapper::Impl::advance_op_locked(StepState& s, bool force) {
   std::vector<std::uintptr_t> wanted;
   if (!force && !(s.auto_ops && (s.after_unpin || s.op < 0))) return wanted;
   s.op++;
@@ -139,12 +141,12 @@ std::vector<std::uintptr_t> Swapper::Impl::advance_op_locked(bool force) {
   const graph::Plan& p = s.plan;
   const auto n = static_cast<std::int64_t>(p.steps.size());
   // Evictions after the previous op: its work is enqueued and its blocks unpinned.
-  if (s.op >= 1 && s.op - 1 < n) issue_evictions_locked(s.op - 1);
+  if (s.op >= 1 && s.op - 1 < n) issue_evictions_locked(s, s.op - 1);
   // Prefetches due by this op and the adaptive look-ahead window.
   std::int64_t upto = std::min<std::int64_t>(n - 1, s.op + s.lookahead);
   for (auto j = static_cast<std::int64_t>(s.prefetched_upto); j <= upto; ++j) {
     for (graph::TensorIndex t : p.steps[j].prefetch_at) {
-      if (auto base = base_for_id_locked(s.tensor_id[t])) wanted.push_back(*base);
+      if (auto base = base_for_id_locked(s, s.tensor_id[t])) wanted.push_back(*base);
     }
   }
   s.prefetched_upto = static_cast<std::size_t>(std::max<std::int64_t>(upto + 1, 0));
@@ -152,8 +154,7 @@ std::vector<std::uintptr_t> Swapper::Impl::advance_op_locked(bool force) {
   return wanted;
 }
 
-void Swapper::Impl::on_pin_locked(SwapBlock& b, Stream stream) {
-  StepState& s = step;
+void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   if (!s.in_step) return;
   std::uintptr_t base = key(b.base);
   auto [it, fresh] = s.id_of.emplace(base, s.next_id);
@@ -187,8 +188,7 @@ void Swapper::Impl::on_pin_locked(SwapBlock& b, Stream stream) {
   s.trace.accesses.push_back(a);
 }
 
-void Swapper::Impl::on_unpin_locked(SwapBlock& b, bool wrote) {
-  StepState& s = step;
+void Swapper::Impl::on_unpin_locked(StepState& s, SwapBlock& b, bool wrote) {
   s.after_unpin = true;
   if (!s.recording || !wrote) return;
   auto it = s.id_of.find(key(b.base));
@@ -199,7 +199,8 @@ void Swapper::Impl::on_unpin_locked(SwapBlock& b, bool wrote) {
   // A block born in this step is first written (an activation); one that existed before is
   // read and written (persistent state such as weights or optimizer moments).
   bool first_access = s.first_access_of_id.at(a.block) == acc->second;
-  a.access = first_access && !b.pre_existing ? graph::Access::Write : graph::Access::ReadWrite;
+  const bool pre_existing = b.born < s.begin_tick;
+  a.access = first_access && !pre_existing ? graph::Access::Write : graph::Access::ReadWrite;
 }
 
 }  // namespace spill

@@ -2,6 +2,8 @@
 #include "swapper/swapper.hpp"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -29,8 +31,37 @@ std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); 
 std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
 }  // namespace
 
+namespace {
+std::atomic<std::uint64_t> next_serial{1};
+
+// The calling thread's current step scope on a few swappers (by serial); others are scope 0.
+struct ThreadScope {
+  std::uint64_t serial = 0;
+  std::uint64_t scope = 0;
+};
+thread_local std::array<ThreadScope, 4> thread_scopes;
+thread_local unsigned thread_scope_next = 0;
+}  // namespace
+
+std::uint64_t Swapper::Impl::current_scope() const {
+  for (const ThreadScope& t : thread_scopes)
+    if (t.serial == serial) return t.scope;
+  return 0;
+}
+
+void Swapper::Impl::set_current_scope(std::uint64_t scope) const {
+  for (ThreadScope& t : thread_scopes) {
+    if (t.serial == serial) {
+      t.scope = scope;
+      return;
+    }
+  }
+  if (scope == 0) return;
+  thread_scopes[thread_scope_next++ % thread_scopes.size()] = {serial, scope};
+}
+
 Swapper::Impl::Impl(Device& d, ResidencyBackend& b, HostMemory& h, SwapperOptions o)
-    : dev(d), backend(b), host(h), opt(std::move(o)) {
+    : dev(d), backend(b), host(h), opt(std::move(o)), serial(next_serial++) {
   SPILL_EXPECTS(opt.chunk_bytes > 0, "swapper: chunk_bytes must be above zero");
   d2h = dev.create_stream();
   h2d = dev.create_stream();
@@ -84,16 +115,26 @@ SwapBlock* Swapper::Impl::find_tracked_locked(const void* ptr) {
   return key(ptr) < it->first + it->second.size ? &it->second : nullptr;
 }
 
-SwapBlock& Swapper::Impl::block_for_locked(const void* ptr, const char* op) {
-  if (SwapBlock* b = find_tracked_locked(ptr)) return *b;
-  std::optional<SwappableBlock> info = backend.find_block(ptr);
-  SPILL_EXPECTS(info.has_value(), std::string(op) + ": " + format_address(ptr) +
-                                      " is not inside a swappable block of this allocator");
-  SwapBlock& b = blocks[key(info->base)];
-  b.base = info->base;
-  b.size = info->size;
-  stats.resident_bytes += b.size;
+SwapBlock& Swapper::Impl::add_block_locked(void* base, std::size_t size) {
+  SwapBlock& b = blocks[key(base)];
+  b.base = base;
+  b.size = size;
+  b.swappable = !opt.opt_in;
+  b.generation = next_generation++;
+  b.born = ++tick;
+  stats.resident_bytes += size;
   return b;
+}
+
+SwapBlock* Swapper::Impl::lookup_locked(const void* ptr, const char* op) {
+  if (SwapBlock* b = find_tracked_locked(ptr)) return b;
+  std::optional<SwappableBlock> info = backend.find_block(ptr);
+  if (!info) {
+    if (backend.owns(ptr)) return nullptr;  // a block of the small pool: never moves
+    SPILL_EXPECTS(false, std::string(op) + ": " + format_address(ptr) +
+                             " is not inside a block of this allocator");
+  }
+  return &add_block_locked(info->base, info->size);
 }
 
 void Swapper::Impl::wait_not_busy(std::unique_lock<std::mutex>& lock, std::uintptr_t base) {
@@ -153,16 +194,6 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   }
   if (failure) {
     if (prefetch) return false;
-    // Say which blocks hold the budget: the pinned ones cannot move.
-    std::string pinned;
-    std::size_t pinned_bytes = 0;
-    for (auto& [k, other] : blocks) {
-      if (other.pins > 0 && other.state != Residence::OnHost) {
-        pinned_bytes += other.size;
-        if (pinned.size() < 400)
-          pinned += " " + format_address(other.base) + " (" + format_bytes(other.size) + ")";
-      }
-    }
     std::size_t by_state[4] = {0, 0, 0, 0}, busy_bytes = 0;
     for (auto& [k, other] : blocks) {
       by_state[static_cast<int>(other.state)] += other.size;
@@ -171,14 +202,14 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
     try {
       std::rethrow_exception(failure);
     } catch (const OutOfMemory& e) {
+      // Say which blocks hold the budget: those that cannot move.
       throw OutOfMemory(std::string("pin: cannot bring ") + format_bytes(size) + " at " +
-                        format_address(ptr) + " back: " + format_bytes(pinned_bytes) +
-                        " of the budget is pinned by blocks that cannot be evicted:" +
-                        (pinned.empty() ? " none" : pinned) + " (tracked blocks: " +
-                        format_bytes(by_state[0]) + " resident, " + format_bytes(by_state[1]) +
-                        " swapping out, " + format_bytes(by_state[2]) + " on host, " +
-                        format_bytes(by_state[3]) + " swapping in, " + format_bytes(busy_bytes) +
-                        " being mapped). " + e.what());
+                        format_address(ptr) + " back: " + unevictable_report_locked() +
+                        " (tracked blocks: " + format_bytes(by_state[0]) + " resident, " +
+                        format_bytes(by_state[1]) + " swapping out, " +
+                        format_bytes(by_state[2]) + " on host, " + format_bytes(by_state[3]) +
+                        " swapping in, " + format_bytes(busy_bytes) + " being mapped). " +
+                        e.what());
     }
   }
   again.in_done = again.in_done ? again.in_done : get_event_locked();
@@ -225,75 +256,125 @@ void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
 
 // ---- protocol
 
-void Swapper::pin(const void* ptr, Stream stream) {
-  Impl& m = *impl_;
-  std::unique_lock lock(m.mu);
-  std::vector<std::uintptr_t> wanted = m.advance_op_locked(false);
-  if (!wanted.empty()) m.prefetch_all(lock, wanted);
-  std::uintptr_t base = key(m.block_for_locked(ptr, "pin").base);
-  m.wait_not_busy(lock, base);
-  SwapBlock* b = &m.block_for_locked(ptr, "pin");
+PinToken Swapper::pin(const void* ptr, Stream stream) { return impl_->pin(ptr, stream, false); }
+
+PinToken Swapper::pin_for_host(const void* ptr) { return impl_->pin(ptr, nullptr, true); }
+
+PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
+  std::unique_lock lock(mu);
+  const std::uint64_t scope = current_scope();
+  std::vector<std::uintptr_t> wanted = advance_op_locked(scope_locked(scope), false);
+  if (!wanted.empty()) prefetch_all(lock, wanted);
+  SwapBlock* b = lookup_locked(ptr, host ? "pin_for_host" : "pin");
+  if (b == nullptr) return {};
+  const std::uintptr_t base = key(b->base);
+  wait_not_busy(lock, base);
+  b = lookup_locked(ptr, host ? "pin_for_host" : "pin");  // it may have been freed meanwhile
+  if (b == nullptr || key(b->base) != base) return {};
+  Event wait_for = nullptr;
   if (b->state == Residence::SwappingOut) {
-    // Cancel: the device bytes are still there. The stream waits for the copy in flight so
+    // Cancel: the device bytes are still there. The user waits for the copy in flight so
     // that a write cannot race it (the host copy it makes stays valid unless written).
     b->state = Residence::Resident;
-    m.dev.wait(stream, b->out_done);
+    wait_for = b->out_done;
   } else if (b->state == Residence::OnHost) {
-    m.stats.demand_fetches++;
+    stats.demand_fetches++;
     std::uint64_t stall_start = TraceRecorder::now();
-    m.swap_in(lock, base, false);
-    b = &m.blocks.at(base);
-    // The stream stalls until the copy lands: a slice from the pin to the copy's end.
+    swap_in(lock, base, false);
+    b = &blocks.at(base);
+    // The user stalls until the copy lands: a slice from the pin to the copy's end.
     const std::size_t size = b->size;
-    const std::uint64_t stream_id = sid(stream);
-    m.dev.host_callback(m.h2d, [stall_start, base, size, stream_id] {
+    const std::uint64_t stream_id = host ? profiling::kHostStream : sid(stream);
+    dev.host_callback(h2d, [stall_start, base, size, stream_id] {
       TraceRecorder::global().record_span(EventKind::Stall, stall_start, base, size, stream_id);
     });
     b->prefetched = false;
   } else if (b->prefetched) {
-    bool landed = b->state == Residence::Resident || m.dev.query(b->in_done);
-    (landed ? m.stats.prefetch_hits : m.stats.prefetch_late)++;
-    if (!landed) m.step.lookahead = std::min(m.step.lookahead + 1, 2);
+    bool landed = b->state == Residence::Resident || dev.query(b->in_done);
+    (landed ? stats.prefetch_hits : stats.prefetch_late)++;
+    if (!landed) {
+      StepState& st = scope_locked(scope);
+      st.lookahead = std::min(st.lookahead + 1, 2);
+    }
     b->prefetched = false;
   }
-  m.settle_locked(*b);
-  if (b->state == Residence::SwappingIn) m.dev.wait(stream, b->in_done);
+  settle_locked(*b);
+  if (b->state == Residence::SwappingIn) wait_for = b->in_done;
+  if (wait_for != nullptr && !host) dev.wait(stream, wait_for);
   b->pins++;
-  b->last_use = ++m.tick;
-  m.on_pin_locked(*b, stream);
-  TraceRecorder::global().record(EventKind::Pin, base, b->size, sid(stream));
+  b->last_use = ++tick;
+  b->scope = scope;
+  on_pin_locked(scope_locked(scope), *b, host ? reinterpret_cast<Stream>(~std::uintptr_t{0}) : stream);
+  TraceRecorder::global().record(EventKind::Pin, base, b->size,
+                                 host ? profiling::kHostStream : sid(stream));
+  PinToken token{base, b->generation, host};
+  if (wait_for != nullptr && host) {
+    // Pinned: nothing can move it while the host waits without the lock. Events are recycled,
+    // never destroyed, while the swapper lives: a re-recorded one only makes the wait longer.
+    lock.unlock();
+    dev.synchronize(wait_for);
+  }
+  return token;
+}
+
+void Swapper::Impl::unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool host) {
+  if (!host && std::find(b.use_streams.begin(), b.use_streams.end(), stream) == b.use_streams.end())
+    b.use_streams.push_back(stream);
+  if (wrote) b.host_valid = false, b.untouched = false;
+  b.pins--;
+  on_unpin_locked(scope_locked(b.scope), b, wrote);
+  TraceRecorder::global().record(EventKind::Unpin, key(b.base), b.size,
+                                 host ? profiling::kHostStream : sid(stream));
 }
 
 void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   SwapBlock* b = m.find_tracked_locked(ptr);
+  if (b == nullptr && !m.backend.find_block(ptr) && m.backend.owns(ptr)) return;  // never moves
   SPILL_EXPECTS(b != nullptr && b->pins > 0,
                 "unpin: " + format_address(ptr) + " is not pinned (unpin without pin)");
-  if (std::find(b->use_streams.begin(), b->use_streams.end(), stream) == b->use_streams.end())
-    b->use_streams.push_back(stream);
-  if (wrote) b->host_valid = false, b->untouched = false;
-  b->pins--;
-  m.on_unpin_locked(*b, wrote);
-  TraceRecorder::global().record(EventKind::Unpin, key(b->base), b->size, sid(stream));
+  m.unpin_locked(*b, stream, wrote, false);
+}
+
+void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
+  if (!token) return;  // a block that never moves
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  auto it = m.blocks.find(token.block);
+  if (it == m.blocks.end() || it->second.generation != token.generation) {
+    m.stats.stale_unpins++;  // freed meanwhile (its address perhaps reused): nothing to do
+    return;
+  }
+  SPILL_EXPECTS(it->second.pins > 0, "unpin: the block at " + format_address(it->second.base) +
+                                         " is not pinned (a token unpinned twice?)");
+  m.unpin_locked(it->second, stream, wrote, token.host);
 }
 
 void Swapper::prefetch(const void* ptr) {
   Impl& m = *impl_;
   std::unique_lock lock(m.mu);
-  std::uintptr_t base = key(m.block_for_locked(ptr, "prefetch").base);
+  SwapBlock* found = m.lookup_locked(ptr, "prefetch");
+  if (found == nullptr) return;
+  const std::uintptr_t base = key(found->base);
+  const std::size_t size = found->size;
   m.prefetch_all(lock, {base});
-  TraceRecorder::global().record(EventKind::Prefetch, base, m.blocks.at(base).size,
-                                 profiling::kHostStream);
+  TraceRecorder::global().record(EventKind::Prefetch, base, size, profiling::kHostStream);
 }
 
 void Swapper::evict(const void* ptr) {
   Impl& m = *impl_;
   std::unique_lock lock(m.mu);
-  std::uintptr_t base = key(m.block_for_locked(ptr, "evict").base);
+  SwapBlock* found = m.lookup_locked(ptr, "evict");
+  if (found == nullptr) return;
+  const std::uintptr_t base = key(found->base);
   m.wait_not_busy(lock, base);
-  SwapBlock& b = m.blocks.at(base);
-  if (b.pins > 0 || b.state == Residence::OnHost || b.state == Residence::SwappingOut) return;
+  auto it = m.blocks.find(base);
+  if (it == m.blocks.end()) return;  // freed meanwhile
+  SwapBlock& b = it->second;
+  if (!m.evictable_locked(b) || b.state == Residence::OnHost ||
+      b.state == Residence::SwappingOut)
+    return;
   m.start_swap_out_locked(b);
   m.stats.evictions_planned++;
   TraceRecorder::global().record(EventKind::Evict, base, b.size, profiling::kHostStream);
@@ -338,19 +419,75 @@ void Swapper::release(void* base, Stream stream) {
   }
   m.put_event_locked(b.out_done);
   m.put_event_locked(b.in_done);
-  m.step.id_of.erase(key(base));
+  for (auto& [id, st] : m.scopes) st.id_of.erase(key(base));
   m.blocks.erase(it);
 }
 
-void Swapper::track(void* base, std::size_t size) {
+void Swapper::track(void* base, std::size_t size, Stream stream) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
-  auto [it, fresh] = m.blocks.try_emplace(key(base));
-  if (!fresh) return;
-  it->second.base = base;
-  it->second.size = size;
-  it->second.untouched = true;
-  m.stats.resident_bytes += size;
+  if (m.blocks.count(key(base)) != 0) return;
+  SwapBlock& b = m.add_block_locked(base, size);
+  // C++ mode: nothing can have written it yet, and every write will be pinned. Opt-in mode:
+  // not swappable (so protected) until declared.
+  b.untouched = !m.opt.opt_in;
+  b.use_streams.push_back(stream);  // the allocation is a use by the allocating stream
+}
+
+void Swapper::set_swappable(const void* ptr, bool on) {
+  Impl& m = *impl_;
+  std::unique_lock lock(m.mu);
+  SwapBlock* found = m.lookup_locked(ptr, "set_swappable");
+  if (found == nullptr) return;  // never moves
+  const std::uintptr_t base = key(found->base);
+  m.wait_not_busy(lock, base);
+  auto it = m.blocks.find(base);
+  SPILL_EXPECTS(it != m.blocks.end(),
+                "set_swappable: " + format_address(ptr) + " was freed while it was being moved");
+  SwapBlock* b = &it->second;
+  if (on) {
+    // From now on every use is pinned; what happened before went unseen: dirty.
+    b->swappable = true;
+    b->host_valid = false;
+    b->untouched = false;
+    return;
+  }
+  if (b->state == Residence::OnHost) {
+    m.swap_in(lock, base, false);  // throws (block unchanged) when it cannot come back
+    b = &m.blocks.at(base);
+  }
+  if (b->state == Residence::SwappingOut) b->state = Residence::Resident;  // cancel
+  b->swappable = false;
+  b->host_valid = false;  // code outside the hooks may write it from now on
+  b->untouched = false;
+  m.settle_locked(*b);
+  if (b->state == Residence::SwappingIn) {
+    Event e = b->in_done;
+    b->pins++;  // held while the host waits without the lock
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      m.dev.synchronize(e);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    auto again = m.blocks.find(base);
+    if (again != m.blocks.end() && again->second.generation == b->generation) {
+      again->second.pins--;
+      m.settle_locked(again->second);
+    }
+    if (error) std::rethrow_exception(error);
+  }
+}
+
+void Swapper::record_stream(const void* ptr, Stream stream) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  SwapBlock* b = m.lookup_locked(ptr, "record_stream");
+  if (b == nullptr) return;
+  if (std::find(b->use_streams.begin(), b->use_streams.end(), stream) == b->use_streams.end())
+    b->use_streams.push_back(stream);
 }
 
 void Swapper::forget_stream(Stream stream) {
@@ -358,7 +495,7 @@ void Swapper::forget_stream(Stream stream) {
   m.dev.synchronize(stream);
   std::lock_guard lock(m.mu);
   for (auto& [base, b] : m.blocks) std::erase(b.use_streams, stream);
-  m.step.stream_ids.erase(reinterpret_cast<std::uintptr_t>(stream));
+  for (auto& [id, st] : m.scopes) st.stream_ids.erase(reinterpret_cast<std::uintptr_t>(stream));
 }
 
 Residence Swapper::residence(const void* ptr) const {
@@ -370,14 +507,75 @@ Residence Swapper::residence(const void* ptr) const {
   return b->state;
 }
 
+bool Swapper::swappable(const void* ptr) const {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  SwapBlock* b = m.find_tracked_locked(ptr);
+  if (b != nullptr) return b->swappable;
+  return !m.opt.opt_in && m.backend.find_block(ptr).has_value();
+}
+
 SwapStats Swapper::stats() const {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  SwapStats s = m.stats;
+  for (const auto& [base, b] : m.blocks) {
+    if (b.pins > 0) s.pinned_bytes += b.size;
+    if (!b.swappable) s.unswappable_bytes += b.size;
+  }
+  return s;
+}
+
+std::string Swapper::residency_report() const {
   std::lock_guard lock(impl_->mu);
-  return impl_->stats;
+  return impl_->unevictable_report_locked();
+}
+
+std::string Swapper::Impl::unevictable_report_locked() const {
+  struct Kind {
+    const char* what;
+    std::size_t bytes = 0, count = 0;
+    std::string first;
+  } kinds[2] = {{"pinned"}, {"not declared swappable"}};
+  for (const auto& [base, b] : blocks) {
+    if (b.state != Residence::Resident && b.state != Residence::SwappingIn) continue;
+    const bool why[2] = {b.pins > 0, !b.swappable};
+    for (int k = 0; k < 2; ++k) {
+      if (!why[k]) continue;
+      kinds[k].bytes += b.size;
+      if (kinds[k].count++ < 4)
+        kinds[k].first += " " + format_address(b.base) + " (" + format_bytes(b.size) + ")";
+    }
+  }
+  std::string out = "resident blocks the swapper cannot evict:";
+  for (const Kind& k : kinds) {
+    out += std::string(" ") + k.what + " " + format_bytes(k.bytes) + " in " +
+           std::to_string(k.count) + " blocks" + (k.count ? ":" + k.first : "") +
+           (k.count > 4 ? " ..." : "") + ";";
+  }
+  out.pop_back();
+  return out;
 }
 
 graph::Trace Swapper::last_trace() const {
   std::lock_guard lock(impl_->mu);
-  return impl_->step.last_trace;
+  return impl_->last_trace_any;
+}
+
+graph::Trace Swapper::last_trace(std::uint64_t scope) const {
+  std::lock_guard lock(impl_->mu);
+  auto it = impl_->scopes.find(scope);
+  return it == impl_->scopes.end() ? graph::Trace{} : it->second.last_trace;
+}
+
+void Swapper::set_budget(std::uint64_t bytes) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  m.opt.budget = bytes;
+  for (auto& [id, st] : m.scopes) {
+    st.record_next = true;  // the plan was made for the old budget
+    st.executing = false;
+  }
 }
 
 void Swapper::quiesce() {
@@ -389,27 +587,37 @@ void Swapper::quiesce() {
   for (auto& [base, b] : m.blocks) m.settle_locked(b);
 }
 
-void Swapper::begin_op(std::string_view name) {
+void Swapper::begin_op(std::string_view name) { begin_op(name, impl_->current_scope()); }
+
+void Swapper::begin_op(std::string_view name, std::uint64_t scope) {
   Impl& m = *impl_;
+  m.set_current_scope(scope);
   std::unique_lock lock(m.mu);
-  m.step.auto_ops = false;
-  std::vector<std::uintptr_t> wanted = m.advance_op_locked(true);
-  if (!name.empty() && m.step.recording) {
-    if (m.step.trace.op_names.size() <= static_cast<std::size_t>(m.step.op))
-      m.step.trace.op_names.resize(m.step.op + 1);
-    m.step.trace.op_names[m.step.op] = std::string(name);
+  StepState& st = m.scope_locked(scope);
+  st.auto_ops = false;
+  std::vector<std::uintptr_t> wanted = m.advance_op_locked(st, true);
+  if (!name.empty() && st.recording) {
+    if (st.trace.op_names.size() <= static_cast<std::size_t>(st.op))
+      st.trace.op_names.resize(st.op + 1);
+    st.trace.op_names[st.op] = std::string(name);
   }
   if (!wanted.empty()) m.prefetch_all(lock, wanted);
 }
 
-void Swapper::begin_step() {
+void Swapper::begin_step() { begin_step(impl_->current_scope()); }
+
+void Swapper::begin_step(std::uint64_t scope) {
+  impl_->set_current_scope(scope);
   std::lock_guard lock(impl_->mu);
-  impl_->begin_step_locked();
+  impl_->begin_step_locked(impl_->scope_locked(scope));
 }
 
-void Swapper::end_step() {
+void Swapper::end_step() { end_step(impl_->current_scope()); }
+
+void Swapper::end_step(std::uint64_t scope) {
+  impl_->set_current_scope(scope);
   std::lock_guard lock(impl_->mu);
-  impl_->end_step_locked();
+  impl_->end_step_locked(impl_->scope_locked(scope));
 }
 
 }  // namespace spill

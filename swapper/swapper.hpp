@@ -6,27 +6,56 @@
 // Protocol (thread-safe; one mutex, never held across reback or a host wait):
 //   pin(ptr, s)    work on stream s will use the block containing ptr (interior pointers and
 //                  nested pins are fine). If it is not resident it is mapped and copied back,
-//                  and s waits on the copy's event: no host synchronisation.
-//   unpin(ptr, s, wrote)  that work is enqueued; an event recorded on s marks the end of the
-//                  use. wrote=false keeps a valid host copy valid (a later eviction is free).
+//                  and s waits on the copy's event: no host synchronisation. Returns a token.
+//   pin_for_host(ptr)  the same for the host: returns once the bytes may be touched by host
+//                  code (the block is resident and no copy of spill's touches it).
+//   unpin(token, s, wrote)  that work is enqueued; s is remembered as a user of the block (a
+//                  swap-out waits for it). wrote=false keeps a valid host copy valid (a later
+//                  eviction is free). A token whose block was freed meanwhile (its address
+//                  perhaps reused by a new block) is a harmless no-op, counted as stale.
+//   unpin(ptr, s, wrote)  the same by pointer (an error when the block is not pinned).
 //   prefetch(ptr) / evict(ptr)  hints: start a swap-in / swap-out now, asynchronously.
 //   evict_bytes(n) the allocator's eviction hook: free at least n mapped bytes now (may wait
-//                  on copies). Never a pinned block. Victims by next use in the recorded step
-//                  (Belady) when a plan is active, else least recently used; clean blocks
-//                  (unchanged since their host copy) are preferred and cost no copy.
-//   track(base, size) the allocator made a new block (optional: blocks are also found at
-//                  their first pin); untouched blocks move without copies.
-//   release(base, s) the allocator is freeing the block on stream s: immediate for the caller
-//                  wherever the bytes are; s waits on any copy still writing the memory.
-// Steps: pins are grouped into ops (an op starts at the first pin after an unpin, or at
-// begin_op). With policy plan, the first step after begin_step() is recorded; end_step()
-// turns it into a graph::Trace and a plan; later steps execute the plan's prefetches and
-// evictions, adapting the look-ahead when prefetches arrive late, and fall back to reactive
-// eviction (and re-record) when the step deviates from the trace.
+//                  on copies). Victims by next use in the recorded step (Belady) when a plan is
+//                  active, else least recently used; clean blocks (unchanged since their host
+//                  copy) are preferred and cost no copy.
+//   track(base, size, s) the allocator made a new block on stream s (blocks are also found at
+//                  their first pin); release(base, s) it is freeing one on stream s: immediate
+//                  for the caller wherever the bytes are; s waits on any copy still writing it.
+//
+// Residency rules (what lets a framework whose code also touches blocks outside the hooks use
+// the swapper safely):
+//   - Only a swappable, unpinned block is ever evicted. With opt_in (the C API's mode:
+//     frameworks allocate buffers no hook ever sees in use, and write blocks before any hook
+//     sees them), a block is swappable only after set_swappable(ptr, true), which promises that
+//     every later use is pinned: a fresh block is protected until its declaration. Without
+//     opt_in (C++ callers that pin every use, the first write included), every tracked block is
+//     swappable from birth.
+//   - A fresh block's allocation counts as a use by the allocating stream, so a swap-out orders
+//     after the work its producer enqueued there.
+//   - No silent data loss: an eviction skips the copy only when the host copy is known to be
+//     current (every write since it was made was bracketed by pin/unpin(wrote)); declaring a
+//     block swappable makes it dirty. Only without opt_in, where writes are pinned by
+//     contract, may a block never written since its allocation move with no copy.
+//   - Pins and unpins of blocks that never move (the allocator's small pool) are no-ops with
+//     an empty token; a pointer no block contains is an InvalidArgument naming it. Pins of
+//     undeclared large blocks are real (cheap, no copy): a declaration while one is in flight
+//     stays safe.
+//   - Freeing a pinned block (stream-ordered frees of blocks an op still uses) is normal.
+// Steps belong to a scope (a caller-chosen number; 0 by default), so that two training loops
+// in one process do not disturb each other's recordings. begin_step(scope) and
+// begin_op(name, scope) make `scope` the calling thread's current scope on this swapper; a pin
+// belongs to the current scope of the thread that makes it. Within a scope, pins are grouped
+// into ops (an op starts at the first pin after an unpin, or at begin_op). With policy plan,
+// the first step after begin_step() is recorded; end_step() turns it into a graph::Trace and a
+// plan; later steps execute the plan's prefetches and evictions, adapting the look-ahead when
+// prefetches arrive late, and fall back to reactive eviction (and re-record) when the step
+// deviates from the trace.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <string_view>
 
 #include "core/config.hpp"
@@ -46,6 +75,18 @@ struct SwapperOptions {
   std::uint64_t budget = 0;             // for planning (the allocator's budget)
   LinkModel link = link_preset("pcie4");  // for planning
   std::size_t min_swap_bytes = 1u << 20;  // blocks below this are never planned to move
+  // Opt-in swappability: a block may be evicted only once set_swappable(ptr, true) declared
+  // that every later use of it is pinned. Off: every tracked block is swappable.
+  bool opt_in = false;
+};
+
+// What pin returns and unpin takes: which life of which block was pinned. An empty token
+// (block 0) comes from a block that never moves; unpinning it does nothing.
+struct PinToken {
+  std::uintptr_t block = 0;      // the block's base address
+  std::uint64_t generation = 0;  // distinguishes blocks that reuse one address
+  bool host = false;             // from pin_for_host: unpin ignores its stream
+  explicit operator bool() const { return block != 0; }
 };
 
 struct SwapStats {
@@ -63,6 +104,9 @@ struct SwapStats {
   std::uint64_t host_bytes = 0;                 // pinned host memory held now
   std::uint64_t resident_bytes = 0, on_host_bytes = 0;  // tracked blocks, now
   std::uint64_t steps_recorded = 0, steps_planned = 0, deviations = 0;
+  std::uint64_t stale_unpins = 0;   // unpins whose block was freed meanwhile (ignored)
+  // Tracked blocks now, by what keeps them from being evicted (a block may count twice).
+  std::uint64_t pinned_bytes = 0, unswappable_bytes = 0;
 };
 
 class Swapper {
@@ -72,27 +116,47 @@ class Swapper {
   Swapper(const Swapper&) = delete;
   Swapper& operator=(const Swapper&) = delete;
 
-  void pin(const void* ptr, Stream stream);
+  PinToken pin(const void* ptr, Stream stream);
+  PinToken pin_for_host(const void* ptr);
   void unpin(const void* ptr, Stream stream, bool wrote = true);
+  void unpin(const PinToken& token, Stream stream, bool wrote = true);
   void prefetch(const void* ptr);
-  void evict(const void* ptr);
+  void evict(const void* ptr);  // a no-op for a pinned, protected or unswappable block
   std::size_t evict_bytes(std::size_t needed);
   void release(void* base, Stream stream);
-  // The allocator hands out a new swappable block: it can be evicted before it is ever used,
-  // at no cost (its bytes are undefined until written).
-  void track(void* base, std::size_t size);
+  // Declares whether the block containing ptr may be evicted (see the rules above). Declaring
+  // it unswappable brings it back first if it is on the host and returns once it is resident.
+  void set_swappable(const void* ptr, bool swappable);
+  // The block is also used by work on `stream`: a swap-out waits for that stream too.
+  void record_stream(const void* ptr, Stream stream);
+  // The allocator hands out a new block on `stream` (see the rules above).
+  void track(void* base, std::size_t size, Stream stream = nullptr);
   // `stream` is about to be destroyed: waits for it and forgets it as a user of any block
   // (swap-outs record their wait events on the streams that used a block).
   void forget_stream(Stream stream);
 
+  // Steps of the calling thread's current scope (0 unless set), or of `scope` (which becomes
+  // the thread's current scope on this swapper).
   void begin_op(std::string_view name = {});
+  void begin_op(std::string_view name, std::uint64_t scope);
   void begin_step();
+  void begin_step(std::uint64_t scope);
   void end_step();
+  void end_step(std::uint64_t scope);
+
+  // The budget the plans are made for changed: recordings start again at the next step.
+  void set_budget(std::uint64_t bytes);
 
   Residence residence(const void* ptr) const;
+  bool swappable(const void* ptr) const;  // false for blocks that never move
   SwapStats stats() const;
-  // The last recorded step (empty before the first end_step with policy plan).
+  // Which resident tracked blocks cannot be evicted now and why (pinned, not declared
+  // swappable), with the first few addresses: for error messages.
+  std::string residency_report() const;
+  // The last recorded step of any scope, or of `scope` (empty before the first end_step that
+  // recorded, with policy plan).
   graph::Trace last_trace() const;
+  graph::Trace last_trace(std::uint64_t scope) const;
   // Waits for every copy in flight and completes them (tests and shutdown).
   void quiesce();
 

@@ -30,12 +30,19 @@ struct SwapBlock {
   Event in_done = nullptr;       // the latest swap-in copy on the H2D stream
   bool busy = false;             // a thread is mapping it outside the lock
   bool prefetched = false;       // the pending swap-in was a prefetch (for hit/late stats)
-  bool pre_existing = false;     // tracked before the current step began
-  bool untouched = false;        // never written since allocation: moves with no copy
+  bool swappable = true;         // may be evicted (opt-in mode: once declared)
+  // Never written since it was tracked, in C++ mode (opt_in off), where every write is pinned:
+  // it moves with no copy. Never set in opt-in mode (code outside the hooks may write).
+  bool untouched = false;
+  std::uint64_t generation = 0;  // this life of the address (pin tokens)
+  std::uint64_t scope = 0;       // the step scope of its latest pin
+  std::uint64_t born = 0;        // the clock when it was tracked or found
   std::uint64_t last_use = 0;    // LRU clock
 };
 
+// One step scope's recording and plan.
 struct StepState {
+  std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
   bool in_step = false;
   bool recording = false;        // this step is being recorded
   bool executing = false;        // a plan drives this step
@@ -81,13 +88,30 @@ struct Swapper::Impl {
   std::vector<Zombie> zombies;
   SwapStats stats;
   std::uint64_t tick = 0;
-  StepState step;
+  std::uint64_t next_generation = 1;
+  const std::uint64_t serial;            // tells swappers apart in thread-local scopes
+  std::map<std::uint64_t, StepState> scopes;
+  graph::Trace last_trace_any;            // the latest recording of any scope
 
   // ---- swapper.cpp
   Event get_event_locked();
   void put_event_locked(Event& e);
-  SwapBlock& block_for_locked(const void* ptr, const char* op);
+  // The tracked block containing ptr (found through the backend if new); nullptr for a block
+  // that never moves; InvalidArgument naming `op` and ptr when no block contains it.
+  SwapBlock* lookup_locked(const void* ptr, const char* op);
   SwapBlock* find_tracked_locked(const void* ptr);
+  SwapBlock& add_block_locked(void* base, std::size_t size);
+  bool evictable_locked(const SwapBlock& b) const {
+    return b.pins == 0 && !b.busy && b.swappable;
+  }
+  PinToken pin(const void* ptr, Stream stream, bool host);
+  // Which resident blocks cannot be evicted (pinned, undeclared), with a few addresses.
+  std::string unevictable_report_locked() const;
+  void unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool host);
+  // The calling thread's current scope on this swapper (0 when it never named one).
+  std::uint64_t current_scope() const;
+  void set_current_scope(std::uint64_t scope) const;
+  StepState& scope_locked(std::uint64_t scope) { return scopes[scope]; }
   void wait_not_busy(std::unique_lock<std::mutex>& lock, std::uintptr_t base);
   // Maps the block again and starts the copy back; drops and retakes the lock around reback.
   // Returns false (block unchanged) when `optional` and the budget cannot be met.
@@ -105,19 +129,20 @@ struct Swapper::Impl {
   // unmapped or none is left; chooses no new victims. Returns the bytes freed.
   std::size_t wait_inflight(std::size_t needed);
 
-  // ---- step.cpp
-  void on_pin_locked(SwapBlock& b, Stream s);
-  void on_unpin_locked(SwapBlock& b, bool wrote);
+  // ---- step.cpp (each on one scope's state)
+  void on_pin_locked(StepState& s, SwapBlock& b, Stream stream);
+  void on_unpin_locked(StepState& s, SwapBlock& b, bool wrote);
   // Starts a new op when the pin/unpin grouping says so (or `force`), issues the plan's
   // evictions, and returns the blocks the plan wants prefetched now (the caller swaps them in
   // without the lock).
-  std::vector<std::uintptr_t> advance_op_locked(bool force);
-  void issue_evictions_locked(std::int64_t op);
+  std::vector<std::uintptr_t> advance_op_locked(StepState& s, bool force);
+  void issue_evictions_locked(StepState& s, std::int64_t op);
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases);
-  std::optional<std::uintptr_t> base_for_id_locked(std::int64_t id);
+  std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
+  // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).
   std::int64_t next_use_locked(const SwapBlock& b) const;
-  void begin_step_locked();
-  void end_step_locked();
+  void begin_step_locked(StepState& s);
+  void end_step_locked(StepState& s);
 };
 
 }  // namespace spill

@@ -23,7 +23,7 @@ namespace {
 class UnbackingObserver final : public LargeBlockObserver {
  public:
   explicit UnbackingObserver(CachingAllocator& a) : a_(a) {}
-  void on_large_alloc(void* base, std::size_t size) override {
+  void on_large_alloc(void* base, std::size_t size, Stream) override {
     std::lock_guard lock(mu_);
     blocks_.push_back({base, size});
     ASSERT_EQ(a_.find_block(base)->size, size) << "the observer must hear the block's real size";

@@ -1,0 +1,307 @@
+// The residency rules a framework needs (swapper/swapper.hpp): fresh blocks are protected
+// until declared swappable and their allocation is a use by the allocating stream; no silent
+// data loss (declaring a block swappable makes it dirty); pins of blocks that never move are
+// no-ops; stale pin tokens are harmless; step scopes are separate; a runtime torn down with
+// live blocks is safe. Each runs the full stack (caching allocator + swapper) on SimDevice.
+#include <gtest/gtest.h>
+
+#include <barrier>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "core/errors.hpp"
+#include "core/pattern.hpp"
+#include "core/units.hpp"
+#include "device/sim_device.hpp"
+#include "swapper/runtime.hpp"
+
+namespace spill::test {
+namespace {
+
+constexpr std::size_t kBlock = 8 * MiB;
+
+struct Stack {
+  explicit Stack(std::size_t budget, bool opt_in, std::string extra = "policy:lru")
+      : rt(conf(budget, extra), RuntimeOptions{.opt_in_swappable = opt_in}),
+        sw(*rt.swapper()),
+        dev(rt.device()) {
+    stream = dev.create_stream();
+  }
+  ~Stack() {
+    dev.synchronize();
+    rt.allocator().forget_stream(stream);
+    dev.destroy_stream(stream);
+  }
+  static Config conf(std::size_t budget, const std::string& extra) {
+    Config c = Config::parse("device:sim,sim_capacity:512MiB,trace:off," + extra);
+    c.budget = budget;
+    return c;
+  }
+  // Host access through the host pin (simulated device memory is host memory while resident).
+  void write_host(void* p, std::size_t n, std::uint64_t seed) {
+    PinToken t = sw.pin_for_host(p);
+    fill_pattern(p, n, seed);
+    sw.unpin(t, nullptr, true);
+  }
+  bool holds(void* p, std::size_t n, std::uint64_t seed) {
+    PinToken t = sw.pin_for_host(p);
+    bool ok = find_pattern_mismatch(p, n, seed) == n;
+    sw.unpin(t, nullptr, false);
+    return ok;
+  }
+
+  Runtime rt;
+  Swapper& sw;
+  Device& dev;
+  Stream stream = nullptr;
+};
+
+// Rule 1 (opt-in): a fresh block is not evictable until it is declared swappable, however
+// often it was pinned and unpinned, and however short the budget runs.
+TEST(Residency, FreshBlocksAreProtectedUntilDeclared) {
+  Stack s(3 * kBlock, true);
+  void* a = s.rt.allocator().allocate(kBlock, s.stream);
+  void* b = s.rt.allocator().allocate(kBlock, s.stream);
+  void* c = s.rt.allocator().allocate(kBlock, s.stream);
+  EXPECT_EQ(s.sw.stats().unswappable_bytes, 3 * kBlock);
+  // Nothing can make room: no block is declared (its producer may not have written it yet).
+  EXPECT_THROW(s.rt.allocator().allocate(kBlock, s.stream), OutOfMemory);
+  s.write_host(a, kBlock, 1);  // pinned and unpinned: still not swappable
+  EXPECT_THROW(s.rt.allocator().allocate(kBlock, s.stream), OutOfMemory);
+  EXPECT_EQ(s.sw.residence(a), Residence::Resident);
+  s.sw.set_swappable(a, true);
+  void* d = s.rt.allocator().allocate(kBlock, s.stream);  // evicts a, the only candidate
+  s.sw.quiesce();
+  EXPECT_EQ(s.sw.residence(a), Residence::OnHost);
+  EXPECT_EQ(s.sw.residence(b), Residence::Resident);
+  EXPECT_EQ(s.sw.residence(c), Residence::Resident);
+  // Bringing a back needs room that only undeclared blocks hold: a clear error naming them.
+  try {
+    s.holds(a, kBlock, 1);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    EXPECT_NE(std::string(e.what()).find("not declared swappable 24.00 MiB in 3 blocks"),
+              std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(format_address(b)), std::string::npos) << e.what();
+  }
+  s.write_host(d, kBlock, 4);
+  s.sw.set_swappable(d, true);
+  EXPECT_TRUE(s.holds(a, kBlock, 1));
+  EXPECT_TRUE(s.holds(d, kBlock, 4));
+  for (void* p : {a, b, c, d}) s.rt.allocator().deallocate(p, s.stream);
+}
+
+// Rule 1: the allocation is a use by the allocating stream, so an eviction waits for the
+// work its producer enqueued there, even when that work was never pinned.
+TEST(Residency, AnEvictionWaitsForTheAllocatingStream) {
+  Stack s(4 * kBlock, true);
+  auto& sim = dynamic_cast<SimDevice&>(s.dev);
+  std::vector<unsigned char> data(kBlock);
+  fill_pattern(data.data(), kBlock, 77);
+  void* a = s.rt.allocator().allocate(kBlock, s.stream);
+  HoldToken hold = sim.hold(s.stream);  // the producer's write waits behind the hold
+  s.dev.copy_async(a, data.data(), kBlock, CopyKind::HostToDevice, s.stream);
+  s.sw.set_swappable(a, true);  // declared once the write is enqueued (as documented)
+  s.sw.evict(a);                // the swap-out's copy must order after the write
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(s.sw.residence(a), Residence::SwappingOut) << "waits for the held stream";
+  sim.release(hold);
+  s.sw.quiesce();
+  ASSERT_EQ(s.sw.residence(a), Residence::OnHost);
+  EXPECT_TRUE(s.holds(a, kBlock, 77)) << "the bytes the producer wrote came back";
+  s.rt.allocator().deallocate(a, s.stream);
+}
+
+// Rule 2: declaring a block swappable makes it dirty: bytes written outside the hooks before
+// the declaration are copied, never dropped as "clean".
+TEST(Residency, DeclaringABlockSwappableMakesItDirty) {
+  Stack s(4 * kBlock, true);
+  void* a = s.rt.allocator().allocate(kBlock, s.stream);
+  s.sw.set_swappable(a, true);
+  s.write_host(a, kBlock, 1);
+  s.sw.evict(a);
+  s.sw.quiesce();
+  EXPECT_EQ(s.sw.stats().swap_outs, 1u);
+  EXPECT_TRUE(s.holds(a, kBlock, 1));  // back, read only: the host copy stays current
+  s.sw.evict(a);
+  s.sw.quiesce();
+  EXPECT_EQ(s.sw.stats().clean_evictions, 1u) << "a read-only use keeps the host copy";
+  // Now code outside the hooks writes it: the integration takes it back, writes, declares.
+  s.sw.set_swappable(a, false);  // brings it back and returns once the host may touch it
+  EXPECT_EQ(s.sw.residence(a), Residence::Resident);
+  fill_pattern(a, kBlock, 2);  // no pin: the block is not swappable
+  s.sw.set_swappable(a, true);
+  s.sw.evict(a);
+  s.sw.quiesce();
+  SwapStats st = s.sw.stats();
+  EXPECT_EQ(st.clean_evictions, 1u) << "no free eviction after a declaration";
+  EXPECT_EQ(st.swap_outs, 2u);
+  EXPECT_TRUE(s.holds(a, kBlock, 2)) << "the unpinned write survived";
+  s.rt.allocator().deallocate(a, s.stream);
+}
+
+// Rule 2: a block moves with no copy as "never written" only in C++ mode, where every write,
+// the first included, is pinned by contract; in opt-in mode never.
+TEST(Residency, OnlyCppModeMovesNeverWrittenBlocksWithoutACopy) {
+  for (bool opt_in : {false, true}) {
+    SCOPED_TRACE(opt_in ? "opt-in" : "C++ mode");
+    Stack s(4 * kBlock, opt_in);
+    void* a = s.rt.allocator().allocate(kBlock, s.stream);
+    if (opt_in) {
+      fill_pattern(a, kBlock, 9);  // model init, outside the hooks: allowed before declaring
+      s.sw.set_swappable(a, true);
+    }
+    s.sw.evict(a);
+    s.sw.quiesce();
+    ASSERT_EQ(s.sw.residence(a), Residence::OnHost);
+    SwapStats st = s.sw.stats();
+    EXPECT_EQ(st.clean_evictions, opt_in ? 0u : 1u);
+    EXPECT_EQ(st.swap_outs, opt_in ? 1u : 0u);
+    if (opt_in) {
+      EXPECT_TRUE(s.holds(a, kBlock, 9)) << "came back with its bytes, not zeros";
+    }
+    s.rt.allocator().deallocate(a, s.stream);
+  }
+}
+
+// Rule 3: pins of blocks that never move are cheap no-ops; unknown pointers name themselves.
+TEST(Residency, PinsOfBlocksThatNeverMoveAreNoOps) {
+  Stack s(4 * kBlock, true);
+  void* small = s.rt.allocator().allocate(4 * KiB, s.stream);
+  PinToken t = s.sw.pin(small, s.stream);
+  EXPECT_FALSE(t);
+  s.sw.unpin(t, s.stream, true);
+  s.sw.unpin(small, s.stream, true);
+  EXPECT_FALSE(s.sw.pin_for_host(small));
+  s.sw.set_swappable(small, true);  // accepted, ignored
+  EXPECT_FALSE(s.sw.swappable(small));
+  s.sw.evict(small);
+  s.sw.prefetch(small);
+  int local = 0;
+  try {
+    s.sw.pin(&local, s.stream);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(format_address(&local)), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(s.sw.unpin(&local, s.stream), InvalidArgument);
+  EXPECT_THROW(s.sw.set_swappable(&local, true), InvalidArgument);
+  s.rt.allocator().deallocate(small, s.stream);
+}
+
+// Opt-in: an unpinned block nobody declared swappable is never evicted, whatever the pressure.
+TEST(Residency, UndeclaredBlocksAreNeverEvicted) {
+  Stack s(4 * kBlock, true);
+  void* keep = s.rt.allocator().allocate(kBlock, s.stream);
+  fill_pattern(keep, kBlock, 5);  // a framework buffer no hook sees
+  PinToken t = s.sw.pin(keep, s.stream);  // a real pin: counted, never an error
+  EXPECT_TRUE(t);
+  s.sw.unpin(t, s.stream, true);
+  std::vector<void*> others;
+  for (int i = 0; i < 8; ++i) {
+    void* p = s.rt.allocator().allocate(kBlock, s.stream);
+    s.sw.set_swappable(p, true);
+    s.write_host(p, kBlock, 100 + i);
+    others.push_back(p);
+    s.sw.evict(keep);  // a hint on an undeclared block does nothing
+    ASSERT_EQ(s.sw.residence(keep), Residence::Resident) << i;
+  }
+  EXPECT_EQ(find_pattern_mismatch(keep, kBlock, 5), kBlock) << "touched without any pin";
+  for (int i = 0; i < 8; ++i) EXPECT_TRUE(s.holds(others[i], kBlock, 100 + i)) << i;
+  EXPECT_GT(s.sw.stats().swap_outs, 0u);
+  for (void* p : others) s.rt.allocator().deallocate(p, s.stream);
+  s.rt.allocator().deallocate(keep, s.stream);
+}
+
+// Rule 4: freeing a pinned block is normal; its token's unpin, even after the address was
+// reused by a new block, is a counted no-op that leaves the new block's pins alone.
+TEST(Residency, StaleTokensCannotUnpinANewBlock) {
+  Stack s(4 * kBlock, true);
+  void* a = s.rt.allocator().allocate(kBlock, s.stream);
+  s.sw.set_swappable(a, true);
+  PinToken old = s.sw.pin(a, s.stream);
+  s.rt.allocator().deallocate(a, s.stream);  // stream-ordered free while pinned
+  void* b = s.rt.allocator().allocate(kBlock, s.stream);
+  ASSERT_EQ(b, a) << "the cache hands the same address back";
+  s.sw.set_swappable(b, true);
+  PinToken fresh = s.sw.pin(b, s.stream);
+  EXPECT_NE(fresh.generation, old.generation);
+  s.sw.unpin(old, s.stream, true);  // late: must not unpin b
+  EXPECT_EQ(s.sw.stats().stale_unpins, 1u);
+  s.sw.evict(b);
+  EXPECT_EQ(s.sw.residence(b), Residence::Resident) << "b is still pinned";
+  s.sw.unpin(fresh, s.stream, true);
+  s.sw.evict(b);
+  s.sw.quiesce();
+  EXPECT_EQ(s.sw.residence(b), Residence::OnHost);
+  EXPECT_THROW(s.sw.unpin(fresh, s.stream, true), InvalidArgument) << "unpinned twice";
+  s.rt.allocator().deallocate(b, s.stream);
+  s.sw.unpin(fresh, s.stream, true);  // freed now: stale, harmless
+  EXPECT_EQ(s.sw.stats().stale_unpins, 2u);
+}
+
+// Rule 5: two training loops in one process, each in its own scope and thread, record and
+// follow their own plans; interleaved pins are not deviations.
+TEST(Residency, StepScopesDoNotDisturbEachOther) {
+  Stack s(96 * MiB, false, "policy:plan");
+  constexpr int kSteps = 4, kLayers = 6;
+  const std::size_t sizes[2] = {4 * MiB, 6 * MiB};  // a block id means a different size in each
+  std::barrier sync(2);
+  auto loop = [&](int which) {
+    Stream st = s.dev.create_stream();
+    std::vector<void*> blocks;
+    for (int l = 0; l < kLayers; ++l) {
+      blocks.push_back(s.rt.allocator().allocate(sizes[which], st));
+      PinToken t = s.sw.pin(blocks.back(), st);
+      s.sw.unpin(t, st, true);
+    }
+    const std::uint64_t scope = 1000 + which;
+    for (int step = 0; step < kSteps; ++step) {
+      s.sw.begin_step(scope);
+      for (int l = 0; l < kLayers; ++l) {
+        sync.arrive_and_wait();  // the two loops' ops interleave
+        s.sw.begin_op("layer", scope);
+        PinToken t = s.sw.pin(blocks[l], st);
+        s.sw.unpin(t, st, true);
+      }
+      s.sw.end_step(scope);
+    }
+    s.dev.synchronize(st);
+    for (void* p : blocks) s.rt.allocator().deallocate(p, st);
+    s.rt.allocator().forget_stream(st);
+    s.dev.destroy_stream(st);
+  };
+  std::thread t0(loop, 0), t1(loop, 1);
+  t0.join();
+  t1.join();
+  SwapStats st = s.sw.stats();
+  EXPECT_EQ(st.deviations, 0u);
+  EXPECT_EQ(st.steps_recorded, 2u);
+  EXPECT_EQ(st.steps_planned, 2u * (kSteps - 1));
+  EXPECT_EQ(s.sw.last_trace(1000).accesses.size(), static_cast<std::size_t>(kLayers));
+  EXPECT_EQ(s.sw.last_trace(1001).accesses.front().bytes, sizes[1]);
+  EXPECT_TRUE(s.sw.last_trace(7).accesses.empty());
+}
+
+// Rule 6: a runtime torn down with blocks allocated, pinned, on the host and in flight frees
+// everything without waiting on anyone.
+TEST(Residency, TeardownWithLiveBlocksIsSafe) {
+  for (int round = 0; round < 3; ++round) {
+    auto s = std::make_unique<Stack>(4 * kBlock, true, "policy:lru,chaos:" + std::to_string(round + 1));
+    std::vector<void*> blocks;
+    for (int i = 0; i < 6; ++i) {
+      void* p = s->rt.allocator().allocate(kBlock, s->stream);
+      s->sw.set_swappable(p, true);
+      s->write_host(p, kBlock, i);
+      blocks.push_back(p);
+    }
+    s->sw.pin(blocks[5], s->stream);  // never unpinned
+    s->sw.evict(blocks[4]);           // maybe still in flight
+    s->sw.prefetch(blocks[0]);
+    s.reset();
+  }
+}
+
+}  // namespace
+}  // namespace spill::test
