@@ -1,0 +1,203 @@
+// The C API's observability: stats (struct and JSON), memory snapshots, trace export, the
+// latest OOM message.
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "core/errors.hpp"
+#include "integrations/c/c_api_state.hpp"
+#include "profiling/chrome_trace.hpp"
+#include "profiling/events.hpp"
+#include "profiling/snapshot.hpp"
+
+using namespace spill;
+using namespace spill::capi;
+
+namespace {
+
+std::string on_device(const char* fn, int device) {
+  return std::string(fn) + " (device " + std::to_string(device) + ")";
+}
+
+std::uint64_t u(std::int64_t v) { return v < 0 ? 0 : static_cast<std::uint64_t>(v); }
+
+void put_stat(nlohmann::json& j, const std::string& name, const Stat& s) {
+  j[name + ".current"] = u(s.current);
+  j[name + ".peak"] = u(s.peak);
+  j[name + ".allocated"] = s.allocated;
+  j[name + ".freed"] = s.freed;
+}
+
+profiling::TagNamer tag_names() {
+  return [](std::uint32_t t) { return profiling::TraceRecorder::global().tag_name(t); };
+}
+
+}  // namespace
+
+extern "C" {
+
+spill_status spill_get_stats(int device, spill_stats* stats) {
+  if (stats == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_stats: stats is NULL");
+  if (stats->struct_size < sizeof(stats->struct_size)) {
+    return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                "spill_get_stats: struct_size " + std::to_string(stats->struct_size) +
+                    " is too small (set it to sizeof(spill_stats))");
+  }
+  Lease lease;
+  if (spill_status s = acquire(device, "spill_get_stats", lease)) return s;
+  try {
+    Runtime& rt = lease.rt();
+    const AllocatorStats a = rt.allocator().stats();
+    spill_stats full{};
+    full.struct_size = sizeof(spill_stats);
+    full.device = device;
+    full.simulated = lease->simulated ? 1 : 0;
+    full.budget_bytes = rt.allocator().budget();
+    full.allocated_bytes = u(a.allocated.current);
+    full.allocated_peak_bytes = u(a.allocated.peak);
+    full.requested_bytes = u(a.requested.current);
+    full.reserved_bytes = u(a.reserved.current);
+    full.reserved_peak_bytes = u(a.reserved.peak);
+    full.cached_bytes = u(a.cached.current);
+    full.swapped_out_bytes = a.swapped_out_bytes;
+    full.host_pinned_bytes = u(a.host_pinned.current);
+    full.allocations = a.allocations;
+    full.frees = a.frees;
+    full.cache_hits = a.cache_hits;
+    full.ooms = a.ooms;
+    if (Swapper* sw = rt.swapper()) {
+      const SwapStats s = sw->stats();
+      full.swap_out_bytes_total = s.bytes_out;
+      full.swap_in_bytes_total = s.bytes_in;
+      full.swap_outs = s.swap_outs;
+      full.swap_ins = s.swap_ins;
+      full.clean_evictions = s.clean_evictions;
+      full.prefetches = s.prefetches;
+      full.prefetch_hits = s.prefetch_hits;
+      full.demand_fetches = s.demand_fetches;
+      full.evictions_reactive = s.evictions_reactive;
+      full.evictions_planned = s.evictions_planned;
+      full.stale_unpins = s.stale_unpins;
+      full.pinned_bytes = s.pinned_bytes;
+      full.unswappable_bytes = s.unswappable_bytes;
+      full.steps_recorded = s.steps_recorded;
+      full.steps_planned = s.steps_planned;
+      full.deviations = s.deviations;
+    }
+    full.free_errors = lease->torch_free_errors.load();
+    const std::size_t n = std::min(stats->struct_size, sizeof(spill_stats));
+    std::memcpy(reinterpret_cast<char*>(stats) + sizeof(size_t),
+                reinterpret_cast<const char*>(&full) + sizeof(size_t), n - sizeof(size_t));
+    stats->struct_size = n;
+    return SPILL_OK;
+  } catch (...) {
+    return current_error(on_device("spill_get_stats", device));
+  }
+}
+
+spill_status spill_stats_json(int device, char** json) {
+  if (json == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_stats_json: json is NULL");
+  *json = nullptr;
+  Lease lease;
+  if (spill_status s = acquire(device, "spill_stats_json", lease)) return s;
+  try {
+    Runtime& rt = lease.rt();
+    const AllocatorStats a = rt.allocator().stats();
+    nlohmann::json j;
+    j["device"] = device;
+    j["device_name"] = rt.device().info().name;
+    j["simulated"] = lease->simulated;
+    j["budget_bytes"] = rt.allocator().budget();
+    put_stat(j, "allocated_bytes", a.allocated);
+    put_stat(j, "requested_bytes", a.requested);
+    put_stat(j, "reserved_bytes", a.reserved);
+    put_stat(j, "cached_bytes", a.cached);
+    put_stat(j, "host_pinned_bytes", a.host_pinned);
+    j["swapped_out_bytes"] = a.swapped_out_bytes;
+    j["num_allocs"] = a.allocations;
+    j["num_frees"] = a.frees;
+    j["num_cache_hits"] = a.cache_hits;
+    j["num_segment_maps"] = a.segment_maps;
+    j["num_segment_unmaps"] = a.segment_unmaps;
+    j["num_gathers"] = a.gathers;
+    j["num_cache_releases"] = a.cache_releases;
+    j["num_eviction_requests"] = a.eviction_requests;
+    j["num_ooms"] = a.ooms;
+    j["num_free_errors"] = lease->torch_free_errors.load();
+    if (Swapper* sw = rt.swapper()) {
+      const SwapStats s = sw->stats();
+      j["swap.bytes_out"] = s.bytes_out;
+      j["swap.bytes_in"] = s.bytes_in;
+      j["swap.swap_outs"] = s.swap_outs;
+      j["swap.swap_ins"] = s.swap_ins;
+      j["swap.clean_evictions"] = s.clean_evictions;
+      j["swap.prefetches"] = s.prefetches;
+      j["swap.prefetches_skipped"] = s.prefetches_skipped;
+      j["swap.prefetch_hits"] = s.prefetch_hits;
+      j["swap.prefetch_late"] = s.prefetch_late;
+      j["swap.demand_fetches"] = s.demand_fetches;
+      j["swap.evictions_reactive"] = s.evictions_reactive;
+      j["swap.evictions_planned"] = s.evictions_planned;
+      j["swap.host_wait_s"] = s.host_wait_s;
+      j["swap.host_bytes"] = s.host_bytes;
+      j["swap.resident_bytes"] = s.resident_bytes;
+      j["swap.on_host_bytes"] = s.on_host_bytes;
+      j["swap.pinned_bytes"] = s.pinned_bytes;
+      j["swap.unswappable_bytes"] = s.unswappable_bytes;
+      j["swap.stale_unpins"] = s.stale_unpins;
+      j["swap.steps_recorded"] = s.steps_recorded;
+      j["swap.steps_planned"] = s.steps_planned;
+      j["swap.deviations"] = s.deviations;
+    }
+    return give_string(j.dump(), json, "spill_stats_json");
+  } catch (...) {
+    return current_error(on_device("spill_stats_json", device));
+  }
+}
+
+spill_status spill_snapshot_json(int device, char** json) {
+  if (json == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_snapshot_json: json is NULL");
+  *json = nullptr;
+  Lease lease;
+  if (spill_status s = acquire(device, "spill_snapshot_json", lease)) return s;
+  try {
+    const profiling::MemoryState state = lease.rt().allocator().snapshot();
+    const nlohmann::json j =
+        profiling::to_memory_viz(state, profiling::TraceRecorder::global().peek(), tag_names());
+    return give_string(j.dump(), json, "spill_snapshot_json");
+  } catch (...) {
+    return current_error(on_device("spill_snapshot_json", device));
+  }
+}
+
+spill_status spill_trace_export(const char* path) {
+  Global& g = global();
+  if (g.forked.load()) return forked_error("spill_trace_export");
+  if (path == nullptr || *path == '\0')
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_trace_export: the path is NULL or empty");
+  try {
+    auto& rec = profiling::TraceRecorder::global();
+    profiling::write_chrome_trace(path, rec.collect(), tag_names(), {{"source", "spill C API"}});
+    return SPILL_OK;
+  } catch (const Error&) {
+    spill_status s = current_error("spill_trace_export");
+    return s == SPILL_ERROR_INTERNAL ? fail(SPILL_ERROR_INVALID_ARGUMENT, last_error_text()) : s;
+  } catch (...) {
+    return current_error("spill_trace_export");
+  }
+}
+
+spill_status spill_last_oom_message(int device, char** message) {
+  if (message == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_last_oom_message: message is NULL");
+  *message = nullptr;
+  Lease lease;
+  if (spill_status s = acquire(device, "spill_last_oom_message", lease)) return s;
+  try {
+    return give_string(lease->last_oom(), message, "spill_last_oom_message");
+  } catch (...) {
+    return current_error(on_device("spill_last_oom_message", device));
+  }
+}
+
+}  // extern "C"

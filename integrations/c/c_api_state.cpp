@@ -1,0 +1,259 @@
+// The C API's lifecycle and errors: the global state, runtimes created per device on first
+// use, spill_init / spill_shutdown, fork children, process exit, and status translation.
+#include <pthread.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "core/version.hpp"
+#include "device/cuda_device.hpp"
+#include "integrations/c/c_api_state.hpp"
+#include "profiling/events.hpp"
+
+namespace spill::capi {
+
+namespace {
+
+thread_local std::string tl_error;
+
+void on_exit() { global().exiting.store(true); }
+
+void before_fork() { global().mu.lock(); }
+void after_fork_parent() { global().mu.unlock(); }
+void after_fork_child() {
+  Global& g = global();
+  g.mu.unlock();
+  if (g.started) {
+    g.child_pid = static_cast<int>(::getpid());
+    g.forked.store(true);
+  }
+}
+
+std::string device_name(int device) { return "device " + std::to_string(device); }
+
+}  // namespace
+
+Global::Global() { ::pthread_atfork(before_fork, after_fork_parent, after_fork_child); }
+
+Global& global() {
+  static Global* g = new Global();  // never destroyed: calls may come during static destruction
+  return *g;
+}
+
+const char* last_error_text() noexcept { return tl_error.c_str(); }
+
+spill_status fail(spill_status code, const std::string& message) noexcept {
+  try {
+    tl_error = message;
+  } catch (...) {
+    tl_error.clear();  // no memory for the message: the code still says what happened
+  }
+  return code;
+}
+
+spill_status current_error(const std::string& context) noexcept {
+  try {
+    throw;
+  } catch (const HostCapExceeded& e) {
+    return fail(SPILL_ERROR_HOST_CAP, context + ": " + e.what());
+  } catch (const OutOfMemory& e) {
+    return fail(SPILL_ERROR_OUT_OF_MEMORY, context + ": " + e.what());
+  } catch (const CudaError& e) {
+    return fail(SPILL_ERROR_CUDA, context + ": " + e.what());
+  } catch (const InvalidArgument& e) {
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, context + ": " + e.what());
+  } catch (const std::bad_alloc&) {
+    return fail(SPILL_ERROR_OUT_OF_MEMORY, context + ": host memory exhausted (std::bad_alloc)");
+  } catch (const std::exception& e) {
+    return fail(SPILL_ERROR_INTERNAL, context + ": " + e.what());
+  } catch (...) {
+    return fail(SPILL_ERROR_INTERNAL, context + ": an unknown exception");
+  }
+}
+
+spill_status forked_error(const char* fn) noexcept {
+  const Global& g = global();
+  char msg[512];
+  std::snprintf(msg, sizeof msg,
+                "%s: this process (pid %d) is a fork of pid %d, where spill had already "
+                "started; the child cannot use the parent's runtime (nor its CUDA context), "
+                "so every spill call fails here. Use spill in the parent, fork before the "
+                "first spill call, or start workers with the 'spawn' method",
+                fn, g.child_pid, g.start_pid);
+  return fail(SPILL_ERROR_FORKED_CHILD, msg);
+}
+
+spill_status bad_stream(const char* fn, void* stream, int device) noexcept {
+  return fail(SPILL_ERROR_INVALID_ARGUMENT,
+              std::string(fn) + ": stream " + format_address(stream) +
+                  " is not a stream of simulated " + device_name(device) +
+                  " (streams there come from spill_stream_create)");
+}
+
+// ---- DeviceState
+
+DeviceState::DeviceState(Config config, int device) : ordinal(device) {
+  config.gpu = device;
+  if (config.device == DeviceChoice::Auto && device != 0) {
+    // `auto` picks the simulated device only when there is no GPU at all: a missing ordinal
+    // on a machine with GPUs is an error, not a silent simulation.
+    std::string why_zero, why;
+    if (cuda_available(0, &why_zero) && !cuda_available(device, &why))
+      throw InvalidArgument(device_name(device) + ": " + why);
+  }
+  rt = std::make_unique<Runtime>(config, RuntimeOptions{.opt_in_swappable = true});
+  simulated = rt->device().info().simulated;
+}
+
+void DeviceState::add_stream(void* s) {
+  if (!simulated) return;
+  std::lock_guard lock(mu_);
+  const int n = n_streams.load(std::memory_order_relaxed);
+  for (int i = 0; i < n; ++i) {
+    if (streams[i].load(std::memory_order_relaxed) == nullptr) {
+      streams[i].store(s, std::memory_order_release);
+      return;
+    }
+  }
+  SPILL_EXPECTS(n < kMaxSimStreams, "the simulated device has " + std::to_string(n) +
+                                        " streams already (the most spill keeps)");
+  streams[n].store(s, std::memory_order_relaxed);
+  n_streams.store(n + 1, std::memory_order_release);
+}
+
+void DeviceState::remove_stream(void* s) {
+  if (!simulated) return;
+  std::lock_guard lock(mu_);
+  const int n = n_streams.load(std::memory_order_relaxed);
+  for (int i = 0; i < n; ++i)
+    if (streams[i].load(std::memory_order_relaxed) == s) streams[i].store(nullptr);
+}
+
+void DeviceState::note_oom(const std::string& message) {
+  std::lock_guard lock(mu_);
+  last_oom_ = message;
+}
+
+std::string DeviceState::last_oom() const {
+  std::lock_guard lock(mu_);
+  return last_oom_;
+}
+
+// ---- leases
+
+namespace {
+
+void update_only_device_locked(Global& g) {
+  int only = -1, count = 0;
+  for (int i = 0; i < kMaxDevices; ++i) {
+    if (g.slots[i].state.load() != nullptr) {
+      only = i;
+      ++count;
+    }
+  }
+  g.only_device.store(count == 1 ? only : -1);
+}
+
+}  // namespace
+
+spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create) noexcept {
+  if (device < 0 || device >= kMaxDevices) {
+    return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                std::string(fn) + ": device " + std::to_string(device) +
+                    " is not a device ordinal (0 to " + std::to_string(kMaxDevices - 1) + ")");
+  }
+  Global& g = global();
+  try {
+    std::lock_guard lock(g.mu);
+    if (g.shut_down) {
+      return fail(SPILL_ERROR_SHUT_DOWN,
+                  std::string(fn) + ": spill was shut down (spill_shutdown freed every block); "
+                                    "spill_init starts a new session");
+    }
+    Slot& slot = g.slots[device];
+    if (lease.try_take(slot)) return SPILL_OK;  // another thread made it meanwhile
+    if (!create) {
+      return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                  std::string(fn) + ": " + device_name(device) +
+                      " has no runtime yet, so nothing of it can be named here");
+    }
+    if (!g.config) g.config = Config::from_env();
+    auto state = std::make_unique<DeviceState>(*g.config, device);
+    profiling::TraceRecorder::global().set_enabled(g.config->trace);
+    if (!g.started) g.start_pid = static_cast<int>(::getpid());
+    g.started = true;
+    slot.state.store(state.release());
+    update_only_device_locked(g);
+    if (!g.atexit_registered) {
+      // Registered after the first runtime started the CUDA runtime, so it runs before the
+      // CUDA runtime's own teardown.
+      g.atexit_registered = std::atexit(on_exit) == 0;
+    }
+    if (lease.try_take(slot)) return SPILL_OK;
+    return fail(SPILL_ERROR_INTERNAL, std::string(fn) + ": a new runtime vanished");
+  } catch (...) {
+    return current_error(std::string(fn) + " (" + device_name(device) + ")");
+  }
+}
+
+spill_status acquire_owner(const void* ptr, const char* fn, Lease& lease) noexcept {
+  Global& g = global();
+  if (g.forked.load(std::memory_order_relaxed)) return forked_error(fn);
+  if (ptr == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, std::string(fn) + ": the pointer is NULL");
+  const int only = g.only_device.load();
+  // One device: its swapper and allocator say whether they know the pointer.
+  if (only >= 0 && lease.try_take(g.slots[only])) return SPILL_OK;
+  try {
+    bool any = false;
+    for (Slot& slot : g.slots) {
+      if (slot.state.load() == nullptr || !lease.try_take(slot)) continue;
+      any = true;
+      if (lease.rt().allocator().owns(ptr)) return SPILL_OK;
+      lease.reset();
+    }
+    if (!any) {
+      std::lock_guard lock(g.mu);
+      if (g.shut_down) {
+        return fail(SPILL_ERROR_SHUT_DOWN,
+                    std::string(fn) + ": spill was shut down; " + format_address(ptr) +
+                        " was freed by spill_shutdown");
+      }
+    }
+    return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                std::string(fn) + ": " + format_address(ptr) +
+                    " is not inside a block allocated by spill on any device");
+  } catch (...) {
+    return current_error(fn);
+  }
+}
+
+int other_owner(const void* ptr, int device) noexcept {
+  Global& g = global();
+  for (int i = 0; i < kMaxDevices; ++i) {
+    Lease lease;
+    if (i == device || !lease.try_take(g.slots[i])) continue;
+    try {
+      if (lease.rt().allocator().owns(ptr)) return i;
+    } catch (...) {
+      // A device that cannot answer owns nothing we can name.
+    }
+  }
+  return -1;
+}
+
+spill_status give_string(const std::string& text, char** out, const char* fn) noexcept {
+  if (out == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, std::string(fn) + ": out is NULL");
+  *out = static_cast<char*>(std::malloc(text.size() + 1));
+  if (*out == nullptr) return fail(SPILL_ERROR_OUT_OF_MEMORY, std::string(fn) + ": no host memory");
+  std::memcpy(*out, text.c_str(), text.size() + 1);
+  return SPILL_OK;
+}
+
+}  // namespace spill::capi

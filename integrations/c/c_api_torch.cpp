@@ -1,0 +1,133 @@
+// PyTorch's CUDAPluggableAllocator hooks over the C API, and the failure handler that
+// spill_torch_malloc calls when it cannot return memory (PyTorch never checks for NULL).
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "core/units.hpp"
+#include "integrations/c/c_api_state.hpp"
+
+using namespace spill;
+using namespace spill::capi;
+
+namespace {
+
+struct Handler {
+  std::mutex mu;
+  spill_oom_handler fn = nullptr;
+  void* user = nullptr;
+};
+
+Handler& handler() {
+  static Handler* h = new Handler();  // never destroyed: frees may come during exit
+  return *h;
+}
+
+// A failure spill_torch_free / record_stream / set_memory_fraction cannot return: counted,
+// kept in spill_last_error, and the first one per device (or process) printed.
+void report(const char* fn, int device) {
+  static std::atomic<bool> printed_any{false};
+  bool first = false;
+  Lease lease;
+  if (device >= 0 && device < kMaxDevices && lease.try_take(global().slots[device])) {
+    first = lease->torch_free_errors.fetch_add(1) == 0;
+  } else {
+    first = !printed_any.exchange(true);
+  }
+  if (first) std::fprintf(stderr, "spill: %s failed: %s\n", fn, last_error_text());
+}
+
+}  // namespace
+
+extern "C" {
+
+spill_status spill_set_oom_handler(spill_oom_handler fn, void* user_data) {
+  Handler& h = handler();
+  std::lock_guard lock(h.mu);
+  h.fn = fn;
+  h.user = user_data;
+  return SPILL_OK;
+}
+
+void* spill_torch_malloc(ssize_t size, int device, void* stream) {
+  if (size == 0) return nullptr;
+  void* p = nullptr;
+  spill_status s;
+  if (size < 0) {
+    s = fail(SPILL_ERROR_INVALID_ARGUMENT,
+             "spill_torch_malloc: size " + std::to_string(size) + " is negative");
+  } else {
+    s = spill_malloc(&p, static_cast<size_t>(size), device, stream);
+    if (s == SPILL_OK) return p;
+  }
+  // No lease or lock is held here: the handler may call spill or throw.
+  spill_oom_handler fn;
+  void* user;
+  {
+    Handler& h = handler();
+    std::lock_guard lock(h.mu);
+    fn = h.fn;
+    user = h.user;
+  }
+  const std::string message = last_error_text();
+  if (fn == nullptr) {
+    std::fprintf(stderr,
+                 "spill: spill_torch_malloc(%zd bytes, device %d) failed and PyTorch cannot be "
+                 "told (it does not check for NULL); aborting. Use spill.torch.enable(), which "
+                 "raises torch.cuda.OutOfMemoryError, or spill_set_oom_handler.\n%s\n",
+                 size, device, message.c_str());
+    std::abort();
+  }
+  fn(s, size < 0 ? 0 : static_cast<size_t>(size), device, message.c_str(), user);
+  return nullptr;
+}
+
+void spill_torch_free(void* ptr, ssize_t /*size*/, int device, void* stream) {
+  const spill_status s = spill_free(ptr, device, stream);
+  // After spill_shutdown the block is already gone: tensors outliving spill are fine.
+  if (s != SPILL_OK && s != SPILL_ERROR_SHUT_DOWN) report("spill_torch_free", device);
+}
+
+void spill_torch_record_stream(void* ptr, void* stream) {
+  if (spill_record_stream(ptr, stream) != SPILL_OK) report("spill_torch_record_stream", -1);
+}
+
+void spill_torch_reset(void) {
+  Global& g = global();
+  for (int d = 0; d < kMaxDevices; ++d) {
+    if (g.slots[d].state.load() == nullptr) continue;
+    if (spill_empty_cache(d) != SPILL_OK) report("spill_torch_reset", d);
+  }
+}
+
+void spill_torch_set_memory_fraction(double fraction, int device) {
+  if (!(fraction > 0.0 && fraction <= 1.0)) {
+    fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_torch_set_memory_fraction: fraction " +
+                                           std::to_string(fraction) + " is not in (0, 1]");
+    report("spill_torch_set_memory_fraction", -1);
+    return;
+  }
+  std::size_t total = 0;
+  {
+    Lease lease;
+    if (acquire(device, "spill_torch_set_memory_fraction", lease) != SPILL_OK) {
+      report("spill_torch_set_memory_fraction", -1);
+      return;
+    }
+    total = lease.rt().device().info().total_bytes;
+  }
+  const auto bytes = static_cast<uint64_t>(fraction * static_cast<double>(total));
+  if (spill_set_budget(device, bytes) != SPILL_OK) report("spill_torch_set_memory_fraction", -1);
+}
+
+void spill_torch_init(int device_count) {
+  if (device_count < 0 || device_count > kMaxDevices) {
+    fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_torch_init: device count " +
+                                           std::to_string(device_count) + " is not in 0.." +
+                                           std::to_string(kMaxDevices));
+    report("spill_torch_init", -1);
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,325 @@
+/* spill's C API: the stable door for frameworks and other languages (the Python package, the
+ * PyTorch and CuPy allocators). C11 and C++; includes no CUDA header: a stream is a `void*`
+ * holding a cudaStream_t (the simulated device's streams come from spill_stream_create).
+ *
+ * Conventions
+ * - Every function returns a spill_status (SPILL_OK = 0) unless it says otherwise. On failure
+ *   spill_last_error() holds a message for the calling thread that names the input (pointer,
+ *   size, device, stream); bad input changes nothing. No C++ exception crosses this API.
+ * - Every function is thread-safe.
+ * - Devices are ordinals 0..SPILL_MAX_DEVICES-1. Each ordinal has its own runtime (caching
+ *   allocator, budget, pinned host pool, swapper), created on its first use from the
+ *   configuration (spill_init, else the SPILL_CONF environment variable, else defaults) with
+ *   the configuration's `gpu:` replaced by the ordinal. With `device:sim` (or `device:auto`
+ *   and no GPU) each ordinal is its own simulated GPU.
+ * - Strings that spill allocates for the caller (JSON, messages) are returned through a
+ *   `char** out` and released with spill_string_free.
+ * - Stream semantics follow CUDA's: spill never synchronises the caller's streams unless a
+ *   function says so. A block freed on stream S may be reused at once by work on S, and by
+ *   other streams once S (and every stream named by spill_record_stream) has passed the free.
+ *
+ * Residency (swapping). A large block (spill's `swap_threshold`, 1 MiB by default, or more)
+ * may have its bytes moved to pinned host memory and back at the same address, but only once
+ * the caller declared it swappable (spill_set_swappable): from then on every use of it must be
+ * bracketed by spill_pin / spill_unpin (or spill_pin_for_host). Blocks nobody declared are
+ * never evicted: frameworks allocate buffers no hook ever sees in use. So a fresh block is
+ * protected until it is declared, and its allocation counts as a use by the allocating stream:
+ * an eviction orders after the work its producer enqueued there. An eviction copies the bytes
+ * unless spill knows the host copy is current (declaring a block swappable makes it dirty;
+ * an unpin with wrote = 0 keeps a current copy current). Pins and unpins of blocks that never
+ * move (smaller blocks) are cheap no-ops with an empty token.
+ *
+ * Steps belong to a scope, a caller-chosen number (e.g. a stream handle or a model's id), so
+ * that two training loops in one process do not see each other's steps as deviations.
+ * spill_begin_step and spill_begin_op make their scope the calling thread's current scope on
+ * that device; every pin belongs to the current scope of the thread that makes it (scope 0 for
+ * a thread that never named one). Frameworks whose backward pass runs on other threads call
+ * spill_begin_op there before the op's pins.
+ *
+ * Lifecycle. spill_shutdown frees every runtime, including blocks still allocated; later calls
+ * fail with SPILL_ERROR_SHUT_DOWN (pointers from before stay invalid) until spill_init starts a
+ * new session. At process exit spill frees nothing (the CUDA runtime may already be gone; the
+ * operating system reclaims the memory) and frees that arrive during exit succeed doing
+ * nothing. In a child created by fork() after spill started in the parent, every call fails
+ * with SPILL_ERROR_FORKED_CHILD and touches nothing of the parent's runtime. */
+#ifndef SPILL_SPILL_H
+#define SPILL_SPILL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h> /* ssize_t, for the PyTorch entry points */
+
+#if defined(_WIN32) && defined(SPILL_BUILDING_LIBRARY)
+#define SPILL_API __declspec(dllexport)
+#elif defined(_WIN32)
+#define SPILL_API __declspec(dllimport)
+#elif defined(__GNUC__)
+#define SPILL_API __attribute__((visibility("default")))
+#else
+#define SPILL_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The version of this interface; bumped when a function or struct changes incompatibly. */
+#define SPILL_C_API_VERSION 1
+#define SPILL_MAX_DEVICES 64
+
+typedef enum spill_status {
+  SPILL_OK = 0,
+  SPILL_ERROR_INVALID_ARGUMENT = 1, /* a bad pointer, size, device, stream or string */
+  SPILL_ERROR_OUT_OF_MEMORY = 2,    /* the budget or the device cannot hold the request */
+  SPILL_ERROR_HOST_CAP = 3,         /* pinned host memory for swapped bytes ran out (host_cap) */
+  SPILL_ERROR_CUDA = 4,             /* a CUDA call failed (the message names it) */
+  SPILL_ERROR_SHUT_DOWN = 5,        /* spill_shutdown was called (spill_init starts again) */
+  SPILL_ERROR_FORKED_CHILD = 6,     /* this process is a fork of one where spill had started */
+  SPILL_ERROR_ALREADY_INITIALIZED = 7, /* spill_init with another configuration while running */
+  SPILL_ERROR_NOT_FOUND = 8,        /* nothing to return (e.g. no step recorded yet) */
+  SPILL_ERROR_INTERNAL = 99         /* a bug in spill: please report the message */
+} spill_status;
+
+/* ------------------------------------------------------------------ errors and version */
+
+/* A static description of a status code ("out of memory", ...); never NULL. */
+SPILL_API const char* spill_status_string(spill_status status);
+/* The message of the calling thread's latest failed call ("" when none failed yet). Valid
+ * until the next failing call on this thread. Successful calls leave it unchanged. */
+SPILL_API const char* spill_last_error(void);
+/* The library's version, e.g. "0.1.0"; never NULL. */
+SPILL_API const char* spill_version(void);
+/* The same as numbers (any pointer may be NULL). */
+SPILL_API void spill_version_numbers(int* major, int* minor, int* patch);
+
+/* ------------------------------------------------------------------ lifecycle */
+
+/* Sets the configuration, e.g. "budget:8GiB,host_cap:64GiB" (see the README's table); NULL
+ * takes SPILL_CONF (or the defaults when it is unset). The string alone decides: SPILL_CONF is
+ * not read when `conf` is given. Runtimes are still created per device on first use.
+ * Errors: INVALID_ARGUMENT for a malformed string (nothing changes); ALREADY_INITIALIZED when
+ * runtimes exist with a different configuration (the same configuration again is SPILL_OK).
+ * After spill_shutdown it starts a new session. */
+SPILL_API spill_status spill_init(const char* conf);
+/* Frees every runtime: blocks still allocated, cached memory, swapped-out bytes, streams made
+ * by spill_stream_create. Waits for calls in progress on other threads and for the devices'
+ * queued work. Idempotent (SPILL_OK when nothing runs). Later calls: SHUT_DOWN. */
+SPILL_API spill_status spill_shutdown(void);
+/* Creates device `device`'s runtime now (else it is created on first use); *simulated (may be
+ * NULL) tells whether it is the simulated device. Errors: INVALID_ARGUMENT (ordinal, or
+ * SPILL_CONF malformed), CUDA (device:cuda without a usable GPU), SHUT_DOWN, FORKED_CHILD. */
+SPILL_API spill_status spill_device_open(int device, int* simulated);
+
+/* ------------------------------------------------------------------ streams */
+
+/* A new stream on `device`: a cudaStream_t on a GPU, the only kind on the simulated device.
+ * The caller destroys it with spill_stream_destroy. */
+SPILL_API spill_status spill_stream_create(int device, void** stream);
+/* Waits for the stream's work, forgets it (as spill_stream_destroyed) and destroys it. */
+SPILL_API spill_status spill_stream_destroy(int device, void* stream);
+/* Waits on the host until the work queued on `stream` is done. */
+SPILL_API spill_status spill_stream_synchronize(int device, void* stream);
+/* Call before destroying a stream that was passed to spill (a framework's own stream): waits
+ * for it, then forgets it as a user of blocks. */
+SPILL_API spill_status spill_stream_destroyed(int device, void* stream);
+
+/* ------------------------------------------------------------------ memory */
+
+/* Allocates `size` bytes on `device` for use on `stream` (NULL: the default stream), aligned
+ * to 512 bytes. size 0 gives *out = NULL and SPILL_OK (spill_free accepts NULL). The block is
+ * not swappable until declared. Under pressure cached memory is released and swappable blocks
+ * are evicted first. Errors: INVALID_ARGUMENT (out NULL, device, stream), OUT_OF_MEMORY (the
+ * message says where every byte is; also in spill_last_oom_message), CUDA, SHUT_DOWN,
+ * FORKED_CHILD. *out is NULL on failure. */
+SPILL_API spill_status spill_malloc(void** out, size_t size, int device, void* stream);
+/* Frees a block from spill_malloc, stream-ordered on `stream` (the bytes may be reused by work
+ * on `stream` at once; see the conventions). A pinned block may be freed: a later unpin of its
+ * token is a no-op. NULL is SPILL_OK. Errors: INVALID_ARGUMENT naming the pointer for an
+ * unknown pointer, a pointer inside a block, a double free, or a block of another device
+ * (nothing changes); SHUT_DOWN (the block was already freed by spill_shutdown). */
+SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
+/* The block containing `ptr` is also used by work on `stream`: its memory is reused, and its
+ * bytes swapped out, only once that work is done. At most four streams besides the allocation
+ * stream per block. Errors: INVALID_ARGUMENT (unknown pointer, stream, too many streams). */
+SPILL_API spill_status spill_record_stream(void* ptr, void* stream);
+/* Returns cached (free) memory of `device` to the device, waiting for queued work on it. */
+SPILL_API spill_status spill_empty_cache(int device);
+/* Changes `device`'s budget of mapped device bytes. Raising it takes effect at once (up to
+ * the device's memory). Lowering it releases cached memory and evicts swappable blocks until
+ * the mapped bytes fit; when they cannot, OUT_OF_MEMORY names what holds them (pinned and
+ * undeclared blocks, small blocks) and the budget stays as it was. INVALID_ARGUMENT for a
+ * budget above the device or below one mapping granule. */
+SPILL_API spill_status spill_set_budget(int device, uint64_t bytes);
+/* The budget in effect (bytes). */
+SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
+
+/* ------------------------------------------------------------------ residency */
+
+/* What spill_pin returns and spill_unpin takes. An empty token (block 0) comes from a block
+ * that never moves; unpinning it does nothing. A token whose block was freed meanwhile (its
+ * address perhaps reused by a new block) unpins nothing: the generation tells them apart. */
+typedef struct spill_pin_token {
+  uint64_t block;      /* the block's base address, 0 for an empty token */
+  uint64_t generation; /* which life of that address */
+  int32_t device;
+  uint32_t flags;      /* SPILL_PIN_HOST for a token from spill_pin_for_host */
+} spill_pin_token;
+
+#define SPILL_PIN_HOST 1u
+
+typedef enum spill_residence {
+  SPILL_RESIDENT = 0,     /* on the device */
+  SPILL_SWAPPING_OUT = 1, /* copy to the host in flight; the device bytes are still valid */
+  SPILL_ON_HOST = 2,      /* only on the host: touching it on the device faults */
+  SPILL_SWAPPING_IN = 3   /* mapped again, copy back in flight */
+} spill_residence;
+
+/* Declares whether the block containing `ptr` may be swapped out. Declaring it swappable
+ * promises that every later use is bracketed by a pin and an unpin; its bytes count as
+ * changed (the next eviction copies them). Declare it once the work that writes it is
+ * enqueued (an eviction still waits for the allocating stream and for streams named by pins
+ * or spill_record_stream). Declaring it not swappable brings it back
+ * first if it is on the host, and returns once the host may touch it. Blocks below the swap
+ * threshold never move: accepted and ignored. INVALID_ARGUMENT naming ptr when no block
+ * contains it; OUT_OF_MEMORY when it cannot come back (nothing changes). */
+SPILL_API spill_status spill_set_swappable(void* ptr, int swappable);
+/* Work about to be enqueued on `stream` uses the block containing `ptr` (interior pointers
+ * and nested pins are fine): it stays on the device until the matching spill_unpin. If it is
+ * on the host it is mapped and copied back, and `stream` waits for the copy (no host wait).
+ * Blocks that never move give an empty token. Errors: INVALID_ARGUMENT (unknown pointer,
+ * stream, token NULL), OUT_OF_MEMORY when it cannot come back because pinned or unswappable
+ * blocks fill the budget (the message names them; nothing changes), CUDA. */
+SPILL_API spill_status spill_pin(void* ptr, void* stream, spill_pin_token* token);
+/* The pin for host code (a CPU framework on the simulated device, a caller without streams):
+ * returns once the block is resident and no copy of spill's touches it, so the host may read
+ * and write its bytes (on the simulated device they are host memory while resident). It does
+ * not wait for the caller's own work on streams. Unpin with spill_unpin (any stream). */
+SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
+/* The work that used the pinned block is enqueued on `stream` (a swap-out waits for it);
+ * `wrote` nonzero if it may have written the block (else a current host copy stays current
+ * and a later eviction copies nothing). Each token is unpinned once. A token whose block was
+ * freed meanwhile is a no-op (counted in spill_stats.stale_unpins). Errors: INVALID_ARGUMENT
+ * (token NULL, stream, a token unpinned twice), SHUT_DOWN. */
+SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
+/* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
+ * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
+ * unswappable or fresh block). Both return without waiting. */
+SPILL_API spill_status spill_prefetch(void* ptr);
+SPILL_API spill_status spill_evict(void* ptr);
+/* Where the bytes of the block containing `ptr` are now (blocks that never move: resident). */
+SPILL_API spill_status spill_get_residence(const void* ptr, spill_residence* residence);
+
+/* ------------------------------------------------------------------ steps */
+
+/* A training step of `scope` on `device` begins / ends; spill_begin_op marks the start of an
+ * op (a kernel or layer; `name` may be NULL) within it. Each makes `scope` the calling thread's
+ * current scope on the device (see the top of this file). Without begin_op, an op starts at
+ * the first pin after an unpin. With policy:plan and a budget, the first step of a scope is
+ * recorded; later steps follow the plan made from it (prefetches and evictions ahead of use)
+ * until a step deviates, which is recorded again. */
+SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
+SPILL_API spill_status spill_end_step(int device, uint64_t scope);
+SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);
+/* Writes the last recorded step of `scope` on `device` as a graph (docs/graph-format.md) to
+ * `path`, for `spill plan`. NOT_FOUND when no step of that scope was recorded (recording needs
+ * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. */
+SPILL_API spill_status spill_write_step_graph(int device, uint64_t scope, const char* path);
+
+/* ------------------------------------------------------------------ observability */
+
+/* Releases a string spill returned through a `char** out` (NULL is fine). */
+SPILL_API void spill_string_free(char* text);
+
+/* A device's statistics. The caller sets struct_size = sizeof(spill_stats); spill fills the
+ * fields that fit in it (newer fields are appended, so an older caller keeps working) and
+ * sets struct_size to the bytes it filled. Byte figures are "now" unless named peak/total. */
+typedef struct spill_stats {
+  size_t struct_size;
+  int32_t device;
+  int32_t simulated;            /* 1 on the simulated device */
+  uint64_t budget_bytes;        /* the limit on mapped device bytes */
+  uint64_t allocated_bytes;     /* handed out (rounded sizes) */
+  uint64_t allocated_peak_bytes;
+  uint64_t requested_bytes;     /* asked for */
+  uint64_t reserved_bytes;      /* mapped physical device memory (what the budget limits) */
+  uint64_t reserved_peak_bytes;
+  uint64_t cached_bytes;        /* mapped but free, ready for reuse */
+  uint64_t swapped_out_bytes;   /* allocated blocks whose bytes are on the host */
+  uint64_t host_pinned_bytes;   /* pinned host memory held */
+  uint64_t allocations, frees, cache_hits, ooms;
+  uint64_t swap_out_bytes_total, swap_in_bytes_total;  /* copied each way so far */
+  uint64_t swap_outs, swap_ins;
+  uint64_t clean_evictions;     /* evicted with no copy (the host copy was current) */
+  uint64_t prefetches, prefetch_hits, demand_fetches;
+  uint64_t evictions_reactive, evictions_planned;
+  uint64_t stale_unpins;        /* unpins whose block was freed meanwhile (ignored) */
+  uint64_t pinned_bytes;        /* swapper-tracked blocks pinned now */
+  uint64_t unswappable_bytes;   /* large blocks not declared swappable */
+  uint64_t steps_recorded, steps_planned, deviations;
+  uint64_t free_errors;         /* failed spill_torch_free calls (they cannot return a code) */
+} spill_stats;
+
+/* Fills `stats` for `device` (see spill_stats). INVALID_ARGUMENT when stats is NULL or
+ * struct_size is smaller than the struct_size field itself. */
+SPILL_API spill_status spill_get_stats(int device, spill_stats* stats);
+/* The same and more as one JSON object with flat dotted keys in the style of PyTorch's
+ * memory_stats: "allocated_bytes.current" / ".peak" / ".allocated" / ".freed" (likewise
+ * requested_bytes, reserved_bytes, cached_bytes, host_pinned_bytes), counters "num_allocs",
+ * "num_frees", "num_cache_hits", "num_ooms", ..., the swapper's "swap.bytes_out", ...,
+ * "budget_bytes", "device", "device_name", "simulated". *json is freed with spill_string_free. */
+SPILL_API spill_status spill_stats_json(int device, char** json);
+/* A memory snapshot of `device` as JSON in the layout of PyTorch's memory_viz (segments with
+ * their blocks, and the allocation history still in the trace buffer); blocks whose bytes are
+ * on the host carry an "[on host]" frame. tools/snapshot_to_pickle.py turns it into the pickle
+ * memory_viz opens. *json is freed with spill_string_free. */
+SPILL_API spill_status spill_snapshot_json(int device, char** json);
+/* Writes the trace events recorded since the previous export (every device: allocations,
+ * maps, pins, swaps, stalls, OOMs) as Chrome/Perfetto trace JSON to `path`, and starts a new
+ * trace. Recording is on unless the configuration says `trace:off`. INVALID_ARGUMENT when the
+ * file cannot be written (the message names it). */
+SPILL_API spill_status spill_trace_export(const char* path);
+/* The message of `device`'s latest out-of-memory failure (where every byte was), or "" when
+ * there was none. *message is freed with spill_string_free. */
+SPILL_API spill_status spill_last_oom_message(int device, char** message);
+
+/* ------------------------------------------------------------------ PyTorch */
+
+/* The allocator hooks of PyTorch's CUDAPluggableAllocator, with the signatures it calls
+ * (streams are cudaStream_t). Prefer spill.torch.enable() (Python), which installs them with a
+ * C++ shim that raises torch.cuda.OutOfMemoryError; the bare symbols behave as follows.
+ * - spill_torch_malloc: size 0 returns NULL (as PyTorch's own allocator does; a null DataPtr
+ *   is never freed). PyTorch never checks for NULL, so a failure (out of memory, a negative
+ *   size, a bad device, after shutdown, in a fork child) calls the failure handler (see
+ *   spill_set_oom_handler) and, if the handler returns, returns NULL.
+ * - spill_torch_free: as spill_free; a failure cannot be returned: it is counted
+ *   (spill_stats.free_errors), kept in spill_last_error, and the first one per device is
+ *   printed to stderr. NULL is ignored.
+ * - spill_torch_record_stream: as spill_record_stream (failures as for free).
+ * - spill_torch_reset (PyTorch's empty_cache): spill_empty_cache on every running device.
+ * - spill_torch_set_memory_fraction: the device's budget becomes `fraction` of its memory
+ *   (as spill_set_budget; failures printed to stderr and kept in spill_last_error).
+ * - spill_torch_init: PyTorch's announcement of the device count; runtimes are still created
+ *   per device on first use. */
+SPILL_API void* spill_torch_malloc(ssize_t size, int device, void* stream);
+SPILL_API void spill_torch_free(void* ptr, ssize_t size, int device, void* stream);
+SPILL_API void spill_torch_record_stream(void* ptr, void* stream);
+SPILL_API void spill_torch_reset(void);
+SPILL_API void spill_torch_set_memory_fraction(double fraction, int device);
+SPILL_API void spill_torch_init(int device_count);
+
+/* Called by spill_torch_malloc when it cannot return memory: the status, the size asked for,
+ * the device and the message (also in spill_last_error). spill_torch_malloc holds no lock or
+ * resource of spill's while it runs, so the handler may call spill (e.g. spill_empty_cache)
+ * or throw a C++ exception through it. If it returns, spill_torch_malloc returns NULL. */
+typedef void (*spill_oom_handler)(spill_status status, size_t size, int device,
+                                  const char* message, void* user_data);
+/* Installs `handler` for the whole process; NULL restores the default, which prints the
+ * message to stderr and aborts (a NULL PyTorch never checks would fault later, far from the
+ * cause). */
+SPILL_API spill_status spill_set_oom_handler(spill_oom_handler handler, void* user_data);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* SPILL_SPILL_H */

@@ -1,0 +1,520 @@
+/* The C API from C: lifecycle, errors (one test per bad input), streams, malloc/free,
+ * record_stream, budget, stats, snapshot and trace, fork children. Every test runs in its own
+ * process on the simulated device. */
+#define _POSIX_C_SOURCE 200809L
+#include "c_test.h"
+
+#include <stdint.h>
+#include <sys/stat.h>
+
+#define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
+
+TEST(version_and_status_strings) {
+  const char* v = spill_version();
+  REQUIRE(v != NULL);
+  int major = -1, minor = -1, patch = -1;
+  spill_version_numbers(&major, &minor, &patch);
+  char built[64];
+  snprintf(built, sizeof built, "%d.%d.%d", major, minor, patch);
+  CHECK(strcmp(built, v) == 0);
+  spill_version_numbers(NULL, NULL, NULL); /* any pointer may be NULL */
+  const spill_status codes[] = {SPILL_OK, SPILL_ERROR_INVALID_ARGUMENT, SPILL_ERROR_OUT_OF_MEMORY,
+                                SPILL_ERROR_HOST_CAP, SPILL_ERROR_CUDA, SPILL_ERROR_SHUT_DOWN,
+                                SPILL_ERROR_FORKED_CHILD, SPILL_ERROR_ALREADY_INITIALIZED,
+                                SPILL_ERROR_NOT_FOUND, SPILL_ERROR_INTERNAL};
+  for (size_t i = 0; i < sizeof codes / sizeof codes[0]; ++i) {
+    CHECK(spill_status_string(codes[i]) != NULL);
+    for (size_t j = 0; j < i; ++j) CHECK(strcmp(spill_status_string(codes[i]), spill_status_string(codes[j])) != 0);
+  }
+  CHECK(strcmp(spill_status_string((spill_status)12345), "unknown status") == 0);
+  CHECK(strcmp(spill_last_error(), "") == 0);
+}
+
+TEST(init_rejects_a_bad_configuration) {
+  CHECK_STATUS(spill_init("device:sim,bugdet:1GiB"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("bugdet");
+  CHECK_STATUS(spill_init("device:sim,budget:lots"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("budget");
+  /* Nothing changed: a good configuration is taken afterwards. */
+  CHECK_OK(spill_init(CONF));
+  uint64_t budget = 0;
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 256ull << 20);
+}
+
+TEST(init_while_running_with_another_configuration) {
+  REQUIRE_OK(spill_init(CONF));
+  int simulated = 0;
+  REQUIRE_OK(spill_device_open(0, &simulated));
+  CHECK(simulated == 1);
+  CHECK_OK(spill_init(CONF)); /* the same again is fine */
+  CHECK_STATUS(spill_init("device:sim,budget:64MiB"), SPILL_ERROR_ALREADY_INITIALIZED);
+  CHECK_ERROR_HAS("spill_shutdown");
+  uint64_t budget = 0;
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 256ull << 20);
+  CHECK_OK(spill_shutdown());
+  CHECK_OK(spill_init("device:sim,budget:64MiB"));
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 64ull << 20);
+}
+
+TEST(spill_conf_is_read_at_first_use) {
+  setenv("SPILL_CONF", "device:sim,sim_capacity:512MiB,budget:96MiB", 1);
+  uint64_t budget = 0;
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 96ull << 20);
+}
+
+TEST(a_bad_spill_conf_is_an_error_at_first_use) {
+  setenv("SPILL_CONF", "device:sim,budget:-3", 1);
+  void* p = (void*)1;
+  CHECK_STATUS(spill_malloc(&p, 64, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("SPILL_CONF");
+  CHECK(p == NULL);
+}
+
+TEST(malloc_and_free_small_and_large) {
+  REQUIRE_OK(spill_init(CONF));
+  void* small = NULL;
+  void* large = NULL;
+  REQUIRE_OK(spill_malloc(&small, 1000, 0, NULL));
+  REQUIRE_OK(spill_malloc(&large, 8u << 20, 0, NULL));
+  CHECK(small != NULL && large != NULL);
+  CHECK(((uintptr_t)small % 512) == 0 && ((uintptr_t)large % 512) == 0);
+  /* Simulated device memory is host memory while resident. */
+  memset(small, 0x5a, 1000);
+  memset(large, 0xa5, 8u << 20);
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.struct_size == sizeof st);
+  CHECK(st.device == 0 && st.simulated == 1);
+  CHECK(st.allocations == 2);
+  CHECK(st.allocated_bytes >= 1000 + (8u << 20));
+  CHECK(st.requested_bytes == 1000 + (8u << 20));
+  CHECK(st.unswappable_bytes >= 8u << 20); /* nobody declared it swappable */
+  CHECK_OK(spill_free(small, 0, NULL));
+  CHECK_OK(spill_free(large, 0, NULL));
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.allocated_bytes == 0 && st.frees == 2);
+}
+
+TEST(size_zero_and_null) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = (void*)1;
+  CHECK_OK(spill_malloc(&p, 0, 0, NULL));
+  CHECK(p == NULL);
+  CHECK_OK(spill_free(NULL, 0, NULL));
+  CHECK_STATUS(spill_malloc(NULL, 64, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("out is NULL");
+}
+
+TEST(bad_device_ordinals) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  CHECK_STATUS(spill_malloc(&p, 64, -1, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("device -1");
+  CHECK_STATUS(spill_malloc(&p, 64, SPILL_MAX_DEVICES, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("device 64");
+  uint64_t b;
+  CHECK_STATUS(spill_get_budget(1000, &b), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("device 1000");
+}
+
+TEST(absurd_sizes_are_out_of_memory) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = (void*)1;
+  CHECK_STATUS(spill_malloc(&p, SIZE_MAX, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK(p == NULL);
+  CHECK_ERROR_HAS("budget");
+  CHECK_STATUS(spill_malloc(&p, (size_t)1 << 60, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_ERROR_HAS("1152921504606846976 bytes");
+  char* oom = NULL;
+  REQUIRE_OK(spill_last_oom_message(0, &oom));
+  CHECK(oom != NULL && strstr(oom, "budget") != NULL);
+  spill_string_free(oom);
+  /* Nothing changed: ordinary allocations still work. */
+  CHECK_OK(spill_malloc(&p, 4096, 0, NULL));
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+TEST(out_of_memory_says_where_the_bytes_are) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:256MiB,budget:32MiB"));
+  void* blocks[8];
+  int n = 0;
+  spill_status s = SPILL_OK;
+  for (; n < 8; ++n) {
+    s = spill_malloc(&blocks[n], 6u << 20, 0, NULL);
+    if (s != SPILL_OK) break;
+  }
+  CHECK(s == SPILL_ERROR_OUT_OF_MEMORY); /* unswappable blocks stay: the budget runs out */
+  CHECK(n >= 4 && n < 8);
+  CHECK_ERROR_HAS("spill_malloc(6291456 bytes, device 0)");
+  CHECK_ERROR_HAS("allocated");
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.ooms >= 1);
+  CHECK(st.reserved_bytes <= 32u << 20);
+  for (int i = 0; i < n; ++i) CHECK_OK(spill_free(blocks[i], 0, NULL));
+}
+
+TEST(free_of_an_unknown_pointer) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 4096, 0, NULL));
+  int local = 0;
+  CHECK_STATUS(spill_free(&local, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_ERROR_HAS("not allocated");
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+TEST(free_of_an_interior_pointer) {
+  REQUIRE_OK(spill_init(CONF));
+  char* p = NULL;
+  REQUIRE_OK(spill_malloc((void**)&p, 4096, 0, NULL));
+  CHECK_STATUS(spill_free(p + 16, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(p + 16));
+  CHECK_ERROR_HAS("points inside");
+  p[0] = 1; /* still allocated */
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+TEST(double_free) {
+  REQUIRE_OK(spill_init(CONF));
+  void* small = NULL;
+  void* large = NULL;
+  REQUIRE_OK(spill_malloc(&small, 4096, 0, NULL));
+  REQUIRE_OK(spill_malloc(&large, 4u << 20, 0, NULL));
+  CHECK_OK(spill_free(small, 0, NULL));
+  CHECK_OK(spill_free(large, 0, NULL));
+  CHECK_STATUS(spill_free(small, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("double free");
+  CHECK_ERROR_HAS(c_test_address(small));
+  CHECK_STATUS(spill_free(large, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(large));
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.frees == 2);
+}
+
+TEST(free_on_another_device) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p0 = NULL;
+  void* p1 = NULL;
+  REQUIRE_OK(spill_malloc(&p0, 4096, 0, NULL));
+  REQUIRE_OK(spill_malloc(&p1, 4096, 1, NULL)); /* device 1: its own simulated GPU */
+  CHECK_STATUS(spill_free(p0, 1, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("belongs to device 0");
+  CHECK_ERROR_HAS(c_test_address(p0));
+  CHECK_STATUS(spill_free(p1, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("belongs to device 1");
+  CHECK_OK(spill_free(p0, 0, NULL));
+  CHECK_OK(spill_free(p1, 1, NULL));
+  /* A device that never ran cannot own anything. */
+  CHECK_STATUS(spill_free(p0, 5, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("device 5");
+}
+
+TEST(calls_after_shutdown) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  void* big = NULL;
+  REQUIRE_OK(spill_malloc(&p, 4096, 0, NULL));
+  REQUIRE_OK(spill_malloc(&big, 16u << 20, 0, NULL));
+  CHECK_OK(spill_shutdown()); /* blocks still held: freed with everything else */
+  CHECK_OK(spill_shutdown()); /* idempotent */
+  CHECK_STATUS(spill_free(p, 0, NULL), SPILL_ERROR_SHUT_DOWN);
+  CHECK_ERROR_HAS("spill_shutdown");
+  void* q = NULL;
+  CHECK_STATUS(spill_malloc(&q, 64, 0, NULL), SPILL_ERROR_SHUT_DOWN);
+  CHECK(q == NULL);
+  CHECK_STATUS(spill_record_stream(p, NULL), SPILL_ERROR_SHUT_DOWN);
+  spill_stats st;
+  st.struct_size = sizeof st;
+  CHECK_STATUS(spill_get_stats(0, &st), SPILL_ERROR_SHUT_DOWN);
+  /* spill_init starts a new session. */
+  REQUIRE_OK(spill_init(CONF));
+  CHECK_OK(spill_malloc(&q, 64, 0, NULL));
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.allocations == 1); /* a fresh runtime */
+  CHECK_OK(spill_free(q, 0, NULL));
+}
+
+TEST(streams_on_the_simulated_device) {
+  REQUIRE_OK(spill_init(CONF));
+  void* s1 = NULL;
+  void* s2 = NULL;
+  REQUIRE_OK(spill_stream_create(0, &s1));
+  REQUIRE_OK(spill_stream_create(0, &s2));
+  CHECK(s1 != NULL && s2 != NULL && s1 != s2);
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 1u << 20, 0, s1));
+  CHECK_OK(spill_record_stream(p, s2));
+  CHECK_OK(spill_free(p, 0, s1));
+  CHECK_OK(spill_stream_synchronize(0, s1));
+  CHECK_OK(spill_stream_destroyed(0, s2));
+  CHECK_OK(spill_stream_destroy(0, s1));
+  CHECK_OK(spill_stream_destroy(0, s2));
+  /* A destroyed or made-up stream is refused, naming it. */
+  CHECK_STATUS(spill_malloc(&p, 64, 0, s1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(s1));
+  CHECK_ERROR_HAS("spill_stream_create");
+  int fake = 0;
+  CHECK_STATUS(spill_stream_synchronize(0, &fake), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_stream_destroy(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("default stream");
+  CHECK_STATUS(spill_stream_create(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
+TEST(record_stream_errors) {
+  REQUIRE_OK(spill_init(CONF));
+  void* streams[5];
+  for (int i = 0; i < 5; ++i) REQUIRE_OK(spill_stream_create(0, &streams[i]));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 4096, 0, NULL));
+  int local = 0;
+  CHECK_STATUS(spill_record_stream(&local, streams[0]), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_STATUS(spill_record_stream(NULL, streams[0]), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_record_stream(p, &local), SPILL_ERROR_INVALID_ARGUMENT);
+  for (int i = 0; i < 4; ++i) CHECK_OK(spill_record_stream(p, streams[i]));
+  CHECK_STATUS(spill_record_stream(p, streams[4]), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("4 other streams");
+  CHECK_OK(spill_free(p, 0, NULL));
+  for (int i = 0; i < 5; ++i) CHECK_OK(spill_stream_destroy(0, streams[i]));
+}
+
+TEST(budget_at_run_time) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:128MiB"));
+  void* held = NULL;
+  void* cached = NULL;
+  REQUIRE_OK(spill_malloc(&held, 40u << 20, 0, NULL));
+  REQUIRE_OK(spill_malloc(&cached, 40u << 20, 0, NULL));
+  REQUIRE_OK(spill_free(cached, 0, NULL)); /* stays mapped in the cache */
+  uint64_t budget = 0;
+  /* Lower, releasing the cache. */
+  CHECK_OK(spill_set_budget(0, 64u << 20));
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 64u << 20);
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.reserved_bytes <= 64u << 20);
+  CHECK(st.budget_bytes == 64u << 20);
+  /* Below what an unswappable block holds: refused, naming it; the budget stays. */
+  CHECK_STATUS(spill_set_budget(0, 16u << 20), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_ERROR_HAS("not declared swappable");
+  CHECK_ERROR_HAS(c_test_address(held));
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 64u << 20);
+  /* Above the device or below a granule: invalid. */
+  CHECK_STATUS(spill_set_budget(0, 1ull << 40), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("larger than the device");
+  CHECK_STATUS(spill_set_budget(0, 4096), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("granule");
+  /* Raise it again. */
+  CHECK_OK(spill_set_budget(0, 256u << 20));
+  void* more = NULL;
+  CHECK_OK(spill_malloc(&more, 150u << 20, 0, NULL));
+  CHECK_OK(spill_free(more, 0, NULL));
+  CHECK_OK(spill_free(held, 0, NULL));
+}
+
+TEST(empty_cache) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 8u << 20, 0, NULL));
+  REQUIRE_OK(spill_free(p, 0, NULL));
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.cached_bytes >= 8u << 20);
+  CHECK_OK(spill_empty_cache(0));
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.cached_bytes == 0 && st.reserved_bytes == 0);
+}
+
+/* An older caller's smaller struct gets what fits; a struct_size below the field is refused. */
+typedef struct old_stats {
+  size_t struct_size;
+  int32_t device;
+  int32_t simulated;
+  uint64_t budget_bytes;
+} old_stats;
+
+TEST(stats_struct_grows) {
+  REQUIRE_OK(spill_init(CONF));
+  struct {
+    old_stats s;
+    uint64_t canary;
+  } old;
+  old.s.struct_size = sizeof old.s;
+  old.canary = 0x1234;
+  REQUIRE_OK(spill_get_stats(0, (spill_stats*)&old.s));
+  CHECK(old.s.struct_size == sizeof old.s);
+  CHECK(old.s.budget_bytes == 256u << 20);
+  CHECK(old.s.simulated == 1);
+  CHECK(old.canary == 0x1234); /* nothing written past the caller's struct */
+  spill_stats st;
+  st.struct_size = 2;
+  CHECK_STATUS(spill_get_stats(0, &st), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("struct_size");
+  CHECK_STATUS(spill_get_stats(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
+TEST(stats_json_and_snapshot) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  char* json = NULL;
+  REQUIRE_OK(spill_stats_json(0, &json));
+  CHECK(strstr(json, "\"allocated_bytes.current\":4194304") != NULL); /* 2 MiB granules */
+  CHECK(strstr(json, "\"requested_bytes.current\":3145728") != NULL);
+  CHECK(strstr(json, "\"swap.bytes_out\"") != NULL);
+  CHECK(strstr(json, "\"simulated\":true") != NULL);
+  spill_string_free(json);
+  REQUIRE_OK(spill_snapshot_json(0, &json));
+  CHECK(strstr(json, "\"segments\"") != NULL);
+  CHECK(strstr(json, "\"device_traces\"") != NULL);
+  CHECK(strstr(json, "spill-snapshot") != NULL);
+  spill_string_free(json);
+  spill_string_free(NULL);
+  CHECK_STATUS(spill_stats_json(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_snapshot_json(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+TEST(trace_export) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  REQUIRE_OK(spill_free(p, 0, NULL));
+  char path[] = "/tmp/spill_c_trace_XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  CHECK_OK(spill_trace_export(path));
+  FILE* f = fopen(path, "r");
+  REQUIRE(f != NULL);
+  char buf[4096];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  buf[n] = '\0';
+  fclose(f);
+  unlink(path);
+  CHECK(strstr(buf, "traceEvents") != NULL);
+  CHECK_STATUS(spill_trace_export("/nonexistent-dir/trace.json"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("/nonexistent-dir/trace.json");
+  CHECK_STATUS(spill_trace_export(NULL), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
+/* In a child forked after spill started, every call fails with the parent's pid named, and
+ * the parent's runtime is untouched. */
+TEST(forked_child_is_refused) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 8u << 20, 0, NULL));
+  memset(p, 7, 8u << 20);
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    char parent_pid[32];
+    snprintf(parent_pid, sizeof parent_pid, "pid %d", (int)parent);
+    void* q = NULL;
+    int bad = 0;
+    bad += spill_malloc(&q, 64, 0, NULL) != SPILL_ERROR_FORKED_CHILD;
+    bad += strstr(spill_last_error(), parent_pid) == NULL;
+    bad += strstr(spill_last_error(), "fork") == NULL;
+    bad += spill_free(p, 0, NULL) != SPILL_ERROR_FORKED_CHILD;
+    bad += spill_record_stream(p, NULL) != SPILL_ERROR_FORKED_CHILD;
+    bad += spill_empty_cache(0) != SPILL_ERROR_FORKED_CHILD;
+    bad += spill_init(CONF) != SPILL_ERROR_FORKED_CHILD;
+    bad += spill_shutdown() != SPILL_ERROR_FORKED_CHILD;
+    spill_stats st;
+    st.struct_size = sizeof st;
+    bad += spill_get_stats(0, &st) != SPILL_ERROR_FORKED_CHILD;
+    if (bad) fprintf(stderr, "child: %d unexpected results; last: %s\n", bad, spill_last_error());
+    exit(bad ? 1 : 0); /* exit handlers run in the child too: they must not touch the runtime */
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  /* The parent's block and runtime are intact. */
+  CHECK(((unsigned char*)p)[12345] == 7);
+  CHECK_OK(spill_free(p, 0, NULL));
+  CHECK_OK(spill_malloc(&p, 64, 0, NULL));
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+/* A child forked before spill started in the parent may use spill itself. */
+TEST(child_forked_before_start_may_use_spill) {
+  REQUIRE_OK(spill_init(CONF)); /* a configuration only: no runtime yet */
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    void* q = NULL;
+    int bad = spill_malloc(&q, 4096, 0, NULL) != SPILL_OK;
+    bad += spill_free(q, 0, NULL) != SPILL_OK;
+    if (bad) fprintf(stderr, "child: %s\n", spill_last_error());
+    exit(bad ? 1 : 0);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  void* p = NULL;
+  CHECK_OK(spill_malloc(&p, 4096, 0, NULL));
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+/* Blocks still held at exit: spill frees nothing, and frees that arrive during exit (from
+ * other libraries' exit handlers and static destructors) succeed doing nothing. */
+static void* held_at_exit;
+static void free_during_exit(void) {
+  spill_stats st;
+  st.struct_size = sizeof st;
+  if (spill_free(held_at_exit, 0, NULL) != SPILL_OK) _exit(3);
+  if (spill_get_stats(0, &st) != SPILL_OK || st.frees != 0) _exit(4); /* freed nothing */
+}
+
+TEST(exit_with_blocks_held) {
+  /* Registered before spill's own handler (at its first runtime): runs after it. */
+  atexit(free_during_exit);
+  REQUIRE_OK(spill_init(CONF));
+  REQUIRE_OK(spill_malloc(&held_at_exit, 8u << 20, 0, NULL));
+  void* stream = NULL;
+  REQUIRE_OK(spill_stream_create(0, &stream));
+  exit(c_test_failures ? 1 : 0);
+}
+
+#define TESTS(X)                                  \
+  X(version_and_status_strings)                   \
+  X(init_rejects_a_bad_configuration)             \
+  X(init_while_running_with_another_configuration) \
+  X(spill_conf_is_read_at_first_use)              \
+  X(a_bad_spill_conf_is_an_error_at_first_use)    \
+  X(malloc_and_free_small_and_large)              \
+  X(size_zero_and_null)                           \
+  X(bad_device_ordinals)                          \
+  X(absurd_sizes_are_out_of_memory)               \
+  X(out_of_memory_says_where_the_bytes_are)       \
+  X(free_of_an_unknown_pointer)                   \
+  X(free_of_an_interior_pointer)                  \
+  X(double_free)                                  \
+  X(free_on_another_device)                       \
+  X(calls_after_shutdown)                         \
+  X(streams_on_the_simulated_device)              \
+  X(record_stream_errors)                         \
+  X(budget_at_run_time)                           \
+  X(empty_cache)                                  \
+  X(stats_struct_grows)                           \
+  X(stats_json_and_snapshot)                      \
+  X(trace_export)                                 \
+  X(forked_child_is_refused)                      \
+  X(child_forked_before_start_may_use_spill)      \
+  X(exit_with_blocks_held)
+
+C_TEST_MAIN(TESTS)

@@ -1,0 +1,331 @@
+/* The residency rules and steps through the C API, from C (simulated device): undeclared
+ * blocks never move, declaring makes a block dirty, no-op pins, stale tokens, step scopes on
+ * two threads, the recorded step as a graph, budgets that evict, shutdown with live blocks. */
+#define _POSIX_C_SOURCE 200809L
+#include "c_test.h"
+
+#include <pthread.h>
+#include <stdint.h>
+
+#define MIB (1024u * 1024u)
+#define BLOCK (8u * MIB)
+
+static void fill(void* p, size_t n, unsigned seed) {
+  uint32_t* w = (uint32_t*)p;
+  for (size_t i = 0; i < n / 4; i += 1024) w[i] = seed * 2654435761u + (uint32_t)i;
+}
+static int holds(const void* p, size_t n, unsigned seed) {
+  const uint32_t* w = (const uint32_t*)p;
+  for (size_t i = 0; i < n / 4; i += 1024)
+    if (w[i] != seed * 2654435761u + (uint32_t)i) return 0;
+  return 1;
+}
+/* Host access through the host pin. */
+static void write_pinned(void* p, size_t n, unsigned seed) {
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin_for_host(p, &t));
+  fill(p, n, seed);
+  REQUIRE_OK(spill_unpin(&t, NULL, 1));
+}
+static int check_pinned(void* p, size_t n, unsigned seed) {
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin_for_host(p, &t));
+  int ok = holds(p, n, seed);
+  REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  return ok;
+}
+static spill_stats stats(void) {
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  return st;
+}
+static spill_residence residence(const void* p) {
+  spill_residence r = SPILL_SWAPPING_IN;
+  REQUIRE_OK(spill_get_residence(p, &r));
+  return r;
+}
+
+TEST(declared_blocks_swap_and_come_back) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru"));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, NULL));
+  fill(a, BLOCK, 1); /* before declaring: plain host writes are fine */
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  CHECK_OK(spill_evict(a));
+  CHECK(residence(a) == SPILL_SWAPPING_OUT || residence(a) == SPILL_ON_HOST);
+  CHECK(check_pinned(a, BLOCK, 1));
+  CHECK(residence(a) == SPILL_RESIDENT);
+  spill_stats st = stats();
+  CHECK(st.swap_outs == 1); /* the pin brought it back, or cancelled the swap-out in flight */
+  CHECK_OK(spill_free(a, 0, NULL));
+}
+
+/* Rule 1: a fresh block is protected until declared; an unpinned undeclared block never moves. */
+TEST(undeclared_blocks_are_never_evicted) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru"));
+  void* keep = NULL;
+  REQUIRE_OK(spill_malloc(&keep, BLOCK, 0, NULL));
+  fill(keep, BLOCK, 5);
+  void* blocks[3];
+  for (int i = 0; i < 3; ++i) REQUIRE_OK(spill_malloc(&blocks[i], BLOCK, 0, NULL));
+  void* extra = NULL;
+  CHECK_STATUS(spill_malloc(&extra, BLOCK, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  for (int i = 0; i < 3; ++i) {
+    write_pinned(blocks[i], BLOCK, 10 + i);
+    REQUIRE_OK(spill_set_swappable(blocks[i], 1));
+  }
+  for (int round = 0; round < 6; ++round) {
+    void* p = NULL;
+    REQUIRE_OK(spill_malloc(&p, BLOCK, 0, NULL)); /* evicts declared blocks only */
+    CHECK_OK(spill_evict(keep));                  /* a no-op */
+    CHECK(residence(keep) == SPILL_RESIDENT);
+    CHECK(holds(keep, BLOCK, 5)); /* read without any pin */
+    CHECK_OK(spill_free(p, 0, NULL));
+  }
+  for (int i = 0; i < 3; ++i) CHECK(check_pinned(blocks[i], BLOCK, 10 + i));
+  CHECK(stats().swap_outs > 0);
+  CHECK(stats().unswappable_bytes == BLOCK);
+  for (int i = 0; i < 3; ++i) CHECK_OK(spill_free(blocks[i], 0, NULL));
+  CHECK_OK(spill_free(keep, 0, NULL));
+}
+
+/* Rule 2: declaring a block swappable makes it dirty; a read-only unpin keeps a copy current. */
+TEST(declaring_makes_a_block_dirty) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, NULL));
+  fill(a, BLOCK, 1);
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  REQUIRE_OK(spill_evict(a));
+  CHECK(check_pinned(a, BLOCK, 1));
+  REQUIRE_OK(spill_evict(a));
+  CHECK(check_pinned(a, BLOCK, 1));
+  CHECK(stats().clean_evictions == 1); /* the read-only use kept the host copy current */
+  REQUIRE_OK(spill_set_swappable(a, 0)); /* comes back; the host may touch it */
+  CHECK(residence(a) == SPILL_RESIDENT);
+  fill(a, BLOCK, 2); /* outside the hooks */
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  REQUIRE_OK(spill_evict(a));
+  CHECK(check_pinned(a, BLOCK, 2));
+  spill_stats st = stats();
+  CHECK(st.clean_evictions == 1);
+  CHECK(st.swap_outs == 2);
+  CHECK_OK(spill_free(a, 0, NULL));
+}
+
+/* Declaring a block unswappable brings it back from the host. */
+TEST(undeclaring_brings_a_block_back) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, NULL));
+  fill(a, BLOCK, 3);
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  REQUIRE_OK(spill_evict(a));
+  void* s = NULL;
+  REQUIRE_OK(spill_stream_create(0, &s));
+  REQUIRE_OK(spill_stream_synchronize(0, s));
+  CHECK_OK(spill_set_swappable(a, 0));
+  CHECK(residence(a) == SPILL_RESIDENT);
+  CHECK(holds(a, BLOCK, 3));
+  CHECK_OK(spill_free(a, 0, NULL));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
+/* Rule 3: blocks that never move give empty tokens; unknown pointers are named errors. */
+TEST(pins_of_blocks_that_never_move) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB"));
+  void* small = NULL;
+  REQUIRE_OK(spill_malloc(&small, 4096, 0, NULL));
+  spill_pin_token t;
+  CHECK_OK(spill_pin(small, NULL, &t));
+  CHECK(t.block == 0);
+  CHECK_OK(spill_unpin(&t, NULL, 1));
+  CHECK_OK(spill_pin_for_host(small, &t));
+  CHECK(t.block == 0);
+  CHECK_OK(spill_unpin(&t, NULL, 1));
+  CHECK_OK(spill_set_swappable(small, 1));
+  CHECK_OK(spill_evict(small));
+  CHECK_OK(spill_prefetch(small));
+  CHECK(residence(small) == SPILL_RESIDENT);
+  /* A large undeclared block: a real (cheap) pin. */
+  void* large = NULL;
+  REQUIRE_OK(spill_malloc(&large, BLOCK, 0, NULL));
+  CHECK_OK(spill_pin(large, NULL, &t));
+  CHECK(t.block == (uint64_t)(uintptr_t)large && t.device == 0 && t.flags == 0);
+  CHECK_OK(spill_unpin(&t, NULL, 1));
+  int local = 0;
+  CHECK_STATUS(spill_pin(&local, NULL, &t), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_STATUS(spill_pin_for_host(&local, &t), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_STATUS(spill_set_swappable(&local, 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_STATUS(spill_prefetch(&local), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_evict(&local), SPILL_ERROR_INVALID_ARGUMENT);
+  spill_residence r;
+  CHECK_STATUS(spill_get_residence(&local, &r), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_get_residence(large, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_pin(large, NULL, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_pin(NULL, NULL, &t), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_unpin(NULL, NULL, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_pin(large, &local, &t), SPILL_ERROR_INVALID_ARGUMENT); /* stream */
+  CHECK_ERROR_HAS("stream");
+  CHECK_OK(spill_free(small, 0, NULL));
+  CHECK_OK(spill_free(large, 0, NULL));
+}
+
+/* Rule 4: freeing a pinned block is normal; its late unpin cannot unpin the address's new
+ * block; unpinning a token twice is an error. */
+TEST(stale_tokens) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  void* s = NULL;
+  REQUIRE_OK(spill_stream_create(0, &s));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, s));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  spill_pin_token old;
+  REQUIRE_OK(spill_pin(a, s, &old));
+  CHECK_OK(spill_free(a, 0, s)); /* the op using it is still queued: fine */
+  void* b = NULL;
+  REQUIRE_OK(spill_malloc(&b, BLOCK, 0, s));
+  CHECK(b == a); /* the same address, a new block */
+  REQUIRE_OK(spill_set_swappable(b, 1));
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin(b, s, &t));
+  CHECK(t.generation != old.generation);
+  CHECK_OK(spill_unpin(&old, s, 1)); /* late: a counted no-op */
+  CHECK(stats().stale_unpins == 1);
+  CHECK_OK(spill_evict(b));
+  CHECK(residence(b) == SPILL_RESIDENT); /* b is still pinned */
+  CHECK_OK(spill_unpin(&t, s, 1));
+  CHECK_STATUS(spill_unpin(&t, s, 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("unpinned twice");
+  CHECK_OK(spill_evict(b));
+  CHECK(residence(b) != SPILL_RESIDENT);
+  CHECK_OK(spill_free(b, 0, s));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
+/* Rule 5: two threads, two scopes, interleaved ops: no deviations; each scope plans. */
+#define STEPS 4
+#define LAYERS 6
+static pthread_barrier_t barrier;
+
+static void* training_loop(void* arg) {
+  const int which = (int)(intptr_t)arg;
+  const size_t size = which == 0 ? 4 * MIB : 6 * MIB;
+  const uint64_t scope = 1000 + (uint64_t)which;
+  void* s = NULL;
+  REQUIRE_OK(spill_stream_create(0, &s));
+  void* blocks[LAYERS];
+  for (int l = 0; l < LAYERS; ++l) {
+    REQUIRE_OK(spill_malloc(&blocks[l], size, 0, s));
+    REQUIRE_OK(spill_set_swappable(blocks[l], 1));
+  }
+  for (int step = 0; step < STEPS; ++step) {
+    REQUIRE_OK(spill_begin_step(0, scope));
+    for (int l = 0; l < LAYERS; ++l) {
+      pthread_barrier_wait(&barrier);
+      REQUIRE_OK(spill_begin_op(0, scope, "layer"));
+      spill_pin_token t;
+      REQUIRE_OK(spill_pin(blocks[l], s, &t));
+      REQUIRE_OK(spill_unpin(&t, s, 1));
+    }
+    REQUIRE_OK(spill_end_step(0, scope));
+  }
+  for (int l = 0; l < LAYERS; ++l) REQUIRE_OK(spill_free(blocks[l], 0, s));
+  REQUIRE_OK(spill_stream_destroy(0, s));
+  return NULL;
+}
+
+TEST(step_scopes_on_two_threads) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:96MiB,policy:plan"));
+  pthread_barrier_init(&barrier, NULL, 2);
+  pthread_t t0, t1;
+  pthread_create(&t0, NULL, training_loop, (void*)(intptr_t)0);
+  pthread_create(&t1, NULL, training_loop, (void*)(intptr_t)1);
+  pthread_join(t0, NULL);
+  pthread_join(t1, NULL);
+  spill_stats st = stats();
+  CHECK(st.deviations == 0);
+  CHECK(st.steps_recorded == 2);
+  CHECK(st.steps_planned == 2 * (STEPS - 1));
+  /* The recorded step of a scope, as a graph for spill plan. */
+  char path[] = "/tmp/spill_c_graph_XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  CHECK_OK(spill_write_step_graph(0, 1001, path));
+  FILE* f = fopen(path, "r");
+  REQUIRE(f != NULL);
+  char buf[1 << 14];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  buf[n] = '\0';
+  fclose(f);
+  unlink(path);
+  CHECK(strstr(buf, "\"ops\"") != NULL);
+  CHECK(strstr(buf, "6291456") != NULL); /* scope 1001's blocks are 6 MiB */
+  CHECK(strstr(buf, "4194304") == NULL);
+  CHECK_STATUS(spill_write_step_graph(0, 7, "/tmp/never-written.json"), SPILL_ERROR_NOT_FOUND);
+  CHECK_ERROR_HAS("scope 7");
+  CHECK_STATUS(spill_write_step_graph(0, 1000, "/nonexistent-dir/g.json"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("/nonexistent-dir/g.json");
+  CHECK_STATUS(spill_write_step_graph(0, 1000, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
+/* Lowering the budget evicts declared blocks; their bytes survive. */
+TEST(lowering_the_budget_evicts) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  void* b[6];
+  for (int i = 0; i < 6; ++i) {
+    REQUIRE_OK(spill_malloc(&b[i], BLOCK, 0, NULL));
+    fill(b[i], BLOCK, 20 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK_OK(spill_set_budget(0, 24u * MIB));
+  spill_stats st = stats();
+  CHECK(st.reserved_bytes <= 24u * MIB);
+  CHECK(st.swapped_out_bytes >= 24u * MIB);
+  for (int i = 0; i < 6; ++i) CHECK(check_pinned(b[i], BLOCK, 20 + i));
+  for (int i = 0; i < 6; ++i) CHECK_OK(spill_free(b[i], 0, NULL));
+}
+
+/* Rule 6: shutdown with blocks pinned, on the host and in flight frees everything. */
+TEST(shutdown_with_live_blocks) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru,chaos:7"));
+  void* s = NULL;
+  REQUIRE_OK(spill_stream_create(0, &s));
+  void* b[6];
+  for (int i = 0; i < 6; ++i) {
+    REQUIRE_OK(spill_malloc(&b[i], BLOCK, 0, s));
+    fill(b[i], BLOCK, i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+    if (i >= 3) REQUIRE_OK(spill_evict(b[i - 3]));
+  }
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin(b[5], s, &t));
+  REQUIRE_OK(spill_prefetch(b[0]));
+  CHECK_OK(spill_shutdown());
+  CHECK_STATUS(spill_unpin(&t, s, 1), SPILL_ERROR_SHUT_DOWN);
+  CHECK_STATUS(spill_pin(b[1], NULL, &t), SPILL_ERROR_SHUT_DOWN);
+  CHECK_STATUS(spill_set_swappable(b[1], 1), SPILL_ERROR_SHUT_DOWN);
+  CHECK_STATUS(spill_begin_step(0, 1), SPILL_ERROR_SHUT_DOWN);
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru"));
+  void* p = NULL;
+  CHECK_OK(spill_malloc(&p, BLOCK, 0, NULL));
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+#define TESTS(X)                       \
+  X(declared_blocks_swap_and_come_back) \
+  X(undeclared_blocks_are_never_evicted) \
+  X(declaring_makes_a_block_dirty)     \
+  X(undeclaring_brings_a_block_back)   \
+  X(pins_of_blocks_that_never_move)    \
+  X(stale_tokens)                      \
+  X(step_scopes_on_two_threads)        \
+  X(lowering_the_budget_evicts)        \
+  X(shutdown_with_live_blocks)
+
+C_TEST_MAIN(TESTS)
