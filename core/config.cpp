@@ -21,8 +21,8 @@ std::string_view trim(std::string_view s) {
 
 [[noreturn]] void bad_value(std::string_view origin, std::string_view key, std::string_view value,
                             std::string_view expected) {
-  throw InvalidArgument(std::string(origin) + ": bad value '" + std::string(value) +
-                        "' for key '" + std::string(key) + "' (expected " +
+  throw InvalidArgument(std::string(origin) + ": bad value '" + excerpt(value) +
+                        "' for key '" + excerpt(key) + "' (expected " +
                         std::string(expected) + ")");
 }
 
@@ -55,7 +55,7 @@ const std::vector<Key>& keys() {
       {"gpu", "CUDA device ordinal",
        [](Config& c, std::string_view o, std::string_view v) {
          std::uint64_t n = parse_uint(v, what(o, "gpu"));
-         if (n > 1024) bad_value(o, "gpu", v, "a device ordinal below 1024");
+         if (n >= 1024) bad_value(o, "gpu", v, "a device ordinal below 1024");
          c.gpu = static_cast<int>(n);
        }},
       {"budget", "size, e.g. 8GiB",
@@ -138,7 +138,7 @@ void Config::merge(std::string_view text, std::string_view origin) {
     if (item.empty()) continue;
     std::size_t colon = item.find(':');
     if (colon == std::string_view::npos) {
-      throw InvalidArgument(std::string(origin) + ": item '" + std::string(item) + "' at offset " +
+      throw InvalidArgument(std::string(origin) + ": item '" + excerpt(item) + "' at offset " +
                             std::to_string(item_start) + " is not of the form key:value");
     }
     std::string_view key = trim(item.substr(0, colon));
@@ -150,11 +150,11 @@ void Config::merge(std::string_view text, std::string_view origin) {
       known += (known.empty() ? "" : ", ") + std::string(k.name);
     }
     if (found == nullptr) {
-      throw InvalidArgument(std::string(origin) + ": unknown key '" + std::string(key) +
+      throw InvalidArgument(std::string(origin) + ": unknown key '" + excerpt(key) +
                             "' (known keys: " + known + ")");
     }
     if (!seen.insert(std::string(key)).second) {
-      throw InvalidArgument(std::string(origin) + ": key '" + std::string(key) +
+      throw InvalidArgument(std::string(origin) + ": key '" + excerpt(key) +
                             "' is given more than once");
     }
     found->apply(*this, origin, value);

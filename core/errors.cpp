@@ -4,6 +4,15 @@
 #include <cstdlib>
 #include <cstring>
 
+namespace spill {
+
+std::string excerpt(std::string_view text, std::size_t max) {
+  if (text.size() <= max) return std::string(text);
+  return std::string(text.substr(0, max)) + "... (" + std::to_string(text.size()) + " characters)";
+}
+
+}  // namespace spill
+
 namespace spill::detail {
 
 std::string where(const char* file, int line) {

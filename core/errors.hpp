@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace spill {
 
@@ -40,6 +41,10 @@ class InvalidArgument : public Error {
  public:
   using Error::Error;
 };
+
+// `text` for an error message: as is when short, else its first `max` characters followed by
+// "... (N characters)", so that a message never grows with the input.
+std::string excerpt(std::string_view text, std::size_t max = 64);
 
 namespace detail {
 [[noreturn]] void throw_invalid(const char* file, int line, const std::string& msg);

@@ -3,8 +3,11 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cmath>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "core/json_read.hpp"
 
 namespace spill {
 
@@ -28,7 +31,7 @@ const LinkModel& link_preset(std::string_view name) {
     if (m.name == name) return m;
     known += (known.empty() ? "" : ", ") + m.name;
   }
-  throw InvalidArgument("unknown link preset '" + std::string(name) + "' (known: " + known + ")");
+  throw InvalidArgument("unknown link preset '" + excerpt(name) + "' (known: " + known + ")");
 }
 
 namespace {
@@ -37,14 +40,18 @@ struct Point {
   double bytes = 0, gbps = 0;
 };
 
+struct Row {
+  std::string direction, host_memory;
+  Point p;
+};
+
 // The smallest and largest measured sizes for one direction and host memory.
-std::pair<Point, Point> extremes(const nlohmann::json& rows, const char* dir, const char* mem) {
+std::pair<Point, Point> extremes(const std::vector<Row>& rows, const char* dir, const char* mem) {
   Point lo, hi;
-  for (const auto& r : rows) {
-    if (r.value("direction", "") != dir || r.value("host_memory", "pinned") != mem) continue;
-    Point p{r["bytes"].get<double>(), r["gbps"].get<double>()};
-    if (lo.bytes == 0 || p.bytes < lo.bytes) lo = p;
-    if (p.bytes > hi.bytes) hi = p;
+  for (const Row& r : rows) {
+    if (r.direction != dir || r.host_memory != mem) continue;
+    if (lo.bytes == 0 || r.p.bytes < lo.bytes) lo = r.p;
+    if (r.p.bytes > hi.bytes) hi = r.p;
   }
   return {lo, hi};
 }
@@ -52,41 +59,39 @@ std::pair<Point, Point> extremes(const nlohmann::json& rows, const char* dir, co
 }  // namespace
 
 LinkModel link_model_from_bench_json(const nlohmann::json& report, std::string_view source) {
-  const std::string src(source);
-  SPILL_EXPECTS(report.is_object() && report.contains("results") && report["results"].is_array(),
-                src + ": expected an object with a 'results' array");
-  const nlohmann::json& rows = report["results"];
-  for (std::size_t k = 0; k < rows.size(); ++k) {
-    const auto& r = rows[k];
-    const std::string at = src + ": results[" + std::to_string(k) + "]";
-    SPILL_EXPECTS(r.is_object(), at + " is not an object");
-    for (const char* f : {"direction", "bytes", "gbps"})
-      SPILL_EXPECTS(r.contains(f), at + " has no field '" + f + "'");
-    SPILL_EXPECTS(r["direction"].is_string(), at + ".direction must be a string");
-    SPILL_EXPECTS(r["bytes"].is_number() && r["bytes"].get<double>() > 0,
-                  at + ".bytes must be a positive number");
-    SPILL_EXPECTS(r["gbps"].is_number() && r["gbps"].get<double>() > 0,
-                  at + ".gbps must be a positive number");
+  const JsonValue top(report, std::string(source));
+  const JsonValue results = top.at("results");
+  std::vector<Row> rows;
+  for (std::size_t k = 0; k < results.size(); ++k) {
+    const JsonValue r = results.at(k);
+    Row row;
+    row.direction = r.string_field("direction", std::nullopt, 64);
+    row.host_memory = r.string_field("host_memory", std::string("pinned"), 64);
+    row.p.bytes = double(r.uint_field("bytes", 1, kMaxBytes));
+    row.p.gbps = r.number_field("gbps", kMinLinkGbps, kMaxLinkGbps);
+    rows.push_back(std::move(row));
   }
   auto [h2d_lo, h2d_hi] = extremes(rows, "h2d", "pinned");
   auto [d2h_lo, d2h_hi] = extremes(rows, "d2h", "pinned");
   SPILL_EXPECTS(h2d_hi.gbps > 0 && d2h_hi.gbps > 0,
-                src + ": needs pinned 'h2d' and 'd2h' results");
+                top.origin() + ": needs pinned 'h2d' and 'd2h' results");
   // Each copy takes latency + bytes / bandwidth: fit both from the smallest and largest sizes.
+  // A fit that is not physical (times that barely differ) falls back to the largest size's rate.
   auto fit = [](Point lo, Point hi, double* latency_s) {
     double t_lo = lo.bytes / (lo.gbps * 1e9), t_hi = hi.bytes / (hi.gbps * 1e9);
-    if (hi.bytes <= lo.bytes || t_hi <= t_lo) {
-      *latency_s = 0;
-      return hi.gbps;
-    }
+    *latency_s = 0;
+    if (hi.bytes <= lo.bytes || t_hi <= t_lo) return hi.gbps;
     double bw = (hi.bytes - lo.bytes) / (t_hi - t_lo);
+    if (!std::isfinite(bw) || bw / 1e9 > kMaxLinkGbps) return hi.gbps;
     *latency_s = std::max(0.0, t_hi - hi.bytes / bw);
     return bw / 1e9;
   };
+  const std::string src(source);
   LinkModel m;
   m.name = "measured";
-  m.description = "measured by spill bench link on " + report.value("device", std::string("?")) +
-                  (report.value("simulated", false) ? " (simulated device)" : "") + ", from " +
+  m.description = "measured by spill bench link on " +
+                  top.string_field("device", std::string("?"), 256) +
+                  (top.bool_field("simulated", false) ? " (simulated device)" : "") + ", from " +
                   src;
   m.kind = "measured";
   double lat_h2d = 0, lat_d2h = 0;

@@ -23,6 +23,10 @@ struct LinkModel {
   double pageable_factor = 0.5;    // pageable host memory reaches this fraction of pinned
 };
 
+// The rates a link report may state, GB/s: from 1 KB/s to far above any interconnect.
+inline constexpr double kMinLinkGbps = 1e-6;
+inline constexpr double kMaxLinkGbps = 1e6;
+
 // The presets: pcie3, pcie4, pcie5, nvlink2-p9, nvlink-c2c.
 const std::vector<LinkModel>& link_presets();
 
@@ -32,7 +36,8 @@ const LinkModel& link_preset(std::string_view name);
 // A link model from the JSON that `spill bench link --json` writes: sustained bandwidths from
 // the largest pinned copies, per-copy latency from the smallest, duplex efficiency from the
 // bidirectional run and the pageable factor from pageable copies. Throws InvalidArgument
-// naming `source` and what is missing or malformed.
+// naming `source`, the JSON path and the rule (core/json_read.hpp): sizes are integers in
+// [1, 2^63 - 1], rates numbers in [kMinLinkGbps, kMaxLinkGbps].
 LinkModel link_model_from_bench_json(const nlohmann::json& report,
                                      std::string_view source = "link report");
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
 
 namespace spill {
@@ -43,7 +44,7 @@ bool iequal(std::string_view a, std::string_view b) {
   return true;
 }
 
-std::string quoted(std::string_view s) { return "'" + std::string(s) + "'"; }
+std::string quoted(std::string_view s) { return "'" + excerpt(s) + "'"; }
 
 }  // namespace
 
@@ -90,20 +91,21 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
   SPILL_EXPECTS(found != nullptr,
                 std::string(what) + ": unknown unit " + quoted(unit) + " in " + quoted(t) +
                     " (use B, KiB, MiB, GiB, TiB, or decimal KB, MB, GB, TB)");
+  const std::string too_large = std::string(what) + ": " + quoted(t) +
+                                " is too large (sizes are limited to 2^63 - 1 bytes, 8 EiB)";
   if (number.find('.') == std::string_view::npos) {
     std::uint64_t n = 0;
     auto [end, ec] = std::from_chars(number.data(), number.data() + number.size(), n);
-    SPILL_EXPECTS(ec == std::errc() && end == number.data() + number.size(),
-                  std::string(what) + ": " + quoted(t) + " is too large");
-    SPILL_EXPECTS(n <= UINT64_MAX / found->factor,
-                  std::string(what) + ": " + quoted(t) + " is too large");
-    return n * found->factor;
+    SPILL_EXPECTS(ec == std::errc() && end == number.data() + number.size(), too_large);
+    auto bytes = mul_within(n, found->factor);
+    SPILL_EXPECTS(bytes, too_large);
+    return *bytes;
   }
   double v = parse_number(number, what);
-  long double bytes = static_cast<long double>(v) * found->factor;
-  SPILL_EXPECTS(bytes < 18446744073709551615.0L,
-                std::string(what) + ": " + quoted(t) + " is too large");
-  return static_cast<std::uint64_t>(std::llround(static_cast<double>(bytes)));
+  // Exact enough: a double holds 53 bits, and sizes with a fraction are rounded to bytes.
+  long double bytes = std::roundl(static_cast<long double>(v) * found->factor);
+  SPILL_EXPECTS(bytes < std::ldexp(1.0L, 63), too_large);  // an integer, so <= 2^63 - 1
+  return static_cast<std::uint64_t>(bytes);
 }
 
 std::string format_address(const void* p) {

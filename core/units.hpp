@@ -14,7 +14,8 @@ inline constexpr std::uint64_t GiB = 1024ull * MiB;
 inline constexpr std::uint64_t TiB = 1024ull * GiB;
 
 // Parses a size; `what` names the input in the error (e.g. "budget").
-// Throws InvalidArgument for empty, negative, malformed, unknown-unit or overflowing input.
+// Throws InvalidArgument for empty, negative, malformed or unknown-unit input, and for a size
+// above 2^63 - 1 bytes (kMaxBytes, core/checked.hpp), the bound of every size in spill.
 std::uint64_t parse_size(std::string_view text, std::string_view what = "size");
 
 // Formats with the largest binary unit that keeps the number >= 1, e.g. "1.50 GiB", "512 B".

@@ -3,7 +3,10 @@
 #include <cstdlib>
 
 #include "core/config.hpp"
+#include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "core/units.hpp"
+#include "tests/fuzz_helpers.hpp"
 
 namespace spill {
 namespace {
@@ -68,6 +71,9 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"trace:yes", "trace"},            {"budget:1GiB,budget:2GiB", "more than once"},
       {"sim_capacity:1KiB", "sim_capacity"}, {"gpu:-1", "gpu"},
       {"peak_guard:always", "peak_guard"}, {":5", "unknown key"},
+      {"gpu:1024", "below 1024"},        {"gpu:4294967297", "gpu"},
+      {"budget:9000000.5TiB", "budget"}, {"host_cap:18446744073709551615", "host_cap"},
+      {"sim_capacity:8388608TiB", "sim_capacity"}, {"time_scale:1e400", "time_scale"},
   };
   for (const BadCase& bc : cases) {
     SCOPED_TRACE(bc.text);
@@ -80,6 +86,42 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       EXPECT_NE(msg.find("SPILL_CONF"), std::string::npos) << msg;
     }
   }
+}
+
+TEST(Config, TheLargestValuesInRangeAreAccepted) {
+  Config c = Config::parse("gpu:1023,budget:9223372036854775807B,host_cap:8388607TiB");
+  EXPECT_EQ(c.gpu, 1023);
+  EXPECT_EQ(*c.budget, kMaxBytes);
+  EXPECT_EQ(Config::parse(c.to_string()), c);
+}
+
+TEST(Config, FuzzedStringsParseOrFailCleanly) {
+  const std::vector<std::string> seeds{
+      "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru, "
+      "peak_guard:idle, sim_capacity:16GiB, link:nvlink2-p9, time_scale:0.01, chaos:42, "
+      "trace:off, oom_dump:/tmp/x",
+      "budget:1.5GiB,sim_capacity:4096MiB,chaos:on", "gpu:7,time_scale:1000,link:pcie3"};
+  test::FuzzCounts n = test::fuzz_reader(seeds, 11, 20000, 3.0, [](const std::string& text) {
+    Config c = Config::parse(text, "SPILL_CONF");
+    // A configuration that parses round-trips through its canonical form.
+    EXPECT_EQ(Config::parse(c.to_string()), c) << text;
+    EXPECT_LT(c.gpu, 1024);
+    if (c.budget) {
+      EXPECT_LE(*c.budget, kMaxBytes);
+    }
+  });
+  EXPECT_GT(n.accepted, 0);
+  EXPECT_GT(n.rejected, 0);
+}
+
+TEST(ParseSize, FuzzedSizesParseOrFailCleanly) {
+  const std::vector<std::string> seeds{"8GiB", "1.5 MB", "4096", "9223372036854775807B",
+                                       "8388607.99TiB", "0.5KiB", "12TB"};
+  test::FuzzCounts n = test::fuzz_reader(seeds, 12, 20000, 2.0, [](const std::string& text) {
+    EXPECT_LE(parse_size(text, "size"), kMaxBytes) << text;
+  });
+  EXPECT_GT(n.accepted, 0);
+  EXPECT_GT(n.rejected, 0);
 }
 
 TEST(Config, ReadsTheEnvironment) {

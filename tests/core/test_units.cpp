@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
 
@@ -31,6 +32,30 @@ TEST(ParseSize, RejectsMalformedInputNamingIt) {
     } catch (const InvalidArgument& e) {
       EXPECT_NE(std::string(e.what()).find("budget"), std::string::npos) << e.what();
     }
+  }
+}
+
+TEST(ParseSize, SizesStopAt2To63BytesAndFractionsDoNotWrap) {
+  EXPECT_EQ(parse_size("9223372036854775807B"), kMaxBytes);
+  EXPECT_EQ(parse_size("8388607TiB"), 8388607ull << 40);
+  EXPECT_EQ(parse_size("8388607.5TiB"), (8388607ull << 40) + (1ull << 39));
+  for (const char* bad : {"9223372036854775808B", "8388608TiB", "9000000.5TiB", "9000000TiB",
+                          "18446744073709551615", "16777216TiB", "99999999999999999999.5KiB"}) {
+    SCOPED_TRACE(bad);
+    try {
+      parse_size(bad, "--budget");
+      FAIL() << "accepted '" << bad << "' as " << parse_size(bad);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("--budget"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("too large"), std::string::npos) << e.what();
+    }
+  }
+  // A long input is quoted in part only.
+  try {
+    parse_size(std::string(100000, '7') + "XB", "size");
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_LT(std::string(e.what()).size(), 400u);
   }
 }
 

@@ -1,0 +1,350 @@
+#include "core/json_read.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "core/errors.hpp"
+
+namespace spill {
+namespace {
+
+using nlohmann::json;
+
+// Builds the document through nlohmann's SAX interface, refusing to nest deeper than the limit
+// (nothing downstream then recurses without bound: dump, copies, destruction) and keeping the
+// position and token of a parse error for our own message.
+class BoundedDom {
+ public:
+  BoundedDom(json& root, int max_depth) : root_(root), max_depth_(max_depth) {}
+
+  bool null() { return put(nullptr) != nullptr; }
+  bool boolean(bool v) { return put(v) != nullptr; }
+  bool number_integer(json::number_integer_t v) { return put(v) != nullptr; }
+  bool number_unsigned(json::number_unsigned_t v) { return put(v) != nullptr; }
+  bool number_float(json::number_float_t v, const json::string_t&) { return put(v) != nullptr; }
+  bool string(json::string_t& v) { return put(std::move(v)) != nullptr; }
+  bool binary(json::binary_t& v) { return put(json::binary(std::move(v))) != nullptr; }
+  bool start_object(std::size_t) { return open(json::object()); }
+  bool start_array(std::size_t) { return open(json::array()); }
+  bool end_object() { return close(); }
+  bool end_array() { return close(); }
+  bool key(json::string_t& k) {
+    slot_ = &(*stack_.back())[k];
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string& last_token,
+                   const json::exception& ex) {
+    error_position_ = position;
+    error_token_ = last_token.substr(0, 64);
+    error_token_cut_ = last_token.size() > 64;
+    error_id_ = ex.id;
+    error_what_ = ex.what();
+    return false;
+  }
+
+  bool too_deep() const { return too_deep_; }
+  std::size_t error_position() const { return error_position_; }
+  int error_id() const { return error_id_; }
+  const std::string& error_what() const { return error_what_; }
+  std::string error_token() const { return error_token_ + (error_token_cut_ ? "..." : ""); }
+
+ private:
+  json* put(json v) {
+    if (stack_.empty()) {
+      root_ = std::move(v);
+      return &root_;
+    }
+    json* top = stack_.back();
+    if (top->is_array()) {
+      top->push_back(std::move(v));
+      return &top->back();
+    }
+    *slot_ = std::move(v);
+    return slot_;
+  }
+  bool open(json v) {
+    if (static_cast<int>(stack_.size()) >= max_depth_) {
+      too_deep_ = true;
+      return false;
+    }
+    stack_.push_back(put(std::move(v)));
+    return true;
+  }
+  bool close() {
+    stack_.pop_back();
+    return true;
+  }
+
+  json& root_;
+  int max_depth_;
+  std::vector<json*> stack_;
+  json* slot_ = nullptr;
+  bool too_deep_ = false;
+  std::size_t error_position_ = 0;
+  std::string error_token_;
+  bool error_token_cut_ = false;
+  int error_id_ = 0;
+  std::string error_what_;
+};
+
+std::string line_column(std::string_view text, std::size_t byte) {
+  std::size_t line = 1, col = 1;
+  for (std::size_t i = 0; i < byte && i < text.size(); ++i) {
+    if (text[i] == '\n') {
+      ++line;
+      col = 1;
+    } else {
+      ++col;
+    }
+  }
+  return "line " + std::to_string(line) + ", column " + std::to_string(col);
+}
+
+// nlohmann's reason ("syntax error while parsing value - invalid literal"), without its prefix
+// and without the token it quotes (which may be as long as the input).
+std::string reason_of(const std::string& what) {
+  std::string r = what;
+  if (auto colon = r.find("]"); colon != std::string::npos && r.rfind("[json.exception", 0) == 0)
+    r = r.substr(colon + 1);
+  if (auto at = r.find(": "); r.find("parse error") != std::string::npos && at != std::string::npos)
+    r = r.substr(at + 2);
+  if (auto last = r.find("; last read"); last != std::string::npos) r = r.substr(0, last);
+  if (r.size() > 160) r = r.substr(0, 160) + "...";
+  while (!r.empty() && r.front() == ' ') r.erase(r.begin());
+  return r;
+}
+
+std::string number_text(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+std::string short_number(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+}  // namespace
+
+json parse_json(std::string_view text, std::string_view origin_view, int max_depth) {
+  const std::string origin(origin_view);
+  json root;
+  BoundedDom dom(root, max_depth);
+  bool ok = json::sax_parse(text, &dom);
+  if (ok) return root;
+  if (dom.too_deep()) {
+    throw InvalidArgument(origin + ": arrays or objects nested deeper than " +
+                          std::to_string(max_depth) + " levels");
+  }
+  const std::size_t byte = dom.error_position();
+  const std::string at = line_column(text, byte == 0 ? 0 : byte - 1) + " (byte " +
+                         std::to_string(byte) + ")";
+  if (dom.error_id() == 406) {
+    throw InvalidArgument(origin + ": number " + quote_excerpt(dom.error_token(), 40) +
+                          " at " + at + " is out of range (beyond a double's range)");
+  }
+  std::size_t end = text.find_last_not_of(" \t\r\n");
+  const bool closes = end != std::string_view::npos && (text[end] == '}' || text[end] == ']');
+  const bool at_end = byte + 1 >= text.size() ||
+                      dom.error_what().find("end of input") != std::string::npos;
+  if (at_end && !closes) {
+    throw InvalidArgument(origin + ": truncated: the JSON ends early at byte " +
+                          std::to_string(byte) + " (" + line_column(text, text.size()) + ")");
+  }
+  throw InvalidArgument(origin + ": not valid JSON at " + at + ": " + reason_of(dom.error_what()) +
+                        (dom.error_token().empty() ? std::string()
+                                                   : "; last read " +
+                                                         quote_excerpt(dom.error_token(), 40)));
+}
+
+std::string read_file_text(const std::string& path, std::string_view origin) {
+  std::ifstream in(path, std::ios::binary);
+  SPILL_EXPECTS(in.good(), std::string(origin) + ": cannot open it for reading");
+  std::stringstream buf;
+  buf << in.rdbuf();
+  SPILL_EXPECTS(!in.bad(), std::string(origin) + ": reading it failed");
+  return buf.str();
+}
+
+std::string quote_excerpt(std::string_view s, std::size_t max) {
+  std::string out = "\"";
+  std::size_t n = std::min(s.size(), max);
+  for (std::size_t i = 0; i < n; ++i) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  out += "\"";
+  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " characters)";
+  return out;
+}
+
+std::string describe_json(const json& v) {
+  switch (v.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return v.get<bool>() ? "true" : "false";
+    case json::value_t::number_integer: return std::to_string(v.get<std::int64_t>());
+    case json::value_t::number_unsigned: return std::to_string(v.get<std::uint64_t>());
+    case json::value_t::number_float: return number_text(v.get<double>());
+    case json::value_t::string: return "the string " + quote_excerpt(v.get_ref<const std::string&>());
+    case json::value_t::array: return "an array of " + std::to_string(v.size()) + " items";
+    case json::value_t::object: return "an object with " + std::to_string(v.size()) + " fields";
+    case json::value_t::binary: return "binary data";
+    case json::value_t::discarded: return "a discarded value";
+  }
+  return "a value";
+}
+
+// ---- JsonValue
+
+JsonValue::JsonValue(const json& root, std::string origin)
+    : v_(&root), origin_(std::make_shared<const std::string>(std::move(origin))) {}
+
+JsonValue::JsonValue(const json& v, std::shared_ptr<const std::string> origin, std::string path)
+    : v_(&v), origin_(std::move(origin)), path_(std::move(path)) {}
+
+std::string JsonValue::child_path(std::string_view key) const {
+  std::string k = key.size() <= 64 ? std::string(key) : quote_excerpt(key, 64);
+  return path_.empty() ? k : path_ + "." + k;
+}
+
+std::string JsonValue::where(std::string_view key) const {
+  if (!key.empty()) return *origin_ + ": " + child_path(key);
+  return *origin_ + ": " + (path_.empty() ? std::string("(top)") : path_);
+}
+
+void JsonValue::fail(std::string_view rule) const {
+  throw InvalidArgument(where() + ": " + std::string(rule) + ", got " + describe_json(*v_));
+}
+
+void JsonValue::fail_field(std::string_view key, std::string_view rule) const {
+  throw InvalidArgument(where(key) + ": " + std::string(rule));
+}
+
+const JsonValue& JsonValue::expect_object() const {
+  if (!v_->is_object()) fail("must be an object");
+  return *this;
+}
+
+const json* JsonValue::field(std::string_view key) const {
+  expect_object();
+  auto it = v_->find(key);
+  return it == v_->end() ? nullptr : &*it;
+}
+
+bool JsonValue::has(std::string_view key) const { return field(key) != nullptr; }
+
+JsonValue JsonValue::at(std::string_view key) const {
+  const json* f = field(key);
+  if (f == nullptr) fail_field(key, "missing required field");
+  return JsonValue(*f, origin_, child_path(key));
+}
+
+std::optional<JsonValue> JsonValue::find(std::string_view key) const {
+  const json* f = field(key);
+  if (f == nullptr) return std::nullopt;
+  return JsonValue(*f, origin_, child_path(key));
+}
+
+void JsonValue::allow_only(std::initializer_list<std::string_view> known) const {
+  expect_object();
+  for (auto it = v_->begin(); it != v_->end(); ++it) {
+    bool ok = false;
+    for (std::string_view k : known) ok = ok || it.key() == k;
+    if (!ok) fail_field(it.key(), "unknown field");
+  }
+}
+
+std::size_t JsonValue::size() const {
+  if (!v_->is_array()) fail("must be an array");
+  return v_->size();
+}
+
+JsonValue JsonValue::at(std::size_t i) const {
+  if (i >= size()) fail("has no item " + std::to_string(i));
+  return JsonValue((*v_)[i], origin_, path_ + "[" + std::to_string(i) + "]");
+}
+
+std::uint64_t JsonValue::as_uint(std::uint64_t lo, std::uint64_t hi) const {
+  const std::string rule =
+      "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  if (!v_->is_number_unsigned() && !(v_->is_number_integer() && v_->get<std::int64_t>() >= 0))
+    fail(rule);
+  const auto n = v_->get<std::uint64_t>();
+  if (n < lo || n > hi) fail(rule);
+  return n;
+}
+
+std::int64_t JsonValue::as_int(std::int64_t lo, std::int64_t hi) const {
+  const std::string rule =
+      "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  if (!v_->is_number_integer()) fail(rule);
+  if (v_->is_number_unsigned() &&
+      v_->get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+    fail(rule);
+  const auto n = v_->get<std::int64_t>();
+  if (n < lo || n > hi) fail(rule);
+  return n;
+}
+
+double JsonValue::as_number(double lo, double hi) const {
+  const std::string rule = "must be a number in [" + short_number(lo) + ", " + short_number(hi) + "]";
+  if (!v_->is_number()) fail(rule);
+  const double d = v_->get<double>();
+  if (!std::isfinite(d) || d < lo || d > hi) fail(rule);
+  return d;
+}
+
+std::string JsonValue::as_string(std::size_t max_chars) const {
+  if (!v_->is_string()) fail("must be a string");
+  const auto& s = v_->get_ref<const std::string&>();
+  if (s.size() > max_chars)
+    fail("must be a string of at most " + std::to_string(max_chars) + " characters");
+  return s;
+}
+
+bool JsonValue::as_bool() const {
+  if (!v_->is_boolean()) fail("must be true or false");
+  return v_->get<bool>();
+}
+
+std::uint64_t JsonValue::uint_field(std::string_view key, std::uint64_t lo, std::uint64_t hi,
+                                    std::optional<std::uint64_t> dflt) const {
+  if (dflt && !has(key)) return *dflt;
+  return at(key).as_uint(lo, hi);
+}
+
+std::int64_t JsonValue::int_field(std::string_view key, std::int64_t lo, std::int64_t hi,
+                                  std::optional<std::int64_t> dflt) const {
+  if (dflt && !has(key)) return *dflt;
+  return at(key).as_int(lo, hi);
+}
+
+double JsonValue::number_field(std::string_view key, double lo, double hi,
+                               std::optional<double> dflt) const {
+  if (dflt && !has(key)) return *dflt;
+  return at(key).as_number(lo, hi);
+}
+
+std::string JsonValue::string_field(std::string_view key, std::optional<std::string> dflt,
+                                    std::size_t max_chars) const {
+  if (dflt && !has(key)) return *dflt;
+  return at(key).as_string(max_chars);
+}
+
+bool JsonValue::bool_field(std::string_view key, std::optional<bool> dflt) const {
+  if (dflt && !has(key)) return *dflt;
+  return at(key).as_bool();
+}
+
+}  // namespace spill
