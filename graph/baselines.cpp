@@ -54,13 +54,14 @@ BudgetCheck check_budget(const Graph& g, const PlannerOptions& o) {
   }
   std::vector<std::uint64_t> ws = working_sets(g);
   BudgetCheck c;
-  std::int64_t movable = 0, worst_excess = 0;
+  std::int64_t movable = 0;
+  std::uint64_t worst_excess = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     movable += delta[std::size_t(i)];
     const std::uint64_t required = l.memory[std::size_t(i)] - std::uint64_t(movable);
-    const std::int64_t excess = std::int64_t(required) - std::int64_t(o.budget);
-    if (excess > 0 && excess > worst_excess) {
-      worst_excess = excess;
+    // Unsigned throughout: a budget may be any 64-bit size, even one no signed type holds.
+    if (required > o.budget && required - o.budget > worst_excess) {
+      worst_excess = required - o.budget;
       c = {false, i, required, ws[std::size_t(i)], ""};
     }
   }
@@ -73,7 +74,7 @@ BudgetCheck check_budget(const Graph& g, const PlannerOptions& o) {
                 format_bytes(c.required - std::min(c.required, c.working_set)) +
                 " that cannot move: tensors under " + format_bytes(o.min_swap_bytes) +
                 " or inputs before their first use), over by " +
-                format_bytes(std::uint64_t(worst_excess));
+                format_bytes(worst_excess);
   }
   return c;
 }

@@ -4,11 +4,11 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "core/errors.hpp"
+#include "core/json_read.hpp"
 #include "core/units.hpp"
 
 namespace spill::graph {
@@ -87,23 +87,15 @@ double copy_time_s(const LinkModel& link, std::uint64_t bytes, bool to_device, b
 
 LinkModel link_from_bench_json(std::string_view json_text, std::string_view source) {
   const std::string src = "link file '" + std::string(source) + "'";
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(json_text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw InvalidArgument(src + ": not JSON at byte " + std::to_string(e.byte) + ": " + e.what());
-  }
-  return link_model_from_bench_json(j, src);
+  return link_model_from_bench_json(parse_json(json_text, src), src);
 }
 
 LinkModel resolve_link(std::string_view name_or_path) {
   for (const LinkModel& m : link_presets())
     if (m.name == name_or_path) return m;
-  std::ifstream in{std::string(name_or_path)};
-  if (!in) return link_preset(name_or_path);  // throws, listing the presets
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return link_from_bench_json(ss.str(), name_or_path);
+  const std::string path(name_or_path);
+  if (!std::ifstream(path)) return link_preset(name_or_path);  // throws, listing the presets
+  return link_from_bench_json(read_file_text(path, "link file '" + path + "'"), path);
 }
 
 }  // namespace spill::graph

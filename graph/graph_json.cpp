@@ -1,11 +1,12 @@
 #include "graph/graph_json.hpp"
 
-#include <cmath>
 #include <fstream>
-#include <sstream>
+#include <limits>
 #include <unordered_map>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "core/json_read.hpp"
 
 namespace spill::graph {
 
@@ -31,171 +32,93 @@ json graph_to_json(const Graph& g) {
           {"tensors", tensors},      {"ops", ops}};
 }
 
-namespace {
-
-// Reads fields of one JSON object, naming the object's path in every error.
-class Fields {
- public:
-  Fields(const json& j, std::string path, const std::string& source,
-         std::initializer_list<const char*> known)
-      : j_(j), path_(std::move(path)), source_(source) {
-    SPILL_EXPECTS(j.is_object(), where("") + "must be an object");
-    for (const auto& [key, value] : j.items()) {
-      bool ok = false;
-      for (const char* k : known) ok = ok || key == k;
-      SPILL_EXPECTS(ok, where(key) + "unknown field");
-    }
-  }
-  std::string where(const std::string& field) const {
-    return source_ + ": " + path_ + (field.empty() ? "" : "." + field) + ": ";
-  }
-  bool has(const char* f) const { return j_.contains(f); }
-  const json& get(const char* f) const {
-    SPILL_EXPECTS(j_.contains(f), where(f) + "missing required field");
-    return j_[f];
-  }
-  std::string str(const char* f, std::optional<std::string> dflt = std::nullopt) const {
-    if (!has(f) && dflt) return *dflt;
-    const json& v = get(f);
-    SPILL_EXPECTS(v.is_string(), where(f) + "must be a string");
-    return v.get<std::string>();
-  }
-  std::uint64_t uint(const char* f, std::optional<std::uint64_t> dflt = std::nullopt) const {
-    if (!has(f) && dflt) return *dflt;
-    const json& v = get(f);
-    SPILL_EXPECTS(v.is_number_unsigned(),
-                  where(f) + "must be a non-negative integer, got " + v.dump());
-    return v.get<std::uint64_t>();
-  }
-  double number(const char* f, double dflt) const {
-    if (!has(f)) return dflt;
-    const json& v = j_[f];
-    SPILL_EXPECTS(v.is_number() && std::isfinite(v.get<double>()) && v.get<double>() >= 0,
-                  where(f) + "must be a non-negative number, got " + v.dump());
-    return v.get<double>();
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  const json& j_;
-  std::string path_;
-  const std::string& source_;
-};
-
-std::string line_column(std::string_view text, std::size_t byte) {
-  std::size_t line = 1, col = 1;
-  for (std::size_t i = 0; i < byte && i < text.size(); ++i) {
-    if (text[i] == '\n') {
-      ++line;
-      col = 1;
-    } else {
-      ++col;
-    }
-  }
-  return "line " + std::to_string(line) + ", column " + std::to_string(col);
-}
-
-}  // namespace
-
-Graph graph_from_json(const json& j, std::string_view source_view) {
-  const std::string source(source_view);
-  Fields top(j, "(top)", source, {"format", "version", "name", "tensors", "ops"});
-  SPILL_EXPECTS(top.str("format") == "spill-graph",
-                top.where("format") + "expected \"spill-graph\"");
-  const std::uint64_t version = top.uint("version");
-  SPILL_EXPECTS(version == kGraphFormatVersion,
-                top.where("version") + "unsupported version " + std::to_string(version) +
-                    " (this build reads version " + std::to_string(kGraphFormatVersion) + ")");
+Graph graph_from_json(const json& j, std::string_view source) {
+  const JsonValue top(j, std::string(source));
+  top.allow_only({"format", "version", "name", "tensors", "ops"});
+  const std::string format = top.string_field("format");
+  if (format != "spill-graph") top.fail_field("format", "expected \"spill-graph\"");
+  const std::uint64_t version = top.uint_field("version", 0, UINT64_MAX);
+  if (version != kGraphFormatVersion)
+    top.fail_field("version", "unsupported version " + std::to_string(version) +
+                                  " (this build reads version " +
+                                  std::to_string(kGraphFormatVersion) + ")");
   Graph g;
-  g.name = top.str("name", "graph");
-  const json& tensors = top.get("tensors");
-  SPILL_EXPECTS(tensors.is_array(), top.where("tensors") + "must be an array");
+  g.name = top.string_field("name", std::string("graph"));
+  const JsonValue tensors = top.at("tensors");
   std::unordered_map<std::uint64_t, TensorIndex> index_of;
   for (std::size_t k = 0; k < tensors.size(); ++k) {
-    Fields f(tensors[k], "tensors[" + std::to_string(k) + "]", source,
-             {"id", "name", "bytes", "dtype", "kind"});
+    const JsonValue f = tensors.at(k);
+    f.allow_only({"id", "name", "bytes", "dtype", "kind"});
     Tensor t;
-    t.id = f.uint("id");
-    t.name = f.str("name", "t" + std::to_string(t.id));
-    t.bytes = f.uint("bytes");
-    auto dtype = parse_dtype(f.str("dtype", std::string("f32")));
-    SPILL_EXPECTS(dtype, f.where("dtype") + "unknown dtype '" + f.str("dtype") +
-                             "' (known: f32, f16, bf16, tf32, f64, i64, i32, u8)");
-    t.dtype = *dtype;
-    auto kind = parse_tensor_kind(f.str("kind"));
-    SPILL_EXPECTS(kind, f.where("kind") + "unknown kind '" + f.str("kind") +
-                            "' (known: weight, activation, gradient, optimizer_state, "
-                            "workspace, input)");
+    t.id = f.uint_field("id", 0, UINT64_MAX);
+    t.name = f.string_field("name", "t" + std::to_string(t.id));
+    t.bytes = f.uint_field("bytes", 0, kMaxBytes);
+    const std::string dtype = f.string_field("dtype", std::string("f32"));
+    auto d = parse_dtype(dtype);
+    if (!d)
+      f.fail_field("dtype", "unknown dtype " + quote_excerpt(dtype) +
+                                " (known: f32, f16, bf16, tf32, f64, i64, i32, u8)");
+    t.dtype = *d;
+    const std::string kind_name = f.string_field("kind");
+    auto kind = parse_tensor_kind(kind_name);
+    if (!kind)
+      f.fail_field("kind", "unknown kind " + quote_excerpt(kind_name) +
+                               " (known: weight, activation, gradient, optimizer_state, "
+                               "workspace, input)");
     t.kind = *kind;
-    SPILL_EXPECTS(index_of.emplace(t.id, TensorIndex(k)).second,
-                  f.where("id") + "repeats tensor id " + std::to_string(t.id));
+    if (!index_of.emplace(t.id, TensorIndex(k)).second)
+      f.fail_field("id", "repeats tensor id " + std::to_string(t.id));
     g.add_tensor(std::move(t));
   }
-  const json& ops = top.get("ops");
-  SPILL_EXPECTS(ops.is_array(), top.where("ops") + "must be an array");
+  const JsonValue ops = top.at("ops");
   for (std::size_t i = 0; i < ops.size(); ++i) {
-    Fields f(ops[i], "ops[" + std::to_string(i) + "]", source,
-             {"name", "type", "phase", "layer", "reads", "writes", "flops", "bytes", "time_s",
-              "workspace_bytes"});
+    const JsonValue f = ops.at(i);
+    f.allow_only({"name", "type", "phase", "layer", "reads", "writes", "flops", "bytes", "time_s",
+                  "workspace_bytes"});
     Op op;
-    op.name = f.str("name", "op" + std::to_string(i));
-    op.type = f.str("type", std::string(""));
-    auto phase = parse_phase(f.str("phase", std::string("other")));
-    SPILL_EXPECTS(phase, f.where("phase") + "unknown phase '" + f.str("phase") +
-                             "' (known: forward, backward, optimizer, other)");
+    op.name = f.string_field("name", "op" + std::to_string(i));
+    op.type = f.string_field("type", std::string(""));
+    const std::string phase_name = f.string_field("phase", std::string("other"));
+    auto phase = parse_phase(phase_name);
+    if (!phase)
+      f.fail_field("phase", "unknown phase " + quote_excerpt(phase_name) +
+                                " (known: forward, backward, optimizer, other)");
     op.phase = *phase;
-    if (f.has("layer")) {
-      const json& v = f.get("layer");
-      SPILL_EXPECTS(v.is_number_integer() && v.get<std::int64_t>() >= -1,
-                    f.where("layer") + "must be an integer >= -1");
-      op.layer = int(v.get<std::int64_t>());
-    }
+    op.layer = int(f.int_field("layer", -1, std::numeric_limits<int>::max(), -1));
     for (const char* list : {"reads", "writes"}) {
-      if (!f.has(list)) continue;
-      const json& arr = f.get(list);
-      SPILL_EXPECTS(arr.is_array(), f.where(list) + "must be an array of tensor ids");
-      for (std::size_t k = 0; k < arr.size(); ++k) {
-        const std::string at = f.where(std::string(list) + "[" + std::to_string(k) + "]");
-        SPILL_EXPECTS(arr[k].is_number_unsigned(), at + "must be a tensor id, got " +
-                                                       arr[k].dump());
-        auto it = index_of.find(arr[k].get<std::uint64_t>());
-        SPILL_EXPECTS(it != index_of.end(),
-                      at + "no tensor with id " + arr[k].dump() + " (op '" + op.name + "')");
+      auto arr = f.find(list);
+      if (!arr) continue;
+      if (!arr->raw().is_array()) arr->fail("must be an array of tensor ids");
+      for (std::size_t k = 0; k < arr->size(); ++k) {
+        const JsonValue id = arr->at(k);
+        auto it = index_of.find(id.as_uint());
+        if (it == index_of.end())
+          id.fail("no tensor with id " + std::to_string(id.as_uint()) + " (op " +
+                  quote_excerpt(op.name) + ")");
         (list[0] == 'r' ? op.reads : op.writes).push_back(it->second);
       }
     }
-    op.flops = f.number("flops", 0);
-    op.bytes = f.number("bytes", 0);
-    if (f.has("time_s")) op.time_s = f.number("time_s", 0);
-    op.workspace_bytes = f.uint("workspace_bytes", 0);
+    op.flops = f.number_field("flops", 0, kMaxGraphFlops, 0.0);
+    op.bytes = f.number_field("bytes", 0, double(kMaxBytes), 0.0);
+    if (f.has("time_s")) op.time_s = f.number_field("time_s", 0, kMaxOpSeconds);
+    op.workspace_bytes = f.uint_field("workspace_bytes", 0, kMaxBytes, 0);
     g.add_op(std::move(op));
   }
   try {
     g.validate();
   } catch (const InvalidArgument& e) {
-    throw InvalidArgument(source + ": " + e.what());
+    throw InvalidArgument(top.origin() + ": " + e.what());
   }
   return g;
 }
 
 Graph parse_graph(std::string_view text, std::string_view source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::parse_error& e) {
-    throw InvalidArgument(std::string(source) + ": not valid JSON at " +
-                          line_column(text, e.byte == 0 ? 0 : e.byte - 1) + " (byte " +
-                          std::to_string(e.byte) + ")");
-  }
-  return graph_from_json(j, source);
+  return graph_from_json(parse_json(text, source), source);
 }
 
 Graph load_graph_file(const std::string& path) {
-  std::ifstream in(path);
-  SPILL_EXPECTS(in.good(), "graph file '" + path + "' cannot be opened");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_graph(ss.str(), path);
+  const std::string origin = "graph file '" + path + "'";
+  return parse_graph(read_file_text(path, origin), origin);
 }
 
 void save_graph_file(const Graph& g, const std::string& path) {

@@ -1,8 +1,9 @@
 // JSON forms of graph/ data: the versioned graph format (docs/graph-format.md), plans (what the
 // swapper would load) and simulated timelines (Chrome/Perfetto trace JSON).
-// Reading is strict: unknown fields, wrong types, negative sizes, missing tensors, reads of
-// tensors never written and cycles are rejected with the JSON path of the offending field
-// (e.g. "ops[3].reads[1]") and, for syntax errors, the line and column.
+// Reading is strict (core/json_read.hpp): unknown fields, wrong types, numbers out of range,
+// missing tensors, reads of tensors never written, cycles and a step whose bytes pass 2^63 - 1
+// are rejected with the JSON path of the offending field (e.g. "ops[3].reads[1]") and, for
+// syntax errors, the line and column; nesting is limited to kMaxJsonDepth levels.
 #pragma once
 
 #include <string>
@@ -17,6 +18,10 @@
 namespace spill::graph {
 
 inline constexpr int kGraphFormatVersion = 1;
+// Bounds of an op's numbers on reading (documented in docs/graph-format.md): far above any real
+// model, low enough that sums over millions of ops stay finite.
+inline constexpr double kMaxGraphFlops = 1e30;
+inline constexpr double kMaxOpSeconds = 1e9;
 
 nlohmann::json graph_to_json(const Graph& g);
 // `source` names the input (a file name) in error messages.

@@ -1,8 +1,10 @@
 #include "graph/ir.hpp"
 
 #include <cmath>
+#include <limits>
 #include <unordered_set>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
 
 namespace spill::graph {
@@ -90,6 +92,26 @@ OpIndex Graph::add_op(Op op) {
 }
 
 void Graph::validate() const {
+  SPILL_EXPECTS(tensors.size() < std::numeric_limits<TensorIndex>::max() &&
+                    ops.size() < std::numeric_limits<OpIndex>::max(),
+                "graph '" + name + "': " + std::to_string(tensors.size()) + " tensors and " +
+                    std::to_string(ops.size()) + " ops: at most 2^32 - 2 of each");
+  // Every sum of sizes downstream (liveness curves, budgets, the simulator's mapped bytes) is at
+  // most all tensors plus the largest workspace: bound that, and no later sum can wrap.
+  std::uint64_t total = 0;
+  for (std::size_t t = 0; t < tensors.size(); ++t) {
+    auto sum = add_within(total, tensors[t].bytes);
+    SPILL_EXPECTS(sum, "graph '" + name + "': tensor " + std::to_string(t) + " ('" +
+                           tensors[t].name + "'): " + std::to_string(tensors[t].bytes) +
+                           " bytes: the step's total passes 2^63 - 1 bytes");
+    total = *sum;
+  }
+  for (std::size_t i = 0; i < ops.size(); ++i) {
+    SPILL_EXPECTS(add_within(total, ops[i].workspace_bytes),
+                  "graph '" + name + "': " + op_where(*this, i) + " workspace_bytes " +
+                      std::to_string(ops[i].workspace_bytes) + ": with the tensors' " +
+                      std::to_string(total) + " bytes the step's total passes 2^63 - 1 bytes");
+  }
   std::unordered_set<std::uint64_t> ids;
   for (std::size_t t = 0; t < tensors.size(); ++t) {
     SPILL_EXPECTS(ids.insert(tensors[t].id).second,

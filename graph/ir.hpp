@@ -3,7 +3,8 @@
 // what liveness, the planner and the simulator consume.
 // Invariants (checked by validate()): every tensor referenced by an op exists; no tensor is read
 // before it is written unless it exists at step start (weight, optimizer state, input); sizes,
-// FLOPs, bytes and times are non-negative and finite. Execution order is the vector order, so a
+// FLOPs, bytes and times are non-negative and finite; all tensor bytes plus the largest
+// workspace stay within 2^63 - 1 (so liveness, planner and simulator sums cannot wrap). Execution order is the vector order, so a
 // valid graph is acyclic by construction.
 #pragma once
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
 
 namespace spill::graph {
@@ -14,7 +15,11 @@ ZooBuilder::ZooBuilder(std::string model_name, const ZooOptions& options) : opti
 
 TensorIndex ZooBuilder::new_tensor(const std::string& name, std::uint64_t elems, DType dtype,
                                    TensorKind kind) {
-  TensorIndex t = g_.add_tensor({next_id_++, name, elems * dtype_size(dtype), dtype, kind});
+  auto bytes = mul_within(elems, dtype_size(dtype));
+  SPILL_EXPECTS(bytes, "model '" + g_.name + "': tensor '" + name + "' of " +
+                           std::to_string(elems) + " elements of " +
+                           std::to_string(dtype_size(dtype)) + " bytes passes 2^63 - 1 bytes");
+  TensorIndex t = g_.add_tensor({next_id_++, name, *bytes, dtype, kind});
   grad_.push_back(-1);
   return t;
 }

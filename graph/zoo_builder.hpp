@@ -49,6 +49,7 @@ class ZooBuilder {
   // Appends backward and optimizer ops; returns the finished, validated graph.
   Graph finish();
 
+  const std::string& model_name() const { return g_.name; }
   DType dtype() const { return options_.dtype; }
   std::uint64_t dtype_bytes() const { return dtype_size(options_.dtype); }
 

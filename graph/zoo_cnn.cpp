@@ -3,6 +3,7 @@
 // al. 2016 for 3D U-Net), so parameter counts match the published ones.
 #include <string>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "graph/zoo.hpp"
 #include "graph/zoo_layers.hpp"
@@ -105,9 +106,13 @@ Graph build_unet3d(const ZooOptions& o) {
                 "unet3d: volume must be a positive multiple of 8, got " + std::to_string(v));
   ZooBuilder b("unet3d", o);
   Layers L(b, std::uint64_t(o.batch));
-  const std::uint64_t side = std::uint64_t(v), vox = side * side * side;
-  Act x{b.input("volume", std::uint64_t(o.batch) * 3 * vox, o.dtype), 3, {side, side, side}};
-  TensorIndex labels = b.input("labels", std::uint64_t(o.batch) * vox, DType::U8);
+  const std::uint64_t side = std::uint64_t(v);
+  const std::uint64_t vox = checked_mul(checked_mul(side, side, "unet3d: volume"), side,
+                                        "unet3d: volume (voxels)");
+  const std::uint64_t label_elems = checked_mul(std::uint64_t(o.batch), vox, "unet3d: labels");
+  Act x{b.input("volume", checked_mul(label_elems, 3, "unet3d: input volume"), o.dtype), 3,
+        {side, side, side}};
+  TensorIndex labels = b.input("labels", label_elems, DType::U8);
   auto block = [&](const std::string& n, Act a, std::uint64_t c) {
     a = L.batchnorm(n + ".bn", L.conv(n, a, c, 3, 1, 1, true));
     return L.relu(n + ".relu", a);

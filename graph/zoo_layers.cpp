@@ -13,6 +13,17 @@ std::uint64_t pow_k(std::uint64_t k, std::size_t n) {
 
 }  // namespace
 
+std::uint64_t Layers::elems(const Act& a) const {
+  std::optional<std::uint64_t> n = mul_within(batch_, a.c);
+  for (auto d : a.dims) n = n ? mul_within(*n, d) : n;
+  if (n) return *n;
+  std::string extent;
+  for (auto d : a.dims) extent += (extent.empty() ? "" : "x") + std::to_string(d);
+  throw InvalidArgument("model '" + b_.model_name() + "': an activation of batch " +
+                        std::to_string(batch_) + " x " + std::to_string(a.c) + " channels x " +
+                        extent + " passes 2^63 - 1 elements");
+}
+
 Act Layers::conv(const std::string& name, const Act& x, std::uint64_t out_c, std::uint64_t k,
                  std::uint64_t stride, std::uint64_t pad, bool bias) {
   Act y{0, out_c, x.dims};
@@ -114,7 +125,7 @@ Act Layers::concat(const std::string& name, const Act& a, const Act& b) {
 }
 
 Act Layers::linear(const std::string& name, const Act& x, std::uint64_t out_features) {
-  const std::uint64_t in_features = x.c * x.spatial();
+  const std::uint64_t in_features = checked_mul(x.c, x.spatial(), "linear layer inputs");
   Act y{0, out_features, {}};
   ZooBuilder::Layer l{name, "matmul", {x.t},
                       {b_.param(name + ".weight", in_features * out_features),

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "core/checked.hpp"
 #include "graph/zoo_builder.hpp"
 
 namespace spill::graph::zoo {
@@ -16,9 +17,10 @@ struct Act {
   TensorIndex t;
   std::uint64_t c;
   std::vector<std::uint64_t> dims;
+  // Elements per channel and sample; throws InvalidArgument when the product passes 2^63 - 1.
   std::uint64_t spatial() const {
     std::uint64_t n = 1;
-    for (auto d : dims) n *= d;
+    for (auto d : dims) n = checked_mul(n, d, "activation extent");
     return n;
   }
 };
@@ -27,7 +29,8 @@ class Layers {
  public:
   Layers(ZooBuilder& b, std::uint64_t batch) : b_(b), batch_(batch) {}
   std::uint64_t batch() const { return batch_; }
-  std::uint64_t elems(const Act& a) const { return batch_ * a.c * a.spatial(); }
+  // batch x channels x extent; throws InvalidArgument naming the model past 2^63 - 1.
+  std::uint64_t elems(const Act& a) const;
 
   Act conv(const std::string& name, const Act& x, std::uint64_t out_c, std::uint64_t k,
            std::uint64_t stride, std::uint64_t pad, bool bias);
