@@ -6,9 +6,10 @@
 #include <map>
 #include <sstream>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "core/json_read.hpp"
 #include "profiling/counters.hpp"
-#include "profiling/json_errors.hpp"
 
 namespace spill::profiling {
 namespace {
@@ -186,71 +187,96 @@ void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& 
 
 namespace {
 
-EventKind kind_from(const std::string& name, const std::string& origin, std::size_t index) {
+EventKind kind_from(const JsonValue& v) {
+  const std::string name = v.as_string(64);
   for (int k = 0; k < kEventKindCount; ++k) {
     if (name == to_string(static_cast<EventKind>(k))) return static_cast<EventKind>(k);
   }
-  throw InvalidArgument(origin + ": traceEvents[" + std::to_string(index) +
-                        "] has unknown kind '" + name + "'");
+  v.fail("unknown event kind");
 }
 
-std::uint64_t from_hex(const nlohmann::json& v, const std::string& what) {
-  try {
-    return std::stoull(v.get<std::string>(), nullptr, 16);
-  } catch (const std::exception&) {
-    throw InvalidArgument(what + " is not a hex number");
-  }
+// "0x" and 1 to 16 hex digits, as the writer puts addresses and streams.
+std::uint64_t from_hex(const JsonValue& v) {
+  const std::string s = v.as_string(64);
+  std::uint64_t n = 0;
+  const char* end = s.data() + s.size();
+  if (s.size() < 3 || s.size() > 18 || s[0] != '0' || (s[1] != 'x' && s[1] != 'X') ||
+      std::from_chars(s.data() + 2, end, n, 16).ptr != end)
+    v.fail("must be a hex number such as \"0x7f00\" (at most 16 digits)");
+  return n;
+}
+
+// A tag table key: a decimal tag id in [1, 2^32 - 1].
+std::uint32_t tag_id(const JsonValue& table, const std::string& key) {
+  std::uint32_t id = 0;
+  const char* end = key.data() + key.size();
+  auto [ptr, ec] = std::from_chars(key.data(), end, id);
+  if (key.empty() || ec != std::errc() || ptr != end || id == 0)
+    table.fail_field(key, "a tag id must be a decimal integer in [1, 4294967295]");
+  return id;
 }
 
 }  // namespace
 
 ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origin) {
-  nlohmann::json j = parse_json_file_text(text, origin);
-  SPILL_EXPECTS(j.is_object() && j.contains("traceEvents") && j.contains("otherData") &&
-                    j["otherData"].value("format", "") == "spill-trace",
+  nlohmann::json j = parse_json(text, origin);
+  const JsonValue top(j, origin);
+  std::optional<JsonValue> other;
+  if (top.is_object() && top.has("traceEvents")) other = top.find("otherData");
+  auto format = other && other->is_object() ? other->find("format") : std::nullopt;
+  SPILL_EXPECTS(format && format->raw() == "spill-trace",
                 origin + ": not a spill trace (no otherData.format = \"spill-trace\")");
-  int version = j["otherData"].value("version", 0);
+  const std::uint64_t version = other->uint_field("version", 0, UINT64_MAX, 0);
   SPILL_EXPECTS(version == kTraceFormatVersion,
                 origin + ": trace format version " + std::to_string(version) +
                     " is not supported (this spill reads version " +
                     std::to_string(kTraceFormatVersion) + ")");
   ParsedTrace t;
-  t.metadata = j["otherData"].value("metadata", nlohmann::json::object());
-  const auto& tag_table = j["otherData"].value("tags", nlohmann::json::object());
-  for (auto& [id, name] : tag_table.items()) {
-    std::size_t i = std::stoul(id);
-    if (t.tag_names.size() <= i) t.tag_names.resize(i + 1);
-    t.tag_names[i] = name.get<std::string>();
-  }
-  const auto& evs = j["traceEvents"];
-  SPILL_EXPECTS(evs.is_array(), origin + ": traceEvents is not an array");
-  for (std::size_t i = 0; i < evs.size(); ++i) {
-    const auto& ev = evs[i];
-    if (!ev.is_object() || !ev.contains("args") || !ev["args"].contains("kind")) continue;
-    const auto& a = ev["args"];
-    std::string where = origin + ": traceEvents[" + std::to_string(i) + "]";
-    try {
-      TraceEvent e;
-      e.kind = kind_from(a["kind"].get<std::string>(), origin, i);
-      e.address = from_hex(a.at("addr"), where + ".args.addr");
-      e.stream = from_hex(a.at("stream"), where + ".args.stream");
-      e.bytes = a.at("bytes").get<std::uint64_t>();
-      e.device = a.value("device", 0);
-      e.tag = a.value("tag", 0u);
-      e.thread = a.value("thread", 0u);
-      e.time_ns = a.at("time_ns").get<std::uint64_t>();
-      e.duration_ns = a.value("duration_ns", std::uint64_t{0});
-      t.events.push_back(e);
-    } catch (const nlohmann::json::exception& ex) {
-      throw InvalidArgument(where + ": missing or malformed field (" + ex.what() + ")");
+  if (auto meta = other->find("metadata")) t.metadata = meta->expect_object().raw();
+  else t.metadata = nlohmann::json::object();
+  if (auto tags = other->find("tags")) {
+    tags->expect_object();
+    for (auto& [key, name] : tags->raw().items()) {
+      std::uint32_t id = tag_id(*tags, key);
+      t.tag_names[id] = tags->at(key).as_string(kMaxTagName);
     }
+  }
+  const JsonValue evs = top.at("traceEvents");
+  const std::size_t n = evs.size();
+  std::vector<std::size_t> index;  // traceEvents index of each event kept
+  CounterReplay replay;            // checks that the memory counters stay in range
+  for (std::size_t i = 0; i < n; ++i) {
+    const JsonValue ev = evs.at(i);
+    // Chrome's own records (thread names, counters) carry no spill kind.
+    if (!ev.is_object() || !ev.has("args") || !ev.at("args").is_object() ||
+        !ev.at("args").has("kind"))
+      continue;
+    const JsonValue a = ev.at("args");
+    TraceEvent e;
+    e.kind = kind_from(a.at("kind"));
+    e.address = from_hex(a.at("addr"));
+    e.stream = from_hex(a.at("stream"));
+    e.bytes = a.uint_field("bytes", 0, kMaxBytes);
+    e.device = static_cast<std::int32_t>(a.int_field("device", -(1 << 23), (1 << 23) - 1, 0));
+    e.tag = static_cast<std::uint32_t>(a.uint_field("tag", 0, UINT32_MAX, 0));
+    e.thread = static_cast<std::uint32_t>(a.uint_field("thread", 0, UINT32_MAX, 0));
+    e.time_ns = a.uint_field("time_ns", 0, kMaxBytes);
+    e.duration_ns = a.uint_field("duration_ns", 0, kMaxBytes, 0);
+    if (!add_within(e.time_ns, e.duration_ns))
+      a.fail_field("duration_ns", "time_ns + duration_ns passes 2^63 - 1 ns");
+    try {
+      replay.apply(e);
+    } catch (const InvalidArgument& ex) {
+      throw InvalidArgument(ev.where() + ": " + ex.what());
+    }
+    t.events.push_back(e);
   }
   return t;
 }
 
 ParsedTrace read_chrome_trace(const std::string& path) {
   std::string origin = "trace '" + path + "'";
-  return parse_chrome_trace(read_text_file(path, origin), origin);
+  return parse_chrome_trace(read_file_text(path, origin), origin);
 }
 
 }  // namespace spill::profiling

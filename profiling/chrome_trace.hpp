@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -36,13 +37,19 @@ void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& 
 
 struct ParsedTrace {
   std::vector<TraceEvent> events;
-  std::vector<std::string> tag_names;  // indexed by TraceEvent::tag
-  nlohmann::json metadata;
+  std::map<std::uint32_t, std::string> tag_names;  // TraceEvent::tag -> name
+  nlohmann::json metadata;                         // an object
 };
 
+// The longest tag name a trace may hold.
+inline constexpr std::size_t kMaxTagName = 4096;
+
 // Reads a trace written by write_chrome_trace. Throws InvalidArgument naming the file and
-// saying what is wrong: missing, not JSON (with the byte position), truncated, not a spill
-// trace, or of another version.
+// saying what is wrong: missing, not JSON (with the byte position), truncated, nested too deep,
+// not a spill trace, of another version, or a field out of its range (named by its JSON path):
+// sizes and times up to 2^63 - 1 (time_ns + duration_ns too), tags and threads 32-bit, tag
+// ids decimal in [1, 2^32 - 1], addresses and streams "0x" hex; the memory counters replayed
+// over the events must stay within 64-bit signed totals.
 ParsedTrace read_chrome_trace(const std::string& path);
 ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origin);
 

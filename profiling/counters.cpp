@@ -2,39 +2,46 @@
 
 #include <algorithm>
 
+#include "core/checked.hpp"
+#include "core/errors.hpp"
+
 namespace spill::profiling {
 
 bool CounterReplay::apply(const TraceEvent& e) {
+  SPILL_EXPECTS(e.bytes <= kMaxBytes, std::string(to_string(e.kind)) + " of " +
+                                          std::to_string(e.bytes) + " bytes: above 2^63 - 1");
   const auto bytes = static_cast<std::int64_t>(e.bytes);
-  MemoryCounters before = current_;
+  MemoryCounters next = current_;
+  auto add = [](std::int64_t& counter, std::int64_t v, const char* what) {
+    counter = checked_add_signed(counter, v, what);
+  };
+  auto leave_host = [&] {
+    auto it = on_host_.find(e.address);
+    if (it == on_host_.end()) return;
+    add(next.on_host, -static_cast<std::int64_t>(it->second), "bytes on host");
+    on_host_.erase(it);
+  };
   switch (e.kind) {
-    case EventKind::Alloc: current_.allocated += bytes; break;
-    case EventKind::Free: {
-      current_.allocated -= bytes;
-      auto it = on_host_.find(e.address);
-      if (it != on_host_.end()) {
-        current_.on_host -= static_cast<std::int64_t>(it->second);
-        on_host_.erase(it);
-      }
+    case EventKind::Alloc: add(next.allocated, bytes, "allocated bytes"); break;
+    case EventKind::Free:
+      add(next.allocated, -bytes, "allocated bytes");
+      leave_host();
       break;
-    }
-    case EventKind::Map: current_.mapped += bytes; break;
-    case EventKind::Unmap: current_.mapped -= bytes; break;
+    case EventKind::Map: add(next.mapped, bytes, "mapped bytes"); break;
+    case EventKind::Unmap: add(next.mapped, -bytes, "mapped bytes"); break;
     case EventKind::SwapOut:
-      if (on_host_.emplace(e.address, e.bytes).second) current_.on_host += bytes;
-      break;
-    case EventKind::SwapIn: {
-      auto it = on_host_.find(e.address);
-      if (it != on_host_.end()) {
-        current_.on_host -= static_cast<std::int64_t>(it->second);
-        on_host_.erase(it);
+      if (!on_host_.count(e.address)) {
+        add(next.on_host, bytes, "bytes on host");
+        on_host_.emplace(e.address, e.bytes);
       }
       break;
-    }
-    case EventKind::HostAlloc: current_.host_pinned += bytes; break;
-    case EventKind::HostFree: current_.host_pinned -= bytes; break;
+    case EventKind::SwapIn: leave_host(); break;
+    case EventKind::HostAlloc: add(next.host_pinned, bytes, "pinned host bytes"); break;
+    case EventKind::HostFree: add(next.host_pinned, -bytes, "pinned host bytes"); break;
     default: break;
   }
+  const MemoryCounters before = current_;
+  current_ = next;
   peak_.allocated = std::max(peak_.allocated, current_.allocated);
   peak_.mapped = std::max(peak_.mapped, current_.mapped);
   peak_.on_host = std::max(peak_.on_host, current_.on_host);

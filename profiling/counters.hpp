@@ -20,7 +20,9 @@ struct MemoryCounters {
 
 class CounterReplay {
  public:
-  // Applies one event; returns true when a counter changed.
+  // Applies one event; returns true when a counter changed. Throws InvalidArgument (and
+  // changes nothing) when an event's bytes pass 2^63 - 1 or a counter would leave the int64
+  // range: what a trace from elsewhere can hold, never what spill records.
   bool apply(const TraceEvent& e);
   const MemoryCounters& current() const { return current_; }
   const MemoryCounters& peak() const { return peak_; }

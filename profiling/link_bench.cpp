@@ -4,10 +4,14 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <limits>
 #include <memory>
 #include <sstream>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "core/json_read.hpp"
+#include "core/link_model.hpp"
 #include "core/pattern.hpp"
 #include "core/units.hpp"
 
@@ -174,22 +178,14 @@ std::string utc_now() {
   return buf;
 }
 
-template <class T>
-T field(const nlohmann::json& j, const char* key, const std::string& where) {
-  SPILL_EXPECTS(j.is_object() && j.contains(key),
-                "link report: " + where + " has no field '" + key + "'");
-  try {
-    return j.at(key).get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw InvalidArgument("link report: " + where + " field '" + key + "' has the wrong type");
-  }
-}
-
 }  // namespace
 
 std::vector<std::size_t> default_link_sizes(std::size_t max_bytes) {
   std::vector<std::size_t> sizes;
-  for (std::size_t s = 4 * KiB; s <= max_bytes; s *= 4) sizes.push_back(s);
+  for (std::size_t s = 4 * KiB; s <= max_bytes; s *= 4) {
+    sizes.push_back(s);
+    if (s > max_bytes / 4) break;  // the next size would pass max_bytes (or wrap around)
+  }
   return sizes;
 }
 
@@ -202,7 +198,19 @@ LinkReport run_link_bench(Device& device, const LinkBenchOptions& options) {
                   "bench link: unknown direction '" + dir + "' (use h2d, d2h, bidir, d2d)");
   }
   std::vector<std::size_t> sizes = options.sizes.empty() ? default_link_sizes() : options.sizes;
-  for (std::size_t s : sizes) SPILL_EXPECTS(s > 0, "bench link: sizes must be above zero");
+  // Refuse sizes the device cannot hold before running anything: D2D and both directions at
+  // once need two device buffers of the size.
+  bool two = false;
+  for (const std::string& dir : options.directions) two = two || dir == "d2d" || dir == "bidir";
+  const std::uint64_t device_bytes = device.info().total_bytes;
+  for (std::size_t s : sizes) {
+    SPILL_EXPECTS(s > 0, "bench link: sizes must be above zero");
+    const std::uint64_t need = saturating_mul(s, two ? 2 : 1);
+    SPILL_EXPECTS(need <= device_bytes,
+                  "bench link: a copy of " + format_bytes(s) + " needs " + format_bytes(need) +
+                      " of device memory" + (two ? " (two buffers for d2d and bidir)" : "") +
+                      "; " + device.info().name + " has " + format_bytes(device_bytes));
+  }
 
   LinkReport report;
   report.device = device.info().name;
@@ -243,26 +251,25 @@ nlohmann::json LinkReport::to_json() const {
           {"results", rows}};
 }
 
-LinkReport LinkReport::from_json(const nlohmann::json& j) {
+LinkReport LinkReport::from_json(const nlohmann::json& j, std::string_view source) {
+  const JsonValue top(j, std::string(source));
   LinkReport r;
-  r.device = field<std::string>(j, "device", "the report");
-  r.simulated = field<bool>(j, "simulated", "the report");
-  if (j.contains("link")) r.link = field<std::string>(j, "link", "the report");
-  if (j.contains("date")) r.date = field<std::string>(j, "date", "the report");
-  auto rows = field<nlohmann::json>(j, "results", "the report");
-  SPILL_EXPECTS(rows.is_array(), "link report: 'results' is not an array");
+  r.device = top.string_field("device", std::nullopt, 256);
+  r.simulated = top.bool_field("simulated");
+  r.link = top.string_field("link", std::string(), 256);
+  r.date = top.string_field("date", std::string(), 64);
+  const JsonValue rows = top.at("results");
   for (std::size_t i = 0; i < rows.size(); ++i) {
-    std::string where = "results[" + std::to_string(i) + "]";
+    const JsonValue row = rows.at(i);
     LinkResult x;
-    x.direction = field<std::string>(rows[i], "direction", where);
-    x.host_memory = field<std::string>(rows[i], "host_memory", where);
-    x.bytes = field<std::size_t>(rows[i], "bytes", where);
-    x.gbps = field<double>(rows[i], "gbps", where);
-    SPILL_EXPECTS(x.bytes > 0 && x.gbps >= 0, "link report: " + where + " has a bad size or rate");
-    x.copies = rows[i].value("copies", 0);
-    x.min_gbps = rows[i].value("min_gbps", x.gbps);
-    x.max_gbps = rows[i].value("max_gbps", x.gbps);
-    x.verified = rows[i].value("verified", false);
+    x.direction = row.string_field("direction", std::nullopt, 64);
+    x.host_memory = row.string_field("host_memory", std::nullopt, 64);
+    x.bytes = row.uint_field("bytes", 1, kMaxBytes);
+    x.gbps = row.number_field("gbps", 0, kMaxLinkGbps);
+    x.copies = int(row.int_field("copies", 0, std::numeric_limits<int>::max(), 0));
+    x.min_gbps = row.number_field("min_gbps", 0, kMaxLinkGbps, x.gbps);
+    x.max_gbps = row.number_field("max_gbps", 0, kMaxLinkGbps, x.gbps);
+    x.verified = row.bool_field("verified", false);
     r.results.push_back(x);
   }
   return r;

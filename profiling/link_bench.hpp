@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "device/device.hpp"
@@ -41,8 +42,9 @@ struct LinkReport {
   std::vector<LinkResult> results;
 
   nlohmann::json to_json() const;
-  // Reads a report written by to_json(); throws InvalidArgument naming the bad field.
-  static LinkReport from_json(const nlohmann::json& j);
+  // Reads a report written by to_json(); throws InvalidArgument naming `source`, the JSON
+  // path of the bad field and its rule (core/json_read.hpp).
+  static LinkReport from_json(const nlohmann::json& j, std::string_view source = "link report");
   // The median GB/s for one configuration at the largest measured size, or 0 if absent.
   double largest(const std::string& direction, const std::string& host_memory) const;
 };
@@ -50,7 +52,8 @@ struct LinkReport {
 // Sizes 4 KiB, 16 KiB, ..., up to `max_bytes` (powers of 4).
 std::vector<std::size_t> default_link_sizes(std::size_t max_bytes = 1ull << 30);
 
-// Runs the benchmark; throws InvalidArgument for bad options, OutOfMemory if buffers do not fit.
+// Runs the benchmark; throws InvalidArgument for bad options and for sizes the device cannot
+// hold (checked before any copy), OutOfMemory if buffers do not fit.
 LinkReport run_link_bench(Device& device, const LinkBenchOptions& options);
 
 // A fixed-width table: one row per size, one column per direction and host memory.

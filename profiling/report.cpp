@@ -7,6 +7,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/checked.hpp"
 #include "core/units.hpp"
 #include "profiling/counters.hpp"
 
@@ -40,7 +41,8 @@ std::string hex(std::uint64_t v) {
 }
 
 std::string tag_of(const ParsedTrace& t, std::uint32_t tag) {
-  return tag < t.tag_names.size() && !t.tag_names[tag].empty() ? t.tag_names[tag] : "";
+  auto it = t.tag_names.find(tag);
+  return it != t.tag_names.end() ? it->second : "";
 }
 
 // A line chart of step series over [t0, t1] ms, with axes, ticks and a legend.
@@ -105,8 +107,12 @@ ReportSummary summarize(const ParsedTrace& trace) {
     replay.apply(e);
     t0 = std::min(t0, e.time_ns);
     t1 = std::max(t1, e.time_ns + e.duration_ns);
-    if (e.kind == EventKind::SwapOut) ++s.swap_outs, s.swapped_out_bytes += e.bytes;
-    if (e.kind == EventKind::SwapIn) ++s.swap_ins, s.swapped_in_bytes += e.bytes;
+    if (e.kind == EventKind::SwapOut)
+      ++s.swap_outs, s.swapped_out_bytes = checked_add(s.swapped_out_bytes, e.bytes,
+                                                       "trace: bytes swapped out");
+    if (e.kind == EventKind::SwapIn)
+      ++s.swap_ins, s.swapped_in_bytes = checked_add(s.swapped_in_bytes, e.bytes,
+                                                     "trace: bytes swapped in");
     if (e.kind == EventKind::Stall) ++s.stalls, s.stall_ms += e.duration_ns / 1e6;
     if (e.kind == EventKind::Oom) ++s.ooms;
   }
@@ -130,8 +136,11 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   o << "<h1>spill report</h1><p class='note'>trace: " << esc(source) << "</p>";
   if (!trace.metadata.empty()) {
     o << "<p class='note'>";
-    for (auto& [k, v] : trace.metadata.items())
-      o << esc(k) << ": " << esc(v.is_string() ? v.get<std::string>() : v.dump()) << "; ";
+    for (auto& [k, v] : trace.metadata.items()) {
+      std::string text = v.is_string() ? v.get<std::string>() : v.dump();
+      if (text.size() > 200) text = text.substr(0, 200) + "...";
+      o << esc(k.size() > 64 ? k.substr(0, 64) + "..." : k) << ": " << esc(text) << "; ";
+    }
     o << "</p>";
   }
   if (trace.events.empty()) {
@@ -178,12 +187,22 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << svg_chart(mem, 0, s.duration_ms, "GiB", 1024.0 * 1024 * 1024, "memory-timeline");
 
   // Largest live allocations when allocated bytes peaked.
-  std::unordered_map<std::uint64_t, const TraceEvent*> live, at_peak;
-  std::int64_t allocated = 0, best = -1;
-  for (const TraceEvent& e : trace.events) {
-    if (e.kind == EventKind::Alloc) live[e.address] = &e, allocated += e.bytes;
-    if (e.kind == EventKind::Free) live.erase(e.address), allocated -= e.bytes;
-    if (allocated > best) best = allocated, at_peak = live;
+  // First the event at which allocated bytes first peak, then the blocks live there (copying
+  // the live set at every new peak would be quadratic in a trace that only grows).
+  std::size_t peak_at = 0;
+  {
+    CounterReplay allocated;
+    std::int64_t best = -1;
+    for (std::size_t i = 0; i < trace.events.size(); ++i) {
+      allocated.apply(trace.events[i]);
+      if (allocated.current().allocated > best) best = allocated.current().allocated, peak_at = i;
+    }
+  }
+  std::unordered_map<std::uint64_t, const TraceEvent*> at_peak;
+  for (std::size_t i = 0; i <= peak_at; ++i) {
+    const TraceEvent& e = trace.events[i];
+    if (e.kind == EventKind::Alloc) at_peak[e.address] = &e;
+    if (e.kind == EventKind::Free) at_peak.erase(e.address);
   }
   std::vector<const TraceEvent*> top;
   for (auto& [a, e] : at_peak) top.push_back(e);

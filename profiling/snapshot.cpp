@@ -4,7 +4,7 @@
 #include <sstream>
 
 #include "core/errors.hpp"
-#include "profiling/json_errors.hpp"
+#include "core/json_read.hpp"
 
 namespace spill::profiling {
 namespace {
@@ -102,13 +102,14 @@ void write_snapshot(const std::string& path, const MemoryState& state,
 
 nlohmann::json read_snapshot(const std::string& path) {
   std::string origin = "snapshot '" + path + "'";
-  nlohmann::json j = parse_json_file_text(read_text_file(path, origin), origin);
-  SPILL_EXPECTS(j.is_object() && j.contains("spill") && j["spill"].value("format", "") ==
-                                                          "spill-snapshot",
-                "snapshot '" + path + "': not a spill snapshot");
-  int version = j["spill"].value("version", 0);
+  nlohmann::json j = parse_json(read_file_text(path, origin), origin);
+  const JsonValue top(j, origin);
+  auto marker = top.is_object() ? top.find("spill") : std::nullopt;
+  auto format = marker && marker->is_object() ? marker->find("format") : std::nullopt;
+  SPILL_EXPECTS(format && format->raw() == "spill-snapshot", origin + ": not a spill snapshot");
+  const std::uint64_t version = marker->uint_field("version", 0, UINT64_MAX, 0);
   SPILL_EXPECTS(version == kSnapshotVersion,
-                "snapshot '" + path + "': version " + std::to_string(version) +
+                origin + ": version " + std::to_string(version) +
                     " is not supported (this spill reads version " +
                     std::to_string(kSnapshotVersion) + ")");
   return j;

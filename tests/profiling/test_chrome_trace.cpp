@@ -107,7 +107,7 @@ void expect_error(const std::string& text, const std::string& must_mention) {
 TEST(ChromeTrace, BadFilesGetClearErrors) {
   std::string good = to_chrome_trace(sample_events()).dump();
   expect_error(good.substr(0, good.size() / 2), "truncated");
-  expect_error("this is not json", "not valid JSON at byte");
+  expect_error("this is not json", "not valid JSON at line 1");
   expect_error(R"({"traceEvents": []})", "not a spill trace");
   expect_error(R"({"traceEvents": [], "otherData": {"format": "spill-trace", "version": 9}})",
                "version 9");

@@ -14,8 +14,7 @@ namespace {
 ParsedTrace synthetic() {
   ParsedTrace t;
   t.events = test::synthetic_step();
-  t.tag_names.push_back("");
-  for (int l = 1; l <= 12; ++l) t.tag_names.push_back("layer" + std::to_string(l) + ".act");
+  for (std::uint32_t l = 1; l <= 12; ++l) t.tag_names[l] = "layer" + std::to_string(l) + ".act";
   t.metadata = {{"device", "SimDevice"}};
   return t;
 }
