@@ -6,6 +6,7 @@
 
 #include "cli/commands.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "device/select.hpp"
 #include "profiling/link_bench.hpp"
@@ -34,6 +35,7 @@ struct LinkArgs {
 };
 
 int run_link(const Config& config, const LinkArgs& a) {
+  if (!a.json.empty()) check_writable(a.json, "--json");
   profiling::LinkBenchOptions o;
   o.samples = a.samples;
   o.directions = split(a.directions);
@@ -44,7 +46,7 @@ int run_link(const Config& config, const LinkArgs& a) {
   if (!a.sizes.empty()) {
     for (const std::string& s : split(a.sizes)) o.sizes.push_back(parse_size(s, "--sizes"));
   } else {
-    std::size_t max = parse_size(a.quick ? "64MiB" : a.max_size, "--max-size");
+    std::uint64_t max = parse_size(a.quick ? "64MiB" : a.max_size, "--max-size");
     o.sizes = profiling::default_link_sizes(max);
     SPILL_EXPECTS(!o.sizes.empty(), "--max-size: must be at least 4KiB");
   }
@@ -58,8 +60,9 @@ int run_link(const Config& config, const LinkArgs& a) {
   std::fputs(profiling::format_link_table(report).c_str(), stdout);
   if (!a.json.empty()) {
     std::ofstream out(a.json);
-    SPILL_EXPECTS(out.good(), "--json: cannot write '" + a.json + "'");
     out << report.to_json().dump(1) << "\n";
+    out.close();
+    SPILL_EXPECTS(out.good(), "--json: writing '" + a.json + "' failed");
     std::printf("wrote %s\n", a.json.c_str());
   }
   for (const auto& r : report.results)

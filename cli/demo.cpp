@@ -8,6 +8,7 @@
 
 #include "cli/commands.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/events.hpp"
@@ -24,6 +25,7 @@ struct DemoArgs {
 };
 
 int run_demo(Config config, const DemoArgs& a) {
+  if (!a.trace.empty()) check_writable(a.trace, "--trace");
   if (!config.budget) config.budget = parse_size(a.budget, "--budget");
   SPILL_EXPECTS(a.layers >= 2 && a.layers <= 512, "--layers: between 2 and 512");
   SPILL_EXPECTS(a.steps >= 2, "--steps: at least 2 (one to record, one with the plan)");

@@ -4,12 +4,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "graph/evaluate.hpp"
 #include "graph/graph_json.hpp"
@@ -38,8 +40,9 @@ struct PlanArgs {
 };
 
 bool is_graph_file(const std::string& model) {
+  std::error_code ec;  // a name the file system refuses (too long) is not a file
   return model.find('/') != std::string::npos || model.ends_with(".json") ||
-         std::filesystem::exists(model);
+         std::filesystem::exists(model, ec);
 }
 
 graph::ZooOptions zoo_options(const PlanArgs& a, int batch) {
@@ -81,6 +84,9 @@ void write_json(const std::string& path, const nlohmann::json& j, const char* wh
 }
 
 int run_plan(const PlanArgs& a) {
+  for (auto [path, what] : {std::pair{&a.json_path, "--json"}, {&a.timeline_path, "--timeline"},
+                            {&a.plan_path, "--plan-out"}})
+    if (!path->empty()) check_writable(*path, what);
   const graph::GpuModel& gpu = graph::gpu_preset(a.device);
   const LinkModel link = graph::resolve_link(a.link);
   const bool from_file = is_graph_file(a.model);
@@ -168,7 +174,8 @@ void add_plan(CLI::App& app, Runner& run) {
                   "zoo model (mlp, vgg16, resnet50, resnet152, unet3d, gpt2-small, gpt2-medium, "
                   "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph")
       ->required();
-  cmd->add_option("--batch", args->batch, "batch size")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", args->batch, "batch size")
+      ->check(CLI::Range(1, std::numeric_limits<int>::max()));
   cmd->add_option("--seq", args->seq, "sequence length (transformers; default: the maximum)");
   cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)");
   cmd->add_option("--dtype", args->dtype, "f32, f16 or bf16");
@@ -190,7 +197,8 @@ void add_plan(CLI::App& app, Runner& run) {
                   "write the first policy's simulated timeline (Chrome/Perfetto JSON)");
   cmd->add_option("--plan-out", args->plan_path, "write the first policy's plan as JSON");
   cmd->add_option("--max-batch", args->max_batch_pct,
-                  "also find the largest batch that fits with overhead under this percentage");
+                  "also find the largest batch that fits with overhead under this percentage")
+      ->check(CLI::Range(0.0, 1e6));
   cmd->callback([&run, args] {
     run = [args](const Config&) { return run_plan(*args); };
   });

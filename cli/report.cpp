@@ -4,6 +4,7 @@
 
 #include "cli/commands.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/report.hpp"
 
@@ -22,17 +23,24 @@ void add_report(CLI::App& app, Runner& run) {
   cmd->add_option("-o,--output", args->output, "HTML file to write")->capture_default_str();
   cmd->callback([&run, args] {
     run = [args](const Config&) {
+      check_writable(args->output, "--output");
       profiling::ParsedTrace trace = profiling::read_chrome_trace(args->trace);
+      std::string page;
+      profiling::ReportSummary s;
+      try {
+        page = profiling::render_report(trace, args->trace);
+        s = profiling::summarize(trace);
+      } catch (const InvalidArgument& e) {
+        throw InvalidArgument("trace '" + args->trace + "': " + e.what());
+      }
       std::ofstream out(args->output, std::ios::binary);
-      SPILL_EXPECTS(out.good(), "--output: cannot write '" + args->output + "'");
-      out << profiling::render_report(trace, args->trace);
+      out << page;
       out.close();
       SPILL_EXPECTS(out.good(), "--output: writing '" + args->output + "' failed");
       if (trace.events.empty()) {
         std::printf("%s is empty (no events); wrote %s saying so\n", args->trace.c_str(),
                     args->output.c_str());
       } else {
-        profiling::ReportSummary s = profiling::summarize(trace);
         std::printf("wrote %s: %zu events over %.3f ms, %zu swap-outs, %zu swap-ins, %zu "
                     "stalls\n",
                     args->output.c_str(), s.events, s.duration_ms, s.swap_outs, s.swap_ins,

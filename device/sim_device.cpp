@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "core/config.hpp"
@@ -39,6 +40,32 @@ void* map_anonymous(std::size_t bytes, int prot) {
 std::size_t page_round(std::size_t bytes) {
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   return (bytes + page - 1) / page * page;
+}
+
+// The host's memory from /proc/meminfo (RAM plus swap; and what is available now), falling back
+// to sysconf when it cannot be read.
+struct HostMemory {
+  std::uint64_t total = 0, available = 0;
+};
+HostMemory host_memory() {
+  HostMemory m;
+  std::uint64_t ram = 0, swap = 0, avail = 0;
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char key[64];
+    unsigned long long kib = 0;
+    while (std::fscanf(f, "%63s %llu kB\n", key, &kib) == 2) {
+      if (std::strcmp(key, "MemTotal:") == 0) ram = kib * 1024;
+      if (std::strcmp(key, "SwapTotal:") == 0) swap = kib * 1024;
+      if (std::strcmp(key, "MemAvailable:") == 0) avail = kib * 1024;
+    }
+    std::fclose(f);
+  }
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  if (ram == 0) ram = static_cast<std::uint64_t>(::sysconf(_SC_PHYS_PAGES)) * page;
+  if (avail == 0) avail = static_cast<std::uint64_t>(::sysconf(_SC_AVPHYS_PAGES)) * page;
+  m.total = ram + swap;
+  m.available = avail;
+  return m;
 }
 
 void raise_fd_limit() {
@@ -112,6 +139,17 @@ SimDevice::SimDevice(SimOptions options) : s_(std::make_unique<State>()) {
   SPILL_EXPECTS(options.capacity >= options.granularity,
                 "SimDevice: capacity " + format_bytes(options.capacity) +
                     " is below one granule (" + format_bytes(options.granularity) + ")");
+  // The simulated device's memory is host memory (memfd chunks): a capacity the host cannot
+  // hold at all would end in the kernel's OOM killer once used, so it is refused here.
+  const HostMemory host = host_memory();
+  if (host.total > 0 && options.capacity > host.total) {
+    throw InvalidArgument("SimDevice: capacity " + format_bytes(options.capacity) +
+                          " (sim_capacity) is more than this host's memory (" +
+                          format_bytes(host.total) + " of RAM and swap, " +
+                          format_bytes(host.available) +
+                          " available now): the simulated device keeps its memory in host RAM; "
+                          "choose a sim_capacity of at most " + format_bytes(host.available));
+  }
   SPILL_EXPECTS(options.link.h2d_gbps > 0 && options.link.d2h_gbps > 0 && options.d2d_gbps > 0,
                 "SimDevice: link bandwidths must be above zero");
   SPILL_EXPECTS(options.chaos_probability >= 0 && options.chaos_probability <= 1,

@@ -39,6 +39,8 @@ struct SimOptions {
 
 class SimDevice final : public Device {
  public:
+  // Throws InvalidArgument for a capacity above the host's RAM and swap (the simulated memory
+  // lives in host RAM), naming both, and for options out of range.
   explicit SimDevice(SimOptions options = {});
   ~SimDevice() override;
 

@@ -45,6 +45,21 @@ TEST(SimDeviceDeathTest, TouchingARangeAfterUnmapFaults) {
   dev.unreserve(p, g);
 }
 
+TEST(SimDevice, RefusesACapacityTheHostCannotBack) {
+  SimOptions o = small();
+  o.capacity = 1ull << 60;  // 1 EiB: more than any host's RAM and swap
+  try {
+    SimDevice dev(o);
+    FAIL() << "a 1 EiB simulated device was created";
+  } catch (const InvalidArgument& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("1048576.00 TiB (sim_capacity) is more than this host's memory"),
+              std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("available now"), std::string::npos) << msg;
+  }
+}
+
 TEST(SimDevice, CopyIntoUnmappedMemoryIsAStickyIllegalAddress) {
   SimDevice dev(small());
   void* p = dev.reserve(dev.granularity());
