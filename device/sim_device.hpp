@@ -56,6 +56,10 @@ class SimDevice final : public Device {
 
   // The simulated clock: the latest time any stream or copy engine has reached, in seconds.
   double sim_time_s() const;
+  // The calling thread's simulated time in nanoseconds, for trace events: on a stream's worker
+  // (callbacks, stream work) the stream's clock; on any other thread the host's simulated time
+  // (the latest completion it has observed, or wall time / time_scale when that is later).
+  std::uint64_t trace_now_ns() const;
 
   // Bytes of physical chunks plus plain allocations currently held (what capacity limits).
   std::size_t used_bytes() const;

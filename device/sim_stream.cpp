@@ -9,6 +9,10 @@
 namespace spill {
 namespace {
 
+// The stream whose worker is the calling thread (and its device), for trace_now_ns.
+thread_local const StreamImpl* t_worker_stream = nullptr;
+thread_local const void* t_worker_device = nullptr;
+
 }  // namespace
 
 // ---- State helpers
@@ -39,6 +43,8 @@ void SimDevice::State::enqueue(StreamImpl& s, SimTask task) {
 
 void SimDevice::State::start_worker(StreamImpl& s) {
   s.worker = std::thread([this, &s] {
+    t_worker_stream = &s;
+    t_worker_device = this;
     for (;;) {
       SimTask task;
       {
@@ -393,6 +399,13 @@ void SimDevice::do_release(HoldToken token) {
     gate->open = true;
   }
   gate->cv.notify_all();
+}
+
+std::uint64_t SimDevice::trace_now_ns() const {
+  double t = t_worker_device == s_.get() && t_worker_stream != nullptr
+                 ? t_worker_stream->clock.load()
+                 : std::max(s_->host_clock.load(), s_->host_now_sim());
+  return static_cast<std::uint64_t>(std::min(t * 1e9, 9.2e18));
 }
 
 double SimDevice::sim_time_s() const {

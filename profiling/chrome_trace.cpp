@@ -165,6 +165,7 @@ std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNa
   for (auto& [id, n] : used_tags) tag_table[std::to_string(id)] = n;
   nlohmann::json other = {{"format", "spill-trace"},
                           {"version", kTraceFormatVersion},
+                          {"clock", TraceRecorder::clock_name()},
                           {"tags", tag_table},
                           {"metadata", metadata}};
   w.raw("\n],\"displayTimeUnit\":\"ns\",\"otherData\":").raw(other.dump()).raw("}\n");
@@ -232,6 +233,7 @@ ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origi
                     " is not supported (this spill reads version " +
                     std::to_string(kTraceFormatVersion) + ")");
   ParsedTrace t;
+  t.clock = other->string_field("clock", std::string(), 256);
   if (auto meta = other->find("metadata")) t.metadata = meta->expect_object().raw();
   else t.metadata = nlohmann::json::object();
   if (auto tags = other->find("tags")) {

@@ -23,6 +23,8 @@ inline constexpr int kTraceFormatVersion = 1;
 using TagNamer = std::function<std::string(std::uint32_t)>;
 
 // The trace as JSON text (fast path: written directly, not through nlohmann objects).
+// otherData.clock names the time base: TraceRecorder::clock_name() when the trace is written
+// (events collected while a TraceClock was set carry its simulated time).
 std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNamer& tags = {},
                               const nlohmann::json& metadata = nlohmann::json::object());
 
@@ -39,6 +41,7 @@ struct ParsedTrace {
   std::vector<TraceEvent> events;
   std::map<std::uint32_t, std::string> tag_names;  // TraceEvent::tag -> name
   nlohmann::json metadata;                         // an object
+  std::string clock;  // otherData.clock: the time base ("simulated (...)" or the host's), or ""
 };
 
 // The longest tag name a trace may hold.

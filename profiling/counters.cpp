@@ -17,12 +17,18 @@ bool CounterReplay::apply(const TraceEvent& e) {
   };
   auto leave_host = [&] {
     auto it = on_host_.find(e.address);
-    if (it == on_host_.end()) return;
+    if (it == on_host_.end()) {
+      if (e.kind == EventKind::Free) freed_.insert(e.address);
+      return;
+    }
     add(next.on_host, -static_cast<std::int64_t>(it->second), "bytes on host");
     on_host_.erase(it);
   };
   switch (e.kind) {
-    case EventKind::Alloc: add(next.allocated, bytes, "allocated bytes"); break;
+    case EventKind::Alloc:
+      add(next.allocated, bytes, "allocated bytes");
+      freed_.erase(e.address);
+      break;
     case EventKind::Free:
       add(next.allocated, -bytes, "allocated bytes");
       leave_host();
@@ -30,7 +36,7 @@ bool CounterReplay::apply(const TraceEvent& e) {
     case EventKind::Map: add(next.mapped, bytes, "mapped bytes"); break;
     case EventKind::Unmap: add(next.mapped, -bytes, "mapped bytes"); break;
     case EventKind::SwapOut:
-      if (!on_host_.count(e.address)) {
+      if (!on_host_.count(e.address) && !freed_.count(e.address)) {
         add(next.on_host, bytes, "bytes on host");
         on_host_.emplace(e.address, e.bytes);
       }

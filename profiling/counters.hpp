@@ -1,10 +1,12 @@
 // Memory counters derived from trace events, so every exporter and report agrees on them:
 // allocated (Alloc/Free), mapped (Map/Unmap), on_host (SwapOut adds a block, SwapIn or a Free
-// of that block removes it) and host_pinned (HostAlloc/HostFree).
+// of that block removes it; a SwapOut sorted after the block's Free adds nothing) and
+// host_pinned (HostAlloc/HostFree).
 #pragma once
 
 #include <cstdint>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "profiling/events.hpp"
 
@@ -30,6 +32,10 @@ class CounterReplay {
  private:
   MemoryCounters current_, peak_;
   std::unordered_map<std::uint64_t, std::uint64_t> on_host_;  // address -> bytes
+  // Blocks freed while on the device. A swap-out slice starts at its copy, which on the
+  // simulated clock can sort after a free issued by the host meanwhile: such a swap-out never
+  // put bytes on the host for this block's life, so it is not counted.
+  std::unordered_set<std::uint64_t> freed_;
 };
 
 }  // namespace spill::profiling

@@ -13,10 +13,17 @@
 namespace spill::profiling {
 namespace {
 
+// Bit 7 of the kind byte marks an event whose times are already nanoseconds of a TraceClock.
+constexpr std::uint64_t kClockedBit = 0x80;
+
 constexpr std::uint64_t pack_meta(EventKind kind, std::int32_t device, std::uint32_t tag) {
   return static_cast<std::uint64_t>(kind) | (static_cast<std::uint64_t>(device & 0xffffff) << 8) |
          (static_cast<std::uint64_t>(tag) << 32);
 }
+
+// The clock set by set_clock; replaced ones are kept (a racing reader may still hold one).
+std::atomic<const TraceClock*> g_clock{nullptr};
+std::mutex g_clock_mu;
 
 std::atomic<std::uint32_t> next_recorder_id{1};
 
@@ -106,7 +113,26 @@ const bool kUseTsc = false;
 
 }  // namespace
 
+void TraceRecorder::set_clock(TraceClock clock) {
+  std::lock_guard lock(g_clock_mu);
+  static std::vector<std::unique_ptr<TraceClock>> kept;
+  kept.push_back(std::make_unique<TraceClock>(std::move(clock)));
+  g_clock.store(kept.back().get(), std::memory_order_release);
+}
+
+void TraceRecorder::clear_clock(const void* ctx) {
+  std::lock_guard lock(g_clock_mu);
+  const TraceClock* c = g_clock.load(std::memory_order_acquire);
+  if (c != nullptr && (ctx == nullptr || c->ctx == ctx)) g_clock.store(nullptr, std::memory_order_release);
+}
+
+std::string TraceRecorder::clock_name() {
+  const TraceClock* c = g_clock.load(std::memory_order_acquire);
+  return c != nullptr ? c->name : "host steady clock";
+}
+
 std::uint64_t TraceRecorder::now() {
+  if (const TraceClock* c = g_clock.load(std::memory_order_acquire)) return c->now_ns(c->ctx);
 #if defined(__x86_64__)
   if (kUseTsc) return __rdtsc();
 #endif
@@ -160,7 +186,8 @@ void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::ui
   w[1].store(address, std::memory_order_relaxed);
   w[2].store(bytes, std::memory_order_relaxed);
   w[3].store(stream, std::memory_order_relaxed);
-  w[4].store(pack_meta(kind, device, tag), std::memory_order_relaxed);
+  const bool clocked = g_clock.load(std::memory_order_relaxed) != nullptr;
+  w[4].store(pack_meta(kind, device, tag) | (clocked ? kClockedBit : 0), std::memory_order_relaxed);
   w[5].store(duration, std::memory_order_relaxed);
   r.head.store(h + 1, std::memory_order_release);
 }
@@ -183,18 +210,20 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take) {
       const std::atomic<std::uint64_t>* w = &r.words[(i & r.mask) * Ring::kWords];
       TraceEvent e;
       std::uint64_t ticks = w[0].load(std::memory_order_relaxed);
-      e.time_ns = static_cast<std::uint64_t>(std::max(0.0, to_ns(ticks)));
+      std::uint64_t meta = w[4].load(std::memory_order_relaxed);
+      const bool clocked = (meta & kClockedBit) != 0;
+      e.time_ns = clocked ? ticks : static_cast<std::uint64_t>(std::max(0.0, to_ns(ticks)));
       e.address = w[1].load(std::memory_order_relaxed);
       e.bytes = w[2].load(std::memory_order_relaxed);
       e.stream = w[3].load(std::memory_order_relaxed);
-      std::uint64_t meta = w[4].load(std::memory_order_relaxed);
-      e.kind = static_cast<EventKind>(meta & 0xff);
+      e.kind = static_cast<EventKind>(meta & 0x7f);
       std::int32_t dev = static_cast<std::int32_t>((meta >> 8) & 0xffffff);
       e.device = (dev & 0x800000) ? dev - 0x1000000 : dev;
       e.tag = static_cast<std::uint32_t>(meta >> 32);
       std::uint64_t dur = w[5].load(std::memory_order_relaxed);
-      e.duration_ns = kUseTsc ? static_cast<std::uint64_t>(static_cast<double>(dur) * ns_per_tick_)
-                              : dur;
+      e.duration_ns = kUseTsc && !clocked
+                          ? static_cast<std::uint64_t>(static_cast<double>(dur) * ns_per_tick_)
+                          : dur;
       e.thread = r.thread;
       out.push_back(e);
     }

@@ -32,8 +32,17 @@ const char* to_string(EventKind kind);
 // waiting for swap-outs, for instance).
 inline constexpr std::uint64_t kHostStream = ~std::uint64_t{0};
 
+// Where event times come from when not from the host's steady clock: a simulated device's
+// clock (SimDevice::trace_now_ns), set by the runtime that drives it. `now_ns(ctx)` gives the
+// calling thread's time on that clock in nanoseconds; `name` says which clock it is in traces.
+struct TraceClock {
+  std::uint64_t (*now_ns)(const void* ctx) = nullptr;
+  const void* ctx = nullptr;
+  std::string name;
+};
+
 struct TraceEvent {
-  std::uint64_t time_ns = 0;  // steady clock, since the recorder's epoch (start, for spans)
+  std::uint64_t time_ns = 0;  // on the recorder's clock (TraceRecorder::clock_name); span start
   std::uint64_t duration_ns = 0;  // 0 for instant events
   EventKind kind = EventKind::Mark;
   std::uint64_t address = 0;
@@ -87,10 +96,21 @@ class TraceRecorder {
   std::string tag_name(std::uint32_t tag) const;
 
   // A cheap timestamp in ticks (the invariant TSC on x86, else steady-clock nanoseconds);
-  // collect() turns ticks into nanoseconds since the recorder's epoch.
+  // collect() turns ticks into nanoseconds since the recorder's epoch. While a TraceClock is
+  // set, it is that clock's nanoseconds instead (and collect() keeps them as they are).
   static std::uint64_t now();
-  // Nanoseconds since the recorder's epoch, on the scale of collected events.
+  // Nanoseconds on the host's steady clock since the recorder's epoch (for measuring host
+  // work; event times follow the TraceClock when one is set).
   std::uint64_t now_ns() const;
+
+  // Puts every recorder's event times on `clock` (process-wide, like now()). The clock's
+  // context must stay valid until clear_clock(); set it before recording starts, clear it
+  // after the last event of that device. The trace then says so (clock_name()).
+  static void set_clock(TraceClock clock);
+  // Back to the host's steady clock, if `ctx` is the clock's context (or always for nullptr).
+  static void clear_clock(const void* ctx = nullptr);
+  // "host steady clock", or the name of the clock set.
+  static std::string clock_name();
 
   struct Ring;
 

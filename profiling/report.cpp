@@ -1,6 +1,7 @@
 #include "profiling/report.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <sstream>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "core/checked.hpp"
+#include "core/errors.hpp"
 #include "core/units.hpp"
 #include "profiling/counters.hpp"
 
@@ -45,20 +47,56 @@ std::string tag_of(const ParsedTrace& t, std::uint32_t tag) {
   return it != t.tag_names.end() ? it->second : "";
 }
 
-// A line chart of step series over [t0, t1] ms, with axes, ticks and a legend.
+// Round axis ticks: a step of 1, 2 or 5 times a power of ten giving about `target` intervals
+// over [0, span], so labels read 0, 2, 4 ... rather than 0, 2.21, 4.42 or 8.84e+03.
+double nice_step(double span, int target = 5) {
+  if (!(span > 0) || !std::isfinite(span)) return 1;
+  const double raw = span / target;
+  const double p = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 5.0, 10.0})
+    if (m * p >= raw) return m * p;
+  return 10 * p;
+}
+
+// A tick value with as many decimals as the step needs (none for steps of 1 or more).
+std::string tick_label(double v, double step) {
+  const int decimals = step >= 1 ? 0 : static_cast<int>(std::ceil(-std::log10(step) - 1e-9));
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", std::min(decimals, 9), v);
+  return buf;
+}
+
+// The time unit that fits a span of `span_ms`: microseconds, milliseconds, seconds or minutes,
+// the largest one in which the span is at least 2.
+struct TimeUnit {
+  const char* name;
+  double ms;
+};
+TimeUnit time_unit(double span_ms) {
+  for (TimeUnit u : {TimeUnit{"min", 60000.0}, {"s", 1000.0}, {"ms", 1.0}})
+    if (span_ms / u.ms >= 2) return u;
+  return {"\u00b5s", 1e-3};
+}
+
+// A line chart of step series over [t0, t1] ms, with axes, round ticks and a legend.
 struct Series {
   std::string name, colour;
   std::vector<std::pair<double, double>> points;  // (ms, value)
 };
 
 std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
-                      const std::string& y_label, double y_scale, const std::string& id) {
+                      const std::string& x_note, const std::string& y_label, double y_scale,
+                      const std::string& id) {
   const double w = 900, h = 260, left = 70, right = 160, top = 15, bottom = 40;
   double y_max = 0;
   for (const Series& s : series)
     for (auto& p : s.points) y_max = std::max(y_max, p.second / y_scale);
-  if (y_max <= 0) y_max = 1;
+  if (!(y_max > 0) || !std::isfinite(y_max)) y_max = 1;
+  const double y_step = nice_step(y_max, 4);
+  y_max = std::ceil(y_max / y_step - 1e-9) * y_step;  // the top line is a round tick
   if (t1 <= t0) t1 = t0 + 1;
+  const TimeUnit unit = time_unit(t1 - t0);
+  const double x_span = (t1 - t0) / unit.ms, x_step = nice_step(x_span);
   auto x = [&](double t) { return left + (t - t0) / (t1 - t0) * (w - left - right); };
   auto y = [&](double v) { return top + (1 - v / y_scale / y_max) * (h - top - bottom); };
   std::ostringstream o;
@@ -66,18 +104,22 @@ std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
     << "' height='" << h << "' role='img'>";
   o << "<rect x='" << left << "' y='" << top << "' width='" << w - left - right << "' height='"
     << h - top - bottom << "' fill='#fafafa' stroke='#999'/>";
-  for (int i = 0; i <= 4; ++i) {
-    double v = y_max * i / 4;
-    double yy = top + (1 - i / 4.0) * (h - top - bottom);
+  for (int i = 0; i * y_step <= y_max * (1 + 1e-9) && i <= 20; ++i) {
+    const double v = i * y_step;
+    const double yy = top + (1 - v / y_max) * (h - top - bottom);
     o << "<line x1='" << left << "' x2='" << w - right << "' y1='" << yy << "' y2='" << yy
       << "' stroke='#ddd'/><text x='" << left - 6 << "' y='" << yy + 4
-      << "' text-anchor='end' font-size='11'>" << fmt("%.3g", v) << "</text>";
-    double tt = t0 + (t1 - t0) * i / 4;
-    o << "<text x='" << x(tt) << "' y='" << h - bottom + 16 << "' text-anchor='middle' "
-      << "font-size='11'>" << fmt("%.3g", tt) << "</text>";
+      << "' text-anchor='end' font-size='11'>" << tick_label(v, y_step) << "</text>";
+  }
+  for (int i = 0; i * x_step <= x_span * (1 + 1e-9) && i <= 40; ++i) {
+    const double tt = t0 + i * x_step * unit.ms;
+    o << "<line x1='" << x(tt) << "' x2='" << x(tt) << "' y1='" << h - bottom << "' y2='"
+      << h - bottom + 4 << "' stroke='#999'/><text x='" << x(tt) << "' y='" << h - bottom + 16
+      << "' text-anchor='middle' font-size='11'>" << tick_label(i * x_step, x_step)
+      << "</text>";
   }
   o << "<text x='" << (left + w - right) / 2 << "' y='" << h - 6
-    << "' text-anchor='middle' font-size='12'>time (ms)</text>";
+    << "' text-anchor='middle' font-size='12'>time (" << unit.name << x_note << ")</text>";
   o << "<text x='14' y='" << (top + h - bottom) / 2 << "' font-size='12' transform='rotate(-90 14 "
     << (top + h - bottom) / 2 << ")' text-anchor='middle'>" << esc(y_label) << "</text>";
   int row = 0;
@@ -150,6 +192,9 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     return o.str();
   }
   ReportSummary s = summarize(trace);
+  // Which clock the times are on: simulated device time, or the host's wall clock.
+  const bool simulated = trace.clock.rfind("simulated", 0) == 0;
+  const std::string x_note = simulated ? ", simulated" : "";
   const std::uint64_t t0 = std::min_element(trace.events.begin(), trace.events.end(),
                                             [](auto& a, auto& b) { return a.time_ns < b.time_ns; })
                                ->time_ns;
@@ -158,6 +203,9 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   o << "<h2>Summary</h2><table id='summary'>"
     << "<tr><th class='l'>events</th><td>" << s.events << "</td></tr>"
     << "<tr><th class='l'>duration</th><td>" << fmt("%.3f ms", s.duration_ms) << "</td></tr>"
+    << "<tr><th class='l'>time base</th><td id='clock'>"
+    << esc(trace.clock.empty() ? "not recorded (host steady clock)" : excerpt(trace.clock, 200))
+    << "</td></tr>"
     << "<tr><th class='l'>peak allocated</th><td>" << format_bytes(s.peak.allocated) << "</td></tr>"
     << "<tr><th class='l'>peak mapped</th><td>" << format_bytes(s.peak.mapped) << "</td></tr>"
     << "<tr><th class='l'>peak on host</th><td>" << format_bytes(s.peak.on_host) << "</td></tr>"
@@ -184,7 +232,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     }
   }
   o << "<h2>Memory timeline</h2>"
-    << svg_chart(mem, 0, s.duration_ms, "GiB", 1024.0 * 1024 * 1024, "memory-timeline");
+    << svg_chart(mem, 0, s.duration_ms, x_note, "GiB", 1024.0 * 1024 * 1024, "memory-timeline");
 
   // Largest live allocations when allocated bytes peaked.
   // First the event at which allocated bytes first peak, then the blocks live there (copying
@@ -244,7 +292,11 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     bw[1].points.emplace_back(i * width, gbps_in);
     bw[1].points.emplace_back((i + 1) * width, gbps_in);
   }
-  o << "<h2>Swap bandwidth</h2>" << svg_chart(bw, 0, s.duration_ms, "GB/s", 1.0, "swap-bandwidth");
+  o << "<h2>Swap bandwidth</h2><p class='note'>Each copy's bytes are spread over its slice, "
+    << "from when it could start (its issue, or the end of the copy before it on the same copy "
+    << "stream) to its end; a swap-out that waits for its block's last use shows below the "
+    << "link's rate.</p>"
+    << svg_chart(bw, 0, s.duration_ms, x_note, "GB/s", 1.0, "swap-bandwidth");
 
   // Stalls per stream.
   std::map<std::uint64_t, std::pair<std::size_t, double>> stalls;

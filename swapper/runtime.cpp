@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "core/errors.hpp"
+#include "device/sim_device.hpp"
+#include "profiling/events.hpp"
 
 namespace spill {
 
@@ -43,6 +45,21 @@ Runtime::Runtime(const Config& config, RuntimeOptions options) : config_(config)
   DeviceSelection sel = make_device(config);
   device_ = std::move(sel.device);
   reason_ = sel.reason;
+  // On the simulated device, trace events carry simulated time, the time the run reports.
+  if (auto* sim = dynamic_cast<SimDevice*>(device_.get())) {
+    profiling::TraceRecorder::set_clock(
+        {[](const void* d) { return static_cast<const SimDevice*>(d)->trace_now_ns(); }, sim,
+         "simulated (" + sim->info().name + ", link model " + sim->info().link_name + ")"});
+  }
+  try {
+    build(config, options);
+  } catch (...) {
+    profiling::TraceRecorder::clear_clock(device_.get());
+    throw;
+  }
+}
+
+void Runtime::build(const Config& config, RuntimeOptions options) {
   host_ = std::make_unique<HostPool>(*device_, config.host_cap);
   AllocatorOptions ao = AllocatorOptions::from_config(config);
   ao.small_limit = std::min<std::size_t>(config.swap_threshold, 1u << 20);
@@ -73,6 +90,7 @@ Runtime::~Runtime() {
   swapper_.reset();
   allocator_.reset();
   host_.reset();
+  profiling::TraceRecorder::clear_clock(device_.get());
 }
 
 StepMemory& Runtime::step_memory() { return *memory_; }

@@ -1,7 +1,9 @@
 // The assembled stack for one device, from one Config: device (auto/cuda/sim), caching
 // allocator with its budget, pinned host pool under host_cap, and the swapper wired into the
 // allocator (new large blocks are tracked, frees release them, the ladder's eviction hook
-// evicts). This is what `spill demo`, the trainer and the C API stand on.
+// evicts). This is what `spill demo`, the trainer and the C API stand on. On the simulated
+// device, trace events are stamped with simulated time while the runtime lives
+// (profiling::TraceRecorder::set_clock), so traces agree with the times the run reports.
 #pragma once
 
 #include <memory>
@@ -47,6 +49,7 @@ class Runtime {
  private:
   class Hooks;
   class AllocatorMemory;
+  void build(const Config& config, RuntimeOptions options);  // everything above the device
   Config config_;
   std::string reason_;
   std::unique_ptr<Device> device_;

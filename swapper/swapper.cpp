@@ -224,8 +224,10 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
       backend.unback(again.base, again.size);
       throw;
     }
-    dev.host_callback(h2d, [start, base, size] {
-      TraceRecorder::global().record_span(EventKind::SwapIn, start, base, size);
+    dev.host_callback(h2d, [this, start, base, size] {  // see h2d_trace_end
+      const std::uint64_t end = TraceRecorder::now();
+      const std::uint64_t from = std::max(start, h2d_trace_end.exchange(end));
+      TraceRecorder::global().record_span(EventKind::SwapIn, std::min(from, end), base, size);
     });
     stats.swap_ins++;
     stats.bytes_in += size;

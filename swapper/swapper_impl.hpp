@@ -3,6 +3,7 @@
 // step and executing its plan). Every *_locked function requires `mu` held.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -75,6 +76,11 @@ struct Swapper::Impl {
   HostMemory& host;
   SwapperOptions opt;
   Stream d2h = nullptr, h2d = nullptr;
+  // Trace time at which the last copy recorded on d2h / h2d ended. The streams run their copies
+  // in order, so a copy issued behind others starts when the one before it ends: its slice
+  // starts there, not at its issue (else queued copies would overlap and show more bandwidth
+  // than the link has). Written by the streams' host callbacks only.
+  std::atomic<std::uint64_t> d2h_trace_end{0}, h2d_trace_end{0};
 
   mutable std::mutex mu;
   std::condition_variable cv;  // a block stopped being busy

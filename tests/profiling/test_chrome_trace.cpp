@@ -104,11 +104,31 @@ void expect_error(const std::string& text, const std::string& must_mention) {
   }
 }
 
+TEST(CounterReplay, ASwapOutSortedAfterItsBlocksFreeAddsNothing) {
+  // On the simulated clock a swap-out slice starts at its copy, which can sort after a free the
+  // host issued meanwhile; the block's bytes never sat on the host for its life.
+  using test::make_event;
+  CounterReplay r;
+  for (const TraceEvent& e : {make_event(0, EventKind::Alloc, 0xa0, 100),
+                              make_event(10, EventKind::Free, 0xa0, 100),
+                              make_event(12, EventKind::SwapOut, 0xa0, 100, 0, 5)})
+    r.apply(e);
+  EXPECT_EQ(r.current().on_host, 0);
+  // Allocated again at that address, it swaps out as usual.
+  r.apply(make_event(20, EventKind::Alloc, 0xa0, 100));
+  r.apply(make_event(21, EventKind::SwapOut, 0xa0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, 100);
+  r.apply(make_event(30, EventKind::SwapIn, 0xa0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, 0);
+}
+
 TEST(ChromeTrace, BadFilesGetClearErrors) {
   std::string good = to_chrome_trace(sample_events()).dump();
   expect_error(good.substr(0, good.size() / 2), "truncated");
   expect_error("this is not json", "not valid JSON at line 1");
   expect_error(R"({"traceEvents": []})", "not a spill trace");
+  // The time base is named in the trace and read back.
+  EXPECT_EQ(parse_chrome_trace(good, "t").clock, "host steady clock");
   expect_error(R"({"traceEvents": [], "otherData": {"format": "spill-trace", "version": 9}})",
                "version 9");
   EXPECT_THROW(read_chrome_trace("/nonexistent/trace.json"), InvalidArgument);

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <set>
 #include <thread>
@@ -120,6 +121,35 @@ TEST(TraceRecorder, SpansCarryTheirDuration) {
   EXPECT_LE(e[0].duration_ns, after_ns - before_ns + 200'000);
   EXPECT_EQ(e[0].kind, EventKind::SwapOut);
   EXPECT_STREQ(to_string(EventKind::HostFree), "host_free");
+}
+
+TEST(TraceRecorder, AClockPutsEventTimesOnItsTimeLine) {
+  static std::atomic<std::uint64_t> fake_ns{1ull << 60};  // far beyond any steady time
+  TraceRecorder rec(64);
+  EXPECT_EQ(TraceRecorder::clock_name(), "host steady clock");
+  TraceRecorder::set_clock({[](const void*) { return fake_ns.load(); }, &fake_ns, "simulated (test)"});
+  EXPECT_EQ(TraceRecorder::clock_name(), "simulated (test)");
+  rec.record(EventKind::Alloc, 0x10, 4096);
+  std::uint64_t start = TraceRecorder::now();
+  fake_ns += 1'500;
+  rec.record_span(EventKind::SwapOut, start, 0x10, 4096);
+  TraceRecorder::clear_clock(&fake_ns);
+  EXPECT_EQ(TraceRecorder::clock_name(), "host steady clock");
+  rec.record(EventKind::Free, 0x10, 4096);
+  auto events = rec.collect();
+  ASSERT_EQ(events.size(), 3u);
+  auto of = [&](EventKind k) {
+    for (const TraceEvent& e : events)
+      if (e.kind == k) return e;  // the clock bit does not leak into the kind
+    ADD_FAILURE() << "no " << to_string(k);
+    return TraceEvent{};
+  };
+  EXPECT_EQ(of(EventKind::Alloc).time_ns, 1ull << 60) << "the clock's ns, not ticks";
+  EXPECT_EQ(of(EventKind::SwapOut).time_ns, 1ull << 60);
+  EXPECT_EQ(of(EventKind::SwapOut).duration_ns, 1'500u);
+  EXPECT_LT(of(EventKind::Free).time_ns, 1ull << 60) << "the steady clock again";
+  TraceRecorder::clear_clock(&start);  // another context's clear changes nothing
+  EXPECT_EQ(TraceRecorder::clock_name(), "host steady clock");
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <vector>
 
 #include "profiling/report.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
@@ -43,6 +44,39 @@ TEST(Report, ShowsEverySection) {
   EXPECT_EQ(html.find("http"), std::string::npos) << "the page must fetch nothing";
   // Lets report_renders.sh (CTest) render the same page in headless Chromium.
   if (const char* path = std::getenv("SPILL_WRITE_REPORT")) std::ofstream(path) << html;
+}
+
+// Events over `span_ns` with a swap-out in the middle, on a simulated clock.
+ParsedTrace spanning(std::uint64_t span_ns) {
+  ParsedTrace t;
+  t.events = {test::make_event(0, EventKind::Alloc, 0x10, 1 << 30),
+              test::make_event(span_ns / 3, EventKind::SwapOut, 0x10, 1 << 30, 0, span_ns / 3),
+              test::make_event(span_ns, EventKind::Free, 0x10, 1 << 30)};
+  t.clock = "simulated (SimDevice, link model pcie4)";
+  return t;
+}
+
+TEST(Report, TimeAxisHasRoundTicksInAFittingUnit) {
+  struct Case {
+    std::uint64_t span_ns;
+    const char* label;
+    std::vector<const char*> ticks;
+  };
+  const Case cases[] = {
+      {8'840'000'000, "time (s, simulated)", {">0<", ">2<", ">4<", ">6<", ">8<"}},
+      {150'000'000'000, "time (min, simulated)", {">0.0<", ">0.5<", ">1.0<", ">2.5<"}},
+      {35'000'000, "time (ms, simulated)", {">0<", ">10<", ">30<"}},
+      {1'200'000, "time (\u00b5s, simulated)", {">0<", ">500<", ">1000<"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.label);
+    std::string html = render_report(spanning(c.span_ns), "t.json");
+    EXPECT_NE(html.find(c.label), std::string::npos);
+    for (const char* tick : c.ticks) EXPECT_NE(html.find(tick), std::string::npos) << tick;
+    EXPECT_EQ(html.find("e+0"), std::string::npos) << "no exponent on any axis";
+    EXPECT_NE(html.find("simulated (SimDevice, link model pcie4)"), std::string::npos)
+        << "the summary says which clock";
+  }
 }
 
 TEST(Report, EmptyTraceSaysSo) {

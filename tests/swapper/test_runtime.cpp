@@ -3,7 +3,11 @@
 // allocator's own stats after every step.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
+#include "core/link_model.hpp"
 #include "core/units.hpp"
+#include "device/sim_device.hpp"
 #include "profiling/counters.hpp"
 #include "profiling/events.hpp"
 #include "swapper/runtime.hpp"
@@ -39,6 +43,51 @@ TEST(Runtime, SyntheticStepOverTheCachingAllocator) {
   SwapStats st = rt.swapper()->stats();
   EXPECT_GT(st.swap_outs + st.clean_evictions, 0u);
   EXPECT_EQ(rt.allocator().stats().allocated.current, 0) << "every block was freed";
+}
+
+TEST(Runtime, TraceTimesAreSimulatedTimeOnTheSimulatedDevice) {
+  auto& rec = profiling::TraceRecorder::global();
+  rec.set_enabled(true);
+  rec.collect();
+  std::vector<profiling::TraceEvent> events;
+  double sim_end_s = 0, steps_s = 0;
+  LinkModel link = link_preset("pcie4");
+  {
+    Runtime rt(Config::parse("device:sim,sim_capacity:1GiB,budget:64MiB,link:pcie4"));
+    EXPECT_EQ(profiling::TraceRecorder::clock_name(),
+              "simulated (SimDevice, link model pcie4)");
+    SyntheticStepConfig c;
+    c.layers = 8;
+    c.activation_bytes = 8 * MiB;
+    c.weight_bytes = 4 * MiB;
+    c.steps = 2;
+    for (const StepResult& r :
+         run_synthetic_steps(rt.device(), rt.step_memory(), *rt.swapper(), c)) {
+      EXPECT_TRUE(r.data_ok) << r.first_error;
+      steps_s += r.step_time_s;
+    }
+    rt.device().synchronize();
+    sim_end_s = dynamic_cast<SimDevice&>(rt.device()).sim_time_s();
+    events = rec.collect();
+  }
+  EXPECT_EQ(profiling::TraceRecorder::clock_name(), "host steady clock")
+      << "the runtime gives the clock back";
+  ASSERT_FALSE(events.empty());
+  std::uint64_t last = 0;
+  std::vector<double> in_rates;
+  for (const auto& e : events) {
+    last = std::max(last, e.time_ns + e.duration_ns);
+    if (e.kind == profiling::EventKind::SwapIn && e.duration_ns > 0)
+      in_rates.push_back(double(e.bytes) / double(e.duration_ns));  // GB/s
+  }
+  // The trace spans the simulated run (the steps and the setup before them), not wall time.
+  EXPECT_LE(double(last), sim_end_s * 1e9 + 1e3);
+  EXPECT_GE(double(last), steps_s * 1e9 * 0.99);
+  // Swap-ins land at the modelled rate of the link, never above it.
+  ASSERT_FALSE(in_rates.empty());
+  std::sort(in_rates.begin(), in_rates.end());
+  EXPECT_LE(in_rates.back(), link.h2d_gbps * 1.001);
+  EXPECT_GE(in_rates[in_rates.size() / 2], link.h2d_gbps * 0.8);
 }
 
 }  // namespace
