@@ -1,6 +1,7 @@
 // `spill plan`: predicts, without a GPU, whether a model's training step fits a memory budget
 // under each swap policy, what moves over the link and what it costs, on a simulated device and
 // link. Every figure it prints is simulated, and says so.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -84,6 +85,7 @@ void write_json(const std::string& path, const nlohmann::json& j, const char* wh
 }
 
 int run_plan(const PlanArgs& a) {
+  SPILL_EXPECTS(!std::isnan(a.max_batch_pct), "--max-batch: expected a percentage, got nan");
   for (auto [path, what] : {std::pair{&a.json_path, "--json"}, {&a.timeline_path, "--timeline"},
                             {&a.plan_path, "--plan-out"}})
     if (!path->empty()) check_writable(*path, what);

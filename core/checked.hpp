@@ -14,8 +14,8 @@
 namespace spill {
 
 // The largest byte count spill accepts anywhere: 2^63 - 1 (8 EiB less one byte).
-inline constexpr std::uint64_t kMaxBytes = static_cast<std::uint64_t>(
-    std::numeric_limits<std::int64_t>::max());
+inline constexpr std::uint64_t kMaxBytes =
+    static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max());
 
 // a + b and a * b, or nothing when the result passes `limit`.
 constexpr std::optional<std::uint64_t> add_within(std::uint64_t a, std::uint64_t b,
@@ -32,13 +32,15 @@ constexpr std::optional<std::uint64_t> mul_within(std::uint64_t a, std::uint64_t
 }
 
 // a + b and a * b, clamped to `limit` (for figures that are only ever compared or printed).
-constexpr std::uint64_t saturating_add(std::uint64_t a, std::uint64_t b,
-                                       std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
+constexpr std::uint64_t saturating_add(
+    std::uint64_t a, std::uint64_t b,
+    std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
   auto r = add_within(a, b, limit);
   return r ? *r : limit;
 }
-constexpr std::uint64_t saturating_mul(std::uint64_t a, std::uint64_t b,
-                                       std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
+constexpr std::uint64_t saturating_mul(
+    std::uint64_t a, std::uint64_t b,
+    std::uint64_t limit = std::numeric_limits<std::uint64_t>::max()) {
   auto r = mul_within(a, b, limit);
   return r ? *r : limit;
 }

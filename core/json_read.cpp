@@ -35,8 +35,7 @@ class BoundedDom {
     slot_ = &(*stack_.back())[k];
     return true;
   }
-  bool parse_error(std::size_t position, const std::string& last_token,
-                   const json::exception& ex) {
+  bool parse_error(std::size_t position, const std::string& last_token, const json::exception& ex) {
     error_position_ = position;
     error_token_ = last_token.substr(0, 64);
     error_token_cut_ = last_token.size() > 64;
@@ -142,24 +141,24 @@ json parse_json(std::string_view text, std::string_view origin_view, int max_dep
                           std::to_string(max_depth) + " levels");
   }
   const std::size_t byte = dom.error_position();
-  const std::string at = line_column(text, byte == 0 ? 0 : byte - 1) + " (byte " +
-                         std::to_string(byte) + ")";
+  const std::string at =
+      line_column(text, byte == 0 ? 0 : byte - 1) + " (byte " + std::to_string(byte) + ")";
   if (dom.error_id() == 406) {
-    throw InvalidArgument(origin + ": number " + quote_excerpt(dom.error_token(), 40) +
-                          " at " + at + " is out of range (beyond a double's range)");
+    throw InvalidArgument(origin + ": number " + quote_excerpt(dom.error_token(), 40) + " at " +
+                          at + " is out of range (beyond a double's range)");
   }
   std::size_t end = text.find_last_not_of(" \t\r\n");
   const bool closes = end != std::string_view::npos && (text[end] == '}' || text[end] == ']');
-  const bool at_end = byte + 1 >= text.size() ||
-                      dom.error_what().find("end of input") != std::string::npos;
+  const bool at_end =
+      byte + 1 >= text.size() || dom.error_what().find("end of input") != std::string::npos;
   if (at_end && !closes) {
     throw InvalidArgument(origin + ": truncated: the JSON ends early at byte " +
                           std::to_string(byte) + " (" + line_column(text, text.size()) + ")");
   }
   throw InvalidArgument(origin + ": not valid JSON at " + at + ": " + reason_of(dom.error_what()) +
-                        (dom.error_token().empty() ? std::string()
-                                                   : "; last read " +
-                                                         quote_excerpt(dom.error_token(), 40)));
+                        (dom.error_token().empty()
+                             ? std::string()
+                             : "; last read " + quote_excerpt(dom.error_token(), 40)));
 }
 
 std::string read_file_text(const std::string& path, std::string_view origin) {
@@ -196,7 +195,8 @@ std::string describe_json(const json& v) {
     case json::value_t::number_integer: return std::to_string(v.get<std::int64_t>());
     case json::value_t::number_unsigned: return std::to_string(v.get<std::uint64_t>());
     case json::value_t::number_float: return number_text(v.get<double>());
-    case json::value_t::string: return "the string " + quote_excerpt(v.get_ref<const std::string&>());
+    case json::value_t::string:
+      return "the string " + quote_excerpt(v.get_ref<const std::string&>());
     case json::value_t::array: return "an array of " + std::to_string(v.size()) + " items";
     case json::value_t::object: return "an object with " + std::to_string(v.size()) + " fields";
     case json::value_t::binary: return "binary data";
@@ -290,7 +290,8 @@ std::int64_t JsonValue::as_int(std::int64_t lo, std::int64_t hi) const {
       "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
   if (!v_->is_number_integer()) fail(rule);
   if (v_->is_number_unsigned() &&
-      v_->get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+      v_->get<std::uint64_t>() >
+          static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
     fail(rule);
   const auto n = v_->get<std::int64_t>();
   if (n < lo || n > hi) fail(rule);
@@ -298,7 +299,8 @@ std::int64_t JsonValue::as_int(std::int64_t lo, std::int64_t hi) const {
 }
 
 double JsonValue::as_number(double lo, double hi) const {
-  const std::string rule = "must be a number in [" + short_number(lo) + ", " + short_number(hi) + "]";
+  const std::string rule =
+      "must be a number in [" + short_number(lo) + ", " + short_number(hi) + "]";
   if (!v_->is_number()) fail(rule);
   const double d = v_->get<double>();
   if (!std::isfinite(d) || d < lo || d > hi) fail(rule);

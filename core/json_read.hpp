@@ -9,11 +9,10 @@
 #include <initializer_list>
 #include <limits>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
-
-#include <nlohmann/json.hpp>
 
 namespace spill {
 
@@ -81,8 +80,7 @@ class JsonValue {
                          std::optional<std::int64_t> dflt = std::nullopt) const;
   double number_field(std::string_view key, double lo, double hi,
                       std::optional<double> dflt = std::nullopt) const;
-  std::string string_field(std::string_view key,
-                           std::optional<std::string> dflt = std::nullopt,
+  std::string string_field(std::string_view key, std::optional<std::string> dflt = std::nullopt,
                            std::size_t max_chars = kMaxJsonString) const;
   bool bool_field(std::string_view key, std::optional<bool> dflt = std::nullopt) const;
 

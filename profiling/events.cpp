@@ -123,7 +123,8 @@ void TraceRecorder::set_clock(TraceClock clock) {
 void TraceRecorder::clear_clock(const void* ctx) {
   std::lock_guard lock(g_clock_mu);
   const TraceClock* c = g_clock.load(std::memory_order_acquire);
-  if (c != nullptr && (ctx == nullptr || c->ctx == ctx)) g_clock.store(nullptr, std::memory_order_release);
+  if (c != nullptr && (ctx == nullptr || c->ctx == ctx))
+    g_clock.store(nullptr, std::memory_order_release);
 }
 
 std::string TraceRecorder::clock_name() {

@@ -6,7 +6,7 @@
 #include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
-#include "tests/fuzz_helpers.hpp"
+#include "tests/hostile_helpers.hpp"
 
 namespace spill {
 namespace {

@@ -8,19 +8,13 @@
 #include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "core/json_read.hpp"
+#include "tests/hostile_helpers.hpp"
 
 namespace spill {
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const InvalidArgument& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no InvalidArgument";
-  return "";
-}
+using spill::test::error_of;
+using spill::test::expect_mentions;
 
 TEST(ParseJson, NestingPastTheLimitIsAnErrorNotACrash) {
   const std::string deep = "{\"a\": " + std::string(100000, '[') + std::string(100000, ']') + "}";
@@ -66,8 +60,9 @@ TEST(JsonValue, ReadsFieldsWithRangesAndNamesThePath) {
   EXPECT_EQ(op.uint_field("ok", 0, 100), 12u);
   EXPECT_EQ(op.uint_field("absent", 0, 100, 5), 5u);
   std::string msg = error_of([&] { op.uint_field("bytes", 0, kMaxBytes); });
-  EXPECT_NE(msg.find("g.json: ops[0].bytes: must be an integer in [0, 9223372036854775807], got -1"),
-            std::string::npos)
+  EXPECT_NE(
+      msg.find("g.json: ops[0].bytes: must be an integer in [0, 9223372036854775807], got -1"),
+      std::string::npos)
       << msg;
   msg = error_of([&] { op.int_field("layer", -1, 2147483647); });
   EXPECT_NE(msg.find("ops[0].layer"), std::string::npos) << msg;

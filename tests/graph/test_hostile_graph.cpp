@@ -15,10 +15,13 @@
 #include "graph/graph_json.hpp"
 #include "graph/liveness.hpp"
 #include "graph/zoo.hpp"
-#include "tests/fuzz_helpers.hpp"
+#include "tests/hostile_helpers.hpp"
 
 namespace spill::graph {
 namespace {
+
+using spill::test::error_of;
+using spill::test::expect_mentions;
 
 const char* kTiny = R"({
   "format": "spill-graph", "version": 1, "name": "tiny",
@@ -40,27 +43,6 @@ const char* kTiny = R"({
   ]
 })";
 
-std::string with(std::string text, const std::string& from, const std::string& to) {
-  auto at = text.find(from);
-  EXPECT_NE(at, std::string::npos) << from;
-  if (at != std::string::npos) text.replace(at, from.size(), to);
-  return text;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const InvalidArgument& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "accepted";
-  return "";
-}
-
-void expect_mentions(const std::string& msg, std::initializer_list<const char*> parts) {
-  for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-}
-
 TEST(HostileGraph, NumbersOutOfRangeNameTheFileFieldAndRule) {
   struct Case {
     const char* from;
@@ -70,7 +52,8 @@ TEST(HostileGraph, NumbersOutOfRangeNameTheFileFieldAndRule) {
   const Case cases[] = {
       {"\"layer\": 0", "\"layer\": 4294967296", {"g.json", "ops[0].layer", "4294967296"}},
       {"\"layer\": 0", "\"layer\": 2147483648", {"ops[0].layer", "2147483647"}},
-      {"\"bytes\": 4096", "\"bytes\": 18446744073709551615",
+      {"\"bytes\": 4096",
+       "\"bytes\": 18446744073709551615",
        {"tensors[1].bytes", "[0, 9223372036854775807]", "18446744073709551615"}},
       {"\"bytes\": 4096", "\"bytes\": -1", {"tensors[1].bytes", "got -1"}},
       {"\"flops\": 100", "\"flops\": 1e400", {"g.json", "out of range", "line 12"}},
@@ -79,52 +62,62 @@ TEST(HostileGraph, NumbersOutOfRangeNameTheFileFieldAndRule) {
       {"\"bytes\": 1e6", "\"bytes\": 1e19", {"ops[2].bytes"}},
       {"\"name\": \"w\"", "\"name\": 5", {"tensors[0].name", "must be a string, got 5"}},
       {"\"version\": 1", "\"version\": 4294967297", {"version", "4294967297"}},
-      {"\"workspace_bytes\": 512", "\"workspace_bytes\": 9223372036854775808",
+      {"\"workspace_bytes\": 512",
+       "\"workspace_bytes\": 9223372036854775808",
        {"ops[0].workspace_bytes"}},
       {"\"reads\": [14, 10]", "\"reads\": [14, -10]", {"ops[3].reads[1]", "got -10"}},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.to);
-    expect_mentions(error_of([&] { parse_graph(with(kTiny, c.from, c.to), "g.json"); }),
-                    c.expect);
+    expect_mentions(
+        error_of([&] { parse_graph(spill::test::replaced(kTiny, c.from, c.to), "g.json"); }),
+        c.expect);
   }
 }
 
 TEST(HostileGraph, AStepWhoseBytesPass2To63IsRefusedNamingTheTensor) {
   // Each tensor is in range; together they are not (the old reader said "peak 63 B, fits").
-  std::string text = with(kTiny, "\"bytes\": 4096", "\"bytes\": 4611686018427387904");
-  text = with(text, "\"bytes\": 2048, \"dtype\"", "\"bytes\": 4611686018427387904, \"dtype\"");
+  std::string text =
+      spill::test::replaced(kTiny, "\"bytes\": 4096", "\"bytes\": 4611686018427387904");
+  text = spill::test::replaced(text, "\"bytes\": 2048, \"dtype\"",
+                               "\"bytes\": 4611686018427387904, \"dtype\"");
   expect_mentions(error_of([&] { parse_graph(text, "g.json"); }),
                   {"g.json", "tensor 2 ('y')", "4611686018427387904 bytes",
                    "the step's total passes 2^63 - 1 bytes"});
   // The workspace counts too.
-  text = with(kTiny, "\"bytes\": 4096", "\"bytes\": 9223372036854771483");
+  text = spill::test::replaced(kTiny, "\"bytes\": 4096", "\"bytes\": 9223372036854771483");
   expect_mentions(error_of([&] { parse_graph(text, "g.json"); }),
                   {"op 0 ('fwd') workspace_bytes 512", "passes 2^63 - 1"});
 }
 
 TEST(HostileGraph, DeepNestingAndHugeValuesGiveShortErrors) {
   const std::string deep = std::string(100000, '[') + std::string(100000, ']');
-  std::string msg = error_of([&] { parse_graph(with(kTiny, "\"w\"", deep), "g.json"); });
+  std::string msg =
+      error_of([&] { parse_graph(spill::test::replaced(kTiny, "\"w\"", deep), "g.json"); });
   expect_mentions(msg, {"g.json", "nested deeper than 64"});
   // Within the depth limit, a wrong-typed nested value is described, not printed.
   const std::string nested = std::string(60, '[') + std::string(60, ']');
-  msg = error_of([&] { parse_graph(with(kTiny, "\"w\"", nested), "g.json"); });
+  msg = error_of([&] { parse_graph(spill::test::replaced(kTiny, "\"w\"", nested), "g.json"); });
   expect_mentions(msg, {"tensors[0].name", "an array of 1 items"});
   const std::string key(100000, 'k');
-  msg = error_of([&] { parse_graph(with(kTiny, "\"name\": \"tiny\"", "\"" + key + "\": 1"), "g.json"); });
+  msg = error_of([&] {
+    parse_graph(spill::test::replaced(kTiny, "\"name\": \"tiny\"", "\"" + key + "\": 1"), "g.json");
+  });
   expect_mentions(msg, {"unknown field"});
   EXPECT_LT(msg.size(), 400u);
   const std::string name(100000, 'n');
-  msg = error_of([&] { parse_graph(with(kTiny, "\"w\"", "\"" + name + "\""), "g.json"); });
+  msg = error_of(
+      [&] { parse_graph(spill::test::replaced(kTiny, "\"w\"", "\"" + name + "\""), "g.json"); });
   expect_mentions(msg, {"tensors[0].name", "at most 1024 characters"});
   EXPECT_LT(msg.size(), 400u);
 }
 
 TEST(HostileGraph, HugeButValidSizesPlanCorrectly) {
   // Two 2^61-byte activations and a weight: in range, so every figure must be exact.
-  std::string text = with(kTiny, "\"bytes\": 4096", "\"bytes\": 2305843009213693952");
-  text = with(text, "\"bytes\": 2048, \"dtype\"", "\"bytes\": 2305843009213693952, \"dtype\"");
+  std::string text =
+      spill::test::replaced(kTiny, "\"bytes\": 4096", "\"bytes\": 2305843009213693952");
+  text = spill::test::replaced(text, "\"bytes\": 2048, \"dtype\"",
+                               "\"bytes\": 2305843009213693952, \"dtype\"");
   Graph g = parse_graph(text, "g.json");
   Liveness l = analyze_liveness(g);
   EXPECT_EQ(l.peak, (1ull << 62) + 64 + 2048);  // w, x, y and gy while "loss" runs

@@ -127,7 +127,8 @@ TEST(TraceRecorder, AClockPutsEventTimesOnItsTimeLine) {
   static std::atomic<std::uint64_t> fake_ns{1ull << 60};  // far beyond any steady time
   TraceRecorder rec(64);
   EXPECT_EQ(TraceRecorder::clock_name(), "host steady clock");
-  TraceRecorder::set_clock({[](const void*) { return fake_ns.load(); }, &fake_ns, "simulated (test)"});
+  TraceRecorder::set_clock(
+      {[](const void*) { return fake_ns.load(); }, &fake_ns, "simulated (test)"});
   EXPECT_EQ(TraceRecorder::clock_name(), "simulated (test)");
   rec.record(EventKind::Alloc, 0x10, 4096);
   std::uint64_t start = TraceRecorder::now();

@@ -14,11 +14,13 @@
 #include "profiling/chrome_trace.hpp"
 #include "profiling/report.hpp"
 #include "profiling/snapshot.hpp"
-#include "tests/fuzz_helpers.hpp"
+#include "tests/hostile_helpers.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
 
 namespace spill::profiling {
 namespace {
+
+using spill::test::expect_mentions;
 
 using test::make_event;
 
@@ -46,7 +48,7 @@ nlohmann::json& first_event_args(nlohmann::json& j) {
   throw std::logic_error("no spill event");
 }
 
-std::string error_of(const std::string& text) {
+std::string trace_error(const std::string& text) {
   try {
     parse_chrome_trace(text, "trace 'x.json'");
   } catch (const InvalidArgument& e) {
@@ -56,14 +58,11 @@ std::string error_of(const std::string& text) {
   return "";
 }
 
-void expect_mentions(const std::string& msg, std::initializer_list<const char*> parts) {
-  for (const char* p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-}
-
 TEST(HostileTrace, TagKeysMustBeTagIds) {
   for (const char* key : {"-1", "abc", "0", "4294967296", "1e3", " 7", ""}) {
     SCOPED_TRACE(key);
-    std::string msg = error_of(edited([&](nlohmann::json& j) { j["otherData"]["tags"][key] = "x"; }));
+    std::string msg =
+        trace_error(edited([&](nlohmann::json& j) { j["otherData"]["tags"][key] = "x"; }));
     expect_mentions(msg, {"x.json", "otherData.tags", "decimal integer in [1, 4294967295]"});
   }
   // A large id is fine and costs one entry, not a table of twenty million.
@@ -71,14 +70,15 @@ TEST(HostileTrace, TagKeysMustBeTagIds) {
       edited([](nlohmann::json& j) { j["otherData"]["tags"]["20000000"] = "far"; }), "t");
   EXPECT_EQ(t.tag_names.at(20000000), "far");
   EXPECT_EQ(t.tag_names.size(), 3u);
-  std::string msg = error_of(edited([](nlohmann::json& j) { j["otherData"]["tags"]["5"] = 5; }));
+  std::string msg = trace_error(edited([](nlohmann::json& j) { j["otherData"]["tags"]["5"] = 5; }));
   expect_mentions(msg, {"otherData.tags.5", "must be a string"});
 }
 
 TEST(HostileTrace, VersionAndFieldsAreReadWithTheirRanges) {
-  expect_mentions(error_of(edited([](nlohmann::json& j) { j["otherData"]["version"] = 4294967297ull; })),
-                  {"x.json", "version 4294967297 is not supported"});
-  expect_mentions(error_of(edited([](nlohmann::json& j) { j["otherData"]["version"] = "1"; })),
+  expect_mentions(
+      trace_error(edited([](nlohmann::json& j) { j["otherData"]["version"] = 4294967297ull; })),
+      {"x.json", "version 4294967297 is not supported"});
+  expect_mentions(trace_error(edited([](nlohmann::json& j) { j["otherData"]["version"] = "1"; })),
                   {"otherData.version", "must be an integer"});
   struct Case {
     const char* field;
@@ -100,22 +100,24 @@ TEST(HostileTrace, VersionAndFieldsAreReadWithTheirRanges) {
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.field);
-    std::string msg = error_of(edited([&](nlohmann::json& j) { first_event_args(j)[c.field] = c.value; }));
+    std::string msg =
+        trace_error(edited([&](nlohmann::json& j) { first_event_args(j)[c.field] = c.value; }));
     expect_mentions(msg, {"x.json': traceEvents[", c.expect});
   }
 }
 
 TEST(HostileTrace, TimesCannotWrapPast2To63) {
-  std::string msg = error_of(edited([](nlohmann::json& j) {
+  std::string msg = trace_error(edited([](nlohmann::json& j) {
     auto& a = first_event_args(j);
     a["time_ns"] = 9223372036854775800ull;
     a["duration_ns"] = 100;
   }));
   expect_mentions(msg, {"args.duration_ns", "time_ns + duration_ns passes 2^63 - 1"});
   // Times that large but in range make a finite report.
-  std::vector<TraceEvent> ev{make_event(1ull << 62, EventKind::Alloc, 0x10, 4096),
-                             make_event((1ull << 62) + 5, EventKind::SwapOut, 0x10, 4096, 0, 1ull << 61),
-                             make_event((1ull << 62) + 9, EventKind::Free, 0x10, 4096)};
+  std::vector<TraceEvent> ev{
+      make_event(1ull << 62, EventKind::Alloc, 0x10, 4096),
+      make_event((1ull << 62) + 5, EventKind::SwapOut, 0x10, 4096, 0, 1ull << 61),
+      make_event((1ull << 62) + 9, EventKind::Free, 0x10, 4096)};
   ParsedTrace t = parse_chrome_trace(chrome_trace_text(ev), "t");
   ReportSummary s = summarize(t);
   EXPECT_NEAR(s.duration_ms, double(1ull << 61) / 1e6, 1.0);
@@ -134,7 +136,7 @@ TEST(HostileTrace, CountersThatLeaveTheInt64RangeAreRefused) {
   std::vector<TraceEvent> ev;
   for (int i = 0; i < 3; ++i)
     ev.push_back(make_event(1000 + i, EventKind::Alloc, 0x1000 * (i + 1), 7));
-  std::string msg = error_of(huge(ev));
+  std::string msg = trace_error(huge(ev));
   expect_mentions(msg, {"x.json': traceEvents[", "allocated bytes", "range"});
   // Swapping out the same block again and again passes 2^63 in the summary's sum.
   std::vector<TraceEvent> again;
@@ -150,8 +152,8 @@ TEST(HostileTrace, DeepMetadataIsRefusedWhileParsing) {
   auto at = text.find("\"command\":\"test\"");
   ASSERT_NE(at, std::string::npos);
   text.replace(at, 16, "\"command\":" + deep);
-  expect_mentions(error_of(text), {"x.json", "nested deeper than 64"});
-  expect_mentions(error_of(edited([](nlohmann::json& j) { j["otherData"]["metadata"] = 3; })),
+  expect_mentions(trace_error(text), {"x.json", "nested deeper than 64"});
+  expect_mentions(trace_error(edited([](nlohmann::json& j) { j["otherData"]["metadata"] = 3; })),
                   {"otherData.metadata: must be an object"});
 }
 
@@ -160,7 +162,8 @@ TEST(HostileTrace, SnapshotVersionIsReadWithItsRange) {
   for (auto [version, expect] : {std::pair{nlohmann::json(4294967297ull), "version 4294967297"},
                                  {nlohmann::json(-1), "spill.version"},
                                  {nlohmann::json("1"), "spill.version"}}) {
-    std::ofstream(path) << nlohmann::json{{"spill", {{"format", "spill-snapshot"}, {"version", version}}}}.dump();
+    std::ofstream(path)
+        << nlohmann::json{{"spill", {{"format", "spill-snapshot"}, {"version", version}}}}.dump();
     try {
       read_snapshot(path);
       ADD_FAILURE() << "accepted version " << version.dump();
@@ -176,14 +179,15 @@ TEST(HostileTrace, SnapshotVersionIsReadWithItsRange) {
 TEST(HostileTrace, FuzzedTracesReadAndReportCleanly) {
   const std::vector<std::string> seeds{small_trace(),
                                        chrome_trace_text(test::synthetic_step(4, 3))};
-  spill::test::FuzzCounts n = spill::test::fuzz_reader(seeds, 77, 3000, 6.0, [](const std::string& text) {
-    ParsedTrace t = parse_chrome_trace(text, "trace 'fuzz.json'");
-    ReportSummary s = summarize(t);
-    EXPECT_GE(s.duration_ms, 0.0);
-    EXPECT_LT(s.duration_ms, 1e13);
-    std::string page = render_report(t, "fuzz.json");
-    EXPECT_NE(page.find("</html>"), std::string::npos);
-  });
+  spill::test::FuzzCounts n =
+      spill::test::fuzz_reader(seeds, 77, 3000, 6.0, [](const std::string& text) {
+        ParsedTrace t = parse_chrome_trace(text, "trace 'fuzz.json'");
+        ReportSummary s = summarize(t);
+        EXPECT_GE(s.duration_ms, 0.0);
+        EXPECT_LT(s.duration_ms, 1e13);
+        std::string page = render_report(t, "fuzz.json");
+        EXPECT_NE(page.find("</html>"), std::string::npos);
+      });
   EXPECT_GT(n.accepted, 0);
   EXPECT_GT(n.rejected, 0);
 }
