@@ -1,0 +1,47 @@
+"""The package imports without the native library, torch or CuPy, and says where it looked."""
+from __future__ import annotations
+
+
+def test_import_loads_nothing(python_run):
+    r = python_run(
+        "import sys, spill\n"
+        "assert 'torch' not in sys.modules and 'cupy' not in sys.modules, sorted(sys.modules)\n"
+        "import spill._lib as l\n"
+        "assert l._library is None\n"
+        "print('ok')\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_missing_library_lists_every_place_tried(python_run, package_copy, tmp_path):
+    r = python_run(
+        "import spill\n"
+        "try:\n"
+        "    spill.version\n"
+        "except spill.LibraryNotFoundError as e:\n"
+        "    assert isinstance(e, spill.Error) and isinstance(e, OSError)\n"
+        "    print(e)\n",
+        env={"SPILL_LIBRARY": None, "SPILL_BUILD_DIR": str(tmp_path / "nobuild"),
+             "LD_LIBRARY_PATH": None},
+        package_dir=package_copy)
+    assert r.returncode == 0, r.stderr
+    assert "SPILL_LIBRARY (not set)" in r.stdout
+    assert f"beside the package: {package_copy}/spill/libspill.so (no such file)" in r.stdout
+    assert f"SPILL_BUILD_DIR: {tmp_path}/nobuild/libspill.so (no such file)" in r.stdout
+    assert f"build tree: {tmp_path}/build/libspill.so (no such file)" in r.stdout
+    assert "system loader: libspill.so" in r.stdout
+    assert "Set SPILL_LIBRARY" in r.stdout
+
+
+def test_bad_spill_library_names_the_path(python_run, tmp_path):
+    bogus = tmp_path / "libnot-spill.so"
+    bogus.write_text("not a shared object")
+    r = python_run(
+        "import spill\n"
+        "try:\n"
+        "    spill.version\n"
+        "except spill.LibraryNotFoundError as e:\n"
+        "    print(e)\n",
+        env={"SPILL_LIBRARY": str(bogus)})
+    assert r.returncode == 0, r.stderr
+    assert f"SPILL_LIBRARY={str(bogus)!r} could not be loaded" in r.stdout
