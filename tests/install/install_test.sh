@@ -1,0 +1,69 @@
+#!/bin/sh
+# Installs the build into a fresh prefix under the build folder, checks the installed tree
+# (public header only, versioned library with a SONAME, no libcuda, no RPATH into the build
+# tree), then builds the C consumer against it both ways (CMake find_package and pkg-config)
+# and runs it, and imports the installed Python package without SPILL_LIBRARY.
+# Usage: install_test.sh BUILD_DIR SOURCE_DIR VERSION SOVERSION PYTHON
+set -eu
+build=$1 src=$2 version=$3 soversion=$4 python=$5
+work=$build/install_test
+prefix=$work/prefix
+rm -rf "$work"
+mkdir -p "$work"
+
+fail() { echo "FAIL: $*"; exit 1; }
+step() { echo "== $*"; }
+
+step "cmake --install into $prefix"
+cmake --install "$build" --prefix "$prefix" >"$work/install.log" || { cat "$work/install.log"; fail "cmake --install"; }
+
+step "installed tree"
+headers=$(cd "$prefix/include" && find . -type f | sort)
+[ "$headers" = "./spill/spill.h" ] || fail "expected include/spill/spill.h only, found: $headers"
+lib=$prefix/lib/libspill.so.$version
+[ -f "$lib" ] || fail "no $lib"
+[ "$(readlink "$prefix/lib/libspill.so")" = "libspill.so.$soversion" ] || fail "libspill.so is not a link to libspill.so.$soversion"
+readelf -d "$lib" | grep -q "SONAME.*\[libspill.so.$soversion\]" || fail "SONAME of $lib is not libspill.so.$soversion"
+train=$prefix/lib/libspill_train.so.$version
+[ -f "$train" ] || fail "no $train (the spill command needs it)"
+"$src/tests/check_no_libcuda.sh" "$lib" "$train" "$prefix/bin/spill"
+for f in "$lib" "$train" "$prefix/bin/spill"; do
+  if readelf -d "$f" | grep -E 'R(UN)?PATH' | grep -q "$build"; then
+    fail "$f keeps an RPATH into the build tree: $(readelf -d "$f" | grep -E 'R(UN)?PATH')"
+  fi
+done
+for f in lib/cmake/spill/spillConfig.cmake lib/cmake/spill/spillConfigVersion.cmake \
+         lib/cmake/spill/spillTargets.cmake lib/pkgconfig/spill.pc \
+         lib/python3/dist-packages/spill/__init__.py lib/python3/dist-packages/spill/_install.py; do
+  [ -f "$prefix/$f" ] || fail "missing $f"
+done
+"$prefix/bin/spill" --conf device:sim info >"$work/cli.log" 2>&1 || { cat "$work/cli.log"; fail "installed spill command"; }
+
+step "C consumer through find_package(spill $version)"
+cmake -S "$src/tests/install/consumer" -B "$work/cmake-consumer" -G Ninja \
+  -DCMAKE_PREFIX_PATH="$prefix" -DSPILL_EXPECTED_VERSION="$version" >"$work/consumer-configure.log" 2>&1 ||
+  { cat "$work/consumer-configure.log"; fail "configuring the consumer"; }
+cmake --build "$work/cmake-consumer" >"$work/consumer-build.log" 2>&1 ||
+  { cat "$work/consumer-build.log"; fail "building the consumer"; }
+"$work/cmake-consumer/consumer" "$version"
+
+step "C consumer through pkg-config"
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+[ "$(pkg-config --modversion spill)" = "$version" ] || fail "pkg-config --modversion spill: $(pkg-config --modversion spill)"
+flags=$(pkg-config --cflags --libs spill)
+echo "pkg-config --cflags --libs spill: $flags"
+# shellcheck disable=SC2086
+cc -std=c11 -Wall -Wextra -Werror -pedantic "$src/tests/install/consumer/consumer.c" $flags \
+  -o "$work/consumer-pc"
+LD_LIBRARY_PATH="$prefix/lib" "$work/consumer-pc" "$version"
+
+step "installed Python package"
+env -u SPILL_LIBRARY -u SPILL_BUILD_DIR PYTHONPATH="$prefix/lib/python3/dist-packages" \
+  "$python" -c "
+import os, sys, spill
+path = os.path.realpath(spill.library_path())
+assert path == os.path.realpath(sys.argv[1]), (path, sys.argv[1])
+assert spill.version == sys.argv[2], spill.version
+print('python: spill', spill.version, 'from', path)
+" "$lib" "$version"
+echo "install test passed"
