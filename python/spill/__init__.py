@@ -1,27 +1,48 @@
 """spill: training with more memory than the GPU has, from Python.
 
-A thin ctypes layer over spill's C API (``spill/spill.h``): configuration, statistics,
-snapshots, traces and steps. The native library is loaded on first use, not at import, and
-importing spill never imports torch or CuPy (``spill.torch`` and ``spill.cupy`` do).
+A thin ctypes layer over spill's C API (``spill/spill.h``): configuration, memory, residency,
+steps, statistics, snapshots and traces. The native library is loaded on first use, not at
+import (see :func:`library_path` for where it is looked for), and importing spill never imports
+torch or CuPy (``spill.cupy`` and ``spill.torch`` do). Failures raise :class:`spill.Error`
+subclasses carrying the C library's message. Devices are CUDA ordinals (each its own simulated
+GPU with ``device:sim``); pointers and stream handles are integers.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from ._capi import PinToken, Status
 from ._errors import (CudaError, Error, InvalidArgumentError, LibraryNotFoundError,
                       OutOfMemoryError)
 from ._lib import library_path
-
-__version__ = "0.1.0"
+from ._memory import (evict, free, malloc, pin, pin_for_host, prefetch, record_stream,
+                      residence, set_swappable, stream_create, stream_destroy, stream_destroyed,
+                      stream_synchronize, unpin)
+from ._observe import last_oom_message, snapshot, stats, trace
+from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_step,
+                       is_simulated, set_budget, shutdown, step, write_step_graph)
+from ._version import __version__
 
 __all__ = [
+    # errors
     "CudaError", "Error", "InvalidArgumentError", "LibraryNotFoundError", "OutOfMemoryError",
-    "library_path", "version",
+    "Status",
+    # lifecycle and configuration
+    "configure", "shutdown", "is_simulated", "library_path", "version", "__version__",
+    "set_budget", "budget", "empty_cache",
+    # steps
+    "step", "begin_step", "end_step", "begin_op", "write_step_graph",
+    # observability
+    "stats", "snapshot", "trace", "last_oom_message",
+    # memory and residency
+    "malloc", "free", "record_stream", "set_swappable", "pin", "pin_for_host", "unpin",
+    "PinToken", "prefetch", "evict", "residence",
+    "stream_create", "stream_destroy", "stream_synchronize", "stream_destroyed",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # `spill.version` is the loaded library's version; reading it loads the library.
+    # `spill.version` is the loaded library's version string; reading it loads the library.
     if name == "version":
         from ._lib import library
         return library().spill_version().decode()

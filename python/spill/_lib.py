@@ -11,9 +11,10 @@ import ctypes
 import os
 import pathlib
 import threading
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ._errors import LibraryNotFoundError
+from ._version import __version__
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 _lock = threading.Lock()
@@ -89,6 +90,11 @@ def library() -> ctypes.CDLL:
                 lib, path = _load()
                 from ._capi import declare
                 declare(lib, path)
+                found = lib.spill_version().decode()
+                if found != __version__:
+                    raise LibraryNotFoundError(
+                        f"spill: {path} is libspill {found}, but this Python package is "
+                        f"{__version__}; point SPILL_LIBRARY at a matching library")
                 _library_path = path
                 _library = lib
     return _library
@@ -99,3 +105,12 @@ def library_path() -> str:
     library()
     assert _library_path is not None
     return _library_path
+
+
+def call(name: str, *args: Any) -> None:
+    """Calls C API function `name` and raises the matching spill exception when it fails."""
+    lib = library()
+    status = getattr(lib, name)(*args)
+    if status != 0:
+        from ._capi import raise_status
+        raise_status(lib, status)

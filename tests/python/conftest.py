@@ -40,3 +40,16 @@ def package_copy(tmp_path):
     shutil.copytree(PYTHON_DIR / "spill", dest / "spill",
                     ignore=shutil.ignore_patterns("__pycache__"))
     return dest
+
+
+SIM_CONF = "device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru"
+
+
+@pytest.fixture
+def sim():
+    """A fresh session of spill on the simulated device (32 MiB budget), shut down after."""
+    import spill
+    spill.shutdown()
+    spill.configure(SIM_CONF)
+    yield spill
+    spill.shutdown()

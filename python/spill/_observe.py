@@ -1,0 +1,55 @@
+"""Statistics, memory snapshots, traces and OOM messages (spill_stats_json, ...)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from typing import Any, Dict, Optional, Union
+
+from . import _args
+from ._lib import call, library
+
+
+def _take_string(fn: str, *args: Any) -> str:
+    """Calls a C function that returns a string through `char** out`; frees it."""
+    out = ctypes.c_void_p()
+    call(fn, *args, ctypes.byref(out))
+    try:
+        return ctypes.string_at(out.value).decode() if out.value else ""
+    finally:
+        library().spill_string_free(out)
+
+
+def stats(device: int = 0) -> Dict[str, Union[int, float, str, bool]]:
+    """``device``'s statistics as a flat dict with dotted keys, in the style of
+    ``torch.cuda.memory_stats``: ``"allocated_bytes.current"`` / ``".peak"`` /
+    ``".allocated"`` / ``".freed"`` (likewise ``requested_bytes``, ``reserved_bytes``,
+    ``cached_bytes``, ``host_pinned_bytes``), counters such as ``"num_allocs"`` and
+    ``"num_ooms"``, the swapper's ``"swap.bytes_out"``, ``"swap.swap_ins"``, ...,
+    ``"budget_bytes"``, ``"device_name"`` and ``"simulated"``. Bytes are bytes, times seconds."""
+    return json.loads(_take_string("spill_stats_json", _args.device(device)))
+
+
+def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional[Dict[str, Any]]:
+    """A memory snapshot of ``device`` in the layout of PyTorch's memory_viz (segments with
+    their blocks, and the recent allocation history). Returns it as a dict, or, given
+    ``path``, writes it there as JSON and returns None (``tools/snapshot_to_pickle.py`` turns
+    the file into the pickle memory_viz opens)."""
+    text = _take_string("spill_snapshot_json", _args.device(device))
+    if path is None:
+        return json.loads(text)
+    with open(os.fspath(path), "w", encoding="utf-8") as f:
+        f.write(text)
+    return None
+
+
+def trace(path: _args.PathLike) -> None:
+    """Writes the events recorded since the previous call (every device: allocations, maps,
+    pins, swaps, stalls, OOMs) to ``path`` as Chrome/Perfetto trace JSON, and starts a new
+    trace. ``spill report`` turns the file into an HTML report."""
+    call("spill_trace_export", _args.path(path))
+
+
+def last_oom_message(device: int = 0) -> str:
+    """The message of ``device``'s latest out-of-memory failure (where every byte was), or ""."""
+    return _take_string("spill_last_oom_message", _args.device(device))

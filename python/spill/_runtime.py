@@ -1,0 +1,96 @@
+"""Lifecycle, budget and steps: spill_init, spill_shutdown, spill_set_budget, spill_*_step."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from typing import Iterator, Optional
+
+from . import _args
+from ._errors import InvalidArgumentError
+from ._lib import call
+
+
+def configure(conf: Optional[str] = None) -> None:
+    """Sets spill's configuration string, e.g. ``"budget:8GiB,host_cap:64GiB"`` (the keys are
+    the README's; ``None`` reads ``SPILL_CONF``). Each device's runtime is created from it on
+    first use. Calling it again with the same string is fine; with another one while runtimes
+    run it raises :class:`spill.Error` (code ``ALREADY_INITIALIZED``): call :func:`shutdown`
+    first. A malformed string raises :class:`spill.InvalidArgumentError` naming the key."""
+    if conf is not None and not isinstance(conf, str):
+        raise InvalidArgumentError(f"spill: conf must be a string, got {conf!r}")
+    call("spill_init", conf.encode() if conf is not None else None)
+
+
+def shutdown() -> None:
+    """Frees every device's runtime: blocks still allocated, cached and swapped-out memory,
+    streams from :func:`stream_create`. Waits for queued work. Pointers from before become
+    invalid; later calls raise (code ``SHUT_DOWN``) until :func:`configure` starts again.
+    Calling it twice is fine."""
+    call("spill_shutdown")
+
+
+def is_simulated(device: int = 0) -> bool:
+    """Whether ``device``'s runtime runs on the simulated GPU (creating the runtime now if it
+    does not exist yet)."""
+    simulated = ctypes.c_int(0)
+    call("spill_device_open", _args.device(device), ctypes.byref(simulated))
+    return bool(simulated.value)
+
+
+def set_budget(nbytes: int, device: int = 0) -> None:
+    """Sets ``device``'s budget: the most device bytes spill may map (bytes, an int).
+
+    Raising it takes effect at once. Lowering it releases cached memory and evicts swappable
+    blocks until the mapped bytes fit; when they cannot, :class:`spill.OutOfMemoryError` says
+    what holds them and the budget is unchanged."""
+    call("spill_set_budget", _args.device(device), _args.size(nbytes, "budget"))
+
+
+def budget(device: int = 0) -> int:
+    """``device``'s budget in bytes."""
+    value = ctypes.c_uint64(0)
+    call("spill_get_budget", _args.device(device), ctypes.byref(value))
+    return value.value
+
+
+def empty_cache(device: int = 0) -> None:
+    """Returns ``device``'s cached (free) memory to the device, after its queued work."""
+    call("spill_empty_cache", _args.device(device))
+
+
+def begin_step(scope: int = 0, device: int = 0) -> None:
+    """A training step of ``scope`` (any number the caller picks: a model, a stream) begins on
+    ``device``; it becomes the calling thread's current scope. Prefer ``with spill.step():``."""
+    call("spill_begin_step", _args.device(device), _args.scope(scope))
+
+
+def end_step(scope: int = 0, device: int = 0) -> None:
+    """The step of ``scope`` on ``device`` ends (with policy ``plan``, the first step is
+    recorded and later ones follow the plan made from it)."""
+    call("spill_end_step", _args.device(device), _args.scope(scope))
+
+
+def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> None:
+    """An op (kernel or layer) named ``name`` starts within the current step of ``scope``."""
+    call("spill_begin_op", _args.device(device), _args.scope(scope),
+         name.encode() if name is not None else None)
+
+
+@contextlib.contextmanager
+def step(scope: int = 0, device: int = 0) -> Iterator[None]:
+    """``with spill.step():`` brackets one training step of ``scope`` on ``device``.
+
+    The step ends when the block exits, by an exception too. Two training loops in one process
+    use two scopes so that neither sees the other's steps as deviations."""
+    begin_step(scope, device)
+    try:
+        yield
+    finally:
+        end_step(scope, device)
+
+
+def write_step_graph(path: _args.PathLike, scope: int = 0, device: int = 0) -> None:
+    """Writes the last recorded step of ``scope`` on ``device`` as a graph file for
+    ``spill plan`` (docs/graph-format.md). Raises :class:`spill.Error` with code ``NOT_FOUND``
+    when no step was recorded (recording needs ``policy:plan`` and a budget)."""
+    call("spill_write_step_graph", _args.device(device), _args.scope(scope), _args.path(path))

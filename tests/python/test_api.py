@@ -1,0 +1,313 @@
+"""The Python package over the C API on the simulated device: lifecycle, memory, errors,
+residency with real bytes, steps, stats, snapshots and traces."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import pathlib
+import re
+import threading
+
+import numpy as np
+import pytest
+
+import spill
+
+MIB = 1 << 20
+BLOCK = 4 * MIB
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def host_view(ptr: int, nbytes: int) -> np.ndarray:
+    """The block's bytes as a numpy array (host memory on the simulated device)."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+
+
+def write_pattern(ptr: int, nbytes: int, seed: int) -> None:
+    token = spill.pin_for_host(ptr)
+    host_view(ptr, nbytes)[:] = np.random.default_rng(seed).integers(1, 255, nbytes, np.uint8)
+    spill.unpin(token, wrote=True)
+
+
+def holds_pattern(ptr: int, nbytes: int, seed: int) -> bool:
+    token = spill.pin_for_host(ptr)
+    try:
+        expected = np.random.default_rng(seed).integers(1, 255, nbytes, np.uint8)
+        return bool(np.array_equal(host_view(ptr, nbytes), expected))
+    finally:
+        spill.unpin(token, wrote=False)
+
+
+def test_version_matches_the_project():
+    project = re.search(r"project\(spill VERSION ([0-9.]+)",
+                        (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert spill.version == spill.__version__ == project
+
+
+def test_version_mismatch_is_refused(python_run):
+    r = python_run("import spill, spill._lib as l\n"
+                   "l.__version__ = '9.9.9'\n"
+                   "try:\n"
+                   "    spill.version\n"
+                   "except spill.LibraryNotFoundError as e:\n"
+                   "    print(e)\n")
+    assert r.returncode == 0, r.stderr
+    assert f"is libspill {spill.__version__}, but this Python package is 9.9.9" in r.stdout
+
+
+def test_library_beside_the_package_is_found(python_run, package_copy):
+    lib = pathlib.Path(spill.library_path()).resolve()
+    (package_copy / "spill" / "libspill.so").symlink_to(lib)
+    r = python_run("import spill; print(spill.library_path(), spill.version)",
+                   env={"SPILL_LIBRARY": None}, package_dir=package_copy)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(package_copy / "spill" / "libspill.so"), spill.__version__]
+
+
+def test_build_dir_from_the_environment_is_found(python_run, package_copy):
+    build = pathlib.Path(spill.library_path()).resolve().parent
+    r = python_run("import spill; print(spill.library_path())",
+                   env={"SPILL_LIBRARY": None, "SPILL_BUILD_DIR": str(build)},
+                   package_dir=package_copy)
+    assert r.returncode == 0, r.stderr
+    assert pathlib.Path(r.stdout.strip()).parent == build
+
+
+def test_configure_rejects_a_bad_string_naming_the_key(sim):
+    with pytest.raises(spill.InvalidArgumentError, match="bugdet") as e:
+        spill.configure("device:sim,bugdet:1GiB")
+    assert e.value.code == spill.Status.INVALID_ARGUMENT
+    assert isinstance(e.value, ValueError) and isinstance(e.value, spill.Error)
+    with pytest.raises(spill.InvalidArgumentError):
+        spill.configure(42)  # type: ignore[arg-type]
+
+
+def test_configure_again_needs_a_shutdown(sim):
+    assert spill.is_simulated()
+    with pytest.raises(spill.Error, match="call spill_shutdown first") as e:
+        spill.configure("device:sim,budget:64MiB")
+    assert e.value.code == spill.Status.ALREADY_INITIALIZED
+    spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru")  # the same: fine
+    spill.shutdown()
+    spill.configure("device:sim,budget:64MiB")
+    assert spill.budget() == 64 * MIB
+
+
+def test_shutdown_frees_everything_and_later_calls_say_so(sim):
+    ptr = spill.malloc(BLOCK)
+    spill.shutdown()
+    spill.shutdown()  # idempotent
+    with pytest.raises(spill.Error) as e:
+        spill.malloc(BLOCK)
+    assert e.value.code == spill.Status.SHUT_DOWN
+    with pytest.raises(spill.Error):
+        spill.free(ptr)
+    spill.configure("device:sim,budget:16MiB")
+    assert spill.stats()["allocated_bytes.current"] == 0
+
+
+def test_malloc_free_and_stats(sim):
+    before = spill.stats()
+    ptr = spill.malloc(3 * MIB + 5)
+    assert ptr != 0 and ptr % 512 == 0
+    s = spill.stats()
+    assert s["allocated_bytes.current"] >= 3 * MIB + 5
+    assert s["requested_bytes.current"] == 3 * MIB + 5
+    assert s["num_allocs"] == before["num_allocs"] + 1
+    assert s["simulated"] is True and s["budget_bytes"] == 32 * MIB
+    assert all(isinstance(k, str) and " " not in k for k in s)
+    spill.free(ptr)
+    s = spill.stats()
+    assert s["allocated_bytes.current"] == 0 and s["num_frees"] == before["num_frees"] + 1
+    assert spill.malloc(0) == 0
+    spill.free(0)
+
+
+def test_bad_frees_name_the_pointer_and_change_nothing(sim):
+    ptr = spill.malloc(BLOCK)
+    with pytest.raises(spill.InvalidArgumentError, match=hex(ptr + 512)):
+        spill.free(ptr + 512)
+    with pytest.raises(spill.InvalidArgumentError):
+        spill.free(ptr, device=1)
+    assert spill.stats()["allocated_bytes.current"] >= BLOCK
+    spill.free(ptr)
+    with pytest.raises(spill.InvalidArgumentError, match=hex(ptr)):
+        spill.free(ptr)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: spill.malloc(-1), "size"),
+    (lambda: spill.malloc(2**64), "size"),
+    (lambda: spill.malloc(1.5), "size"),  # type: ignore[arg-type]
+    (lambda: spill.malloc(MIB, device=-1), "device"),
+    (lambda: spill.malloc(MIB, device=2**32), "device"),
+    (lambda: spill.free(-8), "pointer"),
+    (lambda: spill.malloc(MIB, stream="s"), "stream"),
+    (lambda: spill.set_budget(-1), "budget"),
+    (lambda: spill.begin_step(scope=-1), "scope"),
+    (lambda: spill.trace(""), "path"),
+    (lambda: spill.unpin(0), "PinToken"),  # type: ignore[arg-type]
+])
+def test_python_arguments_are_checked_before_c(sim, call, name):
+    with pytest.raises(spill.InvalidArgumentError, match=name):
+        call()
+
+
+def test_c_checks_reach_python_with_their_message(sim):
+    with pytest.raises(spill.InvalidArgumentError, match="device") as e:
+        spill.malloc(MIB, device=1000)
+    assert e.value.code == spill.Status.INVALID_ARGUMENT
+    with pytest.raises(spill.InvalidArgumentError, match="stream"):
+        spill.malloc(MIB, stream=0x1234)  # not a stream of the simulated device
+
+
+def test_out_of_memory_is_a_memory_error_with_the_account(sim):
+    with pytest.raises(spill.OutOfMemoryError) as e:
+        spill.malloc(64 * MIB)
+    assert isinstance(e.value, MemoryError) and isinstance(e.value, spill.Error)
+    assert e.value.code == spill.Status.OUT_OF_MEMORY
+    message = str(e.value)
+    assert "64" in message and message == spill.last_oom_message()
+    assert spill.stats()["num_ooms"] == 1
+
+
+def test_budget_can_rise_and_cannot_shrink_below_what_is_held(sim):
+    held = [spill.malloc(BLOCK) for _ in range(4)]  # undeclared: never evicted
+    with pytest.raises(spill.OutOfMemoryError):
+        spill.set_budget(8 * MIB)
+    assert spill.budget() == 32 * MIB
+    spill.set_budget(64 * MIB)
+    assert spill.budget() == 64 * MIB
+    more = [spill.malloc(BLOCK) for _ in range(8)]
+    for p in held + more:
+        spill.free(p)
+    spill.empty_cache()
+    spill.set_budget(8 * MIB)
+    assert spill.budget() == 8 * MIB and spill.stats()["reserved_bytes.current"] <= 8 * MIB
+
+
+def test_swappable_blocks_leave_and_come_back_intact(sim):
+    blocks = [spill.malloc(BLOCK) for _ in range(6)]  # 24 of 32 MiB
+    for i, p in enumerate(blocks):
+        write_pattern(p, BLOCK, seed=i)
+        spill.set_swappable(p)
+    spill.evict(blocks[0])  # a hint: the copy starts, the swapper finishes it when it next looks
+    assert spill.residence(blocks[0]) in ("swapping_out", "on_host")
+    extra = [spill.malloc(BLOCK) for _ in range(4)]  # needs room: evicts declared blocks
+    assert spill.stats()["swap.swap_outs"] >= 2  # 24 + 16 MiB asked of 32: two blocks out
+    assert any(spill.residence(p) == "on_host" for p in blocks)
+    for i, p in enumerate(blocks):
+        assert holds_pattern(p, BLOCK, seed=i), f"block {i} lost its bytes"
+    for p in blocks + extra:
+        spill.free(p)
+
+
+def test_undeclared_blocks_never_move(sim):
+    keep = spill.malloc(BLOCK)
+    write_pattern(keep, BLOCK, seed=7)
+    spill.evict(keep)
+    assert spill.residence(keep) == "resident"
+    with pytest.raises(spill.OutOfMemoryError):
+        [spill.malloc(BLOCK) for _ in range(8)]
+    assert spill.residence(keep) == "resident" and holds_pattern(keep, BLOCK, seed=7)
+
+
+def test_pins_on_streams_tokens_and_stale_unpins(sim):
+    stream = spill.stream_create()
+    ptr = spill.malloc(BLOCK, stream=stream)
+    spill.set_swappable(ptr)
+    token = spill.pin(ptr, stream)
+    assert not token.empty and token.block == ptr
+    spill.unpin(token, stream, wrote=True)
+    with pytest.raises(spill.InvalidArgumentError):
+        spill.unpin(token, stream)  # twice
+    small = spill.malloc(4096)
+    assert spill.pin(small).empty  # small blocks never move: a cheap no-op
+    stale = spill.pin(ptr, stream)
+    spill.free(ptr, stream=stream)  # freeing a pinned block is normal
+    again = spill.malloc(BLOCK, stream=stream)
+    spill.unpin(stale, stream)  # its block is gone: unpins nothing
+    assert spill.stats()["swap.stale_unpins"] == 1
+    spill.record_stream(again, None)
+    spill.stream_synchronize(stream)
+    for p in (small, again):
+        spill.free(p, stream=stream)
+    spill.stream_destroy(stream)
+
+
+class _StreamObject:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+def test_stream_objects_are_accepted(sim):
+    handle = spill.stream_create()
+    ptr = spill.malloc(MIB, stream=_StreamObject(handle))
+    spill.free(ptr, stream=_StreamObject(handle))
+    spill.stream_destroy(handle)
+
+
+def test_steps_are_recorded_and_written_as_a_graph(tmp_path):
+    spill.shutdown()
+    spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan")
+    try:
+        blocks = [spill.malloc(BLOCK) for _ in range(4)]
+        for p in blocks:
+            write_pattern(p, BLOCK, seed=1)
+            spill.set_swappable(p)
+        with pytest.raises(spill.Error) as e:
+            spill.write_step_graph(tmp_path / "none.json", scope=5)
+        assert e.value.code == spill.Status.NOT_FOUND
+        for _ in range(2):
+            with spill.step(scope=5):
+                for i, p in enumerate(blocks):
+                    spill.begin_op(f"op{i}", scope=5)
+                    spill.unpin(spill.pin_for_host(p), wrote=False)
+        assert spill.stats()["swap.steps_recorded"] >= 1
+        graph = tmp_path / "step.json"
+        spill.write_step_graph(graph, scope=5)
+        assert json.loads(graph.read_text())
+        with pytest.raises(RuntimeError):
+            with spill.step(scope=6):
+                raise RuntimeError("the step failed")
+        with spill.step(scope=6):  # the failed step was ended: a new one can begin
+            pass
+    finally:
+        spill.shutdown()
+
+
+def test_snapshot_and_trace(sim, tmp_path):
+    ptr = spill.malloc(BLOCK)
+    snap = spill.snapshot()
+    assert snap["segments"] and any(
+        b["state"] == "active_allocated" for s in snap["segments"] for b in s["blocks"])
+    path = tmp_path / "snap.json"
+    assert spill.snapshot(path) is None
+    assert json.loads(path.read_text())["segments"]
+    spill.free(ptr)
+    trace = tmp_path / "trace.json"
+    spill.trace(trace)
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len(events) > 0
+    with pytest.raises(spill.InvalidArgumentError, match="nosuchdir"):
+        spill.trace(tmp_path / "nosuchdir" / "t.json")
+
+
+def test_threads_allocate_at_once(sim):
+    errors = []
+
+    def work():
+        try:
+            for _ in range(200):
+                spill.free(spill.malloc(64 * 1024))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and spill.stats()["allocated_bytes.current"] == 0
+    gc.collect()

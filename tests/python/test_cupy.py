@@ -1,0 +1,170 @@
+"""spill.cupy without CuPy (it imports, and says what is missing when used) and against a
+small stand-in for the parts of CuPy an allocator touches (CuPy is not a Debian package; the
+real thing runs in test_cupy_gpu.py on a GPU machine)."""
+from __future__ import annotations
+
+import gc
+import importlib
+import pickle
+import sys
+import types
+
+import pytest
+
+import spill
+
+MIB = 1 << 20
+
+
+def make_fake_cupy() -> types.ModuleType:
+    """cupy, cupy.cuda and cupy.cuda.memory with CuPy's allocator-facing signatures."""
+    cupy = types.ModuleType("cupy")
+    cuda = types.ModuleType("cupy.cuda")
+    memory = types.ModuleType("cupy.cuda.memory")
+
+    class OutOfMemoryError(MemoryError):  # CuPy's: built from (size, total, limit)
+        def __init__(self, size, total, limit=0):
+            self._size, self._total, self._limit = size, total, limit
+            super().__init__(f"Out of memory allocating {size:,} bytes")
+
+        def __reduce__(self):
+            return (type(self), (self._size, self._total, self._limit))
+
+    class Stream:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+    class Device:
+        def __init__(self, device=None):
+            self.id = cuda.current_device if device is None else device
+
+    class UnownedMemory:
+        def __init__(self, ptr, size, owner, device_id=-1):
+            if device_id < 0:
+                raise RuntimeError("the fake needs an explicit device id")
+            self.ptr, self.size, self._owner, self.device_id = ptr, size, owner, device_id
+
+    class MemoryPointer:
+        def __init__(self, mem, offset):
+            self.mem, self.ptr = mem, mem.ptr + offset
+
+    memory.OutOfMemoryError = OutOfMemoryError
+    cuda.memory = memory
+    cuda.Stream, cuda.Device = Stream, Device
+    cuda.UnownedMemory, cuda.MemoryPointer = UnownedMemory, MemoryPointer
+    cuda.current_device = 0
+    cuda.current_stream = Stream(0)
+    cuda.get_current_stream = lambda: cuda.current_stream
+    cuda.allocator = None
+
+    def set_allocator(fn):
+        cuda.allocator = fn
+
+    cuda.set_allocator = set_allocator
+    cupy.cuda = cuda
+    return cupy
+
+
+@pytest.fixture
+def spill_cupy(monkeypatch, sim):
+    """spill.cupy imported over the fake CuPy; re-imported without it afterwards."""
+    fake = make_fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.memory", fake.cuda.memory)
+    import spill.cupy
+    module = importlib.reload(spill.cupy)
+    yield module, fake
+    monkeypatch.undo()
+    gc.collect()
+    importlib.reload(spill.cupy)
+
+
+def test_imports_without_cupy_and_says_what_is_missing(python_run):
+    r = python_run(
+        "import sys\n"
+        "sys.modules['cupy'] = None  # as if CuPy were not installed\n"
+        "import spill.cupy\n"
+        "assert 'torch' not in sys.modules\n"
+        "for use in (lambda: spill.cupy.allocator(16), spill.cupy.set_allocator):\n"
+        "    try:\n"
+        "        use()\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        print(e)\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("spill.cupy needs CuPy") for line in lines)
+
+
+def test_allocates_on_cupys_current_stream_and_frees_on_it(spill_cupy, monkeypatch):
+    module, fake = spill_cupy
+    stream = spill.stream_create()
+    fake.cuda.current_stream = fake.cuda.Stream(stream)
+    frees = []
+    real_free = spill.free
+    monkeypatch.setattr(spill, "free", lambda *a: (frees.append(a), real_free(*a)))
+
+    before = spill.stats()
+    pointer = module.allocator(3 * MIB)
+    assert isinstance(pointer, fake.cuda.MemoryPointer)
+    assert pointer.ptr == pointer.mem.ptr != 0 and pointer.mem.size == 3 * MIB
+    assert pointer.mem.device_id == 0
+    after = spill.stats()
+    assert after["num_allocs"] == before["num_allocs"] + 1
+    assert after["requested_bytes.current"] == 3 * MIB
+
+    fake.cuda.current_stream = fake.cuda.Stream(0)  # CuPy moved on to another stream
+    ptr = pointer.ptr
+    del pointer
+    gc.collect()
+    assert frees == [(ptr, 0, stream)]  # freed on the stream it was allocated on
+    assert spill.stats()["requested_bytes.current"] == 0
+    spill.stream_destroy(stream)
+
+
+def test_uses_cupys_current_device(spill_cupy):
+    module, fake = spill_cupy
+    fake.cuda.current_device = 1  # with device:sim every ordinal is its own simulated GPU
+    pointer = module.allocator(MIB)
+    assert pointer.mem.device_id == 1
+    assert spill.stats(device=1)["requested_bytes.current"] == MIB
+    assert spill.stats(device=0)["requested_bytes.current"] == 0
+    del pointer
+    gc.collect()
+    assert spill.stats(device=1)["requested_bytes.current"] == 0
+
+
+def test_empty_arrays_take_no_memory(spill_cupy):
+    module, fake = spill_cupy
+    before = spill.stats()["num_allocs"]
+    pointer = module.allocator(0)
+    assert pointer.ptr == 0 and pointer.mem.device_id == 0
+    assert spill.stats()["num_allocs"] == before
+
+
+def test_out_of_memory_is_cupys_and_spills(spill_cupy):
+    module, fake = spill_cupy
+    with pytest.raises(fake.cuda.memory.OutOfMemoryError) as e:
+        module.allocator(64 * MIB)  # the budget is 32 MiB
+    err = e.value
+    assert isinstance(err, spill.OutOfMemoryError) and isinstance(err, MemoryError)
+    assert err.code == spill.Status.OUT_OF_MEMORY
+    assert str(err) == spill.last_oom_message()  # spill's account, not CuPy's one-liner
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is type(err) and str(copy) == str(err)
+
+
+def test_set_allocator_installs_it(spill_cupy):
+    module, fake = spill_cupy
+    module.set_allocator()
+    assert fake.cuda.allocator is module.allocator
+
+
+def test_a_free_that_fails_is_logged_not_raised(spill_cupy, caplog):
+    module, fake = spill_cupy
+    pointer = module.allocator(MIB)
+    spill.shutdown()  # frees everything: CuPy's later free cannot succeed
+    del pointer
+    gc.collect()
+    assert "could not free" in caplog.text
+    spill.configure("device:sim,budget:16MiB")
