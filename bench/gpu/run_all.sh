@@ -55,6 +55,31 @@ if [[ -d $root/.gpu-deps ]] &&
   export LD_LIBRARY_PATH=$deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 fi
 
+# The Python tests need an interpreter with pytest. SPILL_PYTHON chooses one; otherwise the one
+# with pytest that also has CuPy and torch wins (the GPU machine's own Python, not Debian's).
+has_module() { "$1" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$2') is None)" 2>/dev/null; }
+pick_python() {
+  local best="" best_score=-1 candidate py score
+  for candidate in ${SPILL_PYTHON:-python3 python /usr/bin/python3 /usr/local/bin/python3}; do
+    py=$(command -v "$candidate" 2>/dev/null) || continue
+    has_module "$py" pytest || continue
+    score=0
+    has_module "$py" cupy && score=$((score + 2))
+    has_module "$py" torch && score=$((score + 1))
+    if ((score > best_score)); then best=$py best_score=$score; fi
+  done
+  echo "$best"
+}
+python=$(pick_python)
+if [[ -n $python ]]; then
+  python_line="python: $python ($("$python" -c 'import sys; print(sys.version.split()[0])'); \
+$(for m in pytest torch cupy numpy; do has_module "$python" $m && printf '%s ' $m; done)found)"
+  cmake_args+=("-DSPILL_PYTHON=$python")
+else
+  python_line="python: none with pytest found (tried ${SPILL_PYTHON:-python3 python /usr/bin/python3 /usr/local/bin/python3}): Python tests skip"
+fi
+echo "$python_line"
+
 step configure 120 cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_CUDA_ARCHITECTURES="${SPILL_CUDA_ARCH:-90}" "${cmake_args[@]}" &&
   step build 300 cmake --build "$build" -j "$(nproc)"
@@ -65,6 +90,16 @@ if ((built == 0)); then
   step device-check 120 "$build/spill" --conf device:cuda device-check
   step bench-link 180 "$build/spill" --conf device:cuda bench link --json "$work/link.json"
   step tests 240 ctest --test-dir "$build" --output-on-failure -j 4 --output-junit "$work/ctest.xml"
+  # spill as CuPy's allocator on the GPU (also part of `tests`; its own row says whether it ran).
+  if [[ -n $python ]]; then
+    step python-cupy 120 env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python" \
+      "$python" -m pytest -v -rs -p no:cacheprovider "$root/tests/python/test_cupy_gpu.py"
+    if grep -q "SKIPPED" "$work/python-cupy.log" && ! grep -q "PASSED" "$work/python-cupy.log"; then
+      rows[-1]="python-cupy|skipped: $(grep -m1 -o 'SKIPPED.*' "$work/python-cupy.log" | cut -c1-60)|0"
+    fi
+  else
+    rows+=("python-cupy|not run: no python with pytest|0")
+  fi
   for bench in "$build"/bench/bench_*; do
     [[ -x $bench ]] || continue
     name=$(basename "$bench")
@@ -77,6 +112,7 @@ fi
   echo "spill GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null ||
     echo "(nvidia-smi not available)"
+  echo "$python_line"
   printf '%-28s %-28s %8s\n' step status seconds
   for row in "${rows[@]}"; do
     IFS='|' read -r n s t <<<"$row"
