@@ -6,10 +6,10 @@ import ctypes
 import gc
 import json
 import pathlib
+import random
 import re
 import threading
 
-import numpy as np
 import pytest
 
 import spill
@@ -19,22 +19,21 @@ BLOCK = 4 * MIB
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def host_view(ptr: int, nbytes: int) -> np.ndarray:
-    """The block's bytes as a numpy array (host memory on the simulated device)."""
-    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+def pattern(nbytes: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(nbytes)
 
 
 def write_pattern(ptr: int, nbytes: int, seed: int) -> None:
+    """Writes the block's bytes from the host (host memory on the simulated device)."""
     token = spill.pin_for_host(ptr)
-    host_view(ptr, nbytes)[:] = np.random.default_rng(seed).integers(1, 255, nbytes, np.uint8)
+    ctypes.memmove(ptr, pattern(nbytes, seed), nbytes)
     spill.unpin(token, wrote=True)
 
 
 def holds_pattern(ptr: int, nbytes: int, seed: int) -> bool:
     token = spill.pin_for_host(ptr)
     try:
-        expected = np.random.default_rng(seed).integers(1, 255, nbytes, np.uint8)
-        return bool(np.array_equal(host_view(ptr, nbytes), expected))
+        return ctypes.string_at(ptr, nbytes) == pattern(nbytes, seed)
     finally:
         spill.unpin(token, wrote=False)
 

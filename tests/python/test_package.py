@@ -1,5 +1,13 @@
-"""The package imports without the native library, torch or CuPy, and says where it looked."""
+"""The package imports without the native library, torch or CuPy, says where it looked, and
+documents its public functions."""
 from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import spill
+import spill.cupy
 
 
 def test_import_loads_nothing(python_run):
@@ -45,3 +53,16 @@ def test_bad_spill_library_names_the_path(python_run, tmp_path):
         env={"SPILL_LIBRARY": str(bogus)})
     assert r.returncode == 0, r.stderr
     assert f"SPILL_LIBRARY={str(bogus)!r} could not be loaded" in r.stdout
+
+
+@pytest.mark.parametrize("module", [spill, spill.cupy], ids=["spill", "spill.cupy"])
+def test_public_functions_have_docstrings_and_type_hints(module):
+    for name in module.__all__:
+        obj = getattr(module, name, None)
+        if not inspect.isfunction(obj):
+            continue
+        assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
+        sig = inspect.signature(obj)
+        untyped = [p for p in sig.parameters if sig.parameters[p].annotation is inspect.Parameter.empty]
+        assert not untyped, f"{module.__name__}.{name}: parameters without a type hint: {untyped}"
+        assert sig.return_annotation is not inspect.Signature.empty, f"{module.__name__}.{name}: no return type"
