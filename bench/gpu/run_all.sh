@@ -95,7 +95,7 @@ if ((built == 0)); then
     step python-cupy 120 env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python" \
       "$python" -m pytest -v -rs -p no:cacheprovider "$root/tests/python/test_cupy_gpu.py"
     if grep -q "SKIPPED" "$work/python-cupy.log" && ! grep -q "PASSED" "$work/python-cupy.log"; then
-      rows[-1]="python-cupy|skipped: $(grep -m1 -o 'SKIPPED.*' "$work/python-cupy.log" | cut -c1-60)|0"
+      rows[-1]="python-cupy|skipped: $(grep -m1 '^SKIPPED \[' "$work/python-cupy.log" | sed 's/.*[0-9]: //' | cut -c1-40)|0"
     fi
   else
     rows+=("python-cupy|not run: no python with pytest|0")
