@@ -13,6 +13,7 @@ import pathlib
 import threading
 from typing import Any, List, Optional, Tuple
 
+from ._capi import declare, raise_status
 from ._errors import LibraryNotFoundError
 from ._version import __version__
 
@@ -88,7 +89,6 @@ def library() -> ctypes.CDLL:
         with _lock:
             if _library is None:
                 lib, path = _load()
-                from ._capi import declare
                 declare(lib, path)
                 found = lib.spill_version().decode()
                 if found != __version__:
@@ -112,5 +112,4 @@ def call(name: str, *args: Any) -> None:
     lib = library()
     status = getattr(lib, name)(*args)
     if status != 0:
-        from ._capi import raise_status
         raise_status(lib, status)

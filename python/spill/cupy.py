@@ -2,7 +2,8 @@
 
 CuPy asks for bytes without a stream; spill serves each request on CuPy's current stream and
 device, and returns the block on that same stream when CuPy drops its last reference (RMM's CuPy
-allocator works the same way). Blocks allocated for CuPy are not swappable (CuPy has no hook that
+allocator works the same way). Streams spill has seen are kept alive until spill has forgotten
+them (see _StreamKeeper). Blocks allocated for CuPy are not swappable (CuPy has no hook that
 could pin them before use), so spill acts as a budgeted caching allocator for CuPy; its stats,
 snapshots and traces cover CuPy's memory.
 
@@ -11,7 +12,9 @@ This module imports without CuPy; using it without CuPy raises ModuleNotFoundErr
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+import sys
+import threading
+from typing import Any, Dict, Optional, Tuple
 
 import spill as _spill
 
@@ -52,6 +55,53 @@ else:
     OutOfMemoryError = _spill.OutOfMemoryError  # type: ignore[misc]
 
 
+class _StreamKeeper:
+    """Keeps every CuPy stream spill has seen alive until spill has forgotten it.
+
+    spill may still record events on a stream after the blocks used on it were freed (it marks
+    streams lazily), so a stream must not be destroyed before spill_stream_destroyed. CuPy
+    destroys a Stream when its last reference goes, and says nothing; so spill.cupy holds a
+    reference to each stream it passed to spill, and at the next allocation releases those that
+    only it still holds: spill forgets the stream (waiting for its work), then CuPy may destroy
+    it. The default streams (handles 0, 1, 2) live forever and are not kept.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: Dict[Tuple[int, int], Any] = {}
+        self._probe: Dict[Tuple[int, int], Any] = {(0, 0): object()}
+
+    def keep(self, device: int, stream: Any) -> None:
+        if stream.ptr in (0, 1, 2):
+            return
+        with self._lock:
+            self._kept.setdefault((device, stream.ptr), stream)
+
+    @staticmethod
+    def _references(table: Dict[Tuple[int, int], Any], key: Tuple[int, int]) -> int:
+        held = table[key]
+        return sys.getrefcount(held)
+
+    def release_unused(self) -> None:
+        with self._lock:
+            # An object held only by its table shows the same count as the probe, which is held
+            # the same way (so the count does not depend on how the interpreter counts).
+            alone = self._references(self._probe, (0, 0))
+            unused = [k for k in self._kept if self._references(self._kept, k) <= alone]
+            for device, handle in unused:
+                try:
+                    _spill.stream_destroyed(handle, device)
+                except _spill.Error as e:  # shut down meanwhile, or a stream spill never kept
+                    _log.debug("spill.cupy: stream %#x on device %d: %s", handle, device, e)
+                del self._kept[(device, handle)]
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+_streams = _StreamKeeper()
+
+
 class _Block:
     """The owner CuPy keeps alive with the memory; returns the block to spill, on the stream it
     was allocated on, when CuPy drops it. Holding the CuPy stream object keeps that stream alive
@@ -65,9 +115,12 @@ class _Block:
     def __del__(self) -> None:
         try:
             _spill.free(self.ptr, self.device, self.stream.ptr)
-        except Exception as e:  # a destructor cannot raise; say what was not freed
-            _log.warning("spill.cupy: could not free %#x on device %d: %s", self.ptr,
-                         self.device, e)
+        except _spill.Error as e:  # a destructor cannot raise; say what was not freed
+            if e.code == _spill.Status.SHUT_DOWN:  # the block went with spill.shutdown()
+                _log.debug("spill.cupy: %#x was freed by spill.shutdown()", self.ptr)
+            else:
+                _log.warning("spill.cupy: could not free %#x on device %d: %s", self.ptr,
+                             self.device, e)
 
 
 def allocator(nbytes: int) -> Any:
@@ -84,10 +137,12 @@ def allocator(nbytes: int) -> Any:
         mem = cupy.cuda.UnownedMemory(0, 0, None, device_id=device)
         return cupy.cuda.MemoryPointer(mem, 0)
     stream = cupy.cuda.get_current_stream()
+    _streams.release_unused()
     try:
         ptr = _spill.malloc(nbytes, device, stream.ptr)
     except _spill.OutOfMemoryError as e:
         raise OutOfMemoryError(str(e), e.code, nbytes) from None
+    _streams.keep(device, stream)
     block = _Block(ptr, device, stream)
     mem = cupy.cuda.UnownedMemory(ptr, nbytes, block, device_id=device)
     return cupy.cuda.MemoryPointer(mem, 0)

@@ -8,6 +8,7 @@ import importlib
 import pickle
 import sys
 import types
+import weakref
 
 import pytest
 
@@ -160,11 +161,61 @@ def test_set_allocator_installs_it(spill_cupy):
     assert fake.cuda.allocator is module.allocator
 
 
-def test_a_free_that_fails_is_logged_not_raised(spill_cupy, caplog):
+def test_a_free_that_fails_is_logged_not_raised(spill_cupy, monkeypatch, caplog):
     module, fake = spill_cupy
     pointer = module.allocator(MIB)
-    spill.shutdown()  # frees everything: CuPy's later free cannot succeed
+    ptr = pointer.ptr
+
+    real_free = spill.free
+
+    def failing_free(*args):
+        raise spill.InvalidArgumentError("spill_free: made up", spill.Status.INVALID_ARGUMENT)
+
+    monkeypatch.setattr(spill, "free", failing_free)
     del pointer
     gc.collect()
-    assert "could not free" in caplog.text
+    assert f"could not free {ptr:#x} on device 0: spill_free: made up" in caplog.text
+    real_free(ptr)
+
+
+def test_blocks_outliving_a_shutdown_are_quiet(spill_cupy, caplog):
+    module, fake = spill_cupy
+    pointer = module.allocator(MIB)
+    spill.shutdown()  # frees everything, CuPy's block included
+    del pointer
+    gc.collect()
+    assert "could not free" not in caplog.text
     spill.configure("device:sim,budget:16MiB")
+
+
+def test_streams_stay_alive_until_spill_has_forgotten_them(spill_cupy, monkeypatch):
+    module, fake = spill_cupy
+    forgotten = []
+    real_destroyed = spill.stream_destroyed
+    monkeypatch.setattr(spill, "stream_destroyed",
+                        lambda s, d=0: (forgotten.append((s, d)), real_destroyed(s, d)))
+    handles = [spill.stream_create() for _ in range(2)]
+    held_by_user, held_by_block = (fake.cuda.Stream(h) for h in handles)
+    alive = [weakref.ref(held_by_user), weakref.ref(held_by_block)]
+    pointers = []
+    for stream in (held_by_user, held_by_block):
+        fake.cuda.current_stream = stream
+        pointers.append(module.allocator(MIB))
+    fake.cuda.current_stream = fake.cuda.Stream(0)
+    del stream
+    pointers.pop(0)  # the first stream's block is freed, the user still holds the stream
+    del held_by_block  # the second stream is held by its live block alone
+    gc.collect()
+    pointers.append(module.allocator(MIB))
+    assert forgotten == [] and all(a() is not None for a in alive)
+    del held_by_user
+    pointers.pop(0)
+    gc.collect()
+    pointers.append(module.allocator(MIB))  # only spill.cupy holds them: spill forgets both
+    assert sorted(forgotten) == sorted((h, 0) for h in handles)
+    gc.collect()
+    assert all(a() is None for a in alive) and len(module._streams) == 0
+    del pointers
+    gc.collect()
+    for h in handles:
+        spill.stream_destroy(h)
