@@ -154,6 +154,14 @@ void Swapper::Impl::copy_chunks(void* dst, const void* src, std::size_t bytes, C
   }
 }
 
+void Swapper::Impl::cancel_swap_out_locked(SwapBlock& b) {
+  // The device bytes are still there, but a swap-out may have started while the block's
+  // swap-in was landing (a SwappingIn victim): then it is still swapping in, and its users
+  // must wait for that copy.
+  b.state = b.in_done != nullptr && !dev.query(b.in_done) ? Residence::SwappingIn
+                                                          : Residence::Resident;
+}
+
 void Swapper::Impl::settle_locked(SwapBlock& b) {
   if (b.state == Residence::SwappingIn && b.in_done && dev.query(b.in_done)) {
     b.state = Residence::Resident;
@@ -249,7 +257,7 @@ void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
     if (it == blocks.end()) continue;
     if (it->second.state == Residence::SwappingOut) {
       // Still on the device: cancel the eviction instead of copying back.
-      it->second.state = Residence::Resident;
+      cancel_swap_out_locked(it->second);
       continue;
     }
     if (it->second.state == Residence::OnHost) swap_in(lock, base, true);
@@ -276,8 +284,9 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   Event wait_for = nullptr;
   if (b->state == Residence::SwappingOut) {
     // Cancel: the device bytes are still there. The user waits for the copy in flight so
-    // that a write cannot race it (the host copy it makes stays valid unless written).
-    b->state = Residence::Resident;
+    // that a write cannot race it (the host copy it makes stays valid unless written); the
+    // swap-out itself waited for any swap-in still landing.
+    cancel_swap_out_locked(*b);
     wait_for = b->out_done;
   } else if (b->state == Residence::OnHost) {
     stats.demand_fetches++;
@@ -301,7 +310,7 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     b->prefetched = false;
   }
   settle_locked(*b);
-  if (b->state == Residence::SwappingIn) wait_for = b->in_done;
+  if (b->state == Residence::SwappingIn && wait_for == nullptr) wait_for = b->in_done;
   if (wait_for != nullptr && !host) dev.wait(stream, wait_for);
   b->pins++;
   b->last_use = ++tick;
@@ -458,7 +467,7 @@ void Swapper::set_swappable(const void* ptr, bool on) {
     m.swap_in(lock, base, false);  // throws (block unchanged) when it cannot come back
     b = &m.blocks.at(base);
   }
-  if (b->state == Residence::SwappingOut) b->state = Residence::Resident;  // cancel
+  if (b->state == Residence::SwappingOut) m.cancel_swap_out_locked(*b);
   b->swappable = false;
   b->host_valid = false;  // code outside the hooks may write it from now on
   b->untouched = false;

@@ -123,6 +123,8 @@ struct Swapper::Impl {
   // Returns false (block unchanged) when `optional` and the budget cannot be met.
   bool swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base, bool prefetch);
   void settle_locked(SwapBlock& b);  // SwappingIn whose copy is done -> Resident
+  // SwappingOut -> Resident, or SwappingIn while the swap-in it started on is still landing.
+  void cancel_swap_out_locked(SwapBlock& b);
   void copy_chunks(void* dst, const void* src, std::size_t bytes, CopyKind kind, Stream s);
 
   // ---- eviction.cpp

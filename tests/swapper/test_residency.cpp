@@ -165,6 +165,40 @@ TEST(Residency, OnlyCppModeMovesNeverWrittenBlocksWithoutACopy) {
   }
 }
 
+// A swap-out may start on a block whose swap-in is still landing; cancelling it (a prefetch
+// hint, a pin, or a declaration as unswappable) must leave users waiting for that swap-in.
+// Found by the C API fuzz: a prefetch cancelled such a swap-out and marked the block resident,
+// and a host pin read it half copied. time_scale makes the copies take wall time.
+TEST(Residency, CancellingASwapOutWaitsForTheSwapInItStartedOn) {
+  for (int how = 0; how < 3; ++how) {
+    SCOPED_TRACE(how == 0 ? "prefetch" : how == 1 ? "set_swappable(false)" : "pin");
+    Stack s(4 * kBlock, true, "policy:lru,time_scale:20");
+    void* a = s.rt.allocator().allocate(kBlock, s.stream);
+    s.sw.set_swappable(a, true);
+    s.write_host(a, kBlock, 31);
+    s.sw.evict(a);
+    s.sw.quiesce();
+    ASSERT_EQ(s.sw.residence(a), Residence::OnHost);
+    s.sw.prefetch(a);  // the copy back takes ~7 ms of wall time
+    ASSERT_EQ(s.sw.residence(a), Residence::SwappingIn);
+    s.sw.evict(a);     // starts on the landing block (a clean eviction: no copy)
+    ASSERT_EQ(s.sw.residence(a), Residence::SwappingOut);
+    if (how == 0) s.sw.prefetch(a);
+    if (how == 1) s.sw.set_swappable(a, false);
+    if (how == 2) {
+      PinToken t = s.sw.pin(a, s.stream);
+      s.sw.unpin(t, s.stream, false);
+    }
+    EXPECT_NE(s.sw.residence(a), Residence::SwappingOut);
+    if (how == 1) {
+      EXPECT_EQ(find_pattern_mismatch(a, kBlock, 31), kBlock) << "declared: may be read at once";
+    } else {
+      EXPECT_TRUE(s.holds(a, kBlock, 31)) << "the host pin waited for the swap-in";
+    }
+    s.rt.allocator().deallocate(a, s.stream);
+  }
+}
+
 // Rule 3: pins of blocks that never move are cheap no-ops; unknown pointers name themselves.
 TEST(Residency, PinsOfBlocksThatNeverMoveAreNoOps) {
   Stack s(4 * kBlock, true);
