@@ -78,13 +78,8 @@ spill_status spill_shutdown(void) {
     std::lock_guard lock(g.mu);
     g.shut_down = true;
     g.config.reset();
-    for (Slot& slot : g.slots) {
-      DeviceState* st = slot.state.exchange(nullptr);  // seq_cst: see c_api_state.hpp
-      if (st == nullptr) continue;
-      g.only_device.store(-1);
-      while (slot.users.load() != 0) std::this_thread::yield();  // calls still inside
-      delete st;  // the runtime frees every block, cached segment and host buffer
-    }
+    g.only_device.store(-1);
+    for (Slot& slot : g.slots) retire_slot(slot);  // waits for calls still inside
     return SPILL_OK;
   } catch (...) {
     return current_error("spill_shutdown");

@@ -11,7 +11,7 @@ using namespace spill::capi;
 
 namespace {
 
-std::string on_device(const char* fn, int device) {
+std::string context(const char* fn, int device) {
   return std::string(fn) + " (device " + std::to_string(device) + ")";
 }
 
@@ -24,9 +24,7 @@ extern "C" {
 spill_status spill_stream_create(int device, void** stream) {
   if (stream == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_stream_create: stream is NULL");
   *stream = nullptr;
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_stream_create", lease)) return s;
-  try {
+  return on_device(device, "spill_stream_create", [&](Lease& lease) {
     Stream created = lease.rt().device().create_stream();
     try {
       lease->add_stream(created);
@@ -36,51 +34,37 @@ spill_status spill_stream_create(int device, void** stream) {
     }
     *stream = created;
     return SPILL_OK;
-  } catch (...) {
-    return current_error(on_device("spill_stream_create", device));
-  }
+  });
 }
 
 spill_status spill_stream_destroy(int device, void* stream) {
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_stream_destroy", lease, false)) return s;
   if (stream == nullptr) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT,
                 "spill_stream_destroy: the default stream (NULL) cannot be destroyed");
   }
-  if (!lease->stream_known(stream)) return bad_stream("spill_stream_destroy", stream, device);
-  try {
+  return on_device(device, "spill_stream_destroy", [&](Lease& lease) {
+    if (!lease->stream_known(stream)) return bad_stream("spill_stream_destroy", stream, device);
     lease.rt().allocator().forget_stream(to_stream(stream));
     lease->remove_stream(stream);
     lease.rt().device().destroy_stream(to_stream(stream));
     return SPILL_OK;
-  } catch (...) {
-    return current_error(on_device("spill_stream_destroy", device));
-  }
+  }, false);
 }
 
 spill_status spill_stream_synchronize(int device, void* stream) {
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_stream_synchronize", lease)) return s;
-  if (!lease->stream_known(stream)) return bad_stream("spill_stream_synchronize", stream, device);
-  try {
+  return on_device(device, "spill_stream_synchronize", [&](Lease& lease) {
+    if (!lease->stream_known(stream)) return bad_stream("spill_stream_synchronize", stream, device);
     lease.rt().device().synchronize(to_stream(stream));
     return SPILL_OK;
-  } catch (...) {
-    return current_error(on_device("spill_stream_synchronize", device));
-  }
+  });
 }
 
 spill_status spill_stream_destroyed(int device, void* stream) {
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_stream_destroyed", lease, false)) return s;
-  if (!lease->stream_known(stream)) return bad_stream("spill_stream_destroyed", stream, device);
-  try {
+  return on_device(device, "spill_stream_destroyed", [&](Lease& lease) {
+    if (!lease->stream_known(stream)) return bad_stream("spill_stream_destroyed", stream, device);
     lease.rt().allocator().forget_stream(to_stream(stream));
     return SPILL_OK;
-  } catch (...) {
-    return current_error(on_device("spill_stream_destroyed", device));
-  }
+  }, false);
 }
 
 // ---- memory
@@ -120,7 +104,7 @@ spill_status spill_free(void* ptr, int device, void* stream) {
     lease.rt().allocator().deallocate(ptr, to_stream(stream));
     return SPILL_OK;
   } catch (const InvalidArgument&) {
-    spill_status s = current_error(on_device("spill_free", device));
+    spill_status s = current_error(context("spill_free", device));
     lease.reset();
     const int owner = other_owner(ptr, device);
     if (owner >= 0) {
@@ -131,52 +115,39 @@ spill_status spill_free(void* ptr, int device, void* stream) {
     }
     return s;
   } catch (...) {
-    return current_error(on_device("spill_free", device));
+    return current_error(context("spill_free", device));
   }
 }
 
 spill_status spill_record_stream(void* ptr, void* stream) {
-  Lease lease;
-  if (spill_status s = acquire_owner(ptr, "spill_record_stream", lease)) return s;
-  if (!lease->stream_known(stream)) return bad_stream("spill_record_stream", stream, lease->ordinal);
-  try {
+  return on_block(ptr, "spill_record_stream", [&](Lease& lease) {
+    if (!lease->stream_known(stream)) return bad_stream("spill_record_stream", stream, lease->ordinal);
     lease.rt().allocator().record_stream(ptr, to_stream(stream));
     if (Swapper* sw = lease.rt().swapper()) sw->record_stream(ptr, to_stream(stream));
     return SPILL_OK;
-  } catch (...) {
-    return current_error("spill_record_stream");
-  }
+  });
 }
 
 spill_status spill_empty_cache(int device) {
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_empty_cache", lease)) return s;
-  try {
+  return on_device(device, "spill_empty_cache", [](Lease& lease) {
     lease.rt().allocator().empty_cache();
     return SPILL_OK;
-  } catch (...) {
-    return current_error(on_device("spill_empty_cache", device));
-  }
+  });
 }
 
 spill_status spill_set_budget(int device, uint64_t bytes) {
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_set_budget", lease)) return s;
-  try {
+  return on_device(device, "spill_set_budget", [&](Lease& lease) {
     lease.rt().set_budget(static_cast<std::size_t>(bytes));
     return SPILL_OK;
-  } catch (...) {
-    return current_error("spill_set_budget(device " + std::to_string(device) + ", " +
-                         format_bytes(bytes) + ")");
-  }
+  });
 }
 
 spill_status spill_get_budget(int device, uint64_t* bytes) {
   if (bytes == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_budget: bytes is NULL");
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_get_budget", lease)) return s;
-  *bytes = lease.rt().allocator().budget();
-  return SPILL_OK;
+  return on_device(device, "spill_get_budget", [&](Lease& lease) {
+    *bytes = lease.rt().allocator().budget();
+    return SPILL_OK;
+  });
 }
 
 }  // extern "C"

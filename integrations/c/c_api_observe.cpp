@@ -15,10 +15,6 @@ using namespace spill::capi;
 
 namespace {
 
-std::string on_device(const char* fn, int device) {
-  return std::string(fn) + " (device " + std::to_string(device) + ")";
-}
-
 std::uint64_t u(std::int64_t v) { return v < 0 ? 0 : static_cast<std::uint64_t>(v); }
 
 void put_stat(nlohmann::json& j, const std::string& name, const Stat& s) {
@@ -43,9 +39,7 @@ spill_status spill_get_stats(int device, spill_stats* stats) {
                 "spill_get_stats: struct_size " + std::to_string(stats->struct_size) +
                     " is too small (set it to sizeof(spill_stats))");
   }
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_get_stats", lease)) return s;
-  try {
+  return on_device(device, "spill_get_stats", [&](Lease& lease) {
     Runtime& rt = lease.rt();
     const AllocatorStats a = rt.allocator().stats();
     spill_stats full{};
@@ -90,17 +84,13 @@ spill_status spill_get_stats(int device, spill_stats* stats) {
                 reinterpret_cast<const char*>(&full) + sizeof(size_t), n - sizeof(size_t));
     stats->struct_size = n;
     return SPILL_OK;
-  } catch (...) {
-    return current_error(on_device("spill_get_stats", device));
-  }
+  });
 }
 
 spill_status spill_stats_json(int device, char** json) {
   if (json == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_stats_json: json is NULL");
   *json = nullptr;
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_stats_json", lease)) return s;
-  try {
+  return on_device(device, "spill_stats_json", [&](Lease& lease) {
     Runtime& rt = lease.rt();
     const AllocatorStats a = rt.allocator().stats();
     nlohmann::json j;
@@ -150,24 +140,18 @@ spill_status spill_stats_json(int device, char** json) {
       j["swap.deviations"] = s.deviations;
     }
     return give_string(j.dump(), json, "spill_stats_json");
-  } catch (...) {
-    return current_error(on_device("spill_stats_json", device));
-  }
+  });
 }
 
 spill_status spill_snapshot_json(int device, char** json) {
   if (json == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_snapshot_json: json is NULL");
   *json = nullptr;
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_snapshot_json", lease)) return s;
-  try {
+  return on_device(device, "spill_snapshot_json", [&](Lease& lease) {
     const profiling::MemoryState state = lease.rt().allocator().snapshot();
     const nlohmann::json j =
         profiling::to_memory_viz(state, profiling::TraceRecorder::global().peek(), tag_names());
     return give_string(j.dump(), json, "spill_snapshot_json");
-  } catch (...) {
-    return current_error(on_device("spill_snapshot_json", device));
-  }
+  });
 }
 
 spill_status spill_trace_export(const char* path) {
@@ -191,13 +175,9 @@ spill_status spill_last_oom_message(int device, char** message) {
   if (message == nullptr)
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_last_oom_message: message is NULL");
   *message = nullptr;
-  Lease lease;
-  if (spill_status s = acquire(device, "spill_last_oom_message", lease)) return s;
-  try {
+  return on_device(device, "spill_last_oom_message", [&](Lease& lease) {
     return give_string(lease->last_oom(), message, "spill_last_oom_message");
-  } catch (...) {
-    return current_error(on_device("spill_last_oom_message", device));
-  }
+  });
 }
 
 }  // extern "C"

@@ -1,6 +1,8 @@
 // The C API's lifecycle and errors: the global state, runtimes created per device on first
 // use, spill_init / spill_shutdown, fork children, process exit, and status translation.
+#include <linux/membarrier.h>
 #include <pthread.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -16,6 +18,7 @@
 #include "integrations/c/c_api_state.hpp"
 #include "profiling/events.hpp"
 
+#pragma GCC visibility push(hidden)
 namespace spill::capi {
 
 namespace {
@@ -26,9 +29,22 @@ void on_exit() { global().exiting.store(true); }
 
 void before_fork() { global().mu.lock(); }
 void after_fork_parent() { global().mu.unlock(); }
+bool register_membarrier() {
+  return ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+}
+
 void after_fork_child() {
   Global& g = global();
   g.mu.unlock();
+  // Only this thread lives on: the others' records name nothing any more.
+  ThreadLeases* mine = &thread_leases();
+  for (ThreadLeases* t = g.threads.load(); t != nullptr; t = t->next) {
+    if (t == mine) continue;
+    for (auto& h : t->held) h.store(nullptr);
+    t->depth = 0;
+    t->in_use.store(false);
+  }
+  g.membarrier = g.membarrier && register_membarrier();
   if (g.started) {
     g.child_pid = static_cast<int>(::getpid());
     g.forked.store(true);
@@ -39,11 +55,54 @@ std::string device_name(int device) { return "device " + std::to_string(device);
 
 }  // namespace
 
-Global::Global() { ::pthread_atfork(before_fork, after_fork_parent, after_fork_child); }
+Global::Global() : membarrier(register_membarrier()) {
+  ::pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
 
-Global& global() {
-  static Global* g = new Global();  // never destroyed: calls may come during static destruction
-  return *g;
+namespace {
+// Hands the thread's record back for reuse when the thread ends.
+struct ThreadLeasesOwner {
+  ThreadLeases* leases = nullptr;
+  ~ThreadLeasesOwner() {
+    if (leases != nullptr) leases->in_use.store(false, std::memory_order_release);
+  }
+};
+}  // namespace
+
+constinit thread_local ThreadLeases* tl_leases = nullptr;
+
+ThreadLeases& register_thread() {
+  Global& g = global();
+  ThreadLeases* found = nullptr;
+  for (ThreadLeases* t = g.threads.load(); t != nullptr && found == nullptr; t = t->next) {
+    bool free = false;
+    if (t->in_use.compare_exchange_strong(free, true)) found = t;
+  }
+  if (found == nullptr) {
+    found = new ThreadLeases();  // never freed: other threads may be reading it
+    found->next = g.threads.load();
+    while (!g.threads.compare_exchange_weak(found->next, found)) {
+    }
+  }
+  found->depth = 0;
+  static thread_local ThreadLeasesOwner owner;
+  owner.leases = found;
+  tl_leases = found;
+  return *found;
+}
+
+void retire_slot(Slot& slot) {
+  Global& g = global();
+  DeviceState* st = slot.state.exchange(nullptr);
+  if (st == nullptr) return;
+  // Every thread passes a full barrier: a call that announced the slot before our exchange is
+  // visible below; one that announces it later loads the null pointer.
+  if (!g.membarrier || ::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) != 0)
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+  for (ThreadLeases* t = g.threads.load(); t != nullptr; t = t->next)
+    for (auto& h : t->held)
+      while (h.load(std::memory_order_acquire) == &slot) std::this_thread::yield();
+  delete st;  // the runtime frees every block, cached segment and host buffer
 }
 
 const char* last_error_text() noexcept { return tl_error.c_str(); }
@@ -248,6 +307,10 @@ int other_owner(const void* ptr, int device) noexcept {
   return -1;
 }
 
+std::string pointer_context(const char* fn, const void* ptr) {
+  return std::string(fn) + "(" + format_address(ptr) + ")";
+}
+
 spill_status give_string(const std::string& text, char** out, const char* fn) noexcept {
   if (out == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, std::string(fn) + ": out is NULL");
   *out = static_cast<char*>(std::malloc(text.size() + 1));
@@ -257,3 +320,4 @@ spill_status give_string(const std::string& text, char** out, const char* fn) no
 }
 
 }  // namespace spill::capi
+#pragma GCC visibility pop

@@ -2,12 +2,14 @@
 // holding its runtime, the lifecycle (session, shutdown, fork, process exit) and the
 // translation of C++ exceptions into status codes with a thread-local message.
 //
-// Hot path without a global lock: a call takes a Lease on its device's slot (one atomic
-// increment of the slot's user count, then a load of its runtime pointer); spill_shutdown
-// swaps the pointer out, waits until the count drops to zero, then frees the runtime. Both
-// sides use sequentially consistent operations, so either the call sees no runtime or the
-// shutdown sees the call. Slots are never freed (the Global object is leaked on purpose: calls
-// during static destruction at exit must still find it).
+// Hot path without a global lock and without a locked instruction: a call takes a Lease on its
+// device's slot by announcing the slot in its thread's own record (a hazard pointer: a plain
+// store), then loading the slot's runtime pointer. spill_shutdown swaps the pointer out, runs
+// membarrier(2) (every thread of the process passes a full memory barrier), then waits until
+// no thread's record names the slot, and frees the runtime: either a call sees no runtime or
+// the shutdown sees the call. Where membarrier is not available, the call uses a sequentially
+// consistent fence instead. Slots and thread records are never freed (the Global object is
+// leaked on purpose: calls during static destruction at exit must still find it).
 #pragma once
 
 #include <array>
@@ -21,6 +23,8 @@
 #include "spill/spill.h"
 #include "swapper/runtime.hpp"
 
+// Internal to libspill.so (no PLT indirection on the hot path); the API is spill.h's.
+#pragma GCC visibility push(hidden)
 namespace spill::capi {
 
 inline constexpr int kMaxDevices = SPILL_MAX_DEVICES;
@@ -60,8 +64,18 @@ struct DeviceState {
 };
 
 struct Slot {
-  std::atomic<int> users{0};
   std::atomic<DeviceState*> state{nullptr};
+};
+
+// One thread's leases: the slots its calls in progress use (calls nest a little: an error
+// path may ask the other devices). Linked into Global::threads once, reused after the thread
+// ends.
+struct ThreadLeases {
+  static constexpr int kDepth = 4;
+  std::array<std::atomic<Slot*>, kDepth> held{};
+  int depth = 0;                   // touched by the owning thread only
+  std::atomic<bool> in_use{true};
+  ThreadLeases* next = nullptr;
 };
 
 struct Global {
@@ -76,9 +90,24 @@ struct Global {
   std::atomic<bool> exiting{false};    // exit() has begun: nothing is freed any more
   int start_pid = 0, child_pid = 0;
   bool atexit_registered = false;
+  std::atomic<ThreadLeases*> threads{nullptr};  // every thread that ever took a lease
+  bool membarrier = false;                       // the heavy side of the fence pair works
 };
 
-Global& global();
+inline Global& global() {
+  static Global* const g = new Global();  // never destroyed: calls may come during exit
+  return *g;
+}
+
+// The calling thread's lease record (registered on first use).
+ThreadLeases& register_thread();
+extern thread_local ThreadLeases* tl_leases;  // constant-initialised: no TLS wrapper
+inline ThreadLeases& thread_leases() {
+  ThreadLeases* t = tl_leases;
+  return t != nullptr ? *t : register_thread();
+}
+// Frees the runtime of `slot` once no call uses it (lifecycle mutex held).
+void retire_slot(Slot& slot);
 
 const char* last_error_text() noexcept;
 // Sets the calling thread's message; returns `code`.
@@ -98,19 +127,30 @@ class Lease {
   Lease& operator=(const Lease&) = delete;
 
   bool try_take(Slot& slot) {
-    slot.users.fetch_add(1);  // seq_cst: ordered before the load below (see the top comment)
-    DeviceState* st = slot.state.load();
-    if (st != nullptr) {
-      slot_ = &slot;
-      state_ = st;
-      return true;
+    ThreadLeases& t = thread_leases();
+    const int i = t.depth;
+    if (i >= ThreadLeases::kDepth) return false;  // never nested this deep
+    t.held[i].store(&slot, std::memory_order_relaxed);
+    // Orders the announcement before the load (see the top comment).
+    if (global().membarrier) std::atomic_signal_fence(std::memory_order_seq_cst);
+    else std::atomic_thread_fence(std::memory_order_seq_cst);
+    DeviceState* st = slot.state.load(std::memory_order_acquire);
+    if (st == nullptr) {
+      t.held[i].store(nullptr, std::memory_order_release);
+      return false;
     }
-    slot.users.fetch_sub(1, std::memory_order_release);
-    return false;
+    t.depth = i + 1;
+    leases_ = &t;
+    index_ = i;
+    state_ = st;
+    return true;
   }
   void reset() {
-    if (slot_ != nullptr) slot_->users.fetch_sub(1, std::memory_order_release);
-    slot_ = nullptr;
+    if (leases_ != nullptr) {
+      leases_->held[index_].store(nullptr, std::memory_order_release);
+      leases_->depth = index_;
+    }
+    leases_ = nullptr;
     state_ = nullptr;
   }
   DeviceState* operator->() const { return state_; }
@@ -118,7 +158,8 @@ class Lease {
   Runtime& rt() const { return *state_->rt; }
 
  private:
-  Slot* slot_ = nullptr;
+  ThreadLeases* leases_ = nullptr;
+  int index_ = 0;
   DeviceState* state_ = nullptr;
 };
 
@@ -141,7 +182,34 @@ spill_status acquire_owner(const void* ptr, const char* fn, Lease& lease) noexce
 // The ordinal of another live device whose allocator holds `ptr`, or -1.
 int other_owner(const void* ptr, int device) noexcept;
 
+// The shape of most entry points: lease `device`'s runtime, run `body(lease)`, translate any
+// exception into a status with `fn` and the device as its context.
+template <class Body>
+spill_status on_device(int device, const char* fn, Body&& body, bool create = true) noexcept {
+  Lease lease;
+  if (spill_status s = acquire(device, fn, lease, create)) return s;
+  try {
+    return body(lease);
+  } catch (...) {
+    return current_error(std::string(fn) + " (device " + std::to_string(device) + ")");
+  }
+}
+
+// The same for entry points that name a block: the runtime that holds `ptr`.
+std::string pointer_context(const char* fn, const void* ptr);
+template <class Body>
+spill_status on_block(const void* ptr, const char* fn, Body&& body) noexcept {
+  Lease lease;
+  if (spill_status s = acquire_owner(ptr, fn, lease)) return s;
+  try {
+    return body(lease);
+  } catch (...) {
+    return current_error(pointer_context(fn, ptr));
+  }
+}
+
 // Copies `text` into a string the caller frees with spill_string_free.
 spill_status give_string(const std::string& text, char** out, const char* fn) noexcept;
 
 }  // namespace spill::capi
+#pragma GCC visibility pop
