@@ -24,5 +24,6 @@ void add_bench(CLI::App& app, Runner& run);
 void add_report(CLI::App& app, Runner& run);
 void add_demo(CLI::App& app, Runner& run);
 void add_plan(CLI::App& app, Runner& run);
+void add_train(CLI::App& app, Runner& run);
 
 }  // namespace spill::cli

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   cli::add_report(app, run);
   cli::add_demo(app, run);
   cli::add_plan(app, run);
+  cli::add_train(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,173 @@
+// `spill train MODEL`: trains one of the reference models out-of-core on the default device.
+// Per step it prints the loss, the peak of mapped bytes, bytes moved each way, stall and step
+// time, demand fetches and prefetch hits, with the planner's predictions beside them (on the
+// simulated device both are simulated time). The budget defaults to a third of the step's
+// footprint. --check runs the same steps again with no budget and requires bit-identical
+// losses, weights and optimizer state.
+#include <cstdio>
+
+#include "cli/commands.hpp"
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "profiling/chrome_trace.hpp"
+#include "profiling/events.hpp"
+#include "train/models.hpp"
+#include "train/session.hpp"
+
+namespace spill::cli {
+namespace {
+
+struct TrainArgs {
+  std::string model;
+  train::ModelOptions model_options;
+  std::string budget;
+  int steps = 10;
+  std::string policy = "graph";
+  bool check = false;
+  std::string trace;
+};
+
+std::string ms(double s) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2fms", s * 1e3);
+  return b;
+}
+
+int run_train(Config config, const TrainArgs& a) {
+  const train::Policy policy = train::parse_policy(a.policy);
+  SPILL_EXPECTS(a.steps >= 1 && a.steps <= 100000, "--steps: between 1 and 100000");
+  train::Program program = train::build_model(a.model, a.model_options);
+  const std::uint64_t footprint = train::footprint(config, program);
+  std::uint64_t budget = footprint / 3;
+  if (!a.budget.empty()) budget = parse_size(a.budget, "--budget");
+  else if (config.budget) budget = *config.budget;
+  SPILL_EXPECTS(budget > 0, "--budget: must be above zero");
+  profiling::TraceRecorder::global().set_enabled(!a.trace.empty());
+  profiling::TraceRecorder::global().collect();
+
+  train::RunOptions ro;
+  ro.policy = policy;
+  ro.budget = budget;
+  ro.steps = a.steps;
+  ro.keep_state = a.check;
+  bool simulated = true;
+  auto on_start = [&](const train::Executor& ex, Runtime& rt) {
+    const DeviceInfo& d = rt.device().info();
+    simulated = d.simulated;
+    const graph::SimResult& p = ex.prediction();
+    std::printf("%s\n", rt.device_reason().c_str());
+    std::printf("device:    %s (%s)\n", d.name.c_str(),
+                d.simulated ? "simulated: times are simulated (kernel roofline, link model)"
+                            : "times measured on the GPU");
+    std::printf("kernels:   %s\n", ex.kernels_name().c_str());
+    std::printf("model:     %s, %.2fM parameters, %zu ops per step\n", program.name.c_str(),
+                double(program.parameters) / 1e6, program.ops.size());
+    std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx)   policy: %s\n",
+                format_bytes(footprint).c_str(), format_bytes(ex.budget()).c_str(),
+                double(footprint) / double(ex.budget()), train::to_string(policy));
+    std::printf("plan:      %zu swaps; predicted peak %s, out %s, in %s per step, step %s "
+                "(compute %s, stall %s)\n",
+                ex.plan().swaps.size(), format_bytes(ex.predicted_peak()).c_str(),
+                format_bytes(p.swapped_out_bytes).c_str(), format_bytes(p.swapped_in_bytes).c_str(),
+                ms(p.step_time_s).c_str(), ms(p.compute_time_s).c_str(), ms(p.stall_time_s).c_str());
+    std::printf("\n%4s %10s %11s %11s %10s %10s %9s %9s %10s %10s %6s %5s %7s\n", "step", "loss",
+                "peak", "(pred)", "out", "in", "stall", "(pred)", "step", "(pred)", "demand",
+                "hits", "wall");
+  };
+  std::uint64_t peak = 0, pred_peak = 0;
+  train::RunResult run;
+  graph::SimResult pred;
+  auto on_step = [&](const train::StepStats& s) {
+    peak = std::max(peak, s.peak_mapped);
+    std::printf("%4d %10.6f %11s %11s %10s %10s %9s %9s %10s %10s %6llu %5llu %6.1fs\n",
+                s.step + 1, double(s.loss), format_bytes(s.peak_mapped).c_str(),
+                format_bytes(pred_peak).c_str(), format_bytes(s.swaps.bytes_out).c_str(),
+                format_bytes(s.swaps.bytes_in).c_str(), ms(s.stall_s).c_str(),
+                ms(pred.stall_time_s).c_str(), ms(s.step_s).c_str(), ms(pred.step_time_s).c_str(),
+                static_cast<unsigned long long>(s.swaps.demand_fetches),
+                static_cast<unsigned long long>(s.swaps.prefetch_hits), s.wall_s);
+    std::fflush(stdout);
+  };
+  auto start = [&](const train::Executor& ex, Runtime& rt) {
+    pred = ex.prediction();
+    pred_peak = ex.predicted_peak();
+    on_start(ex, rt);
+  };
+  run = train::run_training(config, program, ro, start, on_step);
+  bool ok = peak <= run.budget;
+  std::printf("\nloss %.6f -> %.6f over %d steps; peak mapped %s of the %s budget%s\n",
+              double(run.steps.front().loss), double(run.steps.back().loss), a.steps,
+              format_bytes(peak).c_str(), format_bytes(run.budget).c_str(),
+              ok ? "" : "  FAILED: over the budget");
+  SwapStats total;
+  std::uint64_t cancelled = 0, retries = 0;
+  for (const train::StepStats& st : run.steps) {
+    retries += st.prefetch_retries;
+    total.prefetches += st.swaps.prefetches;
+    total.prefetch_hits += st.swaps.prefetch_hits;
+    total.prefetch_late += st.swaps.prefetch_late;
+    total.prefetches_skipped += st.swaps.prefetches_skipped;
+    total.demand_fetches += st.swaps.demand_fetches;
+    total.evictions_planned += st.swaps.evictions_planned;
+    total.evictions_reactive += st.swaps.evictions_reactive;
+    total.clean_evictions += st.swaps.clean_evictions;
+    cancelled += st.cancelled_bytes;
+  }
+  std::printf("swaps:     %llu prefetches (%llu hits, %llu late; %llu retried once the cache was "
+              "returned, %llu left to demand), "
+              "%llu demand fetches, %llu planned and %llu reactive evictions (%llu clean), %s of "
+              "planned prefetches still on the device\n",
+              (unsigned long long)total.prefetches, (unsigned long long)total.prefetch_hits,
+              (unsigned long long)total.prefetch_late, (unsigned long long)retries,
+              (unsigned long long)(total.prefetches_skipped - retries),
+              (unsigned long long)total.demand_fetches, (unsigned long long)total.evictions_planned,
+              (unsigned long long)total.evictions_reactive, (unsigned long long)total.clean_evictions,
+              format_bytes(cancelled).c_str());
+  if (simulated) std::printf("(step times are simulated; wall is this machine's time per step)\n");
+  if (!a.trace.empty()) {
+    auto& rec = profiling::TraceRecorder::global();
+    profiling::write_chrome_trace(a.trace, rec.collect(),
+                                  [&rec](std::uint32_t t) { return rec.tag_name(t); },
+                                  {{"command", "spill train " + a.model},
+                                   {"budget_bytes", run.budget},
+                                   {"policy", a.policy}});
+    std::printf("trace written to %s\n", a.trace.c_str());
+  }
+  if (a.check) {
+    train::RunOptions ref = ro;
+    ref.policy = train::Policy::None;
+    ref.budget.reset();
+    profiling::TraceRecorder::global().set_enabled(false);
+    train::RunResult unlimited = train::run_training(config, program, ref);
+    train::Comparison c = train::compare_runs(run, unlimited);
+    std::printf("check: %s with no budget: %s\n",
+                c.identical ? "bit-identical to the run" : "FAILED: differs from the run",
+                c.detail.c_str());
+    ok &= c.identical;
+  }
+  return ok ? 0 : 1;
+}
+
+}  // namespace
+
+void add_train(CLI::App& app, Runner& run) {
+  auto a = std::make_shared<TrainArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "train", "train a reference model out-of-core with real kernels (mlp, cnn, gpt-mini, "
+               "gpt-medium), by default in a third of its footprint");
+  cmd->add_option("model", a->model, "mlp | cnn | gpt-mini | gpt-medium")->required();
+  cmd->add_option("--batch", a->model_options.batch, "batch size (default: the model's)");
+  cmd->add_option("--layers", a->model_options.layers, "layers (default: the model's)");
+  cmd->add_option("--width", a->model_options.width, "width (default: the model's)");
+  cmd->add_option("--seq", a->model_options.seq, "sequence length (gpt; default: the model's)");
+  cmd->add_option("--budget", a->budget,
+                  "mapped device bytes (default: budget: in --conf, else a third of the footprint)");
+  cmd->add_option("--steps", a->steps, "steps to run")->capture_default_str();
+  cmd->add_option("--policy", a->policy, "graph | plan | lru | none")->capture_default_str();
+  cmd->add_flag("--check", a->check,
+                "run again with no budget and require bit-identical losses and state");
+  cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here");
+  cmd->callback([&run, a] { run = [a](const Config& c) { return run_train(c, *a); }; });
+}
+
+}  // namespace spill::cli

@@ -1,0 +1,160 @@
+// The reference trainer on the simulated device, with small shapes of each model (a 256 KiB
+// swap threshold so that tensors of a few MiB swap): 5 steps at a third of the footprint under
+// every policy give losses, weights and optimizer state bit-identical to the run with no
+// budget; policy graph moves exactly the bytes its plan says, with no reactive eviction and no
+// demand fetch; the predicted peak of mapped bytes is the observed one within one granule per
+// live block; the loss falls; a budget below an op's working set is an error naming the op.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "graph/liveness.hpp"
+#include "graph/plan.hpp"
+#include "train/models.hpp"
+#include "train/session.hpp"
+
+namespace spill::test {
+namespace {
+
+using train::Policy;
+
+const char* kConf = "device:sim,sim_capacity:1GiB,swap_threshold:256KiB,trace:off";
+
+struct Case {
+  const char* model;
+  train::ModelOptions options;
+};
+
+std::string name_of(const ::testing::TestParamInfo<Case>& info) {
+  std::string n = info.param.model;
+  for (char& c : n)
+    if (c == '-') c = '_';
+  return n;
+}
+
+const Case kCases[] = {
+    {"mlp", {.batch = 16384, .layers = 12, .width = 32}},
+    {"cnn", {.batch = 32, .layers = 1, .width = 16}},
+    {"gpt-mini", {.batch = 32, .layers = 2, .width = 64, .seq = 64}},
+};
+
+class TrainAtAThird : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TrainAtAThird, EveryPolicyIsBitIdenticalAndGraphMovesWhatItsPlanSays) {
+  const Config conf = Config::parse(kConf);
+  const train::Program program = train::build_model(GetParam().model, GetParam().options);
+  const std::uint64_t footprint = train::footprint(conf, program);
+  train::RunOptions ro;
+  ro.steps = 5;
+  ro.keep_state = true;
+  ro.policy = Policy::None;
+  const train::RunResult unlimited = train::run_training(conf, program, ro);
+  EXPECT_EQ(unlimited.footprint, footprint);
+  EXPECT_LT(unlimited.steps.back().loss, unlimited.steps.front().loss) << "the loss must fall";
+  for (const train::StepStats& s : unlimited.steps) {
+    EXPECT_TRUE(std::isfinite(s.loss));
+    // Nothing swaps: the step takes exactly its kernels' time.
+    EXPECT_NEAR(s.step_s, s.compute_s, 1e-9 + 1e-9 * s.compute_s);
+  }
+
+  const std::uint64_t granule = 2 * MiB;
+  for (Policy policy : {Policy::Graph, Policy::Plan, Policy::Lru}) {
+    SCOPED_TRACE(std::string("policy ") + train::to_string(policy));
+    train::RunOptions o = ro;
+    o.policy = policy;
+    o.budget = footprint / 3;
+    o.exec.poison = policy == Policy::Lru;  // new tensors start as NaN: every read byte is written
+    std::uint64_t live_at_peak = 0;
+    auto on_start = [&](const train::Executor& ex, Runtime&) {
+      graph::check_plan(ex.graph(), ex.plan());
+      const auto& at = ex.prediction().mapped_at_op;
+      const auto peak_op = std::max_element(at.begin(), at.end()) - at.begin();
+      graph::Liveness live = graph::analyze_liveness(ex.graph());
+      for (const auto& iv : live.live) live_at_peak += iv.live_at(peak_op);
+    };
+    const train::RunResult r = train::run_training(conf, program, o, on_start);
+    const train::Comparison c = train::compare_runs(r, unlimited);
+    EXPECT_TRUE(c.identical) << c.detail;
+    ASSERT_EQ(r.steps.size(), 5u);
+    std::uint64_t swapped = 0;
+    for (const train::StepStats& s : r.steps) {
+      SCOPED_TRACE("step " + std::to_string(s.step + 1));
+      EXPECT_LE(s.peak_mapped, r.budget);
+      swapped += s.swaps.bytes_out;
+      if (policy != Policy::Graph) continue;
+      EXPECT_EQ(s.swaps.bytes_out, r.prediction.swapped_out_bytes);
+      EXPECT_EQ(s.swaps.bytes_in + s.cancelled_bytes, r.prediction.swapped_in_bytes);
+      EXPECT_EQ(s.swaps.evictions_reactive, 0u);
+      EXPECT_EQ(s.swaps.demand_fetches, 0u);
+      const double diff = std::abs(double(s.peak_mapped) - double(r.predicted_peak));
+      EXPECT_LE(diff, double(granule * live_at_peak))
+          << "observed " << format_bytes(s.peak_mapped) << ", predicted "
+          << format_bytes(r.predicted_peak) << ", " << live_at_peak << " live blocks";
+    }
+    EXPECT_GT(swapped, 0u) << "a third of the footprint must swap";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, TrainAtAThird, ::testing::ValuesIn(kCases), name_of);
+
+TEST(Train, PredictedPeakMatchesTheUnlimitedRun) {
+  const Config conf = Config::parse(kConf);
+  const train::Program program = train::build_model("gpt-mini", kCases[2].options);
+  train::RunOptions ro;
+  ro.steps = 1;
+  ro.policy = Policy::None;
+  const train::RunResult r = train::run_training(conf, program, ro);
+  // With nothing swapped the only slack is the small pool's last segment.
+  EXPECT_LE(std::abs(double(r.steps[0].peak_mapped) - double(r.predicted_peak)), double(2 * MiB))
+      << "observed " << format_bytes(r.steps[0].peak_mapped) << ", predicted "
+      << format_bytes(r.predicted_peak);
+  EXPECT_GE(r.predicted_peak, r.footprint);
+}
+
+TEST(Train, ABudgetBelowAnOpsWorkingSetNamesTheOp) {
+  const Config conf = Config::parse(kConf);
+  const train::Program program = train::build_model("gpt-mini", kCases[2].options);
+  train::RunOptions ro;
+  ro.policy = Policy::Graph;
+  ro.budget = 4 * MiB;
+  try {
+    train::run_training(conf, program, ro);
+    FAIL() << "a 4 MiB budget was accepted";
+  } catch (const InvalidArgument& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("cannot train in a budget of 4.00 MiB"), std::string::npos) << m;
+    EXPECT_NE(m.find("op "), std::string::npos) << m;
+    EXPECT_NE(m.find("working set"), std::string::npos) << m;
+  }
+  ro.policy = Policy::None;
+  ro.budget = 16 * MiB;
+  EXPECT_THROW(train::run_training(conf, program, ro), InvalidArgument)
+      << "policy none cannot run above its budget";
+}
+
+TEST(Train, ModelsAndPoliciesAreCheckedByName) {
+  EXPECT_THROW(train::build_model("resnet9000", {}), InvalidArgument);
+  EXPECT_THROW(train::parse_policy("belady"), InvalidArgument);
+  EXPECT_THROW(train::build_model("gpt-mini", {.width = 100}), InvalidArgument)
+      << "width must split into heads";
+  for (const std::string& m : train::model_names()) {
+    if (m == "gpt-medium") continue;  // real shapes: a GPU's worth of memory
+    const train::Program p = train::build_model(m, {});
+    EXPECT_GT(p.parameters, 0u) << m;
+    EXPECT_FALSE(p.ops.empty()) << m;
+  }
+}
+
+TEST(Train, GptMediumHasGpt2MediumShapes) {
+  const train::Program p = train::build_model("gpt-medium", {.batch = 1});
+  // GPT-2 medium's transformer (24 x 12,596,224) + position table (1024 x 1024) + final norm,
+  // with an untied head and a 50304-token table.
+  const std::uint64_t layers = 24ull * (12ull * 1024 * 1024 + 13ull * 1024);
+  const std::uint64_t embed = 50304ull * 1024 + 1024ull * 1024;
+  EXPECT_EQ(p.parameters, layers + embed + 2 * 1024 + 1024ull * 50304);
+}
+
+}  // namespace
+}  // namespace spill::test

@@ -1,0 +1,444 @@
+#include "train/executor.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "graph/device_model.hpp"
+#include "graph/liveness.hpp"
+#include "graph/planner.hpp"
+
+namespace spill::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// The GPU preset whose roofline times the kernels: the simulated device is modelled on an
+// A100; on a GPU the preset only seeds the first plan (measured times replace it).
+const graph::GpuModel& roofline_model(const Device& dev) {
+  const std::string& n = dev.info().name;
+  if (dev.info().simulated) return graph::gpu_preset("a100-40gb");
+  if (n.find("H200") != std::string::npos) return graph::gpu_preset("h200");
+  if (n.find("H100") != std::string::npos) return graph::gpu_preset("h100-sxm");
+  if (n.find("A100") != std::string::npos) return graph::gpu_preset("a100-80gb");
+  if (n.find("V100") != std::string::npos) return graph::gpu_preset("v100-16gb");
+  return graph::gpu_preset("a100-40gb");
+}
+
+kernels::Roofline make_roofline(const graph::GpuModel& m) {
+  kernels::Roofline r;
+  r.flops_per_s = m.peak_flops(graph::DType::F32) * m.compute_efficiency;
+  r.bytes_per_s = m.mem_bw_gbps * 1e9 * m.memory_efficiency;
+  r.launch_s = m.op_overhead_us * 1e-6;
+  return r;
+}
+
+SwapStats minus(SwapStats a, const SwapStats& b) {
+  a.bytes_out -= b.bytes_out;
+  a.bytes_in -= b.bytes_in;
+  a.swap_outs -= b.swap_outs;
+  a.swap_ins -= b.swap_ins;
+  a.clean_evictions -= b.clean_evictions;
+  a.prefetches -= b.prefetches;
+  a.prefetches_skipped -= b.prefetches_skipped;
+  a.prefetch_hits -= b.prefetch_hits;
+  a.prefetch_late -= b.prefetch_late;
+  a.demand_fetches -= b.demand_fetches;
+  a.evictions_reactive -= b.evictions_reactive;
+  a.evictions_planned -= b.evictions_planned;
+  a.host_wait_s -= b.host_wait_s;
+  return a;
+}
+
+}  // namespace
+
+const char* to_string(Policy p) {
+  switch (p) {
+    case Policy::Graph: return "graph";
+    case Policy::Plan: return "plan";
+    case Policy::Lru: return "lru";
+    case Policy::None: return "none";
+  }
+  return "?";
+}
+
+Policy parse_policy(std::string_view s) {
+  if (s == "graph") return Policy::Graph;
+  if (s == "plan") return Policy::Plan;
+  if (s == "lru") return Policy::Lru;
+  if (s == "none") return Policy::None;
+  throw InvalidArgument("unknown policy '" + std::string(s) + "' (graph, plan, lru or none)");
+}
+
+SwapPolicy runtime_policy(Policy p) {
+  switch (p) {
+    case Policy::Plan: return SwapPolicy::Plan;
+    case Policy::None: return SwapPolicy::None;
+    case Policy::Graph:
+    case Policy::Lru: return SwapPolicy::Lru;
+  }
+  return SwapPolicy::Lru;
+}
+
+std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device) {
+  const std::uint64_t small_limit = std::min<std::uint64_t>(config.swap_threshold, 1u << 20);
+  const std::uint64_t to = bytes <= small_limit ? 512 : device.granularity();
+  return (bytes + to - 1) / to * to;
+}
+
+struct Executor::Impl {
+  Impl(Runtime& r, const Program& prog, const ExecOptions& opt)
+      : rt(r), p(prog), o(opt), dev(r.device()), alloc(r.allocator()), swp(r.swapper()) {}
+
+  Runtime& rt;
+  const Program& p;
+  ExecOptions o;
+  Device& dev;
+  CachingAllocator& alloc;
+  Swapper* swp;
+  kernels::Roofline roofline;
+  std::unique_ptr<kernels::Kernels> k;
+  Stream stream = nullptr;
+  Stream aux = nullptr;  // reads the loss back without holding up the compute stream
+  Event t0 = nullptr, t1 = nullptr, loss_ready = nullptr;
+  std::vector<Event> done, start;  // per op: end of its kernels; start (measured steps)
+  graph::Graph g;
+  graph::Plan plan;
+  graph::SimResult pred;
+  LinkModel link = link_preset("pcie4");
+  graph::PlannerOptions po;             // po.budget: the budget less the small-pool reserve
+  std::uint64_t budget = 0, small_reserve = 0;
+  std::uint64_t footprint = 0;
+  std::vector<void*> ptrs;
+  std::vector<char> swappable, checked;  // swappable: large blocks the planner may move
+  std::uint64_t small_limit = 0;
+  std::vector<std::vector<TensorId>> allocs, frees, uses;
+  std::vector<std::vector<char>> wrote;
+  std::vector<TensorId> inputs;
+  std::vector<void*> staging;  // pinned host buffers of the inputs
+  float* loss_host = nullptr;
+  std::size_t loss_op = 0;
+  int steps_done = 0;
+  double spill_s = 0;
+
+  template <class F>
+  void timed(F&& f) {
+    const auto t = Clock::now();
+    f();
+    spill_s += seconds_since(t);
+  }
+
+  void* allocate(TensorId t) {
+    void* ptr = nullptr;
+    const std::uint64_t bytes = p.tensors[t].bytes;
+    timed([&] { ptr = alloc.allocate(bytes, stream); });
+    ptrs[t] = ptr;
+    if (!checked[t]) {  // the graph's size and pool are what the allocator gave
+      std::optional<BlockInfo> info = alloc.block_info(ptr);
+      if (!info || info->size != g.tensors[t].bytes || info->large != (g.tensors[t].bytes > small_limit))
+        throw Error("executor: tensor '" + p.tensors[t].name + "' got a block of " +
+                    (info ? format_bytes(info->size) : std::string("?")) + ", the graph says " +
+                    format_bytes(g.tensors[t].bytes));
+      checked[t] = 1;
+    }
+    return ptr;
+  }
+  void free(TensorId t) {
+    timed([&] { alloc.deallocate(ptrs[t], stream); });
+    ptrs[t] = nullptr;
+  }
+  void pin(TensorId t) {
+    if (swappable[t]) timed([&] { swp->pin(ptrs[t], stream); });
+  }
+  void unpin(TensorId t, bool wrote_it) {
+    if (swappable[t]) timed([&] { swp->unpin(ptrs[t], stream, wrote_it); });
+  }
+
+  void setup();
+  void make_plan(const std::vector<double>* measured);
+  StepStats step();
+  std::vector<std::byte> read(TensorId t);
+};
+
+void Executor::Impl::setup() {
+  const Config& conf = rt.config();
+  const SwapPolicy want = runtime_policy(o.policy);
+  SPILL_EXPECTS(conf.policy == want,
+                std::string("executor: policy ") + to_string(o.policy) + " needs the runtime's " +
+                    "policy:" + spill::to_string(want) + ", not policy:" + spill::to_string(conf.policy));
+  if (o.lag <= 0) o.lag = dev.info().simulated ? 1 : 2;
+  roofline = make_roofline(roofline_model(dev));
+  k = kernels::make_kernels(dev, {roofline});
+  try {
+    link = link_preset(dev.info().link_name);
+  } catch (const InvalidArgument&) {
+    // Keep pcie4, as the runtime does for a link it has no model of.
+  }
+  small_limit = std::min<std::uint64_t>(conf.swap_threshold, 1u << 20);
+  budget = alloc.budget();
+  po.budget = budget;
+  po.min_swap_bytes = std::max<std::uint64_t>(conf.swap_threshold, small_limit + 1);
+  make_plan(nullptr);
+
+  const std::size_t nt = p.tensors.size(), no = p.ops.size();
+  ptrs.assign(nt, nullptr);
+  swappable.assign(nt, 0);
+  checked.assign(nt, 0);
+  allocs.assign(no, {});
+  frees.assign(no, {});
+  uses.assign(no, {});
+  wrote.assign(no, {});
+  graph::Liveness live = graph::analyze_liveness(g);
+  for (std::size_t t = 0; t < nt; ++t) {
+    swappable[t] = swp != nullptr && g.tensors[t].bytes >= po.min_swap_bytes;
+    const auto& u = live.uses[t];
+    if (u.empty()) continue;
+    const graph::TensorKind kind = p.tensors[t].kind;
+    if (!graph::exists_at_start(kind)) allocs[u.front()].push_back(TensorId(t));
+    if (!graph::persistent(kind)) frees[u.back()].push_back(TensorId(t));
+    if (kind == graph::TensorKind::Input) inputs.push_back(TensorId(t));
+  }
+  for (std::size_t i = 0; i < no; ++i) {
+    const OpSpec& op = p.ops[i];
+    for (const auto* list : {&op.reads, &op.writes})
+      for (TensorId t : *list)
+        if (std::find(uses[i].begin(), uses[i].end(), t) == uses[i].end()) uses[i].push_back(t);
+    for (TensorId t : uses[i])
+      wrote[i].push_back(std::find(op.writes.begin(), op.writes.end(), t) != op.writes.end());
+    if (std::find(op.writes.begin(), op.writes.end(), p.loss) != op.writes.end()) loss_op = i;
+  }
+
+  stream = dev.create_stream();
+  aux = dev.create_stream();
+  loss_ready = dev.create_event();
+  t0 = dev.create_event(true);
+  t1 = dev.create_event(true);
+  for (std::size_t i = 0; i < no; ++i) {
+    done.push_back(dev.create_event(o.measure_ops));
+    if (o.measure_ops) start.push_back(dev.create_event(true));
+  }
+  loss_host = static_cast<float*>(dev.allocate_host(64));
+  for (TensorId t : inputs) staging.push_back(dev.allocate_host(p.tensors[t].bytes));
+
+  // Weights and optimizer state, initialised from the host.
+  std::vector<std::byte> host;
+  for (std::size_t t = 0; t < nt; ++t) {
+    if (!graph::persistent(p.tensors[t].kind)) continue;
+    host.resize(p.tensors[t].bytes);
+    p.initial_value(TensorId(t), host);
+    allocate(TensorId(t));
+    pin(TensorId(t));
+    dev.copy_async(ptrs[t], host.data(), host.size(), CopyKind::HostToDevice, stream);
+    unpin(TensorId(t), true);
+    dev.synchronize(stream);
+  }
+  // A step following the plan starts with these on the host.
+  if (o.policy == Policy::Graph)
+    for (graph::TensorIndex t : plan.start_on_host) swp->evict(ptrs[t]);
+}
+
+graph::Graph step_graph(Runtime& runtime, const Program& program) {
+  const kernels::Roofline roofline = make_roofline(roofline_model(runtime.device()));
+  std::unique_ptr<kernels::Kernels> k = kernels::make_kernels(runtime.device(), {roofline});
+  auto sizes = [&](std::uint64_t b) {
+    return allocation_bytes(b, runtime.config(), runtime.device());
+  };
+  return to_graph(program, *k, roofline, sizes);
+}
+
+void Executor::Impl::make_plan(const std::vector<double>* measured) {
+  auto sizes = [this](std::uint64_t b) { return allocation_bytes(b, rt.config(), dev); };
+  g = to_graph(p, *k, roofline, sizes, measured);
+  const graph::Liveness live = graph::analyze_liveness(g);
+  footprint = live.peak;
+  // Small tensors live in 2 MiB segments of the allocator's small pool (never swapped): the
+  // plan keeps room for the whole segments their peak needs.
+  constexpr std::uint64_t kSegment = 2u << 20;
+  std::uint64_t small_peak = 0;
+  for (std::size_t i = 0; i < g.ops.size(); ++i) {
+    std::uint64_t sum = 0;
+    for (std::size_t t = 0; t < g.tensors.size(); ++t)
+      if (g.tensors[t].bytes <= small_limit && live.live[t].live_at(std::int64_t(i))) sum += g.tensors[t].bytes;
+    small_peak = std::max(small_peak, sum);
+  }
+  small_reserve = (small_peak + kSegment - 1) / kSegment * kSegment - small_peak;
+  po.budget = budget > small_reserve ? budget - small_reserve : 0;
+  std::vector<double> times;
+  for (const graph::Op& op : g.ops) times.push_back(*op.time_s);
+  if (o.policy == Policy::None) {
+    SPILL_EXPECTS(footprint <= budget,
+                  "policy none cannot run '" + p.name + "' in a budget of " +
+                      format_bytes(budget) + ": its step needs " + format_bytes(footprint) +
+                      " with nothing swapped");
+    plan = graph::plan_none(g, po);
+    pred = graph::simulate(g, times, link, nullptr, {budget, false});
+    return;
+  }
+  graph::BudgetCheck check = graph::check_budget(g, po);
+  if (!check.feasible)
+    throw InvalidArgument("'" + p.name + "' cannot train in a budget of " + format_bytes(budget) +
+                          " (" + format_bytes(small_reserve) + " of it kept for the small pool's " +
+                          "segments): " + check.message);
+  plan = graph::plan_spill(g, times, link, po);
+  pred = graph::simulate(g, times, link, &plan, {po.budget, false});
+}
+
+StepStats Executor::Impl::step() {
+  StepStats r;
+  r.step = steps_done;
+  const auto wall0 = Clock::now();
+  spill_s = 0;
+  const SwapStats before = swp ? swp->stats() : SwapStats{};
+  alloc.reset_peak();
+  if (swp) timed([&] { swp->begin_step(); });
+  // Inputs: generated on the host, uploaded on the compute stream.
+  for (std::size_t k = 0; k < inputs.size(); ++k) {
+    const TensorId t = inputs[k];
+    const std::size_t bytes = p.tensors[t].bytes;
+    p.batch(steps_done, t, {static_cast<std::byte*>(staging[k]), bytes});
+    allocate(t);
+    pin(t);
+    dev.copy_async(ptrs[t], staging[k], bytes, CopyKind::HostToDevice, stream);
+    unpin(t, true);
+  }
+  dev.record(t0, stream);
+  const bool measuring = o.measure_ops && steps_done == 0;
+  const int steps_so_far = steps_done;
+  OpContext ctx{*k, stream, steps_so_far + 1, ptrs};
+  for (std::size_t i = 0; i < p.ops.size(); ++i) {
+    // Issue op i's plan actions when op i - lag has finished, as the plan times them.
+    if (i >= std::size_t(o.lag)) dev.synchronize(done[i - std::size_t(o.lag)]);
+    if (o.policy == Policy::Graph) {
+      for (graph::TensorIndex t : plan.steps[i].prefetch_at) {
+        timed([&] {
+          if (swp->residence(ptrs[t]) == Residence::SwappingOut) r.cancelled_bytes += g.tensors[t].bytes;
+          swp->prefetch(ptrs[t]);
+          if (swp->residence(ptrs[t]) == Residence::OnHost) {
+            // No room now: blocks freed by finished ops are still cached, and the allocator
+            // cannot yet tell that their stream has passed the frees. Return them, then retry.
+            alloc.empty_cache();
+            swp->prefetch(ptrs[t]);
+            r.prefetch_retries++;
+          }
+        });
+      }
+    }
+    if (swp) timed([&] { swp->begin_op(p.ops[i].name); });
+    for (TensorId t : allocs[i]) allocate(t);
+    for (TensorId t : uses[i]) pin(t);
+    if (o.poison)
+      for (TensorId t : allocs[i]) k->fill(stream, static_cast<float*>(ptrs[t]), std::nanf(""), p.tensors[t].bytes / 4);
+    if (measuring) dev.record(start[i], stream);
+    p.ops[i].run(ctx);
+    dev.record(done[i], stream);
+    if (i == loss_op) {
+      dev.record(loss_ready, stream);
+      dev.wait(aux, loss_ready);
+      dev.copy_async(loss_host, ptrs[p.loss], sizeof(float), CopyKind::DeviceToHost, aux);
+    }
+    for (std::size_t u = 0; u < uses[i].size(); ++u) unpin(uses[i][u], wrote[i][u] != 0);
+    for (TensorId t : frees[i]) free(t);
+    if (o.policy == Policy::Graph)
+      for (graph::TensorIndex t : plan.steps[i].evict_after) timed([&] { swp->evict(ptrs[t]); });
+  }
+  dev.record(t1, stream);
+  if (swp) timed([&] { swp->end_step(); });
+  dev.synchronize(stream);
+  dev.synchronize(aux);
+  r.loss = *loss_host;
+  r.step_s = dev.elapsed_ms(t0, t1) * 1e-3;
+  for (const graph::Op& op : g.ops) r.compute_s += *op.time_s;
+  r.stall_s = std::max(0.0, r.step_s - r.compute_s);
+  r.peak_mapped = static_cast<std::uint64_t>(alloc.stats().reserved.peak);
+  if (swp) r.swaps = minus(swp->stats(), before);
+  ++steps_done;
+  if (measuring) {
+    std::vector<double> times;
+    for (std::size_t i = 0; i < p.ops.size(); ++i)
+      times.push_back(dev.elapsed_ms(start[i], done[i]) * 1e-3);
+    make_plan(&times);
+    if (o.policy == Policy::Graph)
+      for (graph::TensorIndex t : plan.start_on_host) swp->evict(ptrs[t]);
+  }
+  r.spill_s = spill_s;
+  r.wall_s = seconds_since(wall0);
+  return r;
+}
+
+std::vector<std::byte> Executor::Impl::read(TensorId t) {
+  std::vector<std::byte> out(p.tensors[t].bytes);
+  pin(t);
+  dev.copy_async(out.data(), ptrs[t], out.size(), CopyKind::DeviceToHost, stream);
+  unpin(t, false);
+  dev.synchronize(stream);
+  return out;
+}
+
+Executor::Executor(Runtime& runtime, const Program& program, const ExecOptions& options)
+    : impl_(std::make_unique<Impl>(runtime, program, options)) {
+  impl_->setup();
+}
+
+Executor::~Executor() {
+  Impl& m = *impl_;
+  if (m.stream == nullptr) return;
+  try {
+    m.dev.synchronize(m.stream);
+    for (std::size_t t = 0; t < m.ptrs.size(); ++t)
+      if (m.ptrs[t]) m.alloc.deallocate(m.ptrs[t], m.stream);
+    m.dev.synchronize(m.stream);
+    m.alloc.forget_stream(m.stream);
+    m.alloc.forget_stream(m.aux);
+    m.dev.destroy_event(m.loss_ready);
+    m.dev.destroy_stream(m.aux);
+    for (Event e : m.done) m.dev.destroy_event(e);
+    for (Event e : m.start) m.dev.destroy_event(e);
+    m.dev.destroy_event(m.t0);
+    m.dev.destroy_event(m.t1);
+    for (void* h : m.staging) m.dev.free_host(h);
+    if (m.loss_host) m.dev.free_host(m.loss_host);
+    m.dev.destroy_stream(m.stream);
+  } catch (const std::exception&) {
+    // A device error is already on its way out as the run's exception.
+  }
+}
+
+StepStats Executor::step() { return impl_->step(); }
+const graph::Graph& Executor::graph() const { return impl_->g; }
+const graph::Plan& Executor::plan() const { return impl_->plan; }
+const graph::SimResult& Executor::prediction() const { return impl_->pred; }
+std::uint64_t Executor::footprint() const { return impl_->footprint; }
+std::uint64_t Executor::predicted_peak() const {
+  return impl_->pred.peak_bytes + impl_->small_reserve;
+}
+std::uint64_t Executor::budget() const { return impl_->budget; }
+std::string Executor::kernels_name() const { return impl_->k->name(); }
+
+std::vector<std::byte> Executor::state() {
+  std::vector<std::byte> all;
+  for (std::size_t t = 0; t < impl_->p.tensors.size(); ++t) {
+    if (!graph::persistent(impl_->p.tensors[t].kind)) continue;
+    std::vector<std::byte> one = impl_->read(TensorId(t));
+    all.insert(all.end(), one.begin(), one.end());
+  }
+  return all;
+}
+
+std::vector<float> Executor::tensor(TensorId t) {
+  SPILL_EXPECTS(t < impl_->p.tensors.size() && impl_->ptrs[t] != nullptr,
+                "executor: tensor " + std::to_string(t) + " is not allocated now");
+  std::vector<std::byte> b = impl_->read(t);
+  std::vector<float> f(b.size() / 4);
+  std::memcpy(f.data(), b.data(), f.size() * 4);
+  return f;
+}
+
+}  // namespace spill::train

@@ -1,0 +1,101 @@
+// The executor: runs a Program's steps on a Runtime with real kernels. Every tensor is allocated
+// through the runtime's caching allocator when its first op runs (weights and optimizer state
+// once, inputs at each step's start) and freed after its last op; every swappable tensor is
+// pinned around each op that uses it, on the one compute stream. Swapping follows the policy:
+//   graph  the graph planner's plan for this program at the runtime's budget: before op i the
+//          plan's prefetches for op i (Swapper::prefetch), after it the plan's evictions
+//          (Swapper::evict); tensors the plan starts on the host are evicted before step 1;
+//   plan   the swapper's own record-then-plan path (begin_step/begin_op/end_step);
+//   lru    reactive eviction only (least recently used);
+//   none   no swapper (the runtime must have policy:none).
+// The host runs at most `lag` ops ahead of the device (it waits for op i - lag to finish before
+// issuing op i), so the plan's actions happen when the plan says: with lag 1 a prefetch for op i
+// is issued as op i - 1 completes, which is the simulator's rule.
+// Determinism: kernels are deterministic and swapping only moves bytes, so the losses and final
+// state are bit-identical whatever the budget and policy (tests check it).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "graph/plan.hpp"
+#include "graph/simulator.hpp"
+#include "swapper/runtime.hpp"
+#include "train/program.hpp"
+
+namespace spill::train {
+
+enum class Policy { Graph, Plan, Lru, None };
+const char* to_string(Policy p);
+Policy parse_policy(std::string_view s);  // graph | plan | lru | none; InvalidArgument otherwise
+// The runtime configuration for `policy` (graph drives the swapper by hand: policy lru).
+SwapPolicy runtime_policy(Policy p);
+
+struct ExecOptions {
+  Policy policy = Policy::Graph;
+  int lag = 0;             // ops the host may run ahead; 0: 1 on the simulated device, 2 on a GPU
+  bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
+  bool measure_ops = false;  // time each op of the first step and plan again from those times
+};
+
+// What one step did. Times are device times (simulated on the simulated device).
+struct StepStats {
+  int step = 0;                 // 0-based
+  float loss = 0;
+  double step_s = 0;            // first op's start to last op's end on the compute stream
+  double compute_s = 0;         // sum of the ops' kernel times (simulated device), else 0
+  double stall_s = 0;           // step_s - compute_s (simulated device)
+  double wall_s = 0;            // host wall clock of the step
+  double spill_s = 0;           // host wall clock inside the allocator and the swapper
+  std::uint64_t peak_mapped = 0;
+  SwapStats swaps;              // this step's swap counts (differences)
+  std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device
+  std::uint64_t prefetch_retries = 0;  // planned prefetches retried after returning the cache
+};
+
+class Executor {
+ public:
+  // Builds the graph and the plan, allocates and initialises weights and optimizer state.
+  // Throws InvalidArgument when the runtime's budget cannot fit the step (naming the op), or
+  // when the runtime's swap policy does not match `options.policy`.
+  Executor(Runtime& runtime, const Program& program, const ExecOptions& options);
+  ~Executor();
+  Executor(const Executor&) = delete;
+  Executor& operator=(const Executor&) = delete;
+
+  StepStats step();  // runs the next step
+
+  const graph::Graph& graph() const;
+  // The graph planner's plan at the runtime's budget (what policy graph executes).
+  const graph::Plan& plan() const;
+  // The simulator's prediction for a step that follows plan() (no swapping for policy none).
+  const graph::SimResult& prediction() const;
+  std::uint64_t footprint() const;  // the step's peak with unlimited memory (from the graph)
+  // Predicted peak of mapped bytes: the simulator's peak plus the small pool's segment slack
+  // (small tensors are counted in the graph by their size, mapped in 2 MiB segments).
+  std::uint64_t predicted_peak() const;
+  std::uint64_t budget() const;
+  std::string kernels_name() const;
+  // Bytes of every weight and optimizer-state tensor, in tensor order (synchronises).
+  std::vector<std::byte> state();
+  // Reads the weights back as floats (for tests of learning); synchronises.
+  std::vector<float> tensor(TensorId t);
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// The allocation size of a request of `bytes` under `config` on `device`: what the caching
+// allocator maps (small requests rounded to 512 B, large ones to the device granularity).
+std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device);
+
+// The step's graph as an Executor on `runtime` runs it (sizes as its allocator maps them, op
+// times from the device's kernel roofline): for the footprint before choosing a budget.
+graph::Graph step_graph(Runtime& runtime, const Program& program);
+
+}  // namespace spill::train

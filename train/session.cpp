@@ -1,0 +1,76 @@
+#include "train/session.hpp"
+
+#include <cstring>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "graph/liveness.hpp"
+
+namespace spill::train {
+
+std::uint64_t footprint(const Config& base, const Program& program) {
+  Config c = base;
+  c.budget.reset();
+  c.policy = SwapPolicy::None;
+  Runtime probe(c);
+  return graph::analyze_liveness(step_graph(probe, program)).peak;
+}
+
+RunResult run_training(const Config& base, const Program& program, const RunOptions& options,
+                       const std::function<void(const Executor&, Runtime&)>& on_start,
+                       const std::function<void(const StepStats&)>& on_step) {
+  SPILL_EXPECTS(options.steps >= 1, "training: steps must be at least 1");
+  Config c = base;
+  c.budget = options.budget;
+  c.policy = runtime_policy(options.policy);
+  Runtime rt(c);
+  ExecOptions eo = options.exec;
+  eo.policy = options.policy;
+  Executor ex(rt, program, eo);
+  RunResult r;
+  r.footprint = ex.footprint();
+  r.budget = ex.budget();
+  r.prediction = ex.prediction();
+  r.predicted_peak = ex.predicted_peak();
+  r.plan = ex.plan();
+  if (on_start) on_start(ex, rt);
+  for (int s = 0; s < options.steps; ++s) {
+    r.steps.push_back(ex.step());
+    if (on_step) on_step(r.steps.back());
+  }
+  if (options.keep_state) r.state = ex.state();
+  return r;
+}
+
+Comparison compare_runs(const RunResult& a, const RunResult& b) {
+  Comparison c;
+  if (a.steps.size() != b.steps.size()) {
+    c.detail = "the runs have " + std::to_string(a.steps.size()) + " and " +
+               std::to_string(b.steps.size()) + " steps";
+    return c;
+  }
+  for (std::size_t i = 0; i < a.steps.size(); ++i) {
+    if (std::memcmp(&a.steps[i].loss, &b.steps[i].loss, sizeof(float)) != 0) {
+      c.detail = "step " + std::to_string(i + 1) + ": loss " + std::to_string(a.steps[i].loss) +
+                 " vs " + std::to_string(b.steps[i].loss);
+      return c;
+    }
+  }
+  if (a.state.size() != b.state.size()) {
+    c.detail = "states of " + std::to_string(a.state.size()) + " and " +
+               std::to_string(b.state.size()) + " bytes";
+    return c;
+  }
+  if (std::memcmp(a.state.data(), b.state.data(), a.state.size()) != 0) {
+    std::size_t i = 0;
+    while (a.state[i] == b.state[i]) ++i;
+    c.detail = "weights or optimizer state differ at byte " + std::to_string(i);
+    return c;
+  }
+  c.identical = true;
+  c.detail = std::to_string(a.steps.size()) + " losses and " + format_bytes(a.state.size()) +
+             " of weights and optimizer state";
+  return c;
+}
+
+}  // namespace spill::train

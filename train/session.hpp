@@ -1,0 +1,49 @@
+// A training run from a configuration: the footprint probe (the step's peak with no budget),
+// a run of N steps under a policy and budget on a fresh Runtime, and the bit-for-bit comparison
+// of two runs (`spill train --check`). The CLI, the tests and the benchmarks share these.
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/config.hpp"
+#include "train/executor.hpp"
+
+namespace spill::train {
+
+// The step's peak mapped bytes with unlimited memory on the configured device.
+std::uint64_t footprint(const Config& base, const Program& program);
+
+struct RunOptions {
+  Policy policy = Policy::Graph;
+  std::optional<std::uint64_t> budget;  // none: no budget (the device's default)
+  int steps = 10;
+  ExecOptions exec;                     // exec.policy is set from `policy`
+  bool keep_state = false;              // read weights and optimizer state back at the end
+};
+
+struct RunResult {
+  std::vector<StepStats> steps;
+  std::vector<std::byte> state;  // when keep_state
+  std::uint64_t footprint = 0, budget = 0;
+  std::uint64_t predicted_peak = 0;  // mapped bytes (Executor::predicted_peak)
+  graph::SimResult prediction;
+  graph::Plan plan;
+};
+
+// Runs on a fresh Runtime from `base` with the policy and budget of `options`. `on_start` sees
+// the executor before the first step (for headers), `on_step` each step as it ends.
+RunResult run_training(const Config& base, const Program& program, const RunOptions& options,
+                       const std::function<void(const Executor&, Runtime&)>& on_start = {},
+                       const std::function<void(const StepStats&)>& on_step = {});
+
+// Whether two runs' losses and states are bit-identical; `detail` says what was compared, or
+// the first difference.
+struct Comparison {
+  bool identical = false;
+  std::string detail;
+};
+Comparison compare_runs(const RunResult& a, const RunResult& b);
+
+}  // namespace spill::train
