@@ -264,6 +264,25 @@ void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
   }
 }
 
+SwapStats swaps_since(const SwapStats& now, const SwapStats& before) {
+  SwapStats d = now;
+  d.bytes_out -= before.bytes_out;
+  d.bytes_in -= before.bytes_in;
+  d.swap_outs -= before.swap_outs;
+  d.swap_ins -= before.swap_ins;
+  d.clean_evictions -= before.clean_evictions;
+  d.prefetches -= before.prefetches;
+  d.prefetch_hits -= before.prefetch_hits;
+  d.prefetch_late -= before.prefetch_late;
+  d.prefetches_skipped -= before.prefetches_skipped;
+  d.demand_fetches -= before.demand_fetches;
+  d.evictions_reactive -= before.evictions_reactive;
+  d.evictions_planned -= before.evictions_planned;
+  d.host_wait_s -= before.host_wait_s;
+  d.stale_unpins -= before.stale_unpins;
+  return d;
+}
+
 // ---- protocol
 
 PinToken Swapper::pin(const void* ptr, Stream stream) { return impl_->pin(ptr, stream, false); }

@@ -109,6 +109,10 @@ struct SwapStats {
   std::uint64_t pinned_bytes = 0, unswappable_bytes = 0;
 };
 
+// The counters accumulated from `before` to `now` (copies, evictions, prefetches, waits: what
+// one step did); gauges (bytes held now) and step counts keep `now`'s values.
+SwapStats swaps_since(const SwapStats& now, const SwapStats& before);
+
 class Swapper {
  public:
   Swapper(Device& device, ResidencyBackend& backend, HostMemory& host, SwapperOptions options);

@@ -16,24 +16,6 @@ std::uint8_t activation_value(int step, int layer) {
   return static_cast<std::uint8_t>(step * 31 + layer * 7 + 1);
 }
 
-SwapStats diff(const SwapStats& a, const SwapStats& b) {
-  SwapStats d = a;
-  d.bytes_out -= b.bytes_out;
-  d.bytes_in -= b.bytes_in;
-  d.swap_outs -= b.swap_outs;
-  d.swap_ins -= b.swap_ins;
-  d.clean_evictions -= b.clean_evictions;
-  d.prefetches -= b.prefetches;
-  d.prefetch_hits -= b.prefetch_hits;
-  d.prefetch_late -= b.prefetch_late;
-  d.prefetches_skipped -= b.prefetches_skipped;
-  d.demand_fetches -= b.demand_fetches;
-  d.evictions_reactive -= b.evictions_reactive;
-  d.evictions_planned -= b.evictions_planned;
-  d.host_wait_s -= b.host_wait_s;
-  return d;
-}
-
 // Samples a block at its start, middle and end into host memory; checked after the step.
 struct Sample {
   const void* block;
@@ -140,7 +122,7 @@ class Runner {
     r.compute_s = compute_s_;
     r.stall_s = std::max(0.0, r.step_time_s - r.compute_s);
     r.peak_mapped = mem_.peak_mapped_bytes();
-    r.swaps = diff(swp_.stats(), before);
+    r.swaps = swaps_since(swp_.stats(), before);
     for (const Sample& s : samples_) {
       for (unsigned char byte : s.data) {
         if (byte != s.expected && r.data_ok) {
