@@ -5,6 +5,10 @@
 // footprint. --check runs the same steps again with no budget and requires bit-identical
 // losses, weights and optimizer state.
 #include <cstdio>
+#include <fstream>
+#include <optional>
+
+#include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
 #include "core/errors.hpp"
@@ -25,7 +29,27 @@ struct TrainArgs {
   std::string policy = "graph";
   bool check = false;
   std::string trace;
+  std::string json;
 };
+
+nlohmann::json step_json(const train::StepStats& s) {
+  return {{"step", s.step + 1},
+          {"loss", s.loss},
+          {"step_s", s.step_s},
+          {"predicted_step_s", s.predicted_step_s},
+          {"stall_s", s.stall_s},
+          {"predicted_stall_s", s.predicted_stall_s},
+          {"peak_mapped", s.peak_mapped},
+          {"predicted_peak", s.predicted_peak},
+          {"bytes_out", s.swaps.bytes_out},
+          {"bytes_in", s.swaps.bytes_in},
+          {"demand_fetches", s.swaps.demand_fetches},
+          {"prefetch_hits", s.swaps.prefetch_hits},
+          {"prefetch_late", s.swaps.prefetch_late},
+          {"evictions_reactive", s.swaps.evictions_reactive},
+          {"wall_s", s.wall_s},
+          {"spill_cpu_s", s.spill_cpu_s}};
+}
 
 std::string ms(double s) {
   char b[32];
@@ -38,10 +62,12 @@ int run_train(Config config, const TrainArgs& a) {
   SPILL_EXPECTS(a.steps >= 1 && a.steps <= 100000, "--steps: between 1 and 100000");
   train::Program program = train::build_model(a.model, a.model_options);
   const std::uint64_t footprint = train::footprint(config, program);
-  std::uint64_t budget = footprint / 3;
+  // Default: a third of the footprint; with policy none (nothing can move), no budget.
+  std::optional<std::uint64_t> budget;
   if (!a.budget.empty()) budget = parse_size(a.budget, "--budget");
   else if (config.budget) budget = *config.budget;
-  SPILL_EXPECTS(budget > 0, "--budget: must be above zero");
+  else if (policy != train::Policy::None) budget = footprint / 3;
+  SPILL_EXPECTS(!budget || *budget > 0, "--budget: must be above zero");
   profiling::TraceRecorder::global().set_enabled(!a.trace.empty());
   profiling::TraceRecorder::global().collect();
 
@@ -51,9 +77,11 @@ int run_train(Config config, const TrainArgs& a) {
   ro.steps = a.steps;
   ro.keep_state = a.check;
   bool simulated = true;
+  std::string device_name;
   auto on_start = [&](const train::Executor& ex, Runtime& rt) {
     const DeviceInfo& d = rt.device().info();
     simulated = d.simulated;
+    device_name = d.name;
     const graph::SimResult& p = ex.prediction();
     std::printf("%s\n", rt.device_reason().c_str());
     std::printf("device:    %s (%s)\n", d.name.c_str(),
@@ -74,35 +102,29 @@ int run_train(Config config, const TrainArgs& a) {
                 "peak", "(pred)", "out", "in", "stall", "(pred)", "step", "(pred)", "demand",
                 "hits", "wall");
   };
-  std::uint64_t peak = 0, pred_peak = 0;
+  std::uint64_t peak = 0;
   train::RunResult run;
-  graph::SimResult pred;
   auto on_step = [&](const train::StepStats& s) {
     peak = std::max(peak, s.peak_mapped);
     std::printf("%4d %10.6f %11s %11s %10s %10s %9s %9s %10s %10s %6llu %5llu %6.1fs\n",
                 s.step + 1, double(s.loss), format_bytes(s.peak_mapped).c_str(),
-                format_bytes(pred_peak).c_str(), format_bytes(s.swaps.bytes_out).c_str(),
+                format_bytes(s.predicted_peak).c_str(), format_bytes(s.swaps.bytes_out).c_str(),
                 format_bytes(s.swaps.bytes_in).c_str(), ms(s.stall_s).c_str(),
-                ms(pred.stall_time_s).c_str(), ms(s.step_s).c_str(), ms(pred.step_time_s).c_str(),
+                ms(s.predicted_stall_s).c_str(), ms(s.step_s).c_str(), ms(s.predicted_step_s).c_str(),
                 static_cast<unsigned long long>(s.swaps.demand_fetches),
                 static_cast<unsigned long long>(s.swaps.prefetch_hits), s.wall_s);
     std::fflush(stdout);
   };
-  auto start = [&](const train::Executor& ex, Runtime& rt) {
-    pred = ex.prediction();
-    pred_peak = ex.predicted_peak();
-    on_start(ex, rt);
-  };
-  run = train::run_training(config, program, ro, start, on_step);
+  run = train::run_training(config, program, ro, on_start, on_step);
   bool ok = peak <= run.budget;
   std::printf("\nloss %.6f -> %.6f over %d steps; peak mapped %s of the %s budget%s\n",
               double(run.steps.front().loss), double(run.steps.back().loss), a.steps,
               format_bytes(peak).c_str(), format_bytes(run.budget).c_str(),
               ok ? "" : "  FAILED: over the budget");
   SwapStats total;
-  std::uint64_t cancelled = 0, retries = 0;
+  std::uint64_t cancelled = 0, returns = 0;
   for (const train::StepStats& st : run.steps) {
-    retries += st.prefetch_retries;
+    returns += st.cache_returns;
     total.prefetches += st.swaps.prefetches;
     total.prefetch_hits += st.swaps.prefetch_hits;
     total.prefetch_late += st.swaps.prefetch_late;
@@ -113,13 +135,13 @@ int run_train(Config config, const TrainArgs& a) {
     total.clean_evictions += st.swaps.clean_evictions;
     cancelled += st.cancelled_bytes;
   }
-  std::printf("swaps:     %llu prefetches (%llu hits, %llu late; %llu retried once the cache was "
-              "returned, %llu left to demand), "
+  std::printf("swaps:     %llu prefetches (%llu hits, %llu late, %llu skipped for want of room; "
+              "the cache returned first %llu times), "
               "%llu demand fetches, %llu planned and %llu reactive evictions (%llu clean), %s of "
               "planned prefetches still on the device\n",
               (unsigned long long)total.prefetches, (unsigned long long)total.prefetch_hits,
-              (unsigned long long)total.prefetch_late, (unsigned long long)retries,
-              (unsigned long long)(total.prefetches_skipped - retries),
+              (unsigned long long)total.prefetch_late,
+              (unsigned long long)total.prefetches_skipped, (unsigned long long)returns,
               (unsigned long long)total.demand_fetches, (unsigned long long)total.evictions_planned,
               (unsigned long long)total.evictions_reactive, (unsigned long long)total.clean_evictions,
               format_bytes(cancelled).c_str());
@@ -133,6 +155,16 @@ int run_train(Config config, const TrainArgs& a) {
                                    {"policy", a.policy}});
     std::printf("trace written to %s\n", a.trace.c_str());
   }
+  nlohmann::json doc = {{"format", "spill-train"},
+                        {"version", 1},
+                        {"model", a.model},
+                        {"device", device_name},
+                        {"simulated", simulated},
+                        {"policy", a.policy},
+                        {"footprint", run.footprint},
+                        {"budget", run.budget},
+                        {"steps", nlohmann::json::array()}};
+  for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st));
   if (a.check) {
     train::RunOptions ref = ro;
     ref.policy = train::Policy::None;
@@ -144,6 +176,13 @@ int run_train(Config config, const TrainArgs& a) {
                 c.identical ? "bit-identical to the run" : "FAILED: differs from the run",
                 c.detail.c_str());
     ok &= c.identical;
+    doc["check"] = {{"identical", c.identical}, {"detail", c.detail}};
+  }
+  if (!a.json.empty()) {
+    std::ofstream out(a.json);
+    SPILL_EXPECTS(out.good(), "--json: cannot write '" + a.json + "'");
+    out << doc.dump(1) << "\n";
+    std::printf("steps written to %s\n", a.json.c_str());
   }
   return ok ? 0 : 1;
 }
@@ -161,12 +200,19 @@ void add_train(CLI::App& app, Runner& run) {
   cmd->add_option("--width", a->model_options.width, "width (default: the model's)");
   cmd->add_option("--seq", a->model_options.seq, "sequence length (gpt; default: the model's)");
   cmd->add_option("--budget", a->budget,
-                  "mapped device bytes (default: budget: in --conf, else a third of the footprint)");
-  cmd->add_option("--steps", a->steps, "steps to run")->capture_default_str();
-  cmd->add_option("--policy", a->policy, "graph | plan | lru | none")->capture_default_str();
+                  "mapped device bytes (default: budget: in --conf, else a third of the footprint)")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  // The last of a repeated option wins, so that scripts/run.sh's defaults can be overridden.
+  cmd->add_option("--steps", a->steps, "steps to run")
+      ->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  cmd->add_option("--policy", a->policy, "graph | plan | lru | none")
+      ->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_flag("--check", a->check,
                 "run again with no budget and require bit-identical losses and state");
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here");
+  cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here");
   cmd->callback([&run, a] { run = [a](const Config& c) { return run_train(c, *a); }; });
 }
 

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <limits>
 
 #include "core/errors.hpp"
@@ -19,6 +20,14 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// CPU time of the calling thread: what spill's calls cost the host, without the time they
+// spend blocked (waiting for a copy or the device).
+double thread_cpu_s() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
 }
 
 // The GPU preset whose roofline times the kernels: the simulated device is modelled on an
@@ -39,23 +48,6 @@ kernels::Roofline make_roofline(const graph::GpuModel& m) {
   r.bytes_per_s = m.mem_bw_gbps * 1e9 * m.memory_efficiency;
   r.launch_s = m.op_overhead_us * 1e-6;
   return r;
-}
-
-SwapStats minus(SwapStats a, const SwapStats& b) {
-  a.bytes_out -= b.bytes_out;
-  a.bytes_in -= b.bytes_in;
-  a.swap_outs -= b.swap_outs;
-  a.swap_ins -= b.swap_ins;
-  a.clean_evictions -= b.clean_evictions;
-  a.prefetches -= b.prefetches;
-  a.prefetches_skipped -= b.prefetches_skipped;
-  a.prefetch_hits -= b.prefetch_hits;
-  a.prefetch_late -= b.prefetch_late;
-  a.demand_fetches -= b.demand_fetches;
-  a.evictions_reactive -= b.evictions_reactive;
-  a.evictions_planned -= b.evictions_planned;
-  a.host_wait_s -= b.host_wait_s;
-  return a;
 }
 
 }  // namespace
@@ -127,12 +119,14 @@ struct Executor::Impl {
   float* loss_host = nullptr;
   std::size_t loss_op = 0;
   int steps_done = 0;
-  double spill_s = 0;
+  double spill_s = 0, spill_cpu_s = 0;
 
   template <class F>
   void timed(F&& f) {
     const auto t = Clock::now();
+    const double c = thread_cpu_s();
     f();
+    spill_cpu_s += thread_cpu_s() - c;
     spill_s += seconds_since(t);
   }
 
@@ -175,6 +169,7 @@ void Executor::Impl::setup() {
                 std::string("executor: policy ") + to_string(o.policy) + " needs the runtime's " +
                     "policy:" + spill::to_string(want) + ", not policy:" + spill::to_string(conf.policy));
   if (o.lag <= 0) o.lag = dev.info().simulated ? 1 : 2;
+  if (!dev.info().simulated) o.measure_ops = true;
   roofline = make_roofline(roofline_model(dev));
   k = kernels::make_kernels(dev, {roofline});
   try {
@@ -228,7 +223,12 @@ void Executor::Impl::setup() {
   loss_host = static_cast<float*>(dev.allocate_host(64));
   for (TensorId t : inputs) staging.push_back(dev.allocate_host(p.tensors[t].bytes));
 
-  // Weights and optimizer state, initialised from the host.
+  // Weights and optimizer state, initialised from the host. A step following the plan starts
+  // with some of them on the host: each goes there as soon as it is written, so that setting
+  // up stays within the budget without evicting anything the plan wants resident.
+  std::vector<char> on_host(nt, 0);
+  if (o.policy == Policy::Graph)
+    for (graph::TensorIndex t : plan.start_on_host) on_host[t] = 1;
   std::vector<std::byte> host;
   for (std::size_t t = 0; t < nt; ++t) {
     if (!graph::persistent(p.tensors[t].kind)) continue;
@@ -239,10 +239,8 @@ void Executor::Impl::setup() {
     dev.copy_async(ptrs[t], host.data(), host.size(), CopyKind::HostToDevice, stream);
     unpin(TensorId(t), true);
     dev.synchronize(stream);
+    if (on_host[t]) swp->evict(ptrs[t]);
   }
-  // A step following the plan starts with these on the host.
-  if (o.policy == Policy::Graph)
-    for (graph::TensorIndex t : plan.start_on_host) swp->evict(ptrs[t]);
 }
 
 graph::Graph step_graph(Runtime& runtime, const Program& program) {
@@ -294,8 +292,11 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
 StepStats Executor::Impl::step() {
   StepStats r;
   r.step = steps_done;
+  r.predicted_step_s = pred.step_time_s;
+  r.predicted_stall_s = pred.stall_time_s;
+  r.predicted_peak = pred.peak_bytes + small_reserve;
   const auto wall0 = Clock::now();
-  spill_s = 0;
+  spill_s = spill_cpu_s = 0;
   const SwapStats before = swp ? swp->stats() : SwapStats{};
   alloc.reset_peak();
   if (swp) timed([&] { swp->begin_step(); });
@@ -319,15 +320,21 @@ StepStats Executor::Impl::step() {
     if (o.policy == Policy::Graph) {
       for (graph::TensorIndex t : plan.steps[i].prefetch_at) {
         timed([&] {
-          if (swp->residence(ptrs[t]) == Residence::SwappingOut) r.cancelled_bytes += g.tensors[t].bytes;
-          swp->prefetch(ptrs[t]);
-          if (swp->residence(ptrs[t]) == Residence::OnHost) {
-            // No room now: blocks freed by finished ops are still cached, and the allocator
-            // cannot yet tell that their stream has passed the frees. Return them, then retry.
-            alloc.empty_cache();
-            swp->prefetch(ptrs[t]);
-            r.prefetch_retries++;
+          const Residence where = swp->residence(ptrs[t]);
+          if (where == Residence::SwappingOut) r.cancelled_bytes += g.tensors[t].bytes;
+          if (where == Residence::OnHost) {
+            // Blocks freed by finished ops stay cached (mapped) until the allocator can tell
+            // that their stream has passed the frees; the plan counts them as gone. When they
+            // stand between the prefetch and the budget, return them first, rather than let
+            // the prefetch wait for swap-outs or be skipped.
+            const AllocatorStats st = alloc.stats();
+            const auto mapped = static_cast<std::uint64_t>(st.reserved.current);
+            if (st.cached.current > 0 && mapped + g.tensors[t].bytes > budget) {
+              alloc.empty_cache();
+              r.cache_returns++;
+            }
           }
+          swp->prefetch(ptrs[t]);
         });
       }
     }
@@ -358,7 +365,7 @@ StepStats Executor::Impl::step() {
   for (const graph::Op& op : g.ops) r.compute_s += *op.time_s;
   r.stall_s = std::max(0.0, r.step_s - r.compute_s);
   r.peak_mapped = static_cast<std::uint64_t>(alloc.stats().reserved.peak);
-  if (swp) r.swaps = minus(swp->stats(), before);
+  if (swp) r.swaps = swaps_since(swp->stats(), before);
   ++steps_done;
   if (measuring) {
     std::vector<double> times;
@@ -369,6 +376,7 @@ StepStats Executor::Impl::step() {
       for (graph::TensorIndex t : plan.start_on_host) swp->evict(ptrs[t]);
   }
   r.spill_s = spill_s;
+  r.spill_cpu_s = spill_cpu_s;
   r.wall_s = seconds_since(wall0);
   return r;
 }

@@ -38,7 +38,9 @@ struct ExecOptions {
   Policy policy = Policy::Graph;
   int lag = 0;             // ops the host may run ahead; 0: 1 on the simulated device, 2 on a GPU
   bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
-  bool measure_ops = false;  // time each op of the first step and plan again from those times
+  // Time each op of the first step and plan again from those times (always on a GPU, where the
+  // kernels' roofline is only a first guess).
+  bool measure_ops = false;
 };
 
 // What one step did. Times are device times (simulated on the simulated device).
@@ -50,10 +52,15 @@ struct StepStats {
   double stall_s = 0;           // step_s - compute_s (simulated device)
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper
+  double spill_cpu_s = 0;       // host thread CPU time inside them (blocked waits excluded)
   std::uint64_t peak_mapped = 0;
   SwapStats swaps;              // this step's swap counts (differences)
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device
-  std::uint64_t prefetch_retries = 0;  // planned prefetches retried after returning the cache
+  std::uint64_t cache_returns = 0;  // planned prefetches that first returned the allocator's cache
+  // The prediction in force for this step (the simulator on the plan; mapped peak as
+  // Executor::predicted_peak).
+  double predicted_step_s = 0, predicted_stall_s = 0;
+  std::uint64_t predicted_peak = 0;
 };
 
 class Executor {
