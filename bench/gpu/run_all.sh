@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite, for a machine with a GPU: builds spill for the GPU, runs every test (GPU ones
-# included), `spill info`, `spill device-check` on CUDA and every benchmark, all within about
+# included), `spill info`, `spill device-check` on CUDA, gpt-medium at a third of its footprint
+# against no budget (bench/gpu/train_gpt_medium.sh) and every benchmark, all within about
 # 9 minutes. Results go to $OUT when set (else build/gpu-results): summary.txt (the table
 # printed last), ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill bench
 # link`, which the planner reads as a measured link model) and logs.tar.gz.
@@ -100,6 +101,7 @@ if ((built == 0)); then
   else
     rows+=("python-cupy|not run: no python with pytest|0")
   fi
+  step train-gpt-medium 180 "$root/bench/gpu/train_gpt_medium.sh" "$build/spill" "$work"
   for bench in "$build"/bench/bench_*; do
     [[ -x $bench ]] || continue
     name=$(basename "$bench")
@@ -119,6 +121,9 @@ fi
     printf '%-28s %-28s %8s\n' "$n" "$s" "$t"
   done
   if [[ -f $work/tests.log ]]; then grep -E 'tests passed|tests failed' "$work/tests.log"; fi
+  if [[ -f $work/train-gpt-medium.log ]]; then
+    grep -E '^(device|step time|predicted)' "$work/train-gpt-medium.log"
+  fi
 } >"$work/summary.txt"
 
 python3 - "$work" "$out/bench.json" <<'PY' 2>/dev/null || true
@@ -134,6 +139,7 @@ pathlib.Path(dest).write_text(json.dumps(merged, indent=1))
 PY
 [[ -f $work/ctest.xml ]] && cp "$work/ctest.xml" "$out/"
 [[ -f $work/link.json ]] && cp "$work/link.json" "$out/"
+for f in "$work"/train_*.json; do [[ -f $f ]] && cp "$f" "$out/"; done
 tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log 2>/dev/null) 2>/dev/null
 cp "$work/summary.txt" "$out/summary.txt"
 cat "$work/summary.txt"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# gpt-medium (GPT-2 medium's shapes, batch 8, sequence 1024) on the GPU: N steps with no budget
+# (policy none), then N steps at a third of its footprint (policy graph, planned from the op
+# times measured in the first step). Prints the median step time of each (steps 3..N: step 1
+# measures the ops, step 2 is the first on the measured plan), their ratio (target <= 1.10 on an
+# H100/H200) and predicted against measured step time at a third (target within 10%); the
+# figures go to $2/train_unlimited.json and $2/train_third.json. Exits non-zero only when a run
+# fails; missed targets are reported, not failed.
+# Usage: bench/gpu/train_gpt_medium.sh SPILL OUT_DIR [STEPS]
+set -uo pipefail
+spill=$1
+out=$2
+steps=${3:-6}
+mkdir -p "$out"
+"$spill" --conf device:cuda train gpt-medium --policy none --steps "$steps" \
+  --json "$out/train_unlimited.json" || exit 1
+"$spill" --conf device:cuda train gpt-medium --steps "$steps" --json "$out/train_third.json" ||
+  exit 1
+python3 - "$out/train_unlimited.json" "$out/train_third.json" <<'PY'
+import json, statistics, sys
+runs = [json.load(open(p)) for p in sys.argv[1:]]
+def median(run, key):
+    values = [s[key] for s in run["steps"][2:]] or [s[key] for s in run["steps"]]
+    return statistics.median(values)
+unlimited, third = runs
+t_u, t_t = median(unlimited, "step_s"), median(third, "step_s")
+pred = median(third, "predicted_step_s")
+ratio, error = t_t / t_u, abs(pred - t_t) / t_t
+print(f"device: {third['device']}; footprint {third['footprint'] / 2**30:.2f} GiB, "
+      f"budget {third['budget'] / 2**30:.2f} GiB")
+print(f"step time: unlimited {t_u * 1e3:.1f} ms, a third {t_t * 1e3:.1f} ms, ratio {ratio:.3f} "
+      f"({'met' if ratio <= 1.10 else 'MISSED'}: target <= 1.10)")
+print(f"predicted {pred * 1e3:.1f} ms against measured {t_t * 1e3:.1f} ms: {error * 100:.1f}% "
+      f"({'met' if error <= 0.10 else 'MISSED'}: target within 10%)")
+PY
