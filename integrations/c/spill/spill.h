@@ -126,7 +126,10 @@ SPILL_API spill_status spill_stream_destroyed(int device, void* stream);
 /* ------------------------------------------------------------------ memory */
 
 /* Allocates `size` bytes on `device` for use on `stream` (NULL: the default stream), aligned
- * to 512 bytes. size 0 gives *out = NULL and SPILL_OK (spill_free accepts NULL). The block is
+ * to 512 bytes. The memory is ready for work enqueued on `stream`: work queued there earlier
+ * may still use it (a block freed on `stream` is reused at once), so host code synchronises
+ * `stream` before touching it, as after cudaMallocAsync. size 0 gives *out = NULL and SPILL_OK
+ * (spill_free accepts NULL). The block is
  * not swappable until declared. Under pressure cached memory is released and swappable blocks
  * are evicted first. Errors: INVALID_ARGUMENT (out NULL, device, stream), OUT_OF_MEMORY (the
  * message says where every byte is; also in spill_last_oom_message), CUDA, SHUT_DOWN,
