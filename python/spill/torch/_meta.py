@@ -1,0 +1,155 @@
+"""Meta tensors for capture (internal to spill.torch): models and inputs moved to the meta
+device without copying data, factories that build on it, and shape rules for the few backward
+ops that older torch releases ship without a meta kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+META = torch.device("meta")
+
+# Factories that take a `device` argument; used where torch has no `with torch.device(...)`.
+_FACTORY_NAMES = (
+    "empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint", "randperm",
+    "arange", "range", "linspace", "logspace", "eye", "tensor", "as_tensor", "scalar_tensor",
+    "normal", "tril_indices", "triu_indices",
+)
+
+
+class _MetaFactories(torch.overrides.TorchFunctionMode):
+    """Torch-function mode that puts tensors from factories without a device on meta."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._factories = {getattr(torch, n) for n in _FACTORY_NAMES if hasattr(torch, n)}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._factories and kwargs.get("device") is None:
+            kwargs["device"] = META
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def building_on_meta() -> Iterator[None]:
+    """Tensors created inside (parameters, buffers) live on the meta device: no memory."""
+    if hasattr(META, "__enter__"):  # torch >= 2.0: the device is a context manager
+        with torch.device("meta"):
+            yield
+    else:
+        with _MetaFactories():
+            yield
+
+
+def is_meta(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "meta"
+
+
+def empty_meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with t's shape, strides, dtype and requires_grad; allocates nothing."""
+    out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=META)
+    return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
+
+
+def module_on_meta(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself when its parameters and buffers are all on meta, else a copy whose
+    parameters and buffers are meta tensors (tied parameters stay tied; the caller's model and
+    its data are left as they are, and no copy of the data is made)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(is_meta(t) for t in tensors):
+        return model
+    memo = {}
+    for t in tensors:
+        if id(t) in memo:
+            continue
+        m = empty_meta_like(t)
+        memo[id(t)] = torch.nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(
+            t, torch.nn.Parameter) else m
+    return copy.deepcopy(model, memo)
+
+
+def resolve_model(model: Any) -> torch.nn.Module:
+    """A module on meta from a module (any device) or a callable that builds one."""
+    if isinstance(model, torch.nn.Module):
+        return module_on_meta(model)
+    if callable(model):
+        with building_on_meta():
+            built = model()
+        if not isinstance(built, torch.nn.Module):
+            raise TypeError(f"spill.torch.capture: the model builder returned "
+                            f"{type(built).__name__}, not a torch.nn.Module")
+        return module_on_meta(built)
+    raise TypeError(f"spill.torch.capture: model must be a torch.nn.Module or a callable that "
+                    f"builds one, got {type(model).__name__}")
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """`value` with every tensor in its lists, tuples and dicts replaced by fn(tensor)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+    return value
+
+
+def with_batch(value: Any, batch_dim: int, batch: int, new_batch: int) -> Any:
+    """Meta copies of the tensors in `value`, those of size `batch` along `batch_dim` resized to
+    `new_batch` along it."""
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() > batch_dim and t.shape[batch_dim] == batch and new_batch != batch:
+            shape = list(t.shape)
+            shape[batch_dim] = new_batch
+            out = torch.empty(shape, dtype=t.dtype, device=META)
+            return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
+        return empty_meta_like(t)
+    return map_tensors(value, resize)
+
+
+def _like(t: Optional[torch.Tensor], wanted: bool) -> Optional[torch.Tensor]:
+    return torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else None
+
+
+def fallback_meta(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Outputs for an op that raised NotImplementedError on meta tensors, or NotImplemented.
+    Older torch (1.13) lacks meta kernels for some backward ops; their outputs take the shape
+    of an input. Anything else goes to torch's own decompositions when it has one."""
+    name = func.overloadpacket.__name__
+    if name == "convolution_backward":
+        grad_out, x, w = args[0], args[1], args[2]
+        bias_sizes = args[3]
+        mask = args[10] if len(args) > 10 else kwargs.get("output_mask", (True, True, True))
+        bias = grad_out.new_empty(list(bias_sizes) if bias_sizes else [w.shape[0]]) \
+            if mask[2] else None
+        return _like(x, mask[0]), _like(w, mask[1]), bias
+    schema = func._schema
+    returns_one_tensor = len(schema.returns) == 1 and str(schema.returns[0].type) == "Tensor"
+    if name.startswith("upsample") and name.endswith("_backward") and returns_one_tensor:
+        names = [a.name for a in schema.arguments]
+        if "input_size" in names:
+            i = names.index("input_size")
+            size = args[i] if i < len(args) else kwargs["input_size"]
+            return args[0].new_empty(list(size))
+    if name.endswith("_backward") and returns_one_tensor:
+        names = [a.name for a in schema.arguments]
+        for like in ("self", "input"):
+            if like in names:
+                i = names.index(like)
+                src = args[i] if i < len(args) else kwargs.get(like)
+                if isinstance(src, torch.Tensor):
+                    return torch.empty_like(src, memory_format=torch.contiguous_format)
+    try:
+        from torch._decomp import decomposition_table
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return NotImplemented
+    decomposition = decomposition_table.get(func)
+    if decomposition is not None:
+        return decomposition(*args, **kwargs)
+    return NotImplemented

@@ -1,0 +1,273 @@
+"""The dispatch mode that records a training step on meta tensors (internal to spill.torch).
+
+Every aten op that touches a meta tensor becomes an op of the graph; every storage it touches
+becomes a tensor of the graph, so views and in-place ops share bytes instead of adding them.
+Ops that only make views or allocate (view, transpose, empty) are not ops of the graph: a
+storage allocated by one is produced by the first recorded op that uses it.
+Storages stay referenced until the recorder is dropped, so no address is reused during a step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ._costs import op_flops, tensors_in, view_bytes
+from ._meta import fallback_meta, is_meta
+
+# Ops that allocate without writing: their storage is produced by its first recorded user.
+_ALLOCATE_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                  "resize_", "resize_as_", "set_"}
+# Ops whose tensor arguments only give a shape, dtype or device.
+_LIKE_CONSTRUCTORS = {"zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+                      "randint_like", "new_zeros", "new_ones", "new_full"}
+# In-place ops that overwrite `self` without reading it.
+_WRITE_ONLY = {"zero_", "fill_", "copy_", "normal_", "uniform_", "random_", "bernoulli_",
+               "exponential_", "geometric_", "log_normal_", "cauchy_"}
+
+
+class CaptureError(RuntimeError):
+    """The step could not run without data. `op` is the aten op at fault (or None), `module`
+    the module running it, `phase` forward, backward or optimizer."""
+
+    def __init__(self, message: str, op: Optional[str] = None, module: Optional[str] = None,
+                 phase: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.op, self.module, self.phase = op, module, phase
+
+
+@dataclass
+class StorageRecord:
+    id: int
+    nbytes: int
+    dtype: torch.dtype
+    ref: Any                      # the storage, kept alive
+    name: str = ""
+    kind: str = ""                # set for storages declared before the step
+    written: bool = False         # produced by a recorded op, or exists at step start
+    pending: bool = False         # allocated by an unrecorded op, not yet produced
+    phase: str = ""               # phase of the op that first wrote it
+    layer: int = -1               # forward layer that wrote it, or first read it
+
+
+@dataclass
+class OpRecord:
+    type: str
+    phase: str
+    layer: int
+    module: str
+    reads: List[int] = field(default_factory=list)
+    writes: List[int] = field(default_factory=list)
+    flops: float = 0.0
+    bytes: int = 0
+
+
+def _storage_of(t: torch.Tensor) -> Any:
+    if hasattr(t, "untyped_storage"):  # torch >= 2.0
+        return t.untyped_storage()
+    return t.storage()._storage  # torch 1.13: TypedStorage over an UntypedStorage
+
+
+class Recorder(TorchDispatchMode):
+    """Records the ops of a step. Set `phase` between forward, backward and optimizer, and call
+    enter/exit around modules (capture's module hooks do) to name ops and number layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: Dict[int, StorageRecord] = {}   # by the storage's address
+        self.by_id: List[StorageRecord] = []
+        self.ops: List[OpRecord] = []
+        self.phase = "forward"
+        self.layer_names: List[str] = []
+        self._context: List[str] = []
+        self._new_layer = True
+        self._backward_layer = -1
+
+    # ----- naming and layers -------------------------------------------------------------
+    def enter(self, name: str) -> None:
+        self._context.append(name)
+        self._new_layer = True
+
+    def exit(self) -> None:
+        if self._context:
+            self._context.pop()
+        self._new_layer = True
+
+    def module(self) -> str:
+        return self._context[-1] if self._context else ""
+
+    def _forward_layer(self) -> int:
+        if self._new_layer or not self.layer_names:
+            self.layer_names.append(self.module())
+            self._new_layer = False
+        return len(self.layer_names) - 1
+
+    # ----- storages ----------------------------------------------------------------------
+    def storage(self, t: torch.Tensor) -> Tuple[StorageRecord, bool]:
+        """The record of t's storage and whether it was first seen now."""
+        s = _storage_of(t)
+        key = s._cdata
+        rec = self.storages.get(key)
+        if rec is not None:
+            rec.nbytes = max(rec.nbytes, s.nbytes())
+            return rec, False
+        rec = StorageRecord(len(self.by_id), s.nbytes(), t.dtype, s)
+        self.storages[key] = rec
+        self.by_id.append(rec)
+        return rec, True
+
+    def declare(self, t: torch.Tensor, kind: str, name: str) -> None:
+        """A tensor that exists when the step starts (weight, buffer, input)."""
+        rec, _ = self.storage(t)
+        if not rec.kind:
+            rec.kind, rec.name, rec.written = kind, name, True
+
+    # ----- dispatch ----------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        on_meta = any(is_meta(t) for t in tensors_in((args, kwargs)))
+        if on_meta:
+            self._refuse_data_dependence(func, args)
+        out = self._run(func, args, kwargs, on_meta)
+        if on_meta or any(is_meta(t) for t in tensors_in(out)):
+            self._record(func, args, kwargs, out)
+        return out
+
+    def _where(self) -> str:
+        module = self.module() or (self.layer_names[-1] if self.layer_names else "")
+        return f" in the {self.phase} pass" + (f", module '{module}'" if module else "")
+
+    def _refuse_data_dependence(self, func, args) -> None:
+        name = str(func.overloadpacket.__name__)
+        tags = getattr(func, "tags", ())
+        bool_index = name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()))
+        if torch.Tag.dynamic_output_shape in tags or bool_index:
+            raise CaptureError(
+                f"aten.{name}{self._where()}: its output shape depends on the values in a "
+                f"tensor (data-dependent shape), which a capture without data cannot know. "
+                f"What you can do: give the shape another way (e.g. a fixed-size mask with "
+                f"torch.where instead of boolean indexing or nonzero()), or run that part "
+                f"outside the captured model.", op=f"aten.{name}", module=self.module(),
+                phase=self.phase)
+        if torch.Tag.data_dependent_output in tags:
+            raise CaptureError(
+                f"aten.{name}{self._where()}: reads the value of a tensor (.item(), a Python "
+                f"`if` on a tensor, .tolist()), which a capture without data does not have. "
+                f"What you can do: keep such values as tensors, or compute them outside the "
+                f"captured step.", op=f"aten.{name}", module=self.module(), phase=self.phase)
+
+    # Ops seen without a meta kernel: they go to the fallback directly (building PyTorch's
+    # NotImplementedError message costs milliseconds).
+    _without_meta_kernel: set = set()
+
+    def _run(self, func, args, kwargs, on_meta: bool):
+        if on_meta and func in self._without_meta_kernel:
+            out = fallback_meta(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
+        try:
+            return func(*args, **kwargs)
+        except NotImplementedError as e:
+            if not on_meta:
+                raise
+            out = fallback_meta(func, args, kwargs)
+            if out is not NotImplemented:
+                self._without_meta_kernel.add(func)
+                return out
+            raise self.no_meta_kernel(func._schema.name) from e
+
+    def no_meta_kernel(self, schema_name: str) -> CaptureError:
+        """The error for an op (``ns::name``) that has no meta kernel."""
+        qualified = schema_name.replace("::", ".")
+        short = schema_name.split("::")[-1].split(".")[0]
+        return CaptureError(
+            f"{qualified}{self._where()}: no meta kernel, so it cannot run without data. "
+            f"What you can do: register one that only computes output shapes, e.g. "
+            f"@torch.library.register_fake(\"{schema_name}\") (torch >= 2.4) or "
+            f"torch.library.Library(\"{schema_name.split('::')[0]}\", \"IMPL\").impl("
+            f"\"{short}\", fn, \"Meta\") (also \"AutogradMeta\" for an op without autograd "
+            f"support), returning empty tensors of the right shapes.",
+            op=qualified, module=self.module(), phase=self.phase)
+
+    def _record(self, func, args, kwargs, out) -> None:
+        name = str(func.overloadpacket.__name__)
+        reads: List[StorageRecord] = []
+        writes: List[StorageRecord] = []
+        traffic = 0
+        seen_inputs = set()
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            mutable = arg.alias_info is not None and arg.alias_info.is_write
+            for t in tensors_in(value):
+                if not is_meta(t):
+                    continue
+                rec, new = self.storage(t)
+                seen_inputs.add(rec.id)
+                if new:  # existed before the step without being declared: module state
+                    rec.written, rec.kind = True, "buffer"
+                if name in _ALLOCATE_ONLY:
+                    continue
+                traffic += view_bytes(t)
+                if mutable:
+                    writes.append(rec)
+                    if arg.name != "out" and name not in _WRITE_ONLY:
+                        reads.append(rec)
+                elif name not in _LIKE_CONSTRUCTORS:
+                    reads.append(rec)
+        for t in tensors_in(out):
+            if not is_meta(t):
+                continue
+            rec, new = self.storage(t)
+            if rec.id in seen_inputs:
+                continue  # a view of an input, or the input an in-place op returns
+            if name in _ALLOCATE_ONLY:
+                rec.pending = True
+                continue
+            traffic += view_bytes(t)
+            writes.append(rec)
+        if not writes or name in _ALLOCATE_ONLY:
+            return  # a view or a shape query: no bytes move
+        # A storage read before anything wrote it was allocated by an unrecorded op.
+        for rec in reads:
+            if not rec.written:
+                writes.append(rec)
+        op = OpRecord(name, self.phase, -1, self.module(), flops=op_flops(name, args, kwargs, out),
+                      bytes=traffic)
+        op.reads = _unique_ids(reads)
+        op.writes = _unique_ids(writes)
+        op.layer = self._layer_of(reads)
+        for rec in writes:
+            if not rec.written:
+                rec.written, rec.pending, rec.phase = True, False, self.phase
+                if self.phase == "forward":
+                    rec.layer = op.layer
+        if self.phase == "forward":
+            for rec in reads:
+                if rec.layer < 0:
+                    rec.layer = op.layer
+        self.ops.append(op)
+
+    def _layer_of(self, reads: List[StorageRecord]) -> int:
+        if self.phase == "forward":
+            return self._forward_layer()
+        if self.phase == "backward":
+            # The backward of forward layer L reads what L saved: its inputs, weights, outputs.
+            layers = [r.layer for r in reads if r.layer >= 0 and r.phase in ("forward", "")]
+            if layers:
+                self._backward_layer = max(layers)
+            elif self._backward_layer < 0:
+                self._backward_layer = len(self.layer_names) - 1
+            return self._backward_layer
+        return -1
+
+
+def _unique_ids(recs: List[StorageRecord]) -> List[int]:
+    out: List[int] = []
+    for r in recs:
+        if r.id not in out:
+            out.append(r.id)
+    return out

@@ -1,0 +1,228 @@
+"""spill.torch.capture: one training step of a PyTorch model recorded, without data, as a
+graph that `spill plan` turns into "does it fit, and how fast" for any GPU and link.
+
+The step (forward, loss, backward, optimizer step) runs on meta tensors: every tensor has its
+shape and dtype but no memory, so a model of any size captures on a laptop. Each aten op is
+recorded with the storages it reads and writes, its FLOPs and its bytes; views and in-place
+ops share their storage's bytes. The step is captured at the given batch and at twice it, so
+the graph records which sizes grow with the batch (`spill plan --batch N / --max-batch`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._graph import add_batch_scaling, build_graph
+from ._meta import resolve_model, with_batch
+from ._recorder import CaptureError, Recorder
+
+OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
+# PyTorch's message for an op with no kernel for a dispatch key (e.g. a custom op on meta).
+_NO_KERNEL = re.compile(r"Could not run '([\w:.]+)' with arguments from the '(\w+)' backend")
+
+
+@dataclass
+class CapturedStep:
+    """What capture recorded. `graph` is the JSON document (spill graph format, version 2)."""
+    graph: Dict[str, Any]
+    path: Optional[str]
+    parameter_count: int     # elements of the model's parameters, tied ones counted once
+    batch: int               # batch size of the capture (0 when no input has a batch dim)
+    batch_scaling: Optional[str]  # None when sizes scale with the batch, else why not
+
+    @property
+    def op_count(self) -> int:
+        return len(self.graph["ops"])
+
+    @property
+    def tensor_count(self) -> int:
+        return len(self.graph["tensors"])
+
+
+def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
+            example_inputs: Any,
+            loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+            optimizer: Optional[OptimizerFactory] = torch.optim.Adam,
+            path: Optional[Union[str, "os.PathLike[str]"]] = "graph.json",
+            *,
+            targets: Any = None,
+            batch_dim: int = 0,
+            scale_batch: bool = True,
+            name: Optional[str] = None) -> CapturedStep:
+    """Records one training step of `model` and writes it as a spill graph to `path`.
+
+    model: an ``nn.Module`` or a callable that builds one. A callable is called with factory
+        functions on the meta device, so even GPT-2 XL takes no memory to build; a module whose
+        parameters are on meta (built under ``with torch.device("meta")``) is used as is; any
+        other module is copied onto meta (its parameters are not copied, nor changed).
+    example_inputs: what the model is called with: a tensor, a tuple of positional arguments, or
+        a dict of keyword arguments. Real or meta tensors; only shapes and dtypes matter.
+    loss_fn: ``loss_fn(output, *targets)`` gives the scalar loss (``loss_fn(output)`` without
+        targets); default: the output itself when it is a scalar, else its sum.
+    optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
+        ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``; None skips the step.
+    path: where the graph JSON goes; None writes nothing.
+    targets: a tensor or tuple of tensors passed to loss_fn after the output.
+    batch_dim: the batch dimension of inputs and targets (0). Tensors whose size there equals
+        the first input's are the batch.
+    scale_batch: also capture at twice the batch, to record which sizes grow with it.
+    name: the graph's name (default: the model's class name).
+
+    Raises CaptureError naming the op and module when the step cannot run without data
+    (values read with .item(), data-dependent shapes, ops without a meta kernel).
+    """
+    net = resolve_model(model)
+    if not isinstance(example_inputs, (tuple, list, dict)):
+        example_inputs = (example_inputs,)
+    if targets is not None and not isinstance(targets, (tuple, list)):
+        targets = (targets,)
+    batch = _batch_size((example_inputs, targets), batch_dim)
+    graph_name = name or type(net).__name__
+    step = _Step(net, loss_fn, optimizer)
+    graph = step.record(example_inputs, targets, batch_dim, batch, batch, graph_name)
+    reason: Optional[str] = "no input has a batch dimension" if batch == 0 else None
+    if scale_batch and batch > 0:
+        large = step.record(example_inputs, targets, batch_dim, batch, 2 * batch, graph_name)
+        reason = add_batch_scaling(graph, large, batch, 2 * batch)
+        if reason is not None:
+            graph.pop("batch", None)
+    elif not scale_batch:
+        reason = "captured with scale_batch=False"
+        graph.pop("batch", None)
+    out_path = None
+    if path is not None:
+        out_path = os.fspath(path)
+        with open(out_path, "w") as f:
+            json.dump(graph, f, separators=(",", ":"))
+            f.write("\n")
+    params = {id(p): p.numel() for p in net.parameters()}
+    return CapturedStep(graph, out_path, sum(params.values()), batch, reason)
+
+
+def _batch_size(value: Any, batch_dim: int) -> int:
+    from ._costs import tensors_in
+    for t in tensors_in(value):
+        if t.dim() > batch_dim:
+            return int(t.shape[batch_dim])
+    return 0
+
+
+class _Step:
+    """One model, loss and optimizer factory; records a step at a given batch."""
+
+    def __init__(self, net: torch.nn.Module, loss_fn: Optional[Callable[..., torch.Tensor]],
+                 optimizer: Optional[OptimizerFactory]) -> None:
+        self.net, self.loss_fn, self.optimizer = net, loss_fn, optimizer
+        self.module_names = {id(m): n for n, m in net.named_modules()}
+        self.params = list(dict.fromkeys(net.parameters()))  # tied parameters once
+        self.param_names = {id(p): n for n, p in net.named_parameters()}
+
+    def record(self, inputs: Any, targets: Any, batch_dim: int, batch: int, at_batch: int,
+               name: str) -> Dict[str, Any]:
+        inputs = with_batch(inputs, batch_dim, batch, at_batch)
+        targets = with_batch(targets, batch_dim, batch, at_batch) if targets is not None else ()
+        rec = Recorder()
+        for p in self.params:
+            p.grad = None
+            rec.declare(p, "weight", self.param_names[id(p)])
+        for n, b in self.net.named_buffers():
+            rec.declare(b, "buffer", n)
+        from ._costs import tensors_in
+        for k, t in enumerate(tensors_in((inputs, targets))):
+            rec.declare(t, "input", f"input{k}")
+        opt = self.optimizer(self.params) if self.optimizer is not None else None
+        try:
+            with self._module_hooks(rec), rec:
+                rec.phase = "forward"
+                out = self.net(**inputs) if isinstance(inputs, dict) else self.net(*inputs)
+                rec.enter("loss")
+                loss = self._loss(out, targets)
+                rec.exit()
+                rec.phase = "backward"
+                loss.backward()
+                if opt is not None:
+                    rec.phase = "optimizer"
+                    opt.step()
+            kinds = self._kinds(rec, opt)
+            return build_graph(rec, name, kinds, at_batch)
+        except CaptureError:
+            raise
+        except Exception as e:  # the model's own code failed on meta tensors
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            missing = _NO_KERNEL.search(first_line)
+            if isinstance(e, NotImplementedError) and missing and "Meta" in missing.group(2):
+                raise rec.no_meta_kernel(missing.group(1)) from e
+            raise CaptureError(
+                f"the training step failed on meta tensors in the {rec.phase} pass"
+                f"{_module_note(rec)}: {type(e).__name__}: {first_line}. spill.torch.capture runs the "
+                f"step without data (meta tensors); code that needs values (.numpy(), "
+                f"printing tensors, tensors created on the CPU and mixed with the model's) "
+                f"cannot run there: move it out of the captured step or keep it on the "
+                f"model's device.", module=rec.module(), phase=rec.phase) from e
+        finally:
+            for p in self.params:
+                p.grad = None
+
+    def _loss(self, out: Any, targets: Sequence[Any]) -> torch.Tensor:
+        if self.loss_fn is not None:
+            loss = self.loss_fn(out, *targets)
+        elif isinstance(out, torch.Tensor):
+            loss = out if out.dim() == 0 else out.sum()
+        else:
+            raise CaptureError(f"the model returned {type(out).__name__}, not a tensor: pass "
+                               f"loss_fn to turn it into a scalar loss", phase="forward")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise CaptureError("loss_fn must return a scalar tensor that depends on the "
+                               "model's parameters (one that requires grad)", phase="forward")
+        return loss
+
+    @contextlib.contextmanager
+    def _module_hooks(self, rec: Recorder) -> Iterator[None]:
+        names = self.module_names
+
+        def pre(module, _inputs):
+            rec.enter(names.get(id(module)) or type(module).__name__.lower())
+
+        def post(module, _inputs, _output):
+            rec.exit()
+
+        from torch.nn.modules import module as nn_module
+        handles = [nn_module.register_module_forward_pre_hook(pre),
+                   nn_module.register_module_forward_hook(post)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _kinds(self, rec: Recorder, opt: Any) -> Dict[int, Tuple[str, str]]:
+        """Gradients of parameters and optimizer state, found after the step."""
+        kinds: Dict[int, Tuple[str, str]] = {}
+
+        def mark(t: Any, kind: str, label: str) -> None:
+            if isinstance(t, torch.Tensor) and t.device.type == "meta":
+                s, _ = rec.storage(t)
+                if s.id not in kinds:
+                    kinds[s.id] = (kind, label)
+
+        for p in self.params:
+            if p.grad is not None:
+                mark(p.grad, "gradient", "grad:" + self.param_names[id(p)])
+        if opt is not None:
+            for p, state in opt.state.items():
+                for slot, value in state.items():
+                    mark(value, "optimizer_state", f"{slot}:{self.param_names.get(id(p), '?')}")
+        return kinds
+
+
+def _module_note(rec: Recorder) -> str:
+    module = rec.module()
+    last = rec.ops[-1].type if rec.ops else None
+    note = f", module '{module}'" if module else ""
+    return note + (f", after aten.{last}" if last else "")
