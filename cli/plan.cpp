@@ -14,6 +14,7 @@
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "core/units.hpp"
+#include "graph/batch.hpp"
 #include "graph/evaluate.hpp"
 #include "graph/graph_json.hpp"
 #include "graph/liveness.hpp"
@@ -25,6 +26,7 @@ namespace {
 struct PlanArgs {
   std::string model;
   int batch = 1;
+  bool batch_given = false;  // --batch on the command line (graph files keep theirs otherwise)
   int seq = 0;
   int volume = 0;
   std::string dtype = "f32";
@@ -92,11 +94,17 @@ int run_plan(const PlanArgs& a) {
   const graph::GpuModel& gpu = graph::gpu_preset(a.device);
   const LinkModel link = graph::resolve_link(a.link);
   const bool from_file = is_graph_file(a.model);
+  // A graph file is planned at its own batch unless --batch asks for another (which needs the
+  // batch scaling a capture records); zoo models are built at the batch.
+  const graph::Graph file = from_file ? graph::load_graph_file(a.model) : graph::Graph{};
   auto build = [&](int batch) {
-    return from_file ? graph::load_graph_file(a.model)
-                     : graph::build_model(a.model, zoo_options(a, batch));
+    if (!from_file) return graph::build_model(a.model, zoo_options(a, batch));
+    return graph::at_batch(file, std::uint64_t(batch));
   };
-  graph::Graph g = build(a.batch);
+  graph::Graph g = from_file && !a.batch_given ? file : build(a.batch);
+  const std::uint64_t batch = from_file ? g.batch : std::uint64_t(a.batch);
+  const std::string batch_text =
+      batch > 0 ? "batch " + std::to_string(batch) : "batch as recorded";
   graph::PlannerOptions o;
   o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
@@ -104,20 +112,27 @@ int run_plan(const PlanArgs& a) {
   if (a.policy == "all") policies = graph::all_policies();
   else policies = {graph::parse_policy(a.policy)};
 
-  std::printf("model:   %s, batch %d, %zu ops, %zu tensors, %.1f M parameters\n", g.name.c_str(),
-              from_file ? 0 : a.batch, g.ops.size(), g.tensors.size(),
+  std::printf("model:   %s, %s, %zu ops, %zu tensors, %.1f M parameters\n", g.name.c_str(),
+              batch_text.c_str(), g.ops.size(), g.tensors.size(),
               double(g.parameter_count()) / 1e6);
   std::printf("device:  %s (simulated; %s, %.0f GB/s memory)\n", gpu.name.c_str(),
               format_bytes(gpu.memory_bytes).c_str(), gpu.mem_bw_gbps);
   std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n", link.name.c_str(),
               link.description.c_str(), link.h2d_gbps, link.d2h_gbps);
+  const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
   std::printf("budget:  %s; unlimited-memory peak %s\n\n", format_bytes(o.budget).c_str(),
-              format_bytes(graph::analyze_liveness(g).peak).c_str());
+              format_bytes(unlimited_peak).c_str());
   std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s\n", "policy", "fits", "peak", "swap out",
               "swap in", "step", "stall", "overhead");
-  nlohmann::json report{{"model", a.model},     {"batch", from_file ? 0 : a.batch},
-                        {"budget_bytes", o.budget}, {"device", gpu.name},
-                        {"link", link.name},    {"simulated", true},
+  nlohmann::json report{{"model", a.model},
+                        {"name", g.name},
+                        {"batch", batch},
+                        {"parameters", g.parameter_count()},
+                        {"unlimited_peak_bytes", unlimited_peak},
+                        {"budget_bytes", o.budget},
+                        {"device", gpu.name},
+                        {"link", link.name},
+                        {"simulated", true},
                         {"policies", nlohmann::json::array()}};
   std::vector<std::string> reasons;
   for (std::size_t k = 0; k < policies.size(); ++k) {
@@ -142,7 +157,10 @@ int run_plan(const PlanArgs& a) {
   for (const std::string& why : reasons) std::printf("  %s\n", why.c_str());
 
   if (a.max_batch_pct >= 0) {
-    SPILL_EXPECTS(!from_file, "--max-batch needs a zoo model, not a graph file");
+    SPILL_EXPECTS(!from_file || graph::has_batch_scaling(file),
+                  "--max-batch: graph file '" + a.model + "' does not say how its sizes grow "
+                  "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
+                  "or plan a zoo model)");
     std::printf("\nlargest batch with overhead <= %.1f%% (simulated):\n", a.max_batch_pct);
     report["max_batch"] = nlohmann::json::array();
     for (graph::Policy p : policies) {
@@ -176,14 +194,15 @@ void add_plan(CLI::App& app, Runner& run) {
                   "zoo model (mlp, vgg16, resnet50, resnet152, unet3d, gpt2-small, gpt2-medium, "
                   "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph")
       ->required();
-  cmd->add_option("--batch", args->batch, "batch size")
+  cmd->add_option("--batch", args->batch,
+                  "batch size (a captured graph file: its own unless given)")
       ->check(CLI::Range(1, std::numeric_limits<int>::max()));
   cmd->add_option("--seq", args->seq, "sequence length (transformers; default: the maximum)");
   cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)");
   cmd->add_option("--dtype", args->dtype, "f32, f16 or bf16");
   cmd->add_option("--optimizer", args->optimizer, "sgd, momentum or adam");
   cmd->add_option("--device", args->device,
-                  "GPU preset: titanx-12gb, v100-16gb, a100-40gb, a100-80gb, h100-pcie, "
+                  "GPU preset: titanx-12gb, v100-16gb, a10-24gb, a100-40gb, a100-80gb, h100-pcie, "
                   "h100-sxm, h200, gh200")
       ->required();
   cmd->add_option("--link", args->link,
@@ -201,7 +220,8 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->add_option("--max-batch", args->max_batch_pct,
                   "also find the largest batch that fits with overhead under this percentage")
       ->check(CLI::Range(0.0, 1e6));
-  cmd->callback([&run, args] {
+  cmd->callback([&run, args, cmd] {
+    args->batch_given = cmd->count("--batch") > 0;
     run = [args](const Config&) { return run_plan(*args); };
   });
 }

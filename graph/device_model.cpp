@@ -36,6 +36,10 @@ const std::vector<GpuModel>& gpu_presets() {
       // Tesla V100 SXM2 16 GB: 15.7 TFLOPS FP32, 125 TFLOPS tensor FP16, 7.8 FP64, 900 GB/s.
       // No BF16/TF32: those fall back to FP32.
       {"v100-16gb", "Tesla V100 SXM2, 16 GB", 16 * GiB, 900.0, 15.7, 0, 125.0, 0, 7.8},
+      // A10 (Ampere GA102, PCIe 4.0 x16): 31.2 TFLOPS FP32, 62.5 TF32, 125 FP16/BF16 tensor,
+      // 600 GB/s GDDR6, 24 GB. FP64 is not on the datasheet: 1/64 of FP32 as on GA102
+      // (assumption).
+      {"a10-24gb", "A10 (PCIe), 24 GB", 24 * GiB, 600.0, 31.2, 62.5, 125.0, 125.0, 0.49},
       // A100 SXM4 40 GB: 19.5 FP32, 156 TF32, 312 FP16/BF16, 9.7 FP64, 1,555 GB/s.
       {"a100-40gb", "A100 SXM4, 40 GB", 40 * GiB, 1555.0, 19.5, 156.0, 312.0, 312.0, 9.7},
       // A100 SXM4 80 GB: same compute, 2,039 GB/s.

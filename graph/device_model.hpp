@@ -35,7 +35,7 @@ struct GpuModel {
   double peak_flops(DType d) const;
 };
 
-// Presets: titanx-12gb, v100-16gb, a100-40gb, a100-80gb, h100-pcie, h100-sxm, h200, gh200.
+// Presets: titanx-12gb, v100-16gb, a10-24gb, a100-40gb, a100-80gb, h100-pcie, h100-sxm, h200, gh200.
 const std::vector<GpuModel>& gpu_presets();
 // Throws InvalidArgument listing the known names.
 const GpuModel& gpu_preset(std::string_view name);

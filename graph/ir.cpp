@@ -25,6 +25,7 @@ constexpr std::pair<TensorKind, const char*> kKinds[] = {
     {TensorKind::Weight, "weight"},         {TensorKind::Activation, "activation"},
     {TensorKind::Gradient, "gradient"},     {TensorKind::OptimizerState, "optimizer_state"},
     {TensorKind::Workspace, "workspace"},   {TensorKind::Input, "input"},
+    {TensorKind::Buffer, "buffer"},
 };
 
 constexpr std::pair<Phase, const char*> kPhases[] = {
@@ -75,10 +76,10 @@ std::optional<Phase> parse_phase(std::string_view s) {
 }
 
 bool exists_at_start(TensorKind k) {
-  return k == TensorKind::Weight || k == TensorKind::OptimizerState || k == TensorKind::Input;
+  return persistent(k) || k == TensorKind::Input;
 }
 bool persistent(TensorKind k) {
-  return k == TensorKind::Weight || k == TensorKind::OptimizerState;
+  return k == TensorKind::Weight || k == TensorKind::OptimizerState || k == TensorKind::Buffer;
 }
 
 TensorIndex Graph::add_tensor(Tensor t) {
@@ -118,6 +119,18 @@ void Graph::validate() const {
                   "graph '" + name + "': tensor " + std::to_string(t) + " ('" + tensors[t].name +
                       "') repeats id " + std::to_string(tensors[t].id));
   }
+  for (std::size_t t = 0; t < tensors.size(); ++t) {
+    const Tensor& x = tensors[t];
+    const std::string where = "graph '" + name + "': tensor " + std::to_string(t) + " ('" +
+                              x.name + "') batch_bytes ";
+    SPILL_EXPECTS(x.batch_bytes <= x.bytes, where + std::to_string(x.batch_bytes) +
+                                                " exceeds its bytes " + std::to_string(x.bytes));
+    SPILL_EXPECTS(x.batch_bytes == 0 || (batch > 0 && x.batch_bytes % batch == 0),
+                  where + std::to_string(x.batch_bytes) +
+                      (batch == 0 ? " needs the graph's batch"
+                                  : " is not a whole number of bytes per sample (batch " +
+                                        std::to_string(batch) + ")"));
+  }
   std::vector<bool> written(tensors.size(), false);
   for (std::size_t t = 0; t < tensors.size(); ++t) written[t] = exists_at_start(tensors[t].kind);
   // The first writer of each tensor, to tell "never written" from "written later" (a cycle:
@@ -136,6 +149,14 @@ void Graph::validate() const {
     check_finite(op.flops, "flops");
     check_finite(op.bytes, "bytes");
     if (op.time_s) check_finite(*op.time_s, "time_s");
+    check_finite(op.batch_flops, "batch_flops");
+    check_finite(op.batch_bytes, "batch_bytes");
+    SPILL_EXPECTS(op.batch_flops <= op.flops && op.batch_bytes <= op.bytes,
+                  "graph '" + name + "': " + op_where(*this, i) +
+                      " batch_flops / batch_bytes exceed its flops / bytes");
+    SPILL_EXPECTS(batch > 0 || (op.batch_flops == 0 && op.batch_bytes == 0),
+                  "graph '" + name + "': " + op_where(*this, i) +
+                      " has batch_flops / batch_bytes but the graph has no batch");
     for (const char* field : {"reads", "writes"}) {
       const auto& list = field[0] == 'r' ? op.reads : op.writes;
       for (std::size_t k = 0; k < list.size(); ++k) {

@@ -2,10 +2,11 @@
 // and write them. It is what the zoo builds, what JSON files and recorded traces turn into, and
 // what liveness, the planner and the simulator consume.
 // Invariants (checked by validate()): every tensor referenced by an op exists; no tensor is read
-// before it is written unless it exists at step start (weight, optimizer state, input); sizes,
-// FLOPs, bytes and times are non-negative and finite; all tensor bytes plus the largest
-// workspace stay within 2^63 - 1 (so liveness, planner and simulator sums cannot wrap). Execution order is the vector order, so a
-// valid graph is acyclic by construction.
+// before it is written unless it exists at step start (weight, buffer, optimizer state, input);
+// sizes, FLOPs, bytes and times are non-negative and finite; all tensor bytes plus the largest
+// workspace stay within 2^63 - 1 (so liveness, planner and simulator sums cannot wrap);
+// batch-proportional parts are at most the whole and, for tensor bytes, a whole number of bytes
+// per sample. Execution order is the vector order, so a valid graph is acyclic by construction.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +22,9 @@ using TensorIndex = std::uint32_t;
 using OpIndex = std::uint32_t;
 
 enum class DType { F32, F16, BF16, TF32, F64, I64, I32, U8 };
-enum class TensorKind { Weight, Activation, Gradient, OptimizerState, Workspace, Input };
+// Buffer: model state that is not a parameter (batch-norm running statistics, masks): exists at
+// step start and outlives it like a weight, but is not counted as a parameter.
+enum class TensorKind { Weight, Activation, Gradient, OptimizerState, Workspace, Input, Buffer };
 enum class Phase { Forward, Backward, Optimizer, Other };
 
 std::size_t dtype_size(DType d);
@@ -32,8 +35,8 @@ std::optional<DType> parse_dtype(std::string_view s);
 std::optional<TensorKind> parse_tensor_kind(std::string_view s);
 std::optional<Phase> parse_phase(std::string_view s);
 
-// Weights, optimizer state and inputs exist when the step begins; everything else is created by
-// the op that first writes it. Weights and optimizer state also outlive the step.
+// Weights, buffers, optimizer state and inputs exist when the step begins; everything else is
+// created by the op that first writes it. Weights, buffers and optimizer state outlive the step.
 bool exists_at_start(TensorKind k);
 bool persistent(TensorKind k);
 
@@ -43,6 +46,8 @@ struct Tensor {
   std::uint64_t bytes = 0;
   DType dtype = DType::F32;
   TensorKind kind = TensorKind::Activation;
+  // Part of `bytes` proportional to the batch (Graph::batch samples); 0 when it does not grow.
+  std::uint64_t batch_bytes = 0;
 };
 
 struct Op {
@@ -56,12 +61,17 @@ struct Op {
   double bytes = 0;                 // device-memory traffic; 0 means "sum of the tensors touched"
   std::optional<double> time_s;     // measured duration; when absent a device model estimates it
   std::uint64_t workspace_bytes = 0;  // scratch that lives only while the op runs
+  double batch_flops = 0;           // parts of flops / bytes proportional to the batch
+  double batch_bytes = 0;
 };
 
 struct Graph {
   std::string name;
   std::vector<Tensor> tensors;
   std::vector<Op> ops;
+  // Samples per step when the batch_* fields say how sizes scale with it (graph/batch.hpp);
+  // 0 when the graph cannot be rescaled.
+  std::uint64_t batch = 0;
 
   TensorIndex add_tensor(Tensor t);
   OpIndex add_op(Op op);
