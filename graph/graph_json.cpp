@@ -12,11 +12,24 @@ namespace spill::graph {
 
 using nlohmann::json;
 
+int graph_format_version(const Graph& g) {
+  bool v2 = g.batch > 0;
+  for (const Tensor& t : g.tensors) v2 = v2 || t.kind == TensorKind::Buffer || t.batch_bytes > 0;
+  for (const Op& op : g.ops) v2 = v2 || op.batch_flops > 0 || op.batch_bytes > 0;
+  return v2 ? 2 : 1;
+}
+
 json graph_to_json(const Graph& g) {
   json tensors = json::array();
-  for (const Tensor& t : g.tensors)
-    tensors.push_back({{"id", t.id}, {"name", t.name}, {"bytes", t.bytes},
-                       {"dtype", to_string(t.dtype)}, {"kind", to_string(t.kind)}});
+  for (const Tensor& t : g.tensors) {
+    json j{{"id", t.id},
+           {"name", t.name},
+           {"bytes", t.bytes},
+           {"dtype", to_string(t.dtype)},
+           {"kind", to_string(t.kind)}};
+    if (t.batch_bytes > 0) j["batch_bytes"] = t.batch_bytes;
+    tensors.push_back(std::move(j));
+  }
   json ops = json::array();
   for (const Op& op : g.ops) {
     json reads = json::array(), writes = json::array();
@@ -26,29 +39,50 @@ json graph_to_json(const Graph& g) {
            {"layer", op.layer}, {"reads", reads},    {"writes", writes},
            {"flops", op.flops}, {"bytes", op.bytes}, {"workspace_bytes", op.workspace_bytes}};
     if (op.time_s) o["time_s"] = *op.time_s;
+    if (op.batch_flops > 0) o["batch_flops"] = op.batch_flops;
+    if (op.batch_bytes > 0) o["batch_bytes"] = op.batch_bytes;
     ops.push_back(std::move(o));
   }
-  return {{"format", "spill-graph"}, {"version", kGraphFormatVersion}, {"name", g.name},
-          {"tensors", tensors},      {"ops", ops}};
+  json out{{"format", "spill-graph"}, {"version", graph_format_version(g)}, {"name", g.name}};
+  if (g.batch > 0) out["batch"] = g.batch;
+  out["tensors"] = std::move(tensors);
+  out["ops"] = std::move(ops);
+  return out;
 }
+
+namespace {
+
+// Version 2's additions in a file that says version 1: named as such, not as unknown fields.
+void refuse_newer_fields(const JsonValue& v, std::uint64_t version,
+                         std::initializer_list<std::string_view> fields) {
+  if (version >= 2 || !v.is_object()) return;
+  for (std::string_view f : fields)
+    if (v.has(f)) v.fail_field(f, "is a version 2 field (the file says version 1)");
+}
+
+}  // namespace
 
 Graph graph_from_json(const json& j, std::string_view source) {
   const JsonValue top(j, std::string(source));
-  top.allow_only({"format", "version", "name", "tensors", "ops"});
+  top.expect_object();
+  const std::uint64_t version = top.uint_field("version", 0, UINT64_MAX);
+  refuse_newer_fields(top, version, {"batch"});
+  top.allow_only({"format", "version", "name", "batch", "tensors", "ops"});
   const std::string format = top.string_field("format");
   if (format != "spill-graph") top.fail_field("format", "expected \"spill-graph\"");
-  const std::uint64_t version = top.uint_field("version", 0, UINT64_MAX);
-  if (version != kGraphFormatVersion)
+  if (version < 1 || version > kGraphFormatVersion)
     top.fail_field("version", "unsupported version " + std::to_string(version) +
-                                  " (this build reads version " +
+                                  " (this build reads versions 1 to " +
                                   std::to_string(kGraphFormatVersion) + ")");
   Graph g;
   g.name = top.string_field("name", std::string("graph"));
+  g.batch = top.uint_field("batch", 1, std::numeric_limits<std::int32_t>::max(), 0);
   const JsonValue tensors = top.at("tensors");
   std::unordered_map<std::uint64_t, TensorIndex> index_of;
   for (std::size_t k = 0; k < tensors.size(); ++k) {
     const JsonValue f = tensors.at(k);
-    f.allow_only({"id", "name", "bytes", "dtype", "kind"});
+    refuse_newer_fields(f, version, {"batch_bytes"});
+    f.allow_only({"id", "name", "bytes", "dtype", "kind", "batch_bytes"});
     Tensor t;
     t.id = f.uint_field("id", 0, UINT64_MAX);
     t.name = f.string_field("name", "t" + std::to_string(t.id));
@@ -64,8 +98,11 @@ Graph graph_from_json(const json& j, std::string_view source) {
     if (!kind)
       f.fail_field("kind", "unknown kind " + quote_excerpt(kind_name) +
                                " (known: weight, activation, gradient, optimizer_state, "
-                               "workspace, input)");
+                               "workspace, input, buffer)");
+    if (*kind == TensorKind::Buffer && version < 2)
+      f.fail_field("kind", "'buffer' is a version 2 kind (the file says version 1)");
     t.kind = *kind;
+    t.batch_bytes = f.uint_field("batch_bytes", 0, kMaxBytes, 0);
     if (!index_of.emplace(t.id, TensorIndex(k)).second)
       f.fail_field("id", "repeats tensor id " + std::to_string(t.id));
     g.add_tensor(std::move(t));
@@ -73,8 +110,9 @@ Graph graph_from_json(const json& j, std::string_view source) {
   const JsonValue ops = top.at("ops");
   for (std::size_t i = 0; i < ops.size(); ++i) {
     const JsonValue f = ops.at(i);
+    refuse_newer_fields(f, version, {"batch_flops", "batch_bytes"});
     f.allow_only({"name", "type", "phase", "layer", "reads", "writes", "flops", "bytes", "time_s",
-                  "workspace_bytes"});
+                  "workspace_bytes", "batch_flops", "batch_bytes"});
     Op op;
     op.name = f.string_field("name", "op" + std::to_string(i));
     op.type = f.string_field("type", std::string(""));
@@ -102,6 +140,8 @@ Graph graph_from_json(const json& j, std::string_view source) {
     op.bytes = f.number_field("bytes", 0, double(kMaxBytes), 0.0);
     if (f.has("time_s")) op.time_s = f.number_field("time_s", 0, kMaxOpSeconds);
     op.workspace_bytes = f.uint_field("workspace_bytes", 0, kMaxBytes, 0);
+    op.batch_flops = f.number_field("batch_flops", 0, kMaxGraphFlops, 0.0);
+    op.batch_bytes = f.number_field("batch_bytes", 0, double(kMaxBytes), 0.0);
     g.add_op(std::move(op));
   }
   try {

@@ -17,12 +17,15 @@
 
 namespace spill::graph {
 
-inline constexpr int kGraphFormatVersion = 1;
+// The newest version this build reads (it reads every version from 1).
+inline constexpr int kGraphFormatVersion = 2;
 // Bounds of an op's numbers on reading (documented in docs/graph-format.md): far above any real
 // model, low enough that sums over millions of ops stay finite.
 inline constexpr double kMaxGraphFlops = 1e30;
 inline constexpr double kMaxOpSeconds = 1e9;
 
+// The lowest version that holds `g`: 2 when it uses batch scaling or the buffer kind, else 1.
+int graph_format_version(const Graph& g);
 nlohmann::json graph_to_json(const Graph& g);
 // `source` names the input (a file name) in error messages.
 Graph graph_from_json(const nlohmann::json& j, std::string_view source = "graph");

@@ -3,13 +3,14 @@
 # As root it runs apt-get; otherwise it prints the exact command to run and fails.
 # chromium is for the test that renders `spill report` pages headless; libopenblas-dev for the
 # trainer's CPU kernels (libspill_train).
-# python3-pytest and python3-numpy for tests/python, pkgconf for the install test.
+# python3-pytest and python3-numpy for tests/python, pkgconf for the install test;
+# python3-torch and python3-torchvision for the spill.torch.capture tests (tests/python).
 # Usage: scripts/setup.sh [extra-debian-package ...]
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
           nlohmann-json3-dev libcli11-dev chromium libopenblas-dev
-          python3-pytest python3-numpy pkgconf "$@")
+          python3-pytest python3-numpy pkgconf python3-torch python3-torchvision "$@")
 
 missing=()
 for p in "${packages[@]}"; do

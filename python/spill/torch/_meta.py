@@ -69,7 +69,12 @@ def module_on_meta(model: torch.nn.Module) -> torch.nn.Module:
         m = empty_meta_like(t)
         memo[id(t)] = torch.nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(
             t, torch.nn.Parameter) else m
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as e:
+        raise TypeError(f"spill.torch.capture: cannot copy the {type(model).__name__} onto the "
+                        f"meta device ({type(e).__name__}: {e}); pass a callable that builds "
+                        f"the model instead, or build it under `with torch.device('meta')`") from e
 
 
 def resolve_model(model: Any) -> torch.nn.Module:
