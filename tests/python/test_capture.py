@@ -243,6 +243,7 @@ def test_batch_of_one_says_why_it_does_not_scale():
     # PyTorch takes other paths for a batch of one (views where larger batches copy).
     step = gpt2_step(batch=1, seq=32, path=None)
     assert "batch" not in step.graph and "depends on the batch" in step.batch_scaling
+    assert "capture at a batch of 2 or more" in step.batch_scaling
 
 
 # ----- steps that need data ----------------------------------------------------------------

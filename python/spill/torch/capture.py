@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from ._costs import tensors_in
 from ._graph import add_batch_scaling, build_graph
 from ._meta import resolve_model, with_batch
 from ._recorder import CaptureError, Recorder
@@ -77,6 +78,9 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     Raises CaptureError naming the op and module when the step cannot run without data
     (values read with .item(), data-dependent shapes, ops without a meta kernel).
     """
+    if not isinstance(batch_dim, int) or batch_dim < 0:
+        raise ValueError(f"spill.torch.capture: batch_dim must be a non-negative int, got "
+                         f"{batch_dim!r}")
     net = resolve_model(model)
     if not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
@@ -92,6 +96,9 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         reason = add_batch_scaling(graph, large, batch, 2 * batch)
         if reason is not None:
             graph.pop("batch", None)
+            if batch == 1:
+                reason += (" (PyTorch takes other paths for a batch of one, e.g. views where "
+                           "larger batches copy: capture at a batch of 2 or more)")
     elif not scale_batch:
         reason = "captured with scale_batch=False"
         graph.pop("batch", None)
@@ -101,12 +108,10 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         with open(out_path, "w") as f:
             json.dump(graph, f, separators=(",", ":"))
             f.write("\n")
-    params = {id(p): p.numel() for p in net.parameters()}
-    return CapturedStep(graph, out_path, sum(params.values()), batch, reason)
+    return CapturedStep(graph, out_path, sum(p.numel() for p in step.params), batch, reason)
 
 
 def _batch_size(value: Any, batch_dim: int) -> int:
-    from ._costs import tensors_in
     for t in tensors_in(value):
         if t.dim() > batch_dim:
             return int(t.shape[batch_dim])
@@ -133,10 +138,18 @@ class _Step:
             rec.declare(p, "weight", self.param_names[id(p)])
         for n, b in self.net.named_buffers():
             rec.declare(b, "buffer", n)
-        from ._costs import tensors_in
         for k, t in enumerate(tensors_in((inputs, targets))):
             rec.declare(t, "input", f"input{k}")
         opt = self.optimizer(self.params) if self.optimizer is not None else None
+        try:
+            self._run(rec, inputs, targets, opt)
+            return build_graph(rec, name, self._kinds(rec, opt), at_batch)
+        finally:
+            for p in self.params:
+                p.grad = None
+
+    def _run(self, rec: Recorder, inputs: Any, targets: Sequence[Any], opt: Any) -> None:
+        """Forward, loss, backward and optimizer step under the recorder."""
         try:
             with self._module_hooks(rec), rec:
                 rec.phase = "forward"
@@ -149,8 +162,6 @@ class _Step:
                 if opt is not None:
                     rec.phase = "optimizer"
                     opt.step()
-            kinds = self._kinds(rec, opt)
-            return build_graph(rec, name, kinds, at_batch)
         except CaptureError:
             raise
         except Exception as e:  # the model's own code failed on meta tensors
@@ -160,14 +171,11 @@ class _Step:
                 raise rec.no_meta_kernel(missing.group(1)) from e
             raise CaptureError(
                 f"the training step failed on meta tensors in the {rec.phase} pass"
-                f"{_module_note(rec)}: {type(e).__name__}: {first_line}. spill.torch.capture runs the "
-                f"step without data (meta tensors); code that needs values (.numpy(), "
+                f"{_module_note(rec)}: {type(e).__name__}: {first_line}. spill.torch.capture "
+                f"runs the step without data (meta tensors); code that needs values (.numpy(), "
                 f"printing tensors, tensors created on the CPU and mixed with the model's) "
                 f"cannot run there: move it out of the captured step or keep it on the "
                 f"model's device.", module=rec.module(), phase=rec.phase) from e
-        finally:
-            for p in self.params:
-                p.grad = None
 
     def _loss(self, out: Any, targets: Sequence[Any]) -> torch.Tensor:
         if self.loss_fn is not None:
