@@ -101,6 +101,10 @@ int run_plan(const PlanArgs& a) {
     if (!from_file) return graph::build_model(a.model, zoo_options(a, batch));
     return graph::at_batch(file, std::uint64_t(batch));
   };
+  SPILL_EXPECTS(a.max_batch_pct < 0 || !from_file || graph::has_batch_scaling(file),
+                "--max-batch: graph file '" + a.model + "' does not say how its sizes grow "
+                "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
+                "or plan a zoo model)");
   graph::Graph g = from_file && !a.batch_given ? file : build(a.batch);
   const std::uint64_t batch = from_file ? g.batch : std::uint64_t(a.batch);
   const std::string batch_text =
@@ -157,10 +161,6 @@ int run_plan(const PlanArgs& a) {
   for (const std::string& why : reasons) std::printf("  %s\n", why.c_str());
 
   if (a.max_batch_pct >= 0) {
-    SPILL_EXPECTS(!from_file || graph::has_batch_scaling(file),
-                  "--max-batch: graph file '" + a.model + "' does not say how its sizes grow "
-                  "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
-                  "or plan a zoo model)");
     std::printf("\nlargest batch with overhead <= %.1f%% (simulated):\n", a.max_batch_pct);
     report["max_batch"] = nlohmann::json::array();
     for (graph::Policy p : policies) {
