@@ -307,6 +307,41 @@ def test_loss_must_be_a_scalar():
         st.capture(Tiny, torch.randn(2, 64), loss_fn=lambda out: out * 2, path=None)
 
 
+def test_public_names_are_documented_and_typed():
+    import test_package  # the package's own check, applied to spill.torch
+    test_package.test_public_functions_have_docstrings_and_type_hints(st)
+
+
+# ----- a real run's recorded step --------------------------------------------------------------
+
+def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path):
+    import spill
+    spill.shutdown()
+    spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan")
+    try:
+        with pytest.raises(spill.Error) as e:
+            st.export_step(tmp_path / "none.json", scope=3)
+        assert e.value.code == spill.Status.NOT_FOUND
+        blocks = [spill.malloc(8 << 20) for _ in range(4)]
+        for p in blocks:
+            spill.set_swappable(p)
+        for _ in range(2):
+            with spill.step(scope=3):
+                for i, p in enumerate(blocks):
+                    spill.begin_op(f"layer{i}", scope=3)
+                    spill.unpin(spill.pin_for_host(p), wrote=True)
+        path = st.export_step(tmp_path / "step.json", scope=3)
+        graph = json.loads(pathlib.Path(path).read_text())
+        assert graph["format"] == "spill-graph" and len(graph["tensors"]) >= 4
+        report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
+        assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
+        assert {p["name"] for p in report["policies"]} == {"spill", "vdnn", "threshold", "none"}
+        for p in blocks:
+            spill.free(p)
+    finally:
+        spill.shutdown()
+
+
 def test_only_spill_torch_imports_torch():
     code = ("import sys, spill; assert 'torch' not in sys.modules, 'spill imported torch'; "
             "import spill.torch; assert 'torch' in sys.modules")

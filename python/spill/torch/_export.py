@@ -1,0 +1,28 @@
+"""spill.torch.export_step: the step spill recorded in a real run, as a graph for `spill plan`
+(internal to spill.torch; the C API writes it, the spill package's ctypes layer calls it)."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+
+def export_step(path: Union[str, "os.PathLike[str]"], *, scope: int = 0,
+                device: Optional[int] = None) -> str:
+    """Writes the training step spill's swapper last recorded (a real run under spill, with
+    ``policy:plan`` and a budget) as a graph in the format ``spill.torch.capture`` writes, so
+    ``spill plan`` can re-plan the real run for another GPU and link. Its ops carry their
+    measured times; it has no batch scaling (plan it at its own batch).
+
+    scope: the step scope the run used (0 unless the integration named one).
+    device: the CUDA device (default: the current one, or 0 without CUDA).
+    Returns the path. Raises ``spill.Error`` with code ``NOT_FOUND`` when no step was recorded.
+    """
+    import spill  # the ctypes layer over the C API; loads libspill on first use
+
+    if device is None:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    out = os.fspath(path)
+    spill.write_step_graph(out, scope=scope, device=device)
+    return out
