@@ -5,8 +5,8 @@
 # kernels in a third of its memory footprint, weights, optimizer state and activations swapped
 # through pinned host memory as the graph planner's plan says, with the planner's predictions
 # beside each step; then the same steps again with no budget, which must give bit-identical
-# losses, weights and optimizer state (6 steps each: about 40 s of CPU on the 2-core build
-# machine). Arguments are passed to `spill train` (e.g. --steps 20,
+# losses, weights and optimizer state (6 steps each: about 30 s of CPU, under a minute of wall
+# clock, on the 2-core build machine). Arguments are passed to `spill train` (e.g. --steps 20,
 # --policy plan, --budget 96MiB, --trace train.json). `spill demo` (the synthetic step) is
 # still a command.
 set -euo pipefail
