@@ -115,7 +115,17 @@ int run_train(Config config, const TrainArgs& a) {
                 static_cast<unsigned long long>(s.swaps.prefetch_hits), s.wall_s);
     std::fflush(stdout);
   };
-  run = train::run_training(config, program, ro, on_start, on_step);
+  auto on_end = [&](Runtime& rt) {
+    if (a.trace.empty()) return;
+    rt.device().synchronize();
+    auto& rec = profiling::TraceRecorder::global();
+    profiling::write_chrome_trace(a.trace, rec.collect(),
+                                  [&rec](std::uint32_t t) { return rec.tag_name(t); },
+                                  {{"command", "spill train " + a.model},
+                                   {"budget_bytes", rt.allocator().budget()},
+                                   {"policy", a.policy}});
+  };
+  run = train::run_training(config, program, ro, on_start, on_step, on_end);
   bool ok = peak <= run.budget;
   std::printf("\nloss %.6f -> %.6f over %d steps; peak mapped %s of the %s budget%s\n",
               double(run.steps.front().loss), double(run.steps.back().loss), a.steps,
@@ -146,15 +156,9 @@ int run_train(Config config, const TrainArgs& a) {
               (unsigned long long)total.evictions_reactive, (unsigned long long)total.clean_evictions,
               format_bytes(cancelled).c_str());
   if (simulated) std::printf("(step times are simulated; wall is this machine's time per step)\n");
-  if (!a.trace.empty()) {
-    auto& rec = profiling::TraceRecorder::global();
-    profiling::write_chrome_trace(a.trace, rec.collect(),
-                                  [&rec](std::uint32_t t) { return rec.tag_name(t); },
-                                  {{"command", "spill train " + a.model},
-                                   {"budget_bytes", run.budget},
-                                   {"policy", a.policy}});
-    std::printf("trace written to %s\n", a.trace.c_str());
-  }
+  if (!a.trace.empty())
+    std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
+                a.trace.c_str());
   nlohmann::json doc = {{"format", "spill-train"},
                         {"version", 1},
                         {"model", a.model},

@@ -18,7 +18,8 @@ std::uint64_t footprint(const Config& base, const Program& program) {
 
 RunResult run_training(const Config& base, const Program& program, const RunOptions& options,
                        const std::function<void(const Executor&, Runtime&)>& on_start,
-                       const std::function<void(const StepStats&)>& on_step) {
+                       const std::function<void(const StepStats&)>& on_step,
+                       const std::function<void(Runtime&)>& on_end) {
   SPILL_EXPECTS(options.steps >= 1, "training: steps must be at least 1");
   Config c = base;
   c.budget = options.budget;
@@ -39,6 +40,7 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
     if (on_step) on_step(r.steps.back());
   }
   if (options.keep_state) r.state = ex.state();
+  if (on_end) on_end(rt);
   return r;
 }
 

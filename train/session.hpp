@@ -33,10 +33,12 @@ struct RunResult {
 };
 
 // Runs on a fresh Runtime from `base` with the policy and budget of `options`. `on_start` sees
-// the executor before the first step (for headers), `on_step` each step as it ends.
+// the executor before the first step (for headers), `on_step` each step as it ends, `on_end`
+// the runtime after the last step, before it goes (traces are written in its clock).
 RunResult run_training(const Config& base, const Program& program, const RunOptions& options,
                        const std::function<void(const Executor&, Runtime&)>& on_start = {},
-                       const std::function<void(const StepStats&)>& on_step = {});
+                       const std::function<void(const StepStats&)>& on_step = {},
+                       const std::function<void(Runtime&)>& on_end = {});
 
 // Whether two runs' losses and states are bit-identical; `detail` says what was compared, or
 // the first difference.
