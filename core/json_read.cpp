@@ -1,7 +1,11 @@
 #include "core/json_read.hpp"
 
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -132,6 +136,8 @@ std::string short_number(double v) {
 
 json parse_json(std::string_view text, std::string_view origin_view, int max_depth) {
   const std::string origin(origin_view);
+  SPILL_EXPECTS(text.find_first_not_of(" \t\r\n") != std::string_view::npos,
+                origin + ": empty: there is no JSON in it");
   json root;
   BoundedDom dom(root, max_depth);
   bool ok = json::sax_parse(text, &dom);
@@ -161,13 +167,32 @@ json parse_json(std::string_view text, std::string_view origin_view, int max_dep
                              : "; last read " + quote_excerpt(dom.error_token(), 40)));
 }
 
-std::string read_file_text(const std::string& path, std::string_view origin) {
+std::string read_file_text(const std::string& path, std::string_view origin_view,
+                           std::uint64_t max_bytes) {
+  const std::string origin(origin_view);
+  struct stat st {};
+  SPILL_EXPECTS(::stat(path.c_str(), &st) == 0,
+                origin + ": cannot open it for reading (" + std::strerror(errno) + ")");
+  SPILL_EXPECTS(!S_ISDIR(st.st_mode), origin + ": is a directory, not a file");
+  SPILL_EXPECTS(!S_ISCHR(st.st_mode) && !S_ISBLK(st.st_mode), origin + ": is a device, not a file");
+  const std::string too_large = origin + ": larger than " + std::to_string(max_bytes >> 20) +
+                                " MiB, the most spill reads from one input file";
+  SPILL_EXPECTS(!S_ISREG(st.st_mode) || static_cast<std::uint64_t>(st.st_size) <= max_bytes,
+                too_large);
   std::ifstream in(path, std::ios::binary);
-  SPILL_EXPECTS(in.good(), std::string(origin) + ": cannot open it for reading");
-  std::stringstream buf;
-  buf << in.rdbuf();
-  SPILL_EXPECTS(!in.bad(), std::string(origin) + ": reading it failed");
-  return buf.str();
+  SPILL_EXPECTS(in.good(), origin + ": cannot open it for reading");
+  // Read in chunks up to the bound, so that a pipe without end ends in an error rather than
+  // in all the memory there is.
+  std::string text;
+  std::vector<char> chunk(1 << 20);
+  while (in) {
+    in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    const auto got = static_cast<std::size_t>(in.gcount());
+    SPILL_EXPECTS(text.size() + got <= max_bytes, too_large);
+    text.append(chunk.data(), got);
+  }
+  SPILL_EXPECTS(!in.bad(), origin + ": reading it failed");
+  return text;
 }
 
 std::string quote_excerpt(std::string_view s, std::size_t max) {

@@ -22,13 +22,21 @@ inline constexpr int kMaxJsonDepth = 64;
 // The default bound on strings read with JsonValue::as_string (names, kinds, directions).
 inline constexpr std::size_t kMaxJsonString = 1024;
 
-// Parses `text`. Errors name `origin` and say what is wrong and where: not valid JSON (line,
-// column, byte), truncated, nested deeper than `max_depth`, or a number out of range (1e400).
+// Parses `text`. Errors name `origin` and say what is wrong and where: empty, not valid JSON
+// (line, column, byte), truncated, nested deeper than `max_depth`, or a number out of range
+// (1e400).
 nlohmann::json parse_json(std::string_view text, std::string_view origin,
                           int max_depth = kMaxJsonDepth);
 
-// A whole file as text; InvalidArgument naming `origin` when it cannot be opened or read.
-std::string read_file_text(const std::string& path, std::string_view origin);
+// The most read_file_text reads by default: 2 GiB (a JSON document takes several times its
+// size in memory once parsed).
+inline constexpr std::uint64_t kMaxInputFile = 2ull << 30;
+
+// A whole file as text; InvalidArgument naming `origin` when it is missing, a directory or a
+// device (/dev/zero), cannot be read, or is larger than `max_bytes` (a pipe is read in chunks up
+// to that bound).
+std::string read_file_text(const std::string& path, std::string_view origin,
+                           std::uint64_t max_bytes = kMaxInputFile);
 
 // A short description of a value for messages: numbers and booleans as written, strings quoted
 // and cut after a few dozen characters, arrays and objects by their size.

@@ -2,6 +2,8 @@
 // syntax, number overflow, typed reads with ranges, and messages that stay short.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <fstream>
 #include <functional>
 #include <string>
 
@@ -48,6 +50,27 @@ TEST(ParseJson, SyntaxErrorsAndTruncationSayWhere) {
   // An unterminated string of a megabyte: the message quotes a few dozen characters.
   msg = error_of([] { parse_json("[\"" + std::string(1 << 20, 'x'), "big.json"); });
   EXPECT_LT(msg.size(), 400u) << msg.substr(0, 400);
+}
+
+TEST(ReadFileText, DirectoriesEmptyFilesAndEndlessDevicesGetClearErrors) {
+  std::string msg = error_of([] { read_file_text(::testing::TempDir(), "graph file 'd'"); });
+  EXPECT_NE(msg.find("graph file 'd': is a directory"), std::string::npos) << msg;
+  msg = error_of([] { read_file_text("/nonexistent/x.json", "trace 'x'"); });
+  EXPECT_NE(msg.find("trace 'x': cannot open it"), std::string::npos) << msg;
+  const std::string empty = ::testing::TempDir() + "/spill_empty.json";
+  std::ofstream(empty).put(' ');
+  msg = error_of([&] { parse_json(read_file_text(empty, "e"), "e"); });
+  EXPECT_NE(msg.find("e: empty"), std::string::npos) << msg;
+  std::remove(empty.c_str());
+  // /dev/zero would never end.
+  msg = error_of([] { read_file_text("/dev/zero", "link file '/dev/zero'"); });
+  EXPECT_NE(msg.find("link file '/dev/zero': is a device"), std::string::npos) << msg;
+  // A file over the bound is refused by its size, before reading.
+  const std::string big = ::testing::TempDir() + "/spill_big.json";
+  std::ofstream(big) << std::string(5 << 20, ' ');
+  msg = error_of([&] { read_file_text(big, "b", 4 << 20); });
+  EXPECT_NE(msg.find("b: larger than 4 MiB"), std::string::npos) << msg;
+  std::remove(big.c_str());
 }
 
 TEST(JsonValue, ReadsFieldsWithRangesAndNamesThePath) {
