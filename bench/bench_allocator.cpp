@@ -29,7 +29,7 @@ namespace spill {
 namespace {
 
 std::unique_ptr<Device> make(bool cuda, benchmark::State& state) {
-  return bench::make_device(cuda, state, 64 * GiB);
+  return bench::make_device(cuda, state, 16 * GiB);
 }
 
 // The three ways to get memory that every sequence runs against.
