@@ -41,10 +41,33 @@ void host_trampoline(void* user) {
   }
 }
 
+// Makes one device current on the calling thread for the length of a call, and puts back the
+// device that was current before: frameworks keep their own current device per thread (PyTorch's
+// device guards, CuPy's Device contexts), and a memory manager must not change it under them.
+class CurrentDevice {
+ public:
+  explicit CurrentDevice(int ordinal) {
+    int current = 0;
+    SPILL_CUDA_TRY(cudaGetDevice(&current));
+    if (current != ordinal) {
+      SPILL_CUDA_TRY(cudaSetDevice(ordinal));
+      previous_ = current;
+    }
+  }
+  ~CurrentDevice() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 class CudaDevice final : public Device {
  public:
   explicit CudaDevice(int ordinal) : ordinal_(ordinal) {
-    SPILL_CUDA_TRY(cudaSetDevice(ordinal));
+    CurrentDevice current(ordinal);
     SPILL_CUDA_TRY(cudaFree(nullptr));  // create the primary context
     cudaDeviceProp prop{};
     SPILL_CUDA_TRY(cudaGetDeviceProperties(&prop, ordinal));
@@ -76,31 +99,34 @@ class CudaDevice final : public Device {
   const DriverApi* api_ = nullptr;
   CUmemAllocationProp prop_{};
 
-  void bind() { SPILL_CUDA_TRY(cudaSetDevice(ordinal_)); }
-
   MemInfo do_mem_info() override {
-    bind();
+    CurrentDevice current(ordinal_);
     MemInfo m;
     SPILL_CUDA_TRY(cudaMemGetInfo(&m.free, &m.total));
     return m;
   }
   void* do_reserve(std::size_t bytes) override {
+    CurrentDevice current(ordinal_);
     CUdeviceptr p = 0;
     SPILL_CU_TRY(api_->mem_address_reserve(&p, bytes, info_.granularity, 0, 0));
     return reinterpret_cast<void*>(p);
   }
   void do_unreserve(void* addr, std::size_t bytes) override {
+    CurrentDevice current(ordinal_);
     SPILL_CU_TRY(api_->mem_address_free(dp(addr), bytes));
   }
   PhysicalHandle do_create_physical(std::size_t bytes) override {
+    CurrentDevice current(ordinal_);
     CUmemGenericAllocationHandle h = 0;
     SPILL_CU_TRY(api_->mem_create(&h, bytes, &prop_, 0));
     return static_cast<PhysicalHandle>(h);
   }
   void do_release_physical(PhysicalHandle handle, std::size_t) override {
+    CurrentDevice current(ordinal_);
     SPILL_CU_TRY(api_->mem_release(static_cast<CUmemGenericAllocationHandle>(handle)));
   }
   void do_map(void* addr, std::size_t bytes, PhysicalHandle handle) override {
+    CurrentDevice current(ordinal_);
     SPILL_CU_TRY(api_->mem_map(dp(addr), bytes, 0, handle, 0));
     CUmemAccessDesc access{};
     access.location = prop_.location;
@@ -112,27 +138,39 @@ class CudaDevice final : public Device {
     }
   }
   void do_unmap(void* addr, std::size_t bytes) override {
+    CurrentDevice current(ordinal_);
     SPILL_CU_TRY(api_->mem_unmap(dp(addr), bytes));
   }
   void* do_allocate(std::size_t bytes) override {
-    bind();
+    CurrentDevice current(ordinal_);
     void* p = nullptr;
     SPILL_CUDA_TRY(cudaMalloc(&p, bytes));
     return p;
   }
-  void do_deallocate(void* ptr) override { SPILL_CUDA_TRY(cudaFree(ptr)); }
+  void do_deallocate(void* ptr) override {
+    CurrentDevice current(ordinal_);
+    SPILL_CUDA_TRY(cudaFree(ptr));
+  }
   void* do_allocate_host(std::size_t bytes) override {
+    CurrentDevice current(ordinal_);
     void* p = nullptr;
     SPILL_CUDA_TRY(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
     return p;
   }
-  void do_free_host(void* ptr) override { SPILL_CUDA_TRY(cudaFreeHost(ptr)); }
+  void do_free_host(void* ptr) override {
+    CurrentDevice current(ordinal_);
+    SPILL_CUDA_TRY(cudaFreeHost(ptr));
+  }
   void do_register_host(void* ptr, std::size_t bytes) override {
+    CurrentDevice current(ordinal_);
     SPILL_CUDA_TRY(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable));
   }
-  void do_unregister_host(void* ptr) override { SPILL_CUDA_TRY(cudaHostUnregister(ptr)); }
+  void do_unregister_host(void* ptr) override {
+    CurrentDevice current(ordinal_);
+    SPILL_CUDA_TRY(cudaHostUnregister(ptr));
+  }
   Stream do_create_stream() override {
-    bind();
+    CurrentDevice current(ordinal_);
     cudaStream_t s = nullptr;
     SPILL_CUDA_TRY(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     return reinterpret_cast<Stream>(s);
@@ -145,7 +183,7 @@ class CudaDevice final : public Device {
     SPILL_CUDA_TRY(cudaStreamSynchronize(cs(stream)));
   }
   Event do_create_event(bool timing) override {
-    bind();
+    CurrentDevice current(ordinal_);
     cudaEvent_t e = nullptr;
     SPILL_CUDA_TRY(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming));
     return reinterpret_cast<Event>(e);
@@ -173,27 +211,31 @@ class CudaDevice final : public Device {
   }
   void do_copy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind,
                      Stream stream) override {
+    CurrentDevice current(ordinal_);
     cudaMemcpyKind k = kind == CopyKind::HostToDevice   ? cudaMemcpyHostToDevice
                        : kind == CopyKind::DeviceToHost ? cudaMemcpyDeviceToHost
                                                         : cudaMemcpyDeviceToDevice;
     SPILL_CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, k, cs(stream)));
   }
   void do_fill_async(void* dst, std::uint8_t value, std::size_t bytes, Stream stream) override {
+    CurrentDevice current(ordinal_);
     SPILL_CUDA_TRY(cudaMemsetAsync(dst, value, bytes, cs(stream)));
   }
   void do_host_callback(Stream stream, std::function<void()> fn) override {
+    CurrentDevice current(ordinal_);
     auto* boxed = new std::function<void()>(std::move(fn));
     cudaError_t err = cudaLaunchHostFunc(cs(stream), host_trampoline, boxed);
     if (err != cudaSuccess) delete boxed;
     SPILL_CUDA_TRY(err);
   }
   void do_synchronize_device() override {
-    bind();
+    CurrentDevice current(ordinal_);
     SPILL_CUDA_TRY(cudaDeviceSynchronize());
   }
   // Holds use slots in one mapped pinned array: a slot is free again once the event recorded
   // after its spin kernel has completed.
   HoldToken do_hold(Stream stream) override {
+    CurrentDevice current(ordinal_);
     std::lock_guard lock(holds_mu_);
     if (flags_ == nullptr) {
       SPILL_CUDA_TRY(cudaHostAlloc(reinterpret_cast<void**>(&flags_), kHoldSlots * sizeof(int), cudaHostAllocMapped));
@@ -226,9 +268,13 @@ class CudaDevice final : public Device {
   ~CudaDevice() override {
     if (flags_ == nullptr) return;
     for (int i = 0; i < kHoldSlots; ++i) *const_cast<volatile int*>(&flags_[i]) = 1;
+    int previous = ordinal_;  // not CurrentDevice: a destructor must not throw
+    cudaGetDevice(&previous);
+    cudaSetDevice(ordinal_);
     cudaDeviceSynchronize();
     for (int i = 0; i < kHoldSlots; ++i) cudaEventDestroy(slot_done_[i]);
     cudaFreeHost(flags_);
+    cudaSetDevice(previous);
   }
 
  private:
