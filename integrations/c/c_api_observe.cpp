@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "integrations/c/c_api_state.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/events.hpp"
@@ -160,6 +161,9 @@ spill_status spill_trace_export(const char* path) {
   if (path == nullptr || *path == '\0')
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_trace_export: the path is NULL or empty");
   try {
+    // The path first: collect() takes the events, so a path that cannot be written must be
+    // refused before they are taken (the caller may retry with another path).
+    check_writable(path, "spill_trace_export");
     auto& rec = profiling::TraceRecorder::global();
     profiling::write_chrome_trace(path, rec.collect(), tag_names(), {{"source", "spill C API"}});
     return SPILL_OK;

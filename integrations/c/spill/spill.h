@@ -279,7 +279,8 @@ SPILL_API spill_status spill_snapshot_json(int device, char** json);
 /* Writes the trace events recorded since the previous export (every device: allocations,
  * maps, pins, swaps, stalls, OOMs) as Chrome/Perfetto trace JSON to `path`, and starts a new
  * trace. Recording is on unless the configuration says `trace:off`. INVALID_ARGUMENT when the
- * file cannot be written (the message names it). */
+ * file cannot be written (the message names it); the path is tried before the events are
+ * taken, so after that error they are still there for the next export. */
 SPILL_API spill_status spill_trace_export(const char* path);
 /* The message of `device`'s latest out-of-memory failure (where every byte was), or "" when
  * there was none. *message is freed with spill_string_free. */
