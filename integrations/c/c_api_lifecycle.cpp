@@ -6,6 +6,8 @@
 #include <thread>
 
 #include "core/config.hpp"
+#include "core/errors.hpp"
+#include "core/units.hpp"
 #include "core/version.hpp"
 #include "integrations/c/c_api_state.hpp"
 
@@ -43,6 +45,19 @@ void spill_version_numbers(int* major, int* minor, int* patch) {
 }
 
 void spill_string_free(char* text) { std::free(text); }
+
+spill_status spill_parse_size(const char* text, uint64_t* bytes) {
+  if (text == nullptr || bytes == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_parse_size: text or bytes is NULL");
+  try {
+    *bytes = parse_size(text, "spill_parse_size");
+    return SPILL_OK;
+  } catch (const Error& e) {
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, e.what());
+  } catch (...) {
+    return current_error("spill_parse_size");
+  }
+}
 
 spill_status spill_init(const char* conf) {
   Global& g = global();

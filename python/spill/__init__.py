@@ -20,7 +20,8 @@ from ._memory import (evict, free, malloc, pin, pin_for_host, prefetch, record_s
                       stream_synchronize, unpin)
 from ._observe import last_oom_message, snapshot, stats, trace
 from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_step,
-                       is_simulated, set_budget, shutdown, step, write_step_graph)
+                       is_simulated, parse_size, set_budget, shutdown, step,
+                       write_step_graph)
 from ._version import __version__
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
     "Status",
     # lifecycle and configuration
     "configure", "shutdown", "is_simulated", "library_path", "version", "__version__",
-    "set_budget", "budget", "empty_cache",
+    "set_budget", "budget", "empty_cache", "parse_size",
     # steps
     "step", "begin_step", "end_step", "begin_op", "write_step_graph",
     # observability

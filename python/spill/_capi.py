@@ -55,6 +55,7 @@ _PROTOTYPES = {
     "spill_status_string": (ctypes.c_char_p, [_status]),
     "spill_last_error": (ctypes.c_char_p, []),
     "spill_version": (ctypes.c_char_p, []),
+    "spill_parse_size": (_status, [ctypes.c_char_p, ctypes.POINTER(_c_uint64)]),
     "spill_init": (_status, [ctypes.c_char_p]),
     "spill_shutdown": (_status, []),
     "spill_device_open": (_status, [_c_int, ctypes.POINTER(_c_int)]),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from . import _args
 from ._errors import InvalidArgumentError
@@ -37,12 +37,27 @@ def is_simulated(device: int = 0) -> bool:
     return bool(simulated.value)
 
 
-def set_budget(nbytes: int, device: int = 0) -> None:
-    """Sets ``device``'s budget: the most device bytes spill may map (bytes, an int).
+def parse_size(text: str) -> int:
+    """Bytes in a size written the way the configuration string writes them: ``"8GiB"``,
+    ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (binary and decimal units, any case). Text that is
+    not a size, or one past 2**63 bytes, raises :class:`spill.InvalidArgumentError` quoting
+    it. Needs no runtime."""
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"spill: a size to parse must be a string, got {text!r}")
+    value = ctypes.c_uint64(0)
+    call("spill_parse_size", text.encode(), ctypes.byref(value))
+    return value.value
+
+
+def set_budget(nbytes: Union[int, str], device: int = 0) -> None:
+    """Sets ``device``'s budget: the most device bytes spill may map (bytes as an int, or a
+    size such as ``"8GiB"``).
 
     Raising it takes effect at once. Lowering it releases cached memory and evicts swappable
     blocks until the mapped bytes fit; when they cannot, :class:`spill.OutOfMemoryError` says
     what holds them and the budget is unchanged."""
+    if isinstance(nbytes, str):
+        nbytes = parse_size(nbytes)
     call("spill_set_budget", _args.device(device), _args.size(nbytes, "budget"))
 
 

@@ -32,6 +32,23 @@ TEST(version_and_status_strings) {
   CHECK(strcmp(spill_last_error(), "") == 0);
 }
 
+TEST(parse_size) {
+  uint64_t bytes = 7;
+  CHECK_OK(spill_parse_size("8GiB", &bytes));
+  CHECK(bytes == 8ull << 30);
+  CHECK_OK(spill_parse_size("1.5MiB", &bytes));
+  CHECK(bytes == 3ull << 19);
+  CHECK_OK(spill_parse_size("2GB", &bytes));
+  CHECK(bytes == 2000000000ull);
+  bytes = 7;
+  CHECK_STATUS(spill_parse_size("8 parsecs", &bytes), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("8 parsecs");
+  CHECK(bytes == 7); /* unchanged */
+  CHECK_STATUS(spill_parse_size("16EiB", &bytes), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_parse_size(NULL, &bytes), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_parse_size("1GiB", NULL), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
 TEST(init_rejects_a_bad_configuration) {
   CHECK_STATUS(spill_init("device:sim,bugdet:1GiB"), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("bugdet");
@@ -542,6 +559,7 @@ TEST(exit_with_blocks_held) {
 
 #define TESTS(X)                                  \
   X(version_and_status_strings)                   \
+  X(parse_size)                                   \
   X(init_rejects_a_bad_configuration)             \
   X(init_while_running_with_another_configuration) \
   X(spill_conf_is_read_at_first_use)              \

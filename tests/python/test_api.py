@@ -144,6 +144,8 @@ def test_bad_frees_name_the_pointer_and_change_nothing(sim):
     (lambda: spill.free(-8), "pointer"),
     (lambda: spill.malloc(MIB, stream="s"), "stream"),
     (lambda: spill.set_budget(-1), "budget"),
+    (lambda: spill.set_budget("eight GiB"), "eight GiB"),
+    (lambda: spill.parse_size(8), "string"),  # type: ignore[arg-type]
     (lambda: spill.begin_step(scope=-1), "scope"),
     (lambda: spill.trace(""), "path"),
     (lambda: spill.unpin(0), "PinToken"),  # type: ignore[arg-type]
@@ -184,6 +186,18 @@ def test_budget_can_rise_and_cannot_shrink_below_what_is_held(sim):
     spill.empty_cache()
     spill.set_budget(8 * MIB)
     assert spill.budget() == 8 * MIB and spill.stats()["reserved_bytes.current"] <= 8 * MIB
+
+
+def test_sizes_read_as_the_configuration_reads_them(sim):
+    assert spill.parse_size("8GiB") == 8 * 1024 * MIB
+    assert spill.parse_size("1.5 MiB") == 3 * MIB // 2
+    assert spill.parse_size("4096") == 4096
+    assert spill.parse_size("2GB") == 2 * 10**9
+    for bad in ["", "-1MiB", "8 parsecs", "9000000.5TiB", "1e400"]:
+        with pytest.raises(spill.InvalidArgumentError, match="spill_parse_size"):
+            spill.parse_size(bad)
+    spill.set_budget("48MiB")
+    assert spill.budget() == 48 * MIB
 
 
 def test_swappable_blocks_leave_and_come_back_intact(sim):

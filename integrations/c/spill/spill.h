@@ -91,6 +91,11 @@ SPILL_API const char* spill_last_error(void);
 SPILL_API const char* spill_version(void);
 /* The same as numbers (any pointer may be NULL). */
 SPILL_API void spill_version_numbers(int* major, int* minor, int* patch);
+/* Reads a size the way the configuration string does ("8GiB", "512MiB", "1.5GB", "4096"):
+ * binary and decimal units, case-insensitive, optional fraction. INVALID_ARGUMENT for NULL
+ * arguments, text that is not a size, or a size past 2^63 bytes (the message quotes the text);
+ * *bytes is unchanged then. Needs no initialisation. */
+SPILL_API spill_status spill_parse_size(const char* text, uint64_t* bytes);
 
 /* ------------------------------------------------------------------ lifecycle */
 
