@@ -192,6 +192,8 @@ SimDevice::~SimDevice() {
   std::unique_lock lock(s_->vm);
   for (auto& [addr, size] : s_->reservations) ::munmap(reinterpret_cast<void*>(addr), size);
   for (auto& [h, c] : s_->chunks) ::close(c.fd);
+  for (auto& [bytes, fds] : s_->spare)
+    for (int fd : fds) ::close(fd);
   for (auto& [addr, size] : s_->allocations) ::munmap(reinterpret_cast<void*>(addr), size);
   for (auto& [addr, size] : s_->host_pinned) ::munmap(reinterpret_cast<void*>(addr), size);
 }
@@ -268,6 +270,17 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
                    format_bytes(s_->used) + " of " + format_bytes(s_->opt.capacity) +
                    " in use, " + format_bytes(s_->opt.capacity - s_->used) + " free");
   }
+  // A spare chunk of this size first (its bytes are the old ones: like cuMemCreate's, a new
+  // chunk's contents are unspecified), else a new memfd (zeros).
+  if (auto spare = s_->spare.find(bytes); spare != s_->spare.end() && !spare->second.empty()) {
+    const int fd = spare->second.back();
+    spare->second.pop_back();
+    s_->spare_bytes -= bytes;
+    PhysicalHandle h = s_->next_handle++;
+    s_->chunks[h] = {fd, bytes, 0};
+    s_->used += bytes;
+    return h;
+  }
   int fd = ::memfd_create("spill-sim-chunk", MFD_CLOEXEC);
   if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     int err = errno;
@@ -291,7 +304,12 @@ void SimDevice::do_release_physical(PhysicalHandle handle, std::size_t bytes) {
                     format_bytes(it->second.bytes) + ", not " + format_bytes(bytes));
   SPILL_EXPECTS(it->second.mapped == 0, "release_physical: handle " + std::to_string(handle) +
                                             " is still mapped; unmap it first");
-  ::close(it->second.fd);
+  if (s_->spare_bytes + bytes <= State::kSpareLimit) {
+    s_->spare[bytes].push_back(it->second.fd);
+    s_->spare_bytes += bytes;
+  } else {
+    ::close(it->second.fd);
+  }
   s_->used -= bytes;
   s_->chunks.erase(it);
 }

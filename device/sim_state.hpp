@@ -69,6 +69,13 @@ struct SimDevice::State {
   std::map<std::uintptr_t, Mapping> mappings;
   std::unordered_map<PhysicalHandle, Chunk> chunks;
   PhysicalHandle next_handle = 1;
+  // Released chunks kept for the next create of the same size (memfds by size), up to
+  // kSpareLimit bytes: freeing a chunk's host pages and faulting in new ones costs the host
+  // about a millisecond per 4 MiB here, which a swapping step would pay for every block it
+  // moves. Spare bytes are host memory the simulated device does not count as used.
+  static constexpr std::size_t kSpareLimit = 256ull << 20;
+  std::unordered_map<std::size_t, std::vector<int>> spare;
+  std::size_t spare_bytes = 0;
   std::map<std::uintptr_t, std::size_t> allocations;      // plain device memory
   std::map<std::uintptr_t, std::size_t> host_pinned;      // allocate_host
   std::map<std::uintptr_t, std::size_t> host_registered;  // register_host

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <filesystem>
 #include <vector>
 
 #include "core/config.hpp"
@@ -207,6 +208,39 @@ TEST(SimDevice, CapacityAccountingAndRecovery) {
   dev.deallocate(p);
   for (PhysicalHandle h : chunks) dev.release_physical(h, g);
   EXPECT_EQ(dev.used_bytes(), 0u);
+}
+
+std::size_t open_fds() {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+  return n;
+}
+
+// Released chunks are kept for reuse (their host pages stay): they count as free device
+// memory, a chunk created again maps and holds data, and the device closes them all at the end.
+TEST(SimDevice, ReleasedChunksAreReusedAndCountAsFree) {
+  const std::size_t fds_before = open_fds();
+  {
+    SimDevice dev(small());
+    const std::size_t g = dev.granularity();
+    const std::size_t n = 64 * MiB / g;
+    for (int round = 0; round < 3; ++round) {
+      std::vector<PhysicalHandle> chunks;
+      for (std::size_t i = 0; i < n; ++i) chunks.push_back(dev.create_physical(g));
+      EXPECT_EQ(dev.mem_info().free, 0u) << "round " << round;
+      void* va = dev.reserve(g);
+      dev.map(va, g, chunks[0]);
+      fill_pattern(va, g, 42 + round);
+      EXPECT_EQ(find_pattern_mismatch(va, g, 42 + round), g);
+      dev.unmap(va, g);
+      dev.unreserve(va, g);
+      for (PhysicalHandle h : chunks) dev.release_physical(h, g);
+      EXPECT_EQ(dev.used_bytes(), 0u);
+      EXPECT_EQ(dev.mem_info().free, 64 * MiB);
+      EXPECT_EQ(dev.counts().chunks, 0u);
+    }
+  }
+  EXPECT_EQ(open_fds(), fds_before) << "spare chunks must be closed with the device";
 }
 
 TEST(SimDevice, RejectsMisuseWithClearMessages) {
