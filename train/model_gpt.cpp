@@ -8,6 +8,8 @@
 // with probability 0.8, else uniform), so the loss falls from log(vocab) towards the chain's
 // entropy.
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <memory>
 
 #include "core/errors.hpp"
@@ -57,6 +59,11 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
   SPILL_EXPECTS(s.width % s.heads == 0,
                 std::string(preset) + ": width " + std::to_string(s.width) +
                     " is not a multiple of the head count " + std::to_string(s.heads));
+  // The attention's rows (batch * heads * seq) are an int for the kernels.
+  SPILL_EXPECTS(std::int64_t(s.batch) * s.heads * s.seq <= std::numeric_limits<int>::max(),
+                std::string(preset) + ": batch " + std::to_string(s.batch) + " x heads " +
+                    std::to_string(s.heads) + " x seq " + std::to_string(s.seq) +
+                    " passes 2^31 - 1 attention rows");
   const int B = s.batch, T = s.seq, d = s.width, H = s.heads, hd = d / H, V = s.vocab, L = s.layers;
   const int N = B * T;
   const std::size_t nd = std::size_t(N) * d, scores = std::size_t(B) * H * T * T;

@@ -1,5 +1,7 @@
 #include "train/models.hpp"
 
+#include <cmath>
+
 #include "core/errors.hpp"
 
 namespace spill::train {
@@ -10,8 +12,20 @@ const std::vector<std::string>& model_names() {
 }
 
 Program build_model(std::string_view name, const ModelOptions& o) {
-  SPILL_EXPECTS(o.batch >= 0 && o.layers >= 0 && o.width >= 0 && o.seq >= 0 && o.lr >= 0,
-                "model options: batch, layers, width, seq and lr must not be negative");
+  // Ranges that keep every size the builders compute in range: gpt's batch * seq rows are an
+  // int, and a width of 2^31 asked for a 128 GiB host table before any check (issue 11).
+  struct Bound {
+    const char* option;
+    int value, max;
+  };
+  for (const Bound& b : {Bound{"batch", o.batch, kMaxModelBatch}, {"layers", o.layers, kMaxModelLayers},
+                         {"width", o.width, kMaxModelWidth}, {"seq", o.seq, kMaxModelSeq}})
+    SPILL_EXPECTS(b.value >= 0 && b.value <= b.max,
+                  "model '" + std::string(name) + "': " + b.option + " must be in 0.." +
+                      std::to_string(b.max) + " (0: the model's default), got " +
+                      std::to_string(b.value));
+  SPILL_EXPECTS(std::isfinite(o.lr) && o.lr >= 0,
+                "model '" + std::string(name) + "': lr must be a finite number not below 0");
   if (name == "mlp") return build_mlp(o);
   if (name == "cnn") return build_cnn(o);
   if (name == "gpt-mini" || name == "gpt-medium") return build_gpt(name, o);

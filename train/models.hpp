@@ -28,8 +28,13 @@ struct ModelOptions {
   std::uint64_t seed = 1;
 };
 
+// The largest value of each option build_model takes (0 always means the model's default).
+inline constexpr int kMaxModelBatch = 65536, kMaxModelLayers = 4096, kMaxModelWidth = 65536,
+                     kMaxModelSeq = 32767;  // batch * seq stays below 2^31
+
 const std::vector<std::string>& model_names();
-// Throws InvalidArgument naming the model (and listing the known ones) or the bad option.
+// Throws InvalidArgument naming the model (and listing the known ones) or the bad option
+// (one outside its range above).
 Program build_model(std::string_view name, const ModelOptions& options);
 
 Program build_mlp(const ModelOptions& options);
