@@ -39,12 +39,15 @@ int run_link(const Config& config, const LinkArgs& a) {
   profiling::LinkBenchOptions o;
   o.samples = a.samples;
   o.directions = split(a.directions);
+  SPILL_EXPECTS(!o.directions.empty(), "--direction: no direction in '" + a.directions + "'");
   SPILL_EXPECTS(a.host == "both" || a.host == "pinned" || a.host == "pageable",
                 "--host: '" + a.host + "' (use pinned, pageable or both)");
   o.pinned = a.host != "pageable";
   o.pageable = a.host != "pinned";
   if (!a.sizes.empty()) {
     for (const std::string& s : split(a.sizes)) o.sizes.push_back(parse_size(s, "--sizes"));
+    // An empty list would run the whole default sweep, which is not what was asked for.
+    SPILL_EXPECTS(!o.sizes.empty(), "--sizes: no size in '" + a.sizes + "'");
   } else {
     std::uint64_t max = parse_size(a.quick ? "64MiB" : a.max_size, "--max-size");
     o.sizes = profiling::default_link_sizes(max);
