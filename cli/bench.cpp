@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "core/units.hpp"
@@ -90,7 +91,7 @@ void add_bench(CLI::App& app, Runner& run) {
       ->capture_default_str();
   link->add_option("--samples", args->samples, "samples per point (the median is reported)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1000));
+      ->check(int_in(1, 1000));
   link->add_flag("--quick", args->quick, "sizes up to 64 MiB, at most 3 samples");
   link->add_option("--json", args->json, "write the results as JSON (the planner reads it)");
   link->callback([&run, args] { run = [args](const Config& c) { return run_link(c, *args); }; });

@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "core/units.hpp"
@@ -27,8 +28,6 @@ struct DemoArgs {
 int run_demo(Config config, const DemoArgs& a) {
   if (!a.trace.empty()) check_writable(a.trace, "--trace");
   if (!config.budget) config.budget = parse_size(a.budget, "--budget");
-  SPILL_EXPECTS(a.layers >= 2 && a.layers <= 512, "--layers: between 2 and 512");
-  SPILL_EXPECTS(a.steps >= 2, "--steps: at least 2 (one to record, one with the plan)");
   if (config.policy == SwapPolicy::None)
     throw InvalidArgument("spill demo needs swapping: policy:none cannot run a step 3x the budget");
   profiling::TraceRecorder::global().set_enabled(config.trace || !a.trace.empty());
@@ -104,9 +103,12 @@ void add_demo(CLI::App& app, Runner& run) {
       "demo", "run a synthetic training step 3x larger than the budget: recorded, then planned");
   cmd->add_option("--budget", args->budget, "device memory budget (budget: in --conf wins)")
       ->capture_default_str();
-  cmd->add_option("--layers", args->layers, "layers in the chain")->capture_default_str();
-  cmd->add_option("--steps", args->steps, "steps to run (the first is recorded)")
-      ->capture_default_str();
+  cmd->add_option("--layers", args->layers, "layers in the chain")
+      ->capture_default_str()
+      ->check(int_in(2, 512));
+  cmd->add_option("--steps", args->steps, "steps to run (the first is recorded, the rest planned)")
+      ->capture_default_str()
+      ->check(int_in(2, 100000));
   cmd->add_option("--trace", args->trace, "write a Chrome/Perfetto trace of the run here");
   cmd->callback([&run, args] { run = [args](const Config& c) { return run_demo(c, *args); }; });
 }

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "core/units.hpp"
@@ -196,9 +197,11 @@ void add_plan(CLI::App& app, Runner& run) {
       ->required();
   cmd->add_option("--batch", args->batch,
                   "batch size (a captured graph file: its own unless given)")
-      ->check(CLI::Range(1, std::numeric_limits<int>::max()));
-  cmd->add_option("--seq", args->seq, "sequence length (transformers; default: the maximum)");
-  cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)");
+      ->check(int_in(1, std::numeric_limits<int>::max()));
+  cmd->add_option("--seq", args->seq, "sequence length (transformers; default: the maximum)")
+      ->check(int_in(0, std::numeric_limits<int>::max()));
+  cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)")
+      ->check(int_in(0, std::numeric_limits<int>::max()));
   cmd->add_option("--dtype", args->dtype, "f32, f16 or bf16");
   cmd->add_option("--optimizer", args->optimizer, "sgd, momentum or adam");
   cmd->add_option("--device", args->device,

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
@@ -59,7 +60,6 @@ std::string ms(double s) {
 
 int run_train(Config config, const TrainArgs& a) {
   const train::Policy policy = train::parse_policy(a.policy);
-  SPILL_EXPECTS(a.steps >= 1 && a.steps <= 100000, "--steps: between 1 and 100000");
   train::Program program = train::build_model(a.model, a.model_options);
   const std::uint64_t footprint = train::footprint(config, program);
   // Default: a third of the footprint; with policy none (nothing can move), no budget.
@@ -199,16 +199,21 @@ void add_train(CLI::App& app, Runner& run) {
       "train", "train a reference model out-of-core with real kernels (mlp, cnn, gpt-mini, "
                "gpt-medium), by default in a third of its footprint");
   cmd->add_option("model", a->model, "mlp | cnn | gpt-mini | gpt-medium")->required();
-  cmd->add_option("--batch", a->model_options.batch, "batch size (default: the model's)");
-  cmd->add_option("--layers", a->model_options.layers, "layers (default: the model's)");
-  cmd->add_option("--width", a->model_options.width, "width (default: the model's)");
-  cmd->add_option("--seq", a->model_options.seq, "sequence length (gpt; default: the model's)");
+  cmd->add_option("--batch", a->model_options.batch, "batch size (default: the model's)")
+      ->check(int_in(0, train::kMaxModelBatch));
+  cmd->add_option("--layers", a->model_options.layers, "layers (default: the model's)")
+      ->check(int_in(0, train::kMaxModelLayers));
+  cmd->add_option("--width", a->model_options.width, "width (default: the model's)")
+      ->check(int_in(0, train::kMaxModelWidth));
+  cmd->add_option("--seq", a->model_options.seq, "sequence length (gpt; default: the model's)")
+      ->check(int_in(0, train::kMaxModelSeq));
   cmd->add_option("--budget", a->budget,
                   "mapped device bytes (default: budget: in --conf, else a third of the footprint)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   // The last of a repeated option wins, so that scripts/run.sh's defaults can be overridden.
   cmd->add_option("--steps", a->steps, "steps to run")
       ->capture_default_str()
+      ->check(int_in(1, 100000))
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_option("--policy", a->policy, "graph | plan | lru | none")
       ->capture_default_str()

@@ -156,5 +156,34 @@ TEST(Train, GptMediumHasGpt2MediumShapes) {
   EXPECT_EQ(p.parameters, layers + embed + 2 * 1024 + 1024ull * 50304);
 }
 
+// Hostile options (issue 11): each outside its range is refused naming it, and sizes that would
+// wrap an int in the kernels are refused before any kernel sees them; the largest in range build.
+TEST(Train, OptionsOutsideTheirRangesAreRefusedNamingThem) {
+  struct Case {
+    const char* model;
+    train::ModelOptions options;
+    const char* expect;
+  };
+  const Case cases[] = {
+      {"mlp", {.width = 2147483647}, "model 'mlp': width must be in 0..65536"},
+      {"mlp", {.batch = -1}, "batch must be in 0..65536 (0: the model's default), got -1"},
+      {"cnn", {.layers = 4097}, "layers must be in 0..4096"},
+      {"gpt-mini", {.seq = 32768}, "seq must be in 0..32767"},
+      {"mlp", {.lr = NAN}, "lr must be a finite number"},
+      {"gpt-mini", {.batch = 65536, .seq = 32767}, "passes 2^31 - 1 attention rows"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.expect);
+    try {
+      train::build_model(c.model, c.options);
+      ADD_FAILURE() << "accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(c.expect), std::string::npos) << e.what();
+    }
+  }
+  const train::Program p = train::build_model("gpt-mini", {.batch = 16384, .seq = 32767});
+  EXPECT_GT(p.ops.size(), 0u);
+}
+
 }  // namespace
 }  // namespace spill::test

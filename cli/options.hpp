@@ -1,0 +1,30 @@
+// Checks for the subcommands' integer options: the whole argument a decimal integer within the
+// option's range, or an error that names the range and quotes the argument
+// ("--batch: expected an integer in [1, 2147483647], got '12abc'"; CLI11's own range check
+// called that "not in range" and its conversion error gave no range at all).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <charconv>
+#include <cstdint>
+#include <string>
+
+#include "core/errors.hpp"
+
+namespace spill::cli {
+
+inline CLI::Validator int_in(std::int64_t lo, std::int64_t hi) {
+  const std::string range = "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  return CLI::Validator(
+      [lo, hi, range](std::string& text) -> std::string {
+        std::int64_t v = 0;
+        const char* end = text.data() + text.size();
+        auto [stop, ec] = std::from_chars(text.data(), end, v);
+        if (ec == std::errc() && stop == end && v >= lo && v <= hi) return "";
+        return "expected an integer in " + range + ", got '" + excerpt(text, 40) + "'";
+      },
+      "INT in " + range);
+}
+
+}  // namespace spill::cli
