@@ -22,8 +22,12 @@ Budget::Budget(Device& device, std::optional<std::size_t> requested)
 }
 
 void Budget::check_limit(std::size_t limit) const {
-  SPILL_EXPECTS(limit <= total_, "budget " + format_bytes(limit) + " is larger than the device (" +
-                                     format_bytes(total_) + ")");
+  // A user's input, not a contract: said without a source location, with what to change.
+  if (limit > total_) {
+    throw InvalidArgument("budget " + format_bytes(limit) + " is larger than the device (" +
+                          format_bytes(total_) +
+                          "): lower the budget, or on the simulated device raise sim_capacity");
+  }
   SPILL_EXPECTS(limit >= granule_, "budget " + format_bytes(limit) + " is below one granule (" +
                                        format_bytes(granule_) + ")");
 }
