@@ -276,6 +276,7 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
     const int fd = spare->second.back();
     spare->second.pop_back();
     s_->spare_bytes -= bytes;
+    --s_->spare_chunks;
     PhysicalHandle h = s_->next_handle++;
     s_->chunks[h] = {fd, bytes, 0};
     s_->used += bytes;
@@ -304,9 +305,10 @@ void SimDevice::do_release_physical(PhysicalHandle handle, std::size_t bytes) {
                     format_bytes(it->second.bytes) + ", not " + format_bytes(bytes));
   SPILL_EXPECTS(it->second.mapped == 0, "release_physical: handle " + std::to_string(handle) +
                                             " is still mapped; unmap it first");
-  if (s_->spare_bytes + bytes <= State::kSpareLimit) {
+  if (s_->spare_bytes + bytes <= State::kSpareLimit && s_->spare_chunks < State::kSpareChunks) {
     s_->spare[bytes].push_back(it->second.fd);
     s_->spare_bytes += bytes;
+    ++s_->spare_chunks;
   } else {
     ::close(it->second.fd);
   }

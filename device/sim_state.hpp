@@ -72,10 +72,12 @@ struct SimDevice::State {
   // Released chunks kept for the next create of the same size (memfds by size), up to
   // kSpareLimit bytes: freeing a chunk's host pages and faulting in new ones costs the host
   // about a millisecond per 4 MiB here, which a swapping step would pay for every block it
-  // moves. Spare bytes are host memory the simulated device does not count as used.
+  // moves. Spare bytes are host memory the simulated device does not count as used. At most
+  // kSpareChunks files are kept (small granules would otherwise hold thousands of descriptors).
   static constexpr std::size_t kSpareLimit = 256ull << 20;
+  static constexpr std::size_t kSpareChunks = 512;
   std::unordered_map<std::size_t, std::vector<int>> spare;
-  std::size_t spare_bytes = 0;
+  std::size_t spare_bytes = 0, spare_chunks = 0;
   std::map<std::uintptr_t, std::size_t> allocations;      // plain device memory
   std::map<std::uintptr_t, std::size_t> host_pinned;      // allocate_host
   std::map<std::uintptr_t, std::size_t> host_registered;  // register_host

@@ -241,6 +241,16 @@ TEST(SimDevice, ReleasedChunksAreReusedAndCountAsFree) {
     }
   }
   EXPECT_EQ(open_fds(), fds_before) << "spare chunks must be closed with the device";
+  {
+    // Small granules: thousands of chunks released, a bounded number of files kept.
+    SimOptions o = small();
+    o.granularity = 4096;
+    SimDevice dev(o);
+    std::vector<PhysicalHandle> chunks;
+    for (int i = 0; i < 4096; ++i) chunks.push_back(dev.create_physical(4096));
+    for (PhysicalHandle h : chunks) dev.release_physical(h, 4096);
+    EXPECT_LE(open_fds(), fds_before + 512 + 16);
+  }
 }
 
 TEST(SimDevice, RejectsMisuseWithClearMessages) {
