@@ -101,6 +101,12 @@ const std::vector<Key>& keys() {
          }
          c.link = std::string(v);
        }},
+      {"link_gbps", "sustained GB/s each way of the simulated link, e.g. 2",
+       [](Config& c, std::string_view o, std::string_view v) {
+         const double gbps = parse_number(v, what(o, "link_gbps"));
+         if (!(gbps > 0) || gbps > 100000) bad_value(o, "link_gbps", v, "above 0, at most 100000");
+         c.link_gbps = gbps;
+       }},
       {"time_scale", "wall seconds per simulated second, e.g. 0.01",
        [](Config& c, std::string_view o, std::string_view v) {
          c.time_scale =
@@ -208,6 +214,12 @@ std::string Config::to_string() const {
     << ",policy:" << spill::to_string(policy)
     << ",peak_guard:" << spill::to_string(peak_guard) << ",sim_capacity:" << sim_capacity << "B"
     << ",link:" << link;
+  if (link_gbps) {
+    std::ostringstream g;
+    g.precision(17);
+    g << *link_gbps;
+    s << ",link_gbps:" << g.str();
+  }
   std::ostringstream ts;
   ts.precision(17);
   ts << time_scale;

@@ -25,6 +25,7 @@ struct Config {
   // Simulated device.
   std::uint64_t sim_capacity = 8ull << 30;   // sim_capacity: simulated device memory
   std::string link = "pcie4";                // link: preset of the simulated interconnect
+  std::optional<double> link_gbps;           // link_gbps: its sustained GB/s each way (override)
   double time_scale = 0.0;                   // time_scale: wall seconds per simulated second
   std::optional<std::uint64_t> chaos_seed;   // chaos: off | on | SEED
   // Profiling.

@@ -82,6 +82,12 @@ SimOptions SimOptions::from_config(const Config& config) {
   SimOptions o;
   o.capacity = config.sim_capacity;
   o.link = link_preset(config.link);
+  if (config.link_gbps) {
+    o.link.h2d_gbps = o.link.d2h_gbps = *config.link_gbps;
+    char gbps[32];
+    std::snprintf(gbps, sizeof gbps, "%g", *config.link_gbps);
+    o.link.description += std::string(" at ") + gbps + " GB/s";
+  }
   o.time_scale = config.time_scale;
   o.chaos_seed = config.chaos_seed;
   o.ordinal = config.gpu;

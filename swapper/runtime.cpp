@@ -76,6 +76,9 @@ void Runtime::build(const Config& config, RuntimeOptions options) {
     } catch (const InvalidArgument&) {
       // Keep the default preset: the device reported a link we have no model for.
     }
+    // Plan with the bandwidths the device reports (the simulated device's may be overridden).
+    if (device_->info().h2d_gbps > 0) so.link.h2d_gbps = device_->info().h2d_gbps;
+    if (device_->info().d2h_gbps > 0) so.link.d2h_gbps = device_->info().d2h_gbps;
     swapper_ = std::make_unique<Swapper>(*device_, *allocator_, *host_, so);
     hooks_ = std::make_unique<Hooks>(*swapper_);
     allocator_->set_observer(hooks_.get());

@@ -24,7 +24,8 @@ TEST(Config, DefaultsFromAnEmptyString) {
 TEST(Config, ParsesEveryKey) {
   Config c = Config::parse(
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
-      "peak_guard:idle, sim_capacity:16GiB, link:nvlink2-p9, time_scale:0.01, chaos:42, trace:off,"
+      "peak_guard:idle, sim_capacity:16GiB, link:nvlink2-p9, link_gbps:2.5, time_scale:0.01,"
+      "chaos:42, trace:off,"
       "oom_dump:/tmp/dumps");
   EXPECT_EQ(c.device, DeviceChoice::Sim);
   EXPECT_EQ(c.gpu, 1);
@@ -35,6 +36,7 @@ TEST(Config, ParsesEveryKey) {
   EXPECT_EQ(c.peak_guard, PeakGuard::Idle);
   EXPECT_EQ(c.sim_capacity, 16ull << 30);
   EXPECT_EQ(c.link, "nvlink2-p9");
+  EXPECT_EQ(c.link_gbps, 2.5);
   EXPECT_DOUBLE_EQ(c.time_scale, 0.01);
   EXPECT_EQ(c.chaos_seed, 42u);
   EXPECT_FALSE(c.trace);
@@ -43,7 +45,7 @@ TEST(Config, ParsesEveryKey) {
 
 TEST(Config, RoundTripsThroughItsStringForm) {
   Config c = Config::parse("device:cuda,budget:3GB,chaos:on,time_scale:0.125,policy:none,"
-                            "peak_guard:off");
+                            "peak_guard:off,link_gbps:0.75");
   EXPECT_EQ(Config::parse(c.to_string()), c);
   Config d;
   EXPECT_EQ(Config::parse(d.to_string()), d);
@@ -74,6 +76,7 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"gpu:1024", "below 1024"},        {"gpu:4294967297", "gpu"},
       {"budget:9000000.5TiB", "budget"}, {"host_cap:18446744073709551615", "host_cap"},
       {"sim_capacity:8388608TiB", "sim_capacity"}, {"time_scale:1e400", "time_scale"},
+      {"link_gbps:0", "link_gbps"},      {"link_gbps:fast", "link_gbps"},
   };
   for (const BadCase& bc : cases) {
     SCOPED_TRACE(bc.text);
