@@ -130,6 +130,16 @@ bool CachingAllocator::try_reback(void* base, std::size_t size) {
   return true;
 }
 
+std::size_t CachingAllocator::room() {
+  Lock lock(impl_->mu);
+  return impl_->budget.room();
+}
+
+std::size_t CachingAllocator::mapped_bytes() {
+  Lock lock(impl_->mu);
+  return impl_->budget.claimed();
+}
+
 // Maps fresh physical memory for bytes already claimed in the budget.
 void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
   Impl& m = *impl_;

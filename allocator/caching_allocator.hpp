@@ -127,6 +127,8 @@ class CachingAllocator final : public ResidencyBackend {
   void unback(void* base, std::size_t size) override;
   void reback(void* base, std::size_t size) override;
   bool try_reback(void* base, std::size_t size) override;
+  std::size_t room() override;
+  std::size_t mapped_bytes() override;
 
   // Segments and blocks as they are now, for memory_viz snapshots.
   profiling::MemoryState snapshot() const;

@@ -55,6 +55,12 @@ class ResidencyBackend {
   // True when an allocated block of any pool contains `ptr` (a small block never moves: the
   // swapper treats pins of it as no-ops, and an unknown pointer as an error).
   virtual bool owns(const void* /*ptr*/) { return false; }
+  // Budget bytes free for a mapping now (0 when unknown): what a planned prefetch finds before
+  // the swapper evicts blocks needed later to make room for it.
+  virtual std::size_t room() { return 0; }
+  // Bytes mapped now against the budget (small segments, large blocks, cached memory; 0 when
+  // unknown): the swapper plans around what its recorded steps do not show.
+  virtual std::size_t mapped_bytes() { return 0; }
 };
 
 class LargeBlockObserver {

@@ -102,7 +102,7 @@ std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {
                  b.last_use});
   }
   bool belady = false;
-  for (const auto& [id, st] : scopes) belady |= st.executing;
+  for (const auto& [id, st] : scopes) belady |= st.follows_plan();
   std::sort(c.begin(), c.end(), [&](const Candidate& a, const Candidate& b) {
     if (belady && a.next_use != b.next_use) return a.next_use > b.next_use;
     return a.last_use < b.last_use;

@@ -1,7 +1,17 @@
-// Recording a step as a graph::Trace, planning from it, and executing the plan on later steps,
+// Recording steps as graph::Traces, planning from them, and executing the plan on later steps,
 // for each step scope on its own. Block identity across steps is the order of first pins within
-// a scope's step, which a deterministic training step repeats; a block's size must match its
-// recorded size, or the step deviates.
+// a scope's step, which a deterministic training step repeats. Every step is recorded; a step
+// that leaves its plan (a block of another size, an access the plan does not have at that
+// point) stops following it and its own recording becomes the next step's plan, so a first
+// step that differs from the rest (gradients and optimizer state are created in it) costs one
+// deviation, not a re-recording per step.
+//
+// Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued;
+// before it, the prefetches due within the look-ahead. A prefetch that finds no free room
+// first lets completed swap-outs go, then starts evictions of blocks whose next use is later
+// than its own (never one needed sooner) and waits for a later op; the plan leaves room for
+// the memory its recording did not show (small blocks, blocks no pin touched, cache), measured
+// per op while recording.
 #include <algorithm>
 
 #include "core/errors.hpp"
@@ -24,18 +34,19 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.next_id = 0;
   s.id_of.clear();
   s.base_of_id.clear();
+  s.gen_of_id.clear();
   s.access_of_id_op.clear();
   s.first_access_of_id.clear();
   s.prefetched_upto = 0;
+  s.evicted_upto = 0;
+  s.other_bytes.clear();
   s.t0_ns = profiling::TraceRecorder::global().now_ns();
   s.begin_tick = ++tick;
-  s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0 && s.record_next;
-  s.executing = !s.recording && opt.policy == SwapPolicy::Plan && s.plan.feasible &&
-                !s.plan.steps.empty();
-  if (s.recording) {
-    s.trace = graph::Trace{};
-    s.executing = false;
-  }
+  s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
+  s.executing = s.recording && !s.replan && s.plan.feasible && !s.plan.steps.empty();
+  s.planned_step = s.executing;
+  if (!s.executing) s.pending.clear();  // else: prefetches issued at the previous step's end
+  if (s.recording) s.trace = graph::Trace{};
   if (s.executing) {
     // Blocks the plan starts on the host should already be there from the previous step's
     // end; the plan's evictions put them back each step.
@@ -46,59 +57,100 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
 void Swapper::Impl::end_step_locked(StepState& s) {
   if (!s.in_step) return;
   s.in_step = false;
-  if (s.recording) {
-    s.recording = false;
-    s.record_next = false;
-    s.trace.step_end_s =
-        static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
-    s.last_trace = s.trace;
-    last_trace_any = s.trace;
-    stats.steps_recorded++;
-    s.plan = graph::Plan{};
-    s.size_of_id.assign(s.next_id, 0);
-    s.use_ops.assign(s.next_id, {});
-    for (const graph::TraceAccess& a : s.trace.accesses) {
-      s.size_of_id[a.block] = a.bytes;
-      if (s.use_ops[a.block].empty() || s.use_ops[a.block].back() != a.op)
-        s.use_ops[a.block].push_back(a.op);
-    }
-    if (!s.trace.accesses.empty()) {
-      graph::Graph g = graph::graph_from_trace(s.trace, "recorded step");
-      std::vector<double> times;
-      for (const graph::Op& op : g.ops) times.push_back(op.time_s.value_or(1e-6));
-      graph::PlannerOptions po;
-      po.budget = opt.budget;
-      po.min_swap_bytes = opt.min_swap_bytes;
-      s.plan = graph::plan_spill(g, times, opt.link, po);
-      s.tensor_id.clear();
-      for (const graph::Tensor& t : g.tensors) s.tensor_id.push_back(static_cast<std::int64_t>(t.id));
-    }
-  } else if (s.executing) {
+  if (s.executing) {
     stats.steps_planned++;
-    // The last op's evictions (tensors idle across the step boundary, such as weights).
-    if (!s.plan.steps.empty())
-      issue_evictions_locked(s, static_cast<std::int64_t>(s.plan.steps.size()) - 1);
+    // The last ops' evictions (tensors idle across the step boundary, such as weights).
+    for (; s.evicted_upto < s.plan.steps.size(); ++s.evicted_upto)
+      issue_evictions_locked(s, static_cast<std::int64_t>(s.evicted_upto));
   }
   s.executing = false;
+  s.pending.clear();
   s.base_of_id_prev = s.base_of_id;
+  s.gen_of_id_prev = s.gen_of_id;
+  if (!s.recording) return;
+  s.recording = false;
+  s.trace.step_end_s =
+      static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
+  s.last_trace = s.trace;
+  last_trace_any = s.trace;
+  if (s.planned_step && !s.replan) return;  // the step followed its plan: keep it
+  s.replan = false;
+  stats.steps_recorded++;
+  s.plan = graph::Plan{};
+  s.plan_trace = s.trace;
+  s.size_of_id.assign(s.next_id, 0);
+  s.use_ops.assign(s.next_id, {});
+  s.plan_op_ids.clear();
+  for (const graph::TraceAccess& a : s.trace.accesses) {
+    s.size_of_id[a.block] = a.bytes;
+    if (s.use_ops[a.block].empty() || s.use_ops[a.block].back() != a.op)
+      s.use_ops[a.block].push_back(a.op);
+    if (s.plan_op_ids.empty() || s.plan_op_ids.back() != a.op) s.plan_op_ids.push_back(a.op);
+  }
+  if (s.trace.accesses.empty()) return;
+  // Blocks from before the step that no pin of it touched (undeclared buffers) held their
+  // memory throughout.
+  std::uint64_t untouched = 0;
+  for (const auto& [base, b] : blocks)
+    if (b.state != Residence::OnHost && b.born < s.begin_tick && s.id_of.count(base) == 0)
+      untouched += b.size;
+  graph::Graph g = graph::graph_from_trace(s.trace, "recorded step");
+  // Each plan op also holds the memory the recording did not account for, at its worst over
+  // the recorded ops since the previous plan op.
+  std::uint32_t from = 0;
+  for (std::size_t j = 0; j < g.ops.size(); ++j) {
+    std::uint64_t other = 0;
+    for (std::uint32_t op = from; op <= s.plan_op_ids[j] && op < s.other_bytes.size(); ++op)
+      other = std::max(other, s.other_bytes[op]);
+    g.ops[j].workspace_bytes = other + untouched;
+    from = s.plan_op_ids[j] + 1;
+  }
+  std::vector<double> times;
+  for (const graph::Op& op : g.ops) times.push_back(op.time_s.value_or(1e-6));
+  graph::PlannerOptions po;
+  po.budget = opt.budget;
+  po.min_swap_bytes = opt.min_swap_bytes;
+  s.plan = graph::plan_spill(g, times, opt.link, po);
+  s.tensor_id.clear();
+  for (const graph::Tensor& t : g.tensors) s.tensor_id.push_back(static_cast<std::int64_t>(t.id));
 }
 
 std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, std::int64_t id) {
   if (id < 0) return std::nullopt;
   auto idx = static_cast<std::size_t>(id);
   std::uintptr_t base = 0;
-  if (idx < s.base_of_id.size() && s.base_of_id[idx] != 0) base = s.base_of_id[idx];
-  else if (idx < s.base_of_id_prev.size()) base = s.base_of_id_prev[idx];
+  std::uint64_t generation = 0;
+  if (idx < s.base_of_id.size() && s.base_of_id[idx] != 0) {
+    base = s.base_of_id[idx];
+    generation = s.gen_of_id[idx];
+  } else if (idx < s.base_of_id_prev.size()) {
+    base = s.base_of_id_prev[idx];
+    generation = s.gen_of_id_prev[idx];
+  }
   if (base == 0) return std::nullopt;
   auto it = blocks.find(base);
-  if (it == blocks.end() || (idx < s.size_of_id.size() && it->second.size != s.size_of_id[idx]))
-    return std::nullopt;
+  if (it == blocks.end() || it->second.generation != generation ||
+      (idx < s.size_of_id.size() && it->second.size != s.size_of_id[idx]))
+    return std::nullopt;  // freed since (an activation of the previous step), or another block
   return base;
+}
+
+bool StepState::follows_plan() const {
+  return executing || (!in_step && !replan && plan.feasible && !plan.steps.empty());
+}
+
+std::int64_t Swapper::Impl::next_use_of_id_locked(const StepState& s, std::uint64_t id) const {
+  if (id >= s.use_ops.size()) return INT64_MAX;  // unknown
+  const std::int64_t now = s.in_step ? s.op : -1;  // between steps: before the next one's op 0
+  for (std::uint32_t op : s.use_ops[id])
+    if (static_cast<std::int64_t>(op) > now) return op - now;
+  // Not used again in this step: its next use is in the next step.
+  return s.use_ops[id].empty() ? INT64_MAX : s.use_ops[id].front() + (1ll << 32) - now;
 }
 
 std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
   auto scope = scopes.find(b.scope);
-  if (scope == scopes.end() || !scope->second.executing) return INT64_MAX;  // unknown
+  if (scope == scopes.end() || !scope->second.follows_plan()) return INT64_MAX;  // unknown
   const StepState& s = scope->second;
   auto it = s.id_of.find(key(b.base));
   std::int64_t id = -1;
@@ -106,13 +158,11 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
     id = static_cast<std::int64_t>(it->second);
   } else {
     for (std::size_t i = 0; i < s.base_of_id_prev.size(); ++i)
-      if (s.base_of_id_prev[i] == key(b.base)) id = static_cast<std::int64_t>(i);
+      if (s.base_of_id_prev[i] == key(b.base) && s.gen_of_id_prev[i] == b.generation)
+        id = static_cast<std::int64_t>(i);
   }
-  if (id < 0 || static_cast<std::size_t>(id) >= s.use_ops.size()) return INT64_MAX;  // unknown
-  for (std::uint32_t op : s.use_ops[id])
-    if (static_cast<std::int64_t>(op) > s.op) return op - s.op;
-  // Not used again in this step: its next use is in the next step.
-  return s.use_ops[id].empty() ? INT64_MAX : s.use_ops[id].front() + (1ll << 32) - s.op;
+  if (id < 0) return INT64_MAX;
+  return next_use_of_id_locked(s, static_cast<std::uint64_t>(id));
 }
 
 void Swapper::Impl::issue_evictions_locked(StepState& s, std::int64_t op) {
@@ -132,26 +182,114 @@ void Swapper::Impl::issue_evictions_locked(StepState& s, std::int64_t op) {
   }
 }
 
-std::vector<std::uintptr_t> Swapper::Impl::advance_op_locked(StepState& s, bool force) {
-  std::vector<std::uintptr_t> wanted;
+std::vector<PlannedPrefetch> Swapper::Impl::advance_op_locked(StepState& s, bool force) {
+  std::vector<PlannedPrefetch> wanted;
   if (!force && !(s.auto_ops && (s.after_unpin || s.op < 0))) return wanted;
   s.op++;
   s.after_unpin = false;
+  if (s.recording) sample_other_locked(s);
   if (!s.executing) return wanted;
   const graph::Plan& p = s.plan;
-  const auto n = static_cast<std::int64_t>(p.steps.size());
-  // Evictions after the previous op: its work is enqueued and its blocks unpinned.
-  if (s.op >= 1 && s.op - 1 < n) issue_evictions_locked(s, s.op - 1);
-  // Prefetches due by this op and the adaptive look-ahead window.
-  std::int64_t upto = std::min<std::int64_t>(n - 1, s.op + s.lookahead);
-  for (auto j = static_cast<std::int64_t>(s.prefetched_upto); j <= upto; ++j) {
-    for (graph::TensorIndex t : p.steps[j].prefetch_at) {
-      if (auto base = base_for_id_locked(s, s.tensor_id[t])) wanted.push_back(*base);
-    }
+  const std::size_t n = p.steps.size();
+  // Evictions after the plan ops now passed: their work is enqueued and their blocks unpinned.
+  for (; s.evicted_upto < n && s.plan_op_ids[s.evicted_upto] < s.op; ++s.evicted_upto)
+    issue_evictions_locked(s, static_cast<std::int64_t>(s.evicted_upto));
+  // Prefetches due by this op (the first plan op not passed) and the adaptive look-ahead.
+  const std::size_t upto = std::min(n, s.evicted_upto + 1 + static_cast<std::size_t>(s.lookahead));
+  wanted = std::move(s.pending);
+  s.pending.clear();
+  for (std::size_t j = s.prefetched_upto; j < upto; ++j) {
+    for (graph::TensorIndex t : p.steps[j].prefetch_at)
+      if (s.tensor_id[t] >= 0) wanted.push_back({static_cast<std::uint64_t>(s.tensor_id[t])});
   }
-  s.prefetched_upto = static_cast<std::size_t>(std::max<std::int64_t>(upto + 1, 0));
+  s.prefetched_upto = std::max(s.prefetched_upto, upto);
   reap_locked();
   return wanted;
+}
+
+std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepState& s) {
+  std::vector<PlannedPrefetch> wanted;
+  if (s.replan || !s.plan.feasible || s.plan.steps.empty() || s.in_step) return wanted;
+  const std::size_t upto = std::min(s.plan.steps.size(), 1 + static_cast<std::size_t>(s.lookahead));
+  for (std::size_t j = 0; j < upto; ++j)
+    for (graph::TensorIndex t : s.plan.steps[j].prefetch_at)
+      if (s.tensor_id[t] >= 0) wanted.push_back({static_cast<std::uint64_t>(s.tensor_id[t])});
+  return wanted;
+}
+
+std::size_t Swapper::Impl::make_room_locked(std::size_t needed, std::int64_t horizon) {
+  std::size_t coming = 0;
+  for (auto& [base, b] : blocks)
+    if (b.state == Residence::SwappingOut && !b.busy) coming += b.size;
+  if (coming >= needed) return coming;
+  std::vector<std::pair<std::int64_t, std::uintptr_t>> victims;
+  for (auto& [base, b] : blocks) {
+    settle_locked(b);
+    if (!evictable_locked(b) || b.state != Residence::Resident || b.size < opt.min_swap_bytes)
+      continue;
+    const std::int64_t next = next_use_locked(b);
+    if (next > horizon) victims.push_back({next, base});
+  }
+  std::sort(victims.begin(), victims.end(), std::greater<>());
+  for (const auto& [next, base] : victims) {
+    if (coming >= needed) break;
+    SwapBlock& b = blocks.at(base);
+    try {
+      start_swap_out_locked(b);
+    } catch (const OutOfMemory&) {
+      continue;  // host cap
+    }
+    stats.evictions_planned++;
+    coming += b.size;
+    profiling::TraceRecorder::global().record(profiling::EventKind::Evict, base, b.size,
+                                              profiling::kHostStream);
+  }
+  return coming;
+}
+
+void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepState& s,
+                                     std::vector<PlannedPrefetch> wanted) {
+  for (const PlannedPrefetch& w : wanted) {
+    auto found = base_for_id_locked(s, static_cast<std::int64_t>(w.id));
+    if (!found) continue;
+    const std::uintptr_t base = *found;
+    wait_not_busy(lock, base);
+    auto it = blocks.find(base);
+    if (it == blocks.end() || it->second.size != s.size_of_id[w.id]) continue;
+    if (it->second.state == Residence::SwappingOut) {
+      // Still on the device: cancel the eviction instead of copying back.
+      it->second.state = Residence::Resident;
+      continue;
+    }
+    if (it->second.state != Residence::OnHost) continue;
+    const std::size_t size = it->second.size;
+    reap_locked();  // swap-outs that completed free their room first
+    if (swap_in(lock, base, true)) continue;
+    if (!s.follows_plan()) continue;
+    // No room: evict what is needed after this block, and try again at the next op.
+    const std::size_t room = backend.room();
+    make_room_locked(size > room ? size - room : 0, next_use_of_id_locked(s, w.id));
+    s.pending.push_back(w);
+  }
+}
+
+void Swapper::Impl::sample_other_locked(StepState& s) {
+  const std::size_t mapped = backend.mapped_bytes();
+  if (mapped == 0) return;
+  // Not the recording's: mapped memory that is no tracked block (small segments, cache), and
+  // blocks born in this step that no pin has touched yet (temporaries, or blocks whose first
+  // access is later: the graph counts them from it). Blocks from before the step that no pin
+  // touches are added at its end.
+  std::size_t tracked = 0, fresh = 0;
+  for (const auto& [base, b] : blocks) {
+    if (b.state == Residence::OnHost) continue;
+    tracked += b.size;
+    if (b.born >= s.begin_tick && s.id_of.count(base) == 0) fresh += b.size;
+  }
+  const auto op = static_cast<std::size_t>(std::max<std::int64_t>(s.op, 0));
+  if (s.other_bytes.size() <= op) s.other_bytes.resize(op + 1, 0);
+  const std::uint64_t other = (mapped > tracked ? mapped - tracked : 0) + fresh;
+  s.other_bytes[op] = std::max(s.other_bytes[op], other);
 }
 
 void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
@@ -161,14 +299,12 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   std::uint64_t id = it->second;
   if (fresh) {
     s.next_id++;
-    if (s.base_of_id.size() <= id) s.base_of_id.resize(id + 1, 0);
-    s.base_of_id[id] = base;
-    if (s.executing && (id >= s.size_of_id.size() || s.size_of_id[id] != b.size)) {
-      // The step no longer follows the recorded one: stop the plan, record again next step.
-      s.executing = false;
-      s.record_next = true;
-      stats.deviations++;
+    if (s.base_of_id.size() <= id) {
+      s.base_of_id.resize(id + 1, 0);
+      s.gen_of_id.resize(id + 1, 0);
     }
+    s.base_of_id[id] = base;
+    s.gen_of_id[id] = b.generation;
   }
   if (!s.recording) return;
   auto [sit, new_stream] = s.stream_ids.emplace(reinterpret_cast<std::uintptr_t>(stream),
@@ -186,6 +322,19 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   s.access_of_id_op[id] = s.trace.accesses.size();
   s.first_access_of_id.emplace(id, s.trace.accesses.size());
   s.trace.accesses.push_back(a);
+  sample_other_locked(s);
+  if (s.executing) {
+    // The step must repeat the recording the plan came from, access by access.
+    const std::size_t k = s.trace.accesses.size() - 1;
+    const auto& planned = s.plan_trace.accesses;
+    if (k >= planned.size() || planned[k].block != a.block || planned[k].op != a.op ||
+        planned[k].bytes != a.bytes) {
+      s.executing = false;
+      s.replan = true;  // this step's recording becomes the plan
+      s.pending.clear();
+      stats.deviations++;
+    }
+  }
 }
 
 void Swapper::Impl::on_unpin_locked(StepState& s, SwapBlock& b, bool wrote) {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -182,10 +183,9 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   bool mapped = true;
   try {
     if (prefetch) {
-      // A prefetch only uses room that is free, or that evictions already in flight will
-      // free: it never chooses new victims (they could be needed before this block).
+      // A prefetch only uses room that is free now: it never chooses victims here (they
+      // could be needed before this block) and never waits (the plan retries it later).
       mapped = backend.try_reback(ptr, size);
-      if (!mapped && wait_inflight(size) > 0) mapped = backend.try_reback(ptr, size);
     } else {
       backend.reback(ptr, size);  // may run the eviction ladder, which takes our lock
     }
@@ -279,6 +279,7 @@ SwapStats swaps_since(const SwapStats& now, const SwapStats& before) {
   d.evictions_reactive -= before.evictions_reactive;
   d.evictions_planned -= before.evictions_planned;
   d.host_wait_s -= before.host_wait_s;
+  d.stall_s -= before.stall_s;
   d.stale_unpins -= before.stale_unpins;
   return d;
 }
@@ -292,8 +293,9 @@ PinToken Swapper::pin_for_host(const void* ptr) { return impl_->pin(ptr, nullptr
 PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   std::unique_lock lock(mu);
   const std::uint64_t scope = current_scope();
-  std::vector<std::uintptr_t> wanted = advance_op_locked(scope_locked(scope), false);
-  if (!wanted.empty()) prefetch_all(lock, wanted);
+  StepState& step = scope_locked(scope);
+  std::vector<PlannedPrefetch> wanted = advance_op_locked(step, false);
+  if (!wanted.empty()) prefetch_planned(lock, step, std::move(wanted));
   SwapBlock* b = lookup_locked(ptr, host ? "pin_for_host" : "pin");
   if (b == nullptr) return {};
   const std::uintptr_t base = key(b->base);
@@ -342,7 +344,12 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     // Pinned: nothing can move it while the host waits without the lock. Events are recycled,
     // never destroyed, while the swapper lives: a re-recorded one only makes the wait longer.
     lock.unlock();
+    auto t0 = std::chrono::steady_clock::now();
     dev.synchronize(wait_for);
+    const double waited =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    lock.lock();
+    stats.stall_s += waited;
   }
   return token;
 }
@@ -603,7 +610,7 @@ void Swapper::set_budget(std::uint64_t bytes) {
   std::lock_guard lock(m.mu);
   m.opt.budget = bytes;
   for (auto& [id, st] : m.scopes) {
-    st.record_next = true;  // the plan was made for the old budget
+    st.replan = true;  // the plan was made for the old budget
     st.executing = false;
   }
 }
@@ -625,13 +632,13 @@ void Swapper::begin_op(std::string_view name, std::uint64_t scope) {
   std::unique_lock lock(m.mu);
   StepState& st = m.scope_locked(scope);
   st.auto_ops = false;
-  std::vector<std::uintptr_t> wanted = m.advance_op_locked(st, true);
+  std::vector<PlannedPrefetch> wanted = m.advance_op_locked(st, true);
   if (!name.empty() && st.recording) {
     if (st.trace.op_names.size() <= static_cast<std::size_t>(st.op))
       st.trace.op_names.resize(st.op + 1);
     st.trace.op_names[st.op] = std::string(name);
   }
-  if (!wanted.empty()) m.prefetch_all(lock, wanted);
+  if (!wanted.empty()) m.prefetch_planned(lock, st, std::move(wanted));
 }
 
 void Swapper::begin_step() { begin_step(impl_->current_scope()); }
@@ -646,8 +653,13 @@ void Swapper::end_step() { end_step(impl_->current_scope()); }
 
 void Swapper::end_step(std::uint64_t scope) {
   impl_->set_current_scope(scope);
-  std::lock_guard lock(impl_->mu);
-  impl_->end_step_locked(impl_->scope_locked(scope));
+  std::unique_lock lock(impl_->mu);
+  StepState& st = impl_->scope_locked(scope);
+  impl_->end_step_locked(st);
+  // The next step repeats this one: bring back what its first ops need while the caller is
+  // between steps (loading data, logging), instead of at its first pin.
+  std::vector<PlannedPrefetch> wanted = impl_->next_step_prefetches_locked(st);
+  if (!wanted.empty()) impl_->prefetch_planned(lock, st, std::move(wanted));
 }
 
 }  // namespace spill

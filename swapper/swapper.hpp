@@ -94,13 +94,14 @@ struct SwapStats {
   std::uint64_t swap_outs = 0, swap_ins = 0;    // copies each way
   std::uint64_t clean_evictions = 0;            // evicted with no copy (host copy valid)
   std::uint64_t prefetches = 0;                 // swap-ins started by a hint or the plan
-  std::uint64_t prefetches_skipped = 0;         // no free room: left for later or on demand
+  std::uint64_t prefetches_skipped = 0;         // tries that found no free room (retried)
   std::uint64_t prefetch_hits = 0;              // pinned after the prefetch had landed
   std::uint64_t prefetch_late = 0;              // pinned while the prefetch was in flight
   std::uint64_t demand_fetches = 0;             // pinned while on the host (a miss)
   std::uint64_t evictions_reactive = 0;         // victims chosen by the eviction hook
   std::uint64_t evictions_planned = 0;          // evictions by hint or plan
   double host_wait_s = 0;                       // host time spent waiting for swap-outs
+  double stall_s = 0;  // host time pin_for_host waited for swap-ins (and cancelled swap-outs)
   std::uint64_t host_bytes = 0;                 // pinned host memory held now
   std::uint64_t resident_bytes = 0, on_host_bytes = 0;  // tracked blocks, now
   std::uint64_t steps_recorded = 0, steps_planned = 0, deviations = 0;

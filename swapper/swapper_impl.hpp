@@ -41,27 +41,50 @@ struct SwapBlock {
   std::uint64_t last_use = 0;    // LRU clock
 };
 
-// One step scope's recording and plan.
+// A prefetch the plan wants, by block id, still waiting for room.
+struct PlannedPrefetch {
+  std::uint64_t id = 0;
+};
+
+// One step scope's recording and plan. Every step is recorded (policy plan with a budget);
+// the recording becomes the plan when the scope has none yet, when the step left its plan, or
+// when the budget changed, so a step that deviates is itself the next step's plan.
 struct StepState {
   std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
   bool in_step = false;
-  bool recording = false;        // this step is being recorded
-  bool executing = false;        // a plan drives this step
-  bool record_next = true;       // the next step should be recorded
+  bool recording = false;        // this step's accesses are being recorded
+  bool executing = false;        // a plan drives this step (until it deviates)
+  bool planned_step = false;     // the step began under a plan
+  bool replan = true;            // plan from this step's recording at its end
   bool auto_ops = true;          // ops are inferred from pin/unpin groups
   bool after_unpin = true;
   std::int64_t op = -1;
   std::uint64_t next_id = 0;     // first-pin order within the step = block identity
   std::unordered_map<std::uintptr_t, std::uint64_t> id_of;       // base -> id, this step
   std::vector<std::uintptr_t> base_of_id, base_of_id_prev;        // id -> base
+  // id -> the generation of the block at that base when it was pinned: a later block at the
+  // same address (the recorded one freed) is another block.
+  std::vector<std::uint64_t> gen_of_id, gen_of_id_prev;
   std::vector<std::size_t> size_of_id;                             // from the planned trace
   std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
   std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
   graph::Trace trace, last_trace;
+  graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)
   graph::Plan plan;
+  std::vector<PlannedPrefetch> pending;  // planned prefetches that found no room yet
+  // Per op of the recording: the most bytes mapped that its blocks did not account for (small
+  // segments, blocks no pin of the step touched, cache), so that the plan leaves room for them.
+  std::vector<std::uint64_t> other_bytes;
+
+  // Executing a plan, or between two steps of a scope whose next step will follow it.
+  bool follows_plan() const;
   std::vector<std::int64_t> tensor_id;              // plan tensor index -> block id
   std::vector<std::vector<std::uint32_t>> use_ops;  // block id -> ops using it (Belady)
+  // The plan's ops are the recording's ops that touched blocks: plan op j is recorded op
+  // plan_op_ids[j] (ops whose pins were all of small blocks are not in the plan).
+  std::vector<std::uint32_t> plan_op_ids;
   std::size_t prefetched_upto = 0;                  // plan ops whose prefetches were issued
+  std::size_t evicted_upto = 0;                     // plan ops whose evictions were issued
   int lookahead = 0;                                // extra ops of prefetch, adapted
   std::uint64_t t0_ns = 0;
   std::uint32_t stream_count = 0;
@@ -143,8 +166,21 @@ struct Swapper::Impl {
   // Starts a new op when the pin/unpin grouping says so (or `force`), issues the plan's
   // evictions, and returns the blocks the plan wants prefetched now (the caller swaps them in
   // without the lock).
-  std::vector<std::uintptr_t> advance_op_locked(StepState& s, bool force);
+  std::vector<PlannedPrefetch> advance_op_locked(StepState& s, bool force);
   void issue_evictions_locked(StepState& s, std::int64_t op);
+  // Issues planned prefetches (without the lock around each swap-in); one that finds no room
+  // starts evictions of blocks needed after it and waits in `s.pending` for a later op.
+  void prefetch_planned(std::unique_lock<std::mutex>& lock, StepState& s,
+                        std::vector<PlannedPrefetch> wanted);
+  // At the end of a step that keeps its plan: the prefetches of the next step's first ops.
+  std::vector<PlannedPrefetch> next_step_prefetches_locked(StepState& s);
+  // Starts swap-outs of evictable resident blocks whose next use is more than `horizon` ops
+  // away (farthest first) until `needed` bytes are on their way out. Returns the bytes coming.
+  std::size_t make_room_locked(std::size_t needed, std::int64_t horizon);
+  // Ops until block `id` of scope `s` is next used (INT64_MAX when unknown).
+  std::int64_t next_use_of_id_locked(const StepState& s, std::uint64_t id) const;
+  // Notes the memory mapped outside the recording's blocks at this point of the step.
+  void sample_other_locked(StepState& s);
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases);
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
   // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).

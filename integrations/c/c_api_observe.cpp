@@ -130,6 +130,7 @@ spill_status spill_stats_json(int device, char** json) {
       j["swap.evictions_reactive"] = s.evictions_reactive;
       j["swap.evictions_planned"] = s.evictions_planned;
       j["swap.host_wait_s"] = s.host_wait_s;
+      j["swap.stall_s"] = s.stall_s;
       j["swap.host_bytes"] = s.host_bytes;
       j["swap.resident_bytes"] = s.resident_bytes;
       j["swap.on_host_bytes"] = s.on_host_bytes;
@@ -181,6 +182,13 @@ spill_status spill_last_oom_message(int device, char** message) {
   *message = nullptr;
   return on_device(device, "spill_last_oom_message", [&](Lease& lease) {
     return give_string(lease->last_oom(), message, "spill_last_oom_message");
+  });
+}
+
+spill_status spill_reset_peak_stats(int device) {
+  return on_device(device, "spill_reset_peak_stats", [](Lease& lease) {
+    lease.rt().allocator().reset_peak();
+    return SPILL_OK;
   });
 }
 

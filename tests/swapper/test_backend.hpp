@@ -107,6 +107,11 @@ class TestBackend final : public ResidencyBackend {
     std::lock_guard lock(mu_);
     return mapped_;
   }
+  std::size_t room() override {
+    std::lock_guard lock(mu_);
+    return budget_ > mapped_ ? budget_ - mapped_ : 0;
+  }
+  std::size_t mapped_bytes() override { return mapped(); }
   std::size_t peak_mapped() const {
     std::lock_guard lock(mu_);
     return peak_;

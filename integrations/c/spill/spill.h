@@ -290,6 +290,9 @@ SPILL_API spill_status spill_trace_export(const char* path);
 /* The message of `device`'s latest out-of-memory failure (where every byte was), or "" when
  * there was none. *message is freed with spill_string_free. */
 SPILL_API spill_status spill_last_oom_message(int device, char** message);
+/* Starts the peaks of `device`'s statistics (allocated, requested, reserved, cached and pinned
+ * host bytes) again from their current values (PyTorch's reset_peak_memory_stats). */
+SPILL_API spill_status spill_reset_peak_stats(int device);
 
 /* ------------------------------------------------------------------ PyTorch */
 
