@@ -92,6 +92,13 @@ const std::vector<Key>& keys() {
              parse_size(v, what(o, "sim_capacity"));
          if (c.sim_capacity < (2ull << 20)) bad_value(o, "sim_capacity", v, "at least 2MiB");
        }},
+      {"sim_granularity", "mapping granule of the simulated device, a power of two, e.g. 64KiB",
+       [](Config& c, std::string_view o, std::string_view v) {
+         const std::uint64_t g = parse_size(v, what(o, "sim_granularity"));
+         if (g < 4096 || g > (1ull << 30) || (g & (g - 1)) != 0)
+           bad_value(o, "sim_granularity", v, "a power of two from 4KiB to 1GiB");
+         c.sim_granularity = g;
+       }},
       {"link", "pcie3 | pcie4 | pcie5 | nvlink2-p9 | nvlink-c2c",
        [](Config& c, std::string_view o, std::string_view v) {
          try {
@@ -213,6 +220,7 @@ std::string Config::to_string() const {
   s << ",swap_threshold:" << swap_threshold << "B"
     << ",policy:" << spill::to_string(policy)
     << ",peak_guard:" << spill::to_string(peak_guard) << ",sim_capacity:" << sim_capacity << "B"
+    << ",sim_granularity:" << sim_granularity << "B"
     << ",link:" << link;
   if (link_gbps) {
     std::ostringstream g;

@@ -24,6 +24,7 @@ struct Config {
   PeakGuard peak_guard = PeakGuard::Wait;    // peak_guard: wait | idle | off
   // Simulated device.
   std::uint64_t sim_capacity = 8ull << 30;   // sim_capacity: simulated device memory
+  std::uint64_t sim_granularity = 2ull << 20; // sim_granularity: its mapping granule
   std::string link = "pcie4";                // link: preset of the simulated interconnect
   std::optional<double> link_gbps;           // link_gbps: its sustained GB/s each way (override)
   double time_scale = 0.0;                   // time_scale: wall seconds per simulated second

@@ -81,6 +81,7 @@ void raise_fd_limit() {
 SimOptions SimOptions::from_config(const Config& config) {
   SimOptions o;
   o.capacity = config.sim_capacity;
+  o.granularity = config.sim_granularity;
   o.link = link_preset(config.link);
   if (config.link_gbps) {
     o.link.h2d_gbps = o.link.d2h_gbps = *config.link_gbps;

@@ -24,7 +24,8 @@ TEST(Config, DefaultsFromAnEmptyString) {
 TEST(Config, ParsesEveryKey) {
   Config c = Config::parse(
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
-      "peak_guard:idle, sim_capacity:16GiB, link:nvlink2-p9, link_gbps:2.5, time_scale:0.01,"
+      "peak_guard:idle, sim_capacity:16GiB, sim_granularity:64KiB, link:nvlink2-p9, link_gbps:2.5,"
+      "time_scale:0.01,"
       "chaos:42, trace:off,"
       "oom_dump:/tmp/dumps");
   EXPECT_EQ(c.device, DeviceChoice::Sim);
@@ -35,6 +36,7 @@ TEST(Config, ParsesEveryKey) {
   EXPECT_EQ(c.policy, SwapPolicy::Lru);
   EXPECT_EQ(c.peak_guard, PeakGuard::Idle);
   EXPECT_EQ(c.sim_capacity, 16ull << 30);
+  EXPECT_EQ(c.sim_granularity, 64u << 10);
   EXPECT_EQ(c.link, "nvlink2-p9");
   EXPECT_EQ(c.link_gbps, 2.5);
   EXPECT_DOUBLE_EQ(c.time_scale, 0.01);
@@ -77,6 +79,7 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"budget:9000000.5TiB", "budget"}, {"host_cap:18446744073709551615", "host_cap"},
       {"sim_capacity:8388608TiB", "sim_capacity"}, {"time_scale:1e400", "time_scale"},
       {"link_gbps:0", "link_gbps"},      {"link_gbps:fast", "link_gbps"},
+      {"sim_granularity:3KiB", "sim_granularity"}, {"sim_granularity:96KiB", "power of two"},
   };
   for (const BadCase& bc : cases) {
     SCOPED_TRACE(bc.text);
