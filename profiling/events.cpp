@@ -127,6 +127,12 @@ void TraceRecorder::clear_clock(const void* ctx) {
     g_clock.store(nullptr, std::memory_order_release);
 }
 
+double TraceRecorder::clock_seconds() {
+  if (const TraceClock* c = g_clock.load(std::memory_order_acquire))
+    return static_cast<double>(c->now_ns(c->ctx)) * 1e-9;
+  return static_cast<double>(steady_ns()) * 1e-9;
+}
+
 std::string TraceRecorder::clock_name() {
   const TraceClock* c = g_clock.load(std::memory_order_acquire);
   return c != nullptr ? c->name : "host steady clock";

@@ -111,6 +111,9 @@ class TraceRecorder {
   static void clear_clock(const void* ctx = nullptr);
   // "host steady clock", or the name of the clock set.
   static std::string clock_name();
+  // Seconds on the trace's clock: the TraceClock's (simulated time on SimDevice) when one is
+  // set, else the host's steady clock. For durations the run reports (e.g. stalls).
+  static double clock_seconds();
 
   struct Ring;
 

@@ -151,13 +151,16 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
     if (freed >= needed) break;
     std::uint64_t start = TraceRecorder::now();
     auto t0 = std::chrono::steady_clock::now();
+    const double c0 = TraceRecorder::clock_seconds();
     lock.unlock();
     {
       profiling::NvtxRange wait("spill wait swap-out", profiling::kNvtxWait);
       dev.synchronize(e);
     }
+    const double waited = TraceRecorder::clock_seconds() - c0;
     lock.lock();
     stats.host_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats.stall_s += std::max(0.0, waited);
     TraceRecorder::global().record_span(EventKind::Stall, start, base, 0,
                                         profiling::kHostStream);
     auto it = blocks.find(base);

@@ -43,7 +43,9 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.t0_ns = profiling::TraceRecorder::global().now_ns();
   s.begin_tick = ++tick;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
-  s.executing = s.recording && !s.replan && s.plan.feasible && !s.plan.steps.empty();
+  // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
+  // fit fall back to reactive eviction.
+  s.executing = s.recording && !s.replan && !s.plan.steps.empty();
   s.planned_step = s.executing;
   if (!s.executing) s.pending.clear();  // else: prefetches issued at the previous step's end
   if (s.recording) s.trace = graph::Trace{};
@@ -136,7 +138,7 @@ std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, st
 }
 
 bool StepState::follows_plan() const {
-  return executing || (!in_step && !replan && plan.feasible && !plan.steps.empty());
+  return executing || (!in_step && !replan && !plan.steps.empty());
 }
 
 std::int64_t Swapper::Impl::next_use_of_id_locked(const StepState& s, std::uint64_t id) const {
@@ -209,7 +211,7 @@ std::vector<PlannedPrefetch> Swapper::Impl::advance_op_locked(StepState& s, bool
 
 std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepState& s) {
   std::vector<PlannedPrefetch> wanted;
-  if (s.replan || !s.plan.feasible || s.plan.steps.empty() || s.in_step) return wanted;
+  if (s.replan || s.plan.steps.empty() || s.in_step) return wanted;
   const std::size_t upto = std::min(s.plan.steps.size(), 1 + static_cast<std::size_t>(s.lookahead));
   for (std::size_t j = 0; j < upto; ++j)
     for (graph::TensorIndex t : s.plan.steps[j].prefetch_at)

@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -344,12 +343,11 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     // Pinned: nothing can move it while the host waits without the lock. Events are recycled,
     // never destroyed, while the swapper lives: a re-recorded one only makes the wait longer.
     lock.unlock();
-    auto t0 = std::chrono::steady_clock::now();
+    const double t0 = TraceRecorder::clock_seconds();
     dev.synchronize(wait_for);
-    const double waited =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double waited = TraceRecorder::clock_seconds() - t0;
     lock.lock();
-    stats.stall_s += waited;
+    stats.stall_s += std::max(0.0, waited);
   }
   return token;
 }

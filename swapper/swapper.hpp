@@ -101,7 +101,10 @@ struct SwapStats {
   std::uint64_t evictions_reactive = 0;         // victims chosen by the eviction hook
   std::uint64_t evictions_planned = 0;          // evictions by hint or plan
   double host_wait_s = 0;                       // host time spent waiting for swap-outs
-  double stall_s = 0;  // host time pin_for_host waited for swap-ins (and cancelled swap-outs)
+  // Time the host waited on swaps (pin_for_host for swap-ins and cancelled swap-outs, the
+  // eviction hook for swap-outs) on the trace's clock: simulated time on SimDevice (the link
+  // model's), the host's steady clock elsewhere. host_wait_s is the swap-out part in wall time.
+  double stall_s = 0;
   std::uint64_t host_bytes = 0;                 // pinned host memory held now
   std::uint64_t resident_bytes = 0, on_host_bytes = 0;  // tracked blocks, now
   std::uint64_t steps_recorded = 0, steps_planned = 0, deviations = 0;
