@@ -11,6 +11,8 @@ set -euo pipefail
 packages=(cmake ninja-build g++ libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
           nlohmann-json3-dev libcli11-dev chromium libopenblas-dev
           python3-pytest python3-numpy pkgconf python3-torch python3-torchvision "$@")
+# spill.torch: libtorch-dev for the PyTorch shims (CMake finds Torch).
+packages+=(libtorch-dev)
 
 missing=()
 for p in "${packages[@]}"; do
