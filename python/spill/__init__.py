@@ -18,7 +18,7 @@ from ._lib import library_path
 from ._memory import (evict, free, malloc, pin, pin_for_host, prefetch, record_stream,
                       residence, set_swappable, stream_create, stream_destroy, stream_destroyed,
                       stream_synchronize, unpin)
-from ._observe import last_oom_message, snapshot, stats, trace
+from ._observe import last_oom_message, reset_peak_stats, snapshot, stats, trace
 from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_step,
                        is_simulated, parse_size, set_budget, shutdown, step,
                        write_step_graph)
@@ -34,7 +34,7 @@ __all__ = [
     # steps
     "step", "begin_step", "end_step", "begin_op", "write_step_graph",
     # observability
-    "stats", "snapshot", "trace", "last_oom_message",
+    "stats", "snapshot", "trace", "last_oom_message", "reset_peak_stats",
     # memory and residency
     "malloc", "free", "record_stream", "set_swappable", "pin", "pin_for_host", "unpin",
     "PinToken", "prefetch", "evict", "residence",

@@ -85,6 +85,7 @@ _PROTOTYPES = {
     "spill_snapshot_json": (_status, [_c_int, ctypes.POINTER(_c_void_p)]),
     "spill_trace_export": (_status, [ctypes.c_char_p]),
     "spill_last_oom_message": (_status, [_c_int, ctypes.POINTER(_c_void_p)]),
+    "spill_reset_peak_stats": (_status, [_c_int]),
 }
 
 

@@ -53,3 +53,9 @@ def trace(path: _args.PathLike) -> None:
 def last_oom_message(device: int = 0) -> str:
     """The message of ``device``'s latest out-of-memory failure (where every byte was), or ""."""
     return _take_string("spill_last_oom_message", _args.device(device))
+
+
+def reset_peak_stats(device: int = 0) -> None:
+    """Starts ``device``'s peaks (allocated, requested, reserved, cached and pinned host bytes)
+    again from their current values."""
+    call("spill_reset_peak_stats", _args.device(device))

@@ -119,6 +119,9 @@ def test_malloc_free_and_stats(sim):
     spill.free(ptr)
     s = spill.stats()
     assert s["allocated_bytes.current"] == 0 and s["num_frees"] == before["num_frees"] + 1
+    assert s["allocated_bytes.peak"] >= 3 * MIB + 5
+    spill.reset_peak_stats()
+    assert spill.stats()["allocated_bytes.peak"] == 0
     assert spill.malloc(0) == 0
     spill.free(0)
 
