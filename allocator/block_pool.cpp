@@ -106,6 +106,7 @@ void BlockPool::poll_marks() {
 
 void BlockPool::mark() {
   poll_marks();
+  bool recorded = false;
   for (Stream s : unmarked_) {
     // One mark in flight per stream is enough: the next mark() records a newer one.
     bool pending = false;
@@ -114,12 +115,14 @@ void BlockPool::mark() {
     Event e = get_event();
     device_->record(e, s);
     marks_.push_back({s, clock_, e});
+    recorded = true;
   }
   std::erase_if(unmarked_, [&](Stream s) {
     for (const StreamMark& m : marks_)
       if (m.stream == s && m.at == clock_) return true;
     return false;
   });
+  if (recorded) poll_marks();  // a mark on an idle stream may be complete already
 }
 
 bool BlockPool::ready_for(Block& b, Stream stream) {

@@ -189,6 +189,24 @@ void SimDevice::do_destroy_event(Event event) {
 void SimDevice::do_record(Event event, Stream stream) {
   std::shared_ptr<EventImpl> e = s_->event(event);
   StreamImpl& s = s_->stream(stream);
+  if (!s_->opt.chaos_seed) {
+    // On a stream with nothing queued the event completes as it is recorded (at the time the
+    // worker would give it), so that memory freed by host-side code (the CPU bridge frees on
+    // an idle stream) is idle at once instead of whenever the worker thread next runs.
+    std::lock_guard stream_lock(s.m);
+    if (s.pending == 0 && !s_->has_sticky()) {
+      const double issued = std::max(s_->host_clock.load(), s_->host_now_sim());
+      if (issued > s.clock.load()) s_->advance(s, issued);
+      std::lock_guard lock(e->m);
+      const std::uint64_t gen = ++e->recorded;
+      const double t = s.clock.load();
+      e->done[gen] = t;
+      e->last_time = std::max(e->last_time, t);
+      while (e->done.size() > 64) e->done.erase(e->done.begin());
+      e->cv.notify_all();
+      return;
+    }
+  }
   std::uint64_t gen;
   {
     std::lock_guard lock(e->m);

@@ -2,8 +2,10 @@
 // accounting, chaos mode catching missing synchronisation, and strict checking of misuse.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <thread>
 #include <vector>
 
 #include "core/config.hpp"
@@ -186,6 +188,27 @@ TEST(SimDevice, ComputeAdvancesTheStreamClockAndWaitsPropagateIt) {
   dev.destroy_event(end);
   dev.destroy_stream(a);
   dev.destroy_stream(b);
+}
+
+// Host code that frees memory on an idle stream (the CPU bridge) finds its event complete at
+// once; on a stream with queued work the event still waits for that work.
+TEST(SimDevice, AnEventOnAnIdleStreamIsCompleteOnceRecorded) {
+  SimDevice dev(small());
+  Stream s = dev.create_stream();
+  Event e = dev.create_event();
+  dev.record(e, s);
+  EXPECT_TRUE(dev.query(e));
+  std::atomic<bool> release{false};
+  dev.enqueue_compute(s, 0.001, [&] {
+    while (!release.load()) std::this_thread::yield();
+  });
+  dev.record(e, s);
+  EXPECT_FALSE(dev.query(e)) << "an event behind queued work completed before it";
+  release = true;
+  dev.synchronize(s);
+  EXPECT_TRUE(dev.query(e));
+  dev.destroy_event(e);
+  dev.destroy_stream(s);
 }
 
 TEST(SimDevice, CapacityAccountingAndRecovery) {
