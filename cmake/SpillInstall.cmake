@@ -90,3 +90,11 @@ install(DIRECTORY ${CMAKE_SOURCE_DIR}/python/spill DESTINATION ${SPILL_INSTALL_P
         PATTERN __pycache__ EXCLUDE PATTERN "*.pyc" EXCLUDE)
 install(FILES ${CMAKE_BINARY_DIR}/install/_install.py
         DESTINATION ${SPILL_INSTALL_PYTHONDIR}/spill)
+
+# spill.torch compiles its shims at first use when none was built for the running torch: the
+# sources and the C API header travel with the Python package.
+install(FILES ${CMAKE_SOURCE_DIR}/integrations/torch/torch_cuda_shim.cpp
+              ${CMAKE_SOURCE_DIR}/integrations/torch/torch_cpu_bridge.cpp
+        DESTINATION ${SPILL_INSTALL_PYTHONDIR}/spill/torch/_csrc)
+install(FILES ${CMAKE_SOURCE_DIR}/integrations/c/spill/spill.h
+        DESTINATION ${SPILL_INSTALL_PYTHONDIR}/spill/torch/_csrc/include/spill)

@@ -1,0 +1,180 @@
+"""spill.torch.guard(): a TorchDispatchMode that pins every tensor argument of every aten op
+around the op and declares what it sees swappable, for code the offload hooks do not cover.
+Every use of a tensor by an aten op inside the mode is bracketed by a pin, so every tensor the
+mode has seen may move between ops; when the mode exits, the blocks it declared and that are
+still alive are brought back and declared unswappable again, so code after it may touch any
+tensor. Cost: a few microseconds of Python per op (docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from spill import Error, OutOfMemoryError
+
+from ._pins import Pinner
+from ._state import state
+from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
+
+_written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
+
+
+def _writes(func: Any) -> Tuple[frozenset, frozenset]:
+    """(positional indices, keyword names) of the arguments ``func`` writes (its schema)."""
+    found = _written_args.get(func)
+    if found is None:
+        positions, names = [], []
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                names.append(arg.name)
+                if not arg.kwarg_only:
+                    positions.append(i)
+        found = (frozenset(positions), frozenset(names))
+        _written_args[func] = found
+    return found
+
+
+def _tensors(value: Any) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+class PinEveryOp(TorchDispatchMode):
+    """The dispatch mode behind :func:`guard` (and the offload hooks' optimizer step)."""
+
+    def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None) -> None:
+        super().__init__()
+        self.pinner = pinner
+        self.steps = steps
+        self.declared: Dict[int, int] = {}   # block base -> generation this mode declared
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if state.forked_child:
+            return func(*args, **kwargs)
+        pinner = self.pinner
+        if self.steps is not None:
+            self.steps.ensure()
+        stream = pinner.stream()
+        positions, names = _writes(func)
+        held = []
+        seen = set()
+        for where, value in list(enumerate(args)) + list(kwargs.items()):
+            wrote = where in positions or where in names
+            for t in _tensors(value):
+                ptr = pinner.movable(t)
+                if not ptr:
+                    continue
+                seen.add(ptr)
+                token = pinner.pin(ptr, stream)
+                if token is None:
+                    continue
+                held.append((token, wrote))
+                if self.declared.get(token.block) != token.generation:
+                    pinner.declare(ptr)
+                    self.declared[token.block] = token.generation
+        self.ops += 1
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            for token, wrote in held:
+                pinner.unpin(token, stream, wrote)
+        for t in tree_flatten(out)[0]:
+            ptr = pinner.movable(t)
+            if ptr and ptr not in seen:
+                seen.add(ptr)
+                pinner.declare(ptr)  # fresh: its later uses are pinned by this mode
+        return out
+
+    def release(self) -> None:
+        """Declares the blocks this mode declared, and that are still the same blocks,
+        unswappable again (bringing them back if they are on the host)."""
+        pinner = self.pinner
+        stream = pinner.stream()
+        declared, self.declared = self.declared, {}
+        for base, generation in declared.items():
+            token = pinner.pin(base, stream)
+            if token is None:
+                continue
+            same = token.generation == generation
+            pinner.unpin(token, stream, False)
+            if not same:
+                continue
+            try:
+                pinner.declare(base, False)
+            except OutOfMemoryError as e:
+                raise OutOfMemoryError(
+                    "spill.torch.guard: the tensors it made swappable do not all fit in the "
+                    "budget once unswappable again; raise the budget (spill.set_budget) before "
+                    "leaving the guard, or use guard(release_on_exit=False) and touch them only "
+                    f"inside a guard or the offload hooks. {e}", e.code) from e
+
+
+class guard:
+    """``with spill.torch.guard(): ...`` runs the block with every aten op's tensor arguments
+    pinned around the op, on the current CUDA stream (host-waiting pins on the CPU bridge).
+    Every large tensor an op reads or produces inside becomes swappable; at exit, those still
+    alive are brought back and made unswappable, so code after the block may touch them.
+
+    optimizer: if given, a training step of ``scope`` (default: the optimizer's id) begins at
+      the first op after the previous step and ends when ``optimizer.step()`` returns, so the
+      first step is recorded and later ones follow the plan. Without it, bracket steps with
+      ``with spill.torch.step():``.
+    release_on_exit: bring the tensors it declared back at exit (the default). That needs
+      room for all of them in the budget (raise it first with spill.set_budget, or exit only
+      when they fit: spill.OutOfMemoryError says so otherwise). With False they stay
+      swappable: then every later use must be inside a guard or the offload hooks.
+    Use it around the whole training loop: each exit brings every swapped tensor back.
+    Requires spill.torch.enable() first.
+    """
+
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None,
+                 scope: Optional[int] = None, release_on_exit: bool = True) -> None:
+        self.optimizer = optimizer
+        self.scope = scope
+        self.release_on_exit = release_on_exit
+        self._mode: Optional[PinEveryOp] = None
+        self._saved: dict = {}
+
+    def __enter__(self) -> "guard":
+        if not state.active:
+            raise Error("spill.torch.guard: spill is not PyTorch's allocator in this process; "
+                        "call spill.torch.enable() first")
+        steps = None
+        if self.optimizer is not None:
+            steps = StepBoundaries(optional_scope(self.scope, self.optimizer), manage=True)
+
+            def wrap(original: Any) -> Any:
+                def step(*args: Any, **kwargs: Any) -> Any:
+                    try:
+                        return original(*args, **kwargs)
+                    finally:
+                        steps.end()
+                return step
+            wrap_method(self.optimizer, "step", wrap, self._saved)
+        self._mode = PinEveryOp(Pinner(), steps)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        mode = self._mode
+        assert mode is not None
+        mode.__exit__(*exc)
+        unwrap_methods(self._saved)
+        if mode.steps is not None:
+            mode.steps.end()
+        self._mode = None
+        if self.release_on_exit:
+            mode.release()
+
+    @property
+    def ops(self) -> int:
+        """aten ops run under this guard so far."""
+        return self._mode.ops if self._mode is not None else 0
+

@@ -1,0 +1,437 @@
+"""spill.torch.offload(model, optimizer): transparent swapping driven by PyTorch's own hooks,
+a few calls per tensor per step.
+
+Which blocks become swappable, and what pins every later use of each:
+- parameters and buffers: declared at offload(); pinned by their module's forward pre-hook
+  until its forward hook (buffers count as written: batch norm updates its running stats).
+  A parameter that the first step saw used outside its owning module (a tied LM head written
+  as ``x @ self.wte.weight.t()`` in the parent) is also pinned by the module that used it.
+- activations: declared when autograd saves them for backward (the pack hook) and held pinned
+  until the module that was running ends; module outputs stay pinned in the parent until it
+  ends (in an ``nn.Sequential``, until the next child has pinned its inputs), so forward code
+  between modules only ever touches pinned or undeclared blocks. In backward the unpack hook
+  pins them (the plan's prefetches are issued ahead of it); the pins are dropped at the next
+  point where the autograd engine is between nodes (a gradient hook on a module output).
+- gradients: declared at the optimizer step; a backward that accumulates into an existing
+  gradient pins it first (a gradient hook on the parameter).
+- optimizer state: declared after each optimizer step; the step and zero_grad run under the
+  pin-every-op dispatch mode (the optimizer is set to its per-parameter loop, foreach=False,
+  so that one parameter's tensors are pinned at a time).
+The first step runs entirely under that dispatch mode (as spill.torch.guard does), which both
+keeps it safe and finds parameters used outside their modules. Steps begin at the model's
+first forward and end when optimizer.step() returns (without an optimizer, bracket steps with
+``with spill.torch.step():``).
+Limits: code outside the model's modules that reads a swappable tensor between steps (saving
+a checkpoint, ``.numpy()``, clip_grad_norm_ when gradients persist with set_to_none=False)
+must run inside spill.torch.guard() or after handle.remove()."""
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from spill import Error
+
+from ._guard import PinEveryOp
+from ._pins import Pinner, storage
+from ._state import state
+from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
+
+Token = Any  # spill._capi.PinToken
+
+
+class _Frame:
+    """The pins a running module holds until its forward ends."""
+    __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs")
+
+    def __init__(self, module: Optional[torch.nn.Module]) -> None:
+        self.module = module
+        self.tokens: List[Tuple[Token, bool]] = []
+        self.sequential = isinstance(module, torch.nn.Sequential)
+        self.child_outputs: List[Token] = []
+        self.packed: Set[int] = set()
+        self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
+
+
+class _Saved:
+    """What the pack hook keeps instead of the tensor: the tensor itself (same address)."""
+    __slots__ = ("tensor", "ptr")
+
+    def __init__(self, tensor: torch.Tensor, ptr: int) -> None:
+        self.tensor = tensor
+        self.ptr = ptr
+
+
+class _Discovery(PinEveryOp):
+    """The first step's mode: pins every op (as guard) and notes parameters used while no
+    module that owns them is running."""
+
+    def __init__(self, handle: "OffloadHandle") -> None:
+        super().__init__(handle.pinner, handle.steps)
+        self.handle = handle
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        h = self.handle
+        if h._stack:
+            running = h._stack_set
+            for t in tree_flatten((args, kwargs or {}))[0]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    owners = h._owners.get(storage(t).data_ptr())
+                    if owners and not (owners & running):
+                        h._extra.setdefault(h._stack[-1], {})[id(t)] = t
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class OffloadHandle:
+    """What :func:`offload` returns: ``remove()`` takes the hooks out and makes every tensor
+    they declared unswappable again (resident), e.g. before saving a checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 scope: Optional[int]) -> None:
+        if not state.active:
+            raise Error("spill.torch.offload: spill is not PyTorch's allocator in this process; "
+                        "call spill.torch.enable() first")
+        self.model = model
+        self.optimizer = optimizer
+        self.pinner = Pinner()
+        self.steps = StepBoundaries(optional_scope(scope, model), manage=optimizer is not None)
+        self._frames: List[_Frame] = []
+        self._step_frame = _Frame(None)         # the model's outputs, until the step ends
+        self._bw_pending: List[Tuple[Token, bool]] = []
+        self._hooks: List[Any] = []
+        self._saved_methods: dict = {}
+        self._saved_hooks_pushed = False
+        self._declared_state: Set[int] = set()
+        # Parameters and buffers: per module, the tensors its pre-hook pins (and wrote flags).
+        self._direct: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
+        self._owners: Dict[int, Set[torch.nn.Module]] = {}
+        self._persistent: Set[int] = set()       # storage pointers of parameters and buffers
+        # Discovery (first step): the module stack and parameters used outside their owners.
+        self._discovery: Optional[_Discovery] = None
+        self._discovered = False
+        self._stack: List[torch.nn.Module] = []
+        self._stack_set: Set[torch.nn.Module] = set()
+        self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
+        self.forwards = 0
+        self._install()
+
+    # ------------------------------------------------------------------ installation
+
+    def _install(self) -> None:
+        kwargs_ok = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
+        for m in self.model.modules():
+            direct = [(p, False) for p in m.parameters(recurse=False)]
+            direct += [(b, True) for b in m.buffers(recurse=False)]
+            self._direct[m] = direct
+            for t, _ in direct:
+                ptr = self.pinner.movable(t)
+                if ptr:
+                    self._owners.setdefault(ptr, set()).add(m)
+                    self._persistent.add(ptr)
+            if kwargs_ok:
+                self._hooks.append(m.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True))
+            else:
+                self._hooks.append(m.register_forward_pre_hook(self._pre))
+            self._hooks.append(m.register_forward_hook(self._post))
+        for p in self.model.parameters():
+            if p.requires_grad:
+                self._hooks.append(p.register_hook(self._grad_hook(p)))
+        for ptr in self._persistent:
+            self.pinner.declare(ptr)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                if group.get("foreach"):
+                    group["foreach"] = False
+                elif "foreach" in group:
+                    group["foreach"] = False
+            wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
+            wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
+
+    def remove(self) -> None:
+        """Removes the hooks and brings every tensor they declared back (unswappable)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        unwrap_methods(self._saved_methods)
+        self._leave_discovery()
+        self._pop_saved_hooks()
+        self._unwind(0)
+        self._release_frame(self._step_frame)
+        self._release_backward()
+        self.steps.end()
+        tensors = [t for t, _ in (x for ts in self._direct.values() for x in ts)]
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            ptr = self.pinner.movable(t)
+            if ptr:
+                self.pinner.declare(ptr, False)
+
+    # ------------------------------------------------------------------ forward
+
+    def _pre_kwargs(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        self._pre(module, (args, kwargs))
+
+    def _pre(self, module: torch.nn.Module, args: Any) -> None:
+        if state.forked_child:
+            return
+        root = module is self.model
+        if root:
+            self._begin_forward()
+        if self._discovery is not None:
+            self._stack.append(module)
+            self._stack_set.add(module)
+            return
+        pinner = self.pinner
+        self.steps.ensure()
+        stream = pinner.stream()
+        frame = _Frame(module)
+        for t, wrote in self._direct[module]:
+            self._hold(frame.tokens, t, stream, wrote)
+        for t in self._extra.get(module, {}).values():
+            self._hold(frame.tokens, t, stream, False)
+        for t in tree_flatten(args)[0]:
+            ptr = self.pinner.movable(t)
+            if ptr:
+                frame.inputs.add(ptr)
+                token = self.pinner.pin(ptr, stream)
+                if token is not None:
+                    frame.tokens.append((token, True))
+        if self._frames and self._frames[-1].sequential:
+            parent = self._frames[-1]
+            for token in parent.child_outputs:  # the previous child's output: now our input
+                pinner.unpin(token, stream, True)
+            parent.child_outputs.clear()
+        self._frames.append(frame)
+        if root and torch.is_grad_enabled():
+            self._push_saved_hooks()
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if state.forked_child:
+            return
+        if self._discovery is not None:
+            if self._stack and self._stack[-1] is module:
+                self._stack.pop()
+                self._stack_set.discard(module)
+            return
+        depth = next((i for i in range(len(self._frames) - 1, -1, -1)
+                      if self._frames[i].module is module), None)
+        if depth is None:
+            return
+        self._unwind(depth + 1)  # frames an exception left behind
+        frame = self._frames.pop()
+        parent = self._frames[-1] if self._frames else self._step_frame
+        stream = self.pinner.stream()
+        grad = torch.is_grad_enabled()
+        for t in tree_flatten(output)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            if grad and t.requires_grad:
+                t.register_hook(self._safe_point)
+            if parent.sequential:
+                token = self._pin(t, stream)
+                if token is not None:
+                    parent.child_outputs.append(token)
+            else:
+                self._hold(parent.tokens, t, stream, True)
+        self._release_frame(frame)
+        if module is self.model:
+            self._pop_saved_hooks()
+
+    def _begin_forward(self) -> None:
+        self.forwards += 1
+        if self._frames:  # an exception interrupted the previous forward
+            self._unwind(0)
+            self._pop_saved_hooks()
+        if not self.steps.manage:
+            self._release_frame(self._step_frame)
+            self._release_backward()
+        if not self._discovered and self._discovery is None:
+            self._discovery = _Discovery(self)
+            self._discovery.__enter__()
+        elif self._discovery is not None and not self.steps.manage and self.forwards > 1:
+            self._leave_discovery()
+
+    # ------------------------------------------------------------------ saved tensors
+
+    def _push_saved_hooks(self) -> None:
+        if not self._saved_hooks_pushed:
+            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+            self._saved_hooks_pushed = True
+
+    def _pop_saved_hooks(self) -> None:
+        if self._saved_hooks_pushed:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+            self._saved_hooks_pushed = False
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        ptr = self.pinner.movable(t)
+        if not ptr or state.forked_child:
+            return t
+        if ptr not in self._persistent and self._frames:
+            frame = self._holder(ptr)
+            if ptr not in frame.packed:
+                frame.packed.add(ptr)
+                token = self.pinner.pin(ptr, self.pinner.stream())
+                if token is not None:
+                    frame.tokens.append((token, True))
+                    self.pinner.declare(ptr)
+        return _Saved(t, ptr)
+
+    def _holder(self, ptr: int) -> _Frame:
+        """The frame whose code may still use a tensor saved now: the running module's, unless
+        the tensor is its argument; then the frame that passed it in, up to where it was made
+        (an nn.Sequential does not touch a child's argument after the child returns)."""
+        i = len(self._frames) - 1
+        while i >= 0 and ptr in self._frames[i].inputs:
+            i -= 1
+        if i < 0:
+            return self._step_frame
+        if i < len(self._frames) - 1 and self._frames[i].sequential:
+            return self._frames[i + 1]
+        return self._frames[i]
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if not isinstance(saved, _Saved):
+            return saved
+        if not state.forked_child:
+            self.steps.ensure()
+            token = self.pinner.pin(saved.ptr, self.pinner.stream())
+            if token is not None:
+                self._bw_pending.append((token, False))
+        return saved.tensor
+
+    def _safe_point(self, grad: torch.Tensor) -> None:
+        # The engine is between nodes: every tensor unpacked so far has been used.
+        if self._bw_pending:
+            self._release_backward()
+
+    def _grad_hook(self, p: torch.nn.Parameter) -> Any:
+        ref = weakref.ref(p)
+
+        def hook(grad: torch.Tensor) -> None:
+            self._safe_point(grad)
+            param = ref()
+            if param is not None and param.grad is not None and not state.forked_child:
+                # AccumulateGrad is about to add into the existing gradient.
+                token = self._pin(param.grad, self.pinner.stream())
+                if token is not None:
+                    self._bw_pending.append((token, True))
+        return hook
+
+    # ------------------------------------------------------------------ optimizer
+
+    def _wrap_step(self, original: Any) -> Any:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if state.forked_child:
+                return original(*args, **kwargs)
+            self._release_backward()
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    ptr = self.pinner.movable(p.grad)
+                    if ptr:
+                        self.pinner.declare(ptr)
+            try:
+                if self._discovery is not None:
+                    result = original(*args, **kwargs)
+                else:
+                    with PinEveryOp(self.pinner, self.steps):
+                        result = original(*args, **kwargs)
+                self._declare_state()
+            finally:
+                self._release_frame(self._step_frame)
+                self.steps.end()
+                self._leave_discovery()
+            return result
+        return step
+
+    def _wrap_zero_grad(self, original: Any) -> Any:
+        default = inspect.signature(original).parameters.get("set_to_none")
+        default_to_none = bool(default.default) if default is not None else True
+
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            if state.forked_child or self._discovery is not None:
+                return original(*args, **kwargs)
+            to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
+            if not to_none:
+                # A gradient on the host is replaced by zeros instead of being copied back
+                # only to be zeroed.
+                for p in self.model.parameters():
+                    ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+                    if ptr and self.pinner.on_host(ptr):
+                        p.grad = torch.zeros_like(p.grad)
+            with PinEveryOp(self.pinner):
+                return original(*args, **kwargs)
+        return zero_grad
+
+    def _declare_state(self) -> None:
+        for st in self.optimizer.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and id(v) not in self._declared_state:
+                    ptr = self.pinner.movable(v)
+                    if ptr:
+                        self.pinner.declare(ptr)
+                        self._declared_state.add(id(v))
+
+    def _leave_discovery(self) -> None:
+        if self._discovery is not None:
+            self._discovery.__exit__(None, None, None)
+            self._discovery = None
+            self._discovered = True
+            self._stack.clear()
+            self._stack_set.clear()
+
+    # ------------------------------------------------------------------ pins
+
+    def _pin(self, t: Any, stream: Optional[int]) -> Optional[Token]:
+        ptr = self.pinner.movable(t)
+        return self.pinner.pin(ptr, stream) if ptr else None
+
+    def _hold(self, tokens: List[Tuple[Token, bool]], t: Any, stream: Optional[int],
+              wrote: bool) -> None:
+        token = self._pin(t, stream)
+        if token is not None:
+            tokens.append((token, wrote))
+
+    def _release_frame(self, frame: _Frame) -> None:
+        if not frame.tokens and not frame.child_outputs:
+            return
+        stream = self.pinner.stream()
+        for token, wrote in frame.tokens:
+            self.pinner.unpin(token, stream, wrote)
+        for token in frame.child_outputs:
+            self.pinner.unpin(token, stream, True)
+        frame.tokens.clear()
+        frame.child_outputs.clear()
+        frame.packed.clear()
+
+    def _release_backward(self) -> None:
+        pending, self._bw_pending = self._bw_pending, []
+        if pending:
+            stream = self.pinner.stream()
+            for token, wrote in pending:
+                self.pinner.unpin(token, stream, wrote)
+
+    def _unwind(self, depth: int) -> None:
+        while len(self._frames) > depth:
+            self._release_frame(self._frames.pop())
+
+
+def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+            scope: Optional[int] = None) -> OffloadHandle:
+    """Makes ``model``'s parameters, buffers, activations and gradients (and ``optimizer``'s
+    state) swappable, with the pins PyTorch's hooks give (see this module's docstring).
+
+    model: the module trained; its forward hooks, parameter hooks and saved-tensor hooks are
+      installed. optimizer: if given, its ``step`` ends each training step (the first one is
+      recorded, later ones follow the plan) and its per-parameter loop is used (foreach off).
+    scope: the step scope (default: the model's id); two models trained in one process get
+      their own recordings. Returns a handle whose ``remove()`` undoes it all.
+    Requires spill.torch.enable() first.
+    """
+    return OffloadHandle(model, optimizer, scope)

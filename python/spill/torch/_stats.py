@@ -1,0 +1,168 @@
+"""PyTorch's memory APIs answered with spill's figures: memory_stats (PyTorch's keys plus
+spill's own), memory_summary, reset_peak_memory_stats and memory_snapshot in the layout of
+torch.cuda.memory._snapshot(), so that training loops and tools that log them keep working
+when spill is the allocator (the pluggable-allocator path otherwise loses them)."""
+from __future__ import annotations
+
+import collections
+from typing import Any, Dict, List, Optional, Union
+
+import spill
+
+from ._state import state, torch_version
+
+# PyTorch's "<kind>.all.<stat>" families and the spill statistic each one reads.
+_BYTE_FAMILIES = {
+    "allocated_bytes": "allocated_bytes",
+    "active_bytes": "allocated_bytes",        # spill has no "freed but still used" state
+    "requested_bytes": "requested_bytes",
+    "reserved_bytes": "reserved_bytes",
+    "inactive_split_bytes": "cached_bytes",   # mapped, free, ready for reuse
+}
+_STATS = ("current", "peak", "allocated", "freed")
+
+
+def _device(device: Any) -> int:
+    """spill's device for a torch device argument: the one spill.torch.enable() chose."""
+    return state.device
+
+
+def torch_keys(s: Dict[str, Any]) -> Dict[str, Any]:
+    """PyTorch's memory_stats keys computed from spill's statistics ``s`` (spill.stats())."""
+    out: Dict[str, Any] = {}
+    for family, source in _BYTE_FAMILIES.items():
+        for stat in _STATS:
+            key = f"{source}.{stat}"
+            if key in s:
+                out[f"{family}.all.{stat}"] = s[key]
+    allocs, frees = s.get("num_allocs", 0), s.get("num_frees", 0)
+    out["allocation.all.allocated"] = allocs
+    out["allocation.all.freed"] = frees
+    out["allocation.all.current"] = allocs - frees
+    out["active.all.current"] = allocs - frees
+    maps, unmaps = s.get("num_segment_maps", 0), s.get("num_segment_unmaps", 0)
+    out["segment.all.allocated"] = maps
+    out["segment.all.freed"] = unmaps
+    out["segment.all.current"] = maps - unmaps
+    out["num_device_alloc"] = maps
+    out["num_device_free"] = unmaps
+    out["num_alloc_retries"] = s.get("num_eviction_requests", 0)
+    out["num_ooms"] = s.get("num_ooms", 0)
+    out["num_sync_all_streams"] = 0
+    return out
+
+
+def memory_stats(device: Any = None) -> "collections.OrderedDict[str, Any]":
+    """spill's statistics with PyTorch's ``torch.cuda.memory_stats`` keys.
+
+    PyTorch's keys (bytes, and counts of allocations and segments):
+    ``allocated_bytes.all.{current,peak,allocated,freed}`` and likewise ``reserved_bytes``
+    (mapped device memory: what the budget limits), ``active_bytes`` (= allocated),
+    ``requested_bytes`` and ``inactive_split_bytes`` (spill's cached bytes);
+    ``allocation.all.*``, ``active.all.current``, ``segment.all.*``, ``num_alloc_retries``
+    (allocations that had to evict), ``num_ooms``, ``num_device_alloc`` / ``num_device_free``.
+    spill's own keys follow unchanged (``swap.bytes_out``, ``swap.bytes_in``,
+    ``swapped_out_bytes``, ``swap.on_host_bytes``, ``swap.stall_s``, ``swap.prefetch_hits``,
+    ``swap.demand_fetches``, ``swap.steps_planned``, ..., see ``spill.stats``). Pools are not
+    split: there is no ``.small_pool`` / ``.large_pool``.
+    """
+    s = spill.stats(_device(device))
+    merged = dict(s)
+    merged.update(torch_keys(s))
+    return collections.OrderedDict(sorted(merged.items()))
+
+
+def memory_allocated(device: Any = None) -> int:
+    """Bytes of tensors spill holds now (allocated, resident or swapped out)."""
+    return int(spill.stats(_device(device))["allocated_bytes.current"])
+
+
+def max_memory_allocated(device: Any = None) -> int:
+    """Peak of memory_allocated since the start or the last reset_peak_memory_stats()."""
+    return int(spill.stats(_device(device))["allocated_bytes.peak"])
+
+
+def memory_reserved(device: Any = None) -> int:
+    """Device bytes spill has mapped now (allocated and cached): what the budget limits."""
+    return int(spill.stats(_device(device))["reserved_bytes.current"])
+
+
+def max_memory_reserved(device: Any = None) -> int:
+    """Peak of memory_reserved since the start or the last reset_peak_memory_stats()."""
+    return int(spill.stats(_device(device))["reserved_bytes.peak"])
+
+
+def reset_peak_memory_stats(device: Any = None) -> None:
+    """Starts the peaks (allocated, reserved, requested, cached bytes) again from now."""
+    spill.reset_peak_stats(_device(device))
+
+
+def _fmt(n: Union[int, float]) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
+    """A table of spill's memory statistics, in the spirit of torch.cuda.memory_summary()."""
+    s = memory_stats(device)
+    rows = [("Allocated memory", "allocated_bytes.all"),
+            ("Requested memory", "requested_bytes.all"),
+            ("Reserved memory (mapped)", "reserved_bytes.all"),
+            ("Cached (free, mapped)", "inactive_split_bytes.all")]
+    width = 78
+    lines = ["=" * width,
+             f" spill memory summary, device {s.get('device', 0)} ({s.get('device_name', '?')}),"
+             f" budget {_fmt(s.get('budget_bytes', 0))}",
+             "-" * width,
+             f" {'Metric':<28}{'Cur Usage':>12}{'Peak Usage':>12}{'Tot Alloc':>13}"
+             f"{'Tot Freed':>13}",
+             "-" * width]
+    for label, key in rows:
+        lines.append(f" {label:<28}" + "".join(
+            f"{_fmt(s.get(f'{key}.{stat}', 0)):>{12 if stat in ('current', 'peak') else 13}}"
+            for stat in _STATS))
+    lines.append("-" * width)
+    swap_rows = [("Swapped out now", _fmt(s.get("swapped_out_bytes", 0))),
+                 ("Pinned host memory", _fmt(s.get("host_pinned_bytes.current", 0))),
+                 ("Bytes swapped out / in", f"{_fmt(s.get('swap.bytes_out', 0))} / "
+                                             f"{_fmt(s.get('swap.bytes_in', 0))}"),
+                 ("Prefetch hits / demand fetches", f"{s.get('swap.prefetch_hits', 0)} / "
+                                                    f"{s.get('swap.demand_fetches', 0)}"),
+                 ("Stall (host wait)", f"{s.get('swap.stall_s', 0.0) * 1e3:.1f} ms"),
+                 ("Steps recorded / planned", f"{s.get('swap.steps_recorded', 0)} / "
+                                              f"{s.get('swap.steps_planned', 0)}")]
+    if not abbreviated:
+        swap_rows += [("Allocations / frees",
+                       f"{s.get('num_allocs', 0)} / {s.get('num_frees', 0)}"),
+                      ("Cache hits", str(s.get("num_cache_hits", 0))),
+                      ("Allocations that evicted", str(s.get("num_alloc_retries", 0))),
+                      ("Out-of-memory errors", str(s.get("num_ooms", 0)))]
+    for label, value in swap_rows:
+        lines.append(f" {label:<40}{value:>37}")
+    lines.append("=" * width)
+    return "\n".join(lines) + "\n"
+
+
+def memory_snapshot(device: Any = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    """spill's memory in the layout of the running torch's ``torch.cuda.memory._snapshot()``:
+    ``{"segments": [...], "device_traces": [...]}`` on torch 2, the list of segments on torch
+    1.13. Blocks whose bytes are on the host carry an "[on host]" frame. It loads in
+    torch.cuda._memory_viz; ``spill.snapshot(path)`` writes the same as JSON for
+    ``spill report`` and tools/snapshot_to_pickle.py."""
+    snap = spill.snapshot(device=_device(device))
+    for seg in snap["segments"]:
+        seg["segment_pool_id"] = tuple(seg.get("segment_pool_id", (0, 0)))
+    if torch_version() < (2, 0):
+        return snap["segments"]
+    return {"segments": snap["segments"], "device_traces": snap.get("device_traces", [])}
+
+
+def segments_snapshot(device: Any = None) -> List[Dict[str, Any]]:
+    """What ``torch.cuda.memory_snapshot()`` returns: the segments (with their blocks)."""
+    snap = memory_snapshot(device)
+    return snap if isinstance(snap, list) else snap["segments"]
+

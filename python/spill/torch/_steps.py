@@ -1,0 +1,75 @@
+"""Training-step boundaries for the hooks: a step of one scope (a model) begins at its first
+pin after the previous step ended and ends when the optimizer's step() returns. Pins belong
+to the calling thread's current scope, so a thread that joins the step (PyTorch's CUDA
+backward runs on its own thread) names the scope once per step with spill_begin_op."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from typing import Any, Callable, Optional
+
+from spill._capi import raise_status
+from spill._lib import library
+
+from ._state import state
+
+
+class StepBoundaries:
+    """Begins and ends the steps of ``scope`` on spill's device (see the module docstring)."""
+
+    def __init__(self, scope: int, manage: bool) -> None:
+        self.scope = scope & 0xFFFFFFFFFFFFFFFF
+        self.manage = manage        # False: the caller brackets steps (with spill.step())
+        self.in_step = False
+        self.count = 0              # steps ended so far
+        self._threads: set = set()  # threads that named the scope in this step
+        self._lib = library()
+        self._device = state.device
+
+    def _call(self, name: str, *args: Any) -> None:
+        status = getattr(self._lib, name)(*args)
+        if status != 0:
+            raise_status(self._lib, status)
+
+    def ensure(self) -> None:
+        """Called by every hook before its pins: begins a step if none is open and makes the
+        scope current on this thread."""
+        if not self.manage:
+            return
+        ident = threading.get_ident()
+        if not self.in_step:
+            self._call("spill_begin_step", self._device, ctypes.c_uint64(self.scope))
+            self.in_step = True
+            self._threads = {ident}
+        elif ident not in self._threads:
+            self._call("spill_begin_op", self._device, ctypes.c_uint64(self.scope), None)
+            self._threads.add(ident)
+
+    def end(self) -> None:
+        if self.manage and self.in_step:
+            self.in_step = False
+            self.count += 1
+            self._call("spill_end_step", self._device, ctypes.c_uint64(self.scope))
+
+
+def wrap_method(obj: Any, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
+                saved: dict) -> None:
+    """Replaces ``obj.name`` by ``wrapper(original)`` on the instance; ``saved`` keeps what to
+    put back."""
+    original = getattr(obj, name)
+    saved[(id(obj), name)] = (obj, name, obj.__dict__.get(name))
+    setattr(obj, name, functools.wraps(original)(wrapper(original)))
+
+
+def unwrap_methods(saved: dict) -> None:
+    for obj, name, previous in saved.values():
+        if previous is None:
+            obj.__dict__.pop(name, None)
+        else:
+            setattr(obj, name, previous)
+    saved.clear()
+
+
+def optional_scope(scope: Optional[int], default: Any) -> int:
+    return id(default) if scope is None else int(scope)

@@ -1,0 +1,373 @@
+"""spill.torch on the CPU bridge: spill's simulated device as PyTorch's CPU allocator, where a
+swapped-out tensor faults if touched, so every missing pin crashes instead of passing. The
+same tests run on a GPU (SPILL_TORCH_TARGET=cuda, from bench/gpu/run_all.sh); the GPU-only
+ones skip here with the reason.
+
+Each training scenario runs in a process of its own (torch_bridge_run.py): spill's
+configuration and PyTorch's allocator are process-wide.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from typing import Any, Dict, List
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+TARGET = os.environ.get("SPILL_TORCH_TARGET", "cpu")
+STEPS = 6
+needs_cuda = pytest.mark.skipif(TARGET != "cuda" or not torch.cuda.is_available(),
+                                reason="needs a GPU (run with SPILL_TORCH_TARGET=cuda there)")
+
+
+def _env(extra: Dict[str, str] | None = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def run_code(code: str, extra_env: Dict[str, str] | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter with the source package importable."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_env(extra_env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(code: str, extra_env: Dict[str, str] | None = None) -> str:
+    r = run_code(code, extra_env)
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    return r.stdout
+
+
+_runs: Dict[tuple, Dict[str, Any]] = {}
+
+
+def training(model: str, policy: str = "plan", modes: str = "offload,guard") -> Dict[str, Any]:
+    """The result of torch_bridge_run.py for one model (cached per process)."""
+    key = (model, policy, modes)
+    if key not in _runs:
+        r = subprocess.run([sys.executable, str(HERE / "torch_bridge_run.py"), model, modes,
+                            policy, str(STEPS), TARGET], env=_env(), capture_output=True,
+                           text=True, timeout=600)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert r.returncode == 0 and lines, (
+            f"{model} ({policy}) failed: exit {r.returncode}\n{r.stdout[-3000:]}\n"
+            f"{r.stderr[-6000:]}")
+        _runs[key] = json.loads(lines[-1][len("RESULT "):])
+    return _runs[key]
+
+
+def step_delta(per_step: List[Dict[str, float]], key: str, first: int) -> float:
+    """`key` summed over steps first.. (per_step[i] is the state before step i)."""
+    return per_step[-1][key] - per_step[first][key]
+
+
+# ------------------------------------------------------------------ training at 1/3 budget
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
+@pytest.mark.parametrize("mode", ["offload", "guard"])
+def test_training_at_a_third_of_the_footprint_is_bit_identical(model: str, mode: str) -> None:
+    result = training(model)
+    run = result["runs"][mode]
+    assert run["losses_equal"], (run["losses"], run["base_losses"])
+    assert run["params_equal"], "final parameters differ from the run without spill"
+    steps = run["per_step"]
+    assert step_delta(steps, "swap.bytes_out", 0) > 0, "nothing was swapped out"
+    assert step_delta(steps, "swap.bytes_in", 0) > 0, "nothing came back"
+    assert step_delta(steps, "swap.steps_planned", 0) > 0, "no step followed a plan"
+    assert result["budget"] * 3 <= result["footprint"] + 3
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
+def test_planned_steps_beat_lru(model: str) -> None:
+    """Offload mode at 1/3 of the footprint: from the third step on (the first creates gradients
+    and optimizer state, the second becomes the plan), planned steps have at most a fifth of
+    LRU's demand fetches and a third of its stall (simulated link), with at most one
+    deviation."""
+    plan = training(model)["runs"]["offload"]["per_step"]
+    lru = training(model, "lru", "offload")["runs"]["offload"]["per_step"]
+    first = 2
+    demand_plan = step_delta(plan, "swap.demand_fetches", first)
+    demand_lru = step_delta(lru, "swap.demand_fetches", first)
+    stall_plan = step_delta(plan, "swap.stall_s", first)
+    stall_lru = step_delta(lru, "swap.stall_s", first)
+    detail = (f"steps {first}..{STEPS - 1}: demand fetches plan {demand_plan:.0f} / lru "
+              f"{demand_lru:.0f}, stall plan {stall_plan * 1e3:.2f} ms / lru "
+              f"{stall_lru * 1e3:.2f} ms")
+    assert demand_lru > 0 and stall_lru > 0, detail
+    assert demand_plan * 5 <= demand_lru, detail
+    assert stall_plan * 3 <= stall_lru, detail
+    assert step_delta(plan, "swap.steps_planned", first) >= STEPS - first - 1, detail
+    assert step_delta(plan, "swap.deviations", first) <= 1, detail
+
+
+# ------------------------------------------------------------------ the allocator itself
+
+# The bodies below are indented by 8 spaces; so is this preamble, so that dedent fits both.
+ENABLE = textwrap.indent(f"""
+import torch, spill, spill.torch as st
+torch.set_num_threads(1)
+st.enable("budget:64MiB,swap_threshold:128KiB,sim_granularity:64KiB", target="{TARGET}")
+dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
+""", " " * 8)
+
+
+def test_stats_answer_with_spills_figures_and_the_patch_is_undone() -> None:
+    out = run_ok(ENABLE + """
+        st.enable(target="%s")  # a second call is harmless
+        x = torch.empty(3 << 20, dtype=torch.uint8, device=dev)
+        s, m = spill.stats(), st.memory_stats()
+        assert m["allocated_bytes.all.current"] == s["allocated_bytes.current"] >= 3 << 20
+        assert m["reserved_bytes.all.peak"] == s["reserved_bytes.peak"]
+        assert m["num_ooms"] == s["num_ooms"] == 0
+        for k, v in s.items():
+            assert m[k] == v, k           # spill's own keys, unchanged
+        assert torch.cuda.memory_stats() == st.memory_stats()
+        assert torch.cuda.memory_allocated() == s["allocated_bytes.current"]
+        assert torch.cuda.max_memory_allocated() == s["allocated_bytes.peak"]
+        assert torch.cuda.memory_reserved() == s["reserved_bytes.current"]
+        del x
+        st.reset_peak_memory_stats()
+        assert st.max_memory_allocated() == st.memory_allocated() < 3 << 20
+        assert "spill memory summary" in torch.cuda.memory_summary()
+        st.disable()
+        assert torch.cuda.memory_stats is not st.memory_stats
+        print("ok")
+    """ % TARGET)
+    assert "ok" in out
+
+
+def test_cpu_bridge_serves_cpu_tensors_and_disable_restores_the_default() -> None:
+    if TARGET != "cpu":
+        pytest.skip("the CPU bridge is the target=cpu path")
+    out = run_ok("""
+        import torch, spill, spill.torch as st
+        before = torch.randn(1 << 20)              # PyTorch's allocator: keeps its deleter
+        st.enable("swap_threshold:256KiB", target="cpu")
+        try:
+            spill.residence(before.data_ptr())
+            raise AssertionError("a tensor from before enable() is spill's")
+        except spill.InvalidArgumentError:
+            pass
+        x = torch.randn(1 << 20)
+        assert spill.residence(x.data_ptr()) == "resident"   # spill's block
+        y = before * 2                             # old and new tensors mix freely
+        assert spill.residence(y.data_ptr()) == "resident"
+        st.disable()
+        z = torch.randn(1 << 20)                   # the default allocator again
+        try:
+            spill.residence(z.data_ptr())
+            raise AssertionError("a tensor from after disable() is spill's")
+        except spill.InvalidArgumentError:
+            pass
+        frees = spill.stats()["num_frees"]
+        del x, y                                   # spill's tensors still free into spill
+        assert spill.stats()["num_frees"] == frees + 2
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_enable_refuses_a_bad_target_and_names_it() -> None:
+    r = run_code("""
+        import spill.torch as st
+        st.enable(target="tpu")
+    """)
+    assert r.returncode != 0 and "target must be 'cuda' or 'cpu'" in r.stderr
+
+
+def test_importing_needs_torch_113_and_accepts_debian_versions(tmp_path: pathlib.Path) -> None:
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '1.12.1'\n")
+    r = run_code("import spill.torch", {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT / 'python'}"})
+    assert r.returncode != 0 and "needs PyTorch >= 1.13, found 1.12.1" in r.stderr
+    run_ok("""
+        import torch
+        from spill.torch._state import torch_version
+        torch.__version__ = "1.13.0a0"
+        assert torch_version() == (1, 13, 0)
+        torch.__version__ = "2.11.0+cu130"
+        assert torch_version() == (2, 11, 0)
+    """)
+
+
+def test_pool_needs_mempool_and_says_so() -> None:
+    r = run_code("""
+        import torch, spill.torch as st
+        if hasattr(torch.cuda, "MemPool"):
+            print("has MemPool")
+        else:
+            st.pool()
+    """)
+    if "has MemPool" in r.stdout:
+        pytest.skip(f"torch {torch.__version__} has MemPool (the GPU run tests pool())")
+    assert r.returncode != 0 and "has no MemPool" in r.stderr and "torch >= 2.5" in r.stderr, \
+        r.stderr
+
+
+def test_oom_raises_torch_oom_with_the_breakdown_and_training_continues() -> None:
+    out = run_ok(ENABLE + """
+        import torch.nn as nn
+        model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)).to(dev)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        try:
+            model(torch.randn(12000, 1024, device=dev)).sum().backward()  # 2 x 47 MiB
+        except torch.cuda.OutOfMemoryError as e:
+            msg = str(e)
+            assert "out of memory" in msg and "Budget" in msg and "swapped out" in msg, msg
+            print("class", type(e).__module__ + "." + type(e).__qualname__)
+        else:
+            raise AssertionError("no OutOfMemoryError")
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(64, 1024, device=dev)).sum().backward()  # a smaller batch trains
+        opt.step()
+        assert st.memory_stats()["num_ooms"] >= 1
+        print("ok")
+    """)
+    assert "ok" in out and "OutOfMemoryError" in out
+
+
+def test_memory_snapshot_loads_in_memory_viz_and_spill_tools(tmp_path: pathlib.Path) -> None:
+    snap_json, pickle_path = tmp_path / "snap.json", tmp_path / "snap.pickle"
+    trace = tmp_path / "trace.json"
+    out = run_ok(ENABLE + f"""
+        import pickle
+        from torch.cuda import _memory_viz as viz
+        x = torch.randn(1 << 20, device=dev)
+        snap = st.memory_snapshot()
+        segments = snap if isinstance(snap, list) else snap["segments"]
+        assert segments and any(b["state"] == "active_allocated" for s in segments
+                                for b in s["blocks"])
+        keep = lambda lines: lines                       # no flamegraph.pl download
+        if isinstance(snap, list):                       # torch 1.13's layout
+            assert viz.segments(snap, format_flamegraph=keep)
+            assert viz.memory(snap, format_flamegraph=keep)
+            print(viz.stats(snap))
+        else:
+            viz.segment_plot(snap); viz.trace_plot(snap)
+        assert torch.cuda.memory_snapshot() == segments
+        spill.snapshot({str(snap_json)!r})
+        spill.trace({str(trace)!r})
+        print("ok")
+    """)
+    assert "ok" in out
+    tool = subprocess.run([sys.executable, str(ROOT / "tools" / "snapshot_to_pickle.py"),
+                           str(snap_json), str(pickle_path)], capture_output=True, text=True)
+    assert tool.returncode == 0, tool.stderr
+    cli = pathlib.Path(os.environ.get("SPILL_CLI", ROOT / "build" / "spill"))
+    if cli.exists():
+        report = subprocess.run([str(cli), "report", str(trace), "-o", str(tmp_path / "r.html")],
+                                capture_output=True, text=True)
+        assert report.returncode == 0, report.stderr
+
+
+def test_a_block_no_hook_saw_is_never_evicted() -> None:
+    """Under pressure (offload at a small budget), a large tensor no hook ever saw stays
+    resident with its bytes, while declared ones move."""
+    out = run_ok(ENABLE + """
+        import sys; sys.path.insert(0, %r)
+        from torch_train_models import train
+        spill.set_budget(48 << 20)
+        unseen = torch.arange(2 << 20, dtype=torch.float32, device=dev)  # 8 MiB, never used
+        ptr = unseen.data_ptr()
+        def check(i):
+            assert spill.residence(ptr) == "resident", (i, spill.residence(ptr))
+        train("mlp", 4, check, device=dev, wrap=lambda m, o: st.offload(m, o))
+        assert spill.stats()["swap.bytes_out"] > 0
+        assert spill.residence(ptr) == "resident"
+        assert torch.equal(unseen, torch.arange(2 << 20, dtype=torch.float32, device=dev))
+        print("ok")
+    """ % str(HERE))
+    assert "ok" in out
+
+
+def test_a_forked_dataloader_worker_leaves_the_parents_state_alone() -> None:
+    """Workers forked after enable() allocate with PyTorch's default allocator and never call
+    into the parent's runtime; the parent's tensors and runtime are intact afterwards."""
+    out = run_ok(ENABLE + """
+        from torch.utils.data import DataLoader, Dataset
+        from spill.torch._state import state
+        from spill.torch._shim import shim
+        data = torch.arange(4 << 20, dtype=torch.float32, device=dev)  # spill's memory
+        class Rows(Dataset):
+            def __len__(self): return 8
+            def __getitem__(self, i):
+                row = data[i * 1024:(i + 1) * 1024].cpu() * 2 + torch.ones(1024)
+                bridge = dev != "cpu" or shim("cpu").spill_torch_cpu_forked()
+                forked = state.forked_child and bridge
+                return row, torch.tensor(int(forked))
+        before = spill.stats()
+        got = list(DataLoader(Rows(), batch_size=2, num_workers=2, multiprocessing_context="fork"))
+        assert len(got) == 4 and all(int(f.min()) == 1 for _, f in got), "workers not marked"
+        assert torch.equal(got[1][0][0], data[2048:3072].cpu() * 2 + 1)
+        assert torch.equal(data, torch.arange(4 << 20, dtype=torch.float32, device=dev))
+        after = spill.stats()
+        assert after["num_free_errors"] == before["num_free_errors"]
+        y = torch.ones(1 << 20, device=dev) * 3     # the parent's runtime still serves
+        assert spill.residence(y.data_ptr()) == "resident" and float(y.sum()) == 3 * (1 << 20)
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+# ------------------------------------------------------------------ GPU only
+
+@needs_cuda
+def test_enable_after_cuda_started_points_to_pool() -> None:
+    r = run_code("""
+        import torch, spill.torch as st
+        torch.zeros(1, device="cuda")
+        st.enable("budget:1GiB")
+    """)
+    assert r.returncode != 0 and "spill.torch.pool()" in r.stderr
+
+
+@needs_cuda
+def test_pool_serves_a_region_of_code_once_cuda_runs() -> None:
+    out = run_ok("""
+        import torch, spill, spill.torch as st
+        torch.zeros(1, device="cuda")              # CUDA has allocated: enable() would refuse
+        pool = st.pool("budget:1GiB")
+        with torch.cuda.use_mem_pool(pool):
+            x = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
+        assert spill.residence(x.data_ptr()) == "resident"    # spill's block
+        y = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
+        try:
+            spill.residence(y.data_ptr())
+            raise AssertionError("a tensor outside the pool is spill's")
+        except spill.InvalidArgumentError:
+            pass
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+@needs_cuda
+def test_record_stream_delays_reuse() -> None:
+    out = run_ok("""
+        import torch, spill.torch as st
+        st.enable("budget:1GiB")
+        side = torch.cuda.Stream()
+        x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        ptr = x.data_ptr()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(500_000_000)            # the side stream is busy for a while
+            x.add_(1)
+        x.record_stream(side)
+        del x
+        y = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        assert y.data_ptr() != ptr, "reused while the side stream still used it"
+        side.synchronize()
+        print("ok")
+    """)
+    assert "ok" in out

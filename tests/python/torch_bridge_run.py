@@ -1,0 +1,105 @@
+"""One model trained with spill in a process of its own (spill's configuration and PyTorch's
+allocator are process-wide): the same run without spill first (in this process before
+enable() on the CPU bridge; in a child process on CUDA, whose allocator cannot be changed
+once used), then with spill at a third of the training footprint in each mode asked for.
+Prints one line "RESULT <json>" with, per mode, whether losses and final parameters are equal
+(torch.equal) to the run without spill, and spill's statistics before every step.
+
+Usage: torch_bridge_run.py MODEL MODES POLICY [STEPS] [TARGET]
+  MODES: comma-separated of offload, guard; POLICY: plan or lru; TARGET: cpu (default), cuda
+  Extra configuration (e.g. ",time_scale:1,link_gbps:2") comes from SPILL_TEST_CONF.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_train_models import train  # noqa: E402
+
+STAT_KEYS = ("swap.bytes_out", "swap.bytes_in", "swap.demand_fetches", "swap.prefetch_hits",
+             "swap.prefetches", "swap.stall_s", "swap.host_wait_s", "swap.steps_recorded",
+             "swap.steps_planned", "swap.deviations", "swap.evictions_reactive",
+             "swap.evictions_planned", "num_ooms")
+
+
+def baseline(name: str, steps: int, device: str) -> Tuple[List[float], List[torch.Tensor]]:
+    if device == "cpu":
+        losses, model, _ = train(name, steps, device=device)
+        return losses, [p.detach().clone() for p in model.parameters()]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "baseline.pt")
+        subprocess.run([sys.executable, __file__, "--baseline", name, str(steps), path],
+                       check=True)
+        saved = torch.load(path)
+    return saved["losses"], saved["params"]
+
+
+def main(argv: List[str]) -> int:
+    torch.set_num_threads(1)
+    if argv[1] == "--baseline":  # the CUDA run without spill, for the parent process
+        losses, model, _ = train(argv[2], int(argv[3]), device="cuda")
+        torch.save({"losses": losses, "params": [p.detach().cpu() for p in model.parameters()]},
+                   argv[4])
+        return 0
+    name, modes, policy = argv[1], argv[2].split(","), argv[3]
+    steps = int(argv[4]) if len(argv) > 4 else 6
+    target = argv[5] if len(argv) > 5 else "cpu"
+    device = "cpu" if target == "cpu" else "cuda"
+    base_losses, base_params = baseline(name, steps, device)
+    base_params = [p.cpu() for p in base_params]
+
+    import spill
+    import spill.torch as st
+    st.enable(f"policy:{policy},swap_threshold:128KiB,sim_granularity:64KiB"
+              + os.environ.get("SPILL_TEST_CONF", ""),
+              target=target)
+    # The training footprint: the peak of an unlimited run with spill.
+    train(name, 2, device=device)
+    footprint = st.max_memory_allocated()
+    out: Dict[str, Any] = {"model": name, "policy": policy, "target": target,
+                           "footprint": footprint, "budget": footprint // 3, "runs": {}}
+    for mode in modes:
+        spill.set_budget(footprint // 3)
+        per_step: List[Dict[str, float]] = []
+
+        def before(i: int) -> None:
+            s = spill.stats()
+            per_step.append({k: s.get(k, 0) for k in STAT_KEYS})
+
+        def wrap(m: Any, o: Any) -> Any:
+            if mode == "offload":
+                return st.offload(m, o)
+            g = st.guard(optimizer=o)
+            g.__enter__()
+            return g
+
+        losses, model, handle = train(name, steps, before, device=device, wrap=wrap)
+        before(steps)
+        # Tensors may be on the host between steps: read them pinned (inside the guard).
+        reader = st.guard(release_on_exit=False) if mode == "offload" else handle
+        with reader if mode == "offload" else contextlib.nullcontext():
+            params_equal = all(torch.equal(p.detach().cpu(), q)
+                               for p, q in zip(model.parameters(), base_params))
+        spill.set_budget(4 * footprint)  # room for all again: both undo their declarations
+        if mode == "offload":
+            handle.remove()
+        else:
+            handle.__exit__(None, None, None)
+        out["runs"][mode] = {"losses_equal": losses == base_losses, "losses": losses,
+                             "base_losses": base_losses, "params_equal": params_equal,
+                             "per_step": per_step}
+        del model, handle
+    print("RESULT " + json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,150 @@
+"""Small models and a deterministic training loop for the spill.torch tests and benchmarks:
+an MLP, a CNN with batch norm and a GPT-style transformer (AdamW), each small enough to train
+a few steps on one CPU core in seconds while its tensors are large enough (>= 256 KiB) for
+spill to move them."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int = 1024, depth: int = 8, classes: int = 64) -> None:
+        super().__init__()
+        layers: List[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        layers.append(nn.Linear(width, classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """Convolution, batch norm and ReLU blocks: activations (1 MiB each) dominate."""
+
+    def __init__(self, channels: int = 8, blocks: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        layers: List[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1, bias=False)]
+        for _ in range(blocks):
+            layers += [nn.BatchNorm2d(channels), nn.ReLU(),
+                       nn.Conv2d(channels, channels, 3, padding=1, bias=False)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+                   for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))
+        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return self.proj((probs @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2's shape in small: pre-norm blocks in a ModuleList, the LM head tied to the token
+    embedding and written as a matmul in the parent's forward (a parameter used outside its
+    module, which offload() must find)."""
+
+    def __init__(self, vocab: int = 1024, d: int = 256, layers: int = 3, heads: int = 4,
+                 n_ctx: int = 64) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(n_ctx, d)
+        self.h = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        for emb in (self.wte, self.wpe):
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.wte(ids) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x) @ self.wte.weight.t()
+
+
+# name: (model factory, optimizer factory, batch maker(step) -> (inputs, targets), loss)
+def _mlp_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(64, 1024, generator=g), torch.randint(0, 64, (64,), generator=g)
+
+
+def _cnn_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+def _gpt_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3000 + step)
+    ids = torch.randint(0, 1024, (4, 65), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.optim.Optimizer],
+                        Callable[[int], Tuple[torch.Tensor, torch.Tensor]]]] = {
+    "mlp": (MLP, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), _mlp_batch),
+    "cnn": (CNN, lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), _cnn_batch),
+    "gpt": (GPT, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
+            _gpt_batch),
+}
+
+
+def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: None,
+          wrap: Callable[[nn.Module, torch.optim.Optimizer], Any] = lambda m, o: None,
+          context: Optional[Callable[[nn.Module, torch.optim.Optimizer], Any]] = None,
+          device: str = "cpu") -> Tuple[List[float], nn.Module, Any]:
+    """Trains model ``name`` for ``steps`` steps from seed 0 on ``device``; returns the losses,
+    the model and what ``wrap(model, optimizer)`` returned (e.g. an offload handle). With
+    ``context``, the loop runs inside ``context(model, optimizer)`` (e.g. spill.torch.guard)."""
+    make_model, make_optimizer, batch = MODELS[name]
+    torch.manual_seed(0)
+    model = make_model().to(device)
+    optimizer = make_optimizer(model)
+    extra = wrap(model, optimizer)
+    losses = []
+    with context(model, optimizer) if context is not None else contextlib.nullcontext():
+        for i in range(steps):
+            x, y = (t.to(device) for t in batch(i))
+            before_step(i)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _ce(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return losses, model, extra
