@@ -113,8 +113,23 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   po.budget = opt.budget;
   po.min_swap_bytes = opt.min_swap_bytes;
   s.plan = graph::plan_spill(g, times, opt.link, po);
+  s.fresh_plan = true;
   s.tensor_id.clear();
   for (const graph::Tensor& t : g.tensors) s.tensor_id.push_back(static_cast<std::int64_t>(t.id));
+  // The next step follows this plan from its start: the blocks it starts on the host go there
+  // now, as a planned step's last evictions would have sent them.
+  for (graph::TensorIndex t : s.plan.start_on_host) {
+    auto base = base_for_id_locked(s, s.tensor_id[t]);
+    if (!base) continue;
+    SwapBlock& b = blocks.at(*base);
+    if (!evictable_locked(b) || b.state != Residence::Resident) continue;
+    try {
+      start_swap_out_locked(b);
+      stats.evictions_planned++;
+    } catch (const OutOfMemory&) {
+      // Host cap: it stays; the step's reactive path copes.
+    }
+  }
 }
 
 std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, std::int64_t id) {
@@ -145,14 +160,23 @@ std::int64_t Swapper::Impl::next_use_of_id_locked(const StepState& s, std::uint6
   if (id >= s.use_ops.size()) return INT64_MAX;  // unknown
   const std::int64_t now = s.in_step ? s.op : -1;  // between steps: before the next one's op 0
   for (std::uint32_t op : s.use_ops[id])
-    if (static_cast<std::int64_t>(op) > now) return op - now;
+    if (static_cast<std::int64_t>(op) >= now) return op - now;
   // Not used again in this step: its next use is in the next step.
   return s.use_ops[id].empty() ? INT64_MAX : s.use_ops[id].front() + (1ll << 32) - now;
 }
 
 std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
+  // A block the plans do not know (made in this step and not pinned yet, such as a gradient
+  // between the backward that wrote it and the optimizer that reads it) is likely needed later
+  // in the step: a worse victim than one known to wait for the next step. Without any plan,
+  // every block is unknown alike (victims then go by last use).
+  constexpr std::int64_t kUnknown = std::int64_t{1} << 31;
   auto scope = scopes.find(b.scope);
-  if (scope == scopes.end() || !scope->second.follows_plan()) return INT64_MAX;  // unknown
+  if (scope == scopes.end() || !scope->second.follows_plan()) {
+    for (const auto& [id, st] : scopes)
+      if (st.follows_plan()) return kUnknown;
+    return INT64_MAX;
+  }
   const StepState& s = scope->second;
   auto it = s.id_of.find(key(b.base));
   std::int64_t id = -1;
@@ -163,8 +187,9 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
       if (s.base_of_id_prev[i] == key(b.base) && s.gen_of_id_prev[i] == b.generation)
         id = static_cast<std::int64_t>(i);
   }
-  if (id < 0) return INT64_MAX;
-  return next_use_of_id_locked(s, static_cast<std::uint64_t>(id));
+  if (id < 0) return kUnknown;
+  const std::int64_t next = next_use_of_id_locked(s, static_cast<std::uint64_t>(id));
+  return next == INT64_MAX ? kUnknown : next;
 }
 
 void Swapper::Impl::issue_evictions_locked(StepState& s, std::int64_t op) {
@@ -216,6 +241,24 @@ std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepStat
   for (std::size_t j = 0; j < upto; ++j)
     for (graph::TensorIndex t : s.plan.steps[j].prefetch_at)
       if (s.tensor_id[t] >= 0) wanted.push_back({static_cast<std::uint64_t>(s.tensor_id[t])});
+  if (s.fresh_plan) {
+    // The step that made this plan ran without it: what the plan has resident at its start
+    // may be on the host. Bring it back in the order of first use (into free room, or room
+    // made from blocks needed later; the rest waits for the next step's ops).
+    s.fresh_plan = false;
+    std::vector<bool> starts_on_host(s.tensor_id.size(), false);
+    for (graph::TensorIndex t : s.plan.start_on_host) starts_on_host[t] = true;
+    std::vector<std::pair<std::uint32_t, std::uint64_t>> resident;  // (first use, id)
+    for (std::size_t t = 0; t < s.tensor_id.size(); ++t) {
+      const std::int64_t id = s.tensor_id[t];
+      if (starts_on_host[t] || id < 0 || static_cast<std::size_t>(id) >= s.use_ops.size() ||
+          s.use_ops[id].empty())
+        continue;
+      resident.push_back({s.use_ops[id].front(), static_cast<std::uint64_t>(id)});
+    }
+    std::sort(resident.begin(), resident.end());
+    for (const auto& [first, id] : resident) wanted.push_back({id});
+  }
   return wanted;
 }
 

@@ -71,6 +71,7 @@ struct StepState {
   graph::Trace trace, last_trace;
   graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)
   graph::Plan plan;
+  bool fresh_plan = false;       // made at the last step's end, which ran without it
   std::vector<PlannedPrefetch> pending;  // planned prefetches that found no room yet
   // Per op of the recording: the most bytes mapped that its blocks did not account for (small
   // segments, blocks no pin of the step touched, cache), so that the plan leaves room for them.
