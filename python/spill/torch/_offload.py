@@ -331,11 +331,7 @@ class OffloadHandle:
             if state.forked_child:
                 return original(*args, **kwargs)
             self._release_backward()
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    ptr = self.pinner.movable(p.grad)
-                    if ptr:
-                        self.pinner.declare(ptr)
+            self._declare_gradients()
             try:
                 if self._discovery is not None:
                     result = original(*args, **kwargs)
@@ -349,6 +345,23 @@ class OffloadHandle:
                 self._leave_discovery()
             return result
         return step
+
+    def _declare_gradients(self) -> None:
+        """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's
+        recording then knows every gradient from here on, in parameter order, so a plan can
+        move it between now and the optimizer's use of it instead of meeting an unknown
+        block."""
+        pinner = self.pinner
+        self.steps.ensure()
+        stream = pinner.stream()
+        for p in self.model.parameters():
+            ptr = pinner.movable(p.grad) if p.grad is not None else 0
+            if not ptr:
+                continue
+            token = pinner.pin(ptr, stream)
+            pinner.declare(ptr)
+            if token is not None:
+                pinner.unpin(token, stream, False)
 
     def _wrap_zero_grad(self, original: Any) -> Any:
         default = inspect.signature(original).parameters.get("set_to_none")
