@@ -10,6 +10,7 @@
 
 #include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "graph/batch.hpp"
 #include "graph/device_model.hpp"
 #include "graph/evaluate.hpp"
 #include "graph/graph_json.hpp"
@@ -42,6 +43,17 @@ const char* kTiny = R"({
     {"name": "step", "phase": "optimizer", "reads": [14, 10], "writes": [10]}
   ]
 })";
+
+// kTiny in version 2: its batch of 4 scales the input, the activations and the forward op.
+std::string tiny_v2() {
+  std::string t = spill::test::replaced(kTiny, "\"version\": 1, \"name\": \"tiny\"",
+                                        "\"version\": 2, \"name\": \"tiny\", \"batch\": 4");
+  t = spill::test::replaced(t, "\"bytes\": 4096, \"kind\"",
+                            "\"bytes\": 4096, \"batch_bytes\": 4096, \"kind\"");
+  t = spill::test::replaced(t, "\"bytes\": 2048, \"dtype\"",
+                            "\"bytes\": 2048, \"batch_bytes\": 2048, \"dtype\"");
+  return spill::test::replaced(t, "\"flops\": 100,", "\"flops\": 100, \"batch_flops\": 96,");
+}
 
 TEST(HostileGraph, NumbersOutOfRangeNameTheFileFieldAndRule) {
   struct Case {
@@ -164,11 +176,24 @@ TEST(HostileGraph, ZooModelsAtTheLargestBatchAnswerOrRefuseClearly) {
 TEST(HostileGraph, FuzzedGraphFilesReadCleanlyAndPlanWithoutWrapping) {
   ZooOptions zo;
   zo.batch = 2;
-  const std::vector<std::string> seeds{kTiny, graph_to_json(build_model("mlp", zo)).dump()};
+  ASSERT_TRUE(has_batch_scaling(parse_graph(tiny_v2(), "v2.json")));
+  const std::vector<std::string> seeds{kTiny, tiny_v2(),
+                                       graph_to_json(build_model("mlp", zo)).dump()};
   const GpuModel& gpu = gpu_preset("a100-40gb");
   const LinkModel link = link_preset("pcie4");
   test::FuzzCounts n = test::fuzz_reader(seeds, 2024, 4000, 6.0, [&](const std::string& text) {
     Graph g = parse_graph(text, "fuzz.json");
+    if (has_batch_scaling(g)) {
+      // A version 2 graph rescaled to another batch (spill plan --batch): a graph whose sizes
+      // stay in range, or an error; the largest batch must not wrap a size.
+      const std::uint64_t batch = std::uint64_t(std::numeric_limits<std::int32_t>::max());
+      try {
+        EXPECT_LE(analyze_liveness(at_batch(g, batch)).peak, kMaxBytes);
+      } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("2^63"), std::string::npos) << e.what();
+      }
+      g = at_batch(g, g.batch * 3);
+    }
     Liveness l = analyze_liveness(g);
     EXPECT_LE(l.peak, kMaxBytes);
     if (g.ops.size() > 64) return;  // the zoo seed: reading it is the point, planning is slow
