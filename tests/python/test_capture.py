@@ -1,8 +1,8 @@
 """spill.torch.capture: a training step recorded on meta tensors as a spill graph.
 
 Checks: parameter counts against PyTorch and spill's zoo; the unlimited-memory peak against the
-zoo's prediction for the same model (the CPU bridge of issue 13, which would let us compare with
-bytes spill measures in a real run, does not exist yet); the planner's properties on captured
+bytes spill measures when the same model trains through the CPU bridge (spill.torch), and
+against the zoo's prediction for the same architecture; the planner's properties on captured
 graphs; storage sharing, tensor kinds, batch scaling; clear errors for steps that need data.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from spill.torch._meta import building_on_meta  # noqa: E402
 from models import GPT2, lm_loss  # noqa: E402
 
 nn = torch.nn
+HERE = pathlib.Path(__file__).resolve().parent
 
 
 def gpt2_step(size="small", batch=2, seq=128, **kw):
@@ -97,8 +98,8 @@ def without_tensors_the_zoo_omits(graph):
 @pytest.mark.parametrize("model,batch,extra", [
     ("gpt2", 2, ["--seq", "1024"]), ("resnet50", 32, []), ("vgg16", 32, [])])
 def test_unlimited_peak_within_5_percent_of_the_zoo(model, batch, extra, tmp_path):
-    # Until issue 13's CPU bridge lets spill measure the same model's allocated bytes in a real
-    # run, the reference is the zoo's prediction for the same architecture.
+    # Models too large to train here: the reference is the zoo's prediction for the same
+    # architecture (the real-run comparison is test_unlimited_peak_within_5_percent_of_a_real_run).
     step = gpt2_step(batch=batch, seq=1024, path=None) if model == "gpt2" else \
         vision_step(model, batch=batch, path=None)
     args = ["--device", "a100-80gb", "--link", "pcie4"]
@@ -111,6 +112,38 @@ def test_unlimited_peak_within_5_percent_of_the_zoo(model, batch, extra, tmp_pat
     same_model = spill_plan(str(comparable), *args)["unlimited_peak_bytes"]
     assert abs(same_model - zoo) <= 0.05 * zoo, (same_model, zoo)
     assert peak >= same_model  # what the zoo omits only adds
+
+
+# ----- peak memory against a real run through the CPU bridge -------------------------------
+
+def bridge_run(model, tmp_path):
+    """capture_vs_bridge.py for `model`: the captured graph's predicted unlimited peak and the
+    bytes spill measured while the same model trained through the CPU bridge."""
+    graph = tmp_path / f"{model}.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1] / "python"),
+                                         env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(HERE / "capture_vs_bridge.py"), model, str(graph)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-6000:]
+    measured = json.loads(lines[-1][len("RESULT "):])
+    predicted = spill_plan(str(graph), "--device", "a100-80gb", "--link", "pcie4")
+    return predicted["unlimited_peak_bytes"], measured["requested_peak"]
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_unlimited_peak_within_5_percent_of_a_real_run(model, tmp_path):
+    predicted, measured = bridge_run(model, tmp_path)
+    assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
+
+
+def test_convolution_workspaces_are_what_a_capture_cannot_see(tmp_path):
+    # PyTorch's CPU convolutions allocate workspaces (oneDNN's, or im2col columns without it)
+    # that no meta kernel shows: measured 9% over the prediction with oneDNN, 26% without, for
+    # this CNN (2-core build machine, torch 1.13, 2026-12-02). The capture is a lower bound.
+    predicted, measured = bridge_run("cnn", tmp_path)
+    assert predicted <= measured, (predicted, measured)
 
 
 # ----- the planner on captured graphs ------------------------------------------------------
