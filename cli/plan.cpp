@@ -171,12 +171,15 @@ int run_plan(const PlanArgs& a) {
         report["max_batch"].push_back({{"policy", graph::to_string(p)}, {"batch", 0}});
         continue;
       }
-      std::printf("  %-10s batch %d (overhead %.1f%%, peak %s)\n", graph::to_string(p),
-                  found->batch, 100.0 * found->result.overhead(),
+      // At the search's cap the largest batch is not known, only that it is no smaller.
+      std::printf("  %-10s batch %d%s (overhead %.1f%%, peak %s)\n", graph::to_string(p),
+                  found->batch, found->capped ? " or more: the search stops there" : "",
+                  100.0 * found->result.overhead(),
                   format_bytes(found->result.sim.peak_bytes).c_str());
       nlohmann::json entry = result_json(found->result);
       entry["policy"] = graph::to_string(p);
       entry["batch"] = found->batch;
+      entry["search_capped"] = found->capped;
       report["max_batch"].push_back(entry);
     }
   }

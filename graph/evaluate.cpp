@@ -35,7 +35,10 @@ std::optional<BatchSearch> find_max_batch(const std::function<Graph(int)>& build
     }
     best = {b, std::move(*r)};
   }
-  if (bad == 0) return best;  // fits up to the cap
+  if (bad == 0) {  // fits up to the cap
+    best.capped = true;
+    return best;
+  }
   int lo = best.batch, hi = bad;  // lo fits, hi does not
   while (hi - lo > 1) {
     int mid = lo + (hi - lo) / 2;

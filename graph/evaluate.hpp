@@ -26,10 +26,12 @@ PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, cons
 
 // The largest batch in [1, max_batch] for which `build(batch)` is feasible under `p` with
 // overhead at most `max_overhead` (0.1 = 10%); nullopt when even batch 1 is not. Assumes
-// feasibility falls with the batch (doubling, then bisection).
+// feasibility falls with the batch (doubling, then bisection). `capped`: every batch tried fit,
+// so the largest is only known to be at least `batch` (the search stops at max_batch).
 struct BatchSearch {
   int batch = 0;
   PolicyResult result;
+  bool capped = false;
 };
 std::optional<BatchSearch> find_max_batch(const std::function<Graph(int)>& build, Policy p,
                                           const GpuModel& gpu, const LinkModel& link,
