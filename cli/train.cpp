@@ -13,6 +13,7 @@
 #include "cli/commands.hpp"
 #include "cli/options.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/events.hpp"
@@ -59,6 +60,8 @@ std::string ms(double s) {
 }
 
 int run_train(Config config, const TrainArgs& a) {
+  if (!a.trace.empty()) check_writable(a.trace, "--trace");
+  if (!a.json.empty()) check_writable(a.json, "--json");
   const train::Policy policy = train::parse_policy(a.policy);
   train::Program program = train::build_model(a.model, a.model_options);
   const std::uint64_t footprint = train::footprint(config, program);
