@@ -98,7 +98,10 @@ LinkModel resolve_link(std::string_view name_or_path) {
   for (const LinkModel& m : link_presets())
     if (m.name == name_or_path) return m;
   const std::string path(name_or_path);
-  if (!std::ifstream(path)) return link_preset(name_or_path);  // throws, listing the presets
+  // A name that looks like a path is a file (read_file_text says why it cannot be read);
+  // anything else not a preset is an unknown preset (the error lists them).
+  const bool looks_like_path = path.find('/') != std::string::npos || path.ends_with(".json");
+  if (!looks_like_path && !std::ifstream(path)) return link_preset(name_or_path);
   return link_from_bench_json(read_file_text(path, "link file '" + path + "'"), path);
 }
 

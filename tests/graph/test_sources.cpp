@@ -109,6 +109,15 @@ TEST(DeviceModel, LinkFromBenchJson) {
   EXPECT_THROW(link_from_bench_json("[1,", "x"), InvalidArgument);
   EXPECT_EQ(resolve_link("nvlink2-p9").h2d_gbps, link_preset("nvlink2-p9").h2d_gbps);
   EXPECT_THROW(resolve_link("pcie9"), InvalidArgument);
+  // A missing file is a missing file, not an unknown preset.
+  try {
+    resolve_link("runs/link.json");
+    ADD_FAILURE() << "accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("link file 'runs/link.json': cannot open it"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(DeviceModel, CopyTimeUsesLatencyBandwidthAndDuplex) {
