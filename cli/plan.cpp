@@ -89,9 +89,20 @@ void write_json(const std::string& path, const nlohmann::json& j, const char* wh
 
 int run_plan(const PlanArgs& a) {
   SPILL_EXPECTS(!std::isnan(a.max_batch_pct), "--max-batch: expected a percentage, got nan");
-  for (auto [path, what] : {std::pair{&a.json_path, "--json"}, {&a.timeline_path, "--timeline"},
-                            {&a.plan_path, "--plan-out"}})
-    if (!path->empty()) check_writable(*path, what);
+  const std::pair<const std::string*, const char*> outputs[] = {
+      {&a.json_path, "--json"}, {&a.timeline_path, "--timeline"}, {&a.plan_path, "--plan-out"}};
+  for (std::size_t i = 0; i < std::size(outputs); ++i) {
+    const auto [path, what] = outputs[i];
+    if (path->empty()) continue;
+    check_writable(*path, what);
+    // Neither the graph file nor the link file it reads, nor another output.
+    if (is_graph_file(a.model)) check_not_same(*path, what, a.model, "the graph file read");
+    std::error_code ec;
+    if (std::filesystem::is_regular_file(a.link, ec))
+      check_not_same(*path, what, a.link, "the --link file");
+    for (std::size_t j = 0; j < i; ++j)
+      check_not_same(*path, what, *outputs[j].first, outputs[j].second);
+  }
   const graph::GpuModel& gpu = graph::gpu_preset(a.device);
   const LinkModel link = graph::resolve_link(a.link);
   const bool from_file = is_graph_file(a.model);

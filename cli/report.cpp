@@ -24,6 +24,7 @@ void add_report(CLI::App& app, Runner& run) {
   cmd->callback([&run, args] {
     run = [args](const Config&) {
       check_writable(args->output, "--output");
+      check_not_same(args->output, "--output", args->trace, "the trace read");
       profiling::ParsedTrace trace = profiling::read_chrome_trace(args->trace);
       std::string page;
       profiling::ReportSummary s;

@@ -6,6 +6,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
+#include <system_error>
 
 #include "core/errors.hpp"
 
@@ -23,6 +25,25 @@ void check_writable(const std::string& path, std::string_view what) {
   if (fd < 0) fail(std::strerror(errno));
   ::close(fd);
   if (!existed) ::unlink(path.c_str());
+}
+
+void check_not_same(const std::string& path, std::string_view what, const std::string& other,
+                    std::string_view other_what) {
+  if (path.empty() || other.empty()) return;
+  struct stat a {}, b {};
+  bool same;
+  if (::stat(path.c_str(), &a) == 0 && ::stat(other.c_str(), &b) == 0) {
+    same = a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+  } else {
+    std::error_code ea, eb;
+    const auto ca = std::filesystem::weakly_canonical(path, ea);
+    const auto cb = std::filesystem::weakly_canonical(other, eb);
+    same = ea || eb ? path == other : ca == cb;
+  }
+  if (same)
+    throw InvalidArgument(std::string(what) + ": '" + path + "' is also " +
+                          std::string(other_what) + " ('" + other +
+                          "'): writing it would replace it");
 }
 
 }  // namespace spill

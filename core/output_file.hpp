@@ -12,4 +12,11 @@ namespace spill {
 // that did not exist is created and removed again.
 void check_writable(const std::string& path, std::string_view what);
 
+// Throws InvalidArgument "<what>: '<path>' is also <other_what> ('<other>'): writing it would
+// replace it" when both name one file (links followed; a file not there yet by its path), so
+// that `spill report t.json -o t.json` cannot overwrite the trace it reads, nor one output
+// another. Empty paths are never the same.
+void check_not_same(const std::string& path, std::string_view what, const std::string& other,
+                    std::string_view other_what);
+
 }  // namespace spill
