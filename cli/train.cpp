@@ -62,6 +62,7 @@ std::string ms(double s) {
 int run_train(Config config, const TrainArgs& a) {
   if (!a.trace.empty()) check_writable(a.trace, "--trace");
   if (!a.json.empty()) check_writable(a.json, "--json");
+  check_not_same(a.json, "--json", a.trace, "--trace");
   const train::Policy policy = train::parse_policy(a.policy);
   train::Program program = train::build_model(a.model, a.model_options);
   const std::uint64_t footprint = train::footprint(config, program);
