@@ -320,6 +320,41 @@ def test_a_forked_dataloader_worker_leaves_the_parents_state_alone() -> None:
     assert "ok" in out
 
 
+def test_a_side_stream_use_delays_reuse_on_the_cpu_bridge() -> None:
+    """spill.record_stream on a bridge tensor's block: while a side stream of spill's device
+    still has work queued (here waiting for a slow copy), the freed block is not handed out
+    again; once that stream has finished, it is."""
+    if TARGET != "cpu":
+        pytest.skip("the CUDA run tests Tensor.record_stream (test_record_stream_delays_reuse)")
+    out = run_ok("""
+        import torch, spill, spill.torch as st
+        st.enable("budget:64MiB,swap_threshold:128KiB,sim_granularity:64KiB,time_scale:1,"
+                  "link_gbps:0.005", target="cpu")
+        n = 1 << 20                                  # 4 MiB of float32
+        y = torch.ones(n)
+        spill.set_swappable(y.data_ptr())
+        spill.evict(y.data_ptr())                    # a copy out that takes about 0.8 s
+        side = spill.stream_create()
+        token = spill.pin(y.data_ptr(), side)        # cancelled: side waits for that copy
+        x = torch.empty(n)
+        ptr = x.data_ptr()
+        spill.record_stream(ptr, side)               # x is also used by work queued on side
+        del x
+        x2 = torch.empty(n)
+        assert x2.data_ptr() != ptr, "reused while the side stream still had work queued"
+        spill.stream_synchronize(side)
+        spill.unpin(token, side, False)
+        del x2
+        again = [torch.empty(n) for _ in range(2)]
+        assert ptr in [t.data_ptr() for t in again], "never reused after the stream finished"
+        token = spill.pin_for_host(y.data_ptr())    # y is swappable: read it pinned
+        assert float(y.sum()) == n                   # its bytes survived the cancelled copy
+        spill.unpin(token, None, False)
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 # ------------------------------------------------------------------ GPU only
 
 @needs_cuda
