@@ -7,7 +7,8 @@
 # link`, which the planner reads as a measured link model) and logs.tar.gz.
 # Dependencies: if the machine lacks the Debian -dev packages, carry .gpu-deps/ (made by
 # bench/gpu/fetch_deps.sh on the dev machine); they are unpacked under the build folder.
-# Environment: SPILL_CUDA_ARCH (default 90), SPILL_GPU_BUDGET_S (default 530 seconds).
+# Environment: SPILL_CUDA_ARCH (default 90), SPILL_GPU_BUDGET_S (default 530 seconds),
+# SPILL_GPU_ONLY (run only the steps whose names match; the whole list rarely fits the budget).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-$root/build/gpu-results}
@@ -20,11 +21,16 @@ rows=()
 failed=0
 
 # step NAME LIMIT_S COMMAND...: runs with a time limit (capped by what is left), logs to
-# $work/NAME.log and adds a row to the summary.
+# $work/NAME.log and adds a row to the summary. SPILL_GPU_ONLY (an extended regex over step
+# names, e.g. 'configure|build|torch') runs only the steps it matches.
 step() {
   local name=$1 limit=$2
   shift 2
   local start left rc status
+  if [[ -n ${SPILL_GPU_ONLY:-} ]] && ! [[ $name =~ ^(${SPILL_GPU_ONLY}) ]]; then
+    rows+=("$name|not selected (SPILL_GPU_ONLY)|0")
+    return 0
+  fi
   start=$(date +%s)
   left=$((deadline - start))
   ((limit > left)) && limit=$left
@@ -102,6 +108,19 @@ if ((built == 0)); then
     rows+=("python-cupy|not run: no python with pytest|0")
   fi
   step train-gpt-medium 180 "$root/bench/gpu/train_gpt_medium.sh" "$build/spill" "$work"
+  # spill.torch on CUDA (a CUDA torch is needed; pip's is fine; the shims are compiled at first
+  # use into the build folder): the CPU-bridge tests with the CUDA target, then GPT-2 medium at
+  # a third of its footprint beside save_on_cpu and activation checkpointing.
+  if [[ -n $python ]] && "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    torch_env=(env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python"
+               SPILL_TORCH_TARGET=cuda SPILL_TORCH_BUILD_DIR="$build/torch-ext")
+    step torch-tests 240 "${torch_env[@]}" "$python" -m pytest -v -rs -p no:cacheprovider \
+      "$root/tests/python/test_torch_bridge.py"
+    step torch-gpt2-medium 240 "${torch_env[@]}" "$python" "$root/bench/gpu/bench_torch_gpt2.py" \
+      --steps 5 --json "$work/bench_torch_gpt2.json"
+  else
+    rows+=("torch|skipped: no CUDA torch|0")
+  fi
   for bench in "$build"/bench/bench_*; do
     [[ -x $bench ]] || continue
     name=$(basename "$bench")
@@ -121,6 +140,10 @@ fi
     printf '%-28s %-28s %8s\n' "$n" "$s" "$t"
   done
   if [[ -f $work/tests.log ]]; then grep -E 'tests passed|tests failed' "$work/tests.log"; fi
+  if [[ -f $work/torch-tests.log ]]; then tail -n 1 "$work/torch-tests.log"; fi
+  if [[ -f $work/torch-gpt2-medium.log ]]; then
+    grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint)' "$work/torch-gpt2-medium.log"
+  fi
   if [[ -f $work/train-gpt-medium.log ]]; then
     grep -E '^(device|step time|predicted)' "$work/train-gpt-medium.log"
   fi

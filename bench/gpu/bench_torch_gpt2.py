@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""GPT-2 medium on a GPU, AdamW, one process per case (PyTorch's CUDA allocator is fixed once
+used): plain PyTorch with all the memory it wants (the footprint), spill.torch at a third of
+that footprint (enable + offload), torch.autograd.graph.save_on_cpu(pin_memory=True), and
+activation checkpointing per block. Prints a table and writes JSON; bench/gpu/run_all.sh runs
+it when a GPU and a CUDA torch exist. Numbers from it are labelled with the GPU and the date.
+
+Usage: bench_torch_gpt2.py [--batch 8] [--seq 1024] [--steps 6] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CASES = ("unlimited", "spill", "save_on_cpu", "checkpoint")
+
+
+def child(case: str, batch: int, seq: int, steps: int, budget: int) -> Dict[str, Any]:
+    import torch
+    if case == "spill":
+        import spill.torch as st
+        st.enable(f"budget:{budget}B" if budget else None)
+    sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+    from torch_train_models import GPT
+    torch.manual_seed(0)
+    model = GPT(vocab=50257, d=1024, layers=24, heads=16, n_ctx=seq).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                            foreach=False if case == "spill" else None)
+    handle = st.offload(model, opt) if case == "spill" else None
+    if case == "checkpoint":
+        from torch.utils.checkpoint import checkpoint
+        for block in model.h:
+            block.forward = (lambda f: lambda x: checkpoint(f, x, use_reentrant=False))(
+                block.forward)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 50257, (batch, seq + 1), device="cuda", generator=g)
+    x, y = ids[:, :-1], ids[:, 1:]
+    times: List[float] = []
+    losses: List[float] = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        if case == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                logits = model(x)
+        else:
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out: Dict[str, Any] = {"case": case, "step_s": times, "losses": losses,
+                           "peak_allocated": torch.cuda.max_memory_allocated(),
+                           "peak_reserved": torch.cuda.max_memory_reserved()}
+    if case == "spill":
+        out["spill"] = {k: v for k, v in st.memory_stats().items()
+                        if k.startswith("swap.") or k in ("budget_bytes", "num_ooms")}
+        del handle
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--json")
+    p.add_argument("--child")
+    p.add_argument("--budget", type=int, default=0)
+    a = p.parse_args()
+    if a.child:
+        print("CASE " + json.dumps(child(a.child, a.batch, a.seq, a.steps, a.budget)))
+        return 0
+    import torch
+    if not torch.cuda.is_available():
+        print("skip: no GPU")
+        return 0
+    results: Dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "date": time.strftime("%Y-%m-%d"), "batch": a.batch,
+                               "seq": a.seq, "cases": {}}
+    budget = 0
+    for case in CASES:
+        cmd = [sys.executable, __file__, "--child", case, "--batch", str(a.batch), "--seq",
+               str(a.seq), "--steps", str(a.steps), "--budget", str(budget)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("CASE ")]
+        if r.returncode != 0 or not lines:
+            results["cases"][case] = {"error": (r.stderr or r.stdout)[-2000:]}
+            continue
+        res = json.loads(lines[-1][5:])
+        results["cases"][case] = res
+        if case == "unlimited":
+            results["footprint"] = res["peak_reserved"]
+            budget = res["peak_reserved"] // 3
+    results["budget"] = budget
+    base = results["cases"].get("unlimited", {})
+    print(f"GPT-2 medium, batch {a.batch} x {a.seq}, AdamW, {results['gpu']}, torch "
+          f"{results['torch']}, {results['date']}")
+    print(f"{'case':<14}{'step ms':>10}{'vs unlimited':>14}{'peak GiB':>10}  losses equal")
+    for case, res in results["cases"].items():
+        if "error" in res:
+            print(f"{case:<14} failed: {res['error'].splitlines()[-1] if res['error'] else ''}")
+            continue
+        t = statistics.median(res["step_s"][1:])
+        tb = statistics.median(base["step_s"][1:]) if "step_s" in base else float("nan")
+        same = res["losses"] == base.get("losses")
+        print(f"{case:<14}{t * 1e3:>10.1f}{t / tb:>13.2f}x{res['peak_reserved'] / 2**30:>10.2f}"
+              f"  {same}")
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
