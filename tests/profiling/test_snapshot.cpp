@@ -8,6 +8,7 @@
 
 #include "core/errors.hpp"
 #include "profiling/snapshot.hpp"
+#include "tests/hostile_helpers.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
 
 namespace spill::profiling {
@@ -89,6 +90,22 @@ TEST(Snapshot, BadFilesGetClearErrors) {
   std::remove(path.c_str());
   if (const char* out = std::getenv("SPILL_WRITE_SNAPSHOT"))
     write_snapshot(out, sample_state(), test::synthetic_step());
+}
+
+// The snapshot reader on mutated snapshots (issue 11): a snapshot or a clean error, never a
+// crash; what reads is a spill snapshot of the supported version.
+TEST(Snapshot, FuzzedFilesReadCleanly) {
+  const std::string path = ::testing::TempDir() + "spill_fuzz_snapshot.json";
+  const std::string good = to_memory_viz(sample_state(), test::synthetic_step(2, 2)).dump();
+  spill::test::FuzzCounts n =
+      spill::test::fuzz_reader({good}, 5, 2000, 3.0, [&](const std::string& text) {
+        std::ofstream(path, std::ios::trunc | std::ios::binary) << text;
+        nlohmann::json j = read_snapshot(path);
+        EXPECT_EQ(j["spill"]["format"], "spill-snapshot");
+      });
+  std::remove(path.c_str());
+  EXPECT_GT(n.accepted, 0);
+  EXPECT_GT(n.rejected, 0);
 }
 
 }  // namespace
