@@ -302,8 +302,9 @@ void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepSta
     auto it = blocks.find(base);
     if (it == blocks.end() || it->second.size != s.size_of_id[w.id]) continue;
     if (it->second.state == Residence::SwappingOut) {
-      // Still on the device: cancel the eviction instead of copying back.
-      it->second.state = Residence::Resident;
+      // Still on the device: cancel the eviction instead of copying back (a victim taken while
+      // its swap-in was landing stays SwappingIn, so that its users wait for that copy).
+      cancel_swap_out_locked(it->second);
       continue;
     }
     if (it->second.state != Residence::OnHost) continue;
