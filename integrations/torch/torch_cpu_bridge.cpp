@@ -78,6 +78,16 @@ class SpillCpuAllocator final : public c10::Allocator {
         C10_THROW_ERROR(OutOfMemoryError, what);
       C10_THROW_ERROR(Error, what);
     }
+    // spill_malloc's memory is ready for work on its stream, and CPU kernels run on the host:
+    // wait for that stream first. It is idle unless a block freed there still had a copy of
+    // spill's in flight (a swap-in landing, a swap-out reading), which the stream waits for;
+    // the new tensor's first write must not race that copy.
+    status = spill_stream_synchronize(device, nullptr);
+    if (status != SPILL_OK) {
+      spill_cpu_delete(ptr);
+      C10_THROW_ERROR(Error, std::string("spill: waiting for the simulated device's stream "
+                                         "failed: ") + spill_last_error());
+    }
     return {ptr, ptr, &spill_cpu_delete, c10::Device(c10::DeviceType::CPU)};
   }
 };
