@@ -7,7 +7,9 @@
 #include <CLI/CLI.hpp>
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 #include "core/errors.hpp"
@@ -25,6 +27,23 @@ inline CLI::Validator int_in(std::int64_t lo, std::int64_t hi) {
         return "expected an integer in " + range + ", got '" + excerpt(text, 40) + "'";
       },
       "INT in " + range);
+}
+
+// The same for a number (a finite decimal, no nan or inf): "expected a percentage in [0, 1000000],
+// got '1e400'" (CLI11 printed "not in range 0.000000 to 1000000.000000" and let nan through).
+inline CLI::Validator number_in(double lo, double hi, const std::string& what = "a number") {
+  char text[64];
+  std::snprintf(text, sizeof text, "[%.10g, %.10g]", lo, hi);
+  const std::string range = text;
+  return CLI::Validator(
+      [lo, hi, range, what](std::string& s) -> std::string {
+        double v = 0;
+        const char* end = s.data() + s.size();
+        auto [stop, ec] = std::from_chars(s.data(), end, v);
+        if (ec == std::errc() && stop == end && std::isfinite(v) && v >= lo && v <= hi) return "";
+        return "expected " + what + " in " + range + ", got '" + excerpt(s, 40) + "'";
+      },
+      "NUMBER in " + range);
 }
 
 }  // namespace spill::cli

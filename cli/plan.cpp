@@ -88,7 +88,6 @@ void write_json(const std::string& path, const nlohmann::json& j, const char* wh
 }
 
 int run_plan(const PlanArgs& a) {
-  SPILL_EXPECTS(!std::isnan(a.max_batch_pct), "--max-batch: expected a percentage, got nan");
   const std::pair<const std::string*, const char*> outputs[] = {
       {&a.json_path, "--json"}, {&a.timeline_path, "--timeline"}, {&a.plan_path, "--plan-out"}};
   for (std::size_t i = 0; i < std::size(outputs); ++i) {
@@ -236,7 +235,7 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->add_option("--plan-out", args->plan_path, "write the first policy's plan as JSON");
   cmd->add_option("--max-batch", args->max_batch_pct,
                   "also find the largest batch that fits with overhead under this percentage")
-      ->check(CLI::Range(0.0, 1e6));
+      ->check(number_in(0, 1e6, "a percentage"));
   cmd->callback([&run, args, cmd] {
     args->batch_given = cmd->count("--batch") > 0;
     run = [args](const Config&) { return run_plan(*args); };
