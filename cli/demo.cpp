@@ -27,6 +27,7 @@ struct DemoArgs {
 
 int run_demo(Config config, const DemoArgs& a) {
   if (!a.trace.empty()) check_writable(a.trace, "--trace");
+  const char* budget_from = config.budget ? "budget: (--conf or SPILL_CONF)" : "--budget";
   if (!config.budget) config.budget = parse_size(a.budget, "--budget");
   if (config.policy == SwapPolicy::None)
     throw InvalidArgument("spill demo needs swapping: policy:none cannot run a step 3x the budget");
@@ -43,7 +44,7 @@ int run_demo(Config config, const DemoArgs& a) {
   c.activation_bytes = act;
   c.weight_bytes = act / 2;
   c.steps = a.steps;
-  SPILL_EXPECTS(3 * act <= budget, "--budget " + format_bytes(budget) +
+  SPILL_EXPECTS(3 * act <= budget, std::string(budget_from) + " " + format_bytes(budget) +
                                        " is too small for " + std::to_string(a.layers) +
                                        " layers: one op needs " + format_bytes(3 * act));
   std::printf("%s\n", rt.device_reason().c_str());
