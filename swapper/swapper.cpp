@@ -169,7 +169,7 @@ void Swapper::Impl::settle_locked(SwapBlock& b) {
 }
 
 bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base,
-                            bool prefetch) {
+                            bool prefetch, bool wait_for_room) {
   SwapBlock& b = blocks.at(base);
   SPILL_ASSERT(b.state == Residence::OnHost, "swap_in of a block that is not on the host");
   b.busy = true;
@@ -183,8 +183,10 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   try {
     if (prefetch) {
       // A prefetch only uses room that is free now: it never chooses victims here (they
-      // could be needed before this block) and never waits (the plan retries it later).
+      // could be needed before this block) and never waits (the plan retries it later),
+      // unless the caller asked it to wait for swap-outs in flight (Swapper::prefetch).
       mapped = backend.try_reback(ptr, size);
+      if (!mapped && wait_for_room && wait_inflight(size) > 0) mapped = backend.try_reback(ptr, size);
     } else {
       backend.reback(ptr, size);  // may run the eviction ladder, which takes our lock
     }
@@ -249,7 +251,7 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
 }
 
 void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
-                                 const std::vector<std::uintptr_t>& bases) {
+                                 const std::vector<std::uintptr_t>& bases, bool wait_for_room) {
   for (std::uintptr_t base : bases) {
     wait_not_busy(lock, base);
     auto it = blocks.find(base);
@@ -259,7 +261,7 @@ void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
       cancel_swap_out_locked(it->second);
       continue;
     }
-    if (it->second.state == Residence::OnHost) swap_in(lock, base, true);
+    if (it->second.state == Residence::OnHost) swap_in(lock, base, true, wait_for_room);
   }
 }
 
@@ -386,14 +388,14 @@ void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
   m.unpin_locked(it->second, stream, wrote, token.host);
 }
 
-void Swapper::prefetch(const void* ptr) {
+void Swapper::prefetch(const void* ptr, bool wait_for_room) {
   Impl& m = *impl_;
   std::unique_lock lock(m.mu);
   SwapBlock* found = m.lookup_locked(ptr, "prefetch");
   if (found == nullptr) return;
   const std::uintptr_t base = key(found->base);
   const std::size_t size = found->size;
-  m.prefetch_all(lock, {base});
+  m.prefetch_all(lock, {base}, wait_for_room);
   TraceRecorder::global().record(EventKind::Prefetch, base, size, profiling::kHostStream);
 }
 

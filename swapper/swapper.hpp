@@ -128,7 +128,11 @@ class Swapper {
   PinToken pin_for_host(const void* ptr);
   void unpin(const void* ptr, Stream stream, bool wrote = true);
   void unpin(const PinToken& token, Stream stream, bool wrote = true);
-  void prefetch(const void* ptr);
+  // Starts bringing a block on the host back, into free budget only (it never evicts). With
+  // `wait_for_room`, when the budget is short it first waits (on the host) for swap-outs
+  // already in flight to free room, as a plan that timed them expects; else it gives up
+  // (counted in prefetches_skipped).
+  void prefetch(const void* ptr, bool wait_for_room = false);
   void evict(const void* ptr);  // a no-op for a pinned, protected or unswappable block
   std::size_t evict_bytes(std::size_t needed);
   void release(void* base, Stream stream);

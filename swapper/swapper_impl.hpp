@@ -145,7 +145,8 @@ struct Swapper::Impl {
   void wait_not_busy(std::unique_lock<std::mutex>& lock, std::uintptr_t base);
   // Maps the block again and starts the copy back; drops and retakes the lock around reback.
   // Returns false (block unchanged) when `optional` and the budget cannot be met.
-  bool swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base, bool prefetch);
+  bool swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base, bool prefetch,
+               bool wait_for_room = false);
   void settle_locked(SwapBlock& b);  // SwappingIn whose copy is done -> Resident
   // SwappingOut -> Resident, or SwappingIn while the swap-in it started on is still landing.
   void cancel_swap_out_locked(SwapBlock& b);
@@ -182,7 +183,8 @@ struct Swapper::Impl {
   std::int64_t next_use_of_id_locked(const StepState& s, std::uint64_t id) const;
   // Notes the memory mapped outside the recording's blocks at this point of the step.
   void sample_other_locked(StepState& s);
-  void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases);
+  void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,
+                    bool wait_for_room = false);
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
   // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).
   std::int64_t next_use_locked(const SwapBlock& b) const;

@@ -334,7 +334,7 @@ StepStats Executor::Impl::step() {
               r.cache_returns++;
             }
           }
-          swp->prefetch(ptrs[t]);
+          swp->prefetch(ptrs[t], /*wait_for_room=*/true);  // the plan timed the swap-outs
         });
       }
     }
