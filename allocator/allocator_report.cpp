@@ -179,6 +179,7 @@ void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t neede
   if (m.host_pool) {
     f.host_pinned = m.host_pool->reserved();
     f.host_in_use = m.host_pool->in_use();
+    f.host_cap = m.host_pool->cap();
   } else if (m.host_in_use) {
     f.host_pinned = f.host_in_use = m.host_in_use();
   }

@@ -33,6 +33,7 @@ class HostPool final : public HostMemory {
   void deallocate(void* ptr, std::size_t bytes) override;
   std::size_t in_use() const override;   // bytes handed out
   std::size_t reserved() const;          // bytes of registered chunks
+  std::optional<std::size_t> cap() const { return cap_; }  // host_cap: (nullopt: unlimited)
   Stat stat() const;                     // registered chunk bytes over time
   void reset_peak();
   // Unregisters and returns the chunks that hold no buffer.

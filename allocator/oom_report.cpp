@@ -1,5 +1,6 @@
 #include "allocator/oom_report.hpp"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "core/units.hpp"
@@ -33,6 +34,10 @@ std::string oom_message(const OomFacts& f) {
   } else if (f.cached >= f.needed && frag > 0.5) {
     m += "Hint: enough is cached but fragmented across partly used segments, which go back "
          "to the device only when all of their blocks are freed.";
+  } else if (f.host_cap && *f.host_cap - std::min(*f.host_cap, f.host_in_use) < f.needed) {
+    m += "Hint: the host cap (host_cap: " + format_bytes(*f.host_cap) + ", " +
+         format_bytes(f.host_in_use) + " of it in use) leaves no room to swap a block out: "
+         "raise host_cap:.";
   } else if (f.swapped_out == 0 && f.allocated > f.budget / 2) {
     m += "Hint: nothing is swapped out: is the swapper enabled (policy:plan or lru), and are "
          "tensors unpinned after use?";

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <optional>
 #include <string>
 
 namespace spill {
@@ -17,6 +18,7 @@ struct OomFacts {
   std::size_t swapped_out = 0;    // allocated, bytes on the host
   std::size_t host_pinned = 0;    // pinned host memory held (registered chunks)
   std::size_t host_in_use = 0;    // of which holding swapped-out bytes
+  std::optional<std::size_t> host_cap;  // the host pool's cap (host_cap:), when it has one
   std::size_t largest_free = 0;   // largest cached block
   std::size_t free_total = 0;     // all cached bytes
   bool device_full = false;       // the device itself refused, within the budget

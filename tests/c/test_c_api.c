@@ -49,6 +49,23 @@ TEST(parse_size) {
   CHECK_STATUS(spill_parse_size("1GiB", NULL), SPILL_ERROR_INVALID_ARGUMENT);
 }
 
+/* Nothing can be swapped out when the host cap leaves no room: the OOM says so (it used to ask
+ * whether the swapper was enabled). */
+TEST(oom_names_a_full_host_cap) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:256MiB,budget:16MiB,host_cap:0"));
+  void* stream = NULL;
+  REQUIRE_OK(spill_stream_create(0, &stream));
+  void* p[4];
+  for (int i = 0; i < 4; ++i) {
+    REQUIRE_OK(spill_malloc(&p[i], 4u << 20, 0, stream));
+    REQUIRE_OK(spill_set_swappable(p[i], 1));
+  }
+  void* more = NULL;
+  CHECK_STATUS(spill_malloc(&more, 4u << 20, 0, stream), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_ERROR_HAS("raise host_cap:");
+  for (int i = 0; i < 4; ++i) CHECK_OK(spill_free(p[i], 0, stream));
+}
+
 TEST(init_rejects_a_bad_configuration) {
   CHECK_STATUS(spill_init("device:sim,bugdet:1GiB"), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("bugdet");
@@ -560,6 +577,7 @@ TEST(exit_with_blocks_held) {
 #define TESTS(X)                                  \
   X(version_and_status_strings)                   \
   X(parse_size)                                   \
+  X(oom_names_a_full_host_cap)                    \
   X(init_rejects_a_bad_configuration)             \
   X(init_while_running_with_another_configuration) \
   X(spill_conf_is_read_at_first_use)              \
