@@ -220,6 +220,29 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
          c.k.layer_norm_backward(c.stream, c.f(dx), c.f(hg) + lnfg, c.f(hg) + lnfb, c.f(dhf),
                                  c.f(xl), c.f(hw) + lnfg, c.f(stf), c.f(stf) + N, N, d, false);
        });
+  // A block's linear backward: dY (out features) into dX (in features), and the weight at
+  // offset w and bias at offset bias of the block's parameter groups into their gradients.
+  auto linear_back = [&](const std::string& name, int l, const Layer& y, TensorId dy,
+                         TensorId x, TensorId dxo, std::size_t w, std::size_t bias, int in,
+                         int out) {
+    const TensorId mw = y.mat.w, mg = y.mat.g, vg = y.vec.g;
+    b.op(name, "matmul", Phase::Backward, l, {dy, x, mw}, {dxo, mg, vg},
+         [=](const OpContext& c) {
+           linear_backward(c, c.f(dxo), c.f(mg) + w, c.f(vg) + bias, c.f(dy), c.f(x),
+                           c.f(mw) + w, N, in, out);
+         });
+  };
+  // A block's layer-norm backward: dH into the residual gradient dx (accumulated), its gain
+  // and bias gradients at offsets g and bias of the block's vector group.
+  auto layer_norm_back = [&](const std::string& name, int l, const Layer& y, TensorId dh,
+                             TensorId x, TensorId stats, std::size_t g, std::size_t bias) {
+    const TensorId vw = y.vec.w, vg = y.vec.g;
+    b.op(name, "layernorm", Phase::Backward, l, {dh, x, stats, vw, dx}, {dx, vg},
+         [=](const OpContext& c) {
+           c.k.layer_norm_backward(c.stream, c.f(dx), c.f(vg) + g, c.f(vg) + bias, c.f(dh),
+                                   c.f(x), c.f(vw) + g, c.f(stats), c.f(stats) + N, N, d, true);
+         });
+  };
   for (int l = L - 1; l >= 0; --l) {
     const Layer y = layers[std::size_t(l)];
     const std::string n = "L" + std::to_string(l);
@@ -227,32 +250,14 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
     const TensorId datt = b.grad(n + ".attn.grad", nd), dqkv = b.grad(n + ".qkv.grad", 3 * nd);
     const TensorId dprobs = b.scratch(n + ".attn.probs.grad", scores);
     const TensorId dh1 = b.grad(n + ".ln1.grad", nd);
-    const TensorId mw = y.mat.w, mg = y.mat.g, vw = y.vec.w, vg = y.vec.g;
-    b.op(n + ".fc2.backward", "matmul", Phase::Backward, l, {dx, y.gl, mw}, {dgl, mg, vg},
-         [=](const OpContext& c) {
-           linear_backward(c, c.f(dgl), c.f(mg) + y.w2, c.f(vg) + y.b2, c.f(dx), c.f(y.gl),
-                           c.f(mw) + y.w2, N, 4 * d, d);
-         });
+    linear_back(n + ".fc2.backward", l, y, dx, y.gl, dgl, y.w2, y.b2, 4 * d, d);
     b.op(n + ".gelu.backward", "gelu", Phase::Backward, l, {dgl, y.u}, {dgl},
          [=](const OpContext& c) {
            c.k.gelu_backward(c.stream, c.f(dgl), c.f(dgl), c.f(y.u), 4 * nd);
          });
-    b.op(n + ".fc1.backward", "matmul", Phase::Backward, l, {dgl, y.h2, mw}, {dh2, mg, vg},
-         [=](const OpContext& c) {
-           linear_backward(c, c.f(dh2), c.f(mg) + y.w1, c.f(vg) + y.b1, c.f(dgl), c.f(y.h2),
-                           c.f(mw) + y.w1, N, d, 4 * d);
-         });
-    b.op(n + ".ln2.backward", "layernorm", Phase::Backward, l, {dh2, y.xm, y.st2, vw, dx},
-         {dx, vg}, [=](const OpContext& c) {
-           c.k.layer_norm_backward(c.stream, c.f(dx), c.f(vg) + y.ln2g, c.f(vg) + y.ln2b,
-                                   c.f(dh2), c.f(y.xm), c.f(vw) + y.ln2g, c.f(y.st2),
-                                   c.f(y.st2) + N, N, d, true);
-         });
-    b.op(n + ".proj.backward", "matmul", Phase::Backward, l, {dx, y.att, mw}, {datt, mg, vg},
-         [=](const OpContext& c) {
-           linear_backward(c, c.f(datt), c.f(mg) + y.wo, c.f(vg) + y.bo, c.f(dx), c.f(y.att),
-                           c.f(mw) + y.wo, N, d, d);
-         });
+    linear_back(n + ".fc1.backward", l, y, dgl, y.h2, dh2, y.w1, y.b1, d, 4 * d);
+    layer_norm_back(n + ".ln2.backward", l, y, dh2, y.xm, y.st2, y.ln2g, y.ln2b);
+    linear_back(n + ".proj.backward", l, y, dx, y.att, datt, y.wo, y.bo, d, d);
     b.op(n + ".attn.backward", "attention", Phase::Backward, l, {datt, y.probs, y.qkv},
          {dqkv, dprobs}, [=](const OpContext& c) {
            const float* p = c.f(y.probs);
@@ -280,17 +285,8 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
                               hd, H);
            }
          });
-    b.op(n + ".qkv.backward", "matmul", Phase::Backward, l, {dqkv, y.h1, mw}, {dh1, mg, vg},
-         [=](const OpContext& c) {
-           linear_backward(c, c.f(dh1), c.f(mg) + y.wqkv, c.f(vg) + y.bqkv, c.f(dqkv), c.f(y.h1),
-                           c.f(mw) + y.wqkv, N, d, 3 * d);
-         });
-    b.op(n + ".ln1.backward", "layernorm", Phase::Backward, l, {dh1, y.x, y.st1, vw, dx},
-         {dx, vg}, [=](const OpContext& c) {
-           c.k.layer_norm_backward(c.stream, c.f(dx), c.f(vg) + y.ln1g, c.f(vg) + y.ln1b,
-                                   c.f(dh1), c.f(y.x), c.f(vw) + y.ln1g, c.f(y.st1),
-                                   c.f(y.st1) + N, N, d, true);
-         });
+    linear_back(n + ".qkv.backward", l, y, dqkv, y.h1, dh1, y.wqkv, y.bqkv, d, 3 * d);
+    layer_norm_back(n + ".ln1.backward", l, y, dh1, y.x, y.st1, y.ln1g, y.ln1b);
   }
   const TensorId ew = embed.w, eg = embed.g;
   b.op("embed.backward", "embedding", Phase::Backward, 0, {dx, tokens}, {eg},
