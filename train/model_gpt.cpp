@@ -93,6 +93,16 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
          c.k.embedding_forward(c.stream, c.f(x), c.i32(tokens), c.f(w) + tok_off,
                                c.f(w) + pos_off, B, T, d);
        });
+  // A block's layer norm of x into h (mean and inverse deviation per row into stats), with the
+  // gain and bias at offsets g and bias of the block's vector group vw.
+  auto layer_norm = [&](const std::string& name, int l, TensorId x, TensorId h, TensorId stats,
+                        TensorId vw, std::size_t g, std::size_t bias) {
+    b.op(name, "layernorm", Phase::Forward, l, {x, vw}, {h, stats}, [=](const OpContext& c) {
+      const float* v = c.f(vw);
+      c.k.layer_norm_forward(c.stream, c.f(h), c.f(stats), c.f(stats) + N, c.f(x), v + g,
+                             v + bias, N, d, 1e-5f);
+    });
+  };
   for (int l = 0; l < L; ++l) {
     Layer& y = layers[std::size_t(l)];
     const std::string n = "L" + std::to_string(l);
@@ -126,12 +136,7 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
     xs.push_back(b.act(n + ".resid2", nd));
     const TensorId xo = xs.back();
     const Layer c0 = y;  // captured by value below
-    b.op(n + ".ln1", "layernorm", Phase::Forward, l, {c0.x, c0.vec.w}, {c0.h1, c0.st1},
-         [=](const OpContext& c) {
-           const float* v = c.f(c0.vec.w);
-           c.k.layer_norm_forward(c.stream, c.f(c0.h1), c.f(c0.st1), c.f(c0.st1) + N, c.f(c0.x),
-                                  v + c0.ln1g, v + c0.ln1b, N, d, 1e-5f);
-         });
+    layer_norm(n + ".ln1", l, c0.x, c0.h1, c0.st1, c0.vec.w, c0.ln1g, c0.ln1b);
     b.op(n + ".qkv", "matmul", Phase::Forward, l, {c0.h1, c0.mat.w, c0.vec.w}, {c0.qkv},
          [=](const OpContext& c) {
            linear_forward(c, c.f(c0.qkv), c.f(c0.h1), c.f(c0.mat.w) + c0.wqkv,
@@ -162,12 +167,7 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
            linear_forward(c, c.f(c0.xm), c.f(c0.att), c.f(c0.mat.w) + c0.wo,
                           c.f(c0.vec.w) + c0.bo, N, d, d, 1.0f);
          });
-    b.op(n + ".ln2", "layernorm", Phase::Forward, l, {c0.xm, c0.vec.w}, {c0.h2, c0.st2},
-         [=](const OpContext& c) {
-           const float* v = c.f(c0.vec.w);
-           c.k.layer_norm_forward(c.stream, c.f(c0.h2), c.f(c0.st2), c.f(c0.st2) + N, c.f(c0.xm),
-                                  v + c0.ln2g, v + c0.ln2b, N, d, 1e-5f);
-         });
+    layer_norm(n + ".ln2", l, c0.xm, c0.h2, c0.st2, c0.vec.w, c0.ln2g, c0.ln2b);
     b.op(n + ".fc1", "matmul", Phase::Forward, l, {c0.h2, c0.mat.w, c0.vec.w}, {c0.u},
          [=](const OpContext& c) {
            linear_forward(c, c.f(c0.u), c.f(c0.h2), c.f(c0.mat.w) + c0.w1, c.f(c0.vec.w) + c0.b1,
