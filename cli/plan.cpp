@@ -212,9 +212,9 @@ void add_plan(CLI::App& app, Runner& run) {
                   "batch size (a captured graph file: its own unless given)")
       ->check(int_in(1, std::numeric_limits<int>::max()));
   cmd->add_option("--seq", args->seq, "sequence length (transformers; default: the maximum)")
-      ->check(int_in(0, std::numeric_limits<int>::max()));
+      ->check(int_in(1, std::numeric_limits<int>::max()));
   cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)")
-      ->check(int_in(0, std::numeric_limits<int>::max()));
+      ->check(int_in(1, std::numeric_limits<int>::max()));
   cmd->add_option("--dtype", args->dtype, "f32, f16 or bf16");
   cmd->add_option("--optimizer", args->optimizer, "sgd, momentum or adam");
   cmd->add_option("--device", args->device,

@@ -204,13 +204,13 @@ void add_train(CLI::App& app, Runner& run) {
                "gpt-medium), by default in a third of its footprint");
   cmd->add_option("model", a->model, "mlp | cnn | gpt-mini | gpt-medium")->required();
   cmd->add_option("--batch", a->model_options.batch, "batch size (default: the model's)")
-      ->check(int_in(0, train::kMaxModelBatch));
+      ->check(int_in(1, train::kMaxModelBatch));
   cmd->add_option("--layers", a->model_options.layers, "layers (default: the model's)")
-      ->check(int_in(0, train::kMaxModelLayers));
+      ->check(int_in(1, train::kMaxModelLayers));
   cmd->add_option("--width", a->model_options.width, "width (default: the model's)")
-      ->check(int_in(0, train::kMaxModelWidth));
+      ->check(int_in(1, train::kMaxModelWidth));
   cmd->add_option("--seq", a->model_options.seq, "sequence length (gpt; default: the model's)")
-      ->check(int_in(0, train::kMaxModelSeq));
+      ->check(int_in(1, train::kMaxModelSeq));
   cmd->add_option("--budget", a->budget,
                   "mapped device bytes (default: budget: in --conf, else a third of the footprint)")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
