@@ -30,8 +30,10 @@ class SpillPlanner {
 
   Plan plan(double factor) {
     factor_ = factor;
+    hidden_.resize(gaps_.size());  // a gap's hidden window depends only on the factor
+    for (std::size_t k = 0; k < gaps_.size(); ++k) hidden_[k] = hidden(gaps_[k]);
     std::vector<Window> win(gaps_.size());
-    std::vector<std::int64_t> mem(live_.memory.begin(), live_.memory.end());
+    Memory mem(live_.memory);
     const auto budget = std::int64_t(std::min<std::uint64_t>(
         o_.budget, std::uint64_t(std::numeric_limits<std::int64_t>::max())));
     std::vector<std::size_t> active;
@@ -43,12 +45,13 @@ class SpillPlanner {
       }
     std::size_t next_gap = 0;
     for (std::int64_t i = 0; i < n_; ++i) {
+      mem.move_to(i);
       for (; next_gap < gaps_.size() && gaps_[next_gap].from < i; ++next_gap) {
         if (!in_active[next_gap]) active.push_back(next_gap);
         in_active[next_gap] = true;
       }
-      while (mem[std::size_t(i)] > budget) {
-        std::int64_t excess = mem[std::size_t(i)] - budget;
+      while (mem.now() > budget) {
+        std::int64_t excess = mem.now() - budget;
         Choice best = choose(i, excess, active, in_active, win);
         if (best.gap < 0) break;  // nothing left to move: check_budget reports why
         apply(std::size_t(best.gap), best.window, win, mem);
@@ -138,7 +141,7 @@ class SpillPlanner {
       const std::uint64_t bytes = g_.tensors[gp.tensor].bytes;
       const double useful = double(std::min<std::uint64_t>(bytes, std::uint64_t(excess)));
       if (!cur.chosen) {
-        Window h = hidden(gp);
+        const Window& h = hidden_[k];
         if (h.e <= v && v < h.p) {
           // Long coverage ahead of i helps the ops still to come; moving bytes costs link time.
           double score = useful * (time_at(h.p) - time_at(v) + 1e-9) /
@@ -150,7 +153,7 @@ class SpillPlanner {
           continue;
         }
       }
-      Window base = cur.chosen ? cur : hidden(gp);
+      const Window& base = cur.chosen ? cur : hidden_[k];
       Window w{true, std::min(base.e, v), std::max(base.p, v + 1)};
       double extra = cost(gp, w) - (cur.chosen ? cost(gp, cur) : 0.0);
       double score = (extra + 1e-12) / useful;
@@ -163,18 +166,49 @@ class SpillPlanner {
     return best_hidden.gap >= 0 ? best_hidden : best_forced;
   }
 
-  void apply(std::size_t k, const Window& w, std::vector<Window>& win,
-             std::vector<std::int64_t>& mem) const {
+  // The planned memory at the sweep's op and after it: liveness's figure less what the chosen
+  // windows save. The sweep reads only its current op, so a window's saving is kept as a
+  // difference from the current op on (constant time per window, whatever its length).
+  class Memory {
+   public:
+    explicit Memory(const std::vector<std::uint64_t>& base)
+        : base_(base), diff_(base.size() + 1, 0) {}
+    void move_to(std::int64_t i) {
+      i_ = i;
+      saved_ += diff_[std::size_t(i)];
+    }
+    std::int64_t now() const { return std::int64_t(base_[std::size_t(i_)]) - saved_; }
+    // Lowers virtual ops [a, b) (virtual op v is op v % n) by `bytes`.
+    void lower(std::int64_t a, std::int64_t b, std::int64_t bytes) {
+      const auto n = std::int64_t(base_.size());
+      while (a < b) {  // one piece per step the range touches
+        const std::int64_t op = a % n, len = std::min(b - a, n - op);
+        lower_ops(op, op + len, bytes);
+        a += len;
+      }
+    }
+
+   private:
+    void lower_ops(std::int64_t a, std::int64_t b, std::int64_t bytes) {
+      a = std::max(a, i_);  // ops the sweep has passed are never read again
+      if (a >= b) return;
+      if (a == i_) saved_ += bytes;
+      else diff_[std::size_t(a)] += bytes;
+      diff_[std::size_t(b)] -= bytes;
+    }
+    const std::vector<std::uint64_t>& base_;
+    std::vector<std::int64_t> diff_;
+    std::int64_t i_ = 0, saved_ = 0;
+  };
+
+  void apply(std::size_t k, const Window& w, std::vector<Window>& win, Memory& mem) const {
     const auto bytes = std::int64_t(g_.tensors[gaps_[k].tensor].bytes);
-    auto lower = [&](std::int64_t a, std::int64_t b) {  // virtual ops [a, b)
-      for (std::int64_t v = a; v < b; ++v) mem[std::size_t(v % n_)] -= bytes;
-    };
     const Window old = win[k];
     if (!old.chosen) {
-      lower(w.e, w.p);
+      mem.lower(w.e, w.p, bytes);
     } else {
-      lower(w.e, old.e);
-      lower(old.p, w.p);
+      mem.lower(w.e, old.e, bytes);
+      mem.lower(old.p, w.p, bytes);
     }
     win[k] = w;
   }
@@ -187,6 +221,7 @@ class SpillPlanner {
   std::vector<Gap> gaps_;
   std::vector<double> start_;  // start time of each op without stalls; back() = step time
   double factor_ = 1.0;
+  std::vector<Window> hidden_;  // per gap: hidden(gap) at factor_
 };
 
 }  // namespace
