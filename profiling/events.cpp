@@ -115,9 +115,12 @@ const bool kUseTsc = false;
 
 void TraceRecorder::set_clock(TraceClock clock) {
   std::lock_guard lock(g_clock_mu);
-  static std::vector<std::unique_ptr<TraceClock>> kept;
-  kept.push_back(std::make_unique<TraceClock>(std::move(clock)));
-  g_clock.store(kept.back().get(), std::memory_order_release);
+  // Never freed, not even by static destruction: at process exit a runtime the C API leaves
+  // alive still has stream threads that read the current clock (ThreadSanitizer saw them read
+  // a destroyed one).
+  static auto* kept = new std::vector<std::unique_ptr<TraceClock>>();
+  kept->push_back(std::make_unique<TraceClock>(std::move(clock)));
+  g_clock.store(kept->back().get(), std::memory_order_release);
 }
 
 void TraceRecorder::clear_clock(const void* ctx) {
