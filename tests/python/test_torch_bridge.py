@@ -291,6 +291,61 @@ def test_a_block_no_hook_saw_is_never_evicted() -> None:
     assert "ok" in out
 
 
+def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
+    """With room for all the step's tensors, offload's optimizer step pins them all around the
+    unchanged step (no dispatch mode): with every parameter and optimizer state evicted to the
+    host before each step (a missed pin faults on the CPU bridge), training under an LR
+    scheduler created after offload() is bit-identical to the run without the hooks."""
+    out = run_ok(ENABLE.replace("budget:64MiB,", "") + """
+        import sys; sys.path.insert(0, %r)
+        from torch_train_models import train
+        import spill.torch._offload as offload_module
+        spill.set_budget(1 << 30)
+        STEPS = 5
+
+        def run(hooks):
+            handles = {}
+            def wrap(m, o):
+                handles["offload"] = st.offload(m, o) if hooks else None
+                handles["lr"] = torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
+            def before(i):
+                if i > 0:
+                    handles["lr"].step()
+                h = handles["offload"]
+                if h is None or i < 2:
+                    return
+                tensors = list(h.model.parameters())
+                tensors += [v for s in h.optimizer.state.values() for v in s.values()
+                            if isinstance(v, torch.Tensor)]
+                for t in tensors:
+                    ptr = h.pinner.movable(t)
+                    if ptr:
+                        spill.evict(ptr)
+            losses, model, _ = train("mlp", STEPS, before, wrap=wrap, device=dev)
+            if hooks:
+                handles["offload"].remove()
+            return losses, [p.detach().clone() for p in model.parameters()], handles["lr"]
+
+        base_losses, base_params, base_lr = run(False)
+        outcomes = []
+        original = offload_module.pinned_step
+        def counted(*args):
+            done, result = original(*args)
+            outcomes.append(done)
+            return done, result
+        offload_module.pinned_step = counted
+        bytes_in = spill.stats()["swap.bytes_in"]
+        losses, params, lr = run(True)
+        assert outcomes == [True] * (STEPS - 1), outcomes  # the first step: the dispatch mode
+        assert spill.stats()["swap.bytes_in"] > bytes_in, "nothing was evicted"
+        assert losses == base_losses, (losses, base_losses)
+        assert all(torch.equal(p, q) for p, q in zip(params, base_params))
+        assert lr.get_last_lr() == base_lr.get_last_lr()
+        print("ok")
+    """ % str(HERE))
+    assert "ok" in out
+
+
 def test_a_forked_dataloader_worker_leaves_the_parents_state_alone() -> None:
     """Workers forked after enable() allocate with PyTorch's default allocator and never call
     into the parent's runtime; the parent's tensors and runtime are intact afterwards."""

@@ -14,9 +14,12 @@ Which blocks become swappable, and what pins every later use of each:
   point where the autograd engine is between nodes (a gradient hook on a module output).
 - gradients: declared at the optimizer step; a backward that accumulates into an existing
   gradient pins it first (a gradient hook on the parameter).
-- optimizer state: declared after each optimizer step; the step and zero_grad run under the
-  pin-every-op dispatch mode (the optimizer is set to its per-parameter loop, foreach=False,
-  so that one parameter's tensors are pinned at a time).
+- optimizer state: declared after each optimizer step. The optimizer is set to its
+  per-parameter loop (foreach=False). When the step's tensors (parameters, gradients, state)
+  fit in a quarter of the budget, a torch.optim optimizer's step runs with all of them pinned
+  (_optimizer.py); otherwise (budget pressure, another optimizer, a closure) the step, like
+  zero_grad(set_to_none=False), runs under the pin-every-op dispatch mode, so that one
+  parameter's tensors are pinned at a time.
 The first step runs entirely under that dispatch mode (as spill.torch.guard does), which both
 keeps it safe and finds parameters used outside their modules. Steps begin at the model's
 first forward and end when optimizer.step() returns (without an optimizer, bracket steps with
@@ -34,8 +37,10 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from spill import Error
+from spill import budget as spill_budget
 
 from ._guard import PinEveryOp
+from ._optimizer import pinned_step
 from ._pins import Pinner, storage
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
@@ -336,8 +341,12 @@ class OffloadHandle:
                 if self._discovery is not None:
                     result = original(*args, **kwargs)
                 else:
-                    with PinEveryOp(self.pinner, self.steps):
-                        result = original(*args, **kwargs)
+                    done, result = pinned_step(self.optimizer, self.pinner,
+                                               spill_budget(state.device) // 4, original, args,
+                                               kwargs)
+                    if not done:
+                        with PinEveryOp(self.pinner, self.steps):
+                            result = original(*args, **kwargs)
                 self._declare_state()
             finally:
                 self._release_frame(self._step_frame)
@@ -378,6 +387,8 @@ class OffloadHandle:
                     ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
                     if ptr and self.pinner.on_host(ptr):
                         p.grad = torch.zeros_like(p.grad)
+            if to_none:  # no tensor is read or written
+                return original(*args, **kwargs)
             with PinEveryOp(self.pinner):
                 return original(*args, **kwargs)
         return zero_grad

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -64,14 +64,20 @@ class Pinner:
     def movable(self, t: Any) -> int:
         """The data pointer of ``t`` when its storage is spill's and large enough to move, else
         0 (nothing to pin)."""
+        return self.block(t)[0]
+
+    def block(self, t: Any) -> Tuple[int, int]:
+        """(data pointer, bytes) of ``t``'s storage when it is spill's and large enough to
+        move, else (0, 0)."""
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
-            return 0
+            return 0, 0
         if t.is_cuda == self.cpu or t.is_meta:
-            return 0
+            return 0, 0
         s = storage(t)
-        if s.nbytes() < self.threshold:
-            return 0
-        return s.data_ptr()
+        nbytes = s.nbytes()
+        if nbytes < self.threshold:
+            return 0, 0
+        return s.data_ptr(), nbytes
 
     # ---------------------------------------------------------------- calls
 

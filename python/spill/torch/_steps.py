@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+import types
 from typing import Any, Callable, Optional
 
 from spill._capi import raise_status
@@ -59,7 +60,14 @@ def wrap_method(obj: Any, name: str, wrapper: Callable[[Callable[..., Any]], Cal
     put back."""
     original = getattr(obj, name)
     saved[(id(obj), name)] = (obj, name, obj.__dict__.get(name))
-    setattr(obj, name, functools.wraps(original)(wrapper(original)))
+    wrapped = wrapper(original)
+
+    # A bound method, as the original was: code that wraps it in turn (an LR scheduler's step
+    # counter takes method.__self__ and method.__func__) keeps working.
+    @functools.wraps(original)
+    def method(_self: Any, *args: Any, **kwargs: Any) -> Any:
+        return wrapped(*args, **kwargs)
+    setattr(obj, name, types.MethodType(method, obj))
 
 
 def unwrap_methods(saved: dict) -> None:

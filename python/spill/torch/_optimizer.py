@@ -1,0 +1,82 @@
+"""The offload hooks' optimizer step after the first, when nothing forces swapping: the
+tensors of the step (every parameter, its gradient and its optimizer state) pinned around the
+unchanged step, a few C calls per tensor, instead of the pin-every-op dispatch mode (tens of
+microseconds of Python per aten op).
+
+That is done when the step's movable tensors fit in a quarter of the budget (so pinning them
+all leaves room for the update's temporaries and everything else) and the optimizer is one of
+torch.optim's per-parameter optimizers (SGD, Adam, AdamW, ...), which touch nothing else: the
+step runs as it would without spill, so results are bit-identical. Otherwise (budget pressure,
+another optimizer, or a step with a closure, which runs the model again) the step runs under
+the dispatch mode, which pins each op's tensors around the op (one parameter's tensors at a
+time). Pinning parameters in chunks under pressure was tried: the planned steps then had more
+demand fetches than with the dispatch mode (docs/BENCHMARKS.md)."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from ._pins import Pinner
+
+Token = Any  # spill._capi.PinToken
+
+_NAMES = ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAdam", "RAdam",
+          "RMSprop", "Rprop")
+# Exact types: a subclass may override step() with work on other tensors.
+PER_PARAMETER = frozenset(getattr(torch.optim, n) for n in _NAMES if hasattr(torch.optim, n))
+
+
+def step_blocks(optimizer: torch.optim.Optimizer, pinner: Pinner,
+                limit: int) -> Optional[List[Tuple[int, bool]]]:
+    """(block pointer, written by the step) of every movable tensor the step touches, or None
+    when they hold more than ``limit`` bytes."""
+    blocks: List[Tuple[int, bool]] = []
+    seen = set()
+    total = 0
+    state = optimizer.state
+    for group in optimizer.param_groups:
+        # The fused kernels (CUDA) may unscale gradients in place; the per-parameter loop
+        # only reads them.
+        grad_written = bool(group.get("fused"))
+        for p in group["params"]:
+            tensors = [(p, True)]
+            if p.grad is not None:
+                tensors.append((p.grad, grad_written))
+            st = state.get(p)
+            if st:
+                tensors += [(v, True) for v in st.values() if isinstance(v, torch.Tensor)]
+            for t, wrote in tensors:
+                ptr, nbytes = pinner.block(t)
+                if ptr and ptr not in seen:
+                    seen.add(ptr)
+                    blocks.append((ptr, wrote))
+                    total += nbytes
+                    if total > limit:
+                        return None
+    return blocks
+
+
+def pinned_step(optimizer: Optional[torch.optim.Optimizer], pinner: Pinner, limit: int,
+                original: Callable[..., Any], args: Any, kwargs: Any) -> Tuple[bool, Any]:
+    """Runs ``original(*args, **kwargs)`` (the optimizer's step) with all its tensors pinned
+    when that is allowed (see the module docstring): (True, its result); else (False, None)
+    and nothing ran."""
+    if type(optimizer) not in PER_PARAMETER:
+        return False, None
+    if kwargs.get("closure", args[0] if args else None) is not None:
+        return False, None
+    blocks = step_blocks(optimizer, pinner, limit)
+    if blocks is None:
+        return False, None
+    stream = pinner.stream()
+    held: List[Tuple[Token, bool]] = []
+    try:
+        for ptr, wrote in blocks:
+            token = pinner.pin(ptr, stream)
+            if token is not None:
+                held.append((token, wrote))
+        return True, original(*args, **kwargs)
+    finally:
+        for token, wrote in held:
+            pinner.unpin(token, stream, wrote)
