@@ -3,14 +3,26 @@
 spill's configuration and PyTorch's allocator are process-wide):
 
 1. no budget pressure: step time of plain torch, the bridge alone (spill's allocator, no
-   hooks), spill with offload() and spill with guard() on the same model and data, interleaved
-   over rounds (offload's overhead in percent, guard's cost per aten op; wall and CPU time);
+   hooks), spill with offload() and spill with guard() on the same model and data (offload's
+   overhead in percent, guard's cost per aten op);
 2. the simulated link in real time (time_scale:1), the budget at a third of the footprint and
    the link slowed so that copying the step's swapped bytes takes about half its compute:
-   step time against the unlimited run, and the stall of the planned steps beside the first
-   (reactive) step's.
+   step time against the unlimited run in the same configuration, and the stall of the planned
+   steps beside the first (reactive) step's.
 
-Usage: bench_torch_bridge.py [--model mlp] [--steps 8] [--rounds 5] [--json out.json]
+Methodology (the machine is shared and small: other work disturbs single steps):
+- the model computes on one thread in every case: torch.set_num_threads(1) and
+  OPENBLAS_NUM_THREADS=1 / OMP_NUM_THREADS=1 (Debian's torch calls OpenBLAS, whose own thread
+  pool ignores set_num_threads), so on a 2-core machine the simulated device's copy engine and
+  mapping work get a core of their own, as a GPU's copy engines do not take the host's cores;
+- the cases run interleaved, round after round (load drifts), each round a fresh process per
+  case; the first WARMUP steps of each process are left out (the first step of offload is its
+  recording step; allocator caches fill);
+- each figure is the median over all rounds' remaining steps (the typical step), with the
+  fastest step (the least disturbed) and the median CPU time of the process per step beside it;
+  overheads are ratios of medians; the load average is reported before and after.
+
+Usage: bench_torch_bridge.py [--model mlp] [--steps 30] [--rounds 3] [--json out.json]
 Run with Debian's /usr/bin/python3 (torch) and SPILL_LIBRARY pointing at build/libspill.so.
 """
 from __future__ import annotations
@@ -31,20 +43,21 @@ ROOT = os.path.dirname(HERE)
 def child(args: argparse.Namespace) -> Dict[str, Any]:
     """One case, in this process."""
     import torch
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # and OPENBLAS_NUM_THREADS=1 in the environment (run())
     sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
     from torch_train_models import train
     times: List[float] = []
     cpu: List[float] = []
     ops: List[int] = []
     marks: Dict[str, Any] = {}
+    sample = bool(args.budget or args.conf)
 
     def before(i: int) -> None:
         times.append(time.perf_counter())
         cpu.append(time.process_time())
         if marks.get("guard") is not None:
             ops.append(marks["guard"].ops)
-        if "spill" in marks:
+        if "spill" in marks and sample:  # spill's statistics per step, in budget runs only
             marks.setdefault("stats", []).append(dict(marks["spill"].stats()))
 
     wrap = lambda m, o: None  # noqa: E731
@@ -74,9 +87,9 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {"case": args.case, "step_s": step_s, "cpu_s": cpu_s}
     if len(ops) > 1:
         out["ops_per_step"] = statistics.median(b - a for a, b in zip(ops, ops[1:]))
-    if "stats" in marks:
+    if "spill" in marks:
         import spill
-        marks["stats"].append(dict(spill.stats()))
+        marks.setdefault("stats", []).append(dict(spill.stats()))
         s = marks["stats"]
         keys = ("swap.stall_s", "swap.host_wait_s", "swap.bytes_in", "swap.bytes_out",
                 "swap.demand_fetches", "swap.steps_planned", "reserved_bytes.peak",
@@ -87,25 +100,45 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def run(case: str, args: argparse.Namespace, budget: int = 0, conf: str = "") -> Dict[str, Any]:
+WARMUP = 2           # steps of each process left out of the no-pressure figures
+PRESSURE_WARMUP = 3  # and of the budget runs (the first records, the second becomes the plan)
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run(case: str, args: argparse.Namespace, budget: int = 0, conf: str = "",
+        steps: int = 0) -> Dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", case, "--model", args.model,
-           "--steps", str(args.steps), "--budget", str(budget), "--conf", conf]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+           "--steps", str(steps or args.steps), "--budget", str(budget), "--conf", conf]
+    env = dict(os.environ, **ONE_THREAD)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("CASE ")]
     if r.returncode != 0 or not line:
         raise SystemExit(f"{case} failed:\n{r.stdout}\n{r.stderr}")
     return json.loads(line[-1][5:])
 
 
-def med(xs: List[float]) -> float:
-    return statistics.median(xs[1:]) if len(xs) > 2 else statistics.median(xs)
+def pooled(runs: List[Dict[str, Any]], key: str, skip: int) -> List[float]:
+    """The steps of every run after its first ``skip``."""
+    return [x for r in runs for x in r[key][skip:]]
+
+
+def summary(runs: List[Dict[str, Any]], skip: int) -> Dict[str, float]:
+    wall, cpu = pooled(runs, "step_s", skip), pooled(runs, "cpu_s", skip)
+    return {"median_ms": statistics.median(wall) * 1e3, "fastest_ms": min(wall) * 1e3,
+            "cpu_median_ms": statistics.median(cpu) * 1e3, "steps": len(wall)}
+
+
+def load() -> float:
+    return os.getloadavg()[0]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pressure-steps", type=int, default=12)
+    p.add_argument("--only", choices=("no_pressure", "pressure"))
     p.add_argument("--json")
     p.add_argument("--child")
     p.add_argument("--budget", type=int, default=0)
@@ -116,84 +149,91 @@ def main() -> int:
         print("CASE " + json.dumps(child(args)))
         return 0
 
-    report: Dict[str, Any] = {"model": args.model, "steps": args.steps,
+    report: Dict[str, Any] = {"model": args.model, "steps": args.steps, "rounds": args.rounds,
                               "machine": "the 2-core build machine (shared)",
-                              "date": time.strftime("%Y-%m-%d")}
+                              "date": time.strftime("%Y-%m-%d"), "load_before": load()}
+    print(f"model {args.model}, measured on the 2-core build machine (shared), "
+          f"{report['date']}, load average {report['load_before']:.2f} at the start")
     # 1. No pressure: plain torch, the bridge alone (spill's allocator, no hooks), offload and
-    # guard, interleaved over rounds (load drifts on a shared machine); each case's figure is
-    # its fastest step over all rounds (the one least disturbed by other work), in wall time and
-    # in the process's CPU time; the median over rounds of the median step is kept beside it.
+    # guard, interleaved over rounds.
     cases: Dict[str, List[Dict[str, Any]]] = {c: [] for c in ("plain", "bridge", "offload",
                                                               "guard")}
-    for _ in range(args.rounds):
-        for case in cases:
-            cases[case].append(run(case, args))
-    best = {c: min(min(r["step_s"][1:]) for r in rs) for c, rs in cases.items()}
-    best_cpu = {c: min(min(r["cpu_s"][1:]) for r in rs) for c, rs in cases.items()}
-    typical = {c: statistics.median(med(r["step_s"]) for r in rs) for c, rs in cases.items()}
-    offload, guard = cases["offload"][0], cases["guard"][0]
-    t_plain, t_off, t_guard = best["plain"], best["offload"], best["guard"]
-    ops = guard.get("ops_per_step", 0)
-    report["no_pressure"] = {
-        "rounds": args.rounds,
-        "step_ms": {c: v * 1e3 for c, v in best.items()},
-        "median_step_ms": {c: v * 1e3 for c, v in typical.items()},
-        "cpu_ms": {c: v * 1e3 for c, v in best_cpu.items()},
-        "plain_step_ms": t_plain * 1e3, "offload_step_ms": t_off * 1e3,
-        "guard_step_ms": t_guard * 1e3, "offload_overhead_pct": 100 * (t_off / t_plain - 1),
-        "offload_cpu_overhead_pct": 100 * (best_cpu["offload"] / best_cpu["plain"] - 1),
-        "bridge_overhead_pct": 100 * (best["bridge"] / t_plain - 1),
-        "guard_ops_per_step": ops,
-        "guard_us_per_op": 1e6 * (t_guard - t_plain) / ops if ops else None,
-        "guard_cpu_us_per_op": (1e6 * (best_cpu["guard"] - best_cpu["plain"]) / ops
-                                if ops else None)}
+    if args.only != "pressure":
+        for _ in range(args.rounds):
+            for case in cases:
+                cases[case].append(run(case, args))
+        s = {c: summary(rs, WARMUP) for c, rs in cases.items()}
+        ops = statistics.median(r["ops_per_step"] for r in cases["guard"])
+        plain, off, grd = s["plain"], s["offload"], s["guard"]
+        report["no_pressure"] = {
+            "cases": s,
+            "offload_overhead_pct": 100 * (off["median_ms"] / plain["median_ms"] - 1),
+            "offload_cpu_overhead_pct": 100 * (off["cpu_median_ms"] / plain["cpu_median_ms"] - 1),
+            "offload_fastest_overhead_pct": 100 * (off["fastest_ms"] / plain["fastest_ms"] - 1),
+            "bridge_overhead_pct": 100 * (s["bridge"]["median_ms"] / plain["median_ms"] - 1),
+            "guard_ops_per_step": ops,
+            "guard_us_per_op": 1e3 * (grd["median_ms"] - plain["median_ms"]) / ops,
+            "guard_cpu_us_per_op": 1e3 * (grd["cpu_median_ms"] - plain["cpu_median_ms"]) / ops}
+        np_ = report["no_pressure"]
+        print(f"no pressure ({args.rounds} rounds x {args.steps - WARMUP} steps; median / "
+              f"fastest / median CPU ms per step):")
+        for c, v in s.items():
+            print(f"  {c:8s} {v['median_ms']:7.1f} / {v['fastest_ms']:7.1f} / "
+                  f"{v['cpu_median_ms']:7.1f}")
+        print(f"  offload vs plain: {np_['offload_overhead_pct']:+.1f}% (fastest "
+              f"{np_['offload_fastest_overhead_pct']:+.1f}%, CPU "
+              f"{np_['offload_cpu_overhead_pct']:+.1f}%); bridge alone "
+              f"{np_['bridge_overhead_pct']:+.1f}%; guard {ops:.0f} ops/step, "
+              f"{np_['guard_us_per_op']:.1f} us per op (CPU {np_['guard_cpu_us_per_op']:.1f})")
 
     # 2. Pressure with the link in real time: footprint and bytes moved at time_scale 0, then a
-    # link that copies those bytes in about half the compute.
-    footprint = offload["allocated_peak"]
-    budget = footprint // 3
-    probe = run("offload", args, budget)
-    moved = med([s["swap.bytes_in"] + s["swap.bytes_out"] for s in probe["per_step"]])
-    compute_s = t_off
-    gbps = max(moved / (0.5 * compute_s) / 2 / 1e9, 0.01)  # each way carries about half
-    conf = f"time_scale:1,link_gbps:{gbps:.4g}"
-    unlimited = run("offload", args, 0, conf)
-    pressured = run("offload", args, budget, conf)
-    steps = pressured["per_step"]
-    report["pressure"] = {
-        "footprint_mib": footprint / 2**20, "budget_mib": budget / 2**20,
-        "moved_mib_per_step": moved / 2**20, "link_gbps": gbps, "conf": conf,
-        "unlimited_step_ms": med(unlimited["step_s"]) * 1e3,
-        # CPU time of the process per step: on the bridge, spill's simulated copies (memcpy)
-        # and mappings run on the same cores as the model, unlike a GPU's copy engines.
-        "unlimited_cpu_ms": med(unlimited["cpu_s"]) * 1e3,
-        "budget_cpu_ms": med(pressured["cpu_s"][3:]) * 1e3,
-        "budget_step_ms": med(pressured["step_s"][3:]) * 1e3,
-        "ratio": med(pressured["step_s"][3:]) / med(unlimited["step_s"]),
-        "first_step_stall_ms": (steps[0]["swap.stall_s"] + steps[0]["swap.host_wait_s"]) * 1e3,
-        "planned_step_stall_ms": med([(s["swap.stall_s"] + s["swap.host_wait_s"]) * 1e3
-                                      for s in steps[3:]]),
-        "planned_demand_fetches": med([s["swap.demand_fetches"] for s in steps[3:]]),
-        "first_step_demand_fetches": steps[0]["swap.demand_fetches"],
-        "step_ms": [t * 1e3 for t in pressured["step_s"]]}
-    np_, pr = report["no_pressure"], report["pressure"]
-    print(f"model {args.model}, {args.steps} steps per case, measured on the 2-core build machine "
-          f"(shared), {report['date']}")
-    sm, cm = np_["step_ms"], np_["cpu_ms"]
-    print(f"no pressure (fastest step of {args.rounds} rounds; wall / CPU ms): plain "
-          f"{sm['plain']:.1f} / {cm['plain']:.1f}, bridge {sm['bridge']:.1f} / "
-          f"{cm['bridge']:.1f}, offload {sm['offload']:.1f} / {cm['offload']:.1f} "
-          f"({np_['offload_overhead_pct']:+.1f}% / {np_['offload_cpu_overhead_pct']:+.1f}%), "
-          f"guard {sm['guard']:.1f} / {cm['guard']:.1f} ({np_['guard_ops_per_step']:.0f} "
-          f"ops/step: {np_['guard_us_per_op'] or 0:.1f} / {np_['guard_cpu_us_per_op'] or 0:.1f} "
-          f"us per op)")
-    print(f"budget {pr['budget_mib']:.0f} MiB of {pr['footprint_mib']:.0f} MiB, link "
-          f"{pr['link_gbps']:.3g} GB/s in real time, {pr['moved_mib_per_step']:.0f} MiB moved per "
-          f"step: {pr['budget_step_ms']:.1f} ms/step vs {pr['unlimited_step_ms']:.1f} unlimited "
-          f"({pr['ratio']:.2f}x; CPU {pr['budget_cpu_ms']:.1f} vs {pr['unlimited_cpu_ms']:.1f} ms); "
-          f"stall: first step {pr['first_step_stall_ms']:.1f} ms "
-          f"({pr['first_step_demand_fetches']} demand fetches), planned steps "
-          f"{pr['planned_step_stall_ms']:.1f} ms ({pr['planned_demand_fetches']:.0f})")
+    # link that copies those bytes in about half the compute (the unlimited offload step).
+    if args.only != "no_pressure":
+        steps = args.pressure_steps
+        probe0 = run("offload", args, 0, steps=4)
+        footprint = probe0["allocated_peak"]
+        budget = footprint // 3
+        probe = run("offload", args, budget, steps=6)
+        moved = statistics.median(s["swap.bytes_in"] + s["swap.bytes_out"]
+                                  for s in probe["per_step"][PRESSURE_WARMUP:])
+        compute_s = statistics.median(probe0["step_s"][WARMUP:])
+        gbps = max(moved / (0.5 * compute_s) / 2 / 1e9, 0.01)  # each way carries about half
+        conf = f"time_scale:1,link_gbps:{gbps:.4g}"
+        unlimited: List[Dict[str, Any]] = []
+        pressured: List[Dict[str, Any]] = []
+        for _ in range(max(1, args.rounds - 1)):
+            unlimited.append(run("offload", args, 0, conf, steps))
+            pressured.append(run("offload", args, budget, conf, steps))
+        u, b = summary(unlimited, PRESSURE_WARMUP), summary(pressured, PRESSURE_WARMUP)
+        per_step = [st for r in pressured for st in r["per_step"][PRESSURE_WARMUP:]]
+        firsts = [r["per_step"][0] for r in pressured]
+        stall = lambda st: (st["swap.stall_s"] + st["swap.host_wait_s"]) * 1e3  # noqa: E731
+        report["pressure"] = {
+            "footprint_mib": footprint / 2**20, "budget_mib": budget / 2**20,
+            "moved_mib_per_step": moved / 2**20, "link_gbps": gbps, "conf": conf,
+            "unlimited": u, "budget": b,
+            "ratio": b["median_ms"] / u["median_ms"],
+            "cpu_ratio": b["cpu_median_ms"] / u["cpu_median_ms"],
+            "first_step_stall_ms": statistics.median(stall(st) for st in firsts),
+            "first_step_demand_fetches": statistics.median(st["swap.demand_fetches"]
+                                                           for st in firsts),
+            "planned_step_stall_ms": statistics.median(stall(st) for st in per_step),
+            "planned_demand_fetches": statistics.median(st["swap.demand_fetches"]
+                                                        for st in per_step),
+            "planned_steps": sum(st["swap.steps_planned"] for st in per_step),
+            "step_ms": [[t * 1e3 for t in r["step_s"]] for r in pressured]}
+        pr = report["pressure"]
+        print(f"budget {pr['budget_mib']:.1f} MiB of {pr['footprint_mib']:.1f} MiB, link "
+              f"{gbps:.3g} GB/s in real time, {pr['moved_mib_per_step']:.0f} MiB moved per step "
+              f"(median of {b['steps']} steps after {PRESSURE_WARMUP}): {b['median_ms']:.1f} vs "
+              f"{u['median_ms']:.1f} ms unlimited ({pr['ratio']:.2f}x; fastest "
+              f"{b['fastest_ms']:.1f} vs {u['fastest_ms']:.1f}; CPU {b['cpu_median_ms']:.1f} vs "
+              f"{u['cpu_median_ms']:.1f} ms, {pr['cpu_ratio']:.2f}x); stall: first step "
+              f"{pr['first_step_stall_ms']:.1f} ms ({pr['first_step_demand_fetches']:.0f} "
+              f"demand fetches), planned steps {pr['planned_step_stall_ms']:.1f} ms "
+              f"({pr['planned_demand_fetches']:.0f})")
+    report["load_after"] = load()
+    print(f"load average {report['load_after']:.2f} at the end")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
