@@ -120,6 +120,12 @@ const std::vector<Key>& keys() {
              parse_number(v, what(o, "time_scale"));
          if (c.time_scale > 1000) bad_value(o, "time_scale", v, "at most 1000");
        }},
+      {"sim_queries", "wall | simulated",
+       [](Config& c, std::string_view o, std::string_view v) {
+         if (v == "wall") c.sim_queries = SimQueries::Wall;
+         else if (v == "simulated") c.sim_queries = SimQueries::Simulated;
+         else bad_value(o, "sim_queries", v, "wall or simulated");
+       }},
       {"chaos", "off | on | SEED",
        [](Config& c, std::string_view o, std::string_view v) {
          if (v == "off") c.chaos_seed.reset();
@@ -203,6 +209,10 @@ const char* to_string(SwapPolicy p) {
   return "?";
 }
 
+const char* to_string(SimQueries q) {
+  return q == SimQueries::Simulated ? "simulated" : "wall";
+}
+
 const char* to_string(PeakGuard g) {
   switch (g) {
     case PeakGuard::Wait: return "wait";
@@ -232,6 +242,7 @@ std::string Config::to_string() const {
   ts.precision(17);
   ts << time_scale;
   s << ",time_scale:" << ts.str();
+  if (sim_queries) s << ",sim_queries:" << spill::to_string(*sim_queries);
   s << ",chaos:" << (chaos_seed ? std::to_string(*chaos_seed) : std::string("off"));
   s << ",trace:" << (trace ? "on" : "off");
   if (!oom_dump.empty()) s << ",oom_dump:" << oom_dump;

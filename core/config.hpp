@@ -13,6 +13,7 @@ namespace spill {
 enum class DeviceChoice { Auto, Cuda, Sim };
 enum class SwapPolicy { Plan, Lru, None };
 enum class PeakGuard { Wait, Idle, Off };
+enum class SimQueries { Wall, Simulated };
 
 struct Config {
   DeviceChoice device = DeviceChoice::Auto;  // device: auto | cuda | sim
@@ -28,6 +29,9 @@ struct Config {
   std::string link = "pcie4";                // link: preset of the simulated interconnect
   std::optional<double> link_gbps;           // link_gbps: its sustained GB/s each way (override)
   double time_scale = 0.0;                   // time_scale: wall seconds per simulated second
+  // sim_queries: wall | simulated (SimOptions::simulated_queries); unset: wall, except for
+  // `spill train` (train::run_training), which compares simulated step times and uses simulated.
+  std::optional<SimQueries> sim_queries;
   std::optional<std::uint64_t> chaos_seed;   // chaos: off | on | SEED
   // Profiling.
   bool trace = true;                         // trace: on | off (event recording)
@@ -48,5 +52,6 @@ struct Config {
 const char* to_string(DeviceChoice d);
 const char* to_string(SwapPolicy p);
 const char* to_string(PeakGuard g);
+const char* to_string(SimQueries q);
 
 }  // namespace spill

@@ -90,6 +90,7 @@ SimOptions SimOptions::from_config(const Config& config) {
     o.link.description += std::string(" at ") + gbps + " GB/s";
   }
   o.time_scale = config.time_scale;
+  o.simulated_queries = config.sim_queries == SimQueries::Simulated;
   o.chaos_seed = config.chaos_seed;
   o.ordinal = config.gpu;
   return o;

@@ -28,6 +28,12 @@ struct SimOptions {
   LinkModel link = link_preset("pcie4");
   double d2d_gbps = 1500.0;   // device-memory copy bandwidth of the model
   double time_scale = 0.0;    // wall seconds per simulated second; 0 never sleeps
+  // What query() answers for work its worker thread has finished. false: done, and the host's
+  // simulated clock moves to the work's end (a poll is a wait, in wall-clock order: step times
+  // then depend on how far the workers ran ahead). true: done only when it ended by the host's
+  // simulated clock, which a query never moves (the host learns of later work by waiting for
+  // it), so simulated times do not depend on the threads' scheduling.
+  bool simulated_queries = false;
   std::optional<std::uint64_t> chaos_seed;
   double chaos_probability = 0.5;                 // chance that a task is delayed
   std::chrono::microseconds chaos_max_delay{1500};  // upper bound of one delay

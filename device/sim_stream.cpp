@@ -248,9 +248,15 @@ bool SimDevice::do_query(Event event) {
   std::shared_ptr<EventImpl> e = s_->event(event);
   s_->throw_if_sticky();
   std::lock_guard lock(e->m);
-  bool done = e->pending.count(e->recorded) == 0;
-  if (done) s_->observe(e->last_time);
-  return done;
+  if (e->pending.count(e->recorded) != 0) return false;
+  if (s_->opt.simulated_queries) {
+    // Done by the host's simulated time; the answer never moves that time.
+    auto it = e->done.find(e->recorded);
+    const double t = it != e->done.end() ? it->second : e->last_time;
+    return t <= std::max(s_->host_clock.load(), s_->host_now_sim());
+  }
+  s_->observe(e->last_time);
+  return true;
 }
 
 void SimDevice::do_synchronize_event(Event event) {

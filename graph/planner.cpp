@@ -237,7 +237,7 @@ Plan plan_spill(const Graph& g, const std::vector<double>& op_times, const LinkM
   for (double factor : {1.0, 1.5, 2.5, 4.0}) {
     Plan p = planner.plan(factor);
     const bool moves_nothing = p.swaps.empty();
-    SimResult r = simulate(g, op_times, link, &p, {o.budget, false});
+    SimResult r = simulate(g, op_times, link, &p, {o.budget, false, o.model});
     double t = r.step_time_s + (r.within_budget ? 0.0 : 1e30);
     if (t < best_time) {
       best_time = t;

@@ -21,6 +21,7 @@
 #include "core/link_model.hpp"
 #include "graph/ir.hpp"
 #include "graph/plan.hpp"
+#include "graph/simulator.hpp"
 
 namespace spill::graph {
 
@@ -34,6 +35,7 @@ struct PlannerOptions {
   std::uint64_t min_swap_bytes = 1ull << 20;  // smaller tensors never move (as in the swapper)
   std::uint64_t threshold_bytes = 0;          // threshold policy: 0 = choose automatically
   int threshold_lookahead_ops = 4;            // threshold policy: prefetch this many ops ahead
+  StepModel model;  // spill: how its candidate plans are simulated (the prediction's model)
 };
 
 // Whether any plan can meet the budget: the lowest memory each op can run with is the planned

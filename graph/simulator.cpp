@@ -15,6 +15,7 @@ const char* to_string(TimelineEvent::Kind k) {
     case TimelineEvent::Kind::SwapIn: return "swap_in";
     case TimelineEvent::Kind::SwapOut: return "swap_out";
     case TimelineEvent::Kind::Stall: return "stall";
+    case TimelineEvent::Kind::Upload: return "upload";
   }
   return "?";
 }
@@ -79,9 +80,18 @@ class StepSim {
 
   SimResult run() {
     start_residence();
+    const int steps = std::max(1, o_.model.steps);
     double prev_end = 0;
-    for (std::size_t i = 0; i < g_.ops.size(); ++i) prev_end = run_op(i, prev_end);
-    r_.step_time_s = std::max({prev_end, h2d_free_, d2h_free_});
+    for (int k = 0; k < steps; ++k) {
+      const bool last = k + 1 == steps;
+      if (k > 0) r_ = SimResult{};
+      recording_ = last && o_.record_timeline;
+      step_start_ = prev_end;
+      const double issue = begin_step(k, prev_end);
+      for (std::size_t i = 0; i < g_.ops.size(); ++i)
+        prev_end = run_op(i, prev_end, i == 0 ? issue : prev_end);
+    }
+    r_.step_time_s = steps == 1 ? std::max({prev_end, h2d_free_, d2h_free_}) : prev_end - step_start_;
     r_.peak_bytes = mem_.peak();
     r_.within_budget = !mem_.over_budget();
     return std::move(r_);
@@ -103,16 +113,41 @@ class StepSim {
     }
   }
 
-  double copy(bool to_device, TensorIndex t, double earliest, std::int64_t op) {
+  // Inputs of a step after the first are mapped again as it starts (the last step freed them);
+  // then the model's uploads run. Returns when op 0's prefetches are issued.
+  double begin_step(int k, double t) {
+    for (std::size_t i = 0; i < g_.tensors.size(); ++i) {
+      const TensorKind kind = g_.tensors[i].kind;
+      if (k == 0 || !exists_at_start(kind) || persistent(kind) || live_.live[i].first < 0) continue;
+      TensorState& s = state_[i];
+      if (s.where == Where::Absent) s = {Where::Device, mem_.map(g_.tensors[i].bytes, t), 0, false};
+    }
+    double issue = t;
+    for (const Upload& u : o_.model.uploads) {
+      TensorState& s = state_[u.tensor];
+      const double ready = std::max(t, s.ready);
+      s.ready = transfer(true, u.tensor, u.bytes, ready, 0, TimelineEvent::Kind::Upload);
+      issue = std::max(issue, s.ready);
+    }
+    return issue;
+  }
+
+  // A copy on the engine of its direction, FIFO; returns when it ends.
+  double transfer(bool to_device, TensorIndex t, std::uint64_t bytes, double earliest,
+                  std::int64_t op, TimelineEvent::Kind kind) {
     double& engine = to_device ? h2d_free_ : d2h_free_;
     const double other = to_device ? d2h_free_ : h2d_free_;
     double start = std::max(engine, earliest);
-    double end = start + copy_time_s(link_, g_.tensors[t].bytes, to_device, other > start);
+    double end = start + copy_time_s(link_, bytes, to_device, other > start);
     engine = end;
-    (to_device ? r_.swapped_in_bytes : r_.swapped_out_bytes) += g_.tensors[t].bytes;
-    record(to_device ? TimelineEvent::Kind::SwapIn : TimelineEvent::Kind::SwapOut, op,
-           std::int64_t(t), start, end, g_.tensors[t].bytes);
+    record(kind, op, std::int64_t(t), start, end, bytes);
     return end;
+  }
+
+  double copy(bool to_device, TensorIndex t, double earliest, std::int64_t op) {
+    (to_device ? r_.swapped_in_bytes : r_.swapped_out_bytes) += g_.tensors[t].bytes;
+    return transfer(to_device, t, g_.tensors[t].bytes, earliest, op,
+                    to_device ? TimelineEvent::Kind::SwapIn : TimelineEvent::Kind::SwapOut);
   }
 
   // Brings a tensor on the host back: map its memory, then copy once the engine is free.
@@ -136,13 +171,14 @@ class StepSim {
     mem_.release(g_.tensors[t].bytes, released);
   }
 
-  double run_op(std::size_t i, double prev_end) {
+  // Runs op i after the op before it ended at prev_end; its prefetches are issued at `issue`.
+  double run_op(std::size_t i, double prev_end, double issue) {
     const Op& op = g_.ops[i];
     const auto oi = std::int64_t(i);
     if (plan_)
       for (TensorIndex t : plan_->steps[i].prefetch_at)
-        if (state_[t].where == Where::Host) fetch(t, prev_end, oi);
-    double start = prev_end;
+        if (state_[t].where == Where::Host) fetch(t, issue, oi);
+    double start = std::max(prev_end, issue);
     for (const auto* list : {&op.reads, &op.writes}) {
       for (TensorIndex t : *list) {
         TensorState& s = state_[t];
@@ -185,7 +221,7 @@ class StepSim {
 
   void record(TimelineEvent::Kind k, std::int64_t op, std::int64_t t, double a, double b,
               std::uint64_t bytes) {
-    if (o_.record_timeline) r_.timeline.push_back({k, op, t, a, b, bytes});
+    if (recording_) r_.timeline.push_back({k, op, t, a - step_start_, b - step_start_, bytes});
   }
 
   const Graph& g_;
@@ -198,6 +234,8 @@ class StepSim {
   Liveness live_;
   SimResult r_;
   double h2d_free_ = 0, d2h_free_ = 0;
+  double step_start_ = 0;   // when the step being simulated started
+  bool recording_ = false;  // the timeline records this step
 };
 
 }  // namespace
@@ -210,6 +248,12 @@ SimResult simulate(const Graph& g, const std::vector<double>& op_times, const Li
   SPILL_EXPECTS(!plan || plan->steps.size() == g.ops.size(),
                 "simulate: plan '" + (plan ? plan->policy : "") + "' does not fit graph '" +
                     g.name + "'");
+  for (const Upload& u : options.model.uploads)
+    SPILL_EXPECTS(u.tensor < g.tensors.size() && g.tensors[u.tensor].kind == TensorKind::Input &&
+                      u.bytes <= g.tensors[u.tensor].bytes,
+                  "simulate: an upload of " + std::to_string(u.bytes) + " bytes to tensor " +
+                      std::to_string(u.tensor) + " of graph '" + g.name +
+                      "' (uploads go to input tensors, at most their size)");
   return StepSim(g, op_times, link, plan, options).run();
 }
 

@@ -7,6 +7,13 @@
 // pending would make it fit, it proceeds and the step is marked over budget. A copy issued while
 // the other direction is busy runs at the link's duplex efficiency.
 // Peak accounting is conservative: a release is counted once every earlier-issued mapping is in.
+// Steps (StepModel): by default one step from a cold start (idle copy engines, every tensor the
+// plan starts on the host already there). With steps > 1 the steps run back to back: each starts
+// as the previous one's last op ends, with that step's copies still in flight and their memory
+// mapped until they end; the last step is reported (the steady state a training loop runs in).
+// With uploads each step first copies those inputs to the device (compute stream, host to
+// device engine) into memory mapped at the step's start; that upload counts as op -1: op 0's
+// prefetches are issued when it ends.
 #pragma once
 
 #include <cstdint>
@@ -20,13 +27,27 @@
 
 namespace spill::graph {
 
+// A copy to the device that each step makes before op 0: `bytes` of input tensor `tensor` (the
+// data can be smaller than the tensor's block).
+struct Upload {
+  TensorIndex tensor = 0;
+  std::uint64_t bytes = 0;
+};
+
+// How the steps around the graph's ops are modelled (see the header comment).
+struct StepModel {
+  int steps = 1;                // consecutive steps simulated; the last one is reported
+  std::vector<Upload> uploads;  // each step's input uploads, in order (none: inputs are there)
+};
+
 struct SimOptions {
   std::uint64_t budget = std::numeric_limits<std::uint64_t>::max();
   bool record_timeline = false;
+  StepModel model;
 };
 
 struct TimelineEvent {
-  enum class Kind { Compute, SwapIn, SwapOut, Stall };
+  enum class Kind { Compute, SwapIn, SwapOut, Stall, Upload };
   Kind kind = Kind::Compute;
   std::int64_t op = 0;         // the op (compute, stall) or the op the copy was issued at
   std::int64_t tensor = -1;    // copies: the tensor moved
@@ -35,12 +56,15 @@ struct TimelineEvent {
 };
 const char* to_string(TimelineEvent::Kind k);
 
+// Figures of the reported step (the last one simulated); times in a timeline are from its start.
 struct SimResult {
-  double step_time_s = 0;      // until the last op and the last copy finish
+  // One step: until the last op and the last copy finish. Several: from the previous step's
+  // last op end to this step's (its copies still in flight end in the next step's time).
+  double step_time_s = 0;
   double compute_time_s = 0;   // sum of op durations (the step time with unlimited memory)
   double stall_time_s = 0;     // time the compute stream waited for copies or memory
-  std::uint64_t peak_bytes = 0;
-  bool within_budget = true;
+  std::uint64_t peak_bytes = 0;  // over every simulated step
+  bool within_budget = true;     // every simulated step
   std::uint64_t swapped_out_bytes = 0;  // device to host
   std::uint64_t swapped_in_bytes = 0;   // host to device
   std::uint32_t demand_fetches = 0;     // uses of a tensor on the host with no prefetch

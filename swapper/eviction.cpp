@@ -54,6 +54,7 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   }
   if (b.out_done == nullptr) b.out_done = get_event_locked();
   dev.record(b.out_done, d2h);
+  b.out_order = next_out_order++;
   b.host_valid = true;  // valid once out_done completes; a write before that cancels (pin)
   b.state = Residence::SwappingOut;
 }
@@ -144,10 +145,19 @@ std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
 std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
   std::unique_lock lock(mu);
   std::size_t freed = reap_locked();
-  std::vector<std::pair<std::uintptr_t, Event>> waiting;
+  // In the order they were issued: the D2H stream runs them in that order, so the first to
+  // wait for is the first to free its room (waiting by address could wait for the last).
+  struct Waiting {
+    std::uint64_t order;
+    std::uintptr_t base;
+    Event e;
+  };
+  std::vector<Waiting> waiting;
   for (auto& [base, b] : blocks)
-    if (b.state == Residence::SwappingOut && !b.busy) waiting.push_back({base, b.out_done});
-  for (auto& [base, e] : waiting) {
+    if (b.state == Residence::SwappingOut && !b.busy) waiting.push_back({b.out_order, base, b.out_done});
+  std::sort(waiting.begin(), waiting.end(),
+            [](const Waiting& a, const Waiting& b) { return a.order < b.order; });
+  for (auto& [order, base, e] : waiting) {
     if (freed >= needed) break;
     std::uint64_t start = TraceRecorder::now();
     auto t0 = std::chrono::steady_clock::now();

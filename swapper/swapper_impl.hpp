@@ -28,6 +28,7 @@ struct SwapBlock {
   void* host = nullptr;          // pinned host buffer, kept once allocated
   bool host_valid = false;       // the host buffer holds the current bytes once out_done is done
   Event out_done = nullptr;      // the latest swap-out copy (or marker) on the D2H stream
+  std::uint64_t out_order = 0;   // when that swap-out was issued (the D2H stream's FIFO order)
   Event in_done = nullptr;       // the latest swap-in copy on the H2D stream
   bool busy = false;             // a thread is mapping it outside the lock
   bool prefetched = false;       // the pending swap-in was a prefetch (for hit/late stats)
@@ -119,6 +120,7 @@ struct Swapper::Impl {
   SwapStats stats;
   std::uint64_t tick = 0;
   std::uint64_t next_generation = 1;
+  std::uint64_t next_out_order = 0;
   const std::uint64_t serial;            // tells swappers apart in thread-local scopes
   std::map<std::uint64_t, StepState> scopes;
   graph::Trace last_trace_any;            // the latest recording of any scope

@@ -101,6 +101,7 @@ struct Executor::Impl {
   Stream stream = nullptr;
   Stream aux = nullptr;  // reads the loss back without holding up the compute stream
   Event t0 = nullptr, t1 = nullptr, loss_ready = nullptr;
+  Event uploaded = nullptr;  // the step's inputs are on the device
   std::vector<Event> done, start;  // per op: end of its kernels; start (measured steps)
   graph::Graph g;
   graph::Plan plan;
@@ -177,6 +178,9 @@ void Executor::Impl::setup() {
   } catch (const InvalidArgument&) {
     // Keep pcie4, as the runtime does for a link it has no model of.
   }
+  // The simulated device's two copy engines do not contend (docs/architecture.md): predict
+  // its steps with no duplex slowdown.
+  if (dev.info().simulated) link.duplex_efficiency = 1.0;
   small_limit = std::min<std::uint64_t>(conf.swap_threshold, 1u << 20);
   budget = alloc.budget();
   po.budget = budget;
@@ -214,6 +218,7 @@ void Executor::Impl::setup() {
   stream = dev.create_stream();
   aux = dev.create_stream();
   loss_ready = dev.create_event();
+  uploaded = dev.create_event();
   t0 = dev.create_event(true);
   t1 = dev.create_event(true);
   for (std::size_t i = 0; i < no; ++i) {
@@ -257,6 +262,12 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   g = to_graph(p, *k, roofline, sizes, measured);
   const graph::Liveness live = graph::analyze_liveness(g);
   footprint = live.peak;
+  // Predict the steady state: a step starts with the previous one's copies in flight, and
+  // uploads its inputs first, as step() does (the same inputs, in tensor order).
+  po.model = {2, {}};
+  for (std::size_t t = 0; t < g.tensors.size(); ++t)
+    if (p.tensors[t].kind == graph::TensorKind::Input && !live.uses[t].empty())
+      po.model.uploads.push_back({graph::TensorIndex(t), p.tensors[t].bytes});
   // Small tensors live in 2 MiB segments of the allocator's small pool (never swapped): the
   // plan keeps room for the whole segments their peak needs.
   constexpr std::uint64_t kSegment = 2u << 20;
@@ -277,7 +288,7 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
                       format_bytes(budget) + ": its step needs " + format_bytes(footprint) +
                       " with nothing swapped");
     plan = graph::plan_none(g, po);
-    pred = graph::simulate(g, times, link, nullptr, {budget, false});
+    pred = graph::simulate(g, times, link, nullptr, {budget, false, po.model});
     return;
   }
   graph::BudgetCheck check = graph::check_budget(g, po);
@@ -286,7 +297,7 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
                           " (" + format_bytes(small_reserve) + " of it kept for the small pool's " +
                           "segments): " + check.message);
   plan = graph::plan_spill(g, times, link, po);
-  pred = graph::simulate(g, times, link, &plan, {po.budget, false});
+  pred = graph::simulate(g, times, link, &plan, {po.budget, false, po.model});
 }
 
 StepStats Executor::Impl::step() {
@@ -299,6 +310,9 @@ StepStats Executor::Impl::step() {
   spill_s = spill_cpu_s = 0;
   const SwapStats before = swp ? swp->stats() : SwapStats{};
   alloc.reset_peak();
+  // The step starts when the previous one's last op ended (the compute stream is idle), and
+  // includes its inputs' upload.
+  dev.record(t0, stream);
   if (swp) timed([&] { swp->begin_step(); });
   // Inputs: generated on the host, uploaded on the compute stream.
   for (std::size_t k = 0; k < inputs.size(); ++k) {
@@ -310,13 +324,15 @@ StepStats Executor::Impl::step() {
     dev.copy_async(ptrs[t], staging[k], bytes, CopyKind::HostToDevice, stream);
     unpin(t, true);
   }
-  dev.record(t0, stream);
+  dev.record(uploaded, stream);
   const bool measuring = o.measure_ops && steps_done == 0;
   const int steps_so_far = steps_done;
   OpContext ctx{*k, stream, steps_so_far + 1, ptrs};
   for (std::size_t i = 0; i < p.ops.size(); ++i) {
-    // Issue op i's plan actions when op i - lag has finished, as the plan times them.
+    // Issue op i's plan actions when op i - lag has finished, as the plan times them; op -1
+    // is the inputs' upload (it would otherwise race op 0's prefetches for the copy engine).
     if (i >= std::size_t(o.lag)) dev.synchronize(done[i - std::size_t(o.lag)]);
+    else if (i + 1 == std::size_t(o.lag)) dev.synchronize(uploaded);
     if (o.policy == Policy::Graph) {
       for (graph::TensorIndex t : plan.steps[i].prefetch_at) {
         timed([&] {
@@ -406,6 +422,7 @@ Executor::~Executor() {
     m.alloc.forget_stream(m.stream);
     m.alloc.forget_stream(m.aux);
     m.dev.destroy_event(m.loss_ready);
+    m.dev.destroy_event(m.uploaded);
     m.dev.destroy_stream(m.aux);
     for (Event e : m.done) m.dev.destroy_event(e);
     for (Event e : m.start) m.dev.destroy_event(e);

@@ -10,7 +10,12 @@
 //   none   no swapper (the runtime must have policy:none).
 // The host runs at most `lag` ops ahead of the device (it waits for op i - lag to finish before
 // issuing op i), so the plan's actions happen when the plan says: with lag 1 a prefetch for op i
-// is issued as op i - 1 completes, which is the simulator's rule.
+// is issued as op i - 1 completes, which is the simulator's rule. A step begins by uploading its
+// inputs on the compute stream; that upload is op -1.
+// The prediction simulates the steady state (graph::StepModel{2, true}: a step that starts with
+// the previous step's copies in flight and uploads its inputs first); on the simulated device
+// with no duplex slowdown (its copy engines do not contend) and its queries answered in
+// simulated time (train::run_training sets sim_queries:simulated).
 // Determinism: kernels are deterministic and swapping only moves bytes, so the losses and final
 // state are bit-identical whatever the budget and policy (tests check it).
 #pragma once
@@ -47,7 +52,7 @@ struct ExecOptions {
 struct StepStats {
   int step = 0;                 // 0-based
   float loss = 0;
-  double step_s = 0;            // first op's start to last op's end on the compute stream
+  double step_s = 0;            // step start (inputs' upload included) to last op's end
   double compute_s = 0;         // sum of the ops' kernel times (simulated device), else 0
   double stall_s = 0;           // step_s - compute_s (simulated device)
   double wall_s = 0;            // host wall clock of the step

@@ -22,6 +22,8 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
                        const std::function<void(Runtime&)>& on_end) {
   SPILL_EXPECTS(options.steps >= 1, "training: steps must be at least 1");
   Config c = base;
+  // Step times are compared in simulated time: keep them independent of thread scheduling.
+  if (!c.sim_queries) c.sim_queries = SimQueries::Simulated;
   c.budget = options.budget;
   c.policy = runtime_policy(options.policy);
   Runtime rt(c);

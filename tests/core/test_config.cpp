@@ -25,7 +25,7 @@ TEST(Config, ParsesEveryKey) {
   Config c = Config::parse(
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
       "peak_guard:idle, sim_capacity:16GiB, sim_granularity:64KiB, link:nvlink2-p9, link_gbps:2.5,"
-      "time_scale:0.01,"
+      "time_scale:0.01, sim_queries:simulated,"
       "chaos:42, trace:off,"
       "oom_dump:/tmp/dumps");
   EXPECT_EQ(c.device, DeviceChoice::Sim);
@@ -40,6 +40,7 @@ TEST(Config, ParsesEveryKey) {
   EXPECT_EQ(c.link, "nvlink2-p9");
   EXPECT_EQ(c.link_gbps, 2.5);
   EXPECT_DOUBLE_EQ(c.time_scale, 0.01);
+  EXPECT_EQ(c.sim_queries, SimQueries::Simulated);
   EXPECT_EQ(c.chaos_seed, 42u);
   EXPECT_FALSE(c.trace);
   EXPECT_EQ(c.oom_dump, "/tmp/dumps");
@@ -47,7 +48,7 @@ TEST(Config, ParsesEveryKey) {
 
 TEST(Config, RoundTripsThroughItsStringForm) {
   Config c = Config::parse("device:cuda,budget:3GB,chaos:on,time_scale:0.125,policy:none,"
-                            "peak_guard:off,link_gbps:0.75");
+                            "peak_guard:off,link_gbps:0.75,sim_queries:wall");
   EXPECT_EQ(Config::parse(c.to_string()), c);
   Config d;
   EXPECT_EQ(Config::parse(d.to_string()), d);
@@ -72,6 +73,7 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"budget:0", "budget"},            {"device:tpu", "device"},
       {"policy:random", "policy"},       {"link:pcie9", "pcie9"},
       {"time_scale:fast", "time_scale"}, {"chaos:maybe", "chaos"},
+      {"sim_queries:sometimes", "sim_queries"},
       {"trace:yes", "trace"},            {"budget:1GiB,budget:2GiB", "more than once"},
       {"sim_capacity:1KiB", "sim_capacity"}, {"gpu:-1", "gpu"},
       {"peak_guard:always", "peak_guard"}, {":5", "unknown key"},

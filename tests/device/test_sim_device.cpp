@@ -211,6 +211,32 @@ TEST(SimDevice, AnEventOnAnIdleStreamIsCompleteOnceRecorded) {
   dev.destroy_stream(s);
 }
 
+// With simulated_queries a query answers by the host's simulated clock and never moves it: work
+// the worker thread has already run, but which ends later in simulated time, is not done yet
+// (by default the query says done and moves the host's clock to its end).
+TEST(SimDevice, SimulatedQueriesDoNotSeeTheSimulatedFuture) {
+  for (bool simulated : {false, true}) {
+    SCOPED_TRACE(simulated ? "simulated queries" : "wall queries");
+    SimOptions o = small();
+    o.simulated_queries = simulated;
+    SimDevice dev(o);
+    Stream s = dev.create_stream();
+    Event e = dev.create_event(true);
+    std::atomic<bool> ran{false};
+    dev.enqueue_compute(s, 0.5);
+    dev.record(e, s);
+    dev.host_callback(s, [&] { ran = true; });
+    while (!ran.load()) std::this_thread::yield();  // done on the wall clock, observed by no one
+    EXPECT_EQ(dev.query(e), !simulated);
+    EXPECT_EQ(dev.trace_now_ns() >= 500000000u, !simulated) << "the query moved the host's clock";
+    dev.synchronize(e);  // waiting moves the host's clock to the event
+    EXPECT_TRUE(dev.query(e));
+    EXPECT_GE(dev.trace_now_ns(), 500000000u);
+    dev.destroy_event(e);
+    dev.destroy_stream(s);
+  }
+}
+
 TEST(SimDevice, CapacityAccountingAndRecovery) {
   SimDevice dev(small());
   const std::size_t g = dev.granularity();

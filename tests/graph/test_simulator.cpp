@@ -161,6 +161,71 @@ TEST(Simulator, AllocationsWaitForEvictionsUnderTheBudget) {
   EXPECT_NEAR(r.stall_time_s, 2e-3, 1e-12);
 }
 
+// W (a weight, written by op2) leaves after op2 and comes back at op0 of the next step. One
+// step from a cold start: W arrives 0-1 ms, op0 1-2, op1 2-3, op2 3-4, copy out 4-5: step 5 ms,
+// stall 1 ms. In the steady state (two steps, the second reported) the second step starts at
+// 4 ms with W's copy out still in flight: W comes back 5-6, op0 6-7 ... op2 8-9: step 5 ms from
+// its start at 4 ms, stall 2 ms.
+TEST(Simulator, SteadyStateStartsWithThePreviousStepsCopiesInFlight) {
+  Graph g;
+  auto w = tensor(g, "W", MB, TensorKind::Weight);
+  op(g, "op0", {w}, {});
+  op(g, "op1", {}, {});
+  op(g, "op2", {w}, {w});
+  Plan p = Plan::from_swaps("test", 0, 3, {{w, 2, 3, 3}});
+  SimResult cold = simulate(g, times_of(g), unit_link(), &p);
+  EXPECT_NEAR(cold.step_time_s, 5e-3, 1e-12);
+  EXPECT_NEAR(cold.stall_time_s, 1e-3, 1e-12);
+  SimOptions steady;
+  steady.model.steps = 2;
+  steady.record_timeline = true;
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, steady);
+  EXPECT_NEAR(r.step_time_s, 5e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 2e-3, 1e-12);
+  EXPECT_NEAR(r.compute_time_s, 3e-3, 1e-12);
+  EXPECT_EQ(r.swapped_in_bytes, MB);  // the reported step's copies only
+  EXPECT_EQ(r.swapped_out_bytes, MB);
+  // The timeline is the reported step's, from its start: W's copy in at 1-2 ms.
+  bool saw_in = false;
+  for (const TimelineEvent& e : r.timeline) {
+    if (e.kind != TimelineEvent::Kind::SwapIn) continue;
+    saw_in = true;
+    EXPECT_NEAR(e.start_s, 1e-3, 1e-12);
+    EXPECT_NEAR(e.end_s, 2e-3, 1e-12);
+  }
+  EXPECT_TRUE(saw_in);
+}
+
+// Uploads: the input X (1 MB, 0.5 MB of data) is copied in before op0, which starts when it
+// lands (0.5 ms; counted as stall, not as swapping); op0's prefetch (W, on the host) is issued
+// then and queues behind nothing: 0.5-1.5 ms, so op0 starts at 1.5 ms.
+TEST(Simulator, UploadsRunBeforeOpZeroAndItsPrefetches) {
+  Graph g;
+  auto x = tensor(g, "X", MB, TensorKind::Input);
+  auto w = tensor(g, "W", MB, TensorKind::Weight);
+  op(g, "op0", {x, w}, {});
+  op(g, "op1", {}, {});
+  Plan p = Plan::from_swaps("test", 0, 2, {{w, 0, 2, 2}});
+  SimOptions o;
+  o.model.uploads = {{x, MB / 2}};
+  o.record_timeline = true;
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_NEAR(r.stall_time_s, 1.5e-3, 1e-12);
+  EXPECT_EQ(r.swapped_in_bytes, MB);
+  bool saw_upload = false;
+  for (const TimelineEvent& e : r.timeline) {
+    if (e.kind == TimelineEvent::Kind::Upload) {
+      saw_upload = true;
+      EXPECT_NEAR(e.end_s, 0.5e-3, 1e-12);
+    }
+    if (e.kind == TimelineEvent::Kind::SwapIn) EXPECT_NEAR(e.start_s, 0.5e-3, 1e-12);
+  }
+  EXPECT_TRUE(saw_upload);
+  o.model.uploads = {{w, MB}};
+  EXPECT_THROW(simulate(g, times_of(g), unit_link(), &p, o), InvalidArgument)
+      << "uploads go to inputs";
+}
+
 TEST(Simulator, ReportsWhenTheBudgetCannotBeMet) {
   Graph g = gap_graph();
   SimResult r = simulate(g, times_of(g), unit_link(), nullptr, {MB / 2, false});

@@ -59,8 +59,9 @@ TEST_P(TrainAtAThird, EveryPolicyIsBitIdenticalAndGraphMovesWhatItsPlanSays) {
   EXPECT_LT(unlimited.steps.back().loss, unlimited.steps.front().loss) << "the loss must fall";
   for (const train::StepStats& s : unlimited.steps) {
     EXPECT_TRUE(std::isfinite(s.loss));
-    // Nothing swaps: the step takes exactly its kernels' time.
-    EXPECT_NEAR(s.step_s, s.compute_s, 1e-9 + 1e-9 * s.compute_s);
+    // Nothing swaps: the step takes its inputs' upload and its kernels' time, as predicted.
+    EXPECT_GT(s.step_s, s.compute_s);
+    EXPECT_NEAR(s.step_s, s.predicted_step_s, 1e-9 + 1e-6 * s.predicted_step_s);
   }
 
   const std::uint64_t granule = 2 * MiB;
@@ -107,18 +108,42 @@ INSTANTIATE_TEST_SUITE_P(Models, TrainAtAThird, ::testing::ValuesIn(kCases), nam
 // its prefetches after swap-outs that free their room, so a planned prefetch that finds the
 // room still being copied out waits for it rather than giving up (it used to give up, and the
 // block came back on demand, late: 13 demand fetches a step).
-TEST(Train, GraphPolicyPrefetchesWaitForTheRoomThePlanTimed) {
+// `steps` steps of a CLI preset (default shapes) at a third of its footprint under policy graph.
+train::RunResult preset_at_a_third(const char* model, int steps) {
   const Config conf = Config::parse("device:sim,trace:off");
-  const train::Program program = train::build_model("mlp", {});
+  const train::Program program = train::build_model(model, {});
   train::RunOptions ro;
-  ro.steps = 2;
+  ro.steps = steps;
   ro.policy = Policy::Graph;
   ro.budget = train::footprint(conf, program) / 3;
-  const train::RunResult r = train::run_training(conf, program, ro);
+  return train::run_training(conf, program, ro);
+}
+
+TEST(Train, GraphPolicyPrefetchesWaitForTheRoomThePlanTimed) {
+  const train::RunResult r = preset_at_a_third("mlp", 2);
   for (const train::StepStats& s : r.steps) {
     EXPECT_EQ(s.swaps.demand_fetches, 0u) << "step " << s.step;
     EXPECT_EQ(s.swaps.prefetches_skipped, 0u) << "step " << s.step;
     EXPECT_EQ(s.swaps.evictions_reactive, 0u) << "step " << s.step;
+  }
+}
+
+// The presets the CLI trains, at a third of their footprint under policy graph: after the first
+// step (which starts from setup's state) each step takes the time the prediction gives for the
+// steady state (a step that starts with the previous step's copies in flight and uploads its
+// inputs first), within 5%. Simulated time (queries answered in it), so the same in every run;
+// the mlp's step was 12% longer than predicted before the step model and the simulated queries.
+TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
+  for (const char* model : {"mlp", "cnn", "gpt-mini"}) {
+    SCOPED_TRACE(model);
+    const train::RunResult r = preset_at_a_third(model, 3);
+    for (const train::StepStats& s : r.steps) {
+      EXPECT_EQ(s.swaps.demand_fetches, 0u) << "step " << s.step;
+      if (s.step == 0) continue;
+      EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s)
+          << "step " << s.step << ": observed " << s.step_s * 1e3 << " ms, predicted "
+          << s.predicted_step_s * 1e3 << " ms";
+    }
   }
 }
 
