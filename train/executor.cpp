@@ -9,6 +9,7 @@
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
+#include "device/sim_device.hpp"
 #include "graph/device_model.hpp"
 #include "graph/liveness.hpp"
 #include "graph/planner.hpp"
@@ -173,10 +174,14 @@ void Executor::Impl::setup() {
   if (!dev.info().simulated) o.measure_ops = true;
   roofline = make_roofline(roofline_model(dev));
   k = kernels::make_kernels(dev, {roofline});
-  try {
-    link = link_preset(dev.info().link_name);
-  } catch (const InvalidArgument&) {
-    // Keep pcie4, as the runtime does for a link it has no model of.
+  if (const auto* sim = dynamic_cast<const SimDevice*>(&dev)) {
+    link = sim->options().link;  // what its copies follow, link_gbps included
+  } else {
+    try {
+      link = link_preset(dev.info().link_name);
+    } catch (const InvalidArgument&) {
+      // Keep pcie4, as the runtime does for a link it has no model of.
+    }
   }
   // The simulated device's two copy engines do not contend (docs/architecture.md): predict
   // its steps with no duplex slowdown.

@@ -109,8 +109,9 @@ INSTANTIATE_TEST_SUITE_P(Models, TrainAtAThird, ::testing::ValuesIn(kCases), nam
 // room still being copied out waits for it rather than giving up (it used to give up, and the
 // block came back on demand, late: 13 demand fetches a step).
 // `steps` steps of a CLI preset (default shapes) at a third of its footprint under policy graph.
-train::RunResult preset_at_a_third(const char* model, int steps) {
-  const Config conf = Config::parse("device:sim,trace:off");
+train::RunResult preset_at_a_third(const char* model, int steps,
+                                   const char* conf_text = "device:sim,trace:off") {
+  const Config conf = Config::parse(conf_text);
   const train::Program program = train::build_model(model, {});
   train::RunOptions ro;
   ro.steps = steps;
@@ -145,6 +146,16 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
           << s.predicted_step_s * 1e3 << " ms";
     }
   }
+}
+
+// The plan and the prediction use the link the simulated device's copies follow: with
+// link_gbps the prediction said 5.8 ms for steps of 32 ms (it used the preset's speed).
+TEST(Train, PredictionFollowsTheSimulatedLinksSpeed) {
+  const train::RunResult r = preset_at_a_third("mlp", 2, "device:sim,trace:off,link_gbps:4");
+  const train::StepStats& s = r.steps.back();
+  EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s)
+      << "observed " << s.step_s * 1e3 << " ms, predicted " << s.predicted_step_s * 1e3 << " ms";
+  EXPECT_EQ(s.swaps.demand_fetches, 0u);
 }
 
 TEST(Train, PredictedPeakMatchesTheUnlimitedRun) {
