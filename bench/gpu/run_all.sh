@@ -82,6 +82,11 @@ if [[ -n $python ]]; then
   python_line="python: $python ($("$python" -c 'import sys; print(sys.version.split()[0])'); \
 $(for m in pytest torch cupy numpy; do has_module "$python" $m && printf '%s ' $m; done)found)"
   cmake_args+=("-DSPILL_PYTHON=$python")
+  # cuDNN from PyTorch's nvidia-cudnn wheel when the CUDA toolkit has none.
+  cudnn_root=$("$python" -c 'import nvidia.cudnn as m; print(list(m.__path__)[0])' 2>/dev/null)
+  if [[ -n $cudnn_root && -f $cudnn_root/include/cudnn.h ]]; then
+    cmake_args+=("-DSPILL_CUDNN_ROOT=$cudnn_root")
+  fi
 else
   python_line="python: none with pytest found (tried ${SPILL_PYTHON:-python3 python /usr/bin/python3 /usr/local/bin/python3}): Python tests skip"
 fi
