@@ -22,7 +22,8 @@ Methodology (the machine is shared and small: other work disturbs single steps):
   fastest step (the least disturbed) and the median CPU time of the process per step beside it;
   overheads are ratios of medians; the load average is reported before and after.
 
-Usage: bench_torch_bridge.py [--model mlp] [--steps 30] [--rounds 3] [--json out.json]
+Usage: bench_torch_bridge.py [--model mlp] [--steps 30] [--rounds 3] [--only no_pressure|pressure]
+                             [--link-gbps G] [--json out.json]
 Run with Debian's /usr/bin/python3 (torch) and SPILL_LIBRARY pointing at build/libspill.so.
 """
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--pressure-steps", type=int, default=12)
     p.add_argument("--only", choices=("no_pressure", "pressure"))
+    p.add_argument("--link-gbps", type=float, default=0.0,
+                   help="the link's speed each way in the budget runs (default: from the probe)")
     p.add_argument("--json")
     p.add_argument("--child")
     p.add_argument("--budget", type=int, default=0)
@@ -198,6 +201,8 @@ def main() -> int:
                                   for s in probe["per_step"][PRESSURE_WARMUP:])
         compute_s = statistics.median(probe0["step_s"][WARMUP:])
         gbps = max(moved / (0.5 * compute_s) / 2 / 1e9, 0.01)  # each way carries about half
+        if args.link_gbps:  # the same link for runs compared with each other
+            gbps = args.link_gbps
         conf = f"time_scale:1,link_gbps:{gbps:.4g}"
         unlimited: List[Dict[str, Any]] = []
         pressured: List[Dict[str, Any]] = []

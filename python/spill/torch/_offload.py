@@ -48,6 +48,16 @@ from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
 Token = Any  # spill._capi.PinToken
 
 
+def _leaves(value: Any) -> List[Any]:
+    """tree_flatten(value)'s leaves, without its cost for a tensor or a flat tuple of them (a
+    module's usual arguments and output)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if type(value) is tuple and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    return tree_flatten(value)[0]
+
+
 class _Frame:
     """The pins a running module holds until its forward ends."""
     __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs")
@@ -200,7 +210,7 @@ class OffloadHandle:
             self._hold(frame.tokens, t, stream, wrote)
         for t in self._extra.get(module, {}).values():
             self._hold(frame.tokens, t, stream, False)
-        for t in tree_flatten(args)[0]:
+        for t in _leaves(args):
             ptr = self.pinner.movable(t)
             if ptr:
                 frame.inputs.add(ptr)
@@ -224,16 +234,20 @@ class OffloadHandle:
                 self._stack.pop()
                 self._stack_set.discard(module)
             return
-        depth = next((i for i in range(len(self._frames) - 1, -1, -1)
-                      if self._frames[i].module is module), None)
-        if depth is None:
-            return
+        frames = self._frames
+        if frames and frames[-1].module is module:
+            depth = len(frames) - 1
+        else:
+            depth = next((i for i in range(len(frames) - 1, -1, -1)
+                          if frames[i].module is module), None)
+            if depth is None:
+                return
         self._unwind(depth + 1)  # frames an exception left behind
         frame = self._frames.pop()
         parent = self._frames[-1] if self._frames else self._step_frame
         stream = self.pinner.stream()
         grad = torch.is_grad_enabled()
-        for t in tree_flatten(output)[0]:
+        for t in _leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
             if grad and t.requires_grad:

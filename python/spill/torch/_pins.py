@@ -4,8 +4,9 @@ on the CPU bridge a host-waiting pin (spill_pin_for_host: CPU kernels run on the
 
 Tensors spill does not hold (created before enable(), by another allocator, on another
 device) and tensors whose storage is below spill's swap threshold (they never move) are left
-alone without a call into spill. Calls go straight to the C functions: these run for every
-tensor a hook sees."""
+alone without a call into spill. Calls go straight to the C functions (plain ints and bools:
+the argument types declared in spill._capi convert them): these run for every tensor a hook
+sees."""
 from __future__ import annotations
 
 import ctypes
@@ -92,10 +93,9 @@ class Pinner:
         unpin (a block that never moves, or memory spill does not hold)."""
         token = PinToken()
         if self.cpu:
-            status = self._pin_for_host(ctypes.c_void_p(ptr), ctypes.byref(token))
+            status = self._pin_for_host(ptr, ctypes.byref(token))
         else:
-            status = self._pin(ctypes.c_void_p(ptr), ctypes.c_void_p(stream or 0),
-                               ctypes.byref(token))
+            status = self._pin(ptr, stream, ctypes.byref(token))
         if status == 0:
             return token if token.block else None
         if status == _INVALID_ARGUMENT:
@@ -103,7 +103,7 @@ class Pinner:
         raise_status(self._lib, status)
 
     def unpin(self, token: PinToken, stream: Optional[int], wrote: bool) -> None:
-        status = self._unpin(ctypes.byref(token), ctypes.c_void_p(stream or 0), int(wrote))
+        status = self._unpin(ctypes.byref(token), stream, wrote)
         if status != 0:
             raise_status(self._lib, status)
 
@@ -115,7 +115,7 @@ class Pinner:
 
     def declare(self, ptr: int, swappable: bool = True) -> bool:
         """Declares the block at ``ptr`` (not) swappable; False when spill does not hold it."""
-        status = self._set_swappable(ctypes.c_void_p(ptr), int(swappable))
+        status = self._set_swappable(ptr, swappable)
         if status == 0:
             return True
         if status == _INVALID_ARGUMENT:
