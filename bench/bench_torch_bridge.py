@@ -10,19 +10,21 @@ spill's configuration and PyTorch's allocator are process-wide):
    step time against the unlimited run in the same configuration, and the stall of the planned
    steps beside the first (reactive) step's.
 
-Methodology (the machine is shared and small: other work disturbs single steps):
+Methodology (the machine is shared and small: other work disturbs single steps by +-30%):
 - the model computes on one thread in every case: torch.set_num_threads(1) and
   OPENBLAS_NUM_THREADS=1 / OMP_NUM_THREADS=1 (Debian's torch calls OpenBLAS, whose own thread
   pool ignores set_num_threads), so on a 2-core machine the simulated device's copy engine and
   mapping work get a core of their own, as a GPU's copy engines do not take the host's cores;
-- the cases run interleaved, round after round (load drifts), each round a fresh process per
-  case; the first WARMUP steps of each process are left out (the first step of offload is its
-  recording step; allocator caches fill);
-- each figure is the median over all rounds' remaining steps (the typical step), with the
-  fastest step (the least disturbed) and the median CPU time of the process per step beside it;
-  overheads are ratios of medians; the load average is reported before and after.
+- the cases compared run at the same time as processes that take turns: each trains its first
+  WARMUP steps (not measured: offload's first step is its recording step, caches fill), then
+  waits; then, round after round, each case in turn runs a batch of steps while the others
+  wait, so that every round measures all cases within a few seconds of each other;
+- per round, the ratio of two cases' median steps (paired: the load drifts between rounds,
+  little within one); a figure is the median over rounds of those ratios, beside each case's
+  median step, fastest step and median CPU time of the process per step over all rounds; the
+  load average is reported before and after.
 
-Usage: bench_torch_bridge.py [--model mlp] [--steps 30] [--rounds 3] [--only no_pressure|pressure]
+Usage: bench_torch_bridge.py [--model mlp] [--rounds 12] [--batch 4] [--only no_pressure|pressure]
                              [--link-gbps G] [--json out.json]
 Run with Debian's /usr/bin/python3 (torch) and SPILL_LIBRARY pointing at build/libspill.so.
 """
@@ -39,27 +41,60 @@ from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+WARMUP = 3  # steps of each process before the measured rounds (the first records, the second
+#             becomes the plan, caches fill)
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+STAT_KEYS = ("swap.stall_s", "swap.host_wait_s", "swap.bytes_in", "swap.bytes_out",
+             "swap.demand_fetches", "swap.steps_planned", "allocated_bytes.peak")
 
 
-def child(args: argparse.Namespace) -> Dict[str, Any]:
-    """One case, in this process."""
+def child(args: argparse.Namespace) -> None:
+    """One case, in this process: WARMUP steps, then ``rounds`` batches of ``batch`` steps, each
+    when the parent says "go" on stdin; prints READY, then one BATCH line per batch (its steps'
+    wall and CPU seconds), then CASE (spill's statistics per step, guard's ops per step)."""
     import torch
-    torch.set_num_threads(1)  # and OPENBLAS_NUM_THREADS=1 in the environment (run())
+    torch.set_num_threads(1)  # and OPENBLAS_NUM_THREADS=1 in the environment (Case)
     sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
     from torch_train_models import train
-    times: List[float] = []
-    cpu: List[float] = []
-    ops: List[int] = []
     marks: Dict[str, Any] = {}
+    stats: List[Dict[str, float]] = []
+    ops: List[int] = []
+    wall: List[float] = []
+    cpu: List[float] = []
     sample = bool(args.budget or args.conf)
 
-    def before(i: int) -> None:
-        times.append(time.perf_counter())
+    def now() -> None:
+        wall.append(time.perf_counter())
         cpu.append(time.process_time())
+
+    def report(kind: str) -> None:
+        steps = list(range(1, len(wall), 2))  # (start, end) pairs
+        out = {"step_s": [wall[i] - wall[i - 1] for i in steps],
+               "cpu_s": [cpu[i] - cpu[i - 1] for i in steps]}
+        wall.clear()
+        cpu.clear()
+        print(kind + " " + json.dumps(out), flush=True)
+
+    def wait_for_turn() -> None:
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit(0)
+
+    def before(i: int) -> None:
+        if i > 0:
+            now()  # the end of step i - 1
+        if "spill" in marks and sample:  # spill's statistics per step, in budget runs only
+            stats.append({k: marks["spill"].stats().get(k, 0) for k in STAT_KEYS})
         if marks.get("guard") is not None:
             ops.append(marks["guard"].ops)
-        if "spill" in marks and sample:  # spill's statistics per step, in budget runs only
-            marks.setdefault("stats", []).append(dict(marks["spill"].stats()))
+        if i >= WARMUP and (i - WARMUP) % args.batch == 0:
+            if i == WARMUP:
+                wall.clear()
+                cpu.clear()
+                print("READY", flush=True)
+            else:
+                report("BATCH")
+            wait_for_turn()
+        now()  # the start of step i
 
     wrap = lambda m, o: None  # noqa: E731
     if args.case != "plain":
@@ -80,65 +115,86 @@ def child(args: argparse.Namespace) -> Dict[str, Any]:
                 g.__enter__()
                 marks["guard"] = g
                 return g
-    train(args.model, args.steps + 1, before, wrap=wrap)
-    times.append(time.perf_counter())
-    cpu.append(time.process_time())
-    step_s = [b - a for a, b in zip(times, times[1:])]
-    cpu_s = [b - a for a, b in zip(cpu, cpu[1:])]
-    out: Dict[str, Any] = {"case": args.case, "step_s": step_s, "cpu_s": cpu_s}
+    train(args.model, WARMUP + args.rounds * args.batch, before, wrap=wrap)
+    now()
+    report("BATCH")
+    out: Dict[str, Any] = {}
     if len(ops) > 1:
         out["ops_per_step"] = statistics.median(b - a for a, b in zip(ops, ops[1:]))
     if "spill" in marks:
-        import spill
-        marks.setdefault("stats", []).append(dict(spill.stats()))
-        s = marks["stats"]
-        keys = ("swap.stall_s", "swap.host_wait_s", "swap.bytes_in", "swap.bytes_out",
-                "swap.demand_fetches", "swap.steps_planned", "reserved_bytes.peak",
-                "allocated_bytes.peak")
-        out["per_step"] = [{k: b.get(k, 0) - a.get(k, 0) for k in keys}
-                           for a, b in zip(s, s[1:])]
-        out["allocated_peak"] = s[-1]["allocated_bytes.peak"]
-    return out
+        stats.append({k: marks["spill"].stats().get(k, 0) for k in STAT_KEYS})
+        out["per_step"] = [{k: b[k] - a[k] for k in STAT_KEYS} for a, b in zip(stats, stats[1:])]
+        out["allocated_peak"] = stats[-1]["allocated_bytes.peak"]
+    print("CASE " + json.dumps(out), flush=True)
 
 
-WARMUP = 2           # steps of each process left out of the no-pressure figures
-PRESSURE_WARMUP = 3  # and of the budget runs (the first records, the second becomes the plan)
-ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+class Case:
+    """A case's process, driven batch by batch."""
+
+    def __init__(self, name: str, args: argparse.Namespace, budget: int = 0,
+                 conf: str = "") -> None:
+        self.name = name
+        cmd = [sys.executable, __file__, "--child", name.split("@")[0], "--model", args.model,
+               "--rounds", str(args.rounds), "--batch", str(args.batch), "--budget",
+               str(budget), "--conf", conf]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, **ONE_THREAD))
+        self.batches: List[Dict[str, List[float]]] = []
+        self.result: Dict[str, Any] = {}
+
+    def _line(self, kind: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(kind + " ") or line.strip() == kind:
+                return line[len(kind):].strip()
+        raise SystemExit(f"{self.name} ended before {kind} (exit {self.proc.wait()})")
+
+    def ready(self) -> None:
+        self._line("READY")
+
+    def run_batch(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        self.batches.append(json.loads(self._line("BATCH")))
+
+    def finish(self) -> None:
+        self.result = json.loads(self._line("CASE"))
+        if self.proc.wait() != 0:
+            raise SystemExit(f"{self.name} failed (exit {self.proc.returncode})")
+
+    def steps(self, key: str = "step_s") -> List[float]:
+        return [x for b in self.batches for x in b[key]]
 
 
-def run(case: str, args: argparse.Namespace, budget: int = 0, conf: str = "",
-        steps: int = 0) -> Dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", case, "--model", args.model,
-           "--steps", str(steps or args.steps), "--budget", str(budget), "--conf", conf]
-    env = dict(os.environ, **ONE_THREAD)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("CASE ")]
-    if r.returncode != 0 or not line:
-        raise SystemExit(f"{case} failed:\n{r.stdout}\n{r.stderr}")
-    return json.loads(line[-1][5:])
+def interleaved(cases: List[Case], rounds: int) -> None:
+    """Every case's batches, in turns (see the module docstring)."""
+    for c in cases:
+        c.ready()
+    for r in range(rounds):
+        for c in cases[r % len(cases):] + cases[:r % len(cases)]:  # a different first each round
+            c.run_batch()
+    for c in cases:
+        c.finish()
 
 
-def pooled(runs: List[Dict[str, Any]], key: str, skip: int) -> List[float]:
-    """The steps of every run after its first ``skip``."""
-    return [x for r in runs for x in r[key][skip:]]
-
-
-def summary(runs: List[Dict[str, Any]], skip: int) -> Dict[str, float]:
-    wall, cpu = pooled(runs, "step_s", skip), pooled(runs, "cpu_s", skip)
+def summary(case: Case) -> Dict[str, float]:
+    wall, cpu = case.steps(), case.steps("cpu_s")
     return {"median_ms": statistics.median(wall) * 1e3, "fastest_ms": min(wall) * 1e3,
             "cpu_median_ms": statistics.median(cpu) * 1e3, "steps": len(wall)}
 
 
-def load() -> float:
-    return os.getloadavg()[0]
+def paired(a: Case, b: Case, key: str = "step_s") -> float:
+    """The median over rounds of (a's median step / b's median step) in the same round."""
+    return statistics.median(statistics.median(x[key]) / statistics.median(y[key])
+                             for x, y in zip(a.batches, b.batches))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pressure-steps", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--batch", type=int, default=4, help="steps a case runs per turn")
     p.add_argument("--only", choices=("no_pressure", "pressure"))
     p.add_argument("--link-gbps", type=float, default=0.0,
                    help="the link's speed each way in the budget runs (default: from the probe)")
@@ -149,95 +205,93 @@ def main() -> int:
     args = p.parse_args()
     if args.child:
         args.case = args.child
-        print("CASE " + json.dumps(child(args)))
+        child(args)
         return 0
 
-    report: Dict[str, Any] = {"model": args.model, "steps": args.steps, "rounds": args.rounds,
+    report: Dict[str, Any] = {"model": args.model, "rounds": args.rounds, "batch": args.batch,
                               "machine": "the 2-core build machine (shared)",
-                              "date": time.strftime("%Y-%m-%d"), "load_before": load()}
+                              "date": time.strftime("%Y-%m-%d"),
+                              "load_before": os.getloadavg()[0]}
     print(f"model {args.model}, measured on the 2-core build machine (shared), "
-          f"{report['date']}, load average {report['load_before']:.2f} at the start")
+          f"{report['date']}, load average {report['load_before']:.2f} at the start; "
+          f"{args.rounds} rounds of {args.batch} steps per case after {WARMUP}")
     # 1. No pressure: plain torch, the bridge alone (spill's allocator, no hooks), offload and
-    # guard, interleaved over rounds.
-    cases: Dict[str, List[Dict[str, Any]]] = {c: [] for c in ("plain", "bridge", "offload",
-                                                              "guard")}
+    # guard, taking turns.
     if args.only != "pressure":
-        for _ in range(args.rounds):
-            for case in cases:
-                cases[case].append(run(case, args))
-        s = {c: summary(rs, WARMUP) for c, rs in cases.items()}
-        ops = statistics.median(r["ops_per_step"] for r in cases["guard"])
-        plain, off, grd = s["plain"], s["offload"], s["guard"]
+        cases = [Case(c, args) for c in ("plain", "bridge", "offload", "guard")]
+        interleaved(cases, args.rounds)
+        plain, bridge, off, grd = cases
+        s = {c.name: summary(c) for c in cases}
+        ops = grd.result["ops_per_step"]
+        t_plain = s["plain"]["median_ms"]
         report["no_pressure"] = {
             "cases": s,
-            "offload_overhead_pct": 100 * (off["median_ms"] / plain["median_ms"] - 1),
-            "offload_cpu_overhead_pct": 100 * (off["cpu_median_ms"] / plain["cpu_median_ms"] - 1),
-            "offload_fastest_overhead_pct": 100 * (off["fastest_ms"] / plain["fastest_ms"] - 1),
-            "bridge_overhead_pct": 100 * (s["bridge"]["median_ms"] / plain["median_ms"] - 1),
-            "guard_ops_per_step": ops,
-            "guard_us_per_op": 1e3 * (grd["median_ms"] - plain["median_ms"]) / ops,
-            "guard_cpu_us_per_op": 1e3 * (grd["cpu_median_ms"] - plain["cpu_median_ms"]) / ops}
+            "offload_vs_plain": paired(off, plain), "offload_vs_plain_cpu": paired(off, plain, "cpu_s"),
+            "offload_vs_bridge": paired(off, bridge), "bridge_vs_plain": paired(bridge, plain),
+            "guard_vs_plain": paired(grd, plain), "guard_ops_per_step": ops,
+            "guard_us_per_op": 1e3 * t_plain * (paired(grd, plain) - 1) / ops,
+            "guard_cpu_us_per_op": (1e3 * s["plain"]["cpu_median_ms"]
+                                    * (paired(grd, plain, "cpu_s") - 1) / ops)}
         np_ = report["no_pressure"]
-        print(f"no pressure ({args.rounds} rounds x {args.steps - WARMUP} steps; median / "
-              f"fastest / median CPU ms per step):")
+        print("no pressure (median / fastest / median CPU ms per step over all rounds):")
         for c, v in s.items():
             print(f"  {c:8s} {v['median_ms']:7.1f} / {v['fastest_ms']:7.1f} / "
                   f"{v['cpu_median_ms']:7.1f}")
-        print(f"  offload vs plain: {np_['offload_overhead_pct']:+.1f}% (fastest "
-              f"{np_['offload_fastest_overhead_pct']:+.1f}%, CPU "
-              f"{np_['offload_cpu_overhead_pct']:+.1f}%); bridge alone "
-              f"{np_['bridge_overhead_pct']:+.1f}%; guard {ops:.0f} ops/step, "
+        print(f"  paired medians over rounds: offload vs plain "
+              f"{100 * (np_['offload_vs_plain'] - 1):+.1f}% (CPU "
+              f"{100 * (np_['offload_vs_plain_cpu'] - 1):+.1f}%), offload vs bridge "
+              f"{100 * (np_['offload_vs_bridge'] - 1):+.1f}%, bridge vs plain "
+              f"{100 * (np_['bridge_vs_plain'] - 1):+.1f}%; guard "
+              f"{100 * (np_['guard_vs_plain'] - 1):+.1f}%, {ops:.0f} ops/step: "
               f"{np_['guard_us_per_op']:.1f} us per op (CPU {np_['guard_cpu_us_per_op']:.1f})")
 
-    # 2. Pressure with the link in real time: footprint and bytes moved at time_scale 0, then a
-    # link that copies those bytes in about half the compute (the unlimited offload step).
+    # 2. Pressure with the link in real time: the footprint and the bytes moved per step from
+    # probes at time_scale 0, then a link that copies those bytes in about half the compute
+    # (the unlimited offload step), unlimited and budget runs taking turns.
     if args.only != "no_pressure":
-        steps = args.pressure_steps
-        probe0 = run("offload", args, 0, steps=4)
-        footprint = probe0["allocated_peak"]
+        probe_args = argparse.Namespace(**{**vars(args), "rounds": 2, "batch": 2})
+        probe0 = Case("offload", probe_args)
+        interleaved([probe0], 2)
+        footprint = probe0.result["allocated_peak"]
         budget = footprint // 3
-        probe = run("offload", args, budget, steps=6)
+        probe = Case("offload", probe_args, budget)
+        interleaved([probe], 2)
         moved = statistics.median(s["swap.bytes_in"] + s["swap.bytes_out"]
-                                  for s in probe["per_step"][PRESSURE_WARMUP:])
-        compute_s = statistics.median(probe0["step_s"][WARMUP:])
+                                  for s in probe.result["per_step"][WARMUP:])
+        compute_s = statistics.median(probe0.steps())
         gbps = max(moved / (0.5 * compute_s) / 2 / 1e9, 0.01)  # each way carries about half
         if args.link_gbps:  # the same link for runs compared with each other
             gbps = args.link_gbps
         conf = f"time_scale:1,link_gbps:{gbps:.4g}"
-        unlimited: List[Dict[str, Any]] = []
-        pressured: List[Dict[str, Any]] = []
-        for _ in range(max(1, args.rounds - 1)):
-            unlimited.append(run("offload", args, 0, conf, steps))
-            pressured.append(run("offload", args, budget, conf, steps))
-        u, b = summary(unlimited, PRESSURE_WARMUP), summary(pressured, PRESSURE_WARMUP)
-        per_step = [st for r in pressured for st in r["per_step"][PRESSURE_WARMUP:]]
-        firsts = [r["per_step"][0] for r in pressured]
+        unlimited = Case("offload", args, 0, conf)
+        pressured = Case("offload@budget", args, budget, conf)
+        interleaved([unlimited, pressured], args.rounds)
+        u, b = summary(unlimited), summary(pressured)
+        per_step = pressured.result["per_step"]
         stall = lambda st: (st["swap.stall_s"] + st["swap.host_wait_s"]) * 1e3  # noqa: E731
         report["pressure"] = {
             "footprint_mib": footprint / 2**20, "budget_mib": budget / 2**20,
             "moved_mib_per_step": moved / 2**20, "link_gbps": gbps, "conf": conf,
             "unlimited": u, "budget": b,
-            "ratio": b["median_ms"] / u["median_ms"],
-            "cpu_ratio": b["cpu_median_ms"] / u["cpu_median_ms"],
-            "first_step_stall_ms": statistics.median(stall(st) for st in firsts),
-            "first_step_demand_fetches": statistics.median(st["swap.demand_fetches"]
-                                                           for st in firsts),
-            "planned_step_stall_ms": statistics.median(stall(st) for st in per_step),
+            "ratio": paired(pressured, unlimited),
+            "cpu_ratio": paired(pressured, unlimited, "cpu_s"),
+            "first_step_stall_ms": stall(per_step[0]),
+            "first_step_demand_fetches": per_step[0]["swap.demand_fetches"],
+            "planned_step_stall_ms": statistics.median(stall(st) for st in per_step[WARMUP:]),
             "planned_demand_fetches": statistics.median(st["swap.demand_fetches"]
-                                                        for st in per_step),
-            "planned_steps": sum(st["swap.steps_planned"] for st in per_step),
-            "step_ms": [[t * 1e3 for t in r["step_s"]] for r in pressured]}
+                                                        for st in per_step[WARMUP:]),
+            "planned_steps": sum(st["swap.steps_planned"] for st in per_step[WARMUP:])}
         pr = report["pressure"]
         print(f"budget {pr['budget_mib']:.1f} MiB of {pr['footprint_mib']:.1f} MiB, link "
-              f"{gbps:.3g} GB/s in real time, {pr['moved_mib_per_step']:.0f} MiB moved per step "
-              f"(median of {b['steps']} steps after {PRESSURE_WARMUP}): {b['median_ms']:.1f} vs "
-              f"{u['median_ms']:.1f} ms unlimited ({pr['ratio']:.2f}x; fastest "
-              f"{b['fastest_ms']:.1f} vs {u['fastest_ms']:.1f}; CPU {b['cpu_median_ms']:.1f} vs "
-              f"{u['cpu_median_ms']:.1f} ms, {pr['cpu_ratio']:.2f}x); stall: first step "
-              f"{pr['first_step_stall_ms']:.1f} ms ({pr['first_step_demand_fetches']:.0f} "
-              f"demand fetches), planned steps {pr['planned_step_stall_ms']:.1f} ms "
-              f"({pr['planned_demand_fetches']:.0f})")
-    report["load_after"] = load()
+              f"{gbps:.3g} GB/s in real time, {pr['moved_mib_per_step']:.0f} MiB moved per step: "
+              f"{b['median_ms']:.1f} vs {u['median_ms']:.1f} ms unlimited (paired "
+              f"{pr['ratio']:.2f}x; fastest {b['fastest_ms']:.1f} vs {u['fastest_ms']:.1f}; CPU "
+              f"{b['cpu_median_ms']:.1f} vs {u['cpu_median_ms']:.1f} ms, paired "
+              f"{pr['cpu_ratio']:.2f}x); stall: first step {pr['first_step_stall_ms']:.1f} ms "
+              f"({pr['first_step_demand_fetches']:.0f} demand fetches), planned steps "
+              f"{pr['planned_step_stall_ms']:.1f} ms ({pr['planned_demand_fetches']:.0f}; "
+              f"{pr['planned_steps']:.0f} steps planned)")
+    report["load_after"] = os.getloadavg()[0]
     print(f"load average {report['load_after']:.2f} at the end")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
