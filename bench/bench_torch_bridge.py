@@ -25,7 +25,7 @@ Methodology (the machine is shared and small: other work disturbs single steps b
   load average is reported before and after.
 
 Usage: bench_torch_bridge.py [--model mlp] [--rounds 12] [--batch 4] [--only no_pressure|pressure]
-                             [--link-gbps G] [--json out.json]
+                             [--link-gbps G] [--spill-conf CONF] [--json out.json]
 Run with Debian's /usr/bin/python3 (torch) and SPILL_LIBRARY pointing at build/libspill.so.
 """
 from __future__ import annotations
@@ -102,8 +102,9 @@ def child(args: argparse.Namespace) -> None:
         import spill.torch as st
         marks["spill"] = spill
         conf = "swap_threshold:128KiB,sim_granularity:64KiB"
-        if args.conf:
-            conf += "," + args.conf
+        for extra in (args.spill_conf, args.conf):
+            if extra:
+                conf += "," + extra
         st.enable(conf, target="cpu")
         if args.budget:
             spill.set_budget(args.budget)
@@ -136,7 +137,7 @@ class Case:
         self.name = name
         cmd = [sys.executable, __file__, "--child", name.split("@")[0], "--model", args.model,
                "--rounds", str(args.rounds), "--batch", str(args.batch), "--budget",
-               str(budget), "--conf", conf]
+               str(budget), "--conf", conf, "--spill-conf", args.spill_conf]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=dict(os.environ, **ONE_THREAD))
         self.batches: List[Dict[str, List[float]]] = []
@@ -198,6 +199,8 @@ def main() -> int:
     p.add_argument("--only", choices=("no_pressure", "pressure"))
     p.add_argument("--link-gbps", type=float, default=0.0,
                    help="the link's speed each way in the budget runs (default: from the probe)")
+    p.add_argument("--spill-conf", default="",
+                   help="more of spill's configuration in every spill case (e.g. peak_guard:off)")
     p.add_argument("--json")
     p.add_argument("--child")
     p.add_argument("--budget", type=int, default=0)
@@ -209,12 +212,14 @@ def main() -> int:
         return 0
 
     report: Dict[str, Any] = {"model": args.model, "rounds": args.rounds, "batch": args.batch,
+                              "spill_conf": args.spill_conf,
                               "machine": "the 2-core build machine (shared)",
                               "date": time.strftime("%Y-%m-%d"),
                               "load_before": os.getloadavg()[0]}
     print(f"model {args.model}, measured on the 2-core build machine (shared), "
           f"{report['date']}, load average {report['load_before']:.2f} at the start; "
-          f"{args.rounds} rounds of {args.batch} steps per case after {WARMUP}")
+          f"{args.rounds} rounds of {args.batch} steps per case after {WARMUP}"
+          + (f"; spill conf +{args.spill_conf}" if args.spill_conf else ""))
     # 1. No pressure: plain torch, the bridge alone (spill's allocator, no hooks), offload and
     # guard, taking turns.
     if args.only != "pressure":
