@@ -3,6 +3,7 @@
 // clear errors, and nothing leaks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "core/pattern.hpp"
@@ -16,8 +17,9 @@ namespace {
 
 struct Rig {
   explicit Rig(std::size_t budget, std::size_t host_cap = 1 * GiB, bool chaos = false,
-               SwapPolicy policy = SwapPolicy::Lru)
+               SwapPolicy policy = SwapPolicy::Lru, bool simulated_queries = false)
       : dev(SimOptions{.capacity = 512 * MiB,
+                       .simulated_queries = simulated_queries,
                        .chaos_seed = chaos ? std::optional<std::uint64_t>(3) : std::nullopt,
                        .chaos_probability = 0.3,
                        .chaos_max_delay = std::chrono::microseconds(200)}),
@@ -145,6 +147,43 @@ TEST(Swapper, PrefetchLandsBeforeUse) {
   EXPECT_EQ(s.prefetches, 1u);
   EXPECT_EQ(s.prefetch_hits, 1u);
   EXPECT_EQ(s.demand_fetches, 0u);
+}
+
+// A prefetch that waits for room waits for the swap-outs in flight in the order they were
+// issued (the D2H stream's order): the first issued frees its room first. Here the first issued
+// has the higher address, so waiting by address would wait for the second, i.e. for both
+// copies. Simulated queries: a swap-out is done only once the host's simulated clock passed it.
+TEST(Swapper, PrefetchWaitsForSwapOutsInTheOrderTheyWereIssued) {
+  constexpr std::size_t kBlock = 4 * MiB;
+  Rig r(3 * kBlock, 1 * GiB, false, SwapPolicy::Lru, true);
+  void* d = r.backend.allocate(kBlock);
+  r.write(d, kBlock, 7);
+  r.swapper.evict(d);  // on the host once the blocks below need its room
+  std::vector<void*> v;
+  for (int i = 0; i < 3; ++i) v.push_back(r.backend.allocate(kBlock));
+  std::sort(v.begin(), v.end());
+  for (int i = 0; i < 3; ++i) r.write(v[i], kBlock, 10 + i);
+  ASSERT_EQ(r.swapper.residence(d), Residence::OnHost);
+  void* first = v[2];   // issued first, higher address
+  void* second = v[0];  // issued second, lower address
+  r.swapper.evict(first);
+  r.swapper.evict(second);
+  const SwapStats before = r.swapper.stats();
+  const std::uint64_t t0 = r.dev.trace_now_ns();  // the host's simulated clock
+  r.swapper.prefetch(d, /*wait_for_room=*/true);
+  const double waited = double(r.dev.trace_now_ns() - t0) * 1e-9;
+  const SwapStats after = r.swapper.stats();
+  EXPECT_EQ(after.prefetches_skipped, before.prefetches_skipped);
+  EXPECT_EQ(r.swapper.residence(first), Residence::OnHost) << "its room was the one waited for";
+  EXPECT_EQ(r.swapper.residence(second), Residence::SwappingOut)
+      << "the prefetch waited for the later swap-out too";
+  // It waited for one copy, not two (the two take at least twice a block at the link's speed).
+  const double one_copy = double(kBlock) / (r.dev.options().link.d2h_gbps * 1e9);
+  EXPECT_GT(waited, 0.5 * one_copy);
+  EXPECT_LT(waited, 1.5 * one_copy);
+  EXPECT_TRUE(r.holds(d, kBlock, 7));
+  EXPECT_TRUE(r.holds(first, kBlock, 12));
+  EXPECT_TRUE(r.holds(second, kBlock, 10));
 }
 
 TEST(Swapper, PinnedWorkingSetOverTheBudgetNamesTheBlocks) {
