@@ -1,7 +1,7 @@
 #include "graph/simulator.hpp"
 
 #include <algorithm>
-#include <queue>
+#include <set>
 
 #include "core/errors.hpp"
 #include "graph/device_model.hpp"
@@ -34,39 +34,90 @@ struct TensorState {
 // Mapped bytes over time, in issue order (see the header for the rules).
 class Memory {
  public:
-  explicit Memory(std::uint64_t budget) : budget_(budget) {}
+  Memory(const SimOptions& o) : budget_(o.budget), small_(o.small), lazy_(o.swapper_rules) {}
 
   // Maps `bytes` no earlier than `t`; returns when the mapping happened.
   double map(std::uint64_t bytes, double t) {
     t = std::max(t, cursor_);
     apply_until(t);
-    while (mapped_ + bytes > budget_ && !pending_.empty()) {
-      t = std::max(t, pending_.top().first);
-      apply_until(t);
+    if (mapped_with(bytes) + unreaped_bytes_ > budget_) {
+      reap();  // the swapper completes the swap-outs that ended when room is needed
+      while (mapped_with(bytes) > budget_ && !pending_.empty()) {
+        t = std::max(t, pending_.begin()->t);
+        apply_until(t);
+      }
+      reap();
     }
-    if (mapped_ + bytes > budget_) over_budget_ = true;
-    mapped_ += bytes;
-    peak_ = std::max(peak_, mapped_);
+    if (mapped_with(bytes) > budget_) over_budget_ = true;
+    (is_small(bytes) ? small_bytes_ : large_) += bytes;
+    peak_ = std::max(peak_, mapped());
     cursor_ = t;
     return t;
   }
-  void release(std::uint64_t bytes, double t) { pending_.push({t, bytes}); }
+  void release(std::uint64_t bytes, double t) { pending_.insert({t, bytes, false}); }
+  // A swap-out's release (with swapper_rules: cancellable until reaped).
+  void release_swap_out(std::uint64_t bytes, double t) { pending_.insert({t, bytes, lazy_}); }
+  // Takes back a swap-out's release at `t` that was not reaped (the memory stays mapped);
+  // false when it was (or without swapper_rules).
+  bool cancel_release(std::uint64_t bytes, double t) {
+    if (!lazy_) return false;
+    auto it = pending_.find({t, bytes, true});
+    if (it != pending_.end()) {
+      pending_.erase(it);
+      return true;
+    }
+    auto done = unreaped_.find({t, bytes, true});
+    if (done == unreaped_.end()) return false;
+    unreaped_.erase(done);
+    unreaped_bytes_ -= bytes;
+    large_ += bytes;
+    peak_ = std::max(peak_, mapped());
+    return true;
+  }
 
-  std::uint64_t mapped() const { return mapped_; }
+  std::uint64_t mapped() const { return mapped_with(0); }
   std::uint64_t peak() const { return peak_; }
   bool over_budget() const { return over_budget_; }
 
  private:
+  struct Release {
+    double t;
+    std::uint64_t bytes;
+    bool cancellable;
+    auto operator<=>(const Release&) const = default;
+  };
+  bool is_small(std::uint64_t bytes) const { return small_.segment > 0 && bytes <= small_.limit; }
+  // Mapped bytes once `bytes` more are mapped (swap-outs that ended count as released).
+  std::uint64_t mapped_with(std::uint64_t bytes) const {
+    const bool small = is_small(bytes);
+    const std::uint64_t large = large_ + (small ? 0 : bytes);
+    const std::uint64_t sm = small_bytes_ + (small ? bytes : 0);
+    if (small_.segment == 0) return large + sm;
+    return large + (sm + small_.segment - 1) / small_.segment * small_.segment;
+  }
   void apply_until(double t) {
-    while (!pending_.empty() && pending_.top().first <= t) {
-      mapped_ -= pending_.top().second;
-      pending_.pop();
+    while (!pending_.empty() && pending_.begin()->t <= t) {
+      const Release r = *pending_.begin();
+      pending_.erase(pending_.begin());
+      (is_small(r.bytes) ? small_bytes_ : large_) -= r.bytes;
+      if (r.cancellable) {
+        unreaped_.insert(r);
+        unreaped_bytes_ += r.bytes;
+      }
     }
   }
-  using Release = std::pair<double, std::uint64_t>;
-  std::priority_queue<Release, std::vector<Release>, std::greater<>> pending_;
+  void reap() {
+    unreaped_.clear();
+    unreaped_bytes_ = 0;
+  }
+  std::multiset<Release> pending_;   // earliest first
+  std::multiset<Release> unreaped_;  // swap-outs that ended, not yet reaped (swapper_rules)
+  std::uint64_t unreaped_bytes_ = 0;
   std::uint64_t budget_;
-  std::uint64_t mapped_ = 0, peak_ = 0;
+  SmallPool small_;
+  bool lazy_;
+  std::uint64_t large_ = 0, small_bytes_ = 0;  // mapped at their own size; small ones' live bytes
+  std::uint64_t peak_ = 0;
   double cursor_ = 0;
   bool over_budget_ = false;
 };
@@ -75,7 +126,7 @@ class StepSim {
  public:
   StepSim(const Graph& g, const std::vector<double>& times, const LinkModel& link,
           const Plan* plan, const SimOptions& o)
-      : g_(g), times_(times), link_(link), plan_(plan), o_(o), mem_(o.budget),
+      : g_(g), times_(times), link_(link), plan_(plan), o_(o), mem_(o),
         state_(g.tensors.size()), live_(analyze_liveness(g)) {}
 
   SimResult run() {
@@ -150,12 +201,20 @@ class StepSim {
                     to_device ? TimelineEvent::Kind::SwapIn : TimelineEvent::Kind::SwapOut);
   }
 
-  // Brings a tensor on the host back: map its memory, then copy once the engine is free.
-  void fetch(TensorIndex t, double issue, std::int64_t op) {
+  // Brings a tensor on the host back: map its memory, then copy once the engine is free; returns
+  // when it was mapped. With swapper_rules, one whose swap-out was not reaped stays instead (the
+  // copy out goes on).
+  double fetch(TensorIndex t, double issue, std::int64_t op) {
     TensorState& s = state_[t];
+    if (mem_.cancel_release(g_.tensors[t].bytes, s.host_ready)) {
+      s.where = Where::Device;
+      r_.cancelled_bytes += g_.tensors[t].bytes;
+      return issue;
+    }
     double mapped_at = mem_.map(g_.tensors[t].bytes, issue);
     s.ready = copy(true, t, std::max(mapped_at, s.host_ready), op);
     s.where = Where::Device;
+    return mapped_at;
   }
 
   void evict(TensorIndex t, double after, std::int64_t op) {
@@ -168,17 +227,20 @@ class StepSim {
     }
     s.host_ready = released;
     s.where = Where::Host;
-    mem_.release(g_.tensors[t].bytes, released);
+    mem_.release_swap_out(g_.tensors[t].bytes, released);
   }
 
   // Runs op i after the op before it ended at prev_end; its prefetches are issued at `issue`.
   double run_op(std::size_t i, double prev_end, double issue) {
     const Op& op = g_.ops[i];
     const auto oi = std::int64_t(i);
-    if (plan_)
-      for (TensorIndex t : plan_->steps[i].prefetch_at)
-        if (state_[t].where == Where::Host) fetch(t, issue, oi);
     double start = std::max(prev_end, issue);
+    if (plan_)
+      for (TensorIndex t : plan_->steps[i].prefetch_at) {
+        if (state_[t].where != Where::Host) continue;
+        const double mapped_at = fetch(t, issue, oi);
+        if (o_.swapper_rules) start = std::max(start, mapped_at);  // the host waited for room
+      }
     for (const auto* list : {&op.reads, &op.writes}) {
       for (TensorIndex t : *list) {
         TensorState& s = state_[t];

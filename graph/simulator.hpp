@@ -6,7 +6,13 @@
 // fit, it waits for pending releases (evictions in flight, frees at op ends); when nothing
 // pending would make it fit, it proceeds and the step is marked over budget. A copy issued while
 // the other direction is busy runs at the link's duplex efficiency.
+// With swapper_rules, the rules of spill's swapper executing the plan (train::Executor): a
+// swap-out's memory is released (reaped) only when a mapping needs room, and a tensor fetched
+// (prefetch or use) before that stays on the device: the swapper cancels that swap-out (the copy
+// out goes on) and nothing is copied back; a prefetch that waits for room waits on the host, so
+// the op it is issued before starts no earlier than its mapping.
 // Peak accounting is conservative: a release is counted once every earlier-issued mapping is in.
+// With a small pool (SimOptions::small) small tensors count as the whole segments they fill.
 // Steps (StepModel): by default one step from a cold start (idle copy engines, every tensor the
 // plan starts on the host already there). With steps > 1 the steps run back to back: each starts
 // as the previous one's last op ends, with that step's copies still in flight and their memory
@@ -40,10 +46,21 @@ struct StepModel {
   std::vector<Upload> uploads;  // each step's input uploads, in order (none: inputs are there)
 };
 
+// How a caching allocator maps small tensors: those of at most `limit` bytes share segments of
+// `segment` bytes, and mapped memory counts whole segments (as many as their live bytes fill,
+// rounded up; a segment emptied is returned when room is needed). segment 0: every tensor is
+// mapped at its own size.
+struct SmallPool {
+  std::uint64_t limit = 0;
+  std::uint64_t segment = 0;
+};
+
 struct SimOptions {
   std::uint64_t budget = std::numeric_limits<std::uint64_t>::max();
   bool record_timeline = false;
   StepModel model;
+  SmallPool small;
+  bool swapper_rules = false;  // see the header comment
 };
 
 struct TimelineEvent {
@@ -67,6 +84,7 @@ struct SimResult {
   bool within_budget = true;     // every simulated step
   std::uint64_t swapped_out_bytes = 0;  // device to host
   std::uint64_t swapped_in_bytes = 0;   // host to device
+  std::uint64_t cancelled_bytes = 0;    // fetched before their swap-out was reaped: no copy back
   std::uint32_t demand_fetches = 0;     // uses of a tensor on the host with no prefetch
   std::vector<std::uint64_t> mapped_at_op;  // mapped bytes once each op's memory is in
   std::vector<TimelineEvent> timeline;

@@ -158,6 +158,17 @@ struct Executor::Impl {
     if (swappable[t]) timed([&] { swp->unpin(ptrs[t], stream, wrote_it); });
   }
 
+  // Small tensors share the allocator's 2 MiB small-pool segments.
+  static constexpr std::uint64_t kSegment = 2u << 20;
+  // The prediction simulates the memory the allocator maps: the whole budget, small tensors as
+  // the segments they fill (the plan keeps room for the segments of their peak throughout; the
+  // forward pass of a small gpt-mini needs one segment less, so its steps ran faster than
+  // predicted with the plan's budget); and the swapper's lazy completion of swap-outs: a planned
+  // prefetch of a block whose swap-out nothing has reaped keeps it (no copy back).
+  graph::SimOptions prediction_options() const {
+    return {budget, false, po.model, {small_limit, kSegment}, /*swapper_rules=*/true};
+  }
+
   void setup();
   void make_plan(const std::vector<double>* measured);
   StepStats step();
@@ -273,9 +284,8 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   for (std::size_t t = 0; t < g.tensors.size(); ++t)
     if (p.tensors[t].kind == graph::TensorKind::Input && !live.uses[t].empty())
       po.model.uploads.push_back({graph::TensorIndex(t), p.tensors[t].bytes});
-  // Small tensors live in 2 MiB segments of the allocator's small pool (never swapped): the
-  // plan keeps room for the whole segments their peak needs.
-  constexpr std::uint64_t kSegment = 2u << 20;
+  // Small tensors live in segments of the allocator's small pool (never swapped): the plan
+  // keeps room for the whole segments their peak needs.
   std::uint64_t small_peak = 0;
   for (std::size_t i = 0; i < g.ops.size(); ++i) {
     std::uint64_t sum = 0;
@@ -293,7 +303,7 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
                       format_bytes(budget) + ": its step needs " + format_bytes(footprint) +
                       " with nothing swapped");
     plan = graph::plan_none(g, po);
-    pred = graph::simulate(g, times, link, nullptr, {budget, false, po.model});
+    pred = graph::simulate(g, times, link, nullptr, prediction_options());
     return;
   }
   graph::BudgetCheck check = graph::check_budget(g, po);
@@ -302,7 +312,7 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
                           " (" + format_bytes(small_reserve) + " of it kept for the small pool's " +
                           "segments): " + check.message);
   plan = graph::plan_spill(g, times, link, po);
-  pred = graph::simulate(g, times, link, &plan, {po.budget, false, po.model});
+  pred = graph::simulate(g, times, link, &plan, prediction_options());
 }
 
 StepStats Executor::Impl::step() {
@@ -310,7 +320,7 @@ StepStats Executor::Impl::step() {
   r.step = steps_done;
   r.predicted_step_s = pred.step_time_s;
   r.predicted_stall_s = pred.stall_time_s;
-  r.predicted_peak = pred.peak_bytes + small_reserve;
+  r.predicted_peak = pred.peak_bytes;
   const auto wall0 = Clock::now();
   spill_s = spill_cpu_s = 0;
   const SwapStats before = swp ? swp->stats() : SwapStats{};
@@ -446,9 +456,7 @@ const graph::Graph& Executor::graph() const { return impl_->g; }
 const graph::Plan& Executor::plan() const { return impl_->plan; }
 const graph::SimResult& Executor::prediction() const { return impl_->pred; }
 std::uint64_t Executor::footprint() const { return impl_->footprint; }
-std::uint64_t Executor::predicted_peak() const {
-  return impl_->pred.peak_bytes + impl_->small_reserve;
-}
+std::uint64_t Executor::predicted_peak() const { return impl_->pred.peak_bytes; }
 std::uint64_t Executor::budget() const { return impl_->budget; }
 std::string Executor::kernels_name() const { return impl_->k->name(); }
 

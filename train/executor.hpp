@@ -15,7 +15,12 @@
 // The prediction simulates the steady state (graph::StepModel{2, true}: a step that starts with
 // the previous step's copies in flight and uploads its inputs first); on the simulated device
 // with no duplex slowdown (its copy engines do not contend) and its queries answered in
-// simulated time (train::run_training sets sim_queries:simulated).
+// simulated time (train::run_training sets sim_queries:simulated). It simulates the memory the
+// allocator maps (the whole budget, small tensors in whole 2 MiB small-pool segments:
+// graph::SmallPool) and the swapper's rules (graph::SimOptions::swapper_rules: swap-outs reaped
+// only when room is needed, prefetches of blocks not yet reaped cancel their swap-out, a
+// prefetch waiting for room holds the host); the plan is made for the budget less the segment
+// slack at the small tensors' peak, which holds at every op.
 // Determinism: kernels are deterministic and swapping only moves bytes, so the losses and final
 // state are bit-identical whatever the budget and policy (tests check it).
 #pragma once
@@ -60,7 +65,8 @@ struct StepStats {
   double spill_cpu_s = 0;       // host thread CPU time inside them (blocked waits excluded)
   std::uint64_t peak_mapped = 0;
   SwapStats swaps;              // this step's swap counts (differences)
-  std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device
+  std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their
+                                      // swap-out cancelled; predicted: SimResult::cancelled_bytes)
   std::uint64_t cache_returns = 0;  // planned prefetches that first returned the allocator's cache
   // The prediction in force for this step (the simulator on the plan; mapped peak as
   // Executor::predicted_peak).
@@ -86,8 +92,7 @@ class Executor {
   // The simulator's prediction for a step that follows plan() (no swapping for policy none).
   const graph::SimResult& prediction() const;
   std::uint64_t footprint() const;  // the step's peak with unlimited memory (from the graph)
-  // Predicted peak of mapped bytes: the simulator's peak plus the small pool's segment slack
-  // (small tensors are counted in the graph by their size, mapped in 2 MiB segments).
+  // Predicted peak of mapped bytes: the simulator's (small tensors in whole segments).
   std::uint64_t predicted_peak() const;
   std::uint64_t budget() const;
   std::string kernels_name() const;

@@ -24,6 +24,18 @@ Graph gap_graph() {
   return g;
 }
 
+// The timeline has exactly one copy in, from `start` to `end` (seconds from the step's start).
+void expect_one_swap_in(const SimResult& r, double start, double end) {
+  int ins = 0;
+  for (const TimelineEvent& e : r.timeline) {
+    if (e.kind != TimelineEvent::Kind::SwapIn) continue;
+    ++ins;
+    EXPECT_NEAR(e.start_s, start, 1e-12);
+    EXPECT_NEAR(e.end_s, end, 1e-12);
+  }
+  EXPECT_EQ(ins, 1);
+}
+
 Plan swap_a(const Graph& g, std::int64_t prefetch_at) {
   return Plan::from_swaps("test", 0, g.ops.size(), {{0, 0, prefetch_at, 3}});
 }
@@ -97,6 +109,26 @@ TEST(Simulator, PrefetchWaitsForTheCopyOutToFinish) {
   SimResult r = simulate(g, times_of(g), slow, &p);
   EXPECT_NEAR(r.stall_time_s, 6e-3, 1e-12);
   EXPECT_NEAR(r.step_time_s, 10e-3, 1e-12);
+}
+
+// The same with the swapper's residency modelled (swapper_rules): the prefetch (issued at
+// 2 ms) finds A's swap-out not reaped (nothing needed its room): A stays, the copy out goes on,
+// nothing comes back. op3 runs at 3-4 ms; the step ends with the copy out at 5 ms.
+TEST(Simulator, APrefetchBeforeTheSwapOutIsReapedKeepsTheTensor) {
+  Graph g = gap_graph();
+  Plan p = swap_a(g, 2);
+  LinkModel slow = unit_link();
+  slow.h2d_gbps = slow.d2h_gbps = 0.25;
+  SimOptions o;
+  o.swapper_rules = true;
+  SimResult r = simulate(g, times_of(g), slow, &p, o);
+  EXPECT_NEAR(r.stall_time_s, 0.0, 1e-12);
+  EXPECT_NEAR(r.step_time_s, 5e-3, 1e-12);
+  EXPECT_EQ(r.swapped_out_bytes, MB);
+  EXPECT_EQ(r.swapped_in_bytes, 0u);
+  EXPECT_EQ(r.cancelled_bytes, MB);
+  EXPECT_EQ(r.peak_bytes, MB);
+  EXPECT_EQ(r.demand_fetches, 0u);
 }
 
 // Two tensors: B leaves after op0 while A comes back during op1. With duplex efficiency 0.5
@@ -186,14 +218,100 @@ TEST(Simulator, SteadyStateStartsWithThePreviousStepsCopiesInFlight) {
   EXPECT_EQ(r.swapped_in_bytes, MB);  // the reported step's copies only
   EXPECT_EQ(r.swapped_out_bytes, MB);
   // The timeline is the reported step's, from its start: W's copy in at 1-2 ms.
-  bool saw_in = false;
-  for (const TimelineEvent& e : r.timeline) {
-    if (e.kind != TimelineEvent::Kind::SwapIn) continue;
-    saw_in = true;
-    EXPECT_NEAR(e.start_s, 1e-3, 1e-12);
-    EXPECT_NEAR(e.end_s, 2e-3, 1e-12);
-  }
-  EXPECT_TRUE(saw_in);
+  expect_one_swap_in(r, 1e-3, 2e-3);
+  // With swapper_rules the second step's prefetch of W (at its start, 4 ms) finds W's swap-out
+  // not reaped and keeps it: three ops with no stall, nothing copied in.
+  steady.swapper_rules = true;
+  r = simulate(g, times_of(g), unit_link(), &p, steady);
+  EXPECT_NEAR(r.step_time_s, 3e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 0.0, 1e-12);
+  EXPECT_EQ(r.swapped_in_bytes, 0u);
+  EXPECT_EQ(r.cancelled_bytes, MB);
+  EXPECT_EQ(r.swapped_out_bytes, MB);
+}
+
+// Reaping (swapper_rules). W (a weight, 1 MB, written by op2) leaves after op2 and comes
+// back for op2 of the next step; X (1 MB) lives from op0 to op1. Budget 1 MB: the second step
+// starts at 4 ms with W's copy out in flight (4-5 ms); op0 needs its room, so W's swap-out is
+// reaped when it ends: op0 5-6, op1 6-7, W in 7-8, op2 8-9 (step 5 ms, stall 2 ms). Budget 2 MB:
+// nothing needs W's room, so op2's prefetch keeps it: op0 4-5, op1 5-6, op2 6-7 (3 ms).
+TEST(Simulator, SwapOutsAreReapedWhenAMappingNeedsTheirRoom) {
+  Graph g;
+  auto w = tensor(g, "W", MB, TensorKind::Weight);
+  auto x = tensor(g, "X", MB);
+  op(g, "op0", {}, {x});
+  op(g, "op1", {x}, {});
+  op(g, "op2", {w}, {w});
+  Plan p = Plan::from_swaps("test", MB, 3, {{w, 2, 5, 5}});
+  SimOptions o;
+  o.budget = MB;
+  o.model.steps = 2;
+  o.swapper_rules = true;
+  o.record_timeline = true;
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_NEAR(r.step_time_s, 5e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 2e-3, 1e-12);
+  EXPECT_EQ(r.swapped_in_bytes, MB);
+  EXPECT_EQ(r.cancelled_bytes, 0u);
+  expect_one_swap_in(r, 3e-3, 4e-3);
+  o.budget = 2 * MB;
+  r = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_NEAR(r.step_time_s, 3e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 0.0, 1e-12);
+  EXPECT_EQ(r.swapped_in_bytes, 0u);
+  EXPECT_EQ(r.cancelled_bytes, MB);
+  EXPECT_EQ(r.peak_bytes, 2 * MB);
+}
+
+// With swapper_rules a prefetch waits for its room on the host, before the op it is issued at.
+// A (a weight, written by op0) leaves after op0: out 2-3 ms; W (on the host) is prefetched at
+// op1 (3 ms long) and needs A's room (budget 1 MB): mapped at 3, in 3-4. Without the rule op1
+// runs 2-5 and op2 5-6; with it op1 waits for the room: 3-6, op2 6-7.
+TEST(Simulator, APrefetchWaitingForRoomHoldsTheOpItIsIssuedAt) {
+  Graph g;
+  auto a = tensor(g, "A", MB, TensorKind::Weight);
+  auto w = tensor(g, "W", MB, TensorKind::Weight);
+  op(g, "op0", {a}, {a});
+  op(g, "op1", {}, {}, 3e-3);
+  op(g, "op2", {w}, {});
+  Plan p = Plan::from_swaps("test", MB, 3, {{a, 0, 3, 3}, {w, 2, 4, 5}});
+  SimOptions o;
+  o.budget = MB;
+  SimResult plain = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_NEAR(plain.step_time_s, 6e-3, 1e-12);
+  o.swapper_rules = true;
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_NEAR(r.step_time_s, 7e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 2e-3, 1e-12);  // A's copy in (0-1 ms) and the wait for room
+  EXPECT_TRUE(r.within_budget);
+}
+
+// Small tensors share segments: with a pool of 2 MB segments for tensors up to 1 MB, three
+// 1 MB tensors map two segments (4 MB), so op1, which adds a 2 MB tensor, needs 6 MB: over a
+// budget of 5 MB, which counting the tensors' own sizes would meet.
+TEST(Simulator, SmallTensorsCountAsTheSegmentsTheyFill) {
+  Graph g;
+  auto a = tensor(g, "A", MB), b = tensor(g, "B", MB), c = tensor(g, "C", MB);
+  auto big = tensor(g, "Big", 2 * MB);
+  op(g, "op0", {}, {a, b, c});
+  op(g, "op1", {a, b, c}, {big});
+  op(g, "op2", {big}, {});
+  SimOptions o;
+  o.small = {MB, 2 * MB};
+  o.budget = 6 * MB;
+  SimResult r = simulate(g, times_of(g), unit_link(), nullptr, o);
+  ASSERT_EQ(r.mapped_at_op.size(), 3u);
+  EXPECT_EQ(r.mapped_at_op[0], 4 * MB);
+  EXPECT_EQ(r.mapped_at_op[1], 6 * MB);
+  EXPECT_EQ(r.peak_bytes, 6 * MB);
+  EXPECT_TRUE(r.within_budget);
+  o.budget = 5 * MB;
+  EXPECT_FALSE(simulate(g, times_of(g), unit_link(), nullptr, o).within_budget);
+  o.small = {};
+  SimResult plain = simulate(g, times_of(g), unit_link(), nullptr, o);
+  EXPECT_EQ(plain.mapped_at_op[1], 5 * MB);
+  EXPECT_TRUE(plain.within_budget);
 }
 
 // Uploads: the input X (1 MB, 0.5 MB of data) is copied in before op0, which starts when it

@@ -90,9 +90,17 @@ TEST_P(TrainAtAThird, EveryPolicyIsBitIdenticalAndGraphMovesWhatItsPlanSays) {
       swapped += s.swaps.bytes_out;
       if (policy != Policy::Graph) continue;
       EXPECT_EQ(s.swaps.bytes_out, r.prediction.swapped_out_bytes);
-      EXPECT_EQ(s.swaps.bytes_in + s.cancelled_bytes, r.prediction.swapped_in_bytes);
+      // Prefetches that find their block still being copied out keep it, as predicted.
+      EXPECT_EQ(s.swaps.bytes_in, r.prediction.swapped_in_bytes);
+      EXPECT_EQ(s.cancelled_bytes, r.prediction.cancelled_bytes);
       EXPECT_EQ(s.swaps.evictions_reactive, 0u);
       EXPECT_EQ(s.swaps.demand_fetches, 0u);
+      // After the first step (from setup's state), the steady state predicted (simulated time).
+      if (s.step > 0) {
+        EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s)
+            << "observed " << s.step_s * 1e3 << " ms, predicted " << s.predicted_step_s * 1e3
+            << " ms";
+      }
       const double diff = std::abs(double(s.peak_mapped) - double(r.predicted_peak));
       EXPECT_LE(diff, double(granule * live_at_peak))
           << "observed " << format_bytes(s.peak_mapped) << ", predicted "
