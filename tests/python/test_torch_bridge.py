@@ -324,6 +324,10 @@ def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
             losses, model, _ = train("mlp", STEPS, before, wrap=wrap, device=dev)
             if hooks:
                 handles["offload"].remove()
+                # The scheduler's wrapper of step (made after offload's) survives remove().
+                step = handles["lr"].optimizer.step
+                assert getattr(step, "_with_counter", False) or \
+                    getattr(step, "_wrapped_by_lr_sched", False), step
             return losses, [p.detach().clone() for p in model.parameters()], handles["lr"]
 
         base_losses, base_params, base_lr = run(False)

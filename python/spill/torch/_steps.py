@@ -57,21 +57,29 @@ class StepBoundaries:
 def wrap_method(obj: Any, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
                 saved: dict) -> None:
     """Replaces ``obj.name`` by ``wrapper(original)`` on the instance; ``saved`` keeps what to
-    put back."""
+    put back (see :func:`unwrap_methods`)."""
     original = getattr(obj, name)
-    saved[(id(obj), name)] = (obj, name, obj.__dict__.get(name))
     wrapped = wrapper(original)
+    on = [True]  # False once unwrapped: the method then calls the original
 
     # A bound method, as the original was: code that wraps it in turn (an LR scheduler's step
     # counter takes method.__self__ and method.__func__) keeps working.
     @functools.wraps(original)
     def method(_self: Any, *args: Any, **kwargs: Any) -> Any:
-        return wrapped(*args, **kwargs)
-    setattr(obj, name, types.MethodType(method, obj))
+        return (wrapped if on[0] else original)(*args, **kwargs)
+    ours = types.MethodType(method, obj)
+    saved[(id(obj), name)] = (obj, name, obj.__dict__.get(name), ours, on)
+    setattr(obj, name, ours)
 
 
 def unwrap_methods(saved: dict) -> None:
-    for obj, name, previous in saved.values():
+    """Puts back what :func:`wrap_method` replaced. Where other code has wrapped our method
+    since (an LR scheduler created afterwards), its wrapper stays and ours only passes calls
+    through to the original."""
+    for obj, name, previous, ours, on in saved.values():
+        on[0] = False
+        if obj.__dict__.get(name) is not ours:
+            continue
         if previous is None:
             obj.__dict__.pop(name, None)
         else:
