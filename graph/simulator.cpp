@@ -224,6 +224,8 @@ class StepSim {
     if (!s.host_valid) {
       released = copy(false, t, released, op);
       s.host_valid = true;
+    } else if (o_.swapper_rules) {
+      released = std::max(released, d2h_free_);  // the swapper's marker queues on the D2H stream
     }
     s.host_ready = released;
     s.where = Where::Host;

@@ -9,8 +9,10 @@
 // With swapper_rules, the rules of spill's swapper executing the plan (train::Executor): a
 // swap-out's memory is released (reaped) only when a mapping needs room, and a tensor fetched
 // (prefetch or use) before that stays on the device: the swapper cancels that swap-out (the copy
-// out goes on) and nothing is copied back; a prefetch that waits for room waits on the host, so
-// the op it is issued before starts no earlier than its mapping.
+// out goes on) and nothing is copied back; a clean eviction (no copy) is released when the D2H
+// engine has run the copies out issued before it (the swapper's marker is on that stream); a
+// prefetch that waits for room waits on the host, so the op it is issued before starts no
+// earlier than its mapping.
 // Peak accounting is conservative: a release is counted once every earlier-issued mapping is in.
 // With a small pool (SimOptions::small) small tensors count as the whole segments they fill.
 // Steps (StepModel): by default one step from a cold start (idle copy engines, every tensor the

@@ -287,6 +287,33 @@ TEST(Simulator, APrefetchWaitingForRoomHoldsTheOpItIsIssuedAt) {
   EXPECT_TRUE(r.within_budget);
 }
 
+// With swapper_rules a clean eviction (no copy) is released when the D2H stream reaches the
+// swapper's marker, behind the copies out issued before it. W (on the host, read by op0) and B
+// (written by op0) leave after op0: B out 2-3 ms, W clean. X (1 MB, op1) needs room in 2 MB:
+// without the rules W's room is free at 2 ms (op1 2-3, B in 3-4, op2 4-5: 5 ms); with them at
+// 3 ms with B's, both reaped then: op1 3-4, B comes back 4-5, op2 5-6 (6 ms).
+TEST(Simulator, ACleanEvictionIsReleasedBehindTheCopiesOutBeforeIt) {
+  Graph g;
+  auto b = tensor(g, "B", MB);
+  auto w = tensor(g, "W", MB, TensorKind::Weight);
+  auto x = tensor(g, "X", MB);
+  op(g, "op0", {w}, {b});
+  op(g, "op1", {}, {x});
+  op(g, "op2", {b}, {});
+  Plan p = Plan::from_swaps("test", 2 * MB, 3, {{b, 0, 2, 2}, {w, 0, 3, 3}});
+  SimOptions o;
+  o.budget = 2 * MB;
+  SimResult plain = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_NEAR(plain.step_time_s, 5e-3, 1e-12);
+  o.swapper_rules = true;
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, o);
+  EXPECT_NEAR(r.step_time_s, 6e-3, 1e-12);
+  EXPECT_EQ(r.swapped_in_bytes, 2 * MB);  // W before op0, B before op2
+  EXPECT_EQ(r.swapped_out_bytes, MB);
+  EXPECT_EQ(r.cancelled_bytes, 0u);
+  EXPECT_TRUE(r.within_budget);
+}
+
 // Small tensors share segments: with a pool of 2 MB segments for tensors up to 1 MB, three
 // 1 MB tensors map two segments (4 MB), so op1, which adds a 2 MB tensor, needs 6 MB: over a
 // budget of 5 MB, which counting the tensors' own sizes would meet.

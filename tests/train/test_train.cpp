@@ -152,6 +152,9 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
       EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s)
           << "step " << s.step << ": observed " << s.step_s * 1e3 << " ms, predicted "
           << s.predicted_step_s * 1e3 << " ms";
+      // The swapper's rules are predicted: what is copied back, and what a prefetch keeps.
+      EXPECT_EQ(s.swaps.bytes_in, r.prediction.swapped_in_bytes) << "step " << s.step;
+      EXPECT_EQ(s.cancelled_bytes, r.prediction.cancelled_bytes) << "step " << s.step;
     }
   }
 }
