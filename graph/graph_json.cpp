@@ -189,7 +189,8 @@ json timeline_to_json(const Graph& g, const SimResult& r) {
     switch (k) {
       case TimelineEvent::Kind::Compute: return 1;
       case TimelineEvent::Kind::Stall: return 2;
-      case TimelineEvent::Kind::SwapIn: return 3;
+      case TimelineEvent::Kind::SwapIn:
+      case TimelineEvent::Kind::Upload: return 3;  // both copy host to device
       case TimelineEvent::Kind::SwapOut: return 4;
     }
     return 0;

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "core/errors.hpp"
+#include "graph/graph_json.hpp"
 #include "graph/simulator.hpp"
 #include "graph_helpers.hpp"
 
@@ -363,9 +364,20 @@ TEST(Simulator, UploadsRunBeforeOpZeroAndItsPrefetches) {
       saw_upload = true;
       EXPECT_NEAR(e.end_s, 0.5e-3, 1e-12);
     }
-    if (e.kind == TimelineEvent::Kind::SwapIn) EXPECT_NEAR(e.start_s, 0.5e-3, 1e-12);
+    if (e.kind == TimelineEvent::Kind::SwapIn) {
+      EXPECT_NEAR(e.start_s, 0.5e-3, 1e-12);
+    }
   }
   EXPECT_TRUE(saw_upload);
+  // In the Chrome timeline the upload is on the host-to-device copy track, beside the swap-ins.
+  int upload_tracks = 0;
+  const auto timeline = timeline_to_json(g, r);
+  for (const auto& e : timeline["traceEvents"])
+    if (e.value("cat", "") == "upload") {
+      EXPECT_EQ(e["tid"], 3) << e.dump();
+      ++upload_tracks;
+    }
+  EXPECT_EQ(upload_tracks, 1);
   o.model.uploads = {{w, MB}};
   EXPECT_THROW(simulate(g, times_of(g), unit_link(), &p, o), InvalidArgument)
       << "uploads go to inputs";
