@@ -39,10 +39,12 @@ TEST(LinkBench, ReproducesTheSimulatedLinkModelWithinFivePercent) {
       SCOPED_TRACE(x.direction + " " + x.host_memory + " " + std::to_string(x.bytes));
       EXPECT_TRUE(x.verified);
       double factor = x.host_memory == "pageable" ? m.pageable_factor : 1.0;
-      if (x.direction == "h2d") EXPECT_NEAR(x.gbps, model_gbps(m, m.h2d_gbps * factor, x.bytes),
-                                            0.05 * x.gbps);
-      if (x.direction == "d2h") EXPECT_NEAR(x.gbps, model_gbps(m, m.d2h_gbps * factor, x.bytes),
-                                            0.05 * x.gbps);
+      if (x.direction == "h2d") {
+        EXPECT_NEAR(x.gbps, model_gbps(m, m.h2d_gbps * factor, x.bytes), 0.05 * x.gbps);
+      }
+      if (x.direction == "d2h") {
+        EXPECT_NEAR(x.gbps, model_gbps(m, m.d2h_gbps * factor, x.bytes), 0.05 * x.gbps);
+      }
       if (x.direction == "bidir") {
         // SimDevice's two engines are independent (duplex contention is the planner's model).
         double both = model_gbps(m, m.h2d_gbps * factor, x.bytes) +
