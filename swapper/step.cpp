@@ -75,6 +75,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
       static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
   s.last_trace = s.trace;
   last_trace_any = s.trace;
+  last_trace_any_scope = s.scope;
   if (s.planned_step && !s.replan) return;  // the step followed its plan: keep it
   s.replan = false;
   stats.steps_recorded++;
@@ -294,6 +295,15 @@ std::size_t Swapper::Impl::make_room_locked(std::size_t needed, std::int64_t hor
 
 void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepState& s,
                                      std::vector<PlannedPrefetch> wanted) {
+  // `s` is used across the unlocked swap-ins: end_scope waits until no thread is here.
+  struct User {
+    Impl& m;
+    StepState& s;
+    User(Impl& m_, StepState& s_) : m(m_), s(s_) { s.users++; }
+    ~User() {
+      if (--s.users == 0) m.cv.notify_all();
+    }
+  } user(*this, s);
   for (const PlannedPrefetch& w : wanted) {
     auto found = base_for_id_locked(s, static_cast<std::int64_t>(w.id));
     if (!found) continue;

@@ -294,9 +294,10 @@ PinToken Swapper::pin_for_host(const void* ptr) { return impl_->pin(ptr, nullptr
 PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   std::unique_lock lock(mu);
   const std::uint64_t scope = current_scope();
-  StepState& step = scope_locked(scope);
-  std::vector<PlannedPrefetch> wanted = advance_op_locked(step, false);
-  if (!wanted.empty()) prefetch_planned(lock, step, std::move(wanted));
+  if (StepState* step = find_scope_locked(scope)) {
+    std::vector<PlannedPrefetch> wanted = advance_op_locked(*step, false);
+    if (!wanted.empty()) prefetch_planned(lock, *step, std::move(wanted));
+  }
   SwapBlock* b = lookup_locked(ptr, host ? "pin_for_host" : "pin");
   if (b == nullptr) return {};
   const std::uintptr_t base = key(b->base);
@@ -325,10 +326,8 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   } else if (b->prefetched) {
     bool landed = b->state == Residence::Resident || dev.query(b->in_done);
     (landed ? stats.prefetch_hits : stats.prefetch_late)++;
-    if (!landed) {
-      StepState& st = scope_locked(scope);
-      st.lookahead = std::min(st.lookahead + 1, 2);
-    }
+    StepState* st = find_scope_locked(scope);
+    if (!landed && st != nullptr) st->lookahead = std::min(st->lookahead + 1, 2);
     b->prefetched = false;
   }
   settle_locked(*b);
@@ -337,7 +336,8 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   b->pins++;
   b->last_use = ++tick;
   b->scope = scope;
-  on_pin_locked(scope_locked(scope), *b, host ? reinterpret_cast<Stream>(~std::uintptr_t{0}) : stream);
+  if (StepState* st = find_scope_locked(scope))
+    on_pin_locked(*st, *b, host ? reinterpret_cast<Stream>(~std::uintptr_t{0}) : stream);
   TraceRecorder::global().record(EventKind::Pin, base, b->size,
                                  host ? profiling::kHostStream : sid(stream));
   PinToken token{base, b->generation, host};
@@ -359,7 +359,7 @@ void Swapper::Impl::unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool h
     b.use_streams.push_back(stream);
   if (wrote) b.host_valid = false, b.untouched = false;
   b.pins--;
-  on_unpin_locked(scope_locked(b.scope), b, wrote);
+  if (StepState* st = find_scope_locked(b.scope)) on_unpin_locked(*st, b, wrote);
   TraceRecorder::global().record(EventKind::Unpin, key(b.base), b.size,
                                  host ? profiling::kHostStream : sid(stream));
 }
@@ -654,12 +654,29 @@ void Swapper::end_step() { end_step(impl_->current_scope()); }
 void Swapper::end_step(std::uint64_t scope) {
   impl_->set_current_scope(scope);
   std::unique_lock lock(impl_->mu);
-  StepState& st = impl_->scope_locked(scope);
+  StepState* found = impl_->find_scope_locked(scope);
+  if (found == nullptr) return;  // never begun, or ended
+  StepState& st = *found;
   impl_->end_step_locked(st);
   // The next step repeats this one: bring back what its first ops need while the caller is
   // between steps (loading data, logging), instead of at its first pin.
   std::vector<PlannedPrefetch> wanted = impl_->next_step_prefetches_locked(st);
   if (!wanted.empty()) impl_->prefetch_planned(lock, st, std::move(wanted));
+}
+
+bool Swapper::end_scope(std::uint64_t scope) {
+  Impl& m = *impl_;
+  std::unique_lock lock(m.mu);
+  // Threads issuing the scope's planned prefetches use its state without the lock.
+  auto it = m.scopes.find(scope);
+  m.cv.wait(lock, [&] {
+    it = m.scopes.find(scope);
+    return it == m.scopes.end() || it->second.users == 0;
+  });
+  if (it == m.scopes.end()) return false;
+  m.scopes.erase(it);  // a step in progress is abandoned with it
+  if (m.last_trace_any_scope == scope) m.last_trace_any = graph::Trace{};
+  return true;
 }
 
 }  // namespace spill

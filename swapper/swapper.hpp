@@ -50,7 +50,8 @@
 // the first step after begin_step() is recorded; end_step() turns it into a graph::Trace and a
 // plan; later steps execute the plan's prefetches and evictions, adapting the look-ahead when
 // prefetches arrive late, and fall back to reactive eviction (and re-record) when the step
-// deviates from the trace.
+// deviates from the trace. end_scope(scope) drops a scope's recordings and plan once its user
+// is done with it (a scope's state is otherwise kept for the swapper's life).
 #pragma once
 
 #include <cstdint>
@@ -155,6 +156,13 @@ class Swapper {
   void begin_step(std::uint64_t scope);
   void end_step();
   void end_step(std::uint64_t scope);
+  // Drops everything held for `scope` (its recordings and plan); returns false when the
+  // swapper holds nothing for it (never begun, or already ended). A step of the scope in
+  // progress is abandoned first: not recorded, not counted, no plan made from it; copies it
+  // started finish as usual. Pins made later in the scope (a thread whose current scope it
+  // still is) touch no step state until begin_step or begin_op names it again, which starts
+  // it afresh (recorded again). Safe to call from any thread, like the other step calls.
+  bool end_scope(std::uint64_t scope);
 
   // The budget the plans are made for changed: recordings start again at the next step.
   void set_budget(std::uint64_t bytes);

@@ -51,6 +51,7 @@ struct PlannedPrefetch {
 // the recording becomes the plan when the scope has none yet, when the step left its plan, or
 // when the budget changed, so a step that deviates is itself the next step's plan.
 struct StepState {
+  std::uint64_t scope = 0;       // its number
   std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
   bool in_step = false;
   bool recording = false;        // this step's accesses are being recorded
@@ -91,6 +92,8 @@ struct StepState {
   std::uint64_t t0_ns = 0;
   std::uint32_t stream_count = 0;
   std::unordered_map<std::uintptr_t, std::uint32_t> stream_ids;
+  // Threads using this state without the lock (planned prefetches): end_scope waits for them.
+  int users = 0;
 };
 
 struct Swapper::Impl {
@@ -124,6 +127,7 @@ struct Swapper::Impl {
   const std::uint64_t serial;            // tells swappers apart in thread-local scopes
   std::map<std::uint64_t, StepState> scopes;
   graph::Trace last_trace_any;            // the latest recording of any scope
+  std::uint64_t last_trace_any_scope = 0;  // whose
 
   // ---- swapper.cpp
   Event get_event_locked();
@@ -143,7 +147,17 @@ struct Swapper::Impl {
   // The calling thread's current scope on this swapper (0 when it never named one).
   std::uint64_t current_scope() const;
   void set_current_scope(std::uint64_t scope) const;
-  StepState& scope_locked(std::uint64_t scope) { return scopes[scope]; }
+  StepState& scope_locked(std::uint64_t scope) {
+    StepState& s = scopes[scope];
+    s.scope = scope;
+    return s;
+  }
+  // The scope's state, or nullptr when the swapper holds none (never begun, or ended): pins
+  // and unpins then touch no step state. Only begin_step/begin_op create a scope.
+  StepState* find_scope_locked(std::uint64_t scope) {
+    auto it = scopes.find(scope);
+    return it == scopes.end() ? nullptr : &it->second;
+  }
   void wait_not_busy(std::unique_lock<std::mutex>& lock, std::uintptr_t base);
   // Maps the block again and starts the copy back; drops and retakes the lock around reback.
   // Returns false (block unchanged) when `optional` and the budget cannot be met.

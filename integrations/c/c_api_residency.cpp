@@ -131,6 +131,10 @@ spill_status spill_end_step(int device, uint64_t scope) {
   return on_swapper(device, "spill_end_step", [&](Swapper& sw) { sw.end_step(scope); });
 }
 
+spill_status spill_end_scope(int device, uint64_t scope) {
+  return on_swapper(device, "spill_end_scope", [&](Swapper& sw) { sw.end_scope(scope); });
+}
+
 spill_status spill_begin_op(int device, uint64_t scope, const char* name) {
   return on_swapper(device, "spill_begin_op",
                     [&](Swapper& sw) { sw.begin_op(name ? name : "", scope); });

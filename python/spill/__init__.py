@@ -19,7 +19,7 @@ from ._memory import (evict, free, malloc, pin, pin_for_host, prefetch, record_s
                       residence, set_swappable, stream_create, stream_destroy, stream_destroyed,
                       stream_synchronize, unpin)
 from ._observe import last_oom_message, reset_peak_stats, snapshot, stats, trace
-from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_step,
+from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_scope, end_step,
                        is_simulated, parse_size, set_budget, shutdown, step,
                        write_step_graph)
 from ._version import __version__
@@ -32,7 +32,7 @@ __all__ = [
     "configure", "shutdown", "is_simulated", "library_path", "version", "__version__",
     "set_budget", "budget", "empty_cache", "parse_size",
     # steps
-    "step", "begin_step", "end_step", "begin_op", "write_step_graph",
+    "step", "begin_step", "end_step", "begin_op", "end_scope", "write_step_graph",
     # observability
     "stats", "snapshot", "trace", "last_oom_message", "reset_peak_stats",
     # memory and residency

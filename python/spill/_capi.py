@@ -78,6 +78,7 @@ _PROTOTYPES = {
     "spill_get_residence": (_status, [_c_void_p, ctypes.POINTER(_c_int)]),
     "spill_begin_step": (_status, [_c_int, _c_uint64]),
     "spill_end_step": (_status, [_c_int, _c_uint64]),
+    "spill_end_scope": (_status, [_c_int, _c_uint64]),
     "spill_begin_op": (_status, [_c_int, _c_uint64, ctypes.c_char_p]),
     "spill_write_step_graph": (_status, [_c_int, _c_uint64, ctypes.c_char_p]),
     "spill_string_free": (None, [_c_void_p]),

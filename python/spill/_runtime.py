@@ -91,6 +91,14 @@ def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> Non
          name.encode() if name is not None else None)
 
 
+def end_scope(scope: int = 0, device: int = 0) -> None:
+    """Ends ``scope`` on ``device`` for good: spill drops its recorded step and plan (kept
+    otherwise for the process's life). Call it when the model or loop that used the scope is
+    done. A step of the scope in progress is abandoned (not recorded); a later step of the
+    same number starts afresh. Ending a scope that holds nothing does nothing."""
+    call("spill_end_scope", _args.device(device), _args.scope(scope))
+
+
 @contextlib.contextmanager
 def step(scope: int = 0, device: int = 0) -> Iterator[None]:
     """``with spill.step():`` brackets one training step of ``scope`` on ``device``.

@@ -274,6 +274,61 @@ TEST(step_scopes_on_two_threads) {
   CHECK_STATUS(spill_write_step_graph(0, 1000, NULL), SPILL_ERROR_INVALID_ARGUMENT);
 }
 
+/* spill_end_scope drops a scope's recording (the other scope's stays), abandons a step in
+ * progress, is OK for a scope that holds nothing, and a later step of the number starts it
+ * afresh. */
+TEST(end_scope_drops_its_recording) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:96MiB,policy:plan"));
+  void* b[2][LAYERS];
+  for (int k = 0; k < 2; ++k)
+    for (int l = 0; l < LAYERS; ++l) {
+      REQUIRE_OK(spill_malloc(&b[k][l], (size_t)(4 + 2 * k) * MIB, 0, NULL));
+      fill(b[k][l], (size_t)(4 + 2 * k) * MIB, 10 * k + l);
+      REQUIRE_OK(spill_set_swappable(b[k][l], 1));
+    }
+  for (int step = 0; step < 2; ++step)
+    for (int k = 0; k < 2; ++k) {
+      REQUIRE_OK(spill_begin_step(0, 2000 + (uint64_t)k));
+      for (int l = 0; l < LAYERS; ++l) {
+        spill_pin_token t;
+        REQUIRE_OK(spill_pin_for_host(b[k][l], &t));
+        REQUIRE_OK(spill_unpin(&t, NULL, 0));
+      }
+      REQUIRE_OK(spill_end_step(0, 2000 + (uint64_t)k));
+    }
+  CHECK(stats().steps_recorded == 2);
+  CHECK_OK(spill_end_scope(0, 2001));
+  CHECK_STATUS(spill_write_step_graph(0, 2001, "/tmp/never-written.json"), SPILL_ERROR_NOT_FOUND);
+  char path[] = "/tmp/spill_c_scope_XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  CHECK_OK(spill_write_step_graph(0, 2000, path)); /* the other scope keeps its recording */
+  unlink(path);
+  CHECK_OK(spill_end_scope(0, 2001));    /* already ended */
+  CHECK_OK(spill_end_scope(0, 424242));  /* never begun */
+  CHECK_STATUS(spill_end_scope(-1, 2000), SPILL_ERROR_INVALID_ARGUMENT);
+  /* A step in progress is abandoned: not recorded; the next step of the number is. */
+  REQUIRE_OK(spill_begin_step(0, 2001));
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin_for_host(b[1][0], &t));
+  CHECK_OK(spill_end_scope(0, 2001));
+  REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  CHECK_OK(spill_end_step(0, 2001)); /* nothing left to end */
+  CHECK(stats().steps_recorded == 2);
+  CHECK_STATUS(spill_write_step_graph(0, 2001, "/tmp/never-written.json"), SPILL_ERROR_NOT_FOUND);
+  REQUIRE_OK(spill_begin_step(0, 2001));
+  REQUIRE_OK(spill_pin_for_host(b[1][0], &t));
+  REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  REQUIRE_OK(spill_end_step(0, 2001));
+  CHECK(stats().steps_recorded == 3);
+  for (int k = 0; k < 2; ++k)
+    for (int l = 0; l < LAYERS; ++l) {
+      CHECK(check_pinned(b[k][l], (size_t)(4 + 2 * k) * MIB, 10 * k + l));
+      CHECK_OK(spill_free(b[k][l], 0, NULL));
+    }
+}
+
 /* Lowering the budget evicts declared blocks; their bytes survive. */
 TEST(lowering_the_budget_evicts) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
@@ -325,6 +380,7 @@ TEST(shutdown_with_live_blocks) {
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
   X(step_scopes_on_two_threads)        \
+  X(end_scope_drops_its_recording)     \
   X(lowering_the_budget_evicts)        \
   X(shutdown_with_live_blocks)
 

@@ -291,6 +291,90 @@ def test_a_block_no_hook_saw_is_never_evicted() -> None:
     assert "ok" in out
 
 
+def test_remove_and_guard_exit_end_their_scope_and_new_models_get_new_scopes(
+        tmp_path: pathlib.Path) -> None:
+    """offload's remove() and guard's exit end the default scope they used (its recording is
+    gone: write_step_graph says NOT_FOUND); a scope the caller named survives until
+    spill.end_scope. The same model keeps its scope; a new model never gets an old one's, even
+    where Python reuses its id()."""
+    out = run_ok(ENABLE + """
+        import gc, pathlib
+        graph = pathlib.Path(%r) / "g.json"
+
+        def recorded(scope):
+            try:
+                spill.write_step_graph(graph, scope=scope)
+                return True
+            except spill.Error as e:
+                assert e.code == spill.Status.NOT_FOUND, e
+                return False
+
+        def train(model, opt, steps=2):
+            x = torch.ones(64, 512, device=dev)
+            for _ in range(steps):
+                model(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+
+        def make():
+            model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(),
+                                        torch.nn.Linear(1024, 512)).to(dev)
+            return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+        model, opt = make()
+        h = st.offload(model, opt)
+        train(model, opt)
+        assert recorded(h.scope)
+        scope = h.scope
+        h.remove()
+        assert not recorded(scope), "remove() left the scope's recording"
+        h = st.offload(model, opt)
+        assert h.scope == scope, "the same model got another scope"
+        h.remove()
+
+        with st.guard(optimizer=opt) as g:
+            train(model, opt)
+            assert recorded(g.scope)
+        assert not recorded(g.scope), "the guard's exit left the scope's recording"
+
+        h = st.offload(model, opt, scope=77)
+        train(model, opt)
+        h.remove()
+        assert recorded(77), "remove() ended a scope the caller named"
+        spill.end_scope(77)
+        assert not recorded(77)
+        spill.end_scope(77)  # nothing left: harmless
+
+        scopes = {scope}
+        for _ in range(20):
+            del model, opt, h
+            gc.collect()  # the handle and the model's hooks hold cycles
+            model, opt = make()
+            h = st.offload(model, opt)
+            assert h.scope not in scopes, ("a new model got an old scope", h.scope)
+            scopes.add(h.scope)
+            h.remove()
+        # Where Python reuses an id() (a plain object freed and another made at once), the
+        # new object still gets a new scope.
+        from spill.torch._steps import default_scope
+        class Obj:
+            pass
+        seen, reused = {}, 0
+        for _ in range(200):
+            o = Obj()
+            s = default_scope(o)
+            assert default_scope(o) == s
+            if id(o) in seen:
+                reused += 1
+                assert seen[id(o)] != s, "a reused id() got the old object's scope"
+            seen[id(o)] = s
+            del o
+        assert reused > 0, "no id() was reused: the check above proved nothing"
+        print("ok")
+    """ % str(tmp_path))
+    assert "ok" in out
+
+
 def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
     """With room for all the step's tensors, offload's optimizer step pins them all around the
     unchanged step (no dispatch mode): with every parameter and optimizer state evicted to the

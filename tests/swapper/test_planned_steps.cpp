@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 #include <vector>
 
 #include "core/pattern.hpp"
@@ -153,6 +155,60 @@ TEST(PlannedSteps, TheFirstPlannedStepStartsWhereThePlanExpects) {
   RecordProperty("demand_per_step", std::to_string(demand[0]) + "," + std::to_string(demand[1]) +
                                         "," + std::to_string(demand[2]) + "," +
                                         std::to_string(demand[3]) + "," + std::to_string(demand[4]));
+}
+
+// end_scope drops a scope's recording and plan (the next step is recorded afresh), abandons
+// a step in progress, and is safe while another thread runs the scope's steps.
+TEST(PlannedSteps, EndScopeDropsTheRecordingAndAStepInProgress) {
+  const std::size_t footprint = (3 * kLayers + 1) * kBlock;
+  Model m("plan", footprint / 3);
+  for (int l = 0; l < kLayers; ++l) {
+    m.weights.push_back(m.alloc());
+    m.use(m.weights.back(), 100 + l, true);
+    m.declare(m.weights.back());
+  }
+  for (int n = 1; n <= 3; ++n) m.step(n);
+  ASSERT_FALSE(m.sw.last_trace(7).accesses.empty());
+  EXPECT_FALSE(m.sw.last_trace().accesses.empty());
+  EXPECT_TRUE(m.sw.end_scope(7));
+  EXPECT_TRUE(m.sw.last_trace(7).accesses.empty()) << "the recording outlived its scope";
+  EXPECT_TRUE(m.sw.last_trace().accesses.empty()) << "the latest recording was the scope's";
+  EXPECT_FALSE(m.sw.end_scope(7)) << "nothing left to end";
+  EXPECT_FALSE(m.sw.end_scope(12345)) << "a scope never begun";
+
+  // Recorded again from scratch: one more recording, no planned step.
+  SwapStats before = m.sw.stats();
+  m.step(4);
+  EXPECT_EQ(m.sw.stats().steps_recorded, before.steps_recorded + 1);
+  EXPECT_EQ(m.sw.stats().steps_planned, before.steps_planned);
+  m.step(5);
+  EXPECT_EQ(m.sw.stats().steps_planned, before.steps_planned + 1);
+
+  // A step in progress is abandoned: not recorded, and pins after it (the thread's current
+  // scope is still 7) do not bring the scope back.
+  before = m.sw.stats();
+  m.sw.begin_step(7);
+  m.use(m.weights[0], 100, false);
+  EXPECT_TRUE(m.sw.end_scope(7));
+  m.use(m.weights[1], 101, false);
+  EXPECT_FALSE(m.sw.end_scope(7)) << "a pin outside any step created the scope again";
+  EXPECT_EQ(m.sw.stats().steps_recorded, before.steps_recorded);
+  EXPECT_EQ(m.sw.stats().steps_planned, before.steps_planned);
+  EXPECT_TRUE(m.sw.last_trace(7).accesses.empty());
+
+  // Another thread ends the scope again and again while steps run (planned prefetches use the
+  // scope's state without the lock): every byte survives.
+  std::atomic<bool> done{false};
+  std::thread ender([&] {
+    while (!done.load()) {
+      m.sw.end_scope(7);
+      std::this_thread::yield();
+    }
+  });
+  for (int n = 6; n <= 11; ++n) m.step(n);
+  done = true;
+  ender.join();
+  EXPECT_TRUE(m.ok) << "a block lost its bytes";
 }
 
 }  // namespace

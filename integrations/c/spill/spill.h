@@ -228,6 +228,16 @@ SPILL_API spill_status spill_get_residence(const void* ptr, spill_residence* res
 SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
 SPILL_API spill_status spill_end_step(int device, uint64_t scope);
 SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);
+/* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
+ * otherwise, for the process's life). Call it when the model or loop that used the scope is
+ * done, e.g. after each run of a hyperparameter sweep. A step of the scope in progress is
+ * abandoned (not recorded, not counted; copies it started finish as usual). Pins made later
+ * in the scope by a thread whose current scope it still is touch no step state; a later
+ * spill_begin_step or spill_begin_op of the same number starts it afresh (recorded again).
+ * Ending a scope that holds nothing (never begun, already ended, or a device without a
+ * swapper) is SPILL_OK and does nothing. Thread-safe, like the other step calls: a thread
+ * issuing the scope's prefetches is waited for. */
+SPILL_API spill_status spill_end_scope(int device, uint64_t scope);
 /* Writes the last recorded step of `scope` on `device` as a graph (docs/graph-format.md) to
  * `path`, for `spill plan`. NOT_FOUND when no step of that scope was recorded (recording needs
  * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. */

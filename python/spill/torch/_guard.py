@@ -16,7 +16,8 @@ from spill import Error, OutOfMemoryError
 
 from ._pins import Pinner
 from ._state import state
-from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
+from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_methods,
+                     wrap_method)
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
 
@@ -122,10 +123,14 @@ class guard:
     Every large tensor an op reads or produces inside becomes swappable; at exit, those still
     alive are brought back and made unswappable, so code after the block may touch them.
 
-    optimizer: if given, a training step of ``scope`` (default: the optimizer's id) begins at
-      the first op after the previous step and ends when ``optimizer.step()`` returns, so the
-      first step is recorded and later ones follow the plan. Without it, bracket steps with
+    optimizer: if given, a training step of ``scope`` begins at the first op after the
+      previous step and ends when ``optimizer.step()`` returns, so the first step is recorded
+      and later ones follow the plan. Without it, bracket steps with
       ``with spill.torch.step():``.
+    scope: by default a number spill gives the optimizer on first use (the same for as long
+      as it lives, never one an earlier optimizer had); the exit ends it (its recorded step
+      and plan are freed), so each ``with`` block records its first step again. A scope named
+      here is the caller's to end with ``spill.end_scope``.
     release_on_exit: bring the tensors it declared back at exit (the default). That needs
       room for all of them in the budget (raise it first with spill.set_budget, or exit only
       when they fit: spill.OutOfMemoryError says so otherwise). With False they stay
@@ -137,7 +142,7 @@ class guard:
     def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None,
                  scope: Optional[int] = None, release_on_exit: bool = True) -> None:
         self.optimizer = optimizer
-        self.scope = scope
+        self.scope_arg = scope
         self.release_on_exit = release_on_exit
         self._mode: Optional[PinEveryOp] = None
         self._saved: dict = {}
@@ -148,7 +153,8 @@ class guard:
                         "call spill.torch.enable() first")
         steps = None
         if self.optimizer is not None:
-            steps = StepBoundaries(optional_scope(self.scope, self.optimizer), manage=True)
+            scope_id, owned = optional_scope(self.scope_arg, self.optimizer)
+            steps = StepBoundaries(scope_id, manage=True, owned=owned)
 
             def wrap(original: Any) -> Any:
                 def step(*args: Any, **kwargs: Any) -> Any:
@@ -168,10 +174,17 @@ class guard:
         mode.__exit__(*exc)
         unwrap_methods(self._saved)
         if mode.steps is not None:
-            mode.steps.end()
+            mode.steps.finish()
         self._mode = None
         if self.release_on_exit:
             mode.release()
+
+    @property
+    def scope(self) -> Optional[int]:
+        """The step scope of this guard's steps (None without an optimizer)."""
+        if self.scope_arg is not None or self.optimizer is None:
+            return self.scope_arg
+        return default_scope(self.optimizer)
 
     @property
     def ops(self) -> int:

@@ -112,7 +112,8 @@ class OffloadHandle:
         self.model = model
         self.optimizer = optimizer
         self.pinner = Pinner()
-        self.steps = StepBoundaries(optional_scope(scope, model), manage=optimizer is not None)
+        scope_id, owned = optional_scope(scope, model)
+        self.steps = StepBoundaries(scope_id, manage=optimizer is not None, owned=owned)
         self._frames: List[_Frame] = []
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends
         self._bw_pending: List[Tuple[Token, bool]] = []
@@ -165,8 +166,15 @@ class OffloadHandle:
             wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
 
+    @property
+    def scope(self) -> int:
+        """The step scope of this handle's steps (see :func:`offload`)."""
+        return self.steps.scope
+
     def remove(self) -> None:
-        """Removes the hooks and brings every tensor they declared back (unswappable)."""
+        """Removes the hooks and brings every tensor they declared back (unswappable). When
+        the scope was the default one, it is ended too: spill frees its recorded step and
+        plan (``spill.end_scope``); a scope the caller named is left to the caller."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -186,6 +194,7 @@ class OffloadHandle:
             ptr = self.pinner.movable(t)
             if ptr:
                 self.pinner.declare(ptr, False)
+        self.steps.finish()
 
     # ------------------------------------------------------------------ forward
 
@@ -468,8 +477,11 @@ def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     model: the module trained; its forward hooks, parameter hooks and saved-tensor hooks are
       installed. optimizer: if given, its ``step`` ends each training step (the first one is
       recorded, later ones follow the plan) and its per-parameter loop is used (foreach off).
-    scope: the step scope (default: the model's id); two models trained in one process get
-      their own recordings. Returns a handle whose ``remove()`` undoes it all.
+    scope: the step scope; two models trained in one process get their own recordings. By
+      default a number spill gives the model on first use (the same for as long as the model
+      lives, never one an earlier model had), ended by ``remove()``; a scope named here is
+      the caller's to end with ``spill.end_scope``. Returns a handle whose ``remove()``
+      undoes it all.
     Requires spill.torch.enable() first.
     """
     return OffloadHandle(model, optimizer, scope)

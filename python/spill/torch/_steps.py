@@ -1,14 +1,23 @@
 """Training-step boundaries for the hooks: a step of one scope (a model) begins at its first
 pin after the previous step ended and ends when the optimizer's step() returns. Pins belong
 to the calling thread's current scope, so a thread that joins the step (PyTorch's CUDA
-backward runs on its own thread) names the scope once per step with spill_begin_op."""
+backward runs on its own thread) names the scope once per step with spill_begin_op.
+
+A scope the integration chose (the default: no ``scope=`` given) is a number from a
+process-wide counter, kept for the model or optimizer object as long as it lives: the same
+object keeps its scope across handles and guards, and a new object never gets an old one's
+(as it could by ``id()``, which Python reuses). Such a scope is ended (spill_end_scope: its
+recording and plan freed) when the handle is removed or the guard exits; a scope the caller
+named is the caller's to end (``spill.end_scope``)."""
 from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import threading
 import types
-from typing import Any, Callable, Optional
+import weakref
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from spill._capi import raise_status
 from spill._lib import library
@@ -19,9 +28,10 @@ from ._state import state
 class StepBoundaries:
     """Begins and ends the steps of ``scope`` on spill's device (see the module docstring)."""
 
-    def __init__(self, scope: int, manage: bool) -> None:
+    def __init__(self, scope: int, manage: bool, owned: bool = False) -> None:
         self.scope = scope & 0xFFFFFFFFFFFFFFFF
         self.manage = manage        # False: the caller brackets steps (with spill.step())
+        self.owned = owned          # the integration chose the scope: finish() ends it
         self.in_step = False
         self.count = 0              # steps ended so far
         self._threads: set = set()  # threads that named the scope in this step
@@ -52,6 +62,13 @@ class StepBoundaries:
             self.in_step = False
             self.count += 1
             self._call("spill_end_step", self._device, ctypes.c_uint64(self.scope))
+
+    def finish(self) -> None:
+        """Ends the step in progress and, when the integration chose the scope, the scope
+        itself (its recording and plan are freed)."""
+        self.end()
+        if self.owned and not state.forked_child:
+            self._call("spill_end_scope", self._device, ctypes.c_uint64(self.scope))
 
 
 def wrap_method(obj: Any, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]],
@@ -87,5 +104,35 @@ def unwrap_methods(saved: dict) -> None:
     saved.clear()
 
 
-def optional_scope(scope: Optional[int], default: Any) -> int:
-    return id(default) if scope is None else int(scope)
+# Default scopes: 2**63 + n, apart from the small numbers callers pick. Keyed by id() but
+# checked by a weak reference, so an entry never outlives its object.
+_DEFAULT_SCOPE_BASE = 1 << 63
+_scope_counter = itertools.count(1)
+_scope_lock = threading.Lock()
+_scopes: Dict[int, Tuple[Any, int]] = {}
+
+
+def default_scope(obj: Any) -> int:
+    """The step scope the integration uses for ``obj`` (a model or an optimizer): made on
+    first use from a process-wide counter, the same for as long as ``obj`` lives."""
+    with _scope_lock:
+        entry = _scopes.get(id(obj))
+        if entry is not None and entry[0]() is obj:
+            return entry[1]
+        scope = _DEFAULT_SCOPE_BASE + next(_scope_counter)
+        key = id(obj)
+
+        def forget(ref: Any) -> None:
+            with _scope_lock:
+                if _scopes.get(key, (None,))[0] is ref:
+                    del _scopes[key]
+        try:
+            _scopes[key] = (weakref.ref(obj, forget), scope)
+        except TypeError:
+            pass  # not weakly referable: a new scope each time it is used
+        return scope
+
+
+def optional_scope(scope: Optional[int], default: Any) -> Tuple[int, bool]:
+    """The scope to use and whether the integration chose it (then it ends it when done)."""
+    return (default_scope(default), True) if scope is None else (int(scope), False)
