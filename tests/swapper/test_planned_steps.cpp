@@ -39,6 +39,14 @@ struct Model {
     sw.unpin(t, nullptr, write);
   }
   void declare(void* p) { sw.set_swappable(p, true); }
+  // The layers' weights, written once and declared.
+  void add_weights() {
+    for (int l = 0; l < kLayers; ++l) {
+      weights.push_back(alloc());
+      use(weights.back(), 100 + l, true);
+      declare(weights.back());
+    }
+  }
 
   // One training step: forward (a temporary no pin sees, the layer's weight, a new
   // activation), backward in reverse, then an "optimizer" op per layer that reads its weight
@@ -88,11 +96,7 @@ Result train(const std::string& policy, int steps) {
   // Footprint: weights, state, activations and one temporary; a third of it is the budget.
   const std::size_t footprint = (3 * kLayers + 1) * kBlock;
   Model m(policy, footprint / 3);
-  for (int l = 0; l < kLayers; ++l) {
-    m.weights.push_back(m.alloc());
-    m.use(m.weights.back(), 100 + l, true);
-    m.declare(m.weights.back());
-  }
+  m.add_weights();
   Result r{};
   for (int n = 1; n <= steps; ++n) {
     if (n == 3) r.before_last = m.sw.stats();
@@ -134,11 +138,7 @@ TEST(PlannedSteps, PlannedPrefetchesMakeRoomSoDemandFetchesFallFarBelowLru) {
 TEST(PlannedSteps, TheFirstPlannedStepStartsWhereThePlanExpects) {
   const std::size_t footprint = (3 * kLayers + 1) * kBlock;
   Model m("plan", footprint / 3);
-  for (int l = 0; l < kLayers; ++l) {
-    m.weights.push_back(m.alloc());
-    m.use(m.weights.back(), 100 + l, true);
-    m.declare(m.weights.back());
-  }
+  m.add_weights();
   std::vector<std::uint64_t> demand;
   for (int n = 1; n <= 5; ++n) {
     const std::uint64_t before = m.sw.stats().demand_fetches;
@@ -162,11 +162,7 @@ TEST(PlannedSteps, TheFirstPlannedStepStartsWhereThePlanExpects) {
 TEST(PlannedSteps, EndScopeDropsTheRecordingAndAStepInProgress) {
   const std::size_t footprint = (3 * kLayers + 1) * kBlock;
   Model m("plan", footprint / 3);
-  for (int l = 0; l < kLayers; ++l) {
-    m.weights.push_back(m.alloc());
-    m.use(m.weights.back(), 100 + l, true);
-    m.declare(m.weights.back());
-  }
+  m.add_weights();
   for (int n = 1; n <= 3; ++n) m.step(n);
   ASSERT_FALSE(m.sw.last_trace(7).accesses.empty());
   EXPECT_FALSE(m.sw.last_trace().accesses.empty());
