@@ -15,7 +15,8 @@ def export_step(path: Union[str, "os.PathLike[str]"], *, scope: int = 0,
     ``spill plan`` can re-plan the real run for another GPU and link. Its ops carry their
     measured times; it has no batch scaling (plan it at its own batch).
 
-    scope: the step scope the run used (0 unless the integration named one).
+    scope: the step scope the run used: ``handle.scope`` of :func:`offload`, ``guard.scope``
+      (before ``remove()`` or the guard's exit, which free it), 0 for ``spill.torch.step()``.
     device: the CUDA device (default: the current one, or 0 without CUDA).
     Returns the path. Raises ``spill.Error`` with code ``NOT_FOUND`` when no step was recorded.
     """
