@@ -20,7 +20,6 @@
 namespace spill {
 
 inline constexpr std::size_t kSmallRound = 512;
-inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
 
 inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }

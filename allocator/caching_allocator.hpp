@@ -45,6 +45,9 @@
 
 namespace spill {
 
+// The small pool's segments: requests up to small_limit share segments of this size.
+inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
+
 class HostPool;
 struct Block;
 struct Segment;

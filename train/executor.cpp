@@ -7,6 +7,7 @@
 #include <ctime>
 #include <limits>
 
+#include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
 #include "device/sim_device.hpp"
@@ -158,15 +159,13 @@ struct Executor::Impl {
     if (swappable[t]) timed([&] { swp->unpin(ptrs[t], stream, wrote_it); });
   }
 
-  // Small tensors share the allocator's 2 MiB small-pool segments.
-  static constexpr std::uint64_t kSegment = 2u << 20;
   // The prediction simulates the memory the allocator maps: the whole budget, small tensors as
   // the segments they fill (the plan keeps room for the segments of their peak throughout; the
   // forward pass of a small gpt-mini needs one segment less, so its steps ran faster than
   // predicted with the plan's budget); and the swapper's lazy completion of swap-outs: a planned
   // prefetch of a block whose swap-out nothing has reaped keeps it (no copy back).
   graph::SimOptions prediction_options() const {
-    return {budget, false, po.model, {small_limit, kSegment}, /*swapper_rules=*/true};
+    return {budget, false, po.model, {small_limit, kSmallSegment}, /*swapper_rules=*/true};
   }
 
   void setup();
@@ -186,7 +185,8 @@ void Executor::Impl::setup() {
   roofline = make_roofline(roofline_model(dev));
   k = kernels::make_kernels(dev, {roofline});
   if (const auto* sim = dynamic_cast<const SimDevice*>(&dev)) {
-    link = sim->options().link;  // what its copies follow, link_gbps included
+    link = sim->options().link;    // what its copies follow, link_gbps included
+    link.duplex_efficiency = 1.0;  // its two copy engines do not contend (docs/architecture.md)
   } else {
     try {
       link = link_preset(dev.info().link_name);
@@ -194,9 +194,6 @@ void Executor::Impl::setup() {
       // Keep pcie4, as the runtime does for a link it has no model of.
     }
   }
-  // The simulated device's two copy engines do not contend (docs/architecture.md): predict
-  // its steps with no duplex slowdown.
-  if (dev.info().simulated) link.duplex_efficiency = 1.0;
   small_limit = std::min<std::uint64_t>(conf.swap_threshold, 1u << 20);
   budget = alloc.budget();
   po.budget = budget;
@@ -293,7 +290,7 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
       if (g.tensors[t].bytes <= small_limit && live.live[t].live_at(std::int64_t(i))) sum += g.tensors[t].bytes;
     small_peak = std::max(small_peak, sum);
   }
-  small_reserve = (small_peak + kSegment - 1) / kSegment * kSegment - small_peak;
+  small_reserve = (small_peak + kSmallSegment - 1) / kSmallSegment * kSmallSegment - small_peak;
   po.budget = budget > small_reserve ? budget - small_reserve : 0;
   std::vector<double> times;
   for (const graph::Op& op : g.ops) times.push_back(*op.time_s);
