@@ -162,6 +162,10 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
     std::uint64_t start = TraceRecorder::now();
     auto t0 = std::chrono::steady_clock::now();
     const double c0 = TraceRecorder::clock_seconds();
+    // A recording timed on the device: the host's wait may leave its stream idle.
+    StepState* timed = device_timed_scope_locked();
+    if (timed != nullptr) mark_locked(*timed, StepState::MarkKind::StallBegin);
+    const std::uint64_t timed_scope = timed != nullptr ? timed->scope : 0;
     lock.unlock();
     {
       profiling::NvtxRange wait("spill wait swap-out", profiling::kNvtxWait);
@@ -169,6 +173,11 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
     }
     const double waited = TraceRecorder::clock_seconds() - c0;
     lock.lock();
+    if (timed != nullptr) {
+      timed = find_scope_locked(timed_scope);  // the scope may have ended meanwhile
+      if (timed != nullptr && timed->in_step && timed->recording)
+        mark_locked(*timed, StepState::MarkKind::StallEnd);
+    }
     stats.host_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     stats.stall_s += std::max(0.0, waited);
     TraceRecorder::global().record_span(EventKind::Stall, start, base, 0,

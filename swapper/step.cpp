@@ -41,6 +41,9 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.evicted_upto = 0;
   s.other_bytes.clear();
   s.t0_ns = profiling::TraceRecorder::global().now_ns();
+  release_marks_locked(s);
+  s.timing = StepState::Timing::Undecided;
+  s.marked_op = -1;
   s.begin_tick = ++tick;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
   // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
@@ -73,10 +76,12 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   s.recording = false;
   s.trace.step_end_s =
       static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
+  const bool keeps_plan = s.planned_step && !s.replan;
+  if (!keeps_plan && s.timing == StepState::Timing::Device) time_on_device_locked(s);
   s.last_trace = s.trace;
   last_trace_any = s.trace;
   last_trace_any_scope = s.scope;
-  if (s.planned_step && !s.replan) return;  // the step followed its plan: keep it
+  if (keeps_plan) return;  // the step followed its plan: keep it
   s.replan = false;
   stats.steps_recorded++;
   s.plan = graph::Plan{};
@@ -327,6 +332,82 @@ void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepSta
     make_room_locked(size > room ? size - room : 0, next_use_of_id_locked(s, w.id));
     s.pending.push_back(w);
   }
+}
+
+void Swapper::Impl::mark_op_start_locked(StepState& s, Stream stream, bool host) {
+  if (!s.in_step || !s.recording) return;
+  if (s.timing == StepState::Timing::Undecided) {
+    s.timing = host ? StepState::Timing::Host : StepState::Timing::Device;
+    s.timing_stream = stream;
+  }
+  if (s.timing != StepState::Timing::Device || host || stream != s.timing_stream ||
+      s.marked_op == s.op)
+    return;
+  s.marked_op = s.op;
+  mark_locked(s, StepState::MarkKind::OpStart);
+}
+
+void Swapper::Impl::mark_locked(StepState& s, StepState::MarkKind kind) {
+  if (s.timing != StepState::Timing::Device) return;
+  Event e = nullptr;
+  if (timing_pool.empty()) {
+    e = dev.create_event(true);
+  } else {
+    e = timing_pool.back();
+    timing_pool.pop_back();
+  }
+  try {
+    dev.record(e, s.timing_stream);
+  } catch (...) {
+    timing_pool.push_back(e);
+    throw;
+  }
+  s.marks.push_back({e, s.op, kind});
+}
+
+StepState* Swapper::Impl::device_timed_scope_locked() {
+  StepState* s = find_scope_locked(current_scope());
+  return s != nullptr && s->in_step && s->recording && s->timing == StepState::Timing::Device
+             ? s
+             : nullptr;
+}
+
+void Swapper::Impl::release_marks_locked(StepState& s) {
+  for (const StepState::Mark& m : s.marks) timing_pool.push_back(m.event);
+  s.marks.clear();
+}
+
+void Swapper::Impl::time_on_device_locked(StepState& s) {
+  if (s.marks.empty()) return;
+  mark_locked(s, StepState::MarkKind::StepEnd);
+  // The events are on the timing stream in order: the last one done means all are.
+  dev.synchronize(s.marks.back().event);
+  const Event first = s.marks.front().event;
+  // Each op's start on the device, less the stalls marked before it.
+  std::unordered_map<std::int64_t, double> start_of_op;
+  double stalled = 0, end = 0;
+  std::optional<double> stall_begin;
+  for (const StepState::Mark& m : s.marks) {
+    const double t = dev.elapsed_ms(first, m.event) * 1e-3;
+    switch (m.kind) {
+      case StepState::MarkKind::OpStart: start_of_op.emplace(m.op, t - stalled); break;
+      case StepState::MarkKind::StallBegin: stall_begin = t; break;
+      case StepState::MarkKind::StallEnd:
+        if (stall_begin) stalled += std::max(0.0, t - *stall_begin);
+        stall_begin.reset();
+        break;
+      case StepState::MarkKind::StepEnd: end = t - stalled; break;
+    }
+  }
+  // Accesses of an op with no mark (pins on another stream only) take the time before them.
+  double at = 0;
+  for (graph::TraceAccess& a : s.trace.accesses) {
+    auto it = start_of_op.find(a.op);
+    if (it != start_of_op.end()) at = std::max(at, it->second);
+    a.time_s = at;
+  }
+  s.trace.step_end_s = std::max(at, end);
+  release_marks_locked(s);
 }
 
 void Swapper::Impl::sample_other_locked(StepState& s) {

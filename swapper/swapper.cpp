@@ -90,6 +90,8 @@ Swapper::~Swapper() {
     if (z.done) m.dev.destroy_event(z.done);
   }
   for (Event e : m.event_pool) m.dev.destroy_event(e);
+  for (auto& [scope, st] : m.scopes) m.release_marks_locked(st);
+  for (Event e : m.timing_pool) m.dev.destroy_event(e);
   m.dev.destroy_stream(m.d2h);
   m.dev.destroy_stream(m.h2d);
 }
@@ -296,6 +298,7 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   const std::uint64_t scope = current_scope();
   if (StepState* step = find_scope_locked(scope)) {
     std::vector<PlannedPrefetch> wanted = advance_op_locked(*step, false);
+    mark_op_start_locked(*step, stream, host);
     if (!wanted.empty()) prefetch_planned(lock, *step, std::move(wanted));
   }
   SwapBlock* b = lookup_locked(ptr, host ? "pin_for_host" : "pin");
@@ -332,7 +335,13 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   }
   settle_locked(*b);
   if (b->state == Residence::SwappingIn && wait_for == nullptr) wait_for = b->in_done;
-  if (wait_for != nullptr && !host) dev.wait(stream, wait_for);
+  if (wait_for != nullptr && !host) {
+    StepState* timed = device_timed_scope_locked();
+    if (timed != nullptr && stream != timed->timing_stream) timed = nullptr;
+    if (timed != nullptr) mark_locked(*timed, StepState::MarkKind::StallBegin);
+    dev.wait(stream, wait_for);
+    if (timed != nullptr) mark_locked(*timed, StepState::MarkKind::StallEnd);
+  }
   b->pins++;
   b->last_use = ++tick;
   b->scope = scope;
@@ -674,6 +683,7 @@ bool Swapper::end_scope(std::uint64_t scope) {
     return it == m.scopes.end() || it->second.users == 0;
   });
   if (it == m.scopes.end()) return false;
+  m.release_marks_locked(it->second);
   m.scopes.erase(it);  // a step in progress is abandoned with it
   if (m.last_trace_any_scope == scope) m.last_trace_any = graph::Trace{};
   return true;

@@ -90,6 +90,22 @@ struct StepState {
   std::size_t evicted_upto = 0;                     // plan ops whose evictions were issued
   int lookahead = 0;                                // extra ops of prefetch, adapted
   std::uint64_t t0_ns = 0;
+  // Op times. A step whose first pin is on a stream (pins ordered on the device) is timed on
+  // that stream, not by the host, which runs ahead of the device there: an event at each op's
+  // first pin and a pair around each wait the swapper makes that stream or the host do, so
+  // that the stall between them is not counted as the op's. Read (one host wait) only when the
+  // recording becomes a plan. A step whose first pin is a host pin keeps the host's clock.
+  enum class Timing { Undecided, Host, Device };
+  enum class MarkKind { OpStart, StallBegin, StallEnd, StepEnd };
+  struct Mark {
+    Event event;
+    std::int64_t op;
+    MarkKind kind;
+  };
+  Timing timing = Timing::Undecided;
+  Stream timing_stream = nullptr;
+  std::int64_t marked_op = -1;
+  std::vector<Mark> marks;
   std::uint32_t stream_count = 0;
   std::unordered_map<std::uintptr_t, std::uint32_t> stream_ids;
   // Threads using this state without the lock (planned prefetches): end_scope waits for them.
@@ -114,6 +130,7 @@ struct Swapper::Impl {
   std::condition_variable cv;  // a block stopped being busy
   std::map<std::uintptr_t, SwapBlock> blocks;
   std::vector<Event> event_pool;
+  std::vector<Event> timing_pool;  // events with timing, for StepState::marks
   struct Zombie {  // host buffer of a released block, freed once its copy is done
     void* host;
     std::size_t size;
@@ -197,6 +214,17 @@ struct Swapper::Impl {
   std::size_t make_room_locked(std::size_t needed, std::int64_t horizon);
   // Ops until block `id` of scope `s` is next used (INT64_MAX when unknown).
   std::int64_t next_use_of_id_locked(const StepState& s, std::uint64_t id) const;
+  // Device timing of a recording step (StepState::Timing::Device).
+  // At a pin on `stream`: decides the step's timing on its first pin, marks an op's start.
+  void mark_op_start_locked(StepState& s, Stream stream, bool host);
+  // Records a mark of `kind` on the step's timing stream (no-op unless it is device-timed).
+  void mark_locked(StepState& s, StepState::MarkKind kind);
+  // The recording scope of the calling thread that is timed on the device, or nullptr.
+  StepState* device_timed_scope_locked();
+  // Replaces the recording's times by the device's, net of the marked stalls (waits once for
+  // the last mark).
+  void time_on_device_locked(StepState& s);
+  void release_marks_locked(StepState& s);
   // Notes the memory mapped outside the recording's blocks at this point of the step.
   void sample_other_locked(StepState& s);
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,

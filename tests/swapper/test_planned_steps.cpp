@@ -12,6 +12,7 @@
 #include "core/pattern.hpp"
 #include "core/units.hpp"
 #include "device/sim_device.hpp"
+#include "graph/trace.hpp"
 #include "swapper/runtime.hpp"
 
 namespace spill::test {
@@ -155,6 +156,57 @@ TEST(PlannedSteps, TheFirstPlannedStepStartsWhereThePlanExpects) {
   RecordProperty("demand_per_step", std::to_string(demand[0]) + "," + std::to_string(demand[1]) +
                                         "," + std::to_string(demand[2]) + "," +
                                         std::to_string(demand[3]) + "," + std::to_string(demand[4]));
+}
+
+// A step whose pins are ordered on a stream (a GPU framework's, the reference trainer's) is
+// timed by that stream, not by the host, which only enqueues and runs ahead: each recorded op
+// lasts as long as its work on the device, and a stall the swapper makes the stream wait (a
+// demand fetch) is not counted as the op's, so the plan sees the compute it can hide copies
+// behind.
+TEST(PlannedSteps, AStepOnAStreamIsTimedByTheDeviceNetOfItsStalls) {
+  Runtime rt(Model::conf("plan", 64 * MiB), RuntimeOptions{});
+  auto* sim = dynamic_cast<SimDevice*>(&rt.device());
+  ASSERT_NE(sim, nullptr);
+  Swapper& sw = *rt.swapper();
+  Stream stream = rt.device().create_stream();
+  std::vector<void*> blocks;
+  for (int i = 0; i < 3; ++i) {
+    blocks.push_back(rt.allocator().allocate(kBlock, stream));
+    PinToken t = sw.pin_for_host(blocks.back());
+    fill_pattern(blocks.back(), kBlock, 40 + i);
+    sw.unpin(t, nullptr, true);
+  }
+  sw.evict(blocks[1]);  // on the host when op "b" needs it: a demand fetch the stream waits for
+  sw.quiesce();
+  ASSERT_EQ(sw.residence(blocks[1]), Residence::OnHost);
+  const double compute_s[3] = {1e-3, 2e-3, 3e-3};
+  const char* names[3] = {"a", "b", "c"};
+  const std::uint64_t demand_before = sw.stats().demand_fetches;
+  sw.begin_step(9);
+  for (int i = 0; i < 3; ++i) {
+    sw.begin_op(names[i]);
+    sw.pin(blocks[i], stream);
+    sim->enqueue_compute(stream, compute_s[i]);
+    sw.unpin(blocks[i], stream, false);
+  }
+  sw.end_step(9);
+  EXPECT_EQ(sw.stats().demand_fetches, demand_before + 1) << "op b's block was on the host";
+  const graph::Graph g = graph::graph_from_trace(sw.last_trace(9), "recorded");
+  ASSERT_EQ(g.ops.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(g.ops[i].time_s.has_value()) << names[i];
+    EXPECT_NEAR(*g.ops[i].time_s, compute_s[i], 1e-6)
+        << "op " << names[i] << ": the device ran it for " << compute_s[i] * 1e3 << " ms";
+  }
+  rt.device().synchronize();
+  for (int i = 0; i < 3; ++i) {
+    PinToken t = sw.pin_for_host(blocks[i]);
+    EXPECT_EQ(find_pattern_mismatch(blocks[i], kBlock, 40 + i), kBlock) << "block " << i;
+    sw.unpin(t, nullptr, false);
+    rt.allocator().deallocate(blocks[i], stream);
+  }
+  rt.device().synchronize();
+  rt.device().destroy_stream(stream);
 }
 
 // end_scope drops a scope's recording and plan (the next step is recorded afresh), abandons
