@@ -1,7 +1,6 @@
 // Swap-out and the eviction hook: choosing victims, starting copies to the host, and unmapping
 // a block once its copy and every recorded use are complete.
 #include <algorithm>
-#include <chrono>
 
 #include "core/errors.hpp"
 #include "profiling/events.hpp"
@@ -160,7 +159,7 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
   for (auto& [order, base, e] : waiting) {
     if (freed >= needed) break;
     std::uint64_t start = TraceRecorder::now();
-    auto t0 = std::chrono::steady_clock::now();
+    const std::uint64_t host0 = TraceRecorder::global().now_ns();
     const double c0 = TraceRecorder::clock_seconds();
     // A recording timed on the device: the host's wait may leave its stream idle.
     StepState* timed = device_timed_scope_locked();
@@ -172,13 +171,15 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
       dev.synchronize(e);
     }
     const double waited = TraceRecorder::clock_seconds() - c0;
+    const std::uint64_t host_waited = TraceRecorder::global().now_ns() - host0;
     lock.lock();
     if (timed != nullptr) {
       timed = find_scope_locked(timed_scope);  // the scope may have ended meanwhile
       if (timed != nullptr && timed->in_step && timed->recording)
         mark_locked(*timed, StepState::MarkKind::StallEnd);
     }
-    stats.host_wait_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats.host_wait_s += static_cast<double>(host_waited) * 1e-9;
+    waited_ns += host_waited;
     stats.stall_s += std::max(0.0, waited);
     TraceRecorder::global().record_span(EventKind::Stall, start, base, 0,
                                         profiling::kHostStream);

@@ -4,10 +4,15 @@
 // that leaves its plan (a block of another size, an access the plan does not have at that
 // point) stops following it and its own recording becomes the next step's plan, so a first
 // step that differs from the rest (gradients and optimizer state are created in it) costs one
-// deviation, not a re-recording per step.
+// deviation, not a re-recording per step. A recorded access's time is the time since the step
+// began less the host's waits inside the swapper meanwhile (demand fetches, late prefetches,
+// room): the plan's op times are the compute it hides copies behind, even when the recorded
+// step stalled (a first, reactive step mostly waits).
 //
-// Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued;
-// before it, the prefetches due within the look-ahead. A prefetch that finds no free room
+// Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued
+// (one whose block is still pinned, such as a module's input while its submodules run, when
+// the block is unpinned, unless its prefetch has been issued by then); before it, the
+// prefetches due within the look-ahead. A prefetch that finds no free room
 // first lets completed swap-outs go, then starts evictions of blocks whose next use is later
 // than its own (never one needed sooner) and waits for a later op; the plan leaves room for
 // the memory its recording did not show (small blocks, blocks no pin touched, cache), measured
@@ -39,11 +44,14 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.first_access_of_id.clear();
   s.prefetched_upto = 0;
   s.evicted_upto = 0;
+  s.deferred.clear();
   s.other_bytes.clear();
   s.t0_ns = profiling::TraceRecorder::global().now_ns();
   release_marks_locked(s);
   s.timing = StepState::Timing::Undecided;
   s.marked_op = -1;
+  s.waited0_ns = waited_ns;
+  s.last_time_s = 0;
   s.begin_tick = ++tick;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
   // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
@@ -68,14 +76,15 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     for (; s.evicted_upto < s.plan.steps.size(); ++s.evicted_upto)
       issue_evictions_locked(s, static_cast<std::int64_t>(s.evicted_upto));
   }
+  // Blocks still pinned now stay: the next step's first prefetches are about to be issued.
+  s.deferred.clear();
   s.executing = false;
   s.pending.clear();
   s.base_of_id_prev = s.base_of_id;
   s.gen_of_id_prev = s.gen_of_id;
   if (!s.recording) return;
   s.recording = false;
-  s.trace.step_end_s =
-      static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
+  s.trace.step_end_s = step_time_locked(s);
   const bool keeps_plan = s.planned_step && !s.replan;
   if (!keeps_plan && s.timing == StepState::Timing::Device) time_on_device_locked(s);
   s.last_trace = s.trace;
@@ -119,6 +128,10 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   po.budget = opt.budget;
   po.min_swap_bytes = opt.min_swap_bytes;
   s.plan = graph::plan_spill(g, times, opt.link, po);
+  s.prefetch_of_eviction.clear();
+  for (const graph::Swap& w : s.plan.swaps)
+    s.prefetch_of_eviction[(static_cast<std::uint64_t>(w.evict_after) << 32) | w.tensor] =
+        w.prefetch_at;
   s.fresh_plan = true;
   s.tensor_id.clear();
   for (const graph::Tensor& t : g.tensors) s.tensor_id.push_back(static_cast<std::int64_t>(t.id));
@@ -136,6 +149,18 @@ void Swapper::Impl::end_step_locked(StepState& s) {
       // Host cap: it stays; the step's reactive path copes.
     }
   }
+}
+
+double Swapper::Impl::step_time_locked(StepState& s) {
+  // Op times are the compute the plan hides copies behind: the waits of this step (demand
+  // fetches, room) would otherwise count as compute, and a plan made from a reactive step
+  // would issue its prefetches too late. Waits of several threads at once may add up to more
+  // than the time elapsed: times never go back.
+  const std::uint64_t elapsed = profiling::TraceRecorder::global().now_ns() - s.t0_ns;
+  const std::uint64_t waited = waited_ns - s.waited0_ns;
+  const double t = static_cast<double>(elapsed > waited ? elapsed - waited : 0) * 1e-9;
+  s.last_time_s = std::max(s.last_time_s, t);
+  return s.last_time_s;
 }
 
 std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, std::int64_t id) {
@@ -198,21 +223,44 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
   return next == INT64_MAX ? kUnknown : next;
 }
 
+void Swapper::Impl::planned_evict_locked(SwapBlock& b) {
+  try {
+    start_swap_out_locked(b);
+    stats.evictions_planned++;
+  } catch (const OutOfMemory&) {
+    // Host cap: leave it resident; the reactive path copes.
+  }
+}
+
 void Swapper::Impl::issue_evictions_locked(StepState& s, std::int64_t op) {
   for (graph::TensorIndex t : s.plan.steps[op].evict_after) {
     auto base = base_for_id_locked(s, s.tensor_id[t]);
     if (!base) continue;
     SwapBlock& b = blocks.at(*base);
-    if (!evictable_locked(b) || b.state == Residence::OnHost ||
-        b.state == Residence::SwappingOut)
+    if (b.state == Residence::OnHost || b.state == Residence::SwappingOut) continue;
+    if (evictable_locked(b)) {
+      planned_evict_locked(b);
       continue;
-    try {
-      start_swap_out_locked(b);
-      stats.evictions_planned++;
-    } catch (const OutOfMemory&) {
-      // Host cap: leave it resident; the reactive path copes.
     }
+    // Still in use (pinned across later ops): evicted when it becomes evictable.
+    auto when = s.prefetch_of_eviction.find((static_cast<std::uint64_t>(op) << 32) | t);
+    if (when != s.prefetch_of_eviction.end()) s.deferred[*base] = {b.generation, when->second};
   }
+}
+
+bool Swapper::Impl::issue_deferred_locked(StepState& s, std::uintptr_t base) {
+  auto it = s.deferred.find(base);
+  if (it == s.deferred.end()) return false;
+  auto found = blocks.find(base);
+  // Freed meanwhile, or its prefetch was issued (and found it resident): it stays.
+  bool drop = found == blocks.end() || found->second.generation != it->second.generation ||
+              static_cast<std::size_t>(it->second.prefetch_at) < s.prefetched_upto ||
+              found->second.state == Residence::OnHost ||
+              found->second.state == Residence::SwappingOut;
+  if (!drop && !evictable_locked(found->second)) return false;  // not yet
+  s.deferred.erase(it);
+  if (!drop) planned_evict_locked(found->second);
+  return true;
 }
 
 std::vector<PlannedPrefetch> Swapper::Impl::advance_op_locked(StepState& s, bool force) {
@@ -227,6 +275,10 @@ std::vector<PlannedPrefetch> Swapper::Impl::advance_op_locked(StepState& s, bool
   // Evictions after the plan ops now passed: their work is enqueued and their blocks unpinned.
   for (; s.evicted_upto < n && s.plan_op_ids[s.evicted_upto] < s.op; ++s.evicted_upto)
     issue_evictions_locked(s, static_cast<std::int64_t>(s.evicted_upto));
+  for (auto it = s.deferred.begin(); it != s.deferred.end();) {
+    const std::uintptr_t base = (it++)->first;  // issue_deferred_locked may erase its entry
+    issue_deferred_locked(s, base);
+  }
   // Prefetches due by this op (the first plan op not passed) and the adaptive look-ahead.
   const std::size_t upto = std::min(n, s.evicted_upto + 1 + static_cast<std::size_t>(s.lookahead));
   wanted = std::move(s.pending);
@@ -455,7 +507,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   a.bytes = b.size;
   a.access = graph::Access::Read;
   a.stream = sit->second;
-  a.time_s = static_cast<double>(profiling::TraceRecorder::global().now_ns() - s.t0_ns) * 1e-9;
+  a.time_s = step_time_locked(s);
   s.access_of_id_op[id] = s.trace.accesses.size();
   s.first_access_of_id.emplace(id, s.trace.accesses.size());
   s.trace.accesses.push_back(a);
@@ -476,6 +528,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
 
 void Swapper::Impl::on_unpin_locked(StepState& s, SwapBlock& b, bool wrote) {
   s.after_unpin = true;
+  if (s.executing && b.pins == 0 && !s.deferred.empty()) issue_deferred_locked(s, key(b.base));
   if (!s.recording || !wrote) return;
   auto it = s.id_of.find(key(b.base));
   if (it == s.id_of.end()) return;

@@ -355,10 +355,13 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     // never destroyed, while the swapper lives: a re-recorded one only makes the wait longer.
     lock.unlock();
     const double t0 = TraceRecorder::clock_seconds();
+    const std::uint64_t host0 = TraceRecorder::global().now_ns();
     dev.synchronize(wait_for);
     const double waited = TraceRecorder::clock_seconds() - t0;
+    const std::uint64_t host_waited = TraceRecorder::global().now_ns() - host0;
     lock.lock();
     stats.stall_s += std::max(0.0, waited);
+    waited_ns += host_waited;
   }
   return token;
 }

@@ -86,15 +86,31 @@ struct StepState {
   // The plan's ops are the recording's ops that touched blocks: plan op j is recorded op
   // plan_op_ids[j] (ops whose pins were all of small blocks are not in the plan).
   std::vector<std::uint32_t> plan_op_ids;
+  // The plan's evictions that found their block still in use (pinned: a module's input stays
+  // pinned while its submodules run; busy; not yet declared swappable), by block base: each
+  // is issued when the block becomes evictable (its last unpin, or a later op), unless the
+  // plan's prefetch of it has been issued meanwhile (then it stays).
+  struct DeferredEviction {
+    std::uint64_t generation = 0;
+    std::int64_t prefetch_at = 0;  // plan op of its prefetch (>= the op count: next step)
+  };
+  std::unordered_map<std::uintptr_t, DeferredEviction> deferred;
+  // (plan op << 32 | tensor) -> the plan op of that eviction's prefetch.
+  std::unordered_map<std::uint64_t, std::int64_t> prefetch_of_eviction;
   std::size_t prefetched_upto = 0;                  // plan ops whose prefetches were issued
   std::size_t evicted_upto = 0;                     // plan ops whose evictions were issued
   int lookahead = 0;                                // extra ops of prefetch, adapted
+  // The step's start on the host's steady clock, and the swapper's waited_ns then: recorded
+  // times are since the start less the host's waits inside the swapper (see step_time_locked).
   std::uint64_t t0_ns = 0;
+  std::uint64_t waited0_ns = 0;
+  double last_time_s = 0;        // the latest recorded time (they never go back)
   // Op times. A step whose first pin is on a stream (pins ordered on the device) is timed on
   // that stream, not by the host, which runs ahead of the device there: an event at each op's
   // first pin and a pair around each wait the swapper makes that stream or the host do, so
   // that the stall between them is not counted as the op's. Read (one host wait) only when the
-  // recording becomes a plan. A step whose first pin is a host pin keeps the host's clock.
+  // recording becomes a plan. A step whose first pin is a host pin keeps the host's clock
+  // (less its waits in the swapper: t0_ns, waited0_ns).
   enum class Timing { Undecided, Host, Device };
   enum class MarkKind { OpStart, StallBegin, StallEnd, StepEnd };
   struct Mark {
@@ -141,6 +157,11 @@ struct Swapper::Impl {
   std::uint64_t tick = 0;
   std::uint64_t next_generation = 1;
   std::uint64_t next_out_order = 0;
+  // Host time (steady clock, ns) that callers spent blocked inside the swapper: waiting for a
+  // swap-in or a cancelled swap-out to land (host pins) and for swap-outs to free room. A
+  // recorded step's op times leave it out, so a plan made from a step that stalled sees the
+  // compute it has to hide copies behind, not the stalls.
+  std::uint64_t waited_ns = 0;
   const std::uint64_t serial;            // tells swappers apart in thread-local scopes
   std::map<std::uint64_t, StepState> scopes;
   graph::Trace last_trace_any;            // the latest recording of any scope
@@ -203,6 +224,10 @@ struct Swapper::Impl {
   // without the lock).
   std::vector<PlannedPrefetch> advance_op_locked(StepState& s, bool force);
   void issue_evictions_locked(StepState& s, std::int64_t op);
+  void planned_evict_locked(SwapBlock& b);  // starts its swap-out (not at the host cap)
+  // Issues `base`'s deferred eviction if its block is evictable now, or drops it when it no
+  // longer applies; returns whether the entry is gone.
+  bool issue_deferred_locked(StepState& s, std::uintptr_t base);
   // Issues planned prefetches (without the lock around each swap-in); one that finds no room
   // starts evictions of blocks needed after it and waits in `s.pending` for a later op.
   void prefetch_planned(std::unique_lock<std::mutex>& lock, StepState& s,
@@ -232,6 +257,8 @@ struct Swapper::Impl {
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
   // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).
   std::int64_t next_use_locked(const SwapBlock& b) const;
+  // Seconds since the step began on the host, less the time waited inside the swapper since.
+  double step_time_locked(StepState& s);
   void begin_step_locked(StepState& s);
   void end_step_locked(StepState& s);
 };

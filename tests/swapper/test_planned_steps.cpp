@@ -209,6 +209,110 @@ TEST(PlannedSteps, AStepOnAStreamIsTimedByTheDeviceNetOfItsStalls) {
   rt.device().destroy_stream(stream);
 }
 
+// A step of host pins (the CPU bridge) is timed by the host, less the host's waits inside the
+// swapper: the plan made from a step that stalled (a first, reactive step mostly waits) sees
+// the compute it can hide copies behind. Here an op does nothing but wait for a demand fetch that takes about 100 ms of wall
+// time (a slow link in real time); its recorded duration must not contain that wait.
+TEST(PlannedSteps, AHostPinnedStepIsTimedNetOfTheHostsWaitsInTheSwapper) {
+  constexpr std::size_t kSmall = kBlock;  // at 0.02 GB/s: about 105 ms each way
+  Config c = Config::parse(
+      "device:sim,sim_capacity:64MiB,trace:off,policy:plan,time_scale:1,link_gbps:0.02");
+  c.budget = 32 * MiB;  // no pressure; a budget makes the swapper record
+  Runtime rt(c, RuntimeOptions{.opt_in_swappable = true});
+  Swapper& sw = *rt.swapper();
+  void* a = rt.allocator().allocate(kSmall, nullptr);
+  void* b = rt.allocator().allocate(kSmall, nullptr);
+  auto use = [&](void* p, std::uint64_t seed, bool write) {
+    PinToken t = sw.pin_for_host(p);
+    if (write) fill_pattern(p, kSmall, seed);
+    else EXPECT_EQ(find_pattern_mismatch(p, kSmall, seed), kSmall);
+    sw.unpin(t, nullptr, write);
+  };
+  use(a, 1, true);
+  use(b, 2, true);
+  sw.set_swappable(a, true);
+  sw.set_swappable(b, true);
+  sw.evict(a);
+  sw.quiesce();
+  ASSERT_EQ(sw.residence(a), Residence::OnHost);
+  const SwapStats before = sw.stats();
+  sw.begin_step(3);
+  sw.begin_op("before");
+  use(b, 2, false);
+  sw.begin_op("fetch");
+  use(a, 1, false);  // a demand fetch: the host waits for the copy
+  sw.begin_op("after");
+  use(b, 2, false);
+  sw.end_step(3);
+  const SwapStats after = sw.stats();
+  ASSERT_EQ(after.demand_fetches - before.demand_fetches, 1u);
+  const double stall = after.stall_s - before.stall_s;
+  ASSERT_GE(stall, 0.05) << "the host did not wait for the copy: nothing to leave out";
+  const graph::Trace trace = sw.last_trace(3);
+  double start[3] = {-1, -1, -1};
+  for (const graph::TraceAccess& x : trace.accesses)
+    if (x.op < 3 && start[x.op] < 0) start[x.op] = x.time_s;
+  ASSERT_GE(start[1], 0.0);
+  ASSERT_GE(start[2], start[1]);
+  const double fetch_op = start[2] - start[1];
+  EXPECT_LT(fetch_op, stall / 2) << "the op's recorded time holds the " << stall * 1e3
+                                 << " ms wait for its demand fetch";
+  EXPECT_LT(trace.step_end_s, stall / 2) << "the step's recorded end holds the wait";
+  RecordProperty("fetch_op_ms", std::to_string(fetch_op * 1e3));
+  RecordProperty("stall_ms", std::to_string(stall * 1e3));
+}
+
+// The plan evicts a block after its last recorded access, but a framework may keep it pinned
+// over later ops (a module's input stays pinned while its submodules run). That eviction is
+// issued when the block is unpinned, not dropped (the block would stay until the allocator
+// runs short and evicts reactively, waiting for the copy).
+TEST(PlannedSteps, APlannedEvictionOfABlockStillPinnedHappensAtItsUnpin) {
+  Model m("plan", 7 * MiB);  // room for three of the step's four 2 MiB blocks
+  void* x = m.alloc();
+  m.use(x, 42, true);
+  m.declare(x);
+  std::vector<Residence> after_unpin;
+  std::vector<std::uint64_t> reactive;
+  for (int n = 1; n <= 4; ++n) {
+    const std::uint64_t before = m.sw.stats().evictions_reactive;
+    m.sw.begin_step(5);
+    m.sw.begin_op("outer");
+    PinToken held = m.sw.pin_for_host(x);  // pinned over the next two ops
+    m.ok = m.ok && find_pattern_mismatch(x, kBlock, 42) == kBlock;
+    std::vector<void*> acts;
+    auto act = [&](std::uint64_t seed) {
+      m.sw.begin_op("inner");
+      acts.push_back(m.alloc());
+      m.use(acts.back(), seed, true);
+      m.declare(acts.back());
+    };
+    act(10 * n + 1);
+    act(10 * n + 2);
+    m.sw.unpin(held, nullptr, false);
+    after_unpin.push_back(m.sw.residence(x));
+    act(10 * n + 3);
+    m.sw.begin_op("all three");  // x is the only block idle here: the plan must evict it
+    std::vector<PinToken> tokens;
+    for (void* p : acts) tokens.push_back(m.sw.pin_for_host(p));
+    for (std::size_t k = 0; k < acts.size(); ++k)
+      m.ok = m.ok && find_pattern_mismatch(acts[k], kBlock, 10 * n + 1 + k) == kBlock;
+    for (const PinToken& t : tokens) m.sw.unpin(t, nullptr, false);
+    for (void* p : acts) m.free(p);
+    m.sw.begin_op("x again");
+    m.use(x, 42, false);
+    m.sw.end_step(5);
+    reactive.push_back(m.sw.stats().evictions_reactive - before);
+  }
+  ASSERT_TRUE(m.ok) << "a block lost its bytes";
+  ASSERT_EQ(m.sw.stats().steps_planned, 3u) << "steps 2-4 follow step 1's plan";
+  for (int n = 1; n < 4; ++n) {
+    EXPECT_NE(after_unpin[n], Residence::Resident)
+        << "step " << n + 1 << ": still resident after its unpin (" << to_string(after_unpin[n])
+        << ")";
+    EXPECT_EQ(reactive[n], 0u) << "step " << n + 1 << " evicted reactively";
+  }
+}
+
 // end_scope drops a scope's recording and plan (the next step is recorded afresh), abandons
 // a step in progress, and is safe while another thread runs the scope's steps.
 TEST(PlannedSteps, EndScopeDropsTheRecordingAndAStepInProgress) {
