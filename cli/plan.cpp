@@ -166,9 +166,24 @@ int run_plan(const PlanArgs& a) {
     if (k == 0 && !a.plan_path.empty())
       write_json(a.plan_path, graph::plan_to_json(g, r.plan), "--plan-out");
   }
-  std::printf("(unlimited-memory step: %s; all figures simulated)\n",
-              seconds(graph::simulate(g, graph::op_times_s(g, gpu), link, nullptr).step_time_s)
-                  .c_str());
+  const std::vector<double> times = graph::op_times_s(g, gpu);
+  const double unlimited = graph::simulate(g, times, link, nullptr).step_time_s;
+  std::printf("(unlimited-memory step: %s; all figures simulated)\n", seconds(unlimited).c_str());
+  if (auto floor = graph::swap_floor(g, times, link, o.budget)) {
+    std::printf("floor:   %s (%.2fx the unlimited step): no plan that only swaps does better on "
+                "this link;",
+                seconds(floor->step_s).c_str(), floor->step_s / unlimited);
+    if (floor->must_move > 0) {
+      std::printf(" at op %u '%s', %s made in the step must be on the host\n", floor->op,
+                  g.ops[floor->op].name.c_str(), format_bytes(floor->must_move).c_str());
+    } else {
+      std::printf(" nothing made in the step must move\n");
+    }
+    report["swap_floor"] = {{"step_s", floor->step_s},
+                            {"op", floor->op},
+                            {"op_name", g.ops[floor->op].name},
+                            {"must_move_bytes", floor->must_move}};
+  }
   for (const std::string& why : reasons) std::printf("  %s\n", why.c_str());
 
   if (a.max_batch_pct >= 0) {

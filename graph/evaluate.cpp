@@ -1,5 +1,10 @@
 #include "graph/evaluate.hpp"
 
+#include <algorithm>
+
+#include "core/errors.hpp"
+#include "graph/liveness.hpp"
+
 namespace spill::graph {
 
 PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, const LinkModel& link,
@@ -12,6 +17,57 @@ PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, cons
   r.unlimited_step_time_s = r.sim.compute_time_s;  // no stalls: the sum of op times
   r.feasible = r.plan.feasible && r.sim.within_budget;
   return r;
+}
+
+std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& op_times,
+                                    const LinkModel& link, std::uint64_t budget) {
+  SPILL_EXPECTS(op_times.size() == g.ops.size(), "swap_floor: " +
+                                                     std::to_string(op_times.size()) +
+                                                     " op times for " +
+                                                     std::to_string(g.ops.size()) + " ops");
+  SPILL_EXPECTS(link.h2d_gbps > 0 && link.d2h_gbps > 0,
+                "swap_floor: link '" + link.name + "' has no bandwidth");
+  const Liveness l = analyze_liveness(g);
+  const std::size_t n = g.ops.size();
+  // Bytes made in the step and live at each op (a difference array over their intervals).
+  std::vector<std::int64_t> made_delta(n + 1, 0);
+  for (std::size_t t = 0; t < g.tensors.size(); ++t) {
+    const Interval& iv = l.live[t];
+    if (exists_at_start(g.tensors[t].kind) || iv.first < 0) continue;
+    made_delta[iv.first] += static_cast<std::int64_t>(g.tensors[t].bytes);
+    made_delta[iv.last + 1] -= static_cast<std::int64_t>(g.tensors[t].bytes);
+  }
+  double total = 0;
+  for (double t : op_times) total += t;
+  SwapFloor best{total, 0, 0};
+  const double d2h = link.d2h_gbps * 1e9, h2d = link.h2d_gbps * 1e9;
+  std::int64_t made = 0;
+  double before = 0;  // C(k)
+  std::vector<TensorIndex> touched;
+  for (std::size_t k = 0; k < n; ++k) {
+    made += made_delta[k];
+    const Op& op = g.ops[k];
+    touched = op.reads;
+    touched.insert(touched.end(), op.writes.begin(), op.writes.end());
+    std::sort(touched.begin(), touched.end());
+    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    std::uint64_t working = op.workspace_bytes, others = op.workspace_bytes;
+    for (TensorIndex t : touched) {
+      working += g.tensors[t].bytes;
+      if (exists_at_start(g.tensors[t].kind)) others += g.tensors[t].bytes;
+    }
+    if (working > budget) return std::nullopt;
+    const std::uint64_t resident_made_max = budget - others;
+    const std::uint64_t out =
+        static_cast<std::uint64_t>(made) > resident_made_max
+            ? static_cast<std::uint64_t>(made) - resident_made_max
+            : 0;
+    const double bound = std::max(before, static_cast<double>(out) / d2h) +
+                         std::max(total - before, static_cast<double>(out) / h2d);
+    if (bound > best.step_s) best = {bound, static_cast<OpIndex>(k), out};
+    before += op_times[k];
+  }
+  return best;
 }
 
 std::optional<BatchSearch> find_max_batch(const std::function<Graph(int)>& build, Policy p,

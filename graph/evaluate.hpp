@@ -24,6 +24,24 @@ struct PolicyResult {
 PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, const LinkModel& link,
                              const PlannerOptions& o, bool record_timeline = false);
 
+// The least step time that any plan meeting `budget` by swapping alone (no recomputation)
+// can reach on this link, a lower bound for every policy. At an op k where the bytes made
+// during the step that are live (`Liveness`) cannot all be resident beside the op's working set
+// of other bytes and its workspace, the excess A(k) went out over D2H since the step began and
+// comes back over H2D before the step ends, so, with C(k) the compute before op k and C the
+// step's compute:
+//   step >= max(C(k), A(k) / d2h) + max(C - C(k), A(k) / h2d).
+// Optimistic everywhere else (each direction at full bandwidth, both at once, no latency;
+// tensors that exist when the step begins absent for free), so no plan beats it. nullopt when
+// an op's working set alone exceeds the budget.
+struct SwapFloor {
+  double step_s = 0;           // the bound (the step's compute when nothing must move)
+  OpIndex op = 0;              // the op that sets it
+  std::uint64_t must_move = 0;  // A(k) there: bytes that must be out at that op
+};
+std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& op_times,
+                                    const LinkModel& link, std::uint64_t budget);
+
 // The largest batch in [1, max_batch] for which `build(batch)` is feasible under `p` with
 // overhead at most `max_overhead` (0.1 = 10%); nullopt when even batch 1 is not. Assumes
 // feasibility falls with the batch (doubling, then bisection). `capped`: every batch tried fit,

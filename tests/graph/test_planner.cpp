@@ -6,6 +6,7 @@
 
 #include "core/errors.hpp"
 #include "graph/device_model.hpp"
+#include "graph/evaluate.hpp"
 #include "graph/liveness.hpp"
 #include "graph/planner.hpp"
 #include "graph/simulator.hpp"
@@ -85,6 +86,64 @@ TEST(Planner, SpillNeverPassesTheBudgetOnRandomGraphs) {
   }
   EXPECT_GT(feasible, 500);  // the property was exercised, not skipped
   EXPECT_GT(infeasible, 50);
+}
+
+// Two activations of 5 MB that a 5 MB budget cannot hold together at ops 1 and 2: 5 MB made
+// in the step must go out (5 ms on the unit link) before op 1 and come back (5 ms) after it,
+// so no plan beats max(1, 5) + max(3, 5) = 10 ms, against 4 ms of compute.
+TEST(SwapFloor, TwoActivationsThatCannotBothStay) {
+  Graph g;
+  TensorIndex a = tensor(g, "a", 5'000'000), b = tensor(g, "b", 5'000'000);
+  op(g, "make_a", {}, {a});
+  op(g, "make_b", {}, {b});
+  op(g, "use_b", {b}, {});
+  op(g, "use_a", {a}, {});
+  const auto floor = swap_floor(g, times_of(g), unit_link(), 5'000'000);
+  ASSERT_TRUE(floor.has_value());
+  EXPECT_NEAR(floor->step_s, 10e-3, 1e-12);
+  EXPECT_EQ(floor->op, 1u);
+  EXPECT_EQ(floor->must_move, 5'000'000u);
+  // With room for both, the floor is the compute; with less than an op's working set, none.
+  EXPECT_NEAR(swap_floor(g, times_of(g), unit_link(), 10'000'000)->step_s, 4e-3, 1e-12);
+  EXPECT_FALSE(swap_floor(g, times_of(g), unit_link(), 4'999'999).has_value());
+}
+
+// The floor is a lower bound: no policy's simulated step beats it, on random steps and budgets
+// from the largest working set to the peak; with the whole peak it is the compute.
+TEST(SwapFloor, NoPolicyBeatsItOnRandomGraphs) {
+  std::mt19937 rng(2026);
+  int checked = 0, moved = 0;
+  for (int trial = 0; trial < 600; ++trial) {
+    Graph g = random_graph(rng);
+    const Liveness l = analyze_liveness(g);
+    const std::vector<std::uint64_t> ws = working_sets(g);
+    const std::uint64_t least = *std::max_element(ws.begin(), ws.end());
+    std::uniform_real_distribution<double> frac(0.0, 1.0);
+    PlannerOptions o;
+    o.min_swap_bytes = 0;
+    o.budget = least + std::uint64_t(frac(rng) * double(l.peak - std::min(l.peak, least)));
+    // A link fast next to the compute, one as fast, one slow (copies dominate).
+    LinkModel link = trial % 3 == 0 ? link_preset("pcie3") : unit_link(0.8);
+    if (trial % 3 == 2) link.h2d_gbps = link.d2h_gbps = 0.05;
+    SCOPED_TRACE("trial " + std::to_string(trial) + " budget " + std::to_string(o.budget));
+    const auto floor = swap_floor(g, times_of(g), link, o.budget);
+    ASSERT_TRUE(floor.has_value()) << "the budget holds every working set";
+    double compute = 0;
+    for (double t : times_of(g)) compute += t;
+    EXPECT_GE(floor->step_s, compute - 1e-12);
+    if (floor->must_move > 0) ++moved;
+    for (Policy p : {Policy::Spill, Policy::Vdnn, Policy::Threshold}) {
+      Plan plan = make_plan(p, g, times_of(g), link, o);
+      if (!plan.feasible) continue;
+      SimResult r = simulate(g, times_of(g), link, &plan, {o.budget, false});
+      if (!r.within_budget) continue;
+      ++checked;
+      EXPECT_GE(r.step_time_s, floor->step_s * (1 - 1e-9)) << to_string(p);
+    }
+    EXPECT_NEAR(swap_floor(g, times_of(g), link, l.peak)->step_s, compute, 1e-12);
+  }
+  EXPECT_GT(checked, 500);  // the property was exercised
+  EXPECT_GT(moved, 100);    // and the floor was above the compute often
 }
 
 TEST(Planner, NothingMovesWhenEverythingFits) {
