@@ -308,6 +308,13 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   b = lookup_locked(ptr, host ? "pin_for_host" : "pin");  // it may have been freed meanwhile
   if (b == nullptr || key(b->base) != base) return {};
   Event wait_for = nullptr;
+  // A host pin of a block on the host stalls its caller from here until the bytes have
+  // landed, however the host learns that they have: by waiting, or by a query that finds the
+  // copy done (on SimDevice in wall-query mode that moves the simulated clock without a wait,
+  // and whether it does is a race with the copy thread). Measured as the clock's advance.
+  const bool host_demand = host && b->state == Residence::OnHost;
+  const double demand_c0 = host_demand ? TraceRecorder::clock_seconds() : 0.0;
+  const double demand_stall0 = stats.stall_s;
   if (b->state == Residence::SwappingOut) {
     // Cancel: the device bytes are still there. The user waits for the copy in flight so
     // that a write cannot race it (the host copy it makes stays valid unless written); the
@@ -362,6 +369,11 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     lock.lock();
     stats.stall_s += std::max(0.0, waited);
     waited_ns += host_waited;
+  }
+  if (host_demand) {
+    // Waits inside the fetch (room, the copy) are counted already; add what they missed.
+    const double advance = TraceRecorder::clock_seconds() - demand_c0;
+    stats.stall_s += std::max(0.0, advance - (stats.stall_s - demand_stall0));
   }
   return token;
 }

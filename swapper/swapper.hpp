@@ -104,7 +104,10 @@ struct SwapStats {
   double host_wait_s = 0;                       // host time spent waiting for swap-outs
   // Time the host waited on swaps (pin_for_host for swap-ins and cancelled swap-outs, the
   // eviction hook for swap-outs) on the trace's clock: simulated time on SimDevice (the link
-  // model's), the host's steady clock elsewhere. host_wait_s is the swap-out part in wall time.
+  // model's), the host's steady clock elsewhere. A pin_for_host of a block on the host (a
+  // demand fetch) counts the clock's whole advance from the pin until its bytes have landed,
+  // however the host learned that they had (a wait, or a query finding the copy done).
+  // host_wait_s is the swap-out part in wall time.
   double stall_s = 0;
   std::uint64_t host_bytes = 0;                 // pinned host memory held now
   std::uint64_t resident_bytes = 0, on_host_bytes = 0;  // tracked blocks, now

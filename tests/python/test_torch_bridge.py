@@ -105,6 +105,9 @@ def test_planned_steps_beat_lru(model: str) -> None:
               f"{stall_lru * 1e3:.2f} ms")
     assert demand_lru > 0 and stall_lru > 0, detail
     assert demand_plan * 5 <= demand_lru, detail
+    # Robust at time_scale:0 with wall queries: each of LRU's demand fetches stalls at least
+    # its copy's link time however the host learns that it landed (SwapStats::stall_s), so
+    # LRU's stall no longer depends on how fast the copy thread ran.
     assert stall_plan * 3 <= stall_lru, detail
     assert step_delta(plan, "swap.steps_planned", first) >= STEPS - first - 1, detail
     assert step_delta(plan, "swap.deviations", first) <= 1, detail

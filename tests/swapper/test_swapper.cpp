@@ -4,11 +4,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <vector>
 
 #include "core/pattern.hpp"
 #include "core/units.hpp"
 #include "device/sim_device.hpp"
+#include "profiling/events.hpp"
 #include "swapper/swapper.hpp"
 #include "tests/swapper/test_backend.hpp"
 
@@ -147,6 +150,46 @@ TEST(Swapper, PrefetchLandsBeforeUse) {
   EXPECT_EQ(s.prefetches, 1u);
   EXPECT_EQ(s.prefetch_hits, 1u);
   EXPECT_EQ(s.demand_fetches, 0u);
+}
+
+// A host pin of a block on the host stalls from the pin until its bytes have landed, however
+// the host learns of each copy it waits for. Here the room it needs is a swap-out the copy
+// thread finished long ago on the wall clock: in wall-query mode the eviction hook's query
+// finds it done and moves the host's simulated clock to its end without a wait. The pin still
+// waited for it in simulated time (the host's clock was at its start), so the stall counts
+// the swap-out and the swap-in, not the swap-in alone.
+TEST(Swapper, AHostDemandFetchStallsForTheRoomItWaitedForHoweverItWasObserved) {
+  constexpr std::size_t kBlock = 2 * MiB;
+  Rig r(2 * kBlock);
+  profiling::TraceRecorder::set_clock(
+      {[](const void* d) { return static_cast<const SimDevice*>(d)->trace_now_ns(); }, &r.dev,
+       "simulated (test)"});
+  void* a = r.backend.allocate(kBlock);
+  void* b = r.backend.allocate(kBlock);
+  r.write(a, kBlock, 1);
+  r.write(b, kBlock, 2);
+  r.swapper.evict(b);
+  r.swapper.quiesce();
+  ASSERT_EQ(r.swapper.residence(b), Residence::OnHost);
+  void* c = r.backend.allocate(kBlock);  // the budget is full: a and c
+  r.write(c, kBlock, 3);
+  r.swapper.evict(a);  // a's swap-out starts at the host's simulated time now
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // done on the wall clock
+  const LinkModel& link = r.dev.options().link;
+  const double chunks = double(kBlock / Rig::options(SwapPolicy::Lru, 0).chunk_bytes);
+  const double copy_out = chunks * link.latency_us * 1e-6 + double(kBlock) / (link.d2h_gbps * 1e9);
+  const double copy_in = chunks * link.latency_us * 1e-6 + double(kBlock) / (link.h2d_gbps * 1e9);
+  const SwapStats before = r.swapper.stats();
+  PinToken t = r.swapper.pin_for_host(b);  // needs a's room, then b's copy
+  const SwapStats after = r.swapper.stats();
+  EXPECT_EQ(after.demand_fetches, before.demand_fetches + 1);
+  EXPECT_EQ(r.swapper.residence(a), Residence::OnHost);
+  EXPECT_GE(after.stall_s - before.stall_s, 0.99 * (copy_out + copy_in));
+  EXPECT_LE(after.stall_s - before.stall_s, 1.01 * (copy_out + copy_in));
+  EXPECT_TRUE(find_pattern_mismatch(b, kBlock, 2) == kBlock);
+  r.swapper.unpin(t, nullptr, false);
+  EXPECT_TRUE(r.holds(a, kBlock, 1));
+  profiling::TraceRecorder::clear_clock(&r.dev);
 }
 
 // A prefetch that waits for room waits for the swap-outs in flight in the order they were
