@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,18 +62,22 @@ def child(args: argparse.Namespace) -> None:
     ops: List[int] = []
     wall: List[float] = []
     cpu: List[float] = []
+    faults: List[int] = []
     sample = bool(args.budget or args.conf)
 
     def now() -> None:
         wall.append(time.perf_counter())
         cpu.append(time.process_time())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     def report(kind: str) -> None:
         steps = list(range(1, len(wall), 2))  # (start, end) pairs
         out = {"step_s": [wall[i] - wall[i - 1] for i in steps],
-               "cpu_s": [cpu[i] - cpu[i - 1] for i in steps]}
+               "cpu_s": [cpu[i] - cpu[i - 1] for i in steps],
+               "faults": [faults[i] - faults[i - 1] for i in steps]}
         wall.clear()
         cpu.clear()
+        faults.clear()
         print(kind + " " + json.dumps(out), flush=True)
 
     def wait_for_turn() -> None:
@@ -90,6 +95,7 @@ def child(args: argparse.Namespace) -> None:
             if i == WARMUP:
                 wall.clear()
                 cpu.clear()
+                faults.clear()
                 print("READY", flush=True)
             else:
                 report("BATCH")
@@ -182,7 +188,8 @@ def interleaved(cases: List[Case], rounds: int) -> None:
 def summary(case: Case) -> Dict[str, float]:
     wall, cpu = case.steps(), case.steps("cpu_s")
     return {"median_ms": statistics.median(wall) * 1e3, "fastest_ms": min(wall) * 1e3,
-            "cpu_median_ms": statistics.median(cpu) * 1e3, "steps": len(wall)}
+            "cpu_median_ms": statistics.median(cpu) * 1e3, "steps": len(wall),
+            "faults_median": statistics.median(case.steps("faults"))}
 
 
 def paired(a: Case, b: Case, key: str = "step_s") -> float:
@@ -238,10 +245,11 @@ def main() -> int:
             "guard_cpu_us_per_op": (1e3 * s["plain"]["cpu_median_ms"]
                                     * (paired(grd, plain, "cpu_s") - 1) / ops)}
         np_ = report["no_pressure"]
-        print("no pressure (median / fastest / median CPU ms per step over all rounds):")
+        print("no pressure (median / fastest / median CPU ms per step over all rounds; median page "
+              "faults per step):")
         for c, v in s.items():
             print(f"  {c:8s} {v['median_ms']:7.1f} / {v['fastest_ms']:7.1f} / "
-                  f"{v['cpu_median_ms']:7.1f}")
+                  f"{v['cpu_median_ms']:7.1f}  ({v['faults_median']:.0f} page faults)")
         print(f"  paired medians over rounds: offload vs plain "
               f"{100 * (np_['offload_vs_plain'] - 1):+.1f}% (CPU "
               f"{100 * (np_['offload_vs_plain_cpu'] - 1):+.1f}%), offload vs bridge "
@@ -295,7 +303,8 @@ def main() -> int:
               f"{pr['cpu_ratio']:.2f}x); stall: first step {pr['first_step_stall_ms']:.1f} ms "
               f"({pr['first_step_demand_fetches']:.0f} demand fetches), planned steps "
               f"{pr['planned_step_stall_ms']:.1f} ms ({pr['planned_demand_fetches']:.0f}; "
-              f"{pr['planned_steps']:.0f} steps planned)")
+              f"{pr['planned_steps']:.0f} steps planned); page faults per step "
+              f"{b['faults_median']:.0f} vs {u['faults_median']:.0f}")
     report["load_after"] = os.getloadavg()[0]
     print(f"load average {report['load_after']:.2f} at the end")
     if args.json:

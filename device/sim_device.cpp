@@ -341,7 +341,12 @@ void SimDevice::do_map(void* addr, std::size_t bytes, PhysicalHandle handle) {
                   containing(s_->mappings, u(addr)) != s_->mappings.end();
   SPILL_EXPECTS(!overlaps, "map: " + format_address(addr) + " + " + format_bytes(bytes) +
                                " overlaps memory that is already mapped");
-  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c->second.fd, 0);
+  // MAP_POPULATE fills the page tables now, as cuMemMap leaves memory ready to use: without it
+  // every 4 KiB page of a (re)mapped chunk faulted on its first touch, by a copy or a kernel
+  // (the CPU bridge's CNN: about 3900 faults a step, all from remapping; swapping GPT steps:
+  // about one per swapped page), a host cost a GPU does not have.
+  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_POPULATE,
+                   c->second.fd, 0);
   if (p == MAP_FAILED) {
     SPILL_FAIL_OOM("SimDevice: map of " + format_bytes(bytes) + " failed: " +
                    std::strerror(errno));
