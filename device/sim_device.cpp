@@ -37,6 +37,33 @@ void* map_anonymous(std::size_t bytes, int prot) {
   return p == MAP_FAILED ? nullptr : p;
 }
 
+// Fills the page tables for the pages the chunk's file already holds (a chunk mapped again, or
+// a released one reused), as cuMemMap leaves memory ready to use: otherwise each 4 KiB page of
+// a remapped chunk faulted on its next touch, by a copy or by host code (the CPU bridge's CNN:
+// about 3900 faults a step; swapping steps: about one per page moved), a host cost a GPU does
+// not have. Pages never touched stay holes, allocated on first touch, so that a simulated
+// device larger than the host costs only the memory that is used (MAP_POPULATE would fill the
+// whole chunk). MADV_POPULATE_READ maps them writable (a shared memfd mapping needs no write
+// fault) in batches. Best effort: a kernel without it (before 5.14) faults as before.
+void populate_present(int fd, void* addr, std::size_t bytes) {
+  const auto page = static_cast<off_t>(::sysconf(_SC_PAGESIZE));
+  const auto end = static_cast<off_t>(bytes);
+  off_t at = 0;
+  while (at < end) {
+    off_t data = ::lseek(fd, at, SEEK_DATA);
+    if (data < 0 || data >= end) return;  // ENXIO: no data after `at`
+    data = data / page * page;
+    off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    if (hole < 0 || hole > end) hole = end;
+    if (hole <= data) return;
+    if (::madvise(static_cast<char*>(addr) + data, static_cast<std::size_t>(hole - data),
+                  MADV_POPULATE_READ) != 0 && errno == EINVAL) {
+      return;
+    }
+    at = hole;
+  }
+}
+
 std::size_t page_round(std::size_t bytes) {
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   return (bytes + page - 1) / page * page;
@@ -341,16 +368,12 @@ void SimDevice::do_map(void* addr, std::size_t bytes, PhysicalHandle handle) {
                   containing(s_->mappings, u(addr)) != s_->mappings.end();
   SPILL_EXPECTS(!overlaps, "map: " + format_address(addr) + " + " + format_bytes(bytes) +
                                " overlaps memory that is already mapped");
-  // MAP_POPULATE fills the page tables now, as cuMemMap leaves memory ready to use: without it
-  // every 4 KiB page of a (re)mapped chunk faulted on its first touch, by a copy or a kernel
-  // (the CPU bridge's CNN: about 3900 faults a step, all from remapping; swapping GPT steps:
-  // about one per swapped page), a host cost a GPU does not have.
-  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_POPULATE,
-                   c->second.fd, 0);
+  void* p = ::mmap(addr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, c->second.fd, 0);
   if (p == MAP_FAILED) {
     SPILL_FAIL_OOM("SimDevice: map of " + format_bytes(bytes) + " failed: " +
                    std::strerror(errno));
   }
+  populate_present(c->second.fd, p, bytes);
   s_->mappings[u(addr)] = {bytes, handle};
   c->second.mapped++;
   s_->mapped += bytes;
