@@ -6,15 +6,14 @@ still alive are brought back and declared unswappable again, so code after it ma
 tensor. Cost: a few microseconds of Python per op (docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from spill import Error, OutOfMemoryError
 
-from ._pins import Pinner
+from ._pins import Pinner, leaves
 from ._state import state
 from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_methods,
                      wrap_method)
@@ -37,14 +36,6 @@ def _writes(func: Any) -> Tuple[frozenset, frozenset]:
     return found
 
 
-def _tensors(value: Any) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [v for v in value if isinstance(v, torch.Tensor)]
-    return []
-
-
 class PinEveryOp(TorchDispatchMode):
     """The dispatch mode behind :func:`guard` (and the offload hooks' optimizer step)."""
 
@@ -56,6 +47,8 @@ class PinEveryOp(TorchDispatchMode):
         self.ops = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        # Runs for every aten op (the optimizer step under pressure: about 440 a GPT step), so
+        # it stays lean: no per-op lists of all arguments, pytree only for unusual outputs.
         kwargs = kwargs or {}
         if state.forked_child:
             return func(*args, **kwargs)
@@ -64,34 +57,45 @@ class PinEveryOp(TorchDispatchMode):
             self.steps.ensure()
         stream = pinner.stream()
         positions, names = _writes(func)
-        held = []
+        held: List[Tuple[Any, bool]] = []
         seen = set()
-        for where, value in list(enumerate(args)) + list(kwargs.items()):
-            wrote = where in positions or where in names
-            for t in _tensors(value):
-                ptr = pinner.movable(t)
-                if not ptr:
-                    continue
-                seen.add(ptr)
-                token = pinner.pin(ptr, stream)
-                if token is None:
-                    continue
-                held.append((token, wrote))
-                if self.declared.get(token.block) != token.generation:
-                    pinner.declare(ptr)
-                    self.declared[token.block] = token.generation
+        for where, value in enumerate(args):
+            if isinstance(value, (torch.Tensor, list, tuple)):
+                self._pin_value(value, where in positions, stream, held, seen)
+        for name, value in kwargs.items():
+            if isinstance(value, (torch.Tensor, list, tuple)):
+                self._pin_value(value, name in names, stream, held, seen)
         self.ops += 1
         try:
             out = func(*args, **kwargs)
         finally:
+            unpin = pinner.unpin
             for token, wrote in held:
-                pinner.unpin(token, stream, wrote)
-        for t in tree_flatten(out)[0]:
-            ptr = pinner.movable(t)
+                unpin(token, stream, wrote)
+        block = pinner.block
+        for t in leaves(out):
+            ptr = block(t)[0]
             if ptr and ptr not in seen:
                 seen.add(ptr)
                 pinner.declare(ptr)  # fresh: its later uses are pinned by this mode
         return out
+
+    def _pin_value(self, value: Any, wrote: bool, stream: Optional[int],
+                   held: List[Tuple[Any, bool]], seen: Set[int]) -> None:
+        """Pins the movable tensors of one argument (a tensor or a list of them)."""
+        pinner = self.pinner
+        for t in (value,) if isinstance(value, torch.Tensor) else value:
+            ptr = pinner.block(t)[0]
+            if not ptr:
+                continue
+            seen.add(ptr)
+            token = pinner.pin(ptr, stream)
+            if token is None:
+                continue
+            held.append((token, wrote))
+            if self.declared.get(token.block) != token.generation:
+                pinner.declare(ptr)
+                self.declared[token.block] = token.generation
 
     def release(self) -> None:
         """Declares the blocks this mode declared, and that are still the same blocks,

@@ -41,21 +41,11 @@ from spill import budget as spill_budget
 
 from ._guard import PinEveryOp
 from ._optimizer import pinned_step
-from ._pins import Pinner, storage
+from ._pins import Pinner, leaves, storage
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
 
 Token = Any  # spill._capi.PinToken
-
-
-def _leaves(value: Any) -> List[Any]:
-    """tree_flatten(value)'s leaves, without its cost for a tensor or a flat tuple of them (a
-    module's usual arguments and output)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if type(value) is tuple and all(isinstance(v, torch.Tensor) for v in value):
-        return list(value)
-    return tree_flatten(value)[0]
 
 
 class _Frame:
@@ -219,7 +209,7 @@ class OffloadHandle:
             self._hold(frame.tokens, t, stream, wrote)
         for t in self._extra.get(module, {}).values():
             self._hold(frame.tokens, t, stream, False)
-        for t in _leaves(args):
+        for t in leaves(args):
             ptr = self.pinner.movable(t)
             if ptr:
                 frame.inputs.add(ptr)
@@ -256,7 +246,7 @@ class OffloadHandle:
         parent = self._frames[-1] if self._frames else self._step_frame
         stream = self.pinner.stream()
         grad = torch.is_grad_enabled()
-        for t in _leaves(output):
+        for t in leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
             if grad and t.requires_grad:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import re
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from spill._capi import PinToken, raise_status
 from spill._lib import library
@@ -33,6 +34,16 @@ else:  # torch 1.13
     def storage(t: torch.Tensor) -> Any:
         """The tensor's untyped storage (bytes and base pointer)."""
         return t._storage()
+
+
+def leaves(value: Any) -> List[Any]:
+    """tree_flatten(value)'s leaves, without its cost for a tensor or a flat tuple of them (a
+    module's usual arguments and output, most aten ops' results)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if type(value) is tuple and all(isinstance(v, torch.Tensor) for v in value):
+        return list(value)
+    return tree_flatten(value)[0]
 
 
 def swap_threshold(conf: Optional[str]) -> int:
