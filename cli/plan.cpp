@@ -173,16 +173,19 @@ int run_plan(const PlanArgs& a) {
     std::printf("floor:   %s (%.2fx the unlimited step): no plan that only swaps does better on "
                 "this link;",
                 seconds(floor->step_s).c_str(), floor->step_s / unlimited);
-    if (floor->must_move > 0) {
-      std::printf(" at op %u '%s', %s made in the step must be on the host\n", floor->op,
-                  g.ops[floor->op].name.c_str(), format_bytes(floor->must_move).c_str());
+    if (floor->must_fetch > 0) {
+      std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "
+                  "which went out first)\n",
+                  floor->op, g.ops[floor->op].name.c_str(),
+                  format_bytes(floor->must_fetch).c_str(), format_bytes(floor->must_move).c_str());
     } else {
-      std::printf(" nothing made in the step must move\n");
+      std::printf(" nothing must move\n");
     }
     report["swap_floor"] = {{"step_s", floor->step_s},
                             {"op", floor->op},
                             {"op_name", g.ops[floor->op].name},
-                            {"must_move_bytes", floor->must_move}};
+                            {"must_move_bytes", floor->must_move},
+                            {"must_fetch_bytes", floor->must_fetch}};
   }
   for (const std::string& why : reasons) std::printf("  %s\n", why.c_str());
 

@@ -29,42 +29,61 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
                 "swap_floor: link '" + link.name + "' has no bandwidth");
   const Liveness l = analyze_liveness(g);
   const std::size_t n = g.ops.size();
-  // Bytes made in the step and live at each op (a difference array over their intervals).
-  std::vector<std::int64_t> made_delta(n + 1, 0);
+  // Per op (difference arrays): bytes made in the step and live there, and bytes of tensors
+  // that existed at the step's start and are used after it.
+  std::vector<std::int64_t> made_delta(n + 1, 0), later_delta(n + 1, 0);
   for (std::size_t t = 0; t < g.tensors.size(); ++t) {
+    const auto bytes = static_cast<std::int64_t>(g.tensors[t].bytes);
+    if (exists_at_start(g.tensors[t].kind)) {
+      if (!l.uses[t].empty()) {
+        later_delta[0] += bytes;
+        later_delta[l.uses[t].back()] -= bytes;
+      }
+      continue;
+    }
     const Interval& iv = l.live[t];
-    if (exists_at_start(g.tensors[t].kind) || iv.first < 0) continue;
-    made_delta[iv.first] += static_cast<std::int64_t>(g.tensors[t].bytes);
-    made_delta[iv.last + 1] -= static_cast<std::int64_t>(g.tensors[t].bytes);
+    if (iv.first < 0) continue;
+    made_delta[iv.first] += bytes;
+    made_delta[iv.last + 1] -= bytes;
   }
   double total = 0;
   for (double t : op_times) total += t;
-  SwapFloor best{total, 0, 0};
+  SwapFloor best{total, 0, 0, 0};
   const double d2h = link.d2h_gbps * 1e9, h2d = link.h2d_gbps * 1e9;
-  std::int64_t made = 0;
+  std::int64_t made = 0, later = 0;
   double before = 0;  // C(k)
   std::vector<TensorIndex> touched;
+  auto excess = [&](std::uint64_t wanted, std::uint64_t room) {
+    return wanted > room ? wanted - room : std::uint64_t{0};
+  };
   for (std::size_t k = 0; k < n; ++k) {
     made += made_delta[k];
+    later += later_delta[k];
     const Op& op = g.ops[k];
     touched = op.reads;
     touched.insert(touched.end(), op.writes.begin(), op.writes.end());
     std::sort(touched.begin(), touched.end());
     touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
-    std::uint64_t working = op.workspace_bytes, others = op.workspace_bytes;
+    // The op's own bytes are resident; `others` are those of them (and its workspace) that
+    // are not made in the step, `later_here` those of them counted in `later`.
+    std::uint64_t working = op.workspace_bytes, others = op.workspace_bytes, later_here = 0;
     for (TensorIndex t : touched) {
       working += g.tensors[t].bytes;
-      if (exists_at_start(g.tensors[t].kind)) others += g.tensors[t].bytes;
+      if (!exists_at_start(g.tensors[t].kind)) continue;
+      others += g.tensors[t].bytes;
+      if (l.uses[t].back() > k) later_here += g.tensors[t].bytes;
     }
     if (working > budget) return std::nullopt;
-    const std::uint64_t resident_made_max = budget - others;
-    const std::uint64_t out =
-        static_cast<std::uint64_t>(made) > resident_made_max
-            ? static_cast<std::uint64_t>(made) - resident_made_max
-            : 0;
+    // Made in the step and absent here: out since the step began, and back before its end.
+    const std::uint64_t out = excess(static_cast<std::uint64_t>(made), budget - others);
+    // Absent here and needed later in the step (those too, and tensors from before the step
+    // that an op after this one uses): back before the step ends.
+    const std::uint64_t back = excess(
+        static_cast<std::uint64_t>(made) + static_cast<std::uint64_t>(later) - later_here,
+        budget - others);
     const double bound = std::max(before, static_cast<double>(out) / d2h) +
-                         std::max(total - before, static_cast<double>(out) / h2d);
-    if (bound > best.step_s) best = {bound, static_cast<OpIndex>(k), out};
+                         std::max(total - before, static_cast<double>(back) / h2d);
+    if (bound > best.step_s) best = {bound, static_cast<OpIndex>(k), out, back};
     before += op_times[k];
   }
   return best;

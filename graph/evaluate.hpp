@@ -25,19 +25,20 @@ PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, cons
                              const PlannerOptions& o, bool record_timeline = false);
 
 // The least step time that any plan meeting `budget` by swapping alone (no recomputation)
-// can reach on this link, a lower bound for every policy. At an op k where the bytes made
-// during the step that are live (`Liveness`) cannot all be resident beside the op's working set
-// of other bytes and its workspace, the excess A(k) went out over D2H since the step began and
-// comes back over H2D before the step ends, so, with C(k) the compute before op k and C the
-// step's compute:
-//   step >= max(C(k), A(k) / d2h) + max(C - C(k), A(k) / h2d).
+// can reach on this link, a lower bound for every policy. At an op k, what the budget cannot
+// hold beside the op's own bytes and workspace is absent. Of the bytes made during the step
+// and live there (`Liveness`), the excess Out(k) went out over D2H since the step began; of
+// those and the bytes from before the step that a later op uses, the excess Back(k) comes in
+// over H2D before the step ends. With C(k) the compute before op k and C the step's compute:
+//   step >= max(C(k), Out(k) / d2h) + max(C - C(k), Back(k) / h2d).
 // Optimistic everywhere else (each direction at full bandwidth, both at once, no latency;
-// tensors that exist when the step begins absent for free), so no plan beats it. nullopt when
-// an op's working set alone exceeds the budget.
+// tensors from before the step go out for free and may be absent when the step begins), so
+// no plan beats it. nullopt when an op's working set alone exceeds the budget.
 struct SwapFloor {
-  double step_s = 0;           // the bound (the step's compute when nothing must move)
-  OpIndex op = 0;              // the op that sets it
-  std::uint64_t must_move = 0;  // A(k) there: bytes that must be out at that op
+  double step_s = 0;            // the bound (the step's compute when nothing must move)
+  OpIndex op = 0;               // the op that sets it
+  std::uint64_t must_move = 0;  // Out(k) there: bytes made in the step that must be out
+  std::uint64_t must_fetch = 0;  // Back(k) there: bytes that must still come in
 };
 std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& op_times,
                                     const LinkModel& link, std::uint64_t budget);
