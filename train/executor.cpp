@@ -108,6 +108,7 @@ struct Executor::Impl {
   graph::Graph g;
   graph::Plan plan;
   graph::SimResult pred;
+  std::optional<graph::SwapFloor> floor;
   LinkModel link = link_preset("pcie4");
   graph::PlannerOptions po;             // po.budget: the budget less the small-pool reserve
   std::uint64_t budget = 0, small_reserve = 0;
@@ -310,6 +311,7 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
                           "segments): " + check.message);
   plan = graph::plan_spill(g, times, link, po);
   pred = graph::simulate(g, times, link, &plan, prediction_options());
+  floor = graph::swap_floor(g, times, link, po.budget);
 }
 
 StepStats Executor::Impl::step() {
@@ -454,6 +456,7 @@ const graph::Plan& Executor::plan() const { return impl_->plan; }
 const graph::SimResult& Executor::prediction() const { return impl_->pred; }
 std::uint64_t Executor::footprint() const { return impl_->footprint; }
 std::uint64_t Executor::predicted_peak() const { return impl_->pred.peak_bytes; }
+const std::optional<graph::SwapFloor>& Executor::floor() const { return impl_->floor; }
 std::uint64_t Executor::budget() const { return impl_->budget; }
 std::string Executor::kernels_name() const { return impl_->k->name(); }
 

@@ -31,6 +31,7 @@
 #include <string_view>
 #include <vector>
 
+#include "graph/evaluate.hpp"
 #include "graph/plan.hpp"
 #include "graph/simulator.hpp"
 #include "swapper/runtime.hpp"
@@ -94,6 +95,9 @@ class Executor {
   std::uint64_t footprint() const;  // the step's peak with unlimited memory (from the graph)
   // Predicted peak of mapped bytes: the simulator's (small tensors in whole segments).
   std::uint64_t predicted_peak() const;
+  // The least step time (of the step's ops, upload aside) any plan that only swaps reaches at
+  // the budget on the link the plan assumes (graph::swap_floor); nullopt with policy none.
+  const std::optional<graph::SwapFloor>& floor() const;
   std::uint64_t budget() const;
   std::string kernels_name() const;
   // Bytes of every weight and optimizer-state tensor, in tensor order (synchronises).

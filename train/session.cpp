@@ -36,6 +36,7 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
   r.prediction = ex.prediction();
   r.predicted_peak = ex.predicted_peak();
   r.plan = ex.plan();
+  r.floor = ex.floor();
   if (on_start) on_start(ex, rt);
   for (int s = 0; s < options.steps; ++s) {
     r.steps.push_back(ex.step());

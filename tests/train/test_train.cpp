@@ -146,7 +146,12 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
   for (const char* model : {"mlp", "cnn", "gpt-mini"}) {
     SCOPED_TRACE(model);
     const train::RunResult r = preset_at_a_third(model, 3);
+    // The floor under any swap plan lies between the ops' compute and the plan's steps.
+    ASSERT_TRUE(r.floor.has_value());
+    EXPECT_GT(r.floor->step_s, r.prediction.compute_time_s)
+        << "at a third of the footprint something must move";
     for (const train::StepStats& s : r.steps) {
+      EXPECT_LE(r.floor->step_s, s.step_s) << "step " << s.step;
       EXPECT_EQ(s.swaps.demand_fetches, 0u) << "step " << s.step;
       if (s.step == 0) continue;
       EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s)
