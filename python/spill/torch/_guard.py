@@ -72,9 +72,9 @@ class PinEveryOp(TorchDispatchMode):
             unpin = pinner.unpin
             for token, wrote in held:
                 unpin(token, stream, wrote)
-        block = pinner.block
+        movable = pinner.movable
         for t in leaves(out):
-            ptr = block(t)[0]
+            ptr = movable(t)
             if ptr and ptr not in seen:
                 seen.add(ptr)
                 pinner.declare(ptr)  # fresh: its later uses are pinned by this mode
@@ -85,7 +85,7 @@ class PinEveryOp(TorchDispatchMode):
         """Pins the movable tensors of one argument (a tensor or a list of them)."""
         pinner = self.pinner
         for t in (value,) if isinstance(value, torch.Tensor) else value:
-            ptr = pinner.block(t)[0]
+            ptr = pinner.movable(t)
             if not ptr:
                 continue
             seen.add(ptr)

@@ -122,6 +122,12 @@ class OffloadHandle:
         self._stack_set: Set[torch.nn.Module] = set()
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
         self.forwards = 0
+        # The hooks run some 450 times a step (a CNN): they use these instead of looking the
+        # methods up each time (the pinner's only: a bound method of self kept here would make
+        # a cycle that keeps the model alive after remove() until a collection).
+        self._movable = self.pinner.movable
+        self._pin_block = self.pinner.pin
+        self._unpin = self.pinner.unpin
         self._install()
 
     # ------------------------------------------------------------------ installation
@@ -131,10 +137,11 @@ class OffloadHandle:
         for m in self.model.modules():
             direct = [(p, False) for p in m.parameters(recurse=False)]
             direct += [(b, True) for b in m.buffers(recurse=False)]
-            self._direct[m] = direct
-            for t, _ in direct:
+            self._direct[m] = []  # those that can move: a smaller one is never pinned
+            for t, wrote in direct:
                 ptr = self.pinner.movable(t)
                 if ptr:
+                    self._direct[m].append((t, wrote))
                     self._owners.setdefault(ptr, set()).add(m)
                     self._persistent.add(ptr)
             if kwargs_ok:
@@ -189,7 +196,7 @@ class OffloadHandle:
     # ------------------------------------------------------------------ forward
 
     def _pre_kwargs(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-        self._pre(module, (args, kwargs))
+        self._pre(module, (args, kwargs) if kwargs else args)
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         if state.forked_child:
@@ -201,27 +208,33 @@ class OffloadHandle:
             self._stack.append(module)
             self._stack_set.add(module)
             return
-        pinner = self.pinner
         self.steps.ensure()
-        stream = pinner.stream()
+        stream = self.pinner.stream()
         frame = _Frame(module)
+        tokens = frame.tokens
         for t, wrote in self._direct[module]:
-            self._hold(frame.tokens, t, stream, wrote)
-        for t in self._extra.get(module, {}).values():
-            self._hold(frame.tokens, t, stream, False)
+            self._hold(tokens, t, stream, wrote)
+        extra = self._extra.get(module)
+        if extra:
+            for t in extra.values():
+                self._hold(tokens, t, stream, False)
+        movable, pin = self._movable, self._pin_block
         for t in leaves(args):
-            ptr = self.pinner.movable(t)
+            ptr = movable(t)
             if ptr:
                 frame.inputs.add(ptr)
-                token = self.pinner.pin(ptr, stream)
+                token = pin(ptr, stream)
                 if token is not None:
-                    frame.tokens.append((token, True))
-        if self._frames and self._frames[-1].sequential:
-            parent = self._frames[-1]
-            for token in parent.child_outputs:  # the previous child's output: now our input
-                pinner.unpin(token, stream, True)
-            parent.child_outputs.clear()
-        self._frames.append(frame)
+                    tokens.append((token, True))
+        frames = self._frames
+        if frames:
+            parent = frames[-1]
+            if parent.sequential and parent.child_outputs:
+                unpin = self._unpin
+                for token in parent.child_outputs:  # the previous child's output: our input
+                    unpin(token, stream, True)
+                parent.child_outputs.clear()
+        frames.append(frame)
         if root and torch.is_grad_enabled():
             self._push_saved_hooks()
 
@@ -241,20 +254,22 @@ class OffloadHandle:
                           if frames[i].module is module), None)
             if depth is None:
                 return
-        self._unwind(depth + 1)  # frames an exception left behind
-        frame = self._frames.pop()
-        parent = self._frames[-1] if self._frames else self._step_frame
+        if len(frames) > depth + 1:
+            self._unwind(depth + 1)  # frames an exception left behind
+        frame = frames.pop()
+        parent = frames[-1] if frames else self._step_frame
         stream = self.pinner.stream()
         grad = torch.is_grad_enabled()
+        held = parent.child_outputs if parent.sequential else None
         for t in leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
             if grad and t.requires_grad:
                 t.register_hook(self._safe_point)
-            if parent.sequential:
+            if held is not None:
                 token = self._pin(t, stream)
                 if token is not None:
-                    parent.child_outputs.append(token)
+                    held.append(token)
             else:
                 self._hold(parent.tokens, t, stream, True)
         self._release_frame(frame)
@@ -288,14 +303,17 @@ class OffloadHandle:
             self._saved_hooks_pushed = False
 
     def _pack(self, t: torch.Tensor) -> Any:
-        ptr = self.pinner.movable(t)
+        ptr = self._movable(t)
         if not ptr or state.forked_child:
             return t
-        if ptr not in self._persistent and self._frames:
-            frame = self._holder(ptr)
+        frames = self._frames
+        if frames and ptr not in self._persistent:
+            frame = frames[-1]
+            if ptr in frame.inputs:
+                frame = self._holder(ptr)
             if ptr not in frame.packed:
                 frame.packed.add(ptr)
-                token = self.pinner.pin(ptr, self.pinner.stream())
+                token = self._pin_block(ptr, self.pinner.stream())
                 if token is not None:
                     frame.tokens.append((token, True))
                     self.pinner.declare(ptr)
@@ -315,11 +333,11 @@ class OffloadHandle:
         return self._frames[i]
 
     def _unpack(self, saved: Any) -> torch.Tensor:
-        if not isinstance(saved, _Saved):
+        if type(saved) is not _Saved:
             return saved
         if not state.forked_child:
             self.steps.ensure()
-            token = self.pinner.pin(saved.ptr, self.pinner.stream())
+            token = self._pin_block(saved.ptr, self.pinner.stream())
             if token is not None:
                 self._bw_pending.append((token, False))
         return saved.tensor
@@ -426,8 +444,8 @@ class OffloadHandle:
     # ------------------------------------------------------------------ pins
 
     def _pin(self, t: Any, stream: Optional[int]) -> Optional[Token]:
-        ptr = self.pinner.movable(t)
-        return self.pinner.pin(ptr, stream) if ptr else None
+        ptr = self._movable(t)
+        return self._pin_block(ptr, stream) if ptr else None
 
     def _hold(self, tokens: List[Tuple[Token, bool]], t: Any, stream: Optional[int],
               wrote: bool) -> None:
@@ -439,10 +457,11 @@ class OffloadHandle:
         if not frame.tokens and not frame.child_outputs:
             return
         stream = self.pinner.stream()
+        unpin = self._unpin
         for token, wrote in frame.tokens:
-            self.pinner.unpin(token, stream, wrote)
+            unpin(token, stream, wrote)
         for token in frame.child_outputs:
-            self.pinner.unpin(token, stream, True)
+            unpin(token, stream, True)
         frame.tokens.clear()
         frame.child_outputs.clear()
         frame.packed.clear()
@@ -451,8 +470,9 @@ class OffloadHandle:
         pending, self._bw_pending = self._bw_pending, []
         if pending:
             stream = self.pinner.stream()
+            unpin = self._unpin
             for token, wrote in pending:
-                self.pinner.unpin(token, stream, wrote)
+                unpin(token, stream, wrote)
 
     def _unwind(self, depth: int) -> None:
         while len(self._frames) > depth:

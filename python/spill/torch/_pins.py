@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import re
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -26,23 +26,28 @@ _ON_HOST = 2  # spill_residence
 _UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
-if hasattr(torch.Tensor, "untyped_storage"):
-    def storage(t: torch.Tensor) -> Any:
-        """The tensor's untyped storage (bytes and base pointer)."""
-        return t.untyped_storage()
-else:  # torch 1.13
-    def storage(t: torch.Tensor) -> Any:
-        """The tensor's untyped storage (bytes and base pointer)."""
-        return t._storage()
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
+# The tensor's untyped storage (bytes and base pointer), as an unbound method: the hooks call
+# it for every tensor they see.
+_storage = _Tensor.untyped_storage if hasattr(_Tensor, "untyped_storage") else _Tensor._storage
 
 
-def leaves(value: Any) -> List[Any]:
+def storage(t: torch.Tensor) -> Any:
+    """The tensor's untyped storage (bytes and base pointer)."""
+    return _storage(t)
+
+
+def leaves(value: Any) -> Sequence[Any]:
     """tree_flatten(value)'s leaves, without its cost for a tensor or a flat tuple of them (a
     module's usual arguments and output, most aten ops' results)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if type(value) is tuple and all(isinstance(v, torch.Tensor) for v in value):
-        return list(value)
+    if isinstance(value, _Tensor):
+        return (value,)
+    if type(value) is tuple:
+        for v in value:
+            if not isinstance(v, _Tensor):
+                return tree_flatten(value)[0]
+        return value
     return tree_flatten(value)[0]
 
 
@@ -73,19 +78,25 @@ class Pinner:
 
     # ---------------------------------------------------------------- which tensors
 
+    def _storage(self, t: Any) -> Any:
+        """``t``'s storage when ``t`` is a strided tensor on the target's device, else None."""
+        if not isinstance(t, _Tensor) or t.layout != _STRIDED or t.is_cuda == self.cpu \
+                or t.is_meta:
+            return None
+        return _storage(t)
+
     def movable(self, t: Any) -> int:
-        """The data pointer of ``t`` when its storage is spill's and large enough to move, else
-        0 (nothing to pin)."""
-        return self.block(t)[0]
+        """The data pointer of ``t``'s storage when it is spill's and large enough to move,
+        else 0 (nothing to pin)."""
+        s = self._storage(t)
+        return s.data_ptr() if s is not None and s.nbytes() >= self.threshold else 0
 
     def block(self, t: Any) -> Tuple[int, int]:
         """(data pointer, bytes) of ``t``'s storage when it is spill's and large enough to
         move, else (0, 0)."""
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        s = self._storage(t)
+        if s is None:
             return 0, 0
-        if t.is_cuda == self.cpu or t.is_meta:
-            return 0, 0
-        s = storage(t)
         nbytes = s.nbytes()
         if nbytes < self.threshold:
             return 0, 0
@@ -102,11 +113,11 @@ class Pinner:
     def pin(self, ptr: int, stream: Optional[int]) -> Optional[PinToken]:
         """Pins the block at ``ptr`` (from :meth:`movable`); None when there is nothing to
         unpin (a block that never moves, or memory spill does not hold)."""
-        token = PinToken()
+        token = PinToken()  # passed by reference (the argument type is a pointer to it)
         if self.cpu:
-            status = self._pin_for_host(ptr, ctypes.byref(token))
+            status = self._pin_for_host(ptr, token)
         else:
-            status = self._pin(ptr, stream, ctypes.byref(token))
+            status = self._pin(ptr, stream, token)
         if status == 0:
             return token if token.block else None
         if status == _INVALID_ARGUMENT:
@@ -114,7 +125,7 @@ class Pinner:
         raise_status(self._lib, status)
 
     def unpin(self, token: PinToken, stream: Optional[int], wrote: bool) -> None:
-        status = self._unpin(ctypes.byref(token), stream, wrote)
+        status = self._unpin(token, stream, wrote)
         if status != 0:
             raise_status(self._lib, status)
 
