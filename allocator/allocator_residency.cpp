@@ -140,6 +140,16 @@ std::size_t CachingAllocator::mapped_bytes() {
   return impl_->budget.claimed();
 }
 
+std::size_t CachingAllocator::cached_bytes() {
+  Lock lock(impl_->mu);
+  return impl_->large.free_bytes();
+}
+
+std::size_t CachingAllocator::release_cache(std::size_t bytes) {
+  Lock lock(impl_->mu);
+  return release_cached(lock, bytes);
+}
+
 // Maps fresh physical memory for bytes already claimed in the budget.
 void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
   Impl& m = *impl_;

@@ -132,6 +132,8 @@ class CachingAllocator final : public ResidencyBackend {
   bool try_reback(void* base, std::size_t size) override;
   std::size_t room() override;
   std::size_t mapped_bytes() override;
+  std::size_t cached_bytes() override;
+  std::size_t release_cache(std::size_t bytes) override;
 
   // Segments and blocks as they are now, for memory_viz snapshots.
   profiling::MemoryState snapshot() const;

@@ -61,6 +61,12 @@ class ResidencyBackend {
   // Bytes mapped now against the budget (small segments, large blocks, cached memory; 0 when
   // unknown): the swapper plans around what its recorded steps do not show.
   virtual std::size_t mapped_bytes() { return 0; }
+  // Of those, the bytes of free large blocks kept mapped (the cache; 0 when unknown): a mapping
+  // can have them back by releasing them, once the work queued on them has finished.
+  virtual std::size_t cached_bytes() { return 0; }
+  // Releases up to `bytes` of that cache, waiting for the work queued on it if it must (never
+  // evicts a live block). Returns the bytes released.
+  virtual std::size_t release_cache(std::size_t /*bytes*/) { return 0; }
 };
 
 class LargeBlockObserver {

@@ -16,7 +16,10 @@
 // first lets completed swap-outs go, then starts evictions of blocks whose next use is later
 // than its own (never one needed sooner) and waits for a later op; the plan leaves room for
 // the memory its recording did not show (small blocks, blocks no pin touched, cache), measured
-// per op while recording.
+// per op while recording. A step pinned on a stream (the host runs ahead of the device) differs:
+// its prefetches are issued at the plan's ops (no look-ahead) and wait for room there, for the
+// swap-outs in flight and then the allocator's cache, as the graph planner's executor does;
+// and its recording does not count the cache as memory held (see sample_other_locked).
 #include <algorithm>
 
 #include "core/errors.hpp"
@@ -268,7 +271,7 @@ std::vector<PlannedPrefetch> Swapper::Impl::advance_op_locked(StepState& s, bool
   if (!force && !(s.auto_ops && (s.after_unpin || s.op < 0))) return wanted;
   s.op++;
   s.after_unpin = false;
-  if (s.recording) sample_other_locked(s);
+  if (s.recording) sample_other_locked(s, false);
   if (!s.executing) return wanted;
   const graph::Plan& p = s.plan;
   const std::size_t n = p.steps.size();
@@ -377,13 +380,41 @@ void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepSta
     if (it->second.state != Residence::OnHost) continue;
     const std::size_t size = it->second.size;
     reap_locked();  // swap-outs that completed free their room first
-    if (swap_in(lock, base, true)) continue;
+    // Pinned on a stream, the host runs ahead of the device: a prefetch issued at its planned
+    // op waits for the swap-outs in flight (in issue order) and then for the cache, as the
+    // plan timed them, instead of being retried op after op until its pin fetches it.
+    const bool on_stream = s.timing == StepState::Timing::Device;
+    if (swap_in(lock, base, true, on_stream)) continue;
+    if (on_stream && release_cache_for_locked(lock, base, size)) continue;
     if (!s.follows_plan()) continue;
     // No room: evict what is needed after this block, and try again at the next op.
     const std::size_t room = backend.room();
     make_room_locked(size > room ? size - room : 0, next_use_of_id_locked(s, w.id));
     s.pending.push_back(w);
   }
+}
+
+bool Swapper::Impl::release_cache_for_locked(std::unique_lock<std::mutex>& lock,
+                                             std::uintptr_t base, std::size_t size) {
+  const std::size_t room = backend.room();
+  if (room >= size || backend.cached_bytes() == 0) return false;
+  blocks.at(base).busy = true;  // it stays on the host while the lock is dropped
+  lock.unlock();
+  std::size_t released = 0;
+  try {
+    released = backend.release_cache(size - room);
+  } catch (...) {
+    lock.lock();
+    blocks.at(base).busy = false;
+    cv.notify_all();
+    throw;
+  }
+  lock.lock();
+  blocks.at(base).busy = false;
+  cv.notify_all();
+  if (released == 0) return false;
+  reap_locked();
+  return swap_in(lock, base, true);
 }
 
 void Swapper::Impl::mark_op_start_locked(StepState& s, Stream stream, bool host) {
@@ -462,22 +493,33 @@ void Swapper::Impl::time_on_device_locked(StepState& s) {
   release_marks_locked(s);
 }
 
-void Swapper::Impl::sample_other_locked(StepState& s) {
+void Swapper::Impl::sample_other_locked(StepState& s, bool at_pin) {
   const std::size_t mapped = backend.mapped_bytes();
   if (mapped == 0) return;
   // Not the recording's: mapped memory that is no tracked block (small segments, cache), and
   // blocks born in this step that no pin has touched yet (temporaries, or blocks whose first
   // access is later: the graph counts them from it). Blocks from before the step that no pin
-  // touches are added at its end.
+  // touches are added at its end. On a step pinned on a stream (the host runs ahead of the
+  // device), two of these would make the plan swap more than the step needs:
+  // - an op's outputs are allocated before its first pin, so at a pin the blocks not pinned
+  //   yet are mostly the op's own, which the graph counts from this op: only the sample at the
+  //   op's start counts unpinned blocks;
+  // - the cache holds much of what the step freed (in a backward pass, more than half the
+  //   budget), and a planned prefetch that lacks room releases it (prefetch_planned): it is
+  //   not counted.
+  const bool device_timed = s.timing == StepState::Timing::Device;
   std::size_t tracked = 0, fresh = 0;
   for (const auto& [base, b] : blocks) {
     if (b.state == Residence::OnHost) continue;
     tracked += b.size;
-    if (b.born >= s.begin_tick && s.id_of.count(base) == 0) fresh += b.size;
+    if (b.born >= s.begin_tick && s.id_of.count(base) == 0 && !(at_pin && device_timed))
+      fresh += b.size;
   }
   const auto op = static_cast<std::size_t>(std::max<std::int64_t>(s.op, 0));
   if (s.other_bytes.size() <= op) s.other_bytes.resize(op + 1, 0);
-  const std::uint64_t other = (mapped > tracked ? mapped - tracked : 0) + fresh;
+  const std::size_t cached = device_timed ? backend.cached_bytes() : 0;
+  const std::size_t held = tracked + cached;
+  const std::uint64_t other = (mapped > held ? mapped - held : 0) + fresh;
   s.other_bytes[op] = std::max(s.other_bytes[op], other);
 }
 
@@ -511,7 +553,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   s.access_of_id_op[id] = s.trace.accesses.size();
   s.first_access_of_id.emplace(id, s.trace.accesses.size());
   s.trace.accesses.push_back(a);
-  sample_other_locked(s);
+  sample_other_locked(s, true);
   if (s.executing) {
     // The step must repeat the recording the plan came from, access by access.
     const std::size_t k = s.trace.accesses.size() - 1;

@@ -337,7 +337,10 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     bool landed = b->state == Residence::Resident || dev.query(b->in_done);
     (landed ? stats.prefetch_hits : stats.prefetch_late)++;
     StepState* st = find_scope_locked(scope);
-    if (!landed && st != nullptr) st->lookahead = std::min(st->lookahead + 1, 2);
+    // A step pinned on a stream issues its prefetches at the plan's ops, waiting for room
+    // (see prefetch_planned): earlier, they would wait for room the plan has not made yet.
+    if (!landed && st != nullptr && st->timing != StepState::Timing::Device)
+      st->lookahead = std::min(st->lookahead + 1, 2);
     b->prefetched = false;
   }
   settle_locked(*b);

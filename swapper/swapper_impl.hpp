@@ -232,6 +232,11 @@ struct Swapper::Impl {
   // starts evictions of blocks needed after it and waits in `s.pending` for a later op.
   void prefetch_planned(std::unique_lock<std::mutex>& lock, StepState& s,
                         std::vector<PlannedPrefetch> wanted);
+  // A planned prefetch of `base` (on the host, `size` bytes) that found no free room, on a step
+  // pinned on a stream: releases the allocator's cache (waiting for the work queued on it),
+  // as much as the prefetch lacks, and tries again. Returns whether the swap-in started.
+  bool release_cache_for_locked(std::unique_lock<std::mutex>& lock, std::uintptr_t base,
+                                std::size_t size);
   // At the end of a step that keeps its plan: the prefetches of the next step's first ops.
   std::vector<PlannedPrefetch> next_step_prefetches_locked(StepState& s);
   // Starts swap-outs of evictable resident blocks whose next use is more than `horizon` ops
@@ -251,7 +256,7 @@ struct Swapper::Impl {
   void time_on_device_locked(StepState& s);
   void release_marks_locked(StepState& s);
   // Notes the memory mapped outside the recording's blocks at this point of the step.
-  void sample_other_locked(StepState& s);
+  void sample_other_locked(StepState& s, bool at_pin);
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,
                     bool wait_for_room = false);
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);

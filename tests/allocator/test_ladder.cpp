@@ -225,6 +225,26 @@ TYPED_TEST(LadderTest, TryRebackNeverEvictsButReleasesDeadCache) {
   a.set_observer(nullptr);
 }
 
+// What the swapper's planned prefetches on a stream use: the cache counted apart from live
+// blocks, and released on request, waiting for the work queued on it (never a live block).
+TYPED_TEST(LadderTest, ReleaseCacheWaitsForQueuedWorkAndKeepsLiveBlocks) {
+  const std::size_t g = this->g_;
+  CachingAllocator a(*this->dev_, AllocatorOptions{.budget = 4 * g});
+  void* p = a.allocate(g, this->s_);
+  void* q = a.allocate(2 * g, this->s_);
+  EXPECT_EQ(a.cached_bytes(), 0u);
+  EXPECT_EQ(a.release_cache(g), 0u) << "nothing cached: live blocks stay";
+  a.deallocate(q, this->s_);  // freed on the stream: cached, its free maybe not passed yet
+  EXPECT_EQ(a.cached_bytes(), 2 * g);
+  EXPECT_EQ(a.mapped_bytes(), 3 * g);
+  EXPECT_EQ(a.release_cache(g), 2 * g) << "the whole block goes (waiting for the stream)";
+  EXPECT_EQ(a.cached_bytes(), 0u);
+  EXPECT_EQ(a.mapped_bytes(), g);
+  EXPECT_EQ(a.room(), 3 * g);
+  a.check_invariants();
+  a.deallocate(p);
+}
+
 TYPED_TEST(LadderTest, TheObserverHearsTheSizeOfAReusedLargerBlock) {
   const std::size_t g = this->g_;
   CachingAllocator a(*this->dev_, AllocatorOptions{.budget = 16 * g});
