@@ -173,11 +173,15 @@ int run_plan(const PlanArgs& a) {
     std::printf("floor:   %s (%.2fx the unlimited step): no plan that only swaps does better on "
                 "this link;",
                 seconds(floor->step_s).c_str(), floor->step_s / unlimited);
-    if (floor->must_fetch > 0) {
+    if (floor->must_move > 0) {
       std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "
                   "which went out first)\n",
                   floor->op, g.ops[floor->op].name.c_str(),
                   format_bytes(floor->must_fetch).c_str(), format_bytes(floor->must_move).c_str());
+    } else if (floor->must_fetch > 0) {
+      std::printf(" at op %u '%s', %s from before the step must still come in over it\n",
+                  floor->op, g.ops[floor->op].name.c_str(),
+                  format_bytes(floor->must_fetch).c_str());
     } else {
       std::printf(" nothing must move\n");
     }
