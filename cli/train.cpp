@@ -82,7 +82,6 @@ int run_train(Config config, const TrainArgs& a) {
   ro.keep_state = a.check;
   bool simulated = true;
   std::string device_name;
-  std::optional<double> floor_s;
   auto on_start = [&](const train::Executor& ex, Runtime& rt) {
     const DeviceInfo& d = rt.device().info();
     simulated = d.simulated;
@@ -104,7 +103,6 @@ int run_train(Config config, const TrainArgs& a) {
                 format_bytes(p.swapped_out_bytes).c_str(), format_bytes(p.swapped_in_bytes).c_str(),
                 ms(p.step_time_s).c_str(), ms(p.compute_time_s).c_str(), ms(p.stall_time_s).c_str());
     if (const auto& f = ex.floor()) {
-      floor_s = f->step_s;
       std::printf("floor:     %s for the step's ops (compute %s): no plan that only swaps does "
                   "better at this budget on this link\n",
                   ms(f->step_s).c_str(), ms(p.compute_time_s).c_str());
@@ -179,7 +177,7 @@ int run_train(Config config, const TrainArgs& a) {
                         {"footprint", run.footprint},
                         {"budget", run.budget},
                         {"steps", nlohmann::json::array()}};
-  if (floor_s) doc["floor_step_s"] = *floor_s;
+  if (run.floor) doc["floor_step_s"] = run.floor->step_s;  // of the plan the last step followed
   for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st));
   if (a.check) {
     train::RunOptions ref = ro;

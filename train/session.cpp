@@ -36,12 +36,12 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
   r.prediction = ex.prediction();
   r.predicted_peak = ex.predicted_peak();
   r.plan = ex.plan();
-  r.floor = ex.floor();
   if (on_start) on_start(ex, rt);
   for (int s = 0; s < options.steps; ++s) {
     r.steps.push_back(ex.step());
     if (on_step) on_step(r.steps.back());
   }
+  r.floor = ex.floor();  // after the steps: on a GPU, of the op times measured in the first
   if (options.keep_state) r.state = ex.state();
   if (on_end) on_end(rt);
   return r;

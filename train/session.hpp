@@ -30,7 +30,7 @@ struct RunResult {
   std::uint64_t predicted_peak = 0;  // mapped bytes (Executor::predicted_peak)
   graph::SimResult prediction;
   graph::Plan plan;
-  std::optional<graph::SwapFloor> floor;  // Executor::floor
+  std::optional<graph::SwapFloor> floor;  // Executor::floor after the last step
 };
 
 // Runs on a fresh Runtime from `base` with the policy and budget of `options`. `on_start` sees

@@ -32,4 +32,9 @@ print(f"step time: unlimited {t_u * 1e3:.1f} ms, a third {t_t * 1e3:.1f} ms, rat
       f"({'met' if ratio <= 1.10 else 'MISSED'}: target <= 1.10)")
 print(f"predicted {pred * 1e3:.1f} ms against measured {t_t * 1e3:.1f} ms: {error * 100:.1f}% "
       f"({'met' if error <= 0.10 else 'MISSED'}: target within 10%)")
+if "floor_step_s" in third:
+    # The least step any swap plan reaches at this budget on the link the planner assumes, from
+    # the op times measured in the first step: a ratio target below floor / unlimited cannot be met.
+    print(f"floor (planner's model, measured op times): {third['floor_step_s'] * 1e3:.1f} ms, "
+          f"{third['floor_step_s'] / t_u:.3f}x the measured unlimited step")
 PY
