@@ -60,10 +60,7 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
     made += made_delta[k];
     later += later_delta[k];
     const Op& op = g.ops[k];
-    touched = op.reads;
-    touched.insert(touched.end(), op.writes.begin(), op.writes.end());
-    std::sort(touched.begin(), touched.end());
-    touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+    op_tensors(op, touched);
     // The op's own bytes are resident; `others` are those of them (and its workspace) that
     // are not made in the step, `later_here` those of them counted in `later`.
     std::uint64_t working = op.workspace_bytes, others = op.workspace_bytes, later_here = 0;

@@ -45,15 +45,19 @@ Liveness analyze_liveness(const Graph& g) {
   return l;
 }
 
+void op_tensors(const Op& op, std::vector<TensorIndex>& out) {
+  out.assign(op.reads.begin(), op.reads.end());
+  out.insert(out.end(), op.writes.begin(), op.writes.end());
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+}
+
 std::vector<std::uint64_t> working_sets(const Graph& g) {
   std::vector<std::uint64_t> ws(g.ops.size());
   std::vector<TensorIndex> seen;
   for (std::size_t i = 0; i < g.ops.size(); ++i) {
     const Op& op = g.ops[i];
-    seen.assign(op.reads.begin(), op.reads.end());
-    seen.insert(seen.end(), op.writes.begin(), op.writes.end());
-    std::sort(seen.begin(), seen.end());
-    seen.erase(std::unique(seen.begin(), seen.end()), seen.end());
+    op_tensors(op, seen);
     std::uint64_t sum = op.workspace_bytes;
     for (TensorIndex t : seen) sum += g.tensors[t].bytes;
     ws[i] = sum;

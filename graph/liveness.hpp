@@ -29,6 +29,9 @@ struct Liveness {
 
 Liveness analyze_liveness(const Graph& g);
 
+// The distinct tensors an op reads or writes, sorted, into `out` (reused between calls).
+void op_tensors(const Op& op, std::vector<TensorIndex>& out);
+
 // Bytes an op cannot run without: the unique tensors it reads or writes plus its workspace.
 std::vector<std::uint64_t> working_sets(const Graph& g);
 
