@@ -108,9 +108,15 @@ class GpuKernels final : public Kernels {
       check_cublas(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
       check_cublas(cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED), "cublasSetAtomicsMode");
       SPILL_CUDA_TRY(cudaMalloc(&workspace_, kWorkspaceBytes));
-      check_cublas(cublasSetWorkspace(blas_, workspace_, kWorkspaceBytes), "cublasSetWorkspace");
     }
-    check_cublas(cublasSetStream(blas_, cs(s)), "cublasSetStream");
+    if (!blas_stream_set_ || s != blas_stream_) {
+      // cublasSetStream puts the handle back on cuBLAS's default workspace pool (memory of its
+      // own per stream, outside the budget): ours must be set again after it, every time.
+      check_cublas(cublasSetStream(blas_, cs(s)), "cublasSetStream");
+      check_cublas(cublasSetWorkspace(blas_, workspace_, kWorkspaceBytes), "cublasSetWorkspace");
+      blas_stream_ = s;
+      blas_stream_set_ = true;
+    }
     return blas_;
   }
 
@@ -327,6 +333,8 @@ class GpuKernels final : public Kernels {
   }
 
   cublasHandle_t blas_ = nullptr;
+  Stream blas_stream_ = nullptr;  // the stream (and with it our workspace) the handle has
+  bool blas_stream_set_ = false;
 #ifdef SPILL_HAVE_CUDNN
   cudnnHandle_t dnn_ = nullptr;
 #endif

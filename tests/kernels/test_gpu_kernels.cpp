@@ -91,6 +91,17 @@ TEST_F(GpuKernelsTest, GemmsAgreeWithOpenBlas) {
                          n, m * n, batch);
       };
       expect("gemm", launch, dc, want, kGemmTol);
+      // The same GEMM on another stream gives the same bits: cuBLAS keeps using spill's
+      // workspace (cublasSetStream alone would put it back on a per-stream default one).
+      const std::vector<float> first = down(dc, c.size());
+      Stream other = dev_->create_stream();
+      dev_->copy_async(dc, c.data(), c.size() * 4, CopyKind::HostToDevice, other);
+      k_->gemm_batched(other, ta, tb, m, n, kk, 0.5f, da, lda, m * kk, db, ldb, kk * n, 1.0f, dc,
+                       n, m * n, batch);
+      dev_->synchronize(other);
+      dev_->destroy_stream(other);
+      EXPECT_EQ(std::memcmp(down(dc, c.size()).data(), first.data(), first.size() * 4), 0)
+          << "gemm on another stream differs";
     }
   }
 }
