@@ -74,7 +74,9 @@ class Device {
   // Maps a whole physical chunk at `addr` (inside a reservation) with read/write access.
   // Contents of a fresh chunk are undefined; a chunk keeps its contents across map/unmap.
   void map(void* addr, std::size_t bytes, PhysicalHandle handle);
-  // Unmaps; the range faults again. The caller must have synchronised all work touching it.
+  // Unmaps one mapping, whole, as map() made it (CUDA's cuMemUnmap takes whole mappings: a
+  // range of several is unmapped chunk by chunk); the range faults again. The caller must have
+  // synchronised all work touching it.
   void unmap(void* addr, std::size_t bytes);
 
   // ---- Plain device memory (non-swappable pools). Throws OutOfMemory when full.

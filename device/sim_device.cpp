@@ -381,17 +381,13 @@ void SimDevice::do_map(void* addr, std::size_t bytes, PhysicalHandle handle) {
 
 void SimDevice::do_unmap(void* addr, std::size_t bytes) {
   std::unique_lock lock(s_->vm);
-  std::uintptr_t end = u(addr) + bytes;
+  // One mapping, whole, as map() made it: CUDA's cuMemUnmap takes "the entire contiguous
+  // address range that was mapped" (PyTorch's expandable segments unmap one handle at a time).
   auto first = s_->mappings.find(u(addr));
-  auto it = first;
-  std::uintptr_t at = u(addr);
-  while (it != s_->mappings.end() && it->first == at && at < end) {
-    at += it->second.bytes;
-    ++it;
-  }
-  SPILL_EXPECTS(first != s_->mappings.end() && at == end,
+  SPILL_EXPECTS(first != s_->mappings.end() && first->second.bytes == bytes,
                 "unmap: " + format_address(addr) + " + " + format_bytes(bytes) +
-                    " is not exactly covered by mapped chunks");
+                    " is not one mapping (unmap each mapped chunk on its own, as mapped)");
+  auto it = std::next(first);
   void* p = ::mmap(addr, bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
                    -1, 0);
   if (p == MAP_FAILED) {

@@ -96,7 +96,8 @@ TYPED_TEST(DeviceContract, MultiChunkRangesCopyAcrossChunkBoundaries) {
   this->write(base + g / 2, g, 9);  // straddles the two chunks
   auto out = this->read_back(base + g / 2, g);
   EXPECT_EQ(find_pattern_mismatch(out.data(), g, 9), g);
-  d.unmap(base, 2 * g);
+  d.unmap(base, g);  // one unmap per map, as cuMemUnmap takes them
+  d.unmap(base + g, g);
   d.release_physical(a, g);
   d.release_physical(b, g);
   d.unreserve(base, 2 * g);

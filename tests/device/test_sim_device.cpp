@@ -374,6 +374,15 @@ TEST(SimDevice, RejectsMisuseWithClearMessages) {
   EXPECT_THROW(dev.release_physical(h, g), InvalidArgument) << "release while mapped";
   EXPECT_THROW(dev.unreserve(p, 2 * g), InvalidArgument) << "unreserve with mappings";
   EXPECT_THROW(dev.unmap(p + g, g), InvalidArgument) << "unmap of nothing";
+  EXPECT_THROW(dev.unmap(p, 2 * g), InvalidArgument) << "unmap past its mapping";
+  {
+    // Two mappings in one unmap: CUDA's cuMemUnmap takes whole mappings, one at a time.
+    PhysicalHandle h2 = dev.create_physical(g);
+    dev.map(p + g, g, h2);
+    EXPECT_THROW(dev.unmap(p, 2 * g), InvalidArgument) << "two mappings in one unmap";
+    dev.unmap(p + g, g);
+    dev.release_physical(h2, g);
+  }
   EXPECT_THROW(dev.map(p + g, g, 9999), InvalidArgument) << "unknown handle";
   EXPECT_THROW(dev.release_physical(h, 2 * g), InvalidArgument) << "wrong size";
   std::vector<char> host(64);
