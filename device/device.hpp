@@ -114,6 +114,8 @@ class Device {
   // Holds `stream`: work enqueued after this waits until release(token). Used to enqueue many
   // operations before any starts, so that timings exclude launch overhead (nvbandwidth's
   // method). A hold left unreleased for about 30 s lets go by itself rather than hang.
+  // Enqueue only pinned-memory copies, fills and device copies behind a hold: on CUDA a copy
+  // to or from pageable host memory may block the host until the stream runs it.
   HoldToken hold(Stream stream);
   void release(HoldToken token);
 

@@ -1,6 +1,7 @@
 // The Device contract, one body run on every backend (typed tests).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <mutex>
@@ -273,21 +274,30 @@ TYPED_TEST(DeviceContract, HoldKeepsAStreamWaitingUntilReleased) {
   Device& d = *this->dev_;
   const std::size_t n = 1 * MiB;
   void* buf = d.allocate(n);
-  std::vector<unsigned char> in(n), out(n, 0);
-  fill_pattern(in.data(), n, 8);
+  // Pinned host memory: CUDA may block the host on a pageable copy until the stream runs it,
+  // which behind a hold is until the hold times out (Device::hold).
+  auto* in = static_cast<unsigned char*>(d.allocate_host(n));
+  auto* out = static_cast<unsigned char*>(d.allocate_host(n));
+  fill_pattern(in, n, 8);
+  std::fill(out, out + n, 0);
   Event e = d.create_event();
+  const auto t0 = std::chrono::steady_clock::now();
   HoldToken token = d.hold(this->stream_);
-  d.copy_async(buf, in.data(), n, CopyKind::HostToDevice, this->stream_);
-  d.copy_async(out.data(), buf, n, CopyKind::DeviceToHost, this->stream_);
+  d.copy_async(buf, in, n, CopyKind::HostToDevice, this->stream_);
+  d.copy_async(out, buf, n, CopyKind::DeviceToHost, this->stream_);
   d.record(e, this->stream_);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5))
+      << "enqueueing behind a hold blocked the host";
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   EXPECT_FALSE(d.query(e)) << "work behind a hold must not run";
-  EXPECT_EQ(find_pattern_mismatch(out.data(), n, 8), 0u);
+  EXPECT_EQ(find_pattern_mismatch(out, n, 8), 0u);
   d.release(token);
   d.synchronize(e);
-  EXPECT_EQ(find_pattern_mismatch(out.data(), n, 8), n);
+  EXPECT_EQ(find_pattern_mismatch(out, n, 8), n);
   EXPECT_THROW(d.release(token), InvalidArgument) << "a hold is released once";
   d.destroy_event(e);
+  d.free_host(in);
+  d.free_host(out);
   d.deallocate(buf);
 }
 
