@@ -3,9 +3,16 @@
 // window is [e, p): memory is saved from op e (after the copy out is expected to be done) to op
 // p (where the prefetch is issued, early enough to arrive before the next use). When no hidden
 // window covers the op, a window is stretched over it, trading predicted stall for memory.
+// After the sweep two passes may refine the windows (plan_spill tries the plan with and without
+// them): windows whose bytes fit where they save memory are dropped (largest first: bytes the
+// link need not move), and prefetches are issued earlier where memory has room, so that the one
+// engine to the device, which runs its copies in order, is busy whenever copies are waiting
+// rather than idle until each prefetch's own latest moment (in a phase where the copies in take
+// longer than the compute, a prefetch timed as if alone on the link arrives late).
 // Several lead factors (slack for copy-engine contention) are tried and the plan whose
 // simulation is fastest wins. Every window only ever lowers memory, and every idle swappable
-// tensor can be stretched over any op, so the sweep meets the budget whenever check_budget does.
+// tensor can be stretched over any op, so the sweep meets the budget whenever check_budget does;
+// the refining passes only raise memory where it stays within the budget.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -18,24 +25,98 @@
 namespace spill::graph {
 namespace {
 
+// Values per op with range add and range max (a segment tree with lazy additions kept at the
+// nodes, so queries need no pushing down): the passes after the sweep ask whether bytes fit over
+// a stretch of ops, O(log n) each.
+class MaxTree {
+ public:
+  explicit MaxTree(const std::vector<std::int64_t>& values)
+      : n_(std::int64_t(values.size())), max_(4 * values.size() + 4, 0), add_(max_.size(), 0) {
+    if (n_ > 0) build(1, 0, n_, values);
+  }
+  void add(std::int64_t a, std::int64_t b, std::int64_t v) {
+    if (a < b) add(1, 0, n_, a, b, v);
+  }
+  std::int64_t max(std::int64_t a, std::int64_t b) const {
+    return a < b ? max(1, 0, n_, a, b) : std::numeric_limits<std::int64_t>::min();
+  }
+  // The last index in [a, b) whose value is above `limit`, or -1.
+  std::int64_t last_above(std::int64_t a, std::int64_t b, std::int64_t limit) const {
+    return a < b ? last_above(1, 0, n_, a, b, limit) : -1;
+  }
+
+ private:
+  void build(std::size_t node, std::int64_t l, std::int64_t r, const std::vector<std::int64_t>& v) {
+    if (r - l == 1) {
+      max_[node] = v[std::size_t(l)];
+      return;
+    }
+    const std::int64_t m = (l + r) / 2;
+    build(2 * node, l, m, v);
+    build(2 * node + 1, m, r, v);
+    max_[node] = std::max(max_[2 * node], max_[2 * node + 1]);
+  }
+  // max_[node] is the node's maximum with its own additions, not its ancestors'.
+  void add(std::size_t node, std::int64_t l, std::int64_t r, std::int64_t a, std::int64_t b,
+           std::int64_t v) {
+    if (b <= l || r <= a) return;
+    if (a <= l && r <= b) {
+      max_[node] += v;
+      add_[node] += v;
+      return;
+    }
+    const std::int64_t m = (l + r) / 2;
+    add(2 * node, l, m, a, b, v);
+    add(2 * node + 1, m, r, a, b, v);
+    max_[node] = std::max(max_[2 * node], max_[2 * node + 1]) + add_[node];
+  }
+  std::int64_t max(std::size_t node, std::int64_t l, std::int64_t r, std::int64_t a,
+                   std::int64_t b) const {
+    if (b <= l || r <= a) return std::numeric_limits<std::int64_t>::min();
+    if (a <= l && r <= b) return max_[node];
+    const std::int64_t m = (l + r) / 2;
+    return std::max(max(2 * node, l, m, a, b), max(2 * node + 1, m, r, a, b)) + add_[node];
+  }
+  // `limit` is relative to the node: its ancestors' additions are subtracted.
+  std::int64_t last_above(std::size_t node, std::int64_t l, std::int64_t r, std::int64_t a,
+                          std::int64_t b, std::int64_t limit) const {
+    if (b <= l || r <= a || max_[node] <= limit) return -1;
+    if (r - l == 1) return l;
+    const std::int64_t m = (l + r) / 2, below = limit - add_[node];
+    const std::int64_t right = last_above(2 * node + 1, m, r, a, b, below);
+    return right >= 0 ? right : last_above(2 * node, l, m, a, b, below);
+  }
+  std::int64_t n_;
+  std::vector<std::int64_t> max_, add_;
+};
+
 class SpillPlanner {
  public:
   SpillPlanner(const Graph& g, const std::vector<double>& times, const LinkModel& link,
                const PlannerOptions& o)
       : g_(g), link_(link), o_(o), n_(std::int64_t(g.ops.size())), live_(analyze_liveness(g)),
-        gaps_(idle_gaps(g, live_, std::max<std::uint64_t>(o.min_swap_bytes, 1))) {
+        gaps_(idle_gaps(g, live_, std::max<std::uint64_t>(o.min_swap_bytes, 1))),
+        budget_(std::int64_t(std::min<std::uint64_t>(
+            o.budget, std::uint64_t(std::numeric_limits<std::int64_t>::max())))) {
     start_.resize(g.ops.size() + 1, 0);
     for (std::size_t i = 0; i < g.ops.size(); ++i) start_[i + 1] = start_[i] + times[i];
   }
 
-  Plan plan(double factor) {
+  // Which passes follow the sweep (see the header comment).
+  enum class Refine { None, Hoist, DropAndHoist };
+
+  struct Window {
+    bool chosen = false;
+    std::int64_t e = 0, p = 0;  // saves memory over virtual ops [e, p)
+  };
+
+  // The sweep with lead factor `factor`: each gap's window.
+  std::vector<Window> sweep(double factor) {
     factor_ = factor;
     hidden_.resize(gaps_.size());  // a gap's hidden window depends only on the factor
     for (std::size_t k = 0; k < gaps_.size(); ++k) hidden_[k] = hidden(gaps_[k]);
     std::vector<Window> win(gaps_.size());
     Memory mem(live_.memory);
-    const auto budget = std::int64_t(std::min<std::uint64_t>(
-        o_.budget, std::uint64_t(std::numeric_limits<std::int64_t>::max())));
     std::vector<std::size_t> active;
     std::vector<bool> in_active(gaps_.size(), false);
     for (std::size_t k = 0; k < gaps_.size(); ++k)
@@ -50,13 +131,19 @@ class SpillPlanner {
         if (!in_active[next_gap]) active.push_back(next_gap);
         in_active[next_gap] = true;
       }
-      while (mem.now() > budget) {
-        std::int64_t excess = mem.now() - budget;
+      while (mem.now() > budget_) {
+        std::int64_t excess = mem.now() - budget_;
         Choice best = choose(i, excess, active, in_active, win);
         if (best.gap < 0) break;  // nothing left to move: check_budget reports why
         apply(std::size_t(best.gap), best.window, win, mem);
       }
     }
+    return win;
+  }
+
+  // The plan of swept windows after the passes `refine` asks for.
+  Plan plan(std::vector<Window> win, Refine refine) const {
+    if (refine != Refine::None) this->refine(win, refine == Refine::DropAndHoist);
     std::vector<Swap> swaps;
     for (std::size_t k = 0; k < gaps_.size(); ++k) {
       if (!win[k].chosen) continue;
@@ -68,10 +155,6 @@ class SpillPlanner {
   }
 
  private:
-  struct Window {
-    bool chosen = false;
-    std::int64_t e = 0, p = 0;  // saves memory over virtual ops [e, p)
-  };
   struct Choice {
     std::int64_t gap = -1;
     Window window;
@@ -213,12 +296,104 @@ class SpillPlanner {
     win[k] = w;
   }
 
+  // Calls f(a, b, v) for the pieces of ops [a, b) that virtual ops [va, vb) cover (v: the
+  // virtual op of a), the later piece first. A window is at most a step long.
+  template <class F>
+  void pieces(std::int64_t va, std::int64_t vb, F&& f) const {
+    if (va >= vb) return;
+    if (va < n_ && vb > n_) {
+      f(std::int64_t(0), vb - n_, n_);
+      f(va, n_, va);
+    } else {
+      const std::int64_t off = va >= n_ ? n_ : 0;
+      f(va - off, vb - off, va);
+    }
+  }
+
+  // The passes after the sweep. The memory curve is the sweep's model: liveness's curve less
+  // each chosen window's bytes over its virtual ops [e, p).
+  void refine(std::vector<Window>& win, bool drop) const {
+    std::vector<std::int64_t> diff(std::size_t(n_) + 1, 0);
+    std::vector<std::size_t> chosen;
+    auto bytes_of = [&](std::size_t k) { return std::int64_t(g_.tensors[gaps_[k].tensor].bytes); };
+    for (std::size_t k = 0; k < gaps_.size(); ++k) {
+      if (!win[k].chosen) continue;
+      chosen.push_back(k);
+      pieces(win[k].e, win[k].p, [&](std::int64_t a, std::int64_t b, std::int64_t) {
+        diff[std::size_t(a)] -= bytes_of(k);
+        diff[std::size_t(b)] += bytes_of(k);
+      });
+    }
+    std::vector<std::int64_t> curve(static_cast<std::size_t>(n_));
+    std::int64_t run = 0;
+    for (std::int64_t i = 0; i < n_; ++i) {
+      run += diff[std::size_t(i)];
+      curve[std::size_t(i)] = std::int64_t(live_.memory[std::size_t(i)]) + run;
+    }
+    MaxTree mem(curve);
+    auto raise = [&](std::int64_t va, std::int64_t vb, std::int64_t bytes) {
+      pieces(va, vb, [&](std::int64_t a, std::int64_t b, std::int64_t) { mem.add(a, b, bytes); });
+    };
+    if (drop) {
+      // Largest first: a window dropped is a copy each way the link does not make.
+      std::stable_sort(chosen.begin(), chosen.end(),
+                       [&](std::size_t a, std::size_t b) { return bytes_of(a) > bytes_of(b); });
+      std::erase_if(chosen, [&](std::size_t k) {
+        std::int64_t most = std::numeric_limits<std::int64_t>::min();
+        pieces(win[k].e, win[k].p, [&](std::int64_t a, std::int64_t b, std::int64_t) {
+          most = std::max(most, mem.max(a, b));
+        });
+        if (most + bytes_of(k) > budget_) return false;
+        raise(win[k].e, win[k].p, bytes_of(k));
+        win[k].chosen = false;
+        return true;
+      });
+    }
+    // The latest start of each copy in, last use first: one engine copies them in order, so
+    // each ends by its use and before the next one starts.
+    std::stable_sort(chosen.begin(), chosen.end(),
+                     [&](std::size_t a, std::size_t b) { return gaps_[a].to > gaps_[b].to; });
+    std::vector<double> latest(chosen.size());
+    double next_start = std::numeric_limits<double>::infinity();
+    for (std::size_t j = 0; j < chosen.size(); ++j) {
+      const Gap& gp = gaps_[chosen[j]];
+      latest[j] = std::min(time_at(gp.to), next_start) - lead(gp);
+      next_start = latest[j];
+    }
+    // First use first: each prefetch moves to the latest op that starts by its latest start,
+    // or as far towards it as memory has room for the tensor (never before its window begins).
+    for (std::size_t j = chosen.size(); j-- > 0;) {
+      Window& w = win[chosen[j]];
+      const std::int64_t bytes = bytes_of(chosen[j]);
+      if (time_at(w.p) <= latest[j] || w.p <= w.e + 1) continue;
+      std::int64_t lo = w.e + 1, hi = w.p;  // the target: largest v in [lo, hi] starting in time
+      while (lo < hi) {
+        const std::int64_t mid = (lo + hi + 1) / 2;
+        if (time_at(mid) <= latest[j]) lo = mid;
+        else hi = mid - 1;
+      }
+      std::int64_t p = lo;  // after the last op in [lo, w.p) without room for the tensor
+      bool found = false;
+      pieces(lo, w.p, [&](std::int64_t a, std::int64_t b, std::int64_t v) {
+        if (found) return;
+        const std::int64_t full = mem.last_above(a, b, budget_ - bytes);
+        if (full >= 0) {
+          p = v + (full - a) + 1;
+          found = true;
+        }
+      });
+      raise(p, w.p, bytes);
+      w.p = p;
+    }
+  }
+
   const Graph& g_;
   const LinkModel& link_;
   PlannerOptions o_;
   std::int64_t n_;
   Liveness live_;
   std::vector<Gap> gaps_;
+  std::int64_t budget_;
   std::vector<double> start_;  // start time of each op without stalls; back() = step time
   double factor_ = 1.0;
   std::vector<Window> hidden_;  // per gap: hidden(gap) at factor_
@@ -233,17 +408,24 @@ Plan plan_spill(const Graph& g, const std::vector<double>& op_times, const LinkM
   BudgetCheck check = check_budget(g, o);
   Plan best;
   double best_time = std::numeric_limits<double>::infinity();
-  // Slack for contention on the copy engines: 1 = each copy alone on the link.
+  // Slack for contention on the copy engines: 1 = each copy alone on the link. Each plan as
+  // swept and refined; on a tie the earlier (less refined) one stays.
+  using Refine = SpillPlanner::Refine;
+  bool moves_nothing = false;
   for (double factor : {1.0, 1.5, 2.5, 4.0}) {
-    Plan p = planner.plan(factor);
-    const bool moves_nothing = p.swaps.empty();
-    SimResult r = simulate(g, op_times, link, &p, {o.budget, false, o.model});
-    double t = r.step_time_s + (r.within_budget ? 0.0 : 1e30);
-    if (t < best_time) {
-      best_time = t;
-      best = std::move(p);
+    const auto windows = planner.sweep(factor);
+    for (Refine refine : {Refine::None, Refine::Hoist, Refine::DropAndHoist}) {
+      Plan p = planner.plan(windows, refine);
+      moves_nothing = p.swaps.empty();
+      SimResult r = simulate(g, op_times, link, &p, {o.budget, false, o.model});
+      double t = r.step_time_s + (r.within_budget ? 0.0 : 1e30);
+      if (t < best_time) {
+        best_time = t;
+        best = std::move(p);
+      }
+      if (moves_nothing) break;  // nothing to move: nothing to refine, other factors the same
     }
-    if (moves_nothing) break;  // nothing to move: other factors would not differ
+    if (moves_nothing) break;
   }
   best.feasible = check.feasible;
   best.reason = check.message;

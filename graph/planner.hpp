@@ -1,7 +1,8 @@
 // Swap planning under a memory budget: the spill planner and the baselines it is compared with.
 //   spill     - chooses tensors and idle gaps (activations, gradients, weights, optimizer state)
 //               so that the planned memory curve never passes the budget, starting each
-//               prefetch early enough to hide it where memory allows; cost model = simulator.
+//               prefetch early enough to hide it (behind the copies queued before it) where
+//               memory allows; cost model = simulator.
 //   vdnn      - every activation leaves after its last forward use and is prefetched one layer
 //               ahead of its backward use (Rhu et al., vDNN, 2016); no budget awareness.
 //   threshold - activations of at least a size threshold leave after their forward use and come

@@ -165,6 +165,89 @@ TEST(SwapFloor, NoPolicyBeatsItOnRandomGraphs) {
   EXPECT_GT(moved, 100);    // and the floor was above the compute often
 }
 
+// Copies in queue behind each other on the one engine to the device. Six 4 MB activations are
+// made at once (1 us each), a 24 MB op needs them all on the host (budget 24 MB), 24 ops of
+// 1 ms follow with room for them, then each is used (1 ms each, last made first). The floor:
+// 24 ms of copies out before the peak, 24 ms of copies in during the 31 ms after it: 55 ms. A
+// prefetch timed as if alone on the link (even with four times its copy time as slack: what
+// the planner did) arrives late behind the others; timed as the queue needs (each 4 ms before
+// the next, the first as soon as there is room), the plan reaches the floor.
+TEST(Planner, PrefetchesQueuedOnTheLinkStartEarlyEnoughToReachTheFloor) {
+  Graph g;
+  std::vector<TensorIndex> a;
+  for (int j = 0; j < 6; ++j) {
+    a.push_back(tensor(g, "a" + std::to_string(j), 4'000'000));
+    op(g, "make" + std::to_string(j), {}, {a.back()}, 1e-6);
+  }
+  op(g, "peak", {}, {tensor(g, "t", 24'000'000)});
+  for (int m = 0; m < 24; ++m) op(g, "mid" + std::to_string(m), {}, {});
+  for (int j = 5; j >= 0; --j) op(g, "use" + std::to_string(j), {a[std::size_t(j)]}, {});
+  PlannerOptions o;
+  o.budget = 24'000'000;
+  o.min_swap_bytes = 0;
+  const auto floor = swap_floor(g, times_of(g), unit_link(), o.budget);
+  ASSERT_TRUE(floor.has_value());
+  EXPECT_NEAR(floor->step_s, 55e-3, 1e-5);
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  ASSERT_NO_THROW(check_plan(g, p));
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget, false});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_LE(r.step_time_s, floor->step_s + 2e-6);  // the first copy out waits for make0 (1 us)
+  EXPECT_EQ(r.swapped_in_bytes, 24'000'000u);
+  // Each prefetch issued 4 ops (its copy) before the next, the first one right after the peak.
+  ASSERT_EQ(p.swaps.size(), 6u);
+  for (const Swap& s : p.swaps) {
+    const auto j = std::int64_t(s.tensor);  // a0..a5 are tensors 0..5
+    EXPECT_EQ(s.prefetch_at, 12 + 4 * (5 - j)) << g.tensors[s.tensor].name;
+  }
+  // The same swaps with each prefetch 16 ops (four copies' time) before its use: 3 ms slower.
+  std::vector<Swap> alone;
+  for (const Swap& s : p.swaps) alone.push_back({s.tensor, s.evict_after, s.next_use - 16, s.next_use});
+  Plan late = Plan::from_swaps("alone", o.budget, g.ops.size(), alone);
+  SimResult rl = simulate(g, times_of(g), unit_link(), &late, {o.budget, false});
+  EXPECT_TRUE(rl.within_budget);
+  EXPECT_NEAR(rl.step_time_s, r.step_time_s + 3e-3, 1e-6);
+}
+
+// A window the sweep no longer needs is dropped. At ops 2 and 3 the step needs 13 MB in a
+// budget of 10: the sweep first took the weight w (2 MB, used by op 0 only), then the
+// optimizer state s (3 MB, used by the last op), whose window alone covers both ops. Dropping w
+// saves its copy out (it has no valid host copy) and its copy back for the next step.
+TEST(Planner, AWindowOthersMadeUnnecessaryIsDropped) {
+  Graph g;
+  const TensorIndex w = tensor(g, "w", 2'000'000, TensorKind::Weight);
+  const TensorIndex s = tensor(g, "s", 3'000'000, TensorKind::OptimizerState);
+  const TensorIndex a = tensor(g, "a", 1'000'000), b = tensor(g, "b", 4'000'000);
+  op(g, "embed", {w}, {a});
+  op(g, "grow", {}, {b});
+  op(g, "peak", {}, {tensor(g, "c", 3'000'000)});
+  op(g, "join", {a, b}, {tensor(g, "d", 3'000'000)});
+  op(g, "update", {s}, {tensor(g, "e", 3'000'000)});
+  PlannerOptions o;
+  o.budget = 10'000'000;
+  o.min_swap_bytes = 0;
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  ASSERT_NO_THROW(check_plan(g, p));
+  ASSERT_EQ(p.swaps.size(), 1u);
+  EXPECT_EQ(p.swaps[0].tensor, s);
+  EXPECT_EQ(p.start_on_host, std::vector<TensorIndex>{s});
+  for (std::uint64_t m : planned_memory(g, p)) EXPECT_LE(m, o.budget);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget, false});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_EQ(r.swapped_out_bytes, 0u);
+  EXPECT_EQ(r.swapped_in_bytes, 3'000'000u);
+  // s comes in when op 3 ends (no room before): 5 ms of compute and 3 ms of stall.
+  EXPECT_NEAR(r.step_time_s, 8e-3, 1e-9);
+  // With w's window as well (the sweep's plan), w goes out after op 0 and comes back for the
+  // next step: 1 ms slower here.
+  Plan both = Plan::from_swaps("both", o.budget, g.ops.size(),
+                               {{w, 0, 3, 5}, p.swaps[0]});
+  SimResult rb = simulate(g, times_of(g), unit_link(), &both, {o.budget, false});
+  EXPECT_TRUE(rb.within_budget);
+  EXPECT_EQ(rb.swapped_out_bytes, 2'000'000u);
+  EXPECT_NEAR(rb.step_time_s, 9e-3, 1e-9);
+}
+
 TEST(Planner, NothingMovesWhenEverythingFits) {
   ZooOptions zo;
   zo.seq = 128;
