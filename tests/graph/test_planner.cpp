@@ -248,6 +248,42 @@ TEST(Planner, AWindowOthersMadeUnnecessaryIsDropped) {
   EXPECT_NEAR(rb.step_time_s, 9e-3, 1e-9);
 }
 
+// Optimizer state the step writes is a costly victim: after its update, at the step's end, it
+// goes out with no compute left to hide the copy. At op 'peak' 12 MB in a budget of 8 need one of
+// two 4 MB tensors gone: the activation a (10 ms of compute on each side to hide its copies) or
+// the optimizer state s (whose window would be as long). Taking s costs a 4 ms copy out after
+// 'update' (what the sweep alone chose); taking a hides both its copies: the floor, 24 ms.
+TEST(Planner, WrittenOptimizerStateIsTakenLastWhenAnActivationHidesAsWell) {
+  Graph g;
+  const TensorIndex s = tensor(g, "s", 4'000'000, TensorKind::OptimizerState);
+  const TensorIndex a = tensor(g, "a", 4'000'000);
+  op(g, "make_a", {}, {a});
+  op(g, "work", {}, {}, 10e-3);
+  op(g, "peak", {}, {tensor(g, "t", 4'000'000)});
+  op(g, "work2", {}, {}, 10e-3);
+  op(g, "use_a", {a}, {});
+  op(g, "update", {s}, {s});
+  PlannerOptions o;
+  o.budget = 8'000'000;
+  o.min_swap_bytes = 0;
+  const auto floor = swap_floor(g, times_of(g), unit_link(), o.budget);
+  ASSERT_TRUE(floor.has_value());
+  EXPECT_NEAR(floor->step_s, 24e-3, 1e-9);
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  ASSERT_NO_THROW(check_plan(g, p));
+  ASSERT_EQ(p.swaps.size(), 1u);
+  EXPECT_EQ(p.swaps[0].tensor, a);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget, false});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_NEAR(r.step_time_s, floor->step_s, 1e-9);
+  EXPECT_EQ(r.stall_time_s, 0.0);
+  // s on the host for the step instead (back in during 'work2', out after 'update'): 4 ms longer.
+  Plan state = Plan::from_swaps("state", o.budget, g.ops.size(), {{s, 5, 9, 11}});
+  SimResult rs = simulate(g, times_of(g), unit_link(), &state, {o.budget, false});
+  EXPECT_TRUE(rs.within_budget);
+  EXPECT_NEAR(rs.step_time_s, floor->step_s + 4e-3, 1e-9);
+}
+
 TEST(Planner, NothingMovesWhenEverythingFits) {
   ZooOptions zo;
   zo.seq = 128;
