@@ -35,7 +35,7 @@ PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, cons
 // tensors from before the step go out for free and may be absent when the step begins), so
 // no plan beats it. nullopt when an op's working set alone exceeds the budget.
 struct SwapFloor {
-  double step_s = 0;            // the bound (the step's compute when nothing must move)
+  double step_s = 0;            // the bound (the step's compute when no stall is forced)
   OpIndex op = 0;               // the op that sets it
   std::uint64_t must_move = 0;  // Out(k) there: bytes made in the step that must be out
   std::uint64_t must_fetch = 0;  // Back(k) there: bytes that must still come in
