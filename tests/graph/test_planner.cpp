@@ -165,6 +165,21 @@ TEST(SwapFloor, NoPolicyBeatsItOnRandomGraphs) {
   EXPECT_GT(moved, 100);    // and the floor was above the compute often
 }
 
+// Options for the hand-made graphs below: `budget`, and any tensor may move.
+PlannerOptions every_tensor_may_move(std::uint64_t budget) {
+  PlannerOptions o;
+  o.budget = budget;
+  o.min_swap_bytes = 0;
+  return o;
+}
+
+// The floor of a hand-made graph at the options' budget on the unit link.
+double unit_floor(const Graph& g, const PlannerOptions& o) {
+  const auto floor = swap_floor(g, times_of(g), unit_link(), o.budget);
+  EXPECT_TRUE(floor.has_value());
+  return floor ? floor->step_s : 0.0;
+}
+
 // Copies in queue behind each other on the one engine to the device. Six 4 MB activations are
 // made at once (1 us each), a 24 MB op needs them all on the host (budget 24 MB), 24 ops of
 // 1 ms follow with room for them, then each is used (1 ms each, last made first). The floor:
@@ -182,17 +197,14 @@ TEST(Planner, PrefetchesQueuedOnTheLinkStartEarlyEnoughToReachTheFloor) {
   op(g, "peak", {}, {tensor(g, "t", 24'000'000)});
   for (int m = 0; m < 24; ++m) op(g, "mid" + std::to_string(m), {}, {});
   for (int j = 5; j >= 0; --j) op(g, "use" + std::to_string(j), {a[std::size_t(j)]}, {});
-  PlannerOptions o;
-  o.budget = 24'000'000;
-  o.min_swap_bytes = 0;
-  const auto floor = swap_floor(g, times_of(g), unit_link(), o.budget);
-  ASSERT_TRUE(floor.has_value());
-  EXPECT_NEAR(floor->step_s, 55e-3, 1e-5);
+  const PlannerOptions o = every_tensor_may_move(24'000'000);
+  const double floor = unit_floor(g, o);
+  EXPECT_NEAR(floor, 55e-3, 1e-5);
   Plan p = plan_spill(g, times_of(g), unit_link(), o);
   ASSERT_NO_THROW(check_plan(g, p));
   SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget, false});
   EXPECT_TRUE(r.within_budget);
-  EXPECT_LE(r.step_time_s, floor->step_s + 2e-6);  // the first copy out waits for make0 (1 us)
+  EXPECT_LE(r.step_time_s, floor + 2e-6);  // the first copy out waits for make0 (1 us)
   EXPECT_EQ(r.swapped_in_bytes, 24'000'000u);
   // Each prefetch issued 4 ops (its copy) before the next, the first one right after the peak.
   ASSERT_EQ(p.swaps.size(), 6u);
@@ -223,9 +235,7 @@ TEST(Planner, AWindowOthersMadeUnnecessaryIsDropped) {
   op(g, "peak", {}, {tensor(g, "c", 3'000'000)});
   op(g, "join", {a, b}, {tensor(g, "d", 3'000'000)});
   op(g, "update", {s}, {tensor(g, "e", 3'000'000)});
-  PlannerOptions o;
-  o.budget = 10'000'000;
-  o.min_swap_bytes = 0;
+  const PlannerOptions o = every_tensor_may_move(10'000'000);
   Plan p = plan_spill(g, times_of(g), unit_link(), o);
   ASSERT_NO_THROW(check_plan(g, p));
   ASSERT_EQ(p.swaps.size(), 1u);
@@ -263,25 +273,22 @@ TEST(Planner, WrittenOptimizerStateIsTakenLastWhenAnActivationHidesAsWell) {
   op(g, "work2", {}, {}, 10e-3);
   op(g, "use_a", {a}, {});
   op(g, "update", {s}, {s});
-  PlannerOptions o;
-  o.budget = 8'000'000;
-  o.min_swap_bytes = 0;
-  const auto floor = swap_floor(g, times_of(g), unit_link(), o.budget);
-  ASSERT_TRUE(floor.has_value());
-  EXPECT_NEAR(floor->step_s, 24e-3, 1e-9);
+  const PlannerOptions o = every_tensor_may_move(8'000'000);
+  const double floor = unit_floor(g, o);
+  EXPECT_NEAR(floor, 24e-3, 1e-9);
   Plan p = plan_spill(g, times_of(g), unit_link(), o);
   ASSERT_NO_THROW(check_plan(g, p));
   ASSERT_EQ(p.swaps.size(), 1u);
   EXPECT_EQ(p.swaps[0].tensor, a);
   SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget, false});
   EXPECT_TRUE(r.within_budget);
-  EXPECT_NEAR(r.step_time_s, floor->step_s, 1e-9);
+  EXPECT_NEAR(r.step_time_s, floor, 1e-9);
   EXPECT_EQ(r.stall_time_s, 0.0);
   // s on the host for the step instead (back in during 'work2', out after 'update'): 4 ms longer.
   Plan state = Plan::from_swaps("state", o.budget, g.ops.size(), {{s, 5, 9, 11}});
   SimResult rs = simulate(g, times_of(g), unit_link(), &state, {o.budget, false});
   EXPECT_TRUE(rs.within_budget);
-  EXPECT_NEAR(rs.step_time_s, floor->step_s + 4e-3, 1e-9);
+  EXPECT_NEAR(rs.step_time_s, floor + 4e-3, 1e-9);
 }
 
 TEST(Planner, NothingMovesWhenEverythingFits) {
