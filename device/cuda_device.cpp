@@ -33,6 +33,21 @@ const LinkModel& guess_link(const cudaDeviceProp& prop) {
 }
 
 void host_trampoline(void* user) {
+// Whether the work before `e`'s latest record has finished. cudaErrorNotReady is an answer,
+// not an error, but the runtime also keeps it as the thread's last error, where the next
+// cudaGetLastError would report it: spill's kernel-launch checks, and the frameworks' (PyTorch
+// checks after every kernel it launches), on the very thread that asked. It is cleared here,
+// and only it: another pending error stays for whoever made it.
+bool event_done(cudaEvent_t e) {
+  const cudaError_t err = cudaEventQuery(e);
+  if (err == cudaErrorNotReady) {
+    if (cudaPeekAtLastError() == cudaErrorNotReady) (void)cudaGetLastError();
+    return false;
+  }
+  SPILL_CUDA_TRY(err);
+  return true;
+}
+
   std::unique_ptr<std::function<void()>> fn(static_cast<std::function<void()>*>(user));
   try {
     (*fn)();
@@ -195,12 +210,7 @@ class CudaDevice final : public Device {
   void do_wait(Stream stream, Event event) override {
     SPILL_CUDA_TRY(cudaStreamWaitEvent(cs(stream), ce(event), 0));
   }
-  bool do_query(Event event) override {
-    cudaError_t err = cudaEventQuery(ce(event));
-    if (err == cudaErrorNotReady) return false;
-    SPILL_CUDA_TRY(err);
-    return true;
-  }
+  bool do_query(Event event) override { return event_done(ce(event)); }
   void do_synchronize_event(Event event) override {
     SPILL_CUDA_TRY(cudaEventSynchronize(ce(event)));
   }
@@ -246,7 +256,7 @@ class CudaDevice final : public Device {
       }
     }
     for (int i = 0; i < kHoldSlots; ++i) {
-      if (slot_busy_[i] || cudaEventQuery(slot_done_[i]) != cudaSuccess) continue;
+      if (slot_busy_[i] || !event_done(slot_done_[i])) continue;
       *const_cast<volatile int*>(&flags_[i]) = 0;
       detail::launch_spin(device_flags_ + i, cs(stream), 30ull * 1000 * 1000 * 1000);
       SPILL_CUDA_TRY(cudaEventRecord(slot_done_[i], cs(stream)));

@@ -115,7 +115,8 @@ class Device {
   // operations before any starts, so that timings exclude launch overhead (nvbandwidth's
   // method). A hold left unreleased for about 30 s lets go by itself rather than hang.
   // Enqueue only pinned-memory copies, fills and device copies behind a hold: on CUDA a copy
-  // to or from pageable host memory may block the host until the stream runs it.
+  // to or from pageable host memory may block the host until the stream runs it, and so may a
+  // kernel's first launch in the process (lazy module loading can synchronise the context).
   HoldToken hold(Stream stream);
   void release(HoldToken token);
 
