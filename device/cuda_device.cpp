@@ -5,6 +5,7 @@
 
 #include <mutex>
 #include <new>
+#include <optional>
 #include <unordered_map>
 
 #include "core/errors.hpp"
@@ -32,7 +33,6 @@ const LinkModel& guess_link(const cudaDeviceProp& prop) {
   return link_preset("pcie4");
 }
 
-void host_trampoline(void* user) {
 // Whether the work before `e`'s latest record has finished. cudaErrorNotReady is an answer,
 // not an error, but the runtime also keeps it as the thread's last error, where the next
 // cudaGetLastError would report it: spill's kernel-launch checks, and the frameworks' (PyTorch
@@ -48,6 +48,7 @@ bool event_done(cudaEvent_t e) {
   return true;
 }
 
+void host_trampoline(void* user) {
   std::unique_ptr<std::function<void()>> fn(static_cast<std::function<void()>*>(user));
   try {
     (*fn)();
@@ -194,7 +195,11 @@ class CudaDevice final : public Device {
     SPILL_CUDA_TRY(cudaStreamSynchronize(cs(stream)));
     SPILL_CUDA_TRY(cudaStreamDestroy(cs(stream)));
   }
+  // The default stream (nullptr) is the *current* device's: those calls make this device
+  // current first (a stream handle of this device carries its context with it).
   void do_synchronize_stream(Stream stream) override {
+    std::optional<CurrentDevice> current;
+    if (stream == nullptr) current.emplace(ordinal_);
     SPILL_CUDA_TRY(cudaStreamSynchronize(cs(stream)));
   }
   Event do_create_event(bool timing) override {
@@ -205,9 +210,13 @@ class CudaDevice final : public Device {
   }
   void do_destroy_event(Event event) override { SPILL_CUDA_TRY(cudaEventDestroy(ce(event))); }
   void do_record(Event event, Stream stream) override {
+    std::optional<CurrentDevice> current;
+    if (stream == nullptr) current.emplace(ordinal_);
     SPILL_CUDA_TRY(cudaEventRecord(ce(event), cs(stream)));
   }
   void do_wait(Stream stream, Event event) override {
+    std::optional<CurrentDevice> current;
+    if (stream == nullptr) current.emplace(ordinal_);
     SPILL_CUDA_TRY(cudaStreamWaitEvent(cs(stream), ce(event), 0));
   }
   bool do_query(Event event) override { return event_done(ce(event)); }

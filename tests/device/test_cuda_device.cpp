@@ -55,5 +55,24 @@ TEST(CudaDevice, AQueryOfUnfinishedWorkLeavesNoErrorBehind) {
   dev->destroy_stream(s);
 }
 
+// The default stream (nullptr) is the current device's: record and wait on it from a thread
+// whose current device is another GPU must still use this device's (needs two GPUs).
+TEST(CudaDevice, DefaultStreamCallsUseThisDevice) {
+  std::unique_ptr<Device> dev = gpu_or_skip();
+  if (!dev) GTEST_SKIP() << "no GPU";
+  std::string why;
+  if (!cuda_available(1, &why)) GTEST_SKIP() << "needs two GPUs: " << why;
+  ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+  Event e = dev->create_event();
+  EXPECT_NO_THROW(dev->record(e, nullptr));
+  EXPECT_NO_THROW(dev->wait(nullptr, e));
+  EXPECT_NO_THROW(dev->synchronize(Stream{nullptr}));
+  int current = -1;
+  ASSERT_EQ(cudaGetDevice(&current), cudaSuccess);
+  EXPECT_EQ(current, 1);
+  dev->destroy_event(e);
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+}
+
 }  // namespace
 }  // namespace spill::test
