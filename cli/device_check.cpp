@@ -5,8 +5,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "cli/commands.hpp"
@@ -91,6 +95,74 @@ void check_bandwidth(Device& dev) {
   dev.deallocate(d);
 }
 
+// What the VMM calls cost the host (the swapper makes them on every swap-out and swap-in),
+// and whether they wait for work queued on another stream: the swapper assumes they do not
+// (the host runs ahead of the device). Figures only: a slow call is not a failure.
+void report_vmm_costs(Device& dev) {
+  using Clock = std::chrono::steady_clock;
+  auto us = [](Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); };
+  const std::size_t g = dev.granularity();
+  for (std::size_t chunk : {g, 32 * g}) {
+    const int reps = chunk == g ? 16 : 4;
+    double t_create = 0, t_map = 0, t_unmap = 0, t_release = 0;
+    void* va = dev.reserve(chunk);
+    for (int i = 0; i < reps; ++i) {
+      auto t0 = Clock::now();
+      PhysicalHandle h = dev.create_physical(chunk);
+      auto t1 = Clock::now();
+      dev.map(va, chunk, h);
+      auto t2 = Clock::now();
+      dev.unmap(va, chunk);
+      auto t3 = Clock::now();
+      dev.release_physical(h, chunk);
+      auto t4 = Clock::now();
+      t_create += us(t1 - t0), t_map += us(t2 - t1), t_unmap += us(t3 - t2), t_release += us(t4 - t3);
+    }
+    dev.unreserve(va, chunk);
+    std::printf("  %s chunk: create %.0f us, map %.0f us, unmap %.0f us, release %.0f us (mean of %d)\n",
+                format_bytes(chunk).c_str(), t_create / reps, t_map / reps, t_unmap / reps,
+                t_release / reps, reps);
+  }
+  // The same calls while a stream is held busy; a watchdog lets it go after 300 ms at most.
+  Stream busy = dev.create_stream();
+  HoldToken hold = dev.hold(busy);
+  std::mutex m;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread watchdog([&] {
+    std::unique_lock lock(m);
+    cv.wait_for(lock, std::chrono::milliseconds(300), [&] { return done; });
+    dev.release(hold);
+  });
+  auto let_go = [&] {
+    {
+      std::lock_guard lock(m);
+      done = true;
+    }
+    cv.notify_all();
+    watchdog.join();
+  };
+  const auto t0 = Clock::now();
+  try {
+    void* va = dev.reserve(g);
+    PhysicalHandle h = dev.create_physical(g);
+    dev.map(va, g, h);
+    dev.unmap(va, g);
+    dev.release_physical(h, g);
+    dev.unreserve(va, g);
+  } catch (...) {
+    let_go();
+    throw;
+  }
+  const double took = us(Clock::now() - t0);
+  let_go();
+  dev.synchronize(busy);
+  dev.destroy_stream(busy);
+  std::printf("  VMM calls while another stream is busy: %.0f us (%s)\n", took,
+              took > 250e3 ? "they WAIT for the device's work: swap-outs and swap-ins stall the host"
+                           : "they do not wait for it");
+}
+
 void check_fault() {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
   char* p = static_cast<char*>(dev.reserve(dev.granularity()));
@@ -143,6 +215,8 @@ void add_device_check(CLI::App& app, Runner& run) {
       check_remap(dev);
       std::printf("copies and bandwidth:\n");
       check_bandwidth(dev);
+      std::printf("VMM call costs (host time):\n");
+      report_vmm_costs(dev);
       std::printf("simulated-device safety nets:\n");
       check_fault();
       check_chaos();

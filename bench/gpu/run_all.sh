@@ -202,6 +202,9 @@ fi
   for t in tests-gpu tests-rest; do
     [[ -f $work/$t.log ]] || continue
     echo "$t: $(grep -E 'tests passed|tests failed' "$work/$t.log" || echo 'no ctest total (cut short?)')"
+  if [[ -f $work/device-check.log ]]; then
+    grep -E 'GB/s|chunk:|busy:|FAIL|checks? failed' "$work/device-check.log" | sed 's/^ */device-check: /'
+  fi
     # Failed tests, also when the step was cut short before ctest's own list.
     grep -E '\*\*\*(Failed|Timeout|Exception)|\(Failed\)|\(Timeout\)' "$work/$t.log" | sed 's/^/  /' | head -40
   done
