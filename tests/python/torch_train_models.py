@@ -86,12 +86,17 @@ def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
+# The optimizers run their per-parameter loop (foreach=False) on every device: PyTorch's
+# default on CUDA is the foreach kernels, which need not round as the loop does, and offload()
+# switches to the loop, so a baseline left on the default could differ from spill's run by
+# that alone (on the CPU the loop is the default anyway).
 MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.optim.Optimizer],
                         Callable[[int], Tuple[torch.Tensor, torch.Tensor]]]] = {
-    "mlp": (MLP, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), _mlp_batch),
-    "cnn": (CNN, lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), _cnn_batch),
-    "gpt": (GPT, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01),
-            _gpt_batch),
+    "mlp": (MLP, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=False), _mlp_batch),
+    "cnn": (CNN, lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
+                                           foreach=False), _cnn_batch),
+    "gpt": (GPT, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01,
+                                             foreach=False), _gpt_batch),
 }
 
 
@@ -103,6 +108,11 @@ def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: 
     the model and what ``wrap(model, optimizer)`` returned (e.g. an offload handle). With
     ``context``, the loop runs inside ``context(model, optimizer)`` (e.g. spill.torch.guard)."""
     make_model, make_optimizer, batch = MODELS[name]
+    if device != "cpu":
+        # Runs compared bit for bit need cuDNN's deterministic convolution algorithms (its
+        # heuristics may pick ones with atomics, which differ from run to run without spill).
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(0)
     model = make_model().to(device)
     optimizer = make_optimizer(model)
