@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -43,6 +45,14 @@ class AllocatorTest : public ::testing::Test {
     fill_pattern(in.data(), n, seed);
     dev_->copy_async(p, in.data(), n, CopyKind::HostToDevice, s);
     dev_->synchronize(s);
+  }
+  // Host bytes for a copy enqueued behind a hold: pinned, since on CUDA a pageable copy may
+  // block the host until the held stream runs it (Device::hold). Freed with the returned owner.
+  std::unique_ptr<unsigned char, std::function<void(unsigned char*)>> pinned(std::size_t n,
+                                                                              std::uint64_t seed) {
+    auto* p = static_cast<unsigned char*>(dev_->allocate_host(n));
+    fill_pattern(p, n, seed);
+    return {p, [d = dev_.get()](unsigned char* q) { d->free_host(q); }};
   }
   bool holds(void* p, std::size_t n, std::uint64_t seed, Stream s) {
     std::vector<unsigned char> out(n);
@@ -101,10 +111,9 @@ TYPED_TEST(AllocatorTest, AnotherStreamWaitsForTheFreeingStream) {
   for (std::size_t n : {256 * KiB, 4 * MiB}) {
     SCOPED_TRACE(n);
     void* p = a.allocate(n, this->s1_);
+    auto late = this->pinned(n, 666);
     HoldToken hold = d.hold(this->s1_);
-    std::vector<unsigned char> late(n);
-    fill_pattern(late.data(), n, 666);
-    d.copy_async(p, late.data(), n, CopyKind::HostToDevice, this->s1_);  // lands after release
+    d.copy_async(p, late.get(), n, CopyKind::HostToDevice, this->s1_);  // lands after release
     a.deallocate(p);                                                       // freed on s1
     void* q = a.allocate(n, this->s2_);
     this->write(q, n, 42, this->s2_);
@@ -122,10 +131,9 @@ TYPED_TEST(AllocatorTest, RecordStreamDelaysReuseUntilThatUseIsDone) {
   const std::size_t n = 256 * KiB;
   void* p = a.allocate(n, this->s1_);
   Stream other = d.create_stream();
+  auto late = this->pinned(n, 7);
   HoldToken hold = d.hold(other);
-  std::vector<unsigned char> late(n);
-  fill_pattern(late.data(), n, 7);
-  d.copy_async(p, late.data(), n, CopyKind::HostToDevice, other);
+  d.copy_async(p, late.get(), n, CopyKind::HostToDevice, other);
   a.record_stream(p, other);
   a.deallocate(p);  // on s1, which is idle
   void* q = a.allocate(n, this->s1_);
@@ -209,21 +217,23 @@ TYPED_TEST(AllocatorTest, GatheredBlockFollowsQueuedWorkInStreamOrder) {
   void* q = a.allocate(g, this->s1_);
   const MemInfo before = d.mem_info();
   // Queued work writes p and q behind a hold; both are freed while it waits.
+  auto early = this->pinned(3 * g, 1);
+  auto late = this->pinned(3 * g, 2);
   HoldToken hold = d.hold(this->s1_);
-  std::vector<unsigned char> early(3 * g);
-  fill_pattern(early.data(), early.size(), 1);
-  d.copy_async(p, early.data(), 2 * g, CopyKind::HostToDevice, this->s1_);
-  d.copy_async(q, early.data() + 2 * g, g, CopyKind::HostToDevice, this->s1_);
+  d.copy_async(p, early.get(), 2 * g, CopyKind::HostToDevice, this->s1_);
+  d.copy_async(q, early.get() + 2 * g, g, CopyKind::HostToDevice, this->s1_);
   a.deallocate(p);
   a.deallocate(q);
   // The same stream may use their memory at once: the new block maps their chunks.
   void* r = a.allocate(3 * g, this->s1_);
   EXPECT_EQ(a.stats().gathers, 1u);
   EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(3 * g));
-  EXPECT_EQ(d.mem_info().free, before.free) << "no new physical memory";
-  std::vector<unsigned char> late(3 * g);
-  fill_pattern(late.data(), late.size(), 2);
-  d.copy_async(r, late.data(), late.size(), CopyKind::HostToDevice, this->s1_);
+  // Device memory is exact on the simulated device only: on a GPU, other processes (ctest
+  // runs tests in parallel) and the driver's own page tables move cudaMemGetInfo's figures.
+  if (d.info().simulated) {
+    EXPECT_EQ(d.mem_info().free, before.free) << "no new physical memory";
+  }
+  d.copy_async(r, late.get(), 3 * g, CopyKind::HostToDevice, this->s1_);
   // The writes to the old addresses run first (their ranges are still mapped), then the new.
   d.release(hold);
   d.synchronize(this->s1_);
@@ -232,7 +242,9 @@ TYPED_TEST(AllocatorTest, GatheredBlockFollowsQueuedWorkInStreamOrder) {
   a.deallocate(r);
   a.empty_cache();  // unmaps the retired ranges, then the block
   EXPECT_EQ(a.stats().reserved.current, 0);
-  EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";
+  if (d.info().simulated) {
+    EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";
+  }
   a.check_invariants();
 }
 
@@ -263,10 +275,9 @@ TYPED_TEST(AllocatorTest, PeakGuardWaitsForTheRequestingStreamRatherThanRaiseThe
   const std::size_t g = d.granularity();
   CachingAllocator a = this->make(64 * g, PeakGuard::Wait);
   void* p = a.allocate(4 * g, this->s1_);
+  auto late = this->pinned(4 * g, 11);
   HoldToken hold = d.hold(this->s1_);
-  std::vector<unsigned char> late(4 * g);
-  fill_pattern(late.data(), late.size(), 11);
-  d.copy_async(p, late.data(), late.size(), CopyKind::HostToDevice, this->s1_);
+  d.copy_async(p, late.get(), 4 * g, CopyKind::HostToDevice, this->s1_);
   a.deallocate(p);  // s1 has not passed the free: p's memory is still in use
   std::atomic<bool> released{false};
   std::thread releaser([&] {
@@ -358,7 +369,10 @@ TYPED_TEST(AllocatorTest, GatheringStopsAtTheChunkLimitAndBlocksStillSwap) {
   a.check_invariants();
   a.deallocate(big);
   a.empty_cache();
-  EXPECT_EQ(d.mem_info().free, d.mem_info().total);
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  if (d.info().simulated) {
+    EXPECT_EQ(d.mem_info().free, d.mem_info().total);  // exact there only
+  }
 }
 
 TYPED_TEST(AllocatorTest, BadInputIsAClearErrorAndHarmsNothing) {
