@@ -147,7 +147,7 @@ if ((built == 0)); then
   # The tests that touch CUDA first, in a step of their own (the rest ran in CI on the
   # simulated device): a slow or hung one then cannot hide the others' results. A step cut
   # short keeps the results ctest printed so far (the summary lists the failures).
-  gpu_tests='cuda|Cuda|Gpu|gpu|Select\.'
+  gpu_tests='cuda|Cuda|Gpu|gpu|Select\.|PatternKernels'
   step tests-gpu 150 ctest --test-dir "$build" --output-on-failure -j 8 -R "$gpu_tests" \
     --output-junit "$work/ctest-gpu.xml"
   step tests-rest 240 ctest --test-dir "$build" --output-on-failure -j 8 -E "$gpu_tests" \
