@@ -1,8 +1,10 @@
 #include "device/cuda_driver.hpp"
 
+#include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 
 #include <string>
+#include <type_traits>
 
 #include "core/errors.hpp"
 #include "device/cuda_check.hpp"
@@ -12,6 +14,21 @@ namespace {
 
 // The driver ABI version we ask for: VMM has been stable since 10.2; 12.0 is our floor.
 constexpr unsigned kDriverVersion = 12000;
+
+// The pointers' types are the toolkit's own for the versions kDriverVersion gets (the newest
+// version of each function up to 12.0): a signature that drifts from cuda.h fails to compile.
+static_assert(std::is_same_v<decltype(DriverApi::mem_address_reserve), PFN_cuMemAddressReserve_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_address_free), PFN_cuMemAddressFree_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_create), PFN_cuMemCreate_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_release), PFN_cuMemRelease_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_map), PFN_cuMemMap_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_unmap), PFN_cuMemUnmap_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_set_access), PFN_cuMemSetAccess_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::mem_get_allocation_granularity),
+                             PFN_cuMemGetAllocationGranularity_v10020>);
+static_assert(std::is_same_v<decltype(DriverApi::get_error_name), PFN_cuGetErrorName_v6000>);
+static_assert(std::is_same_v<decltype(DriverApi::device_get), PFN_cuDeviceGet_v2000>);
+static_assert(std::is_same_v<decltype(DriverApi::device_get_attribute), PFN_cuDeviceGetAttribute_v2000>);
 
 template <class F>
 void load(F& fn, const char* symbol) {
