@@ -68,6 +68,18 @@ step() {
 }
 
 cmake_args=()
+# CMake 4 (pip's, say) refuses package files that declare compatibility with CMake < 3.5; some
+# carried Debian packages may; CMake 3 ignores the setting.
+cmake_args+=("-DCMAKE_POLICY_VERSION_MINIMUM=3.5")
+# nvcc where CMakeLists.txt does not look (it takes /usr/local/cuda's, else PATH's).
+if ! command -v nvcc >/dev/null 2>&1 && ! [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  for candidate in /usr/local/cuda-*/bin/nvcc /opt/cuda/bin/nvcc /usr/lib/cuda/bin/nvcc; do
+    if [[ -x $candidate ]]; then
+      cmake_args+=("-DCMAKE_CUDA_COMPILER=$candidate")
+      break
+    fi
+  done
+fi
 if [[ -d $root/.gpu-deps ]] &&
   ! [[ -f /usr/include/gtest/gtest.h && -d /usr/include/x86_64-linux-gnu/openblas-pthread ]]; then
   deps=$build/deps
