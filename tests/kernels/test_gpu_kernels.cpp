@@ -5,6 +5,7 @@
 // against the host's). Every GPU kernel must also repeat itself bit for bit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -212,11 +213,53 @@ TEST_F(GpuKernelsTest, ConvolutionBatchNormAndPoolingThroughCudnn) {
         *di = zeros(c);
   expect("batch norm", [&] { k_->batch_norm_forward(s_, dby, dm, di, dbx, dbg, dbb, n, c, hw, 1e-5f); },
          dby, by, kReduceTol);
+  // Backward from the CPU's saved statistics (cuDNN reads them; the forward's are within
+  // kReduceTol of them).
+  std::vector<float> bdy = random_vec(bx.size(), 37), bdx(bx.size()), bdg(c), bdb(c);
+  cpu::batch_norm_backward(bdx.data(), bdg.data(), bdb.data(), bdy.data(), bx.data(), bg.data(),
+                           mean.data(), inv.data(), n, c, hw);
+  float *dbdy = up(bdy), *dmean = up(mean), *dinv = up(inv), *dbdx = zeros(bdx.size()),
+        *dbdg = zeros(c), *dbdb = zeros(c);
+  auto bn_back = [&] {
+    k_->batch_norm_backward(s_, dbdx, dbdg, dbdb, dbdy, dbx, dbg, dmean, dinv, n, c, hw);
+  };
+  expect("batch norm dx", bn_back, dbdx, bdx, kReduceTol);
+  expect("batch norm dgamma", bn_back, dbdg, bdg, kReduceTol);
+  expect("batch norm dbeta", bn_back, dbdb, bdb, kReduceTol);
   kernels::Pool2dShape ps{.n = 4, .c = 8, .h = 16, .w = 12};
   std::vector<float> px = random_vec(ps.in_elems(), 36), py(ps.out_elems());
   cpu::max_pool_forward(py.data(), px.data(), ps);
   float *dpx = up(px), *dpy = zeros(py.size());
   expect("max pool", [&] { k_->max_pool_forward(s_, dpy, dpx, ps); }, dpy, py, 0);
+  // Backward: each window's gradient goes to its maximum, exactly (windows do not overlap).
+  std::vector<float> pdy = random_vec(py.size(), 38), pdx(px.size());
+  cpu::max_pool_backward(pdx.data(), pdy.data(), px.data(), ps);
+  float *dpdy = up(pdy), *dpdx = zeros(pdx.size());
+  expect("max pool backward", [&] { k_->max_pool_backward(s_, dpdx, dpdy, dpx, dpy, ps); },
+         dpdx, pdx, 0);
+  // Ties, as after a ReLU (windows of zeros): the CPU gives the gradient to the window's first
+  // element (row-major). A failure here means cuDNN's deterministic max pooling picks another
+  // element, so GPU and CPU runs of the CNN differ at ties (each stays deterministic).
+  std::vector<float> tx = px, ty(py.size()), tdx(px.size());
+  for (float& v : tx) v = std::max(v, 0.0f);
+  cpu::max_pool_forward(ty.data(), tx.data(), ps);
+  cpu::max_pool_backward(tdx.data(), pdy.data(), tx.data(), ps);
+  float *dtx = up(tx), *dty = up(ty), *dtdx = zeros(tdx.size());
+  expect("max pool backward with ties (cuDNN's tie rule against the CPU's first-in-window)",
+         [&] { k_->max_pool_backward(s_, dtdx, dpdy, dtx, dty, ps); }, dtdx, tdx, 0);
+}
+
+TEST_F(GpuKernelsTest, GlobalAveragePooling) {
+  const int n = 8, c = 24, hw = 49;
+  std::vector<float> x = random_vec(std::size_t(n) * c * hw, 40), y(std::size_t(n) * c);
+  cpu::avg_pool_forward(y.data(), x.data(), n, c, hw);
+  float *dx = up(x), *dy = zeros(y.size());
+  expect("avg pool", [&] { k_->avg_pool_forward(s_, dy, dx, n, c, hw); }, dy, y, kReduceTol);
+  std::vector<float> g = random_vec(y.size(), 41), gx(x.size());
+  cpu::avg_pool_backward(gx.data(), g.data(), n, c, hw);
+  float *dg = up(g), *dgx = zeros(gx.size());
+  expect("avg pool backward", [&] { k_->avg_pool_backward(s_, dgx, dg, n, c, hw); }, dgx, gx,
+         kElementTol);
 }
 
 }  // namespace
