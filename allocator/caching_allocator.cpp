@@ -394,6 +394,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     m.trace(EventKind::Unmap, d.addr, d.size);
     m.stats.reserved.sub(d.size);
     m.stats.segment_unmaps++;
+    if (!d.large) m.stats.plain_frees++;
   }
   m.budget.release(bytes);
   m.releasing -= bytes;

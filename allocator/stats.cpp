@@ -19,7 +19,8 @@ std::string AllocatorStats::to_string() const {
   out += "swapped out: " + format_bytes(swapped_out_bytes) + "\n";
   out += "allocations " + std::to_string(allocations) + ", frees " + std::to_string(frees) +
          ", segment maps " + std::to_string(segment_maps) + ", unmaps " +
-         std::to_string(segment_unmaps) + "\n";
+         std::to_string(segment_unmaps) + " (" + std::to_string(plain_frees) +
+         " small-pool segments freed)\n";
   out += "ladder: cache hits " + std::to_string(cache_hits) + ", gathers " +
          std::to_string(gathers) + ", cache releases " +
          std::to_string(cache_releases) + ", eviction requests " +

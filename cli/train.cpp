@@ -49,6 +49,8 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"prefetch_hits", s.swaps.prefetch_hits},
           {"prefetch_late", s.swaps.prefetch_late},
           {"evictions_reactive", s.swaps.evictions_reactive},
+          {"cache_returns", s.cache_returns},
+          {"small_segment_frees", s.plain_frees},
           {"wall_s", s.wall_s},
           {"spill_cpu_s", s.spill_cpu_s}};
 }
@@ -141,9 +143,10 @@ int run_train(Config config, const TrainArgs& a) {
               format_bytes(peak).c_str(), format_bytes(run.budget).c_str(),
               ok ? "" : "  FAILED: over the budget");
   SwapStats total;
-  std::uint64_t cancelled = 0, returns = 0;
+  std::uint64_t cancelled = 0, returns = 0, plain_frees = 0;
   for (const train::StepStats& st : run.steps) {
     returns += st.cache_returns;
+    plain_frees += st.plain_frees;
     total.prefetches += st.swaps.prefetches;
     total.prefetch_hits += st.swaps.prefetch_hits;
     total.prefetch_late += st.swaps.prefetch_late;
@@ -155,12 +158,13 @@ int run_train(Config config, const TrainArgs& a) {
     cancelled += st.cancelled_bytes;
   }
   std::printf("swaps:     %llu prefetches (%llu hits, %llu late, %llu skipped for want of room; "
-              "the cache returned first %llu times), "
+              "the cache returned first %llu times, %llu small-pool segments freed), "
               "%llu demand fetches, %llu planned and %llu reactive evictions (%llu clean), %s of "
               "planned prefetches still on the device\n",
               (unsigned long long)total.prefetches, (unsigned long long)total.prefetch_hits,
               (unsigned long long)total.prefetch_late,
               (unsigned long long)total.prefetches_skipped, (unsigned long long)returns,
+              (unsigned long long)plain_frees,
               (unsigned long long)total.demand_fetches, (unsigned long long)total.evictions_planned,
               (unsigned long long)total.evictions_reactive, (unsigned long long)total.clean_evictions,
               format_bytes(cancelled).c_str());

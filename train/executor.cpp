@@ -324,6 +324,7 @@ StepStats Executor::Impl::step() {
   spill_s = spill_cpu_s = 0;
   const SwapStats before = swp ? swp->stats() : SwapStats{};
   alloc.reset_peak();
+  const std::uint64_t plain_frees0 = alloc.stats().plain_frees;
   // The step starts when the previous one's last op ended (the compute stream is idle), and
   // includes its inputs' upload.
   dev.record(t0, stream);
@@ -395,6 +396,7 @@ StepStats Executor::Impl::step() {
   for (const graph::Op& op : g.ops) r.compute_s += *op.time_s;
   r.stall_s = std::max(0.0, r.step_s - r.compute_s);
   r.peak_mapped = static_cast<std::uint64_t>(alloc.stats().reserved.peak);
+  r.plain_frees = alloc.stats().plain_frees - plain_frees0;
   if (swp) r.swaps = swaps_since(swp->stats(), before);
   ++steps_done;
   if (measuring) {

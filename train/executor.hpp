@@ -69,6 +69,8 @@ struct StepStats {
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their
                                       // swap-out cancelled; predicted: SimResult::cancelled_bytes)
   std::uint64_t cache_returns = 0;  // planned prefetches that first returned the allocator's cache
+  std::uint64_t plain_frees = 0;    // small-pool segments freed in the step (on a GPU each is a
+                                    // cudaFree, which waits for all work on the device)
   // The prediction in force for this step (the simulator on the plan; mapped peak as
   // Executor::predicted_peak).
   double predicted_step_s = 0, predicted_stall_s = 0;

@@ -162,6 +162,12 @@ if ((built == 0)); then
   gpu_tests='cuda|Cuda|Gpu|gpu|Select\.|PatternKernels'
   step tests-gpu 150 ctest --test-dir "$build" --output-on-failure -j 8 -R "$gpu_tests" \
     --output-junit "$work/ctest-gpu.xml"
+  # The trainer on the GPU, each model checked bit for bit against the same steps with no
+  # budget (cuBLAS, cuDNN for the CNN, spill's kernels, swapping by the graph plan and by the
+  # swapper's recorded plan with op times measured on the device).
+  step tests-train 150 bash -c 'set -e; for m in mlp cnn gpt-mini; do "$1" --conf device:cuda \
+    train "$m" --check --steps 4; done; "$1" --conf device:cuda train gpt-mini --policy plan \
+    --check --steps 4' _ "$build/spill"
   step tests-rest 240 ctest --test-dir "$build" --output-on-failure -j 8 -E "$gpu_tests" \
     --output-junit "$work/ctest.xml"
   # spill as CuPy's allocator on the GPU (also part of tests-rest; its own row says whether it
@@ -227,8 +233,11 @@ fi
   if [[ -f $work/torch-gpt2-medium.log ]]; then
     grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint)' "$work/torch-gpt2-medium.log"
   fi
+  if [[ -f $work/tests-train.log ]]; then
+    grep -E "identical|differ|error" "$work/tests-train.log" | sed 's/^/tests-train: /' | head -8
+  fi
   if [[ -f $work/train-gpt-medium.log ]]; then
-    grep -E '^(device|step time|predicted|floor)' "$work/train-gpt-medium.log"
+    grep -E '^(device|step time|predicted|floor|small-pool)' "$work/train-gpt-medium.log"
   fi
   for name in "${failed_steps[@]}"; do
     echo "---- $name: last lines of $name.log"
