@@ -165,9 +165,9 @@ if ((built == 0)); then
   # The trainer on the GPU, each model checked bit for bit against the same steps with no
   # budget (cuBLAS, cuDNN for the CNN, spill's kernels, swapping by the graph plan and by the
   # swapper's recorded plan with op times measured on the device).
-  step tests-train 150 bash -c 'set -e; for m in mlp cnn gpt-mini; do "$1" --conf device:cuda \
-    train "$m" --check --steps 4; done; "$1" --conf device:cuda train gpt-mini --policy plan \
-    --check --steps 4' _ "$build/spill"
+  step tests-train 150 bash -c 'rc=0; for m in mlp cnn gpt-mini; do "$1" --conf device:cuda \
+    train "$m" --check --steps 4 || rc=1; done; "$1" --conf device:cuda train gpt-mini \
+    --policy plan --check --steps 4 || rc=1; exit $rc' _ "$build/spill"
   step tests-rest 240 ctest --test-dir "$build" --output-on-failure -j 8 -E "$gpu_tests" \
     --output-junit "$work/ctest.xml"
   # spill as CuPy's allocator on the GPU (also part of tests-rest; its own row says whether it
