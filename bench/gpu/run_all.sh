@@ -130,6 +130,7 @@ echo "$python_line"
     printf '%s: %s\n' "$tool" "$("$tool" --version 2>&1 | grep -m1 -iE 'release|version|[0-9]+\.[0-9]+' || echo missing)"
   done
   echo "$python_line"
+  echo "toolkit libraries: $(ls /usr/local/cuda/lib64 2>/dev/null | grep -E '^lib(cublas|cudart|cudnn)\.so' | tr '\n' ' ')"
   echo "cuDNN root (nvidia.cudnn wheel): ${cudnn_root:-none}"
   ls "${cudnn_root:-/nonexistent}/lib" 2>/dev/null | head -20
   [[ -n $python ]] && "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.is_available())' 2>&1
