@@ -42,6 +42,12 @@ void CachingAllocator::reset_peak() {
   if (pool) pool->reset_peak();
 }
 
+std::uint64_t CachingAllocator::take_allocated_window_peak() {
+  std::lock_guard lock(impl_->mu);
+  const std::int64_t p = impl_->stats.allocated.take_window_peak();
+  return p < 0 ? 0 : static_cast<std::uint64_t>(p);
+}
+
 // ---- snapshots
 
 profiling::MemoryState CachingAllocator::snapshot() const {

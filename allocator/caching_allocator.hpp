@@ -104,6 +104,9 @@ class CachingAllocator final : public ResidencyBackend {
 
   AllocatorStats stats() const;
   void reset_peak();
+  // The peak of allocated bytes since the previous call (the first: since the allocator
+  // began); the next such peak starts from the current value. reset_peak leaves it alone.
+  std::uint64_t take_allocated_window_peak();
   std::size_t budget() const;
   // Changes the budget at run time. Raising it (up to the device) takes effect at once.
   // Lowering it below the mapped bytes first releases cached memory (waiting for queued work on

@@ -13,17 +13,27 @@ struct Stat {
   std::int64_t peak = 0;
   std::uint64_t allocated = 0;  // total ever added
   std::uint64_t freed = 0;      // total ever removed
+  // A second peak for an integration's own intervals (take_window_peak), apart from `peak`,
+  // which reset_peak restarts for the user (PyTorch's max_memory_allocated).
+  std::int64_t window_peak = 0;
 
   void add(std::uint64_t n) {
     current += static_cast<std::int64_t>(n);
     allocated += n;
     if (current > peak) peak = current;
+    if (current > window_peak) window_peak = current;
   }
   void sub(std::uint64_t n) {
     current -= static_cast<std::int64_t>(n);
     freed += n;
   }
   void reset_peak() { peak = current; }
+  // The window's peak so far; the next window starts from the current value.
+  std::int64_t take_window_peak() {
+    const std::int64_t p = window_peak;
+    window_peak = current;
+    return p;
+  }
 };
 
 struct AllocatorStats {

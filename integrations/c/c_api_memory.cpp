@@ -83,6 +83,8 @@ spill_status spill_malloc(void** out, size_t size, int device, void* stream) {
                                    std::to_string(device) + ")");
     if (s == SPILL_ERROR_OUT_OF_MEMORY || s == SPILL_ERROR_HOST_CAP) {
       try {
+        const std::string note = lease->oom_note();
+        if (!note.empty()) fail(s, std::string(last_error_text()) + "\n" + note);
         lease->note_oom(last_error_text());
       } catch (...) {
         // The message stays in spill_last_error.

@@ -192,4 +192,22 @@ spill_status spill_reset_peak_stats(int device) {
   });
 }
 
+spill_status spill_take_allocated_peak(int device, uint64_t* peak_bytes) {
+  if (peak_bytes == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_take_allocated_peak: peak_bytes is NULL");
+  return on_device(device, "spill_take_allocated_peak", [&](Lease& lease) {
+    *peak_bytes = lease.rt().allocator().take_allocated_window_peak();
+    return SPILL_OK;
+  });
+}
+
+spill_status spill_set_oom_note(int device, const char* note) {
+  return on_device(device, "spill_set_oom_note", [&](Lease& lease) {
+    constexpr std::size_t kMaxNote = 4096;
+    lease->set_oom_note(note == nullptr ? std::string()
+                                        : std::string(note, strnlen(note, kMaxNote)));
+    return SPILL_OK;
+  });
+}
+
 }  // extern "C"

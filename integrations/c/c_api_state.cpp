@@ -204,6 +204,16 @@ std::string DeviceState::last_oom() const {
   return last_oom_;
 }
 
+void DeviceState::set_oom_note(std::string note) {
+  std::lock_guard lock(mu_);
+  oom_note_ = std::move(note);
+}
+
+std::string DeviceState::oom_note() const {
+  std::lock_guard lock(mu_);
+  return oom_note_;
+}
+
 // ---- leases
 
 namespace {

@@ -53,14 +53,18 @@ struct DeviceState {
 
   void note_oom(const std::string& message);
   std::string last_oom() const;
+  // The integration's sentence for out-of-memory messages (spill_set_oom_note); "" for none.
+  void set_oom_note(std::string note);
+  std::string oom_note() const;
 
   std::atomic<std::uint64_t> torch_free_errors{0};
 
  private:
   std::array<std::atomic<void*>, kMaxSimStreams> streams{};
   std::atomic<int> n_streams{0};
-  mutable std::mutex mu_;  // stream registration, last_oom_
+  mutable std::mutex mu_;  // stream registration, last_oom_, oom_note_
   std::string last_oom_;
+  std::string oom_note_;
 };
 
 struct Slot {

@@ -87,6 +87,9 @@ _PROTOTYPES = {
     "spill_trace_export": (_status, [ctypes.c_char_p]),
     "spill_last_oom_message": (_status, [_c_int, ctypes.POINTER(_c_void_p)]),
     "spill_reset_peak_stats": (_status, [_c_int]),
+    "spill_get_stats": (_status, [_c_int, _c_void_p]),  # a caller-sized spill_stats
+    "spill_take_allocated_peak": (_status, [_c_int, ctypes.POINTER(_c_uint64)]),
+    "spill_set_oom_note": (_status, [_c_int, ctypes.c_char_p]),
 }
 
 

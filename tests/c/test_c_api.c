@@ -196,6 +196,59 @@ TEST(out_of_memory_says_where_the_bytes_are) {
   for (int i = 0; i < n; ++i) CHECK_OK(spill_free(blocks[i], 0, NULL));
 }
 
+TEST(an_oom_note_is_added_to_out_of_memory_messages_until_removed) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = (void*)1;
+  CHECK_OK(spill_set_oom_note(0, "the integration ran this step quietly"));
+  CHECK_STATUS(spill_malloc(&p, (size_t)1 << 40, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_ERROR_HAS("1099511627776 bytes");
+  CHECK_ERROR_HAS("\nthe integration ran this step quietly");
+  char* oom = NULL;
+  REQUIRE_OK(spill_last_oom_message(0, &oom));
+  CHECK(oom != NULL && strstr(oom, "ran this step quietly") != NULL);
+  spill_string_free(oom);
+  /* Other errors do not carry it. */
+  CHECK_STATUS(spill_free((void*)0x10, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK(strstr(spill_last_error(), "quietly") == NULL);
+  CHECK_OK(spill_set_oom_note(0, NULL));
+  CHECK_STATUS(spill_malloc(&p, (size_t)1 << 40, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK(strstr(spill_last_error(), "quietly") == NULL);
+  CHECK_OK(spill_set_oom_note(0, "again"));
+  CHECK_OK(spill_set_oom_note(0, ""));
+  CHECK_STATUS(spill_malloc(&p, (size_t)1 << 40, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK(strstr(spill_last_error(), "again") == NULL);
+  CHECK_STATUS(spill_set_oom_note(-1, "x"), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
+TEST(the_allocated_peak_of_an_interval_leaves_the_users_peaks_alone) {
+  REQUIRE_OK(spill_init(CONF));
+  uint64_t peak = 0;
+  void *a = NULL, *b = NULL;
+  REQUIRE_OK(spill_malloc(&a, 8u << 20, 0, NULL));
+  REQUIRE_OK(spill_malloc(&b, 16u << 20, 0, NULL));
+  CHECK_OK(spill_free(b, 0, NULL));
+  CHECK_OK(spill_take_allocated_peak(0, &peak));
+  CHECK(peak == 24u << 20);
+  /* The next interval starts from what is allocated now. */
+  CHECK_OK(spill_take_allocated_peak(0, &peak));
+  CHECK(peak == 8u << 20);
+  REQUIRE_OK(spill_malloc(&b, 4u << 20, 0, NULL));
+  CHECK_OK(spill_reset_peak_stats(0)); /* the user's peaks only */
+  CHECK_OK(spill_free(b, 0, NULL));
+  CHECK_OK(spill_take_allocated_peak(0, &peak));
+  CHECK(peak == 12u << 20);
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.allocated_peak_bytes == 12u << 20); /* from the reset, not from the interval */
+  /* Taking the interval's peak does not touch the user's. */
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.allocated_peak_bytes == 12u << 20);
+  CHECK_STATUS(spill_take_allocated_peak(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("peak_bytes");
+  CHECK_OK(spill_free(a, 0, NULL));
+}
+
 TEST(free_of_an_unknown_pointer) {
   REQUIRE_OK(spill_init(CONF));
   void* p = NULL;
@@ -587,6 +640,8 @@ TEST(exit_with_blocks_held) {
   X(bad_device_ordinals)                          \
   X(absurd_sizes_are_out_of_memory)               \
   X(out_of_memory_says_where_the_bytes_are)       \
+  X(an_oom_note_is_added_to_out_of_memory_messages_until_removed) \
+  X(the_allocated_peak_of_an_interval_leaves_the_users_peaks_alone) \
   X(free_of_an_unknown_pointer)                   \
   X(free_of_an_interior_pointer)                  \
   X(double_free)                                  \

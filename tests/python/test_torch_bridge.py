@@ -85,6 +85,7 @@ def test_training_at_a_third_of_the_footprint_is_bit_identical(model: str, mode:
     assert step_delta(steps, "swap.bytes_in", 0) > 0, "nothing came back"
     assert step_delta(steps, "swap.steps_planned", 0) > 0, "no step followed a plan"
     assert result["budget"] * 3 <= result["footprint"] + 3
+    assert run["quiet_steps"] == 0, "a step at a third of the footprint ran quiet"
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
@@ -393,7 +394,9 @@ def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
         def run(hooks):
             handles = {}
             def wrap(m, o):
-                handles["offload"] = st.offload(m, o) if hooks else None
+                # Armed steps (quiet=False): quiet ones open no swapper step, so an eviction
+                # started between steps is still in flight at the pin, which cancels it.
+                handles["offload"] = st.offload(m, o, quiet=False) if hooks else None
                 handles["lr"] = torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5)
             def before(i):
                 if i > 0:
@@ -549,6 +552,247 @@ def test_record_stream_delays_reuse() -> None:
         y = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
         assert y.data_ptr() != ptr, "reused while the side stream still used it"
         side.synchronize()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+# ------------------------------------------------------------------ quiet steps (offload)
+
+def quiet_preamble(budget: str) -> str:
+    """The start of a quiet-step scenario: spill is enabled by ``enable()``; the baseline runs
+    before it on the CPU (plain torch: the bridge replaces the CPU allocator), after it without
+    hooks on CUDA (whose allocator cannot change once used; the allocator changes no result)."""
+    return textwrap.indent(f"""
+import torch, spill, spill.torch as st
+torch.set_num_threads(1)
+dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
+def enable():
+    st.enable("budget:{budget},swap_threshold:128KiB,sim_granularity:64KiB", target="{TARGET}")
+if dev == "cuda":
+    enable()
+""", " " * 8)
+
+
+def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> None:
+    """Without budget pressure (the previous step's peak under half the budget), offload's
+    steps after the first run quiet: every block they pin or declare is a parameter, gradient
+    or optimizer state tensor (no activation, module input or output), and they open no
+    swapper step (nothing recorded or planned). With quiet=False every step pins activations
+    and is a swapper step. Both train bit-identically to plain torch."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import sys; sys.path.insert(0, %r)
+        from torch_train_models import train
+        from spill.torch._pins import Pinner
+        STEPS = 5
+        base_losses, base_model, _ = train("mlp", STEPS, device=dev)
+        enable()
+        calls = []
+        pin, declare = Pinner.pin, Pinner.declare
+        def counted_pin(self, ptr, stream):
+            if calls:  # from the first step on
+                calls[-1]["pins"].add(ptr)
+            return pin(self, ptr, stream)
+        def counted_declare(self, ptr, swappable=True):
+            if swappable and calls:
+                calls[-1]["declared"].add(ptr)
+            return declare(self, ptr, swappable)
+        Pinner.pin, Pinner.declare = counted_pin, counted_declare
+
+        def run(quiet):
+            handles = {}
+            def before(i):
+                s = spill.stats()
+                calls.append({"pins": set(), "declared": set(),
+                              "swapper_steps": s["swap.steps_recorded"] + s["swap.steps_planned"]})
+                if i > 0:
+                    h = handles["h"]
+                    calls[-2]["quiet"] = h.step_is_quiet
+                    # What the step before may pin: parameters, gradients, optimizer state.
+                    known = {p.data_ptr() for p in h.model.parameters()}
+                    known |= {p.grad.data_ptr() for p in h.model.parameters()
+                              if p.grad is not None}
+                    known |= {v.data_ptr() for s in h.optimizer.state.values()
+                              for v in s.values() if isinstance(v, torch.Tensor)}
+                    calls[-2]["known"] = known
+            def wrap(m, o):
+                handles["h"] = st.offload(m, o, quiet=quiet)
+                return handles["h"]
+            del calls[:]
+            losses, model, h = train("mlp", STEPS, before, wrap=wrap, device=dev)
+            before(STEPS)
+            steps = calls[1:STEPS]  # the first step discovers: armed in both
+            assert losses == base_losses, (quiet, losses, base_losses)
+            with st.guard(release_on_exit=False):
+                assert all(torch.equal(p, q) for p, q in zip(model.parameters(),
+                                                             base_model.parameters()))
+            swapper = [b["swapper_steps"] - a["swapper_steps"] for a, b in zip(calls, calls[1:])]
+            h.remove()
+            return h, steps, swapper[1:STEPS]
+
+        h, steps, swapper = run(0.5)
+        assert h.quiet == 0.5 and h.quiet_steps == STEPS - 1 and h.armed_steps == 1, \\
+            (h.quiet_steps, h.armed_steps)
+        for i, s in enumerate(steps):
+            assert s["quiet"], i
+            assert s["pins"], ("a quiet step pinned no parameter", i)
+            assert s["pins"] <= s["known"], ("a quiet step pinned an activation", i)
+            assert s["declared"] <= s["known"], ("a quiet step declared an activation", i)
+        assert swapper == [0] * (STEPS - 1), ("quiet steps opened swapper steps", swapper)
+
+        h, steps, swapper = run(False)
+        assert h.quiet == 0.0 and h.quiet_steps == 0 and h.armed_steps == STEPS
+        for i, s in enumerate(steps):
+            assert not s["quiet"], i
+            assert s["pins"] - s["known"], ("an armed step pinned no activation", i)
+            assert s["declared"] - s["known"], ("an armed step declared no activation", i)
+        assert swapper == [1] * (STEPS - 1), ("armed steps are swapper steps", swapper)
+        print("ok")
+    """ % str(HERE))
+    assert "ok" in out
+
+
+QUIET_MODEL = quiet_preamble("160MiB") + """
+        import torch.nn as nn
+        # 37 MiB of parameters, gradients and momentum; activations of batch B: B x 4 KiB each.
+        def make():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(),
+                                  *[m for _ in range(3) for m in (nn.Linear(1024, 1024),
+                                                                  nn.ReLU())]).to(dev)
+            return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def batch(i, rows):
+            g = torch.Generator().manual_seed(100 + i)
+            return torch.randn(rows, 64, generator=g).to(dev)
+
+        def step(model, opt, x):
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            return loss.item()
+"""
+
+
+def test_a_step_whose_batch_grows_arms_the_next_and_completes_by_moving_parameters() -> None:
+    """A quiet step whose activations grow past the budget (the input is small: the growth
+    comes inside the forward) still completes: parameters, gradients and optimizer state
+    move to make room. The next step is armed (its peak passed half the budget), the one
+    after is quiet again, and losses and parameters equal plain torch's across the
+    transitions."""
+    out = run_ok(QUIET_MODEL + """
+        rows = [256, 256, 256, 4608, 256, 256, 256]
+        model, opt = make()
+        base = [step(model, opt, batch(i, r)) for i, r in enumerate(rows)]
+        base_params = [p.detach().clone() for p in model.parameters()]
+        enable()
+        model, opt = make()
+        h = st.offload(model, opt)
+        losses, modes, moved = [], [], []
+        for i, r in enumerate(rows):
+            before = spill.stats()["swap.bytes_out"]
+            losses.append(step(model, opt, batch(i, r)))
+            modes.append(h.step_is_quiet)
+            moved.append(spill.stats()["swap.bytes_out"] - before)
+        assert modes == [False, True, True, True, False, True, True], modes
+        assert moved[3] > 0, ("the grown step fitted without moving anything", moved)
+        assert moved[1:3] == [0, 0], moved
+        assert losses == base, (losses, base)
+        with st.guard(release_on_exit=False):
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base_params))
+        assert spill.stats()["num_ooms"] == 0
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_growth_beyond_what_can_move_is_torch_oom_saying_the_step_ran_quiet() -> None:
+    """A quiet step whose activations cannot fit even with everything else moved raises
+    torch.cuda.OutOfMemoryError with spill's breakdown and the quiet explanation (the previous
+    step's peak, the fraction, the budget, quiet=False); the caller catches it and training
+    continues with a smaller batch: the next step is armed, later ones quiet again, and the
+    results equal plain torch's without the failed step."""
+    out = run_ok(QUIET_MODEL + """
+        rows = [256, 256, 256, 16384, 256, 256, 256]
+        model, opt = make()
+        base = [step(model, opt, batch(i, r)) for i, r in enumerate(rows) if r < 16384]
+        base_params = [p.detach().clone() for p in model.parameters()]
+        enable()
+        model, opt = make()
+        h = st.offload(model, opt)
+        losses, modes = [], []
+        for i, r in enumerate(rows):
+            try:
+                losses.append(step(model, opt, batch(i, r)))
+            except torch.cuda.OutOfMemoryError as e:
+                msg = str(e)
+                assert r == 16384 and h.step_is_quiet, (i, msg)
+            modes.append(h.step_is_quiet)
+        for part in ("out of memory", "Budget 160.00 MiB", "ran this step quiet",
+                     "without swapping activations", "was under 0.5 of the budget, 160.0 MiB",
+                     "quiet=False"):
+            assert part in msg, (part, msg)
+        assert modes == [False, True, True, True, False, True, True], modes
+        assert losses == base, (losses, base)
+        with st.guard(release_on_exit=False):
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base_params))
+        assert "ran this step quiet" in spill.last_oom_message()
+        h.remove()
+        # The note went with the handle.
+        try:
+            torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        except torch.cuda.OutOfMemoryError as e:
+            assert "quiet" not in str(e), str(e)
+        else:
+            raise AssertionError("no OutOfMemoryError")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_quiet_decisions_hysteresis_and_bad_values() -> None:
+    """The decision at each step boundary from the previous step's peak: armed from the line
+    (quiet x budget) up, quiet again only under 7/8 of it, armed after an out-of-memory error,
+    always armed with quiet=False; quiet values other than a fraction in [0, 1] or a bool
+    are rejected naming the argument."""
+    out = run_ok(ENABLE + """
+        from types import SimpleNamespace
+        from spill.torch._quiet import QuietSteps
+        def modes(value, peaks, ooms=None):
+            q = QuietSteps(value, 0)
+            ooms = ooms or [0] * len(peaks)
+            it = iter(zip(peaks, ooms))
+            figures = {}
+            def take():
+                figures["peak"], figures["ooms"] = next(it)
+                return figures["peak"]
+            q._take_peak = take
+            q._stats = lambda: SimpleNamespace(budget_bytes=1000, ooms=figures["ooms"])
+            out = []
+            for i in range(len(peaks)):
+                quiet = q.decide(first=i == 0)
+                q.begin(quiet)
+                out.append("q" if quiet else "a")
+            return "".join(out)
+        #            first  quiet  stays  passes  near   under 7/8  at the line
+        assert modes(0.5, [0,   400,   499,   501,    450,   430,       500]) == "aqqaaqq"
+        assert modes(0.5, [0, 100, 100, 100], [0, 0, 1, 1]) == "aqaq"  # an OOM arms the next
+        assert modes(False, [0, 100, 100]) == "aaa"
+        assert modes(0, [0, 100, 100]) == "aaa"
+        assert modes(True, [0, 400, 600]) == "aqa"
+        assert modes(0.25, [0, 200, 260]) == "aqa"
+        model = torch.nn.Linear(4, 4).to(dev)
+        for bad in (-0.1, 1.5, float("nan"), float("inf"), "half", [0.5]):
+            try:
+                st.offload(model, quiet=bad)
+            except spill.InvalidArgumentError as e:
+                assert "quiet" in str(e) and repr(bad) in str(e), str(e)
+                assert isinstance(e, ValueError)
+            else:
+                raise AssertionError(f"quiet={bad!r} accepted")
+        st.offload(model, quiet=1).remove()
         print("ok")
     """)
     assert "ok" in out

@@ -89,13 +89,15 @@ def main(argv: List[str]) -> int:
             params_equal = all(torch.equal(p.detach().cpu(), q)
                                for p, q in zip(model.parameters(), base_params))
         spill.set_budget(4 * footprint)  # room for all again: both undo their declarations
+        quiet_steps = 0
         if mode == "offload":
+            quiet_steps = handle.quiet_steps  # none at a third: every peak passes half
             handle.remove()
         else:
             handle.__exit__(None, None, None)
         out["runs"][mode] = {"losses_equal": losses == base_losses, "losses": losses,
                              "base_losses": base_losses, "params_equal": params_equal,
-                             "per_step": per_step}
+                             "per_step": per_step, "quiet_steps": quiet_steps}
         del model, handle
     print("RESULT " + json.dumps(out))
     return 0

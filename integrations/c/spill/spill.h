@@ -303,6 +303,18 @@ SPILL_API spill_status spill_last_oom_message(int device, char** message);
 /* Starts the peaks of `device`'s statistics (allocated, requested, reserved, cached and pinned
  * host bytes) again from their current values (PyTorch's reset_peak_memory_stats). */
 SPILL_API spill_status spill_reset_peak_stats(int device);
+/* An integration's own interval peak, apart from the peaks above (which
+ * spill_reset_peak_stats restarts for the user): `*peak_bytes` is the most bytes allocated on
+ * `device` at once since the previous call (the first call: since the device started), and
+ * the next interval starts from the bytes allocated now. spill.torch.offload takes it at each
+ * step boundary (its quiet steps). INVALID_ARGUMENT when peak_bytes is NULL. */
+SPILL_API spill_status spill_take_allocated_peak(int device, uint64_t* peak_bytes);
+/* A sentence spill adds to every out-of-memory message of `device` (spill_malloc's error, so
+ * also spill_torch_malloc's and the PyTorch integrations', and spill_last_oom_message) until it
+ * is replaced; NULL or "" removes it. For an integration to say what it changed that matters
+ * to an OOM (spill.torch.offload: a step run without swapping activations, and how to turn
+ * that off). Notes longer than 4096 bytes are cut there. */
+SPILL_API spill_status spill_set_oom_note(int device, const char* note);
 
 /* ------------------------------------------------------------------ PyTorch */
 

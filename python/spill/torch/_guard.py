@@ -39,11 +39,13 @@ def _writes(func: Any) -> Tuple[frozenset, frozenset]:
 class PinEveryOp(TorchDispatchMode):
     """The dispatch mode behind :func:`guard` (and the offload hooks' optimizer step)."""
 
-    def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None) -> None:
+    def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
+                 outputs: Optional[Set[int]] = None) -> None:
         super().__init__()
         self.pinner = pinner
         self.steps = steps
         self.declared: Dict[int, int] = {}   # block base -> generation this mode declared
+        self.outputs = outputs               # if given: where the outputs it declared go
         self.ops = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -78,6 +80,8 @@ class PinEveryOp(TorchDispatchMode):
             if ptr and ptr not in seen:
                 seen.add(ptr)
                 pinner.declare(ptr)  # fresh: its later uses are pinned by this mode
+                if self.outputs is not None:
+                    self.outputs.add(ptr)
         return out
 
     def _pin_value(self, value: Any, wrote: bool, stream: Optional[int],

@@ -24,6 +24,17 @@ The first step runs entirely under that dispatch mode (as spill.torch.guard does
 keeps it safe and finds parameters used outside their modules. Steps begin at the model's
 first forward and end when optimizer.step() returns (without an optimizer, bracket steps with
 ``with spill.torch.step():``).
+Quiet steps (_quiet.py; ``quiet=0.5`` by default): a step whose previous step's peak of
+allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it)
+swaps no activation: the saved-tensor hooks only wrap what autograd saves, pinning the
+parameters and buffers among it at unpack; no module argument, output or safe point is
+pinned, no step scope opened. Parameters, buffers, gradients and optimizer state keep their
+declarations and pins above (the optimizer step pins its tensors when they fit under the
+line). Modes change at step boundaries only (the first forward after optimizer.step(), or
+after a quiet step ran out of memory; without an optimizer, every forward); activations
+declared by armed steps and still alive are made unswappable before the first quiet step.
+Out of memory in a quiet step is torch.cuda.OutOfMemoryError saying so (spill_set_oom_note),
+and the next step is armed.
 Limits: code outside the model's modules that reads a swappable tensor between steps (saving
 a checkpoint, ``.numpy()``, clip_grad_norm_ when gradients persist with set_to_none=False)
 must run inside spill.torch.guard() or after handle.remove()."""
@@ -36,12 +47,13 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
-from spill import Error
+from spill import Error, OutOfMemoryError
 from spill import budget as spill_budget
 
 from ._guard import PinEveryOp
 from ._optimizer import pinned_step
 from ._pins import Pinner, leaves, storage
+from ._quiet import QuietSteps
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
 
@@ -75,7 +87,7 @@ class _Discovery(PinEveryOp):
     module that owns them is running."""
 
     def __init__(self, handle: "OffloadHandle") -> None:
-        super().__init__(handle.pinner, handle.steps)
+        super().__init__(handle.pinner, handle.steps, handle._acts)
         self.handle = handle
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -90,15 +102,24 @@ class _Discovery(PinEveryOp):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
+def _saved_tensor(saved: _Saved) -> torch.Tensor:
+    if saved.tensor is None:
+        raise RuntimeError("spill.torch.offload: backward through a forward that an exception "
+                           "interrupted (its saved tensors were released when the next forward "
+                           "began or the hooks were removed)")
+    return saved.tensor
+
+
 class OffloadHandle:
     """What :func:`offload` returns: ``remove()`` takes the hooks out and makes every tensor
     they declared unswappable again (resident), e.g. before saving a checkpoint."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 scope: Optional[int]) -> None:
+                 scope: Optional[int], quiet: Any = True) -> None:
         if not state.active:
             raise Error("spill.torch.offload: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")
+        self._policy = QuietSteps(quiet, state.device)
         self.model = model
         self.optimizer = optimizer
         self.pinner = Pinner()
@@ -110,6 +131,7 @@ class OffloadHandle:
         self._hooks: List[Any] = []
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
+        self._saved_now: List[_Saved] = []  # what the running forward's pack hooks made
         self._declared_state: Set[int] = set()
         # Parameters and buffers: per module, the tensors its pre-hook pins (and wrote flags).
         self._direct: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
@@ -122,6 +144,16 @@ class OffloadHandle:
         self._stack_set: Set[torch.nn.Module] = set()
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
         self.forwards = 0
+        # Quiet steps (_quiet.py): the mode of the step running, whether the next root
+        # forward begins a step, the blocks declared in armed steps other than parameters,
+        # gradients and optimizer state (made unswappable again when a quiet step begins),
+        # and per module what a quiet step pins (its parameters and buffers, and those it
+        # uses outside their owners), held in _quiet_frames while it runs.
+        self._quiet = False
+        self._boundary = True
+        self._acts: Set[int] = set()
+        self._quiet_pins: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
+        self._quiet_frames: List[Tuple[torch.nn.Module, List[Tuple[Token, bool]]]] = []
         # The hooks run some 450 times a step (a CNN): they use these instead of looking the
         # methods up each time (the pinner's only: a bound method of self kept here would make
         # a cycle that keeps the model alive after remove() until a collection).
@@ -168,6 +200,27 @@ class OffloadHandle:
         """The step scope of this handle's steps (see :func:`offload`)."""
         return self.steps.scope
 
+    @property
+    def quiet(self) -> float:
+        """The fraction of the budget under which the previous step's peak lets a step run
+        quiet (0.0: every step swaps activations; see :func:`offload`)."""
+        return self._policy.fraction
+
+    @property
+    def step_is_quiet(self) -> bool:
+        """Whether the step running (or the last one) runs quiet."""
+        return self._quiet
+
+    @property
+    def quiet_steps(self) -> int:
+        """Steps begun quiet so far."""
+        return self._policy.quiet_steps
+
+    @property
+    def armed_steps(self) -> int:
+        """Steps begun armed (swapping activations) so far, the first one included."""
+        return self._policy.armed_steps
+
     def remove(self) -> None:
         """Removes the hooks and brings every tensor they declared back (unswappable). When
         the scope was the default one, it is ended too: spill frees its recorded step and
@@ -177,11 +230,16 @@ class OffloadHandle:
         self._hooks.clear()
         unwrap_methods(self._saved_methods)
         self._leave_discovery()
-        self._pop_saved_hooks()
+        self._pop_saved_hooks(interrupted=True)
         self._unwind(0)
+        self._unwind_quiet()
         self._release_frame(self._step_frame)
         self._release_backward()
         self.steps.end()
+        self._policy.forget()
+        acts, self._acts = self._acts, set()
+        for ptr in acts:  # activations still alive (a kept output): resident for good
+            self.pinner.declare(ptr, False)
         tensors = [t for t, _ in (x for ts in self._direct.values() for x in ts)]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.optimizer is not None:
@@ -196,6 +254,11 @@ class OffloadHandle:
     # ------------------------------------------------------------------ forward
 
     def _pre_kwargs(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        if self._quiet and module is not self.model:
+            pins = self._quiet_pins.get(module)
+            if pins is not None and not state.forked_child:
+                self._hold_quiet(module, pins)
+            return
         self._pre(module, (args, kwargs) if kwargs else args)
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
@@ -204,6 +267,13 @@ class OffloadHandle:
         root = module is self.model
         if root:
             self._begin_forward()
+        if self._quiet:
+            pins = self._quiet_pins.get(module)
+            if pins is not None:
+                self._hold_quiet(module, pins)
+            if root and self._persistent and torch.is_grad_enabled():
+                self._push_saved_hooks(True)
+            return
         if self._discovery is not None:
             self._stack.append(module)
             self._stack_set.add(module)
@@ -236,9 +306,16 @@ class OffloadHandle:
                 parent.child_outputs.clear()
         frames.append(frame)
         if root and torch.is_grad_enabled():
-            self._push_saved_hooks()
+            self._push_saved_hooks(False)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._quiet:
+            frames = self._quiet_frames
+            if frames and frames[-1][0] is module and not state.forked_child:
+                self._release_tokens(frames.pop()[1])
+            if module is self.model:
+                self._pop_saved_hooks()
+            return
         if state.forked_child:
             return
         if self._discovery is not None:
@@ -278,9 +355,10 @@ class OffloadHandle:
 
     def _begin_forward(self) -> None:
         self.forwards += 1
-        if self._frames:  # an exception interrupted the previous forward
-            self._unwind(0)
-            self._pop_saved_hooks()
+        # What an exception in the previous forward left: its frames and saved-tensor hooks.
+        self._unwind(0)
+        self._unwind_quiet()
+        self._pop_saved_hooks(interrupted=True)
         if not self.steps.manage:
             self._release_frame(self._step_frame)
             self._release_backward()
@@ -289,18 +367,96 @@ class OffloadHandle:
             self._discovery.__enter__()
         elif self._discovery is not None and not self.steps.manage and self.forwards > 1:
             self._leave_discovery()
+        # A step boundary: after the optimizer's step (without an optimizer, every forward),
+        # or after a quiet step ran out of memory (the caller abandoned it).
+        if self._boundary or (self._quiet and self._policy.oom_since_boundary()):
+            self._boundary = not self.steps.manage
+            self._release_backward()  # pins an abandoned backward left
+            self._begin_mode(self._policy.decide(first=self._discovery is not None))
+
+    # ------------------------------------------------------------------ quiet steps
+
+    def _begin_mode(self, quiet: bool) -> None:
+        """Switches to the mode of the step beginning now (no frame is open)."""
+        if quiet and not self._quiet and not self._forget_activations():
+            quiet = False
+        self._quiet = quiet
+        self._policy.begin(quiet)
+
+    def _forget_activations(self) -> bool:
+        """Before the first quiet step: the blocks armed steps declared that are neither
+        parameters, buffers, gradients nor optimizer state, where still alive (an output or
+        an input batch the caller keeps), become unswappable again: a quiet step does not pin
+        them. False (and the step stays armed) when one cannot come back for lack of room."""
+        keep = set(self._persistent)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                keep.add(self._movable(p.grad))
+        if self.optimizer is not None:
+            for st in self.optimizer.state.values():
+                keep.update(self._movable(v) for v in st.values())
+        acts, self._acts = self._acts, set()
+        pending = [ptr for ptr in acts if ptr not in keep]
+        for i, ptr in enumerate(pending):
+            try:
+                self.pinner.declare(ptr, False)
+            except OutOfMemoryError:
+                self._acts.update(pending[i:])
+                return False
+        return True
+
+    def _hold_quiet(self, module: torch.nn.Module,
+                    pins: List[Tuple[torch.Tensor, bool]]) -> None:
+        stream = self.pinner.stream()
+        tokens: List[Tuple[Token, bool]] = []
+        try:
+            for t, wrote in pins:
+                self._hold(tokens, t, stream, wrote)
+        except OutOfMemoryError as e:
+            for token, _ in tokens:
+                self._unpin(token, stream, False)
+            raise self._quiet_oom(e) from e
+        self._quiet_frames.append((module, tokens))
+
+    def _quiet_oom(self, e: OutOfMemoryError) -> BaseException:
+        """A pin's out-of-memory error in a quiet step, as PyTorch's, with the explanation."""
+        return torch.cuda.OutOfMemoryError(f"{e}\n{self._policy.message()}")
+
+    def _unwind_quiet(self) -> None:
+        """Releases what quiet frames an exception left open."""
+        while self._quiet_frames:
+            self._release_tokens(self._quiet_frames.pop()[1])
+
+    def _release_tokens(self, tokens: List[Tuple[Token, bool]]) -> None:
+        stream = self.pinner.stream()
+        unpin = self._unpin
+        for token, wrote in tokens:
+            unpin(token, stream, wrote)
 
     # ------------------------------------------------------------------ saved tensors
 
-    def _push_saved_hooks(self) -> None:
+    def _push_saved_hooks(self, quiet: bool) -> None:
         if not self._saved_hooks_pushed:
-            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+            if quiet:
+                torch._C._autograd._push_saved_tensors_default_hooks(self._pack_quiet,
+                                                                     self._unpack_quiet)
+            else:
+                torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
             self._saved_hooks_pushed = True
 
-    def _pop_saved_hooks(self) -> None:
+    def _pop_saved_hooks(self, interrupted: bool = False) -> None:
+        """At the root module's forward hook; ``interrupted``: elsewhere, where hooks still
+        pushed mean that an exception interrupted the forward. Its graph is then released
+        here: a saved output that the pack hook returned (the tensor, or a _Saved holding it)
+        is a reference cycle through autograd's C++ objects (tensor, its grad_fn, the saved
+        variable) that no backward will break and Python's collector does not see."""
         if self._saved_hooks_pushed:
             torch._C._autograd._pop_saved_tensors_default_hooks()
             self._saved_hooks_pushed = False
+            if interrupted:
+                for saved in self._saved_now:
+                    saved.tensor = None
+        self._saved_now.clear()
 
     def _pack(self, t: torch.Tensor) -> Any:
         ptr = self._movable(t)
@@ -317,7 +473,30 @@ class OffloadHandle:
                 if token is not None:
                     frame.tokens.append((token, True))
                     self.pinner.declare(ptr)
-        return _Saved(t, ptr)
+                    self._acts.add(ptr)
+        saved = _Saved(t, ptr)
+        self._saved_now.append(saved)
+        return saved
+
+    def _pack_quiet(self, t: torch.Tensor) -> Any:
+        # A quiet step declares no activation; a parameter or buffer autograd saves (a
+        # Linear's weight, batch norm's running statistics) is pinned when backward uses it.
+        # Every tensor is wrapped, so that an interrupted forward's graph can be released.
+        if state.forked_child:
+            return t
+        ptr = self._movable(t)
+        saved = _Saved(t, ptr if ptr in self._persistent else 0)
+        self._saved_now.append(saved)
+        return saved
+
+    def _unpack_quiet(self, saved: Any) -> torch.Tensor:
+        if type(saved) is not _Saved:
+            return saved
+        if saved.ptr and not state.forked_child:
+            token = self._pin_block(saved.ptr, self.pinner.stream())
+            if token is not None:
+                self._bw_pending.append((token, False))
+        return _saved_tensor(saved)
 
     def _holder(self, ptr: int) -> _Frame:
         """The frame whose code may still use a tensor saved now: the running module's, unless
@@ -340,7 +519,7 @@ class OffloadHandle:
             token = self._pin_block(saved.ptr, self.pinner.stream())
             if token is not None:
                 self._bw_pending.append((token, False))
-        return saved.tensor
+        return _saved_tensor(saved)
 
     def _safe_point(self, grad: torch.Tensor) -> None:
         # The engine is between nodes: every tensor unpacked so far has been used.
@@ -367,31 +546,48 @@ class OffloadHandle:
             if state.forked_child:
                 return original(*args, **kwargs)
             self._release_backward()
-            self._declare_gradients()
+            quiet = self._quiet
+            self._declare_gradients(quiet)
             try:
                 if self._discovery is not None:
                     result = original(*args, **kwargs)
                 else:
-                    done, result = pinned_step(self.optimizer, self.pinner,
-                                               spill_budget(state.device) // 4, original, args,
-                                               kwargs)
+                    # A quiet step may pin everything up to its line (the previous step's
+                    # peak, all of it, was under it); it opens no step scope.
+                    limit = self._policy.line if quiet else spill_budget(state.device) // 4
+                    try:
+                        done, result = pinned_step(self.optimizer, self.pinner, limit, original,
+                                                   args, kwargs)
+                    except OutOfMemoryError as e:
+                        if quiet:
+                            raise self._quiet_oom(e) from e
+                        raise
                     if not done:
-                        with PinEveryOp(self.pinner, self.steps):
+                        mode = PinEveryOp(self.pinner, None if quiet else self.steps, self._acts)
+                        with mode:
                             result = original(*args, **kwargs)
+                        self._acts.update(mode.declared)
                 self._declare_state()
             finally:
                 self._release_frame(self._step_frame)
                 self.steps.end()
                 self._leave_discovery()
+                self._boundary = True
             return result
         return step
 
-    def _declare_gradients(self) -> None:
+    def _declare_gradients(self, quiet: bool) -> None:
         """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's
         recording then knows every gradient from here on, in parameter order, so a plan can
         move it between now and the optimizer's use of it instead of meeting an unknown
-        block."""
+        block. A quiet step records nothing: it only declares them."""
         pinner = self.pinner
+        if quiet:
+            for p in self.model.parameters():
+                ptr = pinner.movable(p.grad) if p.grad is not None else 0
+                if ptr:
+                    pinner.declare(ptr)
+            return
         self.steps.ensure()
         stream = pinner.stream()
         for p in self.model.parameters():
@@ -420,6 +616,17 @@ class OffloadHandle:
                         p.grad = torch.zeros_like(p.grad)
             if to_none:  # no tensor is read or written
                 return original(*args, **kwargs)
+            if self._quiet:  # the gradients (all of them fit), pinned around it
+                stream = self.pinner.stream()
+                tokens: List[Tuple[Token, bool]] = []
+                try:
+                    for group in self.optimizer.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                self._hold(tokens, p.grad, stream, True)
+                    return original(*args, **kwargs)
+                finally:
+                    self._release_tokens(tokens)
             with PinEveryOp(self.pinner):
                 return original(*args, **kwargs)
         return zero_grad
@@ -436,10 +643,15 @@ class OffloadHandle:
     def _leave_discovery(self) -> None:
         if self._discovery is not None:
             self._discovery.__exit__(None, None, None)
+            self._acts.update(self._discovery.declared)
             self._discovery = None
             self._discovered = True
             self._stack.clear()
             self._stack_set.clear()
+            for m, direct in self._direct.items():
+                pins = list(direct) + [(t, False) for t in self._extra.get(m, {}).values()]
+                if pins:
+                    self._quiet_pins[m] = pins
 
     # ------------------------------------------------------------------ pins
 
@@ -480,7 +692,7 @@ class OffloadHandle:
 
 
 def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
-            scope: Optional[int] = None) -> OffloadHandle:
+            scope: Optional[int] = None, quiet: Any = 0.5) -> OffloadHandle:
     """Makes ``model``'s parameters, buffers, activations and gradients (and ``optimizer``'s
     state) swappable, with the pins PyTorch's hooks give (see this module's docstring).
 
@@ -490,8 +702,13 @@ def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] =
     scope: the step scope; two models trained in one process get their own recordings. By
       default a number spill gives the model on first use (the same for as long as the model
       lives, never one an earlier model had), ended by ``remove()``; a scope named here is
-      the caller's to end with ``spill.end_scope``. Returns a handle whose ``remove()``
-      undoes it all.
+      the caller's to end with ``spill.end_scope``.
+    quiet: a step runs without swapping activations (faster: no hooks on them) when the
+      previous step's peak of allocated bytes was under this fraction of the budget (0.5;
+      True = 0.5; False or 0: every step swaps them). Its one risk: a quiet step whose
+      activations suddenly outgrow the budget (parameters, gradients and optimizer state can
+      still move) raises torch.cuda.OutOfMemoryError saying so; the next step is armed.
+    Returns a handle whose ``remove()`` undoes it all.
     Requires spill.torch.enable() first.
     """
-    return OffloadHandle(model, optimizer, scope)
+    return OffloadHandle(model, optimizer, scope, quiet)

@@ -1,0 +1,185 @@
+"""offload()'s quiet steps: when the previous step's peak of allocated bytes stayed under a
+fraction of the budget (``quiet=``, one half by default), the next step runs without swapping
+activations: no saved-tensor hooks, no safe points, no pins of module arguments and outputs,
+no step scope (the swapper neither records nor plans it). Parameters, buffers, gradients and
+optimizer state stay swappable and pinned by their hooks, so a step whose memory suddenly
+grows can still move them; what it cannot move (its activations) ends in
+torch.cuda.OutOfMemoryError, whose message says so (spill_set_oom_note) and how to turn the
+mode off (``quiet=False``); the step after an out-of-memory error is armed.
+
+The decision is made at a step boundary, before the root module's forward begins:
+- the peak is spill's allocated bytes (resident or on the host) between two boundaries
+  (spill_take_allocated_peak, apart from the peaks PyTorch's reset_peak_memory_stats
+  restarts), the budget spill's budget at the boundary;
+- a step whose peak passed ``quiet`` x budget arms the next one;
+- hysteresis: an armed step is followed by a quiet one only when its peak was under
+  ``REARMED_MARGIN`` (7/8) of that line, so a step near the line does not flip every step.
+The peak of allocated bytes does not depend on the mode (swapped-out bytes count as
+allocated), so quiet and armed steps of the same work measure the same peak."""
+from __future__ import annotations
+
+import ctypes
+import math
+import weakref
+from typing import Any, Dict, Optional
+
+from spill import InvalidArgumentError
+from spill._capi import raise_status
+from spill._lib import library
+
+DEFAULT = 0.5
+REARMED_MARGIN = 7 / 8
+
+
+def fraction(value: Any) -> float:
+    """The ``quiet=`` argument of offload() as a fraction of the budget (0: always armed)."""
+    if value is True:
+        return DEFAULT
+    if value is False or value is None:
+        return 0.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        f = float(value)
+        if math.isfinite(f) and 0.0 <= f <= 1.0:
+            return f
+    raise InvalidArgumentError(
+        f"spill.torch.offload: quiet must be a fraction of the budget in [0, 1] (a step runs "
+        f"without swapping activations when the previous step's peak stayed under it), True "
+        f"(= {DEFAULT}) or False (every step swaps), got {value!r}")
+
+
+class _StatsHead(ctypes.Structure):
+    """The start of spill_stats, as far as the fields read here (spill fills what fits)."""
+    _fields_ = [("struct_size", ctypes.c_size_t), ("device", ctypes.c_int32),
+                ("simulated", ctypes.c_int32), ("budget_bytes", ctypes.c_uint64),
+                ("allocated_bytes", ctypes.c_uint64), ("allocated_peak_bytes", ctypes.c_uint64),
+                ("requested_bytes", ctypes.c_uint64), ("reserved_bytes", ctypes.c_uint64),
+                ("reserved_peak_bytes", ctypes.c_uint64), ("cached_bytes", ctypes.c_uint64),
+                ("swapped_out_bytes", ctypes.c_uint64), ("host_pinned_bytes", ctypes.c_uint64),
+                ("allocations", ctypes.c_uint64), ("frees", ctypes.c_uint64),
+                ("cache_hits", ctypes.c_uint64), ("ooms", ctypes.c_uint64)]
+
+
+def _check(lib: Any, status: int) -> None:
+    if status != 0:
+        raise_status(lib, status)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class _Watcher:
+    __slots__ = ("peak", "__weakref__")
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+
+# Per device, every watcher's peak since its last take: spill keeps one interval, and two
+# handles (two models) take it at their own boundaries.
+_watchers: Dict[int, "weakref.WeakSet[_Watcher]"] = {}
+# Per device, the out-of-memory notes of the handles whose step runs quiet now.
+_notes: Dict[int, Dict[int, str]] = {}
+
+
+class QuietSteps:
+    """One offload handle's decisions (see the module docstring)."""
+
+    def __init__(self, value: Any, device: int) -> None:
+        self.fraction = fraction(value)
+        self.device = device
+        self.quiet = False          # the current step's mode
+        self.quiet_steps = 0        # steps decided so far, by mode (the first is armed)
+        self.armed_steps = 0
+        self.peak = 0               # the previous step's peak and the budget then
+        self.budget = 0
+        self.reason = ""            # why the current step is armed, when it is
+        self._lib = library()
+        self._ooms: Optional[int] = None
+        self._watcher = _Watcher()
+        _watchers.setdefault(device, weakref.WeakSet()).add(self._watcher)
+
+    # ---------------------------------------------------------------- spill's figures
+
+    def _stats(self) -> _StatsHead:
+        s = _StatsHead()
+        s.struct_size = ctypes.sizeof(_StatsHead)
+        _check(self._lib, self._lib.spill_get_stats(self.device, ctypes.byref(s)))
+        return s
+
+    def _take_peak(self) -> int:
+        value = ctypes.c_uint64(0)
+        _check(self._lib, self._lib.spill_take_allocated_peak(self.device, ctypes.byref(value)))
+        for w in _watchers.get(self.device, ()):
+            w.peak = max(w.peak, value.value)
+        peak, self._watcher.peak = self._watcher.peak, 0
+        return peak
+
+    def oom_since_boundary(self) -> bool:
+        """Whether an allocation ran out of memory since the last boundary (the quiet step
+        it broke was abandoned: the next forward is a boundary)."""
+        return self._ooms is not None and self._stats().ooms > self._ooms
+
+    # ---------------------------------------------------------------- decisions
+
+    def decide(self, first: bool) -> bool:
+        """At a step boundary: whether the step beginning now runs quiet."""
+        self.peak = self._take_peak()
+        st = self._stats()
+        self.budget = st.budget_bytes
+        oom = self._ooms is not None and st.ooms > self._ooms
+        self._ooms = st.ooms
+        line = self.fraction * self.budget
+        if first:
+            quiet, self.reason = False, "the first step (it finds how the model uses its tensors)"
+        elif not self.fraction:
+            quiet, self.reason = False, "quiet=False"
+        elif oom:
+            quiet, self.reason = False, "the previous step ran out of memory"
+        elif self.peak > line:
+            quiet, self.reason = False, (f"the previous step's peak, {_mib(self.peak)}, passed "
+                                         f"{self.fraction:g} of the budget")
+        elif self.quiet or self.peak <= line * REARMED_MARGIN:
+            quiet, self.reason = True, ""
+        else:
+            quiet, self.reason = False, (f"the previous step's peak, {_mib(self.peak)}, is near "
+                                         f"{self.fraction:g} of the budget (hysteresis)")
+        return quiet
+
+    @property
+    def line(self) -> int:
+        """The bytes under which a step's peak lets the next one run quiet."""
+        return int(self.fraction * self.budget)
+
+    def begin(self, quiet: bool) -> None:
+        """The step beginning now runs ``quiet`` (as decided, or armed when the handle could
+        not make the switch)."""
+        self.quiet = quiet
+        if quiet:
+            self.quiet_steps += 1
+        else:
+            self.armed_steps += 1
+            if not self.reason:
+                self.reason = "an activation of an armed step could not come back"
+        self.note(quiet)
+
+    def note(self, quiet: bool) -> None:
+        """Sets (quiet) or removes this handle's sentence in the device's out-of-memory
+        messages."""
+        notes = _notes.setdefault(self.device, {})
+        if quiet:
+            notes[id(self)] = self.message()
+        elif notes.pop(id(self), None) is None:
+            return
+        text = next(reversed(notes.values()), "") if notes else ""
+        _check(self._lib, self._lib.spill_set_oom_note(self.device, text.encode()))
+
+    def message(self) -> str:
+        return (f"spill.torch.offload ran this step quiet, without swapping activations: the "
+                f"previous step's peak, {_mib(self.peak)}, was under {self.fraction:g} of the "
+                f"budget, {_mib(self.budget)}. The next step swaps them again; to swap them in "
+                f"every step, pass quiet=False to spill.torch.offload().")
+
+    def forget(self) -> None:
+        """The handle is removed: its note goes."""
+        self.note(False)
