@@ -115,7 +115,7 @@ class OffloadHandle:
     they declared unswappable again (resident), e.g. before saving a checkpoint."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 scope: Optional[int], quiet: Any = True) -> None:
+                 scope: Optional[int], quiet: Any = 0.5) -> None:
         if not state.active:
             raise Error("spill.torch.offload: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")
@@ -132,7 +132,8 @@ class OffloadHandle:
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
         self._saved_now: List[_Saved] = []  # what the running forward's pack hooks made
-        self._declared_state: Set[int] = set()
+        self._declared_state: Set[int] = set()  # ids of optimizer state declared
+        self._state_seen: Set[int] = set()      # ids of optimizer state examined
         # Parameters and buffers: per module, the tensors its pre-hook pins (and wrote flags).
         self._direct: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
         self._owners: Dict[int, Set[torch.nn.Module]] = {}
@@ -549,7 +550,11 @@ class OffloadHandle:
             quiet = self._quiet
             self._declare_gradients(quiet)
             try:
-                if self._discovery is not None:
+                if self._discovery is not None or (quiet and not self._persistent
+                                                   and not self._declared_state):
+                    # The first step; or a quiet step where nothing the step touches is
+                    # swappable: no parameter can move (so neither can a gradient) and no
+                    # optimizer state was made swappable.
                     result = original(*args, **kwargs)
                 else:
                     # A quiet step may pin everything up to its line (the previous step's
@@ -583,6 +588,8 @@ class OffloadHandle:
         block. A quiet step records nothing: it only declares them."""
         pinner = self.pinner
         if quiet:
+            if not self._persistent:  # no parameter can move: neither can its gradient
+                return
             for p in self.model.parameters():
                 ptr = pinner.movable(p.grad) if p.grad is not None else 0
                 if ptr:
@@ -632,9 +639,11 @@ class OffloadHandle:
         return zero_grad
 
     def _declare_state(self) -> None:
+        seen = self._state_seen
         for st in self.optimizer.state.values():
             for v in st.values():
-                if isinstance(v, torch.Tensor) and id(v) not in self._declared_state:
+                if isinstance(v, torch.Tensor) and id(v) not in seen:
+                    seen.add(id(v))
                     ptr = self.pinner.movable(v)
                     if ptr:
                         self.pinner.declare(ptr)
