@@ -29,8 +29,15 @@ Methodology (the machine is shared and small: other work disturbs single steps b
   median step, fastest step and median CPU time of the process per step over all rounds; the
   load average is reported before and after.
 
+With --pairs N (no budget, instead of the above): one process trains two copies of the model,
+one under offload() and one on the bridge without hooks, a step of each in turn (N pairs after
+3 warm-up steps each, the order swapped every pair), and prints the median over pairs of the
+ratio of their thread CPU times (and wall times) per step, for offload's default (quiet steps)
+and offload(quiet=False) in a process each: the hooks' cost over the bare allocator, with the
+load's drift cancelled within each pair.
+
 Usage: bench_torch_bridge.py [--model mlp] [--rounds 12] [--batch 4] [--only no_pressure|pressure]
-                             [--link-gbps G] [--spill-conf CONF] [--json out.json]
+                             [--link-gbps G] [--spill-conf CONF] [--json out.json] [--pairs N]
 Run with Debian's /usr/bin/python3 (torch) and SPILL_LIBRARY pointing at build/libspill.so.
 """
 from __future__ import annotations
@@ -163,6 +170,67 @@ def child(args: argparse.Namespace) -> None:
     print("CASE " + json.dumps(out), flush=True)
 
 
+def pairs_child(args: argparse.Namespace) -> None:
+    """--pairs in this process: offload(quiet=args.quiet) against the bare bridge."""
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+    from torch_train_models import MODELS, _ce
+    import spill.torch as st
+    st.enable("swap_threshold:128KiB,sim_granularity:64KiB"
+              + ("," + args.spill_conf if args.spill_conf else ""), target="cpu")
+    make_model, make_optimizer, batch = MODELS[args.model]
+    models = []
+    for hooked in (True, False):
+        torch.manual_seed(0)
+        model = make_model()
+        optimizer = make_optimizer(model)
+        handle = st.offload(model, optimizer, quiet=args.quiet) if hooked else None
+        models.append((model, optimizer, handle))
+
+    def step(which: int, i: int) -> tuple:
+        model, optimizer, _ = models[which]
+        x, y = batch(i)
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = _ce(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return time.thread_time() - cpu0, time.perf_counter() - wall0
+
+    for i in range(WARMUP):
+        step(0, i)
+        step(1, i)
+    cpu, wall = [], []
+    for i in range(args.pairs):
+        first = i % 2
+        a = step(first, WARMUP + i)
+        b = step(1 - first, WARMUP + i)
+        hooked, bare = (a, b) if first == 0 else (b, a)
+        cpu.append(hooked[0] / bare[0])
+        wall.append(hooked[1] / bare[1])
+    print("PAIRS " + json.dumps({"cpu": statistics.median(cpu), "wall": statistics.median(wall),
+                                 "quiet_steps": models[0][2].quiet_steps}), flush=True)
+
+
+def in_process(args: argparse.Namespace) -> Dict[str, Any]:
+    """--pairs: offload's default and offload(quiet=False) against the bridge, in turn."""
+    out: Dict[str, Any] = {}
+    for label, quiet in (("quiet", "0.5"), ("armed", "0")):
+        cmd = [sys.executable, __file__, "--pairs-child", "--model", args.model, "--pairs",
+               str(args.pairs), "--quiet", quiet, "--spill-conf", args.spill_conf]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, **ONE_THREAD))
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("PAIRS ")]
+        if r.returncode != 0 or not lines:
+            raise SystemExit(f"--pairs {label} failed (exit {r.returncode}): {r.stderr[-2000:]}")
+        out[label] = json.loads(lines[-1][len("PAIRS "):])
+        v = out[label]
+        print(f"  offload({'quiet=False' if label == 'armed' else 'default'}) vs the bridge, "
+              f"{args.pairs} pairs in one process: thread CPU {100 * (v['cpu'] - 1):+.1f}%, wall "
+              f"{100 * (v['wall'] - 1):+.1f}% ({v['quiet_steps']} quiet steps)", flush=True)
+    return out
+
+
 class Case:
     """A case's process, driven batch by batch."""
 
@@ -237,6 +305,10 @@ def main() -> int:
     p.add_argument("--spill-conf", default="",
                    help="more of spill's configuration in every spill case (e.g. peak_guard:off)")
     p.add_argument("--json")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="in-process pairs of offload and bridge steps instead of the cases")
+    p.add_argument("--pairs-child", action="store_true")
+    p.add_argument("--quiet", type=float, default=0.5)
     p.add_argument("--child")
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--conf", default="")
@@ -244,6 +316,9 @@ def main() -> int:
     if args.child:
         args.case = args.child
         child(args)
+        return 0
+    if args.pairs_child:
+        pairs_child(args)
         return 0
 
     report: Dict[str, Any] = {"model": args.model, "rounds": args.rounds, "batch": args.batch,
@@ -253,11 +328,15 @@ def main() -> int:
                               "load_before": os.getloadavg()[0]}
     print(f"model {args.model}, measured on the 2-core build machine (shared), "
           f"{report['date']}, load average {report['load_before']:.2f} at the start; "
-          f"{args.rounds} rounds of {args.batch} steps per case after {WARMUP}"
+          + (f"{args.pairs} pairs of steps in one process after {WARMUP}" if args.pairs else
+             f"{args.rounds} rounds of {args.batch} steps per case after {WARMUP}")
           + (f"; spill conf +{args.spill_conf}" if args.spill_conf else ""))
+    if args.pairs:
+        report["pairs"] = in_process(args)
+        args.only = "none"
     # 1. No pressure: plain torch, the bridge alone (spill's allocator, no hooks), offload and
     # guard, taking turns.
-    if args.only != "pressure":
+    if args.only not in ("pressure", "none"):
         cases = [Case(c, args) for c in ("plain", "bridge", "offload", "armed", "guard")]
         interleaved(cases, args.rounds)
         plain, bridge, off, armed, grd = cases
@@ -293,7 +372,7 @@ def main() -> int:
     # 2. Pressure with the link in real time: the footprint and the bytes moved per step from
     # probes at time_scale 0, then a link that copies those bytes in about half the compute
     # (the unlimited offload step, every step armed), unlimited and budget runs taking turns.
-    if args.only != "no_pressure":
+    if args.only not in ("no_pressure", "none"):
         probe_args = argparse.Namespace(**{**vars(args), "rounds": 2, "batch": 2})
         probe0 = Case("armed", probe_args)
         interleaved([probe0], 2)
