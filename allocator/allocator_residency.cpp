@@ -142,7 +142,10 @@ std::size_t CachingAllocator::mapped_bytes() {
 
 std::size_t CachingAllocator::cached_bytes() {
   Lock lock(impl_->mu);
-  return impl_->large.free_bytes();
+  // What release_cache can return: free large blocks and wholly free small segments.
+  std::size_t bytes = impl_->large.free_bytes();
+  for (const Segment* s : impl_->small.free_segments()) bytes += s->size;
+  return bytes;
 }
 
 std::size_t CachingAllocator::release_cache(std::size_t bytes) {

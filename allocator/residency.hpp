@@ -61,8 +61,9 @@ class ResidencyBackend {
   // Bytes mapped now against the budget (small segments, large blocks, cached memory; 0 when
   // unknown): the swapper plans around what its recorded steps do not show.
   virtual std::size_t mapped_bytes() { return 0; }
-  // Of those, the bytes of free large blocks kept mapped (the cache; 0 when unknown): a mapping
-  // can have them back by releasing them, once the work queued on them has finished.
+  // Of those, the cache (0 when unknown): free large blocks kept mapped and small-pool segments
+  // with nothing allocated in them, what release_cache can return; a mapping can have them
+  // back by releasing them, once the work queued on them has finished.
   virtual std::size_t cached_bytes() { return 0; }
   // Releases up to `bytes` of that cache, waiting for the work queued on it if it must (never
   // evicts a live block). Returns the bytes released.

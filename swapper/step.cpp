@@ -144,7 +144,10 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     auto base = base_for_id_locked(s, s.tensor_id[t]);
     if (!base) continue;
     SwapBlock& b = blocks.at(*base);
-    if (!evictable_locked(b) || b.state != Residence::Resident) continue;
+    // A block fetched on demand in the step's last ops may still be marked as swapping in.
+    settle_locked(b);
+    if (!evictable_locked(b) || b.state == Residence::OnHost || b.state == Residence::SwappingOut)
+      continue;
     try {
       start_swap_out_locked(b);
       stats.evictions_planned++;

@@ -313,6 +313,61 @@ TEST(PlannedSteps, APlannedEvictionOfABlockStillPinnedHappensAtItsUnpin) {
   }
 }
 
+// The same on a stream (pins ordered on it, the device timing the step; the reference
+// trainer's and a GPU framework's case): the recording step's last op fetched its block on
+// demand, so at that step's end the block was still marked as swapping in. The plan starts it
+// on the host, and the step that made the plan must send it there; it used to skip a block
+// not marked resident, so the first planned step began with a block too many mapped: its
+// first prefetch found no room and its block came back on demand.
+TEST(PlannedSteps, TheFirstPlannedStepOnAStreamStartsWhereThePlanExpects) {
+  constexpr int kBlocks = 4;
+  Runtime rt(Model::conf("plan", 7 * MiB), RuntimeOptions{});  // room for three blocks
+  auto* sim = dynamic_cast<SimDevice*>(&rt.device());
+  ASSERT_NE(sim, nullptr);
+  Swapper& sw = *rt.swapper();
+  Stream stream = rt.device().create_stream();
+  std::vector<void*> blocks;
+  for (int i = 0; i < kBlocks; ++i) {
+    blocks.push_back(rt.allocator().allocate(kBlock, stream));
+    PinToken t = sw.pin_for_host(blocks.back());
+    fill_pattern(blocks.back(), kBlock, 60 + i);
+    sw.unpin(t, nullptr, true);
+    if (i == 0) sw.evict(blocks[0]);  // room for the others
+    sw.quiesce();
+  }
+  sw.evict(blocks[kBlocks - 1]);  // on the host when the recorded step's last op needs it
+  sw.quiesce();
+  std::vector<SwapStats> per_step;
+  for (int n = 1; n <= 4; ++n) {
+    const SwapStats before = sw.stats();
+    sw.begin_step(11);
+    for (int i = 0; i < kBlocks; ++i) {
+      sw.begin_op("op");
+      sw.pin(blocks[i], stream);
+      sim->enqueue_compute(stream, 1e-3);  // 1 ms: a 2 MiB copy hides behind it
+      sw.unpin(blocks[i], stream, false);
+    }
+    sw.end_step(11);
+    per_step.push_back(swaps_since(sw.stats(), before));
+  }
+  rt.device().synchronize();
+  ASSERT_EQ(sw.stats().steps_planned, 3u) << "steps 2-4 follow step 1's plan";
+  EXPECT_GT(per_step[0].demand_fetches, 0u) << "the recorded step fetches on demand";
+  for (int n = 1; n < 4; ++n) {
+    EXPECT_EQ(per_step[n].demand_fetches, 0u) << "step " << n + 1;
+    EXPECT_EQ(per_step[n].evictions_reactive, 0u) << "step " << n + 1;
+    EXPECT_GT(per_step[n].prefetches, 0u) << "step " << n + 1;
+  }
+  for (int i = 0; i < kBlocks; ++i) {
+    PinToken t = sw.pin_for_host(blocks[i]);
+    EXPECT_EQ(find_pattern_mismatch(blocks[i], kBlock, 60 + i), kBlock) << "block " << i;
+    sw.unpin(t, nullptr, false);
+    rt.allocator().deallocate(blocks[i], stream);
+  }
+  rt.device().synchronize();
+  rt.device().destroy_stream(stream);
+}
+
 // end_scope drops a scope's recording and plan (the next step is recorded afresh), abandons
 // a step in progress, and is safe while another thread runs the scope's steps.
 TEST(PlannedSteps, EndScopeDropsTheRecordingAndAStepInProgress) {
