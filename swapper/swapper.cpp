@@ -188,7 +188,11 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
       // could be needed before this block) and never waits (the plan retries it later),
       // unless the caller asked it to wait for swap-outs in flight (Swapper::prefetch).
       mapped = backend.try_reback(ptr, size);
-      if (!mapped && wait_for_room && wait_inflight(size) > 0) mapped = backend.try_reback(ptr, size);
+      if (!mapped && wait_for_room) {
+        // Only for the room it lacks: part of it may be free already.
+        const std::size_t room = backend.room();
+        if (room >= size || wait_inflight(size - room) > 0) mapped = backend.try_reback(ptr, size);
+      }
     } else {
       backend.reback(ptr, size);  // may run the eviction ladder, which takes our lock
     }

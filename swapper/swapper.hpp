@@ -134,7 +134,7 @@ class Swapper {
   void unpin(const PinToken& token, Stream stream, bool wrote = true);
   // Starts bringing a block on the host back, into free budget only (it never evicts). With
   // `wait_for_room`, when the budget is short it first waits (on the host) for swap-outs
-  // already in flight to free room, as a plan that timed them expects; else it gives up
+  // already in flight to free the room it lacks, as a plan that timed them expects; else it gives up
   // (counted in prefetches_skipped).
   void prefetch(const void* ptr, bool wait_for_room = false);
   void evict(const void* ptr);  // a no-op for a pinned, protected or unswappable block

@@ -229,6 +229,38 @@ TEST(Swapper, PrefetchWaitsForSwapOutsInTheOrderTheyWereIssued) {
   EXPECT_TRUE(r.holds(second, kBlock, 10));
 }
 
+// It waits only for the room it lacks: part of the block's size may be free already. Here half
+// of it is, and one swap-out frees the rest; it used to wait for swap-outs worth the whole
+// block (both copies here), holding the host back for a copy it did not need.
+TEST(Swapper, PrefetchWaitsOnlyForTheRoomItLacks) {
+  constexpr std::size_t kBlock = 4 * MiB;
+  Rig r(4 * kBlock, 1 * GiB, false, SwapPolicy::Lru, true);
+  void* d = r.backend.allocate(2 * kBlock);
+  r.write(d, 2 * kBlock, 7);
+  r.swapper.evict(d);  // on the host once the blocks below need its room
+  std::vector<void*> v;
+  for (int i = 0; i < 3; ++i) v.push_back(r.backend.allocate(kBlock));
+  for (int i = 0; i < 3; ++i) r.write(v[i], kBlock, 10 + i);
+  ASSERT_EQ(r.swapper.residence(d), Residence::OnHost);
+  ASSERT_EQ(r.backend.room(), kBlock) << "half the prefetch's room is free";
+  r.swapper.evict(v[0]);
+  r.swapper.evict(v[1]);
+  const SwapStats before = r.swapper.stats();
+  const std::uint64_t t0 = r.dev.trace_now_ns();  // the host's simulated clock
+  r.swapper.prefetch(d, /*wait_for_room=*/true);
+  const double waited = double(r.dev.trace_now_ns() - t0) * 1e-9;
+  const SwapStats after = r.swapper.stats();
+  EXPECT_EQ(after.prefetches - before.prefetches, 1u);
+  EXPECT_EQ(after.prefetches_skipped, before.prefetches_skipped);
+  EXPECT_EQ(r.swapper.residence(v[0]), Residence::OnHost);
+  EXPECT_EQ(r.swapper.residence(v[1]), Residence::SwappingOut)
+      << "the prefetch waited for a swap-out whose room it did not need";
+  const double one_copy = double(kBlock) / (r.dev.options().link.d2h_gbps * 1e9);
+  EXPECT_LT(waited, 1.5 * one_copy);
+  EXPECT_TRUE(r.holds(d, 2 * kBlock, 7));
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(r.holds(v[i], kBlock, 10 + i)) << "block " << i;
+}
+
 TEST(Swapper, PinnedWorkingSetOverTheBudgetNamesTheBlocks) {
   Rig r(2 * 4 * MiB);
   void* a = r.backend.allocate(4 * MiB);
