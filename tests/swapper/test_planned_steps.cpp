@@ -158,6 +158,22 @@ TEST(PlannedSteps, TheFirstPlannedStepStartsWhereThePlanExpects) {
                                         std::to_string(demand[3]) + "," + std::to_string(demand[4]));
 }
 
+// Once the stream's work is done: block i still holds the pattern of seed0 + i; frees the
+// blocks, then the stream.
+void check_and_free(Runtime& rt, Stream stream, const std::vector<void*>& blocks,
+                    std::uint64_t seed0) {
+  Swapper& sw = *rt.swapper();
+  rt.device().synchronize();
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    PinToken t = sw.pin_for_host(blocks[i]);
+    EXPECT_EQ(find_pattern_mismatch(blocks[i], kBlock, seed0 + i), kBlock) << "block " << i;
+    sw.unpin(t, nullptr, false);
+    rt.allocator().deallocate(blocks[i], stream);
+  }
+  rt.device().synchronize();
+  rt.device().destroy_stream(stream);
+}
+
 // A step whose pins are ordered on a stream (a GPU framework's, the reference trainer's) is
 // timed by that stream, not by the host, which only enqueues and runs ahead: each recorded op
 // lasts as long as its work on the device, and a stall the swapper makes the stream wait (a
@@ -198,15 +214,7 @@ TEST(PlannedSteps, AStepOnAStreamIsTimedByTheDeviceNetOfItsStalls) {
     EXPECT_NEAR(*g.ops[i].time_s, compute_s[i], 1e-6)
         << "op " << names[i] << ": the device ran it for " << compute_s[i] * 1e3 << " ms";
   }
-  rt.device().synchronize();
-  for (int i = 0; i < 3; ++i) {
-    PinToken t = sw.pin_for_host(blocks[i]);
-    EXPECT_EQ(find_pattern_mismatch(blocks[i], kBlock, 40 + i), kBlock) << "block " << i;
-    sw.unpin(t, nullptr, false);
-    rt.allocator().deallocate(blocks[i], stream);
-  }
-  rt.device().synchronize();
-  rt.device().destroy_stream(stream);
+  check_and_free(rt, stream, blocks, 40);
 }
 
 // A step of host pins (the CPU bridge) is timed by the host, less the host's waits inside the
@@ -358,14 +366,7 @@ TEST(PlannedSteps, TheFirstPlannedStepOnAStreamStartsWhereThePlanExpects) {
     EXPECT_EQ(per_step[n].evictions_reactive, 0u) << "step " << n + 1;
     EXPECT_GT(per_step[n].prefetches, 0u) << "step " << n + 1;
   }
-  for (int i = 0; i < kBlocks; ++i) {
-    PinToken t = sw.pin_for_host(blocks[i]);
-    EXPECT_EQ(find_pattern_mismatch(blocks[i], kBlock, 60 + i), kBlock) << "block " << i;
-    sw.unpin(t, nullptr, false);
-    rt.allocator().deallocate(blocks[i], stream);
-  }
-  rt.device().synchronize();
-  rt.device().destroy_stream(stream);
+  check_and_free(rt, stream, blocks, 60);
 }
 
 // end_scope drops a scope's recording and plan (the next step is recorded afresh), abandons
