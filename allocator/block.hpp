@@ -40,7 +40,12 @@ struct Block {
   bool moving = false;         // large blocks: unback/reback under way (device calls unlocked)
   Stream stream = nullptr;     // allocation stream, or the stream it was freed on
   std::uint64_t freed_at = 0;  // free blocks: the pool's clock at the (latest) free
-  std::array<StreamUse, 4> uses{};  // other streams (record_stream), then free-time events
+  // Other streams (record_stream, at most kOtherStreams), then free-time events. One slot more
+  // than other streams may fill, so that a free block always has room for its free stream's
+  // own event: without it, that stream's queued work went unchecked and the block could be
+  // unmapped under it.
+  static constexpr std::size_t kOtherStreams = 4;
+  std::array<StreamUse, kOtherStreams + 1> uses{};
   std::uint8_t n_uses = 0;
 
   bi::set_member_hook<bi::link_mode<bi::safe_link>> free_hook;   // in a pool's free set

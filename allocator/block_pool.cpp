@@ -214,7 +214,7 @@ void BlockPool::merge_uses(Block& into, Block& from) {
         return;
       }
     }
-    if (into.n_uses < into.uses.size()) {
+    if (into.n_uses < Block::kOtherStreams) {  // the last slot stays for the free stream
       into.uses[into.n_uses++] = u;
       return;
     }
@@ -285,7 +285,15 @@ bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
   // The free stream needs an entry of its own to hold its event.
   bool found = false;
   for (std::uint8_t i = 0; i < b.n_uses; ++i) found |= b.uses[i].stream == b.stream;
-  if (!found && b.n_uses < b.uses.size()) b.uses[b.n_uses++] = {b.stream, nullptr};
+  // (Block keeps a slot for it; were it ever full, a throwaway event checks it, as in ready_for:
+  // a free stream left unchecked let the block be unmapped under that stream's queued work.)
+  if (!found && b.n_uses < b.uses.size()) {
+    b.uses[b.n_uses++] = {b.stream, nullptr};
+  } else if (!found) {
+    StreamUse self{b.stream, nullptr};
+    check(self);
+    spare_events_.push_back(self.event);
+  }
   for (std::uint8_t i = 0; i < b.n_uses; ++i) check(b.uses[i]);
   return all;
 }

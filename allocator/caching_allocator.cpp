@@ -255,9 +255,9 @@ void CachingAllocator::record_stream(void* ptr, Stream stream) {
   if (stream == b->stream) return;
   for (std::uint8_t i = 0; i < b->n_uses; ++i)
     if (b->uses[i].stream == stream) return;
-  SPILL_EXPECTS(b->n_uses < b->uses.size(),
+  SPILL_EXPECTS(b->n_uses < Block::kOtherStreams,
                 "record_stream: " + format_address(ptr) + " is already used on " +
-                    std::to_string(b->uses.size()) + " other streams");
+                    std::to_string(Block::kOtherStreams) + " other streams");
   b->uses[b->n_uses++] = {stream, nullptr};
 }
 

@@ -145,6 +145,37 @@ TYPED_TEST(AllocatorTest, RecordStreamDelaysReuseUntilThatUseIsDone) {
   d.destroy_stream(other);
 }
 
+// A block used on as many other streams as record_stream takes, then freed on its own stream
+// while work queued there still reads it: releasing the cache must wait for that stream too
+// (it had no room left for the freeing stream's event, and was unmapped under the queued read:
+// the C API fuzz's swap-out copy, which the freeing stream waits for, faulted on it).
+TYPED_TEST(AllocatorTest, ReleasingTheCacheWaitsForTheFreeingStreamOfABlockUsedOnFourOthers) {
+  CachingAllocator a = this->make(64 * MiB);
+  Device& d = *this->dev_;
+  const std::size_t n = 4 * MiB;
+  void* p = a.allocate(n, this->s1_);
+  this->write(p, n, 31, this->s1_);
+  std::vector<Stream> others = {this->s2_, d.create_stream(), d.create_stream(),
+                                d.create_stream()};
+  for (Stream s : others) a.record_stream(p, s);
+  auto out = this->pinned(n, 0);
+  HoldToken hold = d.hold(this->s1_);
+  d.copy_async(out.get(), p, n, CopyKind::DeviceToHost, this->s1_);  // runs after release
+  a.deallocate(p);  // on s1, behind the queued read
+  // The hold goes once empty_cache has had time to release what it (wrongly) finds idle.
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    d.release(hold);
+  });
+  a.empty_cache();
+  releaser.join();
+  EXPECT_NO_THROW(d.synchronize(this->s1_)) << "the queued read touched released memory";
+  EXPECT_EQ(find_pattern_mismatch(out.get(), n, 31), n) << "the queued read saw other bytes";
+  EXPECT_EQ(a.stats().reserved.current, 0) << "empty_cache released the block once s1 passed";
+  a.check_invariants();
+  for (std::size_t i = 1; i < others.size(); ++i) d.destroy_stream(others[i]);
+}
+
 TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
   Device& d = *this->dev_;
   const std::size_t g = d.granularity();
