@@ -677,12 +677,9 @@ class OffloadHandle:
     def _release_frame(self, frame: _Frame) -> None:
         if not frame.tokens and not frame.child_outputs:
             return
-        stream = self.pinner.stream()
-        unpin = self._unpin
-        for token, wrote in frame.tokens:
-            unpin(token, stream, wrote)
-        for token in frame.child_outputs:
-            unpin(token, stream, True)
+        self._release_tokens(frame.tokens)
+        if frame.child_outputs:
+            self._release_tokens([(token, True) for token in frame.child_outputs])
         frame.tokens.clear()
         frame.child_outputs.clear()
         frame.packed.clear()
@@ -690,10 +687,7 @@ class OffloadHandle:
     def _release_backward(self) -> None:
         pending, self._bw_pending = self._bw_pending, []
         if pending:
-            stream = self.pinner.stream()
-            unpin = self._unpin
-            for token, wrote in pending:
-                unpin(token, stream, wrote)
+            self._release_tokens(pending)
 
     def _unwind(self, depth: int) -> None:
         while len(self._frames) > depth:
