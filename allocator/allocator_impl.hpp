@@ -33,8 +33,16 @@ struct RetiredRange {
   std::size_t size = 0;
   std::vector<Chunk> chunks;  // the mappings still in place, offsets within [addr, addr+size)
   std::vector<Event> events;  // all complete: nothing can touch the range any more
-  Segment* owner = nullptr;   // the segment that owns the chunks now
+  // The segments that own the chunks now: one after a gather, the parts after a split. A
+  // segment may appear more than once; each appearance counts one in its `aliases`.
+  std::vector<Segment*> owners;
   bool reaping = false;       // being unmapped (device calls unlocked)
+
+  bool maps_chunks_of(const Segment* s) const {
+    for (const Segment* o : owners)
+      if (o == s) return true;
+    return false;
+  }
 };
 
 struct CachingAllocator::Impl {
@@ -90,7 +98,7 @@ struct CachingAllocator::Impl {
   // chunks, or all of them (nullptr).
   void retired_events(const Segment* owner, std::vector<Event>* out) const {
     for (const RetiredRange& r : retired)
-      if (!r.reaping && (owner == nullptr || r.owner == owner))
+      if (!r.reaping && (owner == nullptr || r.maps_chunks_of(owner)))
         out->insert(out->end(), r.events.begin(), r.events.end());
   }
   Segment* new_segment(std::uintptr_t addr, std::size_t size, bool is_large) {

@@ -31,8 +31,12 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   };
   std::vector<Block*> gathered;
   std::size_t have = 0;
-  if (m.large.free_bytes() > 0 && ((guard && over_peak(size) > 0) || !m.budget.fits(size)))
+  if (m.large.free_bytes() > 0 && ((guard && over_peak(size) > 0) || !m.budget.fits(size))) {
+    // A cached block of several chunks holds the request's bytes in whole chunks: split it
+    // rather than release it and map the same bytes again.
+    if (Block* part = split_cached(lock, size, stream)) return part;
     have = gather_locked(size, stream, &gathered);
+  }
   const std::size_t fresh = size - have;
   try {
     if (fresh > 0) {
@@ -90,7 +94,7 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   lock.lock();
   Segment* seg = m.new_segment(key(va), size, true);
   seg->chunks = std::move(chunks);
-  for (Block* g : gathered) retire_locked(g, seg);
+  for (Block* g : gathered) retire_locked(g, {seg});
   if (!gathered.empty()) m.stats.gathers++;
   note_mapped_locked(seg);
   return m.large.carve(m.large.add_segment(seg), size, stream);
@@ -115,6 +119,93 @@ void CachingAllocator::hold_peak(Lock& lock, std::size_t over, Stream stream) {
   if (released > 0) m.stats.cache_releases++;
 }
 
+Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream stream) {
+  Impl& m = *impl_;
+  // The smallest cached block that splits: usable on `stream`, larger than a cache hit may be,
+  // with chunks that add up to the request or up to a quarter more (largest chunks first).
+  Block* g = nullptr;
+  std::vector<Chunk> part, rest;
+  Block probe;
+  probe.size = size + size / 4 + 1;
+  for (auto it = m.large.free_set().lower_bound(probe); it != m.large.free_set().end(); ++it) {
+    Block& b = const_cast<Block&>(*it);
+    if (b.segment->chunks.size() < 2) continue;
+    std::vector<Chunk> chunks = b.segment->chunks;
+    std::sort(chunks.begin(), chunks.end(),
+              [](const Chunk& x, const Chunk& y) { return x.size > y.size; });
+    std::size_t have = 0;
+    part.clear();
+    rest.clear();
+    for (const Chunk& c : chunks) {
+      if (have < size && have + c.size <= size + size / 4) {
+        part.push_back(c);
+        have += c.size;
+      } else {
+        rest.push_back(c);
+      }
+    }
+    if (have < size || rest.empty() || !m.large.usable_on(b, stream)) continue;
+    g = &b;
+    break;
+  }
+  if (g == nullptr) return nullptr;
+  // Each part's chunks at offsets of its own range, in the old range's order.
+  auto lay_out = [](std::vector<Chunk>* cs) {
+    std::sort(cs->begin(), cs->end(), [](const Chunk& x, const Chunk& y) { return x.offset < y.offset; });
+    std::size_t offset = 0;
+    for (Chunk& c : *cs) {
+      c.offset = offset;
+      offset += c.size;
+    }
+    return offset;
+  };
+  const std::size_t part_size = lay_out(&part);
+  const std::size_t rest_size = lay_out(&rest);
+  m.large.withdraw(g);
+  lock.unlock();
+  void* va[2] = {nullptr, nullptr};
+  const std::vector<Chunk>* layouts[2] = {&part, &rest};
+  const std::size_t sizes[2] = {part_size, rest_size};
+  std::size_t n_mapped[2] = {0, 0};
+  try {
+    for (int i = 0; i < 2; ++i) {
+      va[i] = dev_.reserve(sizes[i]);
+      for (const Chunk& c : *layouts[i]) {
+        dev_.map(ptr_of(key(va[i]) + c.offset), c.size, c.handle);
+        ++n_mapped[i];
+      }
+    }
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    try {
+      for (int i = 0; i < 2; ++i) {
+        for (std::size_t k = 0; k < n_mapped[i]; ++k)
+          dev_.unmap(ptr_of(key(va[i]) + (*layouts[i])[k].offset), (*layouts[i])[k].size);
+        if (va[i]) dev_.unreserve(va[i], sizes[i]);
+      }
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    lock.lock();
+    m.large.restore(g);
+    std::rethrow_exception(error);
+  }
+  lock.lock();
+  Segment* part_seg = m.new_segment(key(va[0]), part_size, true);
+  Segment* rest_seg = m.new_segment(key(va[1]), rest_size, true);
+  part_seg->chunks = std::move(part);
+  rest_seg->chunks = std::move(rest);
+  // The rest stays cached under the old block's stream constraints (its memory may still be
+  // touched by work queued on the old range); their events are recorded afresh when asked.
+  Block* cached = m.large.add_segment(rest_seg);
+  m.large.inherit_constraints(cached, *g);
+  retire_locked(g, {part_seg, rest_seg});
+  m.stats.splits++;
+  note_mapped_locked(part_seg);
+  note_mapped_locked(rest_seg);
+  return m.large.carve(m.large.add_segment(part_seg), part_size, stream);
+}
+
 std::size_t CachingAllocator::gather_locked(std::size_t size, Stream stream,
                                             std::vector<Block*>* out) {
   Impl& m = *impl_;
@@ -135,7 +226,7 @@ std::size_t CachingAllocator::gather_locked(std::size_t size, Stream stream,
   return have;
 }
 
-void CachingAllocator::retire_locked(Block* g, Segment* owner) {
+void CachingAllocator::retire_locked(Block* g, const std::vector<Segment*>& owners) {
   Impl& m = *impl_;
   Segment* old = g->segment;
   RetiredRange r;
@@ -143,11 +234,16 @@ void CachingAllocator::retire_locked(Block* g, Segment* owner) {
   r.size = old->size;
   r.chunks = std::move(old->chunks);
   r.events = m.large.retire(g);
-  r.owner = owner;
-  // Ranges retired earlier that map these chunks now alias the new owner.
-  for (RetiredRange& earlier : m.retired)
-    if (earlier.owner == old) earlier.owner = owner;
-  owner->aliases += old->aliases + 1;
+  r.owners = owners;
+  // Ranges retired earlier that map these chunks now alias the new owners.
+  for (RetiredRange& earlier : m.retired) {
+    const auto n = std::count(earlier.owners.begin(), earlier.owners.end(), old);
+    if (n == 0) continue;
+    std::erase(earlier.owners, old);
+    for (auto i = n; i > 0; --i)
+      earlier.owners.insert(earlier.owners.end(), owners.begin(), owners.end());
+  }
+  for (Segment* o : owners) o->aliases += old->aliases + 1;
   m.stats.reserved.sub(r.size);
   m.stats.cached.sub(r.size);
   m.stats.segment_unmaps++;
@@ -186,7 +282,7 @@ std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait) {
   lock.lock();
   for (auto it : done) {
     m.large.return_events(it->events);
-    it->owner->aliases--;
+    for (Segment* o : it->owners) o->aliases--;
     m.retired.erase(it);
   }
   m.released.notify_all();
@@ -202,7 +298,7 @@ void CachingAllocator::settle_aliases(Lock& lock, Segment* seg) {
     wait_unlocked(lock, pending);
     if (reap_retired(lock, false) == 0 && seg->aliases > 0) {
       bool theirs = true;  // every alias left is being unmapped by another thread
-      for (const RetiredRange& r : m.retired) theirs &= r.owner != seg || r.reaping;
+      for (const RetiredRange& r : m.retired) theirs &= !r.maps_chunks_of(seg) || r.reaping;
       if (theirs) m.released.wait(lock);
     }
   }

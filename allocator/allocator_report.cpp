@@ -113,7 +113,8 @@ void CachingAllocator::check_invariants() const {
                  s->addr);
       if (s->chunks.size() > kMaxChunks) violated("a large block has too many chunks", s->addr);
       std::uint32_t aliases = 0;
-      for (const RetiredRange& r : m.retired) aliases += r.owner == s;
+      for (const RetiredRange& r : m.retired)
+        aliases += static_cast<std::uint32_t>(std::count(r.owners.begin(), r.owners.end(), s));
       if (aliases != s->aliases) violated("a block's alias count differs from a recount", s->addr);
     }
     std::uintptr_t at = s->addr;
@@ -145,8 +146,10 @@ void CachingAllocator::check_invariants() const {
   }
   if (n_allocated != m.allocated.size()) violated("the allocated set holds stray blocks");
   for (const RetiredRange& r : m.retired) {
-    if (std::find(segs.begin(), segs.end(), r.owner) == segs.end())
-      violated("a retired range aliases a segment that is gone", r.addr);
+    for (const Segment* o : r.owners)
+      if (std::find(segs.begin(), segs.end(), o) == segs.end())
+        violated("a retired range aliases a segment that is gone", r.addr);
+    if (r.owners.empty()) violated("a retired range without an owner", r.addr);
     if (r.reaping) violated("a retired range's unmapping did not finish", r.addr);
   }
   const BlockPool* pools[2] = {&m.small, &m.large};

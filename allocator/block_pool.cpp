@@ -346,6 +346,15 @@ void BlockPool::restore(Block* b) {
   free_bytes_ += b->size;
 }
 
+void BlockPool::inherit_constraints(Block* b, const Block& from) {
+  SPILL_ASSERT(!b->allocated && b->n_uses == 0, "inheriting constraints into a used block");
+  b->fresh = from.fresh;
+  b->stream = from.stream;
+  b->freed_at = from.freed_at;
+  for (std::uint8_t i = 0; i < from.n_uses; ++i) b->uses[i] = {from.uses[i].stream, nullptr};
+  b->n_uses = from.n_uses;
+}
+
 std::vector<Event> BlockPool::retire(Block* b) {
   SPILL_ASSERT(!b->allocated && !b->free_hook.is_linked(), "retiring a block that is not withdrawn");
   std::erase(withdrawn_, b);

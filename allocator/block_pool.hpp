@@ -61,6 +61,10 @@ class BlockPool {
   // Takes a free block out of the free set, constraints kept (restore puts it back).
   void withdraw(Block* b);
   void restore(Block* b);
+  // A free block `b` takes the stream constraints of the withdrawn block `from` (its memory was
+  // `from`'s): the same free stream, free time and other streams, their events not yet
+  // recorded (`from` keeps its own).
+  void inherit_constraints(Block* b, const Block& from);
   // Ends a withdrawn block whose memory moves elsewhere: returns events that complete once no
   // stream can still touch its old addresses (recorded now where missing; the caller owns them
   // until return_events) and recycles the Block.

@@ -161,8 +161,13 @@ class CachingAllocator final : public ResidencyBackend {
   // reserved peak (as the peak_guard option says: idle ones only, or also waiting for
   // `stream`).
   void hold_peak(Lock& lock, std::size_t over, Stream stream);
-  // The gathered block `g` ends; its range becomes a retired alias of `owner`'s chunks.
-  void retire_locked(Block* g, Segment* owner);
+  // Splits a cached block of several chunks usable on `stream` at its chunk boundaries: a part
+  // of `size` bytes (up to a quarter more), returned allocated on `stream`, and the rest, cached.
+  // Null when no cached block has such chunks.
+  Block* split_cached(Lock& lock, std::size_t size, Stream stream);
+  // The gathered or split block `g` ends; its range becomes a retired alias of the chunks that
+  // `owners` map now.
+  void retire_locked(Block* g, const std::vector<Segment*>& owners);
   // Unmaps retired ranges nothing can touch any more (`wait`: waits for them all first).
   std::size_t reap_retired(Lock& lock, bool wait);
   // Waits until no retired range maps `seg`'s chunks (before they are unmapped or released).

@@ -202,11 +202,15 @@ TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
   EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(8 * g));
   EXPECT_EQ(a.stats().cached.current, 0);
   a.check_invariants();
-  // A cached block larger than a request (never split) is released to let the request in.
+  // A cached gathered block larger than a request is split at its chunk boundaries: the
+  // request takes one chunk, the other stays cached; nothing is released or mapped afresh.
   a.deallocate(big);
+  const std::uint64_t releases = a.stats().cache_releases;
   void* one = a.allocate(g, this->s1_);
-  EXPECT_GE(a.stats().cache_releases, 1u);
-  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(7 * g));
+  EXPECT_EQ(a.stats().splits, 1u);
+  EXPECT_EQ(a.stats().cache_releases, releases);
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(8 * g));
+  EXPECT_EQ(a.stats().cached.current, static_cast<std::int64_t>(g));
   a.check_invariants();
   a.deallocate(one);
   for (int i = 2; i < 8; ++i) a.deallocate(live[i]);
@@ -272,6 +276,66 @@ TYPED_TEST(AllocatorTest, GatheredBlockFollowsQueuedWorkInStreamOrder) {
   a.check_invariants();
   a.deallocate(r);
   a.empty_cache();  // unmaps the retired ranges, then the block
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  if (d.info().simulated) {
+    EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";
+  }
+  a.check_invariants();
+}
+
+TYPED_TEST(AllocatorTest, GatheredBlockSplitsBackAtChunkBoundaries) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g);
+  void* p = a.allocate(g, this->s1_);
+  void* q = a.allocate(g, this->s1_);
+  a.deallocate(p);
+  a.deallocate(q);
+  void* big = a.allocate(2 * g, this->s1_);  // over the reserved peak: gathered from p and q
+  ASSERT_EQ(a.stats().gathers, 1u);
+  // Queued work writes each chunk of the gathered block behind a hold; it is freed meanwhile.
+  auto early = this->pinned(g, 1);
+  auto early2 = this->pinned(g, 2);
+  HoldToken hold = d.hold(this->s1_);
+  d.copy_async(big, early.get(), g, CopyKind::HostToDevice, this->s1_);
+  d.copy_async(static_cast<char*>(big) + g, early2.get(), g, CopyKind::HostToDevice, this->s1_);
+  a.deallocate(big);
+  // A one-granule request on the same stream splits it: one chunk for the request, the other
+  // cached; nothing released, nothing mapped afresh, the reserved peak unchanged.
+  const std::uint64_t releases = a.stats().cache_releases;
+  void* one = a.allocate(g, this->s1_);
+  EXPECT_EQ(a.stats().splits, 1u);
+  EXPECT_EQ(a.stats().cache_releases, releases);
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(2 * g));
+  EXPECT_EQ(a.stats().reserved.peak, static_cast<std::int64_t>(2 * g));
+  EXPECT_EQ(a.stats().cached.current, static_cast<std::int64_t>(g));
+  a.check_invariants();
+  // The cached part keeps the old block's constraints: s2 may not use it while s1's queued
+  // writes to the old range may still reach its chunk.
+  void* other = a.allocate(g, this->s2_);
+  EXPECT_EQ(a.stats().cached.current, static_cast<std::int64_t>(g)) << "s2 took the busy part";
+  EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(3 * g));
+  this->write(other, g, 3, this->s2_);
+  // The queued writes land in the chunks through the old range, after the split in stream order.
+  d.release(hold);
+  d.synchronize(this->s1_);
+  const bool first = this->holds(one, g, 1, this->s1_);
+  EXPECT_TRUE(first || this->holds(one, g, 2, this->s1_)) << "the part lost its chunk's bytes";
+  EXPECT_TRUE(this->holds(other, g, 3, this->s2_));
+  // The other chunk, now reusable on s1, is a cache hit with the other write's bytes.
+  const std::uint64_t hits = a.stats().cache_hits;
+  void* two = a.allocate(g, this->s1_);
+  EXPECT_EQ(a.stats().cache_hits, hits + 1);
+  EXPECT_TRUE(this->holds(two, g, first ? 2 : 1, this->s1_));
+  // Each part is a block of its own chunks: the swapper can unmap one alone.
+  a.unback(one, g);
+  EXPECT_TRUE(this->holds(two, g, first ? 2 : 1, this->s1_));
+  a.reback(one, g);
+  a.check_invariants();
+  a.deallocate(one);
+  a.deallocate(two);
+  a.deallocate(other);
+  a.empty_cache();  // unmaps the retired ranges, then the blocks
   EXPECT_EQ(a.stats().reserved.current, 0);
   if (d.info().simulated) {
     EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";

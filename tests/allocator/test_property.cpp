@@ -147,6 +147,8 @@ void AllocatorProperty<Backend>::run(std::uint64_t seed, long ops) {
   }
   EXPECT_GT(ooms, 0) << "the sequence should reach the budget now and then";
   EXPECT_GT(reused_across, 0) << "the sequence should free blocks on other streams";
+  EXPECT_GT(a.stats().gathers, 0u) << "the sequence should gather cached blocks";
+  EXPECT_GT(a.stats().splits, 0u) << "the sequence should split gathered blocks";
   for (auto& [k, l] : live) a.deallocate(reinterpret_cast<void*>(k));
   a.check_invariants();
   EXPECT_EQ(a.stats().allocated.current, 0);
