@@ -41,6 +41,7 @@ struct PlanArgs {
   std::string timeline_path;
   std::string plan_path;
   double max_batch_pct = -1;
+  bool recompute = false;
 };
 
 bool is_graph_file(const std::string& model) {
@@ -78,6 +79,9 @@ nlohmann::json result_json(const graph::PolicyResult& r) {
           {"stall_time_s", r.sim.stall_time_s},
           {"unlimited_step_time_s", r.unlimited_step_time_s},
           {"overhead", r.overhead()},
+          {"recomputes", r.sim.recomputes},
+          {"recomputed_bytes", r.sim.recomputed_bytes},
+          {"recompute_time_s", r.sim.recompute_time_s},
           {"reason", r.feasible ? "" : r.plan.reason}};
 }
 
@@ -123,6 +127,7 @@ int run_plan(const PlanArgs& a) {
   graph::PlannerOptions o;
   o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
+  o.recompute = a.recompute;
   std::vector<graph::Policy> policies;
   if (a.policy == "all") policies = graph::all_policies();
   else policies = {graph::parse_policy(a.policy)};
@@ -137,8 +142,9 @@ int run_plan(const PlanArgs& a) {
   const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
   std::printf("budget:  %s; unlimited-memory peak %s\n\n", format_bytes(o.budget).c_str(),
               format_bytes(unlimited_peak).c_str());
-  std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s\n", "policy", "fits", "peak", "swap out",
-              "swap in", "step", "stall", "overhead");
+  std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s%s\n", "policy", "fits", "peak",
+              "swap out", "swap in", "step", "stall", "overhead",
+              a.recompute ? "  recomputed (tensors, bytes, time)" : "");
   nlohmann::json report{{"model", a.model},
                         {"name", g.name},
                         {"batch", batch},
@@ -153,11 +159,15 @@ int run_plan(const PlanArgs& a) {
   for (std::size_t k = 0; k < policies.size(); ++k) {
     graph::PolicyResult r =
         graph::evaluate_policy(policies[k], g, gpu, link, o, !a.timeline_path.empty() && k == 0);
-    std::printf("%-10s %-4s %11s %11s %11s %11s %11s %8.1f%%\n", graph::to_string(r.policy),
+    std::printf("%-10s %-4s %11s %11s %11s %11s %11s %8.1f%%", graph::to_string(r.policy),
                 r.feasible ? "yes" : "no", format_bytes(r.sim.peak_bytes).c_str(),
                 format_bytes(r.sim.swapped_out_bytes).c_str(),
                 format_bytes(r.sim.swapped_in_bytes).c_str(), seconds(r.sim.step_time_s).c_str(),
                 seconds(r.sim.stall_time_s).c_str(), 100.0 * r.overhead());
+    if (a.recompute)
+      std::printf("  %u, %s, %s", r.sim.recomputes, format_bytes(r.sim.recomputed_bytes).c_str(),
+                  seconds(r.sim.recompute_time_s).c_str());
+    std::printf("\n");
     if (!r.feasible && !r.plan.reason.empty())
       reasons.push_back(std::string(graph::to_string(r.policy)) + ": " + r.plan.reason);
     report["policies"].push_back(result_json(r));
@@ -171,8 +181,9 @@ int run_plan(const PlanArgs& a) {
   std::printf("(unlimited-memory step: %s; all figures simulated)\n", seconds(unlimited).c_str());
   if (auto floor = graph::swap_floor(g, times, link, o.budget)) {
     std::printf("floor:   %s (%.2fx the unlimited step): no plan that only swaps does better on "
-                "this link;",
-                seconds(floor->step_s).c_str(), floor->step_s / unlimited);
+                "this link%s;",
+                seconds(floor->step_s).c_str(), floor->step_s / unlimited,
+                a.recompute ? " (a plan that recomputes is not bound by it)" : "");
     if (floor->must_move > 0) {
       std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "
                   "which went out first)\n",
@@ -256,6 +267,9 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->add_option("--timeline", args->timeline_path,
                   "write the first policy's simulated timeline (Chrome/Perfetto JSON)");
   cmd->add_option("--plan-out", args->plan_path, "write the first policy's plan as JSON");
+  cmd->add_flag("--recompute", args->recompute,
+                "let the spill policy also drop activations and remake them by running their "
+                "producing op again where that is faster than swapping them");
   cmd->add_option("--max-batch", args->max_batch_pct,
                   "also find the largest batch that fits with overhead under this percentage")
       ->check(number_in(0, 1e6, "a percentage"));

@@ -16,6 +16,8 @@ int graph_format_version(const Graph& g) {
   bool v2 = g.batch > 0;
   for (const Tensor& t : g.tensors) v2 = v2 || t.kind == TensorKind::Buffer || t.batch_bytes > 0;
   for (const Op& op : g.ops) v2 = v2 || op.batch_flops > 0 || op.batch_bytes > 0;
+  for (const Op& op : g.ops)
+    if (op.recomputable) return 3;
   return v2 ? 2 : 1;
 }
 
@@ -41,6 +43,7 @@ json graph_to_json(const Graph& g) {
     if (op.time_s) o["time_s"] = *op.time_s;
     if (op.batch_flops > 0) o["batch_flops"] = op.batch_flops;
     if (op.batch_bytes > 0) o["batch_bytes"] = op.batch_bytes;
+    if (op.recomputable) o["recomputable"] = true;
     ops.push_back(std::move(o));
   }
   json out{{"format", "spill-graph"}, {"version", graph_format_version(g)}, {"name", g.name}};
@@ -111,8 +114,11 @@ Graph graph_from_json(const json& j, std::string_view source) {
   for (std::size_t i = 0; i < ops.size(); ++i) {
     const JsonValue f = ops.at(i);
     refuse_newer_fields(f, version, {"batch_flops", "batch_bytes"});
+    if (version < 3 && f.has("recomputable"))
+      f.fail_field("recomputable", "is a version 3 field (the file says version " +
+                                       std::to_string(version) + ")");
     f.allow_only({"name", "type", "phase", "layer", "reads", "writes", "flops", "bytes", "time_s",
-                  "workspace_bytes", "batch_flops", "batch_bytes"});
+                  "workspace_bytes", "batch_flops", "batch_bytes", "recomputable"});
     Op op;
     op.name = f.string_field("name", "op" + std::to_string(i));
     op.type = f.string_field("type", std::string(""));
@@ -142,6 +148,7 @@ Graph graph_from_json(const json& j, std::string_view source) {
     op.workspace_bytes = f.uint_field("workspace_bytes", 0, kMaxBytes, 0);
     op.batch_flops = f.number_field("batch_flops", 0, kMaxGraphFlops, 0.0);
     op.batch_bytes = f.number_field("batch_bytes", 0, double(kMaxBytes), 0.0);
+    op.recomputable = f.bool_field("recomputable", false);
     g.add_op(std::move(op));
   }
   try {
@@ -172,13 +179,24 @@ json plan_to_json(const Graph& g, const Plan& p) {
   for (TensorIndex t : p.start_on_host) start.push_back(g.tensors[t].id);
   for (std::size_t i = 0; i < p.steps.size(); ++i) {
     const PlanStep& s = p.steps[i];
-    if (s.evict_after.empty() && s.prefetch_at.empty()) continue;
+    if (s.evict_after.empty() && s.prefetch_at.empty() && s.drop_after.empty() &&
+        s.recompute_before.empty())
+      continue;
     json ev = json::array(), pf = json::array();
     for (TensorIndex t : s.evict_after) ev.push_back(g.tensors[t].id);
     for (TensorIndex t : s.prefetch_at) pf.push_back(g.tensors[t].id);
-    steps.push_back({{"op", i}, {"evict_after", ev}, {"prefetch", pf}});
+    json step{{"op", i}, {"evict_after", ev}, {"prefetch", pf}};
+    if (!p.recomputes.empty()) {  // version 2
+      json dr = json::array(), rc = json::array();
+      for (TensorIndex t : s.drop_after) dr.push_back(g.tensors[t].id);
+      for (TensorIndex t : s.recompute_before) rc.push_back(g.tensors[t].id);
+      step["drop_after"] = dr;
+      step["recompute"] = rc;
+    }
+    steps.push_back(std::move(step));
   }
-  return {{"format", "spill-plan"}, {"version", 1},           {"policy", p.policy},
+  return {{"format", "spill-plan"}, {"version", p.recomputes.empty() ? 1 : 2},
+          {"policy", p.policy},
           {"budget_bytes", p.budget_bytes}, {"feasible", p.feasible}, {"reason", p.reason},
           {"start_on_host", start}, {"steps", steps}};
 }
@@ -187,7 +205,8 @@ json timeline_to_json(const Graph& g, const SimResult& r) {
   json events = json::array();
   auto track = [](TimelineEvent::Kind k) {
     switch (k) {
-      case TimelineEvent::Kind::Compute: return 1;
+      case TimelineEvent::Kind::Compute:
+      case TimelineEvent::Kind::Recompute: return 1;
       case TimelineEvent::Kind::Stall: return 2;
       case TimelineEvent::Kind::SwapIn:
       case TimelineEvent::Kind::Upload: return 3;  // both copy host to device

@@ -18,7 +18,7 @@
 namespace spill::graph {
 
 // The newest version this build reads (it reads every version from 1).
-inline constexpr int kGraphFormatVersion = 2;
+inline constexpr int kGraphFormatVersion = 3;
 // Bounds of an op's numbers on reading (documented in docs/graph-format.md): far above any real
 // model, low enough that sums over millions of ops stay finite.
 inline constexpr double kMaxGraphFlops = 1e30;

@@ -1,5 +1,6 @@
 #include "graph/ir.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <unordered_set>
@@ -35,6 +36,34 @@ constexpr std::pair<Phase, const char*> kPhases[] = {
 
 std::string op_where(const Graph& g, std::size_t i) {
   return "op " + std::to_string(i) + " ('" + g.ops[i].name + "')";
+}
+
+// The contract of Op::recomputable that the graph can show (purity it cannot): the op makes
+// activations, reads none of them, and nothing else writes them.
+void check_recomputable(const Graph& g, const std::vector<std::size_t>& first_writer) {
+  std::vector<std::size_t> writers(g.tensors.size(), 0), last(g.tensors.size(), g.ops.size());
+  for (std::size_t i = 0; i < g.ops.size(); ++i)
+    for (TensorIndex t : g.ops[i].writes)
+      if (last[t] != i) {
+        last[t] = i;
+        ++writers[t];
+      }
+  for (std::size_t i = 0; i < g.ops.size(); ++i) {
+    const Op& op = g.ops[i];
+    if (!op.recomputable) continue;
+    const std::string at = "graph '" + g.name + "': " + op_where(g, i) + " is recomputable but ";
+    SPILL_EXPECTS(!op.writes.empty(), at + "writes nothing");
+    for (TensorIndex t : op.writes) {
+      const std::string what = "tensor '" + g.tensors[t].name + "'";
+      SPILL_EXPECTS(std::find(op.reads.begin(), op.reads.end(), t) == op.reads.end(),
+                    at + "reads " + what + ", which it writes (in place)");
+      SPILL_EXPECTS(g.tensors[t].kind == TensorKind::Activation,
+                    at + "writes " + what + " (" + to_string(g.tensors[t].kind) +
+                        "): it may write only activations");
+      SPILL_EXPECTS(first_writer[t] == i && writers[t] == 1,
+                    at + "does not make " + what + ": another op writes it too");
+    }
+  }
 }
 
 }  // namespace
@@ -181,6 +210,7 @@ void Graph::validate() const {
     }
     for (TensorIndex t : op.writes) written[t] = true;
   }
+  check_recomputable(*this, first_writer);
 }
 
 std::uint64_t Graph::total_tensor_bytes() const {

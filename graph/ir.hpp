@@ -6,7 +6,8 @@
 // sizes, FLOPs, bytes and times are non-negative and finite; all tensor bytes plus the largest
 // workspace stay within 2^63 - 1 (so liveness, planner and simulator sums cannot wrap);
 // batch-proportional parts are at most the whole and, for tensor bytes, a whole number of bytes
-// per sample. Execution order is the vector order, so a valid graph is acyclic by construction.
+// per sample; a recomputable op writes at least one tensor, only activations, none that it reads,
+// and is the only op that writes them. Execution order is the vector order, so a valid graph is acyclic by construction.
 #pragma once
 
 #include <cstdint>
@@ -63,6 +64,11 @@ struct Op {
   std::uint64_t workspace_bytes = 0;  // scratch that lives only while the op runs
   double batch_flops = 0;           // parts of flops / bytes proportional to the batch
   double batch_bytes = 0;
+  // The op may be run again to remake what it writes (a plan's recompute, graph/plan.hpp): it is
+  // a pure, deterministic function of its reads (no RNG unless its seed is a read), reads none
+  // of the tensors it writes (not in place), and writes only activations that it makes (their
+  // first writer, and no other op writes them). validate() checks what the graph can show.
+  bool recomputable = false;
 };
 
 struct Graph {

@@ -8,7 +8,7 @@
 namespace spill::graph {
 
 Plan Plan::from_swaps(std::string policy, std::uint64_t budget, std::size_t n_ops,
-                      std::vector<Swap> swaps) {
+                      std::vector<Swap> swaps, std::vector<Recompute> recomputes) {
   Plan p;
   p.policy = std::move(policy);
   p.budget_bytes = budget;
@@ -25,8 +25,103 @@ Plan Plan::from_swaps(std::string policy, std::uint64_t budget, std::size_t n_op
   }
   std::sort(p.start_on_host.begin(), p.start_on_host.end());
   p.swaps = std::move(swaps);
+  std::sort(recomputes.begin(), recomputes.end(), [](const Recompute& a, const Recompute& b) {
+    return a.drop_after != b.drop_after ? a.drop_after < b.drop_after : a.tensor < b.tensor;
+  });
+  for (const Recompute& r : recomputes) {
+    p.steps[std::size_t(r.drop_after)].drop_after.push_back(r.tensor);
+    p.steps[std::size_t(r.next_use)].recompute_before.push_back(r.tensor);
+  }
+  p.recomputes = std::move(recomputes);
   return p;
 }
+
+std::uint64_t Plan::recomputed_bytes(const Graph& g) const {
+  std::uint64_t sum = 0;
+  for (const Recompute& r : recomputes) sum += g.tensors[r.tensor].bytes;
+  return sum;
+}
+
+std::int64_t remaking_op(const Graph& g, TensorIndex t) {
+  if (t >= g.tensors.size() || g.tensors[t].kind != TensorKind::Activation) return -1;
+  for (std::size_t i = 0; i < g.ops.size(); ++i) {
+    const Op& op = g.ops[i];
+    if (std::find(op.writes.begin(), op.writes.end(), t) != op.writes.end())
+      return op.recomputable ? std::int64_t(i) : -1;  // validate(): its only writer
+  }
+  return -1;
+}
+
+namespace {
+
+// The recompute rules of check_plan (see plan.hpp).
+void check_recomputes(const Graph& g, const Plan& p, const Liveness& l) {
+  const auto n = static_cast<std::int64_t>(g.ops.size());
+  std::vector<std::vector<OpIndex>> writers(g.tensors.size());
+  for (std::size_t i = 0; i < g.ops.size(); ++i)
+    for (TensorIndex t : g.ops[i].writes)
+      if (writers[t].empty() || writers[t].back() != i) writers[t].push_back(OpIndex(i));
+  // Whether tensor x is away just before op u by some action of the plan: evicted and its
+  // prefetch not issued yet (once issued, the remake waits for it as an op would), or dropped
+  // and not remade before u's own remakes.
+  auto away_at = [&](TensorIndex x, std::int64_t u) {
+    for (const Swap& s : p.swaps)
+      if (s.tensor == x && ((s.evict_after < u && u < s.prefetch_at) ||
+                            (s.evict_after < u + n && u + n < s.prefetch_at)))
+        return true;
+    for (const Recompute& r : p.recomputes)
+      if (r.tensor == x && r.drop_after < u && u <= r.next_use) return true;
+    return false;
+  };
+  for (std::size_t k = 0; k < p.recomputes.size(); ++k) {
+    const Recompute& r = p.recomputes[k];
+    const std::string at = "plan '" + p.policy + "' recompute " + std::to_string(k);
+    SPILL_EXPECTS(r.tensor < g.tensors.size(), at + ": no tensor " + std::to_string(r.tensor));
+    const std::string name = "'" + g.tensors[r.tensor].name + "'";
+    const std::int64_t maker = remaking_op(g, r.tensor);
+    SPILL_EXPECTS(maker >= 0, at + ": tensor " + name +
+                                  " is not an activation made by a recomputable op");
+    SPILL_EXPECTS(r.drop_after >= maker && r.drop_after + 1 < r.next_use && r.next_use < n,
+                  at + " (" + name + "): drop_after " + std::to_string(r.drop_after) +
+                      ", next_use " + std::to_string(r.next_use) +
+                      " are out of order or range (made by op " + std::to_string(maker) + ")");
+    const auto& uses = l.uses[r.tensor];
+    SPILL_EXPECTS(std::binary_search(uses.begin(), uses.end(), OpIndex(r.next_use)),
+                  at + ": op " + std::to_string(r.next_use) + " does not use tensor " + name);
+    for (OpIndex u : uses)
+      SPILL_EXPECTS(!(std::int64_t(u) > r.drop_after && std::int64_t(u) < r.next_use),
+                    at + ": tensor " + name + " is used by op " + std::to_string(u) +
+                        " while it is dropped");
+    for (const Swap& s : p.swaps)
+      SPILL_EXPECTS(s.tensor != r.tensor || s.next_use <= r.drop_after ||
+                        s.evict_after >= r.next_use,
+                    at + ": tensor " + name + " is also swapped inside its window");
+    for (std::size_t j = 0; j < p.recomputes.size(); ++j) {
+      const Recompute& o = p.recomputes[j];
+      SPILL_EXPECTS(j == k || o.tensor != r.tensor || o.next_use <= r.drop_after ||
+                        o.drop_after >= r.next_use,
+                    at + ": overlaps another recompute of tensor " + name);
+    }
+    // What the producer touches besides the tensor is there, and as it was, at the remake.
+    const Op& op = g.ops[std::size_t(maker)];
+    for (const auto* list : {&op.reads, &op.writes}) {
+      for (TensorIndex x : *list) {
+        if (x == r.tensor) continue;
+        const std::string input = at + " (" + name + " before op " + std::to_string(r.next_use) +
+                                  "): its producer's tensor '" + g.tensors[x].name + "' ";
+        SPILL_EXPECTS(persistent(g.tensors[x].kind) || l.live[x].live_at(r.next_use),
+                      input + "is no longer live there");
+        for (OpIndex w : writers[x])
+          SPILL_EXPECTS(std::int64_t(w) <= maker || std::int64_t(w) >= r.next_use,
+                        input + "is written by op " + std::to_string(w) + " in between");
+        SPILL_EXPECTS(!away_at(x, r.next_use),
+                      input + "is swapped out or dropped there (one level of recomputation)");
+      }
+    }
+  }
+}
+
+}  // namespace
 
 void check_plan(const Graph& g, const Plan& p) {
   const auto n = static_cast<std::int64_t>(g.ops.size());
@@ -61,6 +156,7 @@ void check_plan(const Graph& g, const Plan& p) {
     }
     windows[s.tensor].push_back({s.evict_after, s.next_use});
   }
+  check_recomputes(g, p, l);
 }
 
 std::vector<std::uint64_t> planned_memory(const Graph& g, const Plan& p) {
@@ -82,11 +178,20 @@ std::vector<std::uint64_t> planned_memory(const Graph& g, const Plan& p) {
       subtract(0, b - n, bytes);
     }
   }
+  std::vector<std::uint64_t> extra(g.ops.size(), 0);  // a remake's workspace beyond the op's
+  for (const Recompute& r : p.recomputes) {
+    subtract(r.drop_after + 1, r.next_use, g.tensors[r.tensor].bytes);
+    const std::int64_t maker = remaking_op(g, r.tensor);
+    const auto u = std::size_t(r.next_use);
+    if (maker >= 0 && g.ops[std::size_t(maker)].workspace_bytes > g.ops[u].workspace_bytes)
+      extra[u] = std::max(extra[u],
+                          g.ops[std::size_t(maker)].workspace_bytes - g.ops[u].workspace_bytes);
+  }
   std::vector<std::uint64_t> mem(g.ops.size());
   std::int64_t running = 0;
   for (std::size_t i = 0; i < g.ops.size(); ++i) {
     running += delta[i];
-    mem[i] = std::uint64_t(std::int64_t(l.memory[i]) + running);
+    mem[i] = std::uint64_t(std::int64_t(l.memory[i]) + running) + extra[i];
   }
   return mem;
 }

@@ -4,11 +4,17 @@
 //                     overlaps op i and later ones); their memory is mapped at that moment.
 //   evict_after[i]  - tensors that leave the device once op i completes: copied to the host
 //                     first unless the host copy is still valid (not written since), then unmapped.
+//   drop_after[i]  - tensors freed once op i completes (no copy): the plan remakes them later.
+//   recompute_before[i] - tensors remade just before op i by running their producing op again
+//                     (a recomputable op, graph/ir.hpp) on the compute stream; their memory is
+//                     mapped then.
 // start_on_host lists weights/optimizer state/inputs that are on the host when the step begins;
 // a repeatable plan evicts them again before the step ends. Tensors are graph indices; for a
 // graph built from a Trace, graph.tensors[t].id is the swapper's block id.
 // Invariant (check_plan): a tensor is evicted only while resident and not used until its
-// prefetch; it is prefetched only while on the host.
+// prefetch; it is prefetched only while on the host. A recompute's producer finds every other
+// tensor it touches resident when it runs again (one level: none of them is itself dropped,
+// swapped out or written since) - see check_plan.
 #pragma once
 
 #include <cstdint>
@@ -29,9 +35,19 @@ struct Swap {
   std::int64_t next_use = 0;
 };
 
+// Drop activation `tensor` after op `drop_after` (freed, nothing copied) and remake it just
+// before op `next_use` by running the op that made it again. Within one step.
+struct Recompute {
+  TensorIndex tensor = 0;
+  std::int64_t drop_after = 0;
+  std::int64_t next_use = 0;
+};
+
 struct PlanStep {
   std::vector<TensorIndex> evict_after;
   std::vector<TensorIndex> prefetch_at;
+  std::vector<TensorIndex> drop_after;
+  std::vector<TensorIndex> recompute_before;
 };
 
 struct Plan {
@@ -42,18 +58,30 @@ struct Plan {
   std::vector<TensorIndex> start_on_host;
   std::vector<PlanStep> steps;          // one per op
   std::vector<Swap> swaps;              // the decisions the steps were built from
+  std::vector<Recompute> recomputes;    // likewise
 
-  // Builds steps and start_on_host from `swaps` for a graph of `n_ops` ops.
+  // Builds steps and start_on_host from `swaps` (and `recomputes`) for a graph of `n_ops` ops.
   static Plan from_swaps(std::string policy, std::uint64_t budget, std::size_t n_ops,
-                         std::vector<Swap> swaps);
+                         std::vector<Swap> swaps, std::vector<Recompute> recomputes = {});
+  std::uint64_t recomputed_bytes(const Graph& g) const;
 };
 
+// The op that makes `t` when it can remake it: its only writer, recomputable (graph/ir.hpp); -1
+// when there is none.
+std::int64_t remaking_op(const Graph& g, TensorIndex t);
+
 // Throws InvalidArgument when a swap is out of range, evicts a tensor its own window uses, or
-// two swaps of one tensor overlap.
+// two swaps of one tensor overlap; or when a recompute is out of range, its tensor has no
+// recomputable producer or is used, swapped or dropped again inside its window, or a tensor the
+// producer touches (other than the one remade) is not resident and unchanged at the recompute:
+// dead there (before its first or after its last use), written by an op since the producer,
+// or inside a swap or another recompute's window (an absent input is never planned).
 void check_plan(const Graph& g, const Plan& p);
 
 // Bytes resident during each op when the plan is followed and every copy is on time: the
-// liveness curve minus each swapped tensor over ops evict_after+1 .. prefetch_at-1.
+// liveness curve minus each swapped tensor over ops evict_after+1 .. prefetch_at-1 and each
+// recomputed one over drop_after+1 .. next_use-1; at a recompute's next use, the producer's
+// workspace where it exceeds the op's own (the remake runs before the op).
 std::vector<std::uint64_t> planned_memory(const Graph& g, const Plan& p);
 
 }  // namespace spill::graph

@@ -12,6 +12,15 @@
 // A second sweep takes the optimizer state and weights the step writes only where no other
 // tensor's hidden window covers the op: such a tensor goes out after its update, at the step's
 // end, where the optimizer's short ops hide little of the copy.
+// With recomputation allowed, an activation's gap may be a recompute instead: its tensor is
+// dropped after the gap's first use and its producer runs again before the next (saving memory
+// over the whole gap, costing the producer's time on the compute stream, no link time). Only
+// where everything else the producer touches is live, unchanged and resident then: the gaps that
+// would take such a tensor away at that op are blocked from being chosen (one level). Two more
+// sweeps per factor use it: one where a recompute competes with stretched (late) swaps by cost
+// per byte, and one that prefers recomputing tensors whose remake costs less than copying them
+// in (the link is then what the plan saves; in a step whose copies outlast the compute, hidden
+// windows are not hidden).
 // Several lead factors (slack for copy-engine contention) are tried and the plan whose
 // simulation is fastest wins. Every window only ever lowers memory, and every idle swappable
 // tensor can be stretched over any op, so the sweep meets the budget whenever check_budget does;
@@ -103,15 +112,26 @@ class SpillPlanner {
             o.budget, std::uint64_t(std::numeric_limits<std::int64_t>::max())))) {
     start_.resize(g.ops.size() + 1, 0);
     for (std::size_t i = 0; i < g.ops.size(); ++i) start_[i + 1] = start_[i] + times[i];
+    maker_.assign(gaps_.size(), -1);
+    needs_.assign(gaps_.size(), {});
+    if (o.recompute) find_remakes(times);
   }
 
   // Which passes follow the sweep (see the header comment).
   enum class Refine { None, Hoist, DropAndHoist };
+  // Whether a sweep may choose recomputes: no; where one costs less per byte than the stall of
+  // a stretched swap; or also first wherever the remake costs less than the copy in.
+  enum class Remake { Off, Forced, Prefer };
 
   struct Window {
     bool chosen = false;
     std::int64_t e = 0, p = 0;  // saves memory over virtual ops [e, p)
+    bool remake = false;        // a recompute (over the whole gap), not a swap
   };
+
+  bool can_remake() const {
+    return std::any_of(maker_.begin(), maker_.end(), [](std::int64_t m) { return m >= 0; });
+  }
 
   // A gap of a tensor the step writes that lasts into the next step (a weight or optimizer
   // state): evicting it is a copy out after its last write, at the step's end, where the
@@ -120,9 +140,11 @@ class SpillPlanner {
 
   // The sweep with lead factor `factor`: each gap's window. With `defer_state`, a written
   // state's hidden window is taken only where no other tensor's covers the op.
-  std::vector<Window> sweep(double factor, bool defer_state) {
+  std::vector<Window> sweep(double factor, bool defer_state, Remake remake = Remake::Off) {
     factor_ = factor;
     defer_state_ = defer_state;
+    remake_ = remake;
+    cap_.assign(gaps_.size(), std::numeric_limits<std::int64_t>::max());
     hidden_.resize(gaps_.size());  // a gap's hidden window depends only on the factor
     for (std::size_t k = 0; k < gaps_.size(); ++k) hidden_[k] = hidden(gaps_[k]);
     std::vector<Window> win(gaps_.size());
@@ -164,13 +186,19 @@ class SpillPlanner {
   Plan plan(std::vector<Window> win, Refine refine) const {
     if (refine != Refine::None) this->refine(win, refine == Refine::DropAndHoist);
     std::vector<Swap> swaps;
+    std::vector<Recompute> remakes;
     for (std::size_t k = 0; k < gaps_.size(); ++k) {
       if (!win[k].chosen) continue;
+      if (win[k].remake) {
+        remakes.push_back({gaps_[k].tensor, gaps_[k].from, gaps_[k].to});
+        continue;
+      }
       // The eviction is issued right after the last use; the window start only models when
       // its memory is expected back.
       swaps.push_back({gaps_[k].tensor, gaps_[k].from, win[k].p, gaps_[k].to});
     }
-    return Plan::from_swaps("spill", o_.budget, g_.ops.size(), std::move(swaps));
+    return Plan::from_swaps("spill", o_.budget, g_.ops.size(), std::move(swaps),
+                            std::move(remakes));
   }
 
  private:
@@ -215,6 +243,56 @@ class SpillPlanner {
     double wait = std::max(0.0, time_at(gp.from + 1) + lag(gp) - time_at(w.e));
     return late + wait;
   }
+  // Which gaps may be recomputes (maker_: the op that remakes the tensor) and, for each, the
+  // gaps of the tensors its producer touches that are idle at the remake, with the virtual op
+  // of the remake in them (needs_): a gap of an activation made by a recomputable op (and not
+  // used before it) whose producer's other tensors are live at the next use and not written
+  // after the producer before it.
+  void find_remakes(const std::vector<double>& times) {
+    std::vector<std::vector<std::size_t>> gaps_of(g_.tensors.size());
+    for (std::size_t k = 0; k < gaps_.size(); ++k) gaps_of[gaps_[k].tensor].push_back(k);
+    std::vector<std::vector<std::int64_t>> writers(g_.tensors.size());
+    std::vector<std::int64_t> maker_of(g_.tensors.size(), -1);
+    for (std::size_t i = 0; i < g_.ops.size(); ++i)
+      for (TensorIndex t : g_.ops[i].writes) {
+        if (writers[t].empty() && g_.ops[i].recomputable) maker_of[t] = std::int64_t(i);
+        writers[t].push_back(std::int64_t(i));
+      }
+    remake_s_.assign(gaps_.size(), 0.0);
+    for (std::size_t k = 0; k < gaps_.size(); ++k) {
+      const Gap& gp = gaps_[k];
+      const std::int64_t m = maker_of[gp.tensor];
+      if (gp.wraps || m < 0 || gp.from < m ||
+          g_.tensors[gp.tensor].kind != TensorKind::Activation)
+        continue;
+      bool ok = true;
+      std::vector<std::pair<std::size_t, std::int64_t>> needs;
+      const Op& op = g_.ops[std::size_t(m)];
+      for (const auto* list : {&op.reads, &op.writes})
+        for (TensorIndex x : *list) {
+          if (x == gp.tensor) continue;
+          ok = ok && (persistent(g_.tensors[x].kind) || live_.live[x].live_at(gp.to));
+          for (std::int64_t w : writers[x]) ok = ok && (w <= m || w >= gp.to);
+          for (std::size_t j : gaps_of[x])
+            if (const std::int64_t at = idle_index(gaps_[j], gp.to); at >= 0)
+              needs.push_back({j, at});
+        }
+      if (!ok) continue;
+      maker_[k] = m;
+      needs_[k] = std::move(needs);
+      remake_s_[k] = times[std::size_t(m)];
+    }
+  }
+  // Gap k can be a recompute now: no chosen recompute needs its tensor inside it, and no
+  // window chosen takes away a tensor its remake needs (a swap's window ends, where its
+  // prefetch is issued, by the remake; a recompute's covers its whole gap).
+  bool remakable(std::size_t k, const std::vector<Window>& win) const {
+    if (maker_[k] < 0 || cap_[k] != std::numeric_limits<std::int64_t>::max()) return false;
+    for (auto [j, at] : needs_[k])
+      if (win[j].chosen && (win[j].remake || win[j].p > at)) return false;
+    return true;
+  }
+
   // Virtual index of op i inside the gap, or -1 when the tensor is in use at i.
   std::int64_t idle_index(const Gap& gp, std::int64_t i) const {
     if (i > gp.from && i < gp.to) return i;
@@ -228,8 +306,8 @@ class SpillPlanner {
   Choice choose(std::int64_t i, std::int64_t excess, std::vector<std::size_t>& active,
                 std::vector<bool>& in_active, std::vector<std::vector<std::size_t>>& back_at,
                 const std::vector<Window>& win) const {
-    Choice best_hidden, best_deferred, best_forced;
-    double hidden_score = -1, deferred_score = -1;
+    Choice best_hidden, best_deferred, best_forced, best_remake;
+    double hidden_score = -1, deferred_score = -1, remake_score = -1;
     double forced_score = std::numeric_limits<double>::infinity();
     std::uint64_t forced_bytes = 0;
     for (std::size_t a = 0; a < active.size();) {
@@ -249,10 +327,32 @@ class SpillPlanner {
         continue;
       }
       ++a;
+      // A chosen recompute needs the tensor back by virtual op cap: windows end there.
+      const std::int64_t cap = cap_[k];
+      if (v >= cap) continue;
       const std::uint64_t bytes = g_.tensors[gp.tensor].bytes;
       const double useful = double(std::min<std::uint64_t>(bytes, std::uint64_t(excess)));
+      if (remake_ != Remake::Off && !cur.chosen && remakable(k, win)) {
+        const Window whole{true, gp.from + 1, gp.to, true};
+        const double rc = remake_s_[k];
+        if (remake_ == Remake::Prefer && rc <= lead(gp)) {
+          const double score = useful / (rc + 1e-12);  // bytes saved per second remaking
+          if (score > remake_score) {
+            remake_score = score;
+            best_remake = {std::int64_t(k), whole};
+          }
+          continue;
+        }
+        const double score = (rc + 1e-12) / useful;  // competes with stretched swaps
+        if (score < forced_score || (score == forced_score && bytes > forced_bytes)) {
+          forced_score = score;
+          forced_bytes = bytes;
+          best_forced = {std::int64_t(k), whole};
+        }
+      }
       if (!cur.chosen) {
-        const Window& h = hidden_[k];
+        Window h = hidden_[k];
+        h.p = std::min(h.p, cap);
         if (h.e <= v && v < h.p) {
           // Long coverage ahead of i helps the ops still to come; moving bytes costs link time.
           double score = useful * (time_at(h.p) - time_at(v) + 1e-9) /
@@ -267,7 +367,7 @@ class SpillPlanner {
         }
       }
       const Window& base = cur.chosen ? cur : hidden_[k];
-      Window w{true, std::min(base.e, v), std::max(base.p, v + 1)};
+      Window w{true, std::min(base.e, v), std::min(std::max(base.p, v + 1), cap)};
       double extra = cost(gp, w) - (cur.chosen ? cost(gp, cur) : 0.0);
       double score = (extra + 1e-12) / useful;
       if (score < forced_score || (score == forced_score && bytes > forced_bytes)) {
@@ -276,6 +376,7 @@ class SpillPlanner {
         best_forced = {std::int64_t(k), w};
       }
     }
+    if (best_remake.gap >= 0) return best_remake;
     if (best_hidden.gap >= 0) return best_hidden;
     return best_deferred.gap >= 0 ? best_deferred : best_forced;
   }
@@ -315,9 +416,11 @@ class SpillPlanner {
     std::int64_t i_ = 0, saved_ = 0;
   };
 
-  void apply(std::size_t k, const Window& w, std::vector<Window>& win, Memory& mem) const {
+  void apply(std::size_t k, const Window& w, std::vector<Window>& win, Memory& mem) {
     const auto bytes = std::int64_t(g_.tensors[gaps_[k].tensor].bytes);
     const Window old = win[k];
+    if (w.remake)
+      for (auto [j, at] : needs_[k]) cap_[j] = std::min(cap_[j], at);
     if (!old.chosen) {
       mem.lower(w.e, w.p, bytes);
     } else {
@@ -381,7 +484,8 @@ class SpillPlanner {
       });
     }
     // The latest start of each copy in, last use first: one engine copies them in order, so
-    // each ends by its use and before the next one starts.
+    // each ends by its use and before the next one starts. Recomputes copy nothing.
+    std::erase_if(chosen, [&](std::size_t k) { return win[k].remake; });
     std::stable_sort(chosen.begin(), chosen.end(),
                      [&](std::size_t a, std::size_t b) { return gaps_[a].to > gaps_[b].to; });
     std::vector<double> latest(chosen.size());
@@ -429,6 +533,13 @@ class SpillPlanner {
   double factor_ = 1.0;
   bool defer_state_ = false;
   std::vector<Window> hidden_;  // per gap: hidden(gap) at factor_
+  Remake remake_ = Remake::Off;
+  std::vector<std::int64_t> maker_;               // per gap (find_remakes)
+  std::vector<std::vector<std::pair<std::size_t, std::int64_t>>> needs_;  // per gap
+  std::vector<double> remake_s_;                  // per gap: the producer's time
+  // Per gap: the virtual op by which a chosen recompute needs its tensor back (no window of
+  // the gap may reach past it); max when none does.
+  std::vector<std::int64_t> cap_;
 };
 
 }  // namespace
@@ -445,16 +556,20 @@ Plan plan_spill(const Graph& g, const std::vector<double>& op_times, const LinkM
   // the earlier plan stays.
   using Refine = SpillPlanner::Refine;
   bool moves_nothing = false;
+  const bool remakes = o.recompute && planner.can_remake();
   for (double factor : {1.0, 1.5, 2.5, 4.0}) {
     std::vector<std::vector<SpillPlanner::Window>> swept{planner.sweep(factor, false)};
     // Deferring written state changes nothing when the plain sweep took none; it is tried
     // at the first factor only (at the others it gained under 1% on the zoo models).
     if (factor == 1.0 && planner.takes_written_state(swept[0]))
       swept.push_back(planner.sweep(factor, true));
+    if (remakes)
+      for (auto mode : {SpillPlanner::Remake::Forced, SpillPlanner::Remake::Prefer})
+        swept.push_back(planner.sweep(factor, false, mode));
     for (const auto& windows : swept) {
       for (Refine refine : {Refine::None, Refine::Hoist, Refine::DropAndHoist}) {
         Plan p = planner.plan(windows, refine);
-        moves_nothing = p.swaps.empty();
+        moves_nothing = p.swaps.empty() && p.recomputes.empty();
         SimResult r = simulate(g, op_times, link, &p, {o.budget, false, o.model});
         double t = r.step_time_s + (r.within_budget ? 0.0 : 1e30);
         if (t < best_time) {

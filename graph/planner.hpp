@@ -2,7 +2,11 @@
 //   spill     - chooses tensors and idle gaps (activations, gradients, weights, optimizer state)
 //               so that the planned memory curve never passes the budget, starting each
 //               prefetch early enough to hide it (behind the copies queued before it) where
-//               memory allows; cost model = simulator.
+//               memory allows; cost model = simulator. With PlannerOptions::recompute, an
+//               activation's gap may instead be a recompute (dropped, remade by its producer
+//               before the next use) where that costs less than the stall of its swap, or than
+//               the link time when the link is the bottleneck; the fastest simulated plan wins,
+//               the swap-only one among the candidates, so recomputation never predicts slower.
 //   vdnn      - every activation leaves after its last forward use and is prefetched one layer
 //               ahead of its backward use (Rhu et al., vDNN, 2016); no budget awareness.
 //   threshold - activations of at least a size threshold leave after their forward use and come
@@ -37,6 +41,9 @@ struct PlannerOptions {
   std::uint64_t threshold_bytes = 0;          // threshold policy: 0 = choose automatically
   int threshold_lookahead_ops = 4;            // threshold policy: prefetch this many ops ahead
   StepModel model;  // spill: how its candidate plans are simulated (the prediction's model)
+  // spill: an activation made by a recomputable op may also be dropped and remade before its
+  // next use (graph/plan.hpp Recompute) where the simulated step is faster for it.
+  bool recompute = false;
 };
 
 // Whether any plan can meet the budget: the lowest memory each op can run with is the planned

@@ -16,6 +16,7 @@ const char* to_string(TimelineEvent::Kind k) {
     case TimelineEvent::Kind::SwapOut: return "swap_out";
     case TimelineEvent::Kind::Stall: return "stall";
     case TimelineEvent::Kind::Upload: return "upload";
+    case TimelineEvent::Kind::Recompute: return "recompute";
   }
   return "?";
 }
@@ -232,19 +233,12 @@ class StepSim {
     mem_.release_swap_out(g_.tensors[t].bytes, released);
   }
 
-  // Runs op i after the op before it ended at prev_end; its prefetches are issued at `issue`.
-  double run_op(std::size_t i, double prev_end, double issue) {
-    const Op& op = g_.ops[i];
-    const auto oi = std::int64_t(i);
-    double start = std::max(prev_end, issue);
-    if (plan_)
-      for (TensorIndex t : plan_->steps[i].prefetch_at) {
-        if (state_[t].where != Where::Host) continue;
-        const double mapped_at = fetch(t, issue, oi);
-        if (o_.swapper_rules) start = std::max(start, mapped_at);  // the host waited for room
-      }
+  // Makes op's tensors resident for a run that may start at `start` (the compute stream is free
+  // from prev_end): fetches those on the host, maps those absent; returns when it can start.
+  double bring(const Op& op, std::int64_t oi, double prev_end, double start, TensorIndex skip) {
     for (const auto* list : {&op.reads, &op.writes}) {
       for (TensorIndex t : *list) {
+        if (t == skip) continue;
         TensorState& s = state_[t];
         if (s.where == Where::Host) {
           ++r_.demand_fetches;
@@ -256,6 +250,51 @@ class StepSim {
         start = std::max(start, s.ready);
       }
     }
+    return start;
+  }
+
+  // Remakes tensor t before op oi by running its producer once the stream is free at `prev_end`
+  // (and not before `start`); returns when the remake ends.
+  double remake(TensorIndex t, std::int64_t oi, double prev_end, double start) {
+    const std::int64_t maker = remaking_op(g_, t);
+    SPILL_EXPECTS(maker >= 0, "simulate: plan '" + plan_->policy + "' recomputes tensor '" +
+                                  g_.tensors[t].name + "', which no recomputable op makes");
+    const Op& op = g_.ops[std::size_t(maker)];
+    start = bring(op, oi, prev_end, start, t);
+    TensorState& s = state_[t];
+    if (s.where != Where::Device) start = std::max(start, mem_.map(g_.tensors[t].bytes, prev_end));
+    if (op.workspace_bytes > 0) start = std::max(start, mem_.map(op.workspace_bytes, prev_end));
+    if (start > prev_end) {
+      r_.stall_time_s += start - prev_end;
+      record(TimelineEvent::Kind::Stall, oi, -1, prev_end, start, 0);
+    }
+    const double end = start + times_[std::size_t(maker)];
+    record(TimelineEvent::Kind::Recompute, oi, std::int64_t(t), start, end, g_.tensors[t].bytes);
+    if (op.workspace_bytes > 0) mem_.release(op.workspace_bytes, end);
+    s = {Where::Device, end, 0, false};
+    ++r_.recomputes;
+    r_.recomputed_bytes += g_.tensors[t].bytes;
+    r_.recompute_time_s += end - start;
+    return end;
+  }
+
+  // Runs op i after the op before it ended at prev_end; its prefetches are issued at `issue`.
+  double run_op(std::size_t i, double prev_end, double issue) {
+    const Op& op = g_.ops[i];
+    const auto oi = std::int64_t(i);
+    double start = std::max(prev_end, issue);
+    if (plan_)
+      for (TensorIndex t : plan_->steps[i].prefetch_at) {
+        if (state_[t].where != Where::Host) continue;
+        const double mapped_at = fetch(t, issue, oi);
+        if (o_.swapper_rules) start = std::max(start, mapped_at);  // the host waited for room
+      }
+    if (plan_)
+      for (TensorIndex t : plan_->steps[i].recompute_before) {
+        prev_end = remake(t, oi, prev_end, start);
+        start = prev_end;
+      }
+    start = bring(op, oi, prev_end, start, TensorIndex(g_.tensors.size()));
     if (op.workspace_bytes > 0) start = std::max(start, mem_.map(op.workspace_bytes, prev_end));
     r_.mapped_at_op.push_back(mem_.mapped());
     const double end = start + times_[i];
@@ -278,8 +317,15 @@ class StepSim {
         }
       }
     }
-    if (plan_)
+    if (plan_) {
       for (TensorIndex t : plan_->steps[i].evict_after) evict(t, end, oi);
+      for (TensorIndex t : plan_->steps[i].drop_after) {
+        TensorState& s = state_[t];
+        if (s.where != Where::Device) continue;
+        s.where = Where::Absent;
+        mem_.release(g_.tensors[t].bytes, end);
+      }
+    }
     return end;
   }
 

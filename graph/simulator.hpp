@@ -13,6 +13,10 @@
 // engine has run the copies out issued before it (the swapper's marker is on that stream); a
 // prefetch that waits for room waits on the host, so the op it is issued before starts no
 // earlier than its mapping.
+// A plan's recompute of tensor T before op i runs T's producer again on the compute stream once
+// op i-1 is done: it waits for the producer's other tensors (the plan keeps them resident), maps
+// T and the producer's workspace, and takes the producer's time; op i starts after it. A drop
+// frees T when its op ends, as a last use does.
 // Peak accounting is conservative: a release is counted once every earlier-issued mapping is in.
 // With a small pool (SimOptions::small) small tensors count as the whole segments they fill.
 // Steps (StepModel): by default one step from a cold start (idle copy engines, every tensor the
@@ -66,10 +70,11 @@ struct SimOptions {
 };
 
 struct TimelineEvent {
-  enum class Kind { Compute, SwapIn, SwapOut, Stall, Upload };
+  enum class Kind { Compute, SwapIn, SwapOut, Stall, Upload, Recompute };
   Kind kind = Kind::Compute;
-  std::int64_t op = 0;         // the op (compute, stall) or the op the copy was issued at
-  std::int64_t tensor = -1;    // copies: the tensor moved
+  std::int64_t op = 0;         // the op (compute, stall, recompute: the op it runs before) or
+                               // the op the copy was issued at
+  std::int64_t tensor = -1;    // copies: the tensor moved; recompute: the tensor remade
   double start_s = 0, end_s = 0;
   std::uint64_t bytes = 0;
 };
@@ -88,6 +93,9 @@ struct SimResult {
   std::uint64_t swapped_in_bytes = 0;   // host to device
   std::uint64_t cancelled_bytes = 0;    // fetched before their swap-out was reaped: no copy back
   std::uint32_t demand_fetches = 0;     // uses of a tensor on the host with no prefetch
+  std::uint32_t recomputes = 0;         // tensors remade by running their producer again
+  std::uint64_t recomputed_bytes = 0;
+  double recompute_time_s = 0;          // compute-stream time of those remakes
   std::vector<std::uint64_t> mapped_at_op;  // mapped bytes once each op's memory is in
   std::vector<TimelineEvent> timeline;
 };

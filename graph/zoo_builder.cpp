@@ -50,6 +50,12 @@ TensorIndex ZooBuilder::layer(Layer l) {
   // In place, the output is the input's buffer and gradient: backward overwrites the gradient.
   TensorIndex out = l.in_place ? l.inputs[0]
                                : new_tensor(l.name, l.out_elems, out_dtype, TensorKind::Activation);
+  // Overwritten in place, the input is no longer what its producer makes: that op is not
+  // recomputable any more (running it again would undo this layer).
+  if (l.in_place)
+    for (Op& earlier : g_.ops)
+      if (std::find(earlier.writes.begin(), earlier.writes.end(), out) != earlier.writes.end())
+        earlier.recomputable = false;
   Op op;
   op.name = l.name;
   op.type = l.type;
@@ -59,6 +65,7 @@ TensorIndex ZooBuilder::layer(Layer l) {
   op.reads.insert(op.reads.end(), l.params.begin(), l.params.end());
   op.writes = {out};
   op.flops = l.flops;
+  op.recomputable = !l.in_place;  // the zoo's forward layers are pure functions of their reads
   OpIndex fwd = g_.add_op(std::move(op));
 
   bool any_input_grad = std::any_of(l.inputs.begin(), l.inputs.end(), [&](TensorIndex t) {

@@ -53,6 +53,11 @@ void Builder::op(std::string name, std::string type, Phase phase, int layer,
              std::move(run)});
 }
 
+void Builder::recomputable() {
+  SPILL_EXPECTS(!p_.ops.empty(), "Builder::recomputable: no op yet");
+  p_.ops.back().recomputable = true;
+}
+
 Program Builder::finish(TensorId loss,
                         std::function<void(int, TensorId, std::span<std::byte>)> batch) {
   for (const ParamGroup& g : groups_) {

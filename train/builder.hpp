@@ -36,6 +36,8 @@ class Builder {
   void op(std::string name, std::string type, graph::Phase phase, int layer,
           std::vector<TensorId> reads, std::vector<TensorId> writes,
           std::function<void(const OpContext&)> run);
+  // Marks the op just added recomputable (OpSpec::recomputable).
+  void recomputable();
   // Appends one AdamW op per group (in creation order) and returns the program.
   Program finish(TensorId loss, std::function<void(int, TensorId, std::span<std::byte>)> batch);
 

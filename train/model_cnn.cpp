@@ -57,6 +57,7 @@ class Cnn {
     const Unit c0 = u;
     b_.op(name + ".conv", "conv", Phase::Forward, u.layer, {c0.x, c0.p.w}, {c0.y},
           [=](const OpContext& c) { c.k.conv2d_forward(c.stream, c.f(c0.y), c.f(c0.x), c.f(c0.p.w), c0.sh); });
+    b_.recomputable();
     std::vector<TensorId> reads{c0.y, c0.p.w};
     if (skip) reads.push_back(*skip);
     b_.op(name + ".bn", "batchnorm", Phase::Forward, u.layer, reads, {c0.a, c0.st},
@@ -68,6 +69,7 @@ class Cnn {
             if (c0.skip) c.k.add(c.stream, c.f(c0.a), c.f(*c0.skip), c0.out_elems());
             c.k.relu_forward(c.stream, c.f(c0.a), c.f(c0.a), c0.out_elems());
           });
+    b_.recomputable();
     return u;
   }
 
@@ -135,6 +137,7 @@ Program build_cnn(const ModelOptions& o) {
   b.op("pool", "pool", Phase::Forward, pool_layer, {pre_pool}, {pooled}, [=](const OpContext& c) {
     c.k.max_pool_forward(c.stream, c.f(pooled), c.f(pre_pool), ps);
   });
+  b.recomputable();
   const std::size_t first_stage2 = units.size();
   units.push_back(net.unit("transition", pooled, C, 2 * C, half, std::nullopt));
   stage("stage2", 2 * C, half);
@@ -145,6 +148,7 @@ Program build_cnn(const ModelOptions& o) {
   b.op("gap", "pool", Phase::Forward, head_layer, {last}, {gv}, [=](const OpContext& c) {
     c.k.avg_pool_forward(c.stream, c.f(gv), c.f(last), B, C2, hw2);
   });
+  b.recomputable();
   ParamGroup fc{"fc", head_layer};
   fc.add(std::size_t(C2) * kClasses, true, std::sqrt(6.0f / float(C2)));
   const std::size_t fc_bias = fc.add(kClasses, false, 0.0f);
@@ -153,6 +157,7 @@ Program build_cnn(const ModelOptions& o) {
   b.op("fc", "matmul", Phase::Forward, head_layer, {gv, fc.w}, {logits}, [=](const OpContext& c) {
     linear_forward(c, c.f(logits), c.f(gv), c.f(fc.w), c.f(fc.w) + fc_bias, B, C2, kClasses);
   });
+  b.recomputable();
   b.op("loss", "cross_entropy", Phase::Forward, head_layer, {logits, labels}, {loss},
        [=](const OpContext& c) {
          c.k.softmax_xent_forward(c.stream, c.f(loss), c.f(logits), c.i32(labels), B, kClasses);

@@ -93,6 +93,7 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
          c.k.embedding_forward(c.stream, c.f(x), c.i32(tokens), c.f(w) + tok_off,
                                c.f(w) + pos_off, B, T, d);
        });
+  b.recomputable();
   // A block's layer norm of x into h (mean and inverse deviation per row into stats), with the
   // gain and bias at offsets g and bias of the block's vector group vw.
   auto layer_norm = [&](const std::string& name, int l, TensorId x, TensorId h, TensorId stats,
@@ -102,6 +103,7 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
       c.k.layer_norm_forward(c.stream, c.f(h), c.f(stats), c.f(stats) + N, c.f(x), v + g,
                              v + bias, N, d, 1e-5f);
     });
+    b.recomputable();
   };
   for (int l = 0; l < L; ++l) {
     Layer& y = layers[std::size_t(l)];
@@ -142,7 +144,10 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
            linear_forward(c, c.f(c0.qkv), c.f(c0.h1), c.f(c0.mat.w) + c0.wqkv,
                           c.f(c0.vec.w) + c0.bqkv, N, d, 3 * d);
          });
-    b.op(n + ".attn", "attention", Phase::Forward, l, {c0.qkv}, {c0.probs, c0.att},
+    b.recomputable();
+    // The attention in two ops: the probabilities (large, cheap to remake from qkv), then the
+    // context from them.
+    b.op(n + ".attn.probs", "attention", Phase::Forward, l, {c0.qkv}, {c0.probs},
          [=](const OpContext& c) {
            const float* q = c.f(c0.qkv);
            float* p = c.f(c0.probs);
@@ -153,6 +158,12 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
                               std::int64_t(T) * T, H);
            }
            c.k.causal_softmax_forward(c.stream, p, p, B * H * T, T, scale);
+         });
+    b.recomputable();
+    b.op(n + ".attn", "attention", Phase::Forward, l, {c0.probs, c0.qkv}, {c0.att},
+         [=](const OpContext& c) {
+           const float* q = c.f(c0.qkv);
+           const float* p = c.f(c0.probs);
            for (int bi = 0; bi < B; ++bi) {  // Y = P V, heads side by side
              const float* base = q + std::size_t(bi) * T * 3 * d;
              c.k.gemm_batched(c.stream, Trans::No, Trans::No, T, hd, T, 1.0f,
@@ -161,27 +172,32 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
                               d, hd, H);
            }
          });
+    b.recomputable();
     b.op(n + ".proj", "matmul", Phase::Forward, l, {c0.att, c0.x, c0.mat.w, c0.vec.w}, {c0.xm},
          [=](const OpContext& c) {
            c.k.copy(c.stream, c.f(c0.xm), c.f(c0.x), nd);  // the residual, then += att Wo + bo
            linear_forward(c, c.f(c0.xm), c.f(c0.att), c.f(c0.mat.w) + c0.wo,
                           c.f(c0.vec.w) + c0.bo, N, d, d, 1.0f);
          });
+    b.recomputable();
     layer_norm(n + ".ln2", l, c0.xm, c0.h2, c0.st2, c0.vec.w, c0.ln2g, c0.ln2b);
     b.op(n + ".fc1", "matmul", Phase::Forward, l, {c0.h2, c0.mat.w, c0.vec.w}, {c0.u},
          [=](const OpContext& c) {
            linear_forward(c, c.f(c0.u), c.f(c0.h2), c.f(c0.mat.w) + c0.w1, c.f(c0.vec.w) + c0.b1,
                           N, d, 4 * d);
          });
+    b.recomputable();
     b.op(n + ".gelu", "gelu", Phase::Forward, l, {c0.u}, {c0.gl}, [=](const OpContext& c) {
       c.k.gelu_forward(c.stream, c.f(c0.gl), c.f(c0.u), 4 * nd);
     });
+    b.recomputable();
     b.op(n + ".fc2", "matmul", Phase::Forward, l, {c0.gl, c0.xm, c0.mat.w, c0.vec.w}, {xo},
          [=](const OpContext& c) {
            c.k.copy(c.stream, c.f(xo), c.f(c0.xm), nd);
            linear_forward(c, c.f(xo), c.f(c0.gl), c.f(c0.mat.w) + c0.w2, c.f(c0.vec.w) + c0.b2,
                           N, 4 * d, d, 1.0f);
          });
+    b.recomputable();
   }
   ParamGroup head{"head", L};
   const std::size_t lnfg = head.add(d, false, 1.0f);
@@ -195,9 +211,11 @@ Program build_gpt(std::string_view preset, const ModelOptions& o) {
     c.k.layer_norm_forward(c.stream, c.f(hf), c.f(stf), c.f(stf) + N, c.f(xl), c.f(hw) + lnfg,
                            c.f(hw) + lnfb, N, d, 1e-5f);
   });
+  b.recomputable();
   b.op("head", "matmul", Phase::Forward, L, {hf, hw}, {logits}, [=](const OpContext& c) {
     linear_forward(c, c.f(logits), c.f(hf), c.f(hw) + wh, nullptr, N, d, V);
   });
+    b.recomputable();
   b.op("loss", "cross_entropy", Phase::Forward, L, {logits, targets}, {loss},
        [=](const OpContext& c) {
          c.k.softmax_xent_forward(c.stream, c.f(loss), c.f(logits), c.i32(targets), N, V);

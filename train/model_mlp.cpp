@@ -47,6 +47,9 @@ Program build_mlp(const ModelOptions& o) {
            linear_forward(c, c.f(c0.out), c.f(c0.in), c.f(c0.p.w), c.f(c0.bias.w), B, c0.fin,
                           c0.fout);
          });
+    // A hidden layer's output is overwritten by its ReLU in place: only the logits' op makes
+    // what it writes.
+    if (l == hidden) b.recomputable();
     if (l < hidden) {
       b.op("relu" + std::to_string(l), "relu", Phase::Forward, l, {c0.out}, {c0.out},
            [=](const OpContext& c) {

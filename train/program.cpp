@@ -88,6 +88,7 @@ graph::Graph to_graph(const Program& p, kernels::Kernels& k, const kernels::Roof
       o.flops = rec.total.flops;
       o.bytes = rec.total.bytes;
       o.time_s = measured ? (*measured)[i] : rec.time_s;
+      o.recomputable = op.recomputable;
       g.add_op(std::move(o));
     }
   } catch (...) {

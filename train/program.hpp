@@ -58,6 +58,9 @@ struct OpSpec {
   int layer = -1;
   std::vector<TensorId> reads, writes;  // an in-place tensor is in both
   std::function<void(const OpContext&)> run;
+  // run() is a pure function of `reads` that makes `writes` (graph::Op::recomputable): the
+  // executor may run it again to remake a tensor a plan dropped.
+  bool recomputable = false;
 };
 
 struct Program {

@@ -78,7 +78,7 @@ TEST(GraphJson, RejectsMalformedInputWithPositionAndField) {
   const Bad cases[] = {
       {"not json", "\"tensors\": [", "\"tensors\": [,", {"tiny.json", "not valid JSON", "line 3"}},
       {"wrong format", "\"spill-graph\"", "\"other\"", {"tiny.json: format"}},
-      {"future version", "\"version\": 1", "\"version\": 3", {"tiny.json: version", "version 3"}},
+      {"future version", "\"version\": 1", "\"version\": 4", {"tiny.json: version", "version 4"}},
       {"missing tensors", "\"tensors\"", "\"tensorz\"", {"tensorz", "unknown field"}},
       {"negative size", "\"bytes\": 64", "\"bytes\": -64", {"tensors[0].bytes", "-64"}},
       {"fractional size", "\"bytes\": 64", "\"bytes\": 6.5", {"tensors[0].bytes"}},

@@ -64,8 +64,10 @@ TEST(GraphJsonV2, VersionOneFilesStillReadAndAreWrittenAsVersionOne) {
   ZooOptions o;
   o.batch = 2;
   Graph zoo = build_model("mlp", o);
+  EXPECT_EQ(graph_to_json(zoo)["version"], 3) << "the zoo marks its pure layers recomputable";
+  for (Op& op : zoo.ops) op.recomputable = false;
   nlohmann::json j = graph_to_json(zoo);
-  EXPECT_EQ(j["version"], 1) << "nothing of version 2 in a zoo graph";
+  EXPECT_EQ(j["version"], 1) << "nothing of version 2 or 3 left in a zoo graph";
   EXPECT_FALSE(j.contains("batch"));
   Graph back = parse_graph(j.dump(), "mlp.json");
   EXPECT_EQ(back.ops.size(), zoo.ops.size());
@@ -92,6 +94,74 @@ TEST(GraphJsonV2, RejectsInconsistentBatchFields) {
   expect_error(replaced(kCaptured, "\"batch\": 4", "\"batch\": -4"), {"cap.json: batch"});
   expect_error(replaced(kCaptured, "\"batch_flops\": 64", "\"batch_flops\": -1"),
                {"ops[0].batch_flops"});
+}
+
+// Version 3: an op's `recomputable` flag (graph/ir.hpp Op::recomputable).
+const char* kPure = R"({
+  "format": "spill-graph", "version": 3, "name": "pure",
+  "tensors": [
+    {"id": 0, "name": "x", "bytes": 64, "kind": "input"},
+    {"id": 1, "name": "w", "bytes": 64, "kind": "weight"},
+    {"id": 2, "name": "y", "bytes": 64, "kind": "activation"},
+    {"id": 3, "name": "z", "bytes": 64, "kind": "activation"}
+  ],
+  "ops": [
+    {"name": "make_y", "phase": "forward", "reads": [0, 1], "writes": [2], "recomputable": true},
+    {"name": "make_z", "phase": "forward", "reads": [2], "writes": [3]},
+    {"name": "use", "phase": "backward", "reads": [2, 3], "writes": []}
+  ]
+})";
+
+TEST(GraphJsonV3, RecomputableRoundTripsAndIsWrittenAsVersionThree) {
+  Graph g = parse_graph(kPure, "pure.json");
+  EXPECT_TRUE(g.ops[0].recomputable);
+  EXPECT_FALSE(g.ops[1].recomputable);
+  nlohmann::json j = graph_to_json(g);
+  EXPECT_EQ(j["version"], 3);
+  EXPECT_TRUE(j["ops"][0]["recomputable"].get<bool>());
+  EXPECT_FALSE(j["ops"][1].contains("recomputable"));
+  EXPECT_EQ(graph_to_json(parse_graph(j.dump(), "again")).dump(), j.dump());
+  g.ops[0].recomputable = false;  // nothing of version 3 left: written as version 1
+  EXPECT_EQ(graph_to_json(g)["version"], 1);
+}
+
+TEST(GraphJsonV3, RecomputableNeedsVersionThreeAndAPureOp) {
+  expect_error(replaced(kPure, "\"version\": 3", "\"version\": 2"),
+               {"ops[0].recomputable", "version 3 field", "says version 2"});
+  expect_error(replaced(kPure, "\"recomputable\": true", "\"recomputable\": 1"),
+               {"ops[0].recomputable"});
+  // In place: it reads what it writes.
+  expect_error(replaced(replaced(kPure, ", \"recomputable\": true}", "}"),
+                        "\"reads\": [2], \"writes\": [3]}",
+                        "\"reads\": [2], \"writes\": [2, 3], \"recomputable\": true}"),
+               {"op 1 ('make_z') is recomputable", "reads tensor 'y', which it writes"});
+  // Writes a weight.
+  expect_error(replaced(kPure, "\"reads\": [0, 1], \"writes\": [2]", "\"reads\": [0], \"writes\": [2, 1]"),
+               {"op 0 ('make_y') is recomputable", "'w' (weight)", "only activations"});
+  // Another op writes its output too.
+  expect_error(replaced(kPure, "\"reads\": [2], \"writes\": [3]", "\"reads\": [2], \"writes\": [3, 2]"),
+               {"op 0 ('make_y') is recomputable", "does not make tensor 'y'"});
+  expect_error(replaced(replaced(kPure, "\"reads\": [2], \"writes\": [3]}",
+                                 "\"reads\": [2], \"writes\": [], \"recomputable\": true}"),
+                        "\"reads\": [2, 3]", "\"reads\": [2]"),
+               {"op 1 ('make_z') is recomputable but writes nothing"});
+}
+
+TEST(GraphJsonV3, ZooForwardLayersAreRecomputableExceptBeforeAnInPlaceLayer) {
+  // ResNet's convolutions and batch norms are followed by an in-place ReLU: only what nothing
+  // overwrites is recomputable (the ReLU itself is in place, so never).
+  Graph r = build_model("resnet50", {});
+  int pure = 0;
+  for (const Op& op : r.ops) {
+    if (op.type == "relu") EXPECT_FALSE(op.recomputable) << op.name;
+    pure += op.recomputable;
+  }
+  EXPECT_GT(pure, 0);
+  Graph gpt = build_model("gpt2-small", {});
+  for (const Op& op : gpt.ops) {
+    if (op.phase != Phase::Forward || op.type == "loss") EXPECT_FALSE(op.recomputable) << op.name;
+    else EXPECT_TRUE(op.recomputable) << op.name;
+  }
 }
 
 }  // namespace

@@ -432,5 +432,166 @@ TEST(Planner, PolicyNames) {
   EXPECT_THROW(parse_policy("lru"), InvalidArgument);
 }
 
+// ---- Recomputation (PlannerOptions::recompute, Plan::recomputes).
+
+// Marks every op recomputable that the contract allows (graph/ir.hpp): it makes only
+// activations, reads none of them, and no other op writes them.
+void mark_pure(Graph& g) {
+  std::vector<int> writers(g.tensors.size(), 0);
+  for (const Op& op : g.ops)
+    for (TensorIndex t : op.writes) ++writers[t];
+  for (Op& op : g.ops) {
+    bool pure = !op.writes.empty();
+    for (TensorIndex t : op.writes)
+      pure = pure && writers[t] == 1 && g.tensors[t].kind == TensorKind::Activation &&
+             std::find(op.reads.begin(), op.reads.end(), t) == op.reads.end();
+    op.recomputable = pure;
+  }
+  g.validate();
+}
+
+constexpr std::uint64_t MB = 1000000;
+
+// op0 makes A (10 MB) from a small input; `idle` ms of other work; op2 makes C (10 MB), which
+// op3 reads; `idle` ms more; op5 reads A. A and C do not both fit 15 MB: A must be away from
+// op2 to op3. With no idle time, its copy out (10 ms on the unit link) cannot hide: a swap
+// stalls about 20 ms, remaking A costs op0's `make` ms.
+Graph remake_graph(double make_ms, double idle_ms) {
+  Graph g;
+  g.name = "remake";
+  auto in = tensor(g, "in", 1000, TensorKind::Input);
+  auto a = tensor(g, "A", 10 * MB), c = tensor(g, "C", 10 * MB);
+  op(g, "make_a", {in}, {a}, make_ms * 1e-3);
+  op(g, "idle1", {}, {}, idle_ms * 1e-3);
+  op(g, "make_c", {}, {c}, 1e-3);
+  op(g, "use_c", {c}, {}, 1e-3);
+  op(g, "idle2", {}, {}, idle_ms * 1e-3);
+  op(g, "use_a", {a, in}, {}, 1e-3);
+  mark_pure(g);
+  return g;
+}
+
+TEST(PlannerRecompute, RemakesALargeCheapActivationWhoseSwapCannotHide) {
+  Graph g = remake_graph(1, 0);
+  PlannerOptions o;
+  o.budget = 15 * MB;
+  Plan swap_only = plan_spill(g, times_of(g), unit_link(), o);
+  ASSERT_EQ(swap_only.swaps.size(), 1u);
+  SimResult sw = simulate(g, times_of(g), unit_link(), &swap_only, {o.budget});
+  o.recompute = true;
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  EXPECT_NO_THROW(check_plan(g, p));
+  ASSERT_EQ(p.recomputes.size(), 1u);
+  EXPECT_TRUE(p.swaps.empty());
+  EXPECT_EQ(p.recomputes[0].tensor, 1u);
+  EXPECT_EQ(p.recomputes[0].drop_after, 0);
+  EXPECT_EQ(p.recomputes[0].next_use, 5);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_NEAR(r.step_time_s, 5e-3, 1e-12);  // 4 ms of ops and the 1 ms remake
+  EXPECT_GT(sw.step_time_s, 20e-3);
+  EXPECT_EQ(r.recomputes, 1u);
+}
+
+TEST(PlannerRecompute, KeepsSwappingWhereRemakingIsDearer) {
+  // 20 ms of idle work hides both copies; remaking A would cost 5 ms.
+  Graph g = remake_graph(5, 20);
+  PlannerOptions o;
+  o.budget = 15 * MB;
+  o.recompute = true;
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  EXPECT_TRUE(p.recomputes.empty());
+  ASSERT_EQ(p.swaps.size(), 1u);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget});
+  EXPECT_NEAR(r.step_time_s, r.compute_time_s, 1e-12);
+}
+
+TEST(PlannerRecompute, NeverRemakesFromAnInputThatIsGone) {
+  // A's producer reads X, whose last use is op 1: X is not there at A's next use.
+  Graph g = remake_graph(1, 0);
+  auto x = tensor(g, "X", 2 * MB);
+  g.ops[0].reads = {x};
+  g.ops[0].recomputable = true;
+  Op makes_x;
+  makes_x.name = "make_x";
+  makes_x.writes = {x};
+  makes_x.time_s = 1e-3;
+  g.ops.insert(g.ops.begin(), makes_x);
+  g.ops[2].reads.push_back(x);  // idle1 is X's last use
+  g.validate();
+  PlannerOptions o;
+  o.budget = 16 * MB;
+  o.recompute = true;
+  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  EXPECT_TRUE(p.recomputes.empty());
+  EXPECT_FALSE(p.swaps.empty());
+  // And a plan that asks for it anyway is refused, naming the input.
+  Plan bad = Plan::from_swaps("test", o.budget, g.ops.size(), {}, {{1, 1, 6}});
+  try {
+    check_plan(g, bad);
+    ADD_FAILURE() << "accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'X' is no longer live"), std::string::npos) << e.what();
+  }
+}
+
+TEST(PlannerRecompute, ARemakeNeedsItsInputsResidentOneLevel) {
+  // Y is made from A; both could be remade, but remaking Y before op 4 needs A there, so A
+  // may not be away then (swapped or dropped).
+  Graph g;
+  auto in = tensor(g, "in", 1000, TensorKind::Input);
+  auto a = tensor(g, "A", 4 * MB), y = tensor(g, "Y", 4 * MB);
+  op(g, "make_a", {in}, {a});
+  op(g, "make_y", {a}, {y});
+  op(g, "idle", {}, {});
+  op(g, "idle", {}, {});
+  op(g, "use_y", {y}, {});
+  op(g, "use_a", {a, in}, {});
+  mark_pure(g);
+  const std::string who = "its producer's tensor 'A' is swapped out or dropped";
+  for (Plan p : {Plan::from_swaps("t", 0, 6, {{1, 1, 5, 5}}, {{2, 1, 4}}),
+                 Plan::from_swaps("t", 0, 6, {}, {{2, 1, 4}, {1, 1, 5}})}) {
+    try {
+      check_plan(g, p);
+      ADD_FAILURE() << "accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(who), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(check_plan(g, Plan::from_swaps("t", 0, 6, {}, {{2, 1, 4}})));
+}
+
+TEST(PlannerRecompute, PlansStayValidAndWithinBudgetOnRandomGraphs) {
+  std::mt19937 rng(777);
+  int with_remakes = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    Graph g = random_graph(rng);
+    mark_pure(g);
+    Liveness l = analyze_liveness(g);
+    PlannerOptions o;
+    o.recompute = true;
+    o.min_swap_bytes = trial % 2 ? 0 : 500000;
+    const std::vector<std::uint64_t> ws = working_sets(g);
+    const std::uint64_t floor = *std::max_element(ws.begin(), ws.end());
+    std::uniform_real_distribution<double> frac(0.8, 1.05);
+    o.budget = std::uint64_t(double(floor) + frac(rng) * double(l.peak - std::min(l.peak, floor)) *
+                                                 (trial % 3 == 0 ? 0.2 : 1.0));
+    LinkModel link = trial % 2 ? unit_link(0.8) : link_preset("pcie3");
+    Plan p = plan_spill(g, times_of(g), link, o);
+    SCOPED_TRACE("trial " + std::to_string(trial) + " budget " + std::to_string(o.budget));
+    ASSERT_NO_THROW(check_plan(g, p));
+    if (!p.feasible) continue;
+    with_remakes += !p.recomputes.empty();
+    SimResult r = simulate(g, times_of(g), link, &p, {o.budget, false});
+    EXPECT_TRUE(r.within_budget);
+    EXPECT_EQ(r.recomputes, p.recomputes.size());
+    // Never slower than the plan without recomputation.
+    o.recompute = false;
+    Plan s = plan_spill(g, times_of(g), link, o);
+    EXPECT_LE(r.step_time_s, simulate(g, times_of(g), link, &s, {o.budget}).step_time_s + 1e-12);
+  }
+  EXPECT_GT(with_remakes, 20);  // the property was exercised
+}
+
 }  // namespace
 }  // namespace spill::graph

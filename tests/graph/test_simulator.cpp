@@ -4,6 +4,7 @@
 
 #include "core/errors.hpp"
 #include "graph/graph_json.hpp"
+#include "graph/plan.hpp"
 #include "graph/simulator.hpp"
 #include "graph_helpers.hpp"
 
@@ -393,6 +394,55 @@ TEST(Simulator, ReportsWhenTheBudgetCannotBeMet) {
 TEST(Simulator, RejectsMismatchedInputs) {
   Graph g = gap_graph();
   EXPECT_THROW(simulate(g, {1e-3}, unit_link(), nullptr), InvalidArgument);
+}
+
+// A recompute: op0 makes A (1 MB, 2 MB of workspace) from the input I (1 MB); op1 and op2 do
+// not need it; op3 reads A and I. Dropped after op0 and remade before op3: the remake runs
+// op0 again (1 ms) once op2 is done, so op3 runs 4-5 ms; nothing crosses the link. Mapped:
+// I + A + workspace while op0 runs and again while it is remade (4 MB), I alone in between.
+TEST(Simulator, RecomputeRunsTheProducerAgainBeforeTheUse) {
+  Graph g;
+  auto in = tensor(g, "I", MB, TensorKind::Input);
+  auto a = tensor(g, "A", MB);
+  op(g, "op0", {in}, {a}, 1e-3, 2 * MB);
+  op(g, "op1", {}, {});
+  op(g, "op2", {}, {});
+  op(g, "op3", {a, in}, {});
+  g.ops[0].recomputable = true;
+  g.validate();
+  Plan p = Plan::from_swaps("test", 0, 4, {}, {{a, 0, 3}});
+  ASSERT_NO_THROW(check_plan(g, p));
+  EXPECT_EQ(planned_memory(g, p), (std::vector<std::uint64_t>{4 * MB, MB, MB, 4 * MB}));
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {4 * MB, true});
+  EXPECT_NEAR(r.step_time_s, 5e-3, 1e-12);
+  EXPECT_NEAR(r.compute_time_s, 4e-3, 1e-12);  // the ops alone: the unlimited step
+  EXPECT_NEAR(r.recompute_time_s, 1e-3, 1e-12);
+  EXPECT_NEAR(r.stall_time_s, 0, 1e-12);
+  EXPECT_EQ(r.recomputes, 1u);
+  EXPECT_EQ(r.recomputed_bytes, MB);
+  EXPECT_EQ(r.swapped_in_bytes + r.swapped_out_bytes, 0u);
+  EXPECT_EQ(r.peak_bytes, 4 * MB);
+  EXPECT_TRUE(r.within_budget);
+  int remakes = 0;
+  for (const TimelineEvent& e : r.timeline) {
+    if (e.kind != TimelineEvent::Kind::Recompute) continue;
+    ++remakes;
+    EXPECT_EQ(e.op, 3);
+    EXPECT_EQ(e.tensor, std::int64_t(a));
+    EXPECT_NEAR(e.start_s, 3e-3, 1e-12);
+    EXPECT_NEAR(e.end_s, 4e-3, 1e-12);
+  }
+  EXPECT_EQ(remakes, 1);
+  // Between the drop and the remake A is not mapped: a 3 MB tensor made at op1 fits beside I
+  // in 4 MB only because A is gone.
+  auto b = tensor(g, "B", 3 * MB);
+  g.ops[1].writes = {b};
+  g.ops[2].reads = {b};
+  SimResult with_b = simulate(g, times_of(g), unit_link(), &p, {4 * MB});
+  EXPECT_TRUE(with_b.within_budget);
+  EXPECT_EQ(with_b.peak_bytes, 4 * MB);
+  SimResult kept = simulate(g, times_of(g), unit_link(), nullptr, {4 * MB});
+  EXPECT_FALSE(kept.within_budget);
 }
 
 }  // namespace
