@@ -754,6 +754,215 @@ def test_growth_beyond_what_can_move_is_torch_oom_saying_the_step_ran_quiet() ->
     assert "ok" in out
 
 
+@pytest.mark.skipif(TARGET != "cpu", reason="the batch is sized for the simulated device's 64 KiB "
+                    "granularity (an armed step's forward fits by swapping, its backward not)")
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_caught_oom_leaves_nothing_of_the_abandoned_step_allocated(quiet: bool) -> None:
+    """A step that runs out of memory (armed: in its backward, after its activations were
+    swapped out; quiet: in its forward), caught, gives back all its memory once the caller's
+    references are gone, with Python's collector off (plain torch needs none): allocated bytes
+    are back to their level before the step, as with spill's allocator and no hooks on the same
+    code. Training then continues with a smaller batch, equal to plain torch without the
+    failed step."""
+    out = run_ok(QUIET_MODEL + """
+        import gc, traceback
+        rows = [256, 256, 256, 16384, 256, 256]
+        model, opt = make()
+        base = [step(model, opt, batch(i, r)) for i, r in enumerate(rows) if r < 16384]
+        enable()
+
+        def run(hooks):
+            model, opt = make()
+            h = st.offload(model, opt, quiet=%r) if hooks else None
+            losses, where, left = [], None, None
+            for i, r in enumerate(rows):
+                before = torch.cuda.memory_allocated()
+                try:
+                    losses.append(step(model, opt, batch(i, r)))
+                except torch.cuda.OutOfMemoryError as e:
+                    assert r == 16384, (i, str(e))
+                    where = [f.name for f in traceback.extract_tb(e.__traceback__)]
+                    quiet = h.step_is_quiet if h else None
+                if r == 16384:
+                    left = torch.cuda.memory_allocated() - before
+            if h:
+                h.remove()
+            return losses, where, left, quiet
+
+        gc.disable()
+        bare_losses, bare_where, bare_left, _ = run(False)
+        losses, where, left, quiet = run(True)
+        assert bare_where and losses == bare_losses == base, (losses, bare_losses, base)
+        assert bare_left <= 0, ("spill's allocator alone kept bytes", bare_left)
+        assert quiet == %r, quiet
+        # The armed step's forward fits by swapping its activations out; its backward does not.
+        assert ("backward" in where) != quiet, where
+        assert left <= 0, ("bytes of the abandoned step still allocated", left >> 20, where)
+        print("ok")
+    """ % (quiet, quiet))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(TARGET != "cpu", reason="sized for the simulated device's 64 KiB granularity "
+                    "(room for the input, not for a parameter)")
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_parameter_that_cannot_come_back_is_torch_oom_and_training_continues(
+        quiet: bool) -> None:
+    """A step whose forward fills the budget with a tensor no hook declared (made inside the
+    forward, after the step's mode was decided) pushes the parameters out, and the first
+    module's pre-hook cannot pin its weight back: torch.cuda.OutOfMemoryError (also
+    spill.OutOfMemoryError), in a quiet step with the quiet sentence, armed without it. The
+    step leaves nothing allocated; the next step is armed and trains; losses and parameters
+    equal plain torch's without the failed step."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import torch.nn as nn, traceback
+        fill = {"on": False}
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1, self.l2 = nn.Linear(1024, 1024), nn.Linear(1024, 1024)  # 4 MiB each
+            def forward(self, x):
+                tmp = torch.empty(61 << 20, dtype=torch.uint8, device=x.device) \\
+                    if fill["on"] else None
+                return self.l2(self.l1(x).relu())
+        def make():
+            torch.manual_seed(0)
+            m = M().to(dev)
+            return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        def batch(i):
+            return torch.randn(64, 1024, generator=torch.Generator().manual_seed(100 + i))
+        def step(m, o, x):
+            o.zero_grad(set_to_none=True)
+            loss = m(x.to(dev)).square().mean()
+            loss.backward()
+            o.step()
+            return loss.item()
+        N, FAIL = 7, 4
+        m, o = make()
+        base = [step(m, o, batch(i)) for i in range(N) if i != FAIL]
+        base_params = [p.detach().clone() for p in m.parameters()]
+        enable()
+        m, o = make()
+        h = st.offload(m, o, quiet=%r)
+        losses, modes, msg = [], [], None
+        for i in range(N):
+            x = batch(i)
+            fill["on"] = i == FAIL
+            before = torch.cuda.memory_allocated()
+            try:
+                losses.append(step(m, o, x))
+            except torch.cuda.OutOfMemoryError as e:
+                assert i == FAIL and isinstance(e, spill.OutOfMemoryError), (i, e)
+                msg, where = str(e), [f.name for f in traceback.extract_tb(e.__traceback__)]
+                failed_quiet = h.step_is_quiet
+            fill["on"] = False
+            modes.append(h.step_is_quiet)
+            if i == FAIL:
+                assert torch.cuda.memory_allocated() <= before, "the failed step kept bytes"
+        assert msg is not None, "no OutOfMemoryError"
+        assert "_pre" in where and "pin" in msg and "cannot bring 4.00 MiB" in msg, (where, msg)
+        assert failed_quiet == %r and ("ran this step quiet" in msg) == %r, (failed_quiet, msg)
+        assert modes[FAIL + 1] is False, modes  # armed after the error
+        assert losses == base, (losses, base)
+        with st.guard(release_on_exit=False):
+            assert all(torch.equal(p, q) for p, q in zip(m.parameters(), base_params))
+        h.remove()
+        print("ok")
+    """ % (quiet, quiet, quiet))
+    assert "ok" in out
+
+
+def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
+    """The quiet explanation in an out-of-memory message belongs to the step that raised it:
+    with two models on one device, one stepping quiet and one armed (quiet=False), an error in
+    the armed model's forward or backward right after the quiet model's step carries no quiet
+    sentence; an error in the quiet model's backward carries its sentence even when the armed
+    model ran a whole step between that forward and backward; an error in the quiet model's
+    optimizer step (its momentum buffer) does too."""
+    out = run_ok(ENABLE + """
+        import torch.nn as nn
+        fail = {"forward": False, "backward": False, "step": False}
+        class Fail(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                if fail["forward"]:
+                    torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+                return x.clone()
+            @staticmethod
+            def backward(ctx, g):
+                if fail["backward"]:
+                    torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+                return g
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
+            def forward(self, x):
+                return self.b(Fail.apply(self.a(x).relu()))
+        class SGD(torch.optim.SGD):
+            def step(self, closure=None):
+                if fail["step"]:
+                    torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+                return super().step(closure)
+        def make(quiet):
+            m = Model().to(dev)
+            o = SGD(m.parameters(), lr=0.01, momentum=0.9)
+            return m, o, st.offload(m, o, quiet=quiet)
+        x = torch.randn(512, 256, device=dev)
+        def forward(m, o):
+            o.zero_grad(set_to_none=True)
+            return m(x).square().mean()
+        def oom(what, m, o, loss=None):
+            fail[what] = True
+            try:
+                if loss is None:
+                    loss = forward(m, o)
+                loss.backward()
+            except torch.cuda.OutOfMemoryError as e:
+                return str(e)
+            finally:
+                fail[what] = False
+            raise AssertionError("no OutOfMemoryError")
+        q, qo, qh = make(0.5)
+        a, ao, ah = make(False)
+        for _ in range(3):
+            for m, o in ((q, qo), (a, ao)):
+                forward(m, o).backward(); o.step()
+        assert not ah.step_is_quiet
+        QUIET = "ran this step quiet"
+        def quiet_step():  # the step after an error on the device is armed
+            for _ in range(2):
+                forward(q, qo).backward(); qo.step()
+            assert qh.step_is_quiet, qh._policy.reason
+        for what in ("forward", "backward"):
+            quiet_step()
+            msg = oom(what, a, ao)
+            assert "out of memory" in msg and QUIET not in msg, (what, msg)
+        for _ in range(2):  # a clean pair of steps: both models' errors are behind them
+            forward(a, ao).backward(); ao.step()
+            quiet_step()
+        loss = forward(q, qo)  # the quiet model's forward; the armed model steps; then backward
+        forward(a, ao).backward(); ao.step()
+        msg = oom("backward", q, qo, loss)
+        assert QUIET in msg and "quiet=False" in msg, msg
+        assert QUIET in spill.last_oom_message()
+        # The quiet model's optimizer step, after the armed model's step.
+        forward(a, ao).backward(); ao.step()
+        quiet_step()
+        forward(q, qo).backward()
+        forward(a, ao).backward(); ao.step()
+        fail["step"] = True
+        try:
+            qo.step()
+        except torch.cuda.OutOfMemoryError as e:
+            assert QUIET in str(e), str(e)
+        else:
+            raise AssertionError("no OutOfMemoryError")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_quiet_decisions_hysteresis_and_bad_values() -> None:
     """The decision at each step boundary from the previous step's peak: armed from the line
     (quiet x budget) up, quiet again only under 7/8 of it, armed after an out-of-memory error,

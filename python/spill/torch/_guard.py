@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spill import Error, OutOfMemoryError
 
-from ._pins import Pinner, leaves
+from ._pins import Pinner, TorchOutOfMemoryError, leaves
 from ._state import state
 from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_methods,
                      wrap_method)
@@ -118,7 +118,7 @@ class PinEveryOp(TorchDispatchMode):
             try:
                 pinner.declare(base, False)
             except OutOfMemoryError as e:
-                raise OutOfMemoryError(
+                raise TorchOutOfMemoryError(
                     "spill.torch.guard: the tensors it made swappable do not all fit in the "
                     "budget once unswappable again; raise the budget (spill.set_budget) before "
                     "leaving the guard, or use guard(release_on_exit=False) and touch them only "

@@ -52,7 +52,7 @@ from spill import budget as spill_budget
 
 from ._guard import PinEveryOp
 from ._optimizer import pinned_step
-from ._pins import Pinner, leaves, storage
+from ._pins import Pinner, TorchOutOfMemoryError, leaves, storage
 from ._quiet import QuietSteps
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
@@ -74,12 +74,25 @@ class _Frame:
 
 
 class _Saved:
-    """What the pack hook keeps instead of the tensor: the tensor itself (same address)."""
+    """What the pack hook keeps instead of the tensor: the tensor itself (same address), or,
+    for a tensor autograd made, a detached alias of it (the same storage, no grad_fn: the
+    unpacked tensor gets its grad_fn from autograd's saved metadata, not from this one).
+    Holding the tensor itself would make a reference cycle through autograd's C++ objects
+    when a node saves its own output (ReLU, sigmoid, softmax): output -> grad_fn -> saved
+    variable -> this -> output. A backward runs each node and drops its saved variables, so a
+    completed step never sees the cycle; a backward that raised (out of memory) leaves the
+    nodes it did not reach, and with them the whole graph, allocated for good after the caller
+    has dropped every reference, since Python's collector does not see C++ references."""
     __slots__ = ("tensor", "ptr")
 
     def __init__(self, tensor: torch.Tensor, ptr: int) -> None:
-        self.tensor = tensor
+        self.tensor = _acyclic(tensor)
         self.ptr = ptr
+
+
+def _acyclic(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is a leaf, else a detached alias (see _Saved)."""
+    return t if t.is_leaf else t.detach()
 
 
 class _Discovery(PinEveryOp):
@@ -100,14 +113,6 @@ class _Discovery(PinEveryOp):
                     if owners and not (owners & running):
                         h._extra.setdefault(h._stack[-1], {})[id(t)] = t
         return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-def _saved_tensor(saved: _Saved) -> torch.Tensor:
-    if saved.tensor is None:
-        raise RuntimeError("spill.torch.offload: backward through a forward that an exception "
-                           "interrupted (its saved tensors were released when the next forward "
-                           "began or the hooks were removed)")
-    return saved.tensor
 
 
 class OffloadHandle:
@@ -131,7 +136,6 @@ class OffloadHandle:
         self._hooks: List[Any] = []
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
-        self._saved_now: List[_Saved] = []  # what the running forward's pack hooks made
         self._declared_state: Set[int] = set()  # ids of optimizer state declared
         self._state_seen: Set[int] = set()      # ids of optimizer state examined
         # Parameters and buffers: per module, the tensors its pre-hook pins (and wrote flags).
@@ -231,7 +235,7 @@ class OffloadHandle:
         self._hooks.clear()
         unwrap_methods(self._saved_methods)
         self._leave_discovery()
-        self._pop_saved_hooks(interrupted=True)
+        self._pop_saved_hooks()
         self._unwind(0)
         self._unwind_quiet()
         self._release_frame(self._step_frame)
@@ -316,6 +320,7 @@ class OffloadHandle:
                 self._release_tokens(frames.pop()[1])
             if module is self.model:
                 self._pop_saved_hooks()
+                self._claim_in_backward(output)
             return
         if state.forked_child:
             return
@@ -353,13 +358,26 @@ class OffloadHandle:
         self._release_frame(frame)
         if module is self.model:
             self._pop_saved_hooks()
+            self._claim_in_backward(output)
+
+    def _claim_in_backward(self, output: Any) -> None:
+        """The model's backward will begin with a gradient of its output: the out-of-memory
+        note is this step's from there (another model may have run a step since the
+        forward)."""
+        if torch.is_grad_enabled() and not state.forked_child:
+            for t in leaves(output):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._claim_note)
+
+    def _claim_note(self, grad: torch.Tensor) -> None:
+        self._policy.claim()
 
     def _begin_forward(self) -> None:
         self.forwards += 1
         # What an exception in the previous forward left: its frames and saved-tensor hooks.
         self._unwind(0)
         self._unwind_quiet()
-        self._pop_saved_hooks(interrupted=True)
+        self._pop_saved_hooks()
         if not self.steps.manage:
             self._release_frame(self._step_frame)
             self._release_backward()
@@ -374,6 +392,8 @@ class OffloadHandle:
             self._boundary = not self.steps.manage
             self._release_backward()  # pins an abandoned backward left
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
+        else:
+            self._policy.claim()  # another model's step may have run since ours began
 
     # ------------------------------------------------------------------ quiet steps
 
@@ -421,7 +441,7 @@ class OffloadHandle:
 
     def _quiet_oom(self, e: OutOfMemoryError) -> BaseException:
         """A pin's out-of-memory error in a quiet step, as PyTorch's, with the explanation."""
-        return torch.cuda.OutOfMemoryError(f"{e}\n{self._policy.message()}")
+        return TorchOutOfMemoryError(f"{e}\n{self._policy.message()}", e.code)
 
     def _unwind_quiet(self) -> None:
         """Releases what quiet frames an exception left open."""
@@ -445,24 +465,19 @@ class OffloadHandle:
                 torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
             self._saved_hooks_pushed = True
 
-    def _pop_saved_hooks(self, interrupted: bool = False) -> None:
-        """At the root module's forward hook; ``interrupted``: elsewhere, where hooks still
-        pushed mean that an exception interrupted the forward. Its graph is then released
-        here: a saved output that the pack hook returned (the tensor, or a _Saved holding it)
-        is a reference cycle through autograd's C++ objects (tensor, its grad_fn, the saved
-        variable) that no backward will break and Python's collector does not see."""
+    def _pop_saved_hooks(self) -> None:
+        """At the root module's forward hook, or where hooks still pushed mean that an
+        exception interrupted the forward (the next forward, remove()). The interrupted
+        forward's graph needs nothing more: _Saved makes no reference cycle, so it goes with
+        the caller's last reference to it."""
         if self._saved_hooks_pushed:
             torch._C._autograd._pop_saved_tensors_default_hooks()
             self._saved_hooks_pushed = False
-            if interrupted:
-                for saved in self._saved_now:
-                    saved.tensor = None
-        self._saved_now.clear()
 
     def _pack(self, t: torch.Tensor) -> Any:
         ptr = self._movable(t)
         if not ptr or state.forked_child:
-            return t
+            return _acyclic(t)
         frames = self._frames
         if frames and ptr not in self._persistent:
             frame = frames[-1]
@@ -475,20 +490,16 @@ class OffloadHandle:
                     frame.tokens.append((token, True))
                     self.pinner.declare(ptr)
                     self._acts.add(ptr)
-        saved = _Saved(t, ptr)
-        self._saved_now.append(saved)
-        return saved
+        return _Saved(t, ptr)
 
     def _pack_quiet(self, t: torch.Tensor) -> Any:
         # A quiet step declares no activation; a parameter or buffer autograd saves (a
         # Linear's weight, batch norm's running statistics) is pinned when backward uses it.
-        # Every tensor is wrapped, so that an interrupted forward's graph can be released.
-        if state.forked_child:
-            return t
+        # Others are kept as they are, or detached (see _Saved: never a reference cycle).
         ptr = self._movable(t)
-        saved = _Saved(t, ptr if ptr in self._persistent else 0)
-        self._saved_now.append(saved)
-        return saved
+        if ptr in self._persistent and not state.forked_child:
+            return _Saved(t, ptr)
+        return _acyclic(t)
 
     def _unpack_quiet(self, saved: Any) -> torch.Tensor:
         if type(saved) is not _Saved:
@@ -497,7 +508,7 @@ class OffloadHandle:
             token = self._pin_block(saved.ptr, self.pinner.stream())
             if token is not None:
                 self._bw_pending.append((token, False))
-        return _saved_tensor(saved)
+        return saved.tensor
 
     def _holder(self, ptr: int) -> _Frame:
         """The frame whose code may still use a tensor saved now: the running module's, unless
@@ -520,7 +531,7 @@ class OffloadHandle:
             token = self._pin_block(saved.ptr, self.pinner.stream())
             if token is not None:
                 self._bw_pending.append((token, False))
-        return _saved_tensor(saved)
+        return saved.tensor
 
     def _safe_point(self, grad: torch.Tensor) -> None:
         # The engine is between nodes: every tensor unpacked so far has been used.
@@ -547,6 +558,7 @@ class OffloadHandle:
             if state.forked_child:
                 return original(*args, **kwargs)
             self._release_backward()
+            self._policy.claim()
             quiet = self._quiet
             self._declare_gradients(quiet)
             try:

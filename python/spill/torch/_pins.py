@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
+from spill import OutOfMemoryError
 from spill._capi import PinToken, raise_status
 from spill._lib import library
 
@@ -31,6 +32,20 @@ _STRIDED = torch.strided
 # The tensor's untyped storage (bytes and base pointer), as an unbound method: the hooks call
 # it for every tensor they see.
 _storage = _Tensor.untyped_storage if hasattr(_Tensor, "untyped_storage") else _Tensor._storage
+
+
+class TorchOutOfMemoryError(OutOfMemoryError, torch.cuda.OutOfMemoryError):
+    """Out of memory in a pin or a declaration made by spill.torch's hooks (a swapped-out
+    tensor that cannot come back): PyTorch's class, which a training loop catches to retry
+    with a smaller batch as it does for an allocation, and spill's (``code``)."""
+
+
+def _raise(lib: Any, status: int) -> None:
+    """raise_status, with out of memory as TorchOutOfMemoryError."""
+    try:
+        raise_status(lib, status)
+    except OutOfMemoryError as e:
+        raise TorchOutOfMemoryError(str(e), e.code) from None
 
 
 def storage(t: torch.Tensor) -> Any:
@@ -122,12 +137,12 @@ class Pinner:
             return token if token.block else None
         if status == _INVALID_ARGUMENT:
             return None  # not spill's memory
-        raise_status(self._lib, status)
+        _raise(self._lib, status)
 
     def unpin(self, token: PinToken, stream: Optional[int], wrote: bool) -> None:
         status = self._unpin(token, stream, wrote)
         if status != 0:
-            raise_status(self._lib, status)
+            _raise(self._lib, status)
 
     def on_host(self, ptr: int) -> bool:
         """Whether the block at ``ptr`` has its bytes only on the host now."""
@@ -142,4 +157,4 @@ class Pinner:
             return True
         if status == _INVALID_ARGUMENT:
             return False
-        raise_status(self._lib, status)
+        _raise(self._lib, status)

@@ -78,8 +78,9 @@ class _Watcher:
 # Per device, every watcher's peak since its last take: spill keeps one interval, and two
 # handles (two models) take it at their own boundaries.
 _watchers: Dict[int, "weakref.WeakSet[_Watcher]"] = {}
-# Per device, the out-of-memory notes of the handles whose step runs quiet now.
-_notes: Dict[int, Dict[int, str]] = {}
+# Per device, the out-of-memory note set now (spill keeps one per device): the note of the
+# handle whose step ran last (see QuietSteps.claim).
+_notes: Dict[int, str] = {}
 
 
 class QuietSteps:
@@ -94,6 +95,7 @@ class QuietSteps:
         self.peak = 0               # the previous step's peak and the budget then
         self.budget = 0
         self.reason = ""            # why the current step is armed, when it is
+        self.text = ""              # this handle's out-of-memory note ("" when armed)
         self._lib = library()
         self._ooms: Optional[int] = None
         self._watcher = _Watcher()
@@ -135,7 +137,8 @@ class QuietSteps:
         elif not self.fraction:
             quiet, self.reason = False, "quiet=False"
         elif oom:
-            quiet, self.reason = False, "the previous step ran out of memory"
+            quiet, self.reason = False, ("the device ran out of memory during the previous step "
+                                         "(this model's or another's)")
         elif self.peak > line:
             quiet, self.reason = False, (f"the previous step's peak, {_mib(self.peak)}, passed "
                                          f"{self.fraction:g} of the budget")
@@ -161,18 +164,17 @@ class QuietSteps:
             self.armed_steps += 1
             if not self.reason:
                 self.reason = "an activation of an armed step could not come back"
-        self.note(quiet)
+        self.text = self.message() if quiet else ""
+        self.claim()
 
-    def note(self, quiet: bool) -> None:
-        """Sets (quiet) or removes this handle's sentence in the device's out-of-memory
-        messages."""
-        notes = _notes.setdefault(self.device, {})
-        if quiet:
-            notes[id(self)] = self.message()
-        elif notes.pop(id(self), None) is None:
-            return
-        text = next(reversed(notes.values()), "") if notes else ""
-        _check(self._lib, self._lib.spill_set_oom_note(self.device, text.encode()))
+    def claim(self) -> None:
+        """This handle's step runs now (its forward, its backward, its optimizer step begins):
+        the device's out-of-memory messages carry its note, the quiet explanation, or none
+        when it runs armed. Two models trained on one device take turns: an out-of-memory
+        error is explained by the step that raised it, not by the other model's."""
+        if _notes.get(self.device, "") != self.text:
+            _check(self._lib, self._lib.spill_set_oom_note(self.device, self.text.encode()))
+            _notes[self.device] = self.text
 
     def message(self) -> str:
         return (f"spill.torch.offload ran this step quiet, without swapping activations: the "
@@ -181,5 +183,8 @@ class QuietSteps:
                 f"every step, pass quiet=False to spill.torch.offload().")
 
     def forget(self) -> None:
-        """The handle is removed: its note goes."""
-        self.note(False)
+        """The handle is removed: its note goes (another handle's stays)."""
+        mine = self.text and _notes.get(self.device) == self.text
+        self.text = ""
+        if mine:
+            self.claim()
