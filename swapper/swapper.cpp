@@ -575,6 +575,23 @@ Residence Swapper::residence(const void* ptr) const {
   return b->state;
 }
 
+Residence Swapper::settle(const void* ptr) {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  SwapBlock* b = m.find_tracked_locked(ptr);
+  if (b == nullptr) return Residence::Resident;
+  m.settle_locked(*b);
+  if (b->state == Residence::SwappingOut && !b->busy && m.dev.query(b->out_done))
+    m.complete_swap_out_locked(*b);
+  return b->state;
+}
+
+std::size_t Swapper::reap() {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  return m.reap_locked();
+}
+
 bool Swapper::swappable(const void* ptr) const {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);

@@ -170,7 +170,17 @@ class Swapper {
   // The budget the plans are made for changed: recordings start again at the next step.
   void set_budget(std::uint64_t bytes);
 
+  // Where the block's bytes are. A swap-out whose copy has finished still reads SwappingOut
+  // (its device memory mapped) until spill next needs room or runs a step's op: the trainer's
+  // executor cancels such a swap-out instead of copying the block back.
   Residence residence(const void* ptr) const;
+  // residence(), after completing the block's swap-out when its copy has finished (its device
+  // memory goes back now): what spill_get_residence answers, so that a block evicted between
+  // steps settles on the host for a caller who looks.
+  Residence settle(const void* ptr);
+  // Completes every swap-out whose copy has finished (their device memory goes back now);
+  // the bytes given back. spill_evict calls it, after starting its own copy.
+  std::size_t reap();
   bool swappable(const void* ptr) const;  // false for blocks that never move
   SwapStats stats() const;
   // Which resident tracked blocks cannot be evicted now and why (pinned, not declared

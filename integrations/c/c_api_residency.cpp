@@ -106,7 +106,10 @@ spill_status spill_prefetch(void* ptr) {
 }
 
 spill_status spill_evict(void* ptr) {
-  return on_swapper_of(ptr, "spill_evict", [&](Swapper& sw) { sw.evict(ptr); });
+  return on_swapper_of(ptr, "spill_evict", [&](Swapper& sw) {
+    sw.evict(ptr);
+    sw.reap();  // earlier evictions whose copies have finished give their memory back
+  });
 }
 
 spill_status spill_get_residence(const void* ptr, spill_residence* residence) {
@@ -115,7 +118,7 @@ spill_status spill_get_residence(const void* ptr, spill_residence* residence) {
   return on_block(ptr, "spill_get_residence", [&](Lease& lease) {
     expect_owned(lease, ptr, "spill_get_residence");
     Swapper* sw = lease.rt().swapper();
-    const Residence r = sw ? sw->residence(ptr) : Residence::Resident;
+    const Residence r = sw ? sw->settle(ptr) : Residence::Resident;
     *residence = static_cast<spill_residence>(static_cast<int>(r));
     return SPILL_OK;
   });

@@ -963,6 +963,40 @@ def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
     assert "ok" in out
 
 
+@pytest.mark.parametrize("quiet", [True, False])
+def test_evict_between_steps_settles_on_the_host(quiet: bool) -> None:
+    """spill.evict of a parameter between two steps (quiet or armed) moves it out: its
+    residence reads on_host once the copy has finished (not swapping_out for good), its device
+    memory is given back, and the next step brings it back and trains as plain torch does."""
+    out = run_ok(QUIET_MODEL + """
+        import time
+        model, opt = make()
+        base = [step(model, opt, batch(i, 256)) for i in range(5)]
+        enable()
+        model, opt = make()
+        h = st.offload(model, opt, quiet=%r)
+        losses = [step(model, opt, batch(i, 256)) for i in range(3)]
+        assert h.step_is_quiet == %r
+        w = model[2].weight  # 4 MiB
+        before = spill.stats()
+        spill.evict(w.data_ptr())
+        deadline = time.monotonic() + 30
+        while spill.residence(w.data_ptr()) != "on_host":
+            assert time.monotonic() < deadline, spill.residence(w.data_ptr())
+            time.sleep(0.01)
+        after = spill.stats()
+        assert after["swap.bytes_out"] - before["swap.bytes_out"] == 4 << 20
+        assert after["swapped_out_bytes"] - before["swapped_out_bytes"] == 4 << 20, after
+        assert after["allocated_bytes.current"] == before["allocated_bytes.current"]
+        losses += [step(model, opt, batch(i, 256)) for i in range(3, 5)]
+        assert spill.residence(w.data_ptr()) == "resident"
+        assert losses == base, (losses, base)
+        h.remove()
+        print("ok")
+    """ % (quiet, quiet))
+    assert "ok" in out
+
+
 def test_quiet_decisions_hysteresis_and_bad_values() -> None:
     """The decision at each step boundary from the previous step's peak: armed from the line
     (quiet x budget) up, quiet again only under 7/8 of it, armed after an out-of-memory error,

@@ -137,6 +137,32 @@ TEST(Swapper, CleanBlocksAreEvictedWithoutACopy) {
   EXPECT_TRUE(r.holds(a, 4 * MiB, 3));
 }
 
+// An eviction's copy that has finished leaves the block SwappingOut, its device memory mapped,
+// until spill looks: residence() leaves it so (the trainer's executor cancels such a swap-out
+// instead of copying back); settle() (spill_get_residence) and reap() (spill_evict) complete
+// it, so a block evicted between steps settles on the host.
+TEST(Swapper, SettleAndReapCompleteAFinishedSwapOutThatResidenceLeaves) {
+  Rig r(2 * 4 * MiB);
+  void* a = r.backend.allocate(4 * MiB);
+  void* b = r.backend.allocate(4 * MiB);
+  r.write(a, 4 * MiB, 1);
+  r.write(b, 4 * MiB, 2);
+  r.swapper.evict(a);
+  r.swapper.evict(b);
+  r.dev.synchronize();  // both copies have finished
+  EXPECT_EQ(r.swapper.residence(a), Residence::SwappingOut);
+  EXPECT_EQ(r.backend.mapped(), 8 * MiB);
+  EXPECT_EQ(r.swapper.settle(a), Residence::OnHost);
+  EXPECT_EQ(r.backend.mapped(), 4 * MiB) << "settle gives the block's memory back";
+  EXPECT_EQ(r.swapper.residence(b), Residence::SwappingOut);
+  EXPECT_EQ(r.swapper.reap(), 4 * MiB);
+  EXPECT_EQ(r.swapper.residence(b), Residence::OnHost);
+  EXPECT_EQ(r.backend.mapped(), 0u);
+  EXPECT_EQ(r.swapper.settle(b), Residence::OnHost);
+  EXPECT_TRUE(r.holds(a, 4 * MiB, 1));
+  EXPECT_TRUE(r.holds(b, 4 * MiB, 2));
+}
+
 TEST(Swapper, PrefetchLandsBeforeUse) {
   Rig r(3 * 4 * MiB);
   void* a = r.backend.allocate(4 * MiB);

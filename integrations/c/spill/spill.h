@@ -211,10 +211,15 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
 SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
 /* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
- * unswappable or fresh block). Both return without waiting. */
+ * unswappable or fresh block). Both return without waiting. An evicted block reads
+ * SWAPPING_OUT until its copy has finished; its device memory goes back when spill next
+ * looks after that: a residence query of the block, another spill_evict, an allocation or
+ * pin that needs room, an op of a step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
-/* Where the bytes of the block containing `ptr` are now (blocks that never move: resident). */
+/* Where the bytes of the block containing `ptr` are now (blocks that never move: resident).
+ * A swap-out whose copy has finished is completed here (ON_HOST, its device memory given
+ * back). */
 SPILL_API spill_status spill_get_residence(const void* ptr, spill_residence* residence);
 
 /* ------------------------------------------------------------------ steps */
