@@ -41,7 +41,7 @@ struct PlanArgs {
   std::string timeline_path;
   std::string plan_path;
   double max_batch_pct = -1;
-  bool recompute = false;
+  bool no_recompute = false;
 };
 
 bool is_graph_file(const std::string& model) {
@@ -127,7 +127,7 @@ int run_plan(const PlanArgs& a) {
   graph::PlannerOptions o;
   o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
-  o.recompute = a.recompute;
+  o.recompute = !a.no_recompute;
   std::vector<graph::Policy> policies;
   if (a.policy == "all") policies = graph::all_policies();
   else policies = {graph::parse_policy(a.policy)};
@@ -144,7 +144,7 @@ int run_plan(const PlanArgs& a) {
               format_bytes(unlimited_peak).c_str());
   std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s%s\n", "policy", "fits", "peak",
               "swap out", "swap in", "step", "stall", "overhead",
-              a.recompute ? "  recomputed (tensors, bytes, time)" : "");
+              a.no_recompute ? "" : "  recomputed (tensors, bytes, time)");
   nlohmann::json report{{"model", a.model},
                         {"name", g.name},
                         {"batch", batch},
@@ -164,7 +164,7 @@ int run_plan(const PlanArgs& a) {
                 format_bytes(r.sim.swapped_out_bytes).c_str(),
                 format_bytes(r.sim.swapped_in_bytes).c_str(), seconds(r.sim.step_time_s).c_str(),
                 seconds(r.sim.stall_time_s).c_str(), 100.0 * r.overhead());
-    if (a.recompute)
+    if (!a.no_recompute)
       std::printf("  %u, %s, %s", r.sim.recomputes, format_bytes(r.sim.recomputed_bytes).c_str(),
                   seconds(r.sim.recompute_time_s).c_str());
     std::printf("\n");
@@ -183,7 +183,7 @@ int run_plan(const PlanArgs& a) {
     std::printf("floor:   %s (%.2fx the unlimited step): no plan that only swaps does better on "
                 "this link%s;",
                 seconds(floor->step_s).c_str(), floor->step_s / unlimited,
-                a.recompute ? " (a plan that recomputes is not bound by it)" : "");
+                a.no_recompute ? "" : " (a plan that recomputes is not bound by it)");
     if (floor->must_move > 0) {
       std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "
                   "which went out first)\n",
@@ -267,9 +267,9 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->add_option("--timeline", args->timeline_path,
                   "write the first policy's simulated timeline (Chrome/Perfetto JSON)");
   cmd->add_option("--plan-out", args->plan_path, "write the first policy's plan as JSON");
-  cmd->add_flag("--recompute", args->recompute,
-                "let the spill policy also drop activations and remake them by running their "
-                "producing op again where that is faster than swapping them");
+  cmd->add_flag("--no-recompute", args->no_recompute,
+                "the spill policy only swaps (by default it may also drop activations and remake "
+                "them by running their producing op again where that is faster)");
   cmd->add_option("--max-batch", args->max_batch_pct,
                   "also find the largest batch that fits with overhead under this percentage")
       ->check(number_in(0, 1e6, "a percentage"));

@@ -30,6 +30,7 @@ struct TrainArgs {
   int steps = 10;
   std::string policy = "graph";
   bool check = false;
+  bool no_recompute = false;
   std::string trace;
   std::string json;
 };
@@ -51,6 +52,8 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"evictions_reactive", s.swaps.evictions_reactive},
           {"cache_returns", s.cache_returns},
           {"small_segment_frees", s.plain_frees},
+          {"recomputes", s.recomputes},
+          {"recomputed_bytes", s.recomputed_bytes},
           {"wall_s", s.wall_s},
           {"spill_cpu_s", s.spill_cpu_s}};
 }
@@ -82,6 +85,7 @@ int run_train(Config config, const TrainArgs& a) {
   ro.budget = budget;
   ro.steps = a.steps;
   ro.keep_state = a.check;
+  ro.exec.recompute = !a.no_recompute;
   bool simulated = true;
   std::string device_name;
   auto on_start = [&](const train::Executor& ex, Runtime& rt) {
@@ -99,15 +103,18 @@ int run_train(Config config, const TrainArgs& a) {
     std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx)   policy: %s\n",
                 format_bytes(footprint).c_str(), format_bytes(ex.budget()).c_str(),
                 double(footprint) / double(ex.budget()), train::to_string(policy));
-    std::printf("plan:      %zu swaps; predicted peak %s, out %s, in %s per step, step %s "
-                "(compute %s, stall %s)\n",
-                ex.plan().swaps.size(), format_bytes(ex.predicted_peak()).c_str(),
+    std::printf("plan:      %zu swaps, %zu recomputes (%s, %s); predicted peak %s, out %s, in %s "
+                "per step, step %s (compute %s, stall %s)\n",
+                ex.plan().swaps.size(), ex.plan().recomputes.size(),
+                format_bytes(p.recomputed_bytes).c_str(), ms(p.recompute_time_s).c_str(),
+                format_bytes(ex.predicted_peak()).c_str(),
                 format_bytes(p.swapped_out_bytes).c_str(), format_bytes(p.swapped_in_bytes).c_str(),
                 ms(p.step_time_s).c_str(), ms(p.compute_time_s).c_str(), ms(p.stall_time_s).c_str());
     if (const auto& f = ex.floor()) {
       std::printf("floor:     %s for the step's ops (compute %s): no plan that only swaps does "
-                  "better at this budget on this link\n",
-                  ms(f->step_s).c_str(), ms(p.compute_time_s).c_str());
+                  "better at this budget on this link%s\n",
+                  ms(f->step_s).c_str(), ms(p.compute_time_s).c_str(),
+                  ex.plan().recomputes.empty() ? "" : " (this plan also recomputes: not bound by it)");
     }
     std::printf("\n%4s %10s %11s %11s %10s %10s %9s %9s %10s %10s %6s %5s %7s\n", "step", "loss",
                 "peak", "(pred)", "out", "in", "stall", "(pred)", "step", "(pred)", "demand",
@@ -234,6 +241,9 @@ void add_train(CLI::App& app, Runner& run) {
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_flag("--check", a->check,
                 "run again with no budget and require bit-identical losses and state");
+  cmd->add_flag("--no-recompute", a->no_recompute,
+                "policy graph: swap only (by default the plan may also drop activations and "
+                "remake them by running their producing op again where that is faster)");
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here");
   cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here");
   cmd->callback([&run, a] { run = [a](const Config& c) { return run_train(c, *a); }; });

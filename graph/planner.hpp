@@ -43,7 +43,7 @@ struct PlannerOptions {
   StepModel model;  // spill: how its candidate plans are simulated (the prediction's model)
   // spill: an activation made by a recomputable op may also be dropped and remade before its
   // next use (graph/plan.hpp Recompute) where the simulated step is faster for it.
-  bool recompute = false;
+  bool recompute = true;
 };
 
 // Whether any plan can meet the budget: the lowest memory each op can run with is the planned

@@ -3,7 +3,8 @@
 # the main job on the default device (a GPU when one is usable, else the simulated device):
 # `spill info`, then `spill train gpt-mini --check`: a GPT-style decoder trained with real
 # kernels in a third of its memory footprint, weights, optimizer state and activations swapped
-# through pinned host memory as the graph planner's plan says, with the planner's predictions
+# through pinned host memory (or activations remade by running their op again) as the graph
+# planner's plan says, with the planner's predictions
 # beside each step; then the same steps again with no budget, which must give bit-identical
 # losses, weights and optimizer state (6 steps each: about 30 s of CPU, under a minute of wall
 # clock, on the 2-core build machine). Arguments are passed to `spill train` (e.g. --steps 20,

@@ -119,6 +119,7 @@ struct Executor::Impl {
   std::vector<std::vector<TensorId>> allocs, frees, uses;
   std::vector<std::vector<char>> wrote;
   std::vector<TensorId> inputs;
+  std::vector<std::int64_t> maker;  // per tensor: the op that remakes it (graph::remaking_op)
   std::vector<void*> staging;  // pinned host buffers of the inputs
   float* loss_host = nullptr;
   std::size_t loss_op = 0;
@@ -169,6 +170,20 @@ struct Executor::Impl {
     return {budget, false, po.model, {small_limit, kSmallSegment}, /*swapper_rules=*/true};
   }
 
+  // Remakes tensor t (dropped by the plan) before the op that needs it: a fresh block, then its
+  // producer's code again with the producer's tensors pinned. The producer's other outputs are
+  // rewritten with the bytes they hold (deterministic kernels, unchanged reads): not dirtied.
+  void remake(TensorId t, const OpContext& ctx, StepStats& r) {
+    const std::size_t m = std::size_t(maker[t]);
+    allocate(t);
+    for (TensorId u : uses[m]) pin(u);
+    if (o.poison) k->fill(stream, static_cast<float*>(ptrs[t]), std::nanf(""), p.tensors[t].bytes / 4);
+    p.ops[m].run(ctx);
+    for (TensorId u : uses[m]) unpin(u, u == t);
+    ++r.recomputes;
+    r.recomputed_bytes += g.tensors[t].bytes;
+  }
+
   void setup();
   void make_plan(const std::vector<double>* measured);
   StepStats step();
@@ -199,6 +214,7 @@ void Executor::Impl::setup() {
   budget = alloc.budget();
   po.budget = budget;
   po.min_swap_bytes = std::max<std::uint64_t>(conf.swap_threshold, small_limit + 1);
+  po.recompute = o.recompute && o.policy == Policy::Graph;
   make_plan(nullptr);
 
   const std::size_t nt = p.tensors.size(), no = p.ops.size();
@@ -310,6 +326,9 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
                           " (" + format_bytes(small_reserve) + " of it kept for the small pool's " +
                           "segments): " + check.message);
   plan = graph::plan_spill(g, times, link, po);
+  graph::check_plan(g, plan);  // remakes find what they read (the executor relies on it)
+  maker.assign(g.tensors.size(), -1);
+  for (const graph::Recompute& rc : plan.recomputes) maker[rc.tensor] = graph::remaking_op(g, rc.tensor);
   pred = graph::simulate(g, times, link, &plan, prediction_options());
   floor = graph::swap_floor(g, times, link, po.budget);
 }
@@ -369,6 +388,8 @@ StepStats Executor::Impl::step() {
         });
       }
     }
+    if (o.policy == Policy::Graph)
+      for (graph::TensorIndex t : plan.steps[i].recompute_before) remake(t, ctx, r);
     if (swp) timed([&] { swp->begin_op(p.ops[i].name); });
     for (TensorId t : allocs[i]) allocate(t);
     for (TensorId t : uses[i]) pin(t);
@@ -384,8 +405,10 @@ StepStats Executor::Impl::step() {
     }
     for (std::size_t u = 0; u < uses[i].size(); ++u) unpin(uses[i][u], wrote[i][u] != 0);
     for (TensorId t : frees[i]) free(t);
-    if (o.policy == Policy::Graph)
+    if (o.policy == Policy::Graph) {
       for (graph::TensorIndex t : plan.steps[i].evict_after) timed([&] { swp->evict(ptrs[t]); });
+      for (graph::TensorIndex t : plan.steps[i].drop_after) free(t);
+    }
   }
   dev.record(t1, stream);
   if (swp) timed([&] { swp->end_step(); });
@@ -394,6 +417,8 @@ StepStats Executor::Impl::step() {
   r.loss = *loss_host;
   r.step_s = dev.elapsed_ms(t0, t1) * 1e-3;
   for (const graph::Op& op : g.ops) r.compute_s += *op.time_s;
+  for (const graph::Recompute& rc : plan.recomputes)
+    if (o.policy == Policy::Graph) r.compute_s += *g.ops[std::size_t(maker[rc.tensor])].time_s;
   r.stall_s = std::max(0.0, r.step_s - r.compute_s);
   r.peak_mapped = static_cast<std::uint64_t>(alloc.stats().reserved.peak);
   r.plain_frees = alloc.stats().plain_frees - plain_frees0;

@@ -4,7 +4,11 @@
 // pinned around each op that uses it, on the one compute stream. Swapping follows the policy:
 //   graph  the graph planner's plan for this program at the runtime's budget: before op i the
 //          plan's prefetches for op i (Swapper::prefetch), after it the plan's evictions
-//          (Swapper::evict); tensors the plan starts on the host are evicted before step 1;
+//          (Swapper::evict); tensors the plan starts on the host are evicted before step 1.
+//          With ExecOptions::recompute the plan may also drop activations (freed after the op
+//          it names) and remake them before their next use: a fresh allocation from the
+//          caching allocator, then the producing op's code run again on the compute stream,
+//          its tensors pinned as for any op (the plan keeps them resident: graph::check_plan);
 //   plan   the swapper's own record-then-plan path (begin_step/begin_op/end_step);
 //   lru    reactive eviction only (least recently used);
 //   none   no swapper (the runtime must have policy:none).
@@ -52,6 +56,9 @@ struct ExecOptions {
   // Time each op of the first step and plan again from those times (always on a GPU, where the
   // kernels' roofline is only a first guess).
   bool measure_ops = false;
+  // Policy graph: the planner may recompute activations instead of swapping them
+  // (graph::PlannerOptions::recompute).
+  bool recompute = true;
 };
 
 // What one step did. Times are device times (simulated on the simulated device).
@@ -59,7 +66,8 @@ struct StepStats {
   int step = 0;                 // 0-based
   float loss = 0;
   double step_s = 0;            // step start (inputs' upload included) to last op's end
-  double compute_s = 0;         // sum of the ops' kernel times (simulated device), else 0
+  double compute_s = 0;         // sum of the ops' kernel times, remakes included (simulated
+                                // device), else 0
   double stall_s = 0;           // step_s - compute_s (simulated device)
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper
@@ -71,6 +79,8 @@ struct StepStats {
   std::uint64_t cache_returns = 0;  // planned prefetches that first returned the allocator's cache
   std::uint64_t plain_frees = 0;    // small-pool segments freed in the step (on a GPU each is a
                                     // cudaFree, which waits for all work on the device)
+  std::uint32_t recomputes = 0;     // tensors remade by running their producer again
+  std::uint64_t recomputed_bytes = 0;
   // The prediction in force for this step (the simulator on the plan; mapped peak as
   // Executor::predicted_peak).
   double predicted_step_s = 0, predicted_stall_s = 0;

@@ -475,6 +475,7 @@ TEST(PlannerRecompute, RemakesALargeCheapActivationWhoseSwapCannotHide) {
   Graph g = remake_graph(1, 0);
   PlannerOptions o;
   o.budget = 15 * MB;
+  o.recompute = false;
   Plan swap_only = plan_spill(g, times_of(g), unit_link(), o);
   ASSERT_EQ(swap_only.swaps.size(), 1u);
   SimResult sw = simulate(g, times_of(g), unit_link(), &swap_only, {o.budget});
