@@ -20,7 +20,9 @@
 // sweeps per factor use it: one where a recompute competes with stretched (late) swaps by cost
 // per byte, and one that prefers recomputing tensors whose remake costs less than copying them
 // in (the link is then what the plan saves; in a step whose copies outlast the compute, hidden
-// windows are not hidden).
+// windows are not hidden). Where the remakes chosen leave an op over the budget (what their
+// producers read is held resident there and nothing else can move), the sweep is run again
+// without them.
 // Several lead factors (slack for copy-engine contention) are tried and the plan whose
 // simulation is fastest wins. Every window only ever lowers memory, and every idle swappable
 // tensor can be stretched over any op, so the sweep meets the budget whenever check_budget does;
@@ -145,6 +147,9 @@ class SpillPlanner {
     defer_state_ = defer_state;
     remake_ = remake;
     cap_.assign(gaps_.size(), std::numeric_limits<std::int64_t>::max());
+    cappers_.assign(gaps_.size(), {});
+    stuck_.clear();
+    if (banned_.size() != gaps_.size()) banned_.assign(gaps_.size(), 0);
     hidden_.resize(gaps_.size());  // a gap's hidden window depends only on the factor
     for (std::size_t k = 0; k < gaps_.size(); ++k) hidden_[k] = hidden(gaps_[k]);
     std::vector<Window> win(gaps_.size());
@@ -169,12 +174,23 @@ class SpillPlanner {
       while (mem.now() > budget_) {
         std::int64_t excess = mem.now() - budget_;
         Choice best = choose(i, excess, active, in_active, back_at, win);
-        if (best.gap < 0) break;  // nothing left to move: check_budget reports why
+        if (best.gap < 0) {  // nothing left to move: check_budget reports why
+          note_stuck(i);
+          break;
+        }
         apply(std::size_t(best.gap), best.window, win, mem);
       }
     }
     return win;
   }
+
+  // The recomputes chosen in the last sweep whose remakes kept a tensor resident at an op the
+  // sweep could not bring within the budget; banning them and sweeping again is the repair.
+  const std::vector<std::size_t>& stuck() const { return stuck_; }
+  void ban(const std::vector<std::size_t>& remakes) {
+    for (std::size_t k : remakes) banned_[k] = 1;
+  }
+  void clear_bans() { banned_.assign(gaps_.size(), 0); }
 
   bool takes_written_state(const std::vector<Window>& win) const {
     for (std::size_t k = 0; k < gaps_.size(); ++k)
@@ -287,7 +303,8 @@ class SpillPlanner {
   // window chosen takes away a tensor its remake needs (a swap's window ends, where its
   // prefetch is issued, by the remake; a recompute's covers its whole gap).
   bool remakable(std::size_t k, const std::vector<Window>& win) const {
-    if (maker_[k] < 0 || cap_[k] != std::numeric_limits<std::int64_t>::max()) return false;
+    if (maker_[k] < 0 || banned_[k] || cap_[k] != std::numeric_limits<std::int64_t>::max())
+      return false;
     for (auto [j, at] : needs_[k])
       if (win[j].chosen && (win[j].remake || win[j].p > at)) return false;
     return true;
@@ -420,7 +437,10 @@ class SpillPlanner {
     const auto bytes = std::int64_t(g_.tensors[gaps_[k].tensor].bytes);
     const Window old = win[k];
     if (w.remake)
-      for (auto [j, at] : needs_[k]) cap_[j] = std::min(cap_[j], at);
+      for (auto [j, at] : needs_[k]) {
+        cap_[j] = std::min(cap_[j], at);
+        cappers_[j].push_back(k);
+      }
     if (!old.chosen) {
       mem.lower(w.e, w.p, bytes);
     } else {
@@ -428,6 +448,16 @@ class SpillPlanner {
       mem.lower(old.p, w.p, bytes);
     }
     win[k] = w;
+  }
+
+  // The sweep is over the budget at op i with nothing left to choose: the remakes that capped a
+  // gap idle at i (keeping its tensor resident there) are to blame.
+  void note_stuck(std::int64_t i) {
+    for (std::size_t k = 0; k < gaps_.size(); ++k) {
+      const std::int64_t v = idle_index(gaps_[k], i);
+      if (v < 0 || v < cap_[k]) continue;
+      stuck_.insert(stuck_.end(), cappers_[k].begin(), cappers_[k].end());
+    }
   }
 
   // Calls f(a, b, v) for the pieces of ops [a, b) that virtual ops [va, vb) cover (v: the
@@ -540,6 +570,9 @@ class SpillPlanner {
   // Per gap: the virtual op by which a chosen recompute needs its tensor back (no window of
   // the gap may reach past it); max when none does.
   std::vector<std::int64_t> cap_;
+  std::vector<std::vector<std::size_t>> cappers_;  // per gap: the chosen remakes that capped it
+  std::vector<std::size_t> stuck_;                 // see stuck()
+  std::vector<char> banned_;                       // per gap: no recompute (see ban())
 };
 
 }  // namespace
@@ -564,8 +597,17 @@ Plan plan_spill(const Graph& g, const std::vector<double>& op_times, const LinkM
     if (factor == 1.0 && planner.takes_written_state(swept[0]))
       swept.push_back(planner.sweep(factor, true));
     if (remakes)
-      for (auto mode : {SpillPlanner::Remake::Forced, SpillPlanner::Remake::Prefer})
-        swept.push_back(planner.sweep(factor, false, mode));
+      for (auto mode : {SpillPlanner::Remake::Forced, SpillPlanner::Remake::Prefer}) {
+        // A remake keeps what its producer reads resident at the remake; where that leaves an
+        // op over the budget, sweep again without the remakes to blame (a few rounds).
+        planner.clear_bans();
+        auto windows = planner.sweep(factor, false, mode);
+        for (int round = 0; round < 8 && !planner.stuck().empty(); ++round) {
+          planner.ban(planner.stuck());
+          windows = planner.sweep(factor, false, mode);
+        }
+        swept.push_back(std::move(windows));
+      }
     for (const auto& windows : swept) {
       for (Refine refine : {Refine::None, Refine::Hoist, Refine::DropAndHoist}) {
         Plan p = planner.plan(windows, refine);
