@@ -322,18 +322,22 @@ void CachingAllocator::make_room(Lock& lock, std::size_t bytes, std::size_t requ
 }
 
 std::size_t CachingAllocator::release_cached(Lock& lock, std::size_t want) {
-  std::vector<Event> pending;
-  std::size_t released = release_idle(lock, want, &pending);
-  if (released < want && !pending.empty()) {
-    wait_unlocked(lock, pending);
-    released += release_idle(lock, want - released, nullptr);
+  std::size_t released = 0;
+  for (const bool small : {false, true}) {
+    std::vector<Event> pending;
+    released += release_idle(lock, want - released, &pending, small);
+    if (released < want && !pending.empty()) {
+      wait_unlocked(lock, pending);
+      released += release_idle(lock, want - released, nullptr, small);
+    }
+    if (released >= want) break;
   }
   if (released) impl_->stats.cache_releases++;
   return released;
 }
 
 std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
-                                           std::vector<Event>* pending) {
+                                           std::vector<Event>* pending, bool small) {
   Impl& m = *impl_;
   struct Detached {
     std::uintptr_t addr;
@@ -364,7 +368,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     m.delete_segment(s);
   }
   for (Segment* s : m.small.free_segments()) {
-    if (bytes >= want) break;
+    if (bytes >= want || !small) break;
     if (!m.small.idle(*s->first, pending)) continue;
     out.push_back({s->addr, s->size, false, {}});
     m.small.remove_free_segment(s);

@@ -182,11 +182,16 @@ class CachingAllocator final : public ResidencyBackend {
   // The ladder: makes room for `bytes` more mapped bytes and claims them in the budget (or
   // throws OutOfMemory for the caller's `requested` bytes).
   void make_room(Lock& lock, std::size_t bytes, std::size_t requested);
-  // Releases up to `want` bytes of cached memory, waiting (unlocked) for queued work on it.
+  // Releases up to `want` bytes of cached memory, waiting (unlocked) for queued work on it:
+  // large cached blocks first, wholly free small-pool segments only for what those cannot
+  // supply (on a GPU each is a cudaFree, which waits for all work on the device, the swap
+  // copies in flight included).
   std::size_t release_cached(Lock& lock, std::size_t want);
-  // Releases cached memory no queued work can touch now; appends the events that hold back
-  // the rest to `pending`. Device calls run without the lock.
-  std::size_t release_idle(Lock& lock, std::size_t want, std::vector<Event>* pending);
+  // Releases cached memory no queued work can touch now (large blocks first; with `small`,
+  // then wholly free small-pool segments); appends the events that hold back the rest to
+  // `pending`. Device calls run without the lock.
+  std::size_t release_idle(Lock& lock, std::size_t want, std::vector<Event>* pending,
+                           bool small = true);
   void map_back(Lock& lock, void* base, std::size_t size);
   // `needed`: the mapped bytes the request needed (a new segment, or the rounded block).
   [[noreturn]] void throw_oom_locked(std::size_t requested, std::size_t needed, bool device_full);

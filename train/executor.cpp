@@ -6,6 +6,7 @@
 #include <cstring>
 #include <ctime>
 #include <limits>
+#include <optional>
 
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
@@ -375,12 +376,16 @@ StepStats Executor::Impl::step() {
           if (where == Residence::OnHost) {
             // Blocks freed by finished ops stay cached (mapped) until the allocator can tell
             // that their stream has passed the frees; the plan counts them as gone. When they
-            // stand between the prefetch and the budget, return them first, rather than let
-            // the prefetch wait for swap-outs or be skipped.
+            // stand between the prefetch and the budget, return what the prefetch lacks first,
+            // rather than let it wait for swap-outs or be skipped: large cached blocks, small
+            // segments only if those cannot supply it (on a GPU freeing one is a cudaFree,
+            // which waits for all work on the device, the swap copies in flight included).
             const AllocatorStats st = alloc.stats();
             const auto mapped = static_cast<std::uint64_t>(st.reserved.current);
-            if (st.cached.current > 0 && mapped + g.tensors[t].bytes > budget) {
-              alloc.empty_cache();
+            const std::optional<BlockInfo> info = alloc.block_info(ptrs[t]);
+            const std::uint64_t size = info ? info->size : g.tensors[t].bytes;
+            if (st.cached.current > 0 && mapped + size > budget) {
+              alloc.release_cache(mapped + size - budget);
               r.cache_returns++;
             }
           }

@@ -176,6 +176,43 @@ TYPED_TEST(AllocatorTest, ReleasingTheCacheWaitsForTheFreeingStreamOfABlockUsedO
   for (std::size_t i = 1; i < others.size(); ++i) d.destroy_stream(others[i]);
 }
 
+// release_cache(bytes), what the trainer's executor calls before a prefetch that would pass
+// the budget: only about the bytes asked for, from large cached blocks first, waiting for the
+// work queued on them, and a wholly free small-pool segment only when they cannot supply it
+// (on a GPU freeing one is a cudaFree, which waits for all work on the device).
+TYPED_TEST(AllocatorTest, ReleaseCacheTakesLargeBlocksBeforeSmallSegments) {
+  CachingAllocator a = this->make(64 * MiB);
+  Device& d = *this->dev_;
+  void* small = a.allocate(64 * KiB, this->s1_);
+  void* large[3] = {a.allocate(4 * MiB, this->s1_), a.allocate(4 * MiB, this->s1_),
+                    a.allocate(4 * MiB, this->s1_)};
+  a.deallocate(small);
+  a.deallocate(large[0]);
+  a.deallocate(large[1]);
+  d.synchronize(this->s1_);  // all idle: a small segment and two large blocks
+  const std::int64_t reserved = a.stats().reserved.current;
+  EXPECT_GE(a.release_cache(3 * MiB), 3 * MiB);
+  EXPECT_EQ(a.stats().reserved.current, reserved - std::int64_t(4 * MiB)) << "one block";
+  EXPECT_EQ(a.stats().plain_frees, 0u);
+  // The last large block freed behind queued work, the small segment idle: the release waits
+  // for the work rather than free the small segment.
+  HoldToken hold = d.hold(this->s1_);
+  a.deallocate(large[2]);
+  std::thread releaser([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    d.release(hold);
+  });
+  EXPECT_GE(a.release_cache(6 * MiB), 6 * MiB);
+  releaser.join();
+  EXPECT_EQ(a.stats().plain_frees, 0u) << "a small segment went while large blocks could do";
+  EXPECT_GT(a.stats().cached.current, 0) << "the small segment stays cached";
+  // Only when large blocks cannot supply it does a small segment go.
+  EXPECT_GT(a.release_cache(1 * MiB), 0u);
+  EXPECT_EQ(a.stats().plain_frees, 1u);
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  a.check_invariants();
+}
+
 TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
   Device& d = *this->dev_;
   const std::size_t g = d.granularity();
