@@ -8,16 +8,17 @@
 #include <algorithm>
 
 #include "device/cuda_check.hpp"
+#include "kernels/gpu_geometry.hpp"
 #include "kernels/gpu_launch.hpp"
 
 namespace spill::kernels::gpu {
 namespace {
 
 constexpr int kThreads = 256;    // threads per block of every row kernel
-constexpr int kChunkRows = 64;   // rows per partial of a column sum
+constexpr int kChunkRows = kColumnChunkRows;
+static_assert(kColumnThreads == kThreads, "column sums use the row kernels' block size");
 
 void check_launch() { SPILL_CUDA_TRY(cudaGetLastError()); }
-int chunks_of(int rows) { return (rows + kChunkRows - 1) / kChunkRows; }
 std::size_t align256(std::size_t b) { return (b + 255) / 256 * 256; }
 
 // Sum / max over the block with a fixed tree; every thread gets the result.
@@ -45,20 +46,24 @@ __device__ float block_max(float v, float* sh) {
 }
 
 // partial[chunk][c] = sum of dy over the chunk's rows (and of dy * xhat when x is given).
+// Block y takes chunks y, y + gridDim.y, ... (column_sum_geometry: gridDim.y <= 65535).
 __global__ void column_partials_k(float* partial_a, float* partial_b, const float* dy,
                                   const float* x, const float* mean, const float* rstd, int rows,
-                                  int cols) {
+                                  int cols, int chunks) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= cols) return;
-  const int r0 = blockIdx.y * kChunkRows, r1 = min(rows, r0 + kChunkRows);
-  float a = 0.0f, b = 0.0f;
-  for (int r = r0; r < r1; ++r) {
-    const float g = dy[std::size_t(r) * cols + c];
-    a += g;
-    if (x != nullptr) b += g * ((x[std::size_t(r) * cols + c] - mean[r]) * rstd[r]);
+  for (int k = blockIdx.y; k < chunks; k += gridDim.y) {
+    const int r0 = k * kChunkRows;  // < rows: no overflow
+    const int r1 = rows - r0 < kChunkRows ? rows : r0 + kChunkRows;
+    float a = 0.0f, b = 0.0f;
+    for (int r = r0; r < r1; ++r) {
+      const float g = dy[std::size_t(r) * cols + c];
+      a += g;
+      if (x != nullptr) b += g * ((x[std::size_t(r) * cols + c] - mean[r]) * rstd[r]);
+    }
+    partial_a[std::size_t(k) * cols + c] = a;
+    if (x != nullptr) partial_b[std::size_t(k) * cols + c] = b;
   }
-  partial_a[std::size_t(blockIdx.y) * cols + c] = a;
-  if (x != nullptr) partial_b[std::size_t(blockIdx.y) * cols + c] = b;
 }
 
 __global__ void column_total_k(float* out, const float* partial, int chunks, int cols) {
@@ -226,16 +231,17 @@ std::size_t cub_sort_bytes(int n) {
 }  // namespace
 
 std::size_t bias_grad_scratch_bytes(int rows, int cols) {
-  return sizeof(float) * std::size_t(chunks_of(rows)) * cols;
+  return sizeof(float) * column_sum_geometry(rows, cols).partials;
 }
 
 void bias_grad(float* db, const float* dy, int rows, int cols, void* scratch, cudaStream_t s) {
+  const ColumnSumGeometry geo = column_sum_geometry(rows, cols);
+  if (geo.grid_x == 0) return;  // no column
   float* partial = static_cast<float*>(scratch);
-  dim3 grid((cols + kThreads - 1) / kThreads, chunks_of(rows));
-  column_partials_k<<<grid, kThreads, 0, s>>>(partial, nullptr, dy, nullptr, nullptr, nullptr,
-                                              rows, cols);
+  column_partials_k<<<dim3(geo.grid_x, geo.grid_y), kThreads, 0, s>>>(
+      partial, nullptr, dy, nullptr, nullptr, nullptr, rows, cols, geo.chunks);
   check_launch();
-  column_total_k<<<grid.x, kThreads, 0, s>>>(db, partial, chunks_of(rows), cols);
+  column_total_k<<<geo.grid_x, kThreads, 0, s>>>(db, partial, geo.chunks, cols);
   check_launch();
 }
 
@@ -254,14 +260,16 @@ void layer_norm_backward(float* dx, float* dgamma, float* dbeta, const float* dy
                          int cols, bool accumulate, void* scratch, cudaStream_t s) {
   layer_norm_b_k<<<rows, kThreads, 0, s>>>(dx, dy, x, gamma, mean, rstd, cols, accumulate);
   check_launch();
+  const ColumnSumGeometry geo = column_sum_geometry(rows, cols);
+  if (geo.grid_x == 0) return;  // no column
   float* pb = static_cast<float*>(scratch);
-  float* pg = pb + std::size_t(chunks_of(rows)) * cols;
-  dim3 grid((cols + kThreads - 1) / kThreads, chunks_of(rows));
-  column_partials_k<<<grid, kThreads, 0, s>>>(pb, pg, dy, x, mean, rstd, rows, cols);
+  float* pg = pb + geo.partials;
+  column_partials_k<<<dim3(geo.grid_x, geo.grid_y), kThreads, 0, s>>>(pb, pg, dy, x, mean, rstd,
+                                                                     rows, cols, geo.chunks);
   check_launch();
-  column_total_k<<<grid.x, kThreads, 0, s>>>(dbeta, pb, chunks_of(rows), cols);
+  column_total_k<<<geo.grid_x, kThreads, 0, s>>>(dbeta, pb, geo.chunks, cols);
   check_launch();
-  column_total_k<<<grid.x, kThreads, 0, s>>>(dgamma, pg, chunks_of(rows), cols);
+  column_total_k<<<geo.grid_x, kThreads, 0, s>>>(dgamma, pg, geo.chunks, cols);
   check_launch();
 }
 

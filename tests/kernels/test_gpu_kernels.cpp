@@ -107,6 +107,23 @@ TEST_F(GpuKernelsTest, GemmsAgreeWithOpenBlas) {
   }
 }
 
+// Column sums past 65535 chunks of 64 rows (4,194,240 rows), where the grid's y once passed
+// CUDA's limit and the launch failed (kernels/gpu_geometry.hpp). Integer data: every partial
+// and total is exact, so the sums must equal the CPU's bit for bit.
+TEST_F(GpuKernelsTest, ColumnSumsPastFourMillionRows) {
+  const int old_limit = 65535 * 64, rows = old_limit + 4160, cols = 3;
+  std::vector<float> mat(std::size_t(rows) * cols);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c)
+      mat[std::size_t(r) * cols + c] = r >= old_limit ? 1.0f : float((r + c) % 5 - 2);
+  std::vector<float> want(cols);
+  cpu::bias_grad(want.data(), mat.data(), rows, cols);
+  for (int c = 0; c < cols; ++c) ASSERT_EQ(want[std::size_t(c)], 4160.0f) << c;
+  float *dmat = up(mat), *dsum = zeros(cols);
+  expect("bias_grad past 4.2M rows", [&] { k_->bias_grad(s_, dsum, dmat, rows, cols); }, dsum,
+         want, 0);
+}
+
 TEST_F(GpuKernelsTest, ElementwiseAndAdamW) {
   const std::size_t n = 100003;
   std::vector<float> x = random_vec(n, 10, -4, 4), dy = random_vec(n, 11), want(n);
