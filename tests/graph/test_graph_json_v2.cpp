@@ -6,6 +6,7 @@
 #include "core/errors.hpp"
 #include "graph/batch.hpp"
 #include "graph/graph_json.hpp"
+#include "graph/plan.hpp"
 #include "graph/zoo.hpp"
 
 namespace spill::graph {
@@ -145,6 +146,25 @@ TEST(GraphJsonV3, RecomputableNeedsVersionThreeAndAPureOp) {
                                  "\"reads\": [2], \"writes\": [], \"recomputable\": true}"),
                         "\"reads\": [2, 3]", "\"reads\": [2]"),
                {"op 1 ('make_z') is recomputable but writes nothing"});
+}
+
+TEST(GraphJsonV3, APlanThatRecomputesIsWrittenAsPlanVersionTwo) {
+  Graph g = parse_graph(kPure, "pure.json");
+  // y (id 2) is dropped after op 1 and remade before op 2: no op between, so add one.
+  Op idle;
+  idle.name = "idle";
+  g.ops.insert(g.ops.begin() + 2, idle);
+  g.ops[3].reads.push_back(0);  // x lives to the remake (the input it is made from)
+  Plan p = Plan::from_swaps("spill", 1000, g.ops.size(), {}, {{2, 1, 3}});
+  ASSERT_NO_THROW(check_plan(g, p));
+  nlohmann::json j = plan_to_json(g, p);
+  EXPECT_EQ(j["version"], 2);
+  ASSERT_EQ(j["steps"].size(), 2u);
+  EXPECT_EQ(j["steps"][0]["op"], 1);
+  EXPECT_EQ(j["steps"][0]["drop_after"], nlohmann::json::array({2}));
+  EXPECT_EQ(j["steps"][1]["op"], 3);
+  EXPECT_EQ(j["steps"][1]["recompute"], nlohmann::json::array({2}));
+  EXPECT_EQ(plan_to_json(g, Plan::from_swaps("spill", 1000, g.ops.size(), {}))["version"], 1);
 }
 
 TEST(GraphJsonV3, ZooForwardLayersAreRecomputableExceptBeforeAnInPlaceLayer) {
