@@ -149,6 +149,12 @@ spill_status forked_error(const char* fn) noexcept {
 }
 
 spill_status bad_stream(const char* fn, void* stream, int device) noexcept {
+  if (reinterpret_cast<std::uintptr_t>(stream) == kStreamPerThread)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                std::string(fn) + ": stream 0x2 is cudaStreamPerThread, a different stream on "
+                "every thread; spill keeps a block's streams and uses them from whichever "
+                "thread evicts or reuses it. Pass a stream of your own (cudaStreamCreate, "
+                "torch.cuda.Stream, cupy.cuda.Stream) or NULL, the legacy default stream");
   return fail(SPILL_ERROR_INVALID_ARGUMENT,
               std::string(fn) + ": stream " + format_address(stream) +
                   " is not a stream of simulated " + device_name(device) +

@@ -14,6 +14,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -30,7 +31,18 @@ namespace spill::capi {
 inline constexpr int kMaxDevices = SPILL_MAX_DEVICES;
 inline constexpr int kMaxSimStreams = 256;
 
-inline Stream to_stream(void* s) { return static_cast<Stream>(s); }
+// CUDA's special stream handles. cudaStreamLegacy (1) is the legacy default stream, which NULL
+// already names here (libspill is built without per-thread default streams): it becomes NULL,
+// so both spellings share one stream's blocks and NULL's device guard. cudaStreamPerThread (2)
+// names the calling thread's own default stream, a different stream on every thread: spill
+// keeps the streams a block was used on and records events on them later from whichever
+// thread evicts or reuses the block, where that handle names the other thread's stream (a
+// swap-out would not wait for the work on the block; a block freed on one thread's stream
+// would be reused at once by another's). It is refused (stream_known), naming what to pass.
+inline constexpr std::uintptr_t kStreamLegacy = 1, kStreamPerThread = 2;
+inline Stream to_stream(void* s) {
+  return reinterpret_cast<std::uintptr_t>(s) == kStreamLegacy ? nullptr : static_cast<Stream>(s);
+}
 
 // One device's runtime and what the C API keeps beside it.
 struct DeviceState {
@@ -40,9 +52,11 @@ struct DeviceState {
   std::unique_ptr<Runtime> rt;
   bool simulated = false;
 
-  // On the simulated device the only valid streams are those spill_stream_create made.
+  // On the simulated device the only valid streams are those spill_stream_create made; on a
+  // GPU any stream but cudaStreamPerThread (see to_stream).
   bool stream_known(void* s) const {
-    if (s == nullptr || !simulated) return true;
+    if (s == nullptr) return true;
+    if (!simulated) return reinterpret_cast<std::uintptr_t>(s) != kStreamPerThread;
     const int n = n_streams.load(std::memory_order_acquire);
     for (int i = 0; i < n; ++i)
       if (streams[i].load(std::memory_order_relaxed) == s) return true;

@@ -354,6 +354,9 @@ TEST(streams_on_the_simulated_device) {
   CHECK_ERROR_HAS("spill_stream_create");
   int fake = 0;
   CHECK_STATUS(spill_stream_synchronize(0, &fake), SPILL_ERROR_INVALID_ARGUMENT);
+  /* cudaStreamPerThread names another stream on every thread: refused, saying so. */
+  CHECK_STATUS(spill_malloc(&p, 64, 0, (void*)2), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("cudaStreamPerThread");
   CHECK_STATUS(spill_stream_destroy(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("default stream");
   CHECK_STATUS(spill_stream_create(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);

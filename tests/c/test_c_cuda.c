@@ -36,6 +36,25 @@ TEST(cuda_malloc_free_and_streams) {
   CHECK_OK(spill_shutdown());
 }
 
+/* CUDA's special handles: cudaStreamLegacy (1) is the NULL stream (a block freed on one is
+ * reused on the other at once); cudaStreamPerThread (2), a different stream on every thread,
+ * is refused (spill uses a block's streams from whichever thread evicts or reuses it). */
+TEST(cuda_special_default_stream_handles) {
+  open_gpu_or_skip();
+  void* p = NULL;
+  CHECK_STATUS(spill_malloc(&p, 4096, 0, (void*)2), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("cudaStreamPerThread");
+  CHECK(p == NULL);
+  REQUIRE_OK(spill_malloc(&p, 4096, 0, (void*)1));
+  CHECK_OK(spill_free(p, 0, (void*)1));
+  void* q = NULL;
+  REQUIRE_OK(spill_malloc(&q, 4096, 0, NULL));
+  CHECK(q == p); /* the same stream: reused at once */
+  CHECK_OK(spill_free(q, 0, NULL));
+  CHECK_OK(spill_stream_synchronize(0, NULL));
+  CHECK_OK(spill_shutdown());
+}
+
 TEST(cuda_swap_cycle) {
   open_gpu_or_skip();
   void* stream = NULL;
@@ -66,8 +85,9 @@ TEST(cuda_swap_cycle) {
   CHECK_OK(spill_shutdown());
 }
 
-#define TESTS(X)                    \
-  X(cuda_malloc_free_and_streams)   \
+#define TESTS(X)                          \
+  X(cuda_malloc_free_and_streams)         \
+  X(cuda_special_default_stream_handles)  \
   X(cuda_swap_cycle)
 
 C_TEST_MAIN(TESTS)

@@ -17,6 +17,9 @@
  * - Stream semantics follow CUDA's: spill never synchronises the caller's streams unless a
  *   function says so. A block freed on stream S may be reused at once by work on S, and by
  *   other streams once S (and every stream named by spill_record_stream) has passed the free.
+ *   NULL and cudaStreamLegacy name the legacy default stream. cudaStreamPerThread is refused
+ *   (INVALID_ARGUMENT): it names a different stream on every thread, and spill uses the
+ *   streams it was given from whichever thread later evicts or reuses a block.
  *
  * Residency (swapping). A large block (spill's `swap_threshold`, 1 MiB by default, or more)
  * may have its bytes moved to pinned host memory and back at the same address, but only once
