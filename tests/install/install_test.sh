@@ -13,6 +13,12 @@ mkdir -p "$work"
 
 fail() { echo "FAIL: $*"; exit 1; }
 step() { echo "== $*"; }
+# The tools it runs besides cmake, each named with the Debian package that has it.
+need() { command -v "$1" >/dev/null 2>&1 || fail "$1 is missing (Debian: $2; scripts/setup.sh installs it)"; }
+need pkg-config pkgconf
+need ninja ninja-build
+need readelf binutils
+need cc gcc
 
 step "cmake --install into $prefix"
 cmake --install "$build" --prefix "$prefix" >"$work/install.log" || { cat "$work/install.log"; fail "cmake --install"; }
