@@ -111,7 +111,9 @@ def prefetch(ptr: int) -> None:
 
 def evict(ptr: int) -> None:
     """Hint: start moving the block containing ``ptr`` to the host now (nothing happens for a
-    pinned, unswappable or fresh block)."""
+    pinned, unswappable or fresh block). Nothing waits: :func:`residence` reads
+    ``"swapping_out"`` until the copy has finished, then ``"on_host"`` (its device memory is
+    given back then)."""
     call("spill_evict", _args.pointer(ptr))
 
 
