@@ -130,6 +130,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   graph::PlannerOptions po;
   po.budget = opt.budget;
   po.min_swap_bytes = opt.min_swap_bytes;
+  po.recompute = false;  // the swapper moves blocks; it cannot run an op again
   s.plan = graph::plan_spill(g, times, opt.link, po);
   s.prefetch_of_eviction.clear();
   for (const graph::Swap& w : s.plan.swaps)
