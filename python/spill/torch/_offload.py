@@ -24,6 +24,11 @@ The first step runs entirely under that dispatch mode (as spill.torch.guard does
 keeps it safe and finds parameters used outside their modules. Steps begin at the model's
 first forward and end when optimizer.step() returns (without an optimizer, bracket steps with
 ``with spill.torch.step():``).
+A training loop may call the model's submodules itself (``for blk in model.blocks: x =
+blk(x)``, ``model.head(model.body(x))``), in every step or some: a submodule's forward that
+begins while none of the model's forwards runs is an entry, and gets what the root's forward
+gets (the step's start, the first step's discovery, the saved-tensor hooks); its outputs stay
+pinned until the step ends, since the loop's code between two entries may read them.
 Quiet steps (_quiet.py; ``quiet=0.5`` by default): a step whose previous step's peak of
 allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it)
 swaps no activation: the saved-tensor hooks only wrap what autograd saves, pinning the
@@ -149,6 +154,13 @@ class OffloadHandle:
         self._stack_set: Set[torch.nn.Module] = set()
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
         self.forwards = 0
+        # The module whose forward began the forward running now (an entry: the root, or a
+        # submodule the training loop calls directly), its nested calls of itself, and whether
+        # a backward or a step ended since the last entry (without an optimizer, the next entry
+        # then begins a step).
+        self._entry: Optional[torch.nn.Module] = None
+        self._entry_depth = 0
+        self._step_over = True
         # Quiet steps (_quiet.py): the mode of the step running, whether the next root
         # forward begins a step, the blocks declared in armed steps other than parameters,
         # gradients and optimizer state (made unswappable again when a quiet step begins),
@@ -259,7 +271,9 @@ class OffloadHandle:
     # ------------------------------------------------------------------ forward
 
     def _pre_kwargs(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-        if self._quiet and module is not self.model:
+        if self._quiet and self._entry is not None and module is not self.model:
+            if module is self._entry:
+                self._entry_depth += 1
             pins = self._quiet_pins.get(module)
             if pins is not None and not state.forked_child:
                 self._hold_quiet(module, pins)
@@ -269,9 +283,15 @@ class OffloadHandle:
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         if state.forked_child:
             return
-        root = module is self.model
+        # An entry: the root's forward, or a submodule's called while none of the model's
+        # forwards runs (``for blk in model.blocks: x = blk(x)`` in the training loop). Each
+        # gets what the root's forward gets: a step (boundary), the first step's discovery,
+        # and the saved-tensor hooks that pin what backward uses.
+        root = self._entry is None or module is self.model
         if root:
-            self._begin_forward()
+            self._begin_forward(module)
+        elif module is self._entry:
+            self._entry_depth += 1
         if self._quiet:
             pins = self._quiet_pins.get(module)
             if pins is not None:
@@ -314,13 +334,12 @@ class OffloadHandle:
             self._push_saved_hooks(False)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if module is self._entry:
+            self._end_entry(output)
         if self._quiet:
             frames = self._quiet_frames
             if frames and frames[-1][0] is module and not state.forked_child:
                 self._release_tokens(frames.pop()[1])
-            if module is self.model:
-                self._pop_saved_hooks()
-                self._claim_in_backward(output)
             return
         if state.forked_child:
             return
@@ -356,9 +375,16 @@ class OffloadHandle:
             else:
                 self._hold(parent.tokens, t, stream, True)
         self._release_frame(frame)
-        if module is self.model:
-            self._pop_saved_hooks()
-            self._claim_in_backward(output)
+
+    def _end_entry(self, output: Any) -> None:
+        """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
+        pinned in the step frame (code between entries may read them) until the step ends."""
+        if self._entry_depth:
+            self._entry_depth -= 1
+            return
+        self._entry = None
+        self._pop_saved_hooks()
+        self._claim_in_backward(output)
 
     def _claim_in_backward(self, output: Any) -> None:
         """The model's backward will begin with a gradient of its output: the out-of-memory
@@ -372,23 +398,30 @@ class OffloadHandle:
     def _claim_note(self, grad: torch.Tensor) -> None:
         self._policy.claim()
 
-    def _begin_forward(self) -> None:
+    def _begin_forward(self, module: torch.nn.Module) -> None:
         self.forwards += 1
+        # Without an optimizer, a step begins at each root forward; at a submodule's entry
+        # only after a backward (or outside grad mode, where nothing is kept for one): code
+        # between two entries of one step may still read the first one's outputs.
+        new_step = (module is self.model or self._step_over or not torch.is_grad_enabled())
+        self._entry, self._entry_depth, self._step_over = module, 0, False
         # What an exception in the previous forward left: its frames and saved-tensor hooks.
         self._unwind(0)
         self._unwind_quiet()
         self._pop_saved_hooks()
-        if not self.steps.manage:
+        if not self.steps.manage and new_step:
             self._release_frame(self._step_frame)
             self._release_backward()
         if not self._discovered and self._discovery is None:
             self._discovery = _Discovery(self)
             self._discovery.__enter__()
-        elif self._discovery is not None and not self.steps.manage and self.forwards > 1:
+        elif (self._discovery is not None and not self.steps.manage and self.forwards > 1
+              and new_step):
             self._leave_discovery()
-        # A step boundary: after the optimizer's step (without an optimizer, every forward),
-        # or after a quiet step ran out of memory (the caller abandoned it).
-        if self._boundary or (self._quiet and self._policy.oom_since_boundary()):
+        # A step boundary: after the optimizer's step (without an optimizer, every step as
+        # above), or after a quiet step ran out of memory (the caller abandoned it).
+        if (self._boundary and (self.steps.manage or new_step)) or (
+                self._quiet and self._policy.oom_since_boundary()):
             self._boundary = not self.steps.manage
             self._release_backward()  # pins an abandoned backward left
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
@@ -543,6 +576,7 @@ class OffloadHandle:
 
         def hook(grad: torch.Tensor) -> None:
             self._safe_point(grad)
+            self._step_over = True
             param = ref()
             if param is not None and param.grad is not None and not state.forked_child:
                 # AccumulateGrad is about to add into the existing gradient.
@@ -590,6 +624,7 @@ class OffloadHandle:
                 self.steps.end()
                 self._leave_discovery()
                 self._boundary = True
+                self._entry = None  # an entry an exception interrupted: the step is over
             return result
         return step
 
