@@ -1059,11 +1059,21 @@ class Net(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.head(x)
+def hint(w):  # before a use outside every module: spill.evict (when spill runs)
+    pass
 def forward(m, x, how, i):
     if how == "root" or (how == "mixed" and i % 2):  # mixed: the root in odd steps only
         return m(x)
+    w = m.blocks[2][0].weight
+    if how == "regularizer":  # a weight read outside every module, after the root's forward
+        y = m(x)
+        hint(w)
+        return y + 1e-3 * w.square().sum()
     for b in m.blocks:
         x = b(x) + x if how == "residual" else b(x)
+    if how == "outside":  # loop code between the calls reading a weight
+        hint(w)
+        x = x @ w.t()
     if how == "shared":  # the first block again: its weights used twice in the step
         x = m.blocks[0](x)
     return m.head(x)
@@ -1088,16 +1098,24 @@ def train(steps, how, wrap=None, mid=None):
 """, " " * 8)
 
 
-@pytest.mark.parametrize("how", ["loop", "residual", "shared", "mixed"])
+@pytest.mark.parametrize("how", ["loop", "residual", "shared", "mixed", "outside",
+                                 "regularizer"])
 def test_submodules_called_directly_are_pinned_at_a_third_of_the_footprint(how: str) -> None:
     """offload(model, optimizer) where the training loop calls the model's submodules itself
     (the root's forward never runs, or in some steps only; a block called twice; code between
-    the calls reading their outputs): at a third of the footprint, losses and parameters are
-    plain torch's and bytes were swapped (before the fix, backward read evicted weights)."""
+    the calls reading their outputs or a weight), or reads a weight outside every module: at
+    a third of the footprint, losses and parameters are plain torch's and bytes were swapped
+    (before the fix, backward or the loop's code read evicted weights)."""
     out = run_ok(quiet_preamble("1GiB") + DIRECT_MODEL + f"""
         base, bm, _ = train(6, "{how}")
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
         enable()
+        import time
+        def hint(w):  # moves w out now unless a pin holds it: an unpinned use then faults
+            spill.evict(w.data_ptr())
+            deadline = time.monotonic() + 30
+            while spill.residence(w.data_ptr()) == "swapping_out" and time.monotonic() < deadline:
+                time.sleep(0.001)
         train(2, "{how}")
         footprint = st.max_memory_allocated()
         spill.set_budget(footprint // 3)

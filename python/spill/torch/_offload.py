@@ -40,6 +40,9 @@ after a quiet step ran out of memory; without an optimizer, every forward); acti
 declared by armed steps and still alive are made unswappable before the first quiet step.
 Out of memory in a quiet step is torch.cuda.OutOfMemoryError saying so (spill_set_oom_note),
 and the next step is armed.
+Parameters and buffers that the first step's forward used outside every module of the model
+(``loss = crit(model(x)) + c * model.fc.weight.square().sum()``) are pinned from the first
+forward of each later step until it ends: no module hook would pin those uses.
 Limits: code outside the model's modules that reads a swappable tensor between steps (saving
 a checkpoint, ``.numpy()``, clip_grad_norm_ when gradients persist with set_to_none=False)
 must run inside spill.torch.guard() or after handle.remove()."""
@@ -117,6 +120,15 @@ class _Discovery(PinEveryOp):
                     owners = h._owners.get(storage(t).data_ptr())
                     if owners and not (owners & running):
                         h._extra.setdefault(h._stack[-1], {})[id(t)] = t
+        elif torch.is_grad_enabled():
+            # Forward code outside every module of the model (a loss term reading a weight,
+            # loop code between submodules called directly): no hook pins what it reads.
+            # Backward and the optimizer step run without grad mode and have their own pins.
+            for t in tree_flatten((args, kwargs or {}))[0]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    ptr = storage(t).data_ptr()
+                    if ptr in h._owners:
+                        h._outside[ptr] = t
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
@@ -153,6 +165,9 @@ class OffloadHandle:
         self._stack: List[torch.nn.Module] = []
         self._stack_set: Set[torch.nn.Module] = set()
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
+        # Parameters and buffers the first step used outside every module: pinned from the
+        # first forward of each later step to its end.
+        self._outside: Dict[int, torch.Tensor] = {}
         self.forwards = 0
         # The module whose forward began the forward running now (an entry: the root, or a
         # submodule the training loop calls directly), its nested calls of itself, and whether
@@ -425,6 +440,10 @@ class OffloadHandle:
             self._boundary = not self.steps.manage
             self._release_backward()  # pins an abandoned backward left
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
+            if self._outside:
+                stream = self.pinner.stream()
+                for t in self._outside.values():
+                    self._hold(self._step_frame.tokens, t, stream, True)
         else:
             self._policy.claim()  # another model's step may have run since ours began
 
