@@ -192,8 +192,15 @@ void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t neede
   } else if (m.host_in_use) {
     f.host_pinned = f.host_in_use = m.host_in_use();
   }
-  f.largest_free = std::max(m.small.largest_free(), m.large.largest_free());
-  f.free_total = m.small.free_bytes() + m.large.free_bytes();
+  // Only the pool that serves the request counts as its free memory: a small-pool segment's
+  // free bytes never serve a large request, nor a large block's a small one.
+  f.small_request = requested <= m.small_limit;
+  f.small_limit = m.small_limit;
+  const BlockPool& own = f.small_request ? m.small : m.large;
+  const BlockPool& other = f.small_request ? m.large : m.small;
+  f.largest_free = own.largest_free();
+  f.free_total = own.free_bytes();
+  f.other_free = other.free_bytes();
   f.device_full = device_full;
   if (!m.oom_dump.empty()) f.dump_note = write_oom_dump_locked();
   throw OutOfMemory(oom_message(f));

@@ -28,10 +28,21 @@ std::string oom_message(const OomFacts& f) {
        ", cached " + format_bytes(f.cached) + "; swapped out " + format_bytes(f.swapped_out) +
        ", pinned host " + format_bytes(f.host_pinned) + " (" + format_bytes(f.host_in_use) +
        " in use); largest free block " + format_bytes(f.largest_free) + ", fragmentation " +
-       frag_text + ". ";
+       frag_text;
+  if (f.other_free > 0) {
+    m += f.small_request
+             ? " (of the " + format_bytes(f.free_total) + " cached in small-pool segments; " +
+                   format_bytes(f.other_free) + " more is cached in large blocks, which serve "
+                   "only requests over " + format_bytes(f.small_limit) + ")"
+             : " (of the " + format_bytes(f.free_total) + " cached in large blocks; " +
+                   format_bytes(f.other_free) + " more is cached in small-pool segments, which "
+                   "serve only requests up to " + format_bytes(f.small_limit) +
+                   " and go back to the device only when all of their blocks are freed)";
+  }
+  m += ". ";
   if (f.device_full) {
     m += "Hint: other processes or allocations outside spill use the device; lower budget:.";
-  } else if (f.cached >= f.needed && frag > 0.5) {
+  } else if (f.free_total >= f.needed && frag > 0.5) {
     m += "Hint: enough is cached but fragmented across partly used segments, which go back "
          "to the device only when all of their blocks are freed.";
   } else if (f.host_cap && *f.host_cap - std::min(*f.host_cap, f.host_in_use) < f.needed) {

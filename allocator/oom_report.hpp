@@ -19,13 +19,17 @@ struct OomFacts {
   std::size_t host_pinned = 0;    // pinned host memory held (registered chunks)
   std::size_t host_in_use = 0;    // of which holding swapped-out bytes
   std::optional<std::size_t> host_cap;  // the host pool's cap (host_cap:), when it has one
-  std::size_t largest_free = 0;   // largest cached block
-  std::size_t free_total = 0;     // all cached bytes
+  // The pool the request is served from (small or large): only its cached blocks can serve it.
+  std::size_t largest_free = 0;   // that pool's largest cached block
+  std::size_t free_total = 0;     // that pool's cached bytes
+  std::size_t other_free = 0;     // cached bytes in the other pool, which cannot serve it
+  bool small_request = false;     // served by the small pool (up to small_limit)
+  std::size_t small_limit = 0;    // the largest request the small pool serves
   bool device_full = false;       // the device itself refused, within the budget
   std::string dump_note;          // where an OOM dump was written, if any
 };
 
-// 1 - largest free block / all free bytes: 0 when the free bytes are one block (or none).
+// 1 - largest free block / the pool's free bytes: 0 when they are one block (or none).
 double fragmentation(const OomFacts& f);
 
 std::string oom_message(const OomFacts& f);

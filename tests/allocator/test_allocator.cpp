@@ -15,6 +15,7 @@
 #include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
+#include "core/units.hpp"
 #include "profiling/events.hpp"
 #include "tests/device/backends.hpp"
 
@@ -624,6 +625,33 @@ TEST(AllocatorOptions, ComeFromTheConfigurationString) {
   a.deallocate(p);
   EXPECT_EQ(AllocatorOptions::from_config(Config{}).small_limit, MiB);
   EXPECT_THROW(CachingAllocator(dev, AllocatorOptions{.small_limit = 4 * MiB}), InvalidArgument);
+}
+
+// The OOM message's free memory is what the request could use: a large request that finds the
+// budget full while a small-pool segment is mostly free must not read "largest free block" as
+// that segment's free block (a zero_grad under the CPU bridge reported 1.86 MiB free and could
+// not get 1 MiB); the small pool's cached bytes are named apart, with the requests they serve.
+TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  Stream st = dev.create_stream();
+  CachingAllocator a(dev, AllocatorOptions{.budget = 4 * MiB, .small_limit = 128 * KiB});
+  void* small = a.allocate(1000, st);  // maps a 2 MiB small segment, almost all of it free
+  void* large = a.allocate(2 * MiB, st);
+  try {
+    a.allocate(MiB, st);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("largest free block " + format_bytes(0) + ", fragmentation 0.00 (of the " +
+                     format_bytes(0) + " cached in large blocks; " +
+                     format_bytes(kSmallSegment - 1024) +
+                     " more is cached in small-pool segments, which serve only requests up to " +
+                     format_bytes(128 * KiB)),
+              std::string::npos)
+        << m;
+  }
+  a.deallocate(large);
+  a.deallocate(small);
 }
 
 // Every allocate, free, map, unmap and OOM is a trace event with its address, size, stream and

@@ -574,6 +574,52 @@ if dev == "cuda":
 """, " " * 8)
 
 
+def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None:
+    """offload(model, optimizer) with zero_grad(set_to_none=False), six 1 MiB weights and Adam
+    (24 MiB of parameters, gradients and state) at a 6 MiB budget: zero_grad replaces each
+    gradient on the host by fresh zeros, which are declared swappable at once (before the fix
+    they stayed unswappable until the optimizer step, filled the budget by the fourth and the
+    fifth raised out of memory); losses and parameters are plain torch's."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        def train(wrap=None):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt) if wrap else None
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(4):
+                x = torch.randn(64, 512, generator=g).to(dev)
+                y = torch.randn(64, 512, generator=g).to(dev)
+                opt.zero_grad(set_to_none=False)
+                loss = torch.nn.functional.mse_loss(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+        base, bm, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        enable()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget(6 << 20)
+            return h
+        before = spill.stats()
+        losses, m, h = train(wrap)
+        after = spill.stats()
+        with st.guard(release_on_exit=False):
+            equal = all(torch.equal(p.detach().cpu(), q)
+                        for p, q in zip(m.parameters(), base_params))
+        assert losses == base, (losses, base)
+        assert equal, "final parameters differ from plain torch"
+        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> None:
     """Without budget pressure (the previous step's peak under half the budget), offload's
     steps after the first run quiet: every block they pin or declare is a parameter, gradient

@@ -13,7 +13,8 @@ Which blocks become swappable, and what pins every later use of each:
   pins them (the plan's prefetches are issued ahead of it); the pins are dropped at the next
   point where the autograd engine is between nodes (a gradient hook on a module output).
 - gradients: declared at the optimizer step; a backward that accumulates into an existing
-  gradient pins it first (a gradient hook on the parameter).
+  gradient pins it first (a gradient hook on the parameter). zero_grad(set_to_none=False)
+  replaces a gradient on the host by zeros, declared at once.
 - optimizer state: declared after each optimizer step. The optimizer is set to its
   per-parameter loop (foreach=False). When the step's tensors (parameters, gradients, state)
   fit in a quarter of the budget, a torch.optim optimizer's step runs with all of them pinned
@@ -682,11 +683,16 @@ class OffloadHandle:
             to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
             if not to_none:
                 # A gradient on the host is replaced by zeros instead of being copied back
-                # only to be zeroed.
+                # only to be zeroed. The zeros are declared at once, as the gradient they
+                # replace was: a fresh block is never evicted, and at a tight budget the
+                # replacements alone would fill it before the optimizer step declares them.
                 for p in self.model.parameters():
                     ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
                     if ptr and self.pinner.on_host(ptr):
                         p.grad = torch.zeros_like(p.grad)
+                        fresh = self.pinner.movable(p.grad)
+                        if fresh:
+                            self.pinner.declare(fresh)
             if to_none:  # no tensor is read or written
                 return original(*args, **kwargs)
             if self._quiet:  # the gradients (all of them fit), pinned around it
