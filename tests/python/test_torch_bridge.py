@@ -574,6 +574,18 @@ if dev == "cuda":
 """, " " * 8)
 
 
+# Asserts, inside a scenario, that the run under spill (losses, m; stats before/after) gave
+# plain torch's losses (base) and parameters (base_params) and swapped bytes out.
+MATCHES_PLAIN_TORCH = """
+        with st.guard(release_on_exit=False):
+            equal = all(torch.equal(p.detach().cpu(), q)
+                        for p, q in zip(m.parameters(), base_params))
+        assert losses == base, (losses, base)
+        assert equal, "final parameters differ from plain torch"
+        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+"""
+
+
 def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None:
     """offload(model, optimizer) with zero_grad(set_to_none=False), six 1 MiB weights and Adam
     (24 MiB of parameters, gradients and state) at a 6 MiB budget: zero_grad replaces each
@@ -607,12 +619,7 @@ def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None
         before = spill.stats()
         losses, m, h = train(wrap)
         after = spill.stats()
-        with st.guard(release_on_exit=False):
-            equal = all(torch.equal(p.detach().cpu(), q)
-                        for p, q in zip(m.parameters(), base_params))
-        assert losses == base, (losses, base)
-        assert equal, "final parameters differ from plain torch"
-        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+""" + MATCHES_PLAIN_TORCH + """
         spill.set_budget(1 << 30)
         h.remove()
         print("ok")
@@ -1168,12 +1175,7 @@ def test_submodules_called_directly_are_pinned_at_a_third_of_the_footprint(how: 
         before = spill.stats()
         losses, m, h = train(6, "{how}", lambda m, o: st.offload(m, o))
         after = spill.stats()
-        with st.guard(release_on_exit=False):
-            equal = all(torch.equal(p.detach().cpu(), q)
-                        for p, q in zip(m.parameters(), base_params))
-        assert losses == base, (losses, base)
-        assert equal, "final parameters differ from plain torch"
-        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+""" + MATCHES_PLAIN_TORCH + f"""
         assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
         assert h.quiet_steps == 0 and h.armed_steps == 6, (h.quiet_steps, h.armed_steps)
         spill.set_budget(4 * footprint)
