@@ -17,7 +17,9 @@
 #include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/events.hpp"
+#include "graph/graph_json.hpp"
 #include "train/models.hpp"
+#include "train/predict.hpp"
 #include "train/session.hpp"
 
 namespace spill::cli {
@@ -33,6 +35,11 @@ struct TrainArgs {
   bool no_recompute = false;
   std::string trace;
   std::string json;
+  bool predict = false;  // plan and simulate on a GPU preset and link; run nothing
+  std::string device = "h200";
+  std::string link = "pcie5";
+  std::string timeline;
+  std::string plan_out;
 };
 
 nlohmann::json step_json(const train::StepStats& s) {
@@ -62,6 +69,126 @@ std::string ms(double s) {
   char b[32];
   std::snprintf(b, sizeof b, "%.2fms", s * 1e3);
   return b;
+}
+
+// `spill train MODEL --predict`: the plan policy graph would run on a GPU preset over a link and
+// its simulated step, beside the unlimited step, the swap-only plan and the swap floor.
+int run_predict(const Config& config, const TrainArgs& a) {
+  const std::pair<const std::string*, const char*> outputs[] = {
+      {&a.json, "--json"}, {&a.timeline, "--timeline"}, {&a.plan_out, "--plan-out"}};
+  for (std::size_t i = 0; i < std::size(outputs); ++i) {
+    if (outputs[i].first->empty()) continue;
+    check_writable(*outputs[i].first, outputs[i].second);
+    for (std::size_t j = 0; j < i; ++j)
+      check_not_same(*outputs[i].first, outputs[i].second, *outputs[j].first, outputs[j].second);
+  }
+  train::Program program = train::build_model(a.model, a.model_options);
+  train::PredictOptions po;
+  po.device = a.device;
+  po.link = a.link;
+  if (!a.budget.empty()) po.budget = parse_size(a.budget, "--budget");
+  else if (config.budget) po.budget = *config.budget;
+  po.swap_threshold = config.swap_threshold;
+  po.recompute = !a.no_recompute;
+  po.timeline = true;
+  const train::Prediction r = train::predict(program, po);
+  const graph::Graph& g = r.graph;
+  const double unlimited = r.unlimited.step_time_s;
+  auto ratio = [&](double s) {
+    char b[64];
+    std::snprintf(b, sizeof b, "%s (%.2fx)", ms(s).c_str(), s / unlimited);
+    return std::string(b);
+  };
+  std::printf("model:     %s, %.2fM parameters, %zu ops per step (nothing runs: a prediction)\n",
+              program.name.c_str(), double(program.parameters) / 1e6, program.ops.size());
+  std::printf("device:    %s (simulated: its kernel roofline times the ops; tensors as the "
+              "caching allocator maps them, %s granule)\n",
+              r.gpu->name.c_str(), format_bytes(po.granularity).c_str());
+  std::printf("link:      %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h, duplex %.2f\n",
+              r.link.name.c_str(), r.link.description.c_str(), r.link.h2d_gbps, r.link.d2h_gbps,
+              r.link.duplex_efficiency);
+  std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx; the "
+              "planner's %s, less the small pool's segments)\n",
+              format_bytes(r.footprint).c_str(), format_bytes(r.budget).c_str(),
+              double(r.footprint) / double(r.budget), format_bytes(r.planner_budget).c_str());
+  std::printf("\n%-20s %18s %10s %10s %10s %10s  %s\n", "step (steady state)", "time", "stall",
+              "out", "in", "peak", "remade (tensors, bytes, compute)");
+  auto row = [&](const char* what, const graph::SimResult& s) {
+    std::printf("%-20s %18s %10s %10s %10s %10s  %u, %s, %s\n", what, ratio(s.step_time_s).c_str(),
+                ms(s.stall_time_s).c_str(), format_bytes(s.swapped_out_bytes).c_str(),
+                format_bytes(s.swapped_in_bytes).c_str(), format_bytes(s.peak_bytes).c_str(),
+                s.recomputes, format_bytes(s.recomputed_bytes).c_str(),
+                ms(s.recompute_time_s).c_str());
+  };
+  row("unlimited memory", r.unlimited);
+  row("swap only", r.swap_only);
+  if (!a.no_recompute) row("with recomputation", r.predicted);
+  if (r.floor)
+    std::printf("%-20s %18s   no plan that only swaps does better at the planner's budget on "
+                "this link%s (of the step's ops; inputs' upload aside)\n",
+                "floor (swap only)", ratio(r.floor->step_s).c_str(),
+                a.no_recompute ? "" : "; a plan that recomputes is not bound by it");
+  std::printf("\nwhere the %s step goes (phases split at the first backward and optimizer ops; "
+              "engines busy within each):\n",
+              a.no_recompute ? "swap-only" : "planned");
+  std::printf("%-10s %10s %10s %10s %10s %10s %10s %10s %10s\n", "phase", "span", "compute",
+              "remake", "stall", "h2d busy", "d2h busy", "in", "out");
+  const std::vector<train::PhaseTime> phases = train::phase_times(g, r.predicted);
+  nlohmann::json pj = nlohmann::json::array();
+  for (const train::PhaseTime& ph : phases) {
+    std::printf("%-10s %10s %10s %10s %10s %10s %10s %10s %10s\n", ph.name.c_str(),
+                ms(ph.span_s).c_str(), ms(ph.compute_s).c_str(), ms(ph.recompute_s).c_str(),
+                ms(ph.stall_s).c_str(), ms(ph.h2d_busy_s).c_str(), ms(ph.d2h_busy_s).c_str(),
+                format_bytes(ph.bytes_in).c_str(), format_bytes(ph.bytes_out).c_str());
+    pj.push_back({{"phase", ph.name}, {"span_s", ph.span_s}, {"compute_s", ph.compute_s},
+                  {"recompute_s", ph.recompute_s}, {"stall_s", ph.stall_s},
+                  {"h2d_busy_s", ph.h2d_busy_s}, {"d2h_busy_s", ph.d2h_busy_s},
+                  {"bytes_in", ph.bytes_in}, {"bytes_out", ph.bytes_out},
+                  {"recomputes", ph.recomputes}, {"recomputed_bytes", ph.recomputed_bytes}});
+  }
+  std::printf("planning: %.2f s of CPU for both plans (this machine)\n", r.plan_cpu_s);
+  std::printf("(all step figures simulated: %s roofline, %s link model)\n", r.gpu->name.c_str(),
+              r.link.name.c_str());
+  auto sim_json = [](const graph::SimResult& s) {
+    return nlohmann::json{{"step_s", s.step_time_s},          {"stall_s", s.stall_time_s},
+                          {"compute_s", s.compute_time_s},    {"peak_bytes", s.peak_bytes},
+                          {"bytes_out", s.swapped_out_bytes}, {"bytes_in", s.swapped_in_bytes},
+                          {"recomputes", s.recomputes},       {"recomputed_bytes", s.recomputed_bytes},
+                          {"recompute_s", s.recompute_time_s}};
+  };
+  if (!a.json.empty()) {
+    nlohmann::json doc = {{"format", "spill-train-predict"},
+                          {"version", 1},
+                          {"model", a.model},
+                          {"device", r.gpu->name},
+                          {"link", r.link.name},
+                          {"simulated", true},
+                          {"footprint", r.footprint},
+                          {"budget", r.budget},
+                          {"planner_budget", r.planner_budget},
+                          {"unlimited", sim_json(r.unlimited)},
+                          {"swap_only", sim_json(r.swap_only)},
+                          {"planned", sim_json(r.predicted)},
+                          {"phases", pj}};
+    if (r.floor) doc["floor_step_s"] = r.floor->step_s;
+    std::ofstream out(a.json);
+    SPILL_EXPECTS(out.good(), "--json: cannot write '" + a.json + "'");
+    out << doc.dump(1) << "\n";
+    std::printf("prediction written to %s\n", a.json.c_str());
+  }
+  if (!a.timeline.empty()) {
+    std::ofstream out(a.timeline);
+    SPILL_EXPECTS(out.good(), "--timeline: cannot write '" + a.timeline + "'");
+    out << graph::timeline_to_json(g, r.predicted).dump(1) << "\n";
+    std::printf("timeline written to %s\n", a.timeline.c_str());
+  }
+  if (!a.plan_out.empty()) {
+    std::ofstream out(a.plan_out);
+    SPILL_EXPECTS(out.good(), "--plan-out: cannot write '" + a.plan_out + "'");
+    out << graph::plan_to_json(g, r.plan).dump(1) << "\n";
+    std::printf("plan written to %s\n", a.plan_out.c_str());
+  }
+  return 0;
 }
 
 int run_train(Config config, const TrainArgs& a) {
@@ -246,7 +373,36 @@ void add_train(CLI::App& app, Runner& run) {
                 "remake them by running their producing op again where that is faster)");
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here");
   cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here");
-  cmd->callback([&run, a] { run = [a](const Config& c) { return run_train(c, *a); }; });
+  cmd->add_flag("--predict", a->predict,
+                "run nothing: plan the step on a GPU preset (--device) over a link (--link) and "
+                "print the simulated step unlimited, swapping only, as planned, and the floor");
+  auto* dev = cmd->add_option("--device", a->device,
+                              "--predict: GPU preset whose roofline times the kernels (h200, "
+                              "h100-sxm, a100-40gb, ...)")
+                  ->capture_default_str();
+  auto* link = cmd->add_option("--link", a->link,
+                               "--predict: link preset (pcie3, pcie4, pcie5, nvlink-c2c, ...) or "
+                               "a `spill bench link --json` file")
+                   ->capture_default_str();
+  auto* timeline = cmd->add_option("--timeline", a->timeline,
+                                   "--predict: write the planned step's simulated timeline here");
+  auto* plan_out = cmd->add_option("--plan-out", a->plan_out, "--predict: write the plan here");
+  cmd->callback([&run, a, cmd, dev, link, timeline, plan_out] {
+    // Options that only one of the two modes reads are refused in the other (checked as the
+    // command runs, so that the error is the CLI's usual invalid input).
+    std::string refused;
+    if (a->predict) {
+      for (const char* o : {"--check", "--trace", "--steps", "--policy"})
+        if (cmd->count(o) > 0) refused = std::string(o) + " runs steps: not with --predict";
+    } else {
+      for (const CLI::Option* o : {dev, link, timeline, plan_out})
+        if (o->count() > 0) refused = o->get_name() + " is for --predict only";
+    }
+    run = [a, refused](const Config& c) {
+      SPILL_EXPECTS(refused.empty(), refused);
+      return a->predict ? run_predict(c, *a) : run_train(c, *a);
+    };
+  });
 }
 
 }  // namespace spill::cli

@@ -15,6 +15,7 @@
 #include "graph/device_model.hpp"
 #include "graph/liveness.hpp"
 #include "graph/planner.hpp"
+#include "train/predict.hpp"
 
 namespace spill::train {
 namespace {
@@ -43,14 +44,6 @@ const graph::GpuModel& roofline_model(const Device& dev) {
   if (n.find("A100") != std::string::npos) return graph::gpu_preset("a100-80gb");
   if (n.find("V100") != std::string::npos) return graph::gpu_preset("v100-16gb");
   return graph::gpu_preset("a100-40gb");
-}
-
-kernels::Roofline make_roofline(const graph::GpuModel& m) {
-  kernels::Roofline r;
-  r.flops_per_s = m.peak_flops(graph::DType::F32) * m.compute_efficiency;
-  r.bytes_per_s = m.mem_bw_gbps * 1e9 * m.memory_efficiency;
-  r.launch_s = m.op_overhead_us * 1e-6;
-  return r;
 }
 
 }  // namespace
@@ -168,7 +161,7 @@ struct Executor::Impl {
   // predicted with the plan's budget); and the swapper's lazy completion of swap-outs: a planned
   // prefetch of a block whose swap-out nothing has reaped keeps it (no copy back).
   graph::SimOptions prediction_options() const {
-    return {budget, false, po.model, {small_limit, kSmallSegment}, /*swapper_rules=*/true};
+    return train::prediction_options(budget, po.model, small_limit);
   }
 
   // Remakes tensor t (dropped by the plan) before the op that needs it: a fresh block, then its
@@ -295,20 +288,10 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   footprint = live.peak;
   // Predict the steady state: a step starts with the previous one's copies in flight, and
   // uploads its inputs first, as step() does (the same inputs, in tensor order).
-  po.model = {2, {}};
-  for (std::size_t t = 0; t < g.tensors.size(); ++t)
-    if (p.tensors[t].kind == graph::TensorKind::Input && !live.uses[t].empty())
-      po.model.uploads.push_back({graph::TensorIndex(t), p.tensors[t].bytes});
+  po.model = steady_state(p, g);
   // Small tensors live in segments of the allocator's small pool (never swapped): the plan
   // keeps room for the whole segments their peak needs.
-  std::uint64_t small_peak = 0;
-  for (std::size_t i = 0; i < g.ops.size(); ++i) {
-    std::uint64_t sum = 0;
-    for (std::size_t t = 0; t < g.tensors.size(); ++t)
-      if (g.tensors[t].bytes <= small_limit && live.live[t].live_at(std::int64_t(i))) sum += g.tensors[t].bytes;
-    small_peak = std::max(small_peak, sum);
-  }
-  small_reserve = (small_peak + kSmallSegment - 1) / kSmallSegment * kSmallSegment - small_peak;
+  small_reserve = small_pool_reserve(g, small_limit);
   po.budget = budget > small_reserve ? budget - small_reserve : 0;
   std::vector<double> times;
   for (const graph::Op& op : g.ops) times.push_back(*op.time_s);

@@ -15,6 +15,7 @@
 #include "graph/liveness.hpp"
 #include "graph/plan.hpp"
 #include "train/models.hpp"
+#include "train/predict.hpp"
 #include "train/session.hpp"
 
 namespace spill::test {
@@ -288,6 +289,45 @@ TEST(Train, PredictedPeakMatchesTheUnlimitedRun) {
       << "observed " << format_bytes(r.steps[0].peak_mapped) << ", predicted "
       << format_bytes(r.predicted_peak);
   EXPECT_GE(r.predicted_peak, r.footprint);
+}
+
+// `spill train --predict` plans without a device what the executor plans with one: on the
+// simulated device's roofline (a100-40gb) and link (pcie4, its engines not contending), the same
+// graph, plan and prediction; the swap-only plan is no faster than the floor.
+TEST(Train, PredictionWithoutADeviceIsTheExecutorsPlan) {
+  const Config conf = Config::parse(kConf);
+  const train::Program program = train::build_model("gpt-mini", kCases[2].options);
+  train::RunOptions ro;
+  ro.steps = 1;
+  ro.budget = train::footprint(conf, program) / 3;
+  const train::RunResult run = train::run_training(conf, program, ro);
+  train::PredictOptions po;
+  po.device = "a100-40gb";
+  po.link_model = link_preset("pcie4");
+  po.link_model->duplex_efficiency = 1.0;
+  po.budget = ro.budget;
+  po.swap_threshold = conf.swap_threshold;
+  po.timeline = true;
+  const train::Prediction p = train::predict(program, po);
+  EXPECT_EQ(p.footprint, run.footprint);
+  ASSERT_EQ(p.plan.swaps.size(), run.plan.swaps.size());
+  EXPECT_EQ(p.plan.recomputes.size(), run.plan.recomputes.size());
+  EXPECT_EQ(p.predicted.step_time_s, run.prediction.step_time_s);
+  EXPECT_EQ(p.predicted.peak_bytes, run.predicted_peak);
+  EXPECT_EQ(p.predicted.swapped_out_bytes, run.prediction.swapped_out_bytes);
+  EXPECT_GT(p.plan.recomputes.size(), 0u);
+  EXPECT_LE(p.predicted.step_time_s, p.swap_only.step_time_s);
+  EXPECT_GT(p.swap_only.step_time_s, p.unlimited.step_time_s);
+  ASSERT_TRUE(p.floor.has_value());
+  EXPECT_LE(p.floor->step_s, p.swap_only.step_time_s);
+  EXPECT_TRUE(p.swap_plan.recomputes.empty());
+  // Where the planned step goes: the phases tile the step, each op's time in one of them.
+  const std::vector<train::PhaseTime> ph = train::phase_times(p.graph, p.predicted);
+  ASSERT_EQ(ph.size(), 3u);
+  double span = 0, compute = 0;
+  for (const train::PhaseTime& t : ph) span += t.span_s, compute += t.compute_s;
+  EXPECT_NEAR(span, p.predicted.step_time_s, 1e-9);
+  EXPECT_NEAR(compute, p.predicted.compute_time_s, 1e-9);
 }
 
 TEST(Train, ABudgetBelowAnOpsWorkingSetNamesTheOp) {
