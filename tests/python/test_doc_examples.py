@@ -1,0 +1,46 @@
+"""Every runnable example of README.md and docs/*.md, run as written (tests/python/
+doc_examples.py says how blocks are marked): a failure names the page and line of the block."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+from spill_cli import find_spill_cli
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import doc_examples as de  # noqa: E402
+
+UNITS, PROBLEMS = de.units(de.pages())
+FILES = de.named_files([b for p in de.pages() for b in de.parse(p)[0]])
+
+
+def test_every_block_is_marked():
+    assert not PROBLEMS, "\n".join(PROBLEMS)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    cli = find_spill_cli()
+    if cli is None:
+        pytest.skip("the spill command is not built (set SPILL_CLI)")
+    made = {}
+
+    def folder(page: str) -> de.Context:
+        if page not in made:
+            ctx = de.Context(tmp_path_factory.mktemp(page.replace("/", "_")),
+                             pathlib.Path(cli).resolve().parent, sys.executable, FILES)
+            ctx.prepare()
+            made[page] = ctx
+        return made[page]
+    return folder
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[blocks[0].where for _, blocks in UNITS])
+def test_example(unit, folders):
+    page, blocks = unit
+    failures, skips = de.run_unit(blocks, folders(page))
+    if skips:
+        pytest.skip("; ".join(skips))
+    assert not failures, "\n\n".join(failures)
