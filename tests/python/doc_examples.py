@@ -6,7 +6,8 @@ above its fence, which GitHub does not render:
 
     <!-- test: python -->              a Python script, run by the tests' interpreter
     <!-- test: python; continue -->    the same interpreter and namespace as the page's previous
-                                       Python block (a `pycon` block is run as a doctest)
+                                       Python block: the chain runs whole, before the page's
+                                       later blocks (a `pycon` block is run as a doctest)
     <!-- test: sh -->                  each command (a line; `\\` continues it) run by bash
     <!-- test: c -->                   a C program, compiled against the build and run
     <!-- test: no: REASON -->          not run (a sketch, a listing); the reason is required
@@ -374,10 +375,13 @@ def units(all_pages: List[pathlib.Path]) -> Tuple[List[Tuple[str, List[Block]]],
             if b.kind == "no":
                 continue
             if b.kind == "python" and "continue" in b.options:
-                if not out or out[-1][1][0].kind != "python" or out[-1][1][0].page != b.page:
+                # The page's latest Python chain (it runs whole, before the page's later units).
+                chain = next((u for u in reversed(out) if u[0] == b.page
+                              and u[1][0].kind == "python"), None)
+                if chain is None:
                     problems.append(f"{b.where}: `continue` without a Python block before it")
                     continue
-                out[-1][1].append(b)
+                chain[1].append(b)
             else:
                 out.append((b.page, [b]))
     return out, problems

@@ -3,6 +3,8 @@ doc_examples.py says how blocks are marked): a failure names the page and line o
 from __future__ import annotations
 
 import pathlib
+import re
+import subprocess
 import sys
 
 import pytest
@@ -44,3 +46,35 @@ def test_example(unit, folders):
     if skips:
         pytest.skip("; ".join(skips))
     assert not failures, "\n\n".join(failures)
+
+
+SUBCOMMANDS = {"info", "device-check", "bench", "link", "report", "demo", "plan", "train"}
+
+
+def test_options_the_text_names_are_in_the_help():
+    """`spill SUB ... --option` written in the text (not in a block, whose commands run) names
+    an option that `spill SUB --help` lists."""
+    cli = find_spill_cli()
+    if cli is None:
+        pytest.skip("the spill command is not built (set SPILL_CLI)")
+    helps = {}
+    wrong = []
+    for path in de.pages():
+        for n, line in enumerate(path.read_text().split("\n"), 1):
+            for span in re.findall(r"`(?:build/)?spill ([^`]*)`", line):
+                words = span.split()
+                sub = []
+                for w in words:
+                    if w in SUBCOMMANDS:
+                        sub.append(w)
+                    elif not w.startswith("-") and sub:
+                        break
+                key = " ".join(sub)
+                if key not in helps:
+                    r = subprocess.run([cli, *sub, "--help"], capture_output=True, text=True)
+                    helps[key] = r.stdout
+                for option in re.findall(r"--[a-z][a-z-]*", span):
+                    if not re.search(re.escape(option) + r"\b", helps[key]):
+                        wrong.append(f"{path.relative_to(de.ROOT)}:{n}: `spill {span}`: "
+                                     f"{option} is not in `spill {key} --help`")
+    assert not wrong, "\n".join(wrong)
