@@ -128,8 +128,8 @@ int run_predict(const Config& config, const TrainArgs& a) {
                 "this link%s (of the step's ops; inputs' upload aside)\n",
                 "floor (swap only)", ratio(r.floor->step_s).c_str(),
                 a.no_recompute ? "" : "; a plan that recomputes is not bound by it");
-  std::printf("\nwhere the %s step goes (phases split at the first backward and optimizer ops; "
-              "engines busy within each):\n",
+  std::printf("\nwhere the %s step goes (phases split at the first and after the last backward "
+              "op; engines busy within each):\n",
               a.no_recompute ? "swap-only" : "planned");
   std::printf("%-10s %10s %10s %10s %10s %10s %10s %10s %10s\n", "phase", "span", "compute",
               "remake", "stall", "h2d busy", "d2h busy", "in", "out");

@@ -118,15 +118,16 @@ Prediction predict(const Program& p, const PredictOptions& o) {
 
 std::vector<PhaseTime> phase_times(const graph::Graph& g, const graph::SimResult& r) {
   using Kind = graph::TimelineEvent::Kind;
-  // Phase of each op: 0 forward (and anything before the first backward op), 1 backward,
-  // 2 optimizer (from the first optimizer op on).
+  // Phase of each op: 0 forward (and anything before the first backward op), 1 backward (to
+  // the last backward op, the updates done among them included), 2 what follows.
   std::vector<int> phase(g.ops.size(), 0);
-  int cur = 0;
-  for (std::size_t i = 0; i < g.ops.size(); ++i) {
-    if (g.ops[i].phase == graph::Phase::Backward && cur == 0) cur = 1;
-    if (g.ops[i].phase == graph::Phase::Optimizer) cur = 2;
-    phase[i] = cur;
-  }
+  std::size_t first = g.ops.size(), last = 0;
+  for (std::size_t i = 0; i < g.ops.size(); ++i)
+    if (g.ops[i].phase == graph::Phase::Backward) {
+      first = std::min(first, i);
+      last = i;
+    }
+  for (std::size_t i = first; i < g.ops.size(); ++i) phase[i] = i <= last ? 1 : 2;
   std::vector<PhaseTime> out(3);
   out[0].name = "forward";
   out[1].name = "backward";

@@ -66,7 +66,7 @@ struct Prediction {
 };
 
 // Where a simulated step's time goes, per phase (forward: ops before the first backward op;
-// backward: up to the first optimizer op; optimizer: the rest). A phase runs from the end of
+// backward: up to the last backward op, updates among them included; optimizer: the rest). A phase runs from the end of
 // the previous one's last op (the step's start for the first) to its own last op's end; the
 // engines' busy time is what of their copies falls inside it. Needs a recorded timeline.
 struct PhaseTime {

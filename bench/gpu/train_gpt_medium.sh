@@ -13,6 +13,14 @@ spill=$1
 out=$2
 steps=${3:-6}
 mkdir -p "$out"
+# What the roofline model of this GPU predicts before anything runs (simulated; op times then
+# come from measurement, so the run's own prediction may differ).
+preset=h200
+case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+  *H100*) preset=h100-sxm ;;
+esac
+"$spill" train gpt-medium --predict --device "$preset" --link pcie5 \
+  --json "$out/train_predict.json" || echo "spill train --predict failed (continuing)"
 "$spill" --conf device:cuda train gpt-medium --policy none --steps "$steps" \
   --json "$out/train_unlimited.json" || exit 1
 "$spill" --conf device:cuda train gpt-medium --steps "$steps" --json "$out/train_third.json" ||
