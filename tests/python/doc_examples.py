@@ -15,7 +15,8 @@ above its fence, which GitHub does not render:
 Options, after `;` or on lines of their own:
     file: NAME      also saved as NAME in every page's folder (app.c for the README's commands)
     given: CODE     Python run before the block, unseen (what a sketch leaves to the reader)
-    needs: gpu      run only where torch sees a CUDA GPU (else skipped, saying so); also cupy
+    needs: gpu      run only where torch sees a CUDA GPU (else skipped, saying so); also
+                    cupy, torch, and torch-1.13 (an output that only Debian's torch prints)
     fails: TEXT     the command containing TEXT must fail (exit status not 0)
     skip: TEXT (REASON)  the command containing TEXT is not run
     timeout: SECONDS     for the block (default 120)
@@ -180,18 +181,34 @@ def matches(expect: str, actual: str) -> Optional[str]:
     return None
 
 
+_PROBED: Dict[Tuple[str, str], Optional[str]] = {}
+
+
 def missing_need(block: Block, python: str) -> Optional[str]:
-    """Why the block cannot run here, or None."""
+    """Why the block cannot run here, or None (each need probed once per interpreter)."""
     for need in block.options.get("needs", []):
-        if need == "gpu":
-            probe = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
-            if subprocess.run([python, "-c", probe], capture_output=True).returncode != 0:
-                return "needs a CUDA GPU (torch.cuda.is_available() is False here)"
-        elif need in {"cupy", "torch"}:
-            if subprocess.run([python, "-c", f"import {need}"], capture_output=True).returncode:
-                return f"needs {need}, which {python} cannot import"
-        else:
-            return f"unknown need {need!r}"
+        if (python, need) not in _PROBED:
+            _PROBED[(python, need)] = _probe(need, python)
+        if _PROBED[(python, need)]:
+            return _PROBED[(python, need)]
+    return None
+
+
+def _probe(need: str, python: str) -> Optional[str]:
+    def runs(code: str) -> bool:
+        return subprocess.run([python, "-c", code], capture_output=True).returncode == 0
+    if need == "gpu":
+        if not runs("import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"):
+            return "needs a CUDA GPU (torch.cuda.is_available() is False here)"
+    elif need == "torch-1.13":
+        if not runs("import sys, torch; sys.exit(0 if torch.__version__.startswith('1.13') else 1)"):
+            return ("quotes what Debian's torch 1.13 prints (other versions capture other ops); "
+                    f"{python} has another torch or none")
+    elif need in {"cupy", "torch"}:
+        if not runs(f"import {need}"):
+            return f"needs {need}, which {python} cannot import"
+    else:
+        return f"unknown need {need!r}"
     return None
 
 
