@@ -78,3 +78,18 @@ def test_options_the_text_names_are_in_the_help():
                         wrong.append(f"{path.relative_to(de.ROOT)}:{n}: `spill {span}`: "
                                      f"{option} is not in `spill {key} --help`")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_configuration_table_has_every_key():
+    """The README's table of configuration keys lists the keys the command knows, no more."""
+    cli = find_spill_cli()
+    if cli is None:
+        pytest.skip("the spill command is not built (set SPILL_CLI)")
+    r = subprocess.run([cli, "--conf", "no_such_key:1", "info"], capture_output=True, text=True)
+    known = re.search(r"known keys: ([a-z_, ]+)\)", r.stderr)
+    assert known, r.stderr
+    readme = (de.ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):]
+    table = table[:table.index("\n## ")]
+    listed = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
+    assert sorted(listed) == sorted(known.group(1).split(", ")), (listed, known.group(1))
