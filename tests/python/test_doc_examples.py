@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from spill_cli import find_spill_cli
+from spill_cli import spill_cli
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import doc_examples as de  # noqa: E402
@@ -24,9 +24,7 @@ def test_every_block_is_marked():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    cli = find_spill_cli()
-    if cli is None:
-        pytest.skip("the spill command is not built (set SPILL_CLI)")
+    cli = spill_cli()
     made = {}
 
     def folder(page: str) -> de.Context:
@@ -54,9 +52,7 @@ SUBCOMMANDS = {"info", "device-check", "bench", "link", "report", "demo", "plan"
 def test_options_the_text_names_are_in_the_help():
     """`spill SUB ... --option` written in the text (not in a block, whose commands run) names
     an option that `spill SUB --help` lists."""
-    cli = find_spill_cli()
-    if cli is None:
-        pytest.skip("the spill command is not built (set SPILL_CLI)")
+    cli = spill_cli()
     helps = {}
     wrong = []
     for path in de.pages():
@@ -82,9 +78,7 @@ def test_options_the_text_names_are_in_the_help():
 
 def test_the_readme_configuration_table_has_every_key():
     """The README's table of configuration keys lists the keys the command knows, no more."""
-    cli = find_spill_cli()
-    if cli is None:
-        pytest.skip("the spill command is not built (set SPILL_CLI)")
+    cli = spill_cli()
     r = subprocess.run([cli, "--conf", "no_such_key:1", "info"], capture_output=True, text=True)
     known = re.search(r"known keys: ([a-z_, ]+)\)", r.stderr)
     assert known, r.stderr
