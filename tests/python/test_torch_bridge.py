@@ -925,14 +925,9 @@ def test_a_parameter_that_cannot_come_back_is_torch_oom_and_training_continues(
     assert "ok" in out
 
 
-def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
-    """The quiet explanation in an out-of-memory message belongs to the step that raised it:
-    with two models on one device, one stepping quiet and one armed (quiet=False), an error in
-    the armed model's forward or backward right after the quiet model's step carries no quiet
-    sentence; an error in the quiet model's backward carries its sentence even when the armed
-    model ran a whole step between that forward and backward; an error in the quiet model's
-    optimizer step (its momentum buffer) does too."""
-    out = run_ok(ENABLE + """
+# Two-model scenarios: Model's forward, backward or SGD step allocates 1 GiB (out of memory)
+# while fail[what] is set; oom(what, m, o) makes it so and returns the error's message.
+OOM_MODELS = """
         import torch.nn as nn
         fail = {"forward": False, "backward": False, "step": False}
         class Fail(torch.autograd.Function):
@@ -976,6 +971,17 @@ def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
             finally:
                 fail[what] = False
             raise AssertionError("no OutOfMemoryError")
+"""
+
+
+def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
+    """The quiet explanation in an out-of-memory message belongs to the step that raised it:
+    with two models on one device, one stepping quiet and one armed (quiet=False), an error in
+    the armed model's forward or backward right after the quiet model's step carries no quiet
+    sentence; an error in the quiet model's backward carries its sentence even when the armed
+    model ran a whole step between that forward and backward; an error in the quiet model's
+    optimizer step (its momentum buffer) does too."""
+    out = run_ok(ENABLE + OOM_MODELS + """
         q, qo, qh = make(0.5)
         a, ao, ah = make(False)
         for _ in range(3):
@@ -1011,6 +1017,32 @@ def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
             assert QUIET in str(e), str(e)
         else:
             raise AssertionError("no OutOfMemoryError")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_an_out_of_memory_error_arms_only_the_next_step_of_its_own_model() -> None:
+    """Two models stepping quiet on one device; one runs out of memory in its forward, then
+    (after a clean pair of steps) in its backward: that model's next step is armed, saying
+    why, and the other's stays quiet (the device's out-of-memory counter is not per model)."""
+    out = run_ok(ENABLE + OOM_MODELS + """
+        p, po, ph = make(0.5)
+        q, qo, qh = make(0.5)
+        def step(m, o, h):
+            forward(m, o).backward()
+            o.step()
+            return h.step_is_quiet
+        for _ in range(3):
+            quiet = step(p, po, ph), step(q, qo, qh)
+        assert quiet == (True, True), quiet
+        for what in ("forward", "backward"):
+            oom(what, p, po)
+            assert step(q, qo, qh), qh._policy.reason
+            assert not step(p, po, ph)
+            assert "ran out of memory" in ph._policy.reason, ph._policy.reason
+            quiet = step(p, po, ph), step(q, qo, qh)
+            assert quiet == (True, True), quiet
         print("ok")
     """)
     assert "ok" in out
@@ -1096,6 +1128,23 @@ def test_quiet_decisions_hysteresis_and_bad_values() -> None:
     assert "ok" in out
 
 
+# Inside a scenario: settle(tensors) starts moving each tensor to the host now (nothing moves
+# a pinned or unswappable one: an unpinned use of a moved one then faults) and waits until the
+# copies, which run on their own, have landed; it returns how many are on the host.
+SETTLE = textwrap.indent("""
+import time
+def settle(tensors):
+    for t in tensors:
+        spill.evict(t.data_ptr())
+    deadline = time.monotonic() + 30
+    while True:
+        where = [spill.residence(t.data_ptr()) for t in tensors]
+        if "swapping_out" not in where or time.monotonic() > deadline:
+            return where.count("on_host")
+        time.sleep(0.001)
+""", " " * 8)
+
+
 # ------------------------------------------------------------------ submodules called directly
 
 # A model whose training loop calls its submodules itself (the root's forward never runs in
@@ -1159,16 +1208,12 @@ def test_submodules_called_directly_are_pinned_at_a_third_of_the_footprint(how: 
     the calls reading their outputs or a weight), or reads a weight outside every module: at
     a third of the footprint, losses and parameters are plain torch's and bytes were swapped
     (before the fix, backward or the loop's code read evicted weights)."""
-    out = run_ok(quiet_preamble("1GiB") + DIRECT_MODEL + f"""
+    out = run_ok(quiet_preamble("1GiB") + DIRECT_MODEL + SETTLE + f"""
         base, bm, _ = train(6, "{how}")
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
         enable()
-        import time
-        def hint(w):  # moves w out now unless a pin holds it: an unpinned use then faults
-            spill.evict(w.data_ptr())
-            deadline = time.monotonic() + 30
-            while spill.residence(w.data_ptr()) == "swapping_out" and time.monotonic() < deadline:
-                time.sleep(0.001)
+        def hint(w):
+            settle([w])
         train(2, "{how}")
         footprint = st.max_memory_allocated()
         spill.set_budget(footprint // 3)
@@ -1190,22 +1235,12 @@ def test_submodules_called_directly_pin_their_weights_in_backward(quiet: bool) -
     """Every parameter evicted between the forward and the backward of each step (no budget
     pressure: quiet steps after the first when quiet=True), with the submodules called
     directly: backward brings back what it reads, and training equals plain torch's."""
-    out = run_ok(quiet_preamble("1GiB") + DIRECT_MODEL + f"""
-        import time
+    out = run_ok(quiet_preamble("1GiB") + DIRECT_MODEL + SETTLE + f"""
         base, _, _ = train(5, "loop")
         enable()
         moved = []
         def evict_all(m):
-            for p in m.parameters():
-                spill.evict(p.data_ptr())
-            # The copies run on their own: wait until each evicted block has landed.
-            deadline = time.monotonic() + 30
-            while True:
-                where = [spill.residence(p.data_ptr()) for p in m.parameters()]
-                if "swapping_out" not in where or time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
-            moved.append(where.count("on_host"))
+            moved.append(settle(list(m.parameters())))
         losses, m, h = train(5, "loop", lambda m, o: st.offload(m, o, quiet={quiet}),
                              mid=evict_all)
         assert losses == base, (losses, base)
@@ -1213,5 +1248,223 @@ def test_submodules_called_directly_pin_their_weights_in_backward(quiet: bool) -
         assert (h.quiet_steps == 4) if {quiet} else (h.quiet_steps == 0), h.quiet_steps
         h.remove()
         print("ok", moved)
+    """)
+    assert "ok" in out
+
+
+# ------------------------------------------------------------------ code outside the hooks
+
+# A training loop (six 1 MiB weights, Adam) doing one thing users do between the hooked
+# regions (`use`), with settle() moving what it reads to the host first; `seen` collects what
+# the loop read, to compare with plain torch's.
+OUTSIDE_HOOKS = textwrap.indent("""
+import copy, hashlib, io, pickle, zipfile
+def settle(tensors):  # plain torch: nothing moves (SETTLE's, once spill runs)
+    return 0
+def swappable(m, opt):
+    ts = list(m.parameters()) + [p.grad for p in m.parameters() if p.grad is not None]
+    return ts + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+def digest(t):
+    return tuple(t.shape), hashlib.sha256(t.detach().cpu().numpy().tobytes()).hexdigest()
+def contents(data):  # a torch.save file read back without loading it into spill's memory
+    z = zipfile.ZipFile(io.BytesIO(data))
+    root = z.namelist()[0].split("/")[0]
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):  # a tensor: its arguments and the bytes' digest
+            if module.startswith("torch"):
+                return lambda *args: (name,) + args
+            return super().find_class(module, name)
+        def persistent_load(self, pid):
+            return hashlib.sha256(z.read(f"{root}/data/{pid[2]}")).hexdigest()
+    ck = Reader(io.BytesIO(z.read(f"{root}/data.pkl"))).load()
+    for group in ck["opt"]["param_groups"]:
+        group["foreach"] = None  # offload turns the optimizer's foreach loop off
+    return ck
+def train(use, wrap=None, steps=4):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    ema = copy.deepcopy(m) if use == "ema" else None
+    h = wrap(m, opt) if wrap else None
+    he = st.offload(ema) if wrap and ema is not None else None  # the average moves too
+    g = torch.Generator().manual_seed(1)
+    losses, seen = [], []
+    for i in range(steps):
+        opt.zero_grad(set_to_none=use != "clip_keep")
+        for _ in range(3 if use == "accumulate" else 1):
+            x = torch.randn(64, 512, generator=g).to(dev)
+            y = torch.randn(64, 512, generator=g).to(dev)
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            if use == "regularizer" and i >= 2:  # first read outside every module at step 3
+                settle([m[0].weight])
+                loss = loss + 1e-3 * m[0].weight.square().sum()
+            loss.backward()
+            settle(swappable(m, opt))
+        if use in ("clip", "clip_keep"):
+            seen.append(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05).item())
+        if use == "logging":
+            seen.append([p.grad.norm().item() for p in m.parameters()])
+            seen.append([p.grad.detach().cpu().numpy().sum() for p in m.parameters()])
+        opt.step()
+        losses.append(loss.item())
+        settle(swappable(m, opt) + (list(ema.parameters()) if ema else []))
+        if use == "logging":
+            seen.append([p.norm().item() for p in m.parameters()])
+            seen.append([p.detach().cpu().numpy().sum() for p in m.parameters()])
+            seen.append([p.detach().view(-1)[:4].tolist() for p in m.parameters()])
+        elif use == "ema":
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), m.parameters()):
+                    e.mul_(0.9).add_(p, alpha=0.1)
+        elif use == "eval":
+            m.eval()
+            with torch.no_grad():
+                seen.append(m(torch.ones(8, 512).to(dev)).sum().item())
+            m.train()
+        elif use == "checkpoint":
+            buf = io.BytesIO()
+            torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
+            seen.append(contents(buf.getvalue()))
+            if i == 0:
+                first = io.BytesIO()
+                torch.save(m.state_dict(), first)
+            if i == 2:  # the weights back to step 0's
+                m.load_state_dict(torch.load(io.BytesIO(first.getvalue())))
+    if ema is not None:
+        seen.append([digest(e) for e in ema.parameters()])
+        if he is not None:
+            he.remove()
+    return losses, m, h, seen
+""", " " * 8)
+
+
+@pytest.mark.parametrize("use", ["checkpoint", "logging", "clip", "clip_keep", "ema", "eval",
+                                 "accumulate", "regularizer"])
+def test_code_between_the_hooks_reads_swapped_tensors_as_plain_torch(use: str) -> None:
+    """offload(model, optimizer) with the loop's own code between the hooked regions reading
+    tensors that were just moved to the host: a checkpoint (state_dict() of model and optimizer
+    through torch.save, the file read back equal to plain torch's; load_state_dict of an older
+    one), logging (norm().item(), .numpy(), .tolist() of parameters and gradients),
+    clip_grad_norm_ (gradients set to None or kept), an EMA of the weights after the step (the
+    average offloaded too), an evaluation pass, gradient accumulation (three backward passes a
+    step) and a regularizer reading a weight outside every module first at step 3. At a third
+    of the footprint (armed steps) and with no pressure (quiet steps after the first): losses,
+    parameters and what the loop read are plain torch's (before the window, all but the
+    evaluation pass and clipping fresh gradients crashed or ran out of memory)."""
+    out = run_ok(quiet_preamble("1GiB") + OUTSIDE_HOOKS + f"""
+        base, bm, _, base_seen = train("{use}")
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        enable()
+""" + SETTLE + f"""
+        import gc
+        move = settle
+        train("{use}", steps=3)
+        gc.collect()
+        footprint = st.max_memory_allocated()
+        for quiet, budget in ((False, footprint // 3), (True, 8 * footprint)):
+            m = h = seen = None
+            gc.collect()
+            moved = []
+            spill.set_budget(1 << 30)
+            def wrap(m, o):
+                h = st.offload(m, o, quiet=quiet)
+                spill.set_budget(budget)
+                return h
+            def settle(tensors):
+                moved.append(move(tensors))
+            before = spill.stats()
+            losses, m, h, seen = train("{use}", wrap)
+            after = spill.stats()
+""" + textwrap.indent(MATCHES_PLAIN_TORCH, "    ") + """
+            assert seen == base_seen, "what the loop read differs from plain torch's"
+            assert sum(moved) > 0 and (h.quiet_steps > 0) == quiet, (moved, h.quiet_steps)
+            spill.set_budget(8 * footprint)
+            h.remove()
+            print("ok", quiet, footprint, sum(moved))
+    """)
+    assert out.count("ok") == 2
+
+
+@pytest.mark.parametrize("how", ["armed", "quiet", "no_optimizer"])
+def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
+    """A forward that raises midway (a check the caller catches), in the first step and in a
+    later one: at once, nothing of it is left (allocated bytes and pinned bytes as before it,
+    no saved-tensor hook left: plain torch code run next declares nothing, so spill moves none
+    of its tensors; no pin left: every weight can move), and training goes on equal to plain
+    torch without the failed calls. Armed
+    at a third of the footprint, quiet, and without an optimizer (steps at each forward)."""
+    out = run_ok(quiet_preamble("1GiB") + SETTLE + f"""
+        import gc
+        how = "{how}"
+        class Check(torch.nn.Module):
+            def forward(self, x):
+                if x.shape[0] == 7:
+                    raise ValueError("a batch of 7")
+                return x
+        def state():
+            if not spill_runs:
+                return None
+            gc.collect()
+            s = spill.stats()
+            return s["allocated_bytes.current"], s["swap.pinned_bytes"]
+        def train(wrap=None):
+            torch.manual_seed(0)
+            plain = torch.nn.Linear(512, 512).to(dev)  # no hook on it
+            m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 512), torch.nn.ReLU(), Check(),
+                                    torch.nn.Linear(512, 512)).to(dev)
+            if how == "no_optimizer":  # its step runs in the window: each op pinned
+                opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+            else:
+                opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, None if how == "no_optimizer" else opt) if wrap else None
+            g = torch.Generator().manual_seed(1)
+            losses, left = [], []
+            for i in range(5):
+                x = torch.randn(64, 512, generator=g).to(dev)
+                y = torch.randn(64, 512, generator=g).to(dev)
+                if i in (0, 2):
+                    before = state()
+                    try:
+                        m(torch.ones(7, 512).to(dev))
+                        raise AssertionError("no exception")
+                    except ValueError:
+                        pass
+                    z = plain(x).relu()  # plain torch: nothing of it may move
+                    moved = settle([z])
+                    z.sum().backward()
+                    z = None
+                    plain.zero_grad(set_to_none=True)
+                    left.append((before, state(), moved, settle(list(m.parameters()))))
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h, left
+        def settle(tensors, move=settle):
+            return move(tensors) if spill_runs else 0
+        spill_runs = False
+        base, bm, _, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        enable()
+        spill_runs = True
+        quiet = how == "quiet"
+        def wrap(m, o):
+            h = st.offload(m, o, quiet=quiet)
+            spill.set_budget((64 if quiet else 6) << 20)
+            return h
+        before = spill.stats()
+        losses, m, h, left = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        for was, now, moved, weights in left:  # nothing pins the weights: all three move
+            # (Without an optimizer a forward begins a step: the last one's outputs go.)
+            assert now[0] == was[0] and now[1] <= was[1], (was, now)
+            assert moved == 0 and weights == 3, (moved, weights)
+        assert h.quiet_steps > 0 if quiet else h.quiet_steps == 0, h.quiet_steps
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", left)
     """)
     assert "ok" in out

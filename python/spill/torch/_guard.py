@@ -19,6 +19,7 @@ from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_metho
                      wrap_method)
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
+_DETACH = torch.ops.aten.detach.default
 
 
 def _writes(func: Any) -> Tuple[frozenset, frozenset]:
@@ -37,7 +38,11 @@ def _writes(func: Any) -> Tuple[frozenset, frozenset]:
 
 
 class PinEveryOp(TorchDispatchMode):
-    """The dispatch mode behind :func:`guard` (and the offload hooks' optimizer step)."""
+    """The dispatch mode behind :func:`guard` (and the offload hooks' optimizer step). A
+    subclass with ``declares = False`` only pins: it makes nothing swappable (offload's
+    window between its hooked regions, _window.py)."""
+
+    declares = True
 
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
                  outputs: Optional[Set[int]] = None) -> None:
@@ -74,6 +79,14 @@ class PinEveryOp(TorchDispatchMode):
             unpin = pinner.unpin
             for token, wrote in held:
                 unpin(token, stream, wrote)
+        if type(out) is not torch.Tensor and func is _DETACH:
+            # A wrapped number (a Python scalar autograd made a tensor of) comes back from the
+            # op as the number: detach's caller (a saved tensor unpacked under saved-tensor
+            # hooks) needs the tensor, which is its own detached alias (no grad, no history).
+            if isinstance(out, (bool, int, float, complex)):
+                return args[0]
+        if not self.declares:
+            return out
         movable = pinner.movable
         for t in leaves(out):
             ptr = movable(t)
@@ -97,7 +110,7 @@ class PinEveryOp(TorchDispatchMode):
             if token is None:
                 continue
             held.append((token, wrote))
-            if self.declared.get(token.block) != token.generation:
+            if self.declares and self.declared.get(token.block) != token.generation:
                 pinner.declare(ptr)
                 self.declared[token.block] = token.generation
 

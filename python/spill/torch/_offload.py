@@ -12,9 +12,11 @@ Which blocks become swappable, and what pins every later use of each:
   between modules only ever touches pinned or undeclared blocks. In backward the unpack hook
   pins them (the plan's prefetches are issued ahead of it); the pins are dropped at the next
   point where the autograd engine is between nodes (a gradient hook on a module output).
-- gradients: declared at the optimizer step; a backward that accumulates into an existing
-  gradient pins it first (a gradient hook on the parameter). zero_grad(set_to_none=False)
-  replaces a gradient on the host by zeros, declared at once.
+- gradients: declared as the backward makes them (at the next gradient hook, and all of
+  them when a ``loss.backward()`` the window saw returns), touched in parameter order at the
+  optimizer step; a backward that accumulates into an existing gradient pins it first (a
+  gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
+  host by zeros, declared at once.
 - optimizer state: declared after each optimizer step. The optimizer is set to its
   per-parameter loop (foreach=False). When the step's tensors (parameters, gradients, state)
   fit in a quarter of the budget, a torch.optim optimizer's step runs with all of them pinned
@@ -44,9 +46,12 @@ and the next step is armed.
 Parameters and buffers that the first step's forward used outside every module of the model
 (``loss = crit(model(x)) + c * model.fc.weight.square().sum()``) are pinned from the first
 forward of each later step until it ends: no module hook would pin those uses.
-Limits: code outside the model's modules that reads a swappable tensor between steps (saving
-a checkpoint, ``.numpy()``, clip_grad_norm_ when gradients persist with set_to_none=False)
-must run inside spill.torch.guard() or after handle.remove()."""
+The training loop's own code between the hooked regions (checkpoints, logging,
+clip_grad_norm_, an EMA, an evaluation pass, a loss term reading a weight) runs in the window
+(_window.py): every op pinned around it, nothing made swappable, at no cost inside the
+regions. An exception escaping a forward leaves nothing behind (_abandon_forward). Limits: a
+thread other than the one that trains, raw pointers read by the caller's own code, and
+``torch.autograd.backward`` called directly (correct, every op pinned) are not covered."""
 from __future__ import annotations
 
 import inspect
@@ -61,10 +66,11 @@ from spill import budget as spill_budget
 
 from ._guard import PinEveryOp
 from ._optimizer import pinned_step
-from ._pins import Pinner, TorchOutOfMemoryError, leaves, storage
+from ._pins import Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, storage
 from ._quiet import QuietSteps
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
+from ._window import window
 
 Token = Any  # spill._capi.PinToken
 
@@ -80,28 +86,6 @@ class _Frame:
         self.child_outputs: List[Token] = []
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
-
-
-class _Saved:
-    """What the pack hook keeps instead of the tensor: the tensor itself (same address), or,
-    for a tensor autograd made, a detached alias of it (the same storage, no grad_fn: the
-    unpacked tensor gets its grad_fn from autograd's saved metadata, not from this one).
-    Holding the tensor itself would make a reference cycle through autograd's C++ objects
-    when a node saves its own output (ReLU, sigmoid, softmax): output -> grad_fn -> saved
-    variable -> this -> output. A backward runs each node and drops its saved variables, so a
-    completed step never sees the cycle; a backward that raised (out of memory) leaves the
-    nodes it did not reach, and with them the whole graph, allocated for good after the caller
-    has dropped every reference, since Python's collector does not see C++ references."""
-    __slots__ = ("tensor", "ptr")
-
-    def __init__(self, tensor: torch.Tensor, ptr: int) -> None:
-        self.tensor = _acyclic(tensor)
-        self.ptr = ptr
-
-
-def _acyclic(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when it is a leaf, else a detached alias (see _Saved)."""
-    return t if t.is_leaf else t.detach()
 
 
 class _Discovery(PinEveryOp):
@@ -151,6 +135,7 @@ class OffloadHandle:
         self._frames: List[_Frame] = []
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends
         self._bw_pending: List[Tuple[Token, bool]] = []
+        self._fresh: List[Any] = []  # weak references to parameters whose gradient is new
         self._hooks: List[Any] = []
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
@@ -170,6 +155,8 @@ class OffloadHandle:
         # first forward of each later step to its end.
         self._outside: Dict[int, torch.Tensor] = {}
         self.forwards = 0
+        self._wrapped: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+        self._began_step = False  # the running forward began a step (see _abandon_forward)
         # The module whose forward began the forward running now (an entry: the root, or a
         # submodule the training loop calls directly), its nested calls of itself, and whether
         # a backward or a step ended since the last entry (without an optimizer, the next entry
@@ -193,7 +180,9 @@ class OffloadHandle:
         self._movable = self.pinner.movable
         self._pin_block = self.pinner.pin
         self._unpin = self.pinner.unpin
+        self._window = window()
         self._install()
+        self._window.add(self)
 
     # ------------------------------------------------------------------ installation
 
@@ -227,6 +216,7 @@ class OffloadHandle:
                     group["foreach"] = False
             wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
+        self._wrap_forward(self.model)
 
     @property
     def scope(self) -> int:
@@ -262,6 +252,7 @@ class OffloadHandle:
             h.remove()
         self._hooks.clear()
         unwrap_methods(self._saved_methods)
+        self._window.discard(self)
         self._leave_discovery()
         self._pop_saved_hooks()
         self._unwind(0)
@@ -305,9 +296,18 @@ class OffloadHandle:
         # and the saved-tensor hooks that pin what backward uses.
         root = self._entry is None or module is self.model
         if root:
-            self._begin_forward(module)
-        elif module is self._entry:
+            try:
+                self._begin_forward(module)
+                self._pre_module(module, args, True)
+            except BaseException:
+                self._abandon_forward()
+                raise
+            return
+        if module is self._entry:
             self._entry_depth += 1
+        self._pre_module(module, args, False)
+
+    def _pre_module(self, module: torch.nn.Module, args: Any, root: bool) -> None:
         if self._quiet:
             pins = self._quiet_pins.get(module)
             if pins is not None:
@@ -351,7 +351,20 @@ class OffloadHandle:
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if module is self._entry:
-            self._end_entry(output)
+            if self._entry_depth:
+                self._entry_depth -= 1
+            else:
+                try:
+                    self._end_entry(output)
+                    self._post_module(module, output)
+                except BaseException:
+                    self._abandon_forward()
+                    raise
+                self._window.leave(self)
+                return
+        self._post_module(module, output)
+
+    def _post_module(self, module: torch.nn.Module, output: Any) -> None:
         if self._quiet:
             frames = self._quiet_frames
             if frames and frames[-1][0] is module and not state.forked_child:
@@ -395,9 +408,6 @@ class OffloadHandle:
     def _end_entry(self, output: Any) -> None:
         """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
         pinned in the step frame (code between entries may read them) until the step ends."""
-        if self._entry_depth:
-            self._entry_depth -= 1
-            return
         self._entry = None
         self._pop_saved_hooks()
         self._claim_in_backward(output)
@@ -421,6 +431,10 @@ class OffloadHandle:
         # between two entries of one step may still read the first one's outputs.
         new_step = (module is self.model or self._step_over or not torch.is_grad_enabled())
         self._entry, self._entry_depth, self._step_over = module, 0, False
+        self._began_step = False
+        self._window.enter(self)
+        if module not in self._wrapped:
+            self._wrap_forward(module)
         # What an exception in the previous forward left: its frames and saved-tensor hooks.
         self._unwind(0)
         self._unwind_quiet()
@@ -439,6 +453,7 @@ class OffloadHandle:
         if (self._boundary and (self.steps.manage or new_step)) or (
                 self._quiet and self._policy.oom_since_boundary()):
             self._boundary = not self.steps.manage
+            self._began_step = True
             self._release_backward()  # pins an abandoned backward left
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
             if self._outside:
@@ -447,6 +462,50 @@ class OffloadHandle:
                     self._hold(self._step_frame.tokens, t, stream, True)
         else:
             self._policy.claim()  # another model's step may have run since ours began
+
+    def _wrap_forward(self, module: torch.nn.Module) -> None:
+        """Wraps an entry's forward (the root's at offload(), a submodule's the first time the
+        training loop calls it directly) so that an exception escaping it cleans up at once
+        (_abandon_forward); a failing first call of a submodule entry is cleaned up at the
+        next forward instead."""
+        self._wrapped.add(module)
+
+        def wrap(original: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                outermost = self._entry is module and not self._entry_depth
+                try:
+                    return original(*args, **kwargs)
+                except BaseException:
+                    if outermost and self._entry is module:
+                        self._abandon_forward()
+                    raise
+            return forward
+        wrap_method(module, "forward", wrap, self._saved_methods)
+
+    def _abandon_forward(self) -> None:
+        """An exception escaped an entry's forward (a shape error the caller catches, out of
+        memory): the state before it comes back. Its saved-tensor hooks are popped, its frames
+        and their pins released, the entry closed and the first step's discovery mode left
+        (the next forward begins it again); when the forward began a step, that step's pins go
+        and the next forward begins it again (a boundary). The forward's graph goes with the
+        caller's last reference to it (Saved makes no cycle)."""
+        self._entry, self._entry_depth = None, 0
+        self._pop_saved_hooks()
+        self._unwind(0)
+        self._unwind_quiet()
+        if self._discovery is not None:
+            self._discovery.__exit__(None, None, None)
+            self._acts.update(self._discovery.declared)
+            self._discovery = None
+            self._stack.clear()
+            self._stack_set.clear()
+        if self._began_step:
+            self._began_step = False
+            self._release_frame(self._step_frame)
+            self._release_backward()
+            self._boundary = True
+            self._step_over = True
+        self._window.leave(self)
 
     # ------------------------------------------------------------------ quiet steps
 
@@ -521,7 +580,7 @@ class OffloadHandle:
     def _pop_saved_hooks(self) -> None:
         """At the root module's forward hook, or where hooks still pushed mean that an
         exception interrupted the forward (the next forward, remove()). The interrupted
-        forward's graph needs nothing more: _Saved makes no reference cycle, so it goes with
+        forward's graph needs nothing more: Saved makes no reference cycle, so it goes with
         the caller's last reference to it."""
         if self._saved_hooks_pushed:
             torch._C._autograd._pop_saved_tensors_default_hooks()
@@ -530,7 +589,7 @@ class OffloadHandle:
     def _pack(self, t: torch.Tensor) -> Any:
         ptr = self._movable(t)
         if not ptr or state.forked_child:
-            return _acyclic(t)
+            return acyclic(t)
         frames = self._frames
         if frames and ptr not in self._persistent:
             frame = frames[-1]
@@ -543,19 +602,19 @@ class OffloadHandle:
                     frame.tokens.append((token, True))
                     self.pinner.declare(ptr)
                     self._acts.add(ptr)
-        return _Saved(t, ptr)
+        return Saved(t, ptr)
 
     def _pack_quiet(self, t: torch.Tensor) -> Any:
         # A quiet step declares no activation; a parameter or buffer autograd saves (a
         # Linear's weight, batch norm's running statistics) is pinned when backward uses it.
-        # Others are kept as they are, or detached (see _Saved: never a reference cycle).
+        # Others are kept as they are, or detached (see Saved: never a reference cycle).
         ptr = self._movable(t)
         if ptr in self._persistent and not state.forked_child:
-            return _Saved(t, ptr)
-        return _acyclic(t)
+            return Saved(t, ptr)
+        return acyclic(t)
 
     def _unpack_quiet(self, saved: Any) -> torch.Tensor:
-        if type(saved) is not _Saved:
+        if type(saved) is not Saved:
             return saved
         if saved.ptr and not state.forked_child:
             token = self._pin_block(saved.ptr, self.pinner.stream())
@@ -577,7 +636,7 @@ class OffloadHandle:
         return self._frames[i]
 
     def _unpack(self, saved: Any) -> torch.Tensor:
-        if type(saved) is not _Saved:
+        if type(saved) is not Saved:
             return saved
         if not state.forked_child:
             self.steps.ensure()
@@ -597,13 +656,29 @@ class OffloadHandle:
         def hook(grad: torch.Tensor) -> None:
             self._safe_point(grad)
             self._step_over = True
+            if self._fresh:
+                self._declare_fresh()
             param = ref()
-            if param is not None and param.grad is not None and not state.forked_child:
+            if param is None or state.forked_child:
+                return
+            if param.grad is not None:
                 # AccumulateGrad is about to add into the existing gradient.
                 token = self._pin(param.grad, self.pinner.stream())
                 if token is not None:
                     self._bw_pending.append((token, True))
+            elif self._persistent:
+                self._fresh.append(ref)  # AccumulateGrad is about to make its gradient
         return hook
+
+    def _declare_fresh(self) -> None:
+        """Declares the gradients AccumulateGrad made since the last gradient hook: a
+        backward would otherwise hold every gradient it makes resident until it ends."""
+        fresh, self._fresh = self._fresh, []
+        for ref in fresh:
+            param = ref()
+            ptr = self._movable(param.grad) if param is not None else 0
+            if ptr:
+                self.pinner.declare(ptr)
 
     # ------------------------------------------------------------------ optimizer
 
@@ -611,6 +686,7 @@ class OffloadHandle:
         def step(*args: Any, **kwargs: Any) -> Any:
             if state.forked_child:
                 return original(*args, **kwargs)
+            self._window.enter(self)
             self._release_backward()
             self._policy.claim()
             quiet = self._quiet
@@ -645,8 +721,19 @@ class OffloadHandle:
                 self._leave_discovery()
                 self._boundary = True
                 self._entry = None  # an entry an exception interrupted: the step is over
+                self._window.leave(self)
+                self._window.release_kept()
             return result
         return step
+
+    def backward_done(self) -> None:
+        """A ``loss.backward()`` in the window ended (_window.py): the gradients made after
+        the last gradient hook are declared too (see _declare_fresh), so that several backward
+        passes before one step (gradient accumulation) do not hold them resident. Their later
+        uses are pinned as before: the window's ops, the gradient hook of the next backward,
+        the optimizer step."""
+        if self._fresh and not state.forked_child:
+            self._declare_fresh()
 
     def _declare_gradients(self, quiet: bool) -> None:
         """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's
@@ -681,34 +768,41 @@ class OffloadHandle:
             if state.forked_child or self._discovery is not None:
                 return original(*args, **kwargs)
             to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
-            if not to_none:
-                # A gradient on the host is replaced by zeros instead of being copied back
-                # only to be zeroed. The zeros are declared at once, as the gradient they
-                # replace was: a fresh block is never evicted, and at a tight budget the
-                # replacements alone would fill it before the optimizer step declares them.
-                for p in self.model.parameters():
-                    ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
-                    if ptr and self.pinner.on_host(ptr):
-                        p.grad = torch.zeros_like(p.grad)
-                        fresh = self.pinner.movable(p.grad)
-                        if fresh:
-                            self.pinner.declare(fresh)
             if to_none:  # no tensor is read or written
                 return original(*args, **kwargs)
-            if self._quiet:  # the gradients (all of them fit), pinned around it
-                stream = self.pinner.stream()
-                tokens: List[Tuple[Token, bool]] = []
-                try:
-                    for group in self.optimizer.param_groups:
-                        for p in group["params"]:
-                            if p.grad is not None:
-                                self._hold(tokens, p.grad, stream, True)
-                    return original(*args, **kwargs)
-                finally:
-                    self._release_tokens(tokens)
-            with PinEveryOp(self.pinner):
-                return original(*args, **kwargs)
+            self._window.enter(self)
+            try:
+                return self._zero_grads(original, args, kwargs)
+            finally:
+                self._window.leave(self)
         return zero_grad
+
+    def _zero_grads(self, original: Any, args: Any, kwargs: Any) -> Any:
+        """zero_grad(set_to_none=False), in the handle's region. A gradient on the host is
+        replaced by zeros instead of being copied back only to be zeroed. The zeros are
+        declared at once, as the gradient they replace was: a fresh block is never evicted,
+        and at a tight budget the replacements alone would fill it before the optimizer step
+        declares them."""
+        for p in self.model.parameters():
+            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+            if ptr and self.pinner.on_host(ptr):
+                p.grad = torch.zeros_like(p.grad)
+                fresh = self.pinner.movable(p.grad)
+                if fresh:
+                    self.pinner.declare(fresh)
+        if self._quiet:  # the gradients (all of them fit), pinned around it
+            stream = self.pinner.stream()
+            tokens: List[Tuple[Token, bool]] = []
+            try:
+                for group in self.optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            self._hold(tokens, p.grad, stream, True)
+                return original(*args, **kwargs)
+            finally:
+                self._release_tokens(tokens)
+        with PinEveryOp(self.pinner):
+            return original(*args, **kwargs)
 
     def _declare_state(self) -> None:
         seen = self._state_seen

@@ -77,6 +77,28 @@ def swap_threshold(conf: Optional[str]) -> int:
     return 1 << 20
 
 
+class Saved:
+    """What the pack hook keeps instead of the tensor: the tensor itself (same address), or,
+    for a tensor autograd made, a detached alias of it (the same storage, no grad_fn: the
+    unpacked tensor gets its grad_fn from autograd's saved metadata, not from this one).
+    Holding the tensor itself would make a reference cycle through autograd's C++ objects
+    when a node saves its own output (ReLU, sigmoid, softmax): output -> grad_fn -> saved
+    variable -> this -> output. A backward runs each node and drops its saved variables, so a
+    completed step never sees the cycle; a backward that raised (out of memory) leaves the
+    nodes it did not reach, and with them the whole graph, allocated for good after the caller
+    has dropped every reference, since Python's collector does not see C++ references."""
+    __slots__ = ("tensor", "ptr")
+
+    def __init__(self, tensor: torch.Tensor, ptr: int) -> None:
+        self.tensor = acyclic(tensor)
+        self.ptr = ptr
+
+
+def acyclic(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is a leaf, else a detached alias (see Saved)."""
+    return t if t.is_leaf else t.detach()
+
+
 class Pinner:
     """Pin/unpin/declare for tensors on the installed target (see the module docstring)."""
 

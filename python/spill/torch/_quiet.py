@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from spill import InvalidArgumentError
 from spill._capi import raise_status
@@ -81,6 +81,9 @@ _watchers: Dict[int, "weakref.WeakSet[_Watcher]"] = {}
 # Per device, the out-of-memory note set now (spill keeps one per device): the note of the
 # handle whose step ran last (see QuietSteps.claim).
 _notes: Dict[int, str] = {}
+# Per device, the handle whose step runs now and the device's out-of-memory count when it
+# claimed the device: the errors since then are its own (spill counts them per device).
+_claims: Dict[int, List[Any]] = {}
 
 
 class QuietSteps:
@@ -97,8 +100,10 @@ class QuietSteps:
         self.reason = ""            # why the current step is armed, when it is
         self.text = ""              # this handle's out-of-memory note ("" when armed)
         self._lib = library()
-        self._ooms: Optional[int] = None
+        self.ooms = 0               # out-of-memory errors raised while this handle's step ran
+        self._ooms: Optional[int] = None  # ... as of the last boundary
         self._watcher = _Watcher()
+        self._ref = weakref.ref(self)
         _watchers.setdefault(device, weakref.WeakSet()).add(self._watcher)
 
     # ---------------------------------------------------------------- spill's figures
@@ -117,28 +122,39 @@ class QuietSteps:
         peak, self._watcher.peak = self._watcher.peak, 0
         return peak
 
+    def _settle(self) -> _StatsHead:
+        """Counts the device's out-of-memory errors since the last claim as the claimant's."""
+        st = self._stats()
+        claim = _claims.get(self.device)
+        if claim is not None:
+            owner = claim[0]()
+            if owner is not None:
+                owner.ooms += st.ooms - claim[1]
+            claim[1] = st.ooms
+        return st
+
     def oom_since_boundary(self) -> bool:
-        """Whether an allocation ran out of memory since the last boundary (the quiet step
-        it broke was abandoned: the next forward is a boundary)."""
-        return self._ooms is not None and self._stats().ooms > self._ooms
+        """Whether an allocation ran out of memory in this handle's step since the last
+        boundary (the quiet step it broke was abandoned: the next forward is a boundary)."""
+        self._settle()
+        return self._ooms is not None and self.ooms > self._ooms
 
     # ---------------------------------------------------------------- decisions
 
     def decide(self, first: bool) -> bool:
         """At a step boundary: whether the step beginning now runs quiet."""
         self.peak = self._take_peak()
-        st = self._stats()
+        st = self._settle()
         self.budget = st.budget_bytes
-        oom = self._ooms is not None and st.ooms > self._ooms
-        self._ooms = st.ooms
+        oom = self._ooms is not None and self.ooms > self._ooms
+        self._ooms = self.ooms
         line = self.fraction * self.budget
         if first:
             quiet, self.reason = False, "the first step (it finds how the model uses its tensors)"
         elif not self.fraction:
             quiet, self.reason = False, "quiet=False"
         elif oom:
-            quiet, self.reason = False, ("the device ran out of memory during the previous step "
-                                         "(this model's or another's)")
+            quiet, self.reason = False, "the device ran out of memory during this model's last step"
         elif self.peak > line:
             quiet, self.reason = False, (f"the previous step's peak, {_mib(self.peak)}, passed "
                                          f"{self.fraction:g} of the budget")
@@ -171,7 +187,12 @@ class QuietSteps:
         """This handle's step runs now (its forward, its backward, its optimizer step begins):
         the device's out-of-memory messages carry its note, the quiet explanation, or none
         when it runs armed. Two models trained on one device take turns: an out-of-memory
-        error is explained by the step that raised it, not by the other model's."""
+        error is explained by the step that raised it, not by the other model's, and arms
+        that model's next step only."""
+        claim = _claims.get(self.device)
+        if claim is None or claim[0]() is not self:
+            st = self._settle()
+            _claims[self.device] = [self._ref, st.ooms]
         if _notes.get(self.device, "") != self.text:
             _check(self._lib, self._lib.spill_set_oom_note(self.device, self.text.encode()))
             _notes[self.device] = self.text

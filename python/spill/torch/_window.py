@@ -1,0 +1,314 @@
+"""offload()'s window: the training loop's own code between the hooked regions (a model's
+forward, its backward, the optimizer's step and zero_grad), where no hook pins what it reads.
+Checkpoints (state_dict() and torch.save, load_state_dict), logging (``p.norm()``,
+``.item()``, ``.numpy()``), clip_grad_norm_ between backward and step, an EMA of the weights,
+a loss term reading a weight, an evaluation pass: all read swappable tensors there.
+
+While no handle's region runs, the thread that trains (the one whose hooks opened the
+window) runs under two modes of its own, at the bottom of PyTorch's mode stacks (a mode the
+caller pushes stays above them and keeps its order):
+- a dispatch mode that pins every spill tensor an aten op reads or writes around the op and
+  makes nothing swappable (the op's outputs stay as spill made them: unswappable until a hook
+  declares them). Nothing stays resident
+  otherwise: torch.save's copies, clip_grad_norm_'s norms and an EMA read one tensor per op.
+- a function mode that runs ``Tensor.backward`` without the dispatch mode (backward has its
+  hooks), and, on the CPU bridge only, where host code reads tensor memory directly instead
+  of through a copy op as on a GPU: ``.numpy()`` (the block stays pinned while the array
+  lives), ``.tolist()`` and printing (pinned around the call), and the storages pickling takes
+  (torch.save): a copy outside spill's memory, made with the block pinned, so the writer, which
+  reads after pickling everything, never reads spill's memory.
+And saved-tensor hooks, under those a handle pushes for its forward (from the first handle
+to the last one's remove()): a model parameter or buffer that autograd saves outside every
+forward (a regularizer ``c * model.fc.weight.square().sum()``) is pinned when the backward
+unpacks it, until that backward ends.
+Costs nothing inside the regions (the modes are off there); in the window, the pins of the
+few ops a training loop runs (a dispatch mode's call per op).
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ._guard import PinEveryOp
+from ._pins import Pinner, Saved, acyclic
+from ._state import state
+
+Token = Any
+
+
+def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
+            pop: Callable[[], Any]) -> bool:
+    """Takes ``mode`` out of a mode stack wherever it is; the modes above keep their order.
+    False when it is not on the stack."""
+    above: List[Any] = []
+    found = False
+    while length() > 0:
+        top = pop()
+        if top is mode:
+            found = True
+            break
+        above.append(top)
+    for m in reversed(above):
+        push(m)
+    return found
+
+
+def _insert_bottom(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
+                   pop: Callable[[], Any]) -> None:
+    above = [pop() for _ in range(length())]
+    push(mode)
+    for m in reversed(above):
+        push(m)
+
+
+def _dispatch_stack() -> Tuple[Callable[[], int], Callable[[Any], None], Callable[[], Any]]:
+    from torch.utils import _python_dispatch as pd
+    return torch._C._len_torch_dispatch_stack, pd._push_mode, pd._pop_mode
+
+
+def _function_stack() -> Tuple[Callable[[], int], Callable[[Any], None], Callable[[], Any]]:
+    from torch import overrides
+    return torch._C._len_torch_function_stack, overrides._push_mode, overrides._pop_mode
+
+
+class _PinReads(PinEveryOp):
+    """The window's dispatch mode (see the module docstring)."""
+
+    declares = False
+
+
+class _PinnedArray:
+    """What a ``.numpy()`` array made in the window views: the array's memory, with its block
+    pinned until every array over it is gone."""
+
+    def __init__(self, array: Any, pinner: Pinner, token: Token) -> None:
+        self.__array_interface__ = array.__array_interface__
+        self._array = array
+        self._finalizer = weakref.finalize(self, _unpin_quietly, pinner, token)
+
+
+def _unpin_quietly(pinner: Pinner, token: Token) -> None:
+    try:
+        pinner.unpin(token, pinner.stream(), True)
+    except Exception:  # spill shut down first: nothing left to unpin
+        pass
+
+
+_REDUCE = getattr(torch.Tensor, "_reduce_ex_internal", None)
+_REDUCE_CODE = getattr(_REDUCE, "__code__", None)
+
+
+def _pickling() -> bool:
+    """Whether the caller's caller chain is a tensor being pickled (torch.save)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if frame.f_code is _REDUCE_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _HostUses(TorchFunctionMode):
+    """The window's function mode (see the module docstring)."""
+
+    def __init__(self, window: "Window") -> None:
+        super().__init__()
+        self.window = window
+        self.special: Dict[Any, Callable[..., Any]] = {torch.Tensor.backward: self._backward}
+        if window.pinner.cpu:
+            for name in ("numpy", "__array__"):
+                self.special[getattr(torch.Tensor, name)] = self._numpy
+            for name in ("tolist", "__repr__", "__str__", "__format__"):
+                self.special[getattr(torch.Tensor, name)] = self._pinned_call
+            self.special[torch.Tensor.storage] = self._storage
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        special = self.special.get(func)
+        if special is None or state.forked_child:
+            return func(*args, **kwargs)
+        return special(func, args, kwargs)
+
+    def _backward(self, func: Any, args: Any, kwargs: Any) -> Any:
+        window = self.window
+        window.suspend()
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            window.resume()
+            window.release_kept()
+        for handle in list(window.handles):
+            handle.backward_done()
+        return result
+
+    def _pin(self, t: Any) -> Optional[Token]:
+        pinner = self.window.pinner
+        ptr = pinner.movable(t)
+        return pinner.pin(ptr, pinner.stream()) if ptr else None
+
+    def _numpy(self, func: Any, args: Any, kwargs: Any) -> Any:
+        token = self._pin(args[0])
+        if token is None:
+            return func(*args, **kwargs)
+        try:
+            array = func(*args, **kwargs)
+        except BaseException:
+            _unpin_quietly(self.window.pinner, token)
+            raise
+        import numpy
+        return numpy.asarray(_PinnedArray(array, self.window.pinner, token))
+
+    def _pinned_call(self, func: Any, args: Any, kwargs: Any) -> Any:
+        token = self._pin(args[0])
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if token is not None:
+                self.window.pinner.unpin(token, self.window.pinner.stream(), False)
+
+    def _storage(self, func: Any, args: Any, kwargs: Any) -> Any:
+        result = func(*args, **kwargs)
+        t = args[0]
+        pinner = self.window.pinner
+        ptr, nbytes = pinner.block(t)
+        if not ptr or not _pickling():
+            return result
+        import numpy
+        nbytes = result.nbytes()
+        copy = numpy.empty(nbytes, dtype=numpy.uint8)
+        token = pinner.pin(ptr, pinner.stream())
+        try:
+            ctypes.memmove(copy.ctypes.data, ptr, nbytes)
+        finally:
+            if token is not None:
+                pinner.unpin(token, pinner.stream(), False)
+        return torch.TypedStorage(wrap_storage=torch.from_numpy(copy).storage().untyped(),
+                                  dtype=t.dtype)
+
+
+class Window:
+    """The window of one thread (the one that trains; see the module docstring): open while
+    offload handles exist and none of them is inside a hooked region."""
+
+    def __init__(self) -> None:
+        self.pinner = Pinner()
+        self.handles: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.inside: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self.persistent: Set[int] = set()   # parameters and buffers of every handle
+        self.kept: List[Tuple[Token, bool]] = []
+        self.thread = threading.get_ident()
+        self._pins = _PinReads(self.pinner)
+        self._functions = _HostUses(self)
+        self._on = False          # both modes pushed
+        self._hooks = False       # the saved-tensor hooks pushed
+        self._suspended = 0       # backward calls running with the dispatch mode off
+
+    # ---------------------------------------------------------------- handles
+
+    def add(self, handle: Any) -> None:
+        if not self.handles and not self._hooks:
+            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+            self._hooks = True
+        self.handles.add(handle)
+        self.persistent |= handle._persistent
+        self._update()
+
+    def discard(self, handle: Any) -> None:
+        self.handles.discard(handle)
+        self.inside.discard(handle)
+        self.persistent = set().union(*(h._persistent for h in self.handles))
+        self.release_kept()
+        self._update()
+        if not self.handles and self._hooks:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+            self._hooks = False
+
+    # ---------------------------------------------------------------- saved tensors
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        # Outside every forward of a model (a handle's forward pushes its own hooks above
+        # these): a parameter or buffer autograd saves (a regularizer's weight) is pinned
+        # when backward uses it; anything else is kept as it is (never a reference cycle).
+        if self._on:  # not in a region (the first step's forward pushes no hooks of its own)
+            ptr = self.pinner.movable(t)
+            if ptr in self.persistent and not state.forked_child:
+                return Saved(t, ptr)
+        return acyclic(t)
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if type(saved) is not Saved:
+            return saved
+        if not state.forked_child:
+            token = self.pinner.pin(saved.ptr, self.pinner.stream())
+            if token is not None:
+                self.kept.append((token, False))
+        return saved.tensor
+
+    def enter(self, handle: Any) -> None:
+        """``handle``'s hooked region begins (its hooks pin what it uses). Regions inside a
+        backward the window runs (a forward recomputed by checkpointing) change nothing."""
+        if threading.get_ident() == self.thread and not self._suspended:
+            self.inside.add(handle)
+            if self._on:
+                self._update()
+
+    def leave(self, handle: Any) -> None:
+        """``handle``'s hooked region ended (normally or by an exception)."""
+        if threading.get_ident() == self.thread and not self._suspended:
+            self.inside.discard(handle)
+            if not self._on:
+                self._update()
+
+    # ---------------------------------------------------------------- modes
+
+    def _update(self) -> None:
+        want = bool(self.handles) and not self.inside
+        if want == self._on:
+            return
+        if want:
+            _insert_bottom(self._functions, *_function_stack())
+            if not self._suspended:
+                _insert_bottom(self._pins, *_dispatch_stack())
+        else:
+            _remove(self._functions, *_function_stack())
+            if not self._suspended:
+                _remove(self._pins, *_dispatch_stack())
+        self._on = want
+
+    def suspend(self) -> None:
+        """A backward begins in the window: its ops run without the dispatch mode."""
+        if self._suspended == 0 and self._on:
+            _remove(self._pins, *_dispatch_stack())
+        self._suspended += 1
+
+    def resume(self) -> None:
+        self._suspended -= 1
+        if self._suspended == 0 and self._on:
+            _insert_bottom(self._pins, *_dispatch_stack())
+
+    def release_kept(self) -> None:
+        """Drops the pins a backward took of what the window's saved-tensor hooks saved."""
+        kept, self.kept = self.kept, []
+        if kept:
+            stream = self.pinner.stream()
+            for token, wrote in kept:
+                self.pinner.unpin(token, stream, wrote)
+
+
+_windows: Dict[int, Window] = {}
+
+
+def window() -> Window:
+    """The process's window (one: the thread of the first handle trains)."""
+    w = _windows.get(0)
+    if w is None:
+        w = _windows[0] = Window()
+    return w
