@@ -171,8 +171,9 @@ void CachingAllocator::check_invariants() const {
 
 // ---- out of memory
 
-void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t needed,
-                                        bool device_full) {
+void CachingAllocator::throw_oom_locked(
+    std::size_t requested, std::size_t needed, bool device_full,
+    std::optional<LargeBlockObserver::Unevictable> unevictable) {
   Impl& m = *impl_;
   m.stats.ooms++;
   m.trace(EventKind::Oom, 0, requested);
@@ -202,6 +203,10 @@ void CachingAllocator::throw_oom_locked(std::size_t requested, std::size_t neede
   f.free_total = own.free_bytes();
   f.other_free = other.free_bytes();
   f.device_full = device_full;
+  if (unevictable) {
+    f.pinned = unevictable->pinned;
+    f.unswappable = unevictable->unswappable;
+  }
   if (!m.oom_dump.empty()) f.dump_note = write_oom_dump_locked();
   throw OutOfMemory(oom_message(f));
 }

@@ -302,8 +302,16 @@ void CachingAllocator::make_room(Lock& lock, std::size_t bytes, std::size_t requ
       m.released.wait(lock);  // another thread is returning cached memory: wait for its bytes
       continue;
     }
-    if (m.observer == nullptr || strikes >= kMaxStrikes) throw_oom_locked(requested, bytes, false);
+    if (m.observer == nullptr) throw_oom_locked(requested, bytes, false);
     LargeBlockObserver* obs = m.observer;
+    if (strikes >= kMaxStrikes) {
+      // What the hook could not evict, asked as the hook is (without our lock): the message
+      // says whether pins or undeclared blocks fill the budget.
+      lock.unlock();
+      const std::optional<LargeBlockObserver::Unevictable> stuck = obs->unevictable();
+      lock.lock();
+      throw_oom_locked(requested, bytes, false, stuck);
+    }
     const std::size_t before = m.budget.claimed();
     m.stats.eviction_requests++;
     lock.unlock();

@@ -194,7 +194,9 @@ class CachingAllocator final : public ResidencyBackend {
                            bool small = true);
   void map_back(Lock& lock, void* base, std::size_t size);
   // `needed`: the mapped bytes the request needed (a new segment, or the rounded block).
-  [[noreturn]] void throw_oom_locked(std::size_t requested, std::size_t needed, bool device_full);
+  [[noreturn]] void throw_oom_locked(
+      std::size_t requested, std::size_t needed, bool device_full,
+      std::optional<LargeBlockObserver::Unevictable> unevictable = std::nullopt);
   std::string write_oom_dump_locked();
   profiling::MemoryState snapshot_locked() const;
 

@@ -39,6 +39,10 @@ std::string oom_message(const OomFacts& f) {
                    "serve only requests up to " + format_bytes(f.small_limit) +
                    " and go back to the device only when all of their blocks are freed)";
   }
+  if (f.pinned && f.unswappable) {
+    m += "; the swapper cannot evict " + format_bytes(*f.pinned) + " pinned and " +
+         format_bytes(*f.unswappable) + " never declared swappable";
+  }
   m += ". ";
   if (f.device_full) {
     m += "Hint: other processes or allocations outside spill use the device; lower budget:.";
@@ -49,6 +53,10 @@ std::string oom_message(const OomFacts& f) {
     m += "Hint: the host cap (host_cap: " + format_bytes(*f.host_cap) + ", " +
          format_bytes(f.host_in_use) + " of it in use) leaves no room to swap a block out: "
          "raise host_cap:.";
+  } else if (f.pinned && f.unswappable && *f.unswappable > *f.pinned) {
+    m += "Hint: most of what stays resident was never declared swappable (only blocks a hook "
+         "declared can move: spill.torch.offload's or guard's, spill_set_swappable): declare "
+         "them, or raise budget:.";
   } else if (f.swapped_out == 0 && f.allocated > f.budget / 2) {
     m += "Hint: nothing is swapped out: is the swapper enabled (policy:plan or lru), and are "
          "tensors unpinned after use?";

@@ -26,6 +26,9 @@ struct OomFacts {
   bool small_request = false;     // served by the small pool (up to small_limit)
   std::size_t small_limit = 0;    // the largest request the small pool serves
   bool device_full = false;       // the device itself refused, within the budget
+  // Resident bytes the swapper cannot evict (a block may count in both), when it was asked.
+  std::optional<std::size_t> pinned;       // pinned now
+  std::optional<std::size_t> unswappable;  // never declared swappable
   std::string dump_note;          // where an OOM dump was written, if any
 };
 

@@ -84,6 +84,12 @@ class LargeBlockObserver {
   virtual std::size_t evict(std::size_t bytes) = 0;
   // The stream is about to be destroyed (forward of CachingAllocator::forget_stream).
   virtual void on_forget_stream(Stream) {}
+  // For out-of-memory messages: the resident bytes the eviction hook cannot free, by reason
+  // (pinned; never declared swappable; a block may count in both). nullopt: not known.
+  struct Unevictable {
+    std::size_t pinned = 0, unswappable = 0;
+  };
+  virtual std::optional<Unevictable> unevictable() { return std::nullopt; }
 };
 
 class HostMemory {

@@ -18,6 +18,7 @@ class Runtime::Hooks final : public LargeBlockObserver {
   void on_large_free(void* base, Stream stream) override { s_.release(base, stream); }
   std::size_t evict(std::size_t bytes) override { return s_.evict_bytes(bytes); }
   void on_forget_stream(Stream stream) override { s_.forget_stream(stream); }
+  std::optional<Unevictable> unevictable() override { return s_.unevictable(); }
 
  private:
   Swapper& s_;

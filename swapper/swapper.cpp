@@ -616,6 +616,17 @@ std::string Swapper::residency_report() const {
   return impl_->unevictable_report_locked();
 }
 
+LargeBlockObserver::Unevictable Swapper::unevictable() const {
+  std::lock_guard lock(impl_->mu);
+  LargeBlockObserver::Unevictable u;
+  for (const auto& [base, b] : impl_->blocks) {
+    if (b.state != Residence::Resident && b.state != Residence::SwappingIn) continue;
+    if (b.pins > 0) u.pinned += b.size;
+    if (!b.swappable) u.unswappable += b.size;
+  }
+  return u;
+}
+
 std::string Swapper::Impl::unevictable_report_locked() const {
   struct Kind {
     const char* what;

@@ -186,6 +186,8 @@ class Swapper {
   // Which resident tracked blocks cannot be evicted now and why (pinned, not declared
   // swappable), with the first few addresses: for error messages.
   std::string residency_report() const;
+  // The resident (or arriving) bytes of those blocks, by reason: for out-of-memory messages.
+  LargeBlockObserver::Unevictable unevictable() const;
   // The last recorded step of any scope, or of `scope` (empty before the first end_step that
   // recorded, with policy plan).
   graph::Trace last_trace() const;

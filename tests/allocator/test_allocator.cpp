@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "allocator/caching_allocator.hpp"
+#include "allocator/oom_report.hpp"
 #include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
@@ -652,6 +653,60 @@ TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
   }
   a.deallocate(large);
   a.deallocate(small);
+}
+
+// The hint follows the breakdown: with the swapper's figures, a budget filled by blocks never
+// declared swappable is named as such (a CPU-bridge checkpoint load said "the pinned working
+// set is too large" with nothing pinned); a pinned one, or no figures, keeps the old hint.
+TEST(AllocatorOom, TheHintSaysWhetherPinsOrUndeclaredBlocksFillTheBudget) {
+  OomFacts f;
+  f.requested = f.needed = MiB;
+  f.budget = 10 * MiB;
+  f.allocated = 9 * MiB;
+  f.swapped_out = 20 * MiB;
+  const std::string pinned_hint = "Hint: the pinned working set is too large";
+  EXPECT_NE(oom_message(f).find(pinned_hint), std::string::npos) << oom_message(f);
+  EXPECT_EQ(oom_message(f).find("cannot evict"), std::string::npos) << oom_message(f);
+  f.pinned = 0;
+  f.unswappable = 6 * MiB;
+  std::string m = oom_message(f);
+  EXPECT_NE(m.find("; the swapper cannot evict " + format_bytes(0) + " pinned and " +
+                   format_bytes(6 * MiB) + " never declared swappable. "),
+            std::string::npos) << m;
+  EXPECT_NE(m.find("Hint: most of what stays resident was never declared swappable"),
+            std::string::npos) << m;
+  EXPECT_EQ(m.find(pinned_hint), std::string::npos) << m;
+  f.pinned = 7 * MiB;
+  m = oom_message(f);
+  EXPECT_NE(m.find(pinned_hint), std::string::npos) << m;
+  EXPECT_NE(m.find(format_bytes(7 * MiB) + " pinned and"), std::string::npos) << m;
+}
+
+// The allocator asks the swapper for those figures when its eviction hook cannot make room.
+TEST(AllocatorOom, TheMessageCarriesTheObserversUnevictableBytes) {
+  struct Stuck final : LargeBlockObserver {
+    void on_large_alloc(void*, std::size_t, Stream) override {}
+    void on_large_free(void*, Stream) override {}
+    std::size_t evict(std::size_t) override { return 0; }
+    std::optional<Unevictable> unevictable() override { return Unevictable{0, 4 * MiB}; }
+  } stuck;
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  Stream st = dev.create_stream();
+  CachingAllocator a(dev, AllocatorOptions{.budget = 4 * MiB});
+  a.set_observer(&stuck);
+  void* p = a.allocate(4 * MiB, st);
+  try {
+    a.allocate(MiB, st);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find(format_bytes(4 * MiB) + " never declared swappable"), std::string::npos)
+        << m;
+    EXPECT_NE(m.find("never declared swappable (only blocks a hook declared"), std::string::npos)
+        << m;
+  }
+  a.set_observer(nullptr);
+  a.deallocate(p);
 }
 
 // Every allocate, free, map, unmap and OOM is a trace event with its address, size, stream and
