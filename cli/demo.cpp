@@ -104,9 +104,12 @@ void add_demo(CLI::App& app, Runner& run) {
       "demo", "run a synthetic training step 3x larger than the budget: recorded, then planned");
   cmd->add_option("--budget", args->budget, "device memory budget (budget: in --conf wins)")
       ->capture_default_str();
-  cmd->add_option("--layers", args->layers, "layers in the chain")
+  // The step, 3.2x the budget, is spread over the layers; an op holds three activations, so
+  // with fewer than 6 layers one op needs more than any budget.
+  cmd->add_option("--layers", args->layers,
+                  "layers in the chain (6 or more: fewer put more than the budget in one op)")
       ->capture_default_str()
-      ->check(int_in(2, 512));
+      ->check(int_in(6, 512));
   cmd->add_option("--steps", args->steps, "steps to run (the first is recorded, the rest planned)")
       ->capture_default_str()
       ->check(int_in(2, 100000));
