@@ -170,6 +170,9 @@ if ((built == 0)); then
   step tests-train 150 bash -c 'rc=0; for m in mlp cnn gpt-mini; do "$1" --conf device:cuda \
     train "$m" --check --steps 4 || rc=1; done; "$1" --conf device:cuda train gpt-mini \
     --policy plan --check --steps 4 || rc=1; exit $rc' _ "$build/spill"
+  # doc_examples among them runs the documentation's GPU blocks with this Python (docs/pytorch.md's
+  # CUDA quick start, which compiles the CUDA shim into torch's extension cache; docs/python.md's
+  # CuPy block where CuPy is installed); on the CPU build machine they skip.
   step tests-rest 240 ctest --test-dir "$build" --output-on-failure -j 8 -E "$gpu_tests" \
     --output-junit "$work/ctest.xml"
   # spill as CuPy's allocator on the GPU (also part of tests-rest; its own row says whether it
