@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Tuple
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECORDS = {"BENCHMARKS.md", "architecture.md"}
 KINDS = {"python", "sh", "c", "no"}
-FENCE = re.compile(r"^(```+)\s*([A-Za-z0-9_+-]*)\s*$")
+FENCE = re.compile(r"^( *)(```+)\s*([A-Za-z0-9_+-]*)\s*$")   # also inside a list item
 MARKER = re.compile(r"<!--\s*test:(.*?)-->", re.S)
 
 
@@ -123,12 +123,13 @@ def parse(path: pathlib.Path) -> Tuple[List[Block], List[str]]:
                 last_run = None
             i += 1
             continue
-        ticks, lang = m.group(1), m.group(2)
+        indent, ticks, lang = len(m.group(1)), m.group(2), m.group(3)
         start = i
         j = i + 1
         while j < len(lines) and lines[j].strip() != ticks:
             j += 1
-        code = "\n".join(lines[start + 1:j]) + "\n"
+        code = "\n".join(line[indent:] if line[:indent].isspace() else line
+                         for line in lines[start + 1:j]) + "\n"
         # The marker: an HTML comment ending on the line above the fence.
         marker = None
         k = start - 1
