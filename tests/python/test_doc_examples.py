@@ -87,3 +87,40 @@ def test_the_readme_configuration_table_has_every_key():
     table = table[:table.index("\n## ")]
     listed = re.findall(r"^\| `([a-z_]+)` \|", table, re.M)
     assert sorted(listed) == sorted(known.group(1).split(", ")), (listed, known.group(1))
+
+
+def _anchors(page: pathlib.Path) -> set:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to '-'."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_links_between_the_pages_resolve():
+    """A link to a file of the repository names one that exists, and its #anchor a heading."""
+    wrong = []
+    for page in de.pages() + [de.ROOT / "docs" / "architecture.md"]:
+        for n, line in enumerate(page.read_text().split("\n"), 1):
+            for target in re.findall(r"\]\(([^)\s]+)\)", line):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                path, _, anchor = target.partition("#")
+                dest = (page.parent / path).resolve() if path else page
+                where = f"{page.relative_to(de.ROOT)}:{n}: ({target})"
+                if not dest.exists():
+                    wrong.append(f"{where}: no file {path}")
+                elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                    wrong.append(f"{where}: no heading makes #{anchor}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_source_files_the_text_names_exist():
+    """A path such as graph/plan.hpp or tests/python/models.py (one under a top-level folder of
+    the repository) names a file or folder that exists."""
+    top = {p.name for p in de.ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    wrong = []
+    for page in de.pages():
+        for n, line in enumerate(page.read_text().split("\n"), 1):
+            for path in re.findall(r"(?<![\w/.~-])([a-z_]+/[\w./-]*\w)", line):
+                if path.split("/")[0] in top - {"build"} and not (de.ROOT / path).exists():
+                    wrong.append(f"{page.relative_to(de.ROOT)}:{n}: {path} does not exist")
+    assert not wrong, "\n".join(wrong)
