@@ -9,10 +9,8 @@ import sys
 
 import pytest
 
+import doc_examples as de
 from spill_cli import spill_cli
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import doc_examples as de  # noqa: E402
 
 UNITS, PROBLEMS = de.units(de.pages())
 FILES = de.named_files([b for p in de.pages() for b in de.parse(p)[0]])
