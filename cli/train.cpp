@@ -122,7 +122,12 @@ int run_predict(const Config& config, const TrainArgs& a) {
   };
   row("unlimited memory", r.unlimited);
   row("swap only", r.swap_only);
-  if (!a.no_recompute) row("with recomputation", r.predicted);
+  if (!a.no_recompute) {
+    row("with recomputation", r.predicted);
+    if (const std::size_t links = r.plan.chain_links())
+      std::printf("%-20s %zu of the remakes are links of chains (remade early for a remake "
+                  "that reads them)\n", "", links);
+  }
   if (r.floor)
     std::printf("%-20s %18s   no plan that only swaps does better at the planner's budget on "
                 "this link%s (of the step's ops; inputs' upload aside)\n",
@@ -230,9 +235,9 @@ int run_train(Config config, const TrainArgs& a) {
     std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx)   policy: %s\n",
                 format_bytes(footprint).c_str(), format_bytes(ex.budget()).c_str(),
                 double(footprint) / double(ex.budget()), train::to_string(policy));
-    std::printf("plan:      %zu swaps, %zu recomputes (%s, %s); predicted peak %s, out %s, in %s "
-                "per step, step %s (compute %s, stall %s)\n",
-                ex.plan().swaps.size(), ex.plan().recomputes.size(),
+    std::printf("plan:      %zu swaps, %zu recomputes (%zu early as links of chains; %s, %s); "
+                "predicted peak %s, out %s, in %s per step, step %s (compute %s, stall %s)\n",
+                ex.plan().swaps.size(), ex.plan().recomputes.size(), ex.plan().chain_links(),
                 format_bytes(p.recomputed_bytes).c_str(), ms(p.recompute_time_s).c_str(),
                 format_bytes(ex.predicted_peak()).c_str(),
                 format_bytes(p.swapped_out_bytes).c_str(), format_bytes(p.swapped_in_bytes).c_str(),

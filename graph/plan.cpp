@@ -30,7 +30,7 @@ Plan Plan::from_swaps(std::string policy, std::uint64_t budget, std::size_t n_op
   });
   for (const Recompute& r : recomputes) {
     p.steps[std::size_t(r.drop_after)].drop_after.push_back(r.tensor);
-    p.steps[std::size_t(r.next_use)].recompute_before.push_back(r.tensor);
+    p.steps[std::size_t(r.remade_before())].recompute_before.push_back(r.tensor);
   }
   p.recomputes = std::move(recomputes);
   return p;
@@ -40,6 +40,11 @@ std::uint64_t Plan::recomputed_bytes(const Graph& g) const {
   std::uint64_t sum = 0;
   for (const Recompute& r : recomputes) sum += g.tensors[r.tensor].bytes;
   return sum;
+}
+
+std::size_t Plan::chain_links() const {
+  return std::size_t(std::count_if(recomputes.begin(), recomputes.end(),
+                                   [](const Recompute& r) { return r.remade_before() != r.next_use; }));
 }
 
 std::int64_t remaking_op(const Graph& g, TensorIndex t) {
@@ -52,6 +57,14 @@ std::int64_t remaking_op(const Graph& g, TensorIndex t) {
   return -1;
 }
 
+void order_remakes(const Graph& g, Plan& p) {
+  for (PlanStep& s : p.steps)
+    std::stable_sort(s.recompute_before.begin(), s.recompute_before.end(),
+                     [&](TensorIndex a, TensorIndex b) {
+                       return remaking_op(g, a) < remaking_op(g, b);
+                     });
+}
+
 namespace {
 
 // The recompute rules of check_plan (see plan.hpp).
@@ -62,16 +75,20 @@ void check_recomputes(const Graph& g, const Plan& p, const Liveness& l) {
     for (TensorIndex t : g.ops[i].writes)
       if (writers[t].empty() || writers[t].back() != i) writers[t].push_back(OpIndex(i));
   // Whether tensor x is away just before op u by some action of the plan: evicted and its
-  // prefetch not issued yet (once issued, the remake waits for it as an op would), or dropped
-  // and not remade before u's own remakes.
-  auto away_at = [&](TensorIndex x, std::int64_t u) {
+  // prefetch not issued yet (once issued, the remake waits for it as an op would).
+  auto swapped_at = [&](TensorIndex x, std::int64_t u) {
     for (const Swap& s : p.swaps)
       if (s.tensor == x && ((s.evict_after < u && u < s.prefetch_at) ||
                             (s.evict_after < u + n && u + n < s.prefetch_at)))
         return true;
-    for (const Recompute& r : p.recomputes)
-      if (r.tensor == x && r.drop_after < u && u <= r.next_use) return true;
     return false;
+  };
+  // The recompute of x whose drop covers the moment just before op u, if any (remade at u
+  // counts: whether it comes before the remake that reads it depends on the list's order).
+  auto dropped_at = [&](TensorIndex x, std::int64_t u) -> const Recompute* {
+    for (const Recompute& r : p.recomputes)
+      if (r.tensor == x && r.drop_after < u && u <= r.remade_before()) return &r;
+    return nullptr;
   };
   for (std::size_t k = 0; k < p.recomputes.size(); ++k) {
     const Recompute& r = p.recomputes[k];
@@ -81,10 +98,13 @@ void check_recomputes(const Graph& g, const Plan& p, const Liveness& l) {
     const std::int64_t maker = remaking_op(g, r.tensor);
     SPILL_EXPECTS(maker >= 0, at + ": tensor " + name +
                                   " is not an activation made by a recomputable op");
-    SPILL_EXPECTS(r.drop_after >= maker && r.drop_after + 1 < r.next_use && r.next_use < n,
+    const std::int64_t when = r.remade_before();
+    SPILL_EXPECTS(r.drop_after >= maker && r.drop_after + 1 < when && when <= r.next_use &&
+                      r.next_use < n,
                   at + " (" + name + "): drop_after " + std::to_string(r.drop_after) +
-                      ", next_use " + std::to_string(r.next_use) +
-                      " are out of order or range (made by op " + std::to_string(maker) + ")");
+                      ", remade before op " + std::to_string(when) + ", next_use " +
+                      std::to_string(r.next_use) + " are out of order or range (made by op " +
+                      std::to_string(maker) + ")");
     const auto& uses = l.uses[r.tensor];
     SPILL_EXPECTS(std::binary_search(uses.begin(), uses.end(), OpIndex(r.next_use)),
                   at + ": op " + std::to_string(r.next_use) + " does not use tensor " + name);
@@ -102,20 +122,32 @@ void check_recomputes(const Graph& g, const Plan& p, const Liveness& l) {
                         o.drop_after >= r.next_use,
                     at + ": overlaps another recompute of tensor " + name);
     }
-    // What the producer touches besides the tensor is there, and as it was, at the remake.
+    // What the producer touches besides the tensor is there, and as it was, at the remake: a
+    // dropped one only when it is remade before the same op, earlier in the list (a chain).
     const Op& op = g.ops[std::size_t(maker)];
+    const auto& list_at = p.steps[std::size_t(when)].recompute_before;
+    const auto self = std::find(list_at.begin(), list_at.end(), r.tensor);
+    SPILL_EXPECTS(self != list_at.end(),
+                  at + ": tensor " + name + " is not in the remakes before op " + std::to_string(when));
     for (const auto* list : {&op.reads, &op.writes}) {
       for (TensorIndex x : *list) {
         if (x == r.tensor) continue;
-        const std::string input = at + " (" + name + " before op " + std::to_string(r.next_use) +
+        const std::string input = at + " (" + name + " before op " + std::to_string(when) +
                                   "): its producer's tensor '" + g.tensors[x].name + "' ";
-        SPILL_EXPECTS(persistent(g.tensors[x].kind) || l.live[x].live_at(r.next_use),
+        SPILL_EXPECTS(persistent(g.tensors[x].kind) || l.live[x].live_at(when),
                       input + "is no longer live there");
         for (OpIndex w : writers[x])
-          SPILL_EXPECTS(std::int64_t(w) <= maker || std::int64_t(w) >= r.next_use,
+          SPILL_EXPECTS(std::int64_t(w) <= maker || std::int64_t(w) >= when,
                         input + "is written by op " + std::to_string(w) + " in between");
-        SPILL_EXPECTS(!away_at(x, r.next_use),
-                      input + "is swapped out or dropped there (one level of recomputation)");
+        SPILL_EXPECTS(!swapped_at(x, when), input + "is swapped out there");
+        if (const Recompute* d = dropped_at(x, when)) {
+          SPILL_EXPECTS(d->remade_before() == when,
+                        input + "is dropped there and not remade before it (a chain's first "
+                                "link needs its inputs resident)");
+          SPILL_EXPECTS(std::find(list_at.begin(), self, x) != self,
+                        input + "is remade before the same op but after it (a chain's links "
+                                "are remade producer first)");
+        }
       }
     }
   }
@@ -180,9 +212,9 @@ std::vector<std::uint64_t> planned_memory(const Graph& g, const Plan& p) {
   }
   std::vector<std::uint64_t> extra(g.ops.size(), 0);  // a remake's workspace beyond the op's
   for (const Recompute& r : p.recomputes) {
-    subtract(r.drop_after + 1, r.next_use, g.tensors[r.tensor].bytes);
+    subtract(r.drop_after + 1, r.remade_before(), g.tensors[r.tensor].bytes);
     const std::int64_t maker = remaking_op(g, r.tensor);
-    const auto u = std::size_t(r.next_use);
+    const auto u = std::size_t(r.remade_before());
     if (maker >= 0 && g.ops[std::size_t(maker)].workspace_bytes > g.ops[u].workspace_bytes)
       extra[u] = std::max(extra[u],
                           g.ops[std::size_t(maker)].workspace_bytes - g.ops[u].workspace_bytes);

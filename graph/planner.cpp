@@ -27,7 +27,10 @@
 // in (the link is then what the plan saves; in a step whose copies outlast the compute, hidden
 // windows are not hidden). Where the remakes chosen leave an op over the budget (what their
 // producers read is held resident there and nothing else can move), the sweep is run again
-// without them.
+// without them. The sweeps remake in one level; after each, a chained variant is tried (chain()):
+// a swapped activation whose producer costs less than its copy in becomes a remake where what
+// the producer reads is resident or a remake that can move to that op first (its own inputs
+// likewise, to three links), where memory allows.
 // Several lead factors (slack for copy-engine contention) are tried and the plan whose
 // simulation is fastest wins. Every window only ever lowers memory, and every idle swappable
 // tensor can be stretched over any op, so the sweep meets the budget whenever check_budget does;
@@ -214,16 +217,60 @@ class SpillPlanner {
     std::vector<Recompute> remakes;
     for (std::size_t k = 0; k < gaps_.size(); ++k) {
       if (!win[k].chosen) continue;
-      if (win[k].remake) {
-        remakes.push_back({gaps_[k].tensor, gaps_[k].from, gaps_[k].to});
+      if (win[k].remake) {  // a chain's link is remade where its window ends, before its use
+        remakes.push_back({gaps_[k].tensor, gaps_[k].from, gaps_[k].to,
+                           win[k].p < gaps_[k].to ? win[k].p : -1});
         continue;
       }
       // The eviction is issued right after the last use; the window start only models when
       // its memory is expected back.
       swaps.push_back({gaps_[k].tensor, gaps_[k].from, win[k].p, gaps_[k].to});
     }
-    return Plan::from_swaps("spill", o_.budget, g_.ops.size(), std::move(swaps),
-                            std::move(remakes));
+    Plan p = Plan::from_swaps("spill", o_.budget, g_.ops.size(), std::move(swaps),
+                              std::move(remakes));
+    order_remakes(g_, p);
+    return p;
+  }
+
+  // Chained remakes: swapped activations whose producer costs less than their copy in, made
+  // remakes where what the producer reads is resident at the remake or is itself remade there
+  // first (a dropped input's remake moves to that op; its own inputs likewise, up to
+  // kChainDepth links), where the planned memory stays within the budget. The windows are
+  // unchanged when nothing qualifies (returns false).
+  static constexpr int kChainDepth = 3;
+  bool chain(std::vector<Window>& win) const {
+    auto bytes_of = [&](std::size_t k) { return std::int64_t(g_.tensors[gaps_[k].tensor].bytes); };
+    MaxTree mem = memory_of(win);
+    bool changed = false;
+    for (std::size_t k = 0; k < gaps_.size(); ++k) {
+      const Gap& gp = gaps_[k];
+      if (maker_[k] < 0 || !win[k].chosen || win[k].remake || remake_s_[k] >= lead(gp)) continue;
+      if (needed_inside(k, win)) continue;  // a chosen remake reads the tensor inside its gap
+      // The remakes to move to gp.to (gap, its old remake point), found depth first.
+      std::vector<std::pair<std::size_t, std::int64_t>> moves;
+      if (!chainable(k, gp.to, win, kChainDepth, moves)) continue;
+      // Memory: the tensor is away over its whole gap (instead of its swap window); each moved
+      // link is resident from gp.to to its old remake point.
+      const Window old = win[k];
+      const std::int64_t b = bytes_of(k);
+      mem.add(old.e, old.p, b);
+      mem.add(gp.from + 1, gp.to, -b);
+      bool fits = true;
+      for (auto [j, was] : moves) {
+        mem.add(gp.to, was, bytes_of(j));
+        fits = fits && mem.max(gp.to, was) <= budget_;
+      }
+      if (!fits) {  // undo
+        for (auto [j, was] : moves) mem.add(gp.to, was, -bytes_of(j));
+        mem.add(gp.from + 1, gp.to, b);
+        mem.add(old.e, old.p, -b);
+        continue;
+      }
+      for (auto [j, was] : moves) win[j].p = gp.to;
+      win[k] = {true, gp.from + 1, gp.to, true};
+      changed = true;
+    }
+    return changed;
   }
 
  private:
@@ -274,8 +321,9 @@ class SpillPlanner {
   // used before it) whose producer's other tensors are live at the next use and not written
   // after the producer before it.
   void find_remakes(const std::vector<double>& times) {
-    std::vector<std::vector<std::size_t>> gaps_of(g_.tensors.size());
-    for (std::size_t k = 0; k < gaps_.size(); ++k) gaps_of[gaps_[k].tensor].push_back(k);
+    gaps_of_.assign(g_.tensors.size(), {});
+    for (std::size_t k = 0; k < gaps_.size(); ++k) gaps_of_[gaps_[k].tensor].push_back(k);
+    const auto& gaps_of = gaps_of_;
     std::vector<std::vector<std::int64_t>> writers(g_.tensors.size());
     std::vector<std::int64_t> maker_of(g_.tensors.size(), -1);
     for (std::size_t i = 0; i < g_.ops.size(); ++i)
@@ -316,6 +364,48 @@ class SpillPlanner {
       return false;
     for (auto [j, at] : needs_[k])
       if (win[j].chosen && (win[j].remake || win[j].p > at)) return false;
+    return true;
+  }
+
+  // Whether a chosen remake's producer touches gap k's tensor where the gap is idle (it relies
+  // on the tensor being resident there).
+  bool needed_inside(std::size_t k, const std::vector<Window>& win) const {
+    const TensorIndex t = gaps_[k].tensor;
+    for (std::size_t r = 0; r < gaps_.size(); ++r) {
+      if (!win[r].chosen || !win[r].remake || idle_index(gaps_[k], win[r].p) < 0) continue;
+      const Op& op = g_.ops[std::size_t(maker_[r])];
+      for (const auto* list : {&op.reads, &op.writes})
+        if (std::find(list->begin(), list->end(), t) != list->end()) return true;
+    }
+    return false;
+  }
+
+  // Whether gap k's producer can run again before op `at` with what the windows leave resident
+  // there, remaking dropped inputs first (their remake points move to `at`: `moves`, with each
+  // one's old point) to `depth` links. Inputs swapped out at `at` are refused.
+  bool chainable(std::size_t k, std::int64_t at, const std::vector<Window>& win, int depth,
+                 std::vector<std::pair<std::size_t, std::int64_t>>& moves) const {
+    if (maker_[k] < 0) return false;
+    const Op& op = g_.ops[std::size_t(maker_[k])];
+    for (const auto* list : {&op.reads, &op.writes})
+      for (TensorIndex x : *list) {
+        if (x == gaps_[k].tensor) continue;
+        if (!persistent(g_.tensors[x].kind) && !live_.live[x].live_at(at)) return false;
+        for (std::size_t j : gaps_of_[x]) {
+          const std::int64_t v = idle_index(gaps_[j], at);
+          if (v < 0 || !win[j].chosen) continue;  // in use at `at`, or kept: resident
+          if (!win[j].remake) {
+            if (v < win[j].p) return false;  // swapped out, its prefetch not issued yet
+            continue;
+          }
+          if (v >= win[j].p) continue;  // remade by then (a link already moved to `at`)
+          // Dropped at `at`: a link of the chain when its own inputs can be remade there too.
+          if (depth <= 1) return false;
+          if (std::any_of(moves.begin(), moves.end(), [&](auto m) { return m.first == j; })) continue;
+          moves.push_back({j, win[j].p});
+          if (!chainable(j, at, win, depth - 1, moves)) return false;
+        }
+      }
     return true;
   }
 
@@ -483,27 +573,35 @@ class SpillPlanner {
     }
   }
 
-  // The passes after the sweep. The memory curve is the sweep's model: liveness's curve less
-  // each chosen window's bytes over its virtual ops [e, p).
-  void refine(std::vector<Window>& win, bool drop, double slack) const {
+  // The sweep's memory model of a set of windows: liveness's curve less each chosen window's
+  // bytes over its virtual ops [e, p).
+  MaxTree memory_of(const std::vector<Window>& win) const {
     std::vector<std::int64_t> diff(std::size_t(n_) + 1, 0);
-    std::vector<std::size_t> chosen;
-    auto bytes_of = [&](std::size_t k) { return std::int64_t(g_.tensors[gaps_[k].tensor].bytes); };
-    for (std::size_t k = 0; k < gaps_.size(); ++k) {
-      if (!win[k].chosen) continue;
-      chosen.push_back(k);
-      pieces(win[k].e, win[k].p, [&](std::int64_t a, std::int64_t b, std::int64_t) {
-        diff[std::size_t(a)] -= bytes_of(k);
-        diff[std::size_t(b)] += bytes_of(k);
-      });
-    }
+    for (std::size_t k = 0; k < gaps_.size(); ++k)
+      if (win[k].chosen) {
+        const auto bytes = std::int64_t(g_.tensors[gaps_[k].tensor].bytes);
+        pieces(win[k].e, win[k].p, [&](std::int64_t a, std::int64_t b, std::int64_t) {
+          diff[std::size_t(a)] -= bytes;
+          diff[std::size_t(b)] += bytes;
+        });
+      }
     std::vector<std::int64_t> curve(static_cast<std::size_t>(n_));
     std::int64_t run = 0;
     for (std::int64_t i = 0; i < n_; ++i) {
       run += diff[std::size_t(i)];
       curve[std::size_t(i)] = std::int64_t(live_.memory[std::size_t(i)]) + run;
     }
-    MaxTree mem(curve);
+    return MaxTree(curve);
+  }
+
+  // The passes after the sweep. The memory curve is the sweep's model: liveness's curve less
+  // each chosen window's bytes over its virtual ops [e, p).
+  void refine(std::vector<Window>& win, bool drop, double slack) const {
+    std::vector<std::size_t> chosen;
+    auto bytes_of = [&](std::size_t k) { return std::int64_t(g_.tensors[gaps_[k].tensor].bytes); };
+    for (std::size_t k = 0; k < gaps_.size(); ++k)
+      if (win[k].chosen) chosen.push_back(k);
+    MaxTree mem = memory_of(win);
     auto raise = [&](std::int64_t va, std::int64_t vb, std::int64_t bytes) {
       pieces(va, vb, [&](std::int64_t a, std::int64_t b, std::int64_t) { mem.add(a, b, bytes); });
     };
@@ -577,6 +675,7 @@ class SpillPlanner {
   std::vector<std::int64_t> maker_;               // per gap (find_remakes)
   std::vector<std::vector<std::pair<std::size_t, std::int64_t>>> needs_;  // per gap
   std::vector<double> remake_s_;                  // per gap: the producer's time
+  std::vector<std::vector<std::size_t>> gaps_of_;  // per tensor: its gaps
   // Per gap: the virtual op by which a chosen recompute needs its tensor back (no window of
   // the gap may reach past it); max when none does.
   std::vector<std::int64_t> cap_;
@@ -616,7 +715,9 @@ Plan plan_spill(const Graph& g, const std::vector<double>& op_times, const LinkM
           planner.ban(planner.stuck());
           windows = planner.sweep(factor, false, mode);
         }
-        swept.push_back(std::move(windows));
+        swept.push_back(windows);
+        // The same with chained remakes where a producer costs less than the copy it saves.
+        if (planner.chain(windows)) swept.push_back(std::move(windows));
       }
     for (const auto& windows : swept) {
       for (Refine refine : {Refine::None, Refine::Hoist, Refine::DropAndHoist,

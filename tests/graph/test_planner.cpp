@@ -549,9 +549,12 @@ TEST(PlannerRecompute, ARemakeNeedsItsInputsResidentOneLevel) {
   op(g, "use_y", {y}, {});
   op(g, "use_a", {a, in}, {});
   mark_pure(g);
-  const std::string who = "its producer's tensor 'A' is swapped out or dropped";
-  for (Plan p : {Plan::from_swaps("t", 0, 6, {{1, 1, 5, 5}}, {{2, 1, 4}}),
-                 Plan::from_swaps("t", 0, 6, {}, {{2, 1, 4}, {1, 1, 5}})}) {
+  const std::pair<Plan, std::string> bad[] = {
+      {Plan::from_swaps("t", 0, 6, {{1, 1, 5, 5}}, {{2, 1, 4}}),
+       "its producer's tensor 'A' is swapped out there"},
+      {Plan::from_swaps("t", 0, 6, {}, {{2, 1, 4}, {1, 1, 5}}),
+       "its producer's tensor 'A' is dropped there and not remade before it"}};
+  for (const auto& [p, who] : bad) {
     try {
       check_plan(g, p);
       ADD_FAILURE() << "accepted";
@@ -560,6 +563,105 @@ TEST(PlannerRecompute, ARemakeNeedsItsInputsResidentOneLevel) {
     }
   }
   EXPECT_NO_THROW(check_plan(g, Plan::from_swaps("t", 0, 6, {}, {{2, 1, 4}})));
+}
+
+// A chain: Y is made from A, A from X, X from the input. Remaking Y before op 5 with A and X
+// dropped is valid when X, then A, are remade before the same op first (each stays resident to
+// its own next use); out of order, or with the first link's input (X) left dropped, it is
+// refused naming the tensor.
+Graph chain_graph() {
+  Graph g;
+  auto in = tensor(g, "in", 1000, TensorKind::Input);
+  auto x = tensor(g, "X", 2 * MB), a = tensor(g, "A", 4 * MB), y = tensor(g, "Y", 4 * MB);
+  op(g, "make_x", {in}, {x});
+  op(g, "make_a", {x}, {a});
+  op(g, "make_y", {a}, {y});
+  op(g, "idle", {}, {});
+  op(g, "idle", {}, {});
+  op(g, "use_y", {y}, {});
+  op(g, "use_a", {a}, {});
+  op(g, "use_x", {x, in}, {});
+  mark_pure(g);
+  return g;
+}
+
+void expect_refused(const Graph& g, const Plan& p, const std::string& what) {
+  try {
+    check_plan(g, p);
+    ADD_FAILURE() << "accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+  }
+}
+
+TEST(PlannerRecompute, AChainRemakesItsDroppedInputsFirstInOrder) {
+  const Graph g = chain_graph();
+  const TensorIndex x = 1, a = 2, y = 3;
+  // X and A remade before op 5 (where Y's remake needs A, and A's needs X), then Y.
+  Plan p = Plan::from_swaps("t", 0, 8, {}, {{x, 1, 7, 5}, {a, 2, 6, 5}, {y, 2, 5}});
+  order_remakes(g, p);
+  EXPECT_EQ(p.steps[5].recompute_before, (std::vector<TensorIndex>{x, a, y}));
+  EXPECT_NO_THROW(check_plan(g, p));
+  // What it saves: nothing of X, A, Y is resident over ops 3-4; all three over 5.
+  const std::vector<std::uint64_t> mem = planned_memory(g, p);
+  EXPECT_EQ(mem[3], 1000u);
+  EXPECT_EQ(mem[5], 1000u + 10 * MB);
+  // Out of order: A's remake before X's.
+  Plan swapped = p;
+  std::swap(swapped.steps[5].recompute_before[0], swapped.steps[5].recompute_before[1]);
+  expect_refused(g, swapped, "its producer's tensor 'X' is remade before the same op but after it");
+  // The first link's input absent: X dropped and remade only for its own use (op 7).
+  Plan absent = Plan::from_swaps("t", 0, 8, {}, {{x, 1, 7}, {a, 2, 6, 5}, {y, 2, 5}});
+  order_remakes(g, absent);
+  expect_refused(g, absent, "its producer's tensor 'X' is dropped there and not remade before it");
+  // A link remade at its drop's next op, or after its use, is out of range.
+  expect_refused(g, Plan::from_swaps("t", 0, 8, {}, {{a, 2, 6, 3}}), "out of order or range");
+}
+
+// The planner chains where that is cheapest: Y (10 MB) and A (4 MB) cannot stay over 'peak'
+// (12 MB in 14); Y's copy each way (10 ms on the unit link) cannot hide, A is remade (0.1 ms),
+// so Y's remake needs A remade first: 1.1 ms instead of a stalling swap. With 30 ms of other
+// work on each side a swap hides, and nothing is remade.
+Graph chain_choice_graph(double idle_ms) {
+  Graph g;
+  auto in = tensor(g, "in", 1000, TensorKind::Input);
+  auto a = tensor(g, "A", 4 * MB), y = tensor(g, "Y", 10 * MB), z = tensor(g, "Z", 12 * MB);
+  op(g, "make_a", {in}, {a}, 0.1e-3);
+  op(g, "make_y", {a}, {y});
+  op(g, "idle", {}, {}, idle_ms * 1e-3);
+  op(g, "peak", {}, {z});
+  op(g, "use_z", {z}, {});
+  op(g, "idle", {}, {}, idle_ms * 1e-3);
+  op(g, "use_y", {y}, {});
+  op(g, "use_a", {a, in}, {});
+  mark_pure(g);
+  return g;
+}
+
+TEST(PlannerRecompute, ChainsARemakeWhereItIsCheapestNotWhereASwapHides) {
+  PlannerOptions o;
+  o.budget = 14 * MB + 1000;
+  o.recompute = true;
+  {
+    const Graph g = chain_choice_graph(0);
+    Plan p = plan_spill(g, times_of(g), unit_link(), o);
+    ASSERT_NO_THROW(check_plan(g, p));
+    EXPECT_TRUE(p.swaps.empty());
+    ASSERT_EQ(p.recomputes.size(), 2u);
+    EXPECT_EQ(p.steps[6].recompute_before, (std::vector<TensorIndex>{1, 2}));  // A, then Y
+    SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget});
+    EXPECT_TRUE(r.within_budget);
+    EXPECT_NEAR(r.step_time_s, r.compute_time_s + 1.1e-3, 1e-9);
+    EXPECT_EQ(r.recomputes, 2u);
+  }
+  {
+    const Graph g = chain_choice_graph(30);
+    Plan p = plan_spill(g, times_of(g), unit_link(), o);
+    ASSERT_NO_THROW(check_plan(g, p));
+    for (const Recompute& rc : p.recomputes) EXPECT_NE(rc.tensor, 2u) << "Y remade";
+    SimResult r = simulate(g, times_of(g), unit_link(), &p, {o.budget});
+    EXPECT_NEAR(r.step_time_s, r.compute_time_s, 1e-9);
+  }
 }
 
 TEST(PlannerRecompute, PlansStayValidAndWithinBudgetOnRandomGraphs) {

@@ -445,5 +445,47 @@ TEST(Simulator, RecomputeRunsTheProducerAgainBeforeTheUse) {
   EXPECT_FALSE(kept.within_budget);
 }
 
+// A hand-made chain: A (2 MB) from the input, Y (2 MB) from A, both dropped after Y is made and
+// remade before op 4, A first (its remake point before its own use at op 5). Over ops 2-3 a
+// 3 MB tensor fits beside the input only because both are gone; the remakes run in list order
+// on the compute stream (1 ms each) and the peak is the op that needs both back.
+TEST(Simulator, AChainedRemakeRunsItsLinksInOrderBeforeTheOp) {
+  Graph g;
+  auto in = tensor(g, "I", MB, TensorKind::Input);
+  auto a = tensor(g, "A", 2 * MB), y = tensor(g, "Y", 2 * MB), b = tensor(g, "B", 3 * MB);
+  op(g, "make_a", {in}, {a});
+  op(g, "make_y", {a}, {y});
+  op(g, "make_b", {}, {b});
+  op(g, "use_b", {b}, {});
+  op(g, "use_y", {y}, {});
+  op(g, "use_a", {a, in}, {});
+  g.ops[0].recomputable = g.ops[1].recomputable = true;
+  g.validate();
+  Plan p = Plan::from_swaps("test", 0, 6, {}, {{y, 1, 4}, {a, 1, 5, 4}});
+  order_remakes(g, p);
+  ASSERT_EQ(p.steps[4].recompute_before, (std::vector<TensorIndex>{a, y}));
+  ASSERT_NO_THROW(check_plan(g, p));
+  EXPECT_EQ(planned_memory(g, p),
+            (std::vector<std::uint64_t>{3 * MB, 5 * MB, 4 * MB, 4 * MB, 5 * MB, 3 * MB}));
+  SimResult r = simulate(g, times_of(g), unit_link(), &p, {5 * MB, true});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_EQ(r.peak_bytes, 5 * MB);
+  EXPECT_NEAR(r.step_time_s, 8e-3, 1e-12);  // 6 ops and 2 remakes
+  EXPECT_EQ(r.recomputes, 2u);
+  EXPECT_EQ(r.recomputed_bytes, 4 * MB);
+  EXPECT_EQ(r.swapped_in_bytes + r.swapped_out_bytes + r.demand_fetches, 0u);
+  std::vector<std::int64_t> order;
+  for (const TimelineEvent& e : r.timeline)
+    if (e.kind == TimelineEvent::Kind::Recompute) {
+      EXPECT_EQ(e.op, 4);
+      EXPECT_NEAR(e.start_s, order.empty() ? 4e-3 : 5e-3, 1e-12);
+      order.push_back(e.tensor);
+    }
+  EXPECT_EQ(order, (std::vector<std::int64_t>{std::int64_t(a), std::int64_t(y)}));
+  // Keeping A instead (one level) passes the budget over ops 2-3.
+  Plan one = Plan::from_swaps("test", 0, 6, {}, {{y, 1, 4}});
+  EXPECT_FALSE(simulate(g, times_of(g), unit_link(), &one, {5 * MB}).within_budget);
+}
+
 }  // namespace
 }  // namespace spill::graph
