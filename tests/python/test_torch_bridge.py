@@ -23,6 +23,12 @@ torch = pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TARGET = os.environ.get("SPILL_TORCH_TARGET", "cpu")
+# The simulated device's mapping granularity. A GPU's is 2 MiB (H100, H200): every block over
+# the swap threshold rounds up to it there, so a scenario sized for 64 KiB may not fit on a GPU.
+# SPILL_TEST_SIM_GRANULARITY=2MiB rehearses a GPU's rounding on the CPU bridge (the tests sized
+# for 64 KiB then skip, as they do on CUDA).
+SIM_GRANULARITY = os.environ.get("SPILL_TEST_SIM_GRANULARITY", "64KiB")
+SIZED_FOR_64K = TARGET != "cpu" or SIM_GRANULARITY != "64KiB"
 STEPS = 6
 needs_cuda = pytest.mark.skipif(TARGET != "cuda" or not torch.cuda.is_available(),
                                 reason="needs a GPU (run with SPILL_TORCH_TARGET=cuda there)")
@@ -120,7 +126,7 @@ def test_planned_steps_beat_lru(model: str) -> None:
 ENABLE = textwrap.indent(f"""
 import torch, spill, spill.torch as st
 torch.set_num_threads(1)
-st.enable("budget:64MiB,swap_threshold:128KiB,sim_granularity:64KiB", target="{TARGET}")
+st.enable("budget:64MiB,swap_threshold:128KiB,sim_granularity:{SIM_GRANULARITY}", target="{TARGET}")
 dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
 """, " " * 8)
 
@@ -276,12 +282,16 @@ def test_memory_snapshot_loads_in_memory_viz_and_spill_tools(tmp_path: pathlib.P
 
 
 def test_a_block_no_hook_saw_is_never_evicted() -> None:
-    """Under pressure (offload at a small budget), a large tensor no hook ever saw stays
-    resident with its bytes, while declared ones move."""
+    """Under pressure (offload at a third of the footprint, beside the unseen tensor), a large
+    tensor no hook ever saw stays resident with its bytes, while declared ones move. (A fixed
+    48 MiB fitted the simulated device's 64 KiB granularity only: on a GPU, at 2 MiB, the
+    MLP's 256 KiB activations take 2 MiB each and its first backward ran out of memory.)"""
     out = run_ok(ENABLE + """
         import sys; sys.path.insert(0, %r)
         from torch_train_models import train
-        spill.set_budget(48 << 20)
+        spill.set_budget(1 << 30)  # the footprint: the peak of two steps without hooks
+        train("mlp", 2, device=dev)
+        spill.set_budget((8 << 20) + st.max_memory_allocated() // 3)
         unseen = torch.arange(2 << 20, dtype=torch.float32, device=dev)  # 8 MiB, never used
         ptr = unseen.data_ptr()
         def check(i):
@@ -568,7 +578,8 @@ import torch, spill, spill.torch as st
 torch.set_num_threads(1)
 dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
 def enable():
-    st.enable("budget:{budget},swap_threshold:128KiB,sim_granularity:64KiB", target="{TARGET}")
+    st.enable("budget:{budget},swap_threshold:128KiB,sim_granularity:{SIM_GRANULARITY}",
+              target="{TARGET}")
 if dev == "cuda":
     enable()
 """, " " * 8)
@@ -587,22 +598,24 @@ MATCHES_PLAIN_TORCH = """
 
 
 def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None:
-    """offload(model, optimizer) with zero_grad(set_to_none=False), six 1 MiB weights and Adam
-    (24 MiB of parameters, gradients and state) at a 6 MiB budget: zero_grad replaces each
+    """offload(model, optimizer) with zero_grad(set_to_none=False), six 2 MiB weights and Adam
+    (48 MiB of parameters, gradients and state) at a 12 MiB budget: zero_grad replaces each
     gradient on the host by fresh zeros, which are declared swappable at once (before the fix
-    they stayed unswappable until the optimizer step, filled the budget by the fourth and the
-    fifth raised out of memory); losses and parameters are plain torch's."""
+    they stayed unswappable until the optimizer step and filled the budget); losses and
+    parameters are plain torch's. The weights are 724 x 724 floats, 2 MiB once rounded to the
+    granularity of a GPU or of the simulated device alike; the batch's tensors stay under the
+    swap threshold (small-pool blocks): the same blocks on both, so the budget fits both."""
     out = run_ok(quiet_preamble("1GiB") + """
         def train(wrap=None):
             torch.manual_seed(0)
-            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+            m = torch.nn.Sequential(*[torch.nn.Linear(724, 724) for _ in range(6)]).to(dev)
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
             h = wrap(m, opt) if wrap else None
             g = torch.Generator().manual_seed(1)
             losses = []
             for _ in range(4):
-                x = torch.randn(64, 512, generator=g).to(dev)
-                y = torch.randn(64, 512, generator=g).to(dev)
+                x = torch.randn(32, 724, generator=g).to(dev)
+                y = torch.randn(32, 724, generator=g).to(dev)
                 opt.zero_grad(set_to_none=False)
                 loss = torch.nn.functional.mse_loss(m(x), y)
                 loss.backward()
@@ -614,7 +627,7 @@ def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None
         enable()
         def wrap(m, o):
             h = st.offload(m, o)
-            spill.set_budget(6 << 20)
+            spill.set_budget(12 << 20)
             return h
         before = spill.stats()
         losses, m, h = train(wrap)
@@ -728,7 +741,7 @@ QUIET_MODEL = quiet_preamble("160MiB") + """
 """
 
 
-@pytest.mark.skipif(TARGET != "cpu", reason="the batch is sized for the simulated device's 64 KiB "
+@pytest.mark.skipif(SIZED_FOR_64K, reason="the batch is sized for the simulated device's 64 KiB "
                     "granularity (room for the grown step only by moving parameters)")
 def test_a_step_whose_batch_grows_arms_the_next_and_completes_by_moving_parameters() -> None:
     """A quiet step whose activations grow past the budget (the input is small: the growth
@@ -807,7 +820,7 @@ def test_growth_beyond_what_can_move_is_torch_oom_saying_the_step_ran_quiet() ->
     assert "ok" in out
 
 
-@pytest.mark.skipif(TARGET != "cpu", reason="the batch is sized for the simulated device's 64 KiB "
+@pytest.mark.skipif(SIZED_FOR_64K, reason="the batch is sized for the simulated device's 64 KiB "
                     "granularity (an armed step's forward fits by swapping, its backward not)")
 @pytest.mark.parametrize("quiet", [False, True])
 def test_a_caught_oom_leaves_nothing_of_the_abandoned_step_allocated(quiet: bool) -> None:
@@ -856,7 +869,7 @@ def test_a_caught_oom_leaves_nothing_of_the_abandoned_step_allocated(quiet: bool
     assert "ok" in out
 
 
-@pytest.mark.skipif(TARGET != "cpu", reason="sized for the simulated device's 64 KiB granularity "
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity "
                     "(room for the input, not for a parameter)")
 @pytest.mark.parametrize("quiet", [True, False])
 def test_a_parameter_that_cannot_come_back_is_torch_oom_and_training_continues(
@@ -929,6 +942,10 @@ def test_a_parameter_that_cannot_come_back_is_torch_oom_and_training_continues(
 # while fail[what] is set; oom(what, m, o) makes it so and returns the error's message.
 OOM_MODELS = """
         import torch.nn as nn
+        # The quiet model's steps must stay under half the budget with the armed model's
+        # tensors beside them: on a GPU every 256 KiB weight and 512 KiB activation takes a
+        # 2 MiB block, a peak of 36 MiB, over half of 64 MiB.
+        spill.set_budget(256 << 20)
         fail = {"forward": False, "backward": False, "step": False}
         class Fail(torch.autograd.Function):
             @staticmethod
@@ -1187,8 +1204,11 @@ def train(steps, how, wrap=None, mid=None):
     g = torch.Generator().manual_seed(1)
     losses = []
     for i in range(steps):
-        x = torch.randn(64, 1024, generator=g).to(dev)
-        y = torch.randint(0, 10, (64,), generator=g).to(dev)
+        # 128 KiB batches stay in the small pool: the blocks are the same on a GPU (2 MiB
+        # granularity, where a batch of 64 took 2 MiB blocks and backward ran out of memory
+        # at a third) and on the simulated device.
+        x = torch.randn(32, 1024, generator=g).to(dev)
+        y = torch.randint(0, 10, (32,), generator=g).to(dev)
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(forward(m, x, how, i), y)
         if mid:

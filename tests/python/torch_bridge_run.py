@@ -58,7 +58,8 @@ def main(argv: List[str]) -> int:
 
     import spill
     import spill.torch as st
-    st.enable(f"policy:{policy},swap_threshold:128KiB,sim_granularity:64KiB"
+    granularity = os.environ.get("SPILL_TEST_SIM_GRANULARITY", "64KiB")  # see test_torch_bridge
+    st.enable(f"policy:{policy},swap_threshold:128KiB,sim_granularity:{granularity}"
               + os.environ.get("SPILL_TEST_CONF", ""),
               target=target)
     # The training footprint: the peak of an unlimited run with spill.
