@@ -142,7 +142,13 @@ echo "$python_line"
 configure_cmd=(cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
                -DCMAKE_CUDA_ARCHITECTURES="${SPILL_CUDA_ARCH:-90}" "${cmake_args[@]}")
 build_cmd=(cmake --build "$build" -j "$(nproc)")
-if ! selected tests && ! selected bench_; then build_cmd+=(--target spill-cli spill); fi
+# The test programs and the benchmarks are built only when a step that runs them is selected
+# (by name: 'tests-gpu' alone once built only the command line, and every test "failed" as not
+# found; a benchmark is selected by a pattern that names bench_).
+if ! selected tests-gpu && ! selected tests-rest &&
+  ! [[ -z ${SPILL_GPU_ONLY:-} || ${SPILL_GPU_ONLY} == *bench_* ]]; then
+  build_cmd+=(--target spill-cli spill)
+fi
 if selected build && ! selected configure && ! [[ -f $build/CMakeCache.txt ]]; then
   SPILL_GPU_ONLY="${SPILL_GPU_ONLY}|configure" step configure 120 "${configure_cmd[@]}"
 else
@@ -191,7 +197,7 @@ if ((built == 0)); then
   # spill.torch on CUDA (a CUDA torch is needed; pip's is fine; the shims are compiled at first
   # use into the build folder): the CPU-bridge tests with the CUDA target, then GPT-2 medium at
   # a third of its footprint beside save_on_cpu and activation checkpointing.
-  if ! selected torch; then
+  if ! selected torch-tests && ! selected torch-gpt2-medium; then
     rows+=("torch|not selected (SPILL_GPU_ONLY)|0")
   elif [[ -n $python ]] && "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
     torch_env=(env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python"
@@ -237,7 +243,14 @@ fi
     # Failed tests, also when the step was cut short before ctest's own list.
     grep -E '\*\*\*(Failed|Timeout|Exception)|\(Failed\)|\(Timeout\)' "$work/$t.log" | sed 's/^/  /' | head -40
   done
-  if [[ -f $work/torch-tests.log ]]; then tail -n 1 "$work/torch-tests.log"; fi
+  # pytest -v's result per test, also when the step was cut short before pytest's own summary.
+  for t in torch-tests python-cupy; do
+    [[ -f $work/$t.log ]] || continue
+    echo "$t: $(grep -cE '::.* PASSED' "$work/$t.log") passed, $(grep -cE '::.* (FAILED|ERROR)' \
+      "$work/$t.log") failed, $(grep -cE '::.* SKIPPED' "$work/$t.log") skipped; last line: \
+$(tail -n 1 "$work/$t.log" | cut -c1-120)"
+    grep -E '::.* (FAILED|ERROR)' "$work/$t.log" | sed -E 's/ +\[ *[0-9]+%\]$//; s/^/  /' | head -40
+  done
   if [[ -f $work/torch-gpt2-medium.log ]]; then
     grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint)' "$work/torch-gpt2-medium.log"
   fi
