@@ -106,7 +106,8 @@ class Device {
   void copy_async(void* dst, const void* src, std::size_t bytes, CopyKind kind, Stream stream);
   void fill_async(void* dst, std::uint8_t value, std::size_t bytes, Stream stream);
   // Runs `fn` on a host thread once preceding work on `stream` is done; later work on the
-  // stream waits for it. `fn` must not call this Device (CUDA's rule for host functions).
+  // stream waits for it. `fn` must not call this Device (CUDA's rule for host functions;
+  // SimDevice refuses such a call, which becomes the stream's sticky error).
   void host_callback(Stream stream, std::function<void()> fn);
   // Waits for all work on all streams.
   void synchronize();
@@ -122,6 +123,20 @@ class Device {
 
  protected:
   DeviceInfo info_;
+
+  // A backend runs each host callback inside one: every call into this Device from the
+  // callback's thread meanwhile is refused (InvalidArgument naming the call), as CUDA forbids
+  // CUDA calls in a host function. SimDevice does; CUDA's own driver thread needs none.
+  class HostCallbackScope {
+   public:
+    explicit HostCallbackScope(const Device* device);
+    ~HostCallbackScope();
+    HostCallbackScope(const HostCallbackScope&) = delete;
+    HostCallbackScope& operator=(const HostCallbackScope&) = delete;
+
+   private:
+    const Device* previous_;
+  };
 
   virtual MemInfo do_mem_info() = 0;
   virtual void* do_reserve(std::size_t bytes) = 0;

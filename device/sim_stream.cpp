@@ -377,6 +377,7 @@ void SimDevice::do_fill_async(void* dst, std::uint8_t value, std::size_t bytes, 
 void SimDevice::do_host_callback(Stream stream, std::function<void()> fn) {
   StreamImpl& s = s_->stream(stream);
   s_->enqueue(s, {[this, fn = std::move(fn), &s] {
+    HostCallbackScope scope(this);  // fn must not call this device
     fn();
   }});
 }

@@ -83,6 +83,34 @@ TEST(SimDevice, CopyIntoUnmappedMemoryIsAStickyIllegalAddress) {
   EXPECT_THROW(dev.synchronize(), CudaError) << "the error is sticky, as in CUDA";
 }
 
+// CUDA's rule for host functions (cudaLaunchHostFunc): they must not call CUDA. A callback
+// that calls into its device is refused naming the call; the error is the stream's sticky
+// error, thrown by the next synchronize. Another device, and the device outside callbacks,
+// are unaffected.
+TEST(SimDevice, AHostCallbackThatCallsItsDeviceIsAStickyError) {
+  SimDevice dev(small());
+  SimDevice other(small());
+  Stream s = dev.create_stream();
+  Event e = dev.create_event();
+  std::atomic<bool> other_ok{false};
+  dev.host_callback(s, [&] {
+    other.synchronize();  // another device: allowed
+    other_ok = true;
+  });
+  dev.synchronize(s);
+  EXPECT_TRUE(other_ok.load());
+  dev.host_callback(s, [&] { dev.record(e, s); });
+  try {
+    dev.synchronize(s);
+    FAIL() << "expected the callback's call to be refused";
+  } catch (const CudaError& err) {
+    const std::string msg = err.what();
+    EXPECT_NE(msg.find("record: called from a host callback"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("cudaLaunchHostFunc"), std::string::npos) << msg;
+  }
+  EXPECT_THROW(dev.synchronize(), CudaError) << "the error is sticky, as in CUDA";
+}
+
 TEST(SimDevice, CopyKindMustMatchTheMemory) {
   SimDevice dev(small());
   void* d = dev.allocate(4096);
