@@ -49,12 +49,16 @@ Policy parse_policy(std::string_view s);  // graph | plan | lru | none; InvalidA
 // The runtime configuration for `policy` (graph drives the swapper by hand: policy lru).
 SwapPolicy runtime_policy(Policy p);
 
+// The 0-based step whose ops ExecOptions::measure_ops times.
+inline constexpr int kMeasuredStep = 1;
+
 struct ExecOptions {
   Policy policy = Policy::Graph;
   int lag = 0;             // ops the host may run ahead; 0: 1 on the simulated device, 2 on a GPU
   bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
-  // Time each op of the first step and plan again from those times (always on a GPU, where the
-  // kernels' roofline is only a first guess).
+  // Time each op of the second step (kMeasuredStep; the first pays the GPU's first uses) and
+  // plan again from those times (always on a GPU, where the kernels' roofline is only a first
+  // guess): the third step is the first on the measured plan.
   bool measure_ops = false;
   // Policy graph: the planner may recompute activations instead of swapping them
   // (graph::PlannerOptions::recompute).

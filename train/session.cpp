@@ -41,7 +41,7 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
     r.steps.push_back(ex.step());
     if (on_step) on_step(r.steps.back());
   }
-  r.floor = ex.floor();  // after the steps: on a GPU, of the op times measured in the first
+  r.floor = ex.floor();  // after the steps: on a GPU, of the op times measured in the second
   if (options.keep_state) r.state = ex.state();
   if (on_end) on_end(rt);
   return r;
