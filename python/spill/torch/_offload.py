@@ -12,9 +12,9 @@ Which blocks become swappable, and what pins every later use of each:
   between modules only ever touches pinned or undeclared blocks. In backward the unpack hook
   pins them (the plan's prefetches are issued ahead of it); the pins are dropped at the next
   point where the autograd engine is between nodes (a gradient hook on a module output).
-- gradients: declared as the backward makes them (at the next gradient hook, and all of
-  them when a ``loss.backward()`` the window saw returns), touched in parameter order at the
-  optimizer step; a backward that accumulates into an existing gradient pins it first (a
+- gradients: declared as an armed step's backward makes them (at the next gradient hook,
+  and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
+  step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
   gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
   host by zeros, declared at once.
 - optimizer state: declared after each optimizer step. The optimizer is set to its
@@ -666,8 +666,10 @@ class OffloadHandle:
                 token = self._pin(param.grad, self.pinner.stream())
                 if token is not None:
                     self._bw_pending.append((token, True))
-            elif self._persistent:
-                self._fresh.append(ref)  # AccumulateGrad is about to make its gradient
+            elif self._persistent and not self._quiet:
+                # AccumulateGrad is about to make its gradient (a quiet step, which has room,
+                # leaves it to the optimizer step).
+                self._fresh.append(ref)
         return hook
 
     def _declare_fresh(self) -> None:
@@ -768,10 +770,10 @@ class OffloadHandle:
             if state.forked_child or self._discovery is not None:
                 return original(*args, **kwargs)
             to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
-            if to_none:  # no tensor is read or written
-                return original(*args, **kwargs)
-            self._window.enter(self)
+            self._window.enter(self)  # (the window's modes would see every p.grad access)
             try:
+                if to_none:  # no tensor is read or written
+                    return original(*args, **kwargs)
                 return self._zero_grads(original, args, kwargs)
             finally:
                 self._window.leave(self)

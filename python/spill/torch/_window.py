@@ -16,11 +16,14 @@ caller pushes stays above them and keeps its order):
   of through a copy op as on a GPU: ``.numpy()`` (the block stays pinned while the array
   lives), ``.tolist()`` and printing (pinned around the call), and the storages pickling takes
   (torch.save): a copy outside spill's memory, made with the block pinned, so the writer, which
-  reads after pickling everything, never reads spill's memory.
-And saved-tensor hooks, under those a handle pushes for its forward (from the first handle
-to the last one's remove()): a model parameter or buffer that autograd saves outside every
-forward (a regularizer ``c * model.fc.weight.square().sum()``) is pinned when the backward
-unpacks it, until that backward ends.
+  reads after pickling everything, never reads spill's memory (torch 1.13's pickling calls
+  ``Tensor.storage()``; a newer torch's does not, and its bridge saves are not covered; on a
+  GPU torch.save copies each storage to the host with an op, which the dispatch mode pins).
+And saved-tensor hooks, under those a handle pushes for its forward (while some handle has a
+parameter or buffer that can move): a model parameter or buffer that autograd saves outside
+every forward (a regularizer ``c * model.fc.weight.square().sum()``) is pinned when the
+backward unpacks it, until that backward ends. They also see what other code saves (the first
+step's forward, a model without offload): a Python call per saved tensor there.
 Costs nothing inside the regions (the modes are off there); in the window, the pins of the
 few ops a training loop runs (a dispatch mode's call per op).
 """
@@ -78,9 +81,23 @@ def _function_stack() -> Tuple[Callable[[], int], Callable[[Any], None], Callabl
 
 
 class _PinReads(PinEveryOp):
-    """The window's dispatch mode (see the module docstring)."""
+    """The window's dispatch mode (see the module docstring). A view (a slice, ``detach``, a
+    reshape without a copy) reads no bytes: it runs without pins."""
 
     declares = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        views = _views.get(func)
+        if views is None:
+            views = _views[func] = all(r.alias_info is not None and not r.alias_info.is_write
+                                       for r in func._schema.returns) and bool(
+                                           func._schema.returns)
+        if views:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+_views: Dict[Any, bool] = {}
 
 
 class _PinnedArray:
@@ -214,12 +231,10 @@ class Window:
     # ---------------------------------------------------------------- handles
 
     def add(self, handle: Any) -> None:
-        if not self.handles and not self._hooks:
-            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
-            self._hooks = True
         self.handles.add(handle)
         self.persistent |= handle._persistent
         self._update()
+        self._update_hooks()
 
     def discard(self, handle: Any) -> None:
         self.handles.discard(handle)
@@ -227,9 +242,17 @@ class Window:
         self.persistent = set().union(*(h._persistent for h in self.handles))
         self.release_kept()
         self._update()
-        if not self.handles and self._hooks:
+        self._update_hooks()
+
+    def _update_hooks(self) -> None:
+        """The saved-tensor hooks are pushed while some handle's parameters or buffers can
+        move (none can when all are under the swap threshold: then nothing calls them)."""
+        want = bool(self.persistent)
+        if want and not self._hooks:
+            torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+        elif self._hooks and not want:
             torch._C._autograd._pop_saved_tensors_default_hooks()
-            self._hooks = False
+        self._hooks = want
 
     # ---------------------------------------------------------------- saved tensors
 
