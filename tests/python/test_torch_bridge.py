@@ -572,7 +572,9 @@ def test_record_stream_delays_reuse() -> None:
 def quiet_preamble(budget: str) -> str:
     """The start of a quiet-step scenario: spill is enabled by ``enable()``; the baseline runs
     before it on the CPU (plain torch: the bridge replaces the CPU allocator), after it without
-    hooks on CUDA (whose allocator cannot change once used; the allocator changes no result)."""
+    hooks on CUDA (whose allocator cannot change once used; the allocator changes no result).
+    On CUDA what the baseline leaves on the device is in spill's memory, never declared
+    swappable: a scenario drops it (its model) before it sets a budget."""
     return textwrap.indent(f"""
 import torch, spill, spill.torch as st
 torch.set_num_threads(1)
@@ -624,6 +626,7 @@ def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None
             return losses, m, h
         base, bm, _ = train()
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
         enable()
         def wrap(m, o):
             h = st.offload(m, o)
@@ -1231,6 +1234,7 @@ def test_submodules_called_directly_are_pinned_at_a_third_of_the_footprint(how: 
     out = run_ok(quiet_preamble("1GiB") + DIRECT_MODEL + SETTLE + f"""
         base, bm, _ = train(6, "{how}")
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
         enable()
         def hint(w):
             settle([w])
@@ -1374,6 +1378,7 @@ def test_code_between_the_hooks_reads_swapped_tensors_as_plain_torch(use: str) -
     out = run_ok(quiet_preamble("1GiB") + OUTSIDE_HOOKS + f"""
         base, bm, _, base_seen = train("{use}")
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
         enable()
 """ + SETTLE + f"""
         import gc
@@ -1469,6 +1474,7 @@ def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
         spill_runs = False
         base, bm, _, _ = train()
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
         enable()
         spill_runs = True
         quiet = how == "quiet"
