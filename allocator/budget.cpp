@@ -28,8 +28,10 @@ void Budget::check_limit(std::size_t limit) const {
                           format_bytes(total_) +
                           "): lower the budget, or on the simulated device raise sim_capacity");
   }
-  SPILL_EXPECTS(limit >= granule_, "budget " + format_bytes(limit) + " is below one granule (" +
-                                       format_bytes(granule_) + ")");
+  if (limit < granule_) {
+    throw InvalidArgument("budget " + format_bytes(limit) + " is below one granule (" +
+                          format_bytes(granule_) + ", the least the device maps): raise it");
+  }
 }
 
 void Budget::set_limit(std::size_t limit) {

@@ -19,6 +19,7 @@
 #include "graph/evaluate.hpp"
 #include "graph/graph_json.hpp"
 #include "graph/liveness.hpp"
+#include "graph/trace.hpp"
 #include "graph/zoo.hpp"
 
 namespace spill::cli {
@@ -132,9 +133,19 @@ int run_plan(const PlanArgs& a) {
   if (a.policy == "all") policies = graph::all_policies();
   else policies = {graph::parse_policy(a.policy)};
 
-  std::printf("model:   %s, %s, %zu ops, %zu tensors, %.1f M parameters\n", g.name.c_str(),
-              batch_text.c_str(), g.ops.size(), g.tensors.size(),
-              double(g.parameter_count()) / 1e6);
+  // A recorded step knows blocks, not parameters: what it held before the step is all its
+  // parameters, gradients, optimizer state and caches, as bytes.
+  const bool recorded = graph::is_recorded_step(g);
+  std::uint64_t held_bytes = 0;
+  for (const graph::Tensor& t : g.tensors)
+    if (graph::persistent(t.kind)) held_bytes += t.bytes;
+  std::printf("model:   %s, %s, %zu ops, %zu tensors, ", g.name.c_str(), batch_text.c_str(),
+              g.ops.size(), g.tensors.size());
+  if (recorded)
+    std::printf("%s held from before the step (recorded blocks)\n",
+                format_bytes(held_bytes).c_str());
+  else
+    std::printf("%.1f M parameters\n", double(g.parameter_count()) / 1e6);
   std::printf("device:  %s (simulated; %s, %.0f GB/s memory)\n", gpu.name.c_str(),
               format_bytes(gpu.memory_bytes).c_str(), gpu.mem_bw_gbps);
   std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n", link.name.c_str(),
@@ -148,13 +159,15 @@ int run_plan(const PlanArgs& a) {
   nlohmann::json report{{"model", a.model},
                         {"name", g.name},
                         {"batch", batch},
-                        {"parameters", g.parameter_count()},
+                        {"parameters", recorded ? nlohmann::json(nullptr)
+                                                : nlohmann::json(g.parameter_count())},
                         {"unlimited_peak_bytes", unlimited_peak},
                         {"budget_bytes", o.budget},
                         {"device", gpu.name},
                         {"link", link.name},
                         {"simulated", true},
                         {"policies", nlohmann::json::array()}};
+  if (recorded) report["held_bytes_before_step"] = held_bytes;
   std::vector<std::string> reasons;
   for (std::size_t k = 0; k < policies.size(); ++k) {
     graph::PolicyResult r =

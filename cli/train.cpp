@@ -208,6 +208,7 @@ int run_train(Config config, const TrainArgs& a) {
   if (!a.budget.empty()) budget = parse_size(a.budget, "--budget");
   else if (config.budget) budget = *config.budget;
   else if (policy != train::Policy::None) budget = footprint / 3;
+  const bool default_budget = budget && a.budget.empty() && !config.budget;
   SPILL_EXPECTS(!budget || *budget > 0, "--budget: must be above zero");
   profiling::TraceRecorder::global().set_enabled(!a.trace.empty());
   profiling::TraceRecorder::global().collect();
@@ -220,7 +221,9 @@ int run_train(Config config, const TrainArgs& a) {
   ro.exec.recompute = !a.no_recompute;
   bool simulated = true;
   std::string device_name;
+  bool started = false;
   auto on_start = [&](const train::Executor& ex, Runtime& rt) {
+    started = true;
     const DeviceInfo& d = rt.device().info();
     simulated = d.simulated;
     device_name = d.name;
@@ -275,7 +278,14 @@ int run_train(Config config, const TrainArgs& a) {
                                    {"budget_bytes", rt.allocator().budget()},
                                    {"policy", a.policy}});
   };
-  run = train::run_training(config, program, ro, on_start, on_step, on_end);
+  try {
+    run = train::run_training(config, program, ro, on_start, on_step, on_end);
+  } catch (const InvalidArgument& e) {
+    // What refuses a budget (the device, the planner) does not know the user gave none.
+    if (!default_budget || started) throw;
+    throw InvalidArgument(std::string(e.what()) + " (the default budget: a third of the step's " +
+                          format_bytes(footprint) + " footprint; give --budget)");
+  }
   bool ok = peak <= run.budget;
   std::printf("\nloss %.6f -> %.6f over %d steps; peak mapped %s of the %s budget%s\n",
               double(run.steps.front().loss), double(run.steps.back().loss), a.steps,

@@ -1,5 +1,6 @@
 #include "graph/trace.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <unordered_map>
 
@@ -14,6 +15,11 @@ const char* to_string(Access a) {
     case Access::ReadWrite: return "read_write";
   }
   return "?";
+}
+
+bool is_recorded_step(const Graph& g) {
+  return !g.ops.empty() &&
+         std::all_of(g.ops.begin(), g.ops.end(), [](const Op& op) { return op.type == kRecordedOpType; });
 }
 
 Graph graph_from_trace(const Trace& trace, std::string name) {
@@ -40,7 +46,7 @@ Graph graph_from_trace(const Trace& trace, std::string name) {
     if (op_ids.empty() || a.op != op_ids.back()) {
       Op op;
       op.name = a.op < trace.op_names.size() ? trace.op_names[a.op] : "op" + std::to_string(a.op);
-      op.type = "recorded";
+      op.type = std::string(kRecordedOpType);
       g.add_op(std::move(op));
       op_ids.push_back(a.op);
       first_time.push_back(a.time_s);

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "graph/ir.hpp"
@@ -39,5 +40,13 @@ struct Trace {
 // gap to the next op's first access; the last op runs to step_end_s) when the trace has times.
 // Throws InvalidArgument naming the access index and field for malformed traces.
 Graph graph_from_trace(const Trace& trace, std::string name = "trace");
+
+// The type of every op graph_from_trace makes.
+inline constexpr std::string_view kRecordedOpType = "recorded";
+
+// Whether g is a recorded step (every op of type kRecordedOpType, also after a JSON round
+// trip). Its weights are whatever blocks existed before the step (parameters, gradients,
+// optimizer state, buffers, caches), as bytes: they count bytes held, not parameters.
+bool is_recorded_step(const Graph& g);
 
 }  // namespace spill::graph

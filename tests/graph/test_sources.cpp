@@ -4,6 +4,7 @@
 
 #include "core/errors.hpp"
 #include "graph/device_model.hpp"
+#include "graph/graph_json.hpp"
 #include "graph/trace.hpp"
 
 namespace spill::graph {
@@ -33,6 +34,15 @@ TEST(Trace, BecomesAGraphWithKindsAndTimes) {
   EXPECT_DOUBLE_EQ(*g.ops[0].time_s, 0.003);
   EXPECT_DOUBLE_EQ(*g.ops[1].time_s, 0.001);
   EXPECT_EQ(g.ops[1].writes, std::vector<TensorIndex>{1});
+}
+
+TEST(Trace, ARecordedStepIsKnownAfterAJsonRoundTrip) {
+  Graph g = graph_from_trace(small_trace(), "step");
+  EXPECT_TRUE(is_recorded_step(g));
+  EXPECT_TRUE(is_recorded_step(graph_from_json(graph_to_json(g), "step.json")));
+  g.ops[1].type = "matmul";
+  EXPECT_FALSE(is_recorded_step(g)) << "one op that was not recorded: a hand-made graph";
+  EXPECT_FALSE(is_recorded_step(Graph{}));
 }
 
 TEST(Trace, RejectsMalformedTraces) {

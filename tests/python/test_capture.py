@@ -368,6 +368,9 @@ def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path):
         assert graph["format"] == "spill-graph" and len(graph["tensors"]) >= 4
         report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
         assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
+        # Blocks, not parameters: the four blocks held from before the step, as bytes.
+        assert report["parameters"] is None
+        assert report["held_bytes_before_step"] == 4 * (8 << 20)
         assert {p["name"] for p in report["policies"]} == {"spill", "vdnn", "threshold", "none"}
         for p in blocks:
             spill.free(p)
