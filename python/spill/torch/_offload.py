@@ -17,8 +17,9 @@ Which blocks become swappable, and what pins every later use of each:
   step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
   gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
   host by zeros, declared at once.
-- optimizer state: declared after each optimizer step. The optimizer is set to its
-  per-parameter loop (foreach=False). When the step's tensors (parameters, gradients, state)
+- optimizer state: declared after each optimizer step. The optimizer's step runs its
+  per-parameter loop (foreach=False while spill runs it; param_groups and state_dict() keep
+  the caller's value). When the step's tensors (parameters, gradients, state)
   fit in a quarter of the budget, a torch.optim optimizer's step runs with all of them pinned
   (_optimizer.py); otherwise (budget pressure, another optimizer, a closure) the step, like
   zero_grad(set_to_none=False), runs under the pin-every-op dispatch mode, so that one
@@ -51,7 +52,9 @@ clip_grad_norm_, an EMA, an evaluation pass, a loss term reading a weight) runs 
 (_window.py): every op pinned around it, nothing made swappable, at no cost inside the
 regions. An exception escaping a forward leaves nothing behind (_abandon_forward). Limits: a
 thread other than the one that trains, raw pointers read by the caller's own code, and
-``torch.autograd.backward`` called directly (correct, every op pinned) are not covered."""
+``torch.autograd.backward`` called directly (correct, every op pinned) are not covered.
+Copies and pickles of the model (``copy.deepcopy``, ``torch.save``) are plain torch modules,
+without the hooks or the wrapped forward (_copies.py)."""
 from __future__ import annotations
 
 import inspect
@@ -64,8 +67,9 @@ from torch.utils._pytree import tree_flatten
 from spill import Error, OutOfMemoryError
 from spill import budget as spill_budget
 
+from . import _copies as copies
 from ._guard import PinEveryOp
-from ._optimizer import pinned_step
+from ._optimizer import per_parameter_loop, pinned_step
 from ._pins import Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, storage
 from ._quiet import QuietSteps
 from ._state import state
@@ -184,11 +188,18 @@ class OffloadHandle:
         self._install()
         self._window.add(self)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(copies.handle_message(self.model))
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        raise TypeError(copies.handle_message(self.model))
+
     # ------------------------------------------------------------------ installation
 
     def _install(self) -> None:
         kwargs_ok = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
         for m in self.model.modules():
+            copies.register(type(m))  # a copy of the model leaves the hooks out
             direct = [(p, False) for p in m.parameters(recurse=False)]
             direct += [(b, True) for b in m.buffers(recurse=False)]
             self._direct[m] = []  # those that can move: a smaller one is never pinned
@@ -209,11 +220,6 @@ class OffloadHandle:
         for ptr in self._persistent:
             self.pinner.declare(ptr)
         if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                if group.get("foreach"):
-                    group["foreach"] = False
-                elif "foreach" in group:
-                    group["foreach"] = False
             wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
         self._wrap_forward(self.model)
@@ -670,6 +676,7 @@ class OffloadHandle:
                 # AccumulateGrad is about to make its gradient (a quiet step, which has room,
                 # leaves it to the optimizer step).
                 self._fresh.append(ref)
+        hook.__torch_unserializable__ = True  # type: ignore[attr-defined]  # (torch.save warns)
         return hook
 
     def _declare_fresh(self) -> None:
@@ -693,6 +700,7 @@ class OffloadHandle:
             self._policy.claim()
             quiet = self._quiet
             self._declare_gradients(quiet)
+            restore_foreach = per_parameter_loop(self.optimizer)
             try:
                 if self._discovery is not None or (quiet and not self._persistent
                                                    and not self._declared_state):
@@ -718,6 +726,7 @@ class OffloadHandle:
                         self._acts.update(mode.declared)
                 self._declare_state()
             finally:
+                restore_foreach()
                 self._release_frame(self._step_frame)
                 self.steps.end()
                 self._leave_discovery()
@@ -862,14 +871,20 @@ class OffloadHandle:
             self._release_frame(self._frames.pop())
 
 
+copies.HOOK_OWNERS.add(OffloadHandle)
+
+
 def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
             scope: Optional[int] = None, quiet: Any = 0.5) -> OffloadHandle:
     """Makes ``model``'s parameters, buffers, activations and gradients (and ``optimizer``'s
     state) swappable, with the pins PyTorch's hooks give (see this module's docstring).
 
     model: the module trained; its forward hooks, parameter hooks and saved-tensor hooks are
-      installed. optimizer: if given, its ``step`` ends each training step (the first one is
-      recorded, later ones follow the plan) and its per-parameter loop is used (foreach off).
+      installed; ``copy.deepcopy(model)``, pickle and ``torch.save(model)`` give plain torch
+      modules without them. optimizer: if given, its ``step`` ends each training step (the
+      first one is recorded, later ones follow the plan) and runs its per-parameter loop
+      (``foreach`` False only while spill runs the step: ``param_groups`` and checkpoints keep
+      the caller's value).
     scope: the step scope; two models trained in one process get their own recordings. By
       default a number spill gives the model on first use (the same for as long as the model
       lives, never one an earlier model had), ended by ``remove()``; a scope named here is

@@ -80,3 +80,21 @@ def pinned_step(optimizer: Optional[torch.optim.Optimizer], pinner: Pinner, limi
     finally:
         for token, wrote in held:
             pinner.unpin(token, stream, wrote)
+
+
+def per_parameter_loop(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """For spill's run of the optimizer's step: sets its per-parameter loop (``foreach``
+    False in every param group that has the key, so that no op takes every parameter's
+    tensors at once) and returns what puts the caller's values back, called when the step
+    ends, also by an exception: ``param_groups`` and ``state_dict()`` (a checkpoint loaded
+    into a plain optimizer) show the caller's setting outside the step."""
+    changed = []
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is not False:
+            changed.append((group, group["foreach"]))
+            group["foreach"] = False
+
+    def restore() -> None:
+        for group, value in changed:
+            group["foreach"] = value
+    return restore

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import itertools
 import threading
 import types
@@ -84,9 +85,41 @@ def wrap_method(obj: Any, name: str, wrapper: Callable[[Callable[..., Any]], Cal
     @functools.wraps(original)
     def method(_self: Any, *args: Any, **kwargs: Any) -> Any:
         return (wrapped if on[0] else original)(*args, **kwargs)
+    signature = _bound_signature(original)
+    if signature is not None:  # inspect.signature(obj.name) is the original's, not less one
+        method.__signature__ = signature  # type: ignore[attr-defined]
+    previous = obj.__dict__.get(name)
+    method._spill_previous = previous  # type: ignore[attr-defined]  # (see wrapped_previous)
+    _wrappers.add(method)
     ours = types.MethodType(method, obj)
-    saved[(id(obj), name)] = (obj, name, obj.__dict__.get(name), ours, on)
+    saved[(id(obj), name)] = (obj, name, previous, ours, on)
     setattr(obj, name, ours)
+
+
+# The functions wrap_method made (weakly: one lives as long as its object's wrapper).
+_wrappers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def wrapped_previous(method: Any) -> Tuple[bool, Any]:
+    """(True, what the instance had before) when ``method`` is a wrapper wrap_method put on
+    an instance (None: nothing, the class's method), else (False, None). Copies of the
+    instance leave the wrapper out (_copies.py)."""
+    func = getattr(method, "__func__", None)
+    if type(func) is not types.FunctionType or func not in _wrappers:
+        return False, None
+    return True, func._spill_previous  # type: ignore[attr-defined]
+
+
+def _bound_signature(original: Any) -> Optional[inspect.Signature]:
+    """The signature for the wrapper's function that inspect, dropping its first parameter
+    as for any bound method, reports as the original's (HuggingFace's Trainer reads
+    ``model.forward``'s parameters to choose the dataset's columns)."""
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):
+        return None
+    first = inspect.Parameter("_self", inspect.Parameter.POSITIONAL_ONLY)
+    return signature.replace(parameters=[first, *signature.parameters.values()])
 
 
 def unwrap_methods(saved: dict) -> None:

@@ -1,0 +1,100 @@
+"""Copies of an offloaded model are plain torch modules: ``copy.deepcopy``, ``copy.copy``,
+``pickle`` and ``torch.save`` of a module offload() hooked (the model or a submodule) leave
+spill's module hooks and forward wrapper out of the copy, which gets its own tensors, no spill
+hook, and its class's forward (it runs the copy's modules, never the original's); the
+original keeps them and trains on. A reducer registered with copyreg for the module's class
+does it (pickle and copy consult copyreg's table before the class's ``__reduce_ex__``): the
+state it hands on is the module's own, less the hooks whose owner is a spill handle and the
+forward spill put on the instance (what was there before comes back). For any other
+instance of those classes it changes nothing. The parameters' gradient hooks are never copied
+or pickled by torch. What still reaches a handle (an attribute of the caller's, a class whose
+own ``__getstate__`` returns something else than a dict) raises TypeError saying what to do.
+"""
+from __future__ import annotations
+
+import copyreg
+import threading
+from typing import Any, Callable, Dict, Optional, Set
+
+from ._steps import wrapped_previous
+
+# Classes whose instances' hooks, when bound methods of one of them, belong to spill.
+HOOK_OWNERS: Set[type] = set()
+
+_lock = threading.Lock()
+_previous: Dict[type, Optional[Callable[[Any], Any]]] = {}  # the reducer registered before
+
+
+def register(cls: type) -> None:
+    """Makes copies and pickles of ``cls``'s instances leave spill's hooks out (see the module
+    docstring). Registered once per class, for the process; a reducer registered for the class
+    before is called first, its state filtered the same way."""
+    with _lock:
+        if cls in _previous:
+            return
+        _previous[cls] = copyreg.dispatch_table.get(cls)
+        copyreg.pickle(cls, _reduce)
+
+
+def _reduce(obj: Any) -> Any:
+    previous = _previous.get(type(obj))
+    rv = previous(obj) if previous is not None else obj.__reduce_ex__(2)
+    if isinstance(rv, tuple) and len(rv) > 2 and isinstance(rv[2], dict):
+        state = plain_state(rv[2])
+        if state is not rv[2]:
+            rv = rv[:2] + (state,) + rv[3:]
+    return rv
+
+
+def _ours(hook: Any) -> bool:
+    return type(getattr(hook, "__self__", None)) in HOOK_OWNERS
+
+
+def plain_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A module's ``__dict__`` without spill's hooks and forward wrapper: ``state`` itself
+    when it has none, else a new dict (the module keeps its own)."""
+    changes: Dict[str, Any] = {}
+    dropped: Set[Any] = set()
+    forward = state.get("forward", None)
+    if forward is not None:
+        found, previous = wrapped_previous(forward)
+        while found and previous is not None:  # a wrapper of ours over another of ours
+            again, earlier = wrapped_previous(previous)
+            if not again:
+                break
+            previous = earlier
+        if found:
+            changes["forward"] = previous
+    for key, hooks in state.items():
+        if key.endswith("hooks") and isinstance(hooks, dict) and any(
+                _ours(h) for h in hooks.values()):
+            kept = type(hooks)()
+            for k, h in hooks.items():
+                if _ours(h):
+                    dropped.add(k)
+                else:
+                    kept[k] = h
+            changes[key] = kept
+    if dropped:  # the flags torch 2 keeps beside its hooks (with_kwargs, always_call)
+        for key, flags in state.items():
+            if key not in changes and "_hooks_" in key and isinstance(flags, dict) and any(
+                    k in dropped for k in flags):
+                changes[key] = type(flags)((k, v) for k, v in flags.items() if k not in dropped)
+    if not changes:
+        return state
+    clean = dict(state)
+    for key, value in changes.items():
+        if value is None:
+            clean.pop(key, None)
+        else:
+            clean[key] = value
+    return clean
+
+
+def handle_message(model: Any) -> str:
+    """Why an offload handle cannot be copied or pickled, and what to do instead."""
+    return (f"spill.torch.offload's handle of a {type(model).__name__} cannot be copied or "
+            "pickled (it holds spill's runtime). Copy or save the model itself: "
+            "copy.deepcopy(model), pickle and torch.save(model) give a plain torch module "
+            "without spill's hooks; or save model.state_dict(). Keep the handle outside the "
+            "model (an attribute of the model holding it is copied with the model).")

@@ -1,0 +1,266 @@
+"""What a user does with an offloaded model and optimizer outside the training step, on the
+CPU bridge (where a swapped-out tensor faults if touched; the same tests run on a GPU with
+SPILL_TORCH_TARGET=cuda): copies (``copy.deepcopy``: an EMA or teacher model), whole-model
+pickles and ``torch.save``, the optimizer's ``foreach`` setting in its ``param_groups`` and
+checkpoints, and what else of spill's machinery shows on the model (its forward's signature,
+its ``__dict__``, what ``remove()`` leaves). Each scenario runs in a process of its own
+(spill's configuration and PyTorch's allocator are process-wide).
+"""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
+
+from test_torch_bridge import (MATCHES_PLAIN_TORCH, SETTLE, SIZED_FOR_64K,  # noqa: E402
+                               quiet_preamble, run_ok)
+
+# Six 1 MiB weights (512 x 512 floats) and a 1 MiB buffer read by the forward (buffers are
+# copied through their storage, parameters through clone()), trained with Adam. `build` makes
+# the model and optimizer, `step` runs one training step.
+MODEL = textwrap.indent("""
+import copy, inspect, io, pickle
+import torch.nn as nn
+class Mix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(512, 512) * 1e-2)
+    def forward(self, x):
+        return x + x @ self.table
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), Mix(),
+                                  nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+        self.head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    def forward(self, x, scale=1.0):
+        return self.head(self.body(x)) * scale
+def build(foreach):
+    torch.manual_seed(0)
+    m = Net().to(dev)
+    kwargs = {} if foreach == "default" else {"foreach": foreach}
+    return m, torch.optim.Adam(m.parameters(), lr=1e-3, **kwargs)
+def batch(g):
+    return torch.randn(64, 512, generator=g).to(dev), torch.randn(64, 512, generator=g).to(dev)
+def step(m, opt, g):
+    x, y = batch(g)
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.mse_loss(m(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+def settle(tensors):  # plain torch: nothing moves (SETTLE's, once spill runs)
+    return 0
+def swappable(m, opt):
+    ts = list(m.parameters()) + list(m.buffers())
+    ts += [p.grad for p in m.parameters() if p.grad is not None]
+    return ts + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+def plain_params(m):
+    return [p.detach().cpu().clone() for p in list(m.parameters()) + list(m.buffers())]
+""", " " * 8)
+
+
+# The scenario: 3 steps; the copies taken (model and optimizer together, as an EMA or teacher
+# is, and the model through pickle and torch.save) with everything moved to the host first;
+# an inference pass of the two loaded models; then 3 steps of the original, each followed by
+# a step of the copy with the copied optimizer, and an inference pass of the copy.
+# `run(foreach, wrap, room)` returns what a user would compare; room(copies) runs before the
+# copies are taken (True), once they are (False) and before the checkpoint is loaded (None).
+COPIES = MODEL + textwrap.indent("""
+def run(foreach, wrap=None, room=lambda copies: None):
+    m, opt = build(foreach)
+    h = wrap(m, opt) if wrap else None
+    g, gc_ = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    out = {"losses": [step(m, opt, g) for _ in range(3)], "moved": []}
+    out["moved"].append(settle(swappable(m, opt)))
+    room(True)
+    ema, ema_opt = copy.deepcopy((m, opt))
+    out["moved"].append(settle(swappable(m, opt)))
+    data = pickle.dumps(m)
+    out["moved"].append(settle(swappable(m, opt)))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    loaded, saved = pickle.loads(data), torch.load(io.BytesIO(buf.getvalue()))
+    for c in (ema, loaded, saved):  # plain torch modules: no spill hook, the class's forward
+        for mod in c.modules():
+            assert not mod._forward_pre_hooks and not mod._forward_hooks, mod
+            assert "forward" not in mod.__dict__, mod
+        assert all(torch.equal(p, q) for p, q in zip(plain_params(c), plain_params(m)))
+    assert ema_opt.param_groups[0]["params"][0] is ema.body[0].weight
+    assert b"spill" not in data and b"spill" not in buf.getvalue()
+    out["foreach"] = [opt.param_groups[0]["foreach"],
+                      opt.state_dict()["param_groups"][0]["foreach"],
+                      ema_opt.param_groups[0].get("foreach")]
+    forwards = h.forwards if h else 0
+    x = torch.ones(8, 512).to(dev)
+    with torch.no_grad():
+        out["outputs"] = [c(x) for c in (loaded.eval(), saved.eval())]
+    del loaded, saved
+    room(False)
+    out["copy_losses"] = []
+    for _ in range(3):
+        out["losses"].append(step(m, opt, g))
+        out["moved"].append(settle(swappable(m, opt)))
+        out["copy_losses"].append(step(ema, ema_opt, gc_))
+    with torch.no_grad():
+        out["outputs"].append(ema.eval()(x))
+    assert h is None or h.forwards == forwards + 3, (h.forwards, forwards)  # the original's only
+    out["copy_params"] = plain_params(ema)
+    # A checkpoint of the optimizer (under spill: taken while it is offloaded) loads into a
+    # plain optimizer with the caller's foreach, which its step then uses.
+    room(None)
+    fresh = Net().to(dev)
+    fresh.load_state_dict(m.state_dict())
+    plain_opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    plain_opt.load_state_dict(opt.state_dict())
+    out["foreach"].append(plain_opt.param_groups[0]["foreach"])
+    out["checkpoint_loss"] = step(fresh, plain_opt, torch.Generator().manual_seed(3))
+    return out, m, h
+""", " " * 8)
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+@pytest.mark.parametrize("foreach", ["default", True, False])
+def test_copies_of_an_offloaded_model_are_plain_torch(foreach: object) -> None:
+    """offload(model, optimizer) at a third of the footprint, 3 steps, everything moved to the
+    host, then ``copy.deepcopy((model, optimizer))``, ``pickle.dumps(model)`` and
+    ``torch.save(model)``: the copies are plain torch modules (no spill hook, their class's
+    forward, their own tensors equal to the original's, no mention of spill in the bytes).
+    The copy then trains with the copied optimizer while the original trains on through spill
+    (budget raised by the copies' footprint: the pressure stays), and the copy's losses and
+    parameters, the inference outputs of the copy and of both loaded models, the original's
+    losses and parameters are plain torch's, bit for bit. The optimizer's ``foreach`` reads as
+    the caller gave it (None by default, True, False) in ``param_groups``, in
+    ``state_dict()`` and in the copy, and a checkpoint loads into a plain optimizer. Before
+    the fix the deepcopy failed (ctypes objects cannot be pickled), pickling failed, and
+    foreach read False."""
+    fe = repr(foreach) if foreach != "default" else '"default"'
+    out = run_ok(quiet_preamble("1GiB") + COPIES + SETTLE + f"""
+        foreach = {fe}
+        move, spill_runs = settle, False
+        def settle(tensors):
+            return move(tensors) if spill_runs else 0
+        base, bm, _ = run(foreach)
+        base_params = plain_params(bm)
+        del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
+        enable()
+        spill_runs = True
+        m, opt = build(foreach)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            step(m, opt, g)
+        footprint = st.max_memory_allocated()
+        del m, opt
+        spill.set_budget(1 << 30)
+        def wrap(m, o):
+            h = st.offload(m, o, quiet=False)
+            spill.set_budget(footprint // 3)
+            return h
+        held = []
+        def room(copies):
+            # The copies are plain torch, never swappable: the budget grows by what they hold
+            # (and the copy's gradients and a step's temporaries), so that the original trains
+            # on under the same pressure.
+            if copies is None:
+                spill.set_budget(4 * footprint)
+            elif copies:
+                held.append(spill.stats()["allocated_bytes.current"])
+                spill.set_budget(4 * footprint)
+            else:
+                copies = spill.stats()["allocated_bytes.current"] - held[0]
+                spill.set_budget(footprint // 3 + copies + 6 * (1 << 20) + (4 << 20))
+                held.append(spill.stats()["swap.bytes_out"])
+        before = spill.stats()
+        got, m, h = run(foreach, wrap, room)
+        after = spill.stats()
+        assert after["swap.bytes_out"] > held[1], "the original swapped nothing after the copies"
+        assert got["losses"] == base["losses"], (got["losses"], base["losses"])
+        assert got["copy_losses"] == base["copy_losses"], (got["copy_losses"], base["copy_losses"])
+        assert all(torch.equal(p, q) for p, q in zip(got["copy_params"], base["copy_params"]))
+        assert all(torch.equal(p, q) for p, q in zip(got["outputs"], base["outputs"]))
+        assert got["checkpoint_loss"] == base["checkpoint_loss"]
+        expected = None if foreach == "default" else foreach
+        assert got["foreach"] == [expected] * 4, (got["foreach"], expected)
+        assert base["foreach"] == [expected] * 4, base["foreach"]
+        assert min(got["moved"]) > 0, got["moved"]  # what each copy read had been moved out
+        losses, base = got["losses"], base["losses"]
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint, got["moved"], after["swap.bytes_out"] - before["swap.bytes_out"])
+    """)
+    assert "ok" in out
+
+
+def test_what_shows_of_spill_on_an_offloaded_model() -> None:
+    """Outside the step an offloaded model looks like plain torch's: the same repr,
+    state_dict keys and named_modules, ``inspect.signature(model.forward)`` (HuggingFace's
+    Trainer chooses dataset columns by it; before the fix it lost its first parameter) and
+    ``optimizer.step``'s; a submodule the loop called directly (its forward wrapped on the
+    instance) deep-copies to a module running its own class's forward; the handle itself
+    cannot be copied or pickled and says what to do (also when the model holds it); a step
+    that raises leaves ``foreach`` as the caller set it (False only while spill runs the
+    step); and ``remove()`` leaves no hook, forward or gradient hook behind."""
+    out = run_ok(quiet_preamble("1GiB") + MODEL + """
+        enable()
+        m, opt = build("default")
+        shown = (repr(m), list(m.state_dict()), [n for n, _ in m.named_modules()],
+                 inspect.signature(m.forward), inspect.signature(opt.step),
+                 inspect.signature(opt.zero_grad))
+        h = st.offload(m, opt)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            step(m, opt, g)
+        with torch.no_grad():
+            y = m.head(torch.ones(4, 512).to(dev))  # an entry: the head's forward is wrapped
+        assert "forward" in m.head.__dict__ and "forward" in m.__dict__
+        assert shown == (repr(m), list(m.state_dict()), [n for n, _ in m.named_modules()],
+                         inspect.signature(m.forward), inspect.signature(opt.step),
+                         inspect.signature(opt.zero_grad)), shown
+        forwards = h.forwards
+        head = copy.deepcopy(m.head)
+        assert "forward" not in head.__dict__ and not head._forward_pre_hooks
+        with torch.no_grad():
+            head[0].weight.zero_()
+            assert torch.equal(head(torch.ones(4, 512).to(dev)),
+                               head[2](head[1](head[0].bias.expand(4, 512))))
+            assert torch.equal(m.head(torch.ones(4, 512).to(dev)), y)  # the original's untouched
+        assert h.forwards == forwards + 1, (h.forwards, forwards)
+        shallow = copy.copy(m)  # shares the submodules (still hooked: called directly)
+        assert not shallow._forward_pre_hooks and "forward" not in shallow.__dict__
+        assert m._forward_pre_hooks and "forward" in m.__dict__
+        for f in (lambda: copy.deepcopy(h), lambda: pickle.dumps(h), lambda: copy.copy(h)):
+            try:
+                f()
+            except TypeError as e:
+                assert "Net" in str(e) and "copy.deepcopy(model)" in str(e), str(e)
+            else:
+                raise AssertionError("the handle was copied")
+        seen = []
+        def closure():  # a step that raises: foreach is the caller's again after it
+            seen.append(opt.param_groups[0]["foreach"])
+            raise ValueError("in the step")
+        try:
+            opt.step(closure)
+        except ValueError:
+            pass
+        assert seen == [False] and opt.param_groups[0]["foreach"] is None, seen
+        m.handle = h
+        try:
+            copy.deepcopy(m)
+        except TypeError as e:
+            assert "Keep the handle outside the model" in str(e), str(e)
+        else:
+            raise AssertionError("a model holding its handle was copied")
+        del m.handle
+        h.remove()
+        for mod in m.modules():
+            assert not mod._forward_pre_hooks and not mod._forward_hooks, mod
+            assert "forward" not in mod.__dict__, mod
+        assert all(not p._backward_hooks for p in m.parameters())
+        assert "step" not in opt.__dict__ and "zero_grad" not in opt.__dict__
+        print("ok")
+    """)
+    assert "ok" in out
