@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
   try {
     return run(globals.config());
   } catch (const InvalidArgument& e) {
-    std::fprintf(stderr, "spill: invalid input: %s\n", e.what());
+    std::fprintf(stderr, "spill: invalid input: %s\n", without_source_location(e.what()).c_str());
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "spill: error: %s\n", e.what());

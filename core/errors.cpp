@@ -11,6 +11,20 @@ std::string excerpt(std::string_view text, std::size_t max) {
   return std::string(text.substr(0, max)) + "... (" + std::to_string(text.size()) + " characters)";
 }
 
+std::string without_source_location(std::string_view message) {
+  const std::size_t open = message.rfind(" [");
+  if (open == std::string_view::npos || !message.ends_with(']')) return std::string(message);
+  const std::string_view inside = message.substr(open + 2, message.size() - open - 3);
+  const std::size_t colon = inside.rfind(':');
+  if (colon == std::string_view::npos || colon + 1 == inside.size()) return std::string(message);
+  const std::string_view file = inside.substr(0, colon), line = inside.substr(colon + 1);
+  const bool digits = line.find_first_not_of("0123456789") == std::string_view::npos;
+  const bool source = file.ends_with(".cpp") || file.ends_with(".hpp") || file.ends_with(".cu");
+  const bool plain = file.find_first_of(" /[]") == std::string_view::npos;
+  if (!digits || !source || !plain) return std::string(message);
+  return std::string(message.substr(0, open));
+}
+
 }  // namespace spill
 
 namespace spill::detail {

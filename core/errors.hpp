@@ -46,6 +46,10 @@ class InvalidArgument : public Error {
 // "... (N characters)", so that a message never grows with the input.
 std::string excerpt(std::string_view text, std::size_t max = 64);
 
+// `message` without the " [file.cpp:NN]" SPILL_EXPECTS and its kin end it with: for a person
+// who gave bad input (the command line), where spill's code noticed it is noise.
+std::string without_source_location(std::string_view message);
+
 namespace detail {
 [[noreturn]] void throw_invalid(const char* file, int line, const std::string& msg);
 [[noreturn]] void throw_oom(const char* file, int line, const std::string& msg);

@@ -1,0 +1,26 @@
+// Error messages: what the command line shows a person who gave bad input.
+#include <gtest/gtest.h>
+
+#include "core/errors.hpp"
+
+namespace spill {
+namespace {
+
+TEST(ErrorMessages, TheSourceLocationComesOffTheEndOnly) {
+  try {
+    SPILL_EXPECTS(false, "--budget: must be above zero");
+    ADD_FAILURE();
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("[test_errors.cpp:"), std::string::npos) << e.what();
+    EXPECT_EQ(without_source_location(e.what()), "--budget: must be above zero");
+  }
+  EXPECT_EQ(without_source_location("a [x.cpp:1] b [y.cu:22]"), "a [x.cpp:1] b");
+  // Brackets that are not a source location stay: the user's own text may end in one.
+  for (const char* kept : {"batch [1, 64]", "file 'a [b.cpp:1]'", "bad [dir/x.cpp:3]",
+                           "odd [x.cpp:]", "odd [x.cpp:1a]", "odd [x.py:1]", "]", "", " [",
+                           "[x.cpp:1]"})
+    EXPECT_EQ(without_source_location(kept), kept);
+}
+
+}  // namespace
+}  // namespace spill
