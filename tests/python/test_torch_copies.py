@@ -264,3 +264,56 @@ def test_what_shows_of_spill_on_an_offloaded_model() -> None:
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_a_handle_collected_without_remove_leaves_nothing_running(tmp_path) -> None:
+    """A model and optimizer dropped without ``handle.remove()`` (their hooks held the handle
+    until then): once collected, the window's modes are off PyTorch's stacks (before the fix
+    every later op of the thread ran through spill's pin-every-op mode) and the default scope
+    is ended (spill freed its recording). A collection that begins inside the window's own
+    code (simulated: the window marked busy) leaves the modes passing every op through until
+    the next handle's remove() takes them off."""
+    out = run_ok(quiet_preamble("1GiB") + MODEL + f"""
+        import gc, pathlib
+        from spill.torch._window import window
+        enable()
+        graph = pathlib.Path({str(tmp_path)!r}) / "g.json"
+        def recorded(scope):
+            try:
+                spill.write_step_graph(graph, scope=scope)
+                return True
+            except spill.Error as e:
+                assert e.code == spill.Status.NOT_FOUND, e
+                return False
+        def stacks():
+            return torch._C._len_torch_dispatch_stack(), torch._C._len_torch_function_stack()
+        def trained():
+            m, opt = build("default")
+            h = st.offload(m, opt)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(2):
+                step(m, opt, g)
+            assert stacks() == (1, 1) and recorded(h.scope), (stacks(), h.scope)
+            return m, opt, h
+        m, opt, h = trained()
+        scope = h.scope
+        del m, opt, h
+        gc.collect()
+        assert stacks() == (0, 0), stacks()
+        assert not recorded(scope), "the collected handle's scope was not ended"
+        assert not window().persistent
+        m, opt, h = trained()
+        window().busy += 1
+        del m, opt, h
+        gc.collect()
+        window().busy -= 1
+        assert stacks() == (1, 1), stacks()  # left pushed, passing through
+        ops = window()._pins.ops
+        x = torch.ones(64, 512).to(dev) @ torch.ones(512, 512).to(dev)
+        assert window()._pins.ops == ops, "the mode pinned an op with no handle left"
+        other = torch.nn.Linear(512, 512).to(dev)
+        st.offload(other).remove()
+        assert stacks() == (0, 0), stacks()
+        print("ok")
+    """)
+    assert "ok" in out

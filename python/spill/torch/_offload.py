@@ -187,6 +187,9 @@ class OffloadHandle:
         self._window = window()
         self._install()
         self._window.add(self)
+        # Collected without remove() (with its model and optimizer): _collected.
+        self._finalizer = weakref.finalize(self, _collected, self._window, self.steps)
+        self._finalizer.atexit = False
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(copies.handle_message(self.model))
@@ -254,6 +257,7 @@ class OffloadHandle:
         """Removes the hooks and brings every tensor they declared back (unswappable). When
         the scope was the default one, it is ended too: spill frees its recorded step and
         plan (``spill.end_scope``); a scope the caller named is left to the caller."""
+        self._finalizer.detach()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -872,6 +876,19 @@ class OffloadHandle:
 
 
 copies.HOOK_OWNERS.add(OffloadHandle)
+
+
+def _collected(window: Any, steps: StepBoundaries) -> None:
+    """A handle garbage-collected without remove(), with its model and optimizer (their hooks
+    held it until then): its default scope ends (spill frees the recording and plan) and the
+    window forgets it (Window.collected: its modes go once no handle is left)."""
+    if state.forked_child:
+        return
+    try:
+        steps.finish()
+    except Error:  # a step spill cannot end now: the scope goes with the process
+        pass
+    window.collected()
 
 
 def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,

@@ -86,7 +86,21 @@ class _PinReads(PinEveryOp):
 
     declares = False
 
+    def __init__(self, window: "Window") -> None:
+        super().__init__(window.pinner)
+        self.window = window
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        window = self.window
+        window.busy += 1  # (PyTorch has taken this mode off its stack until it returns)
+        try:
+            if not window.handles:  # every handle was collected: passes through until popped
+                return func(*args, **(kwargs or {}))
+            return self._pin_reads(func, types, args, kwargs)
+        finally:
+            window.busy -= 1
+
+    def _pin_reads(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         views = _views.get(func)
         if views is None:
             views = _views[func] = all(r.alias_info is not None and not r.alias_info.is_write
@@ -149,10 +163,15 @@ class _HostUses(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        special = self.special.get(func)
-        if special is None or state.forked_child:
-            return func(*args, **kwargs)
-        return special(func, args, kwargs)
+        window = self.window
+        window.busy += 1  # (PyTorch has taken this mode off its stack until it returns)
+        try:
+            special = self.special.get(func)
+            if special is None or state.forked_child or not window.handles:
+                return func(*args, **kwargs)
+            return special(func, args, kwargs)
+        finally:
+            window.busy -= 1
 
     def _backward(self, func: Any, args: Any, kwargs: Any) -> Any:
         window = self.window
@@ -222,11 +241,12 @@ class Window:
         self.persistent: Set[int] = set()   # parameters and buffers of every handle
         self.kept: List[Tuple[Token, bool]] = []
         self.thread = threading.get_ident()
-        self._pins = _PinReads(self.pinner)
+        self._pins = _PinReads(self)
         self._functions = _HostUses(self)
         self._on = False          # both modes pushed
         self._hooks = False       # the saved-tensor hooks pushed
         self._suspended = 0       # backward calls running with the dispatch mode off
+        self.busy = 0             # the window's own code running (a mode's, _update)
 
     # ---------------------------------------------------------------- handles
 
@@ -243,6 +263,20 @@ class Window:
         self.release_kept()
         self._update()
         self._update_hooks()
+
+    def collected(self) -> None:
+        """A handle was garbage-collected without remove() (its model and optimizer are
+        gone). When it was the last one, the modes go at once where that is safe: on the
+        thread that trains, with none of the window's code running (a collection can begin in
+        any allocation, e.g. inside the dispatch mode, which PyTorch has taken off its stack
+        while it runs and pushes back after). Else they pass every call through until the
+        next handle's add, region or remove updates them. The saved-tensor hooks stay pushed
+        until then (what a caller pushed above them is unknown here); they only detach."""
+        live = list(self.handles)  # (the collected one may still count in len() here)
+        self.persistent = set().union(*(h._persistent for h in live))
+        if (not live and self._on and not self.busy and not self._suspended
+                and threading.get_ident() == self.thread):
+            self._update()
 
     def _update_hooks(self) -> None:
         """The saved-tensor hooks are pushed while some handle's parameters or buffers can
@@ -293,9 +327,16 @@ class Window:
     # ---------------------------------------------------------------- modes
 
     def _update(self) -> None:
-        want = bool(self.handles) and not self.inside
+        want = any(True for _ in self.handles) and not self.inside  # live ones only
         if want == self._on:
             return
+        self.busy += 1
+        try:
+            self._switch(want)
+        finally:
+            self.busy -= 1
+
+    def _switch(self, want: bool) -> None:
         if want:
             _insert_bottom(self._functions, *_function_stack())
             if not self._suspended:
