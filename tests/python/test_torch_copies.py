@@ -21,7 +21,7 @@ from test_torch_bridge import (MATCHES_PLAIN_TORCH, SETTLE, SIZED_FOR_64K,  # no
 # copied through their storage, parameters through clone()), trained with Adam. `build` makes
 # the model and optimizer, `step` runs one training step.
 MODEL = textwrap.indent("""
-import copy, inspect, io, pickle
+import copy, functools, inspect, io, pickle
 import torch.nn as nn
 class Mix(nn.Module):
     def __init__(self):
@@ -198,7 +198,7 @@ def test_what_shows_of_spill_on_an_offloaded_model() -> None:
     """Outside the step an offloaded model looks like plain torch's: the same repr,
     state_dict keys and named_modules, ``inspect.signature(model.forward)`` (HuggingFace's
     Trainer chooses dataset columns by it; before the fix it lost its first parameter) and
-    ``optimizer.step``'s; a submodule the loop called directly (its forward wrapped on the
+    ``optimizer.step``'s, also through a library's wrapper made after offload; a submodule the loop called directly (its forward wrapped on the
     instance) deep-copies to a module running its own class's forward; the handle itself
     cannot be copied or pickled and says what to do (also when the model holds it); a step
     that raises leaves ``foreach`` as the caller set it (False only while spill runs the
@@ -219,6 +219,16 @@ def test_what_shows_of_spill_on_an_offloaded_model() -> None:
         assert shown == (repr(m), list(m.state_dict()), [n for n, _ in m.named_modules()],
                          inspect.signature(m.forward), inspect.signature(opt.step),
                          inspect.signature(opt.zero_grad)), shown
+        def rewrapped(model):  # a library's hook over the forward, made with functools.wraps
+            old = model.forward
+            def new_forward(module, *args, **kwargs):
+                return old(*args, **kwargs)
+            new_forward = functools.wraps(old)(new_forward)
+            model.forward = functools.update_wrapper(functools.partial(new_forward, model), old)
+            signature = inspect.signature(model.forward)
+            model.forward = old
+            return signature
+        assert rewrapped(m) == rewrapped(Net()) == shown[3], (rewrapped(m), shown[3])
         forwards = h.forwards
         head = copy.deepcopy(m.head)
         assert "forward" not in head.__dict__ and not head._forward_pre_hooks

@@ -85,9 +85,7 @@ def wrap_method(obj: Any, name: str, wrapper: Callable[[Callable[..., Any]], Cal
     @functools.wraps(original)
     def method(_self: Any, *args: Any, **kwargs: Any) -> Any:
         return (wrapped if on[0] else original)(*args, **kwargs)
-    signature = _bound_signature(original)
-    if signature is not None:  # inspect.signature(obj.name) is the original's, not less one
-        method.__signature__ = signature  # type: ignore[attr-defined]
+    _keep_signature(method, original, obj)
     previous = obj.__dict__.get(name)
     method._spill_previous = previous  # type: ignore[attr-defined]  # (see wrapped_previous)
     _wrappers.add(method)
@@ -110,16 +108,24 @@ def wrapped_previous(method: Any) -> Tuple[bool, Any]:
     return True, func._spill_previous  # type: ignore[attr-defined]
 
 
-def _bound_signature(original: Any) -> Optional[inspect.Signature]:
-    """The signature for the wrapper's function that inspect, dropping its first parameter
-    as for any bound method, reports as the original's (HuggingFace's Trainer reads
-    ``model.forward``'s parameters to choose the dataset's columns)."""
+def _keep_signature(method: Callable[..., Any], original: Any, obj: Any) -> None:
+    """Makes inspect.signature of the wrapper, bound to ``obj``, the original's
+    (HuggingFace's Trainer reads ``model.forward``'s parameters to choose a dataset's
+    columns): inspect drops the first parameter of a bound method's function, found through
+    ``__wrapped__``, so that is the original's function where the original is a method bound
+    to ``obj`` (also right through a wrapper of the caller's made later with functools.wraps,
+    where inspect stops at our bound method); else an explicit signature with a first
+    parameter to drop."""
+    if isinstance(original, types.MethodType) and original.__self__ is obj:
+        method.__wrapped__ = original.__func__  # type: ignore[attr-defined]
+        return
     try:
         signature = inspect.signature(original)
     except (TypeError, ValueError):
-        return None
+        return
     first = inspect.Parameter("_self", inspect.Parameter.POSITIONAL_ONLY)
-    return signature.replace(parameters=[first, *signature.parameters.values()])
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[first, *signature.parameters.values()])
 
 
 def unwrap_methods(saved: dict) -> None:
