@@ -33,6 +33,12 @@ blk(x)``, ``model.head(model.body(x))``), in every step or some: a submodule's f
 begins while none of the model's forwards runs is an entry, and gets what the root's forward
 gets (the step's start, the first step's discovery, the saved-tensor hooks); its outputs stay
 pinned until the step ends, since the loop's code between two entries may read them.
+A forward that runs inside a backward (activation checkpointing's recomputation, reentrant
+or not) is neither an entry nor a step's forward (_recompute.py): its modules pin their
+parameters and buffers, and the outermost one its arguments, until that region's backward is
+over; no saved-tensor hooks are pushed there (non-reentrant checkpointing's own are below).
+Parameters frozen at offload() (requires_grad=False) and unfrozen later get their gradient
+hook at the next entry.
 Quiet steps (_quiet.py; ``quiet=0.5`` by default): a step whose previous step's peak of
 allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it)
 swaps no activation: the saved-tensor hooks only wrap what autograd saves, pinning the
@@ -72,6 +78,7 @@ from ._guard import PinEveryOp
 from ._optimizer import per_parameter_loop, pinned_step
 from ._pins import Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, storage
 from ._quiet import QuietSteps
+from ._recompute import Recomputation, call_frame, in_backward
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
 from ._window import window
@@ -184,6 +191,9 @@ class OffloadHandle:
         self._movable = self.pinner.movable
         self._pin_block = self.pinner.pin
         self._unpin = self.pinner.unpin
+        # Forwards a backward recomputes (activation checkpointing): _recompute.py.
+        self._recompute = Recomputation(self.pinner)
+        self._recomputing = False  # in the window's recomputing set
         self._window = window()
         self._install()
         self._window.add(self)
@@ -217,6 +227,7 @@ class OffloadHandle:
             else:
                 self._hooks.append(m.register_forward_pre_hook(self._pre))
             self._hooks.append(m.register_forward_hook(self._post))
+        self._unhooked = [p for p in self.model.parameters() if not p.requires_grad]
         for p in self.model.parameters():
             if p.requires_grad:
                 self._hooks.append(p.register_hook(self._grad_hook(p)))
@@ -269,6 +280,7 @@ class OffloadHandle:
         self._unwind_quiet()
         self._release_frame(self._step_frame)
         self._release_backward()
+        self._release_recomputed()
         self.steps.end()
         self._policy.forget()
         acts, self._acts = self._acts, set()
@@ -299,6 +311,8 @@ class OffloadHandle:
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
         if state.forked_child:
+            return
+        if self._entry is None and torch.is_grad_enabled() and self._pre_recomputed(module, args):
             return
         # An entry: the root's forward, or a submodule's called while none of the model's
         # forwards runs (``for blk in model.blocks: x = blk(x)`` in the training loop). Each
@@ -360,6 +374,9 @@ class OffloadHandle:
             self._push_saved_hooks(False)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._entry is None and self._recompute.frame is not None:
+            self._post_recomputed(module)
+            return
         if module is self._entry:
             if self._entry_depth:
                 self._entry_depth -= 1
@@ -443,9 +460,13 @@ class OffloadHandle:
         self._entry, self._entry_depth, self._step_over = module, 0, False
         self._began_step = False
         self._window.enter(self)
+        if self._unhooked:
+            self._hook_unfrozen()
         if module not in self._wrapped:
             self._wrap_forward(module)
-        # What an exception in the previous forward left: its frames and saved-tensor hooks.
+        # What an exception in the previous forward left: its frames and saved-tensor hooks;
+        # what the last backward's recomputations hold (a backward the window did not run).
+        self._release_recomputed()
         self._unwind(0)
         self._unwind_quiet()
         self._pop_saved_hooks()
@@ -516,6 +537,67 @@ class OffloadHandle:
             self._boundary = True
             self._step_over = True
         self._window.leave(self)
+
+    # ------------------------------------------------------------------ recomputed forwards
+
+    def _pre_recomputed(self, module: torch.nn.Module, args: Any) -> bool:
+        """A module's forward beginning inside a backward (activation checkpointing's
+        recomputation; _recompute.py): pinned into the hold of the outermost recomputed
+        module, never an entry, no saved-tensor hooks. False when it is not inside a
+        backward (an entry then)."""
+        rc = self._recompute
+        frame = call_frame()
+        if frame is None:
+            return False
+        if rc.nested(frame):
+            hold = rc.current()
+        else:
+            if not in_backward(frame, self._window.thread):
+                return False
+            rc.frame = None  # an outermost module that never returned (its forward raised)
+            hold = rc.begin(frame, module, args)
+            if not self._recomputing:
+                # The window's saved-tensor hooks (on top with use_reentrant=True) would pin
+                # the parameters the recomputation saves until the whole backward ends.
+                self._recomputing = True
+                self._window.recomputing.add(self)
+            if self._discovery is None:
+                if not self._quiet:
+                    self.steps.ensure()
+                stream = self.pinner.stream()
+                for t in leaves(args):
+                    self._hold(hold, t, stream, False)
+        if self._discovery is not None:  # the first step pins every op (its stack: see _pre)
+            self._stack.append(module)
+            self._stack_set.add(module)
+            return True
+        pins = self._quiet_pins.get(module)
+        if pins:
+            if not self._quiet:
+                self.steps.ensure()
+            stream = self.pinner.stream()
+            for t, wrote in pins:
+                self._hold(hold, t, stream, wrote)
+        return True
+
+    def _post_recomputed(self, module: torch.nn.Module) -> None:
+        if self._discovery is not None and self._stack and self._stack[-1] is module:
+            self._stack.pop()
+            self._stack_set.discard(module)
+        if self._recompute.is_end(module):
+            self._recompute.end()
+            self._leave_recomputation()
+
+    def _leave_recomputation(self) -> None:
+        if self._recomputing:
+            self._recomputing = False
+            self._window.recomputing.discard(self)
+
+    def _release_recomputed(self) -> None:
+        """The backward is over (or the step, or a new forward, begins): every hold goes."""
+        if self._recompute.holds or self._recompute.frame is not None:
+            self._recompute.release()
+        self._leave_recomputation()
 
     # ------------------------------------------------------------------ quiet steps
 
@@ -683,6 +765,16 @@ class OffloadHandle:
         hook.__torch_unserializable__ = True  # type: ignore[attr-defined]  # (torch.save warns)
         return hook
 
+    def _hook_unfrozen(self) -> None:
+        """Frozen parameters (requires_grad=False at offload()) that a fine-tuning loop has
+        unfrozen since (progressive unfreezing, then add_param_group): their gradient hook, so
+        that a backward accumulating into a gradient on the host pins it first."""
+        unfrozen = [p for p in self._unhooked if p.requires_grad]
+        if unfrozen:
+            self._unhooked = [p for p in self._unhooked if not p.requires_grad]
+            for p in unfrozen:
+                self._hooks.append(p.register_hook(self._grad_hook(p)))
+
     def _declare_fresh(self) -> None:
         """Declares the gradients AccumulateGrad made since the last gradient hook: a
         backward would otherwise hold every gradient it makes resident until it ends."""
@@ -701,6 +793,7 @@ class OffloadHandle:
                 return original(*args, **kwargs)
             self._window.enter(self)
             self._release_backward()
+            self._release_recomputed()
             self._policy.claim()
             quiet = self._quiet
             self._declare_gradients(quiet)
@@ -749,6 +842,7 @@ class OffloadHandle:
         the optimizer step."""
         if self._fresh and not state.forked_child:
             self._declare_fresh()
+        self._release_recomputed()
 
     def _declare_gradients(self, quiet: bool) -> None:
         """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's
@@ -780,7 +874,9 @@ class OffloadHandle:
         default_to_none = bool(default.default) if default is not None else True
 
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
-            if state.forked_child or self._discovery is not None:
+            if state.forked_child:
+                return original(*args, **kwargs)
+            if self._discovery is not None:
                 return original(*args, **kwargs)
             to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
             self._window.enter(self)  # (the window's modes would see every p.grad access)

@@ -247,6 +247,8 @@ class Window:
         self._hooks = False       # the saved-tensor hooks pushed
         self._suspended = 0       # backward calls running with the dispatch mode off
         self.busy = 0             # the window's own code running (a mode's, _update)
+        # Handles running a forward a backward recomputes (weak: one collected mid-way goes).
+        self.recomputing: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
     # ---------------------------------------------------------------- handles
 
@@ -294,7 +296,9 @@ class Window:
         # Outside every forward of a model (a handle's forward pushes its own hooks above
         # these): a parameter or buffer autograd saves (a regularizer's weight) is pinned
         # when backward uses it; anything else is kept as it is (never a reference cycle).
-        if self._on:  # not in a region (the first step's forward pushes no hooks of its own)
+        # Not in a region (the first step's forward pushes no hooks of its own), nor in a
+        # forward a backward recomputes (its hold pins them: _recompute.py).
+        if self._on and not self.recomputing:
             ptr = self.pinner.movable(t)
             if ptr in self.persistent and not state.forked_child:
                 return Saved(t, ptr)

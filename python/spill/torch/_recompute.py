@@ -1,0 +1,122 @@
+"""Forwards that run inside a backward: activation checkpointing's recomputation
+(``torch.utils.checkpoint.checkpoint`` with ``use_reentrant`` True or False,
+``checkpoint_sequential``), or any module a backward calls.
+
+Such a forward is not a step's forward: it must not begin a step, become an entry, or push
+offload's saved-tensor hooks. With ``use_reentrant=False`` checkpointing has pushed its own
+hooks for the recomputation (they stash what the recomputed ops save, for the original graph's
+nodes to read): hooks pushed above them would take those tensors away, and PyTorch raises
+"Attempt to retrieve a tensor saved by autograd multiple times". So the recomputed modules
+only pin: each outermost recomputed module (the one the checkpointed function calls) opens a
+hold with its tensor arguments; it and every module inside it add their parameters and buffers
+(and those they use outside their owners). The original graph's nodes (non-reentrant) or the
+inner backward (reentrant) read those tensors after the recomputation has returned, so the
+hold lasts until autograd has made the gradient of one of the outermost module's arguments
+(the region's backward is then over), or, when none needs a gradient, until the backward
+ends. A hold is released with every hold opened after it (backward runs regions last to first).
+
+A forward is taken to run inside a backward when a Python frame of ``torch.autograd.backward``
+or ``torch.autograd.grad`` is below it, or when it runs on a thread other than the training
+loop's (PyTorch's CUDA backward runs on its own thread, whose frames begin at the node)."""
+from __future__ import annotations
+
+import sys
+import threading
+from types import FrameType
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from ._pins import Pinner, leaves
+
+Token = Any
+Hold = List[Tuple[Token, bool]]
+
+_AUTOGRAD = {torch.autograd.backward.__code__, torch.autograd.grad.__code__}
+_CALL_IMPL = torch.nn.Module._call_impl.__code__
+
+
+def call_frame() -> Optional[FrameType]:
+    """The frame of ``Module._call_impl`` running the hook that calls this."""
+    f = sys._getframe(2)
+    while f is not None and f.f_code is not _CALL_IMPL:
+        f = f.f_back
+    return f
+
+
+def in_backward(frame: FrameType, thread: int) -> bool:
+    """Whether the module call at ``frame`` runs inside a backward (see the module docstring)."""
+    f: Optional[FrameType] = frame
+    while f is not None:
+        if f.f_code in _AUTOGRAD:
+            return True
+        f = f.f_back
+    return threading.get_ident() != thread
+
+
+class Recomputation:
+    """The holds of the forwards a backward recomputes, for one offload handle (it keeps
+    the handle's pinner, not the handle: the hooks it leaves on tensors must not keep the
+    model alive)."""
+
+    def __init__(self, pinner: Pinner) -> None:
+        self._pinner = pinner
+        self.frame: Optional[FrameType] = None   # the outermost module's call, while it runs
+        self.module: Optional[torch.nn.Module] = None
+        self.holds: List[Hold] = []
+
+    def nested(self, frame: FrameType) -> bool:
+        """Whether the module call at ``frame`` runs inside the outermost recomputed module."""
+        top = self.frame
+        if top is None:
+            return False
+        f = frame.f_back
+        while f is not None:
+            if f is top:
+                return True
+            if f.f_code in _AUTOGRAD:
+                return False
+            f = f.f_back
+        return False
+
+    def begin(self, frame: FrameType, module: torch.nn.Module, args: Any) -> Hold:
+        """An outermost recomputed module begins: a new hold, returned for its pins. It goes
+        when autograd has made the gradient of one of the module's arguments (else at the
+        backward's end). The hooks go on now, not when the module returns: torch 2's
+        non-reentrant checkpointing stops a recomputation by raising once it has what it
+        needs, and the module's forward hook then never runs."""
+        hold: Hold = []
+        self.holds.append(hold)
+        self.frame, self.module = frame, module
+        for t in leaves(args):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._release_from(hold))
+        return hold
+
+    def current(self) -> Hold:
+        return self.holds[-1]
+
+    def is_end(self, module: torch.nn.Module) -> bool:
+        return module is self.module and call_frame() is self.frame
+
+    def end(self) -> None:
+        """The outermost recomputed module returned (its hold stays: see begin)."""
+        self.frame = self.module = None
+
+    def _release_from(self, hold: Hold) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            for i, h in enumerate(self.holds):
+                if h is hold:
+                    self.release(i)
+                    return
+        return hook
+
+    def release(self, start: int = 0) -> None:
+        """Releases the holds from ``start`` on (all by default: the backward is over)."""
+        if start == 0:
+            self.frame = self.module = None
+        released, self.holds[start:] = self.holds[start:], []
+        stream = self._pinner.stream()
+        for hold in reversed(released):
+            for token, wrote in hold:
+                self._pinner.unpin(token, stream, wrote)
