@@ -1639,9 +1639,10 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
         group: str) -> None:
     """offload(model, optimizer) in the loops of LOOP_PATTERNS, each at a third of its
     footprint (armed steps): losses and final parameters are plain torch's (torch.equal),
-    bytes were swapped out and steps followed a plan; the checkpointing loops also with no
-    budget pressure (quiet steps) and every weight moved to the host between each forward and
-    its backward, so that the recomputation must bring them back. Before the fix,
+    bytes were swapped out and steps followed a plan (also under guard() for the reentrant
+    and non-reentrant checkpointing and the autocast loops); the checkpointing loops also
+    with no budget pressure (quiet steps) and every weight moved to the host between each
+    forward and its backward, so that the recomputation must bring them back. Before the fix,
     non-reentrant checkpointing raised "Attempt to retrieve a tensor saved by autograd
     multiple times" (offload's saved-tensor hooks were pushed above checkpoint's in the
     recomputation), and unfreezing parameters and accumulating into their kept gradients
@@ -1669,21 +1670,30 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
             run(pattern, steps=2)
             gc.collect()
             footprint = st.max_memory_allocated()
-            runs = [(False, footprint // 3, lambda ms: None)]
+            runs = [("offload", False, footprint // 3, lambda ms: None)]
             if "{group}" == "checkpoint":
-                runs.append((True, 8 * footprint, lambda ms: moved.append(
+                runs.append(("offload", True, 8 * footprint, lambda ms: moved.append(
                     settle([p for m in ms for p in m.parameters()]))))
-            for quiet, budget, mid in runs:
+            if pattern in ("reentrant", "non_reentrant", "autocast"):
+                runs.append(("guard", False, footprint // 3, lambda ms: None))
+            for mode, quiet, budget, mid in runs:
                 moved = []
                 def wrap(m, o):
-                    h = st.offload(m, o, quiet=quiet)
+                    if mode == "guard":
+                        h = st.guard(optimizer=o)
+                        h.__enter__()
+                    else:
+                        h = st.offload(m, o, quiet=quiet)
                     spill.set_budget(budget)
                     return h
                 before = spill.stats()
                 losses, models, hs = run(pattern, wrap, mid=mid)
                 after = spill.stats()
+                if mode == "guard":  # its exit brings every tensor back: room for them first
+                    spill.set_budget(8 * footprint)
+                    hs[0].__exit__(None, None, None)
                 same = [torch.equal(p, q) for p, q in zip(params(models), base[pattern][1])]
-                detail = (pattern, quiet, footprint)
+                detail = (pattern, mode, quiet, footprint)
                 assert losses == base[pattern][0], (detail, losses, base[pattern][0])
                 assert same and all(same), (detail, "final parameters differ from plain torch")
                 assert after["swap.bytes_out"] > before["swap.bytes_out"], (detail, "no swap")
@@ -1694,15 +1704,17 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 else:  # unfreeze: the step changes at the third of four; skip: a skipped
                     # step runs on into the next one (see docs/pytorch.md): no plan fits yet
                     assert planned > 0 or pattern in ("unfreeze", "skip"), (detail, planned)
-                    assert all(h.quiet_steps == 0 for h in hs), detail
+                    assert mode == "guard" or all(h.quiet_steps == 0 for h in hs), detail
                 spill.set_budget(8 * footprint)
                 for handle in hs:
-                    handle.remove()
+                    if mode == "offload":
+                        handle.remove()
                 del models, hs, handle
-                print("ok", pattern, quiet, footprint, planned,
+                print("ok", pattern, mode, quiet, footprint, planned,
                       after["swap.bytes_out"] - before["swap.bytes_out"])
     """)
-    assert out.count("ok ") == len(patterns) * (2 if group == "checkpoint" else 1), out
+    guarded = {"checkpoint": 2, "precision": 1}.get(group, 0)
+    assert out.count("ok ") == len(patterns) * (2 if group == "checkpoint" else 1) + guarded, out
 
 
 @needs_cuda
