@@ -1513,13 +1513,16 @@ LOOP_PATTERNS = textwrap.indent("""
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 W, B = 512, 32
+class Scale(nn.Module):  # autograd saves the factor as a wrapped number (a 0-dim tensor)
+    def forward(self, x):
+        return x * 0.5
 class Net(nn.Module):
     def __init__(self, how):
         super().__init__()
         self.how = how
         self.inp = nn.Linear(W, W)
         self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(W, W), nn.ReLU(), nn.Linear(W, W),
-                                                    nn.ReLU()) for _ in range(3)])
+                                                    Scale(), nn.ReLU()) for _ in range(3)])
         self.head = nn.Linear(W, 16)
     def forward(self, x):
         x = self.inp(x)
@@ -1645,8 +1648,10 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     forward and its backward, so that the recomputation must bring them back. Before the fix,
     non-reentrant checkpointing raised "Attempt to retrieve a tensor saved by autograd
     multiple times" (offload's saved-tensor hooks were pushed above checkpoint's in the
-    recomputation), and unfreezing parameters and accumulating into their kept gradients
-    crashed (no gradient hook pinned them: a segmentation fault). Batches of 32 rows: the
+    recomputation; the first step's pin-every-op mode, and guard(), refused the detach()
+    of the wrapped number a scalar multiply saves, which non-reentrant checkpointing's
+    recomputation calls), and unfreezing parameters and accumulating into their kept
+    gradients crashed (no gradient hook pinned them: a segmentation fault). Batches of 32 rows: the
     blocks are the same at a GPU's 2 MiB granularity (SPILL_TEST_SIM_GRANULARITY=2MiB passes)."""
     patterns = {"checkpoint": ["reentrant", "non_reentrant", "sequential"],
                 "precision": ["autocast", "skip"],

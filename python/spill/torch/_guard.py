@@ -20,6 +20,22 @@ from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_metho
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
 _DETACH = torch.ops.aten.detach.default
+# A wrapped number's dtype (the 0-dim tensor autograd makes of a Python scalar operand).
+_NUMBER_DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64,
+                  complex: torch.complex128}
+
+
+def detached_number(func: Any, args: Any) -> Optional[torch.Tensor]:
+    """detach() of a wrapped number (``x * 0.125`` saves 0.125 as one) reaches a dispatch
+    mode as the Python number, and the op then refuses it ("Expected a value of type
+    'Tensor'"): non-reentrant checkpointing detaches every tensor its recomputation saves.
+    Returns the detached tensor (a 0-dim CPU tensor of the number, as autograd made it), or
+    None when the call is not that."""
+    if func is _DETACH and args and not isinstance(args[0], torch.Tensor):
+        dtype = _NUMBER_DTYPES.get(type(args[0]))
+        if dtype is not None:
+            return torch.tensor(args[0], dtype=dtype)
+    return None
 
 
 def _writes(func: Any) -> Tuple[frozenset, frozenset]:
@@ -59,6 +75,10 @@ class PinEveryOp(TorchDispatchMode):
         kwargs = kwargs or {}
         if state.forked_child:
             return func(*args, **kwargs)
+        if func is _DETACH:
+            number = detached_number(func, args)
+            if number is not None:
+                return number
         pinner = self.pinner
         if self.steps is not None:
             self.steps.ensure()

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._guard import PinEveryOp
+from ._guard import PinEveryOp, detached_number
 from ._pins import Pinner, Saved, acyclic
 from ._state import state
 
@@ -107,7 +107,8 @@ class _PinReads(PinEveryOp):
                                        for r in func._schema.returns) and bool(
                                            func._schema.returns)
         if views:
-            return func(*args, **(kwargs or {}))
+            number = detached_number(func, args)
+            return number if number is not None else func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
