@@ -358,12 +358,13 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   }
   b->pins++;
   b->last_use = ++tick;
-  b->scope = scope;
-  if (StepState* st = find_scope_locked(scope))
+  if (StepState* st = find_scope_locked(scope)) {
+    b->scope = scope;
     on_pin_locked(*st, *b, host ? reinterpret_cast<Stream>(~std::uintptr_t{0}) : stream);
+  }
   TraceRecorder::global().record(EventKind::Pin, base, b->size,
                                  host ? profiling::kHostStream : sid(stream));
-  PinToken token{base, b->generation, host};
+  PinToken token{base, b->generation, host, scope};
   if (wait_for != nullptr && host) {
     // Pinned: nothing can move it while the host waits without the lock. Events are recycled,
     // never destroyed, while the swapper lives: a re-recorded one only makes the wait longer.
@@ -385,12 +386,13 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   return token;
 }
 
-void Swapper::Impl::unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool host) {
+void Swapper::Impl::unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool host,
+                                 std::uint64_t scope) {
   if (!host && std::find(b.use_streams.begin(), b.use_streams.end(), stream) == b.use_streams.end())
     b.use_streams.push_back(stream);
   if (wrote) b.host_valid = false, b.untouched = false;
   b.pins--;
-  if (StepState* st = find_scope_locked(b.scope)) on_unpin_locked(*st, b, wrote);
+  if (StepState* st = find_scope_locked(scope)) on_unpin_locked(*st, b, wrote);
   TraceRecorder::global().record(EventKind::Unpin, key(b.base), b.size,
                                  host ? profiling::kHostStream : sid(stream));
 }
@@ -402,7 +404,7 @@ void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   if (b == nullptr && !m.backend.find_block(ptr) && m.backend.owns(ptr)) return;  // never moves
   SPILL_EXPECTS(b != nullptr && b->pins > 0,
                 "unpin: " + format_address(ptr) + " is not pinned (unpin without pin)");
-  m.unpin_locked(*b, stream, wrote, false);
+  m.unpin_locked(*b, stream, wrote, false, m.current_scope());
 }
 
 void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
@@ -416,7 +418,8 @@ void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
   }
   SPILL_EXPECTS(it->second.pins > 0, "unpin: the block at " + format_address(it->second.base) +
                                          " is not pinned (a token unpinned twice?)");
-  m.unpin_locked(it->second, stream, wrote, token.host);
+  m.unpin_locked(it->second, stream, wrote, token.host,
+                 token.scope.has_value() ? *token.scope : m.current_scope());
 }
 
 void Swapper::prefetch(const void* ptr, bool wait_for_room) {

@@ -13,7 +13,8 @@
 //                  swap-out waits for it). wrote=false keeps a valid host copy valid (a later
 //                  eviction is free). A token whose block was freed meanwhile (its address
 //                  perhaps reused by a new block) is a harmless no-op, counted as stale.
-//   unpin(ptr, s, wrote)  the same by pointer (an error when the block is not pinned).
+//   unpin(ptr, s, wrote)  the same by pointer (an error when the block is not pinned), in the
+//                  calling thread's current scope.
 //   prefetch(ptr) / evict(ptr)  hints: start a swap-in / swap-out now, asynchronously.
 //   evict_bytes(n) the allocator's eviction hook: free at least n mapped bytes now (may wait
 //                  on copies). Victims by next use in the recorded step (Belady) when a plan is
@@ -45,7 +46,10 @@
 // Steps belong to a scope (a caller-chosen number; 0 by default), so that two training loops
 // in one process do not disturb each other's recordings. begin_step(scope) and
 // begin_op(name, scope) make `scope` the calling thread's current scope on this swapper; a pin
-// belongs to the current scope of the thread that makes it. Within a scope, pins are grouped
+// belongs to the current scope of the thread that makes it, and its unpin to the same scope
+// (the token's), whichever thread's pins come in between: a thread that reads the blocks of
+// a training loop from another scope (a checkpoint or logging thread, scope 0 when it never
+// named one) neither enters nor splits the loop's recorded ops. Within a scope, pins are grouped
 // into ops (an op starts at the first pin after an unpin, or at begin_op). With policy plan,
 // the first step after begin_step() is recorded; end_step() turns it into a graph::Trace and a
 // plan; later steps execute the plan's prefetches and evictions, adapting the look-ahead when
@@ -56,6 +60,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -81,12 +86,15 @@ struct SwapperOptions {
   bool opt_in = false;
 };
 
-// What pin returns and unpin takes: which life of which block was pinned. An empty token
-// (block 0) comes from a block that never moves; unpinning it does nothing.
+// What pin returns and unpin takes: which life of which block was pinned, and in which step
+// scope. An empty token (block 0) comes from a block that never moves; unpinning it does
+// nothing. A token made without a scope (the C API's spill_pin_token has no room for one)
+// unpins in the current scope of the thread that unpins.
 struct PinToken {
   std::uintptr_t block = 0;      // the block's base address
   std::uint64_t generation = 0;  // distinguishes blocks that reuse one address
   bool host = false;             // from pin_for_host: unpin ignores its stream
+  std::optional<std::uint64_t> scope;  // the pinning thread's current scope
   explicit operator bool() const { return block != 0; }
 };
 

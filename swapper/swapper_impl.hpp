@@ -37,7 +37,9 @@ struct SwapBlock {
   // it moves with no copy. Never set in opt-in mode (code outside the hooks may write).
   bool untouched = false;
   std::uint64_t generation = 0;  // this life of the address (pin tokens)
-  std::uint64_t scope = 0;       // the step scope of its latest pin
+  // The step scope of its latest pin from a scope the swapper holds steps for (whose plan
+  // says when it is next used); a pin from a scope without steps (a reader thread) keeps it.
+  std::uint64_t scope = 0;
   std::uint64_t born = 0;        // the clock when it was tracked or found
   std::uint64_t last_use = 0;    // LRU clock
 };
@@ -181,7 +183,8 @@ struct Swapper::Impl {
   PinToken pin(const void* ptr, Stream stream, bool host);
   // Which resident blocks cannot be evicted (pinned, undeclared), with a few addresses.
   std::string unevictable_report_locked() const;
-  void unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool host);
+  // `scope`: the scope of the pin it ends (its step state, if any, sees the unpin).
+  void unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool host, std::uint64_t scope);
   // The calling thread's current scope on this swapper (0 when it never named one).
   std::uint64_t current_scope() const;
   void set_current_scope(std::uint64_t scope) const;

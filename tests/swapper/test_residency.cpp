@@ -318,6 +318,61 @@ TEST(Residency, StepScopesDoNotDisturbEachOther) {
   EXPECT_TRUE(s.sw.last_trace(7).accesses.empty());
 }
 
+// Rule 5 (readers): a thread that reads a training loop's blocks from another scope (a
+// checkpoint or logging thread that never named one: scope 0) neither enters the loop's
+// recording nor splits its ops, whichever order the two threads' pins and unpins come in. Its
+// unpins belong to its own scope, not to the scope of the block's latest pin: an unpin counted
+// in the loop's scope would start a new op there (a recorded op split in two), and the loop's
+// own unpin counted in the reader's would leave two ops merged. Either makes the steps with a
+// reader differ from the plan (deviations, no planned steps). Host pins, as on the CPU bridge.
+TEST(Residency, APinFromAnotherScopesThreadDoesNotChangeTheRecording) {
+  constexpr int kSteps = 5, kOps = 4;
+  auto run = [](bool reader) {
+    Stack s(64 * MiB, true, "policy:plan");
+    std::vector<void*> w;
+    for (int i = 0; i <= kOps; ++i) {
+      w.push_back(s.rt.allocator().allocate(2 * MiB, nullptr));
+      s.write_host(w.back(), 2 * MiB, i);
+      s.sw.set_swappable(w.back(), true);
+    }
+    // The reader runs on a thread of its own for each call (scope 0: it never named one).
+    auto other = [](auto&& f) { std::thread(f).join(); };
+    for (int step = 0; step < kSteps; ++step) {
+      const bool reads = reader && step >= 2;  // steps 0 and 1 make and confirm the plan
+      s.sw.begin_step(7);
+      for (int op = 0; op < kOps; ++op) {
+        PinToken r1, r2, a, b;
+        // The reader pins first; the loop's pin follows; the reader unpins in the middle of
+        // the loop's op (before the op's second pin).
+        if (reads) other([&] { r1 = s.sw.pin_for_host(w[op]); });
+        a = s.sw.pin_for_host(w[op]);
+        if (reads) other([&] { s.sw.unpin(r1, nullptr, false); });
+        b = s.sw.pin_for_host(w[op + 1]);
+        // The reader pins after the loop did and unpins after it: the loop's unpin comes
+        // while the block's latest pin is the reader's.
+        if (reads) other([&] { r2 = s.sw.pin_for_host(w[op + 1]); });
+        s.sw.unpin(a, nullptr, false);
+        s.sw.unpin(b, nullptr, true);
+        if (reads) other([&] { s.sw.unpin(r2, nullptr, false); });
+      }
+      s.sw.end_step(7);
+    }
+    for (void* p : w) s.rt.allocator().deallocate(p, nullptr);
+    return std::pair{s.sw.stats(), s.sw.last_trace(7)};
+  };
+  const auto [alone, alone_trace] = run(false);
+  const auto [read, read_trace] = run(true);
+  EXPECT_EQ(alone.steps_planned, static_cast<std::uint64_t>(kSteps - 1));
+  EXPECT_EQ(read.deviations, alone.deviations) << "the reader's pins changed the loop's steps";
+  EXPECT_EQ(read.steps_planned, alone.steps_planned);
+  ASSERT_EQ(read_trace.accesses.size(), alone_trace.accesses.size());
+  for (std::size_t i = 0; i < alone_trace.accesses.size(); ++i) {
+    EXPECT_EQ(read_trace.accesses[i].op, alone_trace.accesses[i].op) << "access " << i;
+    EXPECT_EQ(read_trace.accesses[i].block, alone_trace.accesses[i].block) << "access " << i;
+    EXPECT_EQ(read_trace.accesses[i].access, alone_trace.accesses[i].access) << "access " << i;
+  }
+}
+
 // Rule 6: a runtime torn down with blocks allocated, pinned, on the host and in flight frees
 // everything without waiting on anyone.
 TEST(Residency, TeardownWithLiveBlocksIsSafe) {

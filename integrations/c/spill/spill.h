@@ -209,8 +209,11 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
 /* The work that used the pinned block is enqueued on `stream` (a swap-out waits for it);
  * `wrote` nonzero if it may have written the block (else a current host copy stays current
  * and a later eviction copies nothing). Each token is unpinned once. A token whose block was
- * freed meanwhile is a no-op (counted in spill_stats.stale_unpins). Errors: INVALID_ARGUMENT
- * (token NULL, stream, a token unpinned twice), SHUT_DOWN. */
+ * freed meanwhile is a no-op (counted in spill_stats.stale_unpins). The unpin belongs to the
+ * calling thread's current step scope (see spill_begin_step), as the pin did to the pinning
+ * thread's: unpin from the thread that pinned, or from one in the same scope (a thread reading
+ * another scope's blocks then neither enters nor splits that scope's recorded ops). Errors:
+ * INVALID_ARGUMENT (token NULL, stream, a token unpinned twice), SHUT_DOWN. */
 SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
 /* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
