@@ -1407,6 +1407,107 @@ def test_code_between_the_hooks_reads_swapped_tensors_as_plain_torch(use: str) -
     assert out.count("ok") == 2
 
 
+def test_a_thread_reading_the_model_under_pin_reads_keeps_the_training_bit_identical_and_planned(
+) -> None:
+    """Another thread (an asynchronous logging, EMA or checkpoint thread) reads an offloaded
+    MLP's parameters under ``pin_reads()`` again and again while the main thread trains 3 steps
+    at a third of the footprint: the reads are finite, and the losses, the final parameters and
+    the plan are those of the same training without the reader (which are plain torch's:
+    test_training_at_a_third_of_the_footprint_is_bit_identical): as many planned steps, no more
+    deviations (before the fix the reader's unpins landed in the training's step scope and
+    split or merged its ops: every step with a reader deviated, none was planned). After training, with parameters on the host, a thread saves the model with
+    torch.save and reads .numpy() and .tolist() under pin_reads: plain values (on the bridge,
+    unpinned, these reads fault)."""
+    out = run_ok(quiet_preamble("1GiB") + f"""
+        import io, math, sys, threading, time
+        sys.path.insert(0, {str(HERE)!r})
+        from torch_train_models import train
+        STEPS = 3
+        enable()
+        train("mlp", 2, device=dev)
+        footprint = st.max_memory_allocated()
+        spill.set_budget(footprint // 3)
+        def run(reader):
+            stop, models, reads, current = threading.Event(), [], [], [0]
+            def read():
+                while not stop.is_set():
+                    if not models:
+                        time.sleep(0.001)
+                        continue
+                    step = current[0]
+                    with st.pin_reads():
+                        total = sum(float(p.detach().sum()) for p in models[0].parameters())
+                    reads.append((step, total))
+                    time.sleep(0.002)
+            def wrap(m, o):
+                models.append(m)
+                return st.offload(m, o)
+            def before_step(i):
+                current[0] = i
+            t = threading.Thread(target=read, daemon=True)
+            if reader:
+                t.start()
+            try:
+                before = spill.stats()
+                losses, m, h = train("mlp", STEPS, before_step, wrap, device=dev)
+                after = spill.stats()
+            finally:
+                stop.set()
+            if reader:
+                t.join()
+            return losses, m, h, before, after, reads
+        base, m0, h0, b0, a0, _ = run(False)
+        # Copies outside spill's memory (on the bridge a clone would hold the budget).
+        base_params = [torch.from_numpy(p.detach().cpu().numpy().copy()) for p in m0.parameters()]
+        spill.set_budget(8 * footprint)  # remove() brings everything back
+        h0.remove()
+        del m0, h0
+        spill.set_budget(footprint // 3)
+        losses, m, h, before, after, reads = run(True)
+""" + MATCHES_PLAIN_TORCH + """
+        assert all(math.isfinite(s) for _, s in reads)
+        assert all(any(i == step for step, _ in reads) for i in range(2, STEPS)), \
+            ("the reader did not read during every planned step", [r[0] for r in reads])
+        planned = after["swap.steps_planned"] - before["swap.steps_planned"]
+        deviations = after["swap.deviations"] - before["swap.deviations"]
+        alone = (a0["swap.steps_planned"] - b0["swap.steps_planned"],
+                 a0["swap.deviations"] - b0["swap.deviations"])
+        assert alone[0] > 0, alone
+        assert (planned, deviations) == alone, ("the reader changed the plan", planned,
+                                                deviations, alone)
+        print("reads", len(reads), "planned", planned, "deviations", deviations,
+              "out", after["swap.bytes_out"] - before["swap.bytes_out"],
+              "alone out", a0["swap.bytes_out"] - b0["swap.bytes_out"])
+        ptrs = [p.data_ptr() for p in m.parameters()]
+        for q in ptrs:  # the window's reads above brought them back
+            spill.evict(q)
+        deadline = time.monotonic() + 30
+        while spill.residence(ptrs[0]) != "on_host":
+            assert time.monotonic() < deadline, spill.residence(ptrs[0])
+            time.sleep(0.01)
+        on_host = sum(spill.residence(q) == "on_host" for q in ptrs)
+        got = {}
+        def checkpoint():
+            with st.pin_reads():
+                buf = io.BytesIO()
+                torch.save(m.state_dict(), buf)
+                got["numpy"] = [float(p.detach().cpu().numpy().sum()) for p in m.parameters()]
+                got["list"] = [p.detach().view(-1)[-3:].tolist() for p in m.parameters()]
+            got["saved"] = buf.getvalue()
+        t = threading.Thread(target=checkpoint)
+        t.start()
+        t.join()
+        spill.set_budget(8 * footprint)
+        h.remove()
+        loaded = torch.load(io.BytesIO(got["saved"]), map_location="cpu")
+        assert all(torch.equal(v.cpu(), q) for v, q in zip(loaded.values(), base_params))
+        assert got["numpy"] == [float(q.numpy().sum()) for q in base_params]
+        assert got["list"] == [q.view(-1)[-3:].tolist() for q in base_params]
+        print("ok", on_host, len(ptrs))
+    """)
+    assert "ok" in out, out
+
+
 @pytest.mark.parametrize("how", ["armed", "quiet", "no_optimizer"])
 def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     """A forward that raises midway (a check the caller catches), in the first step and in a

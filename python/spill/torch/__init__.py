@@ -9,10 +9,12 @@ model trains on more memory than the GPU has:
 
 ``enable(conf, target="cpu")`` is the CPU bridge (spill's simulated device as PyTorch's CPU
 allocator), how the integration is tested without a GPU. ``guard()`` pins every aten op for
-code the hooks do not cover. ``memory_stats``, ``memory_summary``, ``memory_snapshot`` and
-``reset_peak_memory_stats`` answer PyTorch's questions with spill's figures (by default
-``enable`` makes ``torch.cuda``'s own functions do so too). Out of memory raises
-``torch.cuda.OutOfMemoryError`` with spill's message. docs/pytorch.md is the guide.
+code the hooks do not cover; ``pin_reads()`` pins the ops of another thread that uses an
+offloaded model's tensors (a checkpoint, logging or EMA thread). ``memory_stats``,
+``memory_summary``, ``memory_snapshot`` and ``reset_peak_memory_stats`` answer PyTorch's
+questions with spill's figures (by default ``enable`` makes ``torch.cuda``'s own functions do
+so too). Out of memory raises ``torch.cuda.OutOfMemoryError`` with spill's message.
+docs/pytorch.md is the guide.
 
 ``spill.torch.capture`` records one training step of a model, without data, as a graph that
 ``spill plan`` answers "does it fit, and how fast" for (docs/estimate.md);
@@ -41,6 +43,7 @@ from ._recorder import CaptureError  # noqa: E402
 from ._enable import AllocatorInUseError, disable, enable, is_enabled, pool  # noqa: E402
 from ._guard import guard  # noqa: E402
 from ._offload import OffloadHandle, offload  # noqa: E402
+from ._reads import pin_reads  # noqa: E402
 from ._stats import (max_memory_allocated, max_memory_reserved, memory_allocated,  # noqa: E402
                      memory_reserved, memory_snapshot, memory_stats, memory_summary,
                      reset_peak_memory_stats)
@@ -48,7 +51,7 @@ from ._stats import (max_memory_allocated, max_memory_reserved, memory_allocated
 __all__ = [
     "CaptureError", "CapturedStep", "capture", "export_step",
     "AllocatorInUseError", "OffloadHandle",
-    "enable", "disable", "is_enabled", "pool", "offload", "guard", "step",
+    "enable", "disable", "is_enabled", "pool", "offload", "guard", "pin_reads", "step",
     "memory_stats", "memory_summary", "memory_snapshot", "reset_peak_memory_stats",
     "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
 ]
