@@ -24,11 +24,15 @@ from ._state import state
 from ._window import _HostUses, _PinReads
 
 
-class _Pins:
-    """What _HostUses needs of its window outside a backward: the pinner."""
+class _Reads:
+    """What the window's modes use of their window outside a backward: the pinner, a count of
+    their own calls running, and the handles (one that never goes: these modes pin until the
+    block ends)."""
 
-    def __init__(self, pinner: Pinner) -> None:
-        self.pinner = pinner
+    def __init__(self) -> None:
+        self.pinner = Pinner()
+        self.busy = 0
+        self.handles = (self,)
 
 
 class pin_reads:
@@ -62,10 +66,10 @@ class pin_reads:
                 return self  # a forked child never touches the parent's runtime
             raise Error("spill.torch.pin_reads: spill is not PyTorch's allocator in this "
                         "process; call spill.torch.enable() first")
-        pinner = Pinner()
-        functions = _HostUses(_Pins(pinner))  # type: ignore[arg-type]
+        reads = _Reads()
+        functions = _HostUses(reads)  # type: ignore[arg-type]
         functions.special.pop(torch.Tensor.backward, None)  # a backward here: its ops pinned
-        pins = _PinReads(pinner)
+        pins = _PinReads(reads)  # type: ignore[arg-type]
         functions.__enter__()
         try:
             pins.__enter__()
