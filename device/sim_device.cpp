@@ -13,6 +13,7 @@
 #include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
+#include "device/sim_fault_note.hpp"
 #include "device/sim_state.hpp"
 
 namespace spill {
@@ -281,6 +282,7 @@ void* SimDevice::do_reserve(std::size_t bytes) {
   if (raw_end > tail) ::munmap(reinterpret_cast<void*>(tail), raw_end - tail);
   std::unique_lock lock(s_->vm);
   s_->reservations[start] = bytes;
+  sim::note_reservation(reinterpret_cast<void*>(start), bytes);
   return reinterpret_cast<void*>(start);
 }
 
@@ -294,6 +296,7 @@ void SimDevice::do_unreserve(void* addr, std::size_t bytes) {
   SPILL_EXPECTS(m == s_->mappings.end() || m->first >= u(addr) + bytes,
                 "unreserve: " + format_address(addr) + " still has memory mapped at " +
                     format_address(reinterpret_cast<void*>(m->first)));
+  sim::forget_reservation(addr);
   ::munmap(addr, bytes);
   s_->reservations.erase(it);
 }

@@ -1508,6 +1508,44 @@ def test_a_thread_reading_the_model_under_pin_reads_keeps_the_training_bit_ident
     assert "ok" in out, out
 
 
+@pytest.mark.skipif(TARGET != "cpu", reason="on a GPU an unpinned read of a swapped-out tensor "
+                    "is an illegal address that ends the CUDA context")
+def test_an_unpinned_read_from_another_thread_faults_with_a_note_naming_pin_reads() -> None:
+    """A thread reads a tensor that is on the host without pin_reads(): on the CPU bridge the
+    process still dies of SIGSEGV (spill cannot turn a kernel's read into an exception), but
+    first the simulated device's fault handler says on stderr what happened and what to use;
+    the same read under pin_reads() gives the value."""
+    code = quiet_preamble("64MiB") + """
+        import sys, threading, time
+        enable()
+        with st.guard(release_on_exit=False):  # declared swappable
+            w = torch.ones(1 << 20) * 2
+        def settle():
+            spill.evict(w.data_ptr())
+            deadline = time.monotonic() + 30
+            while spill.residence(w.data_ptr()) != "on_host":
+                assert time.monotonic() < deadline, spill.residence(w.data_ptr())
+                time.sleep(0.01)
+        def read(pinned):
+            if pinned:
+                with st.pin_reads():
+                    print("sum", float(w.sum()), flush=True)
+            else:
+                print("sum", float(w.sum()), flush=True)
+        for pinned in (True, False):
+            settle()
+            t = threading.Thread(target=read, args=(pinned,))
+            t.start()
+            t.join()
+        print("not reached")
+    """
+    r = run_code(code)
+    assert r.returncode == -11, (r.returncode, r.stdout, r.stderr[-3000:])
+    assert r.stdout.count("sum 2097152.0") == 1 and "not reached" not in r.stdout, r.stdout
+    assert "spill: segmentation fault at 0x" in r.stderr, r.stderr[-3000:]
+    assert "spill.torch.pin_reads()" in r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("how", ["armed", "quiet", "no_optimizer"])
 def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     """A forward that raises midway (a check the caller catches), in the first step and in a
