@@ -327,3 +327,82 @@ def test_a_handle_collected_without_remove_leaves_nothing_running(tmp_path) -> N
         print("ok")
     """)
     assert "ok" in out
+
+
+# An EMA kept as a model of its own (a deep copy made before offload, gradients off), updated
+# after each optimizer step in the loop's code and evaluated under no_grad. `run_ema(wrap,
+# wrap_ema)` returns the losses, the EMA's outputs and final parameters, and how many of its
+# parameters `settle` found on the host after each update.
+EMA = MODEL + textwrap.indent("""
+def run_ema(wrap=None, wrap_ema=None):
+    m, opt = build("default")
+    ema = copy.deepcopy(m)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    h = wrap(m, opt) if wrap else None
+    he = wrap_ema(ema) if wrap_ema else None
+    g = torch.Generator().manual_seed(1)
+    x = torch.ones(8, 512).to(dev)
+    out = {"losses": [], "outputs": [], "moved": []}
+    for _ in range(4):
+        out["losses"].append(step(m, opt, g))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), m.parameters()):
+                pe.mul_(0.9).add_(p, alpha=0.1)
+        out["moved"].append(settle(list(ema.parameters())))
+        with torch.no_grad():
+            out["outputs"].append(ema.eval()(x))
+    out["ema_params"] = plain_params(ema)
+    return out, m, h, he
+""", " " * 8)
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+def test_an_ema_offloaded_beside_its_model_trains_as_plain_torch() -> None:
+    """The EMA docs/pytorch.md suggests for a tight budget: the copy made before offload,
+    offloaded itself (``offload(ema)``, no optimizer) beside ``offload(model, optimizer)``,
+    both in a third of their joint footprint. The loop updates the EMA after each step (in
+    offload's window, op by op) and evaluates it under no_grad; every EMA weight is moved to
+    the host after each update, so the next update and the evaluation must bring them back.
+    The losses, the EMA's outputs and final weights and the model's weights are plain
+    torch's, bit for bit."""
+    out = run_ok(quiet_preamble("1GiB") + EMA + SETTLE + """
+        move, spill_runs = settle, False
+        def settle(tensors):
+            return move(tensors) if spill_runs else 0
+        base, bm, _, _ = run_ema()
+        base_params = plain_params(bm)
+        del bm
+        enable()
+        spill_runs = True
+        m, opt = build("default")
+        ema = copy.deepcopy(m)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            step(m, opt, g)
+        footprint = st.max_memory_allocated()
+        del m, opt, ema
+        spill.set_budget(1 << 30)
+        handles = []
+        def wrap(m, o):
+            handles.append(st.offload(m, o, quiet=False))
+            return handles[-1]
+        def wrap_ema(e):
+            handles.append(st.offload(e, quiet=False))
+            spill.set_budget(footprint // 3)
+            return handles[-1]
+        before = spill.stats()
+        got, m, h, he = run_ema(wrap, wrap_ema)
+        after = spill.stats()
+        assert got["losses"] == base["losses"], (got["losses"], base["losses"])
+        assert all(torch.equal(p, q) for p, q in zip(got["outputs"], base["outputs"]))
+        assert all(torch.equal(p, q) for p, q in zip(got["ema_params"], base["ema_params"]))
+        assert min(got["moved"]) > 0, got["moved"]
+        losses, base = got["losses"], base["losses"]
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        he.remove()
+        h.remove()
+        print("ok", footprint, got["moved"], after["swap.bytes_out"] - before["swap.bytes_out"])
+    """)
+    assert "ok" in out
