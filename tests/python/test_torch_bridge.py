@@ -1762,6 +1762,8 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
                 with torch.autocast(dev, dtype=torch.bfloat16):
                     out = m(x)
                 loss = ce(out.float(), y)
+            elif pattern == "siamese":  # the model called twice before one backward
+                loss = (m(x) - m(batch(B, W))).square().mean()
             else:
                 loss = ce(m(x), y)
             mid([m])
@@ -1790,12 +1792,15 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     recomputation; the first step's pin-every-op mode, and guard(), refused the detach()
     of the wrapped number a scalar multiply saves, which non-reentrant checkpointing's
     recomputation calls), and unfreezing parameters and accumulating into their kept
-    gradients crashed (no gradient hook pinned them: a segmentation fault). Batches of 32 rows: the
-    blocks are the same at a GPU's 2 MiB granularity (SPILL_TEST_SIM_GRANULARITY=2MiB passes)."""
+    gradients crashed (no gradient hook pinned them: a segmentation fault), and the model called
+    twice before one backward (siamese) ran out of memory (the first part of each weight's
+    gradient waited in autograd's buffer, undeclared, through the other graph's backward).
+    Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
+    (SPILL_TEST_SIM_GRANULARITY=2MiB passes)."""
     patterns = {"checkpoint": ["reentrant", "non_reentrant", "sequential"],
                 "precision": ["autocast", "skip"],
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
-                "two_models": ["gan", "one_optimizer"]}[group]
+                "two_models": ["gan", "one_optimizer", "siamese"]}[group]
     out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + SETTLE + f"""
         import contextlib, gc
         spill_runs = False

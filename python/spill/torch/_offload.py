@@ -16,7 +16,9 @@ Which blocks become swappable, and what pins every later use of each:
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
   step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
   gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
-  host by zeros, declared at once.
+  host by zeros, declared at once. A gradient autograd makes in parts (the model called twice
+  before one backward) has its first part, which waits in AccumulateGrad's buffer, declared
+  and pinned at its later uses (_partials.py).
 - optimizer state: declared after each optimizer step. The optimizer's step runs its
   per-parameter loop (foreach=False while spill runs it; param_groups and state_dict() keep
   the caller's value). When the step's tensors (parameters, gradients, state)
@@ -76,6 +78,7 @@ from spill import budget as spill_budget
 from . import _copies as copies
 from ._guard import PinEveryOp
 from ._optimizer import per_parameter_loop, pinned_step
+from ._partials import PartialGradients
 from ._pins import Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, storage
 from ._quiet import QuietSteps
 from ._recompute import Recomputation, call_frame, in_backward
@@ -191,6 +194,8 @@ class OffloadHandle:
         self._movable = self.pinner.movable
         self._pin_block = self.pinner.pin
         self._unpin = self.pinner.unpin
+        # Gradients made in parts (the model called twice before one backward): _partials.py.
+        self._parts = PartialGradients(self.pinner, self._persistent, _pend(self))
         # Forwards a backward recomputes (activation checkpointing): _recompute.py.
         self._recompute = Recomputation(self.pinner)
         self._recomputing = False  # in the window's recomputing set
@@ -281,6 +286,7 @@ class OffloadHandle:
         self._release_frame(self._step_frame)
         self._release_backward()
         self._release_recomputed()
+        self._parts.forget()
         self.steps.end()
         self._policy.forget()
         acts, self._acts = self._acts, set()
@@ -438,6 +444,9 @@ class OffloadHandle:
         self._entry = None
         self._pop_saved_hooks()
         self._claim_in_backward(output)
+        if (not self._quiet and self._discovery is None and torch.is_grad_enabled()
+                and not state.forked_child):
+            self._parts.entry_ended(output)
 
     def _claim_in_backward(self, output: Any) -> None:
         """The model's backward will begin with a gradient of its output: the out-of-memory
@@ -486,6 +495,7 @@ class OffloadHandle:
             self._boundary = not self.steps.manage
             self._began_step = True
             self._release_backward()  # pins an abandoned backward left
+            self._parts.forget()
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
             if self._outside:
                 stream = self.pinner.stream()
@@ -532,6 +542,7 @@ class OffloadHandle:
             self._stack_set.clear()
         if self._began_step:
             self._began_step = False
+            self._parts.forget()
             self._release_frame(self._step_frame)
             self._release_backward()
             self._boundary = True
@@ -753,6 +764,8 @@ class OffloadHandle:
             param = ref()
             if param is None or state.forked_child:
                 return
+            if self._parts.waiting:
+                self._parts.accumulating(self._movable(param), grad)
             if param.grad is not None:
                 # AccumulateGrad is about to add into the existing gradient.
                 token = self._pin(param.grad, self.pinner.stream())
@@ -825,6 +838,7 @@ class OffloadHandle:
             finally:
                 restore_foreach()
                 self._release_frame(self._step_frame)
+                self._parts.forget()
                 self.steps.end()
                 self._leave_discovery()
                 self._boundary = True
@@ -843,6 +857,13 @@ class OffloadHandle:
         if self._fresh and not state.forked_child:
             self._declare_fresh()
         self._release_recomputed()
+        self._parts.forget()  # a forward after this one begins new graphs
+
+    def backward_failed(self) -> None:
+        """A ``loss.backward()`` in the window raised (out of memory): the nodes its graphs'
+        partial gradients hooked are let go (_partials.py), so that the graph goes with the
+        caller's last reference to it."""
+        self._parts.forget()
 
     def _declare_gradients(self, quiet: bool) -> None:
         """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's
@@ -972,6 +993,18 @@ class OffloadHandle:
 
 
 copies.HOOK_OWNERS.add(OffloadHandle)
+
+
+def _pend(handle: OffloadHandle) -> Any:
+    """Adds a backward's pin to those the handle releases at the next point between nodes
+    (_safe_point), without a reference to the handle (see _collected)."""
+    ref = weakref.ref(handle)
+
+    def pend(token: Token, wrote: bool) -> None:
+        h = ref()
+        if h is not None:
+            h._bw_pending.append((token, wrote))
+    return pend
 
 
 def _collected(window: Any, steps: StepBoundaries) -> None:

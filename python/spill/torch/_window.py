@@ -179,6 +179,10 @@ class _HostUses(TorchFunctionMode):
         window.suspend()
         try:
             result = func(*args, **kwargs)
+        except BaseException:
+            for handle in list(window.handles):
+                handle.backward_failed()
+            raise
         finally:
             window.resume()
             window.release_kept()
