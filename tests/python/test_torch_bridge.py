@@ -305,23 +305,30 @@ def test_a_block_no_hook_saw_is_never_evicted() -> None:
     assert "ok" in out
 
 
+def scope_recorded(path: pathlib.Path) -> str:
+    """Scenario code defining ``recorded(scope)``: whether spill still holds a recorded step of
+    ``scope`` (spill.write_step_graph into ``path``; NOT_FOUND once the scope has ended)."""
+    return textwrap.indent(f"""
+import pathlib
+graph = pathlib.Path({str(path)!r})
+def recorded(scope):
+    try:
+        spill.write_step_graph(graph, scope=scope)
+        return True
+    except spill.Error as e:
+        assert e.code == spill.Status.NOT_FOUND, e
+        return False
+""", " " * 8)
+
+
 def test_remove_and_guard_exit_end_their_scope_and_new_models_get_new_scopes(
         tmp_path: pathlib.Path) -> None:
     """offload's remove() and guard's exit end the default scope they used (its recording is
     gone: write_step_graph says NOT_FOUND); a scope the caller named survives until
     spill.end_scope. The same model keeps its scope; a new model never gets an old one's, even
     where Python reuses its id()."""
-    out = run_ok(ENABLE + """
-        import gc, pathlib
-        graph = pathlib.Path(%r) / "g.json"
-
-        def recorded(scope):
-            try:
-                spill.write_step_graph(graph, scope=scope)
-                return True
-            except spill.Error as e:
-                assert e.code == spill.Status.NOT_FOUND, e
-                return False
+    out = run_ok(ENABLE + scope_recorded(tmp_path / "g.json") + """
+        import gc
 
         def train(model, opt, steps=2):
             x = torch.ones(64, 512, device=dev)
@@ -385,7 +392,7 @@ def test_remove_and_guard_exit_end_their_scope_and_new_models_get_new_scopes(
             del o
         assert reused > 0, "no id() was reused: the check above proved nothing"
         print("ok")
-    """ % str(tmp_path))
+    """)
     assert "ok" in out
 
 

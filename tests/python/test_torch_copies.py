@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
 from test_torch_bridge import (MATCHES_PLAIN_TORCH, SETTLE, SIZED_FOR_64K,  # noqa: E402
-                               quiet_preamble, run_ok)
+                               quiet_preamble, run_ok, scope_recorded)
 
 # Six 1 MiB weights (512 x 512 floats) and a 1 MiB buffer read by the forward (buffers are
 # copied through their storage, parameters through clone()), trained with Adam. `build` makes
@@ -283,18 +283,11 @@ def test_a_handle_collected_without_remove_leaves_nothing_running(tmp_path) -> N
     is ended (spill freed its recording). A collection that begins inside the window's own
     code (simulated: the window marked busy) leaves the modes passing every op through until
     the next handle's remove() takes them off."""
-    out = run_ok(quiet_preamble("1GiB") + MODEL + f"""
-        import gc, pathlib
+    out = run_ok(quiet_preamble("1GiB") + MODEL + """
+        import gc
         from spill.torch._window import window
         enable()
-        graph = pathlib.Path({str(tmp_path)!r}) / "g.json"
-        def recorded(scope):
-            try:
-                spill.write_step_graph(graph, scope=scope)
-                return True
-            except spill.Error as e:
-                assert e.code == spill.Status.NOT_FOUND, e
-                return False
+""" + scope_recorded(tmp_path / "g.json") + """
         def stacks():
             return torch._C._len_torch_dispatch_stack(), torch._C._len_torch_function_stack()
         def trained():

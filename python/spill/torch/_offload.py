@@ -895,9 +895,7 @@ class OffloadHandle:
         default_to_none = bool(default.default) if default is not None else True
 
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
-            if state.forked_child:
-                return original(*args, **kwargs)
-            if self._discovery is not None:
+            if state.forked_child or self._discovery is not None:
                 return original(*args, **kwargs)
             to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
             self._window.enter(self)  # (the window's modes would see every p.grad access)
