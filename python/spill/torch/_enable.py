@@ -15,6 +15,7 @@ from spill._capi import raise_status
 from spill._lib import library
 
 from . import _stats
+from ._pins import storage
 from ._shim import address, shim
 from ._state import state, torch_version
 
@@ -98,6 +99,32 @@ def _enable_cpu(conf: Optional[str], device: int) -> None:
     if status != 0:
         raise_status(library(), status)
     state.target, state.device, state.conf = "cpu", device, text
+    _patch_storage_clone()
+
+
+def _patch_storage_clone() -> None:
+    """On the CPU bridge, a CPU storage's ``clone()`` (and with it ``copy.deepcopy`` of a
+    tensor, which copies its storage: torch 1.13's ``optimizer.load_state_dict`` deep-copies
+    the state it loads) allocates through the installed CPU allocator, spill's. torch 1.13's
+    storage constructor takes PyTorch's default CPU allocator instead, so those copies landed
+    outside spill's memory, where no budget counts them; on a GPU the same copies are in
+    spill's memory. disable() puts the original back."""
+    base = torch.storage._StorageBase
+    key = (base, "clone")
+    if key in state.patched or not hasattr(base, "clone"):
+        return
+    original = base.clone
+
+    def clone(self: Any) -> Any:
+        if type(self) is not torch.UntypedStorage or self.device.type != "cpu" \
+                or state.target != "cpu":
+            return original(self)
+        view = torch.empty(0, dtype=torch.uint8).set_(self)  # the bytes, as one op's input
+        return storage(view.clone())
+
+    clone.__doc__ = original.__doc__
+    state.patched[key] = original
+    base.clone = clone  # type: ignore[method-assign]
 
 
 def _cuda_allocator(lib_shim: Any) -> Any:

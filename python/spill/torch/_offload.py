@@ -19,7 +19,9 @@ Which blocks become swappable, and what pins every later use of each:
   host by zeros, declared at once. A gradient autograd makes in parts (the model called twice
   before one backward) has its first part, which waits in AccumulateGrad's buffer, declared
   and pinned at its later uses (_partials.py).
-- optimizer state: declared after each optimizer step. The optimizer's step runs its
+- optimizer state: declared after each optimizer step (each tensor known by a weak reference:
+  a new one at a dead one's id() is declared too), and as ``optimizer.load_state_dict`` makes
+  it (resuming from a checkpoint: _optimizer.load_state). The optimizer's step runs its
   per-parameter loop (foreach=False while spill runs it; param_groups and state_dict() keep
   the caller's value). When the step's tensors (parameters, gradients, state)
   fit in a quarter of the budget, a torch.optim optimizer's step runs with all of them pinned
@@ -77,7 +79,7 @@ from spill import budget as spill_budget
 
 from . import _copies as copies
 from ._guard import PinEveryOp
-from ._optimizer import per_parameter_loop, pinned_step
+from ._optimizer import load_state, per_parameter_loop, pinned_step
 from ._partials import PartialGradients
 from ._pins import Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, storage
 from ._quiet import QuietSteps
@@ -153,8 +155,10 @@ class OffloadHandle:
         self._hooks: List[Any] = []
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
-        self._declared_state: Set[int] = set()  # ids of optimizer state declared
-        self._state_seen: Set[int] = set()      # ids of optimizer state examined
+        # Optimizer state examined (id() -> weak reference, checked: ids are reused), and
+        # whether any of it was declared.
+        self._state_refs: Dict[int, Any] = {}
+        self._state_declared = False
         # Parameters and buffers: per module, the tensors its pre-hook pins (and wrote flags).
         self._direct: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
         self._owners: Dict[int, Set[torch.nn.Module]] = {}
@@ -241,6 +245,8 @@ class OffloadHandle:
         if self.optimizer is not None:
             wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
+            wrap_method(self.optimizer, "load_state_dict", self._wrap_load,
+                        self._saved_methods)
         self._wrap_forward(self.model)
 
     @property
@@ -813,7 +819,7 @@ class OffloadHandle:
             restore_foreach = per_parameter_loop(self.optimizer)
             try:
                 if self._discovery is not None or (quiet and not self._persistent
-                                                   and not self._declared_state):
+                                                   and not self._state_declared):
                     # The first step; or a quiet step where nothing the step touches is
                     # swappable: no parameter can move (so neither can a gradient) and no
                     # optimizer state was made swappable.
@@ -934,16 +940,39 @@ class OffloadHandle:
         with PinEveryOp(self.pinner):
             return original(*args, **kwargs)
 
+    def _wrap_load(self, original: Any) -> Any:
+        def load_state_dict(*args: Any, **kwargs: Any) -> Any:
+            if state.forked_child:
+                return original(*args, **kwargs)
+            self._window.enter(self)  # (its own mode pins the ops instead of the window's)
+            try:
+                result = load_state(self.pinner, original, args, kwargs)
+                self._declare_state()  # what it kept without a copy (torch 2's .to())
+            finally:
+                self._window.leave(self)
+            return result
+        return load_state_dict
+
     def _declare_state(self) -> None:
-        seen = self._state_seen
+        """Declares the optimizer's state tensors it has not seen before. Each is known by
+        its id() and a weak reference to it: a tensor made after another was freed may get
+        the dead one's id() (a state reset, a second checkpoint loaded), and is new all the
+        same."""
+        known = self._state_refs
+        now: Dict[int, Any] = {}
+        pinner = self.pinner
         for st in self.optimizer.state.values():
             for v in st.values():
-                if isinstance(v, torch.Tensor) and id(v) not in seen:
-                    seen.add(id(v))
-                    ptr = self.pinner.movable(v)
-                    if ptr:
-                        self.pinner.declare(ptr)
-                        self._declared_state.add(id(v))
+                if not isinstance(v, torch.Tensor):
+                    continue
+                ref = known.get(id(v))
+                if ref is None or ref() is not v:
+                    ref = weakref.ref(v)
+                    ptr = pinner.movable(v)
+                    if ptr and pinner.declare(ptr):
+                        self._state_declared = True
+                now[id(v)] = ref
+        self._state_refs = now
 
     def _leave_discovery(self) -> None:
         if self._discovery is not None:

@@ -13,11 +13,13 @@ time). Pinning parameters in chunks under pressure was tried: the planned steps 
 demand fetches than with the dispatch mode (docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ._pins import Pinner
+from ._guard import PinEveryOp
+from ._pins import Pinner, leaves
+from ._state import state
 
 Token = Any  # spill._capi.PinToken
 
@@ -98,3 +100,45 @@ def per_parameter_loop(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
         for group, value in changed:
             group["foreach"] = value
     return restore
+
+
+_makes: Dict[Any, bool] = {}
+
+
+def _fresh_outputs(func: Any) -> bool:
+    """Whether every output of ``func`` is a new tensor (no view, no argument written in
+    place: its schema's returns carry no alias annotation)."""
+    found = _makes.get(func)
+    if found is None:
+        returns = func._schema.returns
+        found = _makes[func] = bool(returns) and all(r.alias_info is None for r in returns)
+    return found
+
+
+class DeclareMade(PinEveryOp):
+    """The mode :func:`load_state` runs ``load_state_dict`` under: every op's tensors pinned
+    around the op (as in the window), and what an op makes (an output that is a new tensor)
+    declared swappable as soon as the op returns. So the state the optimizer copies from a
+    checkpoint (torch 1.13 deep-copies all of it before using any; torch 2 copies each tensor
+    with ``.to()``) can move as it is made, instead of all of it staying resident until the
+    next step ends; the checkpoint's own tensors, which the ops only read, are left as the
+    caller has them."""
+
+    declares = False  # (the base class then pins only)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if _fresh_outputs(func) and not state.forked_child:
+            pinner = self.pinner
+            for t in leaves(out):
+                ptr = pinner.movable(t)
+                if ptr:
+                    pinner.declare(ptr)
+        return out
+
+
+def load_state(pinner: Pinner, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Runs ``original(*args, **kwargs)`` (the optimizer's ``load_state_dict``) under
+    :class:`DeclareMade`."""
+    with DeclareMade(pinner):
+        return original(*args, **kwargs)
