@@ -404,7 +404,9 @@ def test_an_ema_offloaded_beside_its_model_trains_as_plain_torch() -> None:
 # Resuming from a checkpoint: the model (Net) trained 3 steps with AdamW by plain torch and
 # saved (torch.save of both state_dicts); `resume(ck, wrap, warm)` builds a fresh model with
 # other weights, trains it `warm` steps of its own (under spill when wrapped), moves
-# everything to the host, loads the checkpoint into model and optimizer and trains 4 steps.
+# everything to the host (after `warm` steps it then loads its own state_dict() back, which
+# reads the state on the host, and moves everything again), loads the checkpoint into model
+# and optimizer and trains 4 steps.
 # It returns the losses, what the loads left unswappable (bytes), and how many of the
 # optimizer's state tensors `settle` found on the host right after the load.
 RESUME = MODEL + textwrap.indent("""
@@ -425,6 +427,9 @@ def resume(ck, wrap=None, warm=0):
     for _ in range(warm):
         step(m, opt, gw)
     out = {"moved": [settle(swappable(m, opt))]}
+    if warm:  # its own state, read back from the host, copied and loaded again
+        opt.load_state_dict(opt.state_dict())
+        out["moved"].append(settle(swappable(m, opt)))
     before = unswappable()
     m.load_state_dict(ck["model"])
     opt.load_state_dict(ck["opt"])
@@ -442,8 +447,9 @@ def test_resuming_from_a_checkpoint_after_offload_trains_as_plain_torch(tmp_path
     into host memory (outside spill's: on the CPU bridge read before enable(), as
     ``map_location="cpu"`` reads it on a GPU), loaded after ``offload(model, optimizer)`` at a
     third of the footprint into a fresh model and optimizer, and into ones that trained 2
-    steps under spill first, everything moved to the host before the load (so
-    ``model.load_state_dict`` copies into parameters on the host). Right after
+    steps under spill first and reloaded their own state (read from the host), everything moved
+    to the host before the load (so ``model.load_state_dict`` copies into parameters on the
+    host). Right after
     ``optimizer.load_state_dict`` every state tensor it made can move (all 12 reach the host;
     spill's unswappable bytes grew by less than one of them), and the 4 steps after it give
     plain torch's losses and parameters bit for bit. Before the fix the state stayed
