@@ -12,7 +12,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spill import Error, OutOfMemoryError
+from spill import budget as spill_budget
 
+from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, leaves
 from ._state import state
 from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_methods,
@@ -80,6 +82,14 @@ class PinEveryOp(TorchDispatchMode):
             if number is not None:
                 return number
         pinner = self.pinner
+        split = listwise(func)
+        if split is not None:
+            # A foreach, fused-optimizer or unscale op over more than a quarter of the budget
+            # runs in chunks that fit (_foreach.py), so it never needs all its lists resident.
+            parts = chunks(split, args, kwargs, pinner.block, spill_budget(state.device) // 4)
+            if parts is not None:
+                return joined(split, [self.__torch_dispatch__(func, types, a, k)
+                                      for a, k in parts])
         if self.steps is not None:
             self.steps.ensure()
         stream = pinner.stream()

@@ -12,7 +12,8 @@ Which blocks become swappable, and what pins every later use of each:
   between modules only ever touches pinned or undeclared blocks. In backward the unpack hook
   pins them (the plan's prefetches are issued ahead of it); the pins are dropped at the next
   point where the autograd engine is between nodes (a gradient hook on a module output).
-- gradients: declared as an armed step's backward makes them (at the next gradient hook,
+- gradients: declared as an armed step's backward makes them (at the next point where the
+  autograd engine is between nodes: a gradient hook on a module output or a parameter,
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
   step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
   gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
@@ -755,9 +756,14 @@ class OffloadHandle:
         return saved.tensor
 
     def _safe_point(self, grad: torch.Tensor) -> None:
-        # The engine is between nodes: every tensor unpacked so far has been used.
+        # The engine is between nodes: every tensor unpacked so far has been used, and the
+        # gradients AccumulateGrad made since the last point are done with (the next layer's
+        # backward makes its gradients before their parameters' hooks run: declared only
+        # there, each would stay resident through that layer's backward).
         if self._bw_pending:
             self._release_backward()
+        if self._fresh:
+            self._declare_fresh()
 
     def _grad_hook(self, p: torch.nn.Parameter) -> Any:
         ref = weakref.ref(p)
