@@ -606,6 +606,20 @@ MATCHES_PLAIN_TORCH = """
 """
 
 
+# Inside a scenario, after a run under spill that set the peak: `wrap(m, o)` offloads a model
+# and its optimizer and sets the budget to a third of that peak (`footprint`); `before` holds
+# spill's stats for MATCHES_PLAIN_TORCH.
+AT_A_THIRD = """
+        gc.collect()
+        footprint = st.max_memory_allocated()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget(footprint // 3)
+            return h
+        before = spill.stats()
+"""
+
+
 def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None:
     """offload(model, optimizer) with zero_grad(set_to_none=False), six 2 MiB weights and Adam
     (48 MiB of parameters, gradients and state) at a 12 MiB budget: zero_grad replaces each
@@ -1921,13 +1935,7 @@ def test_fp16_autocast_with_grad_scaler_trains_as_plain_torch() -> None:
         gc.collect()
         st.reset_peak_memory_stats()
         train(steps=4)  # (the first two steps are skipped: no optimizer state before the third)
-        gc.collect()
-        footprint = st.max_memory_allocated()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(footprint // 3)
-            return h
-        before = spill.stats()
+""" + AT_A_THIRD + """
         losses, scales, m, h = train(wrap)
         after = spill.stats()
 """ + MATCHES_PLAIN_TORCH + """

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
-from test_torch_bridge import (MATCHES_PLAIN_TORCH, TARGET, quiet_preamble,  # noqa: E402
-                               run_ok)
+from test_torch_bridge import (AT_A_THIRD, MATCHES_PLAIN_TORCH, TARGET,  # noqa: E402
+                               quiet_preamble, run_ok)
 
 # Eight 1 MiB tensors and what the foreach ops of a training loop do with them; `ops(xs)`
 # returns the norms and leaves xs updated.
@@ -136,13 +136,7 @@ def test_plain_sgd_and_foreach_clipping_train_as_plain_torch_at_a_third_of_the_f
         gc.collect()
         st.reset_peak_memory_stats()
         train("{optimizer}", "{clipping}", steps=2)
-        gc.collect()
-        footprint = st.max_memory_allocated()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(footprint // 3)
-            return h
-        before = spill.stats()
+""" + AT_A_THIRD + f"""
         losses, norms, m, h = train("{optimizer}", "{clipping}", wrap)
         after = spill.stats()
 """ + MATCHES_PLAIN_TORCH + """
