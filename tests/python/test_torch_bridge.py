@@ -1665,7 +1665,9 @@ def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
 # checkpoint_sequential), bf16 autocast, steps a loop skips (GradScaler's on inf/NaN
 # gradients), frozen parameters, progressive unfreezing (add_param_group, gradients kept and
 # accumulated), an LM head tied to the embedding, a block used twice in one forward, a GAN
-# (two models, two optimizers, .detach() between them) and one optimizer over two models.
+# (two models, two optimizers, .detach() between them), one optimizer over two models, the
+# model called twice before one backward (siamese) and a gradient penalty (autograd.grad with
+# create_graph, on the batch or on a mix of two).
 # run(pattern, wrap, steps, mid) trains from seed 0 and returns the losses, the models and
 # what wrap(model, optimizer) returned for each pair; mid(models) runs between each forward
 # and its backward.
@@ -1785,6 +1787,14 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
                 loss = ce(out.float(), y)
             elif pattern == "siamese":  # the model called twice before one backward
                 loss = (m(x) - m(batch(B, W))).square().mean()
+            elif pattern in ("penalty", "interpolate"):  # a gradient penalty (WGAN-GP, R1)
+                if pattern == "interpolate":  # on a mix of two batches, as WGAN-GP's
+                    a = torch.rand(B, 1, generator=g).to(dev)
+                    x = a * x + (1 - a) * batch(B, W)
+                x.requires_grad_(True)
+                out = m(x)
+                grad, = torch.autograd.grad(out.sum(), x, create_graph=True)
+                loss = out.mean() + (grad.norm(2, dim=1) - 1).square().mean()
             else:
                 loss = ce(m(x), y)
             mid([m])
@@ -1799,7 +1809,8 @@ def params(models):
 """, " " * 8)
 
 
-@pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models"])
+@pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models",
+                                   "penalty"])
 def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint(
         group: str) -> None:
     """offload(model, optimizer) in the loops of LOOP_PATTERNS, each at a third of its
@@ -1821,7 +1832,8 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     patterns = {"checkpoint": ["reentrant", "non_reentrant", "sequential"],
                 "precision": ["autocast", "skip"],
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
-                "two_models": ["gan", "one_optimizer", "siamese"]}[group]
+                "two_models": ["gan", "one_optimizer", "siamese"],
+                "penalty": ["penalty", "interpolate"]}[group]
     out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + SETTLE + f"""
         import contextlib, gc
         spill_runs = False
@@ -1867,6 +1879,8 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 assert losses == base[pattern][0], (detail, losses, base[pattern][0])
                 assert same and all(same), (detail, "final parameters differ from plain torch")
                 assert after["swap.bytes_out"] > before["swap.bytes_out"], (detail, "no swap")
+                if "{group}" == "penalty":  # the double backward's weight reads are backward's
+                    assert not any(h._outside for h in hs), (detail, "weights pinned all step")
                 planned = after["swap.steps_planned"] - before["swap.steps_planned"]
                 if quiet:
                     assert min(moved) > 0 and all(h.quiet_steps > 0 for h in hs), (

@@ -122,10 +122,12 @@ class _Discovery(PinEveryOp):
                     owners = h._owners.get(storage(t).data_ptr())
                     if owners and not (owners & running):
                         h._extra.setdefault(h._stack[-1], {})[id(t)] = t
-        elif torch.is_grad_enabled():
+        elif torch.is_grad_enabled() and not h._window.graphs:
             # Forward code outside every module of the model (a loss term reading a weight,
             # loop code between submodules called directly): no hook pins what it reads.
-            # Backward and the optimizer step run without grad mode and have their own pins.
+            # Backward and the optimizer step run without grad mode and have their own pins;
+            # so does a backward that makes a graph (autograd.grad with create_graph: its
+            # saved tensors are pinned when a later backward unpacks them).
             for t in tree_flatten((args, kwargs or {}))[0]:
                 if isinstance(t, torch.Tensor) and not t.is_meta:
                     ptr = storage(t).data_ptr()
@@ -200,7 +202,7 @@ class OffloadHandle:
         self._pin_block = self.pinner.pin
         self._unpin = self.pinner.unpin
         # Gradients made in parts (the model called twice before one backward): _partials.py.
-        self._parts = PartialGradients(self.pinner, self._persistent, _pend(self))
+        self._parts = PartialGradients(self.pinner, self._persistent, _between(self))
         # Forwards a backward recomputes (activation checkpointing): _recompute.py.
         self._recompute = Recomputation(self.pinner)
         self._recomputing = False  # in the window's recomputing set
@@ -755,13 +757,16 @@ class OffloadHandle:
                 self._bw_pending.append((token, False))
         return saved.tensor
 
-    def _safe_point(self, grad: torch.Tensor) -> None:
-        # The engine is between nodes: every tensor unpacked so far has been used, and the
+    def _safe_point(self, grad: Optional[torch.Tensor]) -> None:
+        # The engine is between nodes: every tensor unpacked so far has been used (also
+        # those the window's hooks unpacked: a penalty's double-backward graph), and the
         # gradients AccumulateGrad made since the last point are done with (the next layer's
         # backward makes its gradients before their parameters' hooks run: declared only
         # there, each would stay resident through that layer's backward).
         if self._bw_pending:
             self._release_backward()
+        if self._window.kept:
+            self._window.release_kept()
         if self._fresh:
             self._declare_fresh()
 
@@ -776,8 +781,6 @@ class OffloadHandle:
             param = ref()
             if param is None or state.forked_child:
                 return
-            if self._parts.waiting:
-                self._parts.accumulating(self._movable(param), grad)
             if param.grad is not None:
                 # AccumulateGrad is about to add into the existing gradient.
                 token = self._pin(param.grad, self.pinner.stream())
@@ -870,6 +873,13 @@ class OffloadHandle:
             self._declare_fresh()
         self._release_recomputed()
         self._parts.forget()  # a forward after this one begins new graphs
+
+    def graph_built(self, results: Any) -> None:
+        """``torch.autograd.grad(..., create_graph=True)`` in the window returned ``results``
+        (a gradient penalty): in an armed step, the parts a later backward through its graph
+        and the forward's makes of one gradient are looked for (_partials.py)."""
+        if not self._quiet and self._discovery is None and not state.forked_child:
+            self._parts.graph_built(results)
 
     def backward_failed(self) -> None:
         """A ``loss.backward()`` in the window raised (out of memory): the nodes its graphs'
@@ -1028,16 +1038,16 @@ class OffloadHandle:
 copies.HOOK_OWNERS.add(OffloadHandle)
 
 
-def _pend(handle: OffloadHandle) -> Any:
-    """Adds a backward's pin to those the handle releases at the next point between nodes
-    (_safe_point), without a reference to the handle (see _collected)."""
+def _between(handle: OffloadHandle) -> Any:
+    """The handle's _safe_point (the engine is between nodes), without a reference to the
+    handle (see _collected)."""
     ref = weakref.ref(handle)
 
-    def pend(token: Token, wrote: bool) -> None:
+    def between() -> None:
         h = ref()
         if h is not None:
-            h._bw_pending.append((token, wrote))
-    return pend
+            h._safe_point(None)
+    return between
 
 
 def _collected(window: Any, steps: StepBoundaries) -> None:

@@ -1,22 +1,31 @@
-"""Partial gradients: a step whose forwards reach a parameter along more than one edge of
-autograd's graphs, because the model is called twice before one backward (siamese and
-contrastive losses, consistency regularisation, a discriminator on real and fake).
+"""Partial gradients: a step whose graphs reach a node of autograd along more than one edge,
+where a gradient waits in parts. Two loops make such graphs, and they are examined only there:
+the model called twice before one backward (siamese and contrastive losses, consistency
+regularisation, a discriminator on real and fake), from the step's second entry on; and a
+gradient penalty (``torch.autograd.grad(out.sum(), x, create_graph=True)``, then
+``loss.backward()`` through both graphs), when that call returns (the window's).
 
-Autograd then makes the parameter's gradient in parts. The first part to arrive waits in the
-input buffer of the parameter's AccumulateGrad node until the last one is added to it, and
-each graph's nodes run in turn (later nodes first), so it waits for as long as a whole
-graph's backward: a gradient's size per parameter, resident and never declared, which at a
-third of the footprint leaves no room for that backward. Here the nodes that send those parts
-get a post hook: the first part is declared swappable when it leaves its node, and pinned
-when the next part is added to it (right after the next sender's hook, in place or not) and
-when AccumulateGrad reads it (the parameter's gradient hook). Each pin lasts until the
-handle's next point between nodes.
+The first part to arrive at a node reached along several edges waits in the node's input
+buffer until the last one is added to it, and each graph's nodes run in turn (the penalty's
+double-backward graph, made later, first), so it waits for as long as a whole graph's
+backward: for a parameter, a gradient's size, resident and never declared, which at a third
+of the footprint leaves no room for that backward. The receiving node is the parameter's
+AccumulateGrad node (the model called twice), or a node of the forward's graph (a penalty on
+a Linear sends the weight's part through the forward's ``t()`` node; on a ReLU, zeros to its
+output's node). The node sending each part gets a post hook: the first part is declared
+swappable when it leaves its node, if that node made it (its storage is none of the node's
+inputs' and none of its other outputs', so nothing else holds it; a sender that is a pure
+view of its one input, ``t()``, hands on what the node before it made: that one is hooked
+instead). A later part, and the receiving node's pre hook, make it unswappable again (back
+first if it is on the host) before the engine adds to it or reads it: from there it is an
+ordinary gradient, which may flow on through views and pass-through nodes unpinned. The
+senders' post hooks are also points between nodes, where the handle drops its backward's pins
+(the double-backward graph has no module hooks).
 
-Examined only from a step's second entry on (offload's entries: the root's forward or a
-submodule the training loop calls), each time from the outputs of all the step's entries (one
-entry per step costs a weak reference to its outputs). Parameters reached along one edge get
-no hook. The hooked nodes are kept (so that a node is hooked once) until the backward or the
-step is over, also when the backward raised (the window's Tensor.backward)."""
+Examined each time from the outputs of all the step's entries and penalty graphs so far (one
+entry per step costs a weak reference to its outputs). The hooked nodes are kept (so that a
+node is hooked once) until the backward or the step is over, also when the backward raised
+(the window's Tensor.backward)."""
 from __future__ import annotations
 
 import weakref
@@ -26,85 +35,125 @@ import torch
 
 from ._pins import Pinner, leaves
 
-Token = Any
+Key = Tuple[int, int]  # (id of the receiving node, its input)
+Edge = Tuple[Any, int]  # (sending node, its output)
+
+# Backward nodes whose one output is a view of their one input (they read no bytes).
+_VIEWS = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "UnsqueezeBackward0",
+                    "SqueezeBackward0", "SqueezeBackward1", "AliasBackward0"})
 
 
 class PartialGradients:
-    """The graphs of one step's entries and the first parts waiting in autograd's buffers.
-    ``persistent``: the storage pointers of the parameters that can move; ``pending``: where
-    a pin goes to be released at the next point between nodes (the handle's list)."""
+    """The graphs of one step's entries (and penalty graphs) and the first parts waiting in
+    autograd's buffers. ``persistent``: the storage pointers of the parameters and buffers
+    that can move (never declared or undeclared here); ``safe_point``: called between nodes
+    (the handle drops its backward's pins)."""
 
     def __init__(self, pinner: Pinner, persistent: Set[int],
-                 pending: Callable[[Token, bool], None]) -> None:
+                 safe_point: Callable[[], None]) -> None:
         self.pinner = pinner
         self.persistent = persistent
-        self.pending = pending
+        self.safe_point = safe_point
         # The outputs of the step's entries so far, weakly (a graph goes with the caller's
         # last reference to it, also when its backward raised): None before the first one.
         self.outputs: Optional[List[Any]] = None
-        self.hooked: Dict[Tuple[int, int], Any] = {}  # (node id, index) -> node
-        self.waiting: Dict[int, int] = {}  # parameter -> block of its first part
+        self.hooked: Dict[Key, Any] = {}     # (sender id, output) -> sender
+        self.receivers: Dict[int, Any] = {}  # receiver id -> receiver (pre hook added)
+        self.keys: Dict[int, List[Key]] = {}  # receiver id -> its inputs reached twice
+        self.arrived: Dict[Key, int] = {}   # a part arrived: the block declared (0: none)
 
     def entry_ended(self, output: Any) -> None:
         """An armed step's entry returned ``output``."""
-        refs = [weakref.ref(t) for t in leaves(output)
-                if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        refs = _refs(output)
         if self.outputs is None:  # the step's first entry: examined if another one follows
             self.outputs = refs
             return
         self.outputs += refs
-        roots = [t.grad_fn for t in (r() for r in self.outputs) if t is not None]
+        self._examine()
+
+    def graph_built(self, results: Any) -> None:
+        """``torch.autograd.grad(..., create_graph=True)`` returned ``results`` in an armed
+        step: a later backward runs their graph and the step's forwards' together."""
+        self.outputs = (self.outputs or []) + _refs(results)
+        self._examine()
+
+    def _examine(self) -> None:
+        roots = [t.grad_fn for t in (r() for r in self.outputs or []) if t is not None]
         visited: Dict[int, Any] = {}  # (the node too: a node's Python object may be made
-        # afresh at each access, and a collected one's id reused)
-        edges: Dict[int, List[Tuple[Any, int]]] = {}
-        movable = self.pinner.movable
+        # afresh at each access once none is alive, and a collected one's id reused)
+        into: Dict[Key, List[Edge]] = {}
+        incoming: Dict[int, List[Edge]] = {}
         while roots:
             node = roots.pop()
             if id(node) in visited:
                 continue
             visited[id(node)] = node
-            for i, (nxt, _) in enumerate(node.next_functions):
+            for i, (nxt, nr) in enumerate(node.next_functions):
                 if nxt is None:
                     continue
-                variable = getattr(nxt, "variable", None)  # an AccumulateGrad node's leaf
-                if variable is None:
-                    roots.append(nxt)
-                    continue
-                ptr = movable(variable)
-                if ptr and ptr in self.persistent:
-                    edges.setdefault(ptr, []).append((node, i))
-        for ptr, found in edges.items():
-            if len(found) > 1:
-                for node, i in found:
-                    if (id(node), i) not in self.hooked:  # (kept alive there: ids stay unique)
-                        node.register_hook(self._sender(ptr, i))
-                        self.hooked[(id(node), i)] = node
+                into.setdefault((id(nxt), nr), []).append((node, i))
+                incoming.setdefault(id(nxt), []).append((node, i))
+                roots.append(nxt)
+        for key, edges in into.items():
+            if len(edges) < 2:
+                continue
+            receiver = visited[key[0]]
+            if key[0] not in self.receivers:
+                self.receivers[key[0]] = receiver
+                self.keys[key[0]] = []
+                receiver.register_prehook(self._reading(key[0]))
+            if key not in self.keys[key[0]]:
+                self.keys[key[0]].append(key)
+            for node, i in edges:
+                # A pure view of its one input hands on what the node before it made.
+                while node.name() in _VIEWS and len(incoming.get(id(node), ())) == 1:
+                    node, i = incoming[id(node)][0]
+                if (id(node), i) not in self.hooked:  # (kept alive there: ids stay unique)
+                    node.register_hook(self._sender(key, i))
+                    self.hooked[(id(node), i)] = node
 
-    def _sender(self, param: int, index: int) -> Any:
+    def _sender(self, key: Key, index: int) -> Any:
         def hook(grad_inputs: Any, grad_outputs: Any) -> None:
-            held = self.waiting.get(param)
-            if held is None:  # the first part: next used when the next one is added to it
-                ptr = self.pinner.movable(grad_inputs[index])
-                if ptr:
-                    self.pinner.declare(ptr)
-                    self.waiting[param] = ptr
+            self.safe_point()
+            part = grad_inputs[index]
+            if part is None:  # no gradient along this edge: nothing is added
                 return
-            token = self.pinner.pin(held, self.pinner.stream())
-            if token is not None:
-                self.pending(token, True)
+            if key in self.arrived:  # a later part: the first one must be resident for it
+                self._resident(key)
+                return
+            movable = self.pinner.movable
+            ptr = movable(part)
+            if ptr and ptr not in self.persistent and not any(
+                    movable(t) == ptr for t in grad_outputs) and not any(
+                    movable(t) == ptr for j, t in enumerate(grad_inputs) if j != index):
+                self.pinner.declare(ptr)
+                self.arrived[key] = ptr
+            else:
+                self.arrived[key] = 0
         return hook
 
-    def accumulating(self, param: int, grad: torch.Tensor) -> None:
-        """The parameter's gradient hook (AccumulateGrad is about to read ``grad``): the
-        first part, when the others were added to it in place, is pinned for that read."""
-        held = self.waiting.pop(param, 0)
-        if held and held == self.pinner.movable(grad):
-            token = self.pinner.pin(held, self.pinner.stream())
-            if token is not None:
-                self.pending(token, False)
+    def _reading(self, receiver: int) -> Any:
+        def hook(grad_outputs: Any) -> None:
+            for key in self.keys.get(receiver, ()):
+                self._resident(key)
+                self.arrived.pop(key, None)  # (another backward through it begins afresh)
+        return hook
+
+    def _resident(self, key: Key) -> None:
+        held = self.arrived.get(key)
+        if held:
+            self.arrived[key] = 0
+            self.pinner.declare(held, False)
 
     def forget(self) -> None:
         """The step (or the backward) is over: a later forward begins new graphs."""
         self.outputs = None
         self.hooked.clear()
-        self.waiting.clear()
+        self.receivers.clear()
+        self.keys.clear()
+        self.arrived.clear()
+
+
+def _refs(value: Any) -> List[Any]:
+    return [weakref.ref(t) for t in leaves(value)
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None]

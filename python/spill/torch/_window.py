@@ -108,7 +108,15 @@ class _PinReads(PinEveryOp):
                                            func._schema.returns)
         if views:
             number = detached_number(func, args)
-            return number if number is not None else func(*args, **(kwargs or {}))
+            if number is not None:
+                return number
+            out = func(*args, **(kwargs or {}))
+            if type(out) is not torch.Tensor and isinstance(out, (bool, int, float, complex)):
+                # detach() of a wrapped number comes back as the number (autograd.grad with
+                # create_graph saving ``x * 0.5``'s factor): its caller needs the tensor, its
+                # own detached alias (as PinEveryOp).
+                return args[0]
+            return out
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
@@ -154,7 +162,8 @@ class _HostUses(TorchFunctionMode):
     def __init__(self, window: "Window") -> None:
         super().__init__()
         self.window = window
-        self.special: Dict[Any, Callable[..., Any]] = {torch.Tensor.backward: self._backward}
+        self.special: Dict[Any, Callable[..., Any]] = {torch.Tensor.backward: self._backward,
+                                                        torch.autograd.grad: self._grad}
         if window.pinner.cpu:
             for name in ("numpy", "__array__"):
                 self.special[getattr(torch.Tensor, name)] = self._numpy
@@ -188,6 +197,22 @@ class _HostUses(TorchFunctionMode):
             window.release_kept()
         for handle in list(window.handles):
             handle.backward_done()
+        return result
+
+    def _grad(self, func: Any, args: Any, kwargs: Any) -> Any:
+        # Its ops stay under the dispatch mode (every op pinned). With create_graph (a
+        # gradient penalty) it makes a graph whose saved tensors a later backward reads:
+        # Window.graph_made.
+        create = kwargs.get("create_graph", args[4] if len(args) > 4 else False)
+        if not create:
+            return func(*args, **kwargs)
+        window = self.window
+        window.graphs.append([])
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            saved = window.graphs.pop()
+        window.graph_made(saved, result)
         return result
 
     def _pin(self, t: Any) -> Optional[Token]:
@@ -254,6 +279,8 @@ class Window:
         self.busy = 0             # the window's own code running (a mode's, _update)
         # Handles running a forward a backward recomputes (weak: one collected mid-way goes).
         self.recomputing: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        # Per autograd.grad(create_graph=True) running: what its graph saves (weakly).
+        self.graphs: List[List[Any]] = []
 
     # ---------------------------------------------------------------- handles
 
@@ -299,15 +326,37 @@ class Window:
 
     def _pack(self, t: torch.Tensor) -> Any:
         # Outside every forward of a model (a handle's forward pushes its own hooks above
-        # these): a parameter or buffer autograd saves (a regularizer's weight) is pinned
-        # when backward uses it; anything else is kept as it is (never a reference cycle).
-        # Not in a region (the first step's forward pushes no hooks of its own), nor in a
-        # forward a backward recomputes (its hold pins them: _recompute.py).
+        # these): a tensor that can move (a regularizer's weight, an activation a loss term
+        # or a penalty's graph saves) is pinned when backward uses it; what a penalty's graph
+        # saves is declared when it is made (graph_made). Else kept as it is (never a
+        # reference cycle). Not in a region (the first step's forward pushes no hooks of its
+        # own), nor in a forward a backward recomputes (its hold pins them: _recompute.py).
         if self._on and not self.recomputing:
             ptr = self.pinner.movable(t)
-            if ptr in self.persistent and not state.forked_child:
-                return Saved(t, ptr)
+            if ptr and not state.forked_child:
+                saved = Saved(t, ptr)
+                if self.graphs and ptr not in self.persistent:
+                    self.graphs[-1].append(weakref.ref(saved.tensor))
+                return saved
         return acyclic(t)
+
+    def graph_made(self, saved: List[Any], results: Any) -> None:
+        """autograd.grad(..., create_graph=True) returned ``results`` (a gradient penalty).
+        What its graph saved (gradients of activations, the forward's activations) is held
+        only by that graph now, and every later use unpacks it (pinned): in an armed step it
+        is declared swappable (a quiet step declares no activation). Each handle then looks
+        for the gradients the later backward makes in parts (_partials.py)."""
+        if state.forked_child:
+            return
+        handles = list(self.handles)
+        if any(not h.step_is_quiet for h in handles):
+            for ref in saved:
+                t = ref()
+                ptr = self.pinner.movable(t) if t is not None else 0
+                if ptr and ptr not in self.persistent:
+                    self.pinner.declare(ptr)
+        for h in handles:
+            h.graph_built(results)
 
     def _unpack(self, saved: Any) -> torch.Tensor:
         if type(saved) is not Saved:
