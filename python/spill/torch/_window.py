@@ -20,9 +20,14 @@ caller pushes stays above them and keeps its order):
   ``Tensor.storage()``; a newer torch's does not, and its bridge saves are not covered; on a
   GPU torch.save copies each storage to the host with an op, which the dispatch mode pins).
 And saved-tensor hooks, under those a handle pushes for its forward (while some handle has a
-parameter or buffer that can move): a model parameter or buffer that autograd saves outside
-every forward (a regularizer ``c * model.fc.weight.square().sum()``) is pinned when the
-backward unpacks it, until that backward ends. They also see what other code saves (the first
+parameter or buffer that can move): a tensor that can move and that autograd saves outside
+every forward (a regularizer ``c * model.fc.weight.square().sum()``, what a gradient
+penalty's ``autograd.grad(..., create_graph=True)`` saves) is pinned when the backward
+unpacks it, until the engine is next between nodes (a handle's gradient hook or partial
+gradient hook) or that backward ends. ``autograd.grad`` with ``create_graph`` runs under the
+dispatch mode (every op pinned); when it returns in an armed step, what its graph saved is
+declared swappable (only unpacks use it now) and the handles look for the gradients a later
+backward makes in parts (_partials.py). They also see what other code saves (the first
 step's forward, a model without offload): a Python call per saved tensor there.
 Costs nothing inside the regions (the modes are off there); in the window, the pins of the
 few ops a training loop runs (a dispatch mode's call per op).
