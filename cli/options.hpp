@@ -46,4 +46,12 @@ inline CLI::Validator number_in(double lo, double hi, const std::string& what = 
       "NUMBER in " + range);
 }
 
+// An output path: an empty one is refused ("--trace: expected a file path, got ''"); left to
+// mean "no output", `--trace ""` ran the whole command and wrote nothing.
+inline CLI::Validator file_path() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string { return s.empty() ? "expected a file path, got ''" : ""; },
+      "PATH");
+}
+
 }  // namespace spill::cli

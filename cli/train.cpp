@@ -86,8 +86,12 @@ int run_predict(const Config& config, const TrainArgs& a) {
   train::PredictOptions po;
   po.device = a.device;
   po.link = a.link;
-  if (!a.budget.empty()) po.budget = parse_size(a.budget, "--budget");
-  else if (config.budget) po.budget = *config.budget;
+  if (!a.budget.empty()) {
+    po.budget = parse_size(a.budget, "--budget");
+    SPILL_EXPECTS(*po.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
+  } else if (config.budget) {
+    po.budget = *config.budget;
+  }
   po.swap_threshold = config.swap_threshold;
   po.recompute = !a.no_recompute;
   po.timeline = true;
@@ -201,15 +205,18 @@ int run_train(Config config, const TrainArgs& a) {
   if (!a.json.empty()) check_writable(a.json, "--json");
   check_not_same(a.json, "--json", a.trace, "--trace");
   const train::Policy policy = train::parse_policy(a.policy);
+  std::optional<std::uint64_t> budget;
+  if (!a.budget.empty()) {
+    budget = parse_size(a.budget, "--budget");
+    SPILL_EXPECTS(*budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
+  } else if (config.budget) {
+    budget = *config.budget;
+  }
   train::Program program = train::build_model(a.model, a.model_options);
   const std::uint64_t footprint = train::footprint(config, program);
   // Default: a third of the footprint; with policy none (nothing can move), no budget.
-  std::optional<std::uint64_t> budget;
-  if (!a.budget.empty()) budget = parse_size(a.budget, "--budget");
-  else if (config.budget) budget = *config.budget;
-  else if (policy != train::Policy::None) budget = footprint / 3;
+  if (!budget && policy != train::Policy::None) budget = footprint / 3;
   const bool default_budget = budget && a.budget.empty() && !config.budget;
-  SPILL_EXPECTS(!budget || *budget > 0, "--budget: must be above zero");
   profiling::TraceRecorder::global().set_enabled(!a.trace.empty());
   profiling::TraceRecorder::global().collect();
 
@@ -386,8 +393,10 @@ void add_train(CLI::App& app, Runner& run) {
   cmd->add_flag("--no-recompute", a->no_recompute,
                 "policy graph: swap only (by default the plan may also drop activations and "
                 "remake them by running their producing op again where that is faster)");
-  cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here");
-  cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here");
+  cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here")
+      ->check(file_path());
+  cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here")
+      ->check(file_path());
   cmd->add_flag("--predict", a->predict,
                 "run nothing: plan the step on a GPU preset (--device) over a link (--link) and "
                 "print the simulated step unlimited, swapping only, as planned, and the floor");
@@ -400,8 +409,10 @@ void add_train(CLI::App& app, Runner& run) {
                                "a `spill bench link --json` file")
                    ->capture_default_str();
   auto* timeline = cmd->add_option("--timeline", a->timeline,
-                                   "--predict: write the planned step's simulated timeline here");
-  auto* plan_out = cmd->add_option("--plan-out", a->plan_out, "--predict: write the plan here");
+                                   "--predict: write the planned step's simulated timeline here")
+                   ->check(file_path());
+  auto* plan_out = cmd->add_option("--plan-out", a->plan_out, "--predict: write the plan here")
+                   ->check(file_path());
   cmd->callback([&run, a, cmd, dev, link, timeline, plan_out] {
     // Options that only one of the two modes reads are refused in the other (checked as the
     // command runs, so that the error is the CLI's usual invalid input).
