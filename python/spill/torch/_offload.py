@@ -20,7 +20,8 @@ Which blocks become swappable, and what pins every later use of each:
   host by zeros, declared at once. A gradient autograd makes in parts (the model called twice
   before one backward) has its first part, which waits in AccumulateGrad's buffer, declared
   and pinned at its later uses (_partials.py).
-- optimizer state: declared after each optimizer step (each tensor known by a weak reference:
+- optimizer state: declared at offload() (what the optimizer has already: Adagrad's sums),
+  after each optimizer step (each tensor known by a weak reference:
   a new one at a dead one's id() is declared too), and as ``optimizer.load_state_dict`` makes
   it (resuming from a checkpoint: _optimizer.load_state). The optimizer's step runs its
   per-parameter loop (foreach=False while spill runs it; param_groups and state_dict() keep
@@ -250,6 +251,9 @@ class OffloadHandle:
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
             wrap_method(self.optimizer, "load_state_dict", self._wrap_load,
                         self._saved_methods)
+            # State the optimizer has already (Adagrad's sums, which its constructor makes;
+            # state of steps taken before offload()) can move from now on, as after a step.
+            self._declare_state()
         self._wrap_forward(self.model)
 
     @property
