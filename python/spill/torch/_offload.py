@@ -9,9 +9,12 @@ Which blocks become swappable, and what pins every later use of each:
 - activations: declared when autograd saves them for backward (the pack hook) and held pinned
   until the module that was running ends; module outputs stay pinned in the parent until it
   ends (in an ``nn.Sequential``, until the next child has pinned its inputs), so forward code
-  between modules only ever touches pinned or undeclared blocks. In backward the unpack hook
-  pins them (the plan's prefetches are issued ahead of it); the pins are dropped at the next
-  point where the autograd engine is between nodes (a gradient hook on a module output).
+  between modules only ever touches pinned or undeclared blocks. The input batch is pinned by
+  the entry (an nn.Sequential: until its first child has pinned it) and by the module that
+  saves it, until they end: the loop's code after the forward runs in the window. In backward
+  the unpack hook pins them (the plan's prefetches are issued ahead of it); the pins are
+  dropped at the next point where the autograd engine is between nodes (a gradient hook on a
+  module output).
 - gradients: declared as an armed step's backward makes them (at the next point where the
   autograd engine is between nodes: a gradient hook on a module output or a parameter,
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
@@ -373,13 +376,19 @@ class OffloadHandle:
             for t in extra.values():
                 self._hold(tokens, t, stream, False)
         movable, pin = self._movable, self._pin_block
+        # An nn.Sequential hands its input to its first child and never reads it again: the
+        # pin goes once that child has pinned it, as a child's output does for the next one.
+        held = frame.child_outputs if frame.sequential else None
         for t in leaves(args):
             ptr = movable(t)
             if ptr:
                 frame.inputs.add(ptr)
                 token = pin(ptr, stream)
                 if token is not None:
-                    tokens.append((token, True))
+                    if held is not None:
+                        held.append(token)
+                    else:
+                        tokens.append((token, True))
         frames = self._frames
         if frames:
             parent = frames[-1]
@@ -741,12 +750,13 @@ class OffloadHandle:
     def _holder(self, ptr: int) -> _Frame:
         """The frame whose code may still use a tensor saved now: the running module's, unless
         the tensor is its argument; then the frame that passed it in, up to where it was made
-        (an nn.Sequential does not touch a child's argument after the child returns)."""
+        (an nn.Sequential does not touch a child's argument after the child returns). A tensor
+        the training loop made (the batch) is the entry's argument: the loop's code after the
+        forward runs in the window, which pins each op, so the entry's frame holds it."""
         i = len(self._frames) - 1
         while i >= 0 and ptr in self._frames[i].inputs:
             i -= 1
-        if i < 0:
-            return self._step_frame
+        i = max(i, 0)
         if i < len(self._frames) - 1 and self._frames[i].sequential:
             return self._frames[i + 1]
         return self._frames[i]
