@@ -292,14 +292,18 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   // Small tensors live in segments of the allocator's small pool (never swapped): the plan
   // keeps room for the whole segments their peak needs.
   small_reserve = small_pool_reserve(g, small_limit);
-  po.budget = budget > small_reserve ? budget - small_reserve : 0;
+  // The allocator maps whole granules: a budget's last part granule can never hold a block.
+  const std::uint64_t mappable = mappable_budget(budget, dev.granularity());
+  po.budget = mappable > small_reserve ? mappable - small_reserve : 0;
   std::vector<double> times;
   for (const graph::Op& op : g.ops) times.push_back(*op.time_s);
   if (o.policy == Policy::None) {
-    SPILL_EXPECTS(footprint <= budget,
+    // Its small tensors need whole segments, as the planner's budget counts them.
+    SPILL_EXPECTS(footprint + small_reserve <= mappable,
                   "policy none cannot run '" + p.name + "' in a budget of " +
-                      format_bytes(budget) + ": its step needs " + format_bytes(footprint) +
-                      " with nothing swapped");
+                      format_bytes(budget) + " " +
+                      budget_note(budget, mappable, dev.granularity(), small_reserve) +
+                      ": its step needs " + format_bytes(footprint) + " with nothing swapped");
     plan = graph::plan_none(g, po);
     pred = graph::simulate(g, times, link, nullptr, prediction_options());
     return;
@@ -307,8 +311,8 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   graph::BudgetCheck check = graph::check_budget(g, po);
   if (!check.feasible)
     throw InvalidArgument("'" + p.name + "' cannot train in a budget of " + format_bytes(budget) +
-                          " (" + format_bytes(small_reserve) + " of it kept for the small pool's " +
-                          "segments): " + check.message);
+                          " " + budget_note(budget, mappable, dev.granularity(), small_reserve) +
+                          ": " + check.message);
   plan = graph::plan_spill(g, times, link, po);
   graph::check_plan(g, plan);  // remakes find what they read (the executor relies on it)
   maker.assign(g.tensors.size(), -1);

@@ -1,6 +1,7 @@
 #include "train/predict.hpp"
 
 #include <ctime>
+#include <numeric>
 
 #include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
@@ -50,6 +51,21 @@ std::uint64_t small_pool_reserve(const graph::Graph& g, std::uint64_t small_limi
   return (small_peak + kSmallSegment - 1) / kSmallSegment * kSmallSegment - small_peak;
 }
 
+std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity) {
+  const std::uint64_t quantum = std::gcd<std::uint64_t>(std::max<std::uint64_t>(granularity, 1),
+                                                        kSmallSegment);
+  return budget - budget % quantum;
+}
+
+std::string budget_note(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
+                        std::uint64_t reserve) {
+  std::string s = "(";
+  if (mappable < budget)
+    s += format_bytes(mappable) + " of it mappable in whole " + format_bytes(granularity) +
+         " granules, ";
+  return s + format_bytes(reserve) + " of it kept for the small pool's segments)";
+}
+
 graph::SimOptions prediction_options(std::uint64_t budget, const graph::StepModel& model,
                                      std::uint64_t small_limit) {
   return {budget, false, model, {small_limit, kSmallSegment}, /*swapper_rules=*/true};
@@ -87,15 +103,17 @@ Prediction predict(const Program& p, const PredictOptions& o) {
 
   graph::PlannerOptions po;
   const std::uint64_t reserve = small_pool_reserve(g, small_limit);
-  r.planner_budget = r.budget > reserve ? r.budget - reserve : 0;
+  const std::uint64_t mappable = mappable_budget(r.budget, o.granularity);
+  r.planner_budget = mappable > reserve ? mappable - reserve : 0;
   po.budget = r.planner_budget;
   po.min_swap_bytes = std::max<std::uint64_t>(o.swap_threshold, small_limit + 1);
   po.model = model;
   const graph::BudgetCheck check = graph::check_budget(g, po);
   if (!check.feasible)
     throw InvalidArgument("'" + p.name + "' cannot train in a budget of " +
-                          format_bytes(r.budget) + " (" + format_bytes(reserve) +
-                          " of it kept for the small pool's segments): " + check.message);
+                          format_bytes(r.budget) + " " +
+                          budget_note(r.budget, mappable, o.granularity, reserve) + ": " +
+                          check.message);
   const double cpu0 = process_cpu_s();
   po.recompute = false;
   r.swap_plan = graph::plan_spill(g, times, r.link, po);

@@ -1,6 +1,7 @@
 // How the executor plans a step at a budget, shared with a prediction made without a device
 // (`spill train MODEL --predict --device PRESET --link PRESET`): the planner's budget is the
-// runtime's less the small pool's segment slack at the small tensors' peak, candidates are
+// runtime's rounded down to whole granules (mappable_budget) less the small pool's segment
+// slack at the small tensors' peak, candidates are
 // scored in the steady state (two steps back to back, the inputs uploaded first), and the
 // prediction simulates the memory the allocator maps (small tensors in whole segments) with the
 // swapper's rules. A prediction for a GPU preset times the kernels by that preset's roofline
@@ -33,6 +34,15 @@ graph::StepModel steady_state(const Program& p, const graph::Graph& g);
 // Bytes of the budget kept for the small pool: the slack of the whole 2 MiB segments that the
 // tensors of at most `small_limit` bytes need at their peak.
 std::uint64_t small_pool_reserve(const graph::Graph& g, std::uint64_t small_limit);
+
+// The bytes of `budget` the caching allocator can map: a whole number of granules (its large
+// blocks are whole granules, its small-pool segments too); the rest of the budget can never be
+// used, so the planner must not count it.
+std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity);
+// "(M of it mappable in whole G granules, R of it kept for the small pool's segments)" for a
+// refusal's message (the first part only when M < budget).
+std::string budget_note(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
+                        std::uint64_t reserve);
 
 // The prediction's simulation options at the runtime's whole `budget`.
 graph::SimOptions prediction_options(std::uint64_t budget, const graph::StepModel& model,
