@@ -10,8 +10,8 @@ the footprint measured (`max_memory_allocated()` over two steps without offload)
   ok        losses, validation losses, inference outputs and the final state_dict are plain
             torch's (torch.equal), and bytes were swapped out
   mismatch  a result differs from plain torch's
-  noswap    the results match but nothing was swapped (expected with budget=0.5: twice the
-            footprint, where steps run quiet unless quiet=off)
+  noswap    the results match but nothing was swapped (expected with budget=0.25: four times
+            the footprint, where steps run quiet unless quiet=off)
   oom       torch.cuda.OutOfMemoryError (spill's message is kept)
   crash     the process died of a signal (SIGSEGV on the bridge: a tensor touched unpinned)
   error     another exception (the traceback's last line is kept)
@@ -22,7 +22,7 @@ Usage (from the repository root; SPILL_LIBRARY and SPILL_CLI as for the pytest s
   /usr/bin/python3 tests/python/torch_sweep.py --list --matrix full
   /usr/bin/python3 tests/python/torch_sweep.py --only 'model=mlp,opt=sgd,budget=3'
 One configuration is `key=value` pairs over the axes in DEFAULTS; --only runs the given ones.
-budget=N is the footprint divided by N (0.5: twice the footprint, no pressure).
+budget=N is the footprint divided by N (0.25: four times the footprint, no pressure).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ DEFAULTS: Dict[str, str] = {
 }
 AXES: Dict[str, List[str]] = {
     "model": MODELS, "opt": OPTIMIZERS, "loss": ["ce", "mse"], "batch": ["small", "large"],
-    "budget": ["2", "3", "4", "0.5"], "gran": ["64KiB", "2MiB"], "quiet": ["default", "off"],
+    "budget": ["2", "3", "4", "0.25"], "gran": ["64KiB", "2MiB"], "quiet": ["default", "off"],
     "zero": ["none", "zeros"], "sched": ["none", "step", "onecycle"], "eval": ["0", "1"],
     "infer": ["0", "1"],
 }
@@ -345,7 +345,8 @@ def run_one(cfg: Dict[str, str], timeout: int) -> Dict[str, Any]:
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode < 0:
         res["outcome"] = "crash"
-        res["detail"] = f"signal {-r.returncode}: " + " | ".join(r.stderr.strip().splitlines()[-4:])
+        tail = r.stderr.strip().splitlines()[-4:]
+        res["detail"] = f"signal {-r.returncode}: " + " | ".join(tail)
     elif lines and r.returncode == 0:
         res.update(json.loads(lines[-1][len("RESULT "):]))
     elif "OutOfMemoryError" in r.stderr:
