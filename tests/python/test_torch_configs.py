@@ -109,3 +109,63 @@ def test_the_batch_is_pinned_only_while_the_model_uses_it() -> None:
         print("ok")
     """)
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_recurrent_layers_weight_gradients_move_while_its_backward_runs() -> None:
+    """A two-layer LSTM (4 MiB recurrent weights, each used at all 32 time steps of one
+    forward) with Adam at a third of its footprint trains as plain torch. Autograd makes each
+    recurrent weight's gradient in 32 parts, the first waiting in its AccumulateGrad node's
+    buffer through that layer's whole backward: offload now also looks for parameters one
+    forward reaches along several edges (a recurrent weight; an LM head tied to the
+    embedding) and declares the waiting part swappable (_partials.py). Before, the second
+    step's backward ran out of memory ("the swapper cannot evict 4.00 MiB pinned and 12.25
+    MiB never declared swappable"; found by torch_sweep.py, model=lstm)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import gc
+        import torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.LSTM(128, 512, num_layers=2, batch_first=True)
+                self.head = nn.Linear(512, 10)
+            def forward(self, x):
+                return self.head(self.rnn(x)[0][:, -1])
+        def train(wrap=lambda m, o: None, steps=4):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(steps):
+                x = torch.randn(4, 32, 128, generator=g).to(dev)
+                y = torch.randint(0, 10, (4,), generator=g).to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+        base, bm, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(steps=2)
+        gc.collect()
+        footprint = st.max_memory_allocated()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget(footprint // 3)
+            return h
+        before = spill.stats()
+        losses, m, h = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint)
+    """)
+    assert "ok" in out

@@ -21,7 +21,8 @@ Which blocks become swappable, and what pins every later use of each:
   step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
   gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
   host by zeros, declared at once. A gradient autograd makes in parts (the model called twice
-  before one backward) has its first part, which waits in AccumulateGrad's buffer, declared
+  before one backward; a parameter one forward uses several times, as a recurrent layer's
+  weights) has its first part, which waits in AccumulateGrad's buffer, declared
   and pinned at its later uses (_partials.py).
 - optimizer state: declared at offload() (what the optimizer has already: Adagrad's sums),
   after each optimizer step (each tensor known by a weak reference:

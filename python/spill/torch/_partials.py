@@ -1,9 +1,12 @@
 """Partial gradients: a step whose graphs reach a node of autograd along more than one edge,
-where a gradient waits in parts. Two loops make such graphs, and they are examined only there:
+where a gradient waits in parts. Three cases make such graphs, and they are examined only there:
 the model called twice before one backward (siamese and contrastive losses, consistency
-regularisation, a discriminator on real and fake), from the step's second entry on; and a
+regularisation, a discriminator on real and fake), from the step's second entry on; a
 gradient penalty (``torch.autograd.grad(out.sum(), x, create_graph=True)``, then
-``loss.backward()`` through both graphs), when that call returns (the window's).
+``loss.backward()`` through both graphs), when that call returns (the window's); and a
+parameter one forward uses several times (a recurrent layer's weights, used at every time
+step; an LM head tied to the embedding), looked for (parameters' nodes only) when the first
+armed step's forward returns and, where one was found, when each step's first entry returns.
 
 The first part to arrive at a node reached along several edges waits in the node's input
 buffer until the last one is added to it, and each graph's nodes run in turn (the penalty's
@@ -61,12 +64,20 @@ class PartialGradients:
         self.receivers: Dict[int, Any] = {}  # receiver id -> receiver (pre hook added)
         self.keys: Dict[int, List[Key]] = {}  # receiver id -> its inputs reached twice
         self.arrived: Dict[Key, int] = {}   # a part arrived: the block declared (0: none)
+        # Whether one entry's graph reaches a parameter along several edges (an LM head tied
+        # to the embedding, a recurrent layer's weights used at every time step): None until
+        # the first step's graph was examined. Without, one-entry steps are not examined.
+        self.tied: Optional[bool] = None
 
     def entry_ended(self, output: Any) -> None:
         """An armed step's entry returned ``output``."""
         refs = _refs(output)
         if self.outputs is None:  # the step's first entry: examined if another one follows
             self.outputs = refs
+            if self.tied is not False:
+                found = self._examine(parameters_only=True)
+                if self.tied is None:
+                    self.tied = found
             return
         self.outputs += refs
         self._examine()
@@ -77,7 +88,9 @@ class PartialGradients:
         self.outputs = (self.outputs or []) + _refs(results)
         self._examine()
 
-    def _examine(self) -> None:
+    def _examine(self, parameters_only: bool = False) -> bool:
+        """Hooks the senders of the parts of each node input reached along several edges
+        (only parameters' AccumulateGrad nodes: ``parameters_only``); whether there was one."""
         roots = [t.grad_fn for t in (r() for r in self.outputs or []) if t is not None]
         visited: Dict[int, Any] = {}  # (the node too: a node's Python object may be made
         # afresh at each access once none is alive, and a collected one's id reused)
@@ -94,10 +107,15 @@ class PartialGradients:
                 into.setdefault((id(nxt), nr), []).append((node, i))
                 incoming.setdefault(id(nxt), []).append((node, i))
                 roots.append(nxt)
+        found = False
         for key, edges in into.items():
             if len(edges) < 2:
                 continue
             receiver = visited[key[0]]
+            if parameters_only and self.pinner.movable(
+                    getattr(receiver, "variable", None)) not in self.persistent:
+                continue
+            found = True
             if key[0] not in self.receivers:
                 self.receivers[key[0]] = receiver
                 self.keys[key[0]] = []
@@ -111,6 +129,7 @@ class PartialGradients:
                 if (id(node), i) not in self.hooked:  # (kept alive there: ids stay unique)
                     node.register_hook(self._sender(key, i))
                     self.hooked[(id(node), i)] = node
+        return found
 
     def _sender(self, key: Key, index: int) -> Any:
         def hook(grad_inputs: Any, grad_outputs: Any) -> None:
