@@ -169,3 +169,84 @@ def test_a_recurrent_layers_weight_gradients_move_while_its_backward_runs() -> N
         print("ok", footprint)
     """)
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_an_evaluation_pass_through_a_transformer_encoder_layer_pins_what_it_reads() -> None:
+    """Two nn.TransformerEncoderLayer (batch_first) trained with Adam at a third of their
+    footprint, with an evaluation pass (model.eval(), torch.no_grad()) after each step and
+    inference after training: losses, validation losses, outputs and parameters are plain
+    torch's. In eval mode without grad, the layer's forward takes PyTorch's fast path, one
+    op that reads its children's parameters (self_attn.in_proj_weight, linear1.weight, ...)
+    without calling them, so no module hook pins them: an evaluation forward now runs with
+    every op pinned. Before, the first evaluation pass died of a segmentation fault on the
+    bridge (a swapped-out weight read unpinned; found by torch_sweep.py,
+    model=transformer,eval=1)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import gc
+        import torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(2048, 256)
+                self.layers = nn.ModuleList(
+                    [nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+                     for _ in range(2)])
+                self.head = nn.Linear(256, 2048)
+            def forward(self, idx):
+                x = self.emb(idx)
+                for layer in self.layers:
+                    x = layer(x)
+                return self.head(x)
+        def loss_fn(out, y):
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]),
+                                                     y.reshape(-1))
+        def train(wrap=lambda m, o: None, steps=3):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            xv = torch.randint(0, 2048, (2, 64), generator=g).to(dev)
+            yv = torch.randint(0, 2048, (2, 64), generator=g).to(dev)
+            losses, val = [], []
+            for _ in range(steps):
+                x = torch.randint(0, 2048, (2, 64), generator=g).to(dev)
+                y = torch.randint(0, 2048, (2, 64), generator=g).to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                m.eval()
+                with torch.no_grad():
+                    val.append(loss_fn(m(xv), yv).item())
+                m.train()
+            m.eval()
+            with torch.no_grad():
+                out = m(xv).cpu()
+            return losses, val, out, m, h
+        base, base_val, base_out, bm, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(steps=2)
+        gc.collect()
+        footprint = st.max_memory_allocated()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget(footprint // 3)
+            return h
+        before = spill.stats()
+        losses, val, out, m, h = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        assert val == base_val, (val, base_val)
+        assert torch.equal(out, base_out), "inference after training differs"
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint)
+    """)
+    assert "ok" in out

@@ -35,7 +35,10 @@ Which blocks become swappable, and what pins every later use of each:
   zero_grad(set_to_none=False), runs under the pin-every-op dispatch mode, so that one
   parameter's tensors are pinned at a time.
 The first step runs entirely under that dispatch mode (as spill.torch.guard does), which both
-keeps it safe and finds parameters used outside their modules. Steps begin at the model's
+keeps it safe and finds parameters used outside their modules. A forward of the model in eval
+mode or without grad mode (an evaluation pass, inference) runs with every op pinned (nothing
+declared): it may take a path the training forward did not show (nn.TransformerEncoderLayer's
+fast path reads its children's parameters without calling them). Steps begin at the model's
 first forward and end when optimizer.step() returns (without an optimizer, bracket steps with
 ``with spill.torch.step():``).
 A training loop may call the model's submodules itself (``for blk in model.blocks: x =
@@ -110,6 +113,13 @@ class _Frame:
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
 
 
+class _PinOps(PinEveryOp):
+    """An evaluation forward's mode (see OffloadHandle._begin_forward): pins every op,
+    declares nothing."""
+
+    declares = False
+
+
 class _Discovery(PinEveryOp):
     """The first step's mode: pins every op (as guard) and notes parameters used while no
     module that owns them is running."""
@@ -173,6 +183,8 @@ class OffloadHandle:
         self._persistent: Set[int] = set()       # storage pointers of parameters and buffers
         # Discovery (first step): the module stack and parameters used outside their owners.
         self._discovery: Optional[_Discovery] = None
+        # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
+        self._eval_ops: Optional[_PinOps] = None
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
         self._stack_set: Set[torch.nn.Module] = set()
@@ -296,6 +308,7 @@ class OffloadHandle:
         self._hooks.clear()
         unwrap_methods(self._saved_methods)
         self._window.discard(self)
+        self._leave_eval_ops()
         self._leave_discovery()
         self._pop_saved_hooks()
         self._unwind(0)
@@ -465,6 +478,7 @@ class OffloadHandle:
         """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
         pinned in the step frame (code between entries may read them) until the step ends."""
         self._entry = None
+        self._leave_eval_ops()
         self._pop_saved_hooks()
         self._claim_in_backward(output)
         if (not self._quiet and self._discovery is None and torch.is_grad_enabled()
@@ -501,6 +515,7 @@ class OffloadHandle:
         self._release_recomputed()
         self._unwind(0)
         self._unwind_quiet()
+        self._leave_eval_ops()
         self._pop_saved_hooks()
         if not self.steps.manage and new_step:
             self._release_frame(self._step_frame)
@@ -511,6 +526,13 @@ class OffloadHandle:
         elif (self._discovery is not None and not self.steps.manage and self.forwards > 1
               and new_step):
             self._leave_discovery()
+        if self._discovery is None and (not module.training or not torch.is_grad_enabled()):
+            # An evaluation forward (model.eval(), torch.no_grad()) may take a path the first
+            # step's training forward did not show, where a module's code reads its children's
+            # parameters without calling them (nn.TransformerEncoderLayer's and
+            # nn.MultiheadAttention's fast path in eval mode): every op is pinned.
+            self._eval_ops = _PinOps(self.pinner)
+            self._eval_ops.__enter__()
         # A step boundary: after the optimizer's step (without an optimizer, every step as
         # above), or after a quiet step ran out of memory (the caller abandoned it).
         if (self._boundary and (self.steps.manage or new_step)) or (
@@ -554,6 +576,7 @@ class OffloadHandle:
         and the next forward begins it again (a boundary). The forward's graph goes with the
         caller's last reference to it (Saved makes no cycle)."""
         self._entry, self._entry_depth = None, 0
+        self._leave_eval_ops()
         self._pop_saved_hooks()
         self._unwind(0)
         self._unwind_quiet()
@@ -1004,6 +1027,11 @@ class OffloadHandle:
                         self._state_declared = True
                 now[id(v)] = ref
         self._state_refs = now
+
+    def _leave_eval_ops(self) -> None:
+        if self._eval_ops is not None:
+            self._eval_ops.__exit__(None, None, None)
+            self._eval_ops = None
 
     def _leave_discovery(self) -> None:
         if self._discovery is not None:
