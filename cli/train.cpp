@@ -217,6 +217,22 @@ int run_train(Config config, const TrainArgs& a) {
   // Default: a third of the footprint; with policy none (nothing can move), no budget.
   if (!budget && policy != train::Policy::None) budget = footprint / 3;
   const bool default_budget = budget && a.budget.empty() && !config.budget;
+  if (a.check) {
+    // The run with no budget that --check compares with must fit the device: found out before
+    // the steps, not after them as an error about a policy and budget nobody gave.
+    Config unlimited = config;
+    unlimited.budget.reset();
+    unlimited.policy = SwapPolicy::None;
+    try {
+      Runtime rt(unlimited);
+      train::ExecOptions eo;
+      eo.policy = train::Policy::None;
+      train::Executor probe(rt, program, eo);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(std::string("--check: the run with no budget to compare with cannot "
+                                        "run on this device: ") + e.what());
+    }
+  }
   profiling::TraceRecorder::global().set_enabled(!a.trace.empty());
   profiling::TraceRecorder::global().collect();
 
