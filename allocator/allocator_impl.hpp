@@ -20,21 +20,26 @@
 namespace spill {
 
 inline constexpr std::size_t kSmallRound = 512;
+// Retired ranges left mapped after their work is done, newest first, so that a gather or a
+// split that maps the same chunks again takes one (allocator_large.cpp, take_view_locked).
+inline constexpr std::size_t kKeptViews = 32;
 
 inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
 inline std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
 
-// A large block's old address range after its chunks were gathered into a new block: still
-// mapped (an alias of the new block's memory, no bytes of its own) until the work queued on it
-// before the move has finished, then unmapped and unreserved.
+// A large block's old address range after its chunks were gathered into a new block (or split
+// into two): still mapped (an alias of the new blocks' memory, no bytes of its own) until the
+// work queued on it before the move has finished, then unmapped and unreserved; the newest
+// kKeptViews of the finished ones stay mapped, for a gather or split of the same chunks to take
+// again (take_view_locked), until the chunks are unmapped or released.
 struct RetiredRange {
   std::uintptr_t addr = 0;
   std::size_t size = 0;
   std::vector<Chunk> chunks;  // the mappings still in place, offsets within [addr, addr+size)
   std::vector<Event> events;  // all complete: nothing can touch the range any more
-  // The segments that own the chunks now: one after a gather, the parts after a split. A
-  // segment may appear more than once; each appearance counts one in its `aliases`.
+  // The segments that hold one of its chunks now, each once (one after a gather, the parts
+  // after a split); each counts this range in its `aliases`.
   std::vector<Segment*> owners;
   bool reaping = false;       // being unmapped (device calls unlocked)
 

@@ -22,7 +22,7 @@ using profiling::EventKind;
 Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t requested,
                                    Stream stream) {
   Impl& m = *impl_;
-  if (!m.retired.empty()) reap_retired(lock, false);
+  if (!m.retired.empty()) reap_retired(lock, false, kKeptViews);
   m.large.mark();
   const bool guard = m.peak_guard != PeakGuard::Off;
   auto over_peak = [&](std::size_t n) -> std::size_t {
@@ -58,19 +58,28 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
     for (const Chunk& c : g->segment->chunks) chunks.push_back({offset + c.offset, c.size, c.handle});
     offset += g->size;
   }
+  // Gathered whole: a retired range may still map exactly these chunks (the same blocks were
+  // gathered before and split back since, a pattern that repeats every step).
+  std::uintptr_t view = 0;
+  if (fresh == 0) take_view_locked(&chunks, &view);
   lock.unlock();
   void* va = nullptr;
   PhysicalHandle fresh_handle = 0;
   std::size_t n_mapped = 0;
   try {
-    va = dev_.reserve(size);
-    if (fresh > 0) {
-      fresh_handle = dev_.create_physical(fresh);
-      chunks.push_back({have, fresh, fresh_handle});
-    }
-    for (const Chunk& c : chunks) {
-      dev_.map(ptr_of(key(va) + c.offset), c.size, c.handle);
-      ++n_mapped;
+    if (view != 0) {
+      va = ptr_of(view);
+      n_mapped = chunks.size();
+    } else {
+      va = dev_.reserve(size);
+      if (fresh > 0) {
+        fresh_handle = dev_.create_physical(fresh);
+        chunks.push_back({have, fresh, fresh_handle});
+      }
+      for (const Chunk& c : chunks) {
+        dev_.map(ptr_of(key(va) + c.offset), c.size, c.handle);
+        ++n_mapped;
+      }
     }
   } catch (...) {
     std::exception_ptr error = std::current_exception();
@@ -162,6 +171,11 @@ Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream strea
   const std::size_t part_size = lay_out(&part);
   const std::size_t rest_size = lay_out(&rest);
   m.large.withdraw(g);
+  // Either part may have a retired range that still maps exactly its chunks (the blocks this
+  // one was gathered from, when the same gather and split repeat): it is taken as it is.
+  std::uintptr_t views[2] = {0, 0};
+  take_view_locked(&part, &views[0]);
+  take_view_locked(&rest, &views[1]);
   lock.unlock();
   void* va[2] = {nullptr, nullptr};
   const std::vector<Chunk>* layouts[2] = {&part, &rest};
@@ -169,6 +183,11 @@ Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream strea
   std::size_t n_mapped[2] = {0, 0};
   try {
     for (int i = 0; i < 2; ++i) {
+      if (views[i] != 0) {
+        va[i] = ptr_of(views[i]);
+        n_mapped[i] = layouts[i]->size();
+        continue;
+      }
       va[i] = dev_.reserve(sizes[i]);
       for (const Chunk& c : *layouts[i]) {
         dev_.map(ptr_of(key(va[i]) + c.offset), c.size, c.handle);
@@ -234,16 +253,28 @@ void CachingAllocator::retire_locked(Block* g, const std::vector<Segment*>& owne
   r.size = old->size;
   r.chunks = std::move(old->chunks);
   r.events = m.large.retire(g);
-  r.owners = owners;
+  // A range's owners are the segments that hold one of its chunks now, each listed once (a
+  // retired range may be kept for a while, through many gathers and splits of its chunks).
+  auto adopt = [&](RetiredRange& range) {
+    for (Segment* o : owners) {
+      if (std::find(range.owners.begin(), range.owners.end(), o) != range.owners.end()) continue;
+      const bool holds = std::any_of(range.chunks.begin(), range.chunks.end(), [&](const Chunk& c) {
+        return std::any_of(o->chunks.begin(), o->chunks.end(),
+                           [&](const Chunk& d) { return d.handle == c.handle; });
+      });
+      if (!holds) continue;
+      range.owners.push_back(o);
+      o->aliases++;
+    }
+  };
   // Ranges retired earlier that map these chunks now alias the new owners.
   for (RetiredRange& earlier : m.retired) {
-    const auto n = std::count(earlier.owners.begin(), earlier.owners.end(), old);
-    if (n == 0) continue;
-    std::erase(earlier.owners, old);
-    for (auto i = n; i > 0; --i)
-      earlier.owners.insert(earlier.owners.end(), owners.begin(), owners.end());
+    auto at = std::find(earlier.owners.begin(), earlier.owners.end(), old);
+    if (at == earlier.owners.end()) continue;
+    earlier.owners.erase(at);
+    adopt(earlier);
   }
-  for (Segment* o : owners) o->aliases += old->aliases + 1;
+  adopt(r);
   m.stats.reserved.sub(r.size);
   m.stats.cached.sub(r.size);
   m.stats.segment_unmaps++;
@@ -253,7 +284,39 @@ void CachingAllocator::retire_locked(Block* g, const std::vector<Segment*>& owne
   m.retired.push_back(std::move(r));
 }
 
-std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait) {
+// Whether nothing queued can touch `r` any more; its events go back to the pool once so.
+static bool settled(Device& dev, BlockPool& pool, RetiredRange& r) {
+  if (!std::all_of(r.events.begin(), r.events.end(), [&](Event e) { return dev.query(e); }))
+    return false;
+  pool.return_events(r.events);
+  r.events.clear();
+  return true;
+}
+
+bool CachingAllocator::take_view_locked(std::vector<Chunk>* chunks, std::uintptr_t* addr) {
+  Impl& m = *impl_;
+  auto handles = [](const std::vector<Chunk>& cs) {
+    std::vector<PhysicalHandle> h;
+    h.reserve(cs.size());
+    for (const Chunk& c : cs) h.push_back(c.handle);
+    std::sort(h.begin(), h.end());
+    return h;
+  };
+  const std::vector<PhysicalHandle> want = handles(*chunks);
+  for (auto it = m.retired.rbegin(); it != m.retired.rend(); ++it) {
+    if (it->reaping || it->chunks.size() != want.size() || handles(it->chunks) != want) continue;
+    if (!settled(dev_, m.large, *it)) continue;
+    for (Segment* o : it->owners) o->aliases--;
+    *addr = it->addr;
+    *chunks = std::move(it->chunks);
+    m.retired.erase(std::next(it).base());
+    m.stats.views_reused++;
+    return true;
+  }
+  return false;
+}
+
+std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait, std::size_t keep) {
   Impl& m = *impl_;
   if (wait) {
     std::vector<Event> pending;
@@ -261,12 +324,15 @@ std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait) {
     wait_unlocked(lock, pending);
   }
   std::vector<std::list<RetiredRange>::iterator> done;
-  for (auto it = m.retired.begin(); it != m.retired.end(); ++it) {
-    if (it->reaping) continue;
-    if (!std::all_of(it->events.begin(), it->events.end(), [&](Event e) { return dev_.query(e); }))
+  std::size_t kept = 0;
+  for (auto it = m.retired.rbegin(); it != m.retired.rend(); ++it) {
+    if (it->reaping || !settled(dev_, m.large, *it)) continue;
+    if (kept < keep) {
+      ++kept;
       continue;
+    }
     it->reaping = true;  // its owner keeps the alias count until the range is unmapped
-    done.push_back(it);
+    done.push_back(std::next(it).base());
   }
   if (done.empty()) return 0;
   lock.unlock();
@@ -281,7 +347,6 @@ std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait) {
   }
   lock.lock();
   for (auto it : done) {
-    m.large.return_events(it->events);
     for (Segment* o : it->owners) o->aliases--;
     m.retired.erase(it);
   }

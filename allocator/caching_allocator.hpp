@@ -9,8 +9,11 @@
 //               use now give up their chunks, mapped into the new block's range next to one
 //               fresh chunk for the rest (at most kMaxChunks chunks). Their old ranges stay
 //               mapped, as aliases, until the work queued on them has finished (no host wait:
-//               stream order keeps the old and new uses apart). What is still over the peak
-//               is released from the cache first (peak_guard: wait, idle or off).
+//               stream order keeps the old and new uses apart), the newest kKeptViews longer,
+//               for a later gather or split of the same chunks to take as they are (no
+//               device call: a pattern that repeats every step maps nothing). What is still
+//               over the peak is released from the cache first (peak_guard: wait, idle or
+//               off).
 // Budget (allocator/budget.hpp): mapped physical bytes (small segments + mapped large blocks)
 // never pass it. A request that would goes down the ladder: reuse a cached block; release cached
 // memory no queued work can touch (dead bytes go before live tensors: this swaps the issue's
@@ -50,6 +53,7 @@ inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
 
 class HostPool;
 struct Block;
+struct Chunk;
 struct Segment;
 
 struct AllocatorOptions {
@@ -168,8 +172,13 @@ class CachingAllocator final : public ResidencyBackend {
   // The gathered or split block `g` ends; its range becomes a retired alias of the chunks that
   // `owners` map now.
   void retire_locked(Block* g, const std::vector<Segment*>& owners);
-  // Unmaps retired ranges nothing can touch any more (`wait`: waits for them all first).
-  std::size_t reap_retired(Lock& lock, bool wait);
+  // Unmaps retired ranges nothing can touch any more (`wait`: waits for them all first), but
+  // the `keep` most recently retired of them (kept for take_view_locked).
+  std::size_t reap_retired(Lock& lock, bool wait, std::size_t keep = 0);
+  // A retired range nothing can touch any more that maps exactly `*chunks` (in any order):
+  // taken out of the retired list for a new block (its mappings as they are), its address in
+  // `*addr` and its layout in `*chunks`. False when there is none.
+  bool take_view_locked(std::vector<Chunk>* chunks, std::uintptr_t* addr);
   // Waits until no retired range maps `seg`'s chunks (before they are unmapped or released).
   void settle_aliases(Lock& lock, Segment* seg);
   // Waits for `events` with the lock dropped. Events are recycled, never destroyed, while the

@@ -22,7 +22,8 @@ std::string AllocatorStats::to_string() const {
          std::to_string(segment_unmaps) + " (" + std::to_string(plain_frees) +
          " small-pool segments freed)\n";
   out += "ladder: cache hits " + std::to_string(cache_hits) + ", gathers " +
-         std::to_string(gathers) + ", splits " + std::to_string(splits) + ", cache releases " +
+         std::to_string(gathers) + ", splits " + std::to_string(splits) + " (" +
+         std::to_string(views_reused) + " on ranges still mapped), cache releases " +
          std::to_string(cache_releases) + ", eviction requests " +
          std::to_string(eviction_requests) + ", OOMs " + std::to_string(ooms) + "\n";
   return out;

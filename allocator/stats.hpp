@@ -49,6 +49,8 @@ struct AllocatorStats {
   std::uint64_t cache_hits = 0;          // ladder step 1: a cached block was reused
   std::uint64_t gathers = 0;             // large blocks built from cached blocks' chunks
   std::uint64_t splits = 0;              // cached gathered blocks split at chunk boundaries
+  std::uint64_t views_reused = 0;        // gathered or split blocks that took a retired range
+                                         // already mapping their chunks (no device call)
   std::uint64_t cache_releases = 0;      // ladder step 2: cached memory was released
   std::uint64_t eviction_requests = 0;   // ladder step 3: the eviction hook was asked
   std::uint64_t ooms = 0;

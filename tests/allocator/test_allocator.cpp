@@ -382,6 +382,62 @@ TYPED_TEST(AllocatorTest, GatheredBlockSplitsBackAtChunkBoundaries) {
   a.check_invariants();
 }
 
+// A pattern that repeats, whose shapes the cache cannot serve at the reserved peak: two
+// one-granule blocks, then one of two granules, every iteration. Holding the peak at 2 granules
+// gathers the pair and splits it back in every iteration; once the work on the old ranges is
+// done, the same chunks' earlier ranges are still mapped and are taken as they are: after the
+// first iteration no range is reserved or mapped again (each would be a map and an unmap per
+// chunk on a GPU, and a fault per page at the next touch on some hosts), and the peak holds.
+TYPED_TEST(AllocatorTest, RepeatedGatherAndSplitTakeTheRangesStillMapped) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(64 * g);
+  auto iteration = [&](std::uint64_t seed) {
+    void* p = a.allocate(g, this->s1_);
+    void* q = a.allocate(g, this->s1_);
+    this->write(p, g, seed, this->s1_);
+    this->write(q, g, seed + 1, this->s1_);
+    a.deallocate(p);
+    a.deallocate(q);
+    d.synchronize(this->s1_);
+    void* t = a.allocate(2 * g, this->s1_);
+    this->write(t, 2 * g, seed + 2, this->s1_);
+    EXPECT_TRUE(this->holds(t, 2 * g, seed + 2, this->s1_));
+    a.deallocate(t);
+    d.synchronize(this->s1_);
+    a.check_invariants();
+  };
+  iteration(10);
+  EXPECT_EQ(a.stats().gathers, 1u);
+  EXPECT_EQ(a.stats().views_reused, 0u) << "nothing to take yet";
+  iteration(20);
+  const AllocatorStats settled = a.stats();
+  for (std::uint64_t i = 0; i < 8; ++i) iteration(30 + 10 * i);
+  const AllocatorStats now = a.stats();
+  EXPECT_EQ(now.gathers - settled.gathers, 8u);
+  EXPECT_EQ(now.splits - settled.splits, 8u);
+  // Every range a gather or a split needed was one still mapped: three per iteration.
+  EXPECT_EQ(now.views_reused - settled.views_reused, 24u);
+  EXPECT_EQ(now.segment_maps - settled.segment_maps, 24u);
+  EXPECT_EQ(now.reserved.peak, static_cast<std::int64_t>(2 * g)) << "the peak held";
+  // The kept ranges never hold back the swapper: unmapping a block whose chunks they still map
+  // unmaps them first, and its bytes come back.
+  void* t = a.allocate(2 * g, this->s1_);
+  this->write(t, 2 * g, 7, this->s1_);
+  d.synchronize();
+  a.unback(t, 2 * g);
+  a.check_invariants();
+  a.reback(t, 2 * g);
+  a.check_invariants();
+  a.deallocate(t);
+  a.empty_cache();
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  if (d.info().simulated) {
+    EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";
+  }
+  a.check_invariants();
+}
+
 TYPED_TEST(AllocatorTest, AnotherStreamDoesNotGatherBlocksStillInUse) {
   Device& d = *this->dev_;
   const std::size_t g = d.granularity();
