@@ -22,7 +22,7 @@ namespace spill {
 inline constexpr std::size_t kSmallRound = 512;
 // Retired ranges left mapped after their work is done, newest first, so that a gather or a
 // split that maps the same chunks again takes one (allocator_large.cpp, take_view_locked).
-inline constexpr std::size_t kKeptViews = 32;
+inline constexpr std::size_t kKeptViews = 64;
 
 inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
