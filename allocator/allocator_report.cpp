@@ -195,6 +195,8 @@ void CachingAllocator::throw_oom_locked(
   }
   // Only the pool that serves the request counts as its free memory: a small-pool segment's
   // free bytes never serve a large request, nor a large block's a small one.
+  for (const Block& b : m.allocated)
+    if (!b.segment->large) f.small_allocated += b.size;
   f.small_request = requested <= m.small_limit;
   f.small_limit = m.small_limit;
   const BlockPool& own = f.small_request ? m.small : m.large;

@@ -24,8 +24,12 @@ std::string oom_message(const OomFacts& f) {
   char frag_text[32];
   std::snprintf(frag_text, sizeof frag_text, "%.2f", frag);
   m += f.device_full ? " (the device itself is full, within the budget)" : "";
-  m += ". Budget " + format_bytes(f.budget) + ": allocated " + format_bytes(f.allocated) +
-       ", cached " + format_bytes(f.cached) + "; swapped out " + format_bytes(f.swapped_out) +
+  m += ". Budget " + format_bytes(f.budget) + ": allocated " + format_bytes(f.allocated);
+  if (f.small_allocated > 0) {
+    m += " (" + format_bytes(f.small_allocated) + " of it in small blocks, requests up to " +
+         format_bytes(f.small_limit) + ", which never move)";
+  }
+  m += ", cached " + format_bytes(f.cached) + "; swapped out " + format_bytes(f.swapped_out) +
        ", pinned host " + format_bytes(f.host_pinned) + " (" + format_bytes(f.host_in_use) +
        " in use); largest free block " + format_bytes(f.largest_free) + ", fragmentation " +
        frag_text;

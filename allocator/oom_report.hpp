@@ -14,6 +14,7 @@ struct OomFacts {
   std::size_t budget = 0;
   std::size_t device_total = 0;
   std::size_t allocated = 0;      // handed out and mapped
+  std::size_t small_allocated = 0;  // of which in small-pool blocks (these never move)
   std::size_t cached = 0;         // mapped, free
   std::size_t swapped_out = 0;    // allocated, bytes on the host
   std::size_t host_pinned = 0;    // pinned host memory held (registered chunks)

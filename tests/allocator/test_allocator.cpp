@@ -765,6 +765,34 @@ TEST(AllocatorOom, TheMessageCarriesTheObserversUnevictableBytes) {
   a.deallocate(p);
 }
 
+// The breakdown says how much of what is allocated sits in small blocks, which no swapper can
+// move (a CPU-bridge sweep's out-of-memory errors left most allocated bytes unexplained).
+TEST(AllocatorOom, TheMessageSaysWhatIsAllocatedInSmallBlocks) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  Stream st = dev.create_stream();
+  CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .small_limit = 128 * KiB});
+  void* small = a.allocate(96 * KiB, st);
+  void* large = a.allocate(4 * MiB, st);
+  try {
+    a.allocate(4 * MiB, st);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("(" + format_bytes(96 * KiB) + " of it in small blocks, requests up to " +
+                     format_bytes(128 * KiB) + ", which never move)"),
+              std::string::npos)
+        << m;
+  }
+  a.deallocate(large);
+  a.deallocate(small);
+  try {
+    a.allocate(16 * MiB, st);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    EXPECT_EQ(std::string(e.what()).find("in small blocks"), std::string::npos) << e.what();
+  }
+}
+
 // Every allocate, free, map, unmap and OOM is a trace event with its address, size, stream and
 // device.
 TEST(AllocatorTrace, EveryAllocateFreeMapUnmapAndOomIsAnEvent) {
