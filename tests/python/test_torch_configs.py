@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
-from test_torch_bridge import (MATCHES_PLAIN_TORCH, SIZED_FOR_64K, quiet_preamble,  # noqa: E402
-                               run_ok)
+from test_torch_bridge import (AT_A_THIRD, MATCHES_PLAIN_TORCH, SIZED_FOR_64K,  # noqa: E402
+                               quiet_preamble, run_ok)
 
 # Six 1 MiB weights, a batch of 16 (or `batch`), `make_opt(params)` the optimizer; `train` returns
 # the losses, the model and offload's handle (wrap's result).
@@ -154,13 +154,7 @@ def test_a_recurrent_layers_weight_gradients_move_while_its_backward_runs() -> N
         gc.collect()
         st.reset_peak_memory_stats()
         train(steps=2)
-        gc.collect()
-        footprint = st.max_memory_allocated()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(footprint // 3)
-            return h
-        before = spill.stats()
+""" + AT_A_THIRD + """
         losses, m, h = train(wrap)
         after = spill.stats()
 """ + MATCHES_PLAIN_TORCH + """
@@ -233,13 +227,7 @@ def test_an_evaluation_pass_through_a_transformer_encoder_layer_pins_what_it_rea
         gc.collect()
         st.reset_peak_memory_stats()
         train(steps=2)
-        gc.collect()
-        footprint = st.max_memory_allocated()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(footprint // 3)
-            return h
-        before = spill.stats()
+""" + AT_A_THIRD + """
         losses, val, out, m, h = train(wrap)
         after = spill.stats()
 """ + MATCHES_PLAIN_TORCH + """
