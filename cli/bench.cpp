@@ -93,7 +93,8 @@ void add_bench(CLI::App& app, Runner& run) {
       ->capture_default_str()
       ->check(int_in(1, 1000));
   link->add_flag("--quick", args->quick, "sizes up to 64 MiB, at most 3 samples");
-  link->add_option("--json", args->json, "write the results as JSON (the planner reads it)");
+  link->add_option("--json", args->json, "write the results as JSON (the planner reads it)")
+      ->check(file_path());
   link->callback([&run, args] { run = [args](const Config& c) { return run_link(c, *args); }; });
 }
 

@@ -113,7 +113,8 @@ void add_demo(CLI::App& app, Runner& run) {
   cmd->add_option("--steps", args->steps, "steps to run (the first is recorded, the rest planned)")
       ->capture_default_str()
       ->check(int_in(2, 100000));
-  cmd->add_option("--trace", args->trace, "write a Chrome/Perfetto trace of the run here");
+  cmd->add_option("--trace", args->trace, "write a Chrome/Perfetto trace of the run here")
+      ->check(file_path());
   cmd->callback([&run, args] { run = [args](const Config& c) { return run_demo(c, *args); }; });
 }
 

@@ -47,7 +47,8 @@ inline CLI::Validator number_in(double lo, double hi, const std::string& what = 
 }
 
 // An output path: an empty one is refused ("--trace: expected a file path, got ''"); left to
-// mean "no output", `--trace ""` ran the whole command and wrote nothing.
+// mean "no output", `--trace ""` ran the whole command and wrote nothing (train, demo, plan,
+// bench link; report's -o failed after reading the trace).
 inline CLI::Validator file_path() {
   return CLI::Validator(
       [](std::string& s) -> std::string { return s.empty() ? "expected a file path, got ''" : ""; },

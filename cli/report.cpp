@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "profiling/chrome_trace.hpp"
@@ -20,7 +21,9 @@ void add_report(CLI::App& app, Runner& run) {
                 "bandwidth, stalls, fragmentation) from a trace written with --trace");
   cmd->add_option("trace", args->trace, "trace file (Chrome/Perfetto JSON written by spill)")
       ->required();
-  cmd->add_option("-o,--output", args->output, "HTML file to write")->capture_default_str();
+  cmd->add_option("-o,--output", args->output, "HTML file to write")
+      ->capture_default_str()
+      ->check(file_path());
   cmd->callback([&run, args] {
     run = [args](const Config&) {
       check_writable(args->output, "--output");
