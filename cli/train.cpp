@@ -71,6 +71,14 @@ std::string ms(double s) {
   return b;
 }
 
+// The budget --budget gives (refused when zero), else the configuration's (budget:), if any.
+std::optional<std::uint64_t> given_budget(const Config& config, const TrainArgs& a) {
+  if (a.budget.empty()) return config.budget;
+  const std::uint64_t budget = parse_size(a.budget, "--budget");
+  SPILL_EXPECTS(budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
+  return budget;
+}
+
 // `spill train MODEL --predict`: the plan policy graph would run on a GPU preset over a link and
 // its simulated step, beside the unlimited step, the swap-only plan and the swap floor.
 int run_predict(const Config& config, const TrainArgs& a) {
@@ -86,12 +94,7 @@ int run_predict(const Config& config, const TrainArgs& a) {
   train::PredictOptions po;
   po.device = a.device;
   po.link = a.link;
-  if (!a.budget.empty()) {
-    po.budget = parse_size(a.budget, "--budget");
-    SPILL_EXPECTS(*po.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
-  } else if (config.budget) {
-    po.budget = *config.budget;
-  }
+  po.budget = given_budget(config, a);
   po.swap_threshold = config.swap_threshold;
   po.recompute = !a.no_recompute;
   po.timeline = true;
@@ -205,13 +208,7 @@ int run_train(Config config, const TrainArgs& a) {
   if (!a.json.empty()) check_writable(a.json, "--json");
   check_not_same(a.json, "--json", a.trace, "--trace");
   const train::Policy policy = train::parse_policy(a.policy);
-  std::optional<std::uint64_t> budget;
-  if (!a.budget.empty()) {
-    budget = parse_size(a.budget, "--budget");
-    SPILL_EXPECTS(*budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
-  } else if (config.budget) {
-    budget = *config.budget;
-  }
+  std::optional<std::uint64_t> budget = given_budget(config, a);
   train::Program program = train::build_model(a.model, a.model_options);
   const std::uint64_t footprint = train::footprint(config, program);
   // Default: a third of the footprint; with policy none (nothing can move), no budget.

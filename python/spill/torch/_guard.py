@@ -40,6 +40,16 @@ def detached_number(func: Any, args: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def number_detached(args: Any, out: Any) -> Optional[torch.Tensor]:
+    """detach() of a wrapped number (a Python scalar autograd made a tensor of) comes back from
+    the op as the number (``out``), but detach's caller (a saved tensor unpacked under
+    saved-tensor hooks) needs the tensor, which is its own detached alias (no grad, no
+    history): returns that tensor, or None when ``out`` is not such a number."""
+    if type(out) is not torch.Tensor and isinstance(out, (bool, int, float, complex)):
+        return args[0]
+    return None
+
+
 def _writes(func: Any) -> Tuple[frozenset, frozenset]:
     """(positional indices, keyword names) of the arguments ``func`` writes (its schema)."""
     found = _written_args.get(func)
@@ -109,12 +119,10 @@ class PinEveryOp(TorchDispatchMode):
             unpin = pinner.unpin
             for token, wrote in held:
                 unpin(token, stream, wrote)
-        if type(out) is not torch.Tensor and func is _DETACH:
-            # A wrapped number (a Python scalar autograd made a tensor of) comes back from the
-            # op as the number: detach's caller (a saved tensor unpacked under saved-tensor
-            # hooks) needs the tensor, which is its own detached alias (no grad, no history).
-            if isinstance(out, (bool, int, float, complex)):
-                return args[0]
+        if func is _DETACH:
+            alias = number_detached(args, out)
+            if alias is not None:
+                return alias
         if not self.declares:
             return out
         movable = pinner.movable

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._guard import PinEveryOp, detached_number
+from ._guard import PinEveryOp, detached_number, number_detached
 from ._pins import Pinner, Saved, acyclic
 from ._state import state
 
@@ -116,12 +116,9 @@ class _PinReads(PinEveryOp):
             if number is not None:
                 return number
             out = func(*args, **(kwargs or {}))
-            if type(out) is not torch.Tensor and isinstance(out, (bool, int, float, complex)):
-                # detach() of a wrapped number comes back as the number (autograd.grad with
-                # create_graph saving ``x * 0.5``'s factor): its caller needs the tensor, its
-                # own detached alias (as PinEveryOp).
-                return args[0]
-            return out
+            # (autograd.grad with create_graph saves ``x * 0.5``'s factor as a wrapped number)
+            alias = number_detached(args, out)
+            return out if alias is None else alias
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
