@@ -57,6 +57,11 @@ std::string oom_message(const OomFacts& f) {
     m += "Hint: the host cap (host_cap: " + format_bytes(*f.host_cap) + ", " +
          format_bytes(f.host_in_use) + " of it in use) leaves no room to swap a block out: "
          "raise host_cap:.";
+  } else if (f.small_allocated > f.budget / 3 &&
+             f.small_allocated > std::max(f.pinned.value_or(0), f.unswappable.value_or(0))) {
+    m += "Hint: most of what cannot move is in small blocks (requests up to " +
+         format_bytes(f.small_limit) + " share segments that never move): lower "
+         "swap_threshold: below the size of those tensors, or raise budget:.";
   } else if (f.pinned && f.unswappable && *f.unswappable > *f.pinned) {
     m += "Hint: most of what stays resident was never declared swappable (only blocks a hook "
          "declared can move: spill.torch.offload's or guard's, spill_set_swappable): declare "

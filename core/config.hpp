@@ -21,6 +21,7 @@ struct Config {
   std::optional<std::uint64_t> budget;       // budget: mapped device bytes (default: free - reserve)
   std::optional<std::uint64_t> host_cap;     // host_cap: pinned host bytes for swapped blocks
   std::uint64_t swap_threshold = 1ull << 20; // swap_threshold: smaller blocks are never swapped
+  // (nor small-pool ones: requests up to min(swap_threshold, 1 MiB); allocator.md)
   SwapPolicy policy = SwapPolicy::Plan;      // policy: plan | lru | none
   PeakGuard peak_guard = PeakGuard::Wait;    // peak_guard: wait | idle | off
   // Simulated device.

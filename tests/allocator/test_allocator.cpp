@@ -736,6 +736,23 @@ TEST(AllocatorOom, TheHintSaysWhetherPinsOrUndeclaredBlocksFillTheBudget) {
   m = oom_message(f);
   EXPECT_NE(m.find(pinned_hint), std::string::npos) << m;
   EXPECT_NE(m.find(format_bytes(7 * MiB) + " pinned and"), std::string::npos) << m;
+  // Small-pool blocks filling the budget beyond the pins and the undeclared blocks are named
+  // (a sweep at swap_threshold:128KiB with 128 KiB activations said "the pinned working set is
+  // too large" with 2 MiB pinned and half the budget in small blocks).
+  const std::string small_hint = "Hint: most of what cannot move is in small blocks (requests "
+                                 "up to " + format_bytes(128 * KiB);
+  f.small_limit = 128 * KiB;
+  f.pinned = 2 * MiB;
+  f.unswappable = 0;
+  f.small_allocated = 3 * MiB;  // under a third of the budget: not named
+  EXPECT_EQ(oom_message(f).find(small_hint), std::string::npos) << oom_message(f);
+  f.small_allocated = 5 * MiB;
+  m = oom_message(f);
+  EXPECT_NE(m.find(small_hint), std::string::npos) << m;
+  EXPECT_NE(m.find("lower swap_threshold: below the size of those tensors"), std::string::npos)
+      << m;
+  f.pinned = 6 * MiB;  // more pinned than in small blocks: the pins are the story
+  EXPECT_NE(oom_message(f).find(pinned_hint), std::string::npos) << oom_message(f);
 }
 
 // The allocator asks the swapper for those figures when its eviction hook cannot make room.

@@ -187,6 +187,40 @@ def test_cpu_bridge_serves_cpu_tensors_and_disable_restores_the_default() -> Non
     assert "ok" in out
 
 
+@pytest.mark.parametrize("threshold,sizes", [
+    ("128KiB", (128 << 10, (128 << 10) + 512)),
+    (None, (1 << 20, (1 << 20) + 512)),           # the default, 1 MiB: the small pool's limit
+])
+def test_offload_takes_as_movable_exactly_what_the_allocator_moves(threshold, sizes) -> None:
+    """The smallest block the hooks declare and pin is the smallest the allocator can move: a
+    request up to min(swap_threshold, 1 MiB) is served from the small pool, whose blocks never
+    move, so at a threshold up to 1 MiB a block of exactly the threshold stays put (above
+    1 MiB, one of exactly the threshold can move). Each size is checked against the allocator
+    itself: declared swappable and evicted, does it reach the host? Before the fix offload
+    took a block of exactly the threshold as movable, declared it, and counted on moving it
+    (at swap_threshold:128KiB, with 128 KiB activations, that ran out of memory)."""
+    conf = "sim_granularity:64KiB" + (f",swap_threshold:{threshold}" if threshold else "")
+    out = run_ok(f"""
+        import time, torch, spill, spill.torch as st
+        st.enable({conf!r}, target={TARGET!r})
+        from spill.torch._pins import Pinner
+        pinner = Pinner()
+        for nbytes in {sizes!r}:
+            t = torch.ones(nbytes // 4, device={"cpu" if TARGET == "cpu" else "cuda"!r})
+            spill.set_swappable(t.data_ptr())
+            spill.evict(t.data_ptr())
+            deadline = time.monotonic() + 30
+            while spill.residence(t.data_ptr()) == "swapping_out" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            moved = spill.residence(t.data_ptr()) == "on_host"
+            print(nbytes, moved, pinner.movable(t) != 0)
+    """)
+    rows = [line.split() for line in out.splitlines()]
+    assert [r[0] for r in rows] == [str(n) for n in sizes], out
+    assert [r[1] for r in rows] == ["False", "True"], f"the allocator moved other sizes: {out}"
+    assert [r[2] for r in rows] == [r[1] for r in rows], f"offload disagrees: {out}"
+
+
 def test_enable_refuses_a_bad_target_and_names_it() -> None:
     r = run_code("""
         import spill.torch as st

@@ -66,6 +66,9 @@ def leaves(value: Any) -> Sequence[Any]:
     return tree_flatten(value)[0]
 
 
+_SMALL_POOL_LIMIT = 1 << 20  # the allocator's largest small-pool request (allocator.md)
+
+
 def swap_threshold(conf: Optional[str]) -> int:
     """spill's swap_threshold from a configuration string (1 MiB when absent)."""
     for item in (conf or "").split(","):
@@ -111,7 +114,11 @@ class Pinner:
         self._set_swappable = lib.spill_set_swappable
         self.cpu = state.target == "cpu"
         self.device_type = "cpu" if self.cpu else "cuda"
-        self.threshold = swap_threshold(state.conf)
+        # The smallest block that can move: swap_threshold, and past the small pool, which
+        # serves requests up to min(swap_threshold, 1 MiB) from shared segments that never
+        # move (the trainer's rule too: train/executor.cpp's min_swap_bytes).
+        threshold = swap_threshold(state.conf)
+        self.threshold = max(threshold, min(threshold, _SMALL_POOL_LIMIT) + 1)
 
     # ---------------------------------------------------------------- which tensors
 
