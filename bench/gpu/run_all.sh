@@ -207,7 +207,8 @@ if ((built == 0)); then
     # be most of the budget. Small ones here; GPT-2 medium below keeps the defaults.
     step torch-tests 240 "${torch_env[@]}" CUBLAS_WORKSPACE_CONFIG=:64:8 CUBLASLT_WORKSPACE_SIZE=512 \
       "$python" -m pytest -v -rs -p no:cacheprovider "$root/tests/python/test_torch_bridge.py" \
-      "$root/tests/python/test_torch_copies.py" "$root/tests/python/test_torch_foreach.py"
+      "$root/tests/python/test_torch_copies.py" "$root/tests/python/test_torch_foreach.py" \
+      "$root/tests/python/test_torch_modules.py"
     step torch-gpt2-medium 240 "${torch_env[@]}" "$python" "$root/bench/gpu/bench_torch_gpt2.py" \
       --steps 5 --json "$work/bench_torch_gpt2.json"
   else

@@ -15,7 +15,7 @@ from spill import Error, OutOfMemoryError
 from spill import budget as spill_budget
 
 from ._foreach import chunks, joined, listwise
-from ._pins import Pinner, TorchOutOfMemoryError, leaves
+from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
 from ._state import state
 from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_methods,
                      wrap_method)
@@ -142,6 +142,9 @@ class PinEveryOp(TorchDispatchMode):
         for t in (value,) if isinstance(value, torch.Tensor) else value:
             ptr = pinner.movable(t)
             if not ptr:
+                parts = components(t)  # a sparse tensor: its indices and values
+                if parts:
+                    self._pin_value(list(parts), wrote, stream, held, seen)
                 continue
             seen.add(ptr)
             token = pinner.pin(ptr, stream)

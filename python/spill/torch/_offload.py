@@ -90,7 +90,8 @@ from . import _copies as copies
 from ._guard import PinEveryOp
 from ._optimizer import load_state, per_parameter_loop, pinned_step
 from ._partials import PartialGradients
-from ._pins import Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, storage
+from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
+                    storage)
 from ._quiet import QuietSteps
 from ._recompute import Recomputation, call_frame, in_backward
 from ._state import state
@@ -820,10 +821,13 @@ class OffloadHandle:
             if param is None or state.forked_child:
                 return
             if param.grad is not None:
-                # AccumulateGrad is about to add into the existing gradient.
-                token = self._pin(param.grad, self.pinner.stream())
-                if token is not None:
-                    self._bw_pending.append((token, True))
+                # AccumulateGrad is about to add into the existing gradient (a sparse one:
+                # into its indices and values).
+                stream = self.pinner.stream()
+                for t in (param.grad,) + components(param.grad):
+                    token = self._pin(t, stream)
+                    if token is not None:
+                        self._bw_pending.append((token, True))
             elif self._persistent and not self._quiet:
                 # AccumulateGrad is about to make its gradient (a quiet step, which has room,
                 # leaves it to the optimizer step).

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ._guard import PinEveryOp
-from ._pins import Pinner, leaves
+from ._pins import Pinner, components, leaves
 from ._state import state
 
 Token = Any  # spill._capi.PinToken
@@ -49,6 +49,8 @@ def step_blocks(optimizer: torch.optim.Optimizer, pinner: Pinner,
             if st:
                 tensors += [(v, True) for v in st.values() if isinstance(v, torch.Tensor)]
             for t, wrote in tensors:
+                # (a sparse gradient or state tensor: its indices and values)
+                tensors += [(c, wrote) for c in components(t)]
                 ptr, nbytes = pinner.block(t)
                 if ptr and ptr not in seen:
                     seen.add(ptr)

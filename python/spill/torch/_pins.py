@@ -48,6 +48,31 @@ def _raise(lib: Any, status: int) -> None:
         raise TorchOutOfMemoryError(str(e), e.code) from None
 
 
+_COMPRESSED = {getattr(torch, name): (rows, cols) for name, rows, cols in (
+    ("sparse_csr", "crow_indices", "col_indices"), ("sparse_bsr", "crow_indices", "col_indices"),
+    ("sparse_csc", "ccol_indices", "row_indices"), ("sparse_bsc", "ccol_indices", "row_indices"))
+    if hasattr(torch, name)}
+
+
+def components(t: Any) -> Tuple[torch.Tensor, ...]:
+    """The strided tensors that hold a sparse tensor's data (a COO tensor's indices and values:
+    the gradient of ``nn.Embedding(sparse=True)``, SGD's momentum over it), else (). A sparse
+    tensor has no storage of its own: an op that reads it reads these, which may have been
+    declared swappable when an op made them (an embedding's backward makes the values strided,
+    then wraps them), so a pin of the sparse tensor is a pin of each of them."""
+    if not isinstance(t, _Tensor):
+        return ()
+    layout = t.layout
+    if layout == _STRIDED:
+        return ()
+    if layout == torch.sparse_coo:
+        return (t._indices(), t._values())
+    names = _COMPRESSED.get(layout)
+    if names is not None:
+        return (getattr(t, names[0])(), getattr(t, names[1])(), t.values())
+    return ()
+
+
 def storage(t: torch.Tensor) -> Any:
     """The tensor's untyped storage (bytes and base pointer)."""
     return _storage(t)

@@ -1,0 +1,160 @@
+"""Module and parameter tricks under offload() (issue 13): reparametrized weights (weight_norm,
+spectral_norm), TorchScript submodules, sparse gradients, ... Each scenario trains a small
+model with plain torch, then the same loop under offload(model, optimizer) on spill with the
+budget at a fraction of the measured footprint, with an evaluation pass after each step, and
+compares losses, validation losses and the final state_dict bit for bit. Each scenario
+runs in a process of its own (the CPU bridge: a tensor read while swapped out faults).
+"""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
+
+from test_torch_bridge import SIZED_FOR_64K, quiet_preamble, run_ok  # noqa: E402
+
+# `compare(make, make_opt, data, fraction)` trains `make()` with `make_opt(model)` for `steps`
+# steps on batches `data(generator)`, first with plain torch (before enable() on the CPU
+# bridge), then under offload() with the budget at footprint / fraction, and asserts that the
+# results are plain torch's and that bytes moved. `evict`: before each forward from the third
+# step on and before each evaluation pass, every parameter, buffer, gradient and optimizer
+# state is moved to the host (a read no pin covers then faults). `mutate(model, opt, i)` runs
+# before step i.
+HARNESS = textwrap.indent("""
+import gc, time
+import torch.nn as nn
+import torch.nn.functional as F
+def evict_all(h):
+    ts = list(h.model.parameters()) + list(h.model.buffers())
+    ts += [p.grad for p in h.model.parameters() if p.grad is not None]
+    if h.optimizer is not None:
+        ts += [v for s in h.optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor)]
+    ptrs = set()
+    for t in ts:
+        sparse = t.layout == torch.sparse_coo
+        for c in (t._indices(), t._values()) if sparse else (t,):
+            ptr = h.pinner.movable(c)
+            if ptr:
+                spill.evict(ptr)
+                ptrs.add(ptr)
+    deadline = time.time() + 10
+    for ptr in ptrs:
+        while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
+            time.sleep(0.001)
+def train(make, make_opt, data, wrap=lambda m, o: None, steps=4, mutate=None, evict=False,
+          loss_fn=F.cross_entropy, forward=lambda m, x: m(x)):
+    torch.manual_seed(0)
+    m = make().to(dev)
+    opt = make_opt(m)
+    h = wrap(m, opt)
+    g = torch.Generator().manual_seed(1)
+    xv, yv = (t.to(dev) for t in data(g))
+    losses, val = [], []
+    for i in range(steps):
+        if mutate is not None:
+            mutate(m, opt, i)
+        if h is not None and evict and i >= 2:
+            evict_all(h)
+        x, y = (t.to(dev) for t in data(g))
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(forward(m, x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if h is not None and evict:
+            evict_all(h)
+        m.eval()
+        with torch.no_grad():
+            val.append(loss_fn(forward(m, xv), yv).item())
+        m.train()
+    return losses, val, m, h
+def state_bytes(m):
+    # The state_dict as bytes outside spill's memory (a later scenario's budget stays free).
+    return {k: (v.dtype, tuple(v.shape), v.detach().cpu().contiguous().reshape(-1)
+                .view(torch.uint8).numpy().tobytes()) for k, v in m.state_dict().items()}
+def compare(make, make_opt, data, fraction=3, evict=False, **kw):
+    base, base_val, bm, _ = train(make, make_opt, data, **kw)
+    base_state = state_bytes(bm)
+    del bm
+    enable()
+    gc.collect()
+    st.reset_peak_memory_stats()
+    train(make, make_opt, data, steps=2, **kw)
+    gc.collect()
+    footprint = st.max_memory_allocated()
+    def wrap(m, o):
+        h = st.offload(m, o, quiet=False) if evict else st.offload(m, o)
+        spill.set_budget(int(footprint / fraction))
+        return h
+    before = spill.stats()
+    losses, val, m, h = train(make, make_opt, data, wrap, evict=evict, **kw)
+    after = spill.stats()
+    with st.guard(release_on_exit=False):
+        state = state_bytes(m)
+    assert losses == base, (losses, base)
+    assert val == base_val, (val, base_val)
+    assert state.keys() == base_state.keys(), set(state) ^ set(base_state)
+    differ = [k for k in state if state[k] != base_state[k]]
+    assert not differ, f"final state differs from plain torch: {differ}"
+    assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+    spill.set_budget(1 << 30)
+    h.remove()
+    return footprint
+""", " " * 8)
+
+
+def scenario(body: str) -> str:
+    """A scenario's code: the preamble, the harness, then ``body`` (indented as they are)."""
+    return quiet_preamble("1GiB") + HARNESS + textwrap.indent(textwrap.dedent(body), " " * 8)
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_sparse_embedding_gradients_are_pinned_through_their_indices_and_values() -> None:
+    """nn.Embedding(sparse=True) with SparseAdam (and Adam for the dense layers) and with SGD
+    with momentum (whose buffer is sparse too), nn.EmbeddingBag(sparse=True) with SGD, at a
+    third of the footprint, every tensor moved to the host between steps: plain
+    torch's results. A sparse tensor has no storage of its own: its indices and values are
+    strided tensors, which the first step's dispatch mode declared swappable when an op made
+    them (the embedding's backward makes the values, then wraps them). Before, nothing pinned
+    them when an op read the sparse tensor: SGD's first step (``torch.clone`` of the sparse
+    gradient) and SparseAdam's died of a segmentation fault on the CPU bridge at a third."""
+    out = run_ok(scenario("""
+        class Net(nn.Module):
+            def __init__(self, bag):
+                super().__init__()
+                self.bag = bag
+                self.emb = (nn.EmbeddingBag(1024, 256, mode="mean", sparse=True) if bag
+                            else nn.Embedding(1024, 256, sparse=True))
+                self.l1, self.l2 = nn.Linear(256, 1024), nn.Linear(1024, 1024)
+                self.l3, self.l4 = nn.Linear(1024, 1024), nn.Linear(1024, 10)
+            def forward(self, idx):
+                e = self.emb(idx) if self.bag else self.emb(idx).mean(1)
+                for layer in (self.l1, self.l2, self.l3):
+                    e = torch.relu(layer(e))
+                return self.l4(e)
+        def data(g):
+            return (torch.randint(0, 1024, (16, 32), generator=g),
+                    torch.randint(0, 10, (16,), generator=g))
+        class Two(torch.optim.Optimizer):
+            # SparseAdam for the embedding, Adam for the rest, stepped as one optimizer.
+            def __init__(self, m):
+                dense = [p for n, p in m.named_parameters() if not n.startswith("emb.")]
+                self.parts = [torch.optim.SparseAdam(list(m.emb.parameters()), lr=1e-3),
+                              torch.optim.Adam(dense, lr=1e-3)]
+                super().__init__(list(m.parameters()), {})
+                self.param_groups = [g for o in self.parts for g in o.param_groups]
+                for o in self.parts:
+                    o.state = self.state  # one state dict: offload declares it after a step
+            def step(self, closure=None):
+                for o in self.parts:
+                    o.step()
+        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        compare(lambda: Net(False), Two, data, 3, evict=True)
+        compare(lambda: Net(False), sgd, data, 3, evict=True)
+        compare(lambda: Net(True), sgd, data, 3, evict=True)
+        print("ok")
+    """))
+    assert "ok" in out
