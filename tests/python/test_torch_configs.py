@@ -238,3 +238,78 @@ def test_an_evaluation_pass_through_a_transformer_encoder_layer_pins_what_it_rea
         print("ok", footprint)
     """)
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
+    """A GPT written in one module (its blocks are containers: the model's forward calls their
+    LayerNorm and Linear children and does the attention itself), a batch of 16, AdamW, at a
+    third of the footprint: losses and parameters are plain torch's. Every output of those
+    children and every tensor the model's own ops saved used to stay pinned until the
+    model's forward ended, so nothing of the forward could move and it ran out of memory
+    ("24.75 MiB pinned" in the sweep, model=attn,batch=large). Now the first step measures
+    what each module's frame would hold; one holding over a quarter of the budget runs its
+    own code with every op pinned (its children keep their hooks) and holds none of it."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import gc
+        import torch.nn as nn
+        import torch.nn.functional as F
+        class Net(nn.Module):
+            def __init__(self, vocab=2048, d=256, heads=4):
+                super().__init__()
+                self.wte = nn.Embedding(vocab, d)
+                self.wpe = nn.Parameter(torch.randn(64, d) * 0.02)
+                self.blocks = nn.ModuleList()
+                for _ in range(2):
+                    b = nn.Module()
+                    b.ln1, b.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+                    b.qkv, b.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+                    b.fc, b.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+                    self.blocks.append(b)
+                self.lnf = nn.LayerNorm(d)
+                self.heads = heads
+            def forward(self, idx):
+                B, T = idx.shape
+                x = self.wte(idx) + self.wpe[:T]
+                mask = torch.ones(T, T).tril().bool().to(dev)
+                for b in self.blocks:
+                    q, k, v = b.qkv(b.ln1(x)).split(x.shape[-1], dim=-1)
+                    q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+                    att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+                    att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+                    y = (att @ v).transpose(1, 2).reshape(B, T, -1)
+                    x = x + b.proj(y)
+                    x = x + b.out(F.gelu(b.fc(b.ln2(x))))
+                return self.lnf(x) @ self.wte.weight.t()
+        def train(wrap=lambda m, o: None, steps=4):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(steps):
+                x = torch.randint(0, 2048, (16, 64), generator=g).to(dev)
+                y = torch.randint(0, 2048, (16, 64), generator=g).to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(m(x).reshape(-1, 2048), y.reshape(-1))
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+        base, bm, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(steps=2)
+""" + AT_A_THIRD + """
+        losses, m, h = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint)
+    """)
+    assert "ok" in out

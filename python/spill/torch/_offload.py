@@ -9,7 +9,10 @@ Which blocks become swappable, and what pins every later use of each:
 - activations: declared when autograd saves them for backward (the pack hook) and held pinned
   until the module that was running ends; module outputs stay pinned in the parent until it
   ends (in an ``nn.Sequential``, until the next child has pinned its inputs), so forward code
-  between modules only ever touches pinned or undeclared blocks. The input batch is pinned by
+  between modules only ever touches pinned or undeclared blocks. A busy module (one whose
+  frame would hold over a quarter of the budget that way, as the first step measured: a
+  forward written in one module) runs its own code with every op pinned instead, and holds
+  none of it (OffloadHandle._busy). The input batch is pinned by
   the entry (an nn.Sequential: until its first child has pinned it) and by the module that
   saves it, until they end: the loop's code after the forward runs in the window. In backward
   the unpack hook pins them (the plan's prefetches are issued ahead of it); the pins are
@@ -96,14 +99,16 @@ from ._quiet import QuietSteps
 from ._recompute import Recomputation, call_frame, in_backward
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
-from ._window import window
+from ._window import _dispatch_stack, _remove, window
 
 Token = Any  # spill._capi.PinToken
 
 
 class _Frame:
-    """The pins a running module holds until its forward ends."""
-    __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs")
+    """The pins a running module holds until its forward ends. A busy module's frame (see
+    OffloadHandle._busy) holds none of what its code makes: its ``ops`` mode pins each op of
+    its own code instead."""
+    __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs", "ops")
 
     def __init__(self, module: Optional[torch.nn.Module]) -> None:
         self.module = module
@@ -112,6 +117,7 @@ class _Frame:
         self.child_outputs: List[Token] = []
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
+        self.ops: Optional[_PinOps] = None
 
 
 class _PinOps(PinEveryOp):
@@ -138,6 +144,9 @@ class _Discovery(PinEveryOp):
                     owners = h._owners.get(storage(t).data_ptr())
                     if owners and not (owners & running):
                         h._extra.setdefault(h._stack[-1], {})[id(t)] = t
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            h._count_held(h._stack[-1], out)  # what its own code makes
+            return out
         elif torch.is_grad_enabled() and not h._window.graphs:
             # Forward code outside every module of the model (a loss term reading a weight,
             # loop code between submodules called directly): no hook pins what it reads.
@@ -190,6 +199,12 @@ class OffloadHandle:
         self._stack: List[torch.nn.Module] = []
         self._stack_set: Set[torch.nn.Module] = set()
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
+        # Per module, the bytes its frame would hold in an armed step (what its own code made
+        # and its children returned in the first step; _busy), and while counting, the blocks
+        # counted; the quarter of the budget above which a module is busy (each forward's).
+        self._would_hold: Dict[torch.nn.Module, int] = {}
+        self._counted: Dict[torch.nn.Module, Set[int]] = {}
+        self._hold_line = 0
         # Parameters and buffers the first step used outside every module: pinned from the
         # first forward of each later step to its end.
         self._outside: Dict[int, torch.Tensor] = {}
@@ -390,6 +405,7 @@ class OffloadHandle:
         if extra:
             for t in extra.values():
                 self._hold(tokens, t, stream, False)
+        busy = self._busy(module)
         movable, pin = self._movable, self._pin_block
         # An nn.Sequential hands its input to its first child and never reads it again: the
         # pin goes once that child has pinned it, as a child's output does for the next one.
@@ -398,6 +414,8 @@ class OffloadHandle:
             ptr = movable(t)
             if ptr:
                 frame.inputs.add(ptr)
+                if busy:
+                    continue  # its ops pin it (and its children's pre-hooks)
                 token = pin(ptr, stream)
                 if token is not None:
                     if held is not None:
@@ -412,6 +430,11 @@ class OffloadHandle:
                 for token in parent.child_outputs:  # the previous child's output: our input
                     unpin(token, stream, True)
                 parent.child_outputs.clear()
+            if parent.ops is not None:  # its children's code is theirs: their own pins
+                _remove(parent.ops, *_dispatch_stack())
+        if busy:
+            frame.ops = _PinOps(self.pinner)
+            frame.ops.__enter__()
         frames.append(frame)
         if root and torch.is_grad_enabled():
             self._push_saved_hooks(False)
@@ -446,6 +469,8 @@ class OffloadHandle:
             if self._stack and self._stack[-1] is module:
                 self._stack.pop()
                 self._stack_set.discard(module)
+                if self._stack and not isinstance(self._stack[-1], torch.nn.Sequential):
+                    self._count_held(self._stack[-1], output)  # held by its parent
             return
         frames = self._frames
         if frames and frames[-1].module is module:
@@ -458,15 +483,19 @@ class OffloadHandle:
         if len(frames) > depth + 1:
             self._unwind(depth + 1)  # frames an exception left behind
         frame = frames.pop()
+        self._leave_ops(frame)
         parent = frames[-1] if frames else self._step_frame
         stream = self.pinner.stream()
         grad = torch.is_grad_enabled()
         held = parent.child_outputs if parent.sequential else None
+        busy = parent.ops is not None
         for t in leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
             if grad and t.requires_grad:
                 t.register_hook(self._safe_point)
+            if busy:
+                continue  # the parent's ops pin it as they use it
             if held is not None:
                 token = self._pin(t, stream)
                 if token is not None:
@@ -474,6 +503,8 @@ class OffloadHandle:
             else:
                 self._hold(parent.tokens, t, stream, True)
         self._release_frame(frame)
+        if busy:
+            parent.ops.__enter__()  # back to the parent's own code
 
     def _end_entry(self, output: Any) -> None:
         """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
@@ -527,6 +558,8 @@ class OffloadHandle:
         elif (self._discovery is not None and not self.steps.manage and self.forwards > 1
               and new_step):
             self._leave_discovery()
+        if self._would_hold and self._discovery is None:
+            self._hold_line = spill_budget(state.device) // 4
         if self._discovery is None and (not module.training or not torch.is_grad_enabled()):
             # An evaluation forward (model.eval(), torch.no_grad()) may take a path the first
             # step's training forward did not show, where a module's code reads its children's
@@ -747,6 +780,10 @@ class OffloadHandle:
                 frame = self._holder(ptr)
             if ptr not in frame.packed:
                 frame.packed.add(ptr)
+                if frame.ops is not None:  # a busy module's ops pin it where its code uses it
+                    if self.pinner.declare(ptr):
+                        self._acts.add(ptr)
+                    return Saved(t, ptr)
                 token = self._pin_block(ptr, self.pinner.stream())
                 if token is not None:
                     frame.tokens.append((token, True))
@@ -1045,6 +1082,7 @@ class OffloadHandle:
             self._discovered = True
             self._stack.clear()
             self._stack_set.clear()
+            self._counted.clear()
             for m, direct in self._direct.items():
                 pins = list(direct) + [(t, False) for t in self._extra.get(m, {}).values()]
                 if pins:
@@ -1079,7 +1117,45 @@ class OffloadHandle:
 
     def _unwind(self, depth: int) -> None:
         while len(self._frames) > depth:
-            self._release_frame(self._frames.pop())
+            frame = self._frames.pop()
+            self._leave_ops(frame)
+            self._release_frame(frame)
+        if self._frames and self._frames[-1].ops is not None:
+            # An exception in a child of a busy module that caught it: its own code again.
+            ops = self._frames[-1].ops
+            _remove(ops, *_dispatch_stack())
+            ops.__enter__()
+
+    # ------------------------------------------------------------------ busy modules
+
+    def _busy(self, module: torch.nn.Module) -> bool:
+        """Whether ``module``'s frame would hold more than a quarter of the budget in an armed
+        step: what its own code makes and what its children return, kept pinned until its
+        forward ends, since its code may read them (a forward written in one module, a loop
+        over blocks in the root's forward). Its own code then runs with every op pinned
+        (a dispatch mode, off while its children run), and its frame holds none of that:
+        what autograd saves is declared, the rest stays where spill made it (unswappable).
+        Measured in the first step (_count_held); evaluation forwards pin every op anyway."""
+        would = self._would_hold.get(module)
+        return bool(would and would > self._hold_line and self._eval_ops is None)
+
+    def _count_held(self, module: torch.nn.Module, out: Any) -> None:
+        """The first step: the blocks in ``out`` (made by ``module``'s own code, or returned by
+        a child to it) count towards what its frame would hold (_busy)."""
+        counted = self._counted.get(module)
+        if counted is None:
+            counted = self._counted[module] = set()
+        block = self.pinner.block
+        for t in leaves(out):
+            ptr, nbytes = block(t)
+            if ptr and ptr not in counted and ptr not in self._persistent:
+                counted.add(ptr)
+                self._would_hold[module] = self._would_hold.get(module, 0) + nbytes
+
+    def _leave_ops(self, frame: _Frame) -> None:
+        if frame.ops is not None:
+            _remove(frame.ops, *_dispatch_stack())
+            frame.ops = None
 
 
 copies.HOOK_OWNERS.add(OffloadHandle)
