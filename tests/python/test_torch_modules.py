@@ -158,3 +158,43 @@ def test_sparse_embedding_gradients_are_pinned_through_their_indices_and_values(
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_torchscript_submodules_are_pinned_by_the_module_that_calls_them() -> None:
+    """A torch.jit.script submodule and a torch.jit.trace submodule (two Linear layers and a
+    ReLU) inside a Python nn.Sequential train as plain torch at a third of the footprint,
+    every tensor moved to the host between steps: no Python hook runs inside TorchScript
+    (ScriptModules refuse forward hooks), so the module that calls a TorchScript submodule
+    pins all its parameters and buffers around its own forward. Before, offload() raised
+    PyTorch's "register_forward_pre_hook is not supported on ScriptModules" for the scripted
+    one. A model that is itself a TorchScript module is refused with spill.Error naming it
+    and what to do (offload the Python model, or guard())."""
+    out = run_ok(scenario("""
+        def mlp(kind):
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(512, 512), nn.ReLU()]
+            m = nn.Sequential(*layers, nn.Linear(512, 10))
+            inner = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+            if kind == "script":
+                m[2] = torch.jit.script(inner)
+            else:
+                m[2] = torch.jit.trace(inner, torch.randn(2, 512))
+            return m
+        def data(g):
+            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(lambda: mlp("script"), adam, data, 3, evict=True)
+        compare(lambda: mlp("trace"), adam, data, 3, evict=True)
+        scripted = torch.jit.script(nn.Linear(512, 512).to(dev))
+        try:
+            st.offload(scripted)
+        except spill.Error as e:
+            assert "RecursiveScriptModule) is a TorchScript module" in str(e), e
+            assert "spill.torch.guard()" in str(e), e
+        else:
+            raise AssertionError("offload of a ScriptModule was accepted")
+        print("ok")
+    """))
+    assert "ok" in out

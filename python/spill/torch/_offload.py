@@ -55,6 +55,9 @@ parameters and buffers, and the outermost one its arguments, until that region's
 over; no saved-tensor hooks are pushed there (non-reentrant checkpointing's own are below).
 Parameters frozen at offload() (requires_grad=False) and unfrozen later get their gradient
 hook at the next entry.
+TorchScript submodules (torch.jit.script, torch.jit.trace) run no Python hook inside: the
+module that calls one pins all its parameters and buffers around its own forward (_scripted);
+a model that is itself a ScriptModule is refused (spill.Error; guard() works for it).
 Quiet steps (_quiet.py; ``quiet=0.5`` by default): a step whose previous step's peak of
 allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it)
 swaps no activation: the saved-tensor hooks only wrap what autograd saves, pinning the
@@ -256,10 +259,19 @@ class OffloadHandle:
 
     def _install(self) -> None:
         kwargs_ok = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
+        scripted = _scripted(self.model)
         for m in self.model.modules():
+            if m in scripted:
+                continue
             copies.register(type(m))  # a copy of the model leaves the hooks out
             direct = [(p, False) for p in m.parameters(recurse=False)]
             direct += [(b, True) for b in m.buffers(recurse=False)]
+            for child in m.children():
+                if child in scripted:
+                    # A TorchScript submodule runs no Python hook, nor do its own submodules:
+                    # the module that calls it pins all their parameters and buffers.
+                    direct += [(p, False) for p in child.parameters()]
+                    direct += [(b, True) for b in child.buffers()]
             self._direct[m] = []  # those that can move: a smaller one is never pinned
             for t, wrote in direct:
                 ptr = self.pinner.movable(t)
@@ -1184,6 +1196,25 @@ def _collected(window: Any, steps: StepBoundaries) -> None:
     except Error:  # a step spill cannot end now: the scope goes with the process
         pass
     window.collected()
+
+
+def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
+    """The TorchScript modules of ``model`` (``torch.jit.script``, ``torch.jit.trace``) and
+    every module inside them: their forwards run in TorchScript, where no Python hook runs (a
+    ScriptModule refuses forward hooks). Raises spill.Error when the model itself is one."""
+    script = torch.jit.ScriptModule
+    if isinstance(model, script):
+        raise Error(
+            f"spill.torch.offload: the model ({type(model).__name__}) is a TorchScript module "
+            "(torch.jit.script or torch.jit.trace): no Python hook runs inside TorchScript, so "
+            "offload cannot pin what its forward reads. Offload the Python model instead (a "
+            "TorchScript submodule inside a Python model is supported: the module that calls "
+            "it pins its parameters), or run the training loop under spill.torch.guard()")
+    found: Set[torch.nn.Module] = set()
+    for m in model.modules():
+        if isinstance(m, script) and m not in found:
+            found.update(m.modules())
+    return found
 
 
 def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
