@@ -198,3 +198,35 @@ def test_torchscript_submodules_are_pinned_by_the_module_that_calls_them() -> No
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_weight_norm_and_spectral_norm_weights_move_and_are_read_pinned() -> None:
+    """torch.nn.utils.weight_norm and spectral_norm on every Linear of an MLP (SGD with
+    momentum) applied before offload(): the models train as plain torch at a third of their
+    footprint, with an evaluation pass after each step, also with every tensor moved to the
+    host between steps. Their forward pre-hooks compute ``weight`` from ``weight_g`` and
+    ``weight_v`` (``weight_orig`` and the power iteration's ``u`` and ``v``) before the
+    module's forward and keep it in the module until the next forward. Three things were
+    wrong: offload's pre-hook ran after theirs, so the first step saw those parameters read
+    outside their module and had the whole model pin them through every forward (6 MiB pinned
+    at a third: out of memory); the weights that weight_norm() computes when applied, and those
+    an evaluation forward computes (it saves nothing for autograd to declare), stayed resident
+    and undeclared (6 MiB "never declared swappable": out of memory). Now offload's pre-hook
+    runs first, and the computed weight is declared at offload() and after each forward of
+    its module."""
+    out = run_ok(scenario("""
+        def mlp(norm):
+            layers = []
+            for _ in range(6):
+                layers += [norm(nn.Linear(512, 512)), nn.ReLU()]
+            return nn.Sequential(*layers, norm(nn.Linear(512, 10)))
+        def data(g):
+            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
+        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        for norm in (nn.utils.weight_norm, nn.utils.spectral_norm):
+            compare(lambda: mlp(norm), sgd, data, 3)
+            compare(lambda: mlp(norm), sgd, data, 3, evict=True)
+        print("ok")
+    """))
+    assert "ok" in out

@@ -55,6 +55,10 @@ parameters and buffers, and the outermost one its arguments, until that region's
 over; no saved-tensor hooks are pushed there (non-reentrant checkpointing's own are below).
 Parameters frozen at offload() (requires_grad=False) and unfrozen later get their gradient
 hook at the next entry.
+offload's forward pre-hook runs before the module's own (moved to the front at offload()): a
+weight_norm or spectral_norm pre-hook then reads the parameters it computes ``weight`` from
+pinned by their module; the computed weight, kept in the module until its next forward, is
+declared at offload() and after each forward of the module (_declare_computed).
 TorchScript submodules (torch.jit.script, torch.jit.trace) run no Python hook inside: the
 module that calls one pins all its parameters and buffers around its own forward (_scripted);
 a model that is itself a ScriptModule is refused (spill.Error; guard() works for it).
@@ -82,6 +86,7 @@ Copies and pickles of the model (``copy.deepcopy``, ``torch.save``) are plain to
 without the hooks or the wrapped forward (_copies.py)."""
 from __future__ import annotations
 
+import importlib
 import inspect
 import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -194,6 +199,9 @@ class OffloadHandle:
         self._direct: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
         self._owners: Dict[int, Set[torch.nn.Module]] = {}
         self._persistent: Set[int] = set()       # storage pointers of parameters and buffers
+        # Per module, the attributes its weight_norm or spectral_norm pre-hook computes (a
+        # weight kept from one forward to the next): _declare_computed.
+        self._computed: Dict[torch.nn.Module, List[str]] = {}
         # Discovery (first step): the module stack and parameters used outside their owners.
         self._discovery: Optional[_Discovery] = None
         # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
@@ -279,10 +287,18 @@ class OffloadHandle:
                     self._direct[m].append((t, wrote))
                     self._owners.setdefault(ptr, set()).add(m)
                     self._persistent.add(ptr)
+            names = _computed_weights(m)
+            if names:
+                self._computed[m] = names
             if kwargs_ok:
-                self._hooks.append(m.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True))
+                handle = m.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True)
             else:
-                self._hooks.append(m.register_forward_pre_hook(self._pre))
+                handle = m.register_forward_pre_hook(self._pre)
+            # First: a pre-hook registered before offload() (weight_norm's, spectral_norm's,
+            # which compute the weight from other parameters) then reads them pinned by the
+            # module itself, not by whatever module runs around it for the whole forward.
+            m._forward_pre_hooks.move_to_end(handle.id, last=False)
+            self._hooks.append(handle)
             self._hooks.append(m.register_forward_hook(self._post))
         self._unhooked = [p for p in self.model.parameters() if not p.requires_grad]
         for p in self.model.parameters():
@@ -290,6 +306,8 @@ class OffloadHandle:
                 self._hooks.append(p.register_hook(self._grad_hook(p)))
         for ptr in self._persistent:
             self.pinner.declare(ptr)
+        for m in self._computed:  # (weight_norm() computed one when it was applied)
+            self._declare_computed(m)
         if self.optimizer is not None:
             wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
@@ -494,6 +512,8 @@ class OffloadHandle:
                 return
         if len(frames) > depth + 1:
             self._unwind(depth + 1)  # frames an exception left behind
+        if module in self._computed:
+            self._declare_computed(module)
         frame = frames.pop()
         self._leave_ops(frame)
         parent = frames[-1] if frames else self._step_frame
@@ -517,6 +537,18 @@ class OffloadHandle:
         self._release_frame(frame)
         if busy:
             parent.ops.__enter__()  # back to the parent's own code
+
+    def _declare_computed(self, module: torch.nn.Module) -> None:
+        """The weight that the module's weight_norm or spectral_norm pre-hook computed stays
+        in the module until its next forward computes another: declared swappable (it is read
+        only in the window, pinned, until the pre-hook replaces it). A training forward
+        declares it when autograd saves it; an evaluation forward saves nothing, and its
+        weights stayed resident and undeclared until the next training forward."""
+        for name in self._computed[module]:
+            t = module.__dict__.get(name)
+            ptr = self._movable(t)
+            if ptr and ptr not in self._persistent and self.pinner.declare(ptr):
+                self._acts.add(ptr)
 
     def _end_entry(self, output: Any) -> None:
         """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
@@ -1196,6 +1228,31 @@ def _collected(window: Any, steps: StepBoundaries) -> None:
     except Error:  # a step spill cannot end now: the scope goes with the process
         pass
     window.collected()
+
+
+def _hook_classes() -> Tuple[type, ...]:
+    """The pre-hook classes of torch.nn.utils.weight_norm and spectral_norm (the modules, not
+    the functions that shadow them in torch.nn.utils)."""
+    found = []
+    for module, name in (("torch.nn.utils.weight_norm", "WeightNorm"),
+                         ("torch.nn.utils.spectral_norm", "SpectralNorm")):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+_REPARAMETRIZATIONS = _hook_classes()
+
+
+def _computed_weights(module: torch.nn.Module) -> List[str]:
+    """The attributes that ``torch.nn.utils.weight_norm`` or ``spectral_norm`` pre-hooks of
+    ``module`` compute at each forward (``weight`` from ``weight_g`` and ``weight_v``)."""
+    return [hook.name for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, _REPARAMETRIZATIONS) and isinstance(hook.name, str)]
 
 
 def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
