@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Real architectures (torchvision 0.14 models) trained under spill.torch.offload() against plain
+torch.
+
+Not part of CI: a tool, run by hand on the CPU bridge, as tests/python/torch_sweep.py is for
+ordinary configurations of toy models. Each configuration runs in a process of its own: plain
+torch first (PyTorch's CPU allocator), then spill.torch.enable() on the CPU bridge, the
+footprint measured (`max_memory_allocated()` over two steps without offload), then
+`offload(model, optimizer)` with the budget at a fraction of it, 4 training steps, an
+evaluation pass (model.eval(), torch.no_grad()) after each step and inference after training.
+The models are built small (32x32 or 64x64 inputs, 10 classes, batches of 2-32, 128 for the ViT), seeded
+(dropout, stochastic depth), and compared with torch.equal on losses, validation losses,
+inference outputs and the final state_dict (buffers included), bit for bit (a NaN
+equals the same NaN). Outcomes as torch_sweep.py's:
+
+  ok        everything is plain torch's, and bytes were swapped out
+  noswap    everything is plain torch's but nothing was swapped
+  mismatch  a result differs from plain torch's
+  oom       torch.cuda.OutOfMemoryError (spill's message is kept)
+  crash     the process died of a signal (SIGSEGV on the bridge: a tensor touched unpinned)
+  error     another exception (the traceback's last lines are kept)
+  invalid   plain torch itself refused the configuration
+  timeout   the process ran past --timeout
+
+Usage (from the repository root, with SPILL_LIBRARY set to build/libspill.so):
+  /usr/bin/python3 tests/python/torch_vision_sweep.py [--jobs 1] [--out vision.json]
+  /usr/bin/python3 tests/python/torch_vision_sweep.py --list
+  /usr/bin/python3 tests/python/torch_vision_sweep.py --only 'model=resnet18,opt=adamw,budget=3'
+budget=N is the footprint divided by N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+# Models too large to sweep in seconds on two cores (28M parameters) come last.
+MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
+          "densenet121", "densenet121_me", "squeezenet1_1", "googlenet", "regnet_x_400mf",
+          "vit", "convnext_tiny", "swin_t"]
+OPTIMIZERS = ["sgd", "adamw"]
+DEFAULTS: Dict[str, str] = {"model": "resnet18", "opt": "sgd", "budget": "3", "steps": "4",
+                            "eval": "1", "infer": "1", "batch": "auto",
+                            "size": "auto"}
+
+
+def name(cfg: Dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in cfg.items() if DEFAULTS.get(k) != v or k == "model")
+
+
+def parse(text: str) -> Dict[str, str]:
+    cfg = dict(DEFAULTS)
+    for part in filter(None, text.split(",")):
+        k, v = part.split("=", 1)
+        if k not in DEFAULTS:
+            raise SystemExit(f"unknown axis {k!r} (axes: {', '.join(DEFAULTS)})")
+        cfg[k] = v
+    return cfg
+
+
+def matrix() -> List[Dict[str, str]]:
+    """Every model with SGD (momentum) and AdamW at half and a third of its footprint."""
+    return [parse(f"model={m},opt={o},budget={b}")
+            for m in MODELS for o in OPTIMIZERS for b in ("2", "3")]
+
+
+WORKER = r'''
+import gc, json, struct, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F
+import torchvision
+import spill, spill.torch as st
+torch.set_num_threads(1)
+cfg = json.loads(sys.argv[1])
+STEPS = int(cfg["steps"])
+M = cfg["model"]
+tv = torchvision.models
+# Batch and image size by default: the smallest that keep the footprint's movable part (blocks
+# over swap_threshold) well above the small pool's 2 MiB segments and sub-128 KiB parameters.
+AUTO = {"mobilenet_v3_small": (32, 64), "shufflenet_v2_x0_5": (32, 64),
+        "squeezenet1_1": (16, 64), "googlenet": (4, 64), "vit": (128, 32),
+        "convnext_tiny": (2, 32), "swin_t": (2, 32)}
+N = AUTO.get(M, (4, 32))[0] if cfg["batch"] == "auto" else int(cfg["batch"])
+SIZE = AUTO.get(M, (4, 32))[1] if cfg["size"] == "auto" else int(cfg["size"])
+
+def build_model():
+    if M == "densenet121":
+        return tv.densenet121(num_classes=10)
+    if M == "densenet121_me":
+        return tv.densenet121(num_classes=10, memory_efficient=True)
+    if M == "googlenet":
+        return tv.googlenet(num_classes=10, aux_logits=True, init_weights=True)
+    if M == "vit":
+        return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                    hidden_dim=64, mlp_dim=128, num_classes=10)
+    if M == "swin_t":
+        return tv.swin_t(num_classes=10)
+    return getattr(tv, M)(num_classes=10)
+
+def batch(g):
+    return torch.randn(N, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+def loss_fn(out, y):
+    if isinstance(out, tuple):  # googlenet in train mode: logits and two auxiliary heads
+        return (F.cross_entropy(out[0], y) + 0.3 * F.cross_entropy(out[1], y)
+                + 0.3 * F.cross_entropy(out[2], y))
+    return F.cross_entropy(out, y)
+
+def build_optimizer(params):
+    if cfg["opt"] == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-3)
+
+def train(steps, wrap=None):
+    torch.manual_seed(0)
+    model = build_model()
+    opt = build_optimizer(model.parameters())
+    h = wrap(model, opt) if wrap else None
+    g = torch.Generator().manual_seed(1)
+    if cfg["eval"] == "1" or cfg["infer"] == "1":
+        xv, yv = batch(torch.Generator().manual_seed(2))
+    losses, val = [], []
+    for _ in range(steps):
+        x, y = batch(g)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if cfg["eval"] == "1":
+            model.eval()
+            with torch.no_grad():
+                val.append(loss_fn(model(xv), yv).item())
+            model.train()
+    out = None
+    if cfg["infer"] == "1":
+        model.eval()
+        with torch.no_grad():
+            out = model(xv).clone()
+    return losses, val, out, model, h
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+def same(a, b):
+    """Bit for bit (a NaN equals the same NaN, where torch.equal and == say no)."""
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    if a is None or b is None:
+        return a is b
+    return (a.dtype == b.dtype and a.shape == b.shape and
+            torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+
+t0 = time.time()
+try:
+    base_losses, base_val, base_out, bm, _ = train(STEPS)
+except Exception as e:  # plain torch refused the configuration
+    print("RESULT " + json.dumps({"outcome": "invalid", "detail": f"{type(e).__name__}: {e}"}))
+    sys.exit(0)
+base_seconds = time.time() - t0
+base_state = state(bm)
+del bm
+st.enable("budget:8GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
+gc.collect()
+st.reset_peak_memory_stats()
+train(2)
+gc.collect()
+footprint = st.max_memory_allocated()
+budget = int(footprint / float(cfg["budget"]))
+def wrap(m, o):
+    h = st.offload(m, o)
+    spill.set_budget(budget)
+    return h
+before = spill.stats()
+t0 = time.time()
+losses, val, out, m, h = train(STEPS, wrap)
+elapsed = time.time() - t0
+after = spill.stats()
+with st.guard(release_on_exit=False):
+    got = state(m)
+    params_equal = (got.keys() == base_state.keys() and
+                    all(same(got[k], base_state[k]) for k in got))
+    out_equal = same(out, base_out)
+result = {
+    "losses_equal": same(losses, base_losses), "val_equal": same(val, base_val),
+    "out_equal": out_equal, "params_equal": params_equal,
+    "losses": losses, "base_losses": base_losses, "val": val, "base_val": base_val,
+    "footprint": footprint, "budget": budget, "seconds": round(elapsed, 2),
+    "base_seconds": round(base_seconds, 2),
+    "bytes_out": after["swap.bytes_out"] - before["swap.bytes_out"],
+    "planned": after["swap.steps_planned"] - before["swap.steps_planned"],
+    "quiet_steps": h.quiet_steps,
+}
+ok = all(result[k] for k in ("losses_equal", "val_equal", "out_equal", "params_equal"))
+result["outcome"] = ("ok" if result["bytes_out"] > 0 else "noswap") if ok else "mismatch"
+spill.set_budget(8 << 30)
+h.remove()
+print("RESULT " + json.dumps(result))
+'''
+
+
+def run_one(cfg: Dict[str, str], timeout: int) -> Dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
+    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    t0 = time.time()
+    try:
+        r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cfg)], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": name(cfg), "outcome": "timeout", "wall": timeout}
+    res: Dict[str, Any] = {"config": name(cfg), "wall": round(time.time() - t0, 1)}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode < 0:
+        res["outcome"] = "crash"
+        tail = r.stderr.strip().splitlines()[-4:]
+        res["detail"] = f"signal {-r.returncode}: " + " | ".join(tail)
+    elif lines and r.returncode == 0:
+        res.update(json.loads(lines[-1][len("RESULT "):]))
+    elif "OutOfMemoryError" in r.stderr:
+        res["outcome"] = "oom"
+        tail = r.stderr[r.stderr.rfind("OutOfMemoryError"):]
+        res["detail"] = " ".join(tail.split())[:1500]
+    else:
+        res["outcome"] = "error"
+        res["detail"] = " | ".join(r.stderr.strip().splitlines()[-6:])[:1500]
+    return res
+
+
+def describe(res: Dict[str, Any]) -> str:
+    if res["outcome"] not in ("ok", "noswap", "mismatch"):
+        return res.get("detail", "")
+    text = (f"footprint {res['footprint'] / 2**20:.1f} MiB, budget {res['budget'] / 2**20:.1f} "
+            f"MiB, out {res['bytes_out'] / 2**20:.1f} MiB, planned {res['planned']}, quiet "
+            f"{res['quiet_steps']}, {res['seconds']} s (plain {res['base_seconds']} s)")
+    if res["outcome"] == "mismatch":
+        text += " " + ",".join(k for k in ("losses_equal", "val_equal", "out_equal",
+                                           "params_equal") if not res[k])
+    return text
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", default=[],
+                    help="a configuration (axis=value,...); repeatable")
+    ap.add_argument("--filter", default="", help="run the matrix entries whose name has this")
+    ap.add_argument("--list", action="store_true", help="print the configurations and exit")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--out", help="write the results as JSON lines here (appended)")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip the configurations --out has results for")
+    args = ap.parse_args()
+    cfgs = [parse(o) for o in args.only] or [c for c in matrix() if args.filter in name(c)]
+    if args.resume and args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {json.loads(line)["config"] for line in f if line.strip()}
+        cfgs = [c for c in cfgs if name(c) not in done]
+    if args.list:
+        for c in cfgs:
+            print(name(c))
+        print(f"{len(cfgs)} configurations", file=sys.stderr)
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+    counts: Dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for res in pool.map(lambda c: run_one(c, args.timeout), cfgs):
+            counts[res["outcome"]] = counts.get(res["outcome"], 0) + 1
+            print(f"{res['outcome']:8} {res['config']}  {describe(res)}", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+    print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
