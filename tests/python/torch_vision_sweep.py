@@ -23,7 +23,7 @@ equals the same NaN). Outcomes as torch_sweep.py's:
   timeout   the process ran past --timeout
 
 Usage (from the repository root, with SPILL_LIBRARY set to build/libspill.so):
-  /usr/bin/python3 tests/python/torch_vision_sweep.py [--jobs 1] [--out vision.json]
+  /usr/bin/python3 tests/python/torch_vision_sweep.py [--matrix main|extra] [--jobs 1] [--out f]
   /usr/bin/python3 tests/python/torch_vision_sweep.py --list
   /usr/bin/python3 tests/python/torch_vision_sweep.py --only 'model=resnet18,opt=adamw,budget=3'
 budget=N is the footprint divided by N.
@@ -49,7 +49,11 @@ MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0
 OPTIMIZERS = ["sgd", "adamw"]
 DEFAULTS: Dict[str, str] = {"model": "resnet18", "opt": "sgd", "budget": "3", "steps": "4",
                             "eval": "1", "infer": "1", "batch": "auto",
-                            "size": "auto"}
+                            "size": "auto", "zero": "none", "amp": "0", "fmt": "contiguous",
+                            "accum": "1", "gran": "64KiB"}
+# Axes the extra matrix varies one at a time: zero_grad(set_to_none=False), bf16 autocast,
+# channels_last, two micro-batches per step (gradient accumulation), a GPU's 2 MiB granularity.
+EXTRA = {"zero": "zeros", "amp": "bf16", "fmt": "channels_last", "accum": "2", "gran": "2MiB"}
 
 
 def name(cfg: Dict[str, str]) -> str:
@@ -66,10 +70,15 @@ def parse(text: str) -> Dict[str, str]:
     return cfg
 
 
-def matrix() -> List[Dict[str, str]]:
-    """Every model with SGD (momentum) and AdamW at half and a third of its footprint."""
-    return [parse(f"model={m},opt={o},budget={b}")
-            for m in MODELS for o in OPTIMIZERS for b in ("2", "3")]
+def matrix(kind: str) -> List[Dict[str, str]]:
+    """main: every model with SGD (momentum) and AdamW at half and a third of its footprint.
+    extra: every model but the two largest with AdamW at a third, each EXTRA axis varied
+    alone."""
+    if kind == "main":
+        return [parse(f"model={m},opt={o},budget={b}")
+                for m in MODELS for o in OPTIMIZERS for b in ("2", "3")]
+    return [parse(f"model={m},opt=adamw,{k}={v}")
+            for m in MODELS[:-2] for k, v in EXTRA.items()]
 
 
 WORKER = r'''
@@ -104,8 +113,17 @@ def build_model():
         return tv.swin_t(num_classes=10)
     return getattr(tv, M)(num_classes=10)
 
+FMT = torch.channels_last if cfg["fmt"] == "channels_last" else torch.contiguous_format
+
 def batch(g):
-    return torch.randn(N, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (N,), generator=g)
+    x = torch.randn(N, 3, SIZE, SIZE, generator=g).contiguous(memory_format=FMT)
+    return x, torch.randint(0, 10, (N,), generator=g)
+
+def forward(model, x):
+    if cfg["amp"] == "bf16":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+    return model(x)
 
 def loss_fn(out, y):
     if isinstance(out, tuple):  # googlenet in train mode: logits and two auxiliary heads
@@ -120,7 +138,7 @@ def build_optimizer(params):
 
 def train(steps, wrap=None):
     torch.manual_seed(0)
-    model = build_model()
+    model = build_model().to(memory_format=FMT)
     opt = build_optimizer(model.parameters())
     h = wrap(model, opt) if wrap else None
     g = torch.Generator().manual_seed(1)
@@ -128,22 +146,23 @@ def train(steps, wrap=None):
         xv, yv = batch(torch.Generator().manual_seed(2))
     losses, val = [], []
     for _ in range(steps):
-        x, y = batch(g)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
+        opt.zero_grad(set_to_none=cfg["zero"] == "none")
+        for _ in range(int(cfg["accum"])):
+            x, y = batch(g)
+            loss = loss_fn(forward(model, x), y) / int(cfg["accum"])
+            loss.backward()
+            losses.append(loss.item())
         opt.step()
-        losses.append(loss.item())
         if cfg["eval"] == "1":
             model.eval()
             with torch.no_grad():
-                val.append(loss_fn(model(xv), yv).item())
+                val.append(loss_fn(forward(model, xv), yv).float().item())
             model.train()
     out = None
     if cfg["infer"] == "1":
         model.eval()
         with torch.no_grad():
-            out = model(xv).clone()
+            out = forward(model, xv).clone()
     return losses, val, out, model, h
 
 def state(model):
@@ -169,7 +188,7 @@ except Exception as e:  # plain torch refused the configuration
 base_seconds = time.time() - t0
 base_state = state(bm)
 del bm
-st.enable("budget:8GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
+st.enable(f"budget:8GiB,swap_threshold:128KiB,sim_granularity:{cfg['gran']}", target="cpu")
 gc.collect()
 st.reset_peak_memory_stats()
 train(2)
@@ -250,6 +269,7 @@ def describe(res: Dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--matrix", choices=["main", "extra"], default="main")
     ap.add_argument("--only", action="append", default=[],
                     help="a configuration (axis=value,...); repeatable")
     ap.add_argument("--filter", default="", help="run the matrix entries whose name has this")
@@ -260,7 +280,7 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="skip the configurations --out has results for")
     args = ap.parse_args()
-    cfgs = [parse(o) for o in args.only] or [c for c in matrix() if args.filter in name(c)]
+    cfgs = [parse(o) for o in args.only] or [c for c in matrix(args.matrix) if args.filter in name(c)]
     if args.resume and args.out and os.path.exists(args.out):
         with open(args.out) as f:
             done = {json.loads(line)["config"] for line in f if line.strip()}
