@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
 from test_torch_bridge import (AT_A_THIRD, MATCHES_PLAIN_TORCH, SIZED_FOR_64K,  # noqa: E402
-                               quiet_preamble, run_ok)
+                               TARGET, quiet_preamble, run_ok)
 
 # Six 1 MiB weights, a batch of 16 (or `batch`), `make_opt(params)` the optimizer; `train` returns
 # the losses, the model and offload's handle (wrap's result).
@@ -301,6 +301,55 @@ def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
         del bm
         enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(steps=2)
+""" + AT_A_THIRD + """
+        losses, m, h = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint)
+    """)
+    assert "ok" in out
+
+@pytest.mark.skipif(TARGET != "cpu", reason="sets the simulated device's granularity")
+def test_the_optimizer_step_counts_the_granules_its_tensors_map() -> None:
+    """Twelve 200x200 Linear layers (160 KB weights, over the 128 KiB swap threshold) with
+    Adam at a third of their footprint, on the simulated device at a GPU's 2 MiB granularity,
+    train as plain torch. Each movable block is mapped on its own, so a 160 KB weight takes
+    2 MiB of the budget when resident: the optimizer step, which pins all its tensors at once
+    when they fit in a quarter of the budget, now counts them so (48 blocks: 96 MiB) and runs
+    with every op pinned instead. Before, it counted 160 KB each (under 8 MiB), pinned them
+    all, and the second step ran out of memory ("cannot bring 2.00 MiB ... back: ... pinned
+    30.00 MiB in 15 blocks"; found by torch_vision_sweep.py: mobilenet_v3_small and
+    squeezenet1_1, whose weights are mostly of that size, at 2 MiB granularity)."""
+    out = run_ok("""
+        import gc
+        import torch, torch.nn as nn, spill, spill.torch as st
+        torch.set_num_threads(1)
+        def train(wrap=lambda m, o: None, steps=4):
+            torch.manual_seed(0)
+            m = nn.Sequential(*[nn.Sequential(nn.Linear(200, 200), nn.ReLU())
+                                for _ in range(12)], nn.Linear(200, 10))
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(steps):
+                x = torch.randn(16, 200, generator=g)
+                y = torch.randint(0, 10, (16,), generator=g)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+        base, bm, _ = train()
+        base_params = [p.detach().clone() for p in bm.parameters()]
+        del bm
+        st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:2MiB", target="cpu")
         gc.collect()
         st.reset_peak_memory_stats()
         train(steps=2)

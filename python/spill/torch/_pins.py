@@ -94,15 +94,27 @@ def leaves(value: Any) -> Sequence[Any]:
 _SMALL_POOL_LIMIT = 1 << 20  # the allocator's largest small-pool request (allocator.md)
 
 
-def swap_threshold(conf: Optional[str]) -> int:
-    """spill's swap_threshold from a configuration string (1 MiB when absent)."""
+def _size_option(conf: Optional[str], name: str, default: int) -> int:
+    """A size option of a configuration string (``default`` when absent)."""
     for item in (conf or "").split(","):
         key, _, value = item.partition(":")
-        if key.strip() == "swap_threshold":
+        if key.strip() == name:
             m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
             if m:
                 return int(float(m.group(1)) * _UNITS.get(m.group(2).lower() or "b", 1))
-    return 1 << 20
+    return default
+
+
+def swap_threshold(conf: Optional[str]) -> int:
+    """spill's swap_threshold from a configuration string (1 MiB when absent)."""
+    return _size_option(conf, "swap_threshold", 1 << 20)
+
+
+def granule(conf: Optional[str]) -> int:
+    """The bytes a movable block maps at least: each is mapped on its own (it moves alone),
+    rounded up to the device's mapping granule: the simulated device's sim_granularity (2 MiB
+    when absent), or 2 MiB, a GPU's usual granularity (cuMemGetAllocationGranularity)."""
+    return _size_option(conf, "sim_granularity", 2 << 20)
 
 
 class Saved:
@@ -144,6 +156,7 @@ class Pinner:
         # move (the trainer's rule too: train/executor.cpp's min_swap_bytes).
         threshold = swap_threshold(state.conf)
         self.threshold = max(threshold, min(threshold, _SMALL_POOL_LIMIT) + 1)
+        self.granule = granule(state.conf)
 
     # ---------------------------------------------------------------- which tensors
 
@@ -161,15 +174,18 @@ class Pinner:
         return s.data_ptr() if s is not None and s.nbytes() >= self.threshold else 0
 
     def block(self, t: Any) -> Tuple[int, int]:
-        """(data pointer, bytes) of ``t``'s storage when it is spill's and large enough to
-        move, else (0, 0)."""
+        """(data pointer, bytes it takes in the budget when resident) of ``t``'s storage when
+        it is spill's and large enough to move, else (0, 0). The bytes are the storage's
+        rounded up to the mapping granule (see :func:`granule`): at a GPU's 2 MiB, a 160 KiB
+        weight takes 2 MiB."""
         s = self._storage(t)
         if s is None:
             return 0, 0
         nbytes = s.nbytes()
         if nbytes < self.threshold:
             return 0, 0
-        return s.data_ptr(), nbytes
+        g = self.granule
+        return s.data_ptr(), -(-nbytes // g) * g
 
     # ---------------------------------------------------------------- calls
 
