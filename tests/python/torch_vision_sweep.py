@@ -45,7 +45,7 @@ ROOT = HERE.parents[1]
 # Models too large to sweep in seconds on two cores (28M parameters) come last.
 MODELS = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5",
           "densenet121", "densenet121_me", "squeezenet1_1", "googlenet", "regnet_x_400mf",
-          "vit", "convnext_tiny", "swin_t"]
+          "vit", "vit_wide", "convnext_tiny", "swin_t"]
 OPTIMIZERS = ["sgd", "adamw"]
 DEFAULTS: Dict[str, str] = {"model": "resnet18", "opt": "sgd", "budget": "3", "steps": "4",
                             "eval": "1", "infer": "1", "batch": "auto",
@@ -94,7 +94,7 @@ tv = torchvision.models
 # Batch and image size by default: the smallest that keep the footprint's movable part (blocks
 # over swap_threshold) well above the small pool's 2 MiB segments and sub-128 KiB parameters.
 AUTO = {"mobilenet_v3_small": (32, 64), "shufflenet_v2_x0_5": (32, 64),
-        "squeezenet1_1": (16, 64), "googlenet": (4, 64), "vit": (128, 32),
+        "squeezenet1_1": (16, 64), "googlenet": (4, 64), "vit": (128, 32), "vit_wide": (8, 32),
         "convnext_tiny": (2, 32), "swin_t": (2, 32)}
 N = AUTO.get(M, (4, 32))[0] if cfg["batch"] == "auto" else int(cfg["batch"])
 SIZE = AUTO.get(M, (4, 32))[1] if cfg["size"] == "auto" else int(cfg["size"])
@@ -109,6 +109,9 @@ def build_model():
     if M == "vit":
         return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                     hidden_dim=64, mlp_dim=128, num_classes=10)
+    if M == "vit_wide":  # weights over the swap threshold (they move), activations small
+        return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                    hidden_dim=256, mlp_dim=1024, num_classes=10)
     if M == "swin_t":
         return tv.swin_t(num_classes=10)
     return getattr(tv, M)(num_classes=10)
