@@ -8,10 +8,10 @@ torch first (PyTorch's CPU allocator), then spill.torch.enable() on the CPU brid
 footprint measured (`max_memory_allocated()` over two steps without offload), then
 `offload(model, optimizer)` with the budget at a fraction of it, 4 training steps, an
 evaluation pass (model.eval(), torch.no_grad()) after each step and inference after training.
-The models are built small (32x32 or 64x64 inputs, 10 classes, batches of 2-32, 128 for the ViT), seeded
-(dropout, stochastic depth), and compared with torch.equal on losses, validation losses,
-inference outputs and the final state_dict (buffers included), bit for bit (a NaN
-equals the same NaN). Outcomes as torch_sweep.py's:
+The models are built small (32x32 or 64x64 inputs, 10 classes, batches of 2-32, 128 for the
+small ViT), seeded (dropout, stochastic depth), and compared on losses, validation losses,
+inference outputs and the final state_dict (buffers included), bit for bit (torch.equal on
+the bytes: a NaN equals the same NaN). Outcomes as torch_sweep.py's:
 
   ok        everything is plain torch's, and bytes were swapped out
   noswap    everything is plain torch's but nothing was swapped
@@ -283,7 +283,8 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="skip the configurations --out has results for")
     args = ap.parse_args()
-    cfgs = [parse(o) for o in args.only] or [c for c in matrix(args.matrix) if args.filter in name(c)]
+    cfgs = [parse(o) for o in args.only] or [
+        c for c in matrix(args.matrix) if args.filter in name(c)]
     if args.resume and args.out and os.path.exists(args.out):
         with open(args.out) as f:
             done = {json.loads(line)["config"] for line in f if line.strip()}
