@@ -21,7 +21,7 @@ from test_torch_bridge import SIZED_FOR_64K, quiet_preamble, run_ok  # noqa: E40
 # results are plain torch's and that bytes moved. `evict`: before each forward from the third
 # step on and before each evaluation pass, every parameter, buffer, gradient and optimizer
 # state is moved to the host (a read no pin covers then faults). `mutate(model, opt, i)` runs
-# before step i.
+# before step i; `keep_grads`: zero_grad(set_to_none=False).
 HARNESS = textwrap.indent("""
 import gc, time
 import torch.nn as nn
@@ -45,7 +45,7 @@ def evict_all(h):
         while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
             time.sleep(0.001)
 def train(make, make_opt, data, wrap=lambda m, o: None, steps=4, mutate=None, evict=False,
-          loss_fn=F.cross_entropy, forward=lambda m, x: m(x)):
+          loss_fn=F.cross_entropy, forward=lambda m, x: m(x), keep_grads=False):
     torch.manual_seed(0)
     m = make().to(dev)
     opt = make_opt(m)
@@ -59,7 +59,7 @@ def train(make, make_opt, data, wrap=lambda m, o: None, steps=4, mutate=None, ev
         if h is not None and evict and i >= 2:
             evict_all(h)
         x, y = (t.to(dev) for t in data(g))
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not keep_grads)
         loss = loss_fn(forward(m, x), y)
         loss.backward()
         opt.step()
@@ -82,7 +82,7 @@ def compare(make, make_opt, data, fraction=3, evict=False, **kw):
     enable()
     gc.collect()
     st.reset_peak_memory_stats()
-    train(make, make_opt, data, steps=2, **kw)
+    train(make, make_opt, data, **dict(kw, steps=2))
     gc.collect()
     footprint = st.max_memory_allocated()
     def wrap(m, o):
@@ -230,3 +230,155 @@ def test_weight_norm_and_spectral_norm_weights_move_and_are_read_pinned() -> Non
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_parameters_buffers_and_modules_changed_after_offload_are_pinned_and_move() -> None:
+    """The model changed between steps after offload(), with zero_grad(set_to_none=False) and
+    every tensor moved to the host between steps, at a third of the footprint: a parameter
+    replaced (``m[2].weight = nn.Parameter(...)``, given to the optimizer by
+    add_param_group), a block appended to a ModuleList (its parameters given to the
+    optimizer), a weight tied to another layer's; each trains as plain torch. offload now
+    looks at the model at each step's first forward: a new parameter or buffer is pinned by
+    its module, declared and given the gradient hook, a new module gets the hooks, and what no
+    module holds any more is made unswappable again (or freed). Before, offload pinned what
+    the model held at offload(): the new parameter had no gradient hook, so the backward
+    accumulating into its gradient (which the optimizer step had declared) read it unpinned,
+    a segmentation fault on the CPU bridge. A buffer replaced in each forward (``self.avg =
+    self.avg * 0.9 + ...``) is now declared from the next step and the one it replaced is
+    freed; before, offload kept the first one alive (and pinned it) for good and the new ones
+    never moved."""
+    out = run_ok(scenario("""
+        def mlp():
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(512, 512), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(512, 10))
+        class Grow(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = mlp()
+                self.extra = nn.ModuleList()
+            def forward(self, x):
+                x = self.body(x)
+                for block in self.extra:
+                    x = block(x)
+                return x
+        def data(g):
+            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        def replace(m, opt, i):
+            if i == 2:
+                with torch.no_grad():
+                    m[2].weight = nn.Parameter(m[2].weight * 0.5)
+                opt.add_param_group({"params": [m[2].weight]})
+        def grow(m, opt, i):
+            if i == 2:
+                torch.manual_seed(5)
+                block = nn.Sequential(nn.Linear(10, 512), nn.ReLU(), nn.Linear(512, 10)).to(dev)
+                m.extra.append(block)
+                opt.add_param_group({"params": list(block.parameters())})
+        def tie(m, opt, i):
+            if i == 2:
+                m[2].weight = m[4].weight
+        compare(mlp, adam, data, 3, evict=True, mutate=replace, keep_grads=True)
+        compare(Grow, adam, data, 3, evict=True, mutate=grow, keep_grads=True, steps=5)
+        compare(mlp, adam, data, 3, evict=True, mutate=tie, keep_grads=True)
+
+        import weakref
+        class Averaged(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = mlp()
+                self.register_buffer("avg", torch.zeros(512, 512))
+            def forward(self, x):
+                with torch.no_grad():
+                    self.avg = self.avg * 0.9 + self.body[0].weight * 0.1
+                return self.body(x) + self.avg.sum() * 0
+        compare(Averaged, adam, data, 3)
+        m = Averaged().to(dev)
+        opt = adam(m)
+        first = weakref.ref(m.avg)
+        h = st.offload(m, opt, quiet=False)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = (t.to(dev) for t in data(g))
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        assert first() is None, "the buffer the forward replaced is still alive"
+        ptr = h.pinner.movable(m.avg)
+        spill.evict(ptr)  # declared: it can move
+        deadline = time.time() + 10
+        while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
+            time.sleep(0.001)
+        assert spill.residence(ptr) == "on_host", spill.residence(ptr)
+        h.remove()
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_cells_in_a_loop_parametrizations_and_bfloat16_train_as_plain_torch() -> None:
+    """Patterns that needed no fix, kept working: an nn.LSTMCell applied in a Python loop over
+    16 time steps (its weights pinned at each call, their gradients made in 16 parts); a
+    weight-norm parametrization (torch.nn.utils.parametrize.register_parametrization) on every
+    Linear, under ``parametrize.cached()`` (the weight computed once per forward and reused),
+    and torch.nn.utils.parametrizations.orthogonal (the Cayley map) on three of them; an MLP
+    in bfloat16. At a third of the footprint, every tensor moved to the host between steps
+    (the bfloat16 one without): plain torch's results."""
+    out = run_ok(scenario("""
+        import torch.nn.utils.parametrize as P
+        def mlp(width=512):
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(width, 512), nn.ReLU()]
+                width = 512
+            return nn.Sequential(*layers, nn.Linear(512, 10))
+        class Cell(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.cell = nn.LSTMCell(256, 256)
+                self.head = mlp(256)
+            def forward(self, x):
+                state = None
+                for t in range(x.shape[1]):
+                    state = self.cell(x[:, t], state)
+                return self.head(state[0])
+        def sequences(g):
+            return (torch.randn(16, 16, 256, generator=g),
+                    torch.randint(0, 10, (16,), generator=g))
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(Cell, adam, sequences, 3, evict=True)
+
+        class Normalized(nn.Module):
+            def forward(self, v):
+                return v / v.norm(dim=1, keepdim=True)
+        def normalized():
+            m = mlp()
+            for layer in m:
+                if isinstance(layer, nn.Linear):
+                    P.register_parametrization(layer, "weight", Normalized())
+            return m
+        def orthogonal():
+            m = mlp()
+            for i in (0, 2, 4):
+                nn.utils.parametrizations.orthogonal(m[i], orthogonal_map="cayley")
+            return m
+        def cached(m, x):
+            with P.cached():
+                return m(x)
+        def data(g):
+            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
+        compare(normalized, adam, data, 3, evict=True, forward=cached)
+        compare(orthogonal, adam, data, 3, evict=True)
+
+        def bf16(g):
+            x, y = data(g)
+            return x.bfloat16(), y
+        compare(lambda: mlp().to(torch.bfloat16), adam, bf16, 3)
+        print("ok")
+    """))
+    assert "ok" in out
+

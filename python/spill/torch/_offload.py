@@ -188,7 +188,13 @@ class OffloadHandle:
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends
         self._bw_pending: List[Tuple[Token, bool]] = []
         self._fresh: List[Any] = []  # weak references to parameters whose gradient is new
-        self._hooks: List[Any] = []
+        self._hooks: List[Any] = []  # the parameters' gradient hooks
+        self._module_hooks: Dict[torch.nn.Module, List[Any]] = {}  # forward pre/post hooks
+        self._grad_hooked: Dict[int, Any] = {}  # id() -> weak reference (ids are reused)
+        # Per module, its parameters, buffers and TorchScript children when last seen
+        # (_refresh), and the TorchScript modules of the model (_scripted).
+        self._layout: Dict[torch.nn.Module, Tuple[tuple, tuple, tuple]] = {}
+        self._scripted: Set[torch.nn.Module] = set()
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
         # Optimizer state examined (id() -> weak reference, checked: ids are reused), and
@@ -266,44 +272,14 @@ class OffloadHandle:
     # ------------------------------------------------------------------ installation
 
     def _install(self) -> None:
-        kwargs_ok = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
-        scripted = _scripted(self.model)
+        self._scripted = _scripted(self.model)
         for m in self.model.modules():
-            if m in scripted:
-                continue
-            copies.register(type(m))  # a copy of the model leaves the hooks out
-            direct = [(p, False) for p in m.parameters(recurse=False)]
-            direct += [(b, True) for b in m.buffers(recurse=False)]
-            for child in m.children():
-                if child in scripted:
-                    # A TorchScript submodule runs no Python hook, nor do its own submodules:
-                    # the module that calls it pins all their parameters and buffers.
-                    direct += [(p, False) for p in child.parameters()]
-                    direct += [(b, True) for b in child.buffers()]
-            self._direct[m] = []  # those that can move: a smaller one is never pinned
-            for t, wrote in direct:
-                ptr = self.pinner.movable(t)
-                if ptr:
-                    self._direct[m].append((t, wrote))
-                    self._owners.setdefault(ptr, set()).add(m)
-                    self._persistent.add(ptr)
-            names = _computed_weights(m)
-            if names:
-                self._computed[m] = names
-            if kwargs_ok:
-                handle = m.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True)
-            else:
-                handle = m.register_forward_pre_hook(self._pre)
-            # First: a pre-hook registered before offload() (weight_norm's, spectral_norm's,
-            # which compute the weight from other parameters) then reads them pinned by the
-            # module itself, not by whatever module runs around it for the whole forward.
-            m._forward_pre_hooks.move_to_end(handle.id, last=False)
-            self._hooks.append(handle)
-            self._hooks.append(m.register_forward_hook(self._post))
-        self._unhooked = [p for p in self.model.parameters() if not p.requires_grad]
+            if m not in self._scripted:
+                self._hook_module(m)
+                self._track(m)
+        self._unhooked = []
         for p in self.model.parameters():
-            if p.requires_grad:
-                self._hooks.append(p.register_hook(self._grad_hook(p)))
+            self._hook_parameter(p)
         for ptr in self._persistent:
             self.pinner.declare(ptr)
         for m in self._computed:  # (weight_norm() computed one when it was applied)
@@ -317,6 +293,143 @@ class OffloadHandle:
             # state of steps taken before offload()) can move from now on, as after a step.
             self._declare_state()
         self._wrap_forward(self.model)
+
+    def _hook_module(self, m: torch.nn.Module) -> None:
+        copies.register(type(m))  # a copy of the model leaves the hooks out
+        if _KWARGS_OK:
+            handle = m.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True)
+        else:
+            handle = m.register_forward_pre_hook(self._pre)
+        # First: a pre-hook registered before offload() (weight_norm's, spectral_norm's,
+        # which compute the weight from other parameters) then reads them pinned by the
+        # module itself, not by whatever module runs around it for the whole forward.
+        m._forward_pre_hooks.move_to_end(handle.id, last=False)
+        self._module_hooks[m] = [handle, m.register_forward_hook(self._post)]
+
+    def _hook_parameter(self, p: torch.nn.Parameter) -> None:
+        """The gradient hook (see _grad_hook), once per parameter; a frozen one gets it when
+        it is unfrozen (_hook_unfrozen)."""
+        ref = self._grad_hooked.get(id(p))
+        if ref is not None and ref() is p:
+            return
+        if p.requires_grad:
+            self._grad_hooked[id(p)] = weakref.ref(p)
+            self._hooks.append(p.register_hook(self._grad_hook(p)))
+        elif not any(q is p for q in self._unhooked):
+            self._unhooked.append(p)
+
+    def _track(self, m: torch.nn.Module) -> List[int]:
+        """Notes the parameters and buffers ``m``'s pre-hook pins (those of its TorchScript
+        children too) and what it looks like now (_refresh compares it); returns the pointers
+        of blocks it owns that no module owned before (to declare)."""
+        scripted = self._scripted
+        direct = [(p, False) for p in m._parameters.values() if p is not None]
+        direct += [(b, True) for b in m._buffers.values() if b is not None]
+        children = tuple(c for c in m._modules.values() if c in scripted)
+        for child in children:
+            # A TorchScript submodule runs no Python hook, nor do its own submodules: the
+            # module that calls it pins all their parameters and buffers.
+            direct += [(p, False) for p in child.parameters()]
+            direct += [(b, True) for b in child.buffers()]
+        self._layout[m] = (tuple(m._parameters.values()), tuple(m._buffers.values()), children)
+        self._direct[m] = []  # those that can move: a smaller one is never pinned
+        new: List[int] = []
+        for t, wrote in direct:
+            ptr = self.pinner.movable(t)
+            if ptr:
+                self._direct[m].append((t, wrote))
+                owners = self._owners.setdefault(ptr, set())
+                if not owners:
+                    new.append(ptr)
+                owners.add(m)
+                self._persistent.add(ptr)
+        names = _computed_weights(m)
+        if names:
+            self._computed[m] = names
+        else:
+            self._computed.pop(m, None)
+        return new
+
+    def _untrack(self, m: torch.nn.Module) -> List[Any]:
+        """Forgets what ``m`` owned; returns weak references to the tensors no module owns any
+        more (_refresh makes those still alive unswappable again)."""
+        gone: List[Any] = []
+        for t, _ in self._direct.pop(m, []):
+            ptr = self.pinner.movable(t)
+            owners = self._owners.get(ptr)
+            if owners is not None:
+                owners.discard(m)
+                if not owners:
+                    del self._owners[ptr]
+                    self._persistent.discard(ptr)
+                    gone.append(weakref.ref(t))
+        self._layout.pop(m, None)
+        self._computed.pop(m, None)
+        self._quiet_pins.pop(m, None)
+        return gone
+
+    def _refresh(self) -> None:
+        """At each step's first forward and at the end of each entry's forward: the model as
+        it is now. A parameter or buffer
+        replaced (``module.weight = nn.Parameter(...)``, ``self.buf = new`` in a forward, a
+        weight tied after offload()), a module added (``add_module``, ``append``, ``insert``)
+        or removed since offload() or the last step: the new ones are pinned by their module
+        (and declared, and a new parameter gets its gradient hook), a new module gets the
+        hooks, and what no module owns any more is made unswappable again when still alive
+        (an optimizer may hold an old parameter). Before, offload pinned what the model held
+        at offload(): a parameter it had not seen had no gradient hook, and a backward
+        accumulating into its gradient, which the optimizer step declares, read it unpinned."""
+        layout = self._layout
+        scripted = self._scripted
+        seen: Set[torch.nn.Module] = set()
+        changed: List[torch.nn.Module] = []
+        for m in self.model.modules():
+            if m in scripted:
+                continue
+            seen.add(m)
+            old = layout.get(m)
+            if old is None:
+                if isinstance(m, torch.jit.ScriptModule):  # added since: its caller pins it
+                    self._scripted = scripted = _scripted(self.model)
+                    changed.extend(p for p in self.model.modules()
+                                   if p in layout and m in p._modules.values())
+                    continue
+                self._hook_module(m)
+                changed.append(m)
+            elif not (_same(old[0], m._parameters.values()) and
+                      _same(old[1], m._buffers.values())):
+                changed.append(m)
+        removed = [m for m in layout if m not in seen]
+        if not changed and not removed:
+            return
+        gone: List[Any] = []
+        for m in removed:
+            gone += self._untrack(m)
+            for handle in self._module_hooks.pop(m, []):
+                handle.remove()
+        for m in changed:
+            gone += self._untrack(m)
+        new: List[int] = []
+        for m in changed:
+            new += self._track(m)
+            if self._discovered:
+                pins = list(self._direct[m]) + [(t, False)
+                                                for t in self._extra.get(m, {}).values()]
+                if pins:
+                    self._quiet_pins[m] = pins
+            for p in m._parameters.values():
+                if p is not None:
+                    self._hook_parameter(p)
+        for ptr in new:
+            self.pinner.declare(ptr)
+        for m in changed:
+            if m in self._computed:
+                self._declare_computed(m)
+        for ref in gone:
+            t = ref()
+            ptr = self.pinner.movable(t) if t is not None else 0
+            if ptr and ptr not in self._persistent:
+                self.pinner.declare(ptr, False)
 
     @property
     def scope(self) -> int:
@@ -352,6 +465,10 @@ class OffloadHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for handles in self._module_hooks.values():
+            for h in handles:
+                h.remove()
+        self._module_hooks.clear()
         unwrap_methods(self._saved_methods)
         self._window.discard(self)
         self._leave_eval_ops()
@@ -429,7 +546,7 @@ class OffloadHandle:
         stream = self.pinner.stream()
         frame = _Frame(module)
         tokens = frame.tokens
-        for t, wrote in self._direct[module]:
+        for t, wrote in self._direct.get(module, ()):
             self._hold(tokens, t, stream, wrote)
         extra = self._extra.get(module)
         if extra:
@@ -480,6 +597,11 @@ class OffloadHandle:
                 try:
                     self._end_entry(output)
                     self._post_module(module, output)
+                    if not self._quiet and torch.is_grad_enabled() and not state.forked_child:
+                        # A buffer the forward replaced (``self.avg = ...``) can move from
+                        # here, through the backward and the optimizer step (a quiet step
+                        # has room: its next step's first forward declares it).
+                        self._refresh()
                 except BaseException:
                     self._abandon_forward()
                     raise
@@ -582,6 +704,8 @@ class OffloadHandle:
         self._entry, self._entry_depth, self._step_over = module, 0, False
         self._began_step = False
         self._window.enter(self)
+        if self._boundary or new_step:
+            self._refresh()
         if self._unhooked:
             self._hook_unfrozen()
         if module not in self._wrapped:
@@ -924,7 +1048,7 @@ class OffloadHandle:
         if unfrozen:
             self._unhooked = [p for p in self._unhooked if not p.requires_grad]
             for p in unfrozen:
-                self._hooks.append(p.register_hook(self._grad_hook(p)))
+                self._hook_parameter(p)
 
     def _declare_fresh(self) -> None:
         """Declares the gradients AccumulateGrad made since the last gradient hook: a
@@ -1253,6 +1377,14 @@ def _computed_weights(module: torch.nn.Module) -> List[str]:
     ``module`` compute at each forward (``weight`` from ``weight_g`` and ``weight_v``)."""
     return [hook.name for hook in module._forward_pre_hooks.values()
             if isinstance(hook, _REPARAMETRIZATIONS) and isinstance(hook.name, str)]
+
+
+_KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
+
+
+def _same(old: tuple, now: Any) -> bool:
+    """Whether a module's parameters (or buffers) ``now`` are the objects ``old`` holds."""
+    return len(old) == len(now) and all(a is b for a, b in zip(old, now))
 
 
 def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
