@@ -382,3 +382,45 @@ def test_cells_in_a_loop_parametrizations_and_bfloat16_train_as_plain_torch() ->
     """))
     assert "ok" in out
 
+
+def test_a_parametrized_model_is_freed_after_remove_and_deep_copies_plainly() -> None:
+    """A model with torch.nn.utils.parametrize parametrizations, offloaded and trained two
+    steps: copy.deepcopy of it is a plain torch module (no spill hook, the same outputs),
+    and once remove() has run and the caller has dropped the model, its memory is free.
+    parametrize makes a class for each parametrized module, whose properties' closures hold
+    the module: offload registered that class with copyreg, whose table kept every such
+    module, its parameters and gradients alive for the rest of the process (2 MiB per
+    512-wide Linear here); and deepcopy, which uses the class's own ``__deepcopy__``, copied
+    spill's hooks and raised TypeError (a handle cannot be copied)."""
+    out = run_ok(scenario("""
+        import copy, weakref
+        import torch.nn.utils.parametrize as P
+        class Normalized(nn.Module):
+            def forward(self, v):
+                return v / v.norm(dim=1, keepdim=True)
+        enable()
+        gc.collect()
+        empty = st.memory_allocated()
+        m = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).to(dev)
+        P.register_parametrization(m[0], "weight", Normalized())
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        h = st.offload(m, opt)
+        x = torch.randn(4, 512).to(dev)
+        for _ in range(2):
+            opt.zero_grad()
+            m(x).sum().backward()
+            opt.step()
+        twin = copy.deepcopy(m)
+        assert not twin[0]._forward_pre_hooks and not twin._forward_hooks, "hooks copied"
+        with torch.no_grad():
+            assert torch.equal(twin(x), m(x)), "the copy computes otherwise"
+        del twin
+        h.remove()
+        alive = weakref.ref(m)
+        del m, opt, h, x
+        gc.collect()
+        assert alive() is None, "the model outlived remove() and the caller's references"
+        assert st.memory_allocated() == empty, (st.memory_allocated(), empty)
+        print("ok")
+    """))
+    assert "ok" in out

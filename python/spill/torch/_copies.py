@@ -12,6 +12,7 @@ own ``__getstate__`` returns something else than a dict) raises TypeError saying
 """
 from __future__ import annotations
 
+import copy
 import copyreg
 import threading
 from typing import Any, Callable, Dict, Optional, Set
@@ -34,6 +35,40 @@ def register(cls: type) -> None:
             return
         _previous[cls] = copyreg.dispatch_table.get(cls)
         copyreg.pickle(cls, _reduce)
+
+
+def register_module(module: Any) -> None:
+    """:func:`register` for ``module``'s class, except for a class that
+    ``torch.nn.utils.parametrize`` made for this one module (``ParametrizedLinear``): copyreg's
+    table would keep it, and through its properties' closures the module and its tensors,
+    alive for the whole process (spill never frees them, even after ``remove()``), and copy
+    does not consult the table for it anyway, since the class has a ``__deepcopy__`` that
+    copies the module's ``__dict__``, spill's hooks included (then ``TypeError``: a handle
+    cannot be copied). That ``__deepcopy__`` is replaced by the same copy of the
+    ``__dict__`` without spill's hooks (parametrize refuses pickling such a module)."""
+    cls = type(module)
+    own = cls.__dict__.get("__deepcopy__")
+    if own is not None and getattr(own, "__name__", "") == "default_deepcopy" and \
+            cls.__module__ == "torch.nn.utils.parametrize":
+        cls.__deepcopy__ = _plain_deepcopy
+        return
+    if own is _plain_deepcopy:
+        return
+    register(cls)
+
+
+def _plain_deepcopy(self: Any, memo: Dict[int, Any]) -> Any:
+    """parametrize's ``default_deepcopy``, with :func:`plain_state` of the ``__dict__``."""
+    obj = memo.get(id(self), None)
+    if obj is not None:
+        return obj
+    replica = self.__new__(self.__class__)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(plain_state(self.__dict__), memo)
+    for slot in copyreg._slotnames(self.__class__):  # type: ignore[attr-defined]
+        if hasattr(self, slot):
+            setattr(replica, slot, copy.deepcopy(getattr(self, slot), memo))
+    return replica
 
 
 def _reduce(obj: Any) -> Any:

@@ -295,7 +295,7 @@ class OffloadHandle:
         self._wrap_forward(self.model)
 
     def _hook_module(self, m: torch.nn.Module) -> None:
-        copies.register(type(m))  # a copy of the model leaves the hooks out
+        copies.register_module(m)  # a copy of the model leaves the hooks out
         if _KWARGS_OK:
             handle = m.register_forward_pre_hook(self._pre_kwargs, with_kwargs=True)
         else:
