@@ -245,9 +245,9 @@ def test_parameters_buffers_and_modules_changed_after_offload_are_pinned_and_mov
     the model held at offload(): the new parameter had no gradient hook, so the backward
     accumulating into its gradient (which the optimizer step had declared) read it unpinned,
     a segmentation fault on the CPU bridge. A buffer replaced in each forward (``self.avg =
-    self.avg * 0.9 + ...``) is now declared from the next step and the one it replaced is
+    self.avg * 0.9 + ...``) is now declared when the forward ends and the one it replaced is
     freed; before, offload kept the first one alive (and pinned it) for good and the new ones
-    never moved."""
+    never moved. A module removed from the model is not kept alive."""
     out = run_ok(scenario("""
         def mlp():
             layers = []
@@ -313,6 +313,24 @@ def test_parameters_buffers_and_modules_changed_after_offload_are_pinned_and_mov
         while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
             time.sleep(0.001)
         assert spill.residence(ptr) == "on_host", spill.residence(ptr)
+        h.remove()
+        # A module removed from the model after offload() is not kept alive by it.
+        m = Grow().to(dev)
+        m.extra.append(nn.Linear(10, 10).to(dev))
+        opt = torch.optim.Adam(m.body.parameters(), lr=1e-3)
+        h = st.offload(m, opt, quiet=False)
+        def step():
+            x, y = (t.to(dev) for t in data(g))
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        step()
+        step()
+        removed = weakref.ref(m.extra[0])
+        del m.extra[0]
+        step()
+        gc.collect()
+        assert removed() is None, "offload kept a removed module alive"
         h.remove()
         print("ok")
     """))

@@ -59,6 +59,10 @@ offload's forward pre-hook runs before the module's own (moved to the front at o
 weight_norm or spectral_norm pre-hook then reads the parameters it computes ``weight`` from
 pinned by their module; the computed weight, kept in the module until its next forward, is
 declared at offload() and after each forward of the module (_declare_computed).
+The model as it is now is looked at each step's first forward and at the end of an armed
+training forward (_refresh): parameters and buffers replaced, modules added or removed since
+offload() are tracked from there (new ones pinned, declared and hooked; ones no module holds
+any more made unswappable again).
 TorchScript submodules (torch.jit.script, torch.jit.trace) run no Python hook inside: the
 module that calls one pins all its parameters and buffers around its own forward (_scripted);
 a model that is itself a ScriptModule is refused (spill.Error; guard() works for it).
@@ -407,6 +411,8 @@ class OffloadHandle:
             gone += self._untrack(m)
             for handle in self._module_hooks.pop(m, []):
                 handle.remove()
+            for per_module in (self._extra, self._would_hold, self._counted):
+                per_module.pop(m, None)  # (they would keep the module alive)
         for m in changed:
             gone += self._untrack(m)
         new: List[int] = []
