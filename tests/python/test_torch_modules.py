@@ -442,3 +442,33 @@ def test_a_parametrized_model_is_freed_after_remove_and_deep_copies_plainly() ->
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_parameter_a_forward_writes_in_place_keeps_the_write() -> None:
+    """nn.Embedding(max_norm=1.0) renormalizes, in place, the rows each forward looks up: a
+    forward writes its parameter. With every tensor moved to the host between steps, at half
+    of the footprint, the model trains as plain torch. offload's pre-hook pinned parameters
+    as read-only, so spill kept the host copy it had made before the forward as valid, and the
+    next swap-out dropped the renormalization: losses and parameters differed from plain
+    torch's from the third step on (a silent wrong result). A pin for reading now compares
+    the tensor's version counter at the unpin and says "written" when it moved."""
+    out = run_ok(scenario("""
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = nn.Embedding(2048, 512, max_norm=1.0)
+                layers = []
+                for _ in range(4):
+                    layers += [nn.Linear(512, 512), nn.ReLU()]
+                self.body = nn.Sequential(*layers, nn.Linear(512, 10))
+            def forward(self, idx):
+                return self.body(self.emb(idx).mean(1))
+        def data(g):
+            return (torch.randint(0, 2048, (16, 8), generator=g),
+                    torch.randint(0, 10, (16,), generator=g))
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(Net, adam, data, 2, evict=True)
+        print("ok")
+    """))
+    assert "ok" in out

@@ -59,6 +59,8 @@ offload's forward pre-hook runs before the module's own (moved to the front at o
 weight_norm or spectral_norm pre-hook then reads the parameters it computes ``weight`` from
 pinned by their module; the computed weight, kept in the module until its next forward, is
 declared at offload() and after each forward of the module (_declare_computed).
+A pin for reading (a parameter, an argument) unpins as written when the tensor's version
+counter moved meanwhile (_Read: nn.Embedding's max_norm writes its weight in the forward).
 The model as it is now is looked at each step's first forward and at the end of an armed
 training forward (_refresh): parameters and buffers replaced, modules added or removed since
 offload() are tracked from there (new ones pinned, declared and hooked; ones no module holds
@@ -130,6 +132,22 @@ class _Frame:
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
         self.ops: Optional[_PinOps] = None
+
+
+class _Read:
+    """What a pin for reading holds instead of ``wrote=False``: the tensor and its version
+    counter then. A forward may write a parameter in place all the same (nn.Embedding with
+    ``max_norm`` renormalizes the rows it looks up; code writing a weight under no_grad): an
+    unpin saying "not written" would let spill keep a host copy it made before, and the next
+    swap-out would drop the write. The unpin says "written" when the version moved."""
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+
+    def __bool__(self) -> bool:
+        return self.tensor._version != self.version
 
 
 class _PinOps(PinEveryOp):
@@ -917,11 +935,11 @@ class OffloadHandle:
         while self._quiet_frames:
             self._release_tokens(self._quiet_frames.pop()[1])
 
-    def _release_tokens(self, tokens: List[Tuple[Token, bool]]) -> None:
+    def _release_tokens(self, tokens: List[Tuple[Token, Any]]) -> None:
         stream = self.pinner.stream()
         unpin = self._unpin
         for token, wrote in tokens:
-            unpin(token, stream, wrote)
+            unpin(token, stream, bool(wrote))  # (a _Read: whether the tensor was written)
 
     # ------------------------------------------------------------------ saved tensors
 
@@ -1268,11 +1286,11 @@ class OffloadHandle:
         ptr = self._movable(t)
         return self._pin_block(ptr, stream) if ptr else None
 
-    def _hold(self, tokens: List[Tuple[Token, bool]], t: Any, stream: Optional[int],
+    def _hold(self, tokens: List[Tuple[Token, Any]], t: Any, stream: Optional[int],
               wrote: bool) -> None:
         token = self._pin(t, stream)
         if token is not None:
-            tokens.append((token, wrote))
+            tokens.append((token, wrote or _Read(t)))
 
     def _release_frame(self, frame: _Frame) -> None:
         if not frame.tokens and not frame.child_outputs:

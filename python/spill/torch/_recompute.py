@@ -119,4 +119,4 @@ class Recomputation:
         stream = self._pinner.stream()
         for hold in reversed(released):
             for token, wrote in hold:
-                self._pinner.unpin(token, stream, wrote)
+                self._pinner.unpin(token, stream, bool(wrote))  # (see _offload._Read)
