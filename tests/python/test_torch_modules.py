@@ -472,3 +472,60 @@ def test_a_parameter_a_forward_writes_in_place_keeps_the_write() -> None:
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_hooks_of_the_callers_may_read_the_parameters() -> None:
+    """Hooks that read a module's weight, at a third of the footprint with every tensor
+    moved to the host between steps: plain torch's results. (1) A gradient hook on each
+    weight (``w.register_hook(lambda g: g + 1e-2 * w)``, weight decay written as a hook),
+    registered before offload() and, in a second run, after two steps: offload's own gradient
+    hook now runs first and, when the parameter has other hooks, pins it until the engine is
+    next between nodes. Before, nothing pinned it there: a segmentation fault on the CPU
+    bridge (a hook registered before offload() also ran before offload's: PyTorch calls a
+    leaf's hooks in the order of its dict's insertion, which OrderedDict.move_to_end does not
+    change). (2) A forward hook registered after two steps that reads the module's weight
+    (a statistic) after moving it to the host, as the swapper may under pressure when the
+    hook allocates: offload's forward hook is moved back to the end at the next step, so the
+    module's pins hold while such a hook runs. Before, it ran after offload's had unpinned
+    the weight: a segmentation fault."""
+    out = run_ok(scenario("""
+        def decay(m):
+            for layer in m:
+                if isinstance(layer, nn.Linear):
+                    w = layer.weight
+                    w.register_hook(lambda g, w=w: g + 1e-2 * w)
+            return m
+        norms = []
+        def statistic(module, args, output):
+            ptr = module.weight.data_ptr()
+            try:
+                spill.evict(ptr)  # (a pinned block stays)
+            except spill.Error:  # (plain torch's memory: the run without spill)
+                pass
+            else:
+                deadline = time.time() + 10
+                while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
+                    time.sleep(0.001)
+            with torch.no_grad():
+                norms.append(module.weight.norm().item())
+        def observe(m, opt, i):
+            if i == 2:
+                for layer in m:
+                    if isinstance(layer, nn.Linear):
+                        layer.register_forward_hook(statistic)
+        def mlp():
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(512, 512), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(512, 10))
+        def data(g):
+            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(lambda: decay(mlp()), adam, data, 3, evict=True)
+        compare(mlp, adam, data, 3, evict=True, keep_grads=True,
+                mutate=lambda m, opt, i: decay(m) if i == 2 else None)
+        compare(mlp, adam, data, 3, evict=True, mutate=observe)
+        print("ok")
+    """))
+    assert "ok" in out

@@ -59,6 +59,8 @@ offload's forward pre-hook runs before the module's own (moved to the front at o
 weight_norm or spectral_norm pre-hook then reads the parameters it computes ``weight`` from
 pinned by their module; the computed weight, kept in the module until its next forward, is
 declared at offload() and after each forward of the module (_declare_computed).
+offload's gradient hook runs before a parameter's other hooks and pins the parameter for
+them; its forward hook is moved back to the end of a module's at each step's first forward.
 A pin for reading (a parameter, an argument) unpins as written when the tensor's version
 counter moved meanwhile (_Read: nn.Embedding's max_norm writes its weight in the forward).
 The model as it is now is looked at each step's first forward and at the end of an armed
@@ -336,7 +338,19 @@ class OffloadHandle:
             return
         if p.requires_grad:
             self._grad_hooked[id(p)] = weakref.ref(p)
-            self._hooks.append(p.register_hook(self._grad_hook(p)))
+            handle = p.register_hook(self._grad_hook(p))
+            self._hooks.append(handle)
+            hooks = getattr(p, "_backward_hooks", None)
+            if isinstance(hooks, dict) and handle.id in hooks and len(hooks) > 1:
+                # First: a hook of the caller's registered before then runs after it, with the
+                # parameter pinned (see _grad_hook). The others are inserted again rather than
+                # moved: autograd calls them in the dict's insertion order, which
+                # OrderedDict.move_to_end does not change.
+                others = [(k, h) for k, h in hooks.items() if k != handle.id]
+                for k, _ in others:
+                    del hooks[k]
+                for k, h in others:
+                    hooks[k] = h
         elif not any(q is p for q in self._unhooked):
             self._unhooked.append(p)
 
@@ -418,9 +432,16 @@ class OffloadHandle:
                     continue
                 self._hook_module(m)
                 changed.append(m)
-            elif not (_same(old[0], m._parameters.values()) and
-                      _same(old[1], m._buffers.values())):
+                continue
+            if not (_same(old[0], m._parameters.values()) and
+                    _same(old[1], m._buffers.values())):
                 changed.append(m)
+            post = self._module_hooks[m][1].id
+            hooks = m._forward_hooks
+            if next(reversed(hooks), post) != post and post in hooks:
+                # Last: a forward hook registered since (one reading the module's weight)
+                # runs while the module's pins hold.
+                hooks.move_to_end(post)
         removed = [m for m in layout if m not in seen]
         if not changed and not removed:
             return
@@ -1049,6 +1070,14 @@ class OffloadHandle:
             param = ref()
             if param is None or state.forked_child:
                 return
+            others = getattr(param, "_backward_hooks", None)
+            if others is not None and len(others) > 1:
+                # Hooks of the caller's on the parameter run after this one (see
+                # _hook_parameter) and may read it (``g + wd * p``): pinned until the engine
+                # is next between nodes, as what the backward unpacks.
+                token = self._pin(param, self.pinner.stream())
+                if token is not None:
+                    self._bw_pending.append((token, _Read(param)))
             if param.grad is not None:
                 # AccumulateGrad is about to add into the existing gradient (a sparse one:
                 # into its indices and values).
