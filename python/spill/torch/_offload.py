@@ -133,7 +133,7 @@ class _Frame:
         self.child_outputs: List[Token] = []
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
-        self.ops: Optional[_PinOps] = None
+        self.ops: Optional[PinEveryOp] = None
 
 
 class _Read:
@@ -591,13 +591,14 @@ class OffloadHandle:
         stream = self.pinner.stream()
         frame = _Frame(module)
         tokens = frame.tokens
-        for t, wrote in self._direct.get(module, ()):
-            self._hold(tokens, t, stream, wrote)
-        extra = self._extra.get(module)
-        if extra:
-            for t in extra.values():
-                self._hold(tokens, t, stream, False)
         busy = self._busy(module)
+        if not busy:  # a busy module's ops pin its parameters and buffers as they use them
+            for t, wrote in self._direct.get(module, ()):
+                self._hold(tokens, t, stream, wrote)
+            extra = self._extra.get(module)
+            if extra:
+                for t in extra.values():
+                    self._hold(tokens, t, stream, False)
         movable, pin = self._movable, self._pin_block
         # An nn.Sequential hands its input to its first child and never reads it again: the
         # pin goes once that child has pinned it, as a child's output does for the next one.
@@ -625,7 +626,12 @@ class OffloadHandle:
             if parent.ops is not None:  # its children's code is theirs: their own pins
                 _remove(parent.ops, *_dispatch_stack())
         if busy:
-            frame.ops = _PinOps(self.pinner)
+            # A module without children runs all of its code under the mode, which may then
+            # declare what its ops make too (nn.LSTM's per-layer gate projections, which
+            # nothing saves); one with children runs theirs without it, and their code might
+            # read a tensor of its own not passed to them: only what autograd saves moves.
+            leaf = next(module.children(), None) is None
+            frame.ops = PinEveryOp(self.pinner, None, self._acts) if leaf else _PinOps(self.pinner)
             frame.ops.__enter__()
         frames.append(frame)
         if root and torch.is_grad_enabled():
@@ -1353,10 +1359,11 @@ class OffloadHandle:
         """Whether ``module``'s frame would hold more than a quarter of the budget in an armed
         step: what its own code makes and what its children return, kept pinned until its
         forward ends, since its code may read them (a forward written in one module, a loop
-        over blocks in the root's forward). Its own code then runs with every op pinned
-        (a dispatch mode, off while its children run), and its frame holds none of that:
-        what autograd saves is declared, the rest stays where spill made it (unswappable).
-        Measured in the first step (_count_held); evaluation forwards pin every op anyway."""
+        over blocks in the root's forward, nn.LSTM's one call over every layer and time
+        step). Its own code then runs with every op pinned (a dispatch mode, off while its
+        children run), and its frame holds none of that, nor its parameters and buffers:
+        what autograd saves is declared (with no children, what its ops make too). Measured
+        in the first step (_count_held); evaluation forwards pin every op anyway."""
         would = self._would_hold.get(module)
         return bool(would and would > self._hold_line and self._eval_ops is None)
 
