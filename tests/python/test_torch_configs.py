@@ -362,3 +362,57 @@ def test_the_optimizer_step_counts_the_granules_its_tensors_map() -> None:
         print("ok", footprint)
     """)
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+def test_a_recurrent_module_call_over_every_time_step_lets_its_activations_move() -> None:
+    """A two-layer nn.GRU over 32 time steps with a batch of 128 and Adam at a third of the
+    footprint: losses and parameters are plain torch's. The GRU runs every layer and time
+    step in one module call, whose pre-hook pinned all its weights and whose frame held all
+    it saved until the call ended; it ran out of memory in its forward (the sweep's
+    model=gru,batch=large). Now it is busy: its ops pin what they use, and since it has no
+    children, what they make (each layer's input projection, which nothing saves) can move
+    as well."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import gc
+        import torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.GRU(128, 512, num_layers=2, batch_first=True)
+                self.head = nn.Linear(512, 10)
+            def forward(self, x):
+                y, _ = self.rnn(x)
+                return self.head(y[:, -1])
+        def train(wrap=lambda m, o: None, steps=3):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(steps):
+                x = torch.randn(128, 32, 128, generator=g).to(dev)
+                y = torch.randint(0, 10, (128,), generator=g).to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+        base, bm, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(steps=2)
+""" + AT_A_THIRD + """
+        losses, m, h = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint)
+    """)
+    assert "ok" in out
