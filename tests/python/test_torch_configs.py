@@ -58,6 +58,57 @@ def at_a_third(make_opt):
     return base, base_params, losses, m, h, before, after
 """, " " * 8)
 
+# The end of a scenario whose code defines train(wrap, steps) -> (losses, model, handle):
+# plain torch, a footprint measured over 2 steps under spill, then the run at a third of it
+# compared with plain torch's.
+AGAINST_PLAIN_TORCH = """
+        base, bm, _ = train()
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(steps=2)
+""" + AT_A_THIRD + """
+        losses, m, h = train(wrap)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint)
+    """
+
+
+def recurrent(kind: str, batch: int, steps: int) -> str:
+    """A scenario's train(): a two-layer nn.LSTM or nn.GRU (``kind``) over 32 time steps and a
+    Linear head on the last one, Adam, ``steps`` steps of ``batch`` sequences."""
+    return f"""
+        import gc
+        import torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.{kind}(128, 512, num_layers=2, batch_first=True)
+                self.head = nn.Linear(512, 10)
+            def forward(self, x):
+                return self.head(self.rnn(x)[0][:, -1])
+        def train(wrap=lambda m, o: None, steps={steps}):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(steps):
+                x = torch.randn({batch}, 32, 128, generator=g).to(dev)
+                y = torch.randint(0, 10, ({batch},), generator=g).to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+"""
 
 def test_optimizer_state_made_before_offload_is_declared_at_offload() -> None:
     """Adagrad makes its state (a sum per parameter) in its constructor, before offload(model,
@@ -121,47 +172,8 @@ def test_a_recurrent_layers_weight_gradients_move_while_its_backward_runs() -> N
     embedding) and declares the waiting part swappable (_partials.py). Before, the second
     step's backward ran out of memory ("the swapper cannot evict 4.00 MiB pinned and 12.25
     MiB never declared swappable"; found by torch_sweep.py, model=lstm)."""
-    out = run_ok(quiet_preamble("1GiB") + """
-        import gc
-        import torch.nn as nn
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.rnn = nn.LSTM(128, 512, num_layers=2, batch_first=True)
-                self.head = nn.Linear(512, 10)
-            def forward(self, x):
-                return self.head(self.rnn(x)[0][:, -1])
-        def train(wrap=lambda m, o: None, steps=4):
-            torch.manual_seed(0)
-            m = Net().to(dev)
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            h = wrap(m, opt)
-            g = torch.Generator().manual_seed(1)
-            losses = []
-            for _ in range(steps):
-                x = torch.randn(4, 32, 128, generator=g).to(dev)
-                y = torch.randint(0, 10, (4,), generator=g).to(dev)
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(m(x), y)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            return losses, m, h
-        base, bm, _ = train()
-        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
-        del bm
-        enable()
-        gc.collect()
-        st.reset_peak_memory_stats()
-        train(steps=2)
-""" + AT_A_THIRD + """
-        losses, m, h = train(wrap)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
-        print("ok", footprint)
-    """)
+    out = run_ok(quiet_preamble("1GiB") + recurrent("LSTM", batch=4, steps=4)
+                 + AGAINST_PLAIN_TORCH)
     assert "ok" in out
 
 
@@ -297,21 +309,7 @@ def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
                 opt.step()
                 losses.append(loss.item())
             return losses, m, h
-        base, bm, _ = train()
-        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
-        del bm
-        enable()
-        gc.collect()
-        st.reset_peak_memory_stats()
-        train(steps=2)
-""" + AT_A_THIRD + """
-        losses, m, h = train(wrap)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
-        print("ok", footprint)
-    """)
+""" + AGAINST_PLAIN_TORCH)
     assert "ok" in out
 
 @pytest.mark.skipif(TARGET != "cpu", reason="sets the simulated device's granularity")
@@ -373,46 +371,6 @@ def test_a_recurrent_module_call_over_every_time_step_lets_its_activations_move(
     model=gru,batch=large). Now it is busy: its ops pin what they use, and since it has no
     children, what they make (each layer's input projection, which nothing saves) can move
     as well."""
-    out = run_ok(quiet_preamble("1GiB") + """
-        import gc
-        import torch.nn as nn
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.rnn = nn.GRU(128, 512, num_layers=2, batch_first=True)
-                self.head = nn.Linear(512, 10)
-            def forward(self, x):
-                y, _ = self.rnn(x)
-                return self.head(y[:, -1])
-        def train(wrap=lambda m, o: None, steps=3):
-            torch.manual_seed(0)
-            m = Net().to(dev)
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            h = wrap(m, opt)
-            g = torch.Generator().manual_seed(1)
-            losses = []
-            for _ in range(steps):
-                x = torch.randn(128, 32, 128, generator=g).to(dev)
-                y = torch.randint(0, 10, (128,), generator=g).to(dev)
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(m(x), y)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-            return losses, m, h
-        base, bm, _ = train()
-        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
-        del bm
-        enable()
-        gc.collect()
-        st.reset_peak_memory_stats()
-        train(steps=2)
-""" + AT_A_THIRD + """
-        losses, m, h = train(wrap)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
-        print("ok", footprint)
-    """)
+    out = run_ok(quiet_preamble("1GiB") + recurrent("GRU", batch=128, steps=3)
+                 + AGAINST_PLAIN_TORCH)
     assert "ok" in out
