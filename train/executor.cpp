@@ -300,9 +300,8 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   if (o.policy == Policy::None) {
     // Its small tensors need whole segments, as the planner's budget counts them.
     SPILL_EXPECTS(footprint + small_reserve <= mappable,
-                  "policy none cannot run '" + p.name + "' in a budget of " +
-                      format_bytes(budget) + " " +
-                      budget_note(budget, mappable, dev.granularity(), small_reserve) +
+                  "policy none cannot run '" + p.name + "' " +
+                      in_budget(budget, mappable, dev.granularity(), small_reserve) +
                       ": its step needs " + format_bytes(footprint) + " with nothing swapped");
     plan = graph::plan_none(g, po);
     pred = graph::simulate(g, times, link, nullptr, prediction_options());
@@ -310,9 +309,9 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   }
   graph::BudgetCheck check = graph::check_budget(g, po);
   if (!check.feasible)
-    throw InvalidArgument("'" + p.name + "' cannot train in a budget of " + format_bytes(budget) +
-                          " " + budget_note(budget, mappable, dev.granularity(), small_reserve) +
-                          ": " + check.message);
+    throw InvalidArgument("'" + p.name + "' cannot train " +
+                          in_budget(budget, mappable, dev.granularity(), small_reserve) + ": " +
+                          check.message);
   plan = graph::plan_spill(g, times, link, po);
   graph::check_plan(g, plan);  // remakes find what they read (the executor relies on it)
   maker.assign(g.tensors.size(), -1);

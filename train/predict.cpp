@@ -57,9 +57,9 @@ std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity) {
   return budget - budget % quantum;
 }
 
-std::string budget_note(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
-                        std::uint64_t reserve) {
-  std::string s = "(";
+std::string in_budget(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
+                      std::uint64_t reserve) {
+  std::string s = "in a budget of " + format_bytes(budget) + " (";
   if (mappable < budget)
     s += format_bytes(mappable) + " of it mappable in whole " + format_bytes(granularity) +
          " granules, ";
@@ -110,9 +110,8 @@ Prediction predict(const Program& p, const PredictOptions& o) {
   po.model = model;
   const graph::BudgetCheck check = graph::check_budget(g, po);
   if (!check.feasible)
-    throw InvalidArgument("'" + p.name + "' cannot train in a budget of " +
-                          format_bytes(r.budget) + " " +
-                          budget_note(r.budget, mappable, o.granularity, reserve) + ": " +
+    throw InvalidArgument("'" + p.name + "' cannot train " +
+                          in_budget(r.budget, mappable, o.granularity, reserve) + ": " +
                           check.message);
   const double cpu0 = process_cpu_s();
   po.recompute = false;

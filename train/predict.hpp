@@ -39,10 +39,10 @@ std::uint64_t small_pool_reserve(const graph::Graph& g, std::uint64_t small_limi
 // blocks are whole granules, its small-pool segments too); the rest of the budget can never be
 // used, so the planner must not count it.
 std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity);
-// "(M of it mappable in whole G granules, R of it kept for the small pool's segments)" for a
-// refusal's message (the first part only when M < budget).
-std::string budget_note(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
-                        std::uint64_t reserve);
+// "in a budget of B (M of it mappable in whole G granules, R of it kept for the small pool's
+// segments)" for a refusal's message (the mappable part only when M < B).
+std::string in_budget(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
+                      std::uint64_t reserve);
 
 // The prediction's simulation options at the runtime's whole `budget`.
 graph::SimOptions prediction_options(std::uint64_t budget, const graph::StepModel& model,
