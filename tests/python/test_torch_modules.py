@@ -529,3 +529,41 @@ def test_hooks_of_the_callers_may_read_the_parameters() -> None:
         print("ok")
     """))
     assert "ok" in out
+
+
+def test_a_parameter_given_new_storage_after_offload_moves() -> None:
+    """``p.data = new`` (and ``model.to()``, ``model.half()``, which do the same) keeps the
+    Parameter object and gives it another storage: offload now notices the storage at the
+    next step's first forward, declares the new block (it can move to the host after the
+    step) and forgets the old one. Before, it kept pinning the Parameter (so the new block
+    was read safely) but never declared it: the weights stayed resident for good, and the old
+    blocks' addresses stayed in its table of parameters, where a later activation at such an
+    address was taken for a parameter and never declared."""
+    out = run_ok(scenario("""
+        enable()
+        m = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).to(dev)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        h = st.offload(m, opt, quiet=False)
+        g = torch.Generator().manual_seed(1)
+        def step():
+            x = torch.randn(16, 512, generator=g).to(dev)
+            y = torch.randint(0, 10, (16,), generator=g).to(dev)
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        step()
+        step()
+        with torch.no_grad():
+            m[0].weight.data = m[0].weight.data * 0.5
+        step()
+        ptr = m[0].weight.data_ptr()
+        spill.evict(ptr)
+        deadline = time.time() + 10
+        while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
+            time.sleep(0.001)
+        assert spill.residence(ptr) == "on_host", spill.residence(ptr)
+        step()
+        h.remove()
+        print("ok")
+    """))
+    assert "ok" in out

@@ -217,7 +217,9 @@ class OffloadHandle:
         self._grad_hooked: Dict[int, Any] = {}  # id() -> weak reference (ids are reused)
         # Per module, its parameters, buffers and TorchScript children when last seen
         # (_refresh), and the TorchScript modules of the model (_scripted).
-        self._layout: Dict[torch.nn.Module, Tuple[tuple, tuple, tuple]] = {}
+        self._layout: Dict[torch.nn.Module, Tuple[tuple, tuple, tuple, tuple]] = {}
+        # Per module, (block pointer, weak reference) of what its pre-hook pins, as tracked.
+        self._tracked: Dict[torch.nn.Module, List[Tuple[int, Any]]] = {}
         self._scripted: Set[torch.nn.Module] = set()
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
@@ -367,13 +369,16 @@ class OffloadHandle:
             # module that calls it pins all their parameters and buffers.
             direct += [(p, False) for p in child.parameters()]
             direct += [(b, True) for b in child.buffers()]
-        self._layout[m] = (tuple(m._parameters.values()), tuple(m._buffers.values()), children)
+        self._layout[m] = (tuple(m._parameters.values()), tuple(m._buffers.values()), children,
+                           _data_pointers(m))
         self._direct[m] = []  # those that can move: a smaller one is never pinned
+        tracked = self._tracked[m] = []
         new: List[int] = []
         for t, wrote in direct:
             ptr = self.pinner.movable(t)
             if ptr:
                 self._direct[m].append((t, wrote))
+                tracked.append((ptr, weakref.ref(t)))
                 owners = self._owners.setdefault(ptr, set())
                 if not owners:
                     new.append(ptr)
@@ -389,16 +394,18 @@ class OffloadHandle:
     def _untrack(self, m: torch.nn.Module) -> List[Any]:
         """Forgets what ``m`` owned; returns weak references to the tensors no module owns any
         more (_refresh makes those still alive unswappable again)."""
-        gone: List[Any] = []
-        for t, _ in self._direct.pop(m, []):
-            ptr = self.pinner.movable(t)
+        gone: List[Tuple[int, Any]] = []
+        self._direct.pop(m, None)
+        # (by the pointers noted then: ``p.data = new`` or ``model.to()`` gives a parameter
+        # another storage)
+        for ptr, ref in self._tracked.pop(m, []):
             owners = self._owners.get(ptr)
             if owners is not None:
                 owners.discard(m)
                 if not owners:
                     del self._owners[ptr]
                     self._persistent.discard(ptr)
-                    gone.append(weakref.ref(t))
+                    gone.append((ptr, ref))
         self._layout.pop(m, None)
         self._computed.pop(m, None)
         self._quiet_pins.pop(m, None)
@@ -434,7 +441,7 @@ class OffloadHandle:
                 changed.append(m)
                 continue
             if not (_same(old[0], m._parameters.values()) and
-                    _same(old[1], m._buffers.values())):
+                    _same(old[1], m._buffers.values()) and old[3] == _data_pointers(m)):
                 changed.append(m)
             post = self._module_hooks[m][1].id
             hooks = m._forward_hooks
@@ -470,10 +477,9 @@ class OffloadHandle:
         for m in changed:
             if m in self._computed:
                 self._declare_computed(m)
-        for ref in gone:
+        for ptr, ref in gone:
             t = ref()
-            ptr = self.pinner.movable(t) if t is not None else 0
-            if ptr and ptr not in self._persistent:
+            if t is not None and ptr not in self._persistent and self._movable(t) == ptr:
                 self.pinner.declare(ptr, False)
 
     @property
@@ -1440,6 +1446,13 @@ def _computed_weights(module: torch.nn.Module) -> List[str]:
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
+
+
+def _data_pointers(m: torch.nn.Module) -> Tuple[int, ...]:
+    """Where ``m``'s parameters and buffers live now (``p.data = new``, ``model.to()`` and
+    ``model.half()`` keep the objects and change this)."""
+    return tuple(t.data_ptr() if t is not None else 0
+                 for t in (*m._parameters.values(), *m._buffers.values()))
 
 
 def _same(old: tuple, now: Any) -> bool:
