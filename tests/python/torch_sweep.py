@@ -27,17 +27,11 @@ budget=N is the footprint divided by N (0.25: four times the footprint, no press
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
 import random
-import subprocess
 import sys
-import time
-from typing import Any, Dict, List
+from typing import Dict, List
 
-HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
+import sweep_runner as runner
 
 MODELS = ["mlp", "mlp_nobias", "mlp_ln", "mlp_dropout", "cnn", "transformer", "attn", "lstm",
           "gru"]
@@ -58,17 +52,11 @@ AXES: Dict[str, List[str]] = {
 
 
 def name(cfg: Dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in cfg.items() if DEFAULTS.get(k) != v or k == "model")
+    return runner.name(cfg, DEFAULTS)
 
 
 def parse(text: str) -> Dict[str, str]:
-    cfg = dict(DEFAULTS)
-    for part in filter(None, text.split(",")):
-        k, v = part.split("=", 1)
-        if k not in DEFAULTS:
-            raise SystemExit(f"unknown axis {k!r} (axes: {', '.join(DEFAULTS)})")
-        cfg[k] = v
-    return cfg
+    return runner.parse(text, DEFAULTS)
 
 
 def matrix(kind: str, seed: int) -> List[Dict[str, str]]:
@@ -331,81 +319,11 @@ print("RESULT " + json.dumps(result))
 '''
 
 
-def run_one(cfg: Dict[str, str], timeout: int) -> Dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), env.get("PYTHONPATH", "")])
-    env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    t0 = time.time()
-    try:
-        r = subprocess.run([sys.executable, "-c", WORKER, json.dumps(cfg)], env=env,
-                           capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": name(cfg), "outcome": "timeout", "wall": timeout}
-    res: Dict[str, Any] = {"config": name(cfg), "wall": round(time.time() - t0, 1)}
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode < 0:
-        res["outcome"] = "crash"
-        tail = r.stderr.strip().splitlines()[-4:]
-        res["detail"] = f"signal {-r.returncode}: " + " | ".join(tail)
-    elif lines and r.returncode == 0:
-        res.update(json.loads(lines[-1][len("RESULT "):]))
-    elif "OutOfMemoryError" in r.stderr:
-        res["outcome"] = "oom"
-        tail = r.stderr[r.stderr.rfind("OutOfMemoryError"):]
-        res["detail"] = " ".join(tail.split())[:1200]
-    else:
-        res["outcome"] = "error"
-        res["detail"] = " | ".join(r.stderr.strip().splitlines()[-6:])[:1200]
-    return res
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--matrix", choices=["quick", "full"], default="quick")
-    ap.add_argument("--only", action="append", default=[],
-                    help="a configuration (axis=value,...); repeatable")
-    ap.add_argument("--filter", default="", help="run the matrix entries whose name has this")
-    ap.add_argument("--list", action="store_true", help="print the configurations and exit")
-    ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=13)
-    ap.add_argument("--timeout", type=int, default=240)
-    ap.add_argument("--out", help="write the results as JSON lines here (appended)")
-    ap.add_argument("--resume", action="store_true",
-                    help="skip the configurations --out has results for")
-    args = ap.parse_args()
-    cfgs = [parse(o) for o in args.only] or [
-        c for c in matrix(args.matrix, args.seed) if args.filter in name(c)]
-    if args.resume and args.out and os.path.exists(args.out):
-        with open(args.out) as f:
-            done = {json.loads(line)["config"] for line in f if line.strip()}
-        cfgs = [c for c in cfgs if name(c) not in done]
-    if args.list:
-        for c in cfgs:
-            print(name(c))
-        print(f"{len(cfgs)} configurations", file=sys.stderr)
-        return 0
-    from concurrent.futures import ThreadPoolExecutor
-    counts: Dict[str, int] = {}
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for res in pool.map(lambda c: run_one(c, args.timeout), cfgs):
-            counts[res["outcome"]] = counts.get(res["outcome"], 0) + 1
-            extra = res.get("detail", "")
-            if res["outcome"] in ("ok", "noswap", "mismatch"):
-                extra = (f"footprint {res['footprint'] / 2**20:.1f} MiB, budget "
-                         f"{res['budget'] / 2**20:.1f} MiB, out "
-                         f"{res['bytes_out'] / 2**20:.1f} MiB, planned {res['planned']}, quiet "
-                         f"{res['quiet_steps']}, "
-                         f"{res['seconds']} s")
-                if res["outcome"] == "mismatch":
-                    extra += " " + ",".join(k for k in ("losses_equal", "val_equal",
-                                                        "out_equal", "params_equal")
-                                            if not res[k])
-            print(f"{res['outcome']:8} {res['config']}  {extra}", flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(res) + "\n")
-    print("counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
-    return 0
+    def add_seed(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--seed", type=int, default=13)
+    return runner.main(__doc__.split("\n\n")[0], DEFAULTS, WORKER, ["quick", "full"],
+                       lambda kind, args: matrix(kind, args.seed), 240, add_seed)
 
 
 if __name__ == "__main__":
