@@ -58,14 +58,15 @@ def at_a_third(make_opt):
     return base, base_params, losses, m, h, before, after
 """, " " * 8)
 
-# The end of a scenario whose code defines train(wrap, steps) -> (losses, model, handle):
-# plain torch, a footprint measured over 2 steps under spill, then the run at a third of it
-# compared with plain torch's.
-AGAINST_PLAIN_TORCH = """
+def against_plain_torch(enable: str = "enable()") -> str:
+    """The end of a scenario whose code defines train(wrap, steps) -> (losses, model, handle):
+    plain torch, ``enable`` (spill installed), a footprint measured over 2 steps under spill,
+    then the run at a third of it compared with plain torch's."""
+    return """
         base, bm, _ = train()
         base_params = [p.detach().cpu().clone() for p in bm.parameters()]
         del bm
-        enable()
+        """ + enable + """
         gc.collect()
         st.reset_peak_memory_stats()
         train(steps=2)
@@ -77,6 +78,9 @@ AGAINST_PLAIN_TORCH = """
         h.remove()
         print("ok", footprint)
     """
+
+
+AGAINST_PLAIN_TORCH = against_plain_torch()
 
 
 def recurrent(kind: str, batch: int, steps: int) -> str:
@@ -344,21 +348,8 @@ def test_the_optimizer_step_counts_the_granules_its_tensors_map() -> None:
                 opt.step()
                 losses.append(loss.item())
             return losses, m, h
-        base, bm, _ = train()
-        base_params = [p.detach().clone() for p in bm.parameters()]
-        del bm
-        st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:2MiB", target="cpu")
-        gc.collect()
-        st.reset_peak_memory_stats()
-        train(steps=2)
-""" + AT_A_THIRD + """
-        losses, m, h = train(wrap)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
-        print("ok", footprint)
-    """)
+""" + against_plain_torch(
+        'st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:2MiB", target="cpu")'))
     assert "ok" in out
 
 
