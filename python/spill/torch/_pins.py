@@ -10,13 +10,12 @@ sees."""
 from __future__ import annotations
 
 import ctypes
-import re
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-from spill import OutOfMemoryError
+from spill import OutOfMemoryError, parse_size
 from spill._capi import PinToken, raise_status
 from spill._lib import library
 
@@ -24,9 +23,6 @@ from ._state import state
 
 _INVALID_ARGUMENT = 1
 _ON_HOST = 2  # spill_residence
-_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
 # The tensor's untyped storage (bytes and base pointer), as an unbound method: the hooks call
@@ -95,13 +91,12 @@ _SMALL_POOL_LIMIT = 1 << 20  # the allocator's largest small-pool request (alloc
 
 
 def _size_option(conf: Optional[str], name: str, default: int) -> int:
-    """A size option of a configuration string (``default`` when absent)."""
+    """A size option of a configuration string spill has accepted (``default`` when absent),
+    read by spill's own parser."""
     for item in (conf or "").split(","):
         key, _, value = item.partition(":")
         if key.strip() == name:
-            m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
-            if m:
-                return int(float(m.group(1)) * _UNITS.get(m.group(2).lower() or "b", 1))
+            return parse_size(value.strip())
     return default
 
 
