@@ -32,7 +32,7 @@ AllocatorOptions AllocatorOptions::from_config(const Config& config) {
   o.oom_dump = config.oom_dump;
   o.peak_guard = config.peak_guard;
   // Blocks below the swap threshold are never swapped: they may live in the small pool.
-  o.small_limit = std::min<std::size_t>(o.small_limit, config.swap_threshold);
+  o.small_limit = small_limit_for(config.swap_threshold);
   return o;
 }
 

@@ -50,6 +50,26 @@ namespace spill {
 
 // The small pool's segments: requests up to small_limit share segments of this size.
 inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
+// The small pool's largest request by default.
+inline constexpr std::size_t kSmallLimit = std::size_t{1} << 20;
+
+// The largest request the small pool serves under swap_threshold: 1 MiB, or the threshold when
+// lower (blocks that may move must be large blocks).
+inline std::size_t small_limit_for(std::size_t swap_threshold) {
+  return swap_threshold < kSmallLimit ? swap_threshold : kSmallLimit;
+}
+// The smallest request whose block can move under swap_threshold, with large blocks rounded
+// up to `granularity`: past the small pool, whose shared segments never move, and with a block
+// of at least the threshold (the swapper's rule, on the block's rounded size). What an
+// integration declares swappable (spill_stats.min_movable_bytes); the trainer and its planner
+// apply it to rounded sizes.
+inline std::size_t min_movable_request(std::size_t swap_threshold, std::size_t granularity) {
+  const std::size_t past_small = small_limit_for(swap_threshold) + 1;
+  // Requests above the largest multiple of the granule under the threshold round up to it.
+  const std::size_t g = granularity > 0 ? granularity : 1;
+  const std::size_t rounds_to_threshold = swap_threshold == 0 ? 1 : (swap_threshold - 1) / g * g + 1;
+  return rounds_to_threshold > past_small ? rounds_to_threshold : past_small;
+}
 
 class HostPool;
 struct Block;
@@ -58,7 +78,7 @@ struct Segment;
 
 struct AllocatorOptions {
   std::optional<std::size_t> budget;   // default: free device memory less a reserve
-  std::size_t small_limit = 1u << 20;  // requests up to this go to the small pool
+  std::size_t small_limit = kSmallLimit;  // requests up to this go to the small pool
   std::string oom_dump;                // directory for a snapshot + trace on OOM
   // Before a large miss maps memory that would raise the reserved peak: Wait gathers, then
   // releases cached blocks, waiting for the requesting stream's own queued work on them if it

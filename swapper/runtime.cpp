@@ -63,7 +63,6 @@ Runtime::Runtime(const Config& config, RuntimeOptions options) : config_(config)
 void Runtime::build(const Config& config, RuntimeOptions options) {
   host_ = std::make_unique<HostPool>(*device_, config.host_cap);
   AllocatorOptions ao = AllocatorOptions::from_config(config);
-  ao.small_limit = std::min<std::size_t>(config.swap_threshold, 1u << 20);
   allocator_ = std::make_unique<CachingAllocator>(*device_, ao);
   allocator_->set_host_pool(host_.get());
   if (config.policy != SwapPolicy::None) {

@@ -444,7 +444,7 @@ void Swapper::evict(const void* ptr) {
   if (it == m.blocks.end()) return;  // freed meanwhile
   SwapBlock& b = it->second;
   if (!m.evictable_locked(b) || b.state == Residence::OnHost ||
-      b.state == Residence::SwappingOut)
+      b.state == Residence::SwappingOut || b.size < m.opt.min_swap_bytes)
     return;
   m.start_swap_out_locked(b);
   m.stats.evictions_planned++;

@@ -145,7 +145,8 @@ class Swapper {
   // already in flight to free the room it lacks, as a plan that timed them expects; else it gives up
   // (counted in prefetches_skipped).
   void prefetch(const void* ptr, bool wait_for_room = false);
-  void evict(const void* ptr);  // a no-op for a pinned, protected or unswappable block
+  // A no-op for a pinned, protected or unswappable block, and one under min_swap_bytes.
+  void evict(const void* ptr);
   std::size_t evict_bytes(std::size_t needed);
   void release(void* base, Stream stream);
   // Declares whether the block containing ptr may be evicted (see the rules above). Declaring

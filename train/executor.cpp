@@ -77,7 +77,7 @@ SwapPolicy runtime_policy(Policy p) {
 }
 
 std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device) {
-  const std::uint64_t small_limit = std::min<std::uint64_t>(config.swap_threshold, 1u << 20);
+  const std::uint64_t small_limit = small_limit_for(config.swap_threshold);
   const std::uint64_t to = bytes <= small_limit ? 512 : device.granularity();
   return (bytes + to - 1) / to * to;
 }
@@ -204,10 +204,10 @@ void Executor::Impl::setup() {
       // Keep pcie4, as the runtime does for a link it has no model of.
     }
   }
-  small_limit = std::min<std::uint64_t>(conf.swap_threshold, 1u << 20);
+  small_limit = small_limit_for(conf.swap_threshold);
   budget = alloc.budget();
   po.budget = budget;
-  po.min_swap_bytes = std::max<std::uint64_t>(conf.swap_threshold, small_limit + 1);
+  po.min_swap_bytes = min_movable_request(conf.swap_threshold, dev.granularity());
   po.recompute = o.recompute && o.policy == Policy::Graph;
   make_plan(nullptr);
 

@@ -83,7 +83,7 @@ Prediction predict(const Program& p, const PredictOptions& o) {
   so.granularity = o.granularity;
   SimDevice costing(so);
   std::unique_ptr<kernels::Kernels> k = kernels::make_kernels(costing, {roofline});
-  const std::uint64_t small_limit = std::min<std::uint64_t>(o.swap_threshold, 1u << 20);
+  const std::uint64_t small_limit = small_limit_for(o.swap_threshold);
   auto sizes = [&](std::uint64_t b) {  // as train::allocation_bytes
     const std::uint64_t to = b <= small_limit ? 512 : o.granularity;
     return (b + to - 1) / to * to;
@@ -106,7 +106,7 @@ Prediction predict(const Program& p, const PredictOptions& o) {
   const std::uint64_t mappable = mappable_budget(r.budget, o.granularity);
   r.planner_budget = mappable > reserve ? mappable - reserve : 0;
   po.budget = r.planner_budget;
-  po.min_swap_bytes = std::max<std::uint64_t>(o.swap_threshold, small_limit + 1);
+  po.min_swap_bytes = min_movable_request(o.swap_threshold, o.granularity);
   po.model = model;
   const graph::BudgetCheck check = graph::check_budget(g, po);
   if (!check.feasible)

@@ -80,6 +80,9 @@ spill_status spill_get_stats(int device, spill_stats* stats) {
       full.deviations = s.deviations;
     }
     full.free_errors = lease->torch_free_errors.load();
+    full.granularity_bytes = rt.device().granularity();
+    full.small_limit_bytes = small_limit_for(rt.config().swap_threshold);
+    full.min_movable_bytes = min_movable_request(rt.config().swap_threshold, rt.device().granularity());
     const std::size_t n = std::min(stats->struct_size, sizeof(spill_stats));
     std::memcpy(reinterpret_cast<char*>(stats) + sizeof(size_t),
                 reinterpret_cast<const char*>(&full) + sizeof(size_t), n - sizeof(size_t));
@@ -99,6 +102,9 @@ spill_status spill_stats_json(int device, char** json) {
     j["device_name"] = rt.device().info().name;
     j["simulated"] = lease->simulated;
     j["budget_bytes"] = rt.allocator().budget();
+    j["granularity_bytes"] = rt.device().granularity();
+    j["small_limit_bytes"] = small_limit_for(rt.config().swap_threshold);
+    j["min_movable_bytes"] = min_movable_request(rt.config().swap_threshold, rt.device().granularity());
     put_stat(j, "allocated_bytes", a.allocated);
     put_stat(j, "requested_bytes", a.requested);
     put_stat(j, "reserved_bytes", a.reserved);

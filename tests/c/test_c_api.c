@@ -458,6 +458,55 @@ TEST(stats_struct_grows) {
   CHECK_STATUS(spill_get_stats(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
 }
 
+/* The rules an integration declares by follow the configuration: what it must not declare
+ * swappable (the small pool's requests and those under swap_threshold) and the granule a
+ * movable block maps. */
+TEST(stats_tell_which_requests_can_move) {
+  REQUIRE_OK(spill_init("device:sim,sim_granularity:64KiB,swap_threshold:128KiB"));
+  spill_stats st;
+  st.struct_size = sizeof st;
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.granularity_bytes == 64u << 10);
+  CHECK(st.small_limit_bytes == 128u << 10);
+  CHECK(st.min_movable_bytes == (128u << 10) + 1); /* 128 KiB itself is a small request */
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, st.min_movable_bytes - 1, 0, NULL));
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.unswappable_bytes == 0); /* a small-pool block: not a candidate at all */
+  CHECK_OK(spill_free(p, 0, NULL));
+  REQUIRE_OK(spill_malloc(&p, st.min_movable_bytes, 0, NULL));
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.unswappable_bytes > 0); /* a large block, movable once declared */
+  CHECK_OK(spill_free(p, 0, NULL));
+  CHECK_OK(spill_shutdown());
+  REQUIRE_OK(spill_init("device:sim,sim_granularity:64KiB,swap_threshold:4MiB"));
+  REQUIRE_OK(spill_get_stats(0, &st));
+  CHECK(st.small_limit_bytes == 1u << 20);
+  /* Large blocks under the threshold stay put too; a block is a granule multiple, so the
+   * requests that round up to the threshold move. */
+  CHECK(st.min_movable_bytes == (4u << 20) - (64u << 10) + 1);
+  void* under = NULL;
+  void* at = NULL;
+  spill_residence r = SPILL_ON_HOST;
+  REQUIRE_OK(spill_malloc(&under, st.min_movable_bytes - 1, 0, NULL));
+  REQUIRE_OK(spill_malloc(&at, st.min_movable_bytes, 0, NULL));
+  CHECK_OK(spill_set_swappable(under, 1));
+  CHECK_OK(spill_set_swappable(at, 1));
+  CHECK_OK(spill_evict(under)); /* a large block under the threshold: even asked, it stays */
+  CHECK_OK(spill_evict(at));
+  CHECK_OK(spill_get_residence(under, &r));
+  CHECK(r == SPILL_RESIDENT);
+  CHECK_OK(spill_get_residence(at, &r));
+  CHECK(r == SPILL_SWAPPING_OUT || r == SPILL_ON_HOST);
+  CHECK_OK(spill_free(under, 0, NULL));
+  CHECK_OK(spill_free(at, 0, NULL));
+  char* json = NULL;
+  REQUIRE_OK(spill_stats_json(0, &json));
+  CHECK(strstr(json, "\"min_movable_bytes\":4128769") != NULL);
+  CHECK(strstr(json, "\"granularity_bytes\":65536") != NULL);
+  spill_string_free(json);
+}
+
 TEST(stats_json_and_snapshot) {
   REQUIRE_OK(spill_init(CONF));
   void* p = NULL;
@@ -655,6 +704,7 @@ TEST(exit_with_blocks_held) {
   X(budget_at_run_time)                           \
   X(empty_cache)                                  \
   X(stats_struct_grows)                           \
+  X(stats_tell_which_requests_can_move)           \
   X(stats_json_and_snapshot)                      \
   X(trace_export)                                 \
   X(shutdown_while_other_threads_call)            \

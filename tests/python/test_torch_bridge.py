@@ -190,19 +190,29 @@ def test_cpu_bridge_serves_cpu_tensors_and_disable_restores_the_default() -> Non
 @pytest.mark.parametrize("threshold,sizes", [
     ("128KiB", (128 << 10, (128 << 10) + 512)),
     (None, (1 << 20, (1 << 20) + 512)),           # the default, 1 MiB: the small pool's limit
+    # Above 1 MiB a large block (a granule multiple) moves when it reaches the threshold, so
+    # the requests that round up to it move: at 64 KiB granules, those past 4 MiB - 64 KiB.
+    pytest.param("4MiB", ((4 << 20) - (64 << 10), (4 << 20) - (64 << 10) + 512),
+                 marks=pytest.mark.skipif(TARGET != "cpu", reason="sized for 64 KiB granules")),
 ])
-def test_offload_takes_as_movable_exactly_what_the_allocator_moves(threshold, sizes) -> None:
+@pytest.mark.parametrize("given", ["string", "SPILL_CONF"])
+def test_offload_takes_as_movable_exactly_what_the_allocator_moves(threshold, sizes,
+                                                                   given) -> None:
     """The smallest block the hooks declare and pin is the smallest the allocator can move: a
     request up to min(swap_threshold, 1 MiB) is served from the small pool, whose blocks never
     move, so at a threshold up to 1 MiB a block of exactly the threshold stays put (above
-    1 MiB, one of exactly the threshold can move). Each size is checked against the allocator
-    itself: declared swappable and evicted, does it reach the host? Before the fix offload
-    took a block of exactly the threshold as movable, declared it, and counted on moving it
-    (at swap_threshold:128KiB, with 128 KiB activations, that ran out of memory)."""
+    1 MiB, one that rounds up to the threshold can move). Each size is checked against the
+    allocator itself: declared swappable and evicted, does it reach the host? Before the fix
+    offload took a block of exactly the threshold as movable, declared it, and counted on
+    moving it (at swap_threshold:128KiB, with 128 KiB activations, that ran out of memory).
+    The configuration comes as enable()'s string or from SPILL_CONF (enable() with none): the
+    hooks read the rules from the runtime. Before, on CUDA, they read them from enable()'s
+    string alone and took the defaults under SPILL_CONF; and they took a request under
+    the threshold as unmovable even when its block rounded up to it."""
     conf = "sim_granularity:64KiB" + (f",swap_threshold:{threshold}" if threshold else "")
     out = run_ok(f"""
         import time, torch, spill, spill.torch as st
-        st.enable({conf!r}, target={TARGET!r})
+        st.enable({conf if given == "string" else None!r}, target={TARGET!r})
         from spill.torch._pins import Pinner
         pinner = Pinner()
         for nbytes in {sizes!r}:
@@ -214,7 +224,7 @@ def test_offload_takes_as_movable_exactly_what_the_allocator_moves(threshold, si
                 time.sleep(0.01)
             moved = spill.residence(t.data_ptr()) == "on_host"
             print(nbytes, moved, pinner.movable(t) != 0)
-    """)
+    """, {"SPILL_CONF": conf} if given == "SPILL_CONF" else None)
     rows = [line.split() for line in out.splitlines()]
     assert [r[0] for r in rows] == [str(n) for n in sizes], out
     assert [r[1] for r in rows] == ["False", "True"], f"the allocator moved other sizes: {out}"

@@ -217,7 +217,7 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
 SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
 /* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
- * unswappable or fresh block). Both return without waiting. An evicted block reads
+ * unswappable or fresh block, and for one under swap_threshold). Both return without waiting. An evicted block reads
  * SWAPPING_OUT until its copy has finished; its device memory goes back when spill next
  * looks after that: a residence query of the block, another spill_evict, an allocation or
  * pin that needs room, an op of a step. */
@@ -286,6 +286,11 @@ typedef struct spill_stats {
   uint64_t unswappable_bytes;   /* large blocks not declared swappable */
   uint64_t steps_recorded, steps_planned, deviations;
   uint64_t free_errors;         /* failed spill_torch_free calls (they cannot return a code) */
+  /* The rules an integration declares by (constant for a runtime): */
+  uint64_t granularity_bytes;   /* mapping granule: a movable block maps a multiple of it */
+  uint64_t small_limit_bytes;   /* requests up to this share small-pool segments (never move) */
+  uint64_t min_movable_bytes;   /* the smallest request whose block can move (swap_threshold,
+                                   past the small pool): declare only these swappable */
 } spill_stats;
 
 /* Fills `stats` for `device` (see spill_stats). INVALID_ARGUMENT when stats is NULL or

@@ -98,7 +98,7 @@ def _enable_cpu(conf: Optional[str], device: int) -> None:
     status = lib.spill_torch_cpu_install(device)
     if status != 0:
         raise_status(library(), status)
-    state.target, state.device, state.conf = "cpu", device, text
+    state.target, state.device = "cpu", device
     _patch_storage_clone()
 
 
@@ -171,7 +171,7 @@ def _enable_cuda(conf: Optional[str], device: int) -> None:
         raise AllocatorInUseError(
             f"spill.torch.enable: PyTorch refused to change its allocator ({e}); use "
             "spill.torch.pool() with torch.cuda.use_mem_pool for a region of code") from e
-    state.target, state.device, state.conf, state.allocator = "cuda", device, conf, allocator
+    state.target, state.device, state.allocator = "cuda", device, allocator
 
 
 def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:

@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
-from spill import OutOfMemoryError, parse_size
+import spill
+from spill import OutOfMemoryError
 from spill._capi import PinToken, raise_status
 from spill._lib import library
 
@@ -87,29 +88,15 @@ def leaves(value: Any) -> Sequence[Any]:
     return tree_flatten(value)[0]
 
 
-_SMALL_POOL_LIMIT = 1 << 20  # the allocator's largest small-pool request (allocator.md)
-
-
-def _size_option(conf: Optional[str], name: str, default: int) -> int:
-    """A size option of a configuration string spill has accepted (``default`` when absent),
-    read by spill's own parser."""
-    for item in (conf or "").split(","):
-        key, _, value = item.partition(":")
-        if key.strip() == name:
-            return parse_size(value.strip())
-    return default
-
-
-def swap_threshold(conf: Optional[str]) -> int:
-    """spill's swap_threshold from a configuration string (1 MiB when absent)."""
-    return _size_option(conf, "swap_threshold", 1 << 20)
-
-
-def granule(conf: Optional[str]) -> int:
-    """The bytes a movable block maps at least: each is mapped on its own (it moves alone),
-    rounded up to the device's mapping granule: the simulated device's sim_granularity (2 MiB
-    when absent), or 2 MiB, a GPU's usual granularity (cuMemGetAllocationGranularity)."""
-    return _size_option(conf, "sim_granularity", 2 << 20)
+def movable_rules(device: int) -> Tuple[int, int]:
+    """(the smallest request whose block can move, the mapping granule) on ``device``'s
+    runtime, as spill applies them: past the small pool (requests up to min(swap_threshold,
+    1 MiB) share segments that never move) and at least swap_threshold; each movable block is
+    mapped on its own, rounded up to the granule (the simulated device's sim_granularity, a
+    GPU's cuMemGetAllocationGranularity). Read from the runtime, not from a configuration
+    string: enable() with no string (SPILL_CONF, or the defaults) and pool() apply the same."""
+    s = spill.stats(device)
+    return int(s["min_movable_bytes"]), int(s["granularity_bytes"])
 
 
 class Saved:
@@ -146,12 +133,7 @@ class Pinner:
         self._set_swappable = lib.spill_set_swappable
         self.cpu = state.target == "cpu"
         self.device_type = "cpu" if self.cpu else "cuda"
-        # The smallest block that can move: swap_threshold, and past the small pool, which
-        # serves requests up to min(swap_threshold, 1 MiB) from shared segments that never
-        # move (the trainer's rule too: train/executor.cpp's min_swap_bytes).
-        threshold = swap_threshold(state.conf)
-        self.threshold = max(threshold, min(threshold, _SMALL_POOL_LIMIT) + 1)
-        self.granule = granule(state.conf)
+        self.threshold, self.granule = movable_rules(state.device)
 
     # ---------------------------------------------------------------- which tensors
 
@@ -171,7 +153,7 @@ class Pinner:
     def block(self, t: Any) -> Tuple[int, int]:
         """(data pointer, bytes it takes in the budget when resident) of ``t``'s storage when
         it is spill's and large enough to move, else (0, 0). The bytes are the storage's
-        rounded up to the mapping granule (see :func:`granule`): at a GPU's 2 MiB, a 160 KiB
+        rounded up to the mapping granule (see :func:`movable_rules`): at a GPU's 2 MiB, a 160 KiB
         weight takes 2 MiB."""
         s = self._storage(t)
         if s is None:

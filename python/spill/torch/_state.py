@@ -27,7 +27,6 @@ class State:
     def __init__(self) -> None:
         self.target: Optional[str] = None      # "cuda" or "cpu" once enable() succeeded
         self.device = 0                        # spill's device ordinal
-        self.conf: Optional[str] = None
         self.allocator: Any = None             # the CUDAPluggableAllocator, on CUDA
         self.patched: Dict[Tuple[Any, str], Any] = {}  # (module, name) -> original
         self.forked_child = False
