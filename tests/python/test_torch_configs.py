@@ -256,17 +256,14 @@ def test_an_evaluation_pass_through_a_transformer_encoder_layer_pins_what_it_rea
     assert "ok" in out
 
 
-@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
-def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
-    """A GPT written in one module (its blocks are containers: the model's forward calls their
-    LayerNorm and Linear children and does the attention itself), a batch of 16, AdamW, at a
-    third of the footprint: losses and parameters are plain torch's. Every output of those
-    children and every tensor the model's own ops saved used to stay pinned until the
-    model's forward ended, so nothing of the forward could move and it ran out of memory
-    ("24.75 MiB pinned" in the sweep, model=attn,batch=large). Now the first step measures
-    what each module's frame would hold; one holding over a quarter of the budget runs its
-    own code with every op pinned (its children keep their hooks) and holds none of it."""
-    out = run_ok(quiet_preamble("1GiB") + """
+def gpt_in_one_module(before_head: str = "", after_model: str = "") -> str:
+    """A scenario: a GPT written in one module (its blocks are containers: the model's forward
+    calls their LayerNorm and Linear children and does the attention itself), a batch of 16,
+    AdamW, at a third of its footprint against plain torch. ``before_head`` is code the
+    forward runs before the final LayerNorm and the tied head (indented for the forward),
+    ``after_model`` code run once train() has the model and offload's handle (``h``, None for
+    plain torch)."""
+    return quiet_preamble("1GiB") + """
         import gc
         import torch.nn as nn
         import torch.nn.functional as F
@@ -296,12 +293,14 @@ def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
                     y = (att @ v).transpose(1, 2).reshape(B, T, -1)
                     x = x + b.proj(y)
                     x = x + b.out(F.gelu(b.fc(b.ln2(x))))
+""" + textwrap.indent(textwrap.dedent(before_head), " " * 16) + """
                 return self.lnf(x) @ self.wte.weight.t()
         def train(wrap=lambda m, o: None, steps=4):
             torch.manual_seed(0)
             m = Net().to(dev)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
             h = wrap(m, opt)
+""" + textwrap.indent(textwrap.dedent(after_model), " " * 12) + """
             g = torch.Generator().manual_seed(1)
             losses = []
             for _ in range(steps):
@@ -313,8 +312,55 @@ def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
                 opt.step()
                 losses.append(loss.item())
             return losses, m, h
-""" + AGAINST_PLAIN_TORCH)
+""" + AGAINST_PLAIN_TORCH
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+def test_a_forward_written_in_one_module_lets_its_activations_move() -> None:
+    """The GPT written in one module (gpt_in_one_module) trains as plain torch at a third of
+    its footprint. Every output of its children and every tensor the model's own ops saved
+    used to stay pinned until the model's forward ended, so nothing of the forward could move
+    and it ran out of memory ("24.75 MiB pinned" in the sweep, model=attn,batch=large). Now
+    the first step measures what each module's frame would hold; one holding over a quarter
+    of the budget runs its own code with every op pinned (its children keep their hooks) and
+    holds none of it."""
+    out = run_ok(gpt_in_one_module())
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+def test_a_busy_forward_that_catches_a_childs_exception_keeps_its_ops_pinned() -> None:
+    """The GPT written in one module (busy: its own code runs with every op pinned) calls a
+    child that raises, catches the exception and goes on. Under offload, from the second
+    step, the child first sends the tied head's weight (read by the model's own last op) to
+    the host. No forward hook runs for a child that raised: the model's mode used to be off
+    while its children ran and came back at their forward hooks, so its code after the catch
+    ran unpinned and read the weight on the host (a segmentation fault on the bridge). The
+    mode now stays on while children run, and the next hook unwinds the failed child's frame.
+    Losses and parameters are plain torch's, where the child returns its input."""
+    out = run_ok(gpt_in_one_module(before_head="""
+        try:
+            x = self.flaky(x)
+        except RuntimeError:
+            pass
+    """, after_model="""
+        class Flaky(nn.Module):
+            calls = 0
+            def forward(self, x):
+                if h is None:
+                    return x
+                Flaky.calls += 1
+                if Flaky.calls == 1:  # the first step measures what frames hold
+                    return x
+                w = m.wte.weight.data_ptr()
+                spill.evict(w)
+                while spill.residence(w) != "on_host":
+                    pass
+                raise RuntimeError("flaky")
+        m.flaky = Flaky()
+    """))
+    assert "ok" in out
+
 
 @pytest.mark.skipif(TARGET != "cpu", reason="sets the simulated device's granularity")
 def test_the_optimizer_step_counts_the_granules_its_tensors_map() -> None:

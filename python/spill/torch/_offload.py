@@ -112,7 +112,7 @@ from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
                     storage)
 from ._quiet import QuietSteps
-from ._recompute import Recomputation, call_frame, in_backward
+from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
 from ._window import _dispatch_stack, _remove, window
@@ -124,10 +124,13 @@ class _Frame:
     """The pins a running module holds until its forward ends. A busy module's frame (see
     OffloadHandle._busy) holds none of what its code makes: its ``ops`` mode pins each op of
     its own code instead."""
-    __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs", "ops")
+    __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs", "ops",
+                 "call")
 
-    def __init__(self, module: Optional[torch.nn.Module]) -> None:
+    def __init__(self, module: Optional[torch.nn.Module],
+                 call: Optional[ModuleCall] = None) -> None:
         self.module = module
+        self.call = call  # None for the step's frame (no module call)
         self.tokens: List[Tuple[Token, bool]] = []
         self.sequential = isinstance(module, torch.nn.Sequential)
         self.child_outputs: List[Token] = []
@@ -159,6 +162,22 @@ class _PinOps(PinEveryOp):
     declares = False
 
 
+class _BusyLeafOps(PinEveryOp):
+    """A busy module without children (OffloadHandle._busy): its ops pin what they use and
+    declare what they make while its call runs. If the call raises and its caller catches
+    the exception, the mode stays on the stack until the next hook unwinds the frame; the
+    caller's code that runs under it meanwhile, whose outputs the caller's frame may read
+    without pins, is pinned op by op but declares nothing."""
+
+    def __init__(self, pinner: Pinner, acts: Any, call: ModuleCall) -> None:
+        super().__init__(pinner, None, acts)
+        self.call = call
+
+    @property  # type: ignore[override]
+    def declares(self) -> bool:
+        return self.call.running()
+
+
 class _Discovery(PinEveryOp):
     """The first step's mode: pins every op (as guard) and notes parameters used while no
     module that owns them is running."""
@@ -169,15 +188,16 @@ class _Discovery(PinEveryOp):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         h = self.handle
-        if h._stack:
+        top = h._discovered_top()
+        if top is not None:
             running = h._stack_set
             for t in tree_flatten((args, kwargs or {}))[0]:
                 if isinstance(t, torch.Tensor) and not t.is_meta:
                     owners = h._owners.get(storage(t).data_ptr())
                     if owners and not (owners & running):
-                        h._extra.setdefault(h._stack[-1], {})[id(t)] = t
+                        h._extra.setdefault(top, {})[id(t)] = t
             out = super().__torch_dispatch__(func, types, args, kwargs)
-            h._count_held(h._stack[-1], out)  # what its own code makes
+            h._count_held(top, out)  # what its own code makes
             return out
         elif torch.is_grad_enabled() and not h._window.graphs:
             # Forward code outside every module of the model (a loss term reading a weight,
@@ -240,6 +260,7 @@ class OffloadHandle:
         self._eval_ops: Optional[_PinOps] = None
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
+        self._stack_calls: List[ModuleCall] = []
         self._stack_set: Set[torch.nn.Module] = set()
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
         # Per module, the bytes its frame would hold in an armed step (what its own code made
@@ -590,12 +611,12 @@ class OffloadHandle:
                 self._push_saved_hooks(True)
             return
         if self._discovery is not None:
-            self._stack.append(module)
-            self._stack_set.add(module)
+            self._discover_enter(module)
             return
         self.steps.ensure()
         stream = self.pinner.stream()
-        frame = _Frame(module)
+        self._drop_finished()
+        frame = _Frame(module, ModuleCall())
         tokens = frame.tokens
         busy = self._busy(module)
         if not busy:  # a busy module's ops pin its parameters and buffers as they use them
@@ -629,15 +650,17 @@ class OffloadHandle:
                 for token in parent.child_outputs:  # the previous child's output: our input
                     unpin(token, stream, True)
                 parent.child_outputs.clear()
-            if parent.ops is not None:  # its children's code is theirs: their own pins
-                _remove(parent.ops, *_dispatch_stack())
         if busy:
             # A module without children runs all of its code under the mode, which may then
             # declare what its ops make too (nn.LSTM's per-layer gate projections, which
-            # nothing saves); one with children runs theirs without it, and their code might
-            # read a tensor of its own not passed to them: only what autograd saves moves.
+            # nothing saves). One with children keeps the mode on while they run (their ops
+            # are pinned twice, harmlessly), so that its own code stays pinned after it catches
+            # a child's exception, when no hook says the child is over; it declares nothing,
+            # since the children's code might read a tensor of theirs not passed to them: only
+            # what autograd saves moves.
             leaf = next(module.children(), None) is None
-            frame.ops = PinEveryOp(self.pinner, None, self._acts) if leaf else _PinOps(self.pinner)
+            frame.ops = _BusyLeafOps(self.pinner, self._acts, frame.call) if leaf \
+                else _PinOps(self.pinner)
             frame.ops.__enter__()
         frames.append(frame)
         if root and torch.is_grad_enabled():
@@ -675,11 +698,11 @@ class OffloadHandle:
         if state.forked_child:
             return
         if self._discovery is not None:
-            if self._stack and self._stack[-1] is module:
-                self._stack.pop()
-                self._stack_set.discard(module)
-                if self._stack and not isinstance(self._stack[-1], torch.nn.Sequential):
-                    self._count_held(self._stack[-1], output)  # held by its parent
+            if self._discovered_top() is module:
+                self._discover_leave()
+                parent = self._discovered_top()
+                if parent is not None and not isinstance(parent, torch.nn.Sequential):
+                    self._count_held(parent, output)  # held by its parent
             return
         frames = self._frames
         if frames and frames[-1].module is module:
@@ -714,8 +737,6 @@ class OffloadHandle:
             else:
                 self._hold(parent.tokens, t, stream, True)
         self._release_frame(frame)
-        if busy:
-            parent.ops.__enter__()  # back to the parent's own code
 
     def _declare_computed(self, module: torch.nn.Module) -> None:
         """The weight that the module's weight_norm or spectral_norm pre-hook computed stays
@@ -844,6 +865,7 @@ class OffloadHandle:
             self._acts.update(self._discovery.declared)
             self._discovery = None
             self._stack.clear()
+            self._stack_calls.clear()
             self._stack_set.clear()
         if self._began_step:
             self._began_step = False
@@ -884,8 +906,7 @@ class OffloadHandle:
                 for t in leaves(args):
                     self._hold(hold, t, stream, False)
         if self._discovery is not None:  # the first step pins every op (its stack: see _pre)
-            self._stack.append(module)
-            self._stack_set.add(module)
+            self._discover_enter(module)
             return True
         pins = self._quiet_pins.get(module)
         if pins:
@@ -897,9 +918,8 @@ class OffloadHandle:
         return True
 
     def _post_recomputed(self, module: torch.nn.Module) -> None:
-        if self._discovery is not None and self._stack and self._stack[-1] is module:
-            self._stack.pop()
-            self._stack_set.discard(module)
+        if self._discovery is not None and self._discovered_top() is module:
+            self._discover_leave()
         if self._recompute.is_end(module):
             self._recompute.end()
             self._leave_recomputation()
@@ -1314,6 +1334,7 @@ class OffloadHandle:
             self._discovery = None
             self._discovered = True
             self._stack.clear()
+            self._stack_calls.clear()
             self._stack_set.clear()
             self._counted.clear()
             for m, direct in self._direct.items():
@@ -1353,11 +1374,42 @@ class OffloadHandle:
             frame = self._frames.pop()
             self._leave_ops(frame)
             self._release_frame(frame)
-        if self._frames and self._frames[-1].ops is not None:
-            # An exception in a child of a busy module that caught it: its own code again.
-            ops = self._frames[-1].ops
-            _remove(ops, *_dispatch_stack())
-            ops.__enter__()
+
+    def _drop_finished(self) -> None:
+        """Unwinds the frames of module calls that are over without a post hook: a forward
+        raised and its caller caught the exception. Until then their pins stay (safe: a busy
+        caller's own code runs under its mode all along, its children's too); from here the
+        next module's outputs are its true parent's."""
+        frames = self._frames
+        depth = len(frames)
+        while depth and frames[depth - 1].call is not None \
+                and not frames[depth - 1].call.running():
+            depth -= 1
+        if depth < len(frames):
+            self._unwind(depth)
+
+    # ------------------------------------------------------------------ discovery stack
+
+    def _discover_enter(self, module: torch.nn.Module) -> None:
+        self._discovered_top()
+        self._stack.append(module)
+        self._stack_calls.append(ModuleCall())
+        self._stack_set.add(module)
+
+    def _discover_leave(self) -> None:
+        self._stack_calls.pop()
+        module = self._stack.pop()
+        if module not in self._stack:  # a module may run inside its own call
+            self._stack_set.discard(module)
+
+    def _discovered_top(self) -> Optional[torch.nn.Module]:
+        """The module whose own code runs now in the first step (None outside the model's
+        modules), after dropping calls that raised and were caught: what such a caller's
+        code makes is its own, not the failed child's."""
+        stack, calls = self._stack, self._stack_calls
+        while calls and not calls[-1].running():
+            self._discover_leave()
+        return stack[-1] if stack else None
 
     # ------------------------------------------------------------------ busy modules
 
@@ -1366,8 +1418,8 @@ class OffloadHandle:
         step: what its own code makes and what its children return, kept pinned until its
         forward ends, since its code may read them (a forward written in one module, a loop
         over blocks in the root's forward, nn.LSTM's one call over every layer and time
-        step). Its own code then runs with every op pinned (a dispatch mode, off while its
-        children run), and its frame holds none of that, nor its parameters and buffers:
+        step). Its own code then runs with every op pinned (a dispatch mode, on while its
+        children run too), and its frame holds none of that, nor its parameters and buffers:
         what autograd saves is declared (with no children, what its ops make too). Measured
         in the first step (_count_held); evaluation forwards pin every op anyway."""
         would = self._would_hold.get(module)

@@ -44,6 +44,30 @@ def call_frame() -> Optional[FrameType]:
     return f
 
 
+class ModuleCall:
+    """A module call, as far as telling whether it still runs: its ``Module._call_impl`` frame
+    and the thread it runs on. A forward that raised has no post hook: when its caller
+    catches the exception, nothing says the call is over but the stack."""
+    __slots__ = ("frame", "thread")
+
+    def __init__(self) -> None:
+        self.frame = call_frame()
+        self.thread = threading.get_ident()
+
+    def running(self) -> bool:
+        """Whether the call is still on its thread's stack (asked from another thread, or
+        with no frame found: taken as running)."""
+        target = self.frame
+        if target is None or threading.get_ident() != self.thread:
+            return True
+        f: Optional[FrameType] = sys._getframe(1)
+        while f is not None:
+            if f is target:
+                return True
+            f = f.f_back
+        return False
+
+
 def in_backward(frame: FrameType, thread: int) -> bool:
     """Whether the module call at ``frame`` runs inside a backward (see the module docstring)."""
     f: Optional[FrameType] = frame
