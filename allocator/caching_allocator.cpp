@@ -172,7 +172,7 @@ void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
   const std::size_t block_size = b->size;  // a reused cached block may be up to 1/4 larger
   LargeBlockObserver* obs = m.observer;
   lock.unlock();
-  if (obs) obs->on_large_alloc(p, block_size, stream);
+  if (obs) obs->on_large_alloc(p, block_size, size, stream);
   return p;
 }
 

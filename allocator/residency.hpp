@@ -75,7 +75,11 @@ class LargeBlockObserver {
   virtual ~LargeBlockObserver() = default;
   // A large block was handed out on `stream` (after the allocator's lock is released). The
   // allocation counts as a use by that stream: work the caller enqueues there may write it.
-  virtual void on_large_alloc(void* base, std::size_t size, Stream stream) = 0;
+  // `request` is the request rounded to the granule: a reused cached block's `size` may be up
+  // to a quarter larger, depending on what the cache held, so only `request` tells the same
+  // allocation in two runs of the same code.
+  virtual void on_large_alloc(void* base, std::size_t size, std::size_t request,
+                              Stream stream) = 0;
   // A large block is being freed on `stream`, before it is cached: the observer drops its
   // copies and makes `stream` wait for any copy still touching the block.
   virtual void on_large_free(void* base, Stream stream) = 0;

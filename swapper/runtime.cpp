@@ -12,8 +12,9 @@ namespace spill {
 class Runtime::Hooks final : public LargeBlockObserver {
  public:
   explicit Hooks(Swapper& s) : s_(s) {}
-  void on_large_alloc(void* base, std::size_t size, Stream stream) override {
-    s_.track(base, size, stream);
+  void on_large_alloc(void* base, std::size_t size, std::size_t request,
+                      Stream stream) override {
+    s_.track(base, size, stream, request);
   }
   void on_large_free(void* base, Stream stream) override { s_.release(base, stream); }
   std::size_t evict(std::size_t bytes) override { return s_.evict_bytes(bytes); }

@@ -4,7 +4,11 @@
 // that leaves its plan (a block of another size, an access the plan does not have at that
 // point) stops following it and its own recording becomes the next step's plan, so a first
 // step that differs from the rest (gradients and optimizer state are created in it) costs one
-// deviation, not a re-recording per step. A recorded access's time is the time since the step
+// deviation, not a re-recording per step. Blocks are compared by their request, not their
+// size: the caching allocator serves a request from a cached block up to a quarter larger, so
+// what the cache holds decides a block's size (an activation of torchvision's
+// mobilenet_v3_small took 640 KiB in one step and 512 KiB in the next, alternately, and every
+// step deviated); the plan follows the block at its size of this step. A recorded access's time is the time since the step
 // began less the host's waits inside the swapper meanwhile (demand fetches, late prefetches,
 // room): the plan's op times are the compute it hides copies behind, even when the recorded
 // step stalled (a first, reactive step mostly waits).
@@ -41,6 +45,7 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.auto_ops = true;
   s.next_id = 0;
   s.id_of.clear();
+  s.request_of_id.clear();
   s.base_of_id.clear();
   s.gen_of_id.clear();
   s.access_of_id_op.clear();
@@ -99,6 +104,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   s.plan = graph::Plan{};
   s.plan_trace = s.trace;
   s.size_of_id.assign(s.next_id, 0);
+  s.request_of_id_planned = s.request_of_id;
   s.use_ops.assign(s.next_id, {});
   s.plan_op_ids.clear();
   for (const graph::TraceAccess& a : s.trace.accesses) {
@@ -540,6 +546,8 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     }
     s.base_of_id[id] = base;
     s.gen_of_id[id] = b.generation;
+    if (s.request_of_id.size() <= id) s.request_of_id.resize(id + 1, 0);
+    s.request_of_id[id] = b.request;
   }
   if (!s.recording) return;
   auto [sit, new_stream] = s.stream_ids.emplace(reinterpret_cast<std::uintptr_t>(stream),
@@ -559,15 +567,19 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   s.trace.accesses.push_back(a);
   sample_other_locked(s, true);
   if (s.executing) {
-    // The step must repeat the recording the plan came from, access by access.
+    // The step must repeat the recording the plan came from, access by access, each block
+    // made by the same request (its size may differ: see the file's comment).
     const std::size_t k = s.trace.accesses.size() - 1;
     const auto& planned = s.plan_trace.accesses;
     if (k >= planned.size() || planned[k].block != a.block || planned[k].op != a.op ||
-        planned[k].bytes != a.bytes) {
+        a.block >= s.request_of_id_planned.size() ||
+        s.request_of_id_planned[a.block] != b.request) {
       s.executing = false;
       s.replan = true;  // this step's recording becomes the plan
       s.pending.clear();
       stats.deviations++;
+    } else if (a.block < s.size_of_id.size()) {
+      s.size_of_id[a.block] = a.bytes;  // the plan's prefetches and evictions find it
     }
   }
 }

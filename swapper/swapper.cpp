@@ -121,6 +121,7 @@ SwapBlock& Swapper::Impl::add_block_locked(void* base, std::size_t size) {
   SwapBlock& b = blocks[key(base)];
   b.base = base;
   b.size = size;
+  b.request = size;
   b.swappable = !opt.opt_in;
   b.generation = next_generation++;
   b.born = ++tick;
@@ -494,11 +495,12 @@ void Swapper::release(void* base, Stream stream) {
   m.blocks.erase(it);
 }
 
-void Swapper::track(void* base, std::size_t size, Stream stream) {
+void Swapper::track(void* base, std::size_t size, Stream stream, std::size_t request) {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   if (m.blocks.count(key(base)) != 0) return;
   SwapBlock& b = m.add_block_locked(base, size);
+  if (request != 0) b.request = request;
   // C++ mode: nothing can have written it yet, and every write will be pinned. Opt-in mode:
   // not swappable (so protected) until declared.
   b.untouched = !m.opt.opt_in;

@@ -155,7 +155,9 @@ class Swapper {
   // The block is also used by work on `stream`: a swap-out waits for that stream too.
   void record_stream(const void* ptr, Stream stream);
   // The allocator hands out a new block on `stream` (see the rules above).
-  void track(void* base, std::size_t size, Stream stream = nullptr);
+  // `request`: the allocation's request rounded to the granule (0: `size`), which a reused
+  // cached block may exceed; recorded steps compare it, not `size` (see "Steps and plans").
+  void track(void* base, std::size_t size, Stream stream = nullptr, std::size_t request = 0);
   // `stream` is about to be destroyed: waits for it and forgets it as a user of any block
   // (swap-outs record their wait events on the streams that used a block).
   void forget_stream(Stream stream);

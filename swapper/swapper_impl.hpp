@@ -19,6 +19,9 @@ namespace spill {
 struct SwapBlock {
   void* base = nullptr;
   std::size_t size = 0;
+  // What the allocation asked for, rounded to the granule: `size` may be up to a quarter more
+  // (a reused cached block). The same code allocates the same requests each step.
+  std::size_t request = 0;
   Residence state = Residence::Resident;
   int pins = 0;
   // Streams that used the block since it was last made resident. No event is recorded at
@@ -69,7 +72,9 @@ struct StepState {
   // id -> the generation of the block at that base when it was pinned: a later block at the
   // same address (the recorded one freed) is another block.
   std::vector<std::uint64_t> gen_of_id, gen_of_id_prev;
-  std::vector<std::size_t> size_of_id;                             // from the planned trace
+  std::vector<std::size_t> size_of_id;  // from the planned trace, then the block followed
+  // id -> the block's request (SwapBlock::request): this step's, and the planned recording's.
+  std::vector<std::size_t> request_of_id, request_of_id_planned;
   std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
   std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
   graph::Trace trace, last_trace;

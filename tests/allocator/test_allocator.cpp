@@ -758,7 +758,7 @@ TEST(AllocatorOom, TheHintSaysWhetherPinsOrUndeclaredBlocksFillTheBudget) {
 // The allocator asks the swapper for those figures when its eviction hook cannot make room.
 TEST(AllocatorOom, TheMessageCarriesTheObserversUnevictableBytes) {
   struct Stuck final : LargeBlockObserver {
-    void on_large_alloc(void*, std::size_t, Stream) override {}
+    void on_large_alloc(void*, std::size_t, std::size_t, Stream) override {}
     void on_large_free(void*, Stream) override {}
     std::size_t evict(std::size_t) override { return 0; }
     std::optional<Unevictable> unevictable() override { return Unevictable{0, 4 * MiB}; }

@@ -23,9 +23,10 @@ namespace {
 class UnbackingObserver final : public LargeBlockObserver {
  public:
   explicit UnbackingObserver(CachingAllocator& a) : a_(a) {}
-  void on_large_alloc(void* base, std::size_t size, Stream) override {
+  void on_large_alloc(void* base, std::size_t size, std::size_t request, Stream) override {
     std::lock_guard lock(mu_);
     blocks_.push_back({base, size});
+    requests_heard.push_back(request);
     ASSERT_EQ(a_.find_block(base)->size, size) << "the observer must hear the block's real size";
   }
   void on_large_free(void* base, Stream) override {
@@ -48,7 +49,8 @@ class UnbackingObserver final : public LargeBlockObserver {
   }
   bool enabled = true;
   int frees = 0;
-  std::vector<std::size_t> requests;
+  std::vector<std::size_t> requests;        // of the eviction hook
+  std::vector<std::size_t> requests_heard;  // of allocations (on_large_alloc)
   std::vector<void*> evicted;
 
  private:
@@ -267,6 +269,8 @@ TYPED_TEST(LadderTest, CachedBytesCountWhollyFreeSmallSegments) {
   a.check_invariants();
 }
 
+// ... and the request it serves (what the swapper tells one step's blocks by: the same code
+// may get a block of another size in the next step, by what the cache holds then).
 TYPED_TEST(LadderTest, TheObserverHearsTheSizeOfAReusedLargerBlock) {
   const std::size_t g = this->g_;
   CachingAllocator a(*this->dev_, AllocatorOptions{.budget = 16 * g});
@@ -277,6 +281,7 @@ TYPED_TEST(LadderTest, TheObserverHearsTheSizeOfAReusedLargerBlock) {
   void* q = a.allocate(4 * g, this->s_);  // within 1/4: the cached 5-granule block is reused
   EXPECT_EQ(q, p);
   EXPECT_EQ(a.find_block(q)->size, 5 * g);
+  EXPECT_EQ(obs.requests_heard, (std::vector<std::size_t>{5 * g, 4 * g}));
   a.unback(q, 5 * g);  // what the swapper does with the size it heard
   a.deallocate(q);
   a.check_invariants();

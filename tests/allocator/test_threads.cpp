@@ -72,7 +72,7 @@ TEST(AllocatorThreads, EightThreadsAllocateAndFreeConcurrently) {
 class EvictingObserver final : public LargeBlockObserver {
  public:
   explicit EvictingObserver(CachingAllocator& a) : a_(a) {}
-  void on_large_alloc(void* base, std::size_t size, Stream) override {
+  void on_large_alloc(void* base, std::size_t size, std::size_t, Stream) override {
     std::lock_guard lock(mu_);
     live_.push_back({base, size});
   }
