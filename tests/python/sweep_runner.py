@@ -74,6 +74,10 @@ def describe(res: Dict[str, Any]) -> str:
             f"{res['quiet_steps']}, {res['seconds']} s")
     if "base_seconds" in res:
         text += f" (plain {res['base_seconds']} s)"
+    if "late" in res:  # the vision sweep's figures from the third step on
+        late = res["late"]
+        text += (f"; from step 3: demand {late['demand_fetches']}, stall "
+                 f"{late['stall_s'] * 1e3:.1f} ms, deviations {late['deviations']}")
     if res["outcome"] == "mismatch":
         text += " " + ",".join(k for k in EQUALITIES if not res.get(k, True))
     return text

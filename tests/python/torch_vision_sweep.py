@@ -26,7 +26,8 @@ Usage (from the repository root, with SPILL_LIBRARY set to build/libspill.so):
   /usr/bin/python3 tests/python/torch_vision_sweep.py [--matrix main|extra] [--jobs 1] [--out f]
   /usr/bin/python3 tests/python/torch_vision_sweep.py --list
   /usr/bin/python3 tests/python/torch_vision_sweep.py --only 'model=resnet18,opt=adamw,budget=3'
-budget=N is the footprint divided by N.
+budget=N is the footprint divided by N; policy=lru swaps without plans (the planned steps'
+yardstick: compare demand fetches and stall from the third step on, with steps=6).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ OPTIMIZERS = ["sgd", "adamw"]
 DEFAULTS: Dict[str, str] = {"model": "resnet18", "opt": "sgd", "budget": "3", "steps": "4",
                             "eval": "1", "infer": "1", "batch": "auto",
                             "size": "auto", "zero": "none", "amp": "0", "fmt": "contiguous",
-                            "accum": "1", "gran": "64KiB"}
+                            "accum": "1", "gran": "64KiB", "policy": "plan"}
 # Axes the extra matrix varies one at a time: zero_grad(set_to_none=False), bf16 autocast,
 # channels_last, two micro-batches per step (gradient accumulation), a GPU's 2 MiB granularity.
 EXTRA = {"zero": "zeros", "amp": "bf16", "fmt": "channels_last", "accum": "2", "gran": "2MiB"}
@@ -126,6 +127,8 @@ def build_optimizer(params):
         return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     return torch.optim.AdamW(params, lr=1e-3)
 
+late, late_end = {}, {}  # spill's stats before the third step and after the last
+
 def train(steps, wrap=None):
     torch.manual_seed(0)
     model = build_model().to(memory_format=FMT)
@@ -135,7 +138,9 @@ def train(steps, wrap=None):
     if cfg["eval"] == "1" or cfg["infer"] == "1":
         xv, yv = batch(torch.Generator().manual_seed(2))
     losses, val = [], []
-    for _ in range(steps):
+    for i in range(steps):
+        if wrap and i == 2:
+            late.update(spill.stats())  # the first two steps record; the rest may follow plans
         opt.zero_grad(set_to_none=cfg["zero"] == "none")
         for _ in range(int(cfg["accum"])):
             x, y = batch(g)
@@ -148,6 +153,8 @@ def train(steps, wrap=None):
             with torch.no_grad():
                 val.append(loss_fn(forward(model, xv), yv).float().item())
             model.train()
+    if wrap and late:
+        late_end.update(spill.stats())
     out = None
     if cfg["infer"] == "1":
         model.eval()
@@ -178,7 +185,8 @@ except Exception as e:  # plain torch refused the configuration
 base_seconds = time.time() - t0
 base_state = state(bm)
 del bm
-st.enable(f"budget:8GiB,swap_threshold:128KiB,sim_granularity:{cfg['gran']}", target="cpu")
+st.enable(f"budget:8GiB,swap_threshold:128KiB,sim_granularity:{cfg['gran']},"
+          f"policy:{cfg['policy']}", target="cpu")
 gc.collect()
 st.reset_peak_memory_stats()
 train(2)
@@ -209,6 +217,10 @@ result = {
     "planned": after["swap.steps_planned"] - before["swap.steps_planned"],
     "quiet_steps": h.quiet_steps,
 }
+if late:  # from the third step to the last (evaluation passes included): planned steps'
+    # figures; the inference after training is left out
+    result["late"] = {k.split(".")[1]: late_end[k] - late[k] for k in (
+        "swap.demand_fetches", "swap.stall_s", "swap.deviations", "swap.steps_planned")}
 ok = all(result[k] for k in ("losses_equal", "val_equal", "out_equal", "params_equal"))
 result["outcome"] = ("ok" if result["bytes_out"] > 0 else "noswap") if ok else "mismatch"
 spill.set_budget(8 << 30)
