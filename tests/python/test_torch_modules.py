@@ -7,13 +7,17 @@ runs in a process of its own (the CPU bridge: a tensor read while swapped out fa
 """
 from __future__ import annotations
 
+import pathlib
+import subprocess
+import sys
 import textwrap
 
 import pytest
 
 pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
-from test_torch_bridge import SIZED_FOR_64K, quiet_preamble, run_ok  # noqa: E402
+from test_torch_bridge import (SIZED_FOR_64K, TARGET, _env, quiet_preamble,  # noqa: E402
+                               run_ok)
 
 # `compare(make, make_opt, data, fraction)` trains `make()` with `make_opt(model)` for `steps`
 # steps on batches `data(generator)`, first with plain torch (before enable() on the CPU
@@ -567,3 +571,99 @@ def test_a_parameter_given_new_storage_after_offload_moves() -> None:
         print("ok")
     """))
     assert "ok" in out
+
+
+# One rank of a two-process DistributedDataParallel run over gloo (the CPU bridge: each
+# process its own simulated device): every variant with plain torch, then enable() and each
+# variant again under offload(ddp, opt) at a fixed budget, compared bit for bit.
+DDP_RANK = """
+import hashlib, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import spill, spill.torch as st
+torch.set_num_threads(1)
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+DDP = nn.parallel.DistributedDataParallel
+class Shift(nn.Module):  # a buffer that moves (256 KiB), written by each forward
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(128, 512))
+    def forward(self, x):
+        self.table.mul_(0.5)
+        return x + self.table[:x.shape[0]]
+def run(variant, wrap):
+    torch.manual_seed(0)
+    layers = [Shift()]
+    for _ in range(6):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    m = nn.Sequential(*layers, nn.Linear(512, 10))
+    ddp = DDP(m, find_unused_parameters=variant == "unused")
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    h = wrap(ddp, opt)
+    g = torch.Generator().manual_seed(1 + rank)
+    losses = []
+    for step in range(5):
+        x, y = torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g)
+        opt.zero_grad(set_to_none=variant != "zeros")
+        if variant == "no_sync":  # two micro-batches, the first without communication
+            with ddp.no_sync():
+                F.cross_entropy(ddp(x[:32]), y[:32]).backward()
+            x, y = x[32:], y[32:]
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if h is not None:  # the buffer waits on the host for the next forward's broadcast
+            ptr = m[0].table.data_ptr()
+            spill.evict(ptr)
+            while spill.residence(ptr) == "swapping_out":
+                time.sleep(0.001)
+    digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes()
+                                   for t in m.state_dict().values())).hexdigest()
+    if h is not None:
+        spill.set_budget(1 << 30)  # remove() makes every block unswappable: resident
+        h.remove()
+    return losses, digest
+VARIANTS = ("default", "zeros", "no_sync", "unused")
+plain = {v: run(v, lambda m, o: None) for v in VARIANTS}
+st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
+def wrap(m, o):
+    h = st.offload(m, o)
+    spill.set_budget(16 << 20)  # under half of the footprint
+    return h
+for v in VARIANTS:
+    before = spill.stats()["swap.bytes_out"]
+    assert run(v, wrap) == plain[v], (v, "differs from plain torch")
+    assert spill.stats()["swap.bytes_out"] > before, (v, "nothing moved")
+try:
+    st.offload(DDP(nn.Linear(512, 512), gradient_as_bucket_view=True))
+    raise AssertionError("gradient_as_bucket_view=True was accepted")
+except spill.Error as e:
+    assert "gradient_as_bucket_view=False" in str(e), e
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.skipif(TARGET != "cpu", reason="two ranks over gloo, each on the CPU bridge")
+def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path) -> None:
+    """A model wrapped in DistributedDataParallel (two processes, gloo), under offload(ddp,
+    opt) at under half its footprint: losses and final state are plain torch's, with
+    gradients kept (zero_grad(set_to_none=False)), under no_sync() and with
+    find_unused_parameters. DDP's reducer copies each gradient into its bucket, and at the
+    end of the backward the averaged bucket back into every gradient, in C++ where no hook
+    runs: offload declared gradients at the engine's next point between nodes, and one moved
+    to the host before the copy back wrote it (a segmentation fault). Under DDP the gradients
+    are now held until the backward ends. With find_unused_parameters DDP keeps its first
+    buckets, which the first step's mode declared because the reducer's ops were given them
+    (a segmentation fault in the second step); under DDP offload's modes now declare only what
+    their ops make. gradient_as_bucket_view=True is refused with a message saying why."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(DDP_RANK))
+    store = tmp_path / "store"
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(store)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in ranks]
+    for r, (p, (out, err)) in enumerate(zip(ranks, outs)):
+        assert p.returncode == 0 and f"ok {r}" in out, f"rank {r}: exit {p.returncode}\n{err}"

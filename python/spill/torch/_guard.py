@@ -71,6 +71,11 @@ class PinEveryOp(TorchDispatchMode):
     window between its hooked regions, _window.py)."""
 
     declares = True
+    # Whether the arguments it pins become swappable too (guard: what a training loop under it
+    # uses). A tensor made before the mode may be used outside aten ops (DDP's gradient
+    # buckets, which its reducer hands to the communication library): offload's own modes
+    # declare only what their ops make.
+    declares_arguments = True
 
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
                  outputs: Optional[Set[int]] = None) -> None:
@@ -151,7 +156,8 @@ class PinEveryOp(TorchDispatchMode):
             if token is None:
                 continue
             held.append((token, wrote))
-            if self.declares and self.declared.get(token.block) != token.generation:
+            if self.declares and self.declares_arguments \
+                    and self.declared.get(token.block) != token.generation:
                 pinner.declare(ptr)
                 self.declared[token.block] = token.generation
 

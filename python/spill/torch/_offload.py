@@ -26,7 +26,9 @@ Which blocks become swappable, and what pins every later use of each:
   host by zeros, declared at once. A gradient autograd makes in parts (the model called twice
   before one backward; a parameter one forward uses several times, as a recurrent layer's
   weights) has its first part, which waits in AccumulateGrad's buffer, declared
-  and pinned at its later uses (_partials.py).
+  and pinned at its later uses (_partials.py). Under DistributedDataParallel, whose reducer
+  copies the averaged gradients back into them when the backward ends (C++, no hook), they
+  are held (undeclared, or pinned) until the backward returns.
 - optimizer state: declared at offload() (what the optimizer has already: Adagrad's sums),
   after each optimizer step (each tensor known by a weak reference:
   a new one at a dead one's id() is declared too), and as ``optimizer.load_state_dict`` makes
@@ -167,11 +169,13 @@ class _BusyLeafOps(PinEveryOp):
     declare what they make while its call runs. If the call raises and its caller catches
     the exception, the mode stays on the stack until the next hook unwinds the frame; the
     caller's code that runs under it meanwhile, whose outputs the caller's frame may read
-    without pins, is pinned op by op but declares nothing."""
+    without pins, is pinned op by op but declares nothing. Under DDP it declares only what
+    its ops make (see _Discovery)."""
 
-    def __init__(self, pinner: Pinner, acts: Any, call: ModuleCall) -> None:
+    def __init__(self, pinner: Pinner, acts: Any, call: ModuleCall, ddp: bool) -> None:
         super().__init__(pinner, None, acts)
         self.call = call
+        self.declares_arguments = not ddp
 
     @property  # type: ignore[override]
     def declares(self) -> bool:
@@ -180,11 +184,17 @@ class _BusyLeafOps(PinEveryOp):
 
 class _Discovery(PinEveryOp):
     """The first step's mode: pins every op (as guard) and notes parameters used while no
-    module that owns them is running."""
+    module that owns them is running. Under DDP it declares what its ops make, not what they
+    were given: a tensor made before (DDP's gradient buckets, which its reducer writes in the
+    backward with aten ops and hands to the communication library) stays put. Elsewhere what
+    its ops are given is declared too, as guard does: a sparse embedding's first step needs
+    it (test_sparse_embedding_gradients_are_pinned_through_their_indices_and_values runs out
+    of memory without)."""
 
     def __init__(self, handle: "OffloadHandle") -> None:
         super().__init__(handle.pinner, handle.steps, handle._acts)
         self.handle = handle
+        self.declares_arguments = not handle._ddp
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         h = self.handle
@@ -232,6 +242,10 @@ class OffloadHandle:
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends
         self._bw_pending: List[Tuple[Token, bool]] = []
         self._fresh: List[Any] = []  # weak references to parameters whose gradient is new
+        # The model's DistributedDataParallel wrappers: their reducer reads and writes the
+        # gradients, and their forward broadcasts the buffers, in C++ where no hook sees it.
+        self._ddp = _ddp_modules(model)
+        self._ddp_held: List[Tuple[Token, bool]] = []  # gradients held until backward ends
         self._hooks: List[Any] = []  # the parameters' gradient hooks
         self._module_hooks: Dict[torch.nn.Module, List[Any]] = {}  # forward pre/post hooks
         self._grad_hooked: Dict[int, Any] = {}  # id() -> weak reference (ids are reused)
@@ -550,6 +564,7 @@ class OffloadHandle:
         self._unwind_quiet()
         self._release_frame(self._step_frame)
         self._release_backward()
+        self._release_held_gradients()
         self._release_recomputed()
         self._parts.forget()
         self.steps.end()
@@ -659,7 +674,7 @@ class OffloadHandle:
             # since the children's code might read a tensor of theirs not passed to them: only
             # what autograd saves moves.
             leaf = next(module.children(), None) is None
-            frame.ops = _BusyLeafOps(self.pinner, self._acts, frame.call) if leaf \
+            frame.ops = _BusyLeafOps(self.pinner, self._acts, frame.call, bool(self._ddp)) if leaf \
                 else _PinOps(self.pinner)
             frame.ops.__enter__()
         frames.append(frame)
@@ -798,6 +813,7 @@ class OffloadHandle:
         if not self.steps.manage and new_step:
             self._release_frame(self._step_frame)
             self._release_backward()
+            self._release_held_gradients()
         if not self._discovered and self._discovery is None:
             self._discovery = _Discovery(self)
             self._discovery.__enter__()
@@ -820,6 +836,7 @@ class OffloadHandle:
             self._boundary = not self.steps.manage
             self._began_step = True
             self._release_backward()  # pins an abandoned backward left
+            self._release_held_gradients()
             self._parts.forget()
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
             if self._outside:
@@ -872,6 +889,7 @@ class OffloadHandle:
             self._parts.forget()
             self._release_frame(self._step_frame)
             self._release_backward()
+            self._release_held_gradients()
             self._boundary = True
             self._step_over = True
         self._window.leave(self)
@@ -1088,7 +1106,7 @@ class OffloadHandle:
             self._release_backward()
         if self._window.kept:
             self._window.release_kept()
-        if self._fresh:
+        if self._fresh and not self._ddp:
             self._declare_fresh()
 
     def _grad_hook(self, p: torch.nn.Parameter) -> Any:
@@ -1097,7 +1115,7 @@ class OffloadHandle:
         def hook(grad: torch.Tensor) -> None:
             self._safe_point(grad)
             self._step_over = True
-            if self._fresh:
+            if self._fresh and not self._ddp:
                 self._declare_fresh()
             param = ref()
             if param is None or state.forked_child:
@@ -1112,12 +1130,14 @@ class OffloadHandle:
                     self._bw_pending.append((token, _Read(param)))
             if param.grad is not None:
                 # AccumulateGrad is about to add into the existing gradient (a sparse one:
-                # into its indices and values).
+                # into its indices and values). Under DDP its reducer copies the averaged
+                # gradients back into every gradient when the backward ends: held till then.
                 stream = self.pinner.stream()
+                held = self._ddp_held if self._ddp else self._bw_pending
                 for t in (param.grad,) + components(param.grad):
                     token = self._pin(t, stream)
                     if token is not None:
-                        self._bw_pending.append((token, True))
+                        held.append((token, True))
             elif self._persistent and not self._quiet:
                 # AccumulateGrad is about to make its gradient (a quiet step, which has room,
                 # leaves it to the optimizer step).
@@ -1153,6 +1173,7 @@ class OffloadHandle:
                 return original(*args, **kwargs)
             self._window.enter(self)
             self._release_backward()
+            self._release_held_gradients()
             self._release_recomputed()
             self._policy.claim()
             quiet = self._quiet
@@ -1201,6 +1222,7 @@ class OffloadHandle:
         passes before one step (gradient accumulation) do not hold them resident. Their later
         uses are pinned as before: the window's ops, the gradient hook of the next backward,
         the optimizer step."""
+        self._release_held_gradients()
         if self._fresh and not state.forked_child:
             self._declare_fresh()
         self._release_recomputed()
@@ -1217,6 +1239,7 @@ class OffloadHandle:
         """A ``loss.backward()`` in the window raised (out of memory): the nodes its graphs'
         partial gradients hooked are let go (_partials.py), so that the graph goes with the
         caller's last reference to it."""
+        self._release_held_gradients()
         self._parts.forget()
 
     def _declare_gradients(self, quiet: bool) -> None:
@@ -1369,6 +1392,12 @@ class OffloadHandle:
         if pending:
             self._release_tokens(pending)
 
+    def _release_held_gradients(self) -> None:
+        """The gradients a DDP backward held until it ended (see _grad_hook)."""
+        held, self._ddp_held = self._ddp_held, []
+        if held:
+            self._release_tokens(held)
+
     def _unwind(self, depth: int) -> None:
         while len(self._frames) > depth:
             frame = self._frames.pop()
@@ -1510,6 +1539,26 @@ def _data_pointers(m: torch.nn.Module) -> Tuple[int, ...]:
 def _same(old: tuple, now: Any) -> bool:
     """Whether a module's parameters (or buffers) ``now`` are the objects ``old`` holds."""
     return len(old) == len(now) and all(a is b for a, b in zip(old, now))
+
+
+def _ddp_modules(model: torch.nn.Module) -> Set[torch.nn.Module]:
+    """The DistributedDataParallel modules in ``model`` (itself included). Raises spill.Error
+    for one whose gradients are views of its buckets: its reducer writes them, and the
+    communication library reads them, outside every hook, from the first backward on."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return set()
+    found = {m for m in model.modules() if isinstance(m, DistributedDataParallel)}
+    for m in found:
+        if getattr(m, "gradient_as_bucket_view", False):
+            raise Error(
+                "spill.torch.offload: DistributedDataParallel(gradient_as_bucket_view=True) "
+                "keeps the gradients in DDP's buckets, which its reducer writes and the "
+                "communication library reads where no hook of spill's runs, so they could be "
+                "on the host then. Pass gradient_as_bucket_view=False (the default): DDP "
+                "copies each gradient into its bucket, and the gradients can move")
+    return found
 
 
 def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
