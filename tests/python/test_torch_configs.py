@@ -14,12 +14,13 @@ pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-
 from test_torch_bridge import (AT_A_THIRD, MATCHES_PLAIN_TORCH, SIZED_FOR_64K,  # noqa: E402
                                TARGET, quiet_preamble, run_ok)
 
-# Six 1 MiB weights, a batch of 16 (or `batch`), `make_opt(params)` the optimizer; `train` returns
-# the losses, the model and offload's handle (wrap's result).
+# Six 1 MiB weights, a batch of 16 (or `batch`), `make_opt(params)` the optimizer, the forward
+# and loss under bf16 autocast with `amp`; `train` returns the losses, the model and offload's
+# handle (wrap's result).
 LOOP = textwrap.indent("""
 import gc
 import torch.nn as nn
-def train(make_opt, wrap=lambda m, o: None, steps=4, batch=16):
+def train(make_opt, wrap=lambda m, o: None, steps=4, batch=16, amp=False):
     torch.manual_seed(0)
     layers = []
     for _ in range(6):
@@ -33,7 +34,8 @@ def train(make_opt, wrap=lambda m, o: None, steps=4, batch=16):
         x = torch.randn(batch, 512, generator=g).to(dev)
         y = torch.randint(0, 10, (batch,), generator=g).to(dev)
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(m(x), y)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -157,6 +159,77 @@ def test_the_batch_is_pinned_only_while_the_model_uses_it() -> None:
             return h
         before = spill.stats()
         losses, m, h = train(sgd, wrap, batch=1024)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_the_batch_moves_under_autocast_where_nothing_saves_it() -> None:
+    """A CNN (ten 16-channel convolutions with batch norm, a batch of 16 32x32 images) with
+    Adam, its forward and loss under bf16 autocast, at a third of its footprint (4.5 MiB):
+    losses and parameters are plain torch's. Under autocast the first convolution saves the
+    bf16 cast of the batch, not the batch, so the pack hook never saw it: the 192 KiB batch
+    stayed resident and undeclared through every step, and the second step ran out of memory
+    ("512.00 KiB pinned and 1.69 MiB never declared swappable"; the sweep's
+    model=cnn,amp=bf16). An entry's tensor arguments are now declared when its training
+    forward begins; they are pinned while the forward uses them, and by the window's mode
+    after it."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import gc
+        import torch.nn as nn
+        def train(wrap=lambda m, o: None, steps=4):
+            torch.manual_seed(0)
+            layers = [nn.Conv2d(3, 16, 3, padding=1)]
+            for _ in range(10):
+                layers += [nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+            m = nn.Sequential(*layers, nn.MaxPool2d(2), nn.Flatten(),
+                              nn.Linear(16 * 16 * 16, 10)).to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(steps):
+                x = torch.randn(16, 3, 32, 32, generator=g).to(dev)
+                y = torch.randint(0, 10, (16,), generator=g).to(dev)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses, m, h
+""" + AGAINST_PLAIN_TORCH)
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_busy_layers_backward_under_autocast_declares_what_it_makes() -> None:
+    """The MLP with plain SGD, a batch of 1024 and its forward and loss under bf16 autocast
+    (footprint 20 MiB) trains as plain torch in a 6 MiB budget. Each Linear is busy there (its
+    own code makes the bf16 casts of its input and weight and its output: more than a quarter
+    of the budget), and its backward is one node holding the incoming gradient while it makes
+    the input gradient and the bf16 weight gradient: before, none of them was declared until
+    the engine handed it on, and the backward ran out of memory below 7 MiB ("1.50 MiB
+    pinned and 2.50 MiB never declared swappable"). Now the backward of a busy module
+    without children runs as its forward does (_regions.py): what each op makes is declared,
+    so the input gradient can move while the weight gradient is made."""
+    out = run_ok(quiet_preamble("1GiB") + LOOP + """
+        sgd = lambda params: torch.optim.SGD(params, lr=0.01)
+        base, bm, _ = train(sgd, batch=1024, amp=True)
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget(6 << 20)
+            return h
+        before = spill.stats()
+        losses, m, h = train(sgd, wrap, batch=1024, amp=True)
         after = spill.stats()
 """ + MATCHES_PLAIN_TORCH + """
         spill.set_budget(1 << 30)
@@ -460,3 +533,18 @@ def test_a_model_whose_blocks_the_cache_resizes_follows_its_plan() -> None:
     planned = int(words[words.index("planned") + 1])
     deviations = int(words[words.index("deviations") + 1])
     assert planned >= 3 and deviations <= 1, out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity")
+def test_a_recurrent_module_calls_backward_declares_the_gradients_it_makes() -> None:
+    """A two-layer nn.LSTM over 32 time steps with a batch of 128 and Adam at a third of the
+    footprint: losses and parameters are plain torch's. On the CPU the LSTM projects each
+    layer's whole input sequence at once and unbinds it into the time steps; in backward the
+    gradient of each step's gates (1 MiB) waits in UnbindBackward's buffer until the last one
+    arrives, then all 32 are stacked. Nothing in that one module's backward declared them: the
+    second step's backward ran out of memory ("36.00 MiB never declared swappable"; the
+    sweep's model=lstm,batch=large). Now the backward of a busy module without children runs
+    as its forward does, each op pinned and what it makes declared (_regions.py)."""
+    out = run_ok(quiet_preamble("1GiB") + recurrent("LSTM", batch=128, steps=3)
+                 + AGAINST_PLAIN_TORCH)
+    assert "ok" in out

@@ -41,13 +41,13 @@ OPTIMIZERS = ["sgd", "sgd_nesterov", "sgd_wd", "adam", "adamw", "adam_amsgrad", 
 DEFAULTS: Dict[str, str] = {
     "model": "mlp", "opt": "adam", "loss": "ce", "batch": "small", "budget": "3",
     "gran": "64KiB", "quiet": "default", "zero": "none", "sched": "none", "eval": "0",
-    "infer": "0", "steps": "4",
+    "infer": "0", "steps": "4", "amp": "none",
 }
 AXES: Dict[str, List[str]] = {
     "model": MODELS, "opt": OPTIMIZERS, "loss": ["ce", "mse"], "batch": ["small", "large"],
     "budget": ["2", "3", "4", "0.25"], "gran": ["64KiB", "2MiB"], "quiet": ["default", "off"],
     "zero": ["none", "zeros"], "sched": ["none", "step", "onecycle"], "eval": ["0", "1"],
-    "infer": ["0", "1"],
+    "infer": ["0", "1"], "amp": ["none", "bf16"],
 }
 
 
@@ -81,7 +81,9 @@ def matrix(kind: str, seed: int) -> List[Dict[str, str]]:
                         out.append(parse(f"model={model},{axis}={v}"))
         rng = random.Random(seed)
         for _ in range(40):
-            out.append({k: rng.choice(AXES[k]) if k in AXES else DEFAULTS[k] for k in DEFAULTS})
+            # (amp, added later, is left out: the sample stays the one docs/pytorch.md counts)
+            out.append({k: rng.choice(AXES[k]) if k in AXES and k != "amp" else DEFAULTS[k]
+                        for k in DEFAULTS})
     seen, unique = set(), []
     for cfg in out:
         if name(cfg) not in seen:
@@ -251,7 +253,11 @@ def train(steps, wrap=None):
     for _ in range(steps):
         x, y = batch(g)
         opt.zero_grad(set_to_none=cfg["zero"] == "none")
-        loss = loss_fn(model(x), y)
+        if cfg["amp"] == "bf16":  # the CPU's autocast (the bridge has no fp16 one)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(model(x), y)
+        else:
+            loss = loss_fn(model(x), y)
         loss.backward()
         opt.step()
         if sched is not None:

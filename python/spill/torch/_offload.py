@@ -115,6 +115,7 @@ from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, l
                     storage)
 from ._quiet import QuietSteps
 from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
+from ._regions import BackwardRegions
 from ._state import state
 from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
 from ._window import _dispatch_stack, _remove, window
@@ -127,7 +128,7 @@ class _Frame:
     OffloadHandle._busy) holds none of what its code makes: its ``ops`` mode pins each op of
     its own code instead."""
     __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs", "ops",
-                 "call")
+                 "call", "argument_nodes")
 
     def __init__(self, module: Optional[torch.nn.Module],
                  call: Optional[ModuleCall] = None) -> None:
@@ -139,6 +140,8 @@ class _Frame:
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
         self.ops: Optional[PinEveryOp] = None
+        # A busy module without children in grad mode: its arguments' grad_fn (_regions.py).
+        self.argument_nodes: Optional[List[Any]] = None
 
 
 class _Read:
@@ -314,6 +317,8 @@ class OffloadHandle:
         self._unpin = self.pinner.unpin
         # Gradients made in parts (the model called twice before one backward): _partials.py.
         self._parts = PartialGradients(self.pinner, self._persistent, _between(self))
+        # The backward of busy modules without children (nn.LSTM): _regions.py.
+        self._regions = BackwardRegions(self.pinner, self._persistent, _between(self))
         # Forwards a backward recomputes (activation checkpointing): _recompute.py.
         self._recompute = Recomputation(self.pinner)
         self._recomputing = False  # in the window's recomputing set
@@ -657,6 +662,14 @@ class OffloadHandle:
                         held.append(token)
                     else:
                         tokens.append((token, True))
+        if root and frame.inputs and torch.is_grad_enabled() and self._eval_ops is None:
+            # The batch moves like an activation even when nothing saves it (under autocast
+            # the first layer saves its cast): pinned as above, by the ops of a busy entry,
+            # and by the window's mode after the forward.
+            declare, persistent = self.pinner.declare, self._persistent
+            for ptr in frame.inputs:
+                if ptr not in persistent and declare(ptr):
+                    self._acts.add(ptr)
         frames = self._frames
         if frames:
             parent = frames[-1]
@@ -676,6 +689,9 @@ class OffloadHandle:
             leaf = next(module.children(), None) is None
             frame.ops = _BusyLeafOps(self.pinner, self._acts, frame.call, bool(self._ddp)) if leaf \
                 else _PinOps(self.pinner)
+            if leaf and torch.is_grad_enabled():  # its backward too (_regions.py)
+                frame.argument_nodes = [t.grad_fn for t in leaves(args) if
+                                        isinstance(t, torch.Tensor) and t.grad_fn is not None]
             frame.ops.__enter__()
         frames.append(frame)
         if root and torch.is_grad_enabled():
@@ -733,6 +749,9 @@ class OffloadHandle:
             self._declare_computed(module)
         frame = frames.pop()
         self._leave_ops(frame)
+        if frame.argument_nodes is not None:
+            self._regions.module_ended(output, frame.argument_nodes)
+            frame.argument_nodes = None
         parent = frames[-1] if frames else self._step_frame
         stream = self.pinner.stream()
         grad = torch.is_grad_enabled()
