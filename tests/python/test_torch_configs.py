@@ -548,3 +548,59 @@ def test_a_recurrent_module_calls_backward_declares_the_gradients_it_makes() -> 
     out = run_ok(quiet_preamble("1GiB") + recurrent("LSTM", batch=128, steps=3)
                  + AGAINST_PLAIN_TORCH)
     assert "ok" in out
+
+
+def test_out_of_memory_in_a_backward_says_what_the_engine_holds() -> None:
+    """An out-of-memory error inside an armed step's backward (a node that makes two 7 MiB
+    temporaries in a 12 MiB budget) says that it happened in a backward, how much of what it calls never
+    declared swappable was so when the backward began, and that the rest is in the autograd
+    engine's hands (its working set, not a declaration spill.torch forgot); an out-of-memory
+    error after the backward no longer says so. The breakdown alone read as a spill bug."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import torch.nn as nn
+        wide = [False]
+        class Wide(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+            @staticmethod
+            def backward(ctx, g):
+                if not wide[0]:
+                    return g
+                a = torch.ones(7 << 18, device=g.device)
+                b = torch.ones(7 << 18, device=g.device)
+                return g + (a[0] + b[0] - 2)
+        enable()
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        h = st.offload(m, opt, quiet=False)
+        spill.set_budget(12 << 20)
+        for step in range(3):
+            wide[0] = step == 1  # (the first step's backward runs every op under a mode)
+            x = torch.randn(16, 512, device=dev)
+            opt.zero_grad(set_to_none=True)
+            loss = Wide.apply(m(x)).square().mean()
+            try:
+                loss.backward()
+            except torch.cuda.OutOfMemoryError as e:
+                text = str(e)
+                break
+            opt.step()
+        assert step == 1, step
+        assert "never declared swappable" in text, text
+        assert "this happened in a backward" in text, text
+        assert "MiB was so when the backward began" in text, text
+        assert "the autograd engine has not handed on" in text, text
+        del loss
+        try:
+            torch.empty(13 << 20, dtype=torch.uint8, device=dev)
+        except torch.cuda.OutOfMemoryError as e:
+            assert "in a backward" not in str(e), str(e)
+        else:
+            raise AssertionError("13 MiB fit in a 12 MiB budget")
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out

@@ -12,7 +12,9 @@ Which blocks become swappable, and what pins every later use of each:
   between modules only ever touches pinned or undeclared blocks. A busy module (one whose
   frame would hold over a quarter of the budget that way, as the first step measured: a
   forward written in one module) runs its own code with every op pinned instead, and holds
-  none of it (OffloadHandle._busy). The input batch is pinned by
+  none of it (OffloadHandle._busy); one without children (nn.LSTM) runs its backward so too
+  (_regions.py). The input batch is declared when the entry's training forward begins (also
+  when nothing saves it: autocast saves its cast) and pinned by
   the entry (an nn.Sequential: until its first child has pinned it) and by the module that
   saves it, until they end: the loop's code after the forward runs in the window. In backward
   the unpack hook pins them (the plan's prefetches are issued ahead of it); the pins are
@@ -82,7 +84,8 @@ line). Modes change at step boundaries only (the first forward after optimizer.s
 after a quiet step ran out of memory; without an optimizer, every forward); activations
 declared by armed steps and still alive are made unswappable before the first quiet step.
 Out of memory in a quiet step is torch.cuda.OutOfMemoryError saying so (spill_set_oom_note),
-and the next step is armed.
+and the next step is armed; in a backward, the note says what the autograd engine holds
+(QuietSteps.backward_begins).
 Parameters and buffers that the first step's forward used outside every module of the model
 (``loss = crit(model(x)) + c * model.fc.weight.square().sum()``) are pinned from the first
 forward of each later step until it ends: no module hook would pin those uses.
@@ -798,17 +801,21 @@ class OffloadHandle:
     def _claim_in_backward(self, output: Any) -> None:
         """The model's backward will begin with a gradient of its output: the out-of-memory
         note is this step's from there (another model may have run a step since the
-        forward)."""
+        forward), and says what is in the backward's hands (QuietSteps.backward_begins)."""
         if torch.is_grad_enabled() and not state.forked_child:
             for t in leaves(output):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(self._claim_note)
 
     def _claim_note(self, grad: torch.Tensor) -> None:
-        self._policy.claim()
+        if self._policy.during:
+            self._policy.claim()
+        else:  # a backward the window did not see begin (torch.autograd.backward)
+            self._policy.backward_begins()
 
     def _begin_forward(self, module: torch.nn.Module) -> None:
         self.forwards += 1
+        self._policy.backward_ends()  # (a torch.autograd.backward the window did not see)
         # Without an optimizer, a step begins at each root forward; at a submodule's entry
         # only after a backward (or outside grad mode, where nothing is kept for one): code
         # between two entries of one step may still read the first one's outputs.
@@ -1194,6 +1201,7 @@ class OffloadHandle:
             self._release_backward()
             self._release_held_gradients()
             self._release_recomputed()
+            self._policy.backward_ends()
             self._policy.claim()
             quiet = self._quiet
             self._declare_gradients(quiet)
@@ -1235,6 +1243,12 @@ class OffloadHandle:
             return result
         return step
 
+    def backward_begins(self) -> None:
+        """A ``loss.backward()`` in the window begins (_window.py): the out-of-memory note says
+        what the backward holds from here (QuietSteps.backward_begins)."""
+        if not state.forked_child:
+            self._policy.backward_begins()
+
     def backward_done(self) -> None:
         """A ``loss.backward()`` in the window ended (_window.py): the gradients made after
         the last gradient hook are declared too (see _declare_fresh), so that several backward
@@ -1246,6 +1260,7 @@ class OffloadHandle:
             self._declare_fresh()
         self._release_recomputed()
         self._parts.forget()  # a forward after this one begins new graphs
+        self._policy.backward_ends()
 
     def graph_built(self, results: Any) -> None:
         """``torch.autograd.grad(..., create_graph=True)`` in the window returned ``results``
@@ -1260,6 +1275,7 @@ class OffloadHandle:
         caller's last reference to it."""
         self._release_held_gradients()
         self._parts.forget()
+        self._policy.backward_ends()
 
     def _declare_gradients(self, quiet: bool) -> None:
         """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's

@@ -57,6 +57,11 @@ class _StatsHead(ctypes.Structure):
                 ("swapped_out_bytes", ctypes.c_uint64), ("host_pinned_bytes", ctypes.c_uint64),
                 ("allocations", ctypes.c_uint64), ("frees", ctypes.c_uint64),
                 ("cache_hits", ctypes.c_uint64), ("ooms", ctypes.c_uint64)]
+    _fields_ += [(name, ctypes.c_uint64) for name in (
+        "swap_out_bytes_total", "swap_in_bytes_total", "swap_outs", "swap_ins",
+        "clean_evictions", "prefetches", "prefetch_hits", "demand_fetches",
+        "evictions_reactive", "evictions_planned", "stale_unpins", "pinned_bytes",
+        "unswappable_bytes")]
 
 
 def _check(lib: Any, status: int) -> None:
@@ -99,6 +104,7 @@ class QuietSteps:
         self.budget = 0
         self.reason = ""            # why the current step is armed, when it is
         self.text = ""              # this handle's out-of-memory note ("" when armed)
+        self.during = ""            # ... and while its backward runs (backward_begins)
         self._lib = library()
         self.ooms = 0               # out-of-memory errors raised while this handle's step ran
         self._ooms: Optional[int] = None  # ... as of the last boundary
@@ -193,9 +199,35 @@ class QuietSteps:
         if claim is None or claim[0]() is not self:
             st = self._settle()
             _claims[self.device] = [self._ref, st.ooms]
-        if _notes.get(self.device, "") != self.text:
-            _check(self._lib, self._lib.spill_set_oom_note(self.device, self.text.encode()))
-            _notes[self.device] = self.text
+        note = f"{self.text} {self.during}".strip()
+        if _notes.get(self.device, "") != note:
+            _check(self._lib, self._lib.spill_set_oom_note(self.device, note.encode()))
+            _notes[self.device] = note
+
+    def backward_begins(self) -> None:
+        """This handle's backward begins (its output's gradient arrived): until it ends, an
+        out-of-memory message says which of the bytes it calls never declared swappable were
+        so before (spill's count of them now) and what the rest is. The autograd engine runs
+        each node with no hook inside: the gradients a node has received and made are in its
+        hands, undeclared, until it hands them on (offload declares at points between nodes),
+        which a breakdown alone would show as a declaration spill.torch forgot."""
+        st = self._stats()
+        self.during = (
+            f"spill.torch.offload: this happened in a backward. Of what this message calls "
+            f"never declared swappable, {_mib(st.unswappable_bytes)} was so when the backward "
+            f"began (tensors no hook declares, such as those the training loop keeps); "
+            f"the rest is what the backward made since and the autograd engine has not handed "
+            f"on: the gradients the running node received and is making, gradients waiting in "
+            f"a node's buffer for its other parts, a checkpointed region's recomputation. That "
+            f"is the backward's working set, not a leak: raise the budget or use a smaller "
+            f"batch.")
+        self.claim()
+
+    def backward_ends(self) -> None:
+        """This handle's backward ended (returned or raised), or its next step began."""
+        if self.during:
+            self.during = ""
+            self.claim()
 
     def message(self) -> str:
         return (f"spill.torch.offload ran this step quiet, without swapping activations: the "
@@ -205,7 +237,7 @@ class QuietSteps:
 
     def forget(self) -> None:
         """The handle is removed: its note goes (another handle's stays)."""
-        mine = self.text and _notes.get(self.device) == self.text
-        self.text = ""
+        mine = _notes.get(self.device) == f"{self.text} {self.during}".strip() != ""
+        self.text = self.during = ""
         if mine:
             self.claim()

@@ -187,6 +187,8 @@ class _HostUses(TorchFunctionMode):
 
     def _backward(self, func: Any, args: Any, kwargs: Any) -> Any:
         window = self.window
+        for handle in list(window.handles):
+            handle.backward_begins()
         window.suspend()
         try:
             result = func(*args, **kwargs)
