@@ -30,6 +30,7 @@ import torch
 from ._optimizer import DeclareMade
 from ._pins import Pinner, components, leaves
 from ._state import state
+from ._window import _dispatch_stack
 
 
 class BackwardRegions:
@@ -43,6 +44,8 @@ class BackwardRegions:
         self.persistent = persistent
         self.safe_point = safe_point
         self.mode = DeclareMade(pinner)
+        # Pushed without __enter__, whose bookkeeping (torch 2) expects an __exit__.
+        self._push = _dispatch_stack()[1]
         self.nodes = 0  # nodes hooked so far (tests, docs)
 
     def module_ended(self, output: Any, argument_nodes: Sequence[Any]) -> None:
@@ -83,7 +86,7 @@ class BackwardRegions:
     def _enter(self, grad_outputs: Any) -> None:
         # A backward that makes a graph (create_graph) records these ops: left as they are.
         if not torch.is_grad_enabled() and not state.forked_child:
-            self.mode.__enter__()  # (popped by the engine after the node: see above)
+            self._push(self.mode)  # (popped by the engine after the node: see above)
 
     def _leave(self, out: List[int]) -> Any:
         pinner, persistent = self.pinner, self.persistent
