@@ -85,6 +85,30 @@ def against_plain_torch(enable: str = "enable()") -> str:
 AGAINST_PLAIN_TORCH = against_plain_torch()
 
 
+def sgd_at_a_budget_of(mib: int, args: str) -> str:
+    """The end of a LOOP scenario: its MLP with plain SGD and train()'s ``args`` (e.g.
+    ``batch=1024``), plain torch, then enable() and the same run under offload() at ``mib``
+    MiB, compared with plain torch's."""
+    return f"""
+        sgd = lambda params: torch.optim.SGD(params, lr=0.01)
+        base, bm, _ = train(sgd, {args})
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget({mib} << 20)
+            return h
+        before = spill.stats()
+        losses, m, h = train(sgd, wrap, {args})
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """
+
+
 def recurrent(kind: str, batch: int, steps: int) -> str:
     """A scenario's train(): a two-layer nn.LSTM or nn.GRU (``kind``) over 32 time steps and a
     Linear head on the last one, Adam, ``steps`` steps of ``batch`` sequences."""
@@ -147,24 +171,7 @@ def test_the_batch_is_pinned_only_while_the_model_uses_it() -> None:
     second step's backward ran out of memory below 12 MiB (half the footprint: "the swapper
     cannot evict 5.00 MiB pinned and 4.00 MiB never declared swappable"; found by
     torch_sweep.py, model=mlp,opt=sgd,batch=large)."""
-    out = run_ok(quiet_preamble("1GiB") + LOOP + """
-        sgd = lambda params: torch.optim.SGD(params, lr=0.01)
-        base, bm, _ = train(sgd, batch=1024)
-        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
-        del bm
-        enable()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(10 << 20)
-            return h
-        before = spill.stats()
-        losses, m, h = train(sgd, wrap, batch=1024)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
-        print("ok")
-    """)
+    out = run_ok(quiet_preamble("1GiB") + LOOP + sgd_at_a_budget_of(10, "batch=1024"))
     assert "ok" in out
 
 
@@ -218,24 +225,7 @@ def test_a_busy_layers_backward_under_autocast_declares_what_it_makes() -> None:
     pinned and 2.50 MiB never declared swappable"). Now the backward of a busy module
     without children runs as its forward does (_regions.py): what each op makes is declared,
     so the input gradient can move while the weight gradient is made."""
-    out = run_ok(quiet_preamble("1GiB") + LOOP + """
-        sgd = lambda params: torch.optim.SGD(params, lr=0.01)
-        base, bm, _ = train(sgd, batch=1024, amp=True)
-        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
-        del bm
-        enable()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(6 << 20)
-            return h
-        before = spill.stats()
-        losses, m, h = train(sgd, wrap, batch=1024, amp=True)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
-        print("ok")
-    """)
+    out = run_ok(quiet_preamble("1GiB") + LOOP + sgd_at_a_budget_of(6, "batch=1024, amp=True"))
     assert "ok" in out
 
 
