@@ -573,16 +573,21 @@ def test_a_parameter_given_new_storage_after_offload_moves() -> None:
     assert "ok" in out
 
 
-# One rank of a two-process DistributedDataParallel run over gloo (the CPU bridge: each
-# process its own simulated device): every variant with plain torch, then enable() and each
-# variant again under offload(ddp, opt) at a fixed budget, compared bit for bit.
+# One rank of a DistributedDataParallel run: on the CPU bridge two processes over gloo (each
+# its own simulated device), on CUDA one over NCCL. Every variant with plain torch (on CUDA
+# with spill installed, no hooks), then each again under offload(ddp, opt) at under half of
+# the footprint, compared bit for bit.
 DDP_RANK = """
 import hashlib, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 import spill, spill.torch as st
 torch.set_num_threads(1)
-rank, store = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+rank, store, world, dev = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+CONF = "budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB"
+if dev == "cuda":
+    st.enable(CONF)
+dist.init_process_group("gloo" if dev == "cpu" else "nccl", init_method="file://" + store,
+                        rank=rank, world_size=world)
 DDP = nn.parallel.DistributedDataParallel
 class Shift(nn.Module):  # a buffer that moves (256 KiB), written by each forward
     def __init__(self):
@@ -596,7 +601,7 @@ def run(variant, wrap):
     layers = [Shift()]
     for _ in range(6):
         layers += [nn.Linear(512, 512), nn.ReLU()]
-    m = nn.Sequential(*layers, nn.Linear(512, 10))
+    m = nn.Sequential(*layers, nn.Linear(512, 10)).to(dev)
     ddp = DDP(m, find_unused_parameters=variant == "unused")
     opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
     h = wrap(ddp, opt)
@@ -604,6 +609,7 @@ def run(variant, wrap):
     losses = []
     for step in range(5):
         x, y = torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g)
+        x, y = x.to(dev), y.to(dev)
         opt.zero_grad(set_to_none=variant != "zeros")
         if variant == "no_sync":  # two micro-batches, the first without communication
             with ddp.no_sync():
@@ -618,7 +624,7 @@ def run(variant, wrap):
             spill.evict(ptr)
             while spill.residence(ptr) == "swapping_out":
                 time.sleep(0.001)
-    digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes()
+    digest = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes()
                                    for t in m.state_dict().values())).hexdigest()
     if h is not None:
         spill.set_budget(1 << 30)  # remove() makes every block unswappable: resident
@@ -626,17 +632,21 @@ def run(variant, wrap):
     return losses, digest
 VARIANTS = ("default", "zeros", "no_sync", "unused")
 plain = {v: run(v, lambda m, o: None) for v in VARIANTS}
-st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
+if dev == "cpu":
+    st.enable(CONF, target="cpu")
+    budget = 16 << 20  # under half of the footprint
+else:  # the plain runs were in spill's memory: their peak is the footprint
+    budget = st.max_memory_allocated() // 2
 def wrap(m, o):
     h = st.offload(m, o)
-    spill.set_budget(16 << 20)  # under half of the footprint
+    spill.set_budget(budget)
     return h
 for v in VARIANTS:
     before = spill.stats()["swap.bytes_out"]
     assert run(v, wrap) == plain[v], (v, "differs from plain torch")
     assert spill.stats()["swap.bytes_out"] > before, (v, "nothing moved")
 try:
-    st.offload(DDP(nn.Linear(512, 512), gradient_as_bucket_view=True))
+    st.offload(DDP(nn.Linear(512, 512).to(dev), gradient_as_bucket_view=True))
     raise AssertionError("gradient_as_bucket_view=True was accepted")
 except spill.Error as e:
     assert "gradient_as_bucket_view=False" in str(e), e
@@ -645,7 +655,6 @@ print("ok", rank)
 """
 
 
-@pytest.mark.skipif(TARGET != "cpu", reason="two ranks over gloo, each on the CPU bridge")
 def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path) -> None:
     """A model wrapped in DistributedDataParallel (two processes, gloo), under offload(ddp,
     opt) at under half its footprint: losses and final state are plain torch's, with
@@ -657,13 +666,16 @@ def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path)
     are now held until the backward ends. With find_unused_parameters DDP keeps its first
     buckets, which the first step's mode declared because the reducer's ops were given them
     (a segmentation fault in the second step); under DDP offload's modes now declare only what
-    their ops make. gradient_as_bucket_view=True is refused with a message saying why."""
+    their ops make. gradient_as_bucket_view=True is refused with a message saying why. On CUDA
+    (one rank over NCCL, bench/gpu/run_all.sh) it has not run yet."""
     script = tmp_path / "rank.py"
     script.write_text(textwrap.dedent(DDP_RANK))
     store = tmp_path / "store"
-    ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(store)], env=_env(),
+    world = 2 if TARGET == "cpu" else 1
+    ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(store), str(world),
+                               "cpu" if TARGET == "cpu" else "cuda"], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
+             for r in range(world)]
     outs = [p.communicate(timeout=300) for p in ranks]
     for r, (p, (out, err)) in enumerate(zip(ranks, outs)):
         assert p.returncode == 0 and f"ok {r}" in out, f"rank {r}: exit {p.returncode}\n{err}"
