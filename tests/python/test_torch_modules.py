@@ -668,10 +668,15 @@ def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path)
     (a segmentation fault in the second step); under DDP offload's modes now declare only what
     their ops make. gradient_as_bucket_view=True is refused with a message saying why. On CUDA
     (one rank over NCCL, bench/gpu/run_all.sh) it has not run yet."""
+    run_ranks(DDP_RANK, tmp_path, 2 if TARGET == "cpu" else 1)
+
+
+def run_ranks(code: str, tmp_path: pathlib.Path, world: int) -> None:
+    """Runs ``code`` in ``world`` processes (arguments: rank, a file store, world, device)
+    and asserts that each printed "ok RANK"."""
     script = tmp_path / "rank.py"
-    script.write_text(textwrap.dedent(DDP_RANK))
+    script.write_text(textwrap.dedent(code))
     store = tmp_path / "store"
-    world = 2 if TARGET == "cpu" else 1
     ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(store), str(world),
                                "cpu" if TARGET == "cpu" else "cuda"], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -679,3 +684,70 @@ def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path)
     outs = [p.communicate(timeout=300) for p in ranks]
     for r, (p, (out, err)) in enumerate(zip(ranks, outs)):
         assert p.returncode == 0 and f"ok {r}" in out, f"rank {r}: exit {p.returncode}\n{err}"
+
+
+# One rank of two training the same MLP on their own batches with ZeroRedundancyOptimizer
+# (each owns half of Adam's state; after its step each broadcasts the parameters it owns into
+# the other's), over gloo on the CPU bridge: plain torch, then under offload(model, opt) at
+# 10 MiB, every parameter sent to the host before each step.
+ZERO_RANK = """
+import hashlib, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import spill, spill.torch as st
+from torch.distributed.optim import ZeroRedundancyOptimizer
+torch.set_num_threads(1)
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+def run(wrap):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    m = nn.Sequential(*layers, nn.Linear(512, 10))
+    opt = ZeroRedundancyOptimizer(m.parameters(), optimizer_class=torch.optim.Adam, lr=1e-3)
+    h = wrap(m, opt)
+    g = torch.Generator().manual_seed(1 + rank)
+    losses = []
+    for step in range(4):
+        x, y = torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        if h is not None:
+            ptrs = [p.data_ptr() for p in m.parameters() if h.pinner.movable(p)]
+            for ptr in ptrs:
+                spill.evict(ptr)
+            for ptr in ptrs:
+                while spill.residence(ptr) == "swapping_out":
+                    time.sleep(0.001)
+        opt.step()
+        losses.append(loss.item())
+    digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes()
+                                   for t in m.state_dict().values())).hexdigest()
+    if h is not None:
+        spill.set_budget(1 << 30)
+        h.remove()
+    return losses, digest
+plain = run(lambda m, o: None)
+st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
+def wrap(m, o):
+    h = st.offload(m, o)
+    spill.set_budget(10 << 20)
+    return h
+before = spill.stats()["swap.bytes_out"]
+assert run(wrap) == plain, "differs from plain torch"
+assert spill.stats()["swap.bytes_out"] > before, "nothing moved"
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.skipif(TARGET != "cpu", reason="two ranks over gloo, each on the CPU bridge")
+def test_zero_redundancy_optimizer_trains_as_plain_torch(tmp_path: pathlib.Path) -> None:
+    """ZeroRedundancyOptimizer over two gloo ranks under offload(model, opt) at 10 MiB, every
+    parameter on the host before each step: plain torch's losses and parameters. After its
+    own shard's step each rank broadcasts the parameters it owns into the other's, in c10d
+    where no mode sees it; offload pinned only what the optimizer's ops touched, so the
+    broadcast read or wrote parameters on the host (gloo: "writev ...: Bad address"). Now the
+    optimizer's _sync_params runs with every parameter pinned."""
+    run_ranks(ZERO_RANK, tmp_path, 2)

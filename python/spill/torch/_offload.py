@@ -358,6 +358,11 @@ class OffloadHandle:
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
             wrap_method(self.optimizer, "load_state_dict", self._wrap_load,
                         self._saved_methods)
+            if callable(getattr(self.optimizer, "_sync_params", None)):
+                # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
+                # parameters it owns into the others' (c10d, no aten op: no mode sees it).
+                wrap_method(self.optimizer, "_sync_params", self._wrap_sync_params,
+                            self._saved_methods)
             # State the optimizer has already (Adagrad's sums, which its constructor makes;
             # state of steps taken before offload()) can move from now on, as after a step.
             self._declare_state()
@@ -1301,6 +1306,20 @@ class OffloadHandle:
             pinner.declare(ptr)
             if token is not None:
                 pinner.unpin(token, stream, False)
+
+    def _wrap_sync_params(self, original: Any) -> Any:
+        def sync_params(*args: Any, **kwargs: Any) -> Any:
+            if state.forked_child:
+                return original(*args, **kwargs)
+            held: List[Tuple[Token, bool]] = []
+            stream = self.pinner.stream()
+            try:
+                for p in self.model.parameters():
+                    self._hold(held, p, stream, True)  # received, or read to send
+                return original(*args, **kwargs)
+            finally:
+                self._release_tokens(held)
+        return sync_params
 
     def _wrap_zero_grad(self, original: Any) -> Any:
         default = inspect.signature(original).parameters.get("set_to_none")
