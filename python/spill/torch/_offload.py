@@ -358,7 +358,7 @@ class OffloadHandle:
             wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
             wrap_method(self.optimizer, "load_state_dict", self._wrap_load,
                         self._saved_methods)
-            if callable(getattr(self.optimizer, "_sync_params", None)):
+            if _zero_redundancy(self.optimizer):
                 # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
                 # parameters it owns into the others' (c10d, no aten op: no mode sees it).
                 wrap_method(self.optimizer, "_sync_params", self._wrap_sync_params,
@@ -1593,6 +1593,16 @@ def _data_pointers(m: torch.nn.Module) -> Tuple[int, ...]:
 def _same(old: tuple, now: Any) -> bool:
     """Whether a module's parameters (or buffers) ``now`` are the objects ``old`` holds."""
     return len(old) == len(now) and all(a is b for a, b in zip(old, now))
+
+
+def _zero_redundancy(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a ZeroRedundancyOptimizer with its parameter broadcast."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(optimizer, ZeroRedundancyOptimizer) and \
+        callable(getattr(optimizer, "_sync_params", None))
 
 
 def _ddp_modules(model: torch.nn.Module) -> Set[torch.nn.Module]:
