@@ -697,7 +697,9 @@ class OffloadHandle:
             leaf = next(module.children(), None) is None
             frame.ops = _BusyLeafOps(self.pinner, self._acts, frame.call, bool(self._ddp)) if leaf \
                 else _PinOps(self.pinner)
-            if leaf and torch.is_grad_enabled():  # its backward too (_regions.py)
+            # Its backward too (_regions.py), but not under DDP: what the region's ops make
+            # includes the gradients, which DDP's reducer writes when the backward ends.
+            if leaf and torch.is_grad_enabled() and not self._ddp:
                 frame.argument_nodes = [t.grad_fn for t in leaves(args) if
                                         isinstance(t, torch.Tensor) and t.grad_fn is not None]
             frame.ops.__enter__()
