@@ -577,7 +577,6 @@ class OffloadHandle:
         self._unwind_quiet()
         self._release_frame(self._step_frame)
         self._release_backward()
-        self._release_held_gradients()
         self._release_recomputed()
         self._parts.forget()
         self.steps.end()
@@ -846,7 +845,6 @@ class OffloadHandle:
         if not self.steps.manage and new_step:
             self._release_frame(self._step_frame)
             self._release_backward()
-            self._release_held_gradients()
         if not self._discovered and self._discovery is None:
             self._discovery = _Discovery(self)
             self._discovery.__enter__()
@@ -869,7 +867,6 @@ class OffloadHandle:
             self._boundary = not self.steps.manage
             self._began_step = True
             self._release_backward()  # pins an abandoned backward left
-            self._release_held_gradients()
             self._parts.forget()
             self._begin_mode(self._policy.decide(first=self._discovery is not None))
             if self._outside:
@@ -922,7 +919,6 @@ class OffloadHandle:
             self._parts.forget()
             self._release_frame(self._step_frame)
             self._release_backward()
-            self._release_held_gradients()
             self._boundary = True
             self._step_over = True
         self._window.leave(self)
@@ -1136,7 +1132,7 @@ class OffloadHandle:
         # backward makes its gradients before their parameters' hooks run: declared only
         # there, each would stay resident through that layer's backward).
         if self._bw_pending:
-            self._release_backward()
+            self._release_backward(held=False)
         if self._window.kept:
             self._window.release_kept()
         if self._fresh and not self._ddp:
@@ -1206,7 +1202,6 @@ class OffloadHandle:
                 return original(*args, **kwargs)
             self._window.enter(self)
             self._release_backward()
-            self._release_held_gradients()
             self._release_recomputed()
             self._policy.backward_ends()
             self._policy.claim()
@@ -1443,10 +1438,14 @@ class OffloadHandle:
         frame.child_outputs.clear()
         frame.packed.clear()
 
-    def _release_backward(self) -> None:
+    def _release_backward(self, held: bool = True) -> None:
+        """The backward's pins until the engine is next between nodes; with ``held``, also
+        the gradients a DDP backward holds until it ends (see _grad_hook)."""
         pending, self._bw_pending = self._bw_pending, []
         if pending:
             self._release_tokens(pending)
+        if held:
+            self._release_held_gradients()
 
     def _release_held_gradients(self) -> None:
         """The gradients a DDP backward held until it ended (see _grad_hook)."""
