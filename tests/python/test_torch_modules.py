@@ -33,9 +33,8 @@ import torch.nn.functional as F
 def evict_all(h):
     ts = list(h.model.parameters()) + list(h.model.buffers())
     ts += [p.grad for p in h.model.parameters() if p.grad is not None]
-    if h.optimizer is not None:
-        ts += [v for s in h.optimizer.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor)]
+    for o in h.optimizers:
+        ts += [v for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     ptrs = set()
     for t in ts:
         sparse = t.layout == torch.sparse_coo
@@ -90,6 +89,7 @@ def compare(make, make_opt, data, fraction=3, evict=False, **kw):
     gc.collect()
     footprint = st.max_memory_allocated()
     def wrap(m, o):
+        o = getattr(o, "parts", o)  # (several optimizers: offload(model, [a, b]))
         h = st.offload(m, o, quiet=False) if evict else st.offload(m, o)
         spill.set_budget(int(footprint / fraction))
         return h
@@ -568,6 +568,145 @@ def test_a_parameter_given_new_storage_after_offload_moves() -> None:
         assert spill.residence(ptr) == "on_host", spill.residence(ptr)
         step()
         h.remove()
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_plans() -> None:
+    """offload(model, [adam, sgd]): Adam over the first three Linear layers and SGD with
+    momentum over the rest (as Muon and AdamW, or SparseAdam and Adam, share a model) train as
+    plain torch at a third of the footprint, every tensor moved to the host between steps,
+    with gradients set to None and kept (zero_grad(set_to_none=False)), and reach planned
+    steps: a step ends once each optimizer has stepped. Before, only one optimizer could be
+    given: the other's momentum never became swappable (out of memory at a third), and a
+    second offload() of the model hooked every module twice (out of memory); that is now
+    refused with spill.Error, as are an empty list, a non-optimizer and one given twice.
+    SAM (sharpness-aware minimisation, the usual wrapper: first_step climbs to nearby weights
+    and keeps the ones it left in its state, second_step goes back and calls its base
+    optimizer's step) trains as plain torch with first_step/second_step and with
+    step(closure). Before, its loop never called the step() offload wraps: no step ended,
+    none was planned, and the weights first_step keeps (the size of the model) stayed
+    resident until a step ended. Now the base optimizer's step ends the step and SAM's own
+    methods declare what they make. Its zero_grad() (set_to_none=False in torch 1.13) replaced
+    the gradients already on the host by zeros and zeroed the resident ones in place, which
+    depends on when each swap-out finished: every step left its plan."""
+    out = run_ok(scenario("""
+        def mlp():
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(512, 512), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(512, 10))
+        def data(g):
+            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
+        class Both:
+            def __init__(self, m):
+                ps = list(m.parameters())
+                self.parts = [torch.optim.Adam(ps[:6], lr=1e-3),
+                              torch.optim.SGD(ps[6:], lr=0.05, momentum=0.9)]
+            def zero_grad(self, set_to_none=False):
+                for o in self.parts:
+                    o.zero_grad(set_to_none=set_to_none)
+            def step(self):
+                for o in self.parts:
+                    o.step()
+        def planned():
+            return spill.stats()["swap.steps_planned"]
+        before = 0  # (the runtime starts in compare(), after the plain run)
+        for keep in (False, True):
+            compare(mlp, Both, data, 3, evict=True, steps=5, keep_grads=keep)
+            assert planned() > before, ("no planned step", keep)
+            before = planned()
+
+        m = mlp().to(dev)
+        a, b = torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.Adam(m.parameters())
+        h = st.offload(m, a)
+        for again, what in ((lambda: st.offload(m, b), "is the one"),
+                            (lambda: st.offload(m[2]), "shares a module with"),
+                            (lambda: st.offload(mlp(), []), "empty list"),
+                            (lambda: st.offload(mlp(), [a, m]), "optimizer[1] (Sequential)"),
+                            (lambda: st.offload(mlp(), (a, a)), "given twice")):
+            try:
+                again()
+            except spill.Error as e:
+                assert what in str(e), (what, e)
+            else:
+                raise AssertionError("accepted: " + what)
+        h.remove()
+        del m, a, b, h
+
+        class SAM(torch.optim.Optimizer):
+            def __init__(self, params, base, rho=0.05, **kw):
+                super().__init__(params, dict(rho=rho, **kw))
+                self.base = base(self.param_groups, **kw)
+                self.param_groups = self.base.param_groups
+            @torch.no_grad()
+            def first_step(self, zero_grad=False):
+                norm = torch.norm(torch.stack([p.grad.norm(2) for g in self.param_groups
+                                               for p in g["params"] if p.grad is not None]))
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            self.state[p]["old_p"] = p.data.clone()
+                            p.add_(p.grad * (g["rho"] / (norm + 1e-12)))
+                if zero_grad:
+                    self.zero_grad()
+            @torch.no_grad()
+            def second_step(self, zero_grad=False):
+                for g in self.param_groups:
+                    for p in g["params"]:
+                        if p.grad is not None:
+                            p.data = self.state[p]["old_p"]
+                self.base.step()
+                if zero_grad:
+                    self.zero_grad()
+            def step(self, closure):
+                self.first_step(zero_grad=True)
+                torch.enable_grad()(closure)()
+                self.second_step()
+        def sam(wrap, style):
+            torch.manual_seed(0)
+            m = mlp().to(dev)
+            opt = SAM(m.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for i in range(6):
+                x, y = (t.to(dev) for t in data(g))
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                if style == "steps":
+                    opt.first_step(zero_grad=True)
+                    F.cross_entropy(m(x), y).backward()
+                    opt.second_step(zero_grad=True)
+                else:
+                    opt.step(lambda: F.cross_entropy(m(x), y).backward())
+                    opt.zero_grad()
+                losses.append(loss.item())
+                if h is not None:
+                    evict_all(h)
+            with st.guard(release_on_exit=False):
+                state = state_bytes(m)
+            if h is not None:
+                spill.set_budget(1 << 30)
+                h.remove()
+            return losses, state
+        for style in ("steps", "closure"):
+            gc.collect()
+            st.reset_peak_memory_stats()
+            base = sam(lambda m, o: None, style)
+            footprint = st.max_memory_allocated()
+            def wrap(m, o):
+                h = st.offload(m, o, quiet=False)
+                spill.set_budget(footprint // 3)
+                return h
+            before = spill.stats()
+            assert sam(wrap, style) == base, (style, "differs from plain torch")
+            after = spill.stats()
+            assert after["swap.bytes_out"] > before["swap.bytes_out"], style
+            assert after["swap.steps_planned"] >= before["swap.steps_planned"] + 2, (
+                style, after["swap.steps_planned"] - before["swap.steps_planned"])
         print("ok")
     """))
     assert "ok" in out

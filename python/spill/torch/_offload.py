@@ -24,8 +24,8 @@ Which blocks become swappable, and what pins every later use of each:
   autograd engine is between nodes: a gradient hook on a module output or a parameter,
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
   step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
-  gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient on the
-  host by zeros, declared at once. A gradient autograd makes in parts (the model called twice
+  gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient that can
+  move by zeros (in a quiet step, one on the host), declared at once. A gradient autograd makes in parts (the model called twice
   before one backward; a parameter one forward uses several times, as a recurrent layer's
   weights) has its first part, which waits in AccumulateGrad's buffer, declared
   and pinned at its later uses (_partials.py). Under DistributedDataParallel, whose reducer
@@ -46,8 +46,12 @@ keeps it safe and finds parameters used outside their modules. A forward of the 
 mode or without grad mode (an evaluation pass, inference) runs with every op pinned (nothing
 declared): it may take a path the training forward did not show (nn.TransformerEncoderLayer's
 fast path reads its children's parameters without calling them). Steps begin at the model's
-first forward and end when optimizer.step() returns (without an optimizer, bracket steps with
-``with spill.torch.step():``).
+first forward and end when optimizer.step() returns, with several optimizers (a list) once
+each has stepped since the step began (without an optimizer, bracket steps with
+``with spill.torch.step():``). An optimizer that another one keeps as an attribute, over its
+parameters (SAM's base optimizer), has its step wrapped too: outside its owner's step it is
+the owner's step; the owner's own public methods (SAM's first_step) run in the window under
+DeclareMade (every op pinned, what an op makes declared).
 A training loop may call the model's submodules itself (``for blk in model.blocks: x =
 blk(x)``, ``model.head(model.body(x))``), in every step or some: a submodule's forward that
 begins while none of the model's forwards runs is an entry, and gets what the root's forward
@@ -112,7 +116,7 @@ from spill import budget as spill_budget
 
 from . import _copies as copies
 from ._guard import PinEveryOp
-from ._optimizer import load_state, per_parameter_loop, pinned_step
+from ._optimizer import DeclareMade, load_state, per_parameter_loop, pinned_step
 from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
                     storage)
@@ -233,17 +237,27 @@ class OffloadHandle:
     """What :func:`offload` returns: ``remove()`` takes the hooks out and makes every tensor
     they declared unswappable again (resident), e.g. before saving a checkpoint."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def __init__(self, model: torch.nn.Module, optimizer: Any,
                  scope: Optional[int], quiet: Any = 0.5) -> None:
         if not state.active:
             raise Error("spill.torch.offload: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")
+        optimizers = _optimizers(optimizer)
+        _refuse_offloaded(model)
         self._policy = QuietSteps(quiet, state.device)
         self.model = model
         self.optimizer = optimizer
+        # The optimizers whose steps end the training step (a step ends once each has stepped
+        # since it began), and those they step themselves (SAM's base optimizer, Lookahead's
+        # inner one): a step of one of those outside its owner's step counts as its owner's.
+        self.optimizers: Tuple[torch.optim.Optimizer, ...] = optimizers
+        self._inner: List[torch.optim.Optimizer] = []
+        self._stepped: Set[int] = set()   # indices of the optimizers stepped in this step
+        self._stepping = 0  # wrapped step() calls running (an owner's step calls its inner's)
+        self._owner_mode: Optional[DeclareMade] = None  # (_owner_method_wrapper)
         self.pinner = Pinner()
         scope_id, owned = optional_scope(scope, model)
-        self.steps = StepBoundaries(scope_id, manage=optimizer is not None, owned=owned)
+        self.steps = StepBoundaries(scope_id, manage=bool(optimizers), owned=owned)
         self._frames: List[_Frame] = []
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends
         self._bw_pending: List[Tuple[Token, bool]] = []
@@ -353,19 +367,26 @@ class OffloadHandle:
             self.pinner.declare(ptr)
         for m in self._computed:  # (weight_norm() computed one when it was applied)
             self._declare_computed(m)
-        if self.optimizer is not None:
-            wrap_method(self.optimizer, "step", self._wrap_step, self._saved_methods)
-            wrap_method(self.optimizer, "zero_grad", self._wrap_zero_grad, self._saved_methods)
-            wrap_method(self.optimizer, "load_state_dict", self._wrap_load,
-                        self._saved_methods)
-            if _zero_redundancy(self.optimizer):
+        for index, opt in enumerate(self.optimizers):
+            wrap_method(opt, "step", self._step_wrapper(opt, index), self._saved_methods)
+            wrap_method(opt, "zero_grad", self._zero_grad_wrapper(opt), self._saved_methods)
+            wrap_method(opt, "load_state_dict", self._wrap_load, self._saved_methods)
+            if _zero_redundancy(opt):
                 # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
                 # parameters it owns into the others' (c10d, no aten op: no mode sees it).
-                wrap_method(self.optimizer, "_sync_params", self._wrap_sync_params,
+                wrap_method(opt, "_sync_params", self._wrap_sync_params, self._saved_methods)
+                continue  # (its local optimizer's step runs inside its own)
+            inner = _inner_optimizers(opt, self.optimizers + tuple(self._inner))
+            for other in inner:
+                self._inner.append(other)
+                wrap_method(other, "step", self._step_wrapper(other, index),
                             self._saved_methods)
-            # State the optimizer has already (Adagrad's sums, which its constructor makes;
-            # state of steps taken before offload()) can move from now on, as after a step.
-            self._declare_state()
+            if inner:
+                for name in _own_methods(opt):
+                    wrap_method(opt, name, self._owner_method_wrapper(), self._saved_methods)
+        # State the optimizers have already (Adagrad's sums, which its constructor makes;
+        # state of steps taken before offload()) can move from now on, as after a step.
+        self._declare_state()
         self._wrap_forward(self.model)
 
     def _hook_module(self, m: torch.nn.Module) -> None:
@@ -586,9 +607,7 @@ class OffloadHandle:
             self.pinner.declare(ptr, False)
         tensors = [t for t, _ in (x for ts in self._direct.values() for x in ts)]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self.optimizer is not None:
-            for st in self.optimizer.state.values():
-                tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        tensors += self._state_tensors()
         for t in tensors:
             ptr = self.pinner.movable(t)
             if ptr:
@@ -833,6 +852,11 @@ class OffloadHandle:
             self._refresh()
         if self._unhooked:
             self._hook_unfrozen()
+        if self._inner and self._discovery is None:
+            # An optimizer that steps another one itself may make state in a method of its
+            # own between two forwards of one step (SAM's first_step keeps the weights it
+            # climbs from): it can move from here.
+            self._declare_state()
         if module not in self._wrapped:
             self._wrap_forward(module)
         # What an exception in the previous forward left: its frames and saved-tensor hooks;
@@ -1000,9 +1024,7 @@ class OffloadHandle:
         for p in self.model.parameters():
             if p.grad is not None:
                 keep.add(self._movable(p.grad))
-        if self.optimizer is not None:
-            for st in self.optimizer.state.values():
-                keep.update(self._movable(v) for v in st.values())
+        keep.update(self._movable(v) for v in self._state_tensors())
         acts, self._acts = self._acts, set()
         pending = [ptr for ptr in acts if ptr not in keep]
         for i, ptr in enumerate(pending):
@@ -1196,18 +1218,30 @@ class OffloadHandle:
 
     # ------------------------------------------------------------------ optimizer
 
-    def _wrap_step(self, original: Any) -> Any:
+    def _step_wrapper(self, opt: torch.optim.Optimizer, index: int) -> Any:
+        """The wrapper of ``opt.step`` (one of the handle's optimizers, the ``index``-th, or an
+        optimizer that one steps itself): the training step ends once each of the handle's
+        optimizers has stepped since it began (with one optimizer, at each step())."""
+        return lambda original: self._wrap_step(opt, index, original)
+
+    def _wrap_step(self, opt: torch.optim.Optimizer, index: int, original: Any) -> Any:
         def step(*args: Any, **kwargs: Any) -> Any:
-            if state.forked_child:
+            if state.forked_child or self._stepping:
+                # (an inner optimizer's step inside its owner's: part of that one)
                 return original(*args, **kwargs)
+            self._stepping += 1
+            owner_mode = self._owner_mode
+            if owner_mode is not None:
+                owner_mode.suspended = True
             self._window.enter(self)
             self._release_backward()
             self._release_recomputed()
             self._policy.backward_ends()
             self._policy.claim()
             quiet = self._quiet
-            self._declare_gradients(quiet)
-            restore_foreach = per_parameter_loop(self.optimizer)
+            self._declare_gradients(quiet, opt)
+            restore_foreach = per_parameter_loop(opt)
+            ended = True
             try:
                 if self._discovery is not None or (quiet and not self._persistent
                                                    and not self._state_declared):
@@ -1220,8 +1254,8 @@ class OffloadHandle:
                     # peak, all of it, was under it); it opens no step scope.
                     limit = self._policy.line if quiet else spill_budget(state.device) // 4
                     try:
-                        done, result = pinned_step(self.optimizer, self.pinner, limit, original,
-                                                   args, kwargs)
+                        done, result = pinned_step(opt, self.pinner, limit, original, args,
+                                                   kwargs)
                     except OutOfMemoryError as e:
                         if quiet:
                             raise self._quiet_oom(e) from e
@@ -1232,14 +1266,23 @@ class OffloadHandle:
                             result = original(*args, **kwargs)
                         self._acts.update(mode.declared)
                 self._declare_state()
+                # (an exception ends the step whichever optimizers stepped: the caller
+                # abandons it)
+                self._stepped.add(index)
+                ended = len(self._stepped) == len(self.optimizers)
             finally:
+                self._stepping -= 1
+                if owner_mode is not None:
+                    owner_mode.suspended = False
                 restore_foreach()
-                self._release_frame(self._step_frame)
-                self._parts.forget()
-                self.steps.end()
-                self._leave_discovery()
-                self._boundary = True
-                self._entry = None  # an entry an exception interrupted: the step is over
+                if ended:
+                    self._stepped.clear()
+                    self._release_frame(self._step_frame)
+                    self._parts.forget()
+                    self.steps.end()
+                    self._leave_discovery()
+                    self._boundary = True
+                self._entry = None  # an entry an exception interrupted: the forward is over
                 self._window.leave(self)
                 self._window.release_kept()
             return result
@@ -1279,30 +1322,32 @@ class OffloadHandle:
         self._parts.forget()
         self._policy.backward_ends()
 
-    def _declare_gradients(self, quiet: bool) -> None:
-        """Makes the gradients swappable, each touched (pinned and unpinned) first: the step's
-        recording then knows every gradient from here on, in parameter order, so a plan can
-        move it between now and the optimizer's use of it instead of meeting an unknown
-        block. A quiet step records nothing: it only declares them."""
+    def _declare_gradients(self, quiet: bool, opt: torch.optim.Optimizer) -> None:
+        """Makes the gradients swappable before ``opt``'s step; those of its parameters are
+        touched (pinned and unpinned) first: the step's recording then knows each of them from
+        here on, in the optimizer's order, so a plan can move it between now and the
+        optimizer's use of it instead of meeting an unknown block. A quiet step records
+        nothing: it only declares them."""
         pinner = self.pinner
-        if quiet:
-            if not self._persistent:  # no parameter can move: neither can its gradient
-                return
-            for p in self.model.parameters():
-                ptr = pinner.movable(p.grad) if p.grad is not None else 0
-                if ptr:
-                    pinner.declare(ptr)
+        if quiet and not self._persistent:  # no parameter can move: neither can its gradient
             return
-        self.steps.ensure()
-        stream = pinner.stream()
-        for p in self.model.parameters():
+        touch = not quiet
+        if touch:
+            self.steps.ensure()
+            stream = pinner.stream()
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    ptr = pinner.movable(p.grad) if p.grad is not None else 0
+                    if not ptr:
+                        continue
+                    token = pinner.pin(ptr, stream)
+                    pinner.declare(ptr)
+                    if token is not None:
+                        pinner.unpin(token, stream, False)
+        for p in self.model.parameters():  # (those no optimizer of the handle steps)
             ptr = pinner.movable(p.grad) if p.grad is not None else 0
-            if not ptr:
-                continue
-            token = pinner.pin(ptr, stream)
-            pinner.declare(ptr)
-            if token is not None:
-                pinner.unpin(token, stream, False)
+            if ptr:
+                pinner.declare(ptr)
 
     def _wrap_sync_params(self, original: Any) -> Any:
         def sync_params(*args: Any, **kwargs: Any) -> Any:
@@ -1318,7 +1363,32 @@ class OffloadHandle:
                 self._release_tokens(held)
         return sync_params
 
-    def _wrap_zero_grad(self, original: Any) -> Any:
+    def _owner_method_wrapper(self) -> Any:
+        """The wrapper of a method of its own (not torch.optim's) of an optimizer that steps
+        another one (SAM's first_step and second_step), called outside a step: it runs in the
+        handle's region under DeclareMade (every op pinned; what an op makes declared at once),
+        so state it makes (the weights SAM climbs from, the size of the model) can move as it
+        is made; within a step it is part of the step."""
+        def wrapper(original: Any) -> Any:
+            def method(*args: Any, **kwargs: Any) -> Any:
+                if state.forked_child or self._stepping:
+                    return original(*args, **kwargs)
+                self._window.enter(self)
+                outer, self._owner_mode = self._owner_mode, DeclareMade(self.pinner)
+                try:
+                    with self._owner_mode:
+                        return original(*args, **kwargs)
+                finally:
+                    self._owner_mode = outer
+                    self._declare_state()
+                    self._window.leave(self)
+            return method
+        return wrapper
+
+    def _zero_grad_wrapper(self, opt: torch.optim.Optimizer) -> Any:
+        return lambda original: self._wrap_zero_grad(opt, original)
+
+    def _wrap_zero_grad(self, opt: torch.optim.Optimizer, original: Any) -> Any:
         default = inspect.signature(original).parameters.get("set_to_none")
         default_to_none = bool(default.default) if default is not None else True
 
@@ -1326,41 +1396,58 @@ class OffloadHandle:
             if state.forked_child or self._discovery is not None:
                 return original(*args, **kwargs)
             to_none = kwargs.get("set_to_none", args[0] if args else default_to_none)
+            owner_mode = self._owner_mode  # (SAM's first_step calls it: it has its own pins)
+            if owner_mode is not None:
+                owner_mode.suspended = True
             self._window.enter(self)  # (the window's modes would see every p.grad access)
             try:
                 if to_none:  # no tensor is read or written
                     return original(*args, **kwargs)
-                return self._zero_grads(original, args, kwargs)
+                return self._zero_grads(opt, original, args, kwargs)
             finally:
                 self._window.leave(self)
+                if owner_mode is not None:
+                    owner_mode.suspended = False
         return zero_grad
 
-    def _zero_grads(self, original: Any, args: Any, kwargs: Any) -> Any:
-        """zero_grad(set_to_none=False), in the handle's region. A gradient on the host is
-        replaced by zeros instead of being copied back only to be zeroed. The zeros are
-        declared at once, as the gradient they replace was: a fresh block is never evicted,
-        and at a tight budget the replacements alone would fill it before the optimizer step
-        declares them."""
-        for p in self.model.parameters():
-            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
-            if ptr and self.pinner.on_host(ptr):
-                p.grad = torch.zeros_like(p.grad)
-                fresh = self.pinner.movable(p.grad)
-                if fresh:
-                    self.pinner.declare(fresh)
-        if self._quiet:  # the gradients (all of them fit), pinned around it
-            stream = self.pinner.stream()
-            tokens: List[Tuple[Token, bool]] = []
-            try:
-                for group in self.optimizer.param_groups:
-                    for p in group["params"]:
+    def _zero_grads(self, opt: torch.optim.Optimizer, original: Any, args: Any,
+                    kwargs: Any) -> Any:
+        """``opt.zero_grad(set_to_none=False)``, in the handle's region. A gradient of its
+        parameters that can move is replaced by zeros (in a quiet step, one on the host),
+        instead of being copied back only to be zeroed; the optimizer's zero_grad zeroes the
+        rest. The zeros are declared at once, as the gradient they replace was: a fresh block
+        is never evicted, and at a tight budget the replacements alone would fill it before
+        the optimizer step declares them. An armed step replaces every one, resident or not:
+        whether a gradient's swap-out has finished by now depends on timing, and the step's
+        accesses must not (a step that zeroed one gradient in place and replaced another left
+        its plan: SAM's first_step(zero_grad=True) deviated in every step)."""
+        quiet = self._quiet
+        replaced: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            for p in _parameters(opt):
+                ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+                if ptr and (not quiet or self.pinner.on_host(ptr)):
+                    zeros = torch.zeros_like(p.grad)
+                    fresh = self.pinner.movable(zeros)
+                    if fresh:
+                        self.pinner.declare(fresh)
+                    p.grad = None  # (the optimizer's zero_grad passes it by)
+                    replaced.append((p, zeros))
+            if quiet:  # the gradients (all of them fit), pinned around it
+                stream = self.pinner.stream()
+                tokens: List[Tuple[Token, bool]] = []
+                try:
+                    for p in _parameters(opt):
                         if p.grad is not None:
                             self._hold(tokens, p.grad, stream, True)
+                    return original(*args, **kwargs)
+                finally:
+                    self._release_tokens(tokens)
+            with PinEveryOp(self.pinner):
                 return original(*args, **kwargs)
-            finally:
-                self._release_tokens(tokens)
-        with PinEveryOp(self.pinner):
-            return original(*args, **kwargs)
+        finally:
+            for p, zeros in replaced:
+                p.grad = zeros
 
     def _wrap_load(self, original: Any) -> Any:
         def load_state_dict(*args: Any, **kwargs: Any) -> Any:
@@ -1375,25 +1462,35 @@ class OffloadHandle:
             return result
         return load_state_dict
 
+    def _state_tensors(self) -> List[torch.Tensor]:
+        """The state tensors of the handle's optimizers and of those they step themselves."""
+        tensors: List[torch.Tensor] = []
+        for opt in self._all_optimizers():
+            for st in opt.state.values():
+                tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+        return tensors
+
+    def _all_optimizers(self) -> List[torch.optim.Optimizer]:
+        return list(self.optimizers) + self._inner
+
     def _declare_state(self) -> None:
-        """Declares the optimizer's state tensors it has not seen before. Each is known by
+        """Declares the optimizers' state tensors it has not seen before. Each is known by
         its id() and a weak reference to it: a tensor made after another was freed may get
         the dead one's id() (a state reset, a second checkpoint loaded), and is new all the
         same."""
+        if not self.optimizers:
+            return
         known = self._state_refs
         now: Dict[int, Any] = {}
         pinner = self.pinner
-        for st in self.optimizer.state.values():
-            for v in st.values():
-                if not isinstance(v, torch.Tensor):
-                    continue
-                ref = known.get(id(v))
-                if ref is None or ref() is not v:
-                    ref = weakref.ref(v)
-                    ptr = pinner.movable(v)
-                    if ptr and pinner.declare(ptr):
-                        self._state_declared = True
-                now[id(v)] = ref
+        for v in self._state_tensors():
+            ref = known.get(id(v))
+            if ref is None or ref() is not v:
+                ref = weakref.ref(v)
+                ptr = pinner.movable(v)
+                if ptr and pinner.declare(ptr):
+                    self._state_declared = True
+            now[id(v)] = ref
         self._state_refs = now
 
     def _leave_eval_ops(self) -> None:
@@ -1596,6 +1693,80 @@ def _same(old: tuple, now: Any) -> bool:
     return len(old) == len(now) and all(a is b for a, b in zip(old, now))
 
 
+def _optimizers(optimizer: Any) -> Tuple[torch.optim.Optimizer, ...]:
+    """offload()'s ``optimizer`` argument as a tuple: None, one optimizer, or a list or tuple
+    of them (several optimizers over one model: one for the embeddings, another for the
+    matrices)."""
+    if optimizer is None:
+        return ()
+    many = isinstance(optimizer, (list, tuple))
+    found = tuple(optimizer) if many else (optimizer,)
+    if many and not found:
+        raise Error("spill.torch.offload: optimizer is an empty " + type(optimizer).__name__ +
+                    "; pass None (then bracket steps with spill.torch.step()), one optimizer "
+                    "or several")
+    for i, opt in enumerate(found):
+        where = f"optimizer[{i}]" if many else "optimizer"
+        if not callable(getattr(opt, "step", None)) or not hasattr(opt, "param_groups"):
+            raise Error(f"spill.torch.offload: {where} ({type(opt).__name__}) is not an "
+                        "optimizer (no step() and param_groups); pass a torch.optim.Optimizer, "
+                        "a list of them, or None")
+        if any(o is opt for o in found[:i]):
+            raise Error(f"spill.torch.offload: {where} ({type(opt).__name__}) is given twice")
+    return found
+
+
+def _parameters(opt: torch.optim.Optimizer) -> List[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _inner_optimizers(opt: torch.optim.Optimizer,
+                      known: Tuple[torch.optim.Optimizer, ...]) -> List[torch.optim.Optimizer]:
+    """The optimizers ``opt`` keeps as attributes, over parameters of its own (SAM's base
+    optimizer, Lookahead's inner one), which its own methods step (SAM's second_step calls
+    the base optimizer's step(), never its own), other than those in ``known``."""
+    mine = {id(p) for p in _parameters(opt)}
+    found = []
+    for value in vars(opt).values():
+        if (isinstance(value, torch.optim.Optimizer) and value is not opt
+                and all(value is not o for o in known + tuple(found))
+                and mine.issuperset(id(p) for p in _parameters(value))):
+            found.append(value)
+    return found
+
+
+# What an optimizer that steps another one keeps of torch.optim's: not its own methods.
+_OPTIMIZER_API = frozenset(("step", "zero_grad", "load_state_dict", "state_dict",
+                            "add_param_group"))
+
+
+def _own_methods(opt: torch.optim.Optimizer) -> List[str]:
+    """The public methods ``opt``'s class defines outside torch (SAM's first_step and
+    second_step), but not torch.optim's API (step and zero_grad are wrapped on their own)."""
+    names: List[str] = []
+    for cls in type(opt).__mro__:
+        if not issubclass(cls, torch.optim.Optimizer) or cls.__module__.startswith("torch."):
+            continue
+        for name, value in vars(cls).items():
+            if (inspect.isfunction(value) and not name.startswith("_")
+                    and name not in _OPTIMIZER_API and name not in names):
+                names.append(name)
+    return names
+
+
+def _refuse_offloaded(model: torch.nn.Module) -> None:
+    """offload() of a model that shares a module with one a live handle has offloaded would
+    hook that module twice."""
+    for other in list(window().handles):
+        shared = set(other.model.modules()).intersection(model.modules())
+        if shared:
+            what = "is" if model is other.model else "shares a module with"
+            raise Error(f"spill.torch.offload: the model ({type(model).__name__}) {what} the "
+                        f"one ({type(other.model).__name__}) a live handle has offloaded; "
+                        "call handle.remove() first, or give one offload() every optimizer "
+                        "of the model: offload(model, [optimizer_a, optimizer_b])")
+
+
 def _zero_redundancy(optimizer: Any) -> bool:
     """Whether ``optimizer`` is a ZeroRedundancyOptimizer with its parameter broadcast."""
     try:
@@ -1652,10 +1823,12 @@ def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] =
 
     model: the module trained; its forward hooks, parameter hooks and saved-tensor hooks are
       installed; ``copy.deepcopy(model)``, pickle and ``torch.save(model)`` give plain torch
-      modules without them. optimizer: if given, its ``step`` ends each training step (the
-      first one is recorded, later ones follow the plan) and runs its per-parameter loop
-      (``foreach`` False only while spill runs the step: ``param_groups`` and checkpoints keep
-      the caller's value).
+      modules without them. A model (or a module of one) that a live handle has offloaded is
+      refused. optimizer: if given, its ``step`` ends each training step (the first one is
+      recorded, later ones follow the plan) and runs its per-parameter loop (``foreach``
+      False only while spill runs the step: ``param_groups`` and checkpoints keep the
+      caller's value). A list or tuple: every optimizer that updates the model (one for the
+      embeddings, another for the matrices); a step ends once each has stepped.
     scope: the step scope; two models trained in one process get their own recordings. By
       default a number spill gives the model on first use (the same for as long as the model
       lives, never one an earlier model had), ended by ``remove()``; a scope named here is

@@ -127,8 +127,13 @@ class DeclareMade(PinEveryOp):
     caller has them."""
 
     declares = False  # (the base class then pins only)
+    # True while an optimizer step runs inside it (SAM's second_step calls its base
+    # optimizer's step(), which has pins of its own): ops pass through.
+    suspended = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self.suspended:
+            return func(*args, **(kwargs or {}))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if _fresh_outputs(func) and not state.forked_child:
             pinner = self.pinner
