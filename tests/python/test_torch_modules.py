@@ -589,7 +589,9 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
     step(closure). Before, its loop never called the step() offload wraps: no step ended,
     none was planned, and the weights first_step keeps (the size of the model) stayed
     resident until a step ended. Now the base optimizer's step ends the step and SAM's own
-    methods declare what they make. Its zero_grad() (set_to_none=False in torch 1.13) replaced
+    methods declare what they make. SAM written out in the loop keeps its perturbations in
+    the loop's own code: under guard(), which declares them, it trains at a third too. Its
+    zero_grad() (set_to_none=False in torch 1.13) replaced
     the gradients already on the host by zeros and zeroed the resident ones in place, which
     depends on when each swap-out finished: every step left its plan."""
     out = run_ok(scenario("""
@@ -680,6 +682,24 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
                     opt.first_step(zero_grad=True)
                     F.cross_entropy(m(x), y).backward()
                     opt.second_step(zero_grad=True)
+                elif style == "loop":  # SAM written in the loop, its perturbations kept
+                    # by the loop's own code (guard() declares what it makes)
+                    with torch.no_grad(), (st.guard(release_on_exit=False) if h
+                                           else contextlib.nullcontext()):
+                        ps = list(m.parameters())
+                        norm = torch.norm(torch.stack([p.grad.norm(2) for p in ps]))
+                        es = [p.grad * (0.05 / (norm + 1e-12)) for p in ps]
+                        for p, e in zip(ps, es):
+                            p.add_(e)
+                    opt.zero_grad()
+                    F.cross_entropy(m(x), y).backward()
+                    with torch.no_grad(), (st.guard(release_on_exit=False) if h
+                                           else contextlib.nullcontext()):
+                        for p, e in zip(ps, es):
+                            p.sub_(e)
+                    del es
+                    opt.base.step()
+                    opt.zero_grad()
                 else:
                     opt.step(lambda: F.cross_entropy(m(x), y).backward())
                     opt.zero_grad()
@@ -692,7 +712,8 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
                 spill.set_budget(1 << 30)
                 h.remove()
             return losses, state
-        for style in ("steps", "closure"):
+        import contextlib
+        for style in ("steps", "closure", "loop"):
             gc.collect()
             st.reset_peak_memory_stats()
             base = sam(lambda m, o: None, style)
