@@ -579,7 +579,8 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
     momentum over the rest (as Muon and AdamW, or SparseAdam and Adam, share a model) train as
     plain torch at a third of the footprint, every tensor moved to the host between steps,
     with gradients set to None and kept (zero_grad(set_to_none=False)), and reach planned
-    steps: a step ends once each optimizer has stepped. Before, only one optimizer could be
+    steps: a step ends once each optimizer has stepped (under guard([adam, sgd]) too). Before,
+    only one optimizer could be
     given: the other's momentum never became swappable (out of memory at a third), and a
     second offload() of the model hooked every module twice (out of memory); that is now
     refused with spill.Error, as are an empty list, a non-optimizer and one given twice.
@@ -621,6 +622,25 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
             assert planned() > before, ("no planned step", keep)
             before = planned()
 
+        # guard([adam, sgd]) too: its steps end once both have stepped
+        gc.collect()
+        st.reset_peak_memory_stats()
+        base = train(mlp, Both, data, steps=5)[:2]
+        footprint = st.max_memory_allocated()
+        guards = []
+        def guarded(m, o):
+            guards.append(st.guard(o.parts, release_on_exit=False))
+            guards[0].__enter__()
+        def tighten(m, o, i):  # (once the first step has declared what it used)
+            if i == 1:
+                spill.set_budget(footprint // 3)
+        before = planned()
+        got = train(mlp, Both, data, guarded, steps=5, mutate=tighten)[:2]
+        guards[0].__exit__(None, None, None)
+        spill.set_budget(1 << 30)
+        assert got == base, "guard([adam, sgd]) differs from plain torch"
+        assert planned() >= before + 2, ("guard([adam, sgd])", planned() - before)
+
         m = mlp().to(dev)
         a, b = torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.Adam(m.parameters())
         h = st.offload(m, a)
@@ -628,7 +648,8 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
                             (lambda: st.offload(m[2]), "shares a module with"),
                             (lambda: st.offload(mlp(), []), "empty list"),
                             (lambda: st.offload(mlp(), [a, m]), "optimizer[1] (Sequential)"),
-                            (lambda: st.offload(mlp(), (a, a)), "given twice")):
+                            (lambda: st.offload(mlp(), (a, a)), "given twice"),
+                            (lambda: st.guard([a, 3]), "optimizer[1] (int) is not")):
             try:
                 again()
             except spill.Error as e:

@@ -17,8 +17,8 @@ from spill import budget as spill_budget
 from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
 from ._state import state
-from ._steps import (StepBoundaries, default_scope, optional_scope, unwrap_methods,
-                     wrap_method)
+from ._steps import (StepBoundaries, default_scope, optimizers_of, optional_scope,
+                     unwrap_methods, wrap_method)
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
 _DETACH = torch.ops.aten.detach.default
@@ -193,9 +193,10 @@ class guard:
 
     optimizer: if given, a training step of ``scope`` begins at the first op after the
       previous step and ends when ``optimizer.step()`` returns, so the first step is recorded
-      and later ones follow the plan. Without it, bracket steps with
+      and later ones follow the plan. A list or tuple of optimizers: the step ends once each
+      has stepped since it began. Without it, bracket steps with
       ``with spill.torch.step():``.
-    scope: by default a number spill gives the optimizer on first use (the same for as long
+    scope: by default a number spill gives the (first) optimizer on first use (the same for as long
       as it lives, never one an earlier optimizer had); the exit ends it (its recorded step
       and plan are freed), so each ``with`` block records its first step again. A scope named
       here is the caller's to end with ``spill.end_scope``.
@@ -207,9 +208,10 @@ class guard:
     Requires spill.torch.enable() first.
     """
 
-    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None,
-                 scope: Optional[int] = None, release_on_exit: bool = True) -> None:
+    def __init__(self, optimizer: Any = None, scope: Optional[int] = None,
+                 release_on_exit: bool = True) -> None:
         self.optimizer = optimizer
+        self.optimizers = optimizers_of(optimizer, "spill.torch.guard")
         self.scope_arg = scope
         self.release_on_exit = release_on_exit
         self._mode: Optional[PinEveryOp] = None
@@ -220,18 +222,25 @@ class guard:
             raise Error("spill.torch.guard: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")
         steps = None
-        if self.optimizer is not None:
-            scope_id, owned = optional_scope(self.scope_arg, self.optimizer)
+        if self.optimizers:
+            scope_id, owned = optional_scope(self.scope_arg, self.optimizers[0])
             steps = StepBoundaries(scope_id, manage=True, owned=owned)
+            stepped: Set[int] = set()
 
-            def wrap(original: Any) -> Any:
-                def step(*args: Any, **kwargs: Any) -> Any:
-                    try:
-                        return original(*args, **kwargs)
-                    finally:
-                        steps.end()
-                return step
-            wrap_method(self.optimizer, "step", wrap, self._saved)
+            def wrapper(index: int) -> Any:
+                def wrap(original: Any) -> Any:
+                    def step(*args: Any, **kwargs: Any) -> Any:
+                        try:
+                            return original(*args, **kwargs)
+                        finally:
+                            stepped.add(index)
+                            if len(stepped) == len(self.optimizers):
+                                stepped.clear()
+                                steps.end()
+                    return step
+                return wrap
+            for index, opt in enumerate(self.optimizers):
+                wrap_method(opt, "step", wrapper(index), self._saved)
         self._mode = PinEveryOp(Pinner(), steps)
         self._mode.__enter__()
         return self
@@ -250,9 +259,9 @@ class guard:
     @property
     def scope(self) -> Optional[int]:
         """The step scope of this guard's steps (None without an optimizer)."""
-        if self.scope_arg is not None or self.optimizer is None:
+        if self.scope_arg is not None or not self.optimizers:
             return self.scope_arg
-        return default_scope(self.optimizer)
+        return default_scope(self.optimizers[0])
 
     @property
     def ops(self) -> int:

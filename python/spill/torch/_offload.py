@@ -124,7 +124,8 @@ from ._quiet import QuietSteps
 from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._regions import BackwardRegions
 from ._state import state
-from ._steps import StepBoundaries, optional_scope, unwrap_methods, wrap_method
+from ._steps import (StepBoundaries, optimizers_of, optional_scope, unwrap_methods,
+                     wrap_method)
 from ._window import _dispatch_stack, _remove, window
 
 Token = Any  # spill._capi.PinToken
@@ -242,7 +243,7 @@ class OffloadHandle:
         if not state.active:
             raise Error("spill.torch.offload: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")
-        optimizers = _optimizers(optimizer)
+        optimizers = optimizers_of(optimizer, "spill.torch.offload")
         _refuse_offloaded(model)
         self._policy = QuietSteps(quiet, state.device)
         self.model = model
@@ -1691,29 +1692,6 @@ def _data_pointers(m: torch.nn.Module) -> Tuple[int, ...]:
 def _same(old: tuple, now: Any) -> bool:
     """Whether a module's parameters (or buffers) ``now`` are the objects ``old`` holds."""
     return len(old) == len(now) and all(a is b for a, b in zip(old, now))
-
-
-def _optimizers(optimizer: Any) -> Tuple[torch.optim.Optimizer, ...]:
-    """offload()'s ``optimizer`` argument as a tuple: None, one optimizer, or a list or tuple
-    of them (several optimizers over one model: one for the embeddings, another for the
-    matrices)."""
-    if optimizer is None:
-        return ()
-    many = isinstance(optimizer, (list, tuple))
-    found = tuple(optimizer) if many else (optimizer,)
-    if many and not found:
-        raise Error("spill.torch.offload: optimizer is an empty " + type(optimizer).__name__ +
-                    "; pass None (then bracket steps with spill.torch.step()), one optimizer "
-                    "or several")
-    for i, opt in enumerate(found):
-        where = f"optimizer[{i}]" if many else "optimizer"
-        if not callable(getattr(opt, "step", None)) or not hasattr(opt, "param_groups"):
-            raise Error(f"spill.torch.offload: {where} ({type(opt).__name__}) is not an "
-                        "optimizer (no step() and param_groups); pass a torch.optim.Optimizer, "
-                        "a list of them, or None")
-        if any(o is opt for o in found[:i]):
-            raise Error(f"spill.torch.offload: {where} ({type(opt).__name__}) is given twice")
-    return found
 
 
 def _parameters(opt: torch.optim.Optimizer) -> List[torch.Tensor]:

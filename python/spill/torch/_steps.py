@@ -20,6 +20,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from spill import Error
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -175,3 +176,26 @@ def default_scope(obj: Any) -> int:
 def optional_scope(scope: Optional[int], default: Any) -> Tuple[int, bool]:
     """The scope to use and whether the integration chose it (then it ends it when done)."""
     return (default_scope(default), True) if scope is None else (int(scope), False)
+
+
+def optimizers_of(optimizer: Any, caller: str) -> Tuple[Any, ...]:
+    """The ``optimizer`` argument of offload() or guard() (``caller``, for errors) as a tuple:
+    None, one optimizer, or a list or tuple of them (several optimizers over one model: one
+    for the embeddings, another for the matrices)."""
+    if optimizer is None:
+        return ()
+    many = isinstance(optimizer, (list, tuple))
+    found = tuple(optimizer) if many else (optimizer,)
+    if many and not found:
+        raise Error(f"{caller}: optimizer is an empty " + type(optimizer).__name__ +
+                    "; pass None (then bracket steps with spill.torch.step()), one optimizer "
+                    "or several")
+    for i, opt in enumerate(found):
+        where = f"optimizer[{i}]" if many else "optimizer"
+        if not callable(getattr(opt, "step", None)) or not hasattr(opt, "param_groups"):
+            raise Error(f"{caller}: {where} ({type(opt).__name__}) is not an "
+                        "optimizer (no step() and param_groups); pass a torch.optim.Optimizer, "
+                        "a list of them, or None")
+        if any(o is opt for o in found[:i]):
+            raise Error(f"{caller}: {where} ({type(opt).__name__}) is given twice")
+    return found
