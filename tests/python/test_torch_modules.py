@@ -205,7 +205,7 @@ def test_torchscript_submodules_are_pinned_by_the_module_that_calls_them() -> No
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
-def test_weight_norm_and_spectral_norm_weights_move_and_are_read_pinned() -> None:
+def test_weight_norm_spectral_norm_and_pruned_weights_move_and_are_read_pinned() -> None:
     """torch.nn.utils.weight_norm and spectral_norm on every Linear of an MLP (SGD with
     momentum) applied before offload(): the models train as plain torch at a third of their
     footprint, with an evaluation pass after each step, also with every tensor moved to the
@@ -218,8 +218,17 @@ def test_weight_norm_and_spectral_norm_weights_move_and_are_read_pinned() -> Non
     an evaluation forward computes (it saves nothing for autograd to declare), stayed resident
     and undeclared (6 MiB "never declared swappable": out of memory). Now offload's pre-hook
     runs first, and the computed weight is declared at offload() and after each forward of
-    its module."""
+    its module.
+    torch.nn.utils.prune keeps ``weight`` the same way (``weight_orig * weight_mask``, computed
+    by its pre-hook): an MLP (Adam) pruned before offload() (l1_unstructured on every Linear,
+    random_structured too on the first: a PruningContainer) and pruned again in the loop's
+    code before the third step (l1_unstructured on two layers: new masks and weights) and
+    before the fourth (prune.remove on one) trains as plain torch at a third. Before, offload
+    knew only weight_norm's and spectral_norm's hooks: the pruned weights the evaluation
+    forwards computed stayed resident and undeclared, and the pruning in the loop ran out of
+    memory at a third (10 MiB "never declared swappable")."""
     out = run_ok(scenario("""
+        import torch.nn.utils.prune as prune
         def mlp(norm):
             layers = []
             for _ in range(6):
@@ -231,6 +240,18 @@ def test_weight_norm_and_spectral_norm_weights_move_and_are_read_pinned() -> Non
         for norm in (nn.utils.weight_norm, nn.utils.spectral_norm):
             compare(lambda: mlp(norm), sgd, data, 3)
             compare(lambda: mlp(norm), sgd, data, 3, evict=True)
+        def pruned():
+            m = mlp(lambda l: prune.l1_unstructured(l, "weight", amount=0.3))
+            prune.random_structured(m[0], "weight", amount=0.2, dim=0)
+            return m
+        def prune_more(m, opt, i):
+            if i == 2:
+                for j in (2, 4):
+                    prune.l1_unstructured(m[j], "weight", amount=0.2)
+            if i == 3:
+                prune.remove(m[6], "weight")
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(pruned, adam, data, 3, evict=True, mutate=prune_more)
         print("ok")
     """))
     assert "ok" in out

@@ -64,7 +64,7 @@ over; no saved-tensor hooks are pushed there (non-reentrant checkpointing's own 
 Parameters frozen at offload() (requires_grad=False) and unfrozen later get their gradient
 hook at the next entry.
 offload's forward pre-hook runs before the module's own (moved to the front at offload()): a
-weight_norm or spectral_norm pre-hook then reads the parameters it computes ``weight`` from
+weight_norm, spectral_norm or prune pre-hook then reads the parameters it computes ``weight`` from
 pinned by their module; the computed weight, kept in the module until its next forward, is
 declared at offload() and after each forward of the module (_declare_computed).
 offload's gradient hook runs before a parameter's other hooks and pins the parameter for
@@ -1656,10 +1656,12 @@ def _collected(window: Any, steps: StepBoundaries) -> None:
 
 def _hook_classes() -> Tuple[type, ...]:
     """The pre-hook classes of torch.nn.utils.weight_norm and spectral_norm (the modules, not
-    the functions that shadow them in torch.nn.utils)."""
+    the functions that shadow them in torch.nn.utils) and of torch.nn.utils.prune (every
+    pruning method, PruningContainer included)."""
     found = []
     for module, name in (("torch.nn.utils.weight_norm", "WeightNorm"),
-                         ("torch.nn.utils.spectral_norm", "SpectralNorm")):
+                         ("torch.nn.utils.spectral_norm", "SpectralNorm"),
+                         ("torch.nn.utils.prune", "BasePruningMethod")):
         try:
             cls = getattr(importlib.import_module(module), name, None)
         except ImportError:
@@ -1673,10 +1675,17 @@ _REPARAMETRIZATIONS = _hook_classes()
 
 
 def _computed_weights(module: torch.nn.Module) -> List[str]:
-    """The attributes that ``torch.nn.utils.weight_norm`` or ``spectral_norm`` pre-hooks of
-    ``module`` compute at each forward (``weight`` from ``weight_g`` and ``weight_v``)."""
-    return [hook.name for hook in module._forward_pre_hooks.values()
-            if isinstance(hook, _REPARAMETRIZATIONS) and isinstance(hook.name, str)]
+    """The attributes that ``torch.nn.utils.weight_norm``, ``spectral_norm`` or ``prune``
+    pre-hooks of ``module`` compute at each forward (``weight`` from ``weight_g`` and
+    ``weight_v``, or from ``weight_orig`` and ``weight_mask``; a pruning method keeps the
+    name as ``_tensor_name``)."""
+    names = []
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _REPARAMETRIZATIONS):
+            name = getattr(hook, "name", None) or getattr(hook, "_tensor_name", None)
+            if isinstance(name, str):
+                names.append(name)
+    return names
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
