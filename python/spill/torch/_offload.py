@@ -67,6 +67,8 @@ offload's forward pre-hook runs before the module's own (moved to the front at o
 weight_norm, spectral_norm or prune pre-hook then reads the parameters it computes ``weight`` from
 pinned by their module; the computed weight, kept in the module until its next forward, is
 declared at offload() and after each forward of the module (_declare_computed).
+A module that ``functional_call`` runs with tensors in place of its own (MAML's adapted
+weights) has those pinned by its pre-hook, and declared in a training forward (_hold_given).
 offload's gradient hook runs before a parameter's other hooks and pins the parameter for
 them; its forward hook is moved back to the end of a module's at each step's first forward.
 A pin for reading (a parameter, an argument) unpins as written when the tensor's version
@@ -666,6 +668,9 @@ class OffloadHandle:
         frame = _Frame(module, ModuleCall())
         tokens = frame.tokens
         busy = self._busy(module)
+        swapped = _functional_call_tensors(module)
+        if swapped:  # the tensors a functional_call gives the module for its own
+            self._hold_given(tokens, swapped, stream, busy)
         if not busy:  # a busy module's ops pin its parameters and buffers as they use them
             for t, wrote in self._direct.get(module, ()):
                 self._hold(tokens, t, stream, wrote)
@@ -1520,6 +1525,26 @@ class OffloadHandle:
         ptr = self._movable(t)
         return self._pin_block(ptr, stream) if ptr else None
 
+    def _hold_given(self, tokens: List[Tuple[Token, Any]], given: List[torch.Tensor],
+                    stream: Optional[int], busy: bool) -> None:
+        """A module called by ``torch.func.functional_call`` (torch.nn.utils.stateless in
+        torch 1.13) reads the tensors it was given in place of its parameters and buffers
+        (MAML's adapted weights, made in the loop's code): pinned around its forward, unless
+        its ops pin them (busy), and in a training forward declared swappable as the batch
+        is (autograd saves them; they are read only by such forwards, pinned, by the backward,
+        unpacked, and by the window's ops). Before, its hooks pinned the module's own
+        parameters, which it did not read, and the given tensors stayed resident."""
+        declare = (torch.is_grad_enabled() and self._eval_ops is None
+                   and self._discovery is None)
+        for t in given:
+            ptr = self._movable(t)
+            if not ptr:
+                continue
+            if declare and ptr not in self._persistent and self.pinner.declare(ptr):
+                self._acts.add(ptr)
+            if not busy:
+                self._hold(tokens, t, stream, False)
+
     def _hold(self, tokens: List[Tuple[Token, Any]], t: Any, stream: Optional[int],
               wrote: bool) -> None:
         token = self._pin(t, stream)
@@ -1686,6 +1711,21 @@ def _computed_weights(module: torch.nn.Module) -> List[str]:
             if isinstance(name, str):
                 names.append(name)
     return names
+
+
+def _functional_call_tensors(module: torch.nn.Module) -> List[torch.Tensor]:
+    """The tensors ``functional_call`` put in place of ``module``'s own parameters and buffers
+    while it runs (torch 1.13 gives the module a class of its own that answers those names
+    from the dict, ``_attr_to_path``); none otherwise."""
+    names = module.__dict__.get("_attr_to_path")
+    if not names:
+        return []
+    given = []
+    for name in names:
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor):
+            given.append(t)
+    return given
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
