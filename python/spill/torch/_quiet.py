@@ -215,11 +215,12 @@ class QuietSteps:
         self.during = (
             f"spill.torch.offload: this happened in a backward. Of what this message calls "
             f"never declared swappable, {_mib(st.unswappable_bytes)} was so when the backward "
-            f"began (tensors no hook declares, such as those the training loop keeps); "
-            f"the rest is what the backward made since and the autograd engine has not handed "
-            f"on: the gradients the running node received and is making, gradients waiting in "
-            f"a node's buffer for its other parts, a checkpointed region's recomputation. That "
-            f"is the backward's working set, not a leak: raise the budget or use a smaller "
+            f"began (tensors no hook declares, such as those the training loop's own code "
+            f"keeps: made under spill.torch.guard(), they can move); the rest is what the "
+            f"backward made since and the autograd engine has not handed on: the gradients the "
+            f"running node received and is making, gradients waiting in a node's buffer for "
+            f"its other parts, a checkpointed region's recomputation. That is the backward's "
+            f"working set, which no hook can declare: raise the budget or use a smaller "
             f"batch.")
         self.claim()
 
