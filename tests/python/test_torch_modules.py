@@ -674,7 +674,8 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
     momentum over the rest (as Muon and AdamW, or SparseAdam and Adam, share a model) train as
     plain torch at a third of the footprint, every tensor moved to the host between steps,
     with gradients set to None and kept (zero_grad(set_to_none=False)), and reach planned
-    steps: a step ends once each optimizer has stepped (under guard([adam, sgd]) too). Before,
+    steps: a step ends once each optimizer has stepped (under guard([adam, sgd]) too), or
+    before one steps again (SGD's part frozen for now: it never steps). Before,
     only one optimizer could be
     given: the other's momentum never became swappable (out of memory at a third), and a
     second offload() of the model hooked every module twice (out of memory); that is now
@@ -699,22 +700,28 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
         def data(g):
             return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
         class Both:
+            later = 0  # steps before the second optimizer's first
             def __init__(self, m):
                 ps = list(m.parameters())
                 self.parts = [torch.optim.Adam(ps[:6], lr=1e-3),
                               torch.optim.SGD(ps[6:], lr=0.05, momentum=0.9)]
+                self.steps = 0
             def zero_grad(self, set_to_none=False):
                 for o in self.parts:
                     o.zero_grad(set_to_none=set_to_none)
             def step(self):
-                for o in self.parts:
-                    o.step()
+                self.parts[0].step()
+                if self.steps >= self.later:
+                    self.parts[1].step()
+                self.steps += 1
+        class Later(Both):  # SGD not yet: a step ends before Adam steps again
+            later = 1000
         def planned():
             return spill.stats()["swap.steps_planned"]
         before = 0  # (the runtime starts in compare(), after the plain run)
-        for keep in (False, True):
-            compare(mlp, Both, data, 3, evict=True, steps=5, keep_grads=keep)
-            assert planned() > before, ("no planned step", keep)
+        for make_opt, keep in ((Both, False), (Both, True), (Later, False)):
+            compare(mlp, make_opt, data, 3, evict=True, steps=6, keep_grads=keep)
+            assert planned() > before, ("no planned step", make_opt, keep)
             before = planned()
 
         # guard([adam, sgd]) too: its steps end once both have stepped

@@ -194,7 +194,7 @@ class guard:
     optimizer: if given, a training step of ``scope`` begins at the first op after the
       previous step and ends when ``optimizer.step()`` returns, so the first step is recorded
       and later ones follow the plan. A list or tuple of optimizers: the step ends once each
-      has stepped since it began. Without it, bracket steps with
+      has stepped since it began, or before one steps again. Without it, bracket steps with
       ``with spill.torch.step():``.
     scope: by default a number spill gives the (first) optimizer on first use (the same for as long
       as it lives, never one an earlier optimizer had); the exit ends it (its recorded step
@@ -230,6 +230,9 @@ class guard:
             def wrapper(index: int) -> Any:
                 def wrap(original: Any) -> Any:
                     def step(*args: Any, **kwargs: Any) -> Any:
+                        if index in stepped:  # (it steps again first: as offload's steps)
+                            stepped.clear()
+                            steps.end()
                         try:
                             return original(*args, **kwargs)
                         finally:

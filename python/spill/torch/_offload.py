@@ -47,7 +47,7 @@ mode or without grad mode (an evaluation pass, inference) runs with every op pin
 declared): it may take a path the training forward did not show (nn.TransformerEncoderLayer's
 fast path reads its children's parameters without calling them). Steps begin at the model's
 first forward and end when optimizer.step() returns, with several optimizers (a list) once
-each has stepped since the step began (without an optimizer, bracket steps with
+each has stepped since the step began or before one steps again (without an optimizer, bracket steps with
 ``with spill.torch.step():``). An optimizer that another one keeps as an attribute, over its
 parameters (SAM's base optimizer), has its step wrapped too: outside its owner's step it is
 the owner's step; the owner's own public methods (SAM's first_step) run in the window under
@@ -1227,7 +1227,9 @@ class OffloadHandle:
     def _step_wrapper(self, opt: torch.optim.Optimizer, index: int) -> Any:
         """The wrapper of ``opt.step`` (one of the handle's optimizers, the ``index``-th, or an
         optimizer that one steps itself): the training step ends once each of the handle's
-        optimizers has stepped since it began (with one optimizer, at each step())."""
+        optimizers has stepped since it began (with one optimizer, at each step()), or
+        before one steps a second time (one that does not step in every iteration, or not
+        yet: steps of a bounded length all the same, each the same as the last)."""
         return lambda original: self._wrap_step(opt, index, original)
 
     def _wrap_step(self, opt: torch.optim.Optimizer, index: int, original: Any) -> Any:
@@ -1240,6 +1242,8 @@ class OffloadHandle:
             if owner_mode is not None:
                 owner_mode.suspended = True
             self._window.enter(self)
+            if index in self._stepped:
+                self._end_step()
             self._release_backward()
             self._release_recomputed()
             self._policy.backward_ends()
@@ -1282,17 +1286,20 @@ class OffloadHandle:
                     owner_mode.suspended = False
                 restore_foreach()
                 if ended:
-                    self._stepped.clear()
-                    self._release_frame(self._step_frame)
-                    self._parts.forget()
-                    self.steps.end()
-                    self._leave_discovery()
-                    self._boundary = True
+                    self._end_step()
                 self._entry = None  # an entry an exception interrupted: the forward is over
                 self._window.leave(self)
                 self._window.release_kept()
             return result
         return step
+
+    def _end_step(self) -> None:
+        self._stepped.clear()
+        self._release_frame(self._step_frame)
+        self._parts.forget()
+        self.steps.end()
+        self._leave_discovery()
+        self._boundary = True
 
     def backward_begins(self) -> None:
         """A ``loss.backward()`` in the window begins (_window.py): the out-of-memory note says
