@@ -545,7 +545,8 @@ def test_out_of_memory_in_a_backward_says_what_the_engine_holds() -> None:
     temporaries in a 12 MiB budget) says that it happened in a backward, how much of what it calls never
     declared swappable was so when the backward began, and that the rest is in the autograd
     engine's hands (its working set, not a declaration spill.torch forgot); an out-of-memory
-    error after the backward no longer says so. The breakdown alone read as a spill bug."""
+    error after the backward, or after a torch.autograd.grad (which said so until the next
+    forward), no longer says so. The breakdown alone read as a spill bug."""
     out = run_ok(quiet_preamble("1GiB") + """
         import torch.nn as nn
         wide = [False]
@@ -583,12 +584,18 @@ def test_out_of_memory_in_a_backward_says_what_the_engine_holds() -> None:
         assert "MiB was so when the backward began" in text, text
         assert "the autograd engine has not handed on" in text, text
         del loss
-        try:
-            torch.empty(13 << 20, dtype=torch.uint8, device=dev)
-        except torch.cuda.OutOfMemoryError as e:
-            assert "in a backward" not in str(e), str(e)
-        else:
-            raise AssertionError("13 MiB fit in a 12 MiB budget")
+        def too_large(after):
+            try:
+                torch.empty(13 << 20, dtype=torch.uint8, device=dev)
+            except torch.cuda.OutOfMemoryError as e:
+                assert "in a backward" not in str(e), (after, str(e))
+            else:
+                raise AssertionError("13 MiB fit in a 12 MiB budget")
+        too_large("after the backward")
+        wide[0] = False
+        xg = torch.randn(16, 512, device=dev, requires_grad=True)
+        torch.autograd.grad(Wide.apply(m(xg)).square().mean(), xg)
+        too_large("after autograd.grad returned")
         spill.set_budget(1 << 30)
         h.remove()
         print("ok")

@@ -1320,6 +1320,11 @@ class OffloadHandle:
         self._parts.forget()  # a forward after this one begins new graphs
         self._policy.backward_ends()
 
+    def grad_returned(self) -> None:
+        """``torch.autograd.grad`` in the window returned or raised: the backward it ran (whose
+        first gradient hook set the out-of-memory note, _claim_note) is over."""
+        self._policy.backward_ends()
+
     def graph_built(self, results: Any) -> None:
         """``torch.autograd.grad(..., create_graph=True)`` in the window returned ``results``
         (a gradient penalty): in an armed step, the parts a later backward through its graph

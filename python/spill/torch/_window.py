@@ -207,16 +207,19 @@ class _HostUses(TorchFunctionMode):
         # Its ops stay under the dispatch mode (every op pinned). With create_graph (a
         # gradient penalty) it makes a graph whose saved tensors a later backward reads:
         # Window.graph_made.
+        # When it returns, an out-of-memory message no longer says that a backward runs.
         create = kwargs.get("create_graph", args[4] if len(args) > 4 else False)
-        if not create:
-            return func(*args, **kwargs)
         window = self.window
-        window.graphs.append([])
+        if create:
+            window.graphs.append([])
         try:
             result = func(*args, **kwargs)
         finally:
-            saved = window.graphs.pop()
-        window.graph_made(saved, result)
+            saved = window.graphs.pop() if create else []
+            for handle in list(window.handles):
+                handle.grad_returned()
+        if create:
+            window.graph_made(saved, result)
         return result
 
     def _pin(self, t: Any) -> Optional[Token]:
