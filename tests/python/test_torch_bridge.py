@@ -665,15 +665,19 @@ AT_A_THIRD = """
 
 
 def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None:
-    """offload(model, optimizer) with zero_grad(set_to_none=False), six 2 MiB weights and Adam
-    (48 MiB of parameters, gradients and state) at a 12 MiB budget: zero_grad replaces each
-    gradient on the host by fresh zeros, which are declared swappable at once (before the fix
-    they stayed unswappable until the optimizer step and filled the budget); losses and
-    parameters are plain torch's. The weights are 724 x 724 floats, 2 MiB once rounded to the
+    """offload(model, optimizer) with zero_grad(set_to_none=False), of the optimizer and of the
+    model, six 2 MiB weights and Adam (48 MiB of parameters, gradients and state) at a 12 MiB
+    budget: zero_grad replaces each gradient that can move by fresh zeros, which are declared
+    swappable at once (before the fix they stayed unswappable until the optimizer step and
+    filled the budget); losses and parameters are plain torch's. model.zero_grad() brings no
+    gradient back from the host (it ran in the window, which copied each one back to zero it:
+    52 MB more copied in over 8 steps of a 512-wide MLP at a third), and a copy of the model
+    has the class's zero_grad. The weights are 724 x 724 floats, 2 MiB once rounded to the
     granularity of a GPU or of the simulated device alike; the batch's tensors stay under the
     swap threshold (small-pool blocks): the same blocks on both, so the budget fits both."""
     out = run_ok(quiet_preamble("1GiB") + """
-        def train(wrap=None):
+        import copy, time
+        def train(zero, wrap=None):
             torch.manual_seed(0)
             m = torch.nn.Sequential(*[torch.nn.Linear(724, 724) for _ in range(6)]).to(dev)
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
@@ -683,26 +687,46 @@ def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None
             for _ in range(4):
                 x = torch.randn(32, 724, generator=g).to(dev)
                 y = torch.randn(32, 724, generator=g).to(dev)
-                opt.zero_grad(set_to_none=False)
+                (opt if zero == "opt" else m).zero_grad(set_to_none=False)
                 loss = torch.nn.functional.mse_loss(m(x), y)
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
             return losses, m, h
-        base, bm, _ = train()
-        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
-        del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
+        bases = {}
+        for zero in ("opt", "model"):
+            base, bm, _ = train(zero)
+            bases[zero] = base, [p.detach().cpu().clone() for p in bm.parameters()]
+            del bm  # on a GPU the baseline ran in spill's memory: it must not hold the budgets
         enable()
-        def wrap(m, o):
-            h = st.offload(m, o)
-            spill.set_budget(12 << 20)
-            return h
-        before = spill.stats()
-        losses, m, h = train(wrap)
-        after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + """
-        spill.set_budget(1 << 30)
-        h.remove()
+        for zero in ("opt", "model"):
+            base, base_params = bases[zero]
+            def wrap(m, o):
+                h = st.offload(m, o)
+                spill.set_budget(12 << 20)
+                return h
+            before = spill.stats()
+            losses, m, h = train(zero, wrap)
+            after = spill.stats()
+""" + textwrap.indent(MATCHES_PLAIN_TORCH, "    ") + """
+            if zero == "model":
+                ptrs = [h.pinner.movable(p.grad) for p in m.parameters()]
+                ptrs = [ptr for ptr in ptrs if ptr]  # (the biases' are small blocks)
+                assert len(ptrs) == 6, ptrs
+                for ptr in ptrs:
+                    spill.evict(ptr)
+                for ptr in ptrs:
+                    while spill.residence(ptr) == "swapping_out":
+                        time.sleep(0.001)
+                came_in = spill.stats()["swap.bytes_in"]
+                m.zero_grad(set_to_none=False)
+                assert spill.stats()["swap.bytes_in"] == came_in, "a gradient came back"
+                assert all(p.grad.count_nonzero().item() == 0 for p in m.parameters())
+            spill.set_budget(1 << 30)  # (a copy is plain torch memory)
+            if zero == "model":
+                assert "zero_grad" in vars(m) and "zero_grad" not in vars(copy.deepcopy(m))
+            h.remove()
+            del m, h
         print("ok")
     """)
     assert "ok" in out

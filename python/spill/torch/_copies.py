@@ -1,11 +1,12 @@
 """Copies of an offloaded model are plain torch modules: ``copy.deepcopy``, ``copy.copy``,
 ``pickle`` and ``torch.save`` of a module offload() hooked (the model or a submodule) leave
-spill's module hooks and forward wrapper out of the copy, which gets its own tensors, no spill
-hook, and its class's forward (it runs the copy's modules, never the original's); the
+spill's module hooks and forward and zero_grad wrappers out of the copy, which gets its own
+tensors, no spill hook, and its class's forward (it runs the copy's modules, never the
+original's); the
 original keeps them and trains on. A reducer registered with copyreg for the module's class
 does it (pickle and copy consult copyreg's table before the class's ``__reduce_ex__``): the
 state it hands on is the module's own, less the hooks whose owner is a spill handle and the
-forward spill put on the instance (what was there before comes back). For any other
+forward and zero_grad spill put on the instance (what was there before comes back). For any other
 instance of those classes it changes nothing. The parameters' gradient hooks are never copied
 or pickled by torch. What still reaches a handle (an attribute of the caller's, a class whose
 own ``__getstate__`` returns something else than a dict) raises TypeError saying what to do.
@@ -86,20 +87,22 @@ def _ours(hook: Any) -> bool:
 
 
 def plain_state(state: Dict[str, Any]) -> Dict[str, Any]:
-    """A module's ``__dict__`` without spill's hooks and forward wrapper: ``state`` itself
+    """A module's ``__dict__`` without spill's hooks and method wrappers: ``state`` itself
     when it has none, else a new dict (the module keeps its own)."""
     changes: Dict[str, Any] = {}
     dropped: Set[Any] = set()
-    forward = state.get("forward", None)
-    if forward is not None:
-        found, previous = wrapped_previous(forward)
+    for name in ("forward", "zero_grad"):
+        method = state.get(name, None)
+        if method is None:
+            continue
+        found, previous = wrapped_previous(method)
         while found and previous is not None:  # a wrapper of ours over another of ours
             again, earlier = wrapped_previous(previous)
             if not again:
                 break
             previous = earlier
         if found:
-            changes["forward"] = previous
+            changes[name] = previous
     for key, hooks in state.items():
         if key.endswith("hooks") and isinstance(hooks, dict) and any(
                 _ours(h) for h in hooks.values()):

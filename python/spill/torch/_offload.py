@@ -108,7 +108,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import weakref
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -372,7 +372,8 @@ class OffloadHandle:
             self._declare_computed(m)
         for index, opt in enumerate(self.optimizers):
             wrap_method(opt, "step", self._step_wrapper(opt, index), self._saved_methods)
-            wrap_method(opt, "zero_grad", self._zero_grad_wrapper(opt), self._saved_methods)
+            wrap_method(opt, "zero_grad", self._zero_grad_wrapper(lambda o=opt: _parameters(o)),
+                        self._saved_methods)
             wrap_method(opt, "load_state_dict", self._wrap_load, self._saved_methods)
             if _zero_redundancy(opt):
                 # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
@@ -391,6 +392,11 @@ class OffloadHandle:
         # state of steps taken before offload()) can move from now on, as after a step.
         self._declare_state()
         self._wrap_forward(self.model)
+        # model.zero_grad() (set_to_none=False by default in torch 1.13) as an optimizer's:
+        # in the window, it would bring every gradient on the host back only to zero it.
+        wrap_method(self.model, "zero_grad",
+                    self._zero_grad_wrapper(lambda: list(self.model.parameters())),
+                    self._saved_methods)
 
     def _hook_module(self, m: torch.nn.Module) -> None:
         copies.register_module(m)  # a copy of the model leaves the hooks out
@@ -1403,10 +1409,12 @@ class OffloadHandle:
             return method
         return wrapper
 
-    def _zero_grad_wrapper(self, opt: torch.optim.Optimizer) -> Any:
-        return lambda original: self._wrap_zero_grad(opt, original)
+    def _zero_grad_wrapper(self, params: Callable[[], List[torch.Tensor]]) -> Any:
+        """The wrapper of an optimizer's or the model's zero_grad, which zeroes the gradients
+        of ``params()``."""
+        return lambda original: self._wrap_zero_grad(params, original)
 
-    def _wrap_zero_grad(self, opt: torch.optim.Optimizer, original: Any) -> Any:
+    def _wrap_zero_grad(self, params: Callable[[], List[torch.Tensor]], original: Any) -> Any:
         default = inspect.signature(original).parameters.get("set_to_none")
         default_to_none = bool(default.default) if default is not None else True
 
@@ -1421,17 +1429,17 @@ class OffloadHandle:
             try:
                 if to_none:  # no tensor is read or written
                     return original(*args, **kwargs)
-                return self._zero_grads(opt, original, args, kwargs)
+                return self._zero_grads(params(), original, args, kwargs)
             finally:
                 self._window.leave(self)
                 if owner_mode is not None:
                     owner_mode.suspended = False
         return zero_grad
 
-    def _zero_grads(self, opt: torch.optim.Optimizer, original: Any, args: Any,
+    def _zero_grads(self, params: List[torch.Tensor], original: Any, args: Any,
                     kwargs: Any) -> Any:
-        """``opt.zero_grad(set_to_none=False)``, in the handle's region. A gradient of its
-        parameters that can move is replaced by zeros (in a quiet step, one on the host),
+        """``zero_grad(set_to_none=False)`` of an optimizer or of the model (over ``params``),
+        in the handle's region. A gradient of those parameters that can move is replaced by zeros (in a quiet step, one on the host),
         instead of being copied back only to be zeroed; the optimizer's zero_grad zeroes the
         rest. The zeros are declared at once, as the gradient they replace was: a fresh block
         is never evicted, and at a tight budget the replacements alone would fill it before
@@ -1442,7 +1450,7 @@ class OffloadHandle:
         quiet = self._quiet
         replaced: List[Tuple[torch.Tensor, torch.Tensor]] = []
         try:
-            for p in _parameters(opt):
+            for p in params:
                 ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
                 if ptr and (not quiet or self.pinner.on_host(ptr)):
                     zeros = torch.zeros_like(p.grad)
@@ -1455,7 +1463,7 @@ class OffloadHandle:
                 stream = self.pinner.stream()
                 tokens: List[Tuple[Token, bool]] = []
                 try:
-                    for p in _parameters(opt):
+                    for p in params:
                         if p.grad is not None:
                             self._hold(tokens, p.grad, stream, True)
                     return original(*args, **kwargs)
