@@ -86,6 +86,10 @@ def _ours(hook: Any) -> bool:
     return type(getattr(hook, "__self__", None)) in HOOK_OWNERS
 
 
+def _pinned(hook: Any) -> bool:
+    return getattr(hook, "_spill_original", None) is not None
+
+
 def plain_state(state: Dict[str, Any]) -> Dict[str, Any]:
     """A module's ``__dict__`` without spill's hooks and method wrappers: ``state`` itself
     when it has none, else a new dict (the module keeps its own)."""
@@ -105,13 +109,13 @@ def plain_state(state: Dict[str, Any]) -> Dict[str, Any]:
             changes[name] = previous
     for key, hooks in state.items():
         if key.endswith("hooks") and isinstance(hooks, dict) and any(
-                _ours(h) for h in hooks.values()):
+                _ours(h) or _pinned(h) for h in hooks.values()):
             kept = type(hooks)()
             for k, h in hooks.items():
                 if _ours(h):
                     dropped.add(k)
-                else:
-                    kept[k] = h
+                else:  # (a backward hook of the caller's, which offload runs pinned)
+                    kept[k] = getattr(h, "_spill_original", None) or h
             changes[key] = kept
     if dropped:  # the flags torch 2 keeps beside its hooks (with_kwargs, always_call)
         for key, flags in state.items():

@@ -69,6 +69,7 @@ pinned by their module; the computed weight, kept in the module until its next f
 declared at offload() and after each forward of the module (_declare_computed).
 A module that ``functional_call`` runs with tensors in place of its own (MAML's adapted
 weights) has those pinned by its pre-hook, and declared in a training forward (_hold_given).
+A module's backward hooks (the caller's) run with every op pinned (_pin_backward_hooks).
 offload's gradient hook runs before a parameter's other hooks and pins the parameter for
 them; its forward hook is moved back to the end of a module's at each step's first forward.
 A pin for reading (a parameter, an argument) unpins as written when the tensor's version
@@ -271,6 +272,9 @@ class OffloadHandle:
         self._ddp_held: List[Tuple[Token, bool]] = []  # gradients held until backward ends
         self._hooks: List[Any] = []  # the parameters' gradient hooks
         self._module_hooks: Dict[torch.nn.Module, List[Any]] = {}  # forward pre/post hooks
+        # The modules' backward hooks wrapped to run pinned (_pin_backward_hooks): their dicts
+        # and keys, to put the caller's hooks back at remove().
+        self._wrapped_hooks: List[Tuple[Dict[int, Any], int]] = []
         self._grad_hooked: Dict[int, Any] = {}  # id() -> weak reference (ids are reused)
         # Per module, its parameters, buffers and TorchScript children when last seen
         # (_refresh), and the TorchScript modules of the model (_scripted).
@@ -409,6 +413,33 @@ class OffloadHandle:
         # module itself, not by whatever module runs around it for the whole forward.
         m._forward_pre_hooks.move_to_end(handle.id, last=False)
         self._module_hooks[m] = [handle, m.register_forward_hook(self._post)]
+        self._pin_backward_hooks(m)
+
+    def _pin_backward_hooks(self, m: torch.nn.Module) -> None:
+        """The module's backward hooks (register_full_backward_hook, and torch 2's backward
+        pre-hooks) run inside the backward, where nothing pins what they read: the module's
+        weight (a Fisher estimate), the inputs a forward hook kept (per-sample gradients,
+        K-FAC). Each runs with every op pinned (nothing declared), as an evaluation forward
+        does; offload() and each step's first forward wrap the hooks registered since."""
+        for name in ("_backward_hooks", "_backward_pre_hooks"):
+            hooks = m.__dict__.get(name)
+            if not hooks:
+                continue
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "_spill_original", None) is None:
+                    hooks[key] = self._pinned_hook(hook)
+                    self._wrapped_hooks.append((hooks, key))
+
+    def _pinned_hook(self, hook: Any) -> Any:
+        pinner = self.pinner
+
+        def pinned(*args: Any, **kwargs: Any) -> Any:
+            if state.forked_child:
+                return hook(*args, **kwargs)
+            with _PinOps(pinner):
+                return hook(*args, **kwargs)
+        pinned._spill_original = hook  # type: ignore[attr-defined]  # (remove(), copies)
+        return pinned
 
     def _hook_parameter(self, p: torch.nn.Parameter) -> None:
         """The gradient hook (see _grad_hook), once per parameter; a frozen one gets it when
@@ -508,6 +539,8 @@ class OffloadHandle:
             if m in scripted:
                 continue
             seen.add(m)
+            if m.__dict__.get("_backward_hooks") or m.__dict__.get("_backward_pre_hooks"):
+                self._pin_backward_hooks(m)
             old = layout.get(m)
             if old is None:
                 if isinstance(m, torch.jit.ScriptModule):  # added since: its caller pins it
@@ -598,6 +631,11 @@ class OffloadHandle:
             for h in handles:
                 h.remove()
         self._module_hooks.clear()
+        for hooks, key in self._wrapped_hooks:
+            hook = hooks.get(key)
+            if hook is not None and getattr(hook, "_spill_original", None) is not None:
+                hooks[key] = hook._spill_original
+        self._wrapped_hooks.clear()
         unwrap_methods(self._saved_methods)
         self._window.discard(self)
         self._leave_eval_ops()
