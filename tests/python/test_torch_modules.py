@@ -25,7 +25,8 @@ from test_torch_bridge import (SIZED_FOR_64K, TARGET, _env, quiet_preamble,  # n
 # results are plain torch's and that bytes moved. `evict`: before each forward from the third
 # step on and before each evaluation pass, every parameter, buffer, gradient and optimizer
 # state is moved to the host (a read no pin covers then faults). `mutate(model, opt, i)` runs
-# before step i; `keep_grads`: zero_grad(set_to_none=False).
+# before step i; `keep_grads`: zero_grad(set_to_none=False). `mlp(depth)` and `data(g)`: a 512-wide
+# MLP (1 MiB weights) and its batches of 16.
 HARNESS = textwrap.indent("""
 import gc, time
 import torch.nn as nn
@@ -78,6 +79,13 @@ def state_bytes(m):
     # The state_dict as bytes outside spill's memory (a later scenario's budget stays free).
     return {k: (v.dtype, tuple(v.shape), v.detach().cpu().contiguous().reshape(-1)
                 .view(torch.uint8).numpy().tobytes()) for k, v in m.state_dict().items()}
+def mlp(depth=6):  # 512 wide: 1 MiB weights
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(512, 512), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(512, 10))
+def data(g):
+    return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
 def compare(make, make_opt, data, fraction=3, evict=False, **kw):
     base, base_val, bm, _ = train(make, make_opt, data, **kw)
     base_state = state_bytes(bm)
@@ -539,13 +547,6 @@ def test_hooks_of_the_callers_may_read_the_parameters() -> None:
                 for layer in m:
                     if isinstance(layer, nn.Linear):
                         layer.register_forward_hook(statistic)
-        def mlp():
-            layers = []
-            for _ in range(6):
-                layers += [nn.Linear(512, 512), nn.ReLU()]
-            return nn.Sequential(*layers, nn.Linear(512, 10))
-        def data(g):
-            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
         adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
         compare(lambda: decay(mlp()), adam, data, 3, evict=True)
         compare(mlp, adam, data, 3, evict=True, keep_grads=True,
@@ -574,16 +575,9 @@ def test_maml_weights_adapted_through_functional_call_are_pinned_and_move() -> N
     "never declared swappable"; not analysed further)."""
     out = run_ok(scenario("""
         from torch.nn.utils.stateless import functional_call
-        def mlp():
-            layers = []
-            for _ in range(4):
-                layers += [nn.Linear(512, 512), nn.ReLU()]
-            return nn.Sequential(*layers, nn.Linear(512, 10))
-        def data(g):
-            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
         def run(wrap, first_order):
             torch.manual_seed(0)
-            m = mlp().to(dev)
+            m = mlp(4).to(dev)
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
             h = wrap(m, opt)
             g = torch.Generator().manual_seed(1)
@@ -680,13 +674,6 @@ def test_backward_hooks_of_the_modules_read_what_they_use_pinned() -> None:
     caller's hooks, and so has the model after remove()."""
     out = run_ok(scenario("""
         import copy
-        def mlp():
-            layers = []
-            for _ in range(6):
-                layers += [nn.Linear(512, 512), nn.ReLU()]
-            return nn.Sequential(*layers, nn.Linear(512, 10))
-        def data(g):
-            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
         runs = []
         def keep_input(mod, inputs):
             mod.kept_input = inputs[0].detach()
@@ -743,13 +730,6 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
     the gradients already on the host by zeros and zeroed the resident ones in place, which
     depends on when each swap-out finished: every step left its plan."""
     out = run_ok(scenario("""
-        def mlp():
-            layers = []
-            for _ in range(6):
-                layers += [nn.Linear(512, 512), nn.ReLU()]
-            return nn.Sequential(*layers, nn.Linear(512, 10))
-        def data(g):
-            return torch.randn(16, 512, generator=g), torch.randint(0, 10, (16,), generator=g)
         class Both:
             later = 0  # steps before the second optimizer's first
             def __init__(self, m):
