@@ -25,8 +25,8 @@ from test_torch_bridge import (SIZED_FOR_64K, TARGET, _env, quiet_preamble,  # n
 # results are plain torch's and that bytes moved. `evict`: before each forward from the third
 # step on and before each evaluation pass, every parameter, buffer, gradient and optimizer
 # state is moved to the host (a read no pin covers then faults). `mutate(model, opt, i)` runs
-# before step i; `keep_grads`: zero_grad(set_to_none=False). `mlp(depth)` and `data(g)`: a 512-wide
-# MLP (1 MiB weights) and its batches of 16.
+# before step i; `keep_grads`: zero_grad(set_to_none=False). `mlp(depth)` and `data(g)`: a
+# 512-wide MLP (1 MiB weights) and its batches of 16.
 HARNESS = textwrap.indent("""
 import gc, time
 import torch.nn as nn
