@@ -23,10 +23,10 @@ Which blocks become swappable, and what pins every later use of each:
 - gradients: declared as an armed step's backward makes them (at the next point where the
   autograd engine is between nodes: a gradient hook on a module output or a parameter,
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
-  step, which touches them in parameter order; a backward that accumulates into an existing gradient pins it first (a
-  gradient hook on the parameter). zero_grad(set_to_none=False) replaces a gradient that can
-  move by zeros (in a quiet step, one on the host), declared at once. A gradient autograd makes in parts (the model called twice
-  before one backward; a parameter one forward uses several times, as a recurrent layer's
+  step, which touches them in parameter order; a backward that accumulates into an existing
+  gradient pins it first (a gradient hook on the parameter). zero_grad(set_to_none=False)
+  replaces a gradient that can move by zeros (in a quiet step, one on the host), declared at
+  once. A gradient autograd makes in parts (the model called twice before one backward; a parameter one forward uses several times, as a recurrent layer's
   weights) has its first part, which waits in AccumulateGrad's buffer, declared
   and pinned at its later uses (_partials.py). Under DistributedDataParallel, whose reducer
   copies the averaged gradients back into them when the backward ends (C++, no hook), they
@@ -47,8 +47,8 @@ mode or without grad mode (an evaluation pass, inference) runs with every op pin
 declared): it may take a path the training forward did not show (nn.TransformerEncoderLayer's
 fast path reads its children's parameters without calling them). Steps begin at the model's
 first forward and end when optimizer.step() returns, with several optimizers (a list) once
-each has stepped since the step began or before one steps again (without an optimizer, bracket steps with
-``with spill.torch.step():``). An optimizer that another one keeps as an attribute, over its
+each has stepped since the step began or before one steps again (without an optimizer,
+bracket steps with ``with spill.torch.step():``). An optimizer that another one keeps as an attribute, over its
 parameters (SAM's base optimizer), has its step wrapped too: outside its owner's step it is
 the owner's step; the owner's own public methods (SAM's first_step) run in the window under
 DeclareMade (every op pinned, what an op makes declared).
@@ -1477,9 +1477,9 @@ class OffloadHandle:
     def _zero_grads(self, params: List[torch.Tensor], original: Any, args: Any,
                     kwargs: Any) -> Any:
         """``zero_grad(set_to_none=False)`` of an optimizer or of the model (over ``params``),
-        in the handle's region. A gradient of those parameters that can move is replaced by zeros (in a quiet step, one on the host),
-        instead of being copied back only to be zeroed; the optimizer's zero_grad zeroes the
-        rest. The zeros are declared at once, as the gradient they replace was: a fresh block
+        in the handle's region. A gradient of those parameters that can move is replaced by
+        zeros (in a quiet step, one on the host), instead of being copied back only to be
+        zeroed; the optimizer's zero_grad zeroes the rest. The zeros are declared at once, as the gradient they replace was: a fresh block
         is never evicted, and at a tight budget the replacements alone would fill it before
         the optimizer step declares them. An armed step replaces every one, resident or not:
         whether a gradient's swap-out has finished by now depends on timing, and the step's
