@@ -26,9 +26,10 @@ Which blocks become swappable, and what pins every later use of each:
   step, which touches them in parameter order; a backward that accumulates into an existing
   gradient pins it first (a gradient hook on the parameter). zero_grad(set_to_none=False)
   replaces a gradient that can move by zeros (in a quiet step, one on the host), declared at
-  once. A gradient autograd makes in parts (the model called twice before one backward; a parameter one forward uses several times, as a recurrent layer's
-  weights) has its first part, which waits in AccumulateGrad's buffer, declared
-  and pinned at its later uses (_partials.py). Under DistributedDataParallel, whose reducer
+  once. A gradient autograd makes in parts (the model called twice before one backward; a
+  parameter one forward uses several times, as a recurrent layer's weights) has its first
+  part, which waits in AccumulateGrad's buffer, declared and pinned at its later uses
+  (_partials.py). Under DistributedDataParallel, whose reducer
   copies the averaged gradients back into them when the backward ends (C++, no hook), they
   are held (undeclared, or pinned) until the backward returns.
 - optimizer state: declared at offload() (what the optimizer has already: Adagrad's sums),
