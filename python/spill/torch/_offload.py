@@ -47,10 +47,10 @@ keeps it safe and finds parameters used outside their modules. A forward of the 
 mode or without grad mode (an evaluation pass, inference) runs with every op pinned (nothing
 declared): it may take a path the training forward did not show (nn.TransformerEncoderLayer's
 fast path reads its children's parameters without calling them). Steps begin at the model's
-first forward and end when optimizer.step() returns, with several optimizers (a list) once
-each has stepped since the step began or before one steps again (without an optimizer,
-bracket steps with ``with spill.torch.step():``). An optimizer that another one keeps as an attribute, over its
-parameters (SAM's base optimizer), has its step wrapped too: outside its owner's step it is
+first forward and end when optimizer.step() returns, with several optimizers (a list) once each
+has stepped since the step began or before one steps again (without an optimizer, bracket steps
+with ``with spill.torch.step():``). An optimizer that another one keeps as an attribute, over
+its parameters (SAM's base optimizer), has its step wrapped too: outside its owner's step it is
 the owner's step; the owner's own public methods (SAM's first_step) run in the window under
 DeclareMade (every op pinned, what an op makes declared).
 A training loop may call the model's submodules itself (``for blk in model.blocks: x =
@@ -1480,12 +1480,13 @@ class OffloadHandle:
         """``zero_grad(set_to_none=False)`` of an optimizer or of the model (over ``params``),
         in the handle's region. A gradient of those parameters that can move is replaced by
         zeros (in a quiet step, one on the host), instead of being copied back only to be
-        zeroed; the optimizer's zero_grad zeroes the rest. The zeros are declared at once, as the gradient they replace was: a fresh block
-        is never evicted, and at a tight budget the replacements alone would fill it before
-        the optimizer step declares them. An armed step replaces every one, resident or not:
-        whether a gradient's swap-out has finished by now depends on timing, and the step's
-        accesses must not (a step that zeroed one gradient in place and replaced another left
-        its plan: SAM's first_step(zero_grad=True) deviated in every step)."""
+        zeroed; the optimizer's zero_grad zeroes the rest. The zeros are declared at once, as
+        the gradient they replace was: a fresh block is never evicted, and at a tight budget
+        the replacements alone would fill it before the optimizer step declares them. An armed
+        step replaces every one, resident or not: whether a gradient's swap-out has finished by
+        now depends on timing, and the step's accesses must not (a step that zeroed one
+        gradient in place and replaced another left its plan: SAM's first_step(zero_grad=True)
+        deviated in every step)."""
         quiet = self._quiet
         replaced: List[Tuple[torch.Tensor, torch.Tensor]] = []
         try:
