@@ -1,17 +1,22 @@
 // Recording steps as graph::Traces, planning from them, and executing the plan on later steps,
 // for each step scope on its own. Block identity across steps is the order of first pins within
 // a scope's step, which a deterministic training step repeats. Every step is recorded; a step
-// that leaves its plan (a block of another size, an access the plan does not have at that
-// point) stops following it and its own recording becomes the next step's plan, so a first
-// step that differs from the rest (gradients and optimizer state are created in it) costs one
-// deviation, not a re-recording per step. Blocks are compared by their request, not their
-// size: the caching allocator serves a request from a cached block up to a quarter larger, so
-// what the cache holds decides a block's size (an activation of torchvision's
-// mobilenet_v3_small took 640 KiB in one step and 512 KiB in the next, alternately, and every
-// step deviated); the plan follows the block at its size of this step. A recorded access's time is the time since the step
-// began less the host's waits inside the swapper meanwhile (demand fetches, late prefetches,
-// room): the plan's op times are the compute it hides copies behind, even when the recorded
-// step stalled (a first, reactive step mostly waits).
+// that leaves its plan (an access the plan does not have at that point: another block or op)
+// stops following it and its own recording becomes the next step's plan, so a first step that
+// differs from the rest (gradients and optimizer state are created in it) costs one
+// deviation, not a re-recording per step. A block's size is no part of its identity: the
+// caching allocator serves a request from a cached block up to a quarter larger, so what the
+// cache holds decides a block's size (an activation of torchvision's mobilenet_v3_small took
+// 640 KiB in one step and 512 KiB in the next, alternately), and a step's tensors may change
+// size from step to step (batches padded to their own longest sequence: the same ops at
+// another length). The plan follows a block at its size of this step; a step in which a block
+// outgrows the size the plan had for it makes the plan again at the largest sizes seen since
+// (each block, and each op's memory the recording did not show, at least as large as the
+// plan's), so that the plan leaves room for a step as large as any before it. A recorded
+// access's time is the time since the step began less the host's waits inside the swapper
+// meanwhile (demand fetches, late prefetches, room): the plan's op times are the compute it
+// hides copies behind, even when the recorded step stalled (a first, reactive step mostly
+// waits).
 //
 // Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued
 // (one whose block is still pinned, such as a module's input while its submodules run, when
@@ -61,6 +66,7 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.waited0_ns = waited_ns;
   s.last_time_s = 0;
   s.begin_tick = ++tick;
+  s.outgrew_plan = false;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
   // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
   // fit fall back to reactive eviction.
@@ -94,21 +100,41 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   s.recording = false;
   s.trace.step_end_s = step_time_locked(s);
   const bool keeps_plan = s.planned_step && !s.replan;
-  if (!keeps_plan && s.timing == StepState::Timing::Device) time_on_device_locked(s);
+  // A step that followed its plan with a block made by a larger request than the plan had
+  // (a longer sequence) is planned again, at the largest sizes seen since the plan's
+  // recording, so that a later step as large as this one finds the room its evictions make.
+  const bool outgrew = keeps_plan && s.outgrew_plan;
+  if ((!keeps_plan || outgrew) && s.timing == StepState::Timing::Device) time_on_device_locked(s);
   s.last_trace = s.trace;
   last_trace_any = s.trace;
   last_trace_any_scope = s.scope;
-  if (keeps_plan) return;  // the step followed its plan: keep it
+  if (keeps_plan && !outgrew) return;  // the step followed its plan: keep it
   s.replan = false;
   stats.steps_recorded++;
   s.plan = graph::Plan{};
+  s.size_of_id.assign(s.next_id, 0);  // this step's blocks, as the next step finds them
+  for (const graph::TraceAccess& a : s.trace.accesses) s.size_of_id[a.block] = a.bytes;
+  if (outgrew) {
+    // The plan's sizes where they were larger: each block's and request, each op's memory the
+    // recording did not show (the steps are the same access for access, ops included).
+    for (graph::TraceAccess& a : s.trace.accesses)
+      a.bytes = std::max<std::uint64_t>(a.bytes, s.plan_bytes_of_id[a.block]);
+    const std::size_t ids = std::min(s.request_of_id.size(), s.request_of_id_planned.size());
+    for (std::size_t id = 0; id < ids; ++id)
+      s.request_of_id[id] = std::max(s.request_of_id[id], s.request_of_id_planned[id]);
+    if (s.other_bytes.size() < s.plan_other_bytes.size())
+      s.other_bytes.resize(s.plan_other_bytes.size(), 0);
+    for (std::size_t op = 0; op < s.plan_other_bytes.size(); ++op)
+      s.other_bytes[op] = std::max(s.other_bytes[op], s.plan_other_bytes[op]);
+  }
   s.plan_trace = s.trace;
-  s.size_of_id.assign(s.next_id, 0);
+  s.plan_other_bytes = s.other_bytes;
   s.request_of_id_planned = s.request_of_id;
+  s.plan_bytes_of_id.assign(s.next_id, 0);
   s.use_ops.assign(s.next_id, {});
   s.plan_op_ids.clear();
   for (const graph::TraceAccess& a : s.trace.accesses) {
-    s.size_of_id[a.block] = a.bytes;
+    s.plan_bytes_of_id[a.block] = a.bytes;
     if (s.use_ops[a.block].empty() || s.use_ops[a.block].back() != a.op)
       s.use_ops[a.block].push_back(a.op);
     if (s.plan_op_ids.empty() || s.plan_op_ids.back() != a.op) s.plan_op_ids.push_back(a.op);
@@ -567,19 +593,19 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   s.trace.accesses.push_back(a);
   sample_other_locked(s, true);
   if (s.executing) {
-    // The step must repeat the recording the plan came from, access by access, each block
-    // made by the same request (its size may differ: see the file's comment).
+    // The step must repeat the recording the plan came from, access by access; a block may
+    // have another size (see the file's comment).
     const std::size_t k = s.trace.accesses.size() - 1;
     const auto& planned = s.plan_trace.accesses;
     if (k >= planned.size() || planned[k].block != a.block || planned[k].op != a.op ||
-        a.block >= s.request_of_id_planned.size() ||
-        s.request_of_id_planned[a.block] != b.request) {
+        a.block >= s.request_of_id_planned.size()) {
       s.executing = false;
       s.replan = true;  // this step's recording becomes the plan
       s.pending.clear();
       stats.deviations++;
-    } else if (a.block < s.size_of_id.size()) {
+    } else {
       s.size_of_id[a.block] = a.bytes;  // the plan's prefetches and evictions find it
+      if (b.request > s.request_of_id_planned[a.block]) s.outgrew_plan = true;
     }
   }
 }

@@ -156,7 +156,8 @@ class Swapper {
   void record_stream(const void* ptr, Stream stream);
   // The allocator hands out a new block on `stream` (see the rules above).
   // `request`: the allocation's request rounded to the granule (0: `size`), which a reused
-  // cached block may exceed; recorded steps compare it, not `size` (see "Steps and plans").
+  // cached block may exceed; a step whose blocks come from larger requests than its plan's
+  // makes the plan again at their sizes (docs/architecture.md, "Steps and plans").
   void track(void* base, std::size_t size, Stream stream = nullptr, std::size_t request = 0);
   // `stream` is about to be destroyed: waits for it and forgets it as a user of any block
   // (swap-outs record their wait events on the streams that used a block).

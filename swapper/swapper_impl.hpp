@@ -73,8 +73,15 @@ struct StepState {
   // same address (the recorded one freed) is another block.
   std::vector<std::uint64_t> gen_of_id, gen_of_id_prev;
   std::vector<std::size_t> size_of_id;  // from the planned trace, then the block followed
-  // id -> the block's request (SwapBlock::request): this step's, and the planned recording's.
+  // id -> the block's request (SwapBlock::request): this step's, and the one the plan was made
+  // for. Tensor sizes may change from step to step (batches padded to their own longest
+  // sequence): a plan is made for the largest request, block size (plan_bytes_of_id) and, per
+  // recorded op, memory the recording did not show (plan_other_bytes) of the steps since its
+  // recording; a step that outgrows it plans again (see step.cpp).
   std::vector<std::size_t> request_of_id, request_of_id_planned;
+  std::vector<std::size_t> plan_bytes_of_id;
+  std::vector<std::uint64_t> plan_other_bytes;
+  bool outgrew_plan = false;     // a block of this step was made by a larger request
   std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
   std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
   graph::Trace trace, last_trace;

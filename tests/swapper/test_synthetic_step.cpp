@@ -168,8 +168,9 @@ TEST(Eviction, BeladyFromTheRecordedStepBeatsLru) {
 namespace spill::test {
 namespace {
 
-// A step that no longer matches the recording (other block sizes) stops the plan, keeps every
-// byte, and is recorded again.
+// A step that no longer matches the recording (another model: other blocks where the plan
+// has its own) stops the plan, keeps every byte, and is recorded again. One whose blocks only
+// grew (the same model at a longer sequence) follows the plan and makes it again at its size.
 TEST(SyntheticStep, DeviationFallsBackAndReRecords) {
   SimDevice dev(SimOptions{.capacity = 2 * GiB});
   SyntheticStepConfig c;
@@ -191,11 +192,20 @@ TEST(SyntheticStep, DeviationFallsBackAndReRecords) {
   EXPECT_EQ(swapper.stats().steps_recorded, 1u);
   EXPECT_EQ(swapper.stats().deviations, 0u);
   SyntheticStepConfig other = c;
-  other.activation_bytes = 10 * MiB;  // a different model now
+  other.layers = 6;  // a different model now
   for (const StepResult& r : run_synthetic_steps(dev, mem, swapper, other))
     EXPECT_TRUE(r.data_ok) << r.first_error;
   EXPECT_GE(swapper.stats().deviations, 1u);
-  EXPECT_EQ(swapper.stats().steps_recorded, 2u) << "the new shape was recorded again";
+  EXPECT_EQ(swapper.stats().steps_recorded, 2u) << "the new model was recorded again";
+  const SwapStats before = swapper.stats();
+  SyntheticStepConfig longer = other;
+  longer.activation_bytes = 10 * MiB;
+  for (const StepResult& r : run_synthetic_steps(dev, mem, swapper, longer))
+    EXPECT_TRUE(r.data_ok) << r.first_error;
+  EXPECT_EQ(swapper.stats().deviations, before.deviations) << "larger activations deviated";
+  EXPECT_EQ(swapper.stats().steps_planned, before.steps_planned + 2);
+  EXPECT_EQ(swapper.stats().steps_recorded, before.steps_recorded + 1)
+      << "the plan is made again at the larger size, once";
   EXPECT_LE(backend.peak_mapped(), budget);
 }
 
