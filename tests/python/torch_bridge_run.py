@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_train_models import train  # noqa: E402
+from torch_train_models import FOOTPRINT_OF, train  # noqa: E402
 
 STAT_KEYS = ("swap.bytes_out", "swap.bytes_in", "swap.demand_fetches", "swap.prefetch_hits",
              "swap.prefetches", "swap.stall_s", "swap.host_wait_s", "swap.steps_recorded",
@@ -62,8 +62,9 @@ def main(argv: List[str]) -> int:
     st.enable(f"policy:{policy},swap_threshold:128KiB,sim_granularity:{granularity}"
               + os.environ.get("SPILL_TEST_CONF", ""),
               target=target)
-    # The training footprint: the peak of an unlimited run with spill.
-    train(name, 2, device=device)
+    # The training footprint: the peak of an unlimited run with spill (of its largest batches,
+    # for a model whose batch sizes vary).
+    train(FOOTPRINT_OF.get(name, name), 2, device=device)
     footprint = st.max_memory_allocated()
     out: Dict[str, Any] = {"model": name, "policy": policy, "target": target,
                            "footprint": footprint, "budget": footprint // 3, "runs": {}}

@@ -82,8 +82,21 @@ def _gpt_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
+def _gpt_lengths_batch(step: int, lengths: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded to its own longest sequence (dynamic padding): every step has the same
+    ops in the same order at a sequence length drawn from ``lengths``."""
+    g = torch.Generator().manual_seed(4000 + step)
+    n = lengths[int(torch.randint(0, len(lengths), (1,), generator=g))]
+    ids = torch.randint(0, 1024, (4, n + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
 def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _adamw(m: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01, foreach=False)
 
 
 # The optimizers run their per-parameter loop (foreach=False) on every device: PyTorch's
@@ -95,9 +108,17 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.opt
     "mlp": (MLP, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=False), _mlp_batch),
     "cnn": (CNN, lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,
                                            foreach=False), _cnn_batch),
-    "gpt": (GPT, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01,
-                                             foreach=False), _gpt_batch),
+    "gpt": (GPT, _adamw, _gpt_batch),
+    # The GPT at 128 positions with each batch's length drawn from 96..128 (gpt_var), from
+    # {64, 96, 128} (gpt_bucket), or always 128 (gpt128, whose footprint is theirs).
+    "gpt_var": (lambda: GPT(n_ctx=128), _adamw,
+                lambda i: _gpt_lengths_batch(i, list(range(96, 129)))),
+    "gpt_bucket": (lambda: GPT(n_ctx=128), _adamw,
+                   lambda i: _gpt_lengths_batch(i, [64, 96, 128])),
+    "gpt128": (lambda: GPT(n_ctx=128), _adamw, lambda i: _gpt_lengths_batch(i, [128])),
 }
+# A model whose batches vary -> the same model at its largest batch (its training footprint).
+FOOTPRINT_OF = {"gpt_var": "gpt128", "gpt_bucket": "gpt128"}
 
 
 def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: None,
