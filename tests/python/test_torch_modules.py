@@ -1083,3 +1083,96 @@ def test_zero_redundancy_optimizer_trains_as_plain_torch(tmp_path: pathlib.Path)
     broadcast read or wrote parameters on the host (gloo: "writev ...: Bad address"). Now the
     optimizer's _sync_params runs with every parameter pinned."""
     run_ranks(ZERO_RANK, tmp_path, 2)
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
+    """Per-sample gradients with functorch (DP-SGD: ``vmap(grad(loss))`` over the batch, each
+    sample's gradient clipped, their mean put in ``p.grad``, then the optimizer's step), with
+    the loss through ``functional_call`` of the offloaded model itself and through
+    ``make_functional``'s copy, under ``guard(release_on_exit=False)`` at a third of the
+    footprint, every tensor moved to the host between steps: plain torch's results, with
+    planned steps. A transform in the window (``grad`` of a weight's penalty, for logging)
+    too. Before, every functorch transform raised "functorch transforms don't yet support
+    saved tensor hooks": offload's window keeps saved-tensor hooks pushed while a handle
+    lives. Now the window's hooks come off the stack while a transform runs, and the
+    offloaded model's hooks do nothing inside one (its ops are pinned by the mode around)."""
+    out = run_ok(scenario("""
+        try:
+            from torch.func import functional_call, grad, vmap
+        except ImportError:
+            from functorch import grad, vmap
+            from torch.nn.utils.stateless import functional_call
+        try:
+            from functorch import make_functional
+        except ImportError:
+            make_functional = None
+        def mlp():
+            layers = []
+            for _ in range(6):
+                layers += [nn.Linear(512, 512), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(512, 10))
+        def data(g):
+            return torch.randn(4, 512, generator=g), torch.randint(0, 10, (4,), generator=g)
+        def run(wrap, how):
+            torch.manual_seed(0)
+            m = mlp().to(dev)
+            opt = torch.optim.SGD(m.parameters(), lr=0.05)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses, logged = [], []
+            for i in range(4):
+                if h is not None and i >= 2:
+                    evict_all(h)
+                x, y = (t.to(dev) for t in data(g))
+                logged.append(grad(lambda w: w.square().sum())(m[2].weight.detach()).sum().item())
+                with st.guard(release_on_exit=False) if h is not None else torch.no_grad():
+                    if how == "call":
+                        names = [n for n, _ in m.named_parameters()]
+                        params = tuple(p.detach() for p in m.parameters())
+                        def loss1(params, xi, yi):
+                            out = functional_call(m, dict(zip(names, params)), (xi[None],))
+                            return F.cross_entropy(out, yi[None])
+                    else:
+                        fmodel, params = make_functional(m)
+                        def loss1(params, xi, yi):
+                            return F.cross_entropy(fmodel(params, xi[None]), yi[None])
+                    per = vmap(grad(loss1), in_dims=(None, 0, 0))(params, x, y)
+                    with torch.no_grad():
+                        for p, gp in zip(m.parameters(), per):
+                            n = gp.flatten(1).norm(dim=1).clamp(min=1.0)
+                            p.grad = (gp / n.view(-1, *[1] * (gp.dim() - 1))).mean(0)
+                    losses.append(per[0].sum().item())
+                    del per
+                opt.step()
+                opt.zero_grad()
+            with st.guard(release_on_exit=False) if h is not None else torch.no_grad():
+                state = state_bytes(m)
+            return losses, logged, state, h
+        for how in ("call", "make_functional") if make_functional else ("call",):
+            base = run(lambda m, o: None, how)[:3]
+            enable()
+            gc.collect()
+            st.reset_peak_memory_stats()
+            run(lambda m, o: None, how)
+            footprint = st.max_memory_allocated()
+            def wrap(m, o):
+                h = st.offload(m, o, quiet=False)
+                spill.set_budget(int(footprint / 3))
+                return h
+            before = spill.stats()
+            *got, h = run(wrap, how)
+            after = spill.stats()
+            assert got[0] == base[0], (how, got[0], base[0])
+            assert got[1] == base[1], (how, got[1], base[1])
+            assert got[2] == base[2], f"{how}: final state differs from plain torch"
+            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+            planned = after["swap.steps_planned"] - before["swap.steps_planned"]
+            assert planned >= 2, (how, planned)
+            spill.set_budget(1 << 30)
+            h.remove()
+            del h, got  # (the model, resident again after remove())
+            gc.collect()
+        print("ok")
+    """))
+    assert "ok" in out

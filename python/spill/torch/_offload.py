@@ -128,6 +128,7 @@ from ._quiet import QuietSteps
 from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._regions import BackwardRegions
 from ._state import state
+from ._transforms import in_transform
 from ._steps import (StepBoundaries, optimizers_of, optional_scope, unwrap_methods,
                      wrap_method)
 from ._window import _dispatch_stack, _remove, window
@@ -665,6 +666,8 @@ class OffloadHandle:
     # ------------------------------------------------------------------ forward
 
     def _pre_kwargs(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
+        if in_transform():
+            return
         if self._quiet and self._entry is not None and module is not self.model:
             if module is self._entry:
                 self._entry_depth += 1
@@ -675,7 +678,8 @@ class OffloadHandle:
         self._pre(module, (args, kwargs) if kwargs else args)
 
     def _pre(self, module: torch.nn.Module, args: Any) -> None:
-        if state.forked_child:
+        if state.forked_child or in_transform():
+            # (inside a functorch transform the module runs as a copy would: _transforms.py)
             return
         if self._entry is None and torch.is_grad_enabled() and self._pre_recomputed(module, args):
             return
@@ -777,6 +781,8 @@ class OffloadHandle:
             self._push_saved_hooks(False)
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if in_transform():
+            return
         if self._entry is None and self._recompute.frame is not None:
             self._post_recomputed(module)
             return

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
 from ._pins import Pinner, Saved, acyclic
 from ._state import state
@@ -288,6 +289,7 @@ class Window:
         self.recomputing: "weakref.WeakSet[Any]" = weakref.WeakSet()
         # Per autograd.grad(create_graph=True) running: what its graph saves (weakly).
         self.graphs: List[List[Any]] = []
+        _transforms.install()  # (functorch's transforms take the saved-tensor hooks off)
 
     # ---------------------------------------------------------------- handles
 
