@@ -521,8 +521,27 @@ def test_hooks_of_the_callers_may_read_the_parameters() -> None:
     (a statistic) after moving it to the host, as the swapper may under pressure when the
     hook allocates: offload's forward hook is moved back to the end at the next step, so the
     module's pins hold while such a hook runs. Before, it ran after offload's had unpinned
-    the weight: a segmentation fault."""
+    the weight: a segmentation fault. (3) A gradient hook on a weight that reads another
+    tensor, a mask buffer of the model (``w.register_hook(lambda g: g * self.mask)``, rows
+    of a layer frozen), registered before offload() and after two steps: offload now runs
+    the caller's hooks on a parameter with every op pinned. Before, the mask, on the host,
+    was read unpinned: a segmentation fault on the CPU bridge."""
     out = run_ok(scenario("""
+        class Masked(nn.Module):
+            def __init__(self, hook=True):
+                super().__init__()
+                self.body = mlp()
+                self.register_buffer("mask", (torch.rand(512, 512) > 0.3).float())
+                if hook:
+                    self.hook()
+            def hook(self):
+                self.body[2].weight.register_hook(lambda g: g * self.mask)
+            def forward(self, x):
+                return self.body(x)
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(Masked, adam, data, 3, evict=True)
+        compare(lambda: Masked(False), adam, data, 3, evict=True,
+                mutate=lambda m, opt, i: m.hook() if i == 2 else None)
         def decay(m):
             for layer in m:
                 if isinstance(layer, nn.Linear):

@@ -443,6 +443,18 @@ class OffloadHandle:
         pinned._spill_original = hook  # type: ignore[attr-defined]  # (remove(), copies)
         return pinned
 
+    def _pin_parameter_hooks(self, hooks: Dict[int, Any], ours: Any) -> None:
+        """The caller's gradient hooks on a parameter (``hooks``, the parameter's dict, beside
+        ``ours``, offload's) run with every op pinned: one may read another tensor than the
+        parameter (a mask buffer: ``g * self.mask``), on the host in the backward. Wrapped at
+        offload(), at each step's first forward (_refresh: torch 1.13 calls a snapshot of the
+        dict, so one registered since would run unwrapped) and when offload's hook runs."""
+        for k, other in list(hooks.items()):
+            if getattr(other, "_spill_original", None) is None and other is not ours and \
+                    not getattr(other, "_spill_grad_hook", False):
+                hooks[k] = self._pinned_hook(other)
+                self._wrapped_hooks.append((hooks, k))
+
     def _hook_parameter(self, p: torch.nn.Parameter) -> None:
         """The gradient hook (see _grad_hook), once per parameter; a frozen one gets it when
         it is unfrozen (_hook_unfrozen)."""
@@ -543,6 +555,10 @@ class OffloadHandle:
             seen.add(m)
             if m.__dict__.get("_backward_hooks") or m.__dict__.get("_backward_pre_hooks"):
                 self._pin_backward_hooks(m)
+            for p in m._parameters.values():
+                hooks = getattr(p, "_backward_hooks", None) if p is not None else None
+                if hooks and len(hooks) > 1:
+                    self._pin_parameter_hooks(hooks, None)
             old = layout.get(m)
             if old is None:
                 if isinstance(m, torch.jit.ScriptModule):  # added since: its caller pins it
@@ -1232,7 +1248,9 @@ class OffloadHandle:
             if others is not None and len(others) > 1:
                 # Hooks of the caller's on the parameter run after this one (see
                 # _hook_parameter) and may read it (``g + wd * p``): pinned until the engine
-                # is next between nodes, as what the backward unpacks.
+                # is next between nodes, as what the backward unpacks. What else they read (a
+                # mask buffer: ``g * self.mask``) is pinned by their ops (_pin_parameter_hooks).
+                self._pin_parameter_hooks(others, hook)
                 token = self._pin(param, self.pinner.stream())
                 if token is not None:
                     self._bw_pending.append((token, _Read(param)))
@@ -1251,6 +1269,7 @@ class OffloadHandle:
                 # leaves it to the optimizer step).
                 self._fresh.append(ref)
         hook.__torch_unserializable__ = True  # type: ignore[attr-defined]  # (torch.save warns)
+        hook._spill_grad_hook = True  # type: ignore[attr-defined]  # (_pin_parameter_hooks)
         return hook
 
     def _hook_unfrozen(self) -> None:
