@@ -280,7 +280,10 @@ def test_parameters_buffers_and_modules_changed_after_offload_are_pinned_and_mov
     a segmentation fault on the CPU bridge. A buffer replaced in each forward (``self.avg =
     self.avg * 0.9 + ...``) is now declared when the forward ends and the one it replaced is
     freed; before, offload kept the first one alive (and pinned it) for good and the new ones
-    never moved. A module removed from the model is not kept alive."""
+    never moved. A module removed from the model is not kept alive. The model converted to
+    double and back (``model.to(dtype)``, SGD with momentum): what the conversion makes is
+    declared as it is made; before, the converted weights, made in the window, stayed
+    resident and the conversion ran out of memory at a third."""
     out = run_ok(scenario("""
         def mlp():
             layers = []
@@ -317,6 +320,13 @@ def test_parameters_buffers_and_modules_changed_after_offload_are_pinned_and_mov
         compare(mlp, adam, data, 3, evict=True, mutate=replace, keep_grads=True)
         compare(Grow, adam, data, 3, evict=True, mutate=grow, keep_grads=True, steps=5)
         compare(mlp, adam, data, 3, evict=True, mutate=tie, keep_grads=True)
+        def convert(m, opt, i):  # to double in the second step, back to float in the fourth
+            if i in (1, 3):
+                m.to(torch.float64 if i == 1 else torch.float32)
+        def typed(m, x):
+            return m(x.to(m[0].weight.dtype))
+        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        compare(mlp, sgd, data, 3, evict=True, mutate=convert, forward=typed, steps=5)
 
         import weakref
         class Averaged(nn.Module):

@@ -1,12 +1,12 @@
 """Copies of an offloaded model are plain torch modules: ``copy.deepcopy``, ``copy.copy``,
 ``pickle`` and ``torch.save`` of a module offload() hooked (the model or a submodule) leave
-spill's module hooks and forward and zero_grad wrappers out of the copy, which gets its own
+spill's module hooks and forward, zero_grad and _apply wrappers out of the copy, which gets its own
 tensors, no spill hook, and its class's forward (it runs the copy's modules, never the
 original's); the
 original keeps them and trains on. A reducer registered with copyreg for the module's class
 does it (pickle and copy consult copyreg's table before the class's ``__reduce_ex__``): the
 state it hands on is the module's own, less the hooks whose owner is a spill handle and the
-forward and zero_grad spill put on the instance (what was there before comes back). For any other
+forward, zero_grad and _apply spill put on the instance (what was there before comes back). For any other
 instance of those classes it changes nothing. The parameters' gradient hooks are never copied
 or pickled by torch. What still reaches a handle (an attribute of the caller's, a class whose
 own ``__getstate__`` returns something else than a dict) raises TypeError saying what to do.
@@ -95,7 +95,7 @@ def plain_state(state: Dict[str, Any]) -> Dict[str, Any]:
     when it has none, else a new dict (the module keeps its own)."""
     changes: Dict[str, Any] = {}
     dropped: Set[Any] = set()
-    for name in ("forward", "zero_grad"):
+    for name in ("forward", "zero_grad", "_apply"):
         method = state.get(name, None)
         if method is None:
             continue

@@ -403,6 +403,7 @@ class OffloadHandle:
         wrap_method(self.model, "zero_grad",
                     self._zero_grad_wrapper(lambda: list(self.model.parameters())),
                     self._saved_methods)
+        wrap_method(self.model, "_apply", self._wrap_apply, self._saved_methods)
 
     def _hook_module(self, m: torch.nn.Module) -> None:
         copies.register_module(m)  # a copy of the model leaves the hooks out
@@ -1539,6 +1540,27 @@ class OffloadHandle:
         finally:
             for p, zeros in replaced:
                 p.grad = zeros
+
+    def _wrap_apply(self, original: Any) -> Any:
+        """The model's ``_apply``, behind ``model.to(...)``, ``.half()``, ``.double()``,
+        ``.to(memory_format=torch.channels_last)``: every new parameter, buffer and gradient
+        it makes is declared as an op makes it (DeclareMade), and the model is looked at
+        again when it returns (_refresh: the new tensors are tracked, pinned by their modules
+        from then on). Before, the converted weights were made in the window, where nothing is
+        declared, and stayed resident: a model converted to double at a third of its
+        footprint ran out of memory in the conversion."""
+        def apply(*args: Any, **kwargs: Any) -> Any:
+            if state.forked_child or self._entry is not None:
+                return original(*args, **kwargs)
+            self._window.enter(self)  # (its own mode pins the ops instead of the window's)
+            try:
+                with DeclareMade(self.pinner):
+                    result = original(*args, **kwargs)
+            finally:
+                self._window.leave(self)
+            self._refresh()
+            return result
+        return apply
 
     def _wrap_load(self, original: Any) -> Any:
         def load_state_dict(*args: Any, **kwargs: Any) -> Any:
