@@ -1006,7 +1006,7 @@ class OffloadHandle:
         self._unwind(0)
         self._unwind_quiet()
         if self._discovery is not None:
-            self._discovery.__exit__(None, None, None)
+            _remove(self._discovery, *_dispatch_stack())
             self._acts.update(self._discovery.declared)
             self._discovery = None
             self._stack.clear()
@@ -1607,13 +1607,16 @@ class OffloadHandle:
         self._state_refs = now
 
     def _leave_eval_ops(self) -> None:
+        # A mode of one handle may be left while another handle's is above it (MoCo's key
+        # encoder, one forward a step, enters its first-step mode after the query encoder's
+        # and leaves it a step later): the mode itself comes off the stack, not the top one.
         if self._eval_ops is not None:
-            self._eval_ops.__exit__(None, None, None)
+            _remove(self._eval_ops, *_dispatch_stack())
             self._eval_ops = None
 
     def _leave_discovery(self) -> None:
         if self._discovery is not None:
-            self._discovery.__exit__(None, None, None)
+            _remove(self._discovery, *_dispatch_stack())
             self._acts.update(self._discovery.declared)
             self._discovery = None
             self._discovered = True
