@@ -107,9 +107,16 @@ std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {
     if (belady && a.next_use != b.next_use) return a.next_use > b.next_use;
     return a.last_use < b.last_use;
   });
-  // Prefer clean blocks (no copy) among the better half of the ranking.
-  std::stable_partition(c.begin(), c.begin() + static_cast<std::ptrdiff_t>((c.size() + 1) / 2),
-                        [](const Candidate& x) { return x.clean; });
+  // Prefer clean blocks (no copy) among the better half of the ranking; with plans, only among
+  // those not needed again in this step: a clean block needed a few ops from now is not
+  // evicted before a dirty one needed later (on the CPU bridge, a saved activation the plan had
+  // just prefetched went before a gradient the optimizer reads after the backward, and came
+  // back on demand).
+  auto better = c.begin() + static_cast<std::ptrdiff_t>((c.size() + 1) / 2);
+  if (belady)
+    better = std::find_if(c.begin(), better,
+                          [](const Candidate& x) { return x.next_use < kUnknownUse; });
+  std::stable_partition(c.begin(), better, [](const Candidate& x) { return x.clean; });
   std::vector<std::uintptr_t> out;
   for (auto& x : c) out.push_back(x.base);
   return out;

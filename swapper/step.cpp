@@ -12,11 +12,13 @@
 // another length). The plan follows a block at its size of this step; a step in which a block
 // outgrows the size the plan had for it makes the plan again at the largest sizes seen since
 // (each block, and each op's memory the recording did not show, at least as large as the
-// plan's), so that the plan leaves room for a step as large as any before it. A recorded
-// access's time is the time since the step began less the host's waits inside the swapper
-// meanwhile (demand fetches, late prefetches, room): the plan's op times are the compute it
-// hides copies behind, even when the recorded step stalled (a first, reactive step mostly
-// waits).
+// plan's), so that the plan leaves room for a step as large as any before it. A block made
+// during the step is known from its birth (the step's n-th large allocation, by its request)
+// when the plan's recording had one there, before its first pin: a gradient the backward
+// makes and the optimizer pins first. A recorded access's time is the time since the step
+// began less the host's waits inside the swapper meanwhile (demand fetches, late prefetches,
+// room): the plan's op times are the compute it hides copies behind, even when the recorded
+// step stalled (a first, reactive step mostly waits).
 //
 // Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued
 // (one whose block is still pinned, such as a module's input while its submodules run, when
@@ -55,6 +57,12 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.gen_of_id.clear();
   s.access_of_id_op.clear();
   s.first_access_of_id.clear();
+  s.births = 0;
+  s.birth_of.clear();
+  s.id_of_birth.clear();
+  s.request_of_birth.clear();
+  s.expected_id_of.clear();
+  s.expected_base_of_id.clear();
   s.prefetched_upto = 0;
   s.evicted_upto = 0;
   s.deferred.clear();
@@ -131,6 +139,8 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   s.plan_other_bytes = s.other_bytes;
   s.request_of_id_planned = s.request_of_id;
   s.plan_bytes_of_id.assign(s.next_id, 0);
+  s.id_of_birth_planned = s.id_of_birth;
+  s.request_of_birth_planned = s.request_of_birth;
   s.use_ops.assign(s.next_id, {});
   s.plan_op_ids.clear();
   for (const graph::TraceAccess& a : s.trace.accesses) {
@@ -210,6 +220,13 @@ std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, st
   if (idx < s.base_of_id.size() && s.base_of_id[idx] != 0) {
     base = s.base_of_id[idx];
     generation = s.gen_of_id[idx];
+  } else if (auto e = s.expected_base_of_id.find(idx); e != s.expected_base_of_id.end()) {
+    // Born in this step where the plan's block was, not pinned yet. Its request matched at
+    // birth; its size may differ (the cache), so it is not compared below.
+    auto it = blocks.find(e->second);
+    if (it == blocks.end() || it->second.generation != s.expected_id_of.at(e->second).generation)
+      return std::nullopt;
+    return e->second;
   } else if (idx < s.base_of_id_prev.size()) {
     base = s.base_of_id_prev[idx];
     generation = s.gen_of_id_prev[idx];
@@ -236,15 +253,14 @@ std::int64_t Swapper::Impl::next_use_of_id_locked(const StepState& s, std::uint6
 }
 
 std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
-  // A block the plans do not know (made in this step and not pinned yet, such as a gradient
-  // between the backward that wrote it and the optimizer that reads it) is likely needed later
-  // in the step: a worse victim than one known to wait for the next step. Without any plan,
-  // every block is unknown alike (victims then go by last use).
-  constexpr std::int64_t kUnknown = std::int64_t{1} << 31;
+  // A block the plans do not know (made in this step and not pinned yet, and not born where
+  // the plan's recording had a block: see StepState::expected_id_of) is likely needed later in
+  // the step: a worse victim than one known to wait for the next step. Without any plan, every
+  // block is unknown alike (victims then go by last use).
   auto scope = scopes.find(b.scope);
   if (scope == scopes.end() || !scope->second.follows_plan()) {
     for (const auto& [id, st] : scopes)
-      if (st.follows_plan()) return kUnknown;
+      if (st.follows_plan()) return kUnknownUse;
     return INT64_MAX;
   }
   const StepState& s = scope->second;
@@ -252,14 +268,17 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
   std::int64_t id = -1;
   if (it != s.id_of.end()) {
     id = static_cast<std::int64_t>(it->second);
+  } else if (auto e = s.expected_id_of.find(key(b.base));
+             e != s.expected_id_of.end() && e->second.generation == b.generation) {
+    id = static_cast<std::int64_t>(e->second.id);
   } else {
     for (std::size_t i = 0; i < s.base_of_id_prev.size(); ++i)
       if (s.base_of_id_prev[i] == key(b.base) && s.gen_of_id_prev[i] == b.generation)
         id = static_cast<std::int64_t>(i);
   }
-  if (id < 0) return kUnknown;
+  if (id < 0) return kUnknownUse;
   const std::int64_t next = next_use_of_id_locked(s, static_cast<std::uint64_t>(id));
-  return next == INT64_MAX ? kUnknown : next;
+  return next == INT64_MAX ? kUnknownUse : next;
 }
 
 void Swapper::Impl::planned_evict_locked(SwapBlock& b) {
@@ -574,6 +593,9 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     s.gen_of_id[id] = b.generation;
     if (s.request_of_id.size() <= id) s.request_of_id.resize(id + 1, 0);
     s.request_of_id[id] = b.request;
+    forget_expected_locked(s, base);
+    if (auto birth = s.birth_of.find(base); birth != s.birth_of.end() && s.recording)
+      s.id_of_birth[birth->second] = static_cast<std::int64_t>(id);
   }
   if (!s.recording) return;
   auto [sit, new_stream] = s.stream_ids.emplace(reinterpret_cast<std::uintptr_t>(stream),
@@ -624,6 +646,35 @@ void Swapper::Impl::on_unpin_locked(StepState& s, SwapBlock& b, bool wrote) {
   bool first_access = s.first_access_of_id.at(a.block) == acc->second;
   const bool pre_existing = b.born < s.begin_tick;
   a.access = first_access && !pre_existing ? graph::Access::Write : graph::Access::ReadWrite;
+}
+
+void Swapper::Impl::on_birth_locked(StepState& s, SwapBlock& b) {
+  if (!s.in_step) return;
+  b.scope = s.scope;  // its plan says when it is used, as after a pin in the scope
+  const std::uint64_t k = s.births++;
+  if (s.recording) {
+    s.birth_of[key(b.base)] = k;
+    s.id_of_birth.push_back(-1);
+    s.request_of_birth.push_back(b.request);
+  }
+  if (!s.executing || k >= s.id_of_birth_planned.size() || s.id_of_birth_planned[k] < 0 ||
+      s.request_of_birth_planned[k] != b.request)
+    return;
+  const auto id = static_cast<std::uint64_t>(s.id_of_birth_planned[k]);
+  if (id < s.base_of_id.size() && s.base_of_id[id] != 0) return;  // taken: off the plan
+  if (auto old = s.expected_base_of_id.find(id); old != s.expected_base_of_id.end())
+    s.expected_id_of.erase(old->second);
+  s.expected_id_of[key(b.base)] = {id, b.generation};
+  s.expected_base_of_id[id] = key(b.base);
+}
+
+void Swapper::Impl::forget_expected_locked(StepState& s, std::uintptr_t base) {
+  auto it = s.expected_id_of.find(base);
+  if (it == s.expected_id_of.end()) return;
+  auto back = s.expected_base_of_id.find(it->second.id);
+  if (back != s.expected_base_of_id.end() && back->second == base)
+    s.expected_base_of_id.erase(back);
+  s.expected_id_of.erase(it);
 }
 
 }  // namespace spill

@@ -491,7 +491,11 @@ void Swapper::release(void* base, Stream stream) {
   }
   m.put_event_locked(b.out_done);
   m.put_event_locked(b.in_done);
-  for (auto& [id, st] : m.scopes) st.id_of.erase(key(base));
+  for (auto& [id, st] : m.scopes) {
+    st.id_of.erase(key(base));
+    st.birth_of.erase(key(base));
+    m.forget_expected_locked(st, key(base));
+  }
   m.blocks.erase(it);
 }
 
@@ -505,6 +509,7 @@ void Swapper::track(void* base, std::size_t size, Stream stream, std::size_t req
   // not swappable (so protected) until declared.
   b.untouched = !m.opt.opt_in;
   b.use_streams.push_back(stream);  // the allocation is a use by the allocating stream
+  if (StepState* st = m.find_scope_locked(m.current_scope())) m.on_birth_locked(*st, b);
 }
 
 void Swapper::set_swappable(const void* ptr, bool on) {

@@ -83,6 +83,23 @@ struct StepState {
   std::vector<std::uint64_t> plan_other_bytes;
   bool outgrew_plan = false;     // a block of this step was made by a larger request
   std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
+  // Blocks born in the step (allocated in its scope while it runs) are also known by their
+  // birth order: birth k of the recording became block id_of_birth[k] at its first pin (-1:
+  // none in the step). A step following a plan gives the block born at the same position with
+  // the same request that id at birth (expected_id_of), so that the plan knows it before its
+  // first pin: a gradient the backward makes and the optimizer reads first is neither taken
+  // for a block no plan knows (the first victim when room runs short) nor missed by the
+  // plan's prefetch, which looked for the previous step's block under that id.
+  std::uint64_t births = 0;
+  std::unordered_map<std::uintptr_t, std::uint64_t> birth_of;  // base -> birth, recording
+  std::vector<std::int64_t> id_of_birth, id_of_birth_planned;
+  std::vector<std::size_t> request_of_birth, request_of_birth_planned;
+  struct Expected {
+    std::uint64_t id = 0;
+    std::uint64_t generation = 0;
+  };
+  std::unordered_map<std::uintptr_t, Expected> expected_id_of;  // base -> id until first pin
+  std::unordered_map<std::uint64_t, std::uintptr_t> expected_base_of_id;
   std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
   graph::Trace trace, last_trace;
   graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)
@@ -234,6 +251,10 @@ struct Swapper::Impl {
   // ---- step.cpp (each on one scope's state)
   void on_pin_locked(StepState& s, SwapBlock& b, Stream stream);
   void on_unpin_locked(StepState& s, SwapBlock& b, bool wrote);
+  // A large block allocated while the scope's step runs (Swapper::track).
+  void on_birth_locked(StepState& s, SwapBlock& b);
+  // The block at `base` was pinned or freed: it is no longer known by its birth alone.
+  void forget_expected_locked(StepState& s, std::uintptr_t base);
   // Starts a new op when the pin/unpin grouping says so (or `force`), issues the plan's
   // evictions, and returns the blocks the plan wants prefetched now (the caller swaps them in
   // without the lock).
@@ -277,6 +298,9 @@ struct Swapper::Impl {
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
   // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).
   std::int64_t next_use_locked(const SwapBlock& b) const;
+  // What next_use_locked gives, while some scope follows a plan, for a block that no plan
+  // knows; a use in a later step ranks farther still, a use later in this step nearer.
+  static constexpr std::int64_t kUnknownUse = std::int64_t{1} << 31;
   // Seconds since the step began on the host, less the time waited inside the swapper since.
   double step_time_locked(StepState& s);
   void begin_step_locked(StepState& s);
