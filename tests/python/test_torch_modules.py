@@ -700,7 +700,8 @@ def test_backward_hooks_of_the_modules_read_what_they_use_pinned() -> None:
     the model trains as plain torch and the hooks compute plain torch's figures. Before, the
     hooks ran in the backward with nothing pinned: reading the weight died of a segmentation
     fault on the CPU bridge. Now each runs with every op pinned. A copy of the model has the
-    caller's hooks, and so has the model after remove()."""
+    caller's hooks, and so has the model after remove(), which leaves no cycle: the model goes
+    with its last reference."""
     out = run_ok(scenario("""
         import copy
         runs = []
@@ -730,6 +731,26 @@ def test_backward_hooks_of_the_modules_read_what_they_use_pinned() -> None:
         assert list(copy.deepcopy(m)[0]._backward_hooks.values()) == [fisher, kfac]
         h.remove()
         assert list(m[0]._backward_hooks.values()) == [fisher, kfac]
+        # Trained with the caller's hooks on a weight too, removed: the model goes with its last
+        # reference, no collection needed (a cycle through offload's gradient hook kept it).
+        import weakref
+        gc.collect()
+        gc.disable()
+        m = hooked().to(dev)
+        m[0].weight.register_hook(lambda g: g * 1.0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        h = st.offload(m, opt)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x, y = (t.to(dev) for t in data(g))
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        h.remove()
+        gone = weakref.ref(m)
+        del m, h, opt, x, y
+        assert gone() is None, "the model outlived its handle's remove() and its references"
+        gc.enable()
         print("ok")
     """))
     assert "ok" in out

@@ -444,14 +444,14 @@ class OffloadHandle:
         pinned._spill_original = hook  # type: ignore[attr-defined]  # (remove(), copies)
         return pinned
 
-    def _pin_parameter_hooks(self, hooks: Dict[int, Any], ours: Any) -> None:
+    def _pin_parameter_hooks(self, hooks: Dict[int, Any]) -> None:
         """The caller's gradient hooks on a parameter (``hooks``, the parameter's dict, beside
-        ``ours``, offload's) run with every op pinned: one may read another tensor than the
+        offload's) run with every op pinned: one may read another tensor than the
         parameter (a mask buffer: ``g * self.mask``), on the host in the backward. Wrapped at
         offload(), at each step's first forward (_refresh: torch 1.13 calls a snapshot of the
         dict, so one registered since would run unwrapped) and when offload's hook runs."""
         for k, other in list(hooks.items()):
-            if getattr(other, "_spill_original", None) is None and other is not ours and \
+            if getattr(other, "_spill_original", None) is None and \
                     not getattr(other, "_spill_grad_hook", False):
                 hooks[k] = self._pinned_hook(other)
                 self._wrapped_hooks.append((hooks, k))
@@ -559,7 +559,7 @@ class OffloadHandle:
             for p in m._parameters.values():
                 hooks = getattr(p, "_backward_hooks", None) if p is not None else None
                 if hooks and len(hooks) > 1:
-                    self._pin_parameter_hooks(hooks, None)
+                    self._pin_parameter_hooks(hooks)
             old = layout.get(m)
             if old is None:
                 if isinstance(m, torch.jit.ScriptModule):  # added since: its caller pins it
@@ -1251,7 +1251,9 @@ class OffloadHandle:
                 # _hook_parameter) and may read it (``g + wd * p``): pinned until the engine
                 # is next between nodes, as what the backward unpacks. What else they read (a
                 # mask buffer: ``g * self.mask``) is pinned by their ops (_pin_parameter_hooks).
-                self._pin_parameter_hooks(others, hook)
+                # (Naming `hook` here would make a cycle through its own cell, which kept the
+                # handle and the model alive after remove() until a collection.)
+                self._pin_parameter_hooks(others)
                 token = self._pin(param, self.pinner.stream())
                 if token is not None:
                     self._bw_pending.append((token, _Read(param)))
