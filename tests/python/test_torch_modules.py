@@ -1232,14 +1232,17 @@ def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
 def test_a_momentum_encoder_offloaded_beside_the_trained_one_trains_as_plain_torch() -> None:
     """MoCo: a query encoder trained by SGD, a key encoder offloaded without an optimizer
     (its own steps: one forward each, under no_grad, after the query encoder's), updated in
-    the loop's code by a momentum EMA of the query encoder's parameters, and a queue of keys
-    (a buffer of the key encoder) updated in place, at a third of the joint footprint, every
-    tensor moved to the host between steps: plain torch's losses and final states, with
-    planned steps. Before, the query encoder's first-step mode, entered before the key
+    the loop's code by a momentum EMA of the query encoder's parameters (in place, and as
+    MoCo's code writes it: ``pk.data = pk.data * m + pq.data * (1 - m)``), and a queue of
+    keys (a buffer of the key encoder) updated in place, at a third of the joint footprint,
+    every tensor moved to the host between steps: plain torch's losses and final states,
+    with planned steps. Before, the query encoder's first-step mode, entered before the key
     encoder's and left while the key encoder's was still on PyTorch's mode stack, popped the
     key encoder's mode instead of its own and stayed on the stack: it took the query
     encoder's weights for ones its forward read outside every module, pinned them all from
-    each step's first forward on, and the third step ran out of memory."""
+    each step's first forward on, and the third step ran out of memory. And the weights
+    ``.data =`` made were declared only at the key encoder's next forward, all of them
+    resident until then: out of memory too."""
     out = run_ok(scenario("""
         import copy
         def enc():
@@ -1252,7 +1255,7 @@ def test_a_momentum_encoder_offloaded_beside_the_trained_one_trains_as_plain_tor
                 self.register_buffer("queue", F.normalize(torch.randn(128, 1024), dim=0))
             def forward(self, x):
                 return F.normalize(self.net(x), dim=1)
-        def run(wrap, steps=6):
+        def run(wrap, how, steps=6):
             torch.manual_seed(0)
             q = enc().to(dev)
             k = Keys(copy.deepcopy(q)).to(dev)
@@ -1272,7 +1275,10 @@ def test_a_momentum_encoder_offloaded_beside_the_trained_one_trains_as_plain_tor
                 qf = F.normalize(q(x1), dim=1)
                 with torch.no_grad():
                     for pk, pq in zip(k.net.parameters(), q.parameters()):
-                        pk.mul_(0.99).add_(pq, alpha=0.01)
+                        if how == "data":
+                            pk.data = pk.data * 0.99 + pq.data * 0.01
+                        else:
+                            pk.mul_(0.99).add_(pq, alpha=0.01)
                     kf = k(x2)
                 logits = torch.cat([(qf * kf).sum(1, keepdim=True),
                                     qf @ k.queue.clone().detach()], 1) / 0.07
@@ -1286,24 +1292,30 @@ def test_a_momentum_encoder_offloaded_beside_the_trained_one_trains_as_plain_tor
             with st.guard(release_on_exit=False) if hs else torch.no_grad():
                 state = [state_bytes(q), state_bytes(k)]
             return losses, state, hs
-        base = run(lambda *a: None)[:2]
-        enable()
-        gc.collect()
-        st.reset_peak_memory_stats()
-        run(lambda *a: None, steps=2)
-        footprint = st.max_memory_allocated()
-        def wrap(q, k, o):
-            hs = [st.offload(q, o, quiet=False), st.offload(k, quiet=False)]
-            spill.set_budget(int(footprint / 3))
-            return hs
-        before = spill.stats()
-        *got, hs = run(wrap)
-        after = spill.stats()
-        assert got[0] == base[0], (got[0], base[0])
-        assert got[1] == base[1], "final states differ from plain torch"
-        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-        planned = after["swap.steps_planned"] - before["swap.steps_planned"]
-        assert planned >= 2, planned  # (3: the query encoder's steps from the fourth on)
+        for how in ("in_place", "data"):
+            base = run(lambda *a: None, how)[:2]
+            enable()
+            gc.collect()
+            st.reset_peak_memory_stats()
+            run(lambda *a: None, how, steps=2)
+            footprint = st.max_memory_allocated()
+            def wrap(q, k, o):
+                hs = [st.offload(q, o, quiet=False), st.offload(k, quiet=False)]
+                spill.set_budget(int(footprint / 3))
+                return hs
+            before = spill.stats()
+            *got, hs = run(wrap, how)
+            after = spill.stats()
+            assert got[0] == base[0], (how, got[0], base[0])
+            assert got[1] == base[1], f"{how}: final states differ from plain torch"
+            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+            planned = after["swap.steps_planned"] - before["swap.steps_planned"]
+            assert planned >= 2, (how, planned)  # (3: the query encoder's, from the 4th on)
+            spill.set_budget(1 << 30)
+            for h in hs:
+                h.remove()
+            del hs, got, h  # (the key encoder, resident again after remove())
+            gc.collect()
         print("ok")
     """))
     assert "ok" in out

@@ -535,7 +535,7 @@ class OffloadHandle:
         self._quiet_pins.pop(m, None)
         return gone
 
-    def _refresh(self) -> None:
+    def _refresh(self, only: Optional[Set[torch.nn.Module]] = None) -> None:
         """At each step's first forward and at the end of each entry's forward: the model as
         it is now. A parameter or buffer
         replaced (``module.weight = nn.Parameter(...)``, ``self.buf = new`` in a forward, a
@@ -545,12 +545,13 @@ class OffloadHandle:
         hooks, and what no module owns any more is made unswappable again when still alive
         (an optimizer may hold an old parameter). Before, offload pinned what the model held
         at offload(): a parameter it had not seen had no gradient hook, and a backward
-        accumulating into its gradient, which the optimizer step declares, read it unpinned."""
+        accumulating into its gradient, which the optimizer step declares, read it unpinned.
+        ``only``: those modules (a parameter's ``.data`` set in the window), none removed."""
         layout = self._layout
         scripted = self._scripted
         seen: Set[torch.nn.Module] = set()
         changed: List[torch.nn.Module] = []
-        for m in self.model.modules():
+        for m in self.model.modules() if only is None else only:
             if m in scripted:
                 continue
             seen.add(m)
@@ -579,7 +580,7 @@ class OffloadHandle:
                 # Last: a forward hook registered since (one reading the module's weight)
                 # runs while the module's pins hold.
                 hooks.move_to_end(post)
-        removed = [m for m in layout if m not in seen]
+        removed = [m for m in layout if m not in seen] if only is None else []
         if not changed and not removed:
             return
         gone: List[Any] = []

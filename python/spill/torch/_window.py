@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
-from ._pins import Pinner, Saved, acyclic
+from ._pins import Pinner, Saved, acyclic, storage
 from ._state import state
 
 Token = Any
@@ -166,7 +166,8 @@ class _HostUses(TorchFunctionMode):
         super().__init__()
         self.window = window
         self.special: Dict[Any, Callable[..., Any]] = {torch.Tensor.backward: self._backward,
-                                                        torch.autograd.grad: self._grad}
+                                                        torch.autograd.grad: self._grad,
+                                                        torch.Tensor.data.__set__: self._set_data}
         if window.pinner.cpu:
             for name in ("numpy", "__array__"):
                 self.special[getattr(torch.Tensor, name)] = self._numpy
@@ -221,6 +222,21 @@ class _HostUses(TorchFunctionMode):
                 handle.grad_returned()
         if create:
             window.graph_made(saved, result)
+        return result
+
+    def _set_data(self, func: Any, args: Any, kwargs: Any) -> Any:
+        # ``param.data = new`` (an EMA written as MoCo and BYOL write it,
+        # ``pk.data = pk.data * m + pq.data * (1 - m)``): the modules that own the parameter
+        # look at it at once (the new storage, made here with nothing declared, is declared).
+        # Before, the model's next forward did, when every weight had been replaced: all
+        # resident together, undeclared.
+        t = args[0]
+        ptr = storage(t).data_ptr() if isinstance(t, torch.Tensor) and not t.is_meta else 0
+        owners = [(h, set(h._owners[ptr])) for h in list(self.window.handles)
+                  if ptr in h._persistent and ptr in h._owners]
+        result = func(*args, **kwargs)
+        for handle, modules in owners:
+            handle._refresh(modules)
         return result
 
     def _pin(self, t: Any) -> Optional[Token]:
