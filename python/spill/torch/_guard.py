@@ -17,8 +17,8 @@ from spill import budget as spill_budget
 from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
 from ._state import state
-from ._steps import (StepBoundaries, default_scope, optimizers_of, optional_scope,
-                     unwrap_methods, wrap_method)
+from ._steps import (OptimizerRound, StepBoundaries, default_scope, optimizers_of,
+                     optional_scope, unwrap_methods, wrap_method)
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
 _DETACH = torch.ops.aten.detach.default
@@ -225,20 +225,17 @@ class guard:
         if self.optimizers:
             scope_id, owned = optional_scope(self.scope_arg, self.optimizers[0])
             steps = StepBoundaries(scope_id, manage=True, owned=owned)
-            stepped: Set[int] = set()
+            stepped = OptimizerRound(len(self.optimizers))
 
             def wrapper(index: int) -> Any:
                 def wrap(original: Any) -> Any:
                     def step(*args: Any, **kwargs: Any) -> Any:
-                        if index in stepped:  # (it steps again first: as offload's steps)
-                            stepped.clear()
+                        if stepped.again(index):
                             steps.end()
                         try:
                             return original(*args, **kwargs)
                         finally:
-                            stepped.add(index)
-                            if len(stepped) == len(self.optimizers):
-                                stepped.clear()
+                            if stepped.stepped(index):
                                 steps.end()
                     return step
                 return wrap

@@ -129,8 +129,8 @@ from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._regions import BackwardRegions
 from ._state import state
 from ._transforms import in_transform
-from ._steps import (StepBoundaries, optimizers_of, optional_scope, unwrap_methods,
-                     wrap_method)
+from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
+                     unwrap_methods, wrap_method)
 from ._window import _dispatch_stack, _remove, window
 
 Token = Any  # spill._capi.PinToken
@@ -258,7 +258,7 @@ class OffloadHandle:
         # inner one): a step of one of those outside its owner's step counts as its owner's.
         self.optimizers: Tuple[torch.optim.Optimizer, ...] = optimizers
         self._inner: List[torch.optim.Optimizer] = []
-        self._stepped: Set[int] = set()   # indices of the optimizers stepped in this step
+        self._round = OptimizerRound(len(optimizers))  # which of them stepped in this step
         self._stepping = 0  # wrapped step() calls running (an owner's step calls its inner's)
         self._owner_mode: Optional[DeclareMade] = None  # (_owner_method_wrapper)
         self.pinner = Pinner()
@@ -426,12 +426,8 @@ class OffloadHandle:
         does; offload() and each step's first forward wrap the hooks registered since."""
         for name in ("_backward_hooks", "_backward_pre_hooks"):
             hooks = m.__dict__.get(name)
-            if not hooks:
-                continue
-            for key, hook in list(hooks.items()):
-                if getattr(hook, "_spill_original", None) is None:
-                    hooks[key] = self._pinned_hook(hook)
-                    self._wrapped_hooks.append((hooks, key))
+            if hooks:
+                self._pin_hooks(hooks)
 
     def _pinned_hook(self, hook: Any) -> Any:
         pinner = self.pinner
@@ -444,17 +440,18 @@ class OffloadHandle:
         pinned._spill_original = hook  # type: ignore[attr-defined]  # (remove(), copies)
         return pinned
 
-    def _pin_parameter_hooks(self, hooks: Dict[int, Any]) -> None:
-        """The caller's gradient hooks on a parameter (``hooks``, the parameter's dict, beside
-        offload's) run with every op pinned: one may read another tensor than the
-        parameter (a mask buffer: ``g * self.mask``), on the host in the backward. Wrapped at
-        offload(), at each step's first forward (_refresh: torch 1.13 calls a snapshot of the
-        dict, so one registered since would run unwrapped) and when offload's hook runs."""
-        for k, other in list(hooks.items()):
-            if getattr(other, "_spill_original", None) is None and \
-                    not getattr(other, "_spill_grad_hook", False):
-                hooks[k] = self._pinned_hook(other)
-                self._wrapped_hooks.append((hooks, k))
+    def _pin_hooks(self, hooks: Dict[int, Any]) -> None:
+        """The caller's hooks in ``hooks`` (a module's backward hooks, or a parameter's
+        gradient hooks beside offload's) not wrapped yet run with every op pinned from now on;
+        remove() gives them back. A parameter's: one may read another tensor than the parameter
+        (a mask buffer: ``g * self.mask``), on the host in the backward; wrapped at offload(),
+        at each step's first forward (_refresh: torch 1.13 calls a snapshot of the dict, so one
+        registered since would run unwrapped) and when offload's gradient hook runs."""
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "_spill_original", None) is None and \
+                    not getattr(hook, "_spill_grad_hook", False):
+                hooks[key] = self._pinned_hook(hook)
+                self._wrapped_hooks.append((hooks, key))
 
     def _hook_parameter(self, p: torch.nn.Parameter) -> None:
         """The gradient hook (see _grad_hook), once per parameter; a frozen one gets it when
@@ -560,7 +557,7 @@ class OffloadHandle:
             for p in m._parameters.values():
                 hooks = getattr(p, "_backward_hooks", None) if p is not None else None
                 if hooks and len(hooks) > 1:
-                    self._pin_parameter_hooks(hooks)
+                    self._pin_hooks(hooks)
             old = layout.get(m)
             if old is None:
                 if isinstance(m, torch.jit.ScriptModule):  # added since: its caller pins it
@@ -1251,10 +1248,10 @@ class OffloadHandle:
                 # Hooks of the caller's on the parameter run after this one (see
                 # _hook_parameter) and may read it (``g + wd * p``): pinned until the engine
                 # is next between nodes, as what the backward unpacks. What else they read (a
-                # mask buffer: ``g * self.mask``) is pinned by their ops (_pin_parameter_hooks).
+                # mask buffer: ``g * self.mask``) is pinned by their ops (_pin_hooks).
                 # (Naming `hook` here would make a cycle through its own cell, which kept the
                 # handle and the model alive after remove() until a collection.)
-                self._pin_parameter_hooks(others)
+                self._pin_hooks(others)
                 token = self._pin(param, self.pinner.stream())
                 if token is not None:
                     self._bw_pending.append((token, _Read(param)))
@@ -1273,7 +1270,7 @@ class OffloadHandle:
                 # leaves it to the optimizer step).
                 self._fresh.append(ref)
         hook.__torch_unserializable__ = True  # type: ignore[attr-defined]  # (torch.save warns)
-        hook._spill_grad_hook = True  # type: ignore[attr-defined]  # (_pin_parameter_hooks)
+        hook._spill_grad_hook = True  # type: ignore[attr-defined]  # (_pin_hooks)
         return hook
 
     def _hook_unfrozen(self) -> None:
@@ -1316,7 +1313,7 @@ class OffloadHandle:
             if owner_mode is not None:
                 owner_mode.suspended = True
             self._window.enter(self)
-            if index in self._stepped:
+            if self._round.again(index):
                 self._end_step()
             self._release_backward()
             self._release_recomputed()
@@ -1352,8 +1349,7 @@ class OffloadHandle:
                 self._declare_state()
                 # (an exception ends the step whichever optimizers stepped: the caller
                 # abandons it)
-                self._stepped.add(index)
-                ended = len(self._stepped) == len(self.optimizers)
+                ended = self._round.stepped(index)
             finally:
                 self._stepping -= 1
                 if owner_mode is not None:
@@ -1368,7 +1364,7 @@ class OffloadHandle:
         return step
 
     def _end_step(self) -> None:
-        self._stepped.clear()
+        self._round.clear()
         self._release_frame(self._step_frame)
         self._parts.forget()
         self.steps.end()
@@ -1581,13 +1577,10 @@ class OffloadHandle:
     def _state_tensors(self) -> List[torch.Tensor]:
         """The state tensors of the handle's optimizers and of those they step themselves."""
         tensors: List[torch.Tensor] = []
-        for opt in self._all_optimizers():
+        for opt in self.optimizers + tuple(self._inner):
             for st in opt.state.values():
                 tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
         return tensors
-
-    def _all_optimizers(self) -> List[torch.optim.Optimizer]:
-        return list(self.optimizers) + self._inner
 
     def _declare_state(self) -> None:
         """Declares the optimizers' state tensors it has not seen before. Each is known by

@@ -18,7 +18,7 @@ import itertools
 import threading
 import types
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 from spill import Error
 from spill._capi import raise_status
@@ -176,6 +176,36 @@ def default_scope(obj: Any) -> int:
 def optional_scope(scope: Optional[int], default: Any) -> Tuple[int, bool]:
     """The scope to use and whether the integration chose it (then it ends it when done)."""
     return (default_scope(default), True) if scope is None else (int(scope), False)
+
+
+class OptimizerRound:
+    """Which of a training step's ``count`` optimizers have stepped since it began (offload's
+    and guard's): the step ends once each has stepped, or before one steps a second time (one
+    that steps less often than the others, or not yet, still gives steps of a bounded length,
+    each like the last)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.done: Set[int] = set()
+
+    def again(self, index: int) -> bool:
+        """Optimizer ``index`` is about to step: True (and a new round) when it already stepped
+        in this one, whose step then ends first."""
+        if index not in self.done:
+            return False
+        self.done.clear()
+        return True
+
+    def stepped(self, index: int) -> bool:
+        """Optimizer ``index`` stepped: True (and a new round) when each has now."""
+        self.done.add(index)
+        if len(self.done) < self.count:
+            return False
+        self.done.clear()
+        return True
+
+    def clear(self) -> None:
+        self.done.clear()
 
 
 def optimizers_of(optimizer: Any, caller: str) -> Tuple[Any, ...]:
