@@ -757,6 +757,60 @@ def test_backward_hooks_of_the_modules_read_what_they_use_pinned() -> None:
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_activation_hooks_and_ctx_attributes_read_what_they_use_pinned() -> None:
+    """Code of the caller's that the autograd engine runs in the backward and that reads
+    another tensor than its gradient: a hook registered on an activation in the forward
+    (``y.register_hook``) reading the layer's weight or the layer's input the forward kept,
+    and a custom autograd.Function (a Linear) keeping its input and its weight as ctx
+    attributes (``ctx.w = w``) instead of ``save_for_backward``. At a third of the footprint,
+    every tensor moved to the host between steps: plain torch's results, with planned steps.
+    Before, the weight was read on the host: a segmentation fault on the CPU bridge. Now
+    such a hook runs with every op pinned and the ctx's tensors are pinned around the
+    Function's backward (_backward_code.py)."""
+    out = run_ok(scenario("""
+        class Hooked(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ls = nn.ModuleList([nn.Linear(512, 512) for _ in range(6)])
+                self.out = nn.Linear(512, 10)
+            def forward(self, x):
+                for i, l in enumerate(self.ls):
+                    y = torch.relu(l(x))
+                    if y.requires_grad and i % 2:
+                        y.register_hook(lambda g, l=l: g + 1e-3 * (g @ l.weight))
+                    elif y.requires_grad:
+                        y.register_hook(lambda g, x=x: g * (1 + 1e-3 * x.sign()))
+                    x = y
+                return self.out(x)
+        class Lin(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, w, b):
+                ctx.x, ctx.w = x, w
+                return x @ w.t() + b
+            @staticmethod
+            def backward(ctx, g):
+                return g @ ctx.w, g.t() @ ctx.x, g.sum(0)
+        class L(nn.Linear):
+            def forward(self, x):
+                return Lin.apply(x, self.weight, self.bias)
+        def custom():
+            layers = []
+            for _ in range(6):
+                layers += [L(512, 512), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(512, 10))
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        planned = 0  # (spill.stats() before the first compare would start spill's runtime)
+        for make in (Hooked, custom):
+            compare(make, adam, data, 3, evict=True)
+            total = spill.stats()["swap.steps_planned"]
+            assert total > planned, (make, total - planned)
+            planned = total
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_plans() -> None:
     """offload(model, [adam, sgd]): Adam over the first three Linear layers and SGD with
     momentum over the rest (as Muon and AdamW, or SparseAdam and Adam, share a model) train as
@@ -1223,6 +1277,43 @@ def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
             h.remove()
             del h, got  # (the model, resident again after remove())
             gc.collect()
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_functorch_transforms_inside_an_offloaded_forward_train_as_plain_torch() -> None:
+    """functorch transforms inside the offloaded model's forward: ``vmap`` of two submodules
+    (a Sequential of two Linear layers, the head) over the batch, and ``grad`` of a norm of the
+    activations added to them. At a third of the footprint, every tensor moved to the host
+    between steps: plain torch's results, with planned steps. Before, each raised "functorch
+    transforms don't yet support saved tensor hooks" (the forward's saved-tensor hooks are
+    pushed there). Now they come off the stack while the transform runs; its ops are pinned,
+    and what they read that was made before (the submodules' weights, the activations), which
+    the forward's graph saves without the hooks, stays pinned until the step ends: released
+    as each op returns, vmap's backward read the weights on the host (a segmentation fault on
+    the CPU bridge)."""
+    out = run_ok(scenario("""
+        try:
+            from torch.func import grad, vmap
+        except ImportError:
+            from functorch import grad, vmap
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ls = nn.ModuleList([nn.Linear(512, 512) for _ in range(4)])
+                self.mid = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+                self.out = nn.Linear(512, 10)
+            def forward(self, x):
+                for l in self.ls:
+                    x = torch.relu(l(x))
+                x = x + 1e-3 * grad(lambda t: (t * t).sum().sqrt())(x.detach())
+                x = vmap(self.mid)(x)
+                return vmap(self.out)(torch.relu(x))
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(Net, adam, data, 3, evict=True)
+        assert spill.stats()["swap.steps_planned"] >= 1
         print("ok")
     """))
     assert "ok" in out

@@ -1363,6 +1363,15 @@ class OffloadHandle:
             return result
         return step
 
+    def hold_until_step_ends(self, tensors: List[torch.Tensor]) -> None:
+        """A functorch transform in this handle's forward, in grad mode, read ``tensors`` (made
+        before it: weights, activations): the graph the forward records through it saved them
+        without the saved-tensor hooks (the transform disables them), so that the backward
+        reads them unpinned. They stay pinned until the step ends (_transforms.py)."""
+        stream = self.pinner.stream()
+        for t in tensors:
+            self._hold(self._step_frame.tokens, t, stream, False)
+
     def _end_step(self) -> None:
         self._round.clear()
         self._release_frame(self._step_frame)

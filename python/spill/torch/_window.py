@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import _transforms
+from . import _backward_code, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
 from ._pins import Pinner, Saved, acyclic, storage
 from ._state import state
@@ -306,6 +306,7 @@ class Window:
         # Per autograd.grad(create_graph=True) running: what its graph saves (weakly).
         self.graphs: List[List[Any]] = []
         _transforms.install()  # (functorch's transforms take the saved-tensor hooks off)
+        _backward_code.install()  # (the caller's hooks and ctx reads in a backward)
 
     # ---------------------------------------------------------------- handles
 

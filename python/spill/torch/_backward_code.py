@@ -1,0 +1,107 @@
+"""The caller's code that the autograd engine runs inside a backward, where no module hook pins
+what it reads, beside offload():
+- a hook on a tensor autograd made (``y.register_hook(fn)`` on an activation in a forward, or
+  on a loss in the loop's code) whose ``fn`` reads another tensor than its gradient (a
+  weight, an activation the forward kept): registered while a handle lives, it runs with
+  every op pinned (nothing declared), as a module's backward hooks do (_offload.py). Hooks on
+  a leaf (a parameter) are offload's own business (_offload.OffloadHandle._pin_hooks); those
+  spill.torch registers itself are left as they are.
+- a custom ``torch.autograd.Function`` whose ``backward`` reads a tensor the forward kept on
+  ``ctx`` as an attribute (``ctx.w = w``) rather than through ``save_for_backward`` (whose
+  tensors the saved-tensor hooks pin when they are unpacked): the tensors among the ctx's
+  attributes (or in a list or tuple there) that can move are pinned around its ``backward``.
+Both used to read a weight swapped out to the host: a segmentation fault on the CPU bridge.
+Installed once per process (the window's construction); they pass through while no handle
+lives. Cost: one Python call per registration, a dispatch mode per wrapped hook call, and a
+look at the ctx's attributes per custom Function's backward."""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+from torch.autograd.function import BackwardCFunction
+
+from ._guard import PinEveryOp
+from ._pins import Pinner
+from ._state import state
+from ._transforms import in_transform
+
+_OWN = __name__.rpartition(".")[0]  # spill.torch: its own hooks pin what they need
+_register_hook = torch.Tensor.register_hook
+_backward_apply = BackwardCFunction.apply
+
+
+class _PinOps(PinEveryOp):
+    declares = False
+
+
+def _live_pinner() -> Any:
+    """The window's pinner while some offload handle lives, else None."""
+    from ._window import _windows
+    w = _windows.get(0)
+    if w is None or state.forked_child or not any(True for _ in w.handles):
+        return None
+    return w.pinner
+
+
+def _pinned(hook: Any, pinner: Pinner) -> Any:
+    def pinned(*args: Any, **kwargs: Any) -> Any:
+        if state.forked_child:
+            return hook(*args, **kwargs)
+        with _PinOps(pinner):
+            return hook(*args, **kwargs)
+    pinned._spill_original = hook  # type: ignore[attr-defined]  # (_offload._pin_hooks)
+    return pinned
+
+
+def register_hook(self: torch.Tensor, hook: Any) -> Any:
+    """``Tensor.register_hook`` with the hook run pinned (see the module docstring) when the
+    tensor is not a leaf and an offload handle lives."""
+    if self.grad_fn is not None and not in_transform() and \
+            not str(getattr(hook, "__module__", "")).startswith(_OWN):
+        pinner = _live_pinner()
+        if pinner is not None:
+            hook = _pinned(hook, pinner)
+    return _register_hook(self, hook)
+
+
+def _ctx_tensors(ctx: Any) -> List[torch.Tensor]:
+    found: List[torch.Tensor] = []
+    for value in getattr(ctx, "__dict__", {}).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+def backward_apply(self: Any, *args: Any) -> Any:
+    """``BackwardCFunction.apply`` (the engine's call of a custom Function's backward) with the
+    tensors kept on the ctx as attributes pinned around it (see the module docstring)."""
+    pinner = _live_pinner()
+    tensors = _ctx_tensors(self) if pinner is not None else ()
+    if not tensors:
+        return _backward_apply(self, *args)
+    stream = pinner.stream()
+    held: List[Tuple[Any, torch.Tensor, int]] = []
+    seen = set()
+    try:
+        for t in tensors:
+            ptr = pinner.movable(t)
+            if ptr and ptr not in seen:
+                seen.add(ptr)
+                token = pinner.pin(ptr, stream)
+                if token is not None:
+                    held.append((token, t, t._version))
+        return _backward_apply(self, *args)
+    finally:
+        for token, t, version in held:
+            pinner.unpin(token, stream, t._version != version)
+
+
+def install() -> None:
+    """Puts :func:`register_hook` and :func:`backward_apply` in place; once per process."""
+    if torch.Tensor.register_hook is _register_hook:
+        torch.Tensor.register_hook = register_hook  # type: ignore[assignment]
+    if BackwardCFunction.apply is _backward_apply:
+        BackwardCFunction.apply = backward_apply  # type: ignore[assignment]
