@@ -266,6 +266,31 @@ def test_weight_norm_spectral_norm_and_pruned_weights_move_and_are_read_pinned()
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_temporaries_of_the_loops_code_move_when_it_runs_out_of_memory() -> None:
+    """``prune.global_unstructured`` over two 1 MiB weights in the loop's code before the third
+    step (Adam, every tensor on the host between steps) at footprint / 2.2: plain torch's
+    results. It flattens the weights' scores and masks into vectors (2 MiB each) and
+    selects from them (a boolean index: 4 MiB of int64 positions), in the window, whose
+    outputs were never declared: out of memory at footprint / 2 and 2.2 (and at a third: 8
+    MiB "never declared swappable"). Now an op of the window that runs out of memory makes
+    the large tensors the window's ops made since the last region and still alive swappable,
+    and runs again; the next region (a forward, the optimizer step, a backward) makes them
+    unswappable again. At a third the boolean index alone (its input, mask, positions and
+    output: 8.5 MiB) does not fit beside the small-pool segments (1.8 MiB)."""
+    out = run_ok(scenario("""
+        import torch.nn.utils.prune as prune
+        def global_prune(m, opt, i):
+            if i == 2:
+                prune.global_unstructured([(m[2], "weight"), (m[4], "weight")],
+                                          pruning_method=prune.L1Unstructured, amount=0.2)
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(mlp, adam, data, 2.2, evict=True, mutate=global_prune)
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_parameters_buffers_and_modules_changed_after_offload_are_pinned_and_move() -> None:
     """The model changed between steps after offload(), with zero_grad(set_to_none=False) and
     every tensor moved to the host between steps, at a third of the footprint: a parameter
@@ -593,15 +618,16 @@ def test_maml_weights_adapted_through_functional_call_are_pinned_and_move() -> N
     loop's code, and the outer loss through ``functional_call(model, adapted, (x,))``
     (torch.nn.utils.stateless in torch 1.13), whose backward reaches the parameters; two
     tasks a step, Adam, every tensor on the host before the third and fourth steps. First
-    order at a third of its footprint, second order at two thirds: plain torch's losses and
+    order at a third of its footprint, second order at a half: plain torch's losses and
     parameters, bytes swapped, planned steps. While functional_call runs, each module reads
     the tensors it was given instead of its parameters: offload's pre-hook pinned the
     module's own parameters (which it did not read) and nothing declared the adapted
     weights, made in the window, so they stayed resident: first order ran out of memory at a
     third (10 MiB "never declared swappable"). Now the given tensors are pinned around the
-    module's forward and, in a training forward, declared. Second order still runs out of
-    memory at a half in this sequence, building the second task's adapted weights (18 MiB
-    "never declared swappable"; not analysed further)."""
+    module's forward and, in a training forward, declared. Second order, noted as out of
+    memory at a half earlier in session 13 (18 MiB "never declared swappable"), trains there
+    on cea1a0c (which later change did it was not looked for); at a third it runs out in the
+    outer backward (11 MiB "never declared swappable", 4 MiB pinned)."""
     out = run_ok(scenario("""
         from torch.nn.utils.stateless import functional_call
         def run(wrap, first_order):
@@ -629,7 +655,7 @@ def test_maml_weights_adapted_through_functional_call_are_pinned_and_move() -> N
             with st.guard(release_on_exit=False) if h else torch.no_grad():
                 state = state_bytes(m)
             return losses, state
-        for first_order, fraction in ((True, 3), (False, 1.5)):
+        for first_order, fraction in ((True, 3), (False, 2)):
             base = run(lambda m, o: None, first_order)
             enable()
             gc.collect()

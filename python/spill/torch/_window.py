@@ -8,9 +8,14 @@ While no handle's region runs, the thread that trains (the one whose hooks opene
 window) runs under two modes of its own, at the bottom of PyTorch's mode stacks (a mode the
 caller pushes stays above them and keeps its order):
 - a dispatch mode that pins every spill tensor an aten op reads or writes around the op and
-  makes nothing swappable (the op's outputs stay as spill made them: unswappable until a hook
-  declares them). Nothing stays resident
+  makes nothing swappable while memory suffices (the op's outputs stay as spill made them:
+  unswappable until a hook declares them). Nothing stays resident
   otherwise: torch.save's copies, clip_grad_norm_'s norms and an EMA read one tensor per op.
+  An op that runs out of memory runs once more after the large tensors the window's ops made
+  since a region last began were declared (declare_made: a temporary of the loop's code,
+  global pruning's flattened scores); the next region makes them unswappable again
+  (release_made). An op is taken to fail before it writes anything (its outputs are new; an
+  in-place op's allocations come before its writes).
 - a function mode that runs ``Tensor.backward`` without the dispatch mode (backward has its
   hooks), and, on the CPU bridge only, where host code reads tensor memory directly instead
   of through a copy op as on a GPU: ``.numpy()`` (the block stays pinned while the array
@@ -42,10 +47,13 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from spill import OutOfMemoryError
 
 from . import _backward_code, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
-from ._pins import Pinner, Saved, acyclic, storage
+from ._pins import Pinner, Saved, acyclic, leaves, storage
 from ._state import state
 
 Token = Any
@@ -120,7 +128,17 @@ class _PinReads(PinEveryOp):
             # (autograd.grad with create_graph saves ``x * 0.5``'s factor as a wrapped number)
             alias = number_detached(args, out)
             return out if alias is None else alias
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        made = getattr(self.window, "made", None)
+        if made is None:  # (pin_reads: another thread's)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        try:
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+            if not self.window.declare_made():
+                raise
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.window.note_made(args, kwargs, out)
+        return out
 
 
 _views: Dict[Any, bool] = {}
@@ -305,6 +323,10 @@ class Window:
         self.recomputing: "weakref.WeakSet[Any]" = weakref.WeakSet()
         # Per autograd.grad(create_graph=True) running: what its graph saves (weakly).
         self.graphs: List[List[Any]] = []
+        # The window's large outputs since a region last began (weakly), and those of them
+        # made swappable on running out of memory (block -> generation): declare_made.
+        self.made: List[Any] = []
+        self.declared_made: Dict[int, int] = {}
         _transforms.install()  # (functorch's transforms take the saved-tensor hooks off)
         _backward_code.install()  # (the caller's hooks and ctx reads in a backward)
 
@@ -381,6 +403,7 @@ class Window:
                 ptr = self.pinner.movable(t) if t is not None else 0
                 if ptr and ptr not in self.persistent:
                     self.pinner.declare(ptr)
+                    self.declared_made.pop(ptr, None)
         for h in handles:
             h.graph_built(results)
 
@@ -430,17 +453,80 @@ class Window:
             if not self._suspended:
                 _remove(self._pins, *_dispatch_stack())
         self._on = want
+        if not want:
+            self.release_made()
 
     def suspend(self) -> None:
         """A backward begins in the window: its ops run without the dispatch mode."""
         if self._suspended == 0 and self._on:
             _remove(self._pins, *_dispatch_stack())
+            self.release_made()
         self._suspended += 1
 
     def resume(self) -> None:
         self._suspended -= 1
         if self._suspended == 0 and self._on:
             _insert_bottom(self._pins, *_dispatch_stack())
+
+    # ---------------------------------------------------------------- what the window makes
+
+    def note_made(self, args: Any, kwargs: Any, out: Any) -> None:
+        """An op in the window returned ``out``: its large new tensors are noted (weakly)."""
+        movable = self.pinner.movable
+        fresh = [t for t in leaves(out) if movable(t)]
+        if not fresh:
+            return
+        given = {movable(t) for t in tree_flatten((args, kwargs or {}))[0]}
+        self.made.extend(weakref.ref(t) for t in fresh if movable(t) not in given)
+
+    def declare_made(self) -> bool:
+        """An op in the window ran out of memory: the large tensors the window's ops made since
+        a region last ended and still alive (a temporary of the loop's code: global pruning's
+        flattened scores and masks, gradients autograd.grad returns) become swappable until the
+        next region begins (release_made); every op of the window pins what it uses, so they
+        may move meanwhile. Parameters and buffers are left alone. True when it declared one
+        (the op is then run again)."""
+        made, self.made = self.made, []
+        persistent = set().union(*(h._persistent for h in list(self.handles)))
+        stream = self.pinner.stream()
+        declared = False
+        for ref in made:
+            t = ref()
+            ptr = self.pinner.movable(t) if t is not None else 0
+            if not ptr or ptr in persistent or ptr in self.declared_made:
+                continue
+            token = self.pinner.pin(ptr, stream)
+            if token is None:
+                continue
+            generation = token.generation
+            self.pinner.unpin(token, stream, False)
+            if self.pinner.declare(ptr):
+                self.declared_made[ptr] = generation
+                declared = True
+        return declared
+
+    def release_made(self) -> None:
+        """A region begins (or a backward the window runs): what declare_made made swappable and
+        is still the same block becomes unswappable again (brought back if on the host), as the
+        window's outputs always were before: code there (an autograd node given a tensor the
+        loop made, a collective) may read it without a pin. Parameters and buffers a hook has
+        taken since (``p.data = new``) stay swappable."""
+        self.made = []
+        if not self.declared_made:
+            return
+        declared, self.declared_made = self.declared_made, {}
+        persistent = set().union(*(h._persistent for h in list(self.handles)))
+        stream = self.pinner.stream()
+        for ptr, generation in declared.items():
+            if ptr in persistent:
+                continue
+            token = self.pinner.pin(ptr, stream)
+            if token is None:
+                continue
+            same = token.generation == generation
+            self.pinner.unpin(token, stream, False)
+            if same:
+                self.pinner.declare(ptr, False)
 
     def release_kept(self) -> None:
         """Drops the pins a backward took of what the window's saved-tensor hooks saved."""
