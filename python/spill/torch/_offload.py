@@ -554,6 +554,8 @@ class OffloadHandle:
             seen.add(m)
             if m.__dict__.get("_backward_hooks") or m.__dict__.get("_backward_pre_hooks"):
                 self._pin_backward_hooks(m)
+            if _swapped_in(m):
+                continue  # a functional_call runs it with other tensors: its own come back
             for p in m._parameters.values():
                 hooks = getattr(p, "_backward_hooks", None) if p is not None else None
                 if hooks and len(hooks) > 1:
@@ -1830,17 +1832,34 @@ def _computed_weights(module: torch.nn.Module) -> List[str]:
 
 def _functional_call_tensors(module: torch.nn.Module) -> List[torch.Tensor]:
     """The tensors ``functional_call`` put in place of ``module``'s own parameters and buffers
-    while it runs (torch 1.13 gives the module a class of its own that answers those names
-    from the dict, ``_attr_to_path``); none otherwise."""
+    while it runs; none otherwise. torch 1.13 gives the module a class of its own that answers
+    those names from the dict (``_attr_to_path``); torch 2 writes each given tensor into the
+    module's ``_parameters`` (or ``_buffers``) entry for the call and puts the module's own
+    back after it: there, the entries of ``_parameters`` that are not ``nn.Parameter``
+    (``setattr`` refuses those), as MAML's adapted weights are (see _swapped_in)."""
     names = module.__dict__.get("_attr_to_path")
     if not names:
-        return []
+        return [t for t in module._parameters.values() if _given(t)]
     given = []
     for name in names:
         t = getattr(module, name, None)
         if isinstance(t, torch.Tensor):
             given.append(t)
     return given
+
+
+def _given(t: Any) -> bool:
+    """Whether ``t``, an entry of a module's ``_parameters``, is a tensor torch 2's
+    ``functional_call`` put there for the call (setattr accepts only nn.Parameter there)."""
+    return isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
+
+
+def _swapped_in(m: torch.nn.Module) -> bool:
+    """Whether torch 2's ``functional_call`` runs ``m`` with tensors of the caller's in its
+    ``_parameters`` now: the module's own parameters are what they were (they come back when
+    the call ends), so _refresh leaves its layout as it is. A call given nn.Parameter objects
+    (another model's) is not told from an assignment: the layout follows it and back."""
+    return any(_given(t) for t in m._parameters.values())
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
