@@ -1294,6 +1294,94 @@ def test_zero_redundancy_optimizer_trains_as_plain_torch(tmp_path: pathlib.Path)
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_vmap_over_the_offloaded_model_in_the_loop_runs_as_plain_torch() -> None:
+    """``vmap(model)`` over a stack of batches in the loop's code (after each step: one under
+    no_grad, one whose loss's backward reaches the parameters), at a third of the footprint,
+    every tensor on the host before it: plain torch's outputs, losses and parameters. torch
+    2's vmap no longer takes saved-tensor hooks off (torch 1.13's does, through
+    ``disable_saved_tensors_hooks``, which spill wraps to tell that a transform runs), so
+    offload's hooks ran inside it on functorch's batched tensors and raised "Cannot access
+    storage of BatchedTensorImpl". Now a transform level counts as a transform while the
+    window is open (torch 2's ``torch._C._functorch.maybe_current_level``). On torch 1.13
+    the test runs its vmap as torch 2's does: without that call, with an equivalent probe."""
+    out = run_ok(scenario("""
+    import contextlib
+    import torch.autograd.graph as graph
+    import spill.torch._transforms as tr
+    try:
+        from torch.func import vmap
+    except ImportError:
+        from functorch import vmap
+    if not hasattr(torch._C._functorch, "maybe_current_level"):
+        # torch 1.13: its vmap takes the saved-tensor hooks off (torch 2's no longer does);
+        # run it as torch 2's, with the level probe torch 2 has
+        plain_vmap = vmap
+        def level():
+            try:
+                return torch._C._functorch.current_level()
+            except RuntimeError:
+                return None
+        tr._current_level = level
+        def vmap(f):
+            def run(*args):
+                keep = graph.disable_saved_tensors_hooks
+                graph.disable_saved_tensors_hooks = lambda message: contextlib.nullcontext()
+                try:
+                    return plain_vmap(f)(*args)
+                finally:
+                    graph.disable_saved_tensors_hooks = keep
+            return run
+    def run(wrap):
+        torch.manual_seed(0)
+        m = mlp(4).to(dev)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        h = wrap(m, opt)
+        g = torch.Generator().manual_seed(1)
+        losses, outs = [], []
+        for i in range(4):
+            if h is not None and i >= 2:
+                evict_all(h)
+            opt.zero_grad()
+            x, y = data(g)
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if h is not None:
+                evict_all(h)
+            xb = torch.stack([data(g)[0] for _ in range(3)])
+            with torch.no_grad():
+                outs.append(vmap(m)(xb).clone())
+            # a loss through vmap, whose backward reaches the parameters
+            extra = vmap(m)(xb).square().mean()
+            extra.backward()
+            losses.append(extra.item())
+        with st.guard(release_on_exit=False) if h else torch.no_grad():
+            state = state_bytes(m)
+        return losses, [o.tolist() for o in outs], state
+    base = run(lambda m, o: None)
+    enable()
+    gc.collect()
+    st.reset_peak_memory_stats()
+    run(lambda m, o: None)
+    footprint = st.max_memory_allocated()
+    def wrap(m, o):
+        h = st.offload(m, o, quiet=False)
+        spill.set_budget(int(footprint / 3))
+        return h
+    before = spill.stats()
+    got = run(wrap)
+    after = spill.stats()
+    assert got[0] == base[0], (got[0], base[0])
+    assert got[1] == base[1], "vmap outputs differ"
+    assert got[2] == base[2], "final state differs from plain torch"
+    assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+    print("ok")
+"""))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
     """Per-sample gradients with functorch (DP-SGD: ``vmap(grad(loss))`` over the batch, each
     sample's gradient clipped, their mean put in ``p.grad``, then the optimizer's step), with

@@ -107,11 +107,26 @@ def disable_saved_tensors_hooks(error_message: str) -> Iterator[None]:
                 handle.hold_until_step_ends(list(reads.read.values()))
 
 
+# torch 2's probe of functorch's transform stack (None outside every transform).
+_current_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+
+
 def in_transform() -> bool:
     """Whether a transform runs on this thread. An offloaded model's hooks then do nothing:
     its modules run as a copy's would (``make_functional``'s), their ops pinned by the
-    window's dispatch mode, their tensors functorch's wrappers, which have no storage."""
-    return getattr(_running, "depth", 0) > 0
+    window's dispatch mode, their tensors functorch's wrappers, which have no storage.
+    torch 2's ``vmap`` no longer takes saved-tensor hooks off (grad, vjp, jacrev and hessian
+    still do), so it never reaches :func:`disable_saved_tensors_hooks`: a transform level
+    counts too while the window is open on this thread (the loop's code; inside an offloaded
+    forward the hooks see the wrappers and raise, as torch 1.13's vmap raises there)."""
+    if getattr(_running, "depth", 0) > 0:
+        return True
+    if _current_level is None or _current_level() is None:
+        return False
+    from ._window import _windows
+    w = _windows.get(0)
+    return (w is not None and w._on and threading.get_ident() == w.thread
+            and not state.forked_child)
 
 
 def install() -> None:
