@@ -1382,6 +1382,91 @@ def test_a_vmap_over_the_offloaded_model_in_the_loop_runs_as_plain_torch() -> No
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_an_optimizer_stepped_in_the_backward_by_post_accumulate_grad_hooks_trains() -> None:
+    """The optimizer in the backward (torch 2.1's ``register_post_accumulate_grad_hook``: an
+    Adam per parameter, stepped and zeroed as soon as its gradient is accumulated), under
+    offload(model) without an optimizer, steps bracketed by ``spill.torch.step()``, at a
+    third of the footprint, every parameter, gradient and Adam state on the host before the
+    third and fourth steps: plain torch's losses and parameters, bytes swapped. Those hooks
+    run inside the backward, where nothing pinned the optimizer state they read: a
+    segmentation fault on the CPU bridge (an illegal memory access on a GPU). Now offload
+    wraps them as it wraps a module's backward hooks, with every op pinned and what their ops
+    make (the state) declared. torch 1.13 has no such hooks: the test puts the same dict on
+    each parameter and calls it from a node of the backward (before: the same fault)."""
+    out = run_ok(scenario("""
+    native = hasattr(torch.Tensor, "register_post_accumulate_grad_hook")
+    class RunHooks(torch.autograd.Function):
+        # torch 1.13 has no post-accumulate-grad hooks: their dict, called inside the backward
+        @staticmethod
+        def forward(ctx, x, *params):
+            ctx.params = params
+            return x.clone()
+        @staticmethod
+        def backward(ctx, g):
+            for p in ctx.params:
+                for hook in list(p._post_accumulate_grad_hooks.values()):
+                    hook(p)
+            return (g,) + (None,) * len(ctx.params)
+    def run(wrap):
+        torch.manual_seed(0)
+        m = mlp(4).to(dev)
+        params = list(m.parameters())
+        opts = {p: torch.optim.Adam([p], lr=1e-3) for p in params}
+        def step_in_backward(p):
+            opts[p].step()
+            opts[p].zero_grad(set_to_none=True)
+        for p in params:
+            if native:
+                p.register_post_accumulate_grad_hook(step_in_backward)
+            else:
+                p._post_accumulate_grad_hooks = {0: step_in_backward}
+        h = wrap(m, None)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for i in range(4):
+            x, y = data(g)
+            if h is not None and i >= 2:
+                evict_all(h)
+                for o in opts.values():
+                    for s in o.state.values():
+                        for v in s.values():
+                            ptr = h.pinner.movable(v)
+                            if ptr:
+                                spill.evict(ptr)
+                time.sleep(0.05)
+            with st.step() if h is not None else contextlib.nullcontext():
+                if not native:
+                    x = RunHooks.apply(x.requires_grad_(), *params)
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+            losses.append(loss.item())
+        with st.guard(release_on_exit=False) if h else torch.no_grad():
+            state = state_bytes(m)
+        return losses, state
+    import contextlib
+    base = run(lambda m, o: None)
+    enable()
+    gc.collect()
+    st.reset_peak_memory_stats()
+    run(lambda m, o: None)
+    footprint = st.max_memory_allocated()
+    def wrap(m, o):
+        h = st.offload(m, quiet=False)
+        spill.set_budget(int(footprint / 3))
+        return h
+    before = spill.stats()
+    losses, state = run(wrap)
+    after = spill.stats()
+    print("footprint", footprint, "out", after["swap.bytes_out"] - before["swap.bytes_out"])
+    assert losses == base[0], (losses, base[0])
+    assert state == base[1], "final state differs from plain torch"
+    assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+    print("ok")
+"""))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
     """Per-sample gradients with functorch (DP-SGD: ``vmap(grad(loss))`` over the batch, each
     sample's gradient clipped, their mean put in ``p.grad``, then the optimizer's step), with

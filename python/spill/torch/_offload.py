@@ -429,28 +429,30 @@ class OffloadHandle:
             if hooks:
                 self._pin_hooks(hooks)
 
-    def _pinned_hook(self, hook: Any) -> Any:
+    def _pinned_hook(self, hook: Any, declare: bool = False) -> Any:
         pinner = self.pinner
+        mode = DeclareMade if declare else _PinOps
 
         def pinned(*args: Any, **kwargs: Any) -> Any:
             if state.forked_child:
                 return hook(*args, **kwargs)
-            with _PinOps(pinner):
+            with mode(pinner):
                 return hook(*args, **kwargs)
         pinned._spill_original = hook  # type: ignore[attr-defined]  # (remove(), copies)
         return pinned
 
-    def _pin_hooks(self, hooks: Dict[int, Any]) -> None:
+    def _pin_hooks(self, hooks: Dict[int, Any], declare: bool = False) -> None:
         """The caller's hooks in ``hooks`` (a module's backward hooks, or a parameter's
         gradient hooks beside offload's) not wrapped yet run with every op pinned from now on;
         remove() gives them back. A parameter's: one may read another tensor than the parameter
         (a mask buffer: ``g * self.mask``), on the host in the backward; wrapped at offload(),
         at each step's first forward (_refresh: torch 1.13 calls a snapshot of the dict, so one
-        registered since would run unwrapped) and when offload's gradient hook runs."""
+        registered since would run unwrapped) and when offload's gradient hook runs.
+        ``declare``: what their ops make is declared swappable as it is made (DeclareMade)."""
         for key, hook in list(hooks.items()):
             if getattr(hook, "_spill_original", None) is None and \
                     not getattr(hook, "_spill_grad_hook", False):
-                hooks[key] = self._pinned_hook(hook)
+                hooks[key] = self._pinned_hook(hook, declare)
                 self._wrapped_hooks.append((hooks, key))
 
     def _hook_parameter(self, p: torch.nn.Parameter) -> None:
@@ -560,6 +562,12 @@ class OffloadHandle:
                 hooks = getattr(p, "_backward_hooks", None) if p is not None else None
                 if hooks and len(hooks) > 1:
                     self._pin_hooks(hooks)
+                # torch 2.1's post-accumulate-grad hooks (an optimizer stepped in the backward,
+                # a parameter at a time): their ops pinned, what they make (the optimizer's
+                # state) declared, as after an optimizer step
+                hooks = getattr(p, "_post_accumulate_grad_hooks", None) if p is not None else None
+                if hooks:
+                    self._pin_hooks(hooks, declare=True)
             old = layout.get(m)
             if old is None:
                 if isinstance(m, torch.jit.ScriptModule):  # added since: its caller pins it
