@@ -197,7 +197,7 @@ if ((built == 0)); then
   # spill.torch on CUDA (a CUDA torch is needed; pip's is fine; the shims are compiled at first
   # use into the build folder): the CPU-bridge tests with the CUDA target, then GPT-2 medium at
   # a third of its footprint beside save_on_cpu and activation checkpointing.
-  if ! selected torch-tests && ! selected torch-gpt2-medium; then
+  if ! selected torch-internals && ! selected torch-tests && ! selected torch-gpt2-medium; then
     rows+=("torch|not selected (SPILL_GPU_ONLY)|0")
   elif [[ -n $python ]] && "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
     torch_env=(env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python"
@@ -205,6 +205,10 @@ if ((built == 0)); then
     # PyTorch takes its cuBLAS and cuBLASLt workspaces (32 MiB or more on Hopper) from the
     # allocator, unswappable: for the tests' small models (budgets of tens of MiB) they would
     # be most of the budget. Small ones here; GPT-2 medium below keeps the defaults.
+    # First the canaries of the torch internals spill.torch relies on (seconds): a torch that
+    # changed one fails there, naming it, before the slower tests fail less clearly.
+    step torch-internals 60 "${torch_env[@]}" "$python" -m pytest -v -rs -p no:cacheprovider \
+      "$root/tests/python/test_torch_internals.py"
     step torch-tests 240 "${torch_env[@]}" CUBLAS_WORKSPACE_CONFIG=:64:8 CUBLASLT_WORKSPACE_SIZE=512 \
       "$python" -m pytest -v -rs -p no:cacheprovider "$root/tests/python/test_torch_bridge.py" \
       "$root/tests/python/test_torch_copies.py" "$root/tests/python/test_torch_foreach.py" \
@@ -246,7 +250,7 @@ fi
     grep -E '\*\*\*(Failed|Timeout|Exception)|\(Failed\)|\(Timeout\)' "$work/$t.log" | sed 's/^/  /' | head -40
   done
   # pytest -v's result per test, also when the step was cut short before pytest's own summary.
-  for t in torch-tests python-cupy; do
+  for t in torch-internals torch-tests python-cupy; do
     [[ -f $work/$t.log ]] || continue
     echo "$t: $(grep -cE '::.* PASSED' "$work/$t.log") passed, $(grep -cE '::.* (FAILED|ERROR)' \
       "$work/$t.log") failed, $(grep -cE '::.* SKIPPED' "$work/$t.log") skipped; last line: \
