@@ -9,7 +9,6 @@ through spill: no enable(), no budget.
 from __future__ import annotations
 
 import collections
-import contextlib
 import inspect
 import threading
 import warnings
@@ -84,11 +83,11 @@ def test_saved_tensor_default_hooks_push_and_pop() -> None:
     assert len(packed) == n, _internal("_pop_saved_tensors_default_hooks", "left the hooks on")
 
 
-def test_transforms_reach_spill_through_disable_saved_tensors_hooks_or_a_level() -> None:
-    """A transform (grad; vmap) is told to spill by one of two things (_transforms.py): it
+def test_transforms_reach_spill_through_disable_saved_tensors_hooks_or_flat_vmap() -> None:
+    """A transform is told to spill (_transforms.in_transform) by one of two things: grad
     calls torch.autograd.graph.disable_saved_tensors_hooks, looked up on the module at each
-    call (spill replaces it), or, for torch 2's vmap, which no longer calls it,
-    torch._C._functorch.maybe_current_level() is not None while it runs."""
+    call (spill replaces it); every vmap runs its module's ``_flat_vmap``, looked up at each
+    call (spill wraps it: torch 2's vmap no longer calls disable_saved_tensors_hooks)."""
     graph = torch.autograd.graph
     assert hasattr(graph, "disable_saved_tensors_hooks"), _internal(
         "torch.autograd.graph.disable_saved_tensors_hooks", "is missing")
@@ -96,38 +95,29 @@ def test_transforms_reach_spill_through_disable_saved_tensors_hooks_or_a_level()
         from torch.func import grad, vmap
     except ImportError:
         from functorch import grad, vmap
-    calls: List[str] = []
     original = graph.disable_saved_tensors_hooks
-
-    @contextlib.contextmanager
-    def recording(message: str) -> Any:
-        calls.append(message)
-        with original(message):
-            yield
-    levels: List[Any] = []
-    probe = _transforms._current_level
+    module = _transforms._vmap_module()
+    assert module is not None, _internal("torch._functorch.vmap._flat_vmap", "is missing")
+    flat_vmap = module._flat_vmap
+    _transforms.install()
+    inside: List[bool] = []
 
     def f(x: Any) -> Any:
-        levels.append(probe() if probe is not None else None)
+        inside.append(_transforms.in_transform())
         return (x * x).sum()
-    graph.disable_saved_tensors_hooks = recording
     try:
         g = grad(f)(torch.ones(3))
-        assert calls, _internal("grad", "no longer calls torch.autograd.graph."
-                                "disable_saved_tensors_hooks (looked up at call time)")
+        assert inside == [True], _internal("grad", "no longer calls torch.autograd.graph."
+                                           "disable_saved_tensors_hooks (looked up at call time)")
         assert torch.equal(g, torch.full((3,), 2.0))
-        del calls[:]
-        del levels[:]
+        del inside[:]
         vmap(f)(torch.ones(2, 3))
+        assert inside and all(inside), _internal(
+            "vmap", "no longer runs torch._functorch.vmap._flat_vmap (looked up at call time)")
     finally:
         graph.disable_saved_tensors_hooks = original
-    if not calls:
-        assert probe is not None and levels and all(lv is not None for lv in levels), _internal(
-            "vmap", "neither calls disable_saved_tensors_hooks nor shows a level through "
-            "torch._C._functorch.maybe_current_level")
-    if TORCH2:
-        assert probe is not None and probe() is None, _internal(
-            "torch._C._functorch.maybe_current_level", "is missing or not None outside")
+        module._flat_vmap = flat_vmap
+    assert not _transforms.in_transform()
 
 
 # ---------------------------------------------------------------- mode stacks

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
+torch = pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
 from test_torch_bridge import (SIZED_FOR_64K, TARGET, _env, quiet_preamble,  # noqa: E402
                                run_ok)
@@ -1301,27 +1301,20 @@ def test_a_vmap_over_the_offloaded_model_in_the_loop_runs_as_plain_torch() -> No
     2's vmap no longer takes saved-tensor hooks off (torch 1.13's does, through
     ``disable_saved_tensors_hooks``, which spill wraps to tell that a transform runs), so
     offload's hooks ran inside it on functorch's batched tensors and raised "Cannot access
-    storage of BatchedTensorImpl". Now a transform level counts as a transform while the
-    window is open (torch 2's ``torch._C._functorch.maybe_current_level``). On torch 1.13
-    the test runs its vmap as torch 2's does: without that call, with an equivalent probe."""
+    storage of BatchedTensorImpl". Now spill wraps vmap's ``_flat_vmap`` (_transforms.py):
+    the hooks do nothing inside, the window's mode pins its ops, the window's saved-tensor
+    hooks stay on. On torch 1.13 the test runs its vmap as torch 2's does, without that call."""
     out = run_ok(scenario("""
     import contextlib
     import torch.autograd.graph as graph
-    import spill.torch._transforms as tr
     try:
         from torch.func import vmap
     except ImportError:
         from functorch import vmap
-    if not hasattr(torch._C._functorch, "maybe_current_level"):
+    if int(torch.__version__.split(".")[0]) < 2:
         # torch 1.13: its vmap takes the saved-tensor hooks off (torch 2's no longer does);
-        # run it as torch 2's, with the level probe torch 2 has
+        # run it as torch 2's
         plain_vmap = vmap
-        def level():
-            try:
-                return torch._C._functorch.current_level()
-            except RuntimeError:
-                return None
-        tr._current_level = level
         def vmap(f):
             def run(*args):
                 keep = graph.disable_saved_tensors_hooks
@@ -1561,6 +1554,47 @@ def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
     assert "ok" in out
 
 
+# The test below: vmap of two submodules and grad of a norm in the model's forward. `AS_TORCH_2`
+# (True only on torch 1.13) runs vmap as torch 2 does: without the call to
+# disable_saved_tensors_hooks (torch 2's vmap no longer makes it; grad, vjp, jacrev and hessian
+# still do).
+TRANSFORMS_IN_FORWARD = """
+    import contextlib
+    try:
+        from torch.func import grad, vmap
+    except ImportError:
+        from functorch import grad, vmap
+    if AS_TORCH_2:
+        plain_vmap = vmap
+        def vmap(f):
+            def run(*args):
+                graph = torch.autograd.graph
+                keep = graph.disable_saved_tensors_hooks
+                graph.disable_saved_tensors_hooks = lambda message: contextlib.nullcontext()
+                try:
+                    return plain_vmap(f)(*args)
+                finally:
+                    graph.disable_saved_tensors_hooks = keep
+            return run
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ls = nn.ModuleList([nn.Linear(512, 512) for _ in range(4)])
+            self.mid = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+            self.out = nn.Linear(512, 10)
+        def forward(self, x):
+            for l in self.ls:
+                x = torch.relu(l(x))
+            x = x + 1e-3 * grad(lambda t: (t * t).sum().sqrt())(x.detach())
+            x = vmap(self.mid)(x)
+            return vmap(self.out)(torch.relu(x))
+    adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+    compare(Net, adam, data, 3, evict=True)
+    assert spill.stats()["swap.steps_planned"] >= 1
+    print("ok")
+"""
+
+
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_functorch_transforms_inside_an_offloaded_forward_train_as_plain_torch() -> None:
     """functorch transforms inside the offloaded model's forward: ``vmap`` of two submodules
@@ -1573,28 +1607,21 @@ def test_functorch_transforms_inside_an_offloaded_forward_train_as_plain_torch()
     the forward's graph saves without the hooks, stays pinned until the step ends: released
     as each op returns, vmap's backward read the weights on the host (a segmentation fault on
     the CPU bridge)."""
-    out = run_ok(scenario("""
-        try:
-            from torch.func import grad, vmap
-        except ImportError:
-            from functorch import grad, vmap
-        class Net(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.ls = nn.ModuleList([nn.Linear(512, 512) for _ in range(4)])
-                self.mid = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
-                self.out = nn.Linear(512, 10)
-            def forward(self, x):
-                for l in self.ls:
-                    x = torch.relu(l(x))
-                x = x + 1e-3 * grad(lambda t: (t * t).sum().sqrt())(x.detach())
-                x = vmap(self.mid)(x)
-                return vmap(self.out)(torch.relu(x))
-        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
-        compare(Net, adam, data, 3, evict=True)
-        assert spill.stats()["swap.steps_planned"] >= 1
-        print("ok")
-    """))
+    out = run_ok(scenario("\n    AS_TORCH_2 = False" + TRANSFORMS_IN_FORWARD))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+@pytest.mark.skipif(int(torch.__version__.split(".")[0]) >= 2,
+                    reason="torch 2's own vmap runs in the test above")
+def test_vmap_inside_an_offloaded_forward_as_torch_2_runs_it_trains_as_plain_torch() -> None:
+    """The test above with vmap run as torch 2 runs it: without disable_saved_tensors_hooks,
+    through which spill learnt that a transform runs (torch 2 keeps only grad, vjp, jacrev and
+    hessian in it). Before, the submodules' hooks ran on functorch's batched tensors and
+    raised "Cannot access storage of BatchedTensorImpl". Now spill wraps vmap's _flat_vmap:
+    the hooks do nothing inside, a mode pins its ops, and the forward's saved-tensor hooks
+    stay on and pin what the backward unpacks."""
+    out = run_ok(scenario("\n    AS_TORCH_2 = True" + TRANSFORMS_IN_FORWARD))
     assert "ok" in out
 
 

@@ -21,6 +21,9 @@ another are not covered (the transform raises).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import sys
 import threading
 from typing import Any, Dict, Iterator, Set, Tuple
 
@@ -107,30 +110,62 @@ def disable_saved_tensors_hooks(error_message: str) -> Iterator[None]:
                 handle.hold_until_step_ends(list(reads.read.values()))
 
 
-# torch 2's probe of functorch's transform stack (None outside every transform).
-_current_level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+def _vmap_module() -> Any:
+    """The module whose ``_flat_vmap`` runs every vmap: torch 2's torch._functorch.vmap;
+    torch 1.13's functorch._src.vmap when functorch has been imported (its vmap reaches
+    disable_saved_tensors_hooks anyway), else None."""
+    try:
+        module = importlib.import_module("torch._functorch.vmap")
+    except ImportError:
+        module = sys.modules.get("functorch._src.vmap")
+    return module if callable(getattr(module, "_flat_vmap", None)) else None
+
+
+class _VmapReads(PinEveryOp):
+    """torch 2's vmap inside an offloaded model's forward: every op pinned, nothing declared
+    (the model's hooks do nothing inside it; the saved-tensor hooks stay and pin what the
+    backward unpacks, as for any activation)."""
+
+    declares = False
+
+
+def _vmap(original: Any) -> Any:
+    """``_flat_vmap`` run as a transform: torch 2's vmap no longer takes saved-tensor hooks
+    off (only grad, vjp, jacrev and hessian do), so it never reaches
+    disable_saved_tensors_hooks. spill's saved-tensor hooks stay on (autograd saves the
+    unbatched tensors: the window's and the forward's hooks pin them when the backward, after
+    the vmap, unpacks them); the model's module hooks do nothing inside (in_transform), its
+    ops are pinned by the window's mode, or inside a forward by a mode of its own. torch
+    1.13's vmap still calls disable_saved_tensors_hooks inside, which takes the hooks off."""
+    @functools.wraps(original)
+    def flat_vmap(*args: Any, **kwargs: Any) -> Any:
+        vmaps = getattr(_running, "vmaps", 0)
+        _, handle = _hooks_on_top() if vmaps == 0 else (None, None)
+        _running.vmaps = vmaps + 1
+        try:
+            if handle is None:
+                return original(*args, **kwargs)
+            with _VmapReads(handle.pinner):
+                return original(*args, **kwargs)
+        finally:
+            _running.vmaps = vmaps
+    flat_vmap._spill_vmap = True  # type: ignore[attr-defined]
+    return flat_vmap
 
 
 def in_transform() -> bool:
     """Whether a transform runs on this thread. An offloaded model's hooks then do nothing:
     its modules run as a copy's would (``make_functional``'s), their ops pinned by the
-    window's dispatch mode, their tensors functorch's wrappers, which have no storage.
-    torch 2's ``vmap`` no longer takes saved-tensor hooks off (grad, vjp, jacrev and hessian
-    still do), so it never reaches :func:`disable_saved_tensors_hooks`: a transform level
-    counts too while the window is open on this thread (the loop's code; inside an offloaded
-    forward the hooks see the wrappers and raise, as torch 1.13's vmap raises there)."""
-    if getattr(_running, "depth", 0) > 0:
-        return True
-    if _current_level is None or _current_level() is None:
-        return False
-    from ._window import _windows
-    w = _windows.get(0)
-    return (w is not None and w._on and threading.get_ident() == w.thread
-            and not state.forked_child)
+    window's dispatch mode, their tensors functorch's wrappers, which have no storage."""
+    return getattr(_running, "depth", 0) > 0 or getattr(_running, "vmaps", 0) > 0
 
 
 def install() -> None:
     """Puts :func:`disable_saved_tensors_hooks` in place of torch's (functorch looks it up
-    at each call); once per process."""
+    at each call) and wraps vmap's ``_flat_vmap`` (looked up in its module at each call);
+    once per process."""
     if _graph.disable_saved_tensors_hooks is _original:
         _graph.disable_saved_tensors_hooks = disable_saved_tensors_hooks
+    module = _vmap_module()
+    if module is not None and not getattr(module._flat_vmap, "_spill_vmap", False):
+        module._flat_vmap = _vmap(module._flat_vmap)
