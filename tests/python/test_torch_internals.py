@@ -341,6 +341,40 @@ def test_post_accumulate_grad_hooks_follow_their_dict() -> None:
         "after accumulating")
 
 
+def test_a_custom_functions_backward_goes_through_backward_cfunction_apply() -> None:
+    """_backward_code.py wraps torch.autograd.function.BackwardCFunction.apply, which the
+    autograd engine looks up on a custom Function's backward node at each call, to pin the
+    tensors a backward reads from ``ctx`` attributes."""
+    from torch.autograd.function import BackwardCFunction
+    original = BackwardCFunction.apply
+    calls: List[Any] = []
+
+    def apply(self: Any, *args: Any) -> Any:
+        calls.append(getattr(self, "w", None))
+        return original(self, *args)
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, w: Any) -> Any:
+            ctx.w = w
+            return x * w
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> Any:
+            return g * ctx.w, None
+    w = torch.full((3,), 3.0)
+    BackwardCFunction.apply = apply
+    try:
+        x = torch.ones(3, requires_grad=True)
+        Scale.apply(x, w).sum().backward()
+    finally:
+        BackwardCFunction.apply = original
+    assert len(calls) == 1 and calls[0] is w, _internal(
+        "BackwardCFunction.apply", "is not what the engine calls for a custom Function's "
+        "backward, or the ctx's attributes are not on the node it gets")
+    assert torch.equal(x.grad, torch.full((3,), 3.0))
+
+
 # ---------------------------------------------------------------- functional_call
 
 def test_functional_call_shows_spill_the_tensors_it_gives() -> None:
