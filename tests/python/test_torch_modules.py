@@ -1716,3 +1716,101 @@ def test_a_momentum_encoder_offloaded_beside_the_trained_one_trains_as_plain_tor
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_momentum_encoder_updated_in_the_models_forward_trains_as_plain_torch() -> None:
+    """MoCo's reference form: one module holds the query encoder, the key encoder (frozen, an
+    EMA of the query encoder) and the queue of keys; its forward encodes the queries, updates
+    the key encoder (in place, and as MoCo's code writes it: ``pk.data = pk.data * m + pq.data
+    * (1 - m)``), encodes the keys and enqueues them; offloaded with SGD at a third of its
+    footprint, every tensor moved to the host between steps: plain torch's losses and final
+    state, with planned steps. Before, both forms ran out of memory at a third: the first
+    step saw the module's own code read both encoders' parameters (the EMA), so its pre-hook
+    pinned all of them through every forward (6.5 MiB in a 5.7 MiB budget); the bytes such
+    reads would hold now count towards the frame's (the module is busy: its own code runs
+    with every op pinned). And each new key weight ``.data =`` made stayed resident and
+    undeclared until the forward ended; a busy module's ``.data =`` now has the owners look at
+    it at once."""
+    out = run_ok(scenario("""
+        import copy
+        def enc():
+            return nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                                 nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+        class MoCo(nn.Module):
+            def __init__(self, how):
+                super().__init__()
+                self.how = how
+                self.encoder_q = enc()
+                self.encoder_k = copy.deepcopy(self.encoder_q)
+                for p in self.encoder_k.parameters():
+                    p.requires_grad = False
+                self.register_buffer("queue", F.normalize(torch.randn(128, 1024), dim=0))
+                self.at = 0
+            @torch.no_grad()
+            def momentum_update(self):
+                for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+                    if self.how == "data":
+                        pk.data = pk.data * 0.99 + pq.data * 0.01
+                    else:
+                        pk.mul_(0.99).add_(pq, alpha=0.01)
+            def forward(self, im_q, im_k):
+                q = F.normalize(self.encoder_q(im_q), dim=1)
+                with torch.no_grad():
+                    self.momentum_update()
+                    k = F.normalize(self.encoder_k(im_k), dim=1)
+                logits = torch.cat([(q * k).sum(1, keepdim=True),
+                                    q @ self.queue.clone().detach()], 1) / 0.07
+                if self.training:
+                    with torch.no_grad():
+                        self.queue[:, self.at:self.at + 32] = k.t()
+                        self.at = (self.at + 32) % 1024
+                return logits
+        def run(wrap, how, steps=6):
+            torch.manual_seed(0)
+            m = MoCo(how).to(dev)
+            opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for i in range(steps):
+                if h is not None and i >= 2:
+                    evict_all(h)
+                x = torch.randn(32, 512, generator=g)
+                x1 = (x + 0.1 * torch.randn(x.shape, generator=g)).to(dev)
+                x2 = (x + 0.1 * torch.randn(x.shape, generator=g)).to(dev)
+                opt.zero_grad()
+                logits = m(x1, x2)
+                loss = F.cross_entropy(logits, torch.zeros(32, dtype=torch.long, device=dev))
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            with st.guard(release_on_exit=False) if h else torch.no_grad():
+                state = state_bytes(m)
+            return losses, state, h
+        for how in ("in_place", "data"):
+            base = run(lambda *a: None, how)[:2]
+            enable()
+            gc.collect()
+            st.reset_peak_memory_stats()
+            run(lambda *a: None, how, steps=2)
+            footprint = st.max_memory_allocated()
+            def wrap(m, o):
+                h = st.offload(m, o, quiet=False)
+                spill.set_budget(int(footprint / 3))
+                return h
+            before = spill.stats()
+            *got, h = run(wrap, how)
+            after = spill.stats()
+            assert got[0] == base[0], (how, got[0], base[0])
+            assert got[1] == base[1], f"{how}: final state differs from plain torch"
+            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+            planned = after["swap.steps_planned"] - before["swap.steps_planned"]
+            assert planned >= 2, (how, planned)
+            spill.set_budget(1 << 30)
+            h.remove()
+            del h, got  # (the model, resident again after remove())
+            gc.collect()
+        print("ok")
+    """))
+    assert "ok" in out

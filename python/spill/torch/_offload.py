@@ -113,6 +113,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from spill import Error, OutOfMemoryError
@@ -131,7 +132,7 @@ from ._state import state
 from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
-from ._window import _dispatch_stack, _remove, window
+from ._window import _dispatch_stack, _function_stack, _remove, window
 
 Token = Any  # spill._capi.PinToken
 
@@ -141,7 +142,7 @@ class _Frame:
     OffloadHandle._busy) holds none of what its code makes: its ``ops`` mode pins each op of
     its own code instead."""
     __slots__ = ("module", "tokens", "sequential", "child_outputs", "packed", "inputs", "ops",
-                 "call", "argument_nodes")
+                 "functions", "call", "argument_nodes")
 
     def __init__(self, module: Optional[torch.nn.Module],
                  call: Optional[ModuleCall] = None) -> None:
@@ -153,6 +154,7 @@ class _Frame:
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
         self.ops: Optional[PinEveryOp] = None
+        self.functions: Optional["_NewStorage"] = None  # (with ops: a busy module's)
         # A busy module without children in grad mode: its arguments' grad_fn (_regions.py).
         self.argument_nodes: Optional[List[Any]] = None
 
@@ -178,6 +180,36 @@ class _PinOps(PinEveryOp):
     declares nothing."""
 
     declares = False
+
+
+class _NewStorage(TorchFunctionMode):
+    """A busy module's function mode (beside its ops mode): ``p.data = new`` in its code, for a
+    parameter or buffer of a module that is not running (MoCo's EMA of the key encoder,
+    ``pk.data = pk.data * m + pq.data * (1 - m)``, in the forward of the module that holds
+    both encoders) makes the modules that own it look at it at once, as the window does, so
+    the new storage is declared as it is made; before, every new weight stayed resident and
+    undeclared until the forward ended. Each module's pre-hook pins what it holds then. A
+    ``.data =`` elsewhere in a forward is looked at when the entry's forward ends."""
+
+    def __init__(self, handle: "OffloadHandle") -> None:
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func != _SET_DATA or state.forked_child:
+            return func(*args, **kwargs)
+        h = self.handle
+        t = args[0]
+        ptr = storage(t).data_ptr() if isinstance(t, torch.Tensor) and not t.is_meta else 0
+        owners = set(h._owners.get(ptr, ())) if ptr in h._persistent else set()
+        result = func(*args, **kwargs)
+        if owners and not any(f.module in owners for f in h._frames):
+            h._refresh(owners)
+        return result
+
+
+_SET_DATA = torch.Tensor.data.__set__  # (a new method-wrapper at each access: compared by ==)
 
 
 class _BusyLeafOps(PinEveryOp):
@@ -221,7 +253,10 @@ class _Discovery(PinEveryOp):
                 if isinstance(t, torch.Tensor) and not t.is_meta:
                     owners = h._owners.get(storage(t).data_ptr())
                     if owners and not (owners & running):
-                        h._extra.setdefault(top, {})[id(t)] = t
+                        extra = h._extra.setdefault(top, {})
+                        if id(t) not in extra:
+                            extra[id(t)] = t
+                            h._count_held(top, (t,), persistent=True)
             out = super().__torch_dispatch__(func, types, args, kwargs)
             h._count_held(top, out)  # what its own code makes
             return out
@@ -801,6 +836,8 @@ class OffloadHandle:
                 frame.argument_nodes = [t.grad_fn for t in leaves(args) if
                                         isinstance(t, torch.Tensor) and t.grad_fn is not None]
             frame.ops.__enter__()
+            frame.functions = _NewStorage(self)
+            frame.functions.__enter__()
         frames.append(frame)
         if root and torch.is_grad_enabled():
             self._push_saved_hooks(False)
@@ -1757,16 +1794,18 @@ class OffloadHandle:
         would = self._would_hold.get(module)
         return bool(would and would > self._hold_line and self._eval_ops is None)
 
-    def _count_held(self, module: torch.nn.Module, out: Any) -> None:
+    def _count_held(self, module: torch.nn.Module, out: Any, persistent: bool = False) -> None:
         """The first step: the blocks in ``out`` (made by ``module``'s own code, or returned by
-        a child to it) count towards what its frame would hold (_busy)."""
+        a child to it; with ``persistent``, parameters and buffers of other modules its own code
+        reads, which its pre-hook would pin: MoCo's EMA of the key encoder in the forward of the
+        module that holds both encoders) count towards what its frame would hold (_busy)."""
         counted = self._counted.get(module)
         if counted is None:
             counted = self._counted[module] = set()
         block = self.pinner.block
         for t in leaves(out):
             ptr, nbytes = block(t)
-            if ptr and ptr not in counted and ptr not in self._persistent:
+            if ptr and ptr not in counted and (persistent or ptr not in self._persistent):
                 counted.add(ptr)
                 self._would_hold[module] = self._would_hold.get(module, 0) + nbytes
 
@@ -1774,6 +1813,9 @@ class OffloadHandle:
         if frame.ops is not None:
             _remove(frame.ops, *_dispatch_stack())
             frame.ops = None
+        if frame.functions is not None:
+            _remove(frame.functions, *_function_stack())
+            frame.functions = None
 
 
 copies.HOOK_OWNERS.add(OffloadHandle)
