@@ -543,6 +543,50 @@ def test_a_parameter_a_forward_writes_in_place_keeps_the_write() -> None:
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_forward_pre_hook_prepended_after_offload_reads_the_weight_pinned() -> None:
+    """A forward pre-hook registered after two steps with torch 2's ``prepend=True`` (first
+    among the module's pre-hooks) that reads its module's weight after moving it to the host,
+    at a third of the footprint, every tensor on the host between steps: plain torch's
+    results and the hooks' figures. offload's pre-hook, which pins the module's weight, was
+    put first at offload() only: the prepended hook ran before it and read the weight on the
+    host (a segmentation fault on the CPU bridge). Now each step's first forward puts it first
+    again, as it puts its forward hook last. torch 1.13 has no ``prepend``: the test moves the
+    hook to the front of the dict as torch 2 does."""
+    out = run_ok(scenario("""
+    import inspect
+    norms = []
+    def statistic(module, args):
+        ptr = module.weight.data_ptr()
+        try:
+            spill.evict(ptr)  # (a pinned block stays)
+        except spill.Error:  # (plain torch's memory: the run without spill)
+            pass
+        else:
+            deadline = time.time() + 10
+            while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
+                time.sleep(0.001)
+        with torch.no_grad():
+            norms.append(module.weight.norm().item())
+    prepend = "prepend" in inspect.signature(nn.Module.register_forward_pre_hook).parameters
+    def observe(m, opt, i):
+        if i == 2:
+            for layer in m:
+                if isinstance(layer, nn.Linear):
+                    if prepend:
+                        layer.register_forward_pre_hook(statistic, prepend=True)
+                    else:  # torch 1.13: what torch 2's prepend=True does
+                        h = layer.register_forward_pre_hook(statistic)
+                        layer._forward_pre_hooks.move_to_end(h.id, last=False)
+    adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+    compare(mlp, adam, data, 3, evict=True, mutate=observe)
+    half = len(norms) // 2
+    assert half and norms[:half] == norms[half:], "the pre-hooks read other weights"
+    print("ok")
+"""))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_hooks_of_the_callers_may_read_the_parameters() -> None:
     """Hooks that read a module's weight, at a third of the footprint with every tensor
     moved to the host between steps: plain torch's results. (1) A gradient hook on each

@@ -616,7 +616,12 @@ class OffloadHandle:
             if not (_same(old[0], m._parameters.values()) and
                     _same(old[1], m._buffers.values()) and old[3] == _data_pointers(m)):
                 changed.append(m)
-            post = self._module_hooks[m][1].id
+            pre, post = (h.id for h in self._module_hooks[m][:2])
+            hooks = m._forward_pre_hooks
+            if next(iter(hooks), pre) != pre and pre in hooks:
+                # First: a pre-hook registered since with torch 2's prepend=True (one reading
+                # the module's weight) runs after the module's pins are taken.
+                hooks.move_to_end(pre, last=False)
             hooks = m._forward_hooks
             if next(reversed(hooks), post) != post and post in hooks:
                 # Last: a forward hook registered since (one reading the module's weight)
