@@ -1858,3 +1858,75 @@ def test_a_momentum_encoder_updated_in_the_models_forward_trains_as_plain_torch(
         print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_hessian_vector_product_with_respect_to_the_parameters_trains_as_plain_torch() -> None:
+    """A curvature penalty: ``grads = autograd.grad(loss, params, create_graph=True)``, then
+    ``hv = autograd.grad(sum(g * v), params, create_graph=True)`` (v: the gradients' signs),
+    and ``loss + 1e-3 * sum(hv ** 2)`` trained through all three graphs (the 512-wide MLP,
+    Adam, batch 256, footprint 61 MiB), every tensor on the host before the third and fourth
+    steps: plain torch's losses and final state at a half and at a third, with bytes swapped
+    and a planned step. Before: a segmentation fault in the last backward at a half and at a
+    third. _partials.py hooked the node sending a part by looking through a view node
+    reached along one edge (the forward's ``t()`` of a Linear weight); the second
+    ``autograd.grad`` added an edge into that view node, which became a receiver of its
+    own, and the old hook kept treating the part as the first one of the other receiver, so
+    it stayed declared while the engine added the next part to it; now each sender's hook
+    finds its receiver as last examined. And out of memory at a third once that was mended:
+    ``autograd.grad`` in the window kept every tensor it unpacked pinned until it returned
+    (18 MiB of a 20 MiB budget), and made what it makes undeclared (18 MiB); now each node
+    of its graph is a point between nodes, and the window's OOM path declares what it made."""
+    out = run_ok(scenario("""
+        def data(g):
+            return torch.randn(256, 512, generator=g), torch.randint(0, 10, (256,), generator=g)
+        def run(wrap, steps=4):
+            torch.manual_seed(0)
+            m = mlp().to(dev)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for i in range(steps):
+                if h is not None and i >= 2:
+                    evict_all(h)
+                x, y = (t.to(dev) for t in data(g))
+                opt.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                ps = list(m.parameters())
+                grads = torch.autograd.grad(loss, ps, create_graph=True)
+                gv = sum((gr * gr.detach().sign()).sum() for gr in grads)
+                hv = torch.autograd.grad(gv, ps, create_graph=True)
+                total = loss + 1e-3 * sum(hh.square().sum() for hh in hv)
+                del grads, gv, hv
+                total.backward()
+                opt.step()
+                losses.append(total.item())
+            with st.guard(release_on_exit=False) if h else torch.no_grad():
+                state = state_bytes(m)
+            return losses, state, h
+        base = run(lambda *a: None)[:2]
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        run(lambda *a: None, steps=2)
+        footprint = st.max_memory_allocated()
+        for fraction in (2, 3):
+            def wrap(m, o):
+                h = st.offload(m, o, quiet=False)
+                spill.set_budget(int(footprint / fraction))
+                return h
+            before = spill.stats()
+            *got, h = run(wrap)
+            after = spill.stats()
+            assert got[0] == base[0], (fraction, got[0], base[0])
+            assert got[1] == base[1], f"at 1/{fraction}: final state differs from plain torch"
+            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+            assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
+            spill.set_budget(1 << 30)
+            h.remove()
+            del h, got
+            gc.collect()
+        print("ok")
+    """))
+    assert "ok" in out

@@ -21,7 +21,10 @@ inputs' and none of its other outputs', so nothing else holds it; a sender that 
 view of its one input, ``t()``, hands on what the node before it made: that one is hooked
 instead). A later part, and the receiving node's pre hook, make it unswappable again (back
 first if it is on the host) before the engine adds to it or reads it: from there it is an
-ordinary gradient, which may flow on through views and pass-through nodes unpinned. The
+ordinary gradient, which may flow on through views and pass-through nodes unpinned. A
+sender's hook finds the receiving input as last examined (route): a later graph may add an
+edge into a view node looked through before (a second ``autograd.grad`` over the first one's
+graph), which then is a receiver of its own. The
 senders' post hooks are also points between nodes, where the handle drops its backward's pins
 (the double-backward graph has no module hooks).
 
@@ -61,6 +64,10 @@ class PartialGradients:
         # last reference to it, also when its backward raised): None before the first one.
         self.outputs: Optional[List[Any]] = None
         self.hooked: Dict[Key, Any] = {}     # (sender id, output) -> sender
+        # (sender id, output) -> the receiver's input its part goes to, as last examined: a
+        # view node reached along one edge is looked through (see _examine), and a later graph
+        # may add an edge into it, which makes it a receiver of its own.
+        self.route: Dict[Key, Key] = {}
         self.receivers: Dict[int, Any] = {}  # receiver id -> receiver (pre hook added)
         self.keys: Dict[int, List[Key]] = {}  # receiver id -> its inputs reached twice
         self.arrived: Dict[Key, int] = {}   # a part arrived: the block declared (0: none)
@@ -126,16 +133,20 @@ class PartialGradients:
                 # A pure view of its one input hands on what the node before it made.
                 while node.name() in _VIEWS and len(incoming.get(id(node), ())) == 1:
                     node, i = incoming[id(node)][0]
+                self.route[(id(node), i)] = key
                 if (id(node), i) not in self.hooked:  # (kept alive there: ids stay unique)
-                    node.register_hook(self._sender(key, i))
+                    node.register_hook(self._sender((id(node), i)))
                     self.hooked[(id(node), i)] = node
         return found
 
-    def _sender(self, key: Key, index: int) -> Any:
+    def _sender(self, edge: Key) -> Any:
+        index = edge[1]
+
         def hook(grad_inputs: Any, grad_outputs: Any) -> None:
             self.safe_point()
+            key = self.route.get(edge)
             part = grad_inputs[index]
-            if part is None:  # no gradient along this edge: nothing is added
+            if part is None or key is None:  # no gradient along this edge: nothing is added
                 return
             if key in self.arrived:  # a later part: the first one must be resident for it
                 self._resident(key)
@@ -168,6 +179,7 @@ class PartialGradients:
         """The step (or the backward) is over: a later forward begins new graphs."""
         self.outputs = None
         self.hooked.clear()
+        self.route.clear()
         self.receivers.clear()
         self.keys.clear()
         self.arrived.clear()

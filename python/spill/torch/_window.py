@@ -30,7 +30,8 @@ every forward (a regularizer ``c * model.fc.weight.square().sum()``, what a grad
 penalty's ``autograd.grad(..., create_graph=True)`` saves) is pinned when the backward
 unpacks it, until the engine is next between nodes (a handle's gradient hook or partial
 gradient hook) or that backward ends. ``autograd.grad`` with ``create_graph`` runs under the
-dispatch mode (every op pinned); when it returns in an armed step, what its graph saved is
+dispatch mode (every op pinned; each node of the graph it runs gets a post hook, a point
+between nodes: between_nodes); when it returns in an armed step, what its graph saved is
 declared swappable (only unpacks use it now) and the handles look for the gradients a later
 backward makes in parts (_partials.py). They also see what other code saves (the first
 step's forward, a model without offload): a Python call per saved tensor there.
@@ -232,6 +233,8 @@ class _HostUses(TorchFunctionMode):
         window = self.window
         if create:
             window.graphs.append([])
+        outputs = kwargs.get("outputs", args[0] if args else None)
+        window.between_nodes(outputs)
         try:
             result = func(*args, **kwargs)
         finally:
@@ -411,7 +414,12 @@ class Window:
         if type(saved) is not Saved:
             return saved
         if not state.forked_child:
-            token = self.pinner.pin(saved.ptr, self.pinner.stream())
+            try:
+                token = self.pinner.pin(saved.ptr, self.pinner.stream())
+            except OutOfMemoryError:  # (autograd.grad in the window: see declare_made)
+                if not self._on or self._suspended or not self.declare_made():
+                    raise
+                token = self.pinner.pin(saved.ptr, self.pinner.stream())
             if token is not None:
                 self.kept.append((token, False))
         return saved.tensor
@@ -486,6 +494,8 @@ class Window:
         next region begins (release_made); every op of the window pins what it uses, so they
         may move meanwhile. Parameters and buffers are left alone. True when it declared one
         (the op is then run again)."""
+        import os
+        if os.environ.get("NODECL"): return False
         made, self.made = self.made, []
         persistent = set().union(*(h._persistent for h in list(self.handles)))
         stream = self.pinner.stream()
@@ -493,7 +503,8 @@ class Window:
         for ref in made:
             t = ref()
             ptr = self.pinner.movable(t) if t is not None else 0
-            if not ptr or ptr in persistent or ptr in self.declared_made:
+            if not ptr or ptr in persistent or ptr in self.declared_made \
+                    or self.pinner.on_host(ptr):  # (declared by a hook since: not the window's)
                 continue
             token = self.pinner.pin(ptr, stream)
             if token is None:
@@ -527,6 +538,36 @@ class Window:
             self.pinner.unpin(token, stream, False)
             if same:
                 self.pinner.declare(ptr, False)
+
+    def between_nodes(self, outputs: Any) -> None:
+        """``autograd.grad`` in the window will run the graph behind ``outputs``: each of its
+        nodes gets a post hook, a point between nodes where what the backward unpacked so far
+        has been used (the window's saved-tensor pins, each handle's: _safe_point). Without
+        it, nothing said so inside that call: a module output's gradient hook is the handles'
+        only such point, and autograd.grad over the parameters reaches none in the first
+        step, nor any inside the graphs an earlier autograd.grad made; every tensor it
+        unpacked stayed pinned until it returned (18 MiB of a 20 MiB budget in the
+        parameter HVP's first autograd.grad)."""
+        roots = [t.grad_fn for t in leaves(outputs)
+                 if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        seen: Set[int] = set()
+        nodes: List[Any] = []
+        while roots:
+            node = roots.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)  # (holds it: a collected node's id may be reused)
+            roots.extend(n for n, _ in node.next_functions if n is not None)
+        hook = self._between
+        for node in nodes:
+            node.register_hook(hook)
+
+    def _between(self, grad_inputs: Any, grad_outputs: Any) -> None:
+        if self.kept:
+            self.release_kept()
+        for handle in list(self.handles):
+            handle._safe_point(None)
 
     def release_kept(self) -> None:
         """Drops the pins a backward took of what the window's saved-tensor hooks saved."""
