@@ -557,6 +557,14 @@ class Window:
             if id(node) in seen:
                 continue
             seen.add(id(node))
+            # Hooked once: a loop of autograd.grad over one retained graph (a Jacobian row by
+            # row) would add a hook per call to each node. The node's metadata lives with
+            # the C++ node (its Python object may be made afresh); what a hooked node
+            # reaches was hooked with it.
+            meta = node.metadata
+            if meta.get("spill_between"):
+                continue
+            meta["spill_between"] = True
             nodes.append(node)  # (holds it: a collected node's id may be reused)
             roots.extend(n for n, _ in node.next_functions if n is not None)
         hook = self._between
