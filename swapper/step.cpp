@@ -1,10 +1,34 @@
 // Recording steps as graph::Traces, planning from them, and executing the plan on later steps,
-// for each step scope on its own. Block identity across steps is the order of first pins within
-// a scope's step, which a deterministic training step repeats. Every step is recorded; a step
-// that leaves its plan (an access the plan does not have at that point: another block or op)
-// stops following it and its own recording becomes the next step's plan, so a first step that
-// differs from the rest (gradients and optimizer state are created in it) costs one
-// deviation, not a re-recording per step. A block's size is no part of its identity: the
+// for each step scope on its own. A plan's blocks are numbered in the order of first pin in
+// the step it was made from. A later step gives each block it pins the plan's id of the same
+// block: a block from before the step (weights, optimizer state) by its base and generation,
+// as the latest step left it (or by its place, when the plan's block there is gone: blocks
+// that change roles, as SAM's weights); a block made in the step by its place (the plan's
+// block first pinned where the step is: at the plan access the step expects next, its
+// cursor, or right after the plan's accesses of the block the step pinned last; the id of a
+// block freed in the step passes to the next one made there, as a second micro-batch's
+// activation), else by its birth (below); a block the plan does not know gets an id past the
+// plan's. An access the plan has at the cursor follows the plan. Else the step has left its
+// plan (a deviation, counted once a step) and resynchronises: to the block's next access in
+// the plan within kShortSkip accesses (the plan's ops between were skipped: a dropped layer,
+// an expert without tokens; their evictions are issued, and their prefetches for uses not
+// skipped), or to where the plan has this block right after the step's previous one (ahead,
+// else behind: a step with more micro-batches runs the plan's ops again); an access found
+// nowhere (an op the plan did not record) is served reactively while the plan waits at its
+// cursor. The plan's prefetches and evictions go by the cursor's plan op, so they keep
+// hiding copies in the parts that match. After kGiveUp accesses in a row off the plan the
+// step stops following it. At its end, a step that left its plan becomes the next plan if it
+// had accesses the plan lacks, found blocks from before it that the plan's step made
+// (optimizer state a first step creates), skipped at most kShortSkip of the plan's accesses
+// (none: more micro-batches; a few: a second step's one-off op) or more than half of them,
+// or had the
+// very accesses of the step before it (the steps settled on a shape the plan does not have:
+// a momentum encoder's second step does more than the rest); so a first step that differs
+// from the rest costs one deviation, not a re-recording per step. One that only skipped some
+// of the plan's ops keeps the plan (it covers the steps like it). Either counts in
+// steps_resynced, not steps_planned. A plan is always one step's own recording, never a
+// merge of several (tried: the cursor wandered over the repeated blocks of a union of steps,
+// and the plan grew each step). A block's size is no part of its identity: the
 // caching allocator serves a request from a cached block up to a quarter larger, so what the
 // cache holds decides a block's size (an activation of torchvision's mobilenet_v3_small took
 // 640 KiB in one step and 512 KiB in the next, alternately), and a step's tensors may change
@@ -14,8 +38,9 @@
 // (each block, and each op's memory the recording did not show, at least as large as the
 // plan's), so that the plan leaves room for a step as large as any before it. A block made
 // during the step is known from its birth (the step's n-th large allocation, by its request)
-// when the plan's recording had one there, before its first pin: a gradient the backward
-// makes and the optimizer pins first. A recorded access's time is the time since the step
+// when the plan's recording had one there, before its first pin (until the step leaves its
+// plan, which shifts the births): a gradient the backward makes and the optimizer pins
+// first. A recorded access's time is the time since the step
 // began less the host's waits inside the swapper meanwhile (demand fetches, late prefetches,
 // room): the plan's op times are the compute it hides copies behind, even when the recorded
 // step stalled (a first, reactive step mostly waits).
@@ -50,9 +75,9 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.op = -1;
   s.after_unpin = true;
   s.auto_ops = true;
-  s.next_id = 0;
   s.id_of.clear();
   s.request_of_id.clear();
+  s.existed_of_id.clear();
   s.base_of_id.clear();
   s.gen_of_id.clear();
   s.access_of_id_op.clear();
@@ -80,6 +105,16 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   // fit fall back to reactive eviction.
   s.executing = s.recording && !s.replan && !s.plan.steps.empty();
   s.planned_step = s.executing;
+  s.plan_ids = s.executing ? s.use_ops.size() : 0;
+  s.next_id = s.plan_ids;
+  s.cursor = 0;
+  s.plan_op = -1;
+  s.deviated = false;
+  s.misses = 0;
+  s.extras = 0;
+  s.matched = 0;
+  s.plan_made_older = false;
+  s.prev_block = -1;
   if (!s.executing) s.pending.clear();  // else: prefetches issued at the previous step's end
   if (s.recording) s.trace = graph::Trace{};
   if (s.executing) {
@@ -89,11 +124,55 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   }
 }
 
+namespace {
+
+// A step that left its plan jumps ahead to the block's next access in the plan when it is at
+// most this many accesses on (ops the step skipped: a dropped layer, an expert without
+// tokens); farther, or back, only where the step's previous access precedes it in the plan.
+// A step that skipped no more of its plan's accesses than this becomes the plan.
+constexpr std::size_t kShortSkip = 4;
+// Consecutive accesses off the plan after which the step stops following it.
+constexpr std::size_t kGiveUp = 256;
+
+// A recording's blocks numbered in the order of first access (the identity a recording
+// becomes a plan with): new_of[id], -1 for an id no access has. Within a step an id stays
+// with its base, and one the plan has may pass to a later block (id_for_block_locked): ids
+// are not blocks' lives, as before.
+std::vector<std::int64_t> renumbering(const graph::Trace& t, std::uint64_t ids) {
+  std::vector<std::int64_t> new_of(ids, -1);
+  std::int64_t next = 0;
+  for (const graph::TraceAccess& a : t.accesses)
+    if (new_of[a.block] < 0) new_of[a.block] = next++;
+  return new_of;
+}
+
+graph::Trace renumbered(graph::Trace t, const std::vector<std::int64_t>& new_of) {
+  for (graph::TraceAccess& a : t.accesses) a.block = static_cast<std::uint64_t>(new_of[a.block]);
+  return t;
+}
+
+template <typename T>
+void renumber_vector(std::vector<T>& v, const std::vector<std::int64_t>& new_of,
+                     std::size_t count) {
+  std::vector<T> out(count, T{});
+  for (std::size_t id = 0; id < v.size() && id < new_of.size(); ++id)
+    if (new_of[id] >= 0) out[new_of[id]] = v[id];
+  v = std::move(out);
+}
+
+}  // namespace
+
+void Swapper::Impl::set_prev_identity_locked(StepState& s) {
+  s.prev_id_of_base.clear();
+  for (std::size_t id = 0; id < s.base_of_id_prev.size(); ++id)
+    if (s.base_of_id_prev[id] != 0) s.prev_id_of_base[s.base_of_id_prev[id]] = id;
+}
+
 void Swapper::Impl::end_step_locked(StepState& s) {
   if (!s.in_step) return;
   s.in_step = false;
   if (s.executing) {
-    stats.steps_planned++;
+    (s.deviated ? stats.steps_resynced : stats.steps_planned)++;
     // The last ops' evictions (tensors idle across the step boundary, such as weights).
     for (; s.evicted_upto < s.plan.steps.size(); ++s.evicted_upto)
       issue_evictions_locked(s, static_cast<std::int64_t>(s.evicted_upto));
@@ -102,26 +181,87 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   s.deferred.clear();
   s.executing = false;
   s.pending.clear();
-  s.base_of_id_prev = s.base_of_id;
-  s.gen_of_id_prev = s.gen_of_id;
-  if (!s.recording) return;
+  if (!s.recording) {
+    s.base_of_id_prev = s.base_of_id;
+    s.gen_of_id_prev = s.gen_of_id;
+    set_prev_identity_locked(s);
+    return;
+  }
   s.recording = false;
   s.trace.step_end_s = step_time_locked(s);
+  // Whether a step that left its plan becomes the plan (see the file's comment). The step's
+  // shape: its blocks in order, as the plan's ids name them.
+  std::uint64_t shape = s.trace.accesses.size();
+  for (const graph::TraceAccess& a : s.trace.accesses)
+    shape = (shape ^ a.block) * 0x100000001b3ull;
+  const bool same_shape = shape == s.last_shape;
+  s.last_shape = shape;
+  const std::size_t planned_accesses = s.plan_trace.accesses.size();
+  if (s.deviated && (s.extras > 0 || s.plan_made_older || same_shape ||
+                     s.matched + kShortSkip >= planned_accesses ||
+                     s.matched * 2 < planned_accesses))
+    s.replan = true;
   const bool keeps_plan = s.planned_step && !s.replan;
   // A step that followed its plan with a block made by a larger request than the plan had
   // (a longer sequence) is planned again, at the largest sizes seen since the plan's
   // recording, so that a later step as large as this one finds the room its evictions make.
-  const bool outgrew = keeps_plan && s.outgrew_plan;
+  const bool outgrew = keeps_plan && s.outgrew_plan && !s.deviated;
   if ((!keeps_plan || outgrew) && s.timing == StepState::Timing::Device) time_on_device_locked(s);
+  if (keeps_plan) {
+    // The plan's blocks as this step left them; a block of the plan the step did not touch (a
+    // layer it skipped) keeps the base it had, which its generation still checks.
+    s.base_of_id_prev.resize(s.plan_ids, 0);
+    s.gen_of_id_prev.resize(s.plan_ids, 0);
+    for (std::size_t id = 0; id < s.plan_ids && id < s.base_of_id.size(); ++id) {
+      if (s.base_of_id[id] == 0) continue;
+      s.base_of_id_prev[id] = s.base_of_id[id];
+      s.gen_of_id_prev[id] = s.gen_of_id[id];
+    }
+  } else {
+    // A new plan from this recording: its blocks are numbered in the order of first access,
+    // as the next step will find them.
+    const std::vector<std::int64_t> new_of = renumbering(s.trace, s.next_id);
+    const std::size_t count = static_cast<std::size_t>(
+        std::count_if(new_of.begin(), new_of.end(), [](std::int64_t v) { return v >= 0; }));
+    s.trace = renumbered(std::move(s.trace), new_of);
+    renumber_vector(s.base_of_id, new_of, count);
+    renumber_vector(s.gen_of_id, new_of, count);
+    renumber_vector(s.request_of_id, new_of, count);
+    renumber_vector(s.existed_of_id, new_of, count);
+    for (std::int64_t& id : s.id_of_birth)
+      if (id >= 0) id = static_cast<std::size_t>(id) < new_of.size() ? new_of[id] : -1;
+    for (auto it = s.id_of.begin(); it != s.id_of.end();) {
+      const std::int64_t id = it->second < new_of.size() ? new_of[it->second] : -1;
+      if (id < 0) {
+        it = s.id_of.erase(it);
+      } else {
+        it->second = static_cast<std::uint64_t>(id);
+        ++it;
+      }
+    }
+    s.next_id = count;
+    s.base_of_id_prev = s.base_of_id;
+    s.gen_of_id_prev = s.gen_of_id;
+  }
+  set_prev_identity_locked(s);
+  if (keeps_plan && !outgrew) {  // the step followed its plan (or found it again): keep it
+    s.last_trace = s.deviated ? renumbered(s.trace, renumbering(s.trace, s.next_id)) : s.trace;
+    last_trace_any = s.last_trace;
+    last_trace_any_scope = s.scope;
+    return;
+  }
   s.last_trace = s.trace;
   last_trace_any = s.trace;
   last_trace_any_scope = s.scope;
-  if (keeps_plan && !outgrew) return;  // the step followed its plan: keep it
   s.replan = false;
   stats.steps_recorded++;
   s.plan = graph::Plan{};
   s.size_of_id.assign(s.next_id, 0);  // this step's blocks, as the next step finds them
-  for (const graph::TraceAccess& a : s.trace.accesses) s.size_of_id[a.block] = a.bytes;
+  for (const graph::TraceAccess& a : s.trace.accesses)
+    s.size_of_id[a.block] = std::max<std::size_t>(s.size_of_id[a.block], a.bytes);
+  // One size a block (a recording's id passed from a freed block to a later one at another
+  // size would make it two).
+  for (graph::TraceAccess& a : s.trace.accesses) a.bytes = s.size_of_id[a.block];
   if (outgrew) {
     // The plan's sizes where they were larger: each block's and request, each op's memory the
     // recording did not show (the steps are the same access for access, ops included).
@@ -138,12 +278,16 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   s.plan_trace = s.trace;
   s.plan_other_bytes = s.other_bytes;
   s.request_of_id_planned = s.request_of_id;
+  s.existed_of_id_planned = s.existed_of_id;
   s.plan_bytes_of_id.assign(s.next_id, 0);
   s.id_of_birth_planned = s.id_of_birth;
   s.request_of_birth_planned = s.request_of_birth;
   s.use_ops.assign(s.next_id, {});
+  s.plan_positions.assign(s.next_id, {});
   s.plan_op_ids.clear();
   for (const graph::TraceAccess& a : s.trace.accesses) {
+    s.plan_positions[a.block].push_back(
+        static_cast<std::size_t>(&a - s.trace.accesses.data()));
     s.plan_bytes_of_id[a.block] = a.bytes;
     if (s.use_ops[a.block].empty() || s.use_ops[a.block].back() != a.op)
       s.use_ops[a.block].push_back(a.op);
@@ -245,7 +389,8 @@ bool StepState::follows_plan() const {
 
 std::int64_t Swapper::Impl::next_use_of_id_locked(const StepState& s, std::uint64_t id) const {
   if (id >= s.use_ops.size()) return INT64_MAX;  // unknown
-  const std::int64_t now = s.in_step ? s.op : -1;  // between steps: before the next one's op 0
+  // The plan's op the step is at; between steps: before the next one's op 0.
+  const std::int64_t now = s.in_step ? s.plan_op : -1;
   for (std::uint32_t op : s.use_ops[id])
     if (static_cast<std::int64_t>(op) >= now) return op - now;
   // Not used again in this step: its next use is in the next step.
@@ -271,10 +416,9 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
   } else if (auto e = s.expected_id_of.find(key(b.base));
              e != s.expected_id_of.end() && e->second.generation == b.generation) {
     id = static_cast<std::int64_t>(e->second.id);
-  } else {
-    for (std::size_t i = 0; i < s.base_of_id_prev.size(); ++i)
-      if (s.base_of_id_prev[i] == key(b.base) && s.gen_of_id_prev[i] == b.generation)
-        id = static_cast<std::int64_t>(i);
+  } else if (auto p = s.prev_id_of_base.find(key(b.base));
+             p != s.prev_id_of_base.end() && s.gen_of_id_prev[p->second] == b.generation) {
+    id = static_cast<std::int64_t>(p->second);
   }
   if (id < 0) return kUnknownUse;
   const std::int64_t next = next_use_of_id_locked(s, static_cast<std::uint64_t>(id));
@@ -328,26 +472,42 @@ std::vector<PlannedPrefetch> Swapper::Impl::advance_op_locked(StepState& s, bool
   s.after_unpin = false;
   if (s.recording) sample_other_locked(s, false);
   if (!s.executing) return wanted;
+  // The op the plan expects next: where the step is, unless this op is one the plan does not
+  // have (then the plan waits there).
+  const auto& planned = s.plan_trace.accesses;
+  follow_to_locked(s, s.cursor < planned.size() ? planned[s.cursor].op
+                                                : static_cast<std::int64_t>(planned.back().op) + 1);
+  wanted = std::move(s.pending);
+  s.pending.clear();
+  reap_locked();
+  return wanted;
+}
+
+void Swapper::Impl::follow_to_locked(StepState& s, std::int64_t op) {
+  s.plan_op = op;
   const graph::Plan& p = s.plan;
   const std::size_t n = p.steps.size();
   // Evictions after the plan ops now passed: their work is enqueued and their blocks unpinned.
-  for (; s.evicted_upto < n && s.plan_op_ids[s.evicted_upto] < s.op; ++s.evicted_upto)
+  for (; s.evicted_upto < n && s.plan_op_ids[s.evicted_upto] < op; ++s.evicted_upto)
     issue_evictions_locked(s, static_cast<std::int64_t>(s.evicted_upto));
   for (auto it = s.deferred.begin(); it != s.deferred.end();) {
     const std::uintptr_t base = (it++)->first;  // issue_deferred_locked may erase its entry
     issue_deferred_locked(s, base);
   }
-  // Prefetches due by this op (the first plan op not passed) and the adaptive look-ahead.
+  // Prefetches due by this op (the first plan op not passed) and the adaptive look-ahead; of
+  // those due at plan ops the step skipped, only the ones for a use not skipped too.
   const std::size_t upto = std::min(n, s.evicted_upto + 1 + static_cast<std::size_t>(s.lookahead));
-  wanted = std::move(s.pending);
-  s.pending.clear();
   for (std::size_t j = s.prefetched_upto; j < upto; ++j) {
-    for (graph::TensorIndex t : p.steps[j].prefetch_at)
-      if (s.tensor_id[t] >= 0) wanted.push_back({static_cast<std::uint64_t>(s.tensor_id[t])});
+    for (graph::TensorIndex t : p.steps[j].prefetch_at) {
+      if (s.tensor_id[t] < 0) continue;
+      const auto id = static_cast<std::uint64_t>(s.tensor_id[t]);
+      const auto& uses = s.use_ops[id];
+      auto use = std::lower_bound(uses.begin(), uses.end(), s.plan_op_ids[j]);
+      if (use != uses.end() && static_cast<std::int64_t>(*use) < op) continue;
+      s.pending.push_back({id});
+    }
   }
   s.prefetched_upto = std::max(s.prefetched_upto, upto);
-  reap_locked();
-  return wanted;
 }
 
 std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepState& s) {
@@ -578,13 +738,139 @@ void Swapper::Impl::sample_other_locked(StepState& s, bool at_pin) {
   s.other_bytes[op] = std::max(s.other_bytes[op], other);
 }
 
+std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& b) {
+  if (!s.executing) return s.next_id++;
+  const std::uintptr_t base = key(b.base);
+  // An id is taken while its block of this step lives (a block freed in the step leaves its
+  // id to the next one the plan has there: the next micro-batch's activation).
+  const auto taken = [&](std::uint64_t id) {
+    if (id >= s.base_of_id.size() || s.base_of_id[id] == 0) return false;
+    auto it = blocks.find(s.base_of_id[id]);
+    return it != blocks.end() && it->second.generation == s.gen_of_id[id];
+  };
+  // The plan's block first accessed at position j, if it can be this one: not taken, of this
+  // size if its id had a block freed in this step, and not the id of a block from before the
+  // plan's step that lives on unseen by this step (a skipped layer's weight; the latest
+  // step's block of an id the plan's step made may live on a little, as a Python variable
+  // holds a tensor until it is assigned the next step's).
+  const auto& planned = s.plan_trace.accesses;
+  const auto fits = [&](std::size_t j) {
+    if (j >= planned.size()) return false;
+    const std::uint64_t id = planned[j].block;
+    if (id >= s.plan_ids || s.plan_positions[id].front() != j || taken(id)) return false;
+    if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.access_of_id_op.count(id) != 0 &&
+        s.trace.accesses[s.access_of_id_op.at(id)].bytes != b.size)
+      return false;
+    if (id < s.base_of_id_prev.size() && s.base_of_id_prev[id] != 0) {
+      auto old = blocks.find(s.base_of_id_prev[id]);
+      if (old != blocks.end() && old->second.generation == s.gen_of_id_prev[id] &&
+          s.existed_of_id_planned[id]) {
+        auto now = s.id_of.find(s.base_of_id_prev[id]);
+        if (now == s.id_of.end() || now->second == id) return false;
+      }
+    }
+    return true;
+  };
+  // A block from before the step: the plan's id it had in the latest step, if the plan has it
+  // here or the plan's block here cannot be this one; else the plan's block here (blocks that
+  // change roles: SAM's weights are the previous step's copies, `p.data = old_p`).
+  std::optional<std::uint64_t> was;
+  if (b.born < s.begin_tick) {
+    auto p = s.prev_id_of_base.find(base);
+    if (p != s.prev_id_of_base.end() && p->second < s.plan_ids &&
+        s.gen_of_id_prev[p->second] == b.generation && !taken(p->second))
+      was = p->second;
+  }
+  if (was && s.cursor < planned.size() && planned[s.cursor].block == *was) return *was;
+  if (fits(s.cursor)) return planned[s.cursor].block;
+  if (was) return *was;
+  // Made in this step, or new to the plan (a model built again with the same shape): born
+  // where the plan's recording had a block (the births are counted, so one more allocation
+  // before it, as a cached block's, shifts them: the cursor went first), else after the
+  // plan's accesses of the block the step accessed last.
+  if (auto e = s.expected_id_of.find(base);
+      e != s.expected_id_of.end() && e->second.generation == b.generation && !taken(e->second.id))
+    return e->second.id;
+  if (s.prev_block >= 0 && static_cast<std::uint64_t>(s.prev_block) < s.plan_ids) {
+    std::optional<std::size_t> before;
+    for (std::size_t p : s.plan_positions[s.prev_block]) {
+      if (!fits(p + 1)) continue;
+      if (p + 1 >= s.cursor) return planned[p + 1].block;
+      before = p + 1;
+    }
+    if (before) return planned[*before].block;
+  }
+  return s.next_id++;
+}
+
+void Swapper::Impl::follow_access_locked(StepState& s, std::uint64_t id) {
+  const auto& planned = s.plan_trace.accesses;
+  std::optional<std::size_t> at;
+  if (id < s.plan_ids) {
+    const std::vector<std::size_t>& pos = s.plan_positions[id];
+    auto next = std::lower_bound(pos.begin(), pos.end(), s.cursor);
+    if (next != pos.end() && *next <= s.cursor + kShortSkip) {
+      at = *next;
+    } else if (s.prev_block >= 0) {
+      // Where the plan has this block right after the step's previous one: nearest ahead,
+      // else nearest behind (a micro-batch more than the plan had repeats its ops).
+      for (std::size_t p : pos) {
+        if (p == 0 || planned[p - 1].block != static_cast<std::uint64_t>(s.prev_block)) continue;
+        at = p;
+        if (p >= s.cursor) break;
+      }
+    }
+  }
+  if (!at || *at != s.cursor) {
+    if (!s.deviated) {
+      s.deviated = true;
+      stats.deviations++;
+    }
+  }
+  if (!at) {
+    // An access the plan does not have here (an op it did not record): served as it comes;
+    // the plan waits at its cursor.
+    s.extras++;
+    if (++s.misses > kGiveUp) {
+      s.executing = false;  // nothing matched for too long: the rest of the step is reactive
+      s.replan = true;
+      s.pending.clear();
+    }
+    return;
+  }
+  // The previous access, not found, is the plan's just before this one: it was the first
+  // after a skip longer than kShortSkip, not one the plan lacks.
+  if (s.misses > 0 && *at > 0 && planned[*at - 1].block == static_cast<std::uint64_t>(s.prev_block))
+    s.extras--;
+  s.misses = 0;
+  s.matched++;
+  if (*at < s.cursor) {
+    // Back in the plan: its ops from there on run again, their evictions and prefetches too.
+    const std::uint32_t op = planned[*at].op;
+    const auto j = static_cast<std::size_t>(
+        std::lower_bound(s.plan_op_ids.begin(), s.plan_op_ids.end(), op) - s.plan_op_ids.begin());
+    s.evicted_upto = std::min(s.evicted_upto, j);
+    s.prefetched_upto = std::min(s.prefetched_upto, j);
+  }
+  s.cursor = *at + 1;
+  if (planned[*at].op != s.plan_op) follow_to_locked(s, planned[*at].op);
+}
+
 void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   if (!s.in_step) return;
   std::uintptr_t base = key(b.base);
-  auto [it, fresh] = s.id_of.emplace(base, s.next_id);
+  auto it = s.id_of.find(base);
+  const bool fresh = it == s.id_of.end();
+  if (fresh) it = s.id_of.emplace(base, id_for_block_locked(s, b)).first;
   std::uint64_t id = it->second;
   if (fresh) {
-    s.next_id++;
+    if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.base_of_id[id] != base) {
+      // The id's block of this step was freed: this one follows it (see id_for_block_locked).
+      auto old = s.id_of.find(s.base_of_id[id]);
+      if (old != s.id_of.end() && old->second == id) s.id_of.erase(old);
+      s.first_access_of_id.erase(id);
+      s.access_of_id_op.erase(id);
+    }
     if (s.base_of_id.size() <= id) {
       s.base_of_id.resize(id + 1, 0);
       s.gen_of_id.resize(id + 1, 0);
@@ -593,7 +879,11 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     s.gen_of_id[id] = b.generation;
     if (s.request_of_id.size() <= id) s.request_of_id.resize(id + 1, 0);
     s.request_of_id[id] = b.request;
+    if (s.existed_of_id.size() <= id) s.existed_of_id.resize(id + 1, 0);
+    s.existed_of_id[id] = b.born < s.begin_tick;
     forget_expected_locked(s, base);
+    if (s.executing && id < s.plan_ids && b.born < s.begin_tick && !s.existed_of_id_planned[id])
+      s.plan_made_older = true;  // the plan's step made it (optimizer state in a first step)
     if (auto birth = s.birth_of.find(base); birth != s.birth_of.end() && s.recording)
       s.id_of_birth[birth->second] = static_cast<std::int64_t>(id);
   }
@@ -615,21 +905,14 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   s.trace.accesses.push_back(a);
   sample_other_locked(s, true);
   if (s.executing) {
-    // The step must repeat the recording the plan came from, access by access; a block may
-    // have another size (see the file's comment).
-    const std::size_t k = s.trace.accesses.size() - 1;
-    const auto& planned = s.plan_trace.accesses;
-    if (k >= planned.size() || planned[k].block != a.block || planned[k].op != a.op ||
-        a.block >= s.request_of_id_planned.size()) {
-      s.executing = false;
-      s.replan = true;  // this step's recording becomes the plan
-      s.pending.clear();
-      stats.deviations++;
-    } else {
-      s.size_of_id[a.block] = a.bytes;  // the plan's prefetches and evictions find it
-      if (b.request > s.request_of_id_planned[a.block]) s.outgrew_plan = true;
+    // A block the plan knows may have another size (see the file's comment).
+    if (id < s.plan_ids) {
+      s.size_of_id[id] = a.bytes;  // the plan's prefetches and evictions find it
+      if (b.request > s.request_of_id_planned[id]) s.outgrew_plan = true;
     }
+    follow_access_locked(s, id);
   }
+  s.prev_block = static_cast<std::int64_t>(id);
 }
 
 void Swapper::Impl::on_unpin_locked(StepState& s, SwapBlock& b, bool wrote) {
@@ -657,7 +940,10 @@ void Swapper::Impl::on_birth_locked(StepState& s, SwapBlock& b) {
     s.id_of_birth.push_back(-1);
     s.request_of_birth.push_back(b.request);
   }
-  if (!s.executing || k >= s.id_of_birth_planned.size() || s.id_of_birth_planned[k] < 0 ||
+  // Births are counted from the step's start: once the step has left its plan, the plan's
+  // birth k need not be this one (its blocks are found at their first pin).
+  if (!s.executing || s.deviated || k >= s.id_of_birth_planned.size() ||
+      s.id_of_birth_planned[k] < 0 ||
       s.request_of_birth_planned[k] != b.request)
     return;
   const auto id = static_cast<std::uint64_t>(s.id_of_birth_planned[k]);

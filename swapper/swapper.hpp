@@ -120,6 +120,10 @@ struct SwapStats {
   std::uint64_t host_bytes = 0;                 // pinned host memory held now
   std::uint64_t resident_bytes = 0, on_host_bytes = 0;  // tracked blocks, now
   std::uint64_t steps_recorded = 0, steps_planned = 0, deviations = 0;
+  // Steps that left their plan at some access (each counted in deviations) and followed it
+  // again after (skipping the plan's ops the step did not have, or serving its own extra ops
+  // reactively) to the step's end.
+  std::uint64_t steps_resynced = 0;
   std::uint64_t stale_unpins = 0;   // unpins whose block was freed meanwhile (ignored)
   // Tracked blocks now, by what keeps them from being evicted (a block may count twice).
   std::uint64_t pinned_bytes = 0, unswappable_bytes = 0;

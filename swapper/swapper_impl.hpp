@@ -53,22 +53,23 @@ struct PlannedPrefetch {
 };
 
 // One step scope's recording and plan. Every step is recorded (policy plan with a budget);
-// the recording becomes the plan when the scope has none yet, when the step left its plan, or
-// when the budget changed, so a step that deviates is itself the next step's plan.
+// the recording becomes the plan when the scope has none yet, when the step had ops its plan
+// lacks (or matched less than half of it), or when the budget changed (see step.cpp).
 struct StepState {
   std::uint64_t scope = 0;       // its number
   std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
   bool in_step = false;
   bool recording = false;        // this step's accesses are being recorded
-  bool executing = false;        // a plan drives this step (until it deviates)
+  bool executing = false;        // a plan drives this step (unless it gave up on it)
   bool planned_step = false;     // the step began under a plan
   bool replan = true;            // plan from this step's recording at its end
   bool auto_ops = true;          // ops are inferred from pin/unpin groups
   bool after_unpin = true;
   std::int64_t op = -1;
-  std::uint64_t next_id = 0;     // first-pin order within the step = block identity
+  std::uint64_t next_id = 0;     // the next id for a block the plan does not know
   std::unordered_map<std::uintptr_t, std::uint64_t> id_of;       // base -> id, this step
-  std::vector<std::uintptr_t> base_of_id, base_of_id_prev;        // id -> base
+  // id -> base, this step's and the latest step's (ids are the plan's: see plan_ids).
+  std::vector<std::uintptr_t> base_of_id, base_of_id_prev;
   // id -> the generation of the block at that base when it was pinned: a later block at the
   // same address (the recorded one freed) is another block.
   std::vector<std::uint64_t> gen_of_id, gen_of_id_prev;
@@ -80,6 +81,8 @@ struct StepState {
   // recording; a step that outgrows it plans again (see step.cpp).
   std::vector<std::size_t> request_of_id, request_of_id_planned;
   std::vector<std::size_t> plan_bytes_of_id;
+  // id -> whether its block existed before the step: this step's, and the plan's recording's.
+  std::vector<char> existed_of_id, existed_of_id_planned;
   std::vector<std::uint64_t> plan_other_bytes;
   bool outgrew_plan = false;     // a block of this step was made by a larger request
   std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
@@ -101,6 +104,23 @@ struct StepState {
   std::unordered_map<std::uintptr_t, Expected> expected_id_of;  // base -> id until first pin
   std::unordered_map<std::uint64_t, std::uintptr_t> expected_base_of_id;
   std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
+  // Following a plan with resynchronisation (see step.cpp). A block's id in a step that has a
+  // plan is the plan's id of the same block where one is found (by base and generation for a
+  // block from before the step, by birth or by its place after the step's previous access for
+  // one made in it), else an id past the plan's (plan_ids). `cursor` is the plan access the
+  // step expects next; plan_op the plan's op (recorded numbering) the step is at.
+  std::uint64_t plan_ids = 0;    // ids of the plan's blocks are below this
+  std::size_t cursor = 0;
+  std::int64_t plan_op = -1;
+  bool deviated = false;         // an access of this step was not where its plan had it
+  std::size_t misses = 0;        // consecutive accesses the plan did not have
+  std::size_t extras = 0;        // accesses of the step the plan does not have
+  std::size_t matched = 0;       // accesses of the step found in the plan
+  bool plan_made_older = false;  // a block from before the step was made in the plan's step
+  std::uint64_t last_shape = 0;  // a hash of the latest step's accesses (its blocks in order)
+  std::int64_t prev_block = -1;  // the id of the step's latest recorded access
+  std::vector<std::vector<std::size_t>> plan_positions;  // plan id -> indices in plan_trace
+  std::unordered_map<std::uintptr_t, std::uint64_t> prev_id_of_base;  // base_of_id_prev, inverted
   graph::Trace trace, last_trace;
   graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)
   graph::Plan plan;
@@ -303,6 +323,16 @@ struct Swapper::Impl {
   static constexpr std::int64_t kUnknownUse = std::int64_t{1} << 31;
   // Seconds since the step began on the host, less the time waited inside the swapper since.
   double step_time_locked(StepState& s);
+  // The id a block gets at its first pin in the step (see StepState::plan_ids).
+  std::uint64_t id_for_block_locked(StepState& s, const SwapBlock& b);
+  // Matches the step's access of block `id` against its plan: follows, skips ahead or
+  // resynchronises the cursor, or counts an access the plan does not have.
+  void follow_access_locked(StepState& s, std::uint64_t id);
+  // Moves the step to plan op `op` (recorded numbering): issues the evictions of the plan ops
+  // before it and queues (s.pending) the prefetches due by then.
+  void follow_to_locked(StepState& s, std::int64_t op);
+  // prev_id_of_base from base_of_id_prev.
+  void set_prev_identity_locked(StepState& s);
   void begin_step_locked(StepState& s);
   void end_step_locked(StepState& s);
 };

@@ -148,6 +148,7 @@ spill_status spill_stats_json(int device, char** json) {
       j["swap.steps_recorded"] = s.steps_recorded;
       j["swap.steps_planned"] = s.steps_planned;
       j["swap.deviations"] = s.deviations;
+      j["swap.steps_resynced"] = s.steps_resynced;
     }
     return give_string(j.dump(), json, "spill_stats_json");
   });

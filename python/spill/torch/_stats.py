@@ -133,8 +133,9 @@ def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
                  ("Prefetch hits / demand fetches", f"{s.get('swap.prefetch_hits', 0)} / "
                                                     f"{s.get('swap.demand_fetches', 0)}"),
                  ("Stall (host wait)", f"{s.get('swap.stall_s', 0.0) * 1e3:.1f} ms"),
-                 ("Steps recorded / planned", f"{s.get('swap.steps_recorded', 0)} / "
-                                              f"{s.get('swap.steps_planned', 0)}")]
+                 ("Steps recorded / planned / resynced",
+                  f"{s.get('swap.steps_recorded', 0)} / {s.get('swap.steps_planned', 0)} / "
+                  f"{s.get('swap.steps_resynced', 0)}")]
     if not abbreviated:
         swap_rows += [("Allocations / frees",
                        f"{s.get('num_allocs', 0)} / {s.get('num_frees', 0)}"),

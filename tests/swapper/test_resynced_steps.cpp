@@ -1,0 +1,255 @@
+// Steps whose ops differ from their plan's (stochastic depth drops layers, a layer runs that
+// the plan's step did not have, a step runs more micro-batches) follow the plan where they
+// match it: the plan's prefetches after a skipped run of ops, or after ops the plan does not
+// have, are still issued, so such a step needs few demand fetches. Before, a step stopped
+// following its plan at its first differing access and ran the rest as LRU does.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/pattern.hpp"
+#include "core/units.hpp"
+#include "swapper/runtime.hpp"
+
+namespace spill::test {
+namespace {
+
+constexpr std::size_t kBlock = 2 * MiB;
+constexpr int kLayers = 8;
+
+// What one step runs: the layers skipped (forward, backward and optimizer, as Adam skips a
+// parameter without gradient), a layer run twice in the forward (an extra op the plan's step
+// did not have), and the number of micro-batches (forward and backward each) before the
+// optimizer.
+struct Shape {
+  std::set<int> skip;
+  int twice = -1;
+  int micro_batches = 1;
+};
+
+// Host pins and opt-in swappability, as the CPU bridge drives the swapper; optimizer state is
+// created in the first step, as in test_planned_steps.cpp.
+class Model {
+ public:
+  // update_in_one_op: the optimizer reads and writes its state in one op (one pin); the first
+  // step makes and zeroes it first, so that step 2 has step 1's accesses less the zeroing.
+  explicit Model(const std::string& policy, bool update_in_one_op = false)
+      : rt_(conf(policy), RuntimeOptions{.opt_in_swappable = true}),
+        sw_(*rt_.swapper()),
+        one_op_(update_in_one_op) {
+    for (int l = 0; l < kLayers; ++l) {
+      weights_.push_back(alloc());
+      use(weights_.back(), 100 + l, true);
+      sw_.set_swappable(weights_.back(), true);
+    }
+  }
+  static Config conf(const std::string& policy) {
+    Config c = Config::parse("device:sim,sim_capacity:512MiB,trace:off,policy:" + policy);
+    c.budget = (3 * kLayers + 1) * kBlock / 3;  // a third of weights, state and activations
+    return c;
+  }
+
+  // Runs step n; returns its demand fetches.
+  std::uint64_t step(int n, const Shape& shape) {
+    const std::uint64_t before = sw_.stats().demand_fetches;
+    sw_.begin_step(7);
+    for (int mb = 0; mb < shape.micro_batches; ++mb) {
+      const std::uint64_t seed = 1000 * n + 100 * mb;
+      std::vector<std::pair<void*, int>> acts;  // (activation, layer)
+      for (int l = 0; l < kLayers; ++l) {
+        if (shape.skip.count(l)) continue;
+        for (int r = 0; r < (l == shape.twice ? 2 : 1); ++r) {
+          void* tmp = alloc();  // never pinned: the plan leaves room for it
+          use(weights_[l], 100 + l, false);
+          acts.push_back({alloc(), l});
+          use(acts.back().first, seed + acts.size(), true);
+          sw_.set_swappable(acts.back().first, true);
+          free(tmp);
+        }
+      }
+      for (std::size_t i = acts.size(); i-- > 0;) {
+        use(acts[i].first, seed + i + 1, false);
+        use(weights_[acts[i].second], 100 + acts[i].second, false);
+        free(acts[i].first);
+      }
+    }
+    for (int l = 0; l < kLayers; ++l) {
+      if (shape.skip.count(l)) continue;
+      use(weights_[l], 100 + l, false);
+      if (state_.size() <= static_cast<std::size_t>(l)) {
+        state_.resize(l + 1, nullptr);
+        state_seed_.resize(l + 1, 0);
+      }
+      const std::uint64_t old_seed = state_seed_[l];
+      state_seed_[l] = 5000 + n;
+      if (state_[l] == nullptr && !one_op_) {
+        state_[l] = alloc();
+        sw_.set_swappable(state_[l], true);
+        use(state_[l], state_seed_[l], true);
+      } else if (one_op_) {
+        if (state_[l] == nullptr) {  // made and zeroed (an op of the first step only)
+          state_[l] = alloc();
+          sw_.set_swappable(state_[l], true);
+          use(state_[l], old_seed, true);
+        }
+        PinToken t = sw_.pin_for_host(state_[l]);
+        ok_ = ok_ && find_pattern_mismatch(state_[l], kBlock, old_seed) == kBlock;
+        fill_pattern(state_[l], kBlock, state_seed_[l]);
+        sw_.unpin(t, nullptr, true);
+      } else {
+        use(state_[l], old_seed, false);
+        use(state_[l], state_seed_[l], true);
+      }
+    }
+    sw_.end_step(7);
+    return sw_.stats().demand_fetches - before;
+  }
+
+  SwapStats stats() const { return sw_.stats(); }
+  bool ok() const { return ok_; }
+
+ private:
+  void* alloc() { return rt_.allocator().allocate(kBlock, nullptr); }
+  void free(void* p) { rt_.allocator().deallocate(p, nullptr); }
+  void use(void* p, std::uint64_t seed, bool write) {
+    PinToken t = sw_.pin_for_host(p);
+    if (write) fill_pattern(p, kBlock, seed);
+    else ok_ = ok_ && find_pattern_mismatch(p, kBlock, seed) == kBlock;
+    sw_.unpin(t, nullptr, write);
+  }
+
+  Runtime rt_;
+  Swapper& sw_;
+  std::vector<void*> weights_, state_;
+  std::vector<std::uint64_t> state_seed_;
+  bool one_op_ = false;
+  bool ok_ = true;
+};
+
+struct Training {
+  std::vector<std::uint64_t> demand;  // per step
+  SwapStats stats;
+  bool ok = false;
+};
+
+// Three steps of the full model (step 1 creates the state, step 2 becomes the plan, step 3
+// follows it), then `shapes`.
+Training train(const std::string& policy, const std::vector<Shape>& shapes,
+               bool update_in_one_op = false) {
+  Model m(policy, update_in_one_op);
+  Training r;
+  for (int n = 1; n <= 3; ++n) r.demand.push_back(m.step(n, {}));
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    r.demand.push_back(m.step(static_cast<int>(i) + 4, shapes[i]));
+  r.stats = m.stats();
+  r.ok = m.ok();
+  return r;
+}
+
+std::uint64_t sum_from(const std::vector<std::uint64_t>& v, std::size_t first) {
+  std::uint64_t s = 0;
+  for (std::size_t i = first; i < v.size(); ++i) s += v[i];
+  return s;
+}
+
+std::string list(const std::vector<std::uint64_t>& v) {
+  std::string s;
+  for (std::uint64_t x : v) s += (s.empty() ? "" : ",") + std::to_string(x);
+  return s;
+}
+
+// Stochastic depth: each step from the fourth drops a run of layers in the middle (another one
+// each step). The plan's prefetches after the dropped layers are still issued.
+TEST(ResyncedSteps, AStepThatSkipsARunOfOpsStillPrefetchesAfterIt) {
+  const std::vector<Shape> shapes = {{{3, 4}}, {{2}}, {{4, 5, 6}}, {{1, 2}}, {{5}}};
+  const Training plan = train("plan", shapes);
+  const Training lru = train("lru", shapes);
+  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
+  RecordProperty("demand_plan", list(plan.demand));
+  RecordProperty("demand_lru", list(lru.demand));
+  // Step 2 (no state created) leaves step 1's plan and becomes the plan; each varying step
+  // leaves it once, follows it to the end and keeps it (the plan has every layer).
+  EXPECT_EQ(plan.stats.deviations, 1u + shapes.size());
+  EXPECT_EQ(plan.stats.steps_resynced, 1u + shapes.size());
+  EXPECT_EQ(plan.stats.steps_recorded, 2u);
+  // Each varying step at most half of LRU's demand fetches (the first access after a skip
+  // may find its block on the host: the plan's look-ahead was before the skip).
+  for (std::size_t i = 3; i < plan.demand.size(); ++i)
+    EXPECT_LE(plan.demand[i] * 2, lru.demand[i])
+        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  EXPECT_LE(sum_from(plan.demand, 3) * 4, sum_from(lru.demand, 3))
+      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+}
+
+// A step with an op its plan does not have (a layer run twice) serves that op reactively and
+// resumes its plan after it; the next step, without the extra op, skips the plan's.
+TEST(ResyncedSteps, AStepWithAnExtraOpResumesItsPlanAfterIt) {
+  const std::vector<Shape> shapes = {{{}, 3}, {}, {}, {{}, 5}, {}};
+  const Training plan = train("plan", shapes);
+  const Training lru = train("lru", shapes);
+  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
+  RecordProperty("demand_plan", list(plan.demand));
+  RecordProperty("demand_lru", list(lru.demand));
+  // Steps 2, 4 and 7 have ops their plan lacks: each becomes the plan. Steps 5 and 8 skip the
+  // plan's extra op (two accesses), too little to keep the plan: they become it; step 6
+  // follows step 5's.
+  EXPECT_EQ(plan.stats.deviations, 5u);
+  EXPECT_EQ(plan.stats.steps_resynced, 5u);
+  EXPECT_EQ(plan.stats.steps_planned, 2u) << "steps 3 and 6";
+  EXPECT_EQ(plan.stats.steps_recorded, 6u) << "steps 1, 2, 4, 5, 7 and 8";
+  // Each varying step at most half of LRU's demand fetches (the first access after a skip
+  // may find its block on the host: the plan's look-ahead was before the skip).
+  for (std::size_t i = 3; i < plan.demand.size(); ++i)
+    EXPECT_LE(plan.demand[i] * 2, lru.demand[i])
+        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  EXPECT_LE(sum_from(plan.demand, 3) * 4, sum_from(lru.demand, 3))
+      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+}
+
+// A step with more micro-batches than its plan's runs the plan's forward and backward again
+// (back in the plan, where the step's previous access precedes the block); one with fewer
+// skips to the plan's optimizer.
+TEST(ResyncedSteps, StepsWithAnotherNumberOfMicroBatchesFollowTheirPlan) {
+  const std::vector<Shape> shapes = {{{}, -1, 2}, {{}, -1, 3}, {{}, -1, 1}, {{}, -1, 2}};
+  const Training plan = train("plan", shapes);
+  const Training lru = train("lru", shapes);
+  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
+  RecordProperty("demand_plan", list(plan.demand));
+  RecordProperty("demand_lru", list(lru.demand));
+  // Steps 4, 5 and 7 run more micro-batches than their plan (one, two, one): they run its
+  // forward and backward again, skip none of its accesses and become the plan; step 6 runs
+  // one of step 5's three, less than half of its plan, and becomes the plan too.
+  EXPECT_EQ(plan.stats.steps_resynced, 5u) << "steps 2 and 4 to 7";
+  EXPECT_EQ(plan.stats.steps_planned, 1u) << "step 3";
+  EXPECT_EQ(plan.stats.steps_recorded, 6u) << "steps 1, 2 and 4 to 7";
+  // Each varying step at most half of LRU's demand fetches (the first access after a skip
+  // may find its block on the host: the plan's look-ahead was before the skip).
+  for (std::size_t i = 3; i < plan.demand.size(); ++i)
+    EXPECT_LE(plan.demand[i] * 2, lru.demand[i])
+        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  EXPECT_LE(sum_from(plan.demand, 3) * 4, sum_from(lru.demand, 3))
+      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+}
+
+// Step 2 runs step 1's accesses less the state's zeroing, as if it only skipped ops of its
+// plan, but the state step 1 made exists before it: step 2 becomes the plan, as a step with
+// ops its plan lacks does. Kept (a step that only skips ops keeps its plan), step 1's plan,
+// which has no prefetch for blocks made in its step, fetched the state on demand every step.
+TEST(ResyncedSteps, AStepThatFindsTheStateItsPlanMadeBecomesThePlan) {
+  const std::vector<Shape> shapes(4);
+  const Training plan = train("plan", shapes, true);
+  ASSERT_TRUE(plan.ok) << "a block lost its bytes";
+  RecordProperty("demand_plan", list(plan.demand));
+  EXPECT_EQ(plan.stats.steps_recorded, 2u);
+  EXPECT_EQ(plan.stats.deviations, 1u);
+  EXPECT_EQ(plan.stats.steps_resynced, 1u) << "step 2";
+  EXPECT_EQ(plan.stats.steps_planned, 5u) << "steps 3-7";
+  for (std::size_t i = 3; i < plan.demand.size(); ++i)
+    EXPECT_LE(plan.demand[i], 2u) << "step " << i + 1 << ": " << list(plan.demand);
+}
+
+}  // namespace
+}  // namespace spill::test
