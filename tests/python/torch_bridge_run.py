@@ -7,7 +7,8 @@ Prints one line "RESULT <json>" with, per mode, whether losses and final paramet
 
 Usage: torch_bridge_run.py MODEL MODES POLICY [STEPS] [TARGET]
   MODES: comma-separated of offload, guard; POLICY: plan or lru; TARGET: cpu (default), cuda
-  Extra configuration (e.g. ",time_scale:1,link_gbps:2") comes from SPILL_TEST_CONF.
+  Extra configuration (e.g. ",time_scale:1,link_gbps:2") comes from SPILL_TEST_CONF; the budget
+  is the footprint over SPILL_TEST_BUDGET_DIVISOR (default 3).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from torch_train_models import FOOTPRINT_OF, train  # noqa: E402
 
 STAT_KEYS = ("swap.bytes_out", "swap.bytes_in", "swap.demand_fetches", "swap.prefetch_hits",
              "swap.prefetches", "swap.stall_s", "swap.host_wait_s", "swap.steps_recorded",
-             "swap.steps_planned", "swap.deviations", "swap.evictions_reactive",
+             "swap.steps_planned", "swap.deviations", "swap.steps_resynced",
+             "swap.evictions_reactive",
              "swap.evictions_planned", "num_ooms")
 
 
@@ -66,10 +68,11 @@ def main(argv: List[str]) -> int:
     # for a model whose batch sizes vary).
     train(FOOTPRINT_OF.get(name, name), 2, device=device)
     footprint = st.max_memory_allocated()
+    divisor = int(os.environ.get("SPILL_TEST_BUDGET_DIVISOR", "3"))  # the budget's share
     out: Dict[str, Any] = {"model": name, "policy": policy, "target": target,
-                           "footprint": footprint, "budget": footprint // 3, "runs": {}}
+                           "footprint": footprint, "budget": footprint // divisor, "runs": {}}
     for mode in modes:
-        spill.set_budget(footprint // 3)
+        spill.set_budget(footprint // divisor)
         per_step: List[Dict[str, float]] = []
 
         def before(i: int) -> None:

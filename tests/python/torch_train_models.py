@@ -65,6 +65,66 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.t()
 
 
+class DropMLP(nn.Module):
+    """Residual blocks (Linear, ReLU) with stochastic depth: each forward skips each block
+    with probability 0.3, drawn from a generator seeded by the forward's number, so that every
+    step runs other ops than the last (the skipped blocks' parameters get no gradient and the
+    optimizer leaves them alone)."""
+
+    def __init__(self, width: int = 512, depth: int = 8, classes: int = 64) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(7000 + self.calls)
+        self.calls += 1
+        keep = torch.rand(len(self.blocks), generator=g) >= 0.3
+        for block, k in zip(self.blocks, keep.tolist()):
+            if k:
+                x = x + torch.relu(block(x))
+        return self.head(x)
+
+
+class MoE(nn.Module):
+    """Two mixture-of-experts layers with top-2 routing (topk, nonzero, index_select,
+    index_add_): each expert gets a number of tokens of its own every step, and one may get
+    none (its ops do not run)."""
+
+    def __init__(self, d: int = 256, hidden: int = 1024, experts: int = 8, layers: int = 2,
+                 classes: int = 64) -> None:
+        super().__init__()
+        self.routers = nn.ModuleList(nn.Linear(d, experts) for _ in range(layers))
+        self.experts = nn.ModuleList(
+            nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+                          for _ in range(experts)) for _ in range(layers))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for router, experts in zip(self.routers, self.experts):
+            weight, chosen = torch.softmax(router(x), dim=-1).topk(2, dim=-1)
+            out = torch.zeros_like(x)
+            for e, expert in enumerate(experts):
+                rows, slot = (chosen == e).nonzero(as_tuple=True)
+                if rows.numel() == 0:
+                    continue
+                y = expert(x.index_select(0, rows)) * weight[rows, slot].unsqueeze(-1)
+                out = out.index_add(0, rows, y)
+            x = x + out
+        return self.head(x)
+
+
+def _drop_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5000 + step)
+    return torch.randn(128, 512, generator=g), torch.randint(0, 64, (128,), generator=g)
+
+
+def _moe_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(6000 + step)
+    return torch.randn(512, 256, generator=g), torch.randint(0, 64, (512,), generator=g)
+
+
 # name: (model factory, optimizer factory, batch maker(step) -> (inputs, targets), loss)
 def _mlp_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
@@ -116,7 +176,15 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.opt
     "gpt_bucket": (lambda: GPT(n_ctx=128), _adamw,
                    lambda i: _gpt_lengths_batch(i, [64, 96, 128])),
     "gpt128": (lambda: GPT(n_ctx=128), _adamw, lambda i: _gpt_lengths_batch(i, [128])),
+    # Steps whose ops differ from the last step's: stochastic depth, top-2 experts, a varying
+    # number of micro-batches (MICRO_BATCHES).
+    "drop": (DropMLP, _adamw, _drop_batch),
+    "moe": (MoE, _adamw, _moe_batch),
+    "mlp_accum": (MLP, lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, foreach=False),
+                  _mlp_batch),
 }
+# A model trained with gradient accumulation -> its number of micro-batches at step i.
+MICRO_BATCHES: Dict[str, Callable[[int], int]] = {"mlp_accum": lambda i: [1, 3, 2, 4][i % 4]}
 # A model whose batches vary -> the same model at its largest batch (its training footprint).
 FOOTPRINT_OF = {"gpt_var": "gpt128", "gpt_bucket": "gpt128"}
 
@@ -144,8 +212,17 @@ def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: 
             x, y = (t.to(device) for t in batch(i))
             before_step(i)
             optimizer.zero_grad(set_to_none=True)
-            loss = _ce(model(x), y)
-            loss.backward()
+            n = MICRO_BATCHES[name](i) if name in MICRO_BATCHES else 1
+            if n == 1:
+                loss = _ce(model(x), y)
+                loss.backward()
+                total = loss.item()
+            else:  # gradient accumulation, each micro-batch's loss weighted by its share
+                total = 0.0
+                for xs, ys in zip(x.tensor_split(n), y.tensor_split(n)):
+                    loss = _ce(model(xs), ys) * (ys.shape[0] / y.shape[0])
+                    loss.backward()
+                    total += loss.item()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(total)
     return losses, model, extra
