@@ -655,6 +655,57 @@ def test_hooks_of_the_callers_may_read_the_parameters() -> None:
     assert "ok" in out
 
 
+# The MAML loop of the two tests below, given `functional_call`: two tasks a step, Adam, every
+# tensor on the host before the third and fourth steps; `maml(first_order, fraction)` checks it
+# at footprint / fraction against plain torch (losses, final state, bytes swapped, a planned step).
+MAML_LOOP = """
+    def run(wrap, first_order):
+        torch.manual_seed(0)
+        m = mlp(4).to(dev)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        h = wrap(m, opt)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for i in range(4):
+            if h is not None and i >= 2:
+                evict_all(h)
+            opt.zero_grad()
+            for task in range(2):
+                (xs, ys), (xq, yq) = data(g), data(g)
+                params = dict(m.named_parameters())
+                inner = F.cross_entropy(functional_call(m, params, (xs,)), ys)
+                grads = torch.autograd.grad(inner, list(params.values()),
+                                            create_graph=not first_order)
+                adapted = {k: v - 0.01 * d for (k, v), d in zip(params.items(), grads)}
+                outer = F.cross_entropy(functional_call(m, adapted, (xq,)), yq)
+                outer.backward()
+                losses.append(outer.item())
+            opt.step()
+        with st.guard(release_on_exit=False) if h else torch.no_grad():
+            state = state_bytes(m)
+        return losses, state
+    def maml(first_order, fraction):
+        base = run(lambda m, o: None, first_order)
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        run(lambda m, o: None, first_order)
+        footprint = st.max_memory_allocated()
+        def wrap(m, o):
+            h = st.offload(m, o, quiet=False)
+            spill.set_budget(int(footprint / fraction))
+            return h
+        before = spill.stats()
+        losses, state = run(wrap, first_order)
+        after = spill.stats()
+        assert losses == base[0], (first_order, losses, base[0])
+        assert state == base[1], (first_order, "final state differs from plain torch")
+        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
+        assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
+        spill.set_budget(1 << 30)
+"""
+
+
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_maml_weights_adapted_through_functional_call_are_pinned_and_move() -> None:
     """MAML: per task, the inner loss's gradients (torch.autograd.grad over the parameters,
@@ -674,52 +725,10 @@ def test_maml_weights_adapted_through_functional_call_are_pinned_and_move() -> N
     "never declared swappable"): not tested there. At a third it runs out in the outer
     backward."""
     out = run_ok(scenario("""
-        from torch.nn.utils.stateless import functional_call
-        def run(wrap, first_order):
-            torch.manual_seed(0)
-            m = mlp(4).to(dev)
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            h = wrap(m, opt)
-            g = torch.Generator().manual_seed(1)
-            losses = []
-            for i in range(4):
-                if h is not None and i >= 2:
-                    evict_all(h)
-                opt.zero_grad()
-                for task in range(2):
-                    (xs, ys), (xq, yq) = data(g), data(g)
-                    params = dict(m.named_parameters())
-                    inner = F.cross_entropy(functional_call(m, params, (xs,)), ys)
-                    grads = torch.autograd.grad(inner, list(params.values()),
-                                                create_graph=not first_order)
-                    adapted = {k: v - 0.01 * d for (k, v), d in zip(params.items(), grads)}
-                    outer = F.cross_entropy(functional_call(m, adapted, (xq,)), yq)
-                    outer.backward()
-                    losses.append(outer.item())
-                opt.step()
-            with st.guard(release_on_exit=False) if h else torch.no_grad():
-                state = state_bytes(m)
-            return losses, state
-        for first_order, fraction in ((True, 3), (False, 1.5)):
-            base = run(lambda m, o: None, first_order)
-            enable()
-            gc.collect()
-            st.reset_peak_memory_stats()
-            run(lambda m, o: None, first_order)
-            footprint = st.max_memory_allocated()
-            def wrap(m, o):
-                h = st.offload(m, o, quiet=False)
-                spill.set_budget(int(footprint / fraction))
-                return h
-            before = spill.stats()
-            losses, state = run(wrap, first_order)
-            after = spill.stats()
-            assert losses == base[0], (first_order, losses, base[0])
-            assert state == base[1], (first_order, "final state differs from plain torch")
-            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-            assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
-            spill.set_budget(1 << 30)
-        print("ok")
+    from torch.nn.utils.stateless import functional_call""" + MAML_LOOP + """
+    maml(first_order=True, fraction=3)
+    maml(first_order=False, fraction=1.5)
+    print("ok")
     """))
     assert "ok" in out
 
@@ -740,64 +749,24 @@ def test_maml_through_torch_2s_functional_call_which_swaps_parameters_is_pinned_
     1/2 it runs out of memory with 8 MiB never declared: the inner gradients and the adapted
     weights, made in the loop's code, which declares nothing."""
     out = run_ok(scenario("""
-        try:
-            from torch.func import functional_call
-        except ImportError:  # torch 1.13: the same mechanism, written here
-            def functional_call(module, tensors, args):
-                saved = []
-                try:
-                    for name, t in tensors.items():
-                        path, _, attr = name.rpartition(".")
-                        owner = module.get_submodule(path) if path else module
-                        table = owner._parameters if attr in owner._parameters else owner._buffers
-                        saved.append((table, attr, table[attr]))
-                        table[attr] = t
-                    return module(*args)
-                finally:
-                    for table, attr, t in reversed(saved):
-                        table[attr] = t
-        def run(wrap):
-            torch.manual_seed(0)
-            m = mlp(4).to(dev)
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            h = wrap(m, opt)
-            g = torch.Generator().manual_seed(1)
-            losses = []
-            for i in range(4):
-                if h is not None and i >= 2:
-                    evict_all(h)
-                opt.zero_grad()
-                for task in range(2):
-                    (xs, ys), (xq, yq) = data(g), data(g)
-                    params = dict(m.named_parameters())
-                    inner = F.cross_entropy(functional_call(m, params, (xs,)), ys)
-                    grads = torch.autograd.grad(inner, list(params.values()))
-                    adapted = {k: v - 0.01 * d for (k, v), d in zip(params.items(), grads)}
-                    outer = F.cross_entropy(functional_call(m, adapted, (xq,)), yq)
-                    outer.backward()
-                    losses.append(outer.item())
-                opt.step()
-            with st.guard(release_on_exit=False) if h else torch.no_grad():
-                state = state_bytes(m)
-            return losses, state
-        base = run(lambda m, o: None)
-        enable()
-        gc.collect()
-        st.reset_peak_memory_stats()
-        run(lambda m, o: None)
-        footprint = st.max_memory_allocated()
-        def wrap(m, o):
-            h = st.offload(m, o, quiet=False)
-            spill.set_budget(int(footprint / 1.75))
-            return h
-        before = spill.stats()
-        losses, state = run(wrap)
-        after = spill.stats()
-        assert losses == base[0], (losses, base[0])
-        assert state == base[1], "final state differs from plain torch"
-        assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-        assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
-        print("ok")
+    try:
+        from torch.func import functional_call
+    except ImportError:  # torch 1.13: the same mechanism, written here
+        def functional_call(module, tensors, args):
+            saved = []
+            try:
+                for name, t in tensors.items():
+                    path, _, attr = name.rpartition(".")
+                    owner = module.get_submodule(path) if path else module
+                    table = owner._parameters if attr in owner._parameters else owner._buffers
+                    saved.append((table, attr, table[attr]))
+                    table[attr] = t
+                return module(*args)
+            finally:
+                for table, attr, t in reversed(saved):
+                    table[attr] = t""" + MAML_LOOP + """
+    maml(first_order=True, fraction=1.75)
+    print("ok")
     """))
     assert "ok" in out
 
