@@ -810,6 +810,28 @@ def test_a_parameter_given_new_storage_after_offload_moves() -> None:
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_every_weight_given_new_storage_in_the_loop_trains_at_a_third() -> None:
+    """Every parameter of the MLP given another storage in the loop's code between two steps
+    (``p.data = p.data * 0.5`` under no_grad, Adam keeping its moments), at a third of the
+    footprint with every tensor on the host between steps: plain torch's losses, evaluation
+    losses and final state, bytes swapped. The new weights are made in the window, where
+    nothing is declared; the next forward notices their storage and declares them.
+    docs/pytorch.md had said this ran out of memory at a third; tried on 2026-12-03 it
+    trained both at cea1a0c and after session 14's changes."""
+    out = run_ok(scenario("""
+        def halve(m, opt, i):
+            if i == 2:
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.data = p.data * 0.5
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        compare(mlp, adam, data, 3, evict=True, mutate=halve, steps=5)
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_backward_hooks_of_the_modules_read_what_they_use_pinned() -> None:
     """Module backward hooks (register_full_backward_hook) that read tensors in the backward:
     the module's weight (a Fisher-style statistic) and the input a forward hook kept on the
