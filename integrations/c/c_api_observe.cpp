@@ -78,6 +78,7 @@ spill_status spill_get_stats(int device, spill_stats* stats) {
       full.steps_recorded = s.steps_recorded;
       full.steps_planned = s.steps_planned;
       full.deviations = s.deviations;
+      full.steps_resynced = s.steps_resynced;
     }
     full.free_errors = lease->torch_free_errors.load();
     full.granularity_bytes = rt.device().granularity();

@@ -274,6 +274,37 @@ TEST(step_scopes_on_two_threads) {
   CHECK_STATUS(spill_write_step_graph(0, 1000, NULL), SPILL_ERROR_INVALID_ARGUMENT);
 }
 
+/* A step that skips an op its plan has (a dropped layer) resynchronises with the plan: the
+ * deviation is counted, the step counts in steps_resynced (not steps_planned), the C struct
+ * and the JSON agree, and every block keeps its bytes. */
+TEST(a_step_that_skips_an_op_resynchronises) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
+  void* b[LAYERS];
+  for (int l = 0; l < LAYERS; ++l) {
+    REQUIRE_OK(spill_malloc(&b[l], 4 * MIB, 0, NULL));
+    write_pinned(b[l], 4 * MIB, 50u + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(b[l], 1));
+  }
+  for (int step = 0; step < 5; ++step) {
+    REQUIRE_OK(spill_begin_step(0, 3000));
+    for (int l = 0; l < LAYERS; ++l) {
+      if (step == 3 && l == 2) continue; /* the dropped layer */
+      REQUIRE_OK(spill_begin_op(0, 3000, "layer"));
+      CHECK(check_pinned(b[l], 4 * MIB, 50u + (unsigned)l));
+    }
+    REQUIRE_OK(spill_end_step(0, 3000));
+  }
+  spill_stats st = stats();
+  CHECK(st.steps_planned == 2);  /* steps 1 and 2 follow the first step's recording exactly */
+  CHECK(st.steps_resynced == 2); /* step 3 skips layer 2; step 4 runs it, off step 3's plan */
+  CHECK(st.deviations == 2);
+  char* json = NULL;
+  REQUIRE_OK(spill_stats_json(0, &json));
+  CHECK(strstr(json, "\"swap.steps_resynced\":2") != NULL);
+  spill_string_free(json);
+  for (int l = 0; l < LAYERS; ++l) CHECK_OK(spill_free(b[l], 0, NULL));
+}
+
 /* spill_end_scope drops a scope's recording (the other scope's stays), abandons a step in
  * progress, is OK for a scope that holds nothing, and a later step of the number starts it
  * afresh. */
@@ -380,6 +411,7 @@ TEST(shutdown_with_live_blocks) {
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
   X(step_scopes_on_two_threads)        \
+  X(a_step_that_skips_an_op_resynchronises) \
   X(end_scope_drops_its_recording)     \
   X(lowering_the_budget_evicts)        \
   X(shutdown_with_live_blocks)

@@ -291,6 +291,8 @@ typedef struct spill_stats {
   uint64_t small_limit_bytes;   /* requests up to this share small-pool segments (never move) */
   uint64_t min_movable_bytes;   /* the smallest request whose block can move (swap_threshold,
                                    past the small pool): declare only these swappable */
+  uint64_t steps_resynced;      /* steps that left their plan (a deviation) and followed it again
+                                   where they matched it: ops skipped, added or repeated */
 } spill_stats;
 
 /* Fills `stats` for `device` (see spill_stats). INVALID_ARGUMENT when stats is NULL or
