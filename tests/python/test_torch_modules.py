@@ -115,6 +115,37 @@ def compare(make, make_opt, data, fraction=3, evict=False, **kw):
     spill.set_budget(1 << 30)
     h.remove()
     return footprint
+def footprint_of(run, *args, **kw):
+    # The peak bytes allocated through spill of run(no wrap, *args, **kw).
+    enable()
+    gc.collect()
+    st.reset_peak_memory_stats()
+    run(lambda *a: None, *args, **kw)
+    return st.max_memory_allocated()
+def against_plain(base, run, budget, *args, planned=1, offload=None):
+    # run(wrap, *args) returns its results then its handle (or a list of them); wrap
+    # offloads (offload(*models, optimizer), else st.offload(model, optimizer, quiet=False))
+    # and sets budget. Each result equals plain torch's in base, bytes were swapped out, at
+    # least `planned` steps followed a plan; then the budget goes back to 1 GiB and the
+    # handles are removed.
+    def wrap(*models_and_optimizer):
+        hs = (offload or (lambda m, o: st.offload(m, o, quiet=False)))(*models_and_optimizer)
+        spill.set_budget(budget)
+        return hs
+    before = spill.stats()
+    *got, hs = run(wrap, *args)
+    after = spill.stats()
+    for i, (mine, plain) in enumerate(zip(got, base)):
+        assert mine == plain, (args, f"result {i} differs from plain torch",
+                               mine if i == 0 else "")
+    assert after["swap.bytes_out"] > before["swap.bytes_out"], (args, "nothing was swapped")
+    followed = after["swap.steps_planned"] - before["swap.steps_planned"]
+    assert followed >= planned, (args, followed)
+    spill.set_budget(1 << 30)
+    for h in hs if isinstance(hs, list) else [hs]:
+        h.remove()
+    del hs, got  # (the models, resident again after remove())
+    gc.collect()
 """, " " * 8)
 
 
@@ -1563,28 +1594,8 @@ def test_functorch_transforms_run_in_the_loop_beside_offload() -> None:
             return losses, logged, state, h
         for how in ("call", "make_functional") if make_functional else ("call",):
             base = run(lambda m, o: None, how)[:3]
-            enable()
-            gc.collect()
-            st.reset_peak_memory_stats()
-            run(lambda m, o: None, how)
-            footprint = st.max_memory_allocated()
-            def wrap(m, o):
-                h = st.offload(m, o, quiet=False)
-                spill.set_budget(int(footprint / 3))
-                return h
-            before = spill.stats()
-            *got, h = run(wrap, how)
-            after = spill.stats()
-            assert got[0] == base[0], (how, got[0], base[0])
-            assert got[1] == base[1], (how, got[1], base[1])
-            assert got[2] == base[2], f"{how}: final state differs from plain torch"
-            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-            planned = after["swap.steps_planned"] - before["swap.steps_planned"]
-            assert planned >= 2, (how, planned)
-            spill.set_budget(1 << 30)
-            h.remove()
-            del h, got  # (the model, resident again after remove())
-            gc.collect()
+            footprint = footprint_of(run, how)
+            against_plain(base, run, int(footprint / 3), how, planned=2)
         print("ok")
     """))
     assert "ok" in out
@@ -1727,28 +1738,10 @@ def test_a_momentum_encoder_offloaded_beside_the_trained_one_trains_as_plain_tor
             return losses, state, hs
         for how in ("in_place", "data"):
             base = run(lambda *a: None, how)[:2]
-            enable()
-            gc.collect()
-            st.reset_peak_memory_stats()
-            run(lambda *a: None, how, steps=2)
-            footprint = st.max_memory_allocated()
-            def wrap(q, k, o):
-                hs = [st.offload(q, o, quiet=False), st.offload(k, quiet=False)]
-                spill.set_budget(int(footprint / 3))
-                return hs
-            before = spill.stats()
-            *got, hs = run(wrap, how)
-            after = spill.stats()
-            assert got[0] == base[0], (how, got[0], base[0])
-            assert got[1] == base[1], f"{how}: final states differ from plain torch"
-            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-            planned = after["swap.steps_planned"] - before["swap.steps_planned"]
-            assert planned >= 2, (how, planned)  # (3: the query encoder's, from the 4th on)
-            spill.set_budget(1 << 30)
-            for h in hs:
-                h.remove()
-            del hs, got, h  # (the key encoder, resident again after remove())
-            gc.collect()
+            footprint = footprint_of(run, how, steps=2)
+            both = lambda q, k, o: [st.offload(q, o, quiet=False), st.offload(k, quiet=False)]
+            # (planned: 3, the query encoder's, from the 4th step on)
+            against_plain(base, run, int(footprint / 3), how, planned=2, offload=both)
         print("ok")
     """))
     assert "ok" in out
@@ -1826,27 +1819,8 @@ def test_a_momentum_encoder_updated_in_the_models_forward_trains_as_plain_torch(
             return losses, state, h
         for how in ("in_place", "data"):
             base = run(lambda *a: None, how)[:2]
-            enable()
-            gc.collect()
-            st.reset_peak_memory_stats()
-            run(lambda *a: None, how, steps=2)
-            footprint = st.max_memory_allocated()
-            def wrap(m, o):
-                h = st.offload(m, o, quiet=False)
-                spill.set_budget(int(footprint / 3))
-                return h
-            before = spill.stats()
-            *got, h = run(wrap, how)
-            after = spill.stats()
-            assert got[0] == base[0], (how, got[0], base[0])
-            assert got[1] == base[1], f"{how}: final state differs from plain torch"
-            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-            planned = after["swap.steps_planned"] - before["swap.steps_planned"]
-            assert planned >= 2, (how, planned)
-            spill.set_budget(1 << 30)
-            h.remove()
-            del h, got  # (the model, resident again after remove())
-            gc.collect()
+            footprint = footprint_of(run, how, steps=2)
+            against_plain(base, run, int(footprint / 3), how, planned=2)
         print("ok")
     """))
     assert "ok" in out
@@ -1898,27 +1872,9 @@ def test_a_hessian_vector_product_with_respect_to_the_parameters_trains_as_plain
                 state = state_bytes(m)
             return losses, state, h
         base = run(lambda *a: None)[:2]
-        enable()
-        gc.collect()
-        st.reset_peak_memory_stats()
-        run(lambda *a: None, steps=2)
-        footprint = st.max_memory_allocated()
+        footprint = footprint_of(run, steps=2)
         for fraction in (2, 3):
-            def wrap(m, o):
-                h = st.offload(m, o, quiet=False)
-                spill.set_budget(int(footprint / fraction))
-                return h
-            before = spill.stats()
-            *got, h = run(wrap)
-            after = spill.stats()
-            assert got[0] == base[0], (fraction, got[0], base[0])
-            assert got[1] == base[1], f"at 1/{fraction}: final state differs from plain torch"
-            assert after["swap.bytes_out"] > before["swap.bytes_out"], "nothing was swapped"
-            assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
-            spill.set_budget(1 << 30)
-            h.remove()
-            del h, got
-            gc.collect()
+            against_plain(base, run, int(footprint / fraction))
         print("ok")
     """))
     assert "ok" in out
