@@ -340,6 +340,11 @@ def test_memory_snapshot_loads_in_memory_viz_and_spill_tools(tmp_path: pathlib.P
         else:
             viz.segment_plot(snap); viz.trace_plot(snap)
         assert torch.cuda.memory_snapshot() == segments
+        # As torch 2.10+ calls them: MemPool.snapshot() passes the pool's id and
+        # include_traces, _dump_snapshot() passes augment_with_fx_traces.
+        assert torch.cuda.memory_snapshot((0, 0), include_traces=False) == segments
+        again = torch.cuda.memory._snapshot(None, augment_with_fx_traces=False)
+        assert (again if isinstance(again, list) else again["segments"]) == segments
         spill.snapshot({str(snap_json)!r})
         spill.trace({str(trace)!r})
         print("ok")

@@ -465,3 +465,28 @@ def test_the_pluggable_allocator_api_is_there() -> None:
     snap = torch.cuda.memory._snapshot()
     assert isinstance(snap, dict) and "segments" in snap, _internal(
         "torch.cuda.memory._snapshot()", f"is a {type(snap).__name__} without 'segments'")
+
+
+def test_spills_replacements_take_the_arguments_of_the_functions_they_replace() -> None:
+    """enable() puts spill's functions in place of torch.cuda's memory functions (memory_stats,
+    memory_snapshot, _snapshot, ...), which torch's own code also calls: torch 2.10's
+    MemPool.snapshot() passes include_traces to memory_snapshot, its _dump_snapshot()
+    augment_with_fx_traces to _snapshot. Every parameter of the running torch's function is
+    one of the replacement's, at the same position (checked on the signatures; nothing is
+    replaced here)."""
+    from spill.torch._enable import _patched_functions
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    for name, replacement in _patched_functions().items():
+        original = getattr(torch.cuda.memory, name, None) or getattr(torch.cuda, name, None)
+        if original is None:
+            continue  # not in this torch: nothing to replace
+        theirs = [p for p in inspect.signature(original).parameters.values() if p.kind in kinds]
+        ours = [p.name for p in inspect.signature(replacement).parameters.values()
+                if p.kind in kinds]
+        for i, p in enumerate(theirs):
+            assert p.name in ours, _internal(
+                f"torch.cuda.{name}", f"takes {p.name!r}, which spill's replacement does not")
+            if p.kind != inspect.Parameter.KEYWORD_ONLY:
+                assert ours.index(p.name) == i, _internal(
+                    f"torch.cuda.{name}", f"has {p.name!r} at position {i}, spill's does not")

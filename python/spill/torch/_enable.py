@@ -228,7 +228,7 @@ def _patched_functions() -> Dict[str, Callable[..., Any]]:
         "reset_max_memory_cached": _stats.reset_peak_memory_stats,
         "memory_summary": _stats.memory_summary,
         "memory_snapshot": _stats.segments_snapshot,
-        "_snapshot": _stats.memory_snapshot,
+        "_snapshot": _stats.torch_snapshot,
     }
 
 

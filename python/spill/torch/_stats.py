@@ -162,8 +162,19 @@ def memory_snapshot(device: Any = None) -> Union[Dict[str, Any], List[Dict[str, 
     return {"segments": snap["segments"], "device_traces": snap.get("device_traces", [])}
 
 
-def segments_snapshot(device: Any = None) -> List[Dict[str, Any]]:
-    """What ``torch.cuda.memory_snapshot()`` returns: the segments (with their blocks)."""
-    snap = memory_snapshot(device)
+def segments_snapshot(mempool_id: Any = None, include_traces: bool = True
+                      ) -> List[Dict[str, Any]]:
+    """What ``torch.cuda.memory_snapshot()`` returns: the segments (with their blocks). Takes
+    torch 2's arguments (``mempool_id``, and ``include_traces`` from 2.10 on, which
+    ``MemPool.snapshot()`` passes) and answers with all of spill's segments: spill has one
+    pool per device."""
+    snap = memory_snapshot()
     return snap if isinstance(snap, list) else snap["segments"]
 
+
+def torch_snapshot(device: Any = None, augment_with_fx_traces: bool = False
+                   ) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+    """What ``torch.cuda.memory._snapshot()`` returns, with its arguments (torch 2.10's
+    ``_dump_snapshot`` passes ``augment_with_fx_traces``; spill's frames are its own tags, not
+    FX code, so there is nothing to augment)."""
+    return memory_snapshot(device)
