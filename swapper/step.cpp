@@ -17,16 +17,17 @@
 // nowhere (an op the plan did not record) is served reactively while the plan waits at its
 // cursor. The plan's prefetches and evictions go by the cursor's plan op, so they keep
 // hiding copies in the parts that match. After kGiveUp accesses in a row off the plan the
-// step stops following it. At its end, a step that left its plan becomes the next plan if it
-// had accesses the plan lacks, found blocks from before it that the plan's step made
-// (optimizer state a first step creates), skipped at most kShortSkip of the plan's accesses
-// (none: more micro-batches; a few: a second step's one-off op) or more than half of them,
-// or had the
-// very accesses of the step before it (the steps settled on a shape the plan does not have:
-// a momentum encoder's second step does more than the rest); so a first step that differs
-// from the rest costs one deviation, not a re-recording per step. One that only skipped some
-// of the plan's ops keeps the plan (it covers the steps like it). Either counts in
-// steps_resynced, not steps_planned. A plan is always one step's own recording, never a
+// step stops following it. At its end, a step that found blocks from before it that the
+// plan's step made (optimizer state a first step creates) becomes the next plan, even one that
+// followed its plan exactly (that plan has them made in its step and never prefetches them); a
+// step that left its plan becomes the next plan if it had accesses the plan lacks, skipped
+// at most kShortSkip of the plan's accesses (none: more micro-batches; a few: a second step's
+// one-off op) or more than half of them, or had the very accesses of the step before it (the
+// steps settled on a shape the plan does not have: a momentum encoder's second step does more
+// than the rest); so a first step that differs from the rest costs one deviation, not a
+// re-recording per step. One that only skipped some of the plan's ops keeps the plan (it
+// covers the steps like it). A step that left its plan counts in steps_resynced, not
+// steps_planned. A plan is always one step's own recording, never a
 // merge of several (tried: the cursor wandered over the repeated blocks of a union of steps,
 // and the plan grew each step). A block's size is no part of its identity: the
 // caching allocator serves a request from a cached block up to a quarter larger, so what the
@@ -197,9 +198,12 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   const bool same_shape = shape == s.last_shape;
   s.last_shape = shape;
   const std::size_t planned_accesses = s.plan_trace.accesses.size();
-  if (s.deviated && (s.extras > 0 || s.plan_made_older || same_shape ||
-                     s.matched + kShortSkip >= planned_accesses ||
-                     s.matched * 2 < planned_accesses))
+  // A step that found state its plan's step made becomes the plan even when it followed the
+  // plan exactly (its accesses repeat the first step's): the plan has that state made in its
+  // step, so it would never prefetch it.
+  if (s.plan_made_older ||
+      (s.deviated && (s.extras > 0 || same_shape || s.matched + kShortSkip >= planned_accesses ||
+                      s.matched * 2 < planned_accesses)))
     s.replan = true;
   const bool keeps_plan = s.planned_step && !s.replan;
   // A step that followed its plan with a block made by a larger request than the plan had

@@ -23,9 +23,12 @@ constexpr std::size_t kBlock = 2 * MiB;
 constexpr int kLayers = 8;
 
 struct Model {
-  explicit Model(const std::string& policy, std::size_t budget)
+  // `one_state_use`: the optimizer reads and writes a layer's state in one pin (one op), as it
+  // creates it in step 1, so that later steps repeat step 1's accesses exactly.
+  explicit Model(const std::string& policy, std::size_t budget, bool one_state_use = false)
       : rt(conf(policy, budget), RuntimeOptions{.opt_in_swappable = true}),
-        sw(*rt.swapper()) {}
+        sw(*rt.swapper()),
+        one_state_use(one_state_use) {}
   static Config conf(const std::string& policy, std::size_t budget) {
     Config c = Config::parse("device:sim,sim_capacity:512MiB,trace:off,policy:" + policy);
     c.budget = budget;
@@ -39,6 +42,13 @@ struct Model {
     if (write) fill_pattern(p, kBlock, seed);
     else ok = ok && find_pattern_mismatch(p, kBlock, seed) == kBlock;
     sw.unpin(t, nullptr, write);
+  }
+  // One in-place update: reads seed `from`'s bytes and writes seed `to`'s in one pin.
+  void update(void* p, std::uint64_t from, std::uint64_t to) {
+    PinToken t = sw.pin_for_host(p);
+    ok = ok && find_pattern_mismatch(p, kBlock, from) == kBlock;
+    fill_pattern(p, kBlock, to);
+    sw.unpin(t, nullptr, true);
   }
   void declare(void* p) { sw.set_swappable(p, true); }
   // The layers' weights, written once and declared.
@@ -75,6 +85,8 @@ struct Model {
         state.push_back(alloc());
         use(state.back(), 5000 + n, true);
         declare(state.back());
+      } else if (one_state_use) {
+        update(state[l], 5000 + n - 1, 5000 + n);
       } else {
         use(state[l], 5000 + n - 1, false);
         use(state[l], 5000 + n, true);
@@ -85,6 +97,7 @@ struct Model {
 
   Runtime rt;
   Swapper& sw;
+  bool one_state_use;
   std::vector<void*> weights, state;
   bool ok = true;
 };
@@ -94,10 +107,10 @@ struct Result {
   bool ok;
 };
 
-Result train(const std::string& policy, int steps) {
+Result train(const std::string& policy, int steps, bool one_state_use = false) {
   // Footprint: weights, state, activations and one temporary; a third of it is the budget.
   const std::size_t footprint = (3 * kLayers + 1) * kBlock;
-  Model m(policy, footprint / 3);
+  Model m(policy, footprint / 3, one_state_use);
   m.add_weights();
   Result r{};
   for (int n = 1; n <= steps; ++n) {
@@ -130,6 +143,28 @@ TEST(PlannedSteps, PlannedPrefetchesMakeRoomSoDemandFetchesFallFarBelowLru) {
   EXPECT_LE(demand(plan) * 5, demand(lru))
       << "planned steps 3-6: " << demand(plan) << " demand fetches, LRU: " << demand(lru);
   EXPECT_GT(bytes_in(plan), 0u);
+  RecordProperty("demand_fetches_plan", std::to_string(demand(plan)));
+  RecordProperty("demand_fetches_lru", std::to_string(demand(lru)));
+}
+
+// Steps that repeat the accesses of step 1 exactly, where step 1 created the optimizer state
+// that later steps find from before them: step 1's plan has that state made in its step, so
+// it never prefetches it. Before, no step deviated, so step 1's plan stayed, and each step
+// fetched every layer's state on demand at the optimizer (8 a step, as LRU). Step 2, which
+// found the state step 1 made, now becomes the plan.
+TEST(PlannedSteps, StateThePlansStepCreatedIsPrefetchedWhenLaterStepsRepeatItsAccesses) {
+  Result plan = train("plan", 6, true);
+  Result lru = train("lru", 6, true);
+  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
+  EXPECT_EQ(plan.last.deviations, 0u) << "steps 2-6 repeat step 1's accesses";
+  EXPECT_EQ(plan.last.steps_recorded, 2u) << "step 2, which found step 1's state, is the plan";
+  EXPECT_EQ(plan.last.steps_planned, 5u);
+  const auto demand = [](const Result& r) {
+    return r.last.demand_fetches - r.before_last.demand_fetches;
+  };
+  EXPECT_GT(demand(lru), 0u);
+  EXPECT_LE(demand(plan) * 5, demand(lru))
+      << "planned steps 3-6: " << demand(plan) << " demand fetches, LRU: " << demand(lru);
   RecordProperty("demand_fetches_plan", std::to_string(demand(plan)));
   RecordProperty("demand_fetches_lru", std::to_string(demand(lru)));
 }
