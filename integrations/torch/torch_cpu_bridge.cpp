@@ -19,7 +19,12 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #include <spill/spill.h>
+// As in torch_cuda_shim.cpp: torch/csrc/api/include may leave cpp_extension's include paths.
+#if __has_include(<torch/version.h>)
 #include <torch/version.h>
+#else
+#include <torch/csrc/api/include/torch/version.h>
+#endif
 
 #define SPILL_TORCH_EXPORT extern "C" __attribute__((visibility("default")))
 

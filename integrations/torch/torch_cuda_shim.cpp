@@ -1,9 +1,11 @@
 // spill as PyTorch's CUDA allocator: the malloc and free that torch.cuda.memory's
-// CUDAPluggableAllocator (and MemPool) call, over spill's C API. PyTorch never checks the
-// pointer its allocator returns, so a failure here throws c10::OutOfMemoryError (what PyTorch
-// turns into torch.cuda.OutOfMemoryError) or c10::Error with spill's message, instead of
-// handing back NULL. Compiled against the running torch's headers (c10 only): by CMake when
-// Torch is found, else by spill.torch at first use through torch.utils.cpp_extension.
+// CUDAPluggableAllocator calls, over spill's C API. As the current allocator (enable()) PyTorch
+// never checks the pointer it returns, so a failure there throws c10::OutOfMemoryError (what
+// PyTorch turns into torch.cuda.OutOfMemoryError) or c10::Error with spill's message, instead of
+// handing back NULL; behind a MemPool (pool()) PyTorch's caching allocator takes NULL as out of
+// memory, so the pool's malloc returns it. Compiled against the running torch's headers (c10
+// only): by CMake when Torch is found, else by spill.torch at first use through
+// torch.utils.cpp_extension.
 #include <sys/types.h>
 
 #include <cstddef>
@@ -11,7 +13,13 @@
 
 #include <c10/util/Exception.h>
 #include <spill/spill.h>
+// torch/version.h is under torch/csrc/api/include, an include path cpp_extension still adds
+// (for torch/torch.h) but means to drop; the longer name needs only torch's include folder.
+#if __has_include(<torch/version.h>)
 #include <torch/version.h>
+#else
+#include <torch/csrc/api/include/torch/version.h>
+#endif
 
 #define SPILL_TORCH_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -35,6 +43,19 @@ SPILL_TORCH_EXPORT void* spill_torch_shim_malloc(std::size_t size, int device, v
   void* ptr = nullptr;
   spill_status status = spill_malloc(&ptr, size, device, stream);
   if (status != SPILL_OK) throw_failure(status, size, device);
+  return ptr;
+}
+
+// The alloc_fn of the allocator behind spill.torch.pool(). A MemPool's allocator is called by
+// PyTorch's own caching allocator (its raw_alloc, for a new segment of the pool), which takes
+// NULL as out of memory: it then frees the pool's cached segments and retries before it raises
+// torch.cuda.OutOfMemoryError itself. An exception from here would skip that (the pool's free
+// cached segments, spill's memory, stayed held while the request failed). spill's account of the
+// failure stays in spill_last_oom_message.
+SPILL_TORCH_EXPORT void* spill_torch_shim_pool_malloc(std::size_t size, int device,
+                                                      void* stream) {
+  void* ptr = nullptr;
+  if (size == 0 || spill_malloc(&ptr, size, device, stream) != SPILL_OK) return nullptr;
   return ptr;
 }
 

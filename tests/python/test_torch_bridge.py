@@ -299,6 +299,66 @@ def test_pool_needs_mempool_and_says_so() -> None:
         r.stderr
 
 
+def test_the_shims_compile_at_first_use_for_this_torch(tmp_path: pathlib.Path) -> None:
+    """Where CMake found no Torch (a GPU machine with pip's torch), spill.torch compiles its
+    shims at first use through torch.utils.cpp_extension, with the standard and ABI flags the
+    running torch chooses (C++14 on 1.13; C++17 on 2.x up to 2.13; C++20 from 2.14). Both
+    compile here into SPILL_TORCH_BUILD_DIR, say they were built for this torch, and the CUDA
+    one has the three functions PyTorch is given. (The CPU tests otherwise use the shims CMake
+    built, so this path ran only on a GPU machine, first.)"""
+    out = run_ok("""
+        from spill.torch import _shim
+        libs = {}
+        for kind in ("cuda", "cpu"):
+            libs[kind] = lib = _shim._compile(kind)
+            _shim._declare(kind, lib)
+            assert lib.spill_torch_shim_built_for().decode() == _shim._torch_key(), kind
+            print(kind, lib._name)
+        for symbol in ("spill_torch_shim_malloc", "spill_torch_shim_pool_malloc",
+                       "spill_torch_shim_free"):
+            assert _shim.address(libs["cuda"], symbol), symbol
+        print("ok")
+    """, {"SPILL_TORCH_BUILD_DIR": str(tmp_path)})
+    assert "ok" in out and all(str(tmp_path) in line for line in out.splitlines()[:2]), out
+
+
+def test_the_pools_malloc_returns_null_when_out_of_memory() -> None:
+    """pool()'s allocator is called by PyTorch's caching allocator (raw_alloc, for a segment of
+    the pool), which takes NULL as out of memory: it then gives the pool's cached segments back
+    and retries before raising torch.cuda.OutOfMemoryError itself. enable()'s malloc throws
+    (PyTorch uses what it returns unchecked). The pool's malloc serves within the budget and
+    returns NULL past it, spill's account kept; pool() hands it to _cuda_customAllocator.
+    Before, pool() used the throwing malloc, whose exception skipped PyTorch's retry. (Called
+    here through ctypes on the simulated device; the MemPool itself needs a GPU.)"""
+    out = run_ok("""
+        import ctypes, torch, spill
+        from spill.torch import _enable
+        from spill.torch._shim import address, shim
+        spill.configure("device:sim,budget:8MiB,sim_granularity:64KiB")
+        lib = shim("cuda")
+        malloc = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                  ctypes.c_void_p)(address(lib, "spill_torch_shim_pool_malloc"))
+        free = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                ctypes.c_void_p)(address(lib, "spill_torch_shim_free"))
+        p = malloc(4 << 20, 0, None)
+        assert p and spill.residence(p) == "resident"
+        assert malloc(0, 0, None) is None
+        assert malloc(64 << 20, 0, None) is None          # past the budget: NULL, no throw
+        assert spill.stats()["num_ooms"] == 1 and "budget" in spill.last_oom_message().lower()
+        free(p, 4 << 20, 0, None)
+        assert spill.stats()["allocated_bytes.current"] == 0
+        seen = []
+        torch._C._cuda_customAllocator = lambda m, f: seen.append((m, f)) or object()
+        _enable._cuda_allocator(lib, for_pool=True)
+        _enable._cuda_allocator(lib)
+        names = [("spill_torch_shim_pool_malloc", "spill_torch_shim_free"),
+                 ("spill_torch_shim_malloc", "spill_torch_shim_free")]
+        assert seen == [tuple(address(lib, n) for n in pair) for pair in names], seen
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_oom_raises_torch_oom_with_the_breakdown_and_training_continues() -> None:
     out = run_ok(ENABLE + """
         import torch.nn as nn

@@ -127,9 +127,14 @@ def _patch_storage_clone() -> None:
     base.clone = clone  # type: ignore[method-assign]
 
 
-def _cuda_allocator(lib_shim: Any) -> Any:
-    """A native CUDAPluggableAllocator over spill, with the hooks the running torch accepts."""
-    native = torch._C._cuda_customAllocator(address(lib_shim, "spill_torch_shim_malloc"),
+def _cuda_allocator(lib_shim: Any, for_pool: bool = False) -> Any:
+    """A native CUDAPluggableAllocator over spill, with the hooks the running torch accepts.
+    As the current allocator its malloc raises out of memory (PyTorch uses what it returns
+    unchecked); behind a MemPool (``for_pool``) it returns NULL, which PyTorch's caching
+    allocator takes as out of memory: it frees the pool's cached segments, retries, and raises
+    torch.cuda.OutOfMemoryError itself (spill.last_oom_message() has spill's account)."""
+    malloc = "spill_torch_shim_pool_malloc" if for_pool else "spill_torch_shim_malloc"
+    native = torch._C._cuda_customAllocator(address(lib_shim, malloc),
                                            address(lib_shim, "spill_torch_shim_free"))
     lib = library()
     wired = []
@@ -177,7 +182,14 @@ def _enable_cuda(conf: Optional[str], device: int) -> None:
 def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
     """A ``torch.cuda.MemPool`` whose memory comes from spill, for a region of code once CUDA
     is running: ``with torch.cuda.use_mem_pool(spill.torch.pool()): ...``. Needs torch >= 2.5
-    (MemPool with a custom allocator); raises :class:`spill.Error` saying so on older torch."""
+    (MemPool with a custom allocator); raises :class:`spill.Error` saying so on older torch.
+
+    PyTorch's caching allocator manages the pool: it takes segments from spill and caches them
+    (spill sees those segments, not the tensors in them). Out of memory is PyTorch's
+    ``torch.cuda.OutOfMemoryError``, raised after it has given the pool's cached segments back
+    to spill and tried again; ``spill.last_oom_message()`` has spill's account. Only the
+    calling thread's allocations go to the pool (PyTorch's rule; on CUDA the backward runs in
+    autograd's device threads, outside the pool)."""
     if not hasattr(torch.cuda, "MemPool") or torch_version() < (2, 5):
         raise Error(f"spill.torch.pool: torch {torch.__version__} has no MemPool with a custom "
                     "allocator (torch >= 2.5); call spill.torch.enable() before CUDA starts "
@@ -187,7 +199,7 @@ def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
         raise Error("spill.torch.pool: this is a child forked after spill started")
     spill.configure(conf)
     spill.is_simulated(device)
-    native = _cuda_allocator(shim("cuda"))
+    native = _cuda_allocator(shim("cuda"), for_pool=True)
     if state.target is None:
         state.device = device
     return torch.cuda.MemPool(native)
