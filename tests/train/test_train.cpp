@@ -90,7 +90,9 @@ TEST_P(TrainAtAThird, EveryPolicyIsBitIdenticalAndGraphMovesWhatItsPlanSays) {
     ASSERT_EQ(r.steps.size(), 5u);
     // (At these small shapes the plans happen to swap only: remakes are exercised on the
     // gpt-mini preset below.)
-    if (run == 1 || policy != Policy::Graph) EXPECT_TRUE(r.plan.recomputes.empty());
+    if (run == 1 || policy != Policy::Graph) {
+      EXPECT_TRUE(r.plan.recomputes.empty());
+    }
     std::uint64_t swapped = 0;
     for (const train::StepStats& s : r.steps) {
       SCOPED_TRACE("step " + std::to_string(s.step + 1));
@@ -192,7 +194,9 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
         << "at a third of the footprint something must move";
     for (const train::StepStats& s : r.steps) {
       // The floor bounds plans that only swap.
-      if (r.plan.recomputes.empty()) EXPECT_LE(r.floor->step_s, s.step_s) << "step " << s.step;
+      if (r.plan.recomputes.empty()) {
+        EXPECT_LE(r.floor->step_s, s.step_s) << "step " << s.step;
+      }
       EXPECT_EQ(s.swaps.demand_fetches, 0u) << "step " << s.step;
       if (s.step == 0) continue;
       EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s)
@@ -205,7 +209,9 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
       // GPU waits for the whole device). The cnn's allocation ladder frees one per step: a
       // large allocation the plan counted the wholly free segment's bytes for.
       EXPECT_GT(s.cache_returns, 0u) << "step " << s.step;
-      if (std::string(model) != "cnn") EXPECT_EQ(s.plain_frees, 0u) << "step " << s.step;
+      if (std::string(model) != "cnn") {
+        EXPECT_EQ(s.plain_frees, 0u) << "step " << s.step;
+      }
     }
   }
 }
@@ -243,8 +249,9 @@ TEST_P(PresetRemakes, BitIdenticallyAsPlannedAndPredicted) {
   bool probs = false;
   for (const graph::Recompute& rc : r.plan.recomputes)
     probs = probs || program.tensors[rc.tensor].name.ends_with(".attn.probs");
-  if (std::string(GetParam()) == "gpt-mini")
+  if (std::string(GetParam()) == "gpt-mini") {
     EXPECT_TRUE(probs) << "the attention probabilities are the largest, cheapest to remake";
+  }
   // Both presets' plans chain remakes (a dropped input remade first, before the same op): the
   // executor runs each link where the plan says, and the run stays bit-identical.
   EXPECT_GT(r.plan.chain_links(), 0u);
@@ -259,7 +266,9 @@ TEST_P(PresetRemakes, BitIdenticallyAsPlannedAndPredicted) {
               double(2 * MiB * live_at_peak))
         << "observed " << format_bytes(s.peak_mapped) << ", predicted "
         << format_bytes(r.predicted_peak);
-    if (s.step > 0) EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s);
+    if (s.step > 0) {
+      EXPECT_NEAR(s.step_s, s.predicted_step_s, 0.05 * s.predicted_step_s);
+    }
   }
 }
 
