@@ -175,6 +175,13 @@ def test_stats_answer_with_spills_figures_and_the_patch_is_undone() -> None:
         assert torch.cuda.memory_allocated() == s["allocated_bytes.current"]
         assert torch.cuda.max_memory_allocated() == s["allocated_bytes.peak"]
         assert torch.cuda.memory_reserved() == s["reserved_bytes.current"]
+        nested = torch.cuda.memory_stats_as_nested_dict()
+        assert nested["allocated_bytes"]["all"]["current"] == s["allocated_bytes.current"]
+        assert nested["swap"]["bytes_out"] == s["swap.bytes_out"]
+        # spill records its history itself: torch's switch is taken and ignored (the pluggable
+        # allocator raises for it; torch 1.13's CPU build has no recorder at all)
+        torch.cuda.memory._record_memory_history("all", max_entries=1000)
+        torch.cuda.memory._record_memory_history(None)
         del x
         st.reset_peak_memory_stats()
         assert st.max_memory_allocated() == st.memory_allocated() < 3 << 20

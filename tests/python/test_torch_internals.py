@@ -482,8 +482,11 @@ def test_spills_replacements_take_the_arguments_of_the_functions_they_replace() 
         if original is None:
             continue  # not in this torch: nothing to replace
         theirs = [p for p in inspect.signature(original).parameters.values() if p.kind in kinds]
-        ours = [p.name for p in inspect.signature(replacement).parameters.values()
-                if p.kind in kinds]
+        params = inspect.signature(replacement).parameters.values()
+        ours = [p.name for p in params if p.kind in kinds]
+        if {p.kind for p in params} >= {inspect.Parameter.VAR_POSITIONAL,
+                                         inspect.Parameter.VAR_KEYWORD}:
+            ours += [p.name for p in theirs[len(ours):]]  # takes (and ignores) the rest
         for i, p in enumerate(theirs):
             assert p.name in ours, _internal(
                 f"torch.cuda.{name}", f"takes {p.name!r}, which spill's replacement does not")

@@ -55,10 +55,12 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
       tensor created afterwards lives in simulated device memory that is readable while
       resident and faults while swapped out (tensors created before keep their allocator).
     device: spill's device ordinal (the CUDA device, or the simulated one).
-    patch_torch: also make ``torch.cuda.memory_stats``, ``memory_allocated``,
-      ``max_memory_allocated``, ``memory_reserved``, ``max_memory_reserved``,
-      ``memory_snapshot``, ``memory_summary`` and the peak resets answer with spill's figures
-      (undone by :func:`disable`).
+    patch_torch: also make ``torch.cuda.memory_stats``, ``memory_stats_as_nested_dict``,
+      ``memory_allocated``, ``max_memory_allocated``, ``memory_reserved``,
+      ``max_memory_reserved``, ``memory_snapshot``, ``memory._snapshot``, ``memory_summary``
+      and the peak resets answer with spill's figures, and
+      ``memory._record_memory_history`` take its arguments and do nothing (spill records its
+      history itself) (undone by :func:`disable`).
 
     Calling it again with the same target is harmless (a different ``conf`` raises, as
     :func:`spill.configure` does). Out of memory then raises ``torch.cuda.OutOfMemoryError``
@@ -229,6 +231,7 @@ def is_enabled() -> Optional[str]:
 def _patched_functions() -> Dict[str, Callable[..., Any]]:
     return {
         "memory_stats": _stats.memory_stats,
+        "memory_stats_as_nested_dict": _stats.memory_stats_as_nested_dict,
         "memory_allocated": _stats.memory_allocated,
         "max_memory_allocated": _stats.max_memory_allocated,
         "memory_reserved": _stats.memory_reserved,
@@ -241,6 +244,7 @@ def _patched_functions() -> Dict[str, Callable[..., Any]]:
         "memory_summary": _stats.memory_summary,
         "memory_snapshot": _stats.segments_snapshot,
         "_snapshot": _stats.torch_snapshot,
+        "_record_memory_history": _stats.record_memory_history,
     }
 
 

@@ -5,11 +5,14 @@ when spill is the allocator (the pluggable-allocator path otherwise loses them).
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Any, Dict, List, Optional, Union
 
 import spill
 
 from ._state import state, torch_version
+
+_log = logging.getLogger("spill.torch")
 
 # PyTorch's "<kind>.all.<stat>" families and the spill statistic each one reads.
 _BYTE_FAMILIES = {
@@ -70,6 +73,31 @@ def memory_stats(device: Any = None) -> "collections.OrderedDict[str, Any]":
     merged = dict(s)
     merged.update(torch_keys(s))
     return collections.OrderedDict(sorted(merged.items()))
+
+
+def memory_stats_as_nested_dict(device: Any = None) -> Dict[str, Any]:
+    """memory_stats() nested at its dots, as ``torch.cuda.memory_stats_as_nested_dict``
+    (``{"allocated_bytes": {"all": {"current": ...}}, "swap": {"bytes_out": ...}, ...}``)."""
+    out: Dict[str, Any] = {}
+    for key, value in memory_stats(device).items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def record_memory_history(enabled: Any = "all", *args: Any, **kwargs: Any) -> None:
+    """What ``torch.cuda.memory._record_memory_history`` does under spill: nothing to switch.
+    spill records every allocation, free, segment map and out-of-memory as it runs (the
+    configuration's ``trace:on``, the default), and ``_snapshot()`` returns that history as
+    ``device_traces``; torch's own recorder belongs to its caching allocator, and the
+    pluggable allocator raises ("does not yet support recordHistory") when asked for it. Takes
+    torch's arguments (``enabled``, ``context``, ``stacks``, ``max_entries``, ...) and ignores
+    them: stack traces are not recorded (blocks carry the tags spill knows)."""
+    _log.debug("spill.torch: _record_memory_history(%r) ignored: spill records its history "
+               "(trace:on)", enabled)
 
 
 def memory_allocated(device: Any = None) -> int:
