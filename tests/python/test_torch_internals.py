@@ -465,6 +465,38 @@ def test_the_pluggable_allocator_api_is_there() -> None:
     snap = torch.cuda.memory._snapshot()
     assert isinstance(snap, dict) and "segments" in snap, _internal(
         "torch.cuda.memory._snapshot()", f"is a {type(snap).__name__} without 'segments'")
+    assert callable(getattr(torch.cuda.memory, "_CUDAAllocator", None)), _internal(
+        "torch.cuda.memory._CUDAAllocator", "is missing (enable() wraps the allocator in it)")
+    if torch_version() >= (2, 5):
+        first = list(inspect.signature(torch.cuda.MemPool).parameters)[:1]
+        assert first == ["allocator"], _internal(
+            "torch.cuda.MemPool", f"takes {first} first (pool() passes the allocator there)")
+    # The object _cuda_customAllocator returns carries the hooks enable() wires (init,
+    # empty_cache, memory fraction, record_stream). Made over libc's malloc and free, never
+    # called: it is not installed.
+    from spill.torch._enable import _CUDA_HOOKS
+    import ctypes
+    libc = ctypes.CDLL(None)
+    native = torch._C._cuda_customAllocator(
+        ctypes.cast(libc.malloc, ctypes.c_void_p).value,
+        ctypes.cast(libc.free, ctypes.c_void_p).value)
+    missing = [setter for setter, _ in _CUDA_HOOKS if not callable(getattr(native, setter, None))]
+    assert not missing, _internal(
+        f"torch._C._cuda_customAllocator's {type(native).__name__}", f"has no {missing}")
+
+
+def test_cpp_extension_load_takes_what_the_shims_build_passes() -> None:
+    """Without a CMake-built shim for this torch (a GPU machine with pip's torch), spill.torch
+    compiles its shims with torch.utils.cpp_extension.load, passing these keywords, and reads
+    the library's path from what it returns (torch 2) or from its build directory (1.13)."""
+    from torch.utils import cpp_extension
+    params = inspect.signature(cpp_extension.load).parameters
+    for name in ("name", "sources", "extra_include_paths", "extra_ldflags", "build_directory",
+                 "is_python_module", "verbose"):
+        assert name in params, _internal("torch.utils.cpp_extension.load", f"takes no {name!r}")
+    if not TORCH2:  # 1.13's load returns nothing for a library that is not a module
+        assert callable(getattr(cpp_extension, "_get_build_directory", None)), _internal(
+            "torch.utils.cpp_extension._get_build_directory", "is missing")
 
 
 def test_spills_replacements_take_the_arguments_of_the_functions_they_replace() -> None:
