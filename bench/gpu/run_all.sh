@@ -199,6 +199,11 @@ if ((built == 0)); then
   # a third of its footprint beside save_on_cpu and activation checkpointing.
   if ! selected torch-internals && ! selected torch-tests && ! selected torch-gpt2-medium; then
     rows+=("torch|not selected (SPILL_GPU_ONLY)|0")
+  elif ! [[ -f $build/libspill.so ]]; then
+    # A fresh machine with the torch steps selected but not `build`: every test would fail
+    # on the missing library instead.
+    rows+=("torch|no libspill.so: select build|0")
+    failed=1
   elif [[ -n $python ]] && "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
     torch_env=(env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python"
                SPILL_TORCH_TARGET=cuda SPILL_TORCH_BUILD_DIR="$build/torch-ext")
