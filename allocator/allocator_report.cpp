@@ -176,7 +176,9 @@ void CachingAllocator::throw_oom_locked(
     std::optional<LargeBlockObserver::Unevictable> unevictable) {
   Impl& m = *impl_;
   m.stats.ooms++;
-  m.trace(EventKind::Oom, 0, requested);
+  const std::size_t free_under_budget =
+      m.budget.limit() > m.budget.claimed() ? m.budget.limit() - m.budget.claimed() : 0;
+  m.trace(EventKind::Oom, free_under_budget, requested);
   OomFacts f;
   f.requested = requested;
   f.needed = needed;

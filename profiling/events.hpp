@@ -19,7 +19,9 @@ namespace spill::profiling {
 // mapped / unmapped (the budget's bytes). HostAlloc/HostFree: pinned host memory taken / given
 // back. SwapOut/SwapIn: a block's bytes moved to / from the host (duration = the copy).
 // Pin/Unpin, Prefetch/Evict: the swapper's protocol and hints. Stall: time a stream or the host
-// waited for a swap-in (duration). Oom: a failed request. Mark: a user annotation (tag).
+// waited for a swap-in (duration). Oom: a failed request (bytes: the request; address: the
+// bytes still free under the budget then, which memory snapshots give as "device_free").
+// Mark: a user annotation (tag).
 enum class EventKind : std::uint8_t {
   Alloc, Free, Map, Unmap, Pin, Unpin, SwapOut, SwapIn, Prefetch, Evict, Stall, Oom, Mark,
   HostAlloc, HostFree,

@@ -79,7 +79,13 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
         break;
       case EventKind::Map: entry("segment_alloc", e); break;
       case EventKind::Unmap: entry("segment_free", e); break;
-      case EventKind::Oom: entry("oom", e); break;
+      case EventKind::Oom:
+        // torch's memory_viz reads what was free ("... free in CUDA"): under spill, the bytes
+        // the budget still had unmapped. The event has no address of its own.
+        entry("oom", e);
+        trace.back()["addr"] = 0;
+        trace.back()["device_free"] = e.address;
+        break;
       default: break;
     }
   }

@@ -854,7 +854,8 @@ TEST(AllocatorTrace, EveryAllocateFreeMapUnmapAndOomIsAnEvent) {
       {EventKind::Map, seg, 2 * MiB},   {EventKind::Alloc, at(s), 1024},
       {EventKind::Map, at(l), 4 * MiB}, {EventKind::Alloc, at(l), 4 * MiB},
       {EventKind::Free, at(s), 1024},   {EventKind::Free, at(l), 4 * MiB},
-      {EventKind::Oom, 0, 16 * MiB},    {EventKind::Unmap, at(l), 4 * MiB},
+      {EventKind::Oom, 2 * MiB, 16 * MiB},  // 6 MiB mapped of the budget's 8: 2 MiB free
+      {EventKind::Unmap, at(l), 4 * MiB},
       {EventKind::Unmap, seg, 2 * MiB}, {EventKind::Map, at(v), 4 * MiB},
       {EventKind::Alloc, at(v), 4 * MiB}, {EventKind::Unmap, at(v), 4 * MiB},
       {EventKind::Map, at(v), 4 * MiB}, {EventKind::Free, at(v), 4 * MiB}};

@@ -63,6 +63,29 @@ TEST(Snapshot, HasMemoryVizLayout) {
   EXPECT_EQ(frees, 12u);
 }
 
+// An out-of-memory entry carries what torch's memory_viz reads of it (`trace()` prints "N
+// requested, M free in CUDA" from "size" and "device_free"; a missing key raised KeyError):
+// the request, and the bytes the budget still had unmapped, which the allocator records as
+// the event's address.
+TEST(Snapshot, AnOutOfMemoryEntryGivesTheRequestAndWhatWasFree) {
+  std::vector<TraceEvent> history = test::synthetic_step(2, 2);
+  TraceEvent oom;
+  oom.kind = EventKind::Oom;
+  oom.address = 3 << 20;  // free under the budget
+  oom.bytes = 64 << 20;   // requested
+  oom.time_ns = history.back().time_ns + 1000;
+  history.push_back(oom);
+  nlohmann::json j = to_memory_viz(sample_state(), history);
+  const auto& trace = j["device_traces"][0];
+  ASSERT_FALSE(trace.empty());
+  const auto& e = trace.back();
+  EXPECT_EQ(e["action"], "oom");
+  EXPECT_EQ(e["size"], 64u << 20);
+  EXPECT_EQ(e["device_free"], 3u << 20);
+  EXPECT_EQ(e["addr"], 0u) << "an out-of-memory has no address";
+  for (const char* key : {"stream", "time_us", "frames"}) EXPECT_TRUE(e.contains(key)) << key;
+}
+
 TEST(Snapshot, RoundTripsAndConvertsToAPickle) {
   std::string path = ::testing::TempDir() + "spill_snapshot.json";
   write_snapshot(path, sample_state(), test::synthetic_step());

@@ -383,6 +383,13 @@ def test_oom_raises_torch_oom_with_the_breakdown_and_training_continues() -> Non
         model(torch.randn(64, 1024, device=dev)).sum().backward()  # a smaller batch trains
         opt.step()
         assert st.memory_stats()["num_ooms"] >= 1
+        # The history has the failure as torch 2's memory_viz.trace() reads it ("N requested,
+        # M free in CUDA": "size" and "device_free"; spill gives what its budget still had).
+        ooms = [e for trace in spill.snapshot()["device_traces"] for e in trace
+                if e["action"] == "oom"]
+        assert ooms, "no out-of-memory entry in the snapshot's history"
+        assert ooms[0]["size"] >= 12000 * 1024 * 4, ooms[0]
+        assert 0 <= ooms[0]["device_free"] < ooms[0]["size"], ooms[0]
         print("ok")
     """)
     assert "ok" in out and "OutOfMemoryError" in out
