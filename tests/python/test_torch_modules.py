@@ -1878,3 +1878,79 @@ def test_a_hessian_vector_product_with_respect_to_the_parameters_trains_as_plain
         print("ok")
     """))
     assert "ok" in out
+
+
+# torch 2's functional_call: `torch.func.functional_call` there; on torch 1.13 its mechanism
+# written out (each given tensor written into its module's `_parameters` or `_buffers` entry
+# for the call, the module's own put back after it; 1.13 swaps the module's class instead).
+TORCH2_FUNCTIONAL_CALL = """
+    try:
+        from torch.func import functional_call
+    except ImportError:
+        def functional_call(module, tensors, args):
+            saved = []
+            try:
+                for name, t in tensors.items():
+                    path, _, attr = name.rpartition(".")
+                    owner = module.get_submodule(path) if path else module
+                    table = owner._parameters if attr in owner._parameters else owner._buffers
+                    saved.append((table, attr, table[attr]))
+                    table[attr] = t
+                return module(*args)
+            finally:
+                for table, attr, t in reversed(saved):
+                    table[attr] = t
+"""
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_functional_call_given_another_models_parameters_or_new_buffers_trains_at_a_third() -> None:
+    """torch 2's ``functional_call`` given another offloaded model's nn.Parameter objects (a
+    target computed with a second model's weights under no_grad, as distillation or an EMA
+    teacher does), or given fresh running-stat buffers for a model with batch norm, at a
+    third of the footprint: plain torch's losses and both models' final state, bytes
+    swapped, planned steps. Before, a module given nn.Parameter objects or buffers was taken
+    as reassigned: its layout followed them for the call and back, which made the module's
+    own parameters unswappable during the call and the other handle's after it: out of memory
+    at a third (3 MiB "never declared swappable"; CPU bridge, 2026-12-03). torch 1.13's own
+    functional_call (a class swap) trained there already."""
+    out = run_ok(scenario(TORCH2_FUNCTIONAL_CALL + """
+    def net():
+        return nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(),
+                             nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(),
+                             nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    def run(wrap, how, steps=4):
+        torch.manual_seed(0)
+        m = net().to(dev)
+        other = net().to(dev) if how == "parameters" else None
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        h = wrap(m, other, opt) if other is not None else wrap(m, opt)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for i in range(steps):
+            x = torch.randn(256, 512, generator=g).to(dev)
+            y = torch.randint(0, 10, (256,), generator=g).to(dev)
+            opt.zero_grad()
+            if how == "parameters":
+                with torch.no_grad():
+                    target = functional_call(m, dict(other.named_parameters()), (x,))
+                out = m(x)
+                loss = F.cross_entropy(out, y) + F.mse_loss(out, target)
+            else:
+                buffers = {k: v.clone() for k, v in m.named_buffers()}
+                loss = F.cross_entropy(functional_call(m, buffers, (x,)), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        with st.guard(release_on_exit=False) if h else torch.no_grad():
+            state = [state_bytes(m), state_bytes(other) if other is not None else None]
+        return losses, state, h
+    both = lambda m, other, opt: [st.offload(m, opt, quiet=False), st.offload(other, quiet=False)]
+    for how in ("parameters", "buffers"):
+        base = run(lambda *a: None, how)[:2]
+        footprint = footprint_of(run, how, steps=2)
+        against_plain(base, run, int(footprint / 3), how,
+                      offload=both if how == "parameters" else None)
+    print("ok")
+    """))
+    assert "ok" in out

@@ -109,6 +109,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -591,7 +592,7 @@ class OffloadHandle:
             seen.add(m)
             if m.__dict__.get("_backward_hooks") or m.__dict__.get("_backward_pre_hooks"):
                 self._pin_backward_hooks(m)
-            if _swapped_in(m):
+            if _swapped_in(m, layout.get(m)):
                 continue  # a functional_call runs it with other tensors: its own come back
             for p in m._parameters.values():
                 hooks = getattr(p, "_backward_hooks", None) if p is not None else None
@@ -655,9 +656,11 @@ class OffloadHandle:
         for m in changed:
             if m in self._computed:
                 self._declare_computed(m)
+        others = [h for h in window().handles if h is not self]
         for ptr, ref in gone:
             t = ref()
-            if t is not None and ptr not in self._persistent and self._movable(t) == ptr:
+            if t is not None and ptr not in self._persistent and self._movable(t) == ptr and \
+                    not any(ptr in h._persistent for h in others):
                 self.pinner.declare(ptr, False)
 
     @property
@@ -782,7 +785,7 @@ class OffloadHandle:
         frame = _Frame(module, ModuleCall())
         tokens = frame.tokens
         busy = self._busy(module)
-        swapped = _functional_call_tensors(module)
+        swapped = _functional_call_tensors(module, self._layout.get(module))
         if swapped:  # the tensors a functional_call gives the module for its own
             self._hold_given(tokens, swapped, stream, busy)
         if not busy:  # a busy module's ops pin its parameters and buffers as they use them
@@ -1885,16 +1888,22 @@ def _computed_weights(module: torch.nn.Module) -> List[str]:
     return names
 
 
-def _functional_call_tensors(module: torch.nn.Module) -> List[torch.Tensor]:
+def _functional_call_tensors(module: torch.nn.Module, own: Optional[tuple]) -> List[torch.Tensor]:
     """The tensors ``functional_call`` put in place of ``module``'s own parameters and buffers
     while it runs; none otherwise. torch 1.13 gives the module a class of its own that answers
     those names from the dict (``_attr_to_path``); torch 2 writes each given tensor into the
     module's ``_parameters`` (or ``_buffers``) entry for the call and puts the module's own
     back after it: there, the entries of ``_parameters`` that are not ``nn.Parameter``
-    (``setattr`` refuses those), as MAML's adapted weights are (see _swapped_in)."""
+    (``setattr`` refuses those), as MAML's adapted weights are, and while a functional_call
+    runs, any entry that is not the module's own (``own``: its layout, see _swapped_in)."""
     names = module.__dict__.get("_attr_to_path")
     if not names:
-        return [t for t in module._parameters.values() if _given(t)]
+        given = [t for t in module._parameters.values() if _given(t)]
+        if own is not None and _replaced(own, module) and _in_functional_call():
+            mine = own[0] + own[1]
+            given += [t for t in (*module._parameters.values(), *module._buffers.values())
+                      if t is not None and not _given(t) and not any(t is o for o in mine)]
+        return given
     given = []
     for name in names:
         t = getattr(module, name, None)
@@ -1909,12 +1918,38 @@ def _given(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
 
 
-def _swapped_in(m: torch.nn.Module) -> bool:
+def _swapped_in(m: torch.nn.Module, own: Optional[tuple]) -> bool:
     """Whether torch 2's ``functional_call`` runs ``m`` with tensors of the caller's in its
-    ``_parameters`` now: the module's own parameters are what they were (they come back when
-    the call ends), so _refresh leaves its layout as it is. A call given nn.Parameter objects
-    (another model's) is not told from an assignment: the layout follows it and back."""
-    return any(_given(t) for t in m._parameters.values())
+    ``_parameters`` or ``_buffers`` now: the module's own are what they were (they come back
+    when the call ends), so _refresh leaves its layout (``own``) as it is. Tensors that are
+    not nn.Parameter tell it; nn.Parameter objects (another model's) or buffers put in place
+    of the layout's do while a functional_call is on the stack (_in_functional_call). Before,
+    the layout followed those and back: the module's own parameters were made unswappable
+    for the call, and another handle's given ones after it (out of memory at a third)."""
+    if any(_given(t) for t in m._parameters.values()):
+        return True
+    return own is not None and _replaced(own, m) and _in_functional_call()
+
+
+def _replaced(own: tuple, m: torch.nn.Module) -> bool:
+    """Whether ``m``'s parameters or buffers are other objects than its layout ``own`` has."""
+    return not (_same(own[0], m._parameters.values()) and _same(own[1], m._buffers.values()))
+
+
+# The frames of torch 2's functional_call (torch.func's, and torch.nn.utils.stateless's inner
+# one, which runs the module inside _reparametrize_module).
+_FUNCTIONAL_CALL_FRAMES = frozenset(("functional_call", "_functional_call"))
+
+
+def _in_functional_call() -> bool:
+    """Whether a ``functional_call`` is on the calling thread's stack (asked only when a
+    module's tensors differ from its layout, so the walk is rare)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in _FUNCTIONAL_CALL_FRAMES:
+            return True
+        frame = frame.f_back
+    return False
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
