@@ -18,18 +18,27 @@
 // cursor. The plan's prefetches and evictions go by the cursor's plan op, so they keep
 // hiding copies in the parts that match. After kGiveUp accesses in a row off the plan the
 // step stops following it. At its end, a step that found blocks from before it that the
-// plan's step made (optimizer state a first step creates) becomes the next plan, even one that
-// followed its plan exactly (that plan has them made in its step and never prefetches them); a
-// step that left its plan becomes the next plan if it had accesses the plan lacks, skipped
-// at most kShortSkip of the plan's accesses (none: more micro-batches; a few: a second step's
-// one-off op) or more than half of them, or had the very accesses of the step before it (the
-// steps settled on a shape the plan does not have: a momentum encoder's second step does more
-// than the rest); so a first step that differs from the rest costs one deviation, not a
-// re-recording per step. One that only skipped some of the plan's ops keeps the plan (it
-// covers the steps like it). A step that left its plan counts in steps_resynced, not
-// steps_planned. A plan is always one step's own recording, never a
-// merge of several (tried: the cursor wandered over the repeated blocks of a union of steps,
-// and the plan grew each step). A block's size is no part of its identity: the
+// plan's step made (optimizer state a first step creates; found by their own id of the latest
+// step, not by a place that a new block such as the next batch may take) becomes the next
+// plan, even one that followed its plan exactly (that plan has them made in its step and never
+// prefetches them); a step that left its plan becomes the next plan if it had accesses the
+// plan lacks, skipped at most kShortSkip of the plan's accesses (none: more micro-batches; a
+// few: a second step's one-off op) or more than half of them, or had the very accesses of the
+// step before it (the steps settled on a shape the plan does not have: a momentum encoder's
+// second step does more than the rest); so a first step that differs from the rest costs one
+// deviation, not a re-recording per step. One that only skipped some of the plan's ops keeps
+// the plan (it covers the steps like it). A step that left its plan counts in steps_resynced,
+// not steps_planned. A step that ran a layer its plan's step skipped (it pinned blocks from
+// before the plan's step that the plan lacks: a dropped layer's weights) is spliced into the
+// plan: the next plan is the step's recording with the plan's accesses it skipped put back
+// where the plan had them (the longest common subsequence of the two, blocks from before the
+// step weighing more than blocks made in it, whose ids are only their places), so that under
+// stochastic depth the plan comes to hold every layer seen and a step runs a subset of it. A
+// step following a spliced plan that ran no such layer and had fewer accesses than the plan
+// keeps it, even when it skipped more than half of it or had accesses the plan lacks where it
+// ran (blocks made in the step that took another place's id). Merging steps otherwise (the
+// union of their ops) was tried and not kept: the cursor wandered over the repeated blocks of
+// the union, and the plan grew each step. A block's size is no part of its identity: the
 // caching allocator serves a request from a cached block up to a quarter larger, so what the
 // cache holds decides a block's size (an activation of torchvision's mobilenet_v3_small took
 // 640 KiB in one step and 512 KiB in the next, alternately), and a step's tensors may change
@@ -116,6 +125,7 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.matched = 0;
   s.plan_made_older = false;
   s.prev_block = -1;
+  s.unplanned_old = 0;
   if (!s.executing) s.pending.clear();  // else: prefetches issued at the previous step's end
   if (s.recording) s.trace = graph::Trace{};
   if (s.executing) {
@@ -201,11 +211,17 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   // A step that found state its plan's step made becomes the plan even when it followed the
   // plan exactly (its accesses repeat the first step's): the plan has that state made in its
   // step, so it would never prefetch it.
+  // A spliced plan holds more than any one step runs: a shorter step that ran no layer the
+  // plan lacks keeps it (its accesses off the plan are blocks it made that took other places).
+  const bool within_spliced = s.plan_spliced && s.unplanned_old == 0 &&
+                              s.trace.accesses.size() < planned_accesses;
   if (s.plan_made_older ||
-      (s.deviated && (s.extras > 0 || same_shape || s.matched + kShortSkip >= planned_accesses ||
-                      s.matched * 2 < planned_accesses)))
+      (s.deviated && ((s.extras > 0 && !within_spliced) || same_shape ||
+                      s.matched + kShortSkip >= planned_accesses ||
+                      (s.matched * 2 < planned_accesses && !within_spliced))))
     s.replan = true;
   const bool keeps_plan = s.planned_step && !s.replan;
+  bool spliced = false;
   // A step that followed its plan with a block made by a larger request than the plan had
   // (a longer sequence) is planned again, at the largest sizes seen since the plan's
   // recording, so that a later step as large as this one finds the room its evictions make.
@@ -222,6 +238,9 @@ void Swapper::Impl::end_step_locked(StepState& s) {
       s.gen_of_id_prev[id] = s.gen_of_id[id];
     }
   } else {
+    // A step that ran layers its plan lacks: the plan's accesses it skipped are spliced in.
+    if (s.planned_step && s.deviated && s.unplanned_old > 0 && !s.plan_made_older)
+      spliced = splice_into_plan_locked(s);
     // A new plan from this recording: its blocks are numbered in the order of first access,
     // as the next step will find them.
     const std::vector<std::int64_t> new_of = renumbering(s.trace, s.next_id);
@@ -258,6 +277,8 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   last_trace_any = s.trace;
   last_trace_any_scope = s.scope;
   s.replan = false;
+  s.plan_begin_tick = s.begin_tick;
+  s.plan_spliced = spliced;
   stats.steps_recorded++;
   s.plan = graph::Plan{};
   s.size_of_id.assign(s.next_id, 0);  // this step's blocks, as the next step finds them
@@ -886,8 +907,16 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     if (s.existed_of_id.size() <= id) s.existed_of_id.resize(id + 1, 0);
     s.existed_of_id[id] = b.born < s.begin_tick;
     forget_expected_locked(s, base);
-    if (s.executing && id < s.plan_ids && b.born < s.begin_tick && !s.existed_of_id_planned[id])
+    // Found by its id of the latest step (a new block from before the step, as the next
+    // batch, may take the place of a block the plan's step made: not state it made).
+    const auto prev = s.prev_id_of_base.find(base);
+    const bool own_id = prev != s.prev_id_of_base.end() && prev->second == id &&
+                        s.gen_of_id_prev[id] == b.generation;
+    if (s.executing && id < s.plan_ids && b.born < s.begin_tick && !s.existed_of_id_planned[id] &&
+        own_id)
       s.plan_made_older = true;  // the plan's step made it (optimizer state in a first step)
+    if (s.executing && id >= s.plan_ids && b.born < s.plan_begin_tick)
+      s.unplanned_old++;  // older than the plan's step, which did not pin it: a skipped layer
     if (auto birth = s.birth_of.find(base); birth != s.birth_of.end() && s.recording)
       s.id_of_birth[birth->second] = static_cast<std::int64_t>(id);
   }
@@ -965,6 +994,116 @@ void Swapper::Impl::forget_expected_locked(StepState& s, std::uintptr_t base) {
   if (back != s.expected_base_of_id.end() && back->second == base)
     s.expected_base_of_id.erase(back);
   s.expected_id_of.erase(it);
+}
+
+bool Swapper::Impl::splice_into_plan_locked(StepState& s) {
+  const std::vector<graph::TraceAccess>& plan = s.plan_trace.accesses;
+  const std::vector<graph::TraceAccess>& step = s.trace.accesses;
+  const std::size_t n = step.size(), m = plan.size();
+  if (n * m > (std::size_t{1} << 24)) return false;  // the table below stays small
+  // The longest common subsequence of the step's accesses and the plan's, by block: an access
+  // of a block from before the step weighs more (its id is its address; a block made in the
+  // step has the id of the place it was found at, which a skip may have shifted).
+  const auto weight = [&](std::size_t i, std::size_t j) -> std::uint32_t {
+    const std::uint64_t id = step[i].block;
+    if (id != plan[j].block) return 0;
+    return id < s.existed_of_id.size() && s.existed_of_id[id] ? 4 : 1;
+  };
+  std::vector<std::uint32_t> best((n + 1) * (m + 1), 0);  // of the suffixes from (i, j)
+  const auto at = [&](std::size_t i, std::size_t j) -> std::uint32_t& {
+    return best[i * (m + 1) + j];
+  };
+  for (std::size_t i = n; i-- > 0;)
+    for (std::size_t j = m; j-- > 0;) {
+      std::uint32_t v = std::max(at(i + 1, j), at(i, j + 1));
+      if (const std::uint32_t w = weight(i, j); w > 0) v = std::max(v, w + at(i + 1, j + 1));
+      at(i, j) = v;
+    }
+  // Each op's time in its own recording (to its next op's first access, the last op to the
+  // step's end): the spliced ops run at their own pace.
+  const auto durations = [](const graph::Trace& t) {
+    std::vector<double> d;
+    for (std::size_t i = 0; i < t.accesses.size();) {
+      const std::uint32_t op = t.accesses[i].op;
+      std::size_t j = i;
+      while (j < t.accesses.size() && t.accesses[j].op == op) ++j;
+      const double end = j < t.accesses.size() ? t.accesses[j].time_s
+                                               : std::max(t.step_end_s, t.accesses[i].time_s);
+      if (d.size() <= op) d.resize(op + 1, 0.0);
+      d[op] = std::max(d[op], end - t.accesses[i].time_s);
+      i = j;
+    }
+    return d;
+  };
+  // Source 0 is the step, 1 the plan.
+  const std::vector<double> duration[2] = {durations(s.trace), durations(s.plan_trace)};
+  const std::vector<std::uint64_t>* other_of[2] = {&s.other_bytes, &s.plan_other_bytes};
+  graph::Trace out;
+  std::vector<std::uint64_t> other;  // per op of the spliced trace
+  int src_prev = -1;
+  std::uint32_t op_prev = 0;
+  std::uint32_t next_other[2] = {0, 0};
+  double t = 0;
+  const auto close_op = [&] {
+    if (src_prev >= 0 && op_prev < duration[src_prev].size()) t += duration[src_prev][op_prev];
+  };
+  const auto emit = [&](const graph::TraceAccess& a, int src) {
+    if (src != src_prev || a.op != op_prev) {
+      close_op();
+      // The memory its recording did not show, at its worst over that recording's ops since
+      // the last one spliced from it.
+      std::uint64_t o = 0;
+      const std::vector<std::uint64_t>& from = *other_of[src];
+      for (std::uint32_t k = std::min(next_other[src], a.op); k <= a.op && k < from.size(); ++k)
+        o = std::max(o, from[k]);
+      next_other[src] = a.op + 1;
+      other.push_back(o);
+      src_prev = src;
+      op_prev = a.op;
+    }
+    graph::TraceAccess c = a;
+    c.op = static_cast<std::uint32_t>(other.size() - 1);
+    c.time_s = t;
+    out.accesses.push_back(c);
+  };
+  // Where both leave accesses between two common ones, the plan's come first.
+  std::size_t i = 0, j = 0;
+  while (i < n || j < m) {
+    if (i < n && j < m && weight(i, j) > 0 && at(i, j) == weight(i, j) + at(i + 1, j + 1)) {
+      emit(plan[j], 1);
+      ++i, ++j;
+    } else if (j < m && (i == n || at(i, j + 1) >= at(i + 1, j))) {
+      emit(plan[j++], 1);
+    } else {
+      emit(step[i++], 0);
+    }
+  }
+  close_op();
+  out.step_end_s = t;
+  // The plan's blocks the step did not touch, as the plan had them; those still alive (the
+  // weights and state of layers the step skipped) known by their address, as the step's are.
+  const std::size_t ids = std::max<std::size_t>(s.next_id, s.plan_ids);
+  s.base_of_id.resize(std::max(s.base_of_id.size(), ids), 0);
+  s.gen_of_id.resize(std::max(s.gen_of_id.size(), ids), 0);
+  s.request_of_id.resize(std::max(s.request_of_id.size(), ids), 0);
+  s.existed_of_id.resize(std::max(s.existed_of_id.size(), ids), 0);
+  for (std::uint64_t id = 0; id < s.plan_ids; ++id) {
+    if (s.base_of_id[id] != 0) continue;
+    if (id < s.request_of_id_planned.size()) s.request_of_id[id] = s.request_of_id_planned[id];
+    if (id < s.existed_of_id_planned.size()) s.existed_of_id[id] = s.existed_of_id_planned[id];
+    if (id >= s.base_of_id_prev.size() || s.base_of_id_prev[id] == 0) continue;
+    auto it = blocks.find(s.base_of_id_prev[id]);
+    if (it == blocks.end() || it->second.generation != s.gen_of_id_prev[id] ||
+        s.id_of.count(s.base_of_id_prev[id]) != 0)
+      continue;
+    s.base_of_id[id] = s.base_of_id_prev[id];
+    s.gen_of_id[id] = s.gen_of_id_prev[id];
+    s.id_of[s.base_of_id[id]] = id;  // not untouched memory: the plan holds it
+  }
+  s.trace = std::move(out);
+  s.other_bytes = std::move(other);
+  s.next_id = ids;
+  return true;
 }
 
 }  // namespace spill

@@ -54,7 +54,8 @@ struct PlannedPrefetch {
 
 // One step scope's recording and plan. Every step is recorded (policy plan with a budget);
 // the recording becomes the plan when the scope has none yet, when the step had ops its plan
-// lacks (or matched less than half of it), or when the budget changed (see step.cpp).
+// lacks (or matched less than half of it), or when the budget changed; a step that ran layers
+// its plan's step skipped is spliced into the plan (see step.cpp).
 struct StepState {
   std::uint64_t scope = 0;       // its number
   std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
@@ -117,6 +118,11 @@ struct StepState {
   std::size_t extras = 0;        // accesses of the step the plan does not have
   std::size_t matched = 0;       // accesses of the step found in the plan
   bool plan_made_older = false;  // a block from before the step was made in the plan's step
+  // Blocks of this step from before the plan's step that the plan lacks (the weights of a
+  // layer the plan's step skipped): the step is spliced into the plan (see step.cpp).
+  std::size_t unplanned_old = 0;
+  std::uint64_t plan_begin_tick = 0;  // begin_tick of the step the plan was made at
+  bool plan_spliced = false;          // the plan was made by splicing a step into the last one
   std::uint64_t last_shape = 0;  // a hash of the latest step's accesses (its blocks in order)
   std::int64_t prev_block = -1;  // the id of the step's latest recorded access
   std::vector<std::vector<std::size_t>> plan_positions;  // plan id -> indices in plan_trace
@@ -333,6 +339,11 @@ struct Swapper::Impl {
   void follow_to_locked(StepState& s, std::int64_t op);
   // prev_id_of_base from base_of_id_prev.
   void set_prev_identity_locked(StepState& s);
+  // At the end of a step that ran layers its plan lacks: makes the step's recording (s.trace,
+  // s.other_bytes, the ids' blocks) the plan's accesses with the step's spliced in, in the
+  // order of both (see step.cpp). Returns false (nothing changed) when the steps are too long
+  // to align.
+  bool splice_into_plan_locked(StepState& s);
   void begin_step_locked(StepState& s);
   void end_step_locked(StepState& s);
 };

@@ -251,5 +251,42 @@ TEST(ResyncedSteps, AStepThatFindsTheStateItsPlanMadeBecomesThePlan) {
     EXPECT_LE(plan.demand[i], 2u) << "step " << i + 1 << ": " << list(plan.demand);
 }
 
+// Stochastic depth from the second step on: each step skips a layer that the step before it
+// ran and runs one that it skipped, so that no step's recording has every layer. Step 3 runs
+// layer 5, which its plan (step 2's recording) lacks: the step is spliced into the plan, which
+// then has every layer, and each later step runs a subset of it and keeps it. Before, each
+// step became the next plan (it had ops its plan lacked) and served the layer its plan's step
+// had skipped as LRU does: 8 recordings, and the later steps fetched that layer's weight and
+// state on demand.
+TEST(ResyncedSteps, ALayerThePlansStepSkippedIsSplicedIntoThePlan) {
+  const std::vector<Shape> shapes = {{{5}}, {{2}}, {{6}}, {{1}}, {{5}}, {{3, 4}}, {{2}}};
+  const auto run = [&](const std::string& policy) {
+    Model m(policy);
+    Training r;
+    r.demand.push_back(m.step(1, {}));
+    for (std::size_t i = 0; i < shapes.size(); ++i)
+      r.demand.push_back(m.step(static_cast<int>(i) + 2, shapes[i]));
+    r.stats = m.stats();
+    r.ok = m.ok();
+    return r;
+  };
+  const Training plan = run("plan");
+  const Training lru = run("lru");
+  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
+  RecordProperty("demand_plan", list(plan.demand));
+  RecordProperty("demand_lru", list(lru.demand));
+  // Step 2 finds the state step 1 made; step 3 is spliced into step 2's plan; steps 4 to 8
+  // keep that plan.
+  EXPECT_EQ(plan.stats.steps_recorded, 3u) << "steps 1, 2 and 3";
+  EXPECT_EQ(plan.stats.steps_resynced, 7u) << "each step from the second skips a layer";
+  // Steps 4 to 8 each at most a third of LRU's demand fetches, and an eighth of them
+  // together (before: 20 of LRU's 115).
+  for (std::size_t i = 3; i < plan.demand.size(); ++i)
+    EXPECT_LE(plan.demand[i] * 3, lru.demand[i])
+        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  EXPECT_LE(sum_from(plan.demand, 3) * 8, sum_from(lru.demand, 3))
+      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+}
+
 }  // namespace
 }  // namespace spill::test
