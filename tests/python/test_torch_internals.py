@@ -341,6 +341,25 @@ def test_post_accumulate_grad_hooks_follow_their_dict() -> None:
         "after accumulating")
 
 
+def test_a_nodes_metadata_lives_with_the_node_and_a_leafs_node_is_shared() -> None:
+    """_partials.py knows a node by a serial number in ``node.metadata`` and hooks it once
+    for its life: the metadata dict lives with the C++ node, so a new Python object for it
+    (made once the old one is gone) shows the same dict; and a leaf's AccumulateGrad node is
+    one node for every graph that reaches the leaf while one of them lives."""
+    w = torch.ones(4, requires_grad=True)
+    y = (w * 2).sum()
+    node = y.grad_fn.next_functions[0][0].next_functions[0][0]
+    assert hasattr(node, "metadata"), _internal("Node.metadata", "is missing")
+    node.metadata["spill_test"] = 1
+    del node
+    again = y.grad_fn.next_functions[0][0].next_functions[0][0]
+    assert again.metadata.get("spill_test") == 1, _internal(
+        "Node.metadata", "does not live with the C++ node")
+    other = (w * 3).sum().grad_fn.next_functions[0][0].next_functions[0][0]
+    assert other.metadata.get("spill_test") == 1, _internal(
+        "AccumulateGrad", "is not one node for every graph that reaches the leaf")
+
+
 def test_a_custom_functions_backward_goes_through_backward_cfunction_apply() -> None:
     """_backward_code.py wraps torch.autograd.function.BackwardCFunction.apply, which the
     autograd engine looks up on a custom Function's backward node at each call, to pin the

@@ -686,11 +686,12 @@ def test_hooks_of_the_callers_may_read_the_parameters() -> None:
     assert "ok" in out
 
 
-# The MAML loop of the two tests below, given `functional_call`: two tasks a step, Adam, every
+# The MAML loop of the tests below, given `functional_call`: two tasks a step, Adam, every
 # tensor on the host before the third and fourth steps; `maml(first_order, fraction)` checks it
-# at footprint / fraction against plain torch (losses, final state, bytes swapped, a planned step).
+# at footprint / fraction against plain torch (losses, final state, bytes swapped, a planned
+# step); `collect`: gc.collect() before each task (in every run, the footprint's too).
 MAML_LOOP = """
-    def run(wrap, first_order):
+    def run(wrap, first_order, collect=False):
         torch.manual_seed(0)
         m = mlp(4).to(dev)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
@@ -702,6 +703,8 @@ MAML_LOOP = """
                 evict_all(h)
             opt.zero_grad()
             for task in range(2):
+                if collect:
+                    gc.collect()
                 (xs, ys), (xq, yq) = data(g), data(g)
                 params = dict(m.named_parameters())
                 inner = F.cross_entropy(functional_call(m, params, (xs,)), ys)
@@ -715,19 +718,20 @@ MAML_LOOP = """
         with st.guard(release_on_exit=False) if h else torch.no_grad():
             state = state_bytes(m)
         return losses, state
-    def maml(first_order, fraction):
-        base = run(lambda m, o: None, first_order)
+    def maml(first_order, fraction, collect=False):
+        base = run(lambda m, o: None, first_order, collect)
         enable()
         gc.collect()
         st.reset_peak_memory_stats()
-        run(lambda m, o: None, first_order)
+        run(lambda m, o: None, first_order, collect)
         footprint = st.max_memory_allocated()
+        gc.collect()  # (the adapted weights the runs before left in reference cycles)
         def wrap(m, o):
             h = st.offload(m, o, quiet=False)
             spill.set_budget(int(footprint / fraction))
             return h
         before = spill.stats()
-        losses, state = run(wrap, first_order)
+        losses, state = run(wrap, first_order, collect)
         after = spill.stats()
         assert losses == base[0], (first_order, losses, base[0])
         assert state == base[1], (first_order, "final state differs from plain torch")
@@ -744,24 +748,92 @@ def test_maml_weights_adapted_through_functional_call_are_pinned_and_move() -> N
     loop's code, and the outer loss through ``functional_call(model, adapted, (x,))``
     (torch.nn.utils.stateless in torch 1.13), whose backward reaches the parameters; two
     tasks a step, Adam, every tensor on the host before the third and fourth steps. First
-    order at a third of its footprint, second order at two thirds: plain torch's losses and
-    parameters, bytes swapped, planned steps. While functional_call runs, each module reads
-    the tensors it was given instead of its parameters: offload's pre-hook pinned the
-    module's own parameters (which it did not read) and nothing declared the adapted
-    weights, made in the window, so they stayed resident: first order ran out of memory at a
-    third (10 MiB "never declared swappable"). Now the given tensors are pinned around the
-    module's forward and, in a training forward, declared. Second order at a half passes or
-    runs out of memory depending on when Python's collector runs (a gc.collect() before each
-    task, or one more small dict allocated per graph examination, makes it fail; 18 MiB
-    "never declared swappable"): not tested there. At a third it runs out in the outer
-    backward."""
+    order at a third of its footprint; second order with ``gc.collect()`` before each task at
+    a half of that loop's footprint: plain torch's losses and parameters, bytes swapped,
+    planned steps. While functional_call runs, each module reads the tensors it was given
+    instead of its parameters: offload's pre-hook pinned the module's own parameters (which
+    it did not read) and nothing declared the adapted weights, made in the window, so they
+    stayed resident: first order ran out of memory at a third (10 MiB "never declared
+    swappable"). Now the given tensors are pinned around the module's forward and, in a
+    training forward, declared.
+
+    torch 1.13's functional_call gives each module a class of its own per call, whose
+    methods hold the dict of tensors it was given; a class is always in a reference cycle,
+    so each task's adapted weights live until Python's collector runs, and the plain
+    footprint depends on when it does: 35 MB with a collection before each task, 41-56 MB
+    without (CPU bridge, 2026-12-03, collector thresholds 200-700). The collection makes
+    the footprint, and the budget, the same in every run: 16.8 MiB, about a third of the
+    loop's without it. Second order ran only at two thirds of the latter before: the first
+    step took the parameters the loop's ``p - 0.01 * g`` reads for ones read outside every
+    module and pinned them through every later step (4 MiB), though the window pins that
+    code op by op; at 16.8 MiB out of memory in the first armed step's outer backward (4
+    MiB pinned, 10 MiB never declared swappable)."""
     out = run_ok(scenario("""
     from torch.nn.utils.stateless import functional_call""" + MAML_LOOP + """
     maml(first_order=True, fraction=3)
-    maml(first_order=False, fraction=1.5)
+    maml(first_order=False, fraction=2, collect=True)
     print("ok")
     """))
     assert "ok" in out
+
+
+def test_a_partial_gradient_hook_left_on_a_shared_node_acts_for_that_node_only() -> None:
+    """_partials.py's hooks stay on a node for its life, and a parameter's AccumulateGrad node
+    lives for as long as any graph reaches the parameter: in MAML, while a task's adapted
+    weights wait for Python's collector (see above), across steps. Its pre hook from an
+    earlier step fired for whichever receiver now had the ``id()`` its Python object had
+    then (a new object once the old one was gone, and CPython gives the next one the same
+    address), took that receiver's first part for added and gone, and declared the next
+    part swappable while the engine added it to the first (a segmentation fault in
+    second-order MAML at a half, with the collector run at other times). Here, without
+    spill's memory (declarations recorded by pointer): w's node is hooked in one
+    examination, forgotten, and runs between the two parts of v's, whose Python object
+    has w's old id; the second part is never declared, the first is made unswappable
+    before it is added to."""
+    from spill.torch._partials import PartialGradients
+
+    class Pinner:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def movable(self, t: object) -> int:
+            return t.data_ptr() if isinstance(t, torch.Tensor) else 0
+
+        def declare(self, ptr: int, swappable: bool = True) -> bool:
+            self.calls.append((ptr, swappable))
+            return True
+
+    pinner = Pinner()
+    parts = PartialGradients(pinner, set(), lambda: None)
+    w = torch.ones(64, requires_grad=True)
+    v = torch.ones(64, requires_grad=True)
+    first = (w * 2 + w * 3).sum()  # w reached along two edges: its node gets a pre hook
+    parts.graph_built(first)
+    node = first.grad_fn.next_functions[0][0].next_functions[0][0].next_functions[0][0]
+    assert node.name().endswith("AccumulateGrad"), node.name()
+    old = id(node)
+    first.backward(retain_graph=True)  # (the graph, and w's node, live on)
+    parts.forget()
+    # The engine runs b's node, then c's and w's AccumulateGrad, then a's.
+    a, c, b = v * 2, w * 3, v * 5
+    second = (a + b + c).sum()
+    sender = b.grad_fn
+    del node
+    receiver = sender.next_functions[0][0]  # v's AccumulateGrad node, a new Python object
+    if id(receiver) != old:
+        pytest.skip("CPython gave the new node object another address than the freed one")
+    sent = {}
+
+    def note(name: str) -> object:
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            sent[name] = grad_inputs[0].data_ptr()
+        return hook
+    for n, name in ((a.grad_fn, "a"), (b.grad_fn, "b")):
+        n.register_hook(note(name))
+    parts.graph_built(second)
+    pinner.calls.clear()
+    second.backward()
+    assert pinner.calls == [(sent["b"], True), (sent["b"], False)], (pinner.calls, sent)
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")

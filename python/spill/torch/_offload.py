@@ -261,12 +261,15 @@ class _Discovery(PinEveryOp):
             out = super().__torch_dispatch__(func, types, args, kwargs)
             h._count_held(top, out)  # what its own code makes
             return out
-        elif torch.is_grad_enabled() and not h._window.graphs:
-            # Forward code outside every module of the model (a loss term reading a weight,
-            # loop code between submodules called directly): no hook pins what it reads.
-            # Backward and the optimizer step run without grad mode and have their own pins;
-            # so does a backward that makes a graph (autograd.grad with create_graph: its
-            # saved tensors are pinned when a later backward unpacks them).
+        elif torch.is_grad_enabled() and not h._window.graphs and not h._window.pins_ops():
+            # Forward code outside every module of the model (a parent's forward reading a
+            # child's weight: a tied LM head): no hook pins what it reads. Backward and the
+            # optimizer step run without grad mode and have their own pins; so does a
+            # backward that makes a graph (autograd.grad with create_graph: its saved tensors
+            # are pinned when a later backward unpacks them); and the loop's own code (a loss
+            # term reading a weight, MAML's adapted weights ``p - lr * g``), which the
+            # window's mode pins op by op. Before, that code's reads had those parameters
+            # pinned through every later step (4 MiB of second-order MAML's at a half).
             for t in tree_flatten((args, kwargs or {}))[0]:
                 if isinstance(t, torch.Tensor) and not t.is_meta:
                     ptr = storage(t).data_ptr()

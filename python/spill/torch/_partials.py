@@ -29,11 +29,22 @@ senders' post hooks are also points between nodes, where the handle drops its ba
 (the double-backward graph has no module hooks).
 
 Examined each time from the outputs of all the step's entries and penalty graphs so far (one
-entry per step costs a weak reference to its outputs). The hooked nodes are kept (so that a
-node is hooked once) until the backward or the step is over, also when the backward raised
-(the window's Tensor.backward)."""
+entry per step costs a weak reference to its outputs). What was found is forgotten when the
+backward or the step is over, also when the backward raised (the window's Tensor.backward).
+
+A node is known by a serial number kept in its metadata, which lives with the C++ node, and is
+hooked once for its life: a node outlives a forget() where several graphs share it (a
+parameter's AccumulateGrad node, while any graph that reaches the parameter lives; a graph
+kept for a later backward, autograd.grad's with create_graph). Before, nodes were known by
+the ``id()`` of their Python object, which is made afresh once none is alive, and a
+collected one's id is reused: a hook an AccumulateGrad node kept from an earlier step fired
+for whichever receiver had its old id now, and took that receiver's first part for gone
+(a later part was then declared while the engine added to the first one: a segmentation
+fault on the CPU bridge, in second-order MAML at a half, depending on when Python's
+collector ran)."""
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -41,8 +52,29 @@ import torch
 
 from ._pins import Pinner, leaves
 
-Key = Tuple[int, int]  # (id of the receiving node, its input)
+Key = Tuple[int, int]  # (serial of the receiving node, its input)
 Edge = Tuple[Any, int]  # (sending node, its output)
+
+_serials = itertools.count(1)  # node serials (_serial) and PartialGradients' own
+
+
+def _serial(node: Any) -> int:
+    """The node's serial number: kept in its metadata (with the C++ node), never reused."""
+    meta = node.metadata
+    serial = meta.get("spill_serial")
+    if serial is None:
+        serial = meta["spill_serial"] = next(_serials)
+    return serial
+
+
+def _first_hook(node: Any, what: Tuple[Any, ...]) -> bool:
+    """Whether ``what`` (a hook of one PartialGradients) is not on ``node`` yet; notes it."""
+    hooks = node.metadata.setdefault("spill_partials", set())
+    if what in hooks:
+        return False
+    hooks.add(what)
+    return True
+
 
 # Backward nodes whose one output is a view of their one input (they read no bytes).
 _VIEWS = frozenset({"TBackward0", "TransposeBackward0", "PermuteBackward0", "UnsqueezeBackward0",
@@ -60,16 +92,15 @@ class PartialGradients:
         self.pinner = pinner
         self.persistent = persistent
         self.safe_point = safe_point
+        self.serial = next(_serials)  # (its hooks' mark in a node's metadata)
         # The outputs of the step's entries so far, weakly (a graph goes with the caller's
         # last reference to it, also when its backward raised): None before the first one.
         self.outputs: Optional[List[Any]] = None
-        self.hooked: Dict[Key, Any] = {}     # (sender id, output) -> sender
-        # (sender id, output) -> the receiver's input its part goes to, as last examined: a
-        # view node reached along one edge is looked through (see _examine), and a later graph
-        # may add an edge into it, which makes it a receiver of its own.
+        # (sender serial, output) -> the receiver's input its part goes to, as last examined:
+        # a view node reached along one edge is looked through (see _examine), and a later
+        # graph may add an edge into it, which makes it a receiver of its own.
         self.route: Dict[Key, Key] = {}
-        self.receivers: Dict[int, Any] = {}  # receiver id -> receiver (pre hook added)
-        self.keys: Dict[int, List[Key]] = {}  # receiver id -> its inputs reached twice
+        self.keys: Dict[int, List[Key]] = {}  # receiver serial -> its inputs reached twice
         self.arrived: Dict[Key, int] = {}   # a part arrived: the block declared (0: none)
         # Whether one entry's graph reaches a parameter along several edges (an LM head tied
         # to the embedding, a recurrent layer's weights used at every time step): None until
@@ -115,28 +146,29 @@ class PartialGradients:
                 incoming.setdefault(id(nxt), []).append((node, i))
                 roots.append(nxt)
         found = False
-        for key, edges in into.items():
+        for (receiver_id, nr), edges in into.items():
             if len(edges) < 2:
                 continue
-            receiver = visited[key[0]]
+            receiver = visited[receiver_id]
             if parameters_only and self.pinner.movable(
                     getattr(receiver, "variable", None)) not in self.persistent:
                 continue
             found = True
-            if key[0] not in self.receivers:
-                self.receivers[key[0]] = receiver
-                self.keys[key[0]] = []
-                receiver.register_prehook(self._reading(key[0]))
-            if key not in self.keys[key[0]]:
-                self.keys[key[0]].append(key)
+            serial = _serial(receiver)
+            key = (serial, nr)
+            if _first_hook(receiver, (self.serial,)):
+                receiver.register_prehook(self._reading(serial))
+            keys = self.keys.setdefault(serial, [])
+            if key not in keys:
+                keys.append(key)
             for node, i in edges:
                 # A pure view of its one input hands on what the node before it made.
                 while node.name() in _VIEWS and len(incoming.get(id(node), ())) == 1:
                     node, i = incoming[id(node)][0]
-                self.route[(id(node), i)] = key
-                if (id(node), i) not in self.hooked:  # (kept alive there: ids stay unique)
-                    node.register_hook(self._sender((id(node), i)))
-                    self.hooked[(id(node), i)] = node
+                edge = (_serial(node), i)
+                self.route[edge] = key
+                if _first_hook(node, (self.serial, i)):
+                    node.register_hook(self._sender(edge))
         return found
 
     def _sender(self, edge: Key) -> Any:
@@ -178,9 +210,7 @@ class PartialGradients:
     def forget(self) -> None:
         """The step (or the backward) is over: a later forward begins new graphs."""
         self.outputs = None
-        self.hooked.clear()
         self.route.clear()
-        self.receivers.clear()
         self.keys.clear()
         self.arrived.clear()
 

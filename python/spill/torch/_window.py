@@ -464,6 +464,11 @@ class Window:
         if not want:
             self.release_made()
 
+    def pins_ops(self) -> bool:
+        """Whether the window's dispatch mode sees the ops that run now (on, no backward of
+        the window running without it), on this thread."""
+        return self._on and not self._suspended and threading.get_ident() == self.thread
+
     def suspend(self) -> None:
         """A backward begins in the window: its ops run without the dispatch mode."""
         if self._suspended == 0 and self._on:
@@ -494,8 +499,6 @@ class Window:
         next region begins (release_made); every op of the window pins what it uses, so they
         may move meanwhile. Parameters and buffers are left alone. True when it declared one
         (the op is then run again)."""
-        import os
-        if os.environ.get("NODECL"): return False
         made, self.made = self.made, []
         persistent = set().union(*(h._persistent for h in list(self.handles)))
         stream = self.pinner.stream()
