@@ -1891,7 +1891,8 @@ def _computed_weights(module: torch.nn.Module) -> List[str]:
     return names
 
 
-def _functional_call_tensors(module: torch.nn.Module, own: Optional[tuple]) -> List[torch.Tensor]:
+def _functional_call_tensors(module: torch.nn.Module,
+                              own: Optional[tuple] = None) -> List[torch.Tensor]:
     """The tensors ``functional_call`` put in place of ``module``'s own parameters and buffers
     while it runs; none otherwise. torch 1.13 gives the module a class of its own that answers
     those names from the dict (``_attr_to_path``); torch 2 writes each given tensor into the
@@ -1921,7 +1922,7 @@ def _given(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
 
 
-def _swapped_in(m: torch.nn.Module, own: Optional[tuple]) -> bool:
+def _swapped_in(m: torch.nn.Module, own: Optional[tuple] = None) -> bool:
     """Whether torch 2's ``functional_call`` runs ``m`` with tensors of the caller's in its
     ``_parameters`` or ``_buffers`` now: the module's own are what they were (they come back
     when the call ends), so _refresh leaves its layout (``own``) as it is. Tensors that are
