@@ -359,6 +359,7 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   }
   b->pins++;
   b->last_use = ++tick;
+  b->host_used = b->host_used || host;
   if (StepState* st = find_scope_locked(scope)) {
     b->scope = scope;
     on_pin_locked(*st, *b, host ? reinterpret_cast<Stream>(~std::uintptr_t{0}) : stream);
@@ -460,6 +461,30 @@ void Swapper::release(void* base, Stream stream) {
   m.wait_not_busy(lock, key(base));
   auto it = m.blocks.find(key(base));
   if (it == m.blocks.end()) return;  // never pinned: nothing to do
+  if (it->second.host_used && it->second.in_done && !m.dev.query(it->second.in_done)) {
+    // A swap-in still landing (a prefetch of a block freed before its use) would overwrite
+    // the memory's next owner, which the host may write at once (the allocator hands it out
+    // in the freeing stream's order, which the host does not follow): the host waits for it.
+    // Before, the CPU bridge's next block lost the bytes the host wrote first (about half the
+    // runs of ResyncedSteps.ANewBatchAtTheActivationsPlaceIsNoStateThePlansStepMade).
+    SwapBlock& landing = it->second;
+    const Event e = landing.in_done;
+    landing.pins++;  // held while the host waits without the lock
+    lock.unlock();
+    const std::uint64_t host0 = TraceRecorder::global().now_ns();
+    try {
+      m.dev.synchronize(e);
+    } catch (...) {
+      // A failed copy leaves the memory as it is; the freeing stream still waits for the
+      // event below, and the device's error surfaces at its next use.
+    }
+    const std::uint64_t host_waited = TraceRecorder::global().now_ns() - host0;
+    lock.lock();
+    m.waited_ns += host_waited;
+    it = m.blocks.find(key(base));
+    if (it == m.blocks.end()) return;
+    it->second.pins--;
+  }
   SwapBlock& b = it->second;
   // Copies still touching the memory (a swap-in writing it, a swap-out reading it) must
   // finish before the memory's next owner runs or the allocator unmaps it: the freeing

@@ -39,6 +39,9 @@ struct SwapBlock {
   // Never written since it was tracked, in C++ mode (opt_in off), where every write is pinned:
   // it moves with no copy. Never set in opt-in mode (code outside the hooks may write).
   bool untouched = false;
+  // Pinned for the host (pin_for_host): the host reads and writes its memory directly, so the
+  // memory's next owner may be written by the host at once, in no stream's order (release).
+  bool host_used = false;
   std::uint64_t generation = 0;  // this life of the address (pin tokens)
   // The step scope of its latest pin from a scope the swapper holds steps for (whose plan
   // says when it is next used); a pin from a scope without steps (a reader thread) keeps it.

@@ -199,6 +199,31 @@ TEST(Residency, CancellingASwapOutWaitsForTheSwapInItStartedOn) {
   }
 }
 
+// A block freed while its swap-in lands (a prefetch of a tensor freed before its use): the
+// allocator hands its memory out again at once, in the freeing stream's order, and on the
+// CPU bridge the host writes the new block directly, in no stream's order. The host waits in
+// the free for the copy, which would otherwise overwrite what the host wrote first. Before,
+// the new block held the old block's bytes (found by a resynchronised-steps test, in about
+// half its runs). time_scale makes the copy take wall time (~7 ms).
+TEST(Residency, MemoryFreedWhileItsSwapInLandsIsNotOverwrittenForItsNextOwner) {
+  Stack s(4 * kBlock, true, "policy:lru,time_scale:20");
+  void* a = s.rt.allocator().allocate(kBlock, nullptr);
+  s.sw.set_swappable(a, true);
+  s.write_host(a, kBlock, 41);
+  s.sw.evict(a);
+  s.sw.quiesce();
+  ASSERT_EQ(s.sw.residence(a), Residence::OnHost);
+  s.sw.prefetch(a);
+  ASSERT_EQ(s.sw.residence(a), Residence::SwappingIn);
+  s.rt.allocator().deallocate(a, nullptr);
+  void* b = s.rt.allocator().allocate(kBlock, nullptr);
+  ASSERT_EQ(b, a) << "the freed memory is handed out again at once";
+  s.write_host(b, kBlock, 42);
+  s.dev.synchronize();  // every copy has landed
+  EXPECT_TRUE(s.holds(b, kBlock, 42)) << "the old block's swap-in overwrote its next owner";
+  s.rt.allocator().deallocate(b, nullptr);
+}
+
 // Rule 3: pins of blocks that never move are cheap no-ops; unknown pointers name themselves.
 TEST(Residency, PinsOfBlocksThatNeverMoveAreNoOps) {
   Stack s(4 * kBlock, true);

@@ -60,12 +60,11 @@ class Model {
   std::uint64_t step(int n, const Shape& shape) {
     const std::uint64_t before = sw_.stats().demand_fetches;
     if (with_input_) {
+      // The plan's prefetch of the batch at the last step's end may still be landing when it
+      // is freed: the next batch, allocated at once in its memory and written by the host,
+      // must not get that copy's bytes (Swapper::release makes the host wait for it; before,
+      // the batch lost its bytes in about half the runs).
       if (input_ != nullptr) free(input_);
-      // The plan's prefetch of the batch at the last step's end may still be landing: a
-      // block released while its swap-in lands, allocated again at once and written by the
-      // host first, gets that copy's bytes (Swapper::release makes the freeing stream wait,
-      // not the host; without this wait the batch lost its bytes in about half the runs).
-      rt_.device().synchronize();
       input_ = alloc();
       use(input_, 9000 + n, true);
       sw_.set_swappable(input_, true);
