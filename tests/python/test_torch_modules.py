@@ -836,6 +836,29 @@ def test_a_partial_gradient_hook_left_on_a_shared_node_acts_for_that_node_only()
     assert pinner.calls == [(sent["b"], True), (sent["b"], False)], (pinner.calls, sent)
 
 
+# torch 2's functional_call: `torch.func.functional_call` there; on torch 1.13 its mechanism
+# written out (each given tensor written into its module's `_parameters` or `_buffers` entry
+# for the call, the module's own put back after it; 1.13 swaps the module's class instead).
+TORCH2_FUNCTIONAL_CALL = """
+    try:
+        from torch.func import functional_call
+    except ImportError:
+        def functional_call(module, tensors, args):
+            saved = []
+            try:
+                for name, t in tensors.items():
+                    path, _, attr = name.rpartition(".")
+                    owner = module.get_submodule(path) if path else module
+                    table = owner._parameters if attr in owner._parameters else owner._buffers
+                    saved.append((table, attr, table[attr]))
+                    table[attr] = t
+                return module(*args)
+            finally:
+                for table, attr, t in reversed(saved):
+                    table[attr] = t
+"""
+
+
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_maml_through_torch_2s_functional_call_which_swaps_parameters_is_pinned_and_moves() -> None:
     """The first-order MAML above through torch 2's ``functional_call`` (``torch.func``), which
@@ -851,23 +874,7 @@ def test_maml_through_torch_2s_functional_call_which_swaps_parameters_is_pinned_
     against 1.13's 50 MB, CPU bridge, 2026-12-03), so it runs at about 1/1.75 of it; at
     1/2 it runs out of memory with 8 MiB never declared: the inner gradients and the adapted
     weights, made in the loop's code, which declares nothing."""
-    out = run_ok(scenario("""
-    try:
-        from torch.func import functional_call
-    except ImportError:  # torch 1.13: the same mechanism, written here
-        def functional_call(module, tensors, args):
-            saved = []
-            try:
-                for name, t in tensors.items():
-                    path, _, attr = name.rpartition(".")
-                    owner = module.get_submodule(path) if path else module
-                    table = owner._parameters if attr in owner._parameters else owner._buffers
-                    saved.append((table, attr, table[attr]))
-                    table[attr] = t
-                return module(*args)
-            finally:
-                for table, attr, t in reversed(saved):
-                    table[attr] = t""" + MAML_LOOP + """
+    out = run_ok(scenario(TORCH2_FUNCTIONAL_CALL + MAML_LOOP + """
     maml(first_order=True, fraction=1.75)
     print("ok")
     """))
@@ -1950,29 +1957,6 @@ def test_a_hessian_vector_product_with_respect_to_the_parameters_trains_as_plain
         print("ok")
     """))
     assert "ok" in out
-
-
-# torch 2's functional_call: `torch.func.functional_call` there; on torch 1.13 its mechanism
-# written out (each given tensor written into its module's `_parameters` or `_buffers` entry
-# for the call, the module's own put back after it; 1.13 swaps the module's class instead).
-TORCH2_FUNCTIONAL_CALL = """
-    try:
-        from torch.func import functional_call
-    except ImportError:
-        def functional_call(module, tensors, args):
-            saved = []
-            try:
-                for name, t in tensors.items():
-                    path, _, attr = name.rpartition(".")
-                    owner = module.get_submodule(path) if path else module
-                    table = owner._parameters if attr in owner._parameters else owner._buffers
-                    saved.append((table, attr, table[attr]))
-                    table[attr] = t
-                return module(*args)
-            finally:
-                for table, attr, t in reversed(saved):
-                    table[attr] = t
-"""
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
