@@ -178,15 +178,29 @@ std::string list(const std::vector<std::uint64_t>& v) {
   return s;
 }
 
+// Both runs had every block's bytes; from the fourth step on, each step's demand fetches times
+// `per_step`, and their sum times `together` (0: not checked), are at most LRU's. Both lists
+// of demand fetches per step are recorded as the test's properties.
+void expect_below_lru(const Training& plan, const Training& lru, std::uint64_t per_step,
+                      std::uint64_t together) {
+  ::testing::Test::RecordProperty("demand_plan", list(plan.demand));
+  ::testing::Test::RecordProperty("demand_lru", list(lru.demand));
+  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
+  for (std::size_t i = 3; i < plan.demand.size(); ++i)
+    EXPECT_LE(plan.demand[i] * per_step, lru.demand[i])
+        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  if (together > 0) {
+    EXPECT_LE(sum_from(plan.demand, 3) * together, sum_from(lru.demand, 3))
+        << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  }
+}
+
 // Stochastic depth: each step from the fourth drops a run of layers in the middle (another one
 // each step). The plan's prefetches after the dropped layers are still issued.
 TEST(ResyncedSteps, AStepThatSkipsARunOfOpsStillPrefetchesAfterIt) {
   const std::vector<Shape> shapes = {{{3, 4}}, {{2}}, {{4, 5, 6}}, {{1, 2}}, {{5}}};
   const Training plan = train("plan", shapes);
   const Training lru = train("lru", shapes);
-  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
-  RecordProperty("demand_plan", list(plan.demand));
-  RecordProperty("demand_lru", list(lru.demand));
   // Step 2 (no state created) leaves step 1's plan and becomes the plan; each varying step
   // leaves it once, follows it to the end and keeps it (the plan has every layer).
   EXPECT_EQ(plan.stats.deviations, 1u + shapes.size());
@@ -194,11 +208,7 @@ TEST(ResyncedSteps, AStepThatSkipsARunOfOpsStillPrefetchesAfterIt) {
   EXPECT_EQ(plan.stats.steps_recorded, 2u);
   // Each varying step at most half of LRU's demand fetches (the first access after a skip
   // may find its block on the host: the plan's look-ahead was before the skip).
-  for (std::size_t i = 3; i < plan.demand.size(); ++i)
-    EXPECT_LE(plan.demand[i] * 2, lru.demand[i])
-        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
-  EXPECT_LE(sum_from(plan.demand, 3) * 4, sum_from(lru.demand, 3))
-      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  expect_below_lru(plan, lru, 2, 4);
 }
 
 // A step with an op its plan does not have (a layer run twice) serves that op reactively and
@@ -207,9 +217,6 @@ TEST(ResyncedSteps, AStepWithAnExtraOpResumesItsPlanAfterIt) {
   const std::vector<Shape> shapes = {{{}, 3}, {}, {}, {{}, 5}, {}};
   const Training plan = train("plan", shapes);
   const Training lru = train("lru", shapes);
-  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
-  RecordProperty("demand_plan", list(plan.demand));
-  RecordProperty("demand_lru", list(lru.demand));
   // Steps 2, 4 and 7 have ops their plan lacks: each becomes the plan. Steps 5 and 8 skip the
   // plan's extra op (two accesses), too little to keep the plan: they become it; step 6
   // follows step 5's.
@@ -219,11 +226,7 @@ TEST(ResyncedSteps, AStepWithAnExtraOpResumesItsPlanAfterIt) {
   EXPECT_EQ(plan.stats.steps_recorded, 6u) << "steps 1, 2, 4, 5, 7 and 8";
   // Each varying step at most half of LRU's demand fetches (the first access after a skip
   // may find its block on the host: the plan's look-ahead was before the skip).
-  for (std::size_t i = 3; i < plan.demand.size(); ++i)
-    EXPECT_LE(plan.demand[i] * 2, lru.demand[i])
-        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
-  EXPECT_LE(sum_from(plan.demand, 3) * 4, sum_from(lru.demand, 3))
-      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  expect_below_lru(plan, lru, 2, 4);
 }
 
 // A step with more micro-batches than its plan's runs the plan's forward and backward again
@@ -233,9 +236,6 @@ TEST(ResyncedSteps, StepsWithAnotherNumberOfMicroBatchesFollowTheirPlan) {
   const std::vector<Shape> shapes = {{{}, -1, 2}, {{}, -1, 3}, {{}, -1, 1}, {{}, -1, 2}};
   const Training plan = train("plan", shapes);
   const Training lru = train("lru", shapes);
-  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
-  RecordProperty("demand_plan", list(plan.demand));
-  RecordProperty("demand_lru", list(lru.demand));
   // Steps 4, 5 and 7 run more micro-batches than their plan (one, two, one): they run its
   // forward and backward again, skip none of its accesses and become the plan; step 6 runs
   // one of step 5's three, less than half of its plan, and becomes the plan too.
@@ -244,11 +244,7 @@ TEST(ResyncedSteps, StepsWithAnotherNumberOfMicroBatchesFollowTheirPlan) {
   EXPECT_EQ(plan.stats.steps_recorded, 6u) << "steps 1, 2 and 4 to 7";
   // Each varying step at most half of LRU's demand fetches (the first access after a skip
   // may find its block on the host: the plan's look-ahead was before the skip).
-  for (std::size_t i = 3; i < plan.demand.size(); ++i)
-    EXPECT_LE(plan.demand[i] * 2, lru.demand[i])
-        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
-  EXPECT_LE(sum_from(plan.demand, 3) * 4, sum_from(lru.demand, 3))
-      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  expect_below_lru(plan, lru, 2, 4);
 }
 
 // Step 2 runs step 1's accesses less the state's zeroing, as if it only skipped ops of its
@@ -268,13 +264,7 @@ TEST(ResyncedSteps, AStepThatFindsTheStateItsPlanMadeBecomesThePlan) {
     EXPECT_LE(plan.demand[i], 2u) << "step " << i + 1 << ": " << list(plan.demand);
 }
 
-// Stochastic depth from the second step on: each step skips a layer that the step before it
-// ran and runs one that it skipped, so that no step's recording has every layer. Step 3 runs
-// layer 5, which its plan (step 2's recording) lacks: the step is spliced into the plan, which
-// then has every layer, and each later step runs a subset of it and keeps it. Before, each
-// step became the next plan (it had ops its plan lacked) and served the layer its plan's step
-// had skipped as LRU does: 8 recordings, and the later steps fetched that layer's weight and
-// state on demand.
+// Step 1 of the full model, then `shapes` (with_input: see Model).
 Training drop_layers(const std::string& policy, const std::vector<Shape>& shapes,
                      bool with_input = false) {
   Model m(policy, false, with_input);
@@ -287,34 +277,24 @@ Training drop_layers(const std::string& policy, const std::vector<Shape>& shapes
   return r;
 }
 
+// Stochastic depth from the second step on: each step skips a layer that the step before it
+// ran and runs one that it skipped, so that no step's recording has every layer. Step 3 runs
+// layer 5, which its plan (step 2's recording) lacks: the step is spliced into the plan, which
+// then has every layer, and each later step runs a subset of it and keeps it. Before, each
+// step became the next plan (it had ops its plan lacked) and served the layer its plan's step
+// had skipped as LRU does: 8 recordings, and the later steps fetched that layer's weight and
+// state on demand.
 TEST(ResyncedSteps, ALayerThePlansStepSkippedIsSplicedIntoThePlan) {
   const std::vector<Shape> shapes = {{{5}}, {{2}}, {{6}}, {{1}}, {{5}}, {{3, 4}}, {{2}}};
-  const auto run = [&](const std::string& policy) {
-    Model m(policy);
-    Training r;
-    r.demand.push_back(m.step(1, {}));
-    for (std::size_t i = 0; i < shapes.size(); ++i)
-      r.demand.push_back(m.step(static_cast<int>(i) + 2, shapes[i]));
-    r.stats = m.stats();
-    r.ok = m.ok();
-    return r;
-  };
-  const Training plan = run("plan");
-  const Training lru = run("lru");
-  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
-  RecordProperty("demand_plan", list(plan.demand));
-  RecordProperty("demand_lru", list(lru.demand));
+  const Training plan = drop_layers("plan", shapes);
+  const Training lru = drop_layers("lru", shapes);
   // Step 2 finds the state step 1 made; step 3 is spliced into step 2's plan; steps 4 to 8
   // keep that plan.
   EXPECT_EQ(plan.stats.steps_recorded, 3u) << "steps 1, 2 and 3";
   EXPECT_EQ(plan.stats.steps_resynced, 7u) << "each step from the second skips a layer";
   // Steps 4 to 8 each at most a third of LRU's demand fetches, and an eighth of them
   // together (before: 20 of LRU's 115).
-  for (std::size_t i = 3; i < plan.demand.size(); ++i)
-    EXPECT_LE(plan.demand[i] * 3, lru.demand[i])
-        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
-  EXPECT_LE(sum_from(plan.demand, 3) * 8, sum_from(lru.demand, 3))
-      << "plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  expect_below_lru(plan, lru, 3, 8);
 }
 
 // A step that drops the first layer pins the next layer's weight and then its batch, made
@@ -327,13 +307,8 @@ TEST(ResyncedSteps, ANewBatchAtTheActivationsPlaceIsNoStateThePlansStepMade) {
   const std::vector<Shape> shapes = {{{5}}, {{2}}, {{0}}, {{0, 6}}, {{}}};
   const Training plan = drop_layers("plan", shapes, true);
   const Training lru = drop_layers("lru", shapes, true);
-  ASSERT_TRUE(plan.ok && lru.ok) << "a block lost its bytes";
-  RecordProperty("demand_plan", list(plan.demand));
-  RecordProperty("demand_lru", list(lru.demand));
   EXPECT_EQ(plan.stats.steps_recorded, 3u) << "steps 1, 2 and 3 (spliced)";
-  for (std::size_t i = 3; i < plan.demand.size(); ++i)
-    EXPECT_LE(plan.demand[i] * 3, lru.demand[i])
-        << "step " << i + 1 << "; plan " << list(plan.demand) << ", LRU " << list(lru.demand);
+  expect_below_lru(plan, lru, 3, 0);
 }
 
 }  // namespace
