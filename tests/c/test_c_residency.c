@@ -1,11 +1,13 @@
 /* The residency rules and steps through the C API, from C (simulated device): undeclared
  * blocks never move, declaring makes a block dirty, no-op pins, stale tokens, step scopes on
- * two threads, the recorded step as a graph, budgets that evict, shutdown with live blocks. */
+ * two threads, the recorded step as a graph, budgets that evict, memory freed while its
+ * prefetch lands, shutdown with live blocks. */
 #define _POSIX_C_SOURCE 200809L
 #include "c_test.h"
 
 #include <pthread.h>
 #include <stdint.h>
+#include <time.h>
 
 #define MIB (1024u * 1024u)
 #define BLOCK (8u * MIB)
@@ -377,6 +379,32 @@ TEST(lowering_the_budget_evicts) {
   for (int i = 0; i < 6; ++i) CHECK_OK(spill_free(b[i], 0, NULL));
 }
 
+/* A block freed while its prefetch lands: the memory's next owner, handed out at once and
+ * written by the host, keeps its bytes (spill_free waits on the host for the copy of a block
+ * ever pinned for the host; before, the copy landed over the new bytes). time_scale makes the
+ * copy take about 7 ms of wall time; the test waits 100 ms before it reads. */
+TEST(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru,time_scale:20"));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, NULL));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  write_pinned(a, BLOCK, 31);
+  REQUIRE_OK(spill_evict(a));
+  while (residence(a) != SPILL_ON_HOST) {
+  }
+  REQUIRE_OK(spill_prefetch(a));
+  REQUIRE(residence(a) == SPILL_SWAPPING_IN);
+  CHECK_OK(spill_free(a, 0, NULL));
+  void* b = NULL;
+  REQUIRE_OK(spill_malloc(&b, BLOCK, 0, NULL));
+  REQUIRE(b == a); /* the same memory, handed out again at once */
+  write_pinned(b, BLOCK, 32);
+  const struct timespec later = {0, 100 * 1000 * 1000};
+  nanosleep(&later, NULL);
+  CHECK(check_pinned(b, BLOCK, 32));
+  CHECK_OK(spill_free(b, 0, NULL));
+}
+
 /* Rule 6: shutdown with blocks pinned, on the host and in flight frees everything. */
 TEST(shutdown_with_live_blocks) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru,chaos:7"));
@@ -414,6 +442,7 @@ TEST(shutdown_with_live_blocks) {
   X(a_step_that_skips_an_op_resynchronises) \
   X(end_scope_drops_its_recording)     \
   X(lowering_the_budget_evicts)        \
+  X(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) \
   X(shutdown_with_live_blocks)
 
 C_TEST_MAIN(TESTS)

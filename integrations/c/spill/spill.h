@@ -145,7 +145,9 @@ SPILL_API spill_status spill_stream_destroyed(int device, void* stream);
 SPILL_API spill_status spill_malloc(void** out, size_t size, int device, void* stream);
 /* Frees a block from spill_malloc, stream-ordered on `stream` (the bytes may be reused by work
  * on `stream` at once; see the conventions). A pinned block may be freed: a later unpin of its
- * token is a no-op. NULL is SPILL_OK. Errors: INVALID_ARGUMENT naming the pointer for an
+ * token is a no-op. A block ever pinned with spill_pin_for_host whose swap-in (a prefetch) is
+ * still landing is waited for on the host here, so host code writing the memory's next owner
+ * at once is not overwritten by that copy. NULL is SPILL_OK. Errors: INVALID_ARGUMENT naming the pointer for an
  * unknown pointer, a pointer inside a block, a double free, or a block of another device
  * (nothing changes); SHUT_DOWN (the block was already freed by spill_shutdown). */
 SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
