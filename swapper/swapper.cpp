@@ -171,6 +171,27 @@ void Swapper::Impl::settle_locked(SwapBlock& b) {
   }
 }
 
+std::exception_ptr Swapper::Impl::host_wait_pinned(std::unique_lock<std::mutex>& lock,
+                                                   std::uintptr_t base, Event e) {
+  SwapBlock& b = blocks.at(base);
+  const std::uint64_t generation = b.generation;
+  b.pins++;  // held while the host waits without the lock: nothing moves it meanwhile
+  lock.unlock();
+  std::exception_ptr error;
+  try {
+    dev.synchronize(e);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  lock.lock();
+  auto again = blocks.find(base);
+  if (again != blocks.end() && again->second.generation == generation) {
+    again->second.pins--;
+    settle_locked(again->second);
+  }
+  return error;
+}
+
 bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base,
                             bool prefetch, bool wait_for_room) {
   SwapBlock& b = blocks.at(base);
@@ -466,24 +487,14 @@ void Swapper::release(void* base, Stream stream) {
     // the memory's next owner, which the host may write at once (the allocator hands it out
     // in the freeing stream's order, which the host does not follow): the host waits for it.
     // Before, the CPU bridge's next block lost the bytes the host wrote first (about half the
-    // runs of ResyncedSteps.ANewBatchAtTheActivationsPlaceIsNoStateThePlansStepMade).
-    SwapBlock& landing = it->second;
-    const Event e = landing.in_done;
-    landing.pins++;  // held while the host waits without the lock
-    lock.unlock();
+    // runs of ResyncedSteps.ANewBatchAtTheActivationsPlaceIsNoStateThePlansStepMade). A
+    // failed copy leaves the memory as it is: its error is not this free's; the freeing
+    // stream still waits for the event below, and the error surfaces at the device's next use.
     const std::uint64_t host0 = TraceRecorder::global().now_ns();
-    try {
-      m.dev.synchronize(e);
-    } catch (...) {
-      // A failed copy leaves the memory as it is; the freeing stream still waits for the
-      // event below, and the device's error surfaces at its next use.
-    }
-    const std::uint64_t host_waited = TraceRecorder::global().now_ns() - host0;
-    lock.lock();
-    m.waited_ns += host_waited;
+    m.host_wait_pinned(lock, key(base), it->second.in_done);
+    m.waited_ns += TraceRecorder::global().now_ns() - host0;
     it = m.blocks.find(key(base));
     if (it == m.blocks.end()) return;
-    it->second.pins--;
   }
   SwapBlock& b = it->second;
   // Copies still touching the memory (a swap-in writing it, a swap-out reading it) must
@@ -565,22 +576,8 @@ void Swapper::set_swappable(const void* ptr, bool on) {
   b->untouched = false;
   m.settle_locked(*b);
   if (b->state == Residence::SwappingIn) {
-    Event e = b->in_done;
-    b->pins++;  // held while the host waits without the lock
-    lock.unlock();
-    std::exception_ptr error;
-    try {
-      m.dev.synchronize(e);
-    } catch (...) {
-      error = std::current_exception();
-    }
-    lock.lock();
-    auto again = m.blocks.find(base);
-    if (again != m.blocks.end() && again->second.generation == b->generation) {
-      again->second.pins--;
-      m.settle_locked(again->second);
-    }
-    if (error) std::rethrow_exception(error);
+    if (std::exception_ptr error = m.host_wait_pinned(lock, base, b->in_done))
+      std::rethrow_exception(error);
   }
 }
 

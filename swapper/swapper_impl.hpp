@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -263,6 +264,11 @@ struct Swapper::Impl {
   bool swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base, bool prefetch,
                bool wait_for_room = false);
   void settle_locked(SwapBlock& b);  // SwappingIn whose copy is done -> Resident
+  // The host waits for `e`, a copy of the block at `base`, without the lock, the block pinned
+  // meanwhile (nothing moves it); then unpins and settles it if it is still that block.
+  // Returns the wait's error, if any.
+  std::exception_ptr host_wait_pinned(std::unique_lock<std::mutex>& lock, std::uintptr_t base,
+                                      Event e);
   // SwappingOut -> Resident, or SwappingIn while the swap-in it started on is still landing.
   void cancel_swap_out_locked(SwapBlock& b);
   void copy_chunks(void* dst, const void* src, std::size_t bytes, CopyKind kind, Stream s);
