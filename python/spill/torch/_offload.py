@@ -659,11 +659,11 @@ class OffloadHandle:
         for m in changed:
             if m in self._computed:
                 self._declare_computed(m)
-        others = [h for h in window().handles if h is not self]
+        held = window().held_by_handles() if gone else set()  # (another handle's too)
         for ptr, ref in gone:
             t = ref()
-            if t is not None and ptr not in self._persistent and self._movable(t) == ptr and \
-                    not any(ptr in h._persistent for h in others):
+            if t is not None and ptr not in self._persistent and ptr not in held and \
+                    self._movable(t) == ptr:
                 self.pinner.declare(ptr, False)
 
     @property

@@ -464,6 +464,10 @@ class Window:
         if not want:
             self.release_made()
 
+    def held_by_handles(self) -> Set[int]:
+        """The blocks some live handle holds as a model's parameters and buffers now."""
+        return set().union(*(h._persistent for h in list(self.handles)))
+
     def pins_ops(self) -> bool:
         """Whether the window's dispatch mode sees the ops that run now (on, no backward of
         the window running without it), on this thread."""
@@ -500,7 +504,7 @@ class Window:
         may move meanwhile. Parameters and buffers are left alone. True when it declared one
         (the op is then run again)."""
         made, self.made = self.made, []
-        persistent = set().union(*(h._persistent for h in list(self.handles)))
+        persistent = self.held_by_handles()
         stream = self.pinner.stream()
         declared = False
         for ref in made:
@@ -529,7 +533,7 @@ class Window:
         if not self.declared_made:
             return
         declared, self.declared_made = self.declared_made, {}
-        persistent = set().union(*(h._persistent for h in list(self.handles)))
+        persistent = self.held_by_handles()
         stream = self.pinner.stream()
         for ptr, generation in declared.items():
             if ptr in persistent:
