@@ -214,8 +214,13 @@ if ((built == 0)); then
     # changed one fails there, naming it, before the slower tests fail less clearly.
     step torch-internals 60 "${torch_env[@]}" "$python" -m pytest -v -rs -p no:cacheprovider \
       "$root/tests/python/test_torch_internals.py"
+    # About 50 Python processes, each importing a CUDA torch: spread over 8 workers where
+    # pytest-xdist is installed (the GPU machine's image has it; each test is its own process
+    # with its own budget, and 8 of them use a few GiB of the GPU's memory at most).
+    xdist=()
+    has_module "$python" xdist && xdist=(-n 8)
     step torch-tests 240 "${torch_env[@]}" CUBLAS_WORKSPACE_CONFIG=:64:8 CUBLASLT_WORKSPACE_SIZE=512 \
-      "$python" -m pytest -v -rs -p no:cacheprovider "$root/tests/python/test_torch_bridge.py" \
+      "$python" -m pytest -v -rs "${xdist[@]}" -p no:cacheprovider "$root/tests/python/test_torch_bridge.py" \
       "$root/tests/python/test_torch_copies.py" "$root/tests/python/test_torch_foreach.py" \
       "$root/tests/python/test_torch_modules.py"
     step torch-gpt2-medium 240 "${torch_env[@]}" "$python" "$root/bench/gpu/bench_torch_gpt2.py" \
@@ -257,10 +262,13 @@ fi
   # pytest -v's result per test, also when the step was cut short before pytest's own summary.
   for t in torch-internals torch-tests python-cupy; do
     [[ -f $work/$t.log ]] || continue
-    echo "$t: $(grep -cE '::.* PASSED' "$work/$t.log") passed, $(grep -cE '::.* (FAILED|ERROR)' \
-      "$work/$t.log") failed, $(grep -cE '::.* SKIPPED' "$work/$t.log") skipped; last line: \
+    # `path::test PASSED` serially, `[gw3] [ 40%] PASSED path::test` under pytest-xdist.
+    echo "$t: $(grep -cE '::.* PASSED|PASSED [^ ]*::' "$work/$t.log") passed, \
+$(grep -cE '::.* (FAILED|ERROR)|(FAILED|ERROR) [^ ]*::' "$work/$t.log") failed, \
+$(grep -cE '::.* SKIPPED|SKIPPED [^ ]*::' "$work/$t.log") skipped; last line: \
 $(tail -n 1 "$work/$t.log" | cut -c1-120)"
-    grep -E '::.* (FAILED|ERROR)' "$work/$t.log" | sed -E 's/ +\[ *[0-9]+%\]$//; s/^/  /' | head -40
+    grep -E '::.* (FAILED|ERROR)|(FAILED|ERROR) [^ ]*::' "$work/$t.log" |
+      sed -E 's/ +\[ *[0-9]+%\]$//; s/^/  /' | head -40
   done
   if [[ -f $work/torch-gpt2-medium.log ]]; then
     grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint)' "$work/torch-gpt2-medium.log"
