@@ -76,6 +76,13 @@ SwapPolicy runtime_policy(Policy p) {
   return SwapPolicy::Lru;
 }
 
+bool block_fits_graph(std::uint64_t block, bool large, std::uint64_t graph_bytes,
+                      std::uint64_t small_limit) {
+  if (large != (graph_bytes > small_limit)) return false;
+  if (!large) return block == graph_bytes;
+  return block >= graph_bytes && block <= graph_bytes + graph_bytes / 4;
+}
+
 std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device) {
   const std::uint64_t small_limit = small_limit_for(config.swap_threshold);
   const std::uint64_t to = bytes <= small_limit ? 512 : device.granularity();
@@ -136,7 +143,7 @@ struct Executor::Impl {
     ptrs[t] = ptr;
     if (!checked[t]) {  // the graph's size and pool are what the allocator gave
       std::optional<BlockInfo> info = alloc.block_info(ptr);
-      if (!info || info->size != g.tensors[t].bytes || info->large != (g.tensors[t].bytes > small_limit))
+      if (!info || !block_fits_graph(info->size, info->large, g.tensors[t].bytes, small_limit))
         throw Error("executor: tensor '" + p.tensors[t].name + "' got a block of " +
                     (info ? format_bytes(info->size) : std::string("?")) + ", the graph says " +
                     format_bytes(g.tensors[t].bytes));

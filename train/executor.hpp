@@ -131,6 +131,15 @@ class Executor {
 // allocator maps (small requests rounded to 512 B, large ones to the device granularity).
 std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device);
 
+// Whether a block of `block` bytes in the large pool (`large`) is what the allocator may give a
+// tensor the graph sizes at `graph_bytes` (its allocation_bytes) with `small_limit` the largest
+// small request: the same pool, and for a large tensor its size or a cached block up to a
+// quarter larger (the allocator's reuse rule: CachingAllocator reuses such a block rather than
+// map more; the plan then holds a little more than it counted, which the swapper's reactive
+// eviction absorbs).
+bool block_fits_graph(std::uint64_t block, bool large, std::uint64_t graph_bytes,
+                      std::uint64_t small_limit);
+
 // The step's graph as an Executor on `runtime` runs it (sizes as its allocator maps them, op
 // times from the device's kernel roofline): for the footprint before choosing a budget.
 graph::Graph step_graph(Runtime& runtime, const Program& program);
