@@ -209,7 +209,8 @@ if ((built == 0)); then
                SPILL_TORCH_TARGET=cuda SPILL_TORCH_BUILD_DIR="$build/torch-ext")
     # PyTorch takes its cuBLAS and cuBLASLt workspaces (32 MiB or more on Hopper) from the
     # allocator, unswappable: for the tests' small models (budgets of tens of MiB) they would
-    # be most of the budget. Small ones here; GPT-2 medium below keeps the defaults.
+    # be most of the budget. The tests set small ones themselves (128 KiB each, small-pool
+    # blocks: CUDA_WORKSPACES in test_torch_bridge.py); GPT-2 medium below keeps the defaults.
     # First the canaries of the torch internals spill.torch relies on (seconds): a torch that
     # changed one fails there, naming it, before the slower tests fail less clearly.
     step torch-internals 60 "${torch_env[@]}" "$python" -m pytest -v -rs -p no:cacheprovider \
@@ -219,7 +220,7 @@ if ((built == 0)); then
     # with its own budget, and 8 of them use a few GiB of the GPU's memory at most).
     xdist=()
     has_module "$python" xdist && xdist=(-n 8)
-    step torch-tests 240 "${torch_env[@]}" CUBLAS_WORKSPACE_CONFIG=:64:8 CUBLASLT_WORKSPACE_SIZE=512 \
+    step torch-tests 240 "${torch_env[@]}" \
       "$python" -m pytest -v -rs "${xdist[@]}" -p no:cacheprovider "$root/tests/python/test_torch_bridge.py" \
       "$root/tests/python/test_torch_copies.py" "$root/tests/python/test_torch_foreach.py" \
       "$root/tests/python/test_torch_modules.py"
