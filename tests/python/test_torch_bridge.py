@@ -752,6 +752,28 @@ def test_record_stream_delays_reuse() -> None:
 
 # ------------------------------------------------------------------ quiet steps (offload)
 
+def _workspace_bytes() -> int:
+    """The larger of the cuBLAS and cuBLASLt workspaces a CUDA run of these tests has: the
+    environment's, else CUDA_WORKSPACES ("CUBLAS_WORKSPACE_CONFIG=:KiB:count..." pairs,
+    CUBLASLT_WORKSPACE_SIZE in KiB)."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUDA_WORKSPACES["CUBLAS_WORKSPACE_CONFIG"])
+    numbers = [int(n) for n in config.split(":") if n]
+    cublas = sum(size * count for size, count in zip(numbers[::2], numbers[1::2]))
+    lt = int(os.environ.get("CUBLASLT_WORKSPACE_SIZE", CUDA_WORKSPACES["CUBLASLT_WORKSPACE_SIZE"]))
+    return max(cublas, lt) << 10
+
+
+# The CPU bridge's rehearsal at a GPU's granularity also holds what PyTorch holds there beside
+# a scenario's tensors and the bridge does not: three buffers of the workspaces' size, never
+# declared swappable (three undeclared blocks in the GPU run of 2026-12-04: a cuBLAS and a
+# cuBLASLt workspace per thread that ran a product), made when spill is enabled. With 512 KiB
+# workspaces (CUBLAS_WORKSPACE_CONFIG=:64:8 CUBLASLT_WORKSPACE_SIZE=512) the rehearsal runs out
+# of memory where the GPU did, with the same breakdown.
+REHEARSED_WORKSPACES = (
+    f"globals()['_workspaces'] = [torch.empty({_workspace_bytes()}, dtype=torch.uint8) "
+    "for _ in range(3)]" if TARGET == "cpu" and SIM_GRANULARITY != "64KiB" else "pass")
+
+
 def quiet_preamble(budget: str) -> str:
     """The start of a quiet-step scenario: spill is enabled by ``enable()``; the baseline runs
     before it on the CPU (plain torch: the bridge replaces the CPU allocator), after it without
@@ -765,6 +787,7 @@ dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
 def enable():
     st.enable("budget:{budget},swap_threshold:128KiB,sim_granularity:{SIM_GRANULARITY}",
               target="{TARGET}")
+    {REHEARSED_WORKSPACES}
 if dev == "cuda":
     enable()
 """, " " * 8)
