@@ -36,16 +36,20 @@ class AllocatorTest : public ::testing::Test {
   void TearDown() override {
     if (!dev_) return;
     dev_->synchronize();
+    staged_.clear();
     dev_->destroy_stream(s1_);
     dev_->destroy_stream(s2_);
   }
   CachingAllocator make(std::size_t budget, PeakGuard guard = PeakGuard::Wait) {
     return CachingAllocator(*dev_, AllocatorOptions{.budget = budget, .peak_guard = guard});
   }
+  // From pinned host memory: tests write on one stream while another is held, and on CUDA a
+  // pageable copy may block the host until the held stream runs (on an H200, 2026-12-04,
+  // AnotherStreamWaitsForTheFreeingStream took 31 s, the hold's timeout, with pageable writes).
+  // Kept until the test ends: freeing pinned memory (cudaFreeHost) may wait for the device.
   void write(void* p, std::size_t n, std::uint64_t seed, Stream s) {
-    std::vector<unsigned char> in(n);
-    fill_pattern(in.data(), n, seed);
-    dev_->copy_async(p, in.data(), n, CopyKind::HostToDevice, s);
+    staged_.push_back(pinned(n, seed));
+    dev_->copy_async(p, staged_.back().get(), n, CopyKind::HostToDevice, s);
     dev_->synchronize(s);
   }
   // Host bytes for a copy enqueued behind a hold: pinned, since on CUDA a pageable copy may
@@ -64,6 +68,7 @@ class AllocatorTest : public ::testing::Test {
   }
   std::unique_ptr<Device> dev_;
   Stream s1_ = nullptr, s2_ = nullptr;
+  std::vector<std::unique_ptr<unsigned char, std::function<void(unsigned char*)>>> staged_;
 };
 
 using Backends = ::testing::Types<SimBackend, ChaosSimBackend, CudaBackend>;
