@@ -740,6 +740,8 @@ void Swapper::begin_step(std::uint64_t scope) {
   impl_->begin_step_locked(impl_->scope_locked(scope));
 }
 
+void Swapper::set_scope(std::uint64_t scope) { impl_->set_current_scope(scope); }
+
 void Swapper::end_step() { end_step(impl_->current_scope()); }
 
 void Swapper::end_step(std::uint64_t scope) {

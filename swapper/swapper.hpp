@@ -175,6 +175,9 @@ class Swapper {
   void begin_step(std::uint64_t scope);
   void end_step();
   void end_step(std::uint64_t scope);
+  // Makes `scope` the calling thread's current scope on this swapper, touching no step state
+  // (a thread joining a step another began: begin_op would also stop ops starting at pins).
+  void set_scope(std::uint64_t scope);
   // Drops everything held for `scope` (its recordings and plan); returns false when the
   // swapper holds nothing for it (never begun, or already ended). A step of the scope in
   // progress is abandoned first: not recorded, not counted, no plan made from it; copies it

@@ -143,6 +143,10 @@ spill_status spill_begin_op(int device, uint64_t scope, const char* name) {
                     [&](Swapper& sw) { sw.begin_op(name ? name : "", scope); });
 }
 
+spill_status spill_set_scope(int device, uint64_t scope) {
+  return on_swapper(device, "spill_set_scope", [&](Swapper& sw) { sw.set_scope(scope); });
+}
+
 spill_status spill_write_step_graph(int device, uint64_t scope, const char* path) {
   if (path == nullptr || *path == '\0')
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_write_step_graph: the path is NULL or empty");

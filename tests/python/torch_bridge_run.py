@@ -7,6 +7,8 @@ Prints one line "RESULT <json>" with, per mode, whether losses and final paramet
 
 Usage: torch_bridge_run.py MODEL MODES POLICY [STEPS] [TARGET]
   MODES: comma-separated of offload, guard; POLICY: plan or lru; TARGET: cpu (default), cuda
+With SPILL_TEST_BACKWARD_THREAD=1 on the CPU bridge, each backward runs on a thread of its own,
+as PyTorch's CUDA backward runs on autograd's device thread (backward_on_another_thread).
   Extra configuration (e.g. ",time_scale:1,link_gbps:2") comes from SPILL_TEST_CONF; the budget
   is the footprint over SPILL_TEST_BUDGET_DIVISOR (default 3).
 """
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -44,6 +47,56 @@ def baseline(name: str, steps: int, device: str) -> Tuple[List[float], List[torc
     return saved["losses"], saved["params"]
 
 
+def backward_on_another_thread() -> None:
+    """Runs the autograd engine of every later backward on a new thread while the calling
+    thread waits, as CUDA's device thread does: the hooks, saved-tensor unpacks and ops of the
+    backward run there; the caller's dispatch and function modes and grad mode go with it (the
+    engine carries the caller's thread-local state to the device thread)."""
+    from torch import overrides
+    from torch.autograd.variable import Variable
+    from torch.utils import _python_dispatch as dispatch
+    stacks = [(torch._C._len_torch_dispatch_stack, dispatch._push_mode, dispatch._pop_mode),
+              (torch._C._len_torch_function_stack, overrides._push_mode, overrides._pop_mode)]
+    engine = Variable._execution_engine
+
+    def modes_of(length: Any, push: Any, pop: Any) -> List[Any]:
+        above = [pop() for _ in range(length())]  # top first
+        for m in reversed(above):
+            push(m)
+        return above[::-1]
+
+    class DeviceThreadEngine:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def run_backward(self, *args: Any, **kwargs: Any) -> Any:
+            modes = [modes_of(*s) for s in stacks]
+            grad = torch.is_grad_enabled()
+            box: Dict[str, Any] = {}
+
+            def run() -> None:
+                for (_, push, _), ms in zip(stacks, modes):
+                    for m in ms:
+                        push(m)
+                try:
+                    with torch.set_grad_enabled(grad):
+                        box["result"] = engine.run_backward(*args, **kwargs)
+                except BaseException as e:  # noqa: B036 (raised again on the caller's thread)
+                    box["error"] = e
+                finally:
+                    for length, _, pop in stacks:
+                        while length() > 0:
+                            pop()
+            thread = threading.Thread(target=run)
+            thread.start()
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            return box["result"]
+
+    Variable._execution_engine = DeviceThreadEngine()
+
+
 def main(argv: List[str]) -> int:
     torch.set_num_threads(1)
     if argv[1] == "--baseline":  # the CUDA run without spill, for the parent process
@@ -57,6 +110,8 @@ def main(argv: List[str]) -> int:
     device = "cpu" if target == "cpu" else "cuda"
     base_losses, base_params = baseline(name, steps, device)
     base_params = [p.cpu() for p in base_params]
+    if device == "cpu" and os.environ.get("SPILL_TEST_BACKWARD_THREAD") == "1":
+        backward_on_another_thread()
 
     import spill
     import spill.torch as st

@@ -74,10 +74,24 @@ struct Model {
       declare(acts.back());
       free(tmp);
     }
-    for (int l = kLayers - 1; l >= 0; --l) {
-      use(acts[l], 1000 * n + l, false);
-      use(weights[l], 100 + l, false);
-      free(acts[l]);
+    auto backward = [&] {
+      for (int l = kLayers - 1; l >= 0; --l) {
+        use(acts[l], 1000 * n + l, false);
+        use(weights[l], 100 + l, false);
+        free(acts[l]);
+      }
+    };
+    if (join == Join::None) {
+      backward();
+    } else {
+      // On a thread of its own, as PyTorch's CUDA backward runs on autograd's device thread,
+      // which names the step's scope before its pins.
+      std::thread device_thread([&] {
+        if (join == Join::SetScope) sw.set_scope(7);
+        else sw.begin_op({}, 7);
+        backward();
+      });
+      device_thread.join();
     }
     for (int l = 0; l < kLayers; ++l) {
       use(weights[l], 100 + l, false);
@@ -95,6 +109,9 @@ struct Model {
     sw.end_step(7);
   }
 
+  // How the backward joins the step: on this thread, or on another one that names the scope
+  // with set_scope or with begin_op.
+  enum class Join { None, SetScope, BeginOp } join = Join::None;
   Runtime rt;
   Swapper& sw;
   bool one_state_use;
@@ -639,6 +656,36 @@ TEST(PlannedSteps, EndScopeDropsTheRecordingAndAStepInProgress) {
   done = true;
   ender.join();
   EXPECT_TRUE(m.ok) << "a block lost its bytes";
+}
+
+std::size_t ops_of(const graph::Trace& t) {
+  std::vector<std::uint32_t> ops;
+  for (const graph::TraceAccess& a : t.accesses) ops.push_back(a.op);
+  return static_cast<std::size_t>(std::unique(ops.begin(), ops.end()) - ops.begin());
+}
+
+// A backward on another thread that names the scope with set_scope records the same ops as on
+// the step's own thread, and later steps follow the plan. Named with begin_op instead (what
+// spill.torch did on CUDA), the scope's ops are the caller's to mark from there on: the whole
+// backward and optimizer were one recorded op, inside which the plan could prefetch nothing.
+TEST(PlannedSteps, ABackwardOnAnotherThreadThatSetsTheScopeKeepsItsOps) {
+  const std::size_t footprint = (3 * kLayers + 1) * kBlock;
+  std::vector<std::size_t> ops;
+  std::vector<SwapStats> stats;
+  for (Model::Join join : {Model::Join::None, Model::Join::SetScope, Model::Join::BeginOp}) {
+    Model m("plan", footprint / 3);
+    m.join = join;
+    m.add_weights();
+    for (int n = 1; n <= 5; ++n) m.step(n);
+    EXPECT_TRUE(m.ok) << "a block lost its bytes";
+    ops.push_back(ops_of(m.sw.last_trace(7)));
+    stats.push_back(m.sw.stats());
+  }
+  EXPECT_GT(ops[0], std::size_t{3 * kLayers});
+  EXPECT_EQ(ops[1], ops[0]) << "set_scope changed the recorded ops";
+  EXPECT_EQ(stats[1].steps_planned, stats[0].steps_planned);
+  EXPECT_GE(stats[1].steps_planned, 3u);
+  EXPECT_EQ(ops[2], std::size_t{2 * kLayers} + 1) << "begin_op: the forward's ops, then one";
 }
 
 }  // namespace

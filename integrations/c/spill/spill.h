@@ -34,10 +34,11 @@
  *
  * Steps belong to a scope, a caller-chosen number (e.g. a stream handle or a model's id), so
  * that two training loops in one process do not see each other's steps as deviations.
- * spill_begin_step and spill_begin_op make their scope the calling thread's current scope on
- * that device; every pin belongs to the current scope of the thread that makes it (scope 0 for
- * a thread that never named one). Frameworks whose backward pass runs on other threads call
- * spill_begin_op there before the op's pins.
+ * spill_begin_step, spill_begin_op and spill_set_scope make their scope the calling thread's
+ * current scope on that device; every pin belongs to the current scope of the thread that makes
+ * it (scope 0 for a thread that never named one). Frameworks whose backward pass runs on other
+ * threads call spill_set_scope there before the pins (spill_begin_op would also make the
+ * scope's ops the caller's to mark for the rest of the step).
  *
  * Lifecycle. spill_shutdown frees every runtime, including blocks still allocated; later calls
  * fail with SPILL_ERROR_SHUT_DOWN (pointers from before stay invalid) until spill_init starts a
@@ -235,12 +236,18 @@ SPILL_API spill_status spill_get_residence(const void* ptr, spill_residence* res
 /* A training step of `scope` on `device` begins / ends; spill_begin_op marks the start of an
  * op (a kernel or layer; `name` may be NULL) within it. Each makes `scope` the calling thread's
  * current scope on the device (see the top of this file). Without begin_op, an op starts at
- * the first pin after an unpin. With policy:plan and a budget, the first step of a scope is
- * recorded; later steps follow the plan made from it (prefetches and evictions ahead of use)
- * until a step deviates, which is recorded again. */
+ * the first pin after an unpin; after a begin_op, ops start only at begin_op until the step
+ * ends. With policy:plan and a budget, the first step of a scope is recorded; later steps
+ * follow the plan made from it (prefetches and evictions ahead of use) until a step deviates,
+ * which is recorded again. */
 SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
 SPILL_API spill_status spill_end_step(int device, uint64_t scope);
 SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);
+/* Makes `scope` the calling thread's current scope on `device` and nothing else: no step or op
+ * begins, no scope is created, ops keep starting at the first pin after an unpin. For a thread
+ * that joins a step another thread began (PyTorch's CUDA backward runs on autograd's device
+ * thread). */
+SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
 /* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
  * otherwise, for the process's life). Call it when the model or loop that used the scope is
  * done, e.g. after each run of a hyperparameter sweep. A step of the scope in progress is
