@@ -362,6 +362,176 @@ TEST(end_scope_drops_its_recording) {
     }
 }
 
+/* A backward on another thread (PyTorch's CUDA backward runs on autograd's device thread) that
+ * names the step's scope with spill_set_scope before its pins: its pins make the same ops as on
+ * the step's own thread, later steps follow the plan, and every block keeps its bytes. Named
+ * with spill_begin_op instead, the rest of the step (backward and optimizer) is one op: the
+ * recording has fewer ops and the plan prefetches nothing inside it. Each step: forward (read
+ * the layer's weight, write a new activation), backward in reverse (read the activation and
+ * the weight, free the activation), optimizer (read the weight, write its state). */
+enum join { JOIN_NONE, JOIN_SET_SCOPE, JOIN_BEGIN_OP };
+#define JOIN_SCOPE 4000u
+#define JOIN_STEPS 5
+
+struct backward_args {
+  enum join join;
+  int step;
+  void** weights;
+  void** acts;
+  int failures; /* checks that failed on the backward thread */
+};
+
+static void* backward(void* arg) {
+  struct backward_args* b = (struct backward_args*)arg;
+  if (b->join == JOIN_SET_SCOPE) REQUIRE_OK(spill_set_scope(0, JOIN_SCOPE));
+  if (b->join == JOIN_BEGIN_OP) REQUIRE_OK(spill_begin_op(0, JOIN_SCOPE, NULL));
+  for (int l = LAYERS - 1; l >= 0; --l) {
+    b->failures += !check_pinned(b->acts[l], 4 * MIB, 1000u * (unsigned)b->step + (unsigned)l);
+    b->failures += !check_pinned(b->weights[l], 4 * MIB, 100u + (unsigned)l);
+    REQUIRE_OK(spill_free(b->acts[l], 0, NULL));
+  }
+  return NULL;
+}
+
+/* The ops of the scope's last recorded step: every op of the graph has a "reads" field (the
+ * tensors have none). */
+static int recorded_ops(uint64_t scope) {
+  char path[] = "/tmp/spill_c_join_XXXXXX";
+  int fd = mkstemp(path);
+  REQUIRE(fd >= 0);
+  close(fd);
+  REQUIRE_OK(spill_write_step_graph(0, scope, path));
+  FILE* f = fopen(path, "r");
+  REQUIRE(f != NULL);
+  static char buf[1 << 20];
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  buf[n] = '\0';
+  fclose(f);
+  unlink(path);
+  REQUIRE(n < sizeof buf - 1);
+  int count = 0;
+  for (const char* p = strstr(buf, "\"reads\""); p != NULL; p = strstr(p + 1, "\"reads\"")) ++count;
+  return count;
+}
+
+struct join_result {
+  int ops;
+  spill_stats st;
+  uint64_t demand[JOIN_STEPS + 1]; /* demand fetches of each step (1-based) */
+};
+
+static struct join_result join_run(enum join join) {
+  struct join_result r;
+  memset(&r, 0, sizeof r);
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:24MiB,policy:plan"));
+  void* w[LAYERS];
+  void* state[LAYERS];
+  void* acts[LAYERS];
+  for (int l = 0; l < LAYERS; ++l) {
+    REQUIRE_OK(spill_malloc(&w[l], 4 * MIB, 0, NULL));
+    write_pinned(w[l], 4 * MIB, 100u + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(w[l], 1));
+  }
+  uint64_t demand = 0;
+  for (int step = 1; step <= JOIN_STEPS; ++step) {
+    REQUIRE_OK(spill_begin_step(0, JOIN_SCOPE));
+    for (int l = 0; l < LAYERS; ++l) {
+      CHECK(check_pinned(w[l], 4 * MIB, 100u + (unsigned)l));
+      REQUIRE_OK(spill_malloc(&acts[l], 4 * MIB, 0, NULL));
+      write_pinned(acts[l], 4 * MIB, 1000u * (unsigned)step + (unsigned)l);
+      REQUIRE_OK(spill_set_swappable(acts[l], 1));
+    }
+    struct backward_args b = {join, step, w, acts, 0};
+    if (join == JOIN_NONE) {
+      backward(&b);
+    } else {
+      pthread_t t;
+      REQUIRE(pthread_create(&t, NULL, backward, &b) == 0);
+      pthread_join(t, NULL);
+    }
+    CHECK(b.failures == 0);
+    for (int l = 0; l < LAYERS; ++l) {
+      CHECK(check_pinned(w[l], 4 * MIB, 100u + (unsigned)l));
+      if (step == 1) {
+        REQUIRE_OK(spill_malloc(&state[l], 4 * MIB, 0, NULL));
+      } else {
+        CHECK(check_pinned(state[l], 4 * MIB, 5000u + (unsigned)step - 1));
+      }
+      write_pinned(state[l], 4 * MIB, 5000u + (unsigned)step);
+      if (step == 1) REQUIRE_OK(spill_set_swappable(state[l], 1));
+    }
+    REQUIRE_OK(spill_end_step(0, JOIN_SCOPE));
+    const uint64_t total = stats().demand_fetches;
+    r.demand[step] = total - demand;
+    demand = total;
+  }
+  r.ops = recorded_ops(JOIN_SCOPE);
+  r.st = stats();
+  for (int l = 0; l < LAYERS; ++l) {
+    CHECK(check_pinned(w[l], 4 * MIB, 100u + (unsigned)l));
+    CHECK(check_pinned(state[l], 4 * MIB, 5000u + JOIN_STEPS));
+    CHECK_OK(spill_free(w[l], 0, NULL));
+    CHECK_OK(spill_free(state[l], 0, NULL));
+  }
+  REQUIRE_OK(spill_shutdown());
+  return r;
+}
+
+/* Step 1 is recorded; step 2 reads the optimizer state step 1 created (a deviation: recorded
+ * again); steps 3 to 5 follow the plan. */
+TEST(a_backward_on_another_thread_that_sets_the_scope_keeps_its_ops) {
+  struct join_result r[3];
+  for (int j = JOIN_NONE; j <= JOIN_BEGIN_OP; ++j) r[j] = join_run((enum join)j);
+  for (int j = JOIN_NONE; j <= JOIN_BEGIN_OP; ++j)
+    fprintf(stderr, "%s: %d ops; steps planned %llu; prefetch hits %llu; demand fetches by step"
+            " %llu %llu %llu %llu %llu\n",
+            j == JOIN_NONE ? "one thread" : j == JOIN_SET_SCOPE ? "set_scope" : "begin_op", r[j].ops,
+            (unsigned long long)r[j].st.steps_planned, (unsigned long long)r[j].st.prefetch_hits,
+            (unsigned long long)r[j].demand[1], (unsigned long long)r[j].demand[2],
+            (unsigned long long)r[j].demand[3], (unsigned long long)r[j].demand[4],
+            (unsigned long long)r[j].demand[5]);
+  /* Each pin_for_host of a block after an unpin starts an op: forward 2 per layer, backward 2,
+   * optimizer 3 (weight, state read, state write). */
+  CHECK(r[JOIN_NONE].ops == 7 * LAYERS);
+  CHECK(r[JOIN_SET_SCOPE].ops == r[JOIN_NONE].ops); /* the backward thread's pins, as on one */
+  CHECK(r[JOIN_BEGIN_OP].ops == 2 * LAYERS + 1);    /* the forward's ops, then one */
+  CHECK(r[JOIN_SET_SCOPE].st.steps_planned == r[JOIN_NONE].st.steps_planned);
+  CHECK(r[JOIN_SET_SCOPE].st.steps_planned >= JOIN_STEPS - 2);
+  CHECK(r[JOIN_SET_SCOPE].st.prefetch_hits > 0);
+  /* The planned steps fetch on demand less than the recorded first step did; with begin_op the
+   * one op of backward and optimizer is where the plan prefetches nothing. */
+  uint64_t planned_demand[3] = {0, 0, 0};
+  for (int j = JOIN_NONE; j <= JOIN_BEGIN_OP; ++j)
+    for (int step = 3; step <= JOIN_STEPS; ++step) planned_demand[j] += r[j].demand[step];
+  for (int step = 3; step <= JOIN_STEPS; ++step)
+    CHECK(r[JOIN_SET_SCOPE].demand[step] < r[JOIN_SET_SCOPE].demand[1]);
+  CHECK(planned_demand[JOIN_SET_SCOPE] < planned_demand[JOIN_BEGIN_OP]);
+}
+
+/* spill_set_scope's errors name the call: an ordinal that is no device, and any device after
+ * spill_shutdown. A device without a runtime yet gets one (its first use), and a runtime
+ * without a swapper (policy:none) has no scopes to set: both are SPILL_OK. */
+TEST(set_scope_errors_name_the_call) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan"));
+  CHECK_STATUS(spill_set_scope(-1, 5), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_set_scope: device -1 is not a device ordinal");
+  CHECK_STATUS(spill_set_scope(SPILL_MAX_DEVICES, 5), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_set_scope");
+  CHECK_OK(spill_set_scope(0, 5));
+  CHECK_OK(spill_set_scope(3, 5)); /* device 3's first use: its own simulated device */
+  spill_stats st;
+  st.struct_size = sizeof st;
+  CHECK_OK(spill_get_stats(3, &st));
+  CHECK(st.device == 3 && st.simulated == 1);
+  REQUIRE_OK(spill_shutdown());
+  CHECK_STATUS(spill_set_scope(0, 5), SPILL_ERROR_SHUT_DOWN);
+  CHECK_ERROR_HAS("spill_set_scope: spill was shut down");
+  CHECK_STATUS(spill_set_scope(3, 5), SPILL_ERROR_SHUT_DOWN);
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:none"));
+  CHECK_OK(spill_set_scope(0, 5));
+  REQUIRE_OK(spill_shutdown());
+}
+
 /* Lowering the budget evicts declared blocks; their bytes survive. */
 TEST(lowering_the_budget_evicts) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
@@ -441,6 +611,8 @@ TEST(shutdown_with_live_blocks) {
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \
   X(end_scope_drops_its_recording)     \
+  X(a_backward_on_another_thread_that_sets_the_scope_keeps_its_ops) \
+  X(set_scope_errors_name_the_call)   \
   X(lowering_the_budget_evicts)        \
   X(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) \
   X(shutdown_with_live_blocks)

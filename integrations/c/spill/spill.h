@@ -246,7 +246,10 @@ SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* na
 /* Makes `scope` the calling thread's current scope on `device` and nothing else: no step or op
  * begins, no scope is created, ops keep starting at the first pin after an unpin. For a thread
  * that joins a step another thread began (PyTorch's CUDA backward runs on autograd's device
- * thread). */
+ * thread). Like the other step calls it creates the device's runtime on its first use, and on
+ * a runtime without a swapper (policy:none) it is SPILL_OK and does nothing. Errors, with a
+ * message naming spill_set_scope: INVALID_ARGUMENT for an ordinal outside
+ * 0..SPILL_MAX_DEVICES-1, SHUT_DOWN after spill_shutdown, FORKED_CHILD. */
 SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
 /* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
  * otherwise, for the process's life). Call it when the model or loop that used the scope is
