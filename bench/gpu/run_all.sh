@@ -5,7 +5,7 @@
 # spill.torch on CUDA and every benchmark program, within SPILL_GPU_BUDGET_S. Results go to $OUT
 # when set (else build/gpu-results): summary.txt (the table printed last), ctest-gpu.xml and
 # ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill bench link`, which
-# the planner reads as a measured link model), train_*.json and logs.tar.gz (every step's log
+# the planner reads as a measured link model), train_*.json and logs.tar.gz (every step's log, the trainer's traces
 # and env.log: driver, toolkit, compiler, torch, cuDNN): 8 files at most, what a device call
 # brings back.
 # Dependencies: if the machine lacks the Debian -dev packages, carry .gpu-deps/ (made by
@@ -172,10 +172,14 @@ if ((built == 0)); then
     --output-junit "$work/ctest-gpu.xml"
   # The trainer on the GPU, each model checked bit for bit against the same steps with no
   # budget (cuBLAS, cuDNN for the CNN, spill's kernels, swapping by the graph plan and by the
-  # swapper's recorded plan with op times measured on the device).
+  # swapper's recorded plan with op times measured on the device). Each run's trace goes into
+  # logs.tar.gz: on the H200 (2026-12-04) these small models' measured steps at a third were
+  # 2-8 times their predicted ones (mlp 27 ms against 3 ms), and the step table alone does not
+  # say where the time went.
   step tests-train 150 bash -c 'rc=0; for m in mlp cnn gpt-mini; do "$1" --conf device:cuda \
-    train "$m" --check --steps 4 || rc=1; done; "$1" --conf device:cuda train gpt-mini \
-    --policy plan --check --steps 4 || rc=1; exit $rc' _ "$build/spill"
+    train "$m" --check --steps 4 --trace "$2/trace_$m.json" || rc=1; done
+    "$1" --conf device:cuda train gpt-mini --policy plan --check --steps 4 \
+    --trace "$2/trace_gpt-mini_plan.json" || rc=1; exit $rc' _ "$build/spill" "$work"
   # doc_examples among them runs the documentation's GPU blocks with this Python (docs/pytorch.md's
   # CUDA quick start, which compiles the CUDA shim into torch's extension cache; docs/python.md's
   # CuPy block where CuPy is installed); on the CPU build machine they skip.
@@ -205,8 +209,12 @@ if ((built == 0)); then
     rows+=("torch|no libspill.so: select build|0")
     failed=1
   elif [[ -n $python ]] && "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    # PYTHONFAULTHANDLER: a process that crashes (the cnn's training process did, exit -11
+    # with no output, on 2026-12-04) prints every thread's Python stack to its stderr, which
+    # the tests show.
     torch_env=(env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python"
-               SPILL_TORCH_TARGET=cuda SPILL_TORCH_BUILD_DIR="$build/torch-ext")
+               SPILL_TORCH_TARGET=cuda SPILL_TORCH_BUILD_DIR="$build/torch-ext"
+               PYTHONFAULTHANDLER=1)
     # PyTorch takes its cuBLAS and cuBLASLt workspaces (32 MiB or more on Hopper) from the
     # allocator, unswappable: for the tests' small models (budgets of tens of MiB) they would
     # be most of the budget. The tests set small ones themselves (128 KiB each, small-pool
@@ -301,7 +309,7 @@ PY
 for f in ctest-gpu.xml ctest.xml link.json train_unlimited.json train_third.json; do
   [[ -f $work/$f ]] && cp "$work/$f" "$out/"
 done
-tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log 2>/dev/null) 2>/dev/null
+tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log trace_*.json 2>/dev/null) 2>/dev/null
 cp "$work/summary.txt" "$out/summary.txt"
 cat "$work/summary.txt"
 exit $failed
