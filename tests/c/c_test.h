@@ -78,6 +78,28 @@ static inline const char* c_test_address(const void* p) {
   return out;
 }
 
+/* A fresh temporary file's path in `path` (a "/tmp/..._XXXXXX" template, as mkstemp takes). */
+#define TEMP_PATH(path)         \
+  do {                          \
+    int fd_ = mkstemp(path);    \
+    REQUIRE(fd_ >= 0);          \
+    close(fd_);                 \
+  } while (0)
+
+/* The file at `path`, NUL-terminated, in a buffer of 1 MiB that the next call reuses; the file
+ * is removed. Ends the test if the file cannot be read or does not fit. */
+static inline const char* c_test_read_and_remove(const char* path) {
+  static char buf[1 << 20];
+  FILE* f = fopen(path, "r");
+  REQUIRE(f != NULL);
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  buf[n] = '\0';
+  fclose(f);
+  unlink(path);
+  REQUIRE(n < sizeof buf - 1);
+  return buf;
+}
+
 #define SKIP(reason)                                        \
   do {                                                      \
     fprintf(stderr, "skipped: %s\n", (reason));             \

@@ -540,17 +540,9 @@ TEST(trace_export) {
   CHECK_ERROR_HAS("/nonexistent-dir/trace.json");
   CHECK_STATUS(spill_trace_export(NULL), SPILL_ERROR_INVALID_ARGUMENT);
   char path[] = "/tmp/spill_c_trace_XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
+  TEMP_PATH(path);
   CHECK_OK(spill_trace_export(path));
-  FILE* f = fopen(path, "r");
-  REQUIRE(f != NULL);
-  static char buf[1 << 20];
-  size_t n = fread(buf, 1, sizeof buf - 1, f);
-  buf[n] = '\0';
-  fclose(f);
-  unlink(path);
+  const char* buf = c_test_read_and_remove(path);
   CHECK(strstr(buf, "traceEvents") != NULL);
   CHECK(strstr(buf, "\"kind\":\"alloc\"") != NULL); /* the malloc before the failed export */
 }

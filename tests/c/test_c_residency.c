@@ -255,17 +255,9 @@ TEST(step_scopes_on_two_threads) {
   CHECK(st.steps_planned == 2 * (STEPS - 1));
   /* The recorded step of a scope, as a graph for spill plan. */
   char path[] = "/tmp/spill_c_graph_XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
-  CHECK_OK(spill_write_step_graph(0, 1001, path));
-  FILE* f = fopen(path, "r");
-  REQUIRE(f != NULL);
-  char buf[1 << 14];
-  size_t n = fread(buf, 1, sizeof buf - 1, f);
-  buf[n] = '\0';
-  fclose(f);
-  unlink(path);
+  TEMP_PATH(path);
+  REQUIRE_OK(spill_write_step_graph(0, 1001, path));
+  const char* buf = c_test_read_and_remove(path);
   CHECK(strstr(buf, "\"ops\"") != NULL);
   CHECK(strstr(buf, "6291456") != NULL); /* scope 1001's blocks are 6 MiB */
   CHECK(strstr(buf, "4194304") == NULL);
@@ -333,9 +325,7 @@ TEST(end_scope_drops_its_recording) {
   CHECK_OK(spill_end_scope(0, 2001));
   CHECK_STATUS(spill_write_step_graph(0, 2001, "/tmp/never-written.json"), SPILL_ERROR_NOT_FOUND);
   char path[] = "/tmp/spill_c_scope_XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
+  TEMP_PATH(path);
   CHECK_OK(spill_write_step_graph(0, 2000, path)); /* the other scope keeps its recording */
   unlink(path);
   CHECK_OK(spill_end_scope(0, 2001));    /* already ended */
@@ -397,18 +387,9 @@ static void* backward(void* arg) {
  * tensors have none). */
 static int recorded_ops(uint64_t scope) {
   char path[] = "/tmp/spill_c_join_XXXXXX";
-  int fd = mkstemp(path);
-  REQUIRE(fd >= 0);
-  close(fd);
+  TEMP_PATH(path);
   REQUIRE_OK(spill_write_step_graph(0, scope, path));
-  FILE* f = fopen(path, "r");
-  REQUIRE(f != NULL);
-  static char buf[1 << 20];
-  size_t n = fread(buf, 1, sizeof buf - 1, f);
-  buf[n] = '\0';
-  fclose(f);
-  unlink(path);
-  REQUIRE(n < sizeof buf - 1);
+  const char* buf = c_test_read_and_remove(path);
   int count = 0;
   for (const char* p = strstr(buf, "\"reads\""); p != NULL; p = strstr(p + 1, "\"reads\"")) ++count;
   return count;
