@@ -856,15 +856,14 @@ def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None
     has the class's zero_grad. The weights are 724 x 724 floats, 2 MiB once rounded to the
     granularity of a GPU or of the simulated device alike; the batch's tensors stay under the
     swap threshold (small-pool blocks): the same blocks on both, so the budget fits both (on
-    CUDA with cuBLAS's workspaces small too: CUDA_WORKSPACES). Adam runs its per-parameter loop
-    (foreach=False) in both runs: offload runs the loop, and on CUDA plain torch's default, the
-    foreach kernels, need not round as it does."""
+    CUDA with cuBLAS's workspaces small too: CUDA_WORKSPACES). Adam runs torch's default in
+    both runs (on CUDA the foreach kernels, under offload over chunks of parameters that fit)."""
     out = run_ok(quiet_preamble("1GiB") + """
         import copy, time
         def train(zero, wrap=None):
             torch.manual_seed(0)
             m = torch.nn.Sequential(*[torch.nn.Linear(724, 724) for _ in range(6)]).to(dev)
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=False)
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
             h = wrap(m, opt) if wrap else None
             g = torch.Generator().manual_seed(1)
             losses = []
@@ -1833,9 +1832,9 @@ def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     blocks on a GPU and on the simulated device alike) and the batches 32 rows (small-pool
     blocks): the budgets fit both, on CUDA with cuBLAS's workspaces small too
     (CUDA_WORKSPACES: at 512 KiB three of them took 6 MiB of the 12, GPU run 2026-12-04).
-    Adam runs its per-parameter loop (foreach=False) in both runs, as offload runs it: on
-    CUDA the foreach kernels (plain torch's default there) need not round as the loop does
-    (the quiet case's last loss differed in its last digits on the GPU)."""
+    Adam runs torch's default in both runs (on CUDA the foreach kernels, which offload runs
+    too, over chunks of parameters under pressure; the quiet case's last loss differed in its
+    last digits on the GPU on 2026-12-04, when offload ran the per-parameter loop instead)."""
     out = run_ok(quiet_preamble("1GiB") + SETTLE + f"""
         import gc
         how = "{how}"
@@ -1859,7 +1858,7 @@ def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
             if how == "no_optimizer":  # its step runs in the window: each op pinned
                 opt = torch.optim.SGD(m.parameters(), lr=1e-2)
             else:
-                opt = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=False)
+                opt = torch.optim.Adam(m.parameters(), lr=1e-3)
             h = wrap(m, None if how == "no_optimizer" else opt) if wrap else None
             g = torch.Generator().manual_seed(1)
             losses, left = [], []

@@ -201,8 +201,9 @@ def test_what_shows_of_spill_on_an_offloaded_model() -> None:
     ``optimizer.step``'s, also through a library's wrapper made after offload; a submodule the loop called directly (its forward wrapped on the
     instance) deep-copies to a module running its own class's forward; the handle itself
     cannot be copied or pickled and says what to do (also when the model holds it); a step
-    that raises leaves ``foreach`` as the caller set it (False only while spill runs the
-    step); and ``remove()`` leaves no hook, forward or gradient hook behind."""
+    that raises leaves the caller's param group (a foreach group is cut into chunks of
+    parameters only while spill runs the step, at a budget where they do not fit in an
+    eighth); and ``remove()`` leaves no hook, forward or gradient hook behind."""
     out = run_ok(quiet_preamble("1GiB") + MODEL + """
         enable()
         m, opt = build("default")
@@ -249,14 +250,21 @@ def test_what_shows_of_spill_on_an_offloaded_model() -> None:
             else:
                 raise AssertionError("the handle was copied")
         seen = []
-        def closure():  # a step that raises: foreach is the caller's again after it
-            seen.append(opt.param_groups[0]["foreach"])
+        def closure():  # a step that raises: the caller's groups are back after it
+            seen.append([len(g["params"]) for g in opt.param_groups])
             raise ValueError("in the step")
+        groups, group = opt.param_groups, opt.param_groups[0]
+        group["foreach"] = True
+        spill.set_budget(64 << 20)  # chunks of an eighth, 8 MiB: two weights and biases
         try:
             opt.step(closure)
         except ValueError:
             pass
-        assert seen == [False] and opt.param_groups[0]["foreach"] is None, seen
+        spill.set_budget(1 << 30)
+        assert len(seen) == 1 and len(seen[0]) > 1 and sum(seen[0]) == 12, seen
+        assert opt.param_groups is groups and groups == [group], opt.param_groups
+        assert len(group["params"]) == 12 and group["foreach"] is True, group
+        group["foreach"] = None
         m.handle = h
         try:
             copy.deepcopy(m)

@@ -18,7 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="spill.torch needs PyTorch (Debian: python3-torch)")
 
-from spill.torch import _offload, _recompute, _steps, _transforms, _window  # noqa: E402
+from spill.torch import (_offload, _optimizer, _recompute, _steps, _transforms,  # noqa: E402
+                         _window)
 from spill.torch._pins import storage  # noqa: E402
 from spill.torch._state import torch_version  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
@@ -431,7 +432,7 @@ def test_optimizer_step_wrapped_on_the_instance_still_steps_and_counts() -> None
     (_steps.wrap_method): an LR scheduler made after still sees the step (no warning that
     scheduler.step() came first), torch 2's step hooks still run (the class-level wrapper
     is below ours), zero_grad's set_to_none default is read from its signature, and
-    param_groups have the ``foreach`` key spill turns off for its run of the step."""
+    param_groups have the ``foreach`` key spill reads to know the step's implementation."""
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.Adam([w], lr=0.1)
     assert "foreach" in opt.param_groups[0], _internal("Adam param_groups", "have no foreach")
@@ -463,6 +464,43 @@ def test_optimizer_step_wrapped_on_the_instance_still_steps_and_counts() -> None
         assert default is not None and isinstance(default.default, bool), _internal(
             "zero_grad", "has no set_to_none with a bool default")
         assert default.default == TORCH2, _internal("zero_grad", "changed set_to_none's default")
+
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_a_per_parameter_optimizer_steps_the_param_groups_it_finds_at_the_step(
+        name: str) -> None:
+    """_optimizer.chunked_groups: for spill's run of the step, a foreach group is replaced in
+    ``optimizer.param_groups`` by copies over chunks of its parameters. torch.optim's
+    per-parameter optimizers must read ``self.param_groups`` at each step and give each
+    parameter what the whole group gives (foreach=True), and torch 2 keeps its step hooks
+    where _optimizer looks for them (with hooks the groups stay whole)."""
+    def run(chunked: bool) -> List[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(4)]
+        kwargs = {"momentum": 0.9} if name in ("SGD", "RMSprop") else {}
+        opt = getattr(torch.optim, name)(ps, lr=0.1, foreach=True, **kwargs)
+        for step in range(3):
+            for p in ps:
+                p.grad = torch.full_like(p, 0.1 * (step + 1)) + p.detach() * 0.01
+            groups = opt.param_groups
+            if chunked:
+                opt.param_groups = [dict(groups[0], params=ps[i:i + 2]) for i in (0, 2)]
+            opt.step()
+            opt.param_groups = groups
+        return [p.detach().clone() for p in ps]
+    whole, chunks = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunks)), _internal(
+        f"torch.optim.{name}", "does not step the param_groups it finds at the step alike")
+    if TORCH2:
+        module = _optimizer.torch_optimizer
+        for hooks in _optimizer.GLOBAL_HOOKS:
+            assert isinstance(getattr(module, hooks, None), dict), _internal(
+                f"torch.optim.optimizer.{hooks}", "is missing")
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))])
+        for hooks in _optimizer._HOOKS:
+            assert isinstance(getattr(opt, hooks, None), dict), _internal(
+                f"Optimizer.{hooks}", "is missing")
 
 
 # ---------------------------------------------------------------- CUDA allocator API

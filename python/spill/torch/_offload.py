@@ -35,13 +35,17 @@ Which blocks become swappable, and what pins every later use of each:
 - optimizer state: declared at offload() (what the optimizer has already: Adagrad's sums),
   after each optimizer step (each tensor known by a weak reference:
   a new one at a dead one's id() is declared too), and as ``optimizer.load_state_dict`` makes
-  it (resuming from a checkpoint: _optimizer.load_state). The optimizer's step runs its
-  per-parameter loop (foreach=False while spill runs it; param_groups and state_dict() keep
-  the caller's value). When the step's tensors (parameters, gradients, state)
+  it (resuming from a checkpoint: _optimizer.load_state). The optimizer's step runs the
+  implementation plain torch runs (the caller's foreach/fused, or torch's default: the
+  foreach kernels for CUDA parameters since torch 2.0), so its bits are plain torch's; a
+  torch.optim optimizer's param group that runs foreach or fused ops is cut, while spill runs
+  the step, into chunks of parameters whose step tensors fit in an eighth of the budget
+  (_optimizer.chunked_groups; param_groups and state_dict() show the caller's groups outside
+  the step). When the step's tensors (parameters, gradients, state)
   fit in a quarter of the budget, a torch.optim optimizer's step runs with all of them pinned
   (_optimizer.py); otherwise (budget pressure, another optimizer, a closure) the step, like
   zero_grad(set_to_none=False), runs under the pin-every-op dispatch mode, so that one
-  parameter's tensors are pinned at a time.
+  parameter's tensors (a chunk's, in the foreach implementation) are pinned at a time.
 The first step runs entirely under that dispatch mode (as spill.torch.guard does), which both
 keeps it safe and finds parameters used outside their modules. A forward of the model in eval
 mode or without grad mode (an evaluation pass, inference) runs with every op pinned (nothing
@@ -122,7 +126,7 @@ from spill import budget as spill_budget
 
 from . import _copies as copies
 from ._guard import PinEveryOp
-from ._optimizer import DeclareMade, load_state, per_parameter_loop, pinned_step
+from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
 from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
                     storage)
@@ -1379,7 +1383,9 @@ class OffloadHandle:
             self._policy.claim()
             quiet = self._quiet
             self._declare_gradients(quiet, opt)
-            restore_foreach = per_parameter_loop(opt)
+            # (an eighth: a chunk's step tensors and its temporaries fit in a quarter, the
+            # limit over which a foreach op would be split again, _foreach.py)
+            restore_groups = chunked_groups(opt, self.pinner, spill_budget(state.device) // 8)
             ended = True
             try:
                 if self._discovery is not None or (quiet and not self._persistent
@@ -1412,7 +1418,7 @@ class OffloadHandle:
                 self._stepping -= 1
                 if owner_mode is not None:
                     owner_mode.suspended = False
-                restore_foreach()
+                restore_groups()
                 if ended:
                     self._end_step()
                 self._entry = None  # an entry an exception interrupted: the forward is over
@@ -2080,9 +2086,10 @@ def offload(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] =
       installed; ``copy.deepcopy(model)``, pickle and ``torch.save(model)`` give plain torch
       modules without them. A model (or a module of one) that a live handle has offloaded is
       refused. optimizer: if given, its ``step`` ends each training step (the first one is
-      recorded, later ones follow the plan) and runs its per-parameter loop (``foreach``
-      False only while spill runs the step: ``param_groups`` and checkpoints keep the
-      caller's value). A list or tuple: every optimizer that updates the model (one for the
+      recorded, later ones follow the plan) and runs the implementation plain torch would
+      (``foreach``, ``fused`` or torch's default), over chunks of parameters that fit under
+      pressure (``param_groups`` and checkpoints show the caller's groups outside the
+      step). A list or tuple: every optimizer that updates the model (one for the
       embeddings, another for the matrices); a step ends once each has stepped.
     scope: the step scope; two models trained in one process get their own recordings. By
       default a number spill gives the model on first use (the same for as long as the model

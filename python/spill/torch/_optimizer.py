@@ -9,17 +9,30 @@ torch.optim's per-parameter optimizers (SGD, Adam, AdamW, ...), which touch noth
 step runs as it would without spill, so results are bit-identical. Otherwise (budget pressure,
 another optimizer, or a step with a closure, which runs the model again) the step runs under
 the dispatch mode, which pins each op's tensors around the op (one parameter's tensors at a
-time). Pinning parameters in chunks under pressure was tried: the planned steps then had more
-demand fetches than with the dispatch mode (docs/BENCHMARKS.md)."""
+time in the per-parameter loop). Pinning parameters in chunks under pressure was tried: the
+planned steps then had more demand fetches than with the dispatch mode (docs/BENCHMARKS.md).
+
+The step runs the implementation plain torch runs (the caller's ``foreach``/``fused`` or
+torch's default: on CUDA since torch 2.0 the foreach kernels, which round otherwise than the
+per-parameter loop), so its results are plain torch's bits on every device. A group that runs
+ops over lists of its tensors is cut into chunks of parameters for spill's run of the step
+(:func:`chunked_groups`), so that the foreach ops' temporaries (as large as the state they are
+made from) are one chunk's. Left whole, each foreach op of the step would run in chunks under
+the dispatch mode (_foreach.py), but the temporaries of every parameter would then live
+between ops and be swapped: on the CPU bridge (2-core build machine, 2026-12-04, shared with
+other builds) an Adam(foreach=True) over eight 1024-wide layers, 8 steps at a third of the
+footprint, moved 2380 MiB out and 2598 MiB in with 177 demand fetches, against 1588 out,
+1394 in and 104 with the chunked groups (the per-parameter loop: 1488, 1446 and 115)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.optim import optimizer as torch_optimizer  # (torch 1.13 dels the attribute)
 
 from ._guard import PinEveryOp
 from ._pins import Pinner, components, leaves
-from ._state import state
+from ._state import state, torch_version
 
 Token = Any  # spill._capi.PinToken
 
@@ -86,21 +99,92 @@ def pinned_step(optimizer: Optional[torch.optim.Optimizer], pinner: Pinner, limi
             pinner.unpin(token, stream, wrote)
 
 
-def per_parameter_loop(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
-    """For spill's run of the optimizer's step: sets its per-parameter loop (``foreach``
-    False in every param group that has the key, so that no op takes every parameter's
-    tensors at once) and returns what puts the caller's values back, called when the step
-    ends, also by an exception: ``param_groups`` and ``state_dict()`` (a checkpoint loaded
-    into a plain optimizer) show the caller's setting outside the step."""
-    changed = []
-    for group in optimizer.param_groups:
-        if "foreach" in group and group["foreach"] is not False:
-            changed.append((group, group["foreach"]))
-            group["foreach"] = False
+TORCH2 = torch_version() >= (2, 0)
+
+
+def _listwise_group(group: Dict[str, Any]) -> bool:
+    """Whether the optimizer runs this param group with ops over lists of its tensors (the
+    foreach or fused implementation): set by the caller, or torch 2's default (foreach for
+    CUDA parameters; torch 1.13 defaults to the per-parameter loop)."""
+    if group.get("fused"):
+        return True
+    foreach = group.get("foreach", False)
+    if foreach is None:
+        return TORCH2 and all(p.is_cuda for p in group["params"])
+    return bool(foreach)
+
+
+# torch 2's step hooks: the optimizer's own, and every optimizer's (torch.optim.optimizer's).
+_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
+GLOBAL_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+
+
+def _step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether step pre or post hooks (torch 2), which may read ``param_groups``, run around
+    the step."""
+    return any(getattr(optimizer, name, None) for name in _HOOKS) or any(
+        getattr(torch_optimizer, name, None) for name in GLOBAL_HOOKS)
+
+
+def chunked_groups(optimizer: torch.optim.Optimizer, pinner: Pinner,
+                   limit: int) -> Callable[[], None]:
+    """For spill's run of the step of a torch.optim per-parameter optimizer whose groups run
+    the foreach or fused implementation (the caller's setting or torch's default, as plain
+    torch runs it): while the step runs, ``param_groups`` is each such group cut into groups
+    of consecutive parameters whose step tensors (parameter, gradient, state) hold at most
+    ``limit`` bytes (at least one parameter each), copies of the caller's group otherwise.
+    The step then runs its foreach ops over one chunk at a time, so their temporaries
+    (Adam's square roots, as large as its state) are a chunk's, as the per-parameter loop's
+    are a parameter's; the results are plain torch's bits, since each index of a foreach op
+    depends only on that index's tensors. Returns what puts the caller's groups back (called
+    when the step ends, also by an exception), with any other key the step set in a chunk's
+    group. Nothing changes for another optimizer (LBFGS keeps its own step), with step hooks
+    (they would see the chunks), or when every group fits whole."""
+    if type(optimizer) not in PER_PARAMETER or _step_hooks(optimizer):
+        return lambda: None
+    groups = optimizer.param_groups
+    state = optimizer.state
+    cut: List[Dict[str, Any]] = []
+    made: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
+    for group in groups:
+        if not _listwise_group(group):
+            cut.append(group)
+            continue
+        bounds: List[List[Any]] = [[]]
+        held = 0
+        for p in group["params"]:
+            size = 0
+            tensors = [p, p.grad] + [v for v in (state.get(p) or {}).values()]
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    # (a sparse gradient or state tensor: its indices and values)
+                    tensors += components(t)
+                    size += pinner.block(t)[1]
+            if not state.get(p):
+                size += 2 * pinner.block(p)[1]  # the state the first step makes (Adam's)
+            if bounds[-1] and size and held + size > limit:
+                bounds.append([])
+                held = 0
+            bounds[-1].append(p)
+            held += size
+        if len(bounds) == 1:
+            cut.append(group)
+            continue
+        for params in bounds:
+            part = dict(group)
+            part["params"] = params
+            cut.append(part)
+            made.append((group, part))
+    if not made:
+        return lambda: None
+    optimizer.param_groups = cut
 
     def restore() -> None:
-        for group, value in changed:
-            group["foreach"] = value
+        optimizer.param_groups = groups
+        for group, part in made:
+            for key, value in part.items():
+                if key != "params" and group.get(key, part) is not value:
+                    group[key] = value
     return restore
 
 
