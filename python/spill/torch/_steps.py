@@ -39,7 +39,12 @@ class StepBoundaries:
         self.owned = owned          # the integration chose the scope: finish() ends it
         self.in_step = False
         self.count = 0              # steps ended so far
-        self._threads: set = set()  # threads that named the scope in this step
+        # Per thread, the step (its count) in which the thread named the scope. Not a set of
+        # thread idents: a thread that ended gives its ident to the next one, whose native
+        # current scope is unset (a backward per step on a fresh thread, as the CPU bridge's
+        # rehearsal runs autograd.grad and the later backward of a gradient penalty: the
+        # second one's pins went to no scope, and its steps followed no plan).
+        self._named = threading.local()
         self._lib = library()
         self._device = state.device
 
@@ -53,14 +58,14 @@ class StepBoundaries:
         scope current on this thread."""
         if not self.manage:
             return
-        ident = threading.get_ident()
+        named = self._named
         if not self.in_step:
             self._call("spill_begin_step", self._device, ctypes.c_uint64(self.scope))
             self.in_step = True
-            self._threads = {ident}
-        elif ident not in self._threads:
+            named.step = self.count
+        elif getattr(named, "step", None) != self.count:
             self._call("spill_set_scope", self._device, ctypes.c_uint64(self.scope))
-            self._threads.add(ident)
+            named.step = self.count
 
     def end(self) -> None:
         if self.manage and self.in_step:
