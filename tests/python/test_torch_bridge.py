@@ -91,6 +91,17 @@ def training(model: str, policy: str = "plan", modes: str = "offload,guard",
     return _runs[key]
 
 
+def backward_thread_env() -> Dict[str, str]:
+    """The environment of a child whose every backward runs on a thread of its own on the CPU
+    bridge, as on CUDA (tests/python/rehearse/sitecustomize.py); nothing on CUDA, where every
+    backward does already."""
+    if TARGET != "cpu":
+        return {}
+    return {"SPILL_TEST_BACKWARD_THREAD": "1",
+            "PYTHONPATH": os.pathsep.join([str(HERE / "rehearse"), str(ROOT / "python"),
+                                           os.environ.get("PYTHONPATH", "")])}
+
+
 def step_delta(per_step: List[Dict[str, float]], key: str, first: int) -> float:
     """`key` summed over steps first.. (per_step[i] is the state before step i)."""
     return per_step[-1][key] - per_step[first][key]
@@ -189,6 +200,77 @@ def planned_against_lru(model: str, ratio: float, backward_thread: bool = False
 def test_steps_whose_backward_runs_on_another_thread_follow_their_plan(model: str,
                                                                      ratio: float) -> None:
     planned_against_lru(model, ratio, backward_thread=True)
+
+
+def test_each_new_thread_of_a_step_names_its_scope_even_with_an_ended_threads_ident() -> None:
+    """StepBoundaries.ensure names the step's scope (spill_set_scope) once on each thread that
+    joins the step, also on a thread that got the ident of one that ended (Linux reuses
+    them at once), whose native current scope is unset. Before, the threads were a set of
+    idents: a second backward of the step on a fresh thread (the rehearsal's autograd.grad
+    then backward of a gradient penalty) pinned into no scope, and the penalty loops with the
+    backward on another thread followed no plan (planned 0 of 2, 3 runs in 4)."""
+    out = run_ok(ENABLE + """
+        import threading, time
+        from spill.torch._steps import StepBoundaries
+        steps = StepBoundaries(12345, manage=True)
+        calls = []
+        steps._call = lambda name, *args: calls.append((name, threading.get_ident()))
+        idents = []
+        def join_the_step():
+            idents.append(threading.get_ident())
+            steps.ensure()
+            steps.ensure()  # once per thread and step
+        for step in range(2):
+            steps.ensure()
+            for _ in range(2):
+                t = threading.Thread(target=join_the_step)
+                t.start()
+                t.join()
+                time.sleep(0.05)  # (join returns before the thread's exit frees its ident)
+            steps.end()
+        names = [name for name, _ in calls]
+        assert names == ["spill_begin_step", "spill_set_scope", "spill_set_scope",
+                         "spill_end_step"] * 2, (names, idents)
+        print("ok", len(set(idents)))
+    """)
+    assert out.startswith("ok "), out
+
+
+def test_the_rehearsed_backward_thread_carries_the_saved_tensor_hooks() -> None:
+    """torch_bridge_run.backward_on_another_thread carries the caller's saved-tensor default
+    hooks to the backward's thread, as CUDA's engine does (they are part of the thread-local
+    state it gives autograd's device thread): a backward with create_graph (a gradient
+    penalty's autograd.grad) packs what its graph saves with them there. Before, it carried
+    only the modes and grad mode: offload's window never saw the penalty's graph save the
+    weights (MmBackward0's), and the later backward read them unpinned once swapped out (a
+    segmentation fault in the rehearsal of the penalty loops; CUDA had no such fault)."""
+    out = run_ok(f"""
+        import sys, threading, torch
+        sys.path.insert(0, {str(HERE)!r})
+        import torch_bridge_run
+        torch_bridge_run.backward_on_another_thread()
+        packed, unpacked = [], []
+        def pack(t):
+            packed.append(threading.get_ident())
+            return t
+        def unpack(t):
+            unpacked.append(threading.get_ident())
+            return t
+        w = torch.randn(4, 4, requires_grad=True)
+        x = torch.randn(2, 4, requires_grad=True)
+        out = (x @ w).tanh().sum()
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            grad, = torch.autograd.grad(out, x, create_graph=True)
+        me = threading.get_ident()
+        assert packed and all(t != me for t in packed), (packed, me)
+        n = len(packed)
+        grad.square().sum().backward()  # no hooks here now: nothing more is packed
+        assert len(packed) == n, (len(packed), n)
+        assert len(unpacked) == n and all(t != me for t in unpacked), (unpacked, n, me)
+        assert w.grad is not None
+        print("ok", n)
+    """)
+    assert out.startswith("ok "), out
 
 
 # ------------------------------------------------------------------ the allocator itself
@@ -2065,7 +2147,7 @@ def params(models):
 
 
 @pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models",
-                                   "penalty"])
+                                   "penalty", "penalty_backward_thread"])
 def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint(
         group: str) -> None:
     """offload(model, optimizer) in the loops of LOOP_PATTERNS, each at a third of its
@@ -2083,7 +2165,10 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     twice before one backward (siamese) ran out of memory (the first part of each weight's
     gradient waited in autograd's buffer, undeclared, through the other graph's backward).
     Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
-    (SPILL_TEST_SIM_GRANULARITY=2MiB passes)."""
+    (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The penalty loops also with each backward on a
+    thread of its own (BACKWARD_THREAD_ENV), as CUDA's device thread runs them."""
+    backward_thread = group.endswith("_backward_thread")
+    group = group.removesuffix("_backward_thread")
     patterns = {"checkpoint": ["reentrant", "non_reentrant", "sequential"],
                 "precision": ["autocast", "skip"],
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
@@ -2151,7 +2236,7 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 del models, hs, handle
                 print("ok", pattern, mode, quiet, footprint, planned,
                       after["swap.bytes_out"] - before["swap.bytes_out"])
-    """)
+    """, backward_thread_env() if backward_thread else None)
     guarded = {"checkpoint": 2, "precision": 1}.get(group, 0)
     assert out.count("ok ") == len(patterns) * (2 if group == "checkpoint" else 1) + guarded, out
 

@@ -50,8 +50,12 @@ def baseline(name: str, steps: int, device: str) -> Tuple[List[float], List[torc
 def backward_on_another_thread() -> None:
     """Runs the autograd engine of every later backward on a new thread while the calling
     thread waits, as CUDA's device thread does: the hooks, saved-tensor unpacks and ops of the
-    backward run there; the caller's dispatch and function modes and grad mode go with it (the
-    engine carries the caller's thread-local state to the device thread)."""
+    backward run there; the caller's dispatch and function modes, grad mode and saved-tensor
+    default hooks go with it (the engine carries the caller's thread-local state, which has
+    held the saved-tensor hooks since torch 1.10, to the device thread: what a backward with
+    create_graph saves there is packed by the caller's hooks). Torch 1.13 cannot read the
+    hooks' stack: from the call on, this process's pushes and pops of it are mirrored per
+    thread."""
     from torch import overrides
     from torch.autograd.variable import Variable
     from torch.utils import _python_dispatch as dispatch
@@ -60,6 +64,7 @@ def backward_on_another_thread() -> None:
     engine = Variable._execution_engine
     if type(engine).__name__ == "DeviceThreadEngine":
         return  # (tests/python/rehearse/sitecustomize.py did it for this process already)
+    hooks = _mirror_saved_tensor_hooks()
 
     def modes_of(length: Any, push: Any, pop: Any) -> List[Any]:
         above = [pop() for _ in range(length())]  # top first
@@ -74,12 +79,15 @@ def backward_on_another_thread() -> None:
         def run_backward(self, *args: Any, **kwargs: Any) -> Any:
             modes = [modes_of(*s) for s in stacks]
             grad = torch.is_grad_enabled()
+            saved_hooks = list(hooks.stack())
             box: Dict[str, Any] = {}
 
             def run() -> None:
                 for (_, push, _), ms in zip(stacks, modes):
                     for m in ms:
                         push(m)
+                for pack, unpack in saved_hooks:
+                    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
                 try:
                     with torch.set_grad_enabled(grad):
                         box["result"] = engine.run_backward(*args, **kwargs)
@@ -89,6 +97,8 @@ def backward_on_another_thread() -> None:
                     for length, _, pop in stacks:
                         while length() > 0:
                             pop()
+                    while hooks.stack():
+                        torch._C._autograd._pop_saved_tensors_default_hooks()
             thread = threading.Thread(target=run)
             thread.start()
             thread.join()
@@ -97,6 +107,38 @@ def backward_on_another_thread() -> None:
             return box["result"]
 
     Variable._execution_engine = DeviceThreadEngine()
+
+
+class _SavedTensorHooks(threading.local):
+    """This thread's saved-tensor default hooks, as pushed since the mirror was installed."""
+
+    def __init__(self) -> None:
+        self.hooks: List[Tuple[Any, Any]] = []
+
+    def stack(self) -> List[Tuple[Any, Any]]:
+        return self.hooks
+
+
+def _mirror_saved_tensor_hooks() -> _SavedTensorHooks:
+    """Wraps torch's push and pop of the saved-tensor default hooks (what
+    torch.autograd.graph.saved_tensors_hooks and spill.torch call, looked up at each call) so
+    that each thread's stack can be read."""
+    autograd = torch._C._autograd
+    mirror = _SavedTensorHooks()
+    push, pop = autograd._push_saved_tensors_default_hooks, autograd._pop_saved_tensors_default_hooks
+
+    def pushed(pack: Any, unpack: Any) -> None:
+        push(pack, unpack)
+        mirror.hooks.append((pack, unpack))
+
+    def popped() -> None:
+        pop()
+        if mirror.hooks:
+            mirror.hooks.pop()
+
+    autograd._push_saved_tensors_default_hooks = pushed
+    autograd._pop_saved_tensors_default_hooks = popped
+    return mirror
 
 
 def main(argv: List[str]) -> int:
