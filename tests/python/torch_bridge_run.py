@@ -125,7 +125,8 @@ def _mirror_saved_tensor_hooks() -> _SavedTensorHooks:
     that each thread's stack can be read."""
     autograd = torch._C._autograd
     mirror = _SavedTensorHooks()
-    push, pop = autograd._push_saved_tensors_default_hooks, autograd._pop_saved_tensors_default_hooks
+    push = autograd._push_saved_tensors_default_hooks
+    pop = autograd._pop_saved_tensors_default_hooks
 
     def pushed(pack: Any, unpack: Any) -> None:
         push(pack, unpack)
