@@ -236,6 +236,30 @@ def test_each_new_thread_of_a_step_names_its_scope_even_with_an_ended_threads_id
     assert out.startswith("ok "), out
 
 
+def test_a_scope_is_named_again_on_a_thread_where_another_scope_was_named_since() -> None:
+    """Two models' hooks on one thread in one step (a GAN's generator loss: its backward runs
+    through the discriminator, then the generator): each StepBoundaries makes its scope
+    current again when another one's made theirs current there since, so each model's pins
+    go to its own recording. Before, a scope was named once per thread and step: on the
+    backward's thread the discriminator named its scope after the generator had, and the
+    generator's later pins went to the discriminator's recording (the GAN loop with the
+    backward on another thread followed no plan)."""
+    out = run_ok(ENABLE + """
+        from spill.torch._steps import StepBoundaries
+        g, d = StepBoundaries(1001, manage=True), StepBoundaries(1002, manage=True)
+        calls = []
+        for s in (g, d):
+            s._call = lambda name, device, scope: calls.append((name, scope.value))
+        g.ensure(); d.ensure(); d.ensure(); g.ensure(); g.ensure(); d.ensure()
+        g.end(); d.end()
+        assert calls == [("spill_begin_step", 1001), ("spill_begin_step", 1002),
+                         ("spill_set_scope", 1001), ("spill_set_scope", 1002),
+                         ("spill_end_step", 1001), ("spill_end_step", 1002)], calls
+        print("ok")
+    """)
+    assert out.startswith("ok"), out
+
+
 def test_the_rehearsed_backward_thread_carries_the_saved_tensor_hooks() -> None:
     """torch_bridge_run.backward_on_another_thread carries the caller's saved-tensor default
     hooks to the backward's thread, as CUDA's engine does (they are part of the thread-local
@@ -2147,7 +2171,8 @@ def params(models):
 
 
 @pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models",
-                                   "penalty", "penalty_backward_thread"])
+                                   "penalty", "two_models_backward_thread",
+                                   "penalty_backward_thread"])
 def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint(
         group: str) -> None:
     """offload(model, optimizer) in the loops of LOOP_PATTERNS, each at a third of its
@@ -2165,8 +2190,8 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     twice before one backward (siamese) ran out of memory (the first part of each weight's
     gradient waited in autograd's buffer, undeclared, through the other graph's backward).
     Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
-    (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The penalty loops also with each backward on a
-    thread of its own (BACKWARD_THREAD_ENV), as CUDA's device thread runs them."""
+    (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The two-model and penalty loops also with each
+    backward on a thread of its own (backward_thread_env), as CUDA's device thread runs them."""
     backward_thread = group.endswith("_backward_thread")
     group = group.removesuffix("_backward_thread")
     patterns = {"checkpoint": ["reentrant", "non_reentrant", "sequential"],

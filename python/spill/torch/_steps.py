@@ -30,6 +30,10 @@ from spill._lib import library
 from ._state import state
 
 
+# Per thread: device -> the scope a StepBoundaries made current there last.
+_current = threading.local()
+
+
 class StepBoundaries:
     """Begins and ends the steps of ``scope`` on spill's device (see the module docstring)."""
 
@@ -55,17 +59,24 @@ class StepBoundaries:
 
     def ensure(self) -> None:
         """Called by every hook before its pins: begins a step if none is open and makes the
-        scope current on this thread."""
+        scope current on this thread, once per thread and step and again whenever another
+        scope's hooks made theirs current there since (two models in one backward, a GAN's
+        generator through its discriminator: the backward's thread named the generator's
+        scope, then the discriminator's, and the generator's later pins went to the
+        discriminator's recording)."""
         if not self.manage:
             return
         named = self._named
+        current = _current.__dict__
         if not self.in_step:
             self._call("spill_begin_step", self._device, ctypes.c_uint64(self.scope))
             self.in_step = True
-            named.step = self.count
-        elif getattr(named, "step", None) != self.count:
+        elif getattr(named, "step", None) != self.count or current.get(self._device) != self.scope:
             self._call("spill_set_scope", self._device, ctypes.c_uint64(self.scope))
-            named.step = self.count
+        else:
+            return
+        named.step = self.count
+        current[self._device] = self.scope
 
     def end(self) -> None:
         if self.manage and self.in_step:
