@@ -1,10 +1,11 @@
 """Training-step boundaries for the hooks: a step of one scope (a model) begins at its first
 pin after the previous step ended and ends when the optimizer's step() returns. Pins belong
 to the calling thread's current scope, so a thread that joins the step (PyTorch's CUDA
-backward runs on autograd's device thread) names the scope once per step with
-spill_set_scope, which starts no op: spill_begin_op there made every later pin of the step,
-the backward's and the optimizer's, one op (the plan could prefetch nothing inside it, and a
-block passing its id to a later one in the op made the recording unplannable).
+backward runs on autograd's device thread) names the scope with spill_set_scope once per
+step, and again after another model's hooks named theirs there; it starts no op:
+spill_begin_op there made every later pin of the step, the backward's and the optimizer's,
+one op (the plan could prefetch nothing inside it, and a block passing its id to a later one
+in the op made the recording unplannable).
 
 A scope the integration chose (the default: no ``scope=`` given) is a number from a
 process-wide counter, kept for the model or optimizer object as long as it lives: the same
