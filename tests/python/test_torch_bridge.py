@@ -292,6 +292,12 @@ def test_the_rehearsed_backward_thread_carries_the_saved_tensor_hooks() -> None:
         assert len(packed) == n, (len(packed), n)
         assert len(unpacked) == n and all(t != me for t in unpacked), (unpacked, n, me)
         assert w.grad is not None
+        try:  # inside a transform the backward stays on the caller's thread (see there)
+            from torch.func import grad as transform_grad
+        except ImportError:
+            from functorch import grad as transform_grad
+        g = transform_grad(lambda v: (v * v).sum())(torch.ones(3))
+        assert torch.equal(g, torch.full((3,), 2.0)), g
         print("ok", n)
     """)
     assert out.startswith("ok "), out

@@ -77,6 +77,11 @@ def backward_on_another_thread() -> None:
             return getattr(engine, name)
 
         def run_backward(self, *args: Any, **kwargs: Any) -> Any:
+            active = getattr(torch._C, "_are_functorch_transforms_active", None)
+            if active is not None and active():
+                # functorch's transform levels are thread-local state CUDA's engine carries
+                # and Python cannot: inside grad or vmap the backward stays on this thread.
+                return engine.run_backward(*args, **kwargs)
             modes = [modes_of(*s) for s in stacks]
             grad = torch.is_grad_enabled()
             saved_hooks = list(hooks.stack())
