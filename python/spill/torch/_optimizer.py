@@ -42,6 +42,22 @@ _NAMES = ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "ASGD", "NAda
 PER_PARAMETER = frozenset(getattr(torch.optim, n) for n in _NAMES if hasattr(torch.optim, n))
 
 
+def param_step_tensors(state: Dict[Any, Any], p: torch.Tensor,
+                       grad_written: bool = False) -> List[Tuple[torch.Tensor, bool]]:
+    """(tensor, written by the step) of what a per-parameter optimizer's step touches for
+    parameter ``p``: the parameter, its gradient, its state's tensors (``state``: the
+    optimizer's), and the indices and values of a sparse one."""
+    tensors = [(p, True)]
+    if p.grad is not None:
+        tensors.append((p.grad, grad_written))
+    st = state.get(p)
+    if st:
+        tensors += [(v, True) for v in st.values() if isinstance(v, torch.Tensor)]
+    for t, wrote in tensors:
+        tensors += [(c, wrote) for c in components(t)]  # (strided: none of their own)
+    return tensors
+
+
 def step_blocks(optimizer: torch.optim.Optimizer, pinner: Pinner,
                 limit: int) -> Optional[List[Tuple[int, bool]]]:
     """(block pointer, written by the step) of every movable tensor the step touches, or None
@@ -55,15 +71,7 @@ def step_blocks(optimizer: torch.optim.Optimizer, pinner: Pinner,
         # only reads them.
         grad_written = bool(group.get("fused"))
         for p in group["params"]:
-            tensors = [(p, True)]
-            if p.grad is not None:
-                tensors.append((p.grad, grad_written))
-            st = state.get(p)
-            if st:
-                tensors += [(v, True) for v in st.values() if isinstance(v, torch.Tensor)]
-            for t, wrote in tensors:
-                # (a sparse gradient or state tensor: its indices and values)
-                tensors += [(c, wrote) for c in components(t)]
+            for t, wrote in param_step_tensors(state, p, grad_written):
                 ptr, nbytes = pinner.block(t)
                 if ptr and ptr not in seen:
                     seen.add(ptr)
@@ -153,13 +161,7 @@ def chunked_groups(optimizer: torch.optim.Optimizer, pinner: Pinner,
         bounds: List[List[Any]] = [[]]
         held = 0
         for p in group["params"]:
-            size = 0
-            tensors = [p, p.grad] + [v for v in (state.get(p) or {}).values()]
-            for t in tensors:
-                if isinstance(t, torch.Tensor):
-                    # (a sparse gradient or state tensor: its indices and values)
-                    tensors += components(t)
-                    size += pinner.block(t)[1]
+            size = sum(pinner.block(t)[1] for t, _ in param_step_tensors(state, p))
             if not state.get(p):
                 size += 2 * pinner.block(p)[1]  # the state the first step makes (Adam's)
             if bounds[-1] and size and held + size > limit:
