@@ -135,7 +135,7 @@ Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream strea
   Block* g = nullptr;
   std::vector<Chunk> part, rest;
   Block probe;
-  probe.size = size + size / 4 + 1;
+  probe.size = largest_reused_block(size) + 1;
   for (auto it = m.large.free_set().lower_bound(probe); it != m.large.free_set().end(); ++it) {
     Block& b = const_cast<Block&>(*it);
     if (b.segment->chunks.size() < 2) continue;
@@ -146,7 +146,7 @@ Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream strea
     part.clear();
     rest.clear();
     for (const Chunk& c : chunks) {
-      if (have < size && have + c.size <= size + size / 4) {
+      if (have < size && have + c.size <= largest_reused_block(size)) {
         part.push_back(c);
         have += c.size;
       } else {

@@ -161,7 +161,7 @@ void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
   // Checked first: an impossible request must not flush the cache on its way to failing.
   if (bytes > m.budget.limit()) throw_oom_locked(bytes, bytes, false);
   const std::size_t size = round_up(bytes, m.granularity);
-  Block* b = m.large.take(size, stream, size / 4);
+  Block* b = m.large.take(size, stream, largest_reused_block(size) - size);
   if (b != nullptr) {
     m.stats.cache_hits++;
   } else {

@@ -53,6 +53,10 @@ inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
 // The small pool's largest request by default.
 inline constexpr std::size_t kSmallLimit = std::size_t{1} << 20;
 
+// The largest block a large request of `size` (rounded to the granule) may get: a cached block
+// up to a quarter larger is reused (or split off) rather than more memory mapped.
+inline constexpr std::size_t largest_reused_block(std::size_t size) { return size + size / 4; }
+
 // The largest request the small pool serves under swap_threshold: 1 MiB, or the threshold when
 // lower (blocks that may move must be large blocks).
 inline std::size_t small_limit_for(std::size_t swap_threshold) {

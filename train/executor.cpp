@@ -80,7 +80,7 @@ bool block_fits_graph(std::uint64_t block, bool large, std::uint64_t graph_bytes
                       std::uint64_t small_limit) {
   if (large != (graph_bytes > small_limit)) return false;
   if (!large) return block == graph_bytes;
-  return block >= graph_bytes && block <= graph_bytes + graph_bytes / 4;
+  return block >= graph_bytes && block <= largest_reused_block(graph_bytes);
 }
 
 std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device) {
