@@ -33,6 +33,7 @@ struct TrainArgs {
   std::string policy = "graph";
   bool check = false;
   bool no_recompute = false;
+  int lag = 0;  // 0: the executor's default
   std::string trace;
   std::string json;
   bool predict = false;  // plan and simulate on a GPU preset and link; run nothing
@@ -43,7 +44,7 @@ struct TrainArgs {
 };
 
 nlohmann::json step_json(const train::StepStats& s) {
-  return {{"step", s.step + 1},
+  nlohmann::json j = {{"step", s.step + 1},
           {"loss", s.loss},
           {"step_s", s.step_s},
           {"predicted_step_s", s.predicted_step_s},
@@ -62,7 +63,12 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"recomputes", s.recomputes},
           {"recomputed_bytes", s.recomputed_bytes},
           {"wall_s", s.wall_s},
-          {"spill_cpu_s", s.spill_cpu_s}};
+          {"spill_s", s.spill_s},
+          {"spill_cpu_s", s.spill_cpu_s},
+          {"swap_out_wait_s", s.swaps.host_wait_s},
+          {"prefetches_skipped", s.swaps.prefetches_skipped}};
+  if (s.ops_s) j["ops_s"] = *s.ops_s;
+  return j;
 }
 
 std::string ms(double s) {
@@ -239,6 +245,7 @@ int run_train(Config config, const TrainArgs& a) {
   ro.steps = a.steps;
   ro.keep_state = a.check;
   ro.exec.recompute = !a.no_recompute;
+  ro.exec.lag = a.lag;
   bool simulated = true;
   std::string device_name;
   bool started = false;
@@ -406,6 +413,11 @@ void add_train(CLI::App& app, Runner& run) {
   cmd->add_flag("--no-recompute", a->no_recompute,
                 "policy graph: swap only (by default the plan may also drop activations and "
                 "remake them by running their producing op again where that is faster)");
+  cmd->add_option("--lag", a->lag,
+                  "ops the host may issue ahead of the device, waiting for op i - N before it "
+                  "issues op i and its plan actions (default: 1 on the simulated device, 2 on a "
+                  "GPU)")
+      ->check(int_in(1, 1024));
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here")
       ->check(file_path());
   cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here")
@@ -431,7 +443,7 @@ void add_train(CLI::App& app, Runner& run) {
     // command runs, so that the error is the CLI's usual invalid input).
     std::string refused;
     if (a->predict) {
-      for (const char* o : {"--check", "--trace", "--steps", "--policy"})
+      for (const char* o : {"--check", "--trace", "--steps", "--policy", "--lag"})
         if (cmd->count(o) > 0) refused = std::string(o) + " runs steps: not with --predict";
     } else {
       for (const CLI::Option* o : {dev, link, timeline, plan_out})

@@ -31,6 +31,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -73,6 +74,11 @@ struct StepStats {
   double compute_s = 0;         // sum of the ops' kernel times, remakes included (simulated
                                 // device), else 0
   double stall_s = 0;           // step_s - compute_s (simulated device)
+  // With ExecOptions::measure_ops (on a GPU), the sum of this step's ops' own times (each op's
+  // start to end event on the compute stream): step_s less this is time the compute stream
+  // spent outside the step's ops (idle while the host issued or waited, waiting for a
+  // prefetch's copy, or running remakes).
+  std::optional<double> ops_s;
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper
   double spill_cpu_s = 0;       // host thread CPU time inside them (blocked waits excluded)

@@ -201,7 +201,8 @@ if ((built == 0)); then
   # spill.torch on CUDA (a CUDA torch is needed; pip's is fine; the shims are compiled at first
   # use into the build folder): the CPU-bridge tests with the CUDA target, then GPT-2 medium at
   # a third of its footprint beside save_on_cpu and activation checkpointing.
-  if ! selected torch-internals && ! selected torch-tests && ! selected torch-gpt2-medium; then
+  if ! selected torch-internals && ! selected torch-cnn-repro && ! selected torch-tests &&
+    ! selected torch-gpt2-medium; then
     rows+=("torch|not selected (SPILL_GPU_ONLY)|0")
   elif ! [[ -f $build/libspill.so ]]; then
     # A fresh machine with the torch steps selected but not `build`: every test would fail
@@ -223,6 +224,19 @@ if ((built == 0)); then
     # changed one fails there, naming it, before the slower tests fail less clearly.
     step torch-internals 60 "${torch_env[@]}" "$python" -m pytest -v -rs -p no:cacheprovider \
       "$root/tests/python/test_torch_internals.py"
+    # The cnn test's process died with SIGSEGV inside F.conv2d with spill as the allocator
+    # (2026-12-04): each case of repro_torch_cnn.py in a process of its own (plain torch,
+    # spill, one conv, cuDNN's non-deterministic algorithms, cuDNN off), then the first that
+    # failed again under cuda-gdb for the native stack (the machine has no gdb).
+    step torch-cnn-repro 120 "${torch_env[@]}" bash -c '
+      "$1" "$2" | tee "$3/cnn-repro.txt"
+      first=$(sed -n "s/^failed: //p" "$3/cnn-repro.txt" | cut -d" " -f1)
+      gdb=$(command -v cuda-gdb || ls /usr/local/cuda/bin/cuda-gdb 2>/dev/null)
+      if [[ -n $first && $first != none && -n $gdb ]]; then
+        echo "== $first under cuda-gdb"
+        timeout 90 "$gdb" -q -batch -ex "set pagination off" -ex run -ex bt \
+          -ex "info threads" --args "$1" "$2" "$first" 2>&1 | grep -v "^\[New Thread" | tail -n 80
+      fi' _ "$python" "$root/bench/gpu/repro_torch_cnn.py" "$work"
     # About 50 Python processes, each importing a CUDA torch: spread over 8 workers where
     # pytest-xdist is installed (the GPU machine's image has it; each test is its own process
     # with its own budget, and 8 of them use a few GiB of the GPU's memory at most).
@@ -279,6 +293,10 @@ $(tail -n 1 "$work/$t.log" | cut -c1-120)"
     grep -E '::.* (FAILED|ERROR)|(FAILED|ERROR) [^ ]*::' "$work/$t.log" |
       sed -E 's/ +\[ *[0-9]+%\]$//; s/^/  /' | head -40
   done
+  if [[ -f $work/torch-cnn-repro.log ]]; then
+    grep -E '^(plain_torch|spill[a-z_]*) +exit|^failed:|^#[0-9]+ ' "$work/torch-cnn-repro.log" |
+      head -n 40 | sed 's/^/torch-cnn-repro: /'
+  fi
   if [[ -f $work/torch-gpt2-medium.log ]]; then
     grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint)' "$work/torch-gpt2-medium.log"
   fi
@@ -286,7 +304,7 @@ $(tail -n 1 "$work/$t.log" | cut -c1-120)"
     grep -E "identical|differ|error" "$work/tests-train.log" | sed 's/^/tests-train: /' | head -8
   fi
   if [[ -f $work/train-gpt-medium.log ]]; then
-    grep -E '^(device|step time|predicted|floor|small-pool)' "$work/train-gpt-medium.log"
+    grep -E '^(device|step time|predicted|floor|small-pool|split)' "$work/train-gpt-medium.log"
   fi
   for name in "${failed_steps[@]}"; do
     echo "---- $name: last lines of $name.log"

@@ -5,7 +5,9 @@
 # --no-recompute by hand to compare with swapping only). Prints the median step time of each
 # (steps 4..N: step 1 pays the GPU's first uses, step 2 measures the ops, step 3 is the first on
 # the measured plan), their ratio (target <= 1.10 on an H100/H200) and predicted against measured step time at a third (target within 10%); the
-# figures go to $2/train_unlimited.json and $2/train_third.json. Exits non-zero only when a run
+# figures go to $2/train_unlimited.json and $2/train_third.json (its trace to
+# $2/trace_gpt-medium_third.json), then two more runs at a third with --lag 4 and --lag 8
+# ($2/train_third_lag{4,8}.json), and where each run's step went. Exits non-zero only when a run
 # fails; missed targets are reported, not failed.
 # Usage: bench/gpu/train_gpt_medium.sh SPILL OUT_DIR [STEPS]
 set -uo pipefail
@@ -23,8 +25,15 @@ esac
   --json "$out/train_predict.json" || echo "spill train --predict failed (continuing)"
 "$spill" --conf device:cuda train gpt-medium --policy none --steps "$steps" \
   --json "$out/train_unlimited.json" || exit 1
-"$spill" --conf device:cuda train gpt-medium --steps "$steps" --json "$out/train_third.json" ||
-  exit 1
+"$spill" --conf device:cuda train gpt-medium --steps "$steps" --json "$out/train_third.json" \
+  --trace "$out/trace_gpt-medium_third.json" || exit 1
+# The host issues op i once op i - lag has finished (default 2 on a GPU): at a third on the H200
+# (2026-12-04) the steps took 110 ms more than planned; these runs say whether a longer lead
+# (more ops queued on the GPU while the host works or waits in spill) closes that gap.
+for lag in 4 8; do
+  "$spill" --conf device:cuda train gpt-medium --steps "$steps" --lag "$lag" \
+    --json "$out/train_third_lag$lag.json" || echo "lag $lag: failed (continuing)"
+done
 python3 - "$out/train_unlimited.json" "$out/train_third.json" <<'PY'
 import json, statistics, sys
 runs = [json.load(open(p)) for p in sys.argv[1:]]
@@ -49,6 +58,23 @@ print(f"small-pool segments freed per step (a third): "
       f"{[s.get('cache_returns') for s in steps3]}")
 print(f"recomputes per step (a third): {[s.get('recomputes') for s in steps3]}, "
       f"{[round(s.get('recomputed_bytes', 0) / 2**30, 2) for s in steps3]} GiB")
+# Where the step's time went (medians of steps 4..N): ops_s is the ops' own device time (each
+# op's start to end event), so step - ops is the compute stream outside the ops (idle while the
+# host issues or waits, waiting for a prefetch, or running remakes); spill_s is the host's wall
+# time inside the allocator and swapper, swap_out_wait_s the part spent waiting for swap-outs.
+import os
+for path in [sys.argv[2]] + [sys.argv[2].replace(".json", f"_lag{n}.json") for n in (4, 8)]:
+    if not os.path.exists(path):
+        continue
+    run = json.load(open(path))
+    def med(key):
+        values = [s.get(key) for s in (run["steps"][3:] or run["steps"])]
+        return statistics.median(values) if None not in values else float("nan")
+    print(f"split ({os.path.basename(path)}): step {med('step_s') * 1e3:.1f} ms, ops "
+          f"{med('ops_s') * 1e3:.1f} ms, outside the ops {(med('step_s') - med('ops_s')) * 1e3:.1f} ms; "
+          f"host in spill {med('spill_s') * 1e3:.1f} ms (CPU {med('spill_cpu_s') * 1e3:.1f} ms, "
+          f"waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
+          f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}")
 if "floor_step_s" in third:
     # The least step any swap-only plan reaches at this budget on the link the planner assumes,
     # from the op times measured in the second step: a plan that also recomputes may beat it.

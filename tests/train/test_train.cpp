@@ -299,14 +299,22 @@ TEST(Train, MeasuredOpTimesReplanAfterTheSecondStepAndRemakeBitIdentically) {
   const train::RunResult r = train::run_training(
       conf, program, measured,
       [&](const train::Executor& ex, Runtime&) { first_plan_remakes = ex.plan().recomputes.size(); });
-  const train::Comparison c = train::compare_runs(
-      r, train::run_training(conf, program, {.policy = Policy::None, .steps = 4, .keep_state = true}));
+  const train::RunResult unlimited =
+      train::run_training(conf, program, {.policy = Policy::None, .steps = 4, .keep_state = true});
+  const train::Comparison c = train::compare_runs(r, unlimited);
   EXPECT_TRUE(c.identical) << c.detail;
   EXPECT_GT(first_plan_remakes, 0u) << "the roofline plan of the first step remakes";
   ASSERT_FALSE(r.plan.recomputes.empty()) << "the measured plan remakes";
+  for (const train::StepStats& s : unlimited.steps) EXPECT_FALSE(s.ops_s) << "ops not timed";
   for (const train::StepStats& s : r.steps) {
     SCOPED_TRACE("step " + std::to_string(s.step + 1));
     EXPECT_EQ(s.swaps.evictions_reactive, 0u);
+    // Every step's ops are timed: their sum is the step's kernels less its remakes (which run
+    // between the ops' events), so under the step and the compute both.
+    ASSERT_TRUE(s.ops_s.has_value());
+    EXPECT_GT(*s.ops_s, 0.5 * s.compute_s);
+    EXPECT_LE(*s.ops_s, s.compute_s * (1 + 1e-9));
+    EXPECT_LE(*s.ops_s, s.step_s * (1 + 1e-9));
     if (s.step <= train::kMeasuredStep) continue;
     EXPECT_EQ(s.recomputes, r.plan.recomputes.size());
     EXPECT_EQ(s.swaps.demand_fetches, 0u);
