@@ -34,6 +34,7 @@ struct TrainArgs {
   bool check = false;
   bool no_recompute = false;
   int lag = 0;  // 0: the executor's default
+  bool wait_every_op = false;
   std::string trace;
   std::string json;
   bool predict = false;  // plan and simulate on a GPU preset and link; run nothing
@@ -66,7 +67,8 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"spill_s", s.spill_s},
           {"spill_cpu_s", s.spill_cpu_s},
           {"swap_out_wait_s", s.swaps.host_wait_s},
-          {"prefetches_skipped", s.swaps.prefetches_skipped}};
+          {"prefetches_skipped", s.swaps.prefetches_skipped},
+          {"op_waits", s.op_waits}};
   if (s.ops_s) j["ops_s"] = *s.ops_s;
   return j;
 }
@@ -246,6 +248,7 @@ int run_train(Config config, const TrainArgs& a) {
   ro.keep_state = a.check;
   ro.exec.recompute = !a.no_recompute;
   ro.exec.lag = a.lag;
+  if (a.wait_every_op) ro.exec.wait_every_op = true;
   bool simulated = true;
   std::string device_name;
   bool started = false;
@@ -418,6 +421,10 @@ void add_train(CLI::App& app, Runner& run) {
                   "issues op i and its plan actions (default: 1 on the simulated device, 2 on a "
                   "GPU)")
       ->check(int_in(1, 1024));
+  cmd->add_flag("--wait-every-op", a->wait_every_op,
+                "policy graph: wait for op i - lag before every op i, not only before the ops "
+                "with planned prefetches or remakes (the default on the simulated device; "
+                "policies plan and lru always do)");
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here")
       ->check(file_path());
   cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here")
@@ -443,7 +450,8 @@ void add_train(CLI::App& app, Runner& run) {
     // command runs, so that the error is the CLI's usual invalid input).
     std::string refused;
     if (a->predict) {
-      for (const char* o : {"--check", "--trace", "--steps", "--policy", "--lag"})
+      for (const char* o :
+           {"--check", "--trace", "--steps", "--policy", "--lag", "--wait-every-op"})
         if (cmd->count(o) > 0) refused = std::string(o) + " runs steps: not with --predict";
     } else {
       for (const CLI::Option* o : {dev, link, timeline, plan_out})

@@ -199,6 +199,8 @@ void Executor::Impl::setup() {
                 std::string("executor: policy ") + to_string(o.policy) + " needs the runtime's " +
                     "policy:" + spill::to_string(want) + ", not policy:" + spill::to_string(conf.policy));
   if (o.lag <= 0) o.lag = dev.info().simulated ? 1 : 2;
+  if (!o.wait_every_op) o.wait_every_op = dev.info().simulated;
+  if (o.policy == Policy::Plan || o.policy == Policy::Lru) o.wait_every_op = true;
   if (!dev.info().simulated) o.measure_ops = true;
   roofline = make_roofline(roofline_model(dev));
   k = kernels::make_kernels(dev, {roofline});
@@ -364,8 +366,14 @@ StepStats Executor::Impl::step() {
   for (std::size_t i = 0; i < p.ops.size(); ++i) {
     // Issue op i's plan actions when op i - lag has finished, as the plan times them; op -1
     // is the inputs' upload (it would otherwise race op 0's prefetches for the copy engine).
-    if (i >= std::size_t(o.lag)) dev.synchronize(done[i - std::size_t(o.lag)]);
-    else if (i + 1 == std::size_t(o.lag)) dev.synchronize(uploaded);
+    // Without wait_every_op an op with no actions is issued at once (ExecOptions).
+    const bool acts = o.policy == Policy::Graph && (!plan.steps[i].prefetch_at.empty() ||
+                                                   !plan.steps[i].recompute_before.empty());
+    if (*o.wait_every_op || acts) {
+      if (i >= std::size_t(o.lag)) dev.synchronize(done[i - std::size_t(o.lag)]);
+      else if (i + 1 == std::size_t(o.lag)) dev.synchronize(uploaded);
+      if (i + 1 >= std::size_t(o.lag)) r.op_waits++;
+    }
     if (o.policy == Policy::Graph) {
       for (graph::TensorIndex t : plan.steps[i].prefetch_at) {
         timed([&] {

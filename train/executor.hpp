@@ -56,6 +56,14 @@ inline constexpr int kMeasuredStep = 1;
 struct ExecOptions {
   Policy policy = Policy::Graph;
   int lag = 0;             // ops the host may run ahead; 0: 1 on the simulated device, 2 on a GPU
+  // Whether the host waits for op i - lag before every op i (the simulator's rule; the default
+  // on the simulated device), or only before the ops the plan gives actions at (prefetches,
+  // remakes: they still happen when op i - lag has finished; the default on a GPU, where
+  // waiting at every op leaves at most `lag` ops queued, so the host's work between short ops
+  // can idle the device: suspected, not yet measured, in gpt-medium at a third on an H200,
+  // 2026-12-04, which took 110 ms a step more than planned). Policies plan and lru always wait at every op (the swapper times its own
+  // prefetches by the ops the host begins); policy none has no actions, so it never waits.
+  std::optional<bool> wait_every_op;
   bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
   // Time each op of the second step (kMeasuredStep; the first pays the GPU's first uses) and
   // plan again from those times (always on a GPU, where the kernels' roofline is only a first
@@ -79,6 +87,7 @@ struct StepStats {
   // spent outside the step's ops (idle while the host issued or waited, waiting for a
   // prefetch's copy, or running remakes).
   std::optional<double> ops_s;
+  std::uint32_t op_waits = 0;   // ops before which the host waited for op i - lag
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper
   double spill_cpu_s = 0;       // host thread CPU time inside them (blocked waits excluded)

@@ -6,8 +6,9 @@
 # (steps 4..N: step 1 pays the GPU's first uses, step 2 measures the ops, step 3 is the first on
 # the measured plan), their ratio (target <= 1.10 on an H100/H200) and predicted against measured step time at a third (target within 10%); the
 # figures go to $2/train_unlimited.json and $2/train_third.json (its trace to
-# $2/trace_gpt-medium_third.json), then two more runs at a third with --lag 4 and --lag 8
-# ($2/train_third_lag{4,8}.json), and where each run's step went. Exits non-zero only when a run
+# $2/trace_gpt-medium_third.json), then three more runs at a third: --wait-every-op (the
+# host's rule before 2026-12-04), --lag 4, --lag 8 ($2/train_third_{wait_every_op,lag4,lag8}.json),
+# and where each run's step went. Exits non-zero only when a run
 # fails; missed targets are reported, not failed.
 # Usage: bench/gpu/train_gpt_medium.sh SPILL OUT_DIR [STEPS]
 set -uo pipefail
@@ -27,12 +28,15 @@ esac
   --json "$out/train_unlimited.json" || exit 1
 "$spill" --conf device:cuda train gpt-medium --steps "$steps" --json "$out/train_third.json" \
   --trace "$out/trace_gpt-medium_third.json" || exit 1
-# The host issues op i once op i - lag has finished (default 2 on a GPU): at a third on the H200
-# (2026-12-04) the steps took 110 ms more than planned; these runs say whether a longer lead
-# (more ops queued on the GPU while the host works or waits in spill) closes that gap.
-for lag in 4 8; do
-  "$spill" --conf device:cuda train gpt-medium --steps "$steps" --lag "$lag" \
-    --json "$out/train_third_lag$lag.json" || echo "lag $lag: failed (continuing)"
+# At a third on the H200 (2026-12-04) the steps took 110 ms more than planned, when the host
+# waited for op i - 2 before every op i. It now waits only before the ops with planned actions
+# (the runs above); these runs say what each part of that does: waiting at every op as before
+# (--wait-every-op), and a longer lead before the ops with actions (--lag 4, --lag 8).
+for variant in "wait_every_op --wait-every-op" "lag4 --lag 4" "lag8 --lag 8"; do
+  read -r name flags <<<"$variant"
+  # shellcheck disable=SC2086
+  "$spill" --conf device:cuda train gpt-medium --steps "$steps" $flags \
+    --json "$out/train_third_$name.json" || echo "$name: failed (continuing)"
 done
 python3 - "$out/train_unlimited.json" "$out/train_third.json" <<'PY'
 import json, statistics, sys
@@ -63,7 +67,8 @@ print(f"recomputes per step (a third): {[s.get('recomputes') for s in steps3]}, 
 # host issues or waits, waiting for a prefetch, or running remakes); spill_s is the host's wall
 # time inside the allocator and swapper, swap_out_wait_s the part spent waiting for swap-outs.
 import os
-for path in [sys.argv[2]] + [sys.argv[2].replace(".json", f"_lag{n}.json") for n in (4, 8)]:
+for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.json")
+                                          for n in ("wait_every_op", "lag4", "lag8")]:
     if not os.path.exists(path):
         continue
     run = json.load(open(path))
@@ -74,7 +79,8 @@ for path in [sys.argv[2]] + [sys.argv[2].replace(".json", f"_lag{n}.json") for n
           f"{med('ops_s') * 1e3:.1f} ms, outside the ops {(med('step_s') - med('ops_s')) * 1e3:.1f} ms; "
           f"host in spill {med('spill_s') * 1e3:.1f} ms (CPU {med('spill_cpu_s') * 1e3:.1f} ms, "
           f"waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
-          f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}")
+          f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}, host waits "
+          f"for an op {med('op_waits')}")
 if "floor_step_s" in third:
     # The least step any swap-only plan reaches at this budget on the link the planner assumes,
     # from the op times measured in the second step: a plan that also recomputes may beat it.

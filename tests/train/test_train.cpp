@@ -322,6 +322,51 @@ TEST(Train, MeasuredOpTimesReplanAfterTheSecondStepAndRemakeBitIdentically) {
   }
 }
 
+// Without waiting at every op (ExecOptions::wait_every_op, the default on a GPU) the host
+// issues the ops with no planned action at once and waits for op i - lag only before an op with
+// planned prefetches or remakes, so those still happen when the plan times them: the run is
+// bit-identical to the one with no budget, every planned prefetch lands before its op (no
+// demand fetch, no reactive eviction), and on the simulated device, where the host costs
+// nothing, the steps take what they take when the host waits at every op. With no budget
+// (policy none: no actions) the host never waits.
+TEST(Train, WaitingOnlyBeforeOpsWithActionsKeepsThePlanAndTheBits) {
+  const Config conf = Config::parse(kConf);
+  for (const Case& k : {kCases[1], kCases[2]}) {
+    SCOPED_TRACE(k.model);
+    const train::Program program = train::build_model(k.model, k.options);
+    const std::uint64_t budget = train::footprint(conf, program) / 3;
+    train::RunOptions ahead{.policy = Policy::Graph, .budget = budget, .steps = 3,
+                            .exec = {.wait_every_op = false}, .keep_state = true};
+    train::RunOptions every = ahead;
+    every.exec.wait_every_op = true;
+    const train::RunResult r = train::run_training(conf, program, ahead);
+    const train::RunResult w = train::run_training(conf, program, every);
+    const train::RunResult unlimited = train::run_training(
+        conf, program,
+        {.policy = Policy::None, .steps = 3, .exec = {.wait_every_op = false}, .keep_state = true});
+    const train::Comparison c = train::compare_runs(r, unlimited);
+    EXPECT_TRUE(c.identical) << c.detail;
+    ASSERT_EQ(r.steps.size(), w.steps.size());
+    const std::size_t ops = program.ops.size();
+    std::size_t acting = 0;  // ops with planned prefetches or remakes
+    for (const graph::PlanStep& ps : r.plan.steps)
+      acting += !ps.prefetch_at.empty() || !ps.recompute_before.empty();
+    ASSERT_GT(acting, 0u);
+    ASSERT_LT(acting, ops);
+    for (std::size_t i = 0; i < r.steps.size(); ++i) {
+      const train::StepStats& s = r.steps[i];
+      SCOPED_TRACE("step " + std::to_string(s.step + 1));
+      EXPECT_EQ(s.op_waits, acting);   // lag 1: every acting op waits for the one before
+      EXPECT_EQ(w.steps[i].op_waits, ops);
+      EXPECT_EQ(unlimited.steps[i].op_waits, 0u);
+      EXPECT_EQ(s.swaps.demand_fetches, 0u);
+      EXPECT_EQ(s.swaps.evictions_reactive, 0u);
+      EXPECT_EQ(s.swaps.bytes_out, w.steps[i].swaps.bytes_out);
+      EXPECT_NEAR(s.step_s, w.steps[i].step_s, 0.02 * w.steps[i].step_s);
+    }
+  }
+}
+
 // The plan and the prediction use the link the simulated device's copies follow: with
 // link_gbps the prediction said 5.8 ms for steps of 32 ms (it used the preset's speed).
 TEST(Train, PredictionFollowsTheSimulatedLinksSpeed) {
