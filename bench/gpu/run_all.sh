@@ -227,15 +227,21 @@ if ((built == 0)); then
     # The cnn test's process died with SIGSEGV inside F.conv2d with spill as the allocator
     # (2026-12-04): each case of repro_torch_cnn.py in a process of its own (plain torch,
     # spill, one conv, cuDNN's non-deterministic algorithms, cuDNN off), then the first that
-    # failed again under cuda-gdb for the native stack (the machine has no gdb).
-    step torch-cnn-repro 120 "${torch_env[@]}" bash -c '
+    # failed again under cuda-gdb for the native stack (the machine has no gdb). Reading the
+    # symbols of torch's and cuDNN's libraries (gigabytes) could outlast the step, so gdb reads
+    # none at first: the stack's addresses, then the libraries' address ranges, then the stack
+    # again with the symbols of spill, c10 and libc only.
+    step torch-cnn-repro 180 "${torch_env[@]}" bash -c '
       "$1" "$2" | tee "$3/cnn-repro.txt"
       first=$(sed -n "s/^failed: //p" "$3/cnn-repro.txt" | cut -d" " -f1)
       gdb=$(command -v cuda-gdb || ls /usr/local/cuda/bin/cuda-gdb 2>/dev/null)
       if [[ -n $first && $first != none && -n $gdb ]]; then
         echo "== $first under cuda-gdb"
-        timeout 90 "$gdb" -q -batch -ex "set pagination off" -ex run -ex bt \
-          -ex "info threads" --args "$1" "$2" "$first" 2>&1 | grep -v "^\[New Thread" | tail -n 80
+        timeout 120 "$gdb" -q -batch -ex "set pagination off" -ex "set auto-solib-add off" \
+          -ex run -ex bt -ex "info sharedlibrary" -ex "sharedlibrary libspill" \
+          -ex "sharedlibrary libc10" -ex "sharedlibrary libc.so" -ex bt -ex "info threads" \
+          --args "$1" "$2" "$first" 2>&1 | grep -v "^\[New Thread\|^\[Thread .* exited" |
+          tail -n 150
       fi' _ "$python" "$root/bench/gpu/repro_torch_cnn.py" "$work"
     # About 50 Python processes, each importing a CUDA torch: spread over 8 workers where
     # pytest-xdist is installed (the GPU machine's image has it; each test is its own process
@@ -294,7 +300,7 @@ $(tail -n 1 "$work/$t.log" | cut -c1-120)"
       sed -E 's/ +\[ *[0-9]+%\]$//; s/^/  /' | head -40
   done
   if [[ -f $work/torch-cnn-repro.log ]]; then
-    grep -E '^(plain_torch|spill[a-z_]*) +exit|^failed:|^#[0-9]+ ' "$work/torch-cnn-repro.log" |
+    grep -E '^(plain_torch|spill[a-z_]*) +exit|^failed:|^Program received|^#[0-9]+ ' "$work/torch-cnn-repro.log" |
       head -n 40 | sed 's/^/torch-cnn-repro: /'
   fi
   if [[ -f $work/torch-gpt2-medium.log ]]; then
@@ -327,7 +333,7 @@ PY
 for f in ctest-gpu.xml ctest.xml link.json train_unlimited.json train_third.json; do
   [[ -f $work/$f ]] && cp "$work/$f" "$out/"
 done
-tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log trace_*.json 2>/dev/null) 2>/dev/null
+tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls *.log trace_*.json train_*.json 2>/dev/null) 2>/dev/null
 cp "$work/summary.txt" "$out/summary.txt"
 cat "$work/summary.txt"
 exit $failed
