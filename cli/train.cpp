@@ -70,6 +70,10 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"prefetches_skipped", s.swaps.prefetches_skipped},
           {"op_waits", s.op_waits}};
   if (s.ops_s) j["ops_s"] = *s.ops_s;
+  if (!s.op_start_s.empty()) {
+    j["op_start_s"] = s.op_start_s;
+    j["op_end_s"] = s.op_end_s;
+  }
   return j;
 }
 
@@ -361,6 +365,14 @@ int run_train(Config config, const TrainArgs& a) {
                         {"budget", run.budget},
                         {"steps", nlohmann::json::array()}};
   if (run.floor) doc["floor_step_s"] = run.floor->step_s;  // of the plan the last step followed
+  // The ops' names, and those with planned prefetches or remakes (the last plan's), to read
+  // the steps' op_start_s and op_end_s against.
+  doc["ops"] = nlohmann::json::array();
+  for (const train::OpSpec& op : program.ops) doc["ops"].push_back(op.name);
+  doc["acting_ops"] = nlohmann::json::array();
+  for (std::size_t i = 0; i < run.plan.steps.size(); ++i)
+    if (!run.plan.steps[i].prefetch_at.empty() || !run.plan.steps[i].recompute_before.empty())
+      doc["acting_ops"].push_back(i);
   for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st));
   if (a.check) {
     train::RunOptions ref = ro;

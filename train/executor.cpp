@@ -440,6 +440,12 @@ StepStats Executor::Impl::step() {
     for (std::size_t i = 0; i < p.ops.size(); ++i)
       times.push_back(dev.elapsed_ms(start[i], done[i]) * 1e-3);
     r.ops_s = std::accumulate(times.begin(), times.end(), 0.0);
+    r.op_start_s.reserve(p.ops.size());
+    r.op_end_s.reserve(p.ops.size());
+    for (std::size_t i = 0; i < p.ops.size(); ++i) {
+      r.op_start_s.push_back(dev.elapsed_ms(t0, start[i]) * 1e-3);
+      r.op_end_s.push_back(dev.elapsed_ms(t0, done[i]) * 1e-3);
+    }
     if (measuring) make_plan(&times);
   }
   if (measuring) {

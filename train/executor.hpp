@@ -87,6 +87,9 @@ struct StepStats {
   // spent outside the step's ops (idle while the host issued or waited, waiting for a
   // prefetch's copy, or running remakes).
   std::optional<double> ops_s;
+  // With measure_ops: each op's start and end on the compute stream, in seconds from the step's
+  // start (so op_start_s[i] - op_end_s[i - 1] is the stream's time between ops i - 1 and i).
+  std::vector<double> op_start_s, op_end_s;
   std::uint32_t op_waits = 0;   // ops before which the host waited for op i - lag
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper

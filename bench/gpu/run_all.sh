@@ -310,7 +310,7 @@ $(tail -n 1 "$work/$t.log" | cut -c1-120)"
     grep -E "identical|differ|error" "$work/tests-train.log" | sed 's/^/tests-train: /' | head -8
   fi
   if [[ -f $work/train-gpt-medium.log ]]; then
-    grep -E '^(device|step time|predicted|floor|small-pool|split)' "$work/train-gpt-medium.log"
+    grep -E '^(device|step time|predicted|floor|small-pool|split|  gaps)' "$work/train-gpt-medium.log"
   fi
   for name in "${failed_steps[@]}"; do
     echo "---- $name: last lines of $name.log"

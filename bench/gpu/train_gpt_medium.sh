@@ -81,6 +81,21 @@ for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.js
           f"waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
           f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}, host waits "
           f"for an op {med('op_waits')}")
+    # Where the compute stream stood between ops (each op's start less the previous op's end,
+    # medians over steps 4..N): before the ops with planned prefetches or remakes (where the
+    # host waits and remakes run) against the others, and the largest gaps by op.
+    steps = [s for s in (run["steps"][3:] or run["steps"]) if "op_start_s" in s]
+    if steps and run.get("ops"):
+        n = len(run["ops"])
+        gap = [statistics.median(s["op_start_s"][i] - (s["op_end_s"][i - 1] if i else 0.0)
+                                 for s in steps) for i in range(n)]
+        acting = set(run.get("acting_ops", []))
+        top = sorted(range(n), key=lambda i: -gap[i])[:6]
+        print(f"  gaps: {sum(gap[i] for i in acting) * 1e3:.1f} ms before the {len(acting)} ops "
+              f"with planned actions, {sum(gap[i] for i in range(n) if i not in acting) * 1e3:.1f}"
+              f" ms before the other {n - len(acting)}; largest: " +
+              ", ".join(f"{run['ops'][i]}{'*' if i in acting else ''} {gap[i] * 1e3:.2f}"
+                        for i in top))
 if "floor_step_s" in third:
     # The least step any swap-only plan reaches at this budget on the link the planner assumes,
     # from the op times measured in the second step: a plan that also recomputes may beat it.

@@ -315,6 +315,17 @@ TEST(Train, MeasuredOpTimesReplanAfterTheSecondStepAndRemakeBitIdentically) {
     EXPECT_GT(*s.ops_s, 0.5 * s.compute_s);
     EXPECT_LE(*s.ops_s, s.compute_s * (1 + 1e-9));
     EXPECT_LE(*s.ops_s, s.step_s * (1 + 1e-9));
+    // Each op's start and end from the step's start: in stream order, summing to ops_s.
+    ASSERT_EQ(s.op_start_s.size(), program.ops.size());
+    ASSERT_EQ(s.op_end_s.size(), program.ops.size());
+    double sum = 0;
+    for (std::size_t i = 0; i < s.op_start_s.size(); ++i) {
+      EXPECT_LE(s.op_start_s[i], s.op_end_s[i]);
+      if (i > 0) EXPECT_LE(s.op_end_s[i - 1], s.op_start_s[i] + 1e-9);
+      sum += s.op_end_s[i] - s.op_start_s[i];
+    }
+    EXPECT_NEAR(sum, *s.ops_s, 1e-6 * *s.ops_s);
+    EXPECT_LE(s.op_end_s.back(), s.step_s * (1 + 1e-9));
     if (s.step <= train::kMeasuredStep) continue;
     EXPECT_EQ(s.recomputes, r.plan.recomputes.size());
     EXPECT_EQ(s.swaps.demand_fetches, 0u);
