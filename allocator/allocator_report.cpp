@@ -99,6 +99,11 @@ void CachingAllocator::check_invariants() const {
     if (s->large && (s->first == nullptr || s->first->next != nullptr))
       violated("a large segment does not hold exactly one block", s->addr);
     if (!s->large && s->size != kSmallSegment) violated("a small segment of odd size", s->addr);
+    if (!s->large && (m.small_mapped ? s->chunks.size() != 1 || s->chunks[0].offset != 0 ||
+                                           s->chunks[0].size != kSmallSegment
+                                     : !s->chunks.empty()))
+      violated("a small segment is not mapped as the pool maps them (one whole chunk where "
+               "the granularity divides it, else none)", s->addr);
     if (s->large) {
       const bool backed = s->first && s->first->backed;
       std::size_t off = 0;

@@ -64,7 +64,7 @@ CachingAllocator::~CachingAllocator() {
   m.retired.clear();
   m.segments.clear_and_dispose([&](Segment* s) {
     try {
-      if (s->large) {
+      if (s->large || !s->chunks.empty()) {
         for (const Chunk& c : s->chunks) dev_.unmap(ptr_of(s->addr + c.offset), c.size);
         for (const Chunk& c : s->chunks) dev_.release_physical(c.handle, c.size);
         dev_.unreserve(ptr_of(s->addr), s->size);
@@ -135,8 +135,13 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
     make_room(lock, kSmallSegment, bytes);
     lock.unlock();
     void* p = nullptr;
+    PhysicalHandle h = 0;
     try {
-      p = dev_.allocate(kSmallSegment);
+      if (m.small_mapped) {
+        map_small_segment(&p, &h);
+      } else {
+        p = dev_.allocate(kSmallSegment);
+      }
     } catch (const OutOfMemory&) {
       lock.lock();
       m.budget.release(kSmallSegment);
@@ -148,11 +153,31 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
     }
     lock.lock();
     Segment* seg = m.new_segment(key(p), kSmallSegment, false);
+    if (h != 0) seg->chunks = {Chunk{0, kSmallSegment, h}};
     note_mapped_locked(seg);
     b = m.small.carve(m.small.add_segment(seg), size, stream);
   }
   account_alloc_locked(b, bytes, stream);
   return ptr_of(b->addr);
+}
+
+void CachingAllocator::map_small_segment(void** addr, PhysicalHandle* handle) {
+  void* va = dev_.reserve(kSmallSegment);
+  PhysicalHandle h = 0;
+  try {
+    h = dev_.create_physical(kSmallSegment);
+    dev_.map(va, kSmallSegment, h);
+  } catch (...) {
+    try {
+      if (h != 0) dev_.release_physical(h, kSmallSegment);
+      dev_.unreserve(va, kSmallSegment);
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    throw;
+  }
+  *addr = va;
+  *handle = h;
 }
 
 void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {
@@ -378,7 +403,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
   for (Segment* s : m.small.free_segments()) {
     if (bytes >= want || !small) break;
     if (!m.small.idle(*s->first, pending)) continue;
-    out.push_back({s->addr, s->size, false, {}});
+    out.push_back({s->addr, s->size, false, std::move(s->chunks)});
     m.small.remove_free_segment(s);
     bytes += s->size;
     m.stats.cached.sub(s->size);
@@ -390,7 +415,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
   std::exception_ptr error;
   for (const Detached& d : out) {
     try {
-      if (d.large) {
+      if (d.large || !d.chunks.empty()) {  // large segments, and small ones mapped as they are
         for (const Chunk& c : d.chunks) dev_.unmap(ptr_of(d.addr + c.offset), c.size);
         for (const Chunk& c : d.chunks) dev_.release_physical(c.handle, c.size);
         dev_.unreserve(ptr_of(d.addr), d.size);

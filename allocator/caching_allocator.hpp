@@ -217,8 +217,8 @@ class CachingAllocator final : public ResidencyBackend {
   void make_room(Lock& lock, std::size_t bytes, std::size_t requested);
   // Releases up to `want` bytes of cached memory, waiting (unlocked) for queued work on it:
   // large cached blocks first, wholly free small-pool segments only for what those cannot
-  // supply (on a GPU each is a cudaFree, which waits for all work on the device, the swap
-  // copies in flight included).
+  // supply (where they are plain device memory, Impl::small_mapped, each is a cudaFree on a
+  // GPU, which waits for all work on the device, the swap copies in flight included).
   std::size_t release_cached(Lock& lock, std::size_t want);
   // Releases cached memory no queued work can touch now (large blocks first; with `small`,
   // then wholly free small-pool segments); appends the events that hold back the rest to
@@ -226,6 +226,9 @@ class CachingAllocator final : public ResidencyBackend {
   std::size_t release_idle(Lock& lock, std::size_t want, std::vector<Event>* pending,
                            bool small = true);
   void map_back(Lock& lock, void* base, std::size_t size);
+  // Reserves, creates and maps a small-pool segment (Impl::small_mapped), unlocked; on failure
+  // nothing is left mapped or reserved.
+  void map_small_segment(void** addr, PhysicalHandle* handle);
   // `needed`: the mapped bytes the request needed (a new segment, or the rounded block).
   [[noreturn]] void throw_oom_locked(
       std::size_t requested, std::size_t needed, bool device_full,

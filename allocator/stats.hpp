@@ -44,8 +44,8 @@ struct AllocatorStats {
   Stat host_pinned;  // pinned host memory held by the attached HostPool (set_host_pool)
   std::uint64_t allocations = 0, frees = 0;
   std::uint64_t segment_maps = 0, segment_unmaps = 0;
-  std::uint64_t plain_frees = 0;         // small-pool segments given back to the device (each a
-                                         // cudaFree on a GPU, which waits for the whole device)
+  std::uint64_t plain_frees = 0;         // small-pool segments given back to the device
+                                         // (unmapped; a cudaFree where they are plain memory)
   std::uint64_t cache_hits = 0;          // ladder step 1: a cached block was reused
   std::uint64_t gathers = 0;             // large blocks built from cached blocks' chunks
   std::uint64_t splits = 0;              // cached gathered blocks split at chunk boundaries

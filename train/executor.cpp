@@ -384,8 +384,7 @@ StepStats Executor::Impl::step() {
             // that their stream has passed the frees; the plan counts them as gone. When they
             // stand between the prefetch and the budget, return what the prefetch lacks first,
             // rather than let it wait for swap-outs or be skipped: large cached blocks, small
-            // segments only if those cannot supply it (on a GPU freeing one is a cudaFree,
-            // which waits for all work on the device, the swap copies in flight included).
+            // segments only if those cannot supply it.
             const AllocatorStats st = alloc.stats();
             const auto mapped = static_cast<std::uint64_t>(st.reserved.current);
             const std::optional<BlockInfo> info = alloc.block_info(ptrs[t]);

@@ -99,8 +99,9 @@ struct StepStats {
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their
                                       // swap-out cancelled; predicted: SimResult::cancelled_bytes)
   std::uint64_t cache_returns = 0;  // planned prefetches that first returned the allocator's cache
-  std::uint64_t plain_frees = 0;    // small-pool segments freed in the step (on a GPU each is a
-                                    // cudaFree, which waits for all work on the device)
+  std::uint64_t plain_frees = 0;    // small-pool segments freed in the step (unmapped; a
+                                    // cudaFree, which waits for the whole GPU, before
+                                    // 2026-12-04)
   std::uint32_t recomputes = 0;     // tensors remade by running their producer again
   std::uint64_t recomputed_bytes = 0;
   // The prediction in force for this step (the simulator on the plan; mapped peak as

@@ -56,8 +56,8 @@ print(f"step time: unlimited {t_u * 1e3:.1f} ms, a third {t_t * 1e3:.1f} ms, rat
       f"({'met' if ratio <= 1.10 else 'MISSED'}: target <= 1.10)")
 print(f"predicted {pred * 1e3:.1f} ms against measured {t_t * 1e3:.1f} ms: {error * 100:.1f}% "
       f"({'met' if error <= 0.10 else 'MISSED'}: target within 10%)")
-# Each small-pool segment freed is a cudaFree, which waits for all work on the GPU (swap copies
-# in flight included): many of them would explain a step slower than predicted.
+# Small-pool segments freed: unmapped since 2026-12-04 (before, each was a cudaFree, which
+# waits for all work on the GPU, swap copies in flight included: one a step at a third then).
 steps3 = third["steps"][3:] or third["steps"]
 print(f"small-pool segments freed per step (a third): "
       f"{[s.get('small_segment_frees') for s in steps3]}; cache returns per step: "

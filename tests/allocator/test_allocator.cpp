@@ -186,7 +186,8 @@ TYPED_TEST(AllocatorTest, ReleasingTheCacheWaitsForTheFreeingStreamOfABlockUsedO
 // release_cache(bytes), what the trainer's executor calls before a prefetch that would pass
 // the budget: only about the bytes asked for, from large cached blocks first, waiting for the
 // work queued on them, and a wholly free small-pool segment only when they cannot supply it
-// (on a GPU freeing one is a cudaFree, which waits for all work on the device).
+// (where small segments are plain device memory, on a GPU freeing one is a cudaFree, which
+// waits for all work on the device).
 TYPED_TEST(AllocatorTest, ReleaseCacheTakesLargeBlocksBeforeSmallSegments) {
   CachingAllocator a = this->make(64 * MiB);
   Device& d = *this->dev_;
@@ -693,6 +694,33 @@ TEST(AllocatorOptions, ComeFromTheConfigurationString) {
 // budget full while a small-pool segment is mostly free must not read "largest free block" as
 // that segment's free block (a zero_grad under the CPU bridge reported 1.86 MiB free and could
 // not get 1 MiB); the small pool's cached bytes are named apart, with the requests they serve.
+// Small-pool segments are mapped as large segments are (one whole chunk) where the
+// granularity divides them, so that giving one back unmaps it rather than frees it (on a GPU a
+// cudaFree waits for all work on the device, swap copies in flight included; unmapping waits
+// for nothing); with a granularity over 2 MiB they are the device's plain allocations. Either
+// way the pool serves, keeps and returns them alike (check_invariants checks which they are).
+TEST(AllocatorSmallSegments, MappedWhereTheGranularityDividesThemElsePlain) {
+  for (std::size_t granularity : {64 * KiB, 2 * MiB, 4 * MiB}) {
+    SCOPED_TRACE(format_bytes(granularity));
+    SimDevice dev(SimOptions{.capacity = 64 * MiB, .granularity = granularity});
+    CachingAllocator a(dev, AllocatorOptions{.budget = 32 * MiB});
+    std::vector<void*> small;
+    for (int i = 0; i < 40; ++i) small.push_back(a.allocate(100 * KiB));  // two segments
+    EXPECT_EQ(a.stats().reserved.current, std::int64_t(2 * kSmallSegment));
+    std::fill(static_cast<char*>(small[0]), static_cast<char*>(small[0]) + 100 * KiB, 7);
+    EXPECT_EQ(static_cast<char*>(small[0])[100 * KiB - 1], 7);
+    a.check_invariants();
+    for (void* p : small) a.deallocate(p);
+    a.empty_cache();
+    EXPECT_EQ(a.stats().plain_frees, 2u);
+    EXPECT_EQ(a.stats().reserved.current, 0);
+    a.check_invariants();
+    void* again = a.allocate(100 * KiB);  // a new segment after the release
+    a.check_invariants();
+    a.deallocate(again);
+  }
+}
+
 TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
   Stream st = dev.create_stream();

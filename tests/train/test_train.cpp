@@ -206,8 +206,8 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
       // The swapper's rules are predicted: what is copied back, and what a prefetch keeps.
       EXPECT_EQ(s.swaps.bytes_in, r.prediction.swapped_in_bytes) << "step " << s.step;
       EXPECT_EQ(s.cancelled_bytes, r.prediction.cancelled_bytes) << "step " << s.step;
-      // The cache returned before prefetches frees no small-pool segment (a cudaFree on a
-      // GPU waits for the whole device). The cnn's allocation ladder frees one per step: a
+      // The cache returned before prefetches frees no small-pool segment (each a remapping
+      // later). The cnn's allocation ladder frees one per step: a
       // large allocation the plan counted the wholly free segment's bytes for.
       EXPECT_GT(s.cache_returns, 0u) << "step " << s.step;
       if (std::string(model) != "cnn") {
@@ -321,7 +321,9 @@ TEST(Train, MeasuredOpTimesReplanAfterTheSecondStepAndRemakeBitIdentically) {
     double sum = 0;
     for (std::size_t i = 0; i < s.op_start_s.size(); ++i) {
       EXPECT_LE(s.op_start_s[i], s.op_end_s[i]);
-      if (i > 0) EXPECT_LE(s.op_end_s[i - 1], s.op_start_s[i] + 1e-9);
+      if (i > 0) {
+        EXPECT_LE(s.op_end_s[i - 1], s.op_start_s[i] + 1e-9);
+      }
       sum += s.op_end_s[i] - s.op_start_s[i];
     }
     EXPECT_NEAR(sum, *s.ops_s, 1e-6 * *s.ops_s);
