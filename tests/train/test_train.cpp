@@ -206,9 +206,9 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
       // The swapper's rules are predicted: what is copied back, and what a prefetch keeps.
       EXPECT_EQ(s.swaps.bytes_in, r.prediction.swapped_in_bytes) << "step " << s.step;
       EXPECT_EQ(s.cancelled_bytes, r.prediction.cancelled_bytes) << "step " << s.step;
-      // The cache returned before prefetches frees no small-pool segment (each a remapping
-      // later). The cnn's allocation ladder frees one per step: a
-      // large allocation the plan counted the wholly free segment's bytes for.
+      // The cache returned before prefetches frees no small-pool segment (each one freed is
+      // one to map again later). The cnn's allocation ladder frees one per step: a large
+      // allocation the plan counted the wholly free segment's bytes for.
       EXPECT_GT(s.cache_returns, 0u) << "step " << s.step;
       if (std::string(model) != "cnn") {
         EXPECT_EQ(s.plain_frees, 0u) << "step " << s.step;
