@@ -177,9 +177,11 @@ if ((built == 0)); then
   # 2-8 times their predicted ones (mlp 27 ms against 3 ms), and the step table alone does not
   # say where the time went.
   step tests-train 150 bash -c 'rc=0; for m in mlp cnn gpt-mini; do "$1" --conf device:cuda \
-    train "$m" --check --steps 4 --trace "$2/trace_$m.json" || rc=1; done
+    train "$m" --check --steps 4 --trace "$2/trace_$m.json" --json "$2/train_$m.json" || rc=1
+    done
     "$1" --conf device:cuda train gpt-mini --policy plan --check --steps 4 \
-    --trace "$2/trace_gpt-mini_plan.json" || rc=1; exit $rc' _ "$build/spill" "$work"
+    --trace "$2/trace_gpt-mini_plan.json" --json "$2/train_gpt-mini_plan.json" || rc=1
+    exit $rc' _ "$build/spill" "$work"
   # doc_examples among them runs the documentation's GPU blocks with this Python (docs/pytorch.md's
   # CUDA quick start, which compiles the CUDA shim into torch's extension cache; docs/python.md's
   # CuPy block where CuPy is installed); on the CPU build machine they skip.
@@ -308,6 +310,22 @@ $(tail -n 1 "$work/$t.log" | cut -c1-120)"
   fi
   if [[ -f $work/tests-train.log ]]; then
     grep -E "identical|differ|error" "$work/tests-train.log" | sed 's/^/tests-train: /' | head -8
+    # Steps 3-4 of each run at a third against their prediction (on 2026-12-04 these small
+    # models took 2-8 times it), the ops' own device time and the ops the host waited before.
+    python3 - "$work" <<'PY' 2>/dev/null
+import json, pathlib, sys
+for name in ("mlp", "cnn", "gpt-mini", "gpt-mini_plan"):
+    path = pathlib.Path(sys.argv[1]) / f"train_{name}.json"
+    if not path.exists():
+        continue
+    steps = json.loads(path.read_text())["steps"][2:]
+    if not steps:
+        continue
+    mean = lambda key: sum(s.get(key, float("nan")) for s in steps) / len(steps)
+    print(f"tests-train: {name}: steps 3-4 {mean('step_s') * 1e3:.2f} ms, predicted "
+          f"{mean('predicted_step_s') * 1e3:.2f} ms, ops {mean('ops_s') * 1e3:.2f} ms, host in "
+          f"spill {mean('spill_s') * 1e3:.2f} ms, waited before {mean('op_waits'):.0f} ops")
+PY
   fi
   if [[ -f $work/train-gpt-medium.log ]]; then
     grep -E '^(device|step time|predicted|floor|small-pool|split|  gaps)' "$work/train-gpt-medium.log"
