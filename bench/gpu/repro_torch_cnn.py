@@ -3,13 +3,15 @@ the training process died with SIGSEGV inside F.conv2d's C++ call, in the unlimi
 measures the footprint, with spill only as the allocator: no offload, no guard, no Python
 frame of spill's on the stack).
 
-Run with no argument, it runs each case below in a process of its own and prints one line per
-case: its exit status and the last line it wrote. Run with a case's name, it runs that case.
+Run with no argument, it runs each case below in a process of its own (with the test's cuBLAS
+workspaces, but for spill_torch_workspaces) and prints one line per case: its exit status and
+the last line it wrote. Run with a case's name, it runs that case.
 `bench/gpu/run_all.sh` (step torch-cnn-repro) runs it, then the first case that failed again
 under cuda-gdb for the native stack. Needs a CUDA torch and SPILL_LIBRARY (and spill's python/
 on PYTHONPATH), as the torch tests do."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Callable, Dict
@@ -63,10 +65,17 @@ def _one_conv() -> None:
     print("one conv: done", flush=True)
 
 
-def _with_spill(body: Callable[[], None]) -> Callable[[], None]:
+# What the crashing test ran with: spill's configuration (tests/python/torch_bridge_run.py) and
+# cuBLAS's small workspaces (CUDA_WORKSPACES in tests/python/test_torch_bridge.py), which every
+# case but spill_torch_workspaces gets.
+CONF = "policy:plan,swap_threshold:128KiB"
+WORKSPACES = {"CUBLAS_WORKSPACE_CONFIG": ":16:8", "CUBLASLT_WORKSPACE_SIZE": "128"}
+
+
+def _with_spill(body: Callable[[], None], conf: str = CONF) -> Callable[[], None]:
     def run() -> None:
         import spill.torch as st
-        st.enable("swap_threshold:128KiB")
+        st.enable(conf)
         print(f"spill enabled: {st.is_enabled()}", flush=True)
         body()
         print(f"peak allocated {st.max_memory_allocated()} bytes", flush=True)
@@ -79,11 +88,16 @@ CASES: Dict[str, Callable[[], None]] = {
     "spill_one_conv": _with_spill(_one_conv),
     "spill_nondeterministic": _with_spill(lambda: _train(deterministic=False)),
     "spill_no_cudnn": _with_spill(lambda: _train(cudnn=False)),
+    "spill_policy_none": _with_spill(_train, "policy:none,swap_threshold:128KiB"),
+    "spill_torch_workspaces": _with_spill(_train),  # cuBLAS's default workspaces
 }
 
 
 def main(argv: list) -> int:
     if len(argv) > 1:
+        if argv[1] != "spill_torch_workspaces":  # read when torch makes its first workspace
+            for key, value in WORKSPACES.items():
+                os.environ.setdefault(key, value)
         CASES[argv[1]]()
         return 0
     failed = []

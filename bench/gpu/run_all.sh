@@ -228,7 +228,8 @@ if ((built == 0)); then
       "$root/tests/python/test_torch_internals.py"
     # The cnn test's process died with SIGSEGV inside F.conv2d with spill as the allocator
     # (2026-12-04): each case of repro_torch_cnn.py in a process of its own (plain torch,
-    # spill, one conv, cuDNN's non-deterministic algorithms, cuDNN off), then the first that
+    # spill as the test ran it, one conv, cuDNN's non-deterministic algorithms, cuDNN off,
+    # policy none, cuBLAS's default workspaces), then the first that
     # failed again under cuda-gdb for the native stack (the machine has no gdb). Reading the
     # symbols of torch's and cuDNN's libraries (gigabytes) could outlast the step, so gdb reads
     # none at first: the stack's addresses, then the libraries' address ranges, then the stack
