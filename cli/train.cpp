@@ -371,8 +371,7 @@ int run_train(Config config, const TrainArgs& a) {
   for (const train::OpSpec& op : program.ops) doc["ops"].push_back(op.name);
   doc["acting_ops"] = nlohmann::json::array();
   for (std::size_t i = 0; i < run.plan.steps.size(); ++i)
-    if (!run.plan.steps[i].prefetch_at.empty() || !run.plan.steps[i].recompute_before.empty())
-      doc["acting_ops"].push_back(i);
+    if (run.plan.steps[i].acts_before()) doc["acting_ops"].push_back(i);
   for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st));
   if (a.check) {
     train::RunOptions ref = ro;

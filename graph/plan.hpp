@@ -53,6 +53,9 @@ struct PlanStep {
   std::vector<TensorIndex> prefetch_at;
   std::vector<TensorIndex> drop_after;
   std::vector<TensorIndex> recompute_before;
+  // Whether the plan acts before this op (prefetches or remakes), which the executor times by
+  // an op's completion; evictions and drops follow the op in stream order.
+  bool acts_before() const { return !prefetch_at.empty() || !recompute_before.empty(); }
 };
 
 struct Plan {

@@ -367,8 +367,7 @@ StepStats Executor::Impl::step() {
     // Issue op i's plan actions when op i - lag has finished, as the plan times them; op -1
     // is the inputs' upload (it would otherwise race op 0's prefetches for the copy engine).
     // Without wait_every_op an op with no actions is issued at once (ExecOptions).
-    const bool acts = o.policy == Policy::Graph && (!plan.steps[i].prefetch_at.empty() ||
-                                                   !plan.steps[i].recompute_before.empty());
+    const bool acts = o.policy == Policy::Graph && plan.steps[i].acts_before();
     if (*o.wait_every_op || acts) {
       if (i >= std::size_t(o.lag)) dev.synchronize(done[i - std::size_t(o.lag)]);
       else if (i + 1 == std::size_t(o.lag)) dev.synchronize(uploaded);

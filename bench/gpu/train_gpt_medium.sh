@@ -44,8 +44,9 @@ python3 - "$out/train_unlimited.json" "$out/train_third.json" <<'PY'
 import json, statistics, sys
 runs = [json.load(open(p)) for p in sys.argv[1:]]
 def median(run, key):
-    values = [s[key] for s in run["steps"][3:]] or [s[key] for s in run["steps"]]
-    return statistics.median(values)
+    # Of steps 4..N (all when fewer); nan when a step lacks the key (ops_s where ops are not timed).
+    values = [s.get(key) for s in (run["steps"][3:] or run["steps"])]
+    return statistics.median(values) if None not in values else float("nan")
 unlimited, third = runs
 t_u, t_t = median(unlimited, "step_s"), median(third, "step_s")
 pred = median(third, "predicted_step_s")
@@ -74,9 +75,7 @@ for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.js
     if not os.path.exists(path):
         continue
     run = json.load(open(path))
-    def med(key):
-        values = [s.get(key) for s in (run["steps"][3:] or run["steps"])]
-        return statistics.median(values) if None not in values else float("nan")
+    med = lambda key: median(run, key)
     print(f"split ({os.path.basename(path)}): step {med('step_s') * 1e3:.1f} ms, ops "
           f"{med('ops_s') * 1e3:.1f} ms, outside the ops {(med('step_s') - med('ops_s')) * 1e3:.1f} ms; "
           f"host in spill {med('spill_s') * 1e3:.1f} ms (CPU {med('spill_cpu_s') * 1e3:.1f} ms, "

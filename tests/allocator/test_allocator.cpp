@@ -690,10 +690,6 @@ TEST(AllocatorOptions, ComeFromTheConfigurationString) {
   EXPECT_THROW(CachingAllocator(dev, AllocatorOptions{.small_limit = 4 * MiB}), InvalidArgument);
 }
 
-// The OOM message's free memory is what the request could use: a large request that finds the
-// budget full while a small-pool segment is mostly free must not read "largest free block" as
-// that segment's free block (a zero_grad under the CPU bridge reported 1.86 MiB free and could
-// not get 1 MiB); the small pool's cached bytes are named apart, with the requests they serve.
 // Small-pool segments are mapped as large segments are (one whole chunk) where the
 // granularity divides them, so that giving one back unmaps it rather than frees it (on a GPU a
 // cudaFree waits for all work on the device, swap copies in flight included; unmapping waits
@@ -721,6 +717,10 @@ TEST(AllocatorSmallSegments, MappedWhereTheGranularityDividesThemElsePlain) {
   }
 }
 
+// The OOM message's free memory is what the request could use: a large request that finds the
+// budget full while a small-pool segment is mostly free must not read "largest free block" as
+// that segment's free block (a zero_grad under the CPU bridge reported 1.86 MiB free and could
+// not get 1 MiB); the small pool's cached bytes are named apart, with the requests they serve.
 TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
   Stream st = dev.create_stream();

@@ -362,8 +362,7 @@ TEST(Train, WaitingOnlyBeforeOpsWithActionsKeepsThePlanAndTheBits) {
     ASSERT_EQ(r.steps.size(), w.steps.size());
     const std::size_t ops = program.ops.size();
     std::size_t acting = 0;  // ops with planned prefetches or remakes
-    for (const graph::PlanStep& ps : r.plan.steps)
-      acting += !ps.prefetch_at.empty() || !ps.recompute_before.empty();
+    for (const graph::PlanStep& ps : r.plan.steps) acting += ps.acts_before();
     ASSERT_GT(acting, 0u);
     ASSERT_LT(acting, ops);
     for (std::size_t i = 0; i < r.steps.size(); ++i) {
