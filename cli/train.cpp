@@ -429,7 +429,7 @@ void add_train(CLI::App& app, Runner& run) {
                 "remake them by running their producing op again where that is faster)");
   cmd->add_option("--lag", a->lag,
                   "ops the host may issue ahead of the device, waiting for op i - N before it "
-                  "issues op i and its plan actions (default: 1 on the simulated device, 2 on a "
+                  "issues op i and its plan actions (default: 1 on the simulated device, 8 on a "
                   "GPU)")
       ->check(int_in(1, 1024));
   cmd->add_flag("--wait-every-op", a->wait_every_op,

@@ -198,7 +198,7 @@ void Executor::Impl::setup() {
   SPILL_EXPECTS(conf.policy == want,
                 std::string("executor: policy ") + to_string(o.policy) + " needs the runtime's " +
                     "policy:" + spill::to_string(want) + ", not policy:" + spill::to_string(conf.policy));
-  if (o.lag <= 0) o.lag = dev.info().simulated ? 1 : 2;
+  if (o.lag <= 0) o.lag = dev.info().simulated ? 1 : kGpuLag;
   if (!o.wait_every_op) o.wait_every_op = dev.info().simulated;
   if (o.policy == Policy::Plan || o.policy == Policy::Lru) o.wait_every_op = true;
   if (!dev.info().simulated) o.measure_ops = true;

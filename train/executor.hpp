@@ -50,19 +50,27 @@ Policy parse_policy(std::string_view s);  // graph | plan | lru | none; InvalidA
 // The runtime configuration for `policy` (graph drives the swapper by hand: policy lru).
 SwapPolicy runtime_policy(Policy p);
 
+// ExecOptions::lag's default on a GPU. gpt-medium at a third on an H200 (2026-12-04), the host
+// waiting only before the ops with planned actions: 578.6 ms a step at lag 2, 551.6 at 4, 532.5
+// at 8 (unlimited: 469.8), the host's waits for swap-outs 83 ms a step at lag 2, under 1 ms at 8:
+// a prefetch issued earlier finds its room freed by then.
+inline constexpr int kGpuLag = 8;
+
 // The 0-based step whose ops ExecOptions::measure_ops times.
 inline constexpr int kMeasuredStep = 1;
 
 struct ExecOptions {
   Policy policy = Policy::Graph;
-  int lag = 0;             // ops the host may run ahead; 0: 1 on the simulated device, 2 on a GPU
+  // Ops the host may run ahead; 0: 1 on the simulated device, kGpuLag on a GPU.
+  int lag = 0;
   // Whether the host waits for op i - lag before every op i (the simulator's rule; the default
   // on the simulated device), or only before the ops the plan gives actions at (prefetches,
   // remakes: they still happen when op i - lag has finished; the default on a GPU, where
   // waiting at every op leaves at most `lag` ops queued, so the host's work between short ops
-  // can idle the device: suspected, not yet measured, in gpt-medium at a third on an H200,
-  // 2026-12-04, which took 110 ms a step more than planned). Policies plan and lru always wait at every op (the swapper times its own
-  // prefetches by the ops the host begins); policy none has no actions, so it never waits.
+  // idles the device: gpt-medium at a third on an H200, 2026-12-04, lag 2, took 598.5 ms a step
+  // waiting at every op, 578.6 ms waiting only before the ops with actions). Policies plan and
+  // lru always wait at every op (the swapper times its own prefetches by the ops the host
+  // begins); policy none has no actions, so it never waits.
   std::optional<bool> wait_every_op;
   bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
   // Time each op of the second step (kMeasuredStep; the first pays the GPU's first uses) and

@@ -6,8 +6,8 @@
 # (steps 4..N: step 1 pays the GPU's first uses, step 2 measures the ops, step 3 is the first on
 # the measured plan), their ratio (target <= 1.10 on an H100/H200) and predicted against measured step time at a third (target within 10%); the
 # figures go to $2/train_unlimited.json and $2/train_third.json, then more runs at a third:
-# --wait-every-op (the host's rule before 2026-12-04), --lag 4, --lag 8
-# ($2/train_third_{wait_every_op,lag4,lag8}.json) and 4 traced steps
+# --lag 2 (the default before 2026-12-04's second run), --lag 16, --lag 32
+# ($2/train_third_{lag2,lag16,lag32}.json) and 4 traced steps
 # ($2/trace_gpt-medium_third.json), and where each run's step went. Exits non-zero only when a run
 # fails; missed targets are reported, not failed.
 # Usage: bench/gpu/train_gpt_medium.sh SPILL OUT_DIR [STEPS]
@@ -28,12 +28,12 @@ esac
   --json "$out/train_unlimited.json" || exit 1
 "$spill" --conf device:cuda train gpt-medium --steps "$steps" --json "$out/train_third.json" ||
   exit 1
-# At a third on the H200 (2026-12-04) the steps took 110 ms more than planned, when the host
-# waited for op i - 2 before every op i. It now waits only before the ops with planned actions
-# (the runs above); these runs say what each part of that does: waiting at every op as before
-# (--wait-every-op), and a longer lead before the ops with actions (--lag 4, --lag 8).
-# The last, 4 steps with a trace (kept apart: recording costs the host time).
-for variant in "wait_every_op --wait-every-op" "lag4 --lag 4" "lag8 --lag 8" \
+# At a third on the H200 (2026-12-04) the host waiting for op i - 2 before every op i took
+# 598.5 ms a step, waiting only before the ops with planned actions 578.6 ms, and with those
+# waits for op i - 4 551.6 ms, i - 8 532.5 ms (unlimited 469.8 ms): the default lag is 8 since.
+# These runs say whether the lead still matters around it (--lag 2, 16, 32); the last, 4 steps
+# with a trace (kept apart: recording costs the host time).
+for variant in "lag2 --lag 2" "lag16 --lag 16" "lag32 --lag 32" \
   "traced --steps 4 --trace $out/trace_gpt-medium_third.json"; do
   read -r name flags <<<"$variant"
   # shellcheck disable=SC2086
@@ -71,7 +71,7 @@ print(f"recomputes per step (a third): {[s.get('recomputes') for s in steps3]}, 
 # time inside the allocator and swapper, swap_out_wait_s the part spent waiting for swap-outs.
 import os
 for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.json")
-                                          for n in ("wait_every_op", "lag4", "lag8")]:
+                                          for n in ("lag2", "lag16", "lag32")]:
     if not os.path.exists(path):
         continue
     run = json.load(open(path))

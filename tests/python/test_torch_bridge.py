@@ -875,12 +875,17 @@ def test_record_stream_delays_reuse() -> None:
         side = torch.cuda.Stream()
         x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
         ptr = x.data_ptr()
+        x.add_(1)                                     # the kernels' modules are loaded
+        torch.cuda._sleep(1000)
+        torch.cuda.synchronize()
         with torch.cuda.stream(side):
-            torch.cuda._sleep(500_000_000)            # the side stream is busy for a while
+            torch.cuda._sleep(2_000_000_000)          # the side stream is busy for about a second
             x.add_(1)
         x.record_stream(side)
         del x
+        busy = not side.query()
         y = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        assert busy, "the side stream finished before the reuse was tried: the test proved nothing"
         assert y.data_ptr() != ptr, "reused while the side stream still used it"
         side.synchronize()
         print("ok")

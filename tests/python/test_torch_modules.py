@@ -1328,12 +1328,14 @@ for v in VARIANTS:
         st.reset_peak_memory_stats()
     plain[v] = run(v, lambda m, o: None)
     # Under half of the footprint: on CUDA the plain runs were in spill's memory (no hooks).
-    # The LSTM there runs cuDNN's RNN, whose workspace (a 54.5 MiB request, never declared
-    # swappable, as PyTorch's own temporaries are not) the CPU bridge never sees: at half of
-    # its footprint it missed by under 1 MiB (H200, 2026-12-04), so it gets two thirds.
+    # The LSTM there runs cuDNN's RNN, whose workspace (a 54.5 MiB request) and reserve (44
+    # MiB), PyTorch's own temporaries, are never declared swappable, and which the CPU bridge
+    # never sees. On an H200 (2026-12-04) it missed by under 1 MiB at half of its footprint,
+    # then at two thirds (137.7 MiB) the reserve found 110.4 MiB in use that nothing could
+    # move while the op ran (154 MiB at once): it gets four fifths.
     budgets[v] = (((96 if v == "lstm" else 16) << 20) if dev == "cpu"
-                  else st.max_memory_allocated() * (2 if v == "lstm" else 1)
-                  // (3 if v == "lstm" else 2))
+                  else st.max_memory_allocated() * (4 if v == "lstm" else 1)
+                  // (5 if v == "lstm" else 2))
 if dev == "cpu":
     st.enable(CONF, target="cpu")
 def wrap(m, o):
@@ -1357,8 +1359,8 @@ print("ok", rank)
 
 def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path) -> None:
     """A model wrapped in DistributedDataParallel (two processes, gloo), under offload(ddp,
-    opt) at under half its footprint (on CUDA the LSTM at two thirds, for cuDNN's RNN
-    workspace): losses and final state are plain torch's, with
+    opt) at under half its footprint (on CUDA the LSTM at four fifths, for cuDNN's RNN
+    workspace and reserve): losses and final state are plain torch's, with
     gradients kept (zero_grad(set_to_none=False)), under no_sync() and with
     find_unused_parameters. DDP's reducer copies each gradient into its bucket, and at the
     end of the backward the averaged bucket back into every gradient, in C++ where no hook

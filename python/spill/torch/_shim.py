@@ -101,7 +101,10 @@ def _compile(kind: str) -> ctypes.CDLL:
     try:
         path = cpp_extension.load(
             name=name, sources=[str(source)], extra_include_paths=[str(header.parent.parent)],
-            extra_ldflags=[str(lib_file), f"-Wl,-rpath,{lib_file.parent}"],
+            # what the shim takes from static archives (a toolchain's static libstdc++)
+            # stays inside it, as in libspill (CMakeLists.txt: spill_keep_archives_private)
+            extra_ldflags=[str(lib_file), f"-Wl,-rpath,{lib_file.parent}",
+                           "-Wl,--exclude-libs,ALL"],
             build_directory=build_dir, is_python_module=False, verbose=False)
     except Exception as e:  # the compiler's output is in the message
         raise LibraryNotFoundError(
