@@ -70,6 +70,11 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"prefetches_skipped", s.swaps.prefetches_skipped},
           {"op_waits", s.op_waits}};
   if (s.ops_s) j["ops_s"] = *s.ops_s;
+  // The step's virtual-memory calls: {"map": {"calls": N, "s": host seconds}, ...}.
+  const std::pair<const char*, const VmmCalls::Tally*> vmm[] = {
+      {"reserve", &s.vmm.reserve}, {"create", &s.vmm.create},   {"map", &s.vmm.map},
+      {"unmap", &s.vmm.unmap},     {"release", &s.vmm.release}, {"unreserve", &s.vmm.unreserve}};
+  for (const auto& [name, t] : vmm) j["vmm"][name] = {{"calls", t->calls}, {"s", t->seconds}};
   if (!s.op_start_s.empty()) {
     j["op_start_s"] = s.op_start_s;
     j["op_end_s"] = s.op_end_s;

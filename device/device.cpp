@@ -1,5 +1,7 @@
 #include "device/device.hpp"
 
+#include <chrono>
+#include <type_traits>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -53,43 +55,85 @@ const char* to_string(CopyKind k) {
   return "?";
 }
 
+// Runs one virtual-memory call and, when it returns, counts it with the host's time in it.
+template <class F>
+decltype(auto) Device::tallied(Vmm kind, F&& call) {
+  const auto start = std::chrono::steady_clock::now();
+  auto count = [&] {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - start);
+    vmm_calls_[kind].fetch_add(1, std::memory_order_relaxed);
+    vmm_ns_[kind].fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
+  };
+  if constexpr (std::is_void_v<decltype(call())>) {
+    call();
+    count();
+  } else {
+    auto result = call();
+    count();
+    return result;
+  }
+}
+
 void* Device::reserve(std::size_t bytes) {
   expect_outside_callback(*this, "reserve");
   expect_granular(*this, bytes, "reserve");
-  return do_reserve(bytes);
+  return tallied(kReserve, [&] { return do_reserve(bytes); });
 }
 
 void Device::unreserve(void* addr, std::size_t bytes) {
   expect_outside_callback(*this, "unreserve");
   expect_aligned(*this, addr, "unreserve");
   expect_granular(*this, bytes, "unreserve");
-  do_unreserve(addr, bytes);
+  tallied(kUnreserve, [&] { do_unreserve(addr, bytes); });
 }
 
 PhysicalHandle Device::create_physical(std::size_t bytes) {
   expect_outside_callback(*this, "create_physical");
   expect_granular(*this, bytes, "create_physical");
-  return do_create_physical(bytes);
+  return tallied(kCreate, [&] { return do_create_physical(bytes); });
 }
 
 void Device::release_physical(PhysicalHandle handle, std::size_t bytes) {
   expect_outside_callback(*this, "release_physical");
   expect_granular(*this, bytes, "release_physical");
-  do_release_physical(handle, bytes);
+  tallied(kRelease, [&] { do_release_physical(handle, bytes); });
 }
 
 void Device::map(void* addr, std::size_t bytes, PhysicalHandle handle) {
   expect_outside_callback(*this, "map");
   expect_aligned(*this, addr, "map");
   expect_granular(*this, bytes, "map");
-  do_map(addr, bytes, handle);
+  tallied(kMap, [&] { do_map(addr, bytes, handle); });
 }
 
 void Device::unmap(void* addr, std::size_t bytes) {
   expect_outside_callback(*this, "unmap");
   expect_aligned(*this, addr, "unmap");
   expect_granular(*this, bytes, "unmap");
-  do_unmap(addr, bytes);
+  tallied(kUnmap, [&] { do_unmap(addr, bytes); });
+}
+
+VmmCalls Device::vmm_calls() const {
+  VmmCalls v;
+  VmmCalls::Tally* out[kVmmKinds] = {&v.reserve, &v.create, &v.map, &v.unmap, &v.release, &v.unreserve};
+  for (int k = 0; k < kVmmKinds; ++k) {
+    out[k]->calls = vmm_calls_[k].load(std::memory_order_relaxed);
+    out[k]->seconds = double(vmm_ns_[k].load(std::memory_order_relaxed)) * 1e-9;
+  }
+  return v;
+}
+
+VmmCalls VmmCalls::operator-(const VmmCalls& earlier) const {
+  auto less = [](Tally a, Tally b) { return Tally{a.calls - b.calls, a.seconds - b.seconds}; };
+  return {less(reserve, earlier.reserve), less(create, earlier.create), less(map, earlier.map),
+          less(unmap, earlier.unmap),     less(release, earlier.release),
+          less(unreserve, earlier.unreserve)};
+}
+
+double VmmCalls::seconds() const {
+  return reserve.seconds + create.seconds + map.seconds + unmap.seconds + release.seconds +
+         unreserve.seconds;
 }
 
 void* Device::allocate(std::size_t bytes) {

@@ -12,6 +12,8 @@
 // legacy implicit synchronisation with other streams.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -46,6 +48,18 @@ struct DeviceInfo {
   bool simulated = true;
 };
 
+// The host's time in the virtual-memory calls (the driver's cuMem* on CUDA), per kind, since the
+// device was made: what a step's maps and unmaps cost the host (`spill train --json`'s "vmm").
+struct VmmCalls {
+  struct Tally {
+    std::uint64_t calls = 0;
+    double seconds = 0;
+  };
+  Tally reserve, create, map, unmap, release, unreserve;
+  VmmCalls operator-(const VmmCalls& earlier) const;  // the calls made since `earlier`
+  double seconds() const;                             // of all kinds
+};
+
 struct MemInfo {
   std::size_t total = 0;
   std::size_t free = 0;
@@ -78,6 +92,8 @@ class Device {
   // range of several is unmapped chunk by chunk); the range faults again. The caller must have
   // synchronised all work touching it.
   void unmap(void* addr, std::size_t bytes);
+  // The virtual-memory calls above made so far (successful ones), with the host's time in them.
+  VmmCalls vmm_calls() const;
 
   // ---- Plain device memory (non-swappable pools). Throws OutOfMemory when full.
   void* allocate(std::size_t bytes);
@@ -169,6 +185,12 @@ class Device {
   virtual void do_synchronize_device() = 0;
   virtual HoldToken do_hold(Stream stream) = 0;
   virtual void do_release(HoldToken token) = 0;
+
+ private:
+  enum Vmm { kReserve, kCreate, kMap, kUnmap, kRelease, kUnreserve, kVmmKinds };
+  template <class F>
+  decltype(auto) tallied(Vmm kind, F&& call);
+  std::array<std::atomic<std::uint64_t>, kVmmKinds> vmm_calls_{}, vmm_ns_{};
 };
 
 }  // namespace spill

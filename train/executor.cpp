@@ -339,6 +339,7 @@ StepStats Executor::Impl::step() {
   const auto wall0 = Clock::now();
   spill_s = spill_cpu_s = 0;
   const SwapStats before = swp ? swp->stats() : SwapStats{};
+  const VmmCalls vmm0 = dev.vmm_calls();
   alloc.reset_peak();
   const std::uint64_t plain_frees0 = alloc.stats().plain_frees;
   // The step starts when the previous one's last op ended (the compute stream is idle), and
@@ -452,6 +453,7 @@ StepStats Executor::Impl::step() {
   }
   r.spill_s = spill_s;
   r.spill_cpu_s = spill_cpu_s;
+  r.vmm = dev.vmm_calls() - vmm0;
   r.wall_s = seconds_since(wall0);
   return r;
 }

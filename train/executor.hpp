@@ -102,6 +102,9 @@ struct StepStats {
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper
   double spill_cpu_s = 0;       // host thread CPU time inside them (blocked waits excluded)
+  // The step's virtual-memory calls (Device::vmm_calls), from any thread (the swapper's
+  // included), with the host's time in them: on a GPU, the driver's cuMem* calls.
+  VmmCalls vmm;
   std::uint64_t peak_mapped = 0;
   SwapStats swaps;              // this step's swap counts (differences)
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their

@@ -82,6 +82,15 @@ for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.js
           f"waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
           f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}, host waits "
           f"for an op {med('op_waits')}")
+    # The step's virtual-memory calls (the driver's cuMem*, any thread), medians of calls and
+    # of the host's milliseconds in them, by kind (since 2026-12-04's second run).
+    steps = run["steps"][3:] or run["steps"]
+    if all("vmm" in s for s in steps):
+        kinds = ("create", "map", "unmap", "release", "reserve", "unreserve")
+        total = statistics.median(sum(s["vmm"][k]["s"] for k in kinds) for s in steps)
+        print(f"  vmm: {total * 1e3:.1f} ms a step; " + ", ".join(
+            f"{k} {statistics.median(s['vmm'][k]['calls'] for s in steps):.0f}x "
+            f"{statistics.median(s['vmm'][k]['s'] for s in steps) * 1e3:.1f} ms" for k in kinds))
     # Where the compute stream stood between ops (each op's start less the previous op's end,
     # medians over steps 4..N): before the ops with planned prefetches or remakes (where the
     # host waits and remakes run) against the others, and the largest gaps by op.

@@ -87,6 +87,36 @@ TYPED_TEST(DeviceContract, MappedDataSurvivesUnmapAndRemapElsewhere) {
   d.unreserve(base, 3 * g);
 }
 
+// Each virtual-memory call that returns is counted once with the host's time in it; a refused
+// or failed one is not.
+TYPED_TEST(DeviceContract, CountsItsVirtualMemoryCalls) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  const VmmCalls before = d.vmm_calls();
+  char* base = static_cast<char*>(d.reserve(2 * g));
+  PhysicalHandle h = d.create_physical(g);
+  d.map(base, g, h);
+  d.unmap(base, g);
+  d.map(base + g, g, h);
+  d.unmap(base + g, g);
+  EXPECT_THROW(d.map(base + 1, g, h), InvalidArgument);  // refused before the call
+  EXPECT_THROW(d.create_physical((d.info().total_bytes / g + 1) * g), OutOfMemory);
+  d.release_physical(h, g);
+  d.unreserve(base, 2 * g);
+  const VmmCalls v = d.vmm_calls() - before;
+  EXPECT_EQ(v.reserve.calls, 1u);
+  EXPECT_EQ(v.create.calls, 1u);
+  EXPECT_EQ(v.map.calls, 2u);
+  EXPECT_EQ(v.unmap.calls, 2u);
+  EXPECT_EQ(v.release.calls, 1u);
+  EXPECT_EQ(v.unreserve.calls, 1u);
+  for (const VmmCalls::Tally* t : {&v.reserve, &v.create, &v.map, &v.unmap, &v.release, &v.unreserve})
+    EXPECT_GE(t->seconds, 0.0);
+  EXPECT_GT(v.seconds(), 0.0);
+  EXPECT_DOUBLE_EQ(v.seconds(), v.reserve.seconds + v.create.seconds + v.map.seconds +
+                                    v.unmap.seconds + v.release.seconds + v.unreserve.seconds);
+}
+
 TYPED_TEST(DeviceContract, MultiChunkRangesCopyAcrossChunkBoundaries) {
   Device& d = *this->dev_;
   const std::size_t g = d.granularity();

@@ -342,6 +342,23 @@ TEST(Train, MeasuredOpTimesReplanAfterTheSecondStepAndRemakeBitIdentically) {
 // demand fetch, no reactive eviction), and on the simulated device, where the host costs
 // nothing, the steps take what they take when the host waits at every op. With no budget
 // (policy none: no actions) the host never waits.
+// Each step counts the virtual-memory calls made while it ran (what they cost the host is the
+// question on a GPU): every swap-in creates and maps its block's memory again.
+TEST(Train, StepsCountTheirVirtualMemoryCalls) {
+  const Config conf = Config::parse(kConf);
+  const train::Program program = train::build_model(kCases[1].model, kCases[1].options);
+  const train::RunResult r = train::run_training(
+      conf, program,
+      {.policy = Policy::Graph, .budget = train::footprint(conf, program) / 3, .steps = 3});
+  for (const train::StepStats& s : r.steps) {
+    SCOPED_TRACE("step " + std::to_string(s.step + 1));
+    ASSERT_GT(s.swaps.swap_ins, 0u);
+    EXPECT_GE(s.vmm.create.calls, s.swaps.swap_ins);
+    EXPECT_GE(s.vmm.map.calls, s.swaps.swap_ins);
+    EXPECT_GT(s.vmm.seconds(), 0.0);
+  }
+}
+
 TEST(Train, WaitingOnlyBeforeOpsWithActionsKeepsThePlanAndTheBits) {
   const Config conf = Config::parse(kConf);
   for (const Case& k : {kCases[1], kCases[2]}) {
