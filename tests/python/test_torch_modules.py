@@ -1332,10 +1332,12 @@ for v in VARIANTS:
     # MiB), PyTorch's own temporaries, are never declared swappable, and which the CPU bridge
     # never sees. On an H200 (2026-12-04) it missed by under 1 MiB at half of its footprint,
     # then at two thirds (137.7 MiB) the reserve found 110.4 MiB in use that nothing could
-    # move while the op ran (154 MiB at once): it gets four fifths.
+    # move while the op ran, and at four fifths (178.0 MiB) the workspace (56 MiB mapped)
+    # found 122.5 MiB (72 MiB pinned by the op, 50 MiB never declared swappable): the op
+    # needs about 80% of the footprint at once. It gets seven eighths (not yet run on CUDA).
     budgets[v] = (((96 if v == "lstm" else 16) << 20) if dev == "cpu"
-                  else st.max_memory_allocated() * (4 if v == "lstm" else 1)
-                  // (5 if v == "lstm" else 2))
+                  else st.max_memory_allocated() * (7 if v == "lstm" else 1)
+                  // (8 if v == "lstm" else 2))
 if dev == "cpu":
     st.enable(CONF, target="cpu")
 def wrap(m, o):
@@ -1359,7 +1361,7 @@ print("ok", rank)
 
 def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path) -> None:
     """A model wrapped in DistributedDataParallel (two processes, gloo), under offload(ddp,
-    opt) at under half its footprint (on CUDA the LSTM at four fifths, for cuDNN's RNN
+    opt) at under half its footprint (on CUDA the LSTM at seven eighths, for cuDNN's RNN
     workspace and reserve): losses and final state are plain torch's, with
     gradients kept (zero_grad(set_to_none=False)), under no_sync() and with
     find_unused_parameters. DDP's reducer copies each gradient into its bucket, and at the
