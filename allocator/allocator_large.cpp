@@ -10,6 +10,7 @@
 // now (the pool's reuse rule), so everything that touched the old range comes before anything
 // that touches the new one.
 #include <algorithm>
+#include <chrono>
 #include <exception>
 
 #include "allocator/allocator_impl.hpp"
@@ -372,8 +373,12 @@ void CachingAllocator::settle_aliases(Lock& lock, Segment* seg) {
 void CachingAllocator::wait_unlocked(Lock& lock, const std::vector<Event>& events) {
   if (events.empty()) return;
   lock.unlock();
+  const auto start = std::chrono::steady_clock::now();
   for (Event e : events) dev_.synchronize(e);
+  const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start;
   lock.lock();
+  impl_->stats.host_waits++;
+  impl_->stats.host_wait_s += waited.count();
 }
 
 }  // namespace spill

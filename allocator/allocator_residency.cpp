@@ -130,6 +130,102 @@ bool CachingAllocator::try_reback(void* base, std::size_t size) {
   return true;
 }
 
+namespace {
+// What reback_from_cache would take for a block of `size` bytes: free cached large blocks, the
+// largest first, none larger than what is still missing (chunks are mapped whole), none whose
+// chunks a retired range still maps, within kMaxChunks with a fresh chunk for the rest; and
+// how many bytes they hold. They may still have queued work (the stream waits for it).
+std::size_t takeover_blocks(BlockPool& pool, std::size_t size, std::vector<Block*>* out) {
+  std::size_t have = 0, n_chunks = 0;
+  for (Block* c : pool.free_blocks_largest_first()) {
+    const std::size_t left = size - have;
+    if (left == 0) break;
+    if (c->size > left || c->segment->aliases > 0 || c->segment->size != c->size) continue;
+    const std::size_t need = c->segment->chunks.size() + (c->size < left ? 1 : 0);
+    if (n_chunks + need > kMaxChunks) continue;
+    out->push_back(c);
+    have += c->size;
+    n_chunks += c->segment->chunks.size();
+  }
+  return have;
+}
+}  // namespace
+
+bool CachingAllocator::cache_can_back(std::size_t size) {
+  Lock lock(impl_->mu);
+  std::vector<Block*> taken;
+  const std::size_t have = takeover_blocks(impl_->large, size, &taken);
+  return have > 0 && impl_->budget.fits(size - have);
+}
+
+// The cached blocks' chunks are mapped at the swapped-out block's addresses while their own
+// ranges still map them (a chunk may be mapped twice, as a gather does), with fresh memory for
+// what they do not cover; their ranges are retired and unmapped once the work queued on them
+// is done, and `stream` waits for that work before it touches the block. So the host never
+// waits for the compute stream here: the release path (release_cache, then fresh memory) made
+// it wait for the frees of every op it had issued, which drained the GPU's queue before each
+// planned prefetch.
+bool CachingAllocator::reback_from_cache(void* base, std::size_t size, Stream stream) {
+  Impl& m = *impl_;
+  Lock lock(m.mu);
+  std::vector<Block*> taken;
+  const std::size_t have = takeover_blocks(m.large, size, &taken);
+  const std::size_t fresh = size - have;
+  if (have == 0 || !m.budget.fits(fresh)) return false;
+  start_reback(m.find_allocated(key(base)), base, size);
+  std::vector<Chunk> chunks;
+  std::size_t offset = 0;
+  for (Block* c : taken) {
+    m.large.withdraw(c);
+    for (const Chunk& ch : c->segment->chunks) chunks.push_back({offset + ch.offset, ch.size, ch.handle});
+    offset += c->size;
+  }
+  if (fresh > 0) m.budget.claim(fresh);
+  lock.unlock();
+  PhysicalHandle fresh_handle = 0;
+  std::size_t n_mapped = 0;
+  try {
+    if (fresh > 0) {
+      fresh_handle = dev_.create_physical(fresh);
+      chunks.push_back({have, fresh, fresh_handle});
+    }
+    for (const Chunk& ch : chunks) {
+      dev_.map(ptr_of(key(base) + ch.offset), ch.size, ch.handle);
+      ++n_mapped;
+    }
+  } catch (...) {
+    try {
+      for (std::size_t i = 0; i < n_mapped; ++i)
+        dev_.unmap(ptr_of(key(base) + chunks[i].offset), chunks[i].size);
+      if (fresh_handle) dev_.release_physical(fresh_handle, fresh);
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    lock.lock();
+    for (Block* c : taken) m.large.restore(c);
+    if (fresh > 0) m.budget.release(fresh);
+    m.find_allocated(key(base))->moving = false;
+    throw;
+  }
+  lock.lock();
+  Block* b = m.find_allocated(key(base));
+  SPILL_ASSERT(b != nullptr, "a block was freed while it was being rebacked");
+  b->segment->chunks = std::move(chunks);
+  for (Block* c : taken) {
+    retire_locked(c, {b->segment});
+    // Enqueued under the lock: a range's events are recycled once it is reaped.
+    for (Event e : m.retired.back().events) dev_.wait(stream, e);
+  }
+  b->moving = false;
+  b->backed = true;
+  m.swapped_out -= size;
+  m.stats.reserved.add(size);
+  m.stats.segment_maps++;
+  m.stats.cache_takeovers++;
+  m.trace(EventKind::Map, key(base), size);
+  return true;
+}
+
 std::size_t CachingAllocator::room() {
   Lock lock(impl_->mu);
   return impl_->budget.room();

@@ -161,6 +161,8 @@ class CachingAllocator final : public ResidencyBackend {
   void unback(void* base, std::size_t size) override;
   void reback(void* base, std::size_t size) override;
   bool try_reback(void* base, std::size_t size) override;
+  bool reback_from_cache(void* base, std::size_t size, Stream stream) override;
+  bool cache_can_back(std::size_t size) override;
   std::size_t room() override;
   std::size_t mapped_bytes() override;
   std::size_t cached_bytes() override;

@@ -52,6 +52,16 @@ class ResidencyBackend {
   // released for it): never evicts live blocks (a prefetch must not push out blocks needed
   // sooner). Returns false when there is no room.
   virtual bool try_reback(void* base, std::size_t size) = 0;
+  // Maps, at the block's addresses, the memory of cached free blocks (with fresh memory for
+  // what they leave, if the budget has room for it now) instead of releasing them first,
+  // without waiting for the work still queued on them: `stream` (the one that will write the
+  // block) is made to wait for that work instead. Returns false (nothing done) when no cached
+  // block can be taken. The cached blocks' bytes become the block's.
+  virtual bool reback_from_cache(void* /*base*/, std::size_t /*size*/, Stream /*stream*/) {
+    return false;
+  }
+  // Whether reback_from_cache can back a block of `size` bytes now.
+  virtual bool cache_can_back(std::size_t /*size*/) { return false; }
   // True when an allocated block of any pool contains `ptr` (a small block never moves: the
   // swapper treats pins of it as no-ops, and an unknown pointer as an error).
   virtual bool owns(const void* /*ptr*/) { return false; }

@@ -52,7 +52,13 @@ struct AllocatorStats {
   std::uint64_t views_reused = 0;        // gathered or split blocks that took a retired range
                                          // already mapping their chunks (no device call)
   std::uint64_t cache_releases = 0;      // ladder step 2: cached memory was released
+  std::uint64_t cache_takeovers = 0;     // swapped-out blocks mapped back onto a cached block's
+                                         // memory (reback_from_cache)
   std::uint64_t eviction_requests = 0;   // ladder step 3: the eviction hook was asked
+  // Times the host waited for queued work to pass freed blocks before releasing or unmapping
+  // them (a wait drains the GPU's queue up to those frees), and the host's seconds in them.
+  std::uint64_t host_waits = 0;
+  double host_wait_s = 0;
   std::uint64_t ooms = 0;
   std::uint64_t swapped_out_bytes = 0;   // allocated large blocks the swapper has unbacked
 

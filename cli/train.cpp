@@ -68,7 +68,10 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"spill_cpu_s", s.spill_cpu_s},
           {"swap_out_wait_s", s.swaps.host_wait_s},
           {"prefetches_skipped", s.swaps.prefetches_skipped},
-          {"op_waits", s.op_waits}};
+          {"op_waits", s.op_waits},
+          {"alloc_waits", s.alloc_waits},
+          {"alloc_wait_s", s.alloc_wait_s},
+          {"cache_takeovers", s.cache_takeovers}};
   if (s.ops_s) j["ops_s"] = *s.ops_s;
   // The step's virtual-memory calls: {"map": {"calls": N, "s": host seconds}, ...}.
   const std::pair<const char*, const VmmCalls::Tally*> vmm[] = {

@@ -341,7 +341,8 @@ StepStats Executor::Impl::step() {
   const SwapStats before = swp ? swp->stats() : SwapStats{};
   const VmmCalls vmm0 = dev.vmm_calls();
   alloc.reset_peak();
-  const std::uint64_t plain_frees0 = alloc.stats().plain_frees;
+  const AllocatorStats alloc0 = alloc.stats();
+  const std::uint64_t plain_frees0 = alloc0.plain_frees;
   // The step starts when the previous one's last op ended (the compute stream is idle), and
   // includes its inputs' upload.
   dev.record(t0, stream);
@@ -389,7 +390,9 @@ StepStats Executor::Impl::step() {
             const auto mapped = static_cast<std::uint64_t>(st.reserved.current);
             const std::optional<BlockInfo> info = alloc.block_info(ptrs[t]);
             const std::uint64_t size = info ? info->size : g.tensors[t].bytes;
-            if (st.cached.current > 0 && mapped + size > budget) {
+            // (Not when cached blocks can give the prefetch their memory: it takes theirs, and
+            // its copy waits for their queued work, not the host: Swapper, reback_from_cache.)
+            if (st.cached.current > 0 && mapped + size > budget && !alloc.cache_can_back(size)) {
               alloc.release_cache(mapped + size - budget);
               r.cache_returns++;
             }
@@ -454,6 +457,9 @@ StepStats Executor::Impl::step() {
   r.spill_s = spill_s;
   r.spill_cpu_s = spill_cpu_s;
   r.vmm = dev.vmm_calls() - vmm0;
+  r.alloc_waits = alloc.stats().host_waits - alloc0.host_waits;
+  r.alloc_wait_s = alloc.stats().host_wait_s - alloc0.host_wait_s;
+  r.cache_takeovers = alloc.stats().cache_takeovers - alloc0.cache_takeovers;
   r.wall_s = seconds_since(wall0);
   return r;
 }

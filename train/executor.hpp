@@ -105,6 +105,13 @@ struct StepStats {
   // The step's virtual-memory calls (Device::vmm_calls), from any thread (the swapper's
   // included), with the host's time in them: on a GPU, the driver's cuMem* calls.
   VmmCalls vmm;
+  // The allocator's host waits for queued work to pass freed blocks (AllocatorStats::
+  // host_waits) in the step, and the host's seconds in them.
+  std::uint64_t alloc_waits = 0;
+  double alloc_wait_s = 0;
+  // Prefetches that took cached blocks' memory, their copies waiting for those blocks' queued
+  // work instead of the host (CachingAllocator::reback_from_cache).
+  std::uint64_t cache_takeovers = 0;
   std::uint64_t peak_mapped = 0;
   SwapStats swaps;              // this step's swap counts (differences)
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their

@@ -485,6 +485,8 @@ TYPED_TEST(AllocatorTest, PeakGuardWaitsForTheRequestingStreamRatherThanRaiseThe
   const bool waited = released.load();
   releaser.join();
   EXPECT_TRUE(waited) << "the miss returned before s1's queued work on p had run";
+  EXPECT_GE(a.stats().host_waits, 1u);
+  EXPECT_GT(a.stats().host_wait_s, 0.0);
   EXPECT_EQ(a.stats().reserved.peak, static_cast<std::int64_t>(4 * g)) << "the peak rose";
   EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(2 * g)) << "p was released";
   EXPECT_GE(a.stats().cache_releases, 1u);
@@ -492,6 +494,88 @@ TYPED_TEST(AllocatorTest, PeakGuardWaitsForTheRequestingStreamRatherThanRaiseThe
   EXPECT_TRUE(this->holds(q, 2 * g, 12, this->s1_));
   a.deallocate(q);
   a.check_invariants();
+}
+
+// A swapped-out block mapped back onto cached blocks' memory while their queued work has not
+// run (a prefetch that finds the budget full): the call returns at once, the stream that
+// writes the block waits for that work instead of the host, and the block then holds what that
+// stream wrote; the cached blocks' bytes become the block's, with fresh memory for the rest.
+TYPED_TEST(AllocatorTest, RebackFromCacheMakesTheStreamWaitInsteadOfTheHost) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(8 * g);
+  void* t = a.allocate(4 * g, this->s1_);
+  this->write(t, 4 * g, 1, this->s1_);
+  a.unback(t, 4 * g);
+  void* filler = a.allocate(4 * g, this->s1_);
+  void* c1 = a.allocate(2 * g, this->s1_);
+  void* c2 = a.allocate(g, this->s1_);
+  EXPECT_FALSE(a.reback_from_cache(t, 4 * g, this->s2_)) << "nothing cached yet";
+  auto late = this->pinned(3 * g, 2);
+  HoldToken hold = d.hold(this->s1_);
+  d.copy_async(c1, late.get(), 2 * g, CopyKind::HostToDevice, this->s1_);
+  d.copy_async(c2, late.get() + 2 * g, g, CopyKind::HostToDevice, this->s1_);
+  a.deallocate(c1);  // cached, with s1's copies into them still queued
+  a.deallocate(c2);
+  const AllocatorStats before = a.stats();
+  ASSERT_TRUE(a.reback_from_cache(t, 4 * g, this->s2_));  // s1 is still held
+  const AllocatorStats after = a.stats();
+  EXPECT_EQ(after.cache_takeovers, before.cache_takeovers + 1);
+  EXPECT_EQ(after.host_waits, before.host_waits) << "the host waited for s1";
+  EXPECT_EQ(after.reserved.current, static_cast<std::int64_t>(8 * g)) << "3 cached + 1 fresh";
+  EXPECT_EQ(after.cached.current, 0);
+  EXPECT_EQ(after.swapped_out_bytes, 0u);
+  auto mine = this->pinned(4 * g, 3);
+  Event wrote = d.create_event();
+  d.copy_async(t, mine.get(), 4 * g, CopyKind::HostToDevice, this->s2_);
+  d.record(wrote, this->s2_);
+  EXPECT_FALSE(d.query(wrote)) << "s2 wrote the block before s1's queued work had run";
+  d.release(hold);
+  d.synchronize();
+  EXPECT_TRUE(this->holds(t, 4 * g, 3, this->s2_)) << "s1's late copies landed after s2's";
+  d.destroy_event(wrote);
+  a.check_invariants();
+  // Unmapped again, the block's memory (three chunks) goes back whole.
+  a.unback(t, 4 * g);
+  a.check_invariants();
+  a.deallocate(t);
+  a.deallocate(filler);
+  a.empty_cache();
+  EXPECT_EQ(a.stats().reserved.current, 0);
+  if (d.info().simulated) {
+    EXPECT_EQ(d.mem_info().free, d.mem_info().total) << "every chunk went back to the device";
+  }
+}
+
+// Cached blocks larger than the block cannot give it memory (chunks are mapped whole), and the
+// rest must fit the budget now: otherwise nothing changes.
+TYPED_TEST(AllocatorTest, RebackFromCacheTakesOnlyWholeSmallerBlocksAndRoomForTheRest) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  CachingAllocator a = this->make(6 * g);
+  void* t = a.allocate(2 * g, this->s1_);
+  a.unback(t, 2 * g);
+  void* big = a.allocate(3 * g, this->s1_);
+  void* small = a.allocate(g, this->s1_);
+  void* filler = a.allocate(2 * g, this->s1_);
+  a.deallocate(big);
+  EXPECT_FALSE(a.cache_can_back(2 * g));
+  EXPECT_FALSE(a.reback_from_cache(t, 2 * g, this->s2_)) << "3 granules cannot back 2";
+  a.deallocate(small);  // 1 cached granule fits; the other needs room, and 6 of 6 are mapped
+  EXPECT_FALSE(a.cache_can_back(2 * g));
+  EXPECT_FALSE(a.reback_from_cache(t, 2 * g, this->s2_));
+  const AllocatorStats st = a.stats();
+  EXPECT_EQ(st.cache_takeovers, 0u);
+  EXPECT_EQ(st.swapped_out_bytes, 2 * g);
+  EXPECT_EQ(st.cached.current, static_cast<std::int64_t>(4 * g));
+  a.check_invariants();
+  a.deallocate(filler);  // now a 2-granule block is cached: it backs the block alone
+  EXPECT_TRUE(a.cache_can_back(2 * g));
+  ASSERT_TRUE(a.reback_from_cache(t, 2 * g, this->s2_));
+  this->write(t, 2 * g, 4, this->s2_);
+  EXPECT_TRUE(this->holds(t, 2 * g, 4, this->s2_));
+  a.check_invariants();
+  a.deallocate(t);
 }
 
 // peak_guard:idle never waits: the same miss maps fresh memory while s1 is still held.
@@ -504,6 +588,7 @@ TYPED_TEST(AllocatorTest, PeakGuardIdleNeverWaits) {
   a.deallocate(p);
   void* q = a.allocate(2 * g, this->s1_);  // returns with s1 still held
   EXPECT_EQ(a.stats().reserved.current, static_cast<std::int64_t>(6 * g));
+  EXPECT_EQ(a.stats().host_waits, 0u);
   d.release(hold);
   d.synchronize();
   // Once the work is done, the next miss over the peak releases p without waiting.

@@ -342,6 +342,32 @@ TEST(Train, MeasuredOpTimesReplanAfterTheSecondStepAndRemakeBitIdentically) {
 // demand fetch, no reactive eviction), and on the simulated device, where the host costs
 // nothing, the steps take what they take when the host waits at every op. With no budget
 // (policy none: no actions) the host never waits.
+// With the host several ops ahead of the device (a GPU's lag), a planned prefetch that finds
+// the budget full takes the memory of blocks freed by ops still queued (their frees have not
+// run yet): the copy waits for them, the host does not, and the bits are those of the run
+// with no budget.
+TEST(Train, PrefetchesAheadOfTheDeviceTakeCachedMemoryAndKeepTheBits) {
+  const Config conf = Config::parse(kConf);
+  for (const Case& k : {kCases[1], kCases[2]}) {
+    SCOPED_TRACE(k.model);
+    const train::Program program = train::build_model(k.model, k.options);
+    const train::RunResult r = train::run_training(
+        conf, program,
+        {.policy = Policy::Graph, .budget = train::footprint(conf, program) / 3, .steps = 3,
+         .exec = {.lag = 4, .wait_every_op = false}, .keep_state = true});
+    const train::RunResult unlimited = train::run_training(
+        conf, program, {.policy = Policy::None, .steps = 3, .keep_state = true});
+    const train::Comparison c = train::compare_runs(r, unlimited);
+    EXPECT_TRUE(c.identical) << c.detail;
+    std::uint64_t takeovers = 0;
+    for (const train::StepStats& s : r.steps) {
+      EXPECT_EQ(s.swaps.demand_fetches, 0u) << "step " << s.step + 1;
+      takeovers += s.cache_takeovers;
+    }
+    EXPECT_GT(takeovers, 0u);
+  }
+}
+
 // Each step counts the virtual-memory calls made while it ran (what they cost the host is the
 // question on a GPU): every swap-in creates and maps its block's memory again.
 TEST(Train, StepsCountTheirVirtualMemoryCalls) {
