@@ -82,7 +82,8 @@ for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.js
           f"waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
           f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}, host waits "
           f"for an op {med('op_waits')}; the allocator's waits for freed blocks "
-          f"{med('alloc_waits')} ({med('alloc_wait_s') * 1e3:.1f} ms)")
+          f"{med('alloc_waits')} ({med('alloc_wait_s') * 1e3:.1f} ms); prefetches onto cached "
+          f"memory {med('cache_takeovers')}, cache returns {med('cache_returns')}")
     # The step's virtual-memory calls (the driver's cuMem*, any thread), medians of calls and
     # of the host's milliseconds in them, by kind (since 2026-12-04's second run).
     steps = run["steps"][3:] or run["steps"]
