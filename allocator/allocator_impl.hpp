@@ -58,6 +58,7 @@ struct CachingAllocator::Impl {
         small_limit(o.small_limit),
         oom_dump(o.oom_dump),
         peak_guard(o.peak_guard),
+        cache_takeover(o.cache_takeover),
         ordinal(d.info().ordinal),
         granularity(d.granularity()),
         small_mapped(kSmallSegment % granularity == 0) {}
@@ -79,6 +80,7 @@ struct CachingAllocator::Impl {
   const std::size_t small_limit;
   const std::string oom_dump;
   const PeakGuard peak_guard;
+  const bool cache_takeover;
   const std::int32_t ordinal;
   const std::size_t granularity;
   // Small-pool segments are reserved, created and mapped as large segments are (one chunk each)

@@ -153,6 +153,7 @@ std::size_t takeover_blocks(BlockPool& pool, std::size_t size, std::vector<Block
 
 bool CachingAllocator::cache_can_back(std::size_t size) {
   Lock lock(impl_->mu);
+  if (!impl_->cache_takeover) return false;
   std::vector<Block*> taken;
   const std::size_t have = takeover_blocks(impl_->large, size, &taken);
   return have > 0 && impl_->budget.fits(size - have);
@@ -168,6 +169,7 @@ bool CachingAllocator::cache_can_back(std::size_t size) {
 bool CachingAllocator::reback_from_cache(void* base, std::size_t size, Stream stream) {
   Impl& m = *impl_;
   Lock lock(m.mu);
+  if (!m.cache_takeover) return false;
   std::vector<Block*> taken;
   const std::size_t have = takeover_blocks(m.large, size, &taken);
   const std::size_t fresh = size - have;

@@ -31,6 +31,7 @@ AllocatorOptions AllocatorOptions::from_config(const Config& config) {
   o.budget = config.budget;
   o.oom_dump = config.oom_dump;
   o.peak_guard = config.peak_guard;
+  o.cache_takeover = config.cache_takeover;
   // Blocks below the swap threshold are never swapped: they may live in the small pool.
   o.small_limit = small_limit_for(config.swap_threshold);
   return o;

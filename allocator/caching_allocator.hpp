@@ -89,8 +89,11 @@ struct AllocatorOptions {
   // must; Idle releases only what no queued work can touch (never waits); Off does neither
   // (the cache is kept until the budget runs short).
   PeakGuard peak_guard = PeakGuard::Wait;
+  // Whether reback_from_cache may give a swapped-out block cached blocks' memory (else it
+  // refuses, and a prefetch without room returns the cache first, waiting for its work).
+  bool cache_takeover = true;
 
-  // budget:, oom_dump:, peak_guard:, and swap_threshold: (when below 1 MiB, the small pool's
+  // budget:, oom_dump:, peak_guard:, cache_takeover:, and swap_threshold: (when below 1 MiB, the small pool's
   // limit).
   static AllocatorOptions from_config(const Config& config);
 };

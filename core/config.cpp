@@ -86,6 +86,12 @@ const std::vector<Key>& keys() {
          else if (v == "off") c.peak_guard = PeakGuard::Off;
          else bad_value(o, "peak_guard", v, "wait, idle or off");
        }},
+      {"cache_takeover", "on | off",
+       [](Config& c, std::string_view o, std::string_view v) {
+         if (v == "on") c.cache_takeover = true;
+         else if (v == "off") c.cache_takeover = false;
+         else bad_value(o, "cache_takeover", v, "on or off");
+       }},
       {"sim_capacity", "size of the simulated device",
        [](Config& c, std::string_view o, std::string_view v) {
          c.sim_capacity =
@@ -229,7 +235,8 @@ std::string Config::to_string() const {
   if (host_cap) s << ",host_cap:" << *host_cap << "B";
   s << ",swap_threshold:" << swap_threshold << "B"
     << ",policy:" << spill::to_string(policy)
-    << ",peak_guard:" << spill::to_string(peak_guard) << ",sim_capacity:" << sim_capacity << "B"
+    << ",peak_guard:" << spill::to_string(peak_guard)
+    << ",cache_takeover:" << (cache_takeover ? "on" : "off") << ",sim_capacity:" << sim_capacity << "B"
     << ",sim_granularity:" << sim_granularity << "B"
     << ",link:" << link;
   if (link_gbps) {

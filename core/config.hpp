@@ -24,6 +24,8 @@ struct Config {
   // (nor small-pool ones: requests up to min(swap_threshold, 1 MiB); allocator.md)
   SwapPolicy policy = SwapPolicy::Plan;      // policy: plan | lru | none
   PeakGuard peak_guard = PeakGuard::Wait;    // peak_guard: wait | idle | off
+  bool cache_takeover = true;                // cache_takeover: on | off (prefetches onto cached
+                                             // memory: CachingAllocator::reback_from_cache)
   // Simulated device.
   std::uint64_t sim_capacity = 8ull << 30;   // sim_capacity: simulated device memory
   std::uint64_t sim_granularity = 2ull << 20; // sim_granularity: its mapping granule

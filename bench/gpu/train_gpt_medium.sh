@@ -6,8 +6,8 @@
 # (steps 4..N: step 1 pays the GPU's first uses, step 2 measures the ops, step 3 is the first on
 # the measured plan), their ratio (target <= 1.10 on an H100/H200) and predicted against measured step time at a third (target within 10%); the
 # figures go to $2/train_unlimited.json and $2/train_third.json, then more runs at a third:
-# --lag 2 (the default before 2026-12-04's second run), --lag 16, --lag 32
-# ($2/train_third_{lag2,lag16,lag32}.json) and 4 traced steps
+# --lag 2 (the default before 2026-12-04's second run), --lag 16, cache_takeover:off
+# ($2/train_third_{lag2,lag16,takeover_off}.json) and 4 traced steps
 # ($2/trace_gpt-medium_third.json), and where each run's step went. Exits non-zero only when a run
 # fails; missed targets are reported, not failed.
 # Usage: bench/gpu/train_gpt_medium.sh SPILL OUT_DIR [STEPS]
@@ -31,13 +31,17 @@ esac
 # At a third on the H200 (2026-12-04) the host waiting for op i - 2 before every op i took
 # 598.5 ms a step, waiting only before the ops with planned actions 578.6 ms, and with those
 # waits for op i - 4 551.6 ms, i - 8 532.5 ms (unlimited 469.8 ms): the default lag is 8 since.
-# These runs say whether the lead still matters around it (--lag 2, 16, 32); the last, 4 steps
-# with a trace (kept apart: recording costs the host time).
-for variant in "lag2 --lag 2" "lag16 --lag 16" "lag32 --lag 32" \
-  "traced --steps 4 --trace $out/trace_gpt-medium_third.json"; do
-  read -r name flags <<<"$variant"
+# Run to run, steps varied more than those lags did (2026-12-04, second call: lag 2 549.1 ms,
+# 8 555.5, 16 532.4, 32 533.8). These runs: --lag 2 and 16 again; cache_takeover:off, the path
+# before prefetches took cached blocks' memory (the host then waited for the frees of every op
+# it had issued before returning the cache); the last, 4 steps with a trace (kept apart:
+# recording costs the host time).
+for variant in "lag2 - --lag 2" "lag16 - --lag 16" "takeover_off ,cache_takeover:off" \
+  "traced - --steps 4 --trace $out/trace_gpt-medium_third.json"; do
+  read -r name conf flags <<<"$variant"
+  [[ $conf == - ]] && conf=
   # shellcheck disable=SC2086
-  "$spill" --conf device:cuda train gpt-medium --steps "$steps" $flags \
+  "$spill" --conf "device:cuda$conf" train gpt-medium --steps "$steps" $flags \
     --json "$out/train_third_$name.json" || echo "$name: failed (continuing)"
 done
 python3 - "$out/train_unlimited.json" "$out/train_third.json" <<'PY'
@@ -71,7 +75,7 @@ print(f"recomputes per step (a third): {[s.get('recomputes') for s in steps3]}, 
 # time inside the allocator and swapper, swap_out_wait_s the part spent waiting for swap-outs.
 import os
 for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.json")
-                                          for n in ("lag2", "lag16", "lag32")]:
+                                          for n in ("lag2", "lag16", "takeover_off")]:
     if not os.path.exists(path):
         continue
     run = json.load(open(path))

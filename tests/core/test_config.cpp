@@ -19,12 +19,13 @@ TEST(Config, DefaultsFromAnEmptyString) {
   EXPECT_EQ(c.swap_threshold, 1u << 20);
   EXPECT_EQ(c.policy, SwapPolicy::Plan);
   EXPECT_EQ(c.peak_guard, PeakGuard::Wait);
+  EXPECT_TRUE(c.cache_takeover);
 }
 
 TEST(Config, ParsesEveryKey) {
   Config c = Config::parse(
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
-      "peak_guard:idle, sim_capacity:16GiB, sim_granularity:64KiB, link:nvlink2-p9, link_gbps:2.5,"
+      "peak_guard:idle, cache_takeover:off, sim_capacity:16GiB, sim_granularity:64KiB, link:nvlink2-p9, link_gbps:2.5,"
       "time_scale:0.01, sim_queries:simulated,"
       "chaos:42, trace:off,"
       "oom_dump:/tmp/dumps");
@@ -35,6 +36,7 @@ TEST(Config, ParsesEveryKey) {
   EXPECT_EQ(c.swap_threshold, 2u << 20);
   EXPECT_EQ(c.policy, SwapPolicy::Lru);
   EXPECT_EQ(c.peak_guard, PeakGuard::Idle);
+  EXPECT_FALSE(c.cache_takeover);
   EXPECT_EQ(c.sim_capacity, 16ull << 30);
   EXPECT_EQ(c.sim_granularity, 64u << 10);
   EXPECT_EQ(c.link, "nvlink2-p9");
@@ -48,7 +50,7 @@ TEST(Config, ParsesEveryKey) {
 
 TEST(Config, RoundTripsThroughItsStringForm) {
   Config c = Config::parse("device:cuda,budget:3GB,chaos:on,time_scale:0.125,policy:none,"
-                            "peak_guard:off,link_gbps:0.75,sim_queries:wall");
+                            "peak_guard:off,cache_takeover:off,link_gbps:0.75,sim_queries:wall");
   EXPECT_EQ(Config::parse(c.to_string()), c);
   Config d;
   EXPECT_EQ(Config::parse(d.to_string()), d);
@@ -77,6 +79,7 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"trace:yes", "trace"},            {"budget:1GiB,budget:2GiB", "more than once"},
       {"sim_capacity:1KiB", "sim_capacity"}, {"gpu:-1", "gpu"},
       {"peak_guard:always", "peak_guard"}, {":5", "unknown key"},
+      {"cache_takeover:maybe", "cache_takeover"},
       {"gpu:1024", "below 1024"},        {"gpu:4294967297", "gpu"},
       {"budget:9000000.5TiB", "budget"}, {"host_cap:18446744073709551615", "host_cap"},
       {"sim_capacity:8388608TiB", "sim_capacity"}, {"time_scale:1e400", "time_scale"},
@@ -106,7 +109,8 @@ TEST(Config, TheLargestValuesInRangeAreAccepted) {
 TEST(Config, FuzzedStringsParseOrFailCleanly) {
   const std::vector<std::string> seeds{
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru, "
-      "peak_guard:idle, sim_capacity:16GiB, link:nvlink2-p9, time_scale:0.01, chaos:42, "
+      "peak_guard:idle, cache_takeover:off, sim_capacity:16GiB, link:nvlink2-p9, "
+      "time_scale:0.01, chaos:42, "
       "trace:off, oom_dump:/tmp/x",
       "budget:1.5GiB,sim_capacity:4096MiB,chaos:on", "gpu:7,time_scale:1000,link:pcie3"};
   test::FuzzCounts n = test::fuzz_reader(seeds, 11, 20000, 3.0, [](const std::string& text) {

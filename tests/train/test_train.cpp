@@ -365,6 +365,14 @@ TEST(Train, PrefetchesAheadOfTheDeviceTakeCachedMemoryAndKeepTheBits) {
       takeovers += s.cache_takeovers;
     }
     EXPECT_GT(takeovers, 0u);
+    // cache_takeover:off: the cache is returned first, as before, with the same bits.
+    const train::RunResult off = train::run_training(
+        Config::parse(std::string(kConf) + ",cache_takeover:off"), program,
+        {.policy = Policy::Graph, .budget = train::footprint(conf, program) / 3, .steps = 3,
+         .exec = {.lag = 4, .wait_every_op = false}, .keep_state = true});
+    const train::Comparison c_off = train::compare_runs(off, unlimited);
+    EXPECT_TRUE(c_off.identical) << c_off.detail;
+    for (const train::StepStats& s : off.steps) EXPECT_EQ(s.cache_takeovers, 0u);
   }
 }
 
