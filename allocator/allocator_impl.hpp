@@ -26,6 +26,12 @@ inline constexpr std::size_t kKeptViews = 64;
 
 inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
+
+// Maps `chunks` at `va` (each at its offset), after creating a fresh chunk of `fresh` bytes at
+// offset `have` when `fresh` > 0 (appended to `chunks`). On failure it unmaps what it mapped,
+// releases the fresh chunk and rethrows.
+void map_chunks(Device& dev, std::uintptr_t va, std::vector<Chunk>& chunks, std::size_t have,
+                std::size_t fresh);
 inline std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
 
 // A large block's old address range after its chunks were gathered into a new block (or split

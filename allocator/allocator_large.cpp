@@ -65,30 +65,17 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   if (fresh == 0) take_view_locked(&chunks, &view);
   lock.unlock();
   void* va = nullptr;
-  PhysicalHandle fresh_handle = 0;
-  std::size_t n_mapped = 0;
   try {
     if (view != 0) {
       va = ptr_of(view);
-      n_mapped = chunks.size();
     } else {
       va = dev_.reserve(size);
-      if (fresh > 0) {
-        fresh_handle = dev_.create_physical(fresh);
-        chunks.push_back({have, fresh, fresh_handle});
-      }
-      for (const Chunk& c : chunks) {
-        dev_.map(ptr_of(key(va) + c.offset), c.size, c.handle);
-        ++n_mapped;
-      }
+      map_chunks(dev_, key(va), chunks, have, fresh);
     }
   } catch (...) {
     std::exception_ptr error = std::current_exception();
     try {
-      for (std::size_t i = 0; i < n_mapped; ++i)
-        dev_.unmap(ptr_of(key(va) + chunks[i].offset), chunks[i].size);
-      if (fresh_handle) dev_.release_physical(fresh_handle, fresh);
-      if (va) dev_.unreserve(va, size);
+      if (va && view == 0) dev_.unreserve(va, size);  // (a view is a retired range: kept)
     } catch (...) {
       // The first error is the one to report.
     }
@@ -108,6 +95,32 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   if (!gathered.empty()) m.stats.gathers++;
   note_mapped_locked(seg);
   return m.large.carve(m.large.add_segment(seg), size, stream);
+}
+
+void map_chunks(Device& dev, std::uintptr_t va, std::vector<Chunk>& chunks, std::size_t have,
+                std::size_t fresh) {
+  PhysicalHandle fresh_handle = 0;
+  std::size_t n_mapped = 0;
+  try {
+    if (fresh > 0) {
+      fresh_handle = dev.create_physical(fresh);
+      chunks.push_back({have, fresh, fresh_handle});
+    }
+    for (const Chunk& c : chunks) {
+      dev.map(ptr_of(va + c.offset), c.size, c.handle);
+      ++n_mapped;
+    }
+  } catch (...) {
+    try {
+      for (std::size_t i = 0; i < n_mapped; ++i)
+        dev.unmap(ptr_of(va + chunks[i].offset), chunks[i].size);
+      if (fresh_handle) dev.release_physical(fresh_handle, fresh);
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    if (fresh_handle) chunks.pop_back();
+    throw;
+  }
 }
 
 void CachingAllocator::hold_peak(Lock& lock, std::size_t over, Stream stream) {

@@ -184,25 +184,9 @@ bool CachingAllocator::reback_from_cache(void* base, std::size_t size, Stream st
   }
   if (fresh > 0) m.budget.claim(fresh);
   lock.unlock();
-  PhysicalHandle fresh_handle = 0;
-  std::size_t n_mapped = 0;
   try {
-    if (fresh > 0) {
-      fresh_handle = dev_.create_physical(fresh);
-      chunks.push_back({have, fresh, fresh_handle});
-    }
-    for (const Chunk& ch : chunks) {
-      dev_.map(ptr_of(key(base) + ch.offset), ch.size, ch.handle);
-      ++n_mapped;
-    }
+    map_chunks(dev_, key(base), chunks, have, fresh);
   } catch (...) {
-    try {
-      for (std::size_t i = 0; i < n_mapped; ++i)
-        dev_.unmap(ptr_of(key(base) + chunks[i].offset), chunks[i].size);
-      if (fresh_handle) dev_.release_physical(fresh_handle, fresh);
-    } catch (...) {
-      // The first error is the one to report.
-    }
     lock.lock();
     for (Block* c : taken) m.large.restore(c);
     if (fresh > 0) m.budget.release(fresh);
