@@ -179,7 +179,8 @@ bool CachingAllocator::reback_from_cache(void* base, std::size_t size, Stream st
   std::size_t offset = 0;
   for (Block* c : taken) {
     m.large.withdraw(c);
-    for (const Chunk& ch : c->segment->chunks) chunks.push_back({offset + ch.offset, ch.size, ch.handle});
+    for (const Chunk& ch : c->segment->chunks)
+      chunks.push_back({offset + ch.offset, ch.size, ch.handle});
     offset += c->size;
   }
   if (fresh > 0) m.budget.claim(fresh);

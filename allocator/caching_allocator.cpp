@@ -164,13 +164,11 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
 
 void CachingAllocator::map_small_segment(void** addr, PhysicalHandle* handle) {
   void* va = dev_.reserve(kSmallSegment);
-  PhysicalHandle h = 0;
+  std::vector<Chunk> chunks;
   try {
-    h = dev_.create_physical(kSmallSegment);
-    dev_.map(va, kSmallSegment, h);
+    map_chunks(dev_, key(va), chunks, 0, kSmallSegment);
   } catch (...) {
     try {
-      if (h != 0) dev_.release_physical(h, kSmallSegment);
       dev_.unreserve(va, kSmallSegment);
     } catch (...) {
       // The first error is the one to report.
@@ -178,7 +176,7 @@ void CachingAllocator::map_small_segment(void** addr, PhysicalHandle* handle) {
     throw;
   }
   *addr = va;
-  *handle = h;
+  *handle = chunks.front().handle;
 }
 
 void* CachingAllocator::allocate_large(std::size_t bytes, Stream stream) {

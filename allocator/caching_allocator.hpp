@@ -93,8 +93,8 @@ struct AllocatorOptions {
   // refuses, and a prefetch without room returns the cache first, waiting for its work).
   bool cache_takeover = true;
 
-  // budget:, oom_dump:, peak_guard:, cache_takeover:, and swap_threshold: (when below 1 MiB, the small pool's
-  // limit).
+  // budget:, oom_dump:, peak_guard:, cache_takeover:, and swap_threshold: (when below 1 MiB,
+  // the small pool's limit).
   static AllocatorOptions from_config(const Config& config);
 };
 

@@ -48,7 +48,9 @@ void BM_create_release_physical(benchmark::State& state) {
   const std::size_t g = block_bytes(*dev, state);
   for (auto _ : state) dev->release_physical(dev->create_physical(g), g);
 }
-BENCHMARK(BM_create_release_physical)->ArgsProduct({{0, 1}, {2, 48, 512}})->ArgNames({"cuda", "MiB"});
+BENCHMARK(BM_create_release_physical)
+    ->ArgsProduct({{0, 1}, {2, 48, 512}})
+    ->ArgNames({"cuda", "MiB"});
 
 // A new block's whole life in the allocator's terms: reserve, create, map, then unmap, release,
 // unreserve (a cached block returned and mapped again elsewhere).

@@ -236,7 +236,8 @@ std::string Config::to_string() const {
   s << ",swap_threshold:" << swap_threshold << "B"
     << ",policy:" << spill::to_string(policy)
     << ",peak_guard:" << spill::to_string(peak_guard)
-    << ",cache_takeover:" << (cache_takeover ? "on" : "off") << ",sim_capacity:" << sim_capacity << "B"
+    << ",cache_takeover:" << (cache_takeover ? "on" : "off")
+    << ",sim_capacity:" << sim_capacity << "B"
     << ",sim_granularity:" << sim_granularity << "B"
     << ",link:" << link;
   if (link_gbps) {

@@ -116,7 +116,8 @@ void Device::unmap(void* addr, std::size_t bytes) {
 
 VmmCalls Device::vmm_calls() const {
   VmmCalls v;
-  VmmCalls::Tally* out[kVmmKinds] = {&v.reserve, &v.create, &v.map, &v.unmap, &v.release, &v.unreserve};
+  VmmCalls::Tally* out[kVmmKinds] = {&v.reserve, &v.create,  &v.map,
+                                     &v.unmap,   &v.release, &v.unreserve};
   for (int k = 0; k < kVmmKinds; ++k) {
     out[k]->calls = vmm_calls_[k].load(std::memory_order_relaxed);
     out[k]->seconds = double(vmm_ns_[k].load(std::memory_order_relaxed)) * 1e-9;

@@ -209,8 +209,8 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
       // A prefetch only uses room that is free now: it never chooses victims here (they
       // could be needed before this block) and never waits (the plan retries it later),
       // unless the caller asked it to wait for swap-outs in flight (Swapper::prefetch).
-      // Without room now, a cached block of its size gives it its memory, the copy stream
-      // waiting for that block's queued work rather than the host.
+      // Without room now, cached blocks give it their memory (whole, none larger than it),
+      // the copy stream waiting for their queued work rather than the host.
       mapped = (backend.room() < size && backend.reback_from_cache(ptr, size, h2d)) ||
                backend.try_reback(ptr, size);
       if (!mapped && wait_for_room) {

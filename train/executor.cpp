@@ -342,7 +342,6 @@ StepStats Executor::Impl::step() {
   const VmmCalls vmm0 = dev.vmm_calls();
   alloc.reset_peak();
   const AllocatorStats alloc0 = alloc.stats();
-  const std::uint64_t plain_frees0 = alloc0.plain_frees;
   // The step starts when the previous one's last op ended (the compute stream is idle), and
   // includes its inputs' upload.
   dev.record(t0, stream);
@@ -433,8 +432,9 @@ StepStats Executor::Impl::step() {
   for (const graph::Recompute& rc : plan.recomputes)
     if (o.policy == Policy::Graph) r.compute_s += *g.ops[std::size_t(maker[rc.tensor])].time_s;
   r.stall_s = std::max(0.0, r.step_s - r.compute_s);
-  r.peak_mapped = static_cast<std::uint64_t>(alloc.stats().reserved.peak);
-  r.plain_frees = alloc.stats().plain_frees - plain_frees0;
+  const AllocatorStats ops_done = alloc.stats();
+  r.peak_mapped = static_cast<std::uint64_t>(ops_done.reserved.peak);
+  r.plain_frees = ops_done.plain_frees - alloc0.plain_frees;
   if (swp) r.swaps = swaps_since(swp->stats(), before);
   ++steps_done;
   if (o.measure_ops) {
@@ -457,9 +457,10 @@ StepStats Executor::Impl::step() {
   r.spill_s = spill_s;
   r.spill_cpu_s = spill_cpu_s;
   r.vmm = dev.vmm_calls() - vmm0;
-  r.alloc_waits = alloc.stats().host_waits - alloc0.host_waits;
-  r.alloc_wait_s = alloc.stats().host_wait_s - alloc0.host_wait_s;
-  r.cache_takeovers = alloc.stats().cache_takeovers - alloc0.cache_takeovers;
+  const AllocatorStats alloc1 = alloc.stats();
+  r.alloc_waits = alloc1.host_waits - alloc0.host_waits;
+  r.alloc_wait_s = alloc1.host_wait_s - alloc0.host_wait_s;
+  r.cache_takeovers = alloc1.cache_takeovers - alloc0.cache_takeovers;
   r.wall_s = seconds_since(wall0);
   return r;
 }

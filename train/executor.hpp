@@ -51,9 +51,9 @@ Policy parse_policy(std::string_view s);  // graph | plan | lru | none; InvalidA
 SwapPolicy runtime_policy(Policy p);
 
 // ExecOptions::lag's default on a GPU. gpt-medium at a third on an H200 (2026-12-04), the host
-// waiting only before the ops with planned actions: 578.6 ms a step at lag 2, 551.6 at 4, 532.5
-// at 8 (unlimited: 469.8), the host's waits for swap-outs 83 ms a step at lag 2, under 1 ms at 8:
-// a prefetch issued earlier finds its room freed by then.
+// waiting only before the ops with planned actions: in one call 578.6 ms a step at lag 2, 551.6
+// at 4, 532.5 at 8 (unlimited: 469.8); in the next 549.1 at 2, 555.5 at 8, 532.4 at 16 (single
+// steps varied more than that): no lag of 4 or more was worse than lag 2 beyond the noise.
 inline constexpr int kGpuLag = 8;
 
 // The 0-based step whose ops ExecOptions::measure_ops times.

@@ -110,7 +110,8 @@ TYPED_TEST(DeviceContract, CountsItsVirtualMemoryCalls) {
   EXPECT_EQ(v.unmap.calls, 2u);
   EXPECT_EQ(v.release.calls, 1u);
   EXPECT_EQ(v.unreserve.calls, 1u);
-  for (const VmmCalls::Tally* t : {&v.reserve, &v.create, &v.map, &v.unmap, &v.release, &v.unreserve})
+  for (const VmmCalls::Tally* t :
+       {&v.reserve, &v.create, &v.map, &v.unmap, &v.release, &v.unreserve})
     EXPECT_GE(t->seconds, 0.0);
   EXPECT_GT(v.seconds(), 0.0);
   EXPECT_DOUBLE_EQ(v.seconds(), v.reserve.seconds + v.create.seconds + v.map.seconds +
