@@ -59,7 +59,7 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"prefetch_hits", s.swaps.prefetch_hits},
           {"prefetch_late", s.swaps.prefetch_late},
           {"evictions_reactive", s.swaps.evictions_reactive},
-          {"cache_returns", s.cache_returns},
+          {"cache_returns", s.swaps.cache_returns},
           {"small_segment_frees", s.plain_frees},
           {"recomputes", s.recomputes},
           {"recomputed_bytes", s.recomputed_bytes},
@@ -336,7 +336,7 @@ int run_train(Config config, const TrainArgs& a) {
   SwapStats total;
   std::uint64_t cancelled = 0, returns = 0, plain_frees = 0;
   for (const train::StepStats& st : run.steps) {
-    returns += st.cache_returns;
+    returns += st.swaps.cache_returns;
     plain_frees += st.plain_frees;
     total.prefetches += st.swaps.prefetches;
     total.prefetch_hits += st.swaps.prefetch_hits;

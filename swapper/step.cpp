@@ -624,37 +624,14 @@ void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepSta
     // op waits for the swap-outs in flight (in issue order) and then for the cache, as the
     // plan timed them, instead of being retried op after op until its pin fetches it.
     const bool on_stream = s.timing == StepState::Timing::Device;
-    if (swap_in(lock, base, true, on_stream)) continue;
-    if (on_stream && release_cache_for_locked(lock, base, size)) continue;
+    if (swap_in(lock, base, true, on_stream ? RoomWait::SwapOutsThenCache : RoomWait::None))
+      continue;
     if (!s.follows_plan()) continue;
     // No room: evict what is needed after this block, and try again at the next op.
     const std::size_t room = backend.room();
     make_room_locked(size > room ? size - room : 0, next_use_of_id_locked(s, w.id));
     s.pending.push_back(w);
   }
-}
-
-bool Swapper::Impl::release_cache_for_locked(std::unique_lock<std::mutex>& lock,
-                                             std::uintptr_t base, std::size_t size) {
-  const std::size_t room = backend.room();
-  if (room >= size || backend.cached_bytes() == 0) return false;
-  blocks.at(base).busy = true;  // it stays on the host while the lock is dropped
-  lock.unlock();
-  std::size_t released = 0;
-  try {
-    released = backend.release_cache(size - room);
-  } catch (...) {
-    lock.lock();
-    blocks.at(base).busy = false;
-    cv.notify_all();
-    throw;
-  }
-  lock.lock();
-  blocks.at(base).busy = false;
-  cv.notify_all();
-  if (released == 0) return false;
-  reap_locked();
-  return swap_in(lock, base, true);
 }
 
 void Swapper::Impl::mark_op_start_locked(StepState& s, Stream stream, bool host) {

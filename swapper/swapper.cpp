@@ -192,8 +192,33 @@ std::exception_ptr Swapper::Impl::host_wait_pinned(std::unique_lock<std::mutex>&
   return error;
 }
 
+bool Swapper::Impl::return_cache_for(std::size_t size, bool reap) {
+  const std::size_t room = backend.room();
+  if (room >= size || backend.cached_bytes() == 0 || backend.release_cache(size - room) == 0)
+    return false;
+  std::lock_guard counted(mu);
+  stats.cache_returns++;
+  if (reap) reap_locked();
+  return true;
+}
+
+bool Swapper::Impl::make_room_for_prefetch(void* ptr, std::size_t size, RoomWait wait) {
+  // (After the swap-outs, those that completed while the host waited free their room too. A
+  // graph plan's prefetch leaves them to the next reap: the prediction simulates the swapper's
+  // lazy completion of swap-outs, and a prefetch that finds its block still being copied out
+  // keeps it.)
+  const bool reap = wait == RoomWait::SwapOutsThenCache;
+  auto from_cache = [&] { return return_cache_for(size, reap) && backend.try_reback(ptr, size); };
+  auto from_swap_outs = [&] {
+    const std::size_t room = backend.room();
+    return (room >= size || wait_inflight(size - room) > 0) && backend.try_reback(ptr, size);
+  };
+  if (wait == RoomWait::CacheThenSwapOuts) return from_cache() || from_swap_outs();
+  return from_swap_outs() || from_cache();
+}
+
 bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base,
-                            bool prefetch, bool wait_for_room) {
+                            bool prefetch, RoomWait wait) {
   SwapBlock& b = blocks.at(base);
   SPILL_ASSERT(b.state == Residence::OnHost, "swap_in of a block that is not on the host");
   b.busy = true;
@@ -208,16 +233,19 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
     if (prefetch) {
       // A prefetch only uses room that is free now: it never chooses victims here (they
       // could be needed before this block) and never waits (the plan retries it later),
-      // unless the caller asked it to wait for swap-outs in flight (Swapper::prefetch).
+      // unless the caller asked it to wait for swap-outs in flight and the cache (Swapper::
+      // prefetch, planned prefetches on a stream: make_room_for_prefetch).
       // Without room now, cached blocks give it their memory (whole, none larger than it),
       // the copy stream waiting for their queued work rather than the host.
+      // With the cache first, it goes before anything else unless cached blocks can give the
+      // prefetch their memory: the same blocks whatever the device's progress (try_reback
+      // returns only those whose queued work has run, which depends on it).
+      if (wait == RoomWait::CacheThenSwapOuts && backend.room() < size &&
+          !backend.cache_can_back(size))
+        return_cache_for(size, false);
       mapped = (backend.room() < size && backend.reback_from_cache(ptr, size, h2d)) ||
                backend.try_reback(ptr, size);
-      if (!mapped && wait_for_room) {
-        // Only for the room it lacks: part of it may be free already.
-        const std::size_t room = backend.room();
-        if (room >= size || wait_inflight(size - room) > 0) mapped = backend.try_reback(ptr, size);
-      }
+      if (!mapped && wait != RoomWait::None) mapped = make_room_for_prefetch(ptr, size, wait);
     } else {
       backend.reback(ptr, size);  // may run the eviction ladder, which takes our lock
     }
@@ -282,7 +310,7 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
 }
 
 void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
-                                 const std::vector<std::uintptr_t>& bases, bool wait_for_room) {
+                                 const std::vector<std::uintptr_t>& bases, RoomWait wait) {
   for (std::uintptr_t base : bases) {
     wait_not_busy(lock, base);
     auto it = blocks.find(base);
@@ -292,7 +320,7 @@ void Swapper::Impl::prefetch_all(std::unique_lock<std::mutex>& lock,
       cancel_swap_out_locked(it->second);
       continue;
     }
-    if (it->second.state == Residence::OnHost) swap_in(lock, base, true, wait_for_room);
+    if (it->second.state == Residence::OnHost) swap_in(lock, base, true, wait);
   }
 }
 
@@ -313,6 +341,7 @@ SwapStats swaps_since(const SwapStats& now, const SwapStats& before) {
   d.host_wait_s -= before.host_wait_s;
   d.stall_s -= before.stall_s;
   d.stale_unpins -= before.stale_unpins;
+  d.cache_returns -= before.cache_returns;
   return d;
 }
 
@@ -455,7 +484,8 @@ void Swapper::prefetch(const void* ptr, bool wait_for_room) {
   if (found == nullptr) return;
   const std::uintptr_t base = key(found->base);
   const std::size_t size = found->size;
-  m.prefetch_all(lock, {base}, wait_for_room);
+  m.prefetch_all(lock, {base}, wait_for_room ? Impl::RoomWait::CacheThenSwapOuts
+                                            : Impl::RoomWait::None);
   TraceRecorder::global().record(EventKind::Prefetch, base, size, profiling::kHostStream);
 }
 

@@ -125,6 +125,9 @@ struct SwapStats {
   // reactively) to the step's end.
   std::uint64_t steps_resynced = 0;
   std::uint64_t stale_unpins = 0;   // unpins whose block was freed meanwhile (ignored)
+  // Prefetches that returned the allocator's cache to find room the plan had timed
+  // (Swapper::prefetch with wait_for_room, planned prefetches on a stream).
+  std::uint64_t cache_returns = 0;
   // Tracked blocks now, by what keeps them from being evicted (a block may count twice).
   std::uint64_t pinned_bytes = 0, unswappable_bytes = 0;
 };
@@ -145,9 +148,10 @@ class Swapper {
   void unpin(const void* ptr, Stream stream, bool wrote = true);
   void unpin(const PinToken& token, Stream stream, bool wrote = true);
   // Starts bringing a block on the host back, into free budget only (it never evicts). With
-  // `wait_for_room`, when the budget is short it first waits (on the host) for swap-outs
-  // already in flight to free the room it lacks, as a plan that timed them expects; else it gives up
-  // (counted in prefetches_skipped).
+  // `wait_for_room`, when the budget is short it returns the allocator's cache, waiting for the
+  // work queued on it (a plan counts a freed block gone at its op; counted in cache_returns),
+  // then waits (on the host) for swap-outs already in flight to free the room it still lacks,
+  // as a plan that timed them expects; else it gives up (counted in prefetches_skipped).
   void prefetch(const void* ptr, bool wait_for_room = false);
   // A no-op for a pinned, protected or unswappable block, and one under min_swap_bytes.
   void evict(const void* ptr);

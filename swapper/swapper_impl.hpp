@@ -259,10 +259,15 @@ struct Swapper::Impl {
     return it == scopes.end() ? nullptr : &it->second;
   }
   void wait_not_busy(std::unique_lock<std::mutex>& lock, std::uintptr_t base);
+  // How a prefetch that finds no room waits for it (make_room_for_prefetch), in the order its
+  // plan counts the room free: the graph planner's (the executor's prefetches) counts a freed
+  // block gone at its op, so the cache comes first; the swapper's recorded plans time the
+  // swap-outs, so those do.
+  enum class RoomWait { None, CacheThenSwapOuts, SwapOutsThenCache };
   // Maps the block again and starts the copy back; drops and retakes the lock around reback.
   // Returns false (block unchanged) when `optional` and the budget cannot be met.
   bool swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t base, bool prefetch,
-               bool wait_for_room = false);
+               RoomWait wait = RoomWait::None);
   void settle_locked(SwapBlock& b);  // SwappingIn whose copy is done -> Resident
   // The host waits for `e`, a copy of the block at `base`, without the lock, the block pinned
   // meanwhile (nothing moves it); then unpins and settles it if it is still that block.
@@ -303,11 +308,16 @@ struct Swapper::Impl {
   // starts evictions of blocks needed after it and waits in `s.pending` for a later op.
   void prefetch_planned(std::unique_lock<std::mutex>& lock, StepState& s,
                         std::vector<PlannedPrefetch> wanted);
-  // A planned prefetch of `base` (on the host, `size` bytes) that found no free room, on a step
-  // pinned on a stream: releases the allocator's cache (waiting for the work queued on it),
-  // as much as the prefetch lacks, and tries again. Returns whether the swap-in started.
-  bool release_cache_for_locked(std::unique_lock<std::mutex>& lock, std::uintptr_t base,
-                                std::size_t size);
+  // A prefetch whose plan timed room that is not free yet (called without the lock, the block
+  // busy, the cache no queued work touches already returned: try_reback): returns the rest of
+  // the allocator's cache (waiting for the work queued on it) and waits for the swap-outs in
+  // flight, in `wait`'s order, each only for what the prefetch still lacks. Whether it is
+  // mapped.
+  bool make_room_for_prefetch(void* ptr, std::size_t size, RoomWait wait);
+  // Returns what the allocator's cache can give of the room a block of `size` bytes lacks,
+  // waiting for the work queued on it (without the lock); counted in cache_returns. With
+  // `reap`, then completes the swap-outs whose copies are done. Whether it returned any.
+  bool return_cache_for(std::size_t size, bool reap);
   // At the end of a step that keeps its plan: the prefetches of the next step's first ops.
   std::vector<PlannedPrefetch> next_step_prefetches_locked(StepState& s);
   // Starts swap-outs of evictable resident blocks whose next use is more than `horizon` ops
@@ -329,7 +339,7 @@ struct Swapper::Impl {
   // Notes the memory mapped outside the recording's blocks at this point of the step.
   void sample_other_locked(StepState& s, bool at_pin);
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,
-                    bool wait_for_room = false);
+                    RoomWait wait = RoomWait::None);
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
   // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).
   std::int64_t next_use_locked(const SwapBlock& b) const;

@@ -379,24 +379,9 @@ StepStats Executor::Impl::step() {
         timed([&] {
           const Residence where = swp->residence(ptrs[t]);
           if (where == Residence::SwappingOut) r.cancelled_bytes += g.tensors[t].bytes;
-          if (where == Residence::OnHost) {
-            // Blocks freed by finished ops stay cached (mapped) until the allocator can tell
-            // that their stream has passed the frees; the plan counts them as gone. When they
-            // stand between the prefetch and the budget, return what the prefetch lacks first,
-            // rather than let it wait for swap-outs or be skipped: large cached blocks, small
-            // segments only if those cannot supply it.
-            const AllocatorStats st = alloc.stats();
-            const auto mapped = static_cast<std::uint64_t>(st.reserved.current);
-            const std::optional<BlockInfo> info = alloc.block_info(ptrs[t]);
-            const std::uint64_t size = info ? info->size : g.tensors[t].bytes;
-            // (Not when cached blocks can give the prefetch their memory: it takes theirs, and
-            // its copy waits for their queued work, not the host: Swapper, reback_from_cache.)
-            if (st.cached.current > 0 && mapped + size > budget && !alloc.cache_can_back(size)) {
-              alloc.release_cache(mapped + size - budget);
-              r.cache_returns++;
-            }
-          }
-          swp->prefetch(ptrs[t], /*wait_for_room=*/true);  // the plan timed the swap-outs
+          // Without room, the cache goes first (the plan counts freed blocks gone at their
+          // op), then the swap-outs the plan timed: Swapper::prefetch.
+          swp->prefetch(ptrs[t], /*wait_for_room=*/true);
         });
       }
     }

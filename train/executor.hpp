@@ -116,7 +116,6 @@ struct StepStats {
   SwapStats swaps;              // this step's swap counts (differences)
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their
                                       // swap-out cancelled; predicted: SimResult::cancelled_bytes)
-  std::uint64_t cache_returns = 0;  // planned prefetches that first returned the allocator's cache
   std::uint64_t plain_frees = 0;    // small-pool segments freed in the step (unmapped; a
                                     // cudaFree, which waits for the whole GPU, before
                                     // 2026-12-04)

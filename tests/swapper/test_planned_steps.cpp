@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -209,6 +210,68 @@ TEST(PlannedSteps, TheFirstPlannedStepStartsWhereThePlanExpects) {
   RecordProperty("demand_per_step", std::to_string(demand[0]) + "," + std::to_string(demand[1]) +
                                         "," + std::to_string(demand[2]) + "," +
                                         std::to_string(demand[3]) + "," + std::to_string(demand[4]));
+}
+
+// A prefetch that waits for room (Swapper::prefetch with wait_for_room: the trainer's planned
+// prefetches) returns the allocator's cache first, waiting for the work still queued on it, as
+// the graph planner counts a freed block gone at its op, and waits for swap-outs in flight only
+// for what that leaves short. The executor did this itself before each such prefetch; no other
+// client of the swapper had it. Here a cached block twice the prefetch's size (too large to
+// give it its memory: the takeover cannot take it), freed behind work on a held stream, and a
+// swap-out in flight stand between the prefetch and the budget.
+TEST(PlannedSteps, APrefetchWaitingForRoomReturnsTheCacheBeforeWaitingForSwapOuts) {
+  Config c = Config::parse("device:sim,sim_capacity:512MiB,sim_granularity:64KiB,trace:off,"
+                           "sim_queries:simulated");
+  c.budget = 4 * kBlock;
+  Runtime rt(c, RuntimeOptions{.opt_in_swappable = true});
+  Swapper& sw = *rt.swapper();
+  CachingAllocator& a = rt.allocator();
+  Device& dev = rt.device();
+  const Stream s = dev.create_stream();
+  auto write = [&](void* p, std::uint64_t seed) {
+    PinToken t = sw.pin_for_host(p);
+    fill_pattern(p, kBlock, seed);
+    sw.unpin(t, nullptr, true);
+    sw.set_swappable(p, true);
+  };
+  void* p = a.allocate(kBlock, nullptr);
+  write(p, 1);
+  sw.evict(p);
+  void* v = a.allocate(kBlock, nullptr);
+  write(v, 2);
+  void* w = a.allocate(kBlock, nullptr);
+  void* big = a.allocate(2 * kBlock, s);  // waits for p's swap-out to make room
+  ASSERT_EQ(sw.residence(p), Residence::OnHost);
+  const HoldToken hold = dev.hold(s);
+  a.deallocate(big, s);  // cached, its free queued behind the hold
+  sw.evict(v);
+  ASSERT_EQ(sw.residence(v), Residence::SwappingOut);
+  ASSERT_EQ(a.room(), 0u);
+  ASSERT_EQ(a.cached_bytes(), 2 * kBlock);
+  std::thread helper([&] {  // the queued work runs a moment later
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    dev.release(hold);
+  });
+  const SwapStats before = sw.stats();
+  sw.prefetch(p, /*wait_for_room=*/true);
+  helper.join();
+  const SwapStats after = sw.stats();
+  EXPECT_EQ(after.prefetches - before.prefetches, 1u);
+  EXPECT_EQ(after.prefetches_skipped, before.prefetches_skipped);
+  EXPECT_EQ(after.cache_returns - before.cache_returns, 1u);
+  EXPECT_EQ(a.cached_bytes(), 0u);
+  EXPECT_EQ(sw.residence(v), Residence::SwappingOut) << "it waited for the swap-out instead";
+  PinToken t = sw.pin_for_host(p);
+  EXPECT_EQ(find_pattern_mismatch(p, kBlock, 1), kBlock) << "the prefetched block's bytes";
+  sw.unpin(t, nullptr, false);
+  t = sw.pin_for_host(v);
+  EXPECT_EQ(find_pattern_mismatch(v, kBlock, 2), kBlock) << "the evicted block's bytes";
+  sw.unpin(t, nullptr, false);
+  dev.synchronize();
+  a.deallocate(p, nullptr);
+  a.deallocate(v, nullptr);
+  a.deallocate(w, nullptr);
+  dev.destroy_stream(s);
 }
 
 // The caching allocator serves a request from a cached block up to a quarter larger than it,

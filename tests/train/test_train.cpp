@@ -209,7 +209,7 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
       // The cache returned before prefetches frees no small-pool segment (each one freed is
       // one to map again later). The cnn's allocation ladder frees one per step: a large
       // allocation the plan counted the wholly free segment's bytes for.
-      EXPECT_GT(s.cache_returns, 0u) << "step " << s.step;
+      EXPECT_GT(s.swaps.cache_returns, 0u) << "step " << s.step;
       if (std::string(model) != "cnn") {
         EXPECT_EQ(s.plain_frees, 0u) << "step " << s.step;
       }
