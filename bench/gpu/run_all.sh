@@ -2,7 +2,7 @@
 # The GPU suite, for a machine with a GPU: builds spill for the GPU, runs the tests (those that
 # touch CUDA first, then the rest), `spill info`, `spill device-check` on CUDA, `spill bench
 # link`, gpt-medium at a third of its footprint against no budget (train_gpt_medium.sh),
-# spill.torch on CUDA and every benchmark program, within SPILL_GPU_BUDGET_S. Results go to $OUT
+# every benchmark program and spill.torch on CUDA, in that order, within SPILL_GPU_BUDGET_S. Results go to $OUT
 # when set (else build/gpu-results): summary.txt (the table printed last), ctest-gpu.xml and
 # ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill bench link`, which
 # the planner reads as a measured link model), train_*.json and logs.tar.gz (every step's log, the trainer's traces
@@ -200,6 +200,14 @@ if ((built == 0)); then
     rows+=("python-cupy|not run: no python with pytest|0")
   fi
   step train-gpt-medium 180 "$root/bench/gpu/train_gpt_medium.sh" "$build/spill" "$work"
+  # The benchmarks before the torch steps: short, and bench_device's VMM call costs decide the
+  # trainer's next change (a first call that selects it with the torch steps kept it).
+  for bench in "$build"/bench/bench_*; do
+    [[ -x $bench ]] || continue
+    name=$(basename "$bench")
+    step "$name" 120 "$bench" --benchmark_out="$work/$name.json" --benchmark_out_format=json \
+      --benchmark_min_time=0.1
+  done
   # spill.torch on CUDA (a CUDA torch is needed; pip's is fine; the shims are compiled at first
   # use into the build folder): the CPU-bridge tests with the CUDA target, then GPT-2 medium at
   # a third of its footprint beside save_on_cpu and activation checkpointing.
@@ -260,12 +268,6 @@ if ((built == 0)); then
   else
     rows+=("torch|skipped: no CUDA torch|0")
   fi
-  for bench in "$build"/bench/bench_*; do
-    [[ -x $bench ]] || continue
-    name=$(basename "$bench")
-    step "$name" 120 "$bench" --benchmark_out="$work/$name.json" --benchmark_out_format=json \
-      --benchmark_min_time=0.1
-  done
 fi
 
 {
