@@ -60,7 +60,7 @@ struct CachingAllocator::Impl {
   Impl(Device& d, const AllocatorOptions& o)
       : budget(d, o.budget),
         small(&d, kSmallRound, true),
-        large(&d, 0, false),
+        large(&d, 0, false, /*events_at_free=*/true),
         small_limit(o.small_limit),
         oom_dump(o.oom_dump),
         peak_guard(o.peak_guard),

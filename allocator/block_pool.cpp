@@ -6,8 +6,8 @@
 
 namespace spill {
 
-BlockPool::BlockPool(Device* device, std::size_t min_split, bool split)
-    : device_(device), min_split_(min_split), split_(split) {}
+BlockPool::BlockPool(Device* device, std::size_t min_split, bool split, bool events_at_free)
+    : device_(device), min_split_(min_split), split_(split), events_at_free_(events_at_free) {}
 
 BlockPool::~BlockPool() {
   free_.clear();
@@ -265,6 +265,12 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
   b->freed_at = ++clock_;
   note_free_on(b->stream);
   for (std::uint8_t i = 0; i < b->n_uses; ++i) note_free_on(b->uses[i].stream);
+  if (events_at_free_ && !split_) {  // (coalescing would drop them: merge_uses)
+    bool found = false;  // the free stream's own entry holds its event (as idle() keeps it)
+    for (std::uint8_t i = 0; i < b->n_uses; ++i) found |= b->uses[i].stream == b->stream;
+    if (!found && b->n_uses < b->uses.size()) b->uses[b->n_uses++] = {b->stream, nullptr};
+    for (std::uint8_t i = 0; i < b->n_uses; ++i) record_if_needed(b->uses[i]);
+  }
   free_.insert(*b);
   free_bytes_ += b->size;
   return b;

@@ -7,6 +7,10 @@
 // an event is recorded on each such stream the first time another stream asks, and the block
 // is taken only when those events have completed. No host synchronisation on this path.
 //
+// A pool may record those events at the free instead (events_at_free: the large pool), so that
+// waiting for a freed block waits only for the work queued before its free: the host may be
+// many ops ahead of the device when it releases cached memory.
+//
 // Stream marks: mark() (called off the hot path, on misses and releases) records an event on
 // every stream that freed blocks since its last mark. Once a mark completes, every block freed
 // on that stream before it has been passed there, so blocks freed long ago count as idle (or
@@ -29,7 +33,10 @@ namespace spill {
 class BlockPool {
  public:
   // `split`: blocks may be split and coalesced (small pool, host pool); large blocks are not.
-  BlockPool(Device* device, std::size_t min_split, bool split);
+  // `events_at_free`: a free records its streams' events at once (large blocks: few frees, and
+  // a wait for one then waits for the work before the free, not for all the work queued since);
+  // otherwise they are recorded when first needed (later is always safe).
+  BlockPool(Device* device, std::size_t min_split, bool split, bool events_at_free = false);
   ~BlockPool();
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;
@@ -108,6 +115,7 @@ class BlockPool {
   Device* device_;
   std::size_t min_split_;
   bool split_;
+  bool events_at_free_;
   FreeSet free_;
   std::size_t free_bytes_ = 0;
   std::vector<Block*> spare_blocks_;

@@ -1,6 +1,7 @@
 // Internal state of SimDevice, shared by sim_device.cpp (memory) and sim_stream.cpp (work).
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -40,13 +41,37 @@ struct StreamImpl {
   std::thread worker;
 };
 
+// The simulated completion times of an event's most recent generations, in a fixed ring:
+// recording an event allocates nothing (the allocator records one at each large free, on its
+// hot path).
+class RecentTimes {
+ public:
+  void set(std::uint64_t gen, double t) {
+    Slot& s = slots_[gen % kSlots];
+    if (s.gen <= gen) s = {gen, t};  // never over a newer generation
+  }
+  // The time of `gen`, or null once newer generations have taken its place.
+  const double* find(std::uint64_t gen) const {
+    const Slot& s = slots_[gen % kSlots];
+    return gen != 0 && s.gen == gen ? &s.t : nullptr;
+  }
+
+ private:
+  static constexpr std::size_t kSlots = 64;
+  struct Slot {
+    std::uint64_t gen = 0;
+    double t = 0;
+  };
+  std::array<Slot, kSlots> slots_{};
+};
+
 struct EventImpl {
   bool timing = false;
   std::mutex m;
   std::condition_variable cv;
   std::uint64_t recorded = 0;           // generation of the latest record()
   std::set<std::uint64_t> pending;      // recorded generations not yet reached by their stream
-  std::map<std::uint64_t, double> done; // simulated completion time of recent generations
+  RecentTimes done;                     // simulated completion time of recent generations
   double last_time = 0;
 };
 

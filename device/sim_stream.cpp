@@ -200,9 +200,8 @@ void SimDevice::do_record(Event event, Stream stream) {
       std::lock_guard lock(e->m);
       const std::uint64_t gen = ++e->recorded;
       const double t = s.clock.load();
-      e->done[gen] = t;
+      e->done.set(gen, t);
       e->last_time = std::max(e->last_time, t);
-      while (e->done.size() > 64) e->done.erase(e->done.begin());
       e->cv.notify_all();
       return;
     }
@@ -217,9 +216,8 @@ void SimDevice::do_record(Event event, Stream stream) {
                     std::lock_guard lock(e->m);
                     double t = s.clock.load();
                     e->pending.erase(gen);
-                    e->done[gen] = t;
+                    e->done.set(gen, t);
                     e->last_time = std::max(e->last_time, t);
-                    while (e->done.size() > 64) e->done.erase(e->done.begin());
                     e->cv.notify_all();
                   },
                   true});
@@ -237,8 +235,8 @@ void SimDevice::do_wait(Stream stream, Event event) {
   s_->enqueue(s, {[this, e, gen, &s] {
                     std::unique_lock lock(e->m);
                     e->cv.wait(lock, [&] { return e->pending.count(gen) == 0; });
-                    auto it = e->done.find(gen);
-                    double t = it != e->done.end() ? it->second : e->last_time;
+                    const double* done = e->done.find(gen);
+                    double t = done ? *done : e->last_time;
                     if (t > s.clock.load()) s_->advance(s, t);
                   },
                   true});
@@ -251,8 +249,8 @@ bool SimDevice::do_query(Event event) {
   if (e->pending.count(e->recorded) != 0) return false;
   if (s_->opt.simulated_queries) {
     // Done by the host's simulated time; the answer never moves that time.
-    auto it = e->done.find(e->recorded);
-    const double t = it != e->done.end() ? it->second : e->last_time;
+    const double* done = e->done.find(e->recorded);
+    const double t = done ? *done : e->last_time;
     return t <= std::max(s_->host_clock.load(), s_->host_now_sim());
   }
   s_->observe(e->last_time);
@@ -265,8 +263,8 @@ void SimDevice::do_synchronize_event(Event event) {
     std::unique_lock lock(e->m);
     std::uint64_t gen = e->recorded;
     e->cv.wait(lock, [&] { return e->pending.count(gen) == 0; });
-    auto it = e->done.find(gen);
-    s_->observe(it != e->done.end() ? it->second : e->last_time);
+    const double* done = e->done.find(gen);
+    s_->observe(done ? *done : e->last_time);
   }
   s_->throw_if_sticky();
 }
@@ -279,7 +277,8 @@ float SimDevice::do_elapsed_ms(Event start, Event end) {
                                 " event was created without timing");
     SPILL_EXPECTS(e.recorded > 0 && e.pending.empty(),
                   std::string("elapsed_ms: the ") + which + " event has not completed");
-    return e.done.at(e.recorded);
+    const double* done = e.done.find(e.recorded);
+    return done ? *done : e.last_time;
   };
   double t0 = time_of(*a, "start"), t1 = time_of(*b, "end");
   return static_cast<float>((t1 - t0) * 1e3);
