@@ -233,13 +233,11 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
     if (prefetch) {
       // A prefetch only uses room that is free now: it never chooses victims here (they
       // could be needed before this block) and never waits (the plan retries it later),
-      // unless the caller asked it to wait for swap-outs in flight and the cache (Swapper::
-      // prefetch, planned prefetches on a stream: make_room_for_prefetch).
-      // Without room now, cached blocks give it their memory (whole, none larger than it),
-      // the copy stream waiting for their queued work rather than the host.
-      // With the cache first, it goes before anything else unless cached blocks can give the
-      // prefetch their memory: the same blocks whatever the device's progress (try_reback
-      // returns only those whose queued work has run, which depends on it).
+      // unless `wait` says how (make_room_for_prefetch). Without room now, cached blocks give
+      // it their memory (whole, none larger than it), the copy stream waiting for their
+      // queued work rather than the host. When they cannot and the cache comes first, it is
+      // returned before anything else: the same blocks whatever the device's progress
+      // (try_reback returns only those whose queued work has run, which depends on it).
       if (wait == RoomWait::CacheThenSwapOuts && backend.room() < size &&
           !backend.cache_can_back(size))
         return_cache_for(size, false);
