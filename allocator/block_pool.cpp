@@ -269,7 +269,20 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
     bool found = false;  // the free stream's own entry holds its event (as idle() keeps it)
     for (std::uint8_t i = 0; i < b->n_uses; ++i) found |= b->uses[i].stream == b->stream;
     if (!found && b->n_uses < b->uses.size()) b->uses[b->n_uses++] = {b->stream, nullptr};
-    for (std::uint8_t i = 0; i < b->n_uses; ++i) record_if_needed(b->uses[i]);
+    for (std::uint8_t i = 0; i < b->n_uses; ++i) {
+      if (b->uses[i].event != nullptr) continue;
+      Event e = nullptr;
+      try {
+        e = get_event();
+        device_->record(e, b->uses[i].stream);
+      } catch (...) {
+        // (A failing device: left to be recorded when first needed, where the error is
+        // reported; a free never fails.)
+        if (e != nullptr) spare_events_.push_back(e);
+        break;
+      }
+      b->uses[i].event = e;
+    }
   }
   free_.insert(*b);
   free_bytes_ += b->size;
