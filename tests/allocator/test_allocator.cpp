@@ -582,8 +582,9 @@ TYPED_TEST(AllocatorTest, RebackFromCacheTakesOnlyWholeSmallerBlocksAndRoomForTh
 // the free has run, the block can be released without waiting for work queued after it (the
 // host many ops ahead of the device). The events used to be recorded when the block was first
 // looked at, behind everything queued by then: on the simulated device with the host 8 ops
-// ahead (gpt-mini at a third), the allocator's waits took 1005-1040 ms a step against 855-895
-// ms since (medians of 4 interleaved runs each, 2026-12-04).
+// ahead (gpt-mini at a third), the allocator's waits took 1008 ms a step against 872 ms since
+// (medians over 4 interleaved runs each, 2026-12-04; the runs' own medians 925-1040 and
+// 760-895 ms).
 TYPED_TEST(AllocatorTest, AFreedLargeBlockIsReleasableOnceTheWorkBeforeItsFreeHasRun) {
   Device& d = *this->dev_;
   const std::size_t g = d.granularity();
