@@ -75,6 +75,14 @@ void BlockPool::record_if_needed(StreamUse& u) {
   device_->record(u.event, u.stream);
 }
 
+StreamUse* BlockPool::own_use(Block& b) {
+  for (std::uint8_t i = 0; i < b.n_uses; ++i)
+    if (b.uses[i].stream == b.stream) return &b.uses[i];
+  if (b.n_uses == b.uses.size()) return nullptr;
+  b.uses[b.n_uses] = {b.stream, nullptr};
+  return &b.uses[b.n_uses++];
+}
+
 // ---- stream marks
 
 bool BlockPool::passed(Stream stream, std::uint64_t freed_at) const {
@@ -140,17 +148,11 @@ bool BlockPool::ready_for(Block& b, Stream stream) {
     record_if_needed(u);
     return device_->query(u.event);
   };
-  StreamUse self{b.stream, nullptr};
-  if (b.stream != stream) {
-    // Keep the free stream's event in the use list so it is recorded once.
-    bool found = false;
-    for (std::uint8_t i = 0; i < b.n_uses; ++i) found |= b.uses[i].stream == b.stream;
-    if (!found && b.n_uses < b.uses.size()) {
-      b.uses[b.n_uses++] = self;
-    } else if (!found) {
-      ready = check(self);  // no room: record a throwaway event
-      if (self.event) spare_events_.push_back(self.event);
-    }
+  // Keep the free stream's event in the use list so it is recorded once.
+  if (b.stream != stream && own_use(b) == nullptr) {
+    StreamUse self{b.stream, nullptr};
+    ready = check(self);  // no room: record a throwaway event
+    if (self.event) spare_events_.push_back(self.event);
   }
   for (std::uint8_t i = 0; i < b.n_uses; ++i) ready &= check(b.uses[i]);
   return ready;
@@ -266,9 +268,7 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
   note_free_on(b->stream);
   for (std::uint8_t i = 0; i < b->n_uses; ++i) note_free_on(b->uses[i].stream);
   if (events_at_free_ && !split_) {  // (coalescing would drop them: merge_uses)
-    bool found = false;  // the free stream's own entry holds its event (as idle() keeps it)
-    for (std::uint8_t i = 0; i < b->n_uses; ++i) found |= b->uses[i].stream == b->stream;
-    if (!found && b->n_uses < b->uses.size()) b->uses[b->n_uses++] = {b->stream, nullptr};
+    own_use(*b);  // the free stream's own entry holds its event (as idle() keeps it)
     for (std::uint8_t i = 0; i < b->n_uses; ++i) {
       if (b->uses[i].event != nullptr) continue;
       Event e = nullptr;
@@ -302,13 +302,9 @@ bool BlockPool::idle(Block& b, std::vector<Event>* pending) {
     if (pending) pending->push_back(u.event);
   };
   // The free stream needs an entry of its own to hold its event.
-  bool found = false;
-  for (std::uint8_t i = 0; i < b.n_uses; ++i) found |= b.uses[i].stream == b.stream;
   // (Block keeps a slot for it; were it ever full, a throwaway event checks it, as in ready_for:
   // a free stream left unchecked let the block be unmapped under that stream's queued work.)
-  if (!found && b.n_uses < b.uses.size()) {
-    b.uses[b.n_uses++] = {b.stream, nullptr};
-  } else if (!found) {
+  if (own_use(b) == nullptr) {
     StreamUse self{b.stream, nullptr};
     check(self);
     spare_events_.push_back(self.event);
@@ -336,14 +332,8 @@ void BlockPool::busy_only_on(Stream stream, std::size_t bytes, std::vector<Block
   for (Block* b : found) {
     if (have >= bytes) break;
     // The free stream's own entry holds the event (as idle() keeps it).
-    StreamUse* self = nullptr;
-    for (std::uint8_t i = 0; i < b->n_uses; ++i)
-      if (b->uses[i].stream == stream) self = &b->uses[i];
-    if (self == nullptr) {
-      if (b->n_uses == b->uses.size()) continue;
-      self = &b->uses[b->n_uses++];
-      *self = {stream, nullptr};
-    }
+    StreamUse* self = own_use(*b);
+    if (self == nullptr) continue;
     record_if_needed(*self);
     events->push_back(self->event);
     blocks->push_back(b);

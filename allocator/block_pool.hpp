@@ -109,6 +109,9 @@ class BlockPool {
   Event get_event();
   // Records the use's event now if it has none yet (lazily: later is always safe).
   void record_if_needed(StreamUse& u);
+  // The entry of `b`'s free stream among its uses (which holds that stream's event), added if
+  // missing; null when every slot is taken.
+  StreamUse* own_use(Block& b);
   void merge_uses(Block& into, Block& from);
   void drop_uses(Block& b);
 

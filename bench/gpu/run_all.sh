@@ -2,8 +2,8 @@
 # The GPU suite, for a machine with a GPU: builds spill for the GPU, runs the tests (those that
 # touch CUDA first, then the rest), `spill info`, `spill device-check` on CUDA, `spill bench
 # link`, gpt-medium at a third of its footprint against no budget (train_gpt_medium.sh),
-# every benchmark program and spill.torch on CUDA, in that order, within SPILL_GPU_BUDGET_S. Results go to $OUT
-# when set (else build/gpu-results): summary.txt (the table printed last), ctest-gpu.xml and
+# every benchmark program and spill.torch on CUDA, in that order, within SPILL_GPU_BUDGET_S.
+# Results go to $OUT when set (else build/gpu-results): summary.txt (the table printed last), ctest-gpu.xml and
 # ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill bench link`, which
 # the planner reads as a measured link model), train_*.json and logs.tar.gz (every step's log, the trainer's traces
 # and env.log: driver, toolkit, compiler, torch, cuDNN): 8 files at most, what a device call

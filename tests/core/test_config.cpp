@@ -25,7 +25,8 @@ TEST(Config, DefaultsFromAnEmptyString) {
 TEST(Config, ParsesEveryKey) {
   Config c = Config::parse(
       "device:sim, gpu:1, budget:8GiB, host_cap:64GiB, swap_threshold:2MiB, policy:lru,"
-      "peak_guard:idle, cache_takeover:off, sim_capacity:16GiB, sim_granularity:64KiB, link:nvlink2-p9, link_gbps:2.5,"
+      "peak_guard:idle, cache_takeover:off, sim_capacity:16GiB, sim_granularity:64KiB,"
+      "link:nvlink2-p9, link_gbps:2.5,"
       "time_scale:0.01, sim_queries:simulated,"
       "chaos:42, trace:off,"
       "oom_dump:/tmp/dumps");
