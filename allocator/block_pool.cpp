@@ -71,8 +71,14 @@ Event BlockPool::get_event() {
 
 void BlockPool::record_if_needed(StreamUse& u) {
   if (u.event != nullptr) return;
-  u.event = get_event();
-  device_->record(u.event, u.stream);
+  Event e = get_event();
+  try {
+    device_->record(e, u.stream);
+  } catch (...) {
+    spare_events_.push_back(e);  // (an event never recorded would query as complete)
+    throw;
+  }
+  u.event = e;
 }
 
 StreamUse* BlockPool::own_use(Block& b) {
@@ -268,20 +274,12 @@ Block* BlockPool::give_back(Block* b, Stream stream) {
   note_free_on(b->stream);
   for (std::uint8_t i = 0; i < b->n_uses; ++i) note_free_on(b->uses[i].stream);
   if (events_at_free_ && !split_) {  // (coalescing would drop them: merge_uses)
-    own_use(*b);  // the free stream's own entry holds its event (as idle() keeps it)
-    for (std::uint8_t i = 0; i < b->n_uses; ++i) {
-      if (b->uses[i].event != nullptr) continue;
-      Event e = nullptr;
-      try {
-        e = get_event();
-        device_->record(e, b->uses[i].stream);
-      } catch (...) {
-        // (A failing device: left to be recorded when first needed, where the error is
-        // reported; a free never fails.)
-        if (e != nullptr) spare_events_.push_back(e);
-        break;
-      }
-      b->uses[i].event = e;
+    own_use(*b);
+    try {
+      for (std::uint8_t i = 0; i < b->n_uses; ++i) record_if_needed(b->uses[i]);
+    } catch (...) {
+      // A failing device: the rest are recorded when first needed, where the error is
+      // reported; a free never fails.
     }
   }
   free_.insert(*b);

@@ -107,7 +107,8 @@ class BlockPool {
   void forget_stream_in(Block& b, Stream stream);
   void note_free_on(Stream stream);
   Event get_event();
-  // Records the use's event now if it has none yet (lazily: later is always safe).
+  // Records the use's event now if it has none yet (lazily: later is always safe). If the
+  // device refuses, the use keeps no event and the error propagates.
   void record_if_needed(StreamUse& u);
   // The entry of `b`'s free stream among its uses (which holds that stream's event), added if
   // missing; null when every slot is taken.
