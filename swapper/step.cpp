@@ -547,18 +547,37 @@ std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepStat
     // may be on the host. Bring it back in the order of first use (into free room, or room
     // made from blocks needed later; the rest waits for the next step's ops).
     s.fresh_plan = false;
-    std::vector<bool> starts_on_host(s.tensor_id.size(), false);
-    for (graph::TensorIndex t : s.plan.start_on_host) starts_on_host[t] = true;
-    std::vector<std::pair<std::uint32_t, std::uint64_t>> resident;  // (first use, id)
-    for (std::size_t t = 0; t < s.tensor_id.size(); ++t) {
-      const std::int64_t id = s.tensor_id[t];
-      if (starts_on_host[t] || id < 0 || static_cast<std::size_t>(id) >= s.use_ops.size() ||
-          s.use_ops[id].empty())
-        continue;
-      resident.push_back({s.use_ops[id].front(), static_cast<std::uint64_t>(id)});
-    }
-    std::sort(resident.begin(), resident.end());
-    for (const auto& [first, id] : resident) wanted.push_back({id});
+    for (std::uint64_t id : resident_at_start_locked(s)) wanted.push_back({id});
+  }
+  return wanted;
+}
+
+std::vector<std::uint64_t> Swapper::Impl::resident_at_start_locked(const StepState& s) const {
+  std::vector<bool> starts_on_host(s.tensor_id.size(), false);
+  for (graph::TensorIndex t : s.plan.start_on_host) starts_on_host[t] = true;
+  std::vector<std::pair<std::uint32_t, std::uint64_t>> resident;  // (first use, id)
+  for (std::size_t t = 0; t < s.tensor_id.size(); ++t) {
+    const std::int64_t id = s.tensor_id[t];
+    if (starts_on_host[t] || id < 0 || static_cast<std::size_t>(id) >= s.use_ops.size() ||
+        s.use_ops[id].empty())
+      continue;
+    resident.push_back({s.use_ops[id].front(), static_cast<std::uint64_t>(id)});
+  }
+  std::sort(resident.begin(), resident.end());
+  std::vector<std::uint64_t> ids;
+  ids.reserve(resident.size());
+  for (const auto& [first, id] : resident) ids.push_back(id);
+  return ids;
+}
+
+std::vector<PlannedPrefetch> Swapper::Impl::moved_since_plan_locked(StepState& s) {
+  std::vector<PlannedPrefetch> wanted;
+  if (!s.executing) return wanted;
+  for (std::uint64_t id : resident_at_start_locked(s)) {
+    auto base = base_for_id_locked(s, static_cast<std::int64_t>(id));
+    if (!base) continue;
+    const SwapBlock& b = blocks.at(*base);
+    if (b.state == Residence::OnHost || b.state == Residence::SwappingOut) wanted.push_back({id});
   }
   return wanted;
 }

@@ -649,6 +649,13 @@ Residence Swapper::settle(const void* ptr) {
   return b->state;
 }
 
+std::uint64_t Swapper::generation(const void* ptr) const {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  const SwapBlock* b = m.find_tracked_locked(ptr);
+  return b == nullptr ? 0 : b->generation;
+}
+
 std::size_t Swapper::reap() {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
@@ -767,8 +774,14 @@ void Swapper::begin_step() { begin_step(impl_->current_scope()); }
 
 void Swapper::begin_step(std::uint64_t scope) {
   impl_->set_current_scope(scope);
-  std::lock_guard lock(impl_->mu);
-  impl_->begin_step_locked(impl_->scope_locked(scope));
+  std::unique_lock lock(impl_->mu);
+  StepState& st = impl_->scope_locked(scope);
+  impl_->begin_step_locked(st);
+  // What the plan has resident at the step's start but was moved out since the last step's
+  // end (its own prefetches of the first ops were issued there): without this, each came
+  // back on demand at its first pin, step after step, as nothing made the plan again.
+  std::vector<PlannedPrefetch> wanted = impl_->moved_since_plan_locked(st);
+  if (!wanted.empty()) impl_->prefetch_planned(lock, st, std::move(wanted));
 }
 
 void Swapper::set_scope(std::uint64_t scope) { impl_->set_current_scope(scope); }

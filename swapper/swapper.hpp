@@ -201,6 +201,11 @@ class Swapper {
   // memory goes back now): what spill_get_residence answers, so that a block evicted between
   // steps settles on the host for a caller who looks.
   Residence settle(const void* ptr);
+  // Which life of its address the tracked block containing `ptr` is in (the generation a pin
+  // token carries), without pinning it, so without an access of the step; 0 when no tracked
+  // block contains it (memory that never moves). A caller that keeps an address across
+  // blocks' lives tells a new block there from the one it knew.
+  std::uint64_t generation(const void* ptr) const;
   // Completes every swap-out whose copy has finished (their device memory goes back now);
   // the bytes given back. spill_evict calls it, after starting its own copy.
   std::size_t reap();

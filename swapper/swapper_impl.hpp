@@ -320,6 +320,13 @@ struct Swapper::Impl {
   bool return_cache_for(std::size_t size, bool reap);
   // At the end of a step that keeps its plan: the prefetches of the next step's first ops.
   std::vector<PlannedPrefetch> next_step_prefetches_locked(StepState& s);
+  // The blocks of the plan's tensors that it has resident when its step begins, in the order
+  // of their first use (ids).
+  std::vector<std::uint64_t> resident_at_start_locked(const StepState& s) const;
+  // At the start of a step that follows its plan: those of them on the host now, or on their
+  // way there (moved between the steps: every tensor evicted by the caller, an evaluation pass
+  // under the budget), to be brought back as the fresh plan's are.
+  std::vector<PlannedPrefetch> moved_since_plan_locked(StepState& s);
   // Starts swap-outs of evictable resident blocks whose next use is more than `horizon` ops
   // away (farthest first) until `needed` bytes are on their way out. Returns the bytes coming.
   std::size_t make_room_locked(std::size_t needed, std::int64_t horizon);

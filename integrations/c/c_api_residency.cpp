@@ -124,6 +124,17 @@ spill_status spill_get_residence(const void* ptr, spill_residence* residence) {
   });
 }
 
+spill_status spill_get_generation(const void* ptr, uint64_t* generation) {
+  if (generation == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_generation: generation is NULL");
+  *generation = 0;
+  return on_block(ptr, "spill_get_generation", [&](Lease& lease) {
+    expect_owned(lease, ptr, "spill_get_generation");
+    if (Swapper* sw = lease.rt().swapper()) *generation = sw->generation(ptr);
+    return SPILL_OK;
+  });
+}
+
 // ---- steps
 
 spill_status spill_begin_step(int device, uint64_t scope) {

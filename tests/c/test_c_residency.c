@@ -1,7 +1,7 @@
 /* The residency rules and steps through the C API, from C (simulated device): undeclared
  * blocks never move, declaring makes a block dirty, no-op pins, stale tokens, step scopes on
- * two threads, the recorded step as a graph, budgets that evict, memory freed while its
- * prefetch lands, shutdown with live blocks. */
+ * two threads, the recorded step as a graph, generations read without a pin, budgets that
+ * evict, memory freed while its prefetch lands, shutdown with live blocks. */
 #define _POSIX_C_SOURCE 200809L
 #include "c_test.h"
 
@@ -514,6 +514,69 @@ TEST(set_scope_errors_name_the_call) {
 }
 
 /* Lowering the budget evicts declared blocks; their bytes survive. */
+/* The ops a step of `scope` records when it pins a, unpins it, then reads b's generation
+ * (read_b 1) or pins and unpins b (read_b 2), then pins and unpins a again. */
+static int ops_around_a_look_at(void* a, void* b, uint64_t scope, int read_b,
+                                uint64_t* generation) {
+  REQUIRE_OK(spill_begin_step(0, scope));
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin_for_host(a, &t));
+  REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  if (read_b == 1) {
+    REQUIRE_OK(spill_get_generation(b, generation));
+  } else {
+    REQUIRE_OK(spill_pin_for_host(b, &t));
+    *generation = t.generation;
+    REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  }
+  REQUIRE_OK(spill_pin_for_host(a, &t));
+  REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  REQUIRE_OK(spill_end_step(0, scope));
+  return recorded_ops(scope);
+}
+
+/* spill_get_generation: a pin token's generation, read without a pin (the step records no
+ * use: spill.torch's window keeps addresses across frees and reads them so); a new block at
+ * a freed block's address has another; 0 for a block that never moves; named errors. */
+TEST(generations_are_read_without_a_pin) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:plan"));
+  void* a = NULL;
+  void* b = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, NULL));
+  REQUIRE_OK(spill_malloc(&b, BLOCK, 0, NULL));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  REQUIRE_OK(spill_set_swappable(b, 1));
+  uint64_t read = 0, pinned = 0;
+  CHECK(ops_around_a_look_at(a, b, 6001, 1, &read) == 2);
+  CHECK(ops_around_a_look_at(a, b, 6002, 2, &pinned) == 3); /* a pin of b is an op */
+  CHECK(read != 0 && read == pinned);
+  uint64_t inside = 0;
+  CHECK_OK(spill_get_generation((char*)b + MIB, &inside)); /* an interior pointer */
+  CHECK(inside == read);
+  CHECK_OK(spill_evict(b));
+  CHECK_OK(spill_get_generation(b, &inside)); /* wherever its bytes are */
+  CHECK(inside == read);
+  CHECK_OK(spill_free(b, 0, NULL));
+  void* again = NULL;
+  REQUIRE_OK(spill_malloc(&again, BLOCK, 0, NULL));
+  uint64_t next = 0;
+  CHECK_OK(spill_get_generation(again, &next));
+  CHECK(next != 0 && next != read);
+  void* small = NULL;
+  REQUIRE_OK(spill_malloc(&small, 4096, 0, NULL));
+  uint64_t never = 1;
+  CHECK_OK(spill_get_generation(small, &never));
+  CHECK(never == 0);
+  int local = 0;
+  CHECK_STATUS(spill_get_generation(&local, &never), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_STATUS(spill_get_generation(a, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("generation is NULL");
+  CHECK_OK(spill_free(small, 0, NULL));
+  CHECK_OK(spill_free(again, 0, NULL));
+  CHECK_OK(spill_free(a, 0, NULL));
+}
+
 TEST(lowering_the_budget_evicts) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
   void* b[6];
@@ -594,6 +657,7 @@ TEST(shutdown_with_live_blocks) {
   X(end_scope_drops_its_recording)     \
   X(a_backward_on_another_thread_that_sets_the_scope_keeps_its_ops) \
   X(set_scope_errors_name_the_call)   \
+  X(generations_are_read_without_a_pin) \
   X(lowering_the_budget_evicts)        \
   X(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) \
   X(shutdown_with_live_blocks)

@@ -230,6 +230,11 @@ SPILL_API spill_status spill_evict(void* ptr);
  * A swap-out whose copy has finished is completed here (ON_HOST, its device memory given
  * back). */
 SPILL_API spill_status spill_get_residence(const void* ptr, spill_residence* residence);
+/* Which life of its address the block containing `ptr` is in: the generation a pin's token
+ * carries, read without pinning (so no use of the block, nothing a step records). A caller
+ * keeping an address across frees tells a new block there from the one it knew. 0 for
+ * blocks that never move. Errors: INVALID_ARGUMENT (unknown pointer, generation NULL). */
+SPILL_API spill_status spill_get_generation(const void* ptr, uint64_t* generation);
 
 /* ------------------------------------------------------------------ steps */
 

@@ -197,6 +197,18 @@ class Pinner:
         status = self._lib.spill_get_residence(ctypes.c_void_p(ptr), ctypes.byref(residence))
         return status == 0 and residence.value == _ON_HOST
 
+    def generation(self, ptr: int) -> int:
+        """Which life of its address the block at ``ptr`` is in (a pin token's generation),
+        read without a pin, so that the step records no use of it; 0 when the block never
+        moves or spill does not hold ``ptr``."""
+        value = ctypes.c_uint64(0)
+        status = self._lib.spill_get_generation(ctypes.c_void_p(ptr), ctypes.byref(value))
+        if status == _INVALID_ARGUMENT:
+            return 0
+        if status != 0:
+            _raise(self._lib, status)
+        return value.value
+
     def declare(self, ptr: int, swappable: bool = True) -> bool:
         """Declares the block at ``ptr`` (not) swappable; False when spill does not hold it."""
         status = self._set_swappable(ptr, swappable)
