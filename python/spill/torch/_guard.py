@@ -165,15 +165,11 @@ class PinEveryOp(TorchDispatchMode):
         """Declares the blocks this mode declared, and that are still the same blocks,
         unswappable again (bringing them back if they are on the host)."""
         pinner = self.pinner
-        stream = pinner.stream()
         declared, self.declared = self.declared, {}
         for base, generation in declared.items():
-            token = pinner.pin(base, stream)
-            if token is None:
-                continue
-            same = token.generation == generation
-            pinner.unpin(token, stream, False)
-            if not same:
+            # Read without a pin: a pin of the address was a use of whatever block held it by
+            # then, which a step records (see Window.release_made).
+            if pinner.generation(base) != generation:
                 continue
             try:
                 pinner.declare(base, False)
