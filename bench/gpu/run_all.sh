@@ -3,11 +3,11 @@
 # touch CUDA first, then the rest), `spill info`, `spill device-check` on CUDA, `spill bench
 # link`, gpt-medium at a third of its footprint against no budget (train_gpt_medium.sh),
 # every benchmark program and spill.torch on CUDA, in that order, within SPILL_GPU_BUDGET_S.
-# Results go to $OUT when set (else build/gpu-results): summary.txt (the table printed last), ctest-gpu.xml and
-# ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill bench link`, which
-# the planner reads as a measured link model), train_*.json and logs.tar.gz (every step's log, the trainer's traces
-# and env.log: driver, toolkit, compiler, torch, cuDNN): 8 files at most, what a device call
-# brings back.
+# Results go to $OUT when set (else build/gpu-results): summary.txt (the table printed last),
+# ctest-gpu.xml and ctest.xml, bench.json (every benchmark's JSON, merged), link.json (`spill
+# bench link`, which the planner reads as a measured link model), train_*.json and logs.tar.gz
+# (every step's log, the trainer's traces and env.log: driver, toolkit, compiler, torch,
+# cuDNN): 8 files at most, what a device call brings back.
 # Dependencies: if the machine lacks the Debian -dev packages, carry .gpu-deps/ (made by
 # bench/gpu/fetch_deps.sh on the dev machine); they are unpacked under the build folder.
 # Environment: SPILL_CUDA_ARCH (default 90), SPILL_GPU_BUDGET_S (seconds for the whole call,
