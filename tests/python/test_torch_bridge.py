@@ -704,11 +704,12 @@ def test_remove_and_guard_exit_end_their_scope_and_new_models_get_new_scopes(
 
 def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
     """With room for all the step's tensors, offload's optimizer step pins them all around the
-    unchanged step (no dispatch mode): with every parameter and optimizer state evicted to the
-    host before each step (a missed pin faults on the CPU bridge), training under an LR
-    scheduler created after offload() is bit-identical to the run without the hooks."""
+    unchanged step (no dispatch mode): with every parameter and optimizer state on the host
+    when optimizer.step() is called (evicted after the backward and waited for; a missed pin
+    faults on the CPU bridge), training under an LR scheduler created after offload() is
+    bit-identical to the run without the hooks."""
     out = run_ok(ENABLE.replace("budget:64MiB,", "") + """
-        import sys; sys.path.insert(0, %r)
+        import sys, time; sys.path.insert(0, %r)
         from torch_train_models import train
         import spill.torch._offload as offload_module
         spill.set_budget(1 << 30)
@@ -724,17 +725,27 @@ def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
             def before(i):
                 if i > 0:
                     handles["lr"].step()
+            def before_update(i):
+                # Evicted after the backward, not before the forward: a step that follows its
+                # plan brings back at its start what the plan has resident there, and a
+                # prefetch of a block still being copied out cancels the copy.
                 h = handles["offload"]
                 if h is None or i < 2:
                     return
                 tensors = list(h.model.parameters())
                 tensors += [v for s in h.optimizer.state.values() for v in s.values()
                             if isinstance(v, torch.Tensor)]
-                for t in tensors:
-                    ptr = h.pinner.movable(t)
-                    if ptr:
-                        spill.evict(ptr)
-            losses, model, _ = train("mlp", STEPS, before, wrap=wrap, device=dev)
+                ptrs = [ptr for ptr in map(h.pinner.movable, tensors) if ptr]
+                for ptr in ptrs:
+                    spill.evict(ptr)
+                deadline = time.time() + 10
+                for ptr in ptrs:
+                    while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
+                        time.sleep(0.001)
+                assert all(spill.residence(ptr) == "on_host" for ptr in ptrs), \
+                    [spill.residence(ptr) for ptr in ptrs]
+            losses, model, _ = train("mlp", STEPS, before, wrap=wrap, device=dev,
+                                     before_update=before_update)
             if hooks:
                 handles["offload"].remove()
                 # The scheduler's wrapper of step (made after offload's) survives remove().

@@ -189,10 +189,13 @@ FOOTPRINT_OF = {"gpt_var": "gpt128", "gpt_bucket": "gpt128"}
 def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: None,
           wrap: Callable[[nn.Module, torch.optim.Optimizer], Any] = lambda m, o: None,
           context: Optional[Callable[[nn.Module, torch.optim.Optimizer], Any]] = None,
-          device: str = "cpu") -> Tuple[List[float], nn.Module, Any]:
+          device: str = "cpu", before_update: Callable[[int], None] = lambda i: None
+          ) -> Tuple[List[float], nn.Module, Any]:
     """Trains model ``name`` for ``steps`` steps from seed 0 on ``device``; returns the losses,
     the model and what ``wrap(model, optimizer)`` returned (e.g. an offload handle). With
-    ``context``, the loop runs inside ``context(model, optimizer)`` (e.g. spill.torch.guard)."""
+    ``context``, the loop runs inside ``context(model, optimizer)`` (e.g. spill.torch.guard).
+    ``before_step(i)`` runs before step i's forward, ``before_update(i)`` after its backward,
+    before optimizer.step()."""
     make_model, make_optimizer, batch = MODELS[name]
     if device != "cpu":
         # Runs compared bit for bit need cuDNN's deterministic convolution algorithms (its
@@ -220,6 +223,7 @@ def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: 
                     loss = _ce(model(xs), ys) * (ys.shape[0] / y.shape[0])
                     loss.backward()
                     total += loss.item()
+            before_update(i)
             optimizer.step()
             losses.append(total)
     return losses, model, extra
