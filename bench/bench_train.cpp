@@ -7,6 +7,10 @@
 //       spill_wall_share  wall time inside those calls, waits included, over the step's wall
 //                         time (on the simulated device the copies are this machine's memcpy);
 //       spill_cpu_ms      that CPU time per step;
+//       spill_vmm_share   the part of spill_cpu_share spent in the device's virtual-memory calls
+//                         (reserve, create, map, unmap, release): on the simulated device this
+//                         machine's mmap, munmap and page-table filling, on a GPU the driver's
+//                         cuMem* calls; the rest is spill's own logic;
 //       sim_step_ms, pred_step_ms  the step's simulated time and the planner's prediction;
 //       bytes_out_MiB, demand      swap traffic and demand fetches per step.
 // Wall time here is the CPU kernels' (OpenBLAS, one thread), on whatever machine runs it.
@@ -31,12 +35,13 @@ void BM_train_step(benchmark::State& state, train::Policy policy, bool third) {
   c.policy = train::runtime_policy(policy);
   Runtime rt(c);
   train::Executor ex(rt, program, {.policy = policy});
-  double wall = 0, spill = 0, cpu = 0, sim = 0, pred = 0, out = 0, demand = 0;
+  double wall = 0, spill = 0, cpu = 0, vmm_cpu = 0, sim = 0, pred = 0, out = 0, demand = 0;
   for (auto _ : state) {
     const train::StepStats s = ex.step();
     wall += s.wall_s;
     spill += s.spill_s;
     cpu += s.spill_cpu_s;
+    vmm_cpu += s.spill_vmm_cpu_s;
     sim += s.step_s;
     pred += s.predicted_step_s;
     out += double(s.swaps.bytes_out);
@@ -45,6 +50,7 @@ void BM_train_step(benchmark::State& state, train::Policy policy, bool third) {
   }
   const double n = double(state.iterations());
   state.counters["spill_cpu_share"] = cpu / wall;
+  state.counters["spill_vmm_share"] = vmm_cpu / wall;
   state.counters["spill_wall_share"] = spill / wall;
   state.counters["spill_cpu_ms"] = cpu / n * 1e3;
   state.counters["sim_step_ms"] = sim / n * 1e3;

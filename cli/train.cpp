@@ -66,6 +66,7 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"wall_s", s.wall_s},
           {"spill_s", s.spill_s},
           {"spill_cpu_s", s.spill_cpu_s},
+          {"spill_vmm_cpu_s", s.spill_vmm_cpu_s},
           {"swap_out_wait_s", s.swaps.host_wait_s},
           {"prefetches_skipped", s.swaps.prefetches_skipped},
           {"op_waits", s.op_waits},

@@ -1,6 +1,7 @@
 #include "device/device.hpp"
 
 #include <chrono>
+#include <ctime>
 #include <type_traits>
 
 #include "core/errors.hpp"
@@ -22,6 +23,16 @@ void expect_aligned(const Device& d, const void* addr, const char* op) {
                 std::string(op) + ": address " + format_address(addr) + " is not aligned to the granularity " +
                     format_bytes(d.granularity()));
 }
+
+// CPU time of the calling thread.
+std::uint64_t thread_cpu_ns() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::uint64_t(ts.tv_sec) * 1'000'000'000u + std::uint64_t(ts.tv_nsec);
+}
+
+// The calling thread's CPU time in virtual-memory calls (Device::thread_vmm_cpu_s).
+thread_local std::uint64_t t_vmm_cpu_ns = 0;
 
 // The device whose host callback the calling thread is running (SimDevice sets it).
 thread_local const Device* t_in_callback_of = nullptr;
@@ -59,9 +70,11 @@ const char* to_string(CopyKind k) {
 template <class F>
 decltype(auto) Device::tallied(Vmm kind, F&& call) {
   const auto start = std::chrono::steady_clock::now();
+  const std::uint64_t cpu_start = thread_cpu_ns();
   auto count = [&] {
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
         std::chrono::steady_clock::now() - start);
+    t_vmm_cpu_ns += thread_cpu_ns() - cpu_start;
     vmm_calls_[kind].fetch_add(1, std::memory_order_relaxed);
     vmm_ns_[kind].fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
   };
@@ -113,6 +126,8 @@ void Device::unmap(void* addr, std::size_t bytes) {
   expect_granular(*this, bytes, "unmap");
   tallied(kUnmap, [&] { do_unmap(addr, bytes); });
 }
+
+double Device::thread_vmm_cpu_s() { return double(t_vmm_cpu_ns) * 1e-9; }
 
 VmmCalls Device::vmm_calls() const {
   VmmCalls v;

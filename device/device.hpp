@@ -94,6 +94,10 @@ class Device {
   void unmap(void* addr, std::size_t bytes);
   // The virtual-memory calls above made so far (successful ones), with the host's time in them.
   VmmCalls vmm_calls() const;
+  // The calling thread's CPU time in successful virtual-memory calls of any device since the
+  // thread began: the part of a caller's own CPU time that went to maps and unmaps (on
+  // SimDevice this machine's mmap and page-table work, on CUDA the driver's).
+  static double thread_vmm_cpu_s();
 
   // ---- Plain device memory (non-swappable pools). Throws OutOfMemory when full.
   void* allocate(std::size_t bytes);

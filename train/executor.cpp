@@ -126,14 +126,16 @@ struct Executor::Impl {
   float* loss_host = nullptr;
   std::size_t loss_op = 0;
   int steps_done = 0;
-  double spill_s = 0, spill_cpu_s = 0;
+  double spill_s = 0, spill_cpu_s = 0, spill_vmm_cpu_s = 0;
 
   template <class F>
   void timed(F&& f) {
     const auto t = Clock::now();
     const double c = thread_cpu_s();
+    const double v = Device::thread_vmm_cpu_s();
     f();
     spill_cpu_s += thread_cpu_s() - c;
+    spill_vmm_cpu_s += Device::thread_vmm_cpu_s() - v;
     spill_s += seconds_since(t);
   }
 
@@ -337,7 +339,7 @@ StepStats Executor::Impl::step() {
   r.predicted_stall_s = pred.stall_time_s;
   r.predicted_peak = pred.peak_bytes;
   const auto wall0 = Clock::now();
-  spill_s = spill_cpu_s = 0;
+  spill_s = spill_cpu_s = spill_vmm_cpu_s = 0;
   const SwapStats before = swp ? swp->stats() : SwapStats{};
   const VmmCalls vmm0 = dev.vmm_calls();
   alloc.reset_peak();
@@ -441,6 +443,7 @@ StepStats Executor::Impl::step() {
   }
   r.spill_s = spill_s;
   r.spill_cpu_s = spill_cpu_s;
+  r.spill_vmm_cpu_s = spill_vmm_cpu_s;
   r.vmm = dev.vmm_calls() - vmm0;
   const AllocatorStats alloc1 = alloc.stats();
   r.alloc_waits = alloc1.host_waits - alloc0.host_waits;

@@ -102,6 +102,7 @@ struct StepStats {
   double wall_s = 0;            // host wall clock of the step
   double spill_s = 0;           // host wall clock inside the allocator and the swapper
   double spill_cpu_s = 0;       // host thread CPU time inside them (blocked waits excluded)
+  double spill_vmm_cpu_s = 0;   // the part of it in the device's virtual-memory calls
   // The step's virtual-memory calls (Device::vmm_calls), from any thread (the swapper's
   // included), with the host's time in them: on a GPU, the driver's cuMem* calls.
   VmmCalls vmm;

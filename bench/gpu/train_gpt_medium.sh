@@ -82,8 +82,8 @@ for path in [sys.argv[1], sys.argv[2]] + [sys.argv[2].replace(".json", f"_{n}.js
     med = lambda key: median(run, key)
     print(f"split ({os.path.basename(path)}): step {med('step_s') * 1e3:.1f} ms, ops "
           f"{med('ops_s') * 1e3:.1f} ms, outside the ops {(med('step_s') - med('ops_s')) * 1e3:.1f} ms; "
-          f"host in spill {med('spill_s') * 1e3:.1f} ms (CPU {med('spill_cpu_s') * 1e3:.1f} ms, "
-          f"waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
+          f"host in spill {med('spill_s') * 1e3:.1f} ms (CPU {med('spill_cpu_s') * 1e3:.1f} ms, of it "
+          f"in VMM calls {med('spill_vmm_cpu_s') * 1e3:.1f} ms; waiting for swap-outs {med('swap_out_wait_s') * 1e3:.1f} ms); prefetches skipped "
           f"{med('prefetches_skipped')}, demand fetches {med('demand_fetches')}, host waits "
           f"for an op {med('op_waits')}; the allocator's waits for freed blocks "
           f"{med('alloc_waits')} ({med('alloc_wait_s') * 1e3:.1f} ms); prefetches onto cached "

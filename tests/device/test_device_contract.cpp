@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <ctime>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -116,6 +117,36 @@ TYPED_TEST(DeviceContract, CountsItsVirtualMemoryCalls) {
   EXPECT_GT(v.seconds(), 0.0);
   EXPECT_DOUBLE_EQ(v.seconds(), v.reserve.seconds + v.create.seconds + v.map.seconds +
                                     v.unmap.seconds + v.release.seconds + v.unreserve.seconds);
+}
+
+// The calling thread's CPU time in virtual-memory calls counts its own calls only, and is part
+// of its CPU time.
+TYPED_TEST(DeviceContract, CountsTheCallingThreadsCpuTimeInVirtualMemoryCalls) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  char* base = static_cast<char*>(d.reserve(g));
+  PhysicalHandle h = d.create_physical(g);
+  auto cycle = [&] {
+    for (int i = 0; i < 20; ++i) {
+      d.map(base, g, h);
+      d.unmap(base, g);
+    }
+  };
+  auto thread_cpu = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+  };
+  const double mine = Device::thread_vmm_cpu_s();
+  std::thread([&] { cycle(); }).join();
+  EXPECT_EQ(Device::thread_vmm_cpu_s(), mine);  // another thread's calls
+  const double cpu = thread_cpu();
+  cycle();
+  const double spent = Device::thread_vmm_cpu_s() - mine;
+  EXPECT_GT(spent, 0.0);
+  EXPECT_LE(spent, thread_cpu() - cpu);
+  d.release_physical(h, g);
+  d.unreserve(base, g);
 }
 
 TYPED_TEST(DeviceContract, MultiChunkRangesCopyAcrossChunkBoundaries) {
