@@ -45,6 +45,11 @@ def child(case: str, batch: int, seq: int, steps: int, budget: int) -> Dict[str,
     x, y = ids[:, :-1], ids[:, 1:]
     times: List[float] = []
     losses: List[float] = []
+    # spill's case: each step's swap figures (the difference of its counters over the step,
+    # read after the step's time is taken), to see where a step's time over the unlimited
+    # run went: demand fetches and reactive evictions are the plan not holding.
+    per_step: List[Dict[str, float]] = []
+    before = _swap_counters(st) if case == "spill" else {}
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -60,14 +65,41 @@ def child(case: str, batch: int, seq: int, steps: int, budget: int) -> Dict[str,
         losses.append(loss.item())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if case == "spill":
+            now = _swap_counters(st)
+            per_step.append({k: now[k] - before.get(k, 0) for k in now})
+            before = now
     out: Dict[str, Any] = {"case": case, "step_s": times, "losses": losses,
                            "peak_allocated": torch.cuda.max_memory_allocated(),
                            "peak_reserved": torch.cuda.max_memory_reserved()}
     if case == "spill":
         out["spill"] = {k: v for k, v in st.memory_stats().items()
                         if k.startswith("swap.") or k in ("budget_bytes", "num_ooms")}
+        out["spill_steps"] = per_step
         del handle
     return out
+
+
+# Cumulative swap counters of spill.torch.memory_stats() kept per step.
+STEP_COUNTERS = ("swap.bytes_in", "swap.bytes_out", "swap.demand_fetches",
+                 "swap.evictions_planned", "swap.evictions_reactive", "swap.prefetches",
+                 "swap.prefetch_hits", "swap.prefetch_late", "swap.prefetches_skipped",
+                 "swap.stall_s", "swap.steps_planned", "swap.deviations")
+
+
+def _swap_counters(st: Any) -> Dict[str, float]:
+    stats = st.memory_stats()
+    return {k: stats[k] for k in STEP_COUNTERS if k in stats}
+
+
+def _step_line(s: Dict[str, float]) -> str:
+    g = lambda k: s.get(k, 0)  # noqa: E731
+    return (f"in {g('swap.bytes_in') / 2**30:.2f} GiB, out {g('swap.bytes_out') / 2**30:.2f} GiB, "
+            f"demand {g('swap.demand_fetches'):.0f}, prefetch hits {g('swap.prefetch_hits'):.0f} "
+            f"(late {g('swap.prefetch_late'):.0f}, skipped {g('swap.prefetches_skipped'):.0f}), "
+            f"evictions planned {g('swap.evictions_planned'):.0f} / reactive "
+            f"{g('swap.evictions_reactive'):.0f}, stall {g('swap.stall_s') * 1e3:.0f} ms, "
+            f"planned {g('swap.steps_planned'):.0f}, deviations {g('swap.deviations'):.0f}")
 
 
 def main() -> int:
@@ -123,6 +155,9 @@ def main() -> int:
             same = res["losses"] == base.get("losses")
             print(f"{case:<14}{t * 1e3:>10.1f}{t / tb:>13.2f}x"
                   f"{res['peak_reserved'] / 2**30:>10.2f}  {same}", flush=True)
+            for i, s in enumerate(res.get("spill_steps", [])):
+                print(f"  spill step {i + 1}: {res['step_s'][i] * 1e3:.0f} ms; {_step_line(s)}",
+                      flush=True)
         if a.json:
             with open(a.json, "w", encoding="utf-8") as f:
                 json.dump(results, f, indent=1)

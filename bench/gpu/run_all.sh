@@ -309,7 +309,7 @@ $(tail -n 1 "$work/$t.log" | cut -c1-120)"
       head -n 40 | sed 's/^/torch-cnn-repro: /'
   fi
   if [[ -f $work/torch-gpt2-medium.log ]]; then
-    grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint)' "$work/torch-gpt2-medium.log"
+    grep -E '^(GPT-2|case|unlimited|spill|save_on_cpu|checkpoint|  spill step)' "$work/torch-gpt2-medium.log"
   fi
   if [[ -f $work/tests-train.log ]]; then
     grep -E "identical|differ|error" "$work/tests-train.log" | sed 's/^/tests-train: /' | head -8
