@@ -2041,3 +2041,85 @@ def test_functional_call_given_another_models_parameters_or_new_buffers_trains_a
     print("ok")
     """))
     assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+@pytest.mark.parametrize("mode", ["offload", "guard"])
+def test_evaluation_passes_between_steps_leave_the_plan_alone(mode: str) -> None:
+    """A 512-wide MLP with Adam at a third of its footprint, 10 steps with an evaluation pass
+    (``model.eval()`` and ``torch.no_grad()``) after every third, under offload() and under
+    guard(): plain torch's losses, validation losses and final state; the first two steps
+    recorded, the eight after them planned and none of them leaving its plan. An evaluation
+    forward between two steps (guard: ops outside grad mode, and ``loss.item()``, between two
+    steps) begins no step now, and its pins go to none. Before, it began the next step (the
+    evaluation, then the training), which left the plan and was recorded again, and often so
+    was the step after it (offload, steps recorded: [1, 1, 0, 1, 0, 1, 1, 0, 1, 1]). An
+    evaluation after every step was no trouble: each step was then an evaluation and a
+    training, alike."""
+    out = run_ok(scenario("""
+        import contextlib
+        steps = 10
+        make, make_opt = lambda: mlp(6), lambda m: torch.optim.Adam(m.parameters())
+        def run(wrap=lambda m, o: None, steps=steps, seen=None):
+            torch.manual_seed(0)
+            m = make().to(dev)
+            opt = make_opt(m)
+            h = wrap(m, opt)
+            g = torch.Generator().manual_seed(1)
+            xv, yv = (t.to(dev) for t in data(g))
+            losses, val = [], []
+            for i in range(steps):
+                if seen is not None:
+                    seen.append(spill.stats())
+                x, y = (t.to(dev) for t in data(g))
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if i % 3 == 2:
+                    m.eval()
+                    with torch.no_grad():
+                        val.append(F.cross_entropy(m(xv), yv).item())
+                    m.train()
+            if seen is not None:
+                seen.append(spill.stats())
+            return losses, val, m, h
+        base, base_val, bm, _ = run()
+        base_state = state_bytes(bm)
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        run(steps=2)
+        gc.collect()
+        footprint = st.max_memory_allocated()
+        def wrap(m, o):
+            if MODE == "guard":
+                h = st.guard(optimizer=o)
+                h.__enter__()
+            else:
+                h = st.offload(m, o, quiet=False)
+            spill.set_budget(footprint // 3)
+            return h
+        seen = []
+        losses, val, m, h = run(wrap, seen=seen)
+        with st.guard(release_on_exit=False) if MODE == "offload" else contextlib.nullcontext():
+            state = state_bytes(m)
+        assert losses == base, (losses, base)
+        assert val == base_val, (val, base_val)
+        assert state == base_state, "final state differs from plain torch"
+        assert seen[-1]["swap.bytes_out"] > seen[0]["swap.bytes_out"], "nothing was swapped"
+        delta = lambda k, i: seen[i + 1][k] - seen[i][k]
+        recorded = [delta("swap.steps_recorded", i) for i in range(steps)]
+        planned = [delta("swap.steps_planned", i) for i in range(steps)]
+        left = [delta("swap.deviations", i) + delta("swap.steps_resynced", i)
+                for i in range(2, steps)]
+        assert recorded == [1, 1] + [0] * (steps - 2), recorded
+        assert planned == [0, 0] + [1] * (steps - 2), planned
+        assert left == [0] * (steps - 2), left
+        spill.set_budget(1 << 30)
+        h.remove() if MODE == "offload" else h.__exit__(None, None, None)
+        print("ok", footprint, planned)
+    """.replace("MODE", repr(mode))))
+    assert "ok" in out

@@ -22,6 +22,7 @@ from ._steps import (OptimizerRound, StepBoundaries, default_scope, optimizers_o
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
 _DETACH = torch.ops.aten.detach.default
+_ITEM = torch.ops.aten._local_scalar_dense.default  # Tensor.item()
 # A wrapped number's dtype (the 0-dim tensor autograd makes of a Python scalar operand).
 _NUMBER_DTYPES = {bool: torch.bool, int: torch.int64, float: torch.float64,
                   complex: torch.complex128}
@@ -78,10 +79,15 @@ class PinEveryOp(TorchDispatchMode):
     declares_arguments = True
 
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
-                 outputs: Optional[Set[int]] = None) -> None:
+                 outputs: Optional[Set[int]] = None, evaluations_outside: bool = False) -> None:
         super().__init__()
         self.pinner = pinner
         self.steps = steps
+        # guard()'s own steps: an op outside grad mode between two steps (an evaluation pass
+        # after the optimizer's step) begins no step, and its pins go to none (see
+        # StepBoundaries.deferred), nor does a ``loss.item()`` logged after the step; inside
+        # a step such ops are the step's as any other.
+        self.evaluations_outside = evaluations_outside
         self.declared: Dict[int, int] = {}   # block base -> generation this mode declared
         self.outputs = outputs               # if given: where the outputs it declared go
         self.ops = 0
@@ -106,6 +112,8 @@ class PinEveryOp(TorchDispatchMode):
                 return joined(split, [self.__torch_dispatch__(func, types, a, k)
                                       for a, k in parts])
         if self.steps is not None:
+            if self.evaluations_outside:
+                self.steps.deferred = func is _ITEM or not torch.is_grad_enabled()
             self.steps.ensure()
         stream = pinner.stream()
         positions, names = _writes(func)
@@ -237,7 +245,7 @@ class guard:
                 return wrap
             for index, opt in enumerate(self.optimizers):
                 wrap_method(opt, "step", wrapper(index), self._saved)
-        self._mode = PinEveryOp(Pinner(), steps)
+        self._mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
         self._mode.__enter__()
         return self
 

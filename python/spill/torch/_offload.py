@@ -950,6 +950,7 @@ class OffloadHandle:
         """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
         pinned in the step frame (code between entries may read them) until the step ends."""
         self._entry = None
+        self.steps.deferred = False
         self._leave_eval_ops()
         self._pop_saved_hooks()
         self._claim_in_backward(output)
@@ -1018,9 +1019,21 @@ class OffloadHandle:
             # nn.MultiheadAttention's fast path in eval mode): every op is pinned.
             self._eval_ops = _PinOps(self.pinner)
             self._eval_ops.__enter__()
+        # An evaluation forward between two steps (``model.eval()`` between the optimizer's
+        # step and the next training forward) belongs to neither: it leaves the boundary to
+        # the next training forward, and its pins begin no step and go to none (not recorded,
+        # not matched against the plan; the swapper's evictions meanwhile go by the plan's
+        # next uses). Before, it began the next step, which left the plan (an evaluation, then
+        # a training step) and was recorded again, and so was the step after it: two steps off
+        # the plan for each evaluation (a GPT at a third on the CPU bridge, 2026-12-05: 40-66
+        # and 21-50 demand fetches against 0-5 in a planned step). A ``torch.no_grad()``
+        # forward in training mode (targets computed by the model itself) stays in the step.
+        evaluating = (self._boundary and self.steps.manage and self._discovery is None
+                      and not module.training)
+        self.steps.deferred = evaluating
         # A step boundary: after the optimizer's step (without an optimizer, every step as
         # above), or after a quiet step ran out of memory (the caller abandoned it).
-        if (self._boundary and (self.steps.manage or new_step)) or (
+        if (self._boundary and not evaluating and (self.steps.manage or new_step)) or (
                 self._quiet and self._policy.oom_since_boundary()):
             self._boundary = not self.steps.manage
             self._began_step = True
@@ -1061,6 +1074,7 @@ class OffloadHandle:
         and the next forward begins it again (a boundary). The forward's graph goes with the
         caller's last reference to it (Saved makes no cycle)."""
         self._entry, self._entry_depth = None, 0
+        self.steps.deferred = False
         self._leave_eval_ops()
         self._pop_saved_hooks()
         self._unwind(0)

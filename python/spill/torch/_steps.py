@@ -43,6 +43,9 @@ class StepBoundaries:
         self.manage = manage        # False: the caller brackets steps (with spill.step())
         self.owned = owned          # the integration chose the scope: finish() ends it
         self.in_step = False
+        # An evaluation forward between two steps (offload's _begin_forward): its pins begin
+        # no step and go to none (spill records and plans nothing of them).
+        self.deferred = False
         self.count = 0              # steps ended so far
         # Per thread, the step (its count) in which the thread named the scope. Not a set of
         # thread idents: a thread that ended gives its ident to the next one, whose native
@@ -69,6 +72,13 @@ class StepBoundaries:
             return
         named = self._named
         current = _current.__dict__
+        if self.deferred and not self.in_step:
+            # No step: the pins go to this scope (none is open there: nothing records them),
+            # not to whichever scope another model's hooks made current on this thread.
+            if current.get(self._device) != self.scope:
+                self._call("spill_set_scope", self._device, ctypes.c_uint64(self.scope))
+                current[self._device] = self.scope
+            return
         if not self.in_step:
             self._call("spill_begin_step", self._device, ctypes.c_uint64(self.scope))
             self.in_step = True
