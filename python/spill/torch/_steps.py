@@ -43,8 +43,9 @@ class StepBoundaries:
         self.manage = manage        # False: the caller brackets steps (with spill.step())
         self.owned = owned          # the integration chose the scope: finish() ends it
         self.in_step = False
-        # An evaluation forward between two steps (offload's _begin_forward): its pins begin
-        # no step and go to none (spill records and plans nothing of them).
+        # Set for an evaluation between two steps (offload: a forward in eval mode, see its
+        # _begin_forward; guard: an op outside grad mode, or Tensor.item()): its pins begin no
+        # step and go to this scope with none open (spill records and plans nothing of them).
         self.deferred = False
         self.count = 0              # steps ended so far
         # Per thread, the step (its count) in which the thread named the scope. Not a set of
