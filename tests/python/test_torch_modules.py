@@ -25,8 +25,9 @@ from test_torch_bridge import (SIZED_FOR_64K, TARGET, _env, quiet_preamble,  # n
 # results are plain torch's and that bytes moved. `evict`: before each forward from the third
 # step on and before each evaluation pass, every parameter, buffer, gradient and optimizer
 # state is moved to the host (a read no pin covers then faults). `mutate(model, opt, i)` runs
-# before step i; `keep_grads`: zero_grad(set_to_none=False). `mlp(depth)` and `data(g)`: a
-# 512-wide MLP (1 MiB weights) and its batches of 16.
+# before step i; `keep_grads`: zero_grad(set_to_none=False); `evaluate_after(i)`: whether an
+# evaluation pass follows step i (each by default). `mlp(depth)` and `data(g)`: a 512-wide MLP
+# (1 MiB weights) and its batches of 16.
 HARNESS = textwrap.indent("""
 import gc, time
 import torch.nn as nn
@@ -49,7 +50,8 @@ def evict_all(h):
         while spill.residence(ptr) == "swapping_out" and time.time() < deadline:
             time.sleep(0.001)
 def train(make, make_opt, data, wrap=lambda m, o: None, steps=4, mutate=None, evict=False,
-          loss_fn=F.cross_entropy, forward=lambda m, x: m(x), keep_grads=False):
+          loss_fn=F.cross_entropy, forward=lambda m, x: m(x), keep_grads=False,
+          evaluate_after=lambda i: True):
     torch.manual_seed(0)
     m = make().to(dev)
     opt = make_opt(m)
@@ -70,10 +72,11 @@ def train(make, make_opt, data, wrap=lambda m, o: None, steps=4, mutate=None, ev
         losses.append(loss.item())
         if h is not None and evict:
             evict_all(h)
-        m.eval()
-        with torch.no_grad():
-            val.append(loss_fn(forward(m, xv), yv).item())
-        m.train()
+        if evaluate_after(i):
+            m.eval()
+            with torch.no_grad():
+                val.append(loss_fn(forward(m, xv), yv).item())
+            m.train()
     return losses, val, m, h
 def state_bytes(m):
     # The state_dict as bytes outside spill's memory (a later scenario's budget stays free).
@@ -2060,31 +2063,14 @@ def test_evaluation_passes_between_steps_leave_the_plan_alone(mode: str) -> None
         import contextlib
         steps = 10
         make, make_opt = lambda: mlp(6), lambda m: torch.optim.Adam(m.parameters())
+        every_third = lambda i: i % 3 == 2
         def run(wrap=lambda m, o: None, steps=steps, seen=None):
-            torch.manual_seed(0)
-            m = make().to(dev)
-            opt = make_opt(m)
-            h = wrap(m, opt)
-            g = torch.Generator().manual_seed(1)
-            xv, yv = (t.to(dev) for t in data(g))
-            losses, val = [], []
-            for i in range(steps):
-                if seen is not None:
-                    seen.append(spill.stats())
-                x, y = (t.to(dev) for t in data(g))
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(m(x), y)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                if i % 3 == 2:
-                    m.eval()
-                    with torch.no_grad():
-                        val.append(F.cross_entropy(m(xv), yv).item())
-                    m.train()
+            snap = None if seen is None else lambda m, o, i: seen.append(spill.stats())
+            out = train(make, make_opt, data, wrap, steps=steps, mutate=snap,
+                        evaluate_after=every_third)
             if seen is not None:
                 seen.append(spill.stats())
-            return losses, val, m, h
+            return out
         base, base_val, bm, _ = run()
         base_state = state_bytes(bm)
         del bm
