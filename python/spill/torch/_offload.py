@@ -1026,10 +1026,12 @@ class OffloadHandle:
         # next uses). Before, it began the next step, which left the plan (an evaluation, then
         # a training step) and was recorded again, and so was the step after it: two steps off
         # the plan for each evaluation (a GPT at a third on the CPU bridge, 2026-12-05: 40-66
-        # and 21-50 demand fetches against 0-5 in a planned step). A ``torch.no_grad()``
-        # forward in training mode (targets computed by the model itself) stays in the step.
+        # and 21-50 demand fetches against 0-5 in a planned step). Evaluation: eval mode and
+        # no grad mode, both. A ``torch.no_grad()`` forward in training mode (targets the model
+        # computes for itself) and a training forward in eval mode (batch norm frozen by
+        # ``model.eval()``) begin the step as before.
         evaluating = (self._boundary and self.steps.manage and self._discovery is None
-                      and not module.training)
+                      and not module.training and not torch.is_grad_enabled())
         self.steps.deferred = evaluating
         # A step boundary: after the optimizer's step (without an optimizer, every step as
         # above), or after a quiet step ran out of memory (the caller abandoned it).
