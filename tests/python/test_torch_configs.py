@@ -540,6 +540,50 @@ def test_a_recurrent_module_calls_backward_declares_the_gradients_it_makes() -> 
     assert "ok" in out
 
 
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_recurrent_modules_backward_region_holds_every_node_it_reaches() -> None:
+    """A two-layer nn.GRU over 32 time steps with a batch of 128 and Adam, 4 steps at a third
+    of the footprint: plain torch's losses and parameters, and the backward region of the
+    GRU's call (_regions.py) has every node its graph reaches but the AccumulateGrad nodes of
+    parameters too small to move. The region walk knew nodes by id() and did not hold those
+    AccumulateGrad nodes, which it took for outside the region; a node object not held is
+    collected and its id given to the next one made, which was then skipped as outside with
+    all it reaches: 463 of the call's 918 nodes were hooked, the rest ran without the
+    region's mode, and in the third step the engine added a gradient into a buffer whose
+    first part had been moved to the host (a read no pin covered): a segmentation fault on
+    the CPU bridge (the sweep's model=gru,batch=large, 2026-12-05)."""
+    out = run_ok(quiet_preamble("1GiB") + recurrent("GRU", batch=128, steps=4)
+                 + against_plain_torch().replace(
+                     '        spill.set_budget(1 << 30)\n        h.remove()\n'
+                     '        print("ok", footprint)\n', """
+        # One more armed forward of the GRU (an entry of its own, at a third): the nodes its
+        # region hooked, against a walk of its graph that holds every node it meets.
+        x = torch.randn(128, 32, 128, generator=torch.Generator().manual_seed(3)).to(dev)
+        hooked = h._regions.nodes
+        y, h_n = m.rnn(x)
+        hooked = h._regions.nodes - hooked
+        small = {p.data_ptr() for p in m.rnn.parameters() if p.numel() * 4 < (128 << 10)}
+        seen, stack, held = set(), [y.grad_fn, h_n.grad_fn], []
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            held.append(node)
+            variable = getattr(node, "variable", None)
+            if variable is None:
+                stack.extend(n for n, _ in node.next_functions)
+        reach = sum(1 for n in held if getattr(n, "variable", None) is None
+                    or n.variable.data_ptr() not in small)
+        assert hooked == reach, (hooked, reach)
+        del y, h_n, held
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint, hooked)
+"""))
+    assert "ok" in out
+
+
 def test_out_of_memory_in_a_backward_says_what_the_engine_holds() -> None:
     """An out-of-memory error inside an armed step's backward (a node that makes two 7 MiB
     temporaries in a 12 MiB budget) says that it happened in a backward, how much of what it calls never
