@@ -1,9 +1,9 @@
 #include "device/device.hpp"
 
 #include <chrono>
-#include <ctime>
 #include <type_traits>
 
+#include "core/clock.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
 
@@ -22,13 +22,6 @@ void expect_aligned(const Device& d, const void* addr, const char* op) {
   SPILL_EXPECTS(reinterpret_cast<std::uintptr_t>(addr) % d.granularity() == 0,
                 std::string(op) + ": address " + format_address(addr) + " is not aligned to the granularity " +
                     format_bytes(d.granularity()));
-}
-
-// CPU time of the calling thread.
-std::uint64_t thread_cpu_ns() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return std::uint64_t(ts.tv_sec) * 1'000'000'000u + std::uint64_t(ts.tv_nsec);
 }
 
 // The calling thread's CPU time in virtual-memory calls (Device::thread_vmm_cpu_s).

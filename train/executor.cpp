@@ -4,12 +4,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <ctime>
 #include <limits>
 #include <numeric>
 #include <optional>
 
 #include "allocator/caching_allocator.hpp"
+#include "core/clock.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
 #include "device/sim_device.hpp"
@@ -25,14 +25,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
-// CPU time of the calling thread: what spill's calls cost the host, without the time they
-// spend blocked (waiting for a copy or the device).
-double thread_cpu_s() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
 }
 
 // The GPU preset whose roofline times the kernels: the simulated device is modelled on an

@@ -4,11 +4,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <ctime>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "core/clock.hpp"
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
 #include "device/diagnostics.hpp"
@@ -132,19 +132,14 @@ TYPED_TEST(DeviceContract, CountsTheCallingThreadsCpuTimeInVirtualMemoryCalls) {
       d.unmap(base, g);
     }
   };
-  auto thread_cpu = [] {
-    timespec ts{};
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
-  };
   const double mine = Device::thread_vmm_cpu_s();
   std::thread([&] { cycle(); }).join();
   EXPECT_EQ(Device::thread_vmm_cpu_s(), mine);  // another thread's calls
-  const double cpu = thread_cpu();
+  const double cpu = thread_cpu_s();
   cycle();
   const double spent = Device::thread_vmm_cpu_s() - mine;
   EXPECT_GT(spent, 0.0);
-  EXPECT_LE(spent, thread_cpu() - cpu);
+  EXPECT_LE(spent, thread_cpu_s() - cpu);
   d.release_physical(h, g);
   d.unreserve(base, g);
 }
