@@ -551,11 +551,20 @@ def test_a_recurrent_modules_backward_region_holds_every_node_it_reaches() -> No
     all it reaches: 463 of the call's 918 nodes were hooked, the rest ran without the
     region's mode, and in the third step the engine added a gradient into a buffer whose
     first part had been moved to the host (a read no pin covered): a segmentation fault on
-    the CPU bridge (the sweep's model=gru,batch=large, 2026-12-05)."""
+    the CPU bridge (the sweep's model=gru,batch=large, 2026-12-05).
+
+    Steps 3 and 4 follow their plan, and each region node's pre hook pushes the region's mode
+    once. The parameters' AccumulateGrad nodes outlive the step, and were hooked again at each
+    step's walk: step k pushed the mode k times around each gradient's accumulation, and each
+    step recorded four accesses more than its plan, so none was planned (the sweep's "planned
+    0"; the zero_grad(set_to_none=True) of this loop makes the gradients afresh); remove()
+    left them hooked."""
     out = run_ok(quiet_preamble("1GiB") + recurrent("GRU", batch=128, steps=4)
                  + against_plain_torch().replace(
                      '        spill.set_budget(1 << 30)\n        h.remove()\n'
                      '        print("ok", footprint)\n', """
+        planned = after["swap.steps_planned"] - before["swap.steps_planned"]
+        assert planned == 2, ("steps 3 and 4 follow their plan", planned)
         # One more armed forward of the GRU (an entry of its own, at a third): the nodes its
         # region hooked, against a walk of its graph that holds every node it meets.
         x = torch.randn(128, 32, 128, generator=torch.Generator().manual_seed(3)).to(dev)
@@ -576,9 +585,25 @@ def test_a_recurrent_modules_backward_region_holds_every_node_it_reaches() -> No
         reach = sum(1 for n in held if getattr(n, "variable", None) is None
                     or n.variable.data_ptr() not in small)
         assert hooked == reach, (hooked, reach)
-        del y, h_n, held
+        # Its backward: each region node's pre hook, once.
+        pushes, push = [0], h._regions._push
+        def counted(mode):
+            pushes[0] += 1
+            push(mode)
+        h._regions._push = counted
+        del held
+        (y.sum() + h_n.sum()).backward()
+        h._regions._push = push
+        assert pushes[0] == reach, ("mode pushes", pushes[0], "region nodes", reach)
+        del y, h_n
         spill.set_budget(1 << 30)
         h.remove()
+        # Removed: a backward through the same parameters pushes it no more.
+        pushes[0] = 0
+        h._regions._push = counted
+        y, h_n = m.rnn(x)
+        (y.sum() + h_n.sum()).backward()
+        assert pushes[0] == 0, ("mode pushes after remove()", pushes[0])
         print("ok", footprint, hooked)
 """))
     assert "ok" in out

@@ -704,6 +704,7 @@ class OffloadHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._regions.remove()
         for handles in self._module_hooks.values():
             for h in handles:
                 h.remove()

@@ -46,7 +46,15 @@ class BackwardRegions:
         self.mode = DeclareMade(pinner)
         # Pushed without __enter__, whose bookkeeping (torch 2) expects an __exit__.
         self._push = _dispatch_stack()[1]
-        self.nodes = 0  # nodes hooked so far (tests, docs)
+        self.nodes = 0  # the regions' nodes so far (tests, docs)
+        # The parameters' AccumulateGrad nodes outlive the step (the next forward's graph
+        # takes the same node): hooked once, held (so their ids stay theirs) with the handles
+        # that remove() removes. Hooked again each step, they had k hooks at step k: the mode
+        # pushed k times around each gradient's accumulation, its pins nested k deep (a
+        # two-layer GRU's steps each recorded four accesses more than the last, so none
+        # followed its plan, and its hooks' cost grew without end).
+        self._accumulators: Dict[int, Any] = {}
+        self._handles: List[Any] = []
 
     def module_ended(self, output: Any, argument_nodes: Sequence[Any]) -> None:
         """A busy module without children returned ``output`` in an armed training forward;
@@ -82,11 +90,23 @@ class BackwardRegions:
             stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
         enter = self._enter
         for key, node in region.items():
+            if key in self._accumulators:
+                continue
             out = [j for j, (nxt, _) in enumerate(node.next_functions)
                    if nxt is not None and (id(nxt) not in region or id(nxt) in entries)]
-            node.register_prehook(enter)
-            node.register_hook(self._leave(out))
+            pre, post = node.register_prehook(enter), node.register_hook(self._leave(out))
+            if getattr(node, "variable", None) is not None:
+                self._accumulators[key] = node
+                self._handles += [pre, post]
         self.nodes += len(region)
+
+    def remove(self) -> None:
+        """Removes the hooks of the nodes that outlive a step (the parameters'
+        AccumulateGrad); the others go with their graphs."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._accumulators.clear()
 
     def _enter(self, grad_outputs: Any) -> None:
         # A backward that makes a graph (create_graph) records these ops: left as they are.
