@@ -923,7 +923,9 @@ class OffloadHandle:
         for t in leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
-            if grad and t.requires_grad:
+            if grad and t.requires_grad and t.grad_fn is not None:
+                # (not on a leaf: a module that returns its parameter would leave a hook on
+                # it at every step)
                 t.register_hook(self._safe_point)
             if busy:
                 continue  # the parent's ops pin it as they use it
@@ -965,7 +967,7 @@ class OffloadHandle:
         forward), and says what is in the backward's hands (QuietSteps.backward_begins)."""
         if torch.is_grad_enabled() and not state.forked_child:
             for t in leaves(output):
-                if isinstance(t, torch.Tensor) and t.requires_grad:
+                if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None:
                     t.register_hook(self._claim_note)
 
     def _claim_note(self, grad: torch.Tensor) -> None:

@@ -12,8 +12,8 @@ hold with its tensor arguments; it and every module inside it add their paramete
 (and those they use outside their owners). The original graph's nodes (non-reentrant) or the
 inner backward (reentrant) read those tensors after the recomputation has returned, so the
 hold lasts until autograd has made the gradient of one of the outermost module's arguments
-(the region's backward is then over), or, when none needs a gradient, until the backward
-ends. A hold is released with every hold opened after it (backward runs regions last to first).
+that autograd made (the region's backward is then over), or, when none is such, until the
+backward ends. A hold is released with every hold opened after it (backward runs regions last to first).
 
 A forward is taken to run inside a backward when a Python frame of ``torch.autograd.backward``
 or ``torch.autograd.grad`` is below it, or when it runs on a thread other than the training
@@ -113,7 +113,11 @@ class Recomputation:
         self.holds.append(hold)
         self.frame, self.module = frame, module
         for t in leaves(args):
-            if isinstance(t, torch.Tensor) and t.requires_grad:
+            # Not on a leaf (a parameter passed to the checkpointed function): its gradient
+            # comes when the backward has used every path to it, and its hooks outlive the
+            # step (one more each step, each holding its hold). Such a hold goes with another
+            # argument's gradient, else at the backward's end.
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None:
                 t.register_hook(self._release_from(hold))
         return hold
 
