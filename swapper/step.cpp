@@ -96,6 +96,9 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.birth_of.clear();
   s.id_of_birth.clear();
   s.request_of_birth.clear();
+  s.op_at_birth.clear();
+  s.born_before_pin.clear();
+  s.id_in_trace.clear();
   s.expected_id_of.clear();
   s.expected_base_of_id.clear();
   s.prefetched_upto = 0;
@@ -326,6 +329,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     if (b.state != Residence::OnHost && b.born < s.begin_tick && s.id_of.count(base) == 0)
       untouched += b.size;
   graph::Graph g = graph::graph_from_trace(s.trace, "recorded step");
+  if (!spliced) live_from_birth_locked(s, g);
   // Each plan op also holds the memory the recording did not account for, at its worst over
   // the recorded ops since the previous plan op.
   std::uint32_t from = 0;
@@ -729,6 +733,32 @@ void Swapper::Impl::time_on_device_locked(StepState& s) {
   release_marks_locked(s);
 }
 
+void Swapper::Impl::live_from_birth_locked(StepState& s, graph::Graph& g) {
+  // A block made in the step and first pinned ops after its birth held its memory from the
+  // op it was born in: there it is written (the graph's tensor is live from that op, and the
+  // plan may move it once it is idle). The memory sampled in the ops between counts it too
+  // (unpinned: sample_other_locked), which errs toward room; taken out of those samples, the
+  // plans of the CPU bridge's GPT and MoE at a third had more demand fetches (2026-12-05).
+  std::unordered_map<std::uint64_t, graph::TensorIndex> tensor_of;
+  for (std::size_t t = 0; t < g.tensors.size(); ++t)
+    tensor_of.emplace(g.tensors[t].id, static_cast<graph::TensorIndex>(t));
+  const auto op_index = [&](std::uint32_t op) {  // the last plan op at or before `op`
+    auto it = std::upper_bound(s.plan_op_ids.begin(), s.plan_op_ids.end(), op);
+    return it == s.plan_op_ids.begin() ? std::size_t{0}
+                                       : static_cast<std::size_t>(it - s.plan_op_ids.begin()) - 1;
+  };
+  for (const auto& [index, born] : s.born_before_pin) {
+    if (index >= s.trace.accesses.size()) continue;
+    const graph::TraceAccess& a = s.trace.accesses[index];
+    const std::size_t from = op_index(born), first = op_index(a.op);
+    auto t = tensor_of.find(a.block);
+    if (from >= first || t == tensor_of.end()) continue;
+    std::vector<graph::TensorIndex>& writes = g.ops[from].writes;
+    if (std::find(writes.begin(), writes.end(), t->second) == writes.end())
+      writes.push_back(t->second);
+  }
+}
+
 void Swapper::Impl::sample_other_locked(StepState& s, bool at_pin) {
   const std::size_t mapped = backend.mapped_bytes();
   if (mapped == 0) return;
@@ -926,9 +956,21 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   a.op = static_cast<std::uint32_t>(std::max<std::int64_t>(s.op, 0));
   a.block = id;
   a.bytes = b.size;
-  a.access = graph::Access::Read;
+  // A block made in this step held nothing before it: its first access writes it, whatever
+  // the pin says (one that only reads, such as the next op's argument pin of an output its op
+  // made unpinned, made the graph take it for a block from before the step, live from the
+  // step's first op: an LSTM's recorded step summed to 580 MiB there against a 64 MiB
+  // footprint, and its plan evicted blocks at the end of the step with the budget 4x that).
+  const bool made_here = s.first_access_of_id.count(id) == 0 && b.born >= s.begin_tick;
+  a.access = made_here ? graph::Access::Write : graph::Access::Read;
   a.stream = sit->second;
   a.time_s = step_time_locked(s);
+  if (s.id_in_trace.size() <= id) s.id_in_trace.resize(id + 1, 0);
+  if (made_here && !s.id_in_trace[id]) {
+    if (auto born = s.op_at_birth.find(base); born != s.op_at_birth.end() && born->second < a.op)
+      s.born_before_pin.emplace_back(s.trace.accesses.size(), born->second);
+  }
+  s.id_in_trace[id] = 1;
   s.access_of_id_op[id] = s.trace.accesses.size();
   s.first_access_of_id.emplace(id, s.trace.accesses.size());
   s.trace.accesses.push_back(a);
@@ -968,6 +1010,7 @@ void Swapper::Impl::on_birth_locked(StepState& s, SwapBlock& b) {
     s.birth_of[key(b.base)] = k;
     s.id_of_birth.push_back(-1);
     s.request_of_birth.push_back(b.request);
+    s.op_at_birth[key(b.base)] = static_cast<std::uint32_t>(std::max<std::int64_t>(s.op, 0));
   }
   // Births are counted from the step's start: once the step has left its plan, the plan's
   // birth k need not be this one (its blocks are found at their first pin).

@@ -109,6 +109,13 @@ struct StepState {
   std::unordered_map<std::uintptr_t, Expected> expected_id_of;  // base -> id until first pin
   std::unordered_map<std::uint64_t, std::uintptr_t> expected_base_of_id;
   std::unordered_map<std::uint64_t, std::size_t> first_access_of_id;  // id -> first index
+  // The recording's blocks made in the step whose first pin came after the op they were
+  // born in (an output its op made unpinned; a gradient the backward wrote outside the hooks
+  // and the optimizer pins first): (index of that first access in the trace, op at birth).
+  // The step's graph has each live from its birth (see end_step_locked).
+  std::unordered_map<std::uintptr_t, std::uint32_t> op_at_birth;  // base -> op, recording
+  std::vector<std::pair<std::size_t, std::uint32_t>> born_before_pin;
+  std::vector<char> id_in_trace;  // id -> whether the recording has an access of it
   // Following a plan with resynchronisation (see step.cpp). A block's id in a step that has a
   // plan is the plan's id of the same block where one is found (by base and generation for a
   // block from before the step, by birth or by its place after the step's previous access for
@@ -293,6 +300,7 @@ struct Swapper::Impl {
   void on_unpin_locked(StepState& s, SwapBlock& b, bool wrote);
   // A large block allocated while the scope's step runs (Swapper::track).
   void on_birth_locked(StepState& s, SwapBlock& b);
+  void live_from_birth_locked(StepState& s, graph::Graph& g);
   // The block at `base` was pinned or freed: it is no longer known by its birth alone.
   void forget_expected_locked(StepState& s, std::uintptr_t base);
   // Starts a new op when the pin/unpin grouping says so (or `force`), issues the plan's

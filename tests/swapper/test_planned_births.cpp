@@ -167,5 +167,52 @@ TEST(PlannedBirths, ACleanBlockNeededSoonIsNotEvictedBeforeADirtyOneNeededLater)
   for (void* p : b) loop.rt.allocator().deallocate(p, nullptr);
 }
 
+// A step whose blocks are each made by one op and first pinned by a later op that only reads
+// them (an output its op writes unpinned and the next op reads: nn.LSTM's time steps on the
+// CPU bridge): in the step's graph each is live from the op it was born in to its last use.
+// The graph took a block whose first access reads for one from before the step, live from
+// the step's first op to its last: here a chain of 16 blocks of 2 MiB, each read by the next
+// two ops and freed after the second, beside four weights read at the step's start and end
+// (at most 16 MiB at once), summed to 40 MiB, and with the budget at 24 MiB the plan moved a
+// weight to the host (an LSTM at four times its footprint moved 13 MiB so at the end of its
+// first step, 2026-12-05).
+TEST(PlannedBirths, ABlockFirstPinnedByALaterReadIsLiveFromItsBirthOnly) {
+  constexpr int kChain = 16, kWeights = 4;
+  Loop loop(12 * kBlock, kWeights);
+  Swapper& sw = loop.sw;
+  const auto read_weights = [&] {
+    for (int l = 0; l < kWeights; ++l) loop.use(loop.weights[l], loop.seed(l), false);
+  };
+  for (int n = 1; n <= 3; ++n) {
+    sw.begin_step(5);
+    read_weights();
+    std::vector<void*> made;
+    const auto seed = [&](int i) { return static_cast<std::uint64_t>(1000 * n + i); };
+    for (int i = 0; i < kChain + 2; ++i) {
+      // One op: it reads the first weight and the two blocks before, and writes the next one,
+      // whose bytes it makes unpinned (declared after); the older of the two is then freed.
+      std::vector<PinToken> pins{sw.pin_for_host(loop.weights[0])};
+      for (int j = std::max(0, i - 2); j < std::min(i, kChain); ++j) {
+        pins.push_back(sw.pin_for_host(made[j]));
+        loop.ok = loop.ok && find_pattern_mismatch(made[j], kBlock, seed(j)) == kBlock;
+      }
+      if (i < kChain) {
+        made.push_back(loop.alloc());
+        fill_pattern(made.back(), kBlock, seed(i));
+        sw.set_swappable(made.back(), true);
+      }
+      for (PinToken& t : pins) sw.unpin(t, nullptr, false);
+      if (i >= 2) loop.rt.allocator().deallocate(made[i - 2], nullptr);
+    }
+    read_weights();
+    sw.end_step(5);
+  }
+  ASSERT_TRUE(loop.ok) << "a block lost its bytes";
+  const SwapStats s = sw.stats();
+  EXPECT_EQ(s.steps_planned, 2u);
+  EXPECT_EQ(s.bytes_out, 0u) << "blocks moved with the budget above the step's peak";
+  EXPECT_EQ(s.evictions_planned, 0u);
+}
+
 }  // namespace
 }  // namespace spill::test
