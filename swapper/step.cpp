@@ -928,8 +928,13 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     }
     s.base_of_id[id] = base;
     s.gen_of_id[id] = b.generation;
+    // The largest request of the step's blocks under this id: an id passes from a block freed
+    // in the step to the next one made there, which may be larger (an MLP's 1 MiB weight
+    // gradient, then a 2 MiB activation of a batch of 1024). The last one's alone made the
+    // plan's request smaller than the larger block's, which then outgrew every plan made
+    // again from it: each step was recorded and planned again.
     if (s.request_of_id.size() <= id) s.request_of_id.resize(id + 1, 0);
-    s.request_of_id[id] = b.request;
+    s.request_of_id[id] = std::max(s.request_of_id[id], b.request);
     if (s.existed_of_id.size() <= id) s.existed_of_id.resize(id + 1, 0);
     s.existed_of_id[id] = b.born < s.begin_tick;
     forget_expected_locked(s, base);

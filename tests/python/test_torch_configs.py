@@ -160,6 +160,38 @@ def test_optimizer_state_made_before_offload_is_declared_at_offload() -> None:
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_a_step_that_follows_its_plan_is_not_planned_again() -> None:
+    """The MLP with Adam and a batch of 1024 (2 MiB activations beside 1 MiB weights and
+    gradients) at a third of its footprint, 7 steps: plain torch's results, at most the first
+    three steps recorded and the rest planned. In a planned step a block's id may pass from a
+    block freed in the step to the next one made there, here a 1 MiB one then a 2 MiB one;
+    the recording kept the last block's request, so the plan remade from it had 1 MiB for
+    that id, the 2 MiB block outgrew it in every step, and every step was planned again
+    (recorded 7 of 7; the sweep's model=mlp,batch=large, 2026-12-05)."""
+    out = run_ok(quiet_preamble("1GiB") + LOOP + """
+        adam = lambda params: torch.optim.Adam(params, lr=1e-3)
+        base, bm, _ = train(adam, steps=7, batch=1024)
+        base_params = [p.detach().cpu().clone() for p in bm.parameters()]
+        del bm
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        train(adam, steps=2, batch=1024)
+""" + AT_A_THIRD + """
+        losses, m, h = train(adam, wrap, steps=7, batch=1024)
+        after = spill.stats()
+""" + MATCHES_PLAIN_TORCH + """
+        recorded = after["swap.steps_recorded"] - before["swap.steps_recorded"]
+        planned = after["swap.steps_planned"] - before["swap.steps_planned"]
+        assert recorded <= 3 and planned >= 4, ("recorded", recorded, "planned", planned)
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", recorded, planned)
+    """)
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_the_batch_is_pinned_only_while_the_model_uses_it() -> None:
     """Plain SGD on the MLP with a batch of 1024 (2 MiB activations, as large as the input
     batch), with the budget at 10 MiB (the footprint is 24 MiB): a Linear's backward needs its
