@@ -307,6 +307,7 @@ class OffloadHandle:
         self.pinner = Pinner()
         scope_id, owned = optional_scope(scope, model)
         self.steps = StepBoundaries(scope_id, manage=bool(optimizers), owned=owned)
+        self.steps.enable_evaluations()
         self._frames: List[_Frame] = []
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends
         self._bw_pending: List[Tuple[Token, bool]] = []
@@ -954,6 +955,7 @@ class OffloadHandle:
         pinned in the step frame (code between entries may read them) until the step ends."""
         self._entry = None
         self.steps.deferred = False
+        self.steps.end_evaluation()
         self._leave_eval_ops()
         self._pop_saved_hooks()
         self._claim_in_backward(output)
@@ -1024,10 +1026,11 @@ class OffloadHandle:
             self._eval_ops.__enter__()
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
         # step and the next training forward) belongs to neither: it leaves the boundary to
-        # the next training forward, and its pins begin no step and go to none (not recorded,
-        # not matched against the plan; the swapper's evictions meanwhile go by the plan's
-        # next uses). Before, it began the next step, which left the plan (an evaluation, then
-        # a training step) and was recorded again, and so was the step after it: two steps off
+        # the next training forward, and its pins begin no training step; they go to a step
+        # of the evaluations' own scope, ended when the forward returns (_steps.py,
+        # enable_evaluations). Before, it began the next step, which left the plan (an
+        # evaluation, then a training step) and was recorded again, and so was the step after
+        # it: two steps off
         # the plan for each evaluation (a GPT at a third on the CPU bridge, 2026-12-05: 40-66
         # and 21-50 demand fetches against 0-5 in a planned step). Evaluation: eval mode and
         # no grad mode, both. A ``torch.no_grad()`` forward in training mode (targets the model
@@ -1080,6 +1083,7 @@ class OffloadHandle:
         caller's last reference to it (Saved makes no cycle)."""
         self._entry, self._entry_depth = None, 0
         self.steps.deferred = False
+        self.steps.end_evaluation()
         self._leave_eval_ops()
         self._pop_saved_hooks()
         self._unwind(0)

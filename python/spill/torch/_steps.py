@@ -45,9 +45,19 @@ class StepBoundaries:
         self.in_step = False
         # Set for an evaluation between two steps (offload: a forward in eval mode, see its
         # _begin_forward; guard: an op outside grad mode, or Tensor.item()): its pins begin no
-        # step and go to this scope with none open (spill records and plans nothing of them).
+        # step of this scope; they go to a step of the evaluation scope (below) when there is
+        # one, else to this scope with none open (spill records and plans nothing of them).
         self.deferred = False
         self.count = 0              # steps ended so far
+        # offload's evaluation passes between steps (``deferred`` for a forward in eval mode
+        # and without grad mode): each is a step of a scope of their own, so that the first is
+        # recorded and the later ones follow its plan (prefetching the weights they read). As
+        # pins in no step they fetched on demand what the training plan had moved out at the
+        # end of the step before: torchvision's googlenet with an evaluation after every step,
+        # 127-144 demand fetches in steps 3-6 against 11-34 when the evaluation began the next
+        # training step (2026-12-05). Set by enable_evaluations(); guard() leaves it unset.
+        self.evaluation_scope: Optional[int] = None
+        self.in_evaluation = False
         # Per thread, the step (its count) in which the thread named the scope. Not a set of
         # thread idents: a thread that ended gives its ident to the next one, whose native
         # current scope is unset (a backward per step on a fresh thread, as the CPU bridge's
@@ -74,12 +84,24 @@ class StepBoundaries:
         named = self._named
         current = _current.__dict__
         if self.deferred and not self.in_step:
+            evaluation = self.evaluation_scope
+            if evaluation is not None:  # an evaluation pass: a step of its own scope
+                if not self.in_evaluation:
+                    self._call("spill_begin_step", self._device, ctypes.c_uint64(evaluation))
+                    self.in_evaluation = True
+                    current[self._device] = evaluation
+                elif current.get(self._device) != evaluation:
+                    self._call("spill_set_scope", self._device, ctypes.c_uint64(evaluation))
+                    current[self._device] = evaluation
+                return
             # No step: the pins go to this scope (none is open there: nothing records them),
             # not to whichever scope another model's hooks made current on this thread.
             if current.get(self._device) != self.scope:
                 self._call("spill_set_scope", self._device, ctypes.c_uint64(self.scope))
                 current[self._device] = self.scope
             return
+        if self.in_evaluation:
+            self.end_evaluation()
         if not self.in_step:
             self._call("spill_begin_step", self._device, ctypes.c_uint64(self.scope))
             self.in_step = True
@@ -90,6 +112,18 @@ class StepBoundaries:
         named.step = self.count
         current[self._device] = self.scope
 
+    def enable_evaluations(self) -> None:
+        """Evaluation passes between steps (``deferred``) run as steps of a scope of their
+        own, made here from the process-wide counter and ended by finish()."""
+        if self.manage and self.evaluation_scope is None:
+            self.evaluation_scope = fresh_scope()
+
+    def end_evaluation(self) -> None:
+        """Ends the evaluation pass's step, if one is open (its forward returned)."""
+        if self.in_evaluation:
+            self.in_evaluation = False
+            self._call("spill_end_step", self._device, ctypes.c_uint64(self.evaluation_scope))
+
     def end(self) -> None:
         if self.manage and self.in_step:
             self.in_step = False
@@ -97,10 +131,15 @@ class StepBoundaries:
             self._call("spill_end_step", self._device, ctypes.c_uint64(self.scope))
 
     def finish(self) -> None:
-        """Ends the step in progress and, when the integration chose the scope, the scope
-        itself (its recording and plan are freed)."""
+        """Ends the step in progress, the evaluations' scope, and, when the integration
+        chose the scope, the scope itself (their recordings and plans are freed)."""
         self.end()
-        if self.owned and not state.forked_child:
+        if state.forked_child:
+            return
+        self.end_evaluation()
+        if self.evaluation_scope is not None:
+            self._call("spill_end_scope", self._device, ctypes.c_uint64(self.evaluation_scope))
+        if self.owned:
             self._call("spill_end_scope", self._device, ctypes.c_uint64(self.scope))
 
 
@@ -181,6 +220,12 @@ _DEFAULT_SCOPE_BASE = 1 << 63
 _scope_counter = itertools.count(1)
 _scope_lock = threading.Lock()
 _scopes: Dict[int, Tuple[Any, int]] = {}
+
+
+def fresh_scope() -> int:
+    """A default scope of no object's (StepBoundaries' evaluation passes)."""
+    with _scope_lock:
+        return _DEFAULT_SCOPE_BASE + next(_scope_counter)
 
 
 def default_scope(obj: Any) -> int:
