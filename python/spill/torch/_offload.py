@@ -1030,12 +1030,11 @@ class OffloadHandle:
         # of the evaluations' own scope, ended when the forward returns (_steps.py,
         # enable_evaluations). Before, it began the next step, which left the plan (an
         # evaluation, then a training step) and was recorded again, and so was the step after
-        # it: two steps off
-        # the plan for each evaluation (a GPT at a third on the CPU bridge, 2026-12-05: 40-66
-        # and 21-50 demand fetches against 0-5 in a planned step). Evaluation: eval mode and
-        # no grad mode, both. A ``torch.no_grad()`` forward in training mode (targets the model
-        # computes for itself) and a training forward in eval mode (batch norm frozen by
-        # ``model.eval()``) begin the step as before.
+        # it: two steps off the plan for each evaluation (a GPT at a third on the CPU bridge,
+        # 2026-12-05: 40-66 and 21-50 demand fetches against 0-5 in a planned step).
+        # Evaluation: eval mode and no grad mode, both. A ``torch.no_grad()`` forward in
+        # training mode (targets the model computes for itself) and a training forward in eval
+        # mode (batch norm frozen by ``model.eval()``) begin the step as before.
         evaluating = (self._boundary and self.steps.manage and self._discovery is None
                       and not module.training and not torch.is_grad_enabled())
         self.steps.deferred = evaluating
