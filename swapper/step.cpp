@@ -67,6 +67,7 @@
 // swap-outs in flight and then the allocator's cache, as the graph planner's executor does;
 // and its recording does not count the cache as memory held (see sample_other_locked).
 #include <algorithm>
+#include <optional>
 
 #include "core/errors.hpp"
 #include "graph/planner.hpp"
@@ -96,9 +97,8 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.birth_of.clear();
   s.id_of_birth.clear();
   s.request_of_birth.clear();
-  s.op_at_birth.clear();
+  s.op_of_birth.clear();
   s.born_before_pin.clear();
-  s.id_in_trace.clear();
   s.expected_id_of.clear();
   s.expected_base_of_id.clear();
   s.prefetched_upto = 0;
@@ -914,8 +914,10 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   const bool fresh = it == s.id_of.end();
   if (fresh) it = s.id_of.emplace(base, id_for_block_locked(s, b)).first;
   std::uint64_t id = it->second;
+  std::optional<std::uint32_t> born_op;  // the op a block new to the step's trace was born in
   if (fresh) {
-    if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.base_of_id[id] != base) {
+    const bool id_new = id >= s.base_of_id.size() || s.base_of_id[id] == 0;
+    if (!id_new && s.base_of_id[id] != base) {
       // The id's block of this step was freed: this one follows it (see id_for_block_locked).
       auto old = s.id_of.find(s.base_of_id[id]);
       if (old != s.id_of.end() && old->second == id) s.id_of.erase(old);
@@ -948,8 +950,10 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
       s.plan_made_older = true;  // the plan's step made it (optimizer state in a first step)
     if (s.executing && id >= s.plan_ids && b.born < s.plan_begin_tick)
       s.unplanned_old++;  // older than the plan's step, which did not pin it: a skipped layer
-    if (auto birth = s.birth_of.find(base); birth != s.birth_of.end() && s.recording)
+    if (auto birth = s.birth_of.find(base); birth != s.birth_of.end() && s.recording) {
       s.id_of_birth[birth->second] = static_cast<std::int64_t>(id);
+      if (id_new) born_op = s.op_of_birth[birth->second];
+    }
   }
   if (!s.recording) return;
   auto [sit, new_stream] = s.stream_ids.emplace(reinterpret_cast<std::uintptr_t>(stream),
@@ -970,12 +974,8 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   a.access = made_here ? graph::Access::Write : graph::Access::Read;
   a.stream = sit->second;
   a.time_s = step_time_locked(s);
-  if (s.id_in_trace.size() <= id) s.id_in_trace.resize(id + 1, 0);
-  if (made_here && !s.id_in_trace[id]) {
-    if (auto born = s.op_at_birth.find(base); born != s.op_at_birth.end() && born->second < a.op)
-      s.born_before_pin.emplace_back(s.trace.accesses.size(), born->second);
-  }
-  s.id_in_trace[id] = 1;
+  if (made_here && born_op && *born_op < a.op)
+    s.born_before_pin.emplace_back(s.trace.accesses.size(), *born_op);
   s.access_of_id_op[id] = s.trace.accesses.size();
   s.first_access_of_id.emplace(id, s.trace.accesses.size());
   s.trace.accesses.push_back(a);
@@ -1015,7 +1015,7 @@ void Swapper::Impl::on_birth_locked(StepState& s, SwapBlock& b) {
     s.birth_of[key(b.base)] = k;
     s.id_of_birth.push_back(-1);
     s.request_of_birth.push_back(b.request);
-    s.op_at_birth[key(b.base)] = static_cast<std::uint32_t>(std::max<std::int64_t>(s.op, 0));
+    s.op_of_birth.push_back(static_cast<std::uint32_t>(std::max<std::int64_t>(s.op, 0)));
   }
   // Births are counted from the step's start: once the step has left its plan, the plan's
   // birth k need not be this one (its blocks are found at their first pin).

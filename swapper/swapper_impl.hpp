@@ -102,6 +102,7 @@ struct StepState {
   std::unordered_map<std::uintptr_t, std::uint64_t> birth_of;  // base -> birth, recording
   std::vector<std::int64_t> id_of_birth, id_of_birth_planned;
   std::vector<std::size_t> request_of_birth, request_of_birth_planned;
+  std::vector<std::uint32_t> op_of_birth;  // the recorded op each birth came in
   struct Expected {
     std::uint64_t id = 0;
     std::uint64_t generation = 0;
@@ -113,9 +114,7 @@ struct StepState {
   // born in (an output its op made unpinned; a gradient the backward wrote outside the hooks
   // and the optimizer pins first): (index of that first access in the trace, op at birth).
   // The step's graph has each live from its birth (see end_step_locked).
-  std::unordered_map<std::uintptr_t, std::uint32_t> op_at_birth;  // base -> op, recording
   std::vector<std::pair<std::size_t, std::uint32_t>> born_before_pin;
-  std::vector<char> id_in_trace;  // id -> whether the recording has an access of it
   // Following a plan with resynchronisation (see step.cpp). A block's id in a step that has a
   // plan is the plan's id of the same block where one is found (by base and generation for a
   // block from before the step, by birth or by its place after the step's previous access for

@@ -84,21 +84,17 @@ class StepBoundaries:
         named = self._named
         current = _current.__dict__
         if self.deferred and not self.in_step:
-            evaluation = self.evaluation_scope
-            if evaluation is not None:  # an evaluation pass: a step of its own scope
-                if not self.in_evaluation:
-                    self._call("spill_begin_step", self._device, ctypes.c_uint64(evaluation))
-                    self.in_evaluation = True
-                    current[self._device] = evaluation
-                elif current.get(self._device) != evaluation:
-                    self._call("spill_set_scope", self._device, ctypes.c_uint64(evaluation))
-                    current[self._device] = evaluation
-                return
-            # No step: the pins go to this scope (none is open there: nothing records them),
+            # An evaluation pass: a step of the evaluations' scope when there is one; else no
+            # step, the pins going to this scope (none is open there: nothing records them),
             # not to whichever scope another model's hooks made current on this thread.
-            if current.get(self._device) != self.scope:
-                self._call("spill_set_scope", self._device, ctypes.c_uint64(self.scope))
-                current[self._device] = self.scope
+            evaluation = self.evaluation_scope
+            target = self.scope if evaluation is None else evaluation
+            if evaluation is not None and not self.in_evaluation:
+                self._call("spill_begin_step", self._device, ctypes.c_uint64(evaluation))
+                self.in_evaluation = True
+            elif current.get(self._device) != target:
+                self._call("spill_set_scope", self._device, ctypes.c_uint64(target))
+            current[self._device] = target
             return
         if self.in_evaluation:
             self.end_evaluation()
