@@ -130,7 +130,10 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.prev_block = -1;
   s.unplanned_old = 0;
   if (!s.executing) s.pending.clear();  // else: prefetches issued at the previous step's end
-  if (s.recording) s.trace = graph::Trace{};
+  if (s.recording) {
+    s.trace = graph::Trace{};
+    s.trace_starts.clear();
+  }
   if (s.executing) {
     // Blocks the plan starts on the host should already be there from the previous step's
     // end; the plan's evictions put them back each step.
@@ -304,6 +307,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
       s.other_bytes[op] = std::max(s.other_bytes[op], s.plan_other_bytes[op]);
   }
   s.plan_trace = s.trace;
+  s.plan_starts = s.trace_starts;
   s.plan_other_bytes = s.other_bytes;
   s.request_of_id_planned = s.request_of_id;
   s.existed_of_id_planned = s.existed_of_id;
@@ -799,23 +803,33 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
     auto it = blocks.find(s.base_of_id[id]);
     return it != blocks.end() && it->second.generation == s.gen_of_id[id];
   };
-  // The plan's block first accessed at position j, if it can be this one: not taken, of this
-  // size if its id had a block freed in this step, and not the id of a block from before the
-  // plan's step that lives on unseen by this step (a skipped layer's weight; the latest
-  // step's block of an id the plan's step made may live on a little, as a Python variable
-  // holds a tensor until it is assigned the next step's).
+  // The plan's block first accessed at position j (its id's first, or a later block its id
+  // passed to in the plan's step: a second task's activation in MAML), if it can be this
+  // one: not taken, of this size if its id had a block freed in this step, not one the plan's
+  // step made when this one
+  // is from before the step (each keeps its own id: optimizer state made in a first step is
+  // found by its id of the latest step), and not the id of a block from before the plan's
+  // step that lives on unseen by this step (a skipped layer's weight). The latest step's
+  // block of an id the plan's step made may live on a little, as a Python variable holds a
+  // tensor until it is assigned the next step's: at the cursor its id is this block's; found
+  // only by a neighbour (`at_cursor` false) it is not, since that block may be state the plan's
+  // step made, which takes its id back when pinned. Before, an MLP's activation took the id of
+  // Adam's state that way in the second step (the plan has the state's first access right
+  // after a weight's), the state took it back later by its own id, and the plan made from that
+  // step had one block live from the activation to the optimizer: the third step left it.
   const auto& planned = s.plan_trace.accesses;
-  const auto fits = [&](std::size_t j) {
+  const auto fits = [&](std::size_t j, bool at_cursor) {
     if (j >= planned.size()) return false;
     const std::uint64_t id = planned[j].block;
-    if (id >= s.plan_ids || s.plan_positions[id].front() != j || taken(id)) return false;
+    if (id >= s.plan_ids || !s.plan_starts[j] || taken(id)) return false;
     if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.access_of_id_op.count(id) != 0 &&
         s.trace.accesses[s.access_of_id_op.at(id)].bytes != b.size)
       return false;
+    if (b.born < s.begin_tick && planned[j].access == graph::Access::Write) return false;
     if (id < s.base_of_id_prev.size() && s.base_of_id_prev[id] != 0) {
       auto old = blocks.find(s.base_of_id_prev[id]);
       if (old != blocks.end() && old->second.generation == s.gen_of_id_prev[id] &&
-          s.existed_of_id_planned[id]) {
+          (s.existed_of_id_planned[id] || !at_cursor)) {
         auto now = s.id_of.find(s.base_of_id_prev[id]);
         if (now == s.id_of.end() || now->second == id) return false;
       }
@@ -833,7 +847,7 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
       was = p->second;
   }
   if (was && s.cursor < planned.size() && planned[s.cursor].block == *was) return *was;
-  if (fits(s.cursor)) return planned[s.cursor].block;
+  if (fits(s.cursor, true)) return planned[s.cursor].block;
   if (was) return *was;
   // Made in this step, or new to the plan (a model built again with the same shape): born
   // where the plan's recording had a block (the births are counted, so one more allocation
@@ -845,7 +859,7 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
   if (s.prev_block >= 0 && static_cast<std::uint64_t>(s.prev_block) < s.plan_ids) {
     std::optional<std::size_t> before;
     for (std::size_t p : s.plan_positions[s.prev_block]) {
-      if (!fits(p + 1)) continue;
+      if (!fits(p + 1, false)) continue;
       if (p + 1 >= s.cursor) return planned[p + 1].block;
       before = p + 1;
     }
@@ -977,7 +991,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   if (made_here && born_op && *born_op < a.op)
     s.born_before_pin.emplace_back(s.trace.accesses.size(), *born_op);
   s.access_of_id_op[id] = s.trace.accesses.size();
-  s.first_access_of_id.emplace(id, s.trace.accesses.size());
+  s.trace_starts.push_back(s.first_access_of_id.emplace(id, s.trace.accesses.size()).second);
   s.trace.accesses.push_back(a);
   sample_other_locked(s, true);
   if (s.executing) {
@@ -1091,7 +1105,8 @@ bool Swapper::Impl::splice_into_plan_locked(StepState& s) {
   const auto close_op = [&] {
     if (src_prev >= 0 && op_prev < duration[src_prev].size()) t += duration[src_prev][op_prev];
   };
-  const auto emit = [&](const graph::TraceAccess& a, int src) {
+  std::vector<bool> starts;  // per access of the spliced trace (StepState::trace_starts)
+  const auto emit = [&](const graph::TraceAccess& a, int src, bool start) {
     if (src != src_prev || a.op != op_prev) {
       close_op();
       // The memory its recording did not show, at its worst over that recording's ops since
@@ -1109,17 +1124,20 @@ bool Swapper::Impl::splice_into_plan_locked(StepState& s) {
     c.op = static_cast<std::uint32_t>(other.size() - 1);
     c.time_s = t;
     out.accesses.push_back(c);
+    starts.push_back(start);
   };
   // Where both leave accesses between two common ones, the plan's come first.
   std::size_t i = 0, j = 0;
   while (i < n || j < m) {
     if (i < n && j < m && weight(i, j) > 0 && at(i, j) == weight(i, j) + at(i + 1, j + 1)) {
-      emit(plan[j], 1);
+      emit(plan[j], 1, s.plan_starts[j]);
       ++i, ++j;
     } else if (j < m && (i == n || at(i, j + 1) >= at(i + 1, j))) {
-      emit(plan[j++], 1);
+      emit(plan[j], 1, s.plan_starts[j]);
+      ++j;
     } else {
-      emit(step[i++], 0);
+      emit(step[i], 0, s.trace_starts[i]);
+      ++i;
     }
   }
   close_op();
@@ -1145,6 +1163,7 @@ bool Swapper::Impl::splice_into_plan_locked(StepState& s) {
     s.id_of[s.base_of_id[id]] = id;  // not untouched memory: the plan holds it
   }
   s.trace = std::move(out);
+  s.trace_starts = std::move(starts);
   s.other_bytes = std::move(other);
   s.next_id = ids;
   return true;

@@ -136,6 +136,10 @@ struct StepState {
   std::uint64_t last_shape = 0;  // a hash of the latest step's accesses (its blocks in order)
   std::int64_t prev_block = -1;  // the id of the step's latest recorded access
   std::vector<std::vector<std::size_t>> plan_positions;  // plan id -> indices in plan_trace
+  // Per access of the trace (of plan_trace): whether it is its block's first in the step. An
+  // id passes from a block freed in the step to a later one (id_for_block_locked), so an id's
+  // first position is not the only place a block of the plan's step begins.
+  std::vector<bool> trace_starts, plan_starts;
   std::unordered_map<std::uintptr_t, std::uint64_t> prev_id_of_base;  // base_of_id_prev, inverted
   graph::Trace trace, last_trace;
   graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)

@@ -127,12 +127,15 @@ def test_training_at_a_third_of_the_footprint_is_bit_identical(model: str, mode:
     assert run["quiet_steps"] == 0, "a step at a third of the footprint ran quiet"
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt", "gpt_var"])
-def test_planned_steps_beat_lru(model: str) -> None:
+@pytest.mark.parametrize("model,ratio", [("mlp", 5), ("cnn", 5), ("gpt", 40), ("gpt_var", 5)])
+def test_planned_steps_beat_lru(model: str, ratio: int) -> None:
     """Offload mode at 1/3 of the footprint: from the third step on (the first creates gradients
     and optimizer state, the second becomes the plan), planned steps have at most a fifth of
-    LRU's demand fetches and a third of its stall (simulated link), with at most one
-    deviation; also when each step's sequence length differs (gpt_var)."""
+    LRU's demand fetches (the GPT a fortieth) and a third of its stall (simulated link), with
+    at most one deviation; also when each step's sequence length differs (gpt_var). The GPT
+    had 17 to LRU's 380 while an activation of its second step could take the id of AdamW's
+    state (the plan's next block after a weight's access in the optimizer step), which made
+    the plan hold that activation until the optimizer; none since (2026-12-05)."""
     plan = training(model)["runs"]["offload"]["per_step"]
     lru = training(model, "lru", "offload")["runs"]["offload"]["per_step"]
     first = 2
@@ -144,7 +147,7 @@ def test_planned_steps_beat_lru(model: str) -> None:
               f"{demand_lru:.0f}, stall plan {stall_plan * 1e3:.2f} ms / lru "
               f"{stall_lru * 1e3:.2f} ms")
     assert demand_lru > 0 and stall_lru > 0, detail
-    assert demand_plan * 5 <= demand_lru, detail
+    assert demand_plan * ratio <= demand_lru, detail
     # Robust at time_scale:0 with wall queries: each of LRU's demand fetches stalls at least
     # its copy's link time however the host learns that it landed (SwapStats::stall_s), so
     # LRU's stall no longer depends on how fast the copy thread ran.
@@ -160,7 +163,9 @@ def test_planned_steps_beat_lru(model: str) -> None:
 # not run, serving its own extra ops reactively, running the plan's ops again for another
 # micro-batch); before, it left the plan at its first differing access and ran as LRU does
 # (0 to 2 planned steps of 8, demand fetches 0.7 to 0.9 of LRU's).
-@pytest.mark.parametrize("model,ratio", [("drop", 1.25), ("moe", 5), ("mlp_accum", 2)])
+# moe: 62 demand fetches to LRU's 752 before an activation could no longer take the id of
+# optimizer state (see test_planned_steps_beat_lru), 15 after.
+@pytest.mark.parametrize("model,ratio", [("drop", 1.25), ("moe", 20), ("mlp_accum", 2)])
 def test_steps_whose_ops_vary_follow_their_plan(model: str, ratio: float) -> None:
     resynced, detail = planned_against_lru(model, ratio)
     assert resynced >= 1, detail  # the steps do differ

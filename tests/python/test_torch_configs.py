@@ -167,7 +167,12 @@ def test_a_step_that_follows_its_plan_is_not_planned_again() -> None:
     block freed in the step to the next one made there, here a 1 MiB one then a 2 MiB one;
     the recording kept the last block's request, so the plan remade from it had 1 MiB for
     that id, the 2 MiB block outgrew it in every step, and every step was planned again
-    (recorded 7 of 7; the sweep's model=mlp,batch=large, 2026-12-05)."""
+    (recorded 7 of 7; the sweep's model=mlp,batch=large, 2026-12-05). Then the third step
+    still left its plan (recorded 3, planned 4): in the second step an activation had taken
+    the id of Adam's state, found as the plan's next block after a weight's access, which the
+    state took back when pinned, so the plan's id named an activation, then another, then
+    the state; the third step found that state alive and unseen, and refused the id to the
+    activation. Now the first two steps are recorded and every later one follows its plan."""
     out = run_ok(quiet_preamble("1GiB") + LOOP + """
         adam = lambda params: torch.optim.Adam(params, lr=1e-3)
         base, bm, _ = train(adam, steps=7, batch=1024)
@@ -183,7 +188,7 @@ def test_a_step_that_follows_its_plan_is_not_planned_again() -> None:
 """ + MATCHES_PLAIN_TORCH + """
         recorded = after["swap.steps_recorded"] - before["swap.steps_recorded"]
         planned = after["swap.steps_planned"] - before["swap.steps_planned"]
-        assert recorded <= 3 and planned >= 4, ("recorded", recorded, "planned", planned)
+        assert recorded <= 2 and planned >= 5, ("recorded", recorded, "planned", planned)
         spill.set_budget(1 << 30)
         h.remove()
         print("ok", recorded, planned)
