@@ -3,13 +3,15 @@
 // the step it was made from. A later step gives each block it pins the plan's id of the same
 // block: a block from before the step (weights, optimizer state) by its base and generation,
 // as the latest step left it (or by its place, when the plan's block there is gone: blocks
-// that change roles, as SAM's weights); a block made in the step by its place (the plan's
-// block first pinned where the step is: at the plan access the step expects next, its
-// cursor, or right after the plan's accesses of the block the step pinned last; the id of a
-// block freed in the step passes to the next one made there, as a second micro-batch's
-// activation), else by its birth (below); a block the plan does not know gets an id past the
-// plan's. An access the plan has at the cursor follows the plan. Else the step has left its
-// plan (a deviation, counted once a step) and resynchronises: to the block's next access in
+// that change roles, as SAM's weights; never the id of a block the plan's step made); a block
+// made in the step by its place (the plan's block first pinned where the step is: at the plan
+// access the step expects next, its cursor, or right after the plan's accesses of the block
+// the step pinned last, there not an id whose block of the latest step lives on unseen; the
+// id of a block freed in the step passes to the next one made there, as a second
+// micro-batch's activation, and is found at each block it passed to in the plan's step),
+// else by its birth (below); a block the plan does not know gets an id past the plan's. An
+// access the plan has at the cursor follows the plan. Else the step has left its plan (a
+// deviation, counted once a step) and resynchronises: to the block's next access in
 // the plan within kShortSkip accesses (the plan's ops between were skipped: a dropped layer,
 // an expert without tokens; their evictions are issued, and their prefetches for uses not
 // skipped), or to where the plan has this block right after the step's previous one (ahead,
@@ -806,17 +808,17 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
   // The plan's block first accessed at position j (its id's first, or a later block its id
   // passed to in the plan's step: a second task's activation in MAML), if it can be this
   // one: not taken, of this size if its id had a block freed in this step, not one the plan's
-  // step made when this one
-  // is from before the step (each keeps its own id: optimizer state made in a first step is
-  // found by its id of the latest step), and not the id of a block from before the plan's
-  // step that lives on unseen by this step (a skipped layer's weight). The latest step's
-  // block of an id the plan's step made may live on a little, as a Python variable holds a
-  // tensor until it is assigned the next step's: at the cursor its id is this block's; found
-  // only by a neighbour (`at_cursor` false) it is not, since that block may be state the plan's
-  // step made, which takes its id back when pinned. Before, an MLP's activation took the id of
-  // Adam's state that way in the second step (the plan has the state's first access right
-  // after a weight's), the state took it back later by its own id, and the plan made from that
-  // step had one block live from the activation to the optimizer: the third step left it.
+  // step made when this one is from before the step (each keeps its own id: optimizer state
+  // made in a first step is found by its id of the latest step), and not the id of a block
+  // from before the plan's step that lives on unseen by this step (a skipped layer's weight).
+  // The latest step's block of an id the plan's step made may live on a little, as a Python
+  // variable holds a tensor until it is assigned the next step's: at the cursor its id is
+  // this block's; found only by a neighbour (`at_cursor` false) it is not, since that block
+  // may be state the plan's step made, which takes its id back when pinned. Before, an MLP's
+  // activation took the id of Adam's state that way in the second step (the plan has the
+  // state's first access right after a weight's), the state took it back later by its own
+  // id, and the plan made from that step had one block live from the activation to the
+  // optimizer: the third step left it.
   const auto& planned = s.plan_trace.accesses;
   const auto fits = [&](std::size_t j, bool at_cursor) {
     if (j >= planned.size()) return false;
