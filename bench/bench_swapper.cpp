@@ -1,5 +1,8 @@
 // Swapper benchmarks.
 //   BM_pin_resident   pin + unpin of a resident block (the hot path; target <= 200 ns)
+//   BM_pin_recording  pin + unpin of a resident block in a recorded step, with `blocks` other
+//                     blocks tracked: the recording's bookkeeping at each pin and op (it was
+//                     linear in the blocks tracked until 2026-12-05)
 //   BM_swap           swap-out, swap-in and both at once of blocks from 2 MiB (1 MiB and
 //                     smaller blocks live in the small pool and never move) to 1 GiB, in
 //                     GB/s of the device's clock (simulated link model on SimDevice; measured
@@ -10,6 +13,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/units.hpp"
 #include "device/cuda_device.hpp"
@@ -60,6 +64,44 @@ void BM_pin_resident(benchmark::State& state) {
   profiling::TraceRecorder::global().set_enabled(true);
 }
 BENCHMARK(BM_pin_resident)->ArgName("cuda")->Arg(0)->Arg(1);
+
+void BM_pin_recording(benchmark::State& state) {
+  profiling::TraceRecorder::global().set_enabled(false);
+  Config c = Config::parse(
+      "device:sim,sim_capacity:16GiB,policy:plan,trace:off,swap_threshold:64KiB,"
+      "sim_granularity:64KiB");
+  c.budget = 4 * GiB;
+  auto rt = std::make_unique<Runtime>(c);
+  Stream s = rt->device().create_stream();
+  Swapper& sw = *rt->swapper();
+  std::vector<void*> blocks(static_cast<std::size_t>(state.range(0)));
+  sw.begin_step();
+  for (void*& p : blocks) {  // tracked from their first pin
+    p = rt->allocator().allocate(128 * KiB, s);
+    sw.pin(p, s);
+    sw.unpin(p, s, true);
+  }
+  std::int64_t pins = 0;
+  for (auto _ : state) {
+    sw.pin(blocks[0], s);
+    sw.unpin(blocks[0], s, false);
+    if ((++pins & 0xfff) == 0) {  // a step of 4096 ops, as the recordings' traces stay short
+      state.PauseTiming();
+      sw.end_step();
+      rt->device().synchronize(s);
+      sw.begin_step();
+      state.ResumeTiming();
+    }
+  }
+  sw.end_step();
+  rt->device().synchronize(s);
+  for (void* p : blocks) rt->allocator().deallocate(p, s);
+  rt->device().synchronize(s);
+  rt->allocator().forget_stream(s);
+  rt->device().destroy_stream(s);
+  profiling::TraceRecorder::global().set_enabled(true);
+}
+BENCHMARK(BM_pin_recording)->ArgName("blocks")->Arg(16)->Arg(256)->Arg(2048);
 
 // direction 0: out, 1: in, 2: both at once (one block leaves while another returns).
 void BM_swap(benchmark::State& state) {

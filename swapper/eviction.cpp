@@ -56,10 +56,14 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   b.out_order = next_out_order++;
   b.host_valid = true;  // valid once out_done completes; a write before that cancels (pin)
   b.state = Residence::SwappingOut;
+  swapping_out.insert(reinterpret_cast<std::uintptr_t>(b.base));
 }
 
 std::size_t Swapper::Impl::complete_swap_out_locked(SwapBlock& b) {
   backend.unback(b.base, b.size);
+  const auto base = reinterpret_cast<std::uintptr_t>(b.base);
+  count_fresh_locked(base, b, -1);
+  swapping_out.erase(base);
   b.state = Residence::OnHost;
   put_event_locked(b.out_done);
   put_event_locked(b.in_done);
@@ -70,9 +74,10 @@ std::size_t Swapper::Impl::complete_swap_out_locked(SwapBlock& b) {
 
 std::size_t Swapper::Impl::reap_locked() {
   std::size_t freed = 0;
-  for (auto& [base, b] : blocks) {
-    if (b.state == Residence::SwappingOut && !b.busy && dev.query(b.out_done))
-      freed += complete_swap_out_locked(b);
+  for (auto it = swapping_out.begin(); it != swapping_out.end();) {
+    SwapBlock& b = blocks.at(*it);
+    ++it;  // (completing it takes it out of the set)
+    if (!b.busy && dev.query(b.out_done)) freed += complete_swap_out_locked(b);
   }
   auto done = std::remove_if(zombies.begin(), zombies.end(), [&](Zombie& z) {
     if (!dev.query(z.done)) return false;

@@ -114,6 +114,7 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.waited0_ns = waited_ns;
   s.last_time_s = 0;
   s.begin_tick = ++tick;
+  s.fresh_bytes = 0;  // every block is older now
   s.outgrew_plan = false;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
   // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
@@ -264,7 +265,10 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     for (auto it = s.id_of.begin(); it != s.id_of.end();) {
       const std::int64_t id = it->second < new_of.size() ? new_of[it->second] : -1;
       if (id < 0) {
+        const std::uintptr_t base = it->first;
         it = s.id_of.erase(it);
+        auto b = blocks.find(base);
+        if (b != blocks.end() && fresh_in(s, base, b->second)) s.fresh_bytes += b->second.size;
       } else {
         it->second = static_cast<std::uint64_t>(id);
         ++it;
@@ -780,13 +784,10 @@ void Swapper::Impl::sample_other_locked(StepState& s, bool at_pin) {
   //   budget), and a planned prefetch that lacks room releases it (prefetch_planned): it is
   //   not counted.
   const bool device_timed = s.timing == StepState::Timing::Device;
-  std::size_t tracked = 0, fresh = 0;
-  for (const auto& [base, b] : blocks) {
-    if (b.state == Residence::OnHost) continue;
-    tracked += b.size;
-    if (b.born >= s.begin_tick && s.id_of.count(base) == 0 && !(at_pin && device_timed))
-      fresh += b.size;
-  }
+  // The tracked blocks not on the host (the swapper's resident bytes), and those of them born
+  // in the step that no pin has touched yet (kept as they change: StepState::fresh_bytes).
+  const std::size_t tracked = stats.resident_bytes;
+  const std::size_t fresh = at_pin && device_timed ? 0 : s.fresh_bytes;
   const auto op = static_cast<std::size_t>(std::max<std::int64_t>(s.op, 0));
   if (s.other_bytes.size() <= op) s.other_bytes.resize(op + 1, 0);
   const std::size_t cached = device_timed ? backend.cached_bytes() : 0;
@@ -928,7 +929,10 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   std::uintptr_t base = key(b.base);
   auto it = s.id_of.find(base);
   const bool fresh = it == s.id_of.end();
-  if (fresh) it = s.id_of.emplace(base, id_for_block_locked(s, b)).first;
+  if (fresh) {
+    if (fresh_in(s, base, b)) s.fresh_bytes -= b.size;
+    it = s.id_of.emplace(base, id_for_block_locked(s, b)).first;
+  }
   std::uint64_t id = it->second;
   std::optional<std::uint32_t> born_op;  // the op a block new to the step's trace was born in
   if (fresh) {
@@ -936,7 +940,13 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     if (!id_new && s.base_of_id[id] != base) {
       // The id's block of this step was freed: this one follows it (see id_for_block_locked).
       auto old = s.id_of.find(s.base_of_id[id]);
-      if (old != s.id_of.end() && old->second == id) s.id_of.erase(old);
+      if (old != s.id_of.end() && old->second == id) {
+        const std::uintptr_t old_base = old->first;
+        s.id_of.erase(old);
+        auto ob = blocks.find(old_base);
+        if (ob != blocks.end() && fresh_in(s, old_base, ob->second))
+          s.fresh_bytes += ob->second.size;
+      }
       s.first_access_of_id.erase(id);
       s.access_of_id_op.erase(id);
     }
@@ -1162,6 +1172,7 @@ bool Swapper::Impl::splice_into_plan_locked(StepState& s) {
       continue;
     s.base_of_id[id] = s.base_of_id_prev[id];
     s.gen_of_id[id] = s.gen_of_id_prev[id];
+    if (fresh_in(s, it->first, it->second)) s.fresh_bytes -= it->second.size;
     s.id_of[s.base_of_id[id]] = id;  // not untouched memory: the plan holds it
   }
   s.trace = std::move(out);

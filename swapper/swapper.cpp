@@ -126,6 +126,7 @@ SwapBlock& Swapper::Impl::add_block_locked(void* base, std::size_t size) {
   b.generation = next_generation++;
   b.born = ++tick;
   stats.resident_bytes += size;
+  count_fresh_locked(key(base), b, +1);
   return b;
 }
 
@@ -158,6 +159,7 @@ void Swapper::Impl::copy_chunks(void* dst, const void* src, std::size_t bytes, C
 }
 
 void Swapper::Impl::cancel_swap_out_locked(SwapBlock& b) {
+  swapping_out.erase(key(b.base));
   // The device bytes are still there, but a swap-out may have started while the block's
   // swap-in was landing (a SwappingIn victim): then it is still swapping in, and its users
   // must wait for that copy.
@@ -300,6 +302,7 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
   }
   dev.record(again.in_done, h2d);
   again.state = Residence::SwappingIn;
+  count_fresh_locked(base, again, +1);  // (back from the host)
   again.prefetched = prefetch;
   stats.on_host_bytes -= size;
   stats.resident_bytes += size;
@@ -558,6 +561,8 @@ void Swapper::release(void* base, Stream stream) {
   }
   m.put_event_locked(b.out_done);
   m.put_event_locked(b.in_done);
+  m.count_fresh_locked(key(base), b, -1);
+  m.swapping_out.erase(key(base));
   for (auto& [id, st] : m.scopes) {
     st.id_of.erase(key(base));
     st.birth_of.erase(key(base));

@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <unordered_map>
 #include <vector>
 
@@ -73,6 +74,12 @@ struct StepState {
   std::int64_t op = -1;
   std::uint64_t next_id = 0;     // the next id for a block the plan does not know
   std::unordered_map<std::uintptr_t, std::uint64_t> id_of;       // base -> id, this step
+  // The bytes of the blocks born in the step that are not on the host and not yet in id_of
+  // (no pin has given them an id): what sample_other_locked counts beside the memory no
+  // block tracks. Kept as blocks are born, take ids, move to and from the host and go
+  // (count_fresh_locked); a scan of every block at each pin and op was the recording's
+  // largest cost in the swapper once a step had hundreds of blocks.
+  std::size_t fresh_bytes = 0;
   // id -> base, this step's and the latest step's (ids are the plan's: see plan_ids).
   std::vector<std::uintptr_t> base_of_id, base_of_id_prev;
   // id -> the generation of the block at that base when it was pinned: a later block at the
@@ -216,6 +223,9 @@ struct Swapper::Impl {
   mutable std::mutex mu;
   std::condition_variable cv;  // a block stopped being busy
   std::map<std::uintptr_t, SwapBlock> blocks;
+  // The blocks whose state is SwappingOut, in the order of `blocks` (reap_locked completes
+  // theirs without a scan of every block at each op).
+  std::set<std::uintptr_t> swapping_out;
   std::vector<Event> event_pool;
   std::vector<Event> timing_pool;  // events with timing, for StepState::marks
   struct Zombie {  // host buffer of a released block, freed once its copy is done
@@ -356,6 +366,18 @@ struct Swapper::Impl {
   void release_marks_locked(StepState& s);
   // Notes the memory mapped outside the recording's blocks at this point of the step.
   void sample_other_locked(StepState& s, bool at_pin);
+  // Whether block `b` (at `base`) is among step `s`'s fresh bytes (StepState::fresh_bytes).
+  static bool fresh_in(const StepState& s, std::uintptr_t base, const SwapBlock& b) {
+    return b.born >= s.begin_tick && b.state != Residence::OnHost && s.id_of.count(base) == 0;
+  }
+  // Adds (`sign` +1) or takes out (-1) block `b`'s bytes in the fresh bytes of every scope
+  // that counts it: around a change of its residence to or from the host, its birth and its
+  // end. A change of one scope's id_of adjusts that scope alone.
+  void count_fresh_locked(std::uintptr_t base, const SwapBlock& b, int sign) {
+    for (auto& [scope, st] : scopes)
+      if (fresh_in(st, base, b)) st.fresh_bytes = sign > 0 ? st.fresh_bytes + b.size
+                                                            : st.fresh_bytes - b.size;
+  }
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,
                     RoomWait wait = RoomWait::None);
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
