@@ -151,6 +151,18 @@ spill_status spill_stats_json(int device, char** json) {
       j["swap.deviations"] = s.deviations;
       j["swap.steps_resynced"] = s.steps_resynced;
     }
+    // The device's virtual-memory calls so far and the host's time in them (the driver's cuMem*
+    // on CUDA, this machine's mmap work on the simulated device): what mapping blocks in and
+    // out costs the host, per kind, and in all.
+    const VmmCalls v = rt.device().vmm_calls();
+    const std::pair<const char*, const VmmCalls::Tally*> kinds[] = {
+        {"reserve", &v.reserve}, {"create", &v.create},   {"map", &v.map},
+        {"unmap", &v.unmap},     {"release", &v.release}, {"unreserve", &v.unreserve}};
+    for (const auto& [name, t] : kinds) {
+      j[std::string("vmm.") + name + "_calls"] = t->calls;
+      j[std::string("vmm.") + name + "_s"] = t->seconds;
+    }
+    j["vmm.host_s"] = v.seconds();
     return give_string(j.dump(), json, "spill_stats_json");
   });
 }

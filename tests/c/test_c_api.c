@@ -11,6 +11,14 @@
 
 #define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
 
+/* The number after "key": in a flat JSON object (spill_stats_json); -1 when the key is absent. */
+static double json_number(const char* json, const char* key) {
+  char quoted[128];
+  snprintf(quoted, sizeof quoted, "\"%s\":", key);
+  const char* at = strstr(json, quoted);
+  return at == NULL ? -1 : strtod(at + strlen(quoted), NULL);
+}
+
 TEST(version_and_status_strings) {
   const char* v = spill_version();
   REQUIRE(v != NULL);
@@ -517,6 +525,11 @@ TEST(stats_json_and_snapshot) {
   CHECK(strstr(json, "\"requested_bytes.current\":3145728") != NULL);
   CHECK(strstr(json, "\"swap.bytes_out\"") != NULL);
   CHECK(strstr(json, "\"simulated\":true") != NULL);
+  /* The block's mapping: a physical allocation made and mapped, with the host's time in it. */
+  CHECK(json_number(json, "vmm.create_calls") >= 1);
+  CHECK(json_number(json, "vmm.map_calls") >= 1);
+  CHECK(json_number(json, "vmm.host_s") > 0);
+  CHECK(json_number(json, "vmm.host_s") >= json_number(json, "vmm.map_s"));
   spill_string_free(json);
   REQUIRE_OK(spill_snapshot_json(0, &json));
   CHECK(strstr(json, "\"segments\"") != NULL);

@@ -319,7 +319,10 @@ SPILL_API spill_status spill_get_stats(int device, spill_stats* stats);
  * memory_stats: "allocated_bytes.current" / ".peak" / ".allocated" / ".freed" (likewise
  * requested_bytes, reserved_bytes, cached_bytes, host_pinned_bytes), counters "num_allocs",
  * "num_frees", "num_cache_hits", "num_ooms", ..., the swapper's "swap.bytes_out", ...,
- * "budget_bytes", "device", "device_name", "simulated". *json is freed with spill_string_free. */
+ * "budget_bytes", "device", "device_name", "simulated", and the device's virtual-memory calls
+ * so far with the host's seconds in them, "vmm.map_calls" / "vmm.map_s" (likewise reserve,
+ * create, unmap, release, unreserve) and "vmm.host_s" (all kinds). *json is freed with
+ * spill_string_free. */
 SPILL_API spill_status spill_stats_json(int device, char** json);
 /* A memory snapshot of `device` as JSON in the layout of PyTorch's memory_viz (segments with
  * their blocks, and the allocation history still in the trace buffer); blocks whose bytes are

@@ -1,0 +1,41 @@
+"""The GPU benchmark scripts run end to end on the CPU bridge (their --bridge mode), so that a
+session lent a GPU does not spend its minutes on a script that breaks before it measures."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_torch_gpt2_bench_runs_every_case_on_the_bridge(tmp_path: pathlib.Path) -> None:
+    """bench/gpu/bench_torch_gpt2.py --bridge: the four cases with a small GPT, spill's at a
+    third of the unlimited footprint; each case's losses equal the unlimited run's, each step
+    has its host time and CPU time, and spill's steps their swap counters and the host's time
+    in the device's virtual-memory calls."""
+    out = tmp_path / "gpt2.json"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "bench_torch_gpt2.py"),
+                        "--bridge", "--batch", "4", "--seq", "64", "--steps", "3",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    cases = res["cases"]
+    assert sorted(cases) == ["checkpoint", "save_on_cpu", "spill", "unlimited"], cases.keys()
+    for name, case in cases.items():
+        assert "error" not in case, (name, case.get("error"))
+        assert case["losses"] == cases["unlimited"]["losses"], name
+        assert len(case["host_s"]) == len(case["cpu_s"]) == len(case["step_s"]) == 3, name
+        assert all(0 < h <= t for h, t in zip(case["host_s"], case["step_s"])), name
+    assert res["budget"] == res["footprint"] // 3
+    steps = cases["spill"]["spill_steps"]
+    assert len(steps) == 3
+    assert sum(s["swap.bytes_out"] for s in steps) > 0, steps
+    assert all(s["vmm.map_calls"] > 0 and s["vmm.host_s"] > 0 for s in steps), steps
+    assert "spill step 3:" in r.stdout and "VMM calls" in r.stdout, r.stdout
