@@ -336,6 +336,9 @@ def test_stats_answer_with_spills_figures_and_the_patch_is_undone() -> None:
         nested = torch.cuda.memory_stats_as_nested_dict()
         assert nested["allocated_bytes"]["all"]["current"] == s["allocated_bytes.current"]
         assert nested["swap"]["bytes_out"] == s["swap.bytes_out"]
+        # the device's virtual-memory calls (the block above was mapped) and their host time
+        assert s["vmm.map_calls"] >= 1 and s["vmm.host_s"] >= s["vmm.map_s"] > 0, s
+        assert "Virtual-memory calls (host time)" in torch.cuda.memory_summary()
         # spill records its history itself: torch's switch is taken and ignored (the pluggable
         # allocator raises for it; torch 1.13's CPU build has no recorder at all)
         torch.cuda.memory._record_memory_history("all", max_entries=1000)
