@@ -8,11 +8,14 @@ it when a GPU and a CUDA torch exist. Numbers from it are labelled with the GPU 
 Beside each step's time (to the device's end of the step), the host's: the wall time until the
 optimizer step returned (the host has issued the step's work by then) and the process's CPU
 time over it (the training thread and autograd's device thread): a host time close to the step
-time says the GPU waited for the host. spill's steps also give their swap counters and the
-host's time in the device's virtual-memory calls (``vmm.host_s``: cuMemCreate, cuMemMap, ...).
+time says the GPU waited for the host, unless the host waited for the device inside the step
+(save_on_cpu's copies to the host do; spill's pins on CUDA do not). spill's steps also give
+their swap counters and the host's time in the device's virtual-memory calls (``vmm.host_s``:
+cuMemCreate, cuMemMap, ...).
 
 --bridge runs the same cases on the CPU bridge (spill.torch.enable(target="cpu") in every case,
-the small GPT of the bridge tests): a check that the script runs end to end, for CI, not a benchmark.
+the small GPT of the bridge tests): a check that the script runs end to end, for CI, not a
+benchmark.
 
 Usage: bench_torch_gpt2.py [--batch 8] [--seq 1024] [--steps 6] [--json out.json] [--bridge]
 """
@@ -119,14 +122,14 @@ def _swap_counters(st: Any) -> Dict[str, float]:
 
 def _step_line(s: Dict[str, float]) -> str:
     g = lambda k: s.get(k, 0)  # noqa: E731
+    vmm_calls = sum(g(f"vmm.{kind}_calls") for kind in ("create", "map", "unmap", "release"))
     return (f"in {g('swap.bytes_in') / 2**30:.2f} GiB, out {g('swap.bytes_out') / 2**30:.2f} GiB, "
             f"demand {g('swap.demand_fetches'):.0f}, prefetch hits {g('swap.prefetch_hits'):.0f} "
             f"(late {g('swap.prefetch_late'):.0f}, skipped {g('swap.prefetches_skipped'):.0f}), "
             f"evictions planned {g('swap.evictions_planned'):.0f} / reactive "
             f"{g('swap.evictions_reactive'):.0f}, stall {g('swap.stall_s') * 1e3:.0f} ms, "
             f"planned {g('swap.steps_planned'):.0f}, deviations {g('swap.deviations'):.0f}, "
-            f"VMM calls {g('vmm.create_calls') + g('vmm.map_calls') + g('vmm.unmap_calls') + g('vmm.release_calls'):.0f} "
-            f"(host {g('vmm.host_s') * 1e3:.0f} ms)")
+            f"VMM calls {vmm_calls:.0f} (host {g('vmm.host_s') * 1e3:.0f} ms)")
 
 
 def main() -> int:
@@ -138,7 +141,8 @@ def main() -> int:
     p.add_argument("--child")
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--bridge", action="store_true",
-                   help="the cases on the CPU bridge with a tiny GPT: a check of the script")
+                   help="the cases on the CPU bridge with the bridge tests' small GPT: a check "
+                   "of the script, not a benchmark")
     a = p.parse_args()
     if a.child:
         print("CASE " + json.dumps(child(a.child, a.batch, a.seq, a.steps, a.budget, a.bridge)))
