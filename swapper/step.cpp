@@ -265,10 +265,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     for (auto it = s.id_of.begin(); it != s.id_of.end();) {
       const std::int64_t id = it->second < new_of.size() ? new_of[it->second] : -1;
       if (id < 0) {
-        const std::uintptr_t base = it->first;
-        it = s.id_of.erase(it);
-        auto b = blocks.find(base);
-        if (b != blocks.end() && fresh_in(s, base, b->second)) s.fresh_bytes += b->second.size;
+        it = take_id_locked(s, it);
       } else {
         it->second = static_cast<std::uint64_t>(id);
         ++it;
@@ -929,10 +926,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   std::uintptr_t base = key(b.base);
   auto it = s.id_of.find(base);
   const bool fresh = it == s.id_of.end();
-  if (fresh) {
-    if (fresh_in(s, base, b)) s.fresh_bytes -= b.size;
-    it = s.id_of.emplace(base, id_for_block_locked(s, b)).first;
-  }
+  if (fresh) it = give_id_locked(s, base, b, id_for_block_locked(s, b));
   std::uint64_t id = it->second;
   std::optional<std::uint32_t> born_op;  // the op a block new to the step's trace was born in
   if (fresh) {
@@ -940,13 +934,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     if (!id_new && s.base_of_id[id] != base) {
       // The id's block of this step was freed: this one follows it (see id_for_block_locked).
       auto old = s.id_of.find(s.base_of_id[id]);
-      if (old != s.id_of.end() && old->second == id) {
-        const std::uintptr_t old_base = old->first;
-        s.id_of.erase(old);
-        auto ob = blocks.find(old_base);
-        if (ob != blocks.end() && fresh_in(s, old_base, ob->second))
-          s.fresh_bytes += ob->second.size;
-      }
+      if (old != s.id_of.end() && old->second == id) take_id_locked(s, old);
       s.first_access_of_id.erase(id);
       s.access_of_id_op.erase(id);
     }
@@ -1172,8 +1160,7 @@ bool Swapper::Impl::splice_into_plan_locked(StepState& s) {
       continue;
     s.base_of_id[id] = s.base_of_id_prev[id];
     s.gen_of_id[id] = s.gen_of_id_prev[id];
-    if (fresh_in(s, it->first, it->second)) s.fresh_bytes -= it->second.size;
-    s.id_of[s.base_of_id[id]] = id;  // not untouched memory: the plan holds it
+    give_id_locked(s, it->first, it->second, id);  // not untouched memory: the plan holds it
   }
   s.trace = std::move(out);
   s.trace_starts = std::move(starts);

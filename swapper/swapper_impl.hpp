@@ -378,6 +378,23 @@ struct Swapper::Impl {
       if (fresh_in(st, base, b)) st.fresh_bytes = sign > 0 ? st.fresh_bytes + b.size
                                                             : st.fresh_bytes - b.size;
   }
+  // Gives block `b` at `base`, which has no id in step `s`, the id `id` (it leaves the step's
+  // fresh bytes; returns its entry), and takes the id of the entry at `it` back (its block, if
+  // still tracked, counts as fresh again; returns the next entry): every change of id_of but
+  // its clearing at the step's start and a block's end goes through these.
+  using IdOf = std::unordered_map<std::uintptr_t, std::uint64_t>;
+  IdOf::iterator give_id_locked(StepState& s, std::uintptr_t base, const SwapBlock& b,
+                                std::uint64_t id) {
+    if (fresh_in(s, base, b)) s.fresh_bytes -= b.size;
+    return s.id_of.emplace(base, id).first;
+  }
+  IdOf::iterator take_id_locked(StepState& s, IdOf::iterator it) {
+    const std::uintptr_t base = it->first;
+    it = s.id_of.erase(it);
+    auto b = blocks.find(base);
+    if (b != blocks.end() && fresh_in(s, base, b->second)) s.fresh_bytes += b->second.size;
+    return it;
+  }
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,
                     RoomWait wait = RoomWait::None);
   std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
