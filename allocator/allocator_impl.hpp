@@ -7,8 +7,10 @@
 #include <cstdint>
 #include <functional>
 #include <list>
+#include <map>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "allocator/block_pool.hpp"
@@ -23,6 +25,12 @@ inline constexpr std::size_t kSmallRound = 512;
 // Retired ranges left mapped after their work is done, newest first, so that a gather or a
 // split that maps the same chunks again takes one (allocator_large.cpp, take_view_locked).
 inline constexpr std::size_t kKeptViews = 64;
+// Address ranges kept reserved after their last mapping went, for the next segment of the
+// same size (Impl::spare_ranges): at most this many (a step of GPT-2 medium's depth at a
+// small width, on the CPU bridge at a third of its footprint, makes about 200 a step).
+inline constexpr std::size_t kSpareRanges = 256;
+// (size, address) of address ranges to unreserve.
+using SpareRanges = std::vector<std::pair<std::size_t, std::uintptr_t>>;
 
 inline std::uintptr_t key(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 inline void* ptr_of(std::uintptr_t a) { return reinterpret_cast<void*>(a); }
@@ -78,6 +86,15 @@ struct CachingAllocator::Impl {
   std::size_t releasing = 0;          // cached bytes being returned to the device (unlocked)
   std::condition_variable released;   // signalled when a release or a reap finishes
   std::list<RetiredRange> retired;    // old ranges of gathered blocks, not yet unmapped
+  // Reserved address ranges with nothing mapped in them, by size: a large segment that goes
+  // (released from the cache, freed while swapped out, a retired range unmapped) leaves its
+  // range here, and the next large segment of that size takes it instead of reserving one. A
+  // training step makes the same sizes again, so under a budget most new segments find one:
+  // a reserve and an unreserve fewer each (driver calls on a GPU, mmap calls on the simulated
+  // device, where touching a kept range still faults as an unmapped address does).
+  std::list<std::pair<std::size_t, std::uintptr_t>> spare_order;  // (size, address), oldest first
+  std::multimap<std::size_t, std::list<std::pair<std::size_t, std::uintptr_t>>::iterator>
+      spare_ranges;  // by size
   AllocatorStats stats;
   LargeBlockObserver* observer = nullptr;
   HostPool* host_pool = nullptr;
@@ -120,6 +137,38 @@ struct CachingAllocator::Impl {
     for (const RetiredRange& r : retired)
       if (!r.reaping && (owner == nullptr || r.maps_chunks_of(owner)))
         out->insert(out->end(), r.events.begin(), r.events.end());
+  }
+  // A spare range of exactly `size` bytes (no longer spare), or 0.
+  std::uintptr_t take_spare_range(std::size_t size) {
+    // The newest of that size: a range freed earlier in the step rather than one the step
+    // before used (with the oldest first, the bridge's mixture of experts fetched 60 blocks on
+    // demand in planned steps 2-5 against 15 with the newest, and with the host's mmap, which
+    // reuses a freed range soon; not analysed: the allocator's choices follow addresses).
+    auto [first, last] = spare_ranges.equal_range(size);
+    if (first == last) return 0;
+    auto it = std::prev(last);
+    const std::uintptr_t addr = it->second->second;
+    spare_order.erase(it->second);
+    spare_ranges.erase(it);
+    stats.ranges_reused++;
+    return addr;
+  }
+  // Keeps a range with nothing mapped in it reserved as a spare; past kSpareRanges the oldest
+  // spare goes to `drop`, for the caller to unreserve without the lock.
+  void keep_spare_range(std::uintptr_t addr, std::size_t size, SpareRanges* drop) {
+    spare_order.emplace_back(size, addr);
+    spare_ranges.emplace(size, std::prev(spare_order.end()));
+    if (spare_order.size() <= kSpareRanges) return;
+    const auto oldest = spare_order.begin();
+    auto [first, last] = spare_ranges.equal_range(oldest->first);
+    for (auto it = first; it != last; ++it) {
+      if (it->second == oldest) {
+        spare_ranges.erase(it);
+        break;
+      }
+    }
+    drop->push_back(*oldest);
+    spare_order.erase(oldest);
   }
   Segment* new_segment(std::uintptr_t addr, std::size_t size, bool is_large) {
     auto* s = new Segment{addr, size, nullptr, is_large};

@@ -63,13 +63,14 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   // gathered before and split back since, a pattern that repeats every step).
   std::uintptr_t view = 0;
   if (fresh == 0) take_view_locked(&chunks, &view);
+  const std::uintptr_t spare = view == 0 ? m.take_spare_range(size) : 0;
   lock.unlock();
   void* va = nullptr;
   try {
     if (view != 0) {
       va = ptr_of(view);
     } else {
-      va = dev_.reserve(size);
+      va = spare != 0 ? ptr_of(spare) : dev_.reserve(size);
       map_chunks(dev_, key(va), chunks, have, fresh);
     }
   } catch (...) {
@@ -190,6 +191,9 @@ Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream strea
   std::uintptr_t views[2] = {0, 0};
   take_view_locked(&part, &views[0]);
   take_view_locked(&rest, &views[1]);
+  std::uintptr_t spares[2] = {0, 0};
+  for (int i = 0; i < 2; ++i)
+    if (views[i] == 0) spares[i] = m.take_spare_range(i == 0 ? part_size : rest_size);
   lock.unlock();
   void* va[2] = {nullptr, nullptr};
   const std::vector<Chunk>* layouts[2] = {&part, &rest};
@@ -202,7 +206,7 @@ Block* CachingAllocator::split_cached(Lock& lock, std::size_t size, Stream strea
         n_mapped[i] = layouts[i]->size();
         continue;
       }
-      va[i] = dev_.reserve(sizes[i]);
+      va[i] = spares[i] != 0 ? ptr_of(spares[i]) : dev_.reserve(sizes[i]);
       for (const Chunk& c : *layouts[i]) {
         dev_.map(ptr_of(key(va[i]) + c.offset), c.size, c.handle);
         ++n_mapped[i];
@@ -351,19 +355,24 @@ std::size_t CachingAllocator::reap_retired(Lock& lock, bool wait, std::size_t ke
   if (done.empty()) return 0;
   lock.unlock();
   std::exception_ptr error;
-  for (auto it : done) {
+  std::vector<bool> unmapped(done.size(), false);
+  for (std::size_t i = 0; i < done.size(); ++i) {
     try {
-      for (const Chunk& c : it->chunks) dev_.unmap(ptr_of(it->addr + c.offset), c.size);
-      dev_.unreserve(ptr_of(it->addr), it->size);
+      for (const Chunk& c : done[i]->chunks) dev_.unmap(ptr_of(done[i]->addr + c.offset), c.size);
+      unmapped[i] = true;
     } catch (...) {
       if (!error) error = std::current_exception();
     }
   }
   lock.lock();
-  for (auto it : done) {
+  SpareRanges drop;
+  for (std::size_t i = 0; i < done.size(); ++i) {
+    auto it = done[i];
+    if (unmapped[i]) m.keep_spare_range(it->addr, it->size, &drop);
     for (Segment* o : it->owners) o->aliases--;
     m.retired.erase(it);
   }
+  unreserve_unlocked(lock, drop, &error);
   m.released.notify_all();
   if (error) std::rethrow_exception(error);
   return done.size();

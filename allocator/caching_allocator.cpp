@@ -63,6 +63,15 @@ CachingAllocator::~CachingAllocator() {
     }
   }
   m.retired.clear();
+  for (const auto& [size, addr] : m.spare_order) {
+    try {
+      dev_.unreserve(ptr_of(addr), size);
+    } catch (...) {
+      // Teardown after a device error.
+    }
+  }
+  m.spare_ranges.clear();
+  m.spare_order.clear();
   m.segments.clear_and_dispose([&](Segment* s) {
     try {
       if (s->large || !s->chunks.empty()) {
@@ -230,7 +239,7 @@ void CachingAllocator::deallocate_impl(void* ptr, Stream stream, bool explicit_s
   m.stats.frees++;
   m.trace(EventKind::Free, b->addr, b->size, s);
   if (b->segment->large && !b->backed) {
-    // Swapped out: no physical memory to cache; give the addresses back.
+    // Swapped out: no physical memory to cache; its addresses are kept for a new segment.
     Segment* seg = b->segment;
     const std::uintptr_t addr = seg->addr;
     const std::size_t size = seg->size;
@@ -239,8 +248,11 @@ void CachingAllocator::deallocate_impl(void* ptr, Stream stream, bool explicit_s
     m.large.recycle(b);
     seg->first = nullptr;
     m.delete_segment(seg);
-    lock.unlock();
-    dev_.unreserve(ptr_of(addr), size);
+    SpareRanges drop;
+    m.keep_spare_range(addr, size, &drop);  // nothing is mapped there
+    std::exception_ptr error;
+    unreserve_unlocked(lock, drop, &error);
+    if (error) std::rethrow_exception(error);
     return;
   }
   m.stats.cached.add(b->size);
@@ -376,6 +388,7 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     std::size_t size;
     bool large;
     std::vector<Chunk> chunks;
+    bool unmapped = false;
   };
   if (!m.retired.empty()) reap_retired(lock, false);
   m.large.mark();
@@ -412,12 +425,13 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
   m.releasing += bytes;
   lock.unlock();
   std::exception_ptr error;
-  for (const Detached& d : out) {
+  for (Detached& d : out) {
     try {
       if (d.large || !d.chunks.empty()) {  // large segments, and small ones mapped as they are
         for (const Chunk& c : d.chunks) dev_.unmap(ptr_of(d.addr + c.offset), c.size);
+        d.unmapped = true;
         for (const Chunk& c : d.chunks) dev_.release_physical(c.handle, c.size);
-        dev_.unreserve(ptr_of(d.addr), d.size);
+        if (!d.large) dev_.unreserve(ptr_of(d.addr), d.size);  // (large: kept, below)
       } else {
         dev_.deallocate(ptr_of(d.addr));
       }
@@ -426,7 +440,9 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
     }
   }
   lock.lock();
+  SpareRanges drop;
   for (const Detached& d : out) {
+    if (d.large && d.unmapped) m.keep_spare_range(d.addr, d.size, &drop);
     m.trace(EventKind::Unmap, d.addr, d.size);
     m.stats.reserved.sub(d.size);
     m.stats.segment_unmaps++;
@@ -435,8 +451,23 @@ std::size_t CachingAllocator::release_idle(Lock& lock, std::size_t want,
   m.budget.release(bytes);
   m.releasing -= bytes;
   m.released.notify_all();
+  unreserve_unlocked(lock, drop, &error);
   if (error) std::rethrow_exception(error);
   return bytes;
+}
+
+void CachingAllocator::unreserve_unlocked(Lock& lock, const SpareRanges& ranges,
+                                          std::exception_ptr* error) {
+  if (ranges.empty()) return;
+  lock.unlock();
+  for (const auto& [size, addr] : ranges) {
+    try {
+      dev_.unreserve(ptr_of(addr), size);
+    } catch (...) {
+      if (!*error) *error = std::current_exception();
+    }
+  }
+  lock.lock();
 }
 
 }  // namespace spill

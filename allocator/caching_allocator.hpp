@@ -33,11 +33,14 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "allocator/residency.hpp"
@@ -208,6 +211,10 @@ class CachingAllocator final : public ResidencyBackend {
   // taken out of the retired list for a new block (its mappings as they are), its address in
   // `*addr` and its layout in `*chunks`. False when there is none.
   bool take_view_locked(std::vector<Chunk>* chunks, std::uintptr_t* addr);
+  // Gives back the address ranges in `ranges` ((size, address) pairs with nothing mapped)
+  // with the lock dropped; the first error goes to `*error` unless one is there already.
+  void unreserve_unlocked(Lock& lock, const std::vector<std::pair<std::size_t, std::uintptr_t>>& ranges,
+                          std::exception_ptr* error);
   // Waits until no retired range maps `seg`'s chunks (before they are unmapped or released).
   void settle_aliases(Lock& lock, Segment* seg);
   // Waits for `events` with the lock dropped. Events are recycled, never destroyed, while the

@@ -26,7 +26,8 @@ std::string AllocatorStats::to_string() const {
          std::to_string(views_reused) + " on ranges still mapped), cache releases " +
          std::to_string(cache_releases) + ", eviction requests " +
          std::to_string(eviction_requests) + ", OOMs " + std::to_string(ooms) + "\n";
-  out += "swap-ins onto cached memory: " + std::to_string(cache_takeovers) + "\n";
+  out += "swap-ins onto cached memory: " + std::to_string(cache_takeovers) +
+         ", segments in kept address ranges: " + std::to_string(ranges_reused) + "\n";
   out += "host waits for freed blocks: " + std::to_string(host_waits) + " (" +
          std::to_string(host_wait_s * 1e3) + " ms)\n";
   return out;

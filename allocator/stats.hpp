@@ -51,6 +51,8 @@ struct AllocatorStats {
   std::uint64_t splits = 0;              // cached gathered blocks split at chunk boundaries
   std::uint64_t views_reused = 0;        // gathered or split blocks that took a retired range
                                          // already mapping their chunks (no device call)
+  std::uint64_t ranges_reused = 0;       // new large segments placed in an address range kept
+                                         // reserved from one that went (no reserve call)
   std::uint64_t cache_releases = 0;      // ladder step 2: cached memory was released
   std::uint64_t cache_takeovers = 0;     // swapped-out blocks mapped back onto a cached block's
                                          // memory (reback_from_cache)

@@ -120,6 +120,7 @@ spill_status spill_stats_json(int device, char** json) {
     j["num_gathers"] = a.gathers;
     j["num_splits"] = a.splits;
     j["num_views_reused"] = a.views_reused;
+    j["num_ranges_reused"] = a.ranges_reused;
     j["num_cache_releases"] = a.cache_releases;
     j["num_eviction_requests"] = a.eviction_requests;
     j["num_ooms"] = a.ooms;

@@ -444,6 +444,74 @@ TYPED_TEST(AllocatorTest, RepeatedGatherAndSplitTakeTheRangesStillMapped) {
   a.check_invariants();
 }
 
+// A large segment that goes (released from the cache, or freed while swapped out) leaves its
+// address range reserved for the next segment of the same size: no reserve and no unreserve
+// (driver calls on a GPU) when a step makes the same sizes again. The kept ranges are bounded
+// (the oldest go first) and all given back when the allocator goes.
+TYPED_TEST(AllocatorTest, RangesOfSegmentsThatWentAreReservedAgainForTheSameSize) {
+  Device& d = *this->dev_;
+  const std::size_t g = d.granularity();
+  const VmmCalls start = d.vmm_calls();
+  {
+    CachingAllocator a = this->make(64 * g);
+    void* p = a.allocate(2 * g, this->s1_);
+    a.deallocate(p);
+    d.synchronize(this->s1_);
+    a.empty_cache();
+    EXPECT_EQ(a.stats().reserved.current, 0);
+    VmmCalls before = d.vmm_calls();
+    void* q = a.allocate(2 * g, this->s1_);
+    VmmCalls made = d.vmm_calls() - before;
+    EXPECT_EQ(q, p) << "the released segment's range, kept reserved";
+    EXPECT_EQ(made.reserve.calls, 0u);
+    EXPECT_EQ(made.map.calls, 1u);
+    EXPECT_EQ(a.stats().ranges_reused, 1u);
+    this->write(q, 2 * g, 5, this->s1_);
+    EXPECT_TRUE(this->holds(q, 2 * g, 5, this->s1_));
+
+    // A block freed while swapped out (no physical memory) leaves its range too.
+    d.synchronize();
+    a.unback(q, 2 * g);
+    a.deallocate(q);
+    before = d.vmm_calls();
+    void* r = a.allocate(2 * g, this->s1_);
+    made = d.vmm_calls() - before;
+    EXPECT_EQ(r, q);
+    EXPECT_EQ(made.reserve.calls, 0u);
+    EXPECT_EQ(made.unreserve.calls, 0u);
+    EXPECT_EQ(a.stats().ranges_reused, 2u);
+    a.deallocate(r);
+    d.synchronize(this->s1_);
+    a.empty_cache();  // r's range kept: one
+    a.check_invariants();
+
+    // Past the bound, the oldest kept ranges are given back as new ones are kept: 300 blocks,
+    // each swapped out once made (no physical memory), then freed.
+    constexpr std::size_t kBlocks = 300;
+    std::vector<void*> blocks;
+    before = d.vmm_calls();
+    for (std::size_t i = 0; i < kBlocks; ++i) {
+      blocks.push_back(a.allocate(g, this->s1_));
+      a.unback(blocks.back(), g);
+    }
+    made = d.vmm_calls() - before;
+    EXPECT_EQ(made.reserve.calls, kBlocks) << "no kept range of this size yet";
+    before = d.vmm_calls();
+    for (void* b : blocks) a.deallocate(b);
+    made = d.vmm_calls() - before;
+    EXPECT_EQ(made.unreserve.calls, kBlocks + 1 - 256) << "256 ranges kept, the oldest given back";
+    before = d.vmm_calls();
+    void* s = a.allocate(g, this->s1_);
+    EXPECT_EQ((d.vmm_calls() - before).reserve.calls, 0u);
+    EXPECT_EQ(a.stats().ranges_reused, 3u);
+    a.deallocate(s);
+    d.synchronize(this->s1_);
+    a.check_invariants();
+  }
+  const VmmCalls all = d.vmm_calls() - start;
+  EXPECT_EQ(all.unreserve.calls, all.reserve.calls) << "every range given back at the end";
+}
+
 TYPED_TEST(AllocatorTest, AnotherStreamDoesNotGatherBlocksStillInUse) {
   Device& d = *this->dev_;
   const std::size_t g = d.granularity();
