@@ -52,6 +52,16 @@ BENCHMARK(BM_create_release_physical)
     ->ArgsProduct({{0, 1}, {2, 48, 512}})
     ->ArgNames({"cuda", "MiB"});
 
+// Reserves an address range and frees it (what a new segment adds when no kept range of its
+// size is there: CachingAllocator's spare ranges, docs/allocator.md).
+void BM_reserve_unreserve(benchmark::State& state) {
+  auto dev = make(state.range(0), state);
+  if (!dev) return;
+  const std::size_t g = block_bytes(*dev, state);
+  for (auto _ : state) dev->unreserve(dev->reserve(g), g);
+}
+BENCHMARK(BM_reserve_unreserve)->ArgsProduct({{0, 1}, {2, 48, 512}})->ArgNames({"cuda", "MiB"});
+
 // A new block's whole life in the allocator's terms: reserve, create, map, then unmap, release,
 // unreserve (a cached block returned and mapped again elsewhere).
 void BM_block_map_cycle(benchmark::State& state) {
