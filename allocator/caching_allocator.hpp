@@ -213,7 +213,8 @@ class CachingAllocator final : public ResidencyBackend {
   bool take_view_locked(std::vector<Chunk>* chunks, std::uintptr_t* addr);
   // Gives back the address ranges in `ranges` ((size, address) pairs with nothing mapped)
   // with the lock dropped; the first error goes to `*error` unless one is there already.
-  void unreserve_unlocked(Lock& lock, const std::vector<std::pair<std::size_t, std::uintptr_t>>& ranges,
+  void unreserve_unlocked(Lock& lock,
+                          const std::vector<std::pair<std::size_t, std::uintptr_t>>& ranges,
                           std::exception_ptr* error);
   // Waits until no retired range maps `seg`'s chunks (before they are unmapped or released).
   void settle_aliases(Lock& lock, Segment* seg);
