@@ -352,9 +352,10 @@ class OffloadHandle:
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
         # Per module, the bytes its frame would hold in an armed step (what its own code made
         # and its children returned in the first step; _busy), and while counting, the blocks
-        # counted; the quarter of the budget above which a module is busy (each forward's).
+        # counted (address -> generation, bytes); the quarter of the budget above which a
+        # module is busy (each forward's).
         self._would_hold: Dict[torch.nn.Module, int] = {}
-        self._counted: Dict[torch.nn.Module, Set[int]] = {}
+        self._counted: Dict[torch.nn.Module, Dict[int, Tuple[int, int]]] = {}
         self._hold_line = 0
         # Parameters and buffers the first step used outside every module: pinned from the
         # first forward of each later step to its end.
@@ -1829,7 +1830,8 @@ class OffloadHandle:
         step). Its own code then runs with every op pinned (a dispatch mode, on while its
         children run too), and its frame holds none of that, nor its parameters and buffers:
         what autograd saves is declared (with no children, what its ops make too). Measured
-        in the first step (_count_held); evaluation forwards pin every op anyway."""
+        in the first step: the most its blocks held at once (_count_held); evaluation forwards
+        pin every op anyway."""
         would = self._would_hold.get(module)
         return bool(would and would > self._hold_line and self._eval_ops is None)
 
@@ -1837,16 +1839,35 @@ class OffloadHandle:
         """The first step: the blocks in ``out`` (made by ``module``'s own code, or returned by
         a child to it; with ``persistent``, parameters and buffers of other modules its own code
         reads, which its pre-hook would pin: MoCo's EMA of the key encoder in the forward of the
-        module that holds both encoders) count towards what its frame would hold (_busy)."""
+        module that holds both encoders) count towards what its frame would hold (_busy): the
+        largest sum, at any count, of its counted blocks still alive (the same block at its
+        address, by generation; one freed since counts no more). Each address counted once for
+        the whole step made that depend on the allocator's address reuse: a temporary freed in
+        the forward and the next one counted once at a reused address, twice at a new one (the
+        CPU bridge's MoE root, 8.06 or 11.06 MiB against a line of 10.93 MiB, busy or not by
+        the order kept address ranges were taken; 6.56 MiB held at most; docs/BENCHMARKS.md)."""
         counted = self._counted.get(module)
         if counted is None:
-            counted = self._counted[module] = set()
+            counted = self._counted[module] = {}
         block = self.pinner.block
+        generation = self.pinner.generation
+        added = False
         for t in leaves(out):
             ptr, nbytes = block(t)
-            if ptr and ptr not in counted and (persistent or ptr not in self._persistent):
-                counted.add(ptr)
-                self._would_hold[module] = self._would_hold.get(module, 0) + nbytes
+            if ptr and (persistent or ptr not in self._persistent):
+                g = generation(ptr)
+                if counted.get(ptr, (None,))[0] != g:
+                    counted[ptr] = (g, nbytes)
+                    added = True
+        if added:
+            live = 0
+            for ptr in list(counted):
+                g, nbytes = counted[ptr]
+                if generation(ptr) == g:
+                    live += nbytes
+                else:
+                    del counted[ptr]
+            self._would_hold[module] = max(self._would_hold.get(module, 0), live)
 
     def _leave_ops(self, frame: _Frame) -> None:
         if frame.ops is not None:
