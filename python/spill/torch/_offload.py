@@ -142,6 +142,17 @@ from ._window import _dispatch_stack, _function_stack, _remove, window
 Token = Any  # spill._capi.PinToken
 
 
+class _Held:
+    """The first step's count of what a module's frame would hold (OffloadHandle._count_held):
+    the blocks counted (address -> generation, bytes) and the bytes counted since their last
+    check."""
+    __slots__ = ("blocks", "unchecked")
+
+    def __init__(self) -> None:
+        self.blocks: Dict[int, Tuple[int, int]] = {}
+        self.unchecked = 0
+
+
 class _Frame:
     """The pins a running module holds until its forward ends. A busy module's frame (see
     OffloadHandle._busy) holds none of what its code makes: its ``ops`` mode pins each op of
@@ -352,10 +363,9 @@ class OffloadHandle:
         self._extra: Dict[torch.nn.Module, Dict[int, torch.Tensor]] = {}
         # Per module, the bytes its frame would hold in an armed step (what its own code made
         # and its children returned in the first step; _busy), and while counting, the blocks
-        # counted (address -> generation, bytes); the quarter of the budget above which a
-        # module is busy (each forward's).
+        # counted; the quarter of the budget above which a module is busy (each forward's).
         self._would_hold: Dict[torch.nn.Module, int] = {}
-        self._counted: Dict[torch.nn.Module, Dict[int, Tuple[int, int]]] = {}
+        self._counted: Dict[torch.nn.Module, _Held] = {}
         self._hold_line = 0
         # Parameters and buffers the first step used outside every module: pinned from the
         # first forward of each later step to its end.
@@ -1840,34 +1850,38 @@ class OffloadHandle:
         a child to it; with ``persistent``, parameters and buffers of other modules its own code
         reads, which its pre-hook would pin: MoCo's EMA of the key encoder in the forward of the
         module that holds both encoders) count towards what its frame would hold (_busy): the
-        largest sum, at any count, of its counted blocks still alive (the same block at its
-        address, by generation; one freed since counts no more). Each address counted once for
+        largest sum of its counted blocks still alive (the same block at its address, by
+        generation; one freed since counts no more), checked as below. Each address counted once for
         the whole step made that depend on the allocator's address reuse: a temporary freed in
         the forward and the next one counted once at a reused address, twice at a new one (the
         CPU bridge's MoE root, 8.06 or 11.06 MiB against a line of 10.93 MiB, busy or not by
         the order kept address ranges were taken; 6.56 MiB held at most; docs/BENCHMARKS.md)."""
-        counted = self._counted.get(module)
-        if counted is None:
-            counted = self._counted[module] = {}
+        held = self._counted.get(module)
+        if held is None:
+            held = self._counted[module] = _Held()
         block = self.pinner.block
         generation = self.pinner.generation
-        added = False
         for t in leaves(out):
             ptr, nbytes = block(t)
             if ptr and (persistent or ptr not in self._persistent):
                 g = generation(ptr)
-                if counted.get(ptr, (None,))[0] != g:
-                    counted[ptr] = (g, nbytes)
-                    added = True
-        if added:
+                if held.blocks.get(ptr, (None,))[0] != g:
+                    held.blocks[ptr] = (g, nbytes)
+                    held.unchecked += nbytes
+        would = self._would_hold.get(module, 0)
+        if held.unchecked > would // 16:
+            # Which counted blocks still live: a check per block, so only once the bytes
+            # counted since the last check pass a sixteenth of the most held yet (a loop making
+            # thousands of saved outputs checked them all at every op: 1500 of them took its
+            # first step from 2.2 to 5.9 s); a peak between checks may be missed by that much.
             live = 0
-            for ptr in list(counted):
-                g, nbytes = counted[ptr]
+            for ptr, (g, nbytes) in list(held.blocks.items()):
                 if generation(ptr) == g:
                     live += nbytes
                 else:
-                    del counted[ptr]
-            self._would_hold[module] = max(self._would_hold.get(module, 0), live)
+                    del held.blocks[ptr]
+            held.unchecked = 0
+            self._would_hold[module] = max(would, live)
 
     def _leave_ops(self, frame: _Frame) -> None:
         if frame.ops is not None:
