@@ -421,6 +421,8 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
   TraceRecorder::global().record(EventKind::Pin, base, b->size,
                                  host ? profiling::kHostStream : sid(stream));
   PinToken token{base, b->generation, host, scope};
+  auto slot = std::find(b->pin_ids.begin(), b->pin_ids.end(), std::uint64_t{0});
+  if (slot != b->pin_ids.end()) *slot = token.pin = ++next_pin;
   if (wait_for != nullptr && host) {
     // Pinned: nothing can move it while the host waits without the lock. Events are recycled,
     // never destroyed, while the swapper lives: a re-recorded one only makes the wait longer.
@@ -460,6 +462,11 @@ void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   if (b == nullptr && !m.backend.find_block(ptr) && m.backend.owns(ptr)) return;  // never moves
   SPILL_EXPECTS(b != nullptr && b->pins > 0,
                 "unpin: " + format_address(ptr) + " is not pinned (unpin without pin)");
+  // Which pin it ends is not known: one counted alone if any, else a tracked one.
+  const auto tracked = static_cast<int>(
+      b->pin_ids.size() - std::count(b->pin_ids.begin(), b->pin_ids.end(), std::uint64_t{0}));
+  if (b->pins <= tracked)
+    *std::find_if(b->pin_ids.begin(), b->pin_ids.end(), [](std::uint64_t id) { return id != 0; }) = 0;
   m.unpin_locked(*b, stream, wrote, false, m.current_scope());
 }
 
@@ -472,8 +479,17 @@ void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
     m.stats.stale_unpins++;  // freed meanwhile (its address perhaps reused): nothing to do
     return;
   }
-  SPILL_EXPECTS(it->second.pins > 0, "unpin: the block at " + format_address(it->second.base) +
-                                         " is not pinned (a token unpinned twice?)");
+  SwapBlock& b = it->second;
+  const auto tracked = static_cast<int>(
+      b.pin_ids.size() - std::count(b.pin_ids.begin(), b.pin_ids.end(), std::uint64_t{0}));
+  auto slot = token.pin == 0 ? b.pin_ids.end()
+                             : std::find(b.pin_ids.begin(), b.pin_ids.end(), token.pin);
+  // A token with an id ends that pin, if it has not ended yet; one without (a pin past the
+  // tracked ones) ends one of the pins counted alone.
+  SPILL_EXPECTS(token.pin != 0 ? slot != b.pin_ids.end() : b.pins > tracked,
+                "unpin: the token of pin " + std::to_string(token.pin) + " of the block at " +
+                    format_address(b.base) + " was unpinned already (a token unpinned twice)");
+  if (slot != b.pin_ids.end()) *slot = 0;
   m.unpin_locked(it->second, stream, wrote, token.host,
                  token.scope.has_value() ? *token.scope : m.current_scope());
 }

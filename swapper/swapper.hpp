@@ -95,6 +95,9 @@ struct PinToken {
   std::uint64_t generation = 0;  // distinguishes blocks that reuse one address
   bool host = false;             // from pin_for_host: unpin ignores its stream
   std::optional<std::uint64_t> scope;  // the pinning thread's current scope
+  // This pin's id among the block's pins (0: not told apart from them, checked by count):
+  // unpinning a token twice is an error even while other pins hold the block.
+  std::uint64_t pin = 0;
   explicit operator bool() const { return block != 0; }
 };
 

@@ -3,6 +3,7 @@
 // step and executing its plan). Every *_locked function requires `mu` held.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -26,6 +27,11 @@ struct SwapBlock {
   std::size_t request = 0;
   Residence state = Residence::Resident;
   int pins = 0;
+  // The ids of up to kTrackedPins of its pins not yet unpinned (0: a free slot), so that a
+  // token unpinned twice is refused even while other pins hold the block; pins beyond them
+  // (and the swapper's own short holds) are counted in `pins` alone.
+  static constexpr std::size_t kTrackedPins = 4;
+  std::array<std::uint64_t, kTrackedPins> pin_ids{};
   // Streams that used the block since it was last made resident. No event is recorded at
   // unpin (the hot path); a swap-out records one on each of these streams when it starts,
   // which covers every use enqueued before it.
@@ -236,6 +242,7 @@ struct Swapper::Impl {
   std::vector<Zombie> zombies;
   SwapStats stats;
   std::uint64_t tick = 0;
+  std::uint64_t next_pin = 0;  // the latest pin id given (PinToken::pin)
   std::uint64_t next_generation = 1;
   std::uint64_t next_out_order = 0;
   // Host time (steady clock, ns) that callers spent blocked inside the swapper: waiting for a

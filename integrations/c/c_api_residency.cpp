@@ -42,6 +42,7 @@ spill_status pin_impl(void* ptr, void* stream, spill_pin_token* token, bool host
     token->generation = t.generation;
     token->device = lease->ordinal;
     token->flags = t.host ? SPILL_PIN_HOST : 0u;
+    token->pin = t.pin;
     return SPILL_OK;
   });
 }
@@ -93,8 +94,9 @@ spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote) 
   try {
     Swapper* sw = lease.rt().swapper();
     SPILL_EXPECTS(sw != nullptr, "spill_unpin: the token is not from this device's runtime");
-    sw->unpin(PinToken{static_cast<std::uintptr_t>(token->block), token->generation, host},
-              to_stream(stream), wrote != 0);
+    PinToken t{static_cast<std::uintptr_t>(token->block), token->generation, host};
+    t.pin = token->pin;
+    sw->unpin(t, to_stream(stream), wrote != 0);
     return SPILL_OK;
   } catch (...) {
     return current_error(pointer_context("spill_unpin", reinterpret_cast<void*>(token->block)));

@@ -34,11 +34,12 @@ class PinToken(ctypes.Structure):
 
     ``block`` is 0 for a block that never moves (unpinning it does nothing); ``generation``
     tells the block from a later one at the same address, so unpinning a token whose block was
-    freed does nothing.
+    freed does nothing; ``pin`` tells this pin from the block's others, so that unpinning the
+    token twice is refused while they still hold it.
     """
 
     _fields_ = [("block", ctypes.c_uint64), ("generation", ctypes.c_uint64),
-                ("device", ctypes.c_int32), ("flags", ctypes.c_uint32)]
+                ("device", ctypes.c_int32), ("flags", ctypes.c_uint32), ("pin", ctypes.c_uint64)]
 
     @property
     def empty(self) -> bool:
@@ -47,7 +48,7 @@ class PinToken(ctypes.Structure):
 
     def __repr__(self) -> str:
         return (f"PinToken(block={self.block:#x}, generation={self.generation}, "
-                f"device={self.device}, flags={self.flags})")
+                f"device={self.device}, flags={self.flags}, pin={self.pin})")
 
 
 # name: (restype, argtypes)

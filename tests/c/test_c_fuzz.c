@@ -209,7 +209,7 @@ typedef struct held_pin {
 
 static void* worker(void* arg) {
   uint64_t rng = (uint64_t)(uintptr_t)arg * 0x9E3779B97F4A7C15ull + 1;
-  held_pin held = {{0, 0, 0, 0}, NULL, 0};
+  held_pin held = {{0, 0, 0, 0, 0}, NULL, 0};
   unsigned window = (unsigned)(next_rand(&rng) % SLOTS);
   while (atomic_fetch_sub(&ops_left, 1) > 0 && !atomic_load(&failed)) {
     if (held.left > 0 && --held.left == 0) {

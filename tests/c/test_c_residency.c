@@ -209,6 +209,43 @@ TEST(stale_tokens) {
   CHECK_OK(spill_stream_destroy(0, s));
 }
 
+/* A token unpinned twice while another pin still holds the block is refused, and the block
+ * stays pinned: before tokens told pins apart, the second unpin ended the other pin's hold,
+ * an eviction moved the block while that pin's user still read it, and the error came later,
+ * on the correct unpin. Pins past the four a block tells apart fall back to the count. */
+TEST(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  void* s = NULL;
+  REQUIRE_OK(spill_stream_create(0, &s));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, s));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  spill_pin_token first, second;
+  REQUIRE_OK(spill_pin(a, s, &first));
+  REQUIRE_OK(spill_pin(a, s, &second));
+  CHECK(first.pin != 0 && second.pin != 0 && first.pin != second.pin);
+  CHECK_OK(spill_unpin(&first, s, 0));
+  CHECK_STATUS(spill_unpin(&first, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("unpinned twice");
+  CHECK_OK(spill_evict(a));
+  CHECK(residence(a) == SPILL_RESIDENT); /* `second` still holds it */
+  CHECK_OK(spill_unpin(&second, s, 0));
+  /* Six pins: four told apart, two counted; each token ends once, in any order. */
+  spill_pin_token six[6];
+  for (int i = 0; i < 6; ++i) REQUIRE_OK(spill_pin(a, s, &six[i]));
+  CHECK(six[3].pin != 0 && six[4].pin == 0 && six[5].pin == 0);
+  CHECK_OK(spill_unpin(&six[4], s, 0));
+  CHECK_OK(spill_unpin(&six[1], s, 0));
+  CHECK_STATUS(spill_unpin(&six[1], s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  const int order[4] = {5, 0, 3, 2};
+  for (int i = 0; i < 4; ++i) CHECK_OK(spill_unpin(&six[order[i]], s, 0));
+  CHECK_STATUS(spill_unpin(&six[5], s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_OK(spill_evict(a));
+  CHECK(residence(a) != SPILL_RESIDENT); /* no pin left */
+  CHECK_OK(spill_free(a, 0, s));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
 /* Rule 5: two threads, two scopes, interleaved ops: no deviations; each scope plans. */
 #define STEPS 4
 #define LAYERS 6
@@ -652,6 +689,7 @@ TEST(shutdown_with_live_blocks) {
   X(undeclaring_brings_a_block_back)   \
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
+  X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \
   X(end_scope_drops_its_recording)     \

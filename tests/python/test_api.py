@@ -229,6 +229,23 @@ def test_undeclared_blocks_never_move(sim):
     assert spill.residence(keep) == "resident" and holds_pattern(keep, BLOCK, seed=7)
 
 
+def test_a_token_unpinned_twice_is_refused_while_another_pin_holds_the_block(sim):
+    # Before tokens told a block's pins apart, the second unpin ended the other pin's hold and
+    # the block could be evicted while that pin's user read it (the error came later, on the
+    # correct unpin).
+    ptr = spill.malloc(BLOCK)
+    spill.set_swappable(ptr)
+    first, second = spill.pin(ptr), spill.pin(ptr)
+    assert first.pin != second.pin
+    spill.unpin(first)
+    with pytest.raises(spill.InvalidArgumentError, match="unpinned twice"):
+        spill.unpin(first)
+    spill.evict(ptr)
+    assert spill.residence(ptr) == "resident"  # `second` still holds it
+    spill.unpin(second)
+    spill.free(ptr)
+
+
 def test_pins_on_streams_tokens_and_stale_unpins(sim):
     stream = spill.stream_create()
     ptr = spill.malloc(BLOCK, stream=stream)

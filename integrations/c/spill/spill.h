@@ -171,12 +171,16 @@ SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
 
 /* What spill_pin returns and spill_unpin takes. An empty token (block 0) comes from a block
  * that never moves; unpinning it does nothing. A token whose block was freed meanwhile (its
- * address perhaps reused by a new block) unpins nothing: the generation tells them apart. */
+ * address perhaps reused by a new block) unpins nothing: the generation tells them apart.
+ * `pin` tells this pin from the block's other pins, so that unpinning it twice is refused
+ * while they still hold the block (0 when the block already had four pins open: such a
+ * token's second unpin is caught only once it would end more pins than are open). */
 typedef struct spill_pin_token {
   uint64_t block;      /* the block's base address, 0 for an empty token */
   uint64_t generation; /* which life of that address */
   int32_t device;
   uint32_t flags;      /* SPILL_PIN_HOST for a token from spill_pin_for_host */
+  uint64_t pin;        /* which of the block's pins (since 0.2.0) */
 } spill_pin_token;
 
 #define SPILL_PIN_HOST 1u
