@@ -38,9 +38,10 @@ spill_status spill_stream_create(int device, void** stream) {
 }
 
 spill_status spill_stream_destroy(int device, void* stream) {
-  if (stream == nullptr) {
+  if (to_stream(stream) == nullptr) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT,
-                "spill_stream_destroy: the default stream (NULL) cannot be destroyed");
+                std::string("spill_stream_destroy: the default stream (") +
+                    (stream == nullptr ? "NULL" : "cudaStreamLegacy") + ") cannot be destroyed");
   }
   return on_device(device, "spill_stream_destroy", [&](Lease& lease) {
     if (!lease->stream_known(stream)) return bad_stream("spill_stream_destroy", stream, device);

@@ -116,21 +116,33 @@ spill_status fail(spill_status code, const std::string& message) noexcept {
   return code;
 }
 
+namespace {
+// The context before an exception's message, unless the message begins with it already (a
+// reader told which call it serves names it: "spill_init: spill_init: unknown key" before).
+std::string in_context(const std::string& context, const char* what) {
+  const std::string message(what);
+  if (message.compare(0, context.size(), context) == 0 && message.size() > context.size() &&
+      message[context.size()] == ':')
+    return message;
+  return context + ": " + message;
+}
+}  // namespace
+
 spill_status current_error(const std::string& context) noexcept {
   try {
     throw;
   } catch (const HostCapExceeded& e) {
-    return fail(SPILL_ERROR_HOST_CAP, context + ": " + e.what());
+    return fail(SPILL_ERROR_HOST_CAP, in_context(context, e.what()));
   } catch (const OutOfMemory& e) {
-    return fail(SPILL_ERROR_OUT_OF_MEMORY, context + ": " + e.what());
+    return fail(SPILL_ERROR_OUT_OF_MEMORY, in_context(context, e.what()));
   } catch (const CudaError& e) {
-    return fail(SPILL_ERROR_CUDA, context + ": " + e.what());
+    return fail(SPILL_ERROR_CUDA, in_context(context, e.what()));
   } catch (const InvalidArgument& e) {
-    return fail(SPILL_ERROR_INVALID_ARGUMENT, context + ": " + e.what());
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, in_context(context, e.what()));
   } catch (const std::bad_alloc&) {
     return fail(SPILL_ERROR_OUT_OF_MEMORY, context + ": host memory exhausted (std::bad_alloc)");
   } catch (const std::exception& e) {
-    return fail(SPILL_ERROR_INTERNAL, context + ": " + e.what());
+    return fail(SPILL_ERROR_INTERNAL, in_context(context, e.what()));
   } catch (...) {
     return fail(SPILL_ERROR_INTERNAL, context + ": an unknown exception");
   }

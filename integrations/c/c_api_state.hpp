@@ -52,10 +52,11 @@ struct DeviceState {
   std::unique_ptr<Runtime> rt;
   bool simulated = false;
 
-  // On the simulated device the only valid streams are those spill_stream_create made; on a
-  // GPU any stream but cudaStreamPerThread (see to_stream).
+  // On the simulated device the only valid streams are those spill_stream_create made (and
+  // the default stream's two spellings, so that a portable program runs there); on a GPU any
+  // stream but cudaStreamPerThread (see to_stream).
   bool stream_known(void* s) const {
-    if (s == nullptr) return true;
+    if (s == nullptr || reinterpret_cast<std::uintptr_t>(s) == kStreamLegacy) return true;
     if (!simulated) return reinterpret_cast<std::uintptr_t>(s) != kStreamPerThread;
     const int n = n_streams.load(std::memory_order_acquire);
     for (int i = 0; i < n; ++i)

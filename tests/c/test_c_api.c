@@ -77,6 +77,7 @@ TEST(oom_names_a_full_host_cap) {
 TEST(init_rejects_a_bad_configuration) {
   CHECK_STATUS(spill_init("device:sim,bugdet:1GiB"), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("bugdet");
+  CHECK(strstr(spill_last_error(), "spill_init: spill_init") == NULL); /* named once */
   CHECK_STATUS(spill_init("device:sim,budget:lots"), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("budget");
   /* Nothing changed: a good configuration is taken afterwards. */
@@ -368,6 +369,18 @@ TEST(streams_on_the_simulated_device) {
   CHECK_STATUS(spill_stream_destroy(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("default stream");
   CHECK_STATUS(spill_stream_create(0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  /* cudaStreamLegacy is the default stream's other spelling, here as on a GPU (refused here
+   * before, so a portable program failed only on the simulated device): NULL reuses at once
+   * what it freed. */
+  REQUIRE_OK(spill_malloc(&p, 64, 0, (void*)1));
+  CHECK_OK(spill_free(p, 0, (void*)1));
+  void* q = NULL;
+  REQUIRE_OK(spill_malloc(&q, 64, 0, NULL));
+  CHECK(q == p);
+  CHECK_OK(spill_stream_synchronize(0, (void*)1));
+  CHECK_OK(spill_free(q, 0, NULL));
+  CHECK_STATUS(spill_stream_destroy(0, (void*)1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("cudaStreamLegacy");
 }
 
 TEST(record_stream_errors) {

@@ -248,7 +248,10 @@ SPILL_API spill_status spill_get_generation(const void* ptr, uint64_t* generatio
  * the first pin after an unpin; after a begin_op, ops start only at begin_op until the step
  * ends. With policy:plan and a budget, the first step of a scope is recorded; later steps
  * follow the plan made from it (prefetches and evictions ahead of use) until a step deviates,
- * which is recorded again. */
+ * which is recorded again. Unbalanced calls are not errors, so that a loop that caught an
+ * exception mid-step (out of memory with too large a batch) simply goes on: a begin_step while
+ * a step of its scope is in progress abandons that step (not recorded, not counted) and
+ * begins anew, and an end_step with no step of its scope in progress does nothing. */
 SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
 SPILL_API spill_status spill_end_step(int device, uint64_t scope);
 SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);
