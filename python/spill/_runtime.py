@@ -6,7 +6,6 @@ import ctypes
 from typing import Iterator, Optional, Union
 
 from . import _args
-from ._errors import InvalidArgumentError
 from ._lib import call
 
 
@@ -16,9 +15,7 @@ def configure(conf: Optional[str] = None) -> None:
     first use. Calling it again with the same string is fine; with another one while runtimes
     run it raises :class:`spill.Error` (code ``ALREADY_INITIALIZED``): call :func:`shutdown`
     first. A malformed string raises :class:`spill.InvalidArgumentError` naming the key."""
-    if conf is not None and not isinstance(conf, str):
-        raise InvalidArgumentError(f"spill: conf must be a string, got {conf!r}")
-    call("spill_init", conf.encode() if conf is not None else None)
+    call("spill_init", _args.text(conf, "conf") if conf is not None else None)
 
 
 def shutdown() -> None:
@@ -42,10 +39,8 @@ def parse_size(text: str) -> int:
     ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (binary and decimal units, any case). Text that is
     not a size, or one past 2**63 bytes, raises :class:`spill.InvalidArgumentError` quoting
     it. Needs no runtime."""
-    if not isinstance(text, str):
-        raise InvalidArgumentError(f"spill: a size to parse must be a string, got {text!r}")
     value = ctypes.c_uint64(0)
-    call("spill_parse_size", text.encode(), ctypes.byref(value))
+    call("spill_parse_size", _args.text(text, "a size to parse"), ctypes.byref(value))
     return value.value
 
 
@@ -88,7 +83,7 @@ def end_step(scope: int = 0, device: int = 0) -> None:
 def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> None:
     """An op (kernel or layer) named ``name`` starts within the current step of ``scope``."""
     call("spill_begin_op", _args.device(device), _args.scope(scope),
-         name.encode() if name is not None else None)
+         _args.text(name, "name") if name is not None else None)
 
 
 def end_scope(scope: int = 0, device: int = 0) -> None:
