@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Iterator, Optional, Union
+import logging
+import threading
+from typing import Iterator, List, Optional, Tuple, Union
 
 from . import _args
+from ._errors import Error, InvalidArgumentError
 from ._lib import call
 
 
@@ -94,17 +97,59 @@ def end_scope(scope: int = 0, device: int = 0) -> None:
     call("spill_end_scope", _args.device(device), _args.scope(scope))
 
 
+# Per thread: the (device, scope) of each `with spill.step()` open there, outermost first.
+_open_steps = threading.local()
+
+
 @contextlib.contextmanager
 def step(scope: int = 0, device: int = 0) -> Iterator[None]:
     """``with spill.step():`` brackets one training step of ``scope`` on ``device``.
 
-    The step ends when the block exits, by an exception too. Two training loops in one process
-    use two scopes so that neither sees the other's steps as deviations."""
+    The step ends when the block exits, by an exception too; the block's exception is the one
+    raised then (should ending the step fail as well, that failure is added to it as a note).
+    Two training loops in one process use two scopes so that neither sees the other's steps as
+    deviations. A step of another scope may run inside one (an evaluation inside a training
+    step): when it ends, the outer scope is the thread's current scope again. A step inside a
+    step of the same scope and device on the same thread has no meaning (a step cannot contain
+    itself) and raises :class:`spill.InvalidArgumentError` naming the scope."""
+    key = (_args.device(device), _args.scope(scope))
+    stack = _open_steps.__dict__.setdefault("stack", [])
+    if key in stack:
+        raise InvalidArgumentError(
+            f"spill.step: a step of scope {scope} on device {device} is already open on this "
+            "thread (a `with spill.step()` inside another of the same scope): a step cannot "
+            "contain itself. End the outer step first, or give the inner loop a scope of its "
+            "own (spill.step(scope=...))")
     begin_step(scope, device)
+    stack.append(key)
     try:
         yield
-    finally:
-        end_step(scope, device)
+    except BaseException as body:
+        # The block's exception is the one the caller must see; a failure to end the step
+        # (spill shut down inside the block, say) only rides along with it.
+        try:
+            _end_nested_step(stack, key)
+        except Error as failure:
+            note = (f"spill.step: ending the step of scope {scope} on device {device} failed "
+                    f"too: {failure}")
+            if hasattr(body, "add_note"):  # Python 3.11+
+                body.add_note(note)
+            else:
+                logging.getLogger("spill").warning("%s", note)
+        raise
+    _end_nested_step(stack, key)
+
+
+def _end_nested_step(stack: List[Tuple[int, int]], key: Tuple[int, int]) -> None:
+    """Ends the step ``key`` (the innermost of ``stack``); an outer step of another scope on
+    the same device becomes the thread's current scope again (end_step made ``key``'s
+    current, and the outer step's pins would otherwise go to a scope with no step open)."""
+    stack.remove(key)
+    device, scope = key
+    end_step(scope, device)
+    outer = [s for d, s in stack if d == device]
+    if outer:
+        call("spill_set_scope", device, outer[-1])
 
 
 def write_step_graph(path: _args.PathLike, scope: int = 0, device: int = 0) -> None:

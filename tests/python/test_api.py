@@ -13,6 +13,7 @@ import threading
 import pytest
 
 import spill
+from conftest import SIM_CONF
 
 MIB = 1 << 20
 BLOCK = 4 * MIB
@@ -341,6 +342,49 @@ def test_steps_are_recorded_and_written_as_a_graph(tmp_path):
             pass
     finally:
         spill.shutdown()
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_steps_body_exception_wins_over_a_failure_to_end_the_step(sim):
+    """Before, a failing end_step replaced the body's exception (Boom only in __context__)."""
+    with pytest.raises(Boom, match="the real error") as e:
+        with spill.step(scope=1):
+            spill.shutdown()
+            raise Boom("the real error")
+    notes = getattr(e.value, "__notes__", [])
+    assert any("ending the step of scope 1" in n and "shut down" in n for n in notes), notes
+    spill.configure(SIM_CONF)
+    with pytest.raises(spill.Error) as e:  # a clean body: end_step's failure is the error
+        with spill.step(scope=1):
+            spill.shutdown()
+    assert e.value.code == spill.Status.SHUT_DOWN
+
+
+def test_a_step_inside_a_step_of_the_same_scope_is_refused(sim, monkeypatch):
+    with spill.step(scope=3):
+        with pytest.raises(spill.InvalidArgumentError, match="scope 3 .*already open"):
+            with spill.step(scope=3):
+                pass
+    with spill.step(scope=3):  # the refusal left nothing open
+        pass
+    # Another scope inside is an inner step; the outer scope is current again after it.
+    import spill._runtime as runtime
+    calls = []
+    original = runtime.call
+    monkeypatch.setattr(runtime, "call", lambda name, *a: (calls.append((name, a)),
+                                                           original(name, *a))[1])
+    with spill.step(scope=3):
+        with spill.step(scope=4):
+            pass
+        assert calls[-1] == ("spill_set_scope", (0, 3))
+    with pytest.raises(Boom):  # a step that ended by an exception is closed too
+        with spill.step(scope=5):
+            raise Boom()
+    with spill.step(scope=5):
+        pass
 
 
 def test_snapshot_and_trace(sim, tmp_path):
