@@ -437,6 +437,37 @@ def test_enable_refuses_a_bad_target_and_names_it() -> None:
     assert r.returncode != 0 and "target must be 'cuda' or 'cpu'" in r.stderr
 
 
+def test_offload_and_guard_check_a_scope_as_begin_step_does() -> None:
+    """Before, int() and ctypes took scope=2**64 + 7 as 7 (another scope's), 2**70 as 0
+    (spill.step()'s), -1 as 2**64 - 1, 7.9 and "7" as 7, and "abc" raised a bare ValueError."""
+    out = run_ok(ENABLE + """
+        m = torch.nn.Linear(256, 256).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for bad in [2**64 + 7, 2**70, -1, 7.9, "7", "abc", True]:
+            for make in (lambda: st.offload(m, opt, scope=bad), lambda: st.guard(opt, scope=bad)):
+                try:
+                    make()
+                    raise AssertionError(f"scope={bad!r} accepted")
+                except spill.InvalidArgumentError as e:
+                    assert "scope" in str(e) and (repr(bad) in str(e) or str(bad) in str(e)), e
+        try:
+            spill.begin_step(scope=-1)
+        except spill.InvalidArgumentError as e:
+            begin_step_says = str(e)
+        try:
+            st.offload(m, opt, scope=-1)
+        except spill.InvalidArgumentError as e:
+            assert str(e) == begin_step_says, (str(e), begin_step_says)
+        h = st.offload(m, opt, scope=2**64 - 1)   # the largest scope is fine
+        assert h.scope == 2**64 - 1
+        h.remove()
+        with st.guard(opt, scope=7) as g:
+            assert g.scope == 7
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_importing_needs_torch_113_and_accepts_debian_versions(tmp_path: pathlib.Path) -> None:
     fake = tmp_path / "torch"
     fake.mkdir()

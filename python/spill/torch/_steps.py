@@ -24,7 +24,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
-from spill import Error
+from spill import Error, _args
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -39,7 +39,7 @@ class StepBoundaries:
     """Begins and ends the steps of ``scope`` on spill's device (see the module docstring)."""
 
     def __init__(self, scope: int, manage: bool, owned: bool = False) -> None:
-        self.scope = scope & 0xFFFFFFFFFFFFFFFF
+        self.scope = scope          # checked (optional_scope): c_uint64 would wrap it
         self.manage = manage        # False: the caller brackets steps (with spill.step())
         self.owned = owned          # the integration chose the scope: finish() ends it
         self.in_step = False
@@ -246,8 +246,10 @@ def default_scope(obj: Any) -> int:
 
 
 def optional_scope(scope: Optional[int], default: Any) -> Tuple[int, bool]:
-    """The scope to use and whether the integration chose it (then it ends it when done)."""
-    return (default_scope(default), True) if scope is None else (int(scope), False)
+    """The scope to use and whether the integration chose it (then it ends it when done). A
+    scope given is checked as spill.begin_step checks it: int() and ctypes wrapped 2**64 + 7
+    to 7 (another model's scope), -1 to 2**64 - 1 and took 7.9 and "7" as 7."""
+    return (default_scope(default), True) if scope is None else (_args.scope(scope), False)
 
 
 class OptimizerRound:
