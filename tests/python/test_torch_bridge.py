@@ -437,6 +437,36 @@ def test_enable_refuses_a_bad_target_and_names_it() -> None:
     assert r.returncode != 0 and "target must be 'cuda' or 'cpu'" in r.stderr
 
 
+def test_arguments_of_the_wrong_type_are_refused_naming_them() -> None:
+    """Before, enable(5) raised AttributeError ('int' object has no attribute 'split'),
+    offload(None) and offload("model") AttributeError ('NoneType' object has no attribute
+    'modules'), enable(device="0") configured spill before refusing the device."""
+    out = run_ok(f"""
+        import torch, spill, spill.torch as st
+
+        def refused(call, name):
+            try:
+                call()
+            except spill.InvalidArgumentError as e:
+                assert isinstance(e, TypeError) and name in str(e), (name, e)
+                return
+            raise AssertionError(f"{{name}}: accepted")
+        refused(lambda: st.enable(5, target={TARGET!r}), "conf")
+        refused(lambda: st.enable("budget:64MiB", target={TARGET!r}, device="0"), "device")
+        refused(lambda: st.enable("budget:64MiB", target={TARGET!r}, patch_torch="no"),
+                "patch_torch")
+        assert st.is_enabled() is None
+        st.enable("budget:64MiB,swap_threshold:128KiB", target={TARGET!r})  # nothing started
+        m = torch.nn.Linear(4, 4)
+        refused(lambda: st.offload(None), "model")
+        refused(lambda: st.offload("model"), "model")
+        refused(lambda: st.offload(m, "opt"), "optimizer")
+        refused(lambda: st.guard(object()), "optimizer")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_offload_and_guard_check_a_scope_as_begin_step_does() -> None:
     """Before, int() and ctypes took scope=2**64 + 7 as 7 (another scope's), 2**70 as 0
     (spill.step()'s), -1 as 2**64 - 1, 7.9 and "7" as 7, and "abc" raised a bare ValueError."""

@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 import spill
-from spill import Error, InvalidArgumentError
+from spill import Error, InvalidArgumentError, _args
+from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -30,6 +31,15 @@ _CUDA_HOOKS = (("set_init_fn", "spill_torch_init"), ("set_reset_fn", "spill_torc
 class AllocatorInUseError(Error, RuntimeError):
     """PyTorch's CUDA allocator has already served memory, so it cannot be swapped for spill's
     (use spill.torch.pool() for a region of code instead)."""
+
+
+def _check_conf(conf: Any, caller: str) -> None:
+    # Checked here, not only by spill.configure: the CPU bridge splits the string first (an
+    # int raised AttributeError: 'int' object has no attribute 'split').
+    if conf is not None and not isinstance(conf, str):
+        raise InvalidArgumentTypeError(
+            f"{caller}: conf must be spill's configuration string (e.g. 'budget:8GiB') or None "
+            f"(SPILL_CONF), got {conf!r}")
 
 
 def _cpu_conf(conf: Optional[str]) -> str:
@@ -72,6 +82,9 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
     if target not in ("cuda", "cpu"):
         raise InvalidArgumentError(f"spill.torch.enable: target must be 'cuda' or 'cpu', "
                                    f"got {target!r}")
+    _check_conf(conf, "spill.torch.enable")
+    _args.device(device)
+    _args.flag(patch_torch, "patch_torch")
     if state.target is not None:
         if state.target != target:
             raise Error(f"spill.torch.enable: spill is already PyTorch's {state.target} "
@@ -199,6 +212,8 @@ def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
     _check_cuda()
     if state.forked_child:
         raise Error("spill.torch.pool: this is a child forked after spill started")
+    _check_conf(conf, "spill.torch.pool")
+    _args.device(device)
     spill.configure(conf)
     spill.is_simulated(device)
     native = _cuda_allocator(shim("cuda"), for_pool=True)

@@ -24,7 +24,8 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
-from spill import Error, _args
+from spill import InvalidArgumentError, _args
+from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -291,15 +292,15 @@ def optimizers_of(optimizer: Any, caller: str) -> Tuple[Any, ...]:
     many = isinstance(optimizer, (list, tuple))
     found = tuple(optimizer) if many else (optimizer,)
     if many and not found:
-        raise Error(f"{caller}: optimizer is an empty " + type(optimizer).__name__ +
+        raise InvalidArgumentError(f"{caller}: optimizer is an empty " + type(optimizer).__name__ +
                     "; pass None (then bracket steps with spill.torch.step()), one optimizer "
                     "or several")
     for i, opt in enumerate(found):
         where = f"optimizer[{i}]" if many else "optimizer"
         if not callable(getattr(opt, "step", None)) or not hasattr(opt, "param_groups"):
-            raise Error(f"{caller}: {where} ({type(opt).__name__}) is not an "
+            raise InvalidArgumentTypeError(f"{caller}: {where} ({type(opt).__name__}) is not an "
                         "optimizer (no step() and param_groups); pass a torch.optim.Optimizer, "
                         "a list of them, or None")
         if any(o is opt for o in found[:i]):
-            raise Error(f"{caller}: {where} ({type(opt).__name__}) is given twice")
+            raise InvalidArgumentError(f"{caller}: {where} ({type(opt).__name__}) is given twice")
     return found
