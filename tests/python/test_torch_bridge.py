@@ -354,6 +354,80 @@ def test_stats_answer_with_spills_figures_and_the_patch_is_undone() -> None:
     assert "ok" in out
 
 
+def test_stats_before_enable_start_nothing_and_enable_says_what_started_spill() -> None:
+    """Before, memory_stats() before enable() started device 0's runtime with the defaults,
+    and every later enable(conf) failed with ALREADY_INITIALIZED, not saying why."""
+    out = run_ok(f"""
+        import collections, torch, spill, spill.torch as st
+        assert st.memory_stats() == collections.OrderedDict()   # as torch.cuda's before CUDA
+        assert st.memory_allocated() == st.max_memory_allocated() == 0
+        assert st.memory_reserved() == st.max_memory_reserved() == 0
+        st.reset_peak_memory_stats()
+        assert "has not started" in st.memory_summary()
+        snap = st.memory_snapshot()
+        assert snap in ([], {{"segments": [], "device_traces": []}}), snap
+        st.enable("budget:64MiB,swap_threshold:128KiB", target={TARGET!r})   # nothing started
+        x = torch.ones(1 << 20, device={"cpu" if TARGET == "cpu" else "cuda"!r})
+        assert st.memory_allocated() >= 4 << 20
+        print("ok")
+    """)
+    assert "ok" in out
+    out = run_ok(f"""
+        import spill, spill.torch as st
+        spill.stats()                       # starts device 0 with the defaults
+        try:
+            st.enable("budget:64MiB", target={TARGET!r})
+            raise AssertionError("enable() accepted other settings")
+        except spill.Error as e:
+            assert e.code == spill.Status.ALREADY_INITIALIZED, e
+            message = str(e)
+        assert "an earlier spill call" in message and "spill.stats()" in message, message
+        assert "before any other spill call" in message, message
+        assert "spill.shutdown() first" in message and "runtimes already run" in message, message
+        spill.shutdown()                    # the way out the message gives
+        st.enable("budget:64MiB", target={TARGET!r})
+        assert spill.budget() == 64 << 20
+        try:
+            st.enable("budget:32MiB", target={TARGET!r})
+            raise AssertionError("a second enable() with other settings accepted")
+        except spill.Error as e:
+            assert "an earlier spill.torch.enable()" in str(e), e
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_stats_functions_take_torchs_device_arguments_and_refuse_other_devices() -> None:
+    """Before, memory_stats(device=5), device="garbage" and memory_allocated(device=-3) all
+    answered with device 0's figures."""
+    out = run_ok(ENABLE + """
+        x = torch.ones(1 << 20, device=dev)
+        here = st.memory_allocated()
+        for device in [None, 0, "cuda", "cuda:0", torch.device("cuda", 0)] + (
+                ["cpu", torch.device("cpu")] if dev == "cpu" else []):
+            assert st.memory_allocated(device) == here, device
+            assert st.memory_stats(device=device)["device"] == 0, device
+            assert torch.cuda.memory_allocated(device) == here, device
+        st.reset_peak_memory_stats("cuda:0")
+        assert "spill memory summary, device 0" in st.memory_summary(device=0)
+        for bad, why in [(999, "999"), (-3, "-3"), ("cuda:999", "cuda:999"),
+                         ("garbage", "'garbage' is not a device"), ("meta", "'meta'"),
+                         (1.5, "must be None, an int"), (True, "must be None, an int")]:
+            for fn in (st.memory_stats, st.memory_allocated, st.max_memory_reserved,
+                       st.reset_peak_memory_stats, st.memory_summary, st.memory_snapshot,
+                       torch.cuda.memory_stats):
+                try:
+                    fn(bad)
+                except spill.InvalidArgumentError as e:
+                    assert why in str(e) and fn.__name__ in str(e), (fn.__name__, e)
+                    assert isinstance(e, TypeError) == isinstance(bad, (float, bool)), e
+                    continue
+                raise AssertionError(f"{fn.__name__}({bad!r}) accepted")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_cpu_bridge_serves_cpu_tensors_and_disable_restores_the_default() -> None:
     if TARGET != "cpu":
         pytest.skip("the CPU bridge is the target=cpu path")

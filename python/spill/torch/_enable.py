@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 import spill
-from spill import Error, InvalidArgumentError, _args
+from spill import Error, InvalidArgumentError, Status, _args
 from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
@@ -40,6 +40,30 @@ def _check_conf(conf: Any, caller: str) -> None:
         raise InvalidArgumentTypeError(
             f"{caller}: conf must be spill's configuration string (e.g. 'budget:8GiB') or None "
             f"(SPILL_CONF), got {conf!r}")
+
+
+def _configure(text: Optional[str], caller: str) -> None:
+    """spill.configure(text), saying on ALREADY_INITIALIZED what started spill and how to
+    recover: any spill call that uses a device (spill.stats(), spill.budget(), ...) starts its
+    runtime with SPILL_CONF or the defaults, and the C message alone did not say so."""
+    try:
+        spill.configure(text)
+    except Error as e:
+        if e.code != Status.ALREADY_INITIALIZED:
+            raise
+        if state.started:
+            why = (f"{caller}: spill already runs with the configuration an earlier "
+                   "spill.torch.enable() or pool() of this process gave it. Pass the same "
+                   "configuration (or none), or call spill.torch.disable(), drop the tensors "
+                   "spill allocated, then spill.shutdown() first")
+        else:
+            why = (f"{caller}: spill already runs, with other settings: an earlier spill call "
+                   "of this process started it with them (spill.configure(), or any call "
+                   "that uses a device, such as spill.stats(), spill.budget(), spill.malloc() "
+                   "or spill.step(), which starts it with SPILL_CONF or the defaults). Call "
+                   "spill.torch.enable() before any other spill call, or spill.shutdown() "
+                   "first (it frees everything spill holds)")
+        raise Error(f"{why}. {e}", e.code) from None
 
 
 def _cpu_conf(conf: Optional[str]) -> str:
@@ -90,7 +114,8 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
             raise Error(f"spill.torch.enable: spill is already PyTorch's {state.target} "
                         f"allocator; call spill.torch.disable() first")
         if conf is not None:
-            spill.configure(conf if target == "cuda" else _cpu_conf(conf))  # same: fine
+            _configure(conf if target == "cuda" else _cpu_conf(conf),  # the same: fine
+                       "spill.torch.enable")
         if patch_torch:
             _patch_torch()  # again after disable(); a no-op when patched
         return
@@ -104,7 +129,7 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
 
 def _enable_cpu(conf: Optional[str], device: int) -> None:
     text = _cpu_conf(conf)
-    spill.configure(text)
+    _configure(text, "spill.torch.enable")
     if not spill.is_simulated(device):
         raise InvalidArgumentError(
             f"spill.torch.enable(target='cpu'): device {device} is a GPU under {text!r}; the "
@@ -113,7 +138,7 @@ def _enable_cpu(conf: Optional[str], device: int) -> None:
     status = lib.spill_torch_cpu_install(device)
     if status != 0:
         raise_status(library(), status)
-    state.target, state.device = "cpu", device
+    state.target, state.device, state.started = "cpu", device, True
     _patch_storage_clone()
 
 
@@ -181,7 +206,7 @@ def _enable_cuda(conf: Optional[str], device: int) -> None:
             "cannot swap an allocator that has served memory. Call spill.torch.enable() before "
             "the first CUDA tensor (e.g. first thing in the script), or use spill for a region "
             "of code: with torch.cuda.use_mem_pool(spill.torch.pool()): ...")
-    spill.configure(conf)
+    _configure(conf, "spill.torch.enable")
     spill.is_simulated(device)  # creates the runtime now: configuration errors surface here
     native = _cuda_allocator(shim("cuda"))
     allocator = torch.cuda.memory._CUDAAllocator(native)
@@ -192,6 +217,7 @@ def _enable_cuda(conf: Optional[str], device: int) -> None:
             f"spill.torch.enable: PyTorch refused to change its allocator ({e}); use "
             "spill.torch.pool() with torch.cuda.use_mem_pool for a region of code") from e
     state.target, state.device, state.allocator = "cuda", device, allocator
+    state.started = True
 
 
 def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
@@ -214,11 +240,12 @@ def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
         raise Error("spill.torch.pool: this is a child forked after spill started")
     _check_conf(conf, "spill.torch.pool")
     _args.device(device)
-    spill.configure(conf)
+    _configure(conf, "spill.torch.pool")
     spill.is_simulated(device)
     native = _cuda_allocator(shim("cuda"), for_pool=True)
     if state.target is None:
         state.device = device
+    state.started = True
     return torch.cuda.MemPool(native)
 
 
