@@ -5,7 +5,7 @@ import contextlib
 import ctypes
 import logging
 import threading
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 from . import _args
 from ._errors import Error, InvalidArgumentError
@@ -21,12 +21,24 @@ def configure(conf: Optional[str] = None) -> None:
     call("spill_init", _args.text(conf, "conf") if conf is not None else None)
 
 
+# Run by shutdown(): the checks first (each may raise to refuse it), the others once spill
+# has shut down. spill.torch adds its own while spill serves PyTorch's tensors, whose memory
+# shutdown would free under them (this package never imports torch, so it cannot look).
+_shutdown_checks: List[Callable[[], None]] = []
+_after_shutdown: List[Callable[[], None]] = []
+
+
 def shutdown() -> None:
     """Frees every device's runtime: blocks still allocated, cached and swapped-out memory,
     streams from :func:`stream_create`. Waits for queued work. Pointers from before become
     invalid; later calls raise (code ``SHUT_DOWN``) until :func:`configure` starts again.
-    Calling it twice is fine."""
+    Calling it twice is fine. Refused (nothing freed) while spill holds PyTorch's tensors:
+    see ``spill.torch.disable``."""
+    for check in _shutdown_checks:
+        check()
     call("spill_shutdown")
+    for done in _after_shutdown:
+        done()
 
 
 def is_simulated(device: int = 0) -> bool:

@@ -397,6 +397,42 @@ def test_stats_before_enable_start_nothing_and_enable_says_what_started_spill() 
     assert "ok" in out
 
 
+def test_shutdown_is_refused_while_spill_holds_pytorchs_tensors() -> None:
+    """Before, spill.shutdown() with the CPU bridge installed freed every tensor's memory: new
+    tensors raised RuntimeError while is_enabled() still said "cpu", and after configure()
+    reading a tensor from before crashed the process (SIGSEGV)."""
+    out = run_ok(ENABLE + """
+        import gc
+        a = torch.ones(1 << 20, device=dev)
+        def refused(*words):
+            try:
+                spill.shutdown()
+            except st.AllocatorInUseError as e:
+                assert isinstance(e, spill.Error) and all(w in str(e) for w in words), e
+                return
+            raise AssertionError("shutdown accepted")
+        refused("PyTorch's", "allocator")
+        assert float(a.sum()) == 1 << 20 and st.is_enabled() == {TARGET!r}
+        st.disable()
+        if {TARGET!r} == "cuda":
+            refused("cannot change back")
+        else:
+            refused("bytes spill allocated are still held", "Drop them")
+            assert float(a.sum()) == 1 << 20          # still spill's, still readable
+            del a
+            gc.collect()
+            spill.shutdown()                          # nothing of PyTorch's left in spill
+            assert st.memory_stats() == {} and st.memory_allocated() == 0
+            b = torch.ones(1 << 20)                   # PyTorch's default allocator
+            assert float(b.sum()) == 1 << 20
+            st.enable("budget:32MiB", target="cpu")   # a fresh session
+            c = torch.ones(1 << 20)
+            assert spill.residence(c.data_ptr()) == "resident" and spill.budget() == 32 << 20
+        print("ok")
+    """.replace("{TARGET!r}", repr(TARGET)))
+    assert "ok" in out
+
+
 def test_stats_functions_take_torchs_device_arguments_and_refuse_other_devices() -> None:
     """Before, memory_stats(device=5), device="garbage" and memory_allocated(device=-3) all
     answered with device 0's figures."""

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 import spill
+import spill._runtime
 from spill import Error, InvalidArgumentError, Status, _args
 from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
@@ -29,8 +30,10 @@ _CUDA_HOOKS = (("set_init_fn", "spill_torch_init"), ("set_reset_fn", "spill_torc
 
 
 class AllocatorInUseError(Error, RuntimeError):
-    """PyTorch's CUDA allocator has already served memory, so it cannot be swapped for spill's
-    (use spill.torch.pool() for a region of code instead)."""
+    """An allocator is in use and cannot be swapped: PyTorch's CUDA allocator has already
+    served memory, so it cannot be replaced by spill's (use spill.torch.pool() for a region of
+    code instead); or spill serves PyTorch's tensors, so spill.shutdown() would free their
+    memory under them."""
 
 
 def _check_conf(conf: Any, caller: str) -> None:
@@ -64,6 +67,43 @@ def _configure(text: Optional[str], caller: str) -> None:
                    "spill.torch.enable() before any other spill call, or spill.shutdown() "
                    "first (it frees everything spill holds)")
         raise Error(f"{why}. {e}", e.code) from None
+
+
+def _refuse_shutdown() -> None:
+    """spill.shutdown() frees every block spill holds, those under PyTorch's tensors too: a
+    later read of such a tensor crashed the process, and new CPU tensors raised while
+    is_enabled() still said "cpu". Refused while any can exist."""
+    if not state.started or state.forked_child:
+        return  # a forked child: spill_shutdown refuses it itself (FORKED_CHILD)
+    if state.target == "cpu":
+        raise AllocatorInUseError(
+            "spill.shutdown: spill is PyTorch's CPU allocator (spill.torch.enable(target="
+            "'cpu')): every CPU tensor made since lives in spill's memory, which shutting down "
+            "would free under it. Call spill.torch.disable() first, then drop the tensors "
+            "spill allocated (del, gc.collect())")
+    if state.target == "cuda":
+        raise AllocatorInUseError(
+            "spill.shutdown: spill is PyTorch's CUDA allocator, which PyTorch cannot change "
+            "back (spill.torch.disable() leaves it in place): shutting down would free the "
+            "memory of CUDA tensors. spill runs until the process ends")
+    try:
+        held = spill.stats(state.device)["allocated_bytes.current"]
+    except Error:
+        return  # shut down already, say: spill_shutdown answers for itself
+    if held:
+        raise AllocatorInUseError(
+            f"spill.shutdown: {held} bytes spill allocated are still held on device "
+            f"{state.device}, and spill served PyTorch's tensors (spill.torch.enable() before "
+            "disable(), or pool()): those live in spill's memory, which shutting down would "
+            "free under them. Drop them first (del, gc.collect()), or leave spill running")
+
+
+def _after_shutdown() -> None:
+    state.started = False
+
+
+spill._runtime._shutdown_checks.append(_refuse_shutdown)
+spill._runtime._after_shutdown.append(_after_shutdown)
 
 
 def _cpu_conf(conf: Optional[str]) -> str:
@@ -253,7 +293,8 @@ def disable() -> None:
     """Undoes :func:`enable` as far as PyTorch allows: the torch.cuda patches are removed and
     the CPU bridge puts PyTorch's default CPU allocator back (tensors spill allocated keep
     freeing into spill). PyTorch cannot swap its CUDA allocator back: after ``target="cuda"``
-    spill stays the allocator."""
+    spill stays the allocator. spill.shutdown() is refused until spill is no longer the
+    allocator and the tensors it allocated are gone (it would free their memory under them)."""
     _unpatch_torch()
     if state.target == "cpu" and not state.forked_child:
         shim("cpu").spill_torch_cpu_uninstall()
