@@ -1,12 +1,15 @@
 """Checks and conversions of Python arguments before they reach C: ctypes would silently wrap
-a negative or oversized integer, so each one is checked here and rejected naming the input."""
+a negative or oversized integer, C would end a string at an embedded NUL, and any object has a
+truth value, so each argument is checked here and rejected naming the input. A value of the
+wrong type raises InvalidArgumentTypeError (also a TypeError), a bad value of the right type
+InvalidArgumentError (a ValueError)."""
 from __future__ import annotations
 
 import ctypes
 import os
 from typing import Any, Optional, Union
 
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 
 #: A stream: None (the default stream), an integer handle (a cudaStream_t, or a stream from
 #: spill.stream_create), or an object carrying one (CuPy's ``.ptr``, PyTorch's
@@ -17,7 +20,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def integer(value: Any, name: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"spill: {name} must be an integer, got {value!r}")
+        raise InvalidArgumentTypeError(f"spill: {name} must be an integer, got {value!r}")
     if not lo <= value <= hi:
         raise InvalidArgumentError(f"spill: {name} {value} is outside [{lo}, {hi}]")
     return value
@@ -50,15 +53,55 @@ def stream(value: StreamLike) -> Optional[ctypes.c_void_p]:
         elif hasattr(value, "ptr"):
             value = value.ptr
         else:
-            raise InvalidArgumentError(
+            raise InvalidArgumentTypeError(
                 f"spill: stream {value!r} is not a handle (int) nor an object with one "
                 "(.ptr, .cuda_stream, __cuda_stream__)")
     handle = integer(value, "stream", 0, 2**64 - 1)
     return ctypes.c_void_p(handle) if handle else None
 
 
+def flag(value: Any, name: str) -> int:
+    """A yes/no argument as the C API's 1 or 0: True or False (or the ints 1 and 0, the C
+    API's own values). Anything else is refused, not taken by its truth value: "no" is a
+    true string, and ``set_swappable(p, "no")`` declared the block swappable."""
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, int):
+        raise InvalidArgumentTypeError(f"spill: {name} must be True or False, got {value!r}")
+    if value not in (0, 1):
+        raise InvalidArgumentError(f"spill: {name} must be True or False (or 1 or 0), "
+                                   f"got {value!r}")
+    return value
+
+
+def _refuse_nul(text: str, name: str) -> None:
+    # C reads a string up to its first NUL: what follows would be dropped without a word (a
+    # configuration key after it never checked, "4GiB\0junk" read as 4 GiB).
+    if "\0" in text:
+        cut = text.index("\0")
+        raise InvalidArgumentError(
+            f"spill: {name} {text!r} holds a NUL character at index {cut}; C would read only "
+            f"{text[:cut]!r}")
+
+
+def text(value: Any, name: str) -> bytes:
+    """A string for C (a configuration, a size, an op's name), encoded as UTF-8."""
+    if not isinstance(value, str):
+        raise InvalidArgumentTypeError(f"spill: {name} must be a string, got {value!r}")
+    _refuse_nul(value, name)
+    return value.encode()
+
+
 def path(value: PathLike, name: str = "path") -> bytes:
-    text = os.fspath(value)
-    if not isinstance(text, str) or not text:
+    """A file path for C or for open(): a non-empty str or os.PathLike giving one."""
+    try:
+        fs_path = os.fspath(value)
+    except TypeError:
+        fs_path = None
+    if not isinstance(fs_path, str):
+        raise InvalidArgumentTypeError(
+            f"spill: {name} must be a str or os.PathLike, got {value!r}")
+    if not fs_path:
         raise InvalidArgumentError(f"spill: {name} must be a non-empty path, got {value!r}")
-    return os.fsencode(text)
+    _refuse_nul(fs_path, name)
+    return os.fsencode(fs_path)

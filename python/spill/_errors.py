@@ -22,6 +22,12 @@ class InvalidArgumentError(Error, ValueError):
     """A pointer, size, device, stream or configuration string was rejected; nothing changed."""
 
 
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type (a string where a size goes, an int where a path goes):
+    an :class:`InvalidArgumentError` that is also Python's ``TypeError``, so code that catches
+    either keeps working."""
+
+
 class CudaError(Error, RuntimeError):
     """A CUDA runtime or driver call failed inside spill."""
 

@@ -9,7 +9,7 @@ import ctypes
 
 from . import _args
 from ._capi import PinToken
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentTypeError
 from ._lib import call
 
 _RESIDENCE = ("resident", "swapping_out", "on_host", "swapping_in")
@@ -67,12 +67,14 @@ def record_stream(ptr: int, stream: _args.StreamLike) -> None:
 
 
 def set_swappable(ptr: int, swappable: bool = True) -> None:
-    """Declares whether the block containing ``ptr`` may be swapped out to host memory.
+    """Declares whether the block containing ``ptr`` may be swapped out to host memory
+    (``swappable``: True or False, or the C API's 1 or 0; anything else raises
+    :class:`spill.InvalidArgumentError`, rather than counting by its truth value).
 
     Declaring it swappable promises that every later use is bracketed by :func:`pin` /
     :func:`unpin` (or :func:`pin_for_host`). Declaring it not swappable brings it back first
     and returns once the host may touch it. Blocks below ``swap_threshold`` never move."""
-    call("spill_set_swappable", _args.pointer(ptr), 1 if swappable else 0)
+    call("spill_set_swappable", _args.pointer(ptr), _args.flag(swappable, "swappable"))
 
 
 def pin(ptr: int, stream: _args.StreamLike = None) -> PinToken:
@@ -100,8 +102,9 @@ def unpin(token: PinToken, stream: _args.StreamLike = None, wrote: bool = True) 
     and its next eviction copies nothing. A token whose block was freed meanwhile does
     nothing; unpinning a token twice raises :class:`spill.InvalidArgumentError`."""
     if not isinstance(token, PinToken):
-        raise InvalidArgumentError(f"spill: unpin takes a PinToken from pin(), got {token!r}")
-    call("spill_unpin", ctypes.byref(token), _args.stream(stream), 1 if wrote else 0)
+        raise InvalidArgumentTypeError(
+            f"spill: unpin takes a PinToken from pin(), got {token!r}")
+    call("spill_unpin", ctypes.byref(token), _args.stream(stream), _args.flag(wrote, "wrote"))
 
 
 def prefetch(ptr: int) -> None:

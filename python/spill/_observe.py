@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 from typing import Any, Dict, Optional, Union
 
 from . import _args
@@ -35,10 +34,11 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
     their blocks, and the recent allocation history). Returns it as a dict, or, given
     ``path``, writes it there as JSON and returns None (``tools/snapshot_to_pickle.py`` turns
     the file into the pickle memory_viz opens)."""
+    out = None if path is None else _args.path(path)  # checked before any work
     text = _take_string("spill_snapshot_json", _args.device(device))
-    if path is None:
+    if out is None:
         return json.loads(text)
-    with open(os.fspath(path), "w", encoding="utf-8") as f:
+    with open(out, "w", encoding="utf-8") as f:
         f.write(text)
     return None
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from typing import Iterator, Optional, Union
+import logging
+import threading
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 from . import _args
-from ._errors import InvalidArgumentError
+from ._errors import Error, InvalidArgumentError
 from ._lib import call
 
 
@@ -16,17 +18,27 @@ def configure(conf: Optional[str] = None) -> None:
     first use. Calling it again with the same string is fine; with another one while runtimes
     run it raises :class:`spill.Error` (code ``ALREADY_INITIALIZED``): call :func:`shutdown`
     first. A malformed string raises :class:`spill.InvalidArgumentError` naming the key."""
-    if conf is not None and not isinstance(conf, str):
-        raise InvalidArgumentError(f"spill: conf must be a string, got {conf!r}")
-    call("spill_init", conf.encode() if conf is not None else None)
+    call("spill_init", _args.text(conf, "conf") if conf is not None else None)
+
+
+# Run by shutdown(): the checks first (each may raise to refuse it), the others once spill
+# has shut down. spill.torch adds its own while spill serves PyTorch's tensors, whose memory
+# shutdown would free under them (this package never imports torch, so it cannot look).
+_shutdown_checks: List[Callable[[], None]] = []
+_after_shutdown: List[Callable[[], None]] = []
 
 
 def shutdown() -> None:
     """Frees every device's runtime: blocks still allocated, cached and swapped-out memory,
     streams from :func:`stream_create`. Waits for queued work. Pointers from before become
     invalid; later calls raise (code ``SHUT_DOWN``) until :func:`configure` starts again.
-    Calling it twice is fine."""
+    Calling it twice is fine. Refused (nothing freed) while spill holds PyTorch's tensors:
+    see ``spill.torch.disable``."""
+    for check in _shutdown_checks:
+        check()
     call("spill_shutdown")
+    for done in _after_shutdown:
+        done()
 
 
 def is_simulated(device: int = 0) -> bool:
@@ -42,10 +54,8 @@ def parse_size(text: str) -> int:
     ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (binary and decimal units, any case). Text that is
     not a size, or one past 2**63 bytes, raises :class:`spill.InvalidArgumentError` quoting
     it. Needs no runtime."""
-    if not isinstance(text, str):
-        raise InvalidArgumentError(f"spill: a size to parse must be a string, got {text!r}")
     value = ctypes.c_uint64(0)
-    call("spill_parse_size", text.encode(), ctypes.byref(value))
+    call("spill_parse_size", _args.text(text, "a size to parse"), ctypes.byref(value))
     return value.value
 
 
@@ -88,7 +98,7 @@ def end_step(scope: int = 0, device: int = 0) -> None:
 def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> None:
     """An op (kernel or layer) named ``name`` starts within the current step of ``scope``."""
     call("spill_begin_op", _args.device(device), _args.scope(scope),
-         name.encode() if name is not None else None)
+         _args.text(name, "name") if name is not None else None)
 
 
 def end_scope(scope: int = 0, device: int = 0) -> None:
@@ -99,17 +109,59 @@ def end_scope(scope: int = 0, device: int = 0) -> None:
     call("spill_end_scope", _args.device(device), _args.scope(scope))
 
 
+# Per thread: the (device, scope) of each `with spill.step()` open there, outermost first.
+_open_steps = threading.local()
+
+
 @contextlib.contextmanager
 def step(scope: int = 0, device: int = 0) -> Iterator[None]:
     """``with spill.step():`` brackets one training step of ``scope`` on ``device``.
 
-    The step ends when the block exits, by an exception too. Two training loops in one process
-    use two scopes so that neither sees the other's steps as deviations."""
+    The step ends when the block exits, by an exception too; the block's exception is the one
+    raised then (should ending the step fail as well, that failure is added to it as a note).
+    Two training loops in one process use two scopes so that neither sees the other's steps as
+    deviations. A step of another scope may run inside one (an evaluation inside a training
+    step): when it ends, the outer scope is the thread's current scope again. A step inside a
+    step of the same scope and device on the same thread has no meaning (a step cannot contain
+    itself) and raises :class:`spill.InvalidArgumentError` naming the scope."""
+    key = (_args.device(device), _args.scope(scope))
+    stack = _open_steps.__dict__.setdefault("stack", [])
+    if key in stack:
+        raise InvalidArgumentError(
+            f"spill.step: a step of scope {scope} on device {device} is already open on this "
+            "thread (a `with spill.step()` inside another of the same scope): a step cannot "
+            "contain itself. End the outer step first, or give the inner loop a scope of its "
+            "own (spill.step(scope=...))")
     begin_step(scope, device)
+    stack.append(key)
     try:
         yield
-    finally:
-        end_step(scope, device)
+    except BaseException as body:
+        # The block's exception is the one the caller must see; a failure to end the step
+        # (spill shut down inside the block, say) only rides along with it.
+        try:
+            _end_nested_step(stack, key)
+        except Error as failure:
+            note = (f"spill.step: ending the step of scope {scope} on device {device} failed "
+                    f"too: {failure}")
+            if hasattr(body, "add_note"):  # Python 3.11+
+                body.add_note(note)
+            else:
+                logging.getLogger("spill").warning("%s", note)
+        raise
+    _end_nested_step(stack, key)
+
+
+def _end_nested_step(stack: List[Tuple[int, int]], key: Tuple[int, int]) -> None:
+    """Ends the step ``key`` (the innermost of ``stack``); an outer step of another scope on
+    the same device becomes the thread's current scope again (end_step made ``key``'s
+    current, and the outer step's pins would otherwise go to a scope with no step open)."""
+    stack.remove(key)
+    device, scope = key
+    end_step(scope, device)
+    outer = [s for d, s in stack if d == device]
+    if outer:
+        call("spill_set_scope", device, outer[-1])
 
 
 def write_step_graph(path: _args.PathLike, scope: int = 0, device: int = 0) -> None:

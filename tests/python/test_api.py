@@ -13,6 +13,7 @@ import threading
 import pytest
 
 import spill
+from conftest import SIM_CONF
 
 MIB = 1 << 20
 BLOCK = 4 * MIB
@@ -156,6 +157,56 @@ def test_bad_frees_name_the_pointer_and_change_nothing(sim):
 def test_python_arguments_are_checked_before_c(sim, call, name):
     with pytest.raises(spill.InvalidArgumentError, match=name):
         call()
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: spill.configure("device:sim,budget:256MiB\0,foo:bar"), "conf"),
+    (lambda: spill.parse_size("4GiB\0junk"), "a size to parse"),
+    (lambda: spill.begin_op("op\0x"), "name"),
+    (lambda: spill.trace("a\0b"), "path"),
+    (lambda: spill.write_step_graph("g\0.json"), "path"),
+    (lambda: spill.snapshot("s\0.json"), "path"),
+])
+def test_a_nul_inside_a_string_is_refused_not_cut(sim, call, name, tmp_path, monkeypatch):
+    """C would end the string at the NUL: before, "budget:256MiB\\0,foo:bar" was taken as
+    "budget:256MiB" (the unknown key never checked) and "4GiB\\0junk" as 4 GiB."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(spill.InvalidArgumentError, match=f"{name} .*NUL character") as e:
+        call()
+    assert "C would read only" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written under the cut name
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: spill.begin_op(5), "name"),  # type: ignore[arg-type]
+    (lambda: spill.begin_op(b"x"), "name"),  # type: ignore[arg-type]
+    (lambda: spill.trace(5), "path"),  # type: ignore[arg-type]
+    (lambda: spill.write_step_graph(None), "path"),  # type: ignore[arg-type]
+    (lambda: spill.snapshot(3), "path"),  # type: ignore[arg-type]
+    (lambda: spill.configure(b"device:sim"), "conf"),  # type: ignore[arg-type]
+    (lambda: spill.malloc("1MiB"), "size"),  # type: ignore[arg-type]
+    (lambda: spill.unpin(spill.pin(spill.malloc(BLOCK)), wrote="no"), "wrote"),
+])
+def test_an_argument_of_the_wrong_type_is_named_and_also_a_type_error(sim, call, name):
+    """Before, begin_op(5) raised AttributeError and trace(5) a bare TypeError."""
+    with pytest.raises(spill.InvalidArgumentError, match=name) as e:
+        call()
+    assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
+    assert e.value.code == 0  # refused in Python: nothing reached C
+
+
+def test_flags_are_booleans_not_any_truthy_object(sim):
+    """set_swappable(p, "no") declared the block swappable ("no" is a true string)."""
+    ptr = spill.malloc(BLOCK)
+    with pytest.raises(spill.InvalidArgumentError, match="swappable must be True or False"):
+        spill.set_swappable(ptr, "no")  # type: ignore[arg-type]
+    with pytest.raises(spill.InvalidArgumentError, match="swappable"):
+        spill.set_swappable(ptr, 2)
+    spill.evict(ptr)
+    assert spill.residence(ptr) == "resident"  # still undeclared: never moves
+    spill.set_swappable(ptr, 1)  # the C API's values are fine
+    spill.set_swappable(ptr, False)
+    spill.free(ptr)
 
 
 def test_c_checks_reach_python_with_their_message(sim):
@@ -308,6 +359,49 @@ def test_steps_are_recorded_and_written_as_a_graph(tmp_path):
             pass
     finally:
         spill.shutdown()
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_steps_body_exception_wins_over_a_failure_to_end_the_step(sim):
+    """Before, a failing end_step replaced the body's exception (Boom only in __context__)."""
+    with pytest.raises(Boom, match="the real error") as e:
+        with spill.step(scope=1):
+            spill.shutdown()
+            raise Boom("the real error")
+    notes = getattr(e.value, "__notes__", [])
+    assert any("ending the step of scope 1" in n and "shut down" in n for n in notes), notes
+    spill.configure(SIM_CONF)
+    with pytest.raises(spill.Error) as e:  # a clean body: end_step's failure is the error
+        with spill.step(scope=1):
+            spill.shutdown()
+    assert e.value.code == spill.Status.SHUT_DOWN
+
+
+def test_a_step_inside_a_step_of_the_same_scope_is_refused(sim, monkeypatch):
+    with spill.step(scope=3):
+        with pytest.raises(spill.InvalidArgumentError, match="scope 3 .*already open"):
+            with spill.step(scope=3):
+                pass
+    with spill.step(scope=3):  # the refusal left nothing open
+        pass
+    # Another scope inside is an inner step; the outer scope is current again after it.
+    import spill._runtime as runtime
+    calls = []
+    original = runtime.call
+    monkeypatch.setattr(runtime, "call", lambda name, *a: (calls.append((name, a)),
+                                                           original(name, *a))[1])
+    with spill.step(scope=3):
+        with spill.step(scope=4):
+            pass
+        assert calls[-1] == ("spill_set_scope", (0, 3))
+    with pytest.raises(Boom):  # a step that ended by an exception is closed too
+        with spill.step(scope=5):
+            raise Boom()
+    with spill.step(scope=5):
+        pass
 
 
 def test_snapshot_and_trace(sim, tmp_path):

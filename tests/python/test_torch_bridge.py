@@ -354,6 +354,116 @@ def test_stats_answer_with_spills_figures_and_the_patch_is_undone() -> None:
     assert "ok" in out
 
 
+def test_stats_before_enable_start_nothing_and_enable_says_what_started_spill() -> None:
+    """Before, memory_stats() before enable() started device 0's runtime with the defaults,
+    and every later enable(conf) failed with ALREADY_INITIALIZED, not saying why."""
+    out = run_ok(f"""
+        import collections, torch, spill, spill.torch as st
+        assert st.memory_stats() == collections.OrderedDict()   # as torch.cuda's before CUDA
+        assert st.memory_allocated() == st.max_memory_allocated() == 0
+        assert st.memory_reserved() == st.max_memory_reserved() == 0
+        st.reset_peak_memory_stats()
+        assert "has not started" in st.memory_summary()
+        snap = st.memory_snapshot()
+        assert snap in ([], {{"segments": [], "device_traces": []}}), snap
+        st.enable("budget:64MiB,swap_threshold:128KiB", target={TARGET!r})   # nothing started
+        x = torch.ones(1 << 20, device={"cpu" if TARGET == "cpu" else "cuda"!r})
+        assert st.memory_allocated() >= 4 << 20
+        print("ok")
+    """)
+    assert "ok" in out
+    out = run_ok(f"""
+        import spill, spill.torch as st
+        spill.stats()                       # starts device 0 with the defaults
+        try:
+            st.enable("budget:64MiB", target={TARGET!r})
+            raise AssertionError("enable() accepted other settings")
+        except spill.Error as e:
+            assert e.code == spill.Status.ALREADY_INITIALIZED, e
+            message = str(e)
+        assert "an earlier spill call" in message and "spill.stats()" in message, message
+        assert "before any other spill call" in message, message
+        assert "spill.shutdown() first" in message and "runtimes already run" in message, message
+        spill.shutdown()                    # the way out the message gives
+        st.enable("budget:64MiB", target={TARGET!r})
+        assert spill.budget() == 64 << 20
+        try:
+            st.enable("budget:32MiB", target={TARGET!r})
+            raise AssertionError("a second enable() with other settings accepted")
+        except spill.Error as e:
+            assert "an earlier spill.torch.enable()" in str(e), e
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_shutdown_is_refused_while_spill_holds_pytorchs_tensors() -> None:
+    """Before, spill.shutdown() with the CPU bridge installed freed every tensor's memory: new
+    tensors raised RuntimeError while is_enabled() still said "cpu", and after configure()
+    reading a tensor from before crashed the process (SIGSEGV)."""
+    out = run_ok(ENABLE + """
+        import gc
+        a = torch.ones(1 << 20, device=dev)
+        def refused(*words):
+            try:
+                spill.shutdown()
+            except st.AllocatorInUseError as e:
+                assert isinstance(e, spill.Error) and all(w in str(e) for w in words), e
+                return
+            raise AssertionError("shutdown accepted")
+        refused("PyTorch's", "allocator")
+        assert float(a.sum()) == 1 << 20 and st.is_enabled() == {TARGET!r}
+        st.disable()
+        if {TARGET!r} == "cuda":
+            refused("cannot change back")
+        else:
+            refused("bytes spill allocated are still held", "Drop them")
+            assert float(a.sum()) == 1 << 20          # still spill's, still readable
+            del a
+            gc.collect()
+            spill.shutdown()                          # nothing of PyTorch's left in spill
+            assert st.memory_stats() == {} and st.memory_allocated() == 0
+            b = torch.ones(1 << 20)                   # PyTorch's default allocator
+            assert float(b.sum()) == 1 << 20
+            st.enable("budget:32MiB", target="cpu")   # a fresh session
+            c = torch.ones(1 << 20)
+            assert spill.residence(c.data_ptr()) == "resident" and spill.budget() == 32 << 20
+        print("ok")
+    """.replace("{TARGET!r}", repr(TARGET)))
+    assert "ok" in out
+
+
+def test_stats_functions_take_torchs_device_arguments_and_refuse_other_devices() -> None:
+    """Before, memory_stats(device=5), device="garbage" and memory_allocated(device=-3) all
+    answered with device 0's figures."""
+    out = run_ok(ENABLE + """
+        x = torch.ones(1 << 20, device=dev)
+        here = st.memory_allocated()
+        for device in [None, 0, "cuda", "cuda:0", torch.device("cuda", 0)] + (
+                ["cpu", torch.device("cpu")] if dev == "cpu" else []):
+            assert st.memory_allocated(device) == here, device
+            assert st.memory_stats(device=device)["device"] == 0, device
+            assert torch.cuda.memory_allocated(device) == here, device
+        st.reset_peak_memory_stats("cuda:0")
+        assert "spill memory summary, device 0" in st.memory_summary(device=0)
+        for bad, why in [(999, "999"), (-3, "-3"), ("cuda:999", "cuda:999"),
+                         ("garbage", "'garbage' is not a device"), ("meta", "'meta'"),
+                         (1.5, "must be None, an int"), (True, "must be None, an int")]:
+            for fn in (st.memory_stats, st.memory_allocated, st.max_memory_reserved,
+                       st.reset_peak_memory_stats, st.memory_summary, st.memory_snapshot,
+                       torch.cuda.memory_stats):
+                try:
+                    fn(bad)
+                except spill.InvalidArgumentError as e:
+                    assert why in str(e) and fn.__name__ in str(e), (fn.__name__, e)
+                    assert isinstance(e, TypeError) == isinstance(bad, (float, bool)), e
+                    continue
+                raise AssertionError(f"{fn.__name__}({bad!r}) accepted")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_cpu_bridge_serves_cpu_tensors_and_disable_restores_the_default() -> None:
     if TARGET != "cpu":
         pytest.skip("the CPU bridge is the target=cpu path")
@@ -435,6 +545,67 @@ def test_enable_refuses_a_bad_target_and_names_it() -> None:
         st.enable(target="tpu")
     """)
     assert r.returncode != 0 and "target must be 'cuda' or 'cpu'" in r.stderr
+
+
+def test_arguments_of_the_wrong_type_are_refused_naming_them() -> None:
+    """Before, enable(5) raised AttributeError ('int' object has no attribute 'split'),
+    offload(None) and offload("model") AttributeError ('NoneType' object has no attribute
+    'modules'), enable(device="0") configured spill before refusing the device."""
+    out = run_ok(f"""
+        import torch, spill, spill.torch as st
+
+        def refused(call, name):
+            try:
+                call()
+            except spill.InvalidArgumentError as e:
+                assert isinstance(e, TypeError) and name in str(e), (name, e)
+                return
+            raise AssertionError(f"{{name}}: accepted")
+        refused(lambda: st.enable(5, target={TARGET!r}), "conf")
+        refused(lambda: st.enable("budget:64MiB", target={TARGET!r}, device="0"), "device")
+        refused(lambda: st.enable("budget:64MiB", target={TARGET!r}, patch_torch="no"),
+                "patch_torch")
+        assert st.is_enabled() is None
+        st.enable("budget:64MiB,swap_threshold:128KiB", target={TARGET!r})  # nothing started
+        m = torch.nn.Linear(4, 4)
+        refused(lambda: st.offload(None), "model")
+        refused(lambda: st.offload("model"), "model")
+        refused(lambda: st.offload(m, "opt"), "optimizer")
+        refused(lambda: st.guard(object()), "optimizer")
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_offload_and_guard_check_a_scope_as_begin_step_does() -> None:
+    """Before, int() and ctypes took scope=2**64 + 7 as 7 (another scope's), 2**70 as 0
+    (spill.step()'s), -1 as 2**64 - 1, 7.9 and "7" as 7, and "abc" raised a bare ValueError."""
+    out = run_ok(ENABLE + """
+        m = torch.nn.Linear(256, 256).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        for bad in [2**64 + 7, 2**70, -1, 7.9, "7", "abc", True]:
+            for make in (lambda: st.offload(m, opt, scope=bad), lambda: st.guard(opt, scope=bad)):
+                try:
+                    make()
+                    raise AssertionError(f"scope={bad!r} accepted")
+                except spill.InvalidArgumentError as e:
+                    assert "scope" in str(e) and (repr(bad) in str(e) or str(bad) in str(e)), e
+        try:
+            spill.begin_step(scope=-1)
+        except spill.InvalidArgumentError as e:
+            begin_step_says = str(e)
+        try:
+            st.offload(m, opt, scope=-1)
+        except spill.InvalidArgumentError as e:
+            assert str(e) == begin_step_says, (str(e), begin_step_says)
+        h = st.offload(m, opt, scope=2**64 - 1)   # the largest scope is fine
+        assert h.scope == 2**64 - 1
+        h.remove()
+        with st.guard(opt, scope=7) as g:
+            assert g.scope == 7
+        print("ok")
+    """)
+    assert "ok" in out
 
 
 def test_importing_needs_torch_113_and_accepts_debian_versions(tmp_path: pathlib.Path) -> None:

@@ -10,7 +10,9 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 import spill
-from spill import Error, InvalidArgumentError
+import spill._runtime
+from spill import Error, InvalidArgumentError, Status, _args
+from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -28,8 +30,80 @@ _CUDA_HOOKS = (("set_init_fn", "spill_torch_init"), ("set_reset_fn", "spill_torc
 
 
 class AllocatorInUseError(Error, RuntimeError):
-    """PyTorch's CUDA allocator has already served memory, so it cannot be swapped for spill's
-    (use spill.torch.pool() for a region of code instead)."""
+    """An allocator is in use and cannot be swapped: PyTorch's CUDA allocator has already
+    served memory, so it cannot be replaced by spill's (use spill.torch.pool() for a region of
+    code instead); or spill serves PyTorch's tensors, so spill.shutdown() would free their
+    memory under them."""
+
+
+def _check_conf(conf: Any, caller: str) -> None:
+    # Checked here, not only by spill.configure: the CPU bridge splits the string first (an
+    # int raised AttributeError: 'int' object has no attribute 'split').
+    if conf is not None and not isinstance(conf, str):
+        raise InvalidArgumentTypeError(
+            f"{caller}: conf must be spill's configuration string (e.g. 'budget:8GiB') or None "
+            f"(SPILL_CONF), got {conf!r}")
+
+
+def _configure(text: Optional[str], caller: str) -> None:
+    """spill.configure(text), saying on ALREADY_INITIALIZED what started spill and how to
+    recover: any spill call that uses a device (spill.stats(), spill.budget(), ...) starts its
+    runtime with SPILL_CONF or the defaults, and the C message alone did not say so."""
+    try:
+        spill.configure(text)
+    except Error as e:
+        if e.code != Status.ALREADY_INITIALIZED:
+            raise
+        if state.started:
+            why = (f"{caller}: spill already runs with the configuration an earlier "
+                   "spill.torch.enable() or pool() of this process gave it. Pass the same "
+                   "configuration (or none), or call spill.torch.disable(), drop the tensors "
+                   "spill allocated, then spill.shutdown() first")
+        else:
+            why = (f"{caller}: spill already runs, with other settings: an earlier spill call "
+                   "of this process started it with them (spill.configure(), or any call "
+                   "that uses a device, such as spill.stats(), spill.budget(), spill.malloc() "
+                   "or spill.step(), which starts it with SPILL_CONF or the defaults). Call "
+                   "spill.torch.enable() before any other spill call, or spill.shutdown() "
+                   "first (it frees everything spill holds)")
+        raise Error(f"{why}. {e}", e.code) from None
+
+
+def _refuse_shutdown() -> None:
+    """spill.shutdown() frees every block spill holds, those under PyTorch's tensors too: a
+    later read of such a tensor crashed the process, and new CPU tensors raised while
+    is_enabled() still said "cpu". Refused while any can exist."""
+    if not state.started or state.forked_child:
+        return  # a forked child: spill_shutdown refuses it itself (FORKED_CHILD)
+    if state.target == "cpu":
+        raise AllocatorInUseError(
+            "spill.shutdown: spill is PyTorch's CPU allocator (spill.torch.enable(target="
+            "'cpu')): every CPU tensor made since lives in spill's memory, which shutting down "
+            "would free under it. Call spill.torch.disable() first, then drop the tensors "
+            "spill allocated (del, gc.collect())")
+    if state.target == "cuda":
+        raise AllocatorInUseError(
+            "spill.shutdown: spill is PyTorch's CUDA allocator, which PyTorch cannot change "
+            "back (spill.torch.disable() leaves it in place): shutting down would free the "
+            "memory of CUDA tensors. spill runs until the process ends")
+    try:
+        held = spill.stats(state.device)["allocated_bytes.current"]
+    except Error:
+        return  # shut down already, say: spill_shutdown answers for itself
+    if held:
+        raise AllocatorInUseError(
+            f"spill.shutdown: {held} bytes spill allocated are still held on device "
+            f"{state.device}, and spill served PyTorch's tensors (spill.torch.enable() before "
+            "disable(), or pool()): those live in spill's memory, which shutting down would "
+            "free under them. Drop them first (del, gc.collect()), or leave spill running")
+
+
+def _after_shutdown() -> None:
+    state.started = False
+
+
+spill._runtime._shutdown_checks.append(_refuse_shutdown)
+spill._runtime._after_shutdown.append(_after_shutdown)
 
 
 def _cpu_conf(conf: Optional[str]) -> str:
@@ -72,12 +146,16 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
     if target not in ("cuda", "cpu"):
         raise InvalidArgumentError(f"spill.torch.enable: target must be 'cuda' or 'cpu', "
                                    f"got {target!r}")
+    _check_conf(conf, "spill.torch.enable")
+    _args.device(device)
+    _args.flag(patch_torch, "patch_torch")
     if state.target is not None:
         if state.target != target:
             raise Error(f"spill.torch.enable: spill is already PyTorch's {state.target} "
                         f"allocator; call spill.torch.disable() first")
         if conf is not None:
-            spill.configure(conf if target == "cuda" else _cpu_conf(conf))  # same: fine
+            _configure(conf if target == "cuda" else _cpu_conf(conf),  # the same: fine
+                       "spill.torch.enable")
         if patch_torch:
             _patch_torch()  # again after disable(); a no-op when patched
         return
@@ -91,7 +169,7 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
 
 def _enable_cpu(conf: Optional[str], device: int) -> None:
     text = _cpu_conf(conf)
-    spill.configure(text)
+    _configure(text, "spill.torch.enable")
     if not spill.is_simulated(device):
         raise InvalidArgumentError(
             f"spill.torch.enable(target='cpu'): device {device} is a GPU under {text!r}; the "
@@ -100,7 +178,7 @@ def _enable_cpu(conf: Optional[str], device: int) -> None:
     status = lib.spill_torch_cpu_install(device)
     if status != 0:
         raise_status(library(), status)
-    state.target, state.device = "cpu", device
+    state.target, state.device, state.started = "cpu", device, True
     _patch_storage_clone()
 
 
@@ -168,7 +246,7 @@ def _enable_cuda(conf: Optional[str], device: int) -> None:
             "cannot swap an allocator that has served memory. Call spill.torch.enable() before "
             "the first CUDA tensor (e.g. first thing in the script), or use spill for a region "
             "of code: with torch.cuda.use_mem_pool(spill.torch.pool()): ...")
-    spill.configure(conf)
+    _configure(conf, "spill.torch.enable")
     spill.is_simulated(device)  # creates the runtime now: configuration errors surface here
     native = _cuda_allocator(shim("cuda"))
     allocator = torch.cuda.memory._CUDAAllocator(native)
@@ -179,6 +257,7 @@ def _enable_cuda(conf: Optional[str], device: int) -> None:
             f"spill.torch.enable: PyTorch refused to change its allocator ({e}); use "
             "spill.torch.pool() with torch.cuda.use_mem_pool for a region of code") from e
     state.target, state.device, state.allocator = "cuda", device, allocator
+    state.started = True
 
 
 def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
@@ -199,11 +278,14 @@ def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
     _check_cuda()
     if state.forked_child:
         raise Error("spill.torch.pool: this is a child forked after spill started")
-    spill.configure(conf)
+    _check_conf(conf, "spill.torch.pool")
+    _args.device(device)
+    _configure(conf, "spill.torch.pool")
     spill.is_simulated(device)
     native = _cuda_allocator(shim("cuda"), for_pool=True)
     if state.target is None:
         state.device = device
+    state.started = True
     return torch.cuda.MemPool(native)
 
 
@@ -211,7 +293,8 @@ def disable() -> None:
     """Undoes :func:`enable` as far as PyTorch allows: the torch.cuda patches are removed and
     the CPU bridge puts PyTorch's default CPU allocator back (tensors spill allocated keep
     freeing into spill). PyTorch cannot swap its CUDA allocator back: after ``target="cuda"``
-    spill stays the allocator."""
+    spill stays the allocator. spill.shutdown() is refused until spill is no longer the
+    allocator and the tensors it allocated are gone (it would free their memory under them)."""
     _unpatch_torch()
     if state.target == "cpu" and not state.forked_child:
         shim("cpu").spill_torch_cpu_uninstall()

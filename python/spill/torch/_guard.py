@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spill import Error, OutOfMemoryError
+from spill import Error, OutOfMemoryError, _args
 from spill import budget as spill_budget
 
 from ._foreach import chunks, joined, listwise
@@ -216,8 +216,8 @@ class guard:
                  release_on_exit: bool = True) -> None:
         self.optimizer = optimizer
         self.optimizers = optimizers_of(optimizer, "spill.torch.guard")
-        self.scope_arg = scope
-        self.release_on_exit = release_on_exit
+        self.scope_arg = None if scope is None else optional_scope(scope, None)[0]
+        self.release_on_exit = bool(_args.flag(release_on_exit, "release_on_exit"))
         self._mode: Optional[PinEveryOp] = None
         self._saved: dict = {}
 

@@ -113,6 +113,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import reprlib
 import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -122,6 +123,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from spill import Error, OutOfMemoryError
+from spill._errors import InvalidArgumentTypeError
 from spill import budget as spill_budget
 
 from . import _copies as copies
@@ -299,6 +301,11 @@ class OffloadHandle:
 
     def __init__(self, model: torch.nn.Module, optimizer: Any,
                  scope: Optional[int], quiet: Any = 0.5) -> None:
+        if not isinstance(model, torch.nn.Module):
+            # Checked first: model.modules() below raised AttributeError: 'NoneType' ...
+            raise InvalidArgumentTypeError(
+                f"spill.torch.offload: model must be a torch.nn.Module, got "
+                f"{type(model).__name__} {reprlib.repr(model)}")
         if not state.active:
             raise Error("spill.torch.offload: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")

@@ -26,6 +26,10 @@ class State:
 
     def __init__(self) -> None:
         self.target: Optional[str] = None      # "cuda" or "cpu" once enable() succeeded
+        # Whether enable() or pool() started spill for PyTorch (kept after disable(): tensors
+        # spill allocated still live in its memory; cleared by spill.shutdown()). Until then
+        # the statistics functions answer without starting a runtime (_stats.py).
+        self.started = False
         self.device = 0                        # spill's device ordinal
         self.allocator: Any = None             # the CUDAPluggableAllocator, on CUDA
         self.patched: Dict[Tuple[Any, str], Any] = {}  # (module, name) -> original

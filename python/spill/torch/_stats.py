@@ -1,14 +1,20 @@
 """PyTorch's memory APIs answered with spill's figures: memory_stats (PyTorch's keys plus
 spill's own), memory_summary, reset_peak_memory_stats and memory_snapshot in the layout of
 torch.cuda.memory._snapshot(), so that training loops and tools that log them keep working
-when spill is the allocator (the pluggable-allocator path otherwise loses them)."""
+when spill is the allocator (the pluggable-allocator path otherwise loses them). Before
+spill.torch has started spill (enable() or pool()) they answer as torch.cuda's do before CUDA
+starts (no statistics, zeros) and start nothing."""
 from __future__ import annotations
 
 import collections
 import logging
 from typing import Any, Dict, List, Optional, Union
 
+import torch
+
 import spill
+from spill import InvalidArgumentError
+from spill._errors import InvalidArgumentTypeError
 
 from ._state import state, torch_version
 
@@ -25,9 +31,51 @@ _BYTE_FAMILIES = {
 _STATS = ("current", "peak", "allocated", "freed")
 
 
-def _device(device: Any) -> int:
-    """spill's device for a torch device argument: the one spill.torch.enable() chose."""
-    return state.device
+def _device(device: Any, caller: str) -> int:
+    """spill's device for ``device`` as torch.cuda's memory functions take it: None or
+    "cuda" (the device spill runs), an int, "cuda:N" or a torch.device; on the CPU bridge (and
+    before enable()) also "cpu", whose memory the bridge serves. Any other device is an error
+    naming it: they all answered with the figures of the device spill runs (device=5,
+    device="garbage", device=-3). On CUDA spill serves every device's tensors, so any CUDA
+    ordinal torch has is answered for itself; on the bridge only the one it simulates."""
+    if device is None:
+        return state.device
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise InvalidArgumentTypeError(
+            f"spill.torch.{caller}: device must be None, an int, a string such as 'cuda:0' or "
+            f"a torch.device, got {device!r}")
+    if isinstance(device, int):
+        kind, index = "cuda", device
+    else:
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            raise InvalidArgumentError(
+                f"spill.torch.{caller}: device {device!r} is not a device") from None
+        kind, index = parsed.type, parsed.index
+    if kind == "cpu" and state.target != "cuda":
+        return state.device
+    if kind == "cuda":
+        if index is None:
+            return state.device
+        if state.target == "cuda" and 0 <= index < torch.cuda.device_count():
+            return index
+        if index == state.device:
+            return index
+    where = ("a CUDA device of this machine" if state.target == "cuda"
+             else f"cuda:{state.device}, the device spill simulates for PyTorch")
+    if state.target != "cuda":
+        where += " (or 'cpu', whose memory the CPU bridge serves)"
+    raise InvalidArgumentError(f"spill.torch.{caller}: device {device!r} is not {where}")
+
+
+def _spill_stats(device: Any, caller: str) -> Optional[Dict[str, Any]]:
+    """spill.stats() of the device ``device`` names, or None before spill.torch has started
+    spill (enable() or pool()). Then spill is not asked: its first call that uses a device
+    starts that device's runtime, with SPILL_CONF or the defaults, and a later enable() with
+    its own settings failed (ALREADY_INITIALIZED) for the rest of the process."""
+    index = _device(device, caller)
+    return spill.stats(index) if state.started else None
 
 
 def torch_keys(s: Dict[str, Any]) -> Dict[str, Any]:
@@ -69,7 +117,9 @@ def memory_stats(device: Any = None) -> "collections.OrderedDict[str, Any]":
     ``swap.demand_fetches``, ``swap.steps_planned``, ..., see ``spill.stats``). Pools are not
     split: there is no ``.small_pool`` / ``.large_pool``.
     """
-    s = spill.stats(_device(device))
+    s = _spill_stats(device, "memory_stats")
+    if s is None:
+        return collections.OrderedDict()  # as torch.cuda.memory_stats() before CUDA starts
     merged = dict(s)
     merged.update(torch_keys(s))
     return collections.OrderedDict(sorted(merged.items()))
@@ -102,27 +152,33 @@ def record_memory_history(enabled: Any = "all", *args: Any, **kwargs: Any) -> No
 
 def memory_allocated(device: Any = None) -> int:
     """Bytes of tensors spill holds now (allocated, resident or swapped out)."""
-    return int(spill.stats(_device(device))["allocated_bytes.current"])
+    s = _spill_stats(device, "memory_allocated")
+    return int(s["allocated_bytes.current"]) if s else 0
 
 
 def max_memory_allocated(device: Any = None) -> int:
     """Peak of memory_allocated since the start or the last reset_peak_memory_stats()."""
-    return int(spill.stats(_device(device))["allocated_bytes.peak"])
+    s = _spill_stats(device, "max_memory_allocated")
+    return int(s["allocated_bytes.peak"]) if s else 0
 
 
 def memory_reserved(device: Any = None) -> int:
     """Device bytes spill has mapped now (allocated and cached): what the budget limits."""
-    return int(spill.stats(_device(device))["reserved_bytes.current"])
+    s = _spill_stats(device, "memory_reserved")
+    return int(s["reserved_bytes.current"]) if s else 0
 
 
 def max_memory_reserved(device: Any = None) -> int:
     """Peak of memory_reserved since the start or the last reset_peak_memory_stats()."""
-    return int(spill.stats(_device(device))["reserved_bytes.peak"])
+    s = _spill_stats(device, "max_memory_reserved")
+    return int(s["reserved_bytes.peak"]) if s else 0
 
 
 def reset_peak_memory_stats(device: Any = None) -> None:
     """Starts the peaks (allocated, reserved, requested, cached bytes) again from now."""
-    spill.reset_peak_stats(_device(device))
+    index = _device(device, "reset_peak_memory_stats")
+    if state.started:
+        spill.reset_peak_stats(index)
 
 
 def _fmt(n: Union[int, float]) -> str:
@@ -136,15 +192,18 @@ def _fmt(n: Union[int, float]) -> str:
 
 def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
     """A table of spill's memory statistics, in the spirit of torch.cuda.memory_summary()."""
+    _device(device, "memory_summary")  # an error names this function
     s = memory_stats(device)
     rows = [("Allocated memory", "allocated_bytes.all"),
             ("Requested memory", "requested_bytes.all"),
             ("Reserved memory (mapped)", "reserved_bytes.all"),
             ("Cached (free, mapped)", "inactive_split_bytes.all")]
     width = 78
+    head = (f" spill memory summary, device {s.get('device', 0)} "
+            f"({s.get('device_name', '?')}), budget {_fmt(s.get('budget_bytes', 0))}" if s else
+            " spill memory summary: spill has not started (spill.torch.enable() not called)")
     lines = ["=" * width,
-             f" spill memory summary, device {s.get('device', 0)} ({s.get('device_name', '?')}),"
-             f" budget {_fmt(s.get('budget_bytes', 0))}",
+             head,
              "-" * width,
              f" {'Metric':<28}{'Cur Usage':>12}{'Peak Usage':>12}{'Tot Alloc':>13}"
              f"{'Tot Freed':>13}",
@@ -185,7 +244,8 @@ def memory_snapshot(device: Any = None) -> Union[Dict[str, Any], List[Dict[str, 
     1.13. Blocks whose bytes are on the host carry an "[on host]" frame. It loads in
     torch.cuda._memory_viz; ``spill.snapshot(path)`` writes the same as JSON for
     ``spill report`` and tools/snapshot_to_pickle.py."""
-    snap = spill.snapshot(device=_device(device))
+    index = _device(device, "memory_snapshot")
+    snap = spill.snapshot(device=index) if state.started else {"segments": []}
     for seg in snap["segments"]:
         seg["segment_pool_id"] = tuple(seg.get("segment_pool_id", (0, 0)))
     if torch_version() < (2, 0):

@@ -24,7 +24,8 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Optional, Set, Tuple
 
-from spill import Error
+from spill import InvalidArgumentError, _args
+from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -39,7 +40,7 @@ class StepBoundaries:
     """Begins and ends the steps of ``scope`` on spill's device (see the module docstring)."""
 
     def __init__(self, scope: int, manage: bool, owned: bool = False) -> None:
-        self.scope = scope & 0xFFFFFFFFFFFFFFFF
+        self.scope = scope          # checked (optional_scope): c_uint64 would wrap it
         self.manage = manage        # False: the caller brackets steps (with spill.step())
         self.owned = owned          # the integration chose the scope: finish() ends it
         self.in_step = False
@@ -246,8 +247,10 @@ def default_scope(obj: Any) -> int:
 
 
 def optional_scope(scope: Optional[int], default: Any) -> Tuple[int, bool]:
-    """The scope to use and whether the integration chose it (then it ends it when done)."""
-    return (default_scope(default), True) if scope is None else (int(scope), False)
+    """The scope to use and whether the integration chose it (then it ends it when done). A
+    scope given is checked as spill.begin_step checks it: int() and ctypes wrapped 2**64 + 7
+    to 7 (another model's scope), -1 to 2**64 - 1 and took 7.9 and "7" as 7."""
+    return (default_scope(default), True) if scope is None else (_args.scope(scope), False)
 
 
 class OptimizerRound:
@@ -289,15 +292,15 @@ def optimizers_of(optimizer: Any, caller: str) -> Tuple[Any, ...]:
     many = isinstance(optimizer, (list, tuple))
     found = tuple(optimizer) if many else (optimizer,)
     if many and not found:
-        raise Error(f"{caller}: optimizer is an empty " + type(optimizer).__name__ +
+        raise InvalidArgumentError(f"{caller}: optimizer is an empty " + type(optimizer).__name__ +
                     "; pass None (then bracket steps with spill.torch.step()), one optimizer "
                     "or several")
     for i, opt in enumerate(found):
         where = f"optimizer[{i}]" if many else "optimizer"
         if not callable(getattr(opt, "step", None)) or not hasattr(opt, "param_groups"):
-            raise Error(f"{caller}: {where} ({type(opt).__name__}) is not an "
+            raise InvalidArgumentTypeError(f"{caller}: {where} ({type(opt).__name__}) is not an "
                         "optimizer (no step() and param_groups); pass a torch.optim.Optimizer, "
                         "a list of them, or None")
         if any(o is opt for o in found[:i]):
-            raise Error(f"{caller}: {where} ({type(opt).__name__}) is given twice")
+            raise InvalidArgumentError(f"{caller}: {where} ({type(opt).__name__}) is given twice")
     return found
