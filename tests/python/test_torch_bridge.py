@@ -1954,6 +1954,68 @@ def test_an_unpinned_read_from_another_thread_faults_with_a_note_naming_pin_read
     assert "spill.torch.pin_reads()" in r.stderr, r.stderr[-3000:]
 
 
+def test_models_trained_on_other_threads_one_after_another_train_as_plain_torch() -> None:
+    """Each offloaded model trains on a thread of its own, whatever became of the handles
+    before (none removed, none collected: the models are kept alive): a model trained on the
+    main thread, then one made there and trained on a new thread; one made and trained on a
+    thread, then one on the main thread; a model trained on a thread that has ended, then on
+    the main thread. Each gives plain torch's losses at a 24 MiB budget (a model's four
+    512-wide layers with Adam take about 17 MiB). A forward of a model whose thread still
+    runs, on another thread, is refused naming both threads. Before, one window served the
+    process, on the thread of the first handle: a forward on any other thread was taken for
+    a recomputation inside a backward, and the second model's second step read a weight on
+    the host (a segmentation fault on the CPU bridge; sometimes an abort at exit)."""
+    out = run_ok(quiet_preamble("24MiB") + """
+        import threading
+        def make(seed):
+            torch.manual_seed(seed)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)]).to(dev)
+            return m, torch.optim.Adam(m.parameters())
+        def train(m, opt, steps, losses):
+            torch.manual_seed(100)
+            x = torch.randn(64, 512, device=dev)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = m(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses
+        def on_thread(fn, *args):
+            t = threading.Thread(target=fn, args=args)
+            t.start()
+            t.join()
+        base = {seed: train(*make(seed), 4, []) for seed in range(4)}
+        enable()
+        kept, got = [], {}
+        def offloaded(seed):
+            m, opt = make(seed)
+            kept.append((m, opt, st.offload(m, opt)))
+            return m, opt
+        a = offloaded(0)
+        got[0] = train(*a, 4, [])                       # the main thread
+        b = offloaded(1)
+        on_thread(train, *b, 4, got.setdefault(1, []))  # made here, trained on a thread
+        on_thread(lambda: train(*offloaded(2), 4, got.setdefault(2, [])))
+        c = offloaded(3)                                # two steps on a thread, which ends,
+        on_thread(train, *c, 2, got.setdefault(3, []))  # then two on the main thread
+        train(*c, 2, got[3])
+        assert got == base, (got, base)
+        refused = []
+        def forward_elsewhere():
+            try:
+                a[0](torch.ones(2, 512, device=dev))
+            except spill.Error as e:
+                refused.append(str(e))
+        on_thread(forward_elsewhere)
+        assert refused and "'MainThread', which is still running" in refused[0], refused
+        assert "handle.remove()" in refused[0], refused
+        train(*a, 1, [])                                # and it still trains here
+        print("ok", got[0][-1])
+    """)
+    assert "ok" in out, out
+
+
 @pytest.mark.parametrize("how", ["armed", "quiet", "no_optimizer"])
 def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     """A forward that raises midway (a check the caller catches), in the first step and in a
