@@ -2016,6 +2016,96 @@ def test_models_trained_on_other_threads_one_after_another_train_as_plain_torch(
     assert "ok" in out, out
 
 
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity "
+                    "(at a GPU's 2 MiB each 1 MiB weight takes 2 MiB)")
+def test_a_guard_whose_exit_finds_no_room_keeps_what_is_left_pinned_until_release() -> None:
+    """guard(opt) around a loop whose parameters and gradients (12 MiB) exceed an 8 MiB
+    budget: its exit raises torch.cuda.OutOfMemoryError (also spill.OutOfMemoryError) that
+    says what is left and what to do, having brought back what fit; the rest stays swappable
+    and every op of the thread runs pinned meanwhile. After the budget is raised, the loop's
+    next step gives plain torch's loss, ``release()`` brings everything back and takes the
+    guard's mode off the stack, and plain code runs after it. Before, the exit stopped at the
+    first tensor that did not fit: the gradients stayed on the host, swappable, with nothing
+    pinning them, and the next step died of a segmentation fault on the CPU bridge."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as modes
+        def make():
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+            return m, torch.optim.SGD(m.parameters(), lr=0.01), torch.randn(64, 512, device=dev)
+        def step():
+            opt.zero_grad()
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            return loss.item()
+        m, opt, x = make()
+        base = [step() for _ in range(5)]
+        del m, opt, x
+        enable()
+        spill.set_budget("8MiB")
+        m, opt, x = make()
+        g = st.guard(opt)
+        losses = []
+        try:
+            with g:
+                losses += [step() for _ in range(3)]
+        except spill.OutOfMemoryError as e:
+            assert isinstance(e, torch.cuda.OutOfMemoryError), type(e).__mro__
+            message = str(e)
+        else:
+            raise AssertionError("the exit found room for 12 MiB in 8 MiB")
+        assert "of the tensors it made swappable do not fit" in message, message
+        assert "call release() on the guard" in message, message
+        assert len(modes()) == 1, modes()       # every op of this thread runs pinned
+        spill.set_budget("64MiB")
+        losses.append(step())
+        g.release()
+        assert modes() == [], modes()
+        assert all(spill.residence(t.data_ptr()) == "resident"
+                   for p in m.parameters() for t in (p, p.grad)), "not all brought back"
+        losses.append(step())                   # plain code: nothing is swappable now
+        g.release()                             # nothing left: does nothing
+        assert losses == base, (losses, base)
+        print("ok", losses[-1])
+    """)
+    assert "ok" in out, out
+
+
+def test_a_guard_entered_again_while_it_runs_is_refused_and_leaves_no_mode() -> None:
+    """``g = guard(); with g: with g: ...``: the inner entry raises spill.Error saying the
+    guard is already entered; the outer exit then leaves PyTorch's dispatch stack as it was,
+    and the guard can be entered again afterwards. Before, the outer exit raised a bare
+    AssertionError and left a PinEveryOp on the stack for the rest of the process."""
+    out = run_ok(quiet_preamble("16MiB") + """
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as modes
+        enable()
+        m = torch.nn.Linear(512, 512).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        x = torch.randn(64, 512, device=dev)
+        def step():
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+        g = st.guard(opt)
+        try:
+            with g:
+                with g:
+                    step()
+        except spill.Error as e:
+            assert "already entered" in str(e), e
+        else:
+            raise AssertionError("entered twice")
+        assert modes() == [], modes()
+        with g:
+            step()
+        assert modes() == [], modes()
+        step()
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 @pytest.mark.parametrize("how", ["armed", "quiet", "no_optimizer"])
 def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     """A forward that raises midway (a check the caller catches), in the first step and in a
