@@ -1954,6 +1954,41 @@ def test_an_unpinned_read_from_another_thread_faults_with_a_note_naming_pin_read
     assert "spill.torch.pin_reads()" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.skipif(TARGET != "cpu", reason="a forked child cannot use CUDA at all")
+def test_a_forked_child_reads_only_the_tensors_resident_at_the_fork() -> None:
+    """What docs/pytorch.md says of a child forked after enable() (a DataLoader worker), on the
+    CPU bridge: a tensor resident at the fork reads its value there; one swapped out at the
+    fork is unmapped memory, and reading it kills the child with a segmentation fault (spill
+    refuses the child's calls, pins included); the parent goes on. Before, the docs said that
+    reading every inherited tensor was fine."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import os, time
+        enable()
+        with st.guard(release_on_exit=False):  # declared swappable
+            kept = torch.ones(1 << 20) * 2
+            moved = torch.ones(1 << 20) * 3
+        spill.evict(moved.data_ptr())
+        deadline = time.monotonic() + 30
+        while spill.residence(moved.data_ptr()) != "on_host":
+            assert time.monotonic() < deadline, spill.residence(moved.data_ptr())
+            time.sleep(0.01)
+        assert spill.residence(kept.data_ptr()) == "resident"
+        statuses = []
+        for t in (kept, moved):
+            pid = os.fork()
+            if pid == 0:
+                ok = float(t.sum()) == float(t.numel() * (2 if t is kept else 3))
+                os._exit(0 if ok else 1)
+            statuses.append(os.waitpid(pid, 0)[1])
+        assert os.WIFEXITED(statuses[0]) and os.WEXITSTATUS(statuses[0]) == 0, statuses
+        assert os.WIFSIGNALED(statuses[1]) and os.WTERMSIG(statuses[1]) == 11, statuses
+        with st.guard(release_on_exit=False):
+            assert float(moved.sum()) == 3 * (1 << 20)
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_models_trained_on_other_threads_one_after_another_train_as_plain_torch() -> None:
     """Each offloaded model trains on a thread of its own, whatever became of the handles
     before (none removed, none collected: the models are kept alive): a model trained on the
