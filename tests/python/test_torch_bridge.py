@@ -2125,6 +2125,193 @@ def test_an_unpinned_read_from_another_thread_faults_with_a_note_naming_pin_read
     assert "spill.torch.pin_reads()" in r.stderr, r.stderr[-3000:]
 
 
+@pytest.mark.skipif(TARGET != "cpu", reason="a forked child cannot use CUDA at all")
+def test_a_forked_child_reads_only_the_tensors_resident_at_the_fork() -> None:
+    """What docs/pytorch.md says of a child forked after enable() (a DataLoader worker), on the
+    CPU bridge: a tensor resident at the fork reads its value there; one swapped out at the
+    fork is unmapped memory, and reading it kills the child with a segmentation fault (spill
+    refuses the child's calls, pins included); the parent goes on. Before, the docs said that
+    reading every inherited tensor was fine."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import os, time
+        enable()
+        with st.guard(release_on_exit=False):  # declared swappable
+            kept = torch.ones(1 << 20) * 2
+            moved = torch.ones(1 << 20) * 3
+        spill.evict(moved.data_ptr())
+        deadline = time.monotonic() + 30
+        while spill.residence(moved.data_ptr()) != "on_host":
+            assert time.monotonic() < deadline, spill.residence(moved.data_ptr())
+            time.sleep(0.01)
+        assert spill.residence(kept.data_ptr()) == "resident"
+        statuses = []
+        for t in (kept, moved):
+            pid = os.fork()
+            if pid == 0:
+                ok = float(t.sum()) == float(t.numel() * (2 if t is kept else 3))
+                os._exit(0 if ok else 1)
+            statuses.append(os.waitpid(pid, 0)[1])
+        assert os.WIFEXITED(statuses[0]) and os.WEXITSTATUS(statuses[0]) == 0, statuses
+        assert os.WIFSIGNALED(statuses[1]) and os.WTERMSIG(statuses[1]) == 11, statuses
+        with st.guard(release_on_exit=False):
+            assert float(moved.sum()) == 3 * (1 << 20)
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
+def test_models_trained_on_other_threads_one_after_another_train_as_plain_torch() -> None:
+    """Each offloaded model trains on a thread of its own, whatever became of the handles
+    before (none removed, none collected: the models are kept alive): a model trained on the
+    main thread, then one made there and trained on a new thread; one made and trained on a
+    thread, then one on the main thread; a model trained on a thread that has ended, then on
+    the main thread. Each gives plain torch's losses at a 24 MiB budget (a model's four
+    512-wide layers with Adam take about 17 MiB). A forward of a model whose thread still
+    runs, on another thread, is refused naming both threads. Before, one window served the
+    process, on the thread of the first handle: a forward on any other thread was taken for
+    a recomputation inside a backward, and the second model's second step read a weight on
+    the host (a segmentation fault on the CPU bridge; sometimes an abort at exit)."""
+    out = run_ok(quiet_preamble("24MiB") + """
+        import threading
+        def make(seed):
+            torch.manual_seed(seed)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)]).to(dev)
+            return m, torch.optim.Adam(m.parameters())
+        def train(m, opt, steps, losses):
+            torch.manual_seed(100)
+            x = torch.randn(64, 512, device=dev)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = m(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses
+        def on_thread(fn, *args):
+            t = threading.Thread(target=fn, args=args)
+            t.start()
+            t.join()
+        base = {seed: train(*make(seed), 4, []) for seed in range(4)}
+        enable()
+        kept, got = [], {}
+        def offloaded(seed):
+            m, opt = make(seed)
+            kept.append((m, opt, st.offload(m, opt)))
+            return m, opt
+        a = offloaded(0)
+        got[0] = train(*a, 4, [])                       # the main thread
+        b = offloaded(1)
+        on_thread(train, *b, 4, got.setdefault(1, []))  # made here, trained on a thread
+        on_thread(lambda: train(*offloaded(2), 4, got.setdefault(2, [])))
+        c = offloaded(3)                                # two steps on a thread, which ends,
+        on_thread(train, *c, 2, got.setdefault(3, []))  # then two on the main thread
+        train(*c, 2, got[3])
+        assert got == base, (got, base)
+        refused = []
+        def forward_elsewhere():
+            try:
+                a[0](torch.ones(2, 512, device=dev))
+            except spill.Error as e:
+                refused.append(str(e))
+        on_thread(forward_elsewhere)
+        assert refused and "'MainThread', which is still running" in refused[0], refused
+        assert "handle.remove()" in refused[0], refused
+        train(*a, 1, [])                                # and it still trains here
+        print("ok", got[0][-1])
+    """)
+    assert "ok" in out, out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity "
+                    "(at a GPU's 2 MiB each 1 MiB weight takes 2 MiB)")
+def test_a_guard_whose_exit_finds_no_room_keeps_what_is_left_pinned_until_release() -> None:
+    """guard(opt) around a loop whose parameters and gradients (12 MiB) exceed an 8 MiB
+    budget: its exit raises torch.cuda.OutOfMemoryError (also spill.OutOfMemoryError) that
+    says what is left and what to do, having brought back what fit; the rest stays swappable
+    and every op of the thread runs pinned meanwhile. After the budget is raised, the loop's
+    next step gives plain torch's loss, ``release()`` brings everything back and takes the
+    guard's mode off the stack, and plain code runs after it. Before, the exit stopped at the
+    first tensor that did not fit: the gradients stayed on the host, swappable, with nothing
+    pinning them, and the next step died of a segmentation fault on the CPU bridge."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as modes
+        def make():
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+            return m, torch.optim.SGD(m.parameters(), lr=0.01), torch.randn(64, 512, device=dev)
+        def step():
+            opt.zero_grad()
+            loss = m(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            return loss.item()
+        m, opt, x = make()
+        base = [step() for _ in range(5)]
+        del m, opt, x
+        enable()
+        spill.set_budget("8MiB")
+        m, opt, x = make()
+        g = st.guard(opt)
+        losses = []
+        try:
+            with g:
+                losses += [step() for _ in range(3)]
+        except spill.OutOfMemoryError as e:
+            assert isinstance(e, torch.cuda.OutOfMemoryError), type(e).__mro__
+            message = str(e)
+        else:
+            raise AssertionError("the exit found room for 12 MiB in 8 MiB")
+        assert "of the tensors it made swappable do not fit" in message, message
+        assert "call release() on the guard" in message, message
+        assert len(modes()) == 1, modes()       # every op of this thread runs pinned
+        spill.set_budget("64MiB")
+        losses.append(step())
+        g.release()
+        assert modes() == [], modes()
+        assert all(spill.residence(t.data_ptr()) == "resident"
+                   for p in m.parameters() for t in (p, p.grad)), "not all brought back"
+        losses.append(step())                   # plain code: nothing is swappable now
+        g.release()                             # nothing left: does nothing
+        assert losses == base, (losses, base)
+        print("ok", losses[-1])
+    """)
+    assert "ok" in out, out
+
+
+def test_a_guard_entered_again_while_it_runs_is_refused_and_leaves_no_mode() -> None:
+    """``g = guard(); with g: with g: ...``: the inner entry raises spill.Error saying the
+    guard is already entered; the outer exit then leaves PyTorch's dispatch stack as it was,
+    and the guard can be entered again afterwards. Before, the outer exit raised a bare
+    AssertionError and left a PinEveryOp on the stack for the rest of the process."""
+    out = run_ok(quiet_preamble("16MiB") + """
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as modes
+        enable()
+        m = torch.nn.Linear(512, 512).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        x = torch.randn(64, 512, device=dev)
+        def step():
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+        g = st.guard(opt)
+        try:
+            with g:
+                with g:
+                    step()
+        except spill.Error as e:
+            assert "already entered" in str(e), e
+        else:
+            raise AssertionError("entered twice")
+        assert modes() == [], modes()
+        with g:
+            step()
+        assert modes() == [], modes()
+        step()
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 @pytest.mark.parametrize("how", ["armed", "quiet", "no_optimizer"])
 def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     """A forward that raises midway (a check the caller catches), in the first step and in a

@@ -36,12 +36,9 @@ class _PinOps(PinEveryOp):
 
 
 def _live_pinner() -> Any:
-    """The window's pinner while some offload handle lives, else None."""
-    from ._window import _windows
-    w = _windows.get(0)
-    if w is None or state.forked_child or not any(True for _ in w.handles):
-        return None
-    return w.pinner
+    """A window's pinner while some offload handle lives (on any thread), else None."""
+    from ._window import live_pinner
+    return None if state.forked_child else live_pinner()
 
 
 def _pinned(hook: Any, pinner: Pinner) -> Any:

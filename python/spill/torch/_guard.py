@@ -169,11 +169,14 @@ class PinEveryOp(TorchDispatchMode):
                 pinner.declare(ptr)
                 self.declared[token.block] = token.generation
 
-    def release(self) -> None:
+    def release(self) -> Optional[OutOfMemoryError]:
         """Declares the blocks this mode declared, and that are still the same blocks,
-        unswappable again (bringing them back if they are on the host)."""
+        unswappable again (bringing them back if they are on the host). Every block is
+        tried: those that find no room stay swappable and stay in ``declared`` (a later
+        release tries them again); returns the first out-of-memory error then, else None."""
         pinner = self.pinner
         declared, self.declared = self.declared, {}
+        failed: Optional[OutOfMemoryError] = None
         for base, generation in declared.items():
             # Read without a pin: a pin of the address was a use of whatever block held it by
             # then, which a step records (see Window.release_made).
@@ -182,11 +185,17 @@ class PinEveryOp(TorchDispatchMode):
             try:
                 pinner.declare(base, False)
             except OutOfMemoryError as e:
-                raise TorchOutOfMemoryError(
-                    "spill.torch.guard: the tensors it made swappable do not all fit in the "
-                    "budget once unswappable again; raise the budget (spill.set_budget) before "
-                    "leaving the guard, or use guard(release_on_exit=False) and touch them only "
-                    f"inside a guard or the offload hooks. {e}", e.code) from e
+                self.declared[base] = generation
+                failed = failed or e
+        return failed
+
+
+class _StillPinning(PinEveryOp):
+    """What a guard leaves on the dispatch stack when its exit could not bring back every
+    tensor it made swappable (no room in the budget): every op pinned, nothing declared, as
+    in offload's window, until guard.release() has brought them back."""
+
+    declares = False
 
 
 class guard:
@@ -205,9 +214,12 @@ class guard:
       and plan are freed), so each ``with`` block records its first step again. A scope named
       here is the caller's to end with ``spill.end_scope``.
     release_on_exit: bring the tensors it declared back at exit (the default). That needs
-      room for all of them in the budget (raise it first with spill.set_budget, or exit only
-      when they fit: spill.OutOfMemoryError says so otherwise). With False they stay
-      swappable: then every later use must be inside a guard or the offload hooks.
+      room for all of them in the budget (raise it first with spill.set_budget). Otherwise
+      the exit brings back what fits and raises ``torch.cuda.OutOfMemoryError`` (also
+      ``spill.OutOfMemoryError``) saying what is left: those stay swappable and every op of
+      the thread keeps running pinned, until ``release()`` (after raising the budget)
+      brings them back. With False they stay swappable: then every later use must be inside
+      a guard or the offload hooks.
     Use it around the whole training loop: each exit brings every swapped tensor back.
     Requires spill.torch.enable() first.
     """
@@ -220,11 +232,22 @@ class guard:
         self.release_on_exit = bool(_args.flag(release_on_exit, "release_on_exit"))
         self._mode: Optional[PinEveryOp] = None
         self._saved: dict = {}
+        # After an exit that could not bring every tensor back: the mode whose blocks are
+        # left (its ``declared``), and the pins-only mode kept on the stack meanwhile.
+        self._left: Optional[PinEveryOp] = None
+        self._still: Optional[_StillPinning] = None
 
     def __enter__(self) -> "guard":
         if not state.active:
             raise Error("spill.torch.guard: spill is not PyTorch's allocator in this process; "
                         "call spill.torch.enable() first")
+        if self._mode is not None:
+            # Its mode and its step wrappers are one per entry: a second entry would push a
+            # second mode that the inner exit pops, and the outer exit found none (a bare
+            # AssertionError, and the first mode left on PyTorch's stack for good).
+            raise Error("spill.torch.guard: this guard is already entered; a guard object "
+                        "is entered once at a time (nesting guard() inside it needs a new "
+                        "guard object, and pins nothing more: the outer one pins every op)")
         steps = None
         if self.optimizers:
             scope_id, owned = optional_scope(self.scope_arg, self.optimizers[0])
@@ -245,20 +268,61 @@ class guard:
                 return wrap
             for index, opt in enumerate(self.optimizers):
                 wrap_method(opt, "step", wrapper(index), self._saved)
-        self._mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
-        self._mode.__enter__()
+        mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
+        if self._left is not None:  # what an earlier exit could not bring back: this exit's
+            mode.declared.update(self._left.declared)
+        mode.__enter__()
+        self._mode = mode
+        self._forget_left()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         mode = self._mode
-        assert mode is not None
+        if mode is None:
+            raise Error("spill.torch.guard: __exit__ without __enter__")
+        self._mode = None
         mode.__exit__(*exc)
         unwrap_methods(self._saved)
         if mode.steps is not None:
             mode.steps.finish()
-        self._mode = None
         if self.release_on_exit:
-            mode.release()
+            self._left = mode
+            self.release()
+
+    def release(self) -> None:
+        """Brings back, unswappable, what an exit of this guard could not (it raised
+        ``torch.cuda.OutOfMemoryError``, also ``spill.OutOfMemoryError``: no room in the
+        budget for all of it): call it after raising the budget (``spill.set_budget``).
+        Until it succeeds, those tensors stay swappable and every op of the thread that
+        exited runs pinned, as inside the guard, so code after the guard may use them.
+        Raises the same error, saying what is left, while they still do not fit. Does
+        nothing when nothing is left (also after a successful exit)."""
+        left = self._left
+        if left is None:
+            return
+        error = left.release()
+        if error is None:
+            self._forget_left()
+            return
+        if self._still is None:
+            self._still = _StillPinning(left.pinner)
+            self._still.__enter__()
+        raise TorchOutOfMemoryError(
+            f"spill.torch.guard: {len(left.declared)} of the tensors it made swappable do "
+            "not fit in the budget once unswappable again. They stay swappable, and every "
+            "op of this thread runs pinned, as inside the guard, until they are back: raise "
+            "the budget (spill.set_budget) and call release() on the guard (or enter it "
+            "again: its next exit brings them back); guard(release_on_exit=False) leaves "
+            f"everything swappable instead. {error}", error.code) from error
+
+    def _forget_left(self) -> None:
+        """Nothing is left to bring back (or a new entry took it over): the pins-only mode
+        comes off the stack, wherever it is."""
+        self._left = None
+        still, self._still = self._still, None
+        if still is not None:
+            from ._window import _dispatch_stack, _remove
+            _remove(still, *_dispatch_stack())
 
     @property
     def scope(self) -> Optional[int]:

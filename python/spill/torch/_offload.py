@@ -115,6 +115,7 @@ import importlib
 import inspect
 import reprlib
 import sys
+import threading
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -139,7 +140,7 @@ from ._state import state
 from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
-from ._window import _dispatch_stack, _function_stack, _remove, window
+from ._window import _dispatch_stack, _function_stack, _remove, all_handles, window
 
 Token = Any  # spill._capi.PinToken
 
@@ -682,7 +683,7 @@ class OffloadHandle:
         for m in changed:
             if m in self._computed:
                 self._declare_computed(m)
-        held = window().held_by_handles() if gone else set()  # (another handle's too)
+        held = set().union(*(h._persistent for h in all_handles())) if gone else set()
         for ptr, ref in gone:
             t = ref()
             if t is not None and ptr not in self._persistent and ptr not in held and \
@@ -784,6 +785,8 @@ class OffloadHandle:
         # and the saved-tensor hooks that pin what backward uses.
         root = self._entry is None or module is self.model
         if root:
+            if not self._window.here():
+                self._follow_thread()
             try:
                 self._begin_forward(module)
                 self._pre_module(module, args, True)
@@ -794,6 +797,50 @@ class OffloadHandle:
         if module is self._entry:
             self._entry_depth += 1
         self._pre_module(module, args, False)
+
+    def _follow_thread(self) -> None:
+        """A training forward begins on a thread other than the one the handle trains on
+        (its window's; not inside a backward there: _pre_recomputed). A model trains on one
+        thread: its window, the saved-tensor hooks and the modes its steps push belong to
+        that thread's stacks (PyTorch keeps them per thread). The handle goes to this thread
+        when it has not trained yet (made on one thread, trained on another) or when its
+        thread has ended (what it had pushed there went with it); else the forward is
+        refused, naming what to do. Before, the forward was taken for a recomputation inside
+        a backward: its pins were held as such and dropped at the next forward, and the
+        second step of a model trained on a new thread read a weight on the host (a
+        segmentation fault on the CPU bridge)."""
+        old = self._window
+        if self.forwards and old.thread_object.is_alive():
+            name = type(self.model).__name__
+            raise Error(
+                f"spill.torch.offload: the model ({name}) trains on thread "
+                f"{old.thread_object.name!r}, which is still running, and its forward now runs "
+                f"on thread {threading.current_thread().name!r}; an offloaded model trains on "
+                "one thread. To train it on this thread, call handle.remove() and offload() it "
+                "again here; another thread may read its tensors under "
+                "spill.torch.pin_reads(), but not run its forward while it trains")
+        # Whatever the old thread's stacks held of this handle is gone with the thread (or
+        # was never pushed): forgotten, never popped from this thread's stacks.
+        self._saved_hooks_pushed = False
+        self._eval_ops = None
+        for frame in self._frames:
+            frame.ops = frame.functions = None
+        if self._discovery is not None:  # the first step's discovery begins again here
+            self._acts.update(self._discovery.declared)
+            self._discovery = None
+            self._stack.clear()
+            self._stack_calls.clear()
+            self._stack_set.clear()
+            self._counted.clear()
+        if self._recomputing:
+            self._recomputing = False
+            old.recomputing.discard(self)
+        old.discard(self)
+        self._window = window()
+        self._window.add(self)
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _collected, self._window, self.steps)
+        self._finalizer.atexit = False
 
     def _pre_module(self, module: torch.nn.Module, args: Any, root: bool) -> None:
         if self._quiet:
@@ -1135,7 +1182,7 @@ class OffloadHandle:
         if rc.nested(frame):
             hold = rc.current()
         else:
-            if not in_backward(frame, self._window.thread):
+            if not in_backward(frame, self._window):
                 return False
             rc.frame = None  # an outermost module that never returned (its forward raised)
             hold = rc.begin(frame, module, args)
@@ -2082,7 +2129,7 @@ def _own_methods(opt: torch.optim.Optimizer) -> List[str]:
 def _refuse_offloaded(model: torch.nn.Module) -> None:
     """offload() of a model that shares a module with one a live handle has offloaded would
     hook that module twice."""
-    for other in list(window().handles):
+    for other in all_handles():
         shared = set(other.model.modules()).intersection(model.modules())
         if shared:
             what = "is" if model is other.model else "shares a module with"

@@ -18,7 +18,9 @@ to first).
 
 A forward is taken to run inside a backward when a Python frame of ``torch.autograd.backward``
 or ``torch.autograd.grad`` is below it, or when it runs on a thread other than the training
-loop's (PyTorch's CUDA backward runs on its own thread, whose frames begin at the node)."""
+loop's while that thread is inside one (PyTorch's CUDA backward runs on its own thread, whose
+frames begin at the node, while the loop's thread waits in ``backward``). A forward on another
+thread otherwise is a training forward there (offload's _follow_thread)."""
 from __future__ import annotations
 
 import sys
@@ -69,14 +71,28 @@ class ModuleCall:
         return False
 
 
-def in_backward(frame: FrameType, thread: int) -> bool:
-    """Whether the module call at ``frame`` runs inside a backward (see the module docstring)."""
-    f: Optional[FrameType] = frame
+def in_backward(frame: FrameType, window: Any) -> bool:
+    """Whether the module call at ``frame`` runs inside a backward (see the module docstring)
+    of the thread that trains (``window``'s)."""
+    if _below(frame):
+        return True
+    if window.here():
+        return False
+    thread = window.thread_object
+    if not thread.is_alive():
+        return False
+    top = sys._current_frames().get(thread.ident)
+    return top is not None and _below(top)
+
+
+def _below(frame: Optional[FrameType]) -> bool:
+    """Whether a frame of torch.autograd.backward or grad is at or below ``frame``."""
+    f = frame
     while f is not None:
         if f.f_code in _AUTOGRAD:
             return True
         f = f.f_back
-    return threading.get_ident() != thread
+    return False
 
 
 class Recomputation:

@@ -39,12 +39,12 @@ _running = threading.local()   # .depth: transforms running on this thread
 
 
 def _hooks_on_top() -> Tuple[Any, Any]:
-    """(the window whose saved-tensor hooks are pushed on the thread that trains, the handle
+    """(the calling thread's window, when its saved-tensor hooks are pushed, the handle
     whose forward has pushed its own above them), each None when absent; (None, None) when
     several handles' forwards have (nested models: their order is not known here)."""
-    from ._window import _windows
-    w = _windows.get(0)
-    if w is None or state.forked_child or threading.get_ident() != w.thread:
+    from ._window import current
+    w = current()
+    if w is None or state.forked_child:
         return None, None
     pushed = [h for h in list(w.handles) if getattr(h, "_saved_hooks_pushed", False)]
     if len(pushed) > 1:

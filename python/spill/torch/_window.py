@@ -315,7 +315,14 @@ class Window:
         self.inside: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self.persistent: Set[int] = set()   # parameters and buffers of every handle
         self.kept: List[Tuple[Token, bool]] = []
+        # Its thread: the modes and saved-tensor hooks it pushes are that thread's (PyTorch
+        # keeps them per thread), so only calls on it change them (here()). Known by a
+        # thread-local mark, not the ident alone, which Linux gives the next thread once this
+        # one ends.
         self.thread = threading.get_ident()
+        self.thread_object = threading.current_thread()
+        self._home = threading.local()
+        self._home.here = True
         self._pins = _PinReads(self)
         self._functions = _HostUses(self)
         self._on = False          # both modes pushed
@@ -334,6 +341,10 @@ class Window:
         _backward_code.install()  # (the caller's hooks and ctx reads in a backward)
 
     # ---------------------------------------------------------------- handles
+
+    def here(self) -> bool:
+        """Whether the calling thread is this window's."""
+        return getattr(self._home, "here", False)
 
     def add(self, handle: Any) -> None:
         self.handles.add(handle)
@@ -359,13 +370,14 @@ class Window:
         until then (what a caller pushed above them is unknown here); they only detach."""
         live = list(self.handles)  # (the collected one may still count in len() here)
         self.persistent = set().union(*(h._persistent for h in live))
-        if (not live and self._on and not self.busy and not self._suspended
-                and threading.get_ident() == self.thread):
+        if not live and self._on and not self.busy and not self._suspended and self.here():
             self._update()
 
     def _update_hooks(self) -> None:
         """The saved-tensor hooks are pushed while some handle's parameters or buffers can
         move (none can when all are under the swap threshold: then nothing calls them)."""
+        if not self.here():
+            return  # (another thread's stack: this thread's next add or remove updates them)
         want = bool(self.persistent)
         if want and not self._hooks:
             torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
@@ -382,7 +394,7 @@ class Window:
         # saves is declared when it is made (graph_made). Else kept as it is (never a
         # reference cycle). Not in a region (the first step's forward pushes no hooks of its
         # own), nor in a forward a backward recomputes (its hold pins them: _recompute.py).
-        if self._on and not self.recomputing:
+        if self._on and not self.recomputing and self.handles:
             ptr = self.pinner.movable(t)
             if ptr and not state.forked_child:
                 saved = Saved(t, ptr)
@@ -427,14 +439,14 @@ class Window:
     def enter(self, handle: Any) -> None:
         """``handle``'s hooked region begins (its hooks pin what it uses). Regions inside a
         backward the window runs (a forward recomputed by checkpointing) change nothing."""
-        if threading.get_ident() == self.thread and not self._suspended:
+        if self.here() and not self._suspended:
             self.inside.add(handle)
             if self._on:
                 self._update()
 
     def leave(self, handle: Any) -> None:
         """``handle``'s hooked region ended (normally or by an exception)."""
-        if threading.get_ident() == self.thread and not self._suspended:
+        if self.here() and not self._suspended:
             self.inside.discard(handle)
             if not self._on:
                 self._update()
@@ -442,6 +454,11 @@ class Window:
     # ---------------------------------------------------------------- modes
 
     def _update(self) -> None:
+        if not self.here():
+            # A handle removed (or collected, or gone to train on another thread) from
+            # another thread: the modes stay on this window's thread, passing every call
+            # through once no handle is left, until that thread's next add or remove.
+            return
         want = any(True for _ in self.handles) and not self.inside  # live ones only
         if want == self._on:
             return
@@ -471,7 +488,7 @@ class Window:
     def pins_ops(self) -> bool:
         """Whether the window's dispatch mode sees the ops that run now (on, no backward of
         the window running without it), on this thread."""
-        return self._on and not self._suspended and threading.get_ident() == self.thread
+        return self._on and not self._suspended and self.here()
 
     def suspend(self) -> None:
         """A backward begins in the window: its ops run without the dispatch mode."""
@@ -589,12 +606,35 @@ class Window:
                 self.pinner.unpin(token, stream, wrote)
 
 
-_windows: Dict[int, Window] = {}
+# One window per thread that trains (each offloaded model trains on one thread; two models may
+# train on two threads, one after the other or at once), found by a thread-local: a thread
+# that ends takes its window with it, once no handle refers to it.
+_local = threading.local()
+_windows: "weakref.WeakSet[Window]" = weakref.WeakSet()
 
 
 def window() -> Window:
-    """The process's window (one: the thread of the first handle trains)."""
-    w = _windows.get(0)
+    """The calling thread's window (made on first use)."""
+    w = getattr(_local, "window", None)
     if w is None:
-        w = _windows[0] = Window()
+        w = _local.window = Window()
+        _windows.add(w)
     return w
+
+
+def current() -> Optional[Window]:
+    """The calling thread's window, None when it has none."""
+    return getattr(_local, "window", None)
+
+
+def all_handles() -> List[Any]:
+    """The live offload handles of every thread."""
+    return [h for w in list(_windows) for h in list(w.handles)]
+
+
+def live_pinner() -> Optional[Pinner]:
+    """A window's pinner while some offload handle lives (on any thread), else None."""
+    for w in list(_windows):
+        if any(True for _ in w.handles):
+            return w.pinner
+    return None
