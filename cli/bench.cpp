@@ -1,7 +1,6 @@
 // `spill bench link`: host<->device bandwidth, measured the way nvbandwidth measures (see
 // profiling/link_bench.hpp). On the simulated device it reports the link model, labelled so.
 #include <cstdio>
-#include <fstream>
 #include <sstream>
 
 #include "cli/commands.hpp"
@@ -63,10 +62,7 @@ int run_link(const Config& config, const LinkArgs& a) {
   profiling::LinkReport report = profiling::run_link_bench(*sel.device, o);
   std::fputs(profiling::format_link_table(report).c_str(), stdout);
   if (!a.json.empty()) {
-    std::ofstream out(a.json);
-    out << report.to_json().dump(1) << "\n";
-    out.close();
-    SPILL_EXPECTS(out.good(), "--json: writing '" + a.json + "' failed");
+    write_file(a.json, report.to_json().dump(1) + "\n", "--json");
     std::printf("wrote %s\n", a.json.c_str());
   }
   for (const auto& r : report.results)

@@ -38,12 +38,27 @@ int run_demo(Config config, const DemoArgs& a) {
   // Activations a, weights a/2, a gradient a: footprint a * (1.5 L + 1) >= 3.2 x budget.
   SyntheticStepConfig c;
   c.layers = a.layers;
-  const double per_a = 1.5 * a.layers + 1;
-  std::size_t act = static_cast<std::size_t>(3.2 * static_cast<double>(budget) / per_a);
-  act = std::max<std::size_t>((act + MiB - 1) / MiB * MiB, 2 * MiB);
+  auto activation_for = [&](int layers) {
+    const double per_a = 1.5 * layers + 1;
+    std::size_t act = static_cast<std::size_t>(3.2 * static_cast<double>(budget) / per_a);
+    return std::max<std::size_t>((act + MiB - 1) / MiB * MiB, 2 * MiB);
+  };
+  const std::size_t act = activation_for(a.layers);
   c.activation_bytes = act;
   c.weight_bytes = act / 2;
   c.steps = a.steps;
+  // Weights at or under the swap threshold come from the small pool, which never moves: with
+  // many layers they alone passed the budget (40 layers at 32 MiB ended out of memory).
+  if (c.weight_bytes <= config.swap_threshold) {
+    int most = a.layers;
+    while (most > 1 && activation_for(most) / 2 <= config.swap_threshold) --most;
+    throw InvalidArgument("--layers " + std::to_string(a.layers) + " is too many for " +
+                          budget_from + " " + format_bytes(budget) + ": each weight would be " +
+                          format_bytes(c.weight_bytes) + ", not above swap_threshold (" +
+                          format_bytes(config.swap_threshold) + "), so none could move; use " +
+                          (most >= 6 ? "at most " + std::to_string(most) + " layers or " : "") +
+                          "a larger budget");
+  }
   SPILL_EXPECTS(3 * act <= budget, std::string(budget_from) + " " + format_bytes(budget) +
                                        " is too small for " + std::to_string(a.layers) +
                                        " layers: one op needs " + format_bytes(3 * act));

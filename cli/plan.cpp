@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <memory>
 
@@ -86,10 +85,16 @@ nlohmann::json result_json(const graph::PolicyResult& r) {
           {"reason", r.feasible ? "" : r.plan.reason}};
 }
 
+// "1.18x" the unlimited step; a step with no compute has no ratio.
+std::string times_text(double step_s, double unlimited_s) {
+  if (unlimited_s <= 0) return "no compute in";
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2fx", step_s / unlimited_s);
+  return text;
+}
+
 void write_json(const std::string& path, const nlohmann::json& j, const char* what) {
-  std::ofstream out(path);
-  SPILL_EXPECTS(out.good(), std::string(what) + " file '" + path + "' cannot be written");
-  out << j.dump(1) << "\n";
+  write_file(path, j.dump(1) + "\n", what);
 }
 
 int run_plan(const PlanArgs& a) {
@@ -151,8 +156,14 @@ int run_plan(const PlanArgs& a) {
   std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n", link.name.c_str(),
               link.description.c_str(), link.h2d_gbps, link.d2h_gbps);
   const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
-  std::printf("budget:  %s; unlimited-memory peak %s\n\n", format_bytes(o.budget).c_str(),
+  std::printf("budget:  %s; unlimited-memory peak %s\n", format_bytes(o.budget).c_str(),
               format_bytes(unlimited_peak).c_str());
+  // Allowed (a what-if), but every "fits" below then assumes memory the card does not have.
+  if (o.budget > gpu.memory_bytes)
+    std::printf("note:    the budget is larger than the %s's %s: a policy that fits it may not "
+                "fit the card\n",
+                gpu.name.c_str(), format_bytes(gpu.memory_bytes).c_str());
+  std::printf("\n");
   std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s%s\n", "policy", "fits", "peak",
               "swap out", "swap in", "step", "stall", "overhead",
               a.no_recompute ? "" : "  recomputed (tensors, bytes, time)");
@@ -193,9 +204,10 @@ int run_plan(const PlanArgs& a) {
   const double unlimited = graph::simulate(g, times, link, nullptr).step_time_s;
   std::printf("(unlimited-memory step: %s; all figures simulated)\n", seconds(unlimited).c_str());
   if (auto floor = graph::swap_floor(g, times, link, o.budget)) {
-    std::printf("floor:   %s (%.2fx the unlimited step): no plan that only swaps does better on "
+    std::printf("floor:   %s (%s the unlimited step): no plan that only swaps does better on "
                 "this link%s;",
-                seconds(floor->step_s).c_str(), floor->step_s / unlimited,
+                seconds(floor->step_s).c_str(),
+                times_text(floor->step_s, unlimited).c_str(),
                 a.no_recompute ? "" : " (a plan that recomputes is not bound by it)");
     if (floor->must_move > 0) {
       std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "

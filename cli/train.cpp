@@ -5,7 +5,6 @@
 // footprint. --check runs the same steps again with no budget and requires bit-identical
 // losses, weights and optimizer state.
 #include <cstdio>
-#include <fstream>
 #include <optional>
 
 #include <nlohmann/json.hpp>
@@ -139,6 +138,10 @@ int run_predict(const Config& config, const TrainArgs& a) {
               "planner's %s, less the small pool's segments)\n",
               format_bytes(r.footprint).c_str(), format_bytes(r.budget).c_str(),
               double(r.footprint) / double(r.budget), format_bytes(r.planner_budget).c_str());
+  if (r.budget > r.gpu->memory_bytes)
+    std::printf("note:      the budget is larger than the %s's %s: the prediction assumes "
+                "memory the card does not have\n",
+                r.gpu->name.c_str(), format_bytes(r.gpu->memory_bytes).c_str());
   std::printf("\n%-20s %18s %10s %10s %10s %10s  %s\n", "step (steady state)", "time", "stall",
               "out", "in", "peak", "remade (tensors, bytes, compute)");
   auto row = [&](const char* what, const graph::SimResult& s) {
@@ -204,21 +207,15 @@ int run_predict(const Config& config, const TrainArgs& a) {
                           {"planned", sim_json(r.predicted)},
                           {"phases", pj}};
     if (r.floor) doc["floor_step_s"] = r.floor->step_s;
-    std::ofstream out(a.json);
-    SPILL_EXPECTS(out.good(), "--json: cannot write '" + a.json + "'");
-    out << doc.dump(1) << "\n";
+    write_file(a.json, doc.dump(1) + "\n", "--json");
     std::printf("prediction written to %s\n", a.json.c_str());
   }
   if (!a.timeline.empty()) {
-    std::ofstream out(a.timeline);
-    SPILL_EXPECTS(out.good(), "--timeline: cannot write '" + a.timeline + "'");
-    out << graph::timeline_to_json(g, r.predicted).dump(1) << "\n";
+    write_file(a.timeline, graph::timeline_to_json(g, r.predicted).dump(1) + "\n", "--timeline");
     std::printf("timeline written to %s\n", a.timeline.c_str());
   }
   if (!a.plan_out.empty()) {
-    std::ofstream out(a.plan_out);
-    SPILL_EXPECTS(out.good(), "--plan-out: cannot write '" + a.plan_out + "'");
-    out << graph::plan_to_json(g, r.plan).dump(1) << "\n";
+    write_file(a.plan_out, graph::plan_to_json(g, r.plan).dump(1) + "\n", "--plan-out");
     std::printf("plan written to %s\n", a.plan_out.c_str());
   }
   return 0;
@@ -396,9 +393,7 @@ int run_train(Config config, const TrainArgs& a) {
     doc["check"] = {{"identical", c.identical}, {"detail", c.detail}};
   }
   if (!a.json.empty()) {
-    std::ofstream out(a.json);
-    SPILL_EXPECTS(out.good(), "--json: cannot write '" + a.json + "'");
-    out << doc.dump(1) << "\n";
+    write_file(a.json, doc.dump(1) + "\n", "--json");
     std::printf("steps written to %s\n", a.json.c_str());
   }
   return ok ? 0 : 1;

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <system_error>
 
 #include "core/errors.hpp"
@@ -36,14 +37,26 @@ void check_not_same(const std::string& path, std::string_view what, const std::s
     same = a.st_dev == b.st_dev && a.st_ino == b.st_ino;
   } else {
     std::error_code ea, eb;
-    const auto ca = std::filesystem::weakly_canonical(path, ea);
-    const auto cb = std::filesystem::weakly_canonical(other, eb);
+    // Absolute first: a relative path whose file is not there yet has no part that exists
+    // (so "s.json" stayed "s.json" while "./s.json" became absolute, and the two differed).
+    const auto ca = std::filesystem::weakly_canonical(std::filesystem::absolute(path, ea), ea);
+    const auto cb = std::filesystem::weakly_canonical(std::filesystem::absolute(other, eb), eb);
     same = ea || eb ? path == other : ca == cb;
   }
   if (same)
     throw InvalidArgument(std::string(what) + ": '" + path + "' is also " +
                           std::string(other_what) + " ('" + other +
                           "'): writing it would replace it");
+}
+
+void write_file(const std::string& path, std::string_view text, std::string_view what) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out.good())
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "'");
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  out.close();
+  if (!out.good())
+    throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
 }
 
 }  // namespace spill

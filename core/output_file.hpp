@@ -19,4 +19,9 @@ void check_writable(const std::string& path, std::string_view what);
 void check_not_same(const std::string& path, std::string_view what, const std::string& other,
                     std::string_view other_what);
 
+// Writes `text` to `path` (replacing it) and checks that every byte reached the file: throws
+// InvalidArgument "<what>: cannot write '<path>'" when it cannot be opened, "<what>: writing
+// '<path>' failed (disk full?)" when the write or the close fails (/dev/full opens fine).
+void write_file(const std::string& path, std::string_view text, std::string_view what);
+
 }  // namespace spill

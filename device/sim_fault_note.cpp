@@ -23,6 +23,7 @@ std::array<Range, 256> g_ranges;
 
 struct sigaction g_previous {};
 std::once_flag g_installed;
+std::atomic<pid_t> g_owner{0};  // the process whose simulated device noted the ranges
 
 void write_all(const char* s, std::size_t n) {
   while (n > 0) {
@@ -58,7 +59,17 @@ bool in_reservation(std::uintptr_t a) {
 void on_fault(int sig, siginfo_t* info, void* context) {
   const int saved_errno = errno;
   const auto addr = reinterpret_cast<std::uintptr_t>(info->si_addr);
-  if (in_reservation(addr)) {
+  if (in_reservation(addr) && ::getpid() != g_owner.load(std::memory_order_relaxed)) {
+    // A forked child (a data-loader worker) inherits the mappings as they were at the fork
+    // and can pin nothing (spill refuses every call there).
+    write_str("spill: segmentation fault at ");
+    write_hex(addr);
+    write_str(
+        " in the simulated device's memory, in a process forked from the one that runs spill: "
+        "this block was swapped out (or freed) at the fork, and a forked child cannot pin it. "
+        "Read only tensors resident at the fork, or give the child a copy made before it "
+        "(docs/pytorch.md, the CPU bridge).\n");
+  } else if (in_reservation(addr)) {
     write_str("spill: segmentation fault at ");
     write_hex(addr);
     write_str(
@@ -87,6 +98,7 @@ void on_fault(int sig, siginfo_t* info, void* context) {
 }
 
 void install() {
+  g_owner.store(::getpid(), std::memory_order_relaxed);
   struct sigaction action {};
   action.sa_sigaction = &on_fault;
   action.sa_flags = SA_SIGINFO | SA_ONSTACK;

@@ -1,4 +1,5 @@
 // SimDevice: streams (a worker thread each), events, copy engines and simulated time.
+#include <algorithm>
 #include <cstring>
 
 #include "core/errors.hpp"
@@ -102,8 +103,12 @@ double SimDevice::State::host_now_sim() const {
 
 void SimDevice::State::sleep_until_sim(double sim_seconds) const {
   if (opt.time_scale <= 0) return;
+  // Clamped before the cast to integer ticks: a near-zero link_gbps makes a copy take ~1e307
+  // s, whose cast overflowed (undefined; here it landed in the past and nothing slept). A year
+  // is as good as forever for a wait.
+  const double wall_s = std::min(sim_seconds * opt.time_scale, 365.0 * 24 * 3600);
   auto target = epoch + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                            std::chrono::duration<double>(sim_seconds * opt.time_scale));
+                            std::chrono::duration<double>(wall_s));
   std::this_thread::sleep_until(target);
 }
 

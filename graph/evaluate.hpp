@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <limits>
 #include <optional>
 
 #include "graph/device_model.hpp"
@@ -18,7 +19,11 @@ struct PolicyResult {
   SimResult sim;
   double unlimited_step_time_s = 0;  // same device, memory never a constraint
   bool feasible = false;             // planned and simulated memory stay within the budget
-  double overhead() const { return sim.step_time_s / unlimited_step_time_s - 1.0; }
+  // A step with no compute time (every op 0 s) has no overhead unless the plan adds time.
+  double overhead() const {
+    if (unlimited_step_time_s > 0) return sim.step_time_s / unlimited_step_time_s - 1.0;
+    return sim.step_time_s > 0 ? std::numeric_limits<double>::infinity() : 0.0;
+  }
 };
 
 PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, const LinkModel& link,
@@ -44,8 +49,9 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
                                     const LinkModel& link, std::uint64_t budget);
 
 // The largest batch in [1, max_batch] for which `build(batch)` is feasible under `p` with
-// overhead at most `max_overhead` (0.1 = 10%); nullopt when even batch 1 is not. Assumes
-// feasibility falls with the batch (doubling, then bisection). `capped`: every batch tried fit,
+// overhead at most `max_overhead` (0.1 = 10%); nullopt when no batch tried is. Assumes that
+// fitting the memory falls with the batch, not the overhead (doubling up to the first batch
+// that does not fit, then bisection after the largest that passed). `capped`: every batch tried fit,
 // so the largest is only known to be at least `batch` (the search stops at max_batch).
 struct BatchSearch {
   int batch = 0;
