@@ -84,6 +84,9 @@ struct CachingAllocator::Impl {
   SegmentList segments;               // every segment (small segments, large blocks)
   std::size_t swapped_out = 0;        // allocated large blocks without physical memory
   std::size_t releasing = 0;          // cached bytes being returned to the device (unlocked)
+  // Cached large blocks taken out of the pool by allocations that gather them, while those make
+  // room for the rest: still cached (an out-of-memory report counts them so).
+  std::vector<const std::vector<Block*>*> gathering;
   std::condition_variable released;   // signalled when a release or a reap finishes
   std::list<RetiredRange> retired;    // old ranges of gathered blocks, not yet unmapped
   // Reserved address ranges with nothing mapped in them, by size: a large segment that goes

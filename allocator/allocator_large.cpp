@@ -40,6 +40,14 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
   }
   const std::size_t fresh = size - have;
   try {
+    // The gathered blocks count as cached while the room for the rest is made (make_room
+    // returns or throws locked, so the count changes under the lock).
+    m.gathering.push_back(&gathered);
+    struct Gathering {
+      std::vector<const std::vector<Block*>*>& all;
+      const std::vector<Block*>* mine;
+      ~Gathering() { all.erase(std::find(all.begin(), all.end(), mine)); }
+    } counted{m.gathering, &gathered};
     if (fresh > 0) {
       // Mapping more would raise the reserved peak while cached blocks that nothing fitted sit
       // there: release those first. Below the peak, the cache is kept (no churn in steady state).

@@ -211,6 +211,12 @@ void CachingAllocator::throw_oom_locked(
   f.largest_free = own.largest_free();
   f.free_total = own.free_bytes();
   f.other_free = other.free_bytes();
+  for (const std::vector<Block*>* taken : m.gathering) {  // being gathered: still cached
+    for (const Block* b : *taken) {
+      (f.small_request ? f.other_free : f.free_total) += b->size;
+      if (!f.small_request) f.largest_free = std::max(f.largest_free, b->size);
+    }
+  }
   f.device_full = device_full;
   if (unevictable) {
     f.pinned = unevictable->pinned;

@@ -26,6 +26,7 @@ std::vector<std::string> split(const std::string& text) {
 
 struct LinkArgs {
   std::string sizes;
+  bool sizes_given = false;  // an empty --sizes is an error, not the default sweep
   std::string max_size = "1GiB";
   std::string directions = "h2d,d2h,bidir,d2d";
   std::string host = "both";
@@ -44,7 +45,7 @@ int run_link(const Config& config, const LinkArgs& a) {
                 "--host: '" + a.host + "' (use pinned, pageable or both)");
   o.pinned = a.host != "pageable";
   o.pageable = a.host != "pinned";
-  if (!a.sizes.empty()) {
+  if (a.sizes_given || !a.sizes.empty()) {
     for (const std::string& s : split(a.sizes)) o.sizes.push_back(parse_size(s, "--sizes"));
     // An empty list would run the whole default sweep, which is not what was asked for.
     SPILL_EXPECTS(!o.sizes.empty(), "--sizes: no size in '" + a.sizes + "'");
@@ -78,7 +79,8 @@ void add_bench(CLI::App& app, Runner& run) {
   auto args = std::make_shared<LinkArgs>();
   CLI::App* link = bench->add_subcommand(
       "link", "host<->device copy bandwidth (H2D, D2H, both at once, D2D; pinned and pageable)");
-  link->add_option("--sizes", args->sizes, "comma-separated copy sizes, e.g. 4KiB,64MiB,1GiB");
+  link->add_option("--sizes", args->sizes, "comma-separated copy sizes, e.g. 4KiB,64MiB,1GiB")
+      ->each([args](const std::string&) { args->sizes_given = true; });
   link->add_option("--max-size", args->max_size, "largest size of the default sweep")
       ->capture_default_str();
   link->add_option("--direction", args->directions, "comma-separated: h2d,d2h,bidir,d2d")

@@ -47,6 +47,9 @@ int run_demo(Config config, const DemoArgs& a) {
   c.activation_bytes = act;
   c.weight_bytes = act / 2;
   c.steps = a.steps;
+  SPILL_EXPECTS(3 * act <= budget, std::string(budget_from) + " " + format_bytes(budget) +
+                                       " is too small for " + std::to_string(a.layers) +
+                                       " layers: one op needs " + format_bytes(3 * act));
   // Weights at or under the swap threshold come from the small pool, which never moves: with
   // many layers they alone passed the budget (40 layers at 32 MiB ended out of memory).
   if (c.weight_bytes <= config.swap_threshold) {
@@ -59,9 +62,6 @@ int run_demo(Config config, const DemoArgs& a) {
                           (most >= 6 ? "at most " + std::to_string(most) + " layers or " : "") +
                           "a larger budget");
   }
-  SPILL_EXPECTS(3 * act <= budget, std::string(budget_from) + " " + format_bytes(budget) +
-                                       " is too small for " + std::to_string(a.layers) +
-                                       " layers: one op needs " + format_bytes(3 * act));
   std::printf("%s\n", rt.device_reason().c_str());
   std::printf("device:    %s (%s)\n", rt.device().info().name.c_str(),
               rt.device().info().simulated ? "simulated: times are the link model's" : "measured");

@@ -1,6 +1,9 @@
 // The `spill` command: entry point and global options.
+#include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <string>
+#include <vector>
 
 #include "cli/commands.hpp"
 #include "core/errors.hpp"
@@ -36,7 +39,31 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // Two mistakes CLI11 words vaguely: a command that does not exist ("A subcommand is
+    // required") and the global --conf after the command ("arguments were not expected").
+    std::vector<std::string> args(argv + 1, argv + argc);
+    std::size_t command = args.size();
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      if (args[i] == "--conf") ++i;  // its value
+      else if (args[i].rfind('-', 0) != 0) { command = i; break; }
+    }
+    if (app.get_subcommands().empty() && command < args.size()) {
+      std::string names;
+      for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
+        names += (names.empty() ? "" : ", ") + sub->get_name();
+      std::fprintf(stderr, "spill: unknown command '%s' (commands: %s; see spill --help)\n",
+                   args[command].c_str(), names.c_str());
+      return 2;
+    }
+    const bool late_conf =
+        command < args.size() &&
+        std::any_of(args.begin() + static_cast<std::ptrdiff_t>(command), args.end(),
+                    [](const std::string& a) { return a == "--conf" || a.rfind("--conf=", 0) == 0; });
+    const int code = app.exit(e);
+    if (late_conf)
+      std::fprintf(stderr, "spill: --conf is a global option: give it before the command "
+                           "(spill --conf X %s ...)\n", args[command].c_str());
+    return code;
   }
   try {
     return run(globals.config());

@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <limits>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -28,6 +30,7 @@ struct PlanArgs {
   std::string model;
   int batch = 1;
   bool batch_given = false;  // --batch on the command line (graph files keep theirs otherwise)
+  std::vector<std::string> zoo_given;  // --seq, --volume, --dtype, --optimizer when given
   int seq = 0;
   int volume = 0;
   std::string dtype = "f32";
@@ -56,7 +59,10 @@ graph::ZooOptions zoo_options(const PlanArgs& a, int batch) {
   o.seq = a.seq;
   o.volume = a.volume;
   auto d = graph::parse_dtype(a.dtype);
-  SPILL_EXPECTS(d, "--dtype: unknown dtype '" + a.dtype + "' (known: f32, f16, bf16)");
+  // The zoo's models train in these (the reader knows more dtypes, for captured graphs).
+  SPILL_EXPECTS(d && (*d == graph::DType::F32 || *d == graph::DType::F16 ||
+                      *d == graph::DType::BF16),
+                "--dtype: '" + a.dtype + "' is not a training dtype of the zoo (f32, f16, bf16)");
   o.dtype = *d;
   o.optimizer = graph::parse_optimizer(a.optimizer);
   return o;
@@ -112,6 +118,18 @@ int run_plan(const PlanArgs& a) {
     for (std::size_t j = 0; j < i; ++j)
       check_not_same(*path, what, *outputs[j].first, outputs[j].second);
   }
+  // Options that shape a zoo model: refused where nothing reads them, rather than ignored (a
+  // graph file has its own dtype and sizes; only transformers have a sequence, only unet3d a
+  // volume).
+  for (const std::string& name : a.zoo_given) {
+    SPILL_EXPECTS(!is_graph_file(a.model), name + ": shapes the zoo's models; the graph file '" +
+                                               a.model + "' has its own");
+    const bool transformer = a.model.rfind("gpt2", 0) == 0 || a.model.rfind("bert", 0) == 0;
+    SPILL_EXPECTS(name != "--seq" || transformer,
+                  "--seq: " + a.model + " has no sequence (gpt2-* and bert-large have one)");
+    SPILL_EXPECTS(name != "--volume" || a.model == "unet3d",
+                  "--volume: " + a.model + " has no volume (unet3d has one)");
+  }
   const graph::GpuModel& gpu = graph::gpu_preset(a.device);
   const LinkModel link = graph::resolve_link(a.link);
   const bool from_file = is_graph_file(a.model);
@@ -132,6 +150,7 @@ int run_plan(const PlanArgs& a) {
       batch > 0 ? "batch " + std::to_string(batch) : "batch as recorded";
   graph::PlannerOptions o;
   o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
+  SPILL_EXPECTS(o.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
   o.recompute = !a.no_recompute;
   std::vector<graph::Policy> policies;
@@ -302,6 +321,8 @@ void add_plan(CLI::App& app, Runner& run) {
       ->check(number_in(0, 1e6, "a percentage"));
   cmd->callback([&run, args, cmd] {
     args->batch_given = cmd->count("--batch") > 0;
+    for (const char* name : {"--seq", "--volume", "--dtype", "--optimizer"})
+      if (cmd->count(name) > 0) args->zoo_given.push_back(name);
     run = [args](const Config&) { return run_plan(*args); };
   });
 }

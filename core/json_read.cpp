@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <vector>
 
@@ -36,6 +37,12 @@ class BoundedDom {
   bool end_object() { return close(); }
   bool end_array() { return close(); }
   bool key(json::string_t& k) {
+    // Strict: a key given twice in one object is an error (nlohmann keeps the last one, so a
+    // file edited by hand could say one thing and mean another).
+    if (stack_.back()->contains(k)) {
+      duplicate_ = k.substr(0, 64);
+      return false;
+    }
     slot_ = &(*stack_.back())[k];
     return true;
   }
@@ -49,6 +56,7 @@ class BoundedDom {
   }
 
   bool too_deep() const { return too_deep_; }
+  const std::optional<std::string>& duplicate() const { return duplicate_; }
   std::size_t error_position() const { return error_position_; }
   int error_id() const { return error_id_; }
   const std::string& error_what() const { return error_what_; }
@@ -86,6 +94,7 @@ class BoundedDom {
   std::vector<json*> stack_;
   json* slot_ = nullptr;
   bool too_deep_ = false;
+  std::optional<std::string> duplicate_;
   std::size_t error_position_ = 0;
   std::string error_token_;
   bool error_token_cut_ = false;
@@ -146,6 +155,10 @@ json parse_json(std::string_view text, std::string_view origin_view, int max_dep
     throw InvalidArgument(origin + ": arrays or objects nested deeper than " +
                           std::to_string(max_depth) + " levels");
   }
+  if (dom.duplicate()) {
+    throw InvalidArgument(origin + ": the key " + quote_excerpt(*dom.duplicate(), 64) +
+                          " appears twice in one object");
+  }
   const std::size_t byte = dom.error_position();
   const std::string at =
       line_column(text, byte == 0 ? 0 : byte - 1) + " (byte " + std::to_string(byte) + ")";
@@ -157,6 +170,13 @@ json parse_json(std::string_view text, std::string_view origin_view, int max_dep
   const bool closes = end != std::string_view::npos && (text[end] == '}' || text[end] == ']');
   const bool at_end =
       byte + 1 >= text.size() || dom.error_what().find("end of input") != std::string::npos;
+  // "unexpected 'x'; expected end of input": a whole value with more text after it.
+  const std::string& what = dom.error_what();
+  if (what.find("expected end of input") != std::string::npos &&
+      what.find("unexpected end of input") == std::string::npos) {
+    throw InvalidArgument(origin + ": text after the JSON value, at " + at + ": " +
+                          quote_excerpt(dom.error_token(), 40));
+  }
   if (at_end && !closes) {
     throw InvalidArgument(origin + ": truncated: the JSON ends early at byte " +
                           std::to_string(byte) + " (" + line_column(text, text.size()) + ")");

@@ -68,11 +68,15 @@ void refuse_newer_fields(const JsonValue& v, std::uint64_t version,
 Graph graph_from_json(const json& j, std::string_view source) {
   const JsonValue top(j, std::string(source));
   top.expect_object();
+  // The format first: a plan or a trace given as a graph is named as such, not by the first
+  // of its fields a graph lacks.
+  const std::string format = top.string_field("format");
+  if (format != "spill-graph")
+    top.fail_field("format", "expected \"spill-graph\", found \"" + format.substr(0, 64) +
+                                 "\": not a graph file");
   const std::uint64_t version = top.uint_field("version", 0, UINT64_MAX);
   refuse_newer_fields(top, version, {"batch"});
   top.allow_only({"format", "version", "name", "batch", "tensors", "ops"});
-  const std::string format = top.string_field("format");
-  if (format != "spill-graph") top.fail_field("format", "expected \"spill-graph\"");
   if (version < 1 || version > kGraphFormatVersion)
     top.fail_field("version", "unsupported version " + std::to_string(version) +
                                   " (this build reads versions 1 to " +

@@ -907,6 +907,32 @@ TEST(AllocatorSmallSegments, MappedWhereTheGranularityDividesThemElsePlain) {
   }
 }
 
+// Cached large blocks a request gathers while it makes room for the rest are still cached in
+// the report when the room cannot be made (it said "0 B cached in large blocks" beside a
+// cached total 3 MiB higher: the CPU bridge, three cached 1 MiB weights, a 3.8 MiB tensor).
+TEST(AllocatorOom, BlocksGatheredForTheRequestCountAsCachedInItsReport) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});  // 2 MiB granules
+  Stream st = dev.create_stream();
+  CachingAllocator a(dev, AllocatorOptions{.budget = 16 * MiB, .small_limit = 128 * KiB});
+  std::vector<void*> kept, freed;
+  for (int i = 0; i < 3; ++i) freed.push_back(a.allocate(2 * MiB, st));
+  for (int i = 0; i < 4; ++i) kept.push_back(a.allocate(2 * MiB, st));  // no swapper: stay
+  for (void* p : freed) a.deallocate(p, st);  // 6 MiB cached, 2 MiB of the budget free
+  try {
+    a.allocate(10 * MiB, st);  // gathers the 6 MiB, cannot map the other 4
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    const std::string m = e.what();
+    // (Before: "largest free block 0 B" beside "cached 6.00 MiB".)
+    EXPECT_NE(m.find("cached " + format_bytes(6 * MiB)), std::string::npos) << m;
+    EXPECT_NE(m.find("largest free block " + format_bytes(2 * MiB)), std::string::npos) << m;
+  }
+  a.check_invariants();
+  void* fits = a.allocate(8 * MiB, st);  // the gathered blocks went back to the cache
+  a.deallocate(fits, st);
+  for (void* p : kept) a.deallocate(p, st);
+}
+
 // The OOM message's free memory is what the request could use: a large request that finds the
 // budget full while a small-pool segment is mostly free must not read "largest free block" as
 // that segment's free block (a zero_grad under the CPU bridge reported 1.86 MiB free and could

@@ -277,9 +277,16 @@ def test_checkpoint_recomputation_runs_under_a_backward_frame(reentrant: bool) -
     from torch.utils.checkpoint import checkpoint
     m = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
     seen: List[bool] = []
-    thread = threading.get_ident()
+
+    class Window:  # the training thread's window (_window.Window), as in_backward reads it
+        thread_object = threading.current_thread()
+
+        def here(self) -> bool:
+            return threading.current_thread() is self.thread_object
+
+    window = Window()
     m.register_forward_pre_hook(
-        lambda mod, args: seen.append(_recompute.in_backward(_recompute.call_frame(), thread)))
+        lambda mod, args: seen.append(_recompute.in_backward(_recompute.call_frame(), window)))
     x = torch.ones(2, 3, requires_grad=True)
     checkpoint(m, x, use_reentrant=reentrant).sum().backward()
     assert seen == [False, True], _internal(
