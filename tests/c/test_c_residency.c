@@ -177,15 +177,22 @@ TEST(pins_of_blocks_that_never_move) {
   CHECK_OK(spill_free(large, 0, NULL));
 }
 
+/* spill started under LRU with a 64 MiB budget, a stream of its own and a swappable block
+ * allocated on it. */
+static void* swappable_block_on_a_new_stream(void** stream) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  REQUIRE_OK(spill_stream_create(0, stream));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, *stream));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  return a;
+}
+
 /* Rule 4: freeing a pinned block is normal; its late unpin cannot unpin the address's new
  * block; unpinning a token twice is an error. */
 TEST(stale_tokens) {
-  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
   void* s = NULL;
-  REQUIRE_OK(spill_stream_create(0, &s));
-  void* a = NULL;
-  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, s));
-  REQUIRE_OK(spill_set_swappable(a, 1));
+  void* a = swappable_block_on_a_new_stream(&s);
   spill_pin_token old;
   REQUIRE_OK(spill_pin(a, s, &old));
   CHECK_OK(spill_free(a, 0, s)); /* the op using it is still queued: fine */
@@ -214,12 +221,8 @@ TEST(stale_tokens) {
  * an eviction moved the block while that pin's user still read it, and the error came later,
  * on the correct unpin. Pins past the four a block tells apart fall back to the count. */
 TEST(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) {
-  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
   void* s = NULL;
-  REQUIRE_OK(spill_stream_create(0, &s));
-  void* a = NULL;
-  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, s));
-  REQUIRE_OK(spill_set_swappable(a, 1));
+  void* a = swappable_block_on_a_new_stream(&s);
   spill_pin_token first, second;
   REQUIRE_OK(spill_pin(a, s, &first));
   REQUIRE_OK(spill_pin(a, s, &second));

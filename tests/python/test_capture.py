@@ -335,6 +335,36 @@ def test_model_that_does_not_run_on_meta_tensors():
     assert e.value.phase == "forward"
 
 
+class Masked(nn.Module):
+    """Takes a (batch, 4, 8) input and a (4, 4) mask: at batch 4 the mask's first size is the
+    batch's, and the capture at twice the batch doubled it too."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        return self.lin(x).masked_fill(mask[None, :, :1], 0.0)
+
+
+def test_a_step_that_fails_only_at_twice_the_batch_says_why_and_what_to_pass():
+    x, mask = torch.randn(4, 4, 8), torch.zeros(4, 4, dtype=torch.bool)
+    with pytest.raises(st.CaptureError, match=r"ran at batch 4 but not at 8.*scale_batch=False"):
+        st.capture(Masked, (x, mask), path=None)
+    step = st.capture(Masked, (x, mask), path=None, scale_batch=False)
+    assert step.batch == 4 and "scale_batch=False" in step.batch_scaling
+
+
+def test_an_empty_batch_and_an_optimizer_that_cannot_be_made_are_named():
+    with pytest.raises(st.CaptureError, match="empty batch"):
+        st.capture(Tiny, torch.randn(0, 64), path=None)
+    with pytest.raises(st.CaptureError, match="optimizer factory failed .* 0 parameters"):
+        st.capture(lambda: nn.ReLU(), torch.randn(2, 4), path=None)  # Adam of nothing
+    with pytest.raises(st.CaptureError, match="must be a factory"):
+        st.capture(Tiny, torch.randn(2, 64), path=None,
+                   optimizer=torch.optim.SGD(Tiny().parameters(), lr=0.1))
+
+
 def test_loss_must_be_a_scalar():
     with pytest.raises(st.CaptureError, match="scalar"):
         st.capture(Tiny, torch.randn(2, 64), loss_fn=lambda out: out * 2, path=None)

@@ -81,18 +81,40 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     if not isinstance(batch_dim, int) or batch_dim < 0:
         raise ValueError(f"spill.torch.capture: batch_dim must be a non-negative int, got "
                          f"{batch_dim!r}")
+    if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer)
+                                  or not callable(optimizer)):
+        raise CaptureError(f"optimizer must be a factory taking the parameters (e.g. "
+                           f"torch.optim.Adam or functools.partial(torch.optim.SGD, lr=0.1)), "
+                           f"not {type(optimizer).__name__}: the capture makes its own for the "
+                           f"meta copies of the parameters")
     net = resolve_model(model)
     if not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
     if targets is not None and not isinstance(targets, (tuple, list)):
         targets = (targets,)
     batch = _batch_size((example_inputs, targets), batch_dim)
+    if batch == 0 and any(t.dim() > batch_dim for t in tensors_in((example_inputs, targets))):
+        raise CaptureError(f"the example inputs have an empty batch (size 0 along batch_dim "
+                           f"{batch_dim}): capture at a batch of 1 or more (2 or more to learn "
+                           f"how sizes grow with it)")
     graph_name = name or type(net).__name__
     step = _Step(net, loss_fn, optimizer)
     graph = step.record(example_inputs, targets, batch_dim, batch, batch, graph_name)
     reason: Optional[str] = "no input has a batch dimension" if batch == 0 else None
     if scale_batch and batch > 0:
-        large = step.record(example_inputs, targets, batch_dim, batch, 2 * batch, graph_name)
+        try:
+            large = step.record(example_inputs, targets, batch_dim, batch, 2 * batch, graph_name)
+        except CaptureError as e:
+            # The step ran at its batch: what changed is every input and target whose size
+            # along batch_dim is the batch, each doubled, batched or not.
+            raise CaptureError(
+                f"the step ran at batch {batch} but not at {2 * batch}, where the capture "
+                f"runs it again to learn how sizes grow with the batch: it doubles every input "
+                f"and target of size {batch} along batch_dim {batch_dim}. If one of them is not "
+                f"batched there (a mask or bias whose size happens to equal the batch, targets "
+                f"batched along another dimension), pass scale_batch=False (the graph is then "
+                f"planned at this batch only) or capture at another batch. At {2 * batch}: {e}",
+                op=e.op, module=e.module, phase=e.phase) from e
         reason = add_batch_scaling(graph, large, batch, 2 * batch)
         if reason is not None:
             graph.pop("batch", None)
@@ -140,7 +162,13 @@ class _Step:
             rec.declare(b, "buffer", n)
         for k, t in enumerate(tensors_in((inputs, targets))):
             rec.declare(t, "input", f"input{k}")
-        opt = self.optimizer(self.params) if self.optimizer is not None else None
+        try:
+            opt = self.optimizer(self.params) if self.optimizer is not None else None
+        except Exception as e:  # e.g. a model with no parameters: torch's own ValueError
+            raise CaptureError(f"the optimizer factory failed on the model's "
+                               f"{len(self.params)} parameters: {type(e).__name__}: {e} (pass "
+                               f"optimizer=None to capture without an optimizer step)",
+                               phase="optimizer") from e
         try:
             self._run(rec, inputs, targets, opt)
             return build_graph(rec, name, self._kinds(rec, opt), at_batch)
@@ -170,12 +198,12 @@ class _Step:
             if isinstance(e, NotImplementedError) and missing and "Meta" in missing.group(2):
                 raise rec.no_meta_kernel(missing.group(1)) from e
             raise CaptureError(
-                f"the training step failed on meta tensors in the {rec.phase} pass"
-                f"{_module_note(rec)}: {type(e).__name__}: {first_line}. spill.torch.capture "
-                f"runs the step without data (meta tensors); code that needs values (.numpy(), "
-                f"printing tensors, tensors created on the CPU and mixed with the model's) "
-                f"cannot run there: move it out of the captured step or keep it on the "
-                f"model's device.", module=rec.module(), phase=rec.phase) from e
+                f"the training step failed in the {rec.phase} pass{_module_note(rec)}: "
+                f"{type(e).__name__}: {first_line}. If it runs with real tensors: "
+                f"spill.torch.capture runs the step without data (meta tensors), and code that "
+                f"needs values (.numpy(), printing tensors, tensors created on the CPU and "
+                f"mixed with the model's) cannot run there: move it out of the captured step or "
+                f"keep it on the model's device.", module=rec.module(), phase=rec.phase) from e
 
     def _loss(self, out: Any, targets: Sequence[Any]) -> torch.Tensor:
         if self.loss_fn is not None:
