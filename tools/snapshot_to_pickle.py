@@ -2,7 +2,10 @@
 """Turns a spill memory snapshot (JSON, written by spill) into the pickle that PyTorch's
 memory_viz (pytorch.org/memory_viz) opens. Standard library only.
 
-Usage: snapshot_to_pickle.py SNAPSHOT.json [OUT.pickle]
+Usage: snapshot_to_pickle.py [--segments-list] SNAPSHOT.json [OUT.pickle]
+  --segments-list: write the list of segments alone, the layout older PyTorch (1.13) reads
+  (`python3 -m torch.cuda._memory_viz stats OUT.pickle` there); newer memory_viz reads the dict
+  with segments and device traces that is written by default.
 """
 import json
 import pickle
@@ -18,6 +21,8 @@ def convert(snapshot):
 
 
 def main(argv):
+    segments_list = "--segments-list" in argv
+    argv = [a for a in argv if a != "--segments-list"]
     if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
@@ -31,7 +36,7 @@ def main(argv):
         print(f"snapshot_to_pickle: {src}: {e}", file=sys.stderr)
         return 1
     with open(dst, "wb") as f:
-        pickle.dump(data, f)
+        pickle.dump(data["segments"] if segments_list else data, f)
     print(f"wrote {dst}: {len(data['segments'])} segments, "
           f"{sum(len(t) for t in data['device_traces'])} trace entries")
     return 0
