@@ -305,7 +305,12 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     stalls[e.stream].first++;
     stalls[e.stream].second += e.duration_ns / 1e6;
   }
-  o << "<h2>Stalls</h2><table id='stalls'><tr><th class='l'>stream</th><th>stalls</th>"
+  // What the trace marks: waits for a block's bytes to come back. `spill train`'s stall column
+  // is wider (the step's time less its compute: room waits and late prefetches too).
+  o << "<h2>Stalls</h2><p class='note'>Waits for a swapped-out block's bytes to come back (a "
+    << "pin that found it on the host or still landing), per stream. spill train's stall "
+    << "column counts more: its step time less its compute.</p>"
+    << "<table id='stalls'><tr><th class='l'>stream</th><th>stalls</th>"
     << "<th>time (ms)</th></tr>";
   for (auto& [stream, v] : stalls) {
     o << "<tr><td class='l'>" << (stream ? hex(stream) : "default") << "</td><td>" << v.first
