@@ -60,10 +60,18 @@ std::pair<Point, Point> extremes(const std::vector<Row>& rows, const char* dir, 
 
 LinkModel link_model_from_bench_json(const nlohmann::json& report, std::string_view source) {
   const JsonValue top(report, std::string(source));
+  const std::string format = top.string_field("format", std::nullopt, 64);
+  if (format != "spill-link-bench")
+    top.fail_field("format", "expected \"spill-link-bench\" (a `spill bench link --json` file), "
+                             "found \"" + format + "\"");
   const JsonValue results = top.at("results");
   std::vector<Row> rows;
   for (std::size_t k = 0; k < results.size(); ++k) {
     const JsonValue r = results.at(k);
+    // A size whose copies came back wrong measured no bandwidth worth planning with.
+    if (!r.bool_field("verified", true))
+      r.fail_field("verified", "false: this size's copies did not verify (data corrupted on "
+                               "the link); measure again before planning with it");
     Row row;
     row.direction = r.string_field("direction", std::nullopt, 64);
     row.host_memory = r.string_field("host_memory", std::string("pinned"), 64);

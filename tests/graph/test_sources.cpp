@@ -2,10 +2,15 @@
 // read from `spill bench link --json`.
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "core/errors.hpp"
 #include "graph/device_model.hpp"
 #include "graph/graph_json.hpp"
 #include "graph/trace.hpp"
+#include "tests/hostile_helpers.hpp"
 
 namespace spill::graph {
 namespace {
@@ -98,7 +103,7 @@ TEST(DeviceModel, RooflinePicksTheBindingLimit) {
 }
 
 TEST(DeviceModel, LinkFromBenchJson) {
-  const char* json = R"({"device": "sim", "simulated": true, "results": [
+  const char* json = R"({"format": "spill-link-bench", "device": "sim", "simulated": true, "results": [
     {"direction": "h2d", "host_memory": "pinned", "bytes": 4096, "gbps": 0.4096},
     {"direction": "h2d", "host_memory": "pinned", "bytes": 1073741824, "gbps": 20.0},
     {"direction": "d2h", "host_memory": "pinned", "bytes": 4096, "gbps": 0.4096},
@@ -116,6 +121,20 @@ TEST(DeviceModel, LinkFromBenchJson) {
   EXPECT_NE(m.description.find("simulated"), std::string::npos);
   EXPECT_THROW(link_from_bench_json("{\"results\": [{\"direction\": \"h2d\"}]}", "x"),
                InvalidArgument);
+  // Another file's format, and a size whose copies did not verify, are refused by name (both
+  // were taken as bandwidths before).
+  const std::string text(json);
+  for (const auto& [bad, says] : std::vector<std::pair<std::string, std::string>>{
+           {spill::test::replaced(text, "spill-link-bench", "spill-graph"), "spill-graph"},
+           {spill::test::replaced(text, "\"gbps\": 22.0}", "\"gbps\": 22.0, \"verified\": false}"),
+            "did not verify"}}) {
+    try {
+      link_from_bench_json(bad, "bench.json");
+      ADD_FAILURE() << "accepted: " << bad;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+    }
+  }
   EXPECT_THROW(link_from_bench_json("[1,", "x"), InvalidArgument);
   EXPECT_EQ(resolve_link("nvlink2-p9").h2d_gbps, link_preset("nvlink2-p9").h2d_gbps);
   EXPECT_THROW(resolve_link("pcie9"), InvalidArgument);
