@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 from typing import Any, Dict, Optional, Union
 
 from . import _args
+from ._errors import InvalidArgumentError
 from ._lib import call, library
 
 
@@ -38,8 +40,12 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
     text = _take_string("spill_snapshot_json", _args.device(device))
     if out is None:
         return json.loads(text)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:  # as spill.trace says it: the error names the path as given
+        raise InvalidArgumentError(f"spill.snapshot: cannot write {os.fsdecode(out)!r}: "
+                                   f"{e.strerror or e}") from e
     return None
 
 

@@ -419,6 +419,9 @@ def test_snapshot_and_trace(sim, tmp_path):
     assert len(events) > 0
     with pytest.raises(spill.InvalidArgumentError, match="nosuchdir"):
         spill.trace(tmp_path / "nosuchdir" / "t.json")
+    # The same error for a snapshot (a FileNotFoundError with the path as bytes before).
+    with pytest.raises(spill.InvalidArgumentError, match=r"'[^']*nosuchdir/s\.json'"):
+        spill.snapshot(tmp_path / "nosuchdir" / "s.json")
 
 
 def test_threads_allocate_at_once(sim):
