@@ -18,6 +18,7 @@
 #include "core/pattern.hpp"
 #include "core/units.hpp"
 #include "device/diagnostics.hpp"
+#include "device/sim_fault_note.hpp"
 #include "device/select.hpp"
 #include "device/sim_device.hpp"
 
@@ -169,6 +170,7 @@ void check_fault() {
   std::fflush(stdout);
   pid_t child = ::fork();
   if (child == 0) {
+    sim::adopt_reservations();  // the child faults on purpose: the ordinary note
     p[0] = 1;  // unmapped: must fault
     ::_exit(0);
   }
@@ -211,6 +213,12 @@ void add_device_check(CLI::App& app, Runner& run) {
       std::printf("%s\ndevice: %s, %s, link %s\n", sel.reason.c_str(), dev.info().name.c_str(),
                   format_bytes(dev.info().total_bytes).c_str(),
                   dev.info().link_description.c_str());
+      // The largest check: the 64 MiB round trip, or the 32-granule VMM timing.
+      const std::size_t need = std::max<std::size_t>(64 * MiB, 32 * dev.granularity());
+      SPILL_EXPECTS(dev.info().total_bytes >= need,
+                    "device-check needs " + format_bytes(need) + " of device memory; " +
+                        dev.info().name + " has " + format_bytes(dev.info().total_bytes) +
+                        (dev.info().simulated ? " (raise sim_capacity:)" : ""));
       std::printf("same-address remapping:\n");
       check_remap(dev);
       std::printf("copies and bandwidth:\n");

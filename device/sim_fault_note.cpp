@@ -120,6 +120,8 @@ void note_reservation(const void* base, std::size_t bytes) {
   }
 }
 
+void adopt_reservations() { g_owner.store(::getpid(), std::memory_order_relaxed); }
+
 void forget_reservation(const void* base) {
   const auto b = reinterpret_cast<std::uintptr_t>(base);
   for (Range& r : g_ranges) {

@@ -4,7 +4,9 @@
 // tensors outside spill.torch.pin_reads()). The SIGSEGV handler, installed at the first
 // reservation, writes the note with async-signal-safe calls only (the ranges are a lock-free
 // table) and hands the fault on to the handler that was there before (the default one kills
-// the process, as without it). A fault outside every reservation is handed on untouched.
+// the process, as without it). A fault outside every reservation is handed on untouched. In a
+// process forked after the first reservation (a data-loader worker) the note says so instead:
+// the child inherits the mappings as they were at the fork and can pin nothing.
 #pragma once
 
 #include <cstddef>
@@ -14,5 +16,9 @@ namespace spill::sim {
 // [base, base + bytes) is a simulated device's reservation / is no longer one.
 void note_reservation(const void* base, std::size_t bytes);
 void forget_reservation(const void* base);
+
+// The calling process owns the reservations it inherited (a child forked on purpose that
+// faults on purpose, as device-check's fault check): its faults get the ordinary note.
+void adopt_reservations();
 
 }  // namespace spill::sim
