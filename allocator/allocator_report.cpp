@@ -189,6 +189,7 @@ void CachingAllocator::throw_oom_locked(
   f.needed = needed;
   f.budget = m.budget.limit();
   f.device_total = dev_.info().total_bytes;
+  f.simulated = dev_.info().simulated;
   f.allocated = static_cast<std::size_t>(m.stats.allocated.current) - m.swapped_out;
   f.cached = static_cast<std::size_t>(m.stats.cached.current);
   f.swapped_out = m.swapped_out;

@@ -48,7 +48,12 @@ std::string oom_message(const OomFacts& f) {
          format_bytes(*f.unswappable) + " never declared swappable";
   }
   m += ". ";
-  if (f.device_full) {
+  if (f.device_full && f.simulated) {
+    // Its memory is the host's (files in RAM): sim_capacity or the host ran out, not a GPU.
+    m += "Hint: the simulated device's memory is the host's: its sim_capacity: (" +
+         format_bytes(f.device_total) + ") or the host's memory (RAM, ulimit -v) ran out; "
+         "lower budget:, or raise sim_capacity: where the host has room.";
+  } else if (f.device_full) {
     m += "Hint: other processes or allocations outside spill use the device; lower budget:.";
   } else if (f.free_total >= f.needed && frag > 0.5) {
     m += "Hint: enough is cached but fragmented across partly used segments, which go back "

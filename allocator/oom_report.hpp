@@ -26,6 +26,7 @@ struct OomFacts {
   std::size_t other_free = 0;     // cached bytes in the other pool, which cannot serve it
   bool small_request = false;     // served by the small pool (up to small_limit)
   std::size_t small_limit = 0;    // the largest request the small pool serves
+  bool simulated = false;         // the device is SimDevice: its memory is the host's
   bool device_full = false;       // the device itself refused, within the budget
   // Resident bytes the swapper cannot evict (a block may count in both), when it was asked.
   std::optional<std::size_t> pinned;       // pinned now

@@ -960,6 +960,23 @@ TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
   a.deallocate(small);
 }
 
+// A device that refuses within the budget is another user on a GPU, but the host's memory on
+// the simulated device (a run under `ulimit -v` was told other processes used the device).
+TEST(AllocatorOom, AFullSimulatedDeviceIsTheHostsMemory) {
+  OomFacts f;
+  f.requested = f.needed = MiB;
+  f.budget = 10 * MiB;
+  f.device_total = 8 * MiB;
+  f.device_full = true;
+  EXPECT_NE(oom_message(f).find("other processes"), std::string::npos) << oom_message(f);
+  f.simulated = true;
+  const std::string m = oom_message(f);
+  EXPECT_EQ(m.find("other processes"), std::string::npos) << m;
+  EXPECT_NE(m.find("the simulated device's memory is the host's: its sim_capacity: (" +
+                   format_bytes(8 * MiB) + ")"),
+            std::string::npos) << m;
+}
+
 // The hint follows the breakdown: with the swapper's figures, a budget filled by blocks never
 // declared swappable is named as such (a CPU-bridge checkpoint load said "the pinned working
 // set is too large" with nothing pinned); a pinned one, or no figures, keeps the old hint.
