@@ -136,7 +136,9 @@ class Recorder(TorchDispatchMode):
         return out
 
     def _where(self) -> str:
-        module = self.module() or (self.layer_names[-1] if self.layer_names else "")
+        # (The last layer stands for a backward's ops; the optimizer's belong to no module.)
+        module = self.module() or (self.layer_names[-1] if self.layer_names
+                                   and self.phase != "optimizer" else "")
         return f" in the {self.phase} pass" + (f", module '{module}'" if module else "")
 
     def _refuse_data_dependence(self, func, args) -> None:
@@ -184,6 +186,15 @@ class Recorder(TorchDispatchMode):
         """The error for an op (``ns::name``) that has no meta kernel."""
         qualified = schema_name.replace("::", ".")
         short = schema_name.split("::")[-1].split(".")[0]
+        if schema_name.startswith("aten::_foreach") and self.phase == "optimizer":
+            # PyTorch's own multi-tensor kernels (foreach=True optimizers) lack meta kernels
+            # in older torch: the per-parameter path computes the same step.
+            return CaptureError(
+                f"{qualified} in the optimizer pass: this torch ({torch.__version__}) has no "
+                f"meta kernel for its multi-tensor (foreach) ops, so that optimizer cannot run "
+                f"without data. Capture with foreach=False (e.g. functools.partial("
+                f"torch.optim.AdamW, foreach=False)): the same step, op by op.",
+                op=qualified, module="", phase=self.phase)
         return CaptureError(
             f"{qualified}{self._where()}: no meta kernel, so it cannot run without data. "
             f"What you can do: register one that only computes output shapes, e.g. "
