@@ -524,6 +524,21 @@ void Swapper::evict(const void* ptr) {
   TraceRecorder::global().record(EventKind::Evict, base, b.size, profiling::kHostStream);
 }
 
+void Swapper::discard(const void* ptr) {
+  Impl& m = *impl_;
+  std::unique_lock lock(m.mu);
+  SwapBlock* found = m.lookup_locked(ptr, "discard");
+  if (found == nullptr) return;
+  const std::uintptr_t base = key(found->base);
+  m.wait_not_busy(lock, base);
+  auto it = m.blocks.find(base);
+  if (it == m.blocks.end() || it->second.state != Residence::OnHost) return;
+  // No bytes to bring back (as a block never written): the swap-in maps memory and copies
+  // nothing; the write that follows, unpinned with `wrote`, makes it a block with bytes again.
+  it->second.untouched = true;
+  it->second.host_valid = false;
+}
+
 std::size_t Swapper::evict_bytes(std::size_t needed) { return impl_->evict_bytes(needed); }
 
 void Swapper::release(void* base, Stream stream) {

@@ -158,6 +158,10 @@ class Swapper {
   void prefetch(const void* ptr, bool wait_for_room = false);
   // A no-op for a pinned, protected or unswappable block, and one under min_swap_bytes.
   void evict(const void* ptr);
+  // The block's bytes are dead: its caller is about to overwrite all of them (zeroing a
+  // gradient in place). One on the host then comes back with no copy (its bytes undefined
+  // until written); a resident one is untouched. A no-op for blocks that never move.
+  void discard(const void* ptr);
   std::size_t evict_bytes(std::size_t needed);
   void release(void* base, Stream stream);
   // Declares whether the block containing ptr may be evicted (see the rules above). Declaring

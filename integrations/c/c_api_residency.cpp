@@ -114,6 +114,10 @@ spill_status spill_evict(void* ptr) {
   });
 }
 
+spill_status spill_discard(void* ptr) {
+  return on_swapper_of(ptr, "spill_discard", [&](Swapper& sw) { sw.discard(ptr); });
+}
+
 spill_status spill_get_residence(const void* ptr, spill_residence* residence) {
   if (residence == nullptr)
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_residence: residence is NULL");

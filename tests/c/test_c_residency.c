@@ -249,6 +249,33 @@ TEST(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) {
   CHECK_OK(spill_stream_destroy(0, s));
 }
 
+/* spill_discard: a block on the host whose bytes are dead comes back with no copy, then
+ * holds what is written; a resident block is left alone (its bytes stay). */
+TEST(a_discarded_block_comes_back_without_a_copy) {
+  void* s = NULL;
+  void* a = swappable_block_on_a_new_stream(&s);
+  write_pinned(a, BLOCK, 3);
+  CHECK_OK(spill_discard(a)); /* resident: nothing changes */
+  CHECK(check_pinned(a, BLOCK, 3));
+  CHECK_OK(spill_evict(a));
+  while (residence(a) != SPILL_ON_HOST) {
+  }
+  const uint64_t in_before = stats().swap_in_bytes_total;
+  CHECK_OK(spill_discard(a));
+  write_pinned(a, BLOCK, 4); /* maps it back and overwrites it whole */
+  CHECK(stats().swap_in_bytes_total == in_before);
+  CHECK(check_pinned(a, BLOCK, 4));
+  CHECK_OK(spill_evict(a)); /* its new bytes go out and come back */
+  while (residence(a) != SPILL_ON_HOST) {
+  }
+  CHECK(check_pinned(a, BLOCK, 4));
+  CHECK(stats().swap_in_bytes_total == in_before + BLOCK);
+  int local = 0;
+  CHECK_STATUS(spill_discard(&local), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_OK(spill_free(a, 0, s));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
 /* Rule 5: two threads, two scopes, interleaved ops: no deviations; each scope plans. */
 #define STEPS 4
 #define LAYERS 6
@@ -693,6 +720,7 @@ TEST(shutdown_with_live_blocks) {
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
+  X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \
   X(end_scope_drops_its_recording)     \

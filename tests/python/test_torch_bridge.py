@@ -1155,11 +1155,11 @@ AT_A_THIRD = """
 def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None:
     """offload(model, optimizer) with zero_grad(set_to_none=False), of the optimizer and of the
     model, six 2 MiB weights and Adam (48 MiB of parameters, gradients and state) at a 12 MiB
-    budget: zero_grad replaces each gradient that can move by fresh zeros, which are declared
-    swappable at once (before the fix they stayed unswappable until the optimizer step and
-    filled the budget); losses and parameters are plain torch's. model.zero_grad() brings no
-    gradient back from the host (it ran in the window, which copied each one back to zero it:
-    52 MB more copied in over 8 steps of a 512-wide MLP at a third), and a copy of the model
+    budget: zero_grad zeroes each gradient in place, pinned, as plain torch does; losses and
+    parameters are plain torch's. model.zero_grad() copies no gradient back from the host (it
+    ran in the window, which copied each one back to zero it: 52 MB more copied in over 8
+    steps of a 512-wide MLP at a third; now one on the host is discarded, mapped back with no
+    copy, and zeroed), and a copy of the model
     has the class's zero_grad. The weights are 724 x 724 floats, 2 MiB once rounded to the
     granularity of a GPU or of the simulated device alike; the batch's tensors stay under the
     swap threshold (small-pool blocks): the same blocks on both, so the budget fits both (on
@@ -1217,6 +1217,48 @@ def test_zero_grad_keeping_gradients_runs_at_a_budget_of_a_few_tensors() -> None
                 assert "zero_grad" in vars(m) and "zero_grad" not in vars(copy.deepcopy(m))
             h.remove()
             del m, h
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_zero_grad_keeping_gradients_zeroes_the_tensors_code_kept() -> None:
+    """zero_grad(set_to_none=False) zeroes the gradients in place: references code kept to
+    p.grad (a logger, a hand-written scaling) stay the live gradients, as in plain torch.
+    Before, offload replaced each gradient that could move by new zeros, and a loop that
+    scaled the gradients through references kept from the first step scaled dead tensors: its
+    losses left plain torch's from the third step, with or without swapping (an audit)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        def train(wrap=None):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+            opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+            h = wrap(m, opt) if wrap else None
+            g = torch.Generator().manual_seed(1)
+            kept, losses, live = None, [], []
+            for _ in range(5):
+                x = torch.randn(32, 512, generator=g).to(dev)
+                opt.zero_grad(set_to_none=False)
+                loss = m(x).pow(2).mean()
+                loss.backward()
+                kept = kept or [p.grad for p in m.parameters()]
+                live.append(all(k is p.grad for k, p in zip(kept, m.parameters())))
+                for k in kept:
+                    k.mul_(0.5)
+                opt.step()
+                losses.append(loss.item())
+            return losses, [p.detach().cpu().clone() for p in m.parameters()], live, h
+        base, base_params, base_live, _ = train()
+        enable()
+        def wrap(m, o):
+            h = st.offload(m, o)
+            spill.set_budget(8 << 20)  # 6 MiB of weights, 6 of gradients, 6 of momentum
+            return h
+        losses, params, live, h = train(wrap)
+        assert all(base_live) and all(live), (base_live, live)
+        assert losses == base, (losses, base)
+        assert all(torch.equal(a, b) for a, b in zip(params, base_params))
+        assert spill.stats()["swap.bytes_out"] > 0
         print("ok")
     """)
     assert "ok" in out

@@ -230,6 +230,11 @@ SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, i
  * pin that needs room, an op of a step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
+/* The bytes of the block containing `ptr` are dead: the caller is about to overwrite all of
+ * them (a framework zeroing a gradient in place). If it is on the host, the next pin maps it
+ * back without copying them (its bytes are undefined until written); otherwise nothing
+ * changes. Errors: INVALID_ARGUMENT (unknown pointer). (Since 0.2.0.) */
+SPILL_API spill_status spill_discard(void* ptr);
 /* Where the bytes of the block containing `ptr` are now (blocks that never move: resident).
  * A swap-out whose copy has finished is completed here (ON_HOST, its device memory given
  * back). */

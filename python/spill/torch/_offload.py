@@ -25,8 +25,8 @@ Which blocks become swappable, and what pins every later use of each:
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
   step, which touches them in parameter order; a backward that accumulates into an existing
   gradient pins it first (a gradient hook on the parameter). zero_grad(set_to_none=False)
-  replaces a gradient that can move by zeros (in a quiet step, one on the host), declared at
-  once. A gradient autograd makes in parts (the model called twice before one backward; a
+  zeroes them in place, pinned, as plain torch does (code may keep p.grad). A gradient
+  autograd makes in parts (the model called twice before one backward; a
   parameter one forward uses several times, as a recurrent layer's weights) has its first
   part, which waits in AccumulateGrad's buffer, declared and pinned at its later uses
   (_partials.py). Under DistributedDataParallel, whose reducer
@@ -1663,42 +1663,29 @@ class OffloadHandle:
     def _zero_grads(self, params: List[torch.Tensor], original: Any, args: Any,
                     kwargs: Any) -> Any:
         """``zero_grad(set_to_none=False)`` of an optimizer or of the model (over ``params``),
-        in the handle's region. A gradient of those parameters that can move is replaced by
-        zeros (in a quiet step, one on the host), instead of being copied back only to be
-        zeroed; the optimizer's zero_grad zeroes the rest. The zeros are declared at once, as
-        the gradient they replace was: a fresh block is never evicted, and at a tight budget
-        the replacements alone would fill it before the optimizer step declares them. An armed
-        step replaces every one, resident or not: whether a gradient's swap-out has finished by
-        now depends on timing, and the step's accesses must not (a step that zeroed one
-        gradient in place and replaced another left its plan: SAM's first_step(zero_grad=True)
-        deviated in every step)."""
-        quiet = self._quiet
-        replaced: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        try:
-            for p in params:
-                ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
-                if ptr and (not quiet or self.pinner.on_host(ptr)):
-                    zeros = torch.zeros_like(p.grad)
-                    fresh = self.pinner.movable(zeros)
-                    if fresh:
-                        self.pinner.declare(fresh)
-                    p.grad = None  # (the optimizer's zero_grad passes it by)
-                    replaced.append((p, zeros))
-            if quiet:  # the gradients (all of them fit), pinned around it
-                stream = self.pinner.stream()
-                tokens: List[Tuple[Token, bool]] = []
-                try:
-                    for p in params:
-                        if p.grad is not None:
-                            self._hold(tokens, p.grad, stream, True)
-                    return original(*args, **kwargs)
-                finally:
-                    self._release_tokens(tokens)
-            with PinEveryOp(self.pinner):
+        in the handle's region: the gradients are zeroed in place, as plain torch does, each
+        pinned. Code may keep ``p.grad`` (a logger, a
+        hand-written scaling, a flat view): it must stay the live gradient. Before, a gradient
+        that could move was replaced by new zeros (saving the copy back of one on the host),
+        and such code wrote into dead tensors: the losses left plain torch's from the third
+        step, even with nothing ever swapped (an audit, 2026-12-05). A gradient on the host
+        comes back without a copy (spill_discard: its bytes are about to be zeros)."""
+        for p in params:
+            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+            if ptr and self.pinner.on_host(ptr):
+                self.pinner.discard(ptr)
+        if self._quiet:  # the gradients (all of them fit), pinned around it
+            stream = self.pinner.stream()
+            tokens: List[Tuple[Token, bool]] = []
+            try:
+                for p in params:
+                    if p.grad is not None:
+                        self._hold(tokens, p.grad, stream, True)
                 return original(*args, **kwargs)
-        finally:
-            for p, zeros in replaced:
-                p.grad = zeros
+            finally:
+                self._release_tokens(tokens)
+        with PinEveryOp(self.pinner):
+            return original(*args, **kwargs)
 
     def _wrap_apply(self, original: Any) -> Any:
         """The model's ``_apply``, behind ``model.to(...)``, ``.half()``, ``.double()``,

@@ -197,6 +197,13 @@ class Pinner:
         status = self._lib.spill_get_residence(ctypes.c_void_p(ptr), ctypes.byref(residence))
         return status == 0 and residence.value == _ON_HOST
 
+    def discard(self, ptr: int) -> None:
+        """The bytes of the block at ``ptr`` are dead (about to be overwritten whole): if it is
+        on the host, its next pin maps it back without copying them."""
+        status = self._lib.spill_discard(ctypes.c_void_p(ptr))
+        if status != 0:
+            _raise(self._lib, status)
+
     def generation(self, ptr: int) -> int:
         """Which life of its address the block at ``ptr`` is in (a pin token's generation),
         read without a pin, so that the step records no use of it; 0 when the block never
