@@ -396,6 +396,11 @@ class OffloadHandle:
         self._quiet = False
         self._boundary = True
         self._acts: Set[int] = set()
+        # remove(): done once; what it could not bring back (no room), and the pins-only mode
+        # kept on this thread's stack meanwhile.
+        self._removed = False
+        self._left: List[int] = []
+        self._still: Optional[Any] = None
         self._quiet_pins: Dict[torch.nn.Module, List[Tuple[torch.Tensor, bool]]] = {}
         self._quiet_frames: List[Tuple[torch.nn.Module, List[Tuple[Token, bool]]]] = []
         # The hooks run some 450 times a step (a CNN): they use these instead of looking the
@@ -719,7 +724,18 @@ class OffloadHandle:
     def remove(self) -> None:
         """Removes the hooks and brings every tensor they declared back (unswappable). When
         the scope was the default one, it is ended too: spill frees its recorded step and
-        plan (``spill.end_scope``); a scope the caller named is left to the caller."""
+        plan (``spill.end_scope``); a scope the caller named is left to the caller. When the
+        budget cannot hold them all once unswappable, it brings back what fits and raises
+        ``torch.cuda.OutOfMemoryError`` (also ``spill.OutOfMemoryError``) saying how many are
+        left: those stay swappable and every op of this thread runs pinned (a read of one
+        brings it back where the budget has room, else raises out of memory) until remove()
+        is called again after the budget was raised (``spill.set_budget``). Before, the first tensor that did not fit stopped it, the rest
+        stayed on the host with no hook, and the next read of a parameter was a segmentation
+        fault on the CPU bridge."""
+        if self._removed:
+            self._bring_back_left(None)
+            return
+        self._removed = True
         self._finalizer.detach()
         for h in self._hooks:
             h.remove()
@@ -748,16 +764,44 @@ class OffloadHandle:
         self.steps.end()
         self._policy.forget()
         acts, self._acts = self._acts, set()
-        for ptr in acts:  # activations still alive (a kept output): resident for good
-            self.pinner.declare(ptr, False)
+        # Activations still alive (a kept output): resident for good, as the rest.
+        ptrs = list(acts)
         tensors = [t for t, _ in (x for ts in self._direct.values() for x in ts)]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
         tensors += self._state_tensors()
-        for t in tensors:
-            ptr = self.pinner.movable(t)
-            if ptr:
+        ptrs += [ptr for ptr in (self.pinner.movable(t) for t in tensors) if ptr]
+        self._left = list(dict.fromkeys(ptrs))
+        try:
+            self._bring_back_left(None)
+        finally:
+            self.steps.finish()
+
+    def _bring_back_left(self, error: Optional[OutOfMemoryError]) -> None:
+        """Declares unswappable (bringing back) what remove() has left; see remove()."""
+        left: List[int] = []
+        for ptr in self._left:
+            try:
                 self.pinner.declare(ptr, False)
-        self.steps.finish()
+            except OutOfMemoryError as e:  # no room for it: it stays swappable
+                left.append(ptr)
+                error = error or e
+        self._left = left
+        if not left:
+            still, self._still = self._still, None
+            if still is not None:
+                from ._window import _dispatch_stack, _remove
+                _remove(still, *_dispatch_stack())
+            return
+        if self._still is None:
+            from ._guard import _StillPinning
+            self._still = _StillPinning(self.pinner)
+            self._still.__enter__()
+        assert error is not None
+        raise TorchOutOfMemoryError(
+            f"spill.torch: remove() could not bring {len(left)} tensor(s) back: they do not "
+            "fit in the budget once unswappable. They stay swappable, and every op of this "
+            "thread runs pinned until they are back: raise the budget (spill.set_budget) and "
+            f"call remove() again. {error}", error.code) from error
 
     # ------------------------------------------------------------------ forward
 
