@@ -1303,6 +1303,50 @@ def test_a_remove_that_finds_no_room_leaves_every_tensor_reachable_until_called_
     assert "ok" in out
 
 
+def test_offload_after_steps_taken_without_it_lets_their_gradients_move() -> None:
+    """offload() of a model that has trained (gradients and Adam's state exist), then a budget
+    lowered to a third: the gradients are declared at offload() as the optimizer's state is
+    (an eviction moves them), and the steps after train as plain torch's. Before, they stayed
+    resident until the first optimizer step (and, while zero_grad replaced gradients by new
+    zeros, the first zero_grad ran out of memory: an audit)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        def train(m, opt, n, g, losses):
+            for _ in range(n):
+                x = torch.randn(64, 512, generator=g).to(dev)
+                opt.zero_grad(set_to_none=False)
+                loss = m(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses
+        def model():
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(6)]).to(dev)
+            return m, torch.optim.Adam(m.parameters(), lr=1e-3)
+        pm, popt = model()
+        base = train(pm, popt, 5, torch.Generator().manual_seed(1), [])
+        base_params = [p.detach().cpu().clone() for p in pm.parameters()]
+        del pm, popt
+        enable()
+        m, opt = model()
+        g = torch.Generator().manual_seed(1)
+        losses = train(m, opt, 2, g, [])
+        h = st.offload(m, opt)
+        grads = [ptr for ptr in (h.pinner.movable(p.grad) for p in m.parameters()) if ptr]
+        assert len(grads) == 6, grads
+        for ptr in grads:  # declared: an eviction moves them (an undeclared block stays)
+            spill.evict(ptr)
+            assert spill.residence(ptr) != "resident", ptr
+        spill.set_budget(8 << 20)  # 6 MiB of weights, 6 of gradients, 12 of Adam's state
+        losses = train(m, opt, 3, g, losses)
+        assert losses == base, (losses, base)
+        assert all(torch.equal(p.detach().cpu(), b) for p, b in zip(m.parameters(), base_params))
+        assert spill.stats()["swap.bytes_out"] > 0
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> None:
     """Without budget pressure (the previous step's peak under half the budget), offload's
     steps after the first run quiet: every block they pin or declare is a parameter, gradient

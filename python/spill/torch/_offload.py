@@ -20,7 +20,8 @@ Which blocks become swappable, and what pins every later use of each:
   the unpack hook pins them (the plan's prefetches are issued ahead of it); the pins are
   dropped at the next point where the autograd engine is between nodes (a gradient hook on a
   module output).
-- gradients: declared as an armed step's backward makes them (at the next point where the
+- gradients: those the model has at offload() declared then; the others declared as an armed
+  step's backward makes them (at the next point where the
   autograd engine is between nodes: a gradient hook on a module output or a parameter,
   and all of them when a ``loss.backward()`` the window saw returns), else at the optimizer
   step, which touches them in parameter order; a backward that accumulates into an existing
@@ -465,6 +466,13 @@ class OffloadHandle:
         # State the optimizers have already (Adagrad's sums, which its constructor makes;
         # state of steps taken before offload()) can move from now on, as after a step.
         self._declare_state()
+        # So can the gradients of steps taken before offload(): every later use is pinned
+        # (the first step's mode, the window, zero_grad's pins). Before, they stayed resident,
+        # and a budget lowered after offload() ran out of memory in the first zero_grad.
+        for p in self.model.parameters():
+            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+            if ptr:
+                self.pinner.declare(ptr)
         self._wrap_forward(self.model)
         # model.zero_grad() (set_to_none=False by default in torch 1.13) as an optimizer's:
         # in the window, it would bring every gradient on the host back only to zero it.
