@@ -506,37 +506,38 @@ void Swapper::prefetch(const void* ptr, bool wait_for_room) {
   TraceRecorder::global().record(EventKind::Prefetch, base, size, profiling::kHostStream);
 }
 
+SwapBlock* Swapper::Impl::idle_block_locked(std::unique_lock<std::mutex>& lock, const void* ptr,
+                                            const char* op) {
+  SwapBlock* found = lookup_locked(ptr, op);
+  if (found == nullptr) return nullptr;
+  const std::uintptr_t base = key(found->base);
+  wait_not_busy(lock, base);
+  auto it = blocks.find(base);
+  return it == blocks.end() ? nullptr : &it->second;  // (freed meanwhile)
+}
+
 void Swapper::evict(const void* ptr) {
   Impl& m = *impl_;
   std::unique_lock lock(m.mu);
-  SwapBlock* found = m.lookup_locked(ptr, "evict");
-  if (found == nullptr) return;
-  const std::uintptr_t base = key(found->base);
-  m.wait_not_busy(lock, base);
-  auto it = m.blocks.find(base);
-  if (it == m.blocks.end()) return;  // freed meanwhile
-  SwapBlock& b = it->second;
-  if (!m.evictable_locked(b) || b.state == Residence::OnHost ||
-      b.state == Residence::SwappingOut || b.size < m.opt.min_swap_bytes)
+  SwapBlock* b = m.idle_block_locked(lock, ptr, "evict");
+  if (b == nullptr || !m.evictable_locked(*b) || b->state == Residence::OnHost ||
+      b->state == Residence::SwappingOut || b->size < m.opt.min_swap_bytes)
     return;
-  m.start_swap_out_locked(b);
+  m.start_swap_out_locked(*b);
   m.stats.evictions_planned++;
-  TraceRecorder::global().record(EventKind::Evict, base, b.size, profiling::kHostStream);
+  TraceRecorder::global().record(EventKind::Evict, key(b->base), b->size,
+                                 profiling::kHostStream);
 }
 
 void Swapper::discard(const void* ptr) {
   Impl& m = *impl_;
   std::unique_lock lock(m.mu);
-  SwapBlock* found = m.lookup_locked(ptr, "discard");
-  if (found == nullptr) return;
-  const std::uintptr_t base = key(found->base);
-  m.wait_not_busy(lock, base);
-  auto it = m.blocks.find(base);
-  if (it == m.blocks.end() || it->second.state != Residence::OnHost) return;
+  SwapBlock* b = m.idle_block_locked(lock, ptr, "discard");
+  if (b == nullptr || b->state != Residence::OnHost) return;
   // No bytes to bring back (as a block never written): the swap-in maps memory and copies
   // nothing; the write that follows, unpinned with `wrote`, makes it a block with bytes again.
-  it->second.untouched = true;
-  it->second.host_valid = false;
+  b->untouched = true;
+  b->host_valid = false;
 }
 
 std::size_t Swapper::evict_bytes(std::size_t needed) { return impl_->evict_bytes(needed); }

@@ -261,6 +261,10 @@ struct Swapper::Impl {
   // The tracked block containing ptr (found through the backend if new); nullptr for a block
   // that never moves; InvalidArgument naming `op` and ptr when no block contains it.
   SwapBlock* lookup_locked(const void* ptr, const char* op);
+  // The tracked block containing ptr once no thread is mapping it (waits unlocked), or null
+  // (none, or freed meanwhile).
+  SwapBlock* idle_block_locked(std::unique_lock<std::mutex>& lock, const void* ptr,
+                               const char* op);
   SwapBlock* find_tracked_locked(const void* ptr);
   SwapBlock& add_block_locked(void* base, std::size_t size);
   bool evictable_locked(const SwapBlock& b) const {
