@@ -55,10 +55,12 @@ int main(int argc, char** argv) {
                    args[command].c_str(), names.c_str());
       return 2;
     }
+    const auto is_conf = [](const std::string& a) {
+      return a == "--conf" || a.rfind("--conf=", 0) == 0;
+    };
     const bool late_conf =
         command < args.size() &&
-        std::any_of(args.begin() + static_cast<std::ptrdiff_t>(command), args.end(),
-                    [](const std::string& a) { return a == "--conf" || a.rfind("--conf=", 0) == 0; });
+        std::any_of(args.begin() + static_cast<std::ptrdiff_t>(command), args.end(), is_conf);
     const int code = app.exit(e);
     if (late_conf)
       std::fprintf(stderr, "spill: --conf is a global option: give it before the command "

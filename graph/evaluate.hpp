@@ -51,8 +51,8 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
 // The largest batch in [1, max_batch] for which `build(batch)` is feasible under `p` with
 // overhead at most `max_overhead` (0.1 = 10%); nullopt when no batch tried is. Assumes that
 // fitting the memory falls with the batch, not the overhead (doubling up to the first batch
-// that does not fit, then bisection after the largest that passed). `capped`: every batch tried fit,
-// so the largest is only known to be at least `batch` (the search stops at max_batch).
+// that does not fit, then bisection after the largest that passed). `capped`: every batch tried
+// fit, so the largest is only known to be at least `batch` (the search stops at max_batch).
 struct BatchSearch {
   int batch = 0;
   PolicyResult result;

@@ -465,8 +465,11 @@ void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   // Which pin it ends is not known: one counted alone if any, else a tracked one.
   const auto tracked = static_cast<int>(
       b->pin_ids.size() - std::count(b->pin_ids.begin(), b->pin_ids.end(), std::uint64_t{0}));
-  if (b->pins <= tracked)
-    *std::find_if(b->pin_ids.begin(), b->pin_ids.end(), [](std::uint64_t id) { return id != 0; }) = 0;
+  if (b->pins <= tracked) {
+    auto open = std::find_if(b->pin_ids.begin(), b->pin_ids.end(),
+                             [](std::uint64_t id) { return id != 0; });
+    *open = 0;
+  }
   m.unpin_locked(*b, stream, wrote, false, m.current_scope());
 }
 

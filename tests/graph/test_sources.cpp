@@ -103,7 +103,8 @@ TEST(DeviceModel, RooflinePicksTheBindingLimit) {
 }
 
 TEST(DeviceModel, LinkFromBenchJson) {
-  const char* json = R"({"format": "spill-link-bench", "device": "sim", "simulated": true, "results": [
+  const char* json = R"({"format": "spill-link-bench", "device": "sim", "simulated": true,
+    "results": [
     {"direction": "h2d", "host_memory": "pinned", "bytes": 4096, "gbps": 0.4096},
     {"direction": "h2d", "host_memory": "pinned", "bytes": 1073741824, "gbps": 20.0},
     {"direction": "d2h", "host_memory": "pinned", "bytes": 4096, "gbps": 0.4096},

@@ -737,9 +737,9 @@ class OffloadHandle:
         ``torch.cuda.OutOfMemoryError`` (also ``spill.OutOfMemoryError``) saying how many are
         left: those stay swappable and every op of this thread runs pinned (a read of one
         brings it back where the budget has room, else raises out of memory) until remove()
-        is called again after the budget was raised (``spill.set_budget``). Before, the first tensor that did not fit stopped it, the rest
-        stayed on the host with no hook, and the next read of a parameter was a segmentation
-        fault on the CPU bridge."""
+        is called again after the budget was raised (``spill.set_budget``). Before, the first
+        tensor that did not fit stopped it, the rest stayed on the host with no hook, and the
+        next read of a parameter was a segmentation fault on the CPU bridge."""
         if self._removed:
             self._bring_back_left(None)
             return
@@ -1716,12 +1716,11 @@ class OffloadHandle:
                     kwargs: Any) -> Any:
         """``zero_grad(set_to_none=False)`` of an optimizer or of the model (over ``params``),
         in the handle's region: the gradients are zeroed in place, as plain torch does, each
-        pinned. Code may keep ``p.grad`` (a logger, a
-        hand-written scaling, a flat view): it must stay the live gradient. Before, a gradient
-        that could move was replaced by new zeros (saving the copy back of one on the host),
-        and such code wrote into dead tensors: the losses left plain torch's from the third
-        step, even with nothing ever swapped (an audit, 2026-12-05). A gradient on the host
-        comes back without a copy (spill_discard: its bytes are about to be zeros)."""
+        pinned; one on the host comes back without a copy (spill_discard: its bytes are about
+        to be zeros). Code may keep ``p.grad`` (a logger, a hand-written scaling, a flat
+        view): it must stay the live gradient. Before, a gradient that could move was replaced
+        by new zeros, and such code wrote into dead tensors: the losses left plain torch's
+        from the third step, even with nothing ever swapped (an audit, 2026-12-05)."""
         for p in params:
             ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
             if ptr and self.pinner.on_host(ptr):
