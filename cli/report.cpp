@@ -1,6 +1,5 @@
 // `spill report TRACE -o report.html`: a self-contained HTML report from a spill trace.
 #include <cstdio>
-#include <fstream>
 
 #include "cli/commands.hpp"
 #include "cli/options.hpp"
@@ -37,10 +36,7 @@ void add_report(CLI::App& app, Runner& run) {
       } catch (const InvalidArgument& e) {
         throw InvalidArgument("trace '" + args->trace + "': " + e.what());
       }
-      std::ofstream out(args->output, std::ios::binary);
-      out << page;
-      out.close();
-      SPILL_EXPECTS(out.good(), "--output: writing '" + args->output + "' failed");
+      write_file(args->output, page, "--output");
       if (trace.events.empty()) {
         std::printf("%s is empty (no events); wrote %s saying so\n", args->trace.c_str(),
                     args->output.c_str());

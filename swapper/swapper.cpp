@@ -463,9 +463,7 @@ void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
   SPILL_EXPECTS(b != nullptr && b->pins > 0,
                 "unpin: " + format_address(ptr) + " is not pinned (unpin without pin)");
   // Which pin it ends is not known: one counted alone if any, else a tracked one.
-  const auto tracked = static_cast<int>(
-      b->pin_ids.size() - std::count(b->pin_ids.begin(), b->pin_ids.end(), std::uint64_t{0}));
-  if (b->pins <= tracked) {
+  if (b->pins <= b->tracked_pins()) {
     auto open = std::find_if(b->pin_ids.begin(), b->pin_ids.end(),
                              [](std::uint64_t id) { return id != 0; });
     *open = 0;
@@ -483,13 +481,11 @@ void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
     return;
   }
   SwapBlock& b = it->second;
-  const auto tracked = static_cast<int>(
-      b.pin_ids.size() - std::count(b.pin_ids.begin(), b.pin_ids.end(), std::uint64_t{0}));
   auto slot = token.pin == 0 ? b.pin_ids.end()
                              : std::find(b.pin_ids.begin(), b.pin_ids.end(), token.pin);
   // A token with an id ends that pin, if it has not ended yet; one without (a pin past the
   // tracked ones) ends one of the pins counted alone.
-  SPILL_EXPECTS(token.pin != 0 ? slot != b.pin_ids.end() : b.pins > tracked,
+  SPILL_EXPECTS(token.pin != 0 ? slot != b.pin_ids.end() : b.pins > b.tracked_pins(),
                 "unpin: the token of pin " + std::to_string(token.pin) + " of the block at " +
                     format_address(b.base) + " was unpinned already (a token unpinned twice)");
   if (slot != b.pin_ids.end()) *slot = 0;

@@ -3,6 +3,7 @@
 // step and executing its plan). Every *_locked function requires `mu` held.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <condition_variable>
@@ -32,6 +33,10 @@ struct SwapBlock {
   // (and the swapper's own short holds) are counted in `pins` alone.
   static constexpr std::size_t kTrackedPins = 4;
   std::array<std::uint64_t, kTrackedPins> pin_ids{};
+  int tracked_pins() const {
+    return static_cast<int>(kTrackedPins -
+                            std::count(pin_ids.begin(), pin_ids.end(), std::uint64_t{0}));
+  }
   // Streams that used the block since it was last made resident. No event is recorded at
   // unpin (the hot path); a swap-out records one on each of these streams when it starts,
   // which covers every use enqueued before it.

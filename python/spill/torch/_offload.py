@@ -1723,8 +1723,8 @@ class OffloadHandle:
         from the third step, even with nothing ever swapped (an audit, 2026-12-05)."""
         for p in params:
             ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
-            if ptr and self.pinner.on_host(ptr):
-                self.pinner.discard(ptr)
+            if ptr:
+                self.pinner.discard(ptr)  # (nothing for one not on the host)
         if self._quiet:  # the gradients (all of them fit), pinned around it
             stream = self.pinner.stream()
             tokens: List[Tuple[Token, bool]] = []
