@@ -2663,6 +2663,17 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
                 loss = ce(out.float(), y)
             elif pattern == "siamese":  # the model called twice before one backward
                 loss = (m(x) - m(batch(B, W))).square().mean()
+            elif pattern in ("adversarial", "two_losses"):
+                # Two losses summed: each entry's output is freed when its loss is made, its
+                # graph lives on in the loss. adversarial (FGSM): a forward and a backward on
+                # the input first, then the model on the batch and on the perturbed batch.
+                x2 = batch(B, W)
+                if pattern == "adversarial":
+                    xa = x.clone().requires_grad_(True)
+                    ce(m(xa), y).backward()
+                    x2 = (x + 0.01 * xa.grad.sign()).detach()
+                    opt.zero_grad()
+                loss = ce(m(x), y) + ce(m(x2), y)
             elif pattern in ("penalty", "interpolate"):  # a gradient penalty (WGAN-GP, R1)
                 if pattern == "interpolate":  # on a mix of two batches, as WGAN-GP's
                     a = torch.rand(B, 1, generator=g).to(dev)
@@ -2686,7 +2697,7 @@ def params(models):
 
 
 @pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models",
-                                   "penalty", "two_models_backward_thread",
+                                   "penalty", "two_losses", "two_models_backward_thread",
                                    "penalty_backward_thread"])
 def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint(
         group: str) -> None:
@@ -2703,7 +2714,11 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     recomputation calls), and unfreezing parameters and accumulating into their kept
     gradients crashed (no gradient hook pinned them: a segmentation fault), and the model called
     twice before one backward (siamese) ran out of memory (the first part of each weight's
-    gradient waited in autograd's buffer, undeclared, through the other graph's backward).
+    gradient waited in autograd's buffer, undeclared, through the other graph's backward);
+    so did two losses summed (``ce(m(x), y) + ce(m(x2), y)``, also after a forward and
+    backward on the input as FGSM's adversarial training makes), until the parts were also
+    looked for when the backward begins (the first entry's output was gone by the second
+    entry's end, and with it what its graph was examined from).
     Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
     (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The two-model and penalty loops also with each
     backward on a thread of its own (backward_thread_env), as CUDA's device thread runs them."""
@@ -2713,6 +2728,7 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 "precision": ["autocast", "skip"],
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
                 "two_models": ["gan", "one_optimizer", "siamese"],
+                "two_losses": ["adversarial", "two_losses"],
                 "penalty": ["penalty", "interpolate"]}[group]
     out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + SETTLE + f"""
         import contextlib, gc

@@ -1583,11 +1583,15 @@ class OffloadHandle:
         self._leave_discovery()
         self._boundary = True
 
-    def backward_begins(self) -> None:
-        """A ``loss.backward()`` in the window begins (_window.py): the out-of-memory note says
-        what the backward holds from here (QuietSteps.backward_begins)."""
+    def backward_begins(self, roots: Any) -> None:
+        """``roots.backward()`` in the window begins (_window.py): the out-of-memory note says
+        what the backward holds from here (QuietSteps.backward_begins); in an armed step of
+        several entries, the parts of one gradient are looked for from ``roots`` too
+        (_partials.py)."""
         if not state.forked_child:
             self._policy.backward_begins()
+            if not self._quiet and self._discovery is None:
+                self._parts.backward_begins(roots)
 
     def backward_done(self) -> None:
         """A ``loss.backward()`` in the window ended (_window.py): the gradients made after

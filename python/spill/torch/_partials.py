@@ -1,7 +1,8 @@
 """Partial gradients: a step whose graphs reach a node of autograd along more than one edge,
 where a gradient waits in parts. Three cases make such graphs, and they are examined only there:
 the model called twice before one backward (siamese and contrastive losses, consistency
-regularisation, a discriminator on real and fake), from the step's second entry on; a
+regularisation, a discriminator on real and fake), from the step's second entry on and again
+when the backward begins (an entry's output may be gone by then, its graph alive in a loss); a
 gradient penalty (``torch.autograd.grad(out.sum(), x, create_graph=True)``, then
 ``loss.backward()`` through both graphs), when that call returns (the window's); and a
 parameter one forward uses several times (a recurrent layer's weights, used at every time
@@ -101,6 +102,7 @@ class PartialGradients:
         # The outputs of the step's entries so far, weakly (a graph goes with the caller's
         # last reference to it, also when its backward raised): None before the first one.
         self.outputs: Optional[List[Any]] = None
+        self.entries = 0  # the step's entries since the last forget()
         # (sender serial, output) -> the receiver's input its part goes to, as last examined:
         # a view node reached along one edge is looked through (see _examine), and a later
         # graph may add an edge into it, which makes it a receiver of its own.
@@ -119,6 +121,7 @@ class PartialGradients:
     def entry_ended(self, output: Any) -> None:
         """An armed step's entry returned ``output``."""
         refs = _refs(output)
+        self.entries += 1
         if self.outputs is None:  # the step's first entry: examined if another one follows
             self.outputs = refs
             if self.tied is not False:
@@ -128,6 +131,15 @@ class PartialGradients:
             return
         self.outputs += refs
         self._examine()
+
+    def backward_begins(self, roots: Any) -> None:
+        """A backward from ``roots`` begins after several entries: examined from there too. An
+        entry's output often goes before the next entry ends, while its graph lives on in a
+        loss made from it (``loss = f(m(x)) + f(m(x2))``: ``m(x)``'s output is freed when
+        ``f`` returns), and then that entry's graph was not examined."""
+        if self.entries >= 2:
+            self.outputs = (self.outputs or []) + _refs(roots)
+            self._examine()
 
     def graph_built(self, results: Any) -> None:
         """``torch.autograd.grad(..., create_graph=True)`` returned ``results`` in an armed
@@ -224,6 +236,7 @@ class PartialGradients:
         """The step (or the backward) is over: a later forward begins new graphs."""
         self.outputs = None
         self.results = None
+        self.entries = 0
         self.route.clear()
         self.keys.clear()
         self.arrived.clear()

@@ -209,7 +209,7 @@ class _HostUses(TorchFunctionMode):
     def _backward(self, func: Any, args: Any, kwargs: Any) -> Any:
         window = self.window
         for handle in list(window.handles):
-            handle.backward_begins()
+            handle.backward_begins(args[0] if args else kwargs.get("self"))
         window.suspend()
         try:
             result = func(*args, **kwargs)
