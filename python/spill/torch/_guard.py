@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from spill import Error, OutOfMemoryError, _args
 from spill import budget as spill_budget
 
+from . import _interrupts
 from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
 from ._state import state
@@ -119,14 +120,16 @@ class PinEveryOp(TorchDispatchMode):
         positions, names = _writes(func)
         held: List[Tuple[Any, bool]] = []
         seen = set()
-        for where, value in enumerate(args):
-            if isinstance(value, (torch.Tensor, list, tuple)):
-                self._pin_value(value, where in positions, stream, held, seen)
-        for name, value in kwargs.items():
-            if isinstance(value, (torch.Tensor, list, tuple)):
-                self._pin_value(value, name in names, stream, held, seen)
-        self.ops += 1
         try:
+            # (an argument that cannot come back raises out of memory: those pinned before it
+            # are let go; before, they stayed pinned for good)
+            for where, value in enumerate(args):
+                if isinstance(value, (torch.Tensor, list, tuple)):
+                    self._pin_value(value, where in positions, stream, held, seen)
+            for name, value in kwargs.items():
+                if isinstance(value, (torch.Tensor, list, tuple)):
+                    self._pin_value(value, name in names, stream, held, seen)
+            self.ops += 1
             out = func(*args, **kwargs)
         finally:
             unpin = pinner.unpin
@@ -274,6 +277,7 @@ class guard:
         mode.__enter__()
         self._mode = mode
         self._forget_left()
+        _interrupts.guard_entered(True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -281,6 +285,7 @@ class guard:
         if mode is None:
             raise Error("spill.torch.guard: __exit__ without __enter__")
         self._mode = None
+        _interrupts.guard_entered(False)
         mode.__exit__(*exc)
         unwrap_methods(self._saved)
         if mode.steps is not None:

@@ -114,6 +114,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import reprlib
 import sys
 import threading
@@ -418,11 +419,21 @@ class OffloadHandle:
         self._recompute = Recomputation(self.pinner)
         self._recomputing = False  # in the window's recomputing set
         self._window = window()
-        self._install()
-        self._window.add(self)
         # Collected without remove() (with its model and optimizer): _collected.
         self._finalizer = weakref.finalize(self, _collected, self._window, self.steps)
         self._finalizer.atexit = False
+        try:
+            self._install()
+            self._window.add(self)
+        except BaseException:
+            # Nothing of it stays: hooks, wrappers, declarations (before, an optimizer
+            # without load_state_dict left the model hooked, and a later offload() of it
+            # was accepted over the first one's hooks).
+            try:
+                self.remove()
+            except Exception:  # (the first error is the one to report)
+                pass
+            raise
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(copies.handle_message(self.model))
@@ -447,9 +458,13 @@ class OffloadHandle:
             self._declare_computed(m)
         for index, opt in enumerate(self.optimizers):
             wrap_method(opt, "step", self._step_wrapper(opt, index), self._saved_methods)
-            wrap_method(opt, "zero_grad", self._zero_grad_wrapper(lambda o=opt: _parameters(o)),
-                        self._saved_methods)
-            wrap_method(opt, "load_state_dict", self._wrap_load, self._saved_methods)
+            # (an optimizer-like wrapper may lack these: what it lacks cannot be called)
+            if callable(getattr(opt, "zero_grad", None)):
+                wrap_method(opt, "zero_grad",
+                            self._zero_grad_wrapper(lambda o=opt: _parameters(o)),
+                            self._saved_methods)
+            if callable(getattr(opt, "load_state_dict", None)):
+                wrap_method(opt, "load_state_dict", self._wrap_load, self._saved_methods)
             if _zero_redundancy(opt):
                 # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
                 # parameters it owns into the others' (c10d, no aten op: no mode sees it).
@@ -1055,6 +1070,20 @@ class OffloadHandle:
                 self._hold(parent.tokens, t, stream, True)
         self._release_frame(frame)
 
+    def held_now(self) -> Set[int]:
+        """The blocks that can move among what the model holds now: its parameters, buffers
+        and the weights its reparametrizations compute (weight_norm, spectral_norm, prune),
+        also those added since the hooks last looked at it (_refresh takes them there)."""
+        movable = self._movable
+        held = set()
+        for m in self.model.modules():
+            for t in itertools.chain(m._parameters.values(), m._buffers.values(),
+                                     (m.__dict__.get(n) for n in _computed_weights(m))):
+                ptr = movable(t) if isinstance(t, torch.Tensor) else 0
+                if ptr:
+                    held.add(ptr)
+        return held
+
     def _declare_computed(self, module: torch.nn.Module) -> None:
         """The weight that the module's weight_norm or spectral_norm pre-hook computed stays
         in the module until its next forward computes another: declared swappable (it is read
@@ -1323,7 +1352,8 @@ class OffloadHandle:
 
     def _quiet_oom(self, e: OutOfMemoryError) -> BaseException:
         """A pin's out-of-memory error in a quiet step, as PyTorch's, with the explanation."""
-        return TorchOutOfMemoryError(f"{e}\n{self._policy.message()}", e.code)
+        error = state.last_oom = TorchOutOfMemoryError(f"{e}\n{self._policy.message()}", e.code)
+        return error
 
     def _unwind_quiet(self) -> None:
         """Releases what quiet frames an exception left open."""
@@ -1511,22 +1541,28 @@ class OffloadHandle:
                 return original(*args, **kwargs)
             self._stepping += 1
             owner_mode = self._owner_mode
-            if owner_mode is not None:
-                owner_mode.suspended = True
-            self._window.enter(self)
-            if self._round.again(index):
-                self._end_step()
-            self._release_backward()
-            self._release_recomputed()
-            self._policy.backward_ends()
-            self._policy.claim()
-            quiet = self._quiet
-            self._declare_gradients(quiet, opt)
-            # (an eighth: a chunk's step tensors and its temporaries fit in a quarter, the
-            # limit over which a foreach op would be split again, _foreach.py)
-            restore_groups = chunked_groups(opt, self.pinner, spill_budget(state.device) // 8)
+            restore_groups = None
+            # (an exception ends the step whichever optimizers stepped: the caller abandons
+            # it; one before the optimizer's step too, such as out of memory declaring the
+            # gradients: before, it left the region begun and this wrapper taking every
+            # later step for an inner optimizer's)
             ended = True
             try:
+                if owner_mode is not None:
+                    owner_mode.suspended = True
+                self._window.enter(self)
+                if self._round.again(index):
+                    self._end_step()
+                self._release_backward()
+                self._release_recomputed()
+                self._policy.backward_ends()
+                self._policy.claim()
+                quiet = self._quiet
+                self._declare_gradients(quiet, opt)
+                # (an eighth: a chunk's step tensors and its temporaries fit in a quarter,
+                # the limit over which a foreach op would be split again, _foreach.py)
+                restore_groups = chunked_groups(opt, self.pinner,
+                                                spill_budget(state.device) // 8)
                 if self._discovery is not None or (quiet and not self._persistent
                                                    and not self._state_declared):
                     # The first step; or a quiet step where nothing the step touches is
@@ -1550,14 +1586,13 @@ class OffloadHandle:
                             result = original(*args, **kwargs)
                         self._acts.update(mode.declared)
                 self._declare_state()
-                # (an exception ends the step whichever optimizers stepped: the caller
-                # abandons it)
                 ended = self._round.stepped(index)
             finally:
                 self._stepping -= 1
                 if owner_mode is not None:
                     owner_mode.suspended = False
-                restore_groups()
+                if restore_groups is not None:
+                    restore_groups()
                 if ended:
                     self._end_step()
                 self._entry = None  # an entry an exception interrupted: the forward is over
@@ -1598,8 +1633,9 @@ class OffloadHandle:
         the last gradient hook are declared too (see _declare_fresh), so that several backward
         passes before one step (gradient accumulation) do not hold them resident. Their later
         uses are pinned as before: the window's ops, the gradient hook of the next backward,
-        the optimizer step."""
-        self._release_held_gradients()
+        the optimizer step. The backward's last pins (the gradients made after the last point
+        between nodes) go here too: before, they stayed until the next region began."""
+        self._release_backward()
         if self._fresh and not state.forked_child:
             self._declare_fresh()
         self._release_recomputed()

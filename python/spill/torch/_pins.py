@@ -42,7 +42,19 @@ def _raise(lib: Any, status: int) -> None:
     try:
         raise_status(lib, status)
     except OutOfMemoryError as e:
-        raise TorchOutOfMemoryError(str(e), e.code) from None
+        error = state.last_oom = TorchOutOfMemoryError(str(e), e.code)
+        raise error from None
+
+
+def out_of_memory_in(error: BaseException) -> Optional[BaseException]:
+    """The out-of-memory error a hook raised inside what raised ``error``, when ``error`` is
+    a plain RuntimeError carrying its message (torch 1.13's autograd engine hands on an
+    exception of a saved-tensor or gradient hook so: ``RuntimeError("TorchOutOfMemoryError:
+    ...")``); else None."""
+    oom = state.last_oom
+    if type(error) is RuntimeError and oom is not None and str(oom) in str(error):
+        return TorchOutOfMemoryError(str(oom), getattr(oom, "code", 0))
+    return None
 
 
 _COMPRESSED = {getattr(torch, name): (rows, cols) for name, rows, cols in (

@@ -52,9 +52,9 @@ from torch.utils._pytree import tree_flatten
 
 from spill import OutOfMemoryError
 
-from . import _backward_code, _transforms
+from . import _backward_code, _interrupts, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
-from ._pins import Pinner, Saved, acyclic, leaves, storage
+from ._pins import Pinner, Saved, acyclic, leaves, out_of_memory_in, storage
 from ._state import state
 
 Token = Any
@@ -210,12 +210,21 @@ class _HostUses(TorchFunctionMode):
         window = self.window
         for handle in list(window.handles):
             handle.backward_begins(args[0] if args else kwargs.get("self"))
-        window.suspend()
         try:
-            result = func(*args, **kwargs)
+            window.suspend()
         except BaseException:
             for handle in list(window.handles):
                 handle.backward_failed()
+            raise
+        state.last_oom = None
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as e:
+            for handle in list(window.handles):
+                handle.backward_failed()
+            oom = out_of_memory_in(e)
+            if oom is not None:  # (the class the guide promises, so one except serves)
+                raise oom from e
             raise
         finally:
             window.resume()
@@ -235,8 +244,14 @@ class _HostUses(TorchFunctionMode):
             window.graphs.append([])
         outputs = kwargs.get("outputs", args[0] if args else None)
         window.between_nodes(outputs)
+        state.last_oom = None
         try:
             result = func(*args, **kwargs)
+        except RuntimeError as e:
+            oom = out_of_memory_in(e)
+            if oom is not None:
+                raise oom from e
+            raise
         finally:
             saved = window.graphs.pop() if create else []
             for handle in list(window.handles):
@@ -351,6 +366,7 @@ class Window:
         self.persistent |= handle._persistent
         self._update()
         self._update_hooks()
+        _interrupts.update()
 
     def discard(self, handle: Any) -> None:
         self.handles.discard(handle)
@@ -359,6 +375,7 @@ class Window:
         self.release_kept()
         self._update()
         self._update_hooks()
+        _interrupts.update()
 
     def collected(self) -> None:
         """A handle was garbage-collected without remove() (its model and optimizer are
@@ -372,6 +389,8 @@ class Window:
         self.persistent = set().union(*(h._persistent for h in live))
         if not live and self._on and not self.busy and not self._suspended and self.here():
             self._update()
+        if not live:
+            _interrupts.update()
 
     def _update_hooks(self) -> None:
         """The saved-tensor hooks are pushed while some handle's parameters or buffers can
@@ -438,11 +457,19 @@ class Window:
 
     def enter(self, handle: Any) -> None:
         """``handle``'s hooked region begins (its hooks pin what it uses). Regions inside a
-        backward the window runs (a forward recomputed by checkpointing) change nothing."""
+        backward the window runs (a forward recomputed by checkpointing) change nothing.
+        When it raises (release_made out of memory), the region has not begun: the window
+        is on as before. Before, the handle stayed inside and the modes off, and the loop's
+        code after a caught error read swapped-out tensors unpinned."""
         if self.here() and not self._suspended:
             self.inside.add(handle)
             if self._on:
-                self._update()
+                try:
+                    self._update()
+                except BaseException:
+                    self.inside.discard(handle)
+                    self._update()
+                    raise
 
     def leave(self, handle: Any) -> None:
         """``handle``'s hooked region ended (normally or by an exception)."""
@@ -491,10 +518,15 @@ class Window:
         return self._on and not self._suspended and self.here()
 
     def suspend(self) -> None:
-        """A backward begins in the window: its ops run without the dispatch mode."""
+        """A backward begins in the window: its ops run without the dispatch mode. When it
+        raises (release_made out of memory), the window is as before."""
         if self._suspended == 0 and self._on:
             _remove(self._pins, *_dispatch_stack())
-            self.release_made()
+            try:
+                self.release_made()
+            except BaseException:
+                _insert_bottom(self._pins, *_dispatch_stack())
+                raise
         self._suspended += 1
 
     def resume(self) -> None:
@@ -544,13 +576,18 @@ class Window:
         is still the same block becomes unswappable again (brought back if on the host), as the
         window's outputs always were before: code there (an autograd node given a tensor the
         loop made, a collective) may read it without a pin. Parameters and buffers a hook has
-        taken since (``p.data = new``) stay swappable."""
+        taken since (``p.data = new``) stay swappable, and so do those a handle's model holds
+        now that its hooks will take at their next look at it (_refresh: what pruning's
+        ``l1_unstructured`` in the loop's code made, its masks and computed weights). Out of
+        memory leaves the rest swappable, to be released by the next region (the window's
+        ops pin what they read meanwhile)."""
         self.made = []
         if not self.declared_made:
             return
-        declared, self.declared_made = self.declared_made, {}
         persistent = self.held_by_handles()
-        for ptr, generation in declared.items():
+        for handle in list(self.handles):
+            persistent |= handle.held_now()
+        for ptr, generation in list(self.declared_made.items()):
             # Read without a pin: release_made pinned each address, and so whatever block
             # held it by then, a use in the step's recording; which addresses the allocator
             # reused depends on how far the swap-outs had got, so steps alike recorded
@@ -558,6 +595,7 @@ class Window:
             # run in 30 under load).
             if ptr not in persistent and self.pinner.generation(ptr) == generation:
                 self.pinner.declare(ptr, False)
+            del self.declared_made[ptr]
 
     def between_nodes(self, outputs: Any) -> None:
         """``autograd.grad`` in the window will run the graph behind ``outputs``: each of its
