@@ -265,7 +265,11 @@ def test_weight_norm_spectral_norm_and_pruned_weights_move_and_are_read_pinned()
     by its pre-hook): an MLP (Adam) pruned before offload() (l1_unstructured on every Linear,
     random_structured too on the first: a PruningContainer) and pruned again in the loop's
     code before the third step (l1_unstructured on two layers: new masks and weights) and
-    before the fourth (prune.remove on one) trains as plain torch at a third. Before, offload
+    before the fourth (prune.remove on one) trains as plain torch at a third, and so does an
+    unpruned one whose six 512-wide layers are all pruned in the loop's code before the third
+    step (the window's next region made their new masks and weights unswappable again before
+    the handle looked at the model: out of memory; now what the model holds stays swappable).
+    Before, offload
     knew only weight_norm's and spectral_norm's hooks: the pruned weights the evaluation
     forwards computed stayed resident and undeclared, and the pruning in the loop ran out of
     memory at a third (10 MiB "never declared swappable")."""
@@ -294,6 +298,12 @@ def test_weight_norm_spectral_norm_and_pruned_weights_move_and_are_read_pinned()
                 prune.remove(m[6], "weight")
         adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
         compare(pruned, adam, data, 3, evict=True, mutate=prune_more)
+        def prune_all(m, opt, i):
+            if i == 2:
+                for layer in m:
+                    if isinstance(layer, nn.Linear) and layer.out_features == 512:
+                        prune.l1_unstructured(layer, "weight", amount=0.3)
+        compare(lambda: mlp(lambda l: l), adam, data, 3, evict=True, mutate=prune_all)
         print("ok")
     """))
     assert "ok" in out
