@@ -1352,8 +1352,9 @@ class OffloadHandle:
 
     def _quiet_oom(self, e: OutOfMemoryError) -> BaseException:
         """A pin's out-of-memory error in a quiet step, as PyTorch's, with the explanation."""
-        error = state.last_oom = TorchOutOfMemoryError(f"{e}\n{self._policy.message()}", e.code)
-        return error
+        message = f"{e}\n{self._policy.message()}"
+        state.last_oom = (message, e.code)
+        return TorchOutOfMemoryError(message, e.code)
 
     def _unwind_quiet(self) -> None:
         """Releases what quiet frames an exception left open."""

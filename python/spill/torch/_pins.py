@@ -42,8 +42,8 @@ def _raise(lib: Any, status: int) -> None:
     try:
         raise_status(lib, status)
     except OutOfMemoryError as e:
-        error = state.last_oom = TorchOutOfMemoryError(str(e), e.code)
-        raise error from None
+        state.last_oom = (str(e), e.code)
+        raise TorchOutOfMemoryError(str(e), e.code) from None
 
 
 def out_of_memory_in(error: BaseException) -> Optional[BaseException]:
@@ -52,8 +52,8 @@ def out_of_memory_in(error: BaseException) -> Optional[BaseException]:
     exception of a saved-tensor or gradient hook so: ``RuntimeError("TorchOutOfMemoryError:
     ...")``); else None."""
     oom = state.last_oom
-    if type(error) is RuntimeError and oom is not None and str(oom) in str(error):
-        return TorchOutOfMemoryError(str(oom), getattr(oom, "code", 0))
+    if type(error) is RuntimeError and oom is not None and oom[0] in str(error):
+        return TorchOutOfMemoryError(*oom)
     return None
 
 

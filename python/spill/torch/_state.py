@@ -35,9 +35,11 @@ class State:
         self.patched: Dict[Tuple[Any, str], Any] = {}  # (module, name) -> original
         self.forked_child = False
         self.pid = os.getpid()
-        # The last out-of-memory error spill.torch's hooks raised (_pins._raise): a backward
-        # whose engine hands it on as a plain RuntimeError raises it again (_window.py).
-        self.last_oom: Optional[BaseException] = None
+        # The message and code of the last out-of-memory error spill.torch's hooks raised
+        # (_pins._raise): a backward whose engine hands it on as a plain RuntimeError raises
+        # it again (_window.py). Not the error itself: its traceback would keep the frames of
+        # the failed op, and the tensors in them, alive.
+        self.last_oom: Optional[Tuple[str, int]] = None
 
     @property
     def active(self) -> bool:
