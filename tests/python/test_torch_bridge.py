@@ -3171,3 +3171,29 @@ def test_offload_takes_an_optimizer_like_wrapper_and_a_failed_offload_leaves_not
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_a_handle_collected_without_remove_takes_its_oom_note_along() -> None:
+    """A handle whose quiet steps set the device's out-of-memory note, dropped without
+    remove() with its model and optimizer (collected), no longer explains later errors: an
+    allocation that fails afterwards with no model at all carried "ran this step quiet"."""
+    out = run_ok(INTERRUPTED_MLP + """
+        import weakref
+        m, o = make()
+        h = st.offload(m, o)
+        for b in batches[:3]:
+            step(m, o, *b)
+        assert h.step_is_quiet
+        ref = weakref.ref(h)
+        del h, m, o
+        gc.collect()
+        assert ref() is None, "the handle was not collected"
+        spill.set_budget(4 << 20)
+        try:
+            torch.empty(8 << 20, dtype=torch.uint8, device=dev)
+            raise AssertionError("no out-of-memory error")
+        except torch.cuda.OutOfMemoryError as e:
+            assert "out of memory" in str(e) and "ran this step quiet" not in str(e), str(e)
+        print("ok")
+    """)
+    assert "ok" in out

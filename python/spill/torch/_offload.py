@@ -420,7 +420,8 @@ class OffloadHandle:
         self._recomputing = False  # in the window's recomputing set
         self._window = window()
         # Collected without remove() (with its model and optimizer): _collected.
-        self._finalizer = weakref.finalize(self, _collected, self._window, self.steps)
+        self._finalizer = weakref.finalize(self, _collected, self._window, self.steps,
+                                           self._policy)
         self._finalizer.atexit = False
         try:
             self._install()
@@ -2040,15 +2041,20 @@ def _between(handle: OffloadHandle) -> Any:
     return between
 
 
-def _collected(window: Any, steps: StepBoundaries) -> None:
+def _collected(window: Any, steps: StepBoundaries, policy: QuietSteps) -> None:
     """A handle garbage-collected without remove(), with its model and optimizer (their hooks
-    held it until then): its default scope ends (spill frees the recording and plan) and the
-    window forgets it (Window.collected: its modes go once no handle is left)."""
+    held it until then): its default scope ends (spill frees the recording and plan), its
+    out-of-memory note goes (it explained later errors with no model) and the window forgets
+    it (Window.collected: its modes go once no handle is left)."""
     if state.forked_child:
         return
     try:
         steps.finish()
     except Error:  # a step spill cannot end now: the scope goes with the process
+        pass
+    try:
+        policy.forget()
+    except Error:
         pass
     window.collected()
 
