@@ -145,6 +145,7 @@ from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_sco
 from ._window import _dispatch_stack, _function_stack, _remove, all_handles, window
 
 Token = Any  # spill._capi.PinToken
+_STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
 
 
 class _Held:
@@ -271,7 +272,7 @@ class _Discovery(PinEveryOp):
         if top is not None:
             running = h._stack_set
             for t in tree_flatten((args, kwargs or {}))[0]:
-                if isinstance(t, torch.Tensor) and not t.is_meta:
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.layout == _STRIDED:
                     owners = h._owners.get(storage(t).data_ptr())
                     if owners and not (owners & running):
                         extra = h._extra.setdefault(top, {})
@@ -291,7 +292,7 @@ class _Discovery(PinEveryOp):
             # window's mode pins op by op. Before, that code's reads had those parameters
             # pinned through every later step (4 MiB of second-order MAML's at a half).
             for t in tree_flatten((args, kwargs or {}))[0]:
-                if isinstance(t, torch.Tensor) and not t.is_meta:
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.layout == _STRIDED:
                     ptr = storage(t).data_ptr()
                     if ptr in h._owners:
                         h._outside[ptr] = t
@@ -486,8 +487,7 @@ class OffloadHandle:
         # (the first step's mode, the window, zero_grad's pins). Before, they stayed resident,
         # and a budget lowered after offload() ran out of memory in the first zero_grad.
         for p in self.model.parameters():
-            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
-            if ptr:
+            for ptr in self.pinner.movables(p.grad):
                 self.pinner.declare(ptr)
         self._wrap_forward(self.model)
         # model.zero_grad() (set_to_none=False by default in torch 1.13) as an optimizer's:
@@ -1522,8 +1522,7 @@ class OffloadHandle:
         fresh, self._fresh = self._fresh, []
         for ref in fresh:
             param = ref()
-            ptr = self._movable(param.grad) if param is not None else 0
-            if ptr:
+            for ptr in self.pinner.movables(param.grad) if param is not None else ():
                 self.pinner.declare(ptr)
 
     # ------------------------------------------------------------------ optimizer
@@ -1679,16 +1678,13 @@ class OffloadHandle:
             stream = pinner.stream()
             for group in opt.param_groups:
                 for p in group["params"]:
-                    ptr = pinner.movable(p.grad) if p.grad is not None else 0
-                    if not ptr:
-                        continue
-                    token = pinner.pin(ptr, stream)
-                    pinner.declare(ptr)
-                    if token is not None:
-                        pinner.unpin(token, stream, False)
+                    for ptr in pinner.movables(p.grad):  # (a sparse one's indices, values)
+                        token = pinner.pin(ptr, stream)
+                        pinner.declare(ptr)
+                        if token is not None:
+                            pinner.unpin(token, stream, False)
         for p in self.model.parameters():  # (those no optimizer of the handle steps)
-            ptr = pinner.movable(p.grad) if p.grad is not None else 0
-            if ptr:
+            for ptr in pinner.movables(p.grad):
                 pinner.declare(ptr)
 
     def _wrap_sync_params(self, original: Any) -> Any:
@@ -1834,11 +1830,13 @@ class OffloadHandle:
         pinner = self.pinner
         for v in self._state_tensors():
             ref = known.get(id(v))
-            if ref is None or ref() is not v:
-                ref = weakref.ref(v)
-                ptr = pinner.movable(v)
-                if ptr and pinner.declare(ptr):
-                    self._state_declared = True
+            # A sparse one (SGD's momentum over sparse gradients) gets new values and indices
+            # in place: looked at each time.
+            if ref is None or ref() is not v or v.layout != _STRIDED:
+                ref = weakref.ref(v) if ref is None or ref() is not v else ref
+                for ptr in pinner.movables(v):
+                    if pinner.declare(ptr):
+                        self._state_declared = True
             now[id(v)] = ref
         self._state_refs = now
 

@@ -10,7 +10,7 @@ sees."""
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -161,6 +161,14 @@ class Pinner:
         else 0 (nothing to pin)."""
         s = self._storage(t)
         return s.data_ptr() if s is not None and s.nbytes() >= self.threshold else 0
+
+    def movables(self, t: Any) -> List[int]:
+        """The blocks that hold ``t``'s data and can move: its storage's (movable), or a
+        sparse tensor's indices' and values' (components)."""
+        ptr = self.movable(t)
+        if ptr:
+            return [ptr]
+        return [p for p in map(self.movable, components(t)) if p]
 
     def block(self, t: Any) -> Tuple[int, int]:
         """(data pointer, bytes it takes in the budget when resident) of ``t``'s storage when
