@@ -2927,7 +2927,8 @@ def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str) ->
             timer.join()
             assert all(math.isfinite(p.sum().item()) for p in m.parameters())
             step(m, o, *batches[3])
-            assert spill.stats()["swap.pinned_bytes"] == 0, (trial, spill.stats()["swap.pinned_bytes"])
+            pinned = spill.stats()["swap.pinned_bytes"]
+            assert pinned == 0, (trial, pinned)
         assert raised == 40, raised
         inside = [w for w in where if "/spill/" in w]
         assert not inside, inside
@@ -3038,8 +3039,9 @@ def test_a_region_that_cannot_begin_for_lack_of_memory_leaves_the_window_on() ->
 
 def test_out_of_memory_in_a_backward_hook_is_torch_out_of_memory_error() -> None:
     """A saved tensor that cannot come back in a backward (the budget lowered to what cannot
-    move as the backward begins, by a gradient hook of the caller's) raises torch.cuda.OutOfMemoryError
-    from ``loss.backward()`` with spill's message, as the guide says; torch 1.13's engine
+    move as the backward begins, by a gradient hook of the caller's) raises
+    torch.cuda.OutOfMemoryError from ``loss.backward()`` with spill's message, as the guide
+    says; torch 1.13's engine
     handed the hook's error on as a plain RuntimeError ("TorchOutOfMemoryError: ..."), which
     ``except torch.cuda.OutOfMemoryError`` did not catch. Training continues after it as
     plain torch's without that step."""

@@ -315,9 +315,9 @@ def test_a_graph_network_multiplying_by_a_sparse_adjacency_trains_as_plain_torch
     the host between steps from the third on, at 1/1.2 of the footprint (its point is the
     sparse argument, not the budget: at a half, 4.4 MiB, the first step's forward, all of it
     the root module's own code, runs out of memory beside 1.6 MiB of small-pool segments):
-    plain torch's results, bytes swapped. Before, the first step's dispatch mode asked each argument of the model's ops
-    for its storage, which a sparse tensor has none of: NotImplementedError ("Cannot access
-    storage of SparseTensorImpl") in the first forward."""
+    plain torch's results, bytes swapped. Before, the first step's dispatch mode asked each
+    argument of the model's ops for its storage, which a sparse tensor has none of:
+    NotImplementedError ("Cannot access storage of SparseTensorImpl") in the first forward."""
     out = run_ok(scenario("""
         n = 512
         g0 = torch.Generator().manual_seed(7)

@@ -1,24 +1,26 @@
 """Ctrl-C (SIGINT) while spill's own Python code runs: delivered once it has returned.
 
-Python raises KeyboardInterrupt at whatever bytecode the main thread is running when the
-signal arrives. Inside spill's hooks that can be between a pin and the note of its token (the
-block stays pinned for good), or between taking the window's modes off PyTorch's stacks and
-putting them back (the loop's code after the caught KeyboardInterrupt then reads swapped-out
-tensors unpinned: a segmentation fault on the CPU bridge, a read of unmapped memory on a GPU).
-While some offload handle or guard lives, spill's handler stands before the one it found
-(Python's ``default_int_handler``, or the caller's own): when the main thread is inside
-spill's code, the interrupt is put off and the signal sent again a little later (every
-``RETRY_S``), until it finds the thread outside, where it goes to the handler found, as it
-would have. "Inside": walking out from the running frame past PyTorch's and the standard
-library's frames, the first other frame is spill's, or one of them is ``nn.Module``'s call,
-whose hooks and forward wrapper spill's state follows (a KeyboardInterrupt between the root
-module's forward pre-hook and its forward would leave a region begun). The caller's own code
-(a forward, a closure LBFGS's step runs, a tensor hook) is outside: an interrupt there is
-raised there, as without spill; a backward or an optimizer step run by spill's wrappers
-takes the interrupt when it returns (as a backward without Python hooks does). Only the
-main thread runs Python's signal handlers; a handler installed on the main thread is needed
-(offload() and guard() install it when called there). The handler found comes back when the
-last handle and guard go, unless another handler replaced spill's meanwhile."""
+Python raises KeyboardInterrupt at whatever bytecode the main thread is running when the signal
+arrives. Inside spill's hooks that can be between a pin and the note of its token (the block
+stays pinned for good), or between taking the window's modes off PyTorch's stacks and putting
+them back (the loop's code after the caught KeyboardInterrupt then reads swapped-out tensors
+unpinned: a segmentation fault on the CPU bridge, a read of unmapped memory on a GPU). While
+some offload handle or guard lives, spill's handler stands before the one it found (Python's
+``default_int_handler``, or the caller's own): when the main thread is inside spill's code, the
+interrupt is put off until the outermost frame of that code returns, and the handler found runs
+at the next line of its caller, as it would have there (a trace function on those two frames;
+no other frame is traced meanwhile). When a trace function is already set (a debugger,
+coverage), the signal is sent again every ``RETRY_S`` instead, until it finds the thread
+outside. "Inside": walking out from the running frame past PyTorch's and the standard library's
+frames, the first other frame is spill's, or one of them is ``nn.Module``'s call, whose hooks
+and forward wrapper spill's state follows (a KeyboardInterrupt between the root module's
+forward pre-hook and its forward would leave a region begun). The caller's own code (a forward,
+a closure LBFGS's step runs, a tensor hook) is outside: an interrupt there is raised there, as
+without spill; a backward or an optimizer step run by spill's wrappers takes the interrupt when
+it returns (as a backward without Python hooks does). Only the main thread runs Python's signal
+handlers; a handler installed on the main thread is needed (offload() and guard() install it
+when called there). The handler found comes back when the last handle and guard go, unless
+another handler replaced spill's meanwhile."""
 from __future__ import annotations
 
 import os
@@ -26,7 +28,7 @@ import signal
 import sys
 import sysconfig
 import threading
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -136,9 +138,3 @@ def update() -> None:
             signal.signal(signal.SIGINT, _installed.previous)
         _installed = None
 
-
-def installed() -> Tuple[bool, Any]:
-    """Whether spill's handler is SIGINT's now, and the handler it stands before."""
-    current = signal.getsignal(signal.SIGINT)
-    return current is _installed and _installed is not None, (
-        _installed.previous if _installed is not None else None)
