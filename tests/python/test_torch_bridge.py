@@ -3199,3 +3199,38 @@ def test_a_handle_collected_without_remove_takes_its_oom_note_along() -> None:
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
+    """Resuming into a fresh optimizer that was not given to offload() (``opt2 =
+    Adam(...); opt2.load_state_dict(opt.state_dict())``) at a third of the footprint: its
+    deep copies of the state are the loop's own tensors, resident, and loading runs out of
+    memory; the message now names the optimizer and says to give offload() every optimizer
+    (before, it only said "never declared swappable"). The recipe it gives works: remove(),
+    offload(model, opt2), then load."""
+    out = run_ok(INTERRUPTED_MLP + """
+        m, o = make()
+        h = st.offload(m, o)
+        st.reset_peak_memory_stats()
+        for b in batches[:2]:
+            step(m, o, *b)
+        third = st.max_memory_allocated() // 3
+        spill.set_budget(third)
+        step(m, o, *batches[2])
+        o2 = torch.optim.Adam(m.parameters(), lr=1e-3)
+        try:
+            o2.load_state_dict(o.state_dict())
+            raise AssertionError("no out-of-memory error")
+        except torch.cuda.OutOfMemoryError as e:
+            assert "optimizer (Adam) that no offload() handle knows" in str(e), str(e)[-600:]
+        spill.set_budget(1 << 30)
+        h.remove()
+        h = st.offload(m, o2)
+        o2.load_state_dict(o.state_dict())
+        del o
+        gc.collect()
+        spill.set_budget(third)
+        step(m, o2, *batches[3])
+        print("ok")
+    """)
+    assert "ok" in out

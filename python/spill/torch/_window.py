@@ -54,7 +54,8 @@ from spill import OutOfMemoryError
 
 from . import _backward_code, _interrupts, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
-from ._pins import Pinner, Saved, acyclic, leaves, out_of_memory_in, storage
+from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, out_of_memory_in,
+                    storage)
 from ._state import state
 
 Token = Any
@@ -134,8 +135,17 @@ class _PinReads(PinEveryOp):
             return super().__torch_dispatch__(func, types, args, kwargs)
         try:
             out = super().__torch_dispatch__(func, types, args, kwargs)
-        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError) as e:
             if not self.window.declare_made():
+                unknown = _unknown_optimizer(self.window)
+                if unknown is not None:
+                    raise TorchOutOfMemoryError(
+                        f"{e}\nspill.torch: this happened in a method of an optimizer "
+                        f"({type(unknown).__name__}) that no offload() handle knows: the "
+                        "state it makes and loads stays resident, never declared "
+                        "swappable. Give offload() every optimizer of the model (call "
+                        "handle.remove(), then spill.torch.offload(model, [optimizers...]), "
+                        "before loading a state into a new one).", _OUT_OF_MEMORY) from e
                 raise
             out = super().__torch_dispatch__(func, types, args, kwargs)
         self.window.note_made(args, kwargs, out)
@@ -143,6 +153,24 @@ class _PinReads(PinEveryOp):
 
 
 _views: Dict[Any, bool] = {}
+_OUT_OF_MEMORY = 2  # (spill's status code)
+
+
+def _unknown_optimizer(window: "Window") -> Any:
+    """An optimizer no live handle knows whose method (step, load_state_dict) runs the failed
+    op of the window, or None."""
+    known = {id(o) for h in list(window.handles)
+             for o in tuple(h.optimizers) + tuple(getattr(h, "_inner", ()))}
+    frame = sys._getframe(2)
+    for _ in range(40):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self") if frame.f_code.co_varnames[:1] == ("self",) \
+            else None
+        if isinstance(owner, torch.optim.Optimizer) and id(owner) not in known:
+            return owner
+        frame = frame.f_back
+    return None
 
 
 class _PinnedArray:
