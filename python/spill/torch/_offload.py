@@ -1830,10 +1830,12 @@ class OffloadHandle:
         pinner = self.pinner
         for v in self._state_tensors():
             ref = known.get(id(v))
+            fresh = ref is None or ref() is not v
+            if fresh:
+                ref = weakref.ref(v)
             # A sparse one (SGD's momentum over sparse gradients) gets new values and indices
             # in place: looked at each time.
-            if ref is None or ref() is not v or v.layout != _STRIDED:
-                ref = weakref.ref(v) if ref is None or ref() is not v else ref
+            if fresh or v.layout != _STRIDED:
                 for ptr in pinner.movables(v):
                     if pinner.declare(ptr):
                         self._state_declared = True

@@ -51,6 +51,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from spill import OutOfMemoryError
+from spill._capi import Status
 
 from . import _backward_code, _interrupts, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
@@ -145,7 +146,7 @@ class _PinReads(PinEveryOp):
                         "state it makes and loads stays resident, never declared "
                         "swappable. Give offload() every optimizer of the model (call "
                         "handle.remove(), then spill.torch.offload(model, [optimizers...]), "
-                        "before loading a state into a new one).", _OUT_OF_MEMORY) from e
+                        "before loading a state into a new one).", Status.OUT_OF_MEMORY) from e
                 raise
             out = super().__torch_dispatch__(func, types, args, kwargs)
         self.window.note_made(args, kwargs, out)
@@ -153,14 +154,12 @@ class _PinReads(PinEveryOp):
 
 
 _views: Dict[Any, bool] = {}
-_OUT_OF_MEMORY = 2  # (spill's status code)
 
 
 def _unknown_optimizer(window: "Window") -> Any:
     """An optimizer no live handle knows whose method (step, load_state_dict) runs the failed
     op of the window, or None."""
-    known = {id(o) for h in list(window.handles)
-             for o in tuple(h.optimizers) + tuple(getattr(h, "_inner", ()))}
+    known = {id(o) for h in list(window.handles) for o in (*h.optimizers, *h._inner)}
     frame = sys._getframe(2)
     for _ in range(40):
         if frame is None:
