@@ -2643,6 +2643,27 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
             losses.append(loss.item())
         return losses, [m], hs
     m = Net(pattern).to(dev)
+    if pattern == "in_backward":  # the optimizer in the backward: one optimizer a parameter,
+        # stepped by a hook once its gradient is accumulated (PyTorch's tutorial; LOMO)
+        opts = [torch.optim.SGD([p], lr=1e-2, momentum=0.9) for p in m.parameters()]
+        hs = [wrap(m, opts)]
+        m.accumulators = []  # (kept by the model: on a parameter, a cycle gc cannot see)
+        for p, o in zip(m.parameters(), opts):
+            def step(*_, p=p, o=o):
+                o.step()
+                p.grad = None
+            if hasattr(p, "register_post_accumulate_grad_hook"):
+                p.register_post_accumulate_grad_hook(step)
+            else:  # torch 1.13: a hook on the parameter's AccumulateGrad node
+                m.accumulators.append(p.expand_as(p).grad_fn.next_functions[0][0])
+                m.accumulators[-1].register_hook(step)
+        for i in range(steps):
+            x, y = batch(B, W), batch(B, classes=16)
+            loss = ce(m(x), y)
+            mid([m])
+            loss.backward()
+            losses.append(loss.item())
+        return losses, [m], hs
     frozen = list(m.inp.parameters()) + list(m.blocks[0].parameters())
     if pattern in ("frozen", "unfreeze"):
         for p in frozen:
@@ -2697,8 +2718,9 @@ def params(models):
 
 
 @pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models",
-                                   "penalty", "two_losses", "two_models_backward_thread",
-                                   "penalty_backward_thread"])
+                                   "penalty", "two_losses", "in_backward",
+                                   "two_models_backward_thread", "penalty_backward_thread",
+                                   "in_backward_backward_thread"])
 def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint(
         group: str) -> None:
     """offload(model, optimizer) in the loops of LOOP_PATTERNS, each at a third of its
@@ -2718,9 +2740,12 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     so did two losses summed (``ce(m(x), y) + ce(m(x2), y)``, also after a forward and
     backward on the input as FGSM's adversarial training makes), until the parts were also
     looked for when the backward begins (the first entry's output was gone by the second
-    entry's end, and with it what its graph was examined from).
+    entry's end, and with it what its graph was examined from). The optimizer in the backward
+    (one optimizer a parameter, stepped by a gradient hook) ran out of memory: the step ended
+    in the backward, whose leaving the first step's mode the engine undid when the backward
+    returned, and that mode pinned every weight through every later step.
     Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
-    (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The two-model and penalty loops also with each
+    (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The two-model, penalty and in-backward loops also with each
     backward on a thread of its own (backward_thread_env), as CUDA's device thread runs them."""
     backward_thread = group.endswith("_backward_thread")
     group = group.removesuffix("_backward_thread")
@@ -2728,6 +2753,7 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 "precision": ["autocast", "skip"],
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
                 "two_models": ["gan", "one_optimizer", "siamese"],
+                "in_backward": ["in_backward"],
                 "two_losses": ["adversarial", "two_losses"],
                 "penalty": ["penalty", "interpolate"]}[group]
     out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + SETTLE + f"""

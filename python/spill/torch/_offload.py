@@ -268,6 +268,8 @@ class _Discovery(PinEveryOp):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         h = self.handle
+        if h._discovery is not self:  # left in a backward, still on the stack (_take_off)
+            return func(*args, **(kwargs or {}))
         top = h._discovered_top()
         if top is not None:
             running = h._stack_set
@@ -365,6 +367,7 @@ class OffloadHandle:
         self._computed: Dict[torch.nn.Module, List[str]] = {}
         # Discovery (first step): the module stack and parameters used outside their owners.
         self._discovery: Optional[_Discovery] = None
+        self._taken_off: List[Any] = []  # modes taken off in a backward (_take_off)
         # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
         self._eval_ops: Optional[_PinOps] = None
         self._discovered = False
@@ -1127,6 +1130,7 @@ class OffloadHandle:
 
     def _begin_forward(self, module: torch.nn.Module) -> None:
         self.forwards += 1
+        self._sweep_modes()
         self._policy.backward_ends()  # (a torch.autograd.backward the window did not see)
         # Without an optimizer, a step begins at each root forward; at a submodule's entry
         # only after a backward (or outside grad mode, where nothing is kept for one): code
@@ -1235,7 +1239,7 @@ class OffloadHandle:
         self._unwind(0)
         self._unwind_quiet()
         if self._discovery is not None:
-            _remove(self._discovery, *_dispatch_stack())
+            self._take_off(self._discovery)
             self._acts.update(self._discovery.declared)
             self._discovery = None
             self._stack.clear()
@@ -1636,6 +1640,7 @@ class OffloadHandle:
         uses are pinned as before: the window's ops, the gradient hook of the next backward,
         the optimizer step. The backward's last pins (the gradients made after the last point
         between nodes) go here too: before, they stayed until the next region began."""
+        self._sweep_modes()
         self._release_backward()
         if self._fresh and not state.forked_child:
             self._declare_fresh()
@@ -1852,7 +1857,7 @@ class OffloadHandle:
 
     def _leave_discovery(self) -> None:
         if self._discovery is not None:
-            _remove(self._discovery, *_dispatch_stack())
+            self._take_off(self._discovery)
             self._acts.update(self._discovery.declared)
             self._discovery = None
             self._discovered = True
@@ -1864,6 +1869,24 @@ class OffloadHandle:
                 pins = list(direct) + [(t, False) for t in self._extra.get(m, {}).values()]
                 if pins:
                     self._quiet_pins[m] = pins
+
+    def _take_off(self, mode: Any) -> None:
+        """Takes one of this handle's dispatch modes off this thread's stack. In a backward
+        that changes only the autograd engine's copy of the thread's state, which the engine
+        puts back when the backward returns: a step that ends there (optimizers stepped by
+        gradient hooks, the "optimizer in backward" pattern) left the first step's mode on
+        the loop's stack, where, its step over, it took every parameter its modules read as
+        read outside them and pinned for every later step (a third of an MLP's footprint ran
+        out of memory; it trained at 0.71). The mode passes every op through once left, and
+        comes off again at the handle's next forward or backward's end (_sweep_modes)."""
+        _remove(mode, *_dispatch_stack())
+        self._taken_off.append(mode)
+
+    def _sweep_modes(self) -> None:
+        """Takes off the modes _take_off took off that are on this thread's stack again;
+        each is forgotten once it is found gone."""
+        if self._taken_off:
+            self._taken_off = [m for m in self._taken_off if _remove(m, *_dispatch_stack())]
 
     # ------------------------------------------------------------------ pins
 
