@@ -1140,7 +1140,10 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
     the loop's own code: under guard(), which declares them, it trains at a third too. Its
     zero_grad() (set_to_none=False in torch 1.13) replaced
     the gradients already on the host by zeros and zeroed the resident ones in place, which
-    depends on when each swap-out finished: every step left its plan."""
+    depends on when each swap-out finished: every step left its plan.
+    A Lookahead wrapper keeping its slow weights in an attribute (``self.slow``, made in its
+    constructor) trains at a third too: they are declared as its state is (before, they
+    stayed resident, and the budget could not be lowered to a third)."""
     out = run_ok(scenario("""
         class Both:
             later = 0  # steps before the second optimizer's first
@@ -1166,6 +1169,24 @@ def test_several_optimizers_and_an_optimizer_that_steps_another_follow_their_pla
             compare(mlp, make_opt, data, 3, evict=True, steps=6, keep_grads=keep)
             assert planned() > before, ("no planned step", make_opt, keep)
             before = planned()
+
+        class Lookahead:  # its slow weights in an attribute, made in its constructor
+            def __init__(self, m, k=2, alpha=0.5):
+                self.inner = torch.optim.Adam(m.parameters(), lr=1e-3)
+                self.param_groups, self.state = self.inner.param_groups, self.inner.state
+                self.k, self.alpha, self.n = k, alpha, 0
+                self.slow = [p.detach().clone() for p in m.parameters()]
+            def zero_grad(self, set_to_none=False):
+                self.inner.zero_grad(set_to_none=set_to_none)
+            @torch.no_grad()
+            def step(self):
+                self.inner.step()
+                self.n += 1
+                if self.n % self.k == 0:
+                    for p, s in zip(self.param_groups[0]["params"], self.slow):
+                        s.add_(p - s, alpha=self.alpha)
+                        p.copy_(s)
+        compare(mlp, Lookahead, data, 3, evict=True, steps=6)
 
         # guard([adam, sgd]) too: its steps end once both have stepped
         gc.collect()
