@@ -1822,7 +1822,7 @@ class OffloadHandle:
             for st in opt.state.values():
                 tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
             tensors += [t for t in _kept_tensors(opt)
-                        if t.is_meta or storage(t).data_ptr() not in self._owners]
+                        if storage(t).data_ptr() not in self._owners]
         return tensors
 
     def _declare_state(self) -> None:
@@ -2219,6 +2219,7 @@ def _inner_optimizers(opt: torch.optim.Optimizer,
 
 # An optimizer's attributes that are torch.optim's: what _kept_tensors does not look in.
 _OPTIMIZER_FIELDS = frozenset(("param_groups", "state", "defaults"))
+_CONTAINERS = (torch.Tensor, list, tuple, dict)
 
 
 def _kept_tensors(opt: Any) -> List[torch.Tensor]:
@@ -2237,14 +2238,13 @@ def _kept_tensors(opt: Any) -> List[torch.Tensor]:
         if isinstance(value, torch.Tensor):
             if value.layout == _STRIDED and not value.is_meta:
                 found.append(value)
-        elif depth < 3 and isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v, depth + 1)
-        elif depth < 3 and isinstance(value, dict):
-            for v in value.values():
-                walk(v, depth + 1)
+        elif depth < 3 and isinstance(value, (list, tuple, dict)):
+            values = list(value.values()) if isinstance(value, dict) else value
+            if values and isinstance(values[0], _CONTAINERS):  # (not a list of numbers)
+                for v in values:
+                    walk(v, depth + 1)
 
-    for name, value in vars(opt).items():
+    for name, value in getattr(opt, "__dict__", {}).items():
         if not name.startswith("_") and name not in _OPTIMIZER_FIELDS:
             walk(value, 0)
     return found
