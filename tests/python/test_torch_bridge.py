@@ -2643,6 +2643,29 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
             losses.append(loss.item())
         return losses, [m], hs
     m = Net(pattern).to(dev)
+    if pattern in ("loose", "outer"):
+        # Parameters of the optimizer's outside the offloaded model, their gradients kept
+        # (zero_grad(set_to_none=False)): a cosine classifier's weight beside the backbone
+        # (ArcFace), or a layer of a wrapper around it that the loop calls.
+        extra = (nn.Parameter(torch.randn(1024, W, generator=g).to(dev) * 0.01)
+                 if pattern == "loose" else nn.Linear(W, W).to(dev))
+        ps = [extra] if pattern == "loose" else list(extra.parameters())
+        opt = torch.optim.Adam(list(m.parameters()) + ps, lr=1e-3)
+        hs = [wrap(m, opt)]
+        for i in range(steps):
+            x, y = batch(B, W), batch(B, classes=16)
+            opt.zero_grad(set_to_none=False)
+            if pattern == "loose":
+                out = nn.functional.linear(nn.functional.normalize(m.inp(x)),
+                                           nn.functional.normalize(extra)) * 16
+                loss = ce(m(out[:, :W]), y)
+            else:
+                loss = ce(m(torch.relu(extra(x))), y)
+            mid([m])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, [m, extra] if pattern == "outer" else [m, nn.ParameterList(ps)], hs
     if pattern == "in_backward":  # the optimizer in the backward: one optimizer a parameter,
         # stepped by a hook once its gradient is accumulated (PyTorch's tutorial; LOMO)
         opts = [torch.optim.SGD([p], lr=1e-2, momentum=0.9) for p in m.parameters()]
@@ -2718,7 +2741,7 @@ def params(models):
 
 
 @pytest.mark.parametrize("group", ["checkpoint", "precision", "finetune", "two_models",
-                                   "penalty", "two_losses", "in_backward",
+                                   "penalty", "two_losses", "in_backward", "outside",
                                    "two_models_backward_thread", "penalty_backward_thread",
                                    "in_backward_backward_thread"])
 def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint(
@@ -2743,7 +2766,11 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     entry's end, and with it what its graph was examined from). The optimizer in the backward
     (one optimizer a parameter, stepped by a gradient hook) ran out of memory: the step ended
     in the backward, whose leaving the first step's mode the engine undid when the backward
-    returned, and that mode pinned every weight through every later step.
+    returned, and that mode pinned every weight through every later step. Parameters of the
+    optimizer's outside the model (a loose cosine-classifier weight, a wrapper's layer around
+    it) with gradients kept across steps crashed (their gradients were made swappable, but
+    only the model's parameters had the hook that pins one before AccumulateGrad adds into
+    it: a segmentation fault).
     Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
     (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The two-model, penalty and in-backward loops also with each
     backward on a thread of its own (backward_thread_env), as CUDA's device thread runs them."""
@@ -2754,6 +2781,7 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
                 "two_models": ["gan", "one_optimizer", "siamese"],
                 "in_backward": ["in_backward"],
+                "outside": ["loose", "outer"],
                 "two_losses": ["adversarial", "two_losses"],
                 "penalty": ["penalty", "interpolate"]}[group]
     out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + SETTLE + f"""

@@ -457,6 +457,9 @@ class OffloadHandle:
         self._unhooked = []
         for p in self.model.parameters():
             self._hook_parameter(p)
+        for opt in self.optimizers:  # (and those outside the model: _declare_gradients)
+            for p in _parameters(opt):
+                self._hook_parameter(p)
         for ptr in self._persistent:
             self.pinner.declare(ptr)
         for m in self._computed:  # (weight_norm() computed one when it was applied)
@@ -1675,6 +1678,14 @@ class OffloadHandle:
         optimizer's use of it instead of meeting an unknown block. A quiet step records
         nothing: it only declares them."""
         pinner = self.pinner
+        # A parameter of the optimizer's outside the model (a loose classifier weight beside
+        # the backbone, a wrapper's layer around the offloaded module; one added with
+        # add_param_group since) gets the gradient hook too, before its gradient can move:
+        # the backward's AccumulateGrad adds into a kept gradient, and without the hook's pin
+        # it added into one on the host (a segmentation fault on the CPU bridge).
+        for group in opt.param_groups:
+            for p in group["params"]:
+                self._hook_parameter(p)
         if quiet and not self._persistent:  # no parameter can move: neither can its gradient
             return
         touch = not quiet
