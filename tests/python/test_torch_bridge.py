@@ -2405,6 +2405,62 @@ def test_a_guard_whose_exit_finds_no_room_keeps_what_is_left_pinned_until_releas
     assert "ok" in out, out
 
 
+def test_host_reads_under_guard_of_tensors_on_the_host_read_plain_values() -> None:
+    """Under guard(), an optimizer's state tensor and a weight moved to the host are read by
+    ``.tolist()``, ``.numpy()``, printing and ``torch.save`` (of the tensor and of the
+    optimizer's state_dict) with no op before the read to bring them back: each gives the
+    values they had before they moved. Before, on the CPU bridge, where those read tensor
+    memory directly (on a GPU they copy with an op, which guard's mode pins), ``.tolist()``
+    and ``torch.save`` of the state were a segmentation fault; guard now runs the window's
+    host reads too. After the exit no function mode of spill's is left on PyTorch's stack."""
+    out = run_ok(quiet_preamble("64MiB") + SETTLE + """
+        import io
+        from torch.overrides import _get_current_function_mode_stack as functions
+        enable()
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10)).to(dev)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        x, y = torch.randn(64, 512, device=dev), torch.randint(0, 10, (64,), device=dev)
+        with st.guard(opt):
+            for _ in range(2):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+            w, state = m[0].weight, opt.state[m[0].weight]["exp_avg"]
+            with st.pin_reads():
+                want = (w.detach().cpu().numpy().copy(), state.detach().cpu().numpy().copy())
+            def moved():
+                return settle([w, state]) == 2 or dev == "cuda"
+            reads = {
+                "tolist": lambda: torch.tensor(state.tolist()),
+                "numpy": lambda: torch.from_numpy(state.numpy().copy()),
+                "print": lambda: str(state).replace(", device='cuda:0'", "")
+                    == str(torch.from_numpy(want[1])),
+                "save": lambda: torch.load(save(state)),
+                "save_weight": lambda: torch.load(save(w)).detach(),
+                "save_state_dict": lambda: torch.load(save(opt.state_dict()))["state"][0][
+                    "exp_avg"],
+            }
+            def save(obj):
+                buf = io.BytesIO()
+                torch.save(obj, buf)
+                buf.seek(0)
+                return buf
+            for name, read in reads.items():
+                assert moved(), name
+                got = read()
+                if name == "print":
+                    assert got, name
+                    continue
+                expect = want[0] if name == "save_weight" else want[1]
+                assert torch.equal(got.cpu(), torch.from_numpy(expect)), name
+        assert functions() == [], functions()
+        print("ok", len(reads))
+    """)
+    assert "ok 6" in out, out
+
+
 def test_a_guard_entered_again_while_it_runs_is_refused_and_leaves_no_mode() -> None:
     """``g = guard(); with g: with g: ...``: the inner entry raises spill.Error saying the
     guard is already entered; the outer exit then leaves PyTorch's dispatch stack as it was,

@@ -234,6 +234,7 @@ class guard:
         self.scope_arg = None if scope is None else optional_scope(scope, None)[0]
         self.release_on_exit = bool(_args.flag(release_on_exit, "release_on_exit"))
         self._mode: Optional[PinEveryOp] = None
+        self._reads: Any = None  # the CPU bridge's host reads (_reads.host_reads)
         self._saved: dict = {}
         # After an exit that could not bring every tensor back: the mode whose blocks are
         # left (its ``declared``), and the pins-only mode kept on the stack meanwhile.
@@ -274,8 +275,17 @@ class guard:
         mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
         if self._left is not None:  # what an earlier exit could not bring back: this exit's
             mode.declared.update(self._left.declared)
-        mode.__enter__()
-        self._mode = mode
+        from ._reads import host_reads  # (_reads imports _window, which imports this module)
+        reads = host_reads()
+        if reads is not None:
+            reads.__enter__()
+        try:
+            mode.__enter__()
+        except BaseException:
+            if reads is not None:
+                reads.__exit__(None, None, None)
+            raise
+        self._mode, self._reads = mode, reads
         self._forget_left()
         _interrupts.guard_entered(True)
         return self
@@ -287,6 +297,10 @@ class guard:
         self._mode = None
         _interrupts.guard_entered(False)
         mode.__exit__(*exc)
+        reads, self._reads = self._reads, None
+        if reads is not None:
+            from ._window import _function_stack, _remove
+            _remove(reads, *_function_stack())  # (wherever it is: the caller's may be above)
         unwrap_methods(self._saved)
         if mode.steps is not None:
             mode.steps.finish()

@@ -35,6 +35,22 @@ class _Reads:
         self.handles = (self,)
 
 
+def host_reads() -> Optional[Any]:
+    """The window's function mode with only its host reads (``.numpy()``, ``.tolist()``,
+    printing, torch.save's storages), not yet entered, for guard() on the CPU bridge, where
+    host code reads tensor memory directly; None on a GPU, where those read through a copy
+    op that guard's dispatch mode pins. Before, under guard, ``.tolist()`` or ``torch.save``
+    of an optimizer's state tensor on the host (no op before it to bring it back) was a
+    segmentation fault on the CPU bridge."""
+    reads = _Reads()
+    if not reads.pinner.cpu:
+        return None
+    functions = _HostUses(reads)  # type: ignore[arg-type]
+    for func in (torch.Tensor.backward, torch.autograd.grad, torch.Tensor.data.__set__):
+        functions.special.pop(func, None)  # (the window's: guard's dispatch mode pins these)
+    return functions
+
+
 class pin_reads:
     """``with spill.torch.pin_reads(): ...`` runs the block with every spill tensor of every
     aten op pinned around the op, on the calling thread, and makes nothing swappable: what an
