@@ -2405,6 +2405,60 @@ def test_a_guard_whose_exit_finds_no_room_keeps_what_is_left_pinned_until_releas
     assert "ok" in out, out
 
 
+def test_checkpointing_in_the_forward_leaves_nothing_behind_step_after_step() -> None:
+    """Activation checkpointing of every block inside an offloaded model's forward
+    (``checkpoint(block, x, use_reentrant=...)``, both ways), activations of 256 KiB (above
+    the 128 KiB swap threshold), no budget pressure: after each step (and a collection) the
+    bytes allocated are the same from the second step on, and after remove() the model goes
+    and everything it allocated with it. Before, with use_reentrant=False, each step left
+    its recomputed blocks' arguments behind (0.75 MiB more a step) and the model outlived its
+    last reference: the hook on a recomputed call's argument kept a hold whose pins kept
+    tensors whose graph reached that hook, a cycle through autograd's nodes."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import gc, weakref
+        from torch.utils.checkpoint import checkpoint
+        enable()
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = torch.nn.ModuleList(
+                    torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                        torch.nn.Linear(512, 512)) for _ in range(4))
+                self.head = torch.nn.Linear(512, 10)
+            def forward(self, x):
+                for b in self.blocks:
+                    x = x + checkpoint(b, x, use_reentrant=REENTRANT)
+                return self.head(x)
+        for REENTRANT in (False, True):
+            gc.collect()
+            start = st.memory_allocated()
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            h = st.offload(m, opt)
+            g = torch.Generator().manual_seed(1)
+            after = []
+            for _ in range(6):
+                x = torch.randn(128, 512, generator=g).to(dev)
+                y = torch.randint(0, 10, (128,), generator=g).to(dev)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+                del x, y
+                gc.collect()
+                after.append(st.memory_allocated())
+            assert len(set(after[1:])) == 1, (REENTRANT, after)
+            h.remove()
+            gone = weakref.ref(m)
+            del m, opt, h
+            gc.collect()
+            assert gone() is None, (REENTRANT, "the model outlived its last reference")
+            assert st.memory_allocated() == start, (REENTRANT, st.memory_allocated(), start)
+            print("ok", REENTRANT, after[-1])
+    """)
+    assert out.count("ok ") == 2, out
+
+
 def test_host_reads_under_guard_of_tensors_on_the_host_read_plain_values() -> None:
     """Under guard(), an optimizer's state tensor and a weight moved to the host are read by
     ``.tolist()``, ``.numpy()``, printing and ``torch.save`` (of the tensor and of the
