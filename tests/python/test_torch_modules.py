@@ -215,7 +215,10 @@ def test_torchscript_submodules_are_pinned_by_the_module_that_calls_them() -> No
     pins all its parameters and buffers around its own forward. Before, offload() raised
     PyTorch's "register_forward_pre_hook is not supported on ScriptModules" for the scripted
     one. A model that is itself a TorchScript module is refused with spill.Error naming it
-    and what to do (offload the Python model, or guard())."""
+    and what to do (offload the Python model, or guard()). A model whose forward calls a
+    TorchScript function and returns one of its outputs goes with its handle after remove()
+    (before, both stayed: offload's hooks on the forward's outputs kept the handle, and what
+    the handle kept reached them back through autograd's nodes)."""
     out = run_ok(scenario("""
         def mlp(kind):
             layers = []
@@ -241,6 +244,40 @@ def test_torchscript_submodules_are_pinned_by_the_module_that_calls_them() -> No
             assert "spill.torch.guard()" in str(e), e
         else:
             raise AssertionError("offload of a ScriptModule was accepted")
+
+        # A forward calling a TorchScript function that returns one of its outputs too:
+        # the model and its handle go with their last reference after remove().
+        import weakref
+        block = torch.jit.CompilationUnit(
+            "def block(x, w, b):\\n"
+            "    return torch.tanh(torch.nn.functional.linear(x, w, b)) * 0.5 + x\\n"
+        ).block  # (a scripted function from source text: this scenario runs from -c)
+        class Scripted(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ls = nn.ModuleList([nn.Linear(512, 512) for _ in range(3)])
+                self.head = nn.Linear(512, 10)
+            def forward(self, x):
+                for l in self.ls:
+                    x = block(x, l.weight, l.bias)
+                return self.head(x), x
+        gc.collect()
+        start = st.memory_allocated()
+        m = Scripted().to(dev)
+        opt = adam(m)
+        h = st.offload(m, opt)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            x, y = (t.to(dev) for t in data(g))
+            opt.zero_grad()
+            F.cross_entropy(m(x)[0], y).backward()
+            opt.step()
+        h.remove()
+        gone = (weakref.ref(m), weakref.ref(h))
+        del m, opt, h, x, y
+        gc.collect()
+        assert [r() is None for r in gone] == [True, True], "the model or its handle stayed"
+        assert st.memory_allocated() == start, (st.memory_allocated(), start)
         print("ok")
     """))
     assert "ok" in out
