@@ -2405,48 +2405,69 @@ def test_a_guard_whose_exit_finds_no_room_keeps_what_is_left_pinned_until_releas
     assert "ok" in out, out
 
 
-def test_checkpointing_in_the_forward_leaves_nothing_behind_step_after_step() -> None:
+def test_checkpointing_in_the_forward_leaves_nothing_behind_and_trains_at_a_third() -> None:
     """Activation checkpointing of every block inside an offloaded model's forward
     (``checkpoint(block, x, use_reentrant=...)``, both ways), activations of 256 KiB (above
-    the 128 KiB swap threshold), no budget pressure: after each step (and a collection) the
-    bytes allocated are the same from the second step on, and after remove() the model goes
-    and everything it allocated with it. Before, with use_reentrant=False, each step left
-    its recomputed blocks' arguments behind (0.75 MiB more a step) and the model outlived its
-    last reference: the hook on a recomputed call's argument kept a hold whose pins kept
-    tensors whose graph reached that hook, a cycle through autograd's nodes."""
+    the 128 KiB swap threshold). With no budget pressure, after each step (and a collection)
+    the bytes allocated are the same from the second step on, and after remove() the model
+    goes and everything it allocated with it. At a third of the footprint, losses and final
+    parameters are plain torch's, with bytes swapped. Before, with use_reentrant=False, each
+    step left its recomputed blocks' arguments behind (0.75 MiB more a step) and the model
+    outlived its last reference (the hook on a recomputed call's argument kept a hold whose
+    pins kept tensors whose graph reached that hook: a cycle through autograd's nodes); with
+    use_reentrant=True every recomputed block stayed pinned until the backward ended (the
+    inputs it recomputes from are leaves it detached, which got no hook): out of memory."""
     out = run_ok(quiet_preamble("1GiB") + """
         import gc, weakref
         from torch.utils.checkpoint import checkpoint
-        enable()
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.blocks = torch.nn.ModuleList(
                     torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
                                         torch.nn.Linear(512, 512)) for _ in range(4))
+                self.inp = torch.nn.Linear(512, 512)  # (reentrant: an input needing grad)
                 self.head = torch.nn.Linear(512, 10)
             def forward(self, x):
+                x = self.inp(x)
                 for b in self.blocks:
                     x = x + checkpoint(b, x, use_reentrant=REENTRANT)
                 return self.head(x)
-        for REENTRANT in (False, True):
-            gc.collect()
-            start = st.memory_allocated()
+        def train(wrap, budget=None, steps=6):
             torch.manual_seed(0)
             m = Net().to(dev)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-            h = st.offload(m, opt)
+            h = wrap(m, opt)
+            if budget:
+                spill.set_budget(budget)
             g = torch.Generator().manual_seed(1)
-            after = []
-            for _ in range(6):
+            losses, after = [], []
+            for _ in range(steps):
                 x = torch.randn(128, 512, generator=g).to(dev)
                 y = torch.randint(0, 10, (128,), generator=g).to(dev)
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(m(x), y).backward()
+                loss = torch.nn.functional.cross_entropy(m(x), y)
+                loss.backward()
                 opt.step()
-                del x, y
+                losses.append(loss.item())
+                del x, y, loss
                 gc.collect()
-                after.append(st.memory_allocated())
+                if h is not None:
+                    after.append(st.memory_allocated())
+            params = [p.detach().cpu().numpy().copy() for p in m.parameters()] if not h else []
+            return losses, params, m, opt, h, after
+        base = {}
+        for REENTRANT in (False, True):
+            base[REENTRANT] = train(lambda m, o: None)[:2]
+        enable()
+        for REENTRANT in (False, True):
+            gc.collect()
+            spill.set_budget(1 << 30)
+            start = st.memory_allocated()
+            st.reset_peak_memory_stats()
+            losses, _, m, opt, h, after = train(st.offload)
+            footprint = st.max_memory_allocated() - start
+            assert losses == base[REENTRANT][0], REENTRANT
             assert len(set(after[1:])) == 1, (REENTRANT, after)
             h.remove()
             gone = weakref.ref(m)
@@ -2454,7 +2475,18 @@ def test_checkpointing_in_the_forward_leaves_nothing_behind_step_after_step() ->
             gc.collect()
             assert gone() is None, (REENTRANT, "the model outlived its last reference")
             assert st.memory_allocated() == start, (REENTRANT, st.memory_allocated(), start)
-            print("ok", REENTRANT, after[-1])
+            before = spill.stats()["swap.bytes_out"]
+            losses, _, m, opt, h, _ = train(st.offload, footprint // 3)
+            assert losses == base[REENTRANT][0], (REENTRANT, losses, base[REENTRANT][0])
+            with st.guard(release_on_exit=False):
+                same = [bool((p.detach().cpu().numpy() == q).all())
+                        for p, q in zip(m.parameters(), base[REENTRANT][1])]
+            assert all(same), (REENTRANT, "final parameters differ from plain torch")
+            assert spill.stats()["swap.bytes_out"] > before, REENTRANT
+            spill.set_budget(1 << 30)
+            h.remove()
+            del m, opt, h
+            print("ok", REENTRANT, footprint, after[-1])
     """)
     assert out.count("ok ") == 2, out
 

@@ -130,12 +130,16 @@ class Recomputation:
         self.holds.append(hold)
         self.frame, self.module = frame, module
         for t in leaves(args):
-            # Not on a leaf (a parameter passed to the checkpointed function): its gradient
-            # comes when the backward has used every path to it, and its hooks outlive the
-            # step (one more each step, each holding its hold). Such a hold goes with another
-            # argument's gradient, else at the backward's end.
-            if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None:
-                t.register_hook(self._release_from(hold))
+            # Not on a parameter passed to the checkpointed function: its gradient comes when
+            # the backward has used every path to it. Such a hold goes with another
+            # argument's gradient, else at the backward's end. A leaf that is no parameter is
+            # what reentrant checkpointing recomputes from (the inputs it detached): without
+            # a hook on it, every region's hold lasted until the whole backward ended (out of
+            # memory at a third with every block checkpointed so in the forward).
+            if (isinstance(t, torch.Tensor) and t.requires_grad
+                    and not isinstance(t, torch.nn.Parameter)):
+                handle: List[Any] = []
+                handle.append(t.register_hook(self._release_from(hold, handle)))
         return hold
 
     def current(self) -> Hold:
@@ -148,8 +152,10 @@ class Recomputation:
         """The outermost recomputed module returned (its hold stays: see begin)."""
         self.frame = self.module = None
 
-    def _release_from(self, hold: Hold) -> Callable[[torch.Tensor], None]:
+    def _release_from(self, hold: Hold, handle: List[Any]) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            if handle:  # (once: a leaf the caller keeps gets no more each step)
+                handle.pop().remove()
             for i, h in enumerate(self.holds):
                 if h is hold:
                     self.release(i)
