@@ -12,8 +12,8 @@ hold with its tensor arguments; it and every module inside it add their paramete
 (and those they use outside their owners). The original graph's nodes (non-reentrant) or the
 inner backward (reentrant) read those tensors after the recomputation has returned, so the
 hold lasts until autograd has made the gradient of one of the outermost module's arguments
-that autograd made (the region's backward is then over), or, when none is such, until the
-backward ends. A hold is released with every hold opened after it (backward runs regions last
+that is no parameter (one autograd made, or a leaf reentrant checkpointing detached: the
+region's backward is then over), or, when none is such, until the backward ends. A hold is released with every hold opened after it (backward runs regions last
 to first).
 
 A forward is taken to run inside a backward when a Python frame of ``torch.autograd.backward``
