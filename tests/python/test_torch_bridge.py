@@ -3403,7 +3403,10 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
     deep copies of the state are the loop's own tensors, resident, and loading runs out of
     memory; the message now names the optimizer and says to give offload() every optimizer
     (before, it only said "never declared swappable"). The recipe it gives works: remove(),
-    offload(model, opt2), then load."""
+    offload(model, opt2), then load. A replacement optimizer made in the loop without telling
+    offload (its state resident, the old one kept by the handle) runs out of memory where a
+    region begins; the message names it and says to remove() and offload() again, which
+    works (before: the generic "never declared swappable" hint)."""
     out = run_ok(INTERRUPTED_MLP + """
         m, o = make()
         h = st.offload(m, o)
@@ -3427,6 +3430,25 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
         gc.collect()
         spill.set_budget(third)
         step(m, o2, *batches[3])
+        # A new optimizer made in the loop to replace o2, not given to offload(): its state
+        # stays resident and the handle keeps o2's; the message names it when a region
+        # cannot begin, and says what to do, which works.
+        o3 = torch.optim.Adam(m.parameters(), lr=1e-3)
+        try:
+            for i in range(8):
+                step(m, o3, *batches[i % 4])
+            raise AssertionError("no out-of-memory error")
+        except torch.cuda.OutOfMemoryError as e:
+            assert "(Adam) is one no offload() handle knows" in str(e), str(e)[-600:]
+            assert "handle.remove(), then spill.torch.offload(model, new_optimizer)" in str(e)
+        spill.set_budget(1 << 30)
+        h.remove()
+        h = st.offload(m, o3)
+        del o2
+        gc.collect()
+        spill.set_budget(third)
+        for i in range(3):
+            step(m, o3, *batches[i])
         print("ok")
     """)
     assert "ok" in out

@@ -156,6 +156,21 @@ class _PinReads(PinEveryOp):
 _views: Dict[Any, bool] = {}
 
 
+def _stray_optimizer(window: "Window") -> Any:
+    """A live optimizer over a parameter of a live handle's model that no handle knows (one
+    made in the loop to replace the optimizer offload() was given), or None. Looked for only
+    on running out of memory: it walks every object the collector tracks."""
+    import gc
+    handles = list(window.handles)
+    known = {id(o) for h in handles for o in (*h.optimizers, *h._inner)}
+    params = {id(p) for h in handles for p in h.model.parameters()}
+    for obj in gc.get_objects():
+        if (isinstance(obj, torch.optim.Optimizer) and id(obj) not in known
+                and any(id(p) in params for g in obj.param_groups for p in g["params"])):
+            return obj
+    return None
+
+
 def _unknown_optimizer(window: "Window") -> Any:
     """An optimizer no live handle knows whose method (step, load_state_dict) runs the failed
     op of the window, or None."""
@@ -493,9 +508,22 @@ class Window:
             if self._on:
                 try:
                     self._update()
-                except BaseException:
+                except BaseException as e:
                     self.inside.discard(handle)
                     self._update()
+                    stray = (_stray_optimizer(self)
+                             if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfMemoryError))
+                             else None)
+                    if stray is not None:
+                        raise TorchOutOfMemoryError(
+                            f"{e}\nspill.torch: an optimizer over this model's parameters "
+                            f"({type(stray).__name__}) is one no offload() handle knows (made "
+                            "after offload(), to replace the one it was given?): the state "
+                            "it makes stays resident, never declared swappable, and the "
+                            "handle keeps the optimizer it was given alive. To change "
+                            "optimizers, call handle.remove(), then "
+                            "spill.torch.offload(model, new_optimizer).",
+                            Status.OUT_OF_MEMORY) from e
                     raise
 
     def leave(self, handle: Any) -> None:
