@@ -2547,6 +2547,42 @@ def test_host_reads_under_guard_of_tensors_on_the_host_read_plain_values() -> No
     assert "ok 6" in out, out
 
 
+def test_a_callers_dispatch_mode_around_the_first_step_goes_with_its_with() -> None:
+    """A TorchDispatchMode of the caller's entered around a step's forward and backward (an op
+    counter; a mode emulating low precision) leaves the stack at the end of its ``with``, the
+    first step's too, and sees no op outside it (the optimizer's step). Before, offload's
+    first-step mode was pushed above it, torch 1.13's exit popped that one instead, and the
+    caller's mode stayed on for the rest of the process (a bf16-rounding mode around the first
+    step rounded every later matmul: losses left plain torch's)."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as modes
+        enable()
+        class Count(TorchDispatchMode):
+            n = 0
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Count.n += 1
+                return func(*args, **(kwargs or {}))
+        m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10)).to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        h = st.offload(m, opt)
+        x = torch.randn(64, 512, device=dev)
+        y = torch.randint(0, 10, (64,), device=dev)
+        for i in range(3):
+            opt.zero_grad()
+            with Count():
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+            assert not any(isinstance(md, Count) for md in modes()), (i, modes())
+            seen = Count.n
+            opt.step()
+            assert Count.n == seen, (i, "the caller's mode saw the step outside its with")
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_a_guard_entered_again_while_it_runs_is_refused_and_leaves_no_mode() -> None:
     """``g = guard(); with g: with g: ...``: the inner entry raises spill.Error saying the
     guard is already entered; the outer exit then leaves PyTorch's dispatch stack as it was,

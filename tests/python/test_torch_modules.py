@@ -1111,7 +1111,11 @@ def test_activation_hooks_and_ctx_attributes_read_what_they_use_pinned() -> None
     every tensor moved to the host between steps: plain torch's results, with planned steps.
     Before, the weight was read on the host: a segmentation fault on the CPU bridge. Now
     such a hook runs with every op pinned and the ctx's tensors are pinned around the
-    Function's backward (_backward_code.py)."""
+    Function's backward (_backward_code.py). A Function whose backward reaches a weight
+    through a module kept on the ctx (``ctx.mod.weight``) or a closure, and a parameter's hook
+    registered in the forward (after offload wrapped the step's hooks) reading another weight,
+    crashed the same way: a Function written outside torch now runs its backward with every
+    op pinned, and a leaf's hook registered while a handle lives is wrapped at once."""
     out = run_ok(scenario("""
         class Hooked(nn.Module):
             def __init__(self):
@@ -1143,13 +1147,90 @@ def test_activation_hooks_and_ctx_attributes_read_what_they_use_pinned() -> None
             for _ in range(6):
                 layers += [L(512, 512), nn.ReLU()]
             return nn.Sequential(*layers, nn.Linear(512, 10))
+        class Reach(torch.autograd.Function):  # a weight reached through a module on ctx
+            @staticmethod
+            def forward(ctx, x, mod):
+                ctx.mod = mod
+                return x * 1.0
+            @staticmethod
+            def backward(ctx, g):
+                return g * (1 + 1e-3 * ctx.mod.weight.mean()), None
+        class Reached(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ls = nn.ModuleList([nn.Linear(512, 512) for _ in range(6)])
+                self.out = nn.Linear(512, 10)
+                self.late = None
+            def forward(self, x):
+                for i, l in enumerate(self.ls):
+                    x = torch.relu(l(x))
+                    if i == 1:
+                        x = Reach.apply(x, self.ls[4])
+                    elif i == 3:  # a closure: the Function's backward reads a weight
+                        other = self.ls[5]
+                        class Closure(torch.autograd.Function):
+                            @staticmethod
+                            def forward(ctx, y):
+                                return y * 1.0
+                            @staticmethod
+                            def backward(ctx, g):
+                                return g + 1e-3 * other.weight[0]
+                        x = Closure.apply(x)
+                if self.late is not None:
+                    self.late.remove()
+                # A parameter's hook registered after its step began, reading another weight.
+                self.late = self.ls[0].weight.register_hook(
+                    lambda g: g + 1e-3 * self.ls[2].weight)
+                return self.out(x)
         adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
         planned = 0  # (spill.stats() before the first compare would start spill's runtime)
-        for make in (Hooked, custom):
+        for make in (Hooked, custom, Reached):
             compare(make, adam, data, 3, evict=True)
             total = spill.stats()["swap.steps_planned"]
             assert total > planned, (make, total - planned)
             planned = total
+        print("ok")
+    """))
+    assert "ok" in out
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_the_callers_saved_tensor_hooks_around_the_forward_still_see_what_it_saves() -> None:
+    """The loop runs each forward inside ``torch.autograd.graph.saved_tensors_hooks`` of its own:
+    a lossy bf16 compression (pack to bfloat16, unpack to float), hooks counting their packs,
+    and ``save_on_cpu()``. At a third of the footprint, every tensor moved to the host between
+    steps, losses and final parameters are plain torch's and the hooks see as many packs each
+    step. Before, offload's hooks, pushed above the caller's for the forward, hid them from
+    the first armed step on (PyTorch calls only the top pair): 23 packs a step became 4 and the
+    compressed run's losses left plain torch's; offload now passes what is saved through the
+    caller's hooks first. save_on_cpu's pack on the CPU bridge returns the tensor itself
+    (``tensor.cpu()``), which is then offload's to pin."""
+    out = run_ok(scenario("""
+        from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
+        counts = []
+        def pack_bf16(t):
+            return t.to(torch.bfloat16) if t.is_floating_point() else t
+        def unpack_bf16(t):
+            return t.float() if t.dtype == torch.bfloat16 else t
+        def pack_count(t):
+            counts[-1] += 1
+            return t
+        def within(make_hooks):
+            def forward(m, x):
+                if torch.is_grad_enabled():
+                    counts.append(0)
+                with make_hooks():
+                    return m(x)
+            return forward
+        adam = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)
+        for name, make_hooks in (("bf16", lambda: saved_tensors_hooks(pack_bf16, unpack_bf16)),
+                                 ("count", lambda: saved_tensors_hooks(pack_count, lambda t: t)),
+                                 ("save_on_cpu", save_on_cpu)):
+            counts.clear()
+            compare(mlp, adam, data, 3, evict=True, forward=within(make_hooks))
+            if name == "count":  # plain torch's steps, then spill's: the same counts
+                plain, spilled = counts[:4], counts[-4:]
+                assert plain == spilled and plain[0] > 0, counts
         print("ok")
     """))
     assert "ok" in out

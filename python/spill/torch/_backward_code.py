@@ -4,12 +4,15 @@ what it reads, beside offload():
   on a loss in the loop's code) whose ``fn`` reads another tensor than its gradient (a
   weight, an activation the forward kept): registered while a handle lives, it runs with
   every op pinned (nothing declared), as a module's backward hooks do (_offload.py). Hooks on
-  a leaf (a parameter) are offload's own business (_offload.OffloadHandle._pin_hooks); those
+  a leaf (a parameter) too, registered while a handle lives (offload also wraps a
+  parameter's hooks at each step's first forward: _offload.OffloadHandle._pin_hooks); those
   spill.torch registers itself are left as they are.
 - a custom ``torch.autograd.Function`` whose ``backward`` reads a tensor the forward kept on
   ``ctx`` as an attribute (``ctx.w = w``) rather than through ``save_for_backward`` (whose
-  tensors the saved-tensor hooks pin when they are unpacked): the tensors among the ctx's
-  attributes (or in a list or tuple there) that can move are pinned around its ``backward``.
+  tensors the saved-tensor hooks pin when they are unpacked), or reaches one otherwise (a
+  module on the ctx, a closure): a Function written outside torch runs its ``backward`` with
+  every op pinned; for torch's own, the tensors among the ctx's attributes (or in a list or
+  tuple there) that can move are pinned around its ``backward``.
 Both used to read a weight swapped out to the host: a segmentation fault on the CPU bridge.
 Installed once per process (the window's construction); they pass through while no handle
 lives. Cost: one Python call per registration, a dispatch mode per wrapped hook call, and a
@@ -52,10 +55,12 @@ def _pinned(hook: Any, pinner: Pinner) -> Any:
 
 
 def register_hook(self: torch.Tensor, hook: Any) -> Any:
-    """``Tensor.register_hook`` with the hook run pinned (see the module docstring) when the
-    tensor is not a leaf and an offload handle lives."""
-    if self.grad_fn is not None and not in_transform() and \
-            not str(getattr(hook, "__module__", "")).startswith(_OWN):
+    """``Tensor.register_hook`` with the hook run pinned (see the module docstring) when an
+    offload handle lives. On a leaf too: offload wraps a parameter's hooks at each step's
+    first forward, but one registered between a forward and its backward (reading another
+    weight: ``w.register_hook(lambda g: g + 1e-3 * other.weight)``) ran unwrapped before
+    then (a segmentation fault on the CPU bridge)."""
+    if not in_transform() and not str(getattr(hook, "__module__", "")).startswith(_OWN):
         pinner = _live_pinner()
         if pinner is not None:
             hook = _pinned(hook, pinner)
@@ -72,10 +77,23 @@ def _ctx_tensors(ctx: Any) -> List[torch.Tensor]:
     return found
 
 
+def _callers(ctx: Any) -> bool:
+    """Whether the Function of this backward is one written outside torch (and spill)."""
+    module = str(getattr(getattr(ctx, "_forward_cls", None), "__module__", ""))
+    return not module.startswith(("torch.", _OWN))
+
+
 def backward_apply(self: Any, *args: Any) -> Any:
     """``BackwardCFunction.apply`` (the engine's call of a custom Function's backward) with the
-    tensors kept on the ctx as attributes pinned around it (see the module docstring)."""
+    tensors kept on the ctx as attributes pinned around it, and, for a Function written
+    outside torch, every op of its backward pinned: it may reach a weight through a module
+    kept on the ctx (``ctx.mod.weight``) or a closure, which no attribute shows (before: read
+    on the host, a segmentation fault on the CPU bridge). torch's own Functions (reentrant
+    checkpointing's, which recomputes a forward there) run as they are."""
     pinner = _live_pinner()
+    if pinner is not None and _callers(self):
+        with _PinOps(pinner):
+            return _backward_apply(self, *args)
     tensors = _ctx_tensors(self) if pinner is not None else ()
     if not tensors:
         return _backward_apply(self, *args)

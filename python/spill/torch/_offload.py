@@ -129,6 +129,7 @@ from spill import Error, OutOfMemoryError
 from spill._errors import InvalidArgumentTypeError
 from spill import budget as spill_budget
 
+from . import _caller_hooks as caller_hooks
 from . import _copies as copies
 from ._guard import PinEveryOp
 from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
@@ -142,7 +143,8 @@ from ._state import state
 from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
-from ._window import _dispatch_stack, _function_stack, _remove, all_handles, window
+from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _remove, all_handles,
+                      window)
 
 Token = Any  # spill._capi.PinToken
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
@@ -1164,8 +1166,13 @@ class OffloadHandle:
             self._release_frame(self._step_frame)
             self._release_backward()
         if not self._discovered and self._discovery is None:
+            # At the bottom of the stack, as the window's modes: a mode of the caller's entered
+            # around this forward stays above it, and its exit (torch 1.13's pops the top)
+            # takes itself off. Pushed on top, the caller's exit popped this one and left the
+            # caller's mode on for good (a mode rounding matmuls to bf16 around the first
+            # step rounded every later one).
             self._discovery = _Discovery(self)
-            self._discovery.__enter__()
+            _insert_bottom(self._discovery, *_dispatch_stack())
         elif (self._discovery is not None and not self.steps.manage and self.forwards > 1
               and new_step):
             self._leave_discovery()
@@ -1177,7 +1184,7 @@ class OffloadHandle:
             # parameters without calling them (nn.TransformerEncoderLayer's and
             # nn.MultiheadAttention's fast path in eval mode): every op is pinned.
             self._eval_ops = _PinOps(self.pinner)
-            self._eval_ops.__enter__()
+            _insert_bottom(self._eval_ops, *_dispatch_stack())  # (see _Discovery's above)
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
         # step and the next training forward) belongs to neither: it leaves the boundary to
         # the next training forward, and its pins begin no training step; they go to a step
@@ -1379,11 +1386,11 @@ class OffloadHandle:
 
     def _push_saved_hooks(self, quiet: bool) -> None:
         if not self._saved_hooks_pushed:
-            if quiet:
-                torch._C._autograd._push_saved_tensors_default_hooks(self._pack_quiet,
-                                                                     self._unpack_quiet)
-            else:
-                torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+            hooks = (self._pack_quiet, self._unpack_quiet) if quiet else (self._pack, self._unpack)
+            caller = caller_hooks.top()  # (the caller's, entered around the forward)
+            if caller is not None:
+                hooks = caller_hooks.chained(*hooks, caller)
+            torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
             self._saved_hooks_pushed = True
 
     def _pop_saved_hooks(self) -> None:

@@ -53,7 +53,7 @@ from torch.utils._pytree import tree_flatten
 from spill import OutOfMemoryError
 from spill._capi import Status
 
-from . import _backward_code, _interrupts, _transforms
+from . import _backward_code, _caller_hooks, _interrupts, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, out_of_memory_in,
                     storage)
@@ -395,6 +395,7 @@ class Window:
         self.made: List[Any] = []
         self.declared_made: Dict[int, int] = {}
         _transforms.install()  # (functorch's transforms take the saved-tensor hooks off)
+        _caller_hooks.install()  # (the caller's saved-tensor hooks: offload's pass through them)
         _backward_code.install()  # (the caller's hooks and ctx reads in a backward)
 
     # ---------------------------------------------------------------- handles
