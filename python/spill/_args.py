@@ -6,6 +6,7 @@ InvalidArgumentError (a ValueError)."""
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 from typing import Any, Optional, Union
 
@@ -19,8 +20,13 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 def integer(value: Any, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentTypeError(f"spill: {name} must be an integer, got {value!r}")
+    """An int, or an integer of another type (NumPy's: ``np.int64``, ``np.prod(shape)``) by
+    ``operator.index``; never a bool (a flag passed by mistake) nor a float."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise InvalidArgumentTypeError(
+                f"spill: {name} must be an integer, got {value!r} ({type(value).__name__})")
+        value = operator.index(value)
     if not lo <= value <= hi:
         raise InvalidArgumentError(f"spill: {name} {value} is outside [{lo}, {hi}]")
     return value
@@ -47,7 +53,12 @@ def stream(value: StreamLike) -> Optional[ctypes.c_void_p]:
         return None
     if not isinstance(value, int):
         if hasattr(value, "__cuda_stream__"):
-            value = value.__cuda_stream__()[1]
+            given = value.__cuda_stream__()  # (version, handle), the protocol says
+            if not isinstance(given, tuple) or len(given) != 2:
+                raise InvalidArgumentTypeError(
+                    f"spill: stream {value!r}: __cuda_stream__() must return (version, handle), "
+                    f"got {given!r}")
+            value = given[1]
         elif hasattr(value, "cuda_stream"):
             value = value.cuda_stream
         elif hasattr(value, "ptr"):

@@ -195,6 +195,36 @@ def test_an_argument_of_the_wrong_type_is_named_and_also_a_type_error(sim, call,
     assert e.value.code == 0  # refused in Python: nothing reached C
 
 
+class _BadStream:
+    def __init__(self, given):
+        self.given = given
+
+    def __cuda_stream__(self):
+        return self.given
+
+
+@pytest.mark.parametrize("given", [(0,), "abc", None])
+def test_a_stream_whose_cuda_stream_is_no_pair_is_named(sim, given):
+    """``__cuda_stream__()`` must return (version, handle): before, a 1-tuple raised a bare
+    IndexError and "abc" was read as the handle "b"."""
+    with pytest.raises(spill.InvalidArgumentError, match="must return \\(version, handle\\)"):
+        spill.malloc(MIB, stream=_BadStream(given))
+
+
+def test_integers_of_other_types_are_taken_and_floats_and_bools_named(sim):
+    """NumPy's integers (``np.int64(4096)``, ``np.prod(shape) * 4``) are integers: before,
+    "size must be an integer, got 4096". Floats and bools stay refused, naming their type."""
+    np = pytest.importorskip("numpy")
+    ptr = spill.malloc(np.int64(BLOCK))
+    assert spill.residence(ptr) == "resident"
+    spill.free(ptr)
+    ptr = spill.malloc(np.prod((4, BLOCK // 16)) * 4)
+    spill.free(ptr)
+    for bad, kind in ((True, "bool"), (4096.0, "float"), (np.float64(4096), "float64")):
+        with pytest.raises(spill.InvalidArgumentError, match=f"size must be an integer.*{kind}"):
+            spill.malloc(bad)
+
+
 def test_flags_are_booleans_not_any_truthy_object(sim):
     """set_swappable(p, "no") declared the block swappable ("no" is a true string)."""
     ptr = spill.malloc(BLOCK)
