@@ -2908,6 +2908,9 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
                 loss = ce(m(x), y)
             mid([m])
             loss.backward()
+            if pattern == "scaled_grads":  # gradients replaced in the loop's code (unscaled
+                for p in m.parameters():  # by hand): new tensors, not the backward's
+                    p.grad = p.grad * 0.5
         if not (pattern == "skip" and i in (0, 2)):  # as GradScaler skips inf/NaN steps
             opt.step()
         losses.append(loss.item())
@@ -2948,14 +2951,17 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
     optimizer's outside the model (a loose cosine-classifier weight, a wrapper's layer around
     it) with gradients kept across steps crashed (their gradients were made swappable, but
     only the model's parameters had the hook that pins one before AccumulateGrad adds into
-    it: a segmentation fault).
+    it: a segmentation fault). Gradients replaced in the loop's code (``p.grad = p.grad *
+    0.5``, the scaled_grads loop) train too; in audit 29a's loop (a 5-block model returning
+    two activations the loop kept, at 9.38 MiB) they ran out of memory, the step's region
+    making them all unswappable again first (this loop did not reproduce that).
     Batches of 32 rows: the blocks are the same at a GPU's 2 MiB granularity
     (SPILL_TEST_SIM_GRANULARITY=2MiB passes). The two-model, penalty and in-backward loops also with each
     backward on a thread of its own (backward_thread_env), as CUDA's device thread runs them."""
     backward_thread = group.endswith("_backward_thread")
     group = group.removesuffix("_backward_thread")
     patterns = {"checkpoint": ["reentrant", "non_reentrant", "sequential"],
-                "precision": ["autocast", "skip"],
+                "precision": ["autocast", "skip", "scaled_grads"],
                 "finetune": ["frozen", "unfreeze", "tied", "twice"],
                 "two_models": ["gan", "one_optimizer", "siamese"],
                 "in_backward": ["in_backward"],

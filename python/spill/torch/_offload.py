@@ -1080,13 +1080,18 @@ class OffloadHandle:
         self._release_frame(frame)
 
     def held_now(self) -> Set[int]:
-        """The blocks that can move among what the model holds now: its parameters, buffers
-        and the weights its reparametrizations compute (weight_norm, spectral_norm, prune),
-        also those added since the hooks last looked at it (_refresh takes them there)."""
+        """The blocks that can move among what the model holds now: its parameters, their
+        gradients, buffers and the weights its reparametrizations compute (weight_norm,
+        spectral_norm, prune), also those added since the hooks last looked at it (_refresh
+        takes them there). A gradient the loop's code gave a parameter (``p.grad = p.grad *
+        0.5``) is one: every later use of a gradient is pinned (the gradient hook, zero_grad,
+        the step, which declares them anyway). Before, the region after that code made those
+        unswappable again, all at once (out of memory at a third of an MLP's footprint)."""
         movable = self._movable
         held = set()
         for m in self.model.modules():
-            for t in itertools.chain(m._parameters.values(), m._buffers.values(),
+            grads = (p.grad for p in m._parameters.values() if p is not None)
+            for t in itertools.chain(m._parameters.values(), m._buffers.values(), grads,
                                      (m.__dict__.get(n) for n in _computed_weights(m))):
                 ptr = movable(t) if isinstance(t, torch.Tensor) else 0
                 if ptr:
