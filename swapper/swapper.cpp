@@ -709,6 +709,10 @@ bool Swapper::swappable(const void* ptr) const {
 SwapStats Swapper::stats() const {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
+  // host_bytes is what is held now: the host buffers of blocks freed while a copy touched
+  // them go once the copy has landed, even when no eviction, residence query or allocation
+  // came since to reap them (before, they stayed counted after everything was freed).
+  m.reap_zombies_locked();
   SwapStats s = m.stats;
   for (const auto& [base, b] : m.blocks) {
     if (b.pins > 0) s.pinned_bytes += b.size;
