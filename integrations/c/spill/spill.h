@@ -35,7 +35,8 @@
  * Steps belong to a scope, a caller-chosen number (e.g. a stream handle or a model's id), so
  * that two training loops in one process do not see each other's steps as deviations.
  * spill_begin_step, spill_begin_op and spill_set_scope make their scope the calling thread's
- * current scope on that device; every pin belongs to the current scope of the thread that makes
+ * current scope on that device (a thread keeps one on each device, all 64 of them at once);
+ * every pin belongs to the current scope of the thread that makes
  * it (scope 0 for a thread that never named one). Frameworks whose backward pass runs on other
  * threads call spill_set_scope there before the pins (spill_begin_op would also make the
  * scope's ops the caller's to mark for the rest of the step).
