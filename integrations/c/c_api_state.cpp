@@ -23,7 +23,29 @@ namespace spill::capi {
 
 namespace {
 
-thread_local std::string tl_error;
+// The calling thread's latest error message: a plain pointer (nothing of it is destroyed with
+// the thread's C++ thread_locals) to a string that a thread-specific key's destructor frees,
+// after every C++ thread_local destructor of the thread has run. A thread_local std::string
+// was made at the thread's first failing call, so it was destroyed before the destructors of
+// thread_locals made earlier (an RAII holder freeing its block at thread exit), and their
+// failing spill calls then wrote into the freed string: heap corruption, an abort. The main
+// thread's static destructors at exit, which run after its thread_locals', did the same.
+constinit thread_local std::string* tl_error = nullptr;
+
+void free_error(void* text) {
+  auto* message = static_cast<std::string*>(text);
+  if (tl_error == message) tl_error = nullptr;  // a later key destructor may fail again
+  delete message;
+}
+
+// Null when no key is left (PTHREAD_KEYS_MAX): the thread's message then lives to the end.
+const pthread_key_t* error_key() {
+  static const pthread_key_t* const key = [] {
+    auto* k = new pthread_key_t;
+    return ::pthread_key_create(k, free_error) == 0 ? k : nullptr;
+  }();
+  return key;
+}
 
 void on_exit() { global().exiting.store(true); }
 
@@ -105,13 +127,19 @@ void retire_slot(Slot& slot) {
   delete st;  // the runtime frees every block, cached segment and host buffer
 }
 
-const char* last_error_text() noexcept { return tl_error.c_str(); }
+const char* last_error_text() noexcept { return tl_error != nullptr ? tl_error->c_str() : ""; }
 
 spill_status fail(spill_status code, const std::string& message) noexcept {
   try {
-    tl_error = message;
+    if (tl_error == nullptr) {
+      auto text = std::make_unique<std::string>();
+      if (const pthread_key_t* key = error_key()) ::pthread_setspecific(*key, text.get());
+      tl_error = text.release();
+    }
+    *tl_error = message;
   } catch (...) {
-    tl_error.clear();  // no memory for the message: the code still says what happened
+    // No memory for the message: the code still says what happened.
+    if (tl_error != nullptr) tl_error->clear();
   }
   return code;
 }

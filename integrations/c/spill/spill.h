@@ -90,7 +90,9 @@ typedef enum spill_status {
 /* A static description of a status code ("out of memory", ...); never NULL. */
 SPILL_API const char* spill_status_string(spill_status status);
 /* The message of the calling thread's latest failed call ("" when none failed yet). Valid
- * until the next failing call on this thread. Successful calls leave it unchanged. */
+ * until the next failing call on this thread, or the thread's end. Successful calls leave it
+ * unchanged. Calls failing in destructors that run at a thread's end (C++ thread_local) or at
+ * exit (static destructors) set it as any other. */
 SPILL_API const char* spill_last_error(void);
 /* The library's version, e.g. "0.1.0"; never NULL. */
 SPILL_API const char* spill_version(void);
