@@ -6,7 +6,8 @@
  * - Every function returns a spill_status (SPILL_OK = 0) unless it says otherwise. On failure
  *   spill_last_error() holds a message for the calling thread that names the input (pointer,
  *   size, device, stream); bad input changes nothing. No C++ exception crosses this API.
- * - Every function is thread-safe.
+ * - Every function is thread-safe, also when called from destructors that run as a thread
+ *   ends (C++ thread_local objects, pthread key destructors) or at exit (static destructors).
  * - Devices are ordinals 0..SPILL_MAX_DEVICES-1. Each ordinal has its own runtime (caching
  *   allocator, budget, pinned host pool, swapper), created on its first use from the
  *   configuration (spill_init, else the SPILL_CONF environment variable, else defaults) with
