@@ -79,6 +79,11 @@ std::size_t Swapper::Impl::reap_locked() {
     ++it;  // (completing it takes it out of the set)
     if (!b.busy && dev.query(b.out_done)) freed += complete_swap_out_locked(b);
   }
+  reap_zombies_locked();
+  return freed;
+}
+
+void Swapper::Impl::reap_zombies_locked() {
   auto done = std::remove_if(zombies.begin(), zombies.end(), [&](Zombie& z) {
     if (!dev.query(z.done)) return false;
     host.deallocate(z.host, z.size);
@@ -87,7 +92,6 @@ std::size_t Swapper::Impl::reap_locked() {
     return true;
   });
   zombies.erase(done, zombies.end());
-  return freed;
 }
 
 std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {

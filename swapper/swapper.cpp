@@ -2,7 +2,6 @@
 #include "swapper/swapper.hpp"
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 
 #include "core/errors.hpp"
@@ -10,6 +9,7 @@
 #include "profiling/events.hpp"
 #include "profiling/nvtx.hpp"
 #include "swapper/swapper_impl.hpp"
+#include "swapper/thread_scopes.hpp"
 
 namespace spill {
 
@@ -33,31 +33,12 @@ std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
 
 namespace {
 std::atomic<std::uint64_t> next_serial{1};
-
-// The calling thread's current step scope on a few swappers (by serial); others are scope 0.
-struct ThreadScope {
-  std::uint64_t serial = 0;
-  std::uint64_t scope = 0;
-};
-thread_local std::array<ThreadScope, 4> thread_scopes;
-thread_local unsigned thread_scope_next = 0;
 }  // namespace
 
-std::uint64_t Swapper::Impl::current_scope() const {
-  for (const ThreadScope& t : thread_scopes)
-    if (t.serial == serial) return t.scope;
-  return 0;
-}
+std::uint64_t Swapper::Impl::current_scope() const { return thread_scopes::get(serial); }
 
 void Swapper::Impl::set_current_scope(std::uint64_t scope) const {
-  for (ThreadScope& t : thread_scopes) {
-    if (t.serial == serial) {
-      t.scope = scope;
-      return;
-    }
-  }
-  if (scope == 0) return;
-  thread_scopes[thread_scope_next++ % thread_scopes.size()] = {serial, scope};
+  thread_scopes::set(serial, scope);
 }
 
 Swapper::Impl::Impl(Device& d, ResidencyBackend& b, HostMemory& h, SwapperOptions o)
@@ -65,6 +46,7 @@ Swapper::Impl::Impl(Device& d, ResidencyBackend& b, HostMemory& h, SwapperOption
   SPILL_EXPECTS(opt.chunk_bytes > 0, "swapper: chunk_bytes must be above zero");
   d2h = dev.create_stream();
   h2d = dev.create_stream();
+  thread_scopes::born(serial);
 }
 
 Swapper::Swapper(Device& device, ResidencyBackend& backend, HostMemory& host,
@@ -73,6 +55,7 @@ Swapper::Swapper(Device& device, ResidencyBackend& backend, HostMemory& host,
 
 Swapper::~Swapper() {
   Impl& m = *impl_;
+  thread_scopes::gone(m.serial);  // threads' scopes on it may make room for others
   try {
     m.dev.synchronize(m.d2h);
     m.dev.synchronize(m.h2d);
@@ -709,6 +692,10 @@ bool Swapper::swappable(const void* ptr) const {
 SwapStats Swapper::stats() const {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
+  // host_bytes is what is held now: the host buffers of blocks freed while a copy touched
+  // them go once the copy has landed, even when no eviction, residence query or allocation
+  // came since to reap them (before, they stayed counted after everything was freed).
+  m.reap_zombies_locked();
   SwapStats s = m.stats;
   for (const auto& [base, b] : m.blocks) {
     if (b.pins > 0) s.pinned_bytes += b.size;

@@ -318,6 +318,8 @@ struct Swapper::Impl {
   void start_swap_out_locked(SwapBlock& b);  // may throw OutOfMemory (host cap)
   std::size_t complete_swap_out_locked(SwapBlock& b);
   std::size_t reap_locked();
+  // Frees the host buffers of released blocks whose last copy has landed (part of reap).
+  void reap_zombies_locked();
   std::vector<std::uintptr_t> rank_victims_locked();
   std::size_t evict_bytes(std::size_t needed);
   // Waits (without the lock) for swap-outs already in flight until `needed` bytes are

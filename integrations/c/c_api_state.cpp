@@ -23,7 +23,29 @@ namespace spill::capi {
 
 namespace {
 
-thread_local std::string tl_error;
+// The calling thread's latest error message: a plain pointer (nothing of it is destroyed with
+// the thread's C++ thread_locals) to a string that a thread-specific key's destructor frees,
+// after every C++ thread_local destructor of the thread has run. A thread_local std::string
+// was made at the thread's first failing call, so it was destroyed before the destructors of
+// thread_locals made earlier (an RAII holder freeing its block at thread exit), and their
+// failing spill calls then wrote into the freed string: heap corruption, an abort. The main
+// thread's static destructors at exit, which run after its thread_locals', did the same.
+constinit thread_local std::string* tl_error = nullptr;
+
+void free_error(void* text) {
+  auto* message = static_cast<std::string*>(text);
+  if (tl_error == message) tl_error = nullptr;  // a later key destructor may fail again
+  delete message;
+}
+
+// Null when no key is left (PTHREAD_KEYS_MAX): the thread's message then lives to the end.
+const pthread_key_t* error_key() {
+  static const pthread_key_t* const key = [] {
+    auto* k = new pthread_key_t;
+    return ::pthread_key_create(k, free_error) == 0 ? k : nullptr;
+  }();
+  return key;
+}
 
 void on_exit() { global().exiting.store(true); }
 
@@ -55,21 +77,25 @@ std::string device_name(int device) { return "device " + std::to_string(device);
 
 }  // namespace
 
-Global::Global() : membarrier(register_membarrier()) {
-  ::pthread_atfork(before_fork, after_fork_parent, after_fork_child);
-}
+constinit thread_local ThreadLeases* tl_leases = nullptr;
 
 namespace {
-// Hands the thread's record back for reuse when the thread ends.
-struct ThreadLeasesOwner {
-  ThreadLeases* leases = nullptr;
-  ~ThreadLeasesOwner() {
-    if (leases != nullptr) leases->in_use.store(false, std::memory_order_release);
-  }
-};
+// The thread-specific key's destructor: the thread has ended. It runs after every C++
+// thread_local destructor of the thread (glibc runs those first), so a destructor of a
+// user's thread_local that calls spill still holds the record. A C key destructor that runs
+// after this one and calls spill registers again (the key is set again, so this runs again).
+// A main thread that ends the process (exit) never gets here: its record stays its own.
+void hand_back(void* record) {
+  auto* t = static_cast<ThreadLeases*>(record);
+  if (tl_leases == t) tl_leases = nullptr;
+  t->in_use.store(false, std::memory_order_release);
+}
 }  // namespace
 
-constinit thread_local ThreadLeases* tl_leases = nullptr;
+Global::Global() : membarrier(register_membarrier()) {
+  has_thread_key = ::pthread_key_create(&thread_key, hand_back) == 0;
+  ::pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
 
 ThreadLeases& register_thread() {
   Global& g = global();
@@ -85,9 +111,11 @@ ThreadLeases& register_thread() {
     }
   }
   found->depth = 0;
-  static thread_local ThreadLeasesOwner owner;
-  owner.leases = found;
   tl_leases = found;
+  // A C++ thread_local owner would be destroyed before the user's thread_locals made earlier
+  // than the thread's first spill call; their destructors then shared the record with the
+  // next thread to register (a lease stack two threads wrote, runtimes made over live ones).
+  if (g.has_thread_key) ::pthread_setspecific(g.thread_key, found);
   return *found;
 }
 
@@ -105,13 +133,19 @@ void retire_slot(Slot& slot) {
   delete st;  // the runtime frees every block, cached segment and host buffer
 }
 
-const char* last_error_text() noexcept { return tl_error.c_str(); }
+const char* last_error_text() noexcept { return tl_error != nullptr ? tl_error->c_str() : ""; }
 
 spill_status fail(spill_status code, const std::string& message) noexcept {
   try {
-    tl_error = message;
+    if (tl_error == nullptr) {
+      auto text = std::make_unique<std::string>();
+      if (const pthread_key_t* key = error_key()) ::pthread_setspecific(*key, text.get());
+      tl_error = text.release();
+    }
+    *tl_error = message;
   } catch (...) {
-    tl_error.clear();  // no memory for the message: the code still says what happened
+    // No memory for the message: the code still says what happened.
+    if (tl_error != nullptr) tl_error->clear();
   }
   return code;
 }
@@ -249,6 +283,13 @@ void update_only_device_locked(Global& g) {
 
 }  // namespace
 
+spill_status nested_too_deep(const char* fn) noexcept {
+  return fail(SPILL_ERROR_INTERNAL,
+              std::string(fn) + ": this thread is inside " +
+                  std::to_string(ThreadLeases::kDepth) +
+                  " spill calls already, the most that nest; the call was refused");
+}
+
 spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create) noexcept {
   if (device < 0 || device >= kMaxDevices) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT,
@@ -257,6 +298,7 @@ spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create)
   }
   Global& g = global();
   try {
+    if (lease_stack_full()) return nested_too_deep(fn);
     std::lock_guard lock(g.mu);
     if (g.shut_down) {
       return fail(SPILL_ERROR_SHUT_DOWN,
@@ -265,6 +307,9 @@ spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create)
     }
     Slot& slot = g.slots[device];
     if (lease.try_take(slot)) return SPILL_OK;  // another thread made it meanwhile
+    // Runtimes are made and retired under the lock: one there now is live, and the take can
+    // only have failed for a full lease stack. Never make another over it.
+    if (slot.state.load() != nullptr) return nested_too_deep(fn);
     if (!create) {
       return fail(SPILL_ERROR_INVALID_ARGUMENT,
                   std::string(fn) + ": " + device_name(device) +
@@ -294,6 +339,7 @@ spill_status acquire_owner(const void* ptr, const char* fn, Lease& lease) noexce
   if (g.forked.load(std::memory_order_relaxed)) return forked_error(fn);
   if (ptr == nullptr)
     return fail(SPILL_ERROR_INVALID_ARGUMENT, std::string(fn) + ": the pointer is NULL");
+  if (lease_stack_full()) return nested_too_deep(fn);  // not "no device holds it"
   const int only = g.only_device.load();
   // One device: its swapper and allocator say whether they know the pointer.
   if (only >= 0 && lease.try_take(g.slots[only])) return SPILL_OK;

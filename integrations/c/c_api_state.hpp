@@ -20,6 +20,8 @@
 #include <optional>
 #include <string>
 
+#include <pthread.h>
+
 #include "core/config.hpp"
 #include "spill/spill.h"
 #include "swapper/runtime.hpp"
@@ -88,7 +90,9 @@ struct Slot {
 
 // One thread's leases: the slots its calls in progress use (calls nest a little: an error
 // path may ask the other devices). Linked into Global::threads once, reused after the thread
-// ends.
+// ends. A record has one owning thread at a time: it is handed back only after the thread's
+// last C++ thread_local destructor ran (see register_thread), and a thread that calls spill
+// after that registers again, so `depth` and `held` are never written by two threads.
 struct ThreadLeases {
   static constexpr int kDepth = 4;
   std::array<std::atomic<Slot*>, kDepth> held{};
@@ -111,6 +115,10 @@ struct Global {
   bool atexit_registered = false;
   std::atomic<ThreadLeases*> threads{nullptr};  // every thread that ever took a lease
   bool membarrier = false;                       // the heavy side of the fence pair works
+  // Hands a thread's record back when the thread ends (its destructor runs after every C++
+  // thread_local destructor); without it (no key left) records are never reused.
+  pthread_key_t thread_key{};
+  bool has_thread_key = false;
 };
 
 inline Global& global() {
@@ -118,7 +126,8 @@ inline Global& global() {
   return *g;
 }
 
-// The calling thread's lease record (registered on first use).
+// The calling thread's lease record (registered on first use, and again after the thread's
+// record was handed back at its end: a later destructor of the thread calling spill).
 ThreadLeases& register_thread();
 extern thread_local ThreadLeases* tl_leases;  // constant-initialised: no TLS wrapper
 inline ThreadLeases& thread_leases() {
@@ -181,6 +190,11 @@ class Lease {
   int index_ = 0;
   DeviceState* state_ = nullptr;
 };
+
+// The calling thread already holds as many leases as nest (a bug in spill: its own calls nest
+// at most a level or two); acquire refuses rather than take the slot for one without a runtime.
+inline bool lease_stack_full() { return thread_leases().depth >= ThreadLeases::kDepth; }
+spill_status nested_too_deep(const char* fn) noexcept;
 
 // The slow path of acquire: creates the runtime (when `create`) or says why there is none.
 spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create) noexcept;

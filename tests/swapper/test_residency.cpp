@@ -113,6 +113,29 @@ TEST(Residency, AnEvictionWaitsForTheAllocatingStream) {
   s.rt.allocator().deallocate(a, s.stream);
 }
 
+// A block freed while its swap-out still copies it keeps its host buffer until the copy has
+// landed, and no longer: once the device is synchronised the stats count none of it, though
+// nothing since moved the swapper to free it (before, host_bytes kept the buffer after
+// everything was freed, synchronised and the cache emptied, audit 29b #11).
+TEST(Residency, AFreedBlocksHostBufferIsNotCountedOnceItsCopyLanded) {
+  Stack s(4 * kBlock, true);
+  auto& sim = dynamic_cast<SimDevice&>(s.dev);
+  void* a = s.rt.allocator().allocate(kBlock, s.stream);
+  s.sw.set_swappable(a, true);
+  HoldToken hold = sim.hold(s.stream);  // the swap-out waits for the allocating stream
+  s.sw.evict(a);
+  ASSERT_EQ(s.sw.residence(a), Residence::SwappingOut);
+  EXPECT_EQ(s.sw.stats().host_bytes, kBlock);
+  s.rt.allocator().deallocate(a, s.stream);  // the copy still reads the block
+  sim.release(hold);
+  s.dev.synchronize();
+  s.rt.allocator().empty_cache();
+  const SwapStats st = s.sw.stats();
+  EXPECT_EQ(st.host_bytes, 0u) << "the landed copy's host buffer is still counted";
+  EXPECT_EQ(st.on_host_bytes, 0u);
+  EXPECT_EQ(st.resident_bytes, 0u);
+}
+
 // Rule 2: declaring a block swappable makes it dirty: bytes written outside the hooks before
 // the declaration are copied, never dropped as "clean".
 TEST(Residency, DeclaringABlockSwappableMakesItDirty) {

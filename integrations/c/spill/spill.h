@@ -6,7 +6,8 @@
  * - Every function returns a spill_status (SPILL_OK = 0) unless it says otherwise. On failure
  *   spill_last_error() holds a message for the calling thread that names the input (pointer,
  *   size, device, stream); bad input changes nothing. No C++ exception crosses this API.
- * - Every function is thread-safe.
+ * - Every function is thread-safe, also when called from destructors that run as a thread
+ *   ends (C++ thread_local objects, pthread key destructors) or at exit (static destructors).
  * - Devices are ordinals 0..SPILL_MAX_DEVICES-1. Each ordinal has its own runtime (caching
  *   allocator, budget, pinned host pool, swapper), created on its first use from the
  *   configuration (spill_init, else the SPILL_CONF environment variable, else defaults) with
@@ -35,7 +36,8 @@
  * Steps belong to a scope, a caller-chosen number (e.g. a stream handle or a model's id), so
  * that two training loops in one process do not see each other's steps as deviations.
  * spill_begin_step, spill_begin_op and spill_set_scope make their scope the calling thread's
- * current scope on that device; every pin belongs to the current scope of the thread that makes
+ * current scope on that device (a thread keeps one on each device, all 64 of them at once);
+ * every pin belongs to the current scope of the thread that makes
  * it (scope 0 for a thread that never named one). Frameworks whose backward pass runs on other
  * threads call spill_set_scope there before the pins (spill_begin_op would also make the
  * scope's ops the caller's to mark for the rest of the step).
@@ -89,7 +91,9 @@ typedef enum spill_status {
 /* A static description of a status code ("out of memory", ...); never NULL. */
 SPILL_API const char* spill_status_string(spill_status status);
 /* The message of the calling thread's latest failed call ("" when none failed yet). Valid
- * until the next failing call on this thread. Successful calls leave it unchanged. */
+ * until the next failing call on this thread, or the thread's end. Successful calls leave it
+ * unchanged. Calls failing in destructors that run at a thread's end (C++ thread_local) or at
+ * exit (static destructors) set it as any other. */
 SPILL_API const char* spill_last_error(void);
 /* The library's version, e.g. "0.1.0"; never NULL. */
 SPILL_API const char* spill_version(void);
