@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -90,8 +91,10 @@ class TraceRecorder {
   std::vector<TraceEvent> collect();
   // A copy of every event still in the rings, without taking them (for OOM dumps).
   std::vector<TraceEvent> peek();
-  // Events lost to full rings so far.
+  // Events lost to full rings (or a full store of exited threads' events) so far.
   std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+  // Per-thread rings alive: one per live thread that has recorded (exited threads' are freed).
+  std::size_t ring_count() const;
 
   // Interns `name` as a tag (0 is reserved for "no tag"); thread-safe, stable ids.
   std::uint32_t intern(std::string_view name);
@@ -118,9 +121,21 @@ class TraceRecorder {
   static double clock_seconds();
 
   struct Ring;
+  // Called at the exit of the thread that owns `ring`: moves its unread events to the store of
+  // exited threads' events and frees the ring.
+  void retire(const Ring& ring);
 
  private:
-  Ring& ring_for_this_thread();
+  // An event as the ring holds it (the words) and the thread that recorded it.
+  struct Stored {
+    std::uint64_t words[6];
+    std::uint32_t thread;
+  };
+
+  // Null once the calling thread's exit has begun (its ring is gone).
+  Ring* ring_for_this_thread();
+  void store_locked(const Stored& event);
+  TraceEvent decode(const Stored& event) const;
   std::vector<TraceEvent> drain(bool take);
 
   std::atomic<bool> enabled_{true};
@@ -128,6 +143,8 @@ class TraceRecorder {
   std::uint32_t id_;  // distinguishes recorders in thread-local caches
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<Ring>> rings_;
+  // Unread events of exited threads, oldest first, at most ring_capacity_ of them.
+  std::deque<Stored> exited_;
   std::vector<std::string> tags_{""};
   std::atomic<std::uint64_t> dropped_{0};
   std::uint32_t next_thread_ = 0;
