@@ -712,6 +712,34 @@ TEST(shutdown_with_live_blocks) {
   CHECK_OK(spill_free(p, 0, NULL));
 }
 
+/* Rule 5 across sessions: a token kept across spill_shutdown and spill_init is stale in the
+ * new session, even when a new block has the old one's address (generations are unique in the
+ * process; each runtime used to count them from 1, and the old token unpinned the new block). */
+TEST(a_token_from_an_earlier_session_is_stale) {
+  spill_pin_token old = {0};
+  int address_reused = 0;
+  for (int session = 0; session < 10 && !address_reused; ++session) {
+    REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+    void* p = NULL;
+    REQUIRE_OK(spill_malloc(&p, BLOCK, 0, NULL));
+    REQUIRE_OK(spill_set_swappable(p, 1));
+    spill_pin_token t;
+    REQUIRE_OK(spill_pin(p, NULL, &t));
+    if (session > 0) CHECK(t.generation != old.generation);
+    if (session > 0 && t.block == old.block) {
+      address_reused = 1;
+      CHECK_OK(spill_unpin(&old, NULL, 1)); /* a stale no-op */
+      CHECK(stats().stale_unpins == 1);
+      CHECK_OK(spill_evict(p));
+      CHECK(residence(p) == SPILL_RESIDENT); /* still pinned by its own token */
+      CHECK_OK(spill_unpin(&t, NULL, 1));    /* not "unpinned twice" */
+    }
+    old = t; /* kept open across the shutdown */
+    REQUIRE_OK(spill_shutdown());
+  }
+  if (!address_reused) fprintf(stderr, "note: no session reused the old block's address\n");
+}
+
 #define TESTS(X)                       \
   X(declared_blocks_swap_and_come_back) \
   X(undeclared_blocks_are_never_evicted) \
@@ -719,6 +747,7 @@ TEST(shutdown_with_live_blocks) {
   X(undeclaring_brings_a_block_back)   \
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
+  X(a_token_from_an_earlier_session_is_stale) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
   X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \

@@ -171,7 +171,8 @@ SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
 
 /* What spill_pin returns and spill_unpin takes. An empty token (block 0) comes from a block
  * that never moves; unpinning it does nothing. A token whose block was freed meanwhile (its
- * address perhaps reused by a new block) unpins nothing: the generation tells them apart.
+ * address perhaps reused by a new block, also one of a later spill_init) unpins nothing: the
+ * generation, unique in the process, tells them apart.
  * `pin` tells this pin from the block's other pins, so that unpinning it twice is refused
  * while they still hold the block (0 when the block already had four pins open: such a
  * token's second unpin is caught only once it would end more pins than are open). */
