@@ -321,9 +321,16 @@ void CachingAllocator::forget_stream(Stream stream) {
 }
 
 void CachingAllocator::empty_cache() {
-  Lock lock(impl_->mu);
-  reap_retired(lock, true);
-  release_cached(lock, SIZE_MAX);
+  HostPool* pool;
+  {
+    Lock lock(impl_->mu);
+    reap_retired(lock, true);
+    release_cached(lock, SIZE_MAX);
+    pool = impl_->host_pool;
+  }
+  // Page-locked host memory is scarcer than device memory (the host cannot page it out): the
+  // chunks that hold no swapped-out bytes go back too (the pool's own lock, never inside ours).
+  if (pool) pool->release_free_chunks();
 }
 
 // ---- the ladder

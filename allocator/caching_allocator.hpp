@@ -133,7 +133,7 @@ class CachingAllocator final : public ResidencyBackend {
   // observer.
   void forget_stream(Stream stream);
   // Returns every cached (free) segment and block to the device, waiting for queued work that
-  // may still touch them.
+  // may still touch them, and the attached host pool's chunks that hold no swapped-out bytes.
   void empty_cache();
 
   AllocatorStats stats() const;

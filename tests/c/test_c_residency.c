@@ -740,6 +740,37 @@ TEST(a_token_from_an_earlier_session_is_stale) {
   if (!address_reused) fprintf(stderr, "note: no session reused the old block's address\n");
 }
 
+/* Pinned host memory is scarce on a real host (it cannot be paged out): spill_empty_cache
+ * gives back the host pool's chunks that hold no swapped-out bytes, and keeps those that do. */
+TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru"));
+  enum { N = 8 };
+  void* b[N];
+  for (int i = 0; i < N; ++i) { /* 64 MiB of blocks in a 32 MiB budget */
+    REQUIRE_OK(spill_malloc(&b[i], BLOCK, 0, NULL));
+    write_pinned(b[i], BLOCK, 20 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK(stats().swap_outs > 0);
+  CHECK(stats().host_pinned_bytes > 0);
+  /* One block stays on the host; the others go. */
+  REQUIRE_OK(spill_evict(b[0]));
+  while (residence(b[0]) != SPILL_ON_HOST) {
+  }
+  for (int i = 1; i < N; ++i) REQUIRE_OK(spill_free(b[i], 0, NULL));
+  CHECK_OK(spill_empty_cache(0));
+  spill_stats st = stats();
+  CHECK(st.swapped_out_bytes == BLOCK);
+  CHECK(st.host_pinned_bytes >= BLOCK); /* the chunk that holds its bytes stays */
+  CHECK(residence(b[0]) == SPILL_ON_HOST);
+  CHECK(check_pinned(b[0], BLOCK, 20));
+  CHECK_OK(spill_free(b[0], 0, NULL));
+  CHECK_OK(spill_empty_cache(0));
+  st = stats();
+  CHECK(st.swapped_out_bytes == 0);
+  CHECK(st.host_pinned_bytes == 0);
+}
+
 #define TESTS(X)                       \
   X(declared_blocks_swap_and_come_back) \
   X(undeclared_blocks_are_never_evicted) \
@@ -748,6 +779,7 @@ TEST(a_token_from_an_earlier_session_is_stale) {
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
   X(a_token_from_an_earlier_session_is_stale) \
+  X(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
   X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \

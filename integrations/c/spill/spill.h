@@ -156,7 +156,9 @@ SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
  * bytes swapped out, only once that work is done. At most four streams besides the allocation
  * stream per block. Errors: INVALID_ARGUMENT (unknown pointer, stream, too many streams). */
 SPILL_API spill_status spill_record_stream(void* ptr, void* stream);
-/* Returns cached (free) memory of `device` to the device, waiting for queued work on it. */
+/* Returns cached (free) memory of `device` to the device, waiting for queued work on it, and
+ * gives back the pinned host memory that holds no swapped-out bytes (it is otherwise kept for
+ * the next swap-out; stats: host_pinned). */
 SPILL_API spill_status spill_empty_cache(int device);
 /* Changes `device`'s budget of mapped device bytes. Raising it takes effect at once (up to
  * the device's memory). Lowering it releases cached memory and evicts swappable blocks until
