@@ -57,7 +57,9 @@ std::unordered_map<std::uint32_t, TraceRecorder*>& recorders() {
 // Set when the thread's exit has begun: thread_local destructors that run later (a user's
 // cache freeing its blocks) still record, through the recorder's lock instead of a ring.
 thread_local bool t_exiting = false;
-thread_local std::uint32_t t_exit_recorder = 0, t_exit_thread = 0;  // who it was, for those
+// Who the thread was, for those: its number and the next position in its (gone) ring.
+thread_local std::uint32_t t_exit_recorder = 0, t_exit_thread = 0;
+thread_local std::uint64_t t_exit_seq = 0;
 thread_local std::uint32_t t_last_id = 0;
 thread_local TraceRecorder::Ring* t_last_ring = nullptr;
 
@@ -66,7 +68,10 @@ struct ThreadRings {
   std::unordered_map<std::uint32_t, std::shared_ptr<TraceRecorder::Ring>> by_recorder;
   ~ThreadRings() {
     t_exiting = true;
-    if (t_last_ring != nullptr) t_exit_recorder = t_last_id, t_exit_thread = t_last_ring->thread;
+    if (t_last_ring != nullptr) {
+      t_exit_recorder = t_last_id, t_exit_thread = t_last_ring->thread;
+      t_exit_seq = t_last_ring->head.load(std::memory_order_relaxed);
+    }
     t_last_id = 0;
     t_last_ring = nullptr;
     std::lock_guard lock(recorders_mu());
@@ -224,8 +229,8 @@ void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::ui
   if (r == nullptr) {
     // The thread is exiting and its ring is gone: rare, so the lock is fine.
     std::lock_guard lock(mu_);
-    if (t_exit_recorder != id_) t_exit_recorder = id_, t_exit_thread = next_thread_++;
-    store_locked({{time, address, bytes, stream, meta, duration}, t_exit_thread});
+    if (t_exit_recorder != id_) t_exit_recorder = id_, t_exit_thread = next_thread_++, t_exit_seq = 0;
+    store_locked({{time, address, bytes, stream, meta, duration}, t_exit_thread, t_exit_seq++});
     return;
   }
   std::uint64_t h = r->head.load(std::memory_order_relaxed);
@@ -254,7 +259,7 @@ void TraceRecorder::retire(const Ring& ring) {
   const std::uint64_t start = std::max(ring.tail, head > ring_capacity_ ? head - ring_capacity_ : 0);
   if (start > ring.tail) dropped_.fetch_add(start - ring.tail, std::memory_order_relaxed);
   for (std::uint64_t i = start; i < head; ++i) {
-    Stored e{{}, ring.thread};
+    Stored e{{}, ring.thread, i};
     const std::atomic<std::uint64_t>* w = &ring.words[(i & ring.mask) * Ring::kWords];
     for (int k = 0; k < Ring::kWords; ++k) e.words[k] = w[k].load(std::memory_order_relaxed);
     store_locked(e);
@@ -287,16 +292,45 @@ TraceEvent TraceRecorder::decode(const Stored& s) const {
   return e;
 }
 
-std::vector<TraceEvent> TraceRecorder::collect() { return drain(true); }
+std::vector<TraceEvent> TraceRecorder::collect() { return drain(true, nullptr); }
 
-std::vector<TraceEvent> TraceRecorder::peek() { return drain(false); }
+std::vector<TraceEvent> TraceRecorder::peek(Mark* mark) {
+  if (mark != nullptr) mark->threads.clear();
+  return drain(false, mark);
+}
 
-std::vector<TraceEvent> TraceRecorder::drain(bool take) {
+void TraceRecorder::take(const Mark& mark) {
+  std::lock_guard lock(mu_);
+  auto seen = [&mark](std::uint32_t thread) -> const Mark::Seen* {
+    auto it = mark.threads.find(thread);
+    return it != mark.threads.end() ? &it->second : nullptr;
+  };
+  // Events of threads that exited since the peek are in the store now, by position.
+  std::erase_if(exited_, [&](const Stored& e) {
+    const Mark::Seen* s = seen(e.thread);
+    return s != nullptr && e.seq < s->end;
+  });
+  for (auto& ring : rings_) {
+    const Mark::Seen* s = seen(ring->thread);
+    if (s == nullptr || s->end <= ring->tail) continue;
+    if (s->valid_from > ring->tail)
+      dropped_.fetch_add(s->valid_from - ring->tail, std::memory_order_relaxed);
+    ring->tail = s->end;
+  }
+}
+
+std::vector<TraceEvent> TraceRecorder::drain(bool take, Mark* mark) {
   std::vector<TraceEvent> out;
   std::lock_guard lock(mu_);
   calibrate();
   const std::uint64_t cap = ring_capacity_;
-  for (const Stored& s : exited_) out.push_back(decode(s));
+  for (const Stored& s : exited_) {
+    out.push_back(decode(s));
+    if (mark != nullptr) {
+      auto it = mark->threads.try_emplace(s.thread, Mark::Seen{s.seq, s.seq + 1}).first;
+      it->second.end = std::max(it->second.end, s.seq + 1);
+    }
+  }
   if (take) exited_ = {};
   for (auto& ring : rings_) {
     Ring& r = *ring;
@@ -305,7 +339,7 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take) {
     std::size_t first = out.size();
     for (std::uint64_t i = start; i < head; ++i) {
       const std::atomic<std::uint64_t>* w = &r.words[(i & r.mask) * Ring::kWords];
-      Stored s{{}, r.thread};
+      Stored s{{}, r.thread, i};
       for (int k = 0; k < Ring::kWords; ++k) s.words[k] = w[k].load(std::memory_order_relaxed);
       out.push_back(decode(s));
     }
@@ -319,6 +353,7 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take) {
                 out.begin() + static_cast<std::ptrdiff_t>(first + bad));
       lost += bad;
     }
+    if (mark != nullptr) mark->threads[r.thread] = {r.tail + lost, head};
     if (!take) continue;
     if (lost) dropped_.fetch_add(lost, std::memory_order_relaxed);
     r.tail = head;

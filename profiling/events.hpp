@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace spill::profiling {
@@ -87,10 +88,24 @@ class TraceRecorder {
                      std::uint64_t stream, std::int32_t device, std::uint32_t tag,
                      std::uint64_t time, std::uint64_t duration);
 
+  // Where a peek() ended in each thread's events: take(mark) then takes exactly what it saw.
+  struct Mark {
+    struct Seen {
+      std::uint64_t valid_from;  // the thread's first event the peek could still read
+      std::uint64_t end;         // one past its last
+    };
+    std::unordered_map<std::uint32_t, Seen> threads;  // by thread number
+  };
+
   // Takes every event recorded since the last collect, from all threads, ordered by time.
   std::vector<TraceEvent> collect();
-  // A copy of every event still in the rings, without taking them (for OOM dumps).
-  std::vector<TraceEvent> peek();
+  // A copy of every event not yet taken, without taking them (for OOM dumps). With `mark`,
+  // also where it ended, so that a caller can take them once it has stored them (an export
+  // whose write fails keeps them).
+  std::vector<TraceEvent> peek(Mark* mark = nullptr);
+  // Takes the events a peek(&mark) saw (events recorded since stay), counting those lost to
+  // full rings before it as dropped.
+  void take(const Mark& mark);
   // Events lost to full rings (or a full store of exited threads' events) so far.
   std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
   // Per-thread rings alive: one per live thread that has recorded (exited threads' are freed).
@@ -130,13 +145,14 @@ class TraceRecorder {
   struct Stored {
     std::uint64_t words[6];
     std::uint32_t thread;
+    std::uint64_t seq;  // its position in its thread's ring (what a Mark counts)
   };
 
   // Null once the calling thread's exit has begun (its ring is gone).
   Ring* ring_for_this_thread();
   void store_locked(const Stored& event);
   TraceEvent decode(const Stored& event) const;
-  std::vector<TraceEvent> drain(bool take);
+  std::vector<TraceEvent> drain(bool take, Mark* mark);
 
   std::atomic<bool> enabled_{true};
   std::size_t ring_capacity_;

@@ -1,6 +1,7 @@
 // The C API's observability: stats (struct and JSON), memory snapshots, trace export, the
 // latest OOM message.
 #include <cstring>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -185,11 +186,16 @@ spill_status spill_trace_export(const char* path) {
   if (path == nullptr || *path == '\0')
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_trace_export: the path is NULL or empty");
   try {
-    // The path first: collect() takes the events, so a path that cannot be written must be
-    // refused before they are taken (the caller may retry with another path).
+    // The path first: a path that cannot be written is refused naming it, before any work.
     check_writable(path, "spill_trace_export");
+    // The events are taken only once they are written (a full disk keeps them for the next
+    // export); one export at a time, so two never write the same events.
+    static std::mutex exporting;
+    std::lock_guard lock(exporting);
     auto& rec = profiling::TraceRecorder::global();
-    profiling::write_chrome_trace(path, rec.collect(), tag_names(), {{"source", "spill C API"}});
+    profiling::TraceRecorder::Mark written;
+    profiling::write_chrome_trace(path, rec.peek(&written), tag_names(), {{"source", "spill C API"}});
+    rec.take(written);
     return SPILL_OK;
   } catch (const Error&) {
     spill_status s = current_error("spill_trace_export");

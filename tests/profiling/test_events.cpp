@@ -134,6 +134,33 @@ TEST(TraceRecorder, EventsRecordedDuringThreadExitAreKept) {
   EXPECT_EQ(events[0].thread, events[1].thread) << "one thread, one number";
 }
 
+// An export writes what peek(&mark) gave, then take(mark) takes exactly that: events recorded
+// meanwhile stay, also those of a thread that exited meanwhile (moved to the store).
+TEST(TraceRecorder, TakeTakesWhatThePeekSawAndNothingElse) {
+  TraceRecorder rec(64);
+  std::atomic<int> step{0};
+  std::thread other([&] {
+    rec.record(EventKind::Alloc, 1, 1);
+    step = 1;
+    while (step != 2) std::this_thread::yield();
+    rec.record(EventKind::Alloc, 2, 1);  // after the peek; the thread then exits
+  });
+  while (step != 1) std::this_thread::yield();
+  rec.record(EventKind::Mark, 10, 0);
+  TraceRecorder::Mark mark;
+  ASSERT_EQ(rec.peek(&mark).size(), 2u);
+  EXPECT_EQ(rec.peek().size(), 2u) << "a peek takes nothing";
+  rec.record(EventKind::Mark, 11, 0);
+  step = 2;
+  other.join();
+  rec.take(mark);
+  auto rest = rec.collect();
+  std::set<std::uint64_t> left;
+  for (const TraceEvent& e : rest) left.insert(e.address);
+  EXPECT_EQ(left, (std::set<std::uint64_t>{2, 11}));
+  EXPECT_EQ(rec.dropped(), 0u);
+}
+
 TEST(TraceRecorder, InternIsStable) {
   TraceRecorder rec;
   EXPECT_EQ(rec.intern(""), 0u);

@@ -347,8 +347,9 @@ SPILL_API spill_status spill_snapshot_json(int device, char** json);
 /* Writes the trace events recorded since the previous export (every device: allocations,
  * maps, pins, swaps, stalls, OOMs) as Chrome/Perfetto trace JSON to `path`, and starts a new
  * trace. Recording is on unless the configuration says `trace:off`. INVALID_ARGUMENT when the
- * file cannot be written (the message names it); the path is tried before the events are
- * taken, so after that error they are still there for the next export. Memory is bounded
+ * file cannot be written (the message names it, also for a write that fails: a full disk);
+ * the events are taken only once written, so after that error they are still there for the
+ * next export. Memory is bounded
  * without exports: each thread that records keeps its newest 65536 events (3 MiB) while it
  * lives, and the threads that have exited share one store of the newest 65536 of theirs;
  * older events are dropped. */
