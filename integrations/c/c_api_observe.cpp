@@ -7,6 +7,7 @@
 
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
+#include "core/utf8.hpp"
 #include "integrations/c/c_api_state.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/events.hpp"
@@ -232,9 +233,14 @@ spill_status spill_take_allocated_peak(int device, uint64_t* peak_bytes) {
 
 spill_status spill_set_oom_note(int device, const char* note) {
   return on_device(device, "spill_set_oom_note", [&](Lease& lease) {
+    // Cut at a character boundary (the note is text Python decodes), then checked: a note
+    // goes back to callers as a string inside every out-of-memory message.
     constexpr std::size_t kMaxNote = 4096;
-    lease->set_oom_note(note == nullptr ? std::string()
-                                        : std::string(note, strnlen(note, kMaxNote)));
+    const std::string_view text =
+        note == nullptr ? std::string_view() : std::string_view(note, strnlen(note, kMaxNote + 1));
+    const std::string_view kept = utf8_prefix(text, kMaxNote);
+    expect_utf8(kept, "note");
+    lease->set_oom_note(std::string(kept));
     return SPILL_OK;
   });
 }

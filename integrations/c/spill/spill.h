@@ -259,7 +259,9 @@ SPILL_API spill_status spill_get_generation(const void* ptr, uint64_t* generatio
  * which is recorded again. Unbalanced calls are not errors, so that a loop that caught an
  * exception mid-step (out of memory with too large a batch) simply goes on: a begin_step while
  * a step of its scope is in progress abandons that step (not recorded, not counted) and
- * begins anew, and an end_step with no step of its scope in progress does nothing. */
+ * begins anew, and an end_step with no step of its scope in progress does nothing.
+ * spill_begin_op refuses a name that is not UTF-8 (INVALID_ARGUMENT naming `name`): names go
+ * into the step graph's JSON. */
 SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
 SPILL_API spill_status spill_end_step(int device, uint64_t scope);
 SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);
@@ -283,7 +285,8 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
 SPILL_API spill_status spill_end_scope(int device, uint64_t scope);
 /* Writes the last recorded step of `scope` on `device` as a graph (docs/graph-format.md) to
  * `path`, for `spill plan`. NOT_FOUND when no step of that scope was recorded (recording needs
- * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. */
+ * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. A file already
+ * at `path` is replaced whole or not at all (written beside it, then renamed over it). */
 SPILL_API spill_status spill_write_step_graph(int device, uint64_t scope, const char* path);
 
 /* ------------------------------------------------------------------ observability */
@@ -349,10 +352,9 @@ SPILL_API spill_status spill_snapshot_json(int device, char** json);
  * trace. Recording is on unless the configuration says `trace:off`. INVALID_ARGUMENT when the
  * file cannot be written (the message names it, also for a write that fails: a full disk);
  * the events are taken only once written, so after that error they are still there for the
- * next export. Memory is bounded
- * without exports: each thread that records keeps its newest 65536 events (3 MiB) while it
- * lives, and the threads that have exited share one store of the newest 65536 of theirs;
- * older events are dropped. */
+ * next export. Memory is bounded without exports: each thread that records keeps its newest
+ * 65536 events (3 MiB) while it lives, and the threads that have exited share one store of
+ * the newest 65536 of theirs; older events are dropped. */
 SPILL_API spill_status spill_trace_export(const char* path);
 /* The message of `device`'s latest out-of-memory failure (where every byte was), or "" when
  * there was none. *message is freed with spill_string_free. */
@@ -370,7 +372,8 @@ SPILL_API spill_status spill_take_allocated_peak(int device, uint64_t* peak_byte
  * also spill_torch_malloc's and the PyTorch integrations', and spill_last_oom_message) until it
  * is replaced; NULL or "" removes it. For an integration to say what it changed that matters
  * to an OOM (spill.torch.offload: a step run without swapping activations, and how to turn
- * that off). Notes longer than 4096 bytes are cut there. */
+ * that off). Notes longer than 4096 bytes are cut there (before a character that would be
+ * split). INVALID_ARGUMENT naming `note` when the (cut) note is not UTF-8. */
 SPILL_API spill_status spill_set_oom_note(int device, const char* note);
 
 /* ------------------------------------------------------------------ PyTorch */
