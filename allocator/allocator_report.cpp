@@ -230,8 +230,12 @@ void CachingAllocator::throw_oom_locked(
 std::string CachingAllocator::write_oom_dump_locked() {
   // A snapshot and the trace so far, written before the error is raised. A failure to write
   // must not hide the OOM itself: it is reported in the message instead.
-  static std::atomic<int> counter{0};
+  static std::atomic<int> counter{0};  // process-wide: file names never repeat
   const std::string& dir = impl_->oom_dump;
+  if (impl_->oom_dumps >= AllocatorOptions::kMaxOomDumps)
+    return " No OOM dump this time: the first " + std::to_string(AllocatorOptions::kMaxOomDumps) +
+           " out-of-memory failures were dumped to " + dir + " (later ones are only counted).";
+  ++impl_->oom_dumps;
   std::string stem = dir + "/spill_oom_" + std::to_string(::getpid()) + "_" +
                      std::to_string(counter.fetch_add(1));
   try {

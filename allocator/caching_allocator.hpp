@@ -86,7 +86,10 @@ struct Segment;
 struct AllocatorOptions {
   std::optional<std::size_t> budget;   // default: free device memory less a reserve
   std::size_t small_limit = kSmallLimit;  // requests up to this go to the small pool
-  std::string oom_dump;                // directory for a snapshot + trace on OOM
+  // Directory for a snapshot + trace on OOM: the first kMaxOomDumps OOMs of the allocator are
+  // dumped, later ones only counted (an OOM-retry loop would fill the disk).
+  std::string oom_dump;
+  static constexpr int kMaxOomDumps = 4;
   // Before a large miss maps memory that would raise the reserved peak: Wait gathers, then
   // releases cached blocks, waiting for the requesting stream's own queued work on them if it
   // must; Idle releases only what no queued work can touch (never waits); Off does neither

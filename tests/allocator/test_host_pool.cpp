@@ -132,5 +132,35 @@ TEST(OomDump, WritesASnapshotAndATraceAndSaysWhere) {
   std::filesystem::remove_all(dir);
 }
 
+// An OOM-retry loop (a batch-size search) must not fill the disk: the first kMaxOomDumps OOMs
+// are dumped, later ones say they were not.
+TEST(OomDump, OnlyTheFirstFewOutOfMemoryFailuresAreDumped) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  std::string dir = ::testing::TempDir() + "spill_oom_dump_bound_test";
+  std::filesystem::remove_all(dir);
+  CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+  void* p = a.allocate(6 * MiB);
+  const int tries = AllocatorOptions::kMaxOomDumps + 6;
+  std::string last;
+  for (int i = 0; i < tries; ++i) {
+    try {
+      a.allocate(6 * MiB);
+      FAIL() << "expected OutOfMemory";
+    } catch (const OutOfMemory& e) {
+      last = e.what();
+    }
+  }
+  EXPECT_NE(last.find("No OOM dump this time: the first 4 out-of-memory failures were dumped to " +
+                      dir),
+            std::string::npos)
+      << last;
+  EXPECT_EQ(a.stats().ooms, static_cast<std::uint64_t>(tries)) << "every OOM is still counted";
+  int files = 0;
+  for ([[maybe_unused]] auto& f : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 2 * AllocatorOptions::kMaxOomDumps) << "a snapshot and a trace per dump";
+  a.deallocate(p);
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace spill::test
