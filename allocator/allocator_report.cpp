@@ -178,7 +178,7 @@ void CachingAllocator::check_invariants() const {
 
 void CachingAllocator::throw_oom_locked(
     std::size_t requested, std::size_t needed, bool device_full,
-    std::optional<LargeBlockObserver::Unevictable> unevictable) {
+    std::optional<LargeBlockObserver::Unevictable> unevictable, std::string device_error) {
   Impl& m = *impl_;
   m.stats.ooms++;
   const std::size_t free_under_budget =
@@ -219,6 +219,7 @@ void CachingAllocator::throw_oom_locked(
     }
   }
   f.device_full = device_full;
+  f.device_error = without_source_location(device_error);
   if (unevictable) {
     f.pinned = unevictable->pinned;
     f.unswappable = unevictable->unswappable;

@@ -256,8 +256,8 @@ void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
     m.find_allocated(key(base))->moving = false;
     try {
       std::rethrow_exception(error);
-    } catch (const OutOfMemory&) {
-      throw_oom_locked(size, size, true);
+    } catch (const OutOfMemory& e) {
+      throw_oom_locked(size, size, true, std::nullopt, e.what());
     }
   }
   lock.lock();

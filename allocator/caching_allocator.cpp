@@ -152,10 +152,10 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
       } else {
         p = dev_.allocate(kSmallSegment);
       }
-    } catch (const OutOfMemory&) {
+    } catch (const OutOfMemory& e) {
       lock.lock();
       m.budget.release(kSmallSegment);
-      throw_oom_locked(bytes, kSmallSegment, true);
+      throw_oom_locked(bytes, kSmallSegment, true, std::nullopt, e.what());
     } catch (...) {
       lock.lock();
       m.budget.release(kSmallSegment);

@@ -246,9 +246,11 @@ class CachingAllocator final : public ResidencyBackend {
   // nothing is left mapped or reserved.
   void map_small_segment(void** addr, PhysicalHandle* handle);
   // `needed`: the mapped bytes the request needed (a new segment, or the rounded block).
+  // `device_error`: why the device refused, when it did (device_full).
   [[noreturn]] void throw_oom_locked(
       std::size_t requested, std::size_t needed, bool device_full,
-      std::optional<LargeBlockObserver::Unevictable> unevictable = std::nullopt);
+      std::optional<LargeBlockObserver::Unevictable> unevictable = std::nullopt,
+      std::string device_error = {});
   std::string write_oom_dump_locked();
   profiling::MemoryState snapshot_locked() const;
 

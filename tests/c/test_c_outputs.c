@@ -1,6 +1,6 @@
 /* The C API's outputs under bad conditions: a trace export to a full disk, a step graph whose
- * write fails, names and notes that are not UTF-8. Every test runs in its own process on the
- * simulated device. */
+ * write fails, names and notes that are not UTF-8, an out-of-memory message when the process
+ * ran out of file descriptors. Every test runs in its own process on the simulated device. */
 #define _POSIX_C_SOURCE 200809L
 #include "c_test.h"
 
@@ -138,10 +138,39 @@ TEST(a_failed_step_graph_write_keeps_the_previous_file) {
   for (int i = 0; i < 4; ++i) CHECK_OK(spill_free(a[i], 0, NULL));
 }
 
+/* The simulated device holds a file descriptor per physical allocation: when the process runs
+ * out of them, the out-of-memory message says so and what to do, not "the device itself is
+ * full" with advice about RAM. */
+TEST(running_out_of_file_descriptors_is_named_in_the_oom_message) {
+  /* spill raises the soft limit to the hard one at start: lower both, for this process. */
+  struct rlimit low = {64, 64};
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &low) == 0);
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:1GiB,budget:512MiB,sim_granularity:64KiB,"
+                        "swap_threshold:128KiB"));
+  enum { N = 200 }; /* one descriptor each: far more than 64, far less than the budget */
+  void* p[N];
+  int n = 0;
+  spill_status s = SPILL_OK;
+  for (; n < N; ++n) {
+    s = spill_malloc(&p[n], 200u << 10, 0, NULL);
+    if (s != SPILL_OK) break;
+  }
+  CHECK(s == SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK(n > 0 && n < N);
+  CHECK_ERROR_HAS("Too many open files");
+  CHECK_ERROR_HAS("out of file descriptors");
+  CHECK_ERROR_HAS("ulimit -n");
+  CHECK_ERROR_HAS("sim_granularity");
+  CHECK(strstr(spill_last_error(), "the device itself is full") == NULL);
+  CHECK(strstr(spill_last_error(), "RAM") == NULL);
+  for (int i = 0; i < n; ++i) CHECK_OK(spill_free(p[i], 0, NULL));
+}
+
 #define TESTS(X)                                          \
   X(a_trace_export_to_a_full_disk_keeps_the_events)       \
   X(an_op_name_that_is_not_utf8_is_refused)               \
   X(a_long_oom_note_is_cut_between_characters)            \
-  X(a_failed_step_graph_write_keeps_the_previous_file)
+  X(a_failed_step_graph_write_keeps_the_previous_file)      \
+  X(running_out_of_file_descriptors_is_named_in_the_oom_message)
 
 C_TEST_MAIN(TESTS)
