@@ -329,9 +329,10 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
       // Not the memory: the descriptors (one per physical chunk, spare ones included).
       rlimit lim{};
       ::getrlimit(RLIMIT_NOFILE, &lim);
+      const std::size_t held = s_->chunks.size() + s_->spare_chunks;
       why += std::string(" (") + kSimOutOfDescriptors + ": this device holds " +
-             std::to_string(s_->chunks.size() + s_->spare_chunks) + " for its physical allocations; the "
-             "process may open " + std::to_string(lim.rlim_cur) + ")";
+             std::to_string(held) + " for its physical allocations; the process may open " +
+             std::to_string(lim.rlim_cur) + ")";
     }
     SPILL_FAIL_OOM("SimDevice: cannot back " + format_bytes(bytes) +
                    " of physical memory on the host: " + why);

@@ -69,7 +69,8 @@ struct ThreadRings {
   ~ThreadRings() {
     t_exiting = true;
     if (t_last_ring != nullptr) {
-      t_exit_recorder = t_last_id, t_exit_thread = t_last_ring->thread;
+      t_exit_recorder = t_last_id;
+      t_exit_thread = t_last_ring->thread;
       t_exit_seq = t_last_ring->head.load(std::memory_order_relaxed);
     }
     t_last_id = 0;
@@ -229,7 +230,11 @@ void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::ui
   if (r == nullptr) {
     // The thread is exiting and its ring is gone: rare, so the lock is fine.
     std::lock_guard lock(mu_);
-    if (t_exit_recorder != id_) t_exit_recorder = id_, t_exit_thread = next_thread_++, t_exit_seq = 0;
+    if (t_exit_recorder != id_) {  // its first event for this recorder
+      t_exit_recorder = id_;
+      t_exit_thread = next_thread_++;
+      t_exit_seq = 0;
+    }
     store_locked({{time, address, bytes, stream, meta, duration}, t_exit_thread, t_exit_seq++});
     return;
   }
@@ -256,7 +261,8 @@ void TraceRecorder::retire(const Ring& ring) {
   std::lock_guard lock(mu_);
   // The ring's thread is the caller, at its exit: nobody writes the ring any more.
   const std::uint64_t head = ring.head.load(std::memory_order_acquire);
-  const std::uint64_t start = std::max(ring.tail, head > ring_capacity_ ? head - ring_capacity_ : 0);
+  const std::uint64_t oldest = head > ring_capacity_ ? head - ring_capacity_ : 0;
+  const std::uint64_t start = std::max(ring.tail, oldest);
   if (start > ring.tail) dropped_.fetch_add(start - ring.tail, std::memory_order_relaxed);
   for (std::uint64_t i = start; i < head; ++i) {
     Stored e{{}, ring.thread, i};

@@ -195,7 +195,8 @@ spill_status spill_trace_export(const char* path) {
     std::lock_guard lock(exporting);
     auto& rec = profiling::TraceRecorder::global();
     profiling::TraceRecorder::Mark written;
-    profiling::write_chrome_trace(path, rec.peek(&written), tag_names(), {{"source", "spill C API"}});
+    profiling::write_chrome_trace(path, rec.peek(&written), tag_names(),
+                                  {{"source", "spill C API"}});
     rec.take(written);
     return SPILL_OK;
   } catch (const Error&) {

@@ -44,7 +44,8 @@ TEST(an_op_name_that_is_not_utf8_is_refused) {
   CHECK_ERROR_HAS("spill_begin_op");
   CHECK_ERROR_HAS("name is not valid UTF-8 (byte 0xff at offset 3");
   CHECK_STATUS(spill_begin_op(0, 1, "cut \xc3"), SPILL_ERROR_INVALID_ARGUMENT);
-  CHECK_STATUS(spill_begin_op(0, 1, "\xed\xa0\x80"), SPILL_ERROR_INVALID_ARGUMENT); /* a surrogate */
+  /* A surrogate's encoding. */
+  CHECK_STATUS(spill_begin_op(0, 1, "\xed\xa0\x80"), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_OK(spill_begin_op(0, 1, "entr\xc3\xa9" "e \xe2\x86\x92 \xf0\x9f\x94\xa5"));
   CHECK_OK(spill_begin_op(0, 1, NULL));
   REQUIRE_OK(spill_end_step(0, 1));

@@ -27,7 +27,8 @@ std::string read(const fs::path& p) {
 
 // A fresh, empty directory for one test.
 fs::path fresh_dir(const char* name) {
-  fs::path d = fs::path(::testing::TempDir()) / (std::string(name) + "-" + std::to_string(::getpid()));
+  fs::path d =
+      fs::path(::testing::TempDir()) / (std::string(name) + "-" + std::to_string(::getpid()));
   fs::remove_all(d);
   fs::create_directories(d);
   return d;
