@@ -109,8 +109,13 @@ void CachingAllocator::set_host_pinned_source(std::function<std::size_t()> in_us
 
 void* CachingAllocator::allocate(std::size_t bytes, Stream stream) {
   if (bytes == 0) return nullptr;
-  return bytes <= impl_->small_limit ? allocate_small(bytes, stream)
-                                     : allocate_large(bytes, stream);
+  try {
+    return bytes <= impl_->small_limit ? allocate_small(bytes, stream)
+                                       : allocate_large(bytes, stream);
+  } catch (const OutOfMemory& e) {
+    finish_oom_dump(e);  // the lock is released by now
+    throw;
+  }
 }
 
 void CachingAllocator::account_alloc_locked(Block* b, std::size_t bytes, Stream stream) {

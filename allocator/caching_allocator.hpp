@@ -46,6 +46,7 @@
 #include "allocator/residency.hpp"
 #include "allocator/stats.hpp"
 #include "core/config.hpp"
+#include "core/errors.hpp"
 #include "device/device.hpp"
 #include "profiling/snapshot.hpp"
 
@@ -251,7 +252,14 @@ class CachingAllocator final : public ResidencyBackend {
       std::size_t requested, std::size_t needed, bool device_full,
       std::optional<LargeBlockObserver::Unevictable> unevictable = std::nullopt,
       std::string device_error = {});
-  std::string write_oom_dump_locked();
+  // oom_dump: gathers a snapshot and the trace for the thread's OOM (written later by
+  // finish_oom_dump), or says why none is written this time.
+  std::string gather_oom_dump_locked();
+  bool try_reback_unchecked(void* base, std::size_t size);  // try_reback, without the dump
+  // In a public call's handler for an OOM, the allocator's lock released: writes the dump
+  // gathered for it, if any, and throws the OOM again with a sentence saying where; else
+  // returns (the caller rethrows).
+  void finish_oom_dump(const OutOfMemory& oom);
   profiling::MemoryState snapshot_locked() const;
 
   Device& dev_;
