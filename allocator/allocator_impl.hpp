@@ -105,6 +105,7 @@ struct CachingAllocator::Impl {
 
   const std::size_t small_limit;
   const std::string oom_dump;
+  int oom_dumps = 0;  // written (or tried) so far: at most kMaxOomDumps
   const PeakGuard peak_guard;
   const bool cache_takeover;
   const std::int32_t ordinal;

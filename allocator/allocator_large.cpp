@@ -93,8 +93,8 @@ Block* CachingAllocator::map_large(Lock& lock, std::size_t size, std::size_t req
     if (fresh > 0) m.budget.release(fresh);
     try {
       std::rethrow_exception(error);
-    } catch (const OutOfMemory&) {
-      throw_oom_locked(requested, size, true);
+    } catch (const OutOfMemory& e) {
+      throw_oom_locked(requested, size, true, std::nullopt, e.what());
     }
   }
   lock.lock();

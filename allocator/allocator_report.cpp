@@ -17,6 +17,21 @@ namespace spill {
 
 using profiling::EventKind;
 
+namespace {
+
+// An OOM dump gathered under the allocator's lock and written by the public call that raised
+// the OOM once the lock is released (finish_oom_dump): with a full trace the files take about
+// a second, which every allocating thread would otherwise wait out. Per thread: the OOM
+// unwinds on the thread that gathered it.
+struct PendingOomDump {
+  std::string dir, stem;
+  profiling::MemoryState state;
+  std::vector<profiling::TraceEvent> events;
+};
+thread_local std::optional<PendingOomDump> t_pending_dump;
+
+}  // namespace
+
 AllocatorStats CachingAllocator::stats() const {
   AllocatorStats s;
   HostPool* pool;
@@ -178,7 +193,7 @@ void CachingAllocator::check_invariants() const {
 
 void CachingAllocator::throw_oom_locked(
     std::size_t requested, std::size_t needed, bool device_full,
-    std::optional<LargeBlockObserver::Unevictable> unevictable) {
+    std::optional<LargeBlockObserver::Unevictable> unevictable, std::string device_error) {
   Impl& m = *impl_;
   m.stats.ooms++;
   const std::size_t free_under_budget =
@@ -219,30 +234,48 @@ void CachingAllocator::throw_oom_locked(
     }
   }
   f.device_full = device_full;
+  f.device_error = without_source_location(device_error);
   if (unevictable) {
     f.pinned = unevictable->pinned;
     f.unswappable = unevictable->unswappable;
   }
-  if (!m.oom_dump.empty()) f.dump_note = write_oom_dump_locked();
+  // The dump is written after the lock is released (finish_oom_dump); f.dump_note says only
+  // when none is written this time.
+  t_pending_dump.reset();
+  if (!m.oom_dump.empty()) f.dump_note = gather_oom_dump_locked();
   throw OutOfMemory(oom_message(f));
 }
 
-std::string CachingAllocator::write_oom_dump_locked() {
-  // A snapshot and the trace so far, written before the error is raised. A failure to write
-  // must not hide the OOM itself: it is reported in the message instead.
-  static std::atomic<int> counter{0};
+std::string CachingAllocator::gather_oom_dump_locked() {
+  static std::atomic<int> counter{0};  // process-wide: file names never repeat
   const std::string& dir = impl_->oom_dump;
+  if (impl_->oom_dumps >= AllocatorOptions::kMaxOomDumps)
+    return " No OOM dump this time: the first " + std::to_string(AllocatorOptions::kMaxOomDumps) +
+           " out-of-memory failures were dumped to " + dir + " (later ones are only counted).";
+  ++impl_->oom_dumps;
   std::string stem = dir + "/spill_oom_" + std::to_string(::getpid()) + "_" +
                      std::to_string(counter.fetch_add(1));
+  t_pending_dump = PendingOomDump{dir, std::move(stem), snapshot_locked(),
+                                  profiling::TraceRecorder::global().peek()};
+  return {};
+}
+
+void CachingAllocator::finish_oom_dump(const OutOfMemory& oom) {
+  if (!t_pending_dump) return;
+  const PendingOomDump dump = std::move(*t_pending_dump);
+  t_pending_dump.reset();
+  // A failure to write must not hide the OOM itself: it is reported in the message instead.
+  std::string note;
   try {
-    std::filesystem::create_directories(dir);
-    std::vector<profiling::TraceEvent> events = profiling::TraceRecorder::global().peek();
-    profiling::write_snapshot(stem + "_snapshot.json", snapshot_locked(), events);
-    profiling::write_chrome_trace(stem + "_trace.json", events);
-    return " An OOM dump was written to " + stem + "_snapshot.json and " + stem + "_trace.json.";
+    std::filesystem::create_directories(dump.dir);
+    profiling::write_snapshot(dump.stem + "_snapshot.json", dump.state, dump.events);
+    profiling::write_chrome_trace(dump.stem + "_trace.json", dump.events);
+    note = " An OOM dump was written to " + dump.stem + "_snapshot.json and " + dump.stem +
+           "_trace.json.";
   } catch (const std::exception& e) {
-    return " (writing the OOM dump to " + dir + " failed: " + e.what() + ")";
+    note = " (writing the OOM dump to " + dump.dir + " failed: " + e.what() + ")";
   }
+  throw OutOfMemory(oom.what() + note);
 }
 
 }  // namespace spill

@@ -98,18 +98,32 @@ void start_reback(Block* b, void* base, std::size_t size) {
 
 void CachingAllocator::reback(void* base, std::size_t size) {
   Impl& m = *impl_;
-  Lock lock(m.mu);
-  start_reback(m.find_allocated(key(base)), base, size);
   try {
-    make_room(lock, size, size);
-  } catch (...) {
-    m.find_allocated(key(base))->moving = false;  // make_room returns or throws locked
+    Lock lock(m.mu);
+    start_reback(m.find_allocated(key(base)), base, size);
+    try {
+      make_room(lock, size, size);
+    } catch (...) {
+      m.find_allocated(key(base))->moving = false;  // make_room returns or throws locked
+      throw;
+    }
+    map_back(lock, base, size);
+  } catch (const OutOfMemory& e) {
+    finish_oom_dump(e);  // the lock is released by now
     throw;
   }
-  map_back(lock, base, size);
 }
 
 bool CachingAllocator::try_reback(void* base, std::size_t size) {
+  try {
+    return try_reback_unchecked(base, size);
+  } catch (const OutOfMemory& e) {
+    finish_oom_dump(e);  // the lock is released by now
+    throw;
+  }
+}
+
+bool CachingAllocator::try_reback_unchecked(void* base, std::size_t size) {
   Impl& m = *impl_;
   Lock lock(m.mu);
   start_reback(m.find_allocated(key(base)), base, size);
@@ -256,8 +270,8 @@ void CachingAllocator::map_back(Lock& lock, void* base, std::size_t size) {
     m.find_allocated(key(base))->moving = false;
     try {
       std::rethrow_exception(error);
-    } catch (const OutOfMemory&) {
-      throw_oom_locked(size, size, true);
+    } catch (const OutOfMemory& e) {
+      throw_oom_locked(size, size, true, std::nullopt, e.what());
     }
   }
   lock.lock();

@@ -109,8 +109,13 @@ void CachingAllocator::set_host_pinned_source(std::function<std::size_t()> in_us
 
 void* CachingAllocator::allocate(std::size_t bytes, Stream stream) {
   if (bytes == 0) return nullptr;
-  return bytes <= impl_->small_limit ? allocate_small(bytes, stream)
-                                     : allocate_large(bytes, stream);
+  try {
+    return bytes <= impl_->small_limit ? allocate_small(bytes, stream)
+                                       : allocate_large(bytes, stream);
+  } catch (const OutOfMemory& e) {
+    finish_oom_dump(e);  // the lock is released by now
+    throw;
+  }
 }
 
 void CachingAllocator::account_alloc_locked(Block* b, std::size_t bytes, Stream stream) {
@@ -152,10 +157,10 @@ void* CachingAllocator::allocate_small(std::size_t bytes, Stream stream) {
       } else {
         p = dev_.allocate(kSmallSegment);
       }
-    } catch (const OutOfMemory&) {
+    } catch (const OutOfMemory& e) {
       lock.lock();
       m.budget.release(kSmallSegment);
-      throw_oom_locked(bytes, kSmallSegment, true);
+      throw_oom_locked(bytes, kSmallSegment, true, std::nullopt, e.what());
     } catch (...) {
       lock.lock();
       m.budget.release(kSmallSegment);
@@ -321,9 +326,16 @@ void CachingAllocator::forget_stream(Stream stream) {
 }
 
 void CachingAllocator::empty_cache() {
-  Lock lock(impl_->mu);
-  reap_retired(lock, true);
-  release_cached(lock, SIZE_MAX);
+  HostPool* pool;
+  {
+    Lock lock(impl_->mu);
+    reap_retired(lock, true);
+    release_cached(lock, SIZE_MAX);
+    pool = impl_->host_pool;
+  }
+  // Page-locked host memory is scarcer than device memory (the host cannot page it out): the
+  // chunks that hold no swapped-out bytes go back too (the pool's own lock, never inside ours).
+  if (pool) pool->release_free_chunks();
 }
 
 // ---- the ladder

@@ -46,6 +46,7 @@
 #include "allocator/residency.hpp"
 #include "allocator/stats.hpp"
 #include "core/config.hpp"
+#include "core/errors.hpp"
 #include "device/device.hpp"
 #include "profiling/snapshot.hpp"
 
@@ -86,7 +87,10 @@ struct Segment;
 struct AllocatorOptions {
   std::optional<std::size_t> budget;   // default: free device memory less a reserve
   std::size_t small_limit = kSmallLimit;  // requests up to this go to the small pool
-  std::string oom_dump;                // directory for a snapshot + trace on OOM
+  // Directory for a snapshot + trace on OOM: the first kMaxOomDumps OOMs of the allocator are
+  // dumped, later ones only counted (an OOM-retry loop would fill the disk).
+  std::string oom_dump;
+  static constexpr int kMaxOomDumps = 4;
   // Before a large miss maps memory that would raise the reserved peak: Wait gathers, then
   // releases cached blocks, waiting for the requesting stream's own queued work on them if it
   // must; Idle releases only what no queued work can touch (never waits); Off does neither
@@ -133,7 +137,7 @@ class CachingAllocator final : public ResidencyBackend {
   // observer.
   void forget_stream(Stream stream);
   // Returns every cached (free) segment and block to the device, waiting for queued work that
-  // may still touch them.
+  // may still touch them, and the attached host pool's chunks that hold no swapped-out bytes.
   void empty_cache();
 
   AllocatorStats stats() const;
@@ -243,10 +247,19 @@ class CachingAllocator final : public ResidencyBackend {
   // nothing is left mapped or reserved.
   void map_small_segment(void** addr, PhysicalHandle* handle);
   // `needed`: the mapped bytes the request needed (a new segment, or the rounded block).
+  // `device_error`: why the device refused, when it did (device_full).
   [[noreturn]] void throw_oom_locked(
       std::size_t requested, std::size_t needed, bool device_full,
-      std::optional<LargeBlockObserver::Unevictable> unevictable = std::nullopt);
-  std::string write_oom_dump_locked();
+      std::optional<LargeBlockObserver::Unevictable> unevictable = std::nullopt,
+      std::string device_error = {});
+  // oom_dump: gathers a snapshot and the trace for the thread's OOM (written later by
+  // finish_oom_dump), or says why none is written this time.
+  std::string gather_oom_dump_locked();
+  bool try_reback_unchecked(void* base, std::size_t size);  // try_reback, without the dump
+  // In a public call's handler for an OOM, the allocator's lock released: writes the dump
+  // gathered for it, if any, and throws the OOM again with a sentence saying where; else
+  // returns (the caller rethrows).
+  void finish_oom_dump(const OutOfMemory& oom);
   profiling::MemoryState snapshot_locked() const;
 
   Device& dev_;

@@ -1,5 +1,7 @@
 #include "allocator/oom_report.hpp"
 
+#include "device/sim_device.hpp"
+
 #include <algorithm>
 #include <cstdio>
 
@@ -23,7 +25,11 @@ std::string oom_message(const OomFacts& f) {
   const double frag = fragmentation(f);
   char frag_text[32];
   std::snprintf(frag_text, sizeof frag_text, "%.2f", frag);
-  m += f.device_full ? " (the device itself is full, within the budget)" : "";
+  if (f.device_full) {
+    m += f.device_error.empty()
+             ? " (the device itself is full, within the budget)"
+             : " (the device refused, within the budget: " + f.device_error + ")";
+  }
   m += ". Budget " + format_bytes(f.budget) + ": allocated " + format_bytes(f.allocated);
   if (f.small_allocated > 0) {
     m += " (" + format_bytes(f.small_allocated) + " of it in small blocks, requests up to " +
@@ -48,7 +54,13 @@ std::string oom_message(const OomFacts& f) {
          format_bytes(*f.unswappable) + " never declared swappable";
   }
   m += ". ";
-  if (f.device_full && f.simulated) {
+  if (f.device_full && f.simulated &&
+      f.device_error.find(kSimOutOfDescriptors) != std::string::npos) {
+    // Not memory at all: the process's descriptor limit (one descriptor per physical chunk).
+    m += "Hint: the simulated device holds one file descriptor per physical allocation and the "
+         "process has no more: raise the limit (ulimit -n; spill raises the soft limit to the "
+         "hard one at start), or choose a larger sim_granularity: (fewer, larger allocations).";
+  } else if (f.device_full && f.simulated) {
     // Its memory is the host's (files in RAM): sim_capacity or the host ran out, not a GPU.
     m += "Hint: the simulated device's memory is the host's: its sim_capacity: (" +
          format_bytes(f.device_total) + ") or the host's memory (RAM, ulimit -v) ran out; "

@@ -28,6 +28,7 @@ struct OomFacts {
   std::size_t small_limit = 0;    // the largest request the small pool serves
   bool simulated = false;         // the device is SimDevice: its memory is the host's
   bool device_full = false;       // the device itself refused, within the budget
+  std::string device_error;       // the device's own reason for refusing, when it gave one
   // Resident bytes the swapper cannot evict (a block may count in both), when it was asked.
   std::optional<std::size_t> pinned;       // pinned now
   std::optional<std::size_t> unswappable;  // never declared swappable

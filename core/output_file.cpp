@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -49,7 +50,20 @@ void check_not_same(const std::string& path, std::string_view what, const std::s
                           "'): writing it would replace it");
 }
 
-void write_file(const std::string& path, std::string_view text, std::string_view what) {
+namespace {
+
+// Writes all of `text` to `fd`; false (errno set) when a write fails.
+bool write_all(int fd, std::string_view text) {
+  while (!text.empty()) {
+    const ssize_t n = ::write(fd, text.data(), text.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    text.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+void write_in_place(const std::string& path, std::string_view text, std::string_view what) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out.good())
     throw InvalidArgument(std::string(what) + ": cannot write '" + path + "'");
@@ -57,6 +71,40 @@ void write_file(const std::string& path, std::string_view text, std::string_view
   out.close();
   if (!out.good())
     throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
+}
+
+std::atomic<unsigned> next_temporary{0};
+
+}  // namespace
+
+void write_file(const std::string& path, std::string_view text, std::string_view what) {
+  struct stat st {};
+  const bool existed = ::stat(path.c_str(), &st) == 0;
+  if (existed && !S_ISREG(st.st_mode)) return write_in_place(path, text, what);
+  std::error_code ec;
+  // The link's target is replaced, not the link.
+  const std::string target =
+      existed ? std::filesystem::canonical(path, ec).string() : path;
+  if (ec) return write_in_place(path, text, what);
+  const std::string temporary = target + ".tmp-" + std::to_string(::getpid()) + "-" +
+                                std::to_string(next_temporary.fetch_add(1));
+  const mode_t mode = existed ? (st.st_mode & 07777) : 0666;  // a new file: 0666 less the umask
+  int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  // A directory that takes no new file (the file itself may still be writable): in place.
+  if (fd < 0) return write_in_place(path, text, what);
+  if (existed) ::fchmod(fd, mode);  // the umask applied at creation must not narrow it
+  const bool written = write_all(fd, text);
+  const bool closed = ::close(fd) == 0;
+  if (!written || !closed) {
+    ::unlink(temporary.c_str());
+    throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
+  }
+  if (::rename(temporary.c_str(), target.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(temporary.c_str());
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                          std::strerror(err));
+  }
 }
 
 }  // namespace spill

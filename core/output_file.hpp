@@ -22,6 +22,10 @@ void check_not_same(const std::string& path, std::string_view what, const std::s
 // Writes `text` to `path` (replacing it) and checks that every byte reached the file: throws
 // InvalidArgument "<what>: cannot write '<path>'" when it cannot be opened, "<what>: writing
 // '<path>' failed (disk full?)" when the write or the close fails (/dev/full opens fine).
+// A regular file (or a new one) is replaced whole or not at all: the text goes to a temporary
+// file beside it (through a symbolic link, beside its target), which is renamed over it once
+// written, so a failed write leaves the previous contents. The file keeps its permission bits.
+// Devices and pipes are written directly.
 void write_file(const std::string& path, std::string_view text, std::string_view what);
 
 }  // namespace spill

@@ -324,8 +324,18 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
   if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     int err = errno;
     if (fd >= 0) ::close(fd);
+    std::string why = std::strerror(err);
+    if (err == EMFILE || err == ENFILE) {
+      // Not the memory: the descriptors (one per physical chunk, spare ones included).
+      rlimit lim{};
+      ::getrlimit(RLIMIT_NOFILE, &lim);
+      const std::size_t held = s_->chunks.size() + s_->spare_chunks;
+      why += std::string(" (") + kSimOutOfDescriptors + ": this device holds " +
+             std::to_string(held) + " for its physical allocations; the process may open " +
+             std::to_string(lim.rlim_cur) + ")";
+    }
     SPILL_FAIL_OOM("SimDevice: cannot back " + format_bytes(bytes) +
-                   " of physical memory on the host: " + std::strerror(err));
+                   " of physical memory on the host: " + why);
   }
   PhysicalHandle h = s_->next_handle++;
   s_->chunks[h] = {fd, bytes, 0};

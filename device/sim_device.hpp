@@ -20,6 +20,10 @@
 
 namespace spill {
 
+// In a SimDevice out-of-memory message when the process ran out of file descriptors (each
+// physical allocation is a memfd): out-of-memory reports look for it to give the right advice.
+inline constexpr const char* kSimOutOfDescriptors = "out of file descriptors";
+
 struct Config;
 
 struct SimOptions {

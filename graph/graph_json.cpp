@@ -1,12 +1,12 @@
 #include "graph/graph_json.hpp"
 
-#include <fstream>
 #include <limits>
 #include <unordered_map>
 
 #include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "core/json_read.hpp"
+#include "core/output_file.hpp"
 
 namespace spill::graph {
 
@@ -173,9 +173,9 @@ Graph load_graph_file(const std::string& path) {
 }
 
 void save_graph_file(const Graph& g, const std::string& path) {
-  std::ofstream out(path);
-  SPILL_EXPECTS(out.good(), "graph file '" + path + "' cannot be written");
-  out << graph_to_json(g).dump(1) << "\n";
+  // The text first, then the file: replaced whole or not at all (a failed write keeps the
+  // previous graph).
+  write_file(path, graph_to_json(g).dump(1) + "\n", "graph file");
 }
 
 json plan_to_json(const Graph& g, const Plan& p) {

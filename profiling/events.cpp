@@ -39,21 +39,50 @@ struct TraceRecorder::Ring {
   std::atomic<std::uint64_t> head{0};
   std::uint64_t tail = 0;  // consumer side
   std::uint32_t thread;
-  std::atomic<bool> orphan{false};  // its thread has exited
 };
 
 namespace {
 
-// Each thread caches its ring per recorder; the cache entry marks the ring orphaned on exit.
+// Live recorders by id, so that an exiting thread can hand its rings back to recorders that
+// still exist. Never destroyed: threads exit after static destruction too.
+std::mutex& recorders_mu() {
+  static auto* mu = new std::mutex();
+  return *mu;
+}
+std::unordered_map<std::uint32_t, TraceRecorder*>& recorders() {
+  static auto* live = new std::unordered_map<std::uint32_t, TraceRecorder*>();
+  return *live;
+}
+
+// Set when the thread's exit has begun: thread_local destructors that run later (a user's
+// cache freeing its blocks) still record, through the recorder's lock instead of a ring.
+thread_local bool t_exiting = false;
+// Who the thread was, for those: its number and the next position in its (gone) ring.
+thread_local std::uint32_t t_exit_recorder = 0, t_exit_thread = 0;
+thread_local std::uint64_t t_exit_seq = 0;
+thread_local std::uint32_t t_last_id = 0;
+thread_local TraceRecorder::Ring* t_last_ring = nullptr;
+
+// Each thread caches its ring per recorder; at exit it hands every ring back to its recorder.
 struct ThreadRings {
   std::unordered_map<std::uint32_t, std::shared_ptr<TraceRecorder::Ring>> by_recorder;
   ~ThreadRings() {
-    for (auto& [id, ring] : by_recorder) ring->orphan.store(true, std::memory_order_release);
+    t_exiting = true;
+    if (t_last_ring != nullptr) {
+      t_exit_recorder = t_last_id;
+      t_exit_thread = t_last_ring->thread;
+      t_exit_seq = t_last_ring->head.load(std::memory_order_relaxed);
+    }
+    t_last_id = 0;
+    t_last_ring = nullptr;
+    std::lock_guard lock(recorders_mu());
+    for (auto& [id, ring] : by_recorder) {
+      auto it = recorders().find(id);
+      if (it != recorders().end()) it->second->retire(*ring);
+    }
   }
 };
 thread_local ThreadRings t_rings;
-thread_local std::uint32_t t_last_id = 0;
-thread_local TraceRecorder::Ring* t_last_ring = nullptr;
 
 std::size_t round_pow2(std::size_t n) {
   std::size_t p = 1;
@@ -75,9 +104,14 @@ TraceRecorder::TraceRecorder(std::size_t ring_capacity)
     : ring_capacity_(round_pow2(std::max<std::size_t>(ring_capacity, 16))),
       id_(next_recorder_id.fetch_add(1)) {
   calibrate();
+  std::lock_guard lock(recorders_mu());
+  recorders().emplace(id_, this);
 }
 
-TraceRecorder::~TraceRecorder() = default;
+TraceRecorder::~TraceRecorder() {
+  std::lock_guard lock(recorders_mu());
+  recorders().erase(id_);
+}
 
 TraceRecorder& TraceRecorder::global() {
   static TraceRecorder* recorder = new TraceRecorder();  // never destroyed: used at exit
@@ -173,8 +207,9 @@ double TraceRecorder::to_ns(std::uint64_t ticks) const {
 
 std::uint64_t TraceRecorder::now_ns() const { return steady_ns(); }
 
-TraceRecorder::Ring& TraceRecorder::ring_for_this_thread() {
-  if (t_last_id == id_) return *t_last_ring;
+TraceRecorder::Ring* TraceRecorder::ring_for_this_thread() {
+  if (t_last_id == id_) return t_last_ring;
+  if (t_exiting) return nullptr;
   auto& slot = t_rings.by_recorder[id_];
   if (!slot) {
     std::lock_guard lock(mu_);
@@ -183,34 +218,126 @@ TraceRecorder::Ring& TraceRecorder::ring_for_this_thread() {
   }
   t_last_id = id_;
   t_last_ring = slot.get();
-  return *slot;
+  return slot.get();
 }
 
 void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::uint64_t bytes,
                                   std::uint64_t stream, std::int32_t device, std::uint32_t tag,
                                   std::uint64_t time, std::uint64_t duration) {
-  Ring& r = ring_for_this_thread();
-  std::uint64_t h = r.head.load(std::memory_order_relaxed);
-  std::atomic<std::uint64_t>* w = &r.words[(h & r.mask) * Ring::kWords];
+  const bool clocked = g_clock.load(std::memory_order_relaxed) != nullptr;
+  const std::uint64_t meta = pack_meta(kind, device, tag) | (clocked ? kClockedBit : 0);
+  Ring* r = ring_for_this_thread();
+  if (r == nullptr) {
+    // The thread is exiting and its ring is gone: rare, so the lock is fine.
+    std::lock_guard lock(mu_);
+    if (t_exit_recorder != id_) {  // its first event for this recorder
+      t_exit_recorder = id_;
+      t_exit_thread = next_thread_++;
+      t_exit_seq = 0;
+    }
+    store_locked({{time, address, bytes, stream, meta, duration}, t_exit_thread, t_exit_seq++});
+    return;
+  }
+  std::uint64_t h = r->head.load(std::memory_order_relaxed);
+  std::atomic<std::uint64_t>* w = &r->words[(h & r->mask) * Ring::kWords];
   w[0].store(time, std::memory_order_relaxed);
   w[1].store(address, std::memory_order_relaxed);
   w[2].store(bytes, std::memory_order_relaxed);
   w[3].store(stream, std::memory_order_relaxed);
-  const bool clocked = g_clock.load(std::memory_order_relaxed) != nullptr;
-  w[4].store(pack_meta(kind, device, tag) | (clocked ? kClockedBit : 0), std::memory_order_relaxed);
+  w[4].store(meta, std::memory_order_relaxed);
   w[5].store(duration, std::memory_order_relaxed);
-  r.head.store(h + 1, std::memory_order_release);
+  r->head.store(h + 1, std::memory_order_release);
 }
 
-std::vector<TraceEvent> TraceRecorder::collect() { return drain(true); }
+void TraceRecorder::store_locked(const Stored& event) {
+  if (exited_.size() >= ring_capacity_) {
+    exited_.pop_front();
+    dropped_.fetch_add(1, std::memory_order_relaxed);
+  }
+  exited_.push_back(event);
+}
 
-std::vector<TraceEvent> TraceRecorder::peek() { return drain(false); }
+void TraceRecorder::retire(const Ring& ring) {
+  std::lock_guard lock(mu_);
+  // The ring's thread is the caller, at its exit: nobody writes the ring any more.
+  const std::uint64_t head = ring.head.load(std::memory_order_acquire);
+  const std::uint64_t oldest = head > ring_capacity_ ? head - ring_capacity_ : 0;
+  const std::uint64_t start = std::max(ring.tail, oldest);
+  if (start > ring.tail) dropped_.fetch_add(start - ring.tail, std::memory_order_relaxed);
+  for (std::uint64_t i = start; i < head; ++i) {
+    Stored e{{}, ring.thread, i};
+    const std::atomic<std::uint64_t>* w = &ring.words[(i & ring.mask) * Ring::kWords];
+    for (int k = 0; k < Ring::kWords; ++k) e.words[k] = w[k].load(std::memory_order_relaxed);
+    store_locked(e);
+  }
+  std::erase_if(rings_, [&ring](const std::shared_ptr<Ring>& r) { return r.get() == &ring; });
+}
 
-std::vector<TraceEvent> TraceRecorder::drain(bool take) {
+std::size_t TraceRecorder::ring_count() const {
+  std::lock_guard lock(mu_);
+  return rings_.size();
+}
+
+TraceEvent TraceRecorder::decode(const Stored& s) const {
+  TraceEvent e;
+  const std::uint64_t meta = s.words[4];
+  const bool clocked = (meta & kClockedBit) != 0;
+  e.time_ns = clocked ? s.words[0] : static_cast<std::uint64_t>(std::max(0.0, to_ns(s.words[0])));
+  e.address = s.words[1];
+  e.bytes = s.words[2];
+  e.stream = s.words[3];
+  e.kind = static_cast<EventKind>(meta & 0x7f);
+  std::int32_t dev = static_cast<std::int32_t>((meta >> 8) & 0xffffff);
+  e.device = (dev & 0x800000) ? dev - 0x1000000 : dev;
+  e.tag = static_cast<std::uint32_t>(meta >> 32);
+  const std::uint64_t dur = s.words[5];
+  e.duration_ns = kUseTsc && !clocked
+                      ? static_cast<std::uint64_t>(static_cast<double>(dur) * ns_per_tick_)
+                      : dur;
+  e.thread = s.thread;
+  return e;
+}
+
+std::vector<TraceEvent> TraceRecorder::collect() { return drain(true, nullptr); }
+
+std::vector<TraceEvent> TraceRecorder::peek(Mark* mark) {
+  if (mark != nullptr) mark->threads.clear();
+  return drain(false, mark);
+}
+
+void TraceRecorder::take(const Mark& mark) {
+  std::lock_guard lock(mu_);
+  auto seen = [&mark](std::uint32_t thread) -> const Mark::Seen* {
+    auto it = mark.threads.find(thread);
+    return it != mark.threads.end() ? &it->second : nullptr;
+  };
+  // Events of threads that exited since the peek are in the store now, by position.
+  std::erase_if(exited_, [&](const Stored& e) {
+    const Mark::Seen* s = seen(e.thread);
+    return s != nullptr && e.seq < s->end;
+  });
+  for (auto& ring : rings_) {
+    const Mark::Seen* s = seen(ring->thread);
+    if (s == nullptr || s->end <= ring->tail) continue;
+    if (s->valid_from > ring->tail)
+      dropped_.fetch_add(s->valid_from - ring->tail, std::memory_order_relaxed);
+    ring->tail = s->end;
+  }
+}
+
+std::vector<TraceEvent> TraceRecorder::drain(bool take, Mark* mark) {
   std::vector<TraceEvent> out;
   std::lock_guard lock(mu_);
   calibrate();
   const std::uint64_t cap = ring_capacity_;
+  for (const Stored& s : exited_) {
+    out.push_back(decode(s));
+    if (mark != nullptr) {
+      auto it = mark->threads.try_emplace(s.thread, Mark::Seen{s.seq, s.seq + 1}).first;
+      it->second.end = std::max(it->second.end, s.seq + 1);
+    }
+  }
+  if (take) exited_ = {};
   for (auto& ring : rings_) {
     Ring& r = *ring;
     std::uint64_t head = r.head.load(std::memory_order_acquire);
@@ -218,24 +345,9 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take) {
     std::size_t first = out.size();
     for (std::uint64_t i = start; i < head; ++i) {
       const std::atomic<std::uint64_t>* w = &r.words[(i & r.mask) * Ring::kWords];
-      TraceEvent e;
-      std::uint64_t ticks = w[0].load(std::memory_order_relaxed);
-      std::uint64_t meta = w[4].load(std::memory_order_relaxed);
-      const bool clocked = (meta & kClockedBit) != 0;
-      e.time_ns = clocked ? ticks : static_cast<std::uint64_t>(std::max(0.0, to_ns(ticks)));
-      e.address = w[1].load(std::memory_order_relaxed);
-      e.bytes = w[2].load(std::memory_order_relaxed);
-      e.stream = w[3].load(std::memory_order_relaxed);
-      e.kind = static_cast<EventKind>(meta & 0x7f);
-      std::int32_t dev = static_cast<std::int32_t>((meta >> 8) & 0xffffff);
-      e.device = (dev & 0x800000) ? dev - 0x1000000 : dev;
-      e.tag = static_cast<std::uint32_t>(meta >> 32);
-      std::uint64_t dur = w[5].load(std::memory_order_relaxed);
-      e.duration_ns = kUseTsc && !clocked
-                          ? static_cast<std::uint64_t>(static_cast<double>(dur) * ns_per_tick_)
-                          : dur;
-      e.thread = r.thread;
-      out.push_back(e);
+      Stored s{{}, r.thread, i};
+      for (int k = 0; k < Ring::kWords; ++k) s.words[k] = w[k].load(std::memory_order_relaxed);
+      out.push_back(decode(s));
     }
     // Slots the producer may have overwritten while we read them are discarded.
     std::uint64_t after = r.head.load(std::memory_order_acquire);
@@ -247,14 +359,11 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take) {
                 out.begin() + static_cast<std::ptrdiff_t>(first + bad));
       lost += bad;
     }
+    if (mark != nullptr) mark->threads[r.thread] = {r.tail + lost, head};
     if (!take) continue;
     if (lost) dropped_.fetch_add(lost, std::memory_order_relaxed);
     r.tail = head;
   }
-  if (take) std::erase_if(rings_, [](const std::shared_ptr<Ring>& r) {
-    return r->orphan.load(std::memory_order_acquire) &&
-           r->head.load(std::memory_order_acquire) == r->tail;
-  });
   std::stable_sort(out.begin(), out.end(),
                    [](const TraceEvent& a, const TraceEvent& b) { return a.time_ns < b.time_ns; });
   return out;

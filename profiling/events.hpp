@@ -7,10 +7,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 namespace spill::profiling {
@@ -86,12 +88,28 @@ class TraceRecorder {
                      std::uint64_t stream, std::int32_t device, std::uint32_t tag,
                      std::uint64_t time, std::uint64_t duration);
 
+  // Where a peek() ended in each thread's events: take(mark) then takes exactly what it saw.
+  struct Mark {
+    struct Seen {
+      std::uint64_t valid_from;  // the thread's first event the peek could still read
+      std::uint64_t end;         // one past its last
+    };
+    std::unordered_map<std::uint32_t, Seen> threads;  // by thread number
+  };
+
   // Takes every event recorded since the last collect, from all threads, ordered by time.
   std::vector<TraceEvent> collect();
-  // A copy of every event still in the rings, without taking them (for OOM dumps).
-  std::vector<TraceEvent> peek();
-  // Events lost to full rings so far.
+  // A copy of every event not yet taken, without taking them (for OOM dumps). With `mark`,
+  // also where it ended, so that a caller can take them once it has stored them (an export
+  // whose write fails keeps them).
+  std::vector<TraceEvent> peek(Mark* mark = nullptr);
+  // Takes the events a peek(&mark) saw (events recorded since stay), counting those lost to
+  // full rings before it as dropped.
+  void take(const Mark& mark);
+  // Events lost to full rings (or a full store of exited threads' events) so far.
   std::uint64_t dropped() const { return dropped_.load(std::memory_order_relaxed); }
+  // Per-thread rings alive: one per live thread that has recorded (exited threads' are freed).
+  std::size_t ring_count() const;
 
   // Interns `name` as a tag (0 is reserved for "no tag"); thread-safe, stable ids.
   std::uint32_t intern(std::string_view name);
@@ -118,16 +136,31 @@ class TraceRecorder {
   static double clock_seconds();
 
   struct Ring;
+  // Called at the exit of the thread that owns `ring`: moves its unread events to the store of
+  // exited threads' events and frees the ring.
+  void retire(const Ring& ring);
 
  private:
-  Ring& ring_for_this_thread();
-  std::vector<TraceEvent> drain(bool take);
+  // An event as the ring holds it (the words) and the thread that recorded it.
+  struct Stored {
+    std::uint64_t words[6];
+    std::uint32_t thread;
+    std::uint64_t seq;  // its position in its thread's ring (what a Mark counts)
+  };
+
+  // Null once the calling thread's exit has begun (its ring is gone).
+  Ring* ring_for_this_thread();
+  void store_locked(const Stored& event);
+  TraceEvent decode(const Stored& event) const;
+  std::vector<TraceEvent> drain(bool take, Mark* mark);
 
   std::atomic<bool> enabled_{true};
   std::size_t ring_capacity_;
   std::uint32_t id_;  // distinguishes recorders in thread-local caches
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<Ring>> rings_;
+  // Unread events of exited threads, oldest first, at most ring_capacity_ of them.
+  std::deque<Stored> exited_;
   std::vector<std::string> tags_{""};
   std::atomic<std::uint64_t> dropped_{0};
   std::uint32_t next_thread_ = 0;

@@ -33,6 +33,11 @@ std::uint64_t sid(Stream s) { return reinterpret_cast<std::uint64_t>(s); }
 
 namespace {
 std::atomic<std::uint64_t> next_serial{1};
+
+// Generations are process-wide, not per swapper: a pin token kept across spill_shutdown and
+// spill_init must not match a block of the new runtime at the same address (same base, both
+// generation 1 with a per-runtime counter), or its unpin would end the new block's pin.
+std::atomic<std::uint64_t> next_generation{1};
 }  // namespace
 
 std::uint64_t Swapper::Impl::current_scope() const { return thread_scopes::get(serial); }
@@ -106,7 +111,7 @@ SwapBlock& Swapper::Impl::add_block_locked(void* base, std::size_t size) {
   b.size = size;
   b.request = size;
   b.swappable = !opt.opt_in;
-  b.generation = next_generation++;
+  b.generation = next_generation.fetch_add(1, std::memory_order_relaxed);
   b.born = ++tick;
   stats.resident_bytes += size;
   count_fresh_locked(key(base), b, +1);

@@ -248,7 +248,6 @@ struct Swapper::Impl {
   SwapStats stats;
   std::uint64_t tick = 0;
   std::uint64_t next_pin = 0;  // the latest pin id given (PinToken::pin)
-  std::uint64_t next_generation = 1;
   std::uint64_t next_out_order = 0;
   // Host time (steady clock, ns) that callers spent blocked inside the swapper: waiting for a
   // swap-in or a cancelled swap-out to land (host pins) and for swap-outs to free room. A

@@ -1,11 +1,13 @@
 // The C API's observability: stats (struct and JSON), memory snapshots, trace export, the
 // latest OOM message.
 #include <cstring>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
+#include "core/utf8.hpp"
 #include "integrations/c/c_api_state.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/events.hpp"
@@ -185,11 +187,17 @@ spill_status spill_trace_export(const char* path) {
   if (path == nullptr || *path == '\0')
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_trace_export: the path is NULL or empty");
   try {
-    // The path first: collect() takes the events, so a path that cannot be written must be
-    // refused before they are taken (the caller may retry with another path).
+    // The path first: a path that cannot be written is refused naming it, before any work.
     check_writable(path, "spill_trace_export");
+    // The events are taken only once they are written (a full disk keeps them for the next
+    // export); one export at a time, so two never write the same events.
+    static std::mutex exporting;
+    std::lock_guard lock(exporting);
     auto& rec = profiling::TraceRecorder::global();
-    profiling::write_chrome_trace(path, rec.collect(), tag_names(), {{"source", "spill C API"}});
+    profiling::TraceRecorder::Mark written;
+    profiling::write_chrome_trace(path, rec.peek(&written), tag_names(),
+                                  {{"source", "spill C API"}});
+    rec.take(written);
     return SPILL_OK;
   } catch (const Error&) {
     spill_status s = current_error("spill_trace_export");
@@ -226,9 +234,14 @@ spill_status spill_take_allocated_peak(int device, uint64_t* peak_bytes) {
 
 spill_status spill_set_oom_note(int device, const char* note) {
   return on_device(device, "spill_set_oom_note", [&](Lease& lease) {
+    // Cut at a character boundary (the note is text Python decodes), then checked: a note
+    // goes back to callers as a string inside every out-of-memory message.
     constexpr std::size_t kMaxNote = 4096;
-    lease->set_oom_note(note == nullptr ? std::string()
-                                        : std::string(note, strnlen(note, kMaxNote)));
+    const std::string_view text =
+        note == nullptr ? std::string_view() : std::string_view(note, strnlen(note, kMaxNote + 1));
+    const std::string_view kept = utf8_prefix(text, kMaxNote);
+    expect_utf8(kept, "note");
+    lease->set_oom_note(std::string(kept));
     return SPILL_OK;
   });
 }

@@ -4,6 +4,7 @@
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
+#include "core/utf8.hpp"
 #include "graph/graph_json.hpp"
 #include "graph/trace.hpp"
 #include "integrations/c/c_api_state.hpp"
@@ -156,8 +157,14 @@ spill_status spill_end_scope(int device, uint64_t scope) {
 }
 
 spill_status spill_begin_op(int device, uint64_t scope, const char* name) {
-  return on_swapper(device, "spill_begin_op",
-                    [&](Swapper& sw) { sw.begin_op(name ? name : "", scope); });
+  const std::string_view op = name != nullptr ? name : "";
+  return on_device(device, "spill_begin_op", [&](Lease& lease) {
+    // Op names go into the step graph's JSON, which refuses bad bytes: refused here instead,
+    // where the caller learns which argument it was (also without a swapper to record them).
+    expect_utf8(op, "name");
+    if (Swapper* sw = lease.rt().swapper()) sw->begin_op(op, scope);
+    return SPILL_OK;
+  });
 }
 
 spill_status spill_set_scope(int device, uint64_t scope) {

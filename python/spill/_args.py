@@ -100,7 +100,11 @@ def text(value: Any, name: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidArgumentTypeError(f"spill: {name} must be a string, got {value!r}")
     _refuse_nul(value, name)
-    return value.encode()
+    try:
+        return value.encode()
+    except UnicodeEncodeError as e:  # a lone surrogate (from surrogateescape): no UTF-8 for it
+        raise InvalidArgumentError(f"spill: {name} is not valid text: {e.reason} at "
+                                   f"index {e.start}") from None
 
 
 def path(value: PathLike, name: str = "path") -> bytes:

@@ -55,6 +55,16 @@ def _open(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
+def _runtime_hint(errors: str) -> str:
+    """A library that was found but whose CUDA runtime was not: building or installing spill
+    again would not help, the loader's path would."""
+    if "libcudart" not in errors:
+        return ""
+    return ("\nlibspill.so was found, but the CUDA runtime it needs (libcudart.so.13) was not: "
+            "add the folder that holds it (a CUDA toolkit's lib64, or the lib folder of the "
+            "nvidia-cuda-runtime wheel) to LD_LIBRARY_PATH or the system loader's configuration.")
+
+
 def _load() -> Tuple[ctypes.CDLL, str]:
     explicit = os.environ.get("SPILL_LIBRARY")
     if explicit:
@@ -62,7 +72,8 @@ def _load() -> Tuple[ctypes.CDLL, str]:
             return _open(explicit), explicit
         except OSError as e:
             raise LibraryNotFoundError(
-                f"spill: SPILL_LIBRARY={explicit!r} could not be loaded: {e}") from None
+                f"spill: SPILL_LIBRARY={explicit!r} could not be loaded: {e}"
+                + _runtime_hint(str(e))) from None
     tried = ["SPILL_LIBRARY (not set)"]
     for where, path in _candidates():
         if not path.exists():
@@ -76,10 +87,11 @@ def _load() -> Tuple[ctypes.CDLL, str]:
         return _open("libspill.so"), "libspill.so"
     except OSError as e:
         tried.append(f"system loader: libspill.so ({e})")
+    hint = _runtime_hint("\n".join(tried))
     raise LibraryNotFoundError(
         "spill: libspill.so not found; tried:\n  " + "\n  ".join(tried) +
-        "\nSet SPILL_LIBRARY to the library's path, build spill (scripts/build.sh) or install it "
-        "(cmake --install).")
+        (hint or "\nSet SPILL_LIBRARY to the library's path, build spill (scripts/build.sh) or "
+                 "install it (cmake --install)."))
 
 
 def library() -> ctypes.CDLL:

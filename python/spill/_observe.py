@@ -12,11 +12,13 @@ from ._lib import call, library
 
 
 def _take_string(fn: str, *args: Any) -> str:
-    """Calls a C function that returns a string through `char** out`; frees it."""
+    """Calls a C function that returns a string through `char** out`; frees it. Bytes that are
+    not UTF-8 (text a C caller gave spill) become U+FFFD rather than an exception, as in
+    error messages."""
     out = ctypes.c_void_p()
     call(fn, *args, ctypes.byref(out))
     try:
-        return ctypes.string_at(out.value).decode() if out.value else ""
+        return ctypes.string_at(out.value).decode(errors="replace") if out.value else ""
     finally:
         library().spill_string_free(out)
 

@@ -17,6 +17,7 @@
 #include "core/errors.hpp"
 #include "core/pattern.hpp"
 #include "core/units.hpp"
+#include "device/sim_device.hpp"
 #include "profiling/events.hpp"
 #include "tests/device/backends.hpp"
 
@@ -975,6 +976,29 @@ TEST(AllocatorOom, AFullSimulatedDeviceIsTheHostsMemory) {
   EXPECT_NE(m.find("the simulated device's memory is the host's: its sim_capacity: (" +
                    format_bytes(8 * MiB) + ")"),
             std::string::npos) << m;
+}
+
+// The device's own reason is kept; on the simulated device, running out of file descriptors
+// (one per physical allocation) is named with its remedy instead of advice about RAM.
+TEST(AllocatorOom, TheDevicesReasonIsKeptAndDescriptorsAreNotMemory) {
+  OomFacts f;
+  f.requested = f.needed = MiB;
+  f.budget = 10 * MiB;
+  f.device_total = 8 * MiB;
+  f.device_full = true;
+  f.simulated = true;
+  f.device_error = std::string("SimDevice: cannot back 1.00 MiB: Too many open files (") +
+                   kSimOutOfDescriptors + ": ...)";
+  const std::string m = oom_message(f);
+  EXPECT_NE(m.find("(the device refused, within the budget: SimDevice: cannot back 1.00 MiB: "
+                   "Too many open files"),
+            std::string::npos) << m;
+  EXPECT_NE(m.find("ulimit -n"), std::string::npos) << m;
+  EXPECT_NE(m.find("sim_granularity:"), std::string::npos) << m;
+  EXPECT_EQ(m.find("RAM"), std::string::npos) << m;
+  EXPECT_EQ(m.find("the device itself is full"), std::string::npos) << m;
+  f.device_error = "SimDevice: cannot back 1.00 MiB of physical memory on the host: No space left";
+  EXPECT_NE(oom_message(f).find("sim_capacity:"), std::string::npos) << "memory: the RAM hint";
 }
 
 // The hint follows the breakdown: with the swapper's figures, a budget filled by blocks never

@@ -1,9 +1,15 @@
 // HostPool: exact sizes from registered chunks, reuse, the host cap; and the allocator's OOM
 // dump.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
+#include <string>
+#include <thread>
 
 #include "allocator/caching_allocator.hpp"
 #include "allocator/host_pool.hpp"
@@ -129,6 +135,92 @@ TEST(OomDump, WritesASnapshotAndATraceAndSaysWhere) {
   EXPECT_EQ(snapshots, 1);
   EXPECT_EQ(traces, 1);
   a.deallocate(p);
+  std::filesystem::remove_all(dir);
+}
+
+// An OOM-retry loop (a batch-size search) must not fill the disk: the first kMaxOomDumps OOMs
+// are dumped, later ones say they were not.
+TEST(OomDump, OnlyTheFirstFewOutOfMemoryFailuresAreDumped) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  std::string dir = ::testing::TempDir() + "spill_oom_dump_bound_test";
+  std::filesystem::remove_all(dir);
+  CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+  void* p = a.allocate(6 * MiB);
+  const int tries = AllocatorOptions::kMaxOomDumps + 6;
+  std::string last;
+  for (int i = 0; i < tries; ++i) {
+    try {
+      a.allocate(6 * MiB);
+      FAIL() << "expected OutOfMemory";
+    } catch (const OutOfMemory& e) {
+      last = e.what();
+    }
+  }
+  EXPECT_NE(last.find("No OOM dump this time: the first 4 out-of-memory failures were dumped to " +
+                      dir),
+            std::string::npos)
+      << last;
+  EXPECT_EQ(a.stats().ooms, static_cast<std::uint64_t>(tries)) << "every OOM is still counted";
+  int files = 0;
+  for ([[maybe_unused]] auto& f : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 2 * AllocatorOptions::kMaxOomDumps) << "a snapshot and a trace per dump";
+  a.deallocate(p);
+  std::filesystem::remove_all(dir);
+}
+
+// The dump is written after the allocator's lock is released. Its snapshot goes to a FIFO that
+// this thread holds open without reading: once bytes arrive the dump is being written (and
+// soon blocks on the full pipe), and this thread allocates and frees. Were the dump written
+// under the lock, that allocation would wait for the dump, which waits for this thread: the
+// test would hang (ctest's timeout) instead of passing.
+TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  const std::string dir = ::testing::TempDir() + "spill_oom_dump_unlocked_test";
+  std::filesystem::remove_all(dir);
+  CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+  void* held = a.allocate(6 * MiB);
+  // The file names count dumps across the process: a first dump says where the count is.
+  std::string first;
+  try {
+    a.allocate(6 * MiB);
+  } catch (const OutOfMemory& e) {
+    first = e.what();
+  }
+  const std::string prefix = dir + "/spill_oom_" + std::to_string(::getpid()) + "_";
+  const std::size_t at = first.find(prefix);
+  ASSERT_NE(at, std::string::npos) << first;
+  const int next = std::stoi(first.substr(at + prefix.size())) + 1;
+  const std::string fifo = prefix + std::to_string(next) + "_snapshot.json";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << fifo;
+  const int fd = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK);  // a reader: the dump's open passes
+  ASSERT_GE(fd, 0);
+  // A snapshot larger than a pipe holds: the trace events of many allocations.
+  for (int i = 0; i < 4000; ++i) a.deallocate(a.allocate(4096));
+  std::string message;
+  std::thread oom([&] {
+    try {
+      a.allocate(6 * MiB);
+    } catch (const OutOfMemory& e) {
+      message = e.what();
+    }
+  });
+  pollfd readable{fd, POLLIN, 0};
+  ASSERT_EQ(::poll(&readable, 1, -1), 1);  // the dump is being written
+  void* p = a.allocate(MiB);                // needs the allocator's lock
+  a.deallocate(p);
+  ::fcntl(fd, F_SETFL, 0);  // blocking reads until the dump closes the file
+  std::string snapshot;
+  char buf[65536];
+  for (ssize_t got; (got = ::read(fd, buf, sizeof buf)) > 0;)
+    snapshot.append(buf, static_cast<std::size_t>(got));
+  ::close(fd);
+  oom.join();
+  EXPECT_NE(message.find("An OOM dump was written to " + prefix + std::to_string(next)),
+            std::string::npos)
+      << message;
+  EXPECT_GT(snapshot.size(), 65536u);
+  EXPECT_NE(snapshot.find("\"segments\""), std::string::npos);
+  a.deallocate(held);
   std::filesystem::remove_all(dir);
 }
 

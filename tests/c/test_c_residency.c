@@ -712,6 +712,65 @@ TEST(shutdown_with_live_blocks) {
   CHECK_OK(spill_free(p, 0, NULL));
 }
 
+/* Rule 5 across sessions: a token kept across spill_shutdown and spill_init is stale in the
+ * new session, even when a new block has the old one's address (generations are unique in the
+ * process; each runtime used to count them from 1, and the old token unpinned the new block). */
+TEST(a_token_from_an_earlier_session_is_stale) {
+  spill_pin_token old = {0};
+  int address_reused = 0;
+  for (int session = 0; session < 10 && !address_reused; ++session) {
+    REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+    void* p = NULL;
+    REQUIRE_OK(spill_malloc(&p, BLOCK, 0, NULL));
+    REQUIRE_OK(spill_set_swappable(p, 1));
+    spill_pin_token t;
+    REQUIRE_OK(spill_pin(p, NULL, &t));
+    if (session > 0) CHECK(t.generation != old.generation);
+    if (session > 0 && t.block == old.block) {
+      address_reused = 1;
+      CHECK_OK(spill_unpin(&old, NULL, 1)); /* a stale no-op */
+      CHECK(stats().stale_unpins == 1);
+      CHECK_OK(spill_evict(p));
+      CHECK(residence(p) == SPILL_RESIDENT); /* still pinned by its own token */
+      CHECK_OK(spill_unpin(&t, NULL, 1));    /* not "unpinned twice" */
+    }
+    old = t; /* kept open across the shutdown */
+    REQUIRE_OK(spill_shutdown());
+  }
+  if (!address_reused) fprintf(stderr, "note: no session reused the old block's address\n");
+}
+
+/* Pinned host memory is scarce on a real host (it cannot be paged out): spill_empty_cache
+ * gives back the host pool's chunks that hold no swapped-out bytes, and keeps those that do. */
+TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:lru"));
+  enum { N = 8 };
+  void* b[N];
+  for (int i = 0; i < N; ++i) { /* 64 MiB of blocks in a 32 MiB budget */
+    REQUIRE_OK(spill_malloc(&b[i], BLOCK, 0, NULL));
+    write_pinned(b[i], BLOCK, 20 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK(stats().swap_outs > 0);
+  CHECK(stats().host_pinned_bytes > 0);
+  /* One block stays on the host; the others go. */
+  REQUIRE_OK(spill_evict(b[0]));
+  while (residence(b[0]) != SPILL_ON_HOST) {
+  }
+  for (int i = 1; i < N; ++i) REQUIRE_OK(spill_free(b[i], 0, NULL));
+  CHECK_OK(spill_empty_cache(0));
+  spill_stats st = stats();
+  CHECK(st.swapped_out_bytes == BLOCK);
+  CHECK(st.host_pinned_bytes >= BLOCK); /* the chunk that holds its bytes stays */
+  CHECK(residence(b[0]) == SPILL_ON_HOST);
+  CHECK(check_pinned(b[0], BLOCK, 20));
+  CHECK_OK(spill_free(b[0], 0, NULL));
+  CHECK_OK(spill_empty_cache(0));
+  st = stats();
+  CHECK(st.swapped_out_bytes == 0);
+  CHECK(st.host_pinned_bytes == 0);
+}
+
 #define TESTS(X)                       \
   X(declared_blocks_swap_and_come_back) \
   X(undeclared_blocks_are_never_evicted) \
@@ -719,6 +778,8 @@ TEST(shutdown_with_live_blocks) {
   X(undeclaring_brings_a_block_back)   \
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
+  X(a_token_from_an_earlier_session_is_stale) \
+  X(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
   X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \

@@ -53,6 +53,17 @@ cmake --build "$work/cmake-consumer" >"$work/consumer-build.log" 2>&1 ||
   { cat "$work/consumer-build.log"; fail "building the consumer"; }
 "$work/cmake-consumer/consumer" "$version"
 
+step "find_package(spill COMPONENTS static) says why it fails"
+mkdir -p "$work/components"
+printf 'cmake_minimum_required(VERSION 3.20)\nproject(components C)\nfind_package(spill REQUIRED COMPONENTS static)\n' \
+  >"$work/components/CMakeLists.txt"
+if cmake -S "$work/components" -B "$work/components/build" -DCMAKE_PREFIX_PATH="$prefix" \
+     >"$work/components.log" 2>&1; then
+  fail "find_package(spill REQUIRED COMPONENTS static) succeeded"
+fi
+grep -q "spill has no component 'static'" "$work/components.log" ||
+  { cat "$work/components.log"; fail "find_package with a component does not say spill has none"; }
+
 step "C consumer through pkg-config"
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
 [ "$(pkg-config --modversion spill)" = "$version" ] || fail "pkg-config --modversion spill: $(pkg-config --modversion spill)"

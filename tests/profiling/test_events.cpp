@@ -61,11 +61,17 @@ TEST(TraceRecorder, FullRingKeepsTheNewestAndCountsDrops) {
 TEST(TraceRecorder, ManyThreadsRecordWithoutLoss) {
   TraceRecorder rec(1 << 14);
   const int threads = 8, per_thread = 5000;
+  // The writers stay alive until the last collect: an exited thread's events go to a store of
+  // one ring's capacity for all exited threads (ExitedThreadsFreeTheirRings...).
+  std::atomic<int> done{0};
+  std::atomic<bool> release{false};
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&rec, t] {
+    pool.emplace_back([&, t] {
       for (int i = 0; i < per_thread; ++i)
         rec.record(EventKind::Alloc, static_cast<std::uint64_t>(t) << 32 | i, 1);
+      ++done;
+      while (!release) std::this_thread::yield();
     });
   }
   // Collect concurrently with the writers; nothing may be lost or duplicated.
@@ -74,14 +80,85 @@ TEST(TraceRecorder, ManyThreadsRecordWithoutLoss) {
     auto part = rec.collect();
     all.insert(all.end(), part.begin(), part.end());
   }
-  for (auto& th : pool) th.join();
+  while (done < threads) std::this_thread::yield();
   auto rest = rec.collect();
   all.insert(all.end(), rest.begin(), rest.end());
+  release = true;
+  for (auto& th : pool) th.join();
   std::set<std::uint64_t> seen;
   for (const TraceEvent& e : all) seen.insert(e.address);
   EXPECT_EQ(rec.dropped(), 0u);
   EXPECT_EQ(all.size(), static_cast<std::size_t>(threads * per_thread));
   EXPECT_EQ(seen.size(), all.size());
+}
+
+TEST(TraceRecorder, ExitedThreadsFreeTheirRingsAndKeepTheirNewestEvents) {
+  TraceRecorder rec(64);
+  const int threads = 50;  // 100 events: more than the store of exited threads' events holds
+  for (int t = 0; t < threads; ++t) {
+    std::thread([&rec, t] {
+      rec.record(EventKind::Alloc, static_cast<std::uint64_t>(t), 1);
+      rec.record(EventKind::Free, static_cast<std::uint64_t>(t), 1);
+    }).join();
+    EXPECT_EQ(rec.ring_count(), 0u) << "thread " << t << " has exited; its ring must be freed";
+  }
+  auto events = rec.collect();
+  ASSERT_EQ(events.size(), 64u) << "the store keeps one ring's capacity";
+  EXPECT_EQ(rec.dropped(), 36u) << "the oldest events were dropped, and counted";
+  EXPECT_EQ(events.front().address, 18u);
+  EXPECT_EQ(events.back().address, static_cast<std::uint64_t>(threads - 1));
+  EXPECT_EQ(events.back().kind, EventKind::Free);
+  EXPECT_TRUE(rec.collect().empty()) << "collect drains the store too";
+}
+
+// A thread_local whose destructor records after the thread's ring was handed back (a user's
+// per-thread cache freeing its blocks at thread exit).
+struct RecordsAtExit {
+  TraceRecorder* rec = nullptr;
+  ~RecordsAtExit() {
+    if (rec != nullptr) rec->record(EventKind::Free, 0xE, 1);
+  }
+};
+thread_local RecordsAtExit t_records_at_exit;
+
+TEST(TraceRecorder, EventsRecordedDuringThreadExitAreKept) {
+  TraceRecorder rec(64);
+  std::thread([&rec] {
+    t_records_at_exit.rec = &rec;  // constructed before the recorder's per-thread state
+    rec.record(EventKind::Alloc, 0xE, 1);
+  }).join();
+  EXPECT_EQ(rec.ring_count(), 0u);
+  auto events = rec.collect();
+  ASSERT_EQ(events.size(), 2u);
+  EXPECT_EQ(events[1].kind, EventKind::Free);
+  EXPECT_EQ(events[0].thread, events[1].thread) << "one thread, one number";
+}
+
+// An export writes what peek(&mark) gave, then take(mark) takes exactly that: events recorded
+// meanwhile stay, also those of a thread that exited meanwhile (moved to the store).
+TEST(TraceRecorder, TakeTakesWhatThePeekSawAndNothingElse) {
+  TraceRecorder rec(64);
+  std::atomic<int> step{0};
+  std::thread other([&] {
+    rec.record(EventKind::Alloc, 1, 1);
+    step = 1;
+    while (step != 2) std::this_thread::yield();
+    rec.record(EventKind::Alloc, 2, 1);  // after the peek; the thread then exits
+  });
+  while (step != 1) std::this_thread::yield();
+  rec.record(EventKind::Mark, 10, 0);
+  TraceRecorder::Mark mark;
+  ASSERT_EQ(rec.peek(&mark).size(), 2u);
+  EXPECT_EQ(rec.peek().size(), 2u) << "a peek takes nothing";
+  rec.record(EventKind::Mark, 11, 0);
+  step = 2;
+  other.join();
+  rec.take(mark);
+  auto rest = rec.collect();
+  std::set<std::uint64_t> left;
+  for (const TraceEvent& e : rest) left.insert(e.address);
+  EXPECT_EQ(left, (std::set<std::uint64_t>{2, 11}));
+  EXPECT_EQ(rec.dropped(), 0u);
 }
 
 TEST(TraceRecorder, InternIsStable) {

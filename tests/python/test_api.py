@@ -153,6 +153,7 @@ def test_bad_frees_name_the_pointer_and_change_nothing(sim):
     (lambda: spill.begin_step(scope=-1), "scope"),
     (lambda: spill.trace(""), "path"),
     (lambda: spill.unpin(0), "PinToken"),  # type: ignore[arg-type]
+    (lambda: spill.begin_op("bad\udcffname"), "name is not valid text"),
 ])
 def test_python_arguments_are_checked_before_c(sim, call, name):
     with pytest.raises(spill.InvalidArgumentError, match=name):
@@ -255,6 +256,34 @@ def test_out_of_memory_is_a_memory_error_with_the_account(sim):
     message = str(e.value)
     assert "64" in message and message == spill.last_oom_message()
     assert spill.stats()["num_ooms"] == 1
+
+
+def test_a_long_oom_note_reaches_python_as_text(sim):
+    """The C side cuts a note at 4096 bytes; cut inside an e-acute, last_oom_message raised
+    UnicodeDecodeError."""
+    from spill._lib import library
+    note = "x" + "\u00e9" * 3000  # byte 4096 is the second byte of an e-acute
+    assert library().spill_set_oom_note(0, note.encode()) == 0
+    with pytest.raises(spill.OutOfMemoryError):
+        spill.malloc(64 * MIB)
+    assert note[:2048] in spill.last_oom_message()
+
+
+def test_strings_from_c_decode_bytes_that_are_not_utf8_with_replacement(sim, monkeypatch):
+    """A C caller's text (written by another binding) is not checked by Python: a string spill
+    hands back decodes bad bytes to U+FFFD rather than raising UnicodeDecodeError."""
+    from spill import _observe
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+
+    def gives_bad_bytes(fn, *args):
+        buf = libc.malloc(8)  # freed by spill_string_free, as spill's own strings are
+        ctypes.memmove(buf, b"ok\xff\xfe\0", 5)
+        args[-1]._obj.value = buf
+
+    monkeypatch.setattr(_observe, "call", gives_bad_bytes)
+    assert _observe._take_string("spill_last_oom_message", 0) == "ok\ufffd\ufffd"
 
 
 def test_budget_can_rise_and_cannot_shrink_below_what_is_held(sim):

@@ -55,6 +55,29 @@ def test_bad_spill_library_names_the_path(python_run, tmp_path):
     assert f"SPILL_LIBRARY={str(bogus)!r} could not be loaded" in r.stdout
 
 
+def test_a_library_whose_cuda_runtime_is_missing_says_so(monkeypatch, tmp_path):
+    """Found, but libcudart.so.13 is not on the loader's path: the advice is the loader's path,
+    not building or installing spill again."""
+    from spill import _lib
+    found = tmp_path / "libspill.so"
+    found.write_text("")
+
+    def no_runtime(path: str) -> None:
+        raise OSError("libcudart.so.13: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(_lib, "_open", no_runtime)
+    monkeypatch.setattr(_lib, "_candidates", lambda: [("installed tree", found)])
+    monkeypatch.delenv("SPILL_LIBRARY", raising=False)
+    with pytest.raises(spill.LibraryNotFoundError) as e:
+        _lib._load()
+    assert f"installed tree: {found} (libcudart.so.13: cannot open" in str(e.value)
+    assert "LD_LIBRARY_PATH" in str(e.value)
+    assert "build spill" not in str(e.value)
+    monkeypatch.setenv("SPILL_LIBRARY", str(found))
+    with pytest.raises(spill.LibraryNotFoundError, match="LD_LIBRARY_PATH"):
+        _lib._load()
+
+
 @pytest.mark.parametrize("module", [spill, spill.cupy], ids=["spill", "spill.cupy"])
 def test_public_functions_have_docstrings_and_type_hints(module):
     for name in module.__all__:

@@ -160,7 +160,9 @@ SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
  * bytes swapped out, only once that work is done. At most four streams besides the allocation
  * stream per block. Errors: INVALID_ARGUMENT (unknown pointer, stream, too many streams). */
 SPILL_API spill_status spill_record_stream(void* ptr, void* stream);
-/* Returns cached (free) memory of `device` to the device, waiting for queued work on it. */
+/* Returns cached (free) memory of `device` to the device, waiting for queued work on it, and
+ * gives back the pinned host memory that holds no swapped-out bytes (it is otherwise kept for
+ * the next swap-out; stats: host_pinned). */
 SPILL_API spill_status spill_empty_cache(int device);
 /* Changes `device`'s budget of mapped device bytes. Raising it takes effect at once (up to
  * the device's memory). Lowering it releases cached memory and evicts swappable blocks until
@@ -175,7 +177,8 @@ SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
 
 /* What spill_pin returns and spill_unpin takes. An empty token (block 0) comes from a block
  * that never moves; unpinning it does nothing. A token whose block was freed meanwhile (its
- * address perhaps reused by a new block) unpins nothing: the generation tells them apart.
+ * address perhaps reused by a new block, also one of a later spill_init) unpins nothing: the
+ * generation, unique in the process, tells them apart.
  * `pin` tells this pin from the block's other pins, so that unpinning it twice is refused
  * while they still hold the block (0 when the block already had four pins open: such a
  * token's second unpin is caught only once it would end more pins than are open). */
@@ -260,7 +263,9 @@ SPILL_API spill_status spill_get_generation(const void* ptr, uint64_t* generatio
  * which is recorded again. Unbalanced calls are not errors, so that a loop that caught an
  * exception mid-step (out of memory with too large a batch) simply goes on: a begin_step while
  * a step of its scope is in progress abandons that step (not recorded, not counted) and
- * begins anew, and an end_step with no step of its scope in progress does nothing. */
+ * begins anew, and an end_step with no step of its scope in progress does nothing.
+ * spill_begin_op refuses a name that is not UTF-8 (INVALID_ARGUMENT naming `name`): names go
+ * into the step graph's JSON. */
 SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
 SPILL_API spill_status spill_end_step(int device, uint64_t scope);
 SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);
@@ -284,7 +289,8 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
 SPILL_API spill_status spill_end_scope(int device, uint64_t scope);
 /* Writes the last recorded step of `scope` on `device` as a graph (docs/graph-format.md) to
  * `path`, for `spill plan`. NOT_FOUND when no step of that scope was recorded (recording needs
- * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. */
+ * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. A file already
+ * at `path` is replaced whole or not at all (written beside it, then renamed over it). */
 SPILL_API spill_status spill_write_step_graph(int device, uint64_t scope, const char* path);
 
 /* ------------------------------------------------------------------ observability */
@@ -348,8 +354,11 @@ SPILL_API spill_status spill_snapshot_json(int device, char** json);
 /* Writes the trace events recorded since the previous export (every device: allocations,
  * maps, pins, swaps, stalls, OOMs) as Chrome/Perfetto trace JSON to `path`, and starts a new
  * trace. Recording is on unless the configuration says `trace:off`. INVALID_ARGUMENT when the
- * file cannot be written (the message names it); the path is tried before the events are
- * taken, so after that error they are still there for the next export. */
+ * file cannot be written (the message names it, also for a write that fails: a full disk);
+ * the events are taken only once written, so after that error they are still there for the
+ * next export. Memory is bounded without exports: each thread that records keeps its newest
+ * 65536 events (3 MiB) while it lives, and the threads that have exited share one store of
+ * the newest 65536 of theirs; older events are dropped. */
 SPILL_API spill_status spill_trace_export(const char* path);
 /* The message of `device`'s latest out-of-memory failure (where every byte was), or "" when
  * there was none. *message is freed with spill_string_free. */
@@ -367,7 +376,8 @@ SPILL_API spill_status spill_take_allocated_peak(int device, uint64_t* peak_byte
  * also spill_torch_malloc's and the PyTorch integrations', and spill_last_oom_message) until it
  * is replaced; NULL or "" removes it. For an integration to say what it changed that matters
  * to an OOM (spill.torch.offload: a step run without swapping activations, and how to turn
- * that off). Notes longer than 4096 bytes are cut there. */
+ * that off). Notes longer than 4096 bytes are cut there (before a character that would be
+ * split). INVALID_ARGUMENT naming `note` when the (cut) note is not UTF-8. */
 SPILL_API spill_status spill_set_oom_note(int device, const char* note);
 
 /* ------------------------------------------------------------------ PyTorch */

@@ -1,0 +1,177 @@
+/* The C API's outputs under bad conditions: a trace export to a full disk, a step graph whose
+ * write fails, names and notes that are not UTF-8, an out-of-memory message when the process
+ * ran out of file descriptors. Every test runs in its own process on the simulated device. */
+#define _POSIX_C_SOURCE 200809L
+#include "c_test.h"
+
+#include <glob.h>
+#include <signal.h>
+#include <stdint.h>
+#include <sys/resource.h>
+
+#define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
+
+/* A write that fails after the file opened (ENOSPC) keeps the events for the next export, as
+ * a path that cannot be opened does. */
+TEST(a_trace_export_to_a_full_disk_keeps_the_events) {
+  if (access("/dev/full", W_OK) != 0) SKIP("no /dev/full");
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  REQUIRE_OK(spill_free(p, 0, NULL));
+  CHECK_STATUS(spill_trace_export("/dev/full"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("/dev/full");
+  char path[] = "/tmp/spill_c_trace_XXXXXX";
+  TEMP_PATH(path);
+  CHECK_OK(spill_trace_export(path));
+  const char* buf = c_test_read_and_remove(path);
+  CHECK(strstr(buf, "\"kind\":\"alloc\"") != NULL); /* the malloc before the failed export */
+  CHECK(strstr(buf, "\"kind\":\"free\"") != NULL);
+  /* Taken by the export that wrote them: the next has none of them. */
+  char next[] = "/tmp/spill_c_trace_XXXXXX";
+  TEMP_PATH(next);
+  CHECK_OK(spill_trace_export(next));
+  buf = c_test_read_and_remove(next);
+  CHECK(strstr(buf, "\"kind\":\"alloc\"") == NULL);
+}
+
+/* Op names go into the step graph's JSON: bytes that are not UTF-8 are refused at
+ * spill_begin_op, naming the argument (before, the graph's write failed as INTERNAL). */
+TEST(an_op_name_that_is_not_utf8_is_refused) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan"));
+  REQUIRE_OK(spill_begin_step(0, 1));
+  CHECK_STATUS(spill_begin_op(0, 1, "bad\xff\xfename"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_begin_op");
+  CHECK_ERROR_HAS("name is not valid UTF-8 (byte 0xff at offset 3");
+  CHECK_STATUS(spill_begin_op(0, 1, "cut \xc3"), SPILL_ERROR_INVALID_ARGUMENT);
+  /* A surrogate's encoding. */
+  CHECK_STATUS(spill_begin_op(0, 1, "\xed\xa0\x80"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_OK(spill_begin_op(0, 1, "entr\xc3\xa9" "e \xe2\x86\x92 \xf0\x9f\x94\xa5"));
+  CHECK_OK(spill_begin_op(0, 1, NULL));
+  REQUIRE_OK(spill_end_step(0, 1));
+  /* Also without a swapper to record it: the input is wrong either way. */
+  REQUIRE_OK(spill_shutdown());
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:none"));
+  CHECK_STATUS(spill_begin_op(0, 1, "bad\xff"), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
+/* The first byte of a character cut off at its end, or 0 when every character is whole. */
+static int cut_character(const char* s) {
+  const unsigned char* u = (const unsigned char*)s;
+  for (size_t i = 0; u[i] != 0;) {
+    size_t len = u[i] < 0x80 ? 1 : u[i] >= 0xF0 ? 4 : u[i] >= 0xE0 ? 3 : 2;
+    for (size_t k = 1; k < len; ++k)
+      if ((u[i + k] & 0xC0) != 0x80) return u[i];
+    i += len;
+  }
+  return 0;
+}
+
+/* A note longer than 4096 bytes is cut at a character boundary (Python decodes it), and a
+ * note that is not UTF-8 is refused. */
+TEST(a_long_oom_note_is_cut_between_characters) {
+  REQUIRE_OK(spill_init(CONF));
+  static char note[1 + 2 * 3000 + 1];
+  note[0] = 'x'; /* so that byte 4096 is the second byte of an e-acute */
+  for (int i = 0; i < 3000; ++i) memcpy(note + 1 + 2 * i, "\xc3\xa9", 2);
+  note[sizeof note - 1] = '\0';
+  CHECK_OK(spill_set_oom_note(0, note));
+  void* p = NULL;
+  CHECK_STATUS(spill_malloc(&p, (size_t)1 << 40, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  char* oom = NULL;
+  REQUIRE_OK(spill_last_oom_message(0, &oom));
+  CHECK(cut_character(oom) == 0);
+  const char* kept = strstr(oom, "x\xc3\xa9");
+  CHECK(kept != NULL && strlen(kept) >= 4095 && strncmp(kept, note, 4095) == 0);
+  spill_string_free(oom);
+  CHECK_STATUS(spill_set_oom_note(0, "note \xc3"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("note is not valid UTF-8");
+}
+
+/* The graph of a recorded step replaces its file whole or not at all: a write that fails
+ * (here past RLIMIT_FSIZE, as on a full disk) leaves the previous graph. */
+TEST(a_failed_step_graph_write_keeps_the_previous_file) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan"));
+  void* a[4];
+  for (int i = 0; i < 4; ++i) {
+    REQUIRE_OK(spill_malloc(&a[i], 6u << 20, 0, NULL));
+    REQUIRE_OK(spill_set_swappable(a[i], 1));
+  }
+  REQUIRE_OK(spill_begin_step(0, 1));
+  for (int i = 0; i < 4; ++i) {
+    spill_pin_token t;
+    REQUIRE_OK(spill_begin_op(0, 1, "op"));
+    REQUIRE_OK(spill_pin(a[i], NULL, &t));
+    REQUIRE_OK(spill_unpin(&t, NULL, 1));
+  }
+  REQUIRE_OK(spill_end_step(0, 1));
+  char path[] = "/tmp/spill_c_graph_XXXXXX";
+  TEMP_PATH(path);
+  FILE* f = fopen(path, "w");
+  REQUIRE(f != NULL);
+  fputs("previous graph\n", f);
+  fclose(f);
+  signal(SIGXFSZ, SIG_IGN); /* writes past the limit fail with EFBIG instead */
+  struct rlimit old, small;
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &old) == 0);
+  small = old;
+  small.rlim_cur = 64;
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &small) == 0);
+  CHECK_STATUS(spill_write_step_graph(0, 1, path), SPILL_ERROR_INVALID_ARGUMENT);
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &old) == 0);
+  CHECK_ERROR_HAS(path);
+  CHECK_ERROR_HAS("failed");
+  {
+    FILE* kept = fopen(path, "r");
+    char line[64] = "";
+    REQUIRE(kept != NULL);
+    CHECK(fgets(line, sizeof line, kept) != NULL && strcmp(line, "previous graph\n") == 0);
+    fclose(kept);
+  }
+  /* The write succeeds once it can, and leaves no temporary file. */
+  CHECK_OK(spill_write_step_graph(0, 1, path));
+  char pattern[sizeof path + 8];
+  snprintf(pattern, sizeof pattern, "%s.tmp-*", path);
+  CHECK(strstr(c_test_read_and_remove(path), "\"ops\"") != NULL);
+  glob_t found;
+  CHECK(glob(pattern, 0, NULL, &found) == GLOB_NOMATCH);
+  globfree(&found);
+  for (int i = 0; i < 4; ++i) CHECK_OK(spill_free(a[i], 0, NULL));
+}
+
+/* The simulated device holds a file descriptor per physical allocation: when the process runs
+ * out of them, the out-of-memory message says so and what to do, not "the device itself is
+ * full" with advice about RAM. */
+TEST(running_out_of_file_descriptors_is_named_in_the_oom_message) {
+  /* spill raises the soft limit to the hard one at start: lower both, for this process. */
+  struct rlimit low = {64, 64};
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &low) == 0);
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:1GiB,budget:512MiB,sim_granularity:64KiB,"
+                        "swap_threshold:128KiB"));
+  enum { N = 200 }; /* one descriptor each: far more than 64, far less than the budget */
+  void* p[N];
+  int n = 0;
+  spill_status s = SPILL_OK;
+  for (; n < N; ++n) {
+    s = spill_malloc(&p[n], 200u << 10, 0, NULL);
+    if (s != SPILL_OK) break;
+  }
+  CHECK(s == SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK(n > 0 && n < N);
+  CHECK_ERROR_HAS("Too many open files");
+  CHECK_ERROR_HAS("out of file descriptors");
+  CHECK_ERROR_HAS("ulimit -n");
+  CHECK_ERROR_HAS("sim_granularity");
+  CHECK(strstr(spill_last_error(), "the device itself is full") == NULL);
+  CHECK(strstr(spill_last_error(), "RAM") == NULL);
+  for (int i = 0; i < n; ++i) CHECK_OK(spill_free(p[i], 0, NULL));
+}
+
+#define TESTS(X)                                          \
+  X(a_trace_export_to_a_full_disk_keeps_the_events)       \
+  X(an_op_name_that_is_not_utf8_is_refused)               \
+  X(a_long_oom_note_is_cut_between_characters)            \
+  X(a_failed_step_graph_write_keeps_the_previous_file)      \
+  X(running_out_of_file_descriptors_is_named_in_the_oom_message)
+
+C_TEST_MAIN(TESTS)
