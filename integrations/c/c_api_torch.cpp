@@ -26,16 +26,22 @@ Handler& handler() {
 
 // A failure spill_torch_free / record_stream / set_memory_fraction cannot return: counted,
 // kept in spill_last_error, and the first one per device (or process) printed.
-void report(const char* fn, int device) {
-  static std::atomic<bool> printed_any{false};
-  bool first = false;
-  Lease lease;
-  if (device >= 0 && device < kMaxDevices && lease.try_take(global().slots[device])) {
-    first = lease->torch_free_errors.fetch_add(1) == 0;
-  } else {
-    first = !printed_any.exchange(true);
+// Prints a failure of a hook that returns nothing. Frees, which may fail once per block in a
+// loop, print only their first one per device (and one with no runtime to count on); every
+// other hook's failure (a setting, a reset, an init the caller asked for) prints: before, one
+// flag for the whole process let only the first of those print, whatever the function.
+void report(const char* fn, int device, bool first_only = false) {
+  bool print = true;
+  if (first_only) {
+    static std::atomic<bool> printed_unknown{false};
+    Lease lease;
+    if (device >= 0 && device < kMaxDevices && lease.try_take(global().slots[device])) {
+      print = lease->torch_free_errors.fetch_add(1) == 0;
+    } else {
+      print = !printed_unknown.exchange(true);
+    }
   }
-  if (first) std::fprintf(stderr, "spill: %s failed: %s\n", fn, last_error_text());
+  if (print) std::fprintf(stderr, "spill: %s failed: %s\n", fn, last_error_text());
 }
 
 }  // namespace
@@ -86,11 +92,12 @@ void* spill_torch_malloc(ssize_t size, int device, void* stream) {
 void spill_torch_free(void* ptr, ssize_t /*size*/, int device, void* stream) {
   const spill_status s = spill_free(ptr, device, stream);
   // After spill_shutdown the block is already gone: tensors outliving spill are fine.
-  if (s != SPILL_OK && s != SPILL_ERROR_SHUT_DOWN) report("spill_torch_free", device);
+  if (s != SPILL_OK && s != SPILL_ERROR_SHUT_DOWN) report("spill_torch_free", device, true);
 }
 
 void spill_torch_record_stream(void* ptr, void* stream) {
-  if (spill_record_stream(ptr, stream) != SPILL_OK) report("spill_torch_record_stream", -1);
+  if (spill_record_stream(ptr, stream) != SPILL_OK)
+    report("spill_torch_record_stream", -1, true);
 }
 
 void spill_torch_reset(void) {

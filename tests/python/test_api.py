@@ -226,6 +226,25 @@ def test_integers_of_other_types_are_taken_and_floats_and_bools_named(sim):
             spill.malloc(bad)
 
 
+def test_every_failure_of_a_torch_setting_hook_is_printed(python_run):
+    """spill_torch_set_memory_fraction and spill_torch_init return nothing: each failure goes
+    to stderr. Before, one flag for the whole process printed only the first failure of any
+    of them (the second bad fraction, and a bad init after it, said nothing)."""
+    r = python_run("import ctypes, spill, spill._lib as L\n"
+                   "spill.configure('device:sim,budget:64MiB')\n"
+                   "lib = L.library()\n"
+                   "lib.spill_torch_set_memory_fraction.argtypes = [ctypes.c_double, "
+                   "ctypes.c_int]\n"
+                   "lib.spill_torch_set_memory_fraction(2.0, 0)\n"
+                   "lib.spill_torch_set_memory_fraction(-1.0, 0)\n"
+                   "lib.spill_torch_init(1000)\n")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("spill: spill_torch_")]
+    assert len(lines) == 3, r.stderr
+    assert "fraction 2.0" in lines[0] and "fraction -1.0" in lines[1], lines
+    assert "device count 1000" in lines[2], lines
+
+
 def test_flags_are_booleans_not_any_truthy_object(sim):
     """set_swappable(p, "no") declared the block swappable ("no" is a true string)."""
     ptr = spill.malloc(BLOCK)

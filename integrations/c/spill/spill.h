@@ -395,7 +395,8 @@ SPILL_API spill_status spill_set_oom_note(int device, const char* note);
  * - spill_torch_record_stream: as spill_record_stream (failures as for free).
  * - spill_torch_reset (PyTorch's empty_cache): spill_empty_cache on every running device.
  * - spill_torch_set_memory_fraction: the device's budget becomes `fraction` of its memory
- *   (as spill_set_budget; failures printed to stderr and kept in spill_last_error).
+ *   (as spill_set_budget; every failure printed to stderr and kept in spill_last_error, as
+ *   are spill_torch_reset's and spill_torch_init's).
  * - spill_torch_init: PyTorch's announcement of the device count; runtimes are still created
  *   per device on first use. */
 SPILL_API void* spill_torch_malloc(ssize_t size, int device, void* stream);
