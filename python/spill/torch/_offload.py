@@ -1697,7 +1697,8 @@ class OffloadHandle:
         # it added into one on the host (a segmentation fault on the CPU bridge).
         for group in opt.param_groups:
             for p in group["params"]:
-                self._hook_parameter(p)
+                if p.requires_grad:  # (a frozen one has no gradient yet; _hook_parameter would
+                    self._hook_parameter(p)  # scan the frozen list for it every step)
         if quiet and not self._persistent:  # no parameter can move: neither can its gradient
             return
         touch = not quiet
