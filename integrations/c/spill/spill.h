@@ -69,8 +69,9 @@
 extern "C" {
 #endif
 
-/* The version of this interface; bumped when a function or struct changes incompatibly. */
-#define SPILL_C_API_VERSION 1
+/* The version of this interface; bumped when a function or struct changes incompatibly.
+ * 2 (spill 0.2.0): spill_pin_token gained its `pin` field (24 -> 32 bytes). */
+#define SPILL_C_API_VERSION 2
 #define SPILL_MAX_DEVICES 64
 
 typedef enum spill_status {
