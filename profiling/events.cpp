@@ -30,12 +30,26 @@ std::atomic<std::uint32_t> next_recorder_id{1};
 }  // namespace
 
 // One thread's ring: written by its thread only, read by collect() under the recorder's mutex.
+// Its words come zeroed from calloc, which maps a large ring's pages only as events reach them:
+// a thread that records a few events costs a few KiB, not the whole ring (3 MiB by default;
+// value-initialised atomics wrote every page at once).
 struct TraceRecorder::Ring {
   static constexpr int kWords = 6;
+  struct Free {
+    void operator()(std::uint64_t* p) const { std::free(p); }
+  };
   explicit Ring(std::size_t cap, std::uint32_t thread_no)
-      : mask(cap - 1), words(new std::atomic<std::uint64_t>[cap * kWords]), thread(thread_no) {}
+      : mask(cap - 1),
+        words(static_cast<std::uint64_t*>(std::calloc(cap * kWords, sizeof(std::uint64_t)))),
+        thread(thread_no) {
+    if (!words) throw std::bad_alloc();
+  }
+  // Word k of the event in slot i (any i: the ring wraps).
+  std::atomic_ref<std::uint64_t> word(std::uint64_t i, int k) const {
+    return std::atomic_ref<std::uint64_t>(words[(i & mask) * kWords + k]);
+  }
   std::uint64_t mask;
-  std::unique_ptr<std::atomic<std::uint64_t>[]> words;
+  std::unique_ptr<std::uint64_t[], Free> words;
   std::atomic<std::uint64_t> head{0};
   std::uint64_t tail = 0;  // consumer side
   std::uint32_t thread;
@@ -239,13 +253,12 @@ void TraceRecorder::record_always(EventKind kind, std::uint64_t address, std::ui
     return;
   }
   std::uint64_t h = r->head.load(std::memory_order_relaxed);
-  std::atomic<std::uint64_t>* w = &r->words[(h & r->mask) * Ring::kWords];
-  w[0].store(time, std::memory_order_relaxed);
-  w[1].store(address, std::memory_order_relaxed);
-  w[2].store(bytes, std::memory_order_relaxed);
-  w[3].store(stream, std::memory_order_relaxed);
-  w[4].store(meta, std::memory_order_relaxed);
-  w[5].store(duration, std::memory_order_relaxed);
+  r->word(h, 0).store(time, std::memory_order_relaxed);
+  r->word(h, 1).store(address, std::memory_order_relaxed);
+  r->word(h, 2).store(bytes, std::memory_order_relaxed);
+  r->word(h, 3).store(stream, std::memory_order_relaxed);
+  r->word(h, 4).store(meta, std::memory_order_relaxed);
+  r->word(h, 5).store(duration, std::memory_order_relaxed);
   r->head.store(h + 1, std::memory_order_release);
 }
 
@@ -266,8 +279,7 @@ void TraceRecorder::retire(const Ring& ring) {
   if (start > ring.tail) dropped_.fetch_add(start - ring.tail, std::memory_order_relaxed);
   for (std::uint64_t i = start; i < head; ++i) {
     Stored e{{}, ring.thread, i};
-    const std::atomic<std::uint64_t>* w = &ring.words[(i & ring.mask) * Ring::kWords];
-    for (int k = 0; k < Ring::kWords; ++k) e.words[k] = w[k].load(std::memory_order_relaxed);
+    for (int k = 0; k < Ring::kWords; ++k) e.words[k] = ring.word(i, k).load(std::memory_order_relaxed);
     store_locked(e);
   }
   std::erase_if(rings_, [&ring](const std::shared_ptr<Ring>& r) { return r.get() == &ring; });
@@ -344,9 +356,8 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take, Mark* mark) {
     std::uint64_t start = std::max(r.tail, head > cap ? head - cap : 0);
     std::size_t first = out.size();
     for (std::uint64_t i = start; i < head; ++i) {
-      const std::atomic<std::uint64_t>* w = &r.words[(i & r.mask) * Ring::kWords];
       Stored s{{}, r.thread, i};
-      for (int k = 0; k < Ring::kWords; ++k) s.words[k] = w[k].load(std::memory_order_relaxed);
+      for (int k = 0; k < Ring::kWords; ++k) s.words[k] = r.word(i, k).load(std::memory_order_relaxed);
       out.push_back(decode(s));
     }
     // Slots the producer may have overwritten while we read them are discarded.

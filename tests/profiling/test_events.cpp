@@ -1,7 +1,11 @@
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <atomic>
+#include <barrier>
 #include <chrono>
+#include <fstream>
 #include <set>
 #include <thread>
 #include <vector>
@@ -109,6 +113,41 @@ TEST(TraceRecorder, ExitedThreadsFreeTheirRingsAndKeepTheirNewestEvents) {
   EXPECT_EQ(events.back().address, static_cast<std::uint64_t>(threads - 1));
   EXPECT_EQ(events.back().kind, EventKind::Free);
   EXPECT_TRUE(rec.collect().empty()) << "collect drains the store too";
+}
+
+// The process's resident memory, from /proc/self/statm (0 where that file is missing).
+std::uint64_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::uint64_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<std::uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+TEST(TraceRecorder, AThreadThatRecordsAFewEventsCostsAFewPagesNotItsWholeRing) {
+  if (resident_bytes() == 0) GTEST_SKIP() << "no /proc/self/statm";
+  TraceRecorder rec;  // the default ring: 65536 events, 3 MiB each
+  const int threads = 32;
+  std::barrier all_recorded(threads + 1);
+  std::barrier measured(threads + 1);
+  std::vector<std::thread> pool;
+  const std::uint64_t before = resident_bytes();
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&] {
+      rec.record(EventKind::Alloc, 1, 1);
+      all_recorded.arrive_and_wait();
+      measured.arrive_and_wait();  // the ring lives until the thread exits
+    });
+  }
+  all_recorded.arrive_and_wait();
+  const std::uint64_t grown = resident_bytes() - std::min(before, resident_bytes());
+  EXPECT_EQ(rec.ring_count(), static_cast<std::size_t>(threads));
+  measured.arrive_and_wait();
+  for (auto& thread : pool) thread.join();
+  // Each live ring was 3 MiB of written memory (96 MiB for 32 threads); now a page or two each
+  // (plus the threads' stacks, touched only as deep as they ran).
+  EXPECT_LT(grown, 24u << 20) << "32 threads that recorded one event each grew the resident "
+                                 "memory by " << grown / 1024 << " KiB";
+  EXPECT_EQ(rec.collect().size(), static_cast<std::size_t>(threads));
 }
 
 // A thread_local whose destructor records after the thread's ring was handed back (a user's
