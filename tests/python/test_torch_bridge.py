@@ -3196,6 +3196,74 @@ def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str) ->
     assert "ok" in out
 
 
+def test_a_callers_sigterm_handler_that_raises_runs_outside_spills_code_and_training_goes_on(
+) -> None:
+    """A preempted job's handler (SIGTERM raising, to write a checkpoint and leave) installed
+    before offload(): SIGTERM sent at random moments into three steps at a third of the
+    footprint, 30 times, raises in the caller's code (or PyTorch's), never inside spill's, once
+    per signal; after each, the parameters read, a checkpoint is written, a step trains and
+    nothing stays pinned; the handler is the caller's again after remove(), and training
+    continues bit-identically to plain torch. Before, spill stood before SIGINT's handler only:
+    a SIGTERM inside spill's hooks left blocks pinned for good or the window's modes off."""
+    out = run_ok(INTERRUPTED_MLP + """
+        class Preempted(Exception):
+            pass
+        def preempted(signum, frame):
+            raise Preempted(signum)
+        signal.signal(signal.SIGTERM, preempted)
+        m, o = make()
+        h = st.offload(m, o)
+        assert signal.getsignal(signal.SIGTERM) is not preempted
+        st.reset_peak_memory_stats()
+        for x, y in batches[:2]:
+            step(m, o, x, y)
+        spill.set_budget(st.max_memory_allocated() // 3)
+        main = threading.main_thread().ident
+        rng = random.Random(7)
+        raised, where = 0, []
+        for trial in range(30):
+            delay = math.exp(rng.uniform(math.log(50e-6), math.log(20e-3)))
+            timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGTERM))
+            try:
+                timer.start()
+                for x, y in batches[:3]:
+                    step(m, o, x, y)
+                timer.join()
+                time.sleep(0.01)  # (one sent after the steps lands here)
+            except Preempted as e:
+                raised += 1
+                frames = [f for f in traceback.extract_tb(e.__traceback__)
+                          if not f.filename.endswith("_interrupts.py")]
+                where.append(frames[-1].filename + ":" + str(frames[-1].lineno))
+            timer.join()
+            checkpoint = io.BytesIO()
+            torch.save(m.state_dict(), checkpoint)
+            assert all(math.isfinite(p.sum().item()) for p in m.parameters())
+            step(m, o, *batches[3])
+            pinned = spill.stats()["swap.pinned_bytes"]
+            assert pinned == 0, (trial, pinned)
+        assert raised == 30, raised
+        inside = [w for w in where if "/spill/" in w]
+        assert not inside, inside
+        assert spill.stats()["swap.bytes_out"] > 0
+        spill.set_budget(1 << 30)
+        buf = io.BytesIO()
+        torch.save({"m": m.state_dict(), "o": o.state_dict()}, buf)
+        losses = [step(m, o, *b) for b in batches[:3]]
+        h.remove()
+        assert signal.getsignal(signal.SIGTERM) is preempted
+        buf.seek(0)
+        saved = torch.load(buf)
+        m2, o2 = make()
+        m2.load_state_dict(saved["m"])
+        o2.load_state_dict(saved["o"])
+        plain = [step(m2, o2, *b) for b in batches[:3]]
+        assert losses == plain, (losses, plain)
+        print("ok", sorted(set(w.rsplit("/", 1)[-1].split(":")[0] for w in where)))
+    """)
+    assert "ok" in out
+
+
 def test_spills_sigint_handler_stands_in_only_while_offload_handles_or_guards_live() -> None:
     """spill's SIGINT handler is installed by offload() and guard() on the main thread, over
     the handler it finds (Python's, or the caller's own, which still gets every signal that
