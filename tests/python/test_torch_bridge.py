@@ -3397,6 +3397,65 @@ def test_out_of_memory_in_a_backward_hook_is_torch_out_of_memory_error() -> None
     assert "ok" in out
 
 
+def test_out_of_memory_in_a_backward_under_guard_is_torch_out_of_memory_error() -> None:
+    """Under guard() alone (no offload handle), a pin in the backward that finds no room (the
+    budget lowered to what cannot move by a gradient hook of the caller's) raises
+    torch.cuda.OutOfMemoryError from ``loss.backward()`` and from ``torch.autograd.grad``, with
+    spill's message; torch 1.13's engine handed the mode's error on as a plain RuntimeError
+    ("TorchOutOfMemoryError: ..."). Training continues after it as plain torch's without
+    those steps."""
+    out = run_ok(INTERRUPTED_MLP + """
+        def squeeze(grad):  # the smallest budget it takes (all else evicted)
+            for mib in range(1, 64):
+                try:
+                    return spill.set_budget(mib << 20)
+                except spill.OutOfMemoryError:
+                    pass
+        def run(spilled):
+            m, o = make()
+            g = st.guard(optimizer=o) if spilled else None
+            if g is not None:
+                g.__enter__()
+            st.reset_peak_memory_stats()
+            losses, caught = [], []
+            for i in range(6):
+                x, y = batches[i % 4]
+                if i == 1 and spilled:
+                    budget = st.max_memory_allocated() // 3
+                    spill.set_budget(budget)
+                if i in (3, 4):
+                    o.zero_grad()
+                    loss = ce(m(x.to(dev)), y.to(dev))
+                    if spilled:
+                        loss.register_hook(squeeze)
+                        try:
+                            if i == 3:
+                                loss.backward()
+                            else:
+                                torch.autograd.grad(loss, list(m.parameters()))
+                        except torch.cuda.OutOfMemoryError as e:
+                            caught.append(e)
+                        spill.set_budget(budget)
+                    del loss
+                    continue
+                losses.append(step(m, o, x, y))
+            if g is not None:
+                spill.set_budget(1 << 30)
+                g.__exit__(None, None, None)
+            return losses, caught
+        spill.set_budget(1 << 30)
+        plain, _ = run(False)
+        losses, caught = run(True)
+        assert len(caught) == 2, caught
+        for e in caught:
+            assert isinstance(e, spill.OutOfMemoryError), type(e)
+            assert "cannot bring" in str(e), str(e)[:300]
+        assert losses == plain, (losses, plain)
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 @pytest.mark.skipif(TARGET != "cpu", reason="sized for the CPU bridge (what else the budget "
                     "holds on a GPU is not counted)")
 def test_an_op_whose_second_argument_cannot_come_back_leaves_the_first_unpinned() -> None:
