@@ -3121,20 +3121,34 @@ INTERRUPTED_MLP = quiet_preamble("1GiB") + """
 """
 
 
-@pytest.mark.parametrize("mode", ["offload", "guard"])
-def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str) -> None:
+@pytest.mark.parametrize("mode,signame", [("offload", "SIGINT"), ("guard", "SIGINT"),
+                                           ("offload", "SIGTERM")])
+def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str,
+                                                                   signame: str) -> None:
     """SIGINT sent to the main thread at random moments (50 us to 20 ms into three steps at a
     third of the footprint, 40 times): each KeyboardInterrupt is raised in the caller's code
     (or PyTorch's), never inside spill's, and exactly one per signal; after each, the
-    parameters read, a step trains and nothing stays pinned. Then the state continues
-    bit-identically to plain torch from the same state. Before spill's handler, an interrupt
-    between a pin and the note of its token left the block pinned for good (6 MiB of an 8 MiB
-    budget pinned after 60 interrupts: out of memory), and one between taking the window's
-    modes off PyTorch's stacks and putting them back left the loop's code reading swapped-out
-    tensors unpinned (a segmentation fault)."""
+    parameters read, a checkpoint is written, a step trains and nothing stays pinned. Then the
+    state continues bit-identically to plain torch from the same state, and the handler is the
+    one found again. Before spill's handler, an interrupt between a pin and the note of its
+    token left the block pinned for good (6 MiB of an 8 MiB budget pinned after 60 interrupts:
+    out of memory), and one between taking the window's modes off PyTorch's stacks and putting
+    them back left the loop's code reading swapped-out tensors unpinned (a segmentation
+    fault). SIGTERM: a preempted job's handler of the caller's, installed before, that raises
+    (to write a checkpoint and leave); before, spill stood before SIGINT's handler only, and
+    the first SIGTERM left a 1 MiB block pinned for good."""
     out = run_ok(INTERRUPTED_MLP + f"""
-        mode = "{mode}"
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        mode, signum = "{mode}", signal.{signame}
+        class Preempted(Exception):
+            pass
+        def preempted(signum, frame):
+            raise Preempted(signum)
+        if signum == signal.SIGINT:
+            found, Interrupt = signal.default_int_handler, KeyboardInterrupt
+        else:
+            found, Interrupt = preempted, Preempted
+            signal.signal(signum, preempted)
+        assert signal.getsignal(signum) is found
         m, o = make()
         if mode == "offload":
             h = st.offload(m, o)
@@ -3150,19 +3164,21 @@ def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str) ->
         raised, where = 0, []
         for trial in range(40):
             delay = math.exp(rng.uniform(math.log(50e-6), math.log(20e-3)))
-            timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT))
+            timer = threading.Timer(delay, signal.pthread_kill, (main, signum))
             try:
                 timer.start()
                 for x, y in batches[:3]:
                     step(m, o, x, y)
                 timer.join()
                 time.sleep(0.01)  # (one sent after the steps lands here)
-            except KeyboardInterrupt as e:
+            except Interrupt as e:
                 raised += 1
                 frames = [f for f in traceback.extract_tb(e.__traceback__)
                           if not f.filename.endswith("_interrupts.py")]
                 where.append(frames[-1].filename + ":" + str(frames[-1].lineno))
             timer.join()
+            if mode == "offload":  # (the bridge's torch.save reads storages: outside a guard)
+                torch.save(m.state_dict(), io.BytesIO())
             assert all(math.isfinite(p.sum().item()) for p in m.parameters())
             step(m, o, *batches[3])
             pinned = spill.stats()["swap.pinned_bytes"]
@@ -3183,75 +3199,7 @@ def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str) ->
             h.remove()
         else:
             h.__exit__(None, None, None)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        buf.seek(0)
-        saved = torch.load(buf)
-        m2, o2 = make()
-        m2.load_state_dict(saved["m"])
-        o2.load_state_dict(saved["o"])
-        plain = [step(m2, o2, *b) for b in batches[:3]]
-        assert losses == plain, (losses, plain)
-        print("ok", sorted(set(w.rsplit("/", 1)[-1].split(":")[0] for w in where)))
-    """)
-    assert "ok" in out
-
-
-def test_a_callers_sigterm_handler_that_raises_runs_outside_spills_code_and_training_goes_on(
-) -> None:
-    """A preempted job's handler (SIGTERM raising, to write a checkpoint and leave) installed
-    before offload(): SIGTERM sent at random moments into three steps at a third of the
-    footprint, 30 times, raises in the caller's code (or PyTorch's), never inside spill's, once
-    per signal; after each, the parameters read, a checkpoint is written, a step trains and
-    nothing stays pinned; the handler is the caller's again after remove(), and training
-    continues bit-identically to plain torch. Before, spill stood before SIGINT's handler only:
-    a SIGTERM inside spill's hooks left blocks pinned for good or the window's modes off."""
-    out = run_ok(INTERRUPTED_MLP + """
-        class Preempted(Exception):
-            pass
-        def preempted(signum, frame):
-            raise Preempted(signum)
-        signal.signal(signal.SIGTERM, preempted)
-        m, o = make()
-        h = st.offload(m, o)
-        assert signal.getsignal(signal.SIGTERM) is not preempted
-        st.reset_peak_memory_stats()
-        for x, y in batches[:2]:
-            step(m, o, x, y)
-        spill.set_budget(st.max_memory_allocated() // 3)
-        main = threading.main_thread().ident
-        rng = random.Random(7)
-        raised, where = 0, []
-        for trial in range(30):
-            delay = math.exp(rng.uniform(math.log(50e-6), math.log(20e-3)))
-            timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGTERM))
-            try:
-                timer.start()
-                for x, y in batches[:3]:
-                    step(m, o, x, y)
-                timer.join()
-                time.sleep(0.01)  # (one sent after the steps lands here)
-            except Preempted as e:
-                raised += 1
-                frames = [f for f in traceback.extract_tb(e.__traceback__)
-                          if not f.filename.endswith("_interrupts.py")]
-                where.append(frames[-1].filename + ":" + str(frames[-1].lineno))
-            timer.join()
-            checkpoint = io.BytesIO()
-            torch.save(m.state_dict(), checkpoint)
-            assert all(math.isfinite(p.sum().item()) for p in m.parameters())
-            step(m, o, *batches[3])
-            pinned = spill.stats()["swap.pinned_bytes"]
-            assert pinned == 0, (trial, pinned)
-        assert raised == 30, raised
-        inside = [w for w in where if "/spill/" in w]
-        assert not inside, inside
-        assert spill.stats()["swap.bytes_out"] > 0
-        spill.set_budget(1 << 30)
-        buf = io.BytesIO()
-        torch.save({"m": m.state_dict(), "o": o.state_dict()}, buf)
-        losses = [step(m, o, *b) for b in batches[:3]]
-        h.remove()
-        assert signal.getsignal(signal.SIGTERM) is preempted
+        assert signal.getsignal(signum) is found
         buf.seek(0)
         saved = torch.load(buf)
         m2, o2 = make()
