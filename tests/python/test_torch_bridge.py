@@ -3291,68 +3291,18 @@ def test_a_region_that_cannot_begin_for_lack_of_memory_leaves_the_window_on() ->
     assert "ok" in out
 
 
-def test_out_of_memory_in_a_backward_hook_is_torch_out_of_memory_error() -> None:
+@pytest.mark.parametrize("mode", ["offload", "guard"])
+def test_out_of_memory_in_a_backward_hook_is_torch_out_of_memory_error(mode: str) -> None:
     """A saved tensor that cannot come back in a backward (the budget lowered to what cannot
     move as the backward begins, by a gradient hook of the caller's) raises
-    torch.cuda.OutOfMemoryError from ``loss.backward()`` with spill's message, as the guide
-    says; torch 1.13's engine
-    handed the hook's error on as a plain RuntimeError ("TorchOutOfMemoryError: ..."), which
-    ``except torch.cuda.OutOfMemoryError`` did not catch. Training continues after it as
-    plain torch's without that step."""
-    out = run_ok(INTERRUPTED_MLP + """
-        def run(spilled):
-            m, o = make()
-            h = st.offload(m, o) if spilled else None
-            st.reset_peak_memory_stats()
-            losses, caught = [], None
-            for i in range(5):
-                x, y = batches[i % 4]
-                if i == 1 and spilled:
-                    budget = st.max_memory_allocated() // 3
-                    spill.set_budget(budget)
-                if i == 3:
-                    o.zero_grad()
-                    loss = ce(m(x.to(dev)), y.to(dev))
-                    if spilled:
-                        def squeeze(grad):  # the smallest budget it takes (all else evicted)
-                            for mib in range(1, 64):
-                                try:
-                                    return spill.set_budget(mib << 20)
-                                except spill.OutOfMemoryError:
-                                    pass
-                        loss.register_hook(squeeze)
-                        try:
-                            loss.backward()
-                        except torch.cuda.OutOfMemoryError as e:
-                            caught = e
-                        spill.set_budget(budget)
-                    del loss
-                    continue
-                losses.append(step(m, o, x, y))
-            if h is not None:
-                spill.set_budget(1 << 30)
-                h.remove()
-            return losses, caught
-        spill.set_budget(1 << 30)
-        plain, _ = run(False)
-        losses, caught = run(True)
-        assert caught is not None, "no out-of-memory error"
-        assert isinstance(caught, spill.OutOfMemoryError), type(caught)
-        assert "cannot bring" in str(caught), str(caught)[:300]
-        assert losses == plain, (losses, plain)
-        print("ok")
-    """)
-    assert "ok" in out
-
-
-def test_out_of_memory_in_a_backward_under_guard_is_torch_out_of_memory_error() -> None:
-    """Under guard() alone (no offload handle), a pin in the backward that finds no room (the
-    budget lowered to what cannot move by a gradient hook of the caller's) raises
-    torch.cuda.OutOfMemoryError from ``loss.backward()`` and from ``torch.autograd.grad``, with
-    spill's message; torch 1.13's engine handed the mode's error on as a plain RuntimeError
-    ("TorchOutOfMemoryError: ..."). Training continues after it as plain torch's without
-    those steps."""
-    out = run_ok(INTERRUPTED_MLP + """
+    torch.cuda.OutOfMemoryError from ``loss.backward()`` and from ``torch.autograd.grad`` with
+    spill's message, as the guide says; under offload torch 1.13's engine handed the hook's
+    error on as a plain RuntimeError ("TorchOutOfMemoryError: ..."), which ``except
+    torch.cuda.OutOfMemoryError`` did not catch (under guard alone the pin is the dispatch
+    mode's, whose error the engine passes on as itself). Training continues after it as plain
+    torch's without those steps."""
+    out = run_ok(INTERRUPTED_MLP + f"""
+        mode = "{mode}"
         def squeeze(grad):  # the smallest budget it takes (all else evicted)
             for mib in range(1, 64):
                 try:
@@ -3361,9 +3311,12 @@ def test_out_of_memory_in_a_backward_under_guard_is_torch_out_of_memory_error() 
                     pass
         def run(spilled):
             m, o = make()
-            g = st.guard(optimizer=o) if spilled else None
-            if g is not None:
-                g.__enter__()
+            h = None
+            if spilled and mode == "offload":
+                h = st.offload(m, o)
+            elif spilled:
+                h = st.guard(optimizer=o)
+                h.__enter__()
             st.reset_peak_memory_stats()
             losses, caught = [], []
             for i in range(6):
@@ -3387,9 +3340,12 @@ def test_out_of_memory_in_a_backward_under_guard_is_torch_out_of_memory_error() 
                     del loss
                     continue
                 losses.append(step(m, o, x, y))
-            if g is not None:
+            if h is not None:
                 spill.set_budget(1 << 30)
-                g.__exit__(None, None, None)
+                if mode == "offload":
+                    h.remove()
+                else:
+                    h.__exit__(None, None, None)
             return losses, caught
         spill.set_budget(1 << 30)
         plain, _ = run(False)
