@@ -660,6 +660,39 @@ TEST(lowering_the_budget_evicts) {
   for (int i = 0; i < 6; ++i) CHECK_OK(spill_free(b[i], 0, NULL));
 }
 
+/* Lowering the budget stopped by a full host cap says so (before, it blamed pinned and
+ * undeclared blocks, then listed none of either). The blocks it evicted before giving up stay
+ * on the host, their bytes intact, and the stats agree with the blocks' residences. */
+TEST(lowering_the_budget_names_a_full_host_cap) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,host_cap:16MiB,policy:lru"));
+  enum { N = 10 };
+  const size_t size = 4u * MIB;
+  void* b[N];
+  for (int i = 0; i < N; ++i) {
+    REQUIRE_OK(spill_malloc(&b[i], size, 0, NULL));
+    write_pinned(b[i], size, 40 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK_STATUS(spill_set_budget(0, 8u * MIB), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_ERROR_HAS("the host cap is full: host_cap 16.00 MiB, 16.00 MiB of it in use");
+  CHECK_ERROR_HAS("raise host_cap:");
+  CHECK_ERROR_HAS("the budget stays 64.00 MiB (blocks evicted on the way stay on the host, "
+                  "16.00 MiB swapped out now)");
+  uint64_t budget = 0;
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 64u * MIB);
+  size_t away = 0;
+  for (int i = 0; i < N; ++i)
+    if (residence(b[i]) != SPILL_RESIDENT) away += size;
+  spill_stats st = stats();
+  CHECK(away == 16u * MIB);
+  CHECK(st.swapped_out_bytes == away);
+  CHECK(st.allocated_bytes == N * size);
+  CHECK(st.reserved_bytes == N * size - away);
+  for (int i = 0; i < N; ++i) CHECK(check_pinned(b[i], size, 40 + i));
+  for (int i = 0; i < N; ++i) CHECK_OK(spill_free(b[i], 0, NULL));
+}
+
 /* A block freed while its prefetch lands: the memory's next owner, handed out at once and
  * written by the host, keeps its bytes (spill_free waits on the host for the copy of a block
  * ever pinned for the host; before, the copy landed over the new bytes). time_scale makes the
@@ -789,6 +822,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(set_scope_errors_name_the_call)   \
   X(generations_are_read_without_a_pin) \
   X(lowering_the_budget_evicts)        \
+  X(lowering_the_budget_names_a_full_host_cap) \
   X(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) \
   X(shutdown_with_live_blocks)
 

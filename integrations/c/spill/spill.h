@@ -167,8 +167,10 @@ SPILL_API spill_status spill_empty_cache(int device);
 /* Changes `device`'s budget of mapped device bytes. Raising it takes effect at once (up to
  * the device's memory). Lowering it releases cached memory and evicts swappable blocks until
  * the mapped bytes fit; when they cannot, OUT_OF_MEMORY names what holds them (pinned and
- * undeclared blocks, small blocks) and the budget stays as it was. INVALID_ARGUMENT for a
- * budget above the device or below one mapping granule. */
+ * undeclared blocks, small blocks, a host cap too full to take more swapped-out bytes) and the
+ * budget stays as it was; blocks evicted before it gave up stay on the host (they come back
+ * when pinned; the stats count them as swapped out). INVALID_ARGUMENT for a budget above the
+ * device or below one mapping granule. */
 SPILL_API spill_status spill_set_budget(int device, uint64_t bytes);
 /* The budget in effect (bytes). */
 SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
