@@ -170,7 +170,9 @@ SPILL_API spill_status spill_empty_cache(int device);
  * undeclared blocks, small blocks, a host cap too full to take more swapped-out bytes) and the
  * budget stays as it was; blocks evicted before it gave up stay on the host (they come back
  * when pinned; the stats count them as swapped out). INVALID_ARGUMENT for a budget above the
- * device or below one mapping granule. */
+ * device, below one mapping granule, or below one small-pool segment (2 MiB, whatever the
+ * granule: small requests share segments of that size; with swap_threshold:0 there is no
+ * small pool and one granule is enough). */
 SPILL_API spill_status spill_set_budget(int device, uint64_t bytes);
 /* The budget in effect (bytes). */
 SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
