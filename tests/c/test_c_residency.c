@@ -249,6 +249,39 @@ TEST(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) {
   CHECK_OK(spill_stream_destroy(0, s));
 }
 
+/* A token naming a pin the block never had (corrupted or forged) is refused as such, not as
+ * "unpinned twice": ids above the latest given out, and ids given out before the block's life
+ * began (another block's pins). The block's real pin is left alone. */
+TEST(a_token_with_a_pin_that_never_existed_is_named_so) {
+  void* s = NULL;
+  void* earlier = swappable_block_on_a_new_stream(&s);
+  spill_pin_token other;
+  REQUIRE_OK(spill_pin(earlier, s, &other));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, s));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin(a, s, &t));
+  spill_pin_token forged = t;
+  forged.pin = t.pin + 12345;
+  CHECK_STATUS(spill_unpin(&forged, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("was never one of its pins (pins given out so far go up to");
+  CHECK_ERROR_HAS("corrupted");
+  CHECK(strstr(spill_last_error(), "unpinned twice") == NULL);
+  forged.pin = other.pin; /* issued, but before this block's life: another block's pin */
+  CHECK_STATUS(spill_unpin(&forged, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("its pins have ids above");
+  CHECK_OK(spill_evict(a));
+  CHECK(residence(a) == SPILL_RESIDENT); /* its own pin still holds it */
+  CHECK_OK(spill_unpin(&t, s, 0));
+  CHECK_STATUS(spill_unpin(&t, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("unpinned twice"); /* a real second unpin still says so */
+  CHECK_OK(spill_unpin(&other, s, 0));
+  CHECK_OK(spill_free(a, 0, s));
+  CHECK_OK(spill_free(earlier, 0, s));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
 /* spill_discard: a block on the host whose bytes are dead comes back with no copy, then
  * holds what is written; a resident block is left alone (its bytes stay). */
 TEST(a_discarded_block_comes_back_without_a_copy) {
@@ -814,6 +847,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(a_token_from_an_earlier_session_is_stale) \
   X(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
+  X(a_token_with_a_pin_that_never_existed_is_named_so) \
   X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \

@@ -231,7 +231,8 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
  * calling thread's current step scope (see spill_begin_step), as the pin did to the pinning
  * thread's: unpin from the thread that pinned, or from one in the same scope (a thread reading
  * another scope's blocks then neither enters nor splits that scope's recorded ops). Errors:
- * INVALID_ARGUMENT (token NULL, stream, a token unpinned twice), SHUT_DOWN. */
+ * INVALID_ARGUMENT (token NULL, stream, a token unpinned twice, a token whose `pin` was never
+ * one of the block's pins: corrupted, or not from spill_pin), SHUT_DOWN. */
 SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
 /* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
