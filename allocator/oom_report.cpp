@@ -17,8 +17,12 @@ double fragmentation(const OomFacts& f) {
 std::string oom_message(const OomFacts& f) {
   std::string m = "out of memory: cannot allocate " + format_bytes(f.requested);
   if (f.requested > f.budget) {
-    return m + ": the request alone is larger than the whole budget of " +
-           format_bytes(f.budget) + " (device " + format_bytes(f.device_total) +
+    // Rounded, a request just over the budget reads as the budget itself: bytes then.
+    const bool same = format_bytes(f.requested) == format_bytes(f.budget);
+    return m + (same ? " (" + std::to_string(f.requested) + " bytes)" : "") +
+           ": the request alone is larger than the whole budget of " + format_bytes(f.budget) +
+           (same ? " (" + std::to_string(f.budget) + " bytes)" : "") + " (device " +
+           format_bytes(f.device_total) +
            "). Split the tensor, or raise budget: if the device has room." + f.dump_note;
   }
   if (f.needed > f.requested) m += " (needs " + format_bytes(f.needed) + " mapped)";

@@ -961,6 +961,24 @@ TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
   a.deallocate(small);
 }
 
+// A request just over the budget prints as the budget when rounded: the bytes are added then,
+// or the message read "cannot allocate 64.00 MiB: ... larger than the whole budget of 64.00 MiB".
+TEST(AllocatorOom, ARequestJustOverTheBudgetIsNamedInBytes) {
+  OomFacts f;
+  f.requested = f.needed = 64 * MiB + 1;
+  f.budget = 64 * MiB;
+  f.device_total = 256 * MiB;
+  std::string m = oom_message(f);
+  EXPECT_NE(m.find("cannot allocate 64.00 MiB (67108865 bytes): the request alone is larger "
+                   "than the whole budget of 64.00 MiB (67108864 bytes)"),
+            std::string::npos) << m;
+  f.requested = f.needed = 80 * MiB;  // figures that differ are left as they are
+  m = oom_message(f);
+  EXPECT_NE(m.find("cannot allocate 80.00 MiB: the request alone is larger than the whole "
+                   "budget of 64.00 MiB (device"),
+            std::string::npos) << m;
+}
+
 // A device that refuses within the budget is another user on a GPU, but the host's memory on
 // the simulated device (a run under `ulimit -v` was told other processes used the device).
 TEST(AllocatorOom, AFullSimulatedDeviceIsTheHostsMemory) {
