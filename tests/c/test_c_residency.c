@@ -282,6 +282,28 @@ TEST(a_token_with_a_pin_that_never_existed_is_named_so) {
   CHECK_OK(spill_stream_destroy(0, s));
 }
 
+/* spill_evict is a hint, but one that cannot start at a full host cap says so (documented):
+ * HOST_CAP naming the cap, and the block stays on the device with its bytes. */
+TEST(an_eviction_past_the_host_cap_is_refused_and_the_block_stays) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,host_cap:8MiB,policy:lru"));
+  void* b[2];
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE_OK(spill_malloc(&b[i], BLOCK, 0, NULL));
+    write_pinned(b[i], BLOCK, 60 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK_OK(spill_evict(b[0])); /* takes the whole cap */
+  CHECK_STATUS(spill_evict(b[1]), SPILL_ERROR_HOST_CAP);
+  CHECK_ERROR_HAS("host_cap");
+  CHECK(residence(b[1]) == SPILL_RESIDENT);
+  CHECK(check_pinned(b[1], BLOCK, 61));
+  CHECK(check_pinned(b[0], BLOCK, 60)); /* comes back: room for the other */
+  CHECK_OK(spill_free(b[0], 0, NULL));
+  CHECK_OK(spill_evict(b[1]));
+  CHECK(check_pinned(b[1], BLOCK, 61));
+  CHECK_OK(spill_free(b[1], 0, NULL));
+}
+
 /* spill_discard: a block on the host whose bytes are dead comes back with no copy, then
  * holds what is written; a resident block is left alone (its bytes stay). */
 TEST(a_discarded_block_comes_back_without_a_copy) {
@@ -848,6 +870,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
   X(a_token_with_a_pin_that_never_existed_is_named_so) \
+  X(an_eviction_past_the_host_cap_is_refused_and_the_block_stays) \
   X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \

@@ -236,10 +236,13 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
 SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
 /* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
- * unswappable or fresh block, and for one under swap_threshold). Both return without waiting. An evicted block reads
- * SWAPPING_OUT until its copy has finished; its device memory goes back when spill next
- * looks after that: a residence query of the block, another spill_evict, an allocation or
- * pin that needs room, an op of a step. */
+ * unswappable or fresh block, and for one under swap_threshold). Both return without waiting.
+ * Errors: INVALID_ARGUMENT (unknown pointer); spill_evict returns HOST_CAP when host_cap leaves
+ * no room for the block's bytes (the block stays on the device, unchanged; room comes back as
+ * swapped-out blocks return or are freed). An evicted block reads SWAPPING_OUT until its copy
+ * has finished; its device memory goes back when spill next looks after that: a residence
+ * query of the block, another spill_evict, an allocation or pin that needs room, an op of a
+ * step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
 /* The bytes of the block containing `ptr` are dead: the caller is about to overwrite all of
