@@ -34,7 +34,9 @@ std::string oom_message(const OomFacts& f) {
              ? " (the device itself is full, within the budget)"
              : " (the device refused, within the budget: " + f.device_error + ")";
   }
-  m += ". Budget " + format_bytes(f.budget) + ": allocated " + format_bytes(f.allocated);
+  // "resident", not "allocated": spill_stats' allocated_bytes also counts the swapped-out
+  // blocks, which are named apart below.
+  m += ". Budget " + format_bytes(f.budget) + ": resident " + format_bytes(f.allocated);
   if (f.small_allocated > 0) {
     m += " (" + format_bytes(f.small_allocated) + " of it in small blocks, requests up to " +
          format_bytes(f.small_limit) + ", which never move)";

@@ -314,7 +314,8 @@ typedef struct spill_stats {
   int32_t device;
   int32_t simulated;            /* 1 on the simulated device */
   uint64_t budget_bytes;        /* the limit on mapped device bytes */
-  uint64_t allocated_bytes;     /* handed out (rounded sizes) */
+  uint64_t allocated_bytes;     /* handed out (rounded sizes), swapped-out blocks included
+                                 * (out-of-memory messages say "resident" for the rest) */
   uint64_t allocated_peak_bytes;
   uint64_t requested_bytes;     /* asked for */
   uint64_t reserved_bytes;      /* mapped physical device memory (what the budget limits) */
