@@ -697,6 +697,20 @@ std::size_t Swapper::reap() {
   return m.reap_locked();
 }
 
+void Swapper::reap_freed() {
+  Impl& m = *impl_;
+  std::vector<Event> copies;
+  {
+    std::lock_guard lock(m.mu);
+    for (const Impl::Zombie& z : m.zombies) copies.push_back(z.done);
+  }
+  // Events are recycled, never destroyed, while the swapper lives: one reaped and recorded
+  // again meanwhile only makes the wait longer.
+  for (Event e : copies) m.dev.synchronize(e);
+  std::lock_guard lock(m.mu);
+  m.reap_locked();
+}
+
 bool Swapper::swappable(const void* ptr) const {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);

@@ -162,7 +162,8 @@ SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
 SPILL_API spill_status spill_record_stream(void* ptr, void* stream);
 /* Returns cached (free) memory of `device` to the device, waiting for queued work on it, and
  * gives back the pinned host memory that holds no swapped-out bytes (it is otherwise kept for
- * the next swap-out; stats: host_pinned). */
+ * the next swap-out; stats: host_pinned), the host copies of blocks freed while a copy of
+ * theirs was in flight included (waiting for those copies). */
 SPILL_API spill_status spill_empty_cache(int device);
 /* Changes `device`'s budget of mapped device bytes. Raising it takes effect at once (up to
  * the device's memory). Lowering it releases cached memory and evicts swappable blocks until
