@@ -66,7 +66,7 @@ struct RetiredRange {
 
 struct CachingAllocator::Impl {
   Impl(Device& d, const AllocatorOptions& o)
-      : budget(d, o.budget),
+      : budget(d, o.budget, o.small_limit > 0 ? kSmallSegment : 0),
         small(&d, kSmallRound, true),
         large(&d, 0, false, /*events_at_free=*/true),
         small_limit(o.small_limit),

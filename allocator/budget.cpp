@@ -7,8 +7,9 @@
 
 namespace spill {
 
-Budget::Budget(Device& device, std::optional<std::size_t> requested)
-    : total_(device.info().total_bytes), granule_(device.granularity()) {
+Budget::Budget(Device& device, std::optional<std::size_t> requested, std::size_t small_segment)
+    : total_(device.info().total_bytes), granule_(device.granularity()),
+      small_segment_(small_segment) {
   const std::size_t total = total_;
   const std::size_t g = granule_;
   if (requested) {
@@ -17,7 +18,7 @@ Budget::Budget(Device& device, std::optional<std::size_t> requested)
   } else {
     const std::size_t free = device.mem_info().free;
     const std::size_t reserve = std::min<std::size_t>(std::size_t{1} << 30, total / 10);
-    limit_ = free > reserve + g ? free - reserve : g;
+    limit_ = std::max({free > reserve + g ? free - reserve : g, small_segment_});
   }
 }
 
@@ -31,6 +32,15 @@ void Budget::check_limit(std::size_t limit) const {
   if (limit < granule_) {
     throw InvalidArgument("budget " + format_bytes(limit) + " is below one granule (" +
                           format_bytes(granule_) + ", the least the device maps): raise it");
+  }
+  if (limit < small_segment_) {
+    // Small requests share segments of this size whatever the granule: none would ever fit.
+    throw InvalidArgument("budget " + format_bytes(limit) + " is below one small-pool segment (" +
+                          format_bytes(small_segment_) +
+                          ": requests up to swap_threshold or 1 MiB share segments of that "
+                          "size, whatever the granule): raise it to at least " +
+                          format_bytes(small_segment_) + ", or set swap_threshold:0 (no small "
+                          "pool)");
   }
 }
 

@@ -15,9 +15,10 @@ namespace spill {
 class Budget {
  public:
   // `requested`: the configured budget, checked against the device (no more than its total, no
-  // less than one granule; InvalidArgument otherwise); nullopt: free memory less a reserve of
-  // min(1 GiB, 10% of the device).
-  Budget(Device& device, std::optional<std::size_t> requested);
+  // less than one granule, nor than `small_segment` when a small pool maps segments of that
+  // size: 0 when there is none; InvalidArgument otherwise); nullopt: free memory less a reserve
+  // of min(1 GiB, 10% of the device).
+  Budget(Device& device, std::optional<std::size_t> requested, std::size_t small_segment = 0);
 
   std::size_t limit() const { return limit_; }
   std::size_t claimed() const { return claimed_; }
@@ -29,13 +30,14 @@ class Budget {
   void claim(std::size_t bytes);    // asserts that the bytes fit
   void release(std::size_t bytes);  // asserts that they were claimed
 
-  // Throws InvalidArgument when `limit` is above the device or below one granule.
+  // Throws InvalidArgument when `limit` is above the device, below one granule, or below one
+  // small-pool segment (a budget no small request could ever fit in).
   void check_limit(std::size_t limit) const;
   // A new limit at run time (checked as above); asserts that the claimed bytes fit under it.
   void set_limit(std::size_t limit);
 
  private:
-  std::size_t total_ = 0, granule_ = 0;
+  std::size_t total_ = 0, granule_ = 0, small_segment_ = 0;
   std::size_t limit_ = 0;
   std::size_t claimed_ = 0;
 };

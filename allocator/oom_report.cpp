@@ -17,8 +17,12 @@ double fragmentation(const OomFacts& f) {
 std::string oom_message(const OomFacts& f) {
   std::string m = "out of memory: cannot allocate " + format_bytes(f.requested);
   if (f.requested > f.budget) {
-    return m + ": the request alone is larger than the whole budget of " +
-           format_bytes(f.budget) + " (device " + format_bytes(f.device_total) +
+    // Rounded, a request just over the budget reads as the budget itself: bytes then.
+    const bool same = format_bytes(f.requested) == format_bytes(f.budget);
+    return m + (same ? " (" + std::to_string(f.requested) + " bytes)" : "") +
+           ": the request alone is larger than the whole budget of " + format_bytes(f.budget) +
+           (same ? " (" + std::to_string(f.budget) + " bytes)" : "") + " (device " +
+           format_bytes(f.device_total) +
            "). Split the tensor, or raise budget: if the device has room." + f.dump_note;
   }
   if (f.needed > f.requested) m += " (needs " + format_bytes(f.needed) + " mapped)";
@@ -30,7 +34,9 @@ std::string oom_message(const OomFacts& f) {
              ? " (the device itself is full, within the budget)"
              : " (the device refused, within the budget: " + f.device_error + ")";
   }
-  m += ". Budget " + format_bytes(f.budget) + ": allocated " + format_bytes(f.allocated);
+  // "resident", not "allocated": spill_stats' allocated_bytes also counts the swapped-out
+  // blocks, which are named apart below.
+  m += ". Budget " + format_bytes(f.budget) + ": resident " + format_bytes(f.allocated);
   if (f.small_allocated > 0) {
     m += " (" + format_bytes(f.small_allocated) + " of it in small blocks, requests up to " +
          format_bytes(f.small_limit) + ", which never move)";

@@ -13,7 +13,7 @@ struct OomFacts {
   std::size_t needed = 0;         // mapped bytes the request needed (block or new segment)
   std::size_t budget = 0;
   std::size_t device_total = 0;
-  std::size_t allocated = 0;      // handed out and mapped
+  std::size_t allocated = 0;      // handed out and mapped: "resident" in the message
   std::size_t small_allocated = 0;  // of which in small-pool blocks (these never move)
   std::size_t cached = 0;         // mapped, free
   std::size_t swapped_out = 0;    // allocated, bytes on the host

@@ -6,13 +6,16 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 
 #include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
+#include "device/host_memory.hpp"
 #include "device/sim_fault_note.hpp"
 #include "device/sim_state.hpp"
 
@@ -70,30 +73,16 @@ std::size_t page_round(std::size_t bytes) {
   return (bytes + page - 1) / page * page;
 }
 
-// The host's memory from /proc/meminfo (RAM plus swap; and what is available now), falling back
-// to sysconf when it cannot be read.
-struct HostMemory {
-  std::uint64_t total = 0, available = 0;
+// The capacity of the simulated devices open in this process: their memory is all the host's,
+// so each new one is checked with the others' capacity counted.
+struct OpenDevices {
+  std::mutex mu;
+  std::uint64_t capacity = 0;
+  int count = 0;
 };
-HostMemory host_memory() {
-  HostMemory m;
-  std::uint64_t ram = 0, swap = 0, avail = 0;
-  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
-    char key[64];
-    unsigned long long kib = 0;
-    while (std::fscanf(f, "%63s %llu kB\n", key, &kib) == 2) {
-      if (std::strcmp(key, "MemTotal:") == 0) ram = kib * 1024;
-      if (std::strcmp(key, "SwapTotal:") == 0) swap = kib * 1024;
-      if (std::strcmp(key, "MemAvailable:") == 0) avail = kib * 1024;
-    }
-    std::fclose(f);
-  }
-  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-  if (ram == 0) ram = static_cast<std::uint64_t>(::sysconf(_SC_PHYS_PAGES)) * page;
-  if (avail == 0) avail = static_cast<std::uint64_t>(::sysconf(_SC_AVPHYS_PAGES)) * page;
-  m.total = ram + swap;
-  m.available = avail;
-  return m;
+OpenDevices& open_devices() {
+  static OpenDevices* d = new OpenDevices;  // never destroyed: devices may outlive statics
+  return *d;
 }
 
 void raise_fd_limit() {
@@ -175,21 +164,40 @@ SimDevice::SimDevice(SimOptions options) : s_(std::make_unique<State>()) {
   SPILL_EXPECTS(options.capacity >= options.granularity,
                 "SimDevice: capacity " + format_bytes(options.capacity) +
                     " is below one granule (" + format_bytes(options.granularity) + ")");
-  // The simulated device's memory is host memory (memfd chunks): a capacity the host cannot
-  // hold at all would end in the kernel's OOM killer once used, so it is refused here.
-  const HostMemory host = host_memory();
-  if (host.total > 0 && options.capacity > host.total) {
-    throw InvalidArgument("SimDevice: capacity " + format_bytes(options.capacity) +
-                          " (sim_capacity) is more than this host's memory (" +
-                          format_bytes(host.total) + " of RAM and swap, " +
-                          format_bytes(host.available) +
-                          " available now): the simulated device keeps its memory in host RAM; "
-                          "choose a sim_capacity of at most " + format_bytes(host.available));
-  }
   SPILL_EXPECTS(options.link.h2d_gbps > 0 && options.link.d2h_gbps > 0 && options.d2d_gbps > 0,
                 "SimDevice: link bandwidths must be above zero");
   SPILL_EXPECTS(options.chaos_probability >= 0 && options.chaos_probability <= 1,
                 "SimDevice: chaos_probability must lie in [0, 1]");
+  // The simulated device's memory is host memory (memfd chunks): a capacity the host cannot
+  // hold at all, with what the simulated devices already open here may use, would end in the
+  // kernel's OOM killer once used, so it is refused here. The host's memory is bounded by the
+  // process's cgroup limit where one is set.
+  const HostMemoryInfo host = read_host_memory(options.host_memory);
+  {
+    OpenDevices& open = open_devices();
+    std::lock_guard lock(open.mu);
+    const std::uint64_t left = host.total - std::min(host.total, open.capacity);
+    if (host.total > 0 && options.capacity > left) {
+      if (open.count == 0) {
+        throw InvalidArgument("SimDevice: capacity " + format_bytes(options.capacity) +
+                              " (sim_capacity) is more than this host's memory (" +
+                              host.describe() + ", " + format_bytes(host.available) +
+                              " available now): the simulated device keeps its memory in host "
+                              "RAM; choose a sim_capacity of at most " +
+                              format_bytes(host.available));
+      }
+      throw InvalidArgument(
+          "SimDevice " + std::to_string(options.ordinal) + ": capacity " +
+          format_bytes(options.capacity) + " (sim_capacity) is more than this host's memory " +
+          "left for it: " + host.describe() + ", of which the " + std::to_string(open.count) +
+          " simulated device" + (open.count == 1 ? "" : "s") + " already open in this process " +
+          "may use " + format_bytes(open.capacity) + " (each ordinal is its own simulated GPU, "
+          "all in host RAM); choose a sim_capacity of at most " +
+          format_bytes(std::min<std::uint64_t>(left, host.available)) + ", or open fewer devices");
+    }
+    open.capacity += options.capacity;
+    open.count++;
+  }
   raise_fd_limit();
   s_->opt = std::move(options);
   const SimOptions& o = s_->opt;
@@ -204,7 +212,19 @@ SimDevice::SimDevice(SimOptions options) : s_(std::make_unique<State>()) {
   info_.h2d_gbps = o.link.h2d_gbps;
   info_.d2h_gbps = o.link.d2h_gbps;
   info_.simulated = true;
-  s_->default_stream = do_create_stream();
+  try {
+    s_->default_stream = do_create_stream();
+  } catch (...) {
+    forget_capacity();
+    throw;
+  }
+}
+
+void SimDevice::forget_capacity() {
+  OpenDevices& open = open_devices();
+  std::lock_guard lock(open.mu);
+  open.capacity -= s_->opt.capacity;
+  open.count--;
 }
 
 SimDevice::~SimDevice() {
@@ -232,6 +252,8 @@ SimDevice::~SimDevice() {
     for (int fd : fds) ::close(fd);
   for (auto& [addr, size] : s_->allocations) ::munmap(reinterpret_cast<void*>(addr), size);
   for (auto& [addr, size] : s_->host_pinned) ::munmap(reinterpret_cast<void*>(addr), size);
+  lock.unlock();
+  forget_capacity();
 }
 
 const SimOptions& SimDevice::options() const { return s_->opt; }

@@ -17,6 +17,7 @@
 
 #include "core/link_model.hpp"
 #include "device/device.hpp"
+#include "device/host_memory.hpp"
 
 namespace spill {
 
@@ -43,14 +44,18 @@ struct SimOptions {
   std::chrono::microseconds chaos_max_delay{1500};  // upper bound of one delay
   std::string name = "SimDevice";
   int ordinal = 0;  // the device ordinal it reports (config: gpu)
+  // Where the host's memory and the cgroup limit are read (tests point it at a made-up tree).
+  HostMemorySources host_memory;
 
   static SimOptions from_config(const Config& config);
 };
 
 class SimDevice final : public Device {
  public:
-  // Throws InvalidArgument for a capacity above the host's RAM and swap (the simulated memory
-  // lives in host RAM), naming both, and for options out of range.
+  // Throws InvalidArgument for a capacity above the host's RAM and swap, or the process's
+  // cgroup memory limit when lower, less the capacity of the simulated devices already open in
+  // the process (the simulated memory lives in host RAM), naming them, and for options out of
+  // range.
   explicit SimDevice(SimOptions options = {});
   ~SimDevice() override;
 
@@ -82,6 +87,8 @@ class SimDevice final : public Device {
   Counts counts() const;
 
  private:
+  void forget_capacity();  // this device's capacity leaves the process's open devices' sum
+
   struct State;
   std::unique_ptr<State> s_;
 

@@ -99,6 +99,11 @@ Runtime::~Runtime() {
 
 StepMemory& Runtime::step_memory() { return *memory_; }
 
+void Runtime::empty_cache() {
+  if (swapper_) swapper_->reap_freed();  // before the pool gives back its empty chunks
+  allocator_->empty_cache();
+}
+
 void Runtime::set_budget(std::size_t bytes) {
   try {
     allocator_->set_budget(bytes);

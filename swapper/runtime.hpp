@@ -45,6 +45,10 @@ class Runtime {
   // new one from its next step. A failure to lower it names what holds the memory, the
   // swapper's unevictable blocks included, and keeps the old budget.
   void set_budget(std::size_t bytes);
+  // Returns cached device memory (CachingAllocator::empty_cache) and the pinned host memory
+  // that holds no swapped-out bytes, the host buffers of blocks freed while a copy touched
+  // them included (Swapper::reap_freed waits for those copies first).
+  void empty_cache();
 
  private:
   class Hooks;

@@ -112,6 +112,7 @@ SwapBlock& Swapper::Impl::add_block_locked(void* base, std::size_t size) {
   b.request = size;
   b.swappable = !opt.opt_in;
   b.generation = next_generation.fetch_add(1, std::memory_order_relaxed);
+  b.pins_after = next_pin;
   b.born = ++tick;
   stats.resident_bytes += size;
   count_fresh_locked(key(base), b, +1);
@@ -472,7 +473,17 @@ void Swapper::unpin(const PinToken& token, Stream stream, bool wrote) {
   auto slot = token.pin == 0 ? b.pin_ids.end()
                              : std::find(b.pin_ids.begin(), b.pin_ids.end(), token.pin);
   // A token with an id ends that pin, if it has not ended yet; one without (a pin past the
-  // tracked ones) ends one of the pins counted alone.
+  // tracked ones) ends one of the pins counted alone. Ids are given in order: one above the
+  // latest given, or not above the latest before the block's life began, was never a pin of
+  // this block (a corrupted or forged token), which is not a token unpinned twice.
+  if (token.pin > m.next_pin || (token.pin != 0 && token.pin <= b.pins_after)) {
+    throw InvalidArgument(
+        "unpin: the token names pin " + std::to_string(token.pin) + " of the block at " +
+        format_address(b.base) + ", which was never one of its pins (" +
+        (token.pin > m.next_pin ? "pins given out so far go up to " + std::to_string(m.next_pin)
+                                : "its pins have ids above " + std::to_string(b.pins_after)) +
+        "): the token is corrupted or was not returned by spill_pin");
+  }
   SPILL_EXPECTS(token.pin != 0 ? slot != b.pin_ids.end() : b.pins > b.tracked_pins(),
                 "unpin: the token of pin " + std::to_string(token.pin) + " of the block at " +
                     format_address(b.base) + " was unpinned already (a token unpinned twice)");
@@ -684,6 +695,20 @@ std::size_t Swapper::reap() {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   return m.reap_locked();
+}
+
+void Swapper::reap_freed() {
+  Impl& m = *impl_;
+  std::vector<Event> copies;
+  {
+    std::lock_guard lock(m.mu);
+    for (const Impl::Zombie& z : m.zombies) copies.push_back(z.done);
+  }
+  // Events are recycled, never destroyed, while the swapper lives: one reaped and recorded
+  // again meanwhile only makes the wait longer.
+  for (Event e : copies) m.dev.synchronize(e);
+  std::lock_guard lock(m.mu);
+  m.reap_locked();
 }
 
 bool Swapper::swappable(const void* ptr) const {

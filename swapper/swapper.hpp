@@ -216,6 +216,10 @@ class Swapper {
   // Completes every swap-out whose copy has finished (their device memory goes back now);
   // the bytes given back. spill_evict calls it, after starting its own copy.
   std::size_t reap();
+  // reap(), after waiting for the copies of blocks freed while one was in flight: their host
+  // buffers, freed only once those copies are done, go back to the host pool now (what
+  // spill_empty_cache does before the pool returns its empty chunks).
+  void reap_freed();
   bool swappable(const void* ptr) const;  // false for blocks that never move
   SwapStats stats() const;
   // Which resident tracked blocks cannot be evicted now and why (pinned, not declared

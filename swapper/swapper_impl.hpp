@@ -33,6 +33,9 @@ struct SwapBlock {
   // (and the swapper's own short holds) are counted in `pins` alone.
   static constexpr std::size_t kTrackedPins = 4;
   std::array<std::uint64_t, kTrackedPins> pin_ids{};
+  // The latest pin id given out before this life of the block began: its own pins' ids are
+  // above it, so a token with an id at or below it was never a pin of this block.
+  std::uint64_t pins_after = 0;
   int tracked_pins() const {
     return static_cast<int>(kTrackedPins -
                             std::count(pin_ids.begin(), pin_ids.end(), std::uint64_t{0}));

@@ -133,7 +133,7 @@ spill_status spill_record_stream(void* ptr, void* stream) {
 
 spill_status spill_empty_cache(int device) {
   return on_device(device, "spill_empty_cache", [](Lease& lease) {
-    lease.rt().allocator().empty_cache();
+    lease.rt().empty_cache();
     return SPILL_OK;
   });
 }

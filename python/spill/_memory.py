@@ -116,7 +116,8 @@ def evict(ptr: int) -> None:
     """Hint: start moving the block containing ``ptr`` to the host now (nothing happens for a
     pinned, unswappable or fresh block). Nothing waits: :func:`residence` reads
     ``"swapping_out"`` until the copy has finished, then ``"on_host"`` (its device memory is
-    given back then)."""
+    given back then). Raises :class:`spill.OutOfMemoryError` (code ``Status.HOST_CAP``) when
+    ``host_cap`` leaves no room for the block's bytes; the block then stays on the device."""
     call("spill_evict", _args.pointer(ptr))
 
 

@@ -80,7 +80,8 @@ def budget(device: int = 0) -> int:
 
 def empty_cache(device: int = 0) -> None:
     """Returns ``device``'s cached (free) memory to the device, after its queued work, and the
-    pinned host memory that holds no swapped-out bytes (``host_pinned`` in :func:`stats`)."""
+    pinned host memory that holds no swapped-out bytes (``host_pinned`` in :func:`stats`), the
+    host copies of blocks freed while a copy of theirs was in flight included."""
     call("spill_empty_cache", _args.device(device))
 
 

@@ -234,7 +234,7 @@ TYPED_TEST(AllocatorTest, BudgetLadderAndTheOomMessage) {
     FAIL() << "expected OutOfMemory";
   } catch (const OutOfMemory& e) {
     std::string m = e.what();
-    for (const char* part : {"Budget", "allocated", "cached", "swapped out", "pinned host",
+    for (const char* part : {"Budget", "resident", "cached", "swapped out", "pinned host",
                              "largest free block", "fragmentation", "Hint"})
       EXPECT_NE(m.find(part), std::string::npos) << part << " missing from: " << m;
   }
@@ -959,6 +959,39 @@ TEST(AllocatorOom, LargestFreeBlockCountsOnlyThePoolThatServesTheRequest) {
   }
   a.deallocate(large);
   a.deallocate(small);
+}
+
+// A request just over the budget prints as the budget when rounded: the bytes are added then,
+// or the message read "cannot allocate 64.00 MiB: ... larger than the whole budget of 64.00 MiB".
+TEST(AllocatorOom, ARequestJustOverTheBudgetIsNamedInBytes) {
+  OomFacts f;
+  f.requested = f.needed = 64 * MiB + 1;
+  f.budget = 64 * MiB;
+  f.device_total = 256 * MiB;
+  std::string m = oom_message(f);
+  EXPECT_NE(m.find("cannot allocate 64.00 MiB (67108865 bytes): the request alone is larger "
+                   "than the whole budget of 64.00 MiB (67108864 bytes)"),
+            std::string::npos) << m;
+  f.requested = f.needed = 80 * MiB;  // figures that differ are left as they are
+  m = oom_message(f);
+  EXPECT_NE(m.find("cannot allocate 80.00 MiB: the request alone is larger than the whole "
+                   "budget of 64.00 MiB (device"),
+            std::string::npos) << m;
+}
+
+// The message's device bytes are "resident": spill_stats' allocated_bytes also counts the
+// swapped-out blocks, so "allocated 40 MiB" beside stats saying 80 MiB read as a contradiction.
+TEST(AllocatorOom, ResidentAndSwappedOutAreNamedApart) {
+  OomFacts f;
+  f.requested = f.needed = 4 * MiB;
+  f.budget = 40 * MiB;
+  f.device_total = 256 * MiB;
+  f.allocated = 40 * MiB;
+  f.swapped_out = 36 * MiB;
+  const std::string m = oom_message(f);
+  EXPECT_NE(m.find("Budget 40.00 MiB: resident 40.00 MiB, cached 0 B; swapped out 36.00 MiB"),
+            std::string::npos) << m;
+  EXPECT_EQ(m.find("allocated"), std::string::npos) << m;
 }
 
 // A device that refuses within the budget is another user on a GPU, but the host's memory on

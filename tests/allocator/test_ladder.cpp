@@ -181,7 +181,7 @@ TYPED_TEST(LadderTest, AHookThatFreesNothingEndsInAFullOomMessage) {
   } catch (const OutOfMemory& e) {
     std::string m = e.what();
     for (const std::string& part : std::vector<std::string>{"cannot allocate " + format_bytes(g), "Budget " + format_bytes(3 * g),
-                             "allocated " + format_bytes(3 * g), "swapped out " + format_bytes(g),
+                             "resident " + format_bytes(3 * g), "swapped out " + format_bytes(g),
                              "pinned host " + format_bytes(4 * MiB), "largest free block",
                              "fragmentation", "Hint"})
       EXPECT_NE(m.find(part), std::string::npos) << part << " missing from: " << m;

@@ -196,7 +196,7 @@ TEST(out_of_memory_says_where_the_bytes_are) {
   CHECK(s == SPILL_ERROR_OUT_OF_MEMORY); /* unswappable blocks stay: the budget runs out */
   CHECK(n >= 4 && n < 8);
   CHECK_ERROR_HAS("spill_malloc(6291456 bytes, device 0)");
-  CHECK_ERROR_HAS("allocated");
+  CHECK_ERROR_HAS("Budget 32.00 MiB: resident ");
   spill_stats st;
   st.struct_size = sizeof st;
   REQUIRE_OK(spill_get_stats(0, &st));
@@ -435,6 +435,32 @@ TEST(budget_at_run_time) {
   CHECK_OK(spill_malloc(&more, 150u << 20, 0, NULL));
   CHECK_OK(spill_free(more, 0, NULL));
   CHECK_OK(spill_free(held, 0, NULL));
+}
+
+/* Small requests share 2 MiB segments whatever the granule: a budget below one is refused,
+ * naming that minimum (it was accepted, and then every small request failed blaming pins),
+ * unless there is no small pool (swap_threshold:0). */
+TEST(a_budget_below_a_small_segment_is_refused) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:64MiB,budget:1MiB,sim_granularity:64KiB"));
+  void* p = NULL;
+  CHECK_STATUS(spill_malloc(&p, 1, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("budget 1.00 MiB is below one small-pool segment (2.00 MiB");
+  REQUIRE_OK(spill_shutdown());
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:64MiB,budget:8MiB,sim_granularity:64KiB"));
+  CHECK_STATUS(spill_set_budget(0, 1u << 20), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("raise it to at least 2.00 MiB, or set swap_threshold:0");
+  uint64_t budget = 0;
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 8u << 20);
+  CHECK_OK(spill_set_budget(0, 2u << 20)); /* one segment: small requests fit */
+  CHECK_OK(spill_malloc(&p, 1, 0, NULL));
+  CHECK_OK(spill_free(p, 0, NULL));
+  REQUIRE_OK(spill_shutdown());
+  /* Without a small pool every request is a large block of granules: 1 MiB is a budget. */
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:64MiB,budget:1MiB,sim_granularity:64KiB,"
+                        "swap_threshold:0"));
+  CHECK_OK(spill_malloc(&p, 1, 0, NULL));
+  CHECK_OK(spill_free(p, 0, NULL));
 }
 
 TEST(empty_cache) {
@@ -720,6 +746,7 @@ TEST(exit_with_blocks_held) {
   X(streams_on_the_simulated_device)              \
   X(record_stream_errors)                         \
   X(budget_at_run_time)                           \
+  X(a_budget_below_a_small_segment_is_refused)    \
   X(empty_cache)                                  \
   X(stats_struct_grows)                           \
   X(stats_tell_which_requests_can_move)           \

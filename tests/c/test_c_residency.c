@@ -249,6 +249,61 @@ TEST(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) {
   CHECK_OK(spill_stream_destroy(0, s));
 }
 
+/* A token naming a pin the block never had (corrupted or forged) is refused as such, not as
+ * "unpinned twice": ids above the latest given out, and ids given out before the block's life
+ * began (another block's pins). The block's real pin is left alone. */
+TEST(a_token_with_a_pin_that_never_existed_is_named_so) {
+  void* s = NULL;
+  void* earlier = swappable_block_on_a_new_stream(&s);
+  spill_pin_token other;
+  REQUIRE_OK(spill_pin(earlier, s, &other));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK, 0, s));
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin(a, s, &t));
+  spill_pin_token forged = t;
+  forged.pin = t.pin + 12345;
+  CHECK_STATUS(spill_unpin(&forged, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("was never one of its pins (pins given out so far go up to");
+  CHECK_ERROR_HAS("corrupted");
+  CHECK(strstr(spill_last_error(), "unpinned twice") == NULL);
+  forged.pin = other.pin; /* issued, but before this block's life: another block's pin */
+  CHECK_STATUS(spill_unpin(&forged, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("its pins have ids above");
+  CHECK_OK(spill_evict(a));
+  CHECK(residence(a) == SPILL_RESIDENT); /* its own pin still holds it */
+  CHECK_OK(spill_unpin(&t, s, 0));
+  CHECK_STATUS(spill_unpin(&t, s, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("unpinned twice"); /* a real second unpin still says so */
+  CHECK_OK(spill_unpin(&other, s, 0));
+  CHECK_OK(spill_free(a, 0, s));
+  CHECK_OK(spill_free(earlier, 0, s));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
+/* spill_evict is a hint, but one that cannot start at a full host cap says so (documented):
+ * HOST_CAP naming the cap, and the block stays on the device with its bytes. */
+TEST(an_eviction_past_the_host_cap_is_refused_and_the_block_stays) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,host_cap:8MiB,policy:lru"));
+  void* b[2];
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE_OK(spill_malloc(&b[i], BLOCK, 0, NULL));
+    write_pinned(b[i], BLOCK, 60 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK_OK(spill_evict(b[0])); /* takes the whole cap */
+  CHECK_STATUS(spill_evict(b[1]), SPILL_ERROR_HOST_CAP);
+  CHECK_ERROR_HAS("host_cap");
+  CHECK(residence(b[1]) == SPILL_RESIDENT);
+  CHECK(check_pinned(b[1], BLOCK, 61));
+  CHECK(check_pinned(b[0], BLOCK, 60)); /* comes back: room for the other */
+  CHECK_OK(spill_free(b[0], 0, NULL));
+  CHECK_OK(spill_evict(b[1]));
+  CHECK(check_pinned(b[1], BLOCK, 61));
+  CHECK_OK(spill_free(b[1], 0, NULL));
+}
+
 /* spill_discard: a block on the host whose bytes are dead comes back with no copy, then
  * holds what is written; a resident block is left alone (its bytes stay). */
 TEST(a_discarded_block_comes_back_without_a_copy) {
@@ -660,6 +715,39 @@ TEST(lowering_the_budget_evicts) {
   for (int i = 0; i < 6; ++i) CHECK_OK(spill_free(b[i], 0, NULL));
 }
 
+/* Lowering the budget stopped by a full host cap says so (before, it blamed pinned and
+ * undeclared blocks, then listed none of either). The blocks it evicted before giving up stay
+ * on the host, their bytes intact, and the stats agree with the blocks' residences. */
+TEST(lowering_the_budget_names_a_full_host_cap) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,host_cap:16MiB,policy:lru"));
+  enum { N = 10 };
+  const size_t size = 4u * MIB;
+  void* b[N];
+  for (int i = 0; i < N; ++i) {
+    REQUIRE_OK(spill_malloc(&b[i], size, 0, NULL));
+    write_pinned(b[i], size, 40 + i);
+    REQUIRE_OK(spill_set_swappable(b[i], 1));
+  }
+  CHECK_STATUS(spill_set_budget(0, 8u * MIB), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_ERROR_HAS("the host cap is full: host_cap 16.00 MiB, 16.00 MiB of it in use");
+  CHECK_ERROR_HAS("raise host_cap:");
+  CHECK_ERROR_HAS("the budget stays 64.00 MiB (blocks evicted on the way stay on the host, "
+                  "16.00 MiB swapped out now)");
+  uint64_t budget = 0;
+  CHECK_OK(spill_get_budget(0, &budget));
+  CHECK(budget == 64u * MIB);
+  size_t away = 0;
+  for (int i = 0; i < N; ++i)
+    if (residence(b[i]) != SPILL_RESIDENT) away += size;
+  spill_stats st = stats();
+  CHECK(away == 16u * MIB);
+  CHECK(st.swapped_out_bytes == away);
+  CHECK(st.allocated_bytes == N * size);
+  CHECK(st.reserved_bytes == N * size - away);
+  for (int i = 0; i < N; ++i) CHECK(check_pinned(b[i], size, 40 + i));
+  for (int i = 0; i < N; ++i) CHECK_OK(spill_free(b[i], 0, NULL));
+}
+
 /* A block freed while its prefetch lands: the memory's next owner, handed out at once and
  * written by the host, keeps its bytes (spill_free waits on the host for the copy of a block
  * ever pinned for the host; before, the copy landed over the new bytes). time_scale makes the
@@ -781,6 +869,8 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(a_token_from_an_earlier_session_is_stale) \
   X(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
+  X(a_token_with_a_pin_that_never_existed_is_named_so) \
+  X(an_eviction_past_the_host_cap_is_refused_and_the_block_stays) \
   X(a_discarded_block_comes_back_without_a_copy) \
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \
@@ -789,6 +879,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(set_scope_errors_name_the_call)   \
   X(generations_are_read_without_a_pin) \
   X(lowering_the_budget_evicts)        \
+  X(lowering_the_budget_names_a_full_host_cap) \
   X(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) \
   X(shutdown_with_live_blocks)
 

@@ -358,6 +358,28 @@ def test_undeclared_blocks_never_move(sim):
     assert spill.residence(keep) == "resident" and holds_pattern(keep, BLOCK, seed=7)
 
 
+def test_an_eviction_past_the_host_cap_raises_and_the_block_stays():
+    """spill.evict is a hint, but one that cannot start at a full host cap raises (as the C
+    API's HOST_CAP, documented): the block stays on the device with its bytes."""
+    spill.shutdown()
+    spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,host_cap:4MiB,policy:lru")
+    try:
+        first, second = spill.malloc(BLOCK), spill.malloc(BLOCK)
+        for seed, ptr in enumerate((first, second)):
+            write_pattern(ptr, BLOCK, seed)
+            spill.set_swappable(ptr)
+        spill.evict(first)  # takes the whole cap
+        with pytest.raises(spill.OutOfMemoryError, match="host_cap") as e:
+            spill.evict(second)
+        assert e.value.code == spill.Status.HOST_CAP
+        assert spill.residence(second) == "resident"
+        assert holds_pattern(second, BLOCK, 1) and holds_pattern(first, BLOCK, 0)
+        for ptr in (first, second):
+            spill.free(ptr)
+    finally:
+        spill.shutdown()
+
+
 def test_a_token_unpinned_twice_is_refused_while_another_pin_holds_the_block(sim):
     # Before tokens told a block's pins apart, the second unpin ended the other pin's hold and
     # the block could be evicted while that pin's user read it (the error came later, on the

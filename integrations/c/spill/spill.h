@@ -163,13 +163,18 @@ SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
 SPILL_API spill_status spill_record_stream(void* ptr, void* stream);
 /* Returns cached (free) memory of `device` to the device, waiting for queued work on it, and
  * gives back the pinned host memory that holds no swapped-out bytes (it is otherwise kept for
- * the next swap-out; stats: host_pinned). */
+ * the next swap-out; stats: host_pinned), the host copies of blocks freed while a copy of
+ * theirs was in flight included (waiting for those copies). */
 SPILL_API spill_status spill_empty_cache(int device);
 /* Changes `device`'s budget of mapped device bytes. Raising it takes effect at once (up to
  * the device's memory). Lowering it releases cached memory and evicts swappable blocks until
  * the mapped bytes fit; when they cannot, OUT_OF_MEMORY names what holds them (pinned and
- * undeclared blocks, small blocks) and the budget stays as it was. INVALID_ARGUMENT for a
- * budget above the device or below one mapping granule. */
+ * undeclared blocks, small blocks, a host cap too full to take more swapped-out bytes) and the
+ * budget stays as it was; blocks evicted before it gave up stay on the host (they come back
+ * when pinned; the stats count them as swapped out). INVALID_ARGUMENT for a budget above the
+ * device, below one mapping granule, or below one small-pool segment (2 MiB, whatever the
+ * granule: small requests share segments of that size; with swap_threshold:0 there is no
+ * small pool and one granule is enough). */
 SPILL_API spill_status spill_set_budget(int device, uint64_t bytes);
 /* The budget in effect (bytes). */
 SPILL_API spill_status spill_get_budget(int device, uint64_t* bytes);
@@ -228,14 +233,18 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
  * calling thread's current step scope (see spill_begin_step), as the pin did to the pinning
  * thread's: unpin from the thread that pinned, or from one in the same scope (a thread reading
  * another scope's blocks then neither enters nor splits that scope's recorded ops). Errors:
- * INVALID_ARGUMENT (token NULL, stream, a token unpinned twice), SHUT_DOWN. */
+ * INVALID_ARGUMENT (token NULL, stream, a token unpinned twice, a token whose `pin` was never
+ * one of the block's pins: corrupted, or not from spill_pin), SHUT_DOWN. */
 SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote);
 /* Hints. spill_prefetch starts bringing the block back now (only into free budget: it never
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
- * unswappable or fresh block, and for one under swap_threshold). Both return without waiting. An evicted block reads
- * SWAPPING_OUT until its copy has finished; its device memory goes back when spill next
- * looks after that: a residence query of the block, another spill_evict, an allocation or
- * pin that needs room, an op of a step. */
+ * unswappable or fresh block, and for one under swap_threshold). Both return without waiting.
+ * Errors: INVALID_ARGUMENT (unknown pointer); spill_evict returns HOST_CAP when host_cap leaves
+ * no room for the block's bytes (the block stays on the device, unchanged; room comes back as
+ * swapped-out blocks return or are freed). An evicted block reads SWAPPING_OUT until its copy
+ * has finished; its device memory goes back when spill next looks after that: a residence
+ * query of the block, another spill_evict, an allocation or pin that needs room, an op of a
+ * step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
 /* The bytes of the block containing `ptr` are dead: the caller is about to overwrite all of
@@ -307,7 +316,8 @@ typedef struct spill_stats {
   int32_t device;
   int32_t simulated;            /* 1 on the simulated device */
   uint64_t budget_bytes;        /* the limit on mapped device bytes */
-  uint64_t allocated_bytes;     /* handed out (rounded sizes) */
+  uint64_t allocated_bytes;     /* handed out (rounded sizes), swapped-out blocks included
+                                 * (out-of-memory messages say "resident" for the rest) */
   uint64_t allocated_peak_bytes;
   uint64_t requested_bytes;     /* asked for */
   uint64_t reserved_bytes;      /* mapped physical device memory (what the budget limits) */
