@@ -747,3 +747,114 @@ def test_out_of_memory_in_a_backward_says_what_the_engine_holds() -> None:
         print("ok")
     """)
     assert "ok" in out
+
+
+# A decoder of six blocks (a 1 MiB projection each, attention over its own KV cache), greedy
+# generation of 40 tokens for a batch of 8 under torch.no_grad(), the cache kept three ways:
+# `args` a list handed to the forward and grown by torch.cat, `prealloc` preallocated and
+# written with index_copy_, `buffers` buffers the forward replaces with torch.cat.
+GENERATION = textwrap.indent("""
+import gc
+import torch.nn as nn
+class Block(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(512, 512)
+        self.register_buffer("kv", None, persistent=False)
+    def forward(self, x, cache, i, t):
+        h = self.proj(x)
+        if self.kind == "args":
+            cache[i] = h if cache[i] is None else torch.cat([cache[i], h], 1)
+            kv = cache[i]
+        elif self.kind == "prealloc":
+            cache[i].index_copy_(1, torch.tensor([t], device=x.device), h)
+            kv = cache[i][:, :t + 1]
+        else:
+            self.kv = h if t == 0 else torch.cat([self.kv, h], 1)
+            kv = self.kv
+        a = (h @ kv.transpose(1, 2) / 16).softmax(-1)
+        return torch.tanh(x + a @ kv)
+class Decoder(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(kind) for _ in range(6))
+    def forward(self, x, cache, t):
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, t)
+        return x
+def generate(m, kind, tokens=40):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 512, generator=g).to(dev)
+    cache = ([torch.zeros(8, tokens, 512, device=dev) for _ in range(6)]
+             if kind == "prealloc" else [None] * 6)
+    outs = []
+    with torch.no_grad():
+        for t in range(tokens):
+            x = m(x, cache, t)[:, -1:]
+            outs.append(x.clone())
+    return torch.cat(outs, 1).cpu()
+def make(kind):
+    torch.manual_seed(0)
+    return Decoder(kind).eval().to(dev)
+""", " " * 8)
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+@pytest.mark.parametrize("kind", ["args", "prealloc", "buffers"])
+def test_generation_moves_the_kv_cache_between_tokens(kind: str) -> None:
+    """Inference only, offload(model) without an optimizer, the budget at a third of the
+    generation's footprint: the tokens are plain torch's and bytes move. An evaluation forward
+    pins every op, so it pins neither its arguments nor its modules' outputs for longer, and
+    what it makes is declared swappable on running out of memory (as the window's ops are)
+    until the next training region. Before, every layer's cache stayed resident and unswappable
+    (made in an evaluation forward), and the root's pre-hook pinned the whole cache list for
+    the whole forward: out of memory at a third (found by a hostile audit, 2026-12-06)."""
+    out = run_ok(quiet_preamble("1GiB") + GENERATION + f"""
+        kind = "{kind}"
+        base = generate(make(kind), kind)
+        enable()
+        gc.collect()
+        st.reset_peak_memory_stats()
+        m = make(kind)
+        generate(m, kind)
+        footprint = st.max_memory_allocated()
+        h = st.offload(m)
+        spill.set_budget(footprint // 3)
+        before = spill.stats()["swap.bytes_out"]
+        got = generate(m, kind)
+        moved = spill.stats()["swap.bytes_out"] - before
+        assert torch.equal(got, base), (got - base).abs().max()
+        assert moved > 0, moved
+        assert spill.stats()["swap.pinned_bytes"] == 0
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok", footprint >> 10, moved >> 20)
+    """)
+    assert "ok" in out
+
+
+def test_guard_around_an_offloaded_models_inference_leaves_its_weights_to_offload() -> None:
+    """``with spill.torch.guard():`` around a generation of an offloaded model: at its exit,
+    guard makes unswappable again only what it declared itself, not the weights offload holds
+    (they stay swappable, and the budget can still go below them). Before, the exit declared
+    every weight it had pinned unswappable: at a tight budget the exit ran out of memory and
+    the next forward too; at a loose one the weights stayed resident for good."""
+    out = run_ok(quiet_preamble("1GiB") + GENERATION + """
+        base = generate(make("args"), "args")
+        enable()
+        m = make("args")
+        h = st.offload(m)
+        with st.guard():
+            got = generate(m, "args")
+        assert torch.equal(got, base)
+        weights = sum(p.numel() * 4 for p in m.parameters())
+        spill.set_budget(weights * 3 // 4)  # (refused if the weights were unswappable)
+        got = generate(m, "args")
+        assert torch.equal(got, base)
+        assert spill.stats()["swap.bytes_out"] > 0
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out

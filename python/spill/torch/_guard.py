@@ -174,16 +174,20 @@ class PinEveryOp(TorchDispatchMode):
 
     def release(self) -> Optional[OutOfMemoryError]:
         """Declares the blocks this mode declared, and that are still the same blocks,
-        unswappable again (bringing them back if they are on the host). Every block is
+        unswappable again (bringing them back if they are on the host), but those a live
+        offload handle holds as its model's (weights, buffers, gradients: offload declared
+        them swappable, and its hooks pin their uses; before, a guard around an offloaded
+        model's inference made them all unswappable for good at its exit). Every block is
         tried: those that find no room stay swappable and stay in ``declared`` (a later
         release tries them again); returns the first out-of-memory error then, else None."""
         pinner = self.pinner
         declared, self.declared = self.declared, {}
         failed: Optional[OutOfMemoryError] = None
+        offloaded = _held_by_offload() if declared else set()
         for base, generation in declared.items():
             # Read without a pin: a pin of the address was a use of whatever block held it by
             # then, which a step records (see Window.release_made).
-            if pinner.generation(base) != generation:
+            if pinner.generation(base) != generation or base in offloaded:
                 continue
             try:
                 pinner.declare(base, False)
@@ -191,6 +195,16 @@ class PinEveryOp(TorchDispatchMode):
                 self.declared[base] = generation
                 failed = failed or e
         return failed
+
+
+def _held_by_offload() -> Set[int]:
+    """The blocks live offload handles (every thread's) hold as their models' now."""
+    from ._window import all_handles  # (_window imports this module)
+    held: Set[int] = set()
+    for handle in all_handles():
+        held |= handle._persistent
+        held |= handle.held_now()
+    return held
 
 
 class _StillPinning(PinEveryOp):

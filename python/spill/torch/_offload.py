@@ -200,10 +200,36 @@ class _Read:
 
 
 class _PinOps(PinEveryOp):
-    """An evaluation forward's mode (see OffloadHandle._begin_forward): pins every op,
+    """A busy module's mode with children (see OffloadHandle._pre_module): pins every op,
     declares nothing."""
 
     declares = False
+
+
+class _EvalOps(_PinOps):
+    """An evaluation forward's mode (see OffloadHandle._begin_forward): pins every op (so the
+    forward pins neither its arguments nor its modules' outputs for longer), and, as the
+    window's mode between the hooked regions, notes the large tensors its ops make: an op that
+    runs out of memory runs again once those made since the last training region, and still
+    alive, are declared swappable (Window.declare_made), until that region begins. A KV cache
+    grown by ``torch.cat`` in the forward and handed back by the caller at each token moves so
+    between tokens and layers; before, every layer's cache stayed resident, and pinned for the
+    whole forward by the root's pre-hook (out of memory at half a generation's footprint)."""
+
+    def __init__(self, pinner: Pinner, window: Any) -> None:
+        super().__init__(pinner)
+        self.window = window
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        try:
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+            if state.forked_child or not self.window.declare_made():
+                raise
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+        if not state.forked_child:
+            self.window.note_made(args, kwargs, out)
+        return out
 
 
 class _NewStorage(TorchFunctionMode):
@@ -269,6 +295,17 @@ class _Discovery(PinEveryOp):
         self.declares_arguments = not handle._ddp
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        try:
+            return self._dispatch(func, types, args, kwargs)
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+            # As an evaluation forward's ops (_EvalOps): what the window's ops made since the
+            # last training region (a KV cache preallocated before the first forward) can
+            # move, since every op here is pinned too.
+            if state.forked_child or not self.handle._window.declare_made():
+                raise
+            return self._dispatch(func, types, args, kwargs)
+
+    def _dispatch(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         h = self.handle
         if h._discovery is not self:  # left in a backward, still on the stack (_take_off)
             return func(*args, **(kwargs or {}))
@@ -949,11 +986,12 @@ class OffloadHandle:
         # An nn.Sequential hands its input to its first child and never reads it again: the
         # pin goes once that child has pinned it, as a child's output does for the next one.
         held = frame.child_outputs if frame.sequential else None
+        evaluating = self._eval_ops is not None
         for t in leaves(args):
             ptr = movable(t)
             if ptr:
                 frame.inputs.add(ptr)
-                if busy:
+                if busy or evaluating:
                     continue  # its ops pin it (and its children's pre-hooks)
                 token = pin(ptr, stream)
                 if token is not None:
@@ -1061,7 +1099,7 @@ class OffloadHandle:
         stream = self.pinner.stream()
         grad = torch.is_grad_enabled()
         held = parent.child_outputs if parent.sequential else None
-        busy = parent.ops is not None
+        busy = parent.ops is not None or self._eval_ops is not None
         for t in leaves(output):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -1148,7 +1186,9 @@ class OffloadHandle:
         new_step = (module is self.model or self._step_over or not torch.is_grad_enabled())
         self._entry, self._entry_depth, self._step_over = module, 0, False
         self._began_step = False
-        self._window.enter(self)
+        # An evaluation forward pins every op (_EvalOps): what the window declared on running
+        # out of memory may stay swappable through it.
+        self._window.enter(self, keep_made=not module.training or not torch.is_grad_enabled())
         if self._boundary or new_step:
             self._refresh()
         if self._unhooked:
@@ -1188,7 +1228,7 @@ class OffloadHandle:
             # step's training forward did not show, where a module's code reads its children's
             # parameters without calling them (nn.TransformerEncoderLayer's and
             # nn.MultiheadAttention's fast path in eval mode): every op is pinned.
-            self._eval_ops = _PinOps(self.pinner)
+            self._eval_ops = _EvalOps(self.pinner, self._window)
             _insert_bottom(self._eval_ops, *_dispatch_stack())  # (see _Discovery's above)
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
         # step and the next training forward) belongs to neither: it leaves the boundary to
@@ -1918,7 +1958,16 @@ class OffloadHandle:
 
     def _pin(self, t: Any, stream: Optional[int]) -> Optional[Token]:
         ptr = self._movable(t)
-        return self._pin_block(ptr, stream) if ptr else None
+        if not ptr:
+            return None
+        try:
+            return self._pin_block(ptr, stream)
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+            # A module's weights in an evaluation forward: as its ops do (_EvalOps), it tries
+            # again once what the window and such forwards made is declared.
+            if self._eval_ops is None or not self._window.declare_made():
+                raise
+            return self._pin_block(ptr, stream)
 
     def _hold_given(self, tokens: List[Tuple[Token, Any]], given: List[torch.Tensor],
                     stream: Optional[int], busy: bool) -> None:

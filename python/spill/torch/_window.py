@@ -393,6 +393,8 @@ class Window:
         # The window's large outputs since a region last began (weakly), and those of them
         # made swappable on running out of memory (block -> generation): declare_made.
         self.made: List[Any] = []
+        self._made_live = 0  # how many of ``made`` were alive when it was last pruned
+        self._keep_made = False  # (enter: a region that pins every op begins)
         self.declared_made: Dict[int, int] = {}
         _transforms.install()  # (functorch's transforms take the saved-tensor hooks off)
         _caller_hooks.install()  # (the caller's saved-tensor hooks: offload's pass through them)
@@ -498,15 +500,18 @@ class Window:
                 self.kept.append((token, False))
         return saved.tensor
 
-    def enter(self, handle: Any) -> None:
+    def enter(self, handle: Any, keep_made: bool = False) -> None:
         """``handle``'s hooked region begins (its hooks pin what it uses). Regions inside a
         backward the window runs (a forward recomputed by checkpointing) change nothing.
         When it raises (release_made out of memory), the region has not begun: the window
         is on as before. Before, the handle stayed inside and the modes off, and the loop's
-        code after a caught error read swapped-out tensors unpinned."""
+        code after a caught error read swapped-out tensors unpinned. ``keep_made``: the
+        region pins every op (an evaluation forward), so what declare_made declared stays
+        swappable through it, to the next region that does not."""
         if self.here() and not self._suspended:
             self.inside.add(handle)
             if self._on:
+                self._keep_made = keep_made
                 try:
                     self._update()
                 except BaseException as e:
@@ -526,6 +531,8 @@ class Window:
                             "spill.torch.offload(model, new_optimizer).",
                             Status.OUT_OF_MEMORY) from e
                     raise
+                finally:
+                    self._keep_made = False
 
     def leave(self, handle: Any) -> None:
         """``handle``'s hooked region ended (normally or by an exception)."""
@@ -561,7 +568,7 @@ class Window:
             if not self._suspended:
                 _remove(self._pins, *_dispatch_stack())
         self._on = want
-        if not want:
+        if not want and not self._keep_made:
             self.release_made()
 
     def held_by_handles(self) -> Set[int]:
@@ -599,7 +606,13 @@ class Window:
         if not fresh:
             return
         given = {movable(t) for t in tree_flatten((args, kwargs or {}))[0]}
-        self.made.extend(weakref.ref(t) for t in fresh if movable(t) not in given)
+        made = self.made
+        made.extend(weakref.ref(t) for t in fresh if movable(t) not in given)
+        if len(made) > 2 * self._made_live + 1024:
+            # Long runs without a training region (generation: every layer's ops at every
+            # token) would grow it for good: the dead are dropped as it doubles.
+            made[:] = [ref for ref in made if ref() is not None]
+            self._made_live = len(made)
 
     def declare_made(self) -> bool:
         """An op in the window ran out of memory: the large tensors the window's ops made since
