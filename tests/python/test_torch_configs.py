@@ -858,3 +858,32 @@ def test_guard_around_an_offloaded_models_inference_leaves_its_weights_to_offloa
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_out_of_memory_in_an_evaluation_forward_says_so() -> None:
+    """An evaluation forward whose one op with its module's weight does not fit (a batch of
+    256 at a budget of 3 MiB, 2 MiB of it a small-pool segment) raises torch.cuda.OutOfMemoryError saying it happened in an
+    evaluation forward, whether the step runs quiet or not; before, a quiet step's message
+    blamed quiet mode and advised quiet=False, which changed nothing."""
+    out = run_ok(quiet_preamble("1GiB") + GENERATION + """
+        enable()
+        m = make("args")
+        for quiet in (True, False):
+            h = st.offload(m, quiet=quiet)
+            generate(m, "args", tokens=2)
+            spill.set_budget(3 << 20)
+            x = torch.randn(256, 1, 512).to(dev)
+            try:
+                with torch.no_grad():
+                    m(x, [None] * 6, 0)
+                raise AssertionError("no out-of-memory error")
+            except torch.cuda.OutOfMemoryError as e:
+                text = str(e)
+            assert "in an evaluation forward" in text, text[-600:]
+            assert "quiet=False" not in text, text[-600:]
+            del x
+            spill.set_budget(1 << 30)
+            h.remove()
+        print("ok")
+    """)
+    assert "ok" in out

@@ -127,6 +127,7 @@ from torch.utils._pytree import tree_flatten
 
 from spill import Error, OutOfMemoryError
 from spill._errors import InvalidArgumentTypeError
+from spill._capi import Status
 from spill import budget as spill_budget
 
 from . import _caller_hooks as caller_hooks
@@ -136,7 +137,7 @@ from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
 from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
                     storage)
-from ._quiet import QuietSteps
+from ._quiet import EVALUATION, QuietSteps
 from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._regions import BackwardRegions
 from ._state import state
@@ -222,14 +223,28 @@ class _EvalOps(_PinOps):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         try:
-            out = super().__torch_dispatch__(func, types, args, kwargs)
-        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
-            if state.forked_child or not self.window.declare_made():
-                raise
-            out = super().__torch_dispatch__(func, types, args, kwargs)
+            try:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+                if state.forked_child or not self.window.declare_made():
+                    raise
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError) as e:
+            raise _evaluation_oom(e) from e
         if not state.forked_child:
             self.window.note_made(args, kwargs, out)
         return out
+
+
+def _evaluation_oom(e: BaseException) -> BaseException:
+    """A pin's out-of-memory error in an evaluation forward, saying where it happened (an
+    allocation's carries the note already: QuietSteps.evaluation)."""
+    text = str(e)
+    if EVALUATION in text:
+        return e
+    code = getattr(e, "code", Status.OUT_OF_MEMORY)
+    state.last_oom = (f"{text}\n{EVALUATION}", code)
+    return TorchOutOfMemoryError(*state.last_oom)
 
 
 class _NewStorage(TorchFunctionMode):
@@ -409,6 +424,7 @@ class OffloadHandle:
         self._taken_off: List[Any] = []  # modes taken off in a backward (_take_off)
         # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
         self._eval_ops: Optional[_PinOps] = None
+        self._evaluating = False  # (_refresh at an evaluation forward's beginning)
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
         self._stack_calls: List[ModuleCall] = []
@@ -758,10 +774,23 @@ class OffloadHandle:
             if m in self._computed:
                 self._declare_computed(m)
         held = set().union(*(h._persistent for h in all_handles())) if gone else set()
+        # (One the window declared on running out of memory, a buffer an evaluation forward
+        # replaced, ``self.kv = torch.cat(...)``, stays the window's: its next training region
+        # makes it unswappable if it is still alive.)
+        # At an evaluation forward's beginning (``_evaluating``), every op until the next
+        # training region is pinned: what went stays swappable as the window's until then (a
+        # buffer the last forward replaced, still held for a moment; before, each was brought
+        # back first, and one held longer stayed resident).
+        window_made = self._window.declared_made
         for ptr, ref in gone:
             t = ref()
-            if t is not None and ptr not in self._persistent and ptr not in held and \
-                    self._movable(t) == ptr:
+            if t is None or ptr in self._persistent or ptr in held or self._movable(t) != ptr:
+                continue
+            generation = self.pinner.generation(ptr)
+            if self._evaluating:
+                if self.pinner.declare(ptr):
+                    window_made[ptr] = generation
+            elif window_made.get(ptr, -1) != generation:
                 self.pinner.declare(ptr, False)
 
     @property
@@ -1188,9 +1217,14 @@ class OffloadHandle:
         self._began_step = False
         # An evaluation forward pins every op (_EvalOps): what the window declared on running
         # out of memory may stay swappable through it.
-        self._window.enter(self, keep_made=not module.training or not torch.is_grad_enabled())
+        evaluation = not module.training or not torch.is_grad_enabled()
+        self._window.enter(self, keep_made=evaluation)
         if self._boundary or new_step:
-            self._refresh()
+            self._evaluating = evaluation
+            try:
+                self._refresh()
+            finally:
+                self._evaluating = False
         if self._unhooked:
             self._hook_unfrozen()
         if self._inner and self._discovery is None:
@@ -1230,6 +1264,7 @@ class OffloadHandle:
             # nn.MultiheadAttention's fast path in eval mode): every op is pinned.
             self._eval_ops = _EvalOps(self.pinner, self._window)
             _insert_bottom(self._eval_ops, *_dispatch_stack())  # (see _Discovery's above)
+            self._policy.evaluation(True)
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
         # step and the next training forward) belongs to neither: it leaves the boundary to
         # the next training forward, and its pins begin no training step; they go to a step
@@ -1412,7 +1447,7 @@ class OffloadHandle:
 
     def _quiet_oom(self, e: OutOfMemoryError) -> BaseException:
         """A pin's out-of-memory error in a quiet step, as PyTorch's, with the explanation."""
-        message = f"{e}\n{self._policy.message()}"
+        message = f"{e}\n{self._policy.oom_note()}"
         state.last_oom = (message, e.code)
         return TorchOutOfMemoryError(message, e.code)
 
@@ -1920,6 +1955,7 @@ class OffloadHandle:
         if self._eval_ops is not None:
             _remove(self._eval_ops, *_dispatch_stack())
             self._eval_ops = None
+            self._policy.evaluation(False)
 
     def _leave_discovery(self) -> None:
         if self._discovery is not None:
@@ -1964,10 +2000,15 @@ class OffloadHandle:
             return self._pin_block(ptr, stream)
         except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
             # A module's weights in an evaluation forward: as its ops do (_EvalOps), it tries
-            # again once what the window and such forwards made is declared.
-            if self._eval_ops is None or not self._window.declare_made():
+            # again once what the window and such forwards made is declared. (The error is
+            # not kept: its traceback's frames would hold the forward's tensors.)
+            if self._eval_ops is None:
                 raise
-            return self._pin_block(ptr, stream)
+        self._window.declare_made()
+        try:
+            return self._pin_block(ptr, stream)  # (raises again when nothing could move)
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError) as e:
+            raise _evaluation_oom(e) from e
 
     def _hold_given(self, tokens: List[Tuple[Token, Any]], given: List[torch.Tensor],
                     stream: Optional[int], busy: bool) -> None:

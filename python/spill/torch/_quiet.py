@@ -69,6 +69,12 @@ def _check(lib: Any, status: int) -> None:
         raise_status(lib, status)
 
 
+EVALUATION = ("spill.torch.offload: this happened in an evaluation forward (eval mode or no "
+              "grad), which keeps no activations, so nothing of its own can move out but what "
+              "its ops made once they are done (a KV cache): an op's tensors with the running "
+              "modules' weights did not fit. Raise the budget or use a smaller batch.")
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -105,6 +111,7 @@ class QuietSteps:
         self.reason = ""            # why the current step is armed, when it is
         self.text = ""              # this handle's out-of-memory note ("" when armed)
         self.during = ""            # ... and while its backward runs (backward_begins)
+        self.evaluating = False     # an evaluation forward runs (evaluation)
         self._lib = library()
         self.ooms = 0               # out-of-memory errors raised while this handle's step ran
         self._ooms: Optional[int] = None  # ... as of the last boundary
@@ -199,7 +206,7 @@ class QuietSteps:
         if claim is None or claim[0]() is not self:
             st = self._settle()
             _claims[self.device] = [self._ref, st.ooms]
-        note = f"{self.text} {self.during}".strip()
+        note = EVALUATION if self.evaluating else f"{self.text} {self.during}".strip()
         if _notes.get(self.device, "") != note:
             _check(self._lib, self._lib.spill_set_oom_note(self.device, note.encode()))
             _notes[self.device] = note
@@ -223,6 +230,19 @@ class QuietSteps:
             f"working set, which no hook can declare: raise the budget or use a smaller "
             f"batch.")
         self.claim()
+
+    def evaluation(self, on: bool) -> None:
+        """An evaluation forward of this handle begins (True) or has ended (False): its
+        out-of-memory messages say what it holds, not the quiet step's explanation (an
+        evaluation forward keeps no activations to swap, quiet or armed; before, they advised
+        quiet=False, which changed nothing)."""
+        if self.evaluating != on:
+            self.evaluating = on
+            self.claim()
+
+    def oom_note(self) -> str:
+        """What a pin's out-of-memory error in this handle's step adds (the note)."""
+        return EVALUATION if self.evaluating else self.message()
 
     def backward_ends(self) -> None:
         """This handle's backward ended (returned or raised), or its next step began."""

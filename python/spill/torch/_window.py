@@ -619,16 +619,16 @@ class Window:
         a region last ended and still alive (a temporary of the loop's code: global pruning's
         flattened scores and masks, gradients autograd.grad returns) become swappable until the
         next region begins (release_made); every op of the window pins what it uses, so they
-        may move meanwhile. Parameters and buffers are left alone. True when it declared one
-        (the op is then run again)."""
+        may move meanwhile. True when it declared one (the op is then run again)."""
         made, self.made = self.made, []
-        persistent = self.held_by_handles()
         declared = False
         for ref in made:
             t = ref()
             ptr = self.pinner.movable(t) if t is not None else 0
-            if not ptr or ptr in persistent \
-                    or self.pinner.on_host(ptr):  # (declared by a hook since: not the window's)
+            # (A block a handle holds is declared again, harmlessly: release_made leaves those
+            # alone. A buffer an evaluation forward replaced, ``self.kv = torch.cat(...)``, is
+            # one at its next forward, and may reuse the address of the one it replaced.)
+            if not ptr or self.pinner.on_host(ptr):  # (declared by a hook since: not the window's)
                 continue
             # Read without a pin, which the step would record as a use of the block. A new
             # block at the address of one declared before (freed since) is declared too.
