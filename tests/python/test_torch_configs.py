@@ -887,3 +887,37 @@ def test_out_of_memory_in_an_evaluation_forward_says_so() -> None:
         print("ok")
     """)
     assert "ok" in out
+
+
+@pytest.mark.skipif(TARGET != "cpu", reason="the CPU bridge: a CUDA model made before enable() "
+                    "cannot be, since enable() must come before CUDA allocates")
+def test_offloading_a_model_made_before_enable_warns_that_nothing_of_it_moves() -> None:
+    """On the CPU bridge a model made before spill.torch.enable() keeps PyTorch's allocator:
+    offload() warns, naming how many of its tensors and bytes never move, and a deep copy made
+    after enable() is offloaded without a warning and moves. Before, offload() said nothing and
+    a 6 MiB model "fit" a 2 MiB budget with nothing moved (found by a hostile audit)."""
+    out = run_ok(quiet_preamble("1GiB") + GENERATION + """
+        import warnings, copy
+        early = make("args")
+        enable()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            h = st.offload(early)
+        texts = [str(w.message) for w in caught]
+        assert len(texts) == 1 and "not in spill's memory" in texts[0], texts
+        assert "6 of the Decoder's parameters and buffers (6.0 MiB)" in texts[0], texts[0]
+        assert caught[0].filename.endswith("<string>"), caught[0].filename  # (the caller's line)
+        h.remove()
+        m = copy.deepcopy(early)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            h = st.offload(m)
+        assert not caught, [str(w.message) for w in caught]
+        spill.set_budget(4 << 20)
+        generate(m, "args", tokens=4)
+        assert spill.stats()["swap.bytes_out"] > 0
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out

@@ -118,6 +118,7 @@ import itertools
 import reprlib
 import sys
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -498,6 +499,25 @@ class OffloadHandle:
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError(copies.handle_message(self.model))
 
+    def _warn_foreign(self, foreign: Set[int]) -> None:
+        """Warns that some of the model's tensors are not in spill's memory, so they never
+        move (made before spill.torch.enable(); before, offload() said nothing and a model
+        three times the budget "fit" it, nothing moved)."""
+        sizes: Dict[int, int] = {}
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+            ptr = self._movable(t)
+            if ptr in foreign:
+                sizes[ptr] = storage(t).nbytes()
+        warnings.warn(
+            f"spill.torch.offload: {len(foreign)} of the {type(self.model).__name__}'s "
+            f"parameters and buffers ({sum(sizes.values()) / 2**20:.1f} MiB) are not in "
+            "spill's memory, so they never move and the budget does not count them: they were "
+            "made before spill.torch.enable() (on the CPU bridge, tensors made before it keep "
+            "PyTorch's own allocator) or in another pool. Make the model after enable(), or "
+            "copy it there (copy.deepcopy(model) after enable()), then offload() the copy.",
+            stacklevel=5)  # (the caller of offload(): through __init__ and _install)
+
+
     def __deepcopy__(self, memo: Any) -> Any:
         raise TypeError(copies.handle_message(self.model))
 
@@ -515,8 +535,9 @@ class OffloadHandle:
         for opt in self.optimizers:  # (and those outside the model: _declare_gradients)
             for p in _parameters(opt):
                 self._hook_parameter(p)
-        for ptr in self._persistent:
-            self.pinner.declare(ptr)
+        foreign = {ptr for ptr in self._persistent if not self.pinner.declare(ptr)}
+        if foreign:
+            self._warn_foreign(foreign)
         for m in self._computed:  # (weight_norm() computed one when it was applied)
             self._declare_computed(m)
         for index, opt in enumerate(self.optimizers):
