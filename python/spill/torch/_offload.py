@@ -976,12 +976,15 @@ class OffloadHandle:
         if self.forwards and old.thread_object.is_alive():
             name = type(self.model).__name__
             raise Error(
-                f"spill.torch.offload: the model ({name}) trains on thread "
-                f"{old.thread_object.name!r}, which is still running, and its forward now runs "
-                f"on thread {threading.current_thread().name!r}; an offloaded model trains on "
-                "one thread. To train it on this thread, call handle.remove() and offload() it "
-                "again here; another thread may read its tensors under "
-                "spill.torch.pin_reads(), but not run its forward while it trains")
+                f"spill.torch.offload: the model ({name}) runs its forwards (trains or infers) "
+                f"on thread {old.thread_object.name!r}, which is still running, and a forward "
+                f"now runs on thread {threading.current_thread().name!r}; an offloaded model "
+                "runs on one thread (its hooks keep state on that thread's PyTorch stacks). "
+                "Run every forward on one thread (a server: one worker thread for the model, "
+                "e.g. ThreadPoolExecutor(max_workers=1)), or move it here: raise the budget to "
+                "hold the whole model, call handle.remove() (which brings every tensor back), "
+                "offload() it again here and lower the budget. Another thread may read its "
+                "tensors under spill.torch.pin_reads(), but not run its forward")
         # Whatever the old thread's stacks held of this handle is gone with the thread (or
         # was never pushed): forgotten, never popped from this thread's stacks.
         self._saved_hooks_pushed = False
