@@ -517,7 +517,6 @@ class OffloadHandle:
             "copy it there (copy.deepcopy(model) after enable()), then offload() the copy.",
             stacklevel=5)  # (the caller of offload(): through __init__ and _install)
 
-
     def __deepcopy__(self, memo: Any) -> Any:
         raise TypeError(copies.handle_message(self.model))
 
@@ -795,13 +794,12 @@ class OffloadHandle:
             if m in self._computed:
                 self._declare_computed(m)
         held = set().union(*(h._persistent for h in all_handles())) if gone else set()
-        # (One the window declared on running out of memory, a buffer an evaluation forward
-        # replaced, ``self.kv = torch.cat(...)``, stays the window's: its next training region
-        # makes it unswappable if it is still alive.)
-        # At an evaluation forward's beginning (``_evaluating``), every op until the next
-        # training region is pinned: what went stays swappable as the window's until then (a
-        # buffer the last forward replaced, still held for a moment; before, each was brought
-        # back first, and one held longer stayed resident).
+        # What went and the window declared (on running out of memory) stays the window's:
+        # its next training region makes it unswappable if still alive. At an evaluation
+        # forward's beginning (``_evaluating``) every op until the next training region is
+        # pinned, so what went becomes the window's too (a buffer the last forward replaced,
+        # ``self.kv = torch.cat(...)``, still held for a moment; before, each was brought back
+        # first, and one held longer stayed resident).
         window_made = self._window.declared_made
         for ptr, ref in gone:
             t = ref()
@@ -989,6 +987,7 @@ class OffloadHandle:
         # was never pushed): forgotten, never popped from this thread's stacks.
         self._saved_hooks_pushed = False
         self._eval_ops = None
+        self._policy.evaluation(False)
         for frame in self._frames:
             frame.ops = frame.functions = None
         if self._discovery is not None:  # the first step's discovery begins again here
