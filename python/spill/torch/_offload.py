@@ -425,7 +425,6 @@ class OffloadHandle:
         self._taken_off: List[Any] = []  # modes taken off in a backward (_take_off)
         # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
         self._eval_ops: Optional[_PinOps] = None
-        self._evaluating = False  # (_refresh at an evaluation forward's beginning)
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
         self._stack_calls: List[ModuleCall] = []
@@ -707,7 +706,8 @@ class OffloadHandle:
         self._quiet_pins.pop(m, None)
         return gone
 
-    def _refresh(self, only: Optional[Set[torch.nn.Module]] = None) -> None:
+    def _refresh(self, only: Optional[Set[torch.nn.Module]] = None,
+                 evaluating: bool = False) -> None:
         """At each step's first forward and at the end of each entry's forward: the model as
         it is now. A parameter or buffer
         replaced (``module.weight = nn.Parameter(...)``, ``self.buf = new`` in a forward, a
@@ -796,7 +796,7 @@ class OffloadHandle:
         held = set().union(*(h._persistent for h in all_handles())) if gone else set()
         # What went and the window declared (on running out of memory) stays the window's:
         # its next training region makes it unswappable if still alive. At an evaluation
-        # forward's beginning (``_evaluating``) every op until the next training region is
+        # forward's beginning (``evaluating``) every op until the next training region is
         # pinned, so what went becomes the window's too (a buffer the last forward replaced,
         # ``self.kv = torch.cat(...)``, still held for a moment; before, each was brought back
         # first, and one held longer stayed resident).
@@ -806,7 +806,7 @@ class OffloadHandle:
             if t is None or ptr in self._persistent or ptr in held or self._movable(t) != ptr:
                 continue
             generation = self.pinner.generation(ptr)
-            if self._evaluating:
+            if evaluating:
                 if self.pinner.declare(ptr):
                     window_made[ptr] = generation
             elif window_made.get(ptr, -1) != generation:
@@ -1243,11 +1243,7 @@ class OffloadHandle:
         evaluation = not module.training or not torch.is_grad_enabled()
         self._window.enter(self, keep_made=evaluation)
         if self._boundary or new_step:
-            self._evaluating = evaluation
-            try:
-                self._refresh()
-            finally:
-                self._evaluating = False
+            self._refresh(evaluating=evaluation)
         if self._unhooked:
             self._hook_unfrozen()
         if self._inner and self._discovery is None:
