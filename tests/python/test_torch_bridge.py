@@ -3145,6 +3145,9 @@ def test_ctrl_c_is_raised_outside_spills_code_and_training_goes_on(mode: str,
             raise Preempted(signum)
         if signum == signal.SIGINT:
             found, Interrupt = signal.default_int_handler, KeyboardInterrupt
+            # (a shell's background job starts with SIGINT ignored: Python's handler then
+            # is not installed)
+            signal.signal(signum, found)
         else:
             found, Interrupt = preempted, Preempted
             signal.signal(signum, preempted)
