@@ -1,5 +1,6 @@
 // The C API's lifecycle entry points: status strings, the thread's last error, version,
 // spill_init, spill_shutdown, spill_device_open, spill_string_free.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -91,6 +92,9 @@ spill_status spill_shutdown(void) {
   if (g.forked.load()) return forked_error("spill_shutdown");
   try {
     std::lock_guard lock(g.mu);
+    const bool running = std::any_of(g.slots.begin(), g.slots.end(),
+                                     [](const Slot& s) { return s.state.load() != nullptr; });
+    g.shut_down_freed = running || (g.shut_down && g.shut_down_freed);  // (shut down twice)
     g.shut_down = true;
     g.config.reset();
     g.only_device.store(-1);

@@ -302,8 +302,10 @@ spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create)
     std::lock_guard lock(g.mu);
     if (g.shut_down) {
       return fail(SPILL_ERROR_SHUT_DOWN,
-                  std::string(fn) + ": spill was shut down (spill_shutdown freed every block); "
-                                    "spill_init starts a new session");
+                  std::string(fn) + ": spill was shut down (" +
+                      (g.shut_down_freed ? "spill_shutdown freed every block"
+                                         : "spill_shutdown was called before any device started") +
+                      "); spill_init starts a new session");
     }
     Slot& slot = g.slots[device];
     if (lease.try_take(slot)) return SPILL_OK;  // another thread made it meanwhile

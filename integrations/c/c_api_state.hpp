@@ -107,6 +107,7 @@ struct Global {
   std::array<Slot, kMaxDevices> slots;
   std::optional<Config> config;  // from spill_init or SPILL_CONF at the first runtime
   bool shut_down = false;
+  bool shut_down_freed = false;     // that shutdown retired a running device
   bool started = false;                // a runtime was created in this process
   std::atomic<int> only_device{-1};    // the ordinal when exactly one runtime is alive
   std::atomic<bool> forked{false};     // this process is a fork of one where spill started

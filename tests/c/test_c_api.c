@@ -329,6 +329,7 @@ TEST(calls_after_shutdown) {
   CHECK_ERROR_HAS("spill_shutdown");
   void* q = NULL;
   CHECK_STATUS(spill_malloc(&q, 64, 0, NULL), SPILL_ERROR_SHUT_DOWN);
+  CHECK_ERROR_HAS("spill_shutdown freed every block"); /* (the second shutdown freed none) */
   CHECK(q == NULL);
   CHECK_STATUS(spill_record_stream(p, NULL), SPILL_ERROR_SHUT_DOWN);
   spill_stats st;
@@ -339,6 +340,18 @@ TEST(calls_after_shutdown) {
   CHECK_OK(spill_malloc(&q, 64, 0, NULL));
   REQUIRE_OK(spill_get_stats(0, &st));
   CHECK(st.allocations == 1); /* a fresh runtime */
+  CHECK_OK(spill_free(q, 0, NULL));
+}
+
+/* A shutdown before anything ran says so, not that it freed blocks. */
+TEST(shutdown_before_anything_started) {
+  CHECK_OK(spill_shutdown());
+  void* q = NULL;
+  CHECK_STATUS(spill_malloc(&q, 64, 0, NULL), SPILL_ERROR_SHUT_DOWN);
+  CHECK_ERROR_HAS("spill_shutdown was called before any device started");
+  CHECK_ERROR_HAS("spill_init starts a new session");
+  REQUIRE_OK(spill_init(CONF));
+  CHECK_OK(spill_malloc(&q, 64, 0, NULL));
   CHECK_OK(spill_free(q, 0, NULL));
 }
 
@@ -743,6 +756,7 @@ TEST(exit_with_blocks_held) {
   X(double_free)                                  \
   X(free_on_another_device)                       \
   X(calls_after_shutdown)                         \
+  X(shutdown_before_anything_started)             \
   X(streams_on_the_simulated_device)              \
   X(record_stream_errors)                         \
   X(budget_at_run_time)                           \
