@@ -57,7 +57,7 @@ std::string oom_message(const OomFacts& f) {
   }
   if (f.pinned && f.unswappable) {
     m += "; the swapper cannot evict " + format_bytes(*f.pinned) + " pinned and " +
-         format_bytes(*f.unswappable) + " never declared swappable";
+         format_bytes(*f.unswappable) + " more never declared swappable";
   }
   m += ". ";
   if (f.device_full && f.simulated &&

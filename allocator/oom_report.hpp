@@ -31,7 +31,7 @@ struct OomFacts {
   std::string device_error;       // the device's own reason for refusing, when it gave one
   // Resident bytes the swapper cannot evict (a block may count in both), when it was asked.
   std::optional<std::size_t> pinned;       // pinned now
-  std::optional<std::size_t> unswappable;  // never declared swappable
+  std::optional<std::size_t> unswappable;  // never declared swappable and not pinned
   std::string dump_note;          // where an OOM dump was written, if any
 };
 

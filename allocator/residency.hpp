@@ -99,7 +99,8 @@ class LargeBlockObserver {
   // The stream is about to be destroyed (forward of CachingAllocator::forget_stream).
   virtual void on_forget_stream(Stream) {}
   // For out-of-memory messages: the resident bytes the eviction hook cannot free, by reason
-  // (pinned; never declared swappable; a block may count in both). nullopt: not known.
+  // (pinned; not pinned and never declared swappable: each block counts once). nullopt: not
+  // known.
   struct Unevictable {
     std::size_t pinned = 0, unswappable = 0;
   };

@@ -35,7 +35,8 @@ bool CounterReplay::apply(const TraceEvent& e) {
       break;
     case EventKind::Map: add(next.mapped, bytes, "mapped bytes"); break;
     case EventKind::Unmap: add(next.mapped, -bytes, "mapped bytes"); break;
-    case EventKind::SwapOut:
+    case EventKind::SwapOut:  // a copy to the host
+    case EventKind::Evict:    // every eviction (a clean one copies nothing)
       if (!on_host_.count(e.address) && !freed_.count(e.address)) {
         add(next.on_host, bytes, "bytes on host");
         on_host_.emplace(e.address, e.bytes);

@@ -57,6 +57,9 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   b.host_valid = true;  // valid once out_done completes; a write before that cancels (pin)
   b.state = Residence::SwappingOut;
   swapping_out.insert(reinterpret_cast<std::uintptr_t>(b.base));
+  // Every eviction, with a copy or clean: the trace's bytes on host follow these (a clean one
+  // has no swap_out span).
+  TraceRecorder::global().record(EventKind::Evict, key(b.base), b.size, profiling::kHostStream);
 }
 
 std::size_t Swapper::Impl::complete_swap_out_locked(SwapBlock& b) {
@@ -150,7 +153,6 @@ std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
       }
       stats.evictions_reactive++;
       coming += b.size;
-      TraceRecorder::global().record(EventKind::Evict, base, b.size, profiling::kHostStream);
     }
   }
   lock.unlock();

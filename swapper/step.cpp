@@ -617,8 +617,6 @@ std::size_t Swapper::Impl::make_room_locked(std::size_t needed, std::int64_t hor
     }
     stats.evictions_planned++;
     coming += b.size;
-    profiling::TraceRecorder::global().record(profiling::EventKind::Evict, base, b.size,
-                                              profiling::kHostStream);
   }
   return coming;
 }

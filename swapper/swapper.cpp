@@ -523,8 +523,6 @@ void Swapper::evict(const void* ptr) {
     return;
   m.start_swap_out_locked(*b);
   m.stats.evictions_planned++;
-  TraceRecorder::global().record(EventKind::Evict, key(b->base), b->size,
-                                 profiling::kHostStream);
 }
 
 void Swapper::discard(const void* ptr) {
@@ -745,7 +743,7 @@ LargeBlockObserver::Unevictable Swapper::unevictable() const {
   for (const auto& [base, b] : impl_->blocks) {
     if (b.state != Residence::Resident && b.state != Residence::SwappingIn) continue;
     if (b.pins > 0) u.pinned += b.size;
-    if (!b.swappable) u.unswappable += b.size;
+    else if (!b.swappable) u.unswappable += b.size;
   }
   return u;
 }

@@ -1050,7 +1050,7 @@ TEST(AllocatorOom, TheHintSaysWhetherPinsOrUndeclaredBlocksFillTheBudget) {
   f.unswappable = 6 * MiB;
   std::string m = oom_message(f);
   EXPECT_NE(m.find("; the swapper cannot evict " + format_bytes(0) + " pinned and " +
-                   format_bytes(6 * MiB) + " never declared swappable. "),
+                   format_bytes(6 * MiB) + " more never declared swappable. "),
             std::string::npos) << m;
   EXPECT_NE(m.find("Hint: most of what stays resident was never declared swappable"),
             std::string::npos) << m;
@@ -1096,7 +1096,7 @@ TEST(AllocatorOom, TheMessageCarriesTheObserversUnevictableBytes) {
     FAIL() << "expected OutOfMemory";
   } catch (const OutOfMemory& e) {
     const std::string m = e.what();
-    EXPECT_NE(m.find(format_bytes(4 * MiB) + " never declared swappable"), std::string::npos)
+    EXPECT_NE(m.find(format_bytes(4 * MiB) + " more never declared swappable"), std::string::npos)
         << m;
     EXPECT_NE(m.find("never declared swappable (only blocks a hook declared"), std::string::npos)
         << m;

@@ -92,6 +92,30 @@ TEST(Residency, FreshBlocksAreProtectedUntilDeclared) {
   for (void* p : {a, b, c, d}) s.rt.allocator().deallocate(p, s.stream);
 }
 
+// The out-of-memory message's "cannot evict" figures count a block once: a block both pinned
+// and never declared swappable is pinned (they were added before: 16 MiB "cannot evict" out
+// of 12 MiB resident, audit 31b).
+TEST(Residency, APinnedUndeclaredBlockCountsOnceInTheOutOfMemoryMessage) {
+  Stack s(2 * kBlock, true);
+  void* a = s.rt.allocator().allocate(kBlock, s.stream);
+  void* b = s.rt.allocator().allocate(kBlock, s.stream);
+  PinToken t = s.sw.pin_for_host(a);  // pinned, never declared
+  const auto u = s.sw.unevictable();
+  EXPECT_EQ(u.pinned, kBlock);
+  EXPECT_EQ(u.unswappable, kBlock);  // b alone
+  try {
+    s.rt.allocator().allocate(kBlock, s.stream);
+    FAIL() << "expected OutOfMemory";
+  } catch (const OutOfMemory& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("cannot evict " + format_bytes(kBlock) + " pinned and " +
+                     format_bytes(kBlock) + " more never declared swappable"),
+              std::string::npos) << m;
+  }
+  s.sw.unpin(t, nullptr, false);
+  for (void* p : {a, b}) s.rt.allocator().deallocate(p, s.stream);
+}
+
 // Rule 1: the allocation is a use by the allocating stream, so an eviction waits for the
 // work its producer enqueued there, even when that work was never pinned.
 TEST(Residency, AnEvictionWaitsForTheAllocatingStream) {
