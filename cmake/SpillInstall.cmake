@@ -34,6 +34,9 @@ install(TARGETS spill EXPORT spillTargets
 # The trainer library is the command's, not an API: no development link, no CMake target.
 install(TARGETS spill_train LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} NAMELINK_SKIP)
 install(TARGETS spill-cli RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+# A snapshot's pickle for PyTorch's memory_viz (standard-library Python).
+install(PROGRAMS ${CMAKE_SOURCE_DIR}/tools/snapshot_to_pickle.py DESTINATION ${CMAKE_INSTALL_BINDIR}
+        RENAME spill-snapshot-to-pickle)
 install(FILES ${CMAKE_SOURCE_DIR}/integrations/c/spill/spill.h
         DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/spill)
 

@@ -82,5 +82,19 @@ path = os.path.realpath(spill.library_path())
 assert path == os.path.realpath(sys.argv[1]), (path, sys.argv[1])
 assert spill.version == sys.argv[2], spill.version
 print('python: spill', spill.version, 'from', path)
-" "$lib" "$version"
+spill.configure('device:sim,sim_capacity:256MiB,budget:64MiB')
+p = spill.malloc(4 << 20)
+spill.snapshot(sys.argv[3])
+spill.free(p)
+" "$lib" "$version" "$work/snap.json"
+
+step "installed spill-snapshot-to-pickle"
+"$prefix/bin/spill-snapshot-to-pickle" "$work/snap.json" "$work/snap.pickle" ||
+  fail "spill-snapshot-to-pickle on a snapshot of the installed package"
+"$python" -c "
+import pickle, sys
+d = pickle.load(open(sys.argv[1], 'rb'))
+assert set(d) == {'segments', 'device_traces'} and d['segments'], d
+print('pickle of', len(d['segments']), 'segments')
+" "$work/snap.pickle" || fail "the pickle spill-snapshot-to-pickle wrote"
 echo "install test passed"
