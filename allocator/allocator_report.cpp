@@ -12,6 +12,7 @@
 #include "core/errors.hpp"
 #include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
+#include "profiling/nvtx.hpp"
 
 namespace spill {
 
@@ -195,6 +196,7 @@ void CachingAllocator::throw_oom_locked(
     std::size_t requested, std::size_t needed, bool device_full,
     std::optional<LargeBlockObserver::Unevictable> unevictable, std::string device_error) {
   Impl& m = *impl_;
+  profiling::NvtxRange range("spill out of memory", profiling::kNvtxOom);
   m.stats.ooms++;
   const std::size_t free_under_budget =
       m.budget.limit() > m.budget.claimed() ? m.budget.limit() - m.budget.claimed() : 0;

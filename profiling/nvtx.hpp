@@ -32,6 +32,18 @@ class NvtxRange {
   NvtxRange& operator=(const NvtxRange&) = delete;
 };
 
+// An instant marker (a step's beginning); `name` as for NvtxRange.
+inline void nvtx_mark(const char* name, unsigned argb) {
+  nvtxEventAttributes_t a{};
+  a.version = NVTX_VERSION;
+  a.size = NVTX_EVENT_ATTRIB_STRUCT_SIZE;
+  a.colorType = NVTX_COLOR_ARGB;
+  a.color = argb;
+  a.messageType = NVTX_MESSAGE_TYPE_ASCII;
+  a.message.ascii = name;
+  nvtxDomainMarkEx(nvtx_domain(), &a);
+}
+
 // Colours by kind of work, so the timeline reads at a glance.
 inline constexpr unsigned kNvtxSwapOut = 0xffe67e22u;
 inline constexpr unsigned kNvtxSwapIn = 0xff27ae60u;
@@ -39,5 +51,6 @@ inline constexpr unsigned kNvtxPrefetch = 0xff2ecc71u;
 inline constexpr unsigned kNvtxEvict = 0xffd35400u;
 inline constexpr unsigned kNvtxWait = 0xffc0392bu;
 inline constexpr unsigned kNvtxOom = 0xff8e44adu;
+inline constexpr unsigned kNvtxStep = 0xff34495eu;
 
 }  // namespace spill::profiling

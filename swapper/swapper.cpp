@@ -170,6 +170,7 @@ std::exception_ptr Swapper::Impl::host_wait_pinned(std::unique_lock<std::mutex>&
   lock.unlock();
   std::exception_ptr error;
   try {
+    profiling::NvtxRange range("spill pin wait", profiling::kNvtxWait);
     dev.synchronize(e);
   } catch (...) {
     error = std::current_exception();
@@ -827,6 +828,12 @@ void Swapper::begin_step(std::uint64_t scope) {
   impl_->set_current_scope(scope);
   std::unique_lock lock(impl_->mu);
   StepState& st = impl_->scope_locked(scope);
+  // A mark in the trace (address: the scope, bytes: the step's number from 1) and in NVTX,
+  // so a timeline shows where each step begins.
+  static const std::uint32_t step_tag = TraceRecorder::global().intern("step begins");
+  TraceRecorder::global().record(EventKind::Mark, scope, ++st.steps_begun, profiling::kHostStream,
+                                 0, step_tag);
+  profiling::nvtx_mark("spill step begins", profiling::kNvtxStep);
   impl_->begin_step_locked(st);
   // What the plan has resident at the step's start but was moved out since the last step's
   // end (its own prefetches of the first ops were issued there): without this, each came

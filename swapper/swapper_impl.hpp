@@ -77,6 +77,7 @@ struct PlannedPrefetch {
 // its plan's step skipped is spliced into the plan (see step.cpp).
 struct StepState {
   std::uint64_t scope = 0;       // its number
+  std::uint64_t steps_begun = 0;  // begin_step calls so far (the trace's step marks)
   std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
   bool in_step = false;
   bool recording = false;        // this step's accesses are being recorded

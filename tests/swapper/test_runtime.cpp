@@ -22,6 +22,7 @@ TEST(Runtime, SyntheticStepOverTheCachingAllocator) {
   rec.set_enabled(true);
   rec.collect();
   profiling::CounterReplay replay;
+  std::vector<std::uint64_t> step_marks;
   Runtime rt(conf);
   ASSERT_NE(rt.swapper(), nullptr);
   SyntheticStepConfig c;
@@ -36,11 +37,21 @@ TEST(Runtime, SyntheticStepOverTheCachingAllocator) {
     EXPECT_TRUE(r[0].data_ok) << r[0].first_error;
     EXPECT_LE(r[0].peak_mapped, rt.allocator().budget());
     rt.device().synchronize();
-    for (const auto& e : rec.collect()) replay.apply(e);
+    for (const auto& e : rec.collect()) {
+      replay.apply(e);
+      if (e.kind == profiling::EventKind::Mark && rec.tag_name(e.tag) == "step begins")
+        step_marks.push_back(e.bytes);
+    }
+    rt.swapper()->quiesce();
     AllocatorStats s = rt.allocator().stats();
     EXPECT_EQ(replay.current().allocated, s.allocated.current) << "step " << step;
     EXPECT_EQ(replay.current().mapped, s.reserved.current) << "step " << step;
+    // Clean evictions too (before, they recorded no event and the trace's bytes on host
+    // fell behind).
+    EXPECT_EQ(replay.current().on_host, rt.swapper()->stats().on_host_bytes) << "step " << step;
   }
+  // Each step's beginning is marked, numbered from 1.
+  EXPECT_EQ(step_marks, (std::vector<std::uint64_t>{1, 2, 3}));
   SwapStats st = rt.swapper()->stats();
   EXPECT_GT(st.swap_outs + st.clean_evictions, 0u);
   EXPECT_EQ(rt.allocator().stats().allocated.current, 0) << "every block was freed";
@@ -78,6 +89,34 @@ TEST(Runtime, EmptyCacheFreesTheHostBuffersOfBlocksFreedMidCopy) {
   rt.empty_cache();
   EXPECT_EQ(rt.host().in_use(), 0u);
   EXPECT_EQ(rt.host().reserved(), 0u);
+}
+
+// A clean eviction (the host copy is still current) copies nothing, but the block is on the
+// host all the same: the trace's bytes on host count it (before, it recorded no event and the
+// trace said 0 B on host, audit 31b).
+TEST(Runtime, TheTracesBytesOnHostCountCleanEvictions) {
+  auto& rec = profiling::TraceRecorder::global();
+  rec.set_enabled(true);
+  rec.collect();
+  Runtime rt(Config::parse("device:sim,sim_capacity:256MiB,budget:64MiB,policy:lru"));
+  Swapper& sw = *rt.swapper();
+  void* p = rt.allocator().allocate(8 * MiB);
+  PinToken t = sw.pin_for_host(p);
+  std::memset(p, 7, 8 * MiB);
+  sw.unpin(t, nullptr, true);
+  sw.evict(p);  // with a copy
+  sw.quiesce();
+  t = sw.pin_for_host(p);  // back, read only
+  sw.unpin(t, nullptr, false);
+  sw.evict(p);  // clean: no copy
+  sw.quiesce();
+  ASSERT_EQ(sw.stats().clean_evictions, 1u);
+  ASSERT_EQ(sw.residence(p), Residence::OnHost);
+  profiling::CounterReplay replay;
+  for (const auto& e : rec.collect()) replay.apply(e);
+  EXPECT_EQ(replay.current().on_host, 8 * MiB);
+  EXPECT_EQ(replay.current().on_host, sw.stats().on_host_bytes);
+  rt.allocator().deallocate(p);
 }
 
 TEST(Runtime, TraceTimesAreSimulatedTimeOnTheSimulatedDevice) {
