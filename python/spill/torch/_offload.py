@@ -90,9 +90,10 @@ a model that is itself a ScriptModule is refused (spill.Error; guard() works for
 Quiet steps (_quiet.py; ``quiet=0.5`` by default): a step whose previous step's peak of
 allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it),
 also once its activations are scaled by how much larger the step's inputs are (the tensor
-arguments of its first forward; _fixed_bytes is what is not scaled), swaps no activation: the saved-tensor hooks only wrap what autograd saves, pinning the
-parameters and buffers among it at unpack; no module argument, output or safe point is
-pinned, no step scope opened. Parameters, buffers, gradients and optimizer state keep their
+arguments of its first forward; _fixed_bytes is what is not scaled), swaps no activation:
+the saved-tensor hooks only wrap what autograd saves, pinning the parameters and buffers
+among it at unpack; no module argument, output or safe point is pinned, no step scope
+opened. Parameters, buffers, gradients and optimizer state keep their
 declarations and pins above (the optimizer step pins its tensors when they fit under the
 line). Modes change at step boundaries only (the first forward after optimizer.step(), or
 after a quiet step ran out of memory; without an optimizer, every forward); activations
@@ -453,8 +454,9 @@ class OffloadHandle:
         # Quiet steps (_quiet.py): the mode of the step running, whether the next root
         # forward begins a step, the blocks declared in armed steps other than parameters,
         # gradients and optimizer state (made unswappable again when a quiet step begins;
-        # those freed are dropped at step boundaries: _prune_activations), and per module what a quiet step pins (its parameters and buffers, and those it
-        # uses outside their owners), held in _quiet_frames while it runs.
+        # those freed are dropped at step boundaries: _prune_activations), and per module
+        # what a quiet step pins (its parameters and buffers, and those it uses outside their
+        # owners), held in _quiet_frames while it runs.
         self._quiet = False
         self._boundary = True
         self._acts: Set[int] = set()
