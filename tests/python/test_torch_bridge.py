@@ -1428,9 +1428,16 @@ def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> No
 QUIET_MODEL = quiet_preamble("160MiB") + """
         import torch.nn as nn
         # 37 MiB of parameters, gradients and momentum; activations of batch B: B x 4 KiB each.
+        class Repeat(nn.Sequential):
+            # Repeats the batch's rows `times` times: a batch grown inside the forward, which
+            # the forward's arguments do not show (a larger input arms the step).
+            times = 1
+            def forward(self, x):
+                return super().forward(x.repeat(Repeat.times, 1) if Repeat.times > 1 else x)
+
         def make():
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(),
+            model = Repeat(nn.Linear(64, 1024), nn.ReLU(),
                                   *[m for _ in range(3) for m in (nn.Linear(1024, 1024),
                                                                   nn.ReLU())]).to(dev)
             return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -1439,27 +1446,31 @@ QUIET_MODEL = quiet_preamble("160MiB") + """
             g = torch.Generator().manual_seed(100 + i)
             return torch.randn(rows, 64, generator=g).to(dev)
 
-        def step(model, opt, x):
-            opt.zero_grad(set_to_none=True)
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            return loss.item()
+        def step(model, opt, x, times=1):
+            Repeat.times = times
+            try:
+                opt.zero_grad(set_to_none=True)
+                loss = model(x).square().mean()
+                loss.backward()
+                opt.step()
+                return loss.item()
+            finally:
+                Repeat.times = 1
 """
 
 
 @pytest.mark.skipif(SIZED_FOR_64K, reason="the batch is sized for the simulated device's 64 KiB "
                     "granularity (room for the grown step only by moving parameters)")
 def test_a_step_whose_batch_grows_arms_the_next_and_completes_by_moving_parameters() -> None:
-    """A quiet step whose activations grow past the budget (the input is small: the growth
-    comes inside the forward) still completes: parameters, gradients and optimizer state
-    move to make room. The next step is armed (its peak passed half the budget), the one
-    after is quiet again, and losses and parameters equal plain torch's across the
-    transitions."""
+    """A quiet step whose activations grow past the budget (the input is the same: the growth
+    comes inside the forward, where no larger input arms the step) still completes:
+    parameters, gradients and optimizer state move to make room. The next step is armed (its
+    peak passed half the budget), the one after is quiet again, and losses and parameters
+    equal plain torch's across the transitions."""
     out = run_ok(QUIET_MODEL + """
         rows = [256, 256, 256, 4608, 256, 256, 256]
         model, opt = make()
-        base = [step(model, opt, batch(i, r)) for i, r in enumerate(rows)]
+        base = [step(model, opt, batch(i, 256), r // 256) for i, r in enumerate(rows)]
         base_params = [p.detach().clone() for p in model.parameters()]
         enable()
         model, opt = make()
@@ -1467,7 +1478,7 @@ def test_a_step_whose_batch_grows_arms_the_next_and_completes_by_moving_paramete
         losses, modes, moved = [], [], []
         for i, r in enumerate(rows):
             before = spill.stats()["swap.bytes_out"]
-            losses.append(step(model, opt, batch(i, r)))
+            losses.append(step(model, opt, batch(i, 256), r // 256))
             modes.append(h.step_is_quiet)
             moved.append(spill.stats()["swap.bytes_out"] - before)
         assert modes == [False, True, True, True, False, True, True], modes
@@ -1488,11 +1499,13 @@ def test_growth_beyond_what_can_move_is_torch_oom_saying_the_step_ran_quiet() ->
     torch.cuda.OutOfMemoryError with spill's breakdown and the quiet explanation (the previous
     step's peak, the fraction, the budget, quiet=False); the caller catches it and training
     continues with a smaller batch: the next step is armed, later ones quiet again, and the
-    results equal plain torch's without the failed step."""
+    results equal plain torch's without the failed step. (The batch grows inside the
+    forward: a larger input would arm the step.)"""
     out = run_ok(QUIET_MODEL + """
         rows = [256, 256, 256, 16384, 256, 256, 256]
         model, opt = make()
-        base = [step(model, opt, batch(i, r)) for i, r in enumerate(rows) if r < 16384]
+        base = [step(model, opt, batch(i, 256), r // 256) for i, r in enumerate(rows)
+                if r < 16384]
         base_params = [p.detach().clone() for p in model.parameters()]
         enable()
         model, opt = make()
@@ -1500,7 +1513,7 @@ def test_growth_beyond_what_can_move_is_torch_oom_saying_the_step_ran_quiet() ->
         losses, modes = [], []
         for i, r in enumerate(rows):
             try:
-                losses.append(step(model, opt, batch(i, r)))
+                losses.append(step(model, opt, batch(i, 256), r // 256))
             except torch.cuda.OutOfMemoryError as e:
                 msg = str(e)
                 assert r == 16384 and h.step_is_quiet, (i, msg)
@@ -1527,6 +1540,60 @@ def test_growth_beyond_what_can_move_is_torch_oom_saying_the_step_ran_quiet() ->
     assert "ok" in out
 
 
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the simulated device's 64 KiB granularity "
+                    "(the larger batch fits only by swapping its activations)")
+def test_a_quiet_run_whose_input_batch_grows_16x_arms_the_step_and_trains_as_plain_torch() -> None:
+    """A quiet run (a 512-wide MLP with AdamW, batch 256: its peak under half of a 70 MiB
+    budget) whose batch grows to 4096 rows: the first larger step is armed, since the previous
+    peak's activations scaled by the inputs' ratio pass half the budget, and it trains by
+    swapping them; losses and parameters are plain torch's, with no out-of-memory error.
+    Before, that step ran quiet (the previous peak plus an 8 MiB batch stayed under the line)
+    and ran out of memory (the audit's MLP, at 80 MiB, in its backward, where the same loop
+    at 70 MiB, armed all along, trained: audit 31a, F1). Later steps of 256 rows run quiet
+    again."""
+    out = run_ok(quiet_preamble("70MiB") + """
+        import torch.nn as nn, torch.nn.functional as F
+        def make():
+            torch.manual_seed(0)
+            model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(512, 512), nn.ReLU())],
+                                  nn.Linear(512, 64)).to(dev)
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+
+        def step(model, opt, i, rows):
+            g = torch.Generator().manual_seed(100 + i)
+            x = torch.randn(rows, 512, generator=g).to(dev)
+            y = torch.randint(0, 64, (rows,), generator=g).to(dev)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        rows = [256, 256, 256, 256, 4096, 4096, 256, 256, 256]
+        model, opt = make()
+        base = [step(model, opt, i, r) for i, r in enumerate(rows)]
+        base_params = [p.detach().clone() for p in model.parameters()]
+        enable()
+        model, opt = make()
+        h = st.offload(model, opt)
+        losses, modes, moved = [], [], []
+        for i, r in enumerate(rows):
+            before = spill.stats()["swap.bytes_out"]
+            losses.append(step(model, opt, i, r))
+            modes.append(h.step_is_quiet)
+            moved.append(spill.stats()["swap.bytes_out"] - before)
+        assert modes == [False, True, True, True, False, False, False, True, True], modes
+        assert moved[4] > 0, ("the larger step fitted without swapping", moved)
+        assert spill.stats()["num_ooms"] == 0
+        assert losses == base, (losses, base)
+        with st.guard(release_on_exit=False):
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base_params))
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 @pytest.mark.skipif(SIZED_FOR_64K, reason="the batch is sized for the simulated device's 64 KiB "
                     "granularity (an armed step's forward fits by swapping, its backward not)")
 @pytest.mark.parametrize("quiet", [False, True])
@@ -1536,12 +1603,14 @@ def test_a_caught_oom_leaves_nothing_of_the_abandoned_step_allocated(quiet: bool
     references are gone, with Python's collector off (plain torch needs none): allocated bytes
     are back to their level before the step, as with spill's allocator and no hooks on the same
     code. Training then continues with a smaller batch, equal to plain torch without the
-    failed step."""
+    failed step. (The batch grows inside the forward: a larger input would arm the quiet
+    step.)"""
     out = run_ok(QUIET_MODEL + """
         import gc, traceback
         rows = [256, 256, 256, 16384, 256, 256]
         model, opt = make()
-        base = [step(model, opt, batch(i, r)) for i, r in enumerate(rows) if r < 16384]
+        base = [step(model, opt, batch(i, 256), r // 256) for i, r in enumerate(rows)
+                if r < 16384]
         enable()
 
         def run(hooks):
@@ -1551,7 +1620,7 @@ def test_a_caught_oom_leaves_nothing_of_the_abandoned_step_allocated(quiet: bool
             for i, r in enumerate(rows):
                 before = torch.cuda.memory_allocated()
                 try:
-                    losses.append(step(model, opt, batch(i, r)))
+                    losses.append(step(model, opt, batch(i, 256), r // 256))
                 except torch.cuda.OutOfMemoryError as e:
                     assert r == 16384, (i, str(e))
                     where = [f.name for f in traceback.extract_tb(e.__traceback__)]
@@ -1803,6 +1872,39 @@ def test_evict_between_steps_settles_on_the_host(quiet: bool) -> None:
         h.remove()
         print("ok")
     """ % (quiet, quiet))
+    assert "ok" in out
+
+
+def test_activation_addresses_stay_bounded_over_armed_steps_of_varying_shapes() -> None:
+    """The addresses of activations armed steps declared (what the first quiet step makes
+    unswappable again) lose those whose blocks were freed: over 150 armed steps of random
+    batch sizes, whose activations take new addresses each step, the set stays near its size
+    in the first steps (it grew by about 2 a step, without bound: audit 31a, F4), and the
+    output of an early step the loop keeps, still alive, stays in it."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import random, torch.nn as nn
+        enable()
+        torch.manual_seed(0)
+        m = nn.Sequential(*[x for _ in range(4) for x in (nn.Linear(256, 256), nn.ReLU())]).to(dev)
+        o = torch.optim.SGD(m.parameters(), lr=0.01)
+        h = st.offload(m, o, quiet=False)
+        rnd = random.Random(0)
+        lens, kept = [], None
+        for i in range(150):
+            x = torch.randn(rnd.randrange(128, 2048), 256).to(dev)
+            o.zero_grad(set_to_none=True)
+            y = m(x)
+            y.square().mean().backward()
+            o.step()
+            if i == 3:
+                kept, ptr = y, h.pinner.movable(y)
+                assert ptr in h._acts
+            lens.append(len(h._acts))
+        assert max(lens) <= 2 * max(lens[:20]) + 64, (lens[::10], max(lens[:20]))
+        assert ptr in h._acts, "a live activation was dropped"
+        h.remove()
+        print("ok")
+    """)
     assert "ok" in out
 
 

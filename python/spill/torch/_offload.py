@@ -88,10 +88,12 @@ TorchScript submodules (torch.jit.script, torch.jit.trace) run no Python hook in
 module that calls one pins all its parameters and buffers around its own forward (_scripted);
 a model that is itself a ScriptModule is refused (spill.Error; guard() works for it).
 Quiet steps (_quiet.py; ``quiet=0.5`` by default): a step whose previous step's peak of
-allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it)
-swaps no activation: the saved-tensor hooks only wrap what autograd saves, pinning the
-parameters and buffers among it at unpack; no module argument, output or safe point is
-pinned, no step scope opened. Parameters, buffers, gradients and optimizer state keep their
+allocated bytes stayed under that fraction of the budget (an armed step's: under 7/8 of it),
+also once its activations are scaled by how much larger the step's inputs are (the tensor
+arguments of its first forward; _fixed_bytes is what is not scaled), swaps no activation:
+the saved-tensor hooks only wrap what autograd saves, pinning the parameters and buffers
+among it at unpack; no module argument, output or safe point is pinned, no step scope
+opened. Parameters, buffers, gradients and optimizer state keep their
 declarations and pins above (the optimizer step pins its tensors when they fit under the
 line). Modes change at step boundaries only (the first forward after optimizer.step(), or
 after a quiet step ran out of memory; without an optimizer, every forward); activations
@@ -451,12 +453,14 @@ class OffloadHandle:
         self._step_over = True
         # Quiet steps (_quiet.py): the mode of the step running, whether the next root
         # forward begins a step, the blocks declared in armed steps other than parameters,
-        # gradients and optimizer state (made unswappable again when a quiet step begins),
-        # and per module what a quiet step pins (its parameters and buffers, and those it
-        # uses outside their owners), held in _quiet_frames while it runs.
+        # gradients and optimizer state (made unswappable again when a quiet step begins;
+        # those freed are dropped at step boundaries: _prune_activations), and per module
+        # what a quiet step pins (its parameters and buffers, and those it uses outside their
+        # owners), held in _quiet_frames while it runs.
         self._quiet = False
         self._boundary = True
         self._acts: Set[int] = set()
+        self._acts_pruned = 64  # its length after the last pruning, doubled (_prune_activations)
         # remove(): done once; what it could not bring back (no room), and the pins-only mode
         # kept on this thread's stack meanwhile.
         self._removed = False
@@ -949,7 +953,7 @@ class OffloadHandle:
             if not self._window.here():
                 self._follow_thread()
             try:
-                self._begin_forward(module)
+                self._begin_forward(module, args)
                 self._pre_module(module, args, True)
             except BaseException:
                 self._abandon_forward()
@@ -1228,7 +1232,7 @@ class OffloadHandle:
         else:  # a backward the window did not see begin (torch.autograd.backward)
             self._policy.backward_begins()
 
-    def _begin_forward(self, module: torch.nn.Module) -> None:
+    def _begin_forward(self, module: torch.nn.Module, args: Any) -> None:
         self.forwards += 1
         self._sweep_modes()
         self._policy.backward_ends()  # (a torch.autograd.backward the window did not see)
@@ -1306,7 +1310,9 @@ class OffloadHandle:
             self._began_step = True
             self._release_backward()  # pins an abandoned backward left
             self._parts.forget()
-            self._begin_mode(self._policy.decide(first=self._discovery is not None))
+            self._prune_activations()
+            self._begin_mode(self._policy.decide(
+                self._discovery is not None, _bytes_of(args), self._fixed_bytes))
             if self._outside:
                 stream = self.pinner.stream()
                 for t in self._outside.values():
@@ -1430,6 +1436,37 @@ class OffloadHandle:
             quiet = False
         self._quiet = quiet
         self._policy.begin(quiet)
+
+    def _fixed_bytes(self) -> int:
+        """The bytes of what every step holds whatever its batch (QuietSteps.decide): the
+        parameters, buffers, gradients and optimizer state there are now on the target's
+        device (spill's memory), each storage once."""
+        sizes: Dict[int, int] = {}
+        params = list(self.model.parameters())
+        tensors = itertools.chain(params, self.model.buffers(),
+                                  (p.grad for p in params if p.grad is not None),
+                                  self._state_tensors())
+        cpu = self.pinner.cpu
+        for t in tensors:
+            if t.layout == torch.strided and t.is_cuda != cpu and not t.is_meta:
+                s = storage(t)
+                sizes[s.data_ptr()] = s.nbytes()
+        return sum(sizes.values())
+
+    def _prune_activations(self) -> None:
+        """At a step boundary: drops from _acts the addresses whose blocks were freed (spill
+        holds no block there: generation 0), when the set has doubled since the last time
+        (a cost per step that stays constant). Armed steps of varying shapes declare new
+        addresses each step, and only a quiet step cleared the set: it grew without bound
+        (72 to 2415 over 240 steps of random lengths, audit 2026-12-06). A freed activation
+        needs nothing from _forget_activations; an address another block took since stays
+        (making that block unswappable there is harmless)."""
+        acts = self._acts
+        if len(acts) <= self._acts_pruned:
+            return
+        generation = self.pinner.generation
+        acts.difference_update([ptr for ptr in acts if not generation(ptr)])
+        self._acts_pruned = 2 * len(acts) + 64
 
     def _forget_activations(self) -> bool:
         """Before the first quiet step: the blocks armed steps declared that are neither
@@ -2274,6 +2311,13 @@ def _functional_call_tensors(module: torch.nn.Module,
         if isinstance(t, torch.Tensor):
             given.append(t)
     return given
+
+
+def _bytes_of(args: Any) -> int:
+    """The bytes of the tensors among a forward's arguments (each tensor's elements, a view's
+    included: an expanded batch makes activations of its own size)."""
+    return sum(t.numel() * t.element_size() for t in leaves(args)
+               if isinstance(t, torch.Tensor))
 
 
 def _given(t: Any) -> bool:

@@ -13,7 +13,13 @@ The decision is made at a step boundary, before the root module's forward begins
   restarts), the budget spill's budget at the boundary;
 - a step whose peak passed ``quiet`` x budget arms the next one;
 - hysteresis: an armed step is followed by a quiet one only when its peak was under
-  ``REARMED_MARGIN`` (7/8) of that line, so a step near the line does not flip every step.
+  ``REARMED_MARGIN`` (7/8) of that line, so a step near the line does not flip every step;
+- a step whose inputs (the tensor arguments of its first forward) are larger than the
+  previous step's is armed when that step's peak, its part other than parameters, buffers,
+  gradients and optimizer state scaled by the inputs' ratio, passes the line: a larger batch
+  makes activations in proportion, far more than its own bytes, which the previous peak
+  does not show (scaled linearly: growth made inside the forward, or activations growing
+  faster than the inputs, attention's with the sequence length, is the risk that remains).
 The peak of allocated bytes does not depend on the mode (swapped-out bytes count as
 allocated), so quiet and armed steps of the same work measure the same peak."""
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import ctypes
 import math
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from spill import InvalidArgumentError
 from spill._capi import raise_status
@@ -108,6 +114,7 @@ class QuietSteps:
         self.armed_steps = 0
         self.peak = 0               # the previous step's peak and the budget then
         self.budget = 0
+        self.inputs = 0             # the bytes of the previous step's inputs (0: none seen)
         self.reason = ""            # why the current step is armed, when it is
         self.text = ""              # this handle's out-of-memory note ("" when armed)
         self.during = ""            # ... and while its backward runs (backward_begins)
@@ -154,8 +161,12 @@ class QuietSteps:
 
     # ---------------------------------------------------------------- decisions
 
-    def decide(self, first: bool) -> bool:
-        """At a step boundary: whether the step beginning now runs quiet."""
+    def decide(self, first: bool, inputs: int = 0,
+               fixed: Optional[Callable[[], int]] = None) -> bool:
+        """At a step boundary: whether the step beginning now runs quiet. ``inputs``: the
+        bytes of the tensors its first forward is given; ``fixed()``: the bytes of what every
+        step holds whatever its inputs (parameters, buffers, gradients, optimizer state),
+        asked only when the inputs grew."""
         self.peak = self._take_peak()
         st = self._settle()
         self.budget = st.budget_bytes
@@ -176,6 +187,16 @@ class QuietSteps:
         else:
             quiet, self.reason = False, (f"the previous step's peak, {_mib(self.peak)}, is near "
                                          f"{self.fraction:g} of the budget (hysteresis)")
+        if quiet and fixed is not None and inputs > self.inputs > 0:
+            kept = min(fixed(), self.peak)
+            estimate = kept + (self.peak - kept) * inputs / self.inputs
+            if estimate > line:
+                quiet, self.reason = False, (
+                    f"this step's inputs, {_mib(inputs)}, are {inputs / self.inputs:.3g} times "
+                    f"the previous step's: its peak, {_mib(self.peak)}, with what is not "
+                    f"parameters, gradients or optimizer state scaled as much, "
+                    f"{_mib(estimate)}, passes {self.fraction:g} of the budget")
+        self.inputs = inputs
         return quiet
 
     @property
