@@ -144,7 +144,8 @@ TEST(HostileTrace, AnEventFarAfterTheFirstIsRefused) {
                   {"x.json': traceEvents[", "(mark at 4611686018427387904 ns)", "30 days"});
   // A stall lasting 2^62 ns likewise.
   ev[1] = make_event(1500, EventKind::Stall, 0x10, 0, 0, 1ull << 62);
-  expect_mentions(meaning_error(ev, nlohmann::json::object()), {"x.json': traceEvents[", "(stall at 1500 ns)", "30 days"});
+  expect_mentions(meaning_error(ev, nlohmann::json::object()),
+                  {"x.json': traceEvents[", "(stall at 1500 ns)", "30 days"});
 }
 
 TEST(HostileTrace, EventsAreOrderedByTimeNotByFileOrder) {
