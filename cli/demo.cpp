@@ -98,11 +98,13 @@ int run_demo(Config config, const DemoArgs& a) {
               static_cast<unsigned long long>(s.prefetch_late));
   if (!a.trace.empty()) {
     auto& rec = profiling::TraceRecorder::global();
-    profiling::write_chrome_trace(a.trace, rec.collect(),
+    const std::vector<profiling::TraceEvent> events = rec.collect();  // counts its drops
+    profiling::write_chrome_trace(a.trace, events,
                                   [&rec](std::uint32_t t) { return rec.tag_name(t); },
                                   {{"command", "spill demo"},
                                    {"device", rt.device().info().name},
-                                   {"budget_bytes", budget}});
+                                   {"budget_bytes", budget},
+                                   {"dropped_events", rec.dropped()}});
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
                 a.trace.c_str());
   }

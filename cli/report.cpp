@@ -5,6 +5,7 @@
 #include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
+#include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/report.hpp"
 
@@ -45,6 +46,18 @@ void add_report(CLI::App& app, Runner& run) {
                     "stalls\n",
                     args->output.c_str(), s.events, s.duration_ms, s.swap_outs, s.swap_ins,
                     s.stalls);
+        if (trace.has_baseline && !(trace.baseline == profiling::MemoryCounters{}))
+          std::printf("the trace begins mid-run: its figures start from %s allocated and %s "
+                      "mapped then\n",
+                      format_bytes(trace.baseline.allocated).c_str(),
+                      format_bytes(trace.baseline.mapped).c_str());
+        if (trace.baseline_inferred)
+          std::printf("the trace seems to begin mid-run (no baseline, it frees what it never "
+                      "allocated): its figures are lower bounds\n");
+        if (trace.dropped_events > 0)
+          std::printf("%llu events were dropped before the trace was written: its figures are "
+                      "approximate\n",
+                      static_cast<unsigned long long>(trace.dropped_events));
       }
       return 0;
     };

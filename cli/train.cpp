@@ -312,11 +312,13 @@ int run_train(Config config, const TrainArgs& a) {
     if (a.trace.empty()) return;
     rt.device().synchronize();
     auto& rec = profiling::TraceRecorder::global();
-    profiling::write_chrome_trace(a.trace, rec.collect(),
+    const std::vector<profiling::TraceEvent> events = rec.collect();  // counts its drops
+    profiling::write_chrome_trace(a.trace, events,
                                   [&rec](std::uint32_t t) { return rec.tag_name(t); },
                                   {{"command", "spill train " + a.model},
                                    {"budget_bytes", rt.allocator().budget()},
-                                   {"policy", a.policy}});
+                                   {"policy", a.policy},
+                                   {"dropped_events", rec.dropped()}});
   };
   try {
     run = train::run_training(config, program, ro, on_start, on_step, on_end);

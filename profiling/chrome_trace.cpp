@@ -1,10 +1,14 @@
 #include "profiling/chrome_trace.hpp"
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "core/checked.hpp"
 #include "core/errors.hpp"
@@ -15,6 +19,12 @@ namespace spill::profiling {
 namespace {
 
 constexpr int kPid = 1;
+
+std::string hex_address(std::uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
 constexpr int kTidD2H = 1, kTidH2D = 2, kTidAllocator = 3, kTidFirstStream = 100;
 
 bool is_span_kind(EventKind k) {
@@ -108,7 +118,16 @@ std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNa
   thread_name(w, kTidD2H, "D2H copy engine (swap-out)", 2);
   std::map<std::uint64_t, int> stream_tids;
   std::map<std::uint32_t, std::string> used_tags;
-  CounterReplay counters;
+  // The counter track starts from the baseline a mid-run export gives (metadata.baseline).
+  MemoryCounters start;
+  if (metadata.is_object() && metadata.contains("baseline") && metadata["baseline"].is_object()) {
+    const nlohmann::json& b = metadata["baseline"];
+    auto get = [&b](const char* k) {
+      return b.contains(k) && b[k].is_number_integer() ? b[k].get<std::int64_t>() : 0;
+    };
+    start = {get("allocated"), get("mapped"), get("on_host"), get("host_pinned")};
+  }
+  CounterReplay counters(start);
   for (const TraceEvent& e : events) {
     int tid;
     if (allocator_kind(e.kind)) {
@@ -217,6 +236,137 @@ std::uint32_t tag_id(const JsonValue& table, const std::string& key) {
   return id;
 }
 
+// metadata.baseline, dropped_events and budget_bytes, checked (named by their JSON paths).
+void read_metadata(const JsonValue& meta, ParsedTrace& t) {
+  if (auto b = meta.find("baseline")) {
+    b->expect_object();
+    t.has_baseline = true;
+    auto counter = [&](const char* key) {
+      return static_cast<std::int64_t>(b->uint_field(key, 0, kMaxBytes, 0));
+    };
+    t.baseline = {counter("allocated"), counter("mapped"), counter("on_host"),
+                  counter("host_pinned")};
+  }
+  t.dropped_events = meta.uint_field("dropped_events", 0, UINT64_MAX, 0);
+  if (meta.has("budget_bytes")) t.budget_bytes = meta.uint_field("budget_bytes", 0, kMaxBytes);
+}
+
+// Events by time, stably: the file's order is not trusted (a writer from elsewhere, or edits).
+void order_by_time(ParsedTrace& t) {
+  std::vector<std::size_t> order(t.events.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return t.events[a].time_ns < t.events[b].time_ns;
+  });
+  std::vector<TraceEvent> events(order.size());
+  std::vector<std::size_t> index(order.size());
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    events[i] = t.events[order[i]];
+    index[i] = t.source_index[order[i]];
+  }
+  t.events = std::move(events);
+  t.source_index = std::move(index);
+}
+
+// What the events mean: times within kMaxTraceSpanNs of the first, counters that stay within
+// range and, from the baseline, non-negative (without one: the least baseline that keeps them
+// so, inferred), and in a complete trace frees and swaps of blocks it allocated.
+void check_meaning(ParsedTrace& t, const std::string& origin) {
+  auto name = [&](std::size_t i) {
+    return origin + ": traceEvents[" + std::to_string(t.source_index[i]) + "] (" +
+           to_string(t.events[i].kind) + " at " + std::to_string(t.events[i].time_ns) + " ns)";
+  };
+  if (t.events.empty()) return;
+  const std::uint64_t first = t.events.front().time_ns;
+  for (std::size_t i = 0; i < t.events.size(); ++i) {
+    const TraceEvent& e = t.events[i];
+    if (e.time_ns + e.duration_ns - first > kMaxTraceSpanNs)
+      throw InvalidArgument(name(i) + ": ends more than 30 days after the trace's first event (" +
+                            std::to_string(first) + " ns): not a time this trace can hold");
+  }
+  const bool complete = t.complete();
+  CounterReplay replay(t.baseline);
+  MemoryCounters low = t.baseline;  // each counter's lowest value
+  std::unordered_map<std::uint64_t, std::uint64_t> live;  // complete traces: address -> bytes
+  std::unordered_set<std::uint64_t> freed;
+  for (std::size_t i = 0; i < t.events.size(); ++i) {
+    const TraceEvent& e = t.events[i];
+    if (complete) {
+      const bool is_live = live.count(e.address) != 0;
+      switch (e.kind) {
+        case EventKind::Alloc:
+          live[e.address] = e.bytes;
+          freed.erase(e.address);
+          break;
+        case EventKind::Free:
+          if (!is_live)
+            throw InvalidArgument(
+                name(i) + ": frees " + (freed.count(e.address) ? "again a block already freed"
+                                                               : "a block the trace never allocated") +
+                " at " + hex_address(e.address) +
+                " (the trace is complete: its baseline has nothing allocated and it dropped "
+                "no events)");
+          live.erase(e.address);
+          freed.insert(e.address);
+          break;
+        case EventKind::SwapOut:
+        case EventKind::Evict:
+        case EventKind::SwapIn:
+          // A copy's slice may sort after its block's free (the simulated clock): freed is fine.
+          if (!is_live && !freed.count(e.address))
+            throw InvalidArgument(name(i) + ": moves a block the trace never allocated at " +
+                                  hex_address(e.address) +
+                                  " (the trace is complete: its baseline has nothing allocated "
+                                  "and it dropped no events)");
+          break;
+        default: break;
+      }
+    }
+    try {
+      replay.apply(e);
+    } catch (const InvalidArgument& ex) {
+      throw InvalidArgument(name(i) + ": " + ex.what());
+    }
+    const MemoryCounters& c = replay.current();
+    const std::pair<const char*, std::int64_t> now[] = {{"allocated bytes", c.allocated},
+                                                        {"mapped bytes", c.mapped},
+                                                        {"bytes on host", c.on_host},
+                                                        {"pinned host bytes", c.host_pinned}};
+    if (t.has_baseline) {
+      for (auto& [what, v] : now)
+        if (v < 0)
+          throw InvalidArgument(name(i) + ": " + what + " go below zero (" + std::to_string(v) +
+                                ") from the trace's baseline: the trace contradicts itself");
+    }
+    low.allocated = std::min(low.allocated, c.allocated);
+    low.mapped = std::min(low.mapped, c.mapped);
+    low.on_host = std::min(low.on_host, c.on_host);
+    low.host_pinned = std::min(low.host_pinned, c.host_pinned);
+  }
+  if (!t.has_baseline) {
+    // Without a baseline (an older trace, or another tool's), events that free what the trace
+    // never saw mean it began mid-run: start from the least baseline that keeps every counter
+    // non-negative, and say the figures are lower bounds.
+    auto neg = [&](std::int64_t v) {
+      SPILL_EXPECTS(v > std::numeric_limits<std::int64_t>::min(),
+                    origin + ": a memory counter goes down by 2^63 bytes");
+      return -v;
+    };
+    MemoryCounters b{neg(low.allocated), neg(low.mapped), neg(low.on_host), neg(low.host_pinned)};
+    if (b == MemoryCounters{}) return;
+    t.baseline = b;
+    t.baseline_inferred = true;
+    CounterReplay from(b);  // the counters from there must stay within range too
+    for (std::size_t i = 0; i < t.events.size(); ++i) {
+      try {
+        from.apply(t.events[i]);
+      } catch (const InvalidArgument& ex) {
+        throw InvalidArgument(name(i) + ": " + ex.what());
+      }
+    }
+  }
+}
+
 }  // namespace
 
 ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origin) {
@@ -234,7 +384,7 @@ ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origi
                     std::to_string(kTraceFormatVersion) + ")");
   ParsedTrace t;
   t.clock = other->string_field("clock", std::string(), 256);
-  if (auto meta = other->find("metadata")) t.metadata = meta->expect_object().raw();
+  if (auto m = other->find("metadata")) t.metadata = m->expect_object().raw();
   else t.metadata = nlohmann::json::object();
   if (auto tags = other->find("tags")) {
     tags->expect_object();
@@ -243,10 +393,10 @@ ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origi
       t.tag_names[id] = tags->at(key).as_string(kMaxTagName);
     }
   }
+  std::optional<JsonValue> meta = other->find("metadata");
+  if (meta) read_metadata(*meta, t);
   const JsonValue evs = top.at("traceEvents");
   const std::size_t n = evs.size();
-  std::vector<std::size_t> index;  // traceEvents index of each event kept
-  CounterReplay replay;            // checks that the memory counters stay in range
   for (std::size_t i = 0; i < n; ++i) {
     const JsonValue ev = evs.at(i);
     // Chrome's own records (thread names, counters) carry no spill kind.
@@ -266,13 +416,11 @@ ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origi
     e.duration_ns = a.uint_field("duration_ns", 0, kMaxBytes, 0);
     if (!add_within(e.time_ns, e.duration_ns))
       a.fail_field("duration_ns", "time_ns + duration_ns passes 2^63 - 1 ns");
-    try {
-      replay.apply(e);
-    } catch (const InvalidArgument& ex) {
-      throw InvalidArgument(ev.where() + ": " + ex.what());
-    }
     t.events.push_back(e);
+    t.source_index.push_back(i);
   }
+  order_by_time(t);
+  check_meaning(t, origin);
   return t;
 }
 

@@ -10,9 +10,11 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "profiling/counters.hpp"
 #include "profiling/events.hpp"
 
 namespace spill::profiling {
@@ -42,7 +44,24 @@ struct ParsedTrace {
   std::map<std::uint32_t, std::string> tag_names;  // TraceEvent::tag -> name
   nlohmann::json metadata;                         // an object
   std::string clock;  // otherData.clock: the time base ("simulated (...)" or the host's), or ""
+  // traceEvents index of each event (events are ordered by time, stably, when read).
+  std::vector<std::size_t> source_index;
+  // The counters when the first event happened: metadata.baseline when the trace has it (an
+  // export taken mid-run), else the least one that keeps every counter non-negative
+  // (`baseline_inferred`, lower bounds: zero for a trace that starts at the process's start).
+  MemoryCounters baseline;
+  bool has_baseline = false;      // metadata.baseline was there
+  bool baseline_inferred = false;  // no metadata.baseline, and events freed what came before
+  std::uint64_t dropped_events = 0;  // metadata.dropped_events: lost to full rings
+  std::optional<std::uint64_t> budget_bytes;  // metadata.budget_bytes
+  // A complete trace (baseline with nothing allocated, nothing dropped): every free and swap
+  // must name a block the trace allocated.
+  bool complete() const { return has_baseline && baseline.allocated == 0 && dropped_events == 0; }
 };
+
+// The longest span a trace may cover, from its first event to its last: 30 days of
+// nanoseconds (a wrapped or garbage time is refused rather than drawn).
+inline constexpr std::uint64_t kMaxTraceSpanNs = 30ull * 24 * 3600 * 1000000000ull;
 
 // The longest tag name a trace may hold.
 inline constexpr std::size_t kMaxTagName = 4096;
@@ -52,7 +71,12 @@ inline constexpr std::size_t kMaxTagName = 4096;
 // not a spill trace, of another version, or a field out of its range (named by its JSON path):
 // sizes and times up to 2^63 - 1 (time_ns + duration_ns too), tags and threads 32-bit, tag
 // ids decimal in [1, 2^32 - 1], addresses and streams "0x" hex; the memory counters replayed
-// over the events must stay within 64-bit signed totals.
+// over the events must stay within 64-bit signed totals. Then what the events mean (events
+// ordered by time, stably): no event more than kMaxTraceSpanNs after the first; from the
+// baseline (metadata.baseline, non-negative integers) no counter goes below zero; in a
+// complete trace no free, double free or swap of a block it did not allocate;
+// metadata.budget_bytes and dropped_events non-negative integers. Errors name the event by its
+// traceEvents index and kind, and the counter.
 ParsedTrace read_chrome_trace(const std::string& path);
 ParsedTrace parse_chrome_trace(const std::string& text, const std::string& origin);
 

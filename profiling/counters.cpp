@@ -15,34 +15,49 @@ bool CounterReplay::apply(const TraceEvent& e) {
   auto add = [](std::int64_t& counter, std::int64_t v, const char* what) {
     counter = checked_add_signed(counter, v, what);
   };
+  // Whether the block left the host (true) or was not there.
   auto leave_host = [&] {
     auto it = on_host_.find(e.address);
-    if (it == on_host_.end()) {
-      if (e.kind == EventKind::Free) freed_.insert(e.address);
-      return;
-    }
+    if (it == on_host_.end()) return false;
     add(next.on_host, -static_cast<std::int64_t>(it->second), "bytes on host");
     on_host_.erase(it);
+    return true;
   };
   switch (e.kind) {
     case EventKind::Alloc:
       add(next.allocated, bytes, "allocated bytes");
       freed_.erase(e.address);
+      back_.erase(e.address);
       break;
     case EventKind::Free:
       add(next.allocated, -bytes, "allocated bytes");
-      leave_host();
+      if (!leave_host()) freed_.insert(e.address);
+      back_.erase(e.address);
       break;
-    case EventKind::Map: add(next.mapped, bytes, "mapped bytes"); break;
+    case EventKind::Map:
+      add(next.mapped, bytes, "mapped bytes");
+      // Mapped back at its address: the bytes are on the device again (an untouched block's
+      // swap-in copies nothing, so no swap_in follows).
+      if (leave_host()) back_.insert(e.address);
+      break;
     case EventKind::Unmap: add(next.mapped, -bytes, "mapped bytes"); break;
-    case EventKind::SwapOut:  // a copy to the host
-    case EventKind::Evict:    // every eviction (a clean one copies nothing)
-      if (!on_host_.count(e.address) && !freed_.count(e.address)) {
+    case EventKind::Pin:  // a pin of a block still swapping out cancels its eviction
+      if (leave_host()) back_.insert(e.address);
+      break;
+    case EventKind::Evict:  // every eviction (a clean one copies nothing)
+      back_.erase(e.address);
+      [[fallthrough]];
+    case EventKind::SwapOut:  // a copy to the host (a cancelled one's late slice adds nothing)
+      if (!on_host_.count(e.address) && !freed_.count(e.address) && !back_.count(e.address)) {
         add(next.on_host, bytes, "bytes on host");
         on_host_.emplace(e.address, e.bytes);
       }
       break;
-    case EventKind::SwapIn: leave_host(); break;
+    case EventKind::SwapIn:
+      if (leave_host() || back_.erase(e.address) || freed_.count(e.address)) break;
+      // Never seen leaving: it was on the host before the trace began.
+      add(next.on_host, -bytes, "bytes on host");
+      break;
     case EventKind::HostAlloc: add(next.host_pinned, bytes, "pinned host bytes"); break;
     case EventKind::HostFree: add(next.host_pinned, -bytes, "pinned host bytes"); break;
     default: break;

@@ -1,7 +1,10 @@
 // Memory counters derived from trace events, so every exporter and report agrees on them:
-// allocated (Alloc/Free), mapped (Map/Unmap), on_host (SwapOut adds a block, SwapIn or a Free
-// of that block removes it; a SwapOut sorted after the block's Free adds nothing) and
-// host_pinned (HostAlloc/HostFree).
+// allocated (Alloc/Free), mapped (Map/Unmap), on_host (an Evict or SwapOut adds a block once;
+// its SwapIn, its Free, a Map at its address (mapped back: an untouched block's swap-in copies
+// nothing) or a Pin of it (its swap-out was cancelled) removes it; a SwapOut sorted after the
+// block's Free adds nothing; a SwapIn of a block the replay never saw leave removes its bytes,
+// as it was on the host before the trace began) and host_pinned (HostAlloc/HostFree). A replay
+// may start from a baseline: the counters when the trace's first event happened.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +25,7 @@ struct MemoryCounters {
 
 class CounterReplay {
  public:
+  explicit CounterReplay(const MemoryCounters& baseline = {}) : current_(baseline), peak_(baseline) {}
   // Applies one event; returns true when a counter changed. Throws InvalidArgument (and
   // changes nothing) when an event's bytes pass 2^63 - 1 or a counter would leave the int64
   // range: what a trace from elsewhere can hold, never what spill records.
@@ -36,6 +40,9 @@ class CounterReplay {
   // simulated clock can sort after a free issued by the host meanwhile: such a swap-out never
   // put bytes on the host for this block's life, so it is not counted.
   std::unordered_set<std::uint64_t> freed_;
+  // Blocks that left the host by a map back or a pin (a cancelled eviction): their swap_in, or
+  // the late slice of the cancelled copy, changes nothing.
+  std::unordered_set<std::uint64_t> back_;
 };
 
 }  // namespace spill::profiling

@@ -313,7 +313,10 @@ TraceEvent TraceRecorder::decode(const Stored& s) const {
 std::vector<TraceEvent> TraceRecorder::collect() { return drain(true, nullptr); }
 
 std::vector<TraceEvent> TraceRecorder::peek(Mark* mark) {
-  if (mark != nullptr) mark->threads.clear();
+  if (mark != nullptr) {
+    mark->threads.clear();
+    mark->lost = 0;
+  }
   return drain(false, mark);
 }
 
@@ -370,7 +373,10 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take, Mark* mark) {
                 out.begin() + static_cast<std::ptrdiff_t>(first + bad));
       lost += bad;
     }
-    if (mark != nullptr) mark->threads[r.thread] = {r.tail + lost, head};
+    if (mark != nullptr) {
+      mark->threads[r.thread] = {r.tail + lost, head};
+      mark->lost += lost;
+    }
     if (!take) continue;
     if (lost) dropped_.fetch_add(lost, std::memory_order_relaxed);
     r.tail = head;

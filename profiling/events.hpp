@@ -95,6 +95,9 @@ class TraceRecorder {
       std::uint64_t end;         // one past its last
     };
     std::unordered_map<std::uint32_t, Seen> threads;  // by thread number
+    // Events the peek found lost to full rings (overwritten before it read them): what
+    // take(mark) adds to dropped(), so an export can say so before it takes.
+    std::uint64_t lost = 0;
   };
 
   // Takes every event recorded since the last collect, from all threads, ordered by time.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <unordered_map>
@@ -84,13 +85,20 @@ struct Series {
   std::vector<std::pair<double, double>> points;  // (ms, value)
 };
 
+// A level drawn across the chart as a dashed line (a budget), named in the legend.
+struct Level {
+  std::string name, colour;
+  double value;
+};
+
 std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
                       const std::string& x_note, const std::string& y_label, double y_scale,
-                      const std::string& id) {
+                      const std::string& id, const std::vector<Level>& levels = {}) {
   const double w = 900, h = 260, left = 70, right = 160, top = 15, bottom = 40;
   double y_max = 0;
   for (const Series& s : series)
     for (auto& p : s.points) y_max = std::max(y_max, p.second / y_scale);
+  for (const Level& l : levels) y_max = std::max(y_max, l.value / y_scale);
   if (!(y_max > 0) || !std::isfinite(y_max)) y_max = 1;
   const double y_step = nice_step(y_max, 4);
   y_max = std::ceil(y_max / y_step - 1e-9) * y_step;  // the top line is a round tick
@@ -133,8 +141,50 @@ std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
       << s.colour << "'/><text x='" << w - right + 30 << "' y='" << ly + 1
       << "' font-size='12'>" << esc(s.name) << "</text>";
   }
+  for (const Level& l : levels) {
+    const double yy = y(l.value);
+    o << "<line class='level' x1='" << left << "' x2='" << w - right << "' y1='" << yy
+      << "' y2='" << yy << "' stroke='" << l.colour << "' stroke-width='1.5' "
+      << "stroke-dasharray='6 4'/>";
+    double ly = top + 14 + 18 * row++;
+    o << "<line x1='" << w - right + 12 << "' x2='" << w - right + 24 << "' y1='" << ly - 3
+      << "' y2='" << ly - 3 << "' stroke='" << l.colour << "' stroke-width='2' "
+      << "stroke-dasharray='4 2'/><text x='" << w - right + 30 << "' y='" << ly + 1
+      << "' font-size='12'>" << esc(l.name) << "</text>";
+  }
   o << "</svg>";
   return o.str();
+}
+
+std::string counters_text(const MemoryCounters& c) {
+  return format_bytes(c.allocated) + " allocated, " + format_bytes(c.mapped) + " mapped, " +
+         format_bytes(c.on_host) + " on host, " + format_bytes(c.host_pinned) + " pinned host";
+}
+
+// What the figures start from, said plainly: a trace that begins mid-run (an export after
+// earlier ones) starts from its baseline; one without a baseline that frees what it never
+// allocated gets an inferred one and lower bounds; events lost to full rings.
+std::string starting_note(const ParsedTrace& t) {
+  std::string out;
+  if (t.has_baseline && !(t.baseline == MemoryCounters{})) {
+    out += "<p class='note' id='mid-run'>This trace begins mid-run: when its first event "
+           "happened, " + counters_text(t.baseline) + " were already there. The figures start "
+           "from there; blocks allocated before the trace are missing from the top "
+           "allocations.</p>";
+  } else if (t.baseline_inferred) {
+    out += "<p class='note' id='mid-run'>This trace seems to begin mid-run: it holds no "
+           "starting state, and its events free or move memory it never saw allocated. The "
+           "figures start from the least state that explains them (at least " +
+           counters_text(t.baseline) + " when it began), so they are lower bounds; blocks "
+           "allocated before the trace are missing from the top allocations.</p>";
+  }
+  if (t.dropped_events > 0) {
+    out += "<p class='note' id='dropped'>" + std::to_string(t.dropped_events) +
+           " events were lost before this trace was written (a thread's trace ring, 65,536 "
+           "events, overwrote its oldest): figures around them are approximate. Export more "
+           "often (spill.trace()) to keep every event.</p>";
+  }
+  return out;
 }
 
 }  // namespace
@@ -142,8 +192,10 @@ std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
 ReportSummary summarize(const ParsedTrace& trace) {
   ReportSummary s;
   s.events = trace.events.size();
+  s.baseline = trace.baseline;
+  s.peak = trace.baseline;
   if (trace.events.empty()) return s;
-  CounterReplay replay;
+  CounterReplay replay(trace.baseline);
   std::uint64_t t0 = trace.events.front().time_ns, t1 = t0;
   for (const TraceEvent& e : trace.events) {
     replay.apply(e);
@@ -213,12 +265,21 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "</td></tr><tr><th class='l'>swapped out</th><td>" << format_bytes(s.swapped_out_bytes)
     << " in " << s.swap_outs << " copies</td></tr><tr><th class='l'>swapped in</th><td>"
     << format_bytes(s.swapped_in_bytes) << " in " << s.swap_ins << " copies</td></tr>"
-    << "<tr><th class='l'>out-of-memory errors</th><td>" << s.ooms << "</td></tr></table>";
+    << "<tr><th class='l'>out-of-memory errors</th><td>" << s.ooms << "</td></tr>";
+  if (trace.budget_bytes)
+    o << "<tr><th class='l'>budget</th><td id='budget'>" << format_bytes(*trace.budget_bytes)
+      << "</td></tr>";
+  o << "</table>" << starting_note(trace);
 
   // Memory timeline: each counter as a step series.
   std::vector<Series> mem{{"allocated", "#2c7be5", {}}, {"mapped", "#e67e22", {}},
                           {"on host", "#27ae60", {}}, {"pinned host", "#8e44ad", {}}};
-  CounterReplay replay;
+  CounterReplay replay(trace.baseline);
+  {
+    const MemoryCounters& b = trace.baseline;
+    const std::int64_t v[4] = {b.allocated, b.mapped, b.on_host, b.host_pinned};
+    for (int i = 0; i < 4; ++i) mem[i].points.emplace_back(0, static_cast<double>(v[i]));
+  }
   for (const TraceEvent& e : trace.events) {
     MemoryCounters before = replay.current();
     if (!replay.apply(e)) continue;
@@ -231,16 +292,21 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
       mem[i].points.emplace_back(t, static_cast<double>(a[i]));
     }
   }
+  std::vector<Level> levels;
+  if (trace.budget_bytes)
+    levels.push_back({"budget " + format_bytes(*trace.budget_bytes), "#c0392b",
+                      static_cast<double>(*trace.budget_bytes)});
   o << "<h2>Memory timeline</h2>"
-    << svg_chart(mem, 0, s.duration_ms, x_note, "GiB", 1024.0 * 1024 * 1024, "memory-timeline");
+    << svg_chart(mem, 0, s.duration_ms, x_note, "GiB", 1024.0 * 1024 * 1024, "memory-timeline",
+                 levels);
 
   // Largest live allocations when allocated bytes peaked.
   // First the event at which allocated bytes first peak, then the blocks live there (copying
   // the live set at every new peak would be quadratic in a trace that only grows).
   std::size_t peak_at = 0;
   {
-    CounterReplay allocated;
-    std::int64_t best = -1;
+    CounterReplay allocated(trace.baseline);
+    std::int64_t best = std::numeric_limits<std::int64_t>::min();
     for (std::size_t i = 0; i < trace.events.size(); ++i) {
       allocated.apply(trace.events[i]);
       if (allocated.current().allocated > best) best = allocated.current().allocated, peak_at = i;
@@ -258,6 +324,11 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   if (top.size() > 15) top.resize(15);
   o << "<h2>Top allocations at peak</h2><p class='note'>" << at_peak.size()
     << " blocks live when allocated memory peaked at " << format_bytes(s.peak.allocated)
+    << (trace.baseline.allocated > 0
+            ? " (besides the blocks allocated before the trace began, " +
+                  format_bytes(trace.baseline.allocated) + (trace.baseline_inferred ? " or more" : "") +
+                  ", which it cannot name)"
+            : std::string())
     << "</p><table id='top-allocations'><tr><th class='l'>address</th><th>size</th>"
     << "<th class='l'>tag</th><th>allocated at (ms)</th></tr>";
   for (const TraceEvent* e : top) {

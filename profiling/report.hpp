@@ -19,6 +19,7 @@ struct ReportSummary {
   std::size_t swap_outs = 0, swap_ins = 0, stalls = 0, ooms = 0;
   double stall_ms = 0;
   double fragmentation = 0;  // peak mapped / peak allocated; 0 when nothing was allocated
+  MemoryCounters baseline;   // the counters when the trace began (ParsedTrace::baseline)
 };
 
 ReportSummary summarize(const ParsedTrace& trace);

@@ -729,6 +729,7 @@ SwapStats Swapper::stats() const {
   for (const auto& [base, b] : m.blocks) {
     if (b.pins > 0) s.pinned_bytes += b.size;
     if (!b.swappable) s.unswappable_bytes += b.size;
+    if (b.state == Residence::SwappingOut) s.swapping_out_bytes += b.size;
   }
   return s;
 }

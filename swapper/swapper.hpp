@@ -122,6 +122,9 @@ struct SwapStats {
   double stall_s = 0;
   std::uint64_t host_bytes = 0;                 // pinned host memory held now
   std::uint64_t resident_bytes = 0, on_host_bytes = 0;  // tracked blocks, now
+  // Blocks evicted whose copy has not completed (still mapped, counted in resident_bytes):
+  // with the allocator's swapped_out_bytes, the bytes a trace counts on the host.
+  std::uint64_t swapping_out_bytes = 0;
   std::uint64_t steps_recorded = 0, steps_planned = 0, deviations = 0;
   // Steps that left their plan at some access (each counted in deviations) and followed it
   // again after (skipping the plan's ops the step did not have, or serving its own extra ops

@@ -1,5 +1,6 @@
 // The C API's observability: stats (struct and JSON), memory snapshots, trace export, the
 // latest OOM message.
+#include <algorithm>
 #include <cstring>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -10,6 +11,7 @@
 #include "core/utf8.hpp"
 #include "integrations/c/c_api_state.hpp"
 #include "profiling/chrome_trace.hpp"
+#include "profiling/counters.hpp"
 #include "profiling/events.hpp"
 #include "profiling/snapshot.hpp"
 
@@ -29,6 +31,53 @@ void put_stat(nlohmann::json& j, const std::string& name, const Stat& s) {
 
 profiling::TagNamer tag_names() {
   return [](std::uint32_t t) { return profiling::TraceRecorder::global().tag_name(t); };
+}
+
+// What an export's metadata says about the state when its first event happened: the live
+// devices' figures now (the recorder is process-wide, so summed) less what the exported
+// events changed, raised where needed so that no counter replays below zero (events recorded
+// between the peek and the stats read). Exact when nothing runs during the export. Bytes on
+// the host are what CounterReplay counts: blocks evicted and not yet back, i.e. the
+// allocator's unbacked bytes plus the swapper's blocks still swapping out.
+void put_starting_state(nlohmann::json& meta, const std::vector<profiling::TraceEvent>& events) {
+  profiling::MemoryCounters now;
+  nlohmann::json budgets = nlohmann::json::object();
+  std::uint64_t budget_sum = 0;
+  Global& g = global();
+  for (int d = 0; d < kMaxDevices; ++d) {
+    Lease lease;
+    if (!lease.try_take(g.slots[d])) continue;
+    Runtime& rt = lease.rt();
+    const AllocatorStats a = rt.allocator().stats();
+    now.allocated += a.allocated.current;
+    now.mapped += a.reserved.current;
+    now.host_pinned += a.host_pinned.current;
+    std::uint64_t on_host = a.swapped_out_bytes;
+    if (Swapper* sw = rt.swapper()) on_host += sw->stats().swapping_out_bytes;
+    now.on_host += static_cast<std::int64_t>(on_host);
+    budgets[std::to_string(d)] = rt.allocator().budget();
+    budget_sum += rt.allocator().budget();
+  }
+  profiling::CounterReplay delta;  // from zero: the events' changes, and how low each went
+  profiling::MemoryCounters low;
+  for (const profiling::TraceEvent& e : events) {
+    delta.apply(e);
+    const profiling::MemoryCounters& c = delta.current();
+    low = {std::min(low.allocated, c.allocated), std::min(low.mapped, c.mapped),
+           std::min(low.on_host, c.on_host), std::min(low.host_pinned, c.host_pinned)};
+  }
+  const profiling::MemoryCounters& d = delta.current();
+  auto start = [](std::int64_t now_v, std::int64_t delta_v, std::int64_t low_v) {
+    return std::max(now_v - delta_v, -low_v);
+  };
+  meta["baseline"] = {{"allocated", start(now.allocated, d.allocated, low.allocated)},
+                      {"mapped", start(now.mapped, d.mapped, low.mapped)},
+                      {"on_host", start(now.on_host, d.on_host, low.on_host)},
+                      {"host_pinned", start(now.host_pinned, d.host_pinned, low.host_pinned)}};
+  if (!budgets.empty()) {
+    meta["budget_bytes"] = budget_sum;  // the key spill train writes; summed like the counters
+    meta["device_budgets"] = budgets;
+  }
 }
 
 }  // namespace
@@ -192,12 +241,20 @@ spill_status spill_trace_export(const char* path) {
     // The events are taken only once they are written (a full disk keeps them for the next
     // export); one export at a time, so two never write the same events.
     static std::mutex exporting;
+    static std::uint64_t dropped_counted = 0;  // the recorder's drops the exports have told
     std::lock_guard lock(exporting);
     auto& rec = profiling::TraceRecorder::global();
     profiling::TraceRecorder::Mark written;
-    profiling::write_chrome_trace(path, rec.peek(&written), tag_names(),
-                                  {{"source", "spill C API"}});
+    const std::vector<profiling::TraceEvent> events = rec.peek(&written);
+    // Drops counted so far, and those the take will count (rings that overwrote events the
+    // previous export had not taken).
+    const std::uint64_t dropped = rec.dropped() + written.lost;
+    nlohmann::json meta = {{"source", "spill C API"},
+                           {"dropped_events", dropped - std::min(dropped, dropped_counted)}};
+    put_starting_state(meta, events);
+    profiling::write_chrome_trace(path, events, tag_names(), meta);
     rec.take(written);
+    dropped_counted = dropped;
     return SPILL_OK;
   } catch (const Error&) {
     spill_status s = current_error("spill_trace_export");

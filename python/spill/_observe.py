@@ -54,7 +54,9 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
 def trace(path: _args.PathLike) -> None:
     """Writes the events recorded since the previous call (every device: allocations, maps,
     pins, swaps, stalls, OOMs) to ``path`` as Chrome/Perfetto trace JSON, and starts a new
-    trace. ``spill report`` turns the file into an HTML report."""
+    trace. Its metadata holds the memory when the first event happened (``baseline``), the
+    events lost to full rings since the previous call (``dropped_events``) and the budget.
+    ``spill report`` turns the file into an HTML report."""
     call("spill_trace_export", _args.path(path))
 
 

@@ -122,6 +122,42 @@ TEST(CounterReplay, ASwapOutSortedAfterItsBlocksFreeAddsNothing) {
   EXPECT_EQ(r.current().on_host, 0);
 }
 
+TEST(CounterReplay, BytesLeaveTheHostWhenMappedBackPinnedOrSwappedIn) {
+  using test::make_event;
+  CounterReplay r;
+  // Mapped back at its address: an untouched block's swap-in copies nothing and records no
+  // swap_in; its late swap_in (if any) then changes nothing.
+  r.apply(make_event(0, EventKind::Alloc, 0xa0, 100));
+  r.apply(make_event(1, EventKind::Evict, 0xa0, 100));
+  r.apply(make_event(2, EventKind::Unmap, 0xa0, 100));
+  EXPECT_EQ(r.current().on_host, 100);
+  r.apply(make_event(3, EventKind::Map, 0xa0, 100));
+  EXPECT_EQ(r.current().on_host, 0);
+  r.apply(make_event(4, EventKind::SwapIn, 0xa0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, 0);
+  // A pin cancels an eviction still copying: the cancelled copy's slice adds nothing.
+  r.apply(make_event(10, EventKind::Evict, 0xa0, 100));
+  r.apply(make_event(11, EventKind::Pin, 0xa0, 100));
+  r.apply(make_event(12, EventKind::SwapOut, 0xa0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, 0);
+  // Evicted again later, it counts again.
+  r.apply(make_event(20, EventKind::Evict, 0xa0, 100));
+  EXPECT_EQ(r.current().on_host, 100);
+}
+
+TEST(CounterReplay, ASwapInOfABlockEvictedBeforeTheTraceLowersBytesOnHost) {
+  // A trace exported mid-run: the block went to the host before it, so the replay, started
+  // from the baseline, must take its bytes off when it comes back.
+  using test::make_event;
+  CounterReplay r(MemoryCounters{300, 200, 100, 0});
+  EXPECT_EQ(r.peak().allocated, 300) << "peaks start at the baseline";
+  r.apply(make_event(0, EventKind::Map, 0xb0, 100));
+  r.apply(make_event(1, EventKind::SwapIn, 0xb0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, 0);
+  EXPECT_EQ(r.current().mapped, 300);
+  EXPECT_EQ(r.peak().on_host, 100);
+}
+
 TEST(ChromeTrace, BadFilesGetClearErrors) {
   std::string good = to_chrome_trace(sample_events()).dump();
   expect_error(good.substr(0, good.size() / 2), "truncated");

@@ -62,6 +62,22 @@ TEST(TraceRecorder, FullRingKeepsTheNewestAndCountsDrops) {
   EXPECT_EQ(rec.dropped(), 24u);
 }
 
+TEST(TraceRecorder, APeekSaysHowManyEventsTheTakeWillCountAsDropped) {
+  // An export writes its file between the peek and the take: the mark says how many events
+  // the full ring lost, so that the file can say so (audit 31b #2).
+  TraceRecorder rec(16);
+  for (std::uint64_t i = 0; i < 40; ++i) rec.record(EventKind::Alloc, i, 1);
+  TraceRecorder::Mark mark;
+  EXPECT_EQ(rec.peek(&mark).size(), 16u);
+  EXPECT_EQ(mark.lost, 24u);
+  EXPECT_EQ(rec.dropped(), 0u) << "counted by the take";
+  rec.take(mark);
+  EXPECT_EQ(rec.dropped(), 24u);
+  rec.record(EventKind::Alloc, 99, 1);
+  rec.peek(&mark);
+  EXPECT_EQ(mark.lost, 0u) << "nothing lost since";
+}
+
 TEST(TraceRecorder, ManyThreadsRecordWithoutLoss) {
   TraceRecorder rec(1 << 14);
   const int threads = 8, per_thread = 5000;

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <vector>
 
+#include "profiling/chrome_trace.hpp"
 #include "profiling/report.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
 
@@ -77,6 +78,48 @@ TEST(Report, TimeAxisHasRoundTicksInAFittingUnit) {
     EXPECT_NE(html.find("simulated (SimDevice, link model pcie4)"), std::string::npos)
         << "the summary says which clock";
   }
+}
+
+// A trace exported mid-run (spill.trace() after warm-up): 8 MiB allocated and 10 MiB mapped
+// when it began. The peaks count them, the page says so, and the budget is drawn.
+ParsedTrace mid_run() {
+  using test::make_event;
+  const std::uint64_t MiB = 1 << 20;
+  std::vector<TraceEvent> ev{make_event(1000, EventKind::Map, 0x90000000, 4 * MiB),
+                             make_event(1100, EventKind::Alloc, 0x90000000, 4 * MiB),
+                             make_event(2000, EventKind::Free, 0x80000000, 2 * MiB),
+                             make_event(2100, EventKind::Unmap, 0x80000000, 2 * MiB),
+                             make_event(3000, EventKind::Free, 0x90000000, 4 * MiB)};
+  return parse_chrome_trace(
+      chrome_trace_text(ev, {},
+                        {{"source", "spill C API"},
+                         {"baseline",
+                          {{"allocated", 8 * MiB}, {"mapped", 10 * MiB}, {"on_host", 0},
+                           {"host_pinned", 0}}},
+                         {"dropped_events", 0},
+                         {"budget_bytes", 16 * MiB}}),
+      "mid.json");
+}
+
+TEST(Report, AMidRunTraceStartsFromItsBaseline) {
+  const ParsedTrace t = mid_run();
+  ReportSummary s = summarize(t);
+  EXPECT_EQ(s.peak.allocated, 12 << 20);
+  EXPECT_EQ(s.peak.mapped, 14 << 20);
+  EXPECT_NEAR(s.fragmentation, 14.0 / 12.0, 1e-9);
+  const std::string html = render_report(t, "mid.json");
+  for (const char* text : {"begins mid-run", "8.00 MiB allocated, 10.00 MiB mapped",
+                           "missing from the top allocations", "id='budget'",
+                           "budget 16.00 MiB", "class='level'"})
+    EXPECT_NE(html.find(text), std::string::npos) << text;
+  EXPECT_EQ(html.find("id='dropped'"), std::string::npos) << "nothing was dropped";
+}
+
+TEST(Report, SaysWhenEventsWereDropped) {
+  ParsedTrace t = mid_run();
+  t.dropped_events = 4700;
+  const std::string html = render_report(t, "mid.json");
+  EXPECT_NE(html.find("4700 events were lost"), std::string::npos);
 }
 
 TEST(Report, EmptyTraceSaysSo) {
