@@ -13,18 +13,24 @@ inline nvtxDomainHandle_t nvtx_domain() {
   return domain;
 }
 
+// A range's or a mark's attributes: an ASCII name and a colour.
+inline nvtxEventAttributes_t nvtx_attributes(const char* name, unsigned argb) {
+  nvtxEventAttributes_t a{};
+  a.version = NVTX_VERSION;
+  a.size = NVTX_EVENT_ATTRIB_STRUCT_SIZE;
+  a.colorType = NVTX_COLOR_ARGB;
+  a.color = argb;
+  a.messageType = NVTX_MESSAGE_TYPE_ASCII;
+  a.message.ascii = name;
+  return a;
+}
+
 // RAII range: pushed on construction, popped on destruction. `name` must outlive the range
 // (use string literals).
 class NvtxRange {
  public:
   explicit NvtxRange(const char* name, unsigned argb = 0xff4a90d9u) {
-    nvtxEventAttributes_t a{};
-    a.version = NVTX_VERSION;
-    a.size = NVTX_EVENT_ATTRIB_STRUCT_SIZE;
-    a.colorType = NVTX_COLOR_ARGB;
-    a.color = argb;
-    a.messageType = NVTX_MESSAGE_TYPE_ASCII;
-    a.message.ascii = name;
+    const nvtxEventAttributes_t a = nvtx_attributes(name, argb);
     nvtxDomainRangePushEx(nvtx_domain(), &a);
   }
   ~NvtxRange() { nvtxDomainRangePop(nvtx_domain()); }
@@ -34,13 +40,7 @@ class NvtxRange {
 
 // An instant marker (a step's beginning); `name` as for NvtxRange.
 inline void nvtx_mark(const char* name, unsigned argb) {
-  nvtxEventAttributes_t a{};
-  a.version = NVTX_VERSION;
-  a.size = NVTX_EVENT_ATTRIB_STRUCT_SIZE;
-  a.colorType = NVTX_COLOR_ARGB;
-  a.color = argb;
-  a.messageType = NVTX_MESSAGE_TYPE_ASCII;
-  a.message.ascii = name;
+  const nvtxEventAttributes_t a = nvtx_attributes(name, argb);
   nvtxDomainMarkEx(nvtx_domain(), &a);
 }
 
