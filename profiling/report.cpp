@@ -83,7 +83,8 @@ TimeUnit time_unit(double span_ms) {
 // The chart's plot area: 900 px wide less its margins. A line keeps at most 4 points per pixel
 // column of it (ColumnDownsampler), so a page stays the same size whatever the trace's length.
 constexpr double kChartWidth = 900, kChartLeft = 70, kChartRight = 160;
-constexpr std::size_t kPlotColumns = static_cast<std::size_t>(kChartWidth - kChartLeft - kChartRight);
+constexpr std::size_t kPlotColumns =
+    static_cast<std::size_t>(kChartWidth - kChartLeft - kChartRight);
 // Rows of a per-stream table, and metadata keys, shown at most (the rest are summed or counted).
 constexpr std::size_t kMaxStreamRows = 20, kMaxMetadataKeys = 32;
 

@@ -244,8 +244,12 @@ class TraceSax final : public JsonSaxHandler {
   bool number_float(number_float_t v, const string_t& s) override {
     return scalar([&](JsonDomBuilder& b) { return b.number_float(v, s); });
   }
-  bool string(string_t& v) override { return scalar([&](JsonDomBuilder& b) { return b.string(v); }); }
-  bool binary(binary_t& v) override { return scalar([&](JsonDomBuilder& b) { return b.binary(v); }); }
+  bool string(string_t& v) override {
+    return scalar([&](JsonDomBuilder& b) { return b.string(v); });
+  }
+  bool binary(binary_t& v) override {
+    return scalar([&](JsonDomBuilder& b) { return b.binary(v); });
+  }
   bool start_object(std::size_t n) override { return open(false, n); }
   bool start_array(std::size_t n) override { return open(true, n); }
   bool end_object() override { return close(false); }
