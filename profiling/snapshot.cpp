@@ -101,8 +101,9 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
         break;
       case EventKind::Name: {
         std::string name = e.tag != 0 && tags ? tags(e.tag) : std::string();
+        // The alloc action shows the latest name the block had (a clear leaves it).
         auto at = alloc_at.find(e.address);
-        if (at != alloc_at.end()) {
+        if (at != alloc_at.end() && !name.empty()) {
           trace[at->second.index]["frames"] = frames_for(at->second.tag, false, tags, name);
         }
         if (name.empty()) named.erase(e.address);
