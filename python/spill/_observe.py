@@ -1,4 +1,4 @@
-"""Statistics, memory snapshots, traces and OOM messages (spill_stats_json, ...)."""
+"""Statistics, memory snapshots, traces, OOM messages and block names (spill_stats_json, ...)."""
 from __future__ import annotations
 
 import ctypes
