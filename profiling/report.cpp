@@ -340,6 +340,21 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     if (e.kind == EventKind::Alloc) at_peak[e.address] = &e;
     if (e.kind == EventKind::Free) at_peak.erase(e.address);
   }
+  // The names those blocks were given (Name events), before the peak or after it, while the
+  // address still held the same block.
+  std::unordered_map<std::uint64_t, std::uint32_t> named;
+  {
+    std::unordered_map<std::uint64_t, const TraceEvent*> live;
+    for (const TraceEvent& e : trace.events) {
+      if (e.kind == EventKind::Alloc) live[e.address] = &e;
+      if (e.kind == EventKind::Free) live.erase(e.address);
+      if (e.kind != EventKind::Name) continue;
+      auto now = live.find(e.address);
+      auto then = at_peak.find(e.address);
+      if (now != live.end() && then != at_peak.end() && now->second == then->second)
+        named[e.address] = e.tag;
+    }
+  }
   std::vector<const TraceEvent*> top;
   for (auto& [a, e] : at_peak) top.push_back(e);
   const std::size_t shown = std::min<std::size_t>(top.size(), 15);
@@ -357,7 +372,8 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "<th class='l'>tag</th><th>allocated at (ms)</th></tr>";
   for (const TraceEvent* e : top) {
     o << "<tr><td class='l'>" << hex(e->address) << "</td><td>" << format_bytes(e->bytes)
-      << "</td><td class='l'>" << esc(tag_of(trace, e->tag)) << "</td><td>"
+      << "</td><td class='l'>"
+      << esc(tag_of(trace, named.count(e->address) ? named[e->address] : e->tag)) << "</td><td>"
       << fmt("%.3f", ms(e->time_ns)) << "</td></tr>";
   }
   o << "</table>";

@@ -132,6 +132,26 @@ TEST(Report, EmptyTraceSaysSo) {
   EXPECT_EQ(html.find("Memory timeline"), std::string::npos);
 }
 
+// The top-allocations table names a block by its latest name (a Name event, also one after
+// the peak), not by a name an earlier block at the address had.
+TEST(Report, TopAllocationsShowBlockNames) {
+  using test::make_event;
+  ParsedTrace t;
+  t.events = {make_event(0, EventKind::Alloc, 0x10000, 8 << 20),
+              make_event(100, EventKind::Name, 0x10000, 8 << 20, 0, 0, 1),
+              make_event(200, EventKind::Free, 0x10000, 8 << 20),
+              make_event(300, EventKind::Alloc, 0x10000, 4 << 20),
+              make_event(400, EventKind::Alloc, 0x90000, 6 << 20),
+              make_event(500, EventKind::Free, 0x90000, 6 << 20),
+              make_event(600, EventKind::Name, 0x10000, 4 << 20, 0, 0, 2)};
+  t.tag_names[1] = "stale name";
+  t.tag_names[2] = "exp_avg of fc1.weight";
+  const std::string html = render_report(t, "names.json");
+  const std::string table = html.substr(html.find("id='top-allocations'"));
+  EXPECT_NE(table.find("exp_avg of fc1.weight"), std::string::npos);
+  EXPECT_EQ(table.find("stale name"), std::string::npos);
+}
+
 TEST(Report, EscapesNames) {
   ParsedTrace t = synthetic();
   t.tag_names[12] = "<b>&evil";
