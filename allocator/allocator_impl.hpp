@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -99,6 +100,9 @@ struct CachingAllocator::Impl {
   std::multimap<std::size_t, std::list<std::pair<std::size_t, std::uintptr_t>>::iterator>
       spare_ranges;  // by size
   AllocatorStats stats;
+  // Names of allocated blocks (set_block_name), by block address: only named blocks have an
+  // entry (Block::named), so freeing an unnamed block does not look here.
+  std::unordered_map<std::uintptr_t, std::string> names;
   LargeBlockObserver* observer = nullptr;
   HostPool* host_pool = nullptr;
   std::function<std::size_t()> host_in_use;

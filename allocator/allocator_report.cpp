@@ -80,7 +80,8 @@ profiling::MemoryState CachingAllocator::snapshot_locked() const {
     for (const Block* b = seg.first; b; b = b->next) {
       out.stream = sid(b->stream);
       out.blocks.push_back({b->addr, b->size, b->requested, b->allocated ? S::Allocated : S::Free,
-                            0, seg.large && !b->backed});
+                            0, seg.large && !b->backed,
+                            b->named ? impl_->names.at(b->addr) : std::string()});
     }
     st.segments.push_back(std::move(out));
   }
@@ -102,7 +103,7 @@ void CachingAllocator::check_invariants() const {
   const Impl& m = *impl_;
   std::lock_guard lock(m.mu);
   std::size_t mapped = 0, allocated = 0, cached = 0, swapped = 0;
-  std::size_t n_allocated = 0, n_free[2] = {0, 0}, free_bytes[2] = {0, 0};
+  std::size_t n_allocated = 0, n_named = 0, n_free[2] = {0, 0}, free_bytes[2] = {0, 0};
   std::vector<const Segment*> segs;
   for (const Segment& s : m.segments) segs.push_back(&s);
   std::sort(segs.begin(), segs.end(), [](auto* a, auto* b) { return a->addr < b->addr; });
@@ -149,6 +150,9 @@ void CachingAllocator::check_invariants() const {
       if (b->allocated != b->addr_hook.is_linked() || b->allocated == b->free_hook.is_linked())
         violated("a block is in the wrong set", b->addr);
       if (!b->backed && !b->allocated) violated("a free block without memory", b->addr);
+      if (b->named && (!b->allocated || !m.names.count(b->addr)))
+        violated("a named block without its name, or a free block named", b->addr);
+      n_named += b->named;
       if (b->moving) violated("an unback or reback did not finish", b->addr);
       if (b->allocated) {
         allocated += b->size;
@@ -166,6 +170,7 @@ void CachingAllocator::check_invariants() const {
     if (at != s->addr + s->size) violated("blocks do not cover their segment", s->addr);
   }
   if (n_allocated != m.allocated.size()) violated("the allocated set holds stray blocks");
+  if (n_named != m.names.size()) violated("the names table holds names of blocks that are gone");
   for (const RetiredRange& r : m.retired) {
     for (const Segment* o : r.owners)
       if (std::find(segs.begin(), segs.end(), o) == segs.end())
@@ -220,8 +225,19 @@ void CachingAllocator::throw_oom_locked(
   }
   // Only the pool that serves the request counts as its free memory: a small-pool segment's
   // free bytes never serve a large request, nor a large block's a small one.
-  for (const Block& b : m.allocated)
+  std::vector<const Block*> named;  // resident and named: the largest are listed
+  for (const Block& b : m.allocated) {
     if (!b.segment->large) f.small_allocated += b.size;
+    if (b.named && b.backed) named.push_back(&b), f.named_bytes += b.size;
+  }
+  f.named_count = named.size();
+  const std::size_t listed = std::min(named.size(), OomFacts::kNamedListed);
+  std::partial_sort(named.begin(), named.begin() + listed, named.end(),
+                    [](const Block* a, const Block* b) {
+                      return a->size != b->size ? a->size > b->size : a->addr < b->addr;
+                    });
+  for (std::size_t i = 0; i < listed; ++i)
+    f.named.push_back({m.names.at(named[i]->addr), named[i]->size});
   f.small_request = requested <= m.small_limit;
   f.small_limit = m.small_limit;
   const BlockPool& own = f.small_request ? m.small : m.large;

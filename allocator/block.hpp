@@ -38,6 +38,7 @@ struct Block {
   bool fresh = true;           // never handed out: no stream has touched it
   bool backed = true;          // large blocks: physical memory mapped (false: swapped out)
   bool moving = false;         // large blocks: unback/reback under way (device calls unlocked)
+  bool named = false;          // allocated: has an entry in the allocator's names (a free drops it)
   Stream stream = nullptr;     // allocation stream, or the stream it was freed on
   std::uint64_t freed_at = 0;  // free blocks: the pool's clock at the (latest) free
   // Other streams (record_stream, at most kOtherStreams), then free-time events. One slot more

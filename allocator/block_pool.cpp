@@ -38,7 +38,7 @@ void BlockPool::recycle(Block* b) {
   drop_uses(*b);
   b->addr = 0, b->size = 0, b->requested = 0, b->segment = nullptr, b->prev = nullptr;
   b->next = nullptr, b->allocated = false, b->backed = true, b->moving = false;
-  b->fresh = true;
+  b->named = false, b->fresh = true;
   b->stream = nullptr, b->n_uses = 0, b->freed_at = 0;
   spare_blocks_.push_back(b);
 }

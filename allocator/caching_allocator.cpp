@@ -239,6 +239,10 @@ void CachingAllocator::deallocate_impl(void* ptr, Stream stream, bool explicit_s
   SPILL_EXPECTS(!b->moving, "free: " + format_address(ptr) +
                                 " is being unbacked or rebacked; free it after that returns");
   m.allocated.erase(m.allocated.iterator_to(*b));
+  if (b->named) {  // a later block at this address must not show the name
+    m.names.erase(b->addr);
+    b->named = false;
+  }
   m.stats.allocated.sub(b->size);
   m.stats.requested.sub(b->requested);
   m.stats.frees++;

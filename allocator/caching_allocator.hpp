@@ -40,6 +40,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -164,6 +165,18 @@ class CachingAllocator final : public ResidencyBackend {
 
   // The allocated block containing `ptr` (small or large), or nullopt.
   std::optional<BlockInfo> block_info(const void* ptr) const;
+
+  // Names the allocated block that starts at `ptr` for snapshots and out-of-memory messages
+  // (copied; "" clears it). The name goes with the block: freeing it drops the name, so a
+  // later block at the address has none. Records a Name trace event (the name interned as its
+  // tag; tag 0 when cleared). Returns the block's size. Throws InvalidArgument naming the
+  // address when no allocated block starts there (an interior pointer names its block). The
+  // caller checks the text (the C API caps and checks it as UTF-8). Costs nothing for
+  // unnamed blocks: a free looks up a name only when the block has one.
+  std::size_t set_block_name(const void* ptr, std::string_view name);
+  // The name of the allocated block starting at `ptr`; "" when it has none or no allocated
+  // block starts there (ResidencyBackend: the swapper's out-of-memory messages).
+  std::string block_name(const void* ptr) override;
 
   // ResidencyBackend, for the swapper (see allocator/residency.hpp).
   std::optional<SwappableBlock> find_block(const void* ptr) override;

@@ -59,6 +59,16 @@ std::string oom_message(const OomFacts& f) {
     m += "; the swapper cannot evict " + format_bytes(*f.pinned) + " pinned and " +
          format_bytes(*f.unswappable) + " more never declared swappable";
   }
+  if (!f.named.empty()) {
+    m += "; largest named resident blocks:";
+    for (std::size_t i = 0; i < f.named.size(); ++i) {
+      m += (i ? ", \"" : " \"") + f.named[i].name + "\" " + format_bytes(f.named[i].size);
+    }
+    if (f.named_count > f.named.size()) {
+      m += " (" + std::to_string(f.named.size()) + " of " + std::to_string(f.named_count) +
+           " named, " + format_bytes(f.named_bytes) + " in all)";
+    }
+  }
   m += ". ";
   if (f.device_full && f.simulated &&
       f.device_error.find(kSimOutOfDescriptors) != std::string::npos) {

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace spill {
 
@@ -33,6 +34,15 @@ struct OomFacts {
   std::optional<std::size_t> pinned;       // pinned now
   std::optional<std::size_t> unswappable;  // never declared swappable and not pinned
   std::string dump_note;          // where an OOM dump was written, if any
+  // Resident blocks the caller named (set_block_name): the largest (at most kNamedListed, by
+  // size, largest first) and how many and how much there are in all.
+  static constexpr std::size_t kNamedListed = 5;
+  struct Named {
+    std::string name;
+    std::size_t size = 0;
+  };
+  std::vector<Named> named;
+  std::size_t named_count = 0, named_bytes = 0;
 };
 
 // 1 - largest free block / the pool's free bytes: 0 when they are one block (or none).

@@ -27,6 +27,7 @@
 
 #include <cstddef>
 #include <optional>
+#include <string>
 
 #include "device/device.hpp"
 
@@ -78,6 +79,9 @@ class ResidencyBackend {
   // Releases up to `bytes` of that cache, waiting for the work queued on it if it must (never
   // evicts a live block). Returns the bytes released.
   virtual std::size_t release_cache(std::size_t /*bytes*/) { return 0; }
+  // The name the caller gave the allocated block starting at `base` ("" for none), for
+  // out-of-memory messages that list blocks.
+  virtual std::string block_name(const void* /*base*/) { return {}; }
 };
 
 class LargeBlockObserver {

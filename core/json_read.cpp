@@ -12,122 +12,12 @@
 #include <vector>
 
 #include "core/errors.hpp"
+#include "core/json_sax.hpp"
 
 namespace spill {
 namespace {
 
 using nlohmann::json;
-
-// Builds the document through nlohmann's SAX interface, refusing to nest deeper than the limit
-// (nothing downstream then recurses without bound: dump, copies, destruction) and keeping the
-// position and token of a parse error for our own message.
-class BoundedDom {
- public:
-  BoundedDom(json& root, int max_depth) : root_(root), max_depth_(max_depth) {}
-
-  bool null() { return put(nullptr) != nullptr; }
-  bool boolean(bool v) { return put(v) != nullptr; }
-  bool number_integer(json::number_integer_t v) { return put(v) != nullptr; }
-  bool number_unsigned(json::number_unsigned_t v) { return put(v) != nullptr; }
-  bool number_float(json::number_float_t v, const json::string_t&) { return put(v) != nullptr; }
-  bool string(json::string_t& v) { return put(std::move(v)) != nullptr; }
-  bool binary(json::binary_t& v) { return put(json::binary(std::move(v))) != nullptr; }
-  bool start_object(std::size_t) { return open(json::object()); }
-  bool start_array(std::size_t) { return open(json::array()); }
-  bool end_object() { return close(); }
-  bool end_array() { return close(); }
-  bool key(json::string_t& k) {
-    // Strict: a key given twice in one object is an error (nlohmann keeps the last one, so a
-    // file edited by hand could say one thing and mean another).
-    if (stack_.back()->contains(k)) {
-      duplicate_ = k.substr(0, 64);
-      return false;
-    }
-    slot_ = &(*stack_.back())[k];
-    return true;
-  }
-  bool parse_error(std::size_t position, const std::string& last_token, const json::exception& ex) {
-    error_position_ = position;
-    error_token_ = last_token.substr(0, 64);
-    error_token_cut_ = last_token.size() > 64;
-    error_id_ = ex.id;
-    error_what_ = ex.what();
-    return false;
-  }
-
-  bool too_deep() const { return too_deep_; }
-  const std::optional<std::string>& duplicate() const { return duplicate_; }
-  std::size_t error_position() const { return error_position_; }
-  int error_id() const { return error_id_; }
-  const std::string& error_what() const { return error_what_; }
-  std::string error_token() const { return error_token_ + (error_token_cut_ ? "..." : ""); }
-
- private:
-  json* put(json v) {
-    if (stack_.empty()) {
-      root_ = std::move(v);
-      return &root_;
-    }
-    json* top = stack_.back();
-    if (top->is_array()) {
-      top->push_back(std::move(v));
-      return &top->back();
-    }
-    *slot_ = std::move(v);
-    return slot_;
-  }
-  bool open(json v) {
-    if (static_cast<int>(stack_.size()) >= max_depth_) {
-      too_deep_ = true;
-      return false;
-    }
-    stack_.push_back(put(std::move(v)));
-    return true;
-  }
-  bool close() {
-    stack_.pop_back();
-    return true;
-  }
-
-  json& root_;
-  int max_depth_;
-  std::vector<json*> stack_;
-  json* slot_ = nullptr;
-  bool too_deep_ = false;
-  std::optional<std::string> duplicate_;
-  std::size_t error_position_ = 0;
-  std::string error_token_;
-  bool error_token_cut_ = false;
-  int error_id_ = 0;
-  std::string error_what_;
-};
-
-std::string line_column(std::string_view text, std::size_t byte) {
-  std::size_t line = 1, col = 1;
-  for (std::size_t i = 0; i < byte && i < text.size(); ++i) {
-    if (text[i] == '\n') {
-      ++line;
-      col = 1;
-    } else {
-      ++col;
-    }
-  }
-  return "line " + std::to_string(line) + ", column " + std::to_string(col);
-}
-
-// nlohmann's reason ("syntax error while parsing value - invalid literal"), without its prefix
-// and without the token it quotes (which may be as long as the input).
-std::string reason_of(const std::string& what) {
-  std::string r = what;
-  if (auto colon = r.find("]"); colon != std::string::npos && r.rfind("[json.exception", 0) == 0)
-    r = r.substr(colon + 1);
-  if (auto at = r.find(": "); r.find("parse error") != std::string::npos && at != std::string::npos)
-    r = r.substr(at + 2);
-  if (auto last = r.find("; last read"); last != std::string::npos) r = r.substr(0, last);
-  if (r.size() > 160) r = r.substr(0, 160) + "...";
-  while (!r.empty() && r.front() == ' ') r.erase(r.begin());
-  return r;
-}
 
 std::string number_text(double v) {
   char buf[40];
@@ -143,48 +33,11 @@ std::string short_number(double v) {
 
 }  // namespace
 
-json parse_json(std::string_view text, std::string_view origin_view, int max_depth) {
-  const std::string origin(origin_view);
-  SPILL_EXPECTS(text.find_first_not_of(" \t\r\n") != std::string_view::npos,
-                origin + ": empty: there is no JSON in it");
+json parse_json(std::string_view text, std::string_view origin, int max_depth) {
   json root;
-  BoundedDom dom(root, max_depth);
-  bool ok = json::sax_parse(text, &dom);
-  if (ok) return root;
-  if (dom.too_deep()) {
-    throw InvalidArgument(origin + ": arrays or objects nested deeper than " +
-                          std::to_string(max_depth) + " levels");
-  }
-  if (dom.duplicate()) {
-    throw InvalidArgument(origin + ": the key " + quote_excerpt(*dom.duplicate(), 64) +
-                          " appears twice in one object");
-  }
-  const std::size_t byte = dom.error_position();
-  const std::string at =
-      line_column(text, byte == 0 ? 0 : byte - 1) + " (byte " + std::to_string(byte) + ")";
-  if (dom.error_id() == 406) {
-    throw InvalidArgument(origin + ": number " + quote_excerpt(dom.error_token(), 40) + " at " +
-                          at + " is out of range (beyond a double's range)");
-  }
-  std::size_t end = text.find_last_not_of(" \t\r\n");
-  const bool closes = end != std::string_view::npos && (text[end] == '}' || text[end] == ']');
-  const bool at_end =
-      byte + 1 >= text.size() || dom.error_what().find("end of input") != std::string::npos;
-  // "unexpected 'x'; expected end of input": a whole value with more text after it.
-  const std::string& what = dom.error_what();
-  if (what.find("expected end of input") != std::string::npos &&
-      what.find("unexpected end of input") == std::string::npos) {
-    throw InvalidArgument(origin + ": text after the JSON value, at " + at + ": " +
-                          quote_excerpt(dom.error_token(), 40));
-  }
-  if (at_end && !closes) {
-    throw InvalidArgument(origin + ": truncated: the JSON ends early at byte " +
-                          std::to_string(byte) + " (" + line_column(text, text.size()) + ")");
-  }
-  throw InvalidArgument(origin + ": not valid JSON at " + at + ": " + reason_of(dom.error_what()) +
-                        (dom.error_token().empty()
-                             ? std::string()
-                             : "; last read " + quote_excerpt(dom.error_token(), 40)));
+  JsonDomBuilder dom(root, max_depth);
+  sax_parse_text(text, origin, dom, max_depth);
+  return root;
 }
 
 std::string read_file_text(const std::string& path, std::string_view origin_view,

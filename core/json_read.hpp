@@ -51,6 +51,8 @@ std::string quote_excerpt(std::string_view s, std::size_t max = 48);
 class JsonValue {
  public:
   JsonValue(const nlohmann::json& root, std::string origin);
+  // A value at `path` of a document not held whole (an item of an array read as a stream).
+  JsonValue(const nlohmann::json& v, std::shared_ptr<const std::string> origin, std::string path);
 
   const nlohmann::json& raw() const { return *v_; }
   const std::string& origin() const { return *origin_; }
@@ -93,7 +95,6 @@ class JsonValue {
   bool bool_field(std::string_view key, std::optional<bool> dflt = std::nullopt) const;
 
  private:
-  JsonValue(const nlohmann::json& v, std::shared_ptr<const std::string> origin, std::string path);
   std::string child_path(std::string_view key) const;
   const nlohmann::json* field(std::string_view key) const;  // nullptr when absent
 

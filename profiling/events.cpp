@@ -109,7 +109,7 @@ std::size_t round_pow2(std::size_t n) {
 const char* to_string(EventKind kind) {
   static constexpr const char* names[kEventKindCount] = {
       "alloc", "free", "map", "unmap", "pin", "unpin", "swap_out",
-      "swap_in", "prefetch", "evict", "stall", "oom", "mark", "host_alloc", "host_free"};
+      "swap_in", "prefetch", "evict", "stall", "oom", "mark", "host_alloc", "host_free", "name"};
   int i = static_cast<int>(kind);
   return i >= 0 && i < kEventKindCount ? names[i] : "?";
 }
@@ -387,11 +387,20 @@ std::vector<TraceEvent> TraceRecorder::drain(bool take, Mark* mark) {
 }
 
 std::uint32_t TraceRecorder::intern(std::string_view name) {
+  if (name.empty()) return 0;
+  std::string text(name);
   std::lock_guard lock(mu_);
-  for (std::size_t i = 0; i < tags_.size(); ++i)
-    if (tags_[i] == name) return static_cast<std::uint32_t>(i);
-  tags_.emplace_back(name);
-  return static_cast<std::uint32_t>(tags_.size() - 1);
+  // By a hash: block names make thousands of tags (a scan per name was quadratic).
+  auto [it, fresh] = tag_ids_.emplace(std::move(text), static_cast<std::uint32_t>(tags_.size()));
+  if (fresh) {
+    try {
+      tags_.push_back(it->first);
+    } catch (...) {
+      tag_ids_.erase(it);
+      throw;
+    }
+  }
+  return it->second;
 }
 
 std::string TraceRecorder::tag_name(std::uint32_t tag) const {

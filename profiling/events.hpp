@@ -23,12 +23,13 @@ namespace spill::profiling {
 // Pin/Unpin, Prefetch/Evict: the swapper's protocol and hints. Stall: time a stream or the host
 // waited for a swap-in (duration). Oom: a failed request (bytes: the request; address: the
 // bytes still free under the budget then, which memory snapshots give as "device_free").
-// Mark: a user annotation (tag).
+// Mark: a user annotation (tag). Name: a block was named (address: the block, bytes: its size,
+// tag: the name; tag 0: its name was cleared); the name holds until the block's Free.
 enum class EventKind : std::uint8_t {
   Alloc, Free, Map, Unmap, Pin, Unpin, SwapOut, SwapIn, Prefetch, Evict, Stall, Oom, Mark,
-  HostAlloc, HostFree,
+  HostAlloc, HostFree, Name,
 };
-inline constexpr int kEventKindCount = static_cast<int>(EventKind::HostFree) + 1;
+inline constexpr int kEventKindCount = static_cast<int>(EventKind::Name) + 1;
 
 const char* to_string(EventKind kind);
 
@@ -114,7 +115,9 @@ class TraceRecorder {
   // Per-thread rings alive: one per live thread that has recorded (exited threads' are freed).
   std::size_t ring_count() const;
 
-  // Interns `name` as a tag (0 is reserved for "no tag"); thread-safe, stable ids.
+  // Interns `name` as a tag (0 is reserved for "no tag"); thread-safe, stable ids. Each
+  // distinct name is kept for the recorder's life (block names included: a program that names
+  // blocks with ever new names grows the table).
   std::uint32_t intern(std::string_view name);
   std::string tag_name(std::uint32_t tag) const;
 
@@ -165,6 +168,7 @@ class TraceRecorder {
   // Unread events of exited threads, oldest first, at most ring_capacity_ of them.
   std::deque<Stored> exited_;
   std::vector<std::string> tags_{""};
+  std::unordered_map<std::string, std::uint32_t> tag_ids_;  // tags_ by name (not "")
   std::atomic<std::uint64_t> dropped_{0};
   std::uint32_t next_thread_ = 0;
   // Tick-to-nanosecond calibration: two (ticks, steady ns) points, refined at every collect.

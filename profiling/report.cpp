@@ -13,6 +13,7 @@
 #include "core/errors.hpp"
 #include "core/units.hpp"
 #include "profiling/counters.hpp"
+#include "profiling/downsample.hpp"
 
 namespace spill::profiling {
 namespace {
@@ -79,6 +80,14 @@ TimeUnit time_unit(double span_ms) {
   return {"\u00b5s", 1e-3};
 }
 
+// The chart's plot area: 900 px wide less its margins. A line keeps at most 4 points per pixel
+// column of it (ColumnDownsampler), so a page stays the same size whatever the trace's length.
+constexpr double kChartWidth = 900, kChartLeft = 70, kChartRight = 160;
+constexpr std::size_t kPlotColumns =
+    static_cast<std::size_t>(kChartWidth - kChartLeft - kChartRight);
+// Rows of a per-stream table, and metadata keys, shown at most (the rest are summed or counted).
+constexpr std::size_t kMaxStreamRows = 20, kMaxMetadataKeys = 32;
+
 // A line chart of step series over [t0, t1] ms, with axes, round ticks and a legend.
 struct Series {
   std::string name, colour;
@@ -94,7 +103,8 @@ struct Level {
 std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
                       const std::string& x_note, const std::string& y_label, double y_scale,
                       const std::string& id, const std::vector<Level>& levels = {}) {
-  const double w = 900, h = 260, left = 70, right = 160, top = 15, bottom = 40;
+  const double w = kChartWidth, h = 260, left = kChartLeft, right = kChartRight, top = 15,
+               bottom = 40;
   double y_max = 0;
   for (const Series& s : series)
     for (auto& p : s.points) y_max = std::max(y_max, p.second / y_scale);
@@ -133,7 +143,11 @@ std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
   int row = 0;
   for (const Series& s : series) {
     if (s.points.empty()) continue;
-    o << "<polyline fill='none' stroke-width='2' stroke='" << s.colour << "' points='";
+    // data-max: the highest value drawn, exactly (a downsampled line keeps its extremes).
+    double drawn_max = s.points.front().second;
+    for (auto& p : s.points) drawn_max = std::max(drawn_max, p.second);
+    o << "<polyline fill='none' stroke-width='2' stroke='" << s.colour << "' data-series='"
+      << esc(s.name) << "' data-max='" << fmt("%.17g", drawn_max) << "' points='";
     for (auto& [t, v] : s.points) o << x(t) << "," << y(v) << " ";
     o << "'/>";
     double ly = top + 14 + 18 * row++;
@@ -230,7 +244,12 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   o << "<h1>spill report</h1><p class='note'>trace: " << esc(source) << "</p>";
   if (!trace.metadata.empty()) {
     o << "<p class='note'>";
+    std::size_t shown = 0;
     for (auto& [k, v] : trace.metadata.items()) {
+      if (shown++ == kMaxMetadataKeys) {
+        o << "and " << trace.metadata.size() - kMaxMetadataKeys << " more keys";
+        break;
+      }
       std::string text = v.is_string() ? v.get<std::string>() : v.dump();
       if (text.size() > 200) text = text.substr(0, 200) + "...";
       o << esc(k.size() > 64 ? k.substr(0, 64) + "..." : k) << ": " << esc(text) << "; ";
@@ -274,11 +293,13 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   // Memory timeline: each counter as a step series.
   std::vector<Series> mem{{"allocated", "#2c7be5", {}}, {"mapped", "#e67e22", {}},
                           {"on host", "#27ae60", {}}, {"pinned host", "#8e44ad", {}}};
+  // Two points a change (before and after, at the event's end), downsampled as they come.
+  std::vector<ColumnDownsampler> lines(4, ColumnDownsampler(0, s.duration_ms, kPlotColumns));
   CounterReplay replay(trace.baseline);
   {
     const MemoryCounters& b = trace.baseline;
     const std::int64_t v[4] = {b.allocated, b.mapped, b.on_host, b.host_pinned};
-    for (int i = 0; i < 4; ++i) mem[i].points.emplace_back(0, static_cast<double>(v[i]));
+    for (int i = 0; i < 4; ++i) lines[i].add(0, static_cast<double>(v[i]));
   }
   for (const TraceEvent& e : trace.events) {
     MemoryCounters before = replay.current();
@@ -288,10 +309,11 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     std::int64_t b[4] = {before.allocated, before.mapped, before.on_host, before.host_pinned};
     std::int64_t a[4] = {c.allocated, c.mapped, c.on_host, c.host_pinned};
     for (int i = 0; i < 4; ++i) {
-      mem[i].points.emplace_back(t, static_cast<double>(b[i]));
-      mem[i].points.emplace_back(t, static_cast<double>(a[i]));
+      lines[i].add(t, static_cast<double>(b[i]));
+      lines[i].add(t, static_cast<double>(a[i]));
     }
   }
+  for (int i = 0; i < 4; ++i) mem[i].points = lines[i].points();
   std::vector<Level> levels;
   if (trace.budget_bytes)
     levels.push_back({"budget " + format_bytes(*trace.budget_bytes), "#c0392b",
@@ -318,10 +340,27 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     if (e.kind == EventKind::Alloc) at_peak[e.address] = &e;
     if (e.kind == EventKind::Free) at_peak.erase(e.address);
   }
+  // The names those blocks were given (Name events), before the peak or after it, while the
+  // address still held the same block.
+  std::unordered_map<std::uint64_t, std::uint32_t> named;
+  {
+    std::unordered_map<std::uint64_t, const TraceEvent*> live;
+    for (const TraceEvent& e : trace.events) {
+      if (e.kind == EventKind::Alloc) live[e.address] = &e;
+      if (e.kind == EventKind::Free) live.erase(e.address);
+      if (e.kind != EventKind::Name) continue;
+      auto now = live.find(e.address);
+      auto then = at_peak.find(e.address);
+      if (now != live.end() && then != at_peak.end() && now->second == then->second)
+        named[e.address] = e.tag;
+    }
+  }
   std::vector<const TraceEvent*> top;
   for (auto& [a, e] : at_peak) top.push_back(e);
-  std::sort(top.begin(), top.end(), [](auto* a, auto* b) { return a->bytes > b->bytes; });
-  if (top.size() > 15) top.resize(15);
+  const std::size_t shown = std::min<std::size_t>(top.size(), 15);
+  std::partial_sort(top.begin(), top.begin() + static_cast<std::ptrdiff_t>(shown), top.end(),
+                    [](auto* a, auto* b) { return a->bytes > b->bytes; });
+  top.resize(shown);
   o << "<h2>Top allocations at peak</h2><p class='note'>" << at_peak.size()
     << " blocks live when allocated memory peaked at " << format_bytes(s.peak.allocated)
     << (trace.baseline.allocated > 0
@@ -333,7 +372,8 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "<th class='l'>tag</th><th>allocated at (ms)</th></tr>";
   for (const TraceEvent* e : top) {
     o << "<tr><td class='l'>" << hex(e->address) << "</td><td>" << format_bytes(e->bytes)
-      << "</td><td class='l'>" << esc(tag_of(trace, e->tag)) << "</td><td>"
+      << "</td><td class='l'>"
+      << esc(tag_of(trace, named.count(e->address) ? named[e->address] : e->tag)) << "</td><td>"
       << fmt("%.3f", ms(e->time_ns)) << "</td></tr>";
   }
   o << "</table>";
@@ -383,10 +423,26 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "column counts more: its step time less its compute.</p>"
     << "<table id='stalls'><tr><th class='l'>stream</th><th>stalls</th>"
     << "<th>time (ms)</th></tr>";
-  for (auto& [stream, v] : stalls) {
+  // The streams that stalled longest (in stream order), the others summed in one row.
+  std::vector<std::pair<std::uint64_t, std::pair<std::size_t, double>>> rows(stalls.begin(),
+                                                                               stalls.end());
+  std::size_t other_streams = 0, other_stalls = 0;
+  double other_ms = 0;
+  if (rows.size() > kMaxStreamRows) {
+    std::stable_sort(rows.begin(), rows.end(),
+                     [](auto& a, auto& b) { return a.second.second > b.second.second; });
+    for (std::size_t i = kMaxStreamRows; i < rows.size(); ++i)
+      ++other_streams, other_stalls += rows[i].second.first, other_ms += rows[i].second.second;
+    rows.resize(kMaxStreamRows);
+    std::sort(rows.begin(), rows.end());
+  }
+  for (auto& [stream, v] : rows) {
     o << "<tr><td class='l'>" << (stream ? hex(stream) : "default") << "</td><td>" << v.first
       << "</td><td>" << fmt("%.3f", v.second) << "</td></tr>";
   }
+  if (other_streams > 0)
+    o << "<tr><td class='l'>" << other_streams << " other streams</td><td>" << other_stalls
+      << "</td><td>" << fmt("%.3f", other_ms) << "</td></tr>";
   o << "<tr><th class='l'>total</th><th>" << s.stalls << "</th><th>" << fmt("%.3f", s.stall_ms)
     << "</th></tr></table>";
 

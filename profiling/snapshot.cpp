@@ -2,6 +2,7 @@
 
 #include <fstream>
 #include <sstream>
+#include <unordered_map>
 
 #include "core/errors.hpp"
 #include "core/json_read.hpp"
@@ -11,8 +12,12 @@ namespace {
 
 constexpr int kSnapshotVersion = 1;
 
-nlohmann::json frames_for(std::uint32_t tag, bool on_host, const TagNamer& tags) {
+// A block's frames, innermost first as memory_viz lists them: its name (what the caller called
+// it), where its bytes are, the event's tag.
+nlohmann::json frames_for(std::uint32_t tag, bool on_host, const TagNamer& tags,
+                          const std::string& name = {}) {
   nlohmann::json frames = nlohmann::json::array();
+  if (!name.empty()) frames.push_back({{"filename", "spill"}, {"line", 0}, {"name", name}});
   if (on_host) frames.push_back({{"filename", "spill"}, {"line", 0}, {"name", "[on host]"}});
   if (tag != 0 && tags) {
     std::string name = tags(tag);
@@ -45,7 +50,8 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
                         {"size", b.size},
                         {"requested_size", b.requested},
                         {"state", state_name(b.state)},
-                        {"frames", frames_for(b.tag, b.on_host, tags)}});
+                        {"frames", frames_for(b.tag, b.on_host, tags, b.name)}});
+      if (!b.name.empty()) blocks.back()["name"] = b.name;
     }
     segments.push_back({{"device", state.device},
                         {"address", seg.address},
@@ -61,22 +67,49 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
                         {"blocks", blocks}});
   }
   nlohmann::json trace = nlohmann::json::array();
+  // Live blocks of the history: the index of their alloc action, and their name once a Name
+  // event gave one (it names the alloc action after the fact, and the frees).
+  struct AllocAction {
+    std::size_t index;  // in `trace`
+    std::uint32_t tag;
+  };
+  std::unordered_map<std::uint64_t, AllocAction> alloc_at;
+  std::unordered_map<std::uint64_t, std::string> named;
   auto entry = [&](const char* action, const TraceEvent& e) {
+    auto it = named.find(e.address);
     trace.push_back({{"action", action},
                      {"addr", e.address},
                      {"size", e.bytes},
                      {"stream", e.stream},
                      {"time_us", e.time_ns / 1000},
-                     {"frames", frames_for(e.tag, false, tags)}});
+                     {"frames", frames_for(e.tag, false, tags,
+                                           it != named.end() ? it->second : std::string())}});
   };
   for (const TraceEvent& e : history) {
     if (e.device != state.device) continue;
     switch (e.kind) {
-      case EventKind::Alloc: entry("alloc", e); break;
+      case EventKind::Alloc:
+        named.erase(e.address);
+        alloc_at[e.address] = {trace.size(), e.tag};
+        entry("alloc", e);
+        break;
       case EventKind::Free:
         entry("free_requested", e);
         entry("free_completed", e);
+        alloc_at.erase(e.address);
+        named.erase(e.address);
         break;
+      case EventKind::Name: {
+        std::string name = e.tag != 0 && tags ? tags(e.tag) : std::string();
+        // The alloc action shows the latest name the block had (a clear leaves it).
+        auto at = alloc_at.find(e.address);
+        if (at != alloc_at.end() && !name.empty()) {
+          trace[at->second.index]["frames"] = frames_for(at->second.tag, false, tags, name);
+        }
+        if (name.empty()) named.erase(e.address);
+        else named[e.address] = std::move(name);
+        break;
+      }
       case EventKind::Map: entry("segment_alloc", e); break;
       case EventKind::Unmap: entry("segment_free", e); break;
       case EventKind::Oom:

@@ -2,7 +2,9 @@
 // per-device history of actions (alloc, free_requested, free_completed, segment_alloc,
 // segment_free, oom) built from trace events. memory_viz opens pickles, so
 // tools/snapshot_to_pickle.py turns the JSON written here into one. Blocks whose bytes sit on
-// the host carry an "[on host]" frame, since memory_viz has no notion of residence.
+// the host carry an "[on host]" frame, since memory_viz has no notion of residence; a named
+// block (CachingAllocator::set_block_name) carries its name as a frame and a "name" field, and
+// so do its alloc and free actions in the history when the trace saw it named (Name events).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -24,6 +26,7 @@ struct SnapshotBlock {
   State state = State::Free;
   std::uint32_t tag = 0;
   bool on_host = false;         // allocated, its bytes swapped out
+  std::string name;             // allocated: the caller's name for it, "" for none
 };
 
 struct SnapshotSegment {

@@ -762,8 +762,12 @@ std::string Swapper::Impl::unevictable_report_locked() const {
     for (int k = 0; k < 2; ++k) {
       if (!why[k]) continue;
       kinds[k].bytes += b.size;
-      if (kinds[k].count++ < 4)
-        kinds[k].first += " " + format_address(b.base) + " (" + format_bytes(b.size) + ")";
+      if (kinds[k].count++ < 4) {
+        // The caller's name for it, when it gave one (the allocator's lock, after ours).
+        const std::string name = backend.block_name(b.base);
+        kinds[k].first += " " + format_address(b.base) + " (" + format_bytes(b.size) +
+                          (name.empty() ? "" : ", \"" + name + "\"") + ")";
+      }
     }
   }
   std::string out = "resident blocks the swapper cannot evict:";

@@ -35,6 +35,14 @@ def main(argv):
     except (OSError, ValueError, KeyError) as e:
         print(f"snapshot_to_pickle: {src}: {e}", file=sys.stderr)
         return 1
+    if segments_list:
+        # 1.13's memory_viz reads a block's frames (its name, "[on host]") from its "history"
+        # entries, not from "frames" as newer ones do.
+        for seg in data["segments"]:
+            for b in seg["blocks"]:
+                if b.get("frames") and "history" not in b:
+                    b["history"] = [{"addr": b["address"], "frames": b["frames"],
+                                     "real_size": b.get("requested_size") or b["size"]}]
     with open(dst, "wb") as f:
         pickle.dump(data["segments"] if segments_list else data, f)
     print(f"wrote {dst}: {len(data['segments'])} segments, "

@@ -18,7 +18,8 @@ from ._lib import library_path
 from ._memory import (evict, free, malloc, pin, pin_for_host, prefetch, record_stream,
                       residence, set_swappable, stream_create, stream_destroy, stream_destroyed,
                       stream_synchronize, unpin)
-from ._observe import last_oom_message, reset_peak_stats, snapshot, stats, trace
+from ._observe import (block_name, last_oom_message, reset_peak_stats, set_block_name, snapshot,
+                       stats, trace)
 from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_scope, end_step,
                        is_simulated, parse_size, set_budget, shutdown, step,
                        write_step_graph)
@@ -34,7 +35,8 @@ __all__ = [
     # steps
     "step", "begin_step", "end_step", "begin_op", "end_scope", "write_step_graph",
     # observability
-    "stats", "snapshot", "trace", "last_oom_message", "reset_peak_stats",
+    "stats", "snapshot", "trace", "last_oom_message", "reset_peak_stats", "set_block_name",
+    "block_name",
     # memory and residency
     "malloc", "free", "record_stream", "set_swappable", "pin", "pin_for_host", "unpin",
     "PinToken", "prefetch", "evict", "residence",

@@ -94,6 +94,8 @@ _PROTOTYPES = {
     "spill_get_stats": (_status, [_c_int, _c_void_p]),  # a caller-sized spill_stats
     "spill_take_allocated_peak": (_status, [_c_int, ctypes.POINTER(_c_uint64)]),
     "spill_set_oom_note": (_status, [_c_int, ctypes.c_char_p]),
+    "spill_set_block_name": (_status, [_c_void_p, ctypes.c_char_p]),
+    "spill_get_block_name": (_status, [_c_void_p, ctypes.POINTER(_c_void_p)]),
 }
 
 

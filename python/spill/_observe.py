@@ -1,4 +1,4 @@
-"""Statistics, memory snapshots, traces and OOM messages (spill_stats_json, ...)."""
+"""Statistics, memory snapshots, traces, OOM messages and block names (spill_stats_json, ...)."""
 from __future__ import annotations
 
 import ctypes
@@ -49,6 +49,25 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
         raise InvalidArgumentError(f"spill.snapshot: cannot write {os.fsdecode(out)!r}: "
                                    f"{e.strerror or e}") from e
     return None
+
+
+def set_block_name(ptr: int, name: Optional[str]) -> None:
+    """Names the block that starts at ``ptr`` (an address :func:`spill.malloc` returned) for
+    the views that list blocks: :func:`snapshot` (a frame with the name and a ``"name"`` field
+    on the block), out-of-memory messages (the largest named resident blocks) and
+    :func:`trace` (a ``name`` event). The name is copied; None or ``""`` clears it; names
+    longer than 255 bytes (UTF-8) are cut there. The name goes with the block: once it is
+    freed, no later block at that address shows it. Raises
+    :class:`spill.InvalidArgumentError` naming the address when no live block of spill's
+    starts at ``ptr`` (an interior pointer, a freed block, memory not spill's)."""
+    call("spill_set_block_name", _args.pointer(ptr),
+         _args.text(name, "name") if name is not None else None)
+
+
+def block_name(ptr: int) -> str:
+    """The name of the block that starts at ``ptr`` (``""`` when it has none); raises as
+    :func:`set_block_name` does for ``ptr``."""
+    return _take_string("spill_get_block_name", _args.pointer(ptr))
 
 
 def trace(path: _args.PathLike) -> None:

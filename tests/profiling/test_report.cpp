@@ -2,11 +2,14 @@
 // rendering itself is checked in headless Chromium by report_renders.sh (a CTest).
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <vector>
 
+#include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
+#include "profiling/counters.hpp"
 #include "profiling/report.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
 
@@ -129,12 +132,143 @@ TEST(Report, EmptyTraceSaysSo) {
   EXPECT_EQ(html.find("Memory timeline"), std::string::npos);
 }
 
+// The top-allocations table names a block by its latest name (a Name event, also one after
+// the peak), not by a name an earlier block at the address had.
+TEST(Report, TopAllocationsShowBlockNames) {
+  using test::make_event;
+  ParsedTrace t;
+  t.events = {make_event(0, EventKind::Alloc, 0x10000, 8 << 20),
+              make_event(100, EventKind::Name, 0x10000, 8 << 20, 0, 0, 1),
+              make_event(200, EventKind::Free, 0x10000, 8 << 20),
+              make_event(300, EventKind::Alloc, 0x10000, 4 << 20),
+              make_event(400, EventKind::Alloc, 0x90000, 6 << 20),
+              make_event(500, EventKind::Free, 0x90000, 6 << 20),
+              make_event(600, EventKind::Name, 0x10000, 4 << 20, 0, 0, 2)};
+  t.tag_names[1] = "stale name";
+  t.tag_names[2] = "exp_avg of fc1.weight";
+  const std::string html = render_report(t, "names.json");
+  const std::string table = html.substr(html.find("id='top-allocations'"));
+  EXPECT_NE(table.find("exp_avg of fc1.weight"), std::string::npos);
+  EXPECT_EQ(table.find("stale name"), std::string::npos);
+}
+
 TEST(Report, EscapesNames) {
   ParsedTrace t = synthetic();
   t.tag_names[12] = "<b>&evil";
   std::string html = render_report(t, "x<y>.json");
   EXPECT_EQ(html.find("<b>&evil"), std::string::npos);
   EXPECT_NE(html.find("&lt;b&gt;&amp;evil"), std::string::npos);
+}
+
+// A long run: `steps` synthetic steps one after the other (about 100 events each), each with
+// its own sizes, so one step holds the peak.
+ParsedTrace long_run(int steps) {
+  ParsedTrace t;
+  std::uint64_t offset = 0;
+  for (int i = 0; i < steps; ++i) {
+    std::vector<TraceEvent> step = test::synthetic_step(12, static_cast<unsigned>(i + 1));
+    for (TraceEvent& e : step) e.time_ns += offset;
+    offset = step.back().time_ns + 1'000'000;
+    t.events.insert(t.events.end(), step.begin(), step.end());
+  }
+  for (std::uint32_t l = 1; l <= 12; ++l) t.tag_names[l] = "layer" + std::to_string(l) + ".act";
+  t.clock = "simulated (SimDevice, link model pcie4)";
+  return t;
+}
+
+// The points of the memory timeline's line named `series`.
+std::vector<std::string> line_points(const std::string& html, const std::string& series) {
+  const std::size_t at = html.find("data-series='" + series + "'");
+  EXPECT_NE(at, std::string::npos) << series;
+  if (at == std::string::npos) return {};
+  const std::size_t from = html.find("points='", at) + 8, to = html.find('\'', from);
+  std::vector<std::string> points;
+  for (std::size_t p = from; p < to;) {
+    std::size_t space = html.find(' ', p);
+    if (space > to) space = to;
+    if (space > p) points.push_back(html.substr(p, space - p));
+    p = space + 1;
+  }
+  return points;
+}
+
+std::string exact(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+// Issue 31 #11: a page for a long trace stays small (the lines are downsampled to a few points
+// per pixel column), and every figure it states is the one computed from every event.
+TEST(Report, ALongTraceMakesABoundedPageWithTheFullFigures) {
+  const ParsedTrace t = long_run(2100);
+  ASSERT_GT(t.events.size(), 200'000u);
+  const std::string html = render_report(t, "long.json");
+  EXPECT_LT(html.size(), 1u << 20) << "the page does not grow with the events";
+  // The figures, computed here from every event.
+  CounterReplay replay;
+  std::uint64_t out_bytes = 0, in_bytes = 0;
+  std::size_t outs = 0, ins = 0, stalls = 0;
+  double stall_ms = 0;
+  for (const TraceEvent& e : t.events) {
+    replay.apply(e);
+    if (e.kind == EventKind::SwapOut) ++outs, out_bytes += e.bytes;
+    if (e.kind == EventKind::SwapIn) ++ins, in_bytes += e.bytes;
+    if (e.kind == EventKind::Stall) ++stalls, stall_ms += e.duration_ns / 1e6;
+  }
+  const MemoryCounters peak = replay.peak();
+  const std::string row = "</th><td>";
+  for (const std::string& figure :
+       {"<th class='l'>events" + row + std::to_string(t.events.size()) + "</td>",
+        "peak allocated" + row + format_bytes(peak.allocated) + "</td>",
+        "peak mapped" + row + format_bytes(peak.mapped) + "</td>",
+        "peak on host" + row + format_bytes(peak.on_host) + "</td>",
+        "peak pinned host" + row + format_bytes(peak.host_pinned) + "</td>",
+        "swapped out" + row + format_bytes(out_bytes) + " in " + std::to_string(outs) + " copies",
+        "swapped in" + row + format_bytes(in_bytes) + " in " + std::to_string(ins) + " copies"})
+    EXPECT_NE(html.find(figure), std::string::npos) << figure;
+  char total[128];
+  std::snprintf(total, sizeof total, "<th class='l'>total</th><th>%zu</th><th>%.3f</th>", stalls,
+                stall_ms);
+  EXPECT_NE(html.find(total), std::string::npos) << total;
+  // Each line's highest point drawn is the counter's peak, exactly; its points are bounded.
+  const std::pair<const char*, std::int64_t> lines[] = {{"allocated", peak.allocated},
+                                                        {"mapped", peak.mapped},
+                                                        {"on host", peak.on_host},
+                                                        {"pinned host", peak.host_pinned}};
+  for (auto [name, value] : lines) {
+    SCOPED_TRACE(name);
+    EXPECT_NE(html.find(std::string("data-series='") + name + "' data-max='" +
+                        exact(static_cast<double>(value)) + "'"),
+              std::string::npos);
+    const std::size_t n = line_points(html, name).size();
+    EXPECT_GT(n, 670u);
+    EXPECT_LE(n, 4u * 670u) << "at most 4 points per pixel column";
+  }
+}
+
+TEST(Report, AShortTraceKeepsEveryPointOfItsLines) {
+  const ParsedTrace t = synthetic();
+  CounterReplay replay;
+  std::size_t changes = 0;
+  for (const TraceEvent& e : t.events) changes += replay.apply(e) ? 1 : 0;
+  const std::string html = render_report(t, "step.json");
+  for (const char* name : {"allocated", "mapped", "on host", "pinned host"})
+    EXPECT_EQ(line_points(html, name).size(), 1 + 2 * changes) << name;
+}
+
+TEST(Report, StallsOfManyStreamsFitInABoundedTable) {
+  ParsedTrace t;
+  for (std::uint64_t s = 1; s <= 500; ++s)
+    t.events.push_back(test::make_event(s * 1000, EventKind::Stall, 0x10, 0, s, s * 10));
+  const std::string html = render_report(t, "streams.json");
+  const std::size_t from = html.find("id='stalls'"), to = html.find("</table>", from);
+  std::size_t rows = 0;
+  for (std::size_t p = html.find("<tr>", from); p < to; p = html.find("<tr>", p + 1)) ++rows;
+  EXPECT_EQ(rows, 1 + 20 + 1 + 1) << "header, the 20 longest, the others, the total";
+  EXPECT_NE(html.find("0x1f4"), std::string::npos) << "the longest stream is shown";
+  EXPECT_NE(html.find("480 other streams</td><td>480</td>"), std::string::npos);
+  EXPECT_NE(html.find("<th class='l'>total</th><th>500</th>"), std::string::npos);
 }
 
 }  // namespace

@@ -86,6 +86,41 @@ TEST(Snapshot, AnOutOfMemoryEntryGivesTheRequestAndWhatWasFree) {
   for (const char* key : {"stream", "time_us", "frames"}) EXPECT_TRUE(e.contains(key)) << key;
 }
 
+// A named block: its name is its first frame and a "name" field; in the history a Name event
+// names the block's alloc action after the fact and its frees, a cleared name (tag 0) ends it
+// (the alloc action keeps the name it had), and a later block at the address starts unnamed.
+TEST(Snapshot, NamedBlocksAndTheirHistoryCarryTheName) {
+  using test::make_event;
+  MemoryState m = sample_state();
+  m.segments[0].blocks[1].name = "fc1.weight (param)";
+  const std::vector<TraceEvent> history = {
+      make_event(1000, EventKind::Alloc, 0x1400000, 2 << 20),
+      make_event(2000, EventKind::Name, 0x1400000, 2 << 20, 0, 0, 7),
+      make_event(3000, EventKind::Free, 0x1400000, 2 << 20),
+      make_event(4000, EventKind::Alloc, 0x1400000, 2 << 20),
+      make_event(5000, EventKind::Name, 0x1400000, 2 << 20, 0, 0, 7),
+      make_event(6000, EventKind::Name, 0x1400000, 2 << 20, 0, 0, 0),
+      make_event(7000, EventKind::Free, 0x1400000, 2 << 20),
+      make_event(8000, EventKind::Alloc, 0x1400000, 2 << 20)};
+  nlohmann::json j = to_memory_viz(m, history, [](std::uint32_t t) {
+    return t == 7 ? std::string("fc1.weight (param)") : "tag" + std::to_string(t);
+  });
+  const auto& block = j["segments"][0]["blocks"][1];
+  EXPECT_EQ(block["name"], "fc1.weight (param)");
+  ASSERT_EQ(block["frames"].size(), 3u);  // the name, "[on host]", its tag
+  EXPECT_EQ(block["frames"][0]["name"], "fc1.weight (param)");
+  EXPECT_EQ(block["frames"][1]["name"], "[on host]");
+  EXPECT_FALSE(j["segments"][0]["blocks"][0].contains("name"));
+  const auto& trace = j["device_traces"][0];
+  ASSERT_EQ(trace.size(), 7u);  // alloc, free_requested, free_completed, twice; an alloc
+  auto named = [&](std::size_t i) {
+    return !trace[i]["frames"].empty() && trace[i]["frames"][0]["name"] == "fc1.weight (param)";
+  };
+  for (std::size_t i : {0, 1, 2, 3}) EXPECT_TRUE(named(i)) << i << ": " << trace[i];
+  for (std::size_t i : {4, 5, 6}) EXPECT_FALSE(named(i)) << i << ": " << trace[i];
+  EXPECT_EQ(trace[3]["action"], "alloc");
+}
+
 TEST(Snapshot, RoundTripsAndConvertsToAPickle) {
   std::string path = ::testing::TempDir() + "spill_snapshot.json";
   write_snapshot(path, sample_state(), test::synthetic_step());

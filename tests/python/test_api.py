@@ -524,6 +524,37 @@ def test_snapshot_and_trace(sim, tmp_path):
         spill.snapshot(tmp_path / "nosuchdir" / "s.json")
 
 
+def test_a_block_name_shows_in_the_snapshot_and_the_oom_message(sim):
+    ptr = spill.malloc(BLOCK)
+    other = spill.malloc(BLOCK)
+    assert spill.block_name(ptr) == ""
+    spill.set_block_name(ptr, "fc1.weight (param)")
+    spill.set_block_name(other, "exp_avg of fc1.weight")
+    assert spill.block_name(ptr) == "fc1.weight (param)"
+    blocks = {b["address"]: b for s in spill.snapshot()["segments"] for b in s["blocks"]}
+    assert blocks[ptr]["name"] == "fc1.weight (param)"
+    assert {"filename": "spill", "line": 0, "name": "fc1.weight (param)"} in blocks[ptr]["frames"]
+    with pytest.raises(spill.OutOfMemoryError) as e:
+        spill.malloc(28 * MIB)  # the budget is 32 MiB: the two named blocks stay (undeclared)
+    listed = str(e.value).split("largest named resident blocks: ")[1].split(". ")[0]
+    assert sorted(listed.split(", ")) == ['"exp_avg of fc1.weight" 4.00 MiB',
+                                         '"fc1.weight (param)" 4.00 MiB'], listed
+    spill.set_block_name(ptr, None)  # cleared
+    assert spill.block_name(ptr) == "" and "name" not in {
+        b["address"]: b for s in spill.snapshot()["segments"] for b in s["blocks"]}[ptr]
+    with pytest.raises(spill.InvalidArgumentError, match=f"{ptr + 512:#x}"):
+        spill.set_block_name(ptr + 512, "inside")
+    with pytest.raises(TypeError):
+        spill.set_block_name(ptr, 5)
+    spill.free(ptr)
+    with pytest.raises(spill.InvalidArgumentError, match="not the start of a block"):
+        spill.set_block_name(ptr, "freed")
+    again = spill.malloc(BLOCK)  # the cache gives the same block back, without the name
+    assert again == ptr and spill.block_name(again) == ""
+    spill.free(again)
+    spill.free(other)
+
+
 def test_threads_allocate_at_once(sim):
     errors = []
 

@@ -748,6 +748,75 @@ def test_oom_raises_torch_oom_with_the_breakdown_and_training_continues() -> Non
     assert "ok" in out and "OutOfMemoryError" in out
 
 
+def test_offload_names_blocks_in_the_oom_message_and_the_snapshot() -> None:
+    """offload() names the parameters, buffers, gradients (a gradient made anew, named again)
+    and optimizer state by their qualified names; an out-of-memory error with them resident
+    (a host cap of 1 MiB leaves no room to swap them out) lists them, largest first, and
+    memory_snapshot() shows them as frames. name_tensor names a user's tensor (a view names
+    its storage's block)."""
+    out = run_ok(f"""
+        import torch, spill, spill.torch as st
+        import torch.nn as nn
+        torch.set_num_threads(1)
+        st.enable("budget:64MiB,host_cap:1MiB,swap_threshold:128KiB,"
+                  "sim_granularity:{SIM_GRANULARITY}", target="{TARGET}")
+        dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
+    """ + """
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 256),
+                          nn.BatchNorm1d(256)).to(dev)  # weights of 2 MiB and 512 KiB
+        o = torch.optim.Adam(m.parameters(), lr=1e-3)
+        h = st.offload(m, o)
+        x = torch.randn(32, 1024, device=dev)
+        def step():
+            o.zero_grad(set_to_none=True)  # each step's gradients are new tensors
+            m(x).square().mean().backward()
+            o.step()
+        for _ in range(3):
+            step()
+        try:
+            torch.empty(60 << 20, dtype=torch.uint8, device=dev)
+            raise AssertionError("no out-of-memory error")
+        except torch.cuda.OutOfMemoryError as e:
+            message = str(e)
+        assert "largest named resident blocks:" in message, message
+        listed = message.split("largest named resident blocks:")[1].split(". ")[0]
+        for name in ('"0.weight (param)" 2.00 MiB', '"grad of 0.weight" 2.00 MiB',
+                     '"exp_avg of 0.weight" 2.00 MiB', '"exp_avg_sq of 0.weight" 2.00 MiB'):
+            assert name in listed, (name, listed)
+        step()  # training goes on
+        def shown(t):
+            snap = st.memory_snapshot()
+            segments = snap if isinstance(snap, list) else snap["segments"]
+            s = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
+            return [[f["name"] for f in b["frames"]] for seg in segments for b in seg["blocks"]
+                    if b["address"] == s.data_ptr() and b["state"] == "active_allocated"][0]
+        w = m[0].weight
+        assert "0.weight (param)" in shown(w), shown(w)
+        assert "grad of 0.weight" in shown(w.grad), shown(w.grad)
+        assert "exp_avg of 0.weight" in shown(o.state[w]["exp_avg"])
+        assert "2.bias (param)" in shown(m[2].bias)                  # a small-pool block
+        assert "3.running_mean (buffer)" in shown(m[3].running_mean)
+        snap = st.memory_snapshot()
+        if isinstance(snap, list):  # torch 1.13's memory_viz shows it (from "history")
+            from torch.cuda import _memory_viz as viz
+            assert "spill:0:0.weight (param)" in viz.segments(snap, format_flamegraph=str)
+        t = torch.empty(1 << 20, device=dev)
+        st.name_tensor(t[100:], "my tensor")                          # a view: its storage
+        assert spill.block_name(t.data_ptr()) == "my tensor" and "my tensor" in shown(t)
+        st.name_tensor(t, None)
+        assert spill.block_name(t.data_ptr()) == ""
+        try:
+            st.name_tensor(torch.ones(3, device="meta"), "x")
+            raise AssertionError("a meta tensor was named")
+        except spill.InvalidArgumentError:
+            pass
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_memory_snapshot_loads_in_memory_viz_and_spill_tools(tmp_path: pathlib.Path) -> None:
     snap_json, pickle_path = tmp_path / "snap.json", tmp_path / "snap.pickle"
     trace = tmp_path / "trace.json"

@@ -70,7 +70,10 @@ extern "C" {
 #endif
 
 /* The version of this interface; bumped when a function or struct changes incompatibly.
- * 2 (spill 0.2.0): spill_pin_token gained its `pin` field (24 -> 32 bytes). */
+ * 2 (spill 0.2.0): spill_pin_token gained its `pin` field (24 -> 32 bytes).
+ * Functions added beside the others change nothing a caller built earlier relies on and leave
+ * it as it is; each says since which spill version it is there (spill_discard,
+ * spill_set_block_name, spill_get_block_name: 0.2.0). */
 #define SPILL_C_API_VERSION 2
 #define SPILL_MAX_DEVICES 64
 
@@ -390,6 +393,27 @@ SPILL_API spill_status spill_take_allocated_peak(int device, uint64_t* peak_byte
  * that off). Notes longer than 4096 bytes are cut there (before a character that would be
  * split). INVALID_ARGUMENT naming `note` when the (cut) note is not UTF-8. */
 SPILL_API spill_status spill_set_oom_note(int device, const char* note);
+
+/* The longest block name kept, in bytes (longer ones are cut). */
+#define SPILL_MAX_BLOCK_NAME 255
+/* Names the block that starts at `ptr` (the address spill_malloc returned), e.g. after the
+ * tensor it holds ("layers.3.fc1.weight (param)"), for the views that list blocks:
+ * spill_snapshot_json (a frame with the name and a "name" field on the block, and on its
+ * alloc and free actions in the history while the trace holds them), the out-of-memory
+ * messages (the largest named resident blocks, up to 5; the blocks a failed pin or budget
+ * change names as unevictable) and the trace (a "name" event with the block's address and
+ * size, the name its tag). The name is copied; NULL or "" clears it; naming again replaces it.
+ * It goes with the block: once the block is freed, no later block at that address shows it.
+ * Names past SPILL_MAX_BLOCK_NAME bytes are cut there (before a character that would be
+ * split). Naming takes the allocator's lock once; freeing a named block drops its name
+ * (unnamed blocks cost nothing more). Each distinct name stays in the trace's tag table for
+ * the process's life. Errors: INVALID_ARGUMENT naming the address when no live block of
+ * spill's starts at `ptr` (an interior pointer, a freed block, memory not spill's), naming
+ * `name` when the (cut) name is not UTF-8; nothing changes then. (Since 0.2.0.) */
+SPILL_API spill_status spill_set_block_name(void* ptr, const char* name);
+/* The name of the block that starts at `ptr` ("" when it has none); *name is freed with
+ * spill_string_free. Errors as spill_set_block_name's for `ptr`. (Since 0.2.0.) */
+SPILL_API spill_status spill_get_block_name(const void* ptr, char** name);
 
 /* ------------------------------------------------------------------ PyTorch */
 

@@ -13,7 +13,9 @@ code the hooks do not cover; ``pin_reads()`` pins the ops of another thread that
 offloaded model's tensors (a checkpoint, logging or EMA thread). ``memory_stats``,
 ``memory_summary``, ``memory_snapshot`` and ``reset_peak_memory_stats`` answer PyTorch's
 questions with spill's figures (by default ``enable`` makes ``torch.cuda``'s own functions do
-so too). Out of memory raises ``torch.cuda.OutOfMemoryError`` with spill's message.
+so too). Out of memory raises ``torch.cuda.OutOfMemoryError`` with spill's message, which
+lists the largest named blocks: offload() names parameters, buffers, gradients and optimizer
+state by their qualified names, and ``name_tensor(t, name)`` names any tensor's block.
 docs/pytorch.md is the guide.
 
 ``spill.torch.capture`` records one training step of a model, without data, as a graph that
@@ -42,6 +44,7 @@ from ._export import export_step  # noqa: E402
 from ._recorder import CaptureError  # noqa: E402
 from ._enable import AllocatorInUseError, disable, enable, is_enabled, pool  # noqa: E402
 from ._guard import guard  # noqa: E402
+from ._names import name_tensor  # noqa: E402
 from ._offload import OffloadHandle, offload  # noqa: E402
 from ._reads import pin_reads  # noqa: E402
 from ._stats import (max_memory_allocated, max_memory_reserved, memory_allocated,  # noqa: E402
@@ -52,6 +55,7 @@ __all__ = [
     "CaptureError", "CapturedStep", "capture", "export_step",
     "AllocatorInUseError", "OffloadHandle",
     "enable", "disable", "is_enabled", "pool", "offload", "guard", "pin_reads", "step",
+    "name_tensor",
     "memory_stats", "memory_summary", "memory_snapshot", "reset_peak_memory_stats",
     "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
 ]

@@ -111,7 +111,10 @@ regions. An exception escaping a forward leaves nothing behind (_abandon_forward
 thread other than the one that trains, raw pointers read by the caller's own code, and
 ``torch.autograd.backward`` called directly (correct, every op pinned) are not covered.
 Copies and pickles of the model (``copy.deepcopy``, ``torch.save``) are plain torch modules,
-without the hooks or the wrapped forward (_copies.py)."""
+without the hooks or the wrapped forward (_copies.py).
+The blocks of parameters, buffers, gradients and optimizer state get names (spill_set_block_name:
+``fc1.weight (param)``, ``grad of fc1.weight``, ``exp_avg of fc1.weight``), each tensor once,
+for out-of-memory messages and memory snapshots (_names.py); activations stay unnamed."""
 from __future__ import annotations
 
 import importlib
@@ -137,6 +140,7 @@ from . import _caller_hooks as caller_hooks
 from . import _copies as copies
 from ._guard import PinEveryOp
 from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
+from ._names import BlockNames
 from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
                     storage)
@@ -482,6 +486,7 @@ class OffloadHandle:
         self._recompute = Recomputation(self.pinner)
         self._recomputing = False  # in the window's recomputing set
         self._window = window()
+        self._names = BlockNames()  # what the tensors are, for snapshots and OOM messages
         # Collected without remove() (with its model and optimizer): _collected.
         self._finalizer = weakref.finalize(self, _collected, self._window, self.steps,
                                            self._policy)
@@ -531,6 +536,7 @@ class OffloadHandle:
             if m not in self._scripted:
                 self._hook_module(m)
                 self._track(m)
+        self._names.model(self.model)
         self._unhooked = []
         for p in self.model.parameters():
             self._hook_parameter(p)
@@ -782,6 +788,7 @@ class OffloadHandle:
         for m in changed:
             gone += self._untrack(m)
         new: List[int] = []
+        self._names.model(self.model, changed)
         for m in changed:
             new += self._track(m)
             if self._discovered:
@@ -1674,6 +1681,8 @@ class OffloadHandle:
             param = ref()
             for ptr in self.pinner.movables(param.grad) if param is not None else ():
                 self.pinner.declare(ptr)
+            if param is not None:
+                self._names.gradient(param)
 
     # ------------------------------------------------------------------ optimizer
 
@@ -1709,6 +1718,7 @@ class OffloadHandle:
                 self._policy.backward_ends()
                 self._policy.claim()
                 quiet = self._quiet
+                self._names.gradients()  # (those made since the last step's: named once)
                 self._declare_gradients(quiet, opt)
                 # (an eighth: a chunk's step tensors and its temporaries fit in a quarter,
                 # the limit over which a foreach op would be split again, _foreach.py)
@@ -1980,6 +1990,21 @@ class OffloadHandle:
                         if storage(t).data_ptr() not in self._owners]
         return tensors
 
+    def _state_items(self) -> List[Tuple[torch.Tensor, Optional[str]]]:
+        """_state_tensors, each with its name (``exp_avg of fc1.weight``: its key in the
+        optimizer's state, and its parameter's qualified name), or None (a parameter outside
+        the model, a tensor an optimizer keeps in an attribute)."""
+        items: List[Tuple[torch.Tensor, Optional[str]]] = []
+        param = self._names.param
+        for opt in self.optimizers + tuple(self._inner):
+            for p, st in opt.state.items():
+                qualified = param(p)
+                items += [(v, f"{k} of {qualified}" if qualified is not None else None)
+                          for k, v in st.items() if isinstance(v, torch.Tensor)]
+            items += [(t, None) for t in _kept_tensors(opt)
+                      if storage(t).data_ptr() not in self._owners]
+        return items
+
     def _declare_state(self) -> None:
         """Declares the optimizers' state tensors it has not seen before. Each is known by
         its id() and a weak reference to it: a tensor made after another was freed may get
@@ -1990,11 +2015,13 @@ class OffloadHandle:
         known = self._state_refs
         now: Dict[int, Any] = {}
         pinner = self.pinner
-        for v in self._state_tensors():
+        for v, label in self._state_items():
             ref = known.get(id(v))
             fresh = ref is None or ref() is not v
             if fresh:
                 ref = weakref.ref(v)
+                if label is not None:
+                    self._names.name(v, label)
             # A sparse one (SGD's momentum over sparse gradients) gets new values and indices
             # in place: looked at each time.
             if fresh or v.layout != _STRIDED:

@@ -241,7 +241,8 @@ def memory_summary(device: Any = None, abbreviated: bool = False) -> str:
 def memory_snapshot(device: Any = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
     """spill's memory in the layout of the running torch's ``torch.cuda.memory._snapshot()``:
     ``{"segments": [...], "device_traces": [...]}`` on torch 2, the list of segments on torch
-    1.13. Blocks whose bytes are on the host carry an "[on host]" frame. It loads in
+    1.13. Blocks whose bytes are on the host carry an "[on host]" frame, named blocks (offload's,
+    :func:`name_tensor`'s) a frame with their name first. It loads in
     torch.cuda._memory_viz; ``spill.snapshot(path)`` writes the same as JSON for
     ``spill report`` and tools/snapshot_to_pickle.py."""
     index = _device(device, "memory_snapshot")
@@ -249,6 +250,13 @@ def memory_snapshot(device: Any = None) -> Union[Dict[str, Any], List[Dict[str, 
     for seg in snap["segments"]:
         seg["segment_pool_id"] = tuple(seg.get("segment_pool_id", (0, 0)))
     if torch_version() < (2, 0):
+        # torch 1.13's memory_viz reads a block's frames from its "history" entries (torch 2
+        # reads "frames"): one entry for each block that has frames, so that it shows them.
+        for seg in snap["segments"]:
+            for b in seg["blocks"]:
+                if b.get("frames") and "history" not in b:
+                    b["history"] = [{"addr": b["address"], "frames": b["frames"],
+                                     "real_size": b.get("requested_size") or b["size"]}]
         return snap["segments"]
     return {"segments": snap["segments"], "device_traces": snap.get("device_traces", [])}
 

@@ -1,5 +1,6 @@
 /* A program outside the spill tree, built against an installed spill (spill/spill.h and
- * libspill.so only): version, init on the simulated device, malloc/free, stats, an error path.
+ * libspill.so only): version, init on the simulated device, malloc/free, a block's name, stats,
+ * an error path.
  * Usage: consumer EXPECTED_VERSION */
 #include <spill/spill.h>
 
@@ -37,6 +38,10 @@ int main(int argc, char** argv) {
   CHECK(st.allocated_bytes >= ((uint64_t)8 << 20) && st.budget_bytes == ((uint64_t)64 << 20));
   CHECK(spill_free((char*)p + 512, 0, NULL) == SPILL_ERROR_INVALID_ARGUMENT); /* interior */
   CHECK(strstr(spill_last_error(), "0x") != NULL);
+  char* name = NULL; /* block names (since 0.2.0): exported by the installed library */
+  CHECK(spill_set_block_name(p, "consumer block") == SPILL_OK);
+  CHECK(spill_get_block_name(p, &name) == SPILL_OK && strcmp(name, "consumer block") == 0);
+  spill_string_free(name);
   CHECK(spill_free(p, 0, NULL) == SPILL_OK);
 
   char* json = NULL;

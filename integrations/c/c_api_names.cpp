@@ -1,0 +1,48 @@
+// The C API's block names: spill_set_block_name and spill_get_block_name over the allocator's
+// names (CachingAllocator::set_block_name), with the text capped and checked here.
+#include <cstring>
+#include <string>
+#include <string_view>
+
+#include "core/errors.hpp"
+#include "core/units.hpp"
+#include "core/utf8.hpp"
+#include "integrations/c/c_api_state.hpp"
+
+using namespace spill;
+using namespace spill::capi;
+
+extern "C" {
+
+spill_status spill_set_block_name(void* ptr, const char* name) {
+  return on_block(ptr, "spill_set_block_name", [&](Lease& lease) {
+    // Cut at a character boundary, then checked: names go into snapshots' JSON and messages
+    // Python decodes strictly.
+    constexpr std::size_t kMax = SPILL_MAX_BLOCK_NAME;
+    const std::string_view text =
+        name == nullptr ? std::string_view() : std::string_view(name, strnlen(name, kMax + 1));
+    const std::string_view kept = utf8_prefix(text, kMax);
+    expect_utf8(kept, "name");
+    lease.rt().allocator().set_block_name(ptr, kept);
+    return SPILL_OK;
+  });
+}
+
+spill_status spill_get_block_name(const void* ptr, char** name) {
+  if (name == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_block_name: name is NULL");
+  *name = nullptr;
+  return on_block(ptr, "spill_get_block_name", [&](Lease& lease) {
+    CachingAllocator& a = lease.rt().allocator();
+    const std::optional<BlockInfo> b = a.block_info(ptr);
+    SPILL_EXPECTS(b && b->base == ptr,
+                  b ? format_address(ptr) + " points inside the block at " +
+                          format_address(b->base) + " (" + format_bytes(b->size) +
+                          "); ask with the address the allocation returned"
+                    : format_address(ptr) + " is not the start of a block allocated by spill "
+                                            "(never allocated, or freed)");
+    return give_string(a.block_name(ptr), name, "spill_get_block_name");
+  });
+}
+
+}  // extern "C"
