@@ -247,4 +247,16 @@ bool JsonValue::bool_field(std::string_view key, std::optional<bool> dflt) const
   return at(key).as_bool();
 }
 
+void expect_format(const std::optional<JsonValue>& marker, std::string_view format,
+                   std::uint64_t version, const std::string& origin, const std::string& not_it,
+                   std::string_view what_version) {
+  auto found = marker && marker->is_object() ? marker->find("format") : std::nullopt;
+  SPILL_EXPECTS(found && found->raw() == format, not_it);
+  const std::uint64_t v = marker->uint_field("version", 0, UINT64_MAX, 0);
+  SPILL_EXPECTS(v == version, origin + ": " + std::string(what_version) + " " +
+                                  std::to_string(v) +
+                                  " is not supported (this spill reads version " +
+                                  std::to_string(version) + ")");
+}
+
 }  // namespace spill

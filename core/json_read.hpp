@@ -103,4 +103,11 @@ class JsonValue {
   std::string path_;
 };
 
+// A file format's marker (an object with "format" and "version", or absent): throws
+// InvalidArgument `not_it` unless its format is `format`, then "<origin>: <what_version> N is
+// not supported (this spill reads version V)" unless its version is `version`.
+void expect_format(const std::optional<JsonValue>& marker, std::string_view format,
+                   std::uint64_t version, const std::string& origin, const std::string& not_it,
+                   std::string_view what_version);
+
 }  // namespace spill

@@ -144,13 +144,8 @@ nlohmann::json read_snapshot(const std::string& path) {
   nlohmann::json j = parse_json(read_file_text(path, origin), origin);
   const JsonValue top(j, origin);
   auto marker = top.is_object() ? top.find("spill") : std::nullopt;
-  auto format = marker && marker->is_object() ? marker->find("format") : std::nullopt;
-  SPILL_EXPECTS(format && format->raw() == "spill-snapshot", origin + ": not a spill snapshot");
-  const std::uint64_t version = marker->uint_field("version", 0, UINT64_MAX, 0);
-  SPILL_EXPECTS(version == kSnapshotVersion,
-                origin + ": version " + std::to_string(version) +
-                    " is not supported (this spill reads version " +
-                    std::to_string(kSnapshotVersion) + ")");
+  expect_format(marker, "spill-snapshot", kSnapshotVersion, origin,
+                origin + ": not a spill snapshot", "version");
   return j;
 }
 

@@ -410,14 +410,9 @@ ParsedTrace finish(TraceSax& sax, const std::string& origin) {
   const JsonValue top(j, origin);
   std::optional<JsonValue> other;
   if (top.is_object() && top.has("traceEvents")) other = top.find("otherData");
-  auto format = other && other->is_object() ? other->find("format") : std::nullopt;
-  SPILL_EXPECTS(format && format->raw() == "spill-trace",
-                origin + ": not a spill trace (no otherData.format = \"spill-trace\")");
-  const std::uint64_t version = other->uint_field("version", 0, UINT64_MAX, 0);
-  SPILL_EXPECTS(version == kTraceFormatVersion,
-                origin + ": trace format version " + std::to_string(version) +
-                    " is not supported (this spill reads version " +
-                    std::to_string(kTraceFormatVersion) + ")");
+  expect_format(other, "spill-trace", kTraceFormatVersion, origin,
+                origin + ": not a spill trace (no otherData.format = \"spill-trace\")",
+                "trace format version");
   ParsedTrace t;
   t.clock = other->string_field("clock", std::string(), 256);
   if (auto m = other->find("metadata")) t.metadata = m->expect_object().raw();
