@@ -83,10 +83,15 @@ class BlockNames:
         self._modules: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = \
             weakref.WeakKeyDictionary()
 
-    def name(self, t: Any, name: str) -> None:
-        """Names ``t``'s block unless it was named so already."""
+    def name(self, t: Any, name: str, same_storage: bool = False) -> None:
+        """Names ``t``'s block unless it was named so already; with ``same_storage``, a tensor
+        named so already counts as named without looking at its storage again (reading it goes
+        through every active function mode: a gradient looked at before each optimizer step
+        is one that ``.data = ...`` hardly ever replaces)."""
         key = id(t)
         seen = self._named.get(key)
+        if same_storage and seen is not None and seen[0]() is t and seen[2] == name:
+            return
         blocks = _blocks(t)
         if not blocks:
             return
@@ -145,7 +150,7 @@ class BlockNames:
             p = ref()
             grad = p.grad if p is not None else None
             if grad is not None:
-                self.name(grad, "grad of " + qualified)
+                self.name(grad, "grad of " + qualified, same_storage=True)
 
     def gradient(self, p: Any) -> None:
         """Names ``p``'s gradient (made just now)."""
