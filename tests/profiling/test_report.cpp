@@ -502,6 +502,29 @@ TEST(Report, ManyStepsKeepThePageBounded) {
   EXPECT_NE(table.find(format_bytes(out) + " (5000)"), std::string::npos);
 }
 
+// Marks as no swapper records them: a thousand scopes of one mark each, numbers that go
+// back or reach 2^63 - 1, the largest scope. The page is finite and says what it leaves out.
+TEST(Report, OddStepMarksMakeAFinitePage) {
+  using test::make_event;
+  ParsedTrace t;
+  t.tag_names[9] = "step begins";
+  const std::uint64_t big = (std::uint64_t{1} << 63) - 1;
+  for (std::uint64_t i = 0; i < 1000; ++i)
+    t.events.push_back(make_event(i * 10, EventKind::Mark, 1000 + i, 1, kHostStream, 0, 9));
+  std::uint64_t at = 20'000;
+  for (std::uint64_t n : std::vector<std::uint64_t>{5, 3, big, 1, big})
+    t.events.push_back(make_event(at += 100, EventKind::Mark, ~0ull, n, kHostStream, 0, 9));
+  std::stable_sort(t.events.begin(), t.events.end(),
+                   [](auto& a, auto& b) { return a.time_ns < b.time_ns; });
+  const std::string html = render_report(t, "odd.json");
+  EXPECT_LT(html.size(), 1u << 20);
+  EXPECT_NE(html.find("data-scope='18446744073709551615' data-steps='5'"), std::string::npos);
+  EXPECT_NE(html.find("997 step marks of 997 other scopes"), std::string::npos);
+  EXPECT_NE(html.find(">9223372036854775807<"), std::string::npos);
+  for (const char* bad : {"'nan", "'-nan", "'inf", "'-inf", ">nan", ">inf", "-nan", ",inf", " inf"})
+    EXPECT_EQ(html.find(bad), std::string::npos) << bad;
+}
+
 TEST(Report, NoStepMarksNoStepSection) {
   ParsedTrace t = synthetic();
   // A user's mark of another name is no step.
