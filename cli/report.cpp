@@ -17,8 +17,8 @@ void add_report(CLI::App& app, Runner& run) {
   };
   auto args = std::make_shared<Args>();
   CLI::App* cmd = app.add_subcommand(
-      "report", "write a self-contained HTML report (memory timeline, top allocations, swap "
-                "bandwidth, stalls, fragmentation) from a trace written with --trace");
+      "report", "write a self-contained HTML report (memory timeline, steps, top allocations, "
+                "swap bandwidth, stalls, fragmentation) from a trace written with --trace");
   cmd->add_option("trace", args->trace, "trace file (Chrome/Perfetto JSON written by spill)")
       ->required();
   cmd->add_option("-o,--output", args->output, "HTML file to write")

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -14,34 +16,20 @@
 #include "core/units.hpp"
 #include "profiling/counters.hpp"
 #include "profiling/downsample.hpp"
+#include "profiling/report_html.hpp"
+#include "profiling/steps.hpp"
 
 namespace spill::profiling {
 namespace {
 
-std::string esc(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    switch (c) {
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '&': out += "&amp;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
-    }
-  }
-  return out;
-}
+using namespace report_html;
 
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-
-std::string hex(std::uint64_t v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
-  return buf;
+// A stream as the trace names it: the default stream (0), the host (kHostStream: the
+// swapper's waits on the host), else the stream handle's value.
+std::string stream_name(std::uint64_t stream) {
+  if (stream == 0) return "default";
+  if (stream == kHostStream) return "host";
+  return hex(stream);
 }
 
 std::string tag_of(const ParsedTrace& t, std::uint32_t tag) {
@@ -49,126 +37,8 @@ std::string tag_of(const ParsedTrace& t, std::uint32_t tag) {
   return it != t.tag_names.end() ? it->second : "";
 }
 
-// Round axis ticks: a step of 1, 2 or 5 times a power of ten giving about `target` intervals
-// over [0, span], so labels read 0, 2, 4 ... rather than 0, 2.21, 4.42 or 8.84e+03.
-double nice_step(double span, int target = 5) {
-  if (!(span > 0) || !std::isfinite(span)) return 1;
-  const double raw = span / target;
-  const double p = std::pow(10.0, std::floor(std::log10(raw)));
-  for (double m : {1.0, 2.0, 5.0, 10.0})
-    if (m * p >= raw) return m * p;
-  return 10 * p;
-}
-
-// A tick value with as many decimals as the step needs (none for steps of 1 or more).
-std::string tick_label(double v, double step) {
-  const int decimals = step >= 1 ? 0 : static_cast<int>(std::ceil(-std::log10(step) - 1e-9));
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.*f", std::min(decimals, 9), v);
-  return buf;
-}
-
-// The time unit that fits a span of `span_ms`: microseconds, milliseconds, seconds or minutes,
-// the largest one in which the span is at least 2.
-struct TimeUnit {
-  const char* name;
-  double ms;
-};
-TimeUnit time_unit(double span_ms) {
-  for (TimeUnit u : {TimeUnit{"min", 60000.0}, {"s", 1000.0}, {"ms", 1.0}})
-    if (span_ms / u.ms >= 2) return u;
-  return {"\u00b5s", 1e-3};
-}
-
-// The chart's plot area: 900 px wide less its margins. A line keeps at most 4 points per pixel
-// column of it (ColumnDownsampler), so a page stays the same size whatever the trace's length.
-constexpr double kChartWidth = 900, kChartLeft = 70, kChartRight = 160;
-constexpr std::size_t kPlotColumns =
-    static_cast<std::size_t>(kChartWidth - kChartLeft - kChartRight);
 // Rows of a per-stream table, and metadata keys, shown at most (the rest are summed or counted).
 constexpr std::size_t kMaxStreamRows = 20, kMaxMetadataKeys = 32;
-
-// A line chart of step series over [t0, t1] ms, with axes, round ticks and a legend.
-struct Series {
-  std::string name, colour;
-  std::vector<std::pair<double, double>> points;  // (ms, value)
-};
-
-// A level drawn across the chart as a dashed line (a budget), named in the legend.
-struct Level {
-  std::string name, colour;
-  double value;
-};
-
-std::string svg_chart(const std::vector<Series>& series, double t0, double t1,
-                      const std::string& x_note, const std::string& y_label, double y_scale,
-                      const std::string& id, const std::vector<Level>& levels = {}) {
-  const double w = kChartWidth, h = 260, left = kChartLeft, right = kChartRight, top = 15,
-               bottom = 40;
-  double y_max = 0;
-  for (const Series& s : series)
-    for (auto& p : s.points) y_max = std::max(y_max, p.second / y_scale);
-  for (const Level& l : levels) y_max = std::max(y_max, l.value / y_scale);
-  if (!(y_max > 0) || !std::isfinite(y_max)) y_max = 1;
-  const double y_step = nice_step(y_max, 4);
-  y_max = std::ceil(y_max / y_step - 1e-9) * y_step;  // the top line is a round tick
-  if (t1 <= t0) t1 = t0 + 1;
-  const TimeUnit unit = time_unit(t1 - t0);
-  const double x_span = (t1 - t0) / unit.ms, x_step = nice_step(x_span);
-  auto x = [&](double t) { return left + (t - t0) / (t1 - t0) * (w - left - right); };
-  auto y = [&](double v) { return top + (1 - v / y_scale / y_max) * (h - top - bottom); };
-  std::ostringstream o;
-  o << "<svg id='" << id << "' viewBox='0 0 " << w << " " << h << "' width='" << w
-    << "' height='" << h << "' role='img'>";
-  o << "<rect x='" << left << "' y='" << top << "' width='" << w - left - right << "' height='"
-    << h - top - bottom << "' fill='#fafafa' stroke='#999'/>";
-  for (int i = 0; i * y_step <= y_max * (1 + 1e-9) && i <= 20; ++i) {
-    const double v = i * y_step;
-    const double yy = top + (1 - v / y_max) * (h - top - bottom);
-    o << "<line x1='" << left << "' x2='" << w - right << "' y1='" << yy << "' y2='" << yy
-      << "' stroke='#ddd'/><text x='" << left - 6 << "' y='" << yy + 4
-      << "' text-anchor='end' font-size='11'>" << tick_label(v, y_step) << "</text>";
-  }
-  for (int i = 0; i * x_step <= x_span * (1 + 1e-9) && i <= 40; ++i) {
-    const double tt = t0 + i * x_step * unit.ms;
-    o << "<line x1='" << x(tt) << "' x2='" << x(tt) << "' y1='" << h - bottom << "' y2='"
-      << h - bottom + 4 << "' stroke='#999'/><text x='" << x(tt) << "' y='" << h - bottom + 16
-      << "' text-anchor='middle' font-size='11'>" << tick_label(i * x_step, x_step)
-      << "</text>";
-  }
-  o << "<text x='" << (left + w - right) / 2 << "' y='" << h - 6
-    << "' text-anchor='middle' font-size='12'>time (" << unit.name << x_note << ")</text>";
-  o << "<text x='14' y='" << (top + h - bottom) / 2 << "' font-size='12' transform='rotate(-90 14 "
-    << (top + h - bottom) / 2 << ")' text-anchor='middle'>" << esc(y_label) << "</text>";
-  int row = 0;
-  for (const Series& s : series) {
-    if (s.points.empty()) continue;
-    // data-max: the highest value drawn, exactly (a downsampled line keeps its extremes).
-    double drawn_max = s.points.front().second;
-    for (auto& p : s.points) drawn_max = std::max(drawn_max, p.second);
-    o << "<polyline fill='none' stroke-width='2' stroke='" << s.colour << "' data-series='"
-      << esc(s.name) << "' data-max='" << fmt("%.17g", drawn_max) << "' points='";
-    for (auto& [t, v] : s.points) o << x(t) << "," << y(v) << " ";
-    o << "'/>";
-    double ly = top + 14 + 18 * row++;
-    o << "<rect x='" << w - right + 12 << "' y='" << ly - 9 << "' width='12' height='12' fill='"
-      << s.colour << "'/><text x='" << w - right + 30 << "' y='" << ly + 1
-      << "' font-size='12'>" << esc(s.name) << "</text>";
-  }
-  for (const Level& l : levels) {
-    const double yy = y(l.value);
-    o << "<line class='level' x1='" << left << "' x2='" << w - right << "' y1='" << yy
-      << "' y2='" << yy << "' stroke='" << l.colour << "' stroke-width='1.5' "
-      << "stroke-dasharray='6 4'/>";
-    double ly = top + 14 + 18 * row++;
-    o << "<line x1='" << w - right + 12 << "' x2='" << w - right + 24 << "' y1='" << ly - 3
-      << "' y2='" << ly - 3 << "' stroke='" << l.colour << "' stroke-width='2' "
-      << "stroke-dasharray='4 2'/><text x='" << w - right + 30 << "' y='" << ly + 1
-      << "' font-size='12'>" << esc(l.name) << "</text>";
-  }
-  o << "</svg>";
-  return o.str();
-}
 
 std::string counters_text(const MemoryCounters& c) {
   return format_bytes(c.allocated) + " allocated, " + format_bytes(c.mapped) + " mapped, " +
@@ -240,6 +110,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "table{border-collapse:collapse;margin:8px 0 20px}td,th{border:1px solid #ccc;"
     << "padding:4px 10px;text-align:right}th{background:#eee}td.l,th.l{text-align:left}"
     << "h2{margin-top:28px;border-bottom:1px solid #ddd}.note{color:#666;font-size:13px}"
+    << "#steps{font-size:13px}#steps td{white-space:nowrap}"
     << "</style></head><body>";
   o << "<h1>spill report</h1><p class='note'>trace: " << esc(source) << "</p>";
   if (!trace.metadata.empty()) {
@@ -263,6 +134,14 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     return o.str();
   }
   ReportSummary s = summarize(trace);
+  const TraceSteps steps = trace_steps(trace, kMaxStepScopes);
+  std::string steps_text;
+  for (const ScopeSteps& scope : steps.scopes)
+    steps_text += (steps_text.empty() ? "" : ", ") + std::to_string(scope.steps.size()) +
+                  " (scope " + std::to_string(scope.scope) + ")";
+  if (steps.other_scopes > 0)
+    steps_text += "; " + std::to_string(steps.other_marks) + " step marks of " +
+                  std::to_string(steps.other_scopes) + " other scopes, not shown";
   // Which clock the times are on: simulated device time, or the host's wall clock.
   const bool simulated = trace.clock.rfind("simulated", 0) == 0;
   const std::string x_note = simulated ? ", simulated" : "";
@@ -285,6 +164,8 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << " in " << s.swap_outs << " copies</td></tr><tr><th class='l'>swapped in</th><td>"
     << format_bytes(s.swapped_in_bytes) << " in " << s.swap_ins << " copies</td></tr>"
     << "<tr><th class='l'>out-of-memory errors</th><td>" << s.ooms << "</td></tr>";
+  if (!steps_text.empty())
+    o << "<tr><th class='l'>steps</th><td id='step-count'>" << steps_text << "</td></tr>";
   if (trace.budget_bytes)
     o << "<tr><th class='l'>budget</th><td id='budget'>" << format_bytes(*trace.budget_bytes)
       << "</td></tr>";
@@ -318,9 +199,20 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   if (trace.budget_bytes)
     levels.push_back({"budget " + format_bytes(*trace.budget_bytes), "#c0392b",
                       static_cast<double>(*trace.budget_bytes)});
+  std::vector<StepMarks> marks;
+  for (std::size_t i = 0; i < steps.scopes.size(); ++i) {
+    const ScopeSteps& scope = steps.scopes[i];
+    StepMarks m{steps.scopes.size() == 1 ? std::string("step begins")
+                                         : "steps, scope " + std::to_string(scope.scope),
+                kStepColours[i % std::size(kStepColours)], scope.scope, {}};
+    m.marks.reserve(scope.steps.size());
+    for (const StepFigures& f : scope.steps) m.marks.emplace_back(ms(f.begin_ns), f.number);
+    marks.push_back(std::move(m));
+  }
   o << "<h2>Memory timeline</h2>"
-    << svg_chart(mem, 0, s.duration_ms, x_note, "GiB", 1024.0 * 1024 * 1024, "memory-timeline",
-                 levels);
+    << svg_chart(mem, 0, s.duration_ms, x_note, ValueAxis{"", 1, true}, "memory-timeline",
+                 levels, marks);
+  if (!steps.empty()) o << steps_section(steps, ms);
 
   // Largest live allocations when allocated bytes peaked.
   // First the event at which allocated bytes first peak, then the blocks live there (copying
@@ -407,7 +299,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "from when it could start (its issue, or the end of the copy before it on the same copy "
     << "stream) to its end; a swap-out that waits for its block's last use shows below the "
     << "link's rate.</p>"
-    << svg_chart(bw, 0, s.duration_ms, x_note, "GB/s", 1.0, "swap-bandwidth");
+    << svg_chart(bw, 0, s.duration_ms, x_note, ValueAxis{"GB/s", 1.0, false}, "swap-bandwidth");
 
   // Stalls per stream.
   std::map<std::uint64_t, std::pair<std::size_t, double>> stalls;
@@ -419,8 +311,9 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   // What the trace marks: waits for a block's bytes to come back. `spill train`'s stall column
   // is wider (the step's time less its compute: room waits and late prefetches too).
   o << "<h2>Stalls</h2><p class='note'>Waits for a swapped-out block's bytes to come back (a "
-    << "pin that found it on the host or still landing), per stream. spill train's stall "
-    << "column counts more: its step time less its compute.</p>"
+    << "pin that found it on the host or still landing), per stream; the host's row also "
+    << "holds its waits for a swap-out to finish (room for an allocation). spill train's "
+    << "stall column counts more: its step time less its compute.</p>"
     << "<table id='stalls'><tr><th class='l'>stream</th><th>stalls</th>"
     << "<th>time (ms)</th></tr>";
   // The streams that stalled longest (in stream order), the others summed in one row.
@@ -437,7 +330,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     std::sort(rows.begin(), rows.end());
   }
   for (auto& [stream, v] : rows) {
-    o << "<tr><td class='l'>" << (stream ? hex(stream) : "default") << "</td><td>" << v.first
+    o << "<tr><td class='l'>" << stream_name(stream) << "</td><td>" << v.first
       << "</td><td>" << fmt("%.3f", v.second) << "</td></tr>";
   }
   if (other_streams > 0)

@@ -1,7 +1,8 @@
 // `spill report`: one self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched
-// at view time) from a spill trace: a summary, the memory timeline by kind, the largest live
-// allocations at the allocation peak, swap bandwidth over time, stall totals and the
-// allocator's fragmentation. An empty trace gives a page that says so.
+// at view time) from a spill trace: a summary, the memory timeline by kind (with the steps'
+// beginnings when the trace has step marks), per-step figures, the largest live allocations at
+// the allocation peak, swap bandwidth over time, stall totals and the allocator's
+// fragmentation. An empty trace gives a page that says so.
 #pragma once
 
 #include <string>

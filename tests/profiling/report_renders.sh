@@ -20,7 +20,7 @@ timeout 120 "$browser" "${flags[@]}" --screenshot="$work/report.png" "file://$ht
   >"$work/chromium.log" 2>&1 || { cat "$work/chromium.log"; exit 1; }
 timeout 120 "$browser" "${flags[@]}" --dump-dom "file://$html" >"$work/dom.html" 2>>"$work/chromium.log"
 for label in "Memory timeline" "Top allocations at peak" "Swap bandwidth" "Stalls" \
-             "Fragmentation" "memory-timeline" "polyline"; do
+             "Fragmentation" "memory-timeline" "polyline" "step-marks" "id=\"steps\""; do
   grep -q "$label" "$work/dom.html" || { echo "FAIL: '$label' missing from the rendered DOM"; exit 1; }
 done
 python3 - "$work/report.png" <<'PY'

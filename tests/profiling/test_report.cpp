@@ -2,6 +2,7 @@
 // rendering itself is checked in headless Chromium by report_renders.sh (a CTest).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -36,12 +37,36 @@ TEST(Report, SummarizesTheStep) {
   EXPECT_GT(s.duration_ms, 50.0);
 }
 
+// Tag 100 is the step marks', the others name layers.
+std::string step_tags(std::uint32_t tag) {
+  return tag == 100 ? std::string("step begins") : "layer" + std::to_string(tag) + ".act";
+}
+
+// `steps` synthetic steps one after the other, each begun by a step mark of `scope` (as
+// Swapper::begin_step records it: address the scope, bytes the step's number), read back from
+// the trace text spill writes.
+ParsedTrace stepped(int steps, std::uint64_t scope = 0) {
+  std::vector<TraceEvent> ev;
+  std::uint64_t offset = 0;
+  for (int i = 0; i < steps; ++i) {
+    ev.push_back(test::make_event(offset, EventKind::Mark, scope, static_cast<std::uint64_t>(i + 1),
+                                  kHostStream, 0, 100));
+    std::vector<TraceEvent> step = test::synthetic_step(12, static_cast<unsigned>(i + 1));
+    for (TraceEvent& e : step) e.time_ns += offset + 1000;
+    offset = step.back().time_ns + 1'000'000;
+    ev.insert(ev.end(), step.begin(), step.end());
+  }
+  return parse_chrome_trace(chrome_trace_text(ev, step_tags, {{"device", "SimDevice"}}),
+                            "steps.json");
+}
+
 TEST(Report, ShowsEverySection) {
-  std::string html = render_report(synthetic(), "step.json");
+  std::string html = render_report(stepped(3), "step.json");
   for (const char* label :
        {"Memory timeline", "Top allocations at peak", "Swap bandwidth", "Stalls",
         "Fragmentation", "id='memory-timeline'", "id='swap-bandwidth'", "layer12.act",
-        "swap-out (D2H)", "pinned host", "step.json"}) {
+        "swap-out (D2H)", "pinned host", "step.json", "Steps", "id='steps'",
+        "class='step-marks'", "step begins"}) {
     EXPECT_NE(html.find(label), std::string::npos) << label;
   }
   EXPECT_EQ(html.find("<script"), std::string::npos) << "the page must need no scripts";
@@ -269,6 +294,288 @@ TEST(Report, StallsOfManyStreamsFitInABoundedTable) {
   EXPECT_NE(html.find("0x1f4"), std::string::npos) << "the longest stream is shown";
   EXPECT_NE(html.find("480 other streams</td><td>480</td>"), std::string::npos);
   EXPECT_NE(html.find("<th class='l'>total</th><th>500</th>"), std::string::npos);
+}
+
+// The html of the element that starts at `marker` up to `close` (inclusive).
+std::string element(const std::string& html, const std::string& marker, const std::string& close) {
+  const std::size_t from = html.find(marker);
+  if (from == std::string::npos) return "";
+  return html.substr(from, html.find(close, from) + close.size() - from);
+}
+
+// A row of the steps table, by scope and step number.
+std::string step_row(const std::string& html, std::uint64_t scope, std::uint64_t step) {
+  return element(html,
+                 "<tr class='step' data-scope='" + std::to_string(scope) + "' data-step='" +
+                     std::to_string(step) + "'>",
+                 "</tr>");
+}
+
+// What a step holds, computed here from the events: those between its mark and its scope's
+// next one (by time), the counters replayed over every event.
+struct Expected {
+  MemoryCounters peak;
+  std::uint64_t out = 0, in = 0;
+  std::size_t outs = 0, ins = 0, stalls = 0;
+};
+std::vector<Expected> expected_steps(const ParsedTrace& t, std::uint64_t scope) {
+  std::vector<std::uint64_t> begins;
+  for (const TraceEvent& e : t.events)
+    if (e.kind == EventKind::Mark && e.address == scope) begins.push_back(e.time_ns);
+  std::vector<Expected> out(begins.size());
+  CounterReplay replay(t.baseline);
+  for (const TraceEvent& e : t.events) {
+    replay.apply(e);
+    const auto after = std::upper_bound(begins.begin(), begins.end(), e.time_ns);
+    if (after == begins.begin()) continue;
+    Expected& x = out[static_cast<std::size_t>(after - begins.begin() - 1)];
+    const MemoryCounters& c = replay.current();
+    x.peak.allocated = std::max(x.peak.allocated, c.allocated);
+    x.peak.mapped = std::max(x.peak.mapped, c.mapped);
+    if (e.kind == EventKind::SwapOut) x.out += e.bytes, ++x.outs;
+    if (e.kind == EventKind::SwapIn) x.in += e.bytes, ++x.ins;
+    if (e.kind == EventKind::Stall) ++x.stalls;
+  }
+  return out;
+}
+
+void expect_step_figures(const std::string& html, const ParsedTrace& t, std::uint64_t scope) {
+  const std::vector<Expected> steps = expected_steps(t, scope);
+  ASSERT_FALSE(steps.empty());
+  for (std::size_t i = 0; i < steps.size(); ++i) {
+    SCOPED_TRACE("scope " + std::to_string(scope) + ", step " + std::to_string(i + 1));
+    const std::string row = step_row(html, scope, i + 1);
+    ASSERT_FALSE(row.empty());
+    const Expected& x = steps[i];
+    for (const std::string& cell :
+         {"<td>" + format_bytes(x.peak.allocated) + "</td><td>" + format_bytes(x.peak.mapped) +
+              "</td><td>" + format_bytes(x.out) + " (" + std::to_string(x.outs) + ")</td><td>" +
+              format_bytes(x.in) + " (" + std::to_string(x.ins) + ")</td><td>" +
+              std::to_string(x.stalls) + "</td>"})
+      EXPECT_NE(row.find(cell), std::string::npos) << cell << "\nin " << row;
+  }
+}
+
+// Steps differ (each synthetic step draws its own sizes), so each step's peak is its own.
+TEST(Report, StepMarksAndPerStepFiguresMatchTheEvents) {
+  const ParsedTrace t = stepped(4, 7);
+  const std::string html = render_report(t, "steps.json");
+  expect_step_figures(html, t, 7);
+  // Each step's figures differ from the next's: the rows are not the whole trace's figures.
+  EXPECT_NE(step_row(html, 7, 1).substr(40), step_row(html, 7, 2).substr(40));
+  // The chart: a line and a label per step (4 steps fit), under the lines.
+  const std::string chart = element(html, "id='memory-timeline'", "</svg>");
+  const std::string marks = element(chart, "<g class='step-marks'", "</g></g>");
+  ASSERT_FALSE(marks.empty());
+  EXPECT_NE(marks.find("data-scope='7' data-steps='4' data-lines='4' data-labels='4'"),
+            std::string::npos)
+      << marks;
+  for (const char* label : {">1</text>", ">2</text>", ">3</text>", ">4</text>"})
+    EXPECT_NE(marks.find(label), std::string::npos) << label;
+  EXPECT_LT(chart.find("class='step-marks'"), chart.find("<polyline")) << "marks under lines";
+  EXPECT_NE(html.find("<td id='step-count'>4 (scope 7)</td>"), std::string::npos);
+  // The last step runs to the trace's end, and says so; its duration is exact.
+  const std::string last = step_row(html, 7, 4);
+  std::uint64_t begin = 0, end = 0;
+  for (const TraceEvent& e : t.events) {
+    if (e.kind == EventKind::Mark && e.bytes == 4) begin = e.time_ns;
+    end = std::max(end, e.time_ns + e.duration_ns);
+  }
+  char duration[64];
+  std::snprintf(duration, sizeof duration, "<td>%.3f*</td>", (end - begin) / 1e6);
+  EXPECT_NE(last.find(duration), std::string::npos) << duration << "\nin " << last;
+  EXPECT_NE(html.find("<tr class='steps-gathered' data-scope='7' data-steps='4'>"),
+            std::string::npos)
+      << "a row of all the steps";
+}
+
+// Two training loops in one process (scopes 1 and 2, their steps interleaved): each scope's
+// steps run from its marks, with the events between them.
+TEST(Report, StepsOfSeveralScopesAreFollowedEachOnItsOwn) {
+  ParsedTrace one = stepped(3, 1);
+  std::vector<TraceEvent> ev = one.events;
+  // Scope 2 begins its steps half-way through scope 1's.
+  std::uint64_t begins[3] = {0, 0, 0};
+  int n = 0;
+  for (const TraceEvent& e : one.events)
+    if (e.kind == EventKind::Mark) begins[n++] = e.time_ns;
+  for (int i = 0; i < 3; ++i) {
+    const std::uint64_t at = (i < 2 ? (begins[i] + begins[i + 1]) / 2 : begins[2] + 5'000'000) + 7;
+    ev.push_back(test::make_event(at, EventKind::Mark, 2, static_cast<std::uint64_t>(i + 1),
+                                  kHostStream, 0, 100));
+  }
+  std::sort(ev.begin(), ev.end(), [](auto& a, auto& b) { return a.time_ns < b.time_ns; });
+  const ParsedTrace t = parse_chrome_trace(chrome_trace_text(ev, step_tags), "scopes.json");
+  const std::string html = render_report(t, "scopes.json");
+  expect_step_figures(html, t, 1);
+  expect_step_figures(html, t, 2);
+  EXPECT_NE(html.find("<th>scope</th>"), std::string::npos);
+  EXPECT_NE(html.find("3 (scope 1), 3 (scope 2)"), std::string::npos);
+  EXPECT_NE(html.find("data-scope='1' data-steps='3'"), std::string::npos);
+  EXPECT_NE(html.find("data-scope='2' data-steps='3'"), std::string::npos);
+  EXPECT_NE(html.find("steps, scope 2"), std::string::npos) << "the legend names each scope";
+}
+
+// Marks carry no device: two swappers beginning the same step of scope 0 record its number
+// twice, and the step is one.
+TEST(Report, AStepMarkedTwiceIsOneStep) {
+  using test::make_event;
+  ParsedTrace t;
+  t.tag_names[5] = "step begins";
+  t.events = {make_event(0, EventKind::Mark, 0, 1, kHostStream, 0, 5),
+              make_event(10, EventKind::Mark, 0, 1, kHostStream, 0, 5),
+              make_event(20, EventKind::Alloc, 0x10, 4096),
+              make_event(30, EventKind::Free, 0x10, 4096),
+              make_event(1000, EventKind::Mark, 0, 2, kHostStream, 0, 5),
+              make_event(1010, EventKind::Mark, 0, 2, kHostStream, 0, 5),
+              make_event(2000, EventKind::Alloc, 0x10, 8192)};
+  const std::string html = render_report(t, "two.json");
+  EXPECT_NE(html.find("<td id='step-count'>2 (scope 0)</td>"), std::string::npos);
+  EXPECT_NE(step_row(html, 0, 1).find("<td>0.001</td><td>4.00 KiB</td>"), std::string::npos)
+      << step_row(html, 0, 1);
+  EXPECT_NE(step_row(html, 0, 2).find("<td>8.00 KiB</td>"), std::string::npos);
+}
+
+// The labels drawn above the memory timeline: (x, text) of each.
+std::vector<std::pair<double, std::string>> mark_labels(const std::string& html) {
+  const std::string marks = element(html, "<g class='step-marks'", "</g></g>");
+  std::vector<std::pair<double, std::string>> out;
+  for (std::size_t p = marks.find("<text x='"); p != std::string::npos;
+       p = marks.find("<text x='", p + 1)) {
+    const double x = std::stod(marks.substr(p + 9));
+    const std::size_t from = marks.find('>', p) + 1;
+    out.emplace_back(x, marks.substr(from, marks.find('<', from) - from));
+  }
+  return out;
+}
+
+std::size_t count(const std::string& s, const std::string& what) {
+  std::size_t n = 0;
+  for (std::size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
+  return n;
+}
+
+// 5,000 steps: a line per pixel column at most, labels of every k-th step that never overlap,
+// and a table of the first and last steps with the others gathered.
+TEST(Report, ManyStepsKeepThePageBounded) {
+  using test::make_event;
+  ParsedTrace t;
+  t.tag_names[9] = "step begins";
+  for (std::uint64_t i = 0; i < 5000; ++i) {
+    const std::uint64_t at = i * 1'000'000;
+    t.events.push_back(make_event(at, EventKind::Mark, 0, i + 1, kHostStream, 0, 9));
+    t.events.push_back(make_event(at + 100, EventKind::Alloc, 0x10, (i % 7 + 1) << 20));
+    t.events.push_back(make_event(at + 200, EventKind::SwapOut, 0x10, (i % 7 + 1) << 20, 0, 50));
+    t.events.push_back(make_event(at + 900, EventKind::Free, 0x10, (i % 7 + 1) << 20));
+  }
+  const std::string html = render_report(t, "many.json");
+  EXPECT_LT(html.size(), 1u << 20) << "the page does not grow with the steps";
+  const std::string marks = element(html, "<g class='step-marks'", "</g></g>");
+  ASSERT_FALSE(marks.empty());
+  EXPECT_NE(marks.find("data-steps='5000'"), std::string::npos);
+  const std::size_t lines = count(marks, "M");
+  EXPECT_GT(lines, 600u);
+  EXPECT_LE(lines, 670u) << "a line per pixel column at most";
+  const auto labels = mark_labels(html);
+  EXPECT_GE(labels.size(), 10u);
+  EXPECT_LE(labels.size(), 100u);
+  // So dense, a line across the plot would grey it: the labelled steps get one, others a tick.
+  EXPECT_NE(marks.find("data-dense='1'"), std::string::npos);
+  EXPECT_EQ(count(marks, "V"), labels.size());
+  for (std::size_t i = 1; i < labels.size(); ++i) {
+    // A label is about 5.5 px a digit wide: the next starts after this one ends.
+    const double half_widths = 5.5 * (labels[i - 1].second.size() + labels[i].second.size()) / 2;
+    EXPECT_GE(labels[i].first - labels[i - 1].first, half_widths)
+        << labels[i - 1].second << " and " << labels[i].second << " overlap";
+    EXPECT_EQ(std::stoull(labels[i].second) % 100, 0u) << "every k-th step, k round";
+  }
+  const std::string table = element(html, "<table id='steps'>", "</table>");
+  EXPECT_EQ(count(table, "<tr class='step' "), 20u) << "the first and last 10";
+  EXPECT_NE(table.find("4980 steps (11&ndash;4990)"), std::string::npos);
+  EXPECT_NE(table.find("all 5000"), std::string::npos);
+  EXPECT_NE(step_row(html, 0, 4995).find("<td>" + format_bytes((4994 % 7 + 1) << 20) + "</td>"),
+            std::string::npos)
+      << step_row(html, 0, 4995);
+  // The gathered rows' totals: every step's swap-out.
+  std::uint64_t out = 0;
+  for (std::uint64_t i = 0; i < 5000; ++i) out += (i % 7 + 1) << 20;
+  EXPECT_NE(table.find(format_bytes(out) + " (5000)"), std::string::npos);
+}
+
+// Marks as no swapper records them: a thousand scopes of one mark each, numbers that go
+// back or reach 2^63 - 1, the largest scope. The page is finite and says what it leaves out.
+TEST(Report, OddStepMarksMakeAFinitePage) {
+  using test::make_event;
+  ParsedTrace t;
+  t.tag_names[9] = "step begins";
+  const std::uint64_t big = (std::uint64_t{1} << 63) - 1;
+  for (std::uint64_t i = 0; i < 1000; ++i)
+    t.events.push_back(make_event(i * 10, EventKind::Mark, 1000 + i, 1, kHostStream, 0, 9));
+  std::uint64_t at = 20'000;
+  for (std::uint64_t n : std::vector<std::uint64_t>{5, 3, big, 1, big})
+    t.events.push_back(make_event(at += 100, EventKind::Mark, ~0ull, n, kHostStream, 0, 9));
+  std::stable_sort(t.events.begin(), t.events.end(),
+                   [](auto& a, auto& b) { return a.time_ns < b.time_ns; });
+  const std::string html = render_report(t, "odd.json");
+  EXPECT_LT(html.size(), 1u << 20);
+  EXPECT_NE(html.find("data-scope='18446744073709551615' data-steps='5'"), std::string::npos);
+  EXPECT_NE(html.find("997 step marks of 997 other scopes"), std::string::npos);
+  EXPECT_NE(html.find(">9223372036854775807<"), std::string::npos);
+  for (const char* bad : {"'nan", "'-nan", "'inf", "'-inf", ">nan", ">inf", "-nan", ",inf", " inf"})
+    EXPECT_EQ(html.find(bad), std::string::npos) << bad;
+}
+
+TEST(Report, NoStepMarksNoStepSection) {
+  ParsedTrace t = synthetic();
+  // A user's mark of another name is no step.
+  t.events.insert(t.events.begin(), test::make_event(0, EventKind::Mark, 0, 1, kHostStream, 0, 3));
+  const std::string html = render_report(t, "step.json");
+  for (const char* absent : {"<h2>Steps", "id='steps'", "step-marks", "step-count", "step begins"})
+    EXPECT_EQ(html.find(absent), std::string::npos) << absent;
+}
+
+// Issue 31b: the memory axis was always in GiB ("0.00" ticks for a trace of a few MiB).
+TEST(Report, MemoryAxisIsInTheUnitThatFits) {
+  using test::make_event;
+  struct Case {
+    std::uint64_t bytes;
+    const char* unit;
+    std::vector<const char*> ticks;
+  };
+  const Case cases[] = {
+      {3 << 20, "MiB", {">0<", ">1<", ">2<", ">3<"}},
+      {600 << 10, "KiB", {">0<", ">200<", ">400<", ">600<"}},
+      {700, "B", {">0<", ">200<", ">600<"}},
+      {3ull << 30, "GiB", {">0<", ">1<", ">3<"}},
+      {5ull << 40, "TiB", {">0<", ">2<", ">4<"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.unit);
+    ParsedTrace t;
+    t.events = {make_event(0, EventKind::Map, 0x10, c.bytes),
+                make_event(10, EventKind::Alloc, 0x10, c.bytes),
+                make_event(35'000'000, EventKind::Free, 0x10, c.bytes)};  // ticks 0, 10, 20, 30
+    const std::string chart = element(render_report(t, "small.json"), "id='memory-timeline'",
+                                      "</svg>");
+    EXPECT_NE(chart.find(std::string("data-unit='") + c.unit + "'"), std::string::npos);
+    EXPECT_NE(chart.find(std::string(">") + c.unit + "</text>"), std::string::npos);
+    for (const char* tick : c.ticks) EXPECT_NE(chart.find(tick), std::string::npos) << tick;
+    EXPECT_EQ(chart.find(">0.00<"), std::string::npos);
+  }
+}
+
+// Audit 31b #13: the host's waits are on kHostStream, which read as 0xffffffffffffffff.
+TEST(Report, TheHostsStallsAreNamed) {
+  using test::make_event;
+  ParsedTrace t;
+  t.events = {make_event(0, EventKind::Stall, 0x10, 0, kHostStream, 500),
+              make_event(10, EventKind::Stall, 0x10, 0, 0, 500),
+              make_event(20, EventKind::Stall, 0x10, 0, 0x7f00, 500)};
+  const std::string table = element(render_report(t, "host.json"), "id='stalls'", "</table>");
+  EXPECT_NE(table.find("<td class='l'>host</td>"), std::string::npos) << table;
+  EXPECT_NE(table.find("<td class='l'>default</td>"), std::string::npos);
+  EXPECT_NE(table.find("<td class='l'>0x7f00</td>"), std::string::npos);
+  EXPECT_EQ(table.find("0xffffffffffffffff"), std::string::npos);
 }
 
 }  // namespace
