@@ -134,7 +134,12 @@ struct Executor::Impl {
   void* allocate(TensorId t) {
     void* ptr = nullptr;
     const std::uint64_t bytes = p.tensors[t].bytes;
-    timed([&] { ptr = alloc.allocate(bytes, stream); });
+    // Named as the graph names the tensor: snapshots, the report's top allocations and
+    // out-of-memory messages then say which tensor a block is.
+    timed([&] {
+      ptr = alloc.allocate(bytes, stream);
+      alloc.set_block_name(ptr, p.tensors[t].name);
+    });
     ptrs[t] = ptr;
     if (!checked[t]) {  // the graph's size and pool are what the allocator gave
       std::optional<BlockInfo> info = alloc.block_info(ptr);
