@@ -71,4 +71,12 @@ bool CounterReplay::apply(const TraceEvent& e) {
   return !(before == current_);
 }
 
+void SwapTally::count(const TraceEvent& e, const char* what) {
+  if (e.kind == EventKind::SwapOut)
+    ++swap_outs, swapped_out_bytes = checked_add(swapped_out_bytes, e.bytes, what);
+  if (e.kind == EventKind::SwapIn)
+    ++swap_ins, swapped_in_bytes = checked_add(swapped_in_bytes, e.bytes, what);
+  if (e.kind == EventKind::Stall) ++stalls, stall_ms += e.duration_ns / 1e6;
+}
+
 }  // namespace spill::profiling

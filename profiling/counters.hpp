@@ -23,6 +23,16 @@ struct MemoryCounters {
   bool operator==(const MemoryCounters&) const = default;
 };
 
+// Swap copies and stalls counted over a span of a trace (the report's summary, each step).
+struct SwapTally {
+  std::uint64_t swapped_out_bytes = 0, swapped_in_bytes = 0;
+  std::size_t swap_outs = 0, swap_ins = 0, stalls = 0;
+  double stall_ms = 0;  // the stalls' durations, summed
+  // Counts `e` when it is a swap copy or a stall. Throws InvalidArgument naming `what` when a
+  // byte total would pass 2^64 - 1.
+  void count(const TraceEvent& e, const char* what);
+};
+
 class CounterReplay {
  public:
   explicit CounterReplay(const MemoryCounters& baseline = {}) : current_(baseline), peak_(baseline) {}

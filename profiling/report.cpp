@@ -85,13 +85,7 @@ ReportSummary summarize(const ParsedTrace& trace) {
     replay.apply(e);
     t0 = std::min(t0, e.time_ns);
     t1 = std::max(t1, e.time_ns + e.duration_ns);
-    if (e.kind == EventKind::SwapOut)
-      ++s.swap_outs, s.swapped_out_bytes = checked_add(s.swapped_out_bytes, e.bytes,
-                                                       "trace: bytes swapped out");
-    if (e.kind == EventKind::SwapIn)
-      ++s.swap_ins, s.swapped_in_bytes = checked_add(s.swapped_in_bytes, e.bytes,
-                                                     "trace: bytes swapped in");
-    if (e.kind == EventKind::Stall) ++s.stalls, s.stall_ms += e.duration_ns / 1e6;
+    s.count(e, "trace: bytes swapped");
     if (e.kind == EventKind::Oom) ++s.ooms;
   }
   s.duration_ms = (t1 - t0) / 1e6;

@@ -12,13 +12,11 @@
 
 namespace spill::profiling {
 
-struct ReportSummary {
+struct ReportSummary : SwapTally {
   std::size_t events = 0;
   double duration_ms = 0;
   MemoryCounters peak;
-  std::uint64_t swapped_out_bytes = 0, swapped_in_bytes = 0;
-  std::size_t swap_outs = 0, swap_ins = 0, stalls = 0, ooms = 0;
-  double stall_ms = 0;
+  std::size_t ooms = 0;
   double fragmentation = 0;  // peak mapped / peak allocated; 0 when nothing was allocated
   MemoryCounters baseline;   // the counters when the trace began (ParsedTrace::baseline)
 };

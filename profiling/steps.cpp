@@ -65,13 +65,7 @@ TraceSteps trace_steps(const ParsedTrace& trace, std::size_t max_scopes) {
       s.peak.mapped = std::max(s.peak.mapped, c.mapped);
       s.peak.on_host = std::max(s.peak.on_host, c.on_host);
       s.peak.host_pinned = std::max(s.peak.host_pinned, c.host_pinned);
-      if (e.kind == EventKind::SwapOut)
-        ++s.swap_outs, s.swapped_out_bytes = checked_add(s.swapped_out_bytes, e.bytes,
-                                                         "trace: bytes swapped out in a step");
-      if (e.kind == EventKind::SwapIn)
-        ++s.swap_ins, s.swapped_in_bytes = checked_add(s.swapped_in_bytes, e.bytes,
-                                                       "trace: bytes swapped in in a step");
-      if (e.kind == EventKind::Stall) ++s.stalls, s.stall_ms += e.duration_ns / 1e6;
+      s.count(e, "trace: bytes swapped in a step");
     }
   }
   for (ScopeSteps& scope : out.scopes) {

@@ -18,16 +18,13 @@ namespace spill::profiling {
 // The tag of Swapper::begin_step's marks.
 inline constexpr const char* kStepMarkTag = "step begins";
 
-struct StepFigures {
+// The swap copies and stalls (SwapTally) are those that begin in the step.
+struct StepFigures : SwapTally {
   std::uint64_t number = 0;              // the mark's bytes: the step's number in its scope
   std::uint64_t begin_ns = 0, end_ns = 0;  // its mark; the scope's next mark or the trace's end
   bool to_trace_end = false;             // the scope's last step: no mark ends it
   // The highest counters from its mark (the counters then included) to its end.
   MemoryCounters peak;
-  // Swap copies and stalls that begin in the step.
-  std::uint64_t swapped_out_bytes = 0, swapped_in_bytes = 0;
-  std::size_t swap_outs = 0, swap_ins = 0, stalls = 0;
-  double stall_ms = 0;  // stalls that begin in the step, summed
 };
 
 struct ScopeSteps {
