@@ -383,8 +383,8 @@ int run_train(Config config, const TrainArgs& a) {
     total.clean_evictions += st.swaps.clean_evictions;
     cancelled += st.cancelled_bytes;
   }
-  std::printf("swaps:     in the steps, %llu prefetches (%llu hits, %llu late, %llu skipped for want of room; "
-              "the cache returned first %llu times, %llu small-pool segments freed), "
+  std::printf("swaps:     in the steps, %llu prefetches (%llu hits, %llu late, %llu skipped for "
+              "want of room; the cache returned first %llu times, %llu small-pool segments freed), "
               "%llu demand fetches, %llu planned and %llu reactive evictions (%llu clean), %s of "
               "planned prefetches still on the device\n",
               (unsigned long long)total.prefetches, (unsigned long long)total.prefetch_hits,

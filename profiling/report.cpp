@@ -222,7 +222,8 @@ ReportSummary summarize(const ParsedTrace& trace) {
       ++s.swap_ins, s.swapped_in_bytes = checked_add(s.swapped_in_bytes, e.bytes,
                                                      "trace: bytes swapped in");
     if (e.kind == EventKind::Evict)
-      ++s.evictions, s.evicted_bytes = checked_add(s.evicted_bytes, e.bytes, "trace: bytes evicted");
+      ++s.evictions,
+          s.evicted_bytes = checked_add(s.evicted_bytes, e.bytes, "trace: bytes evicted");
     if (e.kind == EventKind::Stall) ++s.stalls, s.stall_ms += e.duration_ns / 1e6;
     if (e.kind == EventKind::Oom) ++s.ooms;
   }

@@ -469,18 +469,21 @@ TEST(Train, ATracesBytesAreTheStepsPlusTheSetUpAndTheReadBack) {
       if (e.kind == profiling::EventKind::SwapIn) traced_in += e.bytes, ++ins;
     }
     std::uint64_t steps_out = 0, steps_in = 0;
-    for (const train::StepStats& s : r.steps) steps_out += s.swaps.bytes_out, steps_in += s.swaps.bytes_in;
+    for (const train::StepStats& s : r.steps)
+      steps_out += s.swaps.bytes_out, steps_in += s.swaps.bytes_in;
     EXPECT_GT(steps_out, 0u);
     // The test covers the difference: the set-up copies weights out, the read-back brings
     // those on the host in.
     EXPECT_GT(r.setup_swaps.bytes_out, 0u);
     EXPECT_GT(r.readback_swaps.bytes_in, 0u);
     EXPECT_EQ(traced_out, steps_out + r.setup_swaps.bytes_out + r.readback_swaps.bytes_out)
-        << "steps " << format_bytes(steps_out) << ", set-up " << format_bytes(r.setup_swaps.bytes_out)
-        << ", read-back " << format_bytes(r.readback_swaps.bytes_out);
+        << "steps " << format_bytes(steps_out) << ", set-up "
+        << format_bytes(r.setup_swaps.bytes_out) << ", read-back "
+        << format_bytes(r.readback_swaps.bytes_out);
     EXPECT_EQ(traced_in, steps_in + r.setup_swaps.bytes_in + r.readback_swaps.bytes_in)
-        << "steps " << format_bytes(steps_in) << ", set-up " << format_bytes(r.setup_swaps.bytes_in)
-        << ", read-back " << format_bytes(r.readback_swaps.bytes_in);
+        << "steps " << format_bytes(steps_in) << ", set-up "
+        << format_bytes(r.setup_swaps.bytes_in) << ", read-back "
+        << format_bytes(r.readback_swaps.bytes_in);
     const SwapStats total = train::run_swaps(r);
     EXPECT_EQ(total.bytes_out, traced_out);
     EXPECT_EQ(total.bytes_in, traced_in);
