@@ -30,7 +30,7 @@ def main() -> int:
     zero = {"bytes_out": 0, "bytes_in": 0}
     setup = doc.get("setup", zero)
     readback = doc.get("readback", zero)
-    ok = True
+    agree = True
     for way in ("out", "in"):
         key = "bytes_" + way
         steps = sum(s[key] for s in doc["steps"])
@@ -39,15 +39,21 @@ def main() -> int:
         print(f"{way}: trace {traced[way]}, steps {steps} + set-up {setup[key]} + read-back "
               f"{readback[key]} = {summed}, run {run}")
         if traced[way] != summed or run != summed:
-            ok = False
+            agree = False
+    covered = True
     if "--expect-setup" in flags and setup["bytes_out"] == 0:
         print("the set-up moved nothing: the test does not cover it")
-        ok = False
+        covered = False
     if "--expect-readback" in flags and readback["bytes_in"] == 0:
         print("the read-back moved nothing: the test does not cover it")
-        ok = False
-    print("bytes agree" if ok else "FAILED: the trace and the trainer's figures disagree")
-    return 0 if ok else 1
+        covered = False
+    if not agree:
+        print("FAILED: the trace and the trainer's figures disagree")
+    elif not covered:
+        print("FAILED: the bytes agree, but the run does not cover what the test asks")
+    else:
+        print("bytes agree")
+    return 0 if agree and covered else 1
 
 
 if __name__ == "__main__":
