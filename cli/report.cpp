@@ -42,10 +42,13 @@ void add_report(CLI::App& app, Runner& run) {
         std::printf("%s is empty (no events); wrote %s saying so\n", args->trace.c_str(),
                     args->output.c_str());
       } else {
-        std::printf("wrote %s: %zu events over %.3f ms, %zu swap-outs, %zu swap-ins, %zu "
-                    "stalls\n",
-                    args->output.c_str(), s.events, s.duration_ms, s.swap_outs, s.swap_ins,
-                    s.stalls);
+        std::printf("wrote %s: %zu events over %.3f ms, %zu swap-outs (%s copied to the "
+                    "host), %zu swap-ins (%s copied back), %zu evictions (%s, with a copy or "
+                    "without), %zu stalls\n",
+                    args->output.c_str(), s.events, s.duration_ms, s.swap_outs,
+                    format_bytes(s.swapped_out_bytes).c_str(), s.swap_ins,
+                    format_bytes(s.swapped_in_bytes).c_str(), s.evictions,
+                    format_bytes(s.evicted_bytes).c_str(), s.stalls);
         if (trace.has_baseline && !(trace.baseline == profiling::MemoryCounters{}))
           std::printf("the trace begins mid-run: its figures start from %s allocated and %s "
                       "mapped then\n",

@@ -3,7 +3,8 @@
 // time, demand fetches and prefetch hits, with the planner's predictions beside them (on the
 // simulated device both are simulated time). The budget defaults to a third of the step's
 // footprint. --check runs the same steps again with no budget and requires bit-identical
-// losses, weights and optimizer state.
+// losses, weights and optimizer state. After the steps it prints the bytes moved before step 1
+// (set-up), in the steps and after them (--check's read-back): a trace counts all three.
 #include <cstdio>
 #include <optional>
 
@@ -83,6 +84,19 @@ nlohmann::json step_json(const train::StepStats& s) {
     j["op_end_s"] = s.op_end_s;
   }
   return j;
+}
+
+// Swaps outside the steps (set-up, read-back) and the run's: what the trace's events sum to.
+nlohmann::json swaps_json(const SwapStats& s) {
+  return {{"bytes_out", s.bytes_out},
+          {"bytes_in", s.bytes_in},
+          {"swap_outs", s.swap_outs},
+          {"swap_ins", s.swap_ins},
+          {"clean_evictions", s.clean_evictions},
+          {"evictions_planned", s.evictions_planned},
+          {"evictions_reactive", s.evictions_reactive},
+          {"prefetches", s.prefetches},
+          {"demand_fetches", s.demand_fetches}};
 }
 
 std::string ms(double s) {
@@ -333,6 +347,27 @@ int run_train(Config config, const TrainArgs& a) {
               double(run.steps.front().loss), double(run.steps.back().loss), a.steps,
               format_bytes(peak).c_str(), format_bytes(run.budget).c_str(),
               ok ? "" : "  FAILED: over the budget");
+  // The steps' figures leave out the copies before step 1 and after the last: the run's
+  // figures (and a trace's swap_out and swap_in events) count them too.
+  SwapStats steps_total;
+  for (const train::StepStats& st : run.steps) {
+    steps_total.bytes_out += st.swaps.bytes_out;
+    steps_total.bytes_in += st.swaps.bytes_in;
+  }
+  const SwapStats run_total = train::run_swaps(run);
+  auto out_in = [](const SwapStats& s) {
+    return format_bytes(s.bytes_out) + " out, " + format_bytes(s.bytes_in) + " in";
+  };
+  const std::string readback =
+      a.check ? " --check's read-back of the state " + out_in(run.readback_swaps) + ";" : "";
+  std::printf("moved:     steps %s; set-up before step 1 (writing the weights and optimizer "
+              "state) %s;%s run %s\n",
+              out_in(steps_total).c_str(), out_in(run.setup_swaps).c_str(), readback.c_str(),
+              out_in(run_total).c_str());
+  std::printf("           (out: bytes copied to the host, in: bytes copied back, as in the "
+              "table; a --trace's swap_out and swap_in events sum to the run's; %llu clean "
+              "evictions copied nothing, their host copy being current)\n",
+              (unsigned long long)run_total.clean_evictions);
   SwapStats total;
   std::uint64_t cancelled = 0, returns = 0, plain_frees = 0;
   for (const train::StepStats& st : run.steps) {
@@ -348,8 +383,8 @@ int run_train(Config config, const TrainArgs& a) {
     total.clean_evictions += st.swaps.clean_evictions;
     cancelled += st.cancelled_bytes;
   }
-  std::printf("swaps:     %llu prefetches (%llu hits, %llu late, %llu skipped for want of room; "
-              "the cache returned first %llu times, %llu small-pool segments freed), "
+  std::printf("swaps:     in the steps, %llu prefetches (%llu hits, %llu late, %llu skipped for "
+              "want of room; the cache returned first %llu times, %llu small-pool segments freed), "
               "%llu demand fetches, %llu planned and %llu reactive evictions (%llu clean), %s of "
               "planned prefetches still on the device\n",
               (unsigned long long)total.prefetches, (unsigned long long)total.prefetch_hits,
@@ -381,6 +416,11 @@ int run_train(Config config, const TrainArgs& a) {
   for (std::size_t i = 0; i < run.plan.steps.size(); ++i)
     if (run.plan.steps[i].acts_before()) doc["acting_ops"].push_back(i);
   for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st));
+  // Copies outside the steps, and the run's (set-up, steps and read-back): a trace of the run
+  // counts the run's.
+  doc["setup"] = swaps_json(run.setup_swaps);
+  if (a.check) doc["readback"] = swaps_json(run.readback_swaps);
+  doc["run"] = swaps_json(run_total);
   if (a.check) {
     train::RunOptions ref = ro;
     ref.policy = train::Policy::None;

@@ -86,6 +86,9 @@ ReportSummary summarize(const ParsedTrace& trace) {
     t0 = std::min(t0, e.time_ns);
     t1 = std::max(t1, e.time_ns + e.duration_ns);
     s.count(e, "trace: bytes swapped");
+    if (e.kind == EventKind::Evict)
+      ++s.evictions,
+          s.evicted_bytes = checked_add(s.evicted_bytes, e.bytes, "trace: bytes evicted");
     if (e.kind == EventKind::Oom) ++s.ooms;
   }
   s.duration_ms = (t1 - t0) / 1e6;
@@ -155,15 +158,24 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << "<tr><th class='l'>peak on host</th><td>" << format_bytes(s.peak.on_host) << "</td></tr>"
     << "<tr><th class='l'>peak pinned host</th><td>" << format_bytes(s.peak.host_pinned)
     << "</td></tr><tr><th class='l'>swapped out</th><td>" << format_bytes(s.swapped_out_bytes)
-    << " in " << s.swap_outs << " copies</td></tr><tr><th class='l'>swapped in</th><td>"
-    << format_bytes(s.swapped_in_bytes) << " in " << s.swap_ins << " copies</td></tr>"
+    << " in " << s.swap_outs << " copies to the host</td></tr><tr><th class='l'>swapped in</th>"
+    << "<td>" << format_bytes(s.swapped_in_bytes) << " in " << s.swap_ins << " copies back</td>"
+    << "</tr><tr><th class='l'>evicted</th><td id='evicted'>" << format_bytes(s.evicted_bytes)
+    << " in " << s.evictions << " evictions, with a copy or without</td></tr>"
     << "<tr><th class='l'>out-of-memory errors</th><td>" << s.ooms << "</td></tr>";
   if (!steps_text.empty())
     o << "<tr><th class='l'>steps</th><td id='step-count'>" << steps_text << "</td></tr>";
   if (trace.budget_bytes)
     o << "<tr><th class='l'>budget</th><td id='budget'>" << format_bytes(*trace.budget_bytes)
       << "</td></tr>";
-  o << "</table>" << starting_note(trace);
+  o << "</table><p class='note' id='copies'>Swapped out and in: every copy in the trace (its "
+    << "swap_out and swap_in events), in a training step or not: a trace of spill train also "
+    << "holds the copies of its set-up before step 1 (the weights and optimizer state written, "
+    << "some evicted at once) and of --check's read-back of the state, which spill train prints "
+    << "apart from its steps' (its run figures are these). Evicted: every eviction, those "
+    << "copied out and those without a copy (a block whose host copy is current is unmapped "
+    << "without one).</p>"
+    << starting_note(trace);
 
   // Memory timeline: each counter as a step series.
   std::vector<Series> mem{{"allocated", "#2c7be5", {}}, {"mapped", "#e67e22", {}},

@@ -119,6 +119,7 @@ struct Executor::Impl {
   std::size_t loss_op = 0;
   int steps_done = 0;
   double spill_s = 0, spill_cpu_s = 0, spill_vmm_cpu_s = 0;
+  SwapStats setup_swaps;  // what setting up moved (Executor::setup_swaps)
 
   template <class F>
   void timed(F&& f) {
@@ -268,6 +269,7 @@ void Executor::Impl::setup() {
   if (o.policy == Policy::Graph)
     for (graph::TensorIndex t : plan.start_on_host) on_host[t] = 1;
   std::vector<std::byte> host;
+  const SwapStats swaps0 = swp ? swp->stats() : SwapStats{};
   for (std::size_t t = 0; t < nt; ++t) {
     if (!graph::persistent(p.tensors[t].kind)) continue;
     host.resize(p.tensors[t].bytes);
@@ -279,6 +281,7 @@ void Executor::Impl::setup() {
     dev.synchronize(stream);
     if (on_host[t]) swp->evict(ptrs[t]);
   }
+  if (swp) setup_swaps = swaps_since(swp->stats(), swaps0);
 }
 
 graph::Graph step_graph(Runtime& runtime, const Program& program) {
@@ -419,7 +422,6 @@ StepStats Executor::Impl::step() {
   const AllocatorStats ops_done = alloc.stats();
   r.peak_mapped = static_cast<std::uint64_t>(ops_done.reserved.peak);
   r.plain_frees = ops_done.plain_frees - alloc0.plain_frees;
-  if (swp) r.swaps = swaps_since(swp->stats(), before);
   ++steps_done;
   if (o.measure_ops) {
     std::vector<double> times;
@@ -438,6 +440,8 @@ StepStats Executor::Impl::step() {
     if (o.policy == Policy::Graph)
       for (graph::TensorIndex t : plan.start_on_host) swp->evict(ptrs[t]);
   }
+  // After the re-plan's evictions: they are this step's (they counted in no step before).
+  if (swp) r.swaps = swaps_since(swp->stats(), before);
   r.spill_s = spill_s;
   r.spill_cpu_s = spill_cpu_s;
   r.spill_vmm_cpu_s = spill_vmm_cpu_s;
@@ -490,6 +494,7 @@ Executor::~Executor() {
 }
 
 StepStats Executor::step() { return impl_->step(); }
+const SwapStats& Executor::setup_swaps() const { return impl_->setup_swaps; }
 const graph::Graph& Executor::graph() const { return impl_->g; }
 const graph::Plan& Executor::plan() const { return impl_->plan; }
 const graph::SimResult& Executor::prediction() const { return impl_->pred; }

@@ -114,7 +114,10 @@ struct StepStats {
   // work instead of the host (CachingAllocator::reback_from_cache).
   std::uint64_t cache_takeovers = 0;
   std::uint64_t peak_mapped = 0;
-  SwapStats swaps;              // this step's swap counts (differences)
+  // This step's swap counts (differences), from its start to its end; with measure_ops the
+  // measured step's include the evictions of what the new plan starts on the host. Copies
+  // outside every step: Executor::setup_swaps, RunResult::readback_swaps.
+  SwapStats swaps;
   std::uint64_t cancelled_bytes = 0;  // planned prefetches of blocks still on the device (their
                                       // swap-out cancelled; predicted: SimResult::cancelled_bytes)
   std::uint64_t plain_frees = 0;    // small-pool segments freed in the step (unmapped; a
@@ -139,6 +142,11 @@ class Executor {
   Executor& operator=(const Executor&) = delete;
 
   StepStats step();  // runs the next step
+  // What setting up moved (the constructor, before step 1): writing the weights and optimizer
+  // state from the host, each that the plan starts on the host evicted as soon as it is written
+  // (policy graph), or evicted reactively to make room for the next (plan, lru). A trace of the
+  // run counts these copies too (swap_out events); no step's SwapStats does.
+  const SwapStats& setup_swaps() const;
 
   const graph::Graph& graph() const;
   // The graph planner's plan at the runtime's budget (what policy graph executes).

@@ -36,15 +36,47 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
   r.prediction = ex.prediction();
   r.predicted_peak = ex.predicted_peak();
   r.plan = ex.plan();
+  r.setup_swaps = ex.setup_swaps();
   if (on_start) on_start(ex, rt);
   for (int s = 0; s < options.steps; ++s) {
     r.steps.push_back(ex.step());
     if (on_step) on_step(r.steps.back());
   }
   r.floor = ex.floor();  // after the steps: on a GPU, of the op times measured in the second
-  if (options.keep_state) r.state = ex.state();
+  if (options.keep_state) {
+    Swapper* swp = rt.swapper();
+    const SwapStats before = swp ? swp->stats() : SwapStats{};
+    r.state = ex.state();
+    if (swp) r.readback_swaps = swaps_since(swp->stats(), before);
+  }
   if (on_end) on_end(rt);
   return r;
+}
+
+SwapStats run_swaps(const RunResult& r) {
+  SwapStats t;
+  auto add = [&t](const SwapStats& s) {
+    t.bytes_out += s.bytes_out;
+    t.bytes_in += s.bytes_in;
+    t.swap_outs += s.swap_outs;
+    t.swap_ins += s.swap_ins;
+    t.clean_evictions += s.clean_evictions;
+    t.prefetches += s.prefetches;
+    t.prefetches_skipped += s.prefetches_skipped;
+    t.prefetch_hits += s.prefetch_hits;
+    t.prefetch_late += s.prefetch_late;
+    t.demand_fetches += s.demand_fetches;
+    t.evictions_reactive += s.evictions_reactive;
+    t.evictions_planned += s.evictions_planned;
+    t.host_wait_s += s.host_wait_s;
+    t.stall_s += s.stall_s;
+    t.stale_unpins += s.stale_unpins;
+    t.cache_returns += s.cache_returns;
+  };
+  add(r.setup_swaps);
+  for (const StepStats& s : r.steps) add(s.swaps);
+  add(r.readback_swaps);
+  return t;
 }
 
 Comparison compare_runs(const RunResult& a, const RunResult& b) {

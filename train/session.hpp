@@ -31,7 +31,16 @@ struct RunResult {
   graph::SimResult prediction;
   graph::Plan plan;
   std::optional<graph::SwapFloor> floor;  // Executor::floor after the last step
+  // Swaps outside the steps: setting up (Executor::setup_swaps) and reading the weights and
+  // optimizer state back for keep_state (pins bring what is on the host back, and may evict).
+  // A trace of the run counts them with the steps': its swap_out bytes are setup_swaps',
+  // the steps' and readback_swaps' bytes_out summed (run_swaps), and so are its swap_in bytes.
+  SwapStats setup_swaps, readback_swaps;
 };
+
+// The run's swaps: set-up, steps and read-back summed (the counters that swaps_since takes
+// differences of; the gauges, such as host_bytes and on_host_bytes, are zero).
+SwapStats run_swaps(const RunResult& r);
 
 // Runs on a fresh Runtime from `base` with the policy and budget of `options`. `on_start` sees
 // the executor before the first step (for headers), `on_step` each step as it ends, `on_end`

@@ -37,6 +37,33 @@ TEST(Report, SummarizesTheStep) {
   EXPECT_GT(s.duration_ms, 50.0);
 }
 
+// Audit 31b #8: the summary says what its bytes count. Swapped out: the copies (swap_out
+// events); evicted: every eviction, a clean one (no copy: its host copy is current) included.
+TEST(Report, SaysWhatItsBytesCount) {
+  ParsedTrace t;
+  t.events = {test::make_event(0, EventKind::Alloc, 0x10, 4 << 20),
+              test::make_event(0, EventKind::Alloc, 0x20, 2 << 20),
+              test::make_event(10, EventKind::Evict, 0x10, 4 << 20),
+              test::make_event(10, EventKind::SwapOut, 0x10, 4 << 20, 0, 100),
+              test::make_event(20, EventKind::Evict, 0x20, 2 << 20),  // clean: no copy
+              test::make_event(300, EventKind::SwapIn, 0x10, 4 << 20, 0, 100)};
+  const ReportSummary s = summarize(t);
+  EXPECT_EQ(s.swap_outs, 1u);
+  EXPECT_EQ(s.swapped_out_bytes, 4u << 20);
+  EXPECT_EQ(s.swapped_in_bytes, 4u << 20);
+  EXPECT_EQ(s.evictions, 2u);
+  EXPECT_EQ(s.evicted_bytes, 6u << 20);
+  const std::string html = render_report(t, "t.json");
+  const std::string row = "</th><td>";
+  for (const std::string& text :
+       {"swapped out" + row + "4.00 MiB in 1 copies to the host",
+        "swapped in" + row + "4.00 MiB in 1 copies back",
+        std::string("evicted</th><td id='evicted'>6.00 MiB in 2 evictions, with a copy or without"),
+        std::string("id='copies'>Swapped out and in: every copy in the trace"),
+        std::string("set-up before step 1")})
+    EXPECT_NE(html.find(text), std::string::npos) << text;
+}
+
 // Tag 100 is the step marks', the others name layers.
 std::string step_tags(std::uint32_t tag) {
   return tag == 100 ? std::string("step begins") : "layer" + std::to_string(tag) + ".act";

@@ -14,6 +14,7 @@
 #include "core/units.hpp"
 #include "graph/liveness.hpp"
 #include "graph/plan.hpp"
+#include "profiling/events.hpp"
 #include "train/executor.hpp"
 #include "train/models.hpp"
 #include "train/predict.hpp"
@@ -432,6 +433,65 @@ TEST(Train, WaitingOnlyBeforeOpsWithActionsKeepsThePlanAndTheBits) {
       EXPECT_NEAR(s.step_s, w.steps[i].step_s, 0.02 * w.steps[i].step_s);
     }
   }
+}
+
+// Audit 31b #8: a trace of a run counted more bytes out than the run's steps (292 vs 352 MiB):
+// it also holds the copies before step 1 (the weights and optimizer state written, those the
+// plan starts on the host evicted; under lru and plan, evicted to make room) and those of
+// reading the state back after the last step. The trace's swap_out and swap_in events sum to
+// the steps' figures plus the set-up's and the read-back's, which the run now gives.
+TEST(Train, ATracesBytesAreTheStepsPlusTheSetUpAndTheReadBack) {
+  const Config conf = Config::parse(kConf);
+  // Weights of 1 MiB a layer (over the swap threshold), unlike kCases' mlp.
+  const train::Program program =
+      train::build_model("mlp", {.batch = 1024, .layers = 4, .width = 512});
+  const std::uint64_t budget = train::footprint(conf, program) / 3;
+  auto& recorder = profiling::TraceRecorder::global();
+  const bool was_enabled = recorder.enabled();
+  recorder.set_enabled(true);
+  for (int run = 0; run < 4; ++run) {
+    const Policy policy = run < 2 ? Policy::Graph : run == 2 ? Policy::Plan : Policy::Lru;
+    const bool measure = run == 1;  // the second step's re-plan evicts after the step's ops
+    SCOPED_TRACE(std::string("policy ") + train::to_string(policy) + (measure ? ", measured" : ""));
+    train::RunOptions o{.policy = policy, .budget = budget, .steps = 3,
+                        .exec = {.measure_ops = measure}, .keep_state = true};
+    recorder.collect();  // what earlier tests left
+    const std::uint64_t dropped = recorder.dropped();
+    std::vector<profiling::TraceEvent> events;
+    const train::RunResult r = train::run_training(conf, program, o, {}, {}, [&](Runtime& rt) {
+      rt.device().synchronize();  // (spill train's trace is written so)
+      events = recorder.collect();
+    });
+    ASSERT_EQ(recorder.dropped(), dropped) << "the trace must hold every event";
+    std::uint64_t traced_out = 0, traced_in = 0, outs = 0, ins = 0;
+    for (const profiling::TraceEvent& e : events) {
+      if (e.kind == profiling::EventKind::SwapOut) traced_out += e.bytes, ++outs;
+      if (e.kind == profiling::EventKind::SwapIn) traced_in += e.bytes, ++ins;
+    }
+    std::uint64_t steps_out = 0, steps_in = 0;
+    for (const train::StepStats& s : r.steps)
+      steps_out += s.swaps.bytes_out, steps_in += s.swaps.bytes_in;
+    EXPECT_GT(steps_out, 0u);
+    // The test covers the difference: the set-up copies weights out, the read-back brings
+    // those on the host in.
+    EXPECT_GT(r.setup_swaps.bytes_out, 0u);
+    EXPECT_GT(r.readback_swaps.bytes_in, 0u);
+    EXPECT_EQ(traced_out, steps_out + r.setup_swaps.bytes_out + r.readback_swaps.bytes_out)
+        << "steps " << format_bytes(steps_out) << ", set-up "
+        << format_bytes(r.setup_swaps.bytes_out) << ", read-back "
+        << format_bytes(r.readback_swaps.bytes_out);
+    EXPECT_EQ(traced_in, steps_in + r.setup_swaps.bytes_in + r.readback_swaps.bytes_in)
+        << "steps " << format_bytes(steps_in) << ", set-up "
+        << format_bytes(r.setup_swaps.bytes_in) << ", read-back "
+        << format_bytes(r.readback_swaps.bytes_in);
+    const SwapStats total = train::run_swaps(r);
+    EXPECT_EQ(total.bytes_out, traced_out);
+    EXPECT_EQ(total.bytes_in, traced_in);
+    EXPECT_EQ(total.swap_outs, outs);
+    EXPECT_EQ(total.swap_ins, ins);
+  }
+  recorder.collect();
+  recorder.set_enabled(was_enabled);
 }
 
 // The plan and the prediction use the link the simulated device's copies follow: with
