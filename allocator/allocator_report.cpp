@@ -229,6 +229,7 @@ void CachingAllocator::throw_oom_locked(
   for (const Block& b : m.allocated) {
     if (!b.segment->large) f.small_allocated += b.size;
     if (b.named && b.backed) named.push_back(&b), f.named_bytes += b.size;
+    if (!b.named && b.backed) ++f.unnamed_count, f.unnamed_bytes += b.size;
   }
   f.named_count = named.size();
   const std::size_t listed = std::min(named.size(), OomFacts::kNamedListed);

@@ -68,6 +68,11 @@ std::string oom_message(const OomFacts& f) {
       m += " (" + std::to_string(f.named.size()) + " of " + std::to_string(f.named_count) +
            " named, " + format_bytes(f.named_bytes) + " in all)";
     }
+    // What the list leaves out: the largest blocks may be unnamed (activations).
+    if (f.unnamed_count > 0) {
+      m += ", and " + format_bytes(f.unnamed_bytes) + " in " + std::to_string(f.unnamed_count) +
+           " unnamed";
+    }
   }
   m += ". ";
   if (f.device_full && f.simulated &&

@@ -43,6 +43,8 @@ struct OomFacts {
   };
   std::vector<Named> named;
   std::size_t named_count = 0, named_bytes = 0;
+  // Resident blocks without a name, when some block has one (under spill.torch: activations).
+  std::size_t unnamed_count = 0, unnamed_bytes = 0;
 };
 
 // 1 - largest free block / the pool's free bytes: 0 when they are one block (or none).

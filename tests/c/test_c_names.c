@@ -171,7 +171,8 @@ TEST(the_trace_shows_the_name) {
 }
 
 /* The allocator's out-of-memory message lists the largest named resident blocks, largest
- * first, at most 5 of them, and says how many there are in all. */
+ * first, at most 5 of them, and says how many there are in all, and what is resident
+ * without a name. */
 TEST(the_oom_message_lists_the_largest_named_blocks) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:1GiB,budget:64MiB,policy:none"));
   const char* names[7] = {"a (param)", "b", "c", "d", "e", "f", "g"};
@@ -187,7 +188,7 @@ TEST(the_oom_message_lists_the_largest_named_blocks) {
   CHECK_STATUS(spill_malloc(&q, 32 * MiB, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
   CHECK_ERROR_HAS("largest named resident blocks: \"b\" 16.00 MiB, \"d\" 8.00 MiB, "
                   "\"c\" 4.00 MiB, \"");
-  CHECK_ERROR_HAS(" (5 of 7 named, 36.00 MiB in all)");
+  CHECK_ERROR_HAS(" (5 of 7 named, 36.00 MiB in all), and 20.00 MiB in 1 unnamed");
   char* oom = NULL;
   REQUIRE_OK(spill_last_oom_message(0, &oom));
   CHECK(strstr(oom, "\"b\" 16.00 MiB") != NULL);
@@ -198,6 +199,7 @@ TEST(the_oom_message_lists_the_largest_named_blocks) {
   REQUIRE_OK(spill_set_block_name(p[2], "c2"));
   CHECK_STATUS(spill_malloc(&q, 60 * MiB, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
   CHECK_ERROR_HAS("largest named resident blocks: \"c2\" 4.00 MiB, \"");
+  CHECK_ERROR_HAS(", and 28.00 MiB in 2 unnamed"); /* the cleared one with the unnamed */
   CHECK(strstr(spill_last_error(), "\"b\"") == NULL);
   CHECK(strstr(spill_last_error(), "\"d\"") == NULL);
   CHECK(strstr(spill_last_error(), " of 5 named") == NULL); /* all listed: no count */
