@@ -10,7 +10,8 @@ SystemExit and KeyboardInterrupt end the process as they would, and interpreter 
 only in what the server imported before the fork (torch and the standard library), in sharing
 the server's hash seed, and in environment variables read at interpreter or library start:
 the caller (test_torch_bridge.run_code) sends only requests whose environment differs from
-the server's in SPILL_* variables, which spill reads when it starts.
+the server's in SPILL_* variables, which spill reads when it starts, and pytest's
+PYTEST_CURRENT_TEST.
 
 Protocol (one JSON line each way, on stdin and on the descriptor given as argv[1]): the request
 {"code" | "script" + "argv", "env", "cwd", "stdout", "stderr"} (files to write the child's output
