@@ -3,6 +3,7 @@
 #include <fstream>
 #include <sstream>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "core/errors.hpp"
 #include "core/json_read.hpp"
@@ -75,6 +76,23 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
   };
   std::unordered_map<std::uint64_t, AllocAction> alloc_at;
   std::unordered_map<std::uint64_t, std::string> named;
+  // Addresses of blocks allocated at the event being replayed: a Map or Unmap at one is that
+  // block's swap in or out, not a segment's birth or end (memory_viz's segment view drops a
+  // segment at a segment_alloc's address when it steps back over it, and then finds an
+  // allocated block outside every segment). Allocated before the history began: blocks whose
+  // first history event is a free, and blocks allocated now that the history never mentions.
+  std::unordered_set<std::uint64_t> live;
+  {
+    std::unordered_set<std::uint64_t> seen;
+    for (const TraceEvent& e : history) {
+      if (e.device != state.device) continue;
+      if (e.kind != EventKind::Alloc && e.kind != EventKind::Free) continue;
+      if (seen.insert(e.address).second && e.kind == EventKind::Free) live.insert(e.address);
+    }
+    for (const SnapshotSegment& seg : state.segments)
+      for (const SnapshotBlock& b : seg.blocks)
+        if (b.state != SnapshotBlock::State::Free && !seen.count(b.address)) live.insert(b.address);
+  }
   auto entry = [&](const char* action, const TraceEvent& e) {
     auto it = named.find(e.address);
     trace.push_back({{"action", action},
@@ -91,6 +109,7 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
       case EventKind::Alloc:
         named.erase(e.address);
         alloc_at[e.address] = {trace.size(), e.tag};
+        live.insert(e.address);
         entry("alloc", e);
         break;
       case EventKind::Free:
@@ -98,6 +117,7 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
         entry("free_completed", e);
         alloc_at.erase(e.address);
         named.erase(e.address);
+        live.erase(e.address);
         break;
       case EventKind::Name: {
         std::string name = e.tag != 0 && tags ? tags(e.tag) : std::string();
@@ -110,8 +130,10 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
         else named[e.address] = std::move(name);
         break;
       }
-      case EventKind::Map: entry("segment_alloc", e); break;
-      case EventKind::Unmap: entry("segment_free", e); break;
+      // A swap is an action memory_viz does not know: listed in its events, left out of what
+      // it replays (the block keeps its segment there, as in `segments`).
+      case EventKind::Map: entry(live.count(e.address) ? "swap_in" : "segment_alloc", e); break;
+      case EventKind::Unmap: entry(live.count(e.address) ? "swap_out" : "segment_free", e); break;
       case EventKind::Oom:
         // torch's memory_viz reads what was free ("... free in CUDA"): under spill, the bytes
         // the budget still had unmapped. The event has no address of its own.

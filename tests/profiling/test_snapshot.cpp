@@ -121,6 +121,35 @@ TEST(Snapshot, NamedBlocksAndTheirHistoryCarryTheName) {
   EXPECT_EQ(trace[3]["action"], "alloc");
 }
 
+// A block's swap out and back (Unmap and Map at an allocated block's address) are "swap_out"
+// and "swap_in" actions, which memory_viz lists and does not replay; a segment's own mapping
+// and release stay segment_alloc and segment_free. Before, a swap was a segment_free and a
+// segment_alloc at the block: memory_viz's segment view, stepping back over the swap-in,
+// dropped the segment of a block still allocated there (audit 31b #6).
+TEST(Snapshot, SwapsAreTheirOwnActionsNotSegmentEvents) {
+  using test::make_event;
+  MemoryState m = sample_state();  // 0x1000000 and 0x1400000 allocated now
+  const std::vector<TraceEvent> history = {
+      make_event(500, EventKind::Unmap, 0x1000000, 4 << 20),  // allocated before the history
+      make_event(600, EventKind::Map, 0x1000000, 4 << 20),
+      make_event(700, EventKind::Map, 0x5000000, 2 << 20),    // a segment of its own
+      make_event(800, EventKind::Alloc, 0x5000000, 2 << 20),
+      make_event(900, EventKind::Unmap, 0x5000000, 2 << 20),  // swapped out
+      make_event(1000, EventKind::Map, 0x5000000, 2 << 20),   // and back
+      make_event(1100, EventKind::Free, 0x5000000, 2 << 20),
+      make_event(1200, EventKind::Unmap, 0x5000000, 2 << 20),  // the segment released
+      make_event(1300, EventKind::Free, 0x7000000, 2 << 20),   // allocated before, freed
+      make_event(1400, EventKind::Unmap, 0x7000000, 2 << 20)};
+  nlohmann::json j = to_memory_viz(m, history, {});
+  std::vector<std::string> actions;
+  for (const auto& a : j["device_traces"][0]) actions.push_back(a["action"]);
+  const std::vector<std::string> expected = {
+      "swap_out",      "swap_in",        "segment_alloc",  "alloc",        "swap_out",
+      "swap_in",       "free_requested", "free_completed", "segment_free", "free_requested",
+      "free_completed", "segment_free"};
+  EXPECT_EQ(actions, expected);
+}
+
 TEST(Snapshot, RoundTripsAndConvertsToAPickle) {
   std::string path = ::testing::TempDir() + "spill_snapshot.json";
   write_snapshot(path, sample_state(), test::synthetic_step());
