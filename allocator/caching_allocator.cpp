@@ -52,6 +52,15 @@ CachingAllocator::~CachingAllocator() {
     // A sticky device error: release what can be released below.
   }
   std::lock_guard lock(m.mu);
+  // What shutdown releases is traced as released (a trace exported after it ends with nothing
+  // allocated or mapped): each block still allocated is freed, each segment's mapped bytes
+  // unmapped (a retired range's Unmap was traced when it retired).
+  for (const Block& b : m.allocated) m.trace(EventKind::Free, b.addr, b.size);
+  for (const Segment& s : m.segments) {
+    std::size_t mapped = s.large ? 0 : s.size;
+    for (const Chunk& c : s.chunks) mapped += s.large ? c.size : 0;
+    if (mapped) m.trace(EventKind::Unmap, s.addr, mapped);
+  }
   m.allocated.clear();
   // Retired ranges alias segments' chunks: unmapped first.
   for (RetiredRange& r : m.retired) {

@@ -27,6 +27,8 @@ HostPool::~HostPool() {
       // Teardown after a device error: the pages are unmapped regardless.
     }
     ::munmap(p, s->size);
+    // (a trace exported after shutdown ends with nothing pinned)
+    profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size);
     delete s;
   });
 }

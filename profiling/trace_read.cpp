@@ -112,8 +112,22 @@ void check_meaning(ParsedTrace& t, const std::string& origin) {
   MemoryCounters low = t.baseline;  // each counter's lowest value
   std::unordered_map<std::uint64_t, std::uint64_t> live;  // complete traces: address -> bytes
   std::unordered_set<std::uint64_t> freed;
+  // The blocks allocated at the time of the events being checked, and where that time's events
+  // end: events of one time from different threads sort in no causal order (the simulated
+  // clock gives a copy's slice the time of its block's allocation), so a swap may come before
+  // its block's alloc at the same time.
+  std::unordered_set<std::uint64_t> allocated_then;
+  std::size_t group_end = 0;
   for (std::size_t i = 0; i < t.events.size(); ++i) {
     const TraceEvent& e = t.events[i];
+    if (complete && i >= group_end) {
+      allocated_then.clear();
+      for (group_end = i; group_end < t.events.size() &&
+                          t.events[group_end].time_ns == e.time_ns;
+           ++group_end)
+        if (t.events[group_end].kind == EventKind::Alloc)
+          allocated_then.insert(t.events[group_end].address);
+    }
     if (complete) {
       const bool is_live = live.count(e.address) != 0;
       switch (e.kind) {
@@ -135,8 +149,9 @@ void check_meaning(ParsedTrace& t, const std::string& origin) {
         case EventKind::SwapOut:
         case EventKind::Evict:
         case EventKind::SwapIn:
-          // A copy's slice may sort after its block's free (the simulated clock): freed is fine.
-          if (!is_live && !freed.count(e.address))
+          // A copy's slice may sort after its block's free, or before its alloc at the same
+          // time (the simulated clock): either is fine.
+          if (!is_live && !freed.count(e.address) && !allocated_then.count(e.address))
             throw InvalidArgument(name(i) + ": moves a block the trace never allocated at " +
                                   hex_address(e.address) +
                                   " (the trace is complete: its baseline has nothing allocated "

@@ -108,6 +108,30 @@ TEST(TraceExport, AMidRunExportReplaysToTheRuntimesStats) {
   EXPECT_EQ(spill_shutdown(), SPILL_OK);
 }
 
+// What spill_shutdown releases is traced (audit 31b #7): a trace exported after it replays to
+// nothing allocated, mapped, on the host or pinned. Before, shutdown recorded no frees, unmaps
+// or host frees, and such a trace ended with the blocks still live.
+TEST(TraceExport, AShutdownIsTracedAsReleasingEverything) {
+  ASSERT_EQ(spill_init("device:sim,sim_capacity:256MiB,budget:32MiB,swap_threshold:1MiB"), SPILL_OK);
+  export_trace();  // (the events of earlier tests)
+  void* a = written_block(8 * MiB);
+  written_block(4 * MiB);
+  void* small = nullptr;
+  ASSERT_EQ(spill_malloc(&small, 4096, 0, nullptr), SPILL_OK);
+  evict(a);
+  ASSERT_EQ(spill_stream_synchronize(0, nullptr), SPILL_OK);
+  ASSERT_GT(stats().host_pinned_bytes, 0u);
+  ASSERT_EQ(spill_shutdown(), SPILL_OK);  // a, the 4 MiB block and `small` still allocated
+  const ParsedTrace trace = export_trace();
+  CounterReplay replay(trace.baseline);
+  for (const TraceEvent& e : trace.events) replay.apply(e);
+  EXPECT_EQ(replay.current(), MemoryCounters{}) << "allocated " << replay.current().allocated
+                                                << ", mapped " << replay.current().mapped
+                                                << ", on host " << replay.current().on_host
+                                                << ", pinned " << replay.current().host_pinned;
+  EXPECT_GT(replay.peak().allocated, static_cast<std::int64_t>(12 * MiB));
+}
+
 TEST(TraceExport, DroppedEventsAreCountedOnceAndTheTraceStillReads) {
   ASSERT_EQ(spill_init("device:sim,sim_capacity:256MiB,budget:32MiB"), SPILL_OK);
   void* keep = nullptr;
