@@ -171,12 +171,15 @@ TEST(SimDevice, OneCopyEnginePerDirection) {
   EXPECT_NEAR(dev.sim_time_s(), 2 * one, one * 1e-3) << "same direction is serialised";
 
   SimDevice dev2(small("pcie4"));
+  // (two device buffers: the copies run at once, and one reading what the other writes would
+  // be a data race, as on a GPU; ThreadSanitizer reported it)
   void* e1 = dev2.allocate(n);
+  void* e2 = dev2.allocate(n);
   void* g1 = dev2.allocate_host(n);
   void* g2 = dev2.allocate_host(n);
   Stream c = dev2.create_stream(), e = dev2.create_stream();
   dev2.copy_async(e1, g1, n, CopyKind::HostToDevice, c);
-  dev2.copy_async(g2, e1, n, CopyKind::DeviceToHost, e);
+  dev2.copy_async(g2, e2, n, CopyKind::DeviceToHost, e);
   dev2.synchronize();
   EXPECT_NEAR(dev2.sim_time_s(), one, one * 1e-3) << "opposite directions overlap";
   dev.destroy_stream(a);
