@@ -57,6 +57,21 @@
 // room): the plan's op times are the compute it hides copies behind, even when the recorded
 // step stalled (a first, reactive step mostly waits).
 //
+// Variants (spill_step_key): steps that differ in their blocks from one kind of step to
+// another, not only in their sizes (batches of two lengths where a tensor is under
+// swap_threshold at one, unseen by the swapper, and over it at the other), would leave the
+// plan at each change of kind and be recorded again. A step the caller keys (offload: by its
+// first forward's argument shapes) ends with its key on the plan it ended on: the plan it
+// followed, or the one it made; a step of a key its plan has not had that makes a plan of
+// its own keeps the plan it left, with that plan's keys, among the scope's variants (up to
+// kPlanVariants plans in all, the least recently followed dropped; a new plan whose accesses
+// are a variant's, numbered in order of first access, takes that variant's keys and replaces
+// it). A step keyed before its first pin whose key is another variant's switches to that plan
+// there: the plans swap (PlanFields), the births so far are matched to its recording's, what
+// it has on the host at its start is evicted and what it has resident and its first ops'
+// prefetches are brought in. A step that left its plan only to skip part of it (a narrow step
+// keyed too late, following the wide plan) leaves its key with the variant that has it.
+//
 // Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued
 // (one whose block is still pinned, such as a module's input while its submodules run, when
 // the block is unpinned, unless its prefetch has been issued by then); before it, the
@@ -131,6 +146,7 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.matched = 0;
   s.plan_made_older = false;
   s.prev_block = -1;
+  s.step_key.reset();
   s.unplanned_old = 0;
   if (!s.executing) s.pending.clear();  // else: prefetches issued at the previous step's end
   if (s.recording) {
@@ -215,6 +231,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   for (const graph::TraceAccess& a : s.trace.accesses)
     shape = (shape ^ a.block) * 0x100000001b3ull;
   const bool same_shape = shape == s.last_shape;
+  const std::uint64_t shape_before = s.last_shape;
   s.last_shape = shape;
   const std::size_t planned_accesses = s.plan_trace.accesses.size();
   // A step that found state its plan's step made becomes the plan even when it followed the
@@ -230,6 +247,16 @@ void Swapper::Impl::end_step_locked(StepState& s) {
                       (s.matched * 2 < planned_accesses && !within_spliced))))
     s.replan = true;
   const bool keeps_plan = s.planned_step && !s.replan;
+  // A step of another variant than its plan's (a key the plan has not had) makes that
+  // variant's plan; the plan it leaves is kept for its own keys.
+  const bool other_variant =
+      !keeps_plan && s.planned_step && s.step_key && !s.keys.empty() &&
+      std::find(s.keys.begin(), s.keys.end(), *s.step_key) == s.keys.end();
+  if (other_variant) {
+    s.variants.push_back(static_cast<const PlanFields&>(s));
+    s.variants.back().last_shape = shape_before;
+    s.keys.clear();
+  }
   bool spliced = false;
   // A step that followed its plan with a block made by a larger request than the plan had
   // (a longer sequence) is planned again, at the largest sizes seen since the plan's
@@ -248,7 +275,8 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     }
   } else {
     // A step that ran layers its plan lacks: the plan's accesses it skipped are spliced in.
-    if (s.planned_step && s.deviated && s.unplanned_old > 0 && !s.plan_made_older)
+    if (s.planned_step && s.deviated && s.unplanned_old > 0 && !s.plan_made_older &&
+        !other_variant)
       spliced = splice_into_plan_locked(s);
     // A new plan from this recording: its blocks are numbered in the order of first access,
     // as the next step will find them.
@@ -276,6 +304,10 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     s.gen_of_id_prev = s.gen_of_id;
   }
   set_prev_identity_locked(s);
+  // A step that left its plan and kept it (it only skipped some of it: a narrow variant
+  // following a wide one's plan, keyed too late to switch) leaves its key to its own variant.
+  claim_step_key_locked(s, !(keeps_plan && s.deviated));
+  s.followed_tick = s.begin_tick;
   if (keeps_plan && !outgrew) {  // the step followed its plan (or found it again): keep it
     s.last_trace = s.deviated ? renumbered(s.trace, renumbering(s.trace, s.next_id)) : s.trace;
     last_trace_any = s.last_trace;
@@ -311,6 +343,27 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   }
   s.plan_trace = s.trace;
   s.plan_starts = s.trace_starts;
+  // The recording's accesses in their order of first access: a variant whose plan has the
+  // same is this one (a key's step followed another variant's plan and found it was this
+  // one's), and its keys join this plan. At most kPlanVariants plans are kept.
+  s.shape = s.trace.accesses.size();
+  for (const graph::TraceAccess& a : s.trace.accesses)
+    s.shape = (s.shape ^ (a.block << 20 ^ a.op)) * 0x100000001b3ull;
+  for (auto v = s.variants.begin(); v != s.variants.end();) {
+    if (v->shape != s.shape) {
+      ++v;
+      continue;
+    }
+    for (std::uint64_t k : v->keys)
+      if (std::find(s.keys.begin(), s.keys.end(), k) == s.keys.end()) s.keys.push_back(k);
+    v = s.variants.erase(v);
+  }
+  while (s.variants.size() >= StepState::kPlanVariants) {
+    auto oldest = std::min_element(
+        s.variants.begin(), s.variants.end(),
+        [](const PlanFields& a, const PlanFields& b) { return a.followed_tick < b.followed_tick; });
+    s.variants.erase(oldest);
+  }
   s.plan_other_bytes = s.other_bytes;
   s.request_of_id_planned = s.request_of_id;
   s.existed_of_id_planned = s.existed_of_id;
@@ -363,6 +416,10 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   for (const graph::Tensor& t : g.tensors) s.tensor_id.push_back(static_cast<std::int64_t>(t.id));
   // The next step follows this plan from its start: the blocks it starts on the host go there
   // now, as a planned step's last evictions would have sent them.
+  evict_plan_start_locked(s);
+}
+
+void Swapper::Impl::evict_plan_start_locked(StepState& s) {
   for (graph::TensorIndex t : s.plan.start_on_host) {
     auto base = base_for_id_locked(s, s.tensor_id[t]);
     if (!base) continue;
@@ -549,10 +606,7 @@ void Swapper::Impl::follow_to_locked(StepState& s, std::int64_t op) {
 std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepState& s) {
   std::vector<PlannedPrefetch> wanted;
   if (s.replan || s.plan.steps.empty() || s.in_step) return wanted;
-  const std::size_t upto = std::min(s.plan.steps.size(), 1 + static_cast<std::size_t>(s.lookahead));
-  for (std::size_t j = 0; j < upto; ++j)
-    for (graph::TensorIndex t : s.plan.steps[j].prefetch_at)
-      if (s.tensor_id[t] >= 0) wanted.push_back({static_cast<std::uint64_t>(s.tensor_id[t])});
+  first_ops_prefetches_locked(s, wanted);
   if (s.fresh_plan) {
     // The step that made this plan ran without it: what the plan has resident at its start
     // may be on the host. Bring it back in the order of first use (into free room, or room
@@ -561,6 +615,14 @@ std::vector<PlannedPrefetch> Swapper::Impl::next_step_prefetches_locked(StepStat
     for (std::uint64_t id : resident_at_start_locked(s)) wanted.push_back({id});
   }
   return wanted;
+}
+
+void Swapper::Impl::first_ops_prefetches_locked(const StepState& s,
+                                                std::vector<PlannedPrefetch>& wanted) const {
+  const std::size_t upto = std::min(s.plan.steps.size(), 1 + static_cast<std::size_t>(s.lookahead));
+  for (std::size_t j = 0; j < upto; ++j)
+    for (graph::TensorIndex t : s.plan.steps[j].prefetch_at)
+      if (s.tensor_id[t] >= 0) wanted.push_back({static_cast<std::uint64_t>(s.tensor_id[t])});
 }
 
 std::vector<std::uint64_t> Swapper::Impl::resident_at_start_locked(const StepState& s) const {
@@ -1029,6 +1091,10 @@ void Swapper::Impl::on_birth_locked(StepState& s, SwapBlock& b) {
     s.request_of_birth.push_back(b.request);
     s.op_of_birth.push_back(static_cast<std::uint32_t>(std::max<std::int64_t>(s.op, 0)));
   }
+  expect_birth_locked(s, k, b);
+}
+
+void Swapper::Impl::expect_birth_locked(StepState& s, std::uint64_t k, const SwapBlock& b) {
   // Births are counted from the step's start: once the step has left its plan, the plan's
   // birth k need not be this one (its blocks are found at their first pin).
   if (!s.executing || s.deviated || k >= s.id_of_birth_planned.size() ||
@@ -1041,6 +1107,69 @@ void Swapper::Impl::on_birth_locked(StepState& s, SwapBlock& b) {
     s.expected_id_of.erase(old->second);
   s.expected_id_of[key(b.base)] = {id, b.generation};
   s.expected_base_of_id[id] = key(b.base);
+}
+
+std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, std::uint64_t key) {
+  s.step_key = key;
+  std::vector<PlannedPrefetch> wanted;
+  // A plan is switched before the step's first pin only: after one, the step's blocks have
+  // ids of the plan it follows (what it pinned, its births' expectations, its recording).
+  if (!s.in_step || !s.recording || s.replan || s.op >= 0 || !s.trace.accesses.empty() ||
+      !s.id_of.empty() || std::find(s.keys.begin(), s.keys.end(), key) != s.keys.end())
+    return wanted;
+  auto v = std::find_if(s.variants.begin(), s.variants.end(), [&](const PlanFields& p) {
+    return std::find(p.keys.begin(), p.keys.end(), key) != p.keys.end();
+  });
+  if (v == s.variants.end()) return wanted;  // a key no plan has had: the step follows this one
+  PlanFields next = std::move(*v);
+  s.variants.erase(v);
+  if (!s.keys.empty()) s.variants.push_back(std::move(static_cast<PlanFields&>(s)));
+  static_cast<PlanFields&>(s) = std::move(next);
+  // As begin_step_locked starts a step that follows a plan.
+  s.executing = !s.plan.steps.empty();
+  s.planned_step = s.executing;
+  s.plan_ids = s.executing ? s.use_ops.size() : 0;
+  s.next_id = s.plan_ids;
+  s.cursor = 0;
+  s.plan_op = -1;
+  s.prefetched_upto = 0;
+  s.evicted_upto = 0;
+  s.pending.clear();
+  s.deferred.clear();
+  if (s.executing) s.lookahead = std::max(0, s.lookahead - 1);
+  // The blocks born so far (before any pin: the batch) as this plan's recording had them.
+  s.expected_id_of.clear();
+  s.expected_base_of_id.clear();
+  for (const auto& [base, k] : s.birth_of) {
+    auto b = blocks.find(base);
+    if (b != blocks.end()) expect_birth_locked(s, k, b->second);
+  }
+  if (!s.executing) return wanted;
+  // Memory as this plan's steps leave it: what it has on the host at its start goes there,
+  // what it has resident comes back in the order of first use, and its first ops' prefetches.
+  evict_plan_start_locked(s);
+  wanted = moved_since_plan_locked(s);
+  first_ops_prefetches_locked(s, wanted);
+  s.fresh_plan = false;
+  return wanted;
+}
+
+void Swapper::Impl::claim_step_key_locked(StepState& s, bool from_variants) {
+  if (!s.step_key) return;
+  const std::uint64_t key = *s.step_key;
+  const auto has_key = [&](const PlanFields& p) {
+    return std::find(p.keys.begin(), p.keys.end(), key) != p.keys.end();
+  };
+  if (!from_variants && std::any_of(s.variants.begin(), s.variants.end(), has_key)) return;
+  for (auto v = s.variants.begin(); v != s.variants.end();) {
+    v->keys.erase(std::remove(v->keys.begin(), v->keys.end(), key), v->keys.end());
+    v = v->keys.empty() ? s.variants.erase(v) : v + 1;
+  }
+  if (has_key(s)) return;
+  // A plan keeps its latest keys (steps of ever new shapes would grow the list for good).
+  constexpr std::size_t kKeysPerPlan = 256;
+  if (s.keys.size() >= kKeysPerPlan) s.keys.erase(s.keys.begin());
+  s.keys.push_back(key);
 }
 
 void Swapper::Impl::forget_expected_locked(StepState& s, std::uintptr_t base) {

@@ -796,8 +796,10 @@ void Swapper::set_budget(std::uint64_t bytes) {
   std::lock_guard lock(m.mu);
   m.opt.budget = bytes;
   for (auto& [id, st] : m.scopes) {
-    st.replan = true;  // the plan was made for the old budget
+    st.replan = true;  // the plan was made for the old budget, and so were its variants'
     st.executing = false;
+    st.variants.clear();
+    st.keys.clear();
   }
 }
 
@@ -848,6 +850,18 @@ void Swapper::begin_step(std::uint64_t scope) {
 }
 
 void Swapper::set_scope(std::uint64_t scope) { impl_->set_current_scope(scope); }
+
+void Swapper::set_step_key(std::uint64_t scope, std::uint64_t key) {
+  impl_->set_current_scope(scope);
+  std::unique_lock lock(impl_->mu);
+  StepState* found = impl_->find_scope_locked(scope);
+  if (found == nullptr) return;  // no step begun: nothing to follow
+  StepState& st = *found;
+  // Threads issuing the scope's planned prefetches read its plan without the lock.
+  impl_->cv.wait(lock, [&] { return st.users == 0; });
+  std::vector<PlannedPrefetch> wanted = impl_->set_step_key_locked(st, key);
+  if (!wanted.empty()) impl_->prefetch_planned(lock, st, std::move(wanted));
+}
 
 void Swapper::end_step() { end_step(impl_->current_scope()); }
 

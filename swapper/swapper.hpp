@@ -189,6 +189,13 @@ class Swapper {
   void begin_step(std::uint64_t scope);
   void end_step();
   void end_step(std::uint64_t scope);
+  // Says which variant of the scope's steps the step begun is, by a key of the caller's (a
+  // hash of the batch's shapes). A scope keeps the plan of each variant whose steps differ in
+  // their blocks (up to StepState::kPlanVariants), by the keys of the steps that ended on it;
+  // a step whose key another plan has than the one it would follow switches to that plan, if
+  // no pin of the step came yet (after one, the key only goes with the plan the step ends on).
+  // Steps without a key, or all of one key, follow one plan as before.
+  void set_step_key(std::uint64_t scope, std::uint64_t key);
   // Makes `scope` the calling thread's current scope on this swapper, touching no step state
   // (a thread joining a step another began: begin_op would also stop ops starting at pins).
   void set_scope(std::uint64_t scope);

@@ -71,11 +71,58 @@ struct PlannedPrefetch {
   std::uint64_t id = 0;
 };
 
+// A scope's plan and what finds its blocks in a later step: the latest step's ids of blocks
+// (which the plan's ids name), sizes and requests it was made for. A scope whose steps come in
+// variants (spill_step_key: batches of a few lengths, some of whose tensors fall under
+// swap_threshold at one length and not at another, so that the steps differ in their blocks)
+// keeps the plan of each variant and follows the one of the step's key (see step.cpp).
+struct PlanFields {
+  graph::Plan plan;
+  graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)
+  std::vector<bool> plan_starts;  // per access of plan_trace: its block's first in the step
+  std::vector<std::vector<std::size_t>> plan_positions;  // plan id -> indices in plan_trace
+  std::vector<std::int64_t> tensor_id;              // plan tensor index -> block id
+  std::vector<std::vector<std::uint32_t>> use_ops;  // block id -> ops using it (Belady)
+  // The plan's ops are the recording's ops that touched blocks: plan op j is recorded op
+  // plan_op_ids[j] (ops whose pins were all of small blocks are not in the plan).
+  std::vector<std::uint32_t> plan_op_ids;
+  // (plan op << 32 | tensor) -> the plan op of that eviction's prefetch.
+  std::unordered_map<std::uint64_t, std::int64_t> prefetch_of_eviction;
+  // id -> base and generation of its block in the latest step that followed the plan (or made
+  // it), and the inverse.
+  std::vector<std::uintptr_t> base_of_id_prev;
+  std::vector<std::uint64_t> gen_of_id_prev;
+  std::unordered_map<std::uintptr_t, std::uint64_t> prev_id_of_base;
+  std::vector<std::size_t> size_of_id;  // from the planned trace, then the block followed
+  // id -> the block's request the plan was made for. Tensor sizes may change from step to step
+  // (batches padded to their own longest sequence): a plan is made for the largest request,
+  // block size (plan_bytes_of_id) and, per recorded op, memory the recording did not show
+  // (plan_other_bytes) of the steps since its recording; a step that outgrows it plans again.
+  std::vector<std::size_t> request_of_id_planned;
+  std::vector<std::size_t> plan_bytes_of_id;
+  std::vector<std::uint64_t> plan_other_bytes;
+  std::vector<char> existed_of_id_planned;  // id -> its block existed before the plan's step
+  // The plan's recording's births (StepState::id_of_birth, request_of_birth).
+  std::vector<std::int64_t> id_of_birth_planned;
+  std::vector<std::size_t> request_of_birth_planned;
+  std::uint64_t plan_begin_tick = 0;  // begin_tick of the step the plan was made at
+  bool plan_spliced = false;          // the plan was made by splicing a step into the last one
+  bool fresh_plan = false;       // made at the last step's end, which ran without it
+  std::uint64_t last_shape = 0;  // a hash of the latest step's accesses (its blocks in order)
+  int lookahead = 0;             // extra ops of prefetch, adapted
+  // Variants: the step keys whose latest step ended on this plan, the hash of its recording's
+  // accesses in their order of first access (a step of another key that made the same plan
+  // joins it), and begin_tick of the latest step that followed it.
+  std::vector<std::uint64_t> keys;
+  std::uint64_t shape = 0;
+  std::uint64_t followed_tick = 0;
+};
+
 // One step scope's recording and plan. Every step is recorded (policy plan with a budget);
 // the recording becomes the plan when the scope has none yet, when the step had ops its plan
 // lacks (or matched less than half of it), or when the budget changed; a step that ran layers
 // its plan's step skipped is spliced into the plan (see step.cpp).
-struct StepState {
+struct StepState : PlanFields {
   std::uint64_t scope = 0;       // its number
   std::uint64_t steps_begun = 0;  // begin_step calls so far (the trace's step marks)
   std::uint64_t begin_tick = 0;  // the clock at begin_step: blocks born before it pre-exist
@@ -95,22 +142,15 @@ struct StepState {
   // (count_fresh_locked); a scan of every block at each pin and op was the recording's
   // largest cost in the swapper once a step had hundreds of blocks.
   std::size_t fresh_bytes = 0;
-  // id -> base, this step's and the latest step's (ids are the plan's: see plan_ids).
-  std::vector<std::uintptr_t> base_of_id, base_of_id_prev;
+  // id -> base, this step's (ids are the plan's: see plan_ids; the latest step's in PlanFields).
+  std::vector<std::uintptr_t> base_of_id;
   // id -> the generation of the block at that base when it was pinned: a later block at the
   // same address (the recorded one freed) is another block.
-  std::vector<std::uint64_t> gen_of_id, gen_of_id_prev;
-  std::vector<std::size_t> size_of_id;  // from the planned trace, then the block followed
-  // id -> the block's request (SwapBlock::request): this step's, and the one the plan was made
-  // for. Tensor sizes may change from step to step (batches padded to their own longest
-  // sequence): a plan is made for the largest request, block size (plan_bytes_of_id) and, per
-  // recorded op, memory the recording did not show (plan_other_bytes) of the steps since its
-  // recording; a step that outgrows it plans again (see step.cpp).
-  std::vector<std::size_t> request_of_id, request_of_id_planned;
-  std::vector<std::size_t> plan_bytes_of_id;
-  // id -> whether its block existed before the step: this step's, and the plan's recording's.
-  std::vector<char> existed_of_id, existed_of_id_planned;
-  std::vector<std::uint64_t> plan_other_bytes;
+  std::vector<std::uint64_t> gen_of_id;
+  // id -> the block's request (SwapBlock::request), this step's (the plan's: PlanFields).
+  std::vector<std::size_t> request_of_id;
+  // id -> whether its block existed before the step, this step's (the plan's: PlanFields).
+  std::vector<char> existed_of_id;
   bool outgrew_plan = false;     // a block of this step was made by a larger request
   std::unordered_map<std::uint64_t, std::size_t> access_of_id_op;  // id -> index in trace
   // Blocks born in the step (allocated in its scope while it runs) are also known by their
@@ -122,8 +162,8 @@ struct StepState {
   // plan's prefetch, which looked for the previous step's block under that id.
   std::uint64_t births = 0;
   std::unordered_map<std::uintptr_t, std::uint64_t> birth_of;  // base -> birth, recording
-  std::vector<std::int64_t> id_of_birth, id_of_birth_planned;
-  std::vector<std::size_t> request_of_birth, request_of_birth_planned;
+  std::vector<std::int64_t> id_of_birth;
+  std::vector<std::size_t> request_of_birth;
   std::vector<std::uint32_t> op_of_birth;  // the recorded op each birth came in
   struct Expected {
     std::uint64_t id = 0;
@@ -153,20 +193,12 @@ struct StepState {
   // Blocks of this step from before the plan's step that the plan lacks (the weights of a
   // layer the plan's step skipped): the step is spliced into the plan (see step.cpp).
   std::size_t unplanned_old = 0;
-  std::uint64_t plan_begin_tick = 0;  // begin_tick of the step the plan was made at
-  bool plan_spliced = false;          // the plan was made by splicing a step into the last one
-  std::uint64_t last_shape = 0;  // a hash of the latest step's accesses (its blocks in order)
   std::int64_t prev_block = -1;  // the id of the step's latest recorded access
-  std::vector<std::vector<std::size_t>> plan_positions;  // plan id -> indices in plan_trace
   // Per access of the trace (of plan_trace): whether it is its block's first in the step. An
   // id passes from a block freed in the step to a later one (id_for_block_locked), so an id's
   // first position is not the only place a block of the plan's step begins.
-  std::vector<bool> trace_starts, plan_starts;
-  std::unordered_map<std::uintptr_t, std::uint64_t> prev_id_of_base;  // base_of_id_prev, inverted
+  std::vector<bool> trace_starts;
   graph::Trace trace, last_trace;
-  graph::Trace plan_trace;       // the recording the plan was made from (deviation checks)
-  graph::Plan plan;
-  bool fresh_plan = false;       // made at the last step's end, which ran without it
   std::vector<PlannedPrefetch> pending;  // planned prefetches that found no room yet
   // Per op of the recording: the most bytes mapped that its blocks did not account for (small
   // segments, blocks no pin of the step touched, cache), so that the plan leaves room for them.
@@ -174,11 +206,6 @@ struct StepState {
 
   // Executing a plan, or between two steps of a scope whose next step will follow it.
   bool follows_plan() const;
-  std::vector<std::int64_t> tensor_id;              // plan tensor index -> block id
-  std::vector<std::vector<std::uint32_t>> use_ops;  // block id -> ops using it (Belady)
-  // The plan's ops are the recording's ops that touched blocks: plan op j is recorded op
-  // plan_op_ids[j] (ops whose pins were all of small blocks are not in the plan).
-  std::vector<std::uint32_t> plan_op_ids;
   // The plan's evictions that found their block still in use (pinned: a module's input stays
   // pinned while its submodules run; busy; not yet declared swappable), by block base: each
   // is issued when the block becomes evictable (its last unpin, or a later op), unless the
@@ -188,11 +215,8 @@ struct StepState {
     std::int64_t prefetch_at = 0;  // plan op of its prefetch (>= the op count: next step)
   };
   std::unordered_map<std::uintptr_t, DeferredEviction> deferred;
-  // (plan op << 32 | tensor) -> the plan op of that eviction's prefetch.
-  std::unordered_map<std::uint64_t, std::int64_t> prefetch_of_eviction;
   std::size_t prefetched_upto = 0;                  // plan ops whose prefetches were issued
   std::size_t evicted_upto = 0;                     // plan ops whose evictions were issued
-  int lookahead = 0;                                // extra ops of prefetch, adapted
   // The step's start on the host's steady clock, and the swapper's waited_ns then: recorded
   // times are since the start less the host's waits inside the swapper (see step_time_locked).
   std::uint64_t t0_ns = 0;
@@ -219,6 +243,11 @@ struct StepState {
   std::unordered_map<std::uintptr_t, std::uint32_t> stream_ids;
   // Threads using this state without the lock (planned prefetches): end_scope waits for them.
   int users = 0;
+  // The step's key (spill_step_key), and the plans of the scope's other variants, in the order
+  // they were last followed (the least recent first; at most kPlanVariants with the current).
+  std::optional<std::uint64_t> step_key;
+  std::vector<PlanFields> variants;
+  static constexpr std::size_t kPlanVariants = 8;
 };
 
 struct Swapper::Impl {
@@ -442,6 +471,18 @@ struct Swapper::Impl {
   // to align.
   bool splice_into_plan_locked(StepState& s);
   void begin_step_locked(StepState& s);
+  // Sets the step's key; switches to the plan of that key's variant when the step has no pin
+  // yet, returning the prefetches that plan wants at its start (see step.cpp).
+  std::vector<PlannedPrefetch> set_step_key_locked(StepState& s, std::uint64_t key);
+  // The key of a step that ended on its plan becomes the plan's (no other variant's; with
+  // from_variants false, only a key no variant has).
+  void claim_step_key_locked(StepState& s, bool from_variants);
+  // Evicts what the plan has on the host at its start (a planned step's last evictions do).
+  void evict_plan_start_locked(StepState& s);
+  // The prefetches of the plan's first ops (look-ahead included).
+  void first_ops_prefetches_locked(const StepState& s, std::vector<PlannedPrefetch>& wanted) const;
+  // Birth k of the step is expected to become the plan's block of the recording's birth k.
+  void expect_birth_locked(StepState& s, std::uint64_t k, const SwapBlock& b);
   void end_step_locked(StepState& s);
 };
 

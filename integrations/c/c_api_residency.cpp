@@ -171,6 +171,10 @@ spill_status spill_set_scope(int device, uint64_t scope) {
   return on_swapper(device, "spill_set_scope", [&](Swapper& sw) { sw.set_scope(scope); });
 }
 
+spill_status spill_step_key(int device, uint64_t scope, uint64_t key) {
+  return on_swapper(device, "spill_step_key", [&](Swapper& sw) { sw.set_step_key(scope, key); });
+}
+
 spill_status spill_write_step_graph(int device, uint64_t scope, const char* path) {
   if (path == nullptr || *path == '\0')
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_write_step_graph: the path is NULL or empty");

@@ -97,6 +97,18 @@ def end_step(scope: int = 0, device: int = 0) -> None:
     call("spill_end_step", _args.device(device), _args.scope(scope))
 
 
+def step_key(key: int, scope: int = 0, device: int = 0) -> None:
+    """Says which variant the step of ``scope`` in progress is, by a number of the caller's
+    (0 to 2**64 - 1; e.g. a hash of the batch's shapes), for steps whose blocks differ from
+    variant to variant (batches of a few lengths, some of whose tensors are under
+    ``swap_threshold`` at one length and not at another). The scope keeps a plan for each
+    variant (up to 8) and a step follows the one of its key, when the key comes before the
+    step's first pin (``spill.step(key=...)`` does that). ``spill.torch.offload`` gives each
+    step the shapes of its first forward's tensor arguments."""
+    call("spill_step_key", _args.device(device), _args.scope(scope),
+         _args.integer(key, "key", 0, 2**64 - 1))
+
+
 def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> None:
     """An op (kernel or layer) named ``name`` starts within the current step of ``scope``."""
     call("spill_begin_op", _args.device(device), _args.scope(scope),
@@ -116,8 +128,9 @@ _open_steps = threading.local()
 
 
 @contextlib.contextmanager
-def step(scope: int = 0, device: int = 0) -> Iterator[None]:
-    """``with spill.step():`` brackets one training step of ``scope`` on ``device``.
+def step(scope: int = 0, device: int = 0, key: Optional[int] = None) -> Iterator[None]:
+    """``with spill.step():`` brackets one training step of ``scope`` on ``device``; with
+    ``key``, the step's variant (see :func:`step_key`).
 
     The step ends when the block exits, by an exception too; the block's exception is the one
     raised then (should ending the step fail as well, that failure is added to it as a note).
@@ -126,23 +139,30 @@ def step(scope: int = 0, device: int = 0) -> Iterator[None]:
     step): when it ends, the outer scope is the thread's current scope again. A step inside a
     step of the same scope and device on the same thread has no meaning (a step cannot contain
     itself) and raises :class:`spill.InvalidArgumentError` naming the scope."""
-    key = (_args.device(device), _args.scope(scope))
+    opened = (_args.device(device), _args.scope(scope))
+    variant = None if key is None else _args.integer(key, "key", 0, 2**64 - 1)
     stack = _open_steps.__dict__.setdefault("stack", [])
-    if key in stack:
+    if opened in stack:
         raise InvalidArgumentError(
             f"spill.step: a step of scope {scope} on device {device} is already open on this "
             "thread (a `with spill.step()` inside another of the same scope): a step cannot "
             "contain itself. End the outer step first, or give the inner loop a scope of its "
             "own (spill.step(scope=...))")
     begin_step(scope, device)
-    stack.append(key)
+    stack.append(opened)
+    if variant is not None:
+        try:
+            step_key(variant, scope, device)
+        except BaseException:
+            _end_nested_step(stack, opened)
+            raise
     try:
         yield
     except BaseException as body:
         # The block's exception is the one the caller must see; a failure to end the step
         # (spill shut down inside the block, say) only rides along with it.
         try:
-            _end_nested_step(stack, key)
+            _end_nested_step(stack, opened)
         except Error as failure:
             note = (f"spill.step: ending the step of scope {scope} on device {device} failed "
                     f"too: {failure}")
@@ -151,7 +171,7 @@ def step(scope: int = 0, device: int = 0) -> Iterator[None]:
             else:
                 logging.getLogger("spill").warning("%s", note)
         raise
-    _end_nested_step(stack, key)
+    _end_nested_step(stack, opened)
 
 
 def _end_nested_step(stack: List[Tuple[int, int]], key: Tuple[int, int]) -> None:

@@ -635,6 +635,67 @@ TEST(set_scope_errors_name_the_call) {
   REQUIRE_OK(spill_shutdown());
 }
 
+/* Steps of two variants (a wide step also uses a second block in each layer, as a batch of
+ * another length has tensors over swap_threshold that a shorter one keeps under it), each keyed
+ * with spill_step_key right after spill_begin_step: the first wide step leaves the narrow plan
+ * and is recorded; from then on each step follows its own variant's plan, and every block keeps
+ * its bytes. */
+static void variant_step(void* a[], void* b[], int wide) {
+  REQUIRE_OK(spill_begin_step(0, 4000));
+  REQUIRE_OK(spill_step_key(0, 4000, wide ? 48 : 32));
+  for (int l = 0; l < LAYERS; ++l) {
+    REQUIRE_OK(spill_begin_op(0, 4000, "layer"));
+    CHECK(check_pinned(a[l], 4 * MIB, 60u + (unsigned)l));
+    if (wide) CHECK(check_pinned(b[l], 4 * MIB, 80u + (unsigned)l));
+  }
+  REQUIRE_OK(spill_end_step(0, 4000));
+}
+
+TEST(steps_keyed_by_variant_follow_their_own_plans) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
+  void* a[LAYERS];
+  void* b[LAYERS];
+  for (int l = 0; l < LAYERS; ++l) {
+    REQUIRE_OK(spill_malloc(&a[l], 4 * MIB, 0, NULL));
+    write_pinned(a[l], 4 * MIB, 60u + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(a[l], 1));
+    REQUIRE_OK(spill_malloc(&b[l], 4 * MIB, 0, NULL));
+    write_pinned(b[l], 4 * MIB, 80u + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(b[l], 1));
+  }
+  const int wide[] = {0, 1, 0, 1, 1, 0, 0, 1, 0};
+  const int steps = (int)(sizeof wide / sizeof wide[0]);
+  for (int step = 0; step < steps; ++step) variant_step(a, b, wide[step]);
+  spill_stats st = stats();
+  CHECK(st.steps_recorded == 2); /* the narrow step 0, the wide step 1 */
+  CHECK(st.deviations == 1);     /* step 1 */
+  CHECK(st.steps_planned == (uint64_t)steps - 2);
+  /* No step in progress: nothing to key. */
+  CHECK_OK(spill_step_key(0, 4000, 32));
+  CHECK_OK(spill_step_key(0, 4001, 32));
+  for (int l = 0; l < LAYERS; ++l) {
+    CHECK_OK(spill_free(a[l], 0, NULL));
+    CHECK_OK(spill_free(b[l], 0, NULL));
+  }
+}
+
+/* spill_step_key's errors name the call, as spill_set_scope's do; on a runtime without a
+ * swapper it does nothing. */
+TEST(step_key_errors_name_the_call) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan"));
+  CHECK_STATUS(spill_step_key(-1, 5, 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_step_key: device -1 is not a device ordinal");
+  CHECK_STATUS(spill_step_key(SPILL_MAX_DEVICES, 5, 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_step_key");
+  CHECK_OK(spill_step_key(0, 5, UINT64_MAX));
+  REQUIRE_OK(spill_shutdown());
+  CHECK_STATUS(spill_step_key(0, 5, 1), SPILL_ERROR_SHUT_DOWN);
+  CHECK_ERROR_HAS("spill_step_key: spill was shut down");
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:none"));
+  CHECK_OK(spill_step_key(0, 5, 1));
+  REQUIRE_OK(spill_shutdown());
+}
+
 /* Lowering the budget evicts declared blocks; their bytes survive. */
 /* The ops a step of `scope` records when it pins a, unpins it, then reads b's generation
  * (read_b 1) or pins and unpins b (read_b 2), then pins and unpins a again. */
@@ -877,6 +938,8 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(end_scope_drops_its_recording)     \
   X(a_backward_on_another_thread_that_sets_the_scope_keeps_its_ops) \
   X(set_scope_errors_name_the_call)   \
+  X(steps_keyed_by_variant_follow_their_own_plans) \
+  X(step_key_errors_name_the_call)    \
   X(generations_are_read_without_a_pin) \
   X(lowering_the_budget_evicts)        \
   X(lowering_the_budget_names_a_full_host_cap) \

@@ -151,6 +151,9 @@ def test_bad_frees_name_the_pointer_and_change_nothing(sim):
     (lambda: spill.set_budget("eight GiB"), "eight GiB"),
     (lambda: spill.parse_size(8), "string"),  # type: ignore[arg-type]
     (lambda: spill.begin_step(scope=-1), "scope"),
+    (lambda: spill.step_key(-1), "key"),
+    (lambda: spill.step_key(2**64), "key"),
+    (lambda: spill.step_key(1.5), "key"),  # type: ignore[arg-type]
     (lambda: spill.trace(""), "path"),
     (lambda: spill.unpin(0), "PinToken"),  # type: ignore[arg-type]
     (lambda: spill.begin_op("bad\udcffname"), "name is not valid text"),
@@ -457,6 +460,40 @@ def test_steps_are_recorded_and_written_as_a_graph(tmp_path):
                 raise RuntimeError("the step failed")
         with spill.step(scope=6):  # the failed step was ended: a new one can begin
             pass
+    finally:
+        spill.shutdown()
+
+
+def test_steps_keyed_by_variant_follow_their_own_plans():
+    """Two variants of a step (a wide one also uses a second block per op, as a longer batch
+    has tensors over swap_threshold): keyed with ``spill.step(key=...)``, each follows its own
+    plan once recorded; a bad key is refused before the step begins."""
+    spill.shutdown()
+    spill.configure("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan")
+    try:
+        blocks = []
+        for i in range(8):  # declared one by one: undeclared blocks never make room
+            blocks.append(spill.malloc(BLOCK))
+            write_pattern(blocks[-1], BLOCK, seed=i)
+            spill.set_swappable(blocks[-1])
+        narrow, extra = blocks[:4], blocks[4:]
+        for wide in (0, 1, 0, 1, 1, 0, 1):
+            with spill.step(scope=9, key=48 if wide else 32):
+                for i, p in enumerate(narrow):
+                    spill.begin_op("layer", scope=9)
+                    assert holds_pattern(p, BLOCK, i)
+                    if wide:
+                        assert holds_pattern(extra[i], BLOCK, 4 + i)
+        st = spill.stats()
+        assert (st["swap.steps_recorded"], st["swap.deviations"], st["swap.steps_planned"]) \
+            == (2, 1, 5), st
+        with pytest.raises(spill.InvalidArgumentError, match="key"):
+            with spill.step(scope=9, key=-3):
+                pass
+        with spill.step(scope=9, key=32):  # the refusal left no step open
+            pass
+        for p in narrow + extra:
+            spill.free(p)
     finally:
         spill.shutdown()
 

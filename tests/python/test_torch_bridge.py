@@ -177,6 +177,31 @@ def test_planned_steps_beat_lru(model: str, ratio: int) -> None:
     assert step_delta(plan, "swap.deviations", first) <= 1, detail
 
 
+def test_steps_of_lengths_on_both_sides_of_the_swap_threshold_follow_their_own_plans() -> None:
+    """gpt_straddle: batches of 32 or 48 tokens, whose steps differ in their blocks (a tensor
+    under swap_threshold at 32, over it at 48). offload keys each step by its batch's shapes
+    (spill_step_key) and the scope keeps a plan per length: after each length's step was
+    recorded (steps 0 and 1, and 4, the first 48 after the state was made), every step follows
+    its own, at each change of length too (steps 7, 13 and 15). Before (the same run without
+    keys, 2026-12-06), each change left the plan and was recorded again: 6 plans in 16 steps,
+    8 to 32 demand fetches at each change after step 4, against 0 to 3 now."""
+    steps = 16
+    r = run_python([str(HERE / "torch_bridge_run.py"), "gpt_straddle", "offload", "plan",
+                    str(steps), TARGET], _env(), timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    run = json.loads(lines[-1][len("RESULT "):])["runs"]["offload"]
+    assert run["losses_equal"], (run["losses"], run["base_losses"])
+    assert run["params_equal"], "final parameters differ from the run without spill"
+    per_step, first = run["per_step"], 5
+    detail = {k: step_delta(per_step, k, first) for k in
+              ("swap.steps_planned", "swap.deviations", "swap.steps_recorded",
+               "swap.demand_fetches")}
+    assert detail["swap.deviations"] == 0, detail
+    assert detail["swap.steps_recorded"] == 0, detail
+    assert detail["swap.steps_planned"] == steps - first, detail
+
+
 # Steps whose ops differ from the last step's (torch_train_models.py): stochastic depth (drop:
 # each block skipped at random), top-2 mixture of experts (moe: each expert's batch has its
 # own size, an expert may get none), gradient accumulation over 1, 3, 2, 4 micro-batches

@@ -174,6 +174,10 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.opt
     "gpt_bucket": (lambda: GPT(n_ctx=128), _adamw,
                    lambda i: _gpt_lengths_batch(i, [64, 96, 128])),
     "gpt128": (lambda: GPT(n_ctx=128), _adamw, lambda i: _gpt_lengths_batch(i, [128])),
+    # Lengths 32 and 48: a block's activation (batch * length * width * 4 bytes) is 128 KiB at
+    # 32 tokens, not over swap_threshold (never moved, unseen by the swapper), and 192 KiB at
+    # 48, so that the two lengths' steps differ in their blocks, not only in their sizes.
+    "gpt_straddle": (lambda: GPT(n_ctx=128), _adamw, lambda i: _gpt_lengths_batch(i, [32, 48])),
     # Steps whose ops differ from the last step's: stochastic depth, top-2 experts, a varying
     # number of micro-batches (MICRO_BATCHES).
     "drop": (DropMLP, _adamw, _drop_batch),
@@ -183,7 +187,7 @@ MODELS: Dict[str, Tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.opt
 # A model trained with gradient accumulation -> its number of micro-batches at step i.
 MICRO_BATCHES: Dict[str, Callable[[int], int]] = {"mlp_accum": lambda i: [1, 3, 2, 4][i % 4]}
 # A model whose batches vary -> the same model at its largest batch (its training footprint).
-FOOTPRINT_OF = {"gpt_var": "gpt128", "gpt_bucket": "gpt128"}
+FOOTPRINT_OF = {"gpt_var": "gpt128", "gpt_bucket": "gpt128", "gpt_straddle": "gpt128"}
 
 
 def train(name: str, steps: int, before_step: Callable[[int], None] = lambda i: None,

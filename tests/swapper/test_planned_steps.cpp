@@ -497,6 +497,128 @@ TEST(PlannedSteps, AStepLargerThanItsPlanMakesThePlanAgainAtItsSize) {
   EXPECT_EQ(s.back().deviations, 1u);
 }
 
+// Steps of two variants whose blocks differ, as batches of two lengths do when a tensor is
+// under swap_threshold at the shorter one (never moved: the swapper does not see it) and over
+// it at the longer: a wide step has a second activation per layer. `key_at`: none, the
+// variant's key right after begin_step, or after the step's first pin (too late to switch).
+enum class KeyAt { None, Start, AfterFirstPin };
+struct VariantRun {
+  std::vector<SwapStats> after;  // after each step
+  bool ok = true;
+};
+VariantRun variant_steps(const std::vector<int>& wide, const std::vector<KeyAt>& key_at,
+                         std::uint64_t budget_change_at = 0) {
+  // Weights, state, two activations per layer and a temporary; a third of it is the budget.
+  const std::size_t footprint = (4 * kLayers + 1) * kBlock;
+  Model m("plan", footprint / 3);
+  m.add_weights();
+  VariantRun r;
+  for (std::size_t n = 1; n <= wide.size(); ++n) {
+    if (n == budget_change_at) m.sw.set_budget(footprint / 3 + kBlock);
+    const std::uint64_t key = wide[n - 1] ? 48 : 32;
+    m.sw.begin_step(7);
+    if (key_at[n - 1] == KeyAt::Start) m.sw.set_step_key(7, key);
+    std::vector<void*> acts, extras;
+    for (int l = 0; l < kLayers; ++l) {
+      void* tmp = m.alloc();
+      m.use(m.weights[l], 100 + l, false);
+      if (l == 0 && key_at[n - 1] == KeyAt::AfterFirstPin) m.sw.set_step_key(7, key);
+      acts.push_back(m.alloc());
+      m.use(acts.back(), 1000 * n + l, true);
+      m.declare(acts.back());
+      if (wide[n - 1]) {
+        extras.push_back(m.alloc());
+        m.use(extras.back(), 3000 * n + l, true);
+        m.declare(extras.back());
+      }
+      m.free(tmp);
+    }
+    for (int l = kLayers - 1; l >= 0; --l) {
+      if (wide[n - 1]) {
+        m.use(extras[l], 3000 * n + l, false);
+        m.free(extras[l]);
+      }
+      m.use(acts[l], 1000 * n + l, false);
+      m.use(m.weights[l], 100 + l, false);
+      m.free(acts[l]);
+    }
+    for (int l = 0; l < kLayers; ++l) {
+      m.use(m.weights[l], 100 + l, false);
+      if (m.state.size() <= static_cast<std::size_t>(l)) {
+        m.state.push_back(m.alloc());
+        m.use(m.state.back(), 5000 + n, true);
+        m.declare(m.state.back());
+      } else {
+        m.use(m.state[l], 5000 + n - 1, false);
+        m.use(m.state[l], 5000 + n, true);
+      }
+    }
+    m.sw.end_step(7);
+    r.after.push_back(m.sw.stats());
+  }
+  r.ok = m.ok;
+  return r;
+}
+
+// Steps 1-4: narrow, narrow, wide, narrow (each variant recorded); then an irregular order.
+const std::vector<int> kWide = {0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 0, 1};
+
+std::uint64_t since(const VariantRun& r, std::size_t step, std::uint64_t SwapStats::*field) {
+  return r.after.back().*field - r.after[step - 1].*field;  // steps after `step`
+}
+
+// With a key per variant, each keeps its plan: every step after both were recorded follows
+// its own (before, each change of variant left the plan and was recorded again, as the run
+// without keys still is).
+TEST(PlannedSteps, StepsOfTwoVariantsWithKeysEachFollowTheirOwnPlan) {
+  const VariantRun keyed = variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start));
+  const VariantRun plain = variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::None));
+  EXPECT_TRUE(keyed.ok && plain.ok) << "a block lost its bytes";
+  // Steps 5-16 change variant 8 times. Without keys a narrow step after a wide one leaves the
+  // wide plan (it skips the second activations), and a step like the one before it is
+  // recorded: 6 deviations and 2 recordings, 7 more demand fetches (2026-12-06).
+  EXPECT_EQ(since(keyed, 4, &SwapStats::deviations), 0u);
+  EXPECT_EQ(since(keyed, 4, &SwapStats::steps_planned), kWide.size() - 4);
+  EXPECT_EQ(since(keyed, 4, &SwapStats::steps_recorded), 0u);
+  EXPECT_GE(since(plain, 4, &SwapStats::deviations), 4u) << "without keys, steps deviate";
+  EXPECT_GE(since(plain, 4, &SwapStats::steps_recorded), 1u);
+  const std::uint64_t demand_keyed = since(keyed, 4, &SwapStats::demand_fetches);
+  const std::uint64_t demand_plain = since(plain, 4, &SwapStats::demand_fetches);
+  EXPECT_LT(demand_keyed, demand_plain)
+      << "steps 5-16: " << demand_keyed << " demand fetches with keys, " << demand_plain
+      << " without";
+  RecordProperty("demand_fetches_keyed", std::to_string(demand_keyed));
+  RecordProperty("demand_fetches_plain", std::to_string(demand_plain));
+}
+
+// A key that comes after the step's first pin switches nothing (the step's blocks already have
+// the ids of the plan it follows): that narrow step follows the wide plan it began with,
+// leaving it where it lacks the second activations, and keeps it; its key stays with the
+// narrow plan, which the later narrow steps follow.
+TEST(PlannedSteps, AKeyAfterTheStepsFirstPinSwitchesNoPlan) {
+  std::vector<KeyAt> at(kWide.size(), KeyAt::Start);
+  at[6] = KeyAt::AfterFirstPin;  // step 7: narrow, after the wide step 6
+  const VariantRun r = variant_steps(kWide, at);
+  EXPECT_TRUE(r.ok) << "a block lost its bytes";
+  EXPECT_EQ(r.after[6].deviations - r.after[5].deviations, 1u) << "step 7 followed step 6's plan";
+  EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 0u);
+  EXPECT_EQ(since(r, 7, &SwapStats::deviations), 0u) << "steps 8-16 follow their variants' plans";
+  EXPECT_EQ(since(r, 7, &SwapStats::steps_recorded), 0u);
+}
+
+// A budget change drops every variant's plan (made for the old budget): the next step is
+// recorded, and so is the first step of the other variant after it.
+TEST(PlannedSteps, ABudgetChangeDropsTheVariantsPlans) {
+  const VariantRun r =
+      variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start), /*at step*/ 9);
+  EXPECT_TRUE(r.ok) << "a block lost its bytes";
+  // Step 9 (narrow) is recorded afresh; step 11 (the first wide one after it) leaves that plan.
+  EXPECT_EQ(r.after[8].steps_recorded - r.after[7].steps_recorded, 1u);
+  EXPECT_EQ(r.after[9].steps_recorded - r.after[8].steps_recorded, 0u);
+  EXPECT_EQ(r.after[10].steps_recorded - r.after[9].steps_recorded, 1u);
+  EXPECT_EQ(since(r, 11, &SwapStats::steps_recorded), 0u) << "steps 12-16 follow their plans";
+}
+
 // Once the stream's work is done: block i still holds the pattern of seed0 + i; frees the
 // blocks, then the stream.
 void check_and_free(Runtime& rt, Stream stream, const std::vector<void*>& blocks,

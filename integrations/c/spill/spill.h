@@ -290,6 +290,18 @@ SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* na
  * message naming spill_set_scope: INVALID_ARGUMENT for an ordinal outside
  * 0..SPILL_MAX_DEVICES-1, SHUT_DOWN after spill_shutdown, FORKED_CHILD. */
 SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
+/* Says which variant the step of `scope` in progress is, by a key of the caller's choosing (a
+ * hash of the batch's shapes), for steps that differ in their blocks from variant to variant:
+ * batches of a few lengths, where a tensor under swap_threshold at one length (never moved,
+ * not seen by the swapper) is over it at another. Without keys each change of variant leaves
+ * the plan and is recorded again. With them the scope keeps the plan of each variant (up to 8,
+ * the least recently followed dropped) by the keys of the steps that ended on it, and a step
+ * whose key belongs to another plan than the one it would follow switches to that plan, when
+ * the call comes before the step's first pin (call it right after spill_begin_step); later, the
+ * key only goes with the plan the step ends on. Steps all of one key, or without keys, behave
+ * as before. A call with no step of the scope in progress does nothing; spill_set_budget drops
+ * the plans. Errors as spill_set_scope's, naming spill_step_key. (Since 0.2.0.) */
+SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);
 /* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
  * otherwise, for the process's life). Call it when the model or loop that used the scope is
  * done, e.g. after each run of a hyperparameter sweep. A step of the scope in progress is

@@ -1030,6 +1030,10 @@ class OffloadHandle:
             self._discover_enter(module)
             return
         self.steps.ensure()
+        if root and self._began_step:
+            # The step's variant: batches of another length may have other tensors over
+            # swap_threshold, and so other blocks; each variant follows a plan of its own.
+            self.steps.key(_shapes_key(args))
         stream = self.pinner.stream()
         self._drop_finished()
         frame = _Frame(module, ModuleCall())
@@ -2385,6 +2389,13 @@ def _in_functional_call() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _shapes_key(args: Any) -> int:
+    """A step's variant (spill_step_key): the shapes and dtypes of its first forward's tensor
+    arguments (a hash; stable within the process, which is as long as spill keeps plans)."""
+    return hash(tuple((tuple(t.shape), t.dtype) for t in leaves(args)
+                      if isinstance(t, torch.Tensor)))
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames

@@ -109,6 +109,13 @@ class StepBoundaries:
         named.step = self.count
         current[self._device] = self.scope
 
+    def key(self, key: int) -> None:
+        """The variant of the step in progress (spill_step_key): the scope keeps a plan per
+        variant, and a step keyed before its first pin follows its variant's."""
+        if self.manage and self.in_step and not self.deferred:
+            self._call("spill_step_key", self._device, ctypes.c_uint64(self.scope),
+                       ctypes.c_uint64(key & 0xFFFF_FFFF_FFFF_FFFF))
+
     def enable_evaluations(self) -> None:
         """Evaluation passes between steps (``deferred``) run as steps of a scope of their
         own, made here from the process-wide counter and ended by finish()."""
