@@ -55,7 +55,10 @@ CachingAllocator::~CachingAllocator() {
   // What shutdown releases is traced as released (a trace exported after it ends with nothing
   // allocated or mapped): each block still allocated is freed, each segment's mapped bytes
   // unmapped (a retired range's Unmap was traced when it retired).
-  for (const Block& b : m.allocated) m.trace(EventKind::Free, b.addr, b.size);
+  for (const Block& b : m.allocated) {
+    if (b.segment->large && !b.backed) m.trace(EventKind::Discard, b.addr, b.size);
+    m.trace(EventKind::Free, b.addr, b.size);
+  }
   for (const Segment& s : m.segments) {
     std::size_t mapped = s.large ? 0 : s.size;
     for (const Chunk& c : s.chunks) mapped += s.large ? c.size : 0;
@@ -255,6 +258,9 @@ void CachingAllocator::deallocate_impl(void* ptr, Stream stream, bool explicit_s
   m.stats.allocated.sub(b->size);
   m.stats.requested.sub(b->requested);
   m.stats.frees++;
+  // Swapped out: its bytes on the host are dropped (a trace that began after its eviction sees
+  // them leave here).
+  if (b->segment->large && !b->backed) m.trace(EventKind::Discard, b->addr, b->size, s);
   m.trace(EventKind::Free, b->addr, b->size, s);
   if (b->segment->large && !b->backed) {
     // Swapped out: no physical memory to cache; its addresses are kept for a new segment.

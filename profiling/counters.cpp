@@ -53,6 +53,10 @@ bool CounterReplay::apply(const TraceEvent& e) {
         on_host_.emplace(e.address, e.bytes);
       }
       break;
+    case EventKind::Discard:  // freed on the host, maybe since before the trace began
+      if (!leave_host() && !freed_.count(e.address) && !back_.count(e.address))
+        add(next.on_host, -bytes, "bytes on host");
+      break;
     case EventKind::SwapIn:
       if (leave_host() || back_.erase(e.address) || freed_.count(e.address)) break;
       // Never seen leaving: it was on the host before the trace began.

@@ -109,7 +109,8 @@ std::size_t round_pow2(std::size_t n) {
 const char* to_string(EventKind kind) {
   static constexpr const char* names[kEventKindCount] = {
       "alloc", "free", "map", "unmap", "pin", "unpin", "swap_out",
-      "swap_in", "prefetch", "evict", "stall", "oom", "mark", "host_alloc", "host_free", "name"};
+      "swap_in", "prefetch", "evict", "stall", "oom", "mark", "host_alloc", "host_free", "name",
+      "discard"};
   int i = static_cast<int>(kind);
   return i >= 0 && i < kEventKindCount ? names[i] : "?";
 }

@@ -108,6 +108,43 @@ TEST(TraceExport, AMidRunExportReplaysToTheRuntimesStats) {
   EXPECT_EQ(spill_shutdown(), SPILL_OK);
 }
 
+// A block evicted before the trace and freed in it: its bytes leave the host at its free (a
+// `discard` event before the `free`), so the trace begins with them on the host and ends
+// without them. Before, the free of a block on the host said nothing of the host: the replay
+// never saw its bytes leave, and the export's baseline left them out (0 on the host at the
+// start, where 8 MiB were).
+TEST(TraceExport, ABlockEvictedBeforeTheTraceAndFreedInItLeavesTheHost) {
+  ASSERT_EQ(spill_init("device:sim,sim_capacity:256MiB,budget:32MiB,swap_threshold:1MiB"), SPILL_OK);
+  void* a = written_block(8 * MiB);
+  evict(a);
+  ASSERT_EQ(spill_stream_synchronize(0, nullptr), SPILL_OK);
+  export_trace();  // the next export begins with `a` on the host
+  ASSERT_EQ(stats().swapped_out_bytes, 8 * MiB);
+  void* b = written_block(2 * MiB);  // something before the free, to replay over
+  ASSERT_EQ(spill_free(a, 0, nullptr), SPILL_OK);
+  ASSERT_EQ(spill_stream_synchronize(0, nullptr), SPILL_OK);
+  const ParsedTrace trace = export_trace();
+  ASSERT_EQ(stats().swapped_out_bytes, 0u);
+  ASSERT_TRUE(trace.has_baseline);
+  EXPECT_EQ(trace.baseline.on_host, static_cast<std::int64_t>(8 * MiB));
+  CounterReplay replay(trace.baseline);
+  bool discarded = false;
+  for (const TraceEvent& e : trace.events) {
+    if (e.kind == EventKind::Free && e.address == reinterpret_cast<std::uintptr_t>(a)) {
+      EXPECT_TRUE(discarded) << "the discard comes before the free";
+      EXPECT_EQ(replay.current().on_host, 0) << "the discard took the bytes off the host";
+    }
+    replay.apply(e);
+    if (e.kind == EventKind::Discard && e.address == reinterpret_cast<std::uintptr_t>(a))
+      discarded = true;
+  }
+  EXPECT_TRUE(discarded);
+  EXPECT_EQ(replay.current().on_host, 0);
+  EXPECT_EQ(replay.peak().on_host, static_cast<std::int64_t>(8 * MiB));
+  EXPECT_EQ(spill_free(b, 0, nullptr), SPILL_OK);
+  EXPECT_EQ(spill_shutdown(), SPILL_OK);
+}
+
 // What spill_shutdown releases is traced (audit 31b #7): a trace exported after it replays to
 // nothing allocated, mapped, on the host or pinned. Before, shutdown recorded no frees, unmaps
 // or host frees, and such a trace ended with the blocks still live.
