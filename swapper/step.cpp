@@ -66,8 +66,9 @@
 // its own keeps the plan it left, with that plan's keys, among the scope's variants (up to
 // kPlanVariants plans in all, the least recently followed dropped; a new plan whose accesses
 // are a variant's, numbered in order of first access, takes that variant's keys and replaces
-// it). A step keyed before its first pin whose key is another variant's switches to that plan
-// there: the plans swap (PlanFields), the births so far are matched to its recording's, what
+// it). A step keyed before its first pin whose key is another variant's, or nearer to another
+// variant's keys than to its plan's (keys near as numbers are steps alike), switches to that
+// plan there: the plans swap (PlanFields), the births so far are matched to its recording's, what
 // it has on the host at its start is evicted and what it has resident and its first ops'
 // prefetches are brought in. A step that left its plan only to skip part of it (a narrow step
 // keyed too late, following the wide plan) leaves its key with the variant that has it.
@@ -1117,10 +1118,20 @@ std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, st
   if (!s.in_step || !s.recording || s.replan || s.op >= 0 || !s.trace.accesses.empty() ||
       !s.id_of.empty() || std::find(s.keys.begin(), s.keys.end(), key) != s.keys.end())
     return wanted;
-  auto v = std::find_if(s.variants.begin(), s.variants.end(), [&](const PlanFields& p) {
-    return std::find(p.keys.begin(), p.keys.end(), key) != p.keys.end();
-  });
-  if (v == s.variants.end()) return wanted;  // a key no plan has had: the step follows this one
+  // The variant with this key; for a key no plan has had, the one with the nearest key, when it
+  // is nearer than this plan's keys (keys near as numbers are steps alike: offload's grow with
+  // the batch's element count, so that a length not met before follows the plan of the
+  // nearest length met).
+  const auto distance = [key](const PlanFields& p) {
+    std::uint64_t best = UINT64_MAX;
+    for (std::uint64_t k : p.keys) best = std::min(best, k > key ? k - key : key - k);
+    return best;
+  };
+  auto v = std::min_element(s.variants.begin(), s.variants.end(),
+                            [&](const PlanFields& a, const PlanFields& b) {
+                              return distance(a) < distance(b);
+                            });
+  if (v == s.variants.end() || distance(*v) >= distance(s)) return wanted;
   PlanFields next = std::move(*v);
   s.variants.erase(v);
   if (!s.keys.empty()) s.variants.push_back(std::move(static_cast<PlanFields&>(s)));

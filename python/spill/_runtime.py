@@ -103,8 +103,10 @@ def step_key(key: int, scope: int = 0, device: int = 0) -> None:
     variant to variant (batches of a few lengths, some of whose tensors are under
     ``swap_threshold`` at one length and not at another). The scope keeps a plan for each
     variant (up to 8) and a step follows the one of its key, when the key comes before the
-    step's first pin (``spill.step(key=...)`` does that). ``spill.torch.offload`` gives each
-    step the shapes of its first forward's tensor arguments."""
+    step's first pin (``spill.step(key=...)`` does that). A key not met before follows the
+    plan of the nearest key met: make keys grow with the batch's size. ``spill.torch.offload``
+    keys each step by its first forward's tensor arguments (ranks and dtypes, element count,
+    exact shapes)."""
     call("spill_step_key", _args.device(device), _args.scope(scope),
          _args.integer(key, "key", 0, 2**64 - 1))
 

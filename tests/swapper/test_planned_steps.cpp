@@ -506,8 +506,10 @@ struct VariantRun {
   std::vector<SwapStats> after;  // after each step
   bool ok = true;
 };
+// `keys`: each step's key (default: 48 for a wide step, 32 for a narrow one).
 VariantRun variant_steps(const std::vector<int>& wide, const std::vector<KeyAt>& key_at,
-                         std::uint64_t budget_change_at = 0) {
+                         std::uint64_t budget_change_at = 0,
+                         const std::vector<std::uint64_t>& keys = {}) {
   // Weights, state, two activations per layer and a temporary; a third of it is the budget.
   const std::size_t footprint = (4 * kLayers + 1) * kBlock;
   Model m("plan", footprint / 3);
@@ -515,7 +517,7 @@ VariantRun variant_steps(const std::vector<int>& wide, const std::vector<KeyAt>&
   VariantRun r;
   for (std::size_t n = 1; n <= wide.size(); ++n) {
     if (n == budget_change_at) m.sw.set_budget(footprint / 3 + kBlock);
-    const std::uint64_t key = wide[n - 1] ? 48 : 32;
+    const std::uint64_t key = !keys.empty() ? keys[n - 1] : wide[n - 1] ? 48 : 32;
     m.sw.begin_step(7);
     if (key_at[n - 1] == KeyAt::Start) m.sw.set_step_key(7, key);
     std::vector<void*> acts, extras;
@@ -604,6 +606,20 @@ TEST(PlannedSteps, AKeyAfterTheStepsFirstPinSwitchesNoPlan) {
   EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 0u);
   EXPECT_EQ(since(r, 7, &SwapStats::deviations), 0u) << "steps 8-16 follow their variants' plans";
   EXPECT_EQ(since(r, 7, &SwapStats::steps_recorded), 0u);
+}
+
+// A key no plan has had follows the plan of the nearest key met (offload's keys grow with the
+// batch's size): narrow steps keyed 30 to 39 and wide ones 50 to 59, one each time, follow
+// their variant's plan once one of each was recorded.
+TEST(PlannedSteps, AKeyNotMetBeforeFollowsThePlanOfTheNearestKey) {
+  std::vector<std::uint64_t> keys;
+  for (std::size_t n = 0; n < kWide.size(); ++n) keys.push_back((kWide[n] ? 50 : 30) + n % 10);
+  const VariantRun r =
+      variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start), 0, keys);
+  EXPECT_TRUE(r.ok) << "a block lost its bytes";
+  EXPECT_EQ(since(r, 4, &SwapStats::deviations), 0u);
+  EXPECT_EQ(since(r, 4, &SwapStats::steps_recorded), 0u);
+  EXPECT_EQ(since(r, 4, &SwapStats::steps_planned), kWide.size() - 4);
 }
 
 // A budget change drops every variant's plan (made for the old budget): the next step is

@@ -298,7 +298,10 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
  * the least recently followed dropped) by the keys of the steps that ended on it, and a step
  * whose key belongs to another plan than the one it would follow switches to that plan, when
  * the call comes before the step's first pin (call it right after spill_begin_step); later, the
- * key only goes with the plan the step ends on. Steps all of one key, or without keys, behave
+ * key only goes with the plan the step ends on. Keys near as numbers are taken for steps alike:
+ * a key no plan has had follows the plan of the nearest key met, when that is another plan's
+ * (make keys grow with the batch's size, as spill.torch's do, so that a length not met before
+ * follows the plan of the nearest length met). Steps all of one key, or without keys, behave
  * as before. A call with no step of the scope in progress does nothing; spill_set_budget drops
  * the plans. Errors as spill_set_scope's, naming spill_step_key. (Since 0.2.0.) */
 SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);

@@ -120,6 +120,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
+import math
 import reprlib
 import sys
 import threading
@@ -2392,10 +2393,15 @@ def _in_functional_call() -> bool:
 
 
 def _shapes_key(args: Any) -> int:
-    """A step's variant (spill_step_key): the shapes and dtypes of its first forward's tensor
-    arguments (a hash; stable within the process, which is as long as spill keeps plans)."""
-    return hash(tuple((tuple(t.shape), t.dtype) for t in leaves(args)
-                      if isinstance(t, torch.Tensor)))
+    """A step's variant (spill_step_key) from its first forward's tensor arguments, ordered so
+    that a batch of a size not met before follows the plan of the nearest size met: 16 bits of
+    their ranks and dtypes, 24 of the logarithm of their element count, 24 of their exact
+    shapes (hashes are stable within the process, as long as spill keeps plans)."""
+    tensors = [t for t in leaves(args) if isinstance(t, torch.Tensor)]
+    kinds = hash(tuple((t.dim(), t.dtype) for t in tensors)) & 0xFFFF
+    size = min(int(math.log2(1 + sum(t.numel() for t in tensors)) * (1 << 18)), (1 << 24) - 1)
+    shapes = hash(tuple(tuple(t.shape) for t in tensors)) & 0xFF_FFFF
+    return kinds << 48 | size << 24 | shapes
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
