@@ -56,7 +56,7 @@ CachingAllocator::~CachingAllocator() {
   // allocated or mapped): each block still allocated is freed, each segment's mapped bytes
   // unmapped (a retired range's Unmap was traced when it retired).
   for (const Block& b : m.allocated) {
-    if (b.segment->large && !b.backed) m.trace(EventKind::Discard, b.addr, b.size);
+    if (b.segment->large && !b.backed) m.trace(EventKind::FreeOnHost, b.addr, b.size);
     m.trace(EventKind::Free, b.addr, b.size);
   }
   for (const Segment& s : m.segments) {
@@ -260,7 +260,7 @@ void CachingAllocator::deallocate_impl(void* ptr, Stream stream, bool explicit_s
   m.stats.frees++;
   // Swapped out: its bytes on the host are dropped (a trace that began after its eviction sees
   // them leave here).
-  if (b->segment->large && !b->backed) m.trace(EventKind::Discard, b->addr, b->size, s);
+  if (b->segment->large && !b->backed) m.trace(EventKind::FreeOnHost, b->addr, b->size, s);
   m.trace(EventKind::Free, b->addr, b->size, s);
   if (b->segment->large && !b->backed) {
     // Swapped out: no physical memory to cache; its addresses are kept for a new segment.

@@ -30,7 +30,7 @@ int engine_track(EventKind k) {
 bool allocator_kind(EventKind k) {
   return k == EventKind::Alloc || k == EventKind::Free || k == EventKind::Map ||
          k == EventKind::Unmap || k == EventKind::HostAlloc || k == EventKind::HostFree ||
-         k == EventKind::Discard || k == EventKind::Oom;
+         k == EventKind::FreeOnHost || k == EventKind::Oom;
 }
 
 // Appends JSON text directly: building nlohmann objects per event is ~100x slower, and a

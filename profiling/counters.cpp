@@ -53,7 +53,7 @@ bool CounterReplay::apply(const TraceEvent& e) {
         on_host_.emplace(e.address, e.bytes);
       }
       break;
-    case EventKind::Discard:  // freed on the host, maybe since before the trace began
+    case EventKind::FreeOnHost:  // freed on the host, maybe since before the trace began
       if (!leave_host() && !freed_.count(e.address) && !back_.count(e.address))
         add(next.on_host, -bytes, "bytes on host");
       break;

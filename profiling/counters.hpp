@@ -3,7 +3,7 @@
 // its SwapIn, its Free, a Map at its address (mapped back: an untouched block's swap-in copies
 // nothing) or a Pin of it (its swap-out was cancelled) removes it; a SwapOut sorted after the
 // block's Free adds nothing; a SwapIn of a block the replay never saw leave removes its bytes,
-// as it was on the host before the trace began, and so does a Discard, the host copy of a block
+// as it was on the host before the trace began, and so does a FreeOnHost, the host copy of a block
 // freed there) and host_pinned (HostAlloc/HostFree). A replay
 // may start from a baseline: the counters when the trace's first event happened.
 #pragma once

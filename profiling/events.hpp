@@ -25,14 +25,14 @@ namespace spill::profiling {
 // bytes still free under the budget then, which memory snapshots give as "device_free").
 // Mark: a user annotation (tag). Name: a block was named (address: the block, bytes: its size,
 // tag: the name; tag 0: its name was cleared); the name holds until the block's Free.
-// Discard: a block freed while its bytes were on the host (swapped out): they are dropped there
+// FreeOnHost: a block freed while its bytes were on the host (swapped out): they are dropped there
 // (bytes: its size), just before its Free. A trace that begins after the block's eviction sees
 // its bytes leave the host here (no swap_in ever comes).
 enum class EventKind : std::uint8_t {
   Alloc, Free, Map, Unmap, Pin, Unpin, SwapOut, SwapIn, Prefetch, Evict, Stall, Oom, Mark,
-  HostAlloc, HostFree, Name, Discard,
+  HostAlloc, HostFree, Name, FreeOnHost,
 };
-inline constexpr int kEventKindCount = static_cast<int>(EventKind::Discard) + 1;
+inline constexpr int kEventKindCount = static_cast<int>(EventKind::FreeOnHost) + 1;
 
 const char* to_string(EventKind kind);
 

@@ -149,7 +149,7 @@ void check_meaning(ParsedTrace& t, const std::string& origin) {
         case EventKind::SwapOut:
         case EventKind::Evict:
         case EventKind::SwapIn:
-        case EventKind::Discard:
+        case EventKind::FreeOnHost:
           // A copy's slice may sort after its block's free, or before its alloc at the same
           // time (the simulated clock): either is fine.
           if (!is_live && !freed.count(e.address) && !allocated_then.count(e.address))

@@ -109,7 +109,7 @@ TEST(TraceExport, AMidRunExportReplaysToTheRuntimesStats) {
 }
 
 // A block evicted before the trace and freed in it: its bytes leave the host at its free (a
-// `discard` event before the `free`), so the trace begins with them on the host and ends
+// `free_on_host` event before the `free`), so the trace begins with them on the host and ends
 // without them. Before, the free of a block on the host said nothing of the host: the replay
 // never saw its bytes leave, and the export's baseline left them out (0 on the host at the
 // start, where 8 MiB were).
@@ -128,17 +128,17 @@ TEST(TraceExport, ABlockEvictedBeforeTheTraceAndFreedInItLeavesTheHost) {
   ASSERT_TRUE(trace.has_baseline);
   EXPECT_EQ(trace.baseline.on_host, static_cast<std::int64_t>(8 * MiB));
   CounterReplay replay(trace.baseline);
-  bool discarded = false;
+  bool dropped = false;
   for (const TraceEvent& e : trace.events) {
     if (e.kind == EventKind::Free && e.address == reinterpret_cast<std::uintptr_t>(a)) {
-      EXPECT_TRUE(discarded) << "the discard comes before the free";
-      EXPECT_EQ(replay.current().on_host, 0) << "the discard took the bytes off the host";
+      EXPECT_TRUE(dropped) << "free_on_host comes before the free";
+      EXPECT_EQ(replay.current().on_host, 0) << "free_on_host took the bytes off the host";
     }
     replay.apply(e);
-    if (e.kind == EventKind::Discard && e.address == reinterpret_cast<std::uintptr_t>(a))
-      discarded = true;
+    if (e.kind == EventKind::FreeOnHost && e.address == reinterpret_cast<std::uintptr_t>(a))
+      dropped = true;
   }
-  EXPECT_TRUE(discarded);
+  EXPECT_TRUE(dropped);
   EXPECT_EQ(replay.current().on_host, 0);
   EXPECT_EQ(replay.peak().on_host, static_cast<std::int64_t>(8 * MiB));
   EXPECT_EQ(spill_free(b, 0, nullptr), SPILL_OK);
