@@ -2,8 +2,9 @@
 // address: the step's scope, bytes: its number in that scope), and what happened in each: a
 // step of a scope runs from its mark to that scope's next mark (the last one to the trace's
 // end), and holds the events ordered between them. Scopes run side by side; each is followed
-// on its own. Marks carry no device: a mark repeating the number of its scope's step in
-// progress (another device's swapper beginning the same step) continues that step.
+// on its own. A mark repeating the number of its scope's step in progress (another device's
+// swapper beginning the same step: one model over two devices) continues that step; the marks
+// carry their device, which the steps do not separate.
 #pragma once
 
 #include <cstddef>

@@ -44,7 +44,8 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
     dev.host_callback(d2h, [this, start, base, size] {
       const std::uint64_t end = TraceRecorder::now();
       const std::uint64_t from = std::max(start, d2h_trace_end.exchange(end));
-      TraceRecorder::global().record_span(EventKind::SwapOut, std::min(from, end), base, size);
+      TraceRecorder::global().record_span(EventKind::SwapOut, std::min(from, end), base, size, 0,
+                                          ordinal);
     });
     stats.swap_outs++;
     stats.bytes_out += b.size;
@@ -59,7 +60,8 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
   swapping_out.insert(reinterpret_cast<std::uintptr_t>(b.base));
   // Every eviction, with a copy or clean: the trace's bytes on host follow these (a clean one
   // has no swap_out span).
-  TraceRecorder::global().record(EventKind::Evict, key(b.base), b.size, profiling::kHostStream);
+  TraceRecorder::global().record(EventKind::Evict, key(b.base), b.size, profiling::kHostStream,
+                                 ordinal);
 }
 
 std::size_t Swapper::Impl::complete_swap_out_locked(SwapBlock& b) {
@@ -200,7 +202,7 @@ std::size_t Swapper::Impl::wait_inflight(std::size_t needed) {
     waited_ns += host_waited;
     stats.stall_s += std::max(0.0, waited);
     TraceRecorder::global().record_span(EventKind::Stall, start, base, 0,
-                                        profiling::kHostStream);
+                                        profiling::kHostStream, ordinal);
     auto it = blocks.find(base);
     // The block may have been pinned (cancelled) or released while we waited.
     if (it != blocks.end() && it->second.state == Residence::SwappingOut && !it->second.busy &&

@@ -47,7 +47,8 @@ void Swapper::Impl::set_current_scope(std::uint64_t scope) const {
 }
 
 Swapper::Impl::Impl(Device& d, ResidencyBackend& b, HostMemory& h, SwapperOptions o)
-    : dev(d), backend(b), host(h), opt(std::move(o)), serial(next_serial++) {
+    : dev(d), ordinal(d.info().ordinal), backend(b), host(h), opt(std::move(o)),
+      serial(next_serial++) {
   SPILL_EXPECTS(opt.chunk_bytes > 0, "swapper: chunk_bytes must be above zero");
   d2h = dev.create_stream();
   h2d = dev.create_stream();
@@ -285,7 +286,8 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
     dev.host_callback(h2d, [this, start, base, size] {  // see h2d_trace_end
       const std::uint64_t end = TraceRecorder::now();
       const std::uint64_t from = std::max(start, h2d_trace_end.exchange(end));
-      TraceRecorder::global().record_span(EventKind::SwapIn, std::min(from, end), base, size);
+      TraceRecorder::global().record_span(EventKind::SwapIn, std::min(from, end), base, size, 0,
+                                          ordinal);
     });
     stats.swap_ins++;
     stats.bytes_in += size;
@@ -378,8 +380,9 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     // The user stalls until the copy lands: a slice from the pin to the copy's end.
     const std::size_t size = b->size;
     const std::uint64_t stream_id = host ? profiling::kHostStream : sid(stream);
-    dev.host_callback(h2d, [stall_start, base, size, stream_id] {
-      TraceRecorder::global().record_span(EventKind::Stall, stall_start, base, size, stream_id);
+    dev.host_callback(h2d, [stall_start, base, size, stream_id, device = ordinal] {
+      TraceRecorder::global().record_span(EventKind::Stall, stall_start, base, size, stream_id,
+                                          device);
     });
     b->prefetched = false;
   } else if (b->prefetched) {
@@ -409,7 +412,7 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     on_pin_locked(*st, *b, host ? reinterpret_cast<Stream>(~std::uintptr_t{0}) : stream);
   }
   TraceRecorder::global().record(EventKind::Pin, base, b->size,
-                                 host ? profiling::kHostStream : sid(stream));
+                                 host ? profiling::kHostStream : sid(stream), ordinal);
   PinToken token{base, b->generation, host, scope};
   auto slot = std::find(b->pin_ids.begin(), b->pin_ids.end(), std::uint64_t{0});
   if (slot != b->pin_ids.end()) *slot = token.pin = ++next_pin;
@@ -442,7 +445,7 @@ void Swapper::Impl::unpin_locked(SwapBlock& b, Stream stream, bool wrote, bool h
   b.pins--;
   if (StepState* st = find_scope_locked(scope)) on_unpin_locked(*st, b, wrote);
   TraceRecorder::global().record(EventKind::Unpin, key(b.base), b.size,
-                                 host ? profiling::kHostStream : sid(stream));
+                                 host ? profiling::kHostStream : sid(stream), ordinal);
 }
 
 void Swapper::unpin(const void* ptr, Stream stream, bool wrote) {
@@ -502,7 +505,8 @@ void Swapper::prefetch(const void* ptr, bool wait_for_room) {
   const std::size_t size = found->size;
   m.prefetch_all(lock, {base}, wait_for_room ? Impl::RoomWait::CacheThenSwapOuts
                                             : Impl::RoomWait::None);
-  TraceRecorder::global().record(EventKind::Prefetch, base, size, profiling::kHostStream);
+  TraceRecorder::global().record(EventKind::Prefetch, base, size, profiling::kHostStream,
+                                 m.ordinal);
 }
 
 SwapBlock* Swapper::Impl::idle_block_locked(std::unique_lock<std::mutex>& lock, const void* ptr,
@@ -839,7 +843,7 @@ void Swapper::begin_step(std::uint64_t scope) {
   // so a timeline shows where each step begins.
   static const std::uint32_t step_tag = TraceRecorder::global().intern("step begins");
   TraceRecorder::global().record(EventKind::Mark, scope, ++st.steps_begun, profiling::kHostStream,
-                                 0, step_tag);
+                                 impl_->ordinal, step_tag);
   profiling::nvtx_mark("spill step begins", profiling::kNvtxStep);
   impl_->begin_step_locked(st);
   // What the plan has resident at the step's start but was moved out since the last step's

@@ -254,6 +254,7 @@ struct Swapper::Impl {
   Impl(Device& d, ResidencyBackend& b, HostMemory& h, SwapperOptions o);
 
   Device& dev;
+  const std::int32_t ordinal;  // the device's, in trace events
   ResidencyBackend& backend;
   HostMemory& host;
   SwapperOptions opt;

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <set>
 #include <string>
 
 #include "profiling/chrome_trace.hpp"
@@ -142,6 +143,39 @@ TEST(TraceExport, ABlockEvictedBeforeTheTraceAndFreedInItLeavesTheHost) {
   EXPECT_EQ(replay.current().on_host, 0);
   EXPECT_EQ(replay.peak().on_host, static_cast<std::int64_t>(8 * MiB));
   EXPECT_EQ(spill_free(b, 0, nullptr), SPILL_OK);
+  EXPECT_EQ(spill_shutdown(), SPILL_OK);
+}
+
+// The swapper's events carry their device, as the allocator's do: before, its pins, copies,
+// evictions and step marks said device 0 whatever the device.
+TEST(TraceExport, TheSwappersEventsCarryTheirDevice) {
+  ASSERT_EQ(spill_init("device:sim,sim_capacity:256MiB,budget:32MiB,swap_threshold:1MiB"), SPILL_OK);
+  export_trace();  // (the events of earlier tests)
+  void* p = nullptr;
+  ASSERT_EQ(spill_malloc(&p, 4 * MiB, 1, nullptr), SPILL_OK);
+  ASSERT_EQ(spill_set_swappable(p, 1), SPILL_OK);
+  ASSERT_EQ(spill_begin_step(1, 77), SPILL_OK);
+  spill_pin_token t{};
+  ASSERT_EQ(spill_pin(p, nullptr, &t), SPILL_OK);
+  ASSERT_EQ(spill_unpin(&t, nullptr, 1), SPILL_OK);
+  ASSERT_EQ(spill_end_step(1, 77), SPILL_OK);
+  evict(p);
+  ASSERT_EQ(spill_pin(p, nullptr, &t), SPILL_OK);  // back from the host
+  ASSERT_EQ(spill_unpin(&t, nullptr, 0), SPILL_OK);
+  ASSERT_EQ(spill_stream_synchronize(1, nullptr), SPILL_OK);
+  const ParsedTrace trace = export_trace();
+  std::set<EventKind> seen;
+  for (const TraceEvent& e : trace.events) {
+    const bool ours = e.address == reinterpret_cast<std::uintptr_t>(p) ||
+                      (e.kind == EventKind::Mark && e.address == 77);
+    if (!ours || e.kind == EventKind::Map || e.kind == EventKind::Unmap) continue;
+    EXPECT_EQ(e.device, 1) << to_string(e.kind) << " of the device 1 block";
+    seen.insert(e.kind);
+  }
+  for (EventKind k : {EventKind::Alloc, EventKind::Pin, EventKind::Unpin, EventKind::Evict,
+                      EventKind::SwapOut, EventKind::SwapIn, EventKind::Mark})
+    EXPECT_TRUE(seen.count(k)) << to_string(k) << " not in the trace";
+  EXPECT_EQ(spill_free(p, 1, nullptr), SPILL_OK);
   EXPECT_EQ(spill_shutdown(), SPILL_OK);
 }
 
