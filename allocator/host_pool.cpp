@@ -28,7 +28,8 @@ HostPool::~HostPool() {
     }
     ::munmap(p, s->size);
     // (a trace exported after shutdown ends with nothing pinned)
-    profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size);
+    profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size, 0,
+                                              dev_.info().ordinal);
     delete s;
   });
 }
@@ -72,7 +73,8 @@ void* HostPool::allocate(std::size_t bytes) {
     reserved_ += chunk;
     stat_.add(chunk);
     pool_.add_segment(seg);
-    profiling::TraceRecorder::global().record(profiling::EventKind::HostAlloc, seg->addr, chunk);
+    profiling::TraceRecorder::global().record(profiling::EventKind::HostAlloc, seg->addr, chunk, 0,
+                                              dev_.info().ordinal);
     b = pool_.take(size, nullptr);
     SPILL_ASSERT(b != nullptr, "a fresh host chunk must fit the request");
   }
@@ -133,7 +135,8 @@ void HostPool::release_free_chunks_locked() {
     ::munmap(p, s->size);
     reserved_ -= s->size;
     stat_.sub(s->size);
-    profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size);
+    profiling::TraceRecorder::global().record(profiling::EventKind::HostFree, s->addr, s->size, 0,
+                                              dev_.info().ordinal);
     chunks_.erase(chunks_.iterator_to(*s));
     delete s;
   }

@@ -146,8 +146,8 @@ TEST(TraceExport, ABlockEvictedBeforeTheTraceAndFreedInItLeavesTheHost) {
   EXPECT_EQ(spill_shutdown(), SPILL_OK);
 }
 
-// The swapper's events carry their device, as the allocator's do: before, its pins, copies,
-// evictions and step marks said device 0 whatever the device.
+// The swapper's and the host pool's events carry their device, as the allocator's do: before,
+// pins, copies, evictions, step marks and pinned host chunks said device 0 whatever the device.
 TEST(TraceExport, TheSwappersEventsCarryTheirDevice) {
   ASSERT_EQ(spill_init("device:sim,sim_capacity:256MiB,budget:32MiB,swap_threshold:1MiB"), SPILL_OK);
   export_trace();  // (the events of earlier tests)
@@ -166,13 +166,15 @@ TEST(TraceExport, TheSwappersEventsCarryTheirDevice) {
   const ParsedTrace trace = export_trace();
   std::set<EventKind> seen;
   for (const TraceEvent& e : trace.events) {
+    if (e.kind == EventKind::HostAlloc) EXPECT_EQ(e.device, 1) << "device 1's pinned host chunk";
+    if (e.kind == EventKind::HostAlloc) seen.insert(e.kind);
     const bool ours = e.address == reinterpret_cast<std::uintptr_t>(p) ||
                       (e.kind == EventKind::Mark && e.address == 77);
     if (!ours || e.kind == EventKind::Map || e.kind == EventKind::Unmap) continue;
     EXPECT_EQ(e.device, 1) << to_string(e.kind) << " of the device 1 block";
     seen.insert(e.kind);
   }
-  for (EventKind k : {EventKind::Alloc, EventKind::Pin, EventKind::Unpin, EventKind::Evict,
+  for (EventKind k : {EventKind::HostAlloc, EventKind::Alloc, EventKind::Pin, EventKind::Unpin, EventKind::Evict,
                       EventKind::SwapOut, EventKind::SwapIn, EventKind::Mark})
     EXPECT_TRUE(seen.count(k)) << to_string(k) << " not in the trace";
   EXPECT_EQ(spill_free(p, 1, nullptr), SPILL_OK);
