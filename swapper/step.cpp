@@ -70,8 +70,12 @@
 // variant's keys than to its plan's (keys near as numbers are steps alike), switches to that
 // plan there: the plans swap (PlanFields), the births so far are matched to its recording's, what
 // it has on the host at its start is evicted and what it has resident and its first ops'
-// prefetches are brought in. A step that left its plan only to skip part of it (a narrow step
-// keyed too late, following the wide plan) leaves its key with the variant that has it.
+// prefetches are brought in. A keyed step that left its plan with other accesses than its
+// recording's, when its key is new to the plan or the plan has others too, makes its own plan
+// and takes its key there, even if it only skipped part of that one (a narrow step following a
+// wide plan: kept, that plan would be left each time the narrow key came; a wide step keyed
+// narrow once would leave the narrow key on the wide plan); a step that left its plan only to
+// skip part of it otherwise leaves its key with the variant that has it.
 //
 // Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued
 // (one whose block is still pinned, such as a module's input while its submodules run, when
@@ -188,6 +192,14 @@ graph::Trace renumbered(graph::Trace t, const std::vector<std::int64_t>& new_of)
   return t;
 }
 
+// A recording's accesses, numbered in their order of first access (renumbered): steps with
+// the same are the same variant.
+std::uint64_t shape_of(const graph::Trace& t) {
+  std::uint64_t h = t.accesses.size();
+  for (const graph::TraceAccess& a : t.accesses) h = (h ^ (a.block << 20 ^ a.op)) * 0x100000001b3ull;
+  return h;
+}
+
 template <typename T>
 void renumber_vector(std::vector<T>& v, const std::vector<std::int64_t>& new_of,
                      std::size_t count) {
@@ -242,17 +254,24 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   // plan lacks keeps it (its accesses off the plan are blocks it made that took other places).
   const bool within_spliced = s.plan_spliced && s.unplanned_old == 0 &&
                               s.trace.accesses.size() < planned_accesses;
+  // A keyed step that left its plan and had other accesses than the plan's recording (in their
+  // order of first access) is another variant, when its key is new to the plan or the plan has
+  // other keys too: it makes a plan of its own and the plan it leaves is kept for its other
+  // keys, even when skipping part of it alone would keep it (a narrow step following a wide
+  // plan would leave it again each time its key came; a wide step keyed narrow once gave its
+  // plan the narrow key, and the narrow steps then followed the wide plan).
+  const bool new_key = s.step_key && !s.keys.empty() &&
+                       std::find(s.keys.begin(), s.keys.end(), *s.step_key) == s.keys.end();
+  const bool other_variant =
+      s.deviated && s.planned_step && s.step_key && !s.keys.empty() &&
+      (new_key || s.keys.size() > 1) &&
+      shape_of(renumbered(s.trace, renumbering(s.trace, s.next_id))) != s.shape;
   if (s.plan_made_older ||
-      (s.deviated && ((s.extras > 0 && !within_spliced) || same_shape ||
+      (s.deviated && ((s.extras > 0 && !within_spliced) || same_shape || other_variant ||
                       s.matched + kShortSkip >= planned_accesses ||
                       (s.matched * 2 < planned_accesses && !within_spliced))))
     s.replan = true;
   const bool keeps_plan = s.planned_step && !s.replan;
-  // A step of another variant than its plan's (a key the plan has not had) makes that
-  // variant's plan; the plan it leaves is kept for its own keys.
-  const bool other_variant =
-      !keeps_plan && s.planned_step && s.step_key && !s.keys.empty() &&
-      std::find(s.keys.begin(), s.keys.end(), *s.step_key) == s.keys.end();
   if (other_variant) {
     s.variants.push_back(static_cast<const PlanFields&>(s));
     s.variants.back().last_shape = shape_before;
@@ -347,9 +366,7 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   // The recording's accesses in their order of first access: a variant whose plan has the
   // same is this one (a key's step followed another variant's plan and found it was this
   // one's), and its keys join this plan. At most kPlanVariants plans are kept.
-  s.shape = s.trace.accesses.size();
-  for (const graph::TraceAccess& a : s.trace.accesses)
-    s.shape = (s.shape ^ (a.block << 20 ^ a.op)) * 0x100000001b3ull;
+  s.shape = shape_of(s.trace);
   for (auto v = s.variants.begin(); v != s.variants.end();) {
     if (v->shape != s.shape) {
       ++v;

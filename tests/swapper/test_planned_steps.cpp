@@ -595,15 +595,15 @@ TEST(PlannedSteps, StepsOfTwoVariantsWithKeysEachFollowTheirOwnPlan) {
 
 // A key that comes after the step's first pin switches nothing (the step's blocks already have
 // the ids of the plan it follows): that narrow step follows the wide plan it began with,
-// leaving it where it lacks the second activations, and keeps it; its key stays with the
-// narrow plan, which the later narrow steps follow.
+// leaving it where it lacks the second activations, and makes a narrow plan again (which
+// replaces the narrow variant: the same accesses); the later steps follow their plans.
 TEST(PlannedSteps, AKeyAfterTheStepsFirstPinSwitchesNoPlan) {
   std::vector<KeyAt> at(kWide.size(), KeyAt::Start);
   at[6] = KeyAt::AfterFirstPin;  // step 7: narrow, after the wide step 6
   const VariantRun r = variant_steps(kWide, at);
   EXPECT_TRUE(r.ok) << "a block lost its bytes";
   EXPECT_EQ(r.after[6].deviations - r.after[5].deviations, 1u) << "step 7 followed step 6's plan";
-  EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 0u);
+  EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 1u);
   EXPECT_EQ(since(r, 7, &SwapStats::deviations), 0u) << "steps 8-16 follow their variants' plans";
   EXPECT_EQ(since(r, 7, &SwapStats::steps_recorded), 0u);
 }
@@ -620,6 +620,43 @@ TEST(PlannedSteps, AKeyNotMetBeforeFollowsThePlanOfTheNearestKey) {
   EXPECT_EQ(since(r, 4, &SwapStats::deviations), 0u);
   EXPECT_EQ(since(r, 4, &SwapStats::steps_recorded), 0u);
   EXPECT_EQ(since(r, 4, &SwapStats::steps_planned), kWide.size() - 4);
+}
+
+// A narrow variant met first while a wide plan is followed (the wide steps came first) gets a
+// plan of its own: its first step leaves the wide plan only by skipping the second activations,
+// which alone would keep that plan, and each later narrow step would leave it again. Before,
+// with or without keys, the narrow steps kept deviating (9 deviations in steps 4-16 here).
+TEST(PlannedSteps, ANarrowVariantMetAfterTheWideOneGetsItsOwnPlan) {
+  std::vector<int> wide_first;
+  for (int w : kWide) wide_first.push_back(1 - w);  // wide, wide, narrow, wide, narrow, ...
+  const VariantRun r =
+      variant_steps(wide_first, std::vector<KeyAt>(wide_first.size(), KeyAt::Start));
+  EXPECT_TRUE(r.ok) << "a block lost its bytes";
+  // Step 3 (the first narrow one) leaves the wide plan and makes its own.
+  EXPECT_EQ(r.after[2].deviations - r.after[1].deviations, 1u);
+  EXPECT_EQ(r.after[2].steps_recorded - r.after[1].steps_recorded, 1u);
+  EXPECT_EQ(since(r, 3, &SwapStats::deviations), 0u);
+  EXPECT_EQ(since(r, 3, &SwapStats::steps_recorded), 0u);
+  EXPECT_EQ(since(r, 3, &SwapStats::steps_planned), wide_first.size() - 3);
+}
+
+// A wrong key costs copies, then the variants settle again: a wide step keyed narrow follows
+// the narrow plan, leaves it and makes the narrow key's plan a wide one (the wide plan's
+// accesses: the two merge, with both keys); the next narrow step leaves that plan for a narrow
+// one of its own, and the steps after it follow their variants' plans. Before, the narrow key
+// stayed on the wide plan, and every later narrow step left it.
+TEST(PlannedSteps, AWrongKeyCostsCopiesAndTheVariantsSettleAgain) {
+  std::vector<std::uint64_t> keys;
+  for (int w : kWide) keys.push_back(w ? 48 : 32);
+  keys[5] = 32;  // step 6, wide, keyed as a narrow one
+  const VariantRun r =
+      variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start), 0, keys);
+  EXPECT_TRUE(r.ok) << "a block lost its bytes";
+  EXPECT_EQ(r.after[5].deviations - r.after[4].deviations, 1u) << "step 6 left the narrow plan";
+  // Step 7, the next narrow one, leaves the merged plan for a narrow plan of its own.
+  EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 1u);
+  EXPECT_EQ(since(r, 7, &SwapStats::deviations), 0u) << "steps 8-16 follow their plans";
+  EXPECT_EQ(since(r, 7, &SwapStats::steps_recorded), 0u);
 }
 
 // A budget change drops every variant's plan (made for the old budget): the next step is

@@ -449,6 +449,9 @@ class OffloadHandle:
         self.forwards = 0
         self._wrapped: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self._began_step = False  # the running forward began a step (see _abandon_forward)
+        # The step's key waits for the forward's keyword arguments (torch 1.13's pre-hooks see
+        # the positional ones only; see _pre_module).
+        self._key_pending = False
         # The module whose forward began the forward running now (an entry: the root, or a
         # submodule the training loop calls directly), its nested calls of itself, and whether
         # a backward or a step ended since the last entry (without an optimizer, the next entry
@@ -1033,8 +1036,12 @@ class OffloadHandle:
         self.steps.ensure()
         if root and self._began_step:
             # The step's variant: batches of another length may have other tensors over
-            # swap_threshold, and so other blocks; each variant follows a plan of its own.
-            self.steps.key(_shapes_key(args))
+            # swap_threshold, and so other blocks; each variant follows a plan of its own. A
+            # forward given keyword arguments only (``model(ids=x)``) is keyed by its wrapper
+            # (_wrap_forward), which sees them, where the pre-hook does not (torch 1.13).
+            self._key_pending = not any(isinstance(t, torch.Tensor) for t in leaves(args))
+            if not self._key_pending:
+                self.steps.key(_shapes_key(args))
         stream = self.pinner.stream()
         self._drop_finished()
         frame = _Frame(module, ModuleCall())
@@ -1342,6 +1349,9 @@ class OffloadHandle:
         def wrap(original: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 outermost = self._entry is module and not self._entry_depth
+                if outermost and self._key_pending:
+                    self._key_pending = False
+                    self.steps.key(_shapes_key((args, kwargs)))
                 try:
                     return original(*args, **kwargs)
                 except BaseException:
@@ -1359,6 +1369,7 @@ class OffloadHandle:
         and the next forward begins it again (a boundary). The forward's graph goes with the
         caller's last reference to it (Saved makes no cycle)."""
         self._entry, self._entry_depth = None, 0
+        self._key_pending = False
         self.steps.deferred = False
         self.steps.end_evaluation()
         self._leave_eval_ops()
