@@ -858,13 +858,16 @@ void Swapper::set_scope(std::uint64_t scope) { impl_->set_current_scope(scope); 
 void Swapper::set_step_key(std::uint64_t scope, std::uint64_t key) {
   impl_->set_current_scope(scope);
   std::unique_lock lock(impl_->mu);
-  StepState* found = impl_->find_scope_locked(scope);
-  if (found == nullptr) return;  // no step begun: nothing to follow
-  StepState& st = *found;
-  // Threads issuing the scope's planned prefetches read its plan without the lock.
-  impl_->cv.wait(lock, [&] { return st.users == 0; });
-  std::vector<PlannedPrefetch> wanted = impl_->set_step_key_locked(st, key);
-  if (!wanted.empty()) impl_->prefetch_planned(lock, st, std::move(wanted));
+  // Threads issuing the scope's planned prefetches read its plan without the lock; the scope
+  // is looked up at each wake-up (end_scope may drop it meanwhile).
+  StepState* found = nullptr;
+  impl_->cv.wait(lock, [&] {
+    found = impl_->find_scope_locked(scope);
+    return found == nullptr || found->users == 0;
+  });
+  if (found == nullptr) return;  // no step begun, or the scope ended: nothing to follow
+  std::vector<PlannedPrefetch> wanted = impl_->set_step_key_locked(*found, key);
+  if (!wanted.empty()) impl_->prefetch_planned(lock, *found, std::move(wanted));
 }
 
 void Swapper::end_step() { end_step(impl_->current_scope()); }

@@ -679,6 +679,42 @@ TEST(steps_keyed_by_variant_follow_their_own_plans) {
   }
 }
 
+/* spill_step_key from one thread while another ends the scope after steps whose ends issue
+ * planned prefetches: the key's wait for those prefetches looks the scope up again at each
+ * wake-up (audit 33a: it kept a reference to the scope's state, which spill_end_scope freed;
+ * ASan reported the use after free). */
+static volatile int keying_stops = 0;
+static void* keyer(void* arg) {
+  (void)arg;
+  for (uint64_t k = 0; !keying_stops; ++k) REQUIRE_OK(spill_step_key(0, 5, k & 1));
+  return NULL;
+}
+
+TEST(step_key_while_the_scope_ends_on_another_thread) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
+  void* w[8];
+  for (int l = 0; l < 8; ++l) {
+    REQUIRE_OK(spill_malloc(&w[l], 4 * MIB, 0, NULL));
+    write_pinned(w[l], 4 * MIB, 90u + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(w[l], 1));
+  }
+  keying_stops = 0;
+  pthread_t th;
+  pthread_create(&th, NULL, keyer, NULL);
+  for (int r = 0; r < 60; ++r) {
+    REQUIRE_OK(spill_begin_step(0, 5));
+    for (int l = 0; l < 8; ++l) {
+      REQUIRE_OK(spill_begin_op(0, 5, "layer"));
+      CHECK(check_pinned(w[l], 4 * MIB, 90u + (unsigned)l));
+    }
+    REQUIRE_OK(spill_end_step(0, 5)); /* the next step's first prefetches */
+    if (r % 3 == 2) REQUIRE_OK(spill_end_scope(0, 5));
+  }
+  keying_stops = 1;
+  pthread_join(th, NULL);
+  for (int l = 0; l < 8; ++l) CHECK_OK(spill_free(w[l], 0, NULL));
+}
+
 /* spill_step_key's errors name the call, as spill_set_scope's do; on a runtime without a
  * swapper it does nothing. */
 TEST(step_key_errors_name_the_call) {
@@ -940,6 +976,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(set_scope_errors_name_the_call)   \
   X(steps_keyed_by_variant_follow_their_own_plans) \
   X(step_key_errors_name_the_call)    \
+  X(step_key_while_the_scope_ends_on_another_thread) \
   X(generations_are_read_without_a_pin) \
   X(lowering_the_budget_evicts)        \
   X(lowering_the_budget_names_a_full_host_cap) \
