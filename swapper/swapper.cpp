@@ -856,7 +856,8 @@ void Swapper::begin_step(std::uint64_t scope) {
 void Swapper::set_scope(std::uint64_t scope) { impl_->set_current_scope(scope); }
 
 void Swapper::set_step_key(std::uint64_t scope, std::uint64_t key) {
-  impl_->set_current_scope(scope);
+  // (The calling thread's current scope stays: a key for another scope, such as another
+  // model's next step, must not take the thread's later pins there.)
   std::unique_lock lock(impl_->mu);
   // Threads issuing the scope's planned prefetches read its plan without the lock; the scope
   // is looked up at each wake-up (end_scope may drop it meanwhile).

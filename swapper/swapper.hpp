@@ -194,7 +194,8 @@ class Swapper {
   // their blocks (up to StepState::kPlanVariants), by the keys of the steps that ended on it;
   // a step whose key another plan has than the one it would follow switches to that plan, if
   // no pin of the step came yet (after one, the key only goes with the plan the step ends on).
-  // Steps without a key, or all of one key, follow one plan as before.
+  // Steps without a key, or all of one key, follow one plan as before. Unlike the other step
+  // calls, it leaves the calling thread's current scope as it is.
   void set_step_key(std::uint64_t scope, std::uint64_t key);
   // Makes `scope` the calling thread's current scope on this swapper, touching no step state
   // (a thread joining a step another began: begin_op would also stop ops starting at pins).

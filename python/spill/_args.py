@@ -21,9 +21,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def integer(value: Any, name: str, lo: int, hi: int) -> int:
     """An int, or an integer of another type (NumPy's: ``np.int64``, ``np.prod(shape)``) by
-    ``operator.index``; never a bool (a flag passed by mistake) nor a float."""
+    ``operator.index``; never a bool (a flag passed by mistake; NumPy's ``np.bool_`` too,
+    which has ``__index__``) nor a float."""
     if not isinstance(value, int) or isinstance(value, bool):
-        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        kind = type(value)
+        numpy_bool = kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
+        if isinstance(value, bool) or numpy_bool or not hasattr(kind, "__index__"):
             raise InvalidArgumentTypeError(
                 f"spill: {name} must be an integer, got {value!r} ({type(value).__name__})")
         value = operator.index(value)

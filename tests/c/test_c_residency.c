@@ -715,6 +715,52 @@ TEST(step_key_while_the_scope_ends_on_another_thread) {
   for (int l = 0; l < 8; ++l) CHECK_OK(spill_free(w[l], 0, NULL));
 }
 
+/* The accesses in the reads of the scope's recorded step. */
+static int recorded_reads(uint64_t scope) {
+  char path[] = "/tmp/spill_c_reads_XXXXXX";
+  TEMP_PATH(path);
+  REQUIRE_OK(spill_write_step_graph(0, scope, path));
+  const char* buf = c_test_read_and_remove(path);
+  int count = 0;
+  for (const char* p = strstr(buf, "\"reads\": ["); p != NULL; p = strstr(p + 1, "\"reads\": [")) {
+    const char* q = p + strlen("\"reads\": [");
+    if (*q == ']') continue;
+    for (++count; *q != ']'; ++q) count += *q == ',';
+  }
+  return count;
+}
+
+/* spill_step_key for another scope (another model's next step) leaves the calling thread's
+ * current scope: the pins that follow without spill_begin_op (an optimizer's) stay in the
+ * thread's step. Before (audit 33a F4), they went to the keyed scope, which had no step open. */
+static int reads_of_a_step_with_a_key_for(uint64_t other) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:plan"));
+  void* w[6];
+  for (int l = 0; l < 6; ++l) {
+    REQUIRE_OK(spill_malloc(&w[l], 4 * MIB, 0, NULL));
+    write_pinned(w[l], 4 * MIB, 70u + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(w[l], 1));
+  }
+  REQUIRE_OK(spill_begin_step(0, 1));
+  for (int l = 0; l < 6; ++l) {
+    REQUIRE_OK(spill_begin_op(0, 1, "layer"));
+    CHECK(check_pinned(w[l], 4 * MIB, 70u + (unsigned)l));
+  }
+  if (other != 0) REQUIRE_OK(spill_step_key(0, other, 5));
+  for (int l = 0; l < 6; ++l) CHECK(check_pinned(w[l], 4 * MIB, 70u + (unsigned)l));
+  REQUIRE_OK(spill_end_step(0, 1));
+  const int reads = recorded_reads(1);
+  for (int l = 0; l < 6; ++l) CHECK_OK(spill_free(w[l], 0, NULL));
+  REQUIRE_OK(spill_shutdown());
+  return reads;
+}
+
+TEST(step_key_for_another_scope_leaves_the_current_scope) {
+  const int plain = reads_of_a_step_with_a_key_for(0);
+  CHECK(plain >= 6);
+  CHECK(reads_of_a_step_with_a_key_for(2) == plain);
+}
+
 /* spill_step_key's errors name the call, as spill_set_scope's do; on a runtime without a
  * swapper it does nothing. */
 TEST(step_key_errors_name_the_call) {
@@ -976,6 +1022,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(set_scope_errors_name_the_call)   \
   X(steps_keyed_by_variant_follow_their_own_plans) \
   X(step_key_errors_name_the_call)    \
+  X(step_key_for_another_scope_leaves_the_current_scope) \
   X(step_key_while_the_scope_ends_on_another_thread) \
   X(generations_are_read_without_a_pin) \
   X(lowering_the_budget_evicts)        \

@@ -224,7 +224,8 @@ def test_integers_of_other_types_are_taken_and_floats_and_bools_named(sim):
     spill.free(ptr)
     ptr = spill.malloc(np.prod((4, BLOCK // 16)) * 4)
     spill.free(ptr)
-    for bad, kind in ((True, "bool"), (4096.0, "float"), (np.float64(4096), "float64")):
+    for bad, kind in ((True, "bool"), (4096.0, "float"), (np.float64(4096), "float64"),
+                      (np.bool_(True), "bool")):
         with pytest.raises(spill.InvalidArgumentError, match=f"size must be an integer.*{kind}"):
             spill.malloc(bad)
 

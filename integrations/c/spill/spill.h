@@ -302,8 +302,9 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
  * a key no plan has had follows the plan of the nearest key met, when that is another plan's
  * (make keys grow with the batch's size, as spill.torch's do, so that a length not met before
  * follows the plan of the nearest length met). Steps all of one key, or without keys, behave
- * as before. A call with no step of the scope in progress does nothing; spill_set_budget drops
- * the plans. Errors as spill_set_scope's, naming spill_step_key. (Since 0.2.0.) */
+ * as before. A call with no step of the scope in progress does nothing; unlike the other step
+ * calls it does not change the calling thread's current scope; spill_set_budget drops the
+ * plans. Errors as spill_set_scope's, naming spill_step_key. (Since 0.2.0.) */
 SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);
 /* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
  * otherwise, for the process's life). Call it when the model or loop that used the scope is
