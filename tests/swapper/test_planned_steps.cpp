@@ -569,6 +569,17 @@ std::uint64_t since(const VariantRun& r, std::size_t step, std::uint64_t SwapSta
   return r.after.back().*field - r.after[step - 1].*field;  // steps after `step`
 }
 
+std::uint64_t in_step(const VariantRun& r, std::size_t step, std::uint64_t SwapStats::*field) {
+  return r.after[step - 1].*field - r.after[step - 2].*field;  // step `step` (from 2) alone
+}
+
+// Every step after step `n` follows its variant's plan.
+void expect_settled_after(const VariantRun& r, std::size_t n) {
+  EXPECT_EQ(since(r, n, &SwapStats::deviations), 0u) << "steps after " << n;
+  EXPECT_EQ(since(r, n, &SwapStats::steps_recorded), 0u) << "steps after " << n;
+  EXPECT_EQ(since(r, n, &SwapStats::steps_planned), r.after.size() - n) << "steps after " << n;
+}
+
 // With a key per variant, each keeps its plan: every step after both were recorded follows
 // its own (before, each change of variant left the plan and was recorded again, as the run
 // without keys still is).
@@ -579,9 +590,7 @@ TEST(PlannedSteps, StepsOfTwoVariantsWithKeysEachFollowTheirOwnPlan) {
   // Steps 5-16 change variant 8 times. Without keys a narrow step after a wide one leaves the
   // wide plan (it skips the second activations), and a step like the one before it is
   // recorded: 6 deviations and 2 recordings, 7 more demand fetches (2026-12-06).
-  EXPECT_EQ(since(keyed, 4, &SwapStats::deviations), 0u);
-  EXPECT_EQ(since(keyed, 4, &SwapStats::steps_planned), kWide.size() - 4);
-  EXPECT_EQ(since(keyed, 4, &SwapStats::steps_recorded), 0u);
+  expect_settled_after(keyed, 4);
   EXPECT_GE(since(plain, 4, &SwapStats::deviations), 4u) << "without keys, steps deviate";
   EXPECT_GE(since(plain, 4, &SwapStats::steps_recorded), 1u);
   const std::uint64_t demand_keyed = since(keyed, 4, &SwapStats::demand_fetches);
@@ -602,10 +611,9 @@ TEST(PlannedSteps, AKeyAfterTheStepsFirstPinSwitchesNoPlan) {
   at[6] = KeyAt::AfterFirstPin;  // step 7: narrow, after the wide step 6
   const VariantRun r = variant_steps(kWide, at);
   EXPECT_TRUE(r.ok) << "a block lost its bytes";
-  EXPECT_EQ(r.after[6].deviations - r.after[5].deviations, 1u) << "step 7 followed step 6's plan";
-  EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 1u);
-  EXPECT_EQ(since(r, 7, &SwapStats::deviations), 0u) << "steps 8-16 follow their variants' plans";
-  EXPECT_EQ(since(r, 7, &SwapStats::steps_recorded), 0u);
+  EXPECT_EQ(in_step(r, 7, &SwapStats::deviations), 1u) << "step 7 followed step 6's plan";
+  EXPECT_EQ(in_step(r, 7, &SwapStats::steps_recorded), 1u);
+  expect_settled_after(r, 7);
 }
 
 // A key no plan has had follows the plan of the nearest key met (offload's keys grow with the
@@ -617,9 +625,7 @@ TEST(PlannedSteps, AKeyNotMetBeforeFollowsThePlanOfTheNearestKey) {
   const VariantRun r =
       variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start), 0, keys);
   EXPECT_TRUE(r.ok) << "a block lost its bytes";
-  EXPECT_EQ(since(r, 4, &SwapStats::deviations), 0u);
-  EXPECT_EQ(since(r, 4, &SwapStats::steps_recorded), 0u);
-  EXPECT_EQ(since(r, 4, &SwapStats::steps_planned), kWide.size() - 4);
+  expect_settled_after(r, 4);
 }
 
 // A narrow variant met first while a wide plan is followed (the wide steps came first) gets a
@@ -633,11 +639,9 @@ TEST(PlannedSteps, ANarrowVariantMetAfterTheWideOneGetsItsOwnPlan) {
       variant_steps(wide_first, std::vector<KeyAt>(wide_first.size(), KeyAt::Start));
   EXPECT_TRUE(r.ok) << "a block lost its bytes";
   // Step 3 (the first narrow one) leaves the wide plan and makes its own.
-  EXPECT_EQ(r.after[2].deviations - r.after[1].deviations, 1u);
-  EXPECT_EQ(r.after[2].steps_recorded - r.after[1].steps_recorded, 1u);
-  EXPECT_EQ(since(r, 3, &SwapStats::deviations), 0u);
-  EXPECT_EQ(since(r, 3, &SwapStats::steps_recorded), 0u);
-  EXPECT_EQ(since(r, 3, &SwapStats::steps_planned), wide_first.size() - 3);
+  EXPECT_EQ(in_step(r, 3, &SwapStats::deviations), 1u);
+  EXPECT_EQ(in_step(r, 3, &SwapStats::steps_recorded), 1u);
+  expect_settled_after(r, 3);
 }
 
 // A wrong key costs copies, then the variants settle again: a wide step keyed narrow follows
@@ -652,11 +656,10 @@ TEST(PlannedSteps, AWrongKeyCostsCopiesAndTheVariantsSettleAgain) {
   const VariantRun r =
       variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start), 0, keys);
   EXPECT_TRUE(r.ok) << "a block lost its bytes";
-  EXPECT_EQ(r.after[5].deviations - r.after[4].deviations, 1u) << "step 6 left the narrow plan";
+  EXPECT_EQ(in_step(r, 6, &SwapStats::deviations), 1u) << "step 6 left the narrow plan";
   // Step 7, the next narrow one, leaves the merged plan for a narrow plan of its own.
-  EXPECT_EQ(r.after[6].steps_recorded - r.after[5].steps_recorded, 1u);
-  EXPECT_EQ(since(r, 7, &SwapStats::deviations), 0u) << "steps 8-16 follow their plans";
-  EXPECT_EQ(since(r, 7, &SwapStats::steps_recorded), 0u);
+  EXPECT_EQ(in_step(r, 7, &SwapStats::steps_recorded), 1u);
+  expect_settled_after(r, 7);
 }
 
 // A budget change drops every variant's plan (made for the old budget): the next step is
@@ -666,10 +669,10 @@ TEST(PlannedSteps, ABudgetChangeDropsTheVariantsPlans) {
       variant_steps(kWide, std::vector<KeyAt>(kWide.size(), KeyAt::Start), /*at step*/ 9);
   EXPECT_TRUE(r.ok) << "a block lost its bytes";
   // Step 9 (narrow) is recorded afresh; step 11 (the first wide one after it) leaves that plan.
-  EXPECT_EQ(r.after[8].steps_recorded - r.after[7].steps_recorded, 1u);
-  EXPECT_EQ(r.after[9].steps_recorded - r.after[8].steps_recorded, 0u);
-  EXPECT_EQ(r.after[10].steps_recorded - r.after[9].steps_recorded, 1u);
-  EXPECT_EQ(since(r, 11, &SwapStats::steps_recorded), 0u) << "steps 12-16 follow their plans";
+  EXPECT_EQ(in_step(r, 9, &SwapStats::steps_recorded), 1u);
+  EXPECT_EQ(in_step(r, 10, &SwapStats::steps_recorded), 0u);
+  EXPECT_EQ(in_step(r, 11, &SwapStats::steps_recorded), 1u);
+  expect_settled_after(r, 11);
 }
 
 // Once the stream's work is done: block i still holds the pattern of seed0 + i; frees the
