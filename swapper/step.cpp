@@ -74,8 +74,10 @@
 // recording's, when its key is new to the plan or the plan has others too, makes its own plan
 // and takes its key there, even if it only skipped part of that one (a narrow step following a
 // wide plan: kept, that plan would be left each time the narrow key came; a wide step keyed
-// narrow once would leave the narrow key on the wide plan); a step that left its plan only to
-// skip part of it otherwise leaves its key with the variant that has it.
+// narrow once would leave the narrow key on the wide plan), unless it used blocks from before
+// it that the plan lacks or stayed within a spliced plan (layers skipped at random are spliced
+// into one plan, keys or not); a step that left its plan only to skip part of it otherwise
+// leaves its key with the variant that has it.
 //
 // Executing a plan: after each recorded op, the plan's evictions for the ops passed are issued
 // (one whose block is still pinned, such as a module's input while its submodules run, when
@@ -259,12 +261,14 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   // other keys too: it makes a plan of its own and the plan it leaves is kept for its other
   // keys, even when skipping part of it alone would keep it (a narrow step following a wide
   // plan would leave it again each time its key came; a wide step keyed narrow once gave its
-  // plan the narrow key, and the narrow steps then followed the wide plan).
+  // plan the narrow key, and the narrow steps then followed the wide plan). Not a step that
+  // ran layers its plan lacks, nor one within a spliced plan: stochastic depth's steps (over
+  // batches of several lengths too) come to follow one plan of every layer, as before.
   const bool new_key = s.step_key && !s.keys.empty() &&
                        std::find(s.keys.begin(), s.keys.end(), *s.step_key) == s.keys.end();
   const bool other_variant =
       s.deviated && s.planned_step && s.step_key && !s.keys.empty() &&
-      (new_key || s.keys.size() > 1) &&
+      (new_key || s.keys.size() > 1) && s.unplanned_old == 0 && !within_spliced &&
       shape_of(renumbered(s.trace, renumbering(s.trace, s.next_id))) != s.shape;
   if (s.plan_made_older ||
       (s.deviated && ((s.extras > 0 && !within_spliced) || same_shape || other_variant ||

@@ -635,18 +635,27 @@ TEST(set_scope_errors_name_the_call) {
   REQUIRE_OK(spill_shutdown());
 }
 
-/* Steps of two variants (a wide step also uses a second block in each layer, as a batch of
- * another length has tensors over swap_threshold that a shorter one keeps under it), each keyed
- * with spill_step_key right after spill_begin_step: the first wide step leaves the narrow plan
- * and is recorded; from then on each step follows its own variant's plan, and every block keeps
- * its bytes. */
-static void variant_step(void* a[], void* b[], int wide) {
+/* Steps of two variants (a wide step also makes and uses a second block in each layer, an
+ * activation: a batch of another length has tensors over swap_threshold that a shorter one
+ * keeps under it), each keyed with spill_step_key right after spill_begin_step: the first wide
+ * step leaves the narrow plan and is recorded; from then on each step follows its own
+ * variant's plan, and every block keeps its bytes. */
+static void variant_step(void* a[], int step, int wide) {
   REQUIRE_OK(spill_begin_step(0, 4000));
   REQUIRE_OK(spill_step_key(0, 4000, wide ? 48 : 32));
+  void* b[LAYERS];
   for (int l = 0; l < LAYERS; ++l) {
     REQUIRE_OK(spill_begin_op(0, 4000, "layer"));
     CHECK(check_pinned(a[l], 4 * MIB, 60u + (unsigned)l));
-    if (wide) CHECK(check_pinned(b[l], 4 * MIB, 80u + (unsigned)l));
+    if (!wide) continue;
+    REQUIRE_OK(spill_malloc(&b[l], 4 * MIB, 0, NULL));
+    write_pinned(b[l], 4 * MIB, 80u + (unsigned)(step * LAYERS + l));
+    REQUIRE_OK(spill_set_swappable(b[l], 1));
+  }
+  for (int l = LAYERS - 1; l >= 0 && wide; --l) {
+    REQUIRE_OK(spill_begin_op(0, 4000, "back"));
+    CHECK(check_pinned(b[l], 4 * MIB, 80u + (unsigned)(step * LAYERS + l)));
+    REQUIRE_OK(spill_free(b[l], 0, NULL));
   }
   REQUIRE_OK(spill_end_step(0, 4000));
 }
@@ -654,18 +663,14 @@ static void variant_step(void* a[], void* b[], int wide) {
 TEST(steps_keyed_by_variant_follow_their_own_plans) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
   void* a[LAYERS];
-  void* b[LAYERS];
   for (int l = 0; l < LAYERS; ++l) {
     REQUIRE_OK(spill_malloc(&a[l], 4 * MIB, 0, NULL));
     write_pinned(a[l], 4 * MIB, 60u + (unsigned)l);
     REQUIRE_OK(spill_set_swappable(a[l], 1));
-    REQUIRE_OK(spill_malloc(&b[l], 4 * MIB, 0, NULL));
-    write_pinned(b[l], 4 * MIB, 80u + (unsigned)l);
-    REQUIRE_OK(spill_set_swappable(b[l], 1));
   }
   const int wide[] = {0, 1, 0, 1, 1, 0, 0, 1, 0};
   const int steps = (int)(sizeof wide / sizeof wide[0]);
-  for (int step = 0; step < steps; ++step) variant_step(a, b, wide[step]);
+  for (int step = 0; step < steps; ++step) variant_step(a, step, wide[step]);
   spill_stats st = stats();
   CHECK(st.steps_recorded == 2); /* the narrow step 0, the wide step 1 */
   CHECK(st.deviations == 1);     /* step 1 */
@@ -673,10 +678,7 @@ TEST(steps_keyed_by_variant_follow_their_own_plans) {
   /* No step in progress: nothing to key. */
   CHECK_OK(spill_step_key(0, 4000, 32));
   CHECK_OK(spill_step_key(0, 4001, 32));
-  for (int l = 0; l < LAYERS; ++l) {
-    CHECK_OK(spill_free(a[l], 0, NULL));
-    CHECK_OK(spill_free(b[l], 0, NULL));
-  }
+  for (int l = 0; l < LAYERS; ++l) CHECK_OK(spill_free(a[l], 0, NULL));
 }
 
 /* spill_step_key from one thread while another ends the scope after steps whose ends issue

@@ -466,25 +466,32 @@ def test_steps_are_recorded_and_written_as_a_graph(tmp_path):
 
 
 def test_steps_keyed_by_variant_follow_their_own_plans():
-    """Two variants of a step (a wide one also uses a second block per op, as a longer batch
-    has tensors over swap_threshold): keyed with ``spill.step(key=...)``, each follows its own
-    plan once recorded; a bad key is refused before the step begins."""
+    """Two variants of a step (a wide one also makes and uses a second block per op, an
+    activation, as a longer batch has tensors over swap_threshold): keyed with
+    ``spill.step(key=...)``, each follows its own plan once recorded; a bad key is refused
+    before the step begins."""
     spill.shutdown()
     spill.configure("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan")
     try:
-        blocks = []
-        for i in range(8):  # declared one by one: undeclared blocks never make room
-            blocks.append(spill.malloc(BLOCK))
-            write_pattern(blocks[-1], BLOCK, seed=i)
-            spill.set_swappable(blocks[-1])
-        narrow, extra = blocks[:4], blocks[4:]
-        for wide in (0, 1, 0, 1, 1, 0, 1):
+        weights = []
+        for i in range(4):  # declared one by one: undeclared blocks never make room
+            weights.append(spill.malloc(BLOCK))
+            write_pattern(weights[-1], BLOCK, seed=i)
+            spill.set_swappable(weights[-1])
+        for n, wide in enumerate((0, 1, 0, 1, 1, 0, 1)):
             with spill.step(scope=9, key=48 if wide else 32):
-                for i, p in enumerate(narrow):
+                acts = []
+                for i, p in enumerate(weights):
                     spill.begin_op("layer", scope=9)
                     assert holds_pattern(p, BLOCK, i)
                     if wide:
-                        assert holds_pattern(extra[i], BLOCK, 4 + i)
+                        acts.append(spill.malloc(BLOCK))
+                        write_pattern(acts[-1], BLOCK, seed=100 * n + i)
+                        spill.set_swappable(acts[-1])
+                for i in reversed(range(len(acts))):
+                    spill.begin_op("back", scope=9)
+                    assert holds_pattern(acts[i], BLOCK, 100 * n + i)
+                    spill.free(acts[i])
         st = spill.stats()
         assert (st["swap.steps_recorded"], st["swap.deviations"], st["swap.steps_planned"]) \
             == (2, 1, 5), st
@@ -493,7 +500,7 @@ def test_steps_keyed_by_variant_follow_their_own_plans():
                 pass
         with spill.step(scope=9, key=32):  # the refusal left no step open
             pass
-        for p in narrow + extra:
+        for p in weights:
             spill.free(p)
     finally:
         spill.shutdown()

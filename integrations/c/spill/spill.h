@@ -291,9 +291,10 @@ SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* na
  * 0..SPILL_MAX_DEVICES-1, SHUT_DOWN after spill_shutdown, FORKED_CHILD. */
 SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
 /* Says which variant the step of `scope` in progress is, by a key of the caller's choosing (a
- * hash of the batch's shapes), for steps that differ in their blocks from variant to variant:
- * batches of a few lengths, where a tensor under swap_threshold at one length (never moved,
- * not seen by the swapper) is over it at another. Without keys each change of variant leaves
+ * hash of the batch's shapes), for steps that differ in the blocks they make from variant to
+ * variant: batches of a few lengths, where a tensor under swap_threshold at one length (never
+ * moved, not seen by the swapper) is over it at another. (Steps that differ in which blocks from
+ * before them they use, as layers skipped at random, are spliced into one plan, keys or not.) Without keys each change of variant leaves
  * the plan and is recorded again. With them the scope keeps the plan of each variant (up to 8,
  * the least recently followed dropped) by the keys of the steps that ended on it, and a step
  * whose key belongs to another plan than the one it would follow switches to that plan, when
