@@ -349,10 +349,12 @@ int run_train(Config config, const TrainArgs& a) {
               ok ? "" : "  FAILED: over the budget");
   // The steps' figures leave out the copies before step 1 and after the last: the run's
   // figures (and a trace's swap_out and swap_in events) count them too.
-  SwapStats steps_total;
+  SwapStats total;  // the steps'
+  std::uint64_t cancelled = 0, plain_frees = 0;
   for (const train::StepStats& st : run.steps) {
-    steps_total.bytes_out += st.swaps.bytes_out;
-    steps_total.bytes_in += st.swaps.bytes_in;
+    add_swaps(total, st.swaps);
+    plain_frees += st.plain_frees;
+    cancelled += st.cancelled_bytes;
   }
   const SwapStats run_total = train::run_swaps(run);
   auto out_in = [](const SwapStats& s) {
@@ -362,34 +364,19 @@ int run_train(Config config, const TrainArgs& a) {
       a.check ? " --check's read-back of the state " + out_in(run.readback_swaps) + ";" : "";
   std::printf("moved:     steps %s; set-up before step 1 (writing the weights and optimizer "
               "state) %s;%s run %s\n",
-              out_in(steps_total).c_str(), out_in(run.setup_swaps).c_str(), readback.c_str(),
+              out_in(total).c_str(), out_in(run.setup_swaps).c_str(), readback.c_str(),
               out_in(run_total).c_str());
   std::printf("           (out: bytes copied to the host, in: bytes copied back, as in the "
               "table; a --trace's swap_out and swap_in events sum to the run's; %llu clean "
               "evictions copied nothing, their host copy being current)\n",
               (unsigned long long)run_total.clean_evictions);
-  SwapStats total;
-  std::uint64_t cancelled = 0, returns = 0, plain_frees = 0;
-  for (const train::StepStats& st : run.steps) {
-    returns += st.swaps.cache_returns;
-    plain_frees += st.plain_frees;
-    total.prefetches += st.swaps.prefetches;
-    total.prefetch_hits += st.swaps.prefetch_hits;
-    total.prefetch_late += st.swaps.prefetch_late;
-    total.prefetches_skipped += st.swaps.prefetches_skipped;
-    total.demand_fetches += st.swaps.demand_fetches;
-    total.evictions_planned += st.swaps.evictions_planned;
-    total.evictions_reactive += st.swaps.evictions_reactive;
-    total.clean_evictions += st.swaps.clean_evictions;
-    cancelled += st.cancelled_bytes;
-  }
   std::printf("swaps:     in the steps, %llu prefetches (%llu hits, %llu late, %llu skipped for "
               "want of room; the cache returned first %llu times, %llu small-pool segments freed), "
               "%llu demand fetches, %llu planned and %llu reactive evictions (%llu clean), %s of "
               "planned prefetches still on the device\n",
               (unsigned long long)total.prefetches, (unsigned long long)total.prefetch_hits,
               (unsigned long long)total.prefetch_late,
-              (unsigned long long)total.prefetches_skipped, (unsigned long long)returns,
+              (unsigned long long)total.prefetches_skipped, (unsigned long long)total.cache_returns,
               (unsigned long long)plain_frees,
               (unsigned long long)total.demand_fetches, (unsigned long long)total.evictions_planned,
               (unsigned long long)total.evictions_reactive, (unsigned long long)total.clean_evictions,

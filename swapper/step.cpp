@@ -125,8 +125,6 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.born_before_pin.clear();
   s.expected_id_of.clear();
   s.expected_base_of_id.clear();
-  s.prefetched_upto = 0;
-  s.evicted_upto = 0;
   s.deferred.clear();
   s.other_bytes.clear();
   s.t0_ns = profiling::TraceRecorder::global().now_ns();
@@ -139,14 +137,7 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
   s.fresh_bytes = 0;  // every block is older now
   s.outgrew_plan = false;
   s.recording = opt.policy == SwapPolicy::Plan && opt.budget > 0;
-  // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
-  // fit fall back to reactive eviction.
-  s.executing = s.recording && !s.replan && !s.plan.steps.empty();
-  s.planned_step = s.executing;
-  s.plan_ids = s.executing ? s.use_ops.size() : 0;
-  s.next_id = s.plan_ids;
-  s.cursor = 0;
-  s.plan_op = -1;
+  follow_plan_from_start_locked(s);
   s.deviated = false;
   s.misses = 0;
   s.extras = 0;
@@ -160,11 +151,22 @@ void Swapper::Impl::begin_step_locked(StepState& s) {
     s.trace = graph::Trace{};
     s.trace_starts.clear();
   }
-  if (s.executing) {
-    // Blocks the plan starts on the host should already be there from the previous step's
-    // end; the plan's evictions put them back each step.
-    s.lookahead = std::max(0, s.lookahead - 1);
-  }
+}
+
+void Swapper::Impl::follow_plan_from_start_locked(StepState& s) {
+  // A plan that cannot meet the budget everywhere still schedules the rest; the ops it cannot
+  // fit fall back to reactive eviction.
+  s.executing = s.recording && !s.replan && !s.plan.steps.empty();
+  s.planned_step = s.executing;
+  s.plan_ids = s.executing ? s.use_ops.size() : 0;
+  s.next_id = s.plan_ids;
+  s.cursor = 0;
+  s.plan_op = -1;
+  s.prefetched_upto = 0;
+  s.evicted_upto = 0;
+  // Blocks the plan starts on the host should already be there from the previous step's end;
+  // the plan's evictions put them back each step.
+  if (s.executing) s.lookahead = std::max(0, s.lookahead - 1);
 }
 
 namespace {
@@ -194,11 +196,13 @@ graph::Trace renumbered(graph::Trace t, const std::vector<std::int64_t>& new_of)
   return t;
 }
 
-// A recording's accesses, numbered in their order of first access (renumbered): steps with
-// the same are the same variant.
-std::uint64_t shape_of(const graph::Trace& t) {
+// A recording's accesses with its blocks numbered in their order of first access, hashed
+// (`ids`: above every block id in it): steps with the same are the same variant.
+std::uint64_t shape_of(const graph::Trace& t, std::uint64_t ids) {
+  const std::vector<std::int64_t> new_of = renumbering(t, ids);
   std::uint64_t h = t.accesses.size();
-  for (const graph::TraceAccess& a : t.accesses) h = (h ^ (a.block << 20 ^ a.op)) * 0x100000001b3ull;
+  for (const graph::TraceAccess& a : t.accesses)
+    h = (h ^ (static_cast<std::uint64_t>(new_of[a.block]) << 20 ^ a.op)) * 0x100000001b3ull;
   return h;
 }
 
@@ -264,12 +268,11 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   // plan the narrow key, and the narrow steps then followed the wide plan). Not a step that
   // ran layers its plan lacks, nor one within a spliced plan: stochastic depth's steps (over
   // batches of several lengths too) come to follow one plan of every layer, as before.
-  const bool new_key = s.step_key && !s.keys.empty() &&
-                       std::find(s.keys.begin(), s.keys.end(), *s.step_key) == s.keys.end();
+  const bool new_key = s.step_key && !s.keys.empty() && !s.has_key(*s.step_key);
   const bool other_variant =
       s.deviated && s.planned_step && s.step_key && !s.keys.empty() &&
       (new_key || s.keys.size() > 1) && s.unplanned_old == 0 && !within_spliced &&
-      shape_of(renumbered(s.trace, renumbering(s.trace, s.next_id))) != s.shape;
+      shape_of(s.trace, s.next_id) != s.shape;
   if (s.plan_made_older ||
       (s.deviated && ((s.extras > 0 && !within_spliced) || same_shape || other_variant ||
                       s.matched + kShortSkip >= planned_accesses ||
@@ -370,14 +373,14 @@ void Swapper::Impl::end_step_locked(StepState& s) {
   // The recording's accesses in their order of first access: a variant whose plan has the
   // same is this one (a key's step followed another variant's plan and found it was this
   // one's), and its keys join this plan. At most kPlanVariants plans are kept.
-  s.shape = shape_of(s.trace);
+  s.shape = shape_of(s.trace, s.next_id);
   for (auto v = s.variants.begin(); v != s.variants.end();) {
     if (v->shape != s.shape) {
       ++v;
       continue;
     }
     for (std::uint64_t k : v->keys)
-      if (std::find(s.keys.begin(), s.keys.end(), k) == s.keys.end()) s.keys.push_back(k);
+      if (!s.has_key(k)) s.keys.push_back(k);
     v = s.variants.erase(v);
   }
   while (s.variants.size() >= StepState::kPlanVariants) {
@@ -1137,7 +1140,7 @@ std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, st
   // A plan is switched before the step's first pin only: after one, the step's blocks have
   // ids of the plan it follows (what it pinned, its births' expectations, its recording).
   if (!s.in_step || !s.recording || s.replan || s.op >= 0 || !s.trace.accesses.empty() ||
-      !s.id_of.empty() || std::find(s.keys.begin(), s.keys.end(), key) != s.keys.end())
+      !s.id_of.empty() || s.has_key(key))
     return wanted;
   // The variant with this key; for a key no plan has had, the one with the nearest key, when it
   // is nearer than this plan's keys (keys near as numbers are steps alike: offload's grow with
@@ -1157,18 +1160,9 @@ std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, st
   s.variants.erase(v);
   if (!s.keys.empty()) s.variants.push_back(std::move(static_cast<PlanFields&>(s)));
   static_cast<PlanFields&>(s) = std::move(next);
-  // As begin_step_locked starts a step that follows a plan.
-  s.executing = !s.plan.steps.empty();
-  s.planned_step = s.executing;
-  s.plan_ids = s.executing ? s.use_ops.size() : 0;
-  s.next_id = s.plan_ids;
-  s.cursor = 0;
-  s.plan_op = -1;
-  s.prefetched_upto = 0;
-  s.evicted_upto = 0;
-  s.pending.clear();
+  follow_plan_from_start_locked(s);
+  s.pending.clear();  // the other plan's
   s.deferred.clear();
-  if (s.executing) s.lookahead = std::max(0, s.lookahead - 1);
   // The blocks born so far (before any pin: the batch) as this plan's recording had them.
   s.expected_id_of.clear();
   s.expected_base_of_id.clear();
@@ -1189,15 +1183,13 @@ std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, st
 void Swapper::Impl::claim_step_key_locked(StepState& s, bool from_variants) {
   if (!s.step_key) return;
   const std::uint64_t key = *s.step_key;
-  const auto has_key = [&](const PlanFields& p) {
-    return std::find(p.keys.begin(), p.keys.end(), key) != p.keys.end();
-  };
+  const auto has_key = [key](const PlanFields& p) { return p.has_key(key); };
   if (!from_variants && std::any_of(s.variants.begin(), s.variants.end(), has_key)) return;
   for (auto v = s.variants.begin(); v != s.variants.end();) {
     v->keys.erase(std::remove(v->keys.begin(), v->keys.end(), key), v->keys.end());
     v = v->keys.empty() ? s.variants.erase(v) : v + 1;
   }
-  if (has_key(s)) return;
+  if (s.has_key(key)) return;
   // A plan keeps its latest keys (steps of ever new shapes would grow the list for good).
   constexpr std::size_t kKeysPerPlan = 256;
   if (s.keys.size() >= kKeysPerPlan) s.keys.erase(s.keys.begin());

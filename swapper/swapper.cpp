@@ -338,6 +338,25 @@ SwapStats swaps_since(const SwapStats& now, const SwapStats& before) {
   return d;
 }
 
+void add_swaps(SwapStats& t, const SwapStats& s) {
+  t.bytes_out += s.bytes_out;
+  t.bytes_in += s.bytes_in;
+  t.swap_outs += s.swap_outs;
+  t.swap_ins += s.swap_ins;
+  t.clean_evictions += s.clean_evictions;
+  t.prefetches += s.prefetches;
+  t.prefetch_hits += s.prefetch_hits;
+  t.prefetch_late += s.prefetch_late;
+  t.prefetches_skipped += s.prefetches_skipped;
+  t.demand_fetches += s.demand_fetches;
+  t.evictions_reactive += s.evictions_reactive;
+  t.evictions_planned += s.evictions_planned;
+  t.host_wait_s += s.host_wait_s;
+  t.stall_s += s.stall_s;
+  t.stale_unpins += s.stale_unpins;
+  t.cache_returns += s.cache_returns;
+}
+
 // ---- protocol
 
 PinToken Swapper::pin(const void* ptr, Stream stream) { return impl_->pin(ptr, stream, false); }

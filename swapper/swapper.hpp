@@ -141,6 +141,9 @@ struct SwapStats {
 // The counters accumulated from `before` to `now` (copies, evictions, prefetches, waits: what
 // one step did); gauges (bytes held now) and step counts keep `now`'s values.
 SwapStats swaps_since(const SwapStats& now, const SwapStats& before);
+// Adds `more`'s counters (those swaps_since takes differences of) to `total`'s; gauges and step
+// counts stay `total`'s.
+void add_swaps(SwapStats& total, const SwapStats& more);
 
 class Swapper {
  public:

@@ -116,6 +116,9 @@ struct PlanFields {
   std::vector<std::uint64_t> keys;
   std::uint64_t shape = 0;
   std::uint64_t followed_tick = 0;
+  bool has_key(std::uint64_t key) const {
+    return std::find(keys.begin(), keys.end(), key) != keys.end();
+  }
 };
 
 // One step scope's recording and plan. Every step is recorded (policy plan with a budget);
@@ -472,6 +475,9 @@ struct Swapper::Impl {
   // to align.
   bool splice_into_plan_locked(StepState& s);
   void begin_step_locked(StepState& s);
+  // A step begun (or switched to another variant's plan before its first pin) follows its plan
+  // from the start, if it has one and records: the cursor and issue marks at the start.
+  void follow_plan_from_start_locked(StepState& s);
   // Sets the step's key; switches to the plan of that key's variant when the step has no pin
   // yet, returning the prefetches that plan wants at its start (see step.cpp).
   std::vector<PlannedPrefetch> set_step_key_locked(StepState& s, std::uint64_t key);

@@ -55,27 +55,9 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
 
 SwapStats run_swaps(const RunResult& r) {
   SwapStats t;
-  auto add = [&t](const SwapStats& s) {
-    t.bytes_out += s.bytes_out;
-    t.bytes_in += s.bytes_in;
-    t.swap_outs += s.swap_outs;
-    t.swap_ins += s.swap_ins;
-    t.clean_evictions += s.clean_evictions;
-    t.prefetches += s.prefetches;
-    t.prefetches_skipped += s.prefetches_skipped;
-    t.prefetch_hits += s.prefetch_hits;
-    t.prefetch_late += s.prefetch_late;
-    t.demand_fetches += s.demand_fetches;
-    t.evictions_reactive += s.evictions_reactive;
-    t.evictions_planned += s.evictions_planned;
-    t.host_wait_s += s.host_wait_s;
-    t.stall_s += s.stall_s;
-    t.stale_unpins += s.stale_unpins;
-    t.cache_returns += s.cache_returns;
-  };
-  add(r.setup_swaps);
-  for (const StepStats& s : r.steps) add(s.swaps);
-  add(r.readback_swaps);
+  add_swaps(t, r.setup_swaps);
+  for (const StepStats& s : r.steps) add_swaps(t, s.swaps);
+  add_swaps(t, r.readback_swaps);
   return t;
 }
 
