@@ -1134,14 +1134,13 @@ void Swapper::Impl::expect_birth_locked(StepState& s, std::uint64_t k, const Swa
   s.expected_base_of_id[id] = key(b.base);
 }
 
-std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, std::uint64_t key) {
-  s.step_key = key;
-  std::vector<PlannedPrefetch> wanted;
+std::vector<PlanFields>::iterator Swapper::Impl::variant_for_key_locked(StepState& s,
+                                                                       std::uint64_t key) const {
   // A plan is switched before the step's first pin only: after one, the step's blocks have
   // ids of the plan it follows (what it pinned, its births' expectations, its recording).
   if (!s.in_step || !s.recording || s.replan || s.op >= 0 || !s.trace.accesses.empty() ||
       !s.id_of.empty() || s.has_key(key))
-    return wanted;
+    return s.variants.end();
   // The variant with this key; for a key no plan has had, the one with the nearest key, when it
   // is nearer than this plan's keys (keys near as numbers are steps alike: offload's grow with
   // the batch's element count, so that a length not met before follows the plan of the
@@ -1155,7 +1154,15 @@ std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, st
                             [&](const PlanFields& a, const PlanFields& b) {
                               return distance(a) < distance(b);
                             });
-  if (v == s.variants.end() || distance(*v) >= distance(s)) return wanted;
+  if (v == s.variants.end() || distance(*v) >= distance(s)) return s.variants.end();
+  return v;
+}
+
+std::vector<PlannedPrefetch> Swapper::Impl::set_step_key_locked(StepState& s, std::uint64_t key) {
+  s.step_key = key;
+  std::vector<PlannedPrefetch> wanted;
+  auto v = variant_for_key_locked(s, key);
+  if (v == s.variants.end()) return wanted;
   PlanFields next = std::move(*v);
   s.variants.erase(v);
   if (!s.keys.empty()) s.variants.push_back(std::move(static_cast<PlanFields&>(s)));

@@ -878,9 +878,14 @@ void Swapper::set_step_key(std::uint64_t scope, std::uint64_t key) {
   // (The calling thread's current scope stays: a key for another scope, such as another
   // model's next step, must not take the thread's later pins there.)
   std::unique_lock lock(impl_->mu);
-  // Threads issuing the scope's planned prefetches read its plan without the lock; the scope
-  // is looked up at each wake-up (end_scope may drop it meanwhile).
-  StepState* found = nullptr;
+  StepState* found = impl_->find_scope_locked(scope);
+  if (found == nullptr) return;  // no step begun, or the scope ended: nothing to follow
+  if (impl_->variant_for_key_locked(*found, key) == found->variants.end()) {
+    found->step_key = key;  // no plan to switch: nothing to wait for (the steady state)
+    return;
+  }
+  // A switch replaces the plan, which threads issuing the scope's planned prefetches read
+  // without the lock; the scope is looked up at each wake-up (end_scope may drop it meanwhile).
   impl_->cv.wait(lock, [&] {
     found = impl_->find_scope_locked(scope);
     return found == nullptr || found->users == 0;

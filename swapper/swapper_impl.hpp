@@ -481,6 +481,9 @@ struct Swapper::Impl {
   // Sets the step's key; switches to the plan of that key's variant when the step has no pin
   // yet, returning the prefetches that plan wants at its start (see step.cpp).
   std::vector<PlannedPrefetch> set_step_key_locked(StepState& s, std::uint64_t key);
+  // The variant whose plan a step keyed `key` now would switch to; variants.end() for none (the
+  // step has pinned, its plan has the key, or no variant's keys are nearer).
+  std::vector<PlanFields>::iterator variant_for_key_locked(StepState& s, std::uint64_t key) const;
   // The key of a step that ended on its plan becomes the plan's (no other variant's; with
   // from_variants false, only a key no variant has).
   void claim_step_key_locked(StepState& s, bool from_variants);
