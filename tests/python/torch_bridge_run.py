@@ -208,7 +208,7 @@ def main(argv: List[str]) -> int:
         out["runs"][mode] = {"losses_equal": losses == base_losses, "losses": losses,
                              "base_losses": base_losses, "params_equal": params_equal,
                              "per_step": per_step, "quiet_steps": quiet_steps}
-        del model, handle
+        del model, handle, reader  # the guard mode's reader is its handle (with the optimizer)
     print("RESULT " + json.dumps(out))
     return 0
 
