@@ -177,20 +177,23 @@ def test_planned_steps_beat_lru(model: str, ratio: int) -> None:
     assert step_delta(plan, "swap.deviations", first) <= 1, detail
 
 
-def test_steps_of_lengths_on_both_sides_of_the_swap_threshold_follow_their_own_plans() -> None:
+@pytest.mark.parametrize("mode", ["offload", "guard"])
+def test_steps_of_lengths_on_both_sides_of_the_swap_threshold_follow_their_own_plans(
+        mode: str) -> None:
     """gpt_straddle: batches of 32 or 48 tokens, whose steps differ in their blocks (a tensor
     under swap_threshold at 32, over it at 48). offload keys each step by its batch's shapes
-    (spill_step_key) and the scope keeps a plan per length: after each length's step was
-    recorded (steps 0 and 1, and 4, the first 48 after the state was made), every step follows
-    its own, at each change of length too (steps 7, 13 and 15). Before (the same run without
-    keys, 2026-12-06), each change left the plan and was recorded again: 6 plans in 16 steps,
-    8 to 32 demand fetches at each change after step 4, against 0 to 3 now."""
+    (spill_step_key), guard by those of the step's first op that pins (the embedding's), and
+    the scope keeps a plan per length: after each length's step was recorded (steps 0 and 1,
+    and 4, the first 48 after the state was made), every step follows its own, at each change
+    of length too (steps 7, 13 and 15). Before (the same runs without keys, 2026-12-06), each
+    change left the plan and was recorded again: offload 6 plans in 16 steps, 8 to 32 demand
+    fetches at each change after step 4, against 0 to 3 now; guard 7 plans, 16 to 28."""
     steps = 16
-    r = run_python([str(HERE / "torch_bridge_run.py"), "gpt_straddle", "offload", "plan",
+    r = run_python([str(HERE / "torch_bridge_run.py"), "gpt_straddle", mode, "plan",
                     str(steps), TARGET], _env(), timeout=600)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    run = json.loads(lines[-1][len("RESULT "):])["runs"]["offload"]
+    run = json.loads(lines[-1][len("RESULT "):])["runs"][mode]
     assert run["losses_equal"], (run["losses"], run["base_losses"])
     assert run["params_equal"], "final parameters differ from the run without spill"
     per_step, first = run["per_step"], 5

@@ -18,7 +18,7 @@ from . import _interrupts
 from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
 from ._state import state
-from ._steps import (OptimizerRound, StepBoundaries, default_scope, optimizers_of,
+from ._steps import (OptimizerRound, StepBoundaries, default_scope, optimizers_of, shapes_key,
                      optional_scope, unwrap_methods, wrap_method)
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
@@ -78,6 +78,9 @@ class PinEveryOp(TorchDispatchMode):
     # buckets, which its reducer hands to the communication library): offload's own modes
     # declare only what their ops make.
     declares_arguments = True
+    # Whether a step it begins is keyed by its first op's arguments (guard's own steps; offload
+    # keys its steps at the model's forward).
+    keys_steps = False
 
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
                  outputs: Optional[Set[int]] = None, evaluations_outside: bool = False) -> None:
@@ -92,6 +95,7 @@ class PinEveryOp(TorchDispatchMode):
         self.declared: Dict[int, int] = {}   # block base -> generation this mode declared
         self.outputs = outputs               # if given: where the outputs it declared go
         self.ops = 0
+        self._key_pending = False  # keys_steps: the step began on an op without tensors
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         # Runs for every aten op (the optimizer step under pressure: about 440 a GPT step), so
@@ -112,10 +116,22 @@ class PinEveryOp(TorchDispatchMode):
             if parts is not None:
                 return joined(split, [self.__torch_dispatch__(func, types, a, k)
                                       for a, k in parts])
-        if self.steps is not None:
+        steps = self.steps
+        if steps is not None:
             if self.evaluations_outside:
-                self.steps.deferred = func is _ITEM or not torch.is_grad_enabled()
-            self.steps.ensure()
+                steps.deferred = func is _ITEM or not torch.is_grad_enabled()
+            began = not steps.in_step
+            steps.ensure()
+            if self.keys_steps and steps.in_step and (began or self._key_pending):
+                # The step's variant (guard's steps; see StepBoundaries.key): the shapes of the
+                # tensor arguments of its first op that pins (a key counts before the step's
+                # first pin), a forward's first layer's (the batch's) when the loop makes its
+                # batch under the guard (ops of small tensors, none pinned).
+                self._key_pending = not any(
+                    pinner.movable(t) for t in leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor))
+                if not self._key_pending:
+                    steps.key(shapes_key((args, kwargs)))
         stream = pinner.stream()
         positions, names = _writes(func)
         held: List[Tuple[Any, bool]] = []
@@ -287,6 +303,7 @@ class guard:
             for index, opt in enumerate(self.optimizers):
                 wrap_method(opt, "step", wrapper(index), self._saved)
         mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
+        mode.keys_steps = True
         if self._left is not None:  # what an earlier exit could not bring back: this exit's
             mode.declared.update(self._left.declared)
         from ._reads import host_reads  # (_reads imports _window, which imports this module)

@@ -120,7 +120,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import itertools
-import math
 import reprlib
 import sys
 import threading
@@ -149,6 +148,7 @@ from ._quiet import EVALUATION, QuietSteps
 from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._regions import BackwardRegions
 from ._state import state
+from ._steps import shapes_key
 from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
@@ -1041,7 +1041,7 @@ class OffloadHandle:
             # (_wrap_forward), which sees them, where the pre-hook does not (torch 1.13).
             self._key_pending = not any(isinstance(t, torch.Tensor) for t in leaves(args))
             if not self._key_pending:
-                self.steps.key(_shapes_key(args))
+                self.steps.key(shapes_key(args))
         stream = self.pinner.stream()
         self._drop_finished()
         frame = _Frame(module, ModuleCall())
@@ -1351,7 +1351,7 @@ class OffloadHandle:
                 outermost = self._entry is module and not self._entry_depth
                 if outermost and self._key_pending:
                     self._key_pending = False
-                    self.steps.key(_shapes_key((args, kwargs)))
+                    self.steps.key(shapes_key((args, kwargs)))
                 try:
                     return original(*args, **kwargs)
                 except BaseException:
@@ -2401,18 +2401,6 @@ def _in_functional_call() -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def _shapes_key(args: Any) -> int:
-    """A step's variant (spill_step_key) from its first forward's tensor arguments, ordered so
-    that a batch of a size not met before follows the plan of the nearest size met: 16 bits of
-    their ranks and dtypes, 24 of the logarithm of their element count, 24 of their exact
-    shapes (hashes are stable within the process, as long as spill keeps plans)."""
-    tensors = [t for t in leaves(args) if isinstance(t, torch.Tensor)]
-    kinds = hash(tuple((t.dim(), t.dtype) for t in tensors)) & 0xFFFF
-    size = min(int(math.log2(1 + sum(t.numel() for t in tensors)) * (1 << 18)), (1 << 24) - 1)
-    shapes = hash(tuple(tuple(t.shape) for t in tensors)) & 0xFF_FFFF
-    return kinds << 48 | size << 24 | shapes
 
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames

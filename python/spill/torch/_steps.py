@@ -19,16 +19,20 @@ import ctypes
 import functools
 import inspect
 import itertools
+import math
 import threading
 import types
 import weakref
 from typing import Any, Callable, Dict, Optional, Set, Tuple
+
+import torch
 
 from spill import InvalidArgumentError, _args
 from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
 
+from ._pins import leaves
 from ._state import state
 
 
@@ -311,3 +315,16 @@ def optimizers_of(optimizer: Any, caller: str) -> Tuple[Any, ...]:
         if any(o is opt for o in found[:i]):
             raise InvalidArgumentError(f"{caller}: {where} ({type(opt).__name__}) is given twice")
     return found
+
+
+def shapes_key(args: Any) -> int:
+    """A step's variant (spill_step_key) from the tensor arguments of its first forward
+    (offload) or its first op (guard), ordered so that a batch of a size not met before
+    follows the plan of the nearest size met: 16 bits of their ranks and dtypes, 24 of the
+    logarithm of their element count, 24 of their exact shapes (hashes are stable within the
+    process, as long as spill keeps plans)."""
+    tensors = [t for t in leaves(args) if isinstance(t, torch.Tensor)]
+    kinds = hash(tuple((t.dim(), t.dtype) for t in tensors)) & 0xFFFF
+    size = min(int(math.log2(1 + sum(t.numel() for t in tensors)) * (1 << 18)), (1 << 24) - 1)
+    shapes = hash(tuple(tuple(t.shape) for t in tensors)) & 0xFF_FFFF
+    return kinds << 48 | size << 24 | shapes
