@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 #include "core/errors.hpp"
 
@@ -47,6 +48,13 @@ void expect_utf8(std::string_view text, std::string_view name) {
   std::snprintf(byte, sizeof byte, "0x%02x", static_cast<unsigned char>(text[at]));
   throw InvalidArgument(std::string(name) + " is not valid UTF-8 (byte " + byte + " at offset " +
                         std::to_string(at) + " of " + std::to_string(text.size()) + " bytes)");
+}
+
+std::string_view kept_name(const char* text, std::size_t max, std::string_view what) {
+  if (text == nullptr) return {};
+  const std::string_view kept = utf8_prefix(std::string_view(text, strnlen(text, max + 1)), max);
+  expect_utf8(kept, what);
+  return kept;
 }
 
 std::string_view utf8_prefix(std::string_view text, std::size_t max) {

@@ -21,4 +21,9 @@ void expect_utf8(std::string_view text, std::string_view name);
 // (a cut at `max` bytes that keeps the text decodable).
 std::string_view utf8_prefix(std::string_view text, std::size_t max);
 
+// A caller's C string kept as a name: NULL is "", a longer one is cut at `max` bytes (before a
+// character the cut would split), then checked as expect_utf8(kept, what). Reads at most
+// max + 1 bytes of `text`.
+std::string_view kept_name(const char* text, std::size_t max, std::string_view what);
+
 }  // namespace spill

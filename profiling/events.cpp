@@ -110,7 +110,7 @@ const char* to_string(EventKind kind) {
   static constexpr const char* names[kEventKindCount] = {
       "alloc", "free", "map", "unmap", "pin", "unpin", "swap_out",
       "swap_in", "prefetch", "evict", "stall", "oom", "mark", "host_alloc", "host_free", "name",
-      "free_on_host"};
+      "free_on_host", "scope_name"};
   int i = static_cast<int>(kind);
   return i >= 0 && i < kEventKindCount ? names[i] : "?";
 }

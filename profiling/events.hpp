@@ -27,12 +27,14 @@ namespace spill::profiling {
 // tag: the name; tag 0: its name was cleared); the name holds until the block's Free.
 // FreeOnHost: a block freed while its bytes were on the host (swapped out): they are dropped there
 // (bytes: its size), just before its Free. A trace that begins after the block's eviction sees
-// its bytes leave the host here (no swap_in ever comes).
+// its bytes leave the host here (no swap_in ever comes). ScopeName: a step scope's name
+// (address: the scope, tag: its name; tag 0: cleared), recorded when it is named and again
+// just before each of its steps' marks, so that a trace whose start was dropped still has it.
 enum class EventKind : std::uint8_t {
   Alloc, Free, Map, Unmap, Pin, Unpin, SwapOut, SwapIn, Prefetch, Evict, Stall, Oom, Mark,
-  HostAlloc, HostFree, Name, FreeOnHost,
+  HostAlloc, HostFree, Name, FreeOnHost, ScopeName,
 };
-inline constexpr int kEventKindCount = static_cast<int>(EventKind::FreeOnHost) + 1;
+inline constexpr int kEventKindCount = static_cast<int>(EventKind::ScopeName) + 1;
 
 const char* to_string(EventKind kind);
 

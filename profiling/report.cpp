@@ -134,8 +134,9 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   const TraceSteps steps = trace_steps(trace, kMaxStepScopes);
   std::string steps_text;
   for (const ScopeSteps& scope : steps.scopes)
-    steps_text += (steps_text.empty() ? "" : ", ") + std::to_string(scope.steps.size()) +
-                  " (scope " + std::to_string(scope.scope) + ")";
+    steps_text += (steps_text.empty() ? "" : ", ") + std::to_string(scope.steps.size()) + " (" +
+                  (scope.name.empty() ? "" : scope.name + ", ") + "scope " +
+                  std::to_string(scope.scope) + ")";
   if (steps.other_scopes > 0)
     steps_text += "; " + std::to_string(steps.other_marks) + " step marks of " +
                   std::to_string(steps.other_scopes) + " other scopes, not shown";
@@ -164,7 +165,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     << " in " << s.evictions << " evictions, with a copy or without</td></tr>"
     << "<tr><th class='l'>out-of-memory errors</th><td>" << s.ooms << "</td></tr>";
   if (!steps_text.empty())
-    o << "<tr><th class='l'>steps</th><td id='step-count'>" << steps_text << "</td></tr>";
+    o << "<tr><th class='l'>steps</th><td id='step-count'>" << esc(steps_text) << "</td></tr>";
   if (trace.budget_bytes)
     o << "<tr><th class='l'>budget</th><td id='budget'>" << format_bytes(*trace.budget_bytes)
       << "</td></tr>";
@@ -209,7 +210,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   for (std::size_t i = 0; i < steps.scopes.size(); ++i) {
     const ScopeSteps& scope = steps.scopes[i];
     StepMarks m{steps.scopes.size() == 1 ? std::string("step begins")
-                                         : "steps, scope " + std::to_string(scope.scope),
+                                         : "steps, " + scope.label(),
                 kStepColours[i % std::size(kStepColours)], scope.scope, {}};
     m.marks.reserve(scope.steps.size());
     for (const StepFigures& f : scope.steps) m.marks.emplace_back(ms(f.begin_ns), f.number);

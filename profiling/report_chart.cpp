@@ -17,6 +17,7 @@ std::string esc(const std::string& s) {
       case '>': out += "&gt;"; break;
       case '&': out += "&amp;"; break;
       case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;  // attributes are quoted either way
       default: out += c;
     }
   }

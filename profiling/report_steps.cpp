@@ -16,7 +16,7 @@ constexpr std::size_t kStepRowsAtEachEnd = 10;
 // longest, highest peaks, totals of swaps and stalls).
 std::string step_row(const std::vector<StepFigures>& steps, std::size_t from, std::size_t to,
                      const std::string& what, const std::function<double(std::uint64_t)>& ms,
-                     bool scope_column, std::uint64_t scope) {
+                     bool scope_column, const ScopeSteps& scope) {
   std::ostringstream o;
   const bool one = to - from == 1;
   MemoryCounters peak = steps[from].peak;
@@ -35,11 +35,12 @@ std::string step_row(const std::vector<StepFigures>& steps, std::size_t from, st
     longest = i == from ? d : std::max(longest, d);
   }
   if (one)
-    o << "<tr class='step' data-scope='" << scope << "' data-step='" << steps[from].number << "'>";
-  else
-    o << "<tr class='steps-gathered' data-scope='" << scope << "' data-steps='" << to - from
+    o << "<tr class='step' data-scope='" << scope.scope << "' data-step='" << steps[from].number
       << "'>";
-  if (scope_column) o << "<td>" << scope << "</td>";
+  else
+    o << "<tr class='steps-gathered' data-scope='" << scope.scope << "' data-steps='"
+      << to - from << "'>";
+  if (scope_column) o << "<td>" << esc(scope.label()) << "</td>";
   o << "<td class='l'>" << what << "</td><td>" << fmt("%.3f", ms(steps[from].begin_ns))
     << "</td><td>";
   if (one)
@@ -80,7 +81,7 @@ std::string steps_section(const TraceSteps& steps,
   for (const ScopeSteps& scope : steps.scopes) {
     const std::vector<StepFigures>& v = scope.steps;
     auto row = [&](std::size_t from, std::size_t to, const std::string& what) {
-      o << step_row(v, from, to, what, ms, several, scope.scope);
+      o << step_row(v, from, to, what, ms, several, scope);
     };
     auto one = [&](std::size_t i) { row(i, i + 1, std::to_string(v[i].number)); };
     const std::size_t n = v.size(), ends = kStepRowsAtEachEnd;

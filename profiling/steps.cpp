@@ -8,6 +8,11 @@
 
 namespace spill::profiling {
 
+std::string ScopeSteps::label() const {
+  const std::string number = "scope " + std::to_string(scope);
+  return name.empty() ? number : name + " (" + number + ")";
+}
+
 TraceSteps trace_steps(const ParsedTrace& trace, std::size_t max_scopes) {
   TraceSteps out;
   std::unordered_set<std::uint32_t> step_tags;
@@ -17,10 +22,14 @@ TraceSteps trace_steps(const ParsedTrace& trace, std::size_t max_scopes) {
   auto is_mark = [&](const TraceEvent& e) {
     return e.kind == EventKind::Mark && step_tags.count(e.tag) != 0;
   };
-  // The scopes with the most marks; a hostile trace may hold a scope per mark.
+  // The scopes with the most marks; a hostile trace may hold a scope per mark. Their names:
+  // each scope's latest (tag 0 clears it).
   std::unordered_map<std::uint64_t, std::size_t> marks;
-  for (const TraceEvent& e : trace.events)
+  std::unordered_map<std::uint64_t, std::uint32_t> name_tags;
+  for (const TraceEvent& e : trace.events) {
     if (is_mark(e)) ++marks[e.address];
+    else if (e.kind == EventKind::ScopeName) name_tags[e.address] = e.tag;
+  }
   if (marks.empty()) return out;
   std::vector<std::pair<std::uint64_t, std::size_t>> by_count(marks.begin(), marks.end());
   const std::size_t kept = std::min(max_scopes, by_count.size());
@@ -35,7 +44,11 @@ TraceSteps trace_steps(const ParsedTrace& trace, std::size_t max_scopes) {
   std::unordered_map<std::uint64_t, std::size_t> slot;  // scope -> its place in out.scopes
   for (auto& [scope, count] : by_count) {
     slot[scope] = out.scopes.size();
-    out.scopes.push_back({scope, {}});
+    out.scopes.push_back({scope, {}, {}});
+    if (auto tag = name_tags.find(scope); tag != name_tags.end() && tag->second != 0) {
+      auto name = trace.tag_names.find(tag->second);
+      if (name != trace.tag_names.end()) out.scopes.back().name = name->second;
+    }
     out.scopes.back().steps.reserve(count);
   }
 

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "profiling/chrome_trace.hpp"
@@ -30,7 +31,10 @@ struct StepFigures : SwapTally {
 
 struct ScopeSteps {
   std::uint64_t scope = 0;
+  std::string name;                // its latest scope_name event's ("" for none)
   std::vector<StepFigures> steps;  // in time order
+  // "name (scope N)", or "scope N" for a scope without a name.
+  std::string label() const;
 };
 
 struct TraceSteps {

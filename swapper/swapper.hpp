@@ -200,6 +200,12 @@ class Swapper {
   // Steps without a key, or all of one key, follow one plan as before. Unlike the other step
   // calls, it leaves the calling thread's current scope as it is.
   void set_step_key(std::uint64_t scope, std::uint64_t key);
+  // Names `scope` for traces and reports (e.g. the model it trains): a ScopeName event now and
+  // before each of its steps' marks; "" clears it. Naming again replaces it; end_scope drops
+  // it. Touches no step state and not the calling thread's current scope.
+  void set_scope_name(std::uint64_t scope, std::string_view name);
+  // The scope's name ("" for none).
+  std::string scope_name(std::uint64_t scope) const;
   // Makes `scope` the calling thread's current scope on this swapper, touching no step state
   // (a thread joining a step another began: begin_op would also stop ops starting at pins).
   void set_scope(std::uint64_t scope);

@@ -18,12 +18,7 @@ spill_status spill_set_block_name(void* ptr, const char* name) {
   return on_block(ptr, "spill_set_block_name", [&](Lease& lease) {
     // Cut at a character boundary, then checked: names go into snapshots' JSON and messages
     // Python decodes strictly.
-    constexpr std::size_t kMax = SPILL_MAX_BLOCK_NAME;
-    const std::string_view text =
-        name == nullptr ? std::string_view() : std::string_view(name, strnlen(name, kMax + 1));
-    const std::string_view kept = utf8_prefix(text, kMax);
-    expect_utf8(kept, "name");
-    lease.rt().allocator().set_block_name(ptr, kept);
+    lease.rt().allocator().set_block_name(ptr, kept_name(name, SPILL_MAX_BLOCK_NAME, "name"));
     return SPILL_OK;
   });
 }

@@ -175,6 +175,15 @@ spill_status spill_step_key(int device, uint64_t scope, uint64_t key) {
   return on_swapper(device, "spill_step_key", [&](Swapper& sw) { sw.set_step_key(scope, key); });
 }
 
+spill_status spill_set_scope_name(int device, uint64_t scope, const char* name) {
+  return on_device(device, "spill_set_scope_name", [&](Lease& lease) {
+    // Checked without a swapper too: the caller learns of bad text where it is.
+    const std::string_view kept = kept_name(name, SPILL_MAX_BLOCK_NAME, "name");
+    if (Swapper* sw = lease.rt().swapper()) sw->set_scope_name(scope, kept);
+    return SPILL_OK;
+  });
+}
+
 spill_status spill_write_step_graph(int device, uint64_t scope, const char* path) {
   if (path == nullptr || *path == '\0')
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_write_step_graph: the path is NULL or empty");
@@ -188,8 +197,10 @@ spill_status spill_write_step_graph(int device, uint64_t scope, const char* path
                   where + ": no step of this scope was recorded (recording needs policy:plan "
                           "and a budget; the first step after spill_begin_step is recorded)");
     }
-    graph::Graph g = graph::graph_from_trace(trace, "recorded step (scope " +
-                                                        std::to_string(scope) + ")");
+    const std::string name = sw->scope_name(scope);
+    graph::Graph g = graph::graph_from_trace(
+        trace, "recorded step (scope " + std::to_string(scope) + (name.empty() ? "" : ", ") +
+                   name + ")");
     try {
       graph::save_graph_file(g, path);
     } catch (const InvalidArgument& e) {

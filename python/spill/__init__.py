@@ -21,8 +21,8 @@ from ._memory import (evict, free, malloc, pin, pin_for_host, prefetch, record_s
 from ._observe import (block_name, last_oom_message, reset_peak_stats, set_block_name, snapshot,
                        stats, trace)
 from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_scope, end_step,
-                       is_simulated, parse_size, set_budget, shutdown, step, step_key,
-                       write_step_graph)
+                       is_simulated, parse_size, set_budget, set_scope_name, shutdown, step,
+                       step_key, write_step_graph)
 from ._version import __version__
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "set_budget", "budget", "empty_cache", "parse_size",
     # steps
     "step", "begin_step", "end_step", "begin_op", "end_scope", "write_step_graph", "step_key",
+    "set_scope_name",
     # observability
     "stats", "snapshot", "trace", "last_oom_message", "reset_peak_stats", "set_block_name",
     "block_name",

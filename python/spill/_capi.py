@@ -85,6 +85,7 @@ _PROTOTYPES = {
     "spill_begin_op": (_status, [_c_int, _c_uint64, ctypes.c_char_p]),
     "spill_set_scope": (_status, [_c_int, _c_uint64]),
     "spill_step_key": (_status, [_c_int, _c_uint64, _c_uint64]),
+    "spill_set_scope_name": (_status, [_c_int, _c_uint64, ctypes.c_char_p]),
     "spill_write_step_graph": (_status, [_c_int, _c_uint64, ctypes.c_char_p]),
     "spill_string_free": (None, [_c_void_p]),
     "spill_stats_json": (_status, [_c_int, ctypes.POINTER(_c_void_p)]),

@@ -111,6 +111,15 @@ def step_key(key: int, scope: int = 0, device: int = 0) -> None:
          _args.integer(key, "key", 0, 2**64 - 1))
 
 
+def set_scope_name(name: Optional[str], scope: int = 0, device: int = 0) -> None:
+    """Names ``scope`` on ``device`` for traces and ``spill report`` (e.g. after the model it
+    trains): shown beside the scope's number in the report's steps; None or "" clears it, and
+    ``end_scope`` drops it. Names past 255 bytes are cut. ``spill.torch`` names the scopes it
+    makes ("offload GPT", "guard AdamW", ...)."""
+    call("spill_set_scope_name", _args.device(device), _args.scope(scope),
+         _args.text(name, "name") if name is not None else None)
+
+
 def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> None:
     """An op (kernel or layer) named ``name`` starts within the current step of ``scope``."""
     call("spill_begin_op", _args.device(device), _args.scope(scope),

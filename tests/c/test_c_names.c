@@ -229,6 +229,92 @@ TEST(a_failed_pin_names_the_pinned_blocks) {
   CHECK_OK(spill_unpin(&tc, NULL, 0));
 }
 
+/* How many times `what` occurs in `text`. */
+static int occurrences(const char* text, const char* what) {
+  int n = 0;
+  for (const char* p = strstr(text, what); p != NULL; p = strstr(p + 1, what)) ++n;
+  return n;
+}
+
+/* One step of `scope` that pins `p` (recorded: the first step with policy:plan). */
+static void one_step(uint64_t scope, void* p) {
+  REQUIRE_OK(spill_begin_step(0, scope));
+  spill_pin_token t;
+  REQUIRE_OK(spill_pin_for_host(p, &t));
+  REQUIRE_OK(spill_unpin(&t, NULL, 0));
+  REQUIRE_OK(spill_end_step(0, scope));
+}
+
+/* A scope's name goes into the trace when it is named and before each of its step marks (so a
+ * trace whose start was dropped still has it), and into its step graph's name; cleared, or
+ * dropped with the scope, it is not recorded again. */
+TEST(a_scope_is_named_in_the_trace_and_its_step_graph) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:1GiB,budget:64MiB,policy:plan"));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 4 * MiB, 0, NULL));
+  REQUIRE_OK(spill_set_swappable(p, 1));
+  drop_trace();
+  const uint64_t scope = ((uint64_t)1 << 63) + 3;
+  CHECK_OK(spill_set_scope_name(0, scope, "first"));
+  CHECK_OK(spill_set_scope_name(0, scope, "offload GPT"));
+  one_step(scope, p);
+  one_step(scope, p);
+  char graph_path[] = "/tmp/spill_c_names_graph_XXXXXX";
+  TEMP_PATH(graph_path);
+  REQUIRE_OK(spill_write_step_graph(0, scope, graph_path));
+  const char* graph = c_test_read_and_remove(graph_path);
+  CHECK(strstr(graph, "recorded step (scope 9223372036854775811, offload GPT)") != NULL);
+  char path[] = "/tmp/spill_c_names_trace_XXXXXX";
+  TEMP_PATH(path);
+  REQUIRE_OK(spill_trace_export(path));
+  const char* buf = c_test_read_and_remove(path);
+  CHECK(occurrences(buf, "\"name\":\"scope_name first\"") == 1);
+  CHECK(occurrences(buf, "\"name\":\"scope_name offload GPT\"") == 3); /* named, two steps */
+  CHECK(strstr(buf, "\"addr\":\"0x8000000000000003\"") != NULL);
+  /* Cleared: a scope_name event without a tag, none before the next step's mark. */
+  CHECK_OK(spill_set_scope_name(0, scope, NULL));
+  one_step(scope, p);
+  CHECK_OK(spill_set_scope_name(0, scope, "again"));
+  CHECK_OK(spill_end_scope(0, scope)); /* drops the name */
+  one_step(scope, p);
+  REQUIRE_OK(spill_trace_export(path));
+  buf = c_test_read_and_remove(path);
+  CHECK(occurrences(buf, "\"name\":\"scope_name\"") == 1);
+  CHECK(occurrences(buf, "\"name\":\"scope_name again\"") == 1);
+  CHECK(occurrences(buf, "\"name\":\"scope_name offload GPT\"") == 0);
+  CHECK(occurrences(buf, "\"name\":\"mark step begins\"") == 2);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+/* Bad names and ordinals are refused naming the call; a long name is cut at
+ * SPILL_MAX_BLOCK_NAME bytes; without a swapper naming does nothing. */
+TEST(a_scope_name_is_checked_and_cut) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:1GiB,budget:64MiB,policy:plan"));
+  drop_trace();
+  CHECK_STATUS(spill_set_scope_name(-1, 1, "x"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_set_scope_name: device -1 is not a device ordinal");
+  CHECK_STATUS(spill_set_scope_name(0, 1, "bad \xff"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_set_scope_name");
+  CHECK_ERROR_HAS("name is not valid UTF-8");
+  char long_name[SPILL_MAX_BLOCK_NAME + 40];
+  memset(long_name, 'a', sizeof long_name - 1);
+  long_name[sizeof long_name - 1] = '\0';
+  CHECK_OK(spill_set_scope_name(0, 1, long_name));
+  char path[] = "/tmp/spill_c_names_trace_XXXXXX";
+  TEMP_PATH(path);
+  REQUIRE_OK(spill_trace_export(path));
+  const char* buf = c_test_read_and_remove(path);
+  CHECK(occurrences(buf, "\"name\":\"scope_name ") == 1); /* the bad name recorded nothing */
+  long_name[SPILL_MAX_BLOCK_NAME] = '"';
+  long_name[SPILL_MAX_BLOCK_NAME + 1] = '\0';
+  CHECK(strstr(buf, long_name) != NULL); /* 255 bytes, then the end of the name */
+  REQUIRE_OK(spill_shutdown());
+  CHECK_STATUS(spill_set_scope_name(0, 1, "x"), SPILL_ERROR_SHUT_DOWN);
+  CHECK_ERROR_HAS("spill_set_scope_name: spill was shut down");
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:1GiB,policy:none"));
+  CHECK_OK(spill_set_scope_name(0, 1, "x"));
+}
+
 #define TESTS(X)                                          \
   X(a_block_is_named_renamed_and_cleared)                 \
   X(a_pointer_that_is_not_a_live_block_start_is_refused)  \
@@ -237,6 +323,8 @@ TEST(a_failed_pin_names_the_pinned_blocks) {
   X(the_snapshot_shows_the_name)                          \
   X(the_trace_shows_the_name)                             \
   X(the_oom_message_lists_the_largest_named_blocks)       \
-  X(a_failed_pin_names_the_pinned_blocks)
+  X(a_failed_pin_names_the_pinned_blocks)                 \
+  X(a_scope_is_named_in_the_trace_and_its_step_graph)     \
+  X(a_scope_name_is_checked_and_cut)
 
 C_TEST_MAIN(TESTS)

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <vector>
 
 #include "core/units.hpp"
@@ -441,6 +442,46 @@ TEST(Report, StepsOfSeveralScopesAreFollowedEachOnItsOwn) {
   EXPECT_NE(html.find("data-scope='1' data-steps='3'"), std::string::npos);
   EXPECT_NE(html.find("data-scope='2' data-steps='3'"), std::string::npos);
   EXPECT_NE(html.find("steps, scope 2"), std::string::npos) << "the legend names each scope";
+}
+
+// Scopes named (spill_set_scope_name: a scope_name event before each of its step marks) show
+// their latest name beside their number, escaped: in the summary, the legend and the table. A
+// name cleared (tag 0) leaves the number alone; a name event of a scope with no steps is no
+// scope of the report. Read back from the trace text spill writes.
+TEST(Report, NamedScopesAreShownByTheirLatestName) {
+  using test::make_event;
+  const std::uint64_t gpt = (std::uint64_t{1} << 63) + 1, adam = gpt + 1;
+  std::map<std::uint32_t, std::string> names = {
+      {9, "step begins"}, {20, "offload GPT<'&>"}, {21, "first name"}, {22, "guard AdamW"}};
+  std::vector<TraceEvent> ev = {make_event(0, EventKind::ScopeName, adam, 0, kHostStream, 0, 21),
+                                make_event(1, EventKind::ScopeName, 77, 0, kHostStream, 0, 22),
+                                make_event(2, EventKind::ScopeName, 5, 0, kHostStream, 0, 22)};
+  for (std::uint64_t i = 1; i <= 2; ++i) {
+    const std::uint64_t at = i * 1000;
+    ev.push_back(make_event(at, EventKind::ScopeName, gpt, 0, kHostStream, 0, 20));
+    ev.push_back(make_event(at, EventKind::Mark, gpt, i, kHostStream, 0, 9));
+    ev.push_back(make_event(at + 100, EventKind::ScopeName, adam, 0, kHostStream, 0, 22));
+    ev.push_back(make_event(at + 100, EventKind::Mark, adam, i, kHostStream, 0, 9));
+    ev.push_back(make_event(at + 200, EventKind::ScopeName, 5, 0, kHostStream, 0, 0));
+    ev.push_back(make_event(at + 200, EventKind::Mark, 5, i, kHostStream, 0, 9));
+  }
+  const auto tags = [&](std::uint32_t tag) { return names.count(tag) ? names[tag] : ""; };
+  const ParsedTrace t = parse_chrome_trace(chrome_trace_text(ev, tags), "named.json");
+  const std::string html = render_report(t, "named.json");
+  const std::string g = std::to_string(gpt), a = std::to_string(adam);
+  EXPECT_NE(html.find("<td id='step-count'>2 (scope 5), 2 (offload GPT&lt;&#39;&amp;&gt;, scope " +
+                      g + "), 2 (guard AdamW, scope " + a + ")</td>"),
+            std::string::npos)
+      << element(html, "<td id='step-count'>", "</td>");
+  EXPECT_NE(html.find("steps, guard AdamW (scope " + a + ")"), std::string::npos)
+      << "the legend names each scope";
+  const std::string table = element(html, "<table id='steps'>", "</table>");
+  EXPECT_NE(table.find("<td>offload GPT&lt;&#39;&amp;&gt; (scope " + g + ")</td>"),
+            std::string::npos)
+      << table;
+  EXPECT_NE(table.find("<td>scope 5</td>"), std::string::npos) << "its name was cleared";
+  EXPECT_EQ(table.find("first name"), std::string::npos) << "the latest name";
+  EXPECT_EQ(html.find("scope 77"), std::string::npos) << "a name is no scope";
 }
 
 // Marks carry no device: two swappers beginning the same step of scope 0 record its number

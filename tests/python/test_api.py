@@ -569,6 +569,23 @@ def test_snapshot_and_trace(sim, tmp_path):
         spill.snapshot(tmp_path / "nosuchdir" / "s.json")
 
 
+def test_a_scope_name_shows_in_the_trace(sim, tmp_path):
+    spill.set_scope_name("my loop", scope=5)
+    with spill.step(scope=5):
+        pass
+    trace = tmp_path / "trace.json"
+    spill.trace(trace)
+    names = [e["name"] for e in json.loads(trace.read_text())["traceEvents"]
+             if e.get("cat") == "scope_name"]
+    assert names == ["scope_name my loop"] * 2  # named, and before the step's mark
+    spill.set_scope_name(None, scope=5)
+    for call, what in [(lambda: spill.set_scope_name("x", scope=-1), "scope"),
+                       (lambda: spill.set_scope_name("bad\udcff"), "name is not valid text"),
+                       (lambda: spill.set_scope_name(5), "name")]:  # type: ignore[arg-type]
+        with pytest.raises(spill.InvalidArgumentError, match=what):
+            call()
+
+
 def test_a_block_name_shows_in_the_snapshot_and_the_oom_message(sim):
     ptr = spill.malloc(BLOCK)
     other = spill.malloc(BLOCK)

@@ -925,6 +925,46 @@ def test_memory_snapshot_loads_in_memory_viz_and_spill_tools(tmp_path: pathlib.P
         assert report.returncode == 0, report.stderr
 
 
+def test_the_report_names_the_scopes_offload_and_guard_make(tmp_path) -> None:
+    """Their step scopes are numbers from 2**63 up: each is named (spill_set_scope_name) by
+    what made it and the model's or optimizer's class, and ``spill report`` shows the names
+    (before, two of these 19-digit numbers)."""
+    trace = tmp_path / "trace.json"
+    out = run_ok(ENABLE + f"""
+        class Tiny(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(256, 256)
+            def forward(self, x):
+                return self.fc(x).relu()
+        a, b = Tiny().to(dev), Tiny().to(dev)
+        opt_a = torch.optim.Adam(a.parameters())
+        opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+        spill.set_budget(16 << 20)
+        handle = st.offload(a, opt_a)
+        x = torch.randn(64, 256, device=dev)
+        for _ in range(2):
+            a(x).sum().backward(); opt_a.step(); opt_a.zero_grad()
+        with st.guard(optimizer=opt_b):
+            for _ in range(2):
+                b(x).sum().backward(); opt_b.step(); opt_b.zero_grad()
+        spill.trace({str(trace)!r})
+        handle.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+    cli = pathlib.Path(os.environ.get("SPILL_CLI", ROOT / "build" / "spill"))
+    if not cli.exists():
+        pytest.skip(f"no spill CLI at {cli} (SPILL_CLI)")
+    html = tmp_path / "r.html"
+    report = subprocess.run([str(cli), "report", str(trace), "-o", str(html)],
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    step_count = html.read_text().split("<td id='step-count'>")[1].split("</td>")[0]
+    assert "offload Tiny, scope 92233720368547758" in step_count, step_count
+    assert "guard SGD, scope 92233720368547758" in step_count, step_count
+
+
 def test_a_block_no_hook_saw_is_never_evicted() -> None:
     """Under pressure (offload at a third of the footprint, beside the unseen tensor), a large
     tensor no hook ever saw stays resident with its bytes, while declared ones move. (A fixed

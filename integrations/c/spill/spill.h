@@ -99,7 +99,7 @@ SPILL_API const char* spill_status_string(spill_status status);
  * unchanged. Calls failing in destructors that run at a thread's end (C++ thread_local) or at
  * exit (static destructors) set it as any other. */
 SPILL_API const char* spill_last_error(void);
-/* The library's version, e.g. "0.1.0"; never NULL. */
+/* The library's version, e.g. "0.2.0"; never NULL. */
 SPILL_API const char* spill_version(void);
 /* The same as numbers (any pointer may be NULL). */
 SPILL_API void spill_version_numbers(int* major, int* minor, int* patch);
@@ -293,9 +293,9 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
 /* Says which variant the step of `scope` in progress is, by a key of the caller's choosing (a
  * hash of the batch's shapes), for steps that differ in the blocks they make from variant to
  * variant: batches of a few lengths, where a tensor under swap_threshold at one length (never
- * moved, not seen by the swapper) is over it at another. (Steps that differ in which blocks from
- * before them they use, as layers skipped at random, are spliced into one plan, keys or not.) Without keys each change of variant leaves
- * the plan and is recorded again. With them the scope keeps the plan of each variant (up to 8,
+ * moved, not seen by the swapper) is over it at another. (Steps that differ in which blocks
+ * from before them they use, as layers skipped at random, are spliced into one plan, keys or
+ * not.) Without keys each change of variant leaves the plan and is recorded again. With them the scope keeps the plan of each variant (up to 8,
  * the least recently followed dropped) by the keys of the steps that ended on it, and a step
  * whose key belongs to another plan than the one it would follow switches to that plan, when
  * the call comes before the step's first pin (call it right after spill_begin_step); later, the
@@ -307,6 +307,17 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
  * calls it does not change the calling thread's current scope; spill_set_budget drops the
  * plans. Errors as spill_set_scope's, naming spill_step_key. (Since 0.2.0.) */
 SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);
+/* Names `scope` on `device` for traces and reports, e.g. after the model it trains ("GPT
+ * (offload)"): the trace gets a "scope_name" event (address: the scope, the name its tag) now
+ * and just before each of the scope's step marks, and `spill report` shows the name beside the
+ * scope's number; spill_write_step_graph's graph carries it. The name is copied; NULL or ""
+ * clears it; naming again replaces it; spill_end_scope drops it. Names past
+ * SPILL_MAX_BLOCK_NAME bytes are cut there (before a character that would be split). Touches
+ * no step and not the calling thread's current scope; does nothing without a swapper
+ * (policy:none). Errors as spill_set_scope's, naming spill_set_scope_name, and
+ * INVALID_ARGUMENT naming `name` when the (cut) name is not UTF-8; nothing changes then.
+ * (Since 0.2.0.) */
+SPILL_API spill_status spill_set_scope_name(int device, uint64_t scope, const char* name);
 /* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
  * otherwise, for the process's life). Call it when the model or loop that used the scope is
  * done, e.g. after each run of a hyperparameter sweep. A step of the scope in progress is

@@ -285,7 +285,8 @@ class guard:
         steps = None
         if self.optimizers:
             scope_id, owned = optional_scope(self.scope_arg, self.optimizers[0])
-            steps = StepBoundaries(scope_id, manage=True, owned=owned)
+            steps = StepBoundaries(scope_id, manage=True, owned=owned,
+                                   name="guard " + type(self.optimizers[0]).__name__)
             stepped = OptimizerRound(len(self.optimizers))
 
             def wrapper(index: int) -> Any:

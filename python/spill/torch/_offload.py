@@ -392,7 +392,8 @@ class OffloadHandle:
         self._owner_mode: Optional[DeclareMade] = None  # (_owner_method_wrapper)
         self.pinner = Pinner()
         scope_id, owned = optional_scope(scope, model)
-        self.steps = StepBoundaries(scope_id, manage=bool(optimizers), owned=owned)
+        self.steps = StepBoundaries(scope_id, manage=bool(optimizers), owned=owned,
+                                    name="offload " + type(model).__name__)
         self.steps.enable_evaluations()
         self._frames: List[_Frame] = []
         self._step_frame = _Frame(None)         # the model's outputs, until the step ends

@@ -43,10 +43,11 @@ _current = threading.local()
 class StepBoundaries:
     """Begins and ends the steps of ``scope`` on spill's device (see the module docstring)."""
 
-    def __init__(self, scope: int, manage: bool, owned: bool = False) -> None:
+    def __init__(self, scope: int, manage: bool, owned: bool = False, name: str = "") -> None:
         self.scope = scope          # checked (optional_scope): c_uint64 would wrap it
         self.manage = manage        # False: the caller brackets steps (with spill.step())
         self.owned = owned          # the integration chose the scope: finish() ends it
+        self.name = name            # what the scope is, for traces ("offload GPT")
         self.in_step = False
         # Set for an evaluation between two steps (offload: a forward in eval mode, see its
         # _begin_forward; guard: an op outside grad mode, or Tensor.item()): its pins begin no
@@ -71,6 +72,14 @@ class StepBoundaries:
         self._named = threading.local()
         self._lib = library()
         self._device = state.device
+        # A scope the integration chose is a number from 2**63 up: a report names it instead
+        # (a scope the caller chose is the caller's to name, spill.set_scope_name).
+        if owned and name and not state.forked_child:
+            self._name_scope(scope, name)
+
+    def _name_scope(self, scope: int, name: str) -> None:
+        self._call("spill_set_scope_name", self._device, ctypes.c_uint64(scope),
+                   name.encode("utf-8", "replace"))  # (spill cuts it at 255 bytes)
 
     def _call(self, name: str, *args: Any) -> None:
         status = getattr(self._lib, name)(*args)
@@ -125,6 +134,8 @@ class StepBoundaries:
         own, made here from the process-wide counter and ended by finish()."""
         if self.manage and self.evaluation_scope is None:
             self.evaluation_scope = fresh_scope()
+            if self.name:
+                self._name_scope(self.evaluation_scope, self.name + ", evaluations")
 
     def end_evaluation(self) -> None:
         """Ends the evaluation pass's step, if one is open (its forward returned)."""
