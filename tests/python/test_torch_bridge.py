@@ -1463,6 +1463,43 @@ def test_zero_grad_keeping_gradients_zeroes_the_tensors_code_kept() -> None:
     assert "ok" in out
 
 
+def test_zero_grad_keeps_the_rest_of_a_buffer_a_gradient_is_a_view_of() -> None:
+    """A gradient that is a view into a larger buffer (a flat gradient buffer, DDP's
+    ``gradient_as_bucket_view``, another optimizer's gradients beside it), on the host at
+    zero_grad(set_to_none=False): only the view is zeroed, so the buffer's other bytes must
+    come back. Before (audit 34a), the whole block was discarded (mapped back without a copy:
+    zeros on the simulated device, stale bytes on a GPU)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import time
+        enable()
+        m = torch.nn.Linear(512, 512, bias=False).to(dev)  # a 1 MiB weight
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        flat = torch.zeros(2 * 512 * 512, device=dev)      # its gradient and a neighbour
+        m.weight.grad = flat[:512 * 512].view(512, 512)
+        m.weight.grad.fill_(1.0)
+        neighbour = flat[512 * 512:]
+        neighbour.fill_(7.0)
+        h = st.offload(m, opt)
+        ptr = h.pinner.movable(m.weight.grad)
+        assert ptr == flat.data_ptr(), (ptr, flat.data_ptr())
+        spill.set_swappable(ptr, True)
+        spill.evict(ptr)
+        while spill.residence(ptr) == "swapping_out":
+            time.sleep(0.001)
+        assert spill.residence(ptr) == "on_host", spill.residence(ptr)
+        opt.zero_grad(set_to_none=False)
+        with st.guard(release_on_exit=False):  # (reads pinned)
+            kept = neighbour.sum().item()
+            left = m.weight.grad.count_nonzero().item()
+        assert left == 0, left
+        assert kept == 7.0 * 512 * 512, kept
+        spill.set_budget(1 << 30)
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_a_remove_that_finds_no_room_leaves_every_tensor_reachable_until_called_again() -> None:
     """handle.remove() at a budget that cannot hold the model's tensors once unswappable
     brings back what fits and raises out of memory; what is left stays swappable with every op

@@ -143,7 +143,7 @@ from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
 from ._names import BlockNames
 from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
-                    storage)
+                    storage, whole_storage)
 from ._quiet import EVALUATION, QuietSteps
 from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
 from ._regions import BackwardRegions
@@ -1945,9 +1945,14 @@ class OffloadHandle:
         to be zeros). Code may keep ``p.grad`` (a logger, a hand-written scaling, a flat
         view): it must stay the live gradient. Before, a gradient that could move was replaced
         by new zeros, and such code wrote into dead tensors: the losses left plain torch's
-        from the third step, even with nothing ever swapped (an audit, 2026-12-05)."""
+        from the third step, even with nothing ever swapped (an audit, 2026-12-05). Only a
+        gradient that is its whole storage is discarded: one that is a view into a larger
+        buffer (DDP's ``gradient_as_bucket_view``, a flat gradient buffer, another optimizer's
+        gradients beside it) leaves the rest of that buffer live, which a discard lost (on a
+        GPU, stale bytes; audit 34a)."""
         for p in params:
-            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+            ptr = self.pinner.movable(p.grad) if p.grad is not None and whole_storage(p.grad) \
+                else 0
             if ptr:
                 self.pinner.discard(ptr)  # (nothing for one not on the host)
         if self._quiet:  # the gradients (all of them fit), pinned around it

@@ -31,6 +31,15 @@ _STRIDED = torch.strided
 _storage = _Tensor.untyped_storage if hasattr(_Tensor, "untyped_storage") else _Tensor._storage
 
 
+def whole_storage(t: torch.Tensor) -> bool:
+    """Whether writing all of ``t`` writes every byte of its storage (so that a storage's old
+    bytes are dead once ``t`` is zeroed: no copy back from the host is needed)."""
+    if t.layout != _STRIDED:
+        return False
+    return t.storage_offset() == 0 and t.is_contiguous() \
+        and t.numel() * t.element_size() == _storage(t).nbytes()
+
+
 class TorchOutOfMemoryError(OutOfMemoryError, torch.cuda.OutOfMemoryError):
     """Out of memory in a pin or a declaration made by spill.torch's hooks (a swapped-out
     tensor that cannot come back): PyTorch's class, which a training loop catches to retry
