@@ -19,7 +19,7 @@ bool CounterReplay::apply(const TraceEvent& e) {
   auto leave_host = [&] {
     auto it = on_host_.find(e.address);
     if (it == on_host_.end()) return false;
-    add(next.on_host, -static_cast<std::int64_t>(it->second), "bytes on host");
+    add(next.on_host, -static_cast<std::int64_t>(it->second.bytes), "bytes on host");
     on_host_.erase(it);
     return true;
   };
@@ -36,11 +36,16 @@ bool CounterReplay::apply(const TraceEvent& e) {
       break;
     case EventKind::Map:
       add(next.mapped, bytes, "mapped bytes");
+      mapped_.insert(e.address);
       // Mapped back at its address: the bytes are on the device again (an untouched block's
       // swap-in copies nothing, so no swap_in follows).
       if (leave_host()) back_.insert(e.address);
       break;
-    case EventKind::Unmap: add(next.mapped, -bytes, "mapped bytes"); break;
+    case EventKind::Unmap:
+      add(next.mapped, -bytes, "mapped bytes");
+      mapped_.erase(e.address);
+      if (auto it = on_host_.find(e.address); it != on_host_.end()) it->second.while_mapped = false;
+      break;
     case EventKind::Pin:  // a pin of a block still swapping out cancels its eviction
       if (leave_host()) back_.insert(e.address);
       break;
@@ -50,7 +55,7 @@ bool CounterReplay::apply(const TraceEvent& e) {
     case EventKind::SwapOut:  // a copy to the host (a cancelled one's late slice adds nothing)
       if (!on_host_.count(e.address) && !freed_.count(e.address) && !back_.count(e.address)) {
         add(next.on_host, bytes, "bytes on host");
-        on_host_.emplace(e.address, e.bytes);
+        on_host_.emplace(e.address, OnHost{e.bytes, mapped_.count(e.address) != 0});
       }
       break;
     case EventKind::FreeOnHost:  // freed on the host, maybe since before the trace began
@@ -58,6 +63,8 @@ bool CounterReplay::apply(const TraceEvent& e) {
         add(next.on_host, -bytes, "bytes on host");
       break;
     case EventKind::SwapIn:
+      if (auto it = on_host_.find(e.address); it != on_host_.end() && it->second.while_mapped)
+        break;  // the late slice of the copy its map before the eviction counted
       if (leave_host() || back_.erase(e.address) || freed_.count(e.address)) break;
       // Never seen leaving: it was on the host before the trace began.
       add(next.on_host, -bytes, "bytes on host");

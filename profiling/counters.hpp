@@ -46,7 +46,16 @@ class CounterReplay {
 
  private:
   MemoryCounters current_, peak_;
-  std::unordered_map<std::uint64_t, std::uint64_t> on_host_;  // address -> bytes
+  struct OnHost {
+    std::uint64_t bytes = 0;
+    // Put on the host while mapped, and not unmapped since: an eviction decided on the host
+    // while a swap-in copy of the block's mapping before it was still to run (the copy's slice
+    // starts on the device's clock, after the eviction's mark). That late swap_in was counted
+    // by the map and does not take the evicted bytes off the host again.
+    bool while_mapped = false;
+  };
+  std::unordered_map<std::uint64_t, OnHost> on_host_;  // address -> bytes
+  std::unordered_set<std::uint64_t> mapped_;  // addresses mapped on their own (Map .. Unmap)
   // Blocks freed while on the device. A swap-out slice starts at its copy, which on the
   // simulated clock can sort after a free issued by the host meanwhile: such a swap-out never
   // put bytes on the host for this block's life, so it is not counted.
