@@ -104,7 +104,9 @@ int run_demo(Config config, const DemoArgs& a) {
                                   {{"command", "spill demo"},
                                    {"device", rt.device().info().name},
                                    {"budget_bytes", budget},
-                                   {"dropped_events", rec.dropped()}});
+                                   {"dropped_events", rec.dropped()},
+                                   // Begun with the runtime: nothing before it.
+                                   {"baseline", profiling::zero_baseline()}});
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
                 a.trace.c_str());
   }

@@ -332,7 +332,9 @@ int run_train(Config config, const TrainArgs& a) {
                                   {{"command", "spill train " + a.model},
                                    {"budget_bytes", rt.allocator().budget()},
                                    {"policy", a.policy},
-                                   {"dropped_events", rec.dropped()}});
+                                   {"dropped_events", rec.dropped()},
+                                   // Begun before the runtimes: nothing before it.
+                                   {"baseline", profiling::zero_baseline()}});
   };
   try {
     run = train::run_training(config, program, ro, on_start, on_step, on_end);

@@ -185,6 +185,10 @@ nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagN
   return nlohmann::json::parse(chrome_trace_text(events, tags, metadata));
 }
 
+nlohmann::json zero_baseline() {
+  return {{"allocated", 0}, {"mapped", 0}, {"on_host", 0}, {"host_pinned", 0}};
+}
+
 void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& events,
                         const TagNamer& tags, const nlohmann::json& metadata) {
   std::ofstream out(path, std::ios::binary);

@@ -34,6 +34,10 @@ std::string chrome_trace_text(const std::vector<TraceEvent>& events, const TagNa
 nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagNamer& tags = {},
                                const nlohmann::json& metadata = nlohmann::json::object());
 
+// The metadata "baseline" of a trace begun before anything was allocated (counters all zero):
+// with no dropped events, readers check it as complete.
+nlohmann::json zero_baseline();
+
 // Writes the trace; throws Error naming the path when it cannot be written.
 void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& events,
                         const TagNamer& tags = {},
