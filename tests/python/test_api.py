@@ -159,8 +159,24 @@ def test_bad_frees_name_the_pointer_and_change_nothing(sim):
     (lambda: spill.begin_op("bad\udcffname"), "name is not valid text"),
 ])
 def test_python_arguments_are_checked_before_c(sim, call, name):
-    with pytest.raises(spill.InvalidArgumentError, match=name):
+    with pytest.raises(spill.InvalidArgumentError, match=name) as e:
         call()
+    assert e.value.code is spill.Status.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("call", [
+    lambda: spill.malloc(-1),
+    lambda: spill.malloc(True),  # type: ignore[arg-type]
+    lambda: spill.configure("x\0"),
+    lambda: spill.begin_op(5),  # type: ignore[arg-type]
+    lambda: spill.step(key=2**64).__enter__(),
+])
+def test_an_error_raised_in_python_carries_a_status_too(sim, call):
+    """Before, the Python-side checks left code 0, a plain int that read as Status.OK."""
+    with pytest.raises(spill.InvalidArgumentError) as e:
+        call()
+    assert isinstance(e.value.code, spill.Status)
+    assert e.value.code == spill.Status.INVALID_ARGUMENT
 
 
 @pytest.mark.parametrize("call, name", [
@@ -196,7 +212,7 @@ def test_an_argument_of_the_wrong_type_is_named_and_also_a_type_error(sim, call,
     with pytest.raises(spill.InvalidArgumentError, match=name) as e:
         call()
     assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
-    assert e.value.code == 0  # refused in Python: nothing reached C
+    assert e.value.code == spill.Status.INVALID_ARGUMENT  # refused in Python, as C would
 
 
 class _BadStream:
