@@ -122,4 +122,9 @@ def path(value: PathLike, name: str = "path") -> bytes:
     if not fs_path:
         raise InvalidArgumentError(f"spill: {name} must be a non-empty path, got {value!r}")
     _refuse_nul(fs_path, name)
-    return os.fsencode(fs_path)
+    try:
+        # surrogateescape: a path of undecodable bytes (U+DC80..U+DCFF) gets its bytes back
+        return os.fsencode(fs_path)
+    except UnicodeEncodeError as e:  # any other lone surrogate has no bytes at all
+        raise InvalidArgumentError(f"spill: {name} {fs_path!r} is not a valid file name: "
+                                   f"{e.reason} at index {e.start}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import pathlib
 import random
 import re
@@ -177,6 +178,29 @@ def test_an_error_raised_in_python_carries_a_status_too(sim, call):
         call()
     assert isinstance(e.value.code, spill.Status)
     assert e.value.code == spill.Status.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("call", [
+    lambda: spill.trace("\ud800.json"),
+    lambda: spill.snapshot("\ud800.json"),
+    lambda: spill.write_step_graph("\ud800"),
+])
+def test_a_path_with_no_bytes_is_refused_naming_it(sim, call, tmp_path, monkeypatch):
+    """A lone surrogate outside surrogateescape's range has no bytes: before, os.fsencode's
+    UnicodeEncodeError came out raw, not the InvalidArgumentError docs/python.md promises."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(spill.InvalidArgumentError, match=r"path '\\ud800.*not a valid file "
+                       r"name: surrogates not allowed at index 0") as e:
+        call()
+    assert e.value.code == spill.Status.INVALID_ARGUMENT
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_path_of_undecodable_bytes_still_gets_its_bytes(sim, tmp_path):
+    """Python reads the file name bytes b"\\xff" as "\\udcff" (surrogateescape): the check
+    above must leave such a path alone."""
+    spill.trace(str(tmp_path / "t\udcff.json"))
+    assert os.listdir(os.fsencode(tmp_path)) == [b"t\xff.json"]
 
 
 @pytest.mark.parametrize("call, name", [
