@@ -35,8 +35,18 @@ def integer(value: Any, name: str, lo: int, hi: int) -> int:
     return value
 
 
+#: SPILL_MAX_DEVICES of spill.h: C refuses any ordinal from it on.
+MAX_DEVICES = 64
+
+
 def device(value: Any) -> int:
-    return integer(value, "device", 0, 2**31 - 1)
+    try:
+        return integer(value, "device", 0, MAX_DEVICES - 1)
+    except InvalidArgumentTypeError:
+        raise
+    except InvalidArgumentError:  # say it as C does; [0, 63] reads as a size range
+        raise InvalidArgumentError(f"spill: device {value} is not a device ordinal "
+                                   f"(0 to {MAX_DEVICES - 1})") from None
 
 
 def size(value: Any, name: str = "size") -> int:

@@ -180,6 +180,14 @@ def test_an_error_raised_in_python_carries_a_status_too(sim, call):
     assert e.value.code == spill.Status.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("device", [-1, 64, 2**31])
+def test_a_device_outside_the_c_apis_ordinals_is_refused_with_its_range(sim, device):
+    """Before, device=-1 was said to be outside [0, 2147483647], while C takes 0 to 63."""
+    with pytest.raises(spill.InvalidArgumentError,
+                       match=rf"device {device} is not a device ordinal \(0 to 63\)"):
+        spill.malloc(MIB, device=device)
+
+
 @pytest.mark.parametrize("call", [
     lambda: spill.trace("\ud800.json"),
     lambda: spill.snapshot("\ud800.json"),
