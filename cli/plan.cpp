@@ -154,8 +154,21 @@ int run_plan(const PlanArgs& a) {
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
   o.recompute = !a.no_recompute;
   std::vector<graph::Policy> policies;
-  if (a.policy == "all") policies = graph::all_policies();
-  else policies = {graph::parse_policy(a.policy)};
+  if (a.policy == "all") {
+    policies = graph::all_policies();
+  } else {
+    try {
+      policies = {graph::parse_policy(a.policy)};
+    } catch (const InvalidArgument&) {
+      // The planner knows its policies; "all" is this command's own word, which its list
+      // left out.
+      std::string known;
+      for (graph::Policy p : graph::all_policies())
+        known += std::string(graph::to_string(p)) + ", ";
+      throw InvalidArgument("--policy: unknown policy '" + a.policy + "' (known: " + known +
+                            "or all)");
+    }
+  }
 
   // A recorded step knows blocks, not parameters: what it held before the step is all its
   // parameters, gradients, optimizer state and caches, as bytes.

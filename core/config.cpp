@@ -136,7 +136,15 @@ const std::vector<Key>& keys() {
        [](Config& c, std::string_view o, std::string_view v) {
          if (v == "off") c.chaos_seed.reset();
          else if (v == "on") c.chaos_seed = 1;
-         else c.chaos_seed = parse_uint(v, what(o, "chaos"));
+         else {
+           // parse_uint's own message ("not a non-negative integer") hid that on and off are
+           // accepted too.
+           try {
+             c.chaos_seed = parse_uint(v, what(o, "chaos"));
+           } catch (const InvalidArgument&) {
+             bad_value(o, "chaos", v, "off, on or a seed: a non-negative integer");
+           }
+         }
        }},
       {"trace", "on | off",
        [](Config& c, std::string_view o, std::string_view v) { c.trace = parse_on_off(o, "trace", v); }},

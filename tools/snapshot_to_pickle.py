@@ -2,7 +2,8 @@
 """Turns a spill memory snapshot (JSON, written by spill) into the pickle that PyTorch's
 memory_viz (pytorch.org/memory_viz) opens. Standard library only.
 
-Usage: snapshot_to_pickle.py [--segments-list] SNAPSHOT.json [OUT.pickle]
+Usage: snapshot_to_pickle.py [-h] [--segments-list] SNAPSHOT.json [OUT.pickle]
+  -h, --help: print this and exit
   --segments-list: write the list of segments alone, the layout older PyTorch (1.13) reads
   (`python3 -m torch.cuda._memory_viz stats OUT.pickle` there); newer memory_viz reads the dict
   with segments and device traces that is written by default.
@@ -21,8 +22,16 @@ def convert(snapshot):
 
 
 def main(argv):
+    if "-h" in argv[1:] or "--help" in argv[1:]:
+        print(__doc__)
+        return 0
     segments_list = "--segments-list" in argv
     argv = [a for a in argv if a != "--segments-list"]
+    # An option it does not know is a mistake, not a file name (--help was read as one).
+    unknown = [a for a in argv[1:] if a.startswith("-") and a != "-"]
+    if unknown:
+        print(f"snapshot_to_pickle: unknown option {unknown[0]!r}\n{__doc__}", file=sys.stderr)
+        return 2
     if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2

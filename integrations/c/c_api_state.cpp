@@ -315,7 +315,8 @@ spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create)
     if (!create) {
       return fail(SPILL_ERROR_INVALID_ARGUMENT,
                   std::string(fn) + ": " + device_name(device) +
-                      " has no runtime yet, so nothing of it can be named here");
+                      " has no runtime yet: it holds no block or stream for this call to "
+                      "act on");
     }
     if (!g.config) g.config = Config::from_env();
     auto state = std::make_unique<DeviceState>(*g.config, device);

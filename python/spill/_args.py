@@ -35,8 +35,18 @@ def integer(value: Any, name: str, lo: int, hi: int) -> int:
     return value
 
 
+#: SPILL_MAX_DEVICES of spill.h: C refuses any ordinal from it on.
+MAX_DEVICES = 64
+
+
 def device(value: Any) -> int:
-    return integer(value, "device", 0, 2**31 - 1)
+    try:
+        return integer(value, "device", 0, MAX_DEVICES - 1)
+    except InvalidArgumentTypeError:
+        raise
+    except InvalidArgumentError:  # say it as C does; [0, 63] reads as a size range
+        raise InvalidArgumentError(f"spill: device {value} is not a device ordinal "
+                                   f"(0 to {MAX_DEVICES - 1})") from None
 
 
 def size(value: Any, name: str = "size") -> int:
@@ -122,4 +132,9 @@ def path(value: PathLike, name: str = "path") -> bytes:
     if not fs_path:
         raise InvalidArgumentError(f"spill: {name} must be a non-empty path, got {value!r}")
     _refuse_nul(fs_path, name)
-    return os.fsencode(fs_path)
+    try:
+        # surrogateescape: a path of undecodable bytes (U+DC80..U+DCFF) gets its bytes back
+        return os.fsencode(fs_path)
+    except UnicodeEncodeError as e:  # any other lone surrogate has no bytes at all
+        raise InvalidArgumentError(f"spill: {name} {fs_path!r} is not a valid file name: "
+                                   f"{e.reason} at index {e.start}") from None

@@ -3,30 +3,14 @@ the one place that turns a failed call's status into an exception."""
 from __future__ import annotations
 
 import ctypes
-import enum
 from typing import NoReturn
 
 from ._errors import (CudaError, Error, InvalidArgumentError, LibraryNotFoundError,
-                      OutOfMemoryError)
+                      OutOfMemoryError, Status)
 
 _c_void_p, _c_int, _c_size_t, _c_uint64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t,
                                             ctypes.c_uint64)
 _status = ctypes.c_int
-
-
-class Status(enum.IntEnum):
-    """The C API's status codes (``spill_status``); an exception's ``code`` is one of them."""
-
-    OK = 0
-    INVALID_ARGUMENT = 1
-    OUT_OF_MEMORY = 2
-    HOST_CAP = 3
-    CUDA = 4
-    SHUT_DOWN = 5
-    FORKED_CHILD = 6
-    ALREADY_INITIALIZED = 7
-    NOT_FOUND = 8
-    INTERNAL = 99
 
 
 class PinToken(ctypes.Structure):

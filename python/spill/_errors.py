@@ -1,13 +1,35 @@
-"""Exceptions raised by the spill package: one per C API error code, all under `spill.Error`."""
+"""Exceptions raised by the spill package: one per C API error code, all under `spill.Error`,
+and the codes themselves (``spill.Status``), so that an error raised in Python has one too."""
 from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    """The C API's status codes (``spill_status``); an exception's ``code`` is one of them."""
+
+    OK = 0
+    INVALID_ARGUMENT = 1
+    OUT_OF_MEMORY = 2
+    HOST_CAP = 3
+    CUDA = 4
+    SHUT_DOWN = 5
+    FORKED_CHILD = 6
+    ALREADY_INITIALIZED = 7
+    NOT_FOUND = 8
+    INTERNAL = 99
 
 
 class Error(Exception):
-    """Any failure reported by spill; ``code`` is the C API's error code (0 when none)."""
+    """Any failure reported by spill; ``code`` is the C API's status for it (``Status.OK``
+    for a failure found in Python that no code names, such as a missing library)."""
 
-    def __init__(self, message: str, code: int = 0) -> None:
+    #: The code of a failure raised in Python without one.
+    default_code = Status.OK
+
+    def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = self.default_code if code is None else _as_status(code)
 
 
 class OutOfMemoryError(Error, MemoryError):
@@ -20,6 +42,10 @@ class OutOfMemoryError(Error, MemoryError):
 
 class InvalidArgumentError(Error, ValueError):
     """A pointer, size, device, stream or configuration string was rejected; nothing changed."""
+
+    # Python's own argument checks (spill._args) raise it without a code: they refuse what C
+    # would have refused with this status, or would have misread.
+    default_code = Status.INVALID_ARGUMENT
 
 
 class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
@@ -34,3 +60,12 @@ class CudaError(Error, RuntimeError):
 
 class LibraryNotFoundError(Error, OSError):
     """libspill.so could not be found or loaded; the message lists every place tried."""
+
+
+def _as_status(code: int) -> int:
+    # A code C returned that this package does not know stays a plain int rather than failing
+    # the raise that reports it.
+    try:
+        return Status(code)
+    except ValueError:
+        return code

@@ -75,7 +75,7 @@ TEST(Config, RejectsBadInputNamingTheKeyOrItem) {
       {"budget:8XiB", "budget"},         {"budget:-1GiB", "budget"},
       {"budget:0", "budget"},            {"device:tpu", "device"},
       {"policy:random", "policy"},       {"link:pcie9", "pcie9"},
-      {"time_scale:fast", "time_scale"}, {"chaos:maybe", "chaos"},
+      {"time_scale:fast", "time_scale"}, {"chaos:maybe", "(expected off, on or a seed"},
       {"sim_queries:sometimes", "sim_queries"},
       {"trace:yes", "trace"},            {"budget:1GiB,budget:2GiB", "more than once"},
       {"sim_capacity:1KiB", "sim_capacity"}, {"gpu:-1", "gpu"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
 import pathlib
 import random
 import re
@@ -159,8 +160,55 @@ def test_bad_frees_name_the_pointer_and_change_nothing(sim):
     (lambda: spill.begin_op("bad\udcffname"), "name is not valid text"),
 ])
 def test_python_arguments_are_checked_before_c(sim, call, name):
-    with pytest.raises(spill.InvalidArgumentError, match=name):
+    with pytest.raises(spill.InvalidArgumentError, match=name) as e:
         call()
+    assert e.value.code is spill.Status.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("call", [
+    lambda: spill.malloc(-1),
+    lambda: spill.malloc(True),  # type: ignore[arg-type]
+    lambda: spill.configure("x\0"),
+    lambda: spill.begin_op(5),  # type: ignore[arg-type]
+    lambda: spill.step(key=2**64).__enter__(),
+])
+def test_an_error_raised_in_python_carries_a_status_too(sim, call):
+    """Before, the Python-side checks left code 0, a plain int that read as Status.OK."""
+    with pytest.raises(spill.InvalidArgumentError) as e:
+        call()
+    assert isinstance(e.value.code, spill.Status)
+    assert e.value.code == spill.Status.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("device", [-1, 64, 2**31])
+def test_a_device_outside_the_c_apis_ordinals_is_refused_with_its_range(sim, device):
+    """Before, device=-1 was said to be outside [0, 2147483647], while C takes 0 to 63."""
+    with pytest.raises(spill.InvalidArgumentError,
+                       match=rf"device {device} is not a device ordinal \(0 to 63\)"):
+        spill.malloc(MIB, device=device)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: spill.trace("\ud800.json"),
+    lambda: spill.snapshot("\ud800.json"),
+    lambda: spill.write_step_graph("\ud800"),
+])
+def test_a_path_with_no_bytes_is_refused_naming_it(sim, call, tmp_path, monkeypatch):
+    """A lone surrogate outside surrogateescape's range has no bytes: before, os.fsencode's
+    UnicodeEncodeError came out raw, not the InvalidArgumentError docs/python.md promises."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(spill.InvalidArgumentError, match=r"path '\\ud800.*not a valid file "
+                       r"name: surrogates not allowed at index 0") as e:
+        call()
+    assert e.value.code == spill.Status.INVALID_ARGUMENT
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_path_of_undecodable_bytes_still_gets_its_bytes(sim, tmp_path):
+    """Python reads the file name bytes b"\\xff" as "\\udcff" (surrogateescape): the check
+    above must leave such a path alone."""
+    spill.trace(str(tmp_path / "t\udcff.json"))
+    assert os.listdir(os.fsencode(tmp_path)) == [b"t\xff.json"]
 
 
 @pytest.mark.parametrize("call, name", [
@@ -196,7 +244,7 @@ def test_an_argument_of_the_wrong_type_is_named_and_also_a_type_error(sim, call,
     with pytest.raises(spill.InvalidArgumentError, match=name) as e:
         call()
     assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
-    assert e.value.code == 0  # refused in Python: nothing reached C
+    assert e.value.code == spill.Status.INVALID_ARGUMENT  # refused in Python, as C would
 
 
 class _BadStream:

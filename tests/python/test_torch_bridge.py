@@ -886,6 +886,33 @@ def test_offload_names_blocks_in_the_oom_message_and_the_snapshot() -> None:
     assert "ok" in out
 
 
+def test_name_tensor_names_a_bad_name_not_the_storage() -> None:
+    """Before, name_tensor(x, 5) on a tensor of spill's said its storage was not spill's (and
+    was no TypeError); the name is checked first now, and the address is blamed only for a
+    tensor whose storage really is not a block of spill's."""
+    out = run_ok(ENABLE + """
+        x = torch.empty(1 << 20, device=dev)
+        for name, kind, said in ((5, TypeError, "spill: name must be a string, got 5"),
+                                 ("a\\0b", ValueError, "spill: name 'a\\\\x00b' holds a NUL")):
+            try:
+                st.name_tensor(x, name)
+                raise AssertionError(f"{name!r} was taken")
+            except spill.InvalidArgumentError as e:
+                assert isinstance(e, kind) and str(e).startswith(said), e
+                assert "storage" not in str(e) and e.code == spill.Status.INVALID_ARGUMENT, e
+        st.name_tensor(x, "x")
+        assert spill.block_name(x.data_ptr()) == "x"
+        import numpy
+        try:  # memory of NumPy's
+            st.name_tensor(torch.from_numpy(numpy.ones(4)), "y")
+            raise AssertionError("a tensor of another allocator was named")
+        except spill.InvalidArgumentError as e:
+            assert "is not a block of spill's" in str(e), e
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_memory_snapshot_loads_in_memory_viz_and_spill_tools(tmp_path: pathlib.Path) -> None:
     snap_json, pickle_path = tmp_path / "snap.json", tmp_path / "snap.pickle"
     trace = tmp_path / "trace.json"

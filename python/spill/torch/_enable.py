@@ -142,7 +142,7 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
     """
     if state.forked_child:
         raise Error("spill.torch.enable: this is a child forked after spill started in its "
-                    "parent; it cannot use the parent's runtime")
+                    "parent; it cannot use the parent's runtime", Status.FORKED_CHILD)
     if target not in ("cuda", "cpu"):
         raise InvalidArgumentError(f"spill.torch.enable: target must be 'cuda' or 'cpu', "
                                    f"got {target!r}")
@@ -277,7 +277,8 @@ def pool(conf: Optional[str] = None, *, device: int = 0) -> Any:
                     "instead")
     _check_cuda()
     if state.forked_child:
-        raise Error("spill.torch.pool: this is a child forked after spill started")
+        raise Error("spill.torch.pool: this is a child forked after spill started",
+                    Status.FORKED_CHILD)
     _check_conf(conf, "spill.torch.pool")
     _args.device(device)
     _configure(conf, "spill.torch.pool")

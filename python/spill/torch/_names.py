@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import torch
 
 import spill
+from spill import _args
 from spill._lib import library
 
 from ._pins import components, storage
@@ -49,10 +50,15 @@ def name_tensor(tensor: torch.Tensor, name: Optional[str]) -> None:
 
     Raises :class:`spill.InvalidArgumentError` naming the address when the storage is not a
     block of spill's (a tensor made before ``spill.torch.enable()``, by another allocator, on
-    another device, or by ``torch.from_blob`` inside a block), and ``TypeError`` when
-    ``tensor`` is not a tensor."""
+    another device, or by ``torch.from_blob`` inside a block), ``TypeError`` when ``tensor``
+    is not a tensor, and :class:`spill.InvalidArgumentError` naming ``name`` when it is not a
+    string or None (also a ``TypeError``), or holds a NUL or a lone surrogate."""
     if not isinstance(tensor, _Tensor):
         raise TypeError(f"spill.torch.name_tensor: expected a tensor, got {type(tensor).__name__}")
+    if name is not None:
+        # Checked before the blocks, so that the errors of the loop below are the address's:
+        # a bad name was reported as a storage that is not spill's.
+        _args.text(name, "name")
     blocks = _blocks(tensor)
     if not blocks:
         raise spill.InvalidArgumentError(
