@@ -41,12 +41,13 @@ void Swapper::Impl::start_swap_out_locked(SwapBlock& b) {
     copy_chunks(b.host, b.base, b.size, CopyKind::DeviceToHost, d2h);
     std::uintptr_t base = key(b.base);
     std::size_t size = b.size;
-    dev.host_callback(d2h, [this, start, base, size] {
-      const std::uint64_t end = TraceRecorder::now();
-      const std::uint64_t from = std::max(start, d2h_trace_end.exchange(end));
-      TraceRecorder::global().record_span(EventKind::SwapOut, std::min(from, end), base, size, 0,
-                                          ordinal);
-    });
+    if (TraceRecorder::global().enabled())  // (a host function holds a GPU's copy stream)
+      dev.host_callback(d2h, [this, start, base, size] {
+        const std::uint64_t end = TraceRecorder::now();
+        const std::uint64_t from = std::max(start, d2h_trace_end.exchange(end));
+        TraceRecorder::global().record_span(EventKind::SwapOut, std::min(from, end), base, size,
+                                            0, ordinal);
+      });
     stats.swap_outs++;
     stats.bytes_out += b.size;
   } else {

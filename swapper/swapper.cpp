@@ -283,12 +283,15 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
       backend.unback(again.base, again.size);
       throw;
     }
-    dev.host_callback(h2d, [this, start, base, size] {  // see h2d_trace_end
-      const std::uint64_t end = TraceRecorder::now();
-      const std::uint64_t from = std::max(start, h2d_trace_end.exchange(end));
-      TraceRecorder::global().record_span(EventKind::SwapIn, std::min(from, end), base, size, 0,
-                                          ordinal);
-    });
+    // (A host function on the copy stream, only while recording: on a GPU each one holds
+    // the stream until the host has run it.)
+    if (TraceRecorder::global().enabled())
+      dev.host_callback(h2d, [this, start, base, size] {  // see h2d_trace_end
+        const std::uint64_t end = TraceRecorder::now();
+        const std::uint64_t from = std::max(start, h2d_trace_end.exchange(end));
+        TraceRecorder::global().record_span(EventKind::SwapIn, std::min(from, end), base, size,
+                                            0, ordinal);
+      });
     stats.swap_ins++;
     stats.bytes_in += size;
   }
@@ -399,10 +402,11 @@ PinToken Swapper::Impl::pin(const void* ptr, Stream stream, bool host) {
     // The user stalls until the copy lands: a slice from the pin to the copy's end.
     const std::size_t size = b->size;
     const std::uint64_t stream_id = host ? profiling::kHostStream : sid(stream);
-    dev.host_callback(h2d, [stall_start, base, size, stream_id, device = ordinal] {
-      TraceRecorder::global().record_span(EventKind::Stall, stall_start, base, size, stream_id,
-                                          device);
-    });
+    if (TraceRecorder::global().enabled())  // (as the swap-in's slice)
+      dev.host_callback(h2d, [stall_start, base, size, stream_id, device = ordinal] {
+        TraceRecorder::global().record_span(EventKind::Stall, stall_start, base, size,
+                                            stream_id, device);
+      });
     b->prefetched = false;
   } else if (b->prefetched) {
     bool landed = b->state == Residence::Resident || dev.query(b->in_done);

@@ -24,6 +24,8 @@ from ._state import state, torch_version
 _log = logging.getLogger("spill.torch")
 
 # PyTorch's optional allocator hooks and the C API symbols that serve them.
+# (PyTorch's emptyCache calls the reset function: torch.cuda.empty_cache() reaches
+# spill_empty_cache through it.)
 _CUDA_HOOKS = (("set_init_fn", "spill_torch_init"), ("set_reset_fn", "spill_torch_reset"),
                ("set_memory_fraction_fn", "spill_torch_set_memory_fraction"),
                ("set_record_stream_fn", "spill_torch_record_stream"))
