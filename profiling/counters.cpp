@@ -32,14 +32,17 @@ bool CounterReplay::apply(const TraceEvent& e) {
     case EventKind::Free:
       add(next.allocated, -bytes, "allocated bytes");
       if (!leave_host()) freed_.insert(e.address);
-      back_.erase(e.address);
+      if (auto it = back_.find(e.address); it != back_.end()) {
+        if (it->second) pending_in_.insert(e.address);
+        back_.erase(it);
+      }
       break;
     case EventKind::Map:
       add(next.mapped, bytes, "mapped bytes");
       mapped_.insert(e.address);
       // Mapped back at its address: the bytes are on the device again (an untouched block's
       // swap-in copies nothing, so no swap_in follows).
-      if (leave_host()) back_.insert(e.address);
+      if (leave_host()) back_[e.address] = true;
       break;
     case EventKind::Unmap:
       add(next.mapped, -bytes, "mapped bytes");
@@ -47,7 +50,7 @@ bool CounterReplay::apply(const TraceEvent& e) {
       if (auto it = on_host_.find(e.address); it != on_host_.end()) it->second.while_mapped = false;
       break;
     case EventKind::Pin:  // a pin of a block still swapping out cancels its eviction
-      if (leave_host()) back_.insert(e.address);
+      if (leave_host()) back_[e.address] = false;
       break;
     case EventKind::Evict:  // every eviction (a clean one copies nothing)
       back_.erase(e.address);
@@ -65,6 +68,7 @@ bool CounterReplay::apply(const TraceEvent& e) {
     case EventKind::SwapIn:
       if (auto it = on_host_.find(e.address); it != on_host_.end() && it->second.while_mapped)
         break;  // the late slice of the copy its map before the eviction counted
+      if (pending_in_.erase(e.address)) break;  // a freed block's copy, counted at its map
       if (leave_host() || back_.erase(e.address) || freed_.count(e.address)) break;
       // Never seen leaving: it was on the host before the trace began.
       add(next.on_host, -bytes, "bytes on host");

@@ -4,7 +4,9 @@
 // nothing) or a Pin of it (its swap-out was cancelled) removes it; a SwapOut sorted after the
 // block's Free adds nothing; a SwapIn of a block the replay never saw leave removes its bytes,
 // as it was on the host before the trace began, and so does a FreeOnHost, the host copy of a block
-// freed there) and host_pinned (HostAlloc/HostFree). A replay
+// freed there; a SwapIn slice that comes late, on the device's clock, after its block was
+// evicted again or freed (its address perhaps reused), is its map back's and changes nothing)
+// and host_pinned (HostAlloc/HostFree). A replay
 // may start from a baseline: the counters when the trace's first event happened.
 #pragma once
 
@@ -60,9 +62,14 @@ class CounterReplay {
   // simulated clock can sort after a free issued by the host meanwhile: such a swap-out never
   // put bytes on the host for this block's life, so it is not counted.
   std::unordered_set<std::uint64_t> freed_;
-  // Blocks that left the host by a map back or a pin (a cancelled eviction): their swap_in, or
-  // the late slice of the cancelled copy, changes nothing.
-  std::unordered_set<std::uint64_t> back_;
+  // Blocks that left the host by a map back (true: a swap_in may follow) or a pin (a cancelled
+  // eviction): their swap_in, or the late slice of the cancelled copy, changes nothing.
+  std::unordered_map<std::uint64_t, bool> back_;
+  // Addresses of blocks freed while their map back's swap_in could still come: with the host
+  // ahead of the device, a block mapped back, used, freed and its address given to a new block
+  // before the copy ran, whose slice (on the device's clock) comes after all that. The next
+  // swap_in at the address is that copy's (a new block's own comes after its own map back).
+  std::unordered_set<std::uint64_t> pending_in_;
 };
 
 }  // namespace spill::profiling

@@ -400,6 +400,13 @@ StepStats Executor::Impl::step() {
     if (i == loss_op) {
       dev.record(loss_ready, stream);
       dev.wait(aux, loss_ready);
+      // The read-back is a use on aux, which the later ops' frees and evictions on the compute
+      // stream must wait for: before, with the host ops ahead (lag > 1), the loss's block could
+      // be swapped out and unmapped (or reused) before aux copied it (a simulated
+      // cudaErrorIllegalAddress with swap_threshold:0; a small-pool loss reused meanwhile
+      // would have read another tensor's bytes).
+      alloc.record_stream(ptrs[p.loss], aux);
+      if (swappable[p.loss]) timed([&] { swp->record_stream(ptrs[p.loss], aux); });
       dev.copy_async(loss_host, ptrs[p.loss], sizeof(float), CopyKind::DeviceToHost, aux);
     }
     for (std::size_t u = 0; u < uses[i].size(); ++u) unpin(uses[i][u], wrote[i][u] != 0);

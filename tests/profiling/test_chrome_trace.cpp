@@ -182,6 +182,44 @@ TEST(CounterReplay, ALateSwapInOfAMapBeforeAnEvictionLeavesTheEvictedBytesOnHost
   EXPECT_EQ(r.current().on_host, 0);
 }
 
+TEST(CounterReplay, ALateSwapInOfAFreedBlockLeavesTheNextBlockAtItsAddressAlone) {
+  // The host, ahead of the device (spill train --lag 3), maps a block back, uses it, frees it
+  // and allocates a new block at its address before the device runs the swap-in copy, whose
+  // slice comes after all that. Before, the replay took that slice for a block on the host
+  // before the trace began and went to -4 MiB on the host (a complete trace: the report
+  // failed; sweep 34c).
+  using test::make_event;
+  CounterReplay r;
+  for (const TraceEvent& e : {make_event(0, EventKind::Map, 0xa0, 100),
+                              make_event(1, EventKind::Alloc, 0xa0, 100),
+                              make_event(2, EventKind::Evict, 0xa0, 100),
+                              make_event(3, EventKind::Unmap, 0xa0, 100),
+                              make_event(4, EventKind::Map, 0xa0, 100),
+                              make_event(5, EventKind::Pin, 0xa0, 100),
+                              make_event(6, EventKind::Unpin, 0xa0, 100),
+                              make_event(7, EventKind::Free, 0xa0, 100),
+                              make_event(8, EventKind::Alloc, 0xa0, 100),
+                              make_event(9, EventKind::SwapIn, 0xa0, 100, 0, 5)})
+    r.apply(e);
+  EXPECT_EQ(r.current().on_host, 0);
+  EXPECT_EQ(r.current().allocated, 100);
+  // The new block's own round trip counts as usual.
+  r.apply(make_event(20, EventKind::Evict, 0xa0, 100));
+  r.apply(make_event(21, EventKind::Unmap, 0xa0, 100));
+  EXPECT_EQ(r.current().on_host, 100);
+  r.apply(make_event(22, EventKind::Map, 0xa0, 100));
+  r.apply(make_event(23, EventKind::SwapIn, 0xa0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, 0);
+  // A pin that cancelled an eviction expects no swap_in: after the block's free, a swap_in at
+  // its address is still one of a block on the host before the trace (a mid-run trace).
+  r.apply(make_event(30, EventKind::Evict, 0xa0, 100));
+  r.apply(make_event(31, EventKind::Pin, 0xa0, 100));
+  r.apply(make_event(32, EventKind::Free, 0xa0, 100));
+  r.apply(make_event(33, EventKind::Alloc, 0xa0, 100));
+  r.apply(make_event(34, EventKind::SwapIn, 0xa0, 100, 0, 5));
+  EXPECT_EQ(r.current().on_host, -100);
+}
+
 TEST(CounterReplay, ASwapInOfABlockEvictedBeforeTheTraceLowersBytesOnHost) {
   // A trace exported mid-run: the block went to the host before it, so the replay, started
   // from the baseline, must take its bytes off when it comes back.
