@@ -29,15 +29,19 @@ _STRIDED = torch.strided
 # The tensor's untyped storage (bytes and base pointer), as an unbound method: the hooks call
 # it for every tensor they see.
 _storage = _Tensor.untyped_storage if hasattr(_Tensor, "untyped_storage") else _Tensor._storage
+_CL, _CL3D = torch.channels_last, torch.channels_last_3d
 
 
 def whole_storage(t: torch.Tensor) -> bool:
     """Whether writing all of ``t`` writes every byte of its storage (so that a storage's old
     bytes are dead once ``t`` is zeroed: no copy back from the host is needed)."""
-    if t.layout != _STRIDED:
+    if t.layout != _STRIDED or t.storage_offset() != 0 \
+            or t.numel() * t.element_size() != _storage(t).nbytes():
         return False
-    return t.storage_offset() == 0 and t.is_contiguous() \
-        and t.numel() * t.element_size() == _storage(t).nbytes()
+    # Dense over its storage in some order: row-major, or a convolution's channels-last
+    # gradient (an expanded or strided view has fewer distinct elements than it counts).
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=_CL)) \
+        or (t.dim() == 5 and t.is_contiguous(memory_format=_CL3D))
 
 
 class TorchOutOfMemoryError(OutOfMemoryError, torch.cuda.OutOfMemoryError):
