@@ -209,7 +209,9 @@ def test_a_forward_given_keyword_arguments_only_is_keyed_by_their_shapes() -> No
     """``model(ids=x)``: torch 1.13's forward pre-hooks see no keyword arguments, so every step
     had one key and the lengths 32 and 48 left the plan at each change (as without keys);
     offload's forward wrapper keys such a step by them. The GPT of gpt_straddle, behind a
-    forward of keyword arguments only, at 22 MiB (a third of its footprint at 128 tokens)."""
+    forward of keyword arguments only, at 22 MiB (a third of its footprint at 128 tokens);
+    steps 6-13 (at a GPU's 2 MiB granule the second step of 48 tokens, step 5, is recorded
+    again: the variant settles one step later)."""
     out = run_ok(ENABLE + f"""
         import sys
         sys.path.insert(0, {str(HERE)!r})
@@ -223,26 +225,26 @@ def test_a_forward_given_keyword_arguments_only_is_keyed_by_their_shapes() -> No
         torch.manual_seed(0)
         model = KwGPT().to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        spill.set_budget(22 << 20)
-        handle = st.offload(model, opt)
+        handle = st.offload(model, opt)  # (declares the weights: a GPU's 2 MiB blocks of them
+        spill.set_budget(22 << 20)       # are more than 22 MiB)
         seen = []
         for i in range(14):
             x, y = m._gpt_lengths_batch(i, [32, 48])
             seen.append(x.shape[1])
-            if i == 5:
+            if i == 6:
                 before = spill.stats()
             loss = m._ce(model(ids=x.to(dev)), y.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         after = spill.stats()
-        changes = sum(a != b for a, b in zip(seen[5:], seen[6:]))
+        changes = sum(a != b for a, b in zip(seen[6:], seen[7:]))
         print("ok", changes, after["swap.deviations"] - before["swap.deviations"],
               after["swap.steps_recorded"] - before["swap.steps_recorded"])
     """)
     assert out.startswith("ok "), out
     changes, deviations, recorded = (int(v) for v in out.split()[1:4])
-    assert changes >= 2, out  # the lengths do change in steps 6-13
+    assert changes >= 2, out  # the lengths do change in steps 7-13
     assert deviations == 0 and recorded == 0, out
 
 
@@ -254,8 +256,10 @@ def test_a_forward_given_keyword_arguments_only_is_keyed_by_their_shapes() -> No
 # micro-batch); before, it left the plan at its first differing access and ran as LRU does
 # (0 to 2 planned steps of 8, demand fetches 0.7 to 0.9 of LRU's).
 # moe: 62 demand fetches to LRU's 752 before an activation could no longer take the id of
-# optimizer state (see test_planned_steps_beat_lru), 15 after.
-@pytest.mark.parametrize("model,ratio", [("drop", 1.25), ("moe", 20), ("mlp_accum", 2)])
+# optimizer state (see test_planned_steps_beat_lru), 15 after; at a GPU's 2 MiB granule
+# (SPILL_TEST_SIM_GRANULARITY=2MiB, 2026-12-06) 42 to LRU's 736, hence 10 there.
+@pytest.mark.parametrize("model,ratio", [("drop", 1.25), ("moe", 10 if SIZED_FOR_64K else 20),
+                                         ("mlp_accum", 2)])
 def test_steps_whose_ops_vary_follow_their_plan(model: str, ratio: float) -> None:
     resynced, detail = planned_against_lru(model, ratio)
     assert resynced >= 1, detail  # the steps do differ
@@ -830,6 +834,7 @@ def test_offload_names_blocks_in_the_oom_message_and_the_snapshot() -> None:
         st.enable("budget:64MiB,host_cap:1MiB,swap_threshold:128KiB,"
                   "sim_granularity:{SIM_GRANULARITY}", target="{TARGET}")
         dev = "{'cpu' if TARGET == 'cpu' else 'cuda'}"
+        COARSE = {SIZED_FOR_64K}
     """ + """
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 256),
@@ -850,9 +855,18 @@ def test_offload_names_blocks_in_the_oom_message_and_the_snapshot() -> None:
             message = str(e)
         assert "largest named resident blocks:" in message, message
         listed = message.split("largest named resident blocks:")[1].split(". ")[0]
-        for name in ('"0.weight (param)" 2.00 MiB', '"grad of 0.weight" 2.00 MiB',
-                     '"exp_avg of 0.weight" 2.00 MiB', '"exp_avg_sq of 0.weight" 2.00 MiB'):
-            assert name in listed, (name, listed)
+        largest = ['"0.weight (param)" 2.00 MiB', '"grad of 0.weight" 2.00 MiB',
+                   '"exp_avg of 0.weight" 2.00 MiB', '"exp_avg_sq of 0.weight" 2.00 MiB']
+        if not COARSE:
+            for name in largest:
+                assert name in listed, (name, listed)
+        else:  # at a GPU's 2 MiB granule 2.weight's blocks take 2 MiB too: 8 of one size
+            import re
+            also = [n.replace("0.weight", "2.weight") for n in largest]
+            shown_names = [f'"{n}" 2.00 MiB' for n in re.findall(r'"([^"]*)" [0-9.]+ [KMG]?i?B',
+                                                                   listed)]
+            assert len(shown_names) == 5 and all(n in largest + also for n in shown_names), \
+                (shown_names, listed)
         step()  # training goes on
         def shown(t):
             snap = st.memory_snapshot()
