@@ -116,7 +116,17 @@ spill_status spill_evict(void* ptr) {
 }
 
 spill_status spill_discard(void* ptr) {
-  return on_swapper_of(ptr, "spill_discard", [&](Swapper& sw) { sw.discard(ptr); });
+  return on_block(ptr, "spill_discard", [&](Lease& lease) {
+    // Only the block's own start: a pointer inside it is a part of it, whose overwrite leaves
+    // the rest live (a tensor over part of a block: discarding the whole lost the rest).
+    const std::optional<BlockInfo> b = lease.rt().allocator().block_info(ptr);
+    SPILL_EXPECTS(!b || b->base == ptr,
+                  "spill_discard: " + format_address(ptr) + " points inside the block at " +
+                      format_address(b->base) + " (" + format_bytes(b->size) +
+                      "); a discard names a whole block by the address its allocation returned");
+    if (Swapper* sw = swapper_for(lease, ptr, "spill_discard")) sw->discard(ptr);
+    return SPILL_OK;
+  });
 }
 
 spill_status spill_get_residence(const void* ptr, spill_residence* residence) {

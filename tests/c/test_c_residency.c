@@ -327,6 +327,14 @@ TEST(a_discarded_block_comes_back_without_a_copy) {
   CHECK(stats().swap_in_bytes_total == in_before + BLOCK);
   int local = 0;
   CHECK_STATUS(spill_discard(&local), SPILL_ERROR_INVALID_ARGUMENT);
+  /* A part of a block is no block: refused, and the block's bytes come back by a copy. */
+  CHECK_OK(spill_evict(a));
+  while (residence(a) != SPILL_ON_HOST) {
+  }
+  CHECK_STATUS(spill_discard((char*)a + BLOCK / 2), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_discard");
+  CHECK_ERROR_HAS("points inside the block at");
+  CHECK(check_pinned(a, BLOCK, 4));
   CHECK_OK(spill_free(a, 0, s));
   CHECK_OK(spill_stream_destroy(0, s));
 }

@@ -250,10 +250,12 @@ SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, i
  * step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
-/* The bytes of the block containing `ptr` are dead: the caller is about to overwrite all of
- * them (a framework zeroing a gradient in place). If it is on the host, the next pin maps it
- * back without copying them (its bytes are undefined until written); otherwise nothing
- * changes. Errors: INVALID_ARGUMENT (unknown pointer). (Since 0.2.0.) */
+/* The bytes of the block that starts at `ptr` (the address its allocation returned) are dead:
+ * the caller is about to overwrite all of them (a framework zeroing a gradient in place that
+ * is the whole allocation). If it is on the host, the next pin maps it back without copying
+ * them (its bytes are undefined until written); otherwise nothing changes. Errors:
+ * INVALID_ARGUMENT for an unknown pointer, and for a pointer inside a block (a part of it,
+ * whose overwrite leaves the rest live); nothing changes then. (Since 0.2.0.) */
 SPILL_API spill_status spill_discard(void* ptr);
 /* Where the bytes of the block containing `ptr` are now (blocks that never move: resident).
  * A swap-out whose copy has finished is completed here (ON_HOST, its device memory given

@@ -131,7 +131,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from spill import Error, OutOfMemoryError
+from spill import Error, InvalidArgumentError, OutOfMemoryError
 from spill._errors import InvalidArgumentTypeError
 from spill._capi import Status
 from spill import budget as spill_budget
@@ -1954,7 +1954,12 @@ class OffloadHandle:
             ptr = self.pinner.movable(p.grad) if p.grad is not None and whole_storage(p.grad) \
                 else 0
             if ptr:
-                self.pinner.discard(ptr)  # (nothing for one not on the host)
+                try:
+                    self.pinner.discard(ptr)  # (nothing for one not on the host)
+                except InvalidArgumentError:
+                    # Not a whole block of spill's (a storage inside one, made over its memory
+                    # by from_blob or DLPack, or another allocator's): zeroed as it is.
+                    pass
         if self._quiet:  # the gradients (all of them fit), pinned around it
             stream = self.pinner.stream()
             tokens: List[Tuple[Token, bool]] = []
