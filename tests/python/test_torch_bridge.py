@@ -205,6 +205,53 @@ def test_steps_of_lengths_on_both_sides_of_the_swap_threshold_follow_their_own_p
     assert detail["swap.steps_planned"] == steps - first, detail
 
 
+@pytest.mark.parametrize("first", ["linear", "embedding", "conv"])
+def test_guard_keys_each_step_by_its_batch(first: str) -> None:
+    """guard(optimizer=...) keys a step by the shapes of the tensors its ops saw before its
+    first pin, that op's arguments included: for a model whose first op pins only a weight
+    (a Linear's transpose of it, torch 1.13) the batch comes from the ops that made it. Before
+    (audit 34d), such a model had one key for batches of 64 and 96 rows. Steps of one batch
+    size share their key from the first step on (zero_grad's record_function handle, a scalar
+    made from the second step on, is left out)."""
+    out = run_ok(ENABLE + f"""
+        from spill.torch import _steps
+        keys = []
+        original = _steps.StepBoundaries.key
+        def key(self, k):
+            keys.append(k)
+            return original(self, k)
+        _steps.StepBoundaries.key = key
+        first = {first!r}
+        torch.manual_seed(0)
+        if first == "linear":
+            m = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 10))
+            batch = lambda n: torch.randn(n, 512, device=dev)
+        elif first == "embedding":
+            m = torch.nn.Sequential(torch.nn.Embedding(1000, 256), torch.nn.Linear(256, 10))
+            batch = lambda n: torch.randint(0, 1000, (n,), device=dev)
+        else:
+            m = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(),
+                                    torch.nn.Flatten(), torch.nn.Linear(64 * 14 * 14, 10))
+            batch = lambda n: torch.randn(n, 3, 16, 16, device=dev)
+        m = m.to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        sizes = [64, 64, 96, 96, 64, 96]
+        with st.guard(optimizer=opt):
+            for n in sizes:
+                m(batch(n)).float().pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        by_size = {{}}
+        for n, k in zip(sizes, keys):
+            by_size.setdefault(n, set()).add(k)
+        print("ok", len(keys), len(by_size[64]), len(by_size[96]), len(by_size[64] & by_size[96]))
+    """)
+    assert out.startswith("ok "), out
+    steps, keys_64, keys_96, shared = (int(v) for v in out.split()[1:5])
+    assert steps == 6 and keys_64 == 1 and keys_96 == 1 and shared == 0, out
+
+
 def test_a_forward_given_keyword_arguments_only_is_keyed_by_their_shapes() -> None:
     """``model(ids=x)``: torch 1.13's forward pre-hooks see no keyword arguments, so every step
     had one key and the lengths 32 and 48 left the plan at each change (as without keys);

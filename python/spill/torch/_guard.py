@@ -18,8 +18,8 @@ from . import _interrupts
 from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
 from ._state import state
-from ._steps import (OptimizerRound, StepBoundaries, default_scope, optimizers_of, shapes_key,
-                     optional_scope, unwrap_methods, wrap_method)
+from ._steps import (OptimizerRound, StepBoundaries, default_scope, key_of_shapes,
+                     optimizers_of, optional_scope, shape_of, unwrap_methods, wrap_method)
 
 _written_args: Dict[Any, Tuple[frozenset, frozenset]] = {}
 _DETACH = torch.ops.aten.detach.default
@@ -95,7 +95,8 @@ class PinEveryOp(TorchDispatchMode):
         self.declared: Dict[int, int] = {}   # block base -> generation this mode declared
         self.outputs = outputs               # if given: where the outputs it declared go
         self.ops = 0
-        self._key_pending = False  # keys_steps: the step began on an op without tensors
+        self._key_pending = False  # keys_steps: the step began, no op of it has pinned yet
+        self._key_shapes: List[Tuple[Any, ...]] = []  # the shapes seen since (shape_of)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         # Runs for every aten op (the optimizer step under pressure: about 440 a GPT step), so
@@ -123,15 +124,20 @@ class PinEveryOp(TorchDispatchMode):
             began = not steps.in_step
             steps.ensure()
             if self.keys_steps and steps.in_step and (began or self._key_pending):
-                # The step's variant (guard's steps; see StepBoundaries.key): the shapes of the
-                # tensor arguments of its first op that pins (a key counts before the step's
-                # first pin), a forward's first layer's (the batch's) when the loop makes its
-                # batch under the guard (ops of small tensors, none pinned).
-                self._key_pending = not any(
-                    pinner.movable(t) for t in leaves((args, kwargs))
-                    if isinstance(t, torch.Tensor))
+                # The step's variant (guard's steps; see StepBoundaries.key), given before its
+                # first pin (after it, a key switches no plan): the shapes of the tensors of
+                # the ops before that pin (making the batch, under the guard: ops of small
+                # tensors, none pinned) and of the first pinning op's arguments. The pinning op
+                # alone may hold no batch: a Linear's first op is the weight's transpose.
+                if began:
+                    self._key_shapes = []
+                tensors = [t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                self._key_pending = not any(pinner.movable(t) for t in tensors)
+                if getattr(func, "namespace", "") != "profiler":
+                    self._key_shapes.extend(shape_of(t) for t in tensors if t.numel() > 1)
                 if not self._key_pending:
-                    steps.key(shapes_key((args, kwargs)))
+                    steps.key(key_of_shapes(self._key_shapes))
+                    self._key_shapes = []
         stream = pinner.stream()
         positions, names = _writes(func)
         held: List[Tuple[Any, bool]] = []
@@ -151,6 +157,12 @@ class PinEveryOp(TorchDispatchMode):
             unpin = pinner.unpin
             for token, wrote in held:
                 unpin(token, stream, wrote)
+        if self._key_pending and getattr(func, "namespace", "") != "profiler":
+            # What the batch's ops made (see the step's key above). Neither a profiler range's
+            # handle nor a scalar (zero_grad's record_function makes one, from the second step
+            # on: the first step has none) says anything of the batch.
+            self._key_shapes.extend(shape_of(t) for t in leaves(out)
+                                    if isinstance(t, torch.Tensor) and t.numel() > 1)
         if func is _DETACH:
             alias = number_detached(args, out)
             if alias is not None:

@@ -334,8 +334,18 @@ def shapes_key(args: Any) -> int:
     follows the plan of the nearest size met: 16 bits of their ranks and dtypes, 24 of the
     logarithm of their element count, 24 of their exact shapes (hashes are stable within the
     process, as long as spill keeps plans)."""
-    tensors = [t for t in leaves(args) if isinstance(t, torch.Tensor)]
-    kinds = hash(tuple((t.dim(), t.dtype) for t in tensors)) & 0xFFFF
-    size = min(int(math.log2(1 + sum(t.numel() for t in tensors)) * (1 << 18)), (1 << 24) - 1)
-    shapes = hash(tuple(tuple(t.shape) for t in tensors)) & 0xFF_FFFF
-    return kinds << 48 | size << 24 | shapes
+    return key_of_shapes([shape_of(t) for t in leaves(args) if isinstance(t, torch.Tensor)])
+
+
+def shape_of(t: torch.Tensor) -> Tuple[Any, ...]:
+    """What a step's key reads of a tensor: its shape, dtype and element count (not the
+    tensor: a key gathered over several ops holds no memory)."""
+    return (tuple(t.shape), t.dtype, t.numel())
+
+
+def key_of_shapes(shapes: Any) -> int:
+    """shapes_key over shape_of's tuples."""
+    kinds = hash(tuple((len(s), d) for s, d, _ in shapes)) & 0xFFFF
+    size = min(int(math.log2(1 + sum(n for _, _, n in shapes)) * (1 << 18)), (1 << 24) - 1)
+    digest = hash(tuple(s for s, _, _ in shapes)) & 0xFF_FFFF
+    return kinds << 48 | size << 24 | digest
