@@ -135,8 +135,7 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   std::string steps_text;
   for (const ScopeSteps& scope : steps.scopes)
     steps_text += (steps_text.empty() ? "" : ", ") + std::to_string(scope.steps.size()) + " (" +
-                  (scope.name.empty() ? "" : scope.name + ", ") + "scope " +
-                  std::to_string(scope.scope) + ")";
+                  scope.label() + ")";
   if (steps.other_scopes > 0)
     steps_text += "; " + std::to_string(steps.other_marks) + " step marks of " +
                   std::to_string(steps.other_scopes) + " other scopes, not shown";

@@ -11,7 +11,18 @@ namespace spill::profiling::report_html {
 
 std::string esc(const std::string& s) {
   std::string out;
-  for (char c : s) {
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    // Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069) in a
+    // caller's name would reorder the rest of the page's line: shown as U+FFFD instead.
+    const auto u = [&](std::size_t k) { return static_cast<unsigned char>(s[i + k]); };
+    if (u(0) == 0xE2 && i + 2 < s.size() &&
+        ((u(1) == 0x80 && u(2) >= 0xAA && u(2) <= 0xAE) ||
+         (u(1) == 0x81 && u(2) >= 0xA6 && u(2) <= 0xA9))) {
+      out += "\xEF\xBF\xBD";
+      i += 2;
+      continue;
+    }
     switch (c) {
       case '<': out += "&lt;"; break;
       case '>': out += "&gt;"; break;

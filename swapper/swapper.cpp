@@ -865,9 +865,10 @@ void Swapper::begin_step(std::uint64_t scope) {
   // A mark in the trace (address: the scope, bytes: the step's number from 1) and in NVTX,
   // so a timeline shows where each step begins.
   static const std::uint32_t step_tag = TraceRecorder::global().intern("step begins");
-  if (auto named = impl_->scope_names.find(scope); named != impl_->scope_names.end())
+  if (auto named = impl_->scope_names.find(scope);
+      named != impl_->scope_names.end() && TraceRecorder::global().enabled())
     TraceRecorder::global().record(EventKind::ScopeName, scope, 0, profiling::kHostStream,
-                                   impl_->ordinal, named->second.first);
+                                   impl_->ordinal, TraceRecorder::global().intern(named->second));
   TraceRecorder::global().record(EventKind::Mark, scope, ++st.steps_begun, profiling::kHostStream,
                                  impl_->ordinal, step_tag);
   profiling::nvtx_mark("spill step begins", profiling::kNvtxStep);
@@ -883,17 +884,19 @@ void Swapper::set_scope(std::uint64_t scope) { impl_->set_current_scope(scope); 
 
 void Swapper::set_scope_name(std::uint64_t scope, std::string_view name) {
   TraceRecorder& recorder = TraceRecorder::global();
-  const std::uint32_t tag = name.empty() ? 0 : recorder.intern(name);
+  if (recorder.enabled()) {
+    recorder.record(EventKind::ScopeName, scope, 0, profiling::kHostStream, impl_->ordinal,
+                    name.empty() ? 0 : recorder.intern(name));
+  }
   std::lock_guard lock(impl_->mu);
   if (name.empty()) impl_->scope_names.erase(scope);
-  else impl_->scope_names[scope] = {tag, std::string(name)};
-  recorder.record(EventKind::ScopeName, scope, 0, profiling::kHostStream, impl_->ordinal, tag);
+  else impl_->scope_names[scope] = std::string(name);
 }
 
 std::string Swapper::scope_name(std::uint64_t scope) const {
   std::lock_guard lock(impl_->mu);
   auto it = impl_->scope_names.find(scope);
-  return it == impl_->scope_names.end() ? std::string() : it->second.second;
+  return it == impl_->scope_names.end() ? std::string() : it->second;
 }
 
 void Swapper::set_step_key(std::uint64_t scope, std::uint64_t key) {

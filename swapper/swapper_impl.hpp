@@ -293,8 +293,9 @@ struct Swapper::Impl {
   std::uint64_t waited_ns = 0;
   const std::uint64_t serial;            // tells swappers apart in thread-local scopes
   std::map<std::uint64_t, StepState> scopes;
-  // Named scopes (set_scope_name): the name's trace tag, and the name.
-  std::map<std::uint64_t, std::pair<std::uint32_t, std::string>> scope_names;
+  // Named scopes (set_scope_name); a name is interned as a trace tag only when recorded (the
+  // tag table keeps each name for the process's life).
+  std::map<std::uint64_t, std::string> scope_names;
   graph::Trace last_trace_any;            // the latest recording of any scope
   std::uint64_t last_trace_any_scope = 0;  // whose
 

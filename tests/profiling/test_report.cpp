@@ -451,8 +451,11 @@ TEST(Report, StepsOfSeveralScopesAreFollowedEachOnItsOwn) {
 TEST(Report, NamedScopesAreShownByTheirLatestName) {
   using test::make_event;
   const std::uint64_t gpt = (std::uint64_t{1} << 63) + 1, adam = gpt + 1;
-  std::map<std::uint32_t, std::string> names = {
-      {9, "step begins"}, {20, "offload GPT<'&>"}, {21, "first name"}, {22, "guard AdamW"}};
+  std::map<std::uint32_t, std::string> names = {{9, "step begins"},
+                                                {20, "offload GPT<'&>"},
+                                                {21, "first name"},
+                                                {22, "guard AdamW"},
+                                                {23, "a\u202Eb"}};  // a right-to-left override
   std::vector<TraceEvent> ev = {make_event(0, EventKind::ScopeName, adam, 0, kHostStream, 0, 21),
                                 make_event(1, EventKind::ScopeName, 77, 0, kHostStream, 0, 22),
                                 make_event(2, EventKind::ScopeName, 5, 0, kHostStream, 0, 22)};
@@ -464,13 +467,16 @@ TEST(Report, NamedScopesAreShownByTheirLatestName) {
     ev.push_back(make_event(at + 100, EventKind::Mark, adam, i, kHostStream, 0, 9));
     ev.push_back(make_event(at + 200, EventKind::ScopeName, 5, 0, kHostStream, 0, 0));
     ev.push_back(make_event(at + 200, EventKind::Mark, 5, i, kHostStream, 0, 9));
+    ev.push_back(make_event(at + 300, EventKind::ScopeName, 6, 0, kHostStream, 0, 23));
+    ev.push_back(make_event(at + 300, EventKind::Mark, 6, i, kHostStream, 0, 9));
   }
   const auto tags = [&](std::uint32_t tag) { return names.count(tag) ? names[tag] : ""; };
   const ParsedTrace t = parse_chrome_trace(chrome_trace_text(ev, tags), "named.json");
   const std::string html = render_report(t, "named.json");
   const std::string g = std::to_string(gpt), a = std::to_string(adam);
-  EXPECT_NE(html.find("<td id='step-count'>2 (scope 5), 2 (offload GPT&lt;&#39;&amp;&gt;, scope " +
-                      g + "), 2 (guard AdamW, scope " + a + ")</td>"),
+  EXPECT_NE(html.find("<td id='step-count'>2 (scope 5), 2 (a\uFFFDb (scope 6)), 2 (offload "
+                      "GPT&lt;&#39;&amp;&gt; (scope " + g + ")), 2 (guard AdamW (scope " + a +
+                      "))</td>"),
             std::string::npos)
       << element(html, "<td id='step-count'>", "</td>");
   EXPECT_NE(html.find("steps, guard AdamW (scope " + a + ")"), std::string::npos)
@@ -482,6 +488,7 @@ TEST(Report, NamedScopesAreShownByTheirLatestName) {
   EXPECT_NE(table.find("<td>scope 5</td>"), std::string::npos) << "its name was cleared";
   EXPECT_EQ(table.find("first name"), std::string::npos) << "the latest name";
   EXPECT_EQ(html.find("scope 77"), std::string::npos) << "a name is no scope";
+  EXPECT_EQ(html.find("\u202E"), std::string::npos) << "no override reorders the page";
 }
 
 // Marks carry no device: two swappers beginning the same step of scope 0 record its number

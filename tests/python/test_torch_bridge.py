@@ -1049,8 +1049,8 @@ def test_the_report_names_the_scopes_offload_and_guard_make(tmp_path) -> None:
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     step_count = html.read_text().split("<td id='step-count'>")[1].split("</td>")[0]
-    assert "offload Tiny, scope 92233720368547758" in step_count, step_count
-    assert "guard SGD, scope 92233720368547758" in step_count, step_count
+    assert "offload Tiny (scope 92233720368547758" in step_count, step_count
+    assert "guard SGD (scope 92233720368547758" in step_count, step_count
 
 
 def test_a_block_no_hook_saw_is_never_evicted() -> None:

@@ -156,8 +156,8 @@ SPILL_API spill_status spill_malloc(void** out, size_t size, int device, void* s
  * on `stream` at once; see the conventions). A pinned block may be freed: a later unpin of its
  * token is a no-op. A block ever pinned with spill_pin_for_host whose swap-in (a prefetch) is
  * still landing is waited for on the host here, so host code writing the memory's next owner
- * at once is not overwritten by that copy. NULL is SPILL_OK. Errors: INVALID_ARGUMENT naming the pointer for an
- * unknown pointer, a pointer inside a block, a double free, or a block of another device
+ * at once is not overwritten by that copy. NULL is SPILL_OK. Errors: INVALID_ARGUMENT naming
+ * the pointer for an unknown pointer, a pointer inside a block, a double free, or a block of another device
  * (nothing changes); SHUT_DOWN (the block was already freed by spill_shutdown). */
 SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
 /* The block containing `ptr` is also used by work on `stream`: its memory is reused, and its
@@ -297,8 +297,9 @@ SPILL_API spill_status spill_set_scope(int device, uint64_t scope);
  * variant: batches of a few lengths, where a tensor under swap_threshold at one length (never
  * moved, not seen by the swapper) is over it at another. (Steps that differ in which blocks
  * from before them they use, as layers skipped at random, are spliced into one plan, keys or
- * not.) Without keys each change of variant leaves the plan and is recorded again. With them the scope keeps the plan of each variant (up to 8,
- * the least recently followed dropped) by the keys of the steps that ended on it, and a step
+ * not.) Without keys each change of variant leaves the plan and is recorded again. With them
+ * the scope keeps the plan of each variant (up to 8, the least recently followed dropped) by
+ * the keys of the steps that ended on it, and a step
  * whose key belongs to another plan than the one it would follow switches to that plan, when
  * the call comes before the step's first pin (call it right after spill_begin_step); later, the
  * key only goes with the plan the step ends on. Keys near as numbers are taken for steps alike:
@@ -313,7 +314,8 @@ SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);
  * (offload)"): the trace gets a "scope_name" event (address: the scope, the name its tag) now
  * and just before each of the scope's step marks, and `spill report` shows the name beside the
  * scope's number; spill_write_step_graph's graph carries it. The name is copied; NULL or ""
- * clears it; naming again replaces it; spill_end_scope drops it. Names past
+ * clears it; naming again replaces it; it stays until spill_end_scope (a name per scope: a
+ * caller naming ever new scopes ends them). Names past
  * SPILL_MAX_BLOCK_NAME bytes are cut there (before a character that would be split). Touches
  * no step and not the calling thread's current scope; does nothing without a swapper
  * (policy:none). Errors as spill_set_scope's, naming spill_set_scope_name, and
