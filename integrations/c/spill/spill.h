@@ -157,8 +157,8 @@ SPILL_API spill_status spill_malloc(void** out, size_t size, int device, void* s
  * token is a no-op. A block ever pinned with spill_pin_for_host whose swap-in (a prefetch) is
  * still landing is waited for on the host here, so host code writing the memory's next owner
  * at once is not overwritten by that copy. NULL is SPILL_OK. Errors: INVALID_ARGUMENT naming
- * the pointer for an unknown pointer, a pointer inside a block, a double free, or a block of another device
- * (nothing changes); SHUT_DOWN (the block was already freed by spill_shutdown). */
+ * the pointer for an unknown pointer, a pointer inside a block, a double free, or a block of
+ * another device (nothing changes); SHUT_DOWN (the block was already freed by spill_shutdown). */
 SPILL_API spill_status spill_free(void* ptr, int device, void* stream);
 /* The block containing `ptr` is also used by work on `stream`: its memory is reused, and its
  * bytes swapped out, only once that work is done. At most four streams besides the allocation
