@@ -78,8 +78,8 @@ class PinEveryOp(TorchDispatchMode):
     # buckets, which its reducer hands to the communication library): offload's own modes
     # declare only what their ops make.
     declares_arguments = True
-    # Whether a step it begins is keyed by its first op's arguments (guard's own steps; offload
-    # keys its steps at the model's forward).
+    # Whether the steps it begins are keyed, by the shapes its ops see before each step's first
+    # pin (guard's own steps; offload keys its steps at the model's forward).
     keys_steps = False
 
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,

@@ -1951,9 +1951,8 @@ class OffloadHandle:
         gradients beside it) leaves the rest of that buffer live, which a discard lost (on a
         GPU, stale bytes; audit 34a)."""
         for p in params:
-            ptr = self.pinner.movable(p.grad) if p.grad is not None and whole_storage(p.grad) \
-                else 0
-            if ptr:
+            ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
+            if ptr and whole_storage(p.grad):
                 try:
                     self.pinner.discard(ptr)  # (nothing for one not on the host)
                 except InvalidArgumentError:

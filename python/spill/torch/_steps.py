@@ -330,10 +330,10 @@ def optimizers_of(optimizer: Any, caller: str) -> Tuple[Any, ...]:
 
 def shapes_key(args: Any) -> int:
     """A step's variant (spill_step_key) from the tensor arguments of its first forward
-    (offload) or its first op (guard), ordered so that a batch of a size not met before
-    follows the plan of the nearest size met: 16 bits of their ranks and dtypes, 24 of the
-    logarithm of their element count, 24 of their exact shapes (hashes are stable within the
-    process, as long as spill keeps plans)."""
+    (offload; guard gathers shapes over the ops before the step's first pin, key_of_shapes),
+    ordered so that a batch of a size not met before follows the plan of the nearest size met:
+    16 bits of their ranks and dtypes, 24 of the logarithm of their element count, 24 of their
+    exact shapes (hashes are stable within the process, as long as spill keeps plans)."""
     return key_of_shapes([shape_of(t) for t in leaves(args) if isinstance(t, torch.Tensor)])
 
 
