@@ -28,15 +28,8 @@ spill_status spill_get_block_name(const void* ptr, char** name) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_block_name: name is NULL");
   *name = nullptr;
   return on_block(ptr, "spill_get_block_name", [&](Lease& lease) {
-    CachingAllocator& a = lease.rt().allocator();
-    const std::optional<BlockInfo> b = a.block_info(ptr);
-    SPILL_EXPECTS(b && b->base == ptr,
-                  b ? format_address(ptr) + " points inside the block at " +
-                          format_address(b->base) + " (" + format_bytes(b->size) +
-                          "); ask with the address the allocation returned"
-                    : format_address(ptr) + " is not the start of a block allocated by spill "
-                                            "(never allocated, or freed)");
-    return give_string(a.block_name(ptr), name, "spill_get_block_name");
+    expect_block_start(lease, ptr);
+    return give_string(lease.rt().allocator().block_name(ptr), name, "spill_get_block_name");
   });
 }
 

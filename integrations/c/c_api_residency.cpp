@@ -119,12 +119,8 @@ spill_status spill_discard(void* ptr) {
   return on_block(ptr, "spill_discard", [&](Lease& lease) {
     // Only the block's own start: a pointer inside it is a part of it, whose overwrite leaves
     // the rest live (a tensor over part of a block: discarding the whole lost the rest).
-    const std::optional<BlockInfo> b = lease.rt().allocator().block_info(ptr);
-    SPILL_EXPECTS(!b || b->base == ptr,
-                  "spill_discard: " + format_address(ptr) + " points inside the block at " +
-                      format_address(b->base) + " (" + format_bytes(b->size) +
-                      "); a discard names a whole block by the address its allocation returned");
-    if (Swapper* sw = swapper_for(lease, ptr, "spill_discard")) sw->discard(ptr);
+    expect_block_start(lease, ptr);
+    if (Swapper* sw = lease.rt().swapper()) sw->discard(ptr);
     return SPILL_OK;
   });
 }

@@ -388,6 +388,16 @@ std::string pointer_context(const char* fn, const void* ptr) {
   return std::string(fn) + "(" + format_address(ptr) + ")";
 }
 
+void expect_block_start(Lease& lease, const void* ptr) {
+  const std::optional<BlockInfo> b = lease.rt().allocator().block_info(ptr);
+  SPILL_EXPECTS(b && b->base == ptr,
+                b ? format_address(ptr) + " points inside the block at " +
+                        format_address(b->base) + " (" + format_bytes(b->size) +
+                        "); use the address the allocation returned"
+                  : format_address(ptr) + " is not the start of a block allocated by spill "
+                                          "(never allocated, or freed)");
+}
+
 spill_status give_string(const std::string& text, char** out, const char* fn) noexcept {
   if (out == nullptr) return fail(SPILL_ERROR_INVALID_ARGUMENT, std::string(fn) + ": out is NULL");
   *out = static_cast<char*>(std::malloc(text.size() + 1));

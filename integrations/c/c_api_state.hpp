@@ -242,6 +242,10 @@ spill_status on_block(const void* ptr, const char* fn, Body&& body) noexcept {
   }
 }
 
+// Throws InvalidArgument unless `ptr` is the start of a live block of the lease's allocator (the
+// address its allocation returned), naming the block it points inside, if any.
+void expect_block_start(Lease& lease, const void* ptr);
+
 // Copies `text` into a string the caller frees with spill_string_free.
 spill_status give_string(const std::string& text, char** out, const char* fn) noexcept;
 

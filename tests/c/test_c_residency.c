@@ -36,6 +36,14 @@ static int check_pinned(void* p, size_t n, unsigned seed) {
   REQUIRE_OK(spill_unpin(&t, NULL, 0));
   return ok;
 }
+/* n blocks of 4 MiB declared swappable, block l holding pattern seed + l. */
+static void swappable_blocks(void** b, int n, unsigned seed) {
+  for (int l = 0; l < n; ++l) {
+    REQUIRE_OK(spill_malloc(&b[l], 4 * MIB, 0, NULL));
+    write_pinned(b[l], 4 * MIB, seed + (unsigned)l);
+    REQUIRE_OK(spill_set_swappable(b[l], 1));
+  }
+}
 static spill_stats stats(void) {
   spill_stats st;
   st.struct_size = sizeof st;
@@ -404,11 +412,7 @@ TEST(step_scopes_on_two_threads) {
 TEST(a_step_that_skips_an_op_resynchronises) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
   void* b[LAYERS];
-  for (int l = 0; l < LAYERS; ++l) {
-    REQUIRE_OK(spill_malloc(&b[l], 4 * MIB, 0, NULL));
-    write_pinned(b[l], 4 * MIB, 50u + (unsigned)l);
-    REQUIRE_OK(spill_set_swappable(b[l], 1));
-  }
+  swappable_blocks(b, LAYERS, 50u);
   for (int step = 0; step < 5; ++step) {
     REQUIRE_OK(spill_begin_step(0, 3000));
     for (int l = 0; l < LAYERS; ++l) {
@@ -538,11 +542,7 @@ static struct join_result join_run(enum join join) {
   void* w[LAYERS];
   void* state[LAYERS];
   void* acts[LAYERS];
-  for (int l = 0; l < LAYERS; ++l) {
-    REQUIRE_OK(spill_malloc(&w[l], 4 * MIB, 0, NULL));
-    write_pinned(w[l], 4 * MIB, 100u + (unsigned)l);
-    REQUIRE_OK(spill_set_swappable(w[l], 1));
-  }
+  swappable_blocks(w, LAYERS, 100u);
   uint64_t demand = 0;
   for (int step = 1; step <= JOIN_STEPS; ++step) {
     REQUIRE_OK(spill_begin_step(0, JOIN_SCOPE));
@@ -671,11 +671,7 @@ static void variant_step(void* a[], int step, int wide) {
 TEST(steps_keyed_by_variant_follow_their_own_plans) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
   void* a[LAYERS];
-  for (int l = 0; l < LAYERS; ++l) {
-    REQUIRE_OK(spill_malloc(&a[l], 4 * MIB, 0, NULL));
-    write_pinned(a[l], 4 * MIB, 60u + (unsigned)l);
-    REQUIRE_OK(spill_set_swappable(a[l], 1));
-  }
+  swappable_blocks(a, LAYERS, 60u);
   const int wide[] = {0, 1, 0, 1, 1, 0, 0, 1, 0};
   const int steps = (int)(sizeof wide / sizeof wide[0]);
   for (int step = 0; step < steps; ++step) variant_step(a, step, wide[step]);
@@ -703,11 +699,7 @@ static void* keyer(void* arg) {
 TEST(step_key_while_the_scope_ends_on_another_thread) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:16MiB,policy:plan"));
   void* w[8];
-  for (int l = 0; l < 8; ++l) {
-    REQUIRE_OK(spill_malloc(&w[l], 4 * MIB, 0, NULL));
-    write_pinned(w[l], 4 * MIB, 90u + (unsigned)l);
-    REQUIRE_OK(spill_set_swappable(w[l], 1));
-  }
+  swappable_blocks(w, 8, 90u);
   keying_stops = 0;
   pthread_t th;
   pthread_create(&th, NULL, keyer, NULL);
@@ -746,11 +738,7 @@ static int recorded_reads(uint64_t scope) {
 static int reads_of_a_step_with_a_key_for(uint64_t other) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:plan"));
   void* w[6];
-  for (int l = 0; l < 6; ++l) {
-    REQUIRE_OK(spill_malloc(&w[l], 4 * MIB, 0, NULL));
-    write_pinned(w[l], 4 * MIB, 70u + (unsigned)l);
-    REQUIRE_OK(spill_set_swappable(w[l], 1));
-  }
+  swappable_blocks(w, 6, 70u);
   REQUIRE_OK(spill_begin_step(0, 1));
   for (int l = 0; l < 6; ++l) {
     REQUIRE_OK(spill_begin_op(0, 1, "layer"));
