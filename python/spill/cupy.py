@@ -7,16 +7,24 @@ them (see _StreamKeeper). Blocks allocated for CuPy are not swappable (CuPy has 
 could pin them before use), so spill acts as a budgeted caching allocator for CuPy; its stats,
 snapshots and traces cover CuPy's memory.
 
+Not served: CuPy's per-thread default stream (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``,
+``cupy.cuda.Stream.ptds``), which is one handle for every thread's own stream, so that spill
+cannot order reuse between two threads' work on it (an allocation there raises
+``spill.InvalidArgumentError`` saying so). Arrays are usable on their own device only (spill
+maps its memory for its own device; peer access is not granted).
+
 This module imports without CuPy; using it without CuPy raises ModuleNotFoundError.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
 from typing import Any, Dict, Optional, Tuple
 
 import spill as _spill
+from spill import _runtime
 
 try:
     import cupy as _cupy
@@ -63,7 +71,15 @@ class _StreamKeeper:
     destroys a Stream when its last reference goes, and says nothing; so spill.cupy holds a
     reference to each stream it passed to spill, and at the next allocation releases those that
     only it still holds: spill forgets the stream (waiting for its work), then CuPy may destroy
-    it. The default streams (handles 0, 1, 2) live forever and are not kept.
+    it. The default streams (handles 0 and 1) live forever and are not kept.
+
+    One object stands for a handle: several CuPy objects may wrap one stream
+    (``Stream.from_external``, ``ExternalStream``: a new wrapper each step is common), so the
+    first one seen is kept and every block allocated on the handle holds that one; the handle
+    is forgotten once nothing but spill.cupy holds that object (another wrapper still in use
+    makes spill learn the handle again at its next allocation). An ``ExternalStream``'s
+    object does not own its stream: its owner must call ``spill.stream_destroyed(handle,
+    device)`` before destroying it.
     """
 
     def __init__(self) -> None:
@@ -71,11 +87,13 @@ class _StreamKeeper:
         self._kept: Dict[Tuple[int, int], Any] = {}
         self._probe: Dict[Tuple[int, int], Any] = {(0, 0): object()}
 
-    def keep(self, device: int, stream: Any) -> None:
-        if stream.ptr in (0, 1, 2):
-            return
+    def keep(self, device: int, stream: Any) -> Any:
+        """The object that stands for ``stream``'s handle on ``device`` (kept from now on):
+        what a block allocated on it holds."""
+        if stream.ptr in (0, 1):
+            return stream
         with self._lock:
-            self._kept.setdefault((device, stream.ptr), stream)
+            return self._kept.setdefault((device, stream.ptr), stream)
 
     @staticmethod
     def _references(table: Dict[Tuple[int, int], Any], key: Tuple[int, int]) -> int:
@@ -102,25 +120,64 @@ class _StreamKeeper:
 _streams = _StreamKeeper()
 
 
+class _Sessions:
+    """Counts spill.shutdown() calls: a block from before one was freed by it, and its address
+    may hold a block of the next session (configure again), which its late free must not
+    free (CuPy drops an array whenever its last view goes: a test's traceback, a cached FFT
+    plan's work area)."""
+
+    def __init__(self) -> None:
+        self.ended = 0
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+_sessions = _Sessions()
+_runtime._after_shutdown.append(_sessions.end)
+
+#: Why a free finds nothing to free, and is no news (logged at debug level only).
+_QUIET_FREES = {_spill.Status.SHUT_DOWN: "was freed by spill.shutdown()",
+                _spill.Status.FORKED_CHILD: "belongs to the parent process (forked child)"}
+
+
 class _Block:
     """The owner CuPy keeps alive with the memory; returns the block to spill, on the stream it
     was allocated on, when CuPy drops it. Holding the CuPy stream object keeps that stream alive
     until then (RMM's buffers hold theirs the same way)."""
 
-    __slots__ = ("ptr", "device", "stream")
+    __slots__ = ("ptr", "device", "stream", "session")
 
     def __init__(self, ptr: int, device: int, stream: Any) -> None:
         self.ptr, self.device, self.stream = ptr, device, stream
+        self.session = _sessions.ended
 
     def __del__(self) -> None:
+        if self.session != _sessions.ended:
+            _log.debug("spill.cupy: %#x was freed by spill.shutdown()", self.ptr)
+            return
         try:
             _spill.free(self.ptr, self.device, self.stream.ptr)
         except _spill.Error as e:  # a destructor cannot raise; say what was not freed
-            if e.code == _spill.Status.SHUT_DOWN:  # the block went with spill.shutdown()
-                _log.debug("spill.cupy: %#x was freed by spill.shutdown()", self.ptr)
+            quiet = _QUIET_FREES.get(e.code)
+            if quiet:
+                _log.debug("spill.cupy: %#x %s", self.ptr, quiet)
             else:
                 _log.warning("spill.cupy: could not free %#x on device %d: %s", self.ptr,
                              self.device, e)
+
+
+_PER_THREAD = 2  # cudaStreamPerThread
+
+
+def _refuse_per_thread_stream(stream: Any) -> None:
+    if stream.ptr == _PER_THREAD:
+        raise _spill.InvalidArgumentError(
+            "spill.cupy: CuPy's current stream is its per-thread default stream "
+            "(CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1, or cupy.cuda.Stream.ptds), one handle for "
+            "every thread's own stream, so spill cannot order reuse between threads on it; "
+            "use cupy.cuda.Stream objects (or the legacy default stream)",
+            _spill.Status.INVALID_ARGUMENT)
 
 
 def allocator(nbytes: int) -> Any:
@@ -132,22 +189,34 @@ def allocator(nbytes: int) -> Any:
     cannot hold the request, with spill's account of where every byte is.
     """
     cupy = _require_cupy()
-    device = cupy.cuda.Device().id
+    device = cupy.cuda.get_device_id()
     if nbytes == 0:  # CuPy allocates empty arrays; they own no memory
         mem = cupy.cuda.UnownedMemory(0, 0, None, device_id=device)
         return cupy.cuda.MemoryPointer(mem, 0)
     stream = cupy.cuda.get_current_stream()
+    _refuse_per_thread_stream(stream)
     _streams.release_unused()
     try:
         ptr = _spill.malloc(nbytes, device, stream.ptr)
-    except _spill.OutOfMemoryError as e:
-        raise OutOfMemoryError(str(e), e.code, nbytes) from None
-    _streams.keep(device, stream)
-    block = _Block(ptr, device, stream)
+    except _spill.OutOfMemoryError:
+        # As CuPy's own pool does before it gives up: arrays held only by reference cycles
+        # are freed by the cyclic collector alone.
+        gc.collect()
+        try:
+            ptr = _spill.malloc(nbytes, device, stream.ptr)
+        except _spill.OutOfMemoryError as e:
+            raise OutOfMemoryError(str(e), e.code, nbytes) from None
+    block = _Block(ptr, device, _streams.keep(device, stream))
     mem = cupy.cuda.UnownedMemory(ptr, nbytes, block, device_id=device)
     return cupy.cuda.MemoryPointer(mem, 0)
 
 
 def set_allocator() -> None:
-    """Makes spill CuPy's allocator for every device: ``cupy.cuda.set_allocator(allocator)``."""
-    _require_cupy().cuda.set_allocator(allocator)
+    """Makes spill CuPy's allocator for every device: ``cupy.cuda.set_allocator(allocator)``,
+    and gives the memory CuPy's default pool caches (free, from before) back to the device,
+    where spill's budget can use it. Refused (``spill.InvalidArgumentError``) while the current
+    stream is CuPy's per-thread default stream."""
+    cupy = _require_cupy()
+    _refuse_per_thread_stream(cupy.cuda.get_current_stream())
+    cupy.cuda.set_allocator(allocator)
+    cupy.get_default_memory_pool().free_all_blocks()

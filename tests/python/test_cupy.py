@@ -13,6 +13,7 @@ import weakref
 import pytest
 
 import spill
+from conftest import SIM_CONF
 
 MIB = 1 << 20
 
@@ -49,14 +50,24 @@ def make_fake_cupy() -> types.ModuleType:
         def __init__(self, mem, offset):
             self.mem, self.ptr = mem, mem.ptr + offset
 
+    class MemoryPool:  # CuPy's default pool: counts the times its cache was given back
+        def __init__(self):
+            self.emptied = 0
+
+        def free_all_blocks(self):
+            self.emptied += 1
+
     memory.OutOfMemoryError = OutOfMemoryError
     cuda.memory = memory
     cuda.Stream, cuda.Device = Stream, Device
     cuda.UnownedMemory, cuda.MemoryPointer = UnownedMemory, MemoryPointer
     cuda.current_device = 0
+    cuda.get_device_id = lambda: cuda.current_device
     cuda.current_stream = Stream(0)
     cuda.get_current_stream = lambda: cuda.current_stream
     cuda.allocator = None
+    pool = MemoryPool()
+    cupy.get_default_memory_pool = lambda: pool
 
     def set_allocator(fn):
         cuda.allocator = fn
@@ -155,10 +166,45 @@ def test_out_of_memory_is_cupys_and_spills(spill_cupy):
     assert type(copy) is type(err) and str(copy) == str(err)
 
 
-def test_set_allocator_installs_it(spill_cupy):
+def test_out_of_memory_collects_cyclic_garbage_first(spill_cupy):
+    """As CuPy's own pool does before it gives up: arrays held only by reference cycles go
+    back with gc.collect(), then the request is retried (before, it raised)."""
+    module, fake = spill_cupy
+    gc.disable()
+    try:
+        for _ in range(5):  # 20 MiB of the 32 MiB budget, reachable only through cycles
+            cycle = [module.allocator(4 * MIB)]
+            cycle.append(cycle)
+        del cycle
+        assert spill.stats()["requested_bytes.current"] == 20 * MIB
+        pointer = module.allocator(20 * MIB)
+        assert spill.stats()["requested_bytes.current"] == 20 * MIB
+    finally:
+        gc.enable()
+    del pointer
+    gc.collect()
+    with pytest.raises(fake.cuda.memory.OutOfMemoryError):  # and still raises when it must
+        module.allocator(64 * MIB)
+
+
+def test_set_allocator_installs_it_and_empties_cupys_pool(spill_cupy):
     module, fake = spill_cupy
     module.set_allocator()
     assert fake.cuda.allocator is module.allocator
+    assert fake.get_default_memory_pool().emptied == 1  # its cache goes back to the device
+
+
+def test_cupys_per_thread_default_stream_is_refused_saying_so(spill_cupy):
+    """CuPy's per-thread default stream is one handle (2) for every thread's own stream, which
+    spill cannot order reuse on: refused with a message that names it and the way out (before,
+    C's "stream 0x2 is cudaStreamPerThread" came from every allocation)."""
+    module, fake = spill_cupy
+    fake.cuda.current_stream = fake.cuda.Stream(2)
+    for use in (lambda: module.allocator(MIB), module.set_allocator):
+        with pytest.raises(spill.InvalidArgumentError, match="per-thread default stream") as e:
+            use()
+        assert "CUPY_CUDA_PER_THREAD_DEFAULT_STREAM" in str(e.value)
+    assert fake.cuda.allocator is None and spill.stats()["num_allocs"] == 0
 
 
 def test_a_free_that_fails_is_logged_not_raised(spill_cupy, monkeypatch, caplog):
@@ -186,6 +232,45 @@ def test_blocks_outliving_a_shutdown_are_quiet(spill_cupy, caplog):
     gc.collect()
     assert "could not free" not in caplog.text
     spill.configure("device:sim,budget:16MiB")
+
+
+def test_an_array_outliving_a_shutdown_leaves_the_next_sessions_blocks_alone(spill_cupy,
+                                                                             caplog):
+    """A CuPy array can die long after spill.shutdown() (a test's traceback, a cached plan);
+    by then a block of the next session may sit at its address. Before, its late free freed
+    that block under its live array (the stats fell to 0) and the real owner's free was then
+    a double free."""
+    module, fake = spill_cupy
+    old = module.allocator(4 * MIB)
+    spill.shutdown()
+    spill.configure(SIM_CONF)
+    new = module.allocator(4 * MIB)
+    assert new.ptr == old.ptr  # the case that matters (the simulated device reuses it)
+    del old
+    gc.collect()
+    assert spill.stats()["requested_bytes.current"] == 4 * MIB
+    del new
+    gc.collect()
+    assert spill.stats()["requested_bytes.current"] == 0
+    assert "could not free" not in caplog.text
+
+
+def test_frees_in_a_forked_child_are_quiet(spill_cupy, monkeypatch, caplog):
+    """A forked child's inherited arrays free nothing (the memory is the parent's): no warning
+    for each (before, one per array)."""
+    module, fake = spill_cupy
+    pointer = module.allocator(MIB)
+    ptr = pointer.ptr
+
+    def forked_free(*args):
+        raise spill.Error("spill_free: forked child", spill.Status.FORKED_CHILD)
+
+    real_free = spill.free
+    monkeypatch.setattr(spill, "free", forked_free)
+    del pointer
+    gc.collect()
+    assert "could not free" not in caplog.text
+    real_free(ptr)
 
 
 def test_streams_stay_alive_until_spill_has_forgotten_them(spill_cupy, monkeypatch):
@@ -219,3 +304,35 @@ def test_streams_stay_alive_until_spill_has_forgotten_them(spill_cupy, monkeypat
     gc.collect()
     for h in handles:
         spill.stream_destroy(h)
+
+
+def test_wrappers_of_one_stream_share_one_kept_object(spill_cupy, monkeypatch):
+    """Several CuPy objects may wrap one handle (Stream.from_external, ExternalStream: often a
+    new one each step). Blocks hold the one kept for the handle, so spill forgets the handle
+    only once no block uses it. Before, the first wrapper alone was kept: dropping it made
+    spill forget the handle under a live block allocated through the second, and once that
+    block was freed nothing would ever tell spill again."""
+    module, fake = spill_cupy
+    forgotten = []
+    real_destroyed = spill.stream_destroyed
+    monkeypatch.setattr(spill, "stream_destroyed",
+                        lambda s, d=0: (forgotten.append(s), real_destroyed(s, d)))
+    handle = spill.stream_create()
+    first, second = fake.cuda.Stream(handle), fake.cuda.Stream(handle)
+    fake.cuda.current_stream = first
+    a = module.allocator(MIB)
+    fake.cuda.current_stream = second
+    b = module.allocator(MIB)
+    assert a.mem._owner.stream is b.mem._owner.stream is first
+    fake.cuda.current_stream = fake.cuda.Stream(0)
+    del a, first, second
+    gc.collect()
+    c = module.allocator(MIB)
+    assert forgotten == []  # b still uses the handle
+    del b
+    gc.collect()
+    d = module.allocator(MIB)
+    assert forgotten == [handle] and len(module._streams) == 0
+    del c, d
+    gc.collect()
+    spill.stream_destroy(handle)
