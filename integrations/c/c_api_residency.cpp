@@ -115,12 +115,22 @@ spill_status spill_evict(void* ptr) {
   });
 }
 
-spill_status spill_discard(void* ptr) {
+spill_status spill_discard(void* ptr, size_t bytes) {
   return on_block(ptr, "spill_discard", [&](Lease& lease) {
-    // Only the block's own start: a pointer inside it is a part of it, whose overwrite leaves
-    // the rest live (a tensor over part of a block: discarding the whole lost the rest).
-    expect_block_start(lease, ptr);
-    if (Swapper* sw = lease.rt().swapper()) sw->discard(ptr);
+    const std::optional<BlockInfo> b = lease.rt().allocator().block_info(ptr);
+    SPILL_EXPECTS(b, format_address(ptr) + " is not in a block allocated by spill (never "
+                                           "allocated, or freed)");
+    SPILL_EXPECTS(bytes > 0, "bytes is 0: name the bytes about to be overwritten");
+    const auto offset = static_cast<std::size_t>(static_cast<const char*>(ptr) -
+                                                 static_cast<const char*>(b->base));
+    SPILL_EXPECTS(offset < b->requested && bytes <= b->requested - offset,
+                  format_bytes(bytes) + " at " + format_address(ptr) +
+                      " run past the end of the block at " + format_address(b->base) + " (" +
+                      format_bytes(b->requested) + " allocated)");
+    // Only the whole allocation's bytes are dead: over a part of it (a tensor made over its
+    // first bytes, or inside it) the rest is live, and discarding the whole lost the rest.
+    if (offset == 0 && bytes == b->requested)
+      if (Swapper* sw = lease.rt().swapper()) sw->discard(ptr);
     return SPILL_OK;
   });
 }

@@ -60,7 +60,7 @@ _PROTOTYPES = {
     "spill_unpin": (_status, [ctypes.POINTER(PinToken), _c_void_p, _c_int]),
     "spill_prefetch": (_status, [_c_void_p]),
     "spill_evict": (_status, [_c_void_p]),
-    "spill_discard": (_status, [_c_void_p]),
+    "spill_discard": (_status, [_c_void_p, _c_size_t]),
     "spill_get_residence": (_status, [_c_void_p, ctypes.POINTER(_c_int)]),
     "spill_get_generation": (_status, [_c_void_p, ctypes.POINTER(_c_uint64)]),
     "spill_begin_step": (_status, [_c_int, _c_uint64]),

@@ -121,6 +121,25 @@ def evict(ptr: int) -> None:
     call("spill_evict", _args.pointer(ptr))
 
 
+def discard(ptr: int, nbytes: int) -> None:
+    """The ``nbytes`` bytes at ``ptr`` are about to be overwritten whole. When they are all of
+    a block's allocation (``ptr`` the address :func:`malloc` returned, ``nbytes`` its size) and
+    the block is on the host, its next pin maps it back without copying them (its bytes are
+    undefined until written). Over a part of a block the rest is live: nothing is discarded.
+    Raises :class:`spill.InvalidArgumentError` for an unknown pointer, ``nbytes`` 0, or a range
+    past the end of the block's allocation (nothing changes)."""
+    call("spill_discard", _args.pointer(ptr), _args.size(nbytes, "nbytes"))
+
+
+def generation(ptr: int) -> int:
+    """Which life of its address the block containing ``ptr`` is in (a :class:`PinToken`'s
+    ``generation``), read without pinning it; 0 for a block that never moves. A caller that
+    keeps an address across frees tells a new block there from the one it knew."""
+    value = ctypes.c_uint64(0)
+    call("spill_get_generation", _args.pointer(ptr), ctypes.byref(value))
+    return value.value
+
+
 def residence(ptr: int) -> str:
     """Where the bytes of the block containing ``ptr`` are: ``"resident"``,
     ``"swapping_out"``, ``"on_host"`` or ``"swapping_in"``."""

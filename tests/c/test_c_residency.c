@@ -312,38 +312,66 @@ TEST(an_eviction_past_the_host_cap_is_refused_and_the_block_stays) {
   CHECK_OK(spill_free(b[1], 0, NULL));
 }
 
+/* Evicts `a` and waits until its bytes are only on the host. */
+static void evict_whole(void* a) {
+  CHECK_OK(spill_evict(a));
+  while (residence(a) != SPILL_ON_HOST) {
+  }
+}
+
 /* spill_discard: a block on the host whose bytes are dead comes back with no copy, then
  * holds what is written; a resident block is left alone (its bytes stay). */
 TEST(a_discarded_block_comes_back_without_a_copy) {
   void* s = NULL;
   void* a = swappable_block_on_a_new_stream(&s);
   write_pinned(a, BLOCK, 3);
-  CHECK_OK(spill_discard(a)); /* resident: nothing changes */
+  CHECK_OK(spill_discard(a, BLOCK)); /* resident: nothing changes */
   CHECK(check_pinned(a, BLOCK, 3));
-  CHECK_OK(spill_evict(a));
-  while (residence(a) != SPILL_ON_HOST) {
-  }
+  evict_whole(a);
   const uint64_t in_before = stats().swap_in_bytes_total;
-  CHECK_OK(spill_discard(a));
+  CHECK_OK(spill_discard(a, BLOCK));
   write_pinned(a, BLOCK, 4); /* maps it back and overwrites it whole */
   CHECK(stats().swap_in_bytes_total == in_before);
   CHECK(check_pinned(a, BLOCK, 4));
-  CHECK_OK(spill_evict(a)); /* its new bytes go out and come back */
-  while (residence(a) != SPILL_ON_HOST) {
-  }
+  evict_whole(a); /* its new bytes go out and come back */
   CHECK(check_pinned(a, BLOCK, 4));
   CHECK(stats().swap_in_bytes_total == in_before + BLOCK);
-  int local = 0;
-  CHECK_STATUS(spill_discard(&local), SPILL_ERROR_INVALID_ARGUMENT);
-  /* A part of a block is no block: refused, and the block's bytes come back by a copy. */
-  CHECK_OK(spill_evict(a));
-  while (residence(a) != SPILL_ON_HOST) {
-  }
-  CHECK_STATUS(spill_discard((char*)a + BLOCK / 2), SPILL_ERROR_INVALID_ARGUMENT);
-  CHECK_ERROR_HAS("spill_discard");
-  CHECK_ERROR_HAS("points inside the block at");
-  CHECK(check_pinned(a, BLOCK, 4));
   CHECK_OK(spill_free(a, 0, s));
+  CHECK_OK(spill_stream_destroy(0, s));
+}
+
+/* A range over a part of a block (its first half, its second half: a tensor made over some
+ * of its bytes) leaves the rest live: nothing is discarded, the block comes back by a copy
+ * with all its bytes. Nonsense ranges are refused naming the block; nothing changes. */
+TEST(discarding_part_of_a_block_keeps_all_its_bytes) {
+  void* s = NULL;
+  void* a = swappable_block_on_a_new_stream(&s);
+  write_pinned(a, BLOCK, 5);
+  char* half = (char*)a + BLOCK / 2;
+  const void* parts[2] = {a, half};
+  for (int i = 0; i < 2; ++i) {
+    evict_whole(a);
+    const uint64_t in_before = stats().swap_in_bytes_total;
+    CHECK_OK(spill_discard((void*)parts[i], BLOCK / 2));
+    CHECK(check_pinned(a, BLOCK, 5));
+    CHECK(stats().swap_in_bytes_total == in_before + BLOCK);
+  }
+  evict_whole(a);
+  const uint64_t in_before = stats().swap_in_bytes_total;
+  int local = 0;
+  CHECK_STATUS(spill_discard(&local, 4), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_discard(a, 0), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_discard");
+  CHECK_ERROR_HAS("bytes is 0");
+  CHECK_STATUS(spill_discard(a, BLOCK + 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("run past the end of the block at");
+  CHECK_STATUS(spill_discard(half, BLOCK / 2 + 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("(8.00 MiB allocated)");
+  CHECK(residence(a) == SPILL_ON_HOST);
+  CHECK(check_pinned(a, BLOCK, 5));
+  CHECK(stats().swap_in_bytes_total == in_before + BLOCK);
+  CHECK_OK(spill_free(a, 0, s));
+  CHECK_STATUS(spill_discard(a, BLOCK), SPILL_ERROR_INVALID_ARGUMENT); /* freed */
   CHECK_OK(spill_stream_destroy(0, s));
 }
 
@@ -1013,6 +1041,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(a_token_with_a_pin_that_never_existed_is_named_so) \
   X(an_eviction_past_the_host_cap_is_refused_and_the_block_stays) \
   X(a_discarded_block_comes_back_without_a_copy) \
+  X(discarding_part_of_a_block_keeps_all_its_bytes) \
   X(step_scopes_on_two_threads)        \
   X(a_step_that_skips_an_op_resynchronises) \
   X(end_scope_drops_its_recording)     \

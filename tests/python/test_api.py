@@ -432,6 +432,48 @@ def test_an_eviction_past_the_host_cap_raises_and_the_block_stays():
         spill.shutdown()
 
 
+def test_discard_skips_the_copy_back_only_for_a_whole_block(sim):
+    """spill.discard over a whole block on the host: it comes back with no copy; over a part
+    of it (the first half, the second): nothing is discarded, every byte comes back; nonsense
+    ranges are refused naming the call, and the block keeps its bytes."""
+    ptr = spill.malloc(BLOCK)
+    write_pattern(ptr, BLOCK, seed=3)
+    spill.set_swappable(ptr)
+
+    def on_host() -> int:
+        spill.evict(ptr)
+        while spill.residence(ptr) != "on_host":
+            pass
+        return spill.stats()["swap.bytes_in"]
+
+    for part in (ptr, ptr + BLOCK // 2):
+        before = on_host()
+        spill.discard(part, BLOCK // 2)
+        assert holds_pattern(ptr, BLOCK, seed=3)
+        assert spill.stats()["swap.bytes_in"] == before + BLOCK
+    before = on_host()
+    for bad, nbytes, says in ((ptr, 0, "bytes is 0"), (ptr, BLOCK + 1, "run past the end"),
+                              (ptr + BLOCK // 2, BLOCK, "run past the end")):
+        with pytest.raises(spill.InvalidArgumentError, match=says) as e:
+            spill.discard(bad, nbytes)
+        assert "spill_discard" in str(e.value)
+    with pytest.raises(spill.InvalidArgumentError, match="nbytes"):
+        spill.discard(ptr, -1)
+    assert spill.residence(ptr) == "on_host" and holds_pattern(ptr, BLOCK, seed=3)
+    token = spill.pin_for_host(ptr)
+    assert spill.generation(ptr) == token.generation != 0
+    spill.unpin(token, wrote=False)
+    before = on_host()
+    spill.discard(ptr, BLOCK)
+    write_pattern(ptr, BLOCK, seed=4)
+    assert spill.stats()["swap.bytes_in"] == before and holds_pattern(ptr, BLOCK, seed=4)
+    spill.free(ptr)
+    with pytest.raises(spill.InvalidArgumentError):
+        spill.discard(ptr, BLOCK)
+    with pytest.raises(spill.InvalidArgumentError):
+        spill.generation(ptr)
+
+
 def test_a_token_unpinned_twice_is_refused_while_another_pin_holds_the_block(sim):
     # Before tokens told a block's pins apart, the second unpin ended the other pin's hold and
     # the block could be evicted while that pin's user read it (the error came later, on the

@@ -1589,40 +1589,48 @@ def test_zero_grad_keeps_the_rest_of_a_buffer_a_gradient_is_a_view_of() -> None:
 
 
 def test_zero_grad_of_a_gradient_over_part_of_a_block_or_not_spills_keeps_the_rest() -> None:
-    """A gradient whose own storage lies inside a larger block (made over the block's memory by
-    from_blob or numpy; on CUDA, DLPack or __cuda_array_interface__) covers its storage but not
-    the block: zero_grad(set_to_none=False) must not discard the block (spill_discard refuses a
-    pointer inside one). And a gradient on memory not spill's (numpy's) is zeroed as plain torch
-    does: before (audit 34d), the block's other half read 0.0, and the numpy gradient raised
-    InvalidArgumentError from spill_discard."""
+    """A gradient whose own storage lies inside a larger block, or over its first half (made
+    over the block's memory by from_blob or numpy; on CUDA, DLPack or __cuda_array_interface__)
+    covers its storage but not the block: zero_grad(set_to_none=False) must not discard the
+    block (spill_discard, told the storage's bytes, discards only a block they cover). And a
+    gradient on memory not spill's (numpy's) is zeroed as plain torch does: before (audit 34d),
+    the block's other half read 0.0, and the numpy gradient raised InvalidArgumentError from
+    spill_discard; a gradient over the block's first half lost the second until session 35."""
     out = run_ok(quiet_preamble("1GiB") + """
         import ctypes, time
         import numpy as np
         enable()
         m = torch.nn.Linear(512, 512, bias=False).to(dev)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        if dev == "cpu":
-            n = 512 * 512
-            flat = torch.zeros(2 * n)  # one block of spill's: a neighbour, then the gradient
-            at = flat.data_ptr() + n * 4
+        n = 512 * 512
+        for second in ([True, False] if dev == "cpu" else []):
+            # one block of spill's: the gradient over one half, a neighbour over the other
+            flat = torch.zeros(2 * n)
+            at = flat.data_ptr() + (n * 4 if second else 0)
             g = torch.from_numpy(np.ctypeslib.as_array((ctypes.c_float * n).from_address(at)))
             m.weight.grad = g.view(512, 512)
             m.weight.grad.fill_(1.0)
-            flat[:n].fill_(7.0)
+            neighbour = flat[:n] if second else flat[n:]
+            neighbour.fill_(7.0)
             h = st.offload(m, opt)
             spill.set_swappable(flat.data_ptr(), True)
             spill.evict(flat.data_ptr())
             while spill.residence(flat.data_ptr()) == "swapping_out":
                 time.sleep(0.001)
             assert spill.residence(flat.data_ptr()) == "on_host"
+            copied_in = spill.stats()["swap.bytes_in"]
             opt.zero_grad(set_to_none=False)
             with st.guard(release_on_exit=False):  # (reads pinned)
-                kept = flat[:n].sum().item()
+                kept = neighbour.sum().item()
                 left = m.weight.grad.count_nonzero().item()
-            assert kept == 7.0 * n and left == 0, (kept, left)
+            assert kept == 7.0 * n and left == 0, (second, kept, left)
+            # came back by a copy (a discarded block's fresh memory may still hold its old
+            # bytes, which the values alone could not tell)
+            copied_in = spill.stats()["swap.bytes_in"] - copied_in
+            assert copied_in >= 2 * n * 4, (second, copied_in)
             spill.set_budget(1 << 30)
             h.remove()
-            del m.weight.grad
+            del m.weight.grad, g, neighbour, flat
         # numpy's memory, not spill's (on CUDA .to() copies it into spill's: a plain case)
         m.weight.grad = torch.from_numpy(np.ones((512, 512), dtype=np.float32)).to(dev)
         h = st.offload(m, opt)

@@ -250,13 +250,15 @@ SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, i
  * step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
-/* The bytes of the block that starts at `ptr` (the address its allocation returned) are dead:
- * the caller is about to overwrite all of them (a framework zeroing a gradient in place that
- * is the whole allocation). If it is on the host, the next pin maps it back without copying
- * them (its bytes are undefined until written); otherwise nothing changes. Errors:
- * INVALID_ARGUMENT for an unknown pointer, and for a pointer inside a block (a part of it,
- * whose overwrite leaves the rest live); nothing changes then. (Since 0.2.0.) */
-SPILL_API spill_status spill_discard(void* ptr);
+/* The caller is about to overwrite the `bytes` bytes at `ptr` whole (a framework zeroing a
+ * gradient in place). When they cover all of a block's allocation (`ptr` is the address the
+ * allocation returned, `bytes` the size it asked for), the block's bytes are dead: if it is on
+ * the host, the next pin maps it back without copying them (undefined until written). A range
+ * covering less (a part of a block: a tensor made over its first bytes or inside it) leaves
+ * the rest live, so nothing is discarded; on the device nothing changes either. Errors:
+ * INVALID_ARGUMENT for an unknown pointer, `bytes` 0, or a range that runs past the end of
+ * the block's allocation; nothing changes then. (Since 0.2.0.) */
+SPILL_API spill_status spill_discard(void* ptr, size_t bytes);
 /* Where the bytes of the block containing `ptr` are now (blocks that never move: resident).
  * A swap-out whose copy has finished is completed here (ON_HOST, its device memory given
  * back). */

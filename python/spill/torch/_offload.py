@@ -1949,16 +1949,16 @@ class OffloadHandle:
         gradient that is its whole storage is discarded: one that is a view into a larger
         buffer (DDP's ``gradient_as_bucket_view``, a flat gradient buffer, another optimizer's
         gradients beside it) leaves the rest of that buffer live, which a discard lost (on a
-        GPU, stale bytes; audit 34a)."""
+        GPU, stale bytes; audit 34a). Nor is a storage over a part of a block (made over its
+        memory by from_blob or DLPack): spill_discard, told the storage's bytes, discards
+        only a block they cover whole."""
         for p in params:
             ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
             if ptr and whole_storage(p.grad):
-                try:
-                    self.pinner.discard(ptr)  # (nothing for one not on the host)
+                try:  # (nothing for one not on the host)
+                    self.pinner.discard(ptr, storage(p.grad).nbytes())
                 except InvalidArgumentError:
-                    # Not a whole block of spill's (a storage inside one, made over its memory
-                    # by from_blob or DLPack, or another allocator's): zeroed as it is.
-                    pass
+                    pass  # memory not spill's (numpy's): zeroed as it is
         if self._quiet:  # the gradients (all of them fit), pinned around it
             stream = self.pinner.stream()
             tokens: List[Tuple[Token, bool]] = []

@@ -230,10 +230,11 @@ class Pinner:
         status = self._lib.spill_get_residence(ctypes.c_void_p(ptr), ctypes.byref(residence))
         return status == 0 and residence.value == _ON_HOST
 
-    def discard(self, ptr: int) -> None:
-        """The bytes of the block at ``ptr`` are dead (about to be overwritten whole): if it is
-        on the host, its next pin maps it back without copying them."""
-        status = self._lib.spill_discard(ctypes.c_void_p(ptr))
+    def discard(self, ptr: int, nbytes: int) -> None:
+        """The ``nbytes`` bytes at ``ptr`` are about to be overwritten whole: when they are all
+        of a block's allocation and it is on the host, its next pin maps it back without
+        copying them (over a part of a block, nothing is discarded)."""
+        status = self._lib.spill_discard(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes))
         if status != 0:
             _raise(self._lib, status)
 
