@@ -3959,12 +3959,12 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
     """Resuming into a fresh optimizer that was not given to offload() (``opt2 =
     Adam(...); opt2.load_state_dict(opt.state_dict())``) at a third of the footprint: its
     deep copies of the state are the loop's own tensors, resident, and loading runs out of
-    memory; the message now names the optimizer and says to give offload() every optimizer
-    (before, it only said "never declared swappable"). The recipe it gives works: remove(),
-    offload(model, opt2), then load. A replacement optimizer made in the loop without telling
-    offload (its state resident, the old one kept by the handle) runs out of memory where a
-    region begins; the message names it and says to remove() and offload() again, which
-    works (before: the generic "never declared swappable" hint)."""
+    memory; the message names the optimizer and says to give it to the handle
+    (handle.add_optimizer), which works at the same budget. A replacement optimizer made in
+    the loop without telling offload (its state resident, the old one kept by the handle) runs
+    out of memory where a region begins or a module pins its weights; the message names it and
+    says to add it, which works (before session 35 the recipe was remove() and offload()
+    again, which must first bring every tensor back: at a third, out of memory)."""
     out = run_ok(INTERRUPTED_MLP + """
         m, o = make()
         h = st.offload(m, o)
@@ -3980,17 +3980,15 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
             raise AssertionError("no out-of-memory error")
         except torch.cuda.OutOfMemoryError as e:
             assert "optimizer (Adam) that no offload() handle knows" in str(e), str(e)[-600:]
-        spill.set_budget(1 << 30)
-        h.remove()
-        h = st.offload(m, o2)
-        o2.load_state_dict(o.state_dict())
-        del o
+            assert "handle.add_optimizer(new_optimizer)" in str(e), str(e)[-600:]
+        o2.state.clear()
         gc.collect()
-        spill.set_budget(third)
+        h.add_optimizer(o2)
+        o2.load_state_dict(o.state_dict())
+        o.state.clear()
         step(m, o2, *batches[3])
-        # A new optimizer made in the loop to replace o2, not given to offload(): its state
-        # stays resident and the handle keeps o2's; the message names it when a region
-        # cannot begin, and says what to do, which works.
+        # A new optimizer made in the loop to replace o2, not given to the handle: its state
+        # stays resident; the message names it and says what to do, which works.
         o3 = torch.optim.Adam(m.parameters(), lr=1e-3)
         try:
             for i in range(8):
@@ -3998,15 +3996,69 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
             raise AssertionError("no out-of-memory error")
         except torch.cuda.OutOfMemoryError as e:
             assert "(Adam) is one no offload() handle knows" in str(e), str(e)[-600:]
-            assert "handle.remove(), then spill.torch.offload(model, new_optimizer)" in str(e)
-        spill.set_budget(1 << 30)
-        h.remove()
-        h = st.offload(m, o3)
-        del o2
+            assert "handle.add_optimizer(new_optimizer)" in str(e), str(e)[-600:]
+        h.add_optimizer(o3)
+        o2.state.clear()
         gc.collect()
-        spill.set_budget(third)
         for i in range(3):
             step(m, o3, *batches[i])
+        assert spill.budget() == third
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does() -> None:
+    """Adam for three steps, then AdamW (a new optimizer: its state twice the parameters) for
+    three, at a third of the footprint: handle.add_optimizer(new) and old.state.clear() give
+    plain torch's losses and parameters bit for bit, with bytes swapped; the rules: a removed
+    handle, a handle without optimizers, and an optimizer it knows are refused, naming the
+    call."""
+    out = run_ok(INTERRUPTED_MLP + """
+        def run(spilled):
+            m, o = make()
+            h = st.offload(m, o) if spilled else None
+            losses = [step(m, o, *b) for b in batches[:3]]
+            if spilled:
+                third = st.max_memory_allocated() // 3
+                spill.set_budget(third)
+            o2 = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            if spilled:
+                try:
+                    h.add_optimizer(o)
+                    raise AssertionError("an optimizer added twice")
+                except spill.InvalidArgumentError as e:
+                    assert "add_optimizer: the Adam is one the handle knows" in str(e), e
+                h.add_optimizer(o2)
+            o.state.clear()
+            losses += [step(m, o2, *batches[i % 4]) for i in range(3, 9)]
+            with (st.guard(release_on_exit=False) if spilled else contextlib.nullcontext()):
+                # (numpy's memory: the baseline's copies take none of the budget)
+                params = [torch.from_numpy(p.detach().cpu().numpy().copy())
+                          for p in m.parameters()]
+            return m, h, losses, params
+        import contextlib
+        _, _, base, base_params = run(False)
+        st.reset_peak_memory_stats()
+        out_before = spill.stats()["swap.bytes_out"]
+        m, h, losses, params = run(True)
+        assert losses == base, (losses, base)
+        assert all(torch.equal(p, q) for p, q in zip(params, base_params))
+        assert spill.stats()["swap.bytes_out"] > out_before
+        spill.set_budget(1 << 30)
+        h.remove()
+        try:
+            h.add_optimizer(torch.optim.SGD(m.parameters(), lr=0.1))
+            raise AssertionError("add_optimizer on a removed handle")
+        except spill.Error as e:
+            assert "add_optimizer: the handle was removed" in str(e), e
+        h2 = st.offload(m)
+        try:
+            h2.add_optimizer(torch.optim.SGD(m.parameters(), lr=0.1))
+            raise AssertionError("add_optimizer on a handle without optimizers")
+        except spill.Error as e:
+            assert "offload() was given no optimizer" in str(e), e
+        h2.remove()
         print("ok")
     """)
     assert "ok" in out

@@ -153,7 +153,7 @@ from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
 from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _remove, all_handles,
-                      window)
+                      stray_optimizer_error, window)
 
 Token = Any  # spill._capi.PinToken
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
@@ -554,36 +554,8 @@ class OffloadHandle:
         for m in self._computed:  # (weight_norm() computed one when it was applied)
             self._declare_computed(m)
         for index, opt in enumerate(self.optimizers):
-            wrap_method(opt, "step", self._step_wrapper(opt, index), self._saved_methods)
-            # (an optimizer-like wrapper may lack these: what it lacks cannot be called)
-            if callable(getattr(opt, "zero_grad", None)):
-                wrap_method(opt, "zero_grad",
-                            self._zero_grad_wrapper(lambda o=opt: _parameters(o)),
-                            self._saved_methods)
-            if callable(getattr(opt, "load_state_dict", None)):
-                wrap_method(opt, "load_state_dict", self._wrap_load, self._saved_methods)
-            if _zero_redundancy(opt):
-                # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
-                # parameters it owns into the others' (c10d, no aten op: no mode sees it).
-                wrap_method(opt, "_sync_params", self._wrap_sync_params, self._saved_methods)
-                continue  # (its local optimizer's step runs inside its own)
-            inner = _inner_optimizers(opt, self.optimizers + tuple(self._inner))
-            for other in inner:
-                self._inner.append(other)
-                wrap_method(other, "step", self._step_wrapper(other, index),
-                            self._saved_methods)
-            if inner:
-                for name in _own_methods(opt):
-                    wrap_method(opt, name, self._owner_method_wrapper(), self._saved_methods)
-        # State the optimizers have already (Adagrad's sums, which its constructor makes;
-        # state of steps taken before offload()) can move from now on, as after a step.
-        self._declare_state()
-        # So can the gradients of steps taken before offload(): every later use is pinned
-        # (the first step's mode, the window, zero_grad's pins). Before, they stayed resident,
-        # and a budget lowered after offload() ran out of memory in the first zero_grad.
-        for p in self.model.parameters():
-            for ptr in self.pinner.movables(p.grad):
-                self.pinner.declare(ptr)
+            self._wrap_optimizer(opt, index)
+        self._declare_optimizers_memory()
         self._wrap_forward(self.model)
         # model.zero_grad() (set_to_none=False by default in torch 1.13) as an optimizer's:
         # in the window, it would bring every gradient on the host back only to zero it.
@@ -591,6 +563,79 @@ class OffloadHandle:
                     self._zero_grad_wrapper(lambda: list(self.model.parameters())),
                     self._saved_methods)
         wrap_method(self.model, "_apply", self._wrap_apply, self._saved_methods)
+
+    def _wrap_optimizer(self, opt: Any, index: int) -> None:
+        """Wraps the methods of ``opt``, the handle's optimizer ``index``, and of the
+        optimizers it steps itself (SAM's base optimizer, Lookahead's inner one)."""
+        wrap_method(opt, "step", self._step_wrapper(opt, index), self._saved_methods)
+        # (an optimizer-like wrapper may lack these: what it lacks cannot be called)
+        if callable(getattr(opt, "zero_grad", None)):
+            wrap_method(opt, "zero_grad",
+                        self._zero_grad_wrapper(lambda o=opt: _parameters(o)),
+                        self._saved_methods)
+        if callable(getattr(opt, "load_state_dict", None)):
+            wrap_method(opt, "load_state_dict", self._wrap_load, self._saved_methods)
+        if _zero_redundancy(opt):
+            # ZeroRedundancyOptimizer: after its shard's step, every rank broadcasts the
+            # parameters it owns into the others' (c10d, no aten op: no mode sees it).
+            wrap_method(opt, "_sync_params", self._wrap_sync_params, self._saved_methods)
+            return  # (its local optimizer's step runs inside its own)
+        inner = _inner_optimizers(opt, self.optimizers + tuple(self._inner))
+        for other in inner:
+            self._inner.append(other)
+            wrap_method(other, "step", self._step_wrapper(other, index), self._saved_methods)
+        if inner:
+            for name in _own_methods(opt):
+                wrap_method(opt, name, self._owner_method_wrapper(), self._saved_methods)
+
+    def _declare_optimizers_memory(self) -> None:
+        """State the optimizers have already (Adagrad's sums, which its constructor makes;
+        state of steps taken before offload()) can move from now on, as after a step. So can
+        the gradients of steps taken before: every later use is pinned (the first step's
+        mode, the window, zero_grad's pins). Before, they stayed resident, and a budget
+        lowered after offload() ran out of memory in the first zero_grad."""
+        self._declare_state()
+        for p in self.model.parameters():
+            for ptr in self.pinner.movables(p.grad):
+                self.pinner.declare(ptr)
+
+    def add_optimizer(self, optimizer: Any) -> None:
+        """Another optimizer (or a list of them) over the model, known from now on as one
+        given to offload() is: its methods wrapped, its state declared swappable. This is the
+        way to change optimizers mid-training at any budget (``remove()`` then ``offload()``
+        must first bring every tensor back, which at a third of the footprint does not fit):
+        the old one, no longer stepped, stays known (the handle keeps it alive; a step ends
+        once each optimizer has stepped, or before one steps a second time, so one that no
+        longer steps changes nothing); ``old.state.clear()`` lets its state go."""
+        caller = "spill.torch.OffloadHandle.add_optimizer"
+        if self._removed:
+            raise Error(f"{caller}: the handle was removed; call spill.torch.offload(model, "
+                        "[optimizers...]) again")
+        if not self.optimizers:
+            raise Error(f"{caller}: offload() was given no optimizer, so its steps are "
+                        "bracketed by spill.torch.step(), not by an optimizer's step; give "
+                        "offload() the optimizers from the start")
+        added = optimizers_of(optimizer, caller)
+        known = self.optimizers + tuple(self._inner)
+        for opt in added:
+            if any(o is opt for o in known):
+                raise InvalidArgumentError(
+                    f"{caller}: the {type(opt).__name__} is one the handle knows already")
+        for opt in added:
+            for p in _parameters(opt):
+                self._hook_parameter(p)
+            index = len(self.optimizers)
+            self.optimizers += (opt,)
+            self._round.count += 1
+            self._wrap_optimizer(opt, index)
+        self._declare_optimizers_memory()
+        # State it made while no handle knew it (its steps ran in the window, which declared
+        # it on running out of memory, for a while): the handle's now, not to be made
+        # unswappable again when the next region begins (release_made).
+        made = self._window.declared_made
+        for t in self._state_tensors():
+            for ptr in self.pinner.movables(t):
+                made.pop(ptr, None)
 
     def _hook_module(self, m: torch.nn.Module) -> None:
         copies.register_module(m)  # a copy of the model leaves the hooks out
@@ -2107,11 +2152,14 @@ class OffloadHandle:
             return None
         try:
             return self._pin_block(ptr, stream)
-        except (torch.cuda.OutOfMemoryError, OutOfMemoryError):
+        except (torch.cuda.OutOfMemoryError, OutOfMemoryError) as e:
             # A module's weights in an evaluation forward: as its ops do (_EvalOps), it tries
             # again once what the window and such forwards made is declared. (The error is
             # not kept: its traceback's frames would hold the forward's tensors.)
             if self._eval_ops is None:
+                named = stray_optimizer_error(self._window, e)
+                if named is not None:  # (a replacement optimizer's state fills the budget)
+                    raise named from e
                 raise
         self._window.declare_made()
         try:

@@ -144,9 +144,9 @@ class _PinReads(PinEveryOp):
                         f"{e}\nspill.torch: this happened in a method of an optimizer "
                         f"({type(unknown).__name__}) that no offload() handle knows: the "
                         "state it makes and loads stays resident, never declared "
-                        "swappable. Give offload() every optimizer of the model (call "
-                        "handle.remove(), then spill.torch.offload(model, [optimizers...]), "
-                        "before loading a state into a new one).", Status.OUT_OF_MEMORY) from e
+                        "swappable. Give offload() every optimizer of the model "
+                        "(handle.add_optimizer(new_optimizer) before loading a state into "
+                        "it).", Status.OUT_OF_MEMORY) from e
                 raise
             out = super().__torch_dispatch__(func, types, args, kwargs)
         self.window.note_made(args, kwargs, out)
@@ -169,6 +169,24 @@ def _stray_optimizer(window: "Window") -> Any:
                 and any(id(p) in params for g in obj.param_groups for p in g["params"])):
             return obj
     return None
+
+
+def stray_optimizer_error(window: "Window", error: BaseException) -> Optional[BaseException]:
+    """For an out-of-memory ``error`` while a live optimizer over the model no handle knows
+    holds resident state (see _stray_optimizer): the error, saying so and what to do; else
+    None."""
+    if not isinstance(error, (torch.cuda.OutOfMemoryError, OutOfMemoryError)):
+        return None
+    stray = _stray_optimizer(window)
+    if stray is None:
+        return None
+    return TorchOutOfMemoryError(
+        f"{error}\nspill.torch: an optimizer over this model's parameters "
+        f"({type(stray).__name__}) is one no offload() handle knows (made after offload(), to "
+        "replace the one it was given?): the state it makes stays resident, never declared "
+        "swappable, and the handle keeps the optimizer it was given alive. To change "
+        "optimizers, call handle.add_optimizer(new_optimizer) (and old.state.clear() to let "
+        "the old one's state go).", Status.OUT_OF_MEMORY)
 
 
 def _unknown_optimizer(window: "Window") -> Any:
@@ -517,19 +535,9 @@ class Window:
                 except BaseException as e:
                     self.inside.discard(handle)
                     self._update()
-                    stray = (_stray_optimizer(self)
-                             if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfMemoryError))
-                             else None)
-                    if stray is not None:
-                        raise TorchOutOfMemoryError(
-                            f"{e}\nspill.torch: an optimizer over this model's parameters "
-                            f"({type(stray).__name__}) is one no offload() handle knows (made "
-                            "after offload(), to replace the one it was given?): the state "
-                            "it makes stays resident, never declared swappable, and the "
-                            "handle keeps the optimizer it was given alive. To change "
-                            "optimizers, call handle.remove(), then "
-                            "spill.torch.offload(model, new_optimizer).",
-                            Status.OUT_OF_MEMORY) from e
+                    named = stray_optimizer_error(self, e)
+                    if named is not None:
+                        raise named from e
                     raise
                 finally:
                     self._keep_made = False
