@@ -317,7 +317,9 @@ SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);
  * and just before each of the scope's step marks, and `spill report` shows the name beside the
  * scope's number; spill_write_step_graph's graph carries it. The name is copied; NULL or ""
  * clears it; naming again replaces it; it stays until spill_end_scope (a name per scope: a
- * caller naming ever new scopes ends them). Names past
+ * caller naming ever new scopes ends them). While tracing (trace:1, the default) each
+ * distinct name is also kept as a trace tag for the process's life, as block names are, so
+ * name scopes after what they are, not with ever new text. Names past
  * SPILL_MAX_BLOCK_NAME bytes are cut there (before a character that would be split). Touches
  * no step and not the calling thread's current scope; does nothing without a swapper
  * (policy:none). Errors as spill_set_scope's, naming spill_set_scope_name, and
@@ -325,8 +327,11 @@ SPILL_API spill_status spill_step_key(int device, uint64_t scope, uint64_t key);
  * (Since 0.2.0.) */
 SPILL_API spill_status spill_set_scope_name(int device, uint64_t scope, const char* name);
 /* Ends `scope` on `device` for good: spill drops its recorded step and plan (it keeps them
- * otherwise, for the process's life). Call it when the model or loop that used the scope is
- * done, e.g. after each run of a hyperparameter sweep. A step of the scope in progress is
+ * otherwise, for the process's life: some kilobytes a scope, and every free of a block and
+ * every choice of an eviction looks at each scope, so that with thousands of scopes never
+ * ended they slow down, measured 0.14 ms a step at 5,000 scopes and 1.1 ms at 20,000). Call
+ * it when the model or loop that used the scope is done, e.g. after each run of a
+ * hyperparameter sweep; do not take a new scope per step. A step of the scope in progress is
  * abandoned (not recorded, not counted; copies it started finish as usual). Pins made later
  * in the scope by a thread whose current scope it still is touch no step state; a later
  * spill_begin_step or spill_begin_op of the same number starts it afresh (recorded again).
