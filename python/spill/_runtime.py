@@ -26,6 +26,10 @@ def configure(conf: Optional[str] = None) -> None:
 # shutdown would free under them (this package never imports torch, so it cannot look).
 _shutdown_checks: List[Callable[[], None]] = []
 _after_shutdown: List[Callable[[], None]] = []
+# How many times shutdown() ran: memory from before one went with it, and its address may hold
+# a block of the next session (spill.cupy's late frees check it). Here, not in a module that
+# may be reloaded (a reload started its own count at 0 again).
+shutdowns = 0
 
 
 def shutdown() -> None:
@@ -34,9 +38,11 @@ def shutdown() -> None:
     invalid; later calls raise (code ``SHUT_DOWN``) until :func:`configure` starts again.
     Calling it twice is fine. Refused (nothing freed) while spill holds PyTorch's tensors:
     see ``spill.torch.disable``."""
+    global shutdowns
     for check in _shutdown_checks:
         check()
     call("spill_shutdown")
+    shutdowns += 1
     for done in _after_shutdown:
         done()
 

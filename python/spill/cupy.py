@@ -75,7 +75,8 @@ class _StreamKeeper:
 
     One object stands for a handle: several CuPy objects may wrap one stream
     (``Stream.from_external``, ``ExternalStream``: a new wrapper each step is common), so the
-    first one seen is kept and every block allocated on the handle holds that one; the handle
+    first one seen is kept and every block allocated on the handle holds that one (beside its
+    own, which keeps its stream alive: a handle reused by a new stream); the handle
     is forgotten once nothing but spill.cupy holds that object (another wrapper still in use
     makes spill learn the handle again at its next allocation). An ``ExternalStream``'s
     object does not own its stream: its owner must call ``spill.stream_destroyed(handle,
@@ -120,22 +121,6 @@ class _StreamKeeper:
 _streams = _StreamKeeper()
 
 
-class _Sessions:
-    """Counts spill.shutdown() calls: a block from before one was freed by it, and its address
-    may hold a block of the next session (configure again), which its late free must not
-    free (CuPy drops an array whenever its last view goes: a test's traceback, a cached FFT
-    plan's work area)."""
-
-    def __init__(self) -> None:
-        self.ended = 0
-
-    def end(self) -> None:
-        self.ended += 1
-
-
-_sessions = _Sessions()
-_runtime._after_shutdown.append(_sessions.end)
-
 #: Why a free finds nothing to free, and is no news (logged at debug level only).
 _QUIET_FREES = {_spill.Status.SHUT_DOWN: "was freed by spill.shutdown()",
                 _spill.Status.FORKED_CHILD: "belongs to the parent process (forked child)"}
@@ -144,16 +129,21 @@ _QUIET_FREES = {_spill.Status.SHUT_DOWN: "was freed by spill.shutdown()",
 class _Block:
     """The owner CuPy keeps alive with the memory; returns the block to spill, on the stream it
     was allocated on, when CuPy drops it. Holding the CuPy stream object keeps that stream alive
-    until then (RMM's buffers hold theirs the same way)."""
+    until then (RMM's buffers hold theirs the same way); it also holds the object that stands
+    for the stream's handle in _streams (the first one seen), which tells the keeper the
+    handle is still used. A block from before a spill.shutdown() went with it, and its address
+    may hold a block of the next session (configure again): its late free frees nothing (CuPy
+    drops an array whenever its last view goes: a test's traceback, a cached FFT plan's work
+    area)."""
 
-    __slots__ = ("ptr", "device", "stream", "session")
+    __slots__ = ("ptr", "device", "stream", "kept", "session")
 
-    def __init__(self, ptr: int, device: int, stream: Any) -> None:
-        self.ptr, self.device, self.stream = ptr, device, stream
-        self.session = _sessions.ended
+    def __init__(self, ptr: int, device: int, stream: Any, kept: Any) -> None:
+        self.ptr, self.device, self.stream, self.kept = ptr, device, stream, kept
+        self.session = _runtime.shutdowns
 
     def __del__(self) -> None:
-        if self.session != _sessions.ended:
+        if self.session != _runtime.shutdowns:
             _log.debug("spill.cupy: %#x was freed by spill.shutdown()", self.ptr)
             return
         try:
@@ -206,7 +196,7 @@ def allocator(nbytes: int) -> Any:
             ptr = _spill.malloc(nbytes, device, stream.ptr)
         except _spill.OutOfMemoryError as e:
             raise OutOfMemoryError(str(e), e.code, nbytes) from None
-    block = _Block(ptr, device, _streams.keep(device, stream))
+    block = _Block(ptr, device, stream, _streams.keep(device, stream))
     mem = cupy.cuda.UnownedMemory(ptr, nbytes, block, device_id=device)
     return cupy.cuda.MemoryPointer(mem, 0)
 

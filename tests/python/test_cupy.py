@@ -235,19 +235,26 @@ def test_blocks_outliving_a_shutdown_are_quiet(spill_cupy, caplog):
 
 
 def test_an_array_outliving_a_shutdown_leaves_the_next_sessions_blocks_alone(spill_cupy,
+                                                                             monkeypatch,
                                                                              caplog):
     """A CuPy array can die long after spill.shutdown() (a test's traceback, a cached plan);
     by then a block of the next session may sit at its address. Before, its late free freed
     that block under its live array (the stats fell to 0) and the real owner's free was then
-    a double free."""
+    a double free; and a reload of spill.cupy (as this file's fixture does) started its count
+    of sessions again (audit 35d)."""
     module, fake = spill_cupy
+    frees = []
+    real_free = spill.free
+    monkeypatch.setattr(spill, "free", lambda *a: (frees.append(a[0]), real_free(*a)))
     old = module.allocator(4 * MIB)
+    old_ptr = old.ptr
     spill.shutdown()
     spill.configure(SIM_CONF)
+    module = importlib.reload(module)  # (a reload started the module's own count again)
     new = module.allocator(4 * MIB)
-    assert new.ptr == old.ptr  # the case that matters (the simulated device reuses it)
     del old
     gc.collect()
+    assert old_ptr not in frees  # (whether or not the new block took its address)
     assert spill.stats()["requested_bytes.current"] == 4 * MIB
     del new
     gc.collect()
@@ -323,10 +330,13 @@ def test_wrappers_of_one_stream_share_one_kept_object(spill_cupy, monkeypatch):
     a = module.allocator(MIB)
     fake.cuda.current_stream = second
     b = module.allocator(MIB)
-    assert a.mem._owner.stream is b.mem._owner.stream is first
+    assert a.mem._owner.kept is b.mem._owner.kept is first
+    assert b.mem._owner.stream is second  # (its own keeps its stream alive: audit 35d)
     fake.cuda.current_stream = fake.cuda.Stream(0)
+    alive = weakref.ref(second)
     del a, first, second
     gc.collect()
+    assert alive() is not None
     c = module.allocator(MIB)
     assert forgotten == []  # b still uses the handle
     del b

@@ -109,13 +109,21 @@ def test_wrappers_of_one_stream_keep_it_known_while_a_block_uses_it(on_gpu):
 def test_an_array_outliving_a_shutdown_leaves_the_next_sessions_blocks_alone(on_gpu):
     import spill.cupy
     old = cupy.empty(4 * MIB, dtype=cupy.uint8)
+    old_ptr = old.data.ptr
     cupy.cuda.Device().synchronize()
     spill.shutdown()  # frees old's memory under it (it must not be used after this)
     spill.configure("device:cuda,budget:512MiB")
     new = cupy.full(4 * MIB, 7, dtype=cupy.uint8)
     in_use = spill.stats()["requested_bytes.current"]
-    del old
-    gc.collect()
+    frees = []
+    real_free = spill.free
+    spill.free = lambda *a: (frees.append(a[0]), real_free(*a))
+    try:
+        del old
+        gc.collect()
+    finally:
+        spill.free = real_free
+    assert old_ptr not in frees
     assert spill.stats()["requested_bytes.current"] == in_use
     assert int(new.sum()) == 7 * 4 * MIB
     del new
