@@ -1588,6 +1588,52 @@ def test_zero_grad_keeps_the_rest_of_a_buffer_a_gradient_is_a_view_of() -> None:
     assert "ok" in out
 
 
+def test_a_zero_grad_override_that_keeps_the_gradients_gets_them_back_whole() -> None:
+    """An optimizer whose zero_grad(set_to_none=False) zeroes only every second call (gradient
+    accumulation written into it): spill discards gradients before torch's own zero_grad
+    only, so on a skipped call the kept gradients come back by a copy, their values intact.
+    Before (audit 35d), every gradient on the host was discarded first and came back with no
+    copy: undefined bytes on a GPU (0 KiB copied in)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import time
+        enable()
+        class Accumulating(torch.optim.SGD):
+            calls = 0
+            def zero_grad(self, set_to_none=False):
+                Accumulating.calls += 1
+                if Accumulating.calls % 2 == 0:
+                    super().zero_grad(set_to_none=set_to_none)
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(*[torch.nn.Linear(512, 512, bias=False)
+                                  for _ in range(4)]).to(dev)
+        opt = Accumulating(m.parameters(), lr=0.1)
+        h = st.offload(m, opt)
+        m(torch.randn(8, 512, device=dev)).sum().backward()
+        opt.step()
+        with st.guard(release_on_exit=False):
+            want = [p.grad.clone() for p in m.parameters()]
+        ptrs = [h.pinner.movable(p.grad) for p in m.parameters()]
+        for ptr in ptrs:
+            spill.evict(ptr)
+        for ptr in ptrs:
+            while spill.residence(ptr) == "swapping_out":
+                time.sleep(0.001)
+        assert all(spill.residence(ptr) == "on_host" for ptr in ptrs)
+        came_in = spill.stats()["swap.bytes_in"]
+        opt.zero_grad(set_to_none=False)  # the first call keeps them
+        with st.guard(release_on_exit=False):
+            same = all(torch.equal(p.grad, w) for p, w in zip(m.parameters(), want))
+        assert same
+        assert spill.stats()["swap.bytes_in"] - came_in >= 4 * 512 * 512 * 4
+        opt.zero_grad(set_to_none=False)  # the second zeroes them
+        with st.guard(release_on_exit=False):
+            assert all(p.grad.count_nonzero().item() == 0 for p in m.parameters())
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 def test_zero_grad_of_a_gradient_over_part_of_a_block_or_not_spills_keeps_the_rest() -> None:
     """A gradient whose own storage lies inside a larger block, or over its first half (made
     over the block's memory by from_blob or numpy; on CUDA, DLPack or __cuda_array_interface__)

@@ -157,6 +157,8 @@ from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _remove,
 
 Token = Any  # spill._capi.PinToken
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
+# The zero_grad methods that zero every gradient they see (_zero_grads discards before them).
+_TORCH_ZERO_GRADS = (torch.optim.Optimizer.zero_grad, torch.nn.Module.zero_grad)
 
 
 class _Held:
@@ -1997,7 +1999,11 @@ class OffloadHandle:
         GPU, stale bytes; audit 34a). Nor is a storage over a part of a block (made over its
         memory by from_blob or DLPack): spill_discard, told the storage's bytes, discards
         only a block they cover whole."""
-        for p in params:
+        # Only torch's own zero_grad surely zeroes them: an override may keep them (gradient
+        # accumulation written into the optimizer, zeroing every second call), and a discarded
+        # gradient then came back without its bytes (audit 35d).
+        own = getattr(original, "__func__", None) in _TORCH_ZERO_GRADS
+        for p in params if own else ():
             ptr = self.pinner.movable(p.grad) if p.grad is not None else 0
             if ptr and whole_storage(p.grad):
                 try:  # (nothing for one not on the host)
