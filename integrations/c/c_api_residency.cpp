@@ -123,10 +123,11 @@ spill_status spill_discard(void* ptr, size_t bytes) {
     SPILL_EXPECTS(bytes > 0, "bytes is 0: name the bytes about to be overwritten");
     const auto offset = static_cast<std::size_t>(static_cast<const char*>(ptr) -
                                                  static_cast<const char*>(b->base));
+    // (exact byte counts: a range a few bytes too long reads the same in MiB)
     SPILL_EXPECTS(offset < b->requested && bytes <= b->requested - offset,
-                  format_bytes(bytes) + " at " + format_address(ptr) +
+                  std::to_string(bytes) + " bytes at " + format_address(ptr) +
                       " run past the end of the block at " + format_address(b->base) + " (" +
-                      format_bytes(b->requested) + " allocated)");
+                      std::to_string(b->requested) + " bytes allocated)");
     // Only the whole allocation's bytes are dead: over a part of it (a tensor made over its
     // first bytes, or inside it) the rest is live, and discarding the whole lost the rest.
     if (offset == 0 && bytes == b->requested)
