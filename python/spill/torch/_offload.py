@@ -606,9 +606,11 @@ class OffloadHandle:
         given to offload() is: its methods wrapped, its state declared swappable. This is the
         way to change optimizers mid-training at any budget (``remove()`` then ``offload()``
         must first bring every tensor back, which at a third of the footprint does not fit):
-        the old one, no longer stepped, stays known (the handle keeps it alive; a step ends
-        once each optimizer has stepped, or before one steps a second time, so one that no
-        longer steps changes nothing); ``old.state.clear()`` lets its state go."""
+        the old one, no longer stepped, stays known (the handle keeps it alive), and
+        ``old.state.clear()`` lets its state go. A step ends once each optimizer has stepped,
+        or before one steps a second time: with the old one idle, each step then ends as the
+        next ``step()`` begins rather than as it returns, which costs little (audit 35d: 3-7%
+        more bytes swapped)."""
         caller = "spill.torch.OffloadHandle.add_optimizer"
         if self._removed:
             raise Error(f"{caller}: the handle was removed; call spill.torch.offload(model, "
