@@ -4081,13 +4081,17 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
     assert "ok" in out
 
 
-def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does() -> None:
+@pytest.mark.parametrize("replacing", [False, True])
+def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does(replacing: bool) -> None:
     """Adam for three steps, then AdamW (a new optimizer: its state twice the parameters) for
-    three, at a third of the footprint: handle.add_optimizer(new) and old.state.clear() give
-    plain torch's losses and parameters bit for bit, with bytes swapped; the rules: a removed
-    handle, a handle without optimizers, and an optimizer it knows are refused, naming the
-    call."""
-    out = run_ok(INTERRUPTED_MLP + """
+    six, at a third of the footprint: handle.add_optimizer(new) (with replaces=old: the old
+    one's methods put back, the new one in its place) and old.state.clear() give plain
+    torch's losses and parameters bit for bit, with bytes swapped; the rules: a removed
+    handle, a handle without optimizers, an optimizer it knows and a replaces= it does not
+    know are refused, naming the call."""
+    out = run_ok(INTERRUPTED_MLP + f"""
+        replacing = {replacing}
+        import contextlib
         def run(spilled):
             m, o = make()
             h = st.offload(m, o) if spilled else None
@@ -4102,7 +4106,15 @@ def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does() -> N
                     raise AssertionError("an optimizer added twice")
                 except spill.InvalidArgumentError as e:
                     assert "add_optimizer: the Adam is one the handle knows" in str(e), e
-                h.add_optimizer(o2)
+                try:
+                    h.add_optimizer(o2, replaces=torch.optim.SGD(m.parameters(), lr=0.1))
+                    raise AssertionError("replaces= an optimizer the handle does not know")
+                except spill.InvalidArgumentError as e:
+                    assert "replaces (SGD) is not an optimizer the handle was given" in str(e)
+                assert "step" in o.__dict__  # (wrapped on the instance)
+                h.add_optimizer(o2, replaces=o if replacing else None)
+                assert ("step" in o.__dict__) != replacing
+                assert len(h.optimizers) == (1 if replacing else 2) and h.optimizers[-1] is o2
             o.state.clear()
             losses += [step(m, o2, *batches[i % 4]) for i in range(3, 9)]
             with (st.guard(release_on_exit=False) if spilled else contextlib.nullcontext()):
@@ -4110,7 +4122,6 @@ def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does() -> N
                 params = [torch.from_numpy(p.detach().cpu().numpy().copy())
                           for p in m.parameters()]
             return m, h, losses, params
-        import contextlib
         _, _, base, base_params = run(False)
         st.reset_peak_memory_stats()
         out_before = spill.stats()["swap.bytes_out"]

@@ -389,6 +389,7 @@ class OffloadHandle:
         # inner one): a step of one of those outside its owner's step counts as its owner's.
         self.optimizers: Tuple[torch.optim.Optimizer, ...] = optimizers
         self._inner: List[torch.optim.Optimizer] = []
+        self._inner_of: Dict[int, List[Any]] = {}  # id() of an optimizer -> its inner ones
         self._round = OptimizerRound(len(optimizers))  # which of them stepped in this step
         self._stepping = 0  # wrapped step() calls running (an owner's step calls its inner's)
         self._owner_mode: Optional[DeclareMade] = None  # (_owner_method_wrapper)
@@ -583,6 +584,7 @@ class OffloadHandle:
             wrap_method(opt, "_sync_params", self._wrap_sync_params, self._saved_methods)
             return  # (its local optimizer's step runs inside its own)
         inner = _inner_optimizers(opt, self.optimizers + tuple(self._inner))
+        self._inner_of[id(opt)] = inner
         for other in inner:
             self._inner.append(other)
             wrap_method(other, "step", self._step_wrapper(other, index), self._saved_methods)
@@ -601,16 +603,19 @@ class OffloadHandle:
             for ptr in self.pinner.movables(p.grad):
                 self.pinner.declare(ptr)
 
-    def add_optimizer(self, optimizer: Any) -> None:
+    def add_optimizer(self, optimizer: Any, replaces: Any = None) -> None:
         """Another optimizer (or a list of them) over the model, known from now on as one
         given to offload() is: its methods wrapped, its state declared swappable. This is the
         way to change optimizers mid-training at any budget (``remove()`` then ``offload()``
-        must first bring every tensor back, which at a third of the footprint does not fit):
-        the old one, no longer stepped, stays known (the handle keeps it alive), and
-        ``old.state.clear()`` lets its state go. A step ends once each optimizer has stepped,
-        or before one steps a second time: with the old one idle, each step then ends as the
-        next ``step()`` begins rather than as it returns, which costs little (audit 35d: 3-7%
-        more bytes swapped)."""
+        must first bring every tensor back, which at a third of the footprint does not fit).
+
+        ``replaces``: an optimizer the handle knows, which it forgets (its methods put back;
+        the new one, the first of a list, takes its place in the step), so that steps end as
+        they did; its state stays swappable (``old.state.clear()`` lets it go; the loop's code
+        reads it pinned, as any tensor there). Without it the old one stays known (the handle
+        keeps it alive): a step ends once each optimizer has stepped, or before one steps a
+        second time, so with the old one idle each step ends as the next ``step()`` begins
+        rather than as it returns (audit 35d: 3-7% more bytes swapped)."""
         caller = "spill.torch.OffloadHandle.add_optimizer"
         if self._removed:
             raise Error(f"{caller}: the handle was removed; call spill.torch.offload(model, "
@@ -625,12 +630,27 @@ class OffloadHandle:
             if any(o is opt for o in known):
                 raise InvalidArgumentError(
                     f"{caller}: the {type(opt).__name__} is one the handle knows already")
+        slot = None
+        if replaces is not None:
+            slot = next((i for i, o in enumerate(self.optimizers) if o is replaces), None)
+            if slot is None:
+                inner = any(o is replaces for o in self._inner)
+                raise InvalidArgumentError(
+                    f"{caller}: replaces ({type(replaces).__name__}) is not an optimizer the "
+                    "handle was given" + (" but one another of them steps: replace that one"
+                                          if inner else ""))
+            self._forget_optimizer(replaces)
         for opt in added:
             for p in _parameters(opt):
                 self._hook_parameter(p)
-            index = len(self.optimizers)
-            self.optimizers += (opt,)
-            self._round.count += 1
+            if slot is not None:  # (its index is the one its step wrapper counts by)
+                index, slot = slot, None
+                self.optimizers = tuple(opt if i == index else o
+                                        for i, o in enumerate(self.optimizers))
+            else:
+                index = len(self.optimizers)
+                self.optimizers += (opt,)
+                self._round.count += 1
             self._wrap_optimizer(opt, index)
         self._declare_optimizers_memory()
         # State it made while no handle knew it (its steps ran in the window, which declared
@@ -640,6 +660,17 @@ class OffloadHandle:
         for t in self._state_tensors():
             for ptr in self.pinner.movables(t):
                 made.pop(ptr, None)
+
+    def _forget_optimizer(self, opt: Any) -> None:
+        """Puts back the methods of ``opt`` and of the optimizers it steps itself (their
+        places in ``optimizers`` and ``_inner`` are the caller's to fill or drop)."""
+        gone = [opt, *self._inner_of.pop(id(opt), [])]
+        self._inner = [o for o in self._inner if not any(o is g for g in gone)]
+        saved = self._saved_methods
+        mine = {key: entry for key, entry in saved.items() if any(entry[0] is g for g in gone)}
+        for key in mine:
+            del saved[key]
+        unwrap_methods(mine)
 
     def _hook_module(self, m: torch.nn.Module) -> None:
         copies.register_module(m)  # a copy of the model leaves the hooks out
