@@ -185,8 +185,8 @@ def stray_optimizer_error(window: "Window", error: BaseException) -> Optional[Ba
         f"({type(stray).__name__}) is one no offload() handle knows (made after offload(), to "
         "replace the one it was given?): the state it makes stays resident, never declared "
         "swappable, and the handle keeps the optimizer it was given alive. To change "
-        "optimizers, call handle.add_optimizer(new_optimizer) (and old.state.clear() to let "
-        "the old one's state go).", Status.OUT_OF_MEMORY)
+        "optimizers, call handle.add_optimizer(new_optimizer, replaces=old_optimizer) (and "
+        "old_optimizer.state.clear() to let its state go).", Status.OUT_OF_MEMORY)
 
 
 def _unknown_optimizer(window: "Window") -> Any:
