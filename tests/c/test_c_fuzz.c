@@ -201,6 +201,30 @@ static void host_use(slot* s, uint64_t* rng, int write) {
   note(s, write ? 'W' : 'R');
 }
 
+/* The caller is about to overwrite the block whole (spill_discard of all its bytes: one on the
+ * host comes back without a copy, and only the new bytes are checked from then on), or says
+ * so of a part of it (which discards nothing: every old byte must still be there). */
+static void overwrite(slot* s, uint64_t* rng) {
+  const int whole = (int)(next_rand(rng) % 2);
+  expect(spill_discard(s->ptr, whole ? s->size : s->size / 2 + 1), "spill_discard", s);
+  note(s, whole ? 'X' : 'x');
+  if (!whole) {
+    host_use(s, rng, 1); /* checks every byte, then writes */
+    return;
+  }
+  spill_pin_token t = {0, 0, 0, 0, 0};
+  if (s->swappable) {
+    spill_status st = spill_pin_for_host(s->ptr, &t);
+    if (st != SPILL_OK) {
+      expect(st, "spill_pin_for_host (overwrite)", s);
+      return;
+    }
+  }
+  s->seed = next_rand(rng);
+  write_pattern(s->ptr, s->size, s->seed);
+  if (s->swappable) expect(spill_unpin(&t, NULL, 1), "spill_unpin (overwrite)", s);
+}
+
 typedef struct held_pin {
   spill_pin_token token;
   void* stream;
@@ -232,7 +256,8 @@ static void* worker(void* arg) {
     if (op < 8) {
       release(s, &rng);
     } else if (op < 30) {
-      host_use(s, &rng, 1);
+      if (next_rand(&rng) % 8 == 0) overwrite(s, &rng);
+      else host_use(s, &rng, 1);
     } else if (op < 55) {
       host_use(s, &rng, 0);
     } else if (op < 70) {
