@@ -191,7 +191,7 @@ if ((built == 0)); then
   # ran).
   if [[ -n $python ]]; then
     step python-cupy 120 env SPILL_LIBRARY="$build/libspill.so" PYTHONPATH="$root/python" \
-      "$python" -m pytest -v -rs -p no:cacheprovider "$root/tests/python/test_cupy_gpu.py"
+      "$python" -m pytest -v -rsP -p no:cacheprovider "$root/tests/python/test_cupy_gpu.py"  # (P: passing tests' output, the versions line)
     if [[ -f $work/python-cupy.log ]] && grep -q "SKIPPED" "$work/python-cupy.log" &&
       ! grep -q "PASSED" "$work/python-cupy.log"; then
       rows[-1]="python-cupy|skipped: $(grep -m1 '^SKIPPED \[' "$work/python-cupy.log" | sed 's/.*[0-9]: //' | cut -c1-40)|0"
