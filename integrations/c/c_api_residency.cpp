@@ -16,10 +16,9 @@ namespace {
 
 // With one device alive, acquire_owner does not ask the allocator; without a swapper (policy
 // none) nobody else would, so this check names a pointer spill does not know.
-void expect_owned(Lease& lease, const void* ptr, const char* fn) {
+void expect_owned(Lease& lease, const void* ptr, const char* /*fn: on_block names it*/) {
   SPILL_EXPECTS(lease.rt().allocator().owns(ptr),
-                std::string(fn) + ": " + format_address(ptr) +
-                    " is not inside a block allocated by spill");
+                format_address(ptr) + " is not inside a block allocated by spill");
 }
 
 // The swapper of the runtime holding `ptr`, or nullptr without one (policy none: nothing ever

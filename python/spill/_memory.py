@@ -132,9 +132,10 @@ def discard(ptr: int, nbytes: int) -> None:
 
 
 def generation(ptr: int) -> int:
-    """Which life of its address the block containing ``ptr`` is in (a :class:`PinToken`'s
-    ``generation``), read without pinning it; 0 for a block that never moves. A caller that
-    keeps an address across frees tells a new block there from the one it knew."""
+    """The generation of the block containing ``ptr`` (a :class:`PinToken`'s ``generation``):
+    a number unique in the process for each block's life (not a count per address), read
+    without pinning it; 0 for a block that never moves. A caller that keeps an address across
+    frees tells a new block there from the one it knew."""
     value = ctypes.c_uint64(0)
     call("spill_get_generation", _args.pointer(ptr), ctypes.byref(value))
     return value.value

@@ -4091,7 +4091,8 @@ def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does(replac
     know are refused, naming the call."""
     out = run_ok(INTERRUPTED_MLP + f"""
         replacing = {replacing}
-        import contextlib
+        import contextlib, weakref
+        olds = []
         def run(spilled):
             m, o = make()
             h = st.offload(m, o) if spilled else None
@@ -4112,8 +4113,14 @@ def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does(replac
                 except spill.InvalidArgumentError as e:
                     assert "replaces (SGD) is not an optimizer the handle was given" in str(e)
                 assert "step" in o.__dict__  # (wrapped on the instance)
+                try:
+                    h.add_optimizer(None)
+                    raise AssertionError("add_optimizer(None) accepted")
+                except spill.InvalidArgumentError as e:
+                    assert "add_optimizer: optimizer is None" in str(e), e
                 h.add_optimizer(o2, replaces=o if replacing else None)
                 assert ("step" in o.__dict__) != replacing
+                olds.append(weakref.ref(o))
                 assert len(h.optimizers) == (1 if replacing else 2) and h.optimizers[-1] is o2
             o.state.clear()
             losses += [step(m, o2, *batches[i % 4]) for i in range(3, 9)]
@@ -4126,6 +4133,8 @@ def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does(replac
         st.reset_peak_memory_stats()
         out_before = spill.stats()["swap.bytes_out"]
         m, h, losses, params = run(True)
+        gc.collect()
+        assert (olds[0]() is None) == replacing  # (a replaced one is the handle's no more)
         assert losses == base, (losses, base)
         assert all(torch.equal(p, q) for p, q in zip(params, base_params))
         assert spill.stats()["swap.bytes_out"] > out_before

@@ -624,6 +624,9 @@ class OffloadHandle:
             raise Error(f"{caller}: offload() was given no optimizer, so its steps are "
                         "bracketed by spill.torch.step(), not by an optimizer's step; give "
                         "offload() the optimizers from the start")
+        if optimizer is None:
+            raise InvalidArgumentTypeError(f"{caller}: optimizer is None: pass the optimizer "
+                                           "(or a list of them) to add")
         added = optimizers_of(optimizer, caller)
         known = self.optimizers + tuple(self._inner)
         for opt in added:
@@ -652,6 +655,9 @@ class OffloadHandle:
                 self.optimizers += (opt,)
                 self._round.count += 1
             self._wrap_optimizer(opt, index)
+        # (what offload() was given, as it was given: the handle kept a replaced one alive)
+        self.optimizer = self.optimizers[0] if len(self.optimizers) == 1 else \
+            list(self.optimizers)
         self._declare_optimizers_memory()
         # State it made while no handle knew it (its steps ran in the window, which declared
         # it on running out of memory, for a while): the handle's now, not to be made
