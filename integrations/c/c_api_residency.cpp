@@ -15,17 +15,18 @@ using namespace spill::capi;
 namespace {
 
 // With one device alive, acquire_owner does not ask the allocator; without a swapper (policy
-// none) nobody else would, so this check names a pointer spill does not know.
-void expect_owned(Lease& lease, const void* ptr, const char* /*fn: on_block names it*/) {
+// none) nobody else would, so this check names a pointer spill does not know (on_block's
+// message names the call).
+void expect_owned(Lease& lease, const void* ptr) {
   SPILL_EXPECTS(lease.rt().allocator().owns(ptr),
                 format_address(ptr) + " is not inside a block allocated by spill");
 }
 
 // The swapper of the runtime holding `ptr`, or nullptr without one (policy none: nothing ever
 // moves, but the pointer must still be spill's).
-Swapper* swapper_for(Lease& lease, const void* ptr, const char* fn) {
+Swapper* swapper_for(Lease& lease, const void* ptr) {
   Swapper* sw = lease.rt().swapper();
-  if (sw == nullptr) expect_owned(lease, ptr, fn);
+  if (sw == nullptr) expect_owned(lease, ptr);
   return sw;
 }
 
@@ -35,7 +36,7 @@ spill_status pin_impl(void* ptr, void* stream, spill_pin_token* token, bool host
   *token = spill_pin_token{};
   return on_block(ptr, fn, [&](Lease& lease) {
     if (!host && !lease->stream_known(stream)) return bad_stream(fn, stream, lease->ordinal);
-    Swapper* sw = swapper_for(lease, ptr, fn);
+    Swapper* sw = swapper_for(lease, ptr);
     if (sw == nullptr) return SPILL_OK;  // nothing ever moves: an empty token
     const PinToken t = host ? sw->pin_for_host(ptr) : sw->pin(ptr, to_stream(stream));
     token->block = t.block;
@@ -51,7 +52,7 @@ spill_status pin_impl(void* ptr, void* stream, spill_pin_token* token, bool host
 template <class Call>
 spill_status on_swapper_of(void* ptr, const char* fn, Call&& call) {
   return on_block(ptr, fn, [&](Lease& lease) {
-    if (Swapper* sw = swapper_for(lease, ptr, fn)) call(*sw);
+    if (Swapper* sw = swapper_for(lease, ptr)) call(*sw);
     return SPILL_OK;
   });
 }
@@ -139,7 +140,7 @@ spill_status spill_get_residence(const void* ptr, spill_residence* residence) {
   if (residence == nullptr)
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_residence: residence is NULL");
   return on_block(ptr, "spill_get_residence", [&](Lease& lease) {
-    expect_owned(lease, ptr, "spill_get_residence");
+    expect_owned(lease, ptr);
     Swapper* sw = lease.rt().swapper();
     const Residence r = sw ? sw->settle(ptr) : Residence::Resident;
     *residence = static_cast<spill_residence>(static_cast<int>(r));
@@ -152,7 +153,7 @@ spill_status spill_get_generation(const void* ptr, uint64_t* generation) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_generation: generation is NULL");
   *generation = 0;
   return on_block(ptr, "spill_get_generation", [&](Lease& lease) {
-    expect_owned(lease, ptr, "spill_get_generation");
+    expect_owned(lease, ptr);
     if (Swapper* sw = lease.rt().swapper()) *generation = sw->generation(ptr);
     return SPILL_OK;
   });

@@ -144,7 +144,7 @@ class _Block:
 
     def __del__(self) -> None:
         if self.session != _runtime.shutdowns:
-            _log.debug("spill.cupy: %#x was freed by spill.shutdown()", self.ptr)
+            _log.debug("spill.cupy: %#x %s", self.ptr, _QUIET_FREES[_spill.Status.SHUT_DOWN])
             return
         try:
             _spill.free(self.ptr, self.device, self.stream.ptr)

@@ -154,31 +154,35 @@ TEST(CounterReplay, ALateSwapInOfAMapBeforeAnEvictionLeavesTheEvictedBytesOnHost
   // seemed to begin mid-run (audit 34b).
   using test::make_event;
   CounterReplay r;
-  r.apply(make_event(0, EventKind::Map, 0xa0, 100));
-  r.apply(make_event(1, EventKind::Alloc, 0xa0, 100));
-  r.apply(make_event(2, EventKind::Evict, 0xa0, 100));
-  r.apply(make_event(3, EventKind::SwapOut, 0xa0, 100, 0, 1));
-  r.apply(make_event(4, EventKind::Unmap, 0xa0, 100));
+  for (const TraceEvent& e : {make_event(0, EventKind::Map, 0xa0, 100),
+                              make_event(1, EventKind::Alloc, 0xa0, 100),
+                              make_event(2, EventKind::Evict, 0xa0, 100),
+                              make_event(3, EventKind::SwapOut, 0xa0, 100, 0, 1),
+                              make_event(4, EventKind::Unmap, 0xa0, 100)})
+    r.apply(e);
   EXPECT_EQ(r.current().on_host, 100);
   r.apply(make_event(5, EventKind::Map, 0xa0, 100));
   EXPECT_EQ(r.current().on_host, 0);
-  r.apply(make_event(6, EventKind::Pin, 0xa0, 100));
-  r.apply(make_event(7, EventKind::Unpin, 0xa0, 100));
-  r.apply(make_event(8, EventKind::Evict, 0xa0, 100));
+  for (const TraceEvent& e : {make_event(6, EventKind::Pin, 0xa0, 100),
+                              make_event(7, EventKind::Unpin, 0xa0, 100),
+                              make_event(8, EventKind::Evict, 0xa0, 100)})
+    r.apply(e);
   EXPECT_EQ(r.current().on_host, 100);
   r.apply(make_event(9, EventKind::SwapIn, 0xa0, 100, 0, 5));  // the map at 5's copy
   EXPECT_EQ(r.current().on_host, 100);
-  r.apply(make_event(15, EventKind::Unmap, 0xa0, 100));
-  r.apply(make_event(16, EventKind::FreeOnHost, 0xa0, 100));
-  r.apply(make_event(17, EventKind::Free, 0xa0, 100));
+  for (const TraceEvent& e : {make_event(15, EventKind::Unmap, 0xa0, 100),
+                              make_event(16, EventKind::FreeOnHost, 0xa0, 100),
+                              make_event(17, EventKind::Free, 0xa0, 100)})
+    r.apply(e);
   EXPECT_EQ(r.current().on_host, 0);
   EXPECT_EQ(r.current().allocated, 0);
   // Once unmapped, a swap_in is the next map's again (a trace without that map: mid-run).
-  r.apply(make_event(20, EventKind::Alloc, 0xc0, 100));
-  r.apply(make_event(21, EventKind::Map, 0xc0, 100));
-  r.apply(make_event(22, EventKind::Evict, 0xc0, 100));
-  r.apply(make_event(23, EventKind::Unmap, 0xc0, 100));
-  r.apply(make_event(24, EventKind::SwapIn, 0xc0, 100, 0, 5));
+  for (const TraceEvent& e : {make_event(20, EventKind::Alloc, 0xc0, 100),
+                              make_event(21, EventKind::Map, 0xc0, 100),
+                              make_event(22, EventKind::Evict, 0xc0, 100),
+                              make_event(23, EventKind::Unmap, 0xc0, 100),
+                              make_event(24, EventKind::SwapIn, 0xc0, 100, 0, 5)})
+    r.apply(e);
   EXPECT_EQ(r.current().on_host, 0);
 }
 
