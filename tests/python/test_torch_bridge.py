@@ -3138,6 +3138,35 @@ def test_a_guards_record_of_what_it_declared_drops_freed_blocks() -> None:
     assert "ok" in out, out
 
 
+def test_what_a_guards_ops_make_is_unswappable_after_its_exit() -> None:
+    """An output made inside a guard that no later op inside takes (``y = model(x)`` under a
+    guard, read after it; a list of them) is brought back and made unswappable at the exit,
+    as the guard's arguments are: an eviction asked for after the exit moves none of them, and
+    code after the guard reads them. Before, they stayed swappable and a swap-out unmapped
+    them (reading one after the exit faulted on the CPU bridge)."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import time
+        enable()
+        w = torch.randn(512, 512, device=dev)
+        x = torch.randn(256, 512, device=dev)
+        with st.guard():
+            y = x @ w
+            kept = [x * float(i) for i in range(3)]
+        for t in [y] + kept:
+            spill.evict(t.data_ptr())
+        deadline = time.monotonic() + 30
+        while any(spill.residence(t.data_ptr()) == "swapping_out" for t in [y] + kept) \\
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        where = [spill.residence(t.data_ptr()) for t in [y] + kept]
+        assert where == ["resident"] * 4, where
+        assert torch.equal(y, x @ w) and all(torch.equal(k, x * float(i))
+                                               for i, k in enumerate(kept))
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_a_guard_entered_again_while_it_runs_is_refused_and_leaves_no_mode() -> None:
     """``g = guard(); with g: with g: ...``: the inner entry raises spill.Error saying the
     guard is already entered; the outer exit then leaves PyTorch's dispatch stack as it was,

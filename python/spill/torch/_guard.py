@@ -178,6 +178,11 @@ class PinEveryOp(TorchDispatchMode):
                 pinner.declare(ptr)  # fresh: its later uses are pinned by this mode
                 if self.outputs is not None:
                     self.outputs.add(ptr)
+                else:
+                    # What its release() brings back: before, an output no later op inside
+                    # took as an argument (``y = model(x)`` under a guard, read after it)
+                    # stayed swappable after the exit, and a swap-out then unmapped it.
+                    self._note_declared(ptr, pinner.generation(ptr))
         return out
 
     def _pin_value(self, value: Any, wrote: bool, stream: Optional[int],
@@ -199,9 +204,14 @@ class PinEveryOp(TorchDispatchMode):
             if self.declares and self.declares_arguments \
                     and self.declared.get(token.block) != token.generation:
                 pinner.declare(ptr)
-                self.declared[token.block] = token.generation
-                if len(self.declared) > self._declared_line:
-                    self._prune_declared()
+                self._note_declared(token.block, token.generation)
+
+    def _note_declared(self, block: int, generation: int) -> None:
+        """Notes the block at ``block``, in its life ``generation``, as one this mode declared
+        swappable (release() declares it unswappable again)."""
+        self.declared[block] = generation
+        if len(self.declared) > self._declared_line:
+            self._prune_declared()
 
     def _prune_declared(self) -> None:
         """Drops the blocks freed since this mode declared them (or whose address holds
