@@ -52,6 +52,41 @@ def number_detached(args: Any, out: Any) -> Optional[torch.Tensor]:
     return None
 
 
+_reads_no_bytes: Dict[Any, bool] = {}
+try:
+    _has_kernel_for = torch._C._dispatch_has_kernel_for_dispatch_key
+except AttributeError:  # (then every op pins)
+    _has_kernel_for = None
+
+
+def reads_no_bytes(func: Any) -> bool:
+    """Whether ``func`` only makes views of its arguments (``t``, ``view``, ``transpose``,
+    ``select``, ``slice``, ``detach``, ``expand``, ``as_strided``...): its outputs alias its
+    inputs (its schema) and no kernel of it reads or writes their bytes, so it needs no pins.
+    An op of its own, not a composite one: a composite that may alias reaches a dispatch
+    mode when autograd is off (``torch.inference_mode()``: ``to(dtype)``, ``contiguous()``,
+    ``reshape()``, ``flatten()`` of a tensor they must copy, ``narrow`` with a tensor start,
+    which reads it), and copies then; before, the window took those for views and ran them
+    unpinned (an offloaded weight on the host read by ``w.to(torch.float64)`` under
+    inference_mode faulted)."""
+    found = _reads_no_bytes.get(func)
+    if found is None:
+        schema = func._schema
+        returns = schema.returns
+        found = (bool(returns) and _has_kernel_for is not None
+                 and all(r.alias_info is not None and not r.alias_info.is_write
+                         for r in returns)
+                 and not any(a.alias_info is not None and a.alias_info.is_write
+                             for a in schema.arguments))
+        if found:
+            try:
+                found = not _has_kernel_for(func.name(), "CompositeImplicitAutograd")
+            except (RuntimeError, AttributeError):
+                found = False
+        _reads_no_bytes[func] = found
+    return found
+
+
 def _writes(func: Any) -> Tuple[frozenset, frozenset]:
     """(positional indices, keyword names) of the arguments ``func`` writes (its schema)."""
     found = _written_args.get(func)
@@ -81,6 +116,12 @@ class PinEveryOp(TorchDispatchMode):
     # Whether the steps it begins are keyed, by the shapes its ops see before each step's first
     # pin (guard's own steps; offload keys its steps at the model's forward).
     keys_steps = False
+    # Whether an op that only makes a view (reads_no_bytes) pins its arguments too. guard's
+    # own mode pins none (they read no bytes); offload's modes do, as their plans were made
+    # with: without those pins a GRU's steps under offload left their plan at every step
+    # (test_a_recurrent_modules_backward_region_holds_every_node_it_reaches: 0 of 2 steps
+    # planned), not examined further.
+    pins_views = True
 
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
                  outputs: Optional[Set[int]] = None, evaluations_outside: bool = False) -> None:
@@ -133,12 +174,26 @@ class PinEveryOp(TorchDispatchMode):
                 if began:
                     self._key_shapes = []
                 tensors = [t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                self._key_pending = not any(pinner.movable(t) for t in tensors)
+                self._key_pending = (not self.pins_views and reads_no_bytes(func)) or not any(
+                    pinner.movable(t) for t in tensors)
                 if getattr(func, "namespace", "") != "profiler":
                     self._key_shapes.extend(shape_of(t) for t in tensors if t.numel() > 1)
                 if not self._key_pending:
                     steps.key(key_of_shapes(self._key_shapes))
                     self._key_shapes = []
+        if not self.pins_views and reads_no_bytes(func):
+            # A view (a Linear's ``t()`` of its weight, ``view``, ``detach``): nothing to pin
+            # and nothing new to declare (its output is its argument's block). Pinned before,
+            # it was a third of a training step's pins, and a guarded step whose batch came
+            # from no op under the guard took the weight's transpose, its first op, for the
+            # step's first pinning op: its key held no batch.
+            self.ops += 1
+            out = func(*args, **kwargs)
+            if func is _DETACH:
+                alias = number_detached(args, out)
+                if alias is not None:
+                    return alias
+            return out
         stream = pinner.stream()
         positions, names = _writes(func)
         held: List[Tuple[Any, bool]] = []
@@ -285,8 +340,9 @@ class guard:
       the exit brings back what fits and raises ``torch.cuda.OutOfMemoryError`` (also
       ``spill.OutOfMemoryError``) saying what is left: those stay swappable and every op of
       the thread keeps running pinned, until ``release()`` (after raising the budget)
-      brings them back. With False they stay swappable: then every later use must be inside
-      a guard or the offload hooks.
+      brings them back (when the block raised, its exception goes on instead, with that
+      message added as a note). With False they stay swappable: then every later use must
+      be inside a guard or the offload hooks.
     Use it around the whole training loop: each exit brings every swapped tensor back.
     Requires spill.torch.enable() first.
     """
@@ -301,9 +357,11 @@ class guard:
         self._reads: Any = None  # the CPU bridge's host reads (_reads.host_reads)
         self._saved: dict = {}
         # After an exit that could not bring every tensor back: the mode whose blocks are
-        # left (its ``declared``), and the pins-only mode kept on the stack meanwhile.
+        # left (its ``declared``), and the pins-only mode and the host reads kept on the
+        # stacks meanwhile.
         self._left: Optional[PinEveryOp] = None
         self._still: Optional[_StillPinning] = None
+        self._left_reads: Any = None
 
     def __enter__(self) -> "guard":
         if not state.active:
@@ -339,6 +397,7 @@ class guard:
                 wrap_method(opt, "step", wrapper(index), self._saved)
         mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
         mode.keys_steps = True
+        mode.pins_views = False
         if self._left is not None:  # what an earlier exit could not bring back: this exit's
             mode.declared.update(self._left.declared)
         from ._reads import host_reads  # (_reads imports _window, which imports this module)
@@ -362,17 +421,35 @@ class guard:
             raise Error("spill.torch.guard: __exit__ without __enter__")
         self._mode = None
         _interrupts.guard_entered(False)
-        mode.__exit__(*exc)
+        from ._window import _dispatch_stack, _function_stack, _remove
+        # Its own mode, wherever it is on the stack: torch 1.13's exit pops the top one,
+        # which may be another's (a mode entered in the block and left open, a generator's
+        # guard, the pins-only mode of an inner guard whose exit found no room): that one
+        # came off and this one stayed on for good (audit 36a F2).
+        _remove(mode, *_dispatch_stack())
         reads, self._reads = self._reads, None
-        if reads is not None:
-            from ._window import _function_stack, _remove
-            _remove(reads, *_function_stack())  # (wherever it is: the caller's may be above)
-        unwrap_methods(self._saved)
-        if mode.steps is not None:
-            mode.steps.finish()
-        if self.release_on_exit:
-            self._left = mode
-            self.release()
+        try:
+            unwrap_methods(self._saved)
+            if mode.steps is not None:
+                mode.steps.finish()
+        finally:
+            # (what it declared is brought back even when the above raised)
+            if not self.release_on_exit:
+                if reads is not None:
+                    _remove(reads, *_function_stack())
+            else:
+                self._left, self._left_reads = mode, reads
+                try:
+                    self.release()
+                except OutOfMemoryError as e:
+                    if exc[1] is None:
+                        raise
+                    # The block's own exception goes on (before, this error took its place,
+                    # and ``except`` clauses for it no longer caught it: audit 36a F3); what
+                    # is left stays pinned as after any exit that found no room.
+                    note = getattr(exc[1], "add_note", None)
+                    if note is not None:
+                        note(str(e))
 
     def release(self) -> None:
         """Brings back, unswappable, what an exit of this guard could not (it raised
@@ -390,8 +467,11 @@ class guard:
             self._forget_left()
             return
         if self._still is None:
+            # At the bottom of the stack, as offload's modes: a mode entered later (the
+            # caller's) comes off by its own exit, never this one in its place.
+            from ._window import _dispatch_stack, _insert_bottom
             self._still = _StillPinning(left.pinner)
-            self._still.__enter__()
+            _insert_bottom(self._still, *_dispatch_stack())
         raise TorchOutOfMemoryError(
             f"spill.torch.guard: {len(left.declared)} of the tensors it made swappable do "
             "not fit in the budget once unswappable again. They stay swappable, and every "
@@ -405,9 +485,12 @@ class guard:
         comes off the stack, wherever it is."""
         self._left = None
         still, self._still = self._still, None
+        reads, self._left_reads = self._left_reads, None
+        from ._window import _dispatch_stack, _function_stack, _remove
         if still is not None:
-            from ._window import _dispatch_stack, _remove
             _remove(still, *_dispatch_stack())
+        if reads is not None:
+            _remove(reads, *_function_stack())
 
     @property
     def scope(self) -> Optional[int]:

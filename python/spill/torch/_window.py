@@ -54,7 +54,7 @@ from spill import OutOfMemoryError
 from spill._capi import Status
 
 from . import _backward_code, _caller_hooks, _interrupts, _transforms
-from ._guard import PinEveryOp, detached_number, number_detached
+from ._guard import PinEveryOp, detached_number, number_detached, reads_no_bytes
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, out_of_memory_in,
                     storage)
 from ._state import state
@@ -98,8 +98,8 @@ def _function_stack() -> Tuple[Callable[[], int], Callable[[Any], None], Callabl
 
 
 class _PinReads(PinEveryOp):
-    """The window's dispatch mode (see the module docstring). A view (a slice, ``detach``, a
-    reshape without a copy) reads no bytes: it runs without pins."""
+    """The window's dispatch mode (see the module docstring). A view (a slice, ``detach``,
+    ``t()``: _guard.reads_no_bytes) reads no bytes: it runs without pins."""
 
     declares = False
 
@@ -118,12 +118,7 @@ class _PinReads(PinEveryOp):
             window.busy -= 1
 
     def _pin_reads(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        views = _views.get(func)
-        if views is None:
-            views = _views[func] = all(r.alias_info is not None and not r.alias_info.is_write
-                                       for r in func._schema.returns) and bool(
-                                           func._schema.returns)
-        if views:
+        if reads_no_bytes(func):
             number = detached_number(func, args)
             if number is not None:
                 return number
@@ -152,8 +147,6 @@ class _PinReads(PinEveryOp):
         self.window.note_made(args, kwargs, out)
         return out
 
-
-_views: Dict[Any, bool] = {}
 
 
 def _stray_optimizer(window: "Window") -> Any:
