@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    _get_current_dispatch_mode_stack as _current_dispatch_modes)
 
 from spill import Error, OutOfMemoryError, _args
 from spill import budget as spill_budget
@@ -425,8 +427,13 @@ class guard:
         # Its own mode, wherever it is on the stack: torch 1.13's exit pops the top one,
         # which may be another's (a mode entered in the block and left open, a generator's
         # guard, the pins-only mode of an inner guard whose exit found no room): that one
-        # came off and this one stayed on for good (audit 36a F2).
-        _remove(mode, *_dispatch_stack())
+        # came off and this one stayed on for good (audit 36a F2). On top, its own exit
+        # (torch 2 restores its flags of dispatch there).
+        stack = _current_dispatch_modes()
+        if stack and stack[-1] is mode:
+            mode.__exit__(*exc)
+        else:
+            _remove(mode, *_dispatch_stack())
         reads, self._reads = self._reads, None
         try:
             unwrap_methods(self._saved)
