@@ -3136,6 +3136,137 @@ def test_a_guards_block_exception_is_not_replaced_by_its_exits_out_of_memory() -
     assert "ok" in out, out
 
 
+def test_state_a_module_keeps_on_itself_across_steps_is_pinned_by_its_forward() -> None:
+    """A module that carries a tensor from one step to the next on itself (``h + self.prev;
+    self.prev = h.detach()``, a stateful RNN's or a memory bank's idiom): in armed steps the
+    kept tensor is an activation declared swappable, and the module's pre-hook pinned only
+    its parameters and arguments, so its forward read it on the host unpinned (audit 36b F2:
+    a segmentation fault on the CPU bridge). Its pre-hook now pins the tensors the module
+    keeps as attributes; with everything evicted at a hook of the caller's in each forward,
+    training gives plain torch's losses and parameters."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import time
+        import torch.nn.functional as F
+        def evict_all():
+            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
+                     if b["state"] == "active_allocated"]
+            for a in addrs:
+                spill.evict(a)
+            deadline = time.monotonic() + 30
+            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l1, self.l2 = torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)
+                self.prev = None
+            def forward(self, x):
+                h = F.relu(self.l1(x))
+                if self.prev is not None:
+                    h = h + self.prev
+                self.prev = h.detach()
+                return self.l2(h)
+        def train(spilled):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            o = torch.optim.SGD(m.parameters(), 0.1)
+            if spilled:
+                m.l1.register_forward_hook(lambda mod, a, out: evict_all())
+                h = st.offload(m, o, quiet=False)
+            xs = [torch.randn(128, 512, device=dev) for _ in range(4)]
+            losses = []
+            for x in xs:
+                o.zero_grad()
+                loss = m(x).square().mean()
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+            if spilled:
+                evict_all()
+                h.remove()
+            return losses, [p.detach().clone() for p in m.parameters()]
+        base, base_params = train(False)
+        enable()
+        losses, params = train(True)
+        assert losses == base, (losses, base)
+        assert all(torch.equal(a, b) for a, b in zip(params, base_params))
+        assert spill.stats()["swap.bytes_out"] > 0
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
+def test_reads_a_forward_makes_that_no_hook_pins_are_pinned_under_pin_reads() -> None:
+    """What the guide says offload does not pin inside a forward, read under
+    ``spill.torch.pin_reads()`` as it says: a parent's forward that reads a child's weight
+    only from the third step on (the first step saw no such read) and a forward pre-hook
+    that logs a gradient's norm between two micro-batches (the gradient is swappable once
+    the backward made it). With everything evicted at a hook in each forward, training gives
+    plain torch's losses, parameters and logged norms (unpinned, both read a block on the
+    host: audit 36b F1, F3)."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import time
+        def evict_all():
+            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
+                     if b["state"] == "active_allocated"]
+            for a in addrs:
+                spill.evict(a)
+            deadline = time.monotonic() + 30
+            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+        class Net(torch.nn.Module):
+            def __init__(self, spilled):
+                super().__init__()
+                self.body = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                                torch.nn.Linear(512, 512))
+                self.head = torch.nn.Linear(512, 512)
+                self.calls, self.spilled = 0, spilled
+            def forward(self, x):
+                self.calls += 1
+                h = self.body(x)
+                if self.calls > 4:
+                    with (st.pin_reads() if self.spilled else contextlib.nullcontext()):
+                        h = h + self.body[0].weight.mean(0)
+                return self.head(h)
+        import contextlib
+        def train(spilled):
+            torch.manual_seed(0)
+            m = Net(spilled).to(dev)
+            o = torch.optim.Adam(m.parameters())
+            norms = []
+            def log_grad(mod, args):
+                if mod.weight.grad is not None:
+                    with (st.pin_reads() if spilled else contextlib.nullcontext()):
+                        norms.append(mod.weight.grad.norm().item())
+            m.head.register_forward_pre_hook(log_grad)
+            if spilled:
+                m.body[2].register_forward_hook(lambda mod, a, out: evict_all())
+                h = st.offload(m, o, quiet=False)
+            xs = [torch.randn(128, 512, device=dev) for _ in range(8)]
+            losses = []
+            for i in range(0, 8, 2):
+                o.zero_grad(set_to_none=True)
+                for x in xs[i:i + 2]:  # two micro-batches
+                    loss = m(x).square().mean()
+                    loss.backward()
+                    losses.append(loss.item())
+                o.step()
+            if spilled:
+                h.remove()
+            return losses, norms, [p.detach().clone() for p in m.parameters()]
+        base, base_norms, base_params = train(False)
+        enable()
+        losses, norms, params = train(True)
+        assert losses == base, (losses, base)
+        assert norms == base_norms and len(norms) == 4, (norms, base_norms)
+        assert all(torch.equal(a, b) for a, b in zip(params, base_params))
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_checkpointing_in_the_forward_leaves_nothing_behind_and_trains_at_a_third() -> None:
     """Activation checkpointing of every block inside an offloaded model's forward
     (``checkpoint(block, x, use_reentrant=...)``, both ways), activations of 256 KiB (above

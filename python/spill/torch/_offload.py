@@ -365,6 +365,16 @@ class _Discovery(PinEveryOp):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
+def _tensor_attributes(module: torch.nn.Module) -> List[torch.Tensor]:
+    """The tensors ``module`` keeps as plain attributes, neither parameters nor buffers: state
+    its forward carries from one step to the next (an RNN's last hidden state, ``self.prev =
+    h.detach()``; a memory bank), which may be an activation an armed step declared
+    swappable. Its pre-hook pins them for its call (audit 36b F2: ``h + self.prev`` read one
+    on the host, a segmentation fault on the CPU bridge at 12-20 MiB of a 6-layer MLP's
+    footprint). Tensors in containers on the module are not looked into."""
+    return [v for v in module.__dict__.values() if type(v) is torch.Tensor]
+
+
 class OffloadHandle:
     """What :func:`offload` returns: ``remove()`` takes the hooks out and makes every tensor
     they declared unswappable again (resident), e.g. before saving a checkpoint."""
@@ -1143,6 +1153,9 @@ class OffloadHandle:
             extra = self._extra.get(module)
             if extra:
                 for t in extra.values():
+                    self._hold(tokens, t, stream, False)
+            if not self._eval_ops:
+                for t in _tensor_attributes(module):
                     self._hold(tokens, t, stream, False)
         movable, pin = self._movable, self._pin_block
         # An nn.Sequential hands its input to its first child and never reads it again: the
