@@ -2549,7 +2549,7 @@ def test_submodules_called_directly_are_pinned_at_a_third_of_the_footprint(how: 
         before = spill.stats()
         losses, m, h = train(6, "{how}", lambda m, o: st.offload(m, o))
         after = spill.stats()
-""" + MATCHES_PLAIN_TORCH + f"""
+""" + MATCHES_PLAIN_TORCH + """
         assert after["swap.steps_planned"] > before["swap.steps_planned"], "no planned step"
         assert h.quiet_steps == 0 and h.armed_steps == 6, (h.quiet_steps, h.armed_steps)
         spill.set_budget(4 * footprint)
@@ -3964,7 +3964,7 @@ def test_fp16_autocast_with_grad_scaler_trains_as_plain_torch() -> None:
     GradScaler (it disables itself without CUDA) and no fp16 autocast: CPU runs test bf16
     autocast and a loop that skips steps the way GradScaler does
     (test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint)."""
-    out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + f"""
+    out = run_ok(quiet_preamble("1GiB") + LOOP_PATTERNS + """
         import gc
         def scaler_of():
             kwargs = dict(init_scale=2.0 ** 30, backoff_factor=2.0 ** -6, growth_interval=2)

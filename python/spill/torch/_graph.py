@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ._recorder import OpRecord, Recorder, StorageRecord
+from ._recorder import OpRecord, Recorder
 
 GRAPH_FORMAT_VERSION = 2
 
