@@ -172,7 +172,9 @@ class PinEveryOp(TorchDispatchMode):
                 # first pin (after it, a key switches no plan): the shapes of the tensors of
                 # the ops before that pin (making the batch, under the guard: ops of small
                 # tensors, none pinned) and of the first pinning op's arguments. The pinning op
-                # alone may hold no batch: a Linear's first op is the weight's transpose.
+                # alone may hold no batch (zero_grad's zero_ of a gradient, torch 1.13's
+                # default, before the forward); under guard a view pins nothing, so a
+                # Linear's transpose of its weight is not that op.
                 if began:
                     self._key_shapes = []
                 tensors = [t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)]

@@ -1154,7 +1154,7 @@ class OffloadHandle:
             if extra:
                 for t in extra.values():
                     self._hold(tokens, t, stream, False)
-            if not self._eval_ops:
+            if self._eval_ops is None:
                 for t in _tensor_attributes(module):
                     self._hold(tokens, t, stream, False)
         movable, pin = self._movable, self._pin_block

@@ -148,7 +148,6 @@ class _PinReads(PinEveryOp):
         return out
 
 
-
 def _stray_optimizer(window: "Window") -> Any:
     """A live optimizer over a parameter of a live handle's model that no handle knows (one
     made in the loop to replace the optimizer offload() was given), or None. Looked for only
