@@ -77,9 +77,9 @@ void on_fault(int sig, siginfo_t* info, void* context) {
         "out (or freed) was touched without a pin. spill.torch: a thread other than the one "
         "that trains must use an offloaded model's tensors inside "
         "`with spill.torch.pin_reads():`, and so must a forward that reads what no hook of "
-        "offload() pins (another module's weight first read after the first step, a gradient, "
-        "optimizer state: docs/pytorch.md); code that reads a raw data_ptr() must pin it. C "
-        "API: bracket host access with spill_pin_for_host and spill_unpin.\n");
+        "offload() pins (a gradient, optimizer state, another module's state: docs/pytorch.md); "
+        "code that reads a raw data_ptr() must pin it. C API: bracket host access with "
+        "spill_pin_for_host and spill_unpin.\n");
   }
   errno = saved_errno;
   // Hand the fault on: the previous handler, called as it asked to be; the default one by

@@ -3197,6 +3197,74 @@ def test_state_a_module_keeps_on_itself_across_steps_is_pinned_by_its_forward() 
     assert "ok" in out, out
 
 
+@pytest.mark.parametrize("quiet", ["armed", "quiet"])
+def test_a_forward_reading_a_weight_the_first_step_did_not_see_reads_it_pinned(quiet) -> None:
+    """A parent's forward that reads a child's weight only from the fifth call on (an
+    auxiliary term after a warm-up) and a forward hook registered after the second step that
+    reads another module's weight: reads the first step did not see, so no pre-hook pins
+    them. Read by attribute (``nn.Module.__getattr__``) while the model's training forward
+    runs and the owner does not, they are pinned until the module running then ends. With
+    everything evicted at a hook in each forward (after the child), training gives plain
+    torch's losses and parameters, armed and in quiet steps. Before, both read the weight on
+    the host (audit 36b F1: a segmentation fault on the CPU bridge)."""
+    out = run_ok(quiet_preamble("64MiB") + f"""
+        import time
+        quiet = {quiet!r}
+        def evict_all():
+            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
+                     if b["state"] == "active_allocated"]
+            for a in addrs:
+                spill.evict(a)
+            deadline = time.monotonic() + 30
+            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                                torch.nn.Linear(512, 512))
+                self.head = torch.nn.Linear(512, 512)
+                self.calls = 0
+            def forward(self, x):
+                self.calls += 1
+                h = self.body(x)
+                if self.calls > 4:
+                    h = h + self.body[0].weight.mean(0)
+                return self.head(h)
+        def train(spilled):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            o = torch.optim.Adam(m.parameters())
+            logged = []
+            if spilled:
+                m.body[2].register_forward_hook(lambda mod, a, out: evict_all())
+                h = st.offload(m, o, quiet=False if quiet == "armed" else 0.5)
+            xs = [torch.randn(128, 512, device=dev) for _ in range(6)]
+            losses = []
+            for i, x in enumerate(xs):
+                if i == 2:
+                    m.body[0].register_forward_hook(
+                        lambda mod, a, out: logged.append(m.head.weight.sum().item()))
+                o.zero_grad()
+                loss = m(x).square().mean()
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+            if spilled:
+                h.remove()
+            return losses, logged, [p.detach().clone() for p in m.parameters()]
+        base, base_logged, base_params = train(False)
+        enable()
+        losses, logged, params = train(True)
+        assert losses == base, (losses, base)
+        assert logged == base_logged and len(logged) == 4, (logged, base_logged)
+        assert all(torch.equal(a, b) for a, b in zip(params, base_params))
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_reads_a_forward_makes_that_no_hook_pins_are_pinned_under_pin_reads() -> None:
     """What the guide says offload does not pin inside a forward, read under
     ``spill.torch.pin_reads()`` as it says: a parent's forward that reads a child's weight

@@ -153,7 +153,7 @@ from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
 from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _remove, all_handles,
-                      stray_optimizer_error, window)
+                      current, stray_optimizer_error, window)
 
 Token = Any  # spill._capi.PinToken
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
@@ -365,6 +365,34 @@ class _Discovery(PinEveryOp):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
+_module_getattr = torch.nn.Module.__getattr__
+
+
+def _getattr_pinned(module: torch.nn.Module, name: str) -> Any:
+    """``nn.Module.__getattr__`` (which serves parameters, buffers and submodules) once an
+    offload handle was made: a parameter or buffer read while a training forward of an
+    offloaded model runs on this thread, and its module does not, is pinned until the module
+    running then ends (OffloadHandle._read_outside). The first step sees such reads op by op
+    (_Discovery) and later steps pin those at the reader's pre-hook; a read it had not seen
+    (a parent's code reading a child's weight from the third step on, a forward hook added
+    after the first step reading another module's weight) went unpinned, and read the
+    weight on the host (audit 36b F1: a segmentation fault on the CPU bridge)."""
+    value = _module_getattr(module, name)
+    if isinstance(value, torch.Tensor):
+        w = current()
+        if w is not None:
+            for h in list(w.handles):
+                if h._entry is not None:  # (its forward runs)
+                    h._read_outside(module, value)
+    return value
+
+
+def _install_getattr() -> None:
+    """Puts _getattr_pinned in place of ``nn.Module.__getattr__``; once per process."""
+    if torch.nn.Module.__getattr__ is _module_getattr:
+        torch.nn.Module.__getattr__ = _getattr_pinned  # type: ignore[assignment]
+
+
 def _tensor_attributes(module: torch.nn.Module) -> List[torch.Tensor]:
     """The tensors ``module`` keeps as plain attributes, neither parameters nor buffers: state
     its forward carries from one step to the next (an RNN's last hidden state, ``self.prev =
@@ -512,6 +540,7 @@ class OffloadHandle:
         try:
             self._install()
             self._window.add(self)
+            _install_getattr()
         except BaseException:
             # Nothing of it stays: hooks, wrappers, declarations (before, an optimizer
             # without load_state_dict left the model hooked, and a later offload() of it
@@ -2244,6 +2273,36 @@ class OffloadHandle:
                 self._acts.add(ptr)
             if not busy:
                 self._hold(tokens, t, stream, False)
+
+    def _read_outside(self, owner: torch.nn.Module, t: torch.Tensor) -> None:
+        """``t``, a parameter or buffer of ``owner`` read by attribute while a training
+        forward of this handle's model runs (see _getattr_pinned): pinned in the frame of the
+        module running now, until it ends (in a quiet step, the innermost quiet frame's, else
+        until the step ends), when ``owner`` is one of the model's and not running (its own
+        pre-hook pins its tensors for its call) and no mode pins every op there (the first
+        step's, an evaluation forward's, a busy module's)."""
+        if self._discovery is not None or self._eval_ops is not None \
+                or owner not in self._direct or state.forked_child:
+            return
+        if self._quiet:
+            # (a module without tensors of its own, the root of most models, has no quiet
+            # frame: then until the step ends)
+            quiet = self._quiet_frames
+            if any(m is owner for m, _ in quiet):
+                return
+            tokens = quiet[-1][1] if quiet else self._step_frame.tokens
+        else:
+            frames = self._frames
+            if not frames:
+                return
+            top = frames[-1]
+            if top.ops is not None or any(f.module is owner for f in frames):
+                return
+            extra = self._extra.get(top.module)
+            if extra and id(t) in extra:
+                return  # the first step saw it: pinned by the pre-hook
+            tokens = top.tokens
+        self._hold(tokens, t, self.pinner.stream(), False)
 
     def _hold(self, tokens: List[Tuple[Token, Any]], t: Any, stream: Optional[int],
               wrote: bool) -> None:
