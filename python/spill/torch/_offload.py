@@ -2288,7 +2288,7 @@ class OffloadHandle:
             # (a module without tensors of its own, the root of most models, has no quiet
             # frame: then until the step ends)
             quiet = self._quiet_frames
-            if any(m is owner for m, _ in quiet):
+            if quiet and (quiet[-1][0] is owner or any(m is owner for m, _ in quiet)):
                 return
             tokens = quiet[-1][1] if quiet else self._step_frame.tokens
         else:
@@ -2296,7 +2296,9 @@ class OffloadHandle:
             if not frames:
                 return
             top = frames[-1]
-            if top.ops is not None or any(f.module is owner for f in frames):
+            # (most reads are a module's own, which its pre-hook pinned: the top frame's)
+            if top.module is owner or top.ops is not None \
+                    or any(f.module is owner for f in frames):
                 return
             extra = self._extra.get(top.module)
             if extra and id(t) in extra:
