@@ -153,7 +153,7 @@ from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
 from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _remove, all_handles,
-                      current, stray_optimizer_error, window)
+                      stray_optimizer_error, window)
 
 Token = Any  # spill._capi.PinToken
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
@@ -378,13 +378,19 @@ def _getattr_pinned(module: torch.nn.Module, name: str) -> Any:
     after the first step reading another module's weight) went unpinned, and read the
     weight on the host (audit 36b F1: a segmentation fault on the CPU bridge)."""
     value = _module_getattr(module, name)
-    if isinstance(value, torch.Tensor):
-        w = current()
-        if w is not None:
-            for h in list(w.handles):
-                if h._entry is not None:  # (its forward runs)
-                    h._read_outside(module, value)
+    if _in_forward and isinstance(value, torch.Tensor):
+        me = threading.get_ident()
+        for ref, thread in list(_in_forward.values()):
+            handle = ref() if thread == me else None
+            if handle is not None:
+                handle._read_outside(module, value)
     return value
+
+
+# The handles whose training forward runs now (id() -> (weak reference, thread)): an entry
+# has begun and not ended (OffloadHandle._set_entry). Empty outside forwards, so that every
+# other attribute read costs one test.
+_in_forward: Dict[int, Tuple[Any, int]] = {}
 
 
 def _install_getattr() -> None:
@@ -1010,6 +1016,7 @@ class OffloadHandle:
         self._wrapped_hooks.clear()
         unwrap_methods(self._saved_methods)
         self._window.discard(self)
+        _in_forward.pop(id(self), None)
         self._leave_eval_ops()
         self._leave_discovery()
         self._pop_saved_hooks()
@@ -1355,7 +1362,7 @@ class OffloadHandle:
     def _end_entry(self, output: Any) -> None:
         """The entry's forward hook (see _pre): its saved-tensor hooks go; its outputs stay
         pinned in the step frame (code between entries may read them) until the step ends."""
-        self._entry = None
+        self._set_entry(None)
         self.steps.deferred = False
         self.steps.end_evaluation()
         self._leave_eval_ops()
@@ -1388,7 +1395,8 @@ class OffloadHandle:
         # only after a backward (or outside grad mode, where nothing is kept for one): code
         # between two entries of one step may still read the first one's outputs.
         new_step = (module is self.model or self._step_over or not torch.is_grad_enabled())
-        self._entry, self._entry_depth, self._step_over = module, 0, False
+        self._set_entry(module)
+        self._entry_depth, self._step_over = 0, False
         self._began_step = False
         # An evaluation forward pins every op (_EvalOps): what the window declared on running
         # out of memory may stay swappable through it.
@@ -1497,7 +1505,8 @@ class OffloadHandle:
         (the next forward begins it again); when the forward began a step, that step's pins go
         and the next forward begins it again (a boundary). The forward's graph goes with the
         caller's last reference to it (Saved makes no cycle)."""
-        self._entry, self._entry_depth = None, 0
+        self._set_entry(None)
+        self._entry_depth = 0
         self._key_pending = False
         self.steps.deferred = False
         self.steps.end_evaluation()
@@ -1901,7 +1910,7 @@ class OffloadHandle:
                     restore_groups()
                 if ended:
                     self._end_step()
-                self._entry = None  # an entry an exception interrupted: the forward is over
+                self._set_entry(None)  # an entry an exception interrupted: the forward is over
                 self._window.leave(self)
                 self._window.release_kept()
             return result
@@ -2273,6 +2282,14 @@ class OffloadHandle:
                 self._acts.add(ptr)
             if not busy:
                 self._hold(tokens, t, stream, False)
+
+    def _set_entry(self, module: Optional[torch.nn.Module]) -> None:
+        """The module whose forward began the forward running now (None: none runs)."""
+        self._entry = module
+        if module is None:
+            _in_forward.pop(id(self), None)
+        else:
+            _in_forward[id(self)] = (weakref.ref(self), threading.get_ident())
 
     def _read_outside(self, owner: torch.nn.Module, t: torch.Tensor) -> None:
         """``t``, a parameter or buffer of ``owner`` read by attribute while a training
