@@ -3265,6 +3265,50 @@ def test_a_forward_reading_a_weight_the_first_step_did_not_see_reads_it_pinned(q
     assert "ok" in out, out
 
 
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge's 64 KiB granule")
+def test_training_in_eval_mode_swaps_activations_as_train_mode_does() -> None:
+    """Training with the model in eval mode (``model.eval()``: batch norm and dropout frozen,
+    as in fine-tuning) and grad on: its forwards are training forwards, whose saved
+    activations move, not evaluation forwards that pin every op. A 6-layer MLP with AdamW at
+    9 MiB (train mode fits there) gives plain torch's losses and parameters. Before, it ran
+    out of memory in the second step's backward (audit 36f F2)."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import torch.nn.functional as F
+        def train(spilled):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.Linear(64, 512),
+                                    *[torch.nn.Sequential(torch.nn.Linear(512, 512),
+                                                          torch.nn.ReLU()) for _ in range(4)],
+                                    torch.nn.Linear(512, 10)).to(dev)
+            o = torch.optim.AdamW(m.parameters(), lr=1e-3)
+            if spilled:
+                h = st.offload(m, o)
+                spill.set_budget(9 << 20)
+            m.eval()
+            x = torch.randn(1024, 64, device=dev)
+            y = torch.randint(0, 10, (1024,), device=dev)
+            losses = []
+            for _ in range(4):
+                o.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+            if spilled:
+                spill.set_budget(64 << 20)
+                h.remove()
+            return losses, [p.detach().clone() for p in m.parameters()]
+        base, base_params = train(False)
+        enable()
+        losses, params = train(True)
+        assert losses == base, (losses, base)
+        assert all(torch.equal(a, b) for a, b in zip(params, base_params))
+        assert st.memory_stats()["swap.bytes_out"] > 0
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_reads_a_forward_makes_that_no_hook_pins_are_pinned_under_pin_reads() -> None:
     """What the guide says offload does not pin inside a forward, read under
     ``spill.torch.pin_reads()`` as it says: a parent's forward that reads a child's weight

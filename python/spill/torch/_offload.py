@@ -1399,8 +1399,12 @@ class OffloadHandle:
         self._entry_depth, self._step_over = 0, False
         self._began_step = False
         # An evaluation forward pins every op (_EvalOps): what the window declared on running
-        # out of memory may stay swappable through it.
-        evaluation = not module.training or not torch.is_grad_enabled()
+        # out of memory may stay swappable through it. One outside grad mode: a training
+        # forward in eval mode (batch norm and dropout frozen by model.eval(), fine-tuning)
+        # saves activations for a backward, which move as in train mode (it ran as an
+        # evaluation before: every op pinned, and at a budget train mode fits it ran out of
+        # memory in its backward, audit 36f F2).
+        evaluation = not torch.is_grad_enabled()
         self._window.enter(self, keep_made=evaluation)
         if self._boundary or new_step:
             self._refresh(evaluating=evaluation)
@@ -1436,11 +1440,12 @@ class OffloadHandle:
             self._leave_discovery()
         if self._would_hold and self._discovery is None:
             self._hold_line = spill_budget(state.device) // 4
-        if self._discovery is None and (not module.training or not torch.is_grad_enabled()):
-            # An evaluation forward (model.eval(), torch.no_grad()) may take a path the first
+        if self._discovery is None and evaluation:
+            # An evaluation forward (torch.no_grad(), inference_mode) may take a path the first
             # step's training forward did not show, where a module's code reads its children's
             # parameters without calling them (nn.TransformerEncoderLayer's and
-            # nn.MultiheadAttention's fast path in eval mode): every op is pinned.
+            # nn.MultiheadAttention's fast path in eval mode): every op is pinned. (In grad
+            # mode such reads by attribute are pinned by _getattr_pinned.)
             self._eval_ops = _EvalOps(self.pinner, self._window)
             _insert_bottom(self._eval_ops, *_dispatch_stack())  # (see _Discovery's above)
             self._policy.evaluation(True)
