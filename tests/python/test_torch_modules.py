@@ -1567,6 +1567,62 @@ def test_distributed_data_parallel_trains_as_plain_torch(tmp_path: pathlib.Path)
     run_ranks(DDP_RANK, tmp_path, 2 if TARGET == "cpu" else 1)
 
 
+# One rank: offload() of the module a DistributedDataParallel wraps, and a DDP wrapped around
+# a model already offloaded, are refused; offload() of the wrapper trains.
+DDP_ORDER_RANK = """
+import sys
+import torch, torch.nn as nn, torch.distributed as dist
+import spill, spill.torch as st
+torch.set_num_threads(1)
+rank, store, world, dev = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo" if dev == "cpu" else "nccl", init_method="file://" + store,
+                        rank=rank, world_size=world)
+st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target=dev)
+def make():
+    m = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).to(dev)
+    return m, torch.optim.SGD(m.parameters(), lr=0.1)
+m, opt = make()
+ddp = nn.parallel.DistributedDataParallel(m)
+for given in (m, m[0]):
+    try:
+        st.offload(given, opt)
+    except spill.Error as e:
+        assert "Offload the wrapper instead" in str(e) and "wraps" in str(e), str(e)
+    else:
+        raise AssertionError("offload() of a module DDP wraps was accepted")
+m2, opt2 = make()
+h = st.offload(m2, opt2)
+try:
+    nn.parallel.DistributedDataParallel(m2)
+except spill.Error as e:
+    assert "call handle.remove() first" in str(e) and "Offload the wrapper" in str(e), str(e)
+else:
+    raise AssertionError("DDP over an offloaded model was accepted")
+h.remove()
+nn.parallel.DistributedDataParallel(m2)  # (removed: accepted)
+h = st.offload(ddp, opt)
+x = torch.randn(64, 512, device=dev)
+for _ in range(2):
+    opt.zero_grad()
+    ddp(x).square().mean().backward()
+    opt.step()
+h.remove()
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+def test_offload_refuses_a_module_ddp_wraps_and_ddp_refuses_an_offloaded_model(
+        tmp_path: pathlib.Path) -> None:
+    """offload() knows of DistributedDataParallel only when the wrapper is in the model it is
+    given (its reducer reads and writes the gradients where no hook runs). Offloading the
+    module a DDP wraps (``offload(ddp.module, opt)``), or wrapping an offloaded model in DDP
+    afterwards, trained with gradients moving under the reducer: a segmentation fault in
+    the first backward on the CPU bridge (audit 36e F1). Both now raise spill.Error saying
+    to offload the wrapper; ``offload(ddp, opt)`` trains. One rank (gloo on the bridge)."""
+    run_ranks(DDP_ORDER_RANK, tmp_path, 1)
+
+
 def run_ranks(code: str, tmp_path: pathlib.Path, world: int) -> None:
     """Runs ``code`` in ``world`` processes (arguments: rank, a file store, world, device)
     and asserts that each printed "ok RANK"."""

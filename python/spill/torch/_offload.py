@@ -449,6 +449,7 @@ class OffloadHandle:
         # The model's DistributedDataParallel wrappers: their reducer reads and writes the
         # gradients, and their forward broadcasts the buffers, in C++ where no hook sees it.
         self._ddp = _ddp_modules(model)
+        _refuse_outer_ddp(model)
         self._ddp_held: List[Tuple[Token, bool]] = []  # gradients held until backward ends
         self._hooks: List[Any] = []  # the parameters' gradient hooks
         self._module_hooks: Dict[torch.nn.Module, List[Any]] = {}  # forward pre/post hooks
@@ -547,6 +548,7 @@ class OffloadHandle:
             self._install()
             self._window.add(self)
             _install_getattr()
+            _install_ddp_check()
         except BaseException:
             # Nothing of it stays: hooks, wrappers, declarations (before, an optimizer
             # without load_state_dict left the model hooked, and a later offload() of it
@@ -2745,6 +2747,63 @@ def _ddp_modules(model: torch.nn.Module) -> Set[torch.nn.Module]:
                 "on the host then. Pass gradient_as_bucket_view=False (the default): DDP "
                 "copies each gradient into its bucket, and the gradients can move")
     return found
+
+
+_OUTER_DDP = (
+    "Offload the wrapper instead: ddp = DistributedDataParallel(model); handle = "
+    "spill.torch.offload(ddp, optimizer). DDP's reducer reads and writes the gradients in its "
+    "backward where no hook of spill's runs, and offload() knows of it only when the wrapper "
+    "is in the model it is given (offloading the wrapped module alone, gradients moved to "
+    "the host under it: a segmentation fault on the CPU bridge, an illegal address on a GPU).")
+
+
+def _refuse_outer_ddp(model: torch.nn.Module) -> None:
+    """Raises spill.Error when a DistributedDataParallel outside ``model`` wraps it or one of
+    its modules (``offload(ddp.module, opt)``). Looked for only in a process whose default
+    process group is up, among the objects the collector tracks (once, at offload())."""
+    try:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    import gc
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and obj is not model \
+                and any(m is model for m in obj.modules()) \
+                and not any(m is obj for m in model.modules()):
+            what = ("the model given" if obj.module is model else
+                    f"a model ({type(obj.module).__name__}) that holds the module given")
+            raise Error(f"spill.torch.offload: a DistributedDataParallel wraps {what} "
+                        f"({type(model).__name__}). {_OUTER_DDP}")
+
+
+def _install_ddp_check() -> None:
+    """Wraps DistributedDataParallel.__init__ (once per process): wrapping a module of a model
+    a live offload handle has offloaded raises spill.Error (``offload(model, opt)`` then
+    ``DistributedDataParallel(model)``: the handle does not know of the wrapper)."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return
+    original = DistributedDataParallel.__init__
+    if getattr(original, "_spill_checked", False):
+        return
+
+    def __init__(self: Any, module: Any, *args: Any, **kwargs: Any) -> None:
+        # (a model that holds a module a live handle offloaded, or one of its modules)
+        for handle in all_handles() if isinstance(module, torch.nn.Module) else ():
+            model = handle.model
+            if any(m is model for m in module.modules()) or any(
+                    m is module for m in model.modules()):
+                raise Error(f"spill.torch.offload: DistributedDataParallel over a "
+                            f"{type(module).__name__} that holds, or is part of, a model a "
+                            f"live offload handle has offloaded ({type(model).__name__}): "
+                            f"call handle.remove() first. {_OUTER_DDP}")
+        original(self, module, *args, **kwargs)
+    __init__._spill_checked = True  # type: ignore[attr-defined]
+    DistributedDataParallel.__init__ = __init__  # type: ignore[assignment]
 
 
 def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
