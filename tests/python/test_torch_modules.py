@@ -1623,6 +1623,88 @@ def test_offload_refuses_a_module_ddp_wraps_and_ddp_refuses_an_offloaded_model(
     run_ranks(DDP_ORDER_RANK, tmp_path, 1)
 
 
+# A layer each rank uses every other step, under DDP with find_unused_parameters: plain torch,
+# then offload(ddp, opt) with everything evicted between each forward and its backward, for
+# zero_grad(set_to_none=False) and for a no_sync() micro-batch that uses the layer before a
+# synchronised one that does not.
+DDP_UNUSED_RANK = """
+import hashlib, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import spill, spill.torch as st
+torch.set_num_threads(1)
+rank, store, world, dev = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo" if dev == "cpu" else "nccl", init_method="file://" + store,
+                        rank=rank, world_size=world)
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(*[nn.Sequential(nn.Linear(512, 512), nn.ReLU())
+                                    for _ in range(3)])
+        self.extra, self.head = nn.Linear(512, 512), nn.Linear(512, 10)
+        self.use_extra = False
+    def forward(self, x):
+        x = self.body(x)
+        return self.head(self.extra(x) if self.use_extra else x)
+def evict_all():
+    addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
+             if b["state"] == "active_allocated"]
+    for a in addrs:
+        spill.evict(a)
+    for a in addrs:
+        while spill.residence(a) == "swapping_out":
+            time.sleep(0.001)
+def run(spilled, how):
+    torch.manual_seed(0)
+    m = Net().to(dev)
+    ddp = nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+    h = st.offload(ddp, opt, quiet=False) if spilled else None
+    g = torch.Generator().manual_seed(1 + rank)
+    losses = []
+    for step in range(4):
+        m.use_extra = (step + rank) % 2 == 0
+        x = torch.randn(64, 512, generator=g).to(dev)
+        y = torch.randint(0, 10, (64,), generator=g).to(dev)
+        opt.zero_grad(set_to_none=how != "zeros")
+        if how == "nosync":
+            m.use_extra = True
+            with ddp.no_sync():
+                F.cross_entropy(ddp(x[:32]), y[:32]).backward()
+            m.use_extra = (step + rank) % 2 == 0
+            x, y = x[32:], y[32:]
+        loss = F.cross_entropy(ddp(x), y)
+        if spilled:
+            evict_all()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    digest = hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes()
+                                   for t in m.state_dict().values())).hexdigest()
+    if h is not None:
+        h.remove()
+    return losses, digest
+plain = {how: run(False, how) for how in ("zeros", "nosync")}
+st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target=dev)
+for how in ("zeros", "nosync"):
+    assert run(True, how) == plain[how], (how, "differs from plain torch")
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+def test_ddp_with_find_unused_parameters_holds_gradients_the_backward_does_not_reach(
+        tmp_path: pathlib.Path) -> None:
+    """Under DDP with find_unused_parameters, a parameter this rank's backward does not reach
+    (a layer each rank uses every other step) keeps its gradient (zeroed, or made by a
+    no_sync() micro-batch before), which DDP's reducer reads into its bucket and writes back
+    into, in C++ with no hook between. Held only when the backward reached them, one on the
+    host was read unpinned (audit 36e F2: a segmentation fault on the CPU bridge); every
+    gradient there is when such a backward begins is now held until it ends. With
+    everything evicted between each forward and its backward, both ranks give plain
+    torch's losses and final state."""
+    run_ranks(DDP_UNUSED_RANK, tmp_path, 2 if TARGET == "cpu" else 1)
+
+
 def run_ranks(code: str, tmp_path: pathlib.Path, world: int) -> None:
     """Runs ``code`` in ``world`` processes (arguments: rank, a file store, world, device)
     and asserts that each printed "ok RANK"."""

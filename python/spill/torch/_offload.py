@@ -1949,6 +1949,25 @@ class OffloadHandle:
             self._policy.backward_begins()
             if not self._quiet and self._discovery is None:
                 self._parts.backward_begins(roots)
+            if any(getattr(d, "find_unused_parameters", False) for d in self._ddp):
+                self._hold_unused_gradients()
+
+    def _hold_unused_gradients(self) -> None:
+        """A DistributedDataParallel backward with ``find_unused_parameters``: every gradient
+        there is now is held (pinned) until the backward ends. DDP's reducer reads the
+        gradient of a parameter this rank's backward does not reach into its bucket, and
+        writes the averaged bucket back into it, in C++ with no hook of spill's in between:
+        _grad_hook holds only those the backward reaches, and one unreached on the host was
+        read unpinned (audit 36e F2: a layer each rank uses every other step, a segmentation
+        fault on the CPU bridge)."""
+        stream = self.pinner.stream()
+        for p in self.model.parameters():
+            grad = p.grad
+            if grad is not None:
+                for t in (grad,) + components(grad):
+                    token = self._pin(t, stream)
+                    if token is not None:
+                        self._ddp_held.append((token, True))
 
     def backward_done(self) -> None:
         """A ``loss.backward()`` in the window ended (_window.py): the gradients made after
