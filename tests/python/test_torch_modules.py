@@ -1705,6 +1705,41 @@ def test_ddp_with_find_unused_parameters_holds_gradients_the_backward_does_not_r
     run_ranks(DDP_UNUSED_RANK, tmp_path, 2 if TARGET == "cpu" else 1)
 
 
+GUARD_DDP_RANK = """
+import sys, warnings
+import torch, torch.nn as nn, torch.distributed as dist
+import spill, spill.torch as st
+rank, store, world, dev = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo" if dev == "cpu" else "nccl", init_method="file://" + store,
+                        rank=rank, world_size=world)
+st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target=dev)
+def ddp_warnings(w):
+    return [str(x.message) for x in w if "DistributedDataParallel" in str(x.message)]
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    with st.guard():
+        pass
+    assert ddp_warnings(w) == [], ddp_warnings(w)
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(8, 8).to(dev))
+    for _ in range(2):
+        with st.guard():
+            pass
+    found = ddp_warnings(w)
+    assert len(found) == 1 and "offload(ddp, optimizer)" in found[0], found
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+def test_guard_warns_once_in_a_process_with_distributed_data_parallel(
+        tmp_path: pathlib.Path) -> None:
+    """The guide says not to run DDP's steps under guard(), which makes DDP's buckets
+    swappable: gloo then aborted the rank (``writev: Bad address``) with nothing naming
+    spill (audit 36e F3). Entering a guard while a DistributedDataParallel lives now warns,
+    once per process, saying to use offload(ddp, optimizer); none before one exists."""
+    run_ranks(GUARD_DDP_RANK, tmp_path, 1)
+
+
 def run_ranks(code: str, tmp_path: pathlib.Path, world: int) -> None:
     """Runs ``code`` in ``world`` processes (arguments: rank, a file store, world, device)
     and asserts that each printed "ok RANK"."""

@@ -306,6 +306,39 @@ class PinEveryOp(TorchDispatchMode):
         return failed
 
 
+_ddp_warned = False
+
+
+def _warn_of_ddp() -> None:
+    """Warns, once per process, when a guard is entered while a DistributedDataParallel
+    lives (looked for among the collector's objects, only in a process whose default process
+    group is up): guard declares what its ops are given, DDP's buckets among them, which its
+    reducer and the communication library read and write where no pin is; with one of them
+    on the host, gloo aborted the rank with ``writev: Bad address`` and nothing said why
+    (audit 36e F3). Not refused: a guard around code that runs no DDP step is fine."""
+    global _ddp_warned
+    if _ddp_warned:
+        return
+    try:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    import gc
+    if any(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects()):
+        import warnings
+        _ddp_warned = True
+        warnings.warn(
+            "spill.torch.guard: a DistributedDataParallel lives in this process. Do not run "
+            "its training steps under guard(): guard makes the tensors its ops are given "
+            "swappable, DDP's buckets among them, which DDP's reducer and the communication "
+            "library use where no pin is (a bucket on the host aborts the rank, with gloo "
+            "'writev: Bad address'). Use spill.torch.offload(ddp, optimizer) for DDP.",
+            stacklevel=3)
+
+
 def _held_by_offload() -> Set[int]:
     """The blocks live offload handles (every thread's) hold as their models' now."""
     from ._window import all_handles  # (_window imports this module)
@@ -417,6 +450,7 @@ class guard:
         self._mode, self._reads = mode, reads
         self._forget_left()
         _interrupts.guard_entered(True)
+        _warn_of_ddp()
         return self
 
     def __exit__(self, *exc: Any) -> None:
