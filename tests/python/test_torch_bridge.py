@@ -3309,6 +3309,62 @@ def test_training_in_eval_mode_swaps_activations_as_train_mode_does() -> None:
     assert "ok" in out, out
 
 
+def test_an_evaluation_forward_reading_another_modules_weight_on_the_host_reads_it_pinned(
+        ) -> None:
+    """An evaluation forward (``torch.no_grad()``) whose parent reads a child's weight with
+    ``.tolist()`` after the child ran and everything was evicted: the evaluation's mode pins
+    every aten op, but on the CPU bridge ``.tolist()`` reads memory without one, and read
+    the weight on the host (audit 36f F1: a segmentation fault). A read by attribute in a
+    forward is pinned for the running module's call now, in evaluations too (not in the
+    first step, whose forward evicts nothing here)."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import time
+        def evict_all():
+            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
+                     if b["state"] == "active_allocated"]
+            for a in addrs:
+                spill.evict(a)
+            deadline = time.monotonic() + 30
+            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)
+                self.evicting, self.calls = False, 0
+            def forward(self, x):
+                x = self.a(x)
+                self.calls += 1
+                if self.evicting and self.calls > 1:  # (the first step's host reads are not)
+                    evict_all()  # (self.a's call is over: its weight goes too)
+                return self.b(x + self.a.weight.tolist()[0][0])
+        def run(spilled):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            o = torch.optim.SGD(m.parameters(), lr=0.1)
+            if spilled:
+                m.evicting = True
+                h = st.offload(m, o, quiet=False)
+            x = torch.randn(64, 512, device=dev)
+            outs = []
+            for _ in range(3):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                o.step()
+                with torch.no_grad():
+                    outs.append(m(x).sum().item())
+            if spilled:
+                h.remove()
+            return outs
+        base = run(False)
+        enable()
+        assert run(True) == base
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_reads_a_forward_makes_that_no_hook_pins_are_pinned_under_pin_reads() -> None:
     """What the guide says offload does not pin inside a forward, read under
     ``spill.torch.pin_reads()`` as it says: a parent's forward that reads a child's weight

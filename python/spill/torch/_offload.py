@@ -2323,9 +2323,11 @@ class OffloadHandle:
         module running now, until it ends (in a quiet step, the innermost quiet frame's, else
         until the step ends), when ``owner`` is one of the model's and not running (its own
         pre-hook pins its tensors for its call) and no mode pins every op there (the first
-        step's, an evaluation forward's, a busy module's)."""
-        if self._discovery is not None or self._eval_ops is not None \
-                or owner not in self._direct or state.forked_child:
+        step's, a busy module's). An evaluation forward's mode pins every op too, but not the
+        CPU bridge's host reads (``.tolist()`` of another module's weight on the host, audit
+        36f F1): its reads by attribute are pinned as well. (The first step's are not: held
+        until the step ends, a forward written in one module would hold every weight.)"""
+        if self._discovery is not None or owner not in self._direct or state.forked_child:
             return
         if self._quiet:
             # (a module without tensors of its own, the root of most models, has no quiet
