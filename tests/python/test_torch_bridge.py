@@ -3314,9 +3314,9 @@ def test_an_evaluation_forward_reading_another_modules_weight_on_the_host_reads_
     """An evaluation forward (``torch.no_grad()``) whose parent reads a child's weight with
     ``.tolist()`` after the child ran and everything was evicted: the evaluation's mode pins
     every aten op, but on the CPU bridge ``.tolist()`` reads memory without one, and read
-    the weight on the host (audit 36f F1: a segmentation fault). A read by attribute in a
-    forward is pinned for the running module's call now, in evaluations too (not in the
-    first step, whose forward evicts nothing here)."""
+    the weight on the host (audit 36f F1: a segmentation fault). An evaluation forward runs
+    the window's host reads too now (not the first step, whose forward evicts nothing
+    here)."""
     out = run_ok(quiet_preamble("64MiB") + """
         import time
         def evict_all():

@@ -481,6 +481,7 @@ class OffloadHandle:
         self._taken_off: List[Any] = []  # modes taken off in a backward (_take_off)
         # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
         self._eval_ops: Optional[_PinOps] = None
+        self._eval_reads: Any = None  # its host reads on the CPU bridge (_reads.host_reads)
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
         self._stack_calls: List[ModuleCall] = []
@@ -1451,6 +1452,13 @@ class OffloadHandle:
             self._eval_ops = _EvalOps(self.pinner, self._window)
             _insert_bottom(self._eval_ops, *_dispatch_stack())  # (see _Discovery's above)
             self._policy.evaluation(True)
+            # The CPU bridge's host reads (``.tolist()``, ``.numpy()``, printing) read memory
+            # without an op: pinned as in the window (before, ``.tolist()`` of another
+            # module's weight on the host faulted: audit 36f F1). None on a GPU.
+            from ._reads import host_reads  # (_reads imports _window)
+            self._eval_reads = host_reads()
+            if self._eval_reads is not None:
+                _insert_bottom(self._eval_reads, *_function_stack())
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
         # step and the next training forward) belongs to neither: it leaves the boundary to
         # the next training forward, and its pins begin no training step; they go to a step
@@ -2232,6 +2240,9 @@ class OffloadHandle:
             _remove(self._eval_ops, *_dispatch_stack())
             self._eval_ops = None
             self._policy.evaluation(False)
+        reads, self._eval_reads = self._eval_reads, None
+        if reads is not None:
+            _remove(reads, *_function_stack())
 
     def _leave_discovery(self) -> None:
         if self._discovery is not None:
@@ -2323,11 +2334,9 @@ class OffloadHandle:
         module running now, until it ends (in a quiet step, the innermost quiet frame's, else
         until the step ends), when ``owner`` is one of the model's and not running (its own
         pre-hook pins its tensors for its call) and no mode pins every op there (the first
-        step's, a busy module's). An evaluation forward's mode pins every op too, but not the
-        CPU bridge's host reads (``.tolist()`` of another module's weight on the host, audit
-        36f F1): its reads by attribute are pinned as well. (The first step's are not: held
-        until the step ends, a forward written in one module would hold every weight.)"""
-        if self._discovery is not None or owner not in self._direct or state.forked_child:
+        step's, an evaluation forward's, a busy module's)."""
+        if self._discovery is not None or self._eval_ops is not None \
+                or owner not in self._direct or state.forked_child:
             return
         if self._quiet:
             # (a module without tensors of its own, the root of most models, has no quiet
