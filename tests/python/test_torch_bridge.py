@@ -3006,6 +3006,22 @@ def test_a_guard_whose_exit_finds_no_room_keeps_what_is_left_pinned_until_releas
     assert "ok" in out, out
 
 
+# Evicts every block spill holds that can move and waits for the copies: a tensor that is
+# swappable and then read without a pin faults on the CPU bridge (audits 36a, 36b).
+EVICT_ALL = """
+        import time
+        def evict_all():
+            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
+                     if b["state"] == "active_allocated"]
+            for a in addrs:
+                spill.evict(a)
+            deadline = time.monotonic() + 30
+            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
+                    and time.monotonic() < deadline:
+                time.sleep(0.001)
+"""
+
+
 # Eight 1 MiB tensors made and used under a guard whose exit finds 4 MiB (audit 36a's).
 LEFT_BY_AN_EXIT = """
         import io, time
@@ -3144,18 +3160,8 @@ def test_state_a_module_keeps_on_itself_across_steps_is_pinned_by_its_forward() 
     a segmentation fault on the CPU bridge). Its pre-hook now pins the tensors the module
     keeps as attributes; with everything evicted at a hook of the caller's in each forward,
     training gives plain torch's losses and parameters."""
-    out = run_ok(quiet_preamble("64MiB") + """
-        import time
+    out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
         import torch.nn.functional as F
-        def evict_all():
-            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
-                     if b["state"] == "active_allocated"]
-            for a in addrs:
-                spill.evict(a)
-            deadline = time.monotonic() + 30
-            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
-                    and time.monotonic() < deadline:
-                time.sleep(0.001)
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -3207,18 +3213,8 @@ def test_a_forward_reading_a_weight_the_first_step_did_not_see_reads_it_pinned(q
     everything evicted at a hook in each forward (after the child), training gives plain
     torch's losses and parameters, armed and in quiet steps. Before, both read the weight on
     the host (audit 36b F1: a segmentation fault on the CPU bridge)."""
-    out = run_ok(quiet_preamble("64MiB") + f"""
-        import time
+    out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + f"""
         quiet = {quiet!r}
-        def evict_all():
-            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
-                     if b["state"] == "active_allocated"]
-            for a in addrs:
-                spill.evict(a)
-            deadline = time.monotonic() + 30
-            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
-                    and time.monotonic() < deadline:
-                time.sleep(0.001)
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -3317,17 +3313,7 @@ def test_an_evaluation_forward_reading_another_modules_weight_on_the_host_reads_
     the weight on the host (audit 36f F1: a segmentation fault). An evaluation forward runs
     the window's host reads too now (not the first step, whose forward evicts nothing
     here)."""
-    out = run_ok(quiet_preamble("64MiB") + """
-        import time
-        def evict_all():
-            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
-                     if b["state"] == "active_allocated"]
-            for a in addrs:
-                spill.evict(a)
-            deadline = time.monotonic() + 30
-            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
-                    and time.monotonic() < deadline:
-                time.sleep(0.001)
+    out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -3373,17 +3359,7 @@ def test_reads_a_forward_makes_that_no_hook_pins_are_pinned_under_pin_reads() ->
     the backward made it). With everything evicted at a hook in each forward, training gives
     plain torch's losses, parameters and logged norms (unpinned, both read a block on the
     host: audit 36b F1, F3)."""
-    out = run_ok(quiet_preamble("64MiB") + """
-        import time
-        def evict_all():
-            addrs = [b["address"] for s in spill.snapshot()["segments"] for b in s["blocks"]
-                     if b["state"] == "active_allocated"]
-            for a in addrs:
-                spill.evict(a)
-            deadline = time.monotonic() + 30
-            while any(spill.residence(a) == "swapping_out" for a in addrs) \\
-                    and time.monotonic() < deadline:
-                time.sleep(0.001)
+    out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
         class Net(torch.nn.Module):
             def __init__(self, spilled):
                 super().__init__()
