@@ -306,18 +306,20 @@ class PinEveryOp(TorchDispatchMode):
         return failed
 
 
-_ddp_warned = False
+# DistributedDataParallel seen in this process (_warn_of_ddp): looked for once among the
+# collector's objects, then told by a wrapper of its __init__; and whether guard warned.
+_ddp = {"watching": False, "seen": False, "warned": False}
 
 
 def _warn_of_ddp() -> None:
-    """Warns, once per process, when a guard is entered while a DistributedDataParallel
-    lives (looked for among the collector's objects, only in a process whose default process
-    group is up): guard declares what its ops are given, DDP's buckets among them, which its
-    reducer and the communication library read and write where no pin is; with one of them
-    on the host, gloo aborted the rank with ``writev: Bad address`` and nothing said why
-    (audit 36e F3). Not refused: a guard around code that runs no DDP step is fine."""
-    global _ddp_warned
-    if _ddp_warned:
+    """Warns, once per process, when a guard is entered while a DistributedDataParallel has
+    been made (in a process whose default process group is up): guard declares what its ops
+    are given, DDP's buckets among them, which its reducer and the communication library
+    read and write where no pin is; with one of them on the host, gloo aborted the rank with
+    ``writev: Bad address`` and nothing said why (audit 36e F3). Not refused: a guard around
+    code that runs no DDP step is fine. The first call looks among the collector's objects
+    for one made before and wraps DDP's __init__ to hear of later ones."""
+    if _ddp["warned"]:
         return
     try:
         import torch.distributed as dist
@@ -326,10 +328,20 @@ def _warn_of_ddp() -> None:
         return
     if not dist.is_available() or not dist.is_initialized():
         return
-    import gc
-    if any(isinstance(obj, DistributedDataParallel) for obj in gc.get_objects()):
+    if not _ddp["watching"]:
+        _ddp["watching"] = True
+        original = DistributedDataParallel.__init__
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            _ddp["seen"] = True
+            original(self, *args, **kwargs)
+        DistributedDataParallel.__init__ = __init__  # type: ignore[assignment]
+        import gc
+        _ddp["seen"] = _ddp["seen"] or any(isinstance(obj, DistributedDataParallel)
+                                           for obj in gc.get_objects())
+    if _ddp["seen"]:
         import warnings
-        _ddp_warned = True
+        _ddp["warned"] = True
         warnings.warn(
             "spill.torch.guard: a DistributedDataParallel lives in this process. Do not run "
             "its training steps under guard(): guard makes the tensors its ops are given "

@@ -2817,9 +2817,11 @@ def _install_ddp_check() -> None:
         from torch.nn.parallel import DistributedDataParallel
     except ImportError:
         return
-    original = DistributedDataParallel.__init__
-    if getattr(original, "_spill_checked", False):
+    global _ddp_checked
+    if _ddp_checked:
         return
+    _ddp_checked = True
+    original = DistributedDataParallel.__init__
 
     def __init__(self: Any, module: Any, *args: Any, **kwargs: Any) -> None:
         # (a model that holds a module a live handle offloaded, or one of its modules)
@@ -2832,8 +2834,10 @@ def _install_ddp_check() -> None:
                             f"live offload handle has offloaded ({type(model).__name__}): "
                             f"call handle.remove() first. {_OUTER_DDP}")
         original(self, module, *args, **kwargs)
-    __init__._spill_checked = True  # type: ignore[attr-defined]
     DistributedDataParallel.__init__ = __init__  # type: ignore[assignment]
+
+
+_ddp_checked = False  # (_install_ddp_check: once per process)
 
 
 def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
