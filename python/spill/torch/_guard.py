@@ -306,9 +306,35 @@ class PinEveryOp(TorchDispatchMode):
         return failed
 
 
-# DistributedDataParallel seen in this process (_warn_of_ddp): looked for once among the
-# collector's objects, then told by a wrapper of its __init__; and whether guard warned.
-_ddp = {"watching": False, "seen": False, "warned": False}
+# DistributedDataParallel's __init__, wrapped once per process (watch_ddp): whether one was
+# made since, or found made before (_warn_of_ddp looks once), the checks each new one runs
+# first (offload's), and whether guard warned.
+_ddp: Dict[str, Any] = {"watching": False, "seen": False, "scanned": False, "warned": False,
+                        "checks": []}
+
+
+def watch_ddp(check: Any = None) -> bool:
+    """Wraps DistributedDataParallel.__init__, once per process, so that each new DDP runs
+    the registered checks on the module it wraps (``check``, if given, joins them: offload's
+    refusal of an offloaded model) and is noted; returns whether a DDP was noted (made since
+    the wrapper, or found by _warn_of_ddp's look)."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return False
+    if check is not None and check not in _ddp["checks"]:
+        _ddp["checks"].append(check)
+    if not _ddp["watching"]:
+        _ddp["watching"] = True
+        original = DistributedDataParallel.__init__
+
+        def __init__(self: Any, module: Any, *args: Any, **kwargs: Any) -> None:
+            for checked in list(_ddp["checks"]):
+                checked(module)
+            _ddp["seen"] = True
+            original(self, module, *args, **kwargs)
+        DistributedDataParallel.__init__ = __init__  # type: ignore[assignment]
+    return bool(_ddp["seen"])
 
 
 def _warn_of_ddp() -> None:
@@ -318,7 +344,7 @@ def _warn_of_ddp() -> None:
     read and write where no pin is; with one of them on the host, gloo aborted the rank with
     ``writev: Bad address`` and nothing said why (audit 36e F3). Not refused: a guard around
     code that runs no DDP step is fine. The first call looks among the collector's objects
-    for one made before and wraps DDP's __init__ to hear of later ones."""
+    for one made before DDP's __init__ was wrapped (watch_ddp hears of later ones)."""
     if _ddp["warned"]:
         return
     try:
@@ -328,18 +354,14 @@ def _warn_of_ddp() -> None:
         return
     if not dist.is_available() or not dist.is_initialized():
         return
-    if not _ddp["watching"]:
-        _ddp["watching"] = True
-        original = DistributedDataParallel.__init__
-
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            _ddp["seen"] = True
-            original(self, *args, **kwargs)
-        DistributedDataParallel.__init__ = __init__  # type: ignore[assignment]
+    seen = watch_ddp()
+    if not _ddp["scanned"]:
+        _ddp["scanned"] = True
         import gc
-        _ddp["seen"] = _ddp["seen"] or any(isinstance(obj, DistributedDataParallel)
-                                           for obj in gc.get_objects())
-    if _ddp["seen"]:
+        seen = seen or any(isinstance(obj, DistributedDataParallel)
+                           for obj in gc.get_objects())
+        _ddp["seen"] = seen
+    if seen:
         import warnings
         _ddp["warned"] = True
         warnings.warn(

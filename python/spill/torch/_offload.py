@@ -138,7 +138,7 @@ from spill import budget as spill_budget
 
 from . import _caller_hooks as caller_hooks
 from . import _copies as copies
-from ._guard import PinEveryOp
+from ._guard import PinEveryOp, watch_ddp
 from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
 from ._names import BlockNames
 from ._partials import PartialGradients
@@ -549,7 +549,7 @@ class OffloadHandle:
             self._install()
             self._window.add(self)
             _install_getattr()
-            _install_ddp_check()
+            watch_ddp(_refuse_ddp_over_offloaded)
         except BaseException:
             # Nothing of it stays: hooks, wrappers, declarations (before, an optimizer
             # without load_state_dict left the model hooked, and a later offload() of it
@@ -1818,12 +1818,8 @@ class OffloadHandle:
                 # AccumulateGrad is about to add into the existing gradient (a sparse one:
                 # into its indices and values). Under DDP its reducer copies the averaged
                 # gradients back into every gradient when the backward ends: held till then.
-                stream = self.pinner.stream()
                 held = self._ddp_held if self._ddp else self._bw_pending
-                for t in (param.grad,) + components(param.grad):
-                    token = self._pin(t, stream)
-                    if token is not None:
-                        held.append((token, True))
+                self._hold_gradient(param.grad, held, self.pinner.stream())
             elif self._persistent and not self._quiet:
                 # AccumulateGrad is about to make its gradient (a quiet step, which has room,
                 # leaves it to the optimizer step).
@@ -1970,12 +1966,16 @@ class OffloadHandle:
         fault on the CPU bridge)."""
         stream = self.pinner.stream()
         for p in self.model.parameters():
-            grad = p.grad
-            if grad is not None:
-                for t in (grad,) + components(grad):
-                    token = self._pin(t, stream)
-                    if token is not None:
-                        self._ddp_held.append((token, True))
+            if p.grad is not None:
+                self._hold_gradient(p.grad, self._ddp_held, stream)
+
+    def _hold_gradient(self, grad: torch.Tensor, held: List[Tuple[Token, Any]],
+                       stream: Optional[int]) -> None:
+        """Pins ``grad`` (a sparse one: its indices and values) into ``held``, as written."""
+        for t in (grad,) + components(grad):
+            token = self._pin(t, stream)
+            if token is not None:
+                held.append((token, True))
 
     def backward_done(self) -> None:
         """A ``loss.backward()`` in the window ended (_window.py): the gradients made after
@@ -2809,35 +2809,19 @@ def _refuse_outer_ddp(model: torch.nn.Module) -> None:
                         f"({type(model).__name__}). {_OUTER_DDP}")
 
 
-def _install_ddp_check() -> None:
-    """Wraps DistributedDataParallel.__init__ (once per process): wrapping a module of a model
-    a live offload handle has offloaded raises spill.Error (``offload(model, opt)`` then
-    ``DistributedDataParallel(model)``: the handle does not know of the wrapper)."""
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-    except ImportError:
-        return
-    global _ddp_checked
-    if _ddp_checked:
-        return
-    _ddp_checked = True
-    original = DistributedDataParallel.__init__
-
-    def __init__(self: Any, module: Any, *args: Any, **kwargs: Any) -> None:
-        # (a model that holds a module a live handle offloaded, or one of its modules)
-        for handle in all_handles() if isinstance(module, torch.nn.Module) else ():
-            model = handle.model
-            if any(m is model for m in module.modules()) or any(
-                    m is module for m in model.modules()):
-                raise Error(f"spill.torch.offload: DistributedDataParallel over a "
-                            f"{type(module).__name__} that holds, or is part of, a model a "
-                            f"live offload handle has offloaded ({type(model).__name__}): "
-                            f"call handle.remove() first. {_OUTER_DDP}")
-        original(self, module, *args, **kwargs)
-    DistributedDataParallel.__init__ = __init__  # type: ignore[assignment]
-
-
-_ddp_checked = False  # (_install_ddp_check: once per process)
+def _refuse_ddp_over_offloaded(module: Any) -> None:
+    """Run (watch_ddp) before each new DistributedDataParallel: wrapping a model that holds,
+    or is part of, a model a live offload handle has offloaded raises spill.Error
+    (``offload(model, opt)`` then ``DistributedDataParallel(model)``: the handle does not
+    know of the wrapper)."""
+    for handle in all_handles() if isinstance(module, torch.nn.Module) else ():
+        model = handle.model
+        if any(m is model for m in module.modules()) or any(
+                m is module for m in model.modules()):
+            raise Error(f"spill.torch.offload: DistributedDataParallel over a "
+                        f"{type(module).__name__} that holds, or is part of, a model a "
+                        f"live offload handle has offloaded ({type(model).__name__}): "
+                        f"call handle.remove() first. {_OUTER_DDP}")
 
 
 def _scripted(model: torch.nn.Module) -> Set[torch.nn.Module]:
