@@ -745,6 +745,15 @@ bool Swapper::swappable(const void* ptr) const {
   return !m.opt.opt_in && m.backend.find_block(ptr).has_value();
 }
 
+std::optional<Swapper::BlockUse> Swapper::use_of(const void* ptr) const {
+  Impl& m = *impl_;
+  std::lock_guard lock(m.mu);
+  SwapBlock* b = m.find_tracked_locked(ptr);
+  if (b == nullptr) return std::nullopt;
+  m.settle_locked(*b);
+  return BlockUse{b->state, b->swappable, b->pins, b->generation};
+}
+
 SwapStats Swapper::stats() const {
   Impl& m = *impl_;
   std::lock_guard lock(m.mu);

@@ -241,6 +241,15 @@ class Swapper {
   // spill_empty_cache does before the pool returns its empty chunks).
   void reap_freed();
   bool swappable(const void* ptr) const;  // false for blocks that never move
+  // What spill_get_block_info reports of the tracked block containing `ptr`, read under one
+  // lock; nullopt when no tracked block contains it (memory that never moves).
+  struct BlockUse {
+    Residence residence = Residence::Resident;
+    bool swappable = false;
+    int pins = 0;  // open pins, the swapper's own brief holds (a copy's) included
+    std::uint64_t generation = 0;
+  };
+  std::optional<BlockUse> use_of(const void* ptr) const;
   SwapStats stats() const;
   // Which resident tracked blocks cannot be evicted now and why (pinned, not declared
   // swappable), with the first few addresses: for error messages.

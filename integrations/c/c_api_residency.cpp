@@ -159,6 +159,28 @@ spill_status spill_get_generation(const void* ptr, uint64_t* generation) {
   });
 }
 
+spill_status spill_get_block_info(const void* ptr, spill_block_info* info) {
+  if (info == nullptr)
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_get_block_info: info is NULL");
+  *info = spill_block_info{};
+  return on_block(ptr, "spill_get_block_info", [&](Lease& lease) {
+    const std::optional<BlockInfo> b = lease.rt().allocator().block_info(ptr);
+    SPILL_EXPECTS(b, format_address(ptr) + " is not inside a block allocated by spill");
+    info->base = reinterpret_cast<std::uintptr_t>(b->base);
+    info->size = b->requested;
+    info->residence = SPILL_RESIDENT;
+    if (Swapper* sw = lease.rt().swapper())
+      if (const std::optional<Swapper::BlockUse> use = sw->use_of(ptr)) {
+        info->movable = 1;
+        info->residence = static_cast<spill_residence>(static_cast<int>(use->residence));
+        info->swappable = use->swappable ? 1 : 0;
+        info->pins = use->pins;
+        info->generation = use->generation;
+      }
+    return SPILL_OK;
+  });
+}
+
 // ---- steps
 
 spill_status spill_begin_step(int device, uint64_t scope) {

@@ -15,9 +15,9 @@ from ._capi import PinToken, Status
 from ._errors import (CudaError, Error, InvalidArgumentError, LibraryNotFoundError,
                       OutOfMemoryError)
 from ._lib import library_path
-from ._memory import (discard, evict, free, generation, malloc, pin, pin_for_host, prefetch,
-                      record_stream, residence, set_swappable, stream_create, stream_destroy,
-                      stream_destroyed, stream_synchronize, unpin)
+from ._memory import (BlockInfo, block_info, discard, evict, free, generation, malloc, pin,
+                      pin_for_host, prefetch, record_stream, residence, set_swappable,
+                      stream_create, stream_destroy, stream_destroyed, stream_synchronize, unpin)
 from ._observe import (block_name, last_oom_message, reset_peak_stats, set_block_name, snapshot,
                        stats, trace)
 from ._runtime import (begin_op, begin_step, budget, configure, empty_cache, end_scope, end_step,
@@ -40,7 +40,8 @@ __all__ = [
     "block_name",
     # memory and residency
     "malloc", "free", "record_stream", "set_swappable", "pin", "pin_for_host", "unpin",
-    "PinToken", "prefetch", "evict", "residence", "discard", "generation",
+    "PinToken", "prefetch", "evict", "residence", "discard", "generation", "block_info",
+    "BlockInfo",
     "stream_create", "stream_destroy", "stream_synchronize", "stream_destroyed",
 ]
 

@@ -35,6 +35,15 @@ class PinToken(ctypes.Structure):
                 f"device={self.device}, flags={self.flags}, pin={self.pin})")
 
 
+class BlockInfoStruct(ctypes.Structure):
+    """``spill_block_info``, what ``spill_get_block_info`` fills (see :func:`spill.block_info`)."""
+
+    _fields_ = [("base", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                ("generation", ctypes.c_uint64), ("residence", ctypes.c_int),
+                ("movable", ctypes.c_int32), ("swappable", ctypes.c_int32),
+                ("pins", ctypes.c_int32)]
+
+
 # name: (restype, argtypes)
 _PROTOTYPES = {
     "spill_status_string": (ctypes.c_char_p, [_status]),
@@ -63,6 +72,7 @@ _PROTOTYPES = {
     "spill_discard": (_status, [_c_void_p, _c_size_t]),
     "spill_get_residence": (_status, [_c_void_p, ctypes.POINTER(_c_int)]),
     "spill_get_generation": (_status, [_c_void_p, ctypes.POINTER(_c_uint64)]),
+    "spill_get_block_info": (_status, [_c_void_p, ctypes.POINTER(BlockInfoStruct)]),
     "spill_begin_step": (_status, [_c_int, _c_uint64]),
     "spill_end_step": (_status, [_c_int, _c_uint64]),
     "spill_end_scope": (_status, [_c_int, _c_uint64]),

@@ -6,9 +6,10 @@ synchronises the caller's streams unless a function says so (see spill/spill.h).
 from __future__ import annotations
 
 import ctypes
+from typing import NamedTuple
 
 from . import _args
-from ._capi import PinToken
+from ._capi import BlockInfoStruct, PinToken
 from ._errors import InvalidArgumentTypeError
 from ._lib import call
 
@@ -139,6 +140,32 @@ def generation(ptr: int) -> int:
     value = ctypes.c_uint64(0)
     call("spill_get_generation", _args.pointer(ptr), ctypes.byref(value))
     return value.value
+
+
+class BlockInfo(NamedTuple):
+    """What :func:`block_info` says of a block now."""
+
+    base: int         # the allocation's address
+    size: int         # the bytes it asked for
+    movable: bool     # the swapper may move it (not under swap_threshold); else all below reads
+    residence: str    # as residence() says: "resident", "swapping_out", "on_host", "swapping_in"
+    swappable: bool   # declared swappable now
+    pins: int         # open pins (spill's own brief holds while it copies the block count too)
+    generation: int   # as generation() says; 0 for a block that never moves
+
+
+def block_info(ptr: int) -> BlockInfo:
+    """What spill knows of the block containing ``ptr`` now, read without pinning it (no use
+    of the block, nothing a step records): its allocation's address and size, whether it can
+    move, where its bytes are, whether it is declared swappable, its open pins and its
+    generation. For tools and checks: a block that is swappable with no pin open may move at
+    any moment, so a use of it then is a missing pin (``spill.torch.check_pins()`` looks for
+    those). Raises :class:`spill.InvalidArgumentError` naming ``ptr`` when no block of
+    spill's contains it."""
+    info = BlockInfoStruct()
+    call("spill_get_block_info", _args.pointer(ptr), ctypes.byref(info))
+    return BlockInfo(info.base, info.size, bool(info.movable), _RESIDENCE[info.residence],
+                     bool(info.swappable), info.pins, info.generation)
 
 
 def residence(ptr: int) -> str:

@@ -870,6 +870,60 @@ TEST(generations_are_read_without_a_pin) {
   CHECK_OK(spill_free(a, 0, NULL));
 }
 
+/* spill_get_block_info: what a check of uses without pins reads (declared swappable, open
+ * pins, residence) follows the block through a declaration, pins, an eviction and a free, from
+ * an interior pointer too; pinning it for a look is not needed (the step records no use); a
+ * block that never moves reads movable 0; named errors. */
+TEST(block_info_follows_declarations_pins_and_residence) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:plan"));
+  void* a = NULL;
+  REQUIRE_OK(spill_malloc(&a, BLOCK - 1000, 0, NULL));
+  spill_block_info info;
+  REQUIRE_OK(spill_get_block_info((char*)a + MIB, &info));
+  CHECK(info.base == (uint64_t)(uintptr_t)a && info.size == BLOCK - 1000);
+  CHECK(info.movable == 1 && info.swappable == 0 && info.pins == 0);
+  CHECK(info.residence == SPILL_RESIDENT && info.generation != 0);
+  uint64_t generation = 0;
+  CHECK_OK(spill_get_generation(a, &generation));
+  CHECK(info.generation == generation);
+  REQUIRE_OK(spill_set_swappable(a, 1));
+  spill_pin_token t1, t2;
+  REQUIRE_OK(spill_pin_for_host(a, &t1));
+  REQUIRE_OK(spill_pin_for_host((char*)a + 64, &t2));
+  CHECK_OK(spill_get_block_info(a, &info));
+  CHECK(info.swappable == 1 && info.pins == 2);
+  CHECK_OK(spill_unpin(&t2, NULL, 0));
+  CHECK_OK(spill_get_block_info(a, &info));
+  CHECK(info.pins == 1);
+  CHECK_OK(spill_unpin(&t1, NULL, 0));
+  CHECK_OK(spill_evict(a));
+  CHECK_OK(spill_get_block_info(a, &info));
+  CHECK(info.pins == 0 && info.swappable == 1);
+  CHECK(info.residence == SPILL_ON_HOST || info.residence == SPILL_SWAPPING_OUT);
+  spill_stats before = stats();
+  CHECK_OK(spill_get_block_info(a, &info)); /* a look brings nothing back */
+  CHECK(stats().swap_ins == before.swap_ins);
+  CHECK(info.residence == SPILL_ON_HOST || info.residence == SPILL_SWAPPING_OUT);
+  REQUIRE_OK(spill_set_swappable(a, 0));
+  CHECK_OK(spill_get_block_info(a, &info));
+  CHECK(info.swappable == 0 && info.residence == SPILL_RESIDENT);
+  void* small = NULL;
+  REQUIRE_OK(spill_malloc(&small, 4096, 0, NULL));
+  CHECK_OK(spill_get_block_info(small, &info));
+  CHECK(info.base == (uint64_t)(uintptr_t)small && info.size == 4096);
+  CHECK(info.movable == 0 && info.swappable == 0 && info.pins == 0 && info.generation == 0);
+  CHECK(info.residence == SPILL_RESIDENT);
+  int local = 0;
+  CHECK_STATUS(spill_get_block_info(&local, &info), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("spill_get_block_info");
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_STATUS(spill_get_block_info(a, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("info is NULL");
+  CHECK_OK(spill_free(small, 0, NULL));
+  CHECK_OK(spill_free(a, 0, NULL));
+  CHECK_STATUS(spill_get_block_info(a, &info), SPILL_ERROR_INVALID_ARGUMENT);
+}
+
 TEST(lowering_the_budget_evicts) {
   REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
   void* b[6];
@@ -1050,6 +1104,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(step_key_for_another_scope_leaves_the_current_scope) \
   X(step_key_while_the_scope_ends_on_another_thread) \
   X(generations_are_read_without_a_pin) \
+  X(block_info_follows_declarations_pins_and_residence) \
   X(lowering_the_budget_evicts)        \
   X(lowering_the_budget_names_a_full_host_cap) \
   X(memory_freed_while_its_prefetch_lands_keeps_its_next_owners_bytes) \

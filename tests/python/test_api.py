@@ -474,6 +474,35 @@ def test_discard_skips_the_copy_back_only_for_a_whole_block(sim):
         spill.generation(ptr)
 
 
+def test_block_info_says_what_a_check_of_pins_reads(sim):
+    """spill.block_info follows a block through its declaration, pins and an eviction without
+    pinning it (a look brings nothing back); a small block reads as one that never moves;
+    unknown and freed pointers are refused naming the call."""
+    ptr = spill.malloc(BLOCK - 100)
+    info = spill.block_info(ptr + 4096)  # an interior pointer
+    assert isinstance(info, spill.BlockInfo)
+    assert (info.base, info.size, info.movable, info.residence, info.swappable, info.pins) == (
+        ptr, BLOCK - 100, True, "resident", False, 0)
+    assert info.generation == spill.generation(ptr) != 0
+    spill.set_swappable(ptr)
+    token = spill.pin_for_host(ptr)
+    assert spill.block_info(ptr)[4:6] == (True, 1)
+    spill.unpin(token)
+    spill.evict(ptr)
+    while spill.residence(ptr) != "on_host":
+        pass
+    before = spill.stats()["swap.bytes_in"]
+    assert spill.block_info(ptr).residence == "on_host" and spill.block_info(ptr).pins == 0
+    assert spill.stats()["swap.bytes_in"] == before
+    small = spill.malloc(4096)
+    assert spill.block_info(small) == spill.BlockInfo(small, 4096, False, "resident", False, 0, 0)
+    spill.free(small)
+    spill.free(ptr)
+    for bad in (ptr, 12345):
+        with pytest.raises(spill.InvalidArgumentError, match="spill_get_block_info"):
+            spill.block_info(bad)
+
+
 def test_a_token_unpinned_twice_is_refused_while_another_pin_holds_the_block(sim):
     # Before tokens told a block's pins apart, the second unpin ended the other pin's hold and
     # the block could be evicted while that pin's user read it (the error came later, on the

@@ -3411,6 +3411,129 @@ def test_reads_a_forward_makes_that_no_hook_pins_are_pinned_under_pin_reads() ->
     assert "ok" in out, out
 
 
+def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
+    """spill.torch.check_pins() on the training thread: a forward pre-hook that logs a
+    gradient's norm between two micro-batches (a read offload does not pin, audit 36b F3)
+    raises UnpinnedUseError naming the op and the gradient's block, with nothing evicted (the
+    gradient is resident: unchecked, this run passes here and faults only when the block
+    happens to be on the host); collect=True lists it once for all steps; under pin_reads()
+    nothing is found, and the checked training gives plain torch's losses, norms and
+    parameters, in offload and in guard mode."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import contextlib
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                                torch.nn.Linear(512, 512))
+                self.head = torch.nn.Linear(512, 512)
+            def forward(self, x):
+                return self.head(self.body(x))
+        def train(mode, pinned):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            o = torch.optim.Adam(m.parameters())
+            norms = []
+            def log_grad(mod, args):
+                if mod.weight.grad is not None:
+                    with (st.pin_reads() if pinned else contextlib.nullcontext()):
+                        norms.append(mod.weight.grad.norm().item())
+            m.head.register_forward_pre_hook(log_grad)
+            h = st.offload(m, o, quiet=False) if mode == "offload" else None
+            xs = [torch.randn(128, 512, device=dev) for _ in range(8)]
+            losses = []
+            for i in range(0, 8, 2):
+                with (st.guard(release_on_exit=False) if mode == "guard"
+                      else contextlib.nullcontext()):
+                    o.zero_grad(set_to_none=True)
+                    for x in xs[i:i + 2]:  # two micro-batches
+                        loss = m(x).square().mean()
+                        loss.backward()
+                        losses.append(loss.item())
+                    o.step()
+            if h is not None:
+                h.remove()
+            return losses, norms, [p.detach().clone() for p in m.parameters()]
+        base, base_norms, base_params = train("plain", False)
+        enable()
+        try:
+            with st.check_pins():
+                train("offload", False)
+            raise AssertionError("nothing was found")
+        except st.UnpinnedUseError as e:
+            assert isinstance(e, spill.Error) and isinstance(e, RuntimeError)
+            text = str(e)
+        for says in ("aten.norm", "argument 0", "float32 [512, 512]", "'grad of head.weight'",
+                     "resident now", "pin_reads()"):
+            assert says in text, (says, text)
+        with st.check_pins(collect=True) as check:
+            losses, norms, params = train("offload", False)
+        assert len(check.found) == 1 and "'grad of head.weight'" in check.found[0], check.found
+        assert losses == base and norms == base_norms  # (nothing was evicted)
+        for mode in ("offload", "guard"):
+            with st.check_pins(collect=True) as check:
+                losses, norms, params = train(mode, True)
+            assert check.found == [], (mode, check.found)
+            assert losses == base, (mode, losses, base)
+            assert norms == base_norms and len(norms) == 4, (mode, norms, base_norms)
+            assert all(torch.equal(a, b) for a, b in zip(params, base_params)), mode
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
+def test_the_models_train_at_a_third_with_every_use_of_a_movable_tensor_pinned(model: str
+                                                                                 ) -> None:
+    """SPILL_TORCH_CHECK_PINS=report (check_pins on the thread that called enable(), findings
+    printed at exit): each model trains at a third of its footprint in offload and in guard
+    mode with no op using a tensor spill may move without a pin, whether the tensor was on the
+    host then or not, and the checked runs give plain torch's losses and parameters."""
+    r = run_python([str(HERE / "torch_bridge_run.py"), model, "offload,guard", "plan",
+                    str(STEPS), TARGET], _env({"SPILL_TORCH_CHECK_PINS": "report"}),
+                   timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    assert "every use of a tensor spill may move was pinned" in r.stderr, r.stderr[-6000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    for mode in ("offload", "guard"):
+        run = result["runs"][mode]
+        assert run["losses_equal"] and run["params_equal"], mode
+        assert step_delta(run["per_step"], "swap.bytes_out", 0) > 0, mode
+
+
+def test_check_pins_refuses_what_it_cannot_do() -> None:
+    """A SPILL_TORCH_CHECK_PINS that names no mode fails enable() naming the variable, before
+    anything changes (spill is not the allocator after it); check_pins before enable() and a
+    collect that is not a bool are named errors."""
+    out = run_ok(f"""
+        import os, torch, spill, spill.torch as st
+        try:
+            with st.check_pins():
+                pass
+            raise AssertionError("no error")
+        except spill.Error as e:
+            assert "enable() first" in str(e), e
+        try:
+            st.check_pins(collect="yes")
+            raise AssertionError("no error")
+        except TypeError as e:
+            assert isinstance(e, spill.InvalidArgumentError) and "collect" in str(e), e
+        os.environ["SPILL_TORCH_CHECK_PINS"] = "loud"
+        try:
+            st.enable("budget:64MiB", target="{TARGET}")
+            raise AssertionError("no error")
+        except spill.InvalidArgumentError as e:
+            assert "SPILL_TORCH_CHECK_PINS='loud'" in str(e) and "report" in str(e), e
+        assert st.is_enabled() is None
+        os.environ["SPILL_TORCH_CHECK_PINS"] = " Off "
+        st.enable("budget:64MiB", target="{TARGET}")
+        assert st.is_enabled() == "{TARGET}"
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_checkpointing_in_the_forward_leaves_nothing_behind_and_trains_at_a_third() -> None:
     """Activation checkpointing of every block inside an offloaded model's forward
     (``checkpoint(block, x, use_reentrant=...)``, both ways), activations of 256 KiB (above
@@ -3980,6 +4103,13 @@ def run(pattern, wrap=lambda m, o: None, steps=4, mid=lambda ms: None):
 def params(models):
     with (st.guard(release_on_exit=False) if spill_runs else contextlib.nullcontext()):
         return [p.detach().cpu().clone() for m in models for p in m.parameters()]
+def same_params(models, expected):
+    # Compared under the guard: a clone made under guard(release_on_exit=False) stays
+    # swappable, and read outside it (torch.equal after params()) it was a use without a pin
+    # (check_pins found it).
+    with st.guard(release_on_exit=False):
+        return [torch.equal(p.detach().cpu(), q)
+                for p, q in zip([p for m in models for p in m.parameters()], expected)]
 """, " " * 8)
 
 
@@ -4070,7 +4200,7 @@ def test_training_loop_patterns_train_as_plain_torch_at_a_third_of_the_footprint
                 if mode == "guard":  # its exit brings every tensor back: room for them first
                     spill.set_budget(8 * footprint)
                     hs[0].__exit__(None, None, None)
-                same = [torch.equal(p, q) for p, q in zip(params(models), base[pattern][1])]
+                same = same_params(models, base[pattern][1])
                 detail = (pattern, mode, quiet, footprint)
                 assert losses == base[pattern][0], (detail, losses, base[pattern][0])
                 assert same and all(same), (detail, "final parameters differ from plain torch")

@@ -73,7 +73,7 @@ extern "C" {
  * 2 (spill 0.2.0): spill_pin_token gained its `pin` field (24 -> 32 bytes).
  * Functions added beside the others change nothing a caller built earlier relies on and leave
  * it as it is; each says since which spill version it is there (spill_discard,
- * spill_set_block_name, spill_get_block_name: 0.2.0). */
+ * spill_set_block_name, spill_get_block_name, spill_get_block_info: 0.2.0). */
 #define SPILL_C_API_VERSION 2
 #define SPILL_MAX_DEVICES 64
 
@@ -268,6 +268,28 @@ SPILL_API spill_status spill_get_residence(const void* ptr, spill_residence* res
  * keeping an address across frees tells a new block there from the one it knew. 0 for
  * blocks that never move. Errors: INVALID_ARGUMENT (unknown pointer, generation NULL). */
 SPILL_API spill_status spill_get_generation(const void* ptr, uint64_t* generation);
+/* What spill knows of the block containing `ptr` now, read without pinning it (no use of the
+ * block, nothing a step records): for tools and checks, e.g. one that finds a use of a
+ * swappable block without a pin (Python: spill.torch.check_pins()). `base` and `size` are the
+ * allocation's address and the bytes it asked for. A block that can move (a swapper runs and
+ * the block is not under swap_threshold) has `movable` 1 and the rest as it is now: its
+ * `residence` (as spill_get_residence's, except that a swap-out whose copy has finished is
+ * not completed here: it may still read SWAPPING_OUT), whether it is declared `swappable`, its
+ * open `pins`
+ * (pins not yet unpinned; spill's own brief holds while it copies the block count too) and its
+ * `generation` (as spill_get_generation's). Any other block reads movable 0, resident, not
+ * swappable, no pins, generation 0. Errors: INVALID_ARGUMENT (unknown pointer, info NULL).
+ * (Since 0.2.0.) */
+typedef struct spill_block_info {
+  uint64_t base;
+  uint64_t size;
+  uint64_t generation;
+  spill_residence residence;
+  int32_t movable;
+  int32_t swappable;
+  int32_t pins;
+} spill_block_info;
+SPILL_API spill_status spill_get_block_info(const void* ptr, spill_block_info* info);
 
 /* ------------------------------------------------------------------ steps */
 

@@ -43,6 +43,7 @@ from .capture import CapturedStep, capture  # noqa: E402
 from ._export import export_step  # noqa: E402
 from ._recorder import CaptureError  # noqa: E402
 from ._enable import AllocatorInUseError, disable, enable, is_enabled, pool  # noqa: E402
+from ._check import UnpinnedUseError, check_pins  # noqa: E402
 from ._guard import guard  # noqa: E402
 from ._names import name_tensor  # noqa: E402
 from ._offload import OffloadHandle, offload  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "CaptureError", "CapturedStep", "capture", "export_step",
     "AllocatorInUseError", "OffloadHandle",
     "enable", "disable", "is_enabled", "pool", "offload", "guard", "pin_reads", "step",
+    "check_pins", "UnpinnedUseError",
     "name_tensor",
     "memory_stats", "memory_summary", "memory_snapshot", "reset_peak_memory_stats",
     "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",

@@ -17,6 +17,7 @@ from spill._capi import raise_status
 from spill._lib import library
 
 from . import _stats
+from ._check import check_from_environment, environment_mode
 from ._pins import storage
 from ._shim import address, shim
 from ._state import state, torch_version
@@ -151,6 +152,7 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
     _check_conf(conf, "spill.torch.enable")
     _args.device(device)
     _args.flag(patch_torch, "patch_torch")
+    check = environment_mode()
     if state.target is not None:
         if state.target != target:
             raise Error(f"spill.torch.enable: spill is already PyTorch's {state.target} "
@@ -167,6 +169,7 @@ def enable(conf: Optional[str] = None, target: str = "cuda", *, device: int = 0,
         _enable_cuda(conf, device)
     if patch_torch:
         _patch_torch()
+    check_from_environment(check)
 
 
 def _enable_cpu(conf: Optional[str], device: int) -> None:

@@ -81,7 +81,11 @@ def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
 
 def _insert_bottom(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
                    pop: Callable[[], Any]) -> None:
+    """Puts ``mode`` under the modes of a stack, above those that stay at the bottom
+    (check_pins's, which must see each op after every pin)."""
     above = [pop() for _ in range(length())]
+    while above and getattr(above[-1], "stays_at_bottom", False):
+        push(above.pop())
     push(mode)
     for m in reversed(above):
         push(m)
