@@ -2314,6 +2314,53 @@ def test_two_models_on_one_device_each_get_their_own_oom_note() -> None:
     assert "ok" in out
 
 
+def test_a_quiet_model_pins_the_batch_another_models_armed_step_declared() -> None:
+    """Two models trained on one batch, one stepping quiet and one armed: the armed model's
+    step declares the batch swappable (autograd saves it), so the quiet model, whose forward
+    pins no module argument, must pin what its forward is given. With every block evicted in
+    the middle of the quiet model's forward, both train as plain torch, and check_pins finds
+    no use without a pin (before: the quiet model's third step read the batch unpinned, a
+    segmentation fault once it was on the host; check_pins named it)."""
+    out = run_ok(quiet_preamble("256MiB") + EVICT_ALL + """
+        import torch.nn as nn
+        def make():
+            m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).to(dev)
+            return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        def train(spilled):
+            torch.manual_seed(0)
+            (q, qo), (a, ao) = make(), make()
+            if spilled:
+                q[2].register_forward_pre_hook(lambda mod, args: evict_all())
+                qh, ah = st.offload(q, qo, quiet=0.5), st.offload(a, ao, quiet=False)
+            x = torch.randn(512, 256, device=dev)
+            losses, quiet = [], []
+            for _ in range(5):
+                for m, o in ((q, qo), (a, ao)):
+                    o.zero_grad(set_to_none=True)
+                    loss = m(x).square().mean()
+                    loss.backward()
+                    o.step()
+                    losses.append(loss.item())
+                if spilled:
+                    quiet.append((qh.step_is_quiet, ah.step_is_quiet))
+            with (st.guard(release_on_exit=False) if spilled else contextlib.nullcontext()):
+                params = [p.detach().cpu().clone() for m in (q, a) for p in m.parameters()]
+                return losses, quiet, params
+        import contextlib
+        base, _, base_params = train(False)
+        enable()
+        with st.check_pins(collect=True) as check:
+            losses, quiet, params = train(True)
+        assert (True, False) in quiet, quiet
+        assert losses == base, (losses, base)
+        with st.guard(release_on_exit=False):
+            assert all(torch.equal(p, b) for p, b in zip(params, base_params))
+        assert check.found == [], check.found
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_an_out_of_memory_error_arms_only_the_next_step_of_its_own_model() -> None:
     """Two models stepping quiet on one device; one runs out of memory in its forward, then
     (after a clean pair of steps) in its backward: that model's next step is armed, saying

@@ -1160,6 +1160,8 @@ class OffloadHandle:
 
     def _pre_module(self, module: torch.nn.Module, args: Any, root: bool) -> None:
         if self._quiet:
+            if root and torch.is_grad_enabled() and not state.forked_child:
+                self._hold_inputs(args)
             pins = self._quiet_pins.get(module)
             if pins is not None:
                 self._hold_quiet(module, pins)
@@ -1663,6 +1665,24 @@ class OffloadHandle:
                 self._acts.update(pending[i:])
                 return False
         return True
+
+    def _hold_inputs(self, args: Any) -> None:
+        """A quiet step's forward pins no module argument, as its activations are never
+        declared; but the tensors its entry is given come from outside the step, and another
+        handle's armed step may have declared them swappable: a batch two models train on, a
+        GAN's generated images, what another model's forward returned. They stay pinned until
+        the step ends: the forward reads them, and autograd saves them for the backward without
+        a pin in a quiet step. Before, such a batch was read unpinned by the quiet model's
+        forward and backward (found by check_pins: a model stepping quiet beside one stepping
+        armed on the same batch faulted once the batch was evicted between them)."""
+        stream = self.pinner.stream()
+        tokens = self._step_frame.tokens
+        try:
+            for t in leaves(args):
+                if isinstance(t, torch.Tensor):
+                    self._hold(tokens, t, stream, False)
+        except OutOfMemoryError as e:
+            raise self._quiet_oom(e) from e
 
     def _hold_quiet(self, module: torch.nn.Module,
                     pins: List[Tuple[torch.Tensor, bool]]) -> None:
