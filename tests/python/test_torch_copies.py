@@ -82,7 +82,7 @@ def run(foreach, wrap=None, room=lambda copies: None):
     out["moved"].append(settle(swappable(m, opt)))
     buf = io.BytesIO()
     torch.save(m, buf)
-    loaded, saved = pickle.loads(data), torch.load(io.BytesIO(buf.getvalue()))
+    loaded, saved = pickle.loads(data), torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
     for c in (ema, loaded, saved):  # plain torch modules: no spill hook, the class's forward
         for mod in c.modules():
             assert not mod._forward_pre_hooks and not mod._forward_hooks, mod

@@ -170,6 +170,31 @@ def test_dispatch_modes_go_in_at_the_bottom_of_the_stack_and_come_out_anywhere()
     assert len(theirs.ops) > len(mine.ops)
 
 
+def test_a_mode_entered_and_taken_off_from_under_another_leaves_no_dispatch_flags() -> None:
+    """A mode spill enters with ``__enter__`` (a busy module's, guard's) and takes off from
+    under a mode entered after it (_window._leave: its own ``__exit__``, on top again for it)
+    leaves the other mode where it was, and on torch 2 leaves no "in a dispatch mode" flag set
+    once both are off (``__enter__`` sets it, only ``__exit__`` restores it; a pop alone left
+    it set for the process, and torch.compile skips frames while it is: audit 37a F4)."""
+    length, push, pop = _window._dispatch_stack()
+    base = length()
+    mine, theirs = _CountOps(), _CountOps()
+    mine.__enter__()
+    theirs.__enter__()
+    assert _window._leave(mine, length, push, pop), _internal("_python_dispatch._pop_mode",
+                                                               "never returned the mode")
+    assert length() == base + 1
+    from torch.utils import _python_dispatch as pd
+    assert pd._get_current_dispatch_mode() is theirs
+    theirs.__exit__(None, None, None)
+    assert length() == base
+    flag = getattr(pd, "is_in_torch_dispatch_mode", None)
+    if flag is not None:  # (torch 2)
+        assert not flag(), _internal("TorchDispatchMode.__exit__",
+                                     "left is_in_torch_dispatch_mode() set")
+    assert not _window._leave(mine, length, push, pop)
+
+
 def test_function_modes_go_in_at_the_bottom_and_see_backward_grad_and_data() -> None:
     """The window's function mode, put at the bottom of the function-mode stack
     (torch._C._len_torch_function_stack, torch.overrides._push_mode/_pop_mode), sees

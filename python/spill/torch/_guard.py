@@ -59,6 +59,10 @@ try:
     _has_kernel_for = torch._C._dispatch_has_kernel_for_dispatch_key
 except AttributeError:  # (then every op pins)
     _has_kernel_for = None
+# The key as the binding's enum (torch 1.13 and 2 take it; a string is converted by the binding,
+# which a later torch may stop doing: audit 37a).
+_COMPOSITE = getattr(getattr(torch._C, "DispatchKey", None), "CompositeImplicitAutograd",
+                     "CompositeImplicitAutograd")
 
 
 def reads_no_bytes(func: Any) -> bool:
@@ -82,8 +86,8 @@ def reads_no_bytes(func: Any) -> bool:
                              for a in schema.arguments))
         if found:
             try:
-                found = not _has_kernel_for(func.name(), "CompositeImplicitAutograd")
-            except (RuntimeError, AttributeError):
+                found = not _has_kernel_for(func.name(), _COMPOSITE)
+            except (RuntimeError, AttributeError, TypeError):
                 found = False
         _reads_no_bytes[func] = found
     return found
@@ -493,17 +497,17 @@ class guard:
             raise Error("spill.torch.guard: __exit__ without __enter__")
         self._mode = None
         _interrupts.guard_entered(False)
-        from ._window import _dispatch_stack, _function_stack, _remove
+        from ._window import _dispatch_stack, _function_stack, _leave
         # Its own mode, wherever it is on the stack: torch 1.13's exit pops the top one,
         # which may be another's (a mode entered in the block and left open, a generator's
         # guard, the pins-only mode of an inner guard whose exit found no room): that one
-        # came off and this one stayed on for good (audit 36a F2). On top, its own exit
-        # (torch 2 restores its flags of dispatch there).
+        # came off and this one stayed on for good (audit 36a F2). Always by its own exit
+        # (torch 2 restores its flags of dispatch there: _window._leave).
         stack = _current_dispatch_modes()
         if stack and stack[-1] is mode:
             mode.__exit__(*exc)
         else:
-            _remove(mode, *_dispatch_stack())
+            _leave(mode, *_dispatch_stack())
         reads, self._reads = self._reads, None
         try:
             unwrap_methods(self._saved)
@@ -513,7 +517,7 @@ class guard:
             # (what it declared is brought back even when the above raised)
             if not self.release_on_exit:
                 if reads is not None:
-                    _remove(reads, *_function_stack())
+                    _leave(reads, *_function_stack())
             else:
                 self._left, self._left_reads = mode, reads
                 try:
@@ -563,11 +567,11 @@ class guard:
         self._left = None
         still, self._still = self._still, None
         reads, self._left_reads = self._left_reads, None
-        from ._window import _dispatch_stack, _function_stack, _remove
+        from ._window import _dispatch_stack, _function_stack, _leave, _remove
         if still is not None:
             _remove(still, *_dispatch_stack())
         if reads is not None:
-            _remove(reads, *_function_stack())
+            _leave(reads, *_function_stack())
 
     @property
     def scope(self) -> Optional[int]:

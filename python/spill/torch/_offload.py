@@ -152,8 +152,8 @@ from ._steps import shapes_key
 from ._transforms import in_transform
 from ._steps import (OptimizerRound, StepBoundaries, optimizers_of, optional_scope,
                      unwrap_methods, wrap_method)
-from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _remove, all_handles,
-                      stray_optimizer_error, window)
+from ._window import (_dispatch_stack, _function_stack, _insert_bottom, _leave, _remove,
+                      all_handles, stray_optimizer_error, window)
 
 Token = Any  # spill._capi.PinToken
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
@@ -1057,8 +1057,8 @@ class OffloadHandle:
         if not left:
             still, self._still = self._still, None
             if still is not None:
-                from ._window import _dispatch_stack, _remove
-                _remove(still, *_dispatch_stack())
+                from ._window import _dispatch_stack, _leave
+                _leave(still, *_dispatch_stack())  # (entered below)
             return
         if self._still is None:
             from ._guard import _StillPinning
@@ -2508,10 +2508,10 @@ class OffloadHandle:
 
     def _leave_ops(self, frame: _Frame) -> None:
         if frame.ops is not None:
-            _remove(frame.ops, *_dispatch_stack())
+            _leave(frame.ops, *_dispatch_stack())  # (entered: _window._leave)
             frame.ops = None
         if frame.functions is not None:
-            _remove(frame.functions, *_function_stack())
+            _leave(frame.functions, *_function_stack())
             frame.functions = None
 
 

@@ -79,6 +79,31 @@ def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
     return found
 
 
+def _leave(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
+           pop: Callable[[], Any]) -> bool:
+    """Takes ``mode``, entered with its ``__enter__``, off a mode stack wherever it is, by its
+    own ``__exit__`` (on top of the stack again for it); the modes above keep their order.
+    torch 2's ``__enter__`` of a dispatch mode sets its "in a dispatch mode" flags, which only
+    ``__exit__`` restores: taken off by a pop alone (_remove), a busy module's mode, remove()'s
+    pins-only mode or a guard's mode not on top at its exit left them set for the rest of the
+    process, and torch.compile, which skips frames while they are set, ran eager from then on
+    (audit 37a F4, read in torch's source). False when it is not on the stack."""
+    above: List[Any] = []
+    found = False
+    while length() > 0:
+        top = pop()
+        if top is mode:
+            found = True
+            break
+        above.append(top)
+    if found:
+        push(mode)
+        mode.__exit__(None, None, None)
+    for m in reversed(above):
+        push(m)
+    return found
+
+
 def _insert_bottom(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
                    pop: Callable[[], Any]) -> None:
     """Puts ``mode`` under the modes of a stack, above those that stay at the bottom
