@@ -3581,6 +3581,52 @@ def test_check_pins_refuses_what_it_cannot_do() -> None:
     assert "ok" in out, out
 
 
+def test_a_plain_models_weights_a_penalty_graph_saved_are_unswappable_once_no_handle_is_left(
+        ) -> None:
+    """A model no handle knows (plain, in spill's memory) takes a gradient penalty
+    (autograd.grad with create_graph) while an offloaded model's handle lives: the window
+    declares what the penalty's graph saves, its weight among them (through a view), and pins
+    its ops while a handle lives. Once the handle is removed nothing pins them: they are
+    unswappable again, and with every block evicted the plain model still gives plain torch's
+    output (before: its weight stayed swappable and was read on the host, a segmentation
+    fault; found by check_pins in second-order MAML)."""
+    out = run_ok(quiet_preamble("256MiB") + EVICT_ALL + """
+        def penalty_then(offloaded):
+            torch.manual_seed(0)
+            a = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                    torch.nn.Linear(512, 512)).to(dev)
+            ao = torch.optim.SGD(a.parameters(), lr=0.01)
+            b = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(),
+                                    torch.nn.Linear(512, 512)).to(dev)
+            h = st.offload(a, ao, quiet=False) if offloaded else None
+            x = torch.randn(256, 512, device=dev)
+            for _ in range(2):
+                ao.zero_grad()
+                a(x).square().mean().backward()
+                ao.step()
+            xr = x.clone().requires_grad_(True)
+            g, = torch.autograd.grad(b(xr).sum(), xr, create_graph=True)
+            g.square().mean().backward()
+            del g
+            if h is not None:
+                h.remove()
+                assert not any(spill.block_info(p.data_ptr()).swappable
+                               for p in b.parameters())
+                evict_all()
+            return b(x).sum().item(), [p.grad.clone() for p in b.parameters()
+                                       if p.grad is not None]
+        base, base_grads = penalty_then(False)
+        enable()
+        with st.check_pins(collect=True) as check:
+            out, grads = penalty_then(True)
+        assert out == base and len(grads) == len(base_grads) == 3
+        assert all(torch.equal(g, e) for g, e in zip(grads, base_grads))
+        assert check.found == [], check.found
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_checkpointing_in_the_forward_leaves_nothing_behind_and_trains_at_a_third() -> None:
     """Activation checkpointing of every block inside an offloaded model's forward
     (``checkpoint(block, x, use_reentrant=...)``, both ways), activations of 256 KiB (above

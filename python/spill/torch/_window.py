@@ -435,6 +435,10 @@ class Window:
         self._made_live = 0  # how many of ``made`` were alive when it was last pruned
         self._keep_made = False  # (enter: a region that pins every op begins)
         self.declared_made: Dict[int, int] = {}
+        # What graph_made declared (block -> generation), made unswappable again once no
+        # handle is left (release_graphs); pruned of freed blocks when it has doubled.
+        self.declared_graphs: Dict[int, int] = {}
+        self._graphs_line = 64
         _transforms.install()  # (functorch's transforms take the saved-tensor hooks off)
         _caller_hooks.install()  # (the caller's saved-tensor hooks: offload's pass through them)
         _backward_code.install()  # (the caller's hooks and ctx reads in a backward)
@@ -459,6 +463,8 @@ class Window:
         self.release_kept()
         self._update()
         self._update_hooks()
+        if not any(True for _ in self.handles):
+            self.release_graphs()
         _interrupts.update()
 
     def collected(self) -> None:
@@ -473,8 +479,27 @@ class Window:
         self.persistent = set().union(*(h._persistent for h in live))
         if not live and self._on and not self.busy and not self._suspended and self.here():
             self._update()
+        if not live and not self.busy and not self._suspended and self.here():
+            self.release_graphs()
         if not live:
             _interrupts.update()
+
+    def release_graphs(self) -> None:
+        """No handle is left to pin what graph_made declared (its modes are off): what still
+        lives becomes unswappable again. A graph's saved tensors may be another model's: a
+        second-order graph over a model no handle knows saves its weights (through views that
+        are not leaves, as functional_call's), and after the last handle's remove() or
+        collection that model's code read them unpinned (found by check_pins). One that
+        cannot come back for lack of room stays swappable, for the next remove() to try."""
+        declared, self.declared_graphs = self.declared_graphs, {}
+        generation = self.pinner.generation
+        for ptr, g in declared.items():
+            if generation(ptr) != g:
+                continue
+            try:
+                self.pinner.declare(ptr, False)
+            except OutOfMemoryError:
+                self.declared_graphs[ptr] = g
 
     def _update_hooks(self) -> None:
         """The saved-tensor hooks are pushed while some handle's parameters or buffers can
@@ -522,6 +547,12 @@ class Window:
                 if ptr and ptr not in self.persistent:
                     self.pinner.declare(ptr)
                     self.declared_made.pop(ptr, None)
+                    self.declared_graphs[ptr] = self.pinner.generation(ptr)
+            if len(self.declared_graphs) > self._graphs_line:
+                generation = self.pinner.generation
+                self.declared_graphs = {p: g for p, g in self.declared_graphs.items()
+                                        if generation(p) == g}
+                self._graphs_line = 2 * len(self.declared_graphs) + 64
         for h in handles:
             h.graph_built(results)
 
