@@ -1848,10 +1848,13 @@ def test_offload_after_steps_taken_without_it_lets_their_gradients_move() -> Non
 
 def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> None:
     """Without budget pressure (the previous step's peak under half the budget), offload's
-    steps after the first run quiet: every block they pin or declare is a parameter, gradient
-    or optimizer state tensor (no activation, module input or output), and they open no
-    swapper step (nothing recorded or planned). With quiet=False every step pins activations
-    and is a swapper step. Both train bit-identically to plain torch."""
+    steps after the first run quiet: every block they pin is a parameter, gradient or
+    optimizer state tensor, or the batch given to the model (which another model's armed
+    step may have declared: test_a_quiet_model_pins_the_batch_another_models_armed_step_
+    declared), and every block they declare is one of the former (no activation, inner
+    module input or output); they open no swapper step (nothing recorded or planned). With
+    quiet=False every step pins activations and is a swapper step. Both train
+    bit-identically to plain torch."""
     out = run_ok(quiet_preamble("1GiB") + """
         import sys; sys.path.insert(0, %r)
         from torch_train_models import train
@@ -1875,7 +1878,7 @@ def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> No
             handles = {}
             def before(i):
                 s = spill.stats()
-                calls.append({"pins": set(), "declared": set(),
+                calls.append({"pins": set(), "declared": set(), "inputs": set(),
                               "swapper_steps": s["swap.steps_recorded"] + s["swap.steps_planned"]})
                 if i > 0:
                     h = handles["h"]
@@ -1889,6 +1892,8 @@ def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> No
                     calls[-2]["known"] = known
             def wrap(m, o):
                 handles["h"] = st.offload(m, o, quiet=quiet)
+                m.register_forward_pre_hook(lambda mod, args: calls[-1]["inputs"].update(
+                    a.data_ptr() for a in args if isinstance(a, torch.Tensor)) if calls else None)
                 return handles["h"]
             del calls[:]
             losses, model, h = train("mlp", STEPS, before, wrap=wrap, device=dev)
@@ -1908,7 +1913,8 @@ def test_quiet_steps_pin_and_declare_only_parameters_gradients_and_state() -> No
         for i, s in enumerate(steps):
             assert s["quiet"], i
             assert s["pins"], ("a quiet step pinned no parameter", i)
-            assert s["pins"] <= s["known"], ("a quiet step pinned an activation", i)
+            assert s["pins"] <= s["known"] | s["inputs"], ("a quiet step pinned an activation", i)
+            assert s["inputs"] and s["inputs"] <= s["pins"], ("the batch was not pinned", i)
             assert s["declared"] <= s["known"], ("a quiet step declared an activation", i)
         assert swapper == [0] * (STEPS - 1), ("quiet steps opened swapper steps", swapper)
 
