@@ -27,12 +27,11 @@ from spill import Error, block_name
 from spill._capi import BlockInfoStruct
 from spill._errors import InvalidArgumentError, InvalidArgumentTypeError
 
-from ._guard import detached_number, number_detached, reads_no_bytes
+from ._guard import call_detaching, reads_no_bytes
 from ._pins import Pinner, leaves
 from ._state import state
 from ._window import _dispatch_stack, _insert_bottom, _remove
 
-_DETACH = torch.ops.aten.detach.default
 # Ops that take a tensor for its shape, dtype and device only (no kernel reads its bytes):
 # they make a new tensor.
 _SHAPE_ONLY = frozenset(
@@ -67,19 +66,10 @@ class _CheckPins(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is _DETACH:
-            number = detached_number(func, args)
-            if number is not None:
-                return number
         if state.active and not state.forked_child and func not in _SHAPE_ONLY \
                 and not reads_no_bytes(func):
             self._check(func, args, kwargs)
-        out = func(*args, **kwargs)
-        if func is _DETACH:
-            alias = number_detached(args, out)
-            if alias is not None:
-                return alias
-        return out
+        return call_detaching(func, args, kwargs)
 
     def _check(self, func: Any, args: Any, kwargs: Any) -> None:
         movables = self.pinner.movables

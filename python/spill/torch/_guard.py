@@ -54,6 +54,21 @@ def number_detached(args: Any, out: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def call_detaching(func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
+    """``func(*args, **kwargs)`` for a mode that pins nothing around it, with detach() of a
+    wrapped number as autograd expects it (detached_number, number_detached)."""
+    if func is _DETACH:
+        number = detached_number(func, args)
+        if number is not None:
+            return number
+    out = func(*args, **kwargs)
+    if func is _DETACH:
+        alias = number_detached(args, out)
+        if alias is not None:
+            return alias
+    return out
+
+
 _reads_no_bytes: Dict[Any, bool] = {}
 try:
     _has_kernel_for = torch._C._dispatch_has_kernel_for_dispatch_key
@@ -196,12 +211,7 @@ class PinEveryOp(TorchDispatchMode):
             # from no op under the guard took the weight's transpose, its first op, for the
             # step's first pinning op: its key held no batch.
             self.ops += 1
-            out = func(*args, **kwargs)
-            if func is _DETACH:
-                alias = number_detached(args, out)
-                if alias is not None:
-                    return alias
-            return out
+            return call_detaching(func, args, kwargs)
         stream = pinner.stream()
         positions, names = _writes(func)
         held: List[Tuple[Any, bool]] = []

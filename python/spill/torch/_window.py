@@ -63,9 +63,10 @@ Token = Any
 
 
 def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
-            pop: Callable[[], Any]) -> bool:
+            pop: Callable[[], Any], exit: bool = False) -> bool:
     """Takes ``mode`` out of a mode stack wherever it is; the modes above keep their order.
-    False when it is not on the stack."""
+    With ``exit``, by the mode's own ``__exit__`` (see _leave). False when it is not on the
+    stack."""
     above: List[Any] = []
     found = False
     while length() > 0:
@@ -74,6 +75,9 @@ def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
             found = True
             break
         above.append(top)
+    if found and exit:
+        push(mode)
+        mode.__exit__(None, None, None)
     for m in reversed(above):
         push(m)
     return found
@@ -88,20 +92,7 @@ def _leave(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
     pins-only mode or a guard's mode not on top at its exit left them set for the rest of the
     process, and torch.compile, which skips frames while they are set, ran eager from then on
     (audit 37a F4, read in torch's source). False when it is not on the stack."""
-    above: List[Any] = []
-    found = False
-    while length() > 0:
-        top = pop()
-        if top is mode:
-            found = True
-            break
-        above.append(top)
-    if found:
-        push(mode)
-        mode.__exit__(None, None, None)
-    for m in reversed(above):
-        push(m)
-    return found
+    return _remove(mode, length, push, pop, exit=True)
 
 
 def _insert_bottom(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
