@@ -106,7 +106,8 @@ int run_demo(Config config, const DemoArgs& a) {
                                    {"budget_bytes", budget},
                                    {"dropped_events", rec.dropped()},
                                    // Begun with the runtime: nothing before it.
-                                   {"baseline", profiling::zero_baseline()}});
+                                   {"baseline", profiling::zero_baseline()}},
+                                  "--trace");
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
                 a.trace.c_str());
   }

@@ -334,7 +334,8 @@ int run_train(Config config, const TrainArgs& a) {
                                    {"policy", a.policy},
                                    {"dropped_events", rec.dropped()},
                                    // Begun before the runtimes: nothing before it.
-                                   {"baseline", profiling::zero_baseline()}});
+                                   {"baseline", profiling::zero_baseline()}},
+                                  "--trace");
   };
   try {
     run = train::run_training(config, program, ro, on_start, on_step, on_end);

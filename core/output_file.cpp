@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -15,18 +16,175 @@
 
 namespace spill {
 
+namespace {
+
+// The descriptor number at the end of `path` after `prefix`, or -1.
+int descriptor_after(const std::string& path, std::string_view prefix) {
+  if (path.size() <= prefix.size() || path.size() > prefix.size() + 9 ||
+      path.compare(0, prefix.size(), prefix) != 0)
+    return -1;
+  int fd = 0;
+  for (std::size_t i = prefix.size(); i < path.size(); ++i) {
+    if (path[i] < '0' || path[i] > '9') return -1;
+    fd = fd * 10 + (path[i] - '0');
+  }
+  return fd;
+}
+
+// Writes all of `text` to `fd`; false (errno set) when a write fails.
+bool write_all(int fd, std::string_view text) {
+  while (!text.empty()) {
+    const ssize_t n = ::write(fd, text.data(), text.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      return false;
+    }
+    text.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+
+[[noreturn]] void throw_write_failed(const std::string& path, std::string_view what, int err) {
+  throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (" +
+                        (err == ENOSPC || err == EFBIG || err == EDQUOT ? std::string("disk full?")
+                                                                        : std::strerror(err)) +
+                        ")");
+}
+
+// A device, pipe or FIFO: opened without truncation and written as a stream.
+void write_directly(const std::string& path, std::string_view text, std::string_view what) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0)
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                          std::strerror(errno));
+  const bool written = write_all(fd, text);
+  const int err = errno;
+  const bool closed = ::close(fd) == 0;
+  if (!written || !closed) throw_write_failed(path, what, written ? errno : err);
+}
+
+// A regular file in a directory that takes no new file (the file itself may be writable).
+void write_in_place(const std::string& path, std::string_view text, std::string_view what) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out.good())
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "'");
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  out.close();
+  if (!out.good())
+    throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
+}
+
+std::atomic<unsigned> next_temporary{0};
+
+std::string temporary_beside(const std::string& target) {
+  return target + ".tmp-" + std::to_string(::getpid()) + "-" +
+         std::to_string(next_temporary.fetch_add(1));
+}
+
+// Writes `text` to a new temporary beside `target` made with `mode`; its name, or "" (errno
+// set) when the directory takes no new file. A failed write removes it and throws.
+std::string write_temporary(const std::string& target, std::string_view text, mode_t mode,
+                            const struct stat* keep, const std::string& path,
+                            std::string_view what) {
+  const std::string temporary = temporary_beside(target);
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+  if (fd < 0) return {};
+  if (keep != nullptr) {
+    // The owner and group first (a change of owner clears set-id bits), when permitted: as
+    // root, a user's file stays the user's; otherwise at least its group where we are in it.
+    if (::fchown(fd, keep->st_uid, keep->st_gid) != 0) (void)::fchown(fd, -1, keep->st_gid);
+    ::fchmod(fd, keep->st_mode & 07777);  // the umask applied at creation must not narrow it
+  }
+  const bool written = write_all(fd, text);
+  const int err = errno;
+  const bool closed = ::close(fd) == 0;
+  if (!written || !closed) {
+    const int why = written ? errno : err;
+    ::unlink(temporary.c_str());
+    throw_write_failed(path, what, why);
+  }
+  return temporary;
+}
+
+}  // namespace
+
+std::optional<int> own_descriptor(const std::string& path) {
+  int fd = -1;
+  if (path == "/dev/stdin") fd = 0;
+  else if (path == "/dev/stdout") fd = 1;
+  else if (path == "/dev/stderr") fd = 2;
+  else if ((fd = descriptor_after(path, "/dev/fd/")) < 0 &&
+           (fd = descriptor_after(path, "/proc/self/fd/")) < 0 &&
+           (fd = descriptor_after(path, "/proc/thread-self/fd/")) < 0)
+    fd = descriptor_after(path, "/proc/" + std::to_string(::getpid()) + "/fd/");
+  if (fd >= 0) {
+    if (::fcntl(fd, F_GETFD) != -1) return fd;
+    return std::nullopt;  // not open here: the path names nothing (or another process's)
+  }
+  // Another name of the file that the standard output or error stream writes to (the log a
+  // shell's `>>` opened): written through the stream too, not replaced under it.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::nullopt;
+  for (int d : {1, 2}) {
+    struct stat s {};
+    if (::fstat(d, &s) == 0 && s.st_dev == st.st_dev && s.st_ino == st.st_ino) return d;
+  }
+  return std::nullopt;
+}
+
+std::string link_target(const std::string& path) {
+  std::string p = path;
+  for (int hops = 0; hops < 40; ++hops) {
+    char buf[4096];
+    const ssize_t n = ::readlink(p.c_str(), buf, sizeof buf);
+    if (n < 0 || n == static_cast<ssize_t>(sizeof buf)) return p;  // not a link (or too long)
+    std::string link(buf, static_cast<std::size_t>(n));
+    if (link.front() == '/') {
+      p = std::move(link);
+    } else {
+      const auto slash = p.rfind('/');
+      p = slash == std::string::npos ? link : p.substr(0, slash + 1) + link;
+    }
+  }
+  return p;  // a loop: what is done with it fails with ELOOP
+}
+
 void check_writable(const std::string& path, std::string_view what) {
   auto fail = [&](const char* reason) {
     throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " + reason);
   };
   if (path.empty()) fail("the path is empty");
+  if (const auto fd = own_descriptor(path)) {
+    const int flags = ::fcntl(*fd, F_GETFL);
+    if (flags < 0 || (flags & O_ACCMODE) == O_RDONLY)
+      fail(("descriptor " + std::to_string(*fd) + " is not open for writing").c_str());
+    return;
+  }
   struct stat st {};
-  const bool existed = ::stat(path.c_str(), &st) == 0;
-  if (existed && S_ISDIR(st.st_mode)) fail("it is a directory");
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  const bool exists = ::stat(path.c_str(), &st) == 0;
+  if (!exists && errno != ENOENT) fail(std::strerror(errno));  // a loop of links, ...
+  if (exists) {
+    if (S_ISDIR(st.st_mode)) fail("it is a directory");
+    if (!S_ISREG(st.st_mode)) {
+      // A FIFO, device or socket: not opened here (closing a FIFO would end its reader, and
+      // opening one blocks until a reader comes).
+      if (::access(path.c_str(), W_OK) != 0) fail(std::strerror(errno));
+      return;
+    }
+    // An existing file is opened for appending: never truncated.
+    const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0) fail(std::strerror(errno));
+    ::close(fd);
+    return;
+  }
+  // A new file: created where the write will create it (through a symbolic link not
+  // pointing at a file yet, its target) and removed again; the link stays.
+  const std::string target = link_target(path);
+  const int fd = ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) fail(std::strerror(errno));
   ::close(fd);
-  if (!existed) ::unlink(path.c_str());
+  ::unlink(target.c_str());
 }
 
 void check_not_same(const std::string& path, std::string_view what, const std::string& other,
@@ -50,61 +208,51 @@ void check_not_same(const std::string& path, std::string_view what, const std::s
                           "'): writing it would replace it");
 }
 
-namespace {
-
-// Writes all of `text` to `fd`; false (errno set) when a write fails.
-bool write_all(int fd, std::string_view text) {
-  while (!text.empty()) {
-    const ssize_t n = ::write(fd, text.data(), text.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    text.remove_prefix(static_cast<std::size_t>(n));
-  }
-  return true;
-}
-
-void write_in_place(const std::string& path, std::string_view text, std::string_view what) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out.good())
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "'");
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  out.close();
-  if (!out.good())
-    throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
-}
-
-std::atomic<unsigned> next_temporary{0};
-
-}  // namespace
-
 void write_file(const std::string& path, std::string_view text, std::string_view what) {
-  struct stat st {};
-  const bool existed = ::stat(path.c_str(), &st) == 0;
-  if (existed && !S_ISREG(st.st_mode)) return write_in_place(path, text, what);
-  std::error_code ec;
-  // The link's target is replaced, not the link.
-  const std::string target =
-      existed ? std::filesystem::canonical(path, ec).string() : path;
-  if (ec) return write_in_place(path, text, what);
-  const std::string temporary = target + ".tmp-" + std::to_string(::getpid()) + "-" +
-                                std::to_string(next_temporary.fetch_add(1));
-  const mode_t mode = existed ? (st.st_mode & 07777) : 0666;  // a new file: 0666 less the umask
-  int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-  // A directory that takes no new file (the file itself may still be writable): in place.
-  if (fd < 0) return write_in_place(path, text, what);
-  if (existed) ::fchmod(fd, mode);  // the umask applied at creation must not narrow it
-  const bool written = write_all(fd, text);
-  const bool closed = ::close(fd) == 0;
-  if (!written || !closed) {
-    ::unlink(temporary.c_str());
-    throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
+  if (const auto fd = own_descriptor(path)) {
+    // Written after what spill printed there so far, at the stream's position (appending
+    // when the shell opened it with >>), never reopened, truncated or renamed over.
+    std::fflush(stdout);
+    std::fflush(stderr);
+    if (!write_all(*fd, text)) throw_write_failed(path, what, errno);
+    return;
   }
+  // Through a symbolic link (also one whose file is not there yet), its target is written.
+  const std::string target = link_target(path);
+  struct stat st {};
+  const bool existed = ::stat(target.c_str(), &st) == 0;
+  if (!existed && errno != ENOENT)  // a loop of links, a directory that cannot be searched
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                          std::strerror(errno));
+  if (existed && !S_ISREG(st.st_mode)) return write_directly(path, text, what);
+  // A new file: 0666 less the umask.
+  const std::string temporary =
+      write_temporary(target, text, 0666, existed ? &st : nullptr, path, what);
+  if (temporary.empty()) return write_in_place(path, text, what);
   if (::rename(temporary.c_str(), target.c_str()) != 0) {
     const int err = errno;
     ::unlink(temporary.c_str());
     throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
                           std::strerror(err));
   }
+}
+
+bool write_new_file(const std::string& path, std::string_view text, std::string_view what) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) return false;
+  const std::string temporary = write_temporary(path, text, 0666, nullptr, path, what);
+  if (temporary.empty())
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                          std::strerror(errno));
+  // link() neither replaces nor follows anything at its new name: a file or a symbolic link
+  // planted there since is kept, and this name is not taken.
+  const bool linked = ::link(temporary.c_str(), path.c_str()) == 0;
+  const int err = errno;
+  ::unlink(temporary.c_str());
+  if (linked) return true;
+  if (err == EEXIST) return false;
+  throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                        std::strerror(err));
 }
 
 }  // namespace spill

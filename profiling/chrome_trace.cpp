@@ -3,10 +3,10 @@
 
 #include <charconv>
 #include <cstdio>
-#include <fstream>
 #include <map>
 
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "profiling/counters.hpp"
 
 namespace spill::profiling {
@@ -190,12 +190,10 @@ nlohmann::json zero_baseline() {
 }
 
 void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& events,
-                        const TagNamer& tags, const nlohmann::json& metadata) {
-  std::ofstream out(path, std::ios::binary);
-  if (!out) throw Error("trace: cannot open '" + path + "' for writing");
-  out << chrome_trace_text(events, tags, metadata);
-  out.close();
-  if (!out) throw Error("trace: writing '" + path + "' failed (disk full?)");
+                        const TagNamer& tags, const nlohmann::json& metadata,
+                        std::string_view what) {
+  // The text first: a trace that cannot be built leaves no file.
+  write_file(path, chrome_trace_text(events, tags, metadata), what);
 }
 
 }  // namespace spill::profiling

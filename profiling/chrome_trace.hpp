@@ -12,6 +12,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "profiling/counters.hpp"
@@ -38,10 +39,13 @@ nlohmann::json to_chrome_trace(const std::vector<TraceEvent>& events, const TagN
 // with no dropped events, readers check it as complete.
 nlohmann::json zero_baseline();
 
-// Writes the trace; throws Error naming the path when it cannot be written.
+// Writes the trace through write_file (core/output_file.hpp: whole or not at all, streams as
+// streams); throws InvalidArgument naming `what` (the option or call) and the path when it
+// cannot be written. The text is built first: a trace that cannot be built leaves no file.
 void write_chrome_trace(const std::string& path, const std::vector<TraceEvent>& events,
                         const TagNamer& tags = {},
-                        const nlohmann::json& metadata = nlohmann::json::object());
+                        const nlohmann::json& metadata = nlohmann::json::object(),
+                        std::string_view what = "trace");
 
 struct ParsedTrace {
   std::vector<TraceEvent> events;

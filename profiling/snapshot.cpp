@@ -1,11 +1,11 @@
 #include "profiling/snapshot.hpp"
 
-#include <fstream>
 #include <sstream>
 #include <unordered_map>
 #include <unordered_set>
 
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/json_read.hpp"
 
 namespace spill::profiling {
@@ -154,11 +154,8 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
 
 void write_snapshot(const std::string& path, const MemoryState& state,
                     const std::vector<TraceEvent>& history, const TagNamer& tags) {
-  std::ofstream out(path, std::ios::binary);
-  if (!out) throw Error("snapshot: cannot open '" + path + "' for writing");
-  out << to_memory_viz(state, history, tags).dump();
-  out.close();
-  if (!out) throw Error("snapshot: writing '" + path + "' failed (disk full?)");
+  // The text first: a snapshot that cannot be built leaves no file.
+  write_file(path, to_memory_viz(state, history, tags).dump(), "snapshot");
 }
 
 nlohmann::json read_snapshot(const std::string& path) {

@@ -46,7 +46,8 @@ struct MemoryState {
 nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEvent>& history,
                              const TagNamer& tags = {});
 
-// Writes it; throws Error naming the path when it cannot.
+// Writes it through write_file (core/output_file.hpp: whole or not at all); throws
+// InvalidArgument naming the path when it cannot.
 void write_snapshot(const std::string& path, const MemoryState& state,
                     const std::vector<TraceEvent>& history, const TagNamer& tags = {});
 

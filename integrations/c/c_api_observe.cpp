@@ -252,7 +252,7 @@ spill_status spill_trace_export(const char* path) {
     nlohmann::json meta = {{"source", "spill C API"},
                            {"dropped_events", dropped - std::min(dropped, dropped_counted)}};
     put_starting_state(meta, events);
-    profiling::write_chrome_trace(path, events, tag_names(), meta);
+    profiling::write_chrome_trace(path, events, tag_names(), meta, "spill_trace_export");
     rec.take(written);
     dropped_counted = dropped;
     return SPILL_OK;

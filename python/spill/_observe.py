@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Union
 
-from . import _args
+from . import _args, _files
 from ._errors import InvalidArgumentError
 from ._lib import call, library
 
@@ -37,14 +37,14 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
     """A memory snapshot of ``device`` in the layout of PyTorch's memory_viz (segments with
     their blocks, and the recent allocation history). Returns it as a dict, or, given
     ``path``, writes it there as JSON and returns None (``tools/snapshot_to_pickle.py`` turns
-    the file into the pickle memory_viz opens)."""
+    the file into the pickle memory_viz opens). The file is replaced whole or not at all, as
+    ``spill``'s own outputs: a failed write keeps the previous one."""
     out = None if path is None else _args.path(path)  # checked before any work
     text = _take_string("spill_snapshot_json", _args.device(device))
     if out is None:
         return json.loads(text)
     try:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
+        _files.write_text(out, text)
     except OSError as e:  # as spill.trace says it: the error names the path as given
         raise InvalidArgumentError(f"spill.snapshot: cannot write {os.fsdecode(out)!r}: "
                                    f"{e.strerror or e}") from e

@@ -1,11 +1,16 @@
 // The Chrome/Perfetto exporter: its JSON has the tracks and counters it promises, reads back
 // into the same events, and bad files get clear errors.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <set>
+#include <sstream>
 
+#include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/counters.hpp"
@@ -91,6 +96,65 @@ TEST(ChromeTrace, RoundTripsThroughAFile) {
   EXPECT_EQ(back.tag_names.at(1), "tag1");
   EXPECT_EQ(back.metadata["command"], "test");
   std::remove(path.c_str());
+}
+
+std::string file_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// Runs `write` with writes past 64 bytes failing (EFBIG, as on a full disk); its message.
+template <class F>
+std::string with_a_full_disk(F write) {
+  struct sigaction ignore {}, old_action {};
+  ignore.sa_handler = SIG_IGN;
+  ::sigaction(SIGXFSZ, &ignore, &old_action);
+  rlimit old {}, small {};
+  ::getrlimit(RLIMIT_FSIZE, &old);
+  small = old;
+  small.rlim_cur = 64;
+  ::setrlimit(RLIMIT_FSIZE, &small);
+  std::string message;
+  try {
+    write();
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::sigaction(SIGXFSZ, &old_action, nullptr);
+  return message;
+}
+
+// The trace was written in place (audit 37b, F1): a full disk destroyed the previous trace and
+// left a truncated one.
+TEST(ChromeTrace, AFailedWriteKeepsThePreviousFile) {
+  const std::string dir = ::testing::TempDir() + "spill_trace_full_disk";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/t.json";
+  std::ofstream(path) << "PRECIOUS OLD TRACE\n";
+  const std::string message =
+      with_a_full_disk([&] { write_chrome_trace(path, sample_events(), {}, {}, "--trace"); });
+  EXPECT_NE(message.find("--trace: writing '" + path + "' failed (disk full?)"),
+            std::string::npos) << message;
+  EXPECT_EQ(file_text(path), "PRECIOUS OLD TRACE\n");
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir),
+                          std::filesystem::directory_iterator()), 1)
+      << "a temporary was left";
+  std::filesystem::remove_all(dir);
+}
+
+// A trace that cannot be built (a size past 2^63 - 1) leaves no file: the file used to be
+// opened, and truncated, first (audit 37b, F4).
+TEST(ChromeTrace, ATraceThatCannotBeBuiltLeavesNoFile) {
+  const std::string path = ::testing::TempDir() + "spill_trace_unbuildable.json";
+  std::remove(path.c_str());
+  std::vector<TraceEvent> events = sample_events();
+  events.push_back(test::make_event(3000, EventKind::Alloc, 0x20000, kMaxBytes + 1));
+  EXPECT_THROW(write_chrome_trace(path, events), Error);
+  EXPECT_FALSE(std::filesystem::exists(path));
 }
 
 void expect_error(const std::string& text, const std::string& must_mention) {

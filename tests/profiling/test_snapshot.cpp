@@ -1,9 +1,12 @@
 // memory_viz snapshots: the layout memory_viz reads, consistent sizes, history from events,
 // and clear errors for bad files. tools/snapshot_to_pickle.py is exercised by a CTest.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 
 #include "core/errors.hpp"
@@ -156,6 +159,40 @@ TEST(Snapshot, RoundTripsAndConvertsToAPickle) {
   nlohmann::json j = read_snapshot(path);
   EXPECT_EQ(j["segments"].size(), 2u);
   std::remove(path.c_str());
+}
+
+// The snapshot was written in place (audit 37b, F1): a full disk destroyed the previous one.
+TEST(Snapshot, AFailedWriteKeepsThePreviousFile) {
+  const std::string dir = ::testing::TempDir() + "spill_snapshot_full_disk";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/s.json";
+  std::ofstream(path) << "PRECIOUS\n";
+  struct sigaction ignore {}, old_action {};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGXFSZ, &ignore, &old_action), 0);
+  rlimit old {}, small {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  small = old;
+  small.rlim_cur = 64;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  std::string message;
+  try {
+    write_snapshot(path, sample_state(), test::synthetic_step());
+  } catch (const std::exception& e) {
+    message = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::sigaction(SIGXFSZ, &old_action, nullptr);
+  EXPECT_NE(message.find("writing '" + path + "' failed"), std::string::npos) << message;
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line, "PRECIOUS");
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir),
+                          std::filesystem::directory_iterator()), 1)
+      << "a temporary was left";
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Snapshot, BadFilesGetClearErrors) {

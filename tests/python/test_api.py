@@ -2,6 +2,7 @@
 residency with real bytes, steps, stats, snapshots and traces."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -686,6 +687,90 @@ def test_snapshot_and_trace(sim, tmp_path):
     # The same error for a snapshot (a FileNotFoundError with the path as bytes before).
     with pytest.raises(spill.InvalidArgumentError, match=r"'[^']*nosuchdir/s\.json'"):
         spill.snapshot(tmp_path / "nosuchdir" / "s.json")
+
+
+@pytest.fixture
+def full_disk():
+    """Within it, writes past 64 bytes fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
+    import resource
+    import signal
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    @contextlib.contextmanager
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, old[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    try:
+        yield limited
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+# spill.snapshot(path) and spill.trace(path) wrote in place: a full disk destroyed the previous
+# file and left a truncated one (audit 37b, F1).
+def test_a_failed_snapshot_or_trace_write_keeps_the_previous_file(sim, tmp_path, full_disk):
+    ptr = spill.malloc(BLOCK)
+    snap, trace = tmp_path / "s.json", tmp_path / "t.json"
+    snap.write_text("PRECIOUS SNAPSHOT\n")
+    trace.write_text("PRECIOUS TRACE\n")
+    with full_disk():
+        with pytest.raises(spill.InvalidArgumentError, match="s.json"):
+            spill.snapshot(snap)
+        with pytest.raises(spill.InvalidArgumentError, match="t.json"):
+            spill.trace(trace)
+    spill.free(ptr)
+    assert snap.read_text() == "PRECIOUS SNAPSHOT\n"
+    assert trace.read_text() == "PRECIOUS TRACE\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "t.json"]  # no temporary
+    spill.trace(trace)  # the events were kept for the next export
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+# /dev/stdout, /dev/fd/N, /proc/self/fd/N: written through the descriptor, so a log opened for
+# appending keeps what it had (the file was replaced, audit 37b, F8).
+def test_a_snapshot_or_trace_to_an_own_descriptor_is_written_through_it(sim, tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("KEEP ME\n")
+    inode = log.stat().st_ino
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        spill.snapshot(f"/dev/fd/{fd}")
+        spill.trace(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    text = log.read_text()
+    assert text.startswith('KEEP ME\n{"device_traces"'), text[:60]
+    assert '"traceEvents"' in text
+    assert log.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["log.txt"]
+
+
+# A symbolic link to a file not there yet: written through, the link kept (audit 37b, F7).
+def test_a_snapshot_or_trace_through_a_link_to_a_new_file(sim, tmp_path):
+    for call, name in [(spill.snapshot, "s"), (spill.trace, "t")]:
+        link = tmp_path / f"{name}.json"
+        link.symlink_to(f"{name}_target.json")
+        call(link)
+        assert link.is_symlink()
+        assert json.loads((tmp_path / f"{name}_target.json").read_text())
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_a_replaced_snapshot_keeps_its_owner_and_group(sim, tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text("old")
+    os.chown(path, 65534, 65534)
+    path.chmod(0o640)
+    spill.snapshot(path)
+    st = path.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o640)
+    assert json.loads(path.read_text())["segments"] is not None
 
 
 def test_a_scope_name_shows_in_the_trace(sim, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from .._files import write_text
 from ._costs import tensors_in
 from ._graph import add_batch_scaling, build_graph
 from ._meta import resolve_model, with_batch
@@ -68,7 +69,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         targets); default: the output itself when it is a scalar, else its sum.
     optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
         ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``; None skips the step.
-    path: where the graph JSON goes; None writes nothing.
+    path: where the graph JSON goes, replaced whole or not at all (as ``spill``'s own outputs);
+        None writes nothing.
     targets: a tensor or tuple of tensors passed to loss_fn after the output.
     batch_dim: the batch dimension of inputs and targets (0). Tensors whose size there equals
         the first input's are the batch.
@@ -127,9 +129,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     out_path = None
     if path is not None:
         out_path = os.fspath(path)
-        with open(out_path, "w") as f:
-            json.dump(graph, f, separators=(",", ":"))
-            f.write("\n")
+        # Whole or not at all, as spill's own outputs (a failed write keeps the previous file).
+        write_text(out_path, json.dumps(graph, separators=(",", ":")) + "\n")
     return CapturedStep(graph, out_path, sum(p.numel() for p in step.params), batch, reason)
 
 

@@ -1,0 +1,134 @@
+"""Writing output files as the native library's write_file does (core/output_file.hpp): a
+regular file is replaced whole or not at all (a temporary beside it, renamed over it; a symbolic
+link is written through, also one whose file is not there yet), keeping its permission bits
+and, where allowed, its owner and group; a device, pipe or FIFO is written directly; a path that
+names one of this process's own descriptors (/dev/stdout, /dev/fd/N, /proc/self/fd/N, or another
+name of the file behind descriptor 1 or 2) is written through it as a stream."""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import stat
+import sys
+from typing import Optional, Union
+
+_OWN_FD = re.compile(r"/dev/(?:fd/(\d{1,9})|(stdin|stdout|stderr))|"
+                     r"/proc/(self|thread-self|\d+)/fd/(\d{1,9})")
+_STANDARD = {"stdin": 0, "stdout": 1, "stderr": 2}
+_temporaries = itertools.count()
+
+
+def _own_descriptor(path: str) -> Optional[int]:
+    m = _OWN_FD.fullmatch(path)
+    fd: Optional[int] = None
+    if m:
+        if m.group(1) is not None:
+            fd = int(m.group(1))
+        elif m.group(2) is not None:
+            fd = _STANDARD[m.group(2)]
+        elif m.group(3) in ("self", "thread-self") or m.group(3) == str(os.getpid()):
+            fd = int(m.group(4))
+    if fd is not None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return None
+        return fd
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    for d in (1, 2):
+        try:
+            s = os.fstat(d)
+        except OSError:
+            continue
+        if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+            return d
+    return None
+
+
+def _link_target(path: str) -> str:
+    """Where a write through ``path`` lands: links followed, also to a file not there yet."""
+    for _ in range(40):
+        try:
+            link = os.readlink(path)
+        except OSError:
+            return path
+        path = os.path.join(os.path.dirname(path), link)
+    return path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_text(path: Union[str, bytes, "os.PathLike[str]"], text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` as described above; raises OSError naming the file
+    when it cannot, and then a regular file keeps its previous contents and no temporary is
+    left beside it."""
+    p = os.fsdecode(os.fspath(path))
+    try:
+        _write_text(p, text)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), p) from e
+
+
+def _write_text(p: str, text: str) -> None:
+    data = text.encode("utf-8")
+    fd = _own_descriptor(p)
+    if fd is not None:
+        for stream in (sys.stdout, sys.stderr):  # what Python printed there comes first
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        _write_all(fd, data)
+        return
+    target = _link_target(p)
+    try:
+        st: Optional[os.stat_result] = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        out = os.open(target, os.O_WRONLY | os.O_CLOEXEC)  # a stream: no truncation
+        try:
+            _write_all(out, data)
+        finally:
+            os.close(out)
+        return
+    temporary = f"{target}.tmp-{os.getpid()}-{next(_temporaries)}"
+    try:
+        out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError:
+        # A directory that takes no new file (the file itself may still be writable).
+        with open(p, "wb") as f:
+            f.write(data)
+        return
+    try:
+        try:
+            if st is not None:
+                try:  # the owner first: a change of owner clears set-id bits
+                    os.fchown(out, st.st_uid, st.st_gid)
+                except OSError:
+                    try:
+                        os.fchown(out, -1, st.st_gid)
+                    except OSError:
+                        pass
+                os.fchmod(out, stat.S_IMODE(st.st_mode))
+            _write_all(out, data)
+        finally:
+            os.close(out)
+        os.replace(temporary, target)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

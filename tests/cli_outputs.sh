@@ -1,0 +1,45 @@
+#!/bin/sh
+# Outputs that are streams or links (audit 37b): cli_outputs.sh CASE SPILL WORKDIR; prints
+# "CASE ok" and exits 0 when the case holds.
+set -u
+case_name=$1 spill=$2 dir=$3/cli_outputs_$1
+rm -rf "$dir" && mkdir -p "$dir" && cd "$dir" || exit 1
+plan="plan mlp --device h100-sxm --link pcie5 --policy spill"
+fail() { echo "$case_name FAILED: $*"; exit 1; }
+case $case_name in
+  dev_stdout)
+    # --json /dev/stdout >> log: appended after what the log had, before the table printed
+    # afterwards; the log is not replaced (F8).
+    echo "KEEP ME" > log.txt
+    "$spill" $plan --json /dev/stdout >> log.txt 2>&1 || fail "rc $?"
+    head -1 log.txt | grep -q '^KEEP ME$' || fail "the log lost its first line"
+    grep -q '"budget_bytes"' log.txt || fail "no JSON in the log"
+    grep -q 'spill' log.txt || fail "no table in the log"
+    # Through the error stream and by the log's own name too.
+    echo "KEEP ME" > log2.txt
+    "$spill" $plan --timeline /dev/stderr 2>> log2.txt >/dev/null || fail "rc $?"
+    "$spill" $plan --json log2.txt >> log2.txt || fail "rc $?"
+    head -1 log2.txt | grep -q '^KEEP ME$' || fail "log2 lost its first line"
+    grep -q '"traceEvents"' log2.txt || fail "no timeline in log2"
+    grep -q '"budget_bytes"' log2.txt || fail "no JSON in log2"
+    ;;
+  fifo)
+    # A named FIFO: its reader gets the JSON (the check's open and close ended it, F9).
+    mkfifo out.fifo || fail "mkfifo"
+    cat out.fifo > read.txt &
+    reader=$!
+    "$spill" $plan --json out.fifo > /dev/null || { kill $reader; fail "rc $?"; }
+    wait $reader
+    grep -q '"budget_bytes"' read.txt || fail "the reader got: $(head -c 80 read.txt)"
+    ;;
+  dangling_link)
+    # A link to a file not there yet: written through, the link kept, nothing else (F7).
+    ln -s target.json link.json
+    "$spill" $plan --json link.json > /dev/null || fail "rc $?"
+    test -L link.json || fail "the link is gone"
+    grep -q '"budget_bytes"' target.json || fail "the target has no JSON"
+    test "$(ls | wc -l)" -eq 2 || fail "files left: $(ls)"
+    ;;
+  *) fail "unknown case" ;;
+esac
+echo "$case_name ok"
