@@ -9,9 +9,12 @@
 #include "allocator/allocator_impl.hpp"
 #include "allocator/host_pool.hpp"
 #include "allocator/oom_report.hpp"
+#include "core/checked.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "profiling/chrome_trace.hpp"
+#include "profiling/snapshot.hpp"
 #include "profiling/nvtx.hpp"
 
 namespace spill {
@@ -25,11 +28,12 @@ namespace {
 // a second, which every allocating thread would otherwise wait out. Per thread: the OOM
 // unwinds on the thread that gathered it.
 struct PendingOomDump {
-  std::string dir, stem;
+  std::string dir, prefix;  // prefix: <dir>/spill_oom_<pid>_, the dump's number follows
   profiling::MemoryState state;
   std::vector<profiling::TraceEvent> events;
 };
 thread_local std::optional<PendingOomDump> t_pending_dump;
+std::atomic<unsigned> next_dump_number{0};  // process-wide: this process's names never repeat
 
 }  // namespace
 
@@ -266,15 +270,13 @@ void CachingAllocator::throw_oom_locked(
 }
 
 std::string CachingAllocator::gather_oom_dump_locked() {
-  static std::atomic<int> counter{0};  // process-wide: file names never repeat
   const std::string& dir = impl_->oom_dump;
   if (impl_->oom_dumps >= AllocatorOptions::kMaxOomDumps)
     return " No OOM dump this time: the first " + std::to_string(AllocatorOptions::kMaxOomDumps) +
            " out-of-memory failures were dumped to " + dir + " (later ones are only counted).";
   ++impl_->oom_dumps;
-  std::string stem = dir + "/spill_oom_" + std::to_string(::getpid()) + "_" +
-                     std::to_string(counter.fetch_add(1));
-  t_pending_dump = PendingOomDump{dir, std::move(stem), snapshot_locked(),
+  std::string prefix = dir + "/spill_oom_" + std::to_string(::getpid()) + "_";
+  t_pending_dump = PendingOomDump{dir, std::move(prefix), snapshot_locked(),
                                   profiling::TraceRecorder::global().peek()};
   return {};
 }
@@ -287,9 +289,27 @@ void CachingAllocator::finish_oom_dump(const OutOfMemory& oom) {
   std::string note;
   try {
     std::filesystem::create_directories(dump.dir);
-    profiling::write_snapshot(dump.stem + "_snapshot.json", dump.state, dump.events);
-    profiling::write_chrome_trace(dump.stem + "_trace.json", dump.events);
-    note = " An OOM dump was written to " + dump.stem + "_snapshot.json and " + dump.stem +
+    // The texts first: a dump that cannot be built leaves no file.
+    const std::string snapshot = profiling::to_memory_viz(dump.state, dump.events).dump();
+    const std::string trace = profiling::chrome_trace_text(dump.events);
+    // Never over an earlier dump (PIDs repeat: a container's first process is always 1) nor
+    // through a link planted at the name: the next number whose two names are both free.
+    std::string stem;
+    for (int tries = 0;; ++tries) {
+      SPILL_EXPECTS(tries < 100000, "no free name for an OOM dump in " + dump.dir);
+      stem = dump.prefix + std::to_string(next_dump_number.fetch_add(1));
+      if (!write_new_file(stem + "_snapshot.json", snapshot, "OOM dump")) continue;
+      bool written = false;
+      try {
+        written = write_new_file(stem + "_trace.json", trace, "OOM dump");
+      } catch (...) {
+        ::unlink((stem + "_snapshot.json").c_str());
+        throw;
+      }
+      if (written) break;
+      ::unlink((stem + "_snapshot.json").c_str());
+    }
+    note = " An OOM dump was written to " + stem + "_snapshot.json and " + stem +
            "_trace.json.";
   } catch (const std::exception& e) {
     note = " (writing the OOM dump to " + dump.dir + " failed: " + e.what() + ")";

@@ -1,13 +1,15 @@
 // HostPool: exact sizes from registered chunks, reuse, the host cap; and the allocator's OOM
 // dump.
 #include <gtest/gtest.h>
-#include <fcntl.h>
-#include <poll.h>
+#include <semaphore.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 
@@ -168,14 +170,68 @@ TEST(OomDump, OnlyTheFirstFewOutOfMemoryFailuresAreDumped) {
   std::filesystem::remove_all(dir);
 }
 
-// The dump is written after the allocator's lock is released. Its snapshot goes to a FIFO that
-// this thread holds open without reading: once bytes arrive the dump is being written (and
-// soon blocks on the full pipe), and this thread allocates and frees. Were the dump written
-// under the lock, that allocation would wait for the dump, which waits for this thread: the
-// test would hang (ctest's timeout) instead of passing.
+// The dump is written after the allocator's lock is released. Its first write is held: with
+// the file size limited to a byte, the write raises SIGXFSZ in the thread that writes, whose
+// handler waits until this thread has taken the allocator's lock. Were the dump written under the
+// lock, that allocation would wait for the dump, which waits for this thread: the test would
+// hang (ctest's timeout) instead of passing. (A FIFO planted at the dump's name held it
+// before; dumps no longer write through what is planted at their names.)
+sem_t dump_writing, dump_may_go;
+void hold_the_dump(int) {
+  ::sem_post(&dump_writing);
+  while (::sem_wait(&dump_may_go) != 0) {
+  }
+}
+
 TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
   const std::string dir = ::testing::TempDir() + "spill_oom_dump_unlocked_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+  void* held = a.allocate(6 * MiB);
+  ASSERT_EQ(::sem_init(&dump_writing, 0, 0), 0);
+  ASSERT_EQ(::sem_init(&dump_may_go, 0, 0), 0);
+  struct sigaction hold {}, old_action {};
+  hold.sa_handler = hold_the_dump;
+  ASSERT_EQ(::sigaction(SIGXFSZ, &hold, &old_action), 0);
+  rlimit old {}, tiny {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  tiny = old;
+  tiny.rlim_cur = 1;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &tiny), 0);
+  std::string message;
+  std::thread oom([&] {
+    try {
+      a.allocate(6 * MiB);
+    } catch (const OutOfMemory& e) {
+      message = e.what();
+    }
+  });
+  while (::sem_wait(&dump_writing) != 0) {
+  }                                  // the dump is being written
+  // Needs the allocator's lock (and no new device memory: the simulated device's chunks are
+  // files, which the size limit would stop too).
+  const std::uint64_t ooms = a.stats().ooms;
+  ::sem_post(&dump_may_go);
+  oom.join();
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::sigaction(SIGXFSZ, &old_action, nullptr);
+  EXPECT_EQ(ooms, 1u);  // (checked once the limit is gone: a failure's message is written)
+  // The held write then failed (past the limit): said in the message, and nothing is left.
+  EXPECT_NE(message.find("(writing the OOM dump to " + dir + " failed"), std::string::npos)
+      << message;
+  EXPECT_TRUE(std::filesystem::is_empty(dir)) << "a partial dump or a temporary was left";
+  a.deallocate(held);
+  std::filesystem::remove_all(dir);
+}
+
+// Dumps were named by PID and a per-process count, and replaced what was there: a second run
+// with the same PID (every container's first process is 1) overwrote the first run's dumps,
+// and a link planted at the name was followed (audit 37b, F2). Now the next free name is taken.
+TEST(OomDump, NeverReplacesAnEarlierDumpNorFollowsALinkAtItsName) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  const std::string dir = ::testing::TempDir() + "spill_oom_dump_names_test";
   std::filesystem::remove_all(dir);
   CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
   void* held = a.allocate(6 * MiB);
@@ -189,37 +245,29 @@ TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
   const std::string prefix = dir + "/spill_oom_" + std::to_string(::getpid()) + "_";
   const std::size_t at = first.find(prefix);
   ASSERT_NE(at, std::string::npos) << first;
-  const int next = std::stoi(first.substr(at + prefix.size())) + 1;
-  const std::string fifo = prefix + std::to_string(next) + "_snapshot.json";
-  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << fifo;
-  const int fd = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK);  // a reader: the dump's open passes
-  ASSERT_GE(fd, 0);
-  // A snapshot larger than a pipe holds: the trace events of many allocations.
-  for (int i = 0; i < 4000; ++i) a.deallocate(a.allocate(4096));
-  std::string message;
-  std::thread oom([&] {
-    try {
-      a.allocate(6 * MiB);
-    } catch (const OutOfMemory& e) {
-      message = e.what();
-    }
-  });
-  pollfd readable{fd, POLLIN, 0};
-  ASSERT_EQ(::poll(&readable, 1, -1), 1);  // the dump is being written
-  void* p = a.allocate(MiB);                // needs the allocator's lock
-  a.deallocate(p);
-  ::fcntl(fd, F_SETFL, 0);  // blocking reads until the dump closes the file
-  std::string snapshot;
-  char buf[65536];
-  for (ssize_t got; (got = ::read(fd, buf, sizeof buf)) > 0;)
-    snapshot.append(buf, static_cast<std::size_t>(got));
-  ::close(fd);
-  oom.join();
-  EXPECT_NE(message.find("An OOM dump was written to " + prefix + std::to_string(next)),
+  const int n = std::stoi(first.substr(at + prefix.size()));
+  auto name = [&](int k, const char* kind) { return prefix + std::to_string(k) + kind; };
+  std::ofstream(name(n + 1, "_snapshot.json")) << "EARLIER RUN\n";          // a PID reused
+  std::filesystem::create_symlink(dir + "/victim.json", name(n + 2, "_snapshot.json"));
+  std::ofstream(name(n + 3, "_trace.json")) << "EARLIER TRACE\n";  // its snapshot is gone
+  std::string second;
+  try {
+    a.allocate(6 * MiB);
+  } catch (const OutOfMemory& e) {
+    second = e.what();
+  }
+  EXPECT_NE(second.find("An OOM dump was written to " + name(n + 4, "_snapshot.json") +
+                        " and " + name(n + 4, "_trace.json")),
             std::string::npos)
-      << message;
-  EXPECT_GT(snapshot.size(), 65536u);
-  EXPECT_NE(snapshot.find("\"segments\""), std::string::npos);
+      << second;
+  std::ifstream in(name(n + 1, "_snapshot.json"));
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line, "EARLIER RUN");
+  EXPECT_FALSE(std::filesystem::exists(dir + "/victim.json")) << "the planted link was followed";
+  EXPECT_FALSE(std::filesystem::exists(name(n + 3, "_snapshot.json")));
+  profiling::read_snapshot(name(n + 4, "_snapshot.json"));
+  profiling::read_chrome_trace(name(n + 4, "_trace.json"));
   a.deallocate(held);
   std::filesystem::remove_all(dir);
 }
