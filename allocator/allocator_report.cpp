@@ -209,7 +209,9 @@ void CachingAllocator::throw_oom_locked(
   m.stats.ooms++;
   const std::size_t free_under_budget =
       m.budget.limit() > m.budget.claimed() ? m.budget.limit() - m.budget.claimed() : 0;
-  m.trace(EventKind::Oom, free_under_budget, requested);
+  // A request past 2^63 - 1 bytes (a wrapped negative size) is recorded at that bound, where
+  // every size in spill stops: recorded whole, it made every later trace export fail.
+  m.trace(EventKind::Oom, free_under_budget, std::min<std::size_t>(requested, kMaxBytes));
   OomFacts f;
   f.requested = requested;
   f.needed = needed;

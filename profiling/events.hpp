@@ -21,8 +21,9 @@ namespace spill::profiling {
 // mapped / unmapped (the budget's bytes). HostAlloc/HostFree: pinned host memory taken / given
 // back. SwapOut/SwapIn: a block's bytes moved to / from the host (duration = the copy).
 // Pin/Unpin, Prefetch/Evict: the swapper's protocol and hints. Stall: time a stream or the host
-// waited for a swap-in (duration). Oom: a failed request (bytes: the request; address: the
-// bytes still free under the budget then, which memory snapshots give as "device_free").
+// waited for a swap-in (duration). Oom: a failed request (bytes: the request, saturated at
+// 2^63 - 1; address: the bytes still free under the budget then, which memory snapshots give
+// as "device_free").
 // Mark: a user annotation (tag). Name: a block was named (address: the block, bytes: its size,
 // tag: the name; tag 0: its name was cleared); the name holds until the block's Free.
 // FreeOnHost: a block freed while its bytes were on the host (swapped out): they are dropped there

@@ -35,6 +35,25 @@ TEST(a_trace_export_to_a_full_disk_keeps_the_events) {
   CHECK(strstr(buf, "\"kind\":\"alloc\"") == NULL);
 }
 
+/* A request past 2^63 - 1 bytes (a wrapped negative size) was recorded whole as an oom event,
+ * which the exporter refused: every later export failed, also after a shutdown and init
+ * (audit 37b, F4). The event's size now saturates at 2^63 - 1. */
+TEST(a_request_past_2to63_does_not_spoil_later_trace_exports) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  CHECK_STATUS(spill_malloc(&p, SIZE_MAX, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  CHECK_STATUS(spill_malloc(&p, (size_t)1 << 63, 0, NULL), SPILL_ERROR_OUT_OF_MEMORY);
+  REQUIRE_OK(spill_malloc(&p, 4u << 20, 0, NULL));
+  REQUIRE_OK(spill_free(p, 0, NULL));
+  char path[] = "/tmp/spill_c_trace_XXXXXX";
+  TEMP_PATH(path);
+  CHECK_OK(spill_trace_export(path));
+  const char* buf = c_test_read_and_remove(path);
+  CHECK(strstr(buf, "\"kind\":\"oom\"") != NULL);
+  CHECK(strstr(buf, "\"bytes\":9223372036854775807") != NULL);
+  CHECK(strstr(buf, "\"kind\":\"alloc\"") != NULL); /* the run after it */
+}
+
 /* Op names go into the step graph's JSON: bytes that are not UTF-8 are refused at
  * spill_begin_op, naming the argument (before, the graph's write failed as INTERNAL). */
 TEST(an_op_name_that_is_not_utf8_is_refused) {
@@ -169,6 +188,7 @@ TEST(running_out_of_file_descriptors_is_named_in_the_oom_message) {
 
 #define TESTS(X)                                          \
   X(a_trace_export_to_a_full_disk_keeps_the_events)       \
+  X(a_request_past_2to63_does_not_spoil_later_trace_exports) \
   X(an_op_name_that_is_not_utf8_is_refused)               \
   X(a_long_oom_note_is_cut_between_characters)            \
   X(a_failed_step_graph_write_keeps_the_previous_file)      \
