@@ -6,6 +6,7 @@
 // losses, weights and optimizer state. After the steps it prints the bytes moved before step 1
 // (set-up), in the steps and after them (--check's read-back): a trace counts all three.
 #include <cstdio>
+#include <filesystem>
 #include <optional>
 
 #include <nlohmann/json.hpp>
@@ -121,6 +122,10 @@ int run_predict(const Config& config, const TrainArgs& a) {
   for (std::size_t i = 0; i < std::size(outputs); ++i) {
     if (outputs[i].first->empty()) continue;
     check_writable(*outputs[i].first, outputs[i].second);
+    // Not the link file it reads (a measurement that took minutes), as `spill plan`.
+    std::error_code ec;
+    if (std::filesystem::is_regular_file(a.link, ec))
+      check_not_same(*outputs[i].first, outputs[i].second, a.link, "the --link file");
     for (std::size_t j = 0; j < i; ++j)
       check_not_same(*outputs[i].first, outputs[i].second, *outputs[j].first, outputs[j].second);
   }
