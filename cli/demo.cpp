@@ -20,6 +20,7 @@ namespace {
 
 struct DemoArgs {
   std::string budget = "256MiB";
+  bool budget_given = false;  // --budget on the command line: wins over budget: in the config
   int layers = 16;
   int steps = 3;
   std::string trace;
@@ -27,8 +28,10 @@ struct DemoArgs {
 
 int run_demo(Config config, const DemoArgs& a) {
   if (!a.trace.empty()) check_writable(a.trace, "--trace");
-  const char* budget_from = config.budget ? "budget: (--conf or SPILL_CONF)" : "--budget";
-  if (!config.budget) config.budget = parse_size(a.budget, "--budget");
+  // --budget, else budget: in --conf or SPILL_CONF, else --budget's default (as spill train).
+  const bool from_config = config.budget && !a.budget_given;
+  const char* budget_from = from_config ? "budget: (--conf or SPILL_CONF)" : "--budget";
+  if (!from_config) config.budget = parse_size(a.budget, "--budget");
   if (config.policy == SwapPolicy::None)
     throw InvalidArgument("spill demo needs swapping: policy:none cannot run a step 3x the budget");
   profiling::TraceRecorder::global().set_enabled(config.trace || !a.trace.empty());
@@ -122,8 +125,11 @@ void add_demo(CLI::App& app, Runner& run) {
   auto args = std::make_shared<DemoArgs>();
   CLI::App* cmd = app.add_subcommand(
       "demo", "run a synthetic training step 3x larger than the budget: recorded, then planned");
-  cmd->add_option("--budget", args->budget, "device memory budget (budget: in --conf wins)")
-      ->capture_default_str();
+  CLI::Option* budget =
+      cmd->add_option("--budget", args->budget,
+                      "device memory budget (wins over budget: in --conf or SPILL_CONF; "
+                      "without either, the default)")
+          ->capture_default_str();
   // The step, 3.2x the budget, is spread over the layers; an op holds three activations, so
   // with fewer than 6 layers one op needs more than any budget.
   cmd->add_option("--layers", args->layers,
@@ -135,7 +141,10 @@ void add_demo(CLI::App& app, Runner& run) {
       ->check(int_in(2, 100000));
   cmd->add_option("--trace", args->trace, "write a Chrome/Perfetto trace of the run here")
       ->check(file_path());
-  cmd->callback([&run, args] { run = [args](const Config& c) { return run_demo(c, *args); }; });
+  cmd->callback([&run, args, budget] {
+    args->budget_given = budget->count() > 0;
+    run = [args](const Config& c) { return run_demo(c, *args); };
+  });
 }
 
 }  // namespace spill::cli
