@@ -61,11 +61,15 @@ int main(int argc, char** argv) {
     const bool late_conf =
         command < args.size() &&
         std::any_of(args.begin() + static_cast<std::ptrdiff_t>(command), args.end(), is_conf);
-    const int code = app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    // CLI11's own refusals are invalid input as every other: status 2, named as spill's.
+    std::fprintf(stderr, "spill: invalid input: %s\n", e.what());
     if (late_conf)
       std::fprintf(stderr, "spill: --conf is a global option: give it before the command "
                            "(spill --conf X %s ...)\n", args[command].c_str());
-    return code;
+    else
+      std::fprintf(stderr, "Run with --help for more information.\n");
+    return 2;
   }
   try {
     return run(globals.config());
