@@ -60,6 +60,20 @@ def _link_target(path: str) -> str:
     return path
 
 
+def flush_before(path: Union[str, bytes, "os.PathLike[str]"]) -> None:
+    """Flushes sys.stdout and sys.stderr when ``path`` names one of this process's own
+    descriptors, so that what Python printed there comes before what is written to it (also by
+    the native library, which flushes only C's streams)."""
+    if _own_descriptor(os.fsdecode(os.fspath(path))) is None:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -83,12 +97,7 @@ def _write_text(p: str, text: str) -> None:
     data = text.encode("utf-8")
     fd = _own_descriptor(p)
     if fd is not None:
-        for stream in (sys.stdout, sys.stderr):  # what Python printed there comes first
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (OSError, ValueError):
-                pass
+        flush_before(p)
         _write_all(fd, data)
         return
     target = _link_target(p)

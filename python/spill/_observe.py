@@ -76,7 +76,9 @@ def trace(path: _args.PathLike) -> None:
     trace. Its metadata holds the memory when the first event happened (``baseline``), the
     events lost to full rings since the previous call (``dropped_events``) and the budget.
     ``spill report`` turns the file into an HTML report."""
-    call("spill_trace_export", _args.path(path))
+    out = _args.path(path)
+    _files.flush_before(out)  # /dev/stdout: what Python printed there first
+    call("spill_trace_export", out)
 
 
 def last_oom_message(device: int = 0) -> str:

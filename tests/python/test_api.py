@@ -750,6 +750,26 @@ def test_a_snapshot_or_trace_to_an_own_descriptor_is_written_through_it(sim, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["log.txt"]
 
 
+def test_a_trace_to_dev_stdout_comes_after_what_python_printed(tmp_path):
+    """`python train.py >> log` with spill.trace("/dev/stdout"): appended to the log, after the
+    lines Python printed before it (its own buffer is flushed first)."""
+    import subprocess
+    import sys
+    log = tmp_path / "log.txt"
+    log.write_text("KEEP ME\n")
+    code = (f"import spill; spill.configure({SIM_CONF!r}); print('printed');"
+            f"spill.free(spill.malloc(1 << 20)); spill.trace('/dev/stdout'); print('after')")
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(spill.__file__).parents[1]))
+    env.pop("PYTHONUNBUFFERED", None)  # buffered, as a script writing to a file is
+    with open(log, "a") as out:
+        r = subprocess.run([sys.executable, "-c", code], stdout=out, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = log.read_text()
+    assert text.startswith('KEEP ME\nprinted\n{"traceEvents"'), text[:80]
+    assert text.endswith("}\nafter\n"), text[-80:]
+
+
 # A symbolic link to a file not there yet: written through, the link kept (audit 37b, F7).
 def test_a_snapshot_or_trace_through_a_link_to_a_new_file(sim, tmp_path):
     for call, name in [(spill.snapshot, "s"), (spill.trace, "t")]:
