@@ -251,8 +251,25 @@ bool write_new_file(const std::string& path, std::string_view text, std::string_
   ::unlink(temporary.c_str());
   if (linked) return true;
   if (err == EEXIST) return false;
-  throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                        std::strerror(err));
+  if (err != EPERM && err != ENOTSUP && err != EOPNOTSUPP && err != ENOSYS)
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                          std::strerror(err));
+  // A file system without hard links: created exclusively (O_EXCL does not follow a link at
+  // the name either) and removed again when its write fails.
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+  if (fd < 0 && errno == EEXIST) return false;
+  if (fd < 0)
+    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                          std::strerror(errno));
+  const bool written = write_all(fd, text);
+  const int write_err = errno;
+  const bool closed = ::close(fd) == 0;
+  if (!written || !closed) {
+    const int why = written ? errno : write_err;
+    ::unlink(path.c_str());
+    throw_write_failed(path, what, why);
+  }
+  return true;
 }
 
 }  // namespace spill
