@@ -225,9 +225,10 @@ void write_file(const std::string& path, std::string_view text, std::string_view
     throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
                           std::strerror(errno));
   if (existed && !S_ISREG(st.st_mode)) return write_directly(path, text, what);
-  // A new file: 0666 less the umask.
-  const std::string temporary =
-      write_temporary(target, text, 0666, existed ? &st : nullptr, path, what);
+  // A new file: 0666 less the umask; a replacement: never wider than the old file, even
+  // before its mode is copied (a file only its owner reads stays so throughout).
+  const std::string temporary = write_temporary(target, text, existed ? (st.st_mode & 0777) : 0666,
+                                                existed ? &st : nullptr, path, what);
   if (temporary.empty()) return write_in_place(path, text, what);
   if (::rename(temporary.c_str(), target.c_str()) != 0) {
     const int err = errno;

@@ -114,7 +114,9 @@ def _write_text(p: str, text: str) -> None:
         return
     temporary = f"{target}.tmp-{os.getpid()}-{next(_temporaries)}"
     try:
-        out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        # Never wider than the file it replaces, even before its mode is copied.
+        mode = 0o666 if st is None else stat.S_IMODE(st.st_mode) & 0o777
+        out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError:
         # A directory that takes no new file (the file itself may still be writable).
         with open(p, "wb") as f:
