@@ -12,6 +12,7 @@
 #include "allocator/host_pool.hpp"
 #include "core/config.hpp"
 #include "core/errors.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 
 namespace spill {
@@ -42,6 +43,9 @@ CachingAllocator::CachingAllocator(Device& device, AllocatorOptions options)
   SPILL_EXPECTS(options.small_limit <= kSmallSegment,
                 "small_limit " + format_bytes(options.small_limit) +
                     " is larger than a small segment (" + format_bytes(kSmallSegment) + ")");
+  // Checked now, not at the first out-of-memory failure hours later, whose message was the
+  // first place a mistake in it showed (audit 37b, L5).
+  if (!options.oom_dump.empty()) check_directory_writable(options.oom_dump, "oom_dump");
 }
 
 CachingAllocator::~CachingAllocator() {

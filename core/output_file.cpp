@@ -187,6 +187,34 @@ void check_writable(const std::string& path, std::string_view what) {
   ::unlink(target.c_str());
 }
 
+void check_directory_writable(const std::string& dir, std::string_view what) {
+  auto fail = [&](const std::string& reason) {
+    throw InvalidArgument(std::string(what) + ": '" + dir + "' " + reason);
+  };
+  if (dir.empty()) fail("is empty: name a directory");
+  std::error_code ec;
+  const std::filesystem::path full = std::filesystem::absolute(dir, ec);
+  if (ec) fail("cannot be resolved: " + ec.message());
+  std::filesystem::path at = full;
+  for (;;) {
+    struct stat st {};
+    if (::stat(at.c_str(), &st) == 0) {
+      const bool itself = at == full;
+      if (!S_ISDIR(st.st_mode))
+        fail(itself ? std::string("is not a directory")
+                    : "cannot be created: '" + at.string() + "' is not a directory");
+      if (::access(at.c_str(), W_OK | X_OK) != 0)
+        fail(itself ? "is not writable: " + std::string(std::strerror(errno))
+                    : "cannot be created in '" + at.string() + "': " + std::strerror(errno));
+      return;
+    }
+    if (errno != ENOENT && errno != ENOTDIR) fail("cannot be reached: " + std::string(std::strerror(errno)));
+    if (!at.has_parent_path() || at.parent_path() == at)
+      fail("cannot be created: no directory above it exists");
+    at = at.parent_path();
+  }
+}
+
 void check_not_same(const std::string& path, std::string_view what, const std::string& other,
                     std::string_view other_what) {
   if (path.empty() || other.empty()) return;

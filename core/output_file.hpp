@@ -45,6 +45,13 @@ void write_file(const std::string& path, std::string_view text, std::string_view
 // (written beside it, then linked to its name). For names spill picks itself (OOM dumps).
 bool write_new_file(const std::string& path, std::string_view text, std::string_view what);
 
+// Throws InvalidArgument "<what>: '<dir>' <reason>" unless files can be created in `dir`: an
+// existing path must be a directory the process may write and search; a missing one must have
+// as its nearest existing ancestor such a directory (it is created when first written).
+// Creates nothing. For directories written much later (OOM dumps), so that a mistake in one
+// shows when spill starts, not in the message of the first out-of-memory failure.
+void check_directory_writable(const std::string& dir, std::string_view what);
+
 // The descriptor that `path` names when it is one of this process's open descriptors:
 // /dev/stdin, /dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N, /proc/<own pid>/fd/N, or
 // any other path to the file that descriptor 1 or 2 is open on.

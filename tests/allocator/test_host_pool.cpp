@@ -229,6 +229,36 @@ TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
 // Dumps were named by PID and a per-process count, and replaced what was there: a second run
 // with the same PID (every container's first process is 1) overwrote the first run's dumps,
 // and a link planted at the name was followed (audit 37b, F2). Now the next free name is taken.
+// An oom_dump that cannot take files is refused when the allocator starts, naming it and why
+// (before, it showed only in the message of the first out-of-memory failure); one not there
+// yet under a writable directory is fine and is not created until a dump is written.
+TEST(OomDump, AnUnusableDirectoryIsRefusedWhenTheAllocatorStarts) {
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  const std::string base = ::testing::TempDir() + "spill_oom_dump_check_test";
+  std::filesystem::remove_all(base);
+  std::filesystem::create_directories(base);
+  const std::string file = base + "/a_file";
+  std::ofstream(file) << "not a directory\n";
+  auto refused = [&](const std::string& dir) -> std::string {
+    try {
+      CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+    } catch (const InvalidArgument& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string on_file = refused(file);
+  EXPECT_NE(on_file.find("oom_dump: '" + file + "' is not a directory"), std::string::npos)
+      << on_file;
+  const std::string under_file = refused(file + "/dumps");
+  EXPECT_NE(under_file.find("cannot be created: '" + file + "' is not a directory"),
+            std::string::npos)
+      << under_file;
+  EXPECT_EQ(refused(base + "/later/dumps"), "");
+  EXPECT_FALSE(std::filesystem::exists(base + "/later"));
+  std::filesystem::remove_all(base);
+}
+
 TEST(OomDump, NeverReplacesAnEarlierDumpNorFollowsALinkAtItsName) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
   const std::string dir = ::testing::TempDir() + "spill_oom_dump_names_test";
