@@ -2,8 +2,6 @@
 // dump.
 #include <gtest/gtest.h>
 #include <semaphore.h>
-#include <signal.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -20,6 +18,7 @@
 #include "device/sim_device.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/snapshot.hpp"
+#include "tests/file_size_limit.hpp"
 
 namespace spill::test {
 namespace {
@@ -192,14 +191,8 @@ TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
   void* held = a.allocate(6 * MiB);
   ASSERT_EQ(::sem_init(&dump_writing, 0, 0), 0);
   ASSERT_EQ(::sem_init(&dump_may_go, 0, 0), 0);
-  struct sigaction hold {}, old_action {};
-  hold.sa_handler = hold_the_dump;
-  ASSERT_EQ(::sigaction(SIGXFSZ, &hold, &old_action), 0);
-  rlimit old {}, tiny {};
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-  tiny = old;
-  tiny.rlim_cur = 1;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &tiny), 0);
+  test::FileSizeLimit limit(1, hold_the_dump);
+  ASSERT_TRUE(limit.ok());
   std::string message;
   std::thread oom([&] {
     try {
@@ -215,8 +208,7 @@ TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
   const std::uint64_t ooms = a.stats().ooms;
   ::sem_post(&dump_may_go);
   oom.join();
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  ::sigaction(SIGXFSZ, &old_action, nullptr);
+  limit.lift();
   EXPECT_EQ(ooms, 1u);  // (checked once the limit is gone: a failure's message is written)
   // The held write then failed (past the limit): said in the message, and nothing is left.
   EXPECT_NE(message.find("(writing the OOM dump to " + dir + " failed"), std::string::npos)

@@ -3,8 +3,6 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
-#include <signal.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -16,6 +14,7 @@
 
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
+#include "tests/file_size_limit.hpp"
 
 namespace spill {
 namespace {
@@ -42,23 +41,15 @@ TEST(WriteFile, AFailedWriteKeepsThePreviousContentsAndLeavesNoTemporary) {
   const fs::path dir = fresh_dir("write_file_fails");
   const fs::path file = dir / "graph.json";
   std::ofstream(file) << "previous\n";
-  // Writes past RLIMIT_FSIZE fail with EFBIG (SIGXFSZ ignored), as on a full disk.
-  struct sigaction ignore {}, old_action {};
-  ignore.sa_handler = SIG_IGN;
-  ASSERT_EQ(::sigaction(SIGXFSZ, &ignore, &old_action), 0);
-  rlimit old {}, small {};
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-  small = old;
-  small.rlim_cur = 16;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  test::FileSizeLimit limit(16);  // writes past it fail with EFBIG, as on a full disk
+  ASSERT_TRUE(limit.ok());
   std::string message;
   try {
     write_file(file.string(), std::string(4096, 'x'), "--json");
   } catch (const InvalidArgument& e) {
     message = e.what();
   }
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  ::sigaction(SIGXFSZ, &old_action, nullptr);
+  limit.lift();
   EXPECT_NE(message.find("--json: writing '" + file.string() + "' failed"), std::string::npos)
       << message;
   EXPECT_EQ(read(file), "previous\n");

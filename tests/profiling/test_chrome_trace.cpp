@@ -1,8 +1,6 @@
 // The Chrome/Perfetto exporter: its JSON has the tracks and counters it promises, reads back
 // into the same events, and bad files get clear errors.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -14,6 +12,7 @@
 #include "core/errors.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/counters.hpp"
+#include "tests/file_size_limit.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
 
 namespace spill::profiling {
@@ -108,22 +107,14 @@ std::string file_text(const std::string& path) {
 // Runs `write` with writes past 64 bytes failing (EFBIG, as on a full disk); its message.
 template <class F>
 std::string with_a_full_disk(F write) {
-  struct sigaction ignore {}, old_action {};
-  ignore.sa_handler = SIG_IGN;
-  ::sigaction(SIGXFSZ, &ignore, &old_action);
-  rlimit old {}, small {};
-  ::getrlimit(RLIMIT_FSIZE, &old);
-  small = old;
-  small.rlim_cur = 64;
-  ::setrlimit(RLIMIT_FSIZE, &small);
+  spill::test::FileSizeLimit limit(64);
+  EXPECT_TRUE(limit.ok());
   std::string message;
   try {
     write();
   } catch (const std::exception& e) {
     message = e.what();
   }
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  ::sigaction(SIGXFSZ, &old_action, nullptr);
   return message;
 }
 

@@ -1,8 +1,6 @@
 // memory_viz snapshots: the layout memory_viz reads, consistent sizes, history from events,
 // and clear errors for bad files. tools/snapshot_to_pickle.py is exercised by a CTest.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +9,7 @@
 
 #include "core/errors.hpp"
 #include "profiling/snapshot.hpp"
+#include "tests/file_size_limit.hpp"
 #include "tests/hostile_helpers.hpp"
 #include "tests/profiling/synthetic_trace.hpp"
 
@@ -168,22 +167,15 @@ TEST(Snapshot, AFailedWriteKeepsThePreviousFile) {
   std::filesystem::create_directories(dir);
   const std::string path = dir + "/s.json";
   std::ofstream(path) << "PRECIOUS\n";
-  struct sigaction ignore {}, old_action {};
-  ignore.sa_handler = SIG_IGN;
-  ASSERT_EQ(::sigaction(SIGXFSZ, &ignore, &old_action), 0);
-  rlimit old {}, small {};
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-  small = old;
-  small.rlim_cur = 64;
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  spill::test::FileSizeLimit limit(64);
+  ASSERT_TRUE(limit.ok());
   std::string message;
   try {
     write_snapshot(path, sample_state(), test::synthetic_step());
   } catch (const std::exception& e) {
     message = e.what();
   }
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  ::sigaction(SIGXFSZ, &old_action, nullptr);
+  limit.lift();
   EXPECT_NE(message.find("writing '" + path + "' failed"), std::string::npos) << message;
   std::ifstream in(path);
   std::string line;
