@@ -52,16 +52,29 @@ bool write_all(int fd, std::string_view text) {
                         ")");
 }
 
-// A device, pipe or FIFO: opened without truncation and written as a stream.
-void write_directly(const std::string& path, std::string_view text, std::string_view what) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0)
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                          std::strerror(errno));
+[[noreturn]] void throw_cannot_write(const std::string& path, std::string_view what, int err) {
+  throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
+                        std::strerror(err));
+}
+
+// Writes all of `text` to `fd` and closes it. When the write or the close fails, removes
+// `remove_on_failure` (unless empty: a file it made) and throws as throw_write_failed.
+void write_and_close(int fd, std::string_view text, const std::string& remove_on_failure,
+                     const std::string& path, std::string_view what) {
   const bool written = write_all(fd, text);
   const int err = errno;
   const bool closed = ::close(fd) == 0;
-  if (!written || !closed) throw_write_failed(path, what, written ? errno : err);
+  if (written && closed) return;
+  const int why = written ? errno : err;
+  if (!remove_on_failure.empty()) ::unlink(remove_on_failure.c_str());
+  throw_write_failed(path, what, why);
+}
+
+// A device, pipe or FIFO: opened without truncation and written as a stream.
+void write_directly(const std::string& path, std::string_view text, std::string_view what) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  if (fd < 0) throw_cannot_write(path, what, errno);
+  write_and_close(fd, text, {}, path, what);
 }
 
 // A regular file in a directory that takes no new file (the file itself may be writable).
@@ -96,14 +109,7 @@ std::string write_temporary(const std::string& target, std::string_view text, mo
     if (::fchown(fd, keep->st_uid, keep->st_gid) != 0) (void)::fchown(fd, -1, keep->st_gid);
     ::fchmod(fd, keep->st_mode & 07777);  // the umask applied at creation must not narrow it
   }
-  const bool written = write_all(fd, text);
-  const int err = errno;
-  const bool closed = ::close(fd) == 0;
-  if (!written || !closed) {
-    const int why = written ? errno : err;
-    ::unlink(temporary.c_str());
-    throw_write_failed(path, what, why);
-  }
+  write_and_close(fd, text, temporary, path, what);
   return temporary;
 }
 
@@ -250,8 +256,7 @@ void write_file(const std::string& path, std::string_view text, std::string_view
   struct stat st {};
   const bool existed = ::stat(target.c_str(), &st) == 0;
   if (!existed && errno != ENOENT)  // a loop of links, a directory that cannot be searched
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                          std::strerror(errno));
+    throw_cannot_write(path, what, errno);
   if (existed && !S_ISREG(st.st_mode)) return write_directly(path, text, what);
   // A new file: 0666 less the umask; a replacement: never wider than the old file, even
   // before its mode is copied (a file only its owner reads stays so throughout).
@@ -261,8 +266,7 @@ void write_file(const std::string& path, std::string_view text, std::string_view
   if (::rename(temporary.c_str(), target.c_str()) != 0) {
     const int err = errno;
     ::unlink(temporary.c_str());
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                          std::strerror(err));
+    throw_cannot_write(path, what, err);
   }
 }
 
@@ -270,9 +274,7 @@ bool write_new_file(const std::string& path, std::string_view text, std::string_
   struct stat st {};
   if (::lstat(path.c_str(), &st) == 0) return false;
   const std::string temporary = write_temporary(path, text, 0666, nullptr, path, what);
-  if (temporary.empty())
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                          std::strerror(errno));
+  if (temporary.empty()) throw_cannot_write(path, what, errno);
   // link() neither replaces nor follows anything at its new name: a file or a symbolic link
   // planted there since is kept, and this name is not taken.
   const bool linked = ::link(temporary.c_str(), path.c_str()) == 0;
@@ -281,23 +283,13 @@ bool write_new_file(const std::string& path, std::string_view text, std::string_
   if (linked) return true;
   if (err == EEXIST) return false;
   if (err != EPERM && err != ENOTSUP && err != EOPNOTSUPP && err != ENOSYS)
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                          std::strerror(err));
+    throw_cannot_write(path, what, err);
   // A file system without hard links: created exclusively (O_EXCL does not follow a link at
   // the name either) and removed again when its write fails.
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
   if (fd < 0 && errno == EEXIST) return false;
-  if (fd < 0)
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                          std::strerror(errno));
-  const bool written = write_all(fd, text);
-  const int write_err = errno;
-  const bool closed = ::close(fd) == 0;
-  if (!written || !closed) {
-    const int why = written ? errno : write_err;
-    ::unlink(path.c_str());
-    throw_write_failed(path, what, why);
-  }
+  if (fd < 0) throw_cannot_write(path, what, errno);
+  write_and_close(fd, text, path, path, what);
   return true;
 }
 

@@ -3,8 +3,12 @@
 // test's (one that holds the writer where it is). Both come back at lift() or its end.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
+
+#include <exception>
+#include <string>
 
 namespace spill::test {
 
@@ -39,5 +43,19 @@ class FileSizeLimit {
   bool ok_ = false;
   bool lifted_ = false;
 };
+
+// Runs `write` with writes past `bytes` failing (EFBIG, as on a full disk); the message of what
+// it threw ("" when it threw nothing).
+template <class F>
+std::string with_a_full_disk(rlim_t bytes, F write) {
+  FileSizeLimit limit(bytes);
+  EXPECT_TRUE(limit.ok());
+  try {
+    write();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
 
 }  // namespace spill::test

@@ -41,15 +41,8 @@ TEST(WriteFile, AFailedWriteKeepsThePreviousContentsAndLeavesNoTemporary) {
   const fs::path dir = fresh_dir("write_file_fails");
   const fs::path file = dir / "graph.json";
   std::ofstream(file) << "previous\n";
-  test::FileSizeLimit limit(16);  // writes past it fail with EFBIG, as on a full disk
-  ASSERT_TRUE(limit.ok());
-  std::string message;
-  try {
-    write_file(file.string(), std::string(4096, 'x'), "--json");
-  } catch (const InvalidArgument& e) {
-    message = e.what();
-  }
-  limit.lift();
+  const std::string message = test::with_a_full_disk(
+      16, [&] { write_file(file.string(), std::string(4096, 'x'), "--json"); });
   EXPECT_NE(message.find("--json: writing '" + file.string() + "' failed"), std::string::npos)
       << message;
   EXPECT_EQ(read(file), "previous\n");

@@ -104,20 +104,6 @@ std::string file_text(const std::string& path) {
   return s.str();
 }
 
-// Runs `write` with writes past 64 bytes failing (EFBIG, as on a full disk); its message.
-template <class F>
-std::string with_a_full_disk(F write) {
-  spill::test::FileSizeLimit limit(64);
-  EXPECT_TRUE(limit.ok());
-  std::string message;
-  try {
-    write();
-  } catch (const std::exception& e) {
-    message = e.what();
-  }
-  return message;
-}
-
 // The trace was written in place (audit 37b, F1): a full disk destroyed the previous trace and
 // left a truncated one.
 TEST(ChromeTrace, AFailedWriteKeepsThePreviousFile) {
@@ -127,7 +113,8 @@ TEST(ChromeTrace, AFailedWriteKeepsThePreviousFile) {
   const std::string path = dir + "/t.json";
   std::ofstream(path) << "PRECIOUS OLD TRACE\n";
   const std::string message =
-      with_a_full_disk([&] { write_chrome_trace(path, sample_events(), {}, {}, "--trace"); });
+      spill::test::with_a_full_disk(
+          64, [&] { write_chrome_trace(path, sample_events(), {}, {}, "--trace"); });
   EXPECT_NE(message.find("--trace: writing '" + path + "' failed (disk full?)"),
             std::string::npos) << message;
   EXPECT_EQ(file_text(path), "PRECIOUS OLD TRACE\n");

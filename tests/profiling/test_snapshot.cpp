@@ -167,15 +167,8 @@ TEST(Snapshot, AFailedWriteKeepsThePreviousFile) {
   std::filesystem::create_directories(dir);
   const std::string path = dir + "/s.json";
   std::ofstream(path) << "PRECIOUS\n";
-  spill::test::FileSizeLimit limit(64);
-  ASSERT_TRUE(limit.ok());
-  std::string message;
-  try {
-    write_snapshot(path, sample_state(), test::synthetic_step());
-  } catch (const std::exception& e) {
-    message = e.what();
-  }
-  limit.lift();
+  const std::string message = spill::test::with_a_full_disk(
+      64, [&] { write_snapshot(path, sample_state(), test::synthetic_step()); });
   EXPECT_NE(message.find("writing '" + path + "' failed"), std::string::npos) << message;
   std::ifstream in(path);
   std::string line;
