@@ -256,8 +256,14 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
   std::vector<const TraceEvent*> top;
   for (auto& [a, e] : at_peak) top.push_back(e);
   const std::size_t shown = std::min<std::size_t>(top.size(), 15);
+  // Largest first; among equal sizes the longest-lived (earliest allocated), then the lower
+  // address: the same trace always shows the same rows, whatever order the map holds them in.
   std::partial_sort(top.begin(), top.begin() + static_cast<std::ptrdiff_t>(shown), top.end(),
-                    [](auto* a, auto* b) { return a->bytes > b->bytes; });
+                    [](auto* a, auto* b) {
+                      if (a->bytes != b->bytes) return a->bytes > b->bytes;
+                      if (a->time_ns != b->time_ns) return a->time_ns < b->time_ns;
+                      return a->address < b->address;
+                    });
   top.resize(shown);
   o << "<h2>Top allocations at peak</h2><p class='note'>" << at_peak.size()
     << " blocks live when allocated memory peaked at " << format_bytes(s.peak.allocated)
