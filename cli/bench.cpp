@@ -79,10 +79,15 @@ void add_bench(CLI::App& app, Runner& run) {
   auto args = std::make_shared<LinkArgs>();
   CLI::App* link = bench->add_subcommand(
       "link", "host<->device copy bandwidth (H2D, D2H, both at once, D2D; pinned and pageable)");
-  link->add_option("--sizes", args->sizes, "comma-separated copy sizes, e.g. 4KiB,64MiB,1GiB")
-      ->each([args](const std::string&) { args->sizes_given = true; });
-  link->add_option("--max-size", args->max_size, "largest size of the default sweep")
-      ->capture_default_str();
+  auto* sizes =
+      link->add_option("--sizes", args->sizes, "comma-separated copy sizes, e.g. 4KiB,64MiB,1GiB")
+          ->each([args](const std::string&) { args->sizes_given = true; });
+  // --max-size bounds the default sweep, which --sizes replaces and --quick bounds itself:
+  // given with either it would be ignored without a word (audit 37b L3).
+  auto* max_size = link->add_option("--max-size", args->max_size,
+                                    "largest size of the default sweep (not with --sizes or --quick)")
+                       ->capture_default_str()
+                       ->excludes(sizes);
   link->add_option("--direction", args->directions, "comma-separated: h2d,d2h,bidir,d2d")
       ->capture_default_str();
   link->add_option("--host", args->host, "host memory: pinned, pageable or both")
@@ -90,7 +95,8 @@ void add_bench(CLI::App& app, Runner& run) {
   link->add_option("--samples", args->samples, "samples per point (the median is reported)")
       ->capture_default_str()
       ->check(int_in(1, 1000));
-  link->add_flag("--quick", args->quick, "sizes up to 64 MiB, at most 3 samples");
+  link->add_flag("--quick", args->quick, "sizes up to 64 MiB, at most 3 samples")
+      ->excludes(max_size);
   link->add_option("--json", args->json, "write the results as JSON (the planner reads it)")
       ->check(file_path());
   link->callback([&run, args] { run = [args](const Config& c) { return run_link(c, *args); }; });

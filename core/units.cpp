@@ -17,15 +17,20 @@ struct Unit {
   std::uint64_t factor;
 };
 
-constexpr std::array<Unit, 10> kUnits{{{"B", 1},
+constexpr std::uint64_t kKB = 1000;
+constexpr std::array<Unit, 14> kUnits{{{"B", 1},
                                        {"KiB", KiB},
                                        {"MiB", MiB},
                                        {"GiB", GiB},
                                        {"TiB", TiB},
-                                       {"KB", 1000ull},
-                                       {"MB", 1000ull * 1000},
-                                       {"GB", 1000ull * 1000 * 1000},
-                                       {"TB", 1000ull * 1000 * 1000 * 1000},
+                                       {"PiB", 1024 * TiB},
+                                       {"EiB", 1024 * 1024 * TiB},
+                                       {"KB", kKB},
+                                       {"MB", kKB * kKB},
+                                       {"GB", kKB * kKB * kKB},
+                                       {"TB", kKB * kKB * kKB * kKB},
+                                       {"PB", kKB * kKB * kKB * kKB * kKB},
+                                       {"EB", kKB * kKB * kKB * kKB * kKB * kKB},
                                        {"", 1}}};
 
 std::string_view trim(std::string_view s) {
@@ -82,7 +87,7 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
                                      " does not start with a number (expected e.g. 512MiB)");
   const Unit* found = nullptr;
   for (const Unit& u : kUnits) {
-    // Binary units are matched case-insensitively ("gib"); decimal ones too ("gb"), "b" = bytes.
+    // Units are matched case-insensitively ("gib", "gb"; "b" = bytes)...
     if (iequal(unit, u.name)) {
       found = &u;
       break;
@@ -90,7 +95,14 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
   }
   SPILL_EXPECTS(found != nullptr,
                 std::string(what) + ": unknown unit " + quoted(unit) + " in " + quoted(t) +
-                    " (use B, KiB, MiB, GiB, TiB, or decimal KB, MB, GB, TB)");
+                    " (use B, KiB, MiB, GiB, TiB, PiB, EiB, or decimal KB, MB, GB, TB, PB, EB)");
+  // ... except a capital prefix before a small b ("Gb", "Mib"): that is how bits are written
+  // (a "1Gb" budget read as gigabytes or as bytes would be silently wrong either way).
+  const bool capital_prefix = unit.size() > 1 && std::isupper(static_cast<unsigned char>(unit[0]));
+  SPILL_EXPECTS(!(capital_prefix && unit.back() == 'b'),
+                std::string(what) + ": " + quoted(t) + ": '" + std::string(unit) +
+                    "' reads as bits; sizes are in bytes: write " + std::string(number) +
+                    std::string(unit.substr(0, unit.size() - 1)) + "B");
   const std::string too_large = std::string(what) + ": " + quoted(t) +
                                 " is too large (sizes are limited to 2^63 - 1 bytes, 8 EiB)";
   if (number.find('.') == std::string_view::npos) {
@@ -102,6 +114,8 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
     return *bytes;
   }
   double v = parse_number(number, what);
+  SPILL_EXPECTS(found->factor > 1 || v == std::floor(v),
+                std::string(what) + ": " + quoted(t) + " is not a whole number of bytes");
   // Exact enough: a double holds 53 bits, and sizes with a fraction are rounded to bytes.
   long double bytes = std::roundl(static_cast<long double>(v) * found->factor);
   SPILL_EXPECTS(bytes < std::ldexp(1.0L, 63), too_large);  // an integer, so <= 2^63 - 1

@@ -1,5 +1,6 @@
 // Byte sizes as people write them ("8GiB", "1.5 MB", "4096") and back.
-// Binary units (KiB..TiB) are powers of 1024, decimal ones (KB..TB) powers of 1000.
+// Binary units (KiB..EiB) are powers of 1024, decimal ones (KB..EB) powers of 1000, in any case
+// except a capital prefix before a small b ("Gb": bits, refused).
 #pragma once
 
 #include <cstdint>

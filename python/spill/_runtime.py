@@ -57,9 +57,10 @@ def is_simulated(device: int = 0) -> bool:
 
 def parse_size(text: str) -> int:
     """Bytes in a size written the way the configuration string writes them: ``"8GiB"``,
-    ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (binary and decimal units, any case). Text that is
-    not a size, or one past 2**63 bytes, raises :class:`spill.InvalidArgumentError` quoting
-    it. Needs no runtime."""
+    ``"512MiB"``, ``"1.5GB"``, ``"4096"`` (binary and decimal units, any case but a capital
+    prefix before a small b, ``"1Gb"``: bits). Text that is not a size, a fraction of a byte,
+    or one past 2**63 bytes, raises :class:`spill.InvalidArgumentError` quoting it. Needs no
+    runtime."""
     value = ctypes.c_uint64(0)
     call("spill_parse_size", _args.text(text, "a size to parse"), ctypes.byref(value))
     return value.value

@@ -1,5 +1,8 @@
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+
 #include "core/checked.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -20,11 +23,48 @@ TEST(ParseSize, AcceptsBinaryDecimalAndPlainBytes) {
   EXPECT_EQ(parse_size(" 512 MiB "), 512ull << 20);
   EXPECT_EQ(parse_size("64gib"), 64ull << 30) << "units are case-insensitive";
   EXPECT_EQ(parse_size("0"), 0u);
+  EXPECT_EQ(parse_size("1PiB"), 1ull << 50);
+  EXPECT_EQ(parse_size("7EiB"), 7ull << 60);
+  EXPECT_EQ(parse_size("2PB"), 2000000000000000ull);
+  EXPECT_EQ(parse_size("9EB"), 9000000000000000000ull);
+  EXPECT_EQ(parse_size("1kB"), 1000u);
+  EXPECT_EQ(parse_size("1gb"), 1000000000u) << "all small: bytes, as documented";
+  EXPECT_EQ(parse_size("0.5KiB"), 512u);
+}
+
+// A capital prefix before a small b is how bits are written ("1Gb" of a link, "Mib"): refused
+// with the size to write instead, never read as bytes (audit 37b L6: "--budget 1Gb" was a
+// budget of 1e9 bytes). A fraction of a byte is refused rather than rounded.
+TEST(ParseSize, RefusesBitsAndFractionsOfAByte) {
+  for (auto [bad, hint] : {std::pair{"1Gb", "write 1GB"}, std::pair{"64Mb", "write 64MB"},
+                           std::pair{"2 Kib", "write 2KiB"}, std::pair{"3TIb", "write 3TIB"}}) {
+    SCOPED_TRACE(bad);
+    try {
+      parse_size(bad, "--budget");
+      FAIL() << "accepted '" << bad << "' as " << parse_size(bad);
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("--budget"), std::string::npos) << what;
+      EXPECT_NE(what.find("reads as bits"), std::string::npos) << what;
+      EXPECT_NE(what.find(hint), std::string::npos) << what;
+    }
+  }
+  for (const char* bad : {"0.1B", "1.9999999999B", "1.5", "0.5b"}) {
+    SCOPED_TRACE(bad);
+    try {
+      parse_size(bad, "swap_threshold");
+      FAIL() << "accepted '" << bad << "' as " << parse_size(bad);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("not a whole number of bytes"), std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_EQ(parse_size("2.0B"), 2u);
 }
 
 TEST(ParseSize, RejectsMalformedInputNamingIt) {
   for (const char* bad : {"", "GiB", "-1GiB", "8XB", "1.2.3MiB", "8 GiB extra", "1e3",
-                          "99999999999999999999", "20000000TiB", "0x10"}) {
+                          "99999999999999999999", "20000000TiB", "0x10", "8ZiB", "8bit"}) {
     SCOPED_TRACE(bad);
     try {
       parse_size(bad, "budget");
@@ -40,7 +80,7 @@ TEST(ParseSize, SizesStopAt2To63BytesAndFractionsDoNotWrap) {
   EXPECT_EQ(parse_size("8388607TiB"), 8388607ull << 40);
   EXPECT_EQ(parse_size("8388607.5TiB"), (8388607ull << 40) + (1ull << 39));
   for (const char* bad : {"9223372036854775808B", "8388608TiB", "9000000.5TiB", "9000000TiB",
-                          "18446744073709551615", "16777216TiB", "99999999999999999999.5KiB"}) {
+                          "18446744073709551615", "16777216TiB", "99999999999999999999.5KiB", "8EiB", "19EB"}) {
     SCOPED_TRACE(bad);
     try {
       parse_size(bad, "--budget");
