@@ -42,6 +42,13 @@ class InvalidArgument : public Error {
   using Error::Error;
 };
 
+// A file spill was writing could not be written whole for lack of room (a full disk, a quota,
+// a file size limit) or an I/O error: nothing about the input was wrong. what() names the file.
+class WriteFailed : public Error {
+ public:
+  using Error::Error;
+};
+
 // `text` for an error message: as is when short, else its first `max` characters followed by
 // "... (N characters)", so that a message never grows with the input.
 std::string excerpt(std::string_view text, std::size_t max = 64);

@@ -247,6 +247,28 @@ bool JsonValue::bool_field(std::string_view key, std::optional<bool> dflt) const
   return at(key).as_bool();
 }
 
+std::string which_spill_file(const nlohmann::json& document) {
+  if (!document.is_object()) return "";
+  const auto format = document.find("format");
+  if (format != document.end() && format->is_string()) {
+    const std::string f = format->get<std::string>();
+    if (f == "spill-graph") return ": it is a spill graph (spill plan and spill train read it)";
+    if (f == "spill-plan") return ": it is a spill plan (written by spill plan --plan-out)";
+    if (f == "spill-link-bench")
+      return ": it is a link benchmark (spill bench link --json; the --link of spill plan and "
+             "spill train)";
+    if (f == "spill-train" || f == "spill-train-predict")
+      return ": it is spill train's --json output";
+  }
+  const auto marker = document.find("spill");
+  if (marker != document.end() && marker->is_object() && marker->contains("format") &&
+      (*marker)["format"] == "spill-snapshot")
+    return ": it is a memory snapshot (spill-snapshot-to-pickle converts it for memory_viz)";
+  if (document.contains("traceEvents"))
+    return ": it is a trace (Chrome/Perfetto JSON; spill report reads spill's traces)";
+  return "";
+}
+
 void expect_format(const std::optional<JsonValue>& marker, std::string_view format,
                    std::uint64_t version, const std::string& origin, const std::string& not_it,
                    std::string_view what_version) {

@@ -60,10 +60,13 @@ std::pair<Point, Point> extremes(const std::vector<Row>& rows, const char* dir, 
 
 LinkModel link_model_from_bench_json(const nlohmann::json& report, std::string_view source) {
   const JsonValue top(report, std::string(source));
+  const std::string kind = which_spill_file(report);
+  if (!top.has("format") && !kind.empty())
+    top.fail_field("format", "missing: not a `spill bench link --json` file" + kind);
   const std::string format = top.string_field("format", std::nullopt, 64);
   if (format != "spill-link-bench")
     top.fail_field("format", "expected \"spill-link-bench\" (a `spill bench link --json` file), "
-                             "found \"" + format + "\"");
+                             "found \"" + format + "\"" + kind);
   const JsonValue results = top.at("results");
   std::vector<Row> rows;
   for (std::size_t k = 0; k < results.size(); ++k) {

@@ -45,16 +45,27 @@ bool write_all(int fd, std::string_view text) {
   return true;
 }
 
-[[noreturn]] void throw_write_failed(const std::string& path, std::string_view what, int err) {
-  throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (" +
-                        (err == ENOSPC || err == EFBIG || err == EDQUOT ? std::string("disk full?")
-                                                                        : std::strerror(err)) +
-                        ")");
+// No room (a full disk, a quota, a file size limit) or an I/O error: the file, not the input.
+bool out_of_room_or_io(int err) {
+  return err == ENOSPC || err == EFBIG || err == EDQUOT || err == EIO;
 }
 
+[[noreturn]] void throw_write_failed(const std::string& path, std::string_view what, int err) {
+  const std::string message =
+      std::string(what) + ": writing '" + path + "' failed (" +
+      (err == ENOSPC || err == EFBIG || err == EDQUOT ? std::string("disk full?")
+                                                      : std::strerror(err)) +
+      ")";
+  if (out_of_room_or_io(err)) throw WriteFailed(message);
+  throw InvalidArgument(message);
+}
+
+// A path that cannot be opened or created: invalid input, unless for lack of room.
 [[noreturn]] void throw_cannot_write(const std::string& path, std::string_view what, int err) {
-  throw InvalidArgument(std::string(what) + ": cannot write '" + path + "': " +
-                        std::strerror(err));
+  const std::string message =
+      std::string(what) + ": cannot write '" + path + "': " + std::strerror(err);
+  if (out_of_room_or_io(err)) throw WriteFailed(message);
+  throw InvalidArgument(message);
 }
 
 // Writes all of `text` to `fd` and closes it. When the write or the close fails, removes
@@ -85,7 +96,7 @@ void write_in_place(const std::string& path, std::string_view text, std::string_
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   out.close();
   if (!out.good())
-    throw InvalidArgument(std::string(what) + ": writing '" + path + "' failed (disk full?)");
+    throw WriteFailed(std::string(what) + ": writing '" + path + "' failed (disk full?)");
 }
 
 std::atomic<unsigned> next_temporary{0};

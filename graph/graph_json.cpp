@@ -70,10 +70,13 @@ Graph graph_from_json(const json& j, std::string_view source) {
   top.expect_object();
   // The format first: a plan or a trace given as a graph is named as such, not by the first
   // of its fields a graph lacks.
+  const std::string kind = which_spill_file(j);
+  if (!top.has("format") && !kind.empty())
+    top.fail_field("format", "missing: not a graph file" + kind);
   const std::string format = top.string_field("format");
   if (format != "spill-graph")
     top.fail_field("format", "expected \"spill-graph\", found \"" + format.substr(0, 64) +
-                                 "\": not a graph file");
+                                 "\": not a graph file" + kind);
   const std::uint64_t version = top.uint_field("version", 0, UINT64_MAX);
   refuse_newer_fields(top, version, {"batch"});
   top.allow_only({"format", "version", "name", "batch", "tensors", "ops"});

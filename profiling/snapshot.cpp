@@ -164,7 +164,7 @@ nlohmann::json read_snapshot(const std::string& path) {
   const JsonValue top(j, origin);
   auto marker = top.is_object() ? top.find("spill") : std::nullopt;
   expect_format(marker, "spill-snapshot", kSnapshotVersion, origin,
-                origin + ": not a spill snapshot", "version");
+                origin + ": not a spill snapshot" + which_spill_file(j), "version");
   return j;
 }
 

@@ -426,8 +426,12 @@ ParsedTrace finish(TraceSax& sax, const std::string& origin) {
   const JsonValue top(j, origin);
   std::optional<JsonValue> other;
   if (top.is_object() && top.has("traceEvents")) other = top.find("otherData");
+  const std::string kind = which_spill_file(j);
   expect_format(other, "spill-trace", kTraceFormatVersion, origin,
-                origin + ": not a spill trace (no otherData.format = \"spill-trace\")",
+                origin + ": not a spill trace" +
+                    (kind.empty() || top.has("traceEvents")
+                         ? std::string(" (no otherData.format = \"spill-trace\")")
+                         : kind),
                 "trace format version");
   ParsedTrace t;
   t.clock = other->string_field("clock", std::string(), 256);

@@ -10,6 +10,8 @@
 #include <exception>
 #include <string>
 
+#include "core/errors.hpp"
+
 namespace spill::test {
 
 class FileSizeLimit {
@@ -52,7 +54,10 @@ std::string with_a_full_disk(rlim_t bytes, F write) {
   EXPECT_TRUE(limit.ok());
   try {
     write();
-  } catch (const std::exception& e) {
+  } catch (const WriteFailed& e) {
+    return e.what();
+  } catch (const std::exception& e) {  // invalid input, say: not what a full disk is
+    ADD_FAILURE() << "a full disk should throw WriteFailed, not: " << e.what();
     return e.what();
   }
   return "";

@@ -28,6 +28,7 @@ const char* spill_status_string(spill_status status) {
     case SPILL_ERROR_FORKED_CHILD: return "forked child of a process where spill had started";
     case SPILL_ERROR_ALREADY_INITIALIZED: return "already initialised with another configuration";
     case SPILL_ERROR_NOT_FOUND: return "not found";
+    case SPILL_ERROR_WRITE_FAILED: return "a file could not be written (no room or I/O error)";
     case SPILL_ERROR_INTERNAL: return "internal error";
   }
   return "unknown status";
@@ -71,14 +72,22 @@ spill_status spill_init(const char* conf) {
       g.config = c;
       return SPILL_OK;
     }
+    // Which runtimes run, and the call that started each (a read starts one too: a device's
+    // runtime is made at the first call that needs it).
     std::string running;
-    for (int i = 0; i < kMaxDevices; ++i)
-      if (g.slots[i].state.load() != nullptr) running += (running.empty() ? "" : ", ") + std::to_string(i);
+    for (int i = 0; i < kMaxDevices; ++i) {
+      if (const DeviceState* st = g.slots[i].state.load()) {
+        running += (running.empty() ? "device " : ", device ") + std::to_string(i) +
+                   " (started by " + (*st->started_by ? st->started_by : "a call") + ")";
+      }
+    }
     if (!running.empty() && g.config && !(*g.config == c)) {
       return fail(SPILL_ERROR_ALREADY_INITIALIZED,
-                  "spill_init: runtimes already run (device " + running +
-                      ") with the configuration '" + g.config->to_string() +
-                      "'; the new one '" + c.to_string() + "' differs: call spill_shutdown first");
+                  "spill_init: runtimes already run (" + running +
+                      ", each at the first call that needed its device) with the configuration '" +
+                      g.config->to_string() + "'; the new one '" + c.to_string() +
+                      "' differs: call spill_shutdown first, or spill_init before any call "
+                      "that uses a device");
     }
     g.config = c;
     return SPILL_OK;

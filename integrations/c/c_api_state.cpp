@@ -173,6 +173,8 @@ spill_status current_error(const std::string& context) noexcept {
     return fail(SPILL_ERROR_CUDA, in_context(context, e.what()));
   } catch (const InvalidArgument& e) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT, in_context(context, e.what()));
+  } catch (const WriteFailed& e) {
+    return fail(SPILL_ERROR_WRITE_FAILED, in_context(context, e.what()));
   } catch (const std::bad_alloc&) {
     return fail(SPILL_ERROR_OUT_OF_MEMORY, context + ": host memory exhausted (std::bad_alloc)");
   } catch (const std::exception& e) {
@@ -320,6 +322,7 @@ spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create)
     }
     if (!g.config) g.config = Config::from_env();
     auto state = std::make_unique<DeviceState>(*g.config, device);
+    state->started_by = fn;
     profiling::TraceRecorder::global().set_enabled(g.config->trace);
     if (!g.started) g.start_pid = static_cast<int>(::getpid());
     g.started = true;

@@ -53,6 +53,9 @@ struct DeviceState {
   const int ordinal;
   std::unique_ptr<Runtime> rt;
   bool simulated = false;
+  // The entry point whose call created this runtime (a read such as spill_stats_json
+  // included), for spill_init's refusal of another configuration.
+  const char* started_by = "";
 
   // On the simulated device the only valid streams are those spill_stream_create made (and
   // the default stream's two spellings, so that a portable program runs there); on a GPU any

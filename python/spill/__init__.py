@@ -13,7 +13,7 @@ from typing import Any
 
 from ._capi import PinToken, Status
 from ._errors import (CudaError, Error, InvalidArgumentError, LibraryNotFoundError,
-                      OutOfMemoryError)
+                      OutOfMemoryError, WriteFailedError)
 from ._lib import library_path
 from ._memory import (BlockInfo, block_info, discard, evict, free, generation, malloc, pin,
                       pin_for_host, prefetch, record_stream, residence, set_swappable,
@@ -28,7 +28,7 @@ from ._version import __version__
 __all__ = [
     # errors
     "CudaError", "Error", "InvalidArgumentError", "LibraryNotFoundError", "OutOfMemoryError",
-    "Status",
+    "Status", "WriteFailedError",
     # lifecycle and configuration
     "configure", "shutdown", "is_simulated", "library_path", "version", "__version__",
     "set_budget", "budget", "empty_cache", "parse_size",

@@ -6,7 +6,7 @@ import ctypes
 from typing import NoReturn
 
 from ._errors import (CudaError, Error, InvalidArgumentError, LibraryNotFoundError,
-                      OutOfMemoryError, Status)
+                      OutOfMemoryError, Status, WriteFailedError)
 
 _c_void_p, _c_int, _c_size_t, _c_uint64 = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t,
                                             ctypes.c_uint64)
@@ -113,6 +113,7 @@ _EXCEPTIONS = {
     Status.OUT_OF_MEMORY: OutOfMemoryError,
     Status.HOST_CAP: OutOfMemoryError,
     Status.CUDA: CudaError,
+    Status.WRITE_FAILED: WriteFailedError,
 }
 
 

@@ -17,6 +17,7 @@ class Status(enum.IntEnum):
     FORKED_CHILD = 6
     ALREADY_INITIALIZED = 7
     NOT_FOUND = 8
+    WRITE_FAILED = 9
     INTERNAL = 99
 
 
@@ -56,6 +57,13 @@ class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
 
 class CudaError(Error, RuntimeError):
     """A CUDA runtime or driver call failed inside spill."""
+
+
+class WriteFailedError(Error, OSError):
+    """A file spill was writing (a trace, a snapshot, a step's graph) could not be written whole
+    for lack of room (a full disk, a quota, a file size limit) or an I/O error; the message names
+    the file. Its earlier content, if any, is kept. Not raised for a path that cannot be used at
+    all (a missing directory, no permission): that is an :class:`InvalidArgumentError`."""
 
 
 class LibraryNotFoundError(Error, OSError):

@@ -6,6 +6,7 @@ names one of this process's own descriptors (/dev/stdout, /dev/fd/N, /proc/self/
 name of the file behind descriptor 1 or 2) is written through it as a stream."""
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -17,6 +18,9 @@ _OWN_FD = re.compile(r"/dev/(?:fd/(\d{1,9})|(stdin|stdout|stderr))|"
                      r"/proc/(self|thread-self|\d+)/fd/(\d{1,9})")
 _STANDARD = {"stdin": 0, "stdout": 1, "stderr": 2}
 _temporaries = itertools.count()
+# The errors that say the file could not be written for lack of room or an I/O error, not
+# that the path was unusable (C's WriteFailed, spill.WriteFailedError).
+NO_ROOM_OR_IO = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO})
 
 
 def _own_descriptor(path: str) -> Optional[int]:

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, Optional, Union
 
 from . import _args, _files
-from ._errors import InvalidArgumentError
+from ._errors import InvalidArgumentError, WriteFailedError
 from ._lib import call, library
 
 
@@ -46,8 +46,10 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
     try:
         _files.write_text(out, text)
     except OSError as e:  # as spill.trace says it: the error names the path as given
-        raise InvalidArgumentError(f"spill.snapshot: cannot write {os.fsdecode(out)!r}: "
-                                   f"{e.strerror or e}") from e
+        message = f"spill.snapshot: cannot write {os.fsdecode(out)!r}: {e.strerror or e}"
+        if e.errno in _files.NO_ROOM_OR_IO:
+            raise WriteFailedError(message) from e
+        raise InvalidArgumentError(message) from e
     return None
 
 

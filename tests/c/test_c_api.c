@@ -31,7 +31,8 @@ TEST(version_and_status_strings) {
   const spill_status codes[] = {SPILL_OK, SPILL_ERROR_INVALID_ARGUMENT, SPILL_ERROR_OUT_OF_MEMORY,
                                 SPILL_ERROR_HOST_CAP, SPILL_ERROR_CUDA, SPILL_ERROR_SHUT_DOWN,
                                 SPILL_ERROR_FORKED_CHILD, SPILL_ERROR_ALREADY_INITIALIZED,
-                                SPILL_ERROR_NOT_FOUND, SPILL_ERROR_INTERNAL};
+                                SPILL_ERROR_NOT_FOUND, SPILL_ERROR_WRITE_FAILED,
+                                SPILL_ERROR_INTERNAL};
   for (size_t i = 0; i < sizeof codes / sizeof codes[0]; ++i) {
     CHECK(spill_status_string(codes[i]) != NULL);
     for (size_t j = 0; j < i; ++j) CHECK(strcmp(spill_status_string(codes[i]), spill_status_string(codes[j])) != 0);

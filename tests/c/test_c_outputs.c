@@ -19,7 +19,7 @@ TEST(a_trace_export_to_a_full_disk_keeps_the_events) {
   void* p = NULL;
   REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
   REQUIRE_OK(spill_free(p, 0, NULL));
-  CHECK_STATUS(spill_trace_export("/dev/full"), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_trace_export("/dev/full"), SPILL_ERROR_WRITE_FAILED);
   CHECK_ERROR_HAS("/dev/full");
   char path[] = "/tmp/spill_c_trace_XXXXXX";
   TEMP_PATH(path);
@@ -136,7 +136,7 @@ TEST(a_failed_step_graph_write_keeps_the_previous_file) {
   small = old;
   small.rlim_cur = 64;
   REQUIRE(setrlimit(RLIMIT_FSIZE, &small) == 0);
-  CHECK_STATUS(spill_write_step_graph(0, 1, path), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(spill_write_step_graph(0, 1, path), SPILL_ERROR_WRITE_FAILED);
   REQUIRE(setrlimit(RLIMIT_FSIZE, &old) == 0);
   CHECK_ERROR_HAS(path);
   CHECK_ERROR_HAS("failed");

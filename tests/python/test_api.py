@@ -96,6 +96,24 @@ def test_configure_again_needs_a_shutdown(sim):
     assert spill.budget() == 64 * MIB
 
 
+def test_a_read_before_configure_starts_the_runtime_and_the_refusal_names_it():
+    """A read (stats) starts device 0's runtime with the configuration then in effect, so a
+    later configure with another string is refused: the message names the read that started
+    it and what to do (audit 37b L4: it said only that runtimes run)."""
+    spill.shutdown()
+    spill.configure(SIM_CONF)
+    try:
+        spill.stats()
+        with pytest.raises(spill.Error) as e:
+            spill.configure("device:sim,budget:64MiB")
+        assert e.value.code == spill.Status.ALREADY_INITIALIZED
+        message = str(e.value)
+        assert "device 0 (started by spill_stats_json)" in message, message
+        assert "call spill_shutdown first, or spill_init before any call" in message, message
+    finally:
+        spill.shutdown()
+
+
 def test_shutdown_frees_everything_and_later_calls_say_so(sim):
     ptr = spill.malloc(BLOCK)
     spill.shutdown()
@@ -719,10 +737,13 @@ def test_a_failed_snapshot_or_trace_write_keeps_the_previous_file(sim, tmp_path,
     snap.write_text("PRECIOUS SNAPSHOT\n")
     trace.write_text("PRECIOUS TRACE\n")
     with full_disk():
-        with pytest.raises(spill.InvalidArgumentError, match="s.json"):
+        # Not invalid input: the disk was full (audit 37b L2); an OSError, as Python's own.
+        with pytest.raises(spill.WriteFailedError, match="s.json") as e:
             spill.snapshot(snap)
-        with pytest.raises(spill.InvalidArgumentError, match="t.json"):
+        assert isinstance(e.value, OSError) and not isinstance(e.value, ValueError)
+        with pytest.raises(spill.WriteFailedError, match="t.json") as e:
             spill.trace(trace)
+        assert e.value.code == spill.Status.WRITE_FAILED
     spill.free(ptr)
     assert snap.read_text() == "PRECIOUS SNAPSHOT\n"
     assert trace.read_text() == "PRECIOUS TRACE\n"

@@ -426,3 +426,37 @@ def test_only_spill_torch_imports_torch():
             "import spill.torch; assert 'torch' in sys.modules")
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(st.__file__).parents[2]))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_the_output_path_is_checked_before_the_step_and_a_file_not_a_graph_is_kept(
+        tmp_path, monkeypatch):
+    """capture(path="graph.json" by default) replaced any file of that name in the working
+    directory without a word, and found a missing directory only after recording the step.
+    Both are refused before the model is built; an earlier graph is replaced."""
+    import spill
+    built = []
+
+    def model():
+        built.append(1)
+        return Tiny()
+
+    monkeypatch.chdir(tmp_path)
+    notes = tmp_path / "graph.json"
+    notes.write_text("my notes, not a graph\n")
+    with pytest.raises(spill.InvalidArgumentError, match="'graph.json' exists and is not a "
+                       "spill graph.*pass another path="):
+        st.capture(model, torch.randn(8, 64), optimizer=None)
+    with pytest.raises(spill.InvalidArgumentError, match="no directory 'nowhere'"):
+        st.capture(model, torch.randn(8, 64), optimizer=None, path="nowhere/g.json")
+    with pytest.raises(spill.InvalidArgumentError, match="a directory"):
+        st.capture(model, torch.randn(8, 64), optimizer=None, path=tmp_path)
+    assert built == [] and notes.read_text() == "my notes, not a graph\n"
+    notes.unlink()
+    first = st.capture(model, torch.randn(8, 64), optimizer=None, scale_batch=False)
+    assert first.path == "graph.json" and json.loads(notes.read_text())["ops"]
+    second = st.capture(model, torch.randn(16, 64), optimizer=None, scale_batch=False)
+    assert json.loads(notes.read_text()) == second.graph  # an earlier graph is replaced
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    st.capture(model, torch.randn(8, 64), optimizer=None, path=empty, scale_batch=False)
+    assert json.loads(empty.read_text())["format"] == "spill-graph"

@@ -87,6 +87,7 @@ typedef enum spill_status {
   SPILL_ERROR_FORKED_CHILD = 6,     /* this process is a fork of one where spill had started */
   SPILL_ERROR_ALREADY_INITIALIZED = 7, /* spill_init with another configuration while running */
   SPILL_ERROR_NOT_FOUND = 8,        /* nothing to return (e.g. no step recorded yet) */
+  SPILL_ERROR_WRITE_FAILED = 9,     /* a file could not be written whole: no room or I/O error */
   SPILL_ERROR_INTERNAL = 99         /* a bug in spill: please report the message */
 } spill_status;
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from .. import _args
+from .._errors import InvalidArgumentError
 from .._files import write_text
 from ._costs import tensors_in
 from ._graph import add_batch_scaling, build_graph
@@ -27,6 +29,35 @@ from ._recorder import CaptureError, Recorder
 OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
 # PyTorch's message for an op with no kernel for a dispatch key (e.g. a custom op on meta).
 _NO_KERNEL = re.compile(r"Could not run '([\w:.]+)' with arguments from the '(\w+)' backend")
+# A spill graph names its format near its start (json's sorted keys put only "batch" first).
+_GRAPH_FORMAT = re.compile(rb'"format"\s*:\s*"spill-graph"')
+
+
+def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
+    """`path` checked before the step is recorded: a path in a directory that exists, and not
+    a file that holds something else than a spill graph (the default, graph.json in the working
+    directory, would replace a user's file of that name without a word)."""
+    if path is None:
+        return None
+    out = os.fsdecode(_args.path(path, "spill.torch.capture: path"))
+    directory = os.path.dirname(out) or "."
+    if not os.path.isdir(directory):
+        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: no directory "
+                                   f"{directory!r}")
+    if os.path.isdir(out):
+        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: a directory")
+    if not os.path.isfile(out):
+        return out  # nothing there to lose, or a FIFO or device: written as a stream
+    try:
+        with open(out, "rb") as existing:
+            head = existing.read(65536)
+    except OSError:
+        return out  # unreadable: the write says whether it can replace it
+    if head.strip() and not _GRAPH_FORMAT.search(head):
+        raise InvalidArgumentError(
+            f"spill.torch.capture: {out!r} exists and is not a spill graph: capture replaces "
+            f"only an earlier graph; pass another path= (or remove the file)")
+    return out
 
 
 @dataclass
@@ -70,7 +101,9 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
         ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``; None skips the step.
     path: where the graph JSON goes, replaced whole or not at all (as ``spill``'s own outputs);
-        None writes nothing.
+        None writes nothing. Checked before the step is recorded: a missing directory, or a
+        file there that is not a spill graph (it would be lost), raises
+        :class:`spill.InvalidArgumentError` naming it.
     targets: a tensor or tuple of tensors passed to loss_fn after the output.
     batch_dim: the batch dimension of inputs and targets (0). Tensors whose size there equals
         the first input's are the batch.
@@ -83,6 +116,7 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     if not isinstance(batch_dim, int) or batch_dim < 0:
         raise ValueError(f"spill.torch.capture: batch_dim must be a non-negative int, got "
                          f"{batch_dim!r}")
+    out_path = _output_path(path)  # before the work, which may take minutes
     if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer)
                                   or not callable(optimizer)):
         raise CaptureError(f"optimizer must be a factory taking the parameters (e.g. "
@@ -126,9 +160,7 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     elif not scale_batch:
         reason = "captured with scale_batch=False"
         graph.pop("batch", None)
-    out_path = None
-    if path is not None:
-        out_path = os.fspath(path)
+    if out_path is not None:
         # Whole or not at all, as spill's own outputs (a failed write keeps the previous file).
         write_text(out_path, json.dumps(graph, separators=(",", ":")) + "\n")
     return CapturedStep(graph, out_path, sum(p.numel() for p in step.params), batch, reason)
