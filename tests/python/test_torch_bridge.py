@@ -3466,11 +3466,13 @@ def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
     gradient's norm between two micro-batches (a read offload does not pin, audit 36b F3)
     raises UnpinnedUseError naming the op and the gradient's block, with nothing evicted (the
     gradient is resident: unchecked, this run passes here and faults only when the block
-    happens to be on the host); collect=True lists it once for all steps; under pin_reads()
-    nothing is found, and the checked training gives plain torch's losses, norms and
-    parameters, in offload and in guard mode."""
+    happens to be on the host); collect=True lists it once for all steps, also when the
+    gradient is on the host as it is read (the op then runs with it pinned: collecting let it
+    run unpinned and the process died of SIGSEGV, audit 38b #1); under pin_reads() nothing is
+    found, and the checked training gives plain torch's losses, norms and parameters, in
+    offload and in guard mode."""
     out = run_ok(quiet_preamble("64MiB") + """
-        import contextlib
+        import contextlib, time
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
@@ -3479,13 +3481,21 @@ def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
                 self.head = torch.nn.Linear(512, 512)
             def forward(self, x):
                 return self.head(self.body(x))
-        def train(mode, pinned):
+        def train(mode, pinned, evict=False):
             torch.manual_seed(0)
             m = Net().to(dev)
             o = torch.optim.Adam(m.parameters())
             norms = []
             def log_grad(mod, args):
                 if mod.weight.grad is not None:
+                    if evict:  # the gradient on the host as it is read
+                        ptr = mod.weight.grad.data_ptr()
+                        spill.evict(ptr)
+                        for _ in range(5000):  # (the copy out runs on its own stream)
+                            if spill.residence(ptr) == "on_host":
+                                break
+                            time.sleep(0.001)
+                        assert spill.residence(ptr) == "on_host", spill.residence(ptr)
                     with (st.pin_reads() if pinned else contextlib.nullcontext()):
                         norms.append(mod.weight.grad.norm().item())
             m.head.register_forward_pre_hook(log_grad)
@@ -3520,6 +3530,11 @@ def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
             losses, norms, params = train("offload", False)
         assert len(check.found) == 1 and "'grad of head.weight'" in check.found[0], check.found
         assert losses == base and norms == base_norms  # (nothing was evicted)
+        with st.check_pins(collect=True) as check:
+            losses, norms, params = train("offload", False, evict=True)
+        assert len(check.found) == 1 and "on the host now" in check.found[0], check.found
+        assert losses == base and norms == base_norms and len(norms) == 4
+        assert all(torch.equal(a, b) for a, b in zip(params, base_params))
         for mode in ("offload", "guard"):
             with st.check_pins(collect=True) as check:
                 losses, norms, params = train(mode, True)

@@ -66,13 +66,32 @@ class _CheckPins(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        unpinned: List[int] = []
         if state.active and not state.forked_child and func not in _SHAPE_ONLY \
                 and not reads_no_bytes(func):
-            self._check(func, args, kwargs)
-        return call_detaching(func, args, kwargs)
+            unpinned = self._check(func, args, kwargs)
+        if not unpinned:
+            return call_detaching(func, args, kwargs)
+        # Collecting: the use was noted; the op runs with the blocks it found unpinned pinned
+        # (mapped back first when on the host), so that the run goes on to report it rather
+        # than fault on it. Marked written: the op may write them.
+        pinner = self.pinner
+        stream = pinner.stream()
+        tokens = []
+        try:
+            for ptr in unpinned:
+                tokens.append(pinner.pin(ptr, stream))
+            return call_detaching(func, args, kwargs)
+        finally:
+            for token in reversed(tokens):
+                if token is not None:
+                    pinner.unpin(token, stream, True)
 
-    def _check(self, func: Any, args: Any, kwargs: Any) -> None:
+    def _check(self, func: Any, args: Any, kwargs: Any) -> List[int]:
+        """Raises for the first use of a swappable block with no pin; collecting, notes each
+        and returns their blocks."""
         movables = self.pinner.movables
+        unpinned: List[int] = []
         for where, value in [*enumerate(args), *kwargs.items()]:
             if not isinstance(value, (torch.Tensor, list, tuple)):
                 continue
@@ -81,6 +100,8 @@ class _CheckPins(TorchDispatchMode):
                     missing = self._unpinned(ptr)
                     if missing is not None:
                         self._report(func, where, t, missing)
+                        unpinned.append(ptr)
+        return unpinned
 
     def _unpinned(self, ptr: int) -> Optional[str]:
         """The block's residence when it is swappable with no pin open, else None."""
@@ -110,7 +131,7 @@ class _CheckPins(TorchDispatchMode):
             f"may move at any moment: it is declared swappable and no pin holds it ({now}). "
             "No hook of offload() or guard() pins this use: run the code under `with "
             "spill.torch.pin_reads():`, or pass the tensor to the module as an argument "
-            "(docs/pytorch.md, what offload does not pin)")
+            "(docs/pytorch.md, Swapping: offload or guard, \"Not pinned inside a forward\")")
         if self.collect:
             # Once per op, argument and block name (a block's address changes from step to
             # step; its name, the parameter's, does not).
