@@ -99,12 +99,20 @@ LinkModel link_model_from_bench_json(const nlohmann::json& report, std::string_v
   };
   const std::string src(source);
   LinkModel m;
-  m.name = "measured";
-  m.description = "measured by spill bench link on " +
-                  top.string_field("device", std::string("?"), 256) +
-                  (top.bool_field("simulated", false) ? " (simulated device)" : "") + ", from " +
-                  src;
-  m.kind = "measured";
+  // A sweep made on the simulated device reproduces the link model it ran under: its figures
+  // are simulated ones, never called measured (audit 38b #2).
+  const std::string device = top.string_field("device", std::string("?"), 256);
+  if (top.bool_field("simulated", false)) {
+    const std::string model = top.string_field("link", std::string(), 256);
+    m.name = "simulated";
+    m.description = "simulated by spill bench link on " + device + " (link model " +
+                    (model.empty() ? std::string("not named") : model) + "), from " + src;
+    m.kind = "simulated";
+  } else {
+    m.name = "measured";
+    m.description = "measured by spill bench link on " + device + ", from " + src;
+    m.kind = "measured";
+  }
   double lat_h2d = 0, lat_d2h = 0;
   m.h2d_gbps = fit(h2d_lo, h2d_hi, &lat_h2d);
   m.d2h_gbps = fit(d2h_lo, d2h_hi, &lat_d2h);

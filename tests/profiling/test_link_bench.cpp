@@ -75,6 +75,14 @@ TEST(LinkBench, JsonRoundTripsAndYieldsALinkModel) {
   EXPECT_NEAR(measured.latency_us, m.latency_us, 0.25 * m.latency_us);
   EXPECT_NEAR(measured.pageable_factor, m.pageable_factor, 0.05);
   EXPECT_NEAR(measured.duplex_efficiency, 1.0, 0.02) << "the simulated engines do not contend";
+  // Made on the simulated device: named simulated, with the model it ran under, never
+  // "measured" (audit 38b #2); the same figures from a GPU are measured.
+  EXPECT_EQ(measured.name, "simulated");
+  EXPECT_NE(measured.description.find("simulated by spill bench link on"), std::string::npos);
+  EXPECT_EQ(measured.description.find("measured"), std::string::npos) << measured.description;
+  j["simulated"] = false;
+  j["device"] = "NVIDIA H100 80GB HBM3";
+  EXPECT_EQ(link_model_from_bench_json(j).name, "measured");
 }
 
 TEST(LinkBench, StaysCorrectUnderChaos) {
