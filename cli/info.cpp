@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "cli/commands.hpp"
+#include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "core/version.hpp"
 #include "device/select.hpp"
@@ -13,6 +14,9 @@ void add_info(CLI::App& app, Runner& run) {
                                              "configuration in effect");
   cmd->callback([&run] {
     run = [](const Config& config) {
+      // The command one runs to check a configuration: an oom_dump: directory the allocator
+      // would refuse at its start is refused here too (audit 38b), creating nothing.
+      if (!config.oom_dump.empty()) check_directory_writable(config.oom_dump, "oom_dump");
       DeviceSelection sel = make_device(config);
       Device& dev = *sel.device;
       const DeviceInfo& i = dev.info();

@@ -268,7 +268,8 @@ int run_plan(const PlanArgs& a) {
     for (graph::Policy p : policies) {
       auto found = graph::find_max_batch(build, p, gpu, link, o, a.max_batch_pct / 100.0);
       if (!found) {
-        std::printf("  %-10s none fits\n", graph::to_string(p));
+        // Not "none fits": a batch may fit, only not within the overhead bound (audit 38b).
+        std::printf("  %-10s no batch within %.1f%%\n", graph::to_string(p), a.max_batch_pct);
         report["max_batch"].push_back({{"policy", graph::to_string(p)}, {"batch", 0}});
         continue;
       }
