@@ -3547,6 +3547,56 @@ def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
     assert "ok" in out, out
 
 
+def test_check_pins_passes_the_ops_that_read_no_bytes_and_names_one_that_does() -> None:
+    """Ops that take a tensor for its shape alone (empty_like, zeros_like, new_zeros, ...),
+    ask about it (is_pinned, is_same_size) or alias it (set_) read none of its bytes: the check
+    lets them pass, as documented; before, its set of them held overload packets and was asked
+    about overloads, so it never matched and each was named (audit 38a F3). sum() of the same
+    swappable, unpinned tensor is named."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        enable()
+        t = torch.randn(512, 512, device=dev)
+        spill.set_swappable(t.data_ptr(), True)  # swappable, no pin: as a gradient between hooks
+        with st.check_pins():
+            for use in (lambda: torch.empty_like(t), lambda: torch.zeros_like(t),
+                        lambda: torch.ones_like(t), lambda: torch.randn_like(t),
+                        lambda: torch.full_like(t, 2.0), lambda: t.new_zeros(3),
+                        lambda: t.new_empty(3), lambda: t.is_pinned(),
+                        lambda: t.is_same_size(t), lambda: torch.empty(0, device=dev).set_(t)):
+                use()
+            try:
+                t.sum()
+            except st.UnpinnedUseError as e:
+                assert "aten.sum" in str(e), e
+            else:
+                raise AssertionError("sum() of a swappable tensor with no pin passed")
+        spill.set_swappable(t.data_ptr(), False)
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
+def test_jit_trace_of_an_offloaded_model_passes_its_own_check() -> None:
+    """torch.jit.trace (check_trace=True, the default) of an offloaded model in eval mode
+    traces, and the trace gives the model's output: on the CPU bridge its check run (an
+    evaluation forward) ran under the host reads' function mode, whose Python frame the
+    tracer took for the ops' source, and failed with "Graphs differed across invocations"
+    (audit 38a F1)."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        enable()
+        m = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10)).to(dev).eval()
+        h = st.offload(m)
+        x = torch.randn(8, 64, device=dev)
+        with torch.no_grad():
+            traced = torch.jit.trace(m, x)
+            assert torch.equal(traced(x), m(x))
+        h.remove()
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn", "gpt"])
 def test_the_models_train_at_a_third_with_every_use_of_a_movable_tensor_pinned(model: str
                                                                                  ) -> None:

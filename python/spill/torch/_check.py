@@ -33,12 +33,18 @@ from ._state import state
 from ._window import _dispatch_stack, _insert_bottom, _remove
 
 # Ops that take a tensor for its shape, dtype and device only (no kernel reads its bytes):
-# they make a new tensor.
+# they make a new tensor, or answer a question about the tensor, or (set_ from a tensor) make
+# an alias of its storage. Overload packets: an op is checked against its own (before, the set
+# held packets and was asked about overloads, so it never matched: audit 38a F3).
 _SHAPE_ONLY = frozenset(
     getattr(torch.ops.aten, name) for name in (
         "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
-        "randint_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full")
+        "randint_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full",
+        "is_pinned", "is_same_size", "is_set_to")
     if hasattr(torch.ops.aten, name))
+# set_(source) makes the tensor an alias of the source's storage; set_() empty, set_(storage)
+# read nothing either. (Its other overloads take no tensor argument.)
+_SET = getattr(torch.ops.aten, "set_", None)
 _RESIDENCES = ("resident", "swapping_out", "on_host", "swapping_in")
 
 
@@ -67,8 +73,9 @@ class _CheckPins(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         unpinned: List[int] = []
-        if state.active and not state.forked_child and func not in _SHAPE_ONLY \
-                and not reads_no_bytes(func):
+        packet = getattr(func, "overloadpacket", func)
+        if state.active and not state.forked_child and packet not in _SHAPE_ONLY \
+                and packet is not _SET and not reads_no_bytes(func):
             unpinned = self._check(func, args, kwargs)
         if not unpinned:
             return call_detaching(func, args, kwargs)

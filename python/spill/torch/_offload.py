@@ -1458,7 +1458,11 @@ class OffloadHandle:
             # without an op: pinned as in the window (before, ``.tolist()`` of another
             # module's weight on the host faulted: audit 36f F1). None on a GPU.
             from ._reads import host_reads  # (_reads imports _window)
-            self._eval_reads = host_reads()
+            # Not while torch.jit.trace runs the forward: its check run (the second forward,
+            # an evaluation one) saw the ops come through the mode's Python frame and failed
+            # with "Graphs differed across invocations" (audit 38a F1). A trace reads no
+            # memory on the host.
+            self._eval_reads = None if torch.jit.is_tracing() else host_reads()
             if self._eval_reads is not None:
                 _insert_bottom(self._eval_reads, *_function_stack())
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
