@@ -55,7 +55,7 @@ spill_status spill_parse_size(const char* text, uint64_t* bytes) {
     *bytes = parse_size(text, "spill_parse_size");
     return SPILL_OK;
   } catch (const Error& e) {
-    return fail(SPILL_ERROR_INVALID_ARGUMENT, e.what());
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, without_source_location(e.what()));
   } catch (...) {
     return current_error("spill_parse_size");
   }

@@ -172,7 +172,10 @@ spill_status current_error(const std::string& context) noexcept {
   } catch (const CudaError& e) {
     return fail(SPILL_ERROR_CUDA, in_context(context, e.what()));
   } catch (const InvalidArgument& e) {
-    return fail(SPILL_ERROR_INVALID_ARGUMENT, in_context(context, e.what()));
+    // The message names the input at fault; where in spill's code it was noticed is noise to
+    // the caller (audit 38b: "... [c_api_residency.cpp:168]"), kept for the other errors.
+    return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                in_context(context, without_source_location(e.what()).c_str()));
   } catch (const WriteFailed& e) {
     return fail(SPILL_ERROR_WRITE_FAILED, in_context(context, e.what()));
   } catch (const std::bad_alloc&) {

@@ -171,6 +171,7 @@ TEST(pins_of_blocks_that_never_move) {
   CHECK_ERROR_HAS(c_test_address(&local));
   CHECK_STATUS(spill_set_swappable(&local, 1), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK(strstr(spill_last_error(), ".cpp:") == NULL); /* no "[c_api_residency.cpp:NN]" */
   CHECK_STATUS(spill_prefetch(&local), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_STATUS(spill_evict(&local), SPILL_ERROR_INVALID_ARGUMENT);
   spill_residence r;
