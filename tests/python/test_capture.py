@@ -19,6 +19,7 @@ import pytest
 from spill_cli import spill_cli, spill_plan  # noqa: E402  (also puts python/ on sys.path)
 
 torch = pytest.importorskip("torch")
+import spill  # noqa: E402
 import spill.torch as st  # noqa: E402
 from spill.torch._meta import building_on_meta  # noqa: E402
 from models import GPT2, lm_loss  # noqa: E402
@@ -306,6 +307,15 @@ def test_data_dependent_shape_names_the_op():
         st.capture(Nonzero, torch.randn(2, 4), path=None)
     assert "data-dependent shape" in str(e.value) and "What you can do" in str(e.value)
     assert e.value.op == "aten.nonzero" and e.value.phase == "forward"
+
+
+def test_a_capture_error_is_a_spill_error():
+    """`except spill.Error` catches every failure spill raises (python.md), a capture's too;
+    it stays a RuntimeError for code that caught that."""
+    with pytest.raises(spill.Error) as e:
+        st.capture(Nonzero, torch.randn(2, 4), path=None)
+    assert isinstance(e.value, st.CaptureError) and isinstance(e.value, RuntimeError)
+    assert e.value.code == spill.Status.OK and e.value.op == "aten.nonzero"
 
 
 def test_reading_a_value_names_the_op():
