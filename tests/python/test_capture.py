@@ -408,6 +408,15 @@ def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path):
         with pytest.raises(spill.Error) as e:
             st.export_step(tmp_path / "none.json", scope=3)
         assert e.value.code == spill.Status.NOT_FOUND
+        assert "handle.scope" not in str(e.value)
+        # At the default scope, the mistake of a reader who ran offload() and left scope out:
+        # the message says where offload's step went (audit 38b #12).
+        with pytest.raises(spill.Error) as e:
+            st.export_step(tmp_path / "none.json")
+        assert e.value.code == spill.Status.NOT_FOUND
+        assert "no step of this scope was recorded" in str(e.value), str(e.value)
+        assert "scope=handle.scope" in str(e.value), str(e.value)
+        assert not (tmp_path / "none.json").exists()
         blocks = [spill.malloc(8 << 20) for _ in range(4)]
         for p in blocks:
             spill.set_swappable(p)
