@@ -2504,6 +2504,8 @@ def test_quiet_decisions_hysteresis_and_bad_values() -> None:
             else:
                 raise AssertionError(f"quiet={bad!r} accepted")
         st.offload(model, quiet=None).remove()
+        import numpy
+        st.offload(model, quiet=numpy.float32(0.25)).remove()  # a number, if not a float
         st.offload(model, quiet=1).remove()
         print("ok")
     """)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
@@ -50,7 +51,7 @@ def fraction(value: Any) -> float:
     what = (f"spill.torch.offload: quiet must be a fraction of the budget in [0, 1] (a step "
             f"runs without swapping activations when the previous step's peak stayed under "
             f"it), True (= {DEFAULT}), or False or None (every step swaps), got {value!r}")
-    if not isinstance(value, (int, float)):
+    if not isinstance(value, numbers.Real):  # numpy's scalars are numbers too
         raise InvalidArgumentTypeError(what)
     f = float(value)
     if math.isfinite(f) and 0.0 <= f <= 1.0:
