@@ -43,6 +43,8 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
     text = _take_string("spill_snapshot_json", _args.device(device))
     if out is None:
         return json.loads(text)
+    if not text.endswith("\n"):  # a line of its own, as spill.trace's file: a log appended
+        text += "\n"             # to (/dev/stdout) goes on after it on the next line
     try:
         _files.write_text(out, text)
     except OSError as e:  # as spill.trace says it: the error names the path as given

@@ -27,8 +27,9 @@ Each page runs in a folder of its own with `build`, `python`, `tests` and `tools
 the build and the sources, and HOME inside it, so the README's `build/spill ...` and
 `~/.local/spill` work as written.
 
-`python3 tests/python/doc_examples.py [PAGE...]` runs pages by hand (SPILL_CLI names the
-command, else build/spill); tests/python/test_doc_examples.py runs them all from ctest.
+`python3 tests/python/doc_examples.py [PAGE...]` runs pages by hand (a PAGE path is taken from
+the current folder, else from the repository's root; SPILL_CLI names the command, else
+build/spill); tests/python/test_doc_examples.py runs them all from ctest.
 """
 from __future__ import annotations
 
@@ -432,10 +433,32 @@ def run_unit(blocks: List[Block], ctx: Context) -> Tuple[List[str], List[str]]:
     return failures, []
 
 
+def chosen_pages(names: List[str], cwd: pathlib.Path) -> List[pathlib.Path]:
+    """The pages named on the command line: a path from `cwd`, else from the repository's root
+    (so `docs/python.md` works from any folder). Raises ValueError naming one that is not a
+    page with examples of this repository."""
+    chosen = []
+    for name in names:
+        path = cwd / name
+        if not path.exists():
+            path = ROOT / name
+        path = path.resolve()
+        if path not in pages():
+            raise ValueError(f"{name}: not a page with examples of {ROOT} (README.md or "
+                             f"docs/*.md less {' and '.join(sorted(RECORDS))}; a relative "
+                             f"path is taken from the current folder, else from the root)")
+        chosen.append(path)
+    return chosen
+
+
 def main(argv: List[str]) -> int:
     if argv[1:2] == ["--driver"]:
         return _driver()
-    chosen = [pathlib.Path(a).resolve() for a in argv[1:]] or pages()
+    try:
+        chosen = chosen_pages(argv[1:], pathlib.Path.cwd()) or pages()
+    except ValueError as e:
+        print(f"doc_examples.py: {e}", file=sys.stderr)
+        return 2
     cli = os.environ.get("SPILL_CLI") or str(ROOT / "build" / "spill")
     all_units, problems = units(pages())
     files = named_files([b for p in pages() for b in parse(p)[0]])

@@ -766,7 +766,12 @@ def test_a_snapshot_or_trace_to_an_own_descriptor_is_written_through_it(sim, tmp
         os.close(fd)
     text = log.read_text()
     assert text.startswith('KEEP ME\n{"device_traces"'), text[:60]
-    assert '"traceEvents"' in text
+    # Each ends its line, as a log wants: the snapshot's JSON, then the trace's (audit 38b #12:
+    # the snapshot had no newline, so the next output went on its line).
+    kept, snap, trace = text.split("\n", 2)
+    assert "device_traces" in json.loads(snap), snap[-80:]
+    assert trace.startswith('{"traceEvents"') and trace.endswith("}\n"), trace[-80:]
+    assert "traceEvents" in json.loads(trace)
     assert log.stat().st_ino == inode
     assert [p.name for p in tmp_path.iterdir()] == ["log.txt"]
 

@@ -19,6 +19,7 @@ import pytest
 from spill_cli import spill_cli, spill_plan  # noqa: E402  (also puts python/ on sys.path)
 
 torch = pytest.importorskip("torch")
+import spill  # noqa: E402
 import spill.torch as st  # noqa: E402
 from spill.torch._meta import building_on_meta  # noqa: E402
 from models import GPT2, lm_loss  # noqa: E402
@@ -309,6 +310,15 @@ def test_data_dependent_shape_names_the_op():
     assert e.value.op == "aten.nonzero" and e.value.phase == "forward"
 
 
+def test_a_capture_error_is_a_spill_error():
+    """`except spill.Error` catches every failure spill raises (python.md), a capture's too;
+    it stays a RuntimeError for code that caught that."""
+    with pytest.raises(spill.Error) as e:
+        st.capture(Nonzero, torch.randn(2, 4), path=None)
+    assert isinstance(e.value, st.CaptureError) and isinstance(e.value, RuntimeError)
+    assert e.value.code == spill.Status.OK and e.value.op == "aten.nonzero"
+
+
 def test_reading_a_value_names_the_op():
     with pytest.raises(st.CaptureError, match=r"aten\._local_scalar_dense|aten\.item") as e:
         st.capture(Item, torch.randn(2, 4), path=None)
@@ -399,6 +409,15 @@ def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path):
         with pytest.raises(spill.Error) as e:
             st.export_step(tmp_path / "none.json", scope=3)
         assert e.value.code == spill.Status.NOT_FOUND
+        assert "handle.scope" not in str(e.value)
+        # At the default scope, the mistake of a reader who ran offload() and left scope out:
+        # the message says where offload's step went (audit 38b #12).
+        with pytest.raises(spill.Error) as e:
+            st.export_step(tmp_path / "none.json")
+        assert e.value.code == spill.Status.NOT_FOUND
+        assert "no step of this scope was recorded" in str(e.value), str(e.value)
+        assert "scope=handle.scope" in str(e.value), str(e.value)
+        assert not (tmp_path / "none.json").exists()
         blocks = [spill.malloc(8 << 20) for _ in range(4)]
         for p in blocks:
             spill.set_swappable(p)

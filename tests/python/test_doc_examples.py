@@ -44,6 +44,22 @@ def test_example(unit, folders):
     assert not failures, "\n\n".join(failures)
 
 
+def test_a_page_is_found_from_any_folder(tmp_path):
+    """`doc_examples.py docs/python.md` (as the README writes it) names the page from any
+    folder, not only the repository's root; a path that is no page is refused in a line, not a
+    traceback (audit 38b #11: run elsewhere it raised ValueError from relative_to)."""
+    assert de.chosen_pages(["docs/python.md"], tmp_path) == [de.ROOT / "docs" / "python.md"]
+    assert de.chosen_pages([str(de.ROOT / "README.md")], tmp_path) == [de.ROOT / "README.md"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "python.md").write_text("another checkout's page\n")
+    for bad in ("docs/python.md", "docs/BENCHMARKS.md", "docs/no-such-page.md"):
+        r = subprocess.run([sys.executable, str(de.ROOT / "tests" / "python" / "doc_examples.py"),
+                            bad], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (bad, r.returncode, r.stdout, r.stderr)
+        assert r.stderr.startswith(f"doc_examples.py: {bad}: not a page with examples"), r.stderr
+        assert "Traceback" not in r.stderr
+
+
 SUBCOMMANDS = {"info", "device-check", "bench", "link", "report", "demo", "plan", "train"}
 
 

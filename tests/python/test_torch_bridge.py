@@ -2463,8 +2463,9 @@ def test_activation_addresses_stay_bounded_over_armed_steps_of_varying_shapes() 
 def test_quiet_decisions_hysteresis_and_bad_values() -> None:
     """The decision at each step boundary from the previous step's peak: armed from the line
     (quiet x budget) up, quiet again only under 7/8 of it, armed after an out-of-memory error,
-    always armed with quiet=False; quiet values other than a fraction in [0, 1] or a bool
-    are rejected naming the argument."""
+    always armed with quiet=False or None; quiet values other than a fraction in [0, 1], a
+    bool or None are rejected naming the argument, a number out of range as a ValueError,
+    anything else (a string "0.5" too) as a TypeError."""
     out = run_ok(ENABLE + """
         from types import SimpleNamespace
         from spill.torch._quiet import QuietSteps
@@ -2489,17 +2490,22 @@ def test_quiet_decisions_hysteresis_and_bad_values() -> None:
         assert modes(0.5, [0, 100, 100, 100], [0, 0, 1, 1]) == "aqaq"  # an OOM arms the next
         assert modes(False, [0, 100, 100]) == "aaa"
         assert modes(0, [0, 100, 100]) == "aaa"
+        assert modes(None, [0, 100, 100]) == "aaa"
         assert modes(True, [0, 400, 600]) == "aqa"
         assert modes(0.25, [0, 200, 260]) == "aqa"
         model = torch.nn.Linear(4, 4).to(dev)
-        for bad in (-0.1, 1.5, float("nan"), float("inf"), "half", [0.5]):
+        for bad in (-0.1, 1.5, float("nan"), float("inf"), "half", "0.5", [0.5]):
             try:
                 st.offload(model, quiet=bad)
             except spill.InvalidArgumentError as e:
                 assert "quiet" in str(e) and repr(bad) in str(e), str(e)
                 assert isinstance(e, ValueError)
+                assert isinstance(e, TypeError) == (not isinstance(bad, float)), (bad, type(e))
             else:
                 raise AssertionError(f"quiet={bad!r} accepted")
+        st.offload(model, quiet=None).remove()
+        import numpy
+        st.offload(model, quiet=numpy.float32(0.25)).remove()  # a number, if not a float
         st.offload(model, quiet=1).remove()
         print("ok")
     """)

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 import weakref
 from typing import Any, Callable, Dict, List, Optional
 
 from spill import InvalidArgumentError
+from spill._errors import InvalidArgumentTypeError
 from spill._capi import raise_status
 from spill._lib import library
 
@@ -38,19 +40,23 @@ REARMED_MARGIN = 7 / 8
 
 
 def fraction(value: Any) -> float:
-    """The ``quiet=`` argument of offload() as a fraction of the budget (0: always armed)."""
+    """The ``quiet=`` argument of offload() as a fraction of the budget (0: always armed).
+    ``None`` is ``False``. A number out of range is an InvalidArgumentError (a ValueError);
+    anything else, a string such as ``"0.5"`` included, an InvalidArgumentTypeError (also a
+    TypeError), as for offload's other arguments of the wrong type."""
     if value is True:
         return DEFAULT
     if value is False or value is None:
         return 0.0
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        f = float(value)
-        if math.isfinite(f) and 0.0 <= f <= 1.0:
-            return f
-    raise InvalidArgumentError(
-        f"spill.torch.offload: quiet must be a fraction of the budget in [0, 1] (a step runs "
-        f"without swapping activations when the previous step's peak stayed under it), True "
-        f"(= {DEFAULT}) or False (every step swaps), got {value!r}")
+    what = (f"spill.torch.offload: quiet must be a fraction of the budget in [0, 1] (a step "
+            f"runs without swapping activations when the previous step's peak stayed under "
+            f"it), True (= {DEFAULT}), or False or None (every step swaps), got {value!r}")
+    if not isinstance(value, numbers.Real):  # numpy's scalars are numbers too
+        raise InvalidArgumentTypeError(what)
+    f = float(value)
+    if math.isfinite(f) and 0.0 <= f <= 1.0:
+        return f
+    raise InvalidArgumentError(what)
 
 
 class _StatsHead(ctypes.Structure):

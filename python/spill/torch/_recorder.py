@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from spill import Error
+
 from ._costs import op_flops, tensors_in, view_bytes
 from ._meta import fallback_meta, is_meta
 
@@ -28,9 +30,10 @@ _WRITE_ONLY = {"zero_", "fill_", "copy_", "normal_", "uniform_", "random_", "ber
                "exponential_", "geometric_", "log_normal_", "cauchy_"}
 
 
-class CaptureError(RuntimeError):
+class CaptureError(Error, RuntimeError):
     """The step could not run without data. `op` is the aten op at fault (or None), `module`
-    the module running it, `phase` forward, backward or optimizer."""
+    the module running it, `phase` forward, backward or optimizer. A :class:`spill.Error`
+    (``code`` is ``Status.OK``: no C call failed) and a ``RuntimeError``."""
 
     def __init__(self, message: str, op: Optional[str] = None, module: Optional[str] = None,
                  phase: Optional[str] = None) -> None:
