@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
       for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
         names += (names.empty() ? "" : ", ") + sub->get_name();
       std::fprintf(stderr, "spill: unknown command '%s' (commands: %s; see spill --help)\n",
-                   args[command].c_str(), names.c_str());
+                   printable(args[command]).c_str(), names.c_str());
       return 2;
     }
     const auto is_conf = [](const std::string& a) {
@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
         std::any_of(args.begin() + static_cast<std::ptrdiff_t>(command), args.end(), is_conf);
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     // CLI11's own refusals are invalid input as every other: status 2, named as spill's.
-    std::fprintf(stderr, "spill: invalid input: %s\n", e.what());
+    std::fprintf(stderr, "spill: invalid input: %s\n", printable(e.what()).c_str());
     if (late_conf)
       std::fprintf(stderr, "spill: --conf is a global option: give it before the command "
                            "(spill --conf X %s ...)\n", args[command].c_str());
@@ -74,10 +74,11 @@ int main(int argc, char** argv) {
   try {
     return run(globals.config());
   } catch (const InvalidArgument& e) {
-    std::fprintf(stderr, "spill: invalid input: %s\n", without_source_location(e.what()).c_str());
+    std::fprintf(stderr, "spill: invalid input: %s\n",
+                 printable(without_source_location(e.what())).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "spill: error: %s\n", e.what());
+    std::fprintf(stderr, "spill: error: %s\n", printable(e.what()).c_str());
     return 1;
   }
 }

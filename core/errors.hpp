@@ -57,6 +57,11 @@ std::string excerpt(std::string_view text, std::size_t max = 64);
 // who gave bad input (the command line), where spill's code noticed it is noise.
 std::string without_source_location(std::string_view message);
 
+// `message` safe to print on a terminal: control characters (a file name's escape sequence or
+// carriage return, say) as \xNN, so that a name cannot recolour, move or rewrite what the
+// terminal shows; newlines and tabs, which spill's own messages use, stay.
+std::string printable(std::string_view message);
+
 namespace detail {
 [[noreturn]] void throw_invalid(const char* file, int line, const std::string& msg);
 [[noreturn]] void throw_oom(const char* file, int line, const std::string& msg);

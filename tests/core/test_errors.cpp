@@ -22,5 +22,14 @@ TEST(ErrorMessages, TheSourceLocationComesOffTheEndOnly) {
     EXPECT_EQ(without_source_location(kept), kept);
 }
 
+// A file name's control characters are shown, not obeyed, by the terminal that prints the
+// message (audit 37b L8: an ESC sequence in a name recoloured the error).
+TEST(ErrorMessages, ControlCharactersArePrintedAsEscapes) {
+  EXPECT_EQ(printable("trace '\x1b[31mred.json': missing"), "trace '\\x1b[31mred.json': missing");
+  EXPECT_EQ(printable("a\rb\x7f\x01"), "a\\x0db\\x7f\\x01");
+  EXPECT_EQ(printable("line one\n\tline two"), "line one\n\tline two");
+  EXPECT_EQ(printable("caf\xc3\xa9"), "caf\xc3\xa9") << "UTF-8 stays";
+}
+
 }  // namespace
 }  // namespace spill
