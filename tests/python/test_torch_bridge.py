@@ -2367,6 +2367,54 @@ def test_a_quiet_model_pins_the_batch_another_models_armed_step_declared() -> No
     assert "ok" in out, out
 
 
+def test_a_quiet_model_pins_what_it_saved_that_another_models_armed_step_declared() -> None:
+    """A GAN's generator step: G steps quiet and feeds D, armed every step. D's forward
+    declares its input, G's output, swappable; G's Tanh saved that output for its backward,
+    which runs after D's. With every block evicted between D's part of the backward and G's,
+    both train as plain torch and check_pins finds no use without a pin (before: a quiet step
+    pinned only the parameters autograd saved, and tanh_backward read G's output unpinned:
+    named by check_pins, a segmentation fault once on the host; audit 38a F0)."""
+    out = run_ok(quiet_preamble("256MiB") + EVICT_ALL + """
+        import contextlib
+        import torch.nn as nn
+        def train(spilled):
+            torch.manual_seed(0)
+            g = nn.Sequential(nn.Linear(128, 512), nn.Tanh()).to(dev)
+            d = nn.Linear(512, 1).to(dev)
+            go = torch.optim.SGD(g.parameters(), lr=0.1)
+            do = torch.optim.SGD(d.parameters(), lr=0.1)
+            if spilled:
+                gh, dh = st.offload(g, go), st.offload(d, do, quiet=False)
+            losses, quiet = [], []
+            for _ in range(4):
+                fake = g(torch.randn(256, 128, device=dev))
+                if spilled:
+                    fake.register_hook(lambda grad: (evict_all(), grad)[1])
+                go.zero_grad(set_to_none=True)
+                do.zero_grad(set_to_none=True)
+                loss = d(fake).mean()
+                loss.backward()
+                go.step()
+                do.step()
+                losses.append(loss.item())
+                if spilled:
+                    quiet.append(gh.step_is_quiet)
+            with (st.guard(release_on_exit=False) if spilled else contextlib.nullcontext()):
+                params = [p.detach().cpu().clone() for m in (g, d) for p in m.parameters()]
+            return losses, quiet, params
+        base, _, base_params = train(False)
+        enable()
+        with st.check_pins(collect=True) as check:
+            losses, quiet, params = train(True)
+        assert True in quiet, quiet  # G stepped quiet
+        assert check.found == [], check.found
+        assert losses == base, (losses, base)
+        assert all(torch.equal(p, b) for p, b in zip(params, base_params))
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_an_out_of_memory_error_arms_only_the_next_step_of_its_own_model() -> None:
     """Two models stepping quiet on one device; one runs out of memory in its forward, then
     (after a clean pair of steps) in its backward: that model's next step is armed, saying

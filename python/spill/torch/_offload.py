@@ -1761,11 +1761,15 @@ class OffloadHandle:
         return Saved(t, ptr)
 
     def _pack_quiet(self, t: torch.Tensor) -> Any:
-        # A quiet step declares no activation; a parameter or buffer autograd saves (a
-        # Linear's weight, batch norm's running statistics) is pinned when backward uses it.
-        # Others are kept as they are, or detached (see Saved: never a reference cycle).
+        # A quiet step declares no activation, but what autograd saves is pinned when backward
+        # uses it: a parameter or buffer (a Linear's weight, batch norm's running statistics),
+        # and any other block spill may move, since another handle may declare it before this
+        # backward runs (a GAN's generator stepping quiet: the discriminator's armed forward
+        # declared the generator's output, which Tanh had saved, and tanh_backward read it
+        # unpinned; audit 38a F0). A pin of a block nobody declared is a cheap one. The rest
+        # are kept as they are, or detached (see Saved: never a reference cycle).
         ptr = self._movable(t)
-        if ptr in self._persistent and not state.forked_child:
+        if ptr and not state.forked_child:
             return Saved(t, ptr)
         return acyclic(t)
 
