@@ -1763,11 +1763,11 @@ class OffloadHandle:
     def _pack_quiet(self, t: torch.Tensor) -> Any:
         # A quiet step declares no activation, but what autograd saves is pinned when backward
         # uses it: a parameter or buffer (a Linear's weight, batch norm's running statistics),
-        # and any other block spill may move, since another handle may declare it before this
-        # backward runs (a GAN's generator stepping quiet: the discriminator's armed forward
-        # declared the generator's output, which Tanh had saved, and tanh_backward read it
-        # unpinned; audit 38a F0). A pin of a block nobody declared is a cheap one. The rest
-        # are kept as they are, or detached (see Saved: never a reference cycle).
+        # and another block that is swappable by then, since another handle may declare it
+        # before this backward runs (a GAN's generator stepping quiet: the discriminator's
+        # armed forward declared the generator's output, which Tanh had saved, and
+        # tanh_backward read it unpinned; audit 38a F0). The rest are kept as they are, or
+        # detached (see Saved: never a reference cycle).
         ptr = self._movable(t)
         if ptr and not state.forked_child:
             return Saved(t, ptr)
@@ -1776,7 +1776,13 @@ class OffloadHandle:
     def _unpack_quiet(self, saved: Any) -> torch.Tensor:
         if type(saved) is not Saved:
             return saved
-        if saved.ptr and not state.forked_child:
+        # An activation only when it is swappable now: one another handle declared may be
+        # evicted under the node that unpacks it, one nobody declared never moves (a quiet
+        # step pins none of those). Nothing on this thread declares it between here and the
+        # node's use of it.
+        ptr = saved.ptr
+        if ptr and not state.forked_child and (ptr in self._persistent
+                                               or self.pinner.swappable(ptr)):
             token = self._pin_block(saved.ptr, self.pinner.stream())
             if token is not None:
                 self._bw_pending.append((token, False))

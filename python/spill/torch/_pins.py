@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 import spill
 from spill import OutOfMemoryError
-from spill._capi import PinToken, raise_status
+from spill._capi import BlockInfoStruct, PinToken, raise_status
 from spill._lib import library
 
 from ._state import state
@@ -229,6 +229,13 @@ class Pinner:
         residence = ctypes.c_int(0)
         status = self._lib.spill_get_residence(ctypes.c_void_p(ptr), ctypes.byref(residence))
         return status == 0 and residence.value == _ON_HOST
+
+    def swappable(self, ptr: int) -> bool:
+        """Whether the block at ``ptr`` is declared swappable now (by any handle), read
+        without a pin; False when spill does not hold it."""
+        info = BlockInfoStruct()
+        return self._lib.spill_get_block_info(ctypes.c_void_p(ptr), ctypes.byref(info)) == 0 \
+            and bool(info.swappable)
 
     def discard(self, ptr: int, nbytes: int) -> None:
         """The ``nbytes`` bytes at ``ptr`` are about to be overwritten whole: when they are all
