@@ -393,7 +393,7 @@ def _held_by_offload() -> Set[int]:
     held: Set[int] = set()
     for handle in all_handles():
         held |= handle._persistent
-        held |= handle.held_now()
+        held |= handle._held_now()
     return held
 
 

@@ -1333,7 +1333,7 @@ class OffloadHandle:
                 self._hold(parent.tokens, t, stream, True)
         self._release_frame(frame)
 
-    def held_now(self) -> Set[int]:
+    def _held_now(self) -> Set[int]:
         """The blocks that can move among what the model holds now: its parameters, their
         gradients, buffers and the weights its reparametrizations compute (weight_norm,
         spectral_norm, prune), also those added since the hooks last looked at it (_refresh
@@ -1961,7 +1961,7 @@ class OffloadHandle:
             return result
         return step
 
-    def hold_until_step_ends(self, tensors: List[torch.Tensor]) -> None:
+    def _hold_until_step_ends(self, tensors: List[torch.Tensor]) -> None:
         """A functorch transform in this handle's forward, in grad mode, read ``tensors`` (made
         before it: weights, activations): the graph the forward records through it saved them
         without the saved-tensor hooks (the transform disables them), so that the backward
@@ -1978,7 +1978,7 @@ class OffloadHandle:
         self._leave_discovery()
         self._boundary = True
 
-    def backward_begins(self, roots: Any) -> None:
+    def _backward_begins(self, roots: Any) -> None:
         """``roots.backward()`` in the window begins (_window.py): the out-of-memory note says
         what the backward holds from here (QuietSteps.backward_begins); in an armed step of
         several entries, the parts of one gradient are looked for from ``roots`` too
@@ -2011,7 +2011,7 @@ class OffloadHandle:
             if token is not None:
                 held.append((token, True))
 
-    def backward_done(self) -> None:
+    def _backward_done(self) -> None:
         """A ``loss.backward()`` in the window ended (_window.py): the gradients made after
         the last gradient hook are declared too (see _declare_fresh), so that several backward
         passes before one step (gradient accumulation) do not hold them resident. Their later
@@ -2026,19 +2026,19 @@ class OffloadHandle:
         self._parts.forget()  # a forward after this one begins new graphs
         self._policy.backward_ends()
 
-    def grad_returned(self) -> None:
+    def _grad_returned(self) -> None:
         """``torch.autograd.grad`` in the window returned or raised: the backward it ran (whose
         first gradient hook set the out-of-memory note, _claim_note) is over."""
         self._policy.backward_ends()
 
-    def graph_built(self, results: Any) -> None:
+    def _graph_built(self, results: Any) -> None:
         """``torch.autograd.grad(..., create_graph=True)`` in the window returned ``results``
         (a gradient penalty): in an armed step, the parts a later backward through its graph
         and the forward's makes of one gradient are looked for (_partials.py)."""
         if not self._quiet and self._discovery is None and not state.forked_child:
             self._parts.graph_built(results)
 
-    def backward_failed(self) -> None:
+    def _backward_failed(self) -> None:
         """A ``loss.backward()`` in the window raised (out of memory): the nodes its graphs'
         partial gradients hooked are let go (_partials.py), so that the graph goes with the
         caller's last reference to it."""

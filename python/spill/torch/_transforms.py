@@ -107,7 +107,7 @@ def disable_saved_tensors_hooks(error_message: str) -> Iterator[None]:
         if handle is not None:
             handle._push_saved_hooks(handle._quiet)
             if grad:
-                handle.hold_until_step_ends(list(reads.read.values()))
+                handle._hold_until_step_ends(list(reads.read.values()))
 
 
 def _vmap_module() -> Any:

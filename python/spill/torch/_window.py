@@ -281,19 +281,19 @@ class _HostUses(TorchFunctionMode):
     def _backward(self, func: Any, args: Any, kwargs: Any) -> Any:
         window = self.window
         for handle in list(window.handles):
-            handle.backward_begins(args[0] if args else kwargs.get("self"))
+            handle._backward_begins(args[0] if args else kwargs.get("self"))
         try:
             window.suspend()
         except BaseException:
             for handle in list(window.handles):
-                handle.backward_failed()
+                handle._backward_failed()
             raise
         state.last_oom = None
         try:
             result = func(*args, **kwargs)
         except BaseException as e:
             for handle in list(window.handles):
-                handle.backward_failed()
+                handle._backward_failed()
             oom = out_of_memory_in(e)
             if oom is not None:  # (the class the guide promises, so one except serves)
                 raise oom from e
@@ -302,7 +302,7 @@ class _HostUses(TorchFunctionMode):
             window.resume()
             window.release_kept()
         for handle in list(window.handles):
-            handle.backward_done()
+            handle._backward_done()
         return result
 
     def _grad(self, func: Any, args: Any, kwargs: Any) -> Any:
@@ -327,7 +327,7 @@ class _HostUses(TorchFunctionMode):
         finally:
             saved = window.graphs.pop() if create else []
             for handle in list(window.handles):
-                handle.grad_returned()
+                handle._grad_returned()
         if create:
             window.graph_made(saved, result)
         return result
@@ -545,7 +545,7 @@ class Window:
                                         if generation(p) == g}
                 self._graphs_line = 2 * len(self.declared_graphs) + 64
         for h in handles:
-            h.graph_built(results)
+            h._graph_built(results)
 
     def _unpack(self, saved: Any) -> torch.Tensor:
         if type(saved) is not Saved:
@@ -706,7 +706,7 @@ class Window:
             return
         persistent = self.held_by_handles()
         for handle in list(self.handles):
-            persistent |= handle.held_now()
+            persistent |= handle._held_now()
         for ptr, generation in list(self.declared_made.items()):
             # Read without a pin: release_made pinned each address, and so whatever block
             # held it by then, a use in the step's recording; which addresses the allocator
