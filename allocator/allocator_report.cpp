@@ -292,7 +292,7 @@ void CachingAllocator::finish_oom_dump(const OutOfMemory& oom) {
   try {
     std::filesystem::create_directories(dump.dir);
     // The texts first: a dump that cannot be built leaves no file.
-    const std::string snapshot = profiling::to_memory_viz(dump.state, dump.events).dump();
+    const std::string snapshot = profiling::to_memory_viz(dump.state, dump.events).dump() + "\n";
     const std::string trace = profiling::chrome_trace_text(dump.events);
     // Never over an earlier dump (PIDs repeat: a container's first process is always 1) nor
     // through a link planted at the name: the next number whose two names are both free.

@@ -268,8 +268,13 @@ int run_plan(const PlanArgs& a) {
     for (graph::Policy p : policies) {
       auto found = graph::find_max_batch(build, p, gpu, link, o, a.max_batch_pct / 100.0);
       if (!found) {
-        // Not "none fits": a batch may fit, only not within the overhead bound (audit 38b).
-        std::printf("  %-10s no batch within %.1f%%\n", graph::to_string(p), a.max_batch_pct);
+        // Which of the two: no batch fits the budget at all, or one does but not within the
+        // overhead bound (it said "none fits" for both; audit 38b, review 38c).
+        const bool fits = graph::evaluate_policy(p, build(1), gpu, link, o).feasible;
+        if (fits)
+          std::printf("  %-10s no batch within %.1f%%\n", graph::to_string(p), a.max_batch_pct);
+        else
+          std::printf("  %-10s no batch fits the budget (not even 1)\n", graph::to_string(p));
         report["max_batch"].push_back({{"policy", graph::to_string(p)}, {"batch", 0}});
         continue;
       }

@@ -252,7 +252,7 @@ std::string which_spill_file(const nlohmann::json& document) {
   const auto format = document.find("format");
   if (format != document.end() && format->is_string()) {
     const std::string f = format->get<std::string>();
-    if (f == "spill-graph") return ": it is a spill graph (spill plan and spill train read it)";
+    if (f == "spill-graph") return ": it is a spill graph (spill plan reads it)";
     if (f == "spill-plan") return ": it is a spill plan (written by spill plan --plan-out)";
     if (f == "spill-link-bench")
       return ": it is a link benchmark (spill bench link --json; the --link of spill plan and "

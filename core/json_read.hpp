@@ -111,7 +111,7 @@ void expect_format(const std::optional<JsonValue>& marker, std::string_view form
                    std::string_view what_version);
 
 // What kind of spill file `document` is, for a message about a file given where another kind
-// goes: ": it is a spill graph (spill plan and spill train read it)", or "" when it is none
+// goes: ": it is a spill graph (spill plan reads it)", or "" when it is none
 // of spill's (audit 37b L9: a trace given to `spill plan` said only "format: missing").
 std::string which_spill_file(const nlohmann::json& document);
 

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -89,7 +90,17 @@ void write_directly(const std::string& path, std::string_view text, std::string_
 }
 
 // A regular file in a directory that takes no new file (the file itself may be writable).
-void write_in_place(const std::string& path, std::string_view text, std::string_view what) {
+// Refused before the old content is cut when the file system lacks the room for the new one
+// (the old file's blocks come back at the truncation).
+void write_in_place(const std::string& path, std::string_view text, std::string_view what,
+                    const struct stat& old) {
+  struct statvfs fs {};
+  if (::statvfs(path.c_str(), &fs) == 0) {
+    const unsigned long long room =
+        static_cast<unsigned long long>(fs.f_bavail) * fs.f_frsize +
+        static_cast<unsigned long long>(old.st_blocks) * 512;
+    if (room < text.size()) throw_write_failed(path, what, ENOSPC);
+  }
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out.good())
     throw InvalidArgument(std::string(what) + ": cannot write '" + path + "'");
@@ -191,7 +202,7 @@ void check_writable(const std::string& path, std::string_view what) {
     }
     // An existing file is opened for appending: never truncated.
     const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
-    if (fd < 0) fail(std::strerror(errno));
+    if (fd < 0) throw_cannot_write(path, what, errno);  // (no room: WriteFailed)
     ::close(fd);
     return;
   }
@@ -199,7 +210,7 @@ void check_writable(const std::string& path, std::string_view what) {
   // pointing at a file yet, its target) and removed again; the link stays.
   const std::string target = link_target(path);
   const int fd = ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) fail(std::strerror(errno));
+  if (fd < 0) throw_cannot_write(path, what, errno);  // (no room: WriteFailed)
   ::close(fd);
   ::unlink(target.c_str());
 }
@@ -273,7 +284,13 @@ void write_file(const std::string& path, std::string_view text, std::string_view
   // before its mode is copied (a file only its owner reads stays so throughout).
   const std::string temporary = write_temporary(target, text, existed ? (st.st_mode & 0777) : 0666,
                                                 existed ? &st : nullptr, path, what);
-  if (temporary.empty()) return write_in_place(path, text, what);
+  // No temporary: the old file is kept unless only the directory refuses a new file (no
+  // write permission there), when it is rewritten in place. A full disk, say, is WriteFailed
+  // with the old file whole (it was truncated and cut short before).
+  if (temporary.empty()) {
+    if (existed && (errno == EACCES || errno == EPERM)) return write_in_place(path, text, what, st);
+    throw_cannot_write(path, what, errno);
+  }
   if (::rename(temporary.c_str(), target.c_str()) != 0) {
     const int err = errno;
     ::unlink(temporary.c_str());

@@ -119,6 +119,8 @@ std::uint64_t parse_size(std::string_view text, std::string_view what) {
   // Exact enough: a double holds 53 bits, and sizes with a fraction are rounded to bytes.
   long double bytes = std::roundl(static_cast<long double>(v) * found->factor);
   SPILL_EXPECTS(bytes < std::ldexp(1.0L, 63), too_large);  // an integer, so <= 2^63 - 1
+  SPILL_EXPECTS(v == 0 || bytes > 0,
+                std::string(what) + ": " + quoted(t) + " is less than a byte");
   return static_cast<std::uint64_t>(bytes);
 }
 

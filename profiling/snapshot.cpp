@@ -155,7 +155,7 @@ nlohmann::json to_memory_viz(const MemoryState& state, const std::vector<TraceEv
 void write_snapshot(const std::string& path, const MemoryState& state,
                     const std::vector<TraceEvent>& history, const TagNamer& tags) {
   // The text first: a snapshot that cannot be built leaves no file.
-  write_file(path, to_memory_viz(state, history, tags).dump(), "snapshot");
+  write_file(path, to_memory_viz(state, history, tags).dump() + "\n", "snapshot");
 }
 
 nlohmann::json read_snapshot(const std::string& path) {

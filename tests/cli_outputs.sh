@@ -40,6 +40,34 @@ case $case_name in
     grep -q '"budget_bytes"' target.json || fail "the target has no JSON"
     test "$(ls | wc -l)" -eq 2 || fail "files left: $(ls)"
     ;;
+  full_disk)
+    # A file system with no room left, not even for a temporary beside the output (no free
+    # inode): the old file is kept whole, the failure is status 1 and "spill: error:", not
+    # invalid input; a new output there is refused so before the work. Before, the old file
+    # was rewritten in place and cut short, with status 0 (review 38c). Needs a tmpfs of its
+    # own in a mount namespace: skipped (77) where that is not allowed.
+    mkdir mnt || fail "mkdir"
+    unshare -m sh -c '
+      mount -t tmpfs -o size=64k,nr_inodes=3 tmpfs mnt 2>/dev/null || exit 77
+      printf "PRECIOUS\n" > mnt/out.json
+      dd if=/dev/zero of=mnt/fill bs=4k 2>/dev/null
+      "$1" $2 --json mnt/out.json > out.txt 2> err.txt
+      echo $? > rc.txt
+      cat mnt/out.json > kept.txt
+      "$1" $2 --json mnt/new.json > out2.txt 2> err2.txt
+      echo $? > rc2.txt
+      ls mnt > left.txt
+    ' sh "$spill" "$plan"
+    test $? = 77 && { echo "$case_name skipped: cannot mount a tmpfs here"; exit 77; }
+    test "$(cat rc.txt)" = 1 || fail "rc $(cat rc.txt): $(cat err.txt)"
+    grep -q "^spill: error: --json: .*mnt/out.json" err.txt || fail "said: $(cat err.txt)"
+    test "$(cat kept.txt)" = PRECIOUS || fail "the old file became: $(head -c 80 kept.txt)"
+    test "$(cat rc2.txt)" = 1 || fail "new file: rc $(cat rc2.txt): $(cat err2.txt)"
+    grep -q "^spill: error: --json: cannot write .*mnt/new.json" err2.txt ||
+      fail "new file: said: $(cat err2.txt)"
+    test -s out2.txt && fail "new file: the work ran first: $(head -c 80 out2.txt)"
+    test "$(cat left.txt | tr '\n' ' ')" = "fill out.json " || fail "left: $(cat left.txt)"
+    ;;
   *) fail "unknown case" ;;
 esac
 echo "$case_name ok"

@@ -86,8 +86,8 @@ spill_status spill_init(const char* conf) {
                   "spill_init: runtimes already run (" + running +
                       ", each at the first call that needed its device) with the configuration '" +
                       g.config->to_string() + "'; the new one '" + c.to_string() +
-                      "' differs: call spill_shutdown first, or spill_init before any call "
-                      "that uses a device");
+                      "' differs: call spill_shutdown first (a device's runtime starts at the "
+                      "first call that needs the device, with the configuration then in effect)");
     }
     g.config = c;
     return SPILL_OK;

@@ -65,6 +65,9 @@ class WriteFailedError(Error, OSError):
     the file. Its earlier content, if any, is kept. Not raised for a path that cannot be used at
     all (a missing directory, no permission): that is an :class:`InvalidArgumentError`."""
 
+    # Also for one raised in Python (spill.snapshot's write): its code says what it is.
+    default_code = Status.WRITE_FAILED
+
 
 class LibraryNotFoundError(Error, OSError):
     """libspill.so could not be found or loaded; the message lists every place tried."""

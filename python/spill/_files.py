@@ -64,6 +64,22 @@ def _link_target(path: str) -> str:
     return path
 
 
+def is_own_stream(path: str) -> bool:
+    """Whether ``path`` names one of this process's own descriptors (written through it)."""
+    return _own_descriptor(path) is not None
+
+
+def write_error(e: OSError, message: str) -> Exception:
+    """The spill exception for a failed write ``e``: WriteFailedError for no room or an I/O
+    error (the file, not the input), else InvalidArgumentError (a path that cannot be used);
+    ``message`` names the file."""
+    from ._errors import InvalidArgumentError, WriteFailedError
+    text = f"{message}: {e.strerror or e}"
+    if e.errno in NO_ROOM_OR_IO:
+        return WriteFailedError(text)
+    return InvalidArgumentError(text)
+
+
 def flush_before(path: Union[str, bytes, "os.PathLike[str]"]) -> None:
     """Flushes sys.stdout and sys.stderr when ``path`` names one of this process's own
     descriptors, so that what Python printed there comes before what is written to it (also by
@@ -121,8 +137,21 @@ def _write_text(p: str, text: str) -> None:
         # Never wider than the file it replaces, even before its mode is copied.
         mode = 0o666 if st is None else stat.S_IMODE(st.st_mode) & 0o777
         out = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    except OSError:
-        # A directory that takes no new file (the file itself may still be writable).
+    except OSError as e:
+        # A directory that takes no new file (no permission there) while the file itself may
+        # still be writable: rewritten in place, unless the file system lacks the room for
+        # the new text (the old file's blocks come back at the truncation). Anything else (a
+        # full disk, no inode left) keeps the old file whole: before, it was rewritten in
+        # place and cut short (review 38c).
+        if st is None or e.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        try:
+            fs = os.statvfs(p)
+            room = fs.f_bavail * fs.f_frsize + st.st_blocks * 512
+        except (OSError, AttributeError):
+            room = len(data)
+        if room < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), p) from e
         with open(p, "wb") as f:
             f.write(data)
         return

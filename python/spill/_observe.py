@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, Optional, Union
 
 from . import _args, _files
-from ._errors import InvalidArgumentError, WriteFailedError
+from ._errors import InvalidArgumentError
 from ._lib import call, library
 
 
@@ -48,10 +48,7 @@ def snapshot(path: Optional[_args.PathLike] = None, device: int = 0) -> Optional
     try:
         _files.write_text(out, text)
     except OSError as e:  # as spill.trace says it: the error names the path as given
-        message = f"spill.snapshot: cannot write {os.fsdecode(out)!r}: {e.strerror or e}"
-        if e.errno in _files.NO_ROOM_OR_IO:
-            raise WriteFailedError(message) from e
-        raise InvalidArgumentError(message) from e
+        raise _files.write_error(e, f"spill.snapshot: cannot write {os.fsdecode(out)!r}") from e
     return None
 
 

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <string>
 #include <thread>
 
@@ -127,6 +128,10 @@ TEST(OomDump, WritesASnapshotAndATraceAndSaysWhere) {
       ++snapshots;
       nlohmann::json j = profiling::read_snapshot(f.path());
       EXPECT_EQ(j["segments"].size(), 1u);
+      std::ifstream in(f.path(), std::ios::binary);
+      const std::string text((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
+      EXPECT_EQ(text.back(), '\n') << "an OOM dump's snapshot ends with a newline";
     }
     if (name.find("_trace.json") != std::string::npos) {
       ++traces;

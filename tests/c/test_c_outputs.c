@@ -140,6 +140,7 @@ TEST(a_failed_step_graph_write_keeps_the_previous_file) {
   REQUIRE(setrlimit(RLIMIT_FSIZE, &old) == 0);
   CHECK_ERROR_HAS(path);
   CHECK_ERROR_HAS("failed");
+  CHECK_ERROR_HAS("spill_write_step_graph(device 0, scope 1)");
   {
     FILE* kept = fopen(path, "r");
     char line[64] = "";

@@ -60,6 +60,16 @@ TEST(ParseSize, RefusesBitsAndFractionsOfAByte) {
     }
   }
   EXPECT_EQ(parse_size("2.0B"), 2u);
+  for (const char* tiny : {"0.0004KB", "0.0001KiB"}) {  // rounded to 0 B before
+    SCOPED_TRACE(tiny);
+    try {
+      parse_size(tiny, "budget");
+      FAIL() << "accepted '" << tiny << "' as " << parse_size(tiny);
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("less than a byte"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(parse_size("0.0KiB"), 0u);
 }
 
 TEST(ParseSize, RejectsMalformedInputNamingIt) {

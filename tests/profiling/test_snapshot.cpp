@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include "core/errors.hpp"
 #include "profiling/snapshot.hpp"
@@ -157,6 +158,11 @@ TEST(Snapshot, RoundTripsAndConvertsToAPickle) {
   write_snapshot(path, sample_state(), test::synthetic_step());
   nlohmann::json j = read_snapshot(path);
   EXPECT_EQ(j["segments"].size(), 2u);
+  {
+    std::ifstream in(path, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(text.back(), '\n') << "a snapshot ends with a newline (a log it joins goes on)";
+  }
   std::remove(path.c_str());
 }
 

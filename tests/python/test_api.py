@@ -109,7 +109,8 @@ def test_a_read_before_configure_starts_the_runtime_and_the_refusal_names_it():
         assert e.value.code == spill.Status.ALREADY_INITIALIZED
         message = str(e.value)
         assert "device 0 (started by spill_stats_json)" in message, message
-        assert "call spill_shutdown first, or spill_init before any call" in message, message
+        assert "call spill_shutdown first (a device's runtime starts at the first call" in message, \
+            message
     finally:
         spill.shutdown()
 
@@ -729,6 +730,30 @@ def full_disk():
         signal.signal(signal.SIGXFSZ, old_handler)
 
 
+def test_a_snapshot_where_no_temporary_can_be_made_keeps_the_previous_file(sim, tmp_path,
+                                                                           monkeypatch):
+    """No room for the temporary beside the file (no inode left, ENOSPC at its creation): the
+    old snapshot is kept whole and WriteFailedError says so. Before, the writer fell back to
+    rewriting the file in place, which a full disk cut short (review 38c)."""
+    import errno
+    import os
+    snap = tmp_path / "s.json"
+    snap.write_text("PRECIOUS SNAPSHOT\n")
+    real_open = os.open
+
+    def no_inode_left(path, flags, mode=0o777, *args, **kwargs):
+        if ".tmp-" in os.fsdecode(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return real_open(path, flags, mode, *args, **kwargs)
+    monkeypatch.setattr(os, "open", no_inode_left)
+    with pytest.raises(spill.WriteFailedError, match="s.json") as e:
+        spill.snapshot(snap)
+    assert e.value.code == spill.Status.WRITE_FAILED
+    monkeypatch.undo()
+    assert snap.read_text() == "PRECIOUS SNAPSHOT\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
 # spill.snapshot(path) and spill.trace(path) wrote in place: a full disk destroyed the previous
 # file and left a truncated one (audit 37b, F1).
 def test_a_failed_snapshot_or_trace_write_keeps_the_previous_file(sim, tmp_path, full_disk):
@@ -741,6 +766,7 @@ def test_a_failed_snapshot_or_trace_write_keeps_the_previous_file(sim, tmp_path,
         with pytest.raises(spill.WriteFailedError, match="s.json") as e:
             spill.snapshot(snap)
         assert isinstance(e.value, OSError) and not isinstance(e.value, ValueError)
+        assert e.value.code == spill.Status.WRITE_FAILED
         with pytest.raises(spill.WriteFailedError, match="t.json") as e:
             spill.trace(trace)
         assert e.value.code == spill.Status.WRITE_FAILED

@@ -480,3 +480,33 @@ def test_the_output_path_is_checked_before_the_step_and_a_file_not_a_graph_is_ke
     empty.write_text("")
     st.capture(model, torch.randn(8, 64), optimizer=None, path=empty, scale_batch=False)
     assert json.loads(empty.read_text())["format"] == "spill-graph"
+
+
+def test_capture_writes_to_its_own_stdout_and_its_write_errors_are_spill_errors(
+        tmp_path, monkeypatch, capfd):
+    """path="/dev/stdout" is written through the descriptor, also when it is a file (the
+    check took the redirected file for one that would be replaced and refused it); a write
+    that fails is a spill.Error as spill's own outputs' (WriteFailedError for no room, a plain
+    OSError before), and an unwritable path is refused before the step (review 38c)."""
+    import errno
+    import spill
+    capture_module = sys.modules["spill.torch.capture"]  # (spill.torch.capture: the function)
+    capfd.readouterr()
+    step = st.capture(Tiny, torch.randn(8, 64), optimizer=None, path="/dev/stdout",
+                      scale_batch=False)
+    out = capfd.readouterr().out
+    assert json.loads(out) == step.graph
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(capture_module, "write_text", full)
+    with pytest.raises(spill.WriteFailedError, match="g.json.*No space left") as e:
+        st.capture(Tiny, torch.randn(8, 64), optimizer=None, path=tmp_path / "g.json",
+                   scale_batch=False)
+    assert isinstance(e.value, spill.Error) and isinstance(e.value, OSError)
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # (root writes anywhere)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(spill.InvalidArgumentError, match="permission denied"):
+            st.capture(Tiny, torch.randn(8, 64), optimizer=None, path=locked / "g.json")

@@ -105,9 +105,10 @@ SPILL_API const char* spill_version(void);
 /* The same as numbers (any pointer may be NULL). */
 SPILL_API void spill_version_numbers(int* major, int* minor, int* patch);
 /* Reads a size the way the configuration string does ("8GiB", "512MiB", "1.5GB", "4096"):
- * binary and decimal units, case-insensitive, optional fraction. INVALID_ARGUMENT for NULL
- * arguments, text that is not a size, or a size past 2^63 bytes (the message quotes the text);
- * *bytes is unchanged then. Needs no initialisation. */
+ * binary and decimal units (B to EiB, KB to EB), case-insensitive, optional fraction (rounded
+ * to bytes). INVALID_ARGUMENT for NULL arguments, text that is not a size, a capital prefix
+ * before a small b ("1Gb": bits), a fraction of a byte, or a size past 2^63 bytes (the message
+ * quotes the text); *bytes is unchanged then. Needs no initialisation. */
 SPILL_API spill_status spill_parse_size(const char* text, uint64_t* bytes);
 
 /* ------------------------------------------------------------------ lifecycle */

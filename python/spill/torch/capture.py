@@ -20,7 +20,7 @@ import torch
 
 from .. import _args
 from .._errors import InvalidArgumentError
-from .._files import write_text
+from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
 from ._graph import add_batch_scaling, build_graph
 from ._meta import resolve_model, with_batch
@@ -40,12 +40,17 @@ def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str
     if path is None:
         return None
     out = os.fsdecode(_args.path(path, "spill.torch.capture: path"))
+    if is_own_stream(out):
+        return out  # /dev/stdout and its kin: written through the descriptor, nothing replaced
     directory = os.path.dirname(out) or "."
     if not os.path.isdir(directory):
         raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: no directory "
                                    f"{directory!r}")
     if os.path.isdir(out):
         raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: a directory")
+    if not os.access(out if os.path.exists(out) else directory, os.W_OK):
+        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: permission "
+                                   f"denied")
     if not os.path.isfile(out):
         return out  # nothing there to lose, or a FIFO or device: written as a stream
     try:
@@ -101,9 +106,11 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
         ``functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)``; None skips the step.
     path: where the graph JSON goes, replaced whole or not at all (as ``spill``'s own outputs);
-        None writes nothing. Checked before the step is recorded: a missing directory, or a
-        file there that is not a spill graph (it would be lost), raises
-        :class:`spill.InvalidArgumentError` naming it.
+        None writes nothing; ``"/dev/stdout"`` and its kin are written through the
+        descriptor. Checked before the step is recorded: a missing directory, no permission to
+        write, or a file there that is not a spill graph (it would be lost) raises
+        :class:`spill.InvalidArgumentError` naming it; a write that fails for lack of room
+        raises :class:`spill.WriteFailedError`, the earlier file kept.
     targets: a tensor or tuple of tensors passed to loss_fn after the output.
     batch_dim: the batch dimension of inputs and targets (0). Tensors whose size there equals
         the first input's are the batch.
@@ -161,8 +168,12 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         reason = "captured with scale_batch=False"
         graph.pop("batch", None)
     if out_path is not None:
-        # Whole or not at all, as spill's own outputs (a failed write keeps the previous file).
-        write_text(out_path, json.dumps(graph, separators=(",", ":")) + "\n")
+        # Whole or not at all, as spill's own outputs (a failed write keeps the previous file);
+        # a failure is a spill.Error as theirs (a plain OSError before).
+        try:
+            write_text(out_path, json.dumps(graph, separators=(",", ":")) + "\n")
+        except OSError as e:
+            raise write_error(e, f"spill.torch.capture: cannot write {out_path!r}") from e
     return CapturedStep(graph, out_path, sum(p.numel() for p in step.params), batch, reason)
 
 
