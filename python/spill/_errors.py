@@ -62,8 +62,10 @@ class CudaError(Error, RuntimeError):
 class WriteFailedError(Error, OSError):
     """A file spill was writing (a trace, a snapshot, a step's graph) could not be written whole
     for lack of room (a full disk, a quota, a file size limit) or an I/O error; the message names
-    the file. Its earlier content, if any, is kept. Not raised for a path that cannot be used at
-    all (a missing directory, no permission): that is an :class:`InvalidArgumentError`."""
+    the file. Its earlier content, if any, is kept (unless the directory refused a new file and
+    it was being rewritten in place: docs/architecture.md, outputs). Not raised for a path that
+    cannot be used at all (a missing directory, no permission): that is an
+    :class:`InvalidArgumentError`."""
 
     # Also for one raised in Python (spill.snapshot's write): its code says what it is.
     default_code = Status.WRITE_FAILED
