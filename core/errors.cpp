@@ -28,15 +28,37 @@ std::string without_source_location(std::string_view message) {
 std::string printable(std::string_view message) {
   std::string out;
   out.reserve(message.size());
-  for (const char c : message) {
-    const auto u = static_cast<unsigned char>(c);
-    if ((u < 0x20 && c != '\n' && c != '\t') || u == 0x7f) {
+  auto escape = [&out](std::string_view bytes) {
+    for (const char c : bytes) {
       char hex[5];
-      std::snprintf(hex, sizeof hex, "\\x%02x", u);
+      std::snprintf(hex, sizeof hex, "\\x%02x", static_cast<unsigned char>(c));
       out += hex;
-    } else {
-      out += c;
     }
+  };
+  for (std::size_t i = 0; i < message.size();) {
+    const auto u = static_cast<unsigned char>(message[i]);
+    if (u < 0x80) {  // ASCII: C0 controls and DEL escaped, but newline and tab
+      if ((u < 0x20 && u != '\n' && u != '\t') || u == 0x7f) escape(message.substr(i, 1));
+      else out += message[i];
+      ++i;
+      continue;
+    }
+    // A UTF-8 sequence is kept whole, unless it encodes a C1 control (U+0080..U+009F, which
+    // some terminals obey as ESC sequences); a byte that starts no valid sequence (0x9b alone
+    // is CSI on a terminal not in UTF-8 mode) is escaped.
+    const std::size_t n = u >= 0xf0 && u < 0xf5   ? 4
+                          : u >= 0xe0 && u < 0xf0 ? 3
+                          : u >= 0xc2 && u < 0xe0 ? 2
+                                                  : 0;
+    bool valid = n > 0 && i + n <= message.size();
+    for (std::size_t k = 1; valid && k < n; ++k)
+      valid = (static_cast<unsigned char>(message[i + k]) & 0xc0) == 0x80;
+    const std::size_t take = valid ? n : 1;
+    if (valid && !(u == 0xc2 && static_cast<unsigned char>(message[i + 1]) < 0xa0))
+      out.append(message.substr(i, take));
+    else
+      escape(message.substr(i, take));  // (a C1 control: both of its bytes)
+    i += take;
   }
   return out;
 }

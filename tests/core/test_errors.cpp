@@ -28,7 +28,11 @@ TEST(ErrorMessages, ControlCharactersArePrintedAsEscapes) {
   EXPECT_EQ(printable("trace '\x1b[31mred.json': missing"), "trace '\\x1b[31mred.json': missing");
   EXPECT_EQ(printable("a\rb\x7f\x01"), "a\\x0db\\x7f\\x01");
   EXPECT_EQ(printable("line one\n\tline two"), "line one\n\tline two");
-  EXPECT_EQ(printable("caf\xc3\xa9"), "caf\xc3\xa9") << "UTF-8 stays";
+  EXPECT_EQ(printable("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82"),
+            "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x99\x82") << "UTF-8 stays";
+  // 8-bit controls: a lone 0x9b (CSI on a terminal not in UTF-8 mode) and U+009B in UTF-8.
+  EXPECT_EQ(printable("a\x9b" "31m b\xc2\x9b" "1m c\xff\x80\x80"),
+            "a\\x9b31m b\\xc2\\x9b1m c\\xff\\x80\\x80");
 }
 
 }  // namespace
