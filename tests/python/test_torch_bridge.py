@@ -2353,10 +2353,7 @@ def test_a_quiet_model_pins_the_batch_another_models_armed_step_declared() -> No
                 params = [p.detach().cpu().clone() for m in (q, a) for p in m.parameters()]
                 return losses, quiet, params
         import contextlib
-        base, _, base_params = train(False)
-        enable()
-        with st.check_pins(collect=True) as check:
-            losses, quiet, params = train(True)
+    """ + CHECKED_AGAINST_PLAIN + """
         assert (True, False) in quiet, quiet
         assert losses == base, (losses, base)
         with st.guard(release_on_exit=False):
@@ -2402,10 +2399,7 @@ def test_a_quiet_model_pins_what_it_saved_that_another_models_armed_step_declare
             with (st.guard(release_on_exit=False) if spilled else contextlib.nullcontext()):
                 params = [p.detach().cpu().clone() for m in (g, d) for p in m.parameters()]
             return losses, quiet, params
-        base, _, base_params = train(False)
-        enable()
-        with st.check_pins(collect=True) as check:
-            losses, quiet, params = train(True)
+    """ + CHECKED_AGAINST_PLAIN + """
         assert True in quiet, quiet  # G stepped quiet
         assert check.found == [], check.found
         assert losses == base, (losses, base)
@@ -3125,6 +3119,16 @@ TRAINS_AS_PLAIN = """
         assert got[0] == base[0], (got[0], base[0])
         assert got[1:-1] == base[1:-1], (got[1:-1], base[1:-1])
         assert all(torch.equal(a, b) for a, b in zip(got[-1], base[-1]))
+"""
+
+
+# A two-model scenario's train(spilled) run plainly, then enabled under check_pins(collect=True):
+# base, base_params (plain torch), losses, quiet, params and check (spill's) for its asserts.
+CHECKED_AGAINST_PLAIN = """
+        base, _, base_params = train(False)
+        enable()
+        with st.check_pins(collect=True) as check:
+            losses, quiet, params = train(True)
 """
 
 
