@@ -1460,8 +1460,9 @@ class OffloadHandle:
             from ._reads import host_reads  # (_reads imports _window)
             # Not while torch.jit.trace runs the forward: its check run (the second forward,
             # an evaluation one) saw the ops come through the mode's Python frame and failed
-            # with "Graphs differed across invocations" (audit 38a F1). A trace reads no
-            # memory on the host.
+            # with "Graphs differed across invocations" (audit 38a F1). The cost: a host read
+            # (.tolist(), .numpy()) of another module's tensor inside a traced forward is not
+            # pinned, as in the first step's forward (docs/pytorch.md, TorchScript).
             self._eval_reads = None if torch.jit.is_tracing() else host_reads()
             if self._eval_reads is not None:
                 _insert_bottom(self._eval_reads, *_function_stack())
