@@ -55,7 +55,7 @@ spill_status spill_parse_size(const char* text, uint64_t* bytes) {
     *bytes = parse_size(text, "spill_parse_size");
     return SPILL_OK;
   } catch (const Error& e) {
-    return fail(SPILL_ERROR_INVALID_ARGUMENT, without_source_location(e.what()));
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, e.what());
   } catch (...) {
     return current_error("spill_parse_size");
   }
@@ -83,8 +83,7 @@ spill_status spill_init(const char* conf) {
     }
     if (!running.empty() && g.config && !(*g.config == c)) {
       return fail(SPILL_ERROR_ALREADY_INITIALIZED,
-                  "spill_init: runtimes already run (" + running +
-                      ", each at the first call that needed its device) with the configuration '" +
+                  "spill_init: runtimes already run (" + running + ") with the configuration '" +
                       g.config->to_string() + "'; the new one '" + c.to_string() +
                       "' differs: call spill_shutdown first (a device's runtime starts at the "
                       "first call that needs the device, with the configuration then in effect)");

@@ -243,7 +243,7 @@ spill_status spill_write_step_graph(int device, uint64_t scope, const char* path
     try {
       graph::save_graph_file(g, path);
     } catch (const InvalidArgument& e) {
-      return fail(SPILL_ERROR_INVALID_ARGUMENT, where + ": " + without_source_location(e.what()));
+      return fail(SPILL_ERROR_INVALID_ARGUMENT, where + ": " + e.what());
     } catch (const WriteFailed& e) {  // (named as the refusals are: device and scope)
       return fail(SPILL_ERROR_WRITE_FAILED, where + ": " + e.what());
     }

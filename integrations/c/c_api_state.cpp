@@ -142,7 +142,9 @@ spill_status fail(spill_status code, const std::string& message) noexcept {
       if (const pthread_key_t* key = error_key()) ::pthread_setspecific(*key, text.get());
       tl_error = text.release();
     }
-    *tl_error = message;
+    // Invalid input is named by the message; where in spill's code it was noticed ("[x.cpp:NN]")
+    // is noise to the caller (audit 38b), kept for the other errors.
+    *tl_error = code == SPILL_ERROR_INVALID_ARGUMENT ? without_source_location(message) : message;
   } catch (...) {
     // No memory for the message: the code still says what happened.
     if (tl_error != nullptr) tl_error->clear();
@@ -172,10 +174,7 @@ spill_status current_error(const std::string& context) noexcept {
   } catch (const CudaError& e) {
     return fail(SPILL_ERROR_CUDA, in_context(context, e.what()));
   } catch (const InvalidArgument& e) {
-    // The message names the input at fault; where in spill's code it was noticed is noise to
-    // the caller (audit 38b: "... [c_api_residency.cpp:168]"), kept for the other errors.
-    return fail(SPILL_ERROR_INVALID_ARGUMENT,
-                in_context(context, without_source_location(e.what()).c_str()));
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, in_context(context, e.what()));
   } catch (const WriteFailed& e) {
     return fail(SPILL_ERROR_WRITE_FAILED, in_context(context, e.what()));
   } catch (const std::bad_alloc&) {

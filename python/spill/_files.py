@@ -14,6 +14,8 @@ import stat
 import sys
 from typing import Optional, Union
 
+from ._errors import InvalidArgumentError, WriteFailedError
+
 _OWN_FD = re.compile(r"/dev/(?:fd/(\d{1,9})|(stdin|stdout|stderr))|"
                      r"/proc/(self|thread-self|\d+)/fd/(\d{1,9})")
 _STANDARD = {"stdin": 0, "stdout": 1, "stderr": 2}
@@ -73,7 +75,6 @@ def write_error(e: OSError, message: str) -> Exception:
     """The spill exception for a failed write ``e``: WriteFailedError for no room or an I/O
     error (the file, not the input), else InvalidArgumentError (a path that cannot be used);
     ``message`` names the file."""
-    from ._errors import InvalidArgumentError, WriteFailedError
     text = f"{message}: {e.strerror or e}"
     if e.errno in NO_ROOM_OR_IO:
         return WriteFailedError(text)

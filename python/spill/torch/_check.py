@@ -40,11 +40,8 @@ _SHAPE_ONLY = frozenset(
     getattr(torch.ops.aten, name) for name in (
         "empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
         "randint_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full",
-        "is_pinned", "is_same_size", "is_set_to")
+        "is_pinned", "is_same_size", "is_set_to", "set_")
     if hasattr(torch.ops.aten, name))
-# set_(source) makes the tensor an alias of the source's storage; set_() empty, set_(storage)
-# read nothing either. (Its other overloads take no tensor argument.)
-_SET = getattr(torch.ops.aten, "set_", None)
 _RESIDENCES = ("resident", "swapping_out", "on_host", "swapping_in")
 
 
@@ -75,7 +72,7 @@ class _CheckPins(TorchDispatchMode):
         unpinned: List[int] = []
         packet = getattr(func, "overloadpacket", func)
         if state.active and not state.forked_child and packet not in _SHAPE_ONLY \
-                and packet is not _SET and not reads_no_bytes(func):
+                and not reads_no_bytes(func):
             unpinned = self._check(func, args, kwargs)
         if not unpinned:
             return call_detaching(func, args, kwargs)
