@@ -3417,24 +3417,22 @@ def test_training_in_eval_mode_swaps_activations_as_train_mode_does() -> None:
     assert "ok" in out, out
 
 
-def test_an_evaluation_forward_reading_another_modules_weight_on_the_host_reads_it_pinned(
+def test_a_forward_whose_ops_a_mode_pins_reads_another_modules_weight_on_the_host_pinned(
         ) -> None:
-    """An evaluation forward (``torch.no_grad()``) whose parent reads a child's weight with
-    ``.tolist()`` after the child ran and everything was evicted: the evaluation's mode pins
-    every aten op, but on the CPU bridge ``.tolist()`` reads memory without one, and read
-    the weight on the host (audit 36f F1: a segmentation fault). An evaluation forward runs
-    the window's host reads too now (not the first step, whose forward evicts nothing
-    here)."""
+    """An evaluation forward (``torch.no_grad()``) and the first step's training forward whose
+    parent reads a child's weight with ``.tolist()`` after the child ran and everything was
+    evicted: a mode pins every aten op there, but on the CPU bridge ``.tolist()`` reads memory
+    without one, and read the weight on the host (audit 36f F1 in an evaluation forward, the
+    first step's since: a segmentation fault). Both run the window's host reads too now."""
     out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
         class Net(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.a, self.b = torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)
-                self.evicting, self.calls = False, 0
+                self.evicting = False
             def forward(self, x):
                 x = self.a(x)
-                self.calls += 1
-                if self.evicting and self.calls > 1:  # (the first step's host reads are not)
+                if self.evicting:
                     evict_all()  # (self.a's call is over: its weight goes too)
                 return self.b(x + self.a.weight.tolist()[0][0])
         def run(spilled):

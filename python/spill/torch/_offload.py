@@ -481,7 +481,9 @@ class OffloadHandle:
         self._taken_off: List[Any] = []  # modes taken off in a backward (_take_off)
         # An evaluation forward's pin-every-op mode (_begin_forward), until the entry ends.
         self._eval_ops: Optional[_PinOps] = None
-        self._eval_reads: Any = None  # its host reads on the CPU bridge (_reads.host_reads)
+        # The host reads of a forward whose ops a mode pins (the first step's, an evaluation
+        # forward's) on the CPU bridge (_reads.host_reads)
+        self._forward_reads: Any = None
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
         self._stack_calls: List[ModuleCall] = []
@@ -1454,18 +1456,22 @@ class OffloadHandle:
             self._eval_ops = _EvalOps(self.pinner, self._window)
             _insert_bottom(self._eval_ops, *_dispatch_stack())  # (see _Discovery's above)
             self._policy.evaluation(True)
-            # The CPU bridge's host reads (``.tolist()``, ``.numpy()``, printing) read memory
-            # without an op: pinned as in the window (before, ``.tolist()`` of another
-            # module's weight on the host faulted: audit 36f F1). None on a GPU.
+        if self._discovery is not None or self._eval_ops is not None:
+            # Where a mode pins every op (the first step, an evaluation forward), the CPU
+            # bridge's host reads (``.tolist()``, ``.numpy()``, printing) read memory without
+            # an op: pinned as in the window, until the next forward begins (before,
+            # ``.tolist()`` of another module's weight on the host faulted: audit 36f F1 in an
+            # evaluation forward, and in the first step's, whose reactive evictions can take
+            # it). None on a GPU.
             from ._reads import host_reads  # (_reads imports _window)
             # Not while torch.jit.trace runs the forward: its check run (the second forward,
             # an evaluation one) saw the ops come through the mode's Python frame and failed
             # with "Graphs differed across invocations" (audit 38a F1). The cost: a host read
             # (.tolist(), .numpy()) of another module's tensor inside a traced forward is not
-            # pinned, as in the first step's forward (docs/pytorch.md, TorchScript).
-            self._eval_reads = None if torch.jit.is_tracing() else host_reads()
-            if self._eval_reads is not None:
-                _insert_bottom(self._eval_reads, *_function_stack())
+            # pinned (docs/pytorch.md, TorchScript).
+            self._forward_reads = None if torch.jit.is_tracing() else host_reads()
+            if self._forward_reads is not None:
+                _insert_bottom(self._forward_reads, *_function_stack())
         # An evaluation forward between two steps (``model.eval()`` between the optimizer's
         # step and the next training forward) belongs to neither: it leaves the boundary to
         # the next training forward, and its pins begin no training step; they go to a step
@@ -2275,7 +2281,7 @@ class OffloadHandle:
             _remove(self._eval_ops, *_dispatch_stack())
             self._eval_ops = None
             self._policy.evaluation(False)
-        reads, self._eval_reads = self._eval_reads, None
+        reads, self._forward_reads = self._forward_reads, None
         if reads is not None:
             _remove(reads, *_function_stack())
 
