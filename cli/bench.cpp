@@ -64,7 +64,7 @@ int run_link(const Config& config, const LinkArgs& a) {
   std::fputs(profiling::format_link_table(report).c_str(), stdout);
   if (!a.json.empty()) {
     write_file(a.json, report.to_json().dump(1) + "\n", "--json");
-    std::printf("wrote %s\n", a.json.c_str());
+    std::printf("wrote %s\n", printable_name(a.json).c_str());
   }
   for (const auto& r : report.results)
     if (!r.verified) return 1;

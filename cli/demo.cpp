@@ -112,7 +112,7 @@ int run_demo(Config config, const DemoArgs& a) {
                                    {"baseline", profiling::zero_baseline()}},
                                   "--trace");
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
-                a.trace.c_str());
+                printable_name(a.trace).c_str());
   }
   std::printf("%s\n", ok ? "all blocks intact, every step within the budget"
                          : "FAILED: data mismatch or budget exceeded");

@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "cli/commands.hpp"
+#include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "core/units.hpp"
 #include "core/version.hpp"
@@ -30,12 +31,13 @@ void add_info(CLI::App& app, Runner& run) {
       std::printf("memory:        %s total, %s free\n", format_bytes(mem.total).c_str(),
                   format_bytes(mem.free).c_str());
       std::printf("granularity:   %s\n", format_bytes(i.granularity).c_str());
-      std::printf("link:          %s: %s\n", i.link_name.c_str(), i.link_description.c_str());
+      std::printf("link:          %s: %s\n", printable_name(i.link_name).c_str(),
+                  printable_name(i.link_description).c_str());
       std::printf("               nominal %.2f GB/s per direction; %s %.1f GB/s h2d, %.1f GB/s "
                   "d2h\n",
                   i.link_nominal_gbps, i.simulated ? "modelled" : "expected", i.h2d_gbps,
                   i.d2h_gbps);
-      std::printf("configuration: %s\n", config.to_string().c_str());
+      std::printf("configuration: %s\n", printable_name(config.to_string()).c_str());
       return 0;
     };
   });

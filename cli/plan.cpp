@@ -176,7 +176,8 @@ int run_plan(const PlanArgs& a) {
   std::uint64_t held_bytes = 0;
   for (const graph::Tensor& t : g.tensors)
     if (graph::persistent(t.kind)) held_bytes += t.bytes;
-  std::printf("model:   %s, %s, %zu ops, %zu tensors, ", g.name.c_str(), batch_text.c_str(),
+  std::printf("model:   %s, %s, %zu ops, %zu tensors, ", printable_name(g.name).c_str(),
+              batch_text.c_str(),
               g.ops.size(), g.tensors.size());
   if (recorded)
     std::printf("%s held from before the step (recorded blocks)\n",
@@ -185,8 +186,9 @@ int run_plan(const PlanArgs& a) {
     std::printf("%.1f M parameters\n", double(g.parameter_count()) / 1e6);
   std::printf("device:  %s (simulated; %s, %.0f GB/s memory)\n", gpu.name.c_str(),
               format_bytes(gpu.memory_bytes).c_str(), gpu.mem_bw_gbps);
-  std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n", link.name.c_str(),
-              link.description.c_str(), link.h2d_gbps, link.d2h_gbps);
+  std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n",
+              printable_name(link.name).c_str(), printable_name(link.description).c_str(),
+              link.h2d_gbps, link.d2h_gbps);
   const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
   std::printf("budget:  %s; unlimited-memory peak %s\n", format_bytes(o.budget).c_str(),
               format_bytes(unlimited_peak).c_str());
@@ -244,11 +246,11 @@ int run_plan(const PlanArgs& a) {
     if (floor->must_move > 0) {
       std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "
                   "which went out first)\n",
-                  floor->op, g.ops[floor->op].name.c_str(),
+                  floor->op, printable_name(g.ops[floor->op].name).c_str(),
                   format_bytes(floor->must_fetch).c_str(), format_bytes(floor->must_move).c_str());
     } else if (floor->must_fetch > 0) {
       std::printf(" at op %u '%s', %s from before the step must still come in over it\n",
-                  floor->op, g.ops[floor->op].name.c_str(),
+                  floor->op, printable_name(g.ops[floor->op].name).c_str(),
                   format_bytes(floor->must_fetch).c_str());
     } else {
       // The bound is the compute: whatever must move (if anything) can hide behind it.
@@ -260,7 +262,7 @@ int run_plan(const PlanArgs& a) {
                             {"must_move_bytes", floor->must_move},
                             {"must_fetch_bytes", floor->must_fetch}};
   }
-  for (const std::string& why : reasons) std::printf("  %s\n", why.c_str());
+  for (const std::string& why : reasons) std::printf("  %s\n", printable_name(why).c_str());
 
   if (a.max_batch_pct >= 0) {
     std::printf("\nlargest batch with overhead <= %.1f%% (simulated):\n", a.max_batch_pct);

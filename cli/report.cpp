@@ -39,13 +39,13 @@ void add_report(CLI::App& app, Runner& run) {
       }
       write_file(args->output, page, "--output");
       if (trace.events.empty()) {
-        std::printf("%s is empty (no events); wrote %s saying so\n", args->trace.c_str(),
-                    args->output.c_str());
+        std::printf("%s is empty (no events); wrote %s saying so\n",
+                    printable_name(args->trace).c_str(), printable_name(args->output).c_str());
       } else {
         std::printf("wrote %s: %zu events over %.3f ms, %zu swap-outs (%s copied to the "
                     "host), %zu swap-ins (%s copied back), %zu evictions (%s, with a copy or "
                     "without), %zu stalls\n",
-                    args->output.c_str(), s.events, s.duration_ms, s.swap_outs,
+                    printable_name(args->output).c_str(), s.events, s.duration_ms, s.swap_outs,
                     format_bytes(s.swapped_out_bytes).c_str(), s.swap_ins,
                     format_bytes(s.swapped_in_bytes).c_str(), s.evictions,
                     format_bytes(s.evicted_bytes).c_str(), s.stalls);

@@ -151,8 +151,8 @@ int run_predict(const Config& config, const TrainArgs& a) {
               "caching allocator maps them, %s granule)\n",
               r.gpu->name.c_str(), format_bytes(po.granularity).c_str());
   std::printf("link:      %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h, duplex %.2f\n",
-              r.link.name.c_str(), r.link.description.c_str(), r.link.h2d_gbps, r.link.d2h_gbps,
-              r.link.duplex_efficiency);
+              printable_name(r.link.name).c_str(), printable_name(r.link.description).c_str(),
+              r.link.h2d_gbps, r.link.d2h_gbps, r.link.duplex_efficiency);
   std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx; the "
               "planner's %s, less the small pool's segments)\n",
               format_bytes(r.footprint).c_str(), format_bytes(r.budget).c_str(),
@@ -203,7 +203,7 @@ int run_predict(const Config& config, const TrainArgs& a) {
   }
   std::printf("planning: %.2f s of CPU for both plans (this machine)\n", r.plan_cpu_s);
   std::printf("(all step figures simulated: %s roofline, %s link model)\n", r.gpu->name.c_str(),
-              r.link.name.c_str());
+              printable_name(r.link.name).c_str());
   auto sim_json = [](const graph::SimResult& s) {
     return nlohmann::json{{"step_s", s.step_time_s},          {"stall_s", s.stall_time_s},
                           {"compute_s", s.compute_time_s},    {"peak_bytes", s.peak_bytes},
@@ -227,15 +227,15 @@ int run_predict(const Config& config, const TrainArgs& a) {
                           {"phases", pj}};
     if (r.floor) doc["floor_step_s"] = r.floor->step_s;
     write_file(a.json, doc.dump(1) + "\n", "--json");
-    std::printf("prediction written to %s\n", a.json.c_str());
+    std::printf("prediction written to %s\n", printable_name(a.json).c_str());
   }
   if (!a.timeline.empty()) {
     write_file(a.timeline, graph::timeline_to_json(g, r.predicted).dump(1) + "\n", "--timeline");
-    std::printf("timeline written to %s\n", a.timeline.c_str());
+    std::printf("timeline written to %s\n", printable_name(a.timeline).c_str());
   }
   if (!a.plan_out.empty()) {
     write_file(a.plan_out, graph::plan_to_json(g, r.plan).dump(1) + "\n", "--plan-out");
-    std::printf("plan written to %s\n", a.plan_out.c_str());
+    std::printf("plan written to %s\n", printable_name(a.plan_out).c_str());
   }
   return 0;
 }
@@ -392,7 +392,7 @@ int run_train(Config config, const TrainArgs& a) {
   if (simulated) std::printf("(step times are simulated; wall is this machine's time per step)\n");
   if (!a.trace.empty())
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
-                a.trace.c_str());
+                printable_name(a.trace).c_str());
   nlohmann::json doc = {{"format", "spill-train"},
                         {"version", 1},
                         {"model", a.model},
@@ -431,7 +431,7 @@ int run_train(Config config, const TrainArgs& a) {
   }
   if (!a.json.empty()) {
     write_file(a.json, doc.dump(1) + "\n", "--json");
-    std::printf("steps written to %s\n", a.json.c_str());
+    std::printf("steps written to %s\n", printable_name(a.json).c_str());
   }
   return ok ? 0 : 1;
 }

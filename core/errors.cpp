@@ -25,7 +25,9 @@ std::string without_source_location(std::string_view message) {
   return std::string(message.substr(0, open));
 }
 
-std::string printable(std::string_view message) {
+namespace {
+
+std::string escaped(std::string_view message, bool keep_lines) {
   std::string out;
   out.reserve(message.size());
   auto escape = [&out](std::string_view bytes) {
@@ -37,8 +39,9 @@ std::string printable(std::string_view message) {
   };
   for (std::size_t i = 0; i < message.size();) {
     const auto u = static_cast<unsigned char>(message[i]);
-    if (u < 0x80) {  // ASCII: C0 controls and DEL escaped, but newline and tab
-      if ((u < 0x20 && u != '\n' && u != '\t') || u == 0x7f) escape(message.substr(i, 1));
+    if (u < 0x80) {  // ASCII: C0 controls and DEL escaped (newline and tab as keep_lines says)
+      const bool line = u == '\n' || u == '\t';
+      if ((u < 0x20 && !(keep_lines && line)) || u == 0x7f) escape(message.substr(i, 1));
       else out += message[i];
       ++i;
       continue;
@@ -62,6 +65,12 @@ std::string printable(std::string_view message) {
   }
   return out;
 }
+
+}  // namespace
+
+std::string printable(std::string_view message) { return escaped(message, true); }
+
+std::string printable_name(std::string_view name) { return escaped(name, false); }
 
 }  // namespace spill
 

@@ -62,6 +62,11 @@ std::string without_source_location(std::string_view message);
 // terminal shows; newlines and tabs, which spill's own messages use, stay.
 std::string printable(std::string_view message);
 
+// `name` (a file name, a model's or an op's name read from a file) safe to print inside one
+// line: as printable(), and newlines and tabs escaped too, so that a name cannot forge a line
+// of spill's output.
+std::string printable_name(std::string_view name);
+
 namespace detail {
 [[noreturn]] void throw_invalid(const char* file, int line, const std::string& msg);
 [[noreturn]] void throw_oom(const char* file, int line, const std::string& msg);

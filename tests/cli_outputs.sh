@@ -1,6 +1,7 @@
 #!/bin/sh
-# Outputs that are streams or links (audit 37b): cli_outputs.sh CASE SPILL WORKDIR; prints
-# "CASE ok" and exits 0 when the case holds.
+# Outputs that are streams or links (audit 37b), names printed: cli_outputs.sh CASE SPILL
+# WORKDIR GRAPH (a graph file the names case copies); prints "CASE ok" and exits 0 when the
+# case holds.
 set -u
 case_name=$1 spill=$2 dir=$3/cli_outputs_$1
 rm -rf "$dir" && mkdir -p "$dir" && cd "$dir" || exit 1
@@ -39,6 +40,24 @@ case $case_name in
     test -L link.json || fail "the link is gone"
     grep -q '"budget_bytes"' target.json || fail "the target has no JSON"
     test "$(ls | wc -l)" -eq 2 || fail "files left: $(ls)"
+    ;;
+  names)
+    # Names read from a file (a graph's model and op names) and output file names are printed
+    # with their control characters escaped, newlines too: an ESC sequence cannot recolour the
+    # terminal, a newline cannot forge a line of the output. Before, only error messages were.
+    esc=$(printf '\033')
+    sed 's/"name":"\([^"]*\)"/"name":"\1\\u001b[31m\\nFORGED"/g' "$4" > evil.json
+    "$spill" plan evil.json --device h100-sxm --link pcie5 --budget 1MiB > out.txt 2>&1 ||
+      fail "plan: rc $?: $(cat out.txt)"
+    grep -q 'mlp (captured)\\x1b\[31m\\x0aFORGED' out.txt || fail "no escaped name: $(cat out.txt)"
+    grep -q "$esc" out.txt && fail "an ESC byte printed"
+    grep -q '^FORGED' out.txt && fail "a forged line"
+    name=$(printf 'out\033[31m\nFORGED.json')
+    "$spill" train mlp --predict --layers 2 --width 256 --batch 8 --budget 4MiB --link pcie5 \
+      --json "$name" > out2.txt 2>&1 || fail "train: rc $?: $(cat out2.txt)"
+    grep -q '^prediction written to out\\x1b\[31m\\x0aFORGED.json$' out2.txt ||
+      fail "no escaped file name: $(tail -2 out2.txt)"
+    test -f "$name" || fail "nothing written"
     ;;
   full_disk)
     # A file system with no room left, not even for a temporary beside the output (no free

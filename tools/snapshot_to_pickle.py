@@ -73,6 +73,12 @@ def write_atomically(dst, data):
         raise
 
 
+def shown(name):
+    """``name`` safe to print inside one line: a control character (an ESC sequence, a newline)
+    as its escape, so that a file name can neither recolour the terminal nor forge a line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(name))
+
+
 def main(argv):
     if "-h" in argv[1:] or "--help" in argv[1:]:
         print(__doc__)
@@ -90,7 +96,7 @@ def main(argv):
     src = argv[1]
     dst = argv[2] if len(argv) == 3 else default_output(src)
     if same_file(src, dst):
-        print(f"snapshot_to_pickle: {dst}: is the snapshot read: writing it would replace it",
+        print(f"snapshot_to_pickle: {shown(dst)}: is the snapshot read: writing it would replace it",
               file=sys.stderr)
         return 2
     try:
@@ -98,7 +104,7 @@ def main(argv):
             snapshot = json.load(f)
         data = convert(snapshot)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        print(f"snapshot_to_pickle: {src}: {e}", file=sys.stderr)
+        print(f"snapshot_to_pickle: {shown(src)}: {shown(e)}", file=sys.stderr)
         return 2
     if segments_list:
         # 1.13's memory_viz reads a block's frames (its name, "[on host]") from its "history"
@@ -110,14 +116,14 @@ def main(argv):
                         b["history"] = [{"addr": b["address"], "frames": b["frames"],
                                          "real_size": b.get("requested_size") or b["size"]}]
         except (KeyError, TypeError, AttributeError) as e:
-            print(f"snapshot_to_pickle: {src}: a block: {e!r}", file=sys.stderr)
+            print(f"snapshot_to_pickle: {shown(src)}: a block: {shown(repr(e))}", file=sys.stderr)
             return 2
     try:
         write_atomically(dst, pickle.dumps(data["segments"] if segments_list else data))
     except OSError as e:
-        print(f"snapshot_to_pickle: cannot write {dst}: {e.strerror or e}", file=sys.stderr)
+        print(f"snapshot_to_pickle: cannot write {shown(dst)}: {shown(e.strerror or e)}", file=sys.stderr)
         return 2
-    print(f"wrote {dst}: {len(data['segments'])} segments, "
+    print(f"wrote {shown(dst)}: {len(data['segments'])} segments, "
           f"{sum(len(t) for t in data['device_traces'])} trace entries")
     return 0
 

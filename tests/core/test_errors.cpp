@@ -35,5 +35,13 @@ TEST(ErrorMessages, ControlCharactersArePrintedAsEscapes) {
             "a\\x9b31m b\\xc2\\x9b1m c\\xff\\x80\\x80");
 }
 
+// A name printed inside a line of spill's output (a file name, an op's name read from a graph)
+// escapes newlines and tabs too: a name cannot forge a line.
+TEST(ErrorMessages, NamesEscapeNewlinesToo) {
+  EXPECT_EQ(printable_name("out\x1b[31m\nFORGED\t.json"), "out\\x1b[31m\\x0aFORGED\\x09.json");
+  EXPECT_EQ(printable_name("caf\xc3\xa9 \xc2\x9b"), "caf\xc3\xa9 \\xc2\\x9b");
+  EXPECT_EQ(printable_name("plain name.json"), "plain name.json");
+}
+
 }  // namespace
 }  // namespace spill

@@ -84,3 +84,20 @@ def test_a_failed_write_keeps_the_previous_output(tmp_path):
     assert r.returncode != 0
     assert (tmp_path / "snap.pickle").read_text() == "PRECIOUS"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snap.json", "snap.pickle"]
+
+
+def test_file_names_are_printed_with_their_control_characters_escaped(tmp_path):
+    """A file name's ESC sequence and newline are printed as escapes, in the success line and
+    in an error: they can neither recolour the terminal nor forge a line (they were printed
+    raw)."""
+    name = "s\x1b[31m\nFORGED"
+    (tmp_path / f"{name}.json").write_text(json.dumps(SNAPSHOT))
+    r = run(f"{name}.json", "out\x1b[2J\n.pickle", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("wrote out\\x1b[2J\\n.pickle: 1 segments"), r.stdout
+    assert pickle.loads((tmp_path / "out\x1b[2J\n.pickle").read_bytes())["segments"]
+    (tmp_path / f"{name}.bad").write_text("{")
+    r = run(f"{name}.bad", cwd=tmp_path)
+    assert r.returncode == 2 and "\x1b" not in r.stderr, r.stderr
+    assert r.stderr.startswith("snapshot_to_pickle: s\\x1b[31m\\nFORGED.bad: "), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
