@@ -16,7 +16,8 @@ Options, after `;` or on lines of their own:
     file: NAME      also saved as NAME in every page's folder (app.c for the README's commands)
     given: CODE     Python run before the block, unseen (what a sketch leaves to the reader)
     needs: gpu      run only where torch sees a CUDA GPU (else skipped, saying so); also
-                    cupy, torch, and torch-1.13 (an output that only Debian's torch prints)
+                    cupy, torch, and torch-1.13 (an output that only Debian's torch prints, or
+                    what only it covers: the CPU bridge's torch.save)
     fails: TEXT     the command containing TEXT must fail (exit status not 0)
     skip: TEXT (REASON)  the command containing TEXT is not run
     timeout: SECONDS     for the block (default 120)
@@ -204,8 +205,8 @@ def _probe(need: str, python: str) -> Optional[str]:
             return "needs a CUDA GPU (torch.cuda.is_available() is False here)"
     elif need == "torch-1.13":
         if not runs("import sys, torch; sys.exit(0 if torch.__version__.startswith('1.13') else 1)"):
-            return ("quotes what Debian's torch 1.13 prints (other versions capture other ops); "
-                    f"{python} has another torch or none")
+            return ("runs on Debian's torch 1.13 only (what it prints or relies on is that "
+                    f"torch's); {python} has another torch or none")
     elif need in {"cupy", "torch"}:
         if not runs(f"import {need}"):
             return f"needs {need}, which {python} cannot import"

@@ -3569,7 +3569,11 @@ def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
                     o.step()
             if h is not None:
                 h.remove()
-            return losses, norms, [p.detach().clone() for p in m.parameters()]
+            # (guard mode: the parameters stay swappable after the steps' guards, so the
+            # copies are taken under one too; taken unpinned, check_pins names each clone)
+            with (st.guard(release_on_exit=False) if mode == "guard"
+                  else contextlib.nullcontext()):
+                return losses, norms, [p.detach().clone() for p in m.parameters()]
         base, base_norms, base_params = train("plain", False)
         enable()
         try:
@@ -3579,7 +3583,14 @@ def test_check_pins_names_a_read_no_hook_pins_before_any_fault() -> None:
         except st.UnpinnedUseError as e:
             assert isinstance(e, spill.Error) and isinstance(e, RuntimeError)
             text = str(e)
-        for says in ("aten.norm", "argument 0", "float32 [512, 512]", "'grad of head.weight'",
+        # The raising run's handle, left in a cycle by the exception, keeps the window's modes
+        # on (which pin every op) until it is collected: gone, so the runs below get no pin
+        # it would give them.
+        import gc
+        gc.collect()
+        # (torch 1.13's Tensor.norm() is aten.norm, torch 2's aten.linalg_vector_norm)
+        assert "aten.norm" in text or "aten.linalg_vector_norm" in text, text
+        for says in ("argument 0", "float32 [512, 512]", "'grad of head.weight'",
                      "resident now", "pin_reads()"):
             assert says in text, (says, text)
         with st.check_pins(collect=True) as check:

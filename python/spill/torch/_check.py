@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 from typing import Any, List, Optional, Set, Tuple
 
 import torch
@@ -63,9 +64,11 @@ class _CheckPins(TorchDispatchMode):
         self.collect = collect
         self.found: List[str] = []
         self._seen: Set[Tuple[Any, Any, Any]] = set()
-        lib = pinner._lib
-        self._get = lib.spill_get_block_info
-        self._info = BlockInfoStruct()
+        self._get = pinner._lib.spill_get_block_info
+        # (a CUDA backward runs ops on autograd's device thread and the caller's at once,
+        # under this one mode: each check fills a block info of its own, and the findings
+        # are noted under a lock)
+        self._lock = threading.Lock()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -101,23 +104,24 @@ class _CheckPins(TorchDispatchMode):
                 continue
             for t in leaves(value):
                 for ptr in movables(t):
-                    missing = self._unpinned(ptr)
+                    info = BlockInfoStruct()
+                    missing = self._unpinned(ptr, info)
                     if missing is not None:
-                        self._report(func, where, t, missing)
+                        self._report(func, where, t, missing, info)
                         unpinned.append(ptr)
         return unpinned
 
-    def _unpinned(self, ptr: int) -> Optional[str]:
-        """The block's residence when it is swappable with no pin open, else None."""
-        info = self._info
+    def _unpinned(self, ptr: int, info: BlockInfoStruct) -> Optional[str]:
+        """The block's residence when it is swappable with no pin open, else None (``info``
+        filled with what spill says of it)."""
         if self._get(ptr, info) != 0:  # (not spill's memory: nothing can move it)
             return None
         if info.swappable and info.pins == 0:
             return _RESIDENCES[info.residence]
         return None
 
-    def _report(self, func: Any, where: Any, t: torch.Tensor, residence: str) -> None:
-        info = self._info
+    def _report(self, func: Any, where: Any, t: torch.Tensor, residence: str,
+                info: BlockInfoStruct) -> None:
         try:
             name = block_name(info.base)
         except Error:
@@ -140,9 +144,10 @@ class _CheckPins(TorchDispatchMode):
             # Once per op, argument and block name (a block's address changes from step to
             # step; its name, the parameter's, does not).
             seen = (func, where, name or info.base)
-            if seen not in self._seen:
-                self._seen.add(seen)
-                self.found.append(message)
+            with self._lock:
+                if seen not in self._seen:
+                    self._seen.add(seen)
+                    self.found.append(message)
             return
         raise UnpinnedUseError(message)
 

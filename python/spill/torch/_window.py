@@ -62,6 +62,12 @@ from ._state import state
 Token = Any
 
 
+# What torch 2's TorchDispatchMode.__enter__ saves of its "in a dispatch mode" flags, a deque
+# each, which its __exit__ pops back (torch/utils/_python_dispatch.py; none on torch 1.13).
+_SAVED_FLAGS = ("old_dispatch_mode_flags", "old_non_infra_dispatch_mode_flags",
+                "old_without_ignore_compile_internals_dispatch_mode_flags")
+
+
 def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
             pop: Callable[[], Any], exit: bool = False) -> bool:
     """Takes ``mode`` out of a mode stack wherever it is; the modes above keep their order.
@@ -76,8 +82,21 @@ def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
             break
         above.append(top)
     if found and exit:
-        push(mode)
-        mode.__exit__(None, None, None)
+        # torch 2's __exit__ restores the flags its __enter__ saved, and a mode entered above
+        # this one saved them as set (this one was on), so exiting this one first left them
+        # set once both were off (audit 39b N1). Not on top: the nearest entered mode above
+        # takes over the flags this one saved (its exit restores them), and this one goes
+        # without its __exit__ (already off the stack). On top, or none entered above: its
+        # own __exit__ (on top of the stack again for it).
+        upper = next((m for m in reversed(above) if getattr(m, _SAVED_FLAGS[0], None)), None)
+        if upper is not None and getattr(mode, _SAVED_FLAGS[0], None):
+            for name in _SAVED_FLAGS:
+                mine, theirs = getattr(mode, name, None), getattr(upper, name, None)
+                if mine and theirs:
+                    theirs[-1] = mine.pop()
+        else:
+            push(mode)
+            mode.__exit__(None, None, None)
     for m in reversed(above):
         push(m)
     return found
