@@ -52,6 +52,8 @@ import sys
 import time
 from typing import Any, Dict, List
 
+import results_file  # (bench/results_file.py, beside this script)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 WARMUP = 3  # steps of each process before the measured rounds (the first records, the second
@@ -342,6 +344,7 @@ def main() -> int:
     if args.pairs_child:
         pairs_child(args)
         return 0
+    results_file.check(args.json, "--json")
 
     report: Dict[str, Any] = {"model": args.model, "rounds": args.rounds, "batch": args.batch,
                               "spill_conf": args.spill_conf,
@@ -468,8 +471,7 @@ def main() -> int:
     report["load_after"] = os.getloadavg()[0]
     print(f"load average {report['load_after']:.2f} at the end")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
+        results_file.write(args.json, json.dumps(report, indent=1))
     return 0
 
 

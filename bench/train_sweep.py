@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 
+import results_file  # (bench/results_file.py, beside this script)
+
 MiB = 1 << 20
 
 # (label, --conf, model and its options). The small shapes are the tests' (tests/train); the odd
@@ -303,6 +305,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=600, help="seconds per run")
     ap.add_argument("--out", help="write the table (markdown) here")
     a = ap.parse_args()
+    results_file.check(a.out, "--out")
     r = Runner(os.path.abspath(a.spill), a.timeout)
     rows: list[dict] = []
     if a.hostile:
@@ -329,8 +332,7 @@ def main() -> int:
     text = "\n".join(lines + ["", summary] + ["", "Not as expected:"] +
                      [f"- {x['status']}: `{x['cmd']}`: {x['detail']}" for x in bad]) + "\n"
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
+        results_file.write(a.out, text)
     print(text)
     return 1 if bad else 0
 

@@ -30,6 +30,9 @@ import sys
 import time
 from typing import Any, Dict, List
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import results_file  # noqa: E402  (bench/results_file.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CASES = ("unlimited", "spill", "save_on_cpu", "checkpoint")
 
@@ -147,6 +150,7 @@ def main() -> int:
     if a.child:
         print("CASE " + json.dumps(child(a.child, a.batch, a.seq, a.steps, a.budget, a.bridge)))
         return 0
+    results_file.check(a.json, "--json")
     import torch
     if not a.bridge and not torch.cuda.is_available():
         print("skip: no GPU")
@@ -200,8 +204,7 @@ def main() -> int:
                       f"{res['host_s'][i] * 1e3:.0f} ms, CPU {res['cpu_s'][i] * 1e3:.0f} ms); "
                       f"{_step_line(s)}", flush=True)
         if a.json:
-            with open(a.json, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=1)
+            results_file.write(a.json, json.dumps(results, indent=1))
     return 1 if failures else 0
 
 

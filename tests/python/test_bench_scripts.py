@@ -39,3 +39,32 @@ def test_torch_gpt2_bench_runs_every_case_on_the_bridge(tmp_path: pathlib.Path) 
     assert sum(s["swap.bytes_out"] for s in steps) > 0, steps
     assert all(s["vmm.map_calls"] > 0 and s["vmm.host_s"] > 0 for s in steps), steps
     assert "spill step 3:" in r.stdout and "VMM calls" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("script, option", [("gpu/bench_torch_gpt2.py", "--json"),
+                                            ("bench_torch_bridge.py", "--json"),
+                                            ("train_sweep.py", "--out")])
+def test_a_results_path_that_cannot_be_written_is_refused_before_the_run(
+        tmp_path: pathlib.Path, script: str, option: str) -> None:
+    """A results file in a missing folder, or a folder given as the file, stops the script
+    at once with a message naming the option (it wrote its results with a plain open() at the
+    end: minutes of measuring, of a GPU session's too, were lost to a traceback), and
+    results_file.write keeps the previous results when the write fails."""
+    for path, says in ((tmp_path / "nowhere" / "r.json", "there is no folder"),
+                       (tmp_path, "is a folder")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / script), option, str(path)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and f"{option}: " in r.stderr and says in r.stderr, r
+        assert "Traceback" not in r.stderr, r.stderr
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import results_file
+    finally:
+        sys.path.pop(0)
+    kept = tmp_path / "kept.json"
+    kept.write_text("PREVIOUS")
+    with pytest.raises(TypeError):
+        results_file.write(str(kept), None)  # type: ignore[arg-type]  (fails part way)
+    assert kept.read_text() == "PREVIOUS" and sorted(os.listdir(tmp_path)) == ["kept.json"]
+    results_file.write(str(kept), "NEW")
+    assert kept.read_text() == "NEW"
