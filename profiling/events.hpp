@@ -62,6 +62,7 @@ struct TraceEvent {
   std::int32_t device = 0;
   std::uint32_t tag = 0;      // an interned string (op name, reason), 0 for none
   std::uint32_t thread = 0;   // recorder-assigned thread number
+  std::uint64_t order = 0;    // when it was recorded among all threads' events (ties of time)
 };
 
 class TraceRecorder {
@@ -155,7 +156,7 @@ class TraceRecorder {
  private:
   // An event as the ring holds it (the words) and the thread that recorded it.
   struct Stored {
-    std::uint64_t words[6];
+    std::uint64_t words[7];  // the ring's words: time ... duration, then the order
     std::uint32_t thread;
     std::uint64_t seq;  // its position in its thread's ring (what a Mark counts)
   };
@@ -176,6 +177,7 @@ class TraceRecorder {
   std::vector<std::string> tags_{""};
   std::unordered_map<std::string, std::uint32_t> tag_ids_;  // tags_ by name (not "")
   std::atomic<std::uint64_t> dropped_{0};
+  std::atomic<std::uint64_t> order_{0};  // the next event's TraceEvent::order
   std::uint32_t next_thread_ = 0;
   // Tick-to-nanosecond calibration: two (ticks, steady ns) points, refined at every collect.
   std::uint64_t tick0_ = 0, ns0_ = 0;

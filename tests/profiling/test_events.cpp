@@ -285,5 +285,32 @@ TEST(TraceRecorder, AClockPutsEventTimesOnItsTimeLine) {
   EXPECT_EQ(TraceRecorder::clock_name(), "host steady clock");
 }
 
+// On a clock that moves in steps (the simulated device's host clock), events of several threads
+// share a time: they come out in the order they were recorded, whatever their threads. Before,
+// by thread: the events of a thread that had exited came first, so a block's free there
+// (a backward thread's) preceded its allocation on the thread that made it.
+TEST(TraceRecorder, EventsOfEqualTimesKeepTheOrderTheyWereRecordedInAcrossThreads) {
+  static std::atomic<std::uint64_t> fixed_ns{1000};
+  TraceRecorder rec(64);
+  TraceRecorder::set_clock({[](const void*) { return fixed_ns.load(); }, &fixed_ns, "stepped"});
+  rec.record(EventKind::Alloc, 0x10, 4096);  // this thread
+  std::thread([&rec] {
+    rec.record(EventKind::Free, 0x10, 4096);  // another, which exits
+    rec.record(EventKind::Alloc, 0x20, 4096);
+  }).join();
+  rec.record(EventKind::Free, 0x20, 4096);
+  TraceRecorder::clear_clock(&fixed_ns);
+  auto events = rec.collect();
+  ASSERT_EQ(events.size(), 4u);
+  const std::vector<std::pair<EventKind, std::uint64_t>> expected = {
+      {EventKind::Alloc, 0x10}, {EventKind::Free, 0x10}, {EventKind::Alloc, 0x20},
+      {EventKind::Free, 0x20}};
+  for (std::size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(events[i].kind, expected[i].first) << i;
+    EXPECT_EQ(events[i].address, expected[i].second) << i;
+    EXPECT_EQ(events[i].time_ns, 1000u) << i;
+  }
+}
+
 }  // namespace
 }  // namespace spill::profiling
