@@ -3643,6 +3643,63 @@ def test_check_pins_passes_the_ops_that_read_no_bytes_and_names_one_that_does() 
     assert "ok" in out, out
 
 
+def test_check_pins_checks_the_bridges_host_reads_as_ops() -> None:
+    """On the CPU bridge ``.tolist()``, ``.numpy()`` and printing read a tensor's memory with
+    no aten op, and check_pins did not see them (a read of a block on the host faulted with no
+    finding: audits 36b F4, 36f F1): each is named now (on a GPU they are copy ops, named as
+    any op). Collecting with the block on the host, the reads run with it pinned and give its
+    values (the array of ``.numpy()`` keeps it pinned while it lives); under pin_reads() none
+    is found."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import time
+        enable()
+        t = torch.randn(512, 512, device=dev)
+        expected = t.clone()
+        ptr = t.data_ptr()
+        spill.set_swappable(ptr, True)  # swappable, no pin: as a gradient between hooks
+        reads = [(lambda: t.tolist(), "Tensor.tolist()"), (lambda: str(t), "Tensor.__repr__()")]
+        if dev == "cpu":
+            reads.append((lambda: t.numpy(), "Tensor.numpy()"))
+        with st.check_pins():
+            for read, name in reads:
+                try:
+                    read()
+                except st.UnpinnedUseError as e:
+                    assert (name if dev == "cpu" else "aten.") in str(e), (name, e)
+                    assert "float32 [512, 512]" in str(e) and "resident now" in str(e), e
+                else:
+                    raise AssertionError(f"{name} of a swappable tensor with no pin passed")
+        def to_host():
+            spill.evict(ptr)
+            for _ in range(5000):  # (the copy out runs on its own stream)
+                if spill.residence(ptr) == "on_host":
+                    break
+                time.sleep(0.001)
+            assert spill.residence(ptr) == "on_host", spill.residence(ptr)
+        with st.check_pins(collect=True) as check:
+            to_host()
+            assert t.tolist()[0][:4] == expected[0, :4].tolist()
+            if dev == "cpu":
+                to_host()
+                array = t.numpy()
+                spill.evict(ptr)  # (refused while the array holds its pin)
+                assert float(array[511][511]) == float(expected[511, 511])
+                del array
+        if dev == "cpu":
+            assert len(check.found) == 2, check.found
+            assert all("on the host now" in f for f in check.found), check.found
+            assert "Tensor.tolist()" in check.found[0] and "Tensor.numpy()" in check.found[1]
+        else:
+            assert check.found, check.found
+        with st.pin_reads(), st.check_pins():
+            for read, name in reads:
+                read()
+        spill.set_swappable(ptr, False)
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_jit_trace_of_an_offloaded_model_passes_its_own_check() -> None:
     """torch.jit.trace (check_trace=True, the default) of an offloaded model in eval mode
     traces, and the trace gives the model's output: on the CPU bridge its check run (an

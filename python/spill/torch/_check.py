@@ -9,7 +9,9 @@ while it is resident. Under check_pins every aten op of the calling thread first
 about the blocks of its tensor arguments (spill_get_block_info, no pin, nothing the step
 records) and raises :class:`UnpinnedUseError` naming the op, the tensor and its block when one
 is declared swappable and no pin holds it, resident or not: a missing pin is found the first
-time the code runs, on a GPU or on the CPU bridge, before any fault.
+time the code runs, on a GPU or on the CPU bridge, before any fault. On the CPU bridge a
+function mode checks the host reads that use no aten op there (``.tolist()``, ``.numpy()``,
+printing) the same way.
 
 The check's dispatch mode stays at the bottom of the thread's mode stack, below the modes
 offload and guard put there (_window._insert_bottom), so it sees each op after their pins."""
@@ -22,6 +24,7 @@ import threading
 from typing import Any, List, Optional, Set, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spill import Error, block_name
@@ -31,7 +34,8 @@ from spill._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._guard import call_detaching, reads_no_bytes
 from ._pins import Pinner, leaves
 from ._state import state
-from ._window import _dispatch_stack, _insert_bottom, _remove
+from ._window import (_PinnedArray, _dispatch_stack, _function_stack, _insert_bottom, _remove,
+                      _unpin_quietly)
 
 # Ops that take a tensor for its shape, dtype and device only (no kernel reads its bytes):
 # they make a new tensor, or answer a question about the tensor, or (set_ from a tensor) make
@@ -152,6 +156,56 @@ class _CheckPins(TorchDispatchMode):
         raise UnpinnedUseError(message)
 
 
+class _CheckHostReads(TorchFunctionMode):
+    """check_pins on the CPU bridge, where host code reads a tensor's memory without an aten op
+    (``.tolist()``, ``.numpy()``, printing): each such call is checked as an op is, by the
+    check's dispatch mode. At the bottom of the thread's function-mode stack, so it sees the
+    call inside the pins spill's own host-read modes put around it (the window's, a first
+    step's or an evaluation forward's). Collecting, the call runs with the blocks it found
+    pinned (``.numpy()``: while the array lives, as the window does). Before, check_pins did
+    not see these reads, which fault on the bridge when the block is on the host (audits 36b
+    F4, 36f F1)."""
+
+    stays_at_bottom = True
+
+    def __init__(self, ops: _CheckPins) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = _HOST_READS.get(func)
+        if name is None or not args or not isinstance(args[0], torch.Tensor) \
+                or not state.active or state.forked_child:
+            return func(*args, **kwargs)
+        unpinned = self.ops._check(name, (args[0],), {})
+        if not unpinned:
+            return func(*args, **kwargs)
+        pinner = self.ops.pinner
+        stream = pinner.stream()
+        tokens = [pinner.pin(ptr, stream) for ptr in unpinned]
+        tokens = [t for t in tokens if t is not None]
+        try:
+            out = func(*args, **kwargs)
+        except BaseException:
+            for token in tokens:
+                _unpin_quietly(pinner, token)
+            raise
+        if name.endswith(("numpy()", "__array__()")) and tokens:
+            import numpy
+            for token in tokens[1:]:
+                _unpin_quietly(pinner, token)
+            return numpy.asarray(_PinnedArray(out, pinner, tokens[0]))
+        for token in tokens:
+            _unpin_quietly(pinner, token)
+        return out
+
+
+# The host reads _CheckHostReads checks, by the name its messages give them.
+_HOST_READS = {getattr(torch.Tensor, n): f"Tensor.{n}()" for n in
+               ("tolist", "numpy", "__array__", "__repr__", "__str__", "__format__")}
+
+
 class check_pins:
     """``with spill.torch.check_pins(): ...`` makes every aten op of the calling thread check,
     before it runs, that spill may not move the blocks of its tensor arguments under it: a
@@ -168,8 +222,9 @@ class check_pins:
         assert not check.found, check.found
 
     Views (``detach``, slices, ``t()``) and ops that take a tensor for its shape only
-    (``empty_like``) read no bytes and are not checked. Host code that reads memory without
-    an aten op (``.numpy()``, ``.tolist()`` on the CPU bridge) is not seen. Only the calling
+    (``empty_like``) read no bytes and are not checked. On the CPU bridge, host code that
+    reads memory without an aten op (``.numpy()``, ``.tolist()``, printing) is checked as an
+    op is. Only the calling
     thread's ops (PyTorch's modes are per thread). Costs a call into spill per movable tensor
     argument of every op. Requires spill.torch.enable() first; nests."""
 
@@ -180,6 +235,7 @@ class check_pins:
         self.collect = collect
         self.found: List[str] = []
         self._mode: Optional[_CheckPins] = None
+        self._reads: Optional[_CheckHostReads] = None  # (the CPU bridge's)
 
     def __enter__(self) -> "check_pins":
         if not state.active:
@@ -189,12 +245,18 @@ class check_pins:
         mode.found = self.found
         _insert_bottom(mode, *_dispatch_stack())
         self._mode = mode
+        if mode.pinner.cpu:
+            self._reads = _CheckHostReads(mode)
+            _insert_bottom(self._reads, *_function_stack())
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
         mode, self._mode = self._mode, None
         if mode is not None:
             _remove(mode, *_dispatch_stack())
+        reads, self._reads = self._reads, None
+        if reads is not None:
+            _remove(reads, *_function_stack())
         return None
 
 
