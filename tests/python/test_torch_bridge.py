@@ -3700,6 +3700,47 @@ def test_check_pins_checks_the_bridges_host_reads_as_ops() -> None:
     assert "ok" in out, out
 
 
+def test_offload_of_lazy_modules_not_yet_made_says_to_run_a_forward_first() -> None:
+    """A model of nn.LazyLinear with no forward run yet: offload() raises
+    spill.InvalidArgumentError naming the parameters and the dry run (torch's ValueError came
+    from inside offload(), audit 39a F4); after one forward, the model trains as plain torch."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import torch.nn.functional as F
+        def train(spilled):
+            torch.manual_seed(0)
+            m = torch.nn.Sequential(torch.nn.LazyLinear(256), torch.nn.ReLU(),
+                                    torch.nn.LazyLinear(10)).to(dev)
+            o = torch.optim.Adam(m.parameters())
+            x, y = torch.randn(64, 128, device=dev), torch.randint(0, 10, (64,), device=dev)
+            if spilled:
+                try:
+                    st.offload(m, o)
+                except spill.InvalidArgumentError as e:
+                    assert "'0.weight', '0.bias', '2.weight', ..." in str(e), e
+                    assert "run one forward" in str(e), e
+                else:
+                    raise AssertionError("offload() of unmade lazy parameters passed")
+                with torch.no_grad():
+                    m(x)  # the dry run
+                h = st.offload(m, o, quiet=False)
+            losses = []
+            for _ in range(3):
+                o.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+            if spilled:
+                h.remove()
+            return losses
+        base = train(False)
+        enable()
+        assert train(True) == base
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_jit_trace_of_an_offloaded_model_passes_its_own_check() -> None:
     """torch.jit.trace (check_trace=True, the default) of an offloaded model in eval mode
     traces, and the trace gives the model's output: on the CPU bridge its check run (an

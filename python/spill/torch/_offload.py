@@ -128,6 +128,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
+from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -425,6 +426,7 @@ class OffloadHandle:
                         "call spill.torch.enable() first")
         optimizers = optimizers_of(optimizer, "spill.torch.offload")
         _refuse_offloaded(model)
+        _refuse_lazy(model)
         self._policy = QuietSteps(quiet, state.device)
         self.model = model
         self.optimizer = optimizer
@@ -2788,6 +2790,22 @@ def _refuse_offloaded(model: torch.nn.Module) -> None:
                         f"one ({type(other.model).__name__}) a live handle has offloaded; "
                         "call handle.remove() first, or give one offload() every optimizer "
                         "of the model: offload(model, [optimizer_a, optimizer_b])")
+
+
+def _refuse_lazy(model: torch.nn.Module) -> None:
+    """offload() of a model whose lazy modules (``nn.LazyLinear``...) have not made their
+    parameters yet: offload tracks each tensor's memory, which such a parameter does not have
+    until the first forward. Before, torch's own ValueError came from inside offload() (audit
+    39a F4)."""
+    lazy = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if is_lazy(t)]
+    if lazy:
+        names = ", ".join(repr(n) for n in lazy[:3]) + (", ..." if len(lazy) > 3 else "")
+        raise InvalidArgumentError(
+            f"spill.torch.offload: the model ({type(model).__name__}) has {len(lazy)} "
+            f"parameter{'s' if len(lazy) > 1 else ''} or buffer{'s' if len(lazy) > 1 else ''} "
+            f"its lazy modules have not made yet ({names}): run one forward with a batch "
+            "first (PyTorch's dry run), then offload(); an optimizer made before it is fine")
 
 
 def _zero_redundancy(optimizer: Any) -> bool:
