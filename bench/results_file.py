@@ -3,14 +3,21 @@ train_sweep.py --out, gpu/bench_torch_gpt2.py --json).
 
 ``check`` runs before the benchmark: a path that is a folder, or whose folder is missing or
 not writable, stops the script at once with a message naming the option, not after minutes of
-measuring (on a GPU, of a session's scarce time). ``write`` writes the text whole: into a
-temporary beside the file, renamed over it, so that an interrupted or failed write keeps the
-previous results (a path that is not a regular file, /dev/stdout or a FIFO, is written
-directly)."""
+measuring (on a GPU, of a session's scarce time). ``write`` writes the text whole, as spill's
+own outputs are (spill._files: a temporary beside the file, renamed over it, so that an
+interrupted or failed write keeps the previous results; /dev/stdout or a FIFO directly)."""
 from __future__ import annotations
 
 import os
 import sys
+
+# The package's writer (spill._files, which needs no native library): the repo's python folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "python"))
+try:
+    from spill._files import write_text as _write_text
+finally:
+    sys.path.pop(0)
 
 
 def check(path: str | None, option: str) -> None:
@@ -30,20 +37,4 @@ def check(path: str | None, option: str) -> None:
 
 
 def write(path: str, text: str) -> None:
-    if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        return
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "x", encoding="utf-8") as f:
-            f.write(text)
-        if os.path.exists(path):
-            os.chmod(temporary, os.stat(path).st_mode & 0o7777)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    _write_text(path, text)

@@ -63,8 +63,8 @@ def test_a_results_path_that_cannot_be_written_is_refused_before_the_run(
         sys.path.pop(0)
     kept = tmp_path / "kept.json"
     kept.write_text("PREVIOUS")
-    with pytest.raises(TypeError):
-        results_file.write(str(kept), None)  # type: ignore[arg-type]  (fails part way)
+    with pytest.raises(UnicodeEncodeError):
+        results_file.write(str(kept), "\ud800")  # (not UTF-8: fails before a byte is written)
     assert kept.read_text() == "PREVIOUS" and sorted(os.listdir(tmp_path)) == ["kept.json"]
     results_file.write(str(kept), "NEW")
     assert kept.read_text() == "NEW"
