@@ -902,13 +902,16 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
   // state's first access right after a weight's), the state took it back later by its own
   // id, and the plan made from that step had one block live from the activation to the
   // optimizer: the third step left it.
-  // A block from before the step that no step has used yet (the latest step did not), of the
-  // size of that living block, may take its id at the cursor all the same: the next of a list
-  // of batches made before the loop, the previous one kept by the list. Before, every such
-  // batch was taken for a block the plan did not have, and no step of the loop followed its
-  // plan (audit 39a F3: 0 of 16 steps planned, 193 demand fetches against 26 with batches
-  // made in each step).
-  const bool new_from_before = b.born < s.begin_tick && s.prev_id_of_base.count(base) == 0;
+  // A block from before the step that no step has pinned yet, of the size of that living
+  // block, may take its id at the cursor all the same: the next of a list of batches made
+  // before the loop, the previous one kept by the list. Before, every such batch was taken for
+  // a block the plan did not have, and no step of the loop followed its plan (audit 39a F3: 0
+  // of 16 steps planned, 193 demand fetches against 26 with batches made in each step). Not a
+  // block a step used before: blocks that take turns (heads chosen round-robin, two models
+  // alternating in one scope) would take each other's ids, and the plan's prefetches would
+  // bring in the other one each step (review 39c: 40 demand fetches against 20), nor a layer's
+  // weight under stochastic depth. So a list's second epoch leaves the plan as before.
+  const bool new_from_before = b.born < s.begin_tick && !b.stepped;
   const auto& planned = s.plan_trace.accesses;
   const auto fits = [&](std::size_t j, bool at_cursor) {
     if (j >= planned.size()) return false;
@@ -1020,6 +1023,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   auto it = s.id_of.find(base);
   const bool fresh = it == s.id_of.end();
   if (fresh) it = give_id_locked(s, base, b, id_for_block_locked(s, b));
+  b.stepped = true;
   std::uint64_t id = it->second;
   std::optional<std::uint32_t> born_op;  // the op a block new to the step's trace was born in
   if (fresh) {

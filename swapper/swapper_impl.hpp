@@ -58,6 +58,10 @@ struct SwapBlock {
   // Pinned for the host (pin_for_host): the host reads and writes its memory directly, so the
   // memory's next owner may be written by the host at once, in no stream's order (release).
   bool host_used = false;
+  // Pinned in some step (of any scope) since it was tracked: a block from before a step that
+  // no step has used yet may take the place of a plan's block that lives on (the next batch
+  // of a list made before the loop; id_for_block_locked).
+  bool stepped = false;
   std::uint64_t generation = 0;  // this life of the address (pin tokens)
   // The step scope of its latest pin from a scope the swapper holds steps for (whose plan
   // says when it is next used); a pin from a scope without steps (a reader thread) keeps it.
