@@ -11,13 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-# The package's writer (spill._files, which needs no native library): the repo's python folder.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "python"))
-try:
-    from spill._files import write_text as _write_text
-finally:
-    sys.path.pop(0)
 
 
 def check(path: str | None, option: str) -> None:
@@ -37,4 +30,16 @@ def check(path: str | None, option: str) -> None:
 
 
 def write(path: str, text: str) -> None:
-    _write_text(path, text)
+    # The package's writer (spill/_files.py, which needs no native library), imported here, at
+    # the end, not with this module: importing it at the top put this repo's spill in the
+    # modules of every bench process, children included, over the one the benchmark measures
+    # (PYTHONPATH's, an installed one; review 39c). A spill imported already serves.
+    if "spill" not in sys.modules:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "python"))
+        try:
+            import spill  # noqa: F401
+        finally:
+            sys.path.pop(0)
+    from spill._files import write_text
+    write_text(path, text)

@@ -614,3 +614,27 @@ def test_spills_replacements_take_the_arguments_of_the_functions_they_replace() 
             if p.kind != inspect.Parameter.KEYWORD_ONLY:
                 assert ours.index(p.name) == i, _internal(
                     f"torch.cuda.{name}", f"has {p.name!r} at position {i}, spill's does not")
+
+
+def test_a_mode_taken_off_from_under_one_entered_twice_hands_its_flags_to_the_nearest_entry(
+        ) -> None:
+    """torch 2's bookkeeping, by hand (torch 1.13 keeps no flags on its modes): a mode taken
+    off from under another mode entered twice above it hands the flags it saved to that mode's
+    first entry (the one right above it), whose exit restores them last. Handed to the last
+    entry, they were restored while the first was still on, and the first's exit then set the
+    "in a dispatch mode" flag for good (review 39c)."""
+    from collections import deque
+    from spill.torch._window import _SAVED_FLAGS, _remove
+
+    class Mode:
+        pass
+    mode, upper = Mode(), Mode()
+    for name in _SAVED_FLAGS:
+        setattr(mode, name, deque([False]))        # entered with the flags clear
+        setattr(upper, name, deque([True, True]))  # entered twice, above it
+    stack = [mode, upper, upper]
+    assert _remove(mode, lambda: len(stack), stack.append, stack.pop, exit=True)
+    assert stack == [upper, upper]
+    for name in _SAVED_FLAGS:
+        assert getattr(upper, name) == deque([False, True]), name
+        assert not getattr(mode, name), name

@@ -183,22 +183,24 @@ class _CheckHostReads(TorchFunctionMode):
             return func(*args, **kwargs)
         pinner = self.ops.pinner
         stream = pinner.stream()
-        tokens = [pinner.pin(ptr, stream) for ptr in unpinned]
-        tokens = [t for t in tokens if t is not None]
+        tokens: List[Any] = []
+        kept = None  # the pin a .numpy() array keeps while it lives
         try:
+            for ptr in unpinned:
+                token = pinner.pin(ptr, stream)
+                if token is not None:
+                    tokens.append(token)
             out = func(*args, **kwargs)
-        except BaseException:
+            if name.endswith(("numpy()", "__array__()")) and tokens:
+                import numpy
+                array = numpy.asarray(_PinnedArray(out, pinner, tokens[0]))
+                kept = tokens[0]
+                return array
+            return out
+        finally:
             for token in tokens:
-                _unpin_quietly(pinner, token)
-            raise
-        if name.endswith(("numpy()", "__array__()")) and tokens:
-            import numpy
-            for token in tokens[1:]:
-                _unpin_quietly(pinner, token)
-            return numpy.asarray(_PinnedArray(out, pinner, tokens[0]))
-        for token in tokens:
-            _unpin_quietly(pinner, token)
-        return out
+                if token is not kept:
+                    _unpin_quietly(pinner, token)
 
 
 # The host reads _CheckHostReads checks, by the name its messages give them.

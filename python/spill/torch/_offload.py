@@ -1461,7 +1461,7 @@ class OffloadHandle:
         if self._discovery is not None or self._eval_ops is not None:
             # Where a mode pins every op (the first step, an evaluation forward), the CPU
             # bridge's host reads (``.tolist()``, ``.numpy()``, printing) read memory without
-            # an op: pinned as in the window, until the next forward begins (before,
+            # an op: pinned as in the window, until the forward ends (before,
             # ``.tolist()`` of another module's weight on the host faulted: audit 36f F1 in an
             # evaluation forward, and in the first step's, whose reactive evictions can take
             # it). None on a GPU.

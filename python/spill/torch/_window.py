@@ -88,12 +88,15 @@ def _remove(mode: Any, length: Callable[[], int], push: Callable[[Any], None],
         # takes over the flags this one saved (its exit restores them), and this one goes
         # without its __exit__ (already off the stack). On top, or none entered above: its
         # own __exit__ (on top of the stack again for it).
+        # (a mode entered more than once above this one saved once per entry: the nearest
+        # entry is its count-th from its deques' end, review 39c)
         upper = next((m for m in reversed(above) if getattr(m, _SAVED_FLAGS[0], None)), None)
         if upper is not None and getattr(mode, _SAVED_FLAGS[0], None):
+            nearest = sum(1 for m in above if m is upper)
             for name in _SAVED_FLAGS:
                 mine, theirs = getattr(mode, name, None), getattr(upper, name, None)
-                if mine and theirs:
-                    theirs[-1] = mine.pop()
+                if mine and theirs and len(theirs) >= nearest:
+                    theirs[-nearest] = mine.pop()
         else:
             push(mode)
             mode.__exit__(None, None, None)
