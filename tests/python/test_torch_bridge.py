@@ -3276,6 +3276,101 @@ def test_a_guards_block_exception_is_not_replaced_by_its_exits_out_of_memory() -
     assert "ok" in out, out
 
 
+@pytest.mark.parametrize("quiet", ["armed", "quiet"])
+def test_saved_tensor_hooks_entered_inside_the_forward_keep_offloads_pins(quiet) -> None:
+    """The caller's saved-tensor hooks entered inside an offloaded model's forward (audit 39a
+    F1): a counting pair that keeps the tensor, ``save_on_cpu()`` (on the CPU bridge it keeps
+    the tensor itself) and the two nested (an exception raised inside the inner pair and
+    caught under the outer one), each around every block in the parent's forward, and a
+    counting pair in a module's own forward. With everything evicted at a hook as each
+    backward starts and after each step, training (the first step, then armed steps, or
+    quiet ones) gives plain torch's losses, parameters and pack counts. Before, such a pair
+    sat above offload's hooks and replaced them (PyTorch calls only the top pair): offload
+    never saw a Linear's saved ``weight.t()``, the backward's unpack pinned nothing and its
+    ``mm`` read the weight on the host (a segmentation fault on the CPU bridge from the
+    second step; check_pins raised UnpinnedUseError). A pair entered while offload's hooks
+    are pushed is now pushed chained with them (_caller_hooks.py)."""
+    out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + f"""
+        quiet = {quiet == "quiet"!r}
+        import torch.nn.functional as F
+        from torch.autograd.graph import save_on_cpu, saved_tensors_hooks
+        counts = [0]
+        def pack(t):
+            counts[0] += 1
+            return t
+        def counting():
+            return saved_tensors_hooks(pack, lambda t: t)
+        class Own(torch.nn.Linear):  # the pair entered and left in a module's own forward
+            def forward(self, x):
+                with counting():
+                    return super().forward(x)
+        class Net(torch.nn.Module):
+            def __init__(self, kind):
+                super().__init__()
+                self.kind = kind
+                self.blocks = torch.nn.ModuleList(
+                    torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU())
+                    for _ in range(3))
+                self.own = Own(512, 512)
+                self.head = torch.nn.Linear(512, 10)
+            def forward(self, x):
+                for i, b in enumerate(self.blocks):
+                    if self.kind == "count":
+                        with counting():
+                            x = b(x)
+                    elif self.kind == "save_on_cpu":
+                        with save_on_cpu():
+                            x = b(x)
+                    else:  # nested, an exception left inside the inner pair
+                        with counting():
+                            try:
+                                with save_on_cpu():
+                                    x = b(x)
+                                    raise KeyError(i)
+                            except KeyError:
+                                pass
+                            x = torch.tanh(x)
+                return self.head(F.relu(self.own(x)))
+        def train(kind, spilled):
+            torch.manual_seed(0)
+            m = Net(kind).to(dev)
+            o = torch.optim.SGD(m.parameters(), 0.1, momentum=0.9)
+            if spilled:  # everything on the host as each backward starts
+                m.head.register_forward_hook(
+                    lambda mod, a, out: out.register_hook(lambda g: (evict_all(), g)[1])
+                    and None)
+                h = st.offload(m, o, quiet=quiet)
+            xs = [torch.randn(128, 512, device=dev) for _ in range(5)]
+            ys = [torch.randint(0, 10, (128,), device=dev) for _ in range(5)]
+            losses, packs = [], []
+            for x, y in zip(xs, ys):
+                counts[0] = 0
+                o.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+                packs.append(counts[0])
+                if spilled:
+                    evict_all()
+            if spilled:
+                h.remove()
+            return losses, packs, [p.detach().clone() for p in m.parameters()]
+        kinds = ("count", "save_on_cpu", "nested")
+        base = {{k: train(k, False) for k in kinds}}
+        enable()
+        for k in kinds:
+            before = spill.stats()["swap.bytes_out"]
+            losses, packs, params = train(k, True)
+            assert losses == base[k][0], (k, losses, base[k][0])
+            assert packs == base[k][1] and packs[0] > 0, (k, packs, base[k][1])
+            assert all(torch.equal(a, b) for a, b in zip(params, base[k][2])), k
+            assert spill.stats()["swap.bytes_out"] > before, k
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 def test_state_a_module_keeps_on_itself_across_steps_is_pinned_by_its_forward() -> None:
     """A module that carries a tensor from one step to the next on itself (``h + self.prev;
     self.prev = h.detach()``, a stateful RNN's or a memory bank's idiom): in armed steps the

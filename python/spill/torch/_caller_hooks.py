@@ -5,7 +5,15 @@ offload's hooks hid the caller's from the first armed step on (activation compre
 lossy pack: losses left plain torch's; ``save_on_cpu()`` around an offloaded forward did
 nothing). Only hooks entered through that class (its subclasses included) are seen; the
 raw ``torch._C._autograd._push_saved_tensors_default_hooks`` is not. Installed once per
-process; costs a list append and pop per ``with``."""
+process; costs a list append and pop per ``with``.
+
+A pair entered while offload's own hooks are pushed on the thread (inside an offloaded
+model's forward: around each block in the parent's forward, in a module's own forward) is
+pushed chained with offload's pair (:func:`chained`, as offload chains an outer pair), so
+that both run. Before, it sat above offload's and replaced it for everything saved while it
+was on: offload's pack never saw a Linear's saved ``weight.t()``, the backward's unpack
+pinned nothing, and ``mm`` read the parameter on the host (a segmentation fault on the CPU
+bridge, an illegal memory access on a GPU; audit 39a F1)."""
 from __future__ import annotations
 
 import threading
@@ -30,8 +38,21 @@ def _stack() -> List[Hooks]:
 
 
 def _entered(self: saved_tensors_hooks) -> Any:
-    result = _enter(self)
-    _stack().append((self.pack_hook, self.unpack_hook))
+    pair = (self.pack_hook, self.unpack_hook)
+    ours = getattr(_local, "ours", None)
+    if ours:
+        # offload's hooks are pushed on this thread (a forward runs): the pair goes above
+        # them chained with them, through torch's own __enter__ (whatever it does), and the
+        # one pop of __exit__ takes it off. The innermost pair alone runs with offload's, as
+        # plain torch runs only the innermost.
+        self.pack_hook, self.unpack_hook = chained(*ours[-1], pair)
+        try:
+            result = _enter(self)
+        finally:
+            self.pack_hook, self.unpack_hook = pair
+    else:
+        result = _enter(self)
+    _stack().append(pair)
     return result
 
 
@@ -40,6 +61,24 @@ def _exited(self: saved_tensors_hooks, *exc: Any) -> Any:
     if stack and stack[-1] == (self.pack_hook, self.unpack_hook):
         stack.pop()
     return _exit(self, *exc)
+
+
+def pushed(hooks: Hooks) -> None:
+    """offload pushed its own pair (``hooks``, before any chaining) on this thread."""
+    ours = getattr(_local, "ours", None)
+    if ours is None:
+        ours = _local.ours = []
+    ours.append(hooks)
+
+
+def popped(hooks: Hooks) -> None:
+    """offload popped the pair it pushed on this thread (:func:`pushed`)."""
+    ours = getattr(_local, "ours", None)
+    if ours:
+        for i in range(len(ours) - 1, -1, -1):
+            if ours[i] == hooks:
+                del ours[i]
+                break
 
 
 def top() -> Optional[Hooks]:

@@ -467,6 +467,7 @@ class OffloadHandle:
         self._scripted: Set[torch.nn.Module] = set()
         self._saved_methods: dict = {}
         self._saved_hooks_pushed = False
+        self._saved_hooks_quiet = False  # (which pair of its own: _push_saved_hooks)
         # Optimizer state examined (id() -> weak reference, checked: ids are reused), and
         # whether any of it was declared.
         self._state_refs: Dict[int, Any] = {}
@@ -1731,12 +1732,22 @@ class OffloadHandle:
 
     def _push_saved_hooks(self, quiet: bool) -> None:
         if not self._saved_hooks_pushed:
-            hooks = (self._pack_quiet, self._unpack_quiet) if quiet else (self._pack, self._unpack)
+            ours = self._own_saved_hooks(quiet)
+            hooks = ours
             caller = caller_hooks.top()  # (the caller's, entered around the forward)
             if caller is not None:
                 hooks = caller_hooks.chained(*hooks, caller)
             torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
+            # (a pair the caller enters inside the forward is chained with ours: _caller_hooks)
+            caller_hooks.pushed(ours)
+            self._saved_hooks_quiet = quiet
             self._saved_hooks_pushed = True
+
+    def _own_saved_hooks(self, quiet: bool) -> Any:
+        """The handle's pair (made anew each time: kept on the handle, its bound methods
+        would make a reference cycle, and the handle, with what it holds, would outlive the
+        caller's last reference to it until a collection)."""
+        return (self._pack_quiet, self._unpack_quiet) if quiet else (self._pack, self._unpack)
 
     def _pop_saved_hooks(self) -> None:
         """At the root module's forward hook, or where hooks still pushed mean that an
@@ -1745,6 +1756,7 @@ class OffloadHandle:
         the caller's last reference to it."""
         if self._saved_hooks_pushed:
             torch._C._autograd._pop_saved_tensors_default_hooks()
+            caller_hooks.popped(self._own_saved_hooks(self._saved_hooks_quiet))
             self._saved_hooks_pushed = False
 
     def _pack(self, t: torch.Tensor) -> Any:
