@@ -5144,6 +5144,51 @@ def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
     assert "ok" in out
 
 
+def test_out_of_memory_of_a_forwards_op_names_an_optimizer_offload_does_not_know() -> None:
+    """A replacement optimizer made in the loop and not given to offload holds resident state;
+    an op of the next forward (a temporary it allocates) runs out of memory: the message
+    names the optimizer and add_optimizer, as where a region cannot begin. Before, only there
+    (audit 39a F5: the op's message called the state 'unnamed')."""
+    out = run_ok(quiet_preamble("64MiB") + """
+        import torch.nn.functional as F
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 10)
+                self.temporary = 0
+            def forward(self, x):
+                h = self.a(x).relu()
+                if self.temporary:
+                    torch.empty(self.temporary, dtype=torch.uint8, device=dev)
+                return self.b(h)
+        enable()
+        m = Net().to(dev)
+        o = torch.optim.Adam(m.parameters())
+        h = st.offload(m, o)
+        x, y = torch.randn(64, 1024, device=dev), torch.randint(0, 10, (64,), device=dev)
+        def step(opt):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        step(o)
+        o2 = torch.optim.Adam(m.parameters())  # not given to the handle: its state stays
+        step(o2)
+        m.temporary = 62 << 20
+        try:
+            step(o2)
+            raise AssertionError("no out-of-memory error")
+        except torch.cuda.OutOfMemoryError as e:
+            assert "(Adam) is one no offload() handle knows" in str(e), str(e)[-600:]
+            assert "handle.add_optimizer(new_optimizer, replaces=old_optimizer)" in str(e)
+        m.temporary = 0
+        h.add_optimizer(o2, replaces=o)
+        o.state.clear()
+        step(o2)
+        print("ok")
+    """)
+    assert "ok" in out, out
+
+
 @pytest.mark.parametrize("replacing", [False, True])
 def test_add_optimizer_switches_optimizers_at_a_third_as_plain_torch_does(replacing: bool) -> None:
     """Adam for three steps, then AdamW (a new optimizer: its state twice the parameters) for

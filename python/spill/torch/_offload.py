@@ -1522,9 +1522,16 @@ class OffloadHandle:
                     self.steps.key(shapes_key((args, kwargs)))
                 try:
                     return original(*args, **kwargs)
-                except BaseException:
+                except BaseException as e:
                     if outermost and self._entry is module:
                         self._abandon_forward()
+                        # An op of the forward that ran out while an optimizer no handle knows
+                        # holds resident state: said, as where a region cannot begin (before,
+                        # only there: audit 39a F5).
+                        if "no offload() handle knows" not in str(e):
+                            named = stray_optimizer_error(self._window, e)
+                            if named is not None:
+                                raise named from e
                     raise
             return forward
         wrap_method(module, "forward", wrap, self._saved_methods)
