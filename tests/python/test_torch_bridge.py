@@ -4182,8 +4182,9 @@ def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     assert "ok" in out
 
 
+@pytest.mark.parametrize("backward_thread", [False, True])
 def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_plain_torch(
-) -> None:
+        backward_thread: bool) -> None:
     """Non-reentrant activation checkpointing (``checkpoint(fn, x, use_reentrant=False)``) of
     functions whose own code reads the region's input (and weights) outside every module:
     ``F.relu(F.linear(h, l.weight, l.bias))`` (no module call at all), ``F.relu(l(F.gelu(h)))``
@@ -4194,7 +4195,8 @@ def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_p
     Before, only recomputed modules pinned: the recomputation read the region's input (the
     batch, declared swappable at the entry) on the host unpinned (audit 39a F2: a segmentation
     fault on the CPU bridge; under check_pins, UnpinnedUseError on addmm, gelu,
-    native_layer_norm)."""
+    native_layer_norm). Also with each backward on a thread of its own (backward_thread_env),
+    as CUDA's device thread runs them: the engine carries the function mode there."""
     out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
         import torch.nn.functional as F
         from torch.utils.checkpoint import checkpoint
@@ -4252,7 +4254,7 @@ def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_p
             assert check.found == [], (kind, check.found)
             h.remove()
             print("ok", kind)
-    """)
+    """, backward_thread_env() if backward_thread else None)
     assert out.count("ok ") == 3, out
 
 
