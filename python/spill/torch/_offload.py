@@ -1610,8 +1610,9 @@ class OffloadHandle:
     def _recomputed_call(self, args: Any, kwargs: Any) -> None:
         """A call with grad enabled in a backward the window runs (_window._RecomputedOps):
         inside non-reentrant checkpointing's recomputation and outside every recomputed
-        module (whose hold pins what it uses), its tensor arguments are pinned into the
-        recomputation's hold (_recompute.py), each block once; nothing otherwise."""
+        module (whose hold pins what it uses), its tensor arguments that are declared
+        swappable are pinned into the recomputation's hold (_recompute.py), each block once,
+        as are the checkpointed function's arguments when the hold opens; nothing otherwise."""
         rc = self._recompute
         if rc.frame is not None:
             return
@@ -1629,12 +1630,18 @@ class OffloadHandle:
                     rc.region_pinned.add(ptr)
                     self._hold(hold, t, stream, False)
         hold, pinned = rc.region_hold, rc.region_pinned
+        swappable = self.pinner.swappable
         for t in leaves((args, kwargs)) if kwargs else leaves(args):
             ptr = self._movable(t)
             if ptr and ptr not in pinned:
                 pinned.add(ptr)
-                self.steps.ensure()
-                self._hold(hold, t, stream, False)
+                # Only what may move: what the recomputation makes is declared by no hook
+                # (checkpointing's saved-tensor hooks are above offload's), and a hold's pin
+                # keeps its tensor (_Read), which would keep each temporary of the function
+                # (a cast, a sum it passes on) alive until the region's backward is over.
+                if swappable(ptr):
+                    self.steps.ensure()
+                    self._hold(hold, t, stream, False)
 
     def _post_recomputed(self, module: torch.nn.Module) -> None:
         if self._discovery is not None and self._discovered_top() is module:

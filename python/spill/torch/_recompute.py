@@ -25,8 +25,9 @@ F2). The window's backward therefore runs, in an armed step, under a function mo
 (_window._RecomputedOps) which, for a call made with grad enabled inside non-reentrant
 checkpointing's recomputation (region_frame: the frame of torch.utils.checkpoint's ``unpack``
 in torch 1.13, ``recompute_fn`` in torch 2) and outside every recomputed module, pins the
-call's tensor arguments into the hold of that recomputation (begin_region: opened with the
-checkpointed function's arguments, released as begin's are). Held, not pinned around the call:
+call's tensor arguments that may move (declared swappable) into the hold of that
+recomputation (begin_region: opened with the checkpointed function's arguments, released as
+begin's are). Held, not pinned around the call:
 the original graph's nodes read what the recomputation saved (its input, a weight's
 transpose) after it has returned.
 
