@@ -4318,6 +4318,82 @@ def test_an_exception_escaping_a_forward_leaves_a_clean_state(how: str) -> None:
     assert "ok" in out
 
 
+@pytest.mark.parametrize("backward_thread", [False, True])
+def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_plain_torch(
+        backward_thread: bool) -> None:
+    """Non-reentrant activation checkpointing (``checkpoint(fn, x, use_reentrant=False)``) of
+    functions whose own code reads the region's input (and weights) outside every module:
+    ``F.relu(F.linear(h, l.weight, l.bias))`` (no module call at all), ``F.relu(l(F.gelu(h)))``
+    (an op before the module call) and ``h + F.relu(l(F.layer_norm(h, ...)))``, in armed steps
+    (``quiet=False``) with everything evicted as each backward starts. The recomputation's own
+    ops pin what they use into the region's hold (_recompute.py, _window._RecomputedOps):
+    losses and parameters are plain torch's, with bytes swapped, and check_pins finds nothing.
+    Before, only recomputed modules pinned: the recomputation read the region's input (the
+    batch, declared swappable at the entry) on the host unpinned (audit 39a F2: a segmentation
+    fault on the CPU bridge; under check_pins, UnpinnedUseError on addmm, gelu,
+    native_layer_norm). Also with each backward on a thread of its own (backward_thread_env),
+    as CUDA's device thread runs them: the engine carries the function mode there."""
+    out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
+        import torch.nn.functional as F
+        from torch.utils.checkpoint import checkpoint
+        KINDS = {
+            "function": lambda h, l: F.relu(F.linear(h, l.weight, l.bias)),
+            "gelu_first": lambda h, l: F.relu(l(F.gelu(h))),
+            "residual": lambda h, l: h + F.relu(l(F.layer_norm(h, (512,)))),
+        }
+        class Net(torch.nn.Module):
+            def __init__(self, fn):
+                super().__init__()
+                self.fn = fn
+                self.ls = torch.nn.ModuleList(torch.nn.Linear(512, 512) for _ in range(4))
+                self.head = torch.nn.Linear(512, 10)
+            def forward(self, x):
+                for l in self.ls:
+                    x = checkpoint(self.fn, x, l, use_reentrant=False)
+                return self.head(x)
+        def train(kind, spilled):
+            torch.manual_seed(0)
+            m = Net(KINDS[kind]).to(dev)
+            o = torch.optim.Adam(m.parameters(), lr=1e-3)
+            h = None
+            if spilled:  # everything evicted as the backward starts
+                m.head.register_forward_hook(
+                    lambda mod, a, out: out.register_hook(lambda g: (evict_all(), g)[1]) and None)
+                h = st.offload(m, o, quiet=False)
+            g = torch.Generator().manual_seed(1)
+            losses = []
+            for _ in range(4):
+                x = torch.randn(128, 512, generator=g).to(dev)
+                y = torch.randint(0, 10, (128,), generator=g).to(dev)
+                o.zero_grad()
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+            return losses, m, h
+        plain = {}
+        for kind in KINDS:
+            losses, m, _ = train(kind, False)
+            plain[kind] = (losses, [p.detach().clone() for p in m.parameters()])
+        enable()
+        for kind in KINDS:
+            base, base_params = plain[kind]
+            before = spill.stats()
+            losses, m, h = train(kind, True)
+            after = spill.stats()
+""" + textwrap.indent(MATCHES_PLAIN_TORCH, "    ") + """
+            assert h.quiet_steps == 0, h.quiet_steps
+            h.remove()
+            with st.check_pins(collect=True) as check:
+                losses, m, h = train(kind, True)
+            assert losses == base, (kind, losses, base)
+            assert check.found == [], (kind, check.found)
+            h.remove()
+            print("ok", kind)
+    """, backward_thread_env() if backward_thread else None)
+    assert out.count("ok ") == 3, out
+
+
 # ------------------------------------------------------------------ training-loop patterns
 
 # The loops users run beside the plain one, each in models small enough for a few steps on a

@@ -67,6 +67,9 @@ A forward that runs inside a backward (activation checkpointing's recomputation,
 or not) is neither an entry nor a step's forward (_recompute.py): its modules pin their
 parameters and buffers, and the outermost one its arguments, until that region's backward is
 over; no saved-tensor hooks are pushed there (non-reentrant checkpointing's own are below).
+The checkpointed function's own calls outside those modules (a function calling none, an op
+before the first module call) pin their tensor arguments into a hold of the recomputation's,
+in an armed step's backward that the window runs (_recompute.py, _window._RecomputedOps).
 Parameters frozen at offload() (requires_grad=False) and unfrozen later get their gradient
 hook at the next entry.
 offload's forward pre-hook runs before the module's own (moved to the front at offload()): a
@@ -146,7 +149,7 @@ from ._partials import PartialGradients
 from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, components, leaves,
                     storage, whole_storage)
 from ._quiet import EVALUATION, QuietSteps
-from ._recompute import ModuleCall, Recomputation, call_frame, in_backward
+from ._recompute import ModuleCall, Recomputation, call_frame, in_backward, region_frame
 from ._regions import BackwardRegions
 from ._state import state
 from ._steps import shapes_key
@@ -1608,6 +1611,47 @@ class OffloadHandle:
             for t, wrote in pins:
                 self._hold(hold, t, stream, wrote)
         return True
+
+    def _recomputes_calls(self) -> bool:
+        """Whether the backward about to run in the window needs _RecomputedOps for this
+        handle (_window.py): an armed step past the first (the first pins every op)."""
+        return not self._quiet and self._discovery is None and not state.forked_child
+
+    def _recomputed_call(self, args: Any, kwargs: Any) -> None:
+        """A call with grad enabled in a backward the window runs (_window._RecomputedOps):
+        inside non-reentrant checkpointing's recomputation and outside every recomputed
+        module (whose hold pins what it uses), its tensor arguments that are declared
+        swappable are pinned into the recomputation's hold (_recompute.py), each block once,
+        as are the checkpointed function's arguments when the hold opens; nothing otherwise."""
+        rc = self._recompute
+        if rc.frame is not None:
+            return
+        frame = region_frame()
+        if frame is None:
+            return
+        stream = self.pinner.stream()
+        if frame is not rc.region:
+            region_args = frame.f_locals.get("args", ())
+            hold = rc.begin_region(frame, region_args)
+            self.steps.ensure()
+            for t in leaves(region_args):
+                ptr = self._movable(t)
+                if ptr and ptr not in rc.region_pinned:
+                    rc.region_pinned.add(ptr)
+                    self._hold(hold, t, stream, False)
+        hold, pinned = rc.region_hold, rc.region_pinned
+        swappable = self.pinner.swappable
+        for t in leaves((args, kwargs)) if kwargs else leaves(args):
+            ptr = self._movable(t)
+            if ptr and ptr not in pinned:
+                pinned.add(ptr)
+                # Only what may move: what the recomputation makes is declared by no hook
+                # (checkpointing's saved-tensor hooks are above offload's), and a hold's pin
+                # keeps its tensor (_Read), which would keep each temporary of the function
+                # (a cast, a sum it passes on) alive until the region's backward is over.
+                if swappable(ptr):
+                    self.steps.ensure()
+                    self._hold(hold, t, stream, False)
 
     def _post_recomputed(self, module: torch.nn.Module) -> None:
         if self._discovery is not None and self._discovered_top() is module:

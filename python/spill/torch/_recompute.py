@@ -16,6 +16,21 @@ that is no parameter (one autograd made, or a leaf reentrant checkpointing detac
 region's backward is then over), or, when none is such, until the backward ends. A hold is released with every hold opened after it (backward runs regions last
 to first).
 
+The checkpointed function's own code outside those modules (``F.relu(F.linear(h, l.weight,
+l.bias))``, no module at all; ``l(F.gelu(h))``, ``h + l(F.layer_norm(h, ...))``: ops before the
+first module call) runs in a backward the window runs with no dispatch mode, so no hook saw
+its reads: the region's input (the batch, declared swappable at the entry; an activation
+offload's hooks saved) was read on the host (a segmentation fault on the CPU bridge, audit 39a
+F2). The window's backward therefore runs, in an armed step, under a function mode
+(_window._RecomputedOps) which, for a call made with grad enabled inside non-reentrant
+checkpointing's recomputation (region_frame: the frame of torch.utils.checkpoint's ``unpack``
+in torch 1.13, ``recompute_fn`` in torch 2) and outside every recomputed module, pins the
+call's tensor arguments that may move (declared swappable) into the hold of that
+recomputation (begin_region: opened with the checkpointed function's arguments, released as
+begin's are). Held, not pinned around the call:
+the original graph's nodes read what the recomputation saved (its input, a weight's
+transpose) after it has returned.
+
 A forward is taken to run inside a backward when a Python frame of ``torch.autograd.backward``
 or ``torch.autograd.grad`` is below it, or when it runs on a thread other than the training
 loop's while that thread is inside one (PyTorch's CUDA backward runs on its own thread, whose
@@ -25,8 +40,8 @@ from __future__ import annotations
 
 import sys
 import threading
-from types import FrameType
-from typing import Any, Callable, List, Optional, Tuple
+from types import CodeType, FrameType
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import torch
 
@@ -37,6 +52,55 @@ Hold = List[Tuple[Token, bool]]
 
 _AUTOGRAD = {torch.autograd.backward.__code__, torch.autograd.grad.__code__}
 _CALL_IMPL = torch.nn.Module._call_impl.__code__
+
+
+def _recompute_codes() -> frozenset:
+    """The code of the functions in which non-reentrant checkpointing recomputes a region:
+    torch 1.13's ``unpack`` (nested in _checkpoint_without_reentrant), torch 2's
+    ``recompute_fn``; each has the checkpointed function's positional arguments as ``args``."""
+    import torch.utils.checkpoint as checkpoint
+    found = set()
+
+    def visit(code: CodeType, depth: int) -> None:
+        for c in code.co_consts:
+            if isinstance(c, CodeType) and depth < 4:
+                if c.co_name in ("unpack", "recompute_fn") and "args" in (
+                        c.co_varnames + c.co_freevars + c.co_cellvars):
+                    found.add(c)
+                visit(c, depth + 1)
+
+    for value in vars(checkpoint).values():
+        functions = [value] if callable(value) else []
+        if isinstance(value, type):
+            functions = list(vars(value).values())
+        for f in functions:
+            code = getattr(f, "__code__", None)
+            if isinstance(code, CodeType) and code.co_filename == checkpoint.__file__:
+                visit(code, 0)
+    return frozenset(found)
+
+
+try:
+    _RECOMPUTE = _recompute_codes()
+except Exception:  # (a torch whose checkpoint module is not laid out so: nothing found)
+    _RECOMPUTE = frozenset()
+
+
+def region_frame() -> Optional[FrameType]:
+    """The frame of non-reentrant checkpointing's recomputation that the caller's caller runs
+    in (see _recompute_codes), or None (none below it before a frame of torch.autograd's
+    backward or grad)."""
+    if not _RECOMPUTE:
+        return None
+    f: Optional[FrameType] = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        if code in _RECOMPUTE:
+            return f
+        if code in _AUTOGRAD:
+            return None
+        f = f.f_back
+    return None
 
 
 def call_frame() -> Optional[FrameType]:
@@ -105,6 +169,11 @@ class Recomputation:
         self.frame: Optional[FrameType] = None   # the outermost module's call, while it runs
         self.module: Optional[torch.nn.Module] = None
         self.holds: List[Hold] = []
+        # The recomputation whose function's own ops pin into region_hold (begin_region), and
+        # the blocks pinned there so far.
+        self.region: Optional[FrameType] = None
+        self.region_hold: Optional[Hold] = None
+        self.region_pinned: Set[int] = set()
 
     def nested(self, frame: FrameType) -> bool:
         """Whether the module call at ``frame`` runs inside the outermost recomputed module."""
@@ -126,9 +195,21 @@ class Recomputation:
         backward's end). The hooks go on now, not when the module returns: torch 2's
         non-reentrant checkpointing stops a recomputation by raising once it has what it
         needs, and the module's forward hook then never runs."""
+        hold = self._open(args)
+        self.frame, self.module = frame, module
+        return hold
+
+    def begin_region(self, frame: FrameType, args: Any) -> Hold:
+        """A recomputation's function runs an op outside every recomputed module (see the
+        module docstring): a new hold for the pins of its own ops, released as begin's; its
+        arguments (``args``) are pinned into it by the caller."""
+        hold = self._open(args)
+        self.region, self.region_hold, self.region_pinned = frame, hold, set()
+        return hold
+
+    def _open(self, args: Any) -> Hold:
         hold: Hold = []
         self.holds.append(hold)
-        self.frame, self.module = frame, module
         for t in leaves(args):
             # Not on a parameter passed to the checkpointed function: its gradient comes when
             # the backward has used every path to it. Such a hold goes with another
@@ -167,6 +248,9 @@ class Recomputation:
         if start == 0:
             self.frame = self.module = None
         released, self.holds[start:] = self.holds[start:], []
+        if self.region_hold is not None and any(h is self.region_hold for h in released):
+            self.region = self.region_hold = None
+            self.region_pinned = set()
         stream = self._pinner.stream()
         for hold in reversed(released):
             for token, wrote in hold:

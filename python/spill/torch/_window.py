@@ -41,6 +41,7 @@ few ops a training loop runs (a dispatch mode's call per op).
 from __future__ import annotations
 
 import ctypes
+import inspect
 import sys
 import threading
 import weakref
@@ -311,8 +312,23 @@ class _HostUses(TorchFunctionMode):
                 handle._backward_failed()
             raise
         state.last_oom = None
+        handles = [h for h in list(window.handles) if h._recomputes_calls()]
+        recomputed = _RecomputedOps(handles[0]) if handles else None
         try:
-            result = func(*args, **kwargs)
+            if recomputed is None:
+                result = func(*args, **kwargs)
+            else:
+                # Tensor.backward's body (torch.autograd.backward) with the mode pushed: the mode
+                # that handled Tensor.backward itself would be off PyTorch's stack until it
+                # returned, and so would see none of the recomputation's calls. Only the modes
+                # below the window's (check_pins') would have seen the call; they stay on.
+                bound = _BACKWARD_SIGNATURE.bind(*args, **kwargs)
+                bound.apply_defaults()
+                a = bound.arguments
+                with recomputed:
+                    result = torch.autograd.backward(
+                        a["self"], a["gradient"], a["retain_graph"], a["create_graph"],
+                        inputs=a["inputs"])
         except BaseException as e:
             for handle in list(window.handles):
                 handle._backward_failed()
@@ -412,6 +428,29 @@ class _HostUses(TorchFunctionMode):
                 pinner.unpin(token, pinner.stream(), False)
         return torch.TypedStorage(wrap_storage=torch.from_numpy(copy).storage().untyped(),
                                   dtype=t.dtype)
+
+
+_BACKWARD_SIGNATURE = inspect.signature(torch.Tensor.backward)
+
+
+class _RecomputedOps(TorchFunctionMode):
+    """Around a backward the window runs (in an armed step of a handle): the calls made with
+    grad enabled (a forward the backward recomputes) go to the handle, which pins their tensor
+    arguments when they are non-reentrant checkpointing's function's own code (_recompute.py:
+    ops before its first module call, a function that calls none). Other calls (offload's and
+    the caller's hooks, grad disabled) pass through. One handle's (the first armed one's): a
+    pin is a pin whichever handle holds it, and each handle releases its holds when the
+    backward ends."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self.handle = handle
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            self.handle._recomputed_call(args, kwargs)
+        return func(*args, **kwargs)
 
 
 class Window:
