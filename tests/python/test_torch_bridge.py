@@ -4324,7 +4324,11 @@ def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_p
     """Non-reentrant activation checkpointing (``checkpoint(fn, x, use_reentrant=False)``) of
     functions whose own code reads the region's input (and weights) outside every module:
     ``F.relu(F.linear(h, l.weight, l.bias))`` (no module call at all), ``F.relu(l(F.gelu(h)))``
-    (an op before the module call) and ``h + F.relu(l(F.layer_norm(h, ...)))``, in armed steps
+    (an op before the module call), ``h + F.relu(l(F.layer_norm(h, ...)))``, a statistic of
+    the input under ``torch.no_grad()`` before the module (review 39d: not pinned while only
+    calls with grad enabled were looked at) and a module that raises before ``l(F.gelu(h))``
+    (as torch 2 stops a recomputation: its call was taken as running and the gelu skipped,
+    review 39d), in armed steps
     (``quiet=False``) with everything evicted as each backward starts. The recomputation's own
     ops pin what they use into the region's hold (_recompute.py, _window._RecomputedOps):
     losses and parameters are plain torch's, with bytes swapped, and check_pins finds nothing.
@@ -4336,20 +4340,36 @@ def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_p
     out = run_ok(quiet_preamble("64MiB") + EVICT_ALL + """
         import torch.nn.functional as F
         from torch.utils.checkpoint import checkpoint
+        class Stop(torch.nn.Module):  # a module that raises, as torch 2 stops a recomputation
+            def forward(self):
+                raise KeyError("stop")
+        def no_grad_first(h, l, stop):
+            with torch.no_grad():  # a statistic of the input, before any module
+                scale = 1.0 + float(h.abs().amax() > 1e9)
+            return F.relu(l(h)) * scale
+        def stopped_then_gelu(h, l, stop):
+            try:
+                stop()  # (its forward hook never runs: the module stays "running")
+            except KeyError:
+                pass
+            return l(F.gelu(h))
         KINDS = {
-            "function": lambda h, l: F.relu(F.linear(h, l.weight, l.bias)),
-            "gelu_first": lambda h, l: F.relu(l(F.gelu(h))),
-            "residual": lambda h, l: h + F.relu(l(F.layer_norm(h, (512,)))),
+            "function": lambda h, l, stop: F.relu(F.linear(h, l.weight, l.bias)),
+            "gelu_first": lambda h, l, stop: F.relu(l(F.gelu(h))),
+            "residual": lambda h, l, stop: h + F.relu(l(F.layer_norm(h, (512,)))),
+            "no_grad_first": no_grad_first,
+            "stopped_then_gelu": stopped_then_gelu,
         }
         class Net(torch.nn.Module):
             def __init__(self, fn):
                 super().__init__()
                 self.fn = fn
                 self.ls = torch.nn.ModuleList(torch.nn.Linear(512, 512) for _ in range(4))
+                self.stop = Stop()
                 self.head = torch.nn.Linear(512, 10)
             def forward(self, x):
                 for l in self.ls:
-                    x = checkpoint(self.fn, x, l, use_reentrant=False)
+                    x = checkpoint(self.fn, x, l, self.stop, use_reentrant=False)
                 return self.head(x)
         def train(kind, spilled):
             torch.manual_seed(0)
@@ -4391,7 +4411,7 @@ def test_a_checkpointed_function_reading_its_input_before_any_module_trains_as_p
             h.remove()
             print("ok", kind)
     """, backward_thread_env() if backward_thread else None)
-    assert out.count("ok ") == 3, out
+    assert out.count("ok ") == 5, out
 
 
 # ------------------------------------------------------------------ training-loop patterns

@@ -1625,7 +1625,12 @@ class OffloadHandle:
         as are the checkpointed function's arguments when the hold opens; nothing otherwise."""
         rc = self._recompute
         if rc.frame is not None:
-            return
+            if rc.running():
+                return
+            # A recomputed module that raised (torch 2's checkpointing stops a recomputation
+            # so, and the module's forward hook never runs): over; before, the next region's
+            # ops before its first module were taken for that module's (review 39d).
+            rc.end()
         frame = region_frame()
         if frame is None:
             return
@@ -1643,15 +1648,15 @@ class OffloadHandle:
         swappable = self.pinner.swappable
         for t in leaves((args, kwargs)) if kwargs else leaves(args):
             ptr = self._movable(t)
-            if ptr and ptr not in pinned:
+            # Only what may move: what the recomputation makes is declared by no hook
+            # (checkpointing's saved-tensor hooks are above offload's), and a hold's pin keeps
+            # its tensor (_Read), which would keep each temporary of the function (a cast, a
+            # sum it passes on) alive until the region's backward is over. (A block not
+            # swappable now is asked again at its next use.)
+            if ptr and ptr not in pinned and swappable(ptr):
                 pinned.add(ptr)
-                # Only what may move: what the recomputation makes is declared by no hook
-                # (checkpointing's saved-tensor hooks are above offload's), and a hold's pin
-                # keeps its tensor (_Read), which would keep each temporary of the function
-                # (a cast, a sum it passes on) alive until the region's backward is over.
-                if swappable(ptr):
-                    self.steps.ensure()
-                    self._hold(hold, t, stream, False)
+                self.steps.ensure()
+                self._hold(hold, t, stream, False)
 
     def _post_recomputed(self, module: torch.nn.Module) -> None:
         if self._discovery is not None and self._discovered_top() is module:
@@ -2117,6 +2122,9 @@ class OffloadHandle:
         self._release_held_gradients()
         self._parts.forget()
         self._policy.backward_ends()
+        # The recomputation's holds and its region's frame, whose callers hold the failed
+        # backward's loss, and so its graph, until the next forward (review 39d).
+        self._release_recomputed()
 
     def _declare_gradients(self, quiet: bool, opt: torch.optim.Optimizer) -> None:
         """Makes the gradients swappable before ``opt``'s step; those of its parameters are

@@ -233,6 +233,20 @@ class Recomputation:
         """The outermost recomputed module returned (its hold stays: see begin)."""
         self.frame = self.module = None
 
+    def running(self) -> bool:
+        """Whether the outermost recomputed module's call is on the calling thread's stack
+        (below the backward's frame): not when it raised, as torch 2's checkpointing makes it
+        stop a recomputation."""
+        target = self.frame
+        f: Optional[FrameType] = sys._getframe(2)
+        while f is not None:
+            if f is target:
+                return True
+            if f.f_code in _AUTOGRAD:
+                return False
+            f = f.f_back
+        return False
+
     def _release_from(self, hold: Hold, handle: List[Any]) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             if handle:  # (once: a leaf the caller keeps gets no more each step)

@@ -434,13 +434,14 @@ _BACKWARD_SIGNATURE = inspect.signature(torch.Tensor.backward)
 
 
 class _RecomputedOps(TorchFunctionMode):
-    """Around a backward the window runs (in an armed step of a handle): the calls made with
-    grad enabled (a forward the backward recomputes) go to the handle, which pins their tensor
-    arguments when they are non-reentrant checkpointing's function's own code (_recompute.py:
-    ops before its first module call, a function that calls none). Other calls (offload's and
-    the caller's hooks, grad disabled) pass through. One handle's (the first armed one's): a
-    pin is a pin whichever handle holds it, and each handle releases its holds when the
-    backward ends."""
+    """Around a backward the window runs (in an armed step of a handle): each call goes to the
+    handle, which pins its tensor arguments when it is non-reentrant checkpointing's
+    function's own code (_recompute.py: ops before its first module call, a function that
+    calls none), grad enabled or not (a statistic taken under ``torch.no_grad()`` before the
+    first module: review 39d). Other calls (offload's and the caller's hooks) find no
+    recomputation frame below them in a few frames and pass through. One handle's (the first
+    armed one's): a pin is a pin whichever handle holds it, and each handle releases its holds
+    when the backward ends."""
 
     def __init__(self, handle: Any) -> None:
         super().__init__()
@@ -448,8 +449,7 @@ class _RecomputedOps(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if torch.is_grad_enabled():
-            self.handle._recomputed_call(args, kwargs)
+        self.handle._recomputed_call(args, kwargs)
         return func(*args, **kwargs)
 
 
