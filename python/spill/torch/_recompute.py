@@ -159,6 +159,17 @@ def _below(frame: Optional[FrameType]) -> bool:
     return False
 
 
+def _within(f: Optional[FrameType], target: FrameType) -> bool:
+    """Whether ``target`` is ``f`` or a caller of it, below the backward's frame."""
+    while f is not None:
+        if f is target:
+            return True
+        if f.f_code in _AUTOGRAD:
+            return False
+        f = f.f_back
+    return False
+
+
 class Recomputation:
     """The holds of the forwards a backward recomputes, for one offload handle (it keeps
     the handle's pinner, not the handle: the hooks it leaves on tensors must not keep the
@@ -177,17 +188,7 @@ class Recomputation:
 
     def nested(self, frame: FrameType) -> bool:
         """Whether the module call at ``frame`` runs inside the outermost recomputed module."""
-        top = self.frame
-        if top is None:
-            return False
-        f = frame.f_back
-        while f is not None:
-            if f is top:
-                return True
-            if f.f_code in _AUTOGRAD:
-                return False
-            f = f.f_back
-        return False
+        return self.frame is not None and _within(frame.f_back, self.frame)
 
     def begin(self, frame: FrameType, module: torch.nn.Module, args: Any) -> Hold:
         """An outermost recomputed module begins: a new hold, returned for its pins. It goes
@@ -237,15 +238,7 @@ class Recomputation:
         """Whether the outermost recomputed module's call is on the calling thread's stack
         (below the backward's frame): not when it raised, as torch 2's checkpointing makes it
         stop a recomputation."""
-        target = self.frame
-        f: Optional[FrameType] = sys._getframe(2)
-        while f is not None:
-            if f is target:
-                return True
-            if f.f_code in _AUTOGRAD:
-                return False
-            f = f.f_back
-        return False
+        return self.frame is not None and _within(sys._getframe(2), self.frame)
 
     def _release_from(self, hold: Hold, handle: List[Any]) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
