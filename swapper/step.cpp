@@ -226,6 +226,20 @@ void Swapper::Impl::set_prev_identity_locked(StepState& s) {
 void Swapper::Impl::end_step_locked(StepState& s) {
   if (!s.in_step) return;
   s.in_step = false;
+  // Turns of blocks freed since are forgotten (another block may come at their address).
+  for (auto it = s.turns.begin(); it != s.turns.end();) {
+    auto b = blocks.find(it->first);
+    if (b == blocks.end() || b->second.generation != it->second.generation) {
+      it = s.turns.erase(it);
+      continue;
+    }
+    if (it->second.next != 0) {
+      auto next = blocks.find(it->second.next);
+      if (next == blocks.end() || next->second.generation != it->second.next_generation)
+        it->second.next = 0;
+    }
+    ++it;
+  }
   if (s.executing) {
     (s.deviated ? stats.steps_resynced : stats.steps_planned)++;
     // The last ops' evictions (tensors idle across the step boundary, such as weights).
@@ -315,6 +329,15 @@ void Swapper::Impl::end_step_locked(StepState& s) {
     renumber_vector(s.gen_of_id, new_of, count);
     renumber_vector(s.request_of_id, new_of, count);
     renumber_vector(s.existed_of_id, new_of, count);
+    for (auto it = s.turns.begin(); it != s.turns.end();) {
+      const std::uint64_t id = it->second.id;
+      if (id >= new_of.size() || new_of[id] < 0) {
+        it = s.turns.erase(it);  // no access of the new plan's step has it
+      } else {
+        it->second.id = static_cast<std::uint64_t>(new_of[id]);
+        ++it;
+      }
+    }
     for (std::int64_t& id : s.id_of_birth)
       if (id >= 0) id = static_cast<std::size_t>(id) < new_of.size() ? new_of[id] : -1;
     for (auto it = s.id_of.begin(); it != s.id_of.end();) {
@@ -474,14 +497,17 @@ double Swapper::Impl::step_time_locked(StepState& s) {
   return s.last_time_s;
 }
 
-std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, std::int64_t id) {
+std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, std::int64_t id,
+                                                                bool next_use) {
   if (id < 0) return std::nullopt;
   auto idx = static_cast<std::size_t>(id);
   std::uintptr_t base = 0;
   std::uint64_t generation = 0;
+  bool latest_step = false;  // the block is the latest step's (between steps: the one ended)
   if (idx < s.base_of_id.size() && s.base_of_id[idx] != 0) {
     base = s.base_of_id[idx];
     generation = s.gen_of_id[idx];
+    latest_step = !s.in_step;
   } else if (auto e = s.expected_base_of_id.find(idx); e != s.expected_base_of_id.end()) {
     // Born in this step where the plan's block was, not pinned yet. Its request matched at
     // birth; its size may differ (the cache), so it is not compared below.
@@ -492,8 +518,20 @@ std::optional<std::uintptr_t> Swapper::Impl::base_for_id_locked(StepState& s, st
   } else if (idx < s.base_of_id_prev.size()) {
     base = s.base_of_id_prev[idx];
     generation = s.gen_of_id_prev[idx];
+    latest_step = true;
   }
   if (base == 0) return std::nullopt;
+  if (next_use && latest_step) {
+    // A block that took turns under the id: the next turn is the block that came after it the
+    // latest time (the next batch of the list, the next head), when it is still that block.
+    auto turn = s.turns.find(base);
+    if (turn != s.turns.end() && turn->second.generation == generation &&
+        turn->second.id == idx) {
+      if (turn->second.next == 0) return std::nullopt;  // unknown: no prefetch of another one
+      base = turn->second.next;
+      generation = turn->second.next_generation;
+    }
+  }
   auto it = blocks.find(base);
   if (it == blocks.end() || it->second.generation != generation ||
       (idx < s.size_of_id.size() && it->second.size != s.size_of_id[idx]))
@@ -530,12 +568,17 @@ std::int64_t Swapper::Impl::next_use_locked(const SwapBlock& b) const {
   auto it = s.id_of.find(key(b.base));
   std::int64_t id = -1;
   if (it != s.id_of.end()) {
+    // Between steps, the ended step's turn under an id that the block after it takes next.
+    if (!s.in_step && turn_over_locked(s, key(b.base), b, it->second)) return kLaterTurn;
     id = static_cast<std::int64_t>(it->second);
   } else if (auto e = s.expected_id_of.find(key(b.base));
              e != s.expected_id_of.end() && e->second.generation == b.generation) {
     id = static_cast<std::int64_t>(e->second.id);
   } else if (auto p = s.prev_id_of_base.find(key(b.base));
              p != s.prev_id_of_base.end() && s.gen_of_id_prev[p->second] == b.generation) {
+    // The latest step's turn under an id that another block takes in this step (the previous
+    // batch of a list) is next used in a later step, after the blocks this plan uses next.
+    if (s.in_step && turn_over_locked(s, key(b.base), b, p->second)) return kLaterTurn;
     id = static_cast<std::int64_t>(p->second);
   }
   if (id < 0) return kUnknownUse;
@@ -672,7 +715,7 @@ std::vector<PlannedPrefetch> Swapper::Impl::moved_since_plan_locked(StepState& s
   std::vector<PlannedPrefetch> wanted;
   if (!s.executing) return wanted;
   for (std::uint64_t id : resident_at_start_locked(s)) {
-    auto base = base_for_id_locked(s, static_cast<std::int64_t>(id));
+    auto base = base_for_id_locked(s, static_cast<std::int64_t>(id), /*next_use=*/true);
     if (!base) continue;
     const SwapBlock& b = blocks.at(*base);
     if (b.state == Residence::OnHost || b.state == Residence::SwappingOut) wanted.push_back({id});
@@ -720,7 +763,7 @@ void Swapper::Impl::prefetch_planned(std::unique_lock<std::mutex>& lock, StepSta
     }
   } user(*this, s);
   for (const PlannedPrefetch& w : wanted) {
-    auto found = base_for_id_locked(s, static_cast<std::int64_t>(w.id));
+    auto found = base_for_id_locked(s, static_cast<std::int64_t>(w.id), /*next_use=*/true);
     if (!found) continue;
     const std::uintptr_t base = *found;
     wait_not_busy(lock, base);
@@ -907,31 +950,9 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
   // before the loop, the previous one kept by the list. Before, every such batch was taken for
   // a block the plan did not have, and no step of the loop followed its plan (audit 39a F3: 0
   // of 16 steps planned, 193 demand fetches against 26 with batches made in each step). Not a
-  // block a step used before: blocks that take turns (heads chosen round-robin, two models
-  // alternating in one scope) would take each other's ids, and the plan's prefetches would
-  // bring in the other one each step (review 39c: 40 demand fetches against 20), nor a layer's
-  // weight under stochastic depth. So a list's second epoch leaves the plan as before.
+  // block a step used before at first: that one takes the id once the id's block has taken
+  // turns (below).
   const bool new_from_before = b.born < s.begin_tick && !b.stepped;
-  const auto& planned = s.plan_trace.accesses;
-  const auto fits = [&](std::size_t j, bool at_cursor) {
-    if (j >= planned.size()) return false;
-    const std::uint64_t id = planned[j].block;
-    if (id >= s.plan_ids || !s.plan_starts[j] || taken(id)) return false;
-    if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.access_of_id_op.count(id) != 0 &&
-        s.trace.accesses[s.access_of_id_op.at(id)].bytes != b.size)
-      return false;
-    if (b.born < s.begin_tick && planned[j].access == graph::Access::Write) return false;
-    if (id < s.base_of_id_prev.size() && s.base_of_id_prev[id] != 0) {
-      auto old = blocks.find(s.base_of_id_prev[id]);
-      if (old != blocks.end() && old->second.generation == s.gen_of_id_prev[id] &&
-          (s.existed_of_id_planned[id] || !at_cursor) &&
-          !(at_cursor && new_from_before && old->second.size == b.size)) {
-        auto now = s.id_of.find(s.base_of_id_prev[id]);
-        if (now == s.id_of.end() || now->second == id) return false;
-      }
-    }
-    return true;
-  };
   // A block from before the step: the plan's id it had in the latest step, if the plan has it
   // here or the plan's block here cannot be this one; else the plan's block here (blocks that
   // change roles: SAM's weights are the previous step's copies, `p.data = old_p`).
@@ -942,6 +963,42 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
         s.gen_of_id_prev[p->second] == b.generation && !taken(p->second))
       was = p->second;
   }
+  // Once blocks have taken turns under an id (PlanFields::turns: the list's batches, heads
+  // chosen round-robin, two models alternating in one scope), a block from before the step
+  // that a step used before takes it too at the cursor, in the place of the latest step's
+  // block, which lives on: the list's second epoch, the heads' second round. Not a block the
+  // latest step used (its id of that step comes first), so a layer's weight takes no
+  // skipped layer's id under stochastic depth. Before, blocks a step used before never took
+  // another's id (review 39c: taking it without the turns noted, the plan's prefetches of
+  // the id brought in the latest step's block each step, 40 demand fetches against 20), and
+  // every step of a list's later epochs left its plan (the CPU bridge's MLP over a list of 8
+  // batches, 2026-12-07: 0 of 8 steps planned an epoch, 66-123 demand fetches; now 8 of 8
+  // and 0-2).
+  const auto next_turn = [&](std::uint64_t id) {
+    return b.born < s.begin_tick && !was && takes_turns_locked(s, s.base_of_id_prev[id], id);
+  };
+  const auto& planned = s.plan_trace.accesses;
+  const auto fits = [&](std::size_t j, bool at_cursor) {
+    if (j >= planned.size()) return false;
+    const std::uint64_t id = planned[j].block;
+    if (id >= s.plan_ids || !s.plan_starts[j] || taken(id)) return false;
+    if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.access_of_id_op.count(id) != 0 &&
+        s.trace.accesses[s.access_of_id_op.at(id)].bytes != b.size)
+      return false;
+    if (b.born < s.begin_tick && planned[j].access == graph::Access::Write &&
+        !(at_cursor && next_turn(id)))
+      return false;
+    if (id < s.base_of_id_prev.size() && s.base_of_id_prev[id] != 0) {
+      auto old = blocks.find(s.base_of_id_prev[id]);
+      if (old != blocks.end() && old->second.generation == s.gen_of_id_prev[id] &&
+          (s.existed_of_id_planned[id] || !at_cursor) &&
+          !(at_cursor && (new_from_before || next_turn(id)) && old->second.size == b.size)) {
+        auto now = s.id_of.find(s.base_of_id_prev[id]);
+        if (now == s.id_of.end() || now->second == id) return false;
+      }
+    }
+    return true;
+  };
   if (was && s.cursor < planned.size() && planned[s.cursor].block == *was) return *was;
   if (fits(s.cursor, true)) return planned[s.cursor].block;
   if (was) return *was;
@@ -962,6 +1019,40 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
     if (before) return planned[*before].block;
   }
   return s.next_id++;
+}
+
+bool Swapper::Impl::takes_turns_locked(const StepState& s, std::uintptr_t base,
+                                       std::uint64_t id) const {
+  auto turn = s.turns.find(base);
+  if (turn == s.turns.end() || turn->second.id != id) return false;
+  auto b = blocks.find(base);
+  return b != blocks.end() && b->second.generation == turn->second.generation;
+}
+
+bool Swapper::Impl::turn_over_locked(const StepState& s, std::uintptr_t base,
+                                     const SwapBlock& b, std::uint64_t id) const {
+  auto turn = s.turns.find(base);
+  if (turn == s.turns.end() || turn->second.id != id || turn->second.generation != b.generation)
+    return false;
+  if (s.in_step && id < s.base_of_id.size() && s.base_of_id[id] != 0)
+    return s.base_of_id[id] != base;  // another block took the id in this step
+  if (turn->second.next == 0) return false;
+  auto next = blocks.find(turn->second.next);  // the block after it last time, to take it next
+  return next != blocks.end() && next->second.generation == turn->second.next_generation;
+}
+
+void Swapper::Impl::note_turn_locked(StepState& s, std::uintptr_t base, const SwapBlock& b,
+                                     std::uint64_t id) {
+  if (id >= s.base_of_id_prev.size()) return;
+  const std::uintptr_t before = s.base_of_id_prev[id];
+  if (before == 0 || before == base) return;  // its own id again (a weight)
+  auto old = blocks.find(before);
+  if (old == blocks.end() || old->second.generation != s.gen_of_id_prev[id] ||
+      old->second.size != b.size)
+    return;  // freed since (the latest step's activation), or another block there
+  s.turns[before] = {id, old->second.generation, base, b.generation};
+  PlanFields::Turn& now = s.turns[base];
+  if (now.generation != b.generation || now.id != id) now = {id, b.generation, 0, 0};
 }
 
 void Swapper::Impl::follow_access_locked(StepState& s, std::uint64_t id) {
@@ -1050,6 +1141,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     s.request_of_id[id] = std::max(s.request_of_id[id], b.request);
     if (s.existed_of_id.size() <= id) s.existed_of_id.resize(id + 1, 0);
     s.existed_of_id[id] = b.born < s.begin_tick;
+    if (s.executing && id < s.plan_ids) note_turn_locked(s, base, b, id);
     forget_expected_locked(s, base);
     // Found by its id of the latest step (a new block from before the step, as the next
     // batch, may take the place of a block the plan's step made: not state it made).
@@ -1057,7 +1149,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
     const bool own_id = prev != s.prev_id_of_base.end() && prev->second == id &&
                         s.gen_of_id_prev[id] == b.generation;
     if (s.executing && id < s.plan_ids && b.born < s.begin_tick && !s.existed_of_id_planned[id] &&
-        own_id)
+        (own_id || takes_turns_locked(s, base, id)))
       s.plan_made_older = true;  // the plan's step made it (optimizer state in a first step)
     if (s.executing && id >= s.plan_ids && b.born < s.plan_begin_tick)
       s.unplanned_old++;  // older than the plan's step, which did not pin it: a skipped layer

@@ -109,6 +109,19 @@ struct PlanFields {
   // The plan's recording's births (StepState::id_of_birth, request_of_birth).
   std::vector<std::int64_t> id_of_birth_planned;
   std::vector<std::size_t> request_of_birth_planned;
+  // Blocks from before the step that took turns under one of the plan's ids, each in another
+  // step (the batches of a list made before the loop, epoch after epoch; heads chosen
+  // round-robin; two models trained in alternate steps): base -> the id, the block's
+  // generation, and the block that took the id after it the latest time (0: none seen yet).
+  // A block that held the id before may take it again at the plan's place, and the plan's
+  // prefetches of the id bring in the block that came after the latest step's (see step.cpp).
+  struct Turn {
+    std::uint64_t id = 0;
+    std::uint64_t generation = 0;
+    std::uintptr_t next = 0;
+    std::uint64_t next_generation = 0;
+  };
+  std::unordered_map<std::uintptr_t, Turn> turns;
   std::uint64_t plan_begin_tick = 0;  // begin_tick of the step the plan was made at
   bool plan_spliced = false;          // the plan was made by splicing a step into the last one
   bool fresh_plan = false;       // made at the last step's end, which ran without it
@@ -458,12 +471,31 @@ struct Swapper::Impl {
   }
   void prefetch_all(std::unique_lock<std::mutex>& lock, const std::vector<std::uintptr_t>& bases,
                     RoomWait wait = RoomWait::None);
-  std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id);
+  // The block of the plan's id `id` in this step: the one that took it, else the one expected
+  // to (born where the plan's was), else the latest step's. With `next_use` (a prefetch: the
+  // block that will be used at the id's next access), a latest step's block that took turns
+  // under the id gives way to the block that came after it the latest time (none when no
+  // block has yet).
+  std::optional<std::uintptr_t> base_for_id_locked(StepState& s, std::int64_t id,
+                                                   bool next_use = false);
+  // Block `b` at `base`, from before the step, took the plan's id `id` at its first pin: when
+  // the id's block of the latest step lives on (another turn), both are noted (PlanFields::turns).
+  void note_turn_locked(StepState& s, std::uintptr_t base, const SwapBlock& b, std::uint64_t id);
+  // Whether the block at `base` took turns under `id` (a noted turn of this life of it).
+  bool takes_turns_locked(const StepState& s, std::uintptr_t base, std::uint64_t id) const;
+  // Whether block `b` at `base`, which took turns under `id` in the latest step (between
+  // steps: the step that ended), has had its turn: another block took the id in this step, or
+  // the block that came after it the latest time is there to take it in the next.
+  bool turn_over_locked(const StepState& s, std::uintptr_t base, const SwapBlock& b,
+                        std::uint64_t id) const;
   // Ops until the block's next use in its scope's plan (INT64_MAX when unknown).
   std::int64_t next_use_locked(const SwapBlock& b) const;
   // What next_use_locked gives, while some scope follows a plan, for a block that no plan
   // knows; a use in a later step ranks farther still, a use later in this step nearer.
   static constexpr std::int64_t kUnknownUse = std::int64_t{1} << 31;
+  // What it gives for a block whose turn under an id is over (turn_over_locked): after every
+  // use in the next step.
+  static constexpr std::int64_t kLaterTurn = std::int64_t{1} << 33;
   // Seconds since the step began on the host, less the time waited inside the swapper since.
   double step_time_locked(StepState& s);
   // The id a block gets at its first pin in the step (see StepState::plan_ids).

@@ -368,6 +368,55 @@ def test_a_forward_given_keyword_arguments_only_is_keyed_by_their_shapes() -> No
     assert deviations == 0 and recorded == 0, out
 
 
+def test_a_list_of_batches_made_before_the_loop_follows_its_plan_epoch_after_epoch() -> None:
+    """A list of batches made before the loop (a small data set preloaded on the device),
+    trained over 3 epochs in order, then 3 shuffled, at 28 MiB (about half its footprint):
+    each step's batch takes the plan's batch's place as the batches take turns, and the
+    plan's prefetch brings in the batch that came next the last time. Before, the second
+    epoch's batches (blocks a step had used before) were taken for blocks the plan did not
+    have: no step of the later epochs followed its plan (here, 2026-12-07: 0 of 4 steps
+    planned an epoch and 11-14 demand fetches, now 4 and 0-2). Sized in 2 MiB blocks (a GPU's
+    granule)."""
+    out = run_ok(ENABLE + """
+        import json, random
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                    torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                                    torch.nn.Linear(1024, 10)).to(dev)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        batches = [(torch.randn(512, 1024, device=dev), torch.randint(0, 10, (512,), device=dev))
+                   for _ in range(4)]
+        handle = st.offload(model, opt)
+        spill.set_budget(28 << 20)
+        rng = random.Random(0)
+        for shuffled in (False, True):
+            epochs = []
+            for epoch in range(3):
+                before = spill.stats()
+                order = list(range(len(batches)))
+                if shuffled:
+                    rng.shuffle(order)
+                for i in order:
+                    x, y = batches[i]
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                after = spill.stats()
+                epochs.append(tuple(int(after["swap." + k] - before["swap." + k])
+                                    for k in ("steps_planned", "deviations", "demand_fetches")))
+            print("epochs", json.dumps(epochs))
+        print("ok")
+    """)
+    assert out.rstrip().endswith("ok"), out
+    for line in out.splitlines():
+        if line.startswith("epochs"):
+            epochs = json.loads(line.split(" ", 1)[1])
+            for planned, deviations, demand in epochs[1:]:
+                assert planned == 4 and deviations == 0, out
+                assert demand <= 4, out  # at most one a step (a shuffled order's wrong prefetch)
+
+
 # Steps whose ops differ from the last step's (torch_train_models.py): stochastic depth (drop:
 # each block skipped at random), top-2 mixture of experts (moe: each expert's batch has its
 # own size, an expert may get none), gradient accumulation over 1, 3, 2, 4 micro-batches
