@@ -95,7 +95,8 @@ void add_bench(CLI::App& app, Runner& run) {
   link->add_option("--samples", args->samples, "samples per point (the median is reported)")
       ->capture_default_str()
       ->check(int_in(1, 1000));
-  link->add_flag("--quick", args->quick, "sizes up to 64 MiB, at most 3 samples")
+  link->add_flag("--quick", args->quick,
+                 "the default sweep only up to 64 MiB (--sizes still wins), at most 3 samples")
       ->excludes(max_size);
   link->add_option("--json", args->json, "write the results as JSON (the planner reads it)")
       ->check(file_path());

@@ -1,7 +1,8 @@
 // `spill demo`: the main job until the reference trainer lands. A synthetic training step
 // (a chain of layers, forward then backward, activations kept for backward) whose footprint is
 // at least three times the budget runs on the default device: first recorded (reactive
-// swapping), then driven by the plan made from the recording. Prints footprint, budget, peak
+// swapping), then driven by the plan made from the recording (under policy:lru, every step
+// swaps reactively). Prints footprint, budget, peak
 // mapped bytes, bytes moved each way, stall and step time per step; checks every block's
 // contents and exits non-zero on any mismatch.
 #include <cstdio>
@@ -124,7 +125,8 @@ int run_demo(Config config, const DemoArgs& a) {
 void add_demo(CLI::App& app, Runner& run) {
   auto args = std::make_shared<DemoArgs>();
   CLI::App* cmd = app.add_subcommand(
-      "demo", "run a synthetic training step 3x larger than the budget: recorded, then planned");
+      "demo", "run a synthetic training step 3x larger than the budget: recorded, then planned "
+              "(policy:lru: every step reactive)");
   CLI::Option* budget =
       cmd->add_option("--budget", args->budget,
                       "device memory budget (wins over budget: in --conf or SPILL_CONF; "
@@ -136,7 +138,9 @@ void add_demo(CLI::App& app, Runner& run) {
                   "layers in the chain (6 or more: fewer put more than the budget in one op)")
       ->capture_default_str()
       ->check(int_in(6, 512));
-  cmd->add_option("--steps", args->steps, "steps to run (the first is recorded, the rest planned)")
+  cmd->add_option("--steps", args->steps,
+                  "steps to run (policy plan: the first recorded, the rest planned; lru: all "
+                  "reactive)")
       ->capture_default_str()
       ->check(int_in(2, 100000));
   cmd->add_option("--trace", args->trace, "write a Chrome/Perfetto trace of the run here")

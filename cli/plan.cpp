@@ -314,8 +314,8 @@ void add_plan(CLI::App& app, Runner& run) {
       ->check(int_in(1, std::numeric_limits<int>::max()));
   cmd->add_option("--volume", args->volume, "cubic volume side for unet3d (multiple of 8)")
       ->check(int_in(1, std::numeric_limits<int>::max()));
-  cmd->add_option("--dtype", args->dtype, "f32, f16 or bf16");
-  cmd->add_option("--optimizer", args->optimizer, "sgd, momentum or adam");
+  cmd->add_option("--dtype", args->dtype, "f32 (default), f16 or bf16");
+  cmd->add_option("--optimizer", args->optimizer, "sgd, momentum or adam (default)");
   cmd->add_option("--device", args->device,
                   "GPU preset: titanx-12gb, v100-16gb, a10-24gb, a100-40gb, a100-80gb, h100-pcie, "
                   "h100-sxm, h200, gh200")

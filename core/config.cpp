@@ -88,9 +88,7 @@ const std::vector<Key>& keys() {
        }},
       {"cache_takeover", "on | off",
        [](Config& c, std::string_view o, std::string_view v) {
-         if (v == "on") c.cache_takeover = true;
-         else if (v == "off") c.cache_takeover = false;
-         else bad_value(o, "cache_takeover", v, "on or off");
+         c.cache_takeover = parse_on_off(o, "cache_takeover", v);
        }},
       {"sim_capacity", "size of the simulated device",
        [](Config& c, std::string_view o, std::string_view v) {

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -234,6 +235,27 @@ void check_directory_writable(const std::string& dir, std::string_view what) {
       if (::access(at.c_str(), W_OK | X_OK) != 0)
         fail(itself ? "is not writable: " + std::string(std::strerror(errno))
                     : "cannot be created in '" + at.string() + "': " + std::strerror(errno));
+      // The permission bits are not the whole answer: root passes them on /proc, where
+      // nothing can be created. So a file (the directory there) or a directory (one to be
+      // created) is made under a name of its own and removed at once: nothing is left, and
+      // checks running at once (one per rank) do not meet each other's probes.
+      std::string probe = (at / ".spill_probe_XXXXXX").string();
+      int err = 0;
+      if (itself) {
+        const int fd = ::mkstemp(probe.data());
+        if (fd < 0) err = errno;
+        else {
+          ::close(fd);
+          ::unlink(probe.c_str());
+        }
+      } else if (::mkdtemp(probe.data()) == nullptr) {
+        err = errno;
+      } else {
+        ::rmdir(probe.c_str());
+      }
+      if (err != 0)
+        fail(itself ? "is not writable: " + std::string(std::strerror(err))
+                    : "cannot be created in '" + at.string() + "': " + std::strerror(err));
       return;
     }
     if (errno != ENOENT && errno != ENOTDIR) fail("cannot be reached: " + std::string(std::strerror(errno)));

@@ -48,7 +48,8 @@ bool write_new_file(const std::string& path, std::string_view text, std::string_
 // Throws InvalidArgument "<what>: '<dir>' <reason>" unless files can be created in `dir`: an
 // existing path must be a directory the process may write and search; a missing one must have
 // as its nearest existing ancestor such a directory (it is created when first written).
-// Creates nothing. For directories written much later (OOM dumps), so that a mistake in one
+// Beyond the permission bits, a file is created in the directory (a directory in the
+// ancestor) under a probe name and removed at once: nothing is left behind. For directories written much later (OOM dumps), so that a mistake in one
 // shows when spill starts, not in the message of the first out-of-memory failure.
 void check_directory_writable(const std::string& dir, std::string_view what);
 

@@ -253,7 +253,35 @@ TEST(OomDump, AnUnusableDirectoryIsRefusedWhenTheAllocatorStarts) {
       << under_file;
   EXPECT_EQ(refused(base + "/later/dumps"), "");
   EXPECT_FALSE(std::filesystem::exists(base + "/later"));
+  EXPECT_EQ(refused(base), "");
+  // The checks' probes are removed: the directory holds what it held.
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(base),
+                          std::filesystem::directory_iterator()),
+            1);
   std::filesystem::remove_all(base);
+}
+
+// The permission bits alone let root through on /proc, where nothing can be created: such an
+// oom_dump passed the check and failed only at the first dump (audit 40b #7). The check now
+// makes a probe there and removes it.
+TEST(OomDump, ADirectoryWhereNothingCanBeCreatedIsRefusedAlsoForRoot) {
+  if (!std::filesystem::exists("/proc/self")) GTEST_SKIP() << "no /proc";
+  SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  auto refused = [&](const std::string& dir) -> std::string {
+    try {
+      CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+    } catch (const InvalidArgument& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const std::string under = refused("/proc/spill_oom_dump_probe/dumps");
+  EXPECT_NE(under.find("oom_dump: '/proc/spill_oom_dump_probe/dumps' cannot be created in "
+                       "'/proc': "),
+            std::string::npos)
+      << under;
+  const std::string itself = refused("/proc");
+  EXPECT_NE(itself.find("oom_dump: '/proc' is not writable: "), std::string::npos) << itself;
 }
 
 TEST(OomDump, NeverReplacesAnEarlierDumpNorFollowsALinkAtItsName) {

@@ -1,6 +1,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <string>
+#include <string_view>
 
 #include "core/config.hpp"
 #include "core/checked.hpp"
@@ -47,6 +49,23 @@ TEST(Config, ParsesEveryKey) {
   EXPECT_EQ(c.chaos_seed, 42u);
   EXPECT_FALSE(c.trace);
   EXPECT_EQ(c.oom_dump, "/tmp/dumps");
+}
+
+// The yes/no keys take the same spellings: cache_takeover took only on and off while trace
+// also took true, false, 1 and 0 (audit 40b #8).
+TEST(Config, EveryOnOffKeyTakesTheSameSpellings) {
+  for (const char* key : {"cache_takeover", "trace"}) {
+    for (const char* on : {"on", "true", "1"}) {
+      SCOPED_TRACE(std::string(key) + ":" + on);
+      const Config c = Config::parse(std::string(key) + ":" + on);
+      EXPECT_TRUE(std::string_view(key) == "trace" ? c.trace : c.cache_takeover);
+    }
+    for (const char* off : {"off", "false", "0"}) {
+      SCOPED_TRACE(std::string(key) + ":" + off);
+      const Config c = Config::parse(std::string(key) + ":" + off);
+      EXPECT_FALSE(std::string_view(key) == "trace" ? c.trace : c.cache_takeover);
+    }
+  }
 }
 
 TEST(Config, RoundTripsThroughItsStringForm) {
