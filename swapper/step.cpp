@@ -1036,7 +1036,7 @@ bool Swapper::Impl::turn_over_locked(const StepState& s, std::uintptr_t base,
     return false;
   if (s.in_step && id < s.base_of_id.size() && s.base_of_id[id] != 0)
     return s.base_of_id[id] != base;  // another block took the id in this step
-  if (turn->second.next == 0) return false;
+  if (turn->second.next == 0 || turn->second.next == base) return false;
   auto next = blocks.find(turn->second.next);  // the block after it last time, to take it next
   return next != blocks.end() && next->second.generation == turn->second.next_generation;
 }
@@ -1045,7 +1045,17 @@ void Swapper::Impl::note_turn_locked(StepState& s, std::uintptr_t base, const Sw
                                      std::uint64_t id) {
   if (id >= s.base_of_id_prev.size()) return;
   const std::uintptr_t before = s.base_of_id_prev[id];
-  if (before == 0 || before == base) return;  // its own id again (a weight)
+  if (before == 0) return;
+  if (before == base) {
+    // Its own id again (a weight; or a block that took turns and now takes the id step after
+    // step, as a loop that stops rotating: the turn after its own is its own).
+    auto turn = s.turns.find(base);
+    if (turn != s.turns.end() && turn->second.id == id && turn->second.generation == b.generation) {
+      turn->second.next = base;
+      turn->second.next_generation = b.generation;
+    }
+    return;
+  }
   auto old = blocks.find(before);
   if (old == blocks.end() || old->second.generation != s.gen_of_id_prev[id] ||
       old->second.size != b.size)
