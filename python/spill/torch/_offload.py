@@ -490,6 +490,8 @@ class OffloadHandle:
         # The host reads of a forward whose ops a mode pins (the first step's, an evaluation
         # forward's) on the CPU bridge (_reads.host_reads)
         self._forward_reads: Any = None
+        # The module of PyTorch's own whose fast path runs with that mode off (_fast_path_enter).
+        self._fast_path_module: Optional[torch.nn.Module] = None
         self._discovered = False
         self._stack: List[torch.nn.Module] = []
         self._stack_calls: List[ModuleCall] = []
@@ -1113,10 +1115,35 @@ class OffloadHandle:
             except BaseException:
                 self._abandon_forward()
                 raise
+            self._fast_path_enter(module)
             return
         if module is self._entry:
             self._entry_depth += 1
         self._pre_module(module, args, False)
+        self._fast_path_enter(module)
+
+    def _fast_path_enter(self, module: torch.nn.Module) -> None:
+        """An eval-mode forward of nn.TransformerEncoderLayer, nn.TransformerEncoder or
+        nn.MultiheadAttention themselves (not a subclass, whose code may read the host) runs
+        with the host reads' function mode (_forward_reads, CPU bridge only) off until it
+        returns: under any function mode PyTorch skips their fused fast path
+        (torch.overrides.has_torch_function), and the slow path's numbers differ (a few ulps
+        on an AVX-512 machine, 2026-12-07): an evaluation pass then gave other values than
+        plain torch. Their code reads no tensor on the host; the evaluation's dispatch mode
+        (_EvalOps) pins what the fused op reads."""
+        reads = self._forward_reads
+        if (reads is None or self._fast_path_module is not None or module.training
+                or type(module) not in _FAST_PATH_MODULES):
+            return
+        if _remove(reads, *_function_stack()):
+            self._fast_path_module = module
+
+    def _fast_path_leave(self, module: torch.nn.Module) -> None:
+        if self._fast_path_module is not module:
+            return
+        self._fast_path_module = None
+        if self._forward_reads is not None:
+            _insert_bottom(self._forward_reads, *_function_stack())
 
     def _follow_thread(self) -> None:
         """A training forward begins on a thread other than the one the handle trains on
@@ -1265,6 +1292,7 @@ class OffloadHandle:
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if in_transform():
             return
+        self._fast_path_leave(module)
         if self._entry is None and self._recompute.frame is not None:
             self._post_recomputed(module)
             return
@@ -2355,6 +2383,7 @@ class OffloadHandle:
             self._eval_ops = None
             self._policy.evaluation(False)
         reads, self._forward_reads = self._forward_reads, None
+        self._fast_path_module = None
         if reads is not None:
             _remove(reads, *_function_stack())
 
@@ -2747,6 +2776,11 @@ def _in_functional_call() -> bool:
         frame = frame.f_back
     return False
 
+
+# PyTorch's modules whose evaluation forward takes a fused fast path only while no function
+# mode is on (OffloadHandle._fast_path_enter).
+_FAST_PATH_MODULES = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder,
+                      torch.nn.MultiheadAttention)
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
 
