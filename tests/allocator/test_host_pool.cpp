@@ -223,6 +223,16 @@ TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
   std::filesystem::remove_all(dir);
 }
 
+// The message with which an allocator on `dev` refuses `dir` as its oom_dump ("" when accepted).
+std::string oom_dump_refused(SimDevice& dev, const std::string& dir) {
+  try {
+    CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
+  } catch (const InvalidArgument& e) {
+    return e.what();
+  }
+  return "";
+}
+
 // Dumps were named by PID and a per-process count, and replaced what was there: a second run
 // with the same PID (every container's first process is 1) overwrote the first run's dumps,
 // and a link planted at the name was followed (audit 37b, F2). Now the next free name is taken.
@@ -231,19 +241,12 @@ TEST(OomDump, IsWrittenOutsideTheAllocatorsLock) {
 // yet under a writable directory is fine and is not created until a dump is written.
 TEST(OomDump, AnUnusableDirectoryIsRefusedWhenTheAllocatorStarts) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
+  auto refused = [&](const std::string& dir) { return oom_dump_refused(dev, dir); };
   const std::string base = ::testing::TempDir() + "spill_oom_dump_check_test";
   std::filesystem::remove_all(base);
   std::filesystem::create_directories(base);
   const std::string file = base + "/a_file";
   std::ofstream(file) << "not a directory\n";
-  auto refused = [&](const std::string& dir) -> std::string {
-    try {
-      CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
-    } catch (const InvalidArgument& e) {
-      return e.what();
-    }
-    return "";
-  };
   const std::string on_file = refused(file);
   EXPECT_NE(on_file.find("oom_dump: '" + file + "' is not a directory"), std::string::npos)
       << on_file;
@@ -267,14 +270,7 @@ TEST(OomDump, AnUnusableDirectoryIsRefusedWhenTheAllocatorStarts) {
 TEST(OomDump, ADirectoryWhereNothingCanBeCreatedIsRefusedAlsoForRoot) {
   if (!std::filesystem::exists("/proc/self")) GTEST_SKIP() << "no /proc";
   SimDevice dev(SimOptions{.capacity = 64 * MiB});
-  auto refused = [&](const std::string& dir) -> std::string {
-    try {
-      CachingAllocator a(dev, AllocatorOptions{.budget = 8 * MiB, .oom_dump = dir});
-    } catch (const InvalidArgument& e) {
-      return e.what();
-    }
-    return "";
-  };
+  auto refused = [&](const std::string& dir) { return oom_dump_refused(dev, dir); };
   const std::string under = refused("/proc/spill_oom_dump_probe/dumps");
   EXPECT_NE(under.find("oom_dump: '/proc/spill_oom_dump_probe/dumps' cannot be created in "
                        "'/proc': "),
