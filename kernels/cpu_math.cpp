@@ -1,5 +1,8 @@
 // Dense, elementwise, normalisation, softmax, embedding and optimizer math on the host. Every
-// reduction accumulates in double in a fixed order, so results do not depend on scheduling.
+// reduction runs in a fixed order, so results do not depend on scheduling, and accumulates in
+// double, but the embedding's gradient sums: in float, in position order, as the GPU kernels
+// (gpu_reduce.cu) add them (a double accumulator per table row would need a vocab x dim
+// scratch on the host; audit 40a #15).
 #include "kernels/cpu_math.hpp"
 
 #include <cblas.h>
