@@ -1,6 +1,8 @@
 // The `spill` command: entry point and global options.
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
@@ -72,7 +74,17 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run(globals.config());
+    const int status = run(globals.config());
+    // What a command prints is its result: lost to a failing standard output (a full disk,
+    // `> /dev/full`), the command failed, though it exited 0 before (audit 40a #11).
+    errno = 0;
+    const bool flushed = std::fflush(stdout) == 0;
+    if (!flushed || std::ferror(stdout)) {
+      std::fprintf(stderr, "spill: error: cannot write the standard output: %s\n",
+                   !flushed && errno != 0 ? std::strerror(errno) : "an earlier write failed");
+      return 1;
+    }
+    return status;
   } catch (const InvalidArgument& e) {
     std::fprintf(stderr, "spill: invalid input: %s\n",
                  printable(without_source_location(e.what())).c_str());

@@ -5,6 +5,7 @@
 // footprint. --check runs the same steps again with no budget and requires bit-identical
 // losses, weights and optimizer state. After the steps it prints the bytes moved before step 1
 // (set-up), in the steps and after them (--check's read-back): a trace counts all three.
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
@@ -45,15 +46,19 @@ struct TrainArgs {
   std::string plan_out;
 };
 
-nlohmann::json step_json(const train::StepStats& s) {
+// Whether the executor's prediction is of the run: policies lru and plan do not follow the
+// graph planner's plan (the executor still makes one, swap-only), so its simulation predicts
+// nothing they do (audit 40a #4).
+bool predicts_the_run(train::Policy p) {
+  return p == train::Policy::Graph || p == train::Policy::None;
+}
+
+nlohmann::json step_json(const train::StepStats& s, bool predicted) {
   nlohmann::json j = {{"step", s.step + 1},
           {"loss", s.loss},
           {"step_s", s.step_s},
-          {"predicted_step_s", s.predicted_step_s},
           {"stall_s", s.stall_s},
-          {"predicted_stall_s", s.predicted_stall_s},
           {"peak_mapped", s.peak_mapped},
-          {"predicted_peak", s.predicted_peak},
           {"bytes_out", s.swaps.bytes_out},
           {"bytes_in", s.swaps.bytes_in},
           {"demand_fetches", s.swaps.demand_fetches},
@@ -74,6 +79,11 @@ nlohmann::json step_json(const train::StepStats& s) {
           {"alloc_waits", s.alloc_waits},
           {"alloc_wait_s", s.alloc_wait_s},
           {"cache_takeovers", s.cache_takeovers}};
+  if (predicted) {
+    j["predicted_step_s"] = s.predicted_step_s;
+    j["predicted_stall_s"] = s.predicted_stall_s;
+    j["predicted_peak"] = s.predicted_peak;
+  }
   if (s.ops_s) j["ops_s"] = *s.ops_s;
   // The step's virtual-memory calls: {"map": {"calls": N, "s": host seconds}, ...}.
   const std::pair<const char*, const VmmCalls::Tally*> vmm[] = {
@@ -178,10 +188,15 @@ int run_predict(const Config& config, const TrainArgs& a) {
       std::printf("%-20s %zu of the remakes are links of chains (remade early for a remake "
                   "that reads them)\n", "", links);
   }
+  // The floor bounds the ops alone; the rows above also count the inputs' upload, so a ratio
+  // to the unlimited step put it below that step (audit 40a #17): to the ops' compute instead.
   if (r.floor)
-    std::printf("%-20s %18s   no plan that only swaps does better at the planner's budget on "
-                "this link%s (of the step's ops; inputs' upload aside)\n",
-                "floor (swap only)", ratio(r.floor->step_s).c_str(),
+    std::printf("%-20s %9s (%.2fx the ops' compute, %s; the rows above also upload the "
+                "inputs): no plan that only swaps does better at the planner's budget on this "
+                "link%s\n",
+                "floor (swap only)", ms(r.floor->step_s).c_str(),
+                r.floor->step_s / r.unlimited.compute_time_s,
+                ms(r.unlimited.compute_time_s).c_str(),
                 a.no_recompute ? "" : "; a plan that recomputes is not bound by it");
   std::printf("\nwhere the %s step goes (phases split at the first and after the last backward "
               "op; engines busy within each):\n",
@@ -241,6 +256,16 @@ int run_predict(const Config& config, const TrainArgs& a) {
 }
 
 int run_train(Config config, const TrainArgs& a) {
+  // The trainer reads step times in simulated time (sim_queries:simulated); with time_scale
+  // the host's clock paces the simulated one, so the host's CPU kernels (divided by the
+  // scale) would enter every simulated step and stall (audit 40a #10).
+  if (config.time_scale > 0) {
+    char scale[32];
+    std::snprintf(scale, sizeof scale, "%g", config.time_scale);
+    throw InvalidArgument(std::string("time_scale: spill train's step times are simulated; "
+                                      "time_scale:") + scale +
+                          " would add this machine's kernel time to them (leave it at 0)");
+  }
   if (!a.trace.empty()) check_writable(a.trace, "--trace");
   if (!a.json.empty()) check_writable(a.json, "--json");
   check_not_same(a.json, "--json", a.trace, "--trace");
@@ -267,8 +292,19 @@ int run_train(Config config, const TrainArgs& a) {
                                         "run on this device: ") + e.what());
     }
   }
-  profiling::TraceRecorder::global().set_enabled(!a.trace.empty());
-  profiling::TraceRecorder::global().collect();
+  // The trace is taken from the recorder after every step, not only at the end: its rings
+  // hold 65,536 events per thread, which a long run overflows (audit 40a #3).
+  auto& rec = profiling::TraceRecorder::global();
+  rec.set_enabled(!a.trace.empty());
+  rec.collect();
+  const std::uint64_t dropped_before = rec.dropped();
+  std::vector<profiling::TraceEvent> trace_events;
+  auto take_trace = [&] {
+    if (a.trace.empty()) return;
+    std::vector<profiling::TraceEvent> more = rec.collect();
+    trace_events.insert(trace_events.end(), more.begin(), more.end());
+  };
+  std::uint64_t trace_dropped = 0;
 
   train::RunOptions ro;
   ro.policy = policy;
@@ -283,6 +319,7 @@ int run_train(Config config, const TrainArgs& a) {
   bool started = false;
   auto on_start = [&](const train::Executor& ex, Runtime& rt) {
     started = true;
+    take_trace();  // the set-up's events
     const DeviceInfo& d = rt.device().info();
     simulated = d.simulated;
     device_name = d.name;
@@ -297,32 +334,46 @@ int run_train(Config config, const TrainArgs& a) {
     std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx)   policy: %s\n",
                 format_bytes(footprint).c_str(), format_bytes(ex.budget()).c_str(),
                 double(footprint) / double(ex.budget()), train::to_string(policy));
-    std::printf("plan:      %zu swaps, %zu recomputes (%zu early as links of chains; %s, %s); "
+    if (!predicts_the_run(policy))
+      std::printf("plan:      none: policy %s moves blocks as the allocator needs room, so "
+                  "the (pred) columns are empty; for comparison, policy graph's swap-only plan "
+                  "at this budget would be:\n",
+                  train::to_string(policy));
+    std::printf("%s%zu swaps, %zu recomputes (%zu early as links of chains; %s, %s); "
                 "predicted peak %s, out %s, in %s per step, step %s (compute %s, stall %s)\n",
+                predicts_the_run(policy) ? "plan:      " : "graph:     ",
                 ex.plan().swaps.size(), ex.plan().recomputes.size(), ex.plan().chain_links(),
                 format_bytes(p.recomputed_bytes).c_str(), ms(p.recompute_time_s).c_str(),
                 format_bytes(ex.predicted_peak()).c_str(),
                 format_bytes(p.swapped_out_bytes).c_str(), format_bytes(p.swapped_in_bytes).c_str(),
                 ms(p.step_time_s).c_str(), ms(p.compute_time_s).c_str(), ms(p.stall_time_s).c_str());
     if (const auto& f = ex.floor()) {
-      std::printf("floor:     %s for the step's ops (compute %s): no plan that only swaps does "
-                  "better at this budget on this link%s\n",
+      std::printf("floor:     %s for the step's ops alone (compute %s; the steps also upload "
+                  "their inputs): no plan that only swaps does better at this budget on this "
+                  "link%s\n",
                   ms(f->step_s).c_str(), ms(p.compute_time_s).c_str(),
                   ex.plan().recomputes.empty() ? "" : " (this plan also recomputes: not bound by it)");
     }
     std::printf("\n%4s %10s %11s %11s %10s %10s %9s %9s %10s %10s %6s %5s %7s\n", "step", "loss",
                 "peak", "(pred)", "out", "in", "stall", "(pred)", "step", "(pred)", "demand",
                 "hits", "wall");
+    // Before the steps run: with stdout redirected, an error in step 1 (on stderr) otherwise
+    // came before the header in the log (audit 40a #8).
+    std::fflush(stdout);
   };
   std::uint64_t peak = 0;
   train::RunResult run;
+  const bool predicted = predicts_the_run(policy);
   auto on_step = [&](const train::StepStats& s) {
+    take_trace();
     peak = std::max(peak, s.peak_mapped);
+    auto pred = [predicted](std::string text) { return predicted ? text : std::string("-"); };
     std::printf("%4d %10.6f %11s %11s %10s %10s %9s %9s %10s %10s %6llu %5llu %6.1fs\n",
                 s.step + 1, double(s.loss), format_bytes(s.peak_mapped).c_str(),
-                format_bytes(s.predicted_peak).c_str(), format_bytes(s.swaps.bytes_out).c_str(),
+                pred(format_bytes(s.predicted_peak)).c_str(), format_bytes(s.swaps.bytes_out).c_str(),
                 format_bytes(s.swaps.bytes_in).c_str(), ms(s.stall_s).c_str(),
-                ms(s.predicted_stall_s).c_str(), ms(s.step_s).c_str(), ms(s.predicted_step_s).c_str(),
+                pred(ms(s.predicted_stall_s)).c_str(), ms(s.step_s).c_str(),
+                pred(ms(s.predicted_step_s)).c_str(),
                 static_cast<unsigned long long>(s.swaps.demand_fetches),
                 static_cast<unsigned long long>(s.swaps.prefetch_hits), s.wall_s);
     std::fflush(stdout);
@@ -330,16 +381,23 @@ int run_train(Config config, const TrainArgs& a) {
   auto on_end = [&](Runtime& rt) {
     if (a.trace.empty()) return;
     rt.device().synchronize();
-    auto& rec = profiling::TraceRecorder::global();
-    const std::vector<profiling::TraceEvent> events = rec.collect();  // counts its drops
-    profiling::write_chrome_trace(a.trace, events,
-                                  [&rec](std::uint32_t t) { return rec.tag_name(t); },
-                                  {{"command", "spill train " + a.model},
-                                   {"budget_bytes", rt.allocator().budget()},
-                                   {"policy", a.policy},
-                                   {"dropped_events", rec.dropped()},
-                                   // Begun before the runtimes: nothing before it.
-                                   {"baseline", profiling::zero_baseline()}},
+    take_trace();  // counts its drops
+    // The pieces taken after each step, in the order collect() gives each (events still in
+    // flight at a step's end, such as copies, came in a later piece).
+    std::stable_sort(trace_events.begin(), trace_events.end(),
+                     [](const profiling::TraceEvent& x, const profiling::TraceEvent& y) {
+                       return x.time_ns != y.time_ns ? x.time_ns < y.time_ns : x.order < y.order;
+                     });
+    trace_dropped = rec.dropped() - dropped_before;
+    nlohmann::json meta = {{"command", "spill train " + a.model},
+                           {"budget_bytes", rt.allocator().budget()},
+                           {"policy", a.policy},
+                           {"dropped_events", trace_dropped}};
+    // Begun before the runtimes: nothing before it, unless events were lost (then the report
+    // infers a baseline rather than trust one that the missing events contradict).
+    if (trace_dropped == 0) meta["baseline"] = profiling::zero_baseline();
+    profiling::write_chrome_trace(a.trace, trace_events,
+                                  [&rec](std::uint32_t t) { return rec.tag_name(t); }, meta,
                                   "--trace");
   };
   try {
@@ -393,6 +451,10 @@ int run_train(Config config, const TrainArgs& a) {
   if (!a.trace.empty())
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
                 printable_name(a.trace).c_str());
+  if (trace_dropped > 0)
+    std::printf("trace:     INCOMPLETE: %llu events were lost (more than a recorder ring holds "
+                "between two steps); its sums fall short of the run's figures\n",
+                (unsigned long long)trace_dropped);
   nlohmann::json doc = {{"format", "spill-train"},
                         {"version", 1},
                         {"model", a.model},
@@ -402,15 +464,28 @@ int run_train(Config config, const TrainArgs& a) {
                         {"footprint", run.footprint},
                         {"budget", run.budget},
                         {"steps", nlohmann::json::array()}};
-  if (run.floor) doc["floor_step_s"] = run.floor->step_s;  // of the plan the last step followed
   // The ops' names, and those with planned prefetches or remakes (the last plan's), to read
   // the steps' op_start_s and op_end_s against.
   doc["ops"] = nlohmann::json::array();
   for (const train::OpSpec& op : program.ops) doc["ops"].push_back(op.name);
-  doc["acting_ops"] = nlohmann::json::array();
-  for (std::size_t i = 0; i < run.plan.steps.size(); ++i)
-    if (run.plan.steps[i].acts_before()) doc["acting_ops"].push_back(i);
-  for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st));
+  if (predicted) {
+    if (run.floor) doc["floor_step_s"] = run.floor->step_s;  // of the plan the last step followed
+    doc["acting_ops"] = nlohmann::json::array();
+    for (std::size_t i = 0; i < run.plan.steps.size(); ++i)
+      if (run.plan.steps[i].acts_before()) doc["acting_ops"].push_back(i);
+  } else {
+    // Policies lru and plan follow no graph plan: the steps carry no prediction, and this is
+    // policy graph's swap-only plan at the same budget, for comparison (audit 40a #4).
+    const graph::SimResult& p = run.prediction;
+    doc["graph_plan_for_comparison"] = {{"swaps", run.plan.swaps.size()},
+                                        {"step_s", p.step_time_s},
+                                        {"stall_s", p.stall_time_s},
+                                        {"compute_s", p.compute_time_s},
+                                        {"peak", run.predicted_peak},
+                                        {"bytes_out", p.swapped_out_bytes},
+                                        {"bytes_in", p.swapped_in_bytes}};
+  }
+  for (const train::StepStats& st : run.steps) doc["steps"].push_back(step_json(st, predicted));
   // Copies outside the steps, and the run's (set-up, steps and read-back): a trace of the run
   // counts the run's.
   doc["setup"] = swaps_json(run.setup_swaps);
@@ -454,6 +529,12 @@ void add_train(CLI::App& app, Runner& run) {
       ->check(int_in(1, train::kMaxModelSeq));
   cmd->add_option("--budget", a->budget,
                   "mapped device bytes (default: budget: in --conf, else a third of the footprint)")
+      // Given empty, it meant "not given" (the default budget) without a word (audit 40a #6).
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            return v.empty() ? "expected a size such as 8GiB, got ''" : "";
+          },
+          "SIZE"))
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   // The last of a repeated option wins, so that scripts/run.sh's defaults can be overridden.
   cmd->add_option("--steps", a->steps, "steps to run")
@@ -497,6 +578,11 @@ void add_train(CLI::App& app, Runner& run) {
                    ->check(file_path());
   auto* plan_out = cmd->add_option("--plan-out", a->plan_out, "--predict: write the plan here")
                    ->check(file_path());
+  cmd->footer("--budget, --steps and --policy may be repeated: the last one given counts (so "
+              "that a script's defaults can be overridden); every other option may be given "
+              "once. Options that the model or policy would not read (--seq but for gpt models; "
+              "--no-recompute but for policy graph; --lag and --wait-every-op with policy none) "
+              "are refused.");
   cmd->callback([&run, a, cmd, dev, link, timeline, plan_out] {
     // Options that only one of the two modes reads are refused in the other (checked as the
     // command runs, so that the error is the CLI's usual invalid input).
@@ -508,7 +594,17 @@ void add_train(CLI::App& app, Runner& run) {
     } else {
       for (const CLI::Option* o : {dev, link, timeline, plan_out})
         if (o->count() > 0) refused = o->get_name() + " is for --predict only";
+      // Options the run would not read were accepted and ignored (audit 40a #12).
+      if (cmd->count("--no-recompute") > 0 && a->policy != "graph")
+        refused = "--no-recompute is for policy graph (the others never recompute), not '" +
+                  a->policy + "'";
+      for (const char* o : {"--lag", "--wait-every-op"})
+        if (cmd->count(o) > 0 && a->policy == "none")
+          refused = std::string(o) + " does nothing with policy none (it has no plan actions "
+                                     "to time)";
     }
+    if (cmd->count("--seq") > 0 && a->model.rfind("gpt", 0) != 0)
+      refused = "--seq: " + a->model + " has no sequence (only the gpt models have one)";
     run = [a, refused](const Config& c) {
       SPILL_EXPECTS(refused.empty(), refused);
       return a->predict ? run_predict(c, *a) : run_train(c, *a);

@@ -70,6 +70,18 @@ bool out_of_room_or_io(int err) {
   throw InvalidArgument(message);
 }
 
+// A regular file that write_file would replace by a new file beside it, where none can be
+// made: said so, not with the error as if of the path itself (/proc/version was "No such file
+// or directory").
+[[noreturn]] void throw_cannot_write_beside(const std::string& path, std::string_view what,
+                                            int err) {
+  const std::string message = std::string(what) + ": cannot write '" + path +
+                              "': no new file can be created beside it to replace it (" +
+                              std::strerror(err) + ")";
+  if (out_of_room_or_io(err)) throw WriteFailed(message);
+  throw InvalidArgument(message);
+}
+
 // Writes all of `text` to `fd` and closes it. When the write or the close fails, removes
 // `remove_on_failure` (unless empty: a file it made) and throws as throw_write_failed.
 void write_and_close(int fd, std::string_view text, const std::string& remove_on_failure,
@@ -205,6 +217,17 @@ void check_writable(const std::string& path, std::string_view what) {
     const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
     if (fd < 0) throw_cannot_write(path, what, errno);  // (no room: WriteFailed)
     ::close(fd);
+    // write_file replaces it by a new file made beside it (a directory that refuses new files
+    // for want of permission only has it rewritten in place): that must be possible too
+    // (audit 40a #16: /proc/version passed, and the write failed after the whole run).
+    const std::string temporary = temporary_beside(link_target(path));
+    const int probe = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (probe >= 0) {
+      ::close(probe);
+      ::unlink(temporary.c_str());
+    } else if (errno != EACCES && errno != EPERM) {
+      throw_cannot_write_beside(path, what, errno);
+    }
     return;
   }
   // A new file: created where the write will create it (through a symbolic link not
@@ -311,6 +334,7 @@ void write_file(const std::string& path, std::string_view text, std::string_view
   // with the old file whole (it was truncated and cut short before).
   if (temporary.empty()) {
     if (existed && (errno == EACCES || errno == EPERM)) return write_in_place(path, text, what, st);
+    if (existed) throw_cannot_write_beside(path, what, errno);
     throw_cannot_write(path, what, errno);
   }
   if (::rename(temporary.c_str(), target.c_str()) != 0) {

@@ -262,8 +262,10 @@ bool Swapper::Impl::swap_in(std::unique_lock<std::mutex>& lock, std::uintptr_t b
       std::rethrow_exception(failure);
     } catch (const OutOfMemory& e) {
       // Say which blocks hold the budget: those that cannot move.
+      const std::string name = backend.block_name(ptr);  // the caller's, when it gave one
       throw OutOfMemory(std::string("pin: cannot bring ") + format_bytes(size) + " at " +
-                        format_address(ptr) + " back: " + unevictable_report_locked() +
+                        format_address(ptr) + (name.empty() ? "" : " (\"" + name + "\")") +
+                        " back: " + unevictable_report_locked() +
                         " (tracked blocks: " + format_bytes(by_state[0]) + " resident, " +
                         format_bytes(by_state[1]) + " swapping out, " +
                         format_bytes(by_state[2]) + " on host, " + format_bytes(by_state[3]) +

@@ -118,6 +118,9 @@ struct Executor::Impl {
   float* loss_host = nullptr;
   std::size_t loss_op = 0;
   int steps_done = 0;
+  // Where a step is, for its errors (audit 40a #8): the op running (-1: the inputs' upload,
+  // -2: the step's end), and the tensor being allocated or pinned (-1: none).
+  std::ptrdiff_t at_op = -2, at_tensor = -1;
   double spill_s = 0, spill_cpu_s = 0, spill_vmm_cpu_s = 0;
   SwapStats setup_swaps;  // what setting up moved (Executor::setup_swaps)
 
@@ -137,10 +140,12 @@ struct Executor::Impl {
     const std::uint64_t bytes = p.tensors[t].bytes;
     // Named as the graph names the tensor: snapshots, the report's top allocations and
     // out-of-memory messages then say which tensor a block is.
+    at_tensor = std::ptrdiff_t(t);
     timed([&] {
       ptr = alloc.allocate(bytes, stream);
       alloc.set_block_name(ptr, p.tensors[t].name);
     });
+    at_tensor = -1;
     ptrs[t] = ptr;
     if (!checked[t]) {  // the graph's size and pool are what the allocator gave
       std::optional<BlockInfo> info = alloc.block_info(ptr);
@@ -157,7 +162,9 @@ struct Executor::Impl {
     ptrs[t] = nullptr;
   }
   void pin(TensorId t) {
+    at_tensor = std::ptrdiff_t(t);
     if (swappable[t]) timed([&] { swp->pin(ptrs[t], stream); });
+    at_tensor = -1;
   }
   void unpin(TensorId t, bool wrote_it) {
     if (swappable[t]) timed([&] { swp->unpin(ptrs[t], stream, wrote_it); });
@@ -184,6 +191,15 @@ struct Executor::Impl {
     for (TensorId u : uses[m]) unpin(u, u == t);
     ++r.recomputes;
     r.recomputed_bytes += g.tensors[t].bytes;
+  }
+
+  // "step N, op 'name', tensor 'x': " for an error in the step.
+  std::string where() const {
+    std::string w = "step " + std::to_string(steps_done + 1) + ", ";
+    if (at_op >= 0) w += "op " + std::to_string(at_op) + " '" + p.ops[std::size_t(at_op)].name + "'";
+    else w += at_op == -1 ? "the inputs' upload" : "its end";
+    if (at_tensor >= 0) w += ", tensor '" + p.tensors[std::size_t(at_tensor)].name + "'";
+    return w + ": ";
   }
 
   void setup();
@@ -347,6 +363,8 @@ StepStats Executor::Impl::step() {
   // The step starts when the previous one's last op ended (the compute stream is idle), and
   // includes its inputs' upload.
   dev.record(t0, stream);
+  at_op = -1;
+  at_tensor = -1;
   if (swp) timed([&] { swp->begin_step(); });
   // Inputs: generated on the host, uploaded on the compute stream.
   for (std::size_t k = 0; k < inputs.size(); ++k) {
@@ -367,6 +385,7 @@ StepStats Executor::Impl::step() {
   const int steps_so_far = steps_done;
   OpContext ctx{*k, stream, steps_so_far + 1, ptrs};
   for (std::size_t i = 0; i < p.ops.size(); ++i) {
+    at_op = std::ptrdiff_t(i);
     // Issue op i's plan actions when op i - lag has finished, as the plan times them; op -1
     // is the inputs' upload (it would otherwise race op 0's prefetches for the copy engine).
     // Without wait_every_op an op with no actions is issued at once (ExecOptions).
@@ -378,6 +397,7 @@ StepStats Executor::Impl::step() {
     }
     if (o.policy == Policy::Graph) {
       for (graph::TensorIndex t : plan.steps[i].prefetch_at) {
+        at_tensor = std::ptrdiff_t(t);
         timed([&] {
           const Residence where = swp->residence(ptrs[t]);
           if (where == Residence::SwappingOut) r.cancelled_bytes += g.tensors[t].bytes;
@@ -386,6 +406,7 @@ StepStats Executor::Impl::step() {
           swp->prefetch(ptrs[t], /*wait_for_room=*/true);
         });
       }
+      at_tensor = -1;
     }
     if (o.policy == Policy::Graph)
       for (graph::TensorIndex t : plan.steps[i].recompute_before) remake(t, ctx, r);
@@ -412,10 +433,15 @@ StepStats Executor::Impl::step() {
     for (std::size_t u = 0; u < uses[i].size(); ++u) unpin(uses[i][u], wrote[i][u] != 0);
     for (TensorId t : frees[i]) free(t);
     if (o.policy == Policy::Graph) {
-      for (graph::TensorIndex t : plan.steps[i].evict_after) timed([&] { swp->evict(ptrs[t]); });
+      for (graph::TensorIndex t : plan.steps[i].evict_after) {
+        at_tensor = std::ptrdiff_t(t);
+        timed([&] { swp->evict(ptrs[t]); });
+      }
+      at_tensor = -1;
       for (graph::TensorIndex t : plan.steps[i].drop_after) free(t);
     }
   }
+  at_op = -2;
   dev.record(t1, stream);
   if (swp) timed([&] { swp->end_step(); });
   dev.synchronize(stream);
@@ -470,6 +496,27 @@ std::vector<std::byte> Executor::Impl::read(TensorId t) {
   return out;
 }
 
+namespace {
+// The error being handled again, of the same type, its message after `prefix`.
+[[noreturn]] void rethrow_with(const std::string& prefix) {
+  try {
+    throw;
+  } catch (const HostCapExceeded& e) {
+    throw HostCapExceeded(prefix + e.what());
+  } catch (const OutOfMemory& e) {
+    throw OutOfMemory(prefix + e.what());
+  } catch (const CudaError& e) {
+    throw CudaError(prefix + e.what(), e.code());
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(prefix + e.what());
+  } catch (const WriteFailed& e) {
+    throw WriteFailed(prefix + e.what());
+  } catch (const Error& e) {
+    throw Error(prefix + e.what());
+  }
+}
+}  // namespace
+
 Executor::Executor(Runtime& runtime, const Program& program, const ExecOptions& options)
     : impl_(std::make_unique<Impl>(runtime, program, options)) {
   impl_->setup();
@@ -500,7 +547,13 @@ Executor::~Executor() {
   }
 }
 
-StepStats Executor::step() { return impl_->step(); }
+StepStats Executor::step() {
+  try {
+    return impl_->step();
+  } catch (const Error&) {
+    rethrow_with(impl_->where());
+  }
+}
 const SwapStats& Executor::setup_swaps() const { return impl_->setup_swaps; }
 const graph::Graph& Executor::graph() const { return impl_->g; }
 const graph::Plan& Executor::plan() const { return impl_->plan; }

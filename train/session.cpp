@@ -1,5 +1,6 @@
 #include "train/session.hpp"
 
+#include <cstdio>
 #include <cstring>
 
 #include "core/errors.hpp"
@@ -46,7 +47,10 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
   if (options.keep_state) {
     Swapper* swp = rt.swapper();
     const SwapStats before = swp ? swp->stats() : SwapStats{};
-    r.state = ex.state();
+    r.state = ex.state();  // the persistent tensors', in tensor order
+    for (std::size_t t = 0; t < program.tensors.size(); ++t)
+      if (graph::persistent(program.tensors[t].kind))
+        r.state_tensors.emplace_back(program.tensors[t].name, program.tensors[t].bytes);
     if (swp) r.readback_swaps = swaps_since(swp->stats(), before);
   }
   if (on_end) on_end(rt);
@@ -61,6 +65,15 @@ SwapStats run_swaps(const RunResult& r) {
   return t;
 }
 
+namespace {
+// A float exactly: 9 significant digits tell any two apart.
+std::string exact(float v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.9g", double(v));
+  return b;
+}
+}  // namespace
+
 Comparison compare_runs(const RunResult& a, const RunResult& b) {
   Comparison c;
   if (a.steps.size() != b.steps.size()) {
@@ -70,8 +83,9 @@ Comparison compare_runs(const RunResult& a, const RunResult& b) {
   }
   for (std::size_t i = 0; i < a.steps.size(); ++i) {
     if (std::memcmp(&a.steps[i].loss, &b.steps[i].loss, sizeof(float)) != 0) {
-      c.detail = "step " + std::to_string(i + 1) + ": loss " + std::to_string(a.steps[i].loss) +
-                 " vs " + std::to_string(b.steps[i].loss);
+      // std::to_string's 6 decimals printed two different losses alike (audit 40a #9).
+      c.detail = "step " + std::to_string(i + 1) + ": loss " + exact(a.steps[i].loss) + " vs " +
+                 exact(b.steps[i].loss);
       return c;
     }
   }
@@ -83,6 +97,23 @@ Comparison compare_runs(const RunResult& a, const RunResult& b) {
   if (std::memcmp(a.state.data(), b.state.data(), a.state.size()) != 0) {
     std::size_t i = 0;
     while (a.state[i] == b.state[i]) ++i;
+    // Named by the tensor and element (the state is the persistent tensors in order).
+    std::size_t start = 0;
+    for (const auto& [name, bytes] : a.state_tensors) {
+      if (i >= start + bytes) {
+        start += bytes;
+        continue;
+      }
+      const std::size_t element = (i - start) / sizeof(float);
+      const std::size_t at = start + element * sizeof(float);
+      if (at + sizeof(float) > a.state.size()) break;
+      float x = 0, y = 0;
+      std::memcpy(&x, a.state.data() + at, sizeof x);
+      std::memcpy(&y, b.state.data() + at, sizeof y);
+      c.detail = "weights or optimizer state differ: tensor '" + name + "' element " +
+                 std::to_string(element) + ": " + exact(x) + " vs " + exact(y);
+      return c;
+    }
     c.detail = "weights or optimizer state differ at byte " + std::to_string(i);
     return c;
   }

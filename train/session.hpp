@@ -5,6 +5,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config.hpp"
@@ -26,6 +27,8 @@ struct RunOptions {
 struct RunResult {
   std::vector<StepStats> steps;
   std::vector<std::byte> state;  // when keep_state
+  // What `state` holds, in order: the persistent tensors' names and bytes (float32 elements).
+  std::vector<std::pair<std::string, std::size_t>> state_tensors;
   std::uint64_t footprint = 0, budget = 0;
   std::uint64_t predicted_peak = 0;  // mapped bytes (Executor::predicted_peak)
   graph::SimResult prediction;
@@ -51,7 +54,8 @@ RunResult run_training(const Config& base, const Program& program, const RunOpti
                        const std::function<void(Runtime&)>& on_end = {});
 
 // Whether two runs' losses and states are bit-identical; `detail` says what was compared, or
-// the first difference.
+// the first difference: the step and both losses (to 9 significant digits, which tell any two
+// floats apart), or the tensor and element and both values.
 struct Comparison {
   bool identical = false;
   std::string detail;

@@ -331,12 +331,16 @@ for name in ("mlp", "cnn", "gpt-mini", "gpt-mini_plan"):
     path = pathlib.Path(sys.argv[1]) / f"train_{name}.json"
     if not path.exists():
         continue
-    steps = json.loads(path.read_text())["steps"][2:]
+    doc = json.loads(path.read_text())
+    steps = doc["steps"][2:]
     if not steps:
         continue
     mean = lambda key: sum(s.get(key, float("nan")) for s in steps) / len(steps)
-    print(f"tests-train: {name}: steps 3-4 {mean('step_s') * 1e3:.2f} ms, predicted "
-          f"{mean('predicted_step_s') * 1e3:.2f} ms, ops {mean('ops_s') * 1e3:.2f} ms, host in "
+    # Policies lru and plan have no prediction of their own (audit 40a #4): policy graph's.
+    pred = ("predicted", mean("predicted_step_s")) if "predicted_step_s" in steps[0] else (
+        "graph plan (for comparison)", doc.get("graph_plan_for_comparison", {}).get("step_s", float("nan")))
+    print(f"tests-train: {name}: steps 3-4 {mean('step_s') * 1e3:.2f} ms, {pred[0]} "
+          f"{pred[1] * 1e3:.2f} ms, ops {mean('ops_s') * 1e3:.2f} ms, host in "
           f"spill {mean('spill_s') * 1e3:.2f} ms, waited before {mean('op_waits'):.0f} ops")
 PY
   fi

@@ -51,6 +51,33 @@ TEST(WriteFile, AFailedWriteKeepsThePreviousContentsAndLeavesNoTemporary) {
   fs::remove_all(dir);
 }
 
+// An existing file is replaced by a new one made beside it: check_writable tries that too,
+// leaving nothing behind, and refuses a file where nothing can be made (audit 40a #16:
+// /proc/version, which root may open for appending, passed; the write failed after the run,
+// with "No such file or directory").
+TEST(CheckWritable, ProbesTheFileBesideAnExistingOne) {
+  const fs::path dir = fresh_dir("check_writable_beside");
+  const fs::path file = dir / "trace.json";
+  std::ofstream(file) << "previous\n";
+  EXPECT_NO_THROW(check_writable(file.string(), "--trace"));
+  EXPECT_EQ(read(file), "previous\n");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 1)
+      << "the probe was left beside it";
+  fs::remove_all(dir);
+  if (::access("/proc/version", F_OK) != 0) GTEST_SKIP() << "no /proc/version";
+  try {
+    check_writable("/proc/version", "--trace");
+    ADD_FAILURE() << "/proc/version passed the check";
+  } catch (const InvalidArgument& e) {
+    // Not root: it cannot be opened at all. Root: nothing can be made beside it.
+    if (::geteuid() == 0) {
+      EXPECT_NE(std::string(e.what()).find("no new file can be created beside it"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
+
 TEST(WriteFile, ReplacesKeepingPermissionsAndWritesThroughALink) {
   const fs::path dir = fresh_dir("write_file_replaces");
   const fs::path file = dir / "out.json";

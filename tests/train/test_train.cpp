@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <ostream>
 #include <string>
 
@@ -632,6 +633,42 @@ TEST(Train, ABudgetCountsOnlyTheWholeGranulesItCanMap) {
   EXPECT_THROW(train::run_training(conf, program, ro), InvalidArgument);
   ro.budget = (*ro.budget + 2 * MiB - 1) / (2 * MiB) * (2 * MiB) + 2 * MiB;
   EXPECT_NO_THROW(train::run_training(conf, program, ro));
+}
+
+// --check's detail (audit 40a #9): two losses one ulp apart printed alike with 6 decimals
+// ("loss 3.073087 vs 3.073087"), and a state difference was a byte offset into the
+// concatenated tensors ("differ at byte 4"): now exact losses, and the tensor and element.
+TEST(Train, ACheckFailureSaysExactlyWhatDiffers) {
+  train::RunResult a, b;
+  a.steps.resize(2);
+  b.steps.resize(2);
+  a.steps[0].loss = b.steps[0].loss = 2.5f;
+  a.steps[1].loss = 3.073087f;
+  b.steps[1].loss = std::nextafter(a.steps[1].loss, 4.0f);
+  train::Comparison c = train::compare_runs(a, b);
+  EXPECT_FALSE(c.identical);
+  EXPECT_EQ(c.detail, "step 2: loss 3.07308698 vs 3.07308722") << c.detail;
+
+  b.steps[1].loss = a.steps[1].loss;
+  const float wa[2] = {1.0f, 2.0f}, ma[3] = {0.5f, 0.25f, 0.125f};
+  float mb[3] = {0.5f, 0.25f, 0.125f};
+  mb[2] = std::nextafter(mb[2], 1.0f);
+  auto state = [&](const float* m) {
+    std::vector<std::byte> s(sizeof wa + sizeof ma);
+    std::memcpy(s.data(), wa, sizeof wa);
+    std::memcpy(s.data() + sizeof wa, m, sizeof ma);
+    return s;
+  };
+  a.state = state(ma);
+  b.state = state(mb);
+  a.state_tensors = b.state_tensors = {{"fc0.weight", sizeof wa}, {"adamw.m.fc0", sizeof ma}};
+  c = train::compare_runs(a, b);
+  EXPECT_FALSE(c.identical);
+  EXPECT_EQ(c.detail, "weights or optimizer state differ: tensor 'adamw.m.fc0' element 2: "
+                      "0.125 vs 0.125000015")
+      << c.detail;
+  b.state = a.state;
+  EXPECT_TRUE(train::compare_runs(a, b).identical);
 }
 
 TEST(Train, ModelsAndPoliciesAreCheckedByName) {
