@@ -5,7 +5,7 @@
 # kernels in a third of its memory footprint, weights, optimizer state and activations swapped
 # through pinned host memory (or activations remade by running their op again) as the graph
 # planner's plan says, with the planner's predictions
-# beside each step; then the same steps again with no budget, which must give bit-identical
+# beside each step; then the same steps again with nothing swapped, which must give bit-identical
 # losses, weights and optimizer state (6 steps each: 12.9 s of CPU, 13 s of wall clock, on the
 # 2-core build machine at a load average of 2.5, measured 2026-12-07; docs/BENCHMARKS.md).
 # Arguments are passed to `spill train` (e.g. --steps 20, --policy plan, --budget 96MiB,
