@@ -154,7 +154,13 @@ class Executor {
   const graph::Plan& plan() const;
   // The simulator's prediction for a step that follows plan() (no swapping for policy none).
   const graph::SimResult& prediction() const;
-  std::uint64_t footprint() const;  // the step's peak with unlimited memory (from the graph)
+  // The step's live tensors at their peak (the graph's liveness peak, each tensor at the bytes
+  // the allocator gives it): what the step holds, not what it maps (audit 40a #18).
+  std::uint64_t footprint() const;
+  // What a step maps with nothing swapped (what policy none needs): the larger tensors' live
+  // bytes plus the small pool's segments in use as the allocator places them, at its most
+  // (train/small_pool.hpp).
+  std::uint64_t unswapped_peak() const;
   // Predicted peak of mapped bytes: the simulator's (small tensors in whole segments).
   std::uint64_t predicted_peak() const;
   // The least step time (of the step's ops, upload aside) any plan that only swaps reaches at
