@@ -154,9 +154,12 @@ int run_predict(const Config& config, const TrainArgs& a) {
   std::printf("link:      %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h, duplex %.2f\n",
               printable_name(r.link.name).c_str(), printable_name(r.link.description).c_str(),
               r.link.h2d_gbps, r.link.d2h_gbps, r.link.duplex_efficiency);
-  std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx; the "
-              "planner's %s, less the small pool's segments)\n",
-              format_bytes(r.footprint).c_str(), format_bytes(r.budget).c_str(),
+  // The liveness peak, not a mapped figure: labelled so (audit 40a #18).
+  std::printf("footprint: %s (the step's live tensors at their peak; %s mapped with nothing "
+              "swapped)   budget: %s (%.2fx; the planner's %s, less the small "
+              "pool's segments)\n",
+              format_bytes(r.footprint).c_str(),
+              format_bytes(r.unswapped_peak).c_str(), format_bytes(r.budget).c_str(),
               double(r.footprint) / double(r.budget), format_bytes(r.planner_budget).c_str());
   if (r.budget > r.gpu->memory_bytes)
     std::printf("note:      the budget is larger than the %s's %s: the prediction assumes "
@@ -311,9 +314,13 @@ int run_train(Config config, const TrainArgs& a) {
     std::printf("kernels:   %s\n", ex.kernels_name().c_str());
     std::printf("model:     %s, %.2fM parameters, %zu ops per step\n", program.name.c_str(),
                 double(program.parameters) / 1e6, program.ops.size());
-    std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx)   policy: %s\n",
-                format_bytes(footprint).c_str(), format_bytes(ex.budget()).c_str(),
-                double(footprint) / double(ex.budget()), train::to_string(policy));
+    // The liveness peak, not a mapped figure: labelled so (audit 40a #18).
+    std::printf("footprint: %s (the step's live tensors at their peak; %s mapped with nothing "
+                "swapped)   budget: %s (%.2fx)   policy: %s\n",
+                format_bytes(footprint).c_str(),
+                format_bytes(ex.unswapped_peak()).c_str(),
+                format_bytes(ex.budget()).c_str(), double(footprint) / double(ex.budget()),
+                train::to_string(policy));
     std::printf("plan:      %zu swaps, %zu recomputes (%zu early as links of chains; %s, %s); "
                 "predicted peak %s, out %s, in %s per step, step %s (compute %s, stall %s)\n",
                 ex.plan().swaps.size(), ex.plan().recomputes.size(), ex.plan().chain_links(),
