@@ -2,7 +2,8 @@
 // (`spill train MODEL --predict --device PRESET --link PRESET`): the planner's budget is the
 // runtime's rounded down to whole granules (mappable_budget) less the small pool's segment
 // slack (small_pool_reserve, train/small_pool.hpp: the most its segments hold beyond the small
-// tensors at an op whose unswapped step passes the budget), candidates are
+// tensors at an op whose unswapped step passes the budget, less what whole granules leave
+// free), candidates are
 // scored in the steady state (two steps back to back, the inputs uploaded first), and the
 // prediction simulates the memory the allocator maps (small tensors in whole segments) with the
 // swapper's rules. A prediction for a GPU preset times the kernels by that preset's roofline
