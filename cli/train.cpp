@@ -2,7 +2,8 @@
 // Per step it prints the loss, the peak of mapped bytes, bytes moved each way, stall and step
 // time, demand fetches and prefetch hits, with the planner's predictions beside them (on the
 // simulated device both are simulated time). The budget defaults to a third of the step's
-// footprint. --check runs the same steps again with no budget and requires bit-identical
+// footprint. --check runs the same steps again with nothing swapped (policy none, with at least
+// the run's budget) and requires bit-identical
 // losses, weights and optimizer state. After the steps it prints the bytes moved before step 1
 // (set-up), in the steps and after them (--check's read-back): a trace counts all three.
 #include <algorithm>
@@ -163,9 +164,12 @@ int run_predict(const Config& config, const TrainArgs& a) {
   std::printf("link:      %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h, duplex %.2f\n",
               printable_name(r.link.name).c_str(), printable_name(r.link.description).c_str(),
               r.link.h2d_gbps, r.link.d2h_gbps, r.link.duplex_efficiency);
-  std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx; the "
-              "planner's %s, less the small pool's segments)\n",
-              format_bytes(r.footprint).c_str(), format_bytes(r.budget).c_str(),
+  // The liveness peak, not a mapped figure: labelled so (audit 40a #18).
+  std::printf("footprint: %s (the step's live tensors at their peak; %s mapped with nothing "
+              "swapped)   budget: %s (%.2fx; the planner's %s, less the small "
+              "pool's segments)\n",
+              format_bytes(r.footprint).c_str(),
+              format_bytes(r.unswapped_peak).c_str(), format_bytes(r.budget).c_str(),
               double(r.footprint) / double(r.budget), format_bytes(r.planner_budget).c_str());
   if (r.budget > r.gpu->memory_bytes)
     std::printf("note:      the budget is larger than the %s's %s: the prediction assumes "
@@ -276,20 +280,36 @@ int run_train(Config config, const TrainArgs& a) {
   // Default: a third of the footprint; with policy none (nothing can move), no budget.
   if (!budget && policy != train::Policy::None) budget = footprint / 3;
   const bool default_budget = budget && a.budget.empty() && !config.budget;
+  // --check's reference run: policy none with the allocator's default budget (the device's
+  // free memory less a reserve), raised to this run's budget where that is larger (a budget
+  // may go up to the device's whole memory): the run it checks must never get more memory than
+  // its reference (audit 40a #5).
+  std::optional<std::uint64_t> reference_budget;
   if (a.check) {
-    // The run with no budget that --check compares with must fit the device: found out before
-    // the steps, not after them as an error about a policy and budget nobody gave.
+    // The reference run must fit the device: found out before the steps, not after them as an
+    // error about a policy and budget nobody gave.
     Config unlimited = config;
     unlimited.budget.reset();
     unlimited.policy = SwapPolicy::None;
+    std::uint64_t default_budget_bytes = 0;
     try {
+      {
+        Runtime rt(unlimited);
+        default_budget_bytes = rt.allocator().budget();
+      }
+      if (budget && *budget > default_budget_bytes) reference_budget = budget;
+      unlimited.budget = reference_budget;
       Runtime rt(unlimited);
       train::ExecOptions eo;
       eo.policy = train::Policy::None;
       train::Executor probe(rt, program, eo);
     } catch (const InvalidArgument& e) {
-      throw InvalidArgument(std::string("--check: the run with no budget to compare with cannot "
-                                        "run on this device: ") + e.what());
+      throw InvalidArgument(
+          "--check: the run to compare with (policy none, nothing swapped, in " +
+          std::string(reference_budget ? "this run's budget, larger than the device's default"
+                                       : "the device's default budget, its free memory less a "
+                                         "reserve") +
+          ") cannot run on this device: " + e.what());
     }
   }
   // The trace is taken from the recorder after every step, not only at the end: its rings
@@ -331,9 +351,13 @@ int run_train(Config config, const TrainArgs& a) {
     std::printf("kernels:   %s\n", ex.kernels_name().c_str());
     std::printf("model:     %s, %.2fM parameters, %zu ops per step\n", program.name.c_str(),
                 double(program.parameters) / 1e6, program.ops.size());
-    std::printf("footprint: %s (step peak with unlimited memory)   budget: %s (%.2fx)   policy: %s\n",
-                format_bytes(footprint).c_str(), format_bytes(ex.budget()).c_str(),
-                double(footprint) / double(ex.budget()), train::to_string(policy));
+    // The liveness peak, not a mapped figure: labelled so (audit 40a #18).
+    std::printf("footprint: %s (the step's live tensors at their peak; %s mapped with nothing "
+                "swapped)   budget: %s (%.2fx)   policy: %s\n",
+                format_bytes(footprint).c_str(),
+                format_bytes(ex.unswapped_peak()).c_str(),
+                format_bytes(ex.budget()).c_str(), double(footprint) / double(ex.budget()),
+                train::to_string(policy));
     if (!predicts_the_run(policy))
       std::printf("plan:      none: policy %s moves blocks as the allocator needs room, so "
                   "the (pred) columns are empty; for comparison, policy graph's swap-only plan "
@@ -494,11 +518,11 @@ int run_train(Config config, const TrainArgs& a) {
   if (a.check) {
     train::RunOptions ref = ro;
     ref.policy = train::Policy::None;
-    ref.budget.reset();
+    ref.budget = reference_budget;
     profiling::TraceRecorder::global().set_enabled(false);
     train::RunResult unlimited = train::run_training(config, program, ref);
     train::Comparison c = train::compare_runs(run, unlimited);
-    std::printf("check: %s with no budget: %s\n",
+    std::printf("check: %s with nothing swapped: %s\n",
                 c.identical ? "bit-identical to the run" : "FAILED: differs from the run",
                 c.detail.c_str());
     ok &= c.identical;
@@ -545,7 +569,8 @@ void add_train(CLI::App& app, Runner& run) {
       ->capture_default_str()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   cmd->add_flag("--check", a->check,
-                "run again with no budget and require bit-identical losses and state");
+                "run again with nothing swapped (policy none, at least this run's budget) and "
+                "require bit-identical losses and state");
   cmd->add_flag("--no-recompute", a->no_recompute,
                 "policy graph: swap only (by default the plan may also drop activations and "
                 "remake them by running their producing op again where that is faster)");

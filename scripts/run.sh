@@ -5,7 +5,7 @@
 # kernels in a third of its memory footprint, weights, optimizer state and activations swapped
 # through pinned host memory (or activations remade by running their op again) as the graph
 # planner's plan says, with the planner's predictions
-# beside each step; then the same steps again with no budget, which must give bit-identical
+# beside each step; then the same steps again with nothing swapped, which must give bit-identical
 # losses, weights and optimizer state (6 steps each: 12.9 s of CPU, 12.7 s of wall clock, on the
 # 2-core build machine at a load average of 2.1-2.5; about 20 s of CPU and 30 s of wall at a
 # load average of 4; both measured 2026-12-07; docs/BENCHMARKS.md).

@@ -17,6 +17,7 @@
 #include "graph/liveness.hpp"
 #include "graph/planner.hpp"
 #include "train/predict.hpp"
+#include "train/small_pool.hpp"
 
 namespace spill::train {
 namespace {
@@ -105,7 +106,7 @@ struct Executor::Impl {
   std::optional<graph::SwapFloor> floor;
   LinkModel link = link_preset("pcie4");
   graph::PlannerOptions po;             // po.budget: the budget less the small-pool reserve
-  std::uint64_t budget = 0, small_reserve = 0;
+  std::uint64_t budget = 0, small_reserve = 0, unswapped_peak = 0;
   std::uint64_t footprint = 0;
   std::vector<void*> ptrs;
   std::vector<char> swappable, checked;  // swappable: large blocks the planner may move
@@ -318,19 +319,30 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   // uploads its inputs first, as step() does (the same inputs, in tensor order).
   po.model = steady_state(p, g);
   // Small tensors live in segments of the allocator's small pool (never swapped): the plan
-  // keeps room for the whole segments their peak needs.
-  small_reserve = small_pool_reserve(g, small_limit);
+  // keeps room for the segments the allocator keeps mapped for them beyond their bytes, as it
+  // places them (train/small_pool.hpp; whole-segment rounding of their peak undercounted it:
+  // audit 40a #1).
+  const SmallPoolUse small_use = small_pool_use(g, small_limit, kSmallSegment);
+  unswapped_peak = small_use.mapped;
   // The allocator maps whole granules: a budget's last part granule can never hold a block.
   const std::uint64_t mappable = mappable_budget(budget, dev.granularity());
+  small_reserve = small_pool_reserve(
+      small_use, mappable,
+      std::gcd<std::uint64_t>(std::max<std::uint64_t>(dev.granularity(), 1), kSmallSegment));
   po.budget = mappable > small_reserve ? mappable - small_reserve : 0;
   std::vector<double> times;
   for (const graph::Op& op : g.ops) times.push_back(*op.time_s);
   if (o.policy == Policy::None) {
-    // Its small tensors need whole segments, as the planner's budget counts them.
-    SPILL_EXPECTS(footprint + small_reserve <= mappable,
+    // Its small tensors need their segments, as the planner's budget counts them (audit 40a #2).
+    // Exactly what the step maps (the larger tensors and the segments in use at the same op),
+    // not footprint + small_reserve, which adds two peaks that fall at different ops.
+    SPILL_EXPECTS(unswapped_peak <= mappable,
                   "policy none cannot run '" + p.name + "' " +
-                      in_budget(budget, mappable, dev.granularity(), small_reserve) +
-                      ": its step needs " + format_bytes(footprint) + " with nothing swapped");
+                      in_budget(budget, mappable, dev.granularity(), unswapped_peak - footprint) +
+                      ": its step maps " + format_bytes(unswapped_peak) +
+                      " with nothing swapped (its tensors at their peak, " +
+                      format_bytes(footprint) + ", in the small pool's segments as the "
+                      "allocator places them)");
     plan = graph::plan_none(g, po);
     pred = graph::simulate(g, times, link, nullptr, prediction_options());
     return;
@@ -559,6 +571,7 @@ const graph::Graph& Executor::graph() const { return impl_->g; }
 const graph::Plan& Executor::plan() const { return impl_->plan; }
 const graph::SimResult& Executor::prediction() const { return impl_->pred; }
 std::uint64_t Executor::footprint() const { return impl_->footprint; }
+std::uint64_t Executor::unswapped_peak() const { return impl_->unswapped_peak; }
 std::uint64_t Executor::predicted_peak() const { return impl_->pred.peak_bytes; }
 const std::optional<graph::SwapFloor>& Executor::floor() const { return impl_->floor; }
 std::uint64_t Executor::budget() const { return impl_->budget; }

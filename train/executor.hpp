@@ -70,7 +70,8 @@ struct ExecOptions {
   // idles the device: gpt-medium at a third on an H200, 2026-12-04, lag 2, took 598.5 ms a step
   // waiting at every op, 578.6 ms waiting only before the ops with actions). Policies plan and
   // lru always wait at every op (the swapper times its own prefetches by the ops the host
-  // begins); policy none has no actions, so it never waits.
+  // begins). Policy none has no actions: it waits at every op on the simulated device (the
+  // simulator's rule, which its prediction follows) and never on a GPU (audit 40a #13).
   std::optional<bool> wait_every_op;
   bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
   // Time each op of the second step (kMeasuredStep; the first pays the GPU's first uses) and
@@ -153,7 +154,13 @@ class Executor {
   const graph::Plan& plan() const;
   // The simulator's prediction for a step that follows plan() (no swapping for policy none).
   const graph::SimResult& prediction() const;
-  std::uint64_t footprint() const;  // the step's peak with unlimited memory (from the graph)
+  // The step's live tensors at their peak (the graph's liveness peak, each tensor at the bytes
+  // the allocator gives it): what the step holds, not what it maps (audit 40a #18).
+  std::uint64_t footprint() const;
+  // What a step maps with nothing swapped (what policy none needs): the larger tensors' live
+  // bytes plus the small pool's segments in use as the allocator places them, at its most
+  // (train/small_pool.hpp).
+  std::uint64_t unswapped_peak() const;
   // Predicted peak of mapped bytes: the simulator's (small tensors in whole segments).
   std::uint64_t predicted_peak() const;
   // The least step time (of the step's ops, upload aside) any plan that only swaps reaches at

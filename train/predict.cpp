@@ -9,6 +9,7 @@
 #include "device/sim_device.hpp"
 #include "graph/device_model.hpp"
 #include "graph/liveness.hpp"
+#include "train/small_pool.hpp"
 
 namespace spill::train {
 namespace {
@@ -36,19 +37,6 @@ graph::StepModel steady_state(const Program& p, const graph::Graph& g) {
     if (p.tensors[t].kind == graph::TensorKind::Input && !live.uses[t].empty())
       model.uploads.push_back({graph::TensorIndex(t), p.tensors[t].bytes});
   return model;
-}
-
-std::uint64_t small_pool_reserve(const graph::Graph& g, std::uint64_t small_limit) {
-  const graph::Liveness live = graph::analyze_liveness(g);
-  std::uint64_t small_peak = 0;
-  for (std::size_t i = 0; i < g.ops.size(); ++i) {
-    std::uint64_t sum = 0;
-    for (std::size_t t = 0; t < g.tensors.size(); ++t)
-      if (g.tensors[t].bytes <= small_limit && live.live[t].live_at(std::int64_t(i)))
-        sum += g.tensors[t].bytes;
-    small_peak = std::max(small_peak, sum);
-  }
-  return (small_peak + kSmallSegment - 1) / kSmallSegment * kSmallSegment - small_peak;
 }
 
 std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity) {
@@ -102,8 +90,11 @@ Prediction predict(const Program& p, const PredictOptions& o) {
   r.unlimited = graph::simulate(g, times, r.link, nullptr, unlimited);
 
   graph::PlannerOptions po;
-  const std::uint64_t reserve = small_pool_reserve(g, small_limit);
+  const SmallPoolUse small_use = small_pool_use(g, small_limit, kSmallSegment);
   const std::uint64_t mappable = mappable_budget(r.budget, o.granularity);
+  const std::uint64_t reserve = small_pool_reserve(
+      small_use, mappable, std::gcd<std::uint64_t>(o.granularity, kSmallSegment));
+  r.unswapped_peak = small_use.mapped;
   r.planner_budget = mappable > reserve ? mappable - reserve : 0;
   po.budget = r.planner_budget;
   po.min_swap_bytes = min_movable_request(o.swap_threshold, o.granularity);

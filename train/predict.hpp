@@ -1,7 +1,9 @@
 // How the executor plans a step at a budget, shared with a prediction made without a device
 // (`spill train MODEL --predict --device PRESET --link PRESET`): the planner's budget is the
 // runtime's rounded down to whole granules (mappable_budget) less the small pool's segment
-// slack at the small tensors' peak, candidates are
+// slack (small_pool_reserve, train/small_pool.hpp: the most its segments hold beyond the small
+// tensors at an op whose unswapped step passes the budget, less what whole granules leave
+// free), candidates are
 // scored in the steady state (two steps back to back, the inputs uploaded first), and the
 // prediction simulates the memory the allocator maps (small tensors in whole segments) with the
 // swapper's rules. A prediction for a GPU preset times the kernels by that preset's roofline
@@ -31,10 +33,6 @@ kernels::Roofline make_roofline(const graph::GpuModel& m);
 // to back: the steady state the executor runs in.
 graph::StepModel steady_state(const Program& p, const graph::Graph& g);
 
-// Bytes of the budget kept for the small pool: the slack of the whole 2 MiB segments that the
-// tensors of at most `small_limit` bytes need at their peak.
-std::uint64_t small_pool_reserve(const graph::Graph& g, std::uint64_t small_limit);
-
 // The bytes of `budget` the caching allocator can map: a whole number of granules (its large
 // blocks are whole granules, its small-pool segments too); the rest of the budget can never be
 // used, so the planner must not count it.
@@ -63,7 +61,8 @@ struct Prediction {
   graph::Graph graph;
   const graph::GpuModel* gpu = nullptr;
   LinkModel link;
-  std::uint64_t footprint = 0;       // the step's peak with unlimited memory
+  std::uint64_t footprint = 0;       // the step's live tensors at their peak
+  std::uint64_t unswapped_peak = 0;  // mapped with nothing swapped (SmallPoolUse::mapped)
   std::uint64_t budget = 0;          // the runtime's
   std::uint64_t planner_budget = 0;  // less the small pool's reserve
   graph::SimResult unlimited;        // no budget, no plan

@@ -1,4 +1,4 @@
-// A training run from a configuration: the footprint probe (the step's peak with no budget),
+// A training run from a configuration: the footprint probe (the step's live tensors at their peak),
 // a run of N steps under a policy and budget on a fresh Runtime, and the bit-for-bit comparison
 // of two runs (`spill train --check`). The CLI, the tests and the benchmarks share these.
 #include <cstdint>

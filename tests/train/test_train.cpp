@@ -210,9 +210,11 @@ TEST(Train, PresetStepsUnderPolicyGraphTakeThePredictedTime) {
       EXPECT_EQ(s.cancelled_bytes, r.prediction.cancelled_bytes) << "step " << s.step;
       // The cache returned before prefetches frees no small-pool segment (each one freed is
       // one to map again later). The cnn's allocation ladder frees one per step: a large
-      // allocation the plan counted the wholly free segment's bytes for.
-      EXPECT_GT(s.swaps.cache_returns, 0u) << "step " << s.step;
+      // allocation the plan counted the wholly free segment's bytes for. (Since audit 40a #1
+      // the planner keeps only the segments' slack the granules' rounding does not cover: the
+      // cnn's plan at a third, 6 swaps and 9 remakes, needs no cache returned first.)
       if (std::string(model) != "cnn") {
+        EXPECT_GT(s.swaps.cache_returns, 0u) << "step " << s.step;
         EXPECT_EQ(s.plain_frees, 0u) << "step " << s.step;
       }
     }
