@@ -1,11 +1,11 @@
 #include "train/small_pool.hpp"
 
 #include <algorithm>
+#include <deque>
 #include <map>
-#include <set>
-#include <utility>
 #include <vector>
 
+#include "allocator/block_pool.hpp"
 #include "core/errors.hpp"
 #include "graph/liveness.hpp"
 
@@ -14,74 +14,42 @@ namespace {
 
 constexpr std::uint64_t kMinSplit = 512;  // the small pool's rounding (kSmallRound)
 
-// The small pool's placement (BlockPool with splitting, one stream). Segment k sits at
-// 2 * segment * k (ascending) or at 2 * segment * (2^20 - k) (descending): never adjacent, so
-// blocks coalesce only inside their own segment.
+// The small pool's placement: the allocator's own BlockPool (best fit, split, coalesced within a
+// segment) on one stream, over segments the model makes. Segment k sits at 2 * segment * k
+// (ascending) or at 2 * segment * (2^20 - k) (descending): never adjacent.
 class PoolModel {
  public:
-  PoolModel(std::uint64_t segment, bool descending) : seg_(segment), descending_(descending) {}
+  PoolModel(std::uint64_t segment, bool descending)
+      : seg_(segment), descending_(descending), pool_(nullptr, kMinSplit, true) {}
 
-  std::uint64_t allocate(std::uint64_t size) {
-    auto it = free_.lower_bound({size, 0});
-    if (it == free_.end()) {
-      const std::uint64_t k = made_++;
-      const std::uint64_t base = 2 * seg_ * (descending_ ? (std::uint64_t{1} << 20) - k : k);
-      blocks_[base] = {seg_, false};
-      it = free_.insert({seg_, base}).first;
+  Block* allocate(std::uint64_t size) {
+    Block* b = pool_.take(size, nullptr);
+    if (b == nullptr) {
+      const std::uint64_t k = segments_.size();
+      Segment& s = segments_.emplace_back();
+      s.addr = 2 * seg_ * (descending_ ? (std::uint64_t{1} << 20) - k : k);
+      s.size = seg_;
+      b = pool_.carve(pool_.add_segment(&s), size, nullptr);
     }
-    const auto [bsize, addr] = *it;
-    free_.erase(it);
-    if (bsize - size >= kMinSplit) {
-      blocks_[addr + size] = {bsize - size, false};
-      free_.insert({bsize - size, addr + size});
-      blocks_[addr] = {size, true};
-    } else {
-      blocks_[addr].allocated = true;
-    }
-    if (in_segment_[segment_of(addr)]++ == 0) ++in_use_;
-    return addr;
+    if (in_segment_[b->segment]++ == 0) ++in_use_;
+    return b;
   }
 
-  void free(std::uint64_t addr) {
-    auto it = blocks_.find(addr);
-    SPILL_EXPECTS(it != blocks_.end() && it->second.allocated, "small pool model: bad free");
-    it->second.allocated = false;
-    const std::uint64_t seg = segment_of(addr);
-    if (--in_segment_[seg] == 0) --in_use_;
-    auto next = std::next(it);
-    if (next != blocks_.end() && !next->second.allocated && segment_of(next->first) == seg) {
-      free_.erase({next->second.size, next->first});
-      it->second.size += next->second.size;
-      blocks_.erase(next);
-    }
-    if (it != blocks_.begin()) {
-      auto prev = std::prev(it);
-      if (!prev->second.allocated && segment_of(prev->first) == seg) {
-        free_.erase({prev->second.size, prev->first});
-        prev->second.size += it->second.size;
-        blocks_.erase(it);
-        it = prev;
-      }
-    }
-    free_.insert({it->second.size, it->first});
+  void free(Block* b) {
+    if (--in_segment_[b->segment] == 0) --in_use_;
+    pool_.give_back(b, nullptr);
   }
 
   // Segments with at least one block allocated (a wholly free one can be released).
   std::uint64_t in_use() const { return in_use_; }
 
  private:
-  struct Block {
-    std::uint64_t size = 0;
-    bool allocated = false;
-  };
-  std::uint64_t segment_of(std::uint64_t addr) const { return addr / (2 * seg_); }
-
   std::uint64_t seg_;
   bool descending_;
-  std::uint64_t made_ = 0, in_use_ = 0;
-  std::map<std::uint64_t, Block> blocks_;                   // by address
-  std::set<std::pair<std::uint64_t, std::uint64_t>> free_;  // (size, address)
-  std::map<std::uint64_t, std::uint64_t> in_segment_;       // allocated blocks per segment
+  std::deque<Segment> segments_;  // (before the pool: its blocks point at them)
+  BlockPool pool_;
+  std::uint64_t in_use_ = 0;
+  std::map<const Segment*, std::uint64_t> in_segment_;  // allocated blocks per segment
 };
 
 SmallPoolUse replay(const graph::Graph& g, const graph::Liveness& live, std::uint64_t small_limit,
@@ -99,11 +67,11 @@ SmallPoolUse replay(const graph::Graph& g, const graph::Liveness& live, std::uin
     if (kind == graph::TensorKind::Input) inputs.push_back(t);
   }
   PoolModel pool(segment, descending);
-  std::vector<std::uint64_t> addr(nt, 0);
+  std::vector<Block*> block(nt, nullptr);
   std::uint64_t small_live = 0, large_live = 0;
   auto place = [&](std::size_t t) {
     if (small(t)) {
-      addr[t] = pool.allocate(g.tensors[t].bytes);
+      block[t] = pool.allocate(g.tensors[t].bytes);
       small_live += g.tensors[t].bytes;
     } else {
       large_live += g.tensors[t].bytes;
@@ -111,7 +79,7 @@ SmallPoolUse replay(const graph::Graph& g, const graph::Liveness& live, std::uin
   };
   auto release = [&](std::size_t t) {
     if (small(t)) {
-      pool.free(addr[t]);
+      pool.free(block[t]);
       small_live -= g.tensors[t].bytes;
     } else {
       large_live -= g.tensors[t].bytes;
