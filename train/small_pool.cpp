@@ -14,6 +14,12 @@ namespace {
 
 constexpr std::uint64_t kMinSplit = 512;  // the small pool's rounding (kSmallRound)
 
+// The size the allocator gives a small request: rounded up to kMinSplit (CachingAllocator's
+// allocate), so a 4-byte scalar takes 512 B of its segment.
+std::uint64_t small_block(std::uint64_t bytes) {
+  return (bytes + kMinSplit - 1) / kMinSplit * kMinSplit;
+}
+
 // The small pool's placement: the allocator's own BlockPool (best fit, split, coalesced within a
 // segment) on one stream, over segments the model makes. Segment k sits at 2 * segment * k
 // (ascending) or at 2 * segment * (2^20 - k) (descending): never adjacent.
@@ -71,7 +77,7 @@ SmallPoolUse replay(const graph::Graph& g, const graph::Liveness& live, std::uin
   std::uint64_t small_live = 0, large_live = 0;
   auto place = [&](std::size_t t) {
     if (small(t)) {
-      block[t] = pool.allocate(g.tensors[t].bytes);
+      block[t] = pool.allocate(small_block(g.tensors[t].bytes));
       small_live += g.tensors[t].bytes;
     } else {
       large_live += g.tensors[t].bytes;

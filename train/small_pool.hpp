@@ -40,16 +40,17 @@ struct SmallPoolUse {
 std::uint64_t small_pool_reserve(const SmallPoolUse& u, std::uint64_t mappable,
                                  std::uint64_t quantum);
 
-// Replays the executor's small requests (train/executor.cpp: the persistent tensors in tensor
-// order at setup; then, each step, the inputs in tensor order, each op's new tensors in tensor
-// order, and after the op the tensors it used last) through a model of the allocator's small
-// pool (allocator/block_pool.cpp): best fit by (size, address), a block split when at least
-// 512 B remain, free neighbours in a segment coalesced, a new segment when no free block fits.
-// The tie between equal free blocks of different segments follows their addresses, which the
-// device picks: the model tries segments in ascending and in descending creation order and
-// keeps the larger result. Tensors of more than `small_limit` bytes are not small. Small
-// tensors are never swapped or dropped (the planner moves only larger ones), so the order is the
-// plan's too. Models `steps` steps (fragmentation carries over from one to the next).
+// Replays the executor's small requests (train/executor.cpp: the persistent tensors in tensor order
+// at setup; then, each step, the inputs in tensor order, each op's new tensors in tensor order, and
+// after the op the tensors it used last) through a model of the allocator's small pool
+// (allocator/block_pool.cpp): each request rounded up to 512 B as the allocator rounds it, best fit
+// by (size, address), a block split when at least 512 B remain, free neighbours in a segment
+// coalesced, a new segment when no free block fits. The tie between equal free blocks of different
+// segments follows their addresses, which the device picks: the model tries segments in ascending
+// and in descending creation order and keeps the larger result. Tensors of more than `small_limit`
+// bytes are not small. Small tensors are never swapped or dropped (the planner moves only larger
+// ones), so the order is the plan's too. Models `steps` steps (fragmentation carries over from one
+// to the next).
 SmallPoolUse small_pool_use(const graph::Graph& g, std::uint64_t small_limit,
                             std::uint64_t segment, int steps = 3);
 
