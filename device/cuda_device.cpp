@@ -10,6 +10,7 @@
 
 #include "core/errors.hpp"
 #include "core/link_model.hpp"
+#include "core/units.hpp"
 #include "device/cuda_check.hpp"
 #include "device/cuda_driver.hpp"
 #include "device/cuda_spin.hpp"
@@ -31,6 +32,21 @@ const LinkModel& guess_link(const cudaDeviceProp& prop) {
     return link_preset("pcie5");
   if (name.find("V100") != std::string::npos || prop.major < 8) return link_preset("pcie3");
   return link_preset("pcie4");
+}
+
+// Pinning host memory that the host cannot page-lock fails with cudaErrorMemoryAllocation: it is
+// spill's host-memory error (HostCapExceeded, an OutOfMemory), as when host_cap is reached, so
+// the swapper treats it as it treats a full host pool; the failure is not sticky, and is
+// cleared from the thread's last error.
+void pin_or_throw(cudaError_t err, const char* call, std::size_t bytes) {
+  if (err == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    SPILL_FAIL_HOST_CAP(std::string(call) + " of " + format_bytes(bytes) +
+                        " of pinned host memory failed: cudaErrorMemoryAllocation (the host "
+                        "cannot page-lock that much more). Lower the budget's pressure or set a "
+                        "host_cap");
+  }
+  SPILL_CUDA_TRY(err);
 }
 
 // Whether the work before `e`'s latest record has finished. cudaErrorNotReady is an answer,
@@ -170,7 +186,7 @@ class CudaDevice final : public Device {
   void* do_allocate_host(std::size_t bytes) override {
     CurrentDevice current(ordinal_);
     void* p = nullptr;
-    SPILL_CUDA_TRY(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+    pin_or_throw(cudaHostAlloc(&p, bytes, cudaHostAllocPortable), "cudaHostAlloc", bytes);
     return p;
   }
   void do_free_host(void* ptr) override {
@@ -179,7 +195,8 @@ class CudaDevice final : public Device {
   }
   void do_register_host(void* ptr, std::size_t bytes) override {
     CurrentDevice current(ordinal_);
-    SPILL_CUDA_TRY(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable));
+    pin_or_throw(cudaHostRegister(ptr, bytes, cudaHostRegisterPortable), "cudaHostRegister",
+                 bytes);
   }
   void do_unregister_host(void* ptr) override {
     CurrentDevice current(ordinal_);

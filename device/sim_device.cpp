@@ -68,6 +68,25 @@ void populate_present(int fd, void* addr, std::size_t bytes) {
   }
 }
 
+// Pinned host memory is page-locked: on a GPU, cudaHostAlloc and cudaHostRegister refuse what
+// the host cannot keep resident. The simulated device's pinned buffers are ordinary memory that
+// the kernel would grant (overcommit) and later answer with its OOM killer, so pinning more than
+// the host has available now, less a reserve for everything else (1/16 of its memory, at most
+// 1 GiB), is refused here as the driver would refuse it, with spill's host-memory error.
+void check_pinnable(const HostMemorySources& sources, std::size_t bytes, const char* call) {
+  const HostMemoryInfo host = read_host_memory(sources);
+  const std::uint64_t reserve = std::min<std::uint64_t>(std::uint64_t{1} << 30, host.total / 16);
+  const std::uint64_t room = host.available - std::min(host.available, reserve);
+  if (bytes <= room) return;
+  SPILL_FAIL_HOST_CAP(std::string("SimDevice: ") + call + " of " + format_bytes(bytes) +
+                      " of pinned host memory refused: the host has " +
+                      format_bytes(host.available) + " available now (" + host.describe() +
+                      "), and pinned memory must stay resident beside a reserve of " +
+                      format_bytes(reserve) + " for everything else. Lower the budget's "
+                      "pressure (a larger budget or a smaller model keeps less on the host) or "
+                      "set a host_cap");
+}
+
 std::size_t page_round(std::size_t bytes) {
   const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   return (bytes + page - 1) / page * page;
@@ -463,6 +482,7 @@ void SimDevice::do_deallocate(void* ptr) {
 
 void* SimDevice::do_allocate_host(std::size_t bytes) {
   std::size_t size = page_round(bytes);
+  check_pinnable(s_->opt.host_memory, size, "allocate_host");
   void* p = map_anonymous(size, PROT_READ | PROT_WRITE);
   if (p == nullptr) {
     SPILL_FAIL_OOM("SimDevice: cannot allocate " + format_bytes(bytes) + " of pinned host memory");
@@ -490,6 +510,7 @@ void SimDevice::do_register_host(void* ptr, std::size_t bytes) {
                   containing(s_->host_registered, u(ptr)) != s_->host_registered.end();
   SPILL_EXPECTS(!overlaps, "register_host: " + format_address(ptr) + " + " + format_bytes(bytes) +
                                " overlaps memory that is already registered");
+  check_pinnable(s_->opt.host_memory, bytes, "register_host");
   s_->host_registered[u(ptr)] = bytes;
 }
 

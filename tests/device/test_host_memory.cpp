@@ -8,6 +8,7 @@
 #include <fstream>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -128,6 +129,44 @@ TEST_F(FakeHost, SimulatedDevicesShareTheCgroupLimit) {
   SimDevice fits(SimOptions{.capacity = 1 * GiB, .ordinal = 1, .host_memory = src_});
   first.reset();  // its capacity is free again
   SimDevice again(SimOptions{.capacity = 3 * GiB, .ordinal = 2, .host_memory = src_});
+}
+
+// Pinned host memory must stay resident: the simulated device refuses to pin more than the host
+// has available less its reserve (here 12 GiB available, 1 GiB kept: 11 GiB), as CUDA's
+// cudaHostAlloc and cudaHostRegister refuse what cannot be page-locked; it granted anything
+// (overcommitted memory, ending in the kernel's OOM killer once the swapped bytes filled it).
+TEST_F(FakeHost, PinningMoreThanTheHostHasIsRefusedWithTheHostMemoryError) {
+  SimDevice dev(SimOptions{.capacity = 1 * GiB, .host_memory = src_});
+  std::vector<char> buffer(1 << 20);
+  auto expect_refused = [&](auto&& call, const std::string& what) {
+    try {
+      call();
+      FAIL() << what << " was granted";
+    } catch (const HostCapExceeded& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("SimDevice: " + what + " of pinned host memory refused: the host has "
+                       "12.00 GiB available now (16.00 GiB of RAM and swap)"),
+                std::string::npos)
+          << m;
+      EXPECT_NE(m.find("a reserve of 1.00 GiB"), std::string::npos) << m;
+    }
+  };
+  expect_refused([&] { dev.register_host(buffer.data(), 12 * GiB); },
+                 "register_host of 12.00 GiB");
+  expect_refused([&] { (void)dev.allocate_host(11 * GiB + 4096); },
+                 "allocate_host of 11.00 GiB");  // (11 GiB and a page, shown rounded)
+  // Nothing was registered: the same buffer registers at a size that fits, and unregisters.
+  dev.register_host(buffer.data(), buffer.size());
+  dev.unregister_host(buffer.data());
+  void* p = dev.allocate_host(1 << 20);
+  dev.free_host(p);
+  // A cgroup limit bounds it too: 2 GiB with 1.5 GiB used leaves 512 MiB, less 128 MiB kept.
+  write("self_cgroup", "0::/\n");
+  write("cgroup/memory.max", "2147483648\n");
+  write("cgroup/memory.current", "1610612736\n");
+  EXPECT_THROW(dev.register_host(buffer.data(), 400 * MiB), HostCapExceeded);
+  dev.register_host(buffer.data(), buffer.size());
+  dev.unregister_host(buffer.data());
 }
 
 }  // namespace
