@@ -580,9 +580,9 @@ void add_train(CLI::App& app, Runner& run) {
                   "GPU)")
       ->check(int_in(1, 1024));
   cmd->add_flag("--wait-every-op", a->wait_every_op,
-                "policy graph: wait for op i - lag before every op i, not only before the ops "
-                "with planned prefetches or remakes (the default on the simulated device; "
-                "policies plan and lru always do)");
+                "wait for op i - lag before every op i: policy graph, not only before the ops "
+                "with planned prefetches or remakes; policy none, at all on a GPU (both do on the "
+                "simulated device by default; policies plan and lru always do)");
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here")
       ->check(file_path());
   cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here")
@@ -606,8 +606,7 @@ void add_train(CLI::App& app, Runner& run) {
   cmd->footer("--budget, --steps and --policy may be repeated: the last one given counts (so "
               "that a script's defaults can be overridden); every other option may be given "
               "once. Options that the model or policy would not read (--seq but for gpt models; "
-              "--no-recompute but for policy graph; --lag and --wait-every-op with policy none) "
-              "are refused.");
+              "--no-recompute but for policy graph) are refused.");
   cmd->callback([&run, a, cmd, dev, link, timeline, plan_out] {
     // Options that only one of the two modes reads are refused in the other (checked as the
     // command runs, so that the error is the CLI's usual invalid input).
@@ -623,10 +622,6 @@ void add_train(CLI::App& app, Runner& run) {
       if (cmd->count("--no-recompute") > 0 && a->policy != "graph")
         refused = "--no-recompute is for policy graph (the others never recompute), not '" +
                   a->policy + "'";
-      for (const char* o : {"--lag", "--wait-every-op"})
-        if (cmd->count(o) > 0 && a->policy == "none")
-          refused = std::string(o) + " does nothing with policy none (it has no plan actions "
-                                     "to time)";
     }
     if (cmd->count("--seq") > 0 && a->model.rfind("gpt", 0) != 0)
       refused = "--seq: " + a->model + " has no sequence (only the gpt models have one)";

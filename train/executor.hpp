@@ -71,7 +71,8 @@ struct ExecOptions {
   // waiting at every op, 578.6 ms waiting only before the ops with actions). Policies plan and
   // lru always wait at every op (the swapper times its own prefetches by the ops the host
   // begins). Policy none has no actions: it waits at every op on the simulated device (the
-  // simulator's rule, which its prediction follows) and never on a GPU (audit 40a #13).
+  // simulator's rule, which its prediction follows) and on a GPU only when this is set (audit
+  // 40a #13).
   std::optional<bool> wait_every_op;
   bool poison = false;     // fill each new activation/gradient with NaN (tests: unwritten bytes)
   // Time each op of the second step (kMeasuredStep; the first pays the GPU's first uses) and
