@@ -55,7 +55,10 @@ class Runner {
     }
     grad_ = mem_.allocate(c_.activation_bytes, stream_);
     std::vector<StepResult> results;
-    for (int step = 0; step < c_.steps; ++step) results.push_back(run_step(step));
+    for (int step = 0; step < c_.steps; ++step) {
+      results.push_back(run_step(step));
+      if (c_.after_step) c_.after_step(step);
+    }
     mem_.free(grad_, stream_);
     for (void* w : weights_) mem_.free(w, stream_);
     dev_.synchronize(stream_);

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,9 @@ struct SyntheticStepConfig {
   double forward_s = 2e-3;   // simulated compute per forward op
   double backward_s = 4e-3;  // per backward op
   int steps = 3;
+  // Called after each step has ended, with its index from 0 (spill demo takes the trace's events
+  // there, so that a long run loses none to the recorder's rings).
+  std::function<void(int step)> after_step;
 
   std::size_t footprint() const;  // bytes of all blocks if nothing were ever freed or moved
 };

@@ -57,6 +57,34 @@ TEST(Runtime, SyntheticStepOverTheCachingAllocator) {
   EXPECT_EQ(rt.allocator().stats().allocated.current, 0) << "every block was freed";
 }
 
+// after_step runs once after each step, in order, when that step's events are recorded and the
+// next step's are not (spill demo takes its trace there, so a long run loses none).
+TEST(Runtime, SyntheticStepsCallAfterStepBetweenSteps) {
+  auto& rec = profiling::TraceRecorder::global();
+  rec.set_enabled(true);
+  rec.collect();
+  Runtime rt(Config::parse("device:sim,sim_capacity:1GiB,budget:96MiB"));
+  SyntheticStepConfig c;
+  c.layers = 6;
+  c.activation_bytes = 12 * MiB;
+  c.weight_bytes = 6 * MiB;
+  c.steps = 3;
+  std::vector<int> called;
+  std::vector<std::uint64_t> marks;  // step marks collected by each call
+  c.after_step = [&](int step) {
+    called.push_back(step);
+    for (const auto& e : rec.collect())
+      if (e.kind == profiling::EventKind::Mark && rec.tag_name(e.tag) == "step begins")
+        marks.push_back(e.bytes);
+  };
+  std::vector<StepResult> r = run_synthetic_steps(rt.device(), rt.step_memory(), *rt.swapper(), c);
+  ASSERT_EQ(r.size(), 3u);
+  for (const StepResult& x : r) EXPECT_TRUE(x.data_ok) << x.first_error;
+  EXPECT_EQ(called, (std::vector<int>{0, 1, 2}));
+  EXPECT_EQ(marks, (std::vector<std::uint64_t>{1, 2, 3}));
+  rec.set_enabled(false);
+}
+
 // A block freed while its swap-out copies leaves its host buffer to be freed once the copy is
 // done; empty_cache frees it (before, only an eviction, a residence query or an allocation
 // needing room did, so the host pool's own count stayed above 0 with everything freed). Read
