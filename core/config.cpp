@@ -1,5 +1,6 @@
 #include "core/config.hpp"
 
+#include <cctype>
 #include <cstdlib>
 #include <functional>
 #include <set>
@@ -26,10 +27,14 @@ std::string_view trim(std::string_view s) {
                         std::string(expected) + ")");
 }
 
+// on/true/1 or off/false/0, in any case (as units are: `1GiB`, `1gib`; audit 41a #7: `FALSE`
+// was refused, and the message named only on and off).
 bool parse_on_off(std::string_view origin, std::string_view key, std::string_view v) {
-  if (v == "on" || v == "true" || v == "1") return true;
-  if (v == "off" || v == "false" || v == "0") return false;
-  bad_value(origin, key, v, "on or off");
+  std::string lower(v);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower == "on" || lower == "true" || lower == "1") return true;
+  if (lower == "off" || lower == "false" || lower == "0") return false;
+  bad_value(origin, key, v, "on or off; also true or false, 1 or 0");
 }
 
 // How a parse helper names the input in its error: the origin and the key.

@@ -25,6 +25,11 @@ std::string without_source_location(std::string_view message) {
   return std::string(message.substr(0, open));
 }
 
+std::string with_more(std::string_view message, std::string_view more) {
+  const std::string bare = without_source_location(message);
+  return bare + std::string(more) + std::string(message.substr(bare.size()));
+}
+
 namespace {
 
 std::string escaped(std::string_view message, bool keep_lines) {

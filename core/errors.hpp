@@ -57,6 +57,10 @@ std::string excerpt(std::string_view text, std::size_t max = 64);
 // who gave bad input (the command line), where spill's code noticed it is noise.
 std::string without_source_location(std::string_view message);
 
+// `message` with `more` added to its text, before the " [file.cpp:NN]" that ends it if any: the
+// location stays last, where callers that cut it look for it (docs/c-api.md, conventions).
+std::string with_more(std::string_view message, std::string_view more);
+
 // `message` safe to print on a terminal: control characters (a file name's escape sequence or
 // carriage return, say) as \xNN, so that a name cannot recolour, move or rewrite what the
 // terminal shows; newlines and tabs, which spill's own messages use, stay.

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <climits>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -125,9 +126,16 @@ void write_in_place(const std::string& path, std::string_view text, std::string_
 
 std::atomic<unsigned> next_temporary{0};
 
+// `<target>.tmp-<pid>-<n>`; a name too long to take that suffix (file names end at NAME_MAX,
+// 255 bytes) gets `.spill.tmp-<pid>-<n>` in its directory instead (audit 41a #6: valid names of
+// 241-255 bytes could not be written, the error blaming the name).
 std::string temporary_beside(const std::string& target) {
-  return target + ".tmp-" + std::to_string(::getpid()) + "-" +
-         std::to_string(next_temporary.fetch_add(1));
+  const std::string suffix = ".tmp-" + std::to_string(::getpid()) + "-" +
+                             std::to_string(next_temporary.fetch_add(1));
+  const std::size_t slash = target.rfind('/');
+  const std::size_t name = slash == std::string::npos ? target.size() : target.size() - slash - 1;
+  if (name + suffix.size() <= NAME_MAX) return target + suffix;
+  return target.substr(0, slash == std::string::npos ? 0 : slash + 1) + ".spill" + suffix;
 }
 
 // Writes `text` to a new temporary beside `target` made with `mode`; its name, or "" (errno

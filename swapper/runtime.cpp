@@ -109,7 +109,7 @@ void Runtime::set_budget(std::size_t bytes) {
     allocator_->set_budget(bytes);
   } catch (const OutOfMemory& e) {
     if (!swapper_) throw;
-    throw OutOfMemory(std::string(e.what()) + "; " + swapper_->residency_report());
+    throw OutOfMemory(with_more(e.what(), "; " + swapper_->residency_report()));
   }
   if (swapper_) swapper_->set_budget(bytes);
 }

@@ -85,7 +85,7 @@ spill_status spill_malloc(void** out, size_t size, int device, void* stream) {
     if (s == SPILL_ERROR_OUT_OF_MEMORY || s == SPILL_ERROR_HOST_CAP) {
       try {
         const std::string note = lease->oom_note();
-        if (!note.empty()) fail(s, std::string(last_error_text()) + "\n" + note);
+        if (!note.empty()) fail(s, with_more(last_error_text(), "\n" + note));
         lease->note_oom(last_error_text());
       } catch (...) {
         // The message stays in spill_last_error.
@@ -101,7 +101,19 @@ spill_status spill_free(void* ptr, int device, void* stream) {
   if (g.exiting.load(std::memory_order_relaxed) && !g.forked.load(std::memory_order_relaxed))
     return SPILL_OK;  // the process is exiting: the memory goes with it
   Lease lease;
-  if (spill_status s = acquire(device, "spill_free", lease, false)) return s;
+  bool no_runtime = false;
+  if (spill_status s = acquire(device, "spill_free", lease, false, &no_runtime)) {
+    if (!no_runtime) return s;
+    // A device with no runtime holds no block: name the pointer, and its owner where another
+    // device holds it (audit 41a #2: the message named neither).
+    const int owner = other_owner(ptr, device);
+    return fail(SPILL_ERROR_INVALID_ARGUMENT,
+                "spill_free: " + format_address(ptr) +
+                    (owner >= 0 ? " belongs to device " + std::to_string(owner) + ", not"
+                                : " was not allocated by spill on") +
+                    " device " + std::to_string(device) + " (which has no runtime yet: it " +
+                    "holds no block; nothing was freed)");
+  }
   if (!lease->stream_known(stream)) return bad_stream("spill_free", stream, device);
   try {
     lease.rt().allocator().deallocate(ptr, to_stream(stream));

@@ -90,7 +90,14 @@ spill_status spill_unpin(const spill_pin_token* token, void* stream, int wrote) 
   }
   const bool host = (token->flags & SPILL_PIN_HOST) != 0;
   Lease lease;
-  if (spill_status s = acquire(token->device, "spill_unpin", lease, false)) return s;
+  bool no_runtime = false;
+  if (spill_status s = acquire(token->device, "spill_unpin", lease, false, &no_runtime)) {
+    // The pin that made the token started its device's runtime; none there now means that
+    // runtime was shut down since: the token is stale, and its unpin does nothing, as it does
+    // once the device has started again (where stale_unpins counts it; audit 41a #1: it was
+    // refused until then, so a framework's queued unpins after a re-init failed by call order).
+    return no_runtime ? SPILL_OK : s;
+  }
   if (!host && !lease->stream_known(stream)) return bad_stream("spill_unpin", stream, token->device);
   try {
     Swapper* sw = lease.rt().swapper();

@@ -294,7 +294,8 @@ spill_status nested_too_deep(const char* fn) noexcept {
                   " spill calls already, the most that nest; the call was refused");
 }
 
-spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create) noexcept {
+spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create,
+                          bool* no_runtime) noexcept {
   if (device < 0 || device >= kMaxDevices) {
     return fail(SPILL_ERROR_INVALID_ARGUMENT,
                 std::string(fn) + ": device " + std::to_string(device) +
@@ -317,6 +318,10 @@ spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create)
     // only have failed for a full lease stack. Never make another over it.
     if (slot.state.load() != nullptr) return nested_too_deep(fn);
     if (!create) {
+      if (no_runtime != nullptr) {
+        *no_runtime = true;
+        return SPILL_ERROR_INVALID_ARGUMENT;
+      }
       return fail(SPILL_ERROR_INVALID_ARGUMENT,
                   std::string(fn) + ": " + device_name(device) +
                       " has no runtime yet: it holds no block or stream for this call to "

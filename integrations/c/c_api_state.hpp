@@ -201,15 +201,19 @@ inline bool lease_stack_full() { return thread_leases().depth >= ThreadLeases::k
 spill_status nested_too_deep(const char* fn) noexcept;
 
 // The slow path of acquire: creates the runtime (when `create`) or says why there is none.
-spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create) noexcept;
+spill_status acquire_slow(int device, const char* fn, Lease& lease, bool create,
+                          bool* no_runtime) noexcept;
 
 // Leases `device`'s runtime; with `create`, makes it on first use. On failure the message is
-// set and the code returned.
-inline spill_status acquire(int device, const char* fn, Lease& lease, bool create = true) noexcept {
+// set and the code returned; but where `no_runtime` is given and the only failure is that a
+// valid device has no runtime (without `create`), *no_runtime is set and nothing is reported
+// (the caller decides what that means: an unpin's token is then stale).
+inline spill_status acquire(int device, const char* fn, Lease& lease, bool create = true,
+                            bool* no_runtime = nullptr) noexcept {
   Global& g = global();
   if (g.forked.load(std::memory_order_relaxed)) return forked_error(fn);
   if (device >= 0 && device < kMaxDevices && lease.try_take(g.slots[device])) return SPILL_OK;
-  return acquire_slow(device, fn, lease, create);
+  return acquire_slow(device, fn, lease, create, no_runtime);
 }
 
 // Leases the runtime whose allocator holds `ptr` (any device alive). INVALID_ARGUMENT naming

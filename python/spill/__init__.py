@@ -30,7 +30,7 @@ __all__ = [
     "CudaError", "Error", "InvalidArgumentError", "LibraryNotFoundError", "OutOfMemoryError",
     "Status", "WriteFailedError",
     # lifecycle and configuration
-    "configure", "shutdown", "is_simulated", "library_path", "version", "__version__",
+    "configure", "shutdown", "is_simulated", "library_path", "__version__",
     "set_budget", "budget", "empty_cache", "parse_size",
     # steps
     "step", "begin_step", "end_step", "begin_op", "end_scope", "write_step_graph", "step_key",
@@ -47,7 +47,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # `spill.version` is the loaded library's version string; reading it loads the library.
+    # `spill.version` is the loaded library's version string; reading it loads the library
+    # (which is why it is not in __all__: `from spill import *` loads nothing).
     if name == "version":
         from ._lib import library
         return library().spill_version().decode()

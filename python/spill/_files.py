@@ -114,6 +114,16 @@ def write_text(path: Union[str, bytes, "os.PathLike[str]"], text: str) -> None:
         raise OSError(e.errno, e.strerror or str(e), p) from e
 
 
+def _temporary_beside(target: str) -> str:
+    """``<target>.tmp-<pid>-<n>``; a name too long to take that suffix (file names end at 255
+    bytes) gets ``.spill.tmp-<pid>-<n>`` in its directory instead (core/output_file.cpp)."""
+    suffix = f".tmp-{os.getpid()}-{next(_temporaries)}"
+    folder, name = os.path.split(target)
+    if len(os.fsencode(name)) + len(suffix) <= 255:
+        return target + suffix
+    return os.path.join(folder, ".spill" + suffix)
+
+
 def _write_text(p: str, text: str) -> None:
     data = text.encode("utf-8")
     fd = _own_descriptor(p)
@@ -133,7 +143,7 @@ def _write_text(p: str, text: str) -> None:
         finally:
             os.close(out)
         return
-    temporary = f"{target}.tmp-{os.getpid()}-{next(_temporaries)}"
+    temporary = _temporary_beside(target)
     try:
         # Never wider than the file it replaces, even before its mode is copied.
         mode = 0o666 if st is None else stat.S_IMODE(st.st_mode) & 0o777

@@ -313,14 +313,22 @@ TEST(free_on_another_device) {
   CHECK_ERROR_HAS(c_test_address(p0));
   CHECK_STATUS(spill_free(p1, 0, NULL), SPILL_ERROR_INVALID_ARGUMENT);
   CHECK_ERROR_HAS("belongs to device 1");
+  /* A device that never ran cannot own anything: the message names the pointer and its owner
+   * (audit 41a #2: it said only that device 5 had no runtime). */
+  CHECK_STATUS(spill_free(p0, 5, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(p0));
+  CHECK_ERROR_HAS("belongs to device 0, not device 5 (which has no runtime yet: it holds no "
+                  "block; nothing was freed)");
   CHECK_OK(spill_free(p0, 0, NULL));
   CHECK_OK(spill_free(p1, 1, NULL));
-  /* A device that never ran cannot own anything. */
-  CHECK_STATUS(spill_free(p0, 5, NULL), SPILL_ERROR_INVALID_ARGUMENT);
-  /* Said for any call that needs a runtime (free, unpin, stream_destroy): it said "nothing of
-   * it can be named here" before, wrong for a free. */
-  CHECK_ERROR_HAS("spill_free: device 5 has no runtime yet: it holds no block or stream for "
-                  "this call to act on");
+  int local = 0;
+  CHECK_STATUS(spill_free(&local, 5, NULL), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS(c_test_address(&local));
+  CHECK_ERROR_HAS("was not allocated by spill on device 5 (which has no runtime yet");
+  /* Other calls that need a runtime say so (stream_destroy). */
+  CHECK_STATUS(spill_stream_destroy(5, (void*)0x10), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("device 5 has no runtime yet: it holds no block or stream for this call to "
+                  "act on");
 }
 
 TEST(calls_after_shutdown) {

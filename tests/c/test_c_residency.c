@@ -959,6 +959,11 @@ TEST(lowering_the_budget_names_a_full_host_cap) {
   CHECK_ERROR_HAS("raise host_cap:");
   CHECK_ERROR_HAS("the budget stays 64.00 MiB (blocks evicted on the way stay on the host, "
                   "16.00 MiB swapped out now)");
+  { /* The source location stays last, after the residency report (audit 41a #4). */
+    const char* msg = spill_last_error();
+    const char* loc = strstr(msg, " [allocator_budget.cpp:");
+    CHECK(loc != NULL && strchr(loc, ']') == msg + strlen(msg) - 1);
+  }
   uint64_t budget = 0;
   CHECK_OK(spill_get_budget(0, &budget));
   CHECK(budget == 64u * MIB);
@@ -1052,6 +1057,37 @@ TEST(a_token_from_an_earlier_session_is_stale) {
   if (!address_reused) fprintf(stderr, "note: no session reused the old block's address\n");
 }
 
+/* The same before the new session has started the token's device (audit 41a #1): the unpin
+ * was refused ("device 0 has no runtime yet") until some call started it, so a framework's
+ * queued unpins after a re-init failed or not by call order. A device the new session never
+ * starts is the same. */
+TEST(a_token_from_an_earlier_session_unpins_before_its_device_starts_again) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, BLOCK, 0, NULL));
+  REQUIRE_OK(spill_set_swappable(p, 1));
+  spill_pin_token t, h;
+  REQUIRE_OK(spill_pin(p, NULL, &t));
+  void* q = NULL;
+  REQUIRE_OK(spill_malloc(&q, BLOCK, 1, NULL));
+  REQUIRE_OK(spill_set_swappable(q, 1));
+  REQUIRE_OK(spill_pin_for_host(q, &h));
+  REQUIRE_OK(spill_shutdown());
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:64MiB,policy:lru"));
+  CHECK_OK(spill_unpin(&t, NULL, 1)); /* device 0 not started yet */
+  CHECK_OK(spill_unpin(&h, NULL, 0)); /* device 1 never is */
+  void* r = NULL;
+  REQUIRE_OK(spill_malloc(&r, BLOCK, 0, NULL)); /* device 0 starts: its counters are new */
+  CHECK(stats().stale_unpins == 0);
+  CHECK_OK(spill_free(r, 0, NULL));
+  /* A token of a device that was never valid is still an error. */
+  spill_pin_token bad = t;
+  bad.device = 99;
+  CHECK_STATUS(spill_unpin(&bad, NULL, 1), SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK_ERROR_HAS("device 99 is not a device ordinal");
+  REQUIRE_OK(spill_shutdown());
+}
+
 /* Pinned host memory is scarce on a real host (it cannot be paged out): spill_empty_cache
  * gives back the host pool's chunks that hold no swapped-out bytes, and keeps those that do. */
 TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
@@ -1089,6 +1125,7 @@ TEST(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) {
   X(pins_of_blocks_that_never_move)    \
   X(stale_tokens)                      \
   X(a_token_from_an_earlier_session_is_stale) \
+  X(a_token_from_an_earlier_session_unpins_before_its_device_starts_again) \
   X(empty_cache_gives_back_pinned_host_memory_that_holds_nothing) \
   X(a_token_unpinned_twice_is_refused_while_other_pins_hold_the_block) \
   X(a_token_with_a_pin_that_never_existed_is_named_so) \

@@ -55,15 +55,25 @@ TEST(Config, ParsesEveryKey) {
 // also took true, false, 1 and 0 (audit 40b #8).
 TEST(Config, EveryOnOffKeyTakesTheSameSpellings) {
   for (const char* key : {"cache_takeover", "trace"}) {
-    for (const char* on : {"on", "true", "1"}) {
+    for (const char* on : {"on", "true", "1", "ON", "True"}) {
       SCOPED_TRACE(std::string(key) + ":" + on);
       const Config c = Config::parse(std::string(key) + ":" + on);
       EXPECT_TRUE(std::string_view(key) == "trace" ? c.trace : c.cache_takeover);
     }
-    for (const char* off : {"off", "false", "0"}) {
+    for (const char* off : {"off", "false", "0", "OFF", "FALSE"}) {
       SCOPED_TRACE(std::string(key) + ":" + off);
       const Config c = Config::parse(std::string(key) + ":" + off);
       EXPECT_FALSE(std::string_view(key) == "trace" ? c.trace : c.cache_takeover);
+    }
+    // Any case, and the message names every spelling (audit 41a #7: FALSE was refused, and
+    // the message said only "on or off").
+    try {
+      (void)Config::parse(std::string(key) + ":yes");
+      ADD_FAILURE() << key << ":yes was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("(expected on or off; also true or false, 1 or 0)"),
+                std::string::npos)
+          << e.what();
     }
   }
 }

@@ -22,6 +22,17 @@ TEST(ErrorMessages, TheSourceLocationComesOffTheEndOnly) {
     EXPECT_EQ(without_source_location(kept), kept);
 }
 
+// Text added to a located message goes before its location, which stays last (audit 41a #4:
+// spill_set_budget's residency report followed "[allocator_budget.cpp:81]", where callers that
+// cut a trailing location missed it).
+TEST(ErrorMessages, TextAddedToALocatedMessageGoesBeforeTheLocation) {
+  EXPECT_EQ(with_more("budget stays [allocator_budget.cpp:81]", "; pinned 16 MiB"),
+            "budget stays; pinned 16 MiB [allocator_budget.cpp:81]");
+  EXPECT_EQ(with_more("no location", "; more"), "no location; more");
+  EXPECT_EQ(with_more("batch [1, 64]", "\nnote"), "batch [1, 64]\nnote");
+  EXPECT_EQ(without_source_location(with_more("a [x.cpp:1]", " b")), "a b");
+}
+
 // A file name's control characters are shown, not obeyed, by the terminal that prints the
 // message (audit 37b L8: an ESC sequence in a name recoloured the error).
 TEST(ErrorMessages, ControlCharactersArePrintedAsEscapes) {

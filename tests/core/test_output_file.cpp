@@ -97,6 +97,22 @@ TEST(WriteFile, ReplacesKeepingPermissionsAndWritesThroughALink) {
   fs::remove_all(dir);
 }
 
+// A name of up to 255 bytes (the file system's limit) is written, new and replacing a file: its
+// temporary `<name>.tmp-<pid>-<n>` passed the limit and the write failed blaming the name
+// (audit 41a #6).
+TEST(WriteFile, NamesUpToTheFileSystemsLimitAreWritten) {
+  const fs::path dir = fresh_dir("write_file_long_names");
+  for (std::size_t length : {240u, 245u, 255u}) {
+    const fs::path file = dir / std::string(length, 'n');
+    write_file(file.string(), "first", "--json");
+    write_file(file.string(), "second", "--json");
+    EXPECT_EQ(read(file), "second") << length;
+  }
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir), fs::directory_iterator()), 3)
+      << "no temporary left";
+  fs::remove_all(dir);
+}
+
 TEST(WriteFile, DevicesAreWrittenInPlace) {
   if (::access("/dev/full", W_OK) != 0) GTEST_SKIP() << "no /dev/full";
   EXPECT_THROW(write_file("/dev/full", "x", "--trace"), WriteFailed);

@@ -833,6 +833,16 @@ def test_a_snapshot_or_trace_through_a_link_to_a_new_file(sim, tmp_path):
     assert len(list(tmp_path.iterdir())) == 4
 
 
+def test_a_snapshot_or_trace_named_up_to_the_file_system_limit_is_written(sim, tmp_path):
+    # Its temporary, `<name>.tmp-<pid>-<n>`, passed the 255-byte limit (audit 41a #6).
+    for call, letter in [(spill.snapshot, "s"), (spill.trace, "t")]:
+        path = tmp_path / (letter * 250 + ".json")
+        call(path)
+        call(path)  # replacing it
+        assert json.loads(path.read_text())
+    assert len(list(tmp_path.iterdir())) == 2
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
 def test_a_replaced_snapshot_keeps_its_owner_and_group(sim, tmp_path):
     path = tmp_path / "s.json"

@@ -16,7 +16,10 @@ def test_import_loads_nothing(python_run):
         "assert 'torch' not in sys.modules and 'cupy' not in sys.modules, sorted(sys.modules)\n"
         "import spill._lib as l\n"
         "assert l._library is None\n"
-        "print('ok')\n")
+        "from spill import *\n"  # (audit 41a #5: `version` in __all__ loaded the library)
+        "from spill.cupy import *\n"
+        "assert l._library is None\n"
+        "print('ok')\n", env={"SPILL_LIBRARY": "/nonexistent/libspill.so"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
 

@@ -234,8 +234,9 @@ SPILL_API spill_status spill_pin_for_host(void* ptr, spill_pin_token* token);
 /* The work that used the pinned block is enqueued on `stream` (a swap-out waits for it);
  * `wrote` nonzero if it may have written the block (else a current host copy stays current
  * and a later eviction copies nothing). Each token is unpinned once. A token whose block was
- * freed meanwhile is a no-op (counted in spill_stats.stale_unpins). The unpin belongs to the
- * calling thread's current step scope (see spill_begin_step), as the pin did to the pinning
+ * freed meanwhile is a no-op (counted in spill_stats.stale_unpins), also one from before
+ * spill_shutdown (whether or not the new session has started its device). The unpin belongs
+ * to the calling thread's current step scope (see spill_begin_step), as the pin did to the pinning
  * thread's: unpin from the thread that pinned, or from one in the same scope (a thread reading
  * another scope's blocks then neither enters nor splits that scope's recorded ops). Errors:
  * INVALID_ARGUMENT (token NULL, stream, a token unpinned twice, a token whose `pin` was never
@@ -365,7 +366,8 @@ SPILL_API spill_status spill_set_scope_name(int device, uint64_t scope, const ch
 SPILL_API spill_status spill_end_scope(int device, uint64_t scope);
 /* Writes the last recorded step of `scope` on `device` as a graph (docs/graph-format.md) to
  * `path`, for `spill plan`. NOT_FOUND when no step of that scope was recorded (recording needs
- * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be written. A file already
+ * policy:plan and a budget); INVALID_ARGUMENT when the file cannot be created (the message
+ * names it), WRITE_FAILED when writing it fails (a full disk). A file already
  * at `path` is replaced whole or not at all (written beside it, then renamed over it). */
 SPILL_API spill_status spill_write_step_graph(int device, uint64_t scope, const char* path);
 
@@ -431,9 +433,9 @@ SPILL_API spill_status spill_snapshot_json(int device, char** json);
 /* Writes the trace events recorded since the previous export (every device: allocations,
  * maps, pins, swaps, stalls, OOMs) as Chrome/Perfetto trace JSON to `path`, and starts a new
  * trace. Recording is on unless the configuration says `trace:off`. INVALID_ARGUMENT when the
- * file cannot be written (the message names it, also for a write that fails: a full disk);
- * the events are taken only once written, so after that error they are still there for the
- * next export. Memory is bounded without exports: each thread that records keeps its newest
+ * file cannot be created, WRITE_FAILED when writing it fails (a full disk), the message naming
+ * it; the events are taken only once written, so after either error they are still there for
+ * the next export. Memory is bounded without exports: each thread that records keeps its newest
  * 65536 events (3 MiB) while it lives, and the threads that have exited share one store of
  * the newest 65536 of theirs; older events are dropped. */
 SPILL_API spill_status spill_trace_export(const char* path);
@@ -490,7 +492,9 @@ SPILL_API spill_status spill_get_block_name(const void* ptr, char** name);
  * - spill_torch_free: as spill_free; a failure cannot be returned: it is counted
  *   (spill_stats.free_errors), kept in spill_last_error, and the first one per device is
  *   printed to stderr. NULL is ignored.
- * - spill_torch_record_stream: as spill_record_stream (failures as for free).
+ * - spill_torch_record_stream: as spill_record_stream; a failure cannot be returned: it is
+ *   kept in spill_last_error and the first one in the process is printed to stderr (not
+ *   counted in free_errors, which counts frees).
  * - spill_torch_reset (PyTorch's empty_cache): spill_empty_cache on every running device.
  * - spill_torch_set_memory_fraction: the device's budget becomes `fraction` of its memory
  *   (as spill_set_budget; every failure printed to stderr and kept in spill_last_error, as
