@@ -91,7 +91,13 @@ void SwapTally::count(const TraceEvent& e, const char* what) {
     ++swap_outs, swapped_out_bytes = checked_add(swapped_out_bytes, e.bytes, what);
   if (e.kind == EventKind::SwapIn)
     ++swap_ins, swapped_in_bytes = checked_add(swapped_in_bytes, e.bytes, what);
-  if (e.kind == EventKind::Stall) ++stalls, stall_ms += e.duration_ns / 1e6;
+  if (e.kind == EventKind::Stall) {
+    ++stalls;
+    const std::uint64_t end = e.time_ns + e.duration_ns;
+    const std::uint64_t from = std::max(e.time_ns, stalled_until_ns_);
+    if (end > from) stall_ms += static_cast<double>(end - from) / 1e6;
+    stalled_until_ns_ = std::max(stalled_until_ns_, end);
+  }
 }
 
 }  // namespace spill::profiling

@@ -30,10 +30,17 @@ struct MemoryCounters {
 struct SwapTally {
   std::uint64_t swapped_out_bytes = 0, swapped_in_bytes = 0;
   std::size_t swap_outs = 0, swap_ins = 0, stalls = 0;
-  double stall_ms = 0;  // the stalls' durations, summed
-  // Counts `e` when it is a swap copy or a stall. Throws InvalidArgument naming `what` when a
-  // byte total would pass 2^64 - 1.
+  // The time some stall covered: the union of the stalls' slices, so that two stalls of one
+  // wait on two rows count once (a demand fetch's stall on its stream and the host's wait for
+  // room inside it: summed, a step stalled for longer than it lasted; audit 41b #1).
+  double stall_ms = 0;
+  // Counts `e` when it is a swap copy or a stall; events come in order of their start (as a
+  // parsed trace holds them). Throws InvalidArgument naming `what` when a byte total would
+  // pass 2^64 - 1.
   void count(const TraceEvent& e, const char* what);
+
+ private:
+  std::uint64_t stalled_until_ns_ = 0;  // the latest end of a stall counted
 };
 
 class CounterReplay {

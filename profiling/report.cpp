@@ -320,12 +320,16 @@ std::string render_report(const ParsedTrace& trace, const std::string& source) {
     stalls[e.stream].first++;
     stalls[e.stream].second += e.duration_ns / 1e6;
   }
-  // What the trace marks: waits for a block's bytes to come back. `spill train`'s stall column
-  // is wider (the step's time less its compute: room waits and late prefetches too).
+  // What the trace marks: waits for a block's bytes to come back, and the host's waits for
+  // room. `spill train`'s and `spill demo`'s stall columns are another measure (the step's
+  // time less its compute), neither always more nor always less (audit 41b #1).
   o << "<h2>Stalls</h2><p class='note'>Waits for a swapped-out block's bytes to come back (a "
     << "pin that found it on the host or still landing), per stream; the host's row also "
-    << "holds its waits for a swap-out to finish (room for an allocation). spill train's "
-    << "stall column counts more: its step time less its compute.</p>"
+    << "holds its waits for a swap-out to finish (room for an allocation), which may overlap "
+    << "a stream's stall: the total counts the time any of them stalled once, so it can be "
+    << "less than the rows' sum. spill train's and spill demo's stall columns are another "
+    << "measure, the step's time less its compute: they also count late prefetches, and not "
+    << "the host's waits hidden behind queued work.</p>"
     << "<table id='stalls'><tr><th class='l'>stream</th><th>stalls</th>"
     << "<th>time (ms)</th></tr>";
   // The streams that stalled longest (in stream order), the others summed in one row.

@@ -66,7 +66,8 @@ std::string steps_section(const TraceSteps& steps,
   o << "<h2>Steps</h2><p class='note'>A step begins at its mark (spill's begin_step) and ends "
     << "at its scope's next one; the last one (*) runs to the trace's end. Peaks are the "
     << "highest counters within the step, from what was there when it began; swaps (bytes, "
-    << "copies) and stalls are those that begin in it. A row of several steps gives their mean "
+    << "copies) and stalls are those that begin in it, a stall's time counted once where stalls of "
+    << "several rows overlap. A row of several steps gives their mean "
     << "duration (shortest&ndash;longest), highest peaks and totals.";
   if (several)
     o << " The memory counters are the process's: a step's peaks hold the other scopes' "

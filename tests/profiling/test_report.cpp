@@ -676,6 +676,34 @@ TEST(Report, MemoryAxisIsInTheUnitThatFits) {
   }
 }
 
+// A demand fetch stalls its stream, and the host's wait for room inside the same fetch is a
+// second stall on the host's row: the total and the step count the time they cover once (audit
+// 41b #1: summed, spill demo's first step stalled 221 ms in 149), the rows each their own.
+TEST(Report, OverlappingStallsOfTwoRowsCountTheirTimeOnce) {
+  using test::make_event;
+  const std::vector<TraceEvent> ev = {
+      make_event(0, EventKind::Mark, 0, 1, kHostStream, 0, 100),  // step 1 of scope 0
+      make_event(1'000'000, EventKind::Stall, 0x10, 0, 0, 10'000'000),
+      make_event(3'000'000, EventKind::Stall, 0x10, 0, kHostStream, 10'000'000),
+      make_event(4'000'000, EventKind::Stall, 0x20, 0, kHostStream, 2'000'000),
+      make_event(20'000'000, EventKind::Stall, 0x30, 0, 0, 5'000'000)};
+  const ParsedTrace t = parse_chrome_trace(
+      chrome_trace_text(ev, step_tags, {{"device", "SimDevice"}}), "overlap.json");
+  const ReportSummary s = summarize(t);
+  EXPECT_EQ(s.stalls, 4u);
+  EXPECT_DOUBLE_EQ(s.stall_ms, 17.0);  // 1-13 ms and 20-25 ms; the rows sum to 27
+  const std::string html = render_report(t, "overlap.json");
+  const std::string table = element(html, "id='stalls'", "</table>");
+  EXPECT_NE(table.find("<td class='l'>default</td><td>2</td><td>15.000</td>"), std::string::npos)
+      << table;
+  EXPECT_NE(table.find("<td class='l'>host</td><td>2</td><td>12.000</td>"), std::string::npos)
+      << table;
+  EXPECT_NE(table.find("<th class='l'>total</th><th>4</th><th>17.000</th>"), std::string::npos)
+      << table;
+  const std::string row = step_row(html, 0, 1);
+  EXPECT_NE(row.find("<td>4</td><td>17.000</td>"), std::string::npos) << row;
+}
+
 // Audit 31b #13: the host's waits are on kHostStream, which read as 0xffffffffffffffff.
 TEST(Report, TheHostsStallsAreNamed) {
   using test::make_event;
