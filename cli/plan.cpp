@@ -30,6 +30,7 @@ struct PlanArgs {
   std::string model;
   int batch = 1;
   bool batch_given = false;  // --batch on the command line (graph files keep theirs otherwise)
+  bool budget_given = false;  // --budget on the command line, even empty (refused, not the card)
   std::vector<std::string> zoo_given;  // --seq, --volume, --dtype, --optimizer when given
   int seq = 0;
   int volume = 0;
@@ -149,7 +150,8 @@ int run_plan(const PlanArgs& a) {
   const std::string batch_text =
       batch > 0 ? "batch " + std::to_string(batch) : "batch as recorded";
   graph::PlannerOptions o;
-  o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
+  // Given empty, it meant the card's memory without a word (audit 41b #4); refused as demo does.
+  o.budget = a.budget_given ? parse_size(a.budget, "--budget") : gpu.memory_bytes;
   SPILL_EXPECTS(o.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
   o.recompute = !a.no_recompute;
@@ -342,6 +344,7 @@ void add_plan(CLI::App& app, Runner& run) {
       ->check(number_in(0, 1e6, "a percentage"));
   cmd->callback([&run, args, cmd] {
     args->batch_given = cmd->count("--batch") > 0;
+    args->budget_given = cmd->count("--budget") > 0;
     for (const char* name : {"--seq", "--volume", "--dtype", "--optimizer"})
       if (cmd->count(name) > 0) args->zoo_given.push_back(name);
     run = [args](const Config&) { return run_plan(*args); };
