@@ -1,6 +1,7 @@
 // `spill plan`: predicts, without a GPU, whether a model's training step fits a memory budget
 // under each swap policy, what moves over the link and what it costs, on a simulated device and
 // link. Every figure it prints is simulated, and says so.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -48,7 +49,12 @@ struct PlanArgs {
   bool no_recompute = false;
 };
 
+// A zoo model's name is the zoo model, even where the current directory holds a file or
+// directory of that name (a checkout called mlp or gpt2-medium took its place; audit 41b #3),
+// as --link presets win over files; ./mlp plans the file.
 bool is_graph_file(const std::string& model) {
+  const std::vector<std::string>& zoo = graph::zoo_models();
+  if (std::find(zoo.begin(), zoo.end(), model) != zoo.end()) return false;
   std::error_code ec;  // a name the file system refuses (too long) is not a file
   return model.find('/') != std::string::npos || model.ends_with(".json") ||
          std::filesystem::exists(model, ec);
@@ -307,7 +313,8 @@ void add_plan(CLI::App& app, Runner& run) {
               "it swaps and what it costs, per policy");
   cmd->add_option("model", args->model,
                   "zoo model (mlp, vgg16, resnet50, resnet152, unet3d, gpt2-small, gpt2-medium, "
-                  "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph")
+                  "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph (a file named "
+                  "like a zoo model: ./NAME)")
       ->required();
   cmd->add_option("--batch", args->batch,
                   "batch size (a captured graph file: its own unless given)")
