@@ -147,6 +147,11 @@ int run_plan(const PlanArgs& a) {
     if (!from_file) return graph::build_model(a.model, zoo_options(a, batch));
     return graph::at_batch(file, std::uint64_t(batch));
   };
+  // Named here, as the option and the file (at_batch knows neither; audit 41b #9).
+  SPILL_EXPECTS(!a.batch_given || !from_file || graph::has_batch_scaling(file),
+                "--batch: graph file '" + a.model + "' does not say how its sizes grow with "
+                "the batch (capture it with spill.torch.capture at a batch of 2 or more, or plan "
+                "it at its own batch without --batch)");
   SPILL_EXPECTS(a.max_batch_pct < 0 || !from_file || graph::has_batch_scaling(file),
                 "--max-batch: graph file '" + a.model + "' does not say how its sizes grow "
                 "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
