@@ -354,12 +354,24 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->add_option("--max-batch", args->max_batch_pct,
                   "also find the largest batch that fits with overhead under this percentage")
       ->check(number_in(0, 1e6, "a percentage"));
+  cmd->footer("spill plan reads its own options, not the configuration: budget: in --conf or "
+              "SPILL_CONF is refused unless --budget is given (which wins, as in spill train and "
+              "demo), and link: and link_gbps: (the simulated device's link) are not read: "
+              "--link names the planned link.");
   cmd->callback([&run, args, cmd] {
     args->batch_given = cmd->count("--batch") > 0;
     args->budget_given = cmd->count("--budget") > 0;
     for (const char* name : {"--seq", "--volume", "--dtype", "--optimizer"})
       if (cmd->count(name) > 0) args->zoo_given.push_back(name);
-    run = [args](const Config&) { return run_plan(*args); };
+    run = [args](const Config& c) {
+      // budget: is the allocator's, and plan runs none: read as nothing, it planned at the
+      // card's memory where the user asked for less (audit 41b #5). --budget wins, as in
+      // spill train and demo. (link: cannot be told from its default; --link names the link.)
+      SPILL_EXPECTS(!c.budget || args->budget_given,
+                    "budget: (--conf or SPILL_CONF): spill plan does not read it; give --budget "
+                    "(default: the --device preset's memory)");
+      return run_plan(*args);
+    };
   });
 }
 
