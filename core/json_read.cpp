@@ -19,10 +19,14 @@ namespace {
 
 using nlohmann::json;
 
+// A float as written in JSON: a whole one keeps its ".0" (64.0 printed as "64" read as an
+// integer in "must be an integer ..., got 64"; audit 41b #7).
 std::string number_text(double v) {
   char buf[40];
   std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
+  std::string text = buf;
+  if (std::isfinite(v) && text.find_first_of(".e") == std::string::npos) text += ".0";
+  return text;
 }
 
 std::string short_number(double v) {
@@ -125,6 +129,16 @@ void JsonValue::fail(std::string_view rule) const {
   throw InvalidArgument(where() + ": " + std::string(rule) + ", got " + describe_json(*v_));
 }
 
+void JsonValue::fail_integer(std::string_view rule) const {
+  // Many writers emit whole numbers as floats (Python's json for numpy values, JavaScript):
+  // say why 64.0 is not an integer here, rather than accept it (every reader reads integers
+  // exactly; a float above 2^53 is not one).
+  if (v_->is_number_float())
+    throw InvalidArgument(where() + ": " + std::string(rule) + ", got " + describe_json(*v_) +
+                          " (a floating-point number)");
+  fail(rule);
+}
+
 void JsonValue::fail_field(std::string_view key, std::string_view rule) const {
   throw InvalidArgument(where(key) + ": " + std::string(rule));
 }
@@ -177,7 +191,7 @@ std::uint64_t JsonValue::as_uint(std::uint64_t lo, std::uint64_t hi) const {
   const std::string rule =
       "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
   if (!v_->is_number_unsigned() && !(v_->is_number_integer() && v_->get<std::int64_t>() >= 0))
-    fail(rule);
+    fail_integer(rule);
   const auto n = v_->get<std::uint64_t>();
   if (n < lo || n > hi) fail(rule);
   return n;
@@ -186,7 +200,7 @@ std::uint64_t JsonValue::as_uint(std::uint64_t lo, std::uint64_t hi) const {
 std::int64_t JsonValue::as_int(std::int64_t lo, std::int64_t hi) const {
   const std::string rule =
       "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
-  if (!v_->is_number_integer()) fail(rule);
+  if (!v_->is_number_integer()) fail_integer(rule);
   if (v_->is_number_unsigned() &&
       v_->get<std::uint64_t>() >
           static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))

@@ -61,6 +61,8 @@ class JsonValue {
   std::string where(std::string_view key = {}) const;
   [[noreturn]] void fail(std::string_view rule) const;
   [[noreturn]] void fail_field(std::string_view key, std::string_view rule) const;
+  // fail(), saying "(a floating-point number)" after a float where an integer is required.
+  [[noreturn]] void fail_integer(std::string_view rule) const;
 
   // Objects. at() requires the field; find() returns nothing when it is absent.
   bool is_object() const { return v_->is_object(); }
