@@ -86,7 +86,7 @@ std::string quote_excerpt(std::string_view s, std::size_t max) {
     }
   }
   out += "\"";
-  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " characters)";
+  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " bytes)";
   return out;
 }
 
@@ -219,11 +219,12 @@ double JsonValue::as_number(double lo, double hi) const {
   return d;
 }
 
-std::string JsonValue::as_string(std::size_t max_chars) const {
+std::string JsonValue::as_string(std::size_t max_bytes) const {
   if (!v_->is_string()) fail("must be a string");
   const auto& s = v_->get_ref<const std::string&>();
-  if (s.size() > max_chars)
-    fail("must be a string of at most " + std::to_string(max_chars) + " characters");
+  // Bytes of UTF-8, and said so: 600 x "é" were "1200 characters" (audit 41b #8).
+  if (s.size() > max_bytes)
+    fail("must be a string of at most " + std::to_string(max_bytes) + " bytes (UTF-8)");
   return s;
 }
 
@@ -251,9 +252,9 @@ double JsonValue::number_field(std::string_view key, double lo, double hi,
 }
 
 std::string JsonValue::string_field(std::string_view key, std::optional<std::string> dflt,
-                                    std::size_t max_chars) const {
+                                    std::size_t max_bytes) const {
   if (dflt && !has(key)) return *dflt;
-  return at(key).as_string(max_chars);
+  return at(key).as_string(max_bytes);
 }
 
 bool JsonValue::bool_field(std::string_view key, std::optional<bool> dflt) const {

@@ -127,6 +127,18 @@ TEST(JsonValue, AWholeFloatWhereAnIntegerGoesIsNamedAFloat) {
   EXPECT_DOUBLE_EQ(top.number_field("bytes", 0, 100), 64.0);
 }
 
+// The string bound counts bytes and says so: 600 x "é" (1200 bytes) were "1200 characters"
+// (audit 41b #8).
+TEST(JsonValue, TheStringBoundIsInBytesAndSaysSo) {
+  std::string e;
+  for (int i = 0; i < 600; ++i) e += "\xc3\xa9";
+  JsonValue top(nlohmann::json{{"name", e}}, "g.json");
+  const std::string msg = error_of([&] { top.string_field("name"); });
+  expect_mentions(msg, {"name: must be a string of at most 1024 bytes (UTF-8)", "(1200 bytes)"});
+  EXPECT_EQ(msg.find("characters"), std::string::npos) << msg;
+  EXPECT_EQ(top.string_field("name", std::nullopt, 1200), e);
+}
+
 TEST(JsonValue, MessagesDescribeValuesNeverDumpThem) {
   nlohmann::json j = {{"s", std::string(100000, 'a')},
                       {"arr", nlohmann::json::array({1, 2, 3})},
