@@ -214,7 +214,10 @@ int run_plan(const PlanArgs& a) {
   std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s%s\n", "policy", "fits", "peak",
               "swap out", "swap in", "step", "stall", "overhead",
               a.no_recompute ? "" : "  recomputed (tensors, bytes, time)");
-  nlohmann::json report{{"model", a.model},
+  // Marked, as spill's other outputs are, so that a reader given it names it (audit 41b #10).
+  nlohmann::json report{{"format", "spill-plan-result"},
+                        {"version", 1},
+                        {"model", a.model},
                         {"name", g.name},
                         {"batch", batch},
                         {"parameters", recorded ? nlohmann::json(nullptr)

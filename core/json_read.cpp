@@ -262,6 +262,13 @@ bool JsonValue::bool_field(std::string_view key, std::optional<bool> dflt) const
   return at(key).as_bool();
 }
 
+bool is_plan_timeline(const nlohmann::json& document) {
+  if (!document.is_object() || !document.contains("traceEvents")) return false;
+  const auto other = document.find("otherData");
+  return other != document.end() && other->is_object() && other->contains("simulated") &&
+         (*other)["simulated"] == true;
+}
+
 std::string which_spill_file(const nlohmann::json& document) {
   if (!document.is_object()) return "";
   const auto format = document.find("format");
@@ -274,11 +281,16 @@ std::string which_spill_file(const nlohmann::json& document) {
              "spill train)";
     if (f == "spill-train" || f == "spill-train-predict")
       return ": it is spill train's --json output";
+    if (f == "spill-plan-result") return ": it is spill plan's --json output (its results)";
   }
   const auto marker = document.find("spill");
   if (marker != document.end() && marker->is_object() && marker->contains("format") &&
       (*marker)["format"] == "spill-snapshot")
     return ": it is a memory snapshot (spill-snapshot-to-pickle converts it for memory_viz)";
+  // Before any trace: spill report read it as a trace of no known kind (audit 41b #10).
+  if (is_plan_timeline(document))
+    return ": it is spill plan's simulated timeline (--timeline; open it in Perfetto: spill "
+           "report reads recorded traces)";
   if (document.contains("traceEvents"))
     return ": it is a trace (Chrome/Perfetto JSON; spill report reads spill's traces)";
   return "";

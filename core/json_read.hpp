@@ -117,5 +117,8 @@ void expect_format(const std::optional<JsonValue>& marker, std::string_view form
 // goes: ": it is a spill graph (spill plan reads it)", or "" when it is none
 // of spill's (audit 37b L9: a trace given to `spill plan` said only "format: missing").
 std::string which_spill_file(const nlohmann::json& document);
+// Whether `document` is `spill plan --timeline`'s output: a Chrome trace whose otherData says
+// "simulated": true.
+bool is_plan_timeline(const nlohmann::json& document);
 
 }  // namespace spill

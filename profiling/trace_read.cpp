@@ -447,7 +447,7 @@ ParsedTrace finish(TraceSax& sax, const std::string& origin) {
   const std::string kind = which_spill_file(j);
   expect_format(other, "spill-trace", kTraceFormatVersion, origin,
                 origin + ": not a spill trace" +
-                    (kind.empty() || top.has("traceEvents")
+                    (kind.empty() || (top.has("traceEvents") && !is_plan_timeline(j))
                          ? std::string(" (no otherData.format = \"spill-trace\")")
                          : kind),
                 "trace format version");
