@@ -198,8 +198,9 @@ TEST(HostileTrace, ACompleteTraceMayNotMoveMoreThanItsBlock) {
     std::vector<TraceEvent> ev{make_event(1000, EventKind::Alloc, 0x10, 4096),
                                make_event(2000, k, 0x10, 4096000, 0, 5),
                                make_event(3000, EventKind::Free, 0x10, 4096)};
+    const std::string event = "(" + std::string(to_string(k)) + " at 2000 ns)";
     expect_mentions(meaning_error(ev, kStartsEmpty),
-                    {"traceEvents[", "(" + std::string(to_string(k)) + " at 2000 ns)",
+                    {"traceEvents[", event.c_str(),
                      "moves 4096000 bytes of the block at 0x10, which has 4096"});
   }
   // The block's own bytes pass, also from a slice sorted after its free and after a smaller
