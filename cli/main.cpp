@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
     // The same for a command's own commands: `spill bench foo` said only "A subcommand is
     // required" (audit 41b #6).
     if (e.get_exit_code() != 0 && app.get_subcommands().size() == 1) {
-      const CLI::App* cmd = app.get_subcommands().front();
+      CLI::App* cmd = app.get_subcommands().front();
       const auto subs = cmd->get_subcommands([](CLI::App*) { return true; });
       if (!subs.empty() && cmd->get_subcommands().empty()) {
         std::string names;
