@@ -132,7 +132,8 @@ TEST(JsonValue, AWholeFloatWhereAnIntegerGoesIsNamedAFloat) {
 TEST(JsonValue, TheStringBoundIsInBytesAndSaysSo) {
   std::string e;
   for (int i = 0; i < 600; ++i) e += "\xc3\xa9";
-  JsonValue top(nlohmann::json{{"name", e}}, "g.json");
+  const nlohmann::json j = {{"name", e}};
+  JsonValue top(j, "g.json");  // (holds a pointer: not to a temporary)
   const std::string msg = error_of([&] { top.string_field("name"); });
   expect_mentions(msg, {"name: must be a string of at most 1024 bytes (UTF-8)", "(1200 bytes)"});
   EXPECT_EQ(msg.find("characters"), std::string::npos) << msg;
