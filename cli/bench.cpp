@@ -58,6 +58,8 @@ int run_link(const Config& config, const LinkArgs& a) {
     o.samples = std::min(o.samples, 3);
     o.bytes_per_sample = 64u << 20;
   }
+  // Before the device: its "device:auto chose ..." line came before the error (audit 41b #12).
+  profiling::check_link_bench_options(o);
   DeviceSelection sel = make_device(config);
   std::printf("%s\n", sel.reason.c_str());
   profiling::LinkReport report = profiling::run_link_bench(*sel.device, o);

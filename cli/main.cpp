@@ -57,6 +57,27 @@ int main(int argc, char** argv) {
                    printable(args[command]).c_str(), names.c_str());
       return 2;
     }
+    // The same for a command's own commands: `spill bench foo` said only "A subcommand is
+    // required" (audit 41b #6).
+    if (e.get_exit_code() != 0 && app.get_subcommands().size() == 1) {
+      CLI::App* cmd = app.get_subcommands().front();
+      const auto subs = cmd->get_subcommands([](CLI::App*) { return true; });
+      if (!subs.empty() && cmd->get_subcommands().empty()) {
+        std::string names;
+        for (const CLI::App* sub : subs) names += (names.empty() ? "" : ", ") + sub->get_name();
+        const std::string& parent = cmd->get_name();
+        auto given = args.begin() + std::ptrdiff_t(std::min(command + 1, args.size()));
+        while (given != args.end() && given->rfind('-', 0) == 0) ++given;
+        if (given != args.end())
+          std::fprintf(stderr, "spill: unknown %s command '%s' (commands: %s; see spill %s "
+                               "--help)\n",
+                       parent.c_str(), printable(*given).c_str(), names.c_str(), parent.c_str());
+        else
+          std::fprintf(stderr, "spill: %s needs a command (commands: %s; see spill %s --help)\n",
+                       parent.c_str(), names.c_str(), parent.c_str());
+        return 2;
+      }
+    }
     const auto is_conf = [](const std::string& a) {
       return a == "--conf" || a.rfind("--conf=", 0) == 0;
     };

@@ -1,6 +1,7 @@
 // `spill plan`: predicts, without a GPU, whether a model's training step fits a memory budget
 // under each swap policy, what moves over the link and what it costs, on a simulated device and
 // link. Every figure it prints is simulated, and says so.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -30,6 +31,7 @@ struct PlanArgs {
   std::string model;
   int batch = 1;
   bool batch_given = false;  // --batch on the command line (graph files keep theirs otherwise)
+  bool budget_given = false;  // --budget on the command line, even empty (refused, not the card)
   std::vector<std::string> zoo_given;  // --seq, --volume, --dtype, --optimizer when given
   int seq = 0;
   int volume = 0;
@@ -47,7 +49,12 @@ struct PlanArgs {
   bool no_recompute = false;
 };
 
+// A zoo model's name is the zoo model, even where the current directory holds a file or
+// directory of that name (a checkout called mlp or gpt2-medium took its place; audit 41b #3),
+// as --link presets win over files; ./mlp plans the file.
 bool is_graph_file(const std::string& model) {
+  const std::vector<std::string>& zoo = graph::zoo_models();
+  if (std::find(zoo.begin(), zoo.end(), model) != zoo.end()) return false;
   std::error_code ec;  // a name the file system refuses (too long) is not a file
   return model.find('/') != std::string::npos || model.ends_with(".json") ||
          std::filesystem::exists(model, ec);
@@ -140,6 +147,11 @@ int run_plan(const PlanArgs& a) {
     if (!from_file) return graph::build_model(a.model, zoo_options(a, batch));
     return graph::at_batch(file, std::uint64_t(batch));
   };
+  // Named here, as the option and the file (at_batch knows neither; audit 41b #9).
+  SPILL_EXPECTS(!a.batch_given || !from_file || graph::has_batch_scaling(file),
+                "--batch: graph file '" + a.model + "' does not say how its sizes grow with "
+                "the batch (capture it with spill.torch.capture at a batch of 2 or more, or plan "
+                "it at its own batch without --batch)");
   SPILL_EXPECTS(a.max_batch_pct < 0 || !from_file || graph::has_batch_scaling(file),
                 "--max-batch: graph file '" + a.model + "' does not say how its sizes grow "
                 "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
@@ -149,7 +161,8 @@ int run_plan(const PlanArgs& a) {
   const std::string batch_text =
       batch > 0 ? "batch " + std::to_string(batch) : "batch as recorded";
   graph::PlannerOptions o;
-  o.budget = a.budget.empty() ? gpu.memory_bytes : parse_size(a.budget, "--budget");
+  // Given empty, it meant the card's memory without a word (audit 41b #4); refused as demo does.
+  o.budget = a.budget_given ? parse_size(a.budget, "--budget") : gpu.memory_bytes;
   SPILL_EXPECTS(o.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
   o.recompute = !a.no_recompute;
@@ -201,7 +214,10 @@ int run_plan(const PlanArgs& a) {
   std::printf("%-10s %-4s %11s %11s %11s %11s %11s %9s%s\n", "policy", "fits", "peak",
               "swap out", "swap in", "step", "stall", "overhead",
               a.no_recompute ? "" : "  recomputed (tensors, bytes, time)");
-  nlohmann::json report{{"model", a.model},
+  // Marked, as spill's other outputs are, so that a reader given it names it (audit 41b #10).
+  nlohmann::json report{{"format", "spill-plan-result"},
+                        {"version", 1},
+                        {"model", a.model},
                         {"name", g.name},
                         {"batch", batch},
                         {"parameters", recorded ? nlohmann::json(nullptr)
@@ -305,7 +321,8 @@ void add_plan(CLI::App& app, Runner& run) {
               "it swaps and what it costs, per policy");
   cmd->add_option("model", args->model,
                   "zoo model (mlp, vgg16, resnet50, resnet152, unet3d, gpt2-small, gpt2-medium, "
-                  "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph")
+                  "gpt2-large, gpt2-xl, bert-large) or a path to a JSON graph (a file named "
+                  "like a zoo model: ./NAME)")
       ->required();
   cmd->add_option("--batch", args->batch,
                   "batch size (a captured graph file: its own unless given)")
@@ -340,11 +357,24 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->add_option("--max-batch", args->max_batch_pct,
                   "also find the largest batch that fits with overhead under this percentage")
       ->check(number_in(0, 1e6, "a percentage"));
+  cmd->footer("spill plan reads its own options, not the configuration: budget: in --conf or "
+              "SPILL_CONF is refused unless --budget is given (which wins, as in spill train and "
+              "demo), and link: and link_gbps: (the simulated device's link) are not read: "
+              "--link names the planned link.");
   cmd->callback([&run, args, cmd] {
     args->batch_given = cmd->count("--batch") > 0;
+    args->budget_given = cmd->count("--budget") > 0;
     for (const char* name : {"--seq", "--volume", "--dtype", "--optimizer"})
       if (cmd->count(name) > 0) args->zoo_given.push_back(name);
-    run = [args](const Config&) { return run_plan(*args); };
+    run = [args](const Config& c) {
+      // budget: is the allocator's, and plan runs none: read as nothing, it planned at the
+      // card's memory where the user asked for less (audit 41b #5). --budget wins, as in
+      // spill train and demo. (link: cannot be told from its default; --link names the link.)
+      SPILL_EXPECTS(!c.budget || args->budget_given,
+                    "budget: (--conf or SPILL_CONF): spill plan does not read it; give --budget "
+                    "(default: the --device preset's memory)");
+      return run_plan(*args);
+    };
   });
 }
 

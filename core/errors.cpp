@@ -8,7 +8,7 @@ namespace spill {
 
 std::string excerpt(std::string_view text, std::size_t max) {
   if (text.size() <= max) return std::string(text);
-  return std::string(text.substr(0, max)) + "... (" + std::to_string(text.size()) + " characters)";
+  return std::string(text.substr(0, max)) + "... (" + std::to_string(text.size()) + " bytes)";
 }
 
 std::string without_source_location(std::string_view message) {

@@ -49,8 +49,8 @@ class WriteFailed : public Error {
   using Error::Error;
 };
 
-// `text` for an error message: as is when short, else its first `max` characters followed by
-// "... (N characters)", so that a message never grows with the input.
+// `text` for an error message: as is when short, else its first `max` bytes followed by
+// "... (N bytes)", so that a message never grows with the input.
 std::string excerpt(std::string_view text, std::size_t max = 64);
 
 // `message` without the " [file.cpp:NN]" SPILL_EXPECTS and its kin end it with: for a person

@@ -19,10 +19,14 @@ namespace {
 
 using nlohmann::json;
 
+// A float as written in JSON: a whole one keeps its ".0" (64.0 printed as "64" read as an
+// integer in "must be an integer ..., got 64"; audit 41b #7).
 std::string number_text(double v) {
   char buf[40];
   std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
+  std::string text = buf;
+  if (std::isfinite(v) && text.find_first_of(".e") == std::string::npos) text += ".0";
+  return text;
 }
 
 std::string short_number(double v) {
@@ -82,7 +86,7 @@ std::string quote_excerpt(std::string_view s, std::size_t max) {
     }
   }
   out += "\"";
-  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " characters)";
+  if (s.size() > max) out += "... (" + std::to_string(s.size()) + " bytes)";
   return out;
 }
 
@@ -123,6 +127,16 @@ std::string JsonValue::where(std::string_view key) const {
 
 void JsonValue::fail(std::string_view rule) const {
   throw InvalidArgument(where() + ": " + std::string(rule) + ", got " + describe_json(*v_));
+}
+
+void JsonValue::fail_integer(std::string_view rule) const {
+  // Many writers emit whole numbers as floats (Python's json for numpy values, JavaScript):
+  // say why 64.0 is not an integer here, rather than accept it (every reader reads integers
+  // exactly; a float above 2^53 is not one).
+  if (v_->is_number_float())
+    throw InvalidArgument(where() + ": " + std::string(rule) + ", got " + describe_json(*v_) +
+                          " (a floating-point number)");
+  fail(rule);
 }
 
 void JsonValue::fail_field(std::string_view key, std::string_view rule) const {
@@ -177,7 +191,7 @@ std::uint64_t JsonValue::as_uint(std::uint64_t lo, std::uint64_t hi) const {
   const std::string rule =
       "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
   if (!v_->is_number_unsigned() && !(v_->is_number_integer() && v_->get<std::int64_t>() >= 0))
-    fail(rule);
+    fail_integer(rule);
   const auto n = v_->get<std::uint64_t>();
   if (n < lo || n > hi) fail(rule);
   return n;
@@ -186,7 +200,7 @@ std::uint64_t JsonValue::as_uint(std::uint64_t lo, std::uint64_t hi) const {
 std::int64_t JsonValue::as_int(std::int64_t lo, std::int64_t hi) const {
   const std::string rule =
       "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
-  if (!v_->is_number_integer()) fail(rule);
+  if (!v_->is_number_integer()) fail_integer(rule);
   if (v_->is_number_unsigned() &&
       v_->get<std::uint64_t>() >
           static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
@@ -205,11 +219,12 @@ double JsonValue::as_number(double lo, double hi) const {
   return d;
 }
 
-std::string JsonValue::as_string(std::size_t max_chars) const {
+std::string JsonValue::as_string(std::size_t max_bytes) const {
   if (!v_->is_string()) fail("must be a string");
   const auto& s = v_->get_ref<const std::string&>();
-  if (s.size() > max_chars)
-    fail("must be a string of at most " + std::to_string(max_chars) + " characters");
+  // Bytes of UTF-8, and said so: 600 x "é" were "1200 characters" (audit 41b #8).
+  if (s.size() > max_bytes)
+    fail("must be a string of at most " + std::to_string(max_bytes) + " bytes (UTF-8)");
   return s;
 }
 
@@ -237,14 +252,21 @@ double JsonValue::number_field(std::string_view key, double lo, double hi,
 }
 
 std::string JsonValue::string_field(std::string_view key, std::optional<std::string> dflt,
-                                    std::size_t max_chars) const {
+                                    std::size_t max_bytes) const {
   if (dflt && !has(key)) return *dflt;
-  return at(key).as_string(max_chars);
+  return at(key).as_string(max_bytes);
 }
 
 bool JsonValue::bool_field(std::string_view key, std::optional<bool> dflt) const {
   if (dflt && !has(key)) return *dflt;
   return at(key).as_bool();
+}
+
+bool is_plan_timeline(const nlohmann::json& document) {
+  if (!document.is_object() || !document.contains("traceEvents")) return false;
+  const auto other = document.find("otherData");
+  return other != document.end() && other->is_object() && other->contains("simulated") &&
+         (*other)["simulated"] == true;
 }
 
 std::string which_spill_file(const nlohmann::json& document) {
@@ -259,11 +281,16 @@ std::string which_spill_file(const nlohmann::json& document) {
              "spill train)";
     if (f == "spill-train" || f == "spill-train-predict")
       return ": it is spill train's --json output";
+    if (f == "spill-plan-result") return ": it is spill plan's --json output (its results)";
   }
   const auto marker = document.find("spill");
   if (marker != document.end() && marker->is_object() && marker->contains("format") &&
       (*marker)["format"] == "spill-snapshot")
     return ": it is a memory snapshot (spill-snapshot-to-pickle converts it for memory_viz)";
+  // Before any trace: spill report read it as a trace of no known kind (audit 41b #10).
+  if (is_plan_timeline(document))
+    return ": it is spill plan's simulated timeline (--timeline; open it in Perfetto: spill "
+           "report reads recorded traces)";
   if (document.contains("traceEvents"))
     return ": it is a trace (Chrome/Perfetto JSON; spill report reads spill's traces)";
   return "";

@@ -19,7 +19,8 @@ namespace spill {
 // Arrays and objects nested deeper than this are rejected while parsing (spill's own formats
 // nest four levels; metadata a little more).
 inline constexpr int kMaxJsonDepth = 64;
-// The default bound on strings read with JsonValue::as_string (names, kinds, directions).
+// The default bound, in bytes of UTF-8, on strings read with JsonValue::as_string (names,
+// kinds, directions).
 inline constexpr std::size_t kMaxJsonString = 1024;
 
 // Parses `text`. Errors name `origin` and say what is wrong and where: empty, not valid JSON
@@ -41,7 +42,7 @@ std::string read_file_text(const std::string& path, std::string_view origin,
 // A short description of a value for messages: numbers and booleans as written, strings quoted
 // and cut after a few dozen characters, arrays and objects by their size.
 std::string describe_json(const nlohmann::json& v);
-// `s` quoted for a message, cut after `max` characters (the full length is then said).
+// `s` quoted for a message, cut after `max` bytes (the full length in bytes is then said).
 std::string quote_excerpt(std::string_view s, std::size_t max = 48);
 
 // A JSON value and where it sits: the input's name and the path from the root. Reading a value
@@ -61,6 +62,8 @@ class JsonValue {
   std::string where(std::string_view key = {}) const;
   [[noreturn]] void fail(std::string_view rule) const;
   [[noreturn]] void fail_field(std::string_view key, std::string_view rule) const;
+  // fail(), saying "(a floating-point number)" after a float where an integer is required.
+  [[noreturn]] void fail_integer(std::string_view rule) const;
 
   // Objects. at() requires the field; find() returns nothing when it is absent.
   bool is_object() const { return v_->is_object(); }
@@ -80,7 +83,7 @@ class JsonValue {
                         std::uint64_t hi = std::numeric_limits<std::uint64_t>::max()) const;
   std::int64_t as_int(std::int64_t lo, std::int64_t hi) const;
   double as_number(double lo, double hi) const;
-  std::string as_string(std::size_t max_chars = kMaxJsonString) const;
+  std::string as_string(std::size_t max_bytes = kMaxJsonString) const;
   bool as_bool() const;
 
   // A field of this object, checked; required unless a default is given.
@@ -91,7 +94,7 @@ class JsonValue {
   double number_field(std::string_view key, double lo, double hi,
                       std::optional<double> dflt = std::nullopt) const;
   std::string string_field(std::string_view key, std::optional<std::string> dflt = std::nullopt,
-                           std::size_t max_chars = kMaxJsonString) const;
+                           std::size_t max_bytes = kMaxJsonString) const;
   bool bool_field(std::string_view key, std::optional<bool> dflt = std::nullopt) const;
 
  private:
@@ -114,5 +117,8 @@ void expect_format(const std::optional<JsonValue>& marker, std::string_view form
 // goes: ": it is a spill graph (spill plan reads it)", or "" when it is none
 // of spill's (audit 37b L9: a trace given to `spill plan` said only "format: missing").
 std::string which_spill_file(const nlohmann::json& document);
+// Whether `document` is `spill plan --timeline`'s output: a Chrome trace whose otherData says
+// "simulated": true.
+bool is_plan_timeline(const nlohmann::json& document);
 
 }  // namespace spill

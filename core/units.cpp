@@ -131,7 +131,8 @@ std::string format_address(const void* p) {
 }
 
 std::string format_bytes(std::uint64_t bytes) {
-  static constexpr std::array<const char*, 5> names{"B", "KiB", "MiB", "GiB", "TiB"};
+  // Up to EiB, as parse_size reads ("4194304.00 TiB" for 4 EiB before; audit 41b #12).
+  static constexpr std::array<const char*, 7> names{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
   if (bytes < KiB) return std::to_string(bytes) + " B";
   double v = static_cast<double>(bytes);
   std::size_t i = 0;

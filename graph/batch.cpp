@@ -29,18 +29,23 @@ Graph at_batch(const Graph& g, std::uint64_t batch) {
     t.batch_bytes = per_sample * batch;
     t.bytes = fixed + t.batch_bytes;
   }
-  for (Op& op : out.ops) {
-    const double flops = op.flops - op.batch_flops + op.batch_flops * ratio;
-    const double bytes = op.bytes - op.batch_bytes + op.batch_bytes * ratio;
+  for (std::size_t i = 0; i < out.ops.size(); ++i) {
+    const Op& was = g.ops[i];
+    Op& op = out.ops[i];
+    op.flops = was.flops - was.batch_flops + was.batch_flops * ratio;
+    op.bytes = was.bytes - was.batch_bytes + was.batch_bytes * ratio;
+    op.batch_flops = was.batch_flops * ratio;
+    op.batch_bytes = was.batch_bytes * ratio;
     if (op.time_s) {
-      // A measured time scales like the op's work: FLOPs when it has any, else traffic.
-      const double f = op.flops > 0 ? flops / op.flops : op.bytes > 0 ? bytes / op.bytes : 1.0;
+      // A measured time scales like the op's work: FLOPs when it has any, else its traffic as
+      // the roofline counts it (`bytes`, or where that is 0 the tensors it touches, now
+      // rescaled: taking `bytes` alone kept such an op's time at every batch; audit 41b #2).
+      const double traffic = op_traffic_bytes(g, was);
+      const double f = was.flops > 0 ? op.flops / was.flops
+                       : traffic > 0 ? op_traffic_bytes(out, op) / traffic
+                                     : 1.0;
       op.time_s = *op.time_s * f;
     }
-    op.batch_flops *= ratio;
-    op.batch_bytes *= ratio;
-    op.flops = flops;
-    op.bytes = bytes;
   }
   out.validate();
   return out;

@@ -194,7 +194,7 @@ std::vector<std::size_t> default_link_sizes(std::size_t max_bytes) {
   return sizes;
 }
 
-LinkReport run_link_bench(Device& device, const LinkBenchOptions& options) {
+void check_link_bench_options(const LinkBenchOptions& options) {
   SPILL_EXPECTS(options.samples >= 1, "bench link: samples must be at least 1");
   SPILL_EXPECTS(options.pinned || options.pageable,
                 "bench link: choose pinned or pageable host memory (or both)");
@@ -202,6 +202,11 @@ LinkReport run_link_bench(Device& device, const LinkBenchOptions& options) {
     SPILL_EXPECTS(dir == "h2d" || dir == "d2h" || dir == "bidir" || dir == "d2d",
                   "bench link: unknown direction '" + dir + "' (use h2d, d2h, bidir, d2d)");
   }
+  for (std::size_t s : options.sizes) SPILL_EXPECTS(s > 0, "bench link: sizes must be above zero");
+}
+
+LinkReport run_link_bench(Device& device, const LinkBenchOptions& options) {
+  check_link_bench_options(options);
   std::vector<std::size_t> sizes = options.sizes.empty() ? default_link_sizes() : options.sizes;
   // Refuse sizes the device cannot hold before running anything: D2D and both directions at
   // once need two device buffers of the size.
@@ -209,7 +214,6 @@ LinkReport run_link_bench(Device& device, const LinkBenchOptions& options) {
   for (const std::string& dir : options.directions) two = two || dir == "d2d" || dir == "bidir";
   const std::uint64_t device_bytes = device.info().total_bytes;
   for (std::size_t s : sizes) {
-    SPILL_EXPECTS(s > 0, "bench link: sizes must be above zero");
     const std::uint64_t need = saturating_mul(s, two ? 2 : 1);
     SPILL_EXPECTS(need <= device_bytes,
                   "bench link: a copy of " + format_bytes(s) + " needs " + format_bytes(need) +

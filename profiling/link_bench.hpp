@@ -55,6 +55,9 @@ std::vector<std::size_t> default_link_sizes(std::size_t max_bytes = 1ull << 30);
 // Runs the benchmark; throws InvalidArgument for bad options and for sizes the device cannot
 // hold (checked before any copy), OutOfMemory if buffers do not fit.
 LinkReport run_link_bench(Device& device, const LinkBenchOptions& options);
+// What run_link_bench refuses without a device (directions, sizes of 0, samples): checked by
+// `spill bench link` before it opens one, so nothing is printed before the error.
+void check_link_bench_options(const LinkBenchOptions& options);
 
 // A fixed-width table: one row per size, one column per direction and host memory.
 std::string format_link_table(const LinkReport& report);

@@ -112,12 +112,21 @@ void check_meaning(ParsedTrace& t, const std::string& origin) {
   MemoryCounters low = t.baseline;  // each counter's lowest value
   std::unordered_map<std::uint64_t, std::uint64_t> live;  // complete traces: address -> bytes
   std::unordered_set<std::uint64_t> freed;
+  // The largest block ever allocated at each address: a move copies its block, and a slice may
+  // sort after its block's free, even after another block's alloc at that address.
+  std::unordered_map<std::uint64_t, std::uint64_t> largest;
   // The blocks allocated at the time of the events being checked, and where that time's events
   // end: events of one time from different threads sort in no causal order (the simulated
   // clock gives a copy's slice the time of its block's allocation), so a swap may come before
   // its block's alloc at the same time.
-  std::unordered_set<std::uint64_t> allocated_then;
+  std::unordered_map<std::uint64_t, std::uint64_t> allocated_then;  // address -> largest bytes
   std::size_t group_end = 0;
+  auto block_bytes = [&](std::uint64_t address) {
+    std::uint64_t bytes = 0;
+    for (const auto* m : {&largest, &allocated_then})
+      if (auto it = m->find(address); it != m->end()) bytes = std::max(bytes, it->second);
+    return bytes;
+  };
   for (std::size_t i = 0; i < t.events.size(); ++i) {
     const TraceEvent& e = t.events[i];
     if (complete && i >= group_end) {
@@ -125,14 +134,15 @@ void check_meaning(ParsedTrace& t, const std::string& origin) {
       for (group_end = i; group_end < t.events.size() &&
                           t.events[group_end].time_ns == e.time_ns;
            ++group_end)
-        if (t.events[group_end].kind == EventKind::Alloc)
-          allocated_then.insert(t.events[group_end].address);
+        if (const TraceEvent& a = t.events[group_end]; a.kind == EventKind::Alloc)
+          allocated_then[a.address] = std::max(allocated_then[a.address], a.bytes);
     }
     if (complete) {
       const bool is_live = live.count(e.address) != 0;
       switch (e.kind) {
         case EventKind::Alloc:
           live[e.address] = e.bytes;
+          largest[e.address] = std::max(largest[e.address], e.bytes);
           freed.erase(e.address);
           break;
         case EventKind::Free:
@@ -155,6 +165,14 @@ void check_meaning(ParsedTrace& t, const std::string& origin) {
           if (!is_live && !freed.count(e.address) && !allocated_then.count(e.address))
             throw InvalidArgument(name(i) + ": moves a block the trace never allocated at " +
                                   hex_address(e.address) +
+                                  " (the trace is complete: its baseline has nothing allocated "
+                                  "and it dropped no events)");
+          // A move larger than its block: a 1000x swap-out gave "1.34 TiB copied to the host"
+          // with 866 MiB allocated (audit 41b #11).
+          if (e.bytes > block_bytes(e.address))
+            throw InvalidArgument(name(i) + ": moves " + std::to_string(e.bytes) +
+                                  " bytes of the block at " + hex_address(e.address) +
+                                  ", which has " + std::to_string(block_bytes(e.address)) +
                                   " (the trace is complete: its baseline has nothing allocated "
                                   "and it dropped no events)");
           break;
@@ -429,7 +447,7 @@ ParsedTrace finish(TraceSax& sax, const std::string& origin) {
   const std::string kind = which_spill_file(j);
   expect_format(other, "spill-trace", kTraceFormatVersion, origin,
                 origin + ": not a spill trace" +
-                    (kind.empty() || top.has("traceEvents")
+                    (kind.empty() || (top.has("traceEvents") && !is_plan_timeline(j))
                          ? std::string(" (no otherData.format = \"spill-trace\")")
                          : kind),
                 "trace format version");

@@ -39,7 +39,7 @@ bool fails_with_its_message() {
   uint64_t bytes = 0;
   return spill_parse_size(long_size(), &bytes) == SPILL_ERROR_INVALID_ARGUMENT &&
          strstr(spill_last_error(), "'not-a-size-xxx") != NULL &&
-         strstr(spill_last_error(), "(299 characters)") != NULL;
+         strstr(spill_last_error(), "(299 bytes)") != NULL;
 }
 
 std::atomic<int> holder_saw{0}; /* 1: the message came back; 2: the free worked too */

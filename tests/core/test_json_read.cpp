@@ -93,7 +93,7 @@ TEST(JsonValue, ReadsFieldsWithRangesAndNamesThePath) {
   msg = error_of([&] { op.string_field("name"); });
   EXPECT_NE(msg.find("ops[0].name: must be a string, got 7"), std::string::npos) << msg;
   msg = error_of([&] { op.uint_field("t", 0, 10); });
-  EXPECT_NE(msg.find("got 1.5"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("got 1.5 (a floating-point number)"), std::string::npos) << msg;
   EXPECT_DOUBLE_EQ(op.number_field("t", 0, 2), 1.5);
   EXPECT_THROW(op.number_field("t", 0, 1), InvalidArgument);
   msg = error_of([&] { op.uint_field("missing", 0, 1); });
@@ -104,6 +104,40 @@ TEST(JsonValue, ReadsFieldsWithRangesAndNamesThePath) {
   EXPECT_NE(msg.find("has no item 3"), std::string::npos) << msg;
   msg = error_of([&] { JsonValue(nlohmann::json(3), "x").at("a"); });
   EXPECT_NE(msg.find("x: (top): must be an object, got 3"), std::string::npos) << msg;
+}
+
+// A whole number written as a float, where an integer is required: "got 64" read like a bug
+// (audit 41b #7). The message keeps the ".0" and says it is a float.
+TEST(JsonValue, AWholeFloatWhereAnIntegerGoesIsNamedAFloat) {
+  nlohmann::json j = parse_json(R"({"version": 1.0, "bytes": 64.0, "layer": -2.0, "big": 1e20})",
+                                "g.json");
+  JsonValue top(j, "g.json");
+  std::string msg = error_of([&] { top.uint_field("version", 0, 5); });
+  EXPECT_NE(msg.find("g.json: version: must be an integer in [0, 5], got 1.0 (a floating-point "
+                     "number)"),
+            std::string::npos)
+      << msg;
+  msg = error_of([&] { top.uint_field("bytes", 0, kMaxBytes); });
+  EXPECT_NE(msg.find("got 64.0 (a floating-point number)"), std::string::npos) << msg;
+  msg = error_of([&] { top.int_field("layer", -10, 10); });
+  EXPECT_NE(msg.find("got -2.0 (a floating-point number)"), std::string::npos) << msg;
+  msg = error_of([&] { top.uint_field("big", 0, UINT64_MAX); });
+  EXPECT_NE(msg.find("got 1e+20 (a floating-point number)"), std::string::npos) << msg;
+  // Where any number goes, a float is read as one.
+  EXPECT_DOUBLE_EQ(top.number_field("bytes", 0, 100), 64.0);
+}
+
+// The string bound counts bytes and says so: 600 x "é" (1200 bytes) were "1200 characters"
+// (audit 41b #8).
+TEST(JsonValue, TheStringBoundIsInBytesAndSaysSo) {
+  std::string e;
+  for (int i = 0; i < 600; ++i) e += "\xc3\xa9";
+  const nlohmann::json j = {{"name", e}};
+  JsonValue top(j, "g.json");  // (holds a pointer: not to a temporary)
+  const std::string msg = error_of([&] { top.string_field("name"); });
+  expect_mentions(msg, {"name: must be a string of at most 1024 bytes (UTF-8)", "(1200 bytes)"});
+  EXPECT_EQ(msg.find("characters"), std::string::npos) << msg;
+  EXPECT_EQ(top.string_field("name", std::nullopt, 1200), e);
 }
 
 TEST(JsonValue, MessagesDescribeValuesNeverDumpThem) {

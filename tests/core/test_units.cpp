@@ -91,6 +91,10 @@ TEST(FormatBytes, PicksTheLargestUnit) {
   EXPECT_EQ(format_bytes(1024), "1.00 KiB");
   EXPECT_EQ(format_bytes(3ull << 29), "1.50 GiB");
   EXPECT_EQ(format_bytes(5ull << 40), "5.00 TiB");
+  // Past TiB, as parse_size reads them: 4 EiB was "4194304.00 TiB" (audit 41b #12).
+  EXPECT_EQ(format_bytes(3ull << 49), "1.50 PiB");
+  EXPECT_EQ(format_bytes(4ull << 60), "4.00 EiB");
+  EXPECT_EQ(format_bytes(UINT64_MAX), "16.00 EiB");
 }
 
 TEST(ParseNumber, RejectsNegativeAndGarbage) {

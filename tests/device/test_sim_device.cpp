@@ -63,7 +63,7 @@ TEST(SimDevice, RefusesACapacityTheHostCannotBack) {
     FAIL() << "a 1 EiB simulated device was created";
   } catch (const InvalidArgument& e) {
     std::string msg = e.what();
-    EXPECT_NE(msg.find("1048576.00 TiB (sim_capacity) is more than this host's memory"),
+    EXPECT_NE(msg.find("1.00 EiB (sim_capacity) is more than this host's memory"),
               std::string::npos)
         << msg;
     EXPECT_NE(msg.find("available now"), std::string::npos) << msg;

@@ -46,13 +46,42 @@ TEST(Batch, RescalesSizesWorkAndTimes) {
   EXPECT_DOUBLE_EQ(b.ops[0].batch_flops, 2000);
   EXPECT_DOUBLE_EQ(b.ops[0].bytes, 180 + 120 * 2.5);
   EXPECT_DOUBLE_EQ(*b.ops[0].time_s, 2e-3 * (2200.0 / 1000.0));  // like its FLOPs
-  EXPECT_DOUBLE_EQ(*b.ops[1].time_s, 1e-3);  // an op with no work keeps its time
+  // No FLOPs and no bytes: like the tensors it touches (y, 88 bytes, 208 at batch 10).
+  EXPECT_DOUBLE_EQ(*b.ops[1].time_s, 1e-3 * (208.0 / 88.0));
   // Back to the capture's batch gives the capture back.
   Graph back = at_batch(b, 4);
   for (std::size_t t = 0; t < g.tensors.size(); ++t)
     EXPECT_EQ(back.tensors[t].bytes, g.tensors[t].bytes);
   EXPECT_EQ(analyze_liveness(back).peak, analyze_liveness(g).peak);
   EXPECT_EQ(analyze_liveness(at_batch(g, 1)).peak, 100u + 10u + 28u);
+}
+
+// A measured time on an op with no FLOPs and bytes 0 (the sum of its tensors, by the format)
+// scales with those tensors; it stayed the same at every batch (audit 41b #2). An op that
+// touches only fixed-size tensors, or none, keeps its time.
+TEST(Batch, MeasuredTimeWithoutFlopsOrBytesScalesWithTheTensorsItTouches) {
+  Graph g;
+  g.name = "measured";
+  g.batch = 4;
+  TensorIndex x = tensor(g, "x", 4000, TensorKind::Input);
+  TensorIndex y = tensor(g, "y", 4000);
+  TensorIndex w = tensor(g, "w", 64, TensorKind::Weight);
+  g.tensors[x].batch_bytes = 4000;
+  g.tensors[y].batch_bytes = 4000;
+  op(g, "copy", {x}, {y}, 0.1);
+  op(g, "use", {y}, {}, 0.1);
+  op(g, "fixed", {w}, {}, 0.1);
+  op(g, "nothing", {}, {}, 0.1);
+  g.validate();
+  for (std::uint64_t batch : {1u, 8u, 40u}) {
+    Graph b = at_batch(g, batch);
+    const double ratio = double(batch) / 4.0;
+    EXPECT_DOUBLE_EQ(*b.ops[0].time_s, 0.1 * ratio) << "batch " << batch;
+    EXPECT_DOUBLE_EQ(*b.ops[1].time_s, 0.1 * ratio) << "batch " << batch;
+    EXPECT_DOUBLE_EQ(*b.ops[2].time_s, 0.1) << "batch " << batch;
+    EXPECT_DOUBLE_EQ(*b.ops[3].time_s, 0.1) << "batch " << batch;
+    EXPECT_EQ(b.ops[0].bytes, 0.0);  // still "the sum of its tensors"
+  }
 }
 
 TEST(Batch, RefusesGraphsWithoutBatchAndBadBatches) {

@@ -120,7 +120,7 @@ TEST(HostileGraph, DeepNestingAndHugeValuesGiveShortErrors) {
   const std::string name(100000, 'n');
   msg = error_of(
       [&] { parse_graph(spill::test::replaced(kTiny, "\"w\"", "\"" + name + "\""), "g.json"); });
-  expect_mentions(msg, {"tensors[0].name", "at most 1024 characters"});
+  expect_mentions(msg, {"tensors[0].name", "at most 1024 bytes (UTF-8)", "(100000 bytes)"});
   EXPECT_LT(msg.size(), 400u);
 }
 
