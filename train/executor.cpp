@@ -17,7 +17,6 @@
 #include "graph/liveness.hpp"
 #include "graph/planner.hpp"
 #include "train/predict.hpp"
-#include "train/small_pool.hpp"
 
 namespace spill::train {
 namespace {
@@ -321,15 +320,13 @@ void Executor::Impl::make_plan(const std::vector<double>* measured) {
   // Small tensors live in segments of the allocator's small pool (never swapped): the plan
   // keeps room for the segments the allocator keeps mapped for them beyond their bytes, as it
   // places them (train/small_pool.hpp; whole-segment rounding of their peak undercounted it:
-  // audit 40a #1).
-  const SmallPoolUse small_use = small_pool_use(g, small_limit, kSmallSegment);
-  unswapped_peak = small_use.mapped;
-  // The allocator maps whole granules: a budget's last part granule can never hold a block.
-  const std::uint64_t mappable = mappable_budget(budget, dev.granularity());
-  small_reserve = small_pool_reserve(
-      small_use, mappable,
-      std::gcd<std::uint64_t>(std::max<std::uint64_t>(dev.granularity(), 1), kSmallSegment));
-  po.budget = mappable > small_reserve ? mappable - small_reserve : 0;
+  // audit 40a #1); and the allocator maps whole granules: a budget's last part granule can
+  // never hold a block (planner_budget).
+  const PlannerBudget shares = planner_budget(g, budget, dev.granularity(), small_limit);
+  const std::uint64_t mappable = shares.mappable;
+  unswapped_peak = shares.unswapped_peak;
+  small_reserve = shares.small_reserve;
+  po.budget = shares.planner;
   std::vector<double> times;
   for (const graph::Op& op : g.ops) times.push_back(*op.time_s);
   if (o.policy == Policy::None) {

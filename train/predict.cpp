@@ -39,10 +39,19 @@ graph::StepModel steady_state(const Program& p, const graph::Graph& g) {
   return model;
 }
 
-std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity) {
+PlannerBudget planner_budget(const graph::Graph& g, std::uint64_t budget,
+                             std::uint64_t granularity, std::uint64_t small_limit) {
+  // Large blocks are whole granules, small-pool segments whole kSmallSegments: the allocator
+  // maps multiples of their gcd.
   const std::uint64_t quantum = std::gcd<std::uint64_t>(std::max<std::uint64_t>(granularity, 1),
                                                         kSmallSegment);
-  return budget - budget % quantum;
+  const SmallPoolUse use = small_pool_use(g, small_limit, kSmallSegment);
+  PlannerBudget b;
+  b.mappable = budget - budget % quantum;
+  b.small_reserve = small_pool_reserve(use, b.mappable, quantum);
+  b.planner = b.mappable > b.small_reserve ? b.mappable - b.small_reserve : 0;
+  b.unswapped_peak = use.mapped;
+  return b;
 }
 
 std::string in_budget(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
@@ -90,19 +99,18 @@ Prediction predict(const Program& p, const PredictOptions& o) {
   r.unlimited = graph::simulate(g, times, r.link, nullptr, unlimited);
 
   graph::PlannerOptions po;
-  const SmallPoolUse small_use = small_pool_use(g, small_limit, kSmallSegment);
-  const std::uint64_t mappable = mappable_budget(r.budget, o.granularity);
-  const std::uint64_t reserve = small_pool_reserve(
-      small_use, mappable, std::gcd<std::uint64_t>(o.granularity, kSmallSegment));
-  r.unswapped_peak = small_use.mapped;
-  r.planner_budget = mappable > reserve ? mappable - reserve : 0;
+  const PlannerBudget shares = planner_budget(g, r.budget, o.granularity, small_limit);
+  r.unswapped_peak = shares.unswapped_peak;
+  r.planner_budget = shares.planner;
   po.budget = r.planner_budget;
   po.min_swap_bytes = min_movable_request(o.swap_threshold, o.granularity);
   po.model = model;
   const graph::BudgetCheck check = graph::check_budget(g, po);
   if (!check.feasible)
     throw InvalidArgument("'" + p.name + "' cannot train " +
-                          in_budget(r.budget, mappable, o.granularity, reserve) + ": " +
+                          in_budget(r.budget, shares.mappable, o.granularity,
+                                    shares.small_reserve) +
+                          ": " +
                           check.message);
   const double cpu0 = process_cpu_s();
   po.recompute = false;

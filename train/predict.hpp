@@ -1,6 +1,6 @@
 // How the executor plans a step at a budget, shared with a prediction made without a device
 // (`spill train MODEL --predict --device PRESET --link PRESET`): the planner's budget is the
-// runtime's rounded down to whole granules (mappable_budget) less the small pool's segment
+// runtime's rounded down to whole granules (planner_budget) less the small pool's segment
 // slack (small_pool_reserve, train/small_pool.hpp: the most its segments hold beyond the small
 // tensors at an op whose unswapped step passes the budget, less what whole granules leave
 // free), candidates are
@@ -33,10 +33,18 @@ kernels::Roofline make_roofline(const graph::GpuModel& m);
 // to back: the steady state the executor runs in.
 graph::StepModel steady_state(const Program& p, const graph::Graph& g);
 
-// The bytes of `budget` the caching allocator can map: a whole number of granules (its large
-// blocks are whole granules, its small-pool segments too); the rest of the budget can never be
-// used, so the planner must not count it.
-std::uint64_t mappable_budget(std::uint64_t budget, std::uint64_t granularity);
+// How a runtime `budget` is shared out for the planner (the executor's and a prediction's).
+struct PlannerBudget {
+  // The bytes of the budget the caching allocator can map: a whole number of granules (its
+  // large blocks are whole granules, its small-pool segments too); the rest can never be used,
+  // so the planner must not count it.
+  std::uint64_t mappable = 0;
+  std::uint64_t small_reserve = 0;   // kept for the small pool's segments (small_pool_reserve)
+  std::uint64_t planner = 0;         // mappable less small_reserve (0 when that takes it all)
+  std::uint64_t unswapped_peak = 0;  // mapped with nothing swapped (SmallPoolUse::mapped)
+};
+PlannerBudget planner_budget(const graph::Graph& g, std::uint64_t budget,
+                             std::uint64_t granularity, std::uint64_t small_limit);
 // "in a budget of B (M of it mappable in whole G granules, R of it kept for the small pool's
 // segments)" for a refusal's message (the mappable part only when M < B).
 std::string in_budget(std::uint64_t budget, std::uint64_t mappable, std::uint64_t granularity,
