@@ -66,7 +66,7 @@ int run_link(const Config& config, const LinkArgs& a) {
   std::fputs(profiling::format_link_table(report).c_str(), stdout);
   if (!a.json.empty()) {
     write_file(a.json, report.to_json().dump(1) + "\n", "--json");
-    std::printf("wrote %s\n", printable_name(a.json).c_str());
+    std::printf("wrote %s\n", output_name(a.json).c_str());
   }
   for (const auto& r : report.results)
     if (!r.verified) return 1;
@@ -101,7 +101,7 @@ void add_bench(CLI::App& app, Runner& run) {
                  "the default sweep only up to 64 MiB (--sizes still wins), at most 3 samples")
       ->excludes(max_size);
   link->add_option("--json", args->json, "write the results as JSON (the planner reads it)")
-      ->check(file_path());
+      ->transform(file_path());
   link->callback([&run, args] { run = [args](const Config& c) { return run_link(c, *args); }; });
 }
 

@@ -125,7 +125,7 @@ int run_demo(Config config, const DemoArgs& a) {
                                   [&rec](std::uint32_t t) { return rec.tag_name(t); }, meta,
                                   "--trace");
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
-                printable_name(a.trace).c_str());
+                output_name(a.trace).c_str());
     if (rec.dropped() > 0)
       std::printf("trace:     INCOMPLETE: %llu events were lost (more than a recorder ring "
                   "holds between two steps); its sums fall short of the run's figures\n",
@@ -160,7 +160,7 @@ void add_demo(CLI::App& app, Runner& run) {
       ->capture_default_str()
       ->check(int_in(2, 100000));
   cmd->add_option("--trace", args->trace, "write a Chrome/Perfetto trace of the run here")
-      ->check(file_path());
+      ->transform(file_path());
   cmd->callback([&run, args, budget] {
     args->budget_given = budget->count() > 0;
     run = [args](const Config& c) { return run_demo(c, *args); };

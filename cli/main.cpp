@@ -6,8 +6,10 @@
 #include <exception>
 #include <string>
 #include <vector>
+#include <unistd.h>
 
 #include "cli/commands.hpp"
+#include "cli/options.hpp"
 #include "core/errors.hpp"
 #include "core/version.hpp"
 
@@ -20,6 +22,19 @@ Config Globals::config() const {
 }
 
 }  // namespace spill::cli
+
+namespace {
+
+// A message about the output given "-" names it as the user did, not by its descriptor's copy.
+std::string named_stdout(std::string message) {
+  if (spill::cli::stdout_output() < 0) return message;
+  const std::string copy = "'/dev/fd/" + std::to_string(spill::cli::stdout_output()) + "'";
+  for (auto at = message.find(copy); at != std::string::npos; at = message.find(copy, at))
+    message.replace(at, copy.size(), "'-' (standard output)");
+  return message;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace spill;
@@ -94,6 +109,12 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "Run with --help for more information.\n");
     return 2;
   }
+  // An output option given "-" writes the standard output (through its copy): the command's
+  // own text goes to the error stream instead.
+  if (cli::stdout_output() >= 0) {
+    std::fflush(stdout);
+    ::dup2(2, 1);
+  }
   try {
     const int status = run(globals.config());
     // What a command prints is its result: lost to a failing standard output (a full disk,
@@ -108,10 +129,10 @@ int main(int argc, char** argv) {
     return status;
   } catch (const InvalidArgument& e) {
     std::fprintf(stderr, "spill: invalid input: %s\n",
-                 printable(without_source_location(e.what())).c_str());
+                 printable(named_stdout(without_source_location(e.what()))).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "spill: error: %s\n", printable(e.what()).c_str());
+    std::fprintf(stderr, "spill: error: %s\n", printable(named_stdout(e.what())).c_str());
     return 1;
   }
 }

@@ -12,6 +12,9 @@
 #include <cstdio>
 #include <string>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "core/errors.hpp"
 
 namespace spill::cli {
@@ -46,13 +49,41 @@ inline CLI::Validator number_in(double lo, double hi, const std::string& what = 
       "NUMBER in " + range);
 }
 
+// The descriptor standard output was copied to when an output option was given "-" (-1: none
+// was). The command's own text then goes to the standard error stream (main moves descriptor 1
+// there before the command runs), so that `spill report t.json -o - > r.html` or `spill plan
+// mlp --json - | jq` get the file alone.
+inline int& stdout_output() {
+  static int fd = -1;
+  return fd;
+}
+
+// What a path given to an output option is called in messages: "standard output" for "-".
+inline std::string output_name(const std::string& path) {
+  if (stdout_output() >= 0 && path == "/dev/fd/" + std::to_string(stdout_output()))
+    return "standard output";
+  return printable_name(path);
+}
+
 // An output path: an empty one is refused ("--trace: expected a file path, got ''"); left to
 // mean "no output", `--trace ""` ran the whole command and wrote nothing (train, demo, plan,
-// bench link; report's -o failed after reading the trace).
+// bench link; report's -o failed after reading the trace). "-" is standard output (written
+// through a copy of its descriptor, /dev/fd/N), for one output option at a time.
 inline CLI::Validator file_path() {
   return CLI::Validator(
-      [](std::string& s) -> std::string { return s.empty() ? "expected a file path, got ''" : ""; },
-      "PATH");
+      [](std::string& s) -> std::string {
+        if (s.empty()) return "expected a file path, got ''";
+        if (s != "-") return "";
+        if (stdout_output() >= 0)
+          return "'-' (standard output) is already another output's: give one of them a file";
+        std::fflush(stdout);
+        const int fd = ::fcntl(1, F_DUPFD_CLOEXEC, 3);
+        if (fd < 0) return "'-': the standard output is not open";
+        stdout_output() = fd;
+        s = "/dev/fd/" + std::to_string(fd);
+        return "";
+      },
+      "PATH (- for standard output)");
 }
 
 }  // namespace spill::cli

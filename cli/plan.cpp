@@ -345,12 +345,12 @@ void add_plan(CLI::App& app, Runner& run) {
                                             "device's memory)");
   cmd->add_option("--policy", args->policy, "spill, vdnn, threshold, none or all (default)");
   cmd->add_option("--min-swap", args->min_swap, "tensors below this size never move (1MiB)");
-  cmd->add_option("--json", args->json_path, "write the results as JSON")->check(file_path());
+  cmd->add_option("--json", args->json_path, "write the results as JSON")->transform(file_path());
   cmd->add_option("--timeline", args->timeline_path,
                   "write the first policy's simulated timeline (Chrome/Perfetto JSON)")
-      ->check(file_path());
+      ->transform(file_path());
   cmd->add_option("--plan-out", args->plan_path, "write the first policy's plan as JSON")
-      ->check(file_path());
+      ->transform(file_path());
   cmd->add_flag("--no-recompute", args->no_recompute,
                 "the spill policy only swaps (by default it may also drop activations and remake "
                 "them by running their producing op again where that is faster)");

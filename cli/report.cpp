@@ -23,7 +23,7 @@ void add_report(CLI::App& app, Runner& run) {
       ->required();
   cmd->add_option("-o,--output", args->output, "HTML file to write")
       ->capture_default_str()
-      ->check(file_path());
+      ->transform(file_path());
   cmd->callback([&run, args] {
     run = [args](const Config&) {
       check_writable(args->output, "--output");
@@ -40,12 +40,12 @@ void add_report(CLI::App& app, Runner& run) {
       write_file(args->output, page, "--output");
       if (trace.events.empty()) {
         std::printf("%s is empty (no events); wrote %s saying so\n",
-                    printable_name(args->trace).c_str(), printable_name(args->output).c_str());
+                    printable_name(args->trace).c_str(), output_name(args->output).c_str());
       } else {
         std::printf("wrote %s: %zu events over %.3f ms, %zu swap-outs (%s copied to the "
                     "host), %zu swap-ins (%s copied back), %zu evictions (%s, with a copy or "
                     "without), %zu stalls\n",
-                    printable_name(args->output).c_str(), s.events, s.duration_ms, s.swap_outs,
+                    output_name(args->output).c_str(), s.events, s.duration_ms, s.swap_outs,
                     format_bytes(s.swapped_out_bytes).c_str(), s.swap_ins,
                     format_bytes(s.swapped_in_bytes).c_str(), s.evictions,
                     format_bytes(s.evicted_bytes).c_str(), s.stalls);

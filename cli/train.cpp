@@ -246,15 +246,15 @@ int run_predict(const Config& config, const TrainArgs& a) {
                           {"phases", pj}};
     if (r.floor) doc["floor_step_s"] = r.floor->step_s;
     write_file(a.json, doc.dump(1) + "\n", "--json");
-    std::printf("prediction written to %s\n", printable_name(a.json).c_str());
+    std::printf("prediction written to %s\n", output_name(a.json).c_str());
   }
   if (!a.timeline.empty()) {
     write_file(a.timeline, graph::timeline_to_json(g, r.predicted).dump(1) + "\n", "--timeline");
-    std::printf("timeline written to %s\n", printable_name(a.timeline).c_str());
+    std::printf("timeline written to %s\n", output_name(a.timeline).c_str());
   }
   if (!a.plan_out.empty()) {
     write_file(a.plan_out, graph::plan_to_json(g, r.plan).dump(1) + "\n", "--plan-out");
-    std::printf("plan written to %s\n", printable_name(a.plan_out).c_str());
+    std::printf("plan written to %s\n", output_name(a.plan_out).c_str());
   }
   return 0;
 }
@@ -474,7 +474,7 @@ int run_train(Config config, const TrainArgs& a) {
   if (simulated) std::printf("(step times are simulated; wall is this machine's time per step)\n");
   if (!a.trace.empty())
     std::printf("trace written to %s (open in Perfetto or chrome://tracing, or spill report)\n",
-                printable_name(a.trace).c_str());
+                output_name(a.trace).c_str());
   if (trace_dropped > 0)
     std::printf("trace:     INCOMPLETE: %llu events were lost (more than a recorder ring holds "
                 "between two steps); its sums fall short of the run's figures\n",
@@ -530,7 +530,7 @@ int run_train(Config config, const TrainArgs& a) {
   }
   if (!a.json.empty()) {
     write_file(a.json, doc.dump(1) + "\n", "--json");
-    std::printf("steps written to %s\n", printable_name(a.json).c_str());
+    std::printf("steps written to %s\n", output_name(a.json).c_str());
   }
   return ok ? 0 : 1;
 }
@@ -584,9 +584,9 @@ void add_train(CLI::App& app, Runner& run) {
                 "with planned prefetches or remakes; policy none, at all on a GPU (both do on the "
                 "simulated device by default; policies plan and lru always do)");
   cmd->add_option("--trace", a->trace, "write a Chrome/Perfetto trace of the run here")
-      ->check(file_path());
+      ->transform(file_path());
   cmd->add_option("--json", a->json, "write the steps' figures (and predictions) as JSON here")
-      ->check(file_path());
+      ->transform(file_path());
   cmd->add_flag("--predict", a->predict,
                 "run nothing: plan the step on a GPU preset (--device) over a link (--link) and "
                 "print the simulated step unlimited, swapping only, as planned, and the floor");
@@ -600,9 +600,9 @@ void add_train(CLI::App& app, Runner& run) {
                    ->capture_default_str();
   auto* timeline = cmd->add_option("--timeline", a->timeline,
                                    "--predict: write the planned step's simulated timeline here")
-                   ->check(file_path());
+                   ->transform(file_path());
   auto* plan_out = cmd->add_option("--plan-out", a->plan_out, "--predict: write the plan here")
-                   ->check(file_path());
+                   ->transform(file_path());
   cmd->footer("--budget, --steps and --policy may be repeated: the last one given counts (so "
               "that a script's defaults can be overridden); every other option may be given "
               "once. Options that the model or policy would not read (--seq but for gpt models; "

@@ -24,6 +24,26 @@ case $case_name in
     grep -q '"traceEvents"' log2.txt || fail "no timeline in log2"
     grep -q '"budget_bytes"' log2.txt || fail "no JSON in log2"
     ;;
+  dash)
+    # "-" is the standard output: the file alone there, the command's own text on the error
+    # stream, no file named "-"; a second "-" is refused before the work; a failing standard
+    # output is named as "-".
+    "$spill" $plan --json - > out.json 2> text.txt || fail "rc $?: $(cat text.txt)"
+    head -c 1 out.json | grep -q '{' || fail "stdout began: $(head -c 80 out.json)"
+    grep -q '"format": "spill-plan-result"' out.json || fail "no plan JSON on stdout"
+    grep -q 'budget' text.txt || fail "no table on stderr: $(head -c 80 text.txt)"
+    test -e ./- && fail "a file named - was written"
+    "$spill" $plan --json - --timeline - > two.txt 2>&1
+    test $? = 2 || fail "two dashes: rc $?"
+    grep -q "^spill: invalid input: --timeline: '-' (standard output) is already" two.txt ||
+      fail "two dashes said: $(cat two.txt)"
+    if test -w /dev/full; then
+      "$spill" $plan --json - > /dev/full 2> full.txt
+      test $? = 1 || fail "/dev/full: rc $?"
+      grep -q "^spill: error: --json: writing '-' (standard output) failed" full.txt ||
+        fail "/dev/full said: $(cat full.txt)"
+    fi
+    ;;
   fifo)
     # A named FIFO: its reader gets the JSON (the check's open and close ended it, F9).
     mkfifo out.fifo || fail "mkfifo"
