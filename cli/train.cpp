@@ -226,6 +226,7 @@ int run_predict(const Config& config, const TrainArgs& a) {
   auto sim_json = [](const graph::SimResult& s) {
     return nlohmann::json{{"step_s", s.step_time_s},          {"stall_s", s.stall_time_s},
                           {"compute_s", s.compute_time_s},    {"peak_bytes", s.peak_bytes},
+                          {"peak_host_bytes", s.peak_host_bytes},
                           {"bytes_out", s.swapped_out_bytes}, {"bytes_in", s.swapped_in_bytes},
                           {"recomputes", s.recomputes},       {"recomputed_bytes", s.recomputed_bytes},
                           {"recompute_s", s.recompute_time_s}};
@@ -364,11 +365,12 @@ int run_train(Config config, const TrainArgs& a) {
                   "at this budget would be:\n",
                   train::to_string(policy));
     std::printf("%s%zu swaps, %zu recomputes (%zu early as links of chains; %s, %s); "
-                "predicted peak %s, out %s, in %s per step, step %s (compute %s, stall %s)\n",
+                "predicted peak %s (%s on the host), out %s, in %s per step, step %s (compute "
+                "%s, stall %s)\n",
                 predicts_the_run(policy) ? "plan:      " : "graph:     ",
                 ex.plan().swaps.size(), ex.plan().recomputes.size(), ex.plan().chain_links(),
                 format_bytes(p.recomputed_bytes).c_str(), ms(p.recompute_time_s).c_str(),
-                format_bytes(ex.predicted_peak()).c_str(),
+                format_bytes(ex.predicted_peak()).c_str(), format_bytes(p.peak_host_bytes).c_str(),
                 format_bytes(p.swapped_out_bytes).c_str(), format_bytes(p.swapped_in_bytes).c_str(),
                 ms(p.step_time_s).c_str(), ms(p.compute_time_s).c_str(), ms(p.stall_time_s).c_str());
     if (const auto& f = ex.floor()) {
@@ -494,6 +496,7 @@ int run_train(Config config, const TrainArgs& a) {
   for (const train::OpSpec& op : program.ops) doc["ops"].push_back(op.name);
   if (predicted) {
     if (run.floor) doc["floor_step_s"] = run.floor->step_s;  // of the plan the last step followed
+    doc["predicted_host_peak"] = run.prediction.peak_host_bytes;  // pinned host bytes at once
     doc["acting_ops"] = nlohmann::json::array();
     for (std::size_t i = 0; i < run.plan.steps.size(); ++i)
       if (run.plan.steps[i].acts_before()) doc["acting_ops"].push_back(i);
@@ -506,6 +509,7 @@ int run_train(Config config, const TrainArgs& a) {
                                         {"stall_s", p.stall_time_s},
                                         {"compute_s", p.compute_time_s},
                                         {"peak", run.predicted_peak},
+                                        {"host_peak", p.peak_host_bytes},
                                         {"bytes_out", p.swapped_out_bytes},
                                         {"bytes_in", p.swapped_in_bytes}};
   }

@@ -50,6 +50,14 @@ void lowest_along(const std::string& base, std::string path, const char* name,
 
 }  // namespace
 
+std::uint64_t pinning_reserve(const HostMemoryInfo& host) {
+  return std::min<std::uint64_t>(std::uint64_t{1} << 30, host.total / 16);
+}
+
+std::uint64_t pinnable_room(const HostMemoryInfo& host) {
+  return host.available - std::min(host.available, pinning_reserve(host));
+}
+
 std::string HostMemoryInfo::describe() const {
   if (cgroup_limit != 0 && total < ram_and_swap) {
     return "the cgroup memory limit of " + format_bytes(cgroup_limit) + " (" + cgroup_file +

@@ -28,4 +28,9 @@ struct HostMemoryInfo {
 
 HostMemoryInfo read_host_memory(const HostMemorySources& sources = {});
 
+// Pinned memory must stay resident beside everything else the host runs: what may be pinned
+// now is what is available less a reserve of 1/16 of the total, at most 1 GiB.
+std::uint64_t pinning_reserve(const HostMemoryInfo& host);
+std::uint64_t pinnable_room(const HostMemoryInfo& host);
+
 }  // namespace spill

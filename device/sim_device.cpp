@@ -75,9 +75,8 @@ void populate_present(int fd, void* addr, std::size_t bytes) {
 // 1 GiB), is refused here as the driver would refuse it, with spill's host-memory error.
 void check_pinnable(const HostMemorySources& sources, std::size_t bytes, const char* call) {
   const HostMemoryInfo host = read_host_memory(sources);
-  const std::uint64_t reserve = std::min<std::uint64_t>(std::uint64_t{1} << 30, host.total / 16);
-  const std::uint64_t room = host.available - std::min(host.available, reserve);
-  if (bytes <= room) return;
+  const std::uint64_t reserve = pinning_reserve(host);
+  if (bytes <= pinnable_room(host)) return;
   SPILL_FAIL_HOST_CAP(std::string("SimDevice: ") + call + " of " + format_bytes(bytes) +
                       " of pinned host memory refused: the host has " +
                       format_bytes(host.available) + " available now (" + host.describe() +

@@ -30,6 +30,7 @@ struct TensorState {
   double ready = 0;       // on device: when its bytes are there
   double host_ready = 0;  // on host: when the copy out has finished
   bool host_valid = false;
+  bool host_buffer = false;  // holds a pinned host buffer (from its first copy out until it dies)
 };
 
 // Mapped bytes over time, in issue order (see the header for the rules).
@@ -145,6 +146,7 @@ class StepSim {
     }
     r_.step_time_s = steps == 1 ? std::max({prev_end, h2d_free_, d2h_free_}) : prev_end - step_start_;
     r_.peak_bytes = mem_.peak();
+    r_.peak_host_bytes = host_peak_;
     r_.within_budget = !mem_.over_budget();
     return std::move(r_);
   }
@@ -158,6 +160,7 @@ class StepSim {
       if (!exists_at_start(g_.tensors[t].kind) || live_.live[t].first < 0) continue;
       if (on_host[t]) {
         state_[t] = {Where::Host, 0, 0, true};
+        take_host_buffer(TensorIndex(t));
       } else {
         mem_.map(g_.tensors[t].bytes, 0);
         state_[t] = {Where::Device, 0, 0, false};
@@ -225,6 +228,7 @@ class StepSim {
     if (!s.host_valid) {
       released = copy(false, t, released, op);
       s.host_valid = true;
+      take_host_buffer(t);
     } else if (o_.swapper_rules) {
       released = std::max(released, d2h_free_);  // the swapper's marker queues on the D2H stream
     }
@@ -271,6 +275,7 @@ class StepSim {
     const double end = start + times_[std::size_t(maker)];
     record(TimelineEvent::Kind::Recompute, oi, std::int64_t(t), start, end, g_.tensors[t].bytes);
     if (op.workspace_bytes > 0) mem_.release(op.workspace_bytes, end);
+    drop_host_buffer(t);  // (a remade tensor was dropped: its block, and any buffer, freed)
     s = {Where::Device, end, 0, false};
     ++r_.recomputes;
     r_.recomputed_bytes += g_.tensors[t].bytes;
@@ -314,6 +319,7 @@ class StepSim {
             live_.live[t].last == oi) {
           s.where = Where::Absent;
           mem_.release(g_.tensors[t].bytes, end);
+          drop_host_buffer(t);
         }
       }
     }
@@ -324,9 +330,26 @@ class StepSim {
         if (s.where != Where::Device) continue;
         s.where = Where::Absent;
         mem_.release(g_.tensors[t].bytes, end);
+        drop_host_buffer(t);
       }
     }
     return end;
+  }
+
+  // The swapper keeps a block's host buffer from its first copy out until the block is freed
+  // (later evictions reuse it; a clean one copies nothing).
+  void take_host_buffer(TensorIndex t) {
+    TensorState& s = state_[t];
+    if (s.host_buffer) return;
+    s.host_buffer = true;
+    host_bytes_ += g_.tensors[t].bytes;
+    host_peak_ = std::max(host_peak_, host_bytes_);
+  }
+  void drop_host_buffer(TensorIndex t) {
+    TensorState& s = state_[t];
+    if (!s.host_buffer) return;
+    s.host_buffer = false;
+    host_bytes_ -= g_.tensors[t].bytes;
   }
 
   void record(TimelineEvent::Kind k, std::int64_t op, std::int64_t t, double a, double b,
@@ -345,6 +368,7 @@ class StepSim {
   SimResult r_;
   double h2d_free_ = 0, d2h_free_ = 0;
   double step_start_ = 0;   // when the step being simulated started
+  std::uint64_t host_bytes_ = 0, host_peak_ = 0;  // tensors' host buffers: now, at most
   bool recording_ = false;  // the timeline records this step
 };
 

@@ -88,6 +88,9 @@ struct SimResult {
   double compute_time_s = 0;   // sum of op durations (the step time with unlimited memory)
   double stall_time_s = 0;     // time the compute stream waited for copies or memory
   std::uint64_t peak_bytes = 0;  // over every simulated step
+  // Pinned host memory the swapper holds at most, over every simulated step: a tensor's buffer
+  // from its first copy out (or the step's start on the host) until it dies.
+  std::uint64_t peak_host_bytes = 0;
   bool within_budget = true;     // every simulated step
   std::uint64_t swapped_out_bytes = 0;  // device to host
   std::uint64_t swapped_in_bytes = 0;   // host to device

@@ -12,6 +12,7 @@
 #include "core/clock.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
+#include "device/host_memory.hpp"
 #include "device/sim_device.hpp"
 #include "graph/device_model.hpp"
 #include "graph/liveness.hpp"
@@ -204,6 +205,7 @@ struct Executor::Impl {
 
   void setup();
   void make_plan(const std::vector<double>* measured);
+  void check_host_memory() const;
   StepStats step();
   std::vector<std::byte> read(TensorId t);
 };
@@ -236,6 +238,7 @@ void Executor::Impl::setup() {
   po.min_swap_bytes = min_movable_request(conf.swap_threshold, dev.granularity());
   po.recompute = o.recompute && o.policy == Policy::Graph;
   make_plan(nullptr);
+  if (o.policy == Policy::Graph) check_host_memory();
 
   const std::size_t nt = p.tensors.size(), no = p.ops.size();
   ptrs.assign(nt, nullptr);
@@ -298,6 +301,27 @@ void Executor::Impl::setup() {
     if (on_host[t]) swp->evict(ptrs[t]);
   }
   if (swp) setup_swaps = swaps_since(swp->stats(), swaps0);
+}
+
+// The pinned host memory the plan needs at once (the prediction's host peak: every block's
+// buffer from its first copy out until the block is freed, as the swapper keeps it) is a lower
+// bound of what the run pins: a host_cap or a host with less fails before anything runs rather
+// than in step 1 (audit 40a #7).
+void Executor::Impl::check_host_memory() const {
+  const std::uint64_t need = pred.peak_host_bytes;
+  const std::string plan_needs = "the plan for '" + p.name + "' at a budget of " +
+                                 format_bytes(budget) + " keeps up to " + format_bytes(need) +
+                                 " of its tensors in pinned host memory at once";
+  if (const auto cap = rt.config().host_cap; cap && need > *cap)
+    throw InvalidArgument("host_cap " + format_bytes(*cap) + " is too small: " + plan_needs +
+                          " (raise host_cap:, or the budget so that less is swapped)");
+  const auto* sim = dynamic_cast<const SimDevice*>(&dev);
+  const HostMemoryInfo host = read_host_memory(sim ? sim->options().host_memory : HostMemorySources{});
+  if (need > pinnable_room(host))
+    SPILL_FAIL_HOST_CAP(plan_needs + ", more than this host can pin now: " +
+                        format_bytes(host.available) + " available (" + host.describe() +
+                        ") less a reserve of " + format_bytes(pinning_reserve(host)) +
+                        " for everything else. A larger budget swaps less");
 }
 
 graph::Graph step_graph(Runtime& runtime, const Program& program) {

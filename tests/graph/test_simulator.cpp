@@ -175,6 +175,38 @@ TEST(Simulator, CleanTensorsLeaveWithoutACopy) {
   EXPECT_NEAR(r.stall_time_s, 1e-3, 1e-12);
 }
 
+// The swapper keeps a block's host buffer from its first copy out until the block is freed:
+// W (2 MB, weight) starts on the host and keeps its buffer for good; A (1 MB) has one from its
+// eviction after op0 until it dies at op3, B (4 MB) from its eviction after op4 until op6. So
+// 3 MB at once before op3 and 6 MB after op4: the host peak is 6 MB, whatever W's second
+// eviction (clean: no new buffer) does.
+TEST(Simulator, HostPeakCountsEachBuffersLifeFromFirstCopyOutToTheTensorsDeath) {
+  Graph g;
+  auto w = tensor(g, "W", 2 * MB, TensorKind::Weight);
+  auto a = tensor(g, "A", MB);
+  auto b = tensor(g, "B", 4 * MB);
+  op(g, "op0", {w}, {a});
+  op(g, "op1", {}, {});
+  op(g, "op2", {}, {});
+  op(g, "op3", {a, w}, {});
+  op(g, "op4", {}, {b});
+  op(g, "op5", {}, {});
+  op(g, "op6", {b}, {});
+  std::vector<Swap> swaps{{w, 3, 7, 7}, {a, 0, 2, 3}, {b, 4, 5, 6}};
+  Plan p = Plan::from_swaps("test", 0, 7, swaps);
+  SimResult r = simulate(g, times_of(g), unit_link(), &p);
+  EXPECT_EQ(r.peak_host_bytes, 6 * MB);
+  // Without B's swap the peak is W's and A's buffers together.
+  Plan q = Plan::from_swaps("test", 0, 7, {{w, 3, 7, 7}, {a, 0, 2, 3}});
+  EXPECT_EQ(simulate(g, times_of(g), unit_link(), &q).peak_host_bytes, 3 * MB);
+  // Over two steps: A's and B's buffers went with them, W's stayed: the same peak.
+  SimOptions two;
+  two.model.steps = 2;
+  EXPECT_EQ(simulate(g, times_of(g), unit_link(), &p, two).peak_host_bytes, 6 * MB);
+  // Nothing swapped, nothing on the host.
+  EXPECT_EQ(simulate(g, times_of(g), unit_link(), nullptr).peak_host_bytes, 0u);
+}
+
 // Budget: op1 needs 1 MB while A (1 MB) is still being copied out; with a 1 MB budget op1 waits
 // for the copy (1-2 ms), so it starts at 2 ms instead of 1 ms.
 TEST(Simulator, AllocationsWaitForEvictionsUnderTheBudget) {
