@@ -205,6 +205,16 @@ int run_plan(const PlanArgs& a) {
   const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
   std::printf("budget:  %s; unlimited-memory peak %s\n", format_bytes(o.budget).c_str(),
               format_bytes(unlimited_peak).c_str());
+  // A step with no ops holds nothing at any op, so every figure below is zero: say why, and
+  // what its tensors would hold (an export that lost its ops looks like this; 41b's leftover).
+  if (g.ops.empty() && !g.tensors.empty()) {
+    std::uint64_t bytes = 0;
+    for (const graph::Tensor& t : g.tensors) bytes += t.bytes;
+    std::printf("note:    the graph has no ops: nothing runs, so nothing is planned and every "
+                "figure is 0; its %zu tensors (%s, %s of them weights, gradients or optimizer "
+                "state) are used by no op\n",
+                g.tensors.size(), format_bytes(bytes).c_str(), format_bytes(held_bytes).c_str());
+  }
   // Allowed (a what-if), but every "fits" below then assumes memory the card does not have.
   if (o.budget > gpu.memory_bytes)
     std::printf("note:    the budget is larger than the %s's %s: a policy that fits it may not "
