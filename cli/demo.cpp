@@ -102,7 +102,24 @@ int run_demo(Config config, const DemoArgs& a) {
     ok &= r.data_ok && r.peak_mapped <= budget;
   }
   SwapStats s = rt.swapper()->stats();
-  std::printf("\nplanned steps %llu, deviations %llu, clean evictions %llu, prefetch hits %llu, "
+  // The table counts the steps' copies; the run's (what a --trace's events sum to) also has
+  // those outside them: the weights written before step 1 and sent to the host to make room.
+  std::uint64_t steps_out = 0, steps_in = 0;
+  for (const StepResult& r : results) {
+    steps_out += r.swaps.bytes_out;
+    steps_in += r.swaps.bytes_in;
+  }
+  auto out_in = [](std::uint64_t out, std::uint64_t in) {
+    return format_bytes(out) + " out, " + format_bytes(in) + " in";
+  };
+  std::printf("\nmoved:     steps %s; outside them (writing the weights before step 1) %s; "
+              "run %s\n",
+              out_in(steps_out, steps_in).c_str(),
+              out_in(s.bytes_out - steps_out, s.bytes_in - steps_in).c_str(),
+              out_in(s.bytes_out, s.bytes_in).c_str());
+  std::printf("           (out: bytes copied to the host, in: bytes copied back; a --trace's "
+              "swap_out and swap_in events sum to the run's)\n");
+  std::printf("planned steps %llu, deviations %llu, clean evictions %llu, prefetch hits %llu, "
               "late %llu\n",
               static_cast<unsigned long long>(s.steps_planned),
               static_cast<unsigned long long>(s.deviations),
