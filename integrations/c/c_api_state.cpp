@@ -94,6 +94,9 @@ void hand_back(void* record) {
 
 Global::Global() : membarrier(register_membarrier()) {
   has_thread_key = ::pthread_key_create(&thread_key, hand_back) == 0;
+  // First, so that the recorders' prepare runs after ours: a thread that holds mu (a
+  // shutdown joining stream workers) may wait for them, never the other way round.
+  profiling::TraceRecorder::install_fork_handlers();
   ::pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 

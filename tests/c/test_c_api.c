@@ -5,9 +5,11 @@
 #include "c_test.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
 
@@ -710,6 +712,47 @@ TEST(forked_child_is_refused) {
   CHECK_OK(spill_free(p, 0, NULL));
 }
 
+/* A child that makes no spill call exits, whatever the parent's other threads held at the
+ * fork: a child whose parent was exporting a trace (the recorder's lock held) hung in exit(),
+ * where its thread's trace ring is handed back. */
+static atomic_int exporting_stop;
+static void* export_in_a_loop(void* arg) {
+  (void)arg;
+  while (!atomic_load(&exporting_stop)) spill_trace_export("/dev/null");
+  return NULL;
+}
+
+TEST(fork_child_exits_while_another_thread_exports_traces) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 1u << 20, 0, NULL)); /* this thread has a trace ring now */
+  pthread_t exporter;
+  REQUIRE(pthread_create(&exporter, NULL, export_in_a_loop, NULL) == 0);
+  int hung = 0;
+  for (int k = 0; k < 20; ++k) {
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) exit(0); /* exit handlers and thread_local destructors run */
+    int status = 0, waited = 0;
+    while (waited < 200 && waitpid(pid, &status, WNOHANG) == 0) { /* 2 s */
+      nanosleep(&(struct timespec){0, 10000000}, NULL);
+      ++waited;
+    }
+    if (waited == 200) {
+      ++hung;
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+    } else {
+      CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+  }
+  atomic_store(&exporting_stop, 1);
+  pthread_join(exporter, NULL);
+  if (hung) fprintf(stderr, "%d of 20 children hung in exit()\n", hung);
+  CHECK(hung == 0);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
 /* A child forked before spill started in the parent may use spill itself. */
 TEST(child_forked_before_start_may_use_spill) {
   REQUIRE_OK(spill_init(CONF)); /* a configuration only: no runtime yet */
@@ -783,6 +826,7 @@ TEST(exit_with_blocks_held) {
   X(shutdown_while_other_threads_call)            \
   X(forked_child_is_refused)                      \
   X(child_forked_before_start_may_use_spill)      \
+  X(fork_child_exits_while_another_thread_exports_traces) \
   X(exit_with_blocks_held)
 
 C_TEST_MAIN(TESTS)
