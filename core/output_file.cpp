@@ -96,9 +96,40 @@ void write_and_close(int fd, std::string_view text, const std::string& remove_on
   throw_write_failed(path, what, why);
 }
 
+// How long a FIFO's writer waits for a reader: one that is just starting still gets the text,
+// and a FIFO nobody reads fails instead of blocking for ever (it blocked while holding a device
+// lease, and so spill_shutdown and every other caller with it: audit 42b #2).
+constexpr int kFifoWaitMs = 5000;
+
+// A FIFO opened for writing once a reader has it open, waiting kFifoWaitMs at most; blocking
+// again once open, so the text is written whole whatever the reader's pace.
+int open_fifo(const std::string& path, std::string_view what) {
+  for (int waited = 0;; waited += 10) {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd >= 0) {
+      const int flags = ::fcntl(fd, F_GETFL);
+      if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+        const int err = errno;
+        ::close(fd);
+        throw_cannot_write(path, what, err);
+      }
+      return fd;
+    }
+    if (errno == EINTR) continue;
+    if (errno != ENXIO) throw_cannot_write(path, what, errno);
+    if (waited >= kFifoWaitMs)
+      throw InvalidArgument(std::string(what) + ": cannot write '" + path +
+                            "': it is a FIFO with no reader (waited " +
+                            std::to_string(kFifoWaitMs / 1000) + " s)");
+    ::usleep(10'000);
+  }
+}
+
 // A device, pipe or FIFO: opened without truncation and written as a stream.
-void write_directly(const std::string& path, std::string_view text, std::string_view what) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+void write_directly(const std::string& path, std::string_view text, std::string_view what,
+                    const struct stat& st) {
+  const int fd = S_ISFIFO(st.st_mode) ? open_fifo(path, what)
+                                      : ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
   if (fd < 0) throw_cannot_write(path, what, errno);
   write_and_close(fd, text, {}, path, what);
 }
@@ -332,7 +363,7 @@ void write_file(const std::string& path, std::string_view text, std::string_view
   const bool existed = ::stat(target.c_str(), &st) == 0;
   if (!existed && errno != ENOENT)  // a loop of links, a directory that cannot be searched
     throw_cannot_write(path, what, errno);
-  if (existed && !S_ISREG(st.st_mode)) return write_directly(path, text, what);
+  if (existed && !S_ISREG(st.st_mode)) return write_directly(path, text, what, st);
   // A new file: 0666 less the umask; a replacement: never wider than the old file, even
   // before its mode is copied (a file only its owner reads stays so throughout).
   const std::string temporary = write_temporary(target, text, existed ? (st.st_mode & 0777) : 0666,

@@ -5,9 +5,12 @@
 #include "c_test.h"
 
 #include <glob.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
 
 #define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
 
@@ -159,6 +162,102 @@ TEST(a_failed_step_graph_write_keeps_the_previous_file) {
   for (int i = 0; i < 4; ++i) CHECK_OK(spill_free(a[i], 0, NULL));
 }
 
+static double seconds_now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* A FIFO in a new directory: `dir` (a mkdtemp pattern) and `fifo` (room for dir + "/f"). */
+static void make_fifo(char* dir, char* fifo, size_t size) {
+  REQUIRE(mkdtemp(dir) != NULL);
+  snprintf(fifo, size, "%s/f", dir);
+  REQUIRE(mkfifo(fifo, 0600) == 0);
+}
+
+/* A FIFO nobody reads: the export fails after its bounded wait, naming the path and why (it
+ * blocked for ever in open(), holding the export lock), and a reader that comes within the
+ * wait gets the whole trace. */
+TEST(a_trace_export_to_a_fifo_without_reader_fails_in_bounded_time) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  char dir[] = "/tmp/spill_c_fifo_XXXXXX", fifo[64];
+  make_fifo(dir, fifo, sizeof fifo);
+  const double t0 = seconds_now();
+  CHECK_STATUS(spill_trace_export(fifo), SPILL_ERROR_INVALID_ARGUMENT);
+  const double waited = seconds_now() - t0;
+  CHECK(waited >= 4.0 && waited < 15.0);
+  CHECK_ERROR_HAS(fifo);
+  CHECK_ERROR_HAS("is a FIFO with no reader (waited 5 s)");
+  /* A reader that starts late (here 0.3 s) still gets the trace: the events were kept. */
+  pid_t reader = fork();
+  REQUIRE(reader >= 0);
+  if (reader == 0) {
+    nanosleep(&(struct timespec){0, 300000000}, NULL);
+    FILE* in = fopen(fifo, "r");
+    static char text[1 << 20];
+    size_t n = in ? fread(text, 1, sizeof text - 1, in) : 0;
+    text[n] = '\0';
+    _exit(strstr(text, "\"kind\":\"alloc\"") != NULL ? 0 : 1);
+  }
+  CHECK_OK(spill_trace_export(fifo));
+  int status = 0;
+  REQUIRE(waitpid(reader, &status, 0) == reader);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  unlink(fifo);
+  rmdir(dir);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+/* Starts spill with policy:plan and records step 1 of scope 1 (two blocks, each pinned once). */
+static void record_a_step(void) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan"));
+  void* a[2];
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE_OK(spill_malloc(&a[i], 6u << 20, 0, NULL));
+    REQUIRE_OK(spill_set_swappable(a[i], 1));
+  }
+  REQUIRE_OK(spill_begin_step(0, 1));
+  for (int i = 0; i < 2; ++i) {
+    spill_pin_token t;
+    REQUIRE_OK(spill_begin_op(0, 1, "op"));
+    REQUIRE_OK(spill_pin(a[i], NULL, &t));
+    REQUIRE_OK(spill_unpin(&t, NULL, 1));
+  }
+  REQUIRE_OK(spill_end_step(0, 1));
+}
+
+static char graph_fifo[64];
+static spill_status graph_status;
+static char graph_error[512]; /* spill_last_error is the calling thread's */
+static void* write_graph_to_fifo(void* arg) {
+  (void)arg;
+  graph_status = spill_write_step_graph(0, 1, graph_fifo);
+  snprintf(graph_error, sizeof graph_error, "%s", spill_last_error());
+  return NULL;
+}
+
+/* A step graph bound for a FIFO nobody reads fails after the bounded wait, and the wait does
+ * not hold the device: spill_shutdown meanwhile finishes at once (it waited for ever). */
+TEST(a_step_graph_to_a_fifo_without_reader_does_not_hold_the_device) {
+  record_a_step();
+  char dir[] = "/tmp/spill_c_fifo_XXXXXX";
+  make_fifo(dir, graph_fifo, sizeof graph_fifo);
+  pthread_t writer;
+  REQUIRE(pthread_create(&writer, NULL, write_graph_to_fifo, NULL) == 0);
+  nanosleep(&(struct timespec){0, 500000000}, NULL); /* the writer waits for a reader now */
+  const double t0 = seconds_now();
+  CHECK_OK(spill_shutdown());
+  CHECK(seconds_now() - t0 < 3.0);
+  pthread_join(writer, NULL);
+  CHECK(graph_status == SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK(strstr(graph_error, "is a FIFO with no reader") != NULL);
+  CHECK(strstr(graph_error, "spill_write_step_graph(device 0, scope 1)") != NULL);
+  unlink(graph_fifo);
+  rmdir(dir);
+}
+
 /* The simulated device holds a file descriptor per physical allocation: when the process runs
  * out of them, the out-of-memory message says so and what to do, not "the device itself is
  * full" with advice about RAM. */
@@ -193,6 +292,8 @@ TEST(running_out_of_file_descriptors_is_named_in_the_oom_message) {
   X(an_op_name_that_is_not_utf8_is_refused)               \
   X(a_long_oom_note_is_cut_between_characters)            \
   X(a_failed_step_graph_write_keeps_the_previous_file)      \
+  X(a_trace_export_to_a_fifo_without_reader_fails_in_bounded_time) \
+  X(a_step_graph_to_a_fifo_without_reader_does_not_hold_the_device) \
   X(running_out_of_file_descriptors_is_named_in_the_oom_message)
 
 C_TEST_MAIN(TESTS)
