@@ -81,7 +81,8 @@ typedef enum spill_status {
   SPILL_OK = 0,
   SPILL_ERROR_INVALID_ARGUMENT = 1, /* a bad pointer, size, device, stream or string */
   SPILL_ERROR_OUT_OF_MEMORY = 2,    /* the budget or the device cannot hold the request */
-  SPILL_ERROR_HOST_CAP = 3,         /* pinned host memory for swapped bytes ran out (host_cap) */
+  SPILL_ERROR_HOST_CAP = 3,         /* pinned host memory for swapped bytes ran out (host_cap,
+                                       or the host refused to pin more: the message says which) */
   SPILL_ERROR_CUDA = 4,             /* a CUDA call failed (the message names it) */
   SPILL_ERROR_SHUT_DOWN = 5,        /* spill_shutdown was called (spill_init starts again) */
   SPILL_ERROR_FORKED_CHILD = 6,     /* this process is a fork of one where spill had started */
@@ -246,11 +247,11 @@ SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, i
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
  * unswappable or fresh block, and for one under swap_threshold). Both return without waiting.
  * Errors: INVALID_ARGUMENT (unknown pointer); spill_evict returns HOST_CAP when host_cap leaves
- * no room for the block's bytes (the block stays on the device, unchanged; room comes back as
- * swapped-out blocks return or are freed). An evicted block reads SWAPPING_OUT until its copy
- * has finished; its device memory goes back when spill next looks after that: a residence
- * query of the block, another spill_evict, an allocation or pin that needs room, an op of a
- * step. */
+ * no room for the block's bytes, or the host refuses to pin them (the block stays on the
+ * device, unchanged; room comes back as swapped-out blocks return or are freed). An evicted
+ * block reads SWAPPING_OUT until its copy has finished; its device memory goes back when spill
+ * next looks after that: a residence query of the block, another spill_evict, an allocation or
+ * pin that needs room, an op of a step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
 /* The caller is about to overwrite the `bytes` bytes at `ptr` whole (a framework zeroing a
