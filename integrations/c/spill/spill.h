@@ -512,7 +512,10 @@ SPILL_API void spill_torch_init(int device_count);
 /* Called by spill_torch_malloc when it cannot return memory: the status, the size asked for,
  * the device and the message (also in spill_last_error). spill_torch_malloc holds no lock or
  * resource of spill's while it runs, so the handler may call spill (e.g. spill_empty_cache)
- * or throw a C++ exception through it. If it returns, spill_torch_malloc returns NULL. */
+ * or throw a C++ exception through it. If it returns, spill_torch_malloc returns NULL.
+ * It is not re-entered: a spill_torch_malloc that fails while the handler runs on the same
+ * thread (a handler that retries) returns NULL at once, without calling it again (the reason
+ * is in spill_last_error); other threads' failures still call it. */
 typedef void (*spill_oom_handler)(spill_status status, size_t size, int device,
                                   const char* message, void* user_data);
 /* Installs `handler` for the whole process; NULL restores the default, which prints the
