@@ -239,8 +239,11 @@ void DeviceState::add_stream(void* s) {
       return;
     }
   }
-  SPILL_EXPECTS(n < kMaxSimStreams, "the simulated device has " + std::to_string(n) +
-                                        " streams already (the most spill keeps)");
+  // A table that is full is a resource that ran out, not bad input (audit 42b #8).
+  if (n >= kMaxSimStreams)
+    SPILL_FAIL_OOM("the simulated device has " + std::to_string(n) +
+                   " streams already (the most spill keeps): destroy streams no longer used "
+                   "(spill_stream_destroy)");
   streams[n].store(s, std::memory_order_relaxed);
   n_streams.store(n + 1, std::memory_order_release);
 }

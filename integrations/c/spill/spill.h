@@ -127,13 +127,16 @@ SPILL_API spill_status spill_init(const char* conf);
 SPILL_API spill_status spill_shutdown(void);
 /* Creates device `device`'s runtime now (else it is created on first use); *simulated (may be
  * NULL) tells whether it is the simulated device. Errors: INVALID_ARGUMENT (ordinal, or
- * SPILL_CONF malformed), CUDA (device:cuda without a usable GPU), SHUT_DOWN, FORKED_CHILD. */
+ * SPILL_CONF malformed), CUDA (device:cuda without a usable GPU), OUT_OF_MEMORY (also no
+ * thread for the simulated device's streams), SHUT_DOWN, FORKED_CHILD. */
 SPILL_API spill_status spill_device_open(int device, int* simulated);
 
 /* ------------------------------------------------------------------ streams */
 
 /* A new stream on `device`: a cudaStream_t on a GPU, the only kind on the simulated device.
- * The caller destroys it with spill_stream_destroy. */
+ * The caller destroys it with spill_stream_destroy. Errors: OUT_OF_MEMORY when the simulated
+ * device holds 256 streams already, or no thread can be started to run the stream (each
+ * simulated stream has one: the process's thread limit, ulimit -u); nothing is left behind. */
 SPILL_API spill_status spill_stream_create(int device, void** stream);
 /* Waits for the stream's work, forgets it (as spill_stream_destroyed) and destroys it. */
 SPILL_API spill_status spill_stream_destroy(int device, void* stream);
