@@ -12,7 +12,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <system_error>
 
 #include "core/errors.hpp"
@@ -48,9 +47,11 @@ bool write_all(int fd, std::string_view text) {
   return true;
 }
 
-// No room (a full disk, a quota, a file size limit) or an I/O error: the file, not the input.
+// No room (a full disk, a quota, a file size limit, no file descriptor left) or an I/O error:
+// the file or the process, not the input (audit 42b #8: EMFILE was INVALID_ARGUMENT).
 bool out_of_room_or_io(int err) {
-  return err == ENOSPC || err == EFBIG || err == EDQUOT || err == EIO;
+  return err == ENOSPC || err == EFBIG || err == EDQUOT || err == EIO || err == EMFILE ||
+         err == ENFILE;
 }
 
 [[noreturn]] void throw_write_failed(const std::string& path, std::string_view what, int err) {
@@ -146,13 +147,10 @@ void write_in_place(const std::string& path, std::string_view text, std::string_
         static_cast<unsigned long long>(old.st_blocks) * 512;
     if (room < text.size()) throw_write_failed(path, what, ENOSPC);
   }
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out.good())
-    throw InvalidArgument(std::string(what) + ": cannot write '" + path + "'");
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  out.close();
-  if (!out.good())
-    throw WriteFailed(std::string(what) + ": writing '" + path + "' failed (disk full?)");
+  // open(2), not a stream: a refusal names its reason (audit 42b #7: "cannot write '...'" alone).
+  const int fd = ::open(path.c_str(), O_WRONLY | O_TRUNC | O_CLOEXEC);
+  if (fd < 0) throw_cannot_write(path, what, errno);
+  write_and_close(fd, text, {}, path, what);
 }
 
 std::atomic<unsigned> next_temporary{0};

@@ -22,9 +22,11 @@ _OWN_FD = re.compile(r"/dev/(?:fd/(\d{1,9})|(stdin|stdout|stderr))|"
                      r"/proc/(self|thread-self|\d+)/fd/(\d{1,9})")
 _STANDARD = {"stdin": 0, "stdout": 1, "stderr": 2}
 _temporaries = itertools.count()
-# The errors that say the file could not be written for lack of room or an I/O error, not
-# that the path was unusable (C's WriteFailed, spill.WriteFailedError).
-NO_ROOM_OR_IO = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO})
+# The errors that say the file could not be written for lack of room (also of file
+# descriptors) or an I/O error, not that the path was unusable (C's WriteFailed,
+# spill.WriteFailedError).
+NO_ROOM_OR_IO = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EMFILE,
+                           errno.ENFILE})
 
 
 def _own_descriptor(path: str) -> Optional[int]:

@@ -4,6 +4,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "c_test.h"
 
+#include <fcntl.h>
 #include <glob.h>
 #include <pthread.h>
 #include <signal.h>
@@ -228,6 +229,64 @@ static void record_a_step(void) {
   REQUIRE_OK(spill_end_step(0, 1));
 }
 
+/* A file that only an in-place rewrite could replace (its directory takes no new file) and
+ * that cannot be opened either: the refusal gives the reason, as spill_trace_export's does
+ * (audit 42b #7: "cannot write '...'" alone). As nobody, so that permissions apply. */
+TEST(a_refused_in_place_rewrite_gives_the_reason) {
+  if (geteuid() != 0) SKIP("needs root to make a file another user cannot write");
+  char dir[] = "/tmp/spill_c_ro_XXXXXX", file[64];
+  REQUIRE(mkdtemp(dir) != NULL);
+  REQUIRE(chmod(dir, 0755) == 0);
+  snprintf(file, sizeof file, "%s/g.json", dir);
+  FILE* f = fopen(file, "w");
+  REQUIRE(f != NULL);
+  fputs("old\n", f);
+  fclose(f);
+  REQUIRE(chmod(file, 0444) == 0);
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(77);
+    record_a_step();
+    int bad = spill_write_step_graph(0, 1, file) != SPILL_ERROR_INVALID_ARGUMENT;
+    bad += strstr(spill_last_error(), "Permission denied") == NULL;
+    bad += strstr(spill_last_error(), file) == NULL;
+    if (bad) fprintf(stderr, "child: %s\n", spill_last_error());
+    _exit(bad ? 1 : 0);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  unlink(file);
+  rmdir(dir);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) SKIP("cannot become nobody");
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* Out of file descriptors is the process's resource, not a path that cannot be used:
+ * WRITE_FAILED, not INVALID_ARGUMENT (audit 42b #8). */
+TEST(a_trace_export_without_a_file_descriptor_left_is_write_failed) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  char path[] = "/tmp/spill_c_trace_XXXXXX";
+  TEMP_PATH(path);
+  const int next = open("/dev/null", O_RDONLY); /* the lowest free descriptor */
+  REQUIRE(next >= 0);
+  close(next);
+  struct rlimit old, none;
+  REQUIRE(getrlimit(RLIMIT_NOFILE, &old) == 0);
+  none = old;
+  none.rlim_cur = (rlim_t)next; /* no descriptor from `next` on */
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &none) == 0);
+  CHECK_STATUS(spill_trace_export(path), SPILL_ERROR_WRITE_FAILED);
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &old) == 0);
+  CHECK_ERROR_HAS("Too many open files");
+  CHECK_ERROR_HAS(path);
+  CHECK_OK(spill_trace_export(path)); /* the events were kept */
+  CHECK(strstr(c_test_read_and_remove(path), "\"kind\":\"alloc\"") != NULL);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
 static char graph_fifo[64];
 static spill_status graph_status;
 static char graph_error[512]; /* spill_last_error is the calling thread's */
@@ -294,6 +353,8 @@ TEST(running_out_of_file_descriptors_is_named_in_the_oom_message) {
   X(a_failed_step_graph_write_keeps_the_previous_file)      \
   X(a_trace_export_to_a_fifo_without_reader_fails_in_bounded_time) \
   X(a_step_graph_to_a_fifo_without_reader_does_not_hold_the_device) \
+  X(a_refused_in_place_rewrite_gives_the_reason) \
+  X(a_trace_export_without_a_file_descriptor_left_is_write_failed) \
   X(running_out_of_file_descriptors_is_named_in_the_oom_message)
 
 C_TEST_MAIN(TESTS)
