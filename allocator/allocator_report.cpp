@@ -263,6 +263,7 @@ void CachingAllocator::throw_oom_locked(
   if (unevictable) {
     f.pinned = unevictable->pinned;
     f.unswappable = unevictable->unswappable;
+    f.host_refusal = without_source_location(unevictable->host_refusal);
   }
   // The dump is written after the lock is released (finish_oom_dump); f.dump_note says only
   // when none is written this time.

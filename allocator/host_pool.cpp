@@ -3,6 +3,9 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -58,16 +61,7 @@ void* HostPool::allocate(std::size_t bytes) {
                        " more asked for. Raise host_cap or lower the budget's pressure.");
       }
     }
-    void* p = ::mmap(nullptr, chunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      SPILL_FAIL_HOST_CAP("host pool: the host has no " + format_bytes(chunk) + " left to pin");
-    }
-    try {
-      dev_.register_host(p, chunk);
-    } catch (...) {
-      ::munmap(p, chunk);
-      throw;
-    }
+    void* p = map_chunk_locked(chunk, (size + 4095) / 4096 * 4096, bytes);
     auto* seg = new Segment{reinterpret_cast<std::uintptr_t>(p), chunk, nullptr, false};
     chunks_.push_back(*seg);
     reserved_ += chunk;
@@ -82,6 +76,48 @@ void* HostPool::allocate(std::size_t bytes) {
   used_.insert(*b);
   in_use_ += b->size;
   return reinterpret_cast<void*>(b->addr);
+}
+
+void* HostPool::map_chunk_locked(std::size_t& chunk, std::size_t least, std::size_t bytes) {
+  // The host (mmap, ulimit -v, or the device refusing to pin: what the host cannot keep
+  // resident) may refuse a whole chunk and still grant what is needed: halved down to the
+  // request's size, then once more after giving back the free chunks (audit 42b #3: a 64 MiB
+  // chunk refused failed a 4 MiB eviction).
+  std::string refusal;
+  bool released = false;
+  for (;;) {
+    void* p = ::mmap(nullptr, chunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      refusal = std::string("mmap: ") + std::strerror(errno);
+    } else {
+      try {
+        dev_.register_host(p, chunk);
+        return p;
+      } catch (const HostCapExceeded& e) {  // the device's refusal to pin it
+        ::munmap(p, chunk);
+        refusal = without_source_location(e.what());
+      } catch (...) {
+        ::munmap(p, chunk);
+        throw;
+      }
+    }
+    if (chunk > least) {
+      chunk = std::max(least, chunk / 2);
+    } else if (!released && reserved_ > in_use_) {
+      release_free_chunks_locked();
+      released = true;
+    } else {
+      // HostCapExceeded is spill's host-memory error, also for the host's own refusal: the
+      // swapper skips the block as for a full cap. The text says which it was.
+      SPILL_FAIL_HOST_CAP(
+          "host pool: the host refused " + format_bytes(chunk) + " of pinned host memory for " +
+          format_bytes(bytes) + " (" + refusal + "); host_cap " +
+          (cap_ ? format_bytes(*cap_) + " is not reached" : std::string("is unlimited")) + ": " +
+          format_bytes(in_use_) + " in use, " + format_bytes(reserved_) +
+          " reserved. The host is short of memory (RAM, ulimit -v): free some, or lower the "
+          "budget's pressure");
+    }
+  }
 }
 
 void HostPool::deallocate(void* ptr, std::size_t) {

@@ -41,6 +41,10 @@ class HostPool final : public HostMemory {
 
  private:
   void release_free_chunks_locked();
+  // A new chunk of `chunk` bytes mapped and registered, or smaller ones down to `least` when
+  // the host refuses (`chunk` is set to what was mapped); HostCapExceeded saying that the host
+  // refused, when even `least` is refused.
+  void* map_chunk_locked(std::size_t& chunk, std::size_t least, std::size_t bytes);
 
   Device& dev_;
   std::optional<std::size_t> cap_;

@@ -59,6 +59,7 @@ std::string oom_message(const OomFacts& f) {
     m += "; the swapper cannot evict " + format_bytes(*f.pinned) + " pinned and " +
          format_bytes(*f.unswappable) + " more never declared swappable";
   }
+  if (!f.host_refusal.empty()) m += "; swapping a block out failed: " + f.host_refusal;
   if (!f.named.empty()) {
     m += "; largest named resident blocks:";
     for (std::size_t i = 0; i < f.named.size(); ++i) {
@@ -95,6 +96,12 @@ std::string oom_message(const OomFacts& f) {
     m += "Hint: the host cap (host_cap: " + format_bytes(*f.host_cap) + ", " +
          format_bytes(f.host_in_use) + " of it in use) leaves no room to swap a block out: "
          "raise host_cap:.";
+  } else if (!f.host_refusal.empty()) {
+    // Blocks could move, but the host had no memory to pin for them: not the swapper's setup
+    // nor pins (audit 42b #3: it asked whether the swapper was enabled).
+    m += "Hint: blocks could not be swapped out because the host refused pinned memory for "
+         "them (above): free host memory (RAM, ulimit -v), or lower the budget's pressure (a "
+         "larger budget or smaller batches).";
   } else if (f.small_allocated > f.budget / 3 &&
              f.small_allocated > std::max(f.pinned.value_or(0), f.unswappable.value_or(0))) {
     m += "Hint: most of what cannot move is in small blocks (requests up to " +

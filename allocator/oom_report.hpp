@@ -33,6 +33,9 @@ struct OomFacts {
   // Resident bytes the swapper cannot evict (a block may count in both), when it was asked.
   std::optional<std::size_t> pinned;       // pinned now
   std::optional<std::size_t> unswappable;  // never declared swappable and not pinned
+  // Why the swapper's eviction could not get host memory to swap a block out to, if it could
+  // not (Unevictable::host_refusal).
+  std::string host_refusal;
   std::string dump_note;          // where an OOM dump was written, if any
   // Resident blocks the caller named (set_block_name): the largest (at most kNamedListed, by
   // size, largest first) and how many and how much there are in all.

@@ -103,10 +103,12 @@ class LargeBlockObserver {
   // The stream is about to be destroyed (forward of CachingAllocator::forget_stream).
   virtual void on_forget_stream(Stream) {}
   // For out-of-memory messages: the resident bytes the eviction hook cannot free, by reason
-  // (pinned; not pinned and never declared swappable: each block counts once). nullopt: not
-  // known.
+  // (pinned; not pinned and never declared swappable: each block counts once), and why its
+  // last eviction could not swap a block out for want of host memory ("" if it could: the
+  // host pool's message, a full host_cap or the host refusing to pin). nullopt: not known.
   struct Unevictable {
     std::size_t pinned = 0, unswappable = 0;
+    std::string host_refusal;
   };
   virtual std::optional<Unevictable> unevictable() { return std::nullopt; }
 };

@@ -31,7 +31,9 @@ void check_not_same(const std::string& path, std::string_view what, const std::s
 //   /dev/fd/N, /proc/self/fd/N, or another name of the file behind descriptor 1 or 2) is
 //   written through that descriptor as a stream, after what spill printed there: never
 //   reopened, truncated or renamed over (`--json /dev/stdout >> log` appends to the log).
-// - Devices, pipes and FIFOs are written directly (opened without truncation).
+// - Devices, pipes and FIFOs are written directly (opened without truncation). A FIFO waits 5 s
+//   at most for a reader: then InvalidArgument "<what>: cannot write '<path>': it is a FIFO
+//   with no reader (waited 5 s)", never blocking for ever.
 // - A regular file (or a new one) is replaced whole or not at all: the text goes to a temporary
 //   file beside it (through a symbolic link, beside its target, also a target not there yet),
 //   which is renamed over it once written, so a failed write leaves the previous contents and

@@ -1,6 +1,7 @@
 // SimDevice: streams (a worker thread each), events, copy engines and simulated time.
 #include <algorithm>
 #include <cstring>
+#include <system_error>
 
 #include "core/errors.hpp"
 #include "core/units.hpp"
@@ -137,7 +138,21 @@ Stream SimDevice::do_create_stream() {
     s_->streams[sp.get()] = sp;
   }
   sp->rng.seed(s_->opt.chaos_seed.value_or(0) * 0x9E3779B97F4A7C15ull + sp->id);
-  s_->start_worker(*sp);
+  try {
+    s_->start_worker(*sp);
+  } catch (const std::system_error& e) {
+    // No thread for it (EAGAIN: the process's thread limit, RLIMIT_NPROC, or memory): a
+    // resource that ran out, not a bug in spill (it came back as INTERNAL with a bare
+    // strerror, and left the stream registered without a worker: audit 42b #4).
+    {
+      std::lock_guard lock(s_->reg_mu);
+      s_->streams.erase(sp.get());
+    }
+    SPILL_FAIL_OOM("SimDevice: cannot start the worker thread of a new stream (each simulated "
+                   "stream runs on a thread of its own): " + e.code().message() +
+                   ". The process may be at its limit of threads (ulimit -u) or out of memory; "
+                   "destroy streams no longer used");
+  }
   return sp.get();
 }
 

@@ -1,6 +1,8 @@
 #include "profiling/events.hpp"
 
 #include <algorithm>
+#include <pthread.h>
+
 #include <chrono>
 #include <fstream>
 #if defined(__x86_64__)
@@ -115,9 +117,30 @@ const char* to_string(EventKind kind) {
   return i >= 0 && i < kEventKindCount ? names[i] : "?";
 }
 
+// fork() copies a lock that another thread holds, and nobody unlocks it in the child: the
+// child's exit (ThreadRings' destructor) or its first ring would wait for ever. So the
+// forking thread holds them all across the fork; order: recorders_mu(), then each recorder's
+// (retire's order); g_clock_mu is never held with the others.
+void TraceRecorder::lock_for_fork() {
+  g_clock_mu.lock();
+  recorders_mu().lock();
+  for (auto& [id, r] : recorders()) r->mu_.lock();
+}
+void TraceRecorder::unlock_after_fork() {
+  for (auto& [id, r] : recorders()) r->mu_.unlock();
+  recorders_mu().unlock();
+  g_clock_mu.unlock();
+}
+
+void TraceRecorder::install_fork_handlers() {
+  static std::once_flag once;
+  std::call_once(once, [] { ::pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork); });
+}
+
 TraceRecorder::TraceRecorder(std::size_t ring_capacity)
     : ring_capacity_(round_pow2(std::max<std::size_t>(ring_capacity, 16))),
       id_(next_recorder_id.fetch_add(1)) {
+  install_fork_handlers();
   calibrate();
   std::lock_guard lock(recorders_mu());
   recorders().emplace(id_, this);

@@ -75,6 +75,13 @@ class TraceRecorder {
   // The process-wide recorder that spill's layers emit to.
   static TraceRecorder& global();
 
+  // Registers fork handlers that hold every recorder's locks across fork(), so that a child
+  // never inherits one another thread held (it hung in exit(), retiring its thread's ring).
+  // Idempotent. Their prepare takes the recorders' locks, so a layer whose own prepare
+  // handler takes a lock that is held while recording (the C API's) must call this before
+  // it registers its handler: prepare handlers run in reverse order of registration.
+  static void install_fork_handlers();
+
   void set_enabled(bool on) { enabled_.store(on, std::memory_order_relaxed); }
   bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
 
@@ -163,6 +170,8 @@ class TraceRecorder {
 
   // Null once the calling thread's exit has begun (its ring is gone).
   Ring* ring_for_this_thread();
+  static void lock_for_fork();      // pthread_atfork's prepare
+  static void unlock_after_fork();  // its parent and child handlers
   void store_locked(const Stored& event);
   TraceEvent decode(const Stored& event) const;
   std::vector<TraceEvent> drain(bool take, Mark* mark);

@@ -140,6 +140,7 @@ std::vector<std::uintptr_t> Swapper::Impl::rank_victims_locked() {
 std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
   profiling::NvtxRange range("spill evict", profiling::kNvtxEvict);
   std::unique_lock lock(mu);
+  host_refusal.clear();
   std::size_t freed = reap_locked();
   if (freed >= needed) return freed;
   std::size_t coming = 0;
@@ -151,7 +152,8 @@ std::size_t Swapper::Impl::evict_bytes(std::size_t needed) {
       SwapBlock& b = blocks.at(base);
       try {
         start_swap_out_locked(b);
-      } catch (const OutOfMemory&) {
+      } catch (const OutOfMemory& e) {
+        host_refusal = e.what();  // kept for the OOM message, which said nothing of it
         continue;  // host cap: try blocks that need no host buffer
       }
       stats.evictions_reactive++;

@@ -785,6 +785,7 @@ LargeBlockObserver::Unevictable Swapper::unevictable() const {
     if (b.pins > 0) u.pinned += b.size;
     else if (!b.swappable) u.unswappable += b.size;
   }
+  u.host_refusal = impl_->host_refusal;
   return u;
 }
 

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -288,6 +289,9 @@ struct Swapper::Impl {
   mutable std::mutex mu;
   std::condition_variable cv;  // a block stopped being busy
   std::map<std::uintptr_t, SwapBlock> blocks;
+  // Why the last reactive eviction (evict_bytes) could not swap a block out for want of a
+  // host buffer ("" when it could), for the out-of-memory message (Swapper::unevictable).
+  std::string host_refusal;
   // The blocks whose state is SwappingOut, in the order of `blocks` (reap_locked completes
   // theirs without a scan of every block at each op).
   std::set<std::uintptr_t> swapping_out;

@@ -1,5 +1,6 @@
 // The C API's residency and steps: set_swappable, pin (stream and host), unpin by token,
 // prefetch/evict hints, residence, step scopes, and the recorded step as a graph file.
+#include <optional>
 #include <string>
 
 #include "core/errors.hpp"
@@ -235,7 +236,8 @@ spill_status spill_write_step_graph(int device, uint64_t scope, const char* path
     return fail(SPILL_ERROR_INVALID_ARGUMENT, "spill_write_step_graph: the path is NULL or empty");
   const std::string where = "spill_write_step_graph(device " + std::to_string(device) +
                             ", scope " + std::to_string(scope) + ")";
-  return on_device(device, "spill_write_step_graph", [&](Lease& lease) {
+  std::optional<graph::Graph> g;
+  const spill_status s = on_device(device, "spill_write_step_graph", [&](Lease& lease) {
     Swapper* sw = lease.rt().swapper();
     graph::Trace trace = sw ? sw->last_trace(scope) : graph::Trace{};
     if (trace.accesses.empty()) {
@@ -244,18 +246,24 @@ spill_status spill_write_step_graph(int device, uint64_t scope, const char* path
                           "and a budget; the first step after spill_begin_step is recorded)");
     }
     const std::string name = sw->scope_name(scope);
-    graph::Graph g = graph::graph_from_trace(
+    g = graph::graph_from_trace(
         trace, "recorded step (scope " + std::to_string(scope) + (name.empty() ? "" : ", ") +
                    name + ")");
-    try {
-      graph::save_graph_file(g, path);
-    } catch (const InvalidArgument& e) {
-      return fail(SPILL_ERROR_INVALID_ARGUMENT, where + ": " + e.what());
-    } catch (const WriteFailed& e) {  // (named as the refusals are: device and scope)
-      return fail(SPILL_ERROR_WRITE_FAILED, where + ": " + e.what());
-    }
     return SPILL_OK;
   });
+  if (s != SPILL_OK) return s;
+  // Written after the lease is given back: a slow file (a FIFO whose reader is late) must not
+  // keep spill_shutdown and every other caller of this device waiting.
+  try {
+    graph::save_graph_file(*g, path);
+  } catch (const InvalidArgument& e) {
+    return fail(SPILL_ERROR_INVALID_ARGUMENT, where + ": " + e.what());
+  } catch (const WriteFailed& e) {  // (named as the refusals are: device and scope)
+    return fail(SPILL_ERROR_WRITE_FAILED, where + ": " + e.what());
+  } catch (...) {
+    return current_error(where);
+  }
+  return SPILL_OK;
 }
 
 }  // extern "C"

@@ -94,6 +94,9 @@ void hand_back(void* record) {
 
 Global::Global() : membarrier(register_membarrier()) {
   has_thread_key = ::pthread_key_create(&thread_key, hand_back) == 0;
+  // First, so that the recorders' prepare runs after ours: a thread that holds mu (a
+  // shutdown joining stream workers) may wait for them, never the other way round.
+  profiling::TraceRecorder::install_fork_handlers();
   ::pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
@@ -236,8 +239,11 @@ void DeviceState::add_stream(void* s) {
       return;
     }
   }
-  SPILL_EXPECTS(n < kMaxSimStreams, "the simulated device has " + std::to_string(n) +
-                                        " streams already (the most spill keeps)");
+  // A table that is full is a resource that ran out, not bad input (audit 42b #8).
+  if (n >= kMaxSimStreams)
+    SPILL_FAIL_OOM("the simulated device has " + std::to_string(n) +
+                   " streams already (the most spill keeps): destroy streams no longer used "
+                   "(spill_stream_destroy)");
   streams[n].store(s, std::memory_order_relaxed);
   n_streams.store(n + 1, std::memory_order_release);
 }

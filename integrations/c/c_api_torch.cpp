@@ -44,6 +44,11 @@ void report(const char* fn, int device, bool first_only = false) {
   if (print) std::fprintf(stderr, "spill: %s failed: %s\n", fn, last_error_text());
 }
 
+// Set while this thread runs the OOM handler: a spill_torch_malloc that fails inside it (a
+// handler that retries) returns NULL instead of calling the handler again, which recursed
+// until the stack overflowed when the retry kept failing (audit 42b #5).
+thread_local bool t_in_oom_handler = false;
+
 }  // namespace
 
 extern "C" {
@@ -77,6 +82,7 @@ void* spill_torch_malloc(ssize_t size, int device, void* stream) {
     user = h.user;
   }
   const std::string message = last_error_text();
+  if (t_in_oom_handler) return nullptr;  // the outer call's handler sees this NULL
   if (fn == nullptr) {
     std::fprintf(stderr,
                  "spill: spill_torch_malloc(%zd bytes, device %d) failed and PyTorch cannot be "
@@ -85,6 +91,10 @@ void* spill_torch_malloc(ssize_t size, int device, void* stream) {
                  size, device, message.c_str());
     std::abort();
   }
+  struct InHandler {  // also when the handler throws
+    InHandler() { t_in_oom_handler = true; }
+    ~InHandler() { t_in_oom_handler = false; }
+  } in_handler;
   fn(s, size < 0 ? 0 : static_cast<size_t>(size), device, message.c_str(), user);
   return nullptr;
 }

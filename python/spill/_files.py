@@ -1,9 +1,10 @@
 """Writing output files as the native library's write_file does (core/output_file.hpp): a
 regular file is replaced whole or not at all (a temporary beside it, renamed over it; a symbolic
 link is written through, also one whose file is not there yet), keeping its permission bits
-and, where allowed, its owner and group; a device, pipe or FIFO is written directly; a path that
-names one of this process's own descriptors (/dev/stdout, /dev/fd/N, /proc/self/fd/N, or another
-name of the file behind descriptor 1 or 2) is written through it as a stream."""
+and, where allowed, its owner and group; a device, pipe or FIFO is written directly (a FIFO
+waits 5 s at most for a reader); a path that names one of this process's own descriptors
+(/dev/stdout, /dev/fd/N, /proc/self/fd/N, or another name of the file behind descriptor 1 or 2)
+is written through it as a stream."""
 from __future__ import annotations
 
 import errno
@@ -12,6 +13,7 @@ import os
 import re
 import stat
 import sys
+import time
 from typing import Optional, Union
 
 from ._errors import InvalidArgumentError, WriteFailedError
@@ -20,9 +22,11 @@ _OWN_FD = re.compile(r"/dev/(?:fd/(\d{1,9})|(stdin|stdout|stderr))|"
                      r"/proc/(self|thread-self|\d+)/fd/(\d{1,9})")
 _STANDARD = {"stdin": 0, "stdout": 1, "stderr": 2}
 _temporaries = itertools.count()
-# The errors that say the file could not be written for lack of room or an I/O error, not
-# that the path was unusable (C's WriteFailed, spill.WriteFailedError).
-NO_ROOM_OR_IO = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO})
+# The errors that say the file could not be written for lack of room (also of file
+# descriptors) or an I/O error, not that the path was unusable (C's WriteFailed,
+# spill.WriteFailedError).
+NO_ROOM_OR_IO = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EMFILE,
+                           errno.ENFILE})
 
 
 def _own_descriptor(path: str) -> Optional[int]:
@@ -124,6 +128,34 @@ def _temporary_beside(target: str) -> str:
     return os.path.join(folder, ".spill" + suffix)
 
 
+# How long a FIFO's writer waits for a reader (core/output_file.cpp's kFifoWaitMs).
+_FIFO_WAIT_S = 5
+
+
+def _open_fifo(path: str) -> int:
+    """A FIFO opened for writing once a reader has it open, waiting _FIFO_WAIT_S at most (one
+    just starting still gets the text; a FIFO nobody reads fails instead of blocking for
+    ever), and blocking again once open, so the text is written whole."""
+    deadline = time.monotonic() + _FIFO_WAIT_S
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            if time.monotonic() >= deadline:
+                raise OSError(errno.ENXIO, f"it is a FIFO with no reader (waited {_FIFO_WAIT_S} s)",
+                              path) from None
+            time.sleep(0.01)
+            continue
+        try:
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
 def _write_text(p: str, text: str) -> None:
     data = text.encode("utf-8")
     fd = _own_descriptor(p)
@@ -137,7 +169,10 @@ def _write_text(p: str, text: str) -> None:
     except FileNotFoundError:
         st = None
     if st is not None and not stat.S_ISREG(st.st_mode):
-        out = os.open(target, os.O_WRONLY | os.O_CLOEXEC)  # a stream: no truncation
+        if stat.S_ISFIFO(st.st_mode):
+            out = _open_fifo(target)
+        else:
+            out = os.open(target, os.O_WRONLY | os.O_CLOEXEC)  # a stream: no truncation
         try:
             _write_all(out, data)
         finally:

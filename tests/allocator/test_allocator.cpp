@@ -979,6 +979,29 @@ TEST(AllocatorOom, ARequestJustOverTheBudgetIsNamedInBytes) {
             std::string::npos) << m;
 }
 
+// Blocks that could move but found no host memory to move to: the message gives the host's
+// refusal and the hint says so, not "is the swapper enabled, are tensors unpinned?" (audit 42b
+// #3: every block was swappable and unpinned, and the host had refused a 64 MiB chunk).
+TEST(AllocatorOom, AHostThatRefusedPinnedMemoryIsNamedInTheHint) {
+  OomFacts f;
+  f.requested = f.needed = 4 * MiB;
+  f.budget = 64 * MiB;
+  f.device_total = 256 * MiB;
+  f.allocated = 64 * MiB;
+  f.host_cap = 4 * GiB;
+  f.pinned = 0;
+  f.unswappable = 0;
+  f.host_refusal = "host pool: the host refused 4.00 MiB of pinned host memory";
+  const std::string m = oom_message(f);
+  EXPECT_NE(m.find("; swapping a block out failed: host pool: the host refused 4.00 MiB"),
+            std::string::npos) << m;
+  EXPECT_NE(m.find("Hint: blocks could not be swapped out because the host refused pinned "
+                   "memory"),
+            std::string::npos) << m;
+  EXPECT_EQ(m.find("is the swapper enabled"), std::string::npos) << m;
+  EXPECT_EQ(m.find("raise host_cap"), std::string::npos) << m;
+}
+
 // The message's device bytes are "resident": spill_stats' allocated_bytes also counts the
 // swapped-out blocks, so "allocated 40 MiB" beside stats saying 80 MiB read as a contradiction.
 TEST(AllocatorOom, ResidentAndSwappedOutAreNamedApart) {

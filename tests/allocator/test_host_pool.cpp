@@ -16,6 +16,7 @@
 #include "allocator/host_pool.hpp"
 #include "core/errors.hpp"
 #include "core/units.hpp"
+#include "device/host_memory.hpp"
 #include "device/sim_device.hpp"
 #include "profiling/chrome_trace.hpp"
 #include "profiling/snapshot.hpp"
@@ -60,6 +61,48 @@ TEST(HostPool, TheCapIsAClearError) {
   void* b = pool.allocate(12 * MiB);  // fits once the first is back
   pool.deallocate(b, 12 * MiB);
   EXPECT_THROW(pool.deallocate(&pool, 1), InvalidArgument);
+}
+
+// A host that will not pin a whole chunk may still pin what a swap-out needs: the chunk is
+// halved down to the request (audit 42b #3: a refused 64 MiB chunk failed a 4 MiB eviction,
+// as "host_cap reached" with host_cap far away). When even that is refused, the error (spill's
+// host-memory error, as for the cap) says the host refused and that host_cap is not reached.
+TEST(HostPool, AChunkTheHostRefusesIsRetriedSmallerAndARefusalIsNamed) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("spill_host_pool_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto available = [&](std::size_t bytes) {  // a 16 GiB host without swap: 1 GiB is kept
+    std::ofstream(dir / "meminfo") << "MemTotal:       16777216 kB\nSwapTotal:             0 kB\n"
+                                   << "MemAvailable:   " << bytes / 1024 << " kB\n";
+  };
+  available(1 * GiB + 40 * MiB);  // 40 MiB may be pinned: not a 64 MiB chunk
+  HostMemorySources src;
+  src.meminfo = (dir / "meminfo").string();
+  src.self_cgroup = (dir / "no_cgroup").string();
+  src.cgroup_root = (dir / "cgroup").string();
+  SimDevice dev(SimOptions{.capacity = 64 * MiB, .host_memory = src});
+  for (const std::optional<std::size_t> cap : {std::optional<std::size_t>(), std::optional(4 * GiB)}) {
+    available(1 * GiB + 40 * MiB);
+    HostPool pool(dev, cap, 64 * MiB);
+    void* a = pool.allocate(4 * MiB);
+    EXPECT_EQ(pool.reserved(), 32 * MiB) << "a 32 MiB chunk after the 64 MiB one was refused";
+    available(1 * GiB + 2 * MiB);
+    try {
+      pool.allocate(30 * MiB);
+      FAIL() << "30 MiB pinned with 2 MiB pinnable";
+    } catch (const HostCapExceeded& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("host pool: the host refused 30.00 MiB of pinned host memory for 30.00 "
+                       "MiB (SimDevice: register_host of 30.00 MiB of pinned host memory "
+                       "refused"),
+                std::string::npos) << m;
+      EXPECT_NE(m.find(cap ? "host_cap 4.00 GiB is not reached" : "host_cap is unlimited"),
+                std::string::npos) << m;
+      EXPECT_EQ(m.find("sim_device.cpp"), std::string::npos) << m;
+    }
+    pool.deallocate(a, 4 * MiB);
+  }
+  fs::remove_all(dir);
 }
 
 TEST(HostPool, BadInputIsAClearErrorAndHarmsNothing) {

@@ -5,9 +5,12 @@
 #include "c_test.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
 
@@ -710,6 +713,107 @@ TEST(forked_child_is_refused) {
   CHECK_OK(spill_free(p, 0, NULL));
 }
 
+/* A child that makes no spill call exits, whatever the parent's other threads held at the
+ * fork: a child whose parent was exporting a trace (the recorder's lock held) hung in exit(),
+ * where its thread's trace ring is handed back. */
+static atomic_int exporting_stop;
+static void* export_in_a_loop(void* arg) {
+  (void)arg;
+  while (!atomic_load(&exporting_stop)) spill_trace_export("/dev/null");
+  return NULL;
+}
+
+TEST(fork_child_exits_while_another_thread_exports_traces) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 1u << 20, 0, NULL)); /* this thread has a trace ring now */
+  pthread_t exporter;
+  REQUIRE(pthread_create(&exporter, NULL, export_in_a_loop, NULL) == 0);
+  int hung = 0;
+  for (int k = 0; k < 20; ++k) {
+    pid_t pid = fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) exit(0); /* exit handlers and thread_local destructors run */
+    int status = 0, waited = 0;
+    while (waited < 200 && waitpid(pid, &status, WNOHANG) == 0) { /* 2 s */
+      nanosleep(&(struct timespec){0, 10000000}, NULL);
+      ++waited;
+    }
+    if (waited == 200) {
+      ++hung;
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+    } else {
+      CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    }
+  }
+  atomic_store(&exporting_stop, 1);
+  pthread_join(exporter, NULL);
+  if (hung) fprintf(stderr, "%d of 20 children hung in exit()\n", hung);
+  CHECK(hung == 0);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+/* A stream whose worker thread cannot start (the simulated device runs each stream on a
+ * thread; here RLIMIT_NPROC stops it) is OUT_OF_MEMORY saying so, not INTERNAL ("a bug in
+ * spill") with a bare strerror (audit 42b #4); once threads can start again, all works. Root
+ * ignores RLIMIT_NPROC, so the test runs as nobody in a child (skipped when not root). */
+TEST(a_stream_thread_that_cannot_start_is_a_resource_error) {
+  if (geteuid() != 0) SKIP("needs root to run as another user, where RLIMIT_NPROC applies");
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    /* The hard limit first: as nobody, only the soft limit moves (under it). */
+    struct rlimit none = {1, 4096}, many = {4096, 4096};
+    REQUIRE(setrlimit(RLIMIT_NPROC, &many) == 0);
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(77);
+    int bad = 0;
+    REQUIRE_OK(spill_init(CONF));
+    REQUIRE(setrlimit(RLIMIT_NPROC, &none) == 0);
+    bad += spill_device_open(0, NULL) != SPILL_ERROR_OUT_OF_MEMORY;
+    bad += strstr(spill_last_error(), "cannot start the worker thread of a new stream") == NULL;
+    bad += strstr(spill_last_error(), "ulimit -u") == NULL;
+    if (bad) fprintf(stderr, "device_open: %s\n", spill_last_error());
+    REQUIRE(setrlimit(RLIMIT_NPROC, &many) == 0);
+    void* stream = NULL;
+    bad += spill_stream_create(0, &stream) != SPILL_OK; /* opens the device too */
+    REQUIRE(setrlimit(RLIMIT_NPROC, &none) == 0);
+    void* more = NULL;
+    bad += spill_stream_create(0, &more) != SPILL_ERROR_OUT_OF_MEMORY || more != NULL;
+    bad += strstr(spill_last_error(), "spill_stream_create (device 0): SimDevice: cannot start") == NULL;
+    if (bad) fprintf(stderr, "stream_create: %s\n", spill_last_error());
+    REQUIRE(setrlimit(RLIMIT_NPROC, &many) == 0);
+    bad += spill_stream_create(0, &more) != SPILL_OK;
+    bad += spill_stream_destroy(0, more) != SPILL_OK;
+    bad += spill_stream_destroy(0, stream) != SPILL_OK;
+    bad += spill_shutdown() != SPILL_OK;
+    _exit(bad ? 1 : 0);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) SKIP("cannot become nobody");
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* The simulated device keeps 256 streams at most: one more is OUT_OF_MEMORY (a resource that
+ * ran out), not INVALID_ARGUMENT (audit 42b #8), and works again once one is destroyed. */
+TEST(a_full_stream_table_is_a_resource_error) {
+  REQUIRE_OK(spill_init(CONF));
+  static void* streams[257];
+  int made = 0;
+  spill_status s = SPILL_OK;
+  while (made < 257 && (s = spill_stream_create(0, &streams[made])) == SPILL_OK) ++made;
+  CHECK(made == 256);
+  CHECK(s == SPILL_ERROR_OUT_OF_MEMORY);
+  void* more = NULL;
+  CHECK_ERROR_HAS("streams already (the most spill keeps)");
+  CHECK_ERROR_HAS("spill_stream_destroy");
+  CHECK_OK(spill_stream_destroy(0, streams[--made]));
+  CHECK_OK(spill_stream_create(0, &more));
+  CHECK_OK(spill_stream_destroy(0, more));
+  while (made > 0) CHECK_OK(spill_stream_destroy(0, streams[--made]));
+}
+
 /* A child forked before spill started in the parent may use spill itself. */
 TEST(child_forked_before_start_may_use_spill) {
   REQUIRE_OK(spill_init(CONF)); /* a configuration only: no runtime yet */
@@ -783,6 +887,9 @@ TEST(exit_with_blocks_held) {
   X(shutdown_while_other_threads_call)            \
   X(forked_child_is_refused)                      \
   X(child_forked_before_start_may_use_spill)      \
+  X(a_stream_thread_that_cannot_start_is_a_resource_error) \
+  X(a_full_stream_table_is_a_resource_error) \
+  X(fork_child_exits_while_another_thread_exports_traces) \
   X(exit_with_blocks_held)
 
 C_TEST_MAIN(TESTS)

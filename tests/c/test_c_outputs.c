@@ -4,10 +4,14 @@
 #define _POSIX_C_SOURCE 200809L
 #include "c_test.h"
 
+#include <fcntl.h>
 #include <glob.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
 
 #define CONF "device:sim,sim_capacity:1GiB,budget:256MiB"
 
@@ -159,6 +163,160 @@ TEST(a_failed_step_graph_write_keeps_the_previous_file) {
   for (int i = 0; i < 4; ++i) CHECK_OK(spill_free(a[i], 0, NULL));
 }
 
+static double seconds_now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* A FIFO in a new directory: `dir` (a mkdtemp pattern) and `fifo` (room for dir + "/f"). */
+static void make_fifo(char* dir, char* fifo, size_t size) {
+  REQUIRE(mkdtemp(dir) != NULL);
+  snprintf(fifo, size, "%s/f", dir);
+  REQUIRE(mkfifo(fifo, 0600) == 0);
+}
+
+/* A FIFO nobody reads: the export fails after its bounded wait, naming the path and why (it
+ * blocked for ever in open(), holding the export lock), and a reader that comes within the
+ * wait gets the whole trace. */
+TEST(a_trace_export_to_a_fifo_without_reader_fails_in_bounded_time) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  char dir[] = "/tmp/spill_c_fifo_XXXXXX", fifo[64];
+  make_fifo(dir, fifo, sizeof fifo);
+  const double t0 = seconds_now();
+  CHECK_STATUS(spill_trace_export(fifo), SPILL_ERROR_INVALID_ARGUMENT);
+  const double waited = seconds_now() - t0;
+  CHECK(waited >= 4.0 && waited < 15.0);
+  CHECK_ERROR_HAS(fifo);
+  CHECK_ERROR_HAS("is a FIFO with no reader (waited 5 s)");
+  /* A reader that starts late (here 0.3 s) still gets the trace: the events were kept. */
+  pid_t reader = fork();
+  REQUIRE(reader >= 0);
+  if (reader == 0) {
+    nanosleep(&(struct timespec){0, 300000000}, NULL);
+    FILE* in = fopen(fifo, "r");
+    static char text[1 << 20];
+    size_t n = in ? fread(text, 1, sizeof text - 1, in) : 0;
+    text[n] = '\0';
+    _exit(strstr(text, "\"kind\":\"alloc\"") != NULL ? 0 : 1);
+  }
+  CHECK_OK(spill_trace_export(fifo));
+  int status = 0;
+  REQUIRE(waitpid(reader, &status, 0) == reader);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  unlink(fifo);
+  rmdir(dir);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+/* Starts spill with policy:plan and records step 1 of scope 1 (two blocks, each pinned once). */
+static void record_a_step(void) {
+  REQUIRE_OK(spill_init("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan"));
+  void* a[2];
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE_OK(spill_malloc(&a[i], 6u << 20, 0, NULL));
+    REQUIRE_OK(spill_set_swappable(a[i], 1));
+  }
+  REQUIRE_OK(spill_begin_step(0, 1));
+  for (int i = 0; i < 2; ++i) {
+    spill_pin_token t;
+    REQUIRE_OK(spill_begin_op(0, 1, "op"));
+    REQUIRE_OK(spill_pin(a[i], NULL, &t));
+    REQUIRE_OK(spill_unpin(&t, NULL, 1));
+  }
+  REQUIRE_OK(spill_end_step(0, 1));
+}
+
+/* A file that only an in-place rewrite could replace (its directory takes no new file) and
+ * that cannot be opened either: the refusal gives the reason, as spill_trace_export's does
+ * (audit 42b #7: "cannot write '...'" alone). As nobody, so that permissions apply. */
+TEST(a_refused_in_place_rewrite_gives_the_reason) {
+  if (geteuid() != 0) SKIP("needs root to make a file another user cannot write");
+  char dir[] = "/tmp/spill_c_ro_XXXXXX", file[64];
+  REQUIRE(mkdtemp(dir) != NULL);
+  REQUIRE(chmod(dir, 0755) == 0);
+  snprintf(file, sizeof file, "%s/g.json", dir);
+  FILE* f = fopen(file, "w");
+  REQUIRE(f != NULL);
+  fputs("old\n", f);
+  fclose(f);
+  REQUIRE(chmod(file, 0444) == 0);
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(77);
+    record_a_step();
+    int bad = spill_write_step_graph(0, 1, file) != SPILL_ERROR_INVALID_ARGUMENT;
+    bad += strstr(spill_last_error(), "Permission denied") == NULL;
+    bad += strstr(spill_last_error(), file) == NULL;
+    if (bad) fprintf(stderr, "child: %s\n", spill_last_error());
+    _exit(bad ? 1 : 0);
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  unlink(file);
+  rmdir(dir);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 77) SKIP("cannot become nobody");
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+/* Out of file descriptors is the process's resource, not a path that cannot be used:
+ * WRITE_FAILED, not INVALID_ARGUMENT (audit 42b #8). */
+TEST(a_trace_export_without_a_file_descriptor_left_is_write_failed) {
+  REQUIRE_OK(spill_init(CONF));
+  void* p = NULL;
+  REQUIRE_OK(spill_malloc(&p, 3u << 20, 0, NULL));
+  char path[] = "/tmp/spill_c_trace_XXXXXX";
+  TEMP_PATH(path);
+  const int next = open("/dev/null", O_RDONLY); /* the lowest free descriptor */
+  REQUIRE(next >= 0);
+  close(next);
+  struct rlimit old, none;
+  REQUIRE(getrlimit(RLIMIT_NOFILE, &old) == 0);
+  none = old;
+  none.rlim_cur = (rlim_t)next; /* no descriptor from `next` on */
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &none) == 0);
+  CHECK_STATUS(spill_trace_export(path), SPILL_ERROR_WRITE_FAILED);
+  REQUIRE(setrlimit(RLIMIT_NOFILE, &old) == 0);
+  CHECK_ERROR_HAS("Too many open files");
+  CHECK_ERROR_HAS(path);
+  CHECK_OK(spill_trace_export(path)); /* the events were kept */
+  CHECK(strstr(c_test_read_and_remove(path), "\"kind\":\"alloc\"") != NULL);
+  CHECK_OK(spill_free(p, 0, NULL));
+}
+
+static char graph_fifo[64];
+static spill_status graph_status;
+static char graph_error[512]; /* spill_last_error is the calling thread's */
+static void* write_graph_to_fifo(void* arg) {
+  (void)arg;
+  graph_status = spill_write_step_graph(0, 1, graph_fifo);
+  snprintf(graph_error, sizeof graph_error, "%s", spill_last_error());
+  return NULL;
+}
+
+/* A step graph bound for a FIFO nobody reads fails after the bounded wait, and the wait does
+ * not hold the device: spill_shutdown meanwhile finishes at once (it waited for ever). */
+TEST(a_step_graph_to_a_fifo_without_reader_does_not_hold_the_device) {
+  record_a_step();
+  char dir[] = "/tmp/spill_c_fifo_XXXXXX";
+  make_fifo(dir, graph_fifo, sizeof graph_fifo);
+  pthread_t writer;
+  REQUIRE(pthread_create(&writer, NULL, write_graph_to_fifo, NULL) == 0);
+  nanosleep(&(struct timespec){0, 500000000}, NULL); /* the writer waits for a reader now */
+  const double t0 = seconds_now();
+  CHECK_OK(spill_shutdown());
+  CHECK(seconds_now() - t0 < 3.0);
+  pthread_join(writer, NULL);
+  CHECK(graph_status == SPILL_ERROR_INVALID_ARGUMENT);
+  CHECK(strstr(graph_error, "is a FIFO with no reader") != NULL);
+  CHECK(strstr(graph_error, "spill_write_step_graph(device 0, scope 1)") != NULL);
+  unlink(graph_fifo);
+  rmdir(dir);
+}
+
 /* The simulated device holds a file descriptor per physical allocation: when the process runs
  * out of them, the out-of-memory message says so and what to do, not "the device itself is
  * full" with advice about RAM. */
@@ -193,6 +351,10 @@ TEST(running_out_of_file_descriptors_is_named_in_the_oom_message) {
   X(an_op_name_that_is_not_utf8_is_refused)               \
   X(a_long_oom_note_is_cut_between_characters)            \
   X(a_failed_step_graph_write_keeps_the_previous_file)      \
+  X(a_trace_export_to_a_fifo_without_reader_fails_in_bounded_time) \
+  X(a_step_graph_to_a_fifo_without_reader_does_not_hold_the_device) \
+  X(a_refused_in_place_rewrite_gives_the_reason) \
+  X(a_trace_export_without_a_file_descriptor_left_is_write_failed) \
   X(running_out_of_file_descriptors_is_named_in_the_oom_message)
 
 C_TEST_MAIN(TESTS)

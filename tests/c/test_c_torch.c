@@ -74,6 +74,35 @@ TEST(failures_go_to_the_handler) {
 }
 
 /* Without a handler, a failure aborts with the message (a NULL would fault later). */
+/* A handler that empties the cache and retries: the retry's failure returns NULL instead of
+ * calling the handler again (it recursed until the stack overflowed, audit 42b #5). */
+static int retry_calls;
+static void* retried;
+static void empty_and_retry(spill_status status, size_t size, int device, const char* message,
+                            void* user) {
+  (void)status, (void)message, (void)user;
+  retry_calls++;
+  spill_empty_cache(device);
+  retried = spill_torch_malloc((ssize_t)size, device, NULL);
+}
+
+TEST(the_handler_is_not_reentered_by_a_failing_retry) {
+  REQUIRE_OK(spill_init(CONF));
+  REQUIRE_OK(spill_set_oom_handler(empty_and_retry, NULL));
+  retried = (void*)1;
+  CHECK(spill_torch_malloc((ssize_t)1 << 40, 0, NULL) == NULL);
+  CHECK(retry_calls == 1);
+  CHECK(retried == NULL);
+  CHECK(strstr(spill_last_error(), "budget") != NULL); /* the retry's reason */
+  /* Only while it runs: the next failure calls it again, and a retry that works returns. */
+  CHECK(spill_torch_malloc((ssize_t)1 << 40, 0, NULL) == NULL);
+  CHECK(retry_calls == 2);
+  void* p = spill_torch_malloc(4096, 0, NULL);
+  CHECK(p != NULL);
+  spill_torch_free(p, 4096, 0, NULL);
+  REQUIRE_OK(spill_set_oom_handler(NULL, NULL));
+}
+
 TEST(default_handler_aborts) {
   pid_t pid = fork();
   REQUIRE(pid >= 0);
@@ -126,6 +155,7 @@ TEST(memory_fraction_sets_the_budget) {
 #define TESTS(X)                \
   X(malloc_free_and_size_zero)  \
   X(failures_go_to_the_handler) \
+  X(the_handler_is_not_reentered_by_a_failing_retry) \
   X(default_handler_aborts)     \
   X(frees_that_fail_are_counted) \
   X(memory_fraction_sets_the_budget)

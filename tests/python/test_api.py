@@ -822,6 +822,31 @@ def test_a_trace_to_dev_stdout_comes_after_what_python_printed(tmp_path):
     assert text.endswith("}\nafter\n"), text[-80:]
 
 
+def test_a_snapshot_or_trace_to_a_fifo_without_reader_fails_in_bounded_time(sim, tmp_path):
+    """open() of a FIFO nobody reads blocked for ever (audit 42b #2); now the write waits 5 s
+    for a reader and fails naming the path, and a reader that comes late gets the text."""
+    import time
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    for call in (spill.snapshot, spill.trace):
+        t0 = time.monotonic()
+        with pytest.raises(spill.InvalidArgumentError, match="FIFO with no reader"):
+            call(fifo)
+        assert 4.0 <= time.monotonic() - t0 < 15.0
+    got: list = []
+
+    def read_late() -> None:
+        time.sleep(0.3)
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read_late)
+    reader.start()
+    spill.snapshot(fifo)
+    reader.join(timeout=30)
+    assert got and "device_traces" in json.loads(got[0])
+
+
 # A symbolic link to a file not there yet: written through, the link kept (audit 37b, F7).
 def test_a_snapshot_or_trace_through_a_link_to_a_new_file(sim, tmp_path):
     for call, name in [(spill.snapshot, "s"), (spill.trace, "t")]:

@@ -321,6 +321,10 @@ TEST(Swapper, HostCapExhaustedKeepsDataWhereItWas) {
   void* c = r.backend.allocate(4 * MiB);  // a goes to the host (the only host room)
   r.write(c, 4 * MiB, 3);
   EXPECT_THROW(r.backend.allocate(4 * MiB), OutOfMemory) << "no host room to evict b or c";
+  // The out-of-memory message learns why (it blamed pins or the swapper's setup: audit 42b #3).
+  EXPECT_NE(r.swapper.unevictable().host_refusal.find("test host: cap 4.00 MiB reached"),
+            std::string::npos)
+      << r.swapper.unevictable().host_refusal;
   EXPECT_TRUE(r.holds(b, 4 * MiB, 2));
   EXPECT_TRUE(r.holds(c, 4 * MiB, 3));
   // Free one block: the job continues.

@@ -81,7 +81,8 @@ typedef enum spill_status {
   SPILL_OK = 0,
   SPILL_ERROR_INVALID_ARGUMENT = 1, /* a bad pointer, size, device, stream or string */
   SPILL_ERROR_OUT_OF_MEMORY = 2,    /* the budget or the device cannot hold the request */
-  SPILL_ERROR_HOST_CAP = 3,         /* pinned host memory for swapped bytes ran out (host_cap) */
+  SPILL_ERROR_HOST_CAP = 3,         /* pinned host memory for swapped bytes ran out (host_cap,
+                                       or the host refused to pin more: the message says which) */
   SPILL_ERROR_CUDA = 4,             /* a CUDA call failed (the message names it) */
   SPILL_ERROR_SHUT_DOWN = 5,        /* spill_shutdown was called (spill_init starts again) */
   SPILL_ERROR_FORKED_CHILD = 6,     /* this process is a fork of one where spill had started */
@@ -126,13 +127,16 @@ SPILL_API spill_status spill_init(const char* conf);
 SPILL_API spill_status spill_shutdown(void);
 /* Creates device `device`'s runtime now (else it is created on first use); *simulated (may be
  * NULL) tells whether it is the simulated device. Errors: INVALID_ARGUMENT (ordinal, or
- * SPILL_CONF malformed), CUDA (device:cuda without a usable GPU), SHUT_DOWN, FORKED_CHILD. */
+ * SPILL_CONF malformed), CUDA (device:cuda without a usable GPU), OUT_OF_MEMORY (also no
+ * thread for the simulated device's streams), SHUT_DOWN, FORKED_CHILD. */
 SPILL_API spill_status spill_device_open(int device, int* simulated);
 
 /* ------------------------------------------------------------------ streams */
 
 /* A new stream on `device`: a cudaStream_t on a GPU, the only kind on the simulated device.
- * The caller destroys it with spill_stream_destroy. */
+ * The caller destroys it with spill_stream_destroy. Errors: OUT_OF_MEMORY when the simulated
+ * device holds 256 streams already, or no thread can be started to run the stream (each
+ * simulated stream has one: the process's thread limit, ulimit -u); nothing is left behind. */
 SPILL_API spill_status spill_stream_create(int device, void** stream);
 /* Waits for the stream's work, forgets it (as spill_stream_destroyed) and destroys it. */
 SPILL_API spill_status spill_stream_destroy(int device, void* stream);
@@ -246,11 +250,11 @@ SPILL_API spill_status spill_unpin(const spill_pin_token* token, void* stream, i
  * evicts other blocks); spill_evict starts moving it to the host now (a no-op for a pinned,
  * unswappable or fresh block, and for one under swap_threshold). Both return without waiting.
  * Errors: INVALID_ARGUMENT (unknown pointer); spill_evict returns HOST_CAP when host_cap leaves
- * no room for the block's bytes (the block stays on the device, unchanged; room comes back as
- * swapped-out blocks return or are freed). An evicted block reads SWAPPING_OUT until its copy
- * has finished; its device memory goes back when spill next looks after that: a residence
- * query of the block, another spill_evict, an allocation or pin that needs room, an op of a
- * step. */
+ * no room for the block's bytes, or the host refuses to pin them (the block stays on the
+ * device, unchanged; room comes back as swapped-out blocks return or are freed). An evicted
+ * block reads SWAPPING_OUT until its copy has finished; its device memory goes back when spill
+ * next looks after that: a residence query of the block, another spill_evict, an allocation or
+ * pin that needs room, an op of a step. */
 SPILL_API spill_status spill_prefetch(void* ptr);
 SPILL_API spill_status spill_evict(void* ptr);
 /* The caller is about to overwrite the `bytes` bytes at `ptr` whole (a framework zeroing a
@@ -511,7 +515,10 @@ SPILL_API void spill_torch_init(int device_count);
 /* Called by spill_torch_malloc when it cannot return memory: the status, the size asked for,
  * the device and the message (also in spill_last_error). spill_torch_malloc holds no lock or
  * resource of spill's while it runs, so the handler may call spill (e.g. spill_empty_cache)
- * or throw a C++ exception through it. If it returns, spill_torch_malloc returns NULL. */
+ * or throw a C++ exception through it. If it returns, spill_torch_malloc returns NULL.
+ * It is not re-entered: a spill_torch_malloc that fails while the handler runs on the same
+ * thread (a handler that retries) returns NULL at once, without calling it again (the reason
+ * is in spill_last_error); other threads' failures still call it. */
 typedef void (*spill_oom_handler)(spill_status status, size_t size, int device,
                                   const char* message, void* user_data);
 /* Installs `handler` for the whole process; NULL restores the default, which prints the
