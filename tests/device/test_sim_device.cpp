@@ -332,6 +332,11 @@ TEST(SimDevice, RemappedMemoryIsTouchedWithoutPageFaultsAndUntouchedMemoryCostsN
     munmap(probe, page);
     if (!supported) GTEST_SKIP() << "this kernel has no MADV_POPULATE_READ (Linux 5.14+)";
   }
+#if defined(__SANITIZE_THREAD__)
+  // ThreadSanitizer resets its shadow of a range that is mapped again, and writing the range
+  // then faults the shadow in: 4 faults per page here (16383 for 4096), not spill's.
+  GTEST_SKIP() << "ThreadSanitizer build: its shadow memory's page faults are counted too";
+#endif
   SimDevice dev(small());
   const std::size_t bytes = 16 * MiB;
   const long pages = static_cast<long>(bytes / static_cast<std::size_t>(sysconf(_SC_PAGESIZE)));
@@ -438,7 +443,12 @@ TEST(SimDevice, RejectsMisuseWithClearMessages) {
 // code with the wait must always be right.
 TEST(SimDevice, ChaosCatchesAPlantedMissingWait) {
   SimDevice dev(SimOptions{.capacity = 64 * MiB, .chaos_seed = 99, .chaos_probability = 1.0});
+#if defined(__SANITIZE_THREAD__)
+  // The planted race is a real one (two stream workers copy the same bytes unordered), which
+  // ThreadSanitizer rightly reports: under it only the half with the wait runs.
+#else
   EXPECT_GT(count_stale_reads(dev, 10, false), 0) << "chaos mode did not expose the missing wait";
+#endif
   EXPECT_EQ(count_stale_reads(dev, 10, true), 0);
 }
 
