@@ -1,4 +1,6 @@
 // The `spill` command: entry point and global options.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -6,7 +8,6 @@
 #include <exception>
 #include <string>
 #include <vector>
-#include <unistd.h>
 
 #include "cli/commands.hpp"
 #include "cli/options.hpp"

@@ -1,8 +1,8 @@
 #include "profiling/events.hpp"
 
-#include <algorithm>
 #include <pthread.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #if defined(__x86_64__)
