@@ -2,6 +2,7 @@
 // sim_stream.cpp.
 #include "device/sim_device.hpp"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -66,6 +67,45 @@ void populate_present(int fd, void* addr, std::size_t bytes) {
     }
     at = hole;
   }
+}
+
+// Linux's huge page size on x86-64 and arm64 (4 KiB base pages). MADV_COLLAPSE (Linux 6.1) is
+// missing from glibc 2.36's headers.
+constexpr std::size_t kHugePage = 2ull << 20;
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+// Above this, a chunk keeps the host's 4 KiB pages, allocated on first touch, so that a large
+// allocation used sparsely costs only what is touched.
+constexpr std::size_t kEagerChunkLimit = 256ull << 20;
+
+// Backs a new chunk of at least a huge page with memory now, in 2 MiB pages where the kernel
+// can, as cuMemCreate allocates its physical memory when called. Mapped again at a 2 MiB-aligned
+// address (do_reserve aligns large reservations so), such a chunk is one page-table entry per
+// 2 MiB: with 4 KiB pages, the first touch of each page after every remap cost the host a fault
+// (several microseconds each under a hypervisor, even with the page tables filled ahead by
+// populate_present), so a swap-in's copy into a fresh chunk ran at under 1 GB/s and dominated
+// the CPU bridge's steps. The chunk's data are unchanged (zeros). Best effort: a kernel without
+// MADV_COLLAPSE (before 6.1) keeps 4 KiB pages, filled now; one refusing fallocate leaves the
+// chunk as it was.
+void back_now(int fd, std::size_t bytes) {
+  const std::size_t huge = bytes / kHugePage * kHugePage;
+  if (huge == 0 || bytes > kEagerChunkLimit) return;
+  if (::fallocate(fd, 0, 0, static_cast<off_t>(huge)) != 0) return;
+  // MADV_COLLAPSE works on a mapping: a scratch one, 2 MiB-aligned, unmapped again at once.
+  void* raw = map_anonymous(huge + kHugePage, PROT_NONE);
+  if (raw == nullptr) return;
+  const std::uintptr_t at = (u(raw) + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = ::mmap(reinterpret_cast<void*>(at), huge, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_FIXED, fd, 0);
+  if (p != MAP_FAILED) ::madvise(p, huge, MADV_COLLAPSE);
+  ::munmap(raw, huge + kHugePage);
+}
+
+// Host memory in 2 MiB pages where the kernel can (anonymous mappings of 2 MiB or more: the
+// host pool's chunks, plain device allocations), for the same first-touch cost as back_now's.
+void prefer_huge_pages(void* p, std::size_t bytes) {
+  if (bytes >= kHugePage) ::madvise(p, bytes, MADV_HUGEPAGE);
 }
 
 // Pinned host memory is page-locked: on a GPU, cudaHostAlloc and cudaHostRegister refuse what
@@ -310,7 +350,10 @@ MemInfo SimDevice::do_mem_info() {
 // ---- Virtual memory
 
 void* SimDevice::do_reserve(std::size_t bytes) {
-  const std::size_t g = s_->opt.granularity;
+  // Large ranges start on a huge page, so that a chunk mapped at their start maps in 2 MiB
+  // pages (back_now).
+  const std::size_t g = bytes >= kHugePage ? std::max(s_->opt.granularity, kHugePage)
+                                           : s_->opt.granularity;
   void* raw = map_anonymous(bytes + g, PROT_NONE);
   if (raw == nullptr) {
     SPILL_FAIL_OOM("SimDevice: cannot reserve " + format_bytes(bytes) +
@@ -360,9 +403,17 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
     s_->used += bytes;
     return h;
   }
+  // A new chunk: its bytes are claimed now, and the file is made and backed without the lock
+  // (back_now takes about a millisecond a MiB), so that other threads map and copy meanwhile.
+  s_->used += bytes;
+  lock.unlock();
   int fd = ::memfd_create("spill-sim-chunk", MFD_CLOEXEC);
-  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
-    int err = errno;
+  const bool made = fd >= 0 && ::ftruncate(fd, static_cast<off_t>(bytes)) == 0;
+  const int err = errno;
+  if (made) back_now(fd, bytes);
+  lock.lock();
+  if (!made) {
+    s_->used -= bytes;
     if (fd >= 0) ::close(fd);
     std::string why = std::strerror(err);
     if (err == EMFILE || err == ENFILE) {
@@ -379,7 +430,6 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
   }
   PhysicalHandle h = s_->next_handle++;
   s_->chunks[h] = {fd, bytes, 0};
-  s_->used += bytes;
   return h;
 }
 
@@ -464,6 +514,7 @@ void* SimDevice::do_allocate(std::size_t bytes) {
   }
   void* p = map_anonymous(size, PROT_READ | PROT_WRITE);
   if (p == nullptr) SPILL_FAIL_OOM("SimDevice: host mmap of " + format_bytes(size) + " failed");
+  prefer_huge_pages(p, size);
   s_->allocations[u(p)] = size;
   s_->used += size;
   return p;
@@ -486,6 +537,7 @@ void* SimDevice::do_allocate_host(std::size_t bytes) {
   if (p == nullptr) {
     SPILL_FAIL_OOM("SimDevice: cannot allocate " + format_bytes(bytes) + " of pinned host memory");
   }
+  prefer_huge_pages(p, size);
   std::unique_lock lock(s_->vm);
   s_->host_pinned[u(p)] = size;
   return p;
