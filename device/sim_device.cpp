@@ -75,22 +75,20 @@ constexpr std::size_t kHugePage = 2ull << 20;
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
-// Above this, a chunk keeps the host's 4 KiB pages, allocated on first touch, so that a large
-// allocation used sparsely costs only what is touched.
-constexpr std::size_t kEagerChunkLimit = 256ull << 20;
+// A chunk larger than this keeps the host's 4 KiB pages, allocated as they are touched.
+constexpr std::size_t kBackLimit = 256ull << 20;
 
-// Backs a new chunk of at least a huge page with memory now, in 2 MiB pages where the kernel
-// can, as cuMemCreate allocates its physical memory when called. Mapped again at a 2 MiB-aligned
+// Allocates a chunk's memory now, in 2 MiB pages where the kernel can. Mapped at a 2 MiB-aligned
 // address (do_reserve aligns large reservations so), such a chunk is one page-table entry per
-// 2 MiB: with 4 KiB pages, the first touch of each page after every remap cost the host a fault
-// (several microseconds each under a hypervisor, even with the page tables filled ahead by
-// populate_present), so a swap-in's copy into a fresh chunk ran at under 1 GB/s and dominated
-// the CPU bridge's steps. The chunk's data are unchanged (zeros). Best effort: a kernel without
-// MADV_COLLAPSE (before 6.1) keeps 4 KiB pages, filled now; one refusing fallocate leaves the
-// chunk as it was.
+// 2 MiB, wherever and however often it is mapped again: with 4 KiB pages, the first touch of
+// each page after every remap cost the host a fault (several microseconds each under a
+// hypervisor, even with the page tables filled ahead by populate_present), so a swap-in's copy
+// into a remapped chunk ran at under 1 GB/s and dominated the CPU bridge's steps. The chunk's
+// bytes are unchanged. Best effort: a kernel without MADV_COLLAPSE (before 6.1) keeps 4 KiB
+// pages; one refusing fallocate leaves the chunk as it was.
 void back_now(int fd, std::size_t bytes) {
   const std::size_t huge = bytes / kHugePage * kHugePage;
-  if (huge == 0 || bytes > kEagerChunkLimit) return;
+  if (huge == 0 || bytes > kBackLimit) return;
   if (::fallocate(fd, 0, 0, static_cast<off_t>(huge)) != 0) return;
   // MADV_COLLAPSE works on a mapping: a scratch one, 2 MiB-aligned, unmapped again at once.
   void* raw = map_anonymous(huge + kHugePage, PROT_NONE);
@@ -102,8 +100,8 @@ void back_now(int fd, std::size_t bytes) {
   ::munmap(raw, huge + kHugePage);
 }
 
-// Host memory in 2 MiB pages where the kernel can (anonymous mappings of 2 MiB or more: the
-// host pool's chunks, plain device allocations), for the same first-touch cost as back_now's.
+// Pinned host memory in 2 MiB pages where the kernel can (anonymous mappings of 2 MiB or more:
+// the host pool's chunks, which swap-outs write), for the same first-touch cost as back_now's.
 void prefer_huge_pages(void* p, std::size_t bytes) {
   if (bytes >= kHugePage) ::madvise(p, bytes, MADV_HUGEPAGE);
 }
@@ -196,6 +194,20 @@ bool SimDevice::State::accessible(const void* p, std::size_t n) const {
 bool SimDevice::State::is_pinned_host(const void* p) const {
   return containing(host_pinned, u(p)) != host_pinned.end() ||
          containing(host_registered, u(p)) != host_registered.end();
+}
+
+// A chunk is backed when a copy first writes it, not at creation: a block swapped in is
+// written whole by its copy and then remapped with its chunk at every swap, while memory that is
+// only reserved and mapped (the allocator's own benchmarks: gigabytes) costs nothing until used.
+void SimDevice::State::back_written(void* p, std::size_t n) {
+  const std::uintptr_t end = u(p) + n;
+  for (auto m = containing(mappings, u(p)); m != mappings.end() && m->first < end; ++m) {
+    Chunk& c = chunks.at(m->second.handle);
+    std::lock_guard lock(backing);
+    if (c.backed) continue;
+    back_now(c.fd, c.bytes);
+    c.backed = true;
+  }
 }
 
 void SimDevice::State::set_sticky(const std::string& message) {
@@ -306,8 +318,8 @@ SimDevice::~SimDevice() {
   std::unique_lock lock(s_->vm);
   for (auto& [addr, size] : s_->reservations) ::munmap(reinterpret_cast<void*>(addr), size);
   for (auto& [h, c] : s_->chunks) ::close(c.fd);
-  for (auto& [bytes, fds] : s_->spare)
-    for (int fd : fds) ::close(fd);
+  for (auto& [bytes, spares] : s_->spare)
+    for (const State::Chunk& c : spares) ::close(c.fd);
   for (auto& [addr, size] : s_->allocations) ::munmap(reinterpret_cast<void*>(addr), size);
   for (auto& [addr, size] : s_->host_pinned) ::munmap(reinterpret_cast<void*>(addr), size);
   lock.unlock();
@@ -394,26 +406,18 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
   // A spare chunk of this size first (its bytes are the old ones: like cuMemCreate's, a new
   // chunk's contents are unspecified), else a new memfd (zeros).
   if (auto spare = s_->spare.find(bytes); spare != s_->spare.end() && !spare->second.empty()) {
-    const int fd = spare->second.back();
+    State::Chunk chunk = spare->second.back();
     spare->second.pop_back();
     s_->spare_bytes -= bytes;
     --s_->spare_chunks;
     PhysicalHandle h = s_->next_handle++;
-    s_->chunks[h] = {fd, bytes, 0};
+    s_->chunks[h] = chunk;
     s_->used += bytes;
     return h;
   }
-  // A new chunk: its bytes are claimed now, and the file is made and backed without the lock
-  // (back_now takes about a millisecond a MiB), so that other threads map and copy meanwhile.
-  s_->used += bytes;
-  lock.unlock();
   int fd = ::memfd_create("spill-sim-chunk", MFD_CLOEXEC);
-  const bool made = fd >= 0 && ::ftruncate(fd, static_cast<off_t>(bytes)) == 0;
-  const int err = errno;
-  if (made) back_now(fd, bytes);
-  lock.lock();
-  if (!made) {
-    s_->used -= bytes;
+  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
+    int err = errno;
     if (fd >= 0) ::close(fd);
     std::string why = std::strerror(err);
     if (err == EMFILE || err == ENFILE) {
@@ -430,6 +434,7 @@ PhysicalHandle SimDevice::do_create_physical(std::size_t bytes) {
   }
   PhysicalHandle h = s_->next_handle++;
   s_->chunks[h] = {fd, bytes, 0};
+  s_->used += bytes;
   return h;
 }
 
@@ -444,7 +449,7 @@ void SimDevice::do_release_physical(PhysicalHandle handle, std::size_t bytes) {
   SPILL_EXPECTS(it->second.mapped == 0, "release_physical: handle " + std::to_string(handle) +
                                             " is still mapped; unmap it first");
   if (s_->spare_bytes + bytes <= State::kSpareLimit && s_->spare_chunks < State::kSpareChunks) {
-    s_->spare[bytes].push_back(it->second.fd);
+    s_->spare[bytes].push_back(it->second);
     s_->spare_bytes += bytes;
     ++s_->spare_chunks;
   } else {
@@ -514,7 +519,6 @@ void* SimDevice::do_allocate(std::size_t bytes) {
   }
   void* p = map_anonymous(size, PROT_READ | PROT_WRITE);
   if (p == nullptr) SPILL_FAIL_OOM("SimDevice: host mmap of " + format_bytes(size) + " failed");
-  prefer_huge_pages(p, size);
   s_->allocations[u(p)] = size;
   s_->used += size;
   return p;

@@ -89,6 +89,9 @@ struct SimDevice::State {
     int fd;
     std::size_t bytes;
     int mapped;
+    // Backed in full by a copy into it (back_written): under `backing` while the chunk is
+    // mapped, under `vm` held exclusively otherwise. Kept with a spare chunk.
+    bool backed = false;
   };
   std::map<std::uintptr_t, std::size_t> reservations;
   std::map<std::uintptr_t, Mapping> mappings;
@@ -101,7 +104,8 @@ struct SimDevice::State {
   // kSpareChunks files are kept (small granules would otherwise hold thousands of descriptors).
   static constexpr std::size_t kSpareLimit = 256ull << 20;
   static constexpr std::size_t kSpareChunks = 512;
-  std::unordered_map<std::size_t, std::vector<int>> spare;
+  std::unordered_map<std::size_t, std::vector<Chunk>> spare;
+  std::mutex backing;
   std::size_t spare_bytes = 0, spare_chunks = 0;
   std::map<std::uintptr_t, std::size_t> allocations;      // plain device memory
   std::map<std::uintptr_t, std::size_t> host_pinned;      // allocate_host
@@ -145,6 +149,9 @@ struct SimDevice::State {
   // ---- helpers (sim_device.cpp)
   bool is_device_address(const void* p) const;      // inside a reservation or allocation
   bool accessible(const void* p, std::size_t n) const;  // fully mapped or allocated
+  // Before a copy writes [p, p + n) (vm held shared, the range accessible): backs each chunk
+  // under it that is not backed yet, in 2 MiB pages where the kernel can (sim_device.cpp).
+  void back_written(void* p, std::size_t n);
   bool is_pinned_host(const void* p) const;
   void set_sticky(const std::string& message);
   void throw_if_sticky() const;

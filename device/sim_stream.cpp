@@ -359,6 +359,7 @@ void SimDevice::do_copy_async(void* dst, const void* src, std::size_t bytes, Cop
                       " touches unmapped device memory at " + format_address(bad));
         return;
       }
+      if (kind != CopyKind::DeviceToHost) st.back_written(dst, bytes);
       if (st.opt.chaos_seed && bytes >= 2) {
         // Land the copy in two halves with a pause between, so a reader that did not wait
         // can observe a half-written buffer.
