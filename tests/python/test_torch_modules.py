@@ -1822,6 +1822,84 @@ def test_zero_redundancy_optimizer_trains_as_plain_torch(tmp_path: pathlib.Path)
     run_ranks(ZERO_RANK, tmp_path, 2)
 
 
+# One rank of two under guard(): the parameters broadcast from rank 0 (the ranks start apart),
+# then 3 steps that average the gradients by hand (all_reduce, as without DDP), every large
+# parameter and gradient sent to the host before each collective and again right after it:
+# plain torch's losses and parameters.
+COLLECTIVES_RANK = """
+import contextlib, hashlib, sys, time
+import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import spill, spill.torch as st
+torch.set_num_threads(1)
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+moved = 0
+def to_host(t):
+    global moved
+    if not spill.block_info(t.data_ptr()).movable:  # (the biases: under swap_threshold)
+        return
+    spill.evict(t.data_ptr())
+    while spill.residence(t.data_ptr()) == "swapping_out":
+        time.sleep(0.001)
+    assert spill.residence(t.data_ptr()) == "on_host"
+    moved += 1
+def run(guarded):
+    torch.manual_seed(rank)
+    m = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1 + rank)
+    losses = []
+    with st.guard() if guarded else contextlib.nullcontext():
+        for p in m.parameters():
+            if guarded:
+                p.data.add_(0)  # (an op under the guard: declared swappable)
+                to_host(p)
+            dist.broadcast(p.data, 0)
+            if guarded:
+                to_host(p)
+        for step in range(3):
+            x, y = torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g)
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            for p in m.parameters():
+                if guarded:
+                    to_host(p.grad)
+                work = dist.all_reduce(p.grad, async_op=step == 2)
+                if guarded:
+                    to_host(p.grad)
+                if work is not None:
+                    work.wait()
+                p.grad.div_(2)
+            opt.step()
+            losses.append(loss.item())
+        digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes()
+                                       for t in m.state_dict().values())).hexdigest()
+    return losses, digest
+plain = run(False)
+st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
+got = run(True)
+assert got == plain, f"differs from plain torch: {got} against {plain}"
+assert moved == 8, moved  # (the 512 x 512 weight, twice, and its gradient, twice a step)
+dist.destroy_process_group()
+print("ok", rank)
+"""
+
+
+@pytest.mark.skipif(TARGET != "cpu", reason="two ranks over gloo, each on the CPU bridge")
+def test_collectives_under_guard_keep_what_they_write(tmp_path: pathlib.Path) -> None:
+    """dist.broadcast and dist.all_reduce (synchronous and async_op=True) under guard(), each
+    tensor on the host before the collective and sent there again right after it: plain
+    torch's losses and parameters. A collective's schema marks no argument as written, so its
+    tensors were unpinned as read: a tensor brought back from the host for it kept its host
+    copy as current, and the eviction after dropped what the collective wrote (rank 1's
+    parameters stayed its own, the averaged gradients reverted: silently other losses; audit
+    43t S1). Its pins also ended when the op returned, while gloo's thread (NCCL's stream on a
+    GPU) still wrote until the work was waited for. Now a c10d op writes all its arguments,
+    and its work is waited for before they are unpinned."""
+    run_ranks(COLLECTIVES_RANK, tmp_path, 2)
+
+
 @pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_a_vmap_over_the_offloaded_model_in_the_loop_runs_as_plain_torch() -> None:
     """``vmap(model)`` over a stack of batches in the loop's code (after each step: one under

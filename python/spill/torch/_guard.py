@@ -109,18 +109,38 @@ def reads_no_bytes(func: Any) -> bool:
 
 
 def _writes(func: Any) -> Tuple[frozenset, frozenset]:
-    """(positional indices, keyword names) of the arguments ``func`` writes (its schema)."""
+    """(positional indices, keyword names) of the arguments ``func`` writes (its schema). A
+    collective (an op of c10d: ``all_reduce``, ``broadcast``, ``all_gather``...) writes tensors
+    its schema does not mark as written: all of its arguments count as written."""
     found = _written_args.get(func)
     if found is None:
         positions, names = [], []
+        collective = _is_collective(func)
         for i, arg in enumerate(func._schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
+            if collective or (arg.alias_info is not None and arg.alias_info.is_write):
                 names.append(arg.name)
                 if not arg.kwarg_only:
                     positions.append(i)
         found = (frozenset(positions), frozenset(names))
         _written_args[func] = found
     return found
+
+
+def _is_collective(func: Any) -> bool:
+    return getattr(func, "namespace", "") == "c10d"
+
+
+def _wait_for_collective(out: Any) -> None:
+    """Waits for the work a collective returned (a ``Work`` beside its tensors): the library
+    (gloo's thread, NCCL's stream) goes on using the tensors after the op returns, until its
+    work is waited for, and the pins that hold them resident must last until then. On a GPU
+    the wait makes the current stream wait for NCCL's, where the unpins then record; with
+    gloo it waits on the host."""
+    for value in out if isinstance(out, (tuple, list)) else (out,):
+        wait = None if isinstance(value, (torch.Tensor, list, tuple)) else getattr(
+            value, "wait", None)
+        if callable(wait):
+            wait()
 
 
 class PinEveryOp(TorchDispatchMode):
@@ -227,6 +247,10 @@ class PinEveryOp(TorchDispatchMode):
                     self._pin_value(value, name in names, stream, held, seen)
             self.ops += 1
             out = func(*args, **kwargs)
+            if _is_collective(func):
+                # (``async_op=True``: the op's work is done when it returns under a mode of
+                # spill's; waiting again later returns at once)
+                _wait_for_collective(out)
         finally:
             unpin = pinner.unpin
             for token, wrote in held:
@@ -372,7 +396,9 @@ def _warn_of_ddp() -> None:
     if not _ddp["scanned"]:
         _ddp["scanned"] = True
         import gc
-        seen = seen or any(isinstance(obj, DistributedDataParallel)
+        # (type(), not isinstance: isinstance reads an object's __class__, and
+        # torch.distributed's deprecated ``reduce_op`` warns at any attribute read)
+        seen = seen or any(issubclass(type(obj), DistributedDataParallel)
                            for obj in gc.get_objects())
         _ddp["seen"] = seen
     if seen:
