@@ -610,6 +610,17 @@ def test_stats_answer_with_spills_figures_and_the_patch_is_undone() -> None:
         st.reset_peak_memory_stats()
         assert st.max_memory_allocated() == st.memory_allocated() < 3 << 20
         assert "spill memory summary" in torch.cuda.memory_summary()
+        # torch's accumulated counts start again from a reset; spill's own keys do not
+        s0 = spill.stats()
+        torch.cuda.reset_accumulated_memory_stats()
+        y = torch.empty(1 << 20, dtype=torch.uint8, device=dev)
+        del y
+        m, s = st.memory_stats(), spill.stats()
+        assert m["allocation.all.allocated"] == s["num_allocs"] - s0["num_allocs"] >= 1, m
+        assert m["allocated_bytes.all.freed"] == (
+            s["allocated_bytes.freed"] - s0["allocated_bytes.freed"]) >= 1 << 20, m
+        assert m["allocated_bytes.all.current"] == s["allocated_bytes.current"]
+        assert m["allocated_bytes.freed"] == s["allocated_bytes.freed"]
         st.disable()
         assert torch.cuda.memory_stats is not st.memory_stats
         print("ok")

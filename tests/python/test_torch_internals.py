@@ -594,26 +594,39 @@ def test_spills_replacements_take_the_arguments_of_the_functions_they_replace() 
     MemPool.snapshot() passes include_traces to memory_snapshot, its _dump_snapshot()
     augment_with_fx_traces to _snapshot. Every parameter of the running torch's function is
     one of the replacement's, at the same position (checked on the signatures; nothing is
-    replaced here)."""
+    replaced here). On CUDA, torch 2.9+'s torch.accelerator memory functions are replaced too;
+    their parameters are positional-only (device_index, /): only the position counts."""
     from spill.torch._enable import _patched_functions
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
              inspect.Parameter.KEYWORD_ONLY)
-    for name, replacement in _patched_functions().items():
-        original = getattr(torch.cuda.memory, name, None) or getattr(torch.cuda, name, None)
-        if original is None:
-            continue  # not in this torch: nothing to replace
-        theirs = [p for p in inspect.signature(original).parameters.values() if p.kind in kinds]
-        params = inspect.signature(replacement).parameters.values()
-        ours = [p.name for p in params if p.kind in kinds]
-        if {p.kind for p in params} >= {inspect.Parameter.VAR_POSITIONAL,
-                                         inspect.Parameter.VAR_KEYWORD}:
-            ours += [p.name for p in theirs[len(ours):]]  # takes (and ignores) the rest
-        for i, p in enumerate(theirs):
-            assert p.name in ours, _internal(
-                f"torch.cuda.{name}", f"takes {p.name!r}, which spill's replacement does not")
-            if p.kind != inspect.Parameter.KEYWORD_ONLY:
-                assert ours.index(p.name) == i, _internal(
-                    f"torch.cuda.{name}", f"has {p.name!r} at position {i}, spill's does not")
+    places = [("torch.cuda", (torch.cuda.memory, torch.cuda))]
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        places.append(("torch.accelerator", (getattr(accelerator, "memory", accelerator),
+                                             accelerator)))
+    for place, modules in places:
+        for name, replacement in _patched_functions().items():
+            original = next((getattr(m, name) for m in modules if hasattr(m, name)), None)
+            if original is None:
+                continue  # not in this torch: nothing to replace
+            theirs = [p for p in inspect.signature(original).parameters.values()
+                      if p.kind in kinds]
+            params = inspect.signature(replacement).parameters.values()
+            ours = [p.name for p in params if p.kind in kinds]
+            if {p.kind for p in params} >= {inspect.Parameter.VAR_POSITIONAL,
+                                             inspect.Parameter.VAR_KEYWORD}:
+                ours += [p.name for p in theirs[len(ours):]]  # takes (and ignores) the rest
+            for i, p in enumerate(theirs):
+                if p.kind == inspect.Parameter.POSITIONAL_ONLY:
+                    assert i < len(ours), _internal(
+                        f"{place}.{name}", f"takes an argument at position {i}, spill's "
+                        "replacement does not")
+                    continue
+                assert p.name in ours, _internal(
+                    f"{place}.{name}", f"takes {p.name!r}, which spill's replacement does not")
+                if p.kind != inspect.Parameter.KEYWORD_ONLY:
+                    assert ours.index(p.name) == i, _internal(
+                        f"{place}.{name}", f"has {p.name!r} at position {i}, spill's does not")
 
 
 def test_a_mode_taken_off_from_under_one_entered_twice_hands_its_flags_to_the_nearest_entry(

@@ -328,6 +328,7 @@ def _patched_functions() -> Dict[str, Callable[..., Any]]:
         "memory_cached": _stats.memory_reserved,
         "max_memory_cached": _stats.max_memory_reserved,
         "reset_peak_memory_stats": _stats.reset_peak_memory_stats,
+        "reset_accumulated_memory_stats": _stats.reset_accumulated_memory_stats,
         "reset_max_memory_allocated": _stats.reset_peak_memory_stats,
         "reset_max_memory_cached": _stats.reset_peak_memory_stats,
         "memory_summary": _stats.memory_summary,
@@ -339,6 +340,13 @@ def _patched_functions() -> Dict[str, Callable[..., Any]]:
 
 def _patch_torch() -> None:
     modules = [torch.cuda, torch.cuda.memory]
+    if state.target == "cuda":
+        # torch 2.9+'s device-generic memory functions (memory_stats, memory_allocated,
+        # reset_peak_memory_stats, ...) ask the current allocator, which for a pluggable one
+        # raises "CUDAPluggableAllocator does not yet support getDeviceStats" (audit 43t F1)
+        accelerator = getattr(torch, "accelerator", None)
+        modules += [m for m in (accelerator, getattr(accelerator, "memory", None))
+                    if m is not None]
     for name, fn in _patched_functions().items():
         for module in modules:
             if hasattr(module, name) and (module, name) not in state.patched:

@@ -103,6 +103,29 @@ def torch_keys(s: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+# Per device: the accumulated counts reset_accumulated_memory_stats() started again from.
+_accumulated_from: Dict[int, Dict[str, int]] = {}
+
+
+def _accumulated(key: str) -> bool:
+    """Whether a key of torch_keys() counts since the start (PyTorch's accumulated stats)."""
+    return key.endswith((".allocated", ".freed")) or key in (
+        "num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")
+
+
+def _since_reset(keys: Dict[str, Any], index: int) -> Dict[str, Any]:
+    """torch_keys() ``keys`` of device ``index`` with the accumulated counts since the last
+    reset_accumulated_memory_stats(). Counts below the reset's (spill shut down and started
+    again since) drop it."""
+    base = _accumulated_from.get(index)
+    if base and any(keys.get(k, 0) < v for k, v in base.items()):
+        del _accumulated_from[index]
+        base = None
+    for k, v in (base or {}).items():
+        keys[k] -= v
+    return keys
+
+
 def memory_stats(device: Any = None) -> "collections.OrderedDict[str, Any]":
     """spill's statistics with PyTorch's ``torch.cuda.memory_stats`` keys.
 
@@ -121,7 +144,7 @@ def memory_stats(device: Any = None) -> "collections.OrderedDict[str, Any]":
     if s is None:
         return collections.OrderedDict()  # as torch.cuda.memory_stats() before CUDA starts
     merged = dict(s)
-    merged.update(torch_keys(s))
+    merged.update(_since_reset(torch_keys(s), s["device"]))
     return collections.OrderedDict(sorted(merged.items()))
 
 
@@ -179,6 +202,19 @@ def reset_peak_memory_stats(device: Any = None) -> None:
     index = _device(device, "reset_peak_memory_stats")
     if state.started:
         spill.reset_peak_stats(index)
+
+
+def reset_accumulated_memory_stats(device: Any = None) -> None:
+    """Starts PyTorch's accumulated counts again from zero, as
+    ``torch.cuda.reset_accumulated_memory_stats`` does: the ``allocated`` and ``freed`` totals
+    of each family, ``num_alloc_retries``, ``num_ooms``, ``num_device_alloc`` and
+    ``num_device_free`` of memory_stats() count from now. spill.stats() and spill's own keys
+    keep counting from the start of the process."""
+    index = _device(device, "reset_accumulated_memory_stats")
+    if state.started:
+        _accumulated_from.pop(index, None)
+        keys = torch_keys(spill.stats(index))
+        _accumulated_from[index] = {k: v for k, v in keys.items() if _accumulated(k)}
 
 
 def _fmt(n: Union[int, float]) -> str:
