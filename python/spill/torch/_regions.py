@@ -15,7 +15,11 @@ its nodes gets a pre hook that pushes a pin-every-op mode declaring what ops mak
 DeclareMade). The engine restores the thread's dispatch modes around each node it runs
 (engine.cpp: a ThreadLocalStateGuard per node task), so the mode covers that node's ops, its
 post hooks and the accumulation of its results into the next nodes' buffers, and is gone for
-the next node. A region node's post hook is a point between nodes (the handle drops its
+the next node. At a parameter's AccumulateGrad, the parameter's own tensor hooks (offload's
+and the caller's, which pin their own ops) run inside the mode on torch 1.13, but before the
+node's pre hooks, so outside it, on torch 2 (engine.cpp runs tensor pre hooks first since 2.0):
+a gradient a caller's hook makes there is declared at the next point between nodes instead
+(audit 43t F2; reasoned from the source, not run on torch 2). A region node's post hook is a point between nodes (the handle drops its
 backward's pins) and makes what it sends out of the region (the module's input gradient, a
 gradient for one of its output nodes, which code outside adds to) unswappable again: code
 outside runs without the mode. Not covered: a tensor of the module's kept as an attribute
