@@ -2610,3 +2610,50 @@ def test_hooks_on_parameters_do_not_pile_up_from_step_to_step() -> None:
         print("ok", spilled)
     """))
     assert "ok" in out
+
+
+
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
+def test_checkpointed_stages_ending_in_place_on_a_childs_output_train_as_plain_torch() -> None:
+    """Three stages of two residual blocks each, run under non-reentrant activation
+    checkpointing one after the other, each block shaped as torchvision's ResNet BasicBlock
+    (``out = fc2(relu(fc1(x))); out += x; return relu(out)`` with an in-place ReLU module):
+    the block returns the very tensor its child ``fc2`` returned, modified in place. SGD with
+    momentum, the gradients zeroed and kept, at half the footprint (18 MiB): plain torch's
+    losses and state; and in armed steps at no pressure check_pins finds nothing. Before
+    (audit 43u F0), a segmentation fault in the third step's backward, and check_pins named
+    the middle stage's weights read by its backward's mm: offload's hook on fc2's output
+    (a safe point) made torch 1.13 keep that tensor's hooks on fc2's node, so the hold of the
+    next stage's recomputation, released by a hook on its argument, went when fc2's node ran,
+    after the following region's recomputation had opened its own hold, which went with it.
+    """
+    out = run_ok(scenario("""
+        from torch.utils.checkpoint import checkpoint
+        class Block(nn.Module):  # BasicBlock, with Linear for conv and no BatchNorm
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2 = nn.Linear(512, 512), nn.Linear(512, 512)
+                self.relu = nn.ReLU(inplace=True)
+            def forward(self, x):
+                out = self.fc2(self.relu(self.fc1(x)))
+                out += x
+                return self.relu(out)
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stages = nn.ModuleList(nn.Sequential(Block(), Block()) for _ in range(3))
+                self.head = nn.Linear(512, 10)
+            def forward(self, x):
+                for s in self.stages:
+                    x = checkpoint(s, x, use_reentrant=False)
+                return self.head(x)
+        sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        compare(Net, sgd, data, fraction=2, keep_grads=True, evaluate_after=lambda i: False)
+        with st.check_pins(collect=True) as check:
+            *_, h = train(Net, sgd, data, lambda m, o: st.offload(m, o, quiet=False),
+                          steps=3, keep_grads=True, evaluate_after=lambda i: False)
+        assert check.found == [], check.found
+        h.remove()
+        print("ok")
+    """))
+    assert "ok" in out

@@ -221,7 +221,19 @@ class Recomputation:
             if (isinstance(t, torch.Tensor) and t.requires_grad
                     and not isinstance(t, torch.nn.Parameter)):
                 handle: List[Any] = []
-                handle.append(t.register_hook(self._release_from(hold, handle)))
+                release = self._release_from(hold, handle)
+                # On the node that makes the argument as it is now, not through
+                # t.register_hook: torch 1.13 keeps a tensor's hooks on the node it had at its
+                # first hook, and a block's output is often its last child's, modified in place
+                # (``out += x; return relu_(out)``: torchvision's ResNet blocks), which offload
+                # hooked as the child returned (a safe point). The hold then went when the
+                # child's node ran, after the recomputation of the stage before had opened its
+                # own, which went with it: that stage's backward read its weights unpinned
+                # (audit 43u F0, a segmentation fault on the CPU bridge). Either hook runs
+                # before its node, when every gradient of the argument is in.
+                node = t.grad_fn
+                handle.append(node.register_prehook(release) if node is not None
+                              else t.register_hook(release))
         return hold
 
     def current(self) -> Hold:
@@ -240,8 +252,8 @@ class Recomputation:
         stop a recomputation."""
         return self.frame is not None and _within(sys._getframe(2), self.frame)
 
-    def _release_from(self, hold: Hold, handle: List[Any]) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
+    def _release_from(self, hold: Hold, handle: List[Any]) -> Callable[[Any], None]:
+        def hook(grad: Any) -> None:  # (a tensor's hook: its gradient; a node's: all of them)
             if handle:  # (once: a leaf the caller keeps gets no more each step)
                 handle.pop().remove()
             for i, h in enumerate(self.holds):
