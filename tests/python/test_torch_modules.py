@@ -2619,14 +2619,14 @@ def test_checkpointed_stages_ending_in_place_on_a_childs_output_train_as_plain_t
     checkpointing one after the other, each block shaped as torchvision's ResNet BasicBlock
     (``out = fc2(relu(fc1(x))); out += x; return relu(out)`` with an in-place ReLU module):
     the block returns the very tensor its child ``fc2`` returned, modified in place. SGD with
-    momentum, the gradients zeroed and kept, at half the footprint (18 MiB): plain torch's
-    losses and state; and in armed steps at no pressure check_pins finds nothing. Before
-    (audit 43u F0), a segmentation fault in the third step's backward, and check_pins named
-    the middle stage's weights read by its backward's mm: offload's hook on fc2's output
-    (a safe point) made torch 1.13 keep that tensor's hooks on fc2's node, so the hold of the
-    next stage's recomputation, released by a hook on its argument, went when fc2's node ran,
-    after the following region's recomputation had opened its own hold, which went with it.
-    """
+    momentum, the gradients zeroed and kept, 3 steps at half the footprint (18 MiB): plain
+    torch's losses and state; and in 2 armed steps at no pressure check_pins finds nothing
+    (each part fails alone without the fix). Before (audit 43u F0), a segmentation fault in
+    the third step's backward, and check_pins named the middle stage's weights, read by its
+    backward's mm: offload's hook on fc2's output (a safe point) made torch 1.13 keep that
+    tensor's hooks on fc2's node, so the hold of a stage's recomputation, released by a hook
+    on its argument (the stage before's output), went as that fc2's node ran, after the
+    stage before had been recomputed into a hold of its own, which went with it."""
     out = run_ok(scenario("""
         from torch.utils.checkpoint import checkpoint
         class Block(nn.Module):  # BasicBlock, with Linear for conv and no BatchNorm
@@ -2648,10 +2648,11 @@ def test_checkpointed_stages_ending_in_place_on_a_childs_output_train_as_plain_t
                     x = checkpoint(s, x, use_reentrant=False)
                 return self.head(x)
         sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-        compare(Net, sgd, data, fraction=2, keep_grads=True, evaluate_after=lambda i: False)
+        compare(Net, sgd, data, fraction=2, steps=3, keep_grads=True,
+                evaluate_after=lambda i: False)
         with st.check_pins(collect=True) as check:
             *_, h = train(Net, sgd, data, lambda m, o: st.offload(m, o, quiet=False),
-                          steps=3, keep_grads=True, evaluate_after=lambda i: False)
+                          steps=2, keep_grads=True, evaluate_after=lambda i: False)
         assert check.found == [], check.found
         h.remove()
         print("ok")
