@@ -5137,6 +5137,89 @@ def test_out_of_memory_in_a_backward_hook_is_torch_out_of_memory_error(mode: str
     assert "ok" in out
 
 
+def test_out_of_memory_in_a_checkpointed_regions_recomputation_is_torch_out_of_memory_error(
+) -> None:
+    """Out of memory in an allocation of a non-reentrant ``torch.utils.checkpoint`` region's
+    recomputation (which runs inside checkpoint's unpack hook, in the backward) under
+    offload: ``loss.backward()`` raises torch.cuda.OutOfMemoryError (also
+    spill.OutOfMemoryError) with the allocator's breakdown, and training continues, as plain
+    torch's without the failed step, once it is caught and the budget raised again. The
+    budget is squeezed by a forward pre-hook of the caller's on the last region's second
+    convolution as the recomputation reaches it (after offload's hook has pinned its weight),
+    so the failure is the convolution's output allocation. Before, torch 1.13's engine handed
+    it on as a plain ``RuntimeError("OutOfMemoryError: spill: cannot allocate ...")``, which
+    ``except torch.cuda.OutOfMemoryError`` missed (audit 43u F2)."""
+    out = run_ok(quiet_preamble("1GiB") + """
+        import torch.nn as nn
+        from torch.utils.checkpoint import checkpoint
+        C = 128
+        class Blk(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.c1 = nn.Conv2d(C, C, 3, padding=1, bias=False)
+                self.c2 = nn.Conv2d(C, C, 3, padding=1, bias=False)
+                self.r1, self.r2 = nn.ReLU(), nn.ReLU()
+            def forward(self, x):
+                return self.r2(self.c2(self.r1(self.c1(x))) + x)
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stages = nn.ModuleList(nn.Sequential(Blk(), Blk()) for _ in range(3))
+            def forward(self, x):
+                for s in self.stages:
+                    x = checkpoint(s, x, use_reentrant=False)
+                return x.mean()
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randn(4, C, 16, 16, generator=g) for _ in range(3)]
+        armed = []
+        def squeeze(module, args):
+            if armed:  # the recomputation: the smallest budget that holds what cannot move
+                armed.clear()
+                for kib in range(2 << 10, 64 << 10, 64):
+                    try:
+                        return spill.set_budget(kib << 10)
+                    except spill.OutOfMemoryError:
+                        pass
+        def run(spilled):
+            torch.manual_seed(0)
+            m = Net().to(dev)
+            o = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+            if spilled:
+                st.offload(m, o)
+                m.stages[2][1].c2.register_forward_pre_hook(squeeze)
+            losses, caught = [], []
+            for i, x in enumerate(batches):
+                o.zero_grad()
+                loss = m(x.to(dev))
+                if spilled and i == 1:
+                    loss.register_hook(lambda grad: armed.append(1))
+                    try:
+                        loss.backward()
+                    except torch.cuda.OutOfMemoryError as e:
+                        caught.append(e)
+                    spill.set_budget(1 << 30)
+                    o.zero_grad()
+                    loss = m(x.to(dev))
+                loss.backward()
+                o.step()
+                losses.append(loss.item())
+            return losses, caught
+        plain, _ = run(False)
+        enable()
+        losses, caught = run(True)
+        assert len(caught) == 1, caught
+        e = caught[0]
+        assert isinstance(e, spill.OutOfMemoryError), type(e).__mro__
+        assert str(e).startswith("spill: cannot allocate") and "Budget" in str(e), str(e)[:300]
+        cause = e.__cause__  # (what the engine handed on: the recomputation's allocation)
+        assert type(cause) is RuntimeError and str(cause).startswith(
+            "OutOfMemoryError: spill: cannot allocate"), repr(cause)[:300]
+        assert losses == plain, (losses, plain)
+        print("ok")
+    """)
+    assert "ok" in out
+
+
 @pytest.mark.skipif(TARGET != "cpu", reason="sized for the CPU bridge (what else the budget "
                     "holds on a GPU is not counted)")
 def test_an_op_whose_second_argument_cannot_come_back_leaves_the_first_unpinned() -> None:

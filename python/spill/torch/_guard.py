@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import (
 from spill import Error, OutOfMemoryError, _args
 from spill import budget as spill_budget
 
+from . import _fast_path as fast_path
 from . import _interrupts
 from ._foreach import chunks, joined, listwise
 from ._pins import Pinner, TorchOutOfMemoryError, components, leaves
@@ -515,6 +516,7 @@ class guard:
         reads = host_reads()
         if reads is not None:
             reads.__enter__()
+            fast_path.steps_aside(reads)
         try:
             mode.__enter__()
         except BaseException:
@@ -524,6 +526,7 @@ class guard:
         self._mode, self._reads = mode, reads
         self._forget_left()
         _interrupts.guard_entered(True)
+        fast_path.entered()
         _warn_of_ddp()
         return self
 
@@ -533,6 +536,7 @@ class guard:
             raise Error("spill.torch.guard: __exit__ without __enter__")
         self._mode = None
         _interrupts.guard_entered(False)
+        fast_path.left()
         from ._window import _dispatch_stack, _function_stack, _leave
         # Its own mode, wherever it is on the stack: torch 1.13's exit pops the top one,
         # which may be another's (a mode entered in the block and left open, a generator's

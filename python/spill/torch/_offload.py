@@ -142,6 +142,7 @@ from spill import budget as spill_budget
 
 from . import _caller_hooks as caller_hooks
 from . import _copies as copies
+from ._fast_path import FAST_PATH_MODULES
 from ._guard import PinEveryOp, watch_ddp
 from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
 from ._names import BlockNames
@@ -2778,9 +2779,8 @@ def _in_functional_call() -> bool:
 
 
 # PyTorch's modules whose evaluation forward takes a fused fast path only while no function
-# mode is on (OffloadHandle._fast_path_enter).
-_FAST_PATH_MODULES = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder,
-                      torch.nn.MultiheadAttention)
+# mode is on (OffloadHandle._fast_path_enter; guard's and pin_reads': _fast_path.py).
+_FAST_PATH_MODULES = FAST_PATH_MODULES
 
 _KWARGS_OK = "with_kwargs" in torch.nn.Module.register_forward_pre_hook.__code__.co_varnames
 

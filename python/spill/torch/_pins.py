@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 import spill
 from spill import OutOfMemoryError
-from spill._capi import BlockInfoStruct, PinToken, raise_status
+from spill._capi import BlockInfoStruct, PinToken, Status, raise_status
 from spill._lib import library
 
 from ._state import state
@@ -60,14 +60,33 @@ def _raise(lib: Any, status: int) -> None:
 
 
 def out_of_memory_in(error: BaseException) -> Optional[BaseException]:
-    """The out-of-memory error a hook raised inside what raised ``error``, when ``error`` is
-    a plain RuntimeError carrying its message (torch 1.13's autograd engine hands on an
-    exception of a saved-tensor or gradient hook so: ``RuntimeError("TorchOutOfMemoryError:
-    ...")``); else None."""
+    """The out-of-memory error raised inside what raised ``error``, when ``error`` is a plain
+    RuntimeError carrying its message (torch 1.13's autograd engine hands on an exception of
+    a saved-tensor or gradient hook so: ``RuntimeError("TorchOutOfMemoryError: ...")``);
+    else None. Either a hook's own (state.last_oom), or an allocation's inside a hook of
+    someone else's: non-reentrant checkpointing recomputes its region in its unpack hook, and
+    an allocation there that finds no room raised ``RuntimeError("OutOfMemoryError: spill:
+    cannot allocate ...")``, which ``except torch.cuda.OutOfMemoryError`` missed (audit 43u
+    F2). That one is recognised by the shim's words and the allocator's latest account (the
+    breakdown), both in its message, so no other RuntimeError is taken for it."""
+    if type(error) is not RuntimeError:
+        return None
+    text = str(error)
     oom = state.last_oom
-    if type(error) is RuntimeError and oom is not None and oom[0] in str(error):
+    if oom is not None and oom[0] in text:
         return TorchOutOfMemoryError(*oom)
+    if text.startswith(_ALLOCATION_OOM):
+        account = spill.last_oom_message(state.device)
+        if account and account in text:
+            # (without the engine's "At:" trace of the hook's frames: the cause keeps it)
+            message = text[len("OutOfMemoryError: "):].split("\n\nAt:\n", 1)[0]
+            return TorchOutOfMemoryError(message, Status.OUT_OF_MEMORY)
     return None
+
+
+# How torch 1.13's engine words the shim's out-of-memory error (c10::OutOfMemoryError, whose
+# Python class is torch.cuda.OutOfMemoryError) raised inside a Python hook.
+_ALLOCATION_OOM = "OutOfMemoryError: spill: cannot allocate "
 
 
 _COMPRESSED = {getattr(torch, name): (rows, cols) for name, rows, cols in (

@@ -19,6 +19,7 @@ import torch
 
 from spill import Error
 
+from . import _fast_path as fast_path
 from ._pins import Pinner
 from ._state import state
 from ._window import _HostUses, _PinReads
@@ -92,11 +93,14 @@ class pin_reads:
         except BaseException:
             functions.__exit__(None, None, None)
             raise
-        self._modes = [functions, pins]
+        self._modes = [fast_path.steps_aside(functions), pins]
+        fast_path.entered()
         return self
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
         modes, self._modes = self._modes, []
+        if modes:
+            fast_path.left()
         for mode in reversed(modes):
             mode.__exit__(*exc)
         return None
