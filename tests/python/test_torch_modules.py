@@ -1827,12 +1827,13 @@ def test_zero_redundancy_optimizer_trains_as_plain_torch(tmp_path: pathlib.Path)
 # parameter and gradient sent to the host before each collective and again right after it:
 # plain torch's losses and parameters.
 COLLECTIVES_RANK = """
-import contextlib, hashlib, sys, time
+import contextlib, datetime, hashlib, sys, time
 import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 import spill, spill.torch as st
 torch.set_num_threads(1)
 rank, store = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
 moved = 0
 def to_host(t):
     global moved
@@ -1857,6 +1858,19 @@ def run(guarded):
             dist.broadcast(p.data, 0)
             if guarded:
                 to_host(p)
+        # point to point: send and recv, then an isend/irecv exchange (each waited for once:
+        # a second wait of a send's or a receive's work on gloo waits for the timeout)
+        a, b = torch.full((1 << 18,), float(rank + 1)), torch.zeros(1 << 18)
+        if rank == 0:
+            dist.send(a, 1)
+            dist.recv(b, 1)
+        else:
+            dist.recv(b, 0)
+            dist.send(a, 0)
+        received = b.sum().item()
+        for work in [dist.isend(a.mul(2), 1 - rank), dist.irecv(b, 1 - rank)]:
+            work.wait()
+        received += b.sum().item()
         for step in range(3):
             x, y = torch.randn(64, 512, generator=g), torch.randint(0, 10, (64,), generator=g)
             opt.zero_grad()
@@ -1875,7 +1889,7 @@ def run(guarded):
             losses.append(loss.item())
         digest = hashlib.sha1(b"".join(t.detach().numpy().tobytes()
                                        for t in m.state_dict().values())).hexdigest()
-    return losses, digest
+    return losses, digest, received
 plain = run(False)
 st.enable("budget:1GiB,swap_threshold:128KiB,sim_granularity:64KiB", target="cpu")
 got = run(True)
@@ -1889,14 +1903,17 @@ print("ok", rank)
 @pytest.mark.skipif(TARGET != "cpu", reason="two ranks over gloo, each on the CPU bridge")
 def test_collectives_under_guard_keep_what_they_write(tmp_path: pathlib.Path) -> None:
     """dist.broadcast and dist.all_reduce (synchronous and async_op=True) under guard(), each
-    tensor on the host before the collective and sent there again right after it: plain
-    torch's losses and parameters. A collective's schema marks no argument as written, so its
+    tensor on the host before the collective and sent there again right after it, and a
+    send/recv and an isend/irecv exchange: plain torch's losses, parameters and received
+    values. A collective's schema marks no argument as written, so its
     tensors were unpinned as read: a tensor brought back from the host for it kept its host
     copy as current, and the eviction after dropped what the collective wrote (rank 1's
     parameters stayed its own, the averaged gradients reverted: silently other losses; audit
     43t S1). Its pins also ended when the op returned, while gloo's thread (NCCL's stream on a
     GPU) still wrote until the work was waited for. Now a c10d op writes all its arguments,
-    and its work is waited for before they are unpinned."""
+    and a collective's work is waited for before they are unpinned; a send's or a receive's
+    is not (gloo's second wait of one waits for the next completion: every send/recv under
+    guard hung until the timeout, review 43r F1)."""
     run_ranks(COLLECTIVES_RANK, tmp_path, 2)
 
 

@@ -128,7 +128,19 @@ def _writes(func: Any) -> Tuple[frozenset, frozenset]:
 
 
 def _is_collective(func: Any) -> bool:
+    """Whether ``func`` is an op of c10d (a collective, a barrier, a send or a receive)."""
     return getattr(func, "namespace", "") == "c10d"
+
+
+# c10d's point-to-point ops: a second wait on gloo's work of one waits for a completion that
+# never comes (it waits for the next one, up to the process group's timeout: 30 minutes), and
+# an isend/irecv exchange waited at its issue deadlocks (review 43r F1). Not waited for.
+_POINT_TO_POINT = ("send", "recv_", "recv_any_source_")
+
+
+def _waits_for(func: Any) -> bool:
+    """Whether the pins of c10d op ``func``'s tensors last until its work is done."""
+    return _is_collective(func) and func.__name__.split(".")[0] not in _POINT_TO_POINT
 
 
 def _wait_for_collective(out: Any) -> None:
@@ -136,7 +148,8 @@ def _wait_for_collective(out: Any) -> None:
     (gloo's thread, NCCL's stream) goes on using the tensors after the op returns, until its
     work is waited for, and the pins that hold them resident must last until then. On a GPU
     the wait makes the current stream wait for NCCL's, where the unpins then record; with
-    gloo it waits on the host."""
+    gloo it waits on the host. A collective's work waited for again returns at once (gloo and
+    NCCL); a send's or a receive's does not (_POINT_TO_POINT)."""
     for value in out if isinstance(out, (tuple, list)) else (out,):
         wait = None if isinstance(value, (torch.Tensor, list, tuple)) else getattr(
             value, "wait", None)
@@ -248,9 +261,9 @@ class PinEveryOp(TorchDispatchMode):
                     self._pin_value(value, name in names, stream, held, seen)
             self.ops += 1
             out = func(*args, **kwargs)
-            if _is_collective(func):
-                # (``async_op=True``: the op's work is done when it returns under a mode of
-                # spill's; waiting again later returns at once)
+            if _waits_for(func):
+                # (``async_op=True``: the collective is done when it returns under a mode of
+                # spill's; the caller's wait later returns at once)
                 _wait_for_collective(out)
         finally:
             unpin = pinner.unpin
