@@ -368,7 +368,7 @@ def test_an_evaluation_of_a_transformer_encoder_layer_under_guard_or_pin_reads_i
     (_fast_path.py). Before, both took the slower path, whose outputs differed by up to 7e-7
     (audit 43u F1)."""
     out = run_ok(quiet_preamble("1GiB") + """
-        import contextlib, gc, threading
+        import contextlib, gc, threading, time
         import torch.nn as nn
         class Net(nn.Module):
             def __init__(self):
@@ -430,6 +430,23 @@ def test_an_evaluation_of_a_transformer_encoder_layer_under_guard_or_pin_reads_i
         t.start()
         t.join()
         assert torch.equal(read["out"], base_out), (read["out"] - base_out).abs().max().item()
+        # A layer whose activation is the caller's keeps the slower path under the guard: the
+        # function may read a tensor on the host, which the host-reads mode must pin (with
+        # the mode stepped aside, reading one swapped out was spill's segmentation fault,
+        # review 43r F2).
+        seen = {}
+        def act(x):
+            seen["sum"] = float(seen["scale"].numpy().sum())
+            return nn.functional.relu(x)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, activation=act, batch_first=True).eval()
+        with st.guard(), torch.no_grad():
+            seen["scale"] = scale = torch.ones(1 << 16) * 2  # made under the guard: swappable
+            spill.evict(scale.data_ptr())
+            while spill.residence(scale.data_ptr()) == "swapping_out":
+                time.sleep(0.001)
+            assert spill.residence(scale.data_ptr()) == "on_host"
+            layer(torch.randn(2, 5, 64))
+        assert seen["sum"] == 2.0 * (1 << 16), seen
         print("ok", footprint)
     """)
     assert "ok" in out

@@ -64,7 +64,8 @@ def left() -> None:
 def _call(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     # nn.Module.__call__ looked up at each call: torch.fx's tracer replaces it while it traces.
     if (self.training or torch.is_grad_enabled() or type(self) not in FAST_PATH_MODULES
-            or not torch._C._len_torch_function_stack() or not _only_torch(self)):
+            or not torch._C._len_torch_function_stack() or not _plain_tensors(args, kwargs)
+            or not _only_torch(self)):
         return torch.nn.Module.__call__(self, *args, **kwargs)
     aside = _take_aside()
     if aside is None:
@@ -103,16 +104,35 @@ def _put_back(taken: List[Any]) -> None:
         overrides._push_mode(m)
 
 
+def _plain_tensors(args: Any, kwargs: Any) -> bool:
+    """Whether the call's tensor arguments are plain tensors: a subclass's __torch_function__
+    is the caller's code, which may read a tensor on the host."""
+    return all(type(v) in (torch.Tensor, torch.nn.Parameter)
+               for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+
+
+def _torchs(fn: Any) -> bool:
+    """Whether callable ``fn`` is PyTorch's (``F.relu``, ``F.gelu``, ``torch.tanh``)."""
+    where = getattr(fn, "__module__", None) or ""
+    return where == "torch" or where.startswith("torch.")
+
+
 def _only_torch(module: torch.nn.Module) -> bool:
     """Whether the call runs PyTorch's code only, which reads no tensor on the host: the module
     and every module under it are torch.nn's own classes (with a child of the caller's class
-    the call keeps the slower path), with no hook but spill's (one of the caller's may read
-    an output on the host), and no global module hook is set."""
+    the call keeps the slower path), the functions they keep are PyTorch's (a layer's
+    ``activation=`` of the caller's may read a tensor on the host: review 43r F2), with no
+    hook but spill's (one of the caller's may read an output on the host), and no global
+    module hook is set."""
     if any(getattr(_module, name, None) for name in _GLOBAL_HOOKS):
         return False
     for m in module.modules():
         if not type(m).__module__.startswith("torch.nn."):
             return False
+        for value in vars(m).values():
+            if (callable(value) and not isinstance(value, (torch.nn.Module, torch.Tensor, type))
+                    and not _torchs(value)):
+                return False
         for name in _HOOKS:
             for hook in getattr(m, name, _NONE).values():
                 if not _spills(hook):
