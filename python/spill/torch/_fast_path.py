@@ -7,7 +7,7 @@ mode is on (torch.overrides.has_torch_function), and the slower path's numbers d
 (by up to 7e-7 on an AVX-512 machine, 2026-12-07, audit 43u F1). While a guard or a pin_reads
 block is entered somewhere, the three classes' ``__call__`` takes those modes off the calling
 thread's function stack around an evaluation call that runs only PyTorch's code (see
-``_only_torch``) and puts them back in the same order when it returns or raises. What the
+``only_torch``) and puts them back in the same order when it returns or raises. What the
 fused op reads stays pinned: guard's and pin_reads' dispatch modes pin every tensor argument of
 every op (the mode off is the host reads': ``.numpy()``, ``.tolist()``, printing, torch.save,
 which PyTorch's code there does not call). offload has its own exemption for its evaluation
@@ -65,7 +65,7 @@ def _call(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     # nn.Module.__call__ looked up at each call: torch.fx's tracer replaces it while it traces.
     if (self.training or torch.is_grad_enabled() or type(self) not in FAST_PATH_MODULES
             or not torch._C._len_torch_function_stack() or not _plain_tensors(args, kwargs)
-            or not _only_torch(self)):
+            or not only_torch(self)):
         return torch.nn.Module.__call__(self, *args, **kwargs)
     aside = _take_aside()
     if aside is None:
@@ -117,7 +117,7 @@ def _torchs(fn: Any) -> bool:
     return where == "torch" or where.startswith("torch.")
 
 
-def _only_torch(module: torch.nn.Module) -> bool:
+def only_torch(module: torch.nn.Module) -> bool:
     """Whether the call runs PyTorch's code only, which reads no tensor on the host: the module
     and every module under it are torch.nn's own classes (with a child of the caller's class
     the call keeps the slower path), the functions they keep are PyTorch's (a layer's

@@ -142,7 +142,7 @@ from spill import budget as spill_budget
 
 from . import _caller_hooks as caller_hooks
 from . import _copies as copies
-from ._fast_path import FAST_PATH_MODULES
+from ._fast_path import FAST_PATH_MODULES, only_torch
 from ._guard import PinEveryOp, watch_ddp
 from ._optimizer import DeclareMade, chunked_groups, load_state, pinned_step
 from ._names import BlockNames
@@ -1131,10 +1131,12 @@ class OffloadHandle:
         (torch.overrides.has_torch_function), and the slow path's numbers differ (a few ulps
         on an AVX-512 machine, 2026-12-07): an evaluation pass then gave other values than
         plain torch. Their code reads no tensor on the host; the evaluation's dispatch mode
-        (_EvalOps) pins what the fused op reads."""
+        (_EvalOps) pins what the fused op reads. A module with a child, a hook or a function
+        (``activation=``) of the caller's keeps the slower path: that code may read the host
+        (review 43r F2, found for guard's)."""
         reads = self._forward_reads
         if (reads is None or self._fast_path_module is not None or module.training
-                or type(module) not in _FAST_PATH_MODULES):
+                or type(module) not in _FAST_PATH_MODULES or not only_torch(module)):
             return
         if _remove(reads, *_function_stack()):
             self._fast_path_module = module
