@@ -78,17 +78,41 @@ constexpr std::size_t kHugePage = 2ull << 20;
 // A chunk larger than this keeps the host's 4 KiB pages, allocated as they are touched.
 constexpr std::size_t kBackLimit = 256ull << 20;
 
+// Whether this kernel collapses a memfd's pages into 2 MiB pages (MADV_COLLAPSE: Linux 6.1+,
+// shmem huge pages not "deny"), asked once with a scratch file.
+bool collapses_shmem() {
+  static const bool yes = [] {
+    const int fd = ::memfd_create("spill-sim-probe", MFD_CLOEXEC);
+    if (fd < 0) return false;
+    bool ok = false;
+    if (::ftruncate(fd, kHugePage) == 0 && ::fallocate(fd, 0, 0, kHugePage) == 0) {
+      if (void* raw = map_anonymous(2 * kHugePage, PROT_NONE)) {
+        const std::uintptr_t at = (u(raw) + kHugePage - 1) / kHugePage * kHugePage;
+        void* p = ::mmap(reinterpret_cast<void*>(at), kHugePage, PROT_READ | PROT_WRITE,
+                         MAP_SHARED | MAP_FIXED, fd, 0);
+        ok = p != MAP_FAILED && ::madvise(p, kHugePage, MADV_COLLAPSE) == 0;
+        ::munmap(raw, 2 * kHugePage);
+      }
+    }
+    ::close(fd);
+    return ok;
+  }();
+  return yes;
+}
+
 // Allocates a chunk's memory now, in 2 MiB pages where the kernel can. Mapped at a 2 MiB-aligned
 // address (do_reserve aligns large reservations so), such a chunk is one page-table entry per
 // 2 MiB, wherever and however often it is mapped again: with 4 KiB pages, the first touch of
 // each page after every remap cost the host a fault (several microseconds each under a
 // hypervisor, even with the page tables filled ahead by populate_present), so a swap-in's copy
 // into a remapped chunk ran at under 1 GB/s and dominated the CPU bridge's steps. The chunk's
-// bytes are unchanged. Best effort: a kernel without MADV_COLLAPSE (before 6.1) keeps 4 KiB
-// pages; one refusing fallocate leaves the chunk as it was.
+// bytes are unchanged. Best effort: where the kernel does not collapse (collapses_shmem), the
+// chunk is left as it was (allocating it ahead would cost memory and gain nothing), as it is
+// when fallocate is refused; a collapse refused (no free 2 MiB page) leaves it allocated, in
+// 4 KiB pages.
 void back_now(int fd, std::size_t bytes) {
   const std::size_t huge = bytes / kHugePage * kHugePage;
-  if (huge == 0 || bytes > kBackLimit) return;
+  if (huge == 0 || bytes > kBackLimit || !collapses_shmem()) return;
   if (::fallocate(fd, 0, 0, static_cast<off_t>(huge)) != 0) return;
   // MADV_COLLAPSE works on a mapping: a scratch one, 2 MiB-aligned, unmapped again at once.
   void* raw = map_anonymous(huge + kHugePage, PROT_NONE);
@@ -362,10 +386,10 @@ MemInfo SimDevice::do_mem_info() {
 // ---- Virtual memory
 
 void* SimDevice::do_reserve(std::size_t bytes) {
-  // Large ranges start on a huge page, so that a chunk mapped at their start maps in 2 MiB
-  // pages (back_now).
-  const std::size_t g = bytes >= kHugePage ? std::max(s_->opt.granularity, kHugePage)
-                                           : s_->opt.granularity;
+  // Large ranges start on a huge page (granules that divide one), so that a chunk mapped at
+  // their start maps in 2 MiB pages (back_now).
+  const std::size_t granule = s_->opt.granularity;
+  const std::size_t g = bytes >= kHugePage && kHugePage % granule == 0 ? kHugePage : granule;
   void* raw = map_anonymous(bytes + g, PROT_NONE);
   if (raw == nullptr) {
     SPILL_FAIL_OOM("SimDevice: cannot reserve " + format_bytes(bytes) +

@@ -26,8 +26,11 @@ export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-$threads}"
 # glibc's malloc in 2 MiB pages where it maps memory (glibc 2.35+; older ones ignore it): the
 # plain-torch runs the tests compare with allocate and free large tensors with mmap, and on a
 # virtual machine each first touch of a 4 KiB page after a mapping change is several
-# microseconds (the plain mlp's 6 steps: 2.4 -> 0.6 s; AMD EPYC VM, 2026-12-07). Kept beside
-# any tunables the caller set.
-export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+# microseconds (the plain mlp's 6 steps: 2.4 -> 0.6 s; AMD EPYC VM, 2026-12-07). Added to
+# any tunables the caller set, unless they choose hugetlb themselves.
+case ":${GLIBC_TUNABLES:-}" in
+  *:glibc.malloc.hugetlb=*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1" ;;
+esac
 echo "python: $python ($("$python" -c 'import sys, pytest; print(sys.version.split()[0], "pytest", pytest.__version__)')), threads: OMP $OMP_NUM_THREADS, OpenBLAS $OPENBLAS_NUM_THREADS"
 exec "$python" -m pytest -q -rs -p no:cacheprovider "${SPILL_PYTEST_TARGET:-$(dirname "$0")}" "$@"
