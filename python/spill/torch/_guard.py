@@ -499,6 +499,7 @@ class guard:
             raise Error("spill.torch.guard: this guard is already entered; a guard object "
                         "is entered once at a time (nesting guard() inside it needs a new "
                         "guard object, and pins nothing more: the outer one pins every op)")
+        _warn_of_ddp()  # (first: a warning made an error leaves nothing entered)
         steps = None
         if self.optimizers:
             scope_id, owned = optional_scope(self.scope_arg, self.optimizers[0])
@@ -540,7 +541,6 @@ class guard:
         self._forget_left()
         _interrupts.guard_entered(True)
         fast_path.entered()
-        _warn_of_ddp()
         return self
 
     def __exit__(self, *exc: Any) -> None:
