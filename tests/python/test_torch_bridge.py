@@ -5137,6 +5137,7 @@ def test_out_of_memory_in_a_backward_hook_is_torch_out_of_memory_error(mode: str
     assert "ok" in out
 
 
+@pytest.mark.skipif(SIZED_FOR_64K, reason="sized for the CPU bridge at 64 KiB granularity")
 def test_out_of_memory_in_a_checkpointed_regions_recomputation_is_torch_out_of_memory_error(
 ) -> None:
     """Out of memory in an allocation of a non-reentrant ``torch.utils.checkpoint`` region's
@@ -5211,9 +5212,12 @@ def test_out_of_memory_in_a_checkpointed_regions_recomputation_is_torch_out_of_m
         e = caught[0]
         assert isinstance(e, spill.OutOfMemoryError), type(e).__mro__
         assert str(e).startswith("spill: cannot allocate") and "Budget" in str(e), str(e)[:300]
-        cause = e.__cause__  # (what the engine handed on: the recomputation's allocation)
-        assert type(cause) is RuntimeError and str(cause).startswith(
-            "OutOfMemoryError: spill: cannot allocate"), repr(cause)[:300]
+        if int(torch.__version__.split(".")[0]) < 2:
+            # what torch 1.13's engine handed on: the recomputation's allocation, as a
+            # RuntimeError (torch 2's hands on the error itself)
+            cause = e.__cause__
+            assert type(cause) is RuntimeError and str(cause).startswith(
+                "OutOfMemoryError: spill: cannot allocate"), repr(cause)[:300]
         assert losses == plain, (losses, plain)
         print("ok")
     """)
