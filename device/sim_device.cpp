@@ -78,22 +78,28 @@ constexpr std::size_t kHugePage = 2ull << 20;
 // A chunk larger than this keeps the host's 4 KiB pages, allocated as they are touched.
 constexpr std::size_t kBackLimit = 256ull << 20;
 
+// Allocates the first `huge` bytes (a multiple of kHugePage) of memfd `fd` and collapses them
+// into 2 MiB pages; whether the kernel collapsed them. MADV_COLLAPSE works on a mapping: a
+// scratch one, 2 MiB-aligned, unmapped again at once.
+bool allocate_collapsed(int fd, std::size_t huge) {
+  if (::fallocate(fd, 0, 0, static_cast<off_t>(huge)) != 0) return false;
+  void* raw = map_anonymous(huge + kHugePage, PROT_NONE);
+  if (raw == nullptr) return false;
+  const std::uintptr_t at = (u(raw) + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = ::mmap(reinterpret_cast<void*>(at), huge, PROT_READ | PROT_WRITE,
+                   MAP_SHARED | MAP_FIXED, fd, 0);
+  const bool collapsed = p != MAP_FAILED && ::madvise(p, huge, MADV_COLLAPSE) == 0;
+  ::munmap(raw, huge + kHugePage);
+  return collapsed;
+}
+
 // Whether this kernel collapses a memfd's pages into 2 MiB pages (MADV_COLLAPSE: Linux 6.1+,
 // shmem huge pages not "deny"), asked once with a scratch file.
 bool collapses_shmem() {
   static const bool yes = [] {
     const int fd = ::memfd_create("spill-sim-probe", MFD_CLOEXEC);
     if (fd < 0) return false;
-    bool ok = false;
-    if (::ftruncate(fd, kHugePage) == 0 && ::fallocate(fd, 0, 0, kHugePage) == 0) {
-      if (void* raw = map_anonymous(2 * kHugePage, PROT_NONE)) {
-        const std::uintptr_t at = (u(raw) + kHugePage - 1) / kHugePage * kHugePage;
-        void* p = ::mmap(reinterpret_cast<void*>(at), kHugePage, PROT_READ | PROT_WRITE,
-                         MAP_SHARED | MAP_FIXED, fd, 0);
-        ok = p != MAP_FAILED && ::madvise(p, kHugePage, MADV_COLLAPSE) == 0;
-        ::munmap(raw, 2 * kHugePage);
-      }
-    }
+    const bool ok = ::ftruncate(fd, kHugePage) == 0 && allocate_collapsed(fd, kHugePage);
     ::close(fd);
     return ok;
   }();
@@ -113,15 +119,7 @@ bool collapses_shmem() {
 void back_now(int fd, std::size_t bytes) {
   const std::size_t huge = bytes / kHugePage * kHugePage;
   if (huge == 0 || bytes > kBackLimit || !collapses_shmem()) return;
-  if (::fallocate(fd, 0, 0, static_cast<off_t>(huge)) != 0) return;
-  // MADV_COLLAPSE works on a mapping: a scratch one, 2 MiB-aligned, unmapped again at once.
-  void* raw = map_anonymous(huge + kHugePage, PROT_NONE);
-  if (raw == nullptr) return;
-  const std::uintptr_t at = (u(raw) + kHugePage - 1) / kHugePage * kHugePage;
-  void* p = ::mmap(reinterpret_cast<void*>(at), huge, PROT_READ | PROT_WRITE,
-                   MAP_SHARED | MAP_FIXED, fd, 0);
-  if (p != MAP_FAILED) ::madvise(p, huge, MADV_COLLAPSE);
-  ::munmap(raw, huge + kHugePage);
+  allocate_collapsed(fd, huge);
 }
 
 // Pinned host memory in 2 MiB pages where the kernel can (anonymous mappings of 2 MiB or more:

@@ -212,7 +212,6 @@ def reset_accumulated_memory_stats(device: Any = None) -> None:
     keep counting from the start of the process."""
     index = _device(device, "reset_accumulated_memory_stats")
     if state.started:
-        _accumulated_from.pop(index, None)
         keys = torch_keys(spill.stats(index))
         _accumulated_from[index] = {k: v for k, v in keys.items() if _accumulated(k)}
 
