@@ -1310,7 +1310,7 @@ def test_offload_pins_the_whole_optimizer_step_when_it_fits() -> None:
     out = run_ok(ENABLE.replace("budget:64MiB,", "") + """
         import sys, time; sys.path.insert(0, %r)
         from torch_train_models import train
-        import spill.torch._offload as offload_module
+        import spill.torch._offload_optimizer as offload_module  # (where _wrap_step is)
         spill.set_budget(1 << 30)
         STEPS = 5
 

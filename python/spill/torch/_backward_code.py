@@ -3,9 +3,9 @@ what it reads, beside offload():
 - a hook on a tensor autograd made (``y.register_hook(fn)`` on an activation in a forward, or
   on a loss in the loop's code) whose ``fn`` reads another tensor than its gradient (a
   weight, an activation the forward kept): registered while a handle lives, it runs with
-  every op pinned (nothing declared), as a module's backward hooks do (_offload.py). Hooks on
+  every op pinned (nothing declared), as a module's backward hooks do (_offload_grads.py). Hooks on
   a leaf (a parameter) too, registered while a handle lives (offload also wraps a
-  parameter's hooks at each step's first forward: _offload.OffloadHandle._pin_hooks); those
+  parameter's hooks at each step's first forward: _offload_grads.py, _pin_hooks); those
   spill.torch registers itself are left as they are.
 - a custom ``torch.autograd.Function`` whose ``backward`` reads a tensor the forward kept on
   ``ctx`` as an attribute (``ctx.w = w``) rather than through ``save_for_backward`` (whose
@@ -50,7 +50,7 @@ def _pinned(hook: Any, pinner: Pinner) -> Any:
             return hook(*args, **kwargs)
         with _PinOps(pinner):
             return hook(*args, **kwargs)
-    pinned._spill_original = hook  # type: ignore[attr-defined]  # (_offload._pin_hooks)
+    pinned._spill_original = hook  # type: ignore[attr-defined]  # (_offload_grads._pin_hooks)
     return pinned
 
 

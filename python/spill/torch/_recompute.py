@@ -273,7 +273,7 @@ class Recomputation:
         stream = self._pinner.stream()
         for hold in reversed(released):
             for token, wrote in hold:
-                self._pinner.unpin(token, stream, bool(wrote))  # (see _offload._Read)
+                self._pinner.unpin(token, stream, bool(wrote))  # (see _offload_pins._Read)
             # Emptied: the hook begin() left on an argument keeps its hold, and a hold's
             # _Read keeps its tensor, whose graph reaches that argument's hook: a cycle
             # through autograd's C++ nodes that the collector cannot see. With
