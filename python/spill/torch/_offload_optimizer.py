@@ -367,8 +367,6 @@ def _inner_optimizers(opt: torch.optim.Optimizer,
 
 # An optimizer's attributes that are torch.optim's: what _kept_tensors does not look in.
 _OPTIMIZER_FIELDS = frozenset(("param_groups", "state", "defaults"))
-
-
 _CONTAINERS = (torch.Tensor, list, tuple, dict)
 
 

@@ -22,8 +22,6 @@ from ._window import _dispatch_stack, _function_stack, _leave, stray_optimizer_e
 
 
 Token = Any  # spill._capi.PinToken
-
-
 _STRIDED = torch.strided  # (a sparse tensor has no storage of its own)
 
 
