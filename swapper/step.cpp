@@ -8,7 +8,8 @@
 // access the step expects next, its cursor, or right after the plan's accesses of the block
 // the step pinned last, there not an id whose block of the latest step lives on unseen; the
 // id of a block freed in the step passes to the next one made there, as a second
-// micro-batch's activation, and is found at each block it passed to in the plan's step),
+// micro-batch's activation, a life of its own wherever the cache put it, and is found at each
+// block it passed to in the plan's step),
 // else by its birth (below); a block the plan does not know gets an id past the plan's. An
 // access the plan has at the cursor follows the plan. Else the step has left its plan (a
 // deviation, counted once a step) and resynchronises: to the block's next access in
@@ -1129,10 +1130,17 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
   std::optional<std::uint32_t> born_op;  // the op a block new to the step's trace was born in
   if (fresh) {
     const bool id_new = id >= s.base_of_id.size() || s.base_of_id[id] == 0;
-    if (!id_new && s.base_of_id[id] != base) {
-      // The id's block of this step was freed: this one follows it (see id_for_block_locked).
-      auto old = s.id_of.find(s.base_of_id[id]);
-      if (old != s.id_of.end() && old->second == id) take_id_locked(s, old);
+    if (!id_new && (s.base_of_id[id] != base || s.gen_of_id[id] != b.generation)) {
+      // The id's block of this step was freed: this one follows it (see id_for_block_locked),
+      // a life of its own, wherever the cache put it. Before, one made at the freed block's
+      // very address was recorded as that block read again, and one made elsewhere as a new
+      // life: a step's recording depended on the cache's choice of address, which differs
+      // from step to step under swapping (a GRU's backward left each step's plan at the
+      // points where the two steps' choices differed, 2026-12-07).
+      if (s.base_of_id[id] != base) {
+        auto old = s.id_of.find(s.base_of_id[id]);
+        if (old != s.id_of.end() && old->second == id) take_id_locked(s, old);
+      }
       s.first_access_of_id.erase(id);
       s.access_of_id_op.erase(id);
     }

@@ -585,6 +585,55 @@ TEST(PlannedSteps, ABlockTheCacheMadeLargerIsTheSameTensor) {
   EXPECT_EQ(other.steps_recorded, 2u) << "step 2's larger request makes the plan again, once";
 }
 
+// A second micro-batch's activation takes the id of the first's, freed before it (the plan's
+// step had one micro-batch): a life of its own, whether the cache puts it at the freed block's
+// address or elsewhere, so that the step's recording does not depend on that choice. Before,
+// one at the very address was recorded as the freed block read again and one elsewhere as a
+// new life: under offload, a GRU's backward on the CPU bridge, where the cache chose
+// differently from step to step, left each step's plan at those points (2026-12-07).
+TEST(PlannedSteps, ABlockMadeWhereItsIdsFreedBlockWasIsRecordedAsALifeOfItsOwn) {
+  std::vector<std::vector<std::pair<std::uint64_t, graph::Access>>> recorded;
+  for (const bool elsewhere : {false, true}) {
+    Model m("plan", 256 * MiB);  // nothing moves: the cache alone decides the addresses
+    void* w = m.alloc();
+    m.use(w, 1, true);
+    m.declare(w);
+    std::vector<void*> places;
+    const auto micro_batch = [&](std::uint64_t seed, bool hold_the_freed_place) {
+      m.use(w, 1, false);
+      // (a block made and freed around the activation's allocation holds the cached block)
+      void* holder = hold_the_freed_place ? m.alloc() : nullptr;
+      void* act = m.alloc();
+      if (holder != nullptr) m.free(holder);
+      m.use(act, seed, true);
+      m.declare(act);
+      m.use(act, seed, false);
+      m.free(act);
+      places.push_back(act);
+    };
+    m.sw.begin_step(7);
+    micro_batch(10, false);
+    m.sw.end_step(7);
+    m.sw.begin_step(7);
+    micro_batch(20, false);
+    micro_batch(21, elsewhere);
+    m.sw.end_step(7);
+    ASSERT_TRUE(m.ok);
+    ASSERT_EQ(places.size(), 3u);
+    if (elsewhere) ASSERT_NE(places[2], places[1]) << "the holder took the cached block";
+    else ASSERT_EQ(places[2], places[1]) << "the cache gave the freed block's address";
+    std::vector<std::pair<std::uint64_t, graph::Access>> accesses;
+    for (const graph::TraceAccess& a : m.sw.last_trace(7).accesses)
+      accesses.emplace_back(a.block, a.access);
+    recorded.push_back(accesses);
+  }
+  using A = graph::Access;
+  const std::vector<std::pair<std::uint64_t, graph::Access>> expected = {
+      {0, A::Read}, {1, A::Write}, {1, A::Read}, {0, A::Read}, {1, A::Write}, {1, A::Read}};
+  EXPECT_EQ(recorded[0], expected) << "the second activation at the first's address";
+  EXPECT_EQ(recorded[1], expected) << "the second activation elsewhere";
+}
+
 // Steps whose activations change size from step to step, as a batch padded to its own longest
 // sequence does (the same ops in the same order at another length): `act_bytes[n - 1]` is
 // step n's activation (and temporary) size, at most kBlock. As Model::step otherwise (weights,
