@@ -171,13 +171,6 @@ class PinEveryOp(TorchDispatchMode):
     # Whether the steps it begins are keyed, by the shapes its ops see before each step's first
     # pin (guard's own steps; offload keys its steps at the model's forward).
     keys_steps = False
-    # Whether an op that only makes a view (reads_no_bytes) pins its arguments too. guard's
-    # own mode pins none (they read no bytes); offload's modes do, as their plans were made
-    # with: without those pins a GRU's steps under offload left their plan at every step
-    # (test_a_recurrent_modules_backward_region_holds_every_node_it_reaches: 0 of 2 steps
-    # planned), not examined further.
-    pins_views = True
-
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
                  outputs: Optional[Set[int]] = None, evaluations_outside: bool = False) -> None:
         super().__init__()
@@ -231,19 +224,22 @@ class PinEveryOp(TorchDispatchMode):
                 if began:
                     self._key_shapes = []
                 tensors = [t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                self._key_pending = (not self.pins_views and reads_no_bytes(func)) or not any(
+                self._key_pending = reads_no_bytes(func) or not any(
                     pinner.movable(t) for t in tensors)
                 if getattr(func, "namespace", "") != "profiler":
                     self._key_shapes.extend(shape_of(t) for t in tensors if t.numel() > 1)
                 if not self._key_pending:
                     steps.key(key_of_shapes(self._key_shapes))
                     self._key_shapes = []
-        if not self.pins_views and reads_no_bytes(func):
+        if reads_no_bytes(func):
             # A view (a Linear's ``t()`` of its weight, ``view``, ``detach``): nothing to pin
             # and nothing new to declare (its output is its argument's block). Pinned before,
             # it was a third of a training step's pins, and a guarded step whose batch came
             # from no op under the guard took the weight's transpose, its first op, for the
-            # step's first pinning op: its key held no batch.
+            # step's first pinning op: its key held no batch. Offload's modes (subclasses)
+            # pinned them until the swapper's recordings stopped depending on where the cache
+            # put a block (without those pins a GRU's steps under offload left their plan at
+            # every step: swapper/step.cpp, on_pin_locked).
             self.ops += 1
             return call_detaching(func, args, kwargs)
         stream = pinner.stream()
@@ -523,7 +519,6 @@ class guard:
                 wrap_method(opt, "step", wrapper(index), self._saved)
         mode = PinEveryOp(Pinner(), steps, evaluations_outside=True)
         mode.keys_steps = True
-        mode.pins_views = False
         if self._left is not None:  # what an earlier exit could not bring back: this exit's
             mode.declared.update(self._left.declared)
         from ._reads import host_reads  # (_reads imports _window, which imports this module)
