@@ -5334,6 +5334,37 @@ def test_a_handle_collected_without_remove_takes_its_oom_note_along() -> None:
     assert "ok" in out
 
 
+def test_a_handle_collected_without_remove_after_moving_to_its_training_thread_cleans_up() -> None:
+    """As above, for a handle made on the main thread whose model trained on another one
+    (the handle moves to the thread of its first forward: _offload_entries._follow_thread):
+    collected, its out-of-memory note goes too, and nothing is reported from its finalizer.
+    Before, the finalizer made at the move lacked the quiet-step policy: collecting the
+    handle printed a TypeError ("Exception ignored in: <finalize object ...>"), and its note
+    went on explaining later errors."""
+    r = run_code(INTERRUPTED_MLP + """
+        import weakref
+        m, o = make()
+        h = st.offload(m, o)
+        t = threading.Thread(target=lambda: [step(m, o, *b) for b in batches[:3]])
+        t.start()
+        t.join()
+        assert h.step_is_quiet
+        ref = weakref.ref(h)
+        del h, m, o
+        gc.collect()
+        assert ref() is None, "the handle was not collected"
+        spill.set_budget(4 << 20)
+        try:
+            torch.empty(8 << 20, dtype=torch.uint8, device=dev)
+            raise AssertionError("no out-of-memory error")
+        except torch.cuda.OutOfMemoryError as e:
+            assert "out of memory" in str(e) and "ran this step quiet" not in str(e), str(e)
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.stdout, r.stderr)
+    assert "Exception ignored" not in r.stderr and "TypeError" not in r.stderr, r.stderr
+
+
 def test_out_of_memory_in_an_optimizer_offload_does_not_know_names_it() -> None:
     """Resuming into a fresh optimizer that was not given to offload() (``opt2 =
     Adam(...); opt2.load_state_dict(opt.state_dict())``) at a third of the footprint: its

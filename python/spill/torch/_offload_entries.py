@@ -69,7 +69,8 @@ class _Entries:
         self._window = window()
         self._window.add(self)
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _collected, self._window, self.steps)
+        self._finalizer = weakref.finalize(self, _collected, self._window, self.steps,
+                                           self._policy)
         self._finalizer.atexit = False
 
     def _end_entry(self, output: Any) -> None:
