@@ -3225,6 +3225,55 @@ LEFT_BY_AN_EXIT = """
 """
 
 
+@pytest.mark.parametrize("wrap", ["guard", "offload"])
+def test_view_ops_of_a_sparse_tensor_pin_its_indices_and_values(wrap: str) -> None:
+    """Ops whose schema says they make a view run without pins under spill's modes, but not
+    with a sparse tensor argument: their sparse kernels make new indices and values from the
+    argument's (``unsqueeze``, ``_sparse_broadcast_to``, ``transpose`` of a COO tensor). With
+    the indices and values moved to the host, each such op under guard(), and under
+    offload()'s first step (its dispatch mode), gives plain torch's result. Before, they ran
+    unpinned and read the host copy's unmapped memory: a segmentation fault on the CPU bridge
+    (review 44r: under guard since views stopped pinning; under offload's modes since they
+    did too)."""
+    out = run_ok(quiet_preamble("64MiB") + LEFT_BY_AN_EXIT + """
+        n = 1 << 16  # (indices 1 MiB, values 256 KiB)
+        def sparse():
+            i = torch.arange(n, device=dev)
+            return torch.sparse_coo_tensor(torch.stack([i, i]), torch.ones(n, device=dev) * 3,
+                                           (n, n)).coalesce()
+        def views(s):
+            return [s.unsqueeze(0).coalesce(), s.t().coalesce(),
+                    torch._sparse_broadcast_to(s.unsqueeze(0), [2, n, n]).coalesce()]
+        plain = views(sparse())
+        enable()
+        def check(s):
+            parts = [s._indices(), s._values()]
+            assert len(evict_all(parts)) == 2, "the sparse tensor's parts stayed resident"
+            got = views(s)
+            assert all(torch.equal(a._indices(), b._indices()) and
+                       torch.equal(a._values(), b._values()) for a, b in zip(got, plain))
+        if "%s" == "guard":
+            with st.guard(release_on_exit=False):
+                s = sparse()
+                s * 1  # (an op's argument: its indices and values declared swappable)
+                check(s)
+        else:
+            class M(torch.nn.Module):
+                def forward(self, x):
+                    s = sparse()
+                    s * 1
+                    check(s)
+                    return x * 2
+            m = M()
+            h = st.offload(m, None)
+            with spill.torch.step():
+                m(torch.ones(4, device=dev, requires_grad=True)).sum().backward()
+            h.remove()
+        print("ok")
+    """ % wrap)
+    assert "ok" in out, out
+
+
 def test_what_a_guards_exit_leaves_is_read_pinned_by_host_reads_too() -> None:
     """After an exit that found no room, what is left stays swappable and every op runs
     pinned until release(), as the guide says, and so do the CPU bridge's host reads

@@ -79,7 +79,7 @@ class _CheckPins(TorchDispatchMode):
         unpinned: List[int] = []
         packet = getattr(func, "overloadpacket", func)
         if state.active and not state.forked_child and packet not in _SHAPE_ONLY \
-                and not reads_no_bytes(func):
+                and not reads_no_bytes(func, args, kwargs):
             unpinned = self._check(func, args, kwargs)
         if not unpinned:
             return call_detaching(func, args, kwargs)

@@ -71,6 +71,7 @@ def call_detaching(func: Any, args: Any, kwargs: Dict[str, Any]) -> Any:
 
 
 _reads_no_bytes: Dict[Any, bool] = {}
+_STRIDED = torch.strided
 try:
     _has_kernel_for = torch._C._dispatch_has_kernel_for_dispatch_key
 except AttributeError:  # (then every op pins)
@@ -81,10 +82,14 @@ _COMPOSITE = getattr(getattr(torch._C, "DispatchKey", None), "CompositeImplicitA
                      "CompositeImplicitAutograd")
 
 
-def reads_no_bytes(func: Any) -> bool:
-    """Whether ``func`` only makes views of its arguments (``t``, ``view``, ``transpose``,
-    ``select``, ``slice``, ``detach``, ``expand``, ``as_strided``...): its outputs alias its
-    inputs (its schema) and no kernel of it reads or writes their bytes, so it needs no pins.
+def reads_no_bytes(func: Any, args: Any = (), kwargs: Any = None) -> bool:
+    """Whether ``func`` called with ``args`` and ``kwargs`` only makes views of its arguments
+    (``t``, ``view``, ``transpose``, ``select``, ``slice``, ``detach``, ``expand``,
+    ``as_strided``...): its outputs alias its inputs (its schema) and no kernel of it reads or
+    writes their bytes, so it needs no pins. Not with a sparse (or other non-strided) tensor
+    argument: their kernels of such ops make new indices and values from the argument's
+    (``unsqueeze``, ``_sparse_broadcast_to`` of a sparse COO tensor: review 44r, a swapped-out
+    sparse tensor broadcast under guard faulted).
     An op of its own, not a composite one: a composite that may alias reaches a dispatch
     mode when autograd is off (``torch.inference_mode()``: ``to(dtype)``, ``contiguous()``,
     ``reshape()``, ``flatten()`` of a tensor they must copy, ``narrow`` with a tensor start,
@@ -96,6 +101,7 @@ def reads_no_bytes(func: Any) -> bool:
         schema = func._schema
         returns = schema.returns
         found = (bool(returns) and _has_kernel_for is not None
+                 and schema.name != "aten::_make_dual"  # (may copy its tangent)
                  and all(r.alias_info is not None and not r.alias_info.is_write
                          for r in returns)
                  and not any(a.alias_info is not None and a.alias_info.is_write
@@ -106,7 +112,16 @@ def reads_no_bytes(func: Any) -> bool:
             except (RuntimeError, AttributeError, TypeError):
                 found = False
         _reads_no_bytes[func] = found
-    return found
+    if not found:
+        return False
+    for t in args:
+        if isinstance(t, torch.Tensor) and t.layout != _STRIDED:
+            return False
+    if kwargs:
+        for t in kwargs.values():
+            if isinstance(t, torch.Tensor) and t.layout != _STRIDED:
+                return False
+    return True
 
 
 def _writes(func: Any) -> Tuple[frozenset, frozenset]:
@@ -171,6 +186,7 @@ class PinEveryOp(TorchDispatchMode):
     # Whether the steps it begins are keyed, by the shapes its ops see before each step's first
     # pin (guard's own steps; offload keys its steps at the model's forward).
     keys_steps = False
+
     def __init__(self, pinner: Pinner, steps: Optional[StepBoundaries] = None,
                  outputs: Optional[Set[int]] = None, evaluations_outside: bool = False) -> None:
         super().__init__()
@@ -224,14 +240,14 @@ class PinEveryOp(TorchDispatchMode):
                 if began:
                     self._key_shapes = []
                 tensors = [t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                self._key_pending = reads_no_bytes(func) or not any(
+                self._key_pending = reads_no_bytes(func, args, kwargs) or not any(
                     pinner.movable(t) for t in tensors)
                 if getattr(func, "namespace", "") != "profiler":
                     self._key_shapes.extend(shape_of(t) for t in tensors if t.numel() > 1)
                 if not self._key_pending:
                     steps.key(key_of_shapes(self._key_shapes))
                     self._key_shapes = []
-        if reads_no_bytes(func):
+        if reads_no_bytes(func, args, kwargs):
             # A view (a Linear's ``t()`` of its weight, ``view``, ``detach``): nothing to pin
             # and nothing new to declare (its output is its argument's block). Pinned before,
             # it was a third of a training step's pins, and a guarded step whose batch came

@@ -161,7 +161,7 @@ class _PinReads(PinEveryOp):
             window.busy -= 1
 
     def _pin_reads(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        if reads_no_bytes(func):
+        if reads_no_bytes(func, args, kwargs):
             number = detached_number(func, args)
             if number is not None:
                 return number
