@@ -3,7 +3,7 @@ forward's, a busy module's), and the first step's measure of what each module's 
 hold (_busy). Mixed into OffloadHandle; the design is in _offload.py's docstring."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -17,6 +17,9 @@ from ._pins import Pinner, leaves, storage
 from ._recompute import ModuleCall
 from ._state import state
 from ._window import _dispatch_stack, _function_stack, _remove
+
+if TYPE_CHECKING:  # (for annotations only: _offload imports this module)
+    from ._offload import OffloadHandle
 
 
 class _Held:
@@ -75,7 +78,7 @@ class _NewStorage(TorchFunctionMode):
     undeclared until the forward ended. Each module's pre-hook pins what it holds then. A
     ``.data =`` elsewhere in a forward is looked at when the entry's forward ends."""
 
-    def __init__(self, handle: "OffloadHandle") -> None:
+    def __init__(self, handle: OffloadHandle) -> None:
         super().__init__()
         self.handle = handle
 
@@ -123,7 +126,7 @@ class _Discovery(PinEveryOp):
     it (test_sparse_embedding_gradients_are_pinned_through_their_indices_and_values runs out
     of memory without)."""
 
-    def __init__(self, handle: "OffloadHandle") -> None:
+    def __init__(self, handle: OffloadHandle) -> None:
         super().__init__(handle.pinner, handle.steps, handle._acts)
         self.handle = handle
         self.declares_arguments = not handle._ddp

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -19,6 +19,9 @@ from ._quiet import EVALUATION
 from ._recompute import ModuleCall
 from ._state import state
 from ._window import _dispatch_stack, _function_stack, _leave, stray_optimizer_error
+
+if TYPE_CHECKING:  # (for annotations only: _offload_modes imports this module)
+    from ._offload_modes import _NewStorage
 
 
 Token = Any  # spill._capi.PinToken
@@ -42,7 +45,7 @@ class _Frame:
         self.packed: Set[int] = set()
         self.inputs: Set[int] = set()  # storage pointers of the module's tensor arguments
         self.ops: Optional[PinEveryOp] = None
-        self.functions: Optional["_NewStorage"] = None  # (with ops: a busy module's)
+        self.functions: Optional[_NewStorage] = None  # (with ops: a busy module's)
         # A busy module without children in grad mode: its arguments' grad_fn (_regions.py).
         self.argument_nodes: Optional[List[Any]] = None
 
