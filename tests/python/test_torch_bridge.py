@@ -5357,46 +5357,27 @@ def test_offload_takes_an_optimizer_like_wrapper_and_a_failed_offload_leaves_not
     assert "ok" in out
 
 
-def test_a_handle_collected_without_remove_takes_its_oom_note_along() -> None:
+@pytest.mark.parametrize("trained_on", ["its thread", "another thread"])
+def test_a_handle_collected_without_remove_takes_its_oom_note_along(trained_on: str) -> None:
     """A handle whose quiet steps set the device's out-of-memory note, dropped without
     remove() with its model and optimizer (collected), no longer explains later errors: an
-    allocation that fails afterwards with no model at all carried "ran this step quiet"."""
-    out = run_ok(INTERRUPTED_MLP + """
-        import weakref
-        m, o = make()
-        h = st.offload(m, o)
-        for b in batches[:3]:
-            step(m, o, *b)
-        assert h.step_is_quiet
-        ref = weakref.ref(h)
-        del h, m, o
-        gc.collect()
-        assert ref() is None, "the handle was not collected"
-        spill.set_budget(4 << 20)
-        try:
-            torch.empty(8 << 20, dtype=torch.uint8, device=dev)
-            raise AssertionError("no out-of-memory error")
-        except torch.cuda.OutOfMemoryError as e:
-            assert "out of memory" in str(e) and "ran this step quiet" not in str(e), str(e)
-        print("ok")
-    """)
-    assert "ok" in out
-
-
-def test_a_handle_collected_without_remove_after_moving_to_its_training_thread_cleans_up() -> None:
-    """As above, for a handle made on the main thread whose model trained on another one
-    (the handle moves to the thread of its first forward: _offload_entries._follow_thread):
-    collected, its out-of-memory note goes too, and nothing is reported from its finalizer.
-    Before, the finalizer made at the move lacked the quiet-step policy: collecting the
-    handle printed a TypeError ("Exception ignored in: <finalize object ...>"), and its note
-    went on explaining later errors."""
+    allocation that fails afterwards with no model at all carried "ran this step quiet". Also
+    for a handle made on the main thread whose model trained on another one (the handle moves
+    to the thread of its first forward: _offload_entries._follow_thread), and nothing is
+    reported from its finalizer: before, the finalizer made at the move lacked the quiet-step
+    policy, and collecting the handle printed a TypeError ("Exception ignored in: <finalize
+    object ...>") and kept the note."""
     r = run_code(INTERRUPTED_MLP + """
         import weakref
         m, o = make()
         h = st.offload(m, o)
-        t = threading.Thread(target=lambda: [step(m, o, *b) for b in batches[:3]])
-        t.start()
-        t.join()
+        train = lambda: [step(m, o, *b) for b in batches[:3]]
+        if %r == "its thread":
+            train()
+        else:
+            t = threading.Thread(target=train)
+            t.start()
+            t.join()
         assert h.step_is_quiet
         ref = weakref.ref(h)
         del h, m, o
@@ -5409,7 +5390,7 @@ def test_a_handle_collected_without_remove_after_moving_to_its_training_thread_c
         except torch.cuda.OutOfMemoryError as e:
             assert "out of memory" in str(e) and "ran this step quiet" not in str(e), str(e)
         print("ok")
-    """)
+    """ % trained_on)
     assert r.returncode == 0 and "ok" in r.stdout, (r.stdout, r.stderr)
     assert "Exception ignored" not in r.stderr and "TypeError" not in r.stderr, r.stderr
 

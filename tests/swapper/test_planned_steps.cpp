@@ -626,6 +626,15 @@ TEST(PlannedSteps, ABlockMadeWhereItsIdsFreedBlockWasIsRecordedAsALifeOfItsOwn) 
     for (const graph::TraceAccess& a : m.sw.last_trace(7).accesses)
       accesses.emplace_back(a.block, a.access);
     recorded.push_back(accesses);
+    // A third step, with the other placement, follows step 2's plan.
+    const SwapStats before = m.sw.stats();
+    m.sw.begin_step(7);
+    micro_batch(30, false);
+    micro_batch(31, !elsewhere);
+    m.sw.end_step(7);
+    ASSERT_TRUE(m.ok);
+    EXPECT_EQ(m.sw.stats().steps_planned, before.steps_planned + 1);
+    EXPECT_EQ(m.sw.stats().deviations, before.deviations);
   }
   using A = graph::Access;
   const std::vector<std::pair<std::uint64_t, graph::Access>> expected = {
