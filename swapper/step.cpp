@@ -934,10 +934,12 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
   };
   // The plan's block first accessed at position j (its id's first, or a later block its id
   // passed to in the plan's step: a second task's activation in MAML), if it can be this
-  // one: not taken, of this size if its id had a block freed in this step, not one the plan's
-  // step made when this one is from before the step (each keeps its own id: optimizer state
-  // made in a first step is found by its id of the latest step), and not the id of a block
-  // from before the plan's step that lives on unseen by this step (a skipped layer's weight).
+  // one: not taken, of this request if its id had a block freed in this step (not of this
+  // size: the cache may give a request a block up to a quarter larger, as it holds), not one
+  // the plan's step made when this one is from before the step (each keeps its own id:
+  // optimizer state made in a first step is found by its id of the latest step), and not the
+  // id of a block from before the plan's step that lives on unseen by this step (a skipped
+  // layer's weight).
   // The latest step's block of an id the plan's step made may live on a little, as a Python
   // variable holds a tensor until it is assigned the next step's: at the cursor its id is
   // this block's; found only by a neighbour (`at_cursor` false) it is not, since that block
@@ -984,7 +986,7 @@ std::uint64_t Swapper::Impl::id_for_block_locked(StepState& s, const SwapBlock& 
     const std::uint64_t id = planned[j].block;
     if (id >= s.plan_ids || !s.plan_starts[j] || taken(id)) return false;
     if (id < s.base_of_id.size() && s.base_of_id[id] != 0 && s.access_of_id_op.count(id) != 0 &&
-        s.trace.accesses[s.access_of_id_op.at(id)].bytes != b.size)
+        id < s.request_of_id.size() && s.request_of_id[id] != b.request)
       return false;
     if (b.born < s.begin_tick && planned[j].access == graph::Access::Write &&
         !(at_cursor && next_turn(id)))

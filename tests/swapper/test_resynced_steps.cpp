@@ -28,6 +28,11 @@ struct Shape {
   std::set<int> skip;
   int twice = -1;
   int micro_batches = 1;
+  // With activations of a size per layer (Model's `sizes`): each activation of the
+  // micro-batches after the first is made while a block of its size, made just before it and
+  // freed just after, holds the cached block the cache would give it (the first
+  // micro-batch's activation of its layer, freed in its backward).
+  bool other_places = false;
 };
 
 // Host pins and opt-in swappability, as the CPU bridge drives the swapper; optimizer state is
@@ -38,20 +43,24 @@ class Model {
   // step makes and zeroes it first, so that step 2 has step 1's accesses less the zeroing.
   // with_input: each step's batch is made before the step (the last one freed) and read by
   // the first layer the step runs, as a model's input.
+  // sizes: each layer's activation a size of its own (2 MiB and the layer's number of 64 KiB
+  // granules), so that the cache gives an activation the block of its layer's last one.
   explicit Model(const std::string& policy, bool update_in_one_op = false,
-                 bool with_input = false)
-      : rt_(conf(policy), RuntimeOptions{.opt_in_swappable = true}),
+                 bool with_input = false, bool sizes = false)
+      : rt_(conf(policy, sizes), RuntimeOptions{.opt_in_swappable = true}),
         sw_(*rt_.swapper()),
         one_op_(update_in_one_op),
-        with_input_(with_input) {
+        with_input_(with_input),
+        sizes_(sizes) {
     for (int l = 0; l < kLayers; ++l) {
       weights_.push_back(alloc());
       use(weights_.back(), 100 + l, true);
       sw_.set_swappable(weights_.back(), true);
     }
   }
-  static Config conf(const std::string& policy) {
-    Config c = Config::parse("device:sim,sim_capacity:512MiB,trace:off,policy:" + policy);
+  static Config conf(const std::string& policy, bool sizes) {
+    Config c = Config::parse("device:sim,sim_capacity:512MiB,trace:off,policy:" + policy +
+                             (sizes ? ",sim_granularity:64KiB" : ""));
     c.budget = (3 * kLayers + 1) * kBlock / 3;  // a third of weights, state and activations
     return c;
   }
@@ -79,14 +88,16 @@ class Model {
           void* tmp = alloc();  // never pinned: the plan leaves room for it
           use(weights_[l], 100 + l, false);
           if (with_input_ && acts.empty()) use(input_, 9000 + n, false);
-          acts.push_back({alloc(), l});
-          use(acts.back().first, seed + acts.size(), true);
+          void* holder = mb > 0 && shape.other_places ? alloc(act_bytes(l)) : nullptr;
+          acts.push_back({alloc(act_bytes(l)), l});
+          if (holder != nullptr) free(holder);
+          use(acts.back().first, seed + acts.size(), true, act_bytes(l));
           sw_.set_swappable(acts.back().first, true);
           free(tmp);
         }
       }
       for (std::size_t i = acts.size(); i-- > 0;) {
-        use(acts[i].first, seed + i + 1, false);
+        use(acts[i].first, seed + i + 1, false, act_bytes(acts[i].second));
         use(weights_[acts[i].second], 100 + acts[i].second, false);
         free(acts[i].first);
       }
@@ -127,12 +138,15 @@ class Model {
   bool ok() const { return ok_; }
 
  private:
-  void* alloc() { return rt_.allocator().allocate(kBlock, nullptr); }
+  std::size_t act_bytes(int layer) const {
+    return kBlock + (sizes_ ? (layer + 1) * 64 * KiB : 0);
+  }
+  void* alloc(std::size_t bytes = kBlock) { return rt_.allocator().allocate(bytes, nullptr); }
   void free(void* p) { rt_.allocator().deallocate(p, nullptr); }
-  void use(void* p, std::uint64_t seed, bool write) {
+  void use(void* p, std::uint64_t seed, bool write, std::size_t bytes = kBlock) {
     PinToken t = sw_.pin_for_host(p);
-    if (write) fill_pattern(p, kBlock, seed);
-    else ok_ = ok_ && find_pattern_mismatch(p, kBlock, seed) == kBlock;
+    if (write) fill_pattern(p, bytes, seed);
+    else ok_ = ok_ && find_pattern_mismatch(p, bytes, seed) == bytes;
     sw_.unpin(t, nullptr, write);
   }
 
@@ -142,6 +156,7 @@ class Model {
   std::vector<std::uint64_t> state_seed_;
   bool one_op_ = false;
   bool with_input_ = false;
+  bool sizes_ = false;
   void* input_ = nullptr;
   bool ok_ = true;
 };
@@ -155,8 +170,8 @@ struct Training {
 // Three steps of the full model (step 1 creates the state, step 2 becomes the plan, step 3
 // follows it), then `shapes`.
 Training train(const std::string& policy, const std::vector<Shape>& shapes,
-               bool update_in_one_op = false) {
-  Model m(policy, update_in_one_op);
+               bool update_in_one_op = false, bool sizes = false) {
+  Model m(policy, update_in_one_op, false, sizes);
   Training r;
   for (int n = 1; n <= 3; ++n) r.demand.push_back(m.step(n, {}));
   for (std::size_t i = 0; i < shapes.size(); ++i)
@@ -244,6 +259,24 @@ TEST(ResyncedSteps, StepsWithAnotherNumberOfMicroBatchesFollowTheirPlan) {
   EXPECT_EQ(plan.stats.steps_recorded, 6u) << "steps 1, 2 and 4 to 7";
   // Each varying step at most half of LRU's demand fetches (the first access after a skip
   // may find its block on the host: the plan's look-ahead was before the skip).
+  expect_below_lru(plan, lru, 2, 4);
+}
+
+// Steps of two micro-batches: the second's activations take the first's ids (freed in its
+// backward). Every other step a block of each activation's size holds the cached block the
+// cache would give it, and the activation gets another: a larger cached block (another
+// layer's, up to a quarter larger) or new memory. The id goes to the activation by its
+// request, whatever the size of the block the cache gave it, and steps 5 to 11 follow step
+// 4's plan. Before, an id passed only to a block of the freed one's size: in the steps where
+// the cache gave a larger block, the activation took a new id, and the steps became plans in
+// turn (3 to 6 recorded of 11, by the timing of the swap-outs).
+TEST(ResyncedSteps, AnIdPassesToTheNextBlockOfItsRequestWhateverSizeTheCacheGaveIt) {
+  std::vector<Shape> shapes(8, Shape{{}, -1, 2});
+  for (std::size_t i = 1; i < shapes.size(); i += 2) shapes[i].other_places = true;
+  const Training plan = train("plan", shapes, false, true);
+  const Training lru = train("lru", shapes, false, true);
+  EXPECT_EQ(plan.stats.steps_recorded, 3u) << "steps 1, 2 and 4";
+  EXPECT_EQ(plan.stats.steps_planned, 8u) << "steps 3 and 5 to 11";
   expect_below_lru(plan, lru, 2, 4);
 }
 
