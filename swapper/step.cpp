@@ -1139,7 +1139,7 @@ void Swapper::Impl::on_pin_locked(StepState& s, SwapBlock& b, Stream stream) {
       // life: a step's recording depended on the cache's choice of address, which differs
       // from step to step under swapping (a GRU's backward left each step's plan at the
       // points where the two steps' choices differed, 2026-12-07).
-      if (s.base_of_id[id] != base) {
+      if (s.base_of_id[id] != base) {  // (at this base, id_of holds this block's entry now)
         auto old = s.id_of.find(s.base_of_id[id]);
         if (old != s.id_of.end() && old->second == id) take_id_locked(s, old);
       }

@@ -223,6 +223,7 @@ class PinEveryOp(TorchDispatchMode):
             if parts is not None:
                 return joined(split, [self.__torch_dispatch__(func, types, a, k)
                                       for a, k in parts])
+        view = reads_no_bytes(func, args, kwargs)
         steps = self.steps
         if steps is not None:
             if self.evaluations_outside:
@@ -240,14 +241,14 @@ class PinEveryOp(TorchDispatchMode):
                 if began:
                     self._key_shapes = []
                 tensors = [t for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                self._key_pending = reads_no_bytes(func, args, kwargs) or not any(
+                self._key_pending = view or not any(
                     pinner.movable(t) for t in tensors)
                 if getattr(func, "namespace", "") != "profiler":
                     self._key_shapes.extend(shape_of(t) for t in tensors if t.numel() > 1)
                 if not self._key_pending:
                     steps.key(key_of_shapes(self._key_shapes))
                     self._key_shapes = []
-        if reads_no_bytes(func, args, kwargs):
+        if view:
             # A view (a Linear's ``t()`` of its weight, ``view``, ``detach``): nothing to pin
             # and nothing new to declare (its output is its argument's block). Pinned before,
             # it was a third of a training step's pins, and a guarded step whose batch came
