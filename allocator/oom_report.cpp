@@ -92,6 +92,14 @@ std::string oom_message(const OomFacts& f) {
   } else if (f.free_total >= f.needed && frag > 0.5) {
     m += "Hint: enough is cached but fragmented across partly used segments, which go back "
          "to the device only when all of their blocks are freed.";
+  } else if (!f.small_request && f.other_free >= f.needed && f.other_free > f.budget / 3) {
+    // Free, but in the other pool: small-pool segments with a few live blocks each (a test
+    // squeezing guard's budget in a checkpoint's recomputation was told "the pinned working
+    // set is too large" with nothing pinned and the budget in such segments).
+    m += "Hint: enough is cached, but in small-pool segments (requests up to " +
+         format_bytes(f.small_limit) + "), which go back to the device only when all of their "
+         "blocks are freed: raise budget:, or lower swap_threshold: so fewer tensors share "
+         "small segments.";
   } else if (f.host_cap && *f.host_cap - std::min(*f.host_cap, f.host_in_use) < f.needed) {
     m += "Hint: the host cap (host_cap: " + format_bytes(*f.host_cap) + ", " +
          format_bytes(f.host_in_use) + " of it in use) leaves no room to swap a block out: "

@@ -1101,6 +1101,34 @@ TEST(AllocatorOom, TheHintSaysWhetherPinsOrUndeclaredBlocksFillTheBudget) {
   EXPECT_NE(oom_message(f).find(pinned_hint), std::string::npos) << oom_message(f);
 }
 
+// A large request that the small pool's free cache would cover, were it not held by segments
+// with live blocks: that is named, not the pins (nothing pinned: a budget squeezed to one
+// small-pool segment in a checkpoint's recomputation under guard was told "the pinned
+// working set is too large").
+TEST(AllocatorOom, TheHintNamesFreeBytesHeldInSmallPoolSegments) {
+  OomFacts f;
+  f.requested = f.needed = 512 * KiB;
+  f.budget = 2 * MiB;
+  f.small_limit = 128 * KiB;
+  f.allocated = f.small_allocated = 21 * KiB;
+  f.cached = 2 * MiB - 21 * KiB;
+  f.other_free = f.cached;
+  f.swapped_out = 23 * MiB;
+  f.pinned = 0;
+  f.unswappable = 0;
+  const std::string hint = "Hint: enough is cached, but in small-pool segments (requests up to " +
+                           format_bytes(128 * KiB) + ")";
+  std::string m = oom_message(f);
+  EXPECT_NE(m.find(hint), std::string::npos) << m;
+  EXPECT_EQ(m.find("pinned working set"), std::string::npos) << m;
+  f.small_request = true;  // then the "other" pool is the large one: not this hint
+  f.free_total = 0;
+  EXPECT_EQ(oom_message(f).find(hint), std::string::npos) << oom_message(f);
+  f.small_request = false;
+  f.other_free = 256 * KiB;  // would not cover the request
+  EXPECT_EQ(oom_message(f).find(hint), std::string::npos) << oom_message(f);
+}
+
 // The allocator asks the swapper for those figures when its eviction hook cannot make room.
 TEST(AllocatorOom, TheMessageCarriesTheObserversUnevictableBytes) {
   struct Stuck final : LargeBlockObserver {

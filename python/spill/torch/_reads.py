@@ -20,8 +20,8 @@ import torch
 from spill import Error
 
 from . import _fast_path as fast_path
-from ._pins import Pinner
-from ._state import state
+from ._pins import Pinner, out_of_memory_in
+from ._state import state, torch_version
 from ._window import _HostUses, _PinReads
 
 
@@ -37,19 +37,39 @@ class _Reads:
 
 
 def host_reads() -> Optional[Any]:
-    """The window's function mode with only its host reads (``.numpy()``, ``.tolist()``,
-    printing, torch.save's storages), not yet entered, for guard() on the CPU bridge, where
-    host code reads tensor memory directly; None on a GPU, where those read through a copy
-    op that guard's dispatch mode pins. Before, under guard, ``.tolist()`` or ``torch.save``
-    of an optimizer's state tensor on the host (no op before it to bring it back) was a
-    segmentation fault on the CPU bridge."""
+    """guard()'s function mode, not yet entered, or None where it needs none (a GPU with torch
+    2). It has the window's host reads on the CPU bridge (``.numpy()``, ``.tolist()``,
+    printing, torch.save's storages), where host code reads tensor memory directly (on a GPU
+    those read through a copy op that guard's dispatch mode pins). Before, under guard,
+    ``.tolist()`` or ``torch.save`` of an optimizer's state tensor on the host (no op before
+    it to bring it back) was a segmentation fault on the CPU bridge. With torch 1.x,
+    ``Tensor.backward`` and ``torch.autograd.grad`` raise an out-of-memory error that the
+    engine handed on as a plain RuntimeError as the torch.cuda.OutOfMemoryError it was: a
+    non-reentrant checkpoint's recomputation runs in checkpoint's unpack hook, where torch
+    1.13's engine wraps a pin's or an allocation's error so (audit 43u F2, still so under
+    guard alone until 2026-12-07; offload's window did it already)."""
     reads = _Reads()
-    if not reads.pinner.cpu:
+    if not reads.pinner.cpu and torch_version() >= (2, 0, 0):
         return None
     functions = _HostUses(reads)  # type: ignore[arg-type]
-    for func in (torch.Tensor.backward, torch.autograd.grad, torch.Tensor.data.__set__):
-        functions.special.pop(func, None)  # (the window's: guard's dispatch mode pins these)
+    functions.special.pop(torch.Tensor.data.__set__, None)  # (the window's)
+    for func in (torch.Tensor.backward, torch.autograd.grad):
+        # (their ops are guard's dispatch mode's to pin)
+        functions.special[func] = _out_of_memory_as_itself
     return functions
+
+
+def _out_of_memory_as_itself(func: Any, args: Any, kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` (a backward), raising an out-of-memory error the engine
+    handed on as a plain RuntimeError as itself."""
+    state.last_oom = None  # (a message of an earlier error is not this one's)
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as e:
+        oom = out_of_memory_in(e)
+        if oom is not None:
+            raise oom from e
+        raise
 
 
 class pin_reads:
