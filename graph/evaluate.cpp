@@ -32,7 +32,8 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
   const std::size_t n = g.ops.size();
   // Per op (difference arrays): bytes made in the step and live there, and bytes of tensors
   // that existed at the step's start and are used after it.
-  std::vector<std::int64_t> made_delta(n + 1, 0), later_delta(n + 1, 0);
+  // `held_delta`: bytes held to the step's end past their last use, which need not come back.
+  std::vector<std::int64_t> made_delta(n + 1, 0), later_delta(n + 1, 0), held_delta(n + 1, 0);
   for (std::size_t t = 0; t < g.tensors.size(); ++t) {
     const auto bytes = static_cast<std::int64_t>(g.tensors[t].bytes);
     if (exists_at_start(g.tensors[t].kind)) {
@@ -46,12 +47,13 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
     if (iv.first < 0) continue;
     made_delta[iv.first] += bytes;
     made_delta[iv.last + 1] -= bytes;
+    if (g.tensors[t].held_to_step_end) held_delta[l.uses[t].back() + 1] += bytes;
   }
   double total = 0;
   for (double t : op_times) total += t;
   SwapFloor best{total, 0, 0, 0};
   const double d2h = link.d2h_gbps * 1e9, h2d = link.h2d_gbps * 1e9;
-  std::int64_t made = 0, later = 0;
+  std::int64_t made = 0, later = 0, held = 0;
   double before = 0;  // C(k)
   std::vector<TensorIndex> touched;
   auto excess = [&](std::uint64_t wanted, std::uint64_t room) {
@@ -60,6 +62,7 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
   for (std::size_t k = 0; k < n; ++k) {
     made += made_delta[k];
     later += later_delta[k];
+    held += held_delta[k];
     const Op& op = g.ops[k];
     op_tensors(op, touched);
     // The op's own bytes are resident; `others` are those of them (and its workspace) that
@@ -77,7 +80,7 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
     // Absent here and needed later in the step (those too, and tensors from before the step
     // that an op after this one uses): back before the step ends.
     const std::uint64_t back = excess(
-        static_cast<std::uint64_t>(made) + static_cast<std::uint64_t>(later) - later_here,
+        static_cast<std::uint64_t>(made - held) + static_cast<std::uint64_t>(later) - later_here,
         budget - others);
     const double bound = std::max(before, static_cast<double>(out) / d2h) +
                          std::max(total - before, static_cast<double>(back) / h2d);

@@ -14,7 +14,8 @@ using nlohmann::json;
 
 int graph_format_version(const Graph& g) {
   bool v2 = g.batch > 0;
-  for (const Tensor& t : g.tensors) v2 = v2 || t.kind == TensorKind::Buffer || t.batch_bytes > 0;
+  for (const Tensor& t : g.tensors)
+    v2 = v2 || t.kind == TensorKind::Buffer || t.batch_bytes > 0 || t.held_to_step_end;
   for (const Op& op : g.ops) v2 = v2 || op.batch_flops > 0 || op.batch_bytes > 0;
   for (const Op& op : g.ops)
     if (op.recomputable) return 3;
@@ -30,6 +31,7 @@ json graph_to_json(const Graph& g) {
            {"dtype", to_string(t.dtype)},
            {"kind", to_string(t.kind)}};
     if (t.batch_bytes > 0) j["batch_bytes"] = t.batch_bytes;
+    if (t.held_to_step_end) j["held_to_step_end"] = true;
     tensors.push_back(std::move(j));
   }
   json ops = json::array();
@@ -91,8 +93,8 @@ Graph graph_from_json(const json& j, std::string_view source) {
   std::unordered_map<std::uint64_t, TensorIndex> index_of;
   for (std::size_t k = 0; k < tensors.size(); ++k) {
     const JsonValue f = tensors.at(k);
-    refuse_newer_fields(f, version, {"batch_bytes"});
-    f.allow_only({"id", "name", "bytes", "dtype", "kind", "batch_bytes"});
+    refuse_newer_fields(f, version, {"batch_bytes", "held_to_step_end"});
+    f.allow_only({"id", "name", "bytes", "dtype", "kind", "batch_bytes", "held_to_step_end"});
     Tensor t;
     t.id = f.uint_field("id", 0, UINT64_MAX);
     t.name = f.string_field("name", "t" + std::to_string(t.id));
@@ -113,6 +115,10 @@ Graph graph_from_json(const json& j, std::string_view source) {
       f.fail_field("kind", "'buffer' is a version 2 kind (the file says version 1)");
     t.kind = *kind;
     t.batch_bytes = f.uint_field("batch_bytes", 0, kMaxBytes, 0);
+    t.held_to_step_end = f.bool_field("held_to_step_end", false);
+    if (t.held_to_step_end && exists_at_start(t.kind))
+      f.fail_field("held_to_step_end", "is for tensors made in the step (activation, gradient, "
+                                       "workspace); a '" + kind_name + "' exists at its start");
     if (!index_of.emplace(t.id, TensorIndex(k)).second)
       f.fail_field("id", "repeats tensor id " + std::to_string(t.id));
     g.add_tensor(std::move(t));

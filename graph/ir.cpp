@@ -150,6 +150,11 @@ void Graph::validate() const {
   }
   for (std::size_t t = 0; t < tensors.size(); ++t) {
     const Tensor& x = tensors[t];
+    SPILL_EXPECTS(!x.held_to_step_end || !exists_at_start(x.kind),
+                  "graph '" + name + "': tensor " + std::to_string(t) + " ('" + x.name +
+                      "') is held to the step's end but its kind '" + to_string(x.kind) +
+                      "' exists at the step's start (only activation, gradient and workspace "
+                      "tensors, made in the step, are held)");
     const std::string where = "graph '" + name + "': tensor " + std::to_string(t) + " ('" +
                               x.name + "') batch_bytes ";
     SPILL_EXPECTS(x.batch_bytes <= x.bytes, where + std::to_string(x.batch_bytes) +

@@ -6,7 +6,7 @@
 // sizes, FLOPs, bytes and times are non-negative and finite; all tensor bytes plus the largest
 // workspace stay within 2^63 - 1 (so liveness, planner and simulator sums cannot wrap);
 // batch-proportional parts are at most the whole and, for tensor bytes, a whole number of bytes
-// per sample; a recomputable op writes at least one tensor, only activations, none that it reads,
+// per sample; only a tensor made in the step is held to the step's end; a recomputable op writes at least one tensor, only activations, none that it reads,
 // and is the only op that writes them. Execution order is the vector order, so a valid graph is acyclic by construction.
 #pragma once
 
@@ -49,6 +49,10 @@ struct Tensor {
   TensorKind kind = TensorKind::Activation;
   // Part of `bytes` proportional to the batch (Graph::batch samples); 0 when it does not grow.
   std::uint64_t batch_bytes = 0;
+  // Freed at the step's end, not after its last use (PyTorch's parameter gradients: `.grad`
+  // is kept to the next zero_grad). Only for kinds made in the step; it stays resident from its
+  // last use to the end (no plan moves it there).
+  bool held_to_step_end = false;
 };
 
 struct Op {

@@ -24,7 +24,7 @@ Liveness analyze_liveness(const Graph& g) {
       iv = {0, n - 1};
     } else if (!u.empty()) {
       iv.first = exists_at_start(tensor.kind) ? 0 : u.front();
-      iv.last = u.back();
+      iv.last = tensor.held_to_step_end ? n - 1 : u.back();
     }
     if (n == 0) iv = {};
     l.live[t] = iv;

@@ -311,7 +311,8 @@ class StepSim {
     r_.compute_time_s += times_[i];
     if (op.workspace_bytes > 0) mem_.release(op.workspace_bytes, end);
     for (TensorIndex t : op.writes) state_[t].host_valid = false;
-    // Tensors that die here are freed; nothing survives its last use except persistent state.
+    // Tensors that die here are freed; nothing survives its last use except persistent state
+    // and, to the step's last op, what the step holds to its end.
     for (const auto* list : {&op.reads, &op.writes}) {
       for (TensorIndex t : *list) {
         TensorState& s = state_[t];
@@ -321,6 +322,15 @@ class StepSim {
           mem_.release(g_.tensors[t].bytes, end);
           drop_host_buffer(t);
         }
+      }
+    }
+    if (i + 1 == g_.ops.size()) {
+      for (std::size_t t = 0; t < g_.tensors.size(); ++t) {
+        TensorState& s = state_[t];
+        if (!g_.tensors[t].held_to_step_end || s.where == Where::Absent) continue;
+        if (s.where == Where::Device) mem_.release(g_.tensors[t].bytes, end);
+        s.where = Where::Absent;
+        drop_host_buffer(TensorIndex(t));
       }
     }
     if (plan_) {

@@ -84,6 +84,34 @@ TEST(GraphJsonV2, VersionTwoFieldsInAVersionOneFileNameTheVersion) {
   expect_error(no_buffer, {"tensors[2].batch_bytes", "version 2"});
 }
 
+// held_to_step_end (a captured parameter gradient): a version 2 field, written only when
+// true, refused on a kind that exists at the step's start.
+TEST(GraphJsonV2, HeldToStepEndRoundTripsAndIsForTensorsMadeInTheStep) {
+  const std::string held = replaced(kCaptured, "\"kind\": \"activation\",",
+                                    "\"kind\": \"activation\", \"held_to_step_end\": true,");
+  Graph g = parse_graph(held, "cap.json");
+  EXPECT_TRUE(g.tensors[3].held_to_step_end);
+  EXPECT_FALSE(g.tensors[2].held_to_step_end);
+  nlohmann::json j = graph_to_json(g);
+  EXPECT_EQ(j["tensors"][3]["held_to_step_end"], true);
+  EXPECT_FALSE(j["tensors"][2].contains("held_to_step_end"));
+  EXPECT_EQ(graph_to_json(parse_graph(j.dump(), "again")).dump(), j.dump());
+  expect_error(replaced(held, "\"version\": 2", "\"version\": 1"),
+               {"cap.json: batch", "version 2"});
+  expect_error(replaced(kCaptured, "\"kind\": \"weight\"",
+                        "\"kind\": \"weight\", \"held_to_step_end\": true"),
+               {"cap.json", "tensors[0].held_to_step_end", "made in the step", "'weight'"});
+  expect_error(replaced(held, "\"held_to_step_end\": true", "\"held_to_step_end\": 1"),
+               {"tensors[3].held_to_step_end"});
+  // Without batch fields, held_to_step_end alone makes the file version 2.
+  for (Tensor& t : g.tensors) t.batch_bytes = 0;
+  for (Op& op : g.ops) op.batch_flops = op.batch_bytes = 0;
+  g.batch = 0;
+  for (Tensor& t : g.tensors)
+    if (t.kind == TensorKind::Buffer) t.kind = TensorKind::Weight;
+  EXPECT_EQ(graph_to_json(g)["version"], 2);
+}
+
 TEST(GraphJsonV2, RejectsInconsistentBatchFields) {
   expect_error(replaced(kCaptured, "\"batch_bytes\": 32}", "\"batch_bytes\": 30}"),
                {"cap.json", "input0", "bytes per sample"});

@@ -2,6 +2,7 @@
 // are worked out in the comments.
 #include <gtest/gtest.h>
 
+#include "core/errors.hpp"
 #include "graph/liveness.hpp"
 #include "graph_helpers.hpp"
 
@@ -51,6 +52,25 @@ TEST(Liveness, MemoryCurveAndPeak) {
   EXPECT_EQ(l.memory, (std::vector<std::uint64_t>{130, 155, 190, 161, 101}));
   EXPECT_EQ(l.peak, 190u);
   EXPECT_EQ(l.peak_op, 2u);
+}
+
+// b held to the step's end (a PyTorch parameter's gradient, kept to the next zero_grad): it
+// lives from its first write (op1) to the last op, and adds its 30 bytes to ops 3 and 4; no
+// idle gap follows its last use (nothing brings it back: no plan moves it there).
+TEST(Liveness, ATensorHeldToTheStepsEndLivesPastItsLastUse) {
+  Graph g = five_ops();
+  g.tensors[3].held_to_step_end = true;
+  g.validate();
+  Liveness l = analyze_liveness(g);
+  EXPECT_EQ(l.live[3].first, 1);
+  EXPECT_EQ(l.live[3].last, 4);
+  EXPECT_EQ(l.uses[3], (std::vector<OpIndex>{1, 2}));
+  EXPECT_EQ(l.memory, (std::vector<std::uint64_t>{130, 155, 190, 191, 131}));
+  EXPECT_EQ(l.peak_op, 3u);
+  for (const Gap& gp : idle_gaps(g, l, 0)) EXPECT_NE(gp.tensor, 3u) << gp.from << ".." << gp.to;
+  // A kind that exists at the step's start is not held: it has no step of its own to end.
+  g.tensors[1].held_to_step_end = true;
+  EXPECT_THROW(g.validate(), InvalidArgument);
 }
 
 TEST(Liveness, WorkingSetsCountEachTensorOnceAndWorkspace) {

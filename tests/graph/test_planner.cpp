@@ -109,6 +109,26 @@ TEST(SwapFloor, TwoActivationsThatCannotBothStay) {
   EXPECT_FALSE(swap_floor(g, times_of(g), unit_link(), 4'999'999).has_value());
 }
 
+// A 5 MB activation held to the step's end after its last use (op 1) shares a 5 MB budget with
+// one made at op 2: it must go out (5 ms) but need not come back, so no plan beats
+// max(2, 5) + max(2, 0) = 7 ms; freed at its last use instead, nothing moves (4 ms).
+TEST(SwapFloor, ATensorHeldToTheEndGoesOutButNeedNotComeBack) {
+  Graph g;
+  TensorIndex a = tensor(g, "a", 5'000'000), b = tensor(g, "b", 5'000'000);
+  g.tensors[a].held_to_step_end = true;
+  op(g, "make_a", {}, {a});
+  op(g, "use_a", {a}, {});
+  op(g, "make_b", {}, {b});
+  op(g, "use_b", {b}, {});
+  const auto floor = swap_floor(g, times_of(g), unit_link(), 5'000'000);
+  ASSERT_TRUE(floor.has_value());
+  EXPECT_NEAR(floor->step_s, 7e-3, 1e-12);
+  EXPECT_EQ(floor->must_move, 5'000'000u);
+  EXPECT_EQ(floor->must_fetch, 0u);
+  g.tensors[a].held_to_step_end = false;
+  EXPECT_NEAR(swap_floor(g, times_of(g), unit_link(), 5'000'000)->step_s, 4e-3, 1e-12);
+}
+
 // Tensors from before the step go out for free, but one that a later op uses comes back in:
 // two 5 MB weights in a 5 MB budget, used one after the other, so the second comes in during
 // the step (5 ms on the unit link) while the first is in use: no plan beats 5 ms, against 2 ms

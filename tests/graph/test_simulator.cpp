@@ -42,6 +42,28 @@ Plan swap_a(const Graph& g, std::int64_t prefetch_at) {
   return Plan::from_swaps("test", 0, g.ops.size(), {{0, 0, prefetch_at, 3}});
 }
 
+// A held to the step's end (op0 writes it, op1 reads it last) is mapped to the end of op3 with
+// B (op2's): the peak is both; each of three steps frees it at its end, so none grows.
+TEST(Simulator, ATensorHeldToTheStepsEndIsFreedAtItsEnd) {
+  Graph g;
+  g.name = "held";
+  auto a = tensor(g, "A", MB), b = tensor(g, "B", MB);
+  g.tensors[a].held_to_step_end = true;
+  op(g, "op0", {}, {a});
+  op(g, "op1", {a}, {});
+  op(g, "op2", {}, {b});
+  op(g, "op3", {b}, {});
+  g.validate();
+  EXPECT_EQ(simulate(g, times_of(g), unit_link(), nullptr).peak_bytes, 2 * MB);
+  SimOptions three;
+  three.model.steps = 3;
+  SimResult r = simulate(g, times_of(g), unit_link(), nullptr, three);
+  EXPECT_EQ(r.peak_bytes, 2 * MB);
+  EXPECT_NEAR(r.step_time_s, 4e-3, 1e-12);
+  g.tensors[a].held_to_step_end = false;  // freed after op1: B takes its room
+  EXPECT_EQ(simulate(g, times_of(g), unit_link(), nullptr).peak_bytes, MB);
+}
+
 TEST(Simulator, NoPlanRunsOpsBackToBack) {
   Graph g = gap_graph();
   SimResult r = simulate(g, times_of(g), unit_link(), nullptr);

@@ -133,7 +133,10 @@ def bridge_run(model, tmp_path):
     return predicted["unlimited_peak_bytes"], measured["requested_peak"]
 
 
-@pytest.mark.parametrize("model", ["mlp", "gpt"])
+# frozen_first peaks in the optimizer pass, with a parameter's gradient still kept after its
+# last read (PyTorch frees .grad at the next zero_grad): 0.84 of the measured peak before the
+# graph held parameters' gradients to the step's end (audit 45a F1).
+@pytest.mark.parametrize("model", ["mlp", "gpt", "frozen_first"])
 def test_unlimited_peak_within_5_percent_of_a_real_run(model, tmp_path):
     predicted, measured = bridge_run(model, tmp_path)
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
