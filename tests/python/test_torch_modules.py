@@ -1726,6 +1726,10 @@ with warnings.catch_warnings(record=True) as w:
             pass
     found = ddp_warnings(w)
     assert len(found) == 1 and "offload(ddp, optimizer)" in found[0], found
+    m = nn.Linear(8, 8).to(dev)
+    st.offload(m, torch.optim.SGD(m.parameters(), lr=0.1)).remove()
+    deprecated = [str(x.message) for x in w if "reduce_op" in str(x.message)]
+    assert deprecated == [], deprecated  # (guard's and offload's scans for a DDP)
 dist.destroy_process_group()
 print("ok", rank)
 """
@@ -1736,7 +1740,10 @@ def test_guard_warns_once_in_a_process_with_distributed_data_parallel(
     """The guide says not to run DDP's steps under guard(), which makes DDP's buckets
     swappable: gloo then aborted the rank (``writev: Bad address``) with nothing naming
     spill (audit 36e F3). Entering a guard while a DistributedDataParallel lives now warns,
-    once per process, saying to use offload(ddp, optimizer); none before one exists."""
+    once per process, saying to use offload(ddp, optimizer); none before one exists. The
+    scans of guard() and offload() for a DDP among the collector's objects trip no
+    ``torch.distributed.reduce_op`` deprecation warning (isinstance read that object's
+    __class__; offload's did until audit 45b #11)."""
     run_ranks(GUARD_DDP_RANK, tmp_path, 1)
 
 

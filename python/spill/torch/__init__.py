@@ -11,9 +11,9 @@ model trains on more memory than the GPU has:
 allocator), how the integration is tested without a GPU. ``guard()`` pins every aten op for
 code the hooks do not cover; ``pin_reads()`` pins the ops of another thread that uses an
 offloaded model's tensors (a checkpoint, logging or EMA thread). ``memory_stats``,
-``memory_summary``, ``memory_snapshot`` and ``reset_peak_memory_stats`` answer PyTorch's
-questions with spill's figures (by default ``enable`` makes ``torch.cuda``'s own functions do
-so too). Out of memory raises ``torch.cuda.OutOfMemoryError`` with spill's message, which
+``memory_summary``, ``memory_snapshot``, ``reset_peak_memory_stats`` and
+``reset_accumulated_memory_stats`` answer PyTorch's questions with spill's figures (by
+default ``enable`` makes ``torch.cuda``'s own functions do so too). Out of memory raises ``torch.cuda.OutOfMemoryError`` with spill's message, which
 lists the largest named blocks: offload() names parameters, buffers, gradients and optimizer
 state by their qualified names, and ``name_tensor(t, name)`` names any tensor's block.
 docs/pytorch.md is the guide.
@@ -50,7 +50,7 @@ from ._offload import OffloadHandle, offload  # noqa: E402
 from ._reads import pin_reads  # noqa: E402
 from ._stats import (max_memory_allocated, max_memory_reserved, memory_allocated,  # noqa: E402
                      memory_reserved, memory_snapshot, memory_stats, memory_summary,
-                     reset_peak_memory_stats)
+                     reset_accumulated_memory_stats, reset_peak_memory_stats)
 
 __all__ = [
     "CaptureError", "CapturedStep", "capture", "export_step",
@@ -59,5 +59,6 @@ __all__ = [
     "check_pins", "UnpinnedUseError",
     "name_tensor",
     "memory_stats", "memory_summary", "memory_snapshot", "reset_peak_memory_stats",
+    "reset_accumulated_memory_stats",
     "memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved",
 ]

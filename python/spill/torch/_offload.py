@@ -636,7 +636,8 @@ def _refuse_outer_ddp(model: torch.nn.Module) -> None:
         return
     import gc
     for obj in gc.get_objects():
-        if isinstance(obj, DistributedDataParallel) and obj is not model \
+        # (type(), not isinstance, as _guard's _warn_of_ddp says why: no reduce_op warning)
+        if issubclass(type(obj), DistributedDataParallel) and obj is not model \
                 and any(m is model for m in obj.modules()) \
                 and not any(m is obj for m in model.modules()):
             what = ("the model given" if obj.module is model else
