@@ -45,7 +45,9 @@ Graph graph_from_trace(const Trace& trace, std::string name) {
     }
     if (op_ids.empty() || a.op != op_ids.back()) {
       Op op;
-      op.name = a.op < trace.op_names.size() ? trace.op_names[a.op] : "op" + std::to_string(a.op);
+      // (an op without a name has "" in op_names when a later op of the step was named)
+      const bool named = a.op < trace.op_names.size() && !trace.op_names[a.op].empty();
+      op.name = named ? trace.op_names[a.op] : "op" + std::to_string(a.op);
       op.type = std::string(kRecordedOpType);
       g.add_op(std::move(op));
       op_ids.push_back(a.op);

@@ -41,6 +41,18 @@ TEST(Trace, BecomesAGraphWithKindsAndTimes) {
   EXPECT_EQ(g.ops[1].writes, std::vector<TensorIndex>{1});
 }
 
+// An op without a name is op<i> also when a later op of the step has one (op_names then holds
+// "" for it: it was written as "").
+TEST(Trace, AnUnnamedOpIsNamedByItsIndexWhateverTheOthersAre) {
+  Trace t = small_trace();
+  t.op_names = {"", "unused", "head"};
+  Graph g = graph_from_trace(t, "step");
+  EXPECT_EQ(g.ops[0].name, "op0");
+  EXPECT_EQ(g.ops[1].name, "head");
+  t.op_names = {"embed"};
+  EXPECT_EQ(graph_from_trace(t, "step").ops[1].name, "op2");
+}
+
 TEST(Trace, ARecordedStepIsKnownAfterAJsonRoundTrip) {
   Graph g = graph_from_trace(small_trace(), "step");
   EXPECT_TRUE(is_recorded_step(g));
