@@ -240,6 +240,78 @@ def test_tensor_kinds(factory, slots):
     assert optimizer_ops and all(op["name"].split(":")[0] in params for op in optimizer_ops)
 
 
+class _Recorded(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_optimizer_pass_is_a_steady_step():
+    # The capture runs a first step unrecorded: SGD's momentum buffer is a clone of the first
+    # gradient and a multiply-add later; the graph has the later (before: clone, add_ per
+    # parameter, 3 ops' traffic instead of 5: audit 45a F7), as a real third step runs them.
+    factory = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    step = st.capture(nn.Linear(32, 32), torch.randn(4, 32), optimizer=factory, path=None)
+    captured = [op["type"] for op in step.graph["ops"] if op["phase"] == "optimizer"]
+    m = nn.Linear(32, 32)
+    opt = factory(m.parameters())
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        m(torch.randn(4, 32)).sum().backward()
+        with _Recorded() as real:
+            opt.step()
+    assert captured == [op for op in real.ops if op in ("mul_", "add_")], (captured, real.ops)
+    assert captured.count("mul_") == 2 and "clone" not in captured, captured
+    states = [t for t in step.graph["tensors"] if t["kind"] == "optimizer_state"]
+    assert sorted(t["name"] for t in states) == ["momentum_buffer:bias",
+                                                 "momentum_buffer:weight"], states
+
+
+class _LazyTable(nn.Module):
+    """Builds a positional table on its first forward and keeps it (a lazy cache)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None or self.table.shape[0] < x.shape[1]:
+            self.table = torch.sin(torch.arange(x.shape[1] * 64, device=x.device,
+                                                dtype=x.dtype).view(x.shape[1], 64))
+        return self.fc(x + self.table)
+
+
+def test_state_a_module_makes_on_its_first_call_is_state_of_the_step():
+    # Recorded in the first step it was an activation made and freed in each step, and the
+    # capture at twice the batch (which found it made) differed: "the model's structure
+    # depends on the batch size" (audit 45a F17). Now the recorded step is a later one: the
+    # table is state the step starts with (a buffer), and the batch scaling holds.
+    step = st.capture(_LazyTable, torch.randn(4, 128, 64), path=None)
+    assert step.batch_scaling is None and step.graph["batch"] == 4, step.batch_scaling
+    table = [t for t in step.graph["tensors"] if t["bytes"] == 128 * 64 * 4]
+    assert [t["kind"] for t in table] == ["buffer"], table
+    assert not any(op["type"] in ("arange", "sin") for op in step.graph["ops"])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "detect_anomaly"])
+def test_a_capture_records_a_training_steps_modes_whatever_the_callers(mode):
+    # From an evaluation (torch.no_grad, inference_mode) the step's loss required no grad and
+    # the error blamed loss_fn; under anomaly detection the engine's NaN check read a value
+    # (audit 45a F20). The step runs with grad mode on and anomaly mode off.
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "detect_anomaly": torch.autograd.detect_anomaly}[mode]
+    plain = st.capture(Tiny, torch.randn(8, 64), path=None)
+    with context():
+        step = st.capture(Tiny, torch.randn(8, 64), path=None)
+        assert torch.is_grad_enabled() == (mode == "detect_anomaly")
+    assert step.graph == plain.graph
+
+
 def test_model_forms_and_the_callers_model_is_untouched():
     x = torch.randn(4, 64)
     real = Tiny()

@@ -5,11 +5,13 @@ The step (forward, loss, backward, optimizer step) runs on meta tensors: every t
 shape and dtype but no memory, so a model of any size captures on a laptop. Each aten op is
 recorded with the storages it reads and writes, its FLOPs and its bytes; views and in-place
 ops share their storage's bytes. The step is captured at the given batch and at twice it, so
-the graph records which sizes grow with the batch (`spill plan --batch N / --max-batch`).
+the graph records which sizes grow with the batch (`spill plan --batch N / --max-batch`); at
+each, one step runs unrecorded first, and the next, a steady step, is recorded.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -23,7 +25,7 @@ from .._errors import InvalidArgumentError
 from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
 from ._graph import add_batch_scaling, build_graph
-from ._meta import resolve_model, with_batch
+from ._meta import is_meta, resolve_model, with_batch
 from ._recorder import CaptureError, Recorder
 
 OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
@@ -83,6 +85,20 @@ class CapturedStep:
         return len(self.graph["tensors"])
 
 
+def _in_training_modes(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` run in a training step's autograd modes whatever the caller's: grad mode
+    on and inference mode off (a capture from an evaluation's ``torch.no_grad()`` blamed
+    loss_fn for a loss that required no grad), anomaly detection off (its NaN checks read
+    values, which meta tensors do not have): audit 45a F20."""
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autograd.set_detect_anomaly(False):
+            return function(*args, **kwargs)
+    return run
+
+
+@_in_training_modes
 def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
             example_inputs: Any,
             loss_fn: Optional[Callable[..., torch.Tensor]] = None,
@@ -198,14 +214,8 @@ class _Step:
                name: str) -> Dict[str, Any]:
         inputs = with_batch(inputs, batch_dim, batch, at_batch)
         targets = with_batch(targets, batch_dim, batch, at_batch) if targets is not None else ()
-        rec = Recorder()
         for p in self.params:
             p.grad = None
-            rec.declare(p, "weight", self.param_names[id(p)])
-        for n, b in self.net.named_buffers():
-            rec.declare(b, "buffer", n)
-        for k, t in enumerate(tensors_in((inputs, targets))):
-            rec.declare(t, "input", f"input{k}")
         try:
             opt = self.optimizer(self.params) if self.optimizer is not None else None
         except Exception as e:  # e.g. a model with no parameters: torch's own ValueError
@@ -214,6 +224,27 @@ class _Step:
                                f"optimizer=None to capture without an optimizer step)",
                                phase="optimizer") from e
         try:
+            # A first step, not recorded: the one recorded is a steady step, as training's
+            # are. The first creates the optimizer's state (SGD's momentum is a clone of the
+            # gradient there, a multiply-add later), a module's lazily made state and
+            # TorchScript's profiled graphs; recorded, it was a first step's ops, and the
+            # second capture (at twice the batch) differed from it for those reasons, which
+            # were then blamed on the batch (audit 45a F7, F14, F17).
+            self._run(Recorder(), inputs, targets, opt)
+            for p in self.params:
+                p.grad = None
+            rec = Recorder()
+            for p in self.params:
+                rec.declare(p, "weight", self.param_names[id(p)])
+            for n, b in self.net.named_buffers():
+                rec.declare(b, "buffer", n)
+            for p, slots in (opt.state.items() if opt is not None else ()):
+                for slot, value in slots.items():
+                    if isinstance(value, torch.Tensor) and is_meta(value):  # (not a step count)
+                        rec.declare(value, "optimizer_state",
+                                    f"{slot}:{self.param_names.get(id(p), '?')}")
+            for k, t in enumerate(tensors_in((inputs, targets))):
+                rec.declare(t, "input", f"input{k}")
             self._run(rec, inputs, targets, opt)
             return build_graph(rec, name, self._kinds(rec, opt), at_batch)
         finally:
