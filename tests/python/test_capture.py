@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -309,6 +310,35 @@ def test_a_capture_records_a_training_steps_modes_whatever_the_callers(mode):
     with context():
         step = st.capture(Tiny, torch.randn(8, 64), path=None)
         assert torch.is_grad_enabled() == (mode == "detect_anomaly")
+    assert step.graph == plain.graph
+
+
+def test_modules_another_thread_runs_meanwhile_are_not_the_steps():
+    # capture's module hooks are the process's: a training thread's modules, run while the
+    # step is recorded, named the step's ops and began its layers (audit 45a F11). Here the
+    # loss function has another thread enter a module and stay in it while the loss's ops run.
+    inside, release = threading.Event(), threading.Event()
+
+    class Waits(nn.Module):
+        def forward(self, x):
+            inside.set()
+            release.wait(60)
+            return x
+
+    def loss_beside_a_thread(out):
+        t = threading.Thread(target=lambda: Waits()(torch.randn(2)))
+        inside.clear()
+        release.clear()
+        t.start()
+        try:
+            inside.wait(60)
+            return (out * 2).sum()
+        finally:
+            release.set()
+            t.join()
+
+    plain = st.capture(Tiny, torch.randn(8, 64), loss_fn=lambda out: (out * 2).sum(), path=None)
+    step = st.capture(Tiny, torch.randn(8, 64), loss_fn=loss_beside_a_thread, path=None)
     assert step.graph == plain.graph
 
 

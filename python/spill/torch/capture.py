@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -296,12 +297,17 @@ class _Step:
     @contextlib.contextmanager
     def _module_hooks(self, rec: Recorder) -> Iterator[None]:
         names = self.module_names
+        # The hooks are the process's: a module another thread runs meanwhile (training) is
+        # not this step's (its names and layers were taken: audit 45a F11).
+        thread = threading.get_ident()
 
         def pre(module, _inputs):
-            rec.enter(names.get(id(module)) or type(module).__name__.lower())
+            if threading.get_ident() == thread:
+                rec.enter(names.get(id(module)) or type(module).__name__.lower())
 
         def post(module, _inputs, _output):
-            rec.exit()
+            if threading.get_ident() == thread:
+                rec.exit()
 
         from torch.nn.modules import module as nn_module
         handles = [nn_module.register_module_forward_pre_hook(pre),
