@@ -313,6 +313,23 @@ def test_a_capture_records_a_training_steps_modes_whatever_the_callers(mode):
     assert step.graph == plain.graph
 
 
+def test_a_broadcast_operand_counts_its_storage_not_its_views_elements():
+    # x * w.expand(4096, 32): the op touches x (512 KiB), w (128 B) and its output (512 KiB);
+    # counting the expanded view's elements made it 1.5 MiB (audit 45a F13).
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(1, 32))
+
+        def forward(self, x):
+            return x * self.w.expand(4096, 32)
+
+    step = st.capture(Scale, torch.randn(4096, 32), path=None, scale_batch=False,
+                      optimizer=None)
+    forward = [op for op in step.graph["ops"] if op["type"] == "mul" and op["phase"] == "forward"]
+    assert [op["bytes"] for op in forward] == [2 * 4096 * 32 * 4 + 32 * 4], forward
+
+
 def test_modules_another_thread_runs_meanwhile_are_not_the_steps():
     # capture's module hooks are the process's: a training thread's modules, run while the
     # step is recorded, named the step's ops and began its layers (audit 45a F11). Here the
