@@ -462,6 +462,60 @@ def test_custom_op_without_meta_kernel_names_the_op():
     assert "register_fake" in str(e.value)
 
 
+class _ReadsSavedValuesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (y.nonzero().shape[0] > 0)
+
+
+class _Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.f = _Doubles()
+
+    def forward(self, x):
+        return self.c(self.f(self.a(x)))
+
+
+class _Doubles(nn.Module):
+    def forward(self, x):
+        return _ReadsSavedValuesInBackward.apply(x * 2)
+
+
+def test_a_backward_failure_names_the_module_whose_saved_tensors_it_reads():
+    # Before, an error in the backward named the last forward layer (the loss) whatever
+    # failed (audit 45a F18): here f's backward reads what f saved.
+    with pytest.raises(st.CaptureError, match="nonzero in the backward pass, module 'f'") as e:
+        st.capture(_Stack, torch.randn(4, 8), loss_fn=lambda out: out.sum(), path=None)
+    assert (e.value.module, e.value.phase) == ("f", "backward")
+
+
+class _Bags(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.EmbeddingBag(100, 16, mode="mean")
+        self.o = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.o(self.e(x))
+
+
+def test_an_embedding_bag_captures():
+    # torch 1.13 has no meta kernel for its weight gradient (_embedding_bag_dense_backward),
+    # which the capture then refused, naming the loss as its module (audit 45a F18).
+    step = st.capture(_Bags, torch.randint(0, 100, (4, 8)), path=None)
+    grads = [t for t in step.graph["tensors"] if t["name"] == "grad:e.weight"]
+    assert [t["bytes"] for t in grads] == [100 * 16 * 4], grads
+    assert step.batch_scaling is None
+
+
 def test_model_that_does_not_run_on_meta_tensors():
     with pytest.raises(st.CaptureError, match="meta tensors") as e:
         st.capture(OnCpu, torch.randn(2, 4), path=None)

@@ -138,11 +138,27 @@ class Recorder(TorchDispatchMode):
             self._record(func, args, kwargs, out)
         return out
 
-    def _where(self) -> str:
-        # (The last layer stands for a backward's ops; the optimizer's belong to no module.)
-        module = self.module() or (self.layer_names[-1] if self.layer_names
-                                   and self.phase != "optimizer" else "")
+    def _where(self, args: Any = ()) -> str:
+        module = self._module_of(args)
         return f" in the {self.phase} pass" + (f", module '{module}'" if module else "")
+
+    def _module_of(self, args: Any = ()) -> str:
+        """The module an op with arguments ``args`` belongs to: the one running it; in the
+        backward, the forward layer whose saved tensors it reads (as a recorded op's layer),
+        else the last one; the optimizer's ops belong to no module. (Before, a backward's
+        failure always named the last forward layer, often the loss: audit 45a F18.)"""
+        if self.module() or self.phase == "optimizer":
+            return self.module()
+        if self.phase == "backward":
+            layers = []
+            for t in tensors_in(args):
+                if is_meta(t):
+                    rec = self.storages.get(_storage_of(t)._cdata)
+                    if rec is not None and rec.layer >= 0 and rec.phase in ("forward", ""):
+                        layers.append(rec.layer)
+            if layers and max(layers) < len(self.layer_names):
+                return self.layer_names[max(layers)]
+        return self.layer_names[-1] if self.layer_names else ""
 
     def _refuse_data_dependence(self, func, args) -> None:
         name = str(func.overloadpacket.__name__)
@@ -152,18 +168,19 @@ class Recorder(TorchDispatchMode):
             for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()))
         if torch.Tag.dynamic_output_shape in tags or bool_index:
             raise CaptureError(
-                f"aten.{name}{self._where()}: its output shape depends on the values in a "
+                f"aten.{name}{self._where(args)}: its output shape depends on the values in a "
                 f"tensor (data-dependent shape), which a capture without data cannot know. "
                 f"What you can do: give the shape another way (e.g. a fixed-size mask with "
                 f"torch.where instead of boolean indexing or nonzero()), or run that part "
-                f"outside the captured model.", op=f"aten.{name}", module=self.module(),
+                f"outside the captured model.", op=f"aten.{name}", module=self._module_of(args),
                 phase=self.phase)
         if torch.Tag.data_dependent_output in tags:
             raise CaptureError(
-                f"aten.{name}{self._where()}: reads the value of a tensor (.item(), a Python "
+                f"aten.{name}{self._where(args)}: reads the value of a tensor (.item(), a Python "
                 f"`if` on a tensor, .tolist()), which a capture without data does not have. "
                 f"What you can do: keep such values as tensors, or compute them outside the "
-                f"captured step.", op=f"aten.{name}", module=self.module(), phase=self.phase)
+                f"captured step.", op=f"aten.{name}", module=self._module_of(args),
+                phase=self.phase)
 
     # Ops seen without a meta kernel: they go to the fallback directly (building PyTorch's
     # NotImplementedError message costs milliseconds).
@@ -183,9 +200,9 @@ class Recorder(TorchDispatchMode):
             if out is not NotImplemented:
                 self._without_meta_kernel.add(func)
                 return out
-            raise self.no_meta_kernel(func._schema.name) from e
+            raise self.no_meta_kernel(func._schema.name, (args, kwargs)) from e
 
-    def no_meta_kernel(self, schema_name: str) -> CaptureError:
+    def no_meta_kernel(self, schema_name: str, args: Any = ()) -> CaptureError:
         """The error for an op (``ns::name``) that has no meta kernel."""
         qualified = schema_name.replace("::", ".")
         short = schema_name.split("::")[-1].split(".")[0]
@@ -199,13 +216,13 @@ class Recorder(TorchDispatchMode):
                 f"torch.optim.AdamW, foreach=False)): the same step, op by op.",
                 op=qualified, module="", phase=self.phase)
         return CaptureError(
-            f"{qualified}{self._where()}: no meta kernel, so it cannot run without data. "
+            f"{qualified}{self._where(args)}: no meta kernel, so it cannot run without data. "
             f"What you can do: register one that only computes output shapes, e.g. "
             f"@torch.library.register_fake(\"{schema_name}\") (torch >= 2.4) or "
             f"torch.library.Library(\"{schema_name.split('::')[0]}\", \"IMPL\").impl("
             f"\"{short}\", fn, \"Meta\") (also \"AutogradMeta\" for an op without autograd "
             f"support), returning empty tensors of the right shapes.",
-            op=qualified, module=self.module(), phase=self.phase)
+            op=qualified, module=self._module_of(args), phase=self.phase)
 
     def _record(self, func, args, kwargs, out) -> None:
         name = str(func.overloadpacket.__name__)
