@@ -359,6 +359,24 @@ def test_modules_another_thread_runs_meanwhile_are_not_the_steps():
     assert step.graph == plain.graph
 
 
+def test_a_mapping_of_inputs_is_keyword_arguments_as_a_dict_is():
+    # transformers' BatchEncoding is a collections.UserDict, not a dict (audit 45a F19).
+    import collections
+
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(50, 8)
+
+        def forward(self, ids, scale):
+            return self.e(ids) * scale
+
+    inputs = {"ids": torch.zeros(4, 6, dtype=torch.long), "scale": torch.ones(4, 6, 1)}
+    plain = st.capture(Keywords, inputs, path=None)
+    step = st.capture(Keywords, collections.UserDict(inputs), path=None)
+    assert step.graph == plain.graph and step.batch == 4
+
+
 def test_model_forms_and_the_callers_model_is_untouched():
     x = torch.randn(4, 64)
     real = Tiny()

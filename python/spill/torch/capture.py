@@ -16,6 +16,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -117,7 +118,7 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         parameters are on meta (built under ``with torch.device("meta")``) is used as is; any
         other module is copied onto meta (its parameters are not copied, nor changed).
     example_inputs: what the model is called with: a tensor, a tuple of positional arguments, or
-        a dict of keyword arguments. Real or meta tensors; only shapes and dtypes matter.
+        a dict (any mapping: a tokenizer's BatchEncoding) of keyword arguments. Real or meta tensors; only shapes and dtypes matter.
     loss_fn: ``loss_fn(output, *targets)`` gives the scalar loss (``loss_fn(output)`` without
         targets); default: the output itself when it is a scalar, else its sum.
     optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
@@ -148,6 +149,10 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
                            f"not {type(optimizer).__name__}: the capture makes its own for the "
                            f"meta copies of the parameters")
     net = resolve_model(model)
+    if isinstance(example_inputs, Mapping) and not isinstance(example_inputs, dict):
+        # (a tokenizer's BatchEncoding is a UserDict: keyword arguments too; it was passed as
+        # one positional argument: audit 45a F19)
+        example_inputs = dict(example_inputs)
     if not isinstance(example_inputs, (tuple, list, dict)):
         example_inputs = (example_inputs,)
     if targets is not None and not isinstance(targets, (tuple, list)):
