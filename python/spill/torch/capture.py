@@ -118,7 +118,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         parameters are on meta (built under ``with torch.device("meta")``) is used as is; any
         other module is copied onto meta (its parameters are not copied, nor changed).
     example_inputs: what the model is called with: a tensor, a tuple of positional arguments, or
-        a dict (any mapping: a tokenizer's BatchEncoding) of keyword arguments. Real or meta tensors; only shapes and dtypes matter.
+        a dict (any mapping: a tokenizer's BatchEncoding) of keyword arguments. Real or meta
+        tensors; only shapes and dtypes matter.
     loss_fn: ``loss_fn(output, *targets)`` gives the scalar loss (``loss_fn(output)`` without
         targets); default: the output itself when it is a scalar, else its sum.
     optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
