@@ -534,6 +534,24 @@ def test_an_embedding_bag_captures():
     assert step.batch_scaling is None
 
 
+def test_a_module_with_a_scripted_part_says_to_pass_a_callable():
+    # A ScriptModule's deepcopy keeps its real tensors: the capture then blamed the optimizer
+    # factory ("can't optimize a non-leaf Tensor": audit 45a F14).
+    class Scripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+            self.b = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    with pytest.raises(TypeError, match=r"'a\.0\.weight' first.*TorchScript module 'a'"
+                                        r".*pass a callable"):
+        st.capture(Scripted(), torch.randn(4, 8), path=None)
+    assert st.capture(Scripted, torch.randn(4, 8), path=None).op_count > 0
+
+
 def test_model_that_does_not_run_on_meta_tensors():
     with pytest.raises(st.CaptureError, match="meta tensors") as e:
         st.capture(OnCpu, torch.randn(2, 4), path=None)

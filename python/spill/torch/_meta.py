@@ -70,11 +70,25 @@ def module_on_meta(model: torch.nn.Module) -> torch.nn.Module:
         memo[id(t)] = torch.nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(
             t, torch.nn.Parameter) else m
     try:
-        return copy.deepcopy(model, memo)
+        copied = copy.deepcopy(model, memo)
     except Exception as e:
         raise TypeError(f"spill.torch.capture: cannot copy the {type(model).__name__} onto the "
                         f"meta device ({type(e).__name__}: {e}); pass a callable that builds "
                         f"the model instead, or build it under `with torch.device('meta')`") from e
+    # A TorchScript submodule's copy ignores the memo: its tensors stayed real (and the
+    # optimizer factory was then blamed for them: audit 45a F14).
+    left = [n for n, t in list(copied.named_parameters()) + list(copied.named_buffers())
+            if not is_meta(t)]
+    if left:
+        scripted = [n or type(copied).__name__ for n, m in copied.named_modules()
+                    if isinstance(m, torch.jit.ScriptModule)]
+        why = (f"TorchScript module {scripted[0]!r} (torch.jit.script or trace) keeps its own "
+               f"tensors in a copy" if scripted else "the copy kept them")
+        raise TypeError(f"spill.torch.capture: cannot copy the {type(model).__name__} onto the "
+                        f"meta device: {len(left)} of its tensors ({left[0]!r} first) stay "
+                        f"where they are, as the {why}; pass a callable that builds the model "
+                        f"instead (scripted parts built inside it)")
+    return copied
 
 
 def resolve_model(model: Any) -> torch.nn.Module:
