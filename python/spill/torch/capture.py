@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -31,6 +32,9 @@ OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
 _NO_KERNEL = re.compile(r"Could not run '([\w:.]+)' with arguments from the '(\w+)' backend")
 # A spill graph names its format near its start (json's sorted keys put only "batch" first).
 _GRAPH_FORMAT = re.compile(rb'"format"\s*:\s*"spill-graph"')
+# Set while this thread records a step: a capture started inside it (from the model, loss_fn or
+# optimizer) would be recorded whole into the outer step by its dispatch mode and module hooks.
+_recording = threading.local()
 
 
 def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
@@ -120,6 +124,11 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     Raises CaptureError naming the op and module when the step cannot run without data
     (values read with .item(), data-dependent shapes, ops without a meta kernel).
     """
+    if getattr(_recording, "active", False):
+        raise CaptureError("spill.torch.capture cannot run inside another capture (it was "
+                           "called from the model, loss_fn or optimizer of a capture in "
+                           "progress, whose recorder would take in its whole step): run the "
+                           "captures one after the other")
     if not isinstance(batch_dim, int) or batch_dim < 0:
         raise ValueError(f"spill.torch.capture: batch_dim must be a non-negative int, got "
                          f"{batch_dim!r}")
@@ -223,7 +232,7 @@ class _Step:
     def _run(self, rec: Recorder, inputs: Any, targets: Sequence[Any], opt: Any) -> None:
         """Forward, loss, backward and optimizer step under the recorder."""
         try:
-            with self._module_hooks(rec), rec:
+            with _recording_on_this_thread(), self._module_hooks(rec), rec:
                 rec.phase = "forward"
                 out = self.net(**inputs) if isinstance(inputs, dict) else self.net(*inputs)
                 rec.enter("loss")
@@ -299,6 +308,15 @@ class _Step:
                 for slot, value in state.items():
                     mark(value, "optimizer_state", f"{slot}:{self.param_names.get(id(p), '?')}")
         return kinds
+
+
+@contextlib.contextmanager
+def _recording_on_this_thread() -> Iterator[None]:
+    _recording.active = True
+    try:
+        yield
+    finally:
+        _recording.active = False
 
 
 def _module_note(rec: Recorder) -> str:
