@@ -25,7 +25,7 @@ from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
 from ._graph import add_batch_scaling, build_graph
 from ._meta import resolve_model, with_batch
-from ._recorder import CaptureError, Recorder
+from ._recorder import CaptureError, Recorder, refuse_not_strided
 
 OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
 # PyTorch's message for an op with no kernel for a dispatch key (e.g. a custom op on meta).
@@ -122,7 +122,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     name: the graph's name (default: the model's class name).
 
     Raises CaptureError naming the op and module when the step cannot run without data
-    (values read with .item(), data-dependent shapes, ops without a meta kernel).
+    (values read with .item(), data-dependent shapes, ops without a meta kernel), and for
+    sparse tensors (nn.Embedding(sparse=True)), which it does not support.
     """
     if getattr(_recording, "active", False):
         raise CaptureError("spill.torch.capture cannot run inside another capture (it was "
@@ -144,6 +145,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         example_inputs = (example_inputs,)
     if targets is not None and not isinstance(targets, (tuple, list)):
         targets = (targets,)
+    for k, t in enumerate(tensors_in((example_inputs, targets))):  # named as Recorder.declare's
+        refuse_not_strided(t, f"input{k}")  # (the meta copies would be dense)
     batch = _batch_size((example_inputs, targets), batch_dim)
     if batch == 0 and any(t.dim() > batch_dim for t in tensors_in((example_inputs, targets))):
         raise CaptureError(f"the example inputs have an empty batch (size 0 along batch_dim "
