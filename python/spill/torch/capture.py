@@ -10,6 +10,7 @@ the graph records which sizes grow with the batch (`spill plan --batch N / --max
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -130,9 +131,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
                            "called from the model, loss_fn or optimizer of a capture in "
                            "progress, whose recorder would take in its whole step): run the "
                            "captures one after the other")
-    if not isinstance(batch_dim, int) or batch_dim < 0:
-        raise ValueError(f"spill.torch.capture: batch_dim must be a non-negative int, got "
-                         f"{batch_dim!r}")
+    # (an int, never a bool: batch_dim=True was taken for 1)
+    batch_dim = _args.integer(batch_dim, "spill.torch.capture: batch_dim", 0, 2**63 - 1)
     out_path = _output_path(path)  # before the work, which may take minutes
     if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer)
                                   or not callable(optimizer)):
@@ -225,6 +225,11 @@ class _Step:
                                f"{len(self.params)} parameters: {type(e).__name__}: {e} (pass "
                                f"optimizer=None to capture without an optimizer step)",
                                phase="optimizer") from e
+        if opt is not None and _step_needs_closure(opt):
+            raise CaptureError(f"{type(opt).__name__}: optimizers whose step needs a closure "
+                               f"(one that computes the loss again, as LBFGS's line search "
+                               f"does) are not supported by capture: capture with another "
+                               f"optimizer, or with optimizer=None", phase="optimizer")
         try:
             self._run(rec, inputs, targets, opt)
             return build_graph(rec, name, self._kinds(rec, opt), at_batch)
@@ -311,6 +316,14 @@ class _Step:
                 for slot, value in state.items():
                     mark(value, "optimizer_state", f"{slot}:{self.param_names.get(id(p), '?')}")
         return kinds
+
+
+def _step_needs_closure(opt: Any) -> bool:
+    try:
+        closure = inspect.signature(opt.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: the step will say
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 @contextlib.contextmanager
