@@ -645,3 +645,41 @@ def test_capture_argument_misuse_is_named():
     initialised = lazy()
     initialised(x)
     assert st.capture(initialised, x, path=None).op_count > 0
+
+
+def test_export_step_checks_its_path_and_device_as_capture_does(tmp_path, python_run):
+    """export_step replaced a file that is not a graph (capture refuses), raised a raw
+    TypeError for a path of another type, and said 'no step of this scope was recorded' for
+    a device spill.torch does not run on (audit 45a F8)."""
+    spill.shutdown()
+    spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan")
+    try:
+        precious = tmp_path / "precious.txt"
+        precious.write_text("precious\n")
+        with pytest.raises(spill.InvalidArgumentError, match="spill.torch.export_step: "
+                           ".*precious.txt' exists and is not a spill graph"):
+            st.export_step(precious)
+        assert precious.read_text() == "precious\n"
+        for bad in (5, None):
+            with pytest.raises(InvalidArgumentTypeError, match="export_step: path must be"):
+                st.export_step(bad)
+        with pytest.raises(spill.InvalidArgumentError, match="no directory"):
+            st.export_step(tmp_path / "nowhere" / "g.json")
+        with pytest.raises(InvalidArgumentTypeError, match="device must be an integer"):
+            st.export_step(tmp_path / "g.json", device=True)
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            with pytest.raises(spill.InvalidArgumentError, match=f"no CUDA device {count}"):
+                st.export_step(tmp_path / "g.json", device=count)
+        assert not (tmp_path / "g.json").exists()
+    finally:
+        spill.shutdown()
+    if not torch.cuda.is_available():  # every ordinal is a simulated device: name the bridge's
+        run = python_run("import spill, spill.torch as st\n"
+                         "st.enable('budget:16MiB', target='cpu', device=1)\n"
+                         "try:\n"
+                         f"    st.export_step({str(tmp_path / 'g.json')!r}, device=3)\n"
+                         "except spill.Error as e:\n"
+                         "    print('ERROR', e)\n")
+        assert "spill.torch runs on device 1, not 3: pass device=1" in run.stdout, \
+            run.stdout + run.stderr

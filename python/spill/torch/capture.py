@@ -38,24 +38,25 @@ _GRAPH_FORMAT = re.compile(rb'"format"\s*:\s*"spill-graph"')
 _recording = threading.local()
 
 
-def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
-    """`path` checked before the step is recorded: a path in a directory that exists, and not
-    a file that holds something else than a spill graph (the default, graph.json in the working
-    directory, would replace a user's file of that name without a word)."""
+def _output_path(path: Optional[Union[str, "os.PathLike[str]"]],
+                 caller: str = "spill.torch.capture") -> Optional[str]:
+    """`path` checked before the step is recorded (or exported, by `caller`): a path in a
+    directory that exists, and not a file that holds something else than a spill graph (the
+    default, graph.json in the working directory, would replace a user's file of that name
+    without a word)."""
     if path is None:
         return None
-    out = os.fsdecode(_args.path(path, "spill.torch.capture: path"))
+    out = os.fsdecode(_args.path(path, f"{caller}: path"))
     if is_own_stream(out):
         return out  # /dev/stdout and its kin: written through the descriptor, nothing replaced
     directory = os.path.dirname(out) or "."
     if not os.path.isdir(directory):
-        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: no directory "
+        raise InvalidArgumentError(f"{caller}: cannot write {out!r}: no directory "
                                    f"{directory!r}")
     if os.path.isdir(out):
-        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: a directory")
+        raise InvalidArgumentError(f"{caller}: cannot write {out!r}: a directory")
     if not os.access(out if os.path.exists(out) else directory, os.W_OK):
-        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: permission "
-                                   f"denied")
+        raise InvalidArgumentError(f"{caller}: cannot write {out!r}: permission denied")
     if not os.path.isfile(out):
         return out  # nothing there to lose, or a FIFO or device: written as a stream
     try:
@@ -65,8 +66,8 @@ def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str
         return out  # unreadable: the write says whether it can replace it
     if head.strip() and not _GRAPH_FORMAT.search(head):
         raise InvalidArgumentError(
-            f"spill.torch.capture: {out!r} exists and is not a spill graph: capture replaces "
-            f"only an earlier graph; pass another path= (or remove the file)")
+            f"{caller}: {out!r} exists and is not a spill graph: {caller.split('.')[-1]} "
+            f"replaces only an earlier graph; pass another path= (or remove the file)")
     return out
 
 
