@@ -612,7 +612,7 @@ def test_long_names_are_refused_or_shortened_so_spill_plan_reads_the_graph(tmp_p
         return LongNames()
 
     x = torch.randn(4, 8)
-    with pytest.raises(spill.InvalidArgumentError, match="name.* 1024 bytes.* 1100 bytes"):
+    with pytest.raises(spill.InvalidArgumentError, match=r"name.* 1024 bytes.*\(1100 bytes\)"):
         st.capture(model, x, path=tmp_path / "g.json", name="n" * 1100)
     with pytest.raises(InvalidArgumentTypeError, match="name must be a string"):
         st.capture(model, x, path=None, name=42)

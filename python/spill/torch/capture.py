@@ -24,7 +24,7 @@ from .. import _args
 from .._errors import InvalidArgumentError
 from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
-from ._graph import add_batch_scaling, build_graph
+from ._graph import MAX_NAME_BYTES, add_batch_scaling, build_graph
 from ._meta import resolve_model, with_batch
 from ._recorder import CaptureError, Recorder, refuse_not_strided
 
@@ -121,7 +121,9 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     batch_dim: the batch dimension of inputs and targets (0). Tensors whose size there equals
         the first input's are the batch.
     scale_batch: also capture at twice the batch, to record which sizes grow with it.
-    name: the graph's name (default: the model's class name).
+    name: the graph's name (default: the model's class name), at most 1024 bytes of UTF-8.
+        Longer tensor and op names (from a long ModuleDict key) are shortened in the graph:
+        their start and end around a hash of the whole.
 
     Raises CaptureError naming the op and module when the step cannot run without data
     (values read with .item(), data-dependent shapes, ops without a meta kernel), and for
@@ -134,6 +136,11 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
                            "captures one after the other")
     # (an int, never a bool: batch_dim=True was taken for 1)
     batch_dim = _args.integer(batch_dim, "spill.torch.capture: batch_dim", 0, 2**63 - 1)
+    if name is not None and len(_args.text(name, "spill.torch.capture: name")) > MAX_NAME_BYTES:
+        raise InvalidArgumentError(
+            f"spill.torch.capture: name must be at most {MAX_NAME_BYTES} bytes of UTF-8 (the "
+            f"graph format's limit, which spill plan checks), got {name[:40]!r}... "
+            f"({len(name.encode())} bytes)")
     out_path = _output_path(path)  # before the work, which may take minutes
     if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer)
                                   or not callable(optimizer)):
