@@ -402,44 +402,54 @@ def test_public_names_are_documented_and_typed():
 
 # ----- a real run's recorded step --------------------------------------------------------------
 
-def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path):
-    import spill
+@pytest.fixture
+def plan_sim():
+    """A fresh session of spill on the simulated device that records steps (policy:plan)."""
     spill.shutdown()
     spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan")
-    try:
-        with pytest.raises(spill.Error) as e:
-            st.export_step(tmp_path / "none.json", scope=3)
-        assert e.value.code == spill.Status.NOT_FOUND
-        assert "handle.scope" not in str(e.value)
-        # At the default scope, the mistake of a reader who ran offload() and left scope out:
-        # the message says where offload's step went (audit 38b #12).
-        with pytest.raises(spill.Error) as e:
-            st.export_step(tmp_path / "none.json")
-        assert e.value.code == spill.Status.NOT_FOUND
-        assert "no step of this scope was recorded" in str(e.value), str(e.value)
-        assert "scope=handle.scope" in str(e.value), str(e.value)
-        assert not (tmp_path / "none.json").exists()
-        blocks = [spill.malloc(8 << 20) for _ in range(4)]
-        for p in blocks:
-            spill.set_swappable(p)
-        for _ in range(2):
-            with spill.step(scope=3):
-                for i, p in enumerate(blocks):
-                    spill.begin_op(f"layer{i}", scope=3)
-                    spill.unpin(spill.pin_for_host(p), wrote=True)
-        path = st.export_step(tmp_path / "step.json", scope=3)
-        graph = json.loads(pathlib.Path(path).read_text())
-        assert graph["format"] == "spill-graph" and len(graph["tensors"]) >= 4
-        report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
-        assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
-        # Blocks, not parameters: the four blocks held from before the step, as bytes.
-        assert report["parameters"] is None
-        assert report["held_bytes_before_step"] == 4 * (8 << 20)
-        assert {p["name"] for p in report["policies"]} == {"spill", "vdnn", "threshold", "none"}
-        for p in blocks:
-            spill.free(p)
-    finally:
-        spill.shutdown()
+    yield
+    spill.shutdown()
+
+
+def record_sim_step(scope, op_name=lambda i: f"layer{i}"):
+    """Two steps of `scope` over four swappable 8 MiB blocks, one op each (the first step is
+    recorded); returns the blocks, for spill.free."""
+    blocks = [spill.malloc(8 << 20) for _ in range(4)]
+    for p in blocks:
+        spill.set_swappable(p)
+    for _ in range(2):
+        with spill.step(scope=scope):
+            for i, p in enumerate(blocks):
+                spill.begin_op(op_name(i), scope=scope)
+                spill.unpin(spill.pin_for_host(p), wrote=True)
+    return blocks
+
+
+def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path, plan_sim):
+    with pytest.raises(spill.Error) as e:
+        st.export_step(tmp_path / "none.json", scope=3)
+    assert e.value.code == spill.Status.NOT_FOUND
+    assert "handle.scope" not in str(e.value)
+    # At the default scope, the mistake of a reader who ran offload() and left scope out:
+    # the message says where offload's step went (audit 38b #12).
+    with pytest.raises(spill.Error) as e:
+        st.export_step(tmp_path / "none.json")
+    assert e.value.code == spill.Status.NOT_FOUND
+    assert "no step of this scope was recorded" in str(e.value), str(e.value)
+    assert "scope=handle.scope" in str(e.value), str(e.value)
+    assert not (tmp_path / "none.json").exists()
+    blocks = record_sim_step(3)
+    path = st.export_step(tmp_path / "step.json", scope=3)
+    graph = json.loads(pathlib.Path(path).read_text())
+    assert graph["format"] == "spill-graph" and len(graph["tensors"]) >= 4
+    report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
+    assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
+    # Blocks, not parameters: the four blocks held from before the step, as bytes.
+    assert report["parameters"] is None
+    assert report["held_bytes_before_step"] == 4 * (8 << 20)
+    assert {p["name"] for p in report["policies"]} == {"spill", "vdnn", "threshold", "none"}
+    for p in blocks:
+        spill.free(p)
 
 
 def test_only_spill_torch_imports_torch():
@@ -647,33 +657,28 @@ def test_capture_argument_misuse_is_named():
     assert st.capture(initialised, x, path=None).op_count > 0
 
 
-def test_export_step_checks_its_path_and_device_as_capture_does(tmp_path, python_run):
+def test_export_step_checks_its_path_and_device_as_capture_does(tmp_path, python_run, plan_sim):
     """export_step replaced a file that is not a graph (capture refuses), raised a raw
     TypeError for a path of another type, and said 'no step of this scope was recorded' for
     a device spill.torch does not run on (audit 45a F8)."""
-    spill.shutdown()
-    spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan")
-    try:
-        precious = tmp_path / "precious.txt"
-        precious.write_text("precious\n")
-        with pytest.raises(spill.InvalidArgumentError, match="spill.torch.export_step: "
-                           ".*precious.txt' exists and is not a spill graph"):
-            st.export_step(precious)
-        assert precious.read_text() == "precious\n"
-        for bad in (5, None):
-            with pytest.raises(InvalidArgumentTypeError, match="export_step: path must be"):
-                st.export_step(bad)
-        with pytest.raises(spill.InvalidArgumentError, match="no directory"):
-            st.export_step(tmp_path / "nowhere" / "g.json")
-        with pytest.raises(InvalidArgumentTypeError, match="device must be an integer"):
-            st.export_step(tmp_path / "g.json", device=True)
-        if torch.cuda.is_available():
-            count = torch.cuda.device_count()
-            with pytest.raises(spill.InvalidArgumentError, match=f"no CUDA device {count}"):
-                st.export_step(tmp_path / "g.json", device=count)
-        assert not (tmp_path / "g.json").exists()
-    finally:
-        spill.shutdown()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious\n")
+    with pytest.raises(spill.InvalidArgumentError, match="spill.torch.export_step: "
+                       ".*precious.txt' exists and is not a spill graph"):
+        st.export_step(precious)
+    assert precious.read_text() == "precious\n"
+    for bad in (5, None):
+        with pytest.raises(InvalidArgumentTypeError, match="export_step: path must be"):
+            st.export_step(bad)
+    with pytest.raises(spill.InvalidArgumentError, match="no directory"):
+        st.export_step(tmp_path / "nowhere" / "g.json")
+    with pytest.raises(InvalidArgumentTypeError, match="device must be an integer"):
+        st.export_step(tmp_path / "g.json", device=True)
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        with pytest.raises(spill.InvalidArgumentError, match=f"no CUDA device {count}"):
+            st.export_step(tmp_path / "g.json", device=count)
+    assert not (tmp_path / "g.json").exists()
     if not torch.cuda.is_available():  # every ordinal is a simulated device: name the bridge's
         run = python_run("import spill, spill.torch as st\n"
                          "st.enable('budget:16MiB', target='cpu', device=1)\n"
@@ -683,3 +688,17 @@ def test_export_step_checks_its_path_and_device_as_capture_does(tmp_path, python
                          "    print('ERROR', e)\n")
         assert "spill.torch runs on device 1, not 3: pass device=1" in run.stdout, \
             run.stdout + run.stderr
+
+
+def test_export_step_writes_long_op_names_cut_so_spill_plan_reads_them(tmp_path, plan_sim):
+    """spill.begin_op kept names of any length, and the graph export_step wrote from them was
+    refused by spill plan (names of at most 1024 bytes; audit 45a F6): cut at 255 bytes, as
+    block names are, between characters."""
+    blocks = record_sim_step(3, lambda i: "é" * 1000 + str(i))
+    path = st.export_step(tmp_path / "long.json", scope=3)
+    names = [op["name"] for op in json.loads(pathlib.Path(path).read_text())["ops"]]
+    assert len(names) == 4 and all(n == "é" * 127 for n in names), names
+    report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
+    assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
+    for p in blocks:
+        spill.free(p)
