@@ -430,6 +430,7 @@ def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path, pl
         st.export_step(tmp_path / "none.json", scope=3)
     assert e.value.code == spill.Status.NOT_FOUND
     assert "handle.scope" not in str(e.value)
+    assert "handle.remove() and a guard's exit free the step" in str(e.value)  # (audit 45a F8)
     # At the default scope, the mistake of a reader who ran offload() and left scope out:
     # the message says where offload's step went (audit 38b #12).
     with pytest.raises(spill.Error) as e:

@@ -53,8 +53,9 @@ def export_step(path: Union[str, "os.PathLike[str]"], *, scope: int = 0,
             # (every ordinal is a simulated device: one spill.torch did not run on is empty)
             raise type(e)(f"{e} (spill.torch runs on device {state.device}, not {device}: "
                           f"pass device={state.device})", e.code) from None
-        if scope != 0:
-            raise
+        if scope != 0:  # (a scope of offload's or guard's: freed by remove() or the exit)
+            raise type(e)(f"{e} (offload's handle.remove() and a guard's exit free the step "
+                          f"they recorded: export it before)", e.code) from None
         # The default scope is spill.torch.step()'s; a run under offload() or guard() records
         # under a scope of its own, which a reader who left scope out did not ask for.
         raise type(e)(f"{e} (scope 0 is spill.torch.step()'s: spill.torch.offload and "
