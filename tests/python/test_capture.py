@@ -639,6 +639,7 @@ def test_long_names_are_refused_or_shortened_so_spill_plan_reads_the_graph(tmp_p
     assert report["unlimited_peak_bytes"] > 0
 
 
+@pytest.mark.filterwarnings("ignore:Lazy modules are a new feature")
 def test_capture_argument_misuse_is_named():
     """audit 45a F9: batch_dim=True was taken as 1; LBFGS failed with advice about .numpy();
     an uninitialised lazy module raised torch's own ValueError."""
