@@ -204,11 +204,12 @@ spill_status spill_end_scope(int device, uint64_t scope) {
 }
 
 spill_status spill_begin_op(int device, uint64_t scope, const char* name) {
-  const std::string_view op = name != nullptr ? name : "";
   return on_device(device, "spill_begin_op", [&](Lease& lease) {
-    // Op names go into the step graph's JSON, which refuses bad bytes: refused here instead,
-    // where the caller learns which argument it was (also without a swapper to record them).
-    expect_utf8(op, "name");
+    // Op names go into the step graph's JSON, which refuses bad bytes and strings past 1024
+    // bytes (spill plan could not read the graph spill_write_step_graph wrote): cut as block
+    // names are, bad bytes refused here, where the caller learns which argument it was (also
+    // without a swapper to record them).
+    const std::string_view op = kept_name(name, SPILL_MAX_BLOCK_NAME, "name");
     if (Swapper* sw = lease.rt().swapper()) sw->begin_op(op, scope);
     return SPILL_OK;
   });

@@ -128,7 +128,8 @@ def set_scope_name(name: Optional[str], scope: int = 0, device: int = 0) -> None
 
 
 def begin_op(name: Optional[str] = None, scope: int = 0, device: int = 0) -> None:
-    """An op (kernel or layer) named ``name`` starts within the current step of ``scope``."""
+    """An op (kernel or layer) named ``name`` starts within the current step of ``scope``
+    (a name past 255 bytes of UTF-8 is cut there, between characters)."""
     call("spill_begin_op", _args.device(device), _args.scope(scope),
          _args.text(name, "name") if name is not None else None)
 

@@ -22,6 +22,7 @@ from spill_cli import spill_cli, spill_plan  # noqa: E402  (also puts python/ on
 torch = pytest.importorskip("torch")
 import spill  # noqa: E402
 import spill.torch as st  # noqa: E402
+from spill._errors import InvalidArgumentTypeError  # noqa: E402  (spill.InvalidArgumentError too)
 from spill.torch._meta import building_on_meta  # noqa: E402
 from models import GPT2, lm_loss  # noqa: E402
 
@@ -613,44 +614,55 @@ def test_public_names_are_documented_and_typed():
 
 # ----- a real run's recorded step --------------------------------------------------------------
 
-def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path):
-    import spill
+@pytest.fixture
+def plan_sim():
+    """A fresh session of spill on the simulated device that records steps (policy:plan)."""
     spill.shutdown()
     spill.configure("device:sim,sim_capacity:512MiB,budget:32MiB,policy:plan")
-    try:
-        with pytest.raises(spill.Error) as e:
-            st.export_step(tmp_path / "none.json", scope=3)
-        assert e.value.code == spill.Status.NOT_FOUND
-        assert "handle.scope" not in str(e.value)
-        # At the default scope, the mistake of a reader who ran offload() and left scope out:
-        # the message says where offload's step went (audit 38b #12).
-        with pytest.raises(spill.Error) as e:
-            st.export_step(tmp_path / "none.json")
-        assert e.value.code == spill.Status.NOT_FOUND
-        assert "no step of this scope was recorded" in str(e.value), str(e.value)
-        assert "scope=handle.scope" in str(e.value), str(e.value)
-        assert not (tmp_path / "none.json").exists()
-        blocks = [spill.malloc(8 << 20) for _ in range(4)]
-        for p in blocks:
-            spill.set_swappable(p)
-        for _ in range(2):
-            with spill.step(scope=3):
-                for i, p in enumerate(blocks):
-                    spill.begin_op(f"layer{i}", scope=3)
-                    spill.unpin(spill.pin_for_host(p), wrote=True)
-        path = st.export_step(tmp_path / "step.json", scope=3)
-        graph = json.loads(pathlib.Path(path).read_text())
-        assert graph["format"] == "spill-graph" and len(graph["tensors"]) >= 4
-        report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
-        assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
-        # Blocks, not parameters: the four blocks held from before the step, as bytes.
-        assert report["parameters"] is None
-        assert report["held_bytes_before_step"] == 4 * (8 << 20)
-        assert {p["name"] for p in report["policies"]} == {"spill", "vdnn", "threshold", "none"}
-        for p in blocks:
-            spill.free(p)
-    finally:
-        spill.shutdown()
+    yield
+    spill.shutdown()
+
+
+def record_sim_step(scope, op_name=lambda i: f"layer{i}"):
+    """Two steps of `scope` over four swappable 8 MiB blocks, one op each (the first step is
+    recorded); returns the blocks, for spill.free."""
+    blocks = [spill.malloc(8 << 20) for _ in range(4)]
+    for p in blocks:
+        spill.set_swappable(p)
+    for _ in range(2):
+        with spill.step(scope=scope):
+            for i, p in enumerate(blocks):
+                spill.begin_op(op_name(i), scope=scope)
+                spill.unpin(spill.pin_for_host(p), wrote=True)
+    return blocks
+
+
+def test_export_step_writes_a_recorded_step_that_spill_plan_replans(tmp_path, plan_sim):
+    with pytest.raises(spill.Error) as e:
+        st.export_step(tmp_path / "none.json", scope=3)
+    assert e.value.code == spill.Status.NOT_FOUND
+    assert "handle.scope" not in str(e.value)
+    assert "handle.remove() and a guard's exit free the step" in str(e.value)  # (audit 45a F8)
+    # At the default scope, the mistake of a reader who ran offload() and left scope out:
+    # the message says where offload's step went (audit 38b #12).
+    with pytest.raises(spill.Error) as e:
+        st.export_step(tmp_path / "none.json")
+    assert e.value.code == spill.Status.NOT_FOUND
+    assert "no step of this scope was recorded" in str(e.value), str(e.value)
+    assert "scope=handle.scope" in str(e.value), str(e.value)
+    assert not (tmp_path / "none.json").exists()
+    blocks = record_sim_step(3)
+    path = st.export_step(tmp_path / "step.json", scope=3)
+    graph = json.loads(pathlib.Path(path).read_text())
+    assert graph["format"] == "spill-graph" and len(graph["tensors"]) >= 4
+    report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
+    assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
+    # Blocks, not parameters: the four blocks held from before the step, as bytes.
+    assert report["parameters"] is None
+    assert report["held_bytes_before_step"] == 4 * (8 << 20)
+    assert {p["name"] for p in report["policies"]} == {"spill", "vdnn", "threshold", "none"}
+    for p in blocks:
+        spill.free(p)
 
 
 def test_only_spill_torch_imports_torch():
@@ -722,3 +734,185 @@ def test_capture_writes_to_its_own_stdout_and_its_write_errors_are_spill_errors(
         locked.mkdir(mode=0o500)
         with pytest.raises(spill.InvalidArgumentError, match="permission denied"):
             st.capture(Tiny, torch.randn(8, 64), optimizer=None, path=locked / "g.json")
+
+
+# ----- misuse: nested captures, sparse tensors, names, arguments (audit 45a) -----------------
+
+def _global_module_hooks():
+    from torch.nn.modules import module as nn_module
+    return (dict(nn_module._global_forward_pre_hooks), dict(nn_module._global_forward_hooks))
+
+
+class CapturesInForward(Tiny):
+    def forward(self, x):
+        st.capture(Tiny, torch.randn(4, 64), path=None)
+        return super().forward(x)
+
+
+def test_a_capture_inside_a_capture_is_refused_and_leaves_nothing_behind():
+    """A capture run from another capture's loss_fn recorded its whole step (model build,
+    forward, backward, optimizer) into the outer graph as forward ops of module 'loss', and
+    the outer capture's global module hooks named the inner model's ops (audit 45a F3)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    x = torch.randn(8, 64)
+    hooks = _global_module_hooks()
+    plain = st.capture(Tiny, x, path=None)
+
+    def nested_loss(out):
+        st.capture(Tiny, torch.randn(4, 64), path=None)
+        return out.sum()
+
+    with pytest.raises(st.CaptureError, match="cannot run inside another capture"):
+        st.capture(Tiny, x, loss_fn=nested_loss, path=None)
+    with pytest.raises(st.CaptureError, match="cannot run inside another capture"):
+        st.capture(CapturesInForward, x, path=None)
+    inner = []
+
+    def caught(out):  # refused before it records anything: the outer graph is untouched
+        with pytest.raises(st.CaptureError, match="cannot run inside another capture") as e:
+            st.capture(Tiny, torch.randn(4, 64), path=None)
+        inner.append(e.value)
+        return out.sum()
+
+    assert st.capture(Tiny, x, loss_fn=caught, path=None).graph == plain.graph
+    assert inner and ".numpy()" not in str(inner[0])
+    # Nothing left behind: no module hooks, no dispatch mode; captures and training work.
+    assert _global_module_hooks() == hooks and _get_current_dispatch_mode() is None
+    assert st.capture(Tiny, x, path=None).graph == plain.graph
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).sum().backward()
+    opt.step()
+    assert all(p.grad is not None and p.grad.device.type == "cpu" for p in model.parameters())
+
+
+class SparseEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e = nn.Embedding(100, 32, sparse=True)
+
+    def forward(self, ids):
+        return self.e(ids)
+
+
+@pytest.mark.parametrize("optimizer", [functools.partial(torch.optim.SGD, lr=0.1),
+                                       torch.optim.SparseAdam])
+def test_sparse_gradients_are_refused_naming_the_op_and_module(optimizer):
+    """nn.Embedding(sparse=True) failed in the recorder ("Cannot access storage of
+    SparseTensorImpl") with advice about .numpy() and printing tensors (audit 45a F4)."""
+    ids = torch.randint(0, 100, (4, 8))
+    with pytest.raises(st.CaptureError, match="sparse tensors are not supported") as e:
+        st.capture(SparseEmbedding, ids, optimizer=optimizer, path=None)
+    message = str(e.value)
+    assert "aten.embedding" in message and "module 'e'" in message, message
+    assert ".numpy()" not in message and e.value.phase == "backward"
+    assert e.value.op == "aten._sparse_coo_tensor_with_dims_and_tensors" and e.value.module == "e"
+
+
+def test_a_sparse_input_is_refused_naming_it():
+    sparse = torch.eye(4).to_sparse()
+    with pytest.raises(st.CaptureError, match="input0 is a sparse coo tensor") as e:
+        st.capture(lambda: nn.Linear(4, 4), sparse, path=None)
+    assert "not supported" in str(e.value)
+
+
+class LongNames(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = nn.ModuleDict({"k" * 1100: nn.Linear(8, 8), "j" * 1100: nn.Linear(8, 8)})
+
+    def forward(self, x):
+        return sum(m(x) for m in self.d.values())
+
+
+def test_long_names_are_refused_or_shortened_so_spill_plan_reads_the_graph(tmp_path):
+    """capture wrote names past the graph format's 1024 bytes, which spill plan refuses
+    (audit 45a F6): the graph's own name is checked up front, labels are shortened."""
+    built = []
+
+    def model():
+        built.append(1)
+        return LongNames()
+
+    x = torch.randn(4, 8)
+    with pytest.raises(spill.InvalidArgumentError, match=r"name.* 1024 bytes.*\(1100 bytes\)"):
+        st.capture(model, x, path=tmp_path / "g.json", name="n" * 1100)
+    with pytest.raises(InvalidArgumentTypeError, match="name must be a string"):
+        st.capture(model, x, path=None, name=42)
+    assert built == [] and not (tmp_path / "g.json").exists()
+    step = st.capture(model, x, path=tmp_path / "g.json", name="é" * 512)
+    names = [t["name"] for t in step.graph["tensors"]] + [op["name"] for op in step.graph["ops"]]
+    assert max(len(n.encode()) for n in names) <= 1024
+    # Shortened labels keep their start and stay apart (a hash of the whole name).
+    weights = [t["name"] for t in step.graph["tensors"] if t["kind"] == "weight"]
+    assert len(set(weights)) == 4 and all(n.startswith("d.") for n in weights)
+    assert any(n.startswith("d." + "k" * 100) for n in weights)
+    report = spill_plan(str(tmp_path / "g.json"), "--device", "a10-24gb", "--link", "pcie4")
+    assert report["unlimited_peak_bytes"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:Lazy modules are a new feature")
+def test_capture_argument_misuse_is_named():
+    """audit 45a F9: batch_dim=True was taken as 1; LBFGS failed with advice about .numpy();
+    an uninitialised lazy module raised torch's own ValueError."""
+    x = torch.randn(4, 64)
+    with pytest.raises(InvalidArgumentTypeError, match="batch_dim must be an integer"):
+        st.capture(Tiny, x, path=None, batch_dim=True)
+    with pytest.raises(spill.InvalidArgumentError, match="batch_dim -1"):
+        st.capture(Tiny, x, path=None, batch_dim=-1)
+    with pytest.raises(st.CaptureError, match="LBFGS.*needs a closure.*not supported") as e:
+        st.capture(Tiny, x, path=None, optimizer=torch.optim.LBFGS)
+    assert ".numpy()" not in str(e.value) and e.value.phase == "optimizer"
+    lazy = lambda: nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 4))  # noqa: E731
+    with pytest.raises(st.CaptureError, match=r"uninitiali[sz]ed.*'0\.weight'.*forward") as e:
+        st.capture(lazy, x, path=None)
+    initialised = lazy()
+    initialised(x)
+    assert st.capture(initialised, x, path=None).op_count > 0
+
+
+def test_export_step_checks_its_path_and_device_as_capture_does(tmp_path, python_run, plan_sim):
+    """export_step replaced a file that is not a graph (capture refuses), raised a raw
+    TypeError for a path of another type, and said 'no step of this scope was recorded' for
+    a device spill.torch does not run on (audit 45a F8)."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious\n")
+    with pytest.raises(spill.InvalidArgumentError, match="spill.torch.export_step: "
+                       ".*precious.txt' exists and is not a spill graph"):
+        st.export_step(precious)
+    assert precious.read_text() == "precious\n"
+    for bad in (5, None):
+        with pytest.raises(InvalidArgumentTypeError, match="export_step: path must be"):
+            st.export_step(bad)
+    with pytest.raises(spill.InvalidArgumentError, match="no directory"):
+        st.export_step(tmp_path / "nowhere" / "g.json")
+    with pytest.raises(InvalidArgumentTypeError, match="device must be an integer"):
+        st.export_step(tmp_path / "g.json", device=True)
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        with pytest.raises(spill.InvalidArgumentError, match=f"no CUDA device {count}"):
+            st.export_step(tmp_path / "g.json", device=count)
+    assert not (tmp_path / "g.json").exists()
+    if not torch.cuda.is_available():  # every ordinal is a simulated device: name the bridge's
+        run = python_run("import spill, spill.torch as st\n"
+                         "st.enable('budget:16MiB', target='cpu', device=1)\n"
+                         "try:\n"
+                         f"    st.export_step({str(tmp_path / 'g.json')!r}, device=3)\n"
+                         "except spill.Error as e:\n"
+                         "    print('ERROR', e)\n")
+        assert "spill.torch runs on device 1, not 3: pass device=1" in run.stdout, \
+            run.stdout + run.stderr
+
+
+def test_export_step_writes_long_op_names_cut_so_spill_plan_reads_them(tmp_path, plan_sim):
+    """spill.begin_op kept names of any length, and the graph export_step wrote from them was
+    refused by spill plan (names of at most 1024 bytes; audit 45a F6): cut at 255 bytes, as
+    block names are, between characters."""
+    blocks = record_sim_step(3, lambda i: "é" * 1000 + str(i))
+    path = st.export_step(tmp_path / "long.json", scope=3)
+    names = [op["name"] for op in json.loads(pathlib.Path(path).read_text())["ops"]]
+    assert len(names) == 4 and all(n == "é" * 127 for n in names), names
+    report = spill_plan(path, "--device", "a10-24gb", "--link", "pcie4", "--budget", "16MiB")
+    assert report["unlimited_peak_bytes"] >= 4 * (8 << 20)
+    for p in blocks:
+        spill.free(p)

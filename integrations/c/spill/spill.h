@@ -311,7 +311,9 @@ SPILL_API spill_status spill_get_block_info(const void* ptr, spill_block_info* i
  * a step of its scope is in progress abandons that step (not recorded, not counted) and
  * begins anew, and an end_step with no step of its scope in progress does nothing.
  * spill_begin_op refuses a name that is not UTF-8 (INVALID_ARGUMENT naming `name`): names go
- * into the step graph's JSON. */
+ * into the step graph's JSON. Names past SPILL_MAX_BLOCK_NAME bytes are cut there (before a
+ * character that would be split), as block names are (a graph file holds names of at most
+ * 1024 bytes). */
 SPILL_API spill_status spill_begin_step(int device, uint64_t scope);
 SPILL_API spill_status spill_end_step(int device, uint64_t scope);
 SPILL_API spill_status spill_begin_op(int device, uint64_t scope, const char* name);

@@ -2,6 +2,7 @@
 scaling found by comparing captures at two batch sizes (internal to spill.torch)."""
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -9,6 +10,10 @@ import torch
 from ._recorder import OpRecord, Recorder
 
 GRAPH_FORMAT_VERSION = 2
+# The most bytes (UTF-8) of a string in a graph file (core/json_read.hpp): spill plan refuses
+# longer names.
+MAX_NAME_BYTES = 1024
+_NAME_TAIL_BYTES = 100  # of a shortened name: the end says which op or parameter it is
 
 _DTYPES = {
     torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
@@ -23,6 +28,19 @@ _EXISTS_AT_START = ("weight", "buffer", "optimizer_state", "input")
 def graph_dtype(d: torch.dtype) -> str:
     """The graph format's name for a torch dtype (float8 and other narrow types count as u8)."""
     return _DTYPES.get(d, "u8" if getattr(d, "itemsize", 1) == 1 else "f32")
+
+
+def fit_name(text: str) -> str:
+    """`text`, or when it is longer than a graph file allows (a module's name from a long
+    ModuleDict key), its start and end around a hash of the whole: names are labels, and
+    shortened ones stay recognisable and apart."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_NAME_BYTES:
+        return text
+    mark = f"...{hashlib.sha256(raw).hexdigest()[:12]}..."
+    tail = raw[-_NAME_TAIL_BYTES:].decode("utf-8", "ignore")  # (a split character dropped)
+    room = MAX_NAME_BYTES - len(mark) - len(tail.encode("utf-8", "surrogatepass"))
+    return raw[:room].decode("utf-8", "ignore") + mark + tail
 
 
 def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
@@ -51,7 +69,7 @@ def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
             if s.id in used or kind_of[s.id] in ("weight", "buffer", "optimizer_state")]
     tensors = []
     for s in keep:
-        tensor = {"id": s.id, "name": name_of[s.id], "bytes": int(s.nbytes),
+        tensor = {"id": s.id, "name": fit_name(name_of[s.id]), "bytes": int(s.nbytes),
                   "dtype": graph_dtype(s.dtype), "kind": kind_of[s.id]}
         if kind_of[s.id] == "gradient" and s.id in kinds:
             tensor["held_to_step_end"] = True
@@ -64,10 +82,11 @@ def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
         else:
             where = op.module if op.phase == "forward" else _layer_name(rec, op.layer)
             label = f"{where}:{op.type}" if where else op.type
-        out_ops.append({"name": label, "type": op.type, "phase": op.phase, "layer": op.layer,
+        out_ops.append({"name": fit_name(label), "type": fit_name(op.type), "phase": op.phase,
+                        "layer": op.layer,
                         "reads": op.reads, "writes": op.writes, "flops": float(op.flops),
                         "bytes": int(op.bytes)})
-    graph = {"format": "spill-graph", "version": GRAPH_FORMAT_VERSION, "name": name,
+    graph = {"format": "spill-graph", "version": GRAPH_FORMAT_VERSION, "name": fit_name(name),
              "tensors": tensors, "ops": out_ops}
     if batch > 0:
         graph["batch"] = int(batch)

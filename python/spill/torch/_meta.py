@@ -59,6 +59,15 @@ def module_on_meta(model: torch.nn.Module) -> torch.nn.Module:
     """The model itself when its parameters and buffers are all on meta, else a copy whose
     parameters and buffers are meta tensors (tied parameters stay tied; the caller's model and
     its data are left as they are, and no copy of the data is made)."""
+    lazy = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if torch.nn.parameter.is_lazy(t)]
+    if lazy:  # (they have no shape yet: a copy, a capture, even asking for it raises)
+        from ._recorder import CaptureError  # (_recorder imports this module)
+        raise CaptureError(
+            f"the model has uninitialised parameters or buffers ({', '.join(map(repr, lazy[:4]))}"
+            f"{', ...' if len(lazy) > 4 else ''}): a lazy module (nn.LazyLinear and its kin) "
+            f"takes its shapes from its first forward. Run one forward with an example input "
+            f"first (or initialise them otherwise), then capture the model")
     tensors = list(model.parameters()) + list(model.buffers())
     if all(is_meta(t) for t in tensors):
         return model

@@ -67,6 +67,25 @@ class OpRecord:
     bytes: int = 0
 
 
+# Why a sparse tensor stops a capture, and what to do instead.
+_NOT_STRIDED = ("sparse tensors are not supported by capture (it records a tensor by its "
+                "storage, which a sparse tensor does not have: its indices and values have "
+                "theirs). What you can do: capture the model with dense tensors instead, e.g. "
+                "nn.Embedding(sparse=False) and a dense optimizer such as Adam for SparseAdam "
+                "(the step then holds a gradient the size of the whole weight, where a sparse "
+                "one holds only the rows the batch uses)")
+
+
+def refuse_not_strided(t: torch.Tensor, name: str) -> None:
+    """Raises CaptureError naming `name` (a weight, buffer or input) when `t` is sparse."""
+    if t.layout != torch.strided:
+        raise CaptureError(f"{name} is a {_layout_name(t)} tensor: {_NOT_STRIDED}")
+
+
+def _layout_name(t: torch.Tensor) -> str:
+    return str(t.layout).replace("torch.", "").replace("_", " ")
+
+
 def _storage_of(t: torch.Tensor) -> Any:
     if hasattr(t, "untyped_storage"):  # torch >= 2.0
         return t.untyped_storage()
@@ -110,6 +129,9 @@ class Recorder(TorchDispatchMode):
     # ----- storages ----------------------------------------------------------------------
     def storage(self, t: torch.Tensor) -> Tuple[StorageRecord, bool]:
         """The record of t's storage and whether it was first seen now."""
+        if t.layout != torch.strided:  # (ops that make one are refused naming the op: _record)
+            raise CaptureError(f"a {_layout_name(t)} tensor{self._where()}: {_NOT_STRIDED}",
+                               module=self.module(), phase=self.phase)
         s = _storage_of(t)
         key = s._cdata
         rec = self.storages.get(key)
@@ -123,6 +145,7 @@ class Recorder(TorchDispatchMode):
 
     def declare(self, t: torch.Tensor, kind: str, name: str) -> None:
         """A tensor that exists when the step starts (weight, buffer, input)."""
+        refuse_not_strided(t, name)
         rec, _ = self.storage(t)
         if not rec.kind:
             rec.kind, rec.name, rec.written = kind, name, True
@@ -226,6 +249,9 @@ class Recorder(TorchDispatchMode):
 
     def _record(self, func, args, kwargs, out) -> None:
         name = str(func.overloadpacket.__name__)
+        for t in tensors_in((args, kwargs, out)):
+            if is_meta(t) and t.layout != torch.strided:
+                raise self._not_strided(name, t, args, kwargs)
         reads: List[StorageRecord] = []
         writes: List[StorageRecord] = []
         traffic = 0
@@ -281,6 +307,22 @@ class Recorder(TorchDispatchMode):
                 if rec.layer < 0:
                     rec.layer = op.layer
         self.ops.append(op)
+
+    def _not_strided(self, name: str, sparse: torch.Tensor, args, kwargs) -> CaptureError:
+        """The error for op `name` touching a sparse (or other non-strided) tensor, naming the
+        module and, in backward, the forward op whose gradient it computes."""
+        module, of = self.module(), ""
+        if self.phase == "backward":  # the layer of what it reads, as for a recorded op
+            dense = [self.storages.get(_storage_of(t)._cdata) for t in tensors_in((args, kwargs))
+                     if is_meta(t) and t.layout == torch.strided]
+            layer = self._layer_of([r for r in dense if r is not None])
+            module = self.layer_names[layer] if 0 <= layer < len(self.layer_names) else ""
+            forward = [op.type for op in self.ops if op.phase == "forward" and op.layer == layer]
+            of = f" (the backward of aten.{forward[-1]})" if forward else ""
+        where = f" in the {self.phase} pass" + (f", module '{module}'" if module else "")
+        return CaptureError(f"aten.{name}{where}{of} makes or reads a {_layout_name(sparse)} "
+                            f"tensor: {_NOT_STRIDED}", op=f"aten.{name}", module=module,
+                            phase=self.phase)
 
     def _layer_of(self, reads: List[StorageRecord]) -> int:
         if self.phase == "forward":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import re
@@ -26,35 +27,39 @@ from .. import _args
 from .._errors import InvalidArgumentError
 from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
-from ._graph import add_batch_scaling, build_graph
+from ._graph import MAX_NAME_BYTES, add_batch_scaling, build_graph
 from ._meta import is_meta, resolve_model, with_batch
-from ._recorder import CaptureError, Recorder
+from ._recorder import CaptureError, Recorder, refuse_not_strided
 
 OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
 # PyTorch's message for an op with no kernel for a dispatch key (e.g. a custom op on meta).
 _NO_KERNEL = re.compile(r"Could not run '([\w:.]+)' with arguments from the '(\w+)' backend")
 # A spill graph names its format near its start (json's sorted keys put only "batch" first).
 _GRAPH_FORMAT = re.compile(rb'"format"\s*:\s*"spill-graph"')
+# Set while this thread records a step: a capture started inside it (from the model, loss_fn or
+# optimizer) would be recorded whole into the outer step by its dispatch mode and module hooks.
+_recording = threading.local()
 
 
-def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
-    """`path` checked before the step is recorded: a path in a directory that exists, and not
-    a file that holds something else than a spill graph (the default, graph.json in the working
-    directory, would replace a user's file of that name without a word)."""
+def _output_path(path: Optional[Union[str, "os.PathLike[str]"]],
+                 caller: str = "spill.torch.capture") -> Optional[str]:
+    """`path` checked before the step is recorded (or exported, by `caller`): a path in a
+    directory that exists, and not a file that holds something else than a spill graph (the
+    default, graph.json in the working directory, would replace a user's file of that name
+    without a word)."""
     if path is None:
         return None
-    out = os.fsdecode(_args.path(path, "spill.torch.capture: path"))
+    out = os.fsdecode(_args.path(path, f"{caller}: path"))
     if is_own_stream(out):
         return out  # /dev/stdout and its kin: written through the descriptor, nothing replaced
     directory = os.path.dirname(out) or "."
     if not os.path.isdir(directory):
-        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: no directory "
+        raise InvalidArgumentError(f"{caller}: cannot write {out!r}: no directory "
                                    f"{directory!r}")
     if os.path.isdir(out):
-        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: a directory")
+        raise InvalidArgumentError(f"{caller}: cannot write {out!r}: a directory")
     if not os.access(out if os.path.exists(out) else directory, os.W_OK):
-        raise InvalidArgumentError(f"spill.torch.capture: cannot write {out!r}: permission "
-                                   f"denied")
+        raise InvalidArgumentError(f"{caller}: cannot write {out!r}: permission denied")
     if not os.path.isfile(out):
         return out  # nothing there to lose, or a FIFO or device: written as a stream
     try:
@@ -64,8 +69,8 @@ def _output_path(path: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str
         return out  # unreadable: the write says whether it can replace it
     if head.strip() and not _GRAPH_FORMAT.search(head):
         raise InvalidArgumentError(
-            f"spill.torch.capture: {out!r} exists and is not a spill graph: capture replaces "
-            f"only an earlier graph; pass another path= (or remove the file)")
+            f"{caller}: {out!r} exists and is not a spill graph: {caller.split('.')[-1]} "
+            f"replaces only an earlier graph; pass another path= (or remove the file)")
     return out
 
 
@@ -134,14 +139,26 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     batch_dim: the batch dimension of inputs and targets (0). Tensors whose size there equals
         the first input's are the batch.
     scale_batch: also capture at twice the batch, to record which sizes grow with it.
-    name: the graph's name (default: the model's class name).
+    name: the graph's name (default: the model's class name), at most 1024 bytes of UTF-8.
+        Longer tensor and op names (from a long ModuleDict key) are shortened in the graph:
+        their start and end around a hash of the whole.
 
     Raises CaptureError naming the op and module when the step cannot run without data
-    (values read with .item(), data-dependent shapes, ops without a meta kernel).
+    (values read with .item(), data-dependent shapes, ops without a meta kernel), and for
+    sparse tensors (nn.Embedding(sparse=True)), which it does not support.
     """
-    if not isinstance(batch_dim, int) or batch_dim < 0:
-        raise ValueError(f"spill.torch.capture: batch_dim must be a non-negative int, got "
-                         f"{batch_dim!r}")
+    if getattr(_recording, "active", False):
+        raise CaptureError("spill.torch.capture cannot run inside another capture (it was "
+                           "called from the model, loss_fn or optimizer of a capture in "
+                           "progress, whose recorder would take in its whole step): run the "
+                           "captures one after the other")
+    # (an int, never a bool: batch_dim=True was taken for 1)
+    batch_dim = _args.integer(batch_dim, "spill.torch.capture: batch_dim", 0, 2**63 - 1)
+    if name is not None and len(_args.text(name, "spill.torch.capture: name")) > MAX_NAME_BYTES:
+        raise InvalidArgumentError(
+            f"spill.torch.capture: name must be at most {MAX_NAME_BYTES} bytes of UTF-8 (the "
+            f"graph format's limit, which spill plan checks), got {name[:40]!r}... "
+            f"({len(name.encode())} bytes)")
     out_path = _output_path(path)  # before the work, which may take minutes
     if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer)
                                   or not callable(optimizer)):
@@ -158,6 +175,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         example_inputs = (example_inputs,)
     if targets is not None and not isinstance(targets, (tuple, list)):
         targets = (targets,)
+    for k, t in enumerate(tensors_in((example_inputs, targets))):  # named as Recorder.declare's
+        refuse_not_strided(t, f"input{k}")  # (the meta copies would be dense)
     batch = _batch_size((example_inputs, targets), batch_dim)
     if batch == 0 and any(t.dim() > batch_dim for t in tensors_in((example_inputs, targets))):
         raise CaptureError(f"the example inputs have an empty batch (size 0 along batch_dim "
@@ -230,6 +249,11 @@ class _Step:
                                f"{len(self.params)} parameters: {type(e).__name__}: {e} (pass "
                                f"optimizer=None to capture without an optimizer step)",
                                phase="optimizer") from e
+        if opt is not None and _step_needs_closure(opt):
+            raise CaptureError(f"{type(opt).__name__}: optimizers whose step needs a closure "
+                               f"(one that computes the loss again, as LBFGS's line search "
+                               f"does) are not supported by capture: capture with another "
+                               f"optimizer, or with optimizer=None", phase="optimizer")
         try:
             # A first step, not recorded: the one recorded is a steady step, as training's
             # are. The first creates the optimizer's state (SGD's momentum is a clone of the
@@ -261,7 +285,7 @@ class _Step:
     def _run(self, rec: Recorder, inputs: Any, targets: Sequence[Any], opt: Any) -> None:
         """Forward, loss, backward and optimizer step under the recorder."""
         try:
-            with self._module_hooks(rec), rec:
+            with _recording_on_this_thread(), self._module_hooks(rec), rec:
                 rec.phase = "forward"
                 out = self.net(**inputs) if isinstance(inputs, dict) else self.net(*inputs)
                 rec.enter("loss")
@@ -342,6 +366,23 @@ class _Step:
                 for slot, value in state.items():
                     mark(value, "optimizer_state", f"{slot}:{self.param_names.get(id(p), '?')}")
         return kinds
+
+
+def _step_needs_closure(opt: Any) -> bool:
+    try:
+        closure = inspect.signature(opt.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: the step will say
+        return False
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+@contextlib.contextmanager
+def _recording_on_this_thread() -> Iterator[None]:
+    _recording.active = True
+    try:
+        yield
+    finally:
+        _recording.active = False
 
 
 def _module_note(rec: Recorder) -> str:
