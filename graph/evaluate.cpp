@@ -32,7 +32,8 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
   const std::size_t n = g.ops.size();
   // Per op (difference arrays): bytes made in the step and live there, and bytes of tensors
   // that existed at the step's start and are used after it.
-  // `held_delta`: bytes held to the step's end past their last use, which need not come back.
+  // `held_delta`: bytes held to the step's end past their last use, which no plan moves there
+  // (no idle gap covers that stretch): resident as `others` are, not among the bytes made.
   std::vector<std::int64_t> made_delta(n + 1, 0), later_delta(n + 1, 0), held_delta(n + 1, 0);
   for (std::size_t t = 0; t < g.tensors.size(); ++t) {
     const auto bytes = static_cast<std::int64_t>(g.tensors[t].bytes);
@@ -74,14 +75,16 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
       others += g.tensors[t].bytes;
       if (l.uses[t].back() > k) later_here += g.tensors[t].bytes;
     }
-    if (working > budget) return std::nullopt;
+    const auto stuck = static_cast<std::uint64_t>(held);
+    if (working > budget || stuck > budget - working) return std::nullopt;
+    others += stuck;
+    const auto movable = static_cast<std::uint64_t>(made - held);
     // Made in the step and absent here: out since the step began, and back before its end.
-    const std::uint64_t out = excess(static_cast<std::uint64_t>(made), budget - others);
+    const std::uint64_t out = excess(movable, budget - others);
     // Absent here and needed later in the step (those too, and tensors from before the step
     // that an op after this one uses): back before the step ends.
-    const std::uint64_t back = excess(
-        static_cast<std::uint64_t>(made - held) + static_cast<std::uint64_t>(later) - later_here,
-        budget - others);
+    const std::uint64_t back =
+        excess(movable + static_cast<std::uint64_t>(later) - later_here, budget - others);
     const double bound = std::max(before, static_cast<double>(out) / d2h) +
                          std::max(total - before, static_cast<double>(back) / h2d);
     if (bound > best.step_s) best = {bound, static_cast<OpIndex>(k), out, back};

@@ -109,10 +109,10 @@ TEST(SwapFloor, TwoActivationsThatCannotBothStay) {
   EXPECT_FALSE(swap_floor(g, times_of(g), unit_link(), 4'999'999).has_value());
 }
 
-// A 5 MB activation held to the step's end after its last use (op 1) shares a 5 MB budget with
-// one made at op 2: it must go out (5 ms) but need not come back, so no plan beats
-// max(2, 5) + max(2, 0) = 7 ms; freed at its last use instead, nothing moves (4 ms).
-TEST(SwapFloor, ATensorHeldToTheEndGoesOutButNeedNotComeBack) {
+// A 5 MB activation held to the step's end after its last use (op 1) stays resident there (no
+// plan moves it), beside the 5 MB made at op 2: no floor below 10 MB (no plan fits), the compute
+// at 10 MB; freed at its last use instead, 5 MB hold the step and nothing moves (4 ms).
+TEST(SwapFloor, ATensorHeldToTheEndStaysResidentPastItsLastUse) {
   Graph g;
   TensorIndex a = tensor(g, "a", 5'000'000), b = tensor(g, "b", 5'000'000);
   g.tensors[a].held_to_step_end = true;
@@ -120,11 +120,12 @@ TEST(SwapFloor, ATensorHeldToTheEndGoesOutButNeedNotComeBack) {
   op(g, "use_a", {a}, {});
   op(g, "make_b", {}, {b});
   op(g, "use_b", {b}, {});
-  const auto floor = swap_floor(g, times_of(g), unit_link(), 5'000'000);
+  EXPECT_FALSE(swap_floor(g, times_of(g), unit_link(), 5'000'000).has_value());
+  EXPECT_FALSE(swap_floor(g, times_of(g), unit_link(), 9'999'999).has_value());
+  const auto floor = swap_floor(g, times_of(g), unit_link(), 10'000'000);
   ASSERT_TRUE(floor.has_value());
-  EXPECT_NEAR(floor->step_s, 7e-3, 1e-12);
-  EXPECT_EQ(floor->must_move, 5'000'000u);
-  EXPECT_EQ(floor->must_fetch, 0u);
+  EXPECT_NEAR(floor->step_s, 4e-3, 1e-12);
+  EXPECT_EQ(floor->must_move + floor->must_fetch, 0u);
   g.tensors[a].held_to_step_end = false;
   EXPECT_NEAR(swap_floor(g, times_of(g), unit_link(), 5'000'000)->step_s, 4e-3, 1e-12);
 }
@@ -357,6 +358,29 @@ TEST(Planner, InfeasibleBudgetNamesTheOpAndTheExcess) {
   Plan p = plan_spill(g, times_of(g), unit_link(), o);
   EXPECT_FALSE(p.feasible);
   EXPECT_EQ(p.reason, c.message);
+}
+
+// A tensor held to the step's end stays resident past its last use (no gap there), and the
+// refusal says so: 600 B held past op 1 beside the 500 B op 2 makes.
+TEST(Planner, ATensorHeldToTheStepsEndIsNamedAmongWhatCannotMove) {
+  Graph g;
+  auto a = tensor(g, "a", 600), b = tensor(g, "b", 500);
+  g.tensors[a].held_to_step_end = true;
+  op(g, "make_a", {}, {a});
+  op(g, "use_a", {a}, {});
+  op(g, "make_b", {}, {b});
+  op(g, "use_b", {b}, {});
+  PlannerOptions o;
+  o.budget = 1000;
+  o.min_swap_bytes = 0;
+  BudgetCheck c = check_budget(g, o);
+  EXPECT_FALSE(c.feasible);
+  EXPECT_EQ(c.worst_op, 2);
+  EXPECT_EQ(c.required, 1100u);
+  EXPECT_NE(c.message.find("600 B of it tensors held to the step's end"), std::string::npos)
+      << c.message;
+  g.tensors[a].held_to_step_end = false;  // then a moves out (or is freed) before op 2
+  EXPECT_TRUE(check_budget(g, o).feasible);
 }
 
 TEST(Planner, SmallTensorsNeverMove) {

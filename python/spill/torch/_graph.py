@@ -3,7 +3,7 @@ scaling found by comparing captures at two batch sizes (internal to spill.torch)
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -44,12 +44,13 @@ def fit_name(text: str) -> str:
 
 
 def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
-                batch: int) -> Dict[str, Any]:
+                held: Set[int], batch: int) -> Dict[str, Any]:
     """The graph of a recorded step. `kinds` maps storage ids to (kind, name) for storages the
-    recorder could not classify alone (gradients of parameters, optimizer state). A
-    parameter's gradient is held to the step's end: PyTorch keeps ``.grad`` until the next
-    ``zero_grad()``, past its last read in the optimizer pass (before, the graph freed it
-    there, and a step whose peak is in that pass was predicted up to 16% low: audit 45a F1)."""
+    recorder could not classify alone (gradients of parameters, optimizer state); those in
+    `held` are held to the step's end. A parameter's gradient is: PyTorch keeps ``.grad``
+    until the next ``zero_grad()``, past its last read in the optimizer pass (before, the
+    graph freed it there, and a step whose peak is in that pass was predicted up to 16% low:
+    audit 45a F1)."""
     storages = rec.by_id
     kind_of: List[str] = []
     name_of: List[str] = []
@@ -71,7 +72,7 @@ def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
     for s in keep:
         tensor = {"id": s.id, "name": fit_name(name_of[s.id]), "bytes": int(s.nbytes),
                   "dtype": graph_dtype(s.dtype), "kind": kind_of[s.id]}
-        if kind_of[s.id] == "gradient" and s.id in kinds:
+        if s.id in held and kind_of[s.id] not in _EXISTS_AT_START:
             tensor["held_to_step_end"] = True
         tensors.append(tensor)
     param_of = _param_names(ops, kind_of, name_of)

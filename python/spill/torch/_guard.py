@@ -492,7 +492,7 @@ class guard:
         self.scope_arg = None if scope is None else optional_scope(scope, None)[0]
         self.release_on_exit = bool(_args.flag(release_on_exit, "release_on_exit"))
         self._mode: Optional[PinEveryOp] = None
-        self._reads: Any = None  # the CPU bridge's host reads (_reads.host_reads)
+        self._reads: Any = None  # its function mode (_reads.host_reads): host reads, backward OOM
         self._saved: dict = {}
         # After an exit that could not bring every tensor back: the mode whose blocks are
         # left (its ``declared``), and the pins-only mode and the host reads kept on the
@@ -539,7 +539,7 @@ class guard:
         if self._left is not None:  # what an earlier exit could not bring back: this exit's
             mode.declared.update(self._left.declared)
         from ._reads import host_reads  # (_reads imports _window, which imports this module)
-        reads = host_reads()
+        reads = host_reads(guards_backward=True)
         if reads is not None:
             reads.__enter__()
             fast_path.steps_aside(reads)

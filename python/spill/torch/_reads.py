@@ -36,26 +36,31 @@ class _Reads:
         self.handles = (self,)
 
 
-def host_reads() -> Optional[Any]:
-    """guard()'s function mode, not yet entered, or None where it needs none (a GPU with torch
-    2). It has the window's host reads on the CPU bridge (``.numpy()``, ``.tolist()``,
-    printing, torch.save's storages), where host code reads tensor memory directly (on a GPU
-    those read through a copy op that guard's dispatch mode pins). Before, under guard,
-    ``.tolist()`` or ``torch.save`` of an optimizer's state tensor on the host (no op before
-    it to bring it back) was a segmentation fault on the CPU bridge. With torch 1.x,
-    ``Tensor.backward`` and ``torch.autograd.grad`` raise an out-of-memory error that the
-    engine handed on as a plain RuntimeError as the torch.cuda.OutOfMemoryError it was: a
-    non-reentrant checkpoint's recomputation runs in checkpoint's unpack hook, where torch
-    1.13's engine wraps a pin's or an allocation's error so (audit 43u F2, still so under
-    guard alone until 2026-12-07; offload's window did it already)."""
+def host_reads(guards_backward: bool = False) -> Optional[Any]:
+    """The window's function mode with only its host reads (``.numpy()``, ``.tolist()``,
+    printing, torch.save's storages), not yet entered, for guard() and offload's forwards on
+    the CPU bridge, where host code reads tensor memory directly; None on a GPU, where those
+    read through a copy op that the dispatch modes pin. Before, under guard, ``.tolist()`` or
+    ``torch.save`` of an optimizer's state tensor on the host (no op before it to bring it
+    back) was a segmentation fault on the CPU bridge.
+    guards_backward (guard's): with torch 1.x (then also on a GPU), ``Tensor.backward`` and
+    ``torch.autograd.grad`` raise an out-of-memory error that the engine handed on as a
+    plain RuntimeError as the torch.cuda.OutOfMemoryError it was: a non-reentrant
+    checkpoint's recomputation runs in checkpoint's unpack hook, where torch 1.13's engine
+    wraps a pin's or an allocation's error so (audit 43u F2, still so under guard alone until
+    2026-12-07; offload's window did it already)."""
     reads = _Reads()
-    if not reads.pinner.cpu and torch_version() >= (2, 0, 0):
+    engine_wraps = guards_backward and torch_version() < (2, 0, 0)
+    if not reads.pinner.cpu and not engine_wraps:
         return None
     functions = _HostUses(reads)  # type: ignore[arg-type]
     functions.special.pop(torch.Tensor.data.__set__, None)  # (the window's)
     for func in (torch.Tensor.backward, torch.autograd.grad):
-        # (their ops are guard's dispatch mode's to pin)
-        functions.special[func] = _out_of_memory_as_itself
+        # (their ops are the dispatch modes' to pin)
+        if engine_wraps:
+            functions.special[func] = _out_of_memory_as_itself
+        else:
+            functions.special.pop(func, None)
     return functions
 
 

@@ -19,7 +19,7 @@ import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -262,22 +262,24 @@ class _Step:
             # second capture (at twice the batch) differed from it for those reasons, which
             # were then blamed on the batch (audit 45a F7, F14, F17).
             self._run(Recorder(), inputs, targets, opt)
-            for p in self.params:
-                p.grad = None
+            for t in self.params + list(tensors_in((inputs, targets))):
+                t.grad = None  # (an input that requires grad kept the first step's: review 45r F5)
             rec = Recorder()
             for p in self.params:
                 rec.declare(p, "weight", self.param_names[id(p)])
             for n, b in self.net.named_buffers():
                 rec.declare(b, "buffer", n)
+            state: Dict[Tuple[int, str], int] = {}  # (parameter, slot) -> its storage's id
             for p, slots in (opt.state.items() if opt is not None else ()):
                 for slot, value in slots.items():
                     if isinstance(value, torch.Tensor) and is_meta(value):  # (not a step count)
                         rec.declare(value, "optimizer_state",
                                     f"{slot}:{self.param_names.get(id(p), '?')}")
+                        state[(id(p), slot)] = rec.storage(value)[0].id
             for k, t in enumerate(tensors_in((inputs, targets))):
                 rec.declare(t, "input", f"input{k}")
             self._run(rec, inputs, targets, opt)
-            return build_graph(rec, name, self._kinds(rec, opt), at_batch)
+            return build_graph(rec, name, *self._kinds(rec, opt, state), at_batch)
         finally:
             for p in self.params:
                 p.grad = None
@@ -348,9 +350,15 @@ class _Step:
             for h in handles:
                 h.remove()
 
-    def _kinds(self, rec: Recorder, opt: Any) -> Dict[int, Tuple[str, str]]:
-        """Gradients of parameters and optimizer state, found after the step."""
+    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int]
+               ) -> Tuple[Dict[int, Tuple[str, str]], Set[int]]:
+        """Gradients of parameters and optimizer state, found after the step: their (kind,
+        name) by storage id, and the ids of those held to the step's end (the gradients, and
+        a state the step replaced out of place, ``state["m"] = state["m"] * b + g``, whose
+        storage before the step, in ``state``, is then an input freed once the op that makes
+        the new one has run; both were persistent, twice the state: review 45r F4)."""
         kinds: Dict[int, Tuple[str, str]] = {}
+        held: Set[int] = set()
 
         def mark(t: Any, kind: str, label: str) -> None:
             if isinstance(t, torch.Tensor) and t.device.type == "meta":
@@ -361,11 +369,26 @@ class _Step:
         for p in self.params:
             if p.grad is not None:
                 mark(p.grad, "gradient", "grad:" + self.param_names[id(p)])
+                held.add(rec.storage(p.grad)[0].id)
         if opt is not None:
-            for p, state in opt.state.items():
-                for slot, value in state.items():
-                    mark(value, "optimizer_state", f"{slot}:{self.param_names.get(id(p), '?')}")
-        return kinds
+            for p, slots in opt.state.items():
+                for slot, value in slots.items():
+                    label = f"{slot}:{self.param_names.get(id(p), '?')}"
+                    before = state.get((id(p), slot))
+                    if not is_meta(value):
+                        continue
+                    now = rec.storage(value)[0]
+                    if before is None or before == now.id:
+                        mark(value, "optimizer_state", label)
+                        continue
+                    kinds.setdefault(before, ("input", label + " (before the step)"))
+                    mark(value, "workspace", label)
+                    held.add(now.id)
+                    # The slot keeps the old one until the new one is made, past its last read.
+                    maker = next((op for op in rec.ops if now.id in op.writes), None)
+                    if maker is not None and before not in maker.reads:
+                        maker.reads.append(before)
+        return kinds, held
 
 
 def _step_needs_closure(opt: Any) -> bool:
