@@ -96,11 +96,14 @@ def _in_training_modes(function: Callable[..., Any]) -> Callable[..., Any]:
     """``function`` run in a training step's autograd modes whatever the caller's: grad mode
     on and inference mode off (a capture from an evaluation's ``torch.no_grad()`` blamed
     loss_fn for a loss that required no grad), anomaly detection off (its NaN checks read
-    values, which meta tensors do not have): audit 45a F20."""
+    values, which meta tensors do not have): audit 45a F20. Anomaly detection is the
+    process's (not a thread's) in torch 1.13: it is switched off only when on, and then for
+    every thread until the capture returns (review 45r F8)."""
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.inference_mode(False), torch.enable_grad(), \
-                torch.autograd.set_detect_anomaly(False):
+        anomaly = (torch.autograd.set_detect_anomaly(False) if torch.is_anomaly_enabled()
+                   else contextlib.nullcontext())
+        with torch.inference_mode(False), torch.enable_grad(), anomaly:
             return function(*args, **kwargs)
     return run
 
