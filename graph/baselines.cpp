@@ -81,7 +81,8 @@ BudgetCheck check_budget(const Graph& g, const PlannerOptions& o) {
                 " or inputs before their first use" +
                 (held > 0 ? ", " + format_bytes(held) +
                                 " of it tensors held to the step's end past their last use "
-                                "(a captured step's parameter gradients)"
+                                "(in a captured step, parameters' gradients and optimizer "
+                                "state replaced out of place)"
                           : std::string()) +
                 "), over by " + format_bytes(worst_excess);
   }

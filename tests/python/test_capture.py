@@ -361,6 +361,40 @@ def test_modules_another_thread_runs_meanwhile_are_not_the_steps():
     assert step.graph == plain.graph
 
 
+class _KeepsPrevious(torch.optim.Optimizer):
+    """Momentum out of place, and the previous step's momentum kept in a second slot."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, dict(lr=0.1))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "m" in state:
+                    state["prev"] = state["m"]
+                    state["m"] = state["m"] * 0.9 + p.grad
+                else:
+                    state["prev"], state["m"] = torch.zeros_like(p), p.grad.clone()
+                p.add_(state["m"], alpha=-0.1)
+
+
+def test_optimizer_state_replaced_out_of_place_is_one_tensor_before_and_one_after():
+    # The old momentum stays (in "prev"): state of the step, persistent; the new momentum is
+    # made in the step and held to its end; the previous "prev", freed in the step without a
+    # read, takes no memory in the graph. Before, the out-of-place state was two persistent
+    # tensors (review 45r F4), and then, judged slot by slot, the old momentum was an input
+    # freed after its last read although "prev" keeps it (review 45s G2).
+    step = st.capture(nn.Linear(256, 256, bias=False), torch.randn(8, 256),
+                      optimizer=_KeepsPrevious, path=None, scale_batch=False)
+    big = sorted((t["kind"], t["name"], t.get("held_to_step_end", False))
+                 for t in step.graph["tensors"] if t["bytes"] == 256 * 256 * 4)
+    states = [b for b in big if b[0] in ("optimizer_state", "input")]
+    assert [kind for kind, _, _ in states] == ["optimizer_state"], big
+    assert ("workspace", "m:weight", True) in big, big
+
+
 def test_an_input_that_requires_grad_has_its_gradient_of_this_step_only():
     # The unrecorded first step's input gradient was kept, and the recorded backward added to
     # it: a persistent "buffer" and an add_ no real loop has (review 45r F5).

@@ -359,7 +359,8 @@ class _Step:
         name) by storage id, and the ids of those held to the step's end (the gradients, and
         a state the step replaced out of place, ``state["m"] = state["m"] * b + g``, whose
         storage before the step, in ``state``, is then an input freed once the op that makes
-        the new one has run; both were persistent, twice the state: review 45r F4)."""
+        the new one has run, unless another slot keeps it; both were persistent, twice the
+        state: review 45r F4, 45s G2)."""
         kinds: Dict[int, Tuple[str, str]] = {}
         held: Set[int] = set()
 
@@ -373,24 +374,31 @@ class _Step:
             if p.grad is not None:
                 mark(p.grad, "gradient", "grad:" + self.param_names[id(p)])
                 held.add(rec.storage(p.grad)[0].id)
-        if opt is not None:
-            for p, slots in opt.state.items():
-                for slot, value in slots.items():
-                    label = f"{slot}:{self.param_names.get(id(p), '?')}"
-                    before = state.get((id(p), slot))
-                    if not is_meta(value):
-                        continue
-                    now = rec.storage(value)[0]
-                    if before is None or before == now.id:
-                        mark(value, "optimizer_state", label)
-                        continue
-                    kinds.setdefault(before, ("input", label + " (before the step)"))
-                    mark(value, "workspace", label)
-                    held.add(now.id)
-                    # The slot keeps the old one until the new one is made, past its last read.
-                    maker = next((op for op in rec.ops if now.id in op.writes), None)
-                    if maker is not None and before not in maker.reads:
-                        maker.reads.append(before)
+        names = {id(p): self.param_names.get(id(p), "?") for p in self.params}
+        after = {(id(p), slot): rec.storage(value)[0].id
+                 for p, slots in (opt.state.items() if opt is not None else ())
+                 for slot, value in slots.items() if is_meta(value)}
+        existed = set(state.values())  # storages of the state when the step began
+        for (param, slot), now in after.items():
+            label = f"{slot}:{names.get(param, '?')}"
+            if now in existed or (param, slot) not in state:
+                # In place, another slot's tensor from before the step (swapped slots,
+                # ``state["prev"] = state["m"]``), or a slot the step added: state.
+                kinds.setdefault(now, ("optimizer_state", label))
+            else:
+                kinds.setdefault(now, ("workspace", label))  # made in the step
+                held.add(now)
+        still = set(after.values())
+        for (param, slot), before in state.items():
+            if before in still:
+                continue  # some slot keeps it
+            kinds.setdefault(before, ("input", f"{slot}:{names.get(param, '?')} (before the "
+                                               f"step)"))
+            # Its slot keeps it until the new value is made, past its last read.
+            now = after.get((param, slot))
+            maker = next((op for op in rec.ops if now in op.writes), None)
+            if maker is not None and before not in maker.reads:
+                maker.reads.append(before)
         return kinds, held
 
 
