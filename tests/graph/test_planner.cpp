@@ -340,22 +340,33 @@ TEST(Planner, ZooModelFitsHalfItsPeakWithinBudget) {
   EXPECT_GT(r.swapped_out_bytes, 0u);
 }
 
+// The options of a budget where every tensor may move (no --min-swap).
+PlannerOptions any_size_moves(std::uint64_t budget) {
+  PlannerOptions o;
+  o.budget = budget;
+  o.min_swap_bytes = 0;
+  return o;
+}
+
+// check_budget at 1000 B, any size moving, where op `worst_op` needs 1100 B resident.
+BudgetCheck refused_at_1000(const Graph& g, std::int64_t worst_op) {
+  BudgetCheck c = check_budget(g, any_size_moves(1000));
+  EXPECT_FALSE(c.feasible);
+  EXPECT_EQ(c.worst_op, worst_op);
+  EXPECT_EQ(c.required, 1100u);
+  return c;
+}
+
 TEST(Planner, InfeasibleBudgetNamesTheOpAndTheExcess) {
   Graph g;
   auto a = tensor(g, "a", 600), b = tensor(g, "b", 500);
   op(g, "small", {}, {a});
   op(g, "big", {a}, {b});
   op(g, "use", {b}, {});
-  PlannerOptions o;
-  o.budget = 1000;
-  o.min_swap_bytes = 0;
-  BudgetCheck c = check_budget(g, o);
-  EXPECT_FALSE(c.feasible);
-  EXPECT_EQ(c.worst_op, 1);
-  EXPECT_EQ(c.required, 1100u);
+  BudgetCheck c = refused_at_1000(g, 1);
   EXPECT_NE(c.message.find("'big'"), std::string::npos) << c.message;
   EXPECT_NE(c.message.find("over by 100 B"), std::string::npos) << c.message;
-  Plan p = plan_spill(g, times_of(g), unit_link(), o);
+  Plan p = plan_spill(g, times_of(g), unit_link(), any_size_moves(1000));
   EXPECT_FALSE(p.feasible);
   EXPECT_EQ(p.reason, c.message);
 }
@@ -370,17 +381,11 @@ TEST(Planner, ATensorHeldToTheStepsEndIsNamedAmongWhatCannotMove) {
   op(g, "use_a", {a}, {});
   op(g, "make_b", {}, {b});
   op(g, "use_b", {b}, {});
-  PlannerOptions o;
-  o.budget = 1000;
-  o.min_swap_bytes = 0;
-  BudgetCheck c = check_budget(g, o);
-  EXPECT_FALSE(c.feasible);
-  EXPECT_EQ(c.worst_op, 2);
-  EXPECT_EQ(c.required, 1100u);
+  BudgetCheck c = refused_at_1000(g, 2);
   EXPECT_NE(c.message.find("600 B of it tensors held to the step's end"), std::string::npos)
       << c.message;
   g.tensors[a].held_to_step_end = false;  // then a moves out (or is freed) before op 2
-  EXPECT_TRUE(check_budget(g, o).feasible);
+  EXPECT_TRUE(check_budget(g, any_size_moves(1000)).feasible);
 }
 
 TEST(Planner, SmallTensorsNeverMove) {
