@@ -138,8 +138,10 @@ def bridge_run(model, tmp_path):
 # frozen_first peaks in the optimizer pass, with a parameter's gradient still kept after its
 # last read (PyTorch frees .grad at the next zero_grad): 0.84 of the measured peak before the
 # graph held parameters' gradients to the step's end (audit 45a F1).
-# out_of_place_state: an optimizer that replaces its state each step (review 45r F4).
-@pytest.mark.parametrize("model", ["mlp", "gpt", "frozen_first", "out_of_place_state"])
+# out_of_place_state: an optimizer that replaces its state each step (review 45r F4);
+# kept_grads: a loop whose zero_grad() zeroes the gradients, captured with set_to_none=False.
+@pytest.mark.parametrize("model", ["mlp", "gpt", "frozen_first", "out_of_place_state",
+                                   "kept_grads"])
 def test_unlimited_peak_within_5_percent_of_a_real_run(model, tmp_path):
     predicted, measured = bridge_run(model, tmp_path)
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
@@ -906,6 +908,8 @@ def test_capture_argument_misuse_is_named():
         st.capture(Tiny, x, path=None, batch_dim=True)
     with pytest.raises(spill.InvalidArgumentError, match="batch_dim -1"):
         st.capture(Tiny, x, path=None, batch_dim=-1)
+    with pytest.raises(InvalidArgumentTypeError, match="set_to_none"):
+        st.capture(Tiny, x, path=None, set_to_none="no")
     with pytest.raises(st.CaptureError, match="LBFGS.*needs a closure.*not supported") as e:
         st.capture(Tiny, x, path=None, optimizer=torch.optim.LBFGS)
     assert ".numpy()" not in str(e.value) and e.value.phase == "optimizer"

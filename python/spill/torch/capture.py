@@ -118,7 +118,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
             targets: Any = None,
             batch_dim: int = 0,
             scale_batch: bool = True,
-            name: Optional[str] = None) -> CapturedStep:
+            name: Optional[str] = None,
+            set_to_none: bool = True) -> CapturedStep:
     """Records one training step of `model` and writes it as a spill graph to `path`.
 
     model: an ``nn.Module`` or a callable that builds one. A callable is called with factory
@@ -145,6 +146,10 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     name: the graph's name (default: the model's class name), at most 1024 bytes of UTF-8.
         Longer tensor and op names (from a long ModuleDict key) are shortened in the graph:
         their start and end around a hash of the whole.
+    set_to_none: what the training loop's ``optimizer.zero_grad()`` does: True (torch 2's
+        default) sets the gradients to None, so the backward makes them; False (torch 1.13's
+        default) zeroes them, so they exist from the step's start (its first ops zero them)
+        and the backward adds to them.
 
     Raises CaptureError naming the op and module when the step cannot run without data
     (values read with .item(), data-dependent shapes, ops without a meta kernel), and for
@@ -186,7 +191,8 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
                            f"{batch_dim}): capture at a batch of 1 or more (2 or more to learn "
                            f"how sizes grow with it)")
     graph_name = name or type(net).__name__
-    step = _Step(net, loss_fn, optimizer)
+    step = _Step(net, loss_fn, optimizer,
+                 bool(_args.flag(set_to_none, "spill.torch.capture: set_to_none")))
     graph = step.record(example_inputs, targets, batch_dim, batch, batch, graph_name)
     reason: Optional[str] = "no input has a batch dimension" if batch == 0 else None
     if scale_batch and batch > 0:
@@ -233,8 +239,9 @@ class _Step:
     """One model, loss and optimizer factory; records a step at a given batch."""
 
     def __init__(self, net: torch.nn.Module, loss_fn: Optional[Callable[..., torch.Tensor]],
-                 optimizer: Optional[OptimizerFactory]) -> None:
+                 optimizer: Optional[OptimizerFactory], set_to_none: bool = True) -> None:
         self.net, self.loss_fn, self.optimizer = net, loss_fn, optimizer
+        self.set_to_none = set_to_none
         self.module_names = {id(m): n for n, m in net.named_modules()}
         self.params = list(dict.fromkeys(net.parameters()))  # tied parameters once
         self.param_names = {id(p): n for n, p in net.named_parameters()}
@@ -265,8 +272,12 @@ class _Step:
             # second capture (at twice the batch) differed from it for those reasons, which
             # were then blamed on the batch (audit 45a F7, F14, F17).
             self._run(Recorder(), inputs, targets, opt)
+            # (an input that requires grad kept the first step's: review 45r F5; parameters
+            # keep theirs where the loop's zero_grad() zeroes them)
+            kept = [] if self.set_to_none else self.params
             for t in self.params + list(tensors_in((inputs, targets))):
-                t.grad = None  # (an input that requires grad kept the first step's: review 45r F5)
+                if not any(t is k for k in kept):
+                    t.grad = None
             rec = Recorder()
             for p in self.params:
                 rec.declare(p, "weight", self.param_names[id(p)])
@@ -291,6 +302,11 @@ class _Step:
         """Forward, loss, backward and optimizer step under the recorder."""
         try:
             with _recording_on_this_thread(), self._module_hooks(rec), rec:
+                if not self.set_to_none:  # the loop's zero_grad(set_to_none=False)
+                    rec.phase = "other"
+                    for p in self.params:
+                        if p.grad is not None:
+                            p.grad.zero_()
                 rec.phase = "forward"
                 out = self.net(**inputs) if isinstance(inputs, dict) else self.net(*inputs)
                 rec.enter("loss")
