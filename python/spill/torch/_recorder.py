@@ -175,7 +175,7 @@ class Recorder(TorchDispatchMode):
         if self.phase == "backward":
             layers = []
             for t in tensors_in(args):
-                if is_meta(t):
+                if is_meta(t) and t.layout == torch.strided:  # (a sparse one has no storage)
                     rec = self.storages.get(_storage_of(t)._cdata)
                     if rec is not None and rec.layer >= 0 and rec.phase in ("forward", ""):
                         layers.append(rec.layer)
