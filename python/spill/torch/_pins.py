@@ -89,6 +89,25 @@ def out_of_memory_in(error: BaseException) -> Optional[BaseException]:
 _ALLOCATION_OOM = "OutOfMemoryError: spill: cannot allocate "
 
 
+def raise_out_of_memory_in(error: BaseException) -> None:
+    """Raises the out-of-memory error ``error`` carries (out_of_memory_in) from it, if any:
+    the class the guide promises, so one ``except`` serves."""
+    oom = out_of_memory_in(error)
+    if oom is not None:
+        raise oom from error
+
+
+def call_raising_out_of_memory(func: Any, args: Any, kwargs: Any) -> Any:
+    """``func(*args, **kwargs)`` (a backward, ``autograd.grad``), raising an out-of-memory
+    error the engine handed on as a plain RuntimeError as itself."""
+    state.last_oom = None  # (a message of an earlier error is not this one's)
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as e:
+        raise_out_of_memory_in(e)
+        raise
+
+
 _COMPRESSED = {getattr(torch, name): (rows, cols) for name, rows, cols in (
     ("sparse_csr", "crow_indices", "col_indices"), ("sparse_bsr", "crow_indices", "col_indices"),
     ("sparse_csc", "ccol_indices", "row_indices"), ("sparse_bsc", "ccol_indices", "row_indices"))

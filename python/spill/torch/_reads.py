@@ -20,7 +20,7 @@ import torch
 from spill import Error
 
 from . import _fast_path as fast_path
-from ._pins import Pinner, out_of_memory_in
+from ._pins import Pinner, call_raising_out_of_memory
 from ._state import state, torch_version
 from ._window import _HostUses, _PinReads
 
@@ -58,23 +58,10 @@ def host_reads(guards_backward: bool = False) -> Optional[Any]:
     for func in (torch.Tensor.backward, torch.autograd.grad):
         # (their ops are the dispatch modes' to pin)
         if engine_wraps:
-            functions.special[func] = _out_of_memory_as_itself
+            functions.special[func] = call_raising_out_of_memory
         else:
             functions.special.pop(func, None)
     return functions
-
-
-def _out_of_memory_as_itself(func: Any, args: Any, kwargs: Any) -> Any:
-    """``func(*args, **kwargs)`` (a backward), raising an out-of-memory error the engine
-    handed on as a plain RuntimeError as itself."""
-    state.last_oom = None  # (a message of an earlier error is not this one's)
-    try:
-        return func(*args, **kwargs)
-    except RuntimeError as e:
-        oom = out_of_memory_in(e)
-        if oom is not None:
-            raise oom from e
-        raise
 
 
 class pin_reads:

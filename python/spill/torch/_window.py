@@ -56,8 +56,8 @@ from spill._capi import Status
 
 from . import _backward_code, _caller_hooks, _interrupts, _transforms
 from ._guard import PinEveryOp, detached_number, number_detached, reads_no_bytes
-from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, leaves, out_of_memory_in,
-                    storage)
+from ._pins import (Pinner, Saved, TorchOutOfMemoryError, acyclic, call_raising_out_of_memory,
+                    leaves, raise_out_of_memory_in, storage)
 from ._state import state
 
 Token = Any
@@ -332,9 +332,7 @@ class _HostUses(TorchFunctionMode):
         except BaseException as e:
             for handle in list(window.handles):
                 handle._backward_failed()
-            oom = out_of_memory_in(e)
-            if oom is not None:  # (the class the guide promises, so one except serves)
-                raise oom from e
+            raise_out_of_memory_in(e)
             raise
         finally:
             window.resume()
@@ -354,14 +352,8 @@ class _HostUses(TorchFunctionMode):
             window.graphs.append([])
         outputs = kwargs.get("outputs", args[0] if args else None)
         window.between_nodes(outputs)
-        state.last_oom = None
         try:
-            result = func(*args, **kwargs)
-        except RuntimeError as e:
-            oom = out_of_memory_in(e)
-            if oom is not None:
-                raise oom from e
-            raise
+            result = call_raising_out_of_memory(func, args, kwargs)
         finally:
             saved = window.graphs.pop() if create else []
             for handle in list(window.handles):

@@ -29,7 +29,7 @@ from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
 from ._graph import MAX_NAME_BYTES, add_batch_scaling, build_graph
 from ._meta import is_meta, resolve_model, with_batch
-from ._recorder import CaptureError, Recorder, refuse_not_strided
+from ._recorder import CaptureError, OpRecord, Recorder, refuse_not_strided
 
 OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
 # PyTorch's message for an op with no kernel for a dispatch key (e.g. a custom op on meta).
@@ -274,10 +274,11 @@ class _Step:
             self._run(Recorder(), inputs, targets, opt)
             # (an input that requires grad kept the first step's: review 45r F5; parameters
             # keep theirs where the loop's zero_grad() zeroes them)
-            kept = [] if self.set_to_none else self.params
-            for t in self.params + list(tensors_in((inputs, targets))):
-                if not any(t is k for k in kept):
-                    t.grad = None
+            for t in tensors_in((inputs, targets)):
+                t.grad = None
+            if self.set_to_none:
+                for p in self.params:
+                    p.grad = None
             rec = Recorder()
             for p in self.params:
                 rec.declare(p, "weight", self.param_names[id(p)])
@@ -380,23 +381,17 @@ class _Step:
         kinds: Dict[int, Tuple[str, str]] = {}
         held: Set[int] = set()
 
-        def mark(t: Any, kind: str, label: str) -> None:
-            if isinstance(t, torch.Tensor) and t.device.type == "meta":
-                s, _ = rec.storage(t)
-                if s.id not in kinds:
-                    kinds[s.id] = (kind, label)
-
         for p in self.params:
-            if p.grad is not None:
-                mark(p.grad, "gradient", "grad:" + self.param_names[id(p)])
-                held.add(rec.storage(p.grad)[0].id)
-        names = {id(p): self.param_names.get(id(p), "?") for p in self.params}
+            if is_meta(p.grad):
+                grad = rec.storage(p.grad)[0].id
+                kinds.setdefault(grad, ("gradient", "grad:" + self.param_names[id(p)]))
+                held.add(grad)
         after = {(id(p), slot): rec.storage(value)[0].id
                  for p, slots in (opt.state.items() if opt is not None else ())
                  for slot, value in slots.items() if is_meta(value)}
         existed = set(state.values())  # storages of the state when the step began
         for (param, slot), now in after.items():
-            label = f"{slot}:{names.get(param, '?')}"
+            label = f"{slot}:{self.param_names.get(param, '?')}"
             if now in existed or (param, slot) not in state:
                 # In place, another slot's tensor from before the step (swapped slots,
                 # ``state["prev"] = state["m"]``), or a slot the step added: state.
@@ -405,16 +400,19 @@ class _Step:
                 kinds.setdefault(now, ("workspace", label))  # made in the step
                 held.add(now)
         still = set(after.values())
+        maker: Dict[int, OpRecord] = {}  # a storage's first writer, found once when needed
         for (param, slot), before in state.items():
             if before in still:
                 continue  # some slot keeps it
-            kinds.setdefault(before, ("input", f"{slot}:{names.get(param, '?')} (before the "
-                                               f"step)"))
+            kinds.setdefault(before, ("input", f"{slot}:{self.param_names.get(param, '?')} "
+                                               f"(before the step)"))
             # Its slot keeps it until the new value is made, past its last read.
-            now = after.get((param, slot))
-            maker = next((op for op in rec.ops if now in op.writes), None)
-            if maker is not None and before not in maker.reads:
-                maker.reads.append(before)
+            if not maker:
+                for op in reversed(rec.ops):
+                    maker.update((w, op) for w in op.writes)
+            op = maker.get(after.get((param, slot), -1))
+            if op is not None and before not in op.reads:
+                op.reads.append(before)
         return kinds, held
 
 
