@@ -67,24 +67,13 @@ BudgetCheck check_budget(const Graph& g, const PlannerOptions& o) {
   }
   if (!c.feasible) {
     const Op& op = g.ops[std::size_t(c.worst_op)];
-    // Tensors held to the step's end past their last use stay where they are (no gap).
-    std::uint64_t held = 0;
-    for (std::size_t t = 0; t < g.tensors.size(); ++t)
-      if (g.tensors[t].held_to_step_end && !l.uses[t].empty() && l.uses[t].back() < c.worst_op)
-        held += g.tensors[t].bytes;
     c.message = "no plan fits the budget of " + format_bytes(o.budget) + ": op " +
                 std::to_string(c.worst_op) + " '" + op.name + "' needs " +
                 format_bytes(c.required) + " resident (its own working set " +
                 format_bytes(c.working_set) + " + " +
                 format_bytes(c.required - std::min(c.required, c.working_set)) +
                 " that cannot move: tensors under " + format_bytes(o.min_swap_bytes) +
-                " or inputs before their first use" +
-                (held > 0 ? ", " + format_bytes(held) +
-                                " of it tensors held to the step's end past their last use "
-                                "(in a captured step, parameters' gradients and optimizer "
-                                "state replaced out of place)"
-                          : std::string()) +
-                "), over by " + format_bytes(worst_excess);
+                " or inputs before their first use), over by " + format_bytes(worst_excess);
   }
   return c;
 }
@@ -112,7 +101,7 @@ std::vector<Gap> forward_to_backward_gaps(const Graph& g, std::uint64_t min_byte
   Liveness l = analyze_liveness(g);
   std::vector<Gap> out;
   for (const Gap& gp : idle_gaps(g, l, std::max<std::uint64_t>(min_bytes, 1))) {
-    if (gp.wraps || g.tensors[gp.tensor].kind != TensorKind::Activation) continue;
+    if (gp.wraps || gp.dead || g.tensors[gp.tensor].kind != TensorKind::Activation) continue;
     if (g.ops[std::size_t(gp.from)].phase == Phase::Forward &&
         g.ops[std::size_t(gp.to)].phase == Phase::Backward)
       out.push_back(gp);

@@ -33,8 +33,9 @@ PolicyResult evaluate_policy(Policy p, const Graph& g, const GpuModel& gpu, cons
 // can reach on this link, a lower bound for every policy. At an op k, what the budget cannot
 // hold beside the op's own bytes and workspace is absent. Of the bytes made during the step
 // and live there (`Liveness`), the excess Out(k) went out over D2H since the step began; of
-// those and the bytes from before the step that a later op uses, the excess Back(k) comes in
-// over H2D before the step ends. With C(k) the compute before op k and C the step's compute:
+// those (but the ones held to the step's end past their last use, which need not come back)
+// and the bytes from before the step that a later op uses, the excess Back(k) comes in over
+// H2D before the step ends. With C(k) the compute before op k and C the step's compute:
 //   step >= max(C(k), Out(k) / d2h) + max(C - C(k), Back(k) / h2d).
 // Optimistic everywhere else (each direction at full bandwidth, both at once, no latency;
 // tensors from before the step go out for free and may be absent when the step begins), so

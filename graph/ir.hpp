@@ -50,8 +50,8 @@ struct Tensor {
   // Part of `bytes` proportional to the batch (Graph::batch samples); 0 when it does not grow.
   std::uint64_t batch_bytes = 0;
   // Freed at the step's end, not after its last use (PyTorch's parameter gradients: `.grad`
-  // is kept to the next zero_grad). Only for kinds made in the step; it stays resident from its
-  // last use to the end (no plan moves it there).
+  // is kept to the next zero_grad). Only for kinds made in the step; from its last use to the
+  // end it is idle: a plan may evict it there for the rest of the step (Swap::to_step_end).
   bool held_to_step_end = false;
 };
 

@@ -19,6 +19,7 @@ Plan Plan::from_swaps(std::string policy, std::uint64_t budget, std::size_t n_op
   });
   for (const Swap& s : swaps) {
     p.steps[std::size_t(s.evict_after % n)].evict_after.push_back(s.tensor);
+    if (s.to_step_end) continue;  // never brought back in the step
     p.steps[std::size_t(s.prefetch_at % n)].prefetch_at.push_back(s.tensor);
     // Prefetched in the next step: it must already be on the host when a step begins.
     if (s.prefetch_at >= n) p.start_on_host.push_back(s.tensor);
@@ -172,8 +173,14 @@ void check_plan(const Graph& g, const Plan& p) {
                       std::to_string(s.evict_after) + ", prefetch_at " +
                       std::to_string(s.prefetch_at) + ", next_use " +
                       std::to_string(s.next_use) + " are out of order or range");
-    SPILL_EXPECTS(s.next_use < n || persistent(g.tensors[s.tensor].kind),
-                  at + ": only weights and optimizer state may be swapped across the step end");
+    if (s.to_step_end)
+      SPILL_EXPECTS(g.tensors[s.tensor].held_to_step_end && s.prefetch_at == n && s.next_use == n,
+                    at + ": only a tensor held to the step's end may leave for the rest of it "
+                         "(then prefetch_at and next_use are the op count, " +
+                         std::to_string(n) + "; tensor '" + g.tensors[s.tensor].name + "')");
+    else
+      SPILL_EXPECTS(s.next_use < n || persistent(g.tensors[s.tensor].kind),
+                    at + ": only weights and optimizer state may be swapped across the step end");
     // No use strictly inside (evict_after, next_use).
     for (OpIndex u : l.uses[s.tensor]) {
       for (std::int64_t v : {std::int64_t(u), std::int64_t(u) + n}) {

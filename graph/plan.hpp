@@ -8,6 +8,8 @@
 //   recompute_before[i] - tensors remade just before op i by running their producing op again
 //                     (a recomputable op, graph/ir.hpp) on the compute stream, in list order;
 //                     their memory is mapped then.
+// A tensor evicted for the rest of the step (Swap::to_step_end) is in an evict_after list and in
+// no prefetch_at list.
 // start_on_host lists weights/optimizer state/inputs that are on the host when the step begins;
 // a repeatable plan evicts them again before the step ends. Tensors are graph indices; for a
 // graph built from a Trace, graph.tensors[t].id is the swapper's block id.
@@ -28,12 +30,16 @@ namespace spill::graph {
 
 // One decision: evict `tensor` after op `evict_after`, bring it back starting at op
 // `prefetch_at`, for its use at op `next_use`. For a gap that wraps into the next step,
-// prefetch_at and next_use are >= the number of ops (index into the next step + n).
+// prefetch_at and next_use are >= the number of ops (index into the next step + n). A tensor
+// held to the step's end past its last use (Tensor::held_to_step_end) may leave for the rest of
+// the step (`to_step_end`): prefetch_at and next_use are then the number of ops, and nothing
+// brings it back (the step frees it at its end, wherever it is).
 struct Swap {
   TensorIndex tensor = 0;
   std::int64_t evict_after = 0;
   std::int64_t prefetch_at = 0;
   std::int64_t next_use = 0;
+  bool to_step_end = false;
 };
 
 // Drop activation `tensor` after op `drop_after` (freed, nothing copied) and remake it just
@@ -84,7 +90,8 @@ std::int64_t remaking_op(const Graph& g, TensorIndex t);
 void order_remakes(const Graph& g, Plan& p);
 
 // Throws InvalidArgument when a swap is out of range, evicts a tensor its own window uses, or
-// two swaps of one tensor overlap; or when a recompute is out of range, its tensor has no
+// two swaps of one tensor overlap, or when a swap to the step's end is of a tensor not held to
+// it; or when a recompute is out of range, its tensor has no
 // recomputable producer or is used, swapped or dropped again inside its window, or a tensor the
 // producer touches (other than the one remade) is not resident and unchanged at the recompute:
 // dead there (before its first or after its last use), written by an op since the producer,

@@ -223,8 +223,8 @@ class SpillPlanner {
         continue;
       }
       // The eviction is issued right after the last use; the window start only models when
-      // its memory is expected back.
-      swaps.push_back({gaps_[k].tensor, gaps_[k].from, win[k].p, gaps_[k].to});
+      // its memory is expected back. A dead gap's window ends at the step's end (its `to`).
+      swaps.push_back({gaps_[k].tensor, gaps_[k].from, win[k].p, gaps_[k].to, gaps_[k].dead});
     }
     Plan p = Plan::from_swaps("spill", o_.budget, g_.ops.size(), std::move(swaps),
                               std::move(remakes));
@@ -282,8 +282,9 @@ class SpillPlanner {
   double time_at(std::int64_t v) const {
     return v < n_ ? start_[std::size_t(v)] : start_.back() + start_[std::size_t(v - n_)];
   }
+  // The copy in (none for a dead gap: nothing needs the tensor back) and the copy out.
   double lead(const Gap& gp) const {
-    return copy_time_s(link_, g_.tensors[gp.tensor].bytes, true, false);
+    return gp.dead ? 0.0 : copy_time_s(link_, g_.tensors[gp.tensor].bytes, true, false);
   }
   double lag(const Gap& gp) const {
     return gp.dirty ? copy_time_s(link_, g_.tensors[gp.tensor].bytes, false, false) : 0.0;
@@ -335,7 +336,7 @@ class SpillPlanner {
     for (std::size_t k = 0; k < gaps_.size(); ++k) {
       const Gap& gp = gaps_[k];
       const std::int64_t m = maker_of[gp.tensor];
-      if (gp.wraps || m < 0 || gp.from < m ||
+      if (gp.wraps || gp.dead || m < 0 || gp.from < m ||
           g_.tensors[gp.tensor].kind != TensorKind::Activation)
         continue;
       bool ok = true;
@@ -346,9 +347,13 @@ class SpillPlanner {
           if (x == gp.tensor) continue;
           ok = ok && (persistent(g_.tensors[x].kind) || live_.live[x].live_at(gp.to));
           for (std::int64_t w : writers[x]) ok = ok && (w <= m || w >= gp.to);
+          // A held tensor past its last use is not one a remake can wait for (its window
+          // never ends before the step's end).
           for (std::size_t j : gaps_of[x])
-            if (const std::int64_t at = idle_index(gaps_[j], gp.to); at >= 0)
+            if (const std::int64_t at = idle_index(gaps_[j], gp.to); at >= 0) {
+              ok = ok && !gaps_[j].dead;
               needs.push_back({j, at});
+            }
         }
       if (!ok) continue;
       maker_[k] = m;
@@ -471,8 +476,8 @@ class SpillPlanner {
         h.p = std::min(h.p, cap);
         if (h.e <= v && v < h.p) {
           // Long coverage ahead of i helps the ops still to come; moving bytes costs link time.
-          double score = useful * (time_at(h.p) - time_at(v) + 1e-9) /
-                         (double(bytes) * (gp.dirty ? 2.0 : 1.0));
+          const double copies = std::max(1, (gp.dead ? 0 : 1) + (gp.dirty ? 1 : 0));
+          double score = useful * (time_at(h.p) - time_at(v) + 1e-9) / (double(bytes) * copies);
           const bool later = defer_state_ && written_state(gp);
           double& best_score = later ? deferred_score : hidden_score;
           if (score > best_score) {
@@ -622,8 +627,8 @@ class SpillPlanner {
     }
     // The latest start of each copy in, last use first: one engine copies them in order, so
     // each ends by its use and before the next one starts (each taking `slack` times its time
-    // alone). Recomputes copy nothing.
-    std::erase_if(chosen, [&](std::size_t k) { return win[k].remake; });
+    // alone). Recomputes and dead gaps copy nothing in.
+    std::erase_if(chosen, [&](std::size_t k) { return win[k].remake || gaps_[k].dead; });
     std::stable_sort(chosen.begin(), chosen.end(),
                      [&](std::size_t a, std::size_t b) { return gaps_[a].to > gaps_[b].to; });
     std::vector<double> latest(chosen.size());
