@@ -182,6 +182,35 @@ def test_captured_graph_passes_planner_checks(tmp_path):
     assert policies["vdnn"]["swapped_out_bytes"] > 0
 
 
+
+def test_gradients_leave_after_their_last_read_for_the_rest_of_the_step(tmp_path):
+    """A parameter's .grad is held to the step's end (PyTorch keeps it), and a plan may evict it
+    after its last read in the optimizer pass for the rest of the step, prefetching it nowhere
+    (as spill's swapper may): the 6x512 MLP of docs/pytorch.md at batch 1024 with Adam plans
+    at 7 MiB. While held gradients stayed resident, it needed 10 MiB (review 45r F9)."""
+    path, plan = tmp_path / "mlp.json", tmp_path / "plan.json"
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(512, 512), nn.ReLU()) for _ in range(6)],
+                          nn.Linear(512, 10))
+    step = st.capture(model, torch.randn(1024, 512), nn.functional.cross_entropy, path=path,
+                      targets=torch.zeros(1024, dtype=torch.long))
+    report = spill_plan(str(path), "--device", "h100-pcie", "--link", "pcie5",
+                        "--budget", "7MiB", "--plan-out", str(plan))
+    planned = {p["name"]: p for p in report["policies"]}["spill"]
+    assert planned["feasible"] and planned["peak_bytes"] <= 7 * 2**20, planned
+    tensors = {t["id"]: t for t in step.graph["tensors"]}
+    last_use = {}
+    for i, op in enumerate(step.graph["ops"]):
+        for t in op["reads"] + op["writes"]:
+            last_use[t] = i
+    steps = json.loads(plan.read_text())["steps"]
+    gone = {t: s["op"] for s in steps for t in s["evict_after"]
+            if tensors[t].get("held_to_step_end") and s["op"] >= last_use[t]}
+    assert gone, "no held tensor leaves after its last use"
+    for t, after in gone.items():
+        assert tensors[t]["kind"] == "gradient" and tensors[t]["name"].startswith("grad:")
+        # Nothing brings it back later in the step.
+        assert not any(t in s["prefetch"] for s in steps if s["op"] > after), tensors[t]["name"]
+
 def test_link_from_the_link_benchmark(tmp_path):
     link = tmp_path / "link.json"
     subprocess.run([spill_cli(), "--conf", "device:sim", "bench", "link", "--sizes", "64KiB,4MiB",
