@@ -397,6 +397,45 @@ def test_optimizer_state_replaced_out_of_place_is_one_tensor_before_and_one_afte
     assert ("workspace", "m:weight", True) in big, big
 
 
+class _StateAliases(torch.optim.Optimizer):
+    """Momentum in place, a second slot that is the momentum, and a slot that holds what
+    ``alias(p)`` gives: the parameter itself, or a view of its storage."""
+
+    def __init__(self, params, alias) -> None:
+        super().__init__(params, dict(lr=0.1))
+        self.alias = alias
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "m" not in state:
+                    state["m"] = torch.zeros_like(p)
+                    state["same_m"] = state["m"]
+                state["m"].mul_(0.9).add_(p.grad)
+                state["ema"] = self.alias(p)  # (again each step, as a custom optimizer may)
+                p.add_(state["m"], alpha=-0.1)
+
+
+@pytest.mark.parametrize("alias", [lambda p: p, lambda p: p.detach(), lambda p: p.view(-1),
+                                   lambda p: p.detach().view(-1)[:4]],
+                         ids=["itself", "detached", "view", "slice"])
+def test_optimizer_state_that_aliases_a_parameter_is_the_parameter(alias):
+    # The same bytes as the weight: the weight, named as its parameter, counted once. Before,
+    # the slot relabelled the weight's storage optimizer_state "ema:<parameter>", and the
+    # parameters were missing from the graph's weights.
+    step = st.capture(nn.Linear(16, 8), torch.randn(4, 16),
+                      optimizer=functools.partial(_StateAliases, alias=alias), path=None)
+    at_start = sorted((t["kind"], t["name"], t["bytes"]) for t in step.graph["tensors"]
+                      if t["kind"] in ("weight", "optimizer_state", "buffer", "input"))
+    assert at_start == [("input", "input0", 4 * 16 * 4),
+                        ("optimizer_state", "m:bias", 8 * 4),
+                        ("optimizer_state", "m:weight", 8 * 16 * 4),
+                        ("weight", "bias", 8 * 4), ("weight", "weight", 8 * 16 * 4)], at_start
+    assert step.parameter_count == 8 * 16 + 8 and step.batch_scaling is None
+
+
 def test_an_input_that_requires_grad_has_its_gradient_of_this_step_only():
     # The unrecorded first step's input gradient was kept, and the recorded backward added to
     # it: a persistent "buffer" and an add_ no real loop has (review 45r F5).

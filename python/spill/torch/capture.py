@@ -284,17 +284,22 @@ class _Step:
                 rec.declare(p, "weight", self.param_names[id(p)])
             for n, b in self.net.named_buffers():
                 rec.declare(b, "buffer", n)
+            # A state that aliases a parameter or buffer (``state["ema"] = p``, a view of p) is
+            # the same bytes, which keep the model's kind and name (declare keeps the first):
+            # before, the weight became optimizer_state, or an input once the step replaced it.
+            model = {s.id for s in rec.by_id}
             state: Dict[Tuple[int, str], int] = {}  # (parameter, slot) -> its storage's id
             for p, slots in (opt.state.items() if opt is not None else ()):
                 for slot, value in slots.items():
-                    if isinstance(value, torch.Tensor) and is_meta(value):  # (not a step count)
+                    if is_meta(value):  # (not a step count)
                         rec.declare(value, "optimizer_state",
                                     f"{slot}:{self.param_names.get(id(p), '?')}")
-                        state[(id(p), slot)] = rec.storage(value)[0].id
+                        if rec.storage(value)[0].id not in model:
+                            state[(id(p), slot)] = rec.storage(value)[0].id
             for k, t in enumerate(tensors_in((inputs, targets))):
                 rec.declare(t, "input", f"input{k}")
             self._run(rec, inputs, targets, opt)
-            return build_graph(rec, name, *self._kinds(rec, opt, state), at_batch)
+            return build_graph(rec, name, *self._kinds(rec, opt, state, model), at_batch)
         finally:
             for p in self.params:
                 p.grad = None
@@ -370,14 +375,15 @@ class _Step:
             for h in handles:
                 h.remove()
 
-    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int]
-               ) -> Tuple[Dict[int, Tuple[str, str]], Set[int]]:
+    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int],
+               model: Set[int]) -> Tuple[Dict[int, Tuple[str, str]], Set[int]]:
         """Gradients of parameters and optimizer state, found after the step: their (kind,
         name) by storage id, and the ids of those held to the step's end (the gradients, and
         a state the step replaced out of place, ``state["m"] = state["m"] * b + g``, whose
         storage before the step, in ``state``, is then an input freed once the op that makes
         the new one has run, unless another slot keeps it; both were persistent, twice the
-        state: review 45r F4, 45s G2)."""
+        state: review 45r F4, 45s G2). A slot holding one of the ``model``'s storages (its
+        parameters' and buffers') is neither."""
         kinds: Dict[int, Tuple[str, str]] = {}
         held: Set[int] = set()
 
@@ -388,7 +394,8 @@ class _Step:
                 held.add(grad)
         after = {(id(p), slot): rec.storage(value)[0].id
                  for p, slots in (opt.state.items() if opt is not None else ())
-                 for slot, value in slots.items() if is_meta(value)}
+                 for slot, value in slots.items()
+                 if is_meta(value) and rec.storage(value)[0].id not in model}
         existed = set(state.values())  # storages of the state when the step began
         for (param, slot), now in after.items():
             label = f"{slot}:{self.param_names.get(param, '?')}"
