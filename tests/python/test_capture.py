@@ -7,7 +7,7 @@ graphs; storage sharing, tensor kinds, batch scaling; clear errors for steps tha
 """
 from __future__ import annotations
 
-import collections
+import collections.abc
 import dataclasses
 import functools
 import json
@@ -453,7 +453,6 @@ def test_an_input_that_requires_grad_has_its_gradient_of_this_step_only():
 
 def test_a_mapping_of_inputs_is_keyword_arguments_as_a_dict_is():
     # transformers' BatchEncoding is a collections.UserDict, not a dict (audit 45a F19).
-
     class Keywords(nn.Module):
         def __init__(self) -> None:
             super().__init__()
