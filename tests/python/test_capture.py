@@ -7,13 +7,17 @@ graphs; storage sharing, tensor kinds, batch scaling; clear errors for steps tha
 """
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
 import functools
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import threading
+import types
 
 import pytest
 
@@ -426,6 +430,45 @@ def test_optimizer_state_replaced_out_of_place_is_one_tensor_before_and_one_afte
     assert ("workspace", "m:weight", True) in big, big
 
 
+class _StateAliases(torch.optim.Optimizer):
+    """Momentum in place, a second slot that is the momentum, and a slot that holds what
+    ``alias(p)`` gives: the parameter itself, or a view of its storage."""
+
+    def __init__(self, params, alias) -> None:
+        super().__init__(params, dict(lr=0.1))
+        self.alias = alias
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "m" not in state:
+                    state["m"] = torch.zeros_like(p)
+                    state["same_m"] = state["m"]
+                state["m"].mul_(0.9).add_(p.grad)
+                state["ema"] = self.alias(p)  # (again each step, as a custom optimizer may)
+                p.add_(state["m"], alpha=-0.1)
+
+
+@pytest.mark.parametrize("alias", [lambda p: p, lambda p: p.detach(), lambda p: p.view(-1),
+                                   lambda p: p.detach().view(-1)[:4]],
+                         ids=["itself", "detached", "view", "slice"])
+def test_optimizer_state_that_aliases_a_parameter_is_the_parameter(alias):
+    # The same bytes as the weight: the weight, named as its parameter, counted once. Before,
+    # the slot relabelled the weight's storage optimizer_state "ema:<parameter>", and the
+    # parameters were missing from the graph's weights.
+    step = st.capture(nn.Linear(16, 8), torch.randn(4, 16),
+                      optimizer=functools.partial(_StateAliases, alias=alias), path=None)
+    at_start = sorted((t["kind"], t["name"], t["bytes"]) for t in step.graph["tensors"]
+                      if t["kind"] in ("weight", "optimizer_state", "buffer", "input"))
+    assert at_start == [("input", "input0", 4 * 16 * 4),
+                        ("optimizer_state", "m:bias", 8 * 4),
+                        ("optimizer_state", "m:weight", 8 * 16 * 4),
+                        ("weight", "bias", 8 * 4), ("weight", "weight", 8 * 16 * 4)], at_start
+    assert step.parameter_count == 8 * 16 + 8 and step.batch_scaling is None
+
+
 def test_an_input_that_requires_grad_has_its_gradient_of_this_step_only():
     # The unrecorded first step's input gradient was kept, and the recorded backward added to
     # it: a persistent "buffer" and an add_ no real loop has (review 45r F5).
@@ -439,8 +482,6 @@ def test_an_input_that_requires_grad_has_its_gradient_of_this_step_only():
 
 def test_a_mapping_of_inputs_is_keyword_arguments_as_a_dict_is():
     # transformers' BatchEncoding is a collections.UserDict, not a dict (audit 45a F19).
-    import collections
-
     class Keywords(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -453,6 +494,79 @@ def test_a_mapping_of_inputs_is_keyword_arguments_as_a_dict_is():
     plain = st.capture(Keywords, inputs, path=None)
     step = st.capture(Keywords, collections.UserDict(inputs), path=None)
     assert step.graph == plain.graph and step.batch == 4
+
+
+class _Encoding(collections.UserDict):
+    """As transformers' BatchEncoding: a UserDict whose items are also attributes."""
+
+    def __getattr__(self, name):
+        try:
+            return self.data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def test_inputs_nested_in_mappings_lists_and_tuples_are_inputs_the_model_gets_on_meta():
+    # Before, tensors in a mapping that is not a dict (a BatchEncoding, a mappingproxy) inside
+    # the inputs were neither inputs nor moved to meta: the model got the caller's tensors and
+    # the step failed on mixed devices; a defaultdict could not be rebuilt (a bare TypeError).
+    received = []
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, batch, scale):
+            received.append((type(batch["text"]), batch["extra"].default_factory,
+                             [t.device.type for t in (batch["text"].ids, batch["text"]["mask"],
+                                                      *batch["extra"]["bias"], scale[0])]))
+            text = batch["text"]
+            return (self.fc(text.ids) * text["mask"] + sum(batch["extra"]["bias"])).sum() \
+                * scale[0]
+
+    batch = {"text": _Encoding(ids=torch.randn(4, 8), mask=torch.ones(4, 4)),
+             "extra": collections.defaultdict(list, bias=[torch.zeros(4, 4), torch.zeros(1, 4)])}
+    scale = (torch.ones(()),)
+    step = st.capture(Nested, {"batch": types.MappingProxyType(batch), "scale": scale},
+                      optimizer=None, path=None)
+    assert step.batch == 4 and step.batch_scaling is None, step.batch_scaling
+    inputs = sorted((t["name"], t["bytes"], t.get("batch_bytes", 0))
+                    for t in step.graph["tensors"] if t["kind"] == "input")
+    assert inputs == [("input0", 128, 128), ("input1", 64, 64), ("input2", 64, 64),
+                      ("input3", 16, 0), ("input4", 4, 0)], inputs
+    assert received and all(r == (_Encoding, list, ["meta"] * 5) for r in received), received
+    assert batch["text"].ids.device.type == "cpu"  # the caller's inputs are left as they were
+
+
+def test_inputs_that_cannot_be_copied_onto_meta_are_refused_naming_where_they_are():
+    @dataclasses.dataclass
+    class Batch:
+        ids: torch.Tensor
+
+    class Fixed(collections.abc.Mapping):  # a mapping its own type cannot be built from a dict
+        def __init__(self, ids, mask) -> None:
+            self._items = {"ids": ids, "mask": mask}
+
+        def __getitem__(self, key):
+            return self._items[key]
+
+        def __iter__(self):
+            return iter(self._items)
+
+        def __len__(self):
+            return len(self._items)
+
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=re.escape(
+            "example_inputs['batch'][1].ids is a tensor (or holds tensors) inside a Batch")):
+        st.capture(lambda: nn.Linear(8, 4), {"batch": [x, Batch(x)]}, path=None)
+    with pytest.raises(TypeError, match=re.escape("example_inputs[0]['input'] is a Fixed, a "
+                                                  "mapping that cannot be rebuilt")):
+        st.capture(lambda: nn.Linear(8, 4), ({"input": Fixed(x, x)},), path=None)
+    with pytest.raises(TypeError, match=re.escape("targets['y'].ids")):
+        st.capture(lambda: nn.Linear(8, 4), x, loss_fn=lambda out, y: out.sum(),
+                   targets={"y": Batch(x)}, path=None)
 
 
 def test_model_forms_and_the_callers_model_is_untouched():

@@ -8,6 +8,7 @@ element of its largest tensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -48,13 +49,14 @@ _ATTENTION_FORWARD = {
 
 
 def tensors_in(value: Any) -> Iterable[torch.Tensor]:
-    """Every tensor in a nest of lists, tuples and dicts."""
+    """Every tensor in a nest of lists, tuples and mappings (dicts, a tokenizer's
+    BatchEncoding: the nests map_tensors rebuilds)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from tensors_in(v)
-    elif isinstance(value, dict):
+    elif isinstance(value, Mapping):
         for v in value.values():
             yield from tensors_in(v)
 

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import UserDict
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+
+from ._costs import tensors_in
 
 META = torch.device("meta")
 
@@ -115,16 +119,35 @@ def resolve_model(model: Any) -> torch.nn.Module:
                     f"builds one, got {type(model).__name__}")
 
 
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """`value` with every tensor in its lists, tuples and dicts replaced by fn(tensor)."""
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], where: str = "value") -> Any:
+    """`value` with every tensor in its lists, tuples and mappings (the nests tensors_in
+    walks) replaced by fn(tensor), each container rebuilt as its own type. A mapping that
+    cannot be rebuilt, or an object that holds a tensor in an attribute, raises TypeError
+    naming where it is, from `where`, the name of `value` (``example_inputs['input']['ids']``)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple
-        return type(value)(*(map_tensors(v, fn) for v in value))
+        return type(value)(*(map_tensors(v, fn, f"{where}[{i}]") for i, v in enumerate(value)))
     if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+        return type(value)(map_tensors(v, fn, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, Mapping):
+        items = {k: map_tensors(v, fn, f"{where}[{k!r}]") for k, v in value.items()}
+        try:
+            if isinstance(value, (dict, UserDict)):  # (a copy keeps a defaultdict's factory,
+                out = copy.copy(value)               # a BatchEncoding's attributes)
+                for k, v in items.items():
+                    out[k] = v  # (through the type's own __setitem__, which update may skip)
+                return out
+            return type(value)(items)
+        except Exception as e:
+            raise TypeError(f"spill.torch.capture: {where} is a {type(value).__name__}, a "
+                            f"mapping that cannot be rebuilt with meta copies of its tensors "
+                            f"({type(e).__name__}: {e}): pass its items in a dict") from e
+    for name, v in getattr(value, "__dict__", {}).items():
+        if any(True for _ in tensors_in(v)):
+            raise TypeError(f"spill.torch.capture: {where}.{name} is a tensor (or holds "
+                            f"tensors) inside a {type(value).__name__}, which capture cannot "
+                            f"copy onto the meta device: pass tensors in dicts, lists or tuples")
     return value
 
 

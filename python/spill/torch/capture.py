@@ -28,7 +28,7 @@ from .._errors import InvalidArgumentError
 from .._files import is_own_stream, write_error, write_text
 from ._costs import tensors_in
 from ._graph import MAX_NAME_BYTES, add_batch_scaling, build_graph
-from ._meta import is_meta, resolve_model, with_batch
+from ._meta import empty_meta_like, is_meta, map_tensors, resolve_model, with_batch
 from ._recorder import CaptureError, OpRecord, Recorder, refuse_not_strided
 
 OptimizerFactory = Callable[[Any], "torch.optim.Optimizer"]
@@ -128,7 +128,10 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         other module is copied onto meta (its parameters are not copied, nor changed).
     example_inputs: what the model is called with: a tensor, a tuple of positional arguments, or
         a dict (any mapping: a tokenizer's BatchEncoding) of keyword arguments. Real or meta
-        tensors; only shapes and dtypes matter.
+        tensors; only shapes and dtypes matter. Tensors nested in lists, tuples and mappings
+        are inputs too, and the model gets the same nest (its types kept) of meta copies; a
+        tensor in an object's attribute, or a mapping that cannot be rebuilt, raises TypeError
+        naming where it is (``example_inputs['batch']['ids']``).
     loss_fn: ``loss_fn(output, *targets)`` gives the scalar loss (``loss_fn(output)`` without
         targets); default: the output itself when it is a scalar, else its sum.
     optimizer: a factory taking the parameters, e.g. ``torch.optim.Adam`` (the default) or
@@ -175,6 +178,13 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
                            f"not {type(optimizer).__name__}: the capture makes its own for the "
                            f"meta copies of the parameters")
     net = resolve_model(model)
+    for k, t in enumerate(tensors_in((example_inputs, targets))):  # named as Recorder.declare's
+        refuse_not_strided(t, f"input{k}")  # (the meta copies would be dense)
+    # Meta copies, in the caller's nests of mappings, lists and tuples (the model gets what it
+    # was given); a nest they cannot be made in is refused here, named (before, the tensors
+    # of a mapping inside a dict or tuple reached the model as they were, and were not inputs).
+    example_inputs = map_tensors(example_inputs, empty_meta_like, "example_inputs")
+    targets = map_tensors(targets, empty_meta_like, "targets")
     if isinstance(example_inputs, Mapping) and not isinstance(example_inputs, dict):
         # (a tokenizer's BatchEncoding is a UserDict: keyword arguments too; it was passed as
         # one positional argument: audit 45a F19)
@@ -183,8 +193,6 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
         example_inputs = (example_inputs,)
     if targets is not None and not isinstance(targets, (tuple, list)):
         targets = (targets,)
-    for k, t in enumerate(tensors_in((example_inputs, targets))):  # named as Recorder.declare's
-        refuse_not_strided(t, f"input{k}")  # (the meta copies would be dense)
     batch = _batch_size((example_inputs, targets), batch_dim)
     if batch == 0 and any(t.dim() > batch_dim for t in tensors_in((example_inputs, targets))):
         raise CaptureError(f"the example inputs have an empty batch (size 0 along batch_dim "
@@ -284,17 +292,22 @@ class _Step:
                 rec.declare(p, "weight", self.param_names[id(p)])
             for n, b in self.net.named_buffers():
                 rec.declare(b, "buffer", n)
+            # A state that aliases a parameter or buffer (``state["ema"] = p``, a view of p) is
+            # the same bytes, which keep the model's kind and name (declare keeps the first):
+            # before, the weight became optimizer_state, or an input once the step replaced it.
+            model = {s.id for s in rec.by_id}
             state: Dict[Tuple[int, str], int] = {}  # (parameter, slot) -> its storage's id
             for p, slots in (opt.state.items() if opt is not None else ()):
                 for slot, value in slots.items():
-                    if isinstance(value, torch.Tensor) and is_meta(value):  # (not a step count)
+                    if is_meta(value):  # (not a step count)
                         rec.declare(value, "optimizer_state",
                                     f"{slot}:{self.param_names.get(id(p), '?')}")
-                        state[(id(p), slot)] = rec.storage(value)[0].id
+                        if rec.storage(value)[0].id not in model:
+                            state[(id(p), slot)] = rec.storage(value)[0].id
             for k, t in enumerate(tensors_in((inputs, targets))):
                 rec.declare(t, "input", f"input{k}")
             self._run(rec, inputs, targets, opt)
-            return build_graph(rec, name, *self._kinds(rec, opt, state), at_batch)
+            return build_graph(rec, name, *self._kinds(rec, opt, state, model), at_batch)
         finally:
             for p in self.params:
                 p.grad = None
@@ -370,14 +383,15 @@ class _Step:
             for h in handles:
                 h.remove()
 
-    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int]
-               ) -> Tuple[Dict[int, Tuple[str, str]], Set[int]]:
+    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int],
+               model: Set[int]) -> Tuple[Dict[int, Tuple[str, str]], Set[int]]:
         """Gradients of parameters and optimizer state, found after the step: their (kind,
         name) by storage id, and the ids of those held to the step's end (the gradients, and
         a state the step replaced out of place, ``state["m"] = state["m"] * b + g``, whose
         storage before the step, in ``state``, is then an input freed once the op that makes
         the new one has run, unless another slot keeps it; both were persistent, twice the
-        state: review 45r F4, 45s G2)."""
+        state: review 45r F4, 45s G2). A slot holding one of the ``model``'s storages (its
+        parameters' and buffers') is neither."""
         kinds: Dict[int, Tuple[str, str]] = {}
         held: Set[int] = set()
 
@@ -388,7 +402,8 @@ class _Step:
                 held.add(grad)
         after = {(id(p), slot): rec.storage(value)[0].id
                  for p, slots in (opt.state.items() if opt is not None else ())
-                 for slot, value in slots.items() if is_meta(value)}
+                 for slot, value in slots.items()
+                 if is_meta(value) and rec.storage(value)[0].id not in model}
         existed = set(state.values())  # storages of the state when the step began
         for (param, slot), now in after.items():
             label = f"{slot}:{self.param_names.get(param, '?')}"
