@@ -539,6 +539,29 @@ def test_inputs_nested_in_mappings_lists_and_tuples_are_inputs_the_model_gets_on
     assert batch["text"].ids.device.type == "cpu"  # the caller's inputs are left as they were
 
 
+
+def test_a_tensor_passed_twice_is_one_input():
+    # An input passed twice, or that is also the target (a language model's ids), is one
+    # tensor of the step, at both batches; before, each place made its own input and the bytes
+    # counted twice.
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, a, b):
+            return self.fc(a) + b
+
+    x = torch.randn(4, 8)
+    step = st.capture(Pair, (x, x), loss_fn=lambda out, y: (out - y).square().sum(), targets=x,
+                      path=None)
+    inputs = [(t["bytes"], t.get("batch_bytes", 0))
+              for t in step.graph["tensors"] if t["kind"] == "input"]
+    assert inputs == [(128, 128)], inputs
+    assert step.batch_scaling is None, step.batch_scaling
+    step = st.capture(Pair, (x, x.clone()), path=None)  # equal, but two tensors
+    assert sum(t["kind"] == "input" for t in step.graph["tensors"]) == 2
+
 def test_inputs_that_cannot_be_copied_onto_meta_are_refused_naming_where_they_are():
     @dataclasses.dataclass
     class Batch:

@@ -8,7 +8,7 @@ import contextlib
 import copy
 from collections import UserDict
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -119,19 +119,26 @@ def resolve_model(model: Any) -> torch.nn.Module:
                     f"builds one, got {type(model).__name__}")
 
 
-def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], where: str = "value") -> Any:
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], where: str = "value",
+                made: Optional[Dict[int, Any]] = None) -> Any:
     """`value` with every tensor in its lists, tuples and mappings (the nests tensors_in
-    walks) replaced by fn(tensor), each container rebuilt as its own type. A mapping that
-    cannot be rebuilt, or an object that holds a tensor in an attribute, raises TypeError
-    naming where it is, from `where`, the name of `value` (``example_inputs['input']['ids']``)."""
+    walks) replaced by fn(tensor), each container rebuilt as its own type. A tensor met twice
+    maps to one fn(tensor), also across calls given the same `made` (an input that is a target
+    too: one tensor of the step, not two). A mapping that cannot be rebuilt, or an object that
+    holds a tensor in an attribute, raises TypeError naming where it is, from `where`, the name
+    of `value` (``example_inputs['input']['ids']``)."""
+    made = {} if made is None else made
     if isinstance(value, torch.Tensor):
-        return fn(value)
+        if id(value) not in made:  # (the caller's value keeps the tensor, and so its id)
+            made[id(value)] = fn(value)
+        return made[id(value)]
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple
-        return type(value)(*(map_tensors(v, fn, f"{where}[{i}]") for i, v in enumerate(value)))
+        return type(value)(*(map_tensors(v, fn, f"{where}[{i}]", made)
+                             for i, v in enumerate(value)))
     if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn, f"{where}[{i}]") for i, v in enumerate(value))
+        return type(value)(map_tensors(v, fn, f"{where}[{i}]", made) for i, v in enumerate(value))
     if isinstance(value, Mapping):
-        items = {k: map_tensors(v, fn, f"{where}[{k!r}]") for k, v in value.items()}
+        items = {k: map_tensors(v, fn, f"{where}[{k!r}]", made) for k, v in value.items()}
         try:
             if isinstance(value, (dict, UserDict)):  # (a copy keeps a defaultdict's factory,
                 out = copy.copy(value)               # a BatchEncoding's attributes)
@@ -151,9 +158,10 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], where: str = "val
     return value
 
 
-def with_batch(value: Any, batch_dim: int, batch: int, new_batch: int) -> Any:
+def with_batch(value: Any, batch_dim: int, batch: int, new_batch: int,
+               made: Optional[Dict[int, Any]] = None) -> Any:
     """Meta copies of the tensors in `value`, those of size `batch` along `batch_dim` resized to
-    `new_batch` along it."""
+    `new_batch` along it (`made`: as map_tensors')."""
     def resize(t: torch.Tensor) -> torch.Tensor:
         if t.dim() > batch_dim and t.shape[batch_dim] == batch and new_batch != batch:
             shape = list(t.shape)
@@ -161,7 +169,7 @@ def with_batch(value: Any, batch_dim: int, batch: int, new_batch: int) -> Any:
             out = torch.empty(shape, dtype=t.dtype, device=META)
             return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
         return empty_meta_like(t)
-    return map_tensors(value, resize)
+    return map_tensors(value, resize, made=made)
 
 
 def _like(t: Optional[torch.Tensor], wanted: bool) -> Optional[torch.Tensor]:

@@ -183,8 +183,9 @@ def capture(model: Union[torch.nn.Module, Callable[[], torch.nn.Module]],
     # Meta copies, in the caller's nests of mappings, lists and tuples (the model gets what it
     # was given); a nest they cannot be made in is refused here, named (before, the tensors
     # of a mapping inside a dict or tuple reached the model as they were, and were not inputs).
-    example_inputs = map_tensors(example_inputs, empty_meta_like, "example_inputs")
-    targets = map_tensors(targets, empty_meta_like, "targets")
+    made: Dict[int, Any] = {}  # (a tensor both an input and a target is one tensor)
+    example_inputs = map_tensors(example_inputs, empty_meta_like, "example_inputs", made)
+    targets = map_tensors(targets, empty_meta_like, "targets", made)
     if isinstance(example_inputs, Mapping) and not isinstance(example_inputs, dict):
         # (a tokenizer's BatchEncoding is a UserDict: keyword arguments too; it was passed as
         # one positional argument: audit 45a F19)
@@ -256,8 +257,10 @@ class _Step:
 
     def record(self, inputs: Any, targets: Any, batch_dim: int, batch: int, at_batch: int,
                name: str) -> Dict[str, Any]:
-        inputs = with_batch(inputs, batch_dim, batch, at_batch)
-        targets = with_batch(targets, batch_dim, batch, at_batch) if targets is not None else ()
+        made: Dict[int, Any] = {}
+        inputs = with_batch(inputs, batch_dim, batch, at_batch, made)
+        targets = (with_batch(targets, batch_dim, batch, at_batch, made)
+                   if targets is not None else ())
         for p in self.params:
             p.grad = None
         try:
