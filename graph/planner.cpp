@@ -347,13 +347,9 @@ class SpillPlanner {
           if (x == gp.tensor) continue;
           ok = ok && (persistent(g_.tensors[x].kind) || live_.live[x].live_at(gp.to));
           for (std::int64_t w : writers[x]) ok = ok && (w <= m || w >= gp.to);
-          // A held tensor past its last use is not one a remake can wait for (its window
-          // never ends before the step's end).
           for (std::size_t j : gaps_of[x])
-            if (const std::int64_t at = idle_index(gaps_[j], gp.to); at >= 0) {
-              ok = ok && !gaps_[j].dead;
+            if (const std::int64_t at = idle_index(gaps_[j], gp.to); at >= 0)
               needs.push_back({j, at});
-            }
         }
       if (!ok) continue;
       maker_[k] = m;
@@ -414,6 +410,13 @@ class SpillPlanner {
     return true;
   }
 
+  // Whether a chosen recompute keeps gap k's tensor resident at its virtual op v: from its cap
+  // on, and over the whole of a dead gap (whose window cannot end before the step's end).
+  bool capped_out(std::size_t k, std::int64_t v) const {
+    return v >= cap_[k] ||
+           (gaps_[k].dead && cap_[k] != std::numeric_limits<std::int64_t>::max());
+  }
+
   // Virtual index of op i inside the gap, or -1 when the tensor is in use at i.
   std::int64_t idle_index(const Gap& gp, std::int64_t i) const {
     if (i > gp.from && i < gp.to) return i;
@@ -450,7 +453,7 @@ class SpillPlanner {
       ++a;
       // A chosen recompute needs the tensor back by virtual op cap: windows end there.
       const std::int64_t cap = cap_[k];
-      if (v >= cap) continue;
+      if (capped_out(k, v)) continue;
       const std::uint64_t bytes = g_.tensors[gp.tensor].bytes;
       const double useful = double(std::min<std::uint64_t>(bytes, std::uint64_t(excess)));
       if (remake_ != Remake::Off && !cur.chosen && remakable(k, win)) {
@@ -559,7 +562,7 @@ class SpillPlanner {
   void note_stuck(std::int64_t i) {
     for (std::size_t k = 0; k < gaps_.size(); ++k) {
       const std::int64_t v = idle_index(gaps_[k], i);
-      if (v < 0 || v < cap_[k]) continue;
+      if (v < 0 || !capped_out(k, v)) continue;
       stuck_.insert(stuck_.end(), cappers_[k].begin(), cappers_[k].end());
     }
   }

@@ -773,6 +773,44 @@ TEST(PlannerRecompute, ChainsARemakeWhereItIsCheapestNotWhereASwapHides) {
   }
 }
 
+// X's producer P reads H, a gradient held to the step's end past its last use (op 1): H's dead
+// gap may not take it away where X is remade (before op 4), but that leaves the remake, which
+// costs P's 0.1 ms, where a swap of X (100 MB over PCIe 3) stalls: the plan remakes X and
+// evicts nothing. Before, the dead gap ruled the remake out and X was swapped (16.95 ms against
+// 0.70 ms predicted: review 46r F1).
+TEST(PlannerRecompute, ARemakeMayReadAHeldTensorPastItsLastUse) {
+  Graph g;
+  auto in = tensor(g, "in", 1000, TensorKind::Input);
+  auto h = tensor(g, "H", MB, TensorKind::Gradient);
+  auto x = tensor(g, "X", 100 * MB), c = tensor(g, "C", 100 * MB);
+  g.tensors[h].held_to_step_end = true;
+  op(g, "make_h", {in}, {h}, 1e-4);
+  op(g, "P", {in, h}, {x}, 1e-4);
+  op(g, "make_c", {in}, {c}, 1e-4);
+  op(g, "use_c", {c}, {}, 1e-4);
+  op(g, "use_x", {x}, {}, 1e-4);
+  op(g, "tail", {in}, {}, 1e-4);
+  g.ops[1].recomputable = true;
+  g.validate();
+  PlannerOptions o = every_tensor_may_move(150 * MB);
+  o.recompute = true;
+  const LinkModel link = link_preset("pcie3");
+  Plan p = plan_spill(g, times_of(g), link, o);
+  ASSERT_TRUE(p.feasible) << p.reason;
+  ASSERT_NO_THROW(check_plan(g, p));
+  ASSERT_EQ(p.recomputes.size(), 1u);
+  EXPECT_EQ(p.recomputes[0].tensor, x);
+  for (const Swap& s : p.swaps) EXPECT_NE(s.tensor, h) << "H is needed by the remake";
+  SimResult r = simulate(g, times_of(g), link, &p, {o.budget, false});
+  EXPECT_TRUE(r.within_budget);
+  EXPECT_LT(r.step_time_s, 1e-3);
+  // Dropping X is not possible without the remake: with recomputation off, X is swapped.
+  o.recompute = false;
+  Plan swapped = plan_spill(g, times_of(g), link, o);
+  ASSERT_EQ(swapped.swaps.size(), 1u);
+  EXPECT_EQ(swapped.swaps[0].tensor, x);
+}
+
 TEST(PlannerRecompute, PlansStayValidAndWithinBudgetOnRandomGraphs) {
   std::mt19937 rng(777);
   int with_remakes = 0;
