@@ -270,10 +270,11 @@ int run_plan(const PlanArgs& a) {
                 times_text(floor->step_s, unlimited).c_str(),
                 a.no_recompute ? "" : " (a plan that recomputes is not bound by it)");
     if (floor->must_move > 0) {
-      std::printf(" at op %u '%s', %s must still come in over it (%s of it made in the step, "
-                  "which went out first)\n",
+      // (Apart: what went out need not all come back, a tensor held past its last use.)
+      std::printf(" at op %u '%s', %s made in the step must have gone out and %s must still "
+                  "come in over it\n",
                   floor->op, printable_name(g.ops[floor->op].name).c_str(),
-                  format_bytes(floor->must_fetch).c_str(), format_bytes(floor->must_move).c_str());
+                  format_bytes(floor->must_move).c_str(), format_bytes(floor->must_fetch).c_str());
     } else if (floor->must_fetch > 0) {
       std::printf(" at op %u '%s', %s from before the step must still come in over it\n",
                   floor->op, printable_name(g.ops[floor->op].name).c_str(),
