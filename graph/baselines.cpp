@@ -67,13 +67,24 @@ BudgetCheck check_budget(const Graph& g, const PlannerOptions& o) {
   }
   if (!c.feasible) {
     const Op& op = g.ops[std::size_t(c.worst_op)];
+    // Tensors carried over to the next step stay where they are past their last use (no gap).
+    std::uint64_t carried = 0;
+    for (std::size_t t = 0; t < g.tensors.size(); ++t)
+      if (g.tensors[t].carried_over && !l.uses[t].empty() && l.uses[t].back() < c.worst_op)
+        carried += g.tensors[t].bytes;
     c.message = "no plan fits the budget of " + format_bytes(o.budget) + ": op " +
                 std::to_string(c.worst_op) + " '" + op.name + "' needs " +
                 format_bytes(c.required) + " resident (its own working set " +
                 format_bytes(c.working_set) + " + " +
                 format_bytes(c.required - std::min(c.required, c.working_set)) +
                 " that cannot move: tensors under " + format_bytes(o.min_swap_bytes) +
-                " or inputs before their first use), over by " + format_bytes(worst_excess);
+                " or inputs before their first use" +
+                (carried > 0 ? ", " + format_bytes(carried) +
+                                   " of it carried over to the next step past their last use "
+                                   "(in a captured step, optimizer state replaced out of place, "
+                                   "or gradients a zero_grad() zeroes)"
+                             : std::string()) +
+                "), over by " + format_bytes(worst_excess);
   }
   return c;
 }

@@ -32,9 +32,11 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
   const std::size_t n = g.ops.size();
   // Per op (difference arrays): bytes made in the step and live there, and bytes of tensors
   // that existed at the step's start and are used after it.
-  // `dead_delta`: bytes held to the step's end past their last use (made in the step): they may
-  // be out there and never need to come back.
-  std::vector<std::int64_t> made_delta(n + 1, 0), later_delta(n + 1, 0), dead_delta(n + 1, 0);
+  // Of the bytes made in the step and held to its end, past their last use: `dead_delta`, those
+  // that may be out there and never need to come back; `kept_delta`, those carried over to the
+  // next step, which no plan moves there: resident as `others` are, not among the bytes made.
+  std::vector<std::int64_t> made_delta(n + 1, 0), later_delta(n + 1, 0), dead_delta(n + 1, 0),
+      kept_delta(n + 1, 0);
   for (std::size_t t = 0; t < g.tensors.size(); ++t) {
     const auto bytes = static_cast<std::int64_t>(g.tensors[t].bytes);
     if (exists_at_start(g.tensors[t].kind)) {
@@ -48,13 +50,14 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
     if (iv.first < 0) continue;
     made_delta[iv.first] += bytes;
     made_delta[iv.last + 1] -= bytes;
-    if (g.tensors[t].held_to_step_end) dead_delta[l.uses[t].back() + 1] += bytes;
+    if (g.tensors[t].held_to_step_end)
+      (g.tensors[t].carried_over ? kept_delta : dead_delta)[l.uses[t].back() + 1] += bytes;
   }
   double total = 0;
   for (double t : op_times) total += t;
   SwapFloor best{total, 0, 0, 0};
   const double d2h = link.d2h_gbps * 1e9, h2d = link.h2d_gbps * 1e9;
-  std::int64_t made = 0, later = 0, dead = 0;
+  std::int64_t made = 0, later = 0, dead = 0, kept = 0;
   double before = 0;  // C(k)
   std::vector<TensorIndex> touched;
   auto excess = [&](std::uint64_t wanted, std::uint64_t room) {
@@ -64,6 +67,7 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
     made += made_delta[k];
     later += later_delta[k];
     dead += dead_delta[k];
+    kept += kept_delta[k];
     const Op& op = g.ops[k];
     op_tensors(op, touched);
     // The op's own bytes are resident; `others` are those of them (and its workspace) that
@@ -75,13 +79,16 @@ std::optional<SwapFloor> swap_floor(const Graph& g, const std::vector<double>& o
       others += g.tensors[t].bytes;
       if (l.uses[t].back() > k) later_here += g.tensors[t].bytes;
     }
-    if (working > budget) return std::nullopt;
+    const auto stuck = static_cast<std::uint64_t>(kept);
+    if (working > budget || stuck > budget - working) return std::nullopt;
+    others += stuck;
+    const auto movable = static_cast<std::uint64_t>(made - kept);
     // Made in the step and absent here: out since the step began.
-    const std::uint64_t out = excess(static_cast<std::uint64_t>(made), budget - others);
+    const std::uint64_t out = excess(movable, budget - others);
     // Absent here and needed later in the step (those made in it but dead ones, and tensors
     // from before the step that an op after this one uses): back before the step ends.
     const std::uint64_t back = excess(
-        static_cast<std::uint64_t>(made - dead + later) - later_here, budget - others);
+        static_cast<std::uint64_t>(made - kept - dead + later) - later_here, budget - others);
     const double bound = std::max(before, static_cast<double>(out) / d2h) +
                          std::max(total - before, static_cast<double>(back) / h2d);
     if (bound > best.step_s) best = {bound, static_cast<OpIndex>(k), out, back};

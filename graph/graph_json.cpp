@@ -15,7 +15,8 @@ using nlohmann::json;
 int graph_format_version(const Graph& g) {
   bool v2 = g.batch > 0;
   for (const Tensor& t : g.tensors)
-    v2 = v2 || t.kind == TensorKind::Buffer || t.batch_bytes > 0 || t.held_to_step_end;
+    v2 = v2 || t.kind == TensorKind::Buffer || t.batch_bytes > 0 || t.held_to_step_end ||
+         t.carried_over;
   for (const Op& op : g.ops) v2 = v2 || op.batch_flops > 0 || op.batch_bytes > 0;
   for (const Op& op : g.ops)
     if (op.recomputable) return 3;
@@ -32,6 +33,7 @@ json graph_to_json(const Graph& g) {
            {"kind", to_string(t.kind)}};
     if (t.batch_bytes > 0) j["batch_bytes"] = t.batch_bytes;
     if (t.held_to_step_end) j["held_to_step_end"] = true;
+    if (t.carried_over) j["carried_over"] = true;
     tensors.push_back(std::move(j));
   }
   json ops = json::array();
@@ -93,8 +95,9 @@ Graph graph_from_json(const json& j, std::string_view source) {
   std::unordered_map<std::uint64_t, TensorIndex> index_of;
   for (std::size_t k = 0; k < tensors.size(); ++k) {
     const JsonValue f = tensors.at(k);
-    refuse_newer_fields(f, version, {"batch_bytes", "held_to_step_end"});
-    f.allow_only({"id", "name", "bytes", "dtype", "kind", "batch_bytes", "held_to_step_end"});
+    refuse_newer_fields(f, version, {"batch_bytes", "held_to_step_end", "carried_over"});
+    f.allow_only({"id", "name", "bytes", "dtype", "kind", "batch_bytes", "held_to_step_end",
+                  "carried_over"});
     Tensor t;
     t.id = f.uint_field("id", 0, UINT64_MAX);
     t.name = f.string_field("name", "t" + std::to_string(t.id));
@@ -119,6 +122,10 @@ Graph graph_from_json(const json& j, std::string_view source) {
     if (t.held_to_step_end && exists_at_start(t.kind))
       f.fail_field("held_to_step_end", "is for tensors made in the step (activation, gradient, "
                                        "workspace); a '" + kind_name + "' exists at its start");
+    t.carried_over = f.bool_field("carried_over", false);
+    if (t.carried_over && !t.held_to_step_end)
+      f.fail_field("carried_over", "is for a tensor held to the step's end (\"held_to_step_end\": "
+                                   "true), which this one is not");
     if (!index_of.emplace(t.id, TensorIndex(k)).second)
       f.fail_field("id", "repeats tensor id " + std::to_string(t.id));
     g.add_tensor(std::move(t));

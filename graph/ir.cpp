@@ -155,6 +155,9 @@ void Graph::validate() const {
                       "') is held to the step's end but its kind '" + to_string(x.kind) +
                       "' exists at the step's start (only activation, gradient and workspace "
                       "tensors, made in the step, are held)");
+    SPILL_EXPECTS(!x.carried_over || x.held_to_step_end,
+                  "graph '" + name + "': tensor " + std::to_string(t) + " ('" + x.name +
+                      "') is carried over to the next step but not held to the step's end");
     const std::string where = "graph '" + name + "': tensor " + std::to_string(t) + " ('" +
                               x.name + "') batch_bytes ";
     SPILL_EXPECTS(x.batch_bytes <= x.bytes, where + std::to_string(x.batch_bytes) +

@@ -6,7 +6,8 @@
 // sizes, FLOPs, bytes and times are non-negative and finite; all tensor bytes plus the largest
 // workspace stay within 2^63 - 1 (so liveness, planner and simulator sums cannot wrap);
 // batch-proportional parts are at most the whole and, for tensor bytes, a whole number of bytes
-// per sample; only a tensor made in the step is held to the step's end; a recomputable op writes at least one tensor, only activations, none that it reads,
+// per sample; only a tensor made in the step is held to the step's end, and only a held one
+// is carried over; a recomputable op writes at least one tensor, only activations, none that it reads,
 // and is the only op that writes them. Execution order is the vector order, so a valid graph is acyclic by construction.
 #pragma once
 
@@ -53,6 +54,10 @@ struct Tensor {
   // is kept to the next zero_grad). Only for kinds made in the step; from its last use to the
   // end it is idle: a plan may evict it there for the rest of the step (Swap::to_step_end).
   bool held_to_step_end = false;
+  // Held, and the next step uses it (optimizer state replaced out of place, there an input; a
+  // gradient that zero_grad() zeroes rather than frees): a plan keeps it on the device past its
+  // last use, as the next step expects it there (no dead gap).
+  bool carried_over = false;
 };
 
 struct Op {

@@ -88,7 +88,7 @@ std::vector<Gap> idle_gaps(const Graph& g, const Liveness& l, std::uint64_t min_
       if (u[k + 1] > u[k] + 1)
         gaps.push_back({TensorIndex(t), u[k], u[k + 1], false, written_so_far});
     }
-    if (tensor.held_to_step_end && u.back() + 1 < n) {
+    if (tensor.held_to_step_end && !tensor.carried_over && u.back() + 1 < n) {
       const bool written = std::find(writes[t].begin(), writes[t].end(), true) != writes[t].end();
       gaps.push_back({TensorIndex(t), u.back(), n, false, written, true});
     }

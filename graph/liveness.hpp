@@ -38,8 +38,8 @@ std::vector<std::uint64_t> working_sets(const Graph& g);
 // An idle gap: the tensor is used at op `from` and next at op `to` and by nothing in between.
 // For weights and optimizer state the gap from the last use in the step to the first use in the
 // next step "wraps": then `to` is (first use + number of ops) and `from` the last use. A tensor
-// held to the step's end (Tensor::held_to_step_end) has a "dead" gap from its last use to the
-// step's end: `to` is the number of ops, and nothing needs it back in the step.
+// held to the step's end (Tensor::held_to_step_end) and not carried over has a "dead" gap from
+// its last use to the step's end: `to` is the number of ops, and nothing needs it back.
 struct Gap {
   TensorIndex tensor = 0;
   std::int64_t from = 0;

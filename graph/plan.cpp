@@ -174,9 +174,11 @@ void check_plan(const Graph& g, const Plan& p) {
                       std::to_string(s.prefetch_at) + ", next_use " +
                       std::to_string(s.next_use) + " are out of order or range");
     if (s.to_step_end)
-      SPILL_EXPECTS(g.tensors[s.tensor].held_to_step_end && s.prefetch_at == n && s.next_use == n,
-                    at + ": only a tensor held to the step's end may leave for the rest of it "
-                         "(then prefetch_at and next_use are the op count, " +
+      SPILL_EXPECTS(g.tensors[s.tensor].held_to_step_end && !g.tensors[s.tensor].carried_over &&
+                        s.prefetch_at == n && s.next_use == n,
+                    at + ": only a tensor held to the step's end, not carried over to the next, "
+                         "may leave for the rest of it (then prefetch_at and next_use are the op "
+                         "count, " +
                          std::to_string(n) + "; tensor '" + g.tensors[s.tensor].name + "')");
     else
       SPILL_EXPECTS(s.next_use < n || persistent(g.tensors[s.tensor].kind),

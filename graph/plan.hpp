@@ -31,9 +31,10 @@ namespace spill::graph {
 // One decision: evict `tensor` after op `evict_after`, bring it back starting at op
 // `prefetch_at`, for its use at op `next_use`. For a gap that wraps into the next step,
 // prefetch_at and next_use are >= the number of ops (index into the next step + n). A tensor
-// held to the step's end past its last use (Tensor::held_to_step_end) may leave for the rest of
-// the step (`to_step_end`): prefetch_at and next_use are then the number of ops, and nothing
-// brings it back (the step frees it at its end, wherever it is).
+// held to the step's end past its last use (Tensor::held_to_step_end), and not carried over to
+// the next, may leave for the rest of the step (`to_step_end`): prefetch_at and next_use are
+// then the number of ops, and nothing brings it back (the step frees it at its end, wherever
+// it is).
 struct Swap {
   TensorIndex tensor = 0;
   std::int64_t evict_after = 0;

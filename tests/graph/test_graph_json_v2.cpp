@@ -112,6 +112,27 @@ TEST(GraphJsonV2, HeldToStepEndRoundTripsAndIsForTensorsMadeInTheStep) {
   EXPECT_EQ(graph_to_json(g)["version"], 2);
 }
 
+// carried_over (held, and used by the next step: optimizer state replaced out of place): a
+// version 2 field beside held_to_step_end, written only when true, refused without it.
+TEST(GraphJsonV2, CarriedOverRoundTripsAndNeedsHeldToStepEnd) {
+  const std::string carried =
+      replaced(kCaptured, "\"kind\": \"activation\",",
+               "\"kind\": \"activation\", \"held_to_step_end\": true, \"carried_over\": true,");
+  Graph g = parse_graph(carried, "cap.json");
+  EXPECT_TRUE(g.tensors[3].carried_over);
+  EXPECT_FALSE(g.tensors[2].carried_over);
+  nlohmann::json j = graph_to_json(g);
+  EXPECT_EQ(j["tensors"][3]["carried_over"], true);
+  EXPECT_FALSE(j["tensors"][2].contains("carried_over"));
+  EXPECT_EQ(graph_to_json(parse_graph(j.dump(), "again")).dump(), j.dump());
+  expect_error(replaced(carried, "\"held_to_step_end\": true, ", ""),
+               {"cap.json", "tensors[3].carried_over", "held to the step's end"});
+  expect_error(replaced(carried, "\"carried_over\": true", "\"carried_over\": \"yes\""),
+               {"tensors[3].carried_over"});
+  g.tensors[3].held_to_step_end = false;
+  EXPECT_THROW(g.validate(), InvalidArgument);
+}
+
 TEST(GraphJsonV2, RejectsInconsistentBatchFields) {
   expect_error(replaced(kCaptured, "\"batch_bytes\": 32}", "\"batch_bytes\": 30}"),
                {"cap.json", "input0", "bytes per sample"});

@@ -77,7 +77,10 @@ TEST(Liveness, ATensorHeldToTheStepsEndLivesPastItsLastUse) {
   EXPECT_TRUE(dead[0].dirty);
   EXPECT_FALSE(dead[0].wraps);
   EXPECT_EQ(dead[0].idle_ops(), 2);
-  // Used by the last op, it has no dead gap.
+  // Carried over to the next step, or used by the last op, it has no dead gap.
+  g.tensors[3].carried_over = true;
+  for (const Gap& gp : idle_gaps(g, l, 0)) EXPECT_FALSE(gp.dead);
+  g.tensors[3].carried_over = false;
   g.ops[4].reads.push_back(3);
   for (const Gap& gp : idle_gaps(g, analyze_liveness(g), 0)) EXPECT_FALSE(gp.dead);
   // A kind that exists at the step's start is not held: it has no step of its own to end.

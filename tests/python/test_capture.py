@@ -423,11 +423,24 @@ def test_optimizer_state_replaced_out_of_place_is_one_tensor_before_and_one_afte
     # freed after its last read although "prev" keeps it (review 45s G2).
     step = st.capture(nn.Linear(256, 256, bias=False), torch.randn(8, 256),
                       optimizer=_KeepsPrevious, path=None, scale_batch=False)
-    big = sorted((t["kind"], t["name"], t.get("held_to_step_end", False))
+    big = sorted((t["kind"], t["name"], t.get("held_to_step_end", False),
+                  t.get("carried_over", False))
                  for t in step.graph["tensors"] if t["bytes"] == 256 * 256 * 4)
     states = [b for b in big if b[0] in ("optimizer_state", "input")]
-    assert [kind for kind, _, _ in states] == ["optimizer_state"], big
-    assert ("workspace", "m:weight", True) in big, big
+    assert [b[0] for b in states] == ["optimizer_state"], big
+    # The new momentum is the next step's: carried over, so no plan leaves it on the host
+    # (review 46r F2).
+    assert ("workspace", "m:weight", True, True) in big, big
+
+
+def test_gradients_are_carried_over_when_zero_grad_zeroes_them():
+    """A gradient zero_grad(set_to_none=True) frees is dead after its last read (a plan may
+    leave it on the host); one zero_grad() zeroes is the next step's, carried over."""
+    for set_to_none in (True, False):
+        step = st.capture(Tiny, torch.randn(8, 64), path=None, set_to_none=set_to_none)
+        grads = [t for t in step.graph["tensors"] if t["name"].startswith("grad:")]
+        assert len(grads) == 6 and all(t.get("held_to_step_end") for t in grads), grads
+        assert all(t.get("carried_over", False) is not set_to_none for t in grads), grads
 
 
 class _StateAliases(torch.optim.Optimizer):

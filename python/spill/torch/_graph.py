@@ -44,13 +44,15 @@ def fit_name(text: str) -> str:
 
 
 def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
-                held: Set[int], batch: int) -> Dict[str, Any]:
+                held: Set[int], carried: Set[int], batch: int) -> Dict[str, Any]:
     """The graph of a recorded step. `kinds` maps storage ids to (kind, name) for storages the
     recorder could not classify alone (gradients of parameters, optimizer state); those in
     `held` are held to the step's end. A parameter's gradient is: PyTorch keeps ``.grad``
     until the next ``zero_grad()``, past its last read in the optimizer pass (before, the
     graph freed it there, and a step whose peak is in that pass was predicted up to 16% low:
-    audit 45a F1)."""
+    audit 45a F1). Those of them in `carried` are carried over: the next step uses them (a
+    gradient zero_grad() zeroes, optimizer state replaced out of place), so no plan evicts them
+    after their last use for the rest of the step (review 46r F2)."""
     storages = rec.by_id
     kind_of: List[str] = []
     name_of: List[str] = []
@@ -74,6 +76,8 @@ def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
                   "dtype": graph_dtype(s.dtype), "kind": kind_of[s.id]}
         if s.id in held and kind_of[s.id] not in _EXISTS_AT_START:
             tensor["held_to_step_end"] = True
+            if s.id in carried:
+                tensor["carried_over"] = True
         tensors.append(tensor)
     param_of = _param_names(ops, kind_of, name_of)
     out_ops = []

@@ -386,23 +386,27 @@ class _Step:
             for h in handles:
                 h.remove()
 
-    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int],
-               model: Set[int]) -> Tuple[Dict[int, Tuple[str, str]], Set[int]]:
+    def _kinds(self, rec: Recorder, opt: Any, state: Dict[Tuple[int, str], int], model: Set[int]
+               ) -> Tuple[Dict[int, Tuple[str, str]], Set[int], Set[int]]:
         """Gradients of parameters and optimizer state, found after the step: their (kind,
-        name) by storage id, and the ids of those held to the step's end (the gradients, and
+        name) by storage id, the ids of those held to the step's end (the gradients, and
         a state the step replaced out of place, ``state["m"] = state["m"] * b + g``, whose
         storage before the step, in ``state``, is then an input freed once the op that makes
         the new one has run, unless another slot keeps it; both were persistent, twice the
-        state: review 45r F4, 45s G2). A slot holding one of the ``model``'s storages (its
-        parameters' and buffers') is neither."""
+        state: review 45r F4, 45s G2), and those of them the next step uses (the new state,
+        and the gradients when zero_grad() zeroes them: set_to_none=False). A slot holding one
+        of the ``model``'s storages (its parameters' and buffers') is neither."""
         kinds: Dict[int, Tuple[str, str]] = {}
         held: Set[int] = set()
+        carried: Set[int] = set()
 
         for p in self.params:
             if is_meta(p.grad):
                 grad = rec.storage(p.grad)[0].id
                 kinds.setdefault(grad, ("gradient", "grad:" + self.param_names[id(p)]))
                 held.add(grad)
+                if not self.set_to_none:
+                    carried.add(grad)
         after = {(id(p), slot): rec.storage(value)[0].id
                  for p, slots in (opt.state.items() if opt is not None else ())
                  for slot, value in slots.items()
@@ -417,6 +421,7 @@ class _Step:
             else:
                 kinds.setdefault(now, ("workspace", label))  # made in the step
                 held.add(now)
+                carried.add(now)  # the next step's state
         still = set(after.values())
         maker: Dict[int, OpRecord] = {}  # a storage's first writer, found once when needed
         for (param, slot), before in state.items():
@@ -431,7 +436,7 @@ class _Step:
             op = maker.get(after.get((param, slot), -1))
             if op is not None and before not in op.reads:
                 op.reads.append(before)
-        return kinds, held
+        return kinds, held, carried
 
 
 def _step_needs_closure(opt: Any) -> bool:
