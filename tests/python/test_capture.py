@@ -186,7 +186,6 @@ def test_captured_graph_passes_planner_checks(tmp_path):
     assert policies["vdnn"]["swapped_out_bytes"] > 0
 
 
-
 def test_gradients_leave_after_their_last_read_for_the_rest_of_the_step(tmp_path):
     """A parameter's .grad is held to the step's end (PyTorch keeps it), and a plan may evict it
     after its last read in the optimizer pass for the rest of the step, prefetching it nowhere
@@ -214,6 +213,7 @@ def test_gradients_leave_after_their_last_read_for_the_rest_of_the_step(tmp_path
         assert tensors[t]["kind"] == "gradient" and tensors[t]["name"].startswith("grad:")
         # Nothing brings it back later in the step.
         assert not any(t in s["prefetch"] for s in steps if s["op"] > after), tensors[t]["name"]
+
 
 def test_link_from_the_link_benchmark(tmp_path):
     link = tmp_path / "link.json"
