@@ -22,7 +22,6 @@
 
 namespace spill {
 
-inline constexpr std::size_t kSmallRound = 512;
 // Retired ranges left mapped after their work is done, newest first, so that a gather or a
 // split that maps the same chunks again takes one (allocator_large.cpp, take_view_locked).
 inline constexpr std::size_t kKeptViews = 64;

@@ -55,6 +55,8 @@ namespace spill {
 
 // The small pool's segments: requests up to small_limit share segments of this size.
 inline constexpr std::size_t kSmallSegment = std::size_t{2} << 20;
+// The small pool rounds its requests to this.
+inline constexpr std::size_t kSmallRound = 512;
 // The small pool's largest request by default.
 inline constexpr std::size_t kSmallLimit = std::size_t{1} << 20;
 

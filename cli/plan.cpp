@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "allocator/caching_allocator.hpp"
 #include "cli/commands.hpp"
 #include "cli/options.hpp"
 #include "core/errors.hpp"
@@ -23,6 +24,7 @@
 #include "graph/liveness.hpp"
 #include "graph/trace.hpp"
 #include "graph/zoo.hpp"
+#include "train/predict.hpp"
 
 namespace spill::cli {
 namespace {
@@ -42,6 +44,9 @@ struct PlanArgs {
   std::string budget;
   std::string policy = "all";
   std::string min_swap = "1MiB";
+  bool min_swap_given = false;
+  std::string granularity;     // --granularity: spill's allocator is modelled when given
+  std::string swap_threshold;  // --swap-threshold (with --granularity)
   std::string json_path;
   std::string timeline_path;
   std::string plan_path;
@@ -157,6 +162,27 @@ int run_plan(const PlanArgs& a) {
                 "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
                 "or plan a zoo model)");
   graph::Graph g = from_file && !a.batch_given ? file : build(a.batch);
+  // With --granularity, what spill's caching allocator maps (allocator/caching_allocator.hpp):
+  // tensors as it rounds them, and the small pool's segments' slack kept out of the budget.
+  std::optional<train::PlannerBudget> shares;
+  std::uint64_t granularity = 0, small_limit = 0, threshold = 0;
+  if (!a.granularity.empty()) {
+    granularity = parse_size(a.granularity, "--granularity");
+    SPILL_EXPECTS(granularity > 0 && (granularity & (granularity - 1)) == 0,
+                  "--granularity: '" + a.granularity + "' is not a power of two bytes");
+    SPILL_EXPECTS(a.max_batch_pct < 0, "--max-batch: does not model the allocator yet; plan "
+                                       "without --granularity to search the batch");
+    SPILL_EXPECTS(!a.min_swap_given, "--min-swap: with --granularity the smallest tensor that "
+                                     "moves follows from --swap-threshold");
+    threshold =
+        a.swap_threshold.empty() ? kSmallLimit : parse_size(a.swap_threshold, "--swap-threshold");
+    small_limit = small_limit_for(threshold);
+    for (graph::Tensor& t : g.tensors)
+      t.bytes = train::mapped_bytes(t.bytes, granularity, small_limit);
+  } else {
+    SPILL_EXPECTS(a.swap_threshold.empty(), "--swap-threshold: models spill's allocator with "
+                                            "--granularity, which is not given");
+  }
   const std::uint64_t batch = from_file ? g.batch : std::uint64_t(a.batch);
   const std::string batch_text =
       batch > 0 ? "batch " + std::to_string(batch) : "batch as recorded";
@@ -165,6 +191,12 @@ int run_plan(const PlanArgs& a) {
   o.budget = a.budget_given ? parse_size(a.budget, "--budget") : gpu.memory_bytes;
   SPILL_EXPECTS(o.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
+  const std::uint64_t budget = o.budget;  // the runtime's; o.budget the planner's share of it
+  if (granularity > 0) {
+    shares = train::planner_budget(g, budget, granularity, small_limit);
+    o.budget = shares->planner;
+    o.min_swap_bytes = min_movable_request(threshold, granularity);
+  }
   o.recompute = !a.no_recompute;
   std::vector<graph::Policy> policies;
   if (a.policy == "all") {
@@ -203,8 +235,20 @@ int run_plan(const PlanArgs& a) {
               printable_name(link.name).c_str(), printable_name(link.description).c_str(),
               link.h2d_gbps, link.d2h_gbps);
   const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
-  std::printf("budget:  %s; unlimited-memory peak %s\n", format_bytes(o.budget).c_str(),
+  std::printf("budget:  %s; unlimited-memory peak %s\n", format_bytes(budget).c_str(),
               format_bytes(unlimited_peak).c_str());
+  if (shares)
+    std::printf("memory:  as spill's allocator maps it (whole %s granules; requests up to %s "
+                "in multiples of %s, in %s small-pool segments): %s for the plan, %s kept for "
+                "the small pool's segments%s\n",
+                format_bytes(granularity).c_str(), format_bytes(small_limit).c_str(),
+                format_bytes(kSmallRound).c_str(), format_bytes(kSmallSegment).c_str(),
+                format_bytes(o.budget).c_str(),
+                format_bytes(shares->small_reserve).c_str(),
+                shares->mappable < budget
+                    ? (", " + format_bytes(budget - shares->mappable) + " past whole granules")
+                          .c_str()
+                    : "");
   // A step with no ops holds nothing at any op, so every figure below is zero: say why, and
   // what its tensors would hold (an export that lost its ops looks like this; 41b's leftover).
   if (g.ops.empty() && !g.tensors.empty()) {
@@ -216,7 +260,7 @@ int run_plan(const PlanArgs& a) {
                 g.tensors.size(), format_bytes(bytes).c_str(), format_bytes(held_bytes).c_str());
   }
   // Allowed (a what-if), but every "fits" below then assumes memory the card does not have.
-  if (o.budget > gpu.memory_bytes)
+  if (budget > gpu.memory_bytes)
     std::printf("note:    the budget is larger than the %s's %s: a policy that fits it may not "
                 "fit the card\n",
                 gpu.name.c_str(), format_bytes(gpu.memory_bytes).c_str());
@@ -233,12 +277,19 @@ int run_plan(const PlanArgs& a) {
                         {"parameters", recorded ? nlohmann::json(nullptr)
                                                 : nlohmann::json(g.parameter_count())},
                         {"unlimited_peak_bytes", unlimited_peak},
-                        {"budget_bytes", o.budget},
+                        {"budget_bytes", budget},
                         {"device", gpu.name},
                         {"link", link.name},
                         {"simulated", true},
                         {"policies", nlohmann::json::array()}};
   if (recorded) report["held_bytes_before_step"] = held_bytes;
+  if (shares)
+    report["allocator"] = {{"granularity", granularity},
+                           {"small_limit", small_limit},
+                           {"small_segment", kSmallSegment},
+                           {"mappable_bytes", shares->mappable},
+                           {"small_reserve_bytes", shares->small_reserve},
+                           {"planner_budget_bytes", shares->planner}};
   std::vector<std::string> reasons;
   for (std::size_t k = 0; k < policies.size(); ++k) {
     graph::PolicyResult r =
@@ -356,6 +407,14 @@ void add_plan(CLI::App& app, Runner& run) {
                                             "device's memory)");
   cmd->add_option("--policy", args->policy, "spill, vdnn, threshold, none or all (default)");
   cmd->add_option("--min-swap", args->min_swap, "tensors below this size never move (1MiB)");
+  cmd->add_option("--granularity", args->granularity,
+                  "plan what spill's caching allocator maps with this granule (a GPU's: 2MiB; "
+                  "the CPU bridge's sim_granularity): larger tensors in whole granules, small "
+                  "ones in 2MiB small-pool segments, whose slack the plan keeps out of the "
+                  "budget");
+  cmd->add_option("--swap-threshold", args->swap_threshold,
+                  "with --granularity: spill's swap_threshold (the small pool serves requests "
+                  "up to it, at most 1MiB, and smaller blocks never move; default 1MiB)");
   cmd->add_option("--json", args->json_path, "write the results as JSON")->transform(file_path());
   cmd->add_option("--timeline", args->timeline_path,
                   "write the first policy's simulated timeline (Chrome/Perfetto JSON)")
@@ -375,6 +434,7 @@ void add_plan(CLI::App& app, Runner& run) {
   cmd->callback([&run, args, cmd] {
     args->batch_given = cmd->count("--batch") > 0;
     args->budget_given = cmd->count("--budget") > 0;
+    args->min_swap_given = cmd->count("--min-swap") > 0;
     for (const char* name : {"--seq", "--volume", "--dtype", "--optimizer"})
       if (cmd->count(name) > 0) args->zoo_given.push_back(name);
     run = [args](const Config& c) {

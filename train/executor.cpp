@@ -78,9 +78,7 @@ bool block_fits_graph(std::uint64_t block, bool large, std::uint64_t graph_bytes
 }
 
 std::uint64_t allocation_bytes(std::uint64_t bytes, const Config& config, const Device& device) {
-  const std::uint64_t small_limit = small_limit_for(config.swap_threshold);
-  const std::uint64_t to = bytes <= small_limit ? 512 : device.granularity();
-  return (bytes + to - 1) / to * to;
+  return mapped_bytes(bytes, device.granularity(), small_limit_for(config.swap_threshold));
 }
 
 struct Executor::Impl {

@@ -22,6 +22,12 @@ double process_cpu_s() {
 
 }  // namespace
 
+std::uint64_t mapped_bytes(std::uint64_t bytes, std::uint64_t granularity,
+                           std::uint64_t small_limit) {
+  const std::uint64_t to = bytes <= small_limit ? kSmallRound : std::max<std::uint64_t>(granularity, 1);
+  return (bytes + to - 1) / to * to;
+}
+
 kernels::Roofline make_roofline(const graph::GpuModel& m) {
   kernels::Roofline r;
   r.flops_per_s = m.peak_flops(graph::DType::F32) * m.compute_efficiency;
@@ -81,10 +87,7 @@ Prediction predict(const Program& p, const PredictOptions& o) {
   SimDevice costing(so);
   std::unique_ptr<kernels::Kernels> k = kernels::make_kernels(costing, {roofline});
   const std::uint64_t small_limit = small_limit_for(o.swap_threshold);
-  auto sizes = [&](std::uint64_t b) {  // as train::allocation_bytes
-    const std::uint64_t to = b <= small_limit ? 512 : o.granularity;
-    return (b + to - 1) / to * to;
-  };
+  auto sizes = [&](std::uint64_t b) { return mapped_bytes(b, o.granularity, small_limit); };
   r.graph = to_graph(p, *k, roofline, sizes);
   const graph::Graph& g = r.graph;
   r.footprint = graph::analyze_liveness(g).peak;

@@ -25,6 +25,11 @@
 
 namespace spill::train {
 
+// What the caching allocator maps for a request of `bytes` (allocator/caching_allocator.hpp):
+// small requests (at most `small_limit`) rounded to 512 B, larger ones to whole granules.
+std::uint64_t mapped_bytes(std::uint64_t bytes, std::uint64_t granularity,
+                           std::uint64_t small_limit);
+
 // The kernel roofline of a GPU preset (graph/device_model.hpp): FP32 peak and memory bandwidth
 // times their assumed efficiencies, plus the per-op launch overhead.
 kernels::Roofline make_roofline(const graph::GpuModel& m);

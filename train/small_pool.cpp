@@ -6,13 +6,14 @@
 #include <vector>
 
 #include "allocator/block_pool.hpp"
+#include "allocator/caching_allocator.hpp"
 #include "core/errors.hpp"
 #include "graph/liveness.hpp"
 
 namespace spill::train {
 namespace {
 
-constexpr std::uint64_t kMinSplit = 512;  // the small pool's rounding (kSmallRound)
+constexpr std::uint64_t kMinSplit = kSmallRound;  // the small pool's rounding
 
 // The size the allocator gives a small request: rounded up to kMinSplit (CachingAllocator's
 // allocate), so a 4-byte scalar takes 512 B of its segment.
