@@ -179,6 +179,12 @@ int run_plan(const PlanArgs& a) {
     small_limit = small_limit_for(threshold);
     for (graph::Tensor& t : g.tensors)
       t.bytes = train::mapped_bytes(t.bytes, granularity, small_limit);
+    try {
+      g.validate();  // rounded up, the sizes must still sum within the graph's limits
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument("--granularity " + a.granularity + ": with its tensors rounded up "
+                            "to whole granules, " + e.what());
+    }
   } else {
     SPILL_EXPECTS(a.swap_threshold.empty(), "--swap-threshold: models spill's allocator with "
                                             "--granularity, which is not given");
