@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -46,7 +47,9 @@ struct PlanArgs {
   std::string min_swap = "1MiB";
   bool min_swap_given = false;
   std::string granularity;     // --granularity: spill's allocator is modelled when given
+  bool granularity_given = false;
   std::string swap_threshold;  // --swap-threshold (with --granularity)
+  bool swap_threshold_given = false;
   std::string json_path;
   std::string timeline_path;
   std::string plan_path;
@@ -162,21 +165,28 @@ int run_plan(const PlanArgs& a) {
                 "with the batch (capture it with spill.torch.capture at a batch of 2 or more, "
                 "or plan a zoo model)");
   graph::Graph g = from_file && !a.batch_given ? file : build(a.batch);
+  const std::uint64_t parameters = g.parameter_count();  // (of the tensors' own bytes)
   // With --granularity, what spill's caching allocator maps (allocator/caching_allocator.hpp):
   // tensors as it rounds them, and the small pool's segments' slack kept out of the budget.
   std::optional<train::PlannerBudget> shares;
-  std::uint64_t granularity = 0, small_limit = 0, threshold = 0;
-  if (!a.granularity.empty()) {
+  std::uint64_t granularity = 0, small_limit = 0, threshold = kSmallLimit;
+  if (a.granularity_given) {
     granularity = parse_size(a.granularity, "--granularity");
-    SPILL_EXPECTS(granularity > 0 && (granularity & (granularity - 1)) == 0,
-                  "--granularity: '" + a.granularity + "' is not a power of two bytes");
+    // As sim_granularity takes (a GPU's is 2 MiB).
+    SPILL_EXPECTS(granularity >= (4u << 10) && granularity <= (1u << 30) &&
+                      (granularity & (granularity - 1)) == 0,
+                  "--granularity: '" + a.granularity + "' is not a power of two from 4KiB to "
+                  "1GiB (a GPU's granule is 2MiB; the CPU bridge's, its sim_granularity)");
     SPILL_EXPECTS(a.max_batch_pct < 0, "--max-batch: does not model the allocator yet; plan "
                                        "without --granularity to search the batch");
     SPILL_EXPECTS(!a.min_swap_given, "--min-swap: with --granularity the smallest tensor that "
                                      "moves follows from --swap-threshold");
-    threshold =
-        a.swap_threshold.empty() ? kSmallLimit : parse_size(a.swap_threshold, "--swap-threshold");
+    if (a.swap_threshold_given) threshold = parse_size(a.swap_threshold, "--swap-threshold");
     small_limit = small_limit_for(threshold);
+    // Rounding changes what is mapped, not what an op reads: its traffic (and so its time on
+    // the roofline) stays its tensors' own bytes.
+    for (graph::Op& op : g.ops)
+      if (op.bytes == 0) op.bytes = graph::op_traffic_bytes(g, op);
     for (graph::Tensor& t : g.tensors)
       t.bytes = train::mapped_bytes(t.bytes, granularity, small_limit);
     try {
@@ -186,8 +196,8 @@ int run_plan(const PlanArgs& a) {
                             "to whole granules, " + e.what());
     }
   } else {
-    SPILL_EXPECTS(a.swap_threshold.empty(), "--swap-threshold: models spill's allocator with "
-                                            "--granularity, which is not given");
+    SPILL_EXPECTS(!a.swap_threshold_given, "--swap-threshold: models spill's allocator with "
+                                           "--granularity, which is not given");
   }
   const std::uint64_t batch = from_file ? g.batch : std::uint64_t(a.batch);
   const std::string batch_text =
@@ -198,8 +208,19 @@ int run_plan(const PlanArgs& a) {
   SPILL_EXPECTS(o.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
   const std::uint64_t budget = o.budget;  // the runtime's; o.budget the planner's share of it
+  // Mapped memory comes in whole units of both the granule and the small pool's segment.
+  const std::uint64_t unit = granularity > 0 ? std::gcd<std::uint64_t>(granularity, kSmallSegment) : 0;
   if (granularity > 0) {
     shares = train::planner_budget(g, budget, granularity, small_limit);
+    SPILL_EXPECTS(shares->planner > 0,
+                  "--budget: " + format_bytes(budget) + " leaves nothing for the plan as spill's "
+                  "allocator maps it (" +
+                      (shares->mappable == 0
+                           ? "it maps whole " + format_bytes(unit) + " units"
+                           : "the small pool's segments need " +
+                                 format_bytes(shares->small_reserve) + " of the " +
+                                 format_bytes(shares->mappable) + " it can map") +
+                      ")");
     o.budget = shares->planner;
     o.min_swap_bytes = min_movable_request(threshold, granularity);
   }
@@ -234,15 +255,16 @@ int run_plan(const PlanArgs& a) {
     std::printf("%s held from before the step (recorded blocks)\n",
                 format_bytes(held_bytes).c_str());
   else
-    std::printf("%.1f M parameters\n", double(g.parameter_count()) / 1e6);
+    std::printf("%.1f M parameters\n", double(parameters) / 1e6);
   std::printf("device:  %s (simulated; %s, %.0f GB/s memory)\n", gpu.name.c_str(),
               format_bytes(gpu.memory_bytes).c_str(), gpu.mem_bw_gbps);
   std::printf("link:    %s: %s, modelled %.1f GB/s h2d, %.1f GB/s d2h\n",
               printable_name(link.name).c_str(), printable_name(link.description).c_str(),
               link.h2d_gbps, link.d2h_gbps);
   const std::uint64_t unlimited_peak = graph::analyze_liveness(g).peak;
-  std::printf("budget:  %s; unlimited-memory peak %s\n", format_bytes(budget).c_str(),
-              format_bytes(unlimited_peak).c_str());
+  std::printf("budget:  %s; unlimited-memory peak %s%s\n", format_bytes(budget).c_str(),
+              format_bytes(unlimited_peak).c_str(),
+              shares ? " (as mapped, the small pool's segments aside)" : "");
   if (shares)
     std::printf("memory:  as spill's allocator maps it (whole %s granules; requests up to %s "
                 "in multiples of %s, in %s small-pool segments): %s for the plan, %s kept for "
@@ -252,7 +274,8 @@ int run_plan(const PlanArgs& a) {
                 format_bytes(o.budget).c_str(),
                 format_bytes(shares->small_reserve).c_str(),
                 shares->mappable < budget
-                    ? (", " + format_bytes(budget - shares->mappable) + " past whole granules")
+                    ? (", " + format_bytes(budget - shares->mappable) +
+                       " it cannot map (less than a whole " + format_bytes(unit) + ")")
                           .c_str()
                     : "");
   // A step with no ops holds nothing at any op, so every figure below is zero: say why, and
@@ -281,7 +304,7 @@ int run_plan(const PlanArgs& a) {
                         {"name", g.name},
                         {"batch", batch},
                         {"parameters", recorded ? nlohmann::json(nullptr)
-                                                : nlohmann::json(g.parameter_count())},
+                                                : nlohmann::json(parameters)},
                         {"unlimited_peak_bytes", unlimited_peak},
                         {"budget_bytes", budget},
                         {"device", gpu.name},
@@ -295,7 +318,9 @@ int run_plan(const PlanArgs& a) {
                            {"small_segment", kSmallSegment},
                            {"mappable_bytes", shares->mappable},
                            {"small_reserve_bytes", shares->small_reserve},
-                           {"planner_budget_bytes", shares->planner}};
+                           {"planner_budget_bytes", shares->planner},
+                           {"min_movable_bytes", o.min_swap_bytes},
+                           {"unswapped_mapped_bytes", shares->unswapped_peak}};
   std::vector<std::string> reasons;
   for (std::size_t k = 0; k < policies.size(); ++k) {
     graph::PolicyResult r =
@@ -310,7 +335,12 @@ int run_plan(const PlanArgs& a) {
                   seconds(r.sim.recompute_time_s).c_str());
     std::printf("\n");
     if (!r.feasible && !r.plan.reason.empty())
-      reasons.push_back(std::string(graph::to_string(r.policy)) + ": " + r.plan.reason);
+      reasons.push_back(std::string(graph::to_string(r.policy)) + ": " + r.plan.reason +
+                        (shares ? " (the plan's share, " +
+                                      train::in_budget(budget, shares->mappable, unit,
+                                                       shares->small_reserve) +
+                                      ")"
+                                : std::string()));
     report["policies"].push_back(result_json(r));
     if (k == 0 && !a.timeline_path.empty())
       write_json(a.timeline_path, graph::timeline_to_json(g, r.sim), "--timeline");
@@ -441,6 +471,8 @@ void add_plan(CLI::App& app, Runner& run) {
     args->batch_given = cmd->count("--batch") > 0;
     args->budget_given = cmd->count("--budget") > 0;
     args->min_swap_given = cmd->count("--min-swap") > 0;
+    args->granularity_given = cmd->count("--granularity") > 0;
+    args->swap_threshold_given = cmd->count("--swap-threshold") > 0;
     for (const char* name : {"--seq", "--volume", "--dtype", "--optimizer"})
       if (cmd->count(name) > 0) args->zoo_given.push_back(name);
     run = [args](const Config& c) {

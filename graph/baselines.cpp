@@ -81,8 +81,8 @@ BudgetCheck check_budget(const Graph& g, const PlannerOptions& o) {
                 " or inputs before their first use" +
                 (carried > 0 ? ", " + format_bytes(carried) +
                                    " of it carried over to the next step past their last use "
-                                   "(in a captured step, optimizer state replaced out of place, "
-                                   "or gradients a zero_grad() zeroes)"
+                                   "(in a captured step, optimizer state replaced out of "
+                                   "place)"
                              : std::string()) +
                 "), over by " + format_bytes(worst_excess);
   }

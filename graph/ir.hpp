@@ -54,9 +54,10 @@ struct Tensor {
   // is kept to the next zero_grad). Only for kinds made in the step; from its last use to the
   // end it is idle: a plan may evict it there for the rest of the step (Swap::to_step_end).
   bool held_to_step_end = false;
-  // Held, and the next step uses it (optimizer state replaced out of place, there an input; a
-  // gradient that zero_grad() zeroes rather than frees): a plan keeps it on the device past its
-  // last use, as the next step expects it there (no dead gap).
+  // Held, and the next step reads it (optimizer state replaced out of place, there an input):
+  // a plan keeps it on the device past its last use, as the next step expects it there (no
+  // dead gap). (Not a gradient that zero_grad() zeroes: its next step only writes it, and
+  // spill brings it back without a copy.)
   bool carried_over = false;
 };
 

@@ -50,9 +50,9 @@ def build_graph(rec: Recorder, name: str, kinds: Dict[int, Tuple[str, str]],
     `held` are held to the step's end. A parameter's gradient is: PyTorch keeps ``.grad``
     until the next ``zero_grad()``, past its last read in the optimizer pass (before, the
     graph freed it there, and a step whose peak is in that pass was predicted up to 16% low:
-    audit 45a F1). Those of them in `carried` are carried over: the next step uses them (a
-    gradient zero_grad() zeroes, optimizer state replaced out of place), so no plan evicts them
-    after their last use for the rest of the step (review 46r F2)."""
+    audit 45a F1). Those of them in `carried` are carried over: the next step reads them
+    (optimizer state replaced out of place), so no plan evicts them after their last use for
+    the rest of the step (review 46r F2)."""
     storages = rec.by_id
     kind_of: List[str] = []
     name_of: List[str] = []

@@ -122,9 +122,10 @@ def resolve_model(model: Any) -> torch.nn.Module:
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any], where: str = "value",
                 made: Optional[Dict[int, Any]] = None) -> Any:
     """`value` with every tensor in its lists, tuples and mappings (the nests tensors_in
-    walks) replaced by fn(tensor), each container rebuilt as its own type. A tensor met twice
-    maps to one fn(tensor), also across calls given the same `made` (an input that is a target
-    too: one tensor of the step, not two). A mapping that cannot be rebuilt, or an object that
+    walks) replaced by fn(tensor), each container rebuilt as its own type. A tensor object met
+    twice maps to one fn(tensor), also across calls given the same `made` (an input that is a
+    target too: one tensor of the step, not two; two views of one storage, ``ids[:, :-1]`` and
+    ``ids[:, 1:]``, still make two). A mapping that cannot be rebuilt, or an object that
     holds a tensor in an attribute, raises TypeError naming where it is, from `where`, the name
     of `value` (``example_inputs['input']['ids']``)."""
     made = {} if made is None else made

@@ -393,9 +393,10 @@ class _Step:
         a state the step replaced out of place, ``state["m"] = state["m"] * b + g``, whose
         storage before the step, in ``state``, is then an input freed once the op that makes
         the new one has run, unless another slot keeps it; both were persistent, twice the
-        state: review 45r F4, 45s G2), and those of them the next step uses (the new state,
-        and the gradients when zero_grad() zeroes them: set_to_none=False). A slot holding one
-        of the ``model``'s storages (its parameters' and buffers') is neither."""
+        state: review 45r F4, 45s G2), and those of them the next step reads (the new state;
+        not a gradient, which a zero_grad() that zeroes it only writes, and which spill brings
+        back from the host without a copy: review 46s F1). A slot holding one of the
+        ``model``'s storages (its parameters' and buffers') is neither."""
         kinds: Dict[int, Tuple[str, str]] = {}
         held: Set[int] = set()
         carried: Set[int] = set()
@@ -405,8 +406,6 @@ class _Step:
                 grad = rec.storage(p.grad)[0].id
                 kinds.setdefault(grad, ("gradient", "grad:" + self.param_names[id(p)]))
                 held.add(grad)
-                if not self.set_to_none:
-                    carried.add(grad)
         after = {(id(p), slot): rec.storage(value)[0].id
                  for p, slots in (opt.state.items() if opt is not None else ())
                  for slot, value in slots.items()
