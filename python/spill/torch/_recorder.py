@@ -106,6 +106,8 @@ class Recorder(TorchDispatchMode):
         self._context: List[str] = []
         self._new_layer = True
         self._backward_layer = -1
+        self._unpacked: List[Tuple[int, int]] = []  # (op index, storage id): see hold_saved
+        self._safe_points: List[int] = []
 
     # ----- naming and layers -------------------------------------------------------------
     def enter(self, name: str) -> None:
@@ -125,6 +127,36 @@ class Recorder(TorchDispatchMode):
             self.layer_names.append(self.module())
             self._new_layer = False
         return len(self.layer_names) - 1
+
+    # ----- what a backward node holds ----------------------------------------------------
+    def unpacked(self, t: torch.Tensor) -> None:
+        """The backward unpacked saved tensor `t`: a node is about to run its ops."""
+        if self.phase == "backward" and is_meta(t) and t.layout == torch.strided:
+            rec = self.storages.get(_storage_of(t)._cdata)
+            if rec is not None:
+                self._unpacked.append((len(self.ops), rec.id))
+
+    def safe_point(self) -> None:
+        """The backward is between nodes (a gradient hook of a module's output or of a
+        parameter ran): what spill's offload pinned for the nodes before is released."""
+        if self.phase == "backward":
+            self._safe_points.append(len(self.ops))
+
+    def hold_saved(self) -> None:
+        """Each saved tensor the backward unpacked is read by every op from its unpacking to
+        the next safe point: spill's offload() keeps it pinned that long (its node reads it at
+        any of its ops, and the engine is next between nodes there), so those ops' working sets
+        hold it. Before (2026-12-08), an op read only its own arguments, and a backward node
+        that read its input at one op and made another tensor at the next was planned without
+        the input resident: the 6x512 MLP of docs/pytorch.md planned from 8 MiB where the run
+        needed 9 (its addmm backward pinned 5 MiB and asked for 2 more)."""
+        points = sorted(self._safe_points)
+        end = len(self.ops)
+        for start, sid in self._unpacked:
+            stop = next((p for p in points if p > start), end)
+            for op in self.ops[start:stop]:
+                if op.phase == "backward" and sid not in op.reads and sid not in op.writes:
+                    op.reads.append(sid)
 
     # ----- storages ----------------------------------------------------------------------
     def storage(self, t: torch.Tensor) -> Tuple[StorageRecord, bool]:
@@ -157,6 +189,11 @@ class Recorder(TorchDispatchMode):
         if on_meta:
             self._refuse_data_dependence(func, args)
         out = self._run(func, args, kwargs, on_meta)
+        if func is torch.ops.aten.detach.default and not isinstance(out, torch.Tensor):
+            # A number saved for the backward (`x * 0.5`'s wrapped number): with saved tensor
+            # hooks on (capture's: hold_saved) autograd detaches it, and the op gives the
+            # number back here, where a tensor is expected (torch 1.13).
+            return torch.tensor(out, dtype=args[0].dtype)
         if on_meta or any(is_meta(t) for t in tensors_in(out)):
             self._record(func, args, kwargs, out)
         return out

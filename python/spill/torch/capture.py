@@ -318,7 +318,8 @@ class _Step:
     def _run(self, rec: Recorder, inputs: Any, targets: Sequence[Any], opt: Any) -> None:
         """Forward, loss, backward and optimizer step under the recorder."""
         try:
-            with _recording_on_this_thread(), self._module_hooks(rec), rec:
+            with _recording_on_this_thread(), self._module_hooks(rec), \
+                    self._backward_nodes(rec), rec:
                 if not self.set_to_none:  # the loop's zero_grad(set_to_none=False)
                     rec.phase = "other"
                     for p in self.params:
@@ -334,6 +335,7 @@ class _Step:
                 if opt is not None:
                     rec.phase = "optimizer"
                     opt.step()
+            rec.hold_saved()
         except CaptureError:
             raise
         except Exception as e:  # the model's own code failed on meta tensors
@@ -348,6 +350,24 @@ class _Step:
                 f"needs values (.numpy(), printing tensors, tensors created on the CPU and "
                 f"mixed with the model's) cannot run there: move it out of the captured step or "
                 f"keep it on the model's device.", module=rec.module(), phase=rec.phase) from e
+
+    @contextlib.contextmanager
+    def _backward_nodes(self, rec: Recorder) -> Iterator[None]:
+        """What spill's offload() pins in the backward, told to the recorder (hold_saved): the
+        saved tensors each node unpacks, until the engine is next between nodes (a gradient
+        hook of a module's output, _module_hooks, or of a parameter)."""
+        def unpack(saved):
+            rec.unpacked(saved[0])
+            return saved[0]
+
+        handles = [p.register_hook(lambda _grad: rec.safe_point()) for p in self.params
+                   if p.requires_grad]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: (t,), unpack):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _loss(self, out: Any, targets: Sequence[Any]) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -373,9 +393,16 @@ class _Step:
             if threading.get_ident() == thread:
                 rec.enter(names.get(id(module)) or type(module).__name__.lower())
 
-        def post(module, _inputs, _output):
+        def post(module, _inputs, output):
             if threading.get_ident() == thread:
                 rec.exit()
+                # The gradient of a module's output: the backward is between nodes there.
+                for t in tensors_in(output):
+                    if torch.is_grad_enabled() and t.requires_grad and t.grad_fn is not None:
+                        t.register_hook(between)
+
+        def between(_grad):
+            rec.safe_point()
 
         from torch.nn.modules import module as nn_module
         handles = [nn_module.register_module_forward_pre_hook(pre),
