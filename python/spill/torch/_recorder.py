@@ -8,6 +8,7 @@ Storages stay referenced until the recorder is dropped, so no address is reused 
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -143,18 +144,29 @@ class Recorder(TorchDispatchMode):
             self._safe_points.append(len(self.ops))
 
     def hold_saved(self) -> None:
-        """Each saved tensor the backward unpacked is read by every op from its unpacking to
-        the next safe point: spill's offload() keeps it pinned that long (its node reads it at
-        any of its ops, and the engine is next between nodes there), so those ops' working sets
-        hold it. Before (2026-12-08), an op read only its own arguments, and a backward node
-        that read its input at one op and made another tensor at the next was planned without
-        the input resident: the 6x512 MLP of docs/pytorch.md planned from 8 MiB where the run
-        needed 9 (its addmm backward pinned 5 MiB and asked for 2 more)."""
+        """Each saved tensor the backward unpacked is held until the next safe point: spill's
+        offload() keeps it pinned that long. It is read by every op of its node (from its
+        unpacking to the next node's unpacking: its node reads it at any of its ops, so their
+        working sets hold it) and by the last op before the safe point (so it lives, resident,
+        until there; in between a plan may count it moved, which offload would not do). Every
+        op of the stretch would make a graph quadratic in a recurrent model's length (an LSTM
+        of 80 steps: 301,574 reads for 2,831 ops). Before (2026-12-08), an op read only its
+        own arguments, and a backward node that read its input at one op and made another
+        tensor at the next was planned without the input resident: the 6x512 MLP of
+        docs/pytorch.md planned from 8 MiB where the run needed 9 (its addmm backward pinned
+        5 MiB and asked for 2 more)."""
         points = sorted(self._safe_points)
+        starts = sorted({start for start, _ in self._unpacked})
         end = len(self.ops)
+
+        def after(values: List[int], start: int, default: int) -> int:  # the first above start
+            k = bisect.bisect_right(values, start)
+            return values[k] if k < len(values) else default
+
         for start, sid in self._unpacked:
-            stop = next((p for p in points if p > start), end)
-            for op in self.ops[start:stop]:
+            stop = after(points, start, end)
+            node_end = min(after(starts, start, stop), stop)
+            for op in self.ops[start:node_end] + self.ops[max(start, stop - 1):stop]:
                 if op.phase == "backward" and sid not in op.reads and sid not in op.writes:
                     op.reads.append(sid)
 
