@@ -7,7 +7,6 @@
 #include <filesystem>
 #include <limits>
 #include <memory>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -16,6 +15,7 @@
 #include "allocator/caching_allocator.hpp"
 #include "cli/commands.hpp"
 #include "cli/options.hpp"
+#include "core/config.hpp"
 #include "core/errors.hpp"
 #include "core/output_file.hpp"
 #include "core/units.hpp"
@@ -173,8 +173,7 @@ int run_plan(const PlanArgs& a) {
   if (a.granularity_given) {
     granularity = parse_size(a.granularity, "--granularity");
     // As sim_granularity takes (a GPU's is 2 MiB).
-    SPILL_EXPECTS(granularity >= (4u << 10) && granularity <= (1u << 30) &&
-                      (granularity & (granularity - 1)) == 0,
+    SPILL_EXPECTS(valid_granularity(granularity),
                   "--granularity: '" + a.granularity + "' is not a power of two from 4KiB to "
                   "1GiB (a GPU's granule is 2MiB; the CPU bridge's, its sim_granularity)");
     SPILL_EXPECTS(a.max_batch_pct < 0, "--max-batch: does not model the allocator yet; plan "
@@ -208,15 +207,13 @@ int run_plan(const PlanArgs& a) {
   SPILL_EXPECTS(o.budget > 0, "--budget: '" + a.budget + "' is not above zero bytes");
   o.min_swap_bytes = parse_size(a.min_swap, "--min-swap");
   const std::uint64_t budget = o.budget;  // the runtime's; o.budget the planner's share of it
-  // Mapped memory comes in whole units of both the granule and the small pool's segment.
-  const std::uint64_t unit = granularity > 0 ? std::gcd<std::uint64_t>(granularity, kSmallSegment) : 0;
   if (granularity > 0) {
     shares = train::planner_budget(g, budget, granularity, small_limit);
     SPILL_EXPECTS(shares->planner > 0,
                   "--budget: " + format_bytes(budget) + " leaves nothing for the plan as spill's "
                   "allocator maps it (" +
                       (shares->mappable == 0
-                           ? "it maps whole " + format_bytes(unit) + " units"
+                           ? "it maps whole " + format_bytes(shares->quantum) + " units"
                            : "the small pool's segments need " +
                                  format_bytes(shares->small_reserve) + " of the " +
                                  format_bytes(shares->mappable) + " it can map") +
@@ -275,7 +272,8 @@ int run_plan(const PlanArgs& a) {
                 format_bytes(shares->small_reserve).c_str(),
                 shares->mappable < budget
                     ? (", " + format_bytes(budget - shares->mappable) +
-                       " it cannot map (less than a whole " + format_bytes(unit) + ")")
+                       " it cannot map (less than a whole " + format_bytes(shares->quantum) +
+                       ")")
                           .c_str()
                     : "");
   // A step with no ops holds nothing at any op, so every figure below is zero: say why, and
@@ -337,7 +335,7 @@ int run_plan(const PlanArgs& a) {
     if (!r.feasible && !r.plan.reason.empty())
       reasons.push_back(std::string(graph::to_string(r.policy)) + ": " + r.plan.reason +
                         (shares ? " (the plan's share, " +
-                                      train::in_budget(budget, shares->mappable, unit,
+                                      train::in_budget(budget, shares->mappable, shares->quantum,
                                                        shares->small_reserve) +
                                       ")"
                                 : std::string()));

@@ -104,7 +104,7 @@ const std::vector<Key>& keys() {
       {"sim_granularity", "mapping granule of the simulated device, a power of two, e.g. 64KiB",
        [](Config& c, std::string_view o, std::string_view v) {
          const std::uint64_t g = parse_size(v, what(o, "sim_granularity"));
-         if (g < 4096 || g > (1ull << 30) || (g & (g - 1)) != 0)
+         if (!valid_granularity(g))
            bad_value(o, "sim_granularity", v, "a power of two from 4KiB to 1GiB");
          c.sim_granularity = g;
        }},

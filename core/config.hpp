@@ -10,6 +10,12 @@
 
 namespace spill {
 
+// A mapping granule spill takes (sim_granularity, spill plan --granularity): a power of two
+// from 4 KiB to 1 GiB.
+inline bool valid_granularity(std::uint64_t g) {
+  return g >= 4096 && g <= (1ull << 30) && (g & (g - 1)) == 0;
+}
+
 enum class DeviceChoice { Auto, Cuda, Sim };
 enum class SwapPolicy { Plan, Lru, None };
 enum class PeakGuard { Wait, Idle, Off };

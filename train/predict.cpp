@@ -53,6 +53,7 @@ PlannerBudget planner_budget(const graph::Graph& g, std::uint64_t budget,
                                                         kSmallSegment);
   const SmallPoolUse use = small_pool_use(g, small_limit, kSmallSegment);
   PlannerBudget b;
+  b.quantum = quantum;
   b.mappable = budget - budget % quantum;
   b.small_reserve = small_pool_reserve(use, b.mappable, quantum);
   b.planner = b.mappable > b.small_reserve ? b.mappable - b.small_reserve : 0;

@@ -44,6 +44,7 @@ struct PlannerBudget {
   // large blocks are whole granules, its small-pool segments too); the rest can never be used,
   // so the planner must not count it.
   std::uint64_t mappable = 0;
+  std::uint64_t quantum = 0;         // what it maps in: gcd(granule, small-pool segment)
   std::uint64_t small_reserve = 0;   // kept for the small pool's segments (small_pool_reserve)
   std::uint64_t planner = 0;         // mappable less small_reserve (0 when that takes it all)
   std::uint64_t unswapped_peak = 0;  // mapped with nothing swapped (SmallPoolUse::mapped)
